@@ -1,0 +1,687 @@
+/* SPDX-License-Identifier: Apache-2.0
+ *
+ * hostwall datapath: XDP ingress, TC ingress and TC egress, compiled and loaded by BCC.
+ *
+ *   parse → conntrack (normalised key, one lookup) → [ICMP error → related lookup]
+ *         → policy: peer class ∧ L4 class bit-vector AND, lowest set bit = first match
+ *         → hw_exit(): the one counted exit of every program
+ *
+ * XDP judges ingress and leaves a struct hw_meta in front of packets it passes; TC ingress judges
+ * only packets that carry no such mark (XDP not attached), so no packet is judged twice or by two
+ * policy generations. TC egress judges egress and stamps the sender's cgroup into new connections.
+ */
+#include <uapi/linux/bpf.h>
+#include <uapi/linux/if_ether.h>
+#include <uapi/linux/ip.h>
+#include <uapi/linux/ipv6.h>
+#include <uapi/linux/tcp.h>
+#include <uapi/linux/udp.h>
+#include <uapi/linux/icmp.h>
+#include <uapi/linux/icmpv6.h>
+#include <uapi/linux/pkt_cls.h>
+#include <uapi/linux/in.h>
+
+#include "hostwall.h"
+
+#define MAPF_MMAP BPF_F_MMAPABLE
+
+/* ---- maps ----------------------------------------------------------------------------------- */
+BPF_ARRAY(hw_config, struct hw_config, 1);
+BPF_F_TABLE("array", u32, struct hw_policy_hdr, hw_policy, 2, MAPF_MMAP);
+BPF_F_TABLE("array", u32, struct hw_rule, hw_rules, 2 * HW_MAX_RULES, MAPF_MMAP);
+BPF_F_TABLE("array", u32, struct hw_class, hw_peer_cls, 2 * HW_PEER_CLASSES_MAX, MAPF_MMAP);
+BPF_F_TABLE("array", u32, struct hw_class, hw_l4_cls, 2 * HW_L4_CLASSES_MAX, MAPF_MMAP);
+BPF_F_TABLE("array", u32, struct hw_top, hw_top4, 2 * HW_TOP_SIZE, MAPF_MMAP);
+BPF_F_TABLE("array", u32, struct hw_top, hw_top6, 2 * HW_TOP_SIZE, MAPF_MMAP);
+BPF_F_TABLE("array", u32, struct hw_iv4, hw_iv4, 2 * HW_V4_INTERVALS_MAX, MAPF_MMAP);
+BPF_F_TABLE("array", u32, struct hw_iv6, hw_iv6, 2 * HW_V6_INTERVALS_MAX, MAPF_MMAP);
+BPF_F_TABLE("array", u32, struct hw_l4_elem, hw_l4, 2 * HW_L4_ELEMS, MAPF_MMAP);
+
+BPF_PERCPU_ARRAY(hw_stats, struct hw_counter, HW_HOOKS * HW_VERDICTS * HW_REASONS);
+BPF_PERCPU_ARRAY(hw_rule_stats, struct hw_counter, HW_MAX_RULE_SLOTS);
+BPF_PERCPU_ARRAY(hw_port_stats, struct hw_port_counter, 65536);
+
+BPF_TABLE("lru_hash", struct hw_ct4_key, struct hw_ct_entry, hw_ct4, HW_CT_MAX);
+BPF_TABLE("lru_hash", struct hw_ct6_key, struct hw_ct_entry, hw_ct6, HW_CT_MAX);
+
+/* ---- parsed packet (private to this file) --------------------------------------------------- */
+struct pkt {
+	__u32 saddr[4];         /* network order; v4 in [0] */
+	__u32 daddr[4];
+	__u32 len;              /* wire length */
+	__u16 sport;            /* network order; ICMP echo: identifier */
+	__u16 dport;
+	__u8  family;           /* 4 or 6; 0 = not IP */
+	__u8  proto;            /* IP protocol number */
+	__u8  pidx;             /* enum hw_proto_idx */
+	__u8  frag;             /* non-first fragment: no L4 header */
+	__u8  tcp_flags;
+	__u8  icmp_type;
+	__u8  opens;            /* may open a tracked connection: TCP SYN, UDP, ICMP echo request */
+	__u8  related;          /* ICMP error: the inner tuple below is valid */
+	__u8  trackable;        /* TCP, UDP or ICMP echo: has a connection tuple */
+	__u32 in_saddr[4];      /* ICMP error: the offending packet, as sent */
+	__u32 in_daddr[4];
+	__u16 in_sport;
+	__u16 in_dport;
+	__u8  in_proto;
+};
+
+#define TCPF_FIN 0x01
+#define TCPF_SYN 0x02
+#define TCPF_RST 0x04
+#define TCPF_ACK 0x10
+
+#define PARSE_OK        0
+#define PARSE_NOT_IP    1
+#define PARSE_MALFORMED 2
+
+/* ---- parsing -------------------------------------------------------------------------------- */
+static __always_inline int is_icmp4_error(__u8 t) { return t == 3 || t == 4 || t == 5 || t == 11 || t == 12; }
+static __always_inline int is_icmp6_error(__u8 t) { return t >= 1 && t <= 4; }
+
+/* Parse the IP packet embedded in an ICMP error (header + first 8 bytes of L4). */
+static __always_inline void parse_inner(struct pkt *p, void *cur, void *end)
+{
+	if (p->family == 4) {
+		struct iphdr *ip = cur;
+		if ((void *)(ip + 1) > end || ip->ihl < 5)
+			return;
+		__u8 *l4 = cur + ip->ihl * 4;
+		if ((void *)(l4 + 4) > end)
+			return;
+		p->in_saddr[0] = ip->saddr;
+		p->in_daddr[0] = ip->daddr;
+		p->in_proto = ip->protocol;
+		cur = l4;
+	} else {
+		struct ipv6hdr *ip6 = cur;
+		if ((void *)(ip6 + 1) > end)
+			return;
+		__builtin_memcpy(p->in_saddr, &ip6->saddr, 16);
+		__builtin_memcpy(p->in_daddr, &ip6->daddr, 16);
+		p->in_proto = ip6->nexthdr;
+		cur = ip6 + 1;
+		if (cur + 4 > end)
+			return;
+	}
+	if (p->in_proto == IPPROTO_TCP || p->in_proto == IPPROTO_UDP) {
+		__u16 *ports = cur;
+		if ((void *)(ports + 2) > end)
+			return;
+		p->in_sport = ports[0];
+		p->in_dport = ports[1];
+		p->related = 1;
+	} else if (p->in_proto == IPPROTO_ICMP || p->in_proto == IPPROTO_ICMPV6) {
+		struct icmphdr *ic = cur;
+		if ((void *)(ic + 1) > end)
+			return;
+		p->in_sport = ic->un.echo.id;
+		p->in_dport = ic->un.echo.id;
+		p->related = 1;
+	}
+}
+
+static __always_inline int parse_l4(struct pkt *p, void *cur, void *end)
+{
+	if (p->frag) {
+		p->pidx = p->proto == IPPROTO_TCP ? HW_P_TCP : p->proto == IPPROTO_UDP ? HW_P_UDP :
+			  p->proto == IPPROTO_ICMP ? HW_P_ICMP : p->proto == IPPROTO_ICMPV6 ? HW_P_ICMPV6 : HW_P_OTHER;
+		return PARSE_OK;
+	}
+	switch (p->proto) {
+	case IPPROTO_TCP: {
+		struct tcphdr *th = cur;
+		if ((void *)(th + 1) > end || th->doff < 5)
+			return PARSE_MALFORMED;
+		p->pidx = HW_P_TCP;
+		p->sport = th->source;
+		p->dport = th->dest;
+		p->tcp_flags = ((__u8 *)th)[13];
+		p->opens = (p->tcp_flags & (TCPF_SYN | TCPF_ACK | TCPF_RST)) == TCPF_SYN;
+		p->trackable = 1;
+		if (th->dest == 0 || th->source == 0)
+			return PARSE_MALFORMED;
+		return PARSE_OK;
+	}
+	case IPPROTO_UDP: {
+		struct udphdr *uh = cur;
+		if ((void *)(uh + 1) > end || bpf_ntohs(uh->len) < sizeof(*uh))
+			return PARSE_MALFORMED;
+		p->pidx = HW_P_UDP;
+		p->sport = uh->source;
+		p->dport = uh->dest;
+		p->opens = 1;
+		p->trackable = 1;
+		if (uh->dest == 0)
+			return PARSE_MALFORMED;
+		return PARSE_OK;
+	}
+	case IPPROTO_ICMP:
+	case IPPROTO_ICMPV6: {
+		struct icmphdr *ic = cur;   /* type, code, csum, id, seq: same layout for ICMPv6 echo */
+		if ((void *)(ic + 1) > end)
+			return PARSE_MALFORMED;
+		if ((p->proto == IPPROTO_ICMP) != (p->family == 4))
+			return PARSE_MALFORMED;     /* ICMP in IPv6 or ICMPv6 in IPv4 */
+		p->pidx = p->family == 4 ? HW_P_ICMP : HW_P_ICMPV6;
+		p->icmp_type = ic->type;
+		if (p->family == 4 ? (ic->type == 8 || ic->type == 0) : (ic->type == 128 || ic->type == 129)) {
+			p->sport = ic->un.echo.id;
+			p->dport = ic->un.echo.id;
+			p->opens = ic->type == 8 || ic->type == 128;
+			p->trackable = 1;
+		} else if (p->family == 4 ? is_icmp4_error(ic->type) : is_icmp6_error(ic->type)) {
+			parse_inner(p, (void *)(ic + 1), end);
+		}
+		return PARSE_OK;
+	}
+	default:
+		p->pidx = HW_P_OTHER;
+		return PARSE_OK;
+	}
+}
+
+/* IPv6 extension headers we step over; a chain longer than this is malformed (not guessed). */
+#define HW_V6_EXT_MAX 6
+
+static __always_inline int parse_pkt(struct pkt *p, void *data, void *end)
+{
+	struct ethhdr *eth = data;
+	void *cur = eth + 1;
+	if (cur > end)
+		return PARSE_MALFORMED;
+	__u16 proto = eth->h_proto;
+#pragma unroll
+	for (int i = 0; i < 2; i++) {       /* 802.1Q / 802.1ad tags */
+		if (proto != bpf_htons(ETH_P_8021Q) && proto != bpf_htons(ETH_P_8021AD))
+			break;
+		__u16 *vh = cur;
+		if ((void *)(vh + 2) > end)
+			return PARSE_MALFORMED;
+		proto = vh[1];
+		cur += 4;
+	}
+	p->len = end - data;
+	if (proto == bpf_htons(ETH_P_IP)) {
+		struct iphdr *ip = cur;
+		if ((void *)(ip + 1) > end)
+			return PARSE_MALFORMED;
+		if (ip->version != 4 || ip->ihl < 5 || bpf_ntohs(ip->tot_len) < ip->ihl * 4)
+			return PARSE_MALFORMED;
+		p->family = 4;
+		p->proto = ip->protocol;
+		p->saddr[0] = ip->saddr;
+		p->daddr[0] = ip->daddr;
+		p->frag = (ip->frag_off & bpf_htons(0x1fff)) != 0;
+		cur += ip->ihl * 4;
+	} else if (proto == bpf_htons(ETH_P_IPV6)) {
+		struct ipv6hdr *ip6 = cur;
+		if ((void *)(ip6 + 1) > end)
+			return PARSE_MALFORMED;
+		if (ip6->version != 6)
+			return PARSE_MALFORMED;
+		p->family = 6;
+		__builtin_memcpy(p->saddr, &ip6->saddr, 16);
+		__builtin_memcpy(p->daddr, &ip6->daddr, 16);
+		__u8 nh = ip6->nexthdr;
+		cur = ip6 + 1;
+		int i;
+		for (i = 0; i < HW_V6_EXT_MAX; i++) {
+			if (nh != IPPROTO_HOPOPTS && nh != IPPROTO_ROUTING && nh != IPPROTO_DSTOPTS &&
+			    nh != IPPROTO_FRAGMENT)
+				break;
+			__u8 *ext = cur;
+			if ((void *)(ext + 8) > end)    /* every extension header is at least 8 bytes */
+				return PARSE_MALFORMED;
+			if (nh == IPPROTO_FRAGMENT) {
+				if (((ext[2] << 8) | ext[3]) & 0xfff8)
+					p->frag = 1;
+				cur += 8;
+			} else {
+				cur += (ext[1] + 1) * 8;
+			}
+			nh = ext[0];
+		}
+		if (i == HW_V6_EXT_MAX)
+			return PARSE_MALFORMED;     /* chain longer than HW_V6_EXT_MAX */
+		p->proto = nh;
+	} else {
+		return PARSE_NOT_IP;
+	}
+	if (cur > end)
+		return PARSE_MALFORMED;
+	return parse_l4(p, cur, end);
+}
+
+/* ---- helpers -------------------------------------------------------------------------------- */
+/* Index of the lowest set bit (x != 0): popcount of the bits below it. Branch-free on purpose: BPF has
+ * no conditional set, so a compare ladder would multiply the paths the verifier must walk. */
+static __always_inline __u32 ctz64(__u64 x)
+{
+	__u64 v = (x & -x) - 1;
+	v = v - ((v >> 1) & 0x5555555555555555ULL);
+	v = (v & 0x3333333333333333ULL) + ((v >> 2) & 0x3333333333333333ULL);
+	v = (v + (v >> 4)) & 0x0f0f0f0f0f0f0f0fULL;
+	return (__u32)((v * 0x0101010101010101ULL) >> 56);
+}
+
+/* ---- policy classification ------------------------------------------------------------------ */
+/* Peer class of an IPv4 address: top-16 bucket, then binary search among that bucket's intervals.
+ * Cost: 1 + ceil(log2(intervals in bucket)) inlined array loads. */
+static __always_inline int peer_class4(__u32 gen, __u32 addr_be, __u32 *cls)
+{
+	__u32 addr = bpf_ntohl(addr_be);
+	__u32 k = gen * HW_TOP_SIZE + (addr >> 16);
+	struct hw_top *t = hw_top4.lookup(&k);
+	if (!t)
+		return -1;
+	__u32 lo = t->first, hi = t->last;
+	for (int i = 0; i < HW_SEARCH_STEPS && lo < hi; i++) {
+		__u32 mid = lo + ((hi - lo + 1) >> 1);
+		__u32 idx = gen * HW_V4_INTERVALS_MAX + (mid & (HW_V4_INTERVALS_MAX - 1));
+		struct hw_iv4 *e = hw_iv4.lookup(&idx);
+		if (!e)
+			return -1;
+		if (e->start <= addr)
+			lo = mid;
+		else
+			hi = mid - 1;
+	}
+	__u32 idx = gen * HW_V4_INTERVALS_MAX + (lo & (HW_V4_INTERVALS_MAX - 1));
+	struct hw_iv4 *e = hw_iv4.lookup(&idx);
+	if (!e)
+		return -1;
+	*cls = e->cls;
+	return 0;
+}
+
+static __always_inline int peer_class6(__u32 gen, __u32 *addr_be, __u32 *cls)
+{
+	__u64 ahi = ((__u64)bpf_ntohl(addr_be[0]) << 32) | bpf_ntohl(addr_be[1]);
+	__u64 alo = ((__u64)bpf_ntohl(addr_be[2]) << 32) | bpf_ntohl(addr_be[3]);
+	__u32 k = gen * HW_TOP_SIZE + (__u32)(ahi >> 48);
+	struct hw_top *t = hw_top6.lookup(&k);
+	if (!t)
+		return -1;
+	__u32 lo = t->first, hi = t->last;
+	for (int i = 0; i < HW_SEARCH_STEPS && lo < hi; i++) {
+		__u32 mid = lo + ((hi - lo + 1) >> 1);
+		__u32 idx = gen * HW_V6_INTERVALS_MAX + (mid & (HW_V6_INTERVALS_MAX - 1));
+		struct hw_iv6 *e = hw_iv6.lookup(&idx);
+		if (!e)
+			return -1;
+		if (e->hi < ahi || (e->hi == ahi && e->lo <= alo))
+			lo = mid;
+		else
+			hi = mid - 1;
+	}
+	__u32 idx = gen * HW_V6_INTERVALS_MAX + (lo & (HW_V6_INTERVALS_MAX - 1));
+	struct hw_iv6 *e = hw_iv6.lookup(&idx);
+	if (!e)
+		return -1;
+	*cls = e->cls;
+	return 0;
+}
+
+static __always_inline int l4_class(__u32 gen, __u32 dir, struct pkt *p, __u32 *cls)
+{
+	__u32 port = (p->pidx <= HW_P_UDP && !p->frag) ? bpf_ntohs(p->dport) : 0;
+	__u32 key = (dir * HW_PROTO_IDX_MAX + p->pidx) * 65536 + port;
+	__u32 idx = gen * HW_L4_ELEMS + key / HW_L4_SLOTS_PER_ELEM;
+	struct hw_l4_elem *e = hw_l4.lookup(&idx);
+	if (!e)
+		return -1;
+	*cls = e->cls[key & (HW_L4_SLOTS_PER_ELEM - 1)];
+	return 0;
+}
+
+/* First matching rule (order index) or -1: AND the two class bitmaps, lowest set bit.
+ * The summary word skips empty words, so cost is ~ the number of words both classes populate. */
+static __always_inline int first_match(__u32 gen, __u32 pcls, __u32 lcls)
+{
+	__u32 ka = gen * HW_PEER_CLASSES_MAX + (pcls & (HW_PEER_CLASSES_MAX - 1));
+	__u32 kb = gen * HW_L4_CLASSES_MAX + (lcls & (HW_L4_CLASSES_MAX - 1));
+	struct hw_class *a = hw_peer_cls.lookup(&ka);
+	struct hw_class *b = hw_l4_cls.lookup(&kb);
+	if (!a || !b)
+		return -1;
+	__u64 s = a->summary & b->summary;
+	for (int i = 0; i < HW_WORDS && s; i++) {
+		__u32 w = ctz64(s) & (HW_WORDS - 1);
+		__u64 v = a->words[w] & b->words[w];
+		if (v)
+			return w * 64 + ctz64(v);
+		s &= s - 1;
+	}
+	return -1;
+}
+
+/* ---- connection tracking -------------------------------------------------------------------- */
+struct ctref {
+	struct hw_ct_entry *e;
+	__u8 side;              /* which side of the normalised key sent this packet: 0 = a, 1 = b */
+};
+
+static __always_inline __u8 ct_key4(struct hw_ct4_key *k, __u32 s, __u32 d, __u16 sp, __u16 dp, __u8 proto)
+{
+	__u8 side = (s > d) || (s == d && sp > dp);
+	k->addr_a = side ? d : s;
+	k->addr_b = side ? s : d;
+	k->port_a = side ? dp : sp;
+	k->port_b = side ? sp : dp;
+	k->proto = proto;
+	return side;
+}
+
+static __always_inline int addr6_cmp(__u32 *x, __u32 *y)
+{
+#pragma unroll
+	for (int i = 0; i < 4; i++) {
+		if (x[i] != y[i])
+			return bpf_ntohl(x[i]) < bpf_ntohl(y[i]) ? -1 : 1;
+	}
+	return 0;
+}
+
+static __always_inline __u8 ct_key6(struct hw_ct6_key *k, __u32 *s, __u32 *d, __u16 sp, __u16 dp, __u8 proto)
+{
+	int c = addr6_cmp(s, d);
+	__u8 side = c > 0 || (c == 0 && sp > dp);
+	__builtin_memcpy(k->addr_a, side ? d : s, 16);
+	__builtin_memcpy(k->addr_b, side ? s : d, 16);
+	k->port_a = side ? dp : sp;
+	k->port_b = side ? sp : dp;
+	k->proto = proto;
+	return side;
+}
+
+static __always_inline __u64 ct_timeout_ns(struct hw_ct_entry *e, __u8 proto)
+{
+	__u64 s;
+	if (proto == IPPROTO_TCP) {
+		switch (e->state) {
+		case HW_CT_ESTABLISHED: s = HW_CT_TO_ESTABLISHED; break;
+		case HW_CT_SYN_SENT:    s = HW_CT_TO_SYN; break;
+		case HW_CT_FIN_WAIT:
+		case HW_CT_CLOSING:     s = HW_CT_TO_FIN; break;
+		default:                s = HW_CT_TO_CLOSE; break;
+		}
+	} else if (proto == IPPROTO_UDP) {
+		s = e->state == HW_CT_ESTABLISHED ? HW_CT_TO_UDP_REPLIED : HW_CT_TO_UDP;
+	} else {
+		s = HW_CT_TO_ICMP;
+	}
+	return s * 1000000000ULL;
+}
+
+/* Look up the connection of (s,d,sp,dp,proto); live entries only. */
+static __always_inline int ct_find(struct pkt *p, __u32 *s, __u32 *d, __u16 sp, __u16 dp, __u8 proto,
+				   __u64 now, struct ctref *r)
+{
+	struct hw_ct_entry *e;
+	if (p->family == 4) {
+		struct hw_ct4_key k = {};
+		r->side = ct_key4(&k, s[0], d[0], sp, dp, proto);
+		e = hw_ct4.lookup(&k);
+	} else {
+		struct hw_ct6_key k = {};
+		r->side = ct_key6(&k, s, d, sp, dp, proto);
+		e = hw_ct6.lookup(&k);
+	}
+	if (!e || now - e->last_ns > ct_timeout_ns(e, proto))
+		return 0;
+	r->e = e;
+	return 1;
+}
+
+/* Is this packet a valid continuation of the tracked connection? Updates state if so. */
+static __always_inline int ct_advance(struct pkt *p, struct ctref *r, __u32 dir, __u64 now)
+{
+	struct hw_ct_entry *e = r->e;
+	__u8 from_init = r->side == e->initiator;
+	/* the initiator's packets travel the way the first one did, the responder's the other way */
+	if ((from_init ? e->origin : !e->origin) != dir)
+		return 0;
+	if (p->proto == IPPROTO_TCP) {
+		__u8 f = p->tcp_flags;
+		if (f & TCPF_RST) {
+			e->state = HW_CT_CLOSED;
+		} else if ((f & (TCPF_SYN | TCPF_ACK)) == (TCPF_SYN | TCPF_ACK)) {
+			if (from_init)
+				return 0;
+			if (e->state == HW_CT_SYN_SENT)
+				e->state = HW_CT_ESTABLISHED;
+		} else if (f & TCPF_SYN) {
+			if (!from_init || e->state >= HW_CT_FIN_WAIT)
+				return 0;   /* a new connection on a closing tuple is judged afresh */
+		} else if (e->state >= HW_CT_CLOSED) {
+			return 0;
+		}
+		if (f & TCPF_FIN) {
+			e->fin_seen |= from_init ? 1 : 2;
+			e->state = e->fin_seen == 3 ? HW_CT_CLOSING : HW_CT_FIN_WAIT;
+		}
+	} else if (!from_init && e->state == HW_CT_NEW) {
+		e->state = HW_CT_ESTABLISHED;
+	}
+	e->last_ns = now;
+	__sync_fetch_and_add(&e->packets[!from_init], 1);
+	__sync_fetch_and_add(&e->bytes[!from_init], p->len);
+	return 1;
+}
+
+static __always_inline void ct_open(struct pkt *p, __u32 dir, __u32 slot, __u32 rev, __u64 cgroup, __u64 now)
+{
+	struct hw_ct_entry e = {};
+	e.created_ns = now;
+	e.last_ns = now;
+	e.packets[0] = 1;
+	e.bytes[0] = p->len;
+	e.cgroup_id = cgroup;
+	e.rule_slot = slot;
+	e.revision_id = rev;
+	e.state = p->proto == IPPROTO_TCP ? HW_CT_SYN_SENT : HW_CT_NEW;
+	e.origin = dir;
+	if (p->family == 4) {
+		struct hw_ct4_key k = {};
+		e.initiator = ct_key4(&k, p->saddr[0], p->daddr[0], p->sport, p->dport, p->proto);
+		hw_ct4.update(&k, &e);
+	} else {
+		struct hw_ct6_key k = {};
+		e.initiator = ct_key6(&k, p->saddr, p->daddr, p->sport, p->dport, p->proto);
+		hw_ct6.update(&k, &e);
+	}
+}
+
+/* ---- the one counted exit ------------------------------------------------------------------- */
+struct judgement {
+	__u32 verdict;          /* enum hw_verdict */
+	__u32 reason;           /* enum hw_reason */
+	__u32 slot;             /* rule counter slot, or ~0 */
+};
+
+static __always_inline void count(__u32 hook, struct pkt *p, struct judgement *j)
+{
+	__u32 k = (hook * HW_VERDICTS + j->verdict) * HW_REASONS + j->reason;
+	struct hw_counter *c = hw_stats.lookup(&k);
+	if (c) {
+		c->packets++;
+		c->bytes += p->len;
+	}
+	if (j->slot < HW_MAX_RULE_SLOTS) {
+		__u32 s = j->slot;
+		struct hw_counter *rc = hw_rule_stats.lookup(&s);
+		if (rc) {
+			rc->packets++;
+			rc->bytes += p->len;
+		}
+	}
+	if (p->pidx <= HW_P_UDP && p->family && !p->frag) {
+		__u32 port = bpf_ntohs(p->dport);
+		struct hw_port_counter *pc = hw_port_stats.lookup(&port);
+		if (pc) {
+			if (j->verdict == HW_V_ALLOW)
+				pc->allowed++;
+			else if (j->verdict == HW_V_DROP)
+				pc->dropped++;
+			else
+				pc->would_drop++;
+		}
+	}
+}
+
+/* ---- the judgement shared by all hooks ------------------------------------------------------ */
+static __always_inline void judge(struct pkt *p, __u32 dir, __u64 cgroup, struct judgement *j)
+{
+	__u64 now = bpf_ktime_get_coarse_ns();
+	struct ctref r = {};
+	int ct_invalid = 0;
+
+	j->slot = ~0U;
+	if (p->trackable && !p->frag &&
+	    ct_find(p, p->saddr, p->daddr, p->sport, p->dport, p->proto, now, &r)) {
+		if (ct_advance(p, &r, dir, now)) {
+			j->verdict = HW_V_ALLOW;
+			j->reason = HW_R_PASS_CONNTRACK;
+			return;
+		}
+		ct_invalid = 1;
+	}
+	if (p->related) {
+		struct ctref ir = {};
+		/* the offending packet went the other way: it was sent by us (egress) or to us (ingress) */
+		if (ct_find(p, p->in_saddr, p->in_daddr, p->in_sport, p->in_dport, p->in_proto, now, &ir)) {
+			j->verdict = HW_V_ALLOW;
+			j->reason = HW_R_PASS_RELATED;
+			return;
+		}
+	}
+
+	__u32 zero = 0;
+	struct hw_config *cfg = hw_config.lookup(&zero);
+	if (!cfg)
+		goto fail_closed;
+	__u32 gen = cfg->gen & 1;
+	struct hw_policy_hdr *h = hw_policy.lookup(&gen);
+	if (!h)
+		goto fail_closed;
+
+	__u32 pcls = 0, lcls = 0;
+	int m = -1;
+	int rc = p->family == 4 ? peer_class4(gen, dir == HW_DIR_INGRESS ? p->saddr[0] : p->daddr[0], &pcls)
+				: peer_class6(gen, dir == HW_DIR_INGRESS ? p->saddr : p->daddr, &pcls);
+	if (rc == 0 && l4_class(gen, dir, p, &lcls) == 0)
+		m = first_match(gen, pcls, lcls);
+
+	__u8 action;
+	if (m >= 0) {
+		__u32 idx = gen * HW_MAX_RULES + ((__u32)m & (HW_MAX_RULES - 1));
+		struct hw_rule *rule = hw_rules.lookup(&idx);
+		if (!rule)
+			goto fail_closed;
+		action = rule->action;
+		j->slot = rule->slot;
+		j->reason = action == HW_ACT_DENY ? HW_R_POLICY_DENY : HW_R_PASS_RULE;
+	} else {
+		action = dir == HW_DIR_INGRESS ? h->default_ingress : h->default_egress;
+		j->reason = action == HW_ACT_DENY ? HW_R_DEFAULT_DENY : HW_R_PASS_DEFAULT;
+	}
+	if (action == HW_ACT_DENY) {
+		if (ct_invalid)
+			j->reason = HW_R_CONNTRACK_INVALID;
+		j->verdict = h->audit ? HW_V_WOULD_DROP : HW_V_DROP;
+		return;
+	}
+	j->verdict = HW_V_ALLOW;
+	if (h->stateful && p->opens && !p->frag)
+		ct_open(p, dir, j->slot, h->revision_id, cgroup, now);
+	return;
+
+fail_closed:            /* unreachable with loaded maps; counted, never silent */
+	j->verdict = HW_V_DROP;
+	j->reason = HW_R_MALFORMED;
+}
+
+static __always_inline void judge_parsed(struct pkt *p, int rc, __u32 dir, __u64 cgroup, struct judgement *j)
+{
+	j->slot = ~0U;
+	if (rc == PARSE_NOT_IP) {
+		j->verdict = HW_V_ALLOW;
+		j->reason = HW_R_PASS_NOT_IP;
+		return;
+	}
+	if (rc == PARSE_MALFORMED) {
+		__u32 zero = 0;
+		struct hw_config *cfg = hw_config.lookup(&zero);
+		__u32 gen = cfg ? cfg->gen & 1 : 0;
+		struct hw_policy_hdr *h = hw_policy.lookup(&gen);
+		j->verdict = h && h->audit ? HW_V_WOULD_DROP : HW_V_DROP;
+		j->reason = HW_R_MALFORMED;
+		return;
+	}
+	judge(p, dir, cgroup, j);
+}
+
+/* ---- programs ------------------------------------------------------------------------------- */
+int xdp_ingress(struct xdp_md *ctx)
+{
+	struct pkt p = {};
+	struct judgement j = {};
+	int rc = parse_pkt(&p, (void *)(long)ctx->data, (void *)(long)ctx->data_end);
+	judge_parsed(&p, rc, HW_DIR_INGRESS, 0, &j);
+	count(HW_HOOK_XDP_INGRESS, &p, &j);
+	if (j.verdict == HW_V_DROP)
+		return XDP_DROP;
+	/* mark the packet as judged for TC ingress; without room for metadata TC judges it again,
+	 * which is safe (same policy semantics), only slower */
+	if (bpf_xdp_adjust_meta(ctx, -(int)sizeof(struct hw_meta)) == 0) {
+		struct hw_meta *meta = (void *)(long)ctx->data_meta;
+		if ((void *)(meta + 1) <= (void *)(long)ctx->data) {
+			meta->magic = HW_META_MAGIC;
+			meta->reason = j.reason;
+		}
+	}
+	return XDP_PASS;
+}
+
+#define HW_PULL_LEN 256
+
+static __always_inline int tc_parse(struct __sk_buff *skb, struct pkt *p)
+{
+	__u32 want = skb->len < HW_PULL_LEN ? skb->len : HW_PULL_LEN;
+	if (skb->data_end - skb->data < want)
+		bpf_skb_pull_data(skb, want);
+	int rc = parse_pkt(p, (void *)(long)skb->data, (void *)(long)skb->data_end);
+	p->len = skb->len;
+	return rc;
+}
+
+int tc_ingress(struct __sk_buff *skb)
+{
+	struct pkt p = {};
+	struct judgement j = {};
+	struct hw_meta *meta = (void *)(long)skb->data_meta;
+	if ((void *)(meta + 1) <= (void *)(long)skb->data && meta->magic == HW_META_MAGIC) {
+		j.verdict = HW_V_ALLOW;
+		j.reason = HW_R_PASS_JUDGED;
+		j.slot = ~0U;
+		p.len = skb->len;           /* counted in aggregate only: XDP counted the details */
+		count(HW_HOOK_TC_INGRESS, &p, &j);
+		return TC_ACT_OK;
+	}
+	int rc = tc_parse(skb, &p);
+	judge_parsed(&p, rc, HW_DIR_INGRESS, 0, &j);
+	count(HW_HOOK_TC_INGRESS, &p, &j);
+	return j.verdict == HW_V_DROP ? TC_ACT_SHOT : TC_ACT_OK;
+}
+
+int tc_egress(struct __sk_buff *skb)
+{
+	struct pkt p = {};
+	struct judgement j = {};
+	int rc = tc_parse(skb, &p);
+	judge_parsed(&p, rc, HW_DIR_EGRESS, bpf_skb_cgroup_id(skb), &j);
+	count(HW_HOOK_TC_EGRESS, &p, &j);
+	return j.verdict == HW_V_DROP ? TC_ACT_SHOT : TC_ACT_OK;
+}

@@ -1,0 +1,188 @@
+/* SPDX-License-Identifier: Apache-2.0
+ *
+ * hostwall.h — the ONE definition of every layout shared by the kernel programs and user space.
+ *
+ * User space reads the constants and enums from this file at import time (enforcer/layout.py) and
+ * declares the structs as NumPy dtypes that tests/unit/test_layout.py checks against this header
+ * compiled with the C compiler (sizeof/offsetof of every field). Change a layout here, then the dtype.
+ *
+ * Policy maps are double-buffered: every policy array holds two generations and is indexed
+ * `gen * HW_<X>_MAX + i`. A packet reads the active generation once (hw_config.gen) and uses it for
+ * every lookup, so it is judged wholly by one policy. User space fills the standby half, flips gen,
+ * and waits one RCU grace period before it may write that half again.
+ */
+#ifndef HOSTWALL_H
+#define HOSTWALL_H
+
+/* ---- sizes ---------------------------------------------------------------------------------- */
+#define HW_MAX_RULES          4096      /* rules per policy (bits in a class bitmap) */
+#define HW_WORDS              64        /* HW_MAX_RULES / 64 */
+#define HW_MAX_RULE_SLOTS     8192      /* counter slots; stable per rule name across swaps */
+#define HW_PEER_CLASSES_MAX   8192      /* distinct peer rule-sets per generation */
+#define HW_L4_CLASSES_MAX     2048      /* distinct (direction, protocol, port) rule-sets per generation */
+#define HW_V4_INTERVALS_MAX   524288    /* elementary IPv4 intervals per generation (~2 per prefix) */
+#define HW_V6_INTERVALS_MAX   262144    /* elementary IPv6 intervals per generation */
+#define HW_TOP_BITS           16        /* the first lookup indexes the top 16 address bits */
+#define HW_TOP_SIZE           65536
+#define HW_SEARCH_STEPS       20        /* binary-search bound: log2(max intervals) + 1 */
+#define HW_PROTO_IDX_MAX      5         /* protocol index: tcp, udp, icmp, icmpv6, other */
+#define HW_L4_SLOTS_PER_ELEM  4         /* u16 class ids packed per hw_l4_elem */
+#define HW_L4_ELEMS           (2 * HW_PROTO_IDX_MAX * 65536 / HW_L4_SLOTS_PER_ELEM)  /* per generation */
+#define HW_CT_MAX             262144    /* tracked connections per family (LRU) */
+#define HW_META_MAGIC         0x68770a11 /* XDP → TC metadata marker: "already judged" */
+
+/* conntrack timeouts, seconds (nf_conntrack-like defaults) */
+#define HW_CT_TO_SYN          120
+#define HW_CT_TO_ESTABLISHED  432000
+#define HW_CT_TO_FIN          120
+#define HW_CT_TO_CLOSE        10
+#define HW_CT_TO_UDP          30
+#define HW_CT_TO_UDP_REPLIED  180
+#define HW_CT_TO_ICMP         30
+
+/* ---- enums ---------------------------------------------------------------------------------- */
+enum hw_hook { HW_HOOK_XDP_INGRESS = 0, HW_HOOK_TC_INGRESS = 1, HW_HOOK_TC_EGRESS = 2, HW_HOOKS = 3 };
+
+enum hw_dir { HW_DIR_INGRESS = 0, HW_DIR_EGRESS = 1 };
+
+enum hw_verdict { HW_V_ALLOW = 0, HW_V_DROP = 1, HW_V_WOULD_DROP = 2, HW_VERDICTS = 3 };
+
+/* Why a packet got its verdict. 1..15 are the drop reasons of DESIGN.md §3; 16.. say why it passed. */
+enum hw_reason {
+	HW_R_NONE = 0,
+	HW_R_POLICY_DENY = 1,
+	HW_R_DEFAULT_DENY = 2,
+	HW_R_RATE_LIMIT = 3,
+	HW_R_SYN_FLOOD = 4,
+	HW_R_UDP_FLOOD = 5,
+	HW_R_ICMP_FLOOD = 6,
+	HW_R_PORT_LIMIT = 7,
+	HW_R_BANNED = 8,
+	HW_R_MALFORMED = 9,
+	HW_R_CONNTRACK_INVALID = 10,
+	HW_R_PASS_RULE = 16,       /* allow/log rule matched */
+	HW_R_PASS_DEFAULT = 17,    /* no rule matched, default allow */
+	HW_R_PASS_CONNTRACK = 18,  /* packet of a tracked connection */
+	HW_R_PASS_RELATED = 19,    /* ICMP error about a tracked connection */
+	HW_R_PASS_NOT_IP = 20,     /* ARP and other non-IP frames are not judged */
+	HW_R_PASS_JUDGED = 21,     /* TC ingress: XDP already judged this packet */
+	HW_REASONS = 32,
+};
+
+enum hw_action { HW_ACT_ALLOW = 0, HW_ACT_DENY = 1, HW_ACT_LOG = 2 };
+
+enum hw_proto_idx { HW_P_TCP = 0, HW_P_UDP = 1, HW_P_ICMP = 2, HW_P_ICMPV6 = 3, HW_P_OTHER = 4 };
+
+enum hw_ct_state {
+	HW_CT_NEW = 0,          /* UDP/ICMP: one side seen */
+	HW_CT_SYN_SENT = 1,
+	HW_CT_ESTABLISHED = 2,  /* TCP handshake answered, or UDP/ICMP replied */
+	HW_CT_FIN_WAIT = 3,     /* one FIN seen */
+	HW_CT_CLOSING = 4,      /* both FINs seen */
+	HW_CT_CLOSED = 5,       /* RST seen */
+};
+
+/* ---- policy maps (one entry per generation unless noted) ------------------------------------ */
+struct hw_config {                  /* hw_config_map[0] — the only mutable global */
+	__u32 gen;                  /* active generation: 0 or 1 */
+	__u32 flags;                /* reserved */
+};
+
+struct hw_policy_hdr {              /* hw_policy_map[gen] */
+	__u32 revision_id;          /* index into the user-space revision table (status, records) */
+	__u32 nrules;
+	__u8  default_ingress;      /* enum hw_action: ALLOW or DENY */
+	__u8  default_egress;
+	__u8  stateful;
+	__u8  audit;
+	__u32 pad;
+};
+
+struct hw_rule {                    /* hw_rule_map[gen * HW_MAX_RULES + order] */
+	__u32 slot;                 /* counter slot in hw_rule_stats */
+	__u8  action;               /* enum hw_action */
+	__u8  pad[3];
+};
+
+struct hw_class {                   /* hw_peer_cls / hw_l4_cls[gen * MAX + class] */
+	__u64 summary;              /* bit w set  <=>  words[w] != 0 */
+	__u64 words[HW_WORDS];      /* bit r set  <=>  rule of order r is in this class */
+};
+
+struct hw_top {                     /* hw_top4 / hw_top6[gen * HW_TOP_SIZE + top16(addr)] */
+	__u32 first;                /* interval holding the bucket's first address */
+	__u32 last;                 /* interval holding the bucket's last address */
+};
+
+struct hw_iv4 {                     /* hw_iv4[gen * HW_V4_INTERVALS_MAX + i], sorted by start */
+	__u32 start;                /* host byte order */
+	__u32 cls;                  /* peer class */
+};
+
+struct hw_iv6 {                     /* hw_iv6[gen * HW_V6_INTERVALS_MAX + i], sorted by (hi, lo) */
+	__u64 hi;                   /* host byte order halves of the start address */
+	__u64 lo;
+	__u32 cls;
+	__u32 pad;
+};
+
+struct hw_l4_elem {                 /* hw_l4[gen * HW_L4_ELEMS + key / 4], key = (dir*5+proto)*65536+port */
+	__u16 cls[HW_L4_SLOTS_PER_ELEM];
+};
+
+/* ---- counters (per-CPU) --------------------------------------------------------------------- */
+struct hw_counter {                 /* hw_stats[(hook * HW_VERDICTS + verdict) * HW_REASONS + reason],
+	                             * hw_rule_stats[slot] */
+	__u64 packets;
+	__u64 bytes;
+};
+
+struct hw_port_counter {            /* hw_port_stats[dport]: tcp and udp only, packets */
+	__u64 allowed;
+	__u64 dropped;
+	__u64 would_drop;
+};
+
+/* ---- connection tracking (LRU hash, shared by all hooks and all CPUs) ------------------------ *
+ * Keys are normalised: side a is the lower (address, port) pair, so both directions of a
+ * connection find the same entry with one lookup. ICMP echo uses the identifier as both ports. */
+struct hw_ct4_key {
+	__u32 addr_a;               /* network byte order */
+	__u32 addr_b;
+	__u16 port_a;               /* network byte order */
+	__u16 port_b;
+	__u8  proto;
+	__u8  pad[3];
+};
+
+struct hw_ct6_key {
+	__u32 addr_a[4];
+	__u32 addr_b[4];
+	__u16 port_a;
+	__u16 port_b;
+	__u8  proto;
+	__u8  pad[3];
+};
+
+struct hw_ct_entry {
+	__u64 created_ns;           /* bpf_ktime_get_coarse_ns */
+	__u64 last_ns;
+	__u64 packets[2];           /* [0] from initiator, [1] from responder */
+	__u64 bytes[2];
+	__u64 cgroup_id;            /* egress-opened connections: the sender's cgroup */
+	__u32 rule_slot;            /* rule that allowed the first packet, or ~0 for a default */
+	__u32 revision_id;          /* policy revision that allowed it */
+	__u8  state;                /* enum hw_ct_state */
+	__u8  initiator;            /* 0: side a opened, 1: side b opened */
+	__u8  origin;               /* enum hw_dir of the opening packet */
+	__u8  fin_seen;             /* bit 0: initiator FIN, bit 1: responder FIN */
+	__u32 pad;
+};
+
+/* XDP → TC ingress: written in front of the packet when XDP passes it. */
+struct hw_meta {
+	__u32 magic;                /* HW_META_MAGIC */
+	__u32 reason;               /* enum hw_reason of the XDP verdict */
+};
+
+#endif /* HOSTWALL_H */

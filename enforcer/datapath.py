@@ -1,0 +1,252 @@
+"""The loaded datapath: programs and maps, pinned under a bpffs directory, and the policy swap.
+
+Lifecycle: `Datapath.load()` compiles bpf/hostwall.bpf.c with BCC and loads the three programs;
+`pin()` pins every map and program under `<pin_dir>/{maps,progs}`; `Datapath.open(pin_dir)` adopts a
+pinned instance from another process (apply, status, a restarted enforcer) without recompiling.
+
+Swap: the policy arrays are mmap'ed; `install()` waits one RCU grace period (so no packet still reads
+the standby half), writes the compiled policy into it, then flips hw_config.gen with one map update.
+The flip is the switch: every packet reads gen once, so it sees wholly the old or wholly the new policy.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import layout as L
+from ._internal import bpfsys
+from .compiler import CompiledPolicy
+
+PROGRAMS = {"xdp_ingress": "xdp", "tc_ingress": "sched_cls", "tc_egress": "sched_cls"}
+
+# map name -> (value dtype name, entries per generation or None when not double-buffered)
+POLICY_MAPS = {
+    "hw_policy": ("hw_policy_hdr", 1),
+    "hw_rules": ("hw_rule", L.MAX_RULES),
+    "hw_peer_cls": ("hw_class", L.PEER_CLASSES_MAX),
+    "hw_l4_cls": ("hw_class", L.L4_CLASSES_MAX),
+    "hw_top4": ("hw_top", L.TOP_SIZE),
+    "hw_top6": ("hw_top", L.TOP_SIZE),
+    "hw_iv4": ("hw_iv4", L.V4_INTERVALS_MAX),
+    "hw_iv6": ("hw_iv6", L.V6_INTERVALS_MAX),
+    "hw_l4": ("hw_l4_elem", L.L4_ELEMS),
+}
+OTHER_MAPS = ("hw_config", "hw_stats", "hw_rule_stats", "hw_port_stats", "hw_ct4", "hw_ct6")
+ALL_MAPS = tuple(POLICY_MAPS) + OTHER_MAPS
+
+
+def build_hash() -> str:
+    """Identity of the datapath code: a pinned instance is adopted only if it runs the same build."""
+    h = hashlib.sha256()
+    for p in (L.HEADER, L.BPF_SOURCE):
+        h.update(p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class SwapTiming:
+    barrier_s: float     # wait for packets still reading the standby half (one RCU grace period)
+    write_s: float       # fill the standby half
+    switch_s: float      # the generation flip: the moment the new policy takes effect
+    old_gen: int
+    new_gen: int
+
+
+class Datapath:
+    """Open programs and maps of one instance (fds owned by this object)."""
+
+    def __init__(self, prog_fds: dict[str, int], map_fds: dict[str, int], bpf=None):
+        self.prog_fds = prog_fds
+        self.map_fds = map_fds
+        self._bpf = bpf                   # keeps BCC's module alive when we loaded it ourselves
+        self._views: dict[str, np.ndarray] = {}
+        self._mmaps = []
+        self._barrier: bpfsys.RcuBarrier | None = None
+        self.ncpus = bpfsys.possible_cpus()
+
+    # ---- loading and pinning -------------------------------------------------------------------
+    @classmethod
+    def load(cls) -> "Datapath":
+        """Compile with BCC and load (≈1-3 s, CPU bound). Raises RuntimeError with the verifier's log."""
+        from bcc import BPF, lib  # imported here: control commands never need the compiler
+
+        bpf = BPF(src_file=str(L.BPF_SOURCE).encode(),
+                  cflags=[f"-I{L.HEADER.parent}", "-Wno-unused-function", "-Wno-compare-distinct-pointer-types"])
+        progs = {}
+        for name, kind in PROGRAMS.items():
+            ptype = BPF.XDP if kind == "xdp" else BPF.SCHED_CLS
+            try:
+                progs[name] = bpf.load_func(name.encode(), ptype).fd
+            except Exception as e:
+                start = lib.bpf_function_start(bpf.module, name.encode())
+                size = lib.bpf_function_size(bpf.module, name.encode())
+                _, log = bpfsys.prog_load_verbose(ptype, ctypes.string_at(start, size), name)
+                raise RuntimeError(f"loading {name} failed: {e}\n{log[-3000:]}") from None
+        maps = {name: bpf[name.encode()].map_fd for name in ALL_MAPS}
+        return cls(progs, maps, bpf)
+
+    @classmethod
+    def open(cls, pin_dir: str | os.PathLike) -> "Datapath":
+        """Adopt a pinned instance. Raises FileNotFoundError if nothing is pinned there."""
+        d = Path(pin_dir)
+        progs = {n: bpfsys.obj_get(str(d / "progs" / n)) for n in PROGRAMS}
+        maps = {n: bpfsys.obj_get(str(d / "maps" / n)) for n in ALL_MAPS}
+        return cls(progs, maps)
+
+    @staticmethod
+    def is_pinned(pin_dir: str | os.PathLike) -> bool:
+        d = Path(pin_dir)
+        return all((d / "progs" / n).exists() for n in PROGRAMS) and all((d / "maps" / n).exists() for n in ALL_MAPS)
+
+    def pin(self, pin_dir: str | os.PathLike) -> None:
+        d = Path(pin_dir)
+        (d / "maps").mkdir(parents=True, exist_ok=True)
+        (d / "progs").mkdir(parents=True, exist_ok=True)
+        for n, fd in self.map_fds.items():
+            if not (d / "maps" / n).exists():
+                bpfsys.obj_pin(fd, str(d / "maps" / n))
+        for n, fd in self.prog_fds.items():
+            if not (d / "progs" / n).exists():
+                bpfsys.obj_pin(fd, str(d / "progs" / n))
+
+    @staticmethod
+    def unpin(pin_dir: str | os.PathLike) -> None:
+        d = Path(pin_dir)
+        if d.exists():
+            shutil.rmtree(d, ignore_errors=True)   # unlink on bpffs drops the pin reference
+
+    def close(self) -> None:
+        self._views.clear()
+        for m in self._mmaps:
+            try:
+                m.close()
+            except BufferError:
+                pass
+        self._mmaps.clear()
+        if self._barrier:
+            self._barrier.close()
+            self._barrier = None
+        if self._bpf is None:
+            for fd in list(self.prog_fds.values()) + list(self.map_fds.values()):
+                os.close(fd)
+        else:
+            self._bpf.cleanup()
+            self._bpf = None
+        self.prog_fds, self.map_fds = {}, {}
+
+    # ---- policy generations ----------------------------------------------------------------------
+    def view(self, name: str) -> np.ndarray:
+        """Structured NumPy view over an mmap'ed policy array (both generations)."""
+        if name not in self._views:
+            dtname, per_gen = POLICY_MAPS[name]
+            dt = L.DTYPES[dtname]
+            m = bpfsys.mmap_array(self.map_fds[name])
+            self._mmaps.append(m)
+            stride = (dt.itemsize + 7) & ~7
+            assert stride == dt.itemsize or per_gen == 1, f"{name}: padded stride unsupported"
+            self._views[name] = np.frombuffer(m, dtype=dt, count=2 * per_gen)
+        return self._views[name]
+
+    def active_gen(self) -> int:
+        raw = bpfsys.map_lookup(self.map_fds["hw_config"], b"\0" * 4, L.DTYPES["hw_config"].itemsize)
+        return int(np.frombuffer(raw, dtype=L.DTYPES["hw_config"])["gen"][0]) & 1
+
+    def active_header(self) -> np.void:
+        return self.view("hw_policy")[self.active_gen()]
+
+    def install(self, cp: CompiledPolicy) -> SwapTiming:
+        """Write `cp` into the standby generation and switch to it atomically."""
+        if self._barrier is None:
+            self._barrier = bpfsys.RcuBarrier()
+        old = self.active_gen()
+        new = old ^ 1
+        t0 = time.perf_counter()
+        self._barrier.wait()             # a packet that read `new` before the last flip has finished
+        t1 = time.perf_counter()
+        parts = {"hw_policy": cp.hdr, "hw_rules": cp.rules, "hw_peer_cls": cp.peer_cls, "hw_l4_cls": cp.l4_cls,
+                 "hw_top4": cp.top4, "hw_top6": cp.top6, "hw_iv4": cp.iv4, "hw_iv6": cp.iv6, "hw_l4": cp.l4}
+        for name, arr in parts.items():
+            per_gen = POLICY_MAPS[name][1]
+            v = self.view(name)
+            v[new * per_gen: new * per_gen + len(arr)] = arr
+        t2 = time.perf_counter()
+        cfg = np.zeros(1, dtype=L.DTYPES["hw_config"])
+        cfg["gen"] = new
+        bpfsys.map_update(self.map_fds["hw_config"], b"\0" * 4, cfg.tobytes())
+        t3 = time.perf_counter()
+        return SwapTiming(barrier_s=t1 - t0, write_s=t2 - t1, switch_s=t3 - t2, old_gen=old, new_gen=new)
+
+    # ---- counters ------------------------------------------------------------------------------
+    def _percpu_array(self, name: str, dtname: str, n: int) -> np.ndarray:
+        """Sum of a per-CPU array over CPUs (one syscall per key; use for small arrays)."""
+        dt = L.DTYPES[dtname]
+        stride = (dt.itemsize + 7) & ~7
+        fd = self.map_fds[name]
+        keys = np.arange(n, dtype=np.uint32)
+        vals = _lookup_batch(fd, keys, stride * self.ncpus)
+        per_cpu = np.frombuffer(vals, dtype=dt).reshape(n, self.ncpus)
+        out = np.zeros(n, dtype=dt)
+        for f in dt.names:
+            out[f] = per_cpu[f].sum(axis=1)
+        return out
+
+    def stats(self) -> np.ndarray:
+        """hw_counter per (hook, verdict, reason), summed over CPUs."""
+        return self._percpu_array("hw_stats", "hw_counter", L.HOOKS * L.VERDICTS * L.REASONS)
+
+    def rule_stats(self) -> np.ndarray:
+        return self._percpu_array("hw_rule_stats", "hw_counter", L.MAX_RULE_SLOTS)
+
+    def port_stats(self) -> np.ndarray:
+        return self._percpu_array("hw_port_stats", "hw_port_counter", 65536)
+
+    def map_pressure(self) -> dict[str, dict]:
+        """Fill of the hash maps (entries / capacity). Counting walks the keys: O(entries) syscalls."""
+        out = {}
+        for name, ksz in (("hw_ct4", L.DTYPES["hw_ct4_key"].itemsize), ("hw_ct6", L.DTYPES["hw_ct6_key"].itemsize)):
+            fd = self.map_fds[name]
+            n = sum(1 for _ in bpfsys.map_keys(fd, ksz))
+            cap = bpfsys.map_info(fd).max_entries
+            out[name] = {"entries": n, "capacity": cap, "percent": round(100.0 * n / cap, 2)}
+        return out
+
+    def clear_conntrack(self) -> None:
+        for name, dt in (("hw_ct4", "hw_ct4_key"), ("hw_ct6", "hw_ct6_key")):
+            fd = self.map_fds[name]
+            for k in list(bpfsys.map_keys(fd, L.DTYPES[dt].itemsize)):
+                bpfsys.map_delete(fd, k)
+
+
+def _lookup_batch(fd: int, keys: np.ndarray, value_stride: int) -> bytes:
+    """Values of the first len(keys) entries of an array map, via BPF_MAP_LOOKUP_BATCH
+    (one syscall per 64k entries instead of one per key)."""
+    out = bytearray()
+    n = len(keys)
+    chunk = 65536
+    token = ctypes.c_uint32(0)
+    got = 0
+    while got < n:
+        cnt = min(chunk, n - got)
+        kb = ctypes.create_string_buffer(cnt * 4)
+        vb = ctypes.create_string_buffer(cnt * value_stride)
+        nxt = ctypes.c_uint32(0)
+        attr = bpfsys._MapBatchAttr(in_batch=ctypes.addressof(token) if got else 0, out_batch=ctypes.addressof(nxt),
+                                    keys=ctypes.addressof(kb), values=ctypes.addressof(vb), count=cnt, map_fd=fd)
+        try:
+            bpfsys._sys_bpf(bpfsys.MAP_LOOKUP_BATCH, attr)
+        except bpfsys.BpfError as e:
+            if e.errno != 2:       # ENOENT: the map ended within this chunk
+                raise
+        out += vb.raw[: attr.count * value_stride]
+        got += attr.count
+        token = nxt
+        if attr.count == 0:
+            break
+    return bytes(out)

@@ -1,0 +1,107 @@
+"""User-space view of bpf/hostwall.h, the one header that defines every kernel↔user layout.
+
+Constants and enum values are read from the header at import (no second copy). Struct layouts are
+NumPy dtypes declared here and checked field by field against the header compiled by the C compiler
+(tests/unit/test_layout.py), so a drift fails the build instead of corrupting maps.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+
+HEADER = Path(__file__).resolve().parent.parent / "bpf" / "hostwall.h"
+BPF_SOURCE = HEADER.with_name("hostwall.bpf.c")
+
+
+def _parse_constants(text: str) -> dict[str, int]:
+    """#define NAME <int expr> and enum members (explicit or implicit values), in file order."""
+    text = re.sub(r"/\*.*?\*/", "", text, flags=re.S)
+    consts: dict[str, int] = {}
+
+    def ev(expr: str) -> int:
+        expr = re.sub(r"\b(\d+|0x[0-9a-fA-F]+)[uUlL]+\b", r"\1", expr.strip())
+        return int(eval(expr, {"__builtins__": {}}, dict(consts)))  # header-only, trusted input
+
+    for m in re.finditer(r"^#define\s+(HW_\w+)\s+(.+)$", text, flags=re.M):
+        try:
+            consts[m.group(1)] = ev(m.group(2))
+        except (NameError, SyntaxError):
+            pass
+    for body in re.findall(r"enum\s+\w+\s*\{(.*?)\}", text, flags=re.S):
+        nxt = 0
+        for item in filter(None, (s.strip() for s in body.split(","))):
+            name, _, val = item.partition("=")
+            nxt = ev(val) if val else nxt
+            consts[name.strip()] = nxt
+            nxt += 1
+    return consts
+
+
+C = _parse_constants(HEADER.read_text())
+
+MAX_RULES = C["HW_MAX_RULES"]
+WORDS = C["HW_WORDS"]
+MAX_RULE_SLOTS = C["HW_MAX_RULE_SLOTS"]
+PEER_CLASSES_MAX = C["HW_PEER_CLASSES_MAX"]
+L4_CLASSES_MAX = C["HW_L4_CLASSES_MAX"]
+V4_INTERVALS_MAX = C["HW_V4_INTERVALS_MAX"]
+V6_INTERVALS_MAX = C["HW_V6_INTERVALS_MAX"]
+TOP_SIZE = C["HW_TOP_SIZE"]
+TOP_BITS = C["HW_TOP_BITS"]
+PROTO_IDX_MAX = C["HW_PROTO_IDX_MAX"]
+L4_SLOTS_PER_ELEM = C["HW_L4_SLOTS_PER_ELEM"]
+L4_ELEMS = C["HW_L4_ELEMS"]
+HOOKS = C["HW_HOOKS"]
+VERDICTS = C["HW_VERDICTS"]
+REASONS = C["HW_REASONS"]
+CT_MAX = C["HW_CT_MAX"]
+
+HOOK_NAMES = {C["HW_HOOK_XDP_INGRESS"]: "xdp_ingress", C["HW_HOOK_TC_INGRESS"]: "tc_ingress",
+              C["HW_HOOK_TC_EGRESS"]: "tc_egress"}
+VERDICT_NAMES = {C["HW_V_ALLOW"]: "allow", C["HW_V_DROP"]: "drop", C["HW_V_WOULD_DROP"]: "would_drop"}
+REASON_NAMES = {v: k[len("HW_R_"):].lower() for k, v in C.items()
+                if k.startswith("HW_R_") and k not in ("HW_R_NONE",)}
+DROP_REASONS = {v: n for v, n in REASON_NAMES.items() if v < 16}
+ACTION = {"allow": C["HW_ACT_ALLOW"], "deny": C["HW_ACT_DENY"], "log": C["HW_ACT_LOG"]}
+PROTO_IDX = {"tcp": C["HW_P_TCP"], "udp": C["HW_P_UDP"], "icmp": C["HW_P_ICMP"], "icmpv6": C["HW_P_ICMPV6"],
+             "other": C["HW_P_OTHER"]}
+DIR = {"ingress": C["HW_DIR_INGRESS"], "egress": C["HW_DIR_EGRESS"]}
+CT_STATE_NAMES = {v: k[len("HW_CT_"):].lower() for k, v in C.items()
+                  if k.startswith("HW_CT_") and not k.startswith(("HW_CT_TO_", "HW_CT_MAX"))}
+
+u8, u16, u32, u64 = np.uint8, np.uint16, np.uint32, np.uint64
+
+# struct name -> dtype; every dtype's itemsize equals the C sizeof (checked by the layout test).
+DTYPES: dict[str, np.dtype] = {
+    "hw_config": np.dtype([("gen", u32), ("flags", u32)]),
+    "hw_policy_hdr": np.dtype([("revision_id", u32), ("nrules", u32), ("default_ingress", u8),
+                               ("default_egress", u8), ("stateful", u8), ("audit", u8), ("pad", u32)]),
+    "hw_rule": np.dtype([("slot", u32), ("action", u8), ("pad", u8, 3)]),
+    "hw_class": np.dtype([("summary", u64), ("words", u64, WORDS)]),
+    "hw_top": np.dtype([("first", u32), ("last", u32)]),
+    "hw_iv4": np.dtype([("start", u32), ("cls", u32)]),
+    "hw_iv6": np.dtype([("hi", u64), ("lo", u64), ("cls", u32), ("pad", u32)]),
+    "hw_l4_elem": np.dtype([("cls", u16, L4_SLOTS_PER_ELEM)]),
+    "hw_counter": np.dtype([("packets", u64), ("bytes", u64)]),
+    "hw_port_counter": np.dtype([("allowed", u64), ("dropped", u64), ("would_drop", u64)]),
+    "hw_ct4_key": np.dtype([("addr_a", ">u4"), ("addr_b", ">u4"), ("port_a", ">u2"), ("port_b", ">u2"),
+                            ("proto", u8), ("pad", u8, 3)]),
+    "hw_ct6_key": np.dtype([("addr_a", u8, 16), ("addr_b", u8, 16), ("port_a", ">u2"), ("port_b", ">u2"),
+                            ("proto", u8), ("pad", u8, 3)]),
+    "hw_ct_entry": np.dtype([("created_ns", u64), ("last_ns", u64), ("packets", u64, 2), ("bytes", u64, 2),
+                             ("cgroup_id", u64), ("rule_slot", u32), ("revision_id", u32), ("state", u8),
+                             ("initiator", u8), ("origin", u8), ("fin_seen", u8), ("pad", u32)]),
+    "hw_meta": np.dtype([("magic", u32), ("reason", u32)]),
+}
+
+
+def stats_index(hook: int, verdict: int, reason: int) -> int:
+    """Index into hw_stats, as the C side computes it."""
+    return (hook * VERDICTS + verdict) * REASONS + reason
+
+
+def l4_key(direction: int, proto_idx: int, port: int) -> int:
+    """Linear (direction, protocol, port) key of the hw_l4 table."""
+    return (direction * PROTO_IDX_MAX + proto_idx) * 65536 + port

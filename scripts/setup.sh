@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Installs everything hostwall needs on a fresh Debian 12 machine. Idempotent; safe to re-run.
+#   - Debian packages: BCC, kernel headers, iproute2, nftables, iptables, traffic tools
+#   - the kernel-header links BCC needs (/lib/modules/$(uname -r)/{build,source})
+#   - bpffs at /sys/fs/bpf
+#   - a venv (.venv) on /usr/bin/python3 that sees Debian's BCC, with hostwall installed editable
+# Big downloads/builds (later: Kafka jars, OTel Collector) are cached under $HOSTWALL_CACHE.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+CACHE=${HOSTWALL_CACHE:-/var/cache/hostwall}
+mkdir -p "$CACHE"
+
+log() { printf '[setup] %s\n' "$*"; }
+
+DEB_PKGS=(python3-bpfcc libbpfcc linux-headers-amd64 iproute2 nftables iptables netsniff-ng hping3
+          netcat-openbsd iputils-ping python3-venv python3-dev)
+missing=()
+for p in "${DEB_PKGS[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+if ((${#missing[@]})); then
+  log "installing Debian packages: ${missing[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+# BCC compiles against kernel headers. Debian's 6.1 headers build XDP/TC programs fine for newer kernels;
+# point /lib/modules/$(uname -r)/{build,source} at them when the running kernel has none of its own.
+KDIR=/lib/modules/$(uname -r)
+if [ ! -e "$KDIR/build/include" ]; then
+  hdr=$(ls -d /usr/src/linux-headers-*-amd64 2>/dev/null | sort -V | tail -n1)
+  common=$(ls -d /usr/src/linux-headers-*-common 2>/dev/null | sort -V | tail -n1)
+  [ -n "$hdr" ] && [ -n "$common" ] || { echo "setup: no linux-headers found under /usr/src" >&2; exit 1; }
+  log "linking kernel headers: $KDIR/build -> $hdr, source -> $common"
+  mkdir -p "$KDIR"
+  ln -sfn "$hdr" "$KDIR/build"
+  ln -sfn "$common" "$KDIR/source"
+fi
+
+mountpoint -q /sys/fs/bpf || { log "mounting bpffs at /sys/fs/bpf"; mount -t bpf bpf /sys/fs/bpf; }
+
+# A venv on Debian's python that sees BCC: a .pth pointing at a folder holding only a `bcc` symlink,
+# so the rest of Debian's dist-packages does not leak into the venv.
+VENV=$ROOT/.venv
+if [ ! -x "$VENV/bin/python" ]; then
+  log "creating venv $VENV"
+  /usr/bin/python3 -m venv "$VENV"
+fi
+BCC_SRC=$(/usr/bin/python3 -c 'import bcc, os; print(os.path.dirname(bcc.__file__))')
+SHIM=$VENV/bcc-shim
+mkdir -p "$SHIM"
+ln -sfn "$BCC_SRC" "$SHIM/bcc"
+SITE=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+echo "$SHIM" > "$SITE/bcc-shim.pth"
+
+stamp=$VENV/.installed-$(sha256sum pyproject.toml | cut -c1-16)
+if [ ! -e "$stamp" ]; then
+  log "installing hostwall and its Python dependencies into the venv"
+  PIP_CACHE_DIR=$CACHE/pip "$VENV/bin/pip" install -q --upgrade pip
+  PIP_CACHE_DIR=$CACHE/pip "$VENV/bin/pip" install -q -e ".[test]"
+  rm -f "$VENV"/.installed-*
+  touch "$stamp"
+fi
+"$VENV/bin/python" -c 'import bcc' || { echo "setup: bcc not importable from the venv" >&2; exit 1; }
+log "ready: $VENV/bin/python"
