@@ -1,0 +1,262 @@
+"""hostwall-enforcer: validate | run | apply | status | detach (DESIGN.md §4).
+
+Exit codes: 0 ok, 2 bad input (every error listed, one per line: file:line: path: message), 1 runtime
+failure (one line: what failed and what to do).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+
+from .policy import InterfaceConf, Policy, load_policy
+from .state import DEFAULT_PIN_DIR
+from .validation import PolicyError
+
+EXIT_OK, EXIT_RUNTIME, EXIT_INPUT = 0, 1, 2
+
+
+def _err(msg: str) -> None:
+    print(f"hostwall-enforcer: {msg}", file=sys.stderr, flush=True)
+
+
+class _Progress:
+    """Progress of reading big peers files: a bar on a terminal, a few lines otherwise."""
+
+    def __init__(self) -> None:
+        self.tty = sys.stderr.isatty()
+        self.last = -1
+        self.bar = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if total < 10000:
+            return
+        if self.tty:
+            if self.bar is None:
+                from rich.progress import Progress
+                self.bar = Progress(transient=True)
+                self.bar.start()
+                self.task = self.bar.add_task("reading peers files", total=total)
+            self.bar.update(self.task, completed=done, total=total)
+            if done >= total:
+                self.bar.stop()
+                self.bar = None
+        else:
+            pct = 100 * done // max(total, 1)
+            if pct // 25 != self.last // 25 or done >= total:
+                self.last = pct
+                print(f"reading peers files: {done}/{total} lines ({pct}%)", file=sys.stderr, flush=True)
+
+
+def _load(path: str) -> Policy:
+    t = time.perf_counter()
+    p = load_policy(path, progress=_Progress())
+    if p.prefix_count >= 10000:
+        print(f"loaded {p.prefix_count} prefixes in {time.perf_counter() - t:.2f} s", file=sys.stderr, flush=True)
+    return p
+
+
+def _policy_errors(e: PolicyError) -> int:
+    for issue in e.issues:
+        print(str(issue), file=sys.stderr)
+    _err(f"{len(e.issues)} error(s); nothing was changed")
+    return EXIT_INPUT
+
+
+def cmd_validate(a) -> int:
+    p = _load(a.policy)
+    print(f"{a.policy}: OK — policy {p.name!r} revision {p.revision}: {len(p.rules)} rules, "
+          f"{p.prefix_count} prefixes, {len(p.dos_profiles)} DoS profiles, {len(p.interfaces)} interfaces")
+    return EXIT_OK
+
+
+def _interfaces(a, p: Policy) -> list[InterfaceConf]:
+    if a.interface:
+        by_name = {i.name: i for i in p.interfaces}
+        return [InterfaceConf(n, a.xdp_mode or (by_name[n].xdp_mode if n in by_name else "auto"),
+                              by_name[n].dos_profile if n in by_name else None) for n in a.interface]
+    return [InterfaceConf(i.name, a.xdp_mode or i.xdp_mode, i.dos_profile) for i in p.interfaces]
+
+
+def cmd_run(a) -> int:
+    from . import control
+    p = _load(a.policy)
+    ifaces = _interfaces(a, p)
+    if not ifaces:
+        _err("no interface to protect: pass --interface IF or list `interfaces:` in the policy")
+        return EXIT_INPUT
+    dp, st, res = control.start(p, a.pin_dir, ifaces, a.netns)
+    how = "took over the running instance (no gap)" if res.adopted else "loaded the datapath"
+    if res.migrated_conntrack:
+        how += f", carried {res.migrated_conntrack} tracked connections over"
+    where = ", ".join(f"{i.name} (xdp {i.xdp_mode}, tc)" for i in res.interfaces)
+    print(f"hostwall-enforcer: {how}; enforcing {p.name} revision {p.revision} "
+          f"({res.apply.rules} rules, {res.apply.prefixes} prefixes) on {where}", flush=True)
+
+    state = {"reload": False, "stop": None}
+    signal.signal(signal.SIGHUP, lambda *_: state.update(reload=True))
+    signal.signal(signal.SIGTERM, lambda *_: state.update(stop="SIGTERM"))
+    signal.signal(signal.SIGINT, lambda *_: state.update(stop="SIGINT"))
+    try:
+        while state["stop"] is None:
+            time.sleep(0.2)
+            if state["reload"]:
+                state["reload"] = False
+                try:
+                    r = control.apply(_load(a.policy), a.pin_dir)
+                    print(f"hostwall-enforcer: SIGHUP: revision {r.old_revision} → {r.new_revision} "
+                          f"(switch {r.switch_ms:.3f} ms)", flush=True)
+                except PolicyError as e:
+                    _policy_errors(e)
+                    _err("SIGHUP: the running policy is unchanged")
+    finally:
+        dp.close()
+    if a.keep_attached:
+        print(f"hostwall-enforcer: {state['stop']}: exiting, programs stay attached and pinned at {a.pin_dir}",
+              flush=True)
+    else:
+        gone = control.detach(a.pin_dir)
+        print(f"hostwall-enforcer: {state['stop']}: detached from {', '.join(gone) or 'nothing'}", flush=True)
+    return EXIT_OK
+
+
+def cmd_apply(a) -> int:
+    from . import control
+    p = _load(a.policy)
+    t = time.perf_counter()
+    r = control.apply(p, a.pin_dir)
+    total = time.perf_counter() - t
+    print(f"revision {r.old_revision or '(none)'} → {r.new_revision}: {r.rules} rules, {r.prefixes} prefixes; "
+          f"switch {r.switch_ms:.3f} ms, apply {total:.3f} s (compile {r.compile_s:.3f} s)")
+    return EXIT_OK
+
+
+def cmd_detach(a) -> int:
+    from . import control
+    gone = control.detach(a.pin_dir)
+    print(f"detached from {', '.join(gone)}; unpinned {a.pin_dir}" if gone else f"unpinned {a.pin_dir}")
+    return EXIT_OK
+
+
+def _fmt_n(n: int) -> str:
+    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= div:
+            return f"{n / div:.1f}{unit}"
+    return str(n)
+
+
+def cmd_status(a) -> int:
+    from . import control
+    s = control.status(a.pin_dir)
+    if a.json:
+        print(json.dumps(s, indent=1))
+        return EXIT_OK
+    from rich.console import Console
+    from rich.table import Table
+    con = Console()
+    d = s["defaults"]
+    con.print(f"[bold]{s['policy']}[/] revision [bold]{s['revision']}[/] (generation {s['generation']}, "
+              f"{s['rules_count']} rules, {s['prefixes']} prefixes) — ingress {d['ingress']}, egress {d['egress']}, "
+              f"stateful {d['stateful']}, audit {d['audit']}; pin dir {s['pin_dir']}; "
+              f"run pid {s['pid']} {'alive' if s['pid_alive'] else 'not running (programs still attached)'}")
+    t = Table(title="interfaces")
+    for c in ("interface", "netns", "xdp", "tc ingress", "tc egress"):
+        t.add_column(c)
+    for i in s["interfaces"]:
+        t.add_row(i["name"], i.get("netns") or "-", i.get("xdp_mode", i.get("error", "?")),
+                  str(i.get("tc_ingress", "?")), str(i.get("tc_egress", "?")))
+    con.print(t)
+    t = Table(title="verdicts")
+    for c in ("verdict", "packets", "bytes"):
+        t.add_column(c, justify="right")
+    for v, c in s["totals"].items():
+        t.add_row(v, _fmt_n(c["packets"]), _fmt_n(c["bytes"]))
+    con.print(t)
+    if s["drops_by_reason"]:
+        t = Table(title="drops by reason")
+        for c in ("reason", "dropped", "would drop"):
+            t.add_column(c, justify="right")
+        for r, c in sorted(s["drops_by_reason"].items()):
+            t.add_row(r, _fmt_n(c["drop"]), _fmt_n(c["would_drop"]))
+        con.print(t)
+    t = Table(title="rules (first match wins, in this order)")
+    for c in ("rule", "prio", "dir", "action", "packets", "bytes"):
+        t.add_column(c, justify="right" if c in ("prio", "packets", "bytes") else "left")
+    for r in s["rules"]:
+        t.add_row(r["name"], str(r.get("priority", "")), r.get("direction", ""), r.get("action", ""),
+                  _fmt_n(r["packets"]), _fmt_n(r["bytes"]))
+    con.print(t)
+    if s["ports"]:
+        t = Table(title="destination ports (top 20)")
+        for c in ("port", "allowed", "dropped", "would drop"):
+            t.add_column(c, justify="right")
+        for p in s["ports"]:
+            t.add_row(str(p["port"]), _fmt_n(p["allowed"]), _fmt_n(p["dropped"]), _fmt_n(p["would_drop"]))
+        con.print(t)
+    t = Table(title="map pressure")
+    for c in ("map", "entries", "capacity", "%"):
+        t.add_column(c, justify="right")
+    for m, v in s["map_pressure"].items():
+        t.add_row(m, str(v["entries"]), str(v["capacity"]), f"{v['percent']:.1f}")
+    con.print(t)
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="hostwall-enforcer", description="hostwall XDP/TC firewall enforcer")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    pin = {"default": os.environ.get("HOSTWALL_PIN_DIR", DEFAULT_PIN_DIR),
+           "help": "bpffs directory of the instance (default %(default)s)"}
+    v = sub.add_parser("validate", help="check a policy; exit 2 listing every error")
+    v.add_argument("policy")
+    v.set_defaults(fn=cmd_validate)
+    r = sub.add_parser("run", help="load, attach and enforce; stays in the foreground")
+    r.add_argument("--policy", required=True)
+    r.add_argument("--interface", action="append", help="interface to protect (repeatable; overrides the policy's list)")
+    r.add_argument("--pin-dir", **pin)
+    r.add_argument("--xdp-mode", choices=("native", "generic", "auto"))
+    r.add_argument("--netns", help="attach to interfaces inside this network namespace (ip netns name)")
+    r.add_argument("--keep-attached", action="store_true", help="on SIGTERM/SIGINT leave programs attached and pinned")
+    r.set_defaults(fn=cmd_run)
+    p = sub.add_parser("apply", help="swap the policy of the running instance atomically")
+    p.add_argument("policy")
+    p.add_argument("--pin-dir", **pin)
+    p.set_defaults(fn=cmd_apply)
+    s = sub.add_parser("status", help="interfaces, revision, counters, map pressure")
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--pin-dir", **pin)
+    s.set_defaults(fn=cmd_status)
+    d = sub.add_parser("detach", help="detach from every interface and unpin")
+    d.add_argument("--pin-dir", **pin)
+    d.set_defaults(fn=cmd_detach)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    from .compiler import CompileError
+    from .control import ControlError
+    from .attach import AttachError
+    try:
+        return a.fn(a)
+    except PolicyError as e:
+        return _policy_errors(e)
+    except CompileError as e:
+        _err(f"policy does not fit the datapath: {e}; nothing was changed")
+        return EXIT_INPUT
+    except (ControlError, AttachError) as e:
+        _err(str(e))
+        return EXIT_RUNTIME
+    except PermissionError as e:
+        _err(f"{e}; run as root (CAP_BPF and CAP_NET_ADMIN are needed)")
+        return EXIT_RUNTIME
+    except OSError as e:
+        _err(f"system call failed: {e}")
+        return EXIT_RUNTIME
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,240 @@
+"""Enforcer operations on one instance (a pin dir): start, apply, status, detach.
+
+Start adopts a pinned instance of the same build (programs, conntrack and counters stay in the kernel,
+so an enforcer restart has no enforcement gap), migrates conntrack into a freshly loaded datapath when
+the build changed, and otherwise loads anew. Every operation validates first and changes nothing in the
+kernel when the policy or the request is bad.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import attach, layout as L
+from ._internal import bpfsys
+from .compiler import compile_policy
+from .datapath import Datapath, build_hash
+from .policy import InterfaceConf, Policy
+from .state import AttachedInterface, InstanceState, allocate_slots
+
+
+class ControlError(RuntimeError):
+    """A runtime failure with a one-line explanation (exit 1)."""
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    old_revision: str
+    new_revision: str
+    rules: int
+    prefixes: int
+    compile_s: float
+    install_s: float
+    switch_ms: float
+    barrier_ms: float
+
+
+@dataclass(frozen=True)
+class StartResult:
+    adopted: bool            # an existing pinned instance was taken over (no gap)
+    migrated_conntrack: int  # entries carried into a new build's maps
+    interfaces: list[AttachedInterface]
+    apply: ApplyResult
+
+
+def _zero_counters(dp: Datapath, slots: list[int]) -> None:
+    """Reset the per-CPU counters of newly handed-out rule slots (a reused slot must not inherit)."""
+    if not slots:
+        return
+    zero = bytes(L.DTYPES["hw_counter"].itemsize * dp.ncpus)
+    for s in slots:
+        bpfsys.map_update(dp.map_fds["hw_rule_stats"], int(s).to_bytes(4, "little"), zero)
+
+
+def apply_policy(dp: Datapath, st: InstanceState, policy: Policy) -> ApplyResult:
+    """Compile, install atomically, record. The caller saves the state."""
+    t0 = time.perf_counter()
+    names = [r.name for r in policy.rules]
+    slots, fresh = allocate_slots(st.slots, names, L.MAX_RULE_SLOTS)
+    rev_id = st.revision_id + 1
+    cp = compile_policy(policy, slots, rev_id)
+    t1 = time.perf_counter()
+    _zero_counters(dp, fresh)
+    timing = dp.install(cp)
+    t2 = time.perf_counter()
+    old_rev, old_rules = st.revision, st.rules
+    st.slots = slots
+    st.rule_meta = {r.name: {"priority": r.priority, "direction": r.direction, "action": r.action,
+                             "order": i} for i, r in enumerate(policy.rules)}
+    st.revision_id = rev_id
+    st.revisions = {k: v for k, v in st.revisions.items() if int(k) >= rev_id - 16}
+    st.revisions[str(rev_id)] = policy.revision
+    st.revision, st.policy_name, st.policy_path = policy.revision, policy.name, os.path.abspath(policy.source)
+    st.rules, st.prefixes, st.applied_at = len(policy.rules), policy.prefix_count, time.time()
+    st.record_change(old_rev, policy.revision, old_rules, len(policy.rules), st.policy_path, timing.switch_s * 1e3)
+    return ApplyResult(old_rev, policy.revision, len(policy.rules), policy.prefix_count, t1 - t0, t2 - t1,
+                       timing.switch_s * 1e3, timing.barrier_s * 1e3)
+
+
+def _migrate_conntrack(old: Datapath, new: Datapath) -> int:
+    n = 0
+    vsz = L.DTYPES["hw_ct_entry"].itemsize
+    for name, kdt in (("hw_ct4", "hw_ct4_key"), ("hw_ct6", "hw_ct6_key")):
+        for k in list(bpfsys.map_keys(old.map_fds[name], L.DTYPES[kdt].itemsize)):
+            v = bpfsys.map_lookup(old.map_fds[name], k, vsz)
+            if v is not None:
+                bpfsys.map_update(new.map_fds[name], k, v)
+                n += 1
+    return n
+
+
+def _check_interfaces(ifaces: list[InterfaceConf], netns: str | None) -> None:
+    missing = []
+    for i in ifaces:
+        try:
+            attach.link_state(i.name, netns)
+        except attach.AttachError:
+            missing.append(i.name)
+    if missing:
+        where = f" in netns {netns}" if netns else ""
+        raise ControlError(f"interface(s) not found{where}: {', '.join(missing)}; check `ip link`")
+
+
+def start(policy: Policy, pin_dir: str, interfaces: list[InterfaceConf], netns: str | None = None) -> tuple[Datapath, InstanceState, StartResult]:
+    """Bring an instance up (or take it over) with `policy` on `interfaces`."""
+    _check_interfaces(interfaces, netns)
+    build = build_hash()
+    st = InstanceState.load(pin_dir)
+    adopted, migrated = False, 0
+    if Datapath.is_pinned(pin_dir) and st is not None and st.build == build:
+        dp = Datapath.open(pin_dir)
+        adopted = True
+    else:
+        dp = Datapath.load()
+        if Datapath.is_pinned(pin_dir):
+            old = Datapath.open(pin_dir)
+            try:
+                migrated = _migrate_conntrack(old, dp)
+            finally:
+                old.close()
+            Datapath.unpin(pin_dir)
+        st = InstanceState(pin_dir=pin_dir, build=build, slots=st.slots if st else {},
+                           revision=st.revision if st else "", revision_id=st.revision_id if st else 0,
+                           history=st.history if st else [])
+    st.build = build
+    res = apply_policy(dp, st, policy)
+    dp.pin(pin_dir)
+    attached = []
+    try:
+        for i in interfaces:
+            mode = attach.attach_xdp(i.name, dp.prog_fds["xdp_ingress"], i.xdp_mode, netns)
+            attach.attach_tc(i.name, dp.prog_fds["tc_ingress"], dp.prog_fds["tc_egress"], netns)
+            attached.append(AttachedInterface(i.name, netns, i.xdp_mode, mode))
+    except attach.AttachError:
+        if not adopted:         # a fresh instance that cannot attach everywhere leaves nothing behind
+            for a in attached:
+                attach.detach_xdp(a.name, netns)
+                attach.detach_tc(a.name, netns)
+            Datapath.unpin(pin_dir)
+            dp.close()
+        raise
+    keep = {(a.name, a.netns) for a in attached}
+    st.interfaces = attached + [a for a in st.interfaces if (a.name, a.netns) not in keep and adopted]
+    st.pid = os.getpid()
+    st.save()
+    return dp, st, StartResult(adopted, migrated, attached, res)
+
+
+def apply(policy: Policy, pin_dir: str) -> ApplyResult:
+    """Atomic swap on a running instance."""
+    st = InstanceState.load(pin_dir)
+    if st is None or not Datapath.is_pinned(pin_dir):
+        raise ControlError(f"no running instance at {pin_dir}; start one with `hostwall-enforcer run`")
+    dp = Datapath.open(pin_dir)
+    try:
+        res = apply_policy(dp, st, policy)
+        st.save()
+        return res
+    finally:
+        dp.close()
+
+
+def detach(pin_dir: str) -> list[str]:
+    """Detach every interface of the instance, unpin, forget the state. Returns what was detached."""
+    st = InstanceState.load(pin_dir)
+    done = []
+    for i in (st.interfaces if st else []):
+        try:
+            attach.detach_xdp(i.name, i.netns)
+            attach.detach_tc(i.name, i.netns)
+            done.append(i.name + (f"@{i.netns}" if i.netns else ""))
+        except Exception:  # interface or netns gone: nothing left to detach there
+            pass
+    Datapath.unpin(pin_dir)
+    if st:
+        st.remove()
+    return done
+
+
+def status(pin_dir: str, with_pressure: bool = True) -> dict:
+    """Everything `status` shows, as plain data."""
+    st = InstanceState.load(pin_dir)
+    if st is None or not Datapath.is_pinned(pin_dir):
+        raise ControlError(f"no running instance at {pin_dir}")
+    dp = Datapath.open(pin_dir)
+    try:
+        hdr = dp.active_header()
+        stats = dp.stats()
+        counters: dict = {}
+        totals = {v: {"packets": 0, "bytes": 0} for v in L.VERDICT_NAMES.values()}
+        by_reason: dict = {}
+        for hook, hname in L.HOOK_NAMES.items():
+            for v, vname in L.VERDICT_NAMES.items():
+                for r, rname in L.REASON_NAMES.items():
+                    c = stats[L.stats_index(hook, v, r)]
+                    if c["packets"]:
+                        counters.setdefault(hname, {}).setdefault(vname, {})[rname] = {
+                            "packets": int(c["packets"]), "bytes": int(c["bytes"])}
+                        if r != L.C["HW_R_PASS_JUDGED"]:
+                            totals[vname]["packets"] += int(c["packets"])
+                            totals[vname]["bytes"] += int(c["bytes"])
+                            if v != L.C["HW_V_ALLOW"]:
+                                key = by_reason.setdefault(rname, {"drop": 0, "would_drop": 0})
+                                key[vname] += int(c["packets"])
+        rs = dp.rule_stats()
+        rules = [{"name": n, **st.rule_meta.get(n, {}), "packets": int(rs[s]["packets"]), "bytes": int(rs[s]["bytes"])}
+                 for n, s in st.slots.items()]
+        rules.sort(key=lambda r: r.get("order", 0))
+        ps = dp.port_stats()
+        tot = ps["allowed"] + ps["dropped"] + ps["would_drop"]
+        top = np.argsort(tot)[::-1][:20]
+        ports = [{"port": int(p), "allowed": int(ps[p]["allowed"]), "dropped": int(ps[p]["dropped"]),
+                  "would_drop": int(ps[p]["would_drop"])} for p in top if tot[p]]
+        links = []
+        for i in st.interfaces:
+            try:
+                ls = attach.link_state(i.name, i.netns)
+                links.append({"name": i.name, "netns": i.netns, "xdp_mode": ls.xdp_mode, "requested": i.xdp_mode_requested,
+                              "xdp_prog_id": ls.xdp_prog_id, "tc_ingress": ls.tc_ingress, "tc_egress": ls.tc_egress})
+            except Exception as e:
+                links.append({"name": i.name, "netns": i.netns, "error": str(e)})
+        out = {
+            "pin_dir": pin_dir, "build": st.build, "policy": st.policy_name, "policy_path": st.policy_path,
+            "revision": st.revisions.get(str(int(hdr["revision_id"])), st.revision),
+            "generation": dp.active_gen(), "applied_at": st.applied_at, "rules_count": int(hdr["nrules"]),
+            "prefixes": st.prefixes, "defaults": {
+                "ingress": "deny" if hdr["default_ingress"] == L.ACTION["deny"] else "allow",
+                "egress": "deny" if hdr["default_egress"] == L.ACTION["deny"] else "allow",
+                "stateful": bool(hdr["stateful"]), "audit": bool(hdr["audit"])},
+            "interfaces": links, "totals": totals, "drops_by_reason": by_reason, "counters": counters,
+            "rules": rules, "ports": ports, "pid": st.pid,
+            "pid_alive": bool(st.pid and os.path.exists(f"/proc/{st.pid}")),
+        }
+        if with_pressure:
+            out["map_pressure"] = dp.map_pressure()
+        return out
+    finally:
+        dp.close()

@@ -1,0 +1,119 @@
+"""User-space state of one enforcer instance, kept beside its pins so any process can act on it.
+
+bpffs holds only maps and programs, so the rest (attached interfaces, revision table, the rule-name →
+counter-slot map, the policy-change history) lives in a JSON file under $HOSTWALL_STATE_DIR
+(default /run/hostwall: like the pins, it is gone after a reboot). Writes are atomic (tmp + rename).
+"""
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+DEFAULT_PIN_DIR = "/sys/fs/bpf/hostwall/default"
+HISTORY_KEEP = 100
+
+
+def state_dir() -> Path:
+    return Path(os.environ.get("HOSTWALL_STATE_DIR", "/run/hostwall"))
+
+
+def _stem(pin_dir: str) -> str:
+    return os.path.abspath(pin_dir).strip("/").replace("/", "_")
+
+
+def state_path(pin_dir: str) -> Path:
+    return state_dir() / f"{_stem(pin_dir)}.json"
+
+
+def audit_log_path(pin_dir: str) -> Path:
+    """Policy-change audit records, one JSON object per line (shipped by the collector)."""
+    return state_dir() / f"{_stem(pin_dir)}.audit.jsonl"
+
+
+@dataclass
+class AttachedInterface:
+    name: str
+    netns: str | None
+    xdp_mode_requested: str        # native | generic | auto
+    xdp_mode: str                  # what took: native | generic
+
+
+@dataclass
+class InstanceState:
+    pin_dir: str
+    build: str
+    interfaces: list[AttachedInterface] = field(default_factory=list)
+    revision: str = ""
+    revision_id: int = 0
+    policy_name: str = ""
+    policy_path: str = ""
+    applied_at: float = 0.0
+    rules: int = 0
+    prefixes: int = 0
+    revisions: dict[str, str] = field(default_factory=dict)    # revision_id (as str) -> revision
+    slots: dict[str, int] = field(default_factory=dict)        # rule name -> counter slot
+    rule_meta: dict[str, dict] = field(default_factory=dict)   # rule name -> {priority, direction, action}
+    history: list[dict] = field(default_factory=list)
+    pid: int | None = None                                      # the `run` process, if any
+
+    @classmethod
+    def load(cls, pin_dir: str) -> "InstanceState | None":
+        p = state_path(pin_dir)
+        try:
+            d = json.loads(p.read_text())
+        except FileNotFoundError:
+            return None
+        d["interfaces"] = [AttachedInterface(**i) for i in d.get("interfaces", [])]
+        return cls(**d)
+
+    def save(self) -> None:
+        p = state_path(self.pin_dir)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(asdict(self), indent=1, sort_keys=True))
+        os.replace(tmp, p)
+
+    def remove(self) -> None:
+        state_path(self.pin_dir).unlink(missing_ok=True)
+
+    def record_change(self, old_revision: str, new_revision: str, old_rules: int, new_rules: int,
+                      source: str, switch_ms: float) -> dict:
+        """Append a policy-change audit record to the history and the audit log; returns it."""
+        rec = {"@timestamp": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + "Z",
+               "event": {"kind": "event", "category": ["configuration"], "type": ["change"],
+                         "action": "policy-apply", "dataset": "hostwall.audit"},
+               "user": {"name": _who()}, "hostwall": {"pin_dir": self.pin_dir, "policy": {
+                   "old_revision": old_revision, "new_revision": new_revision, "old_rules": old_rules,
+                   "new_rules": new_rules, "source": source, "switch_ms": round(switch_ms, 4)}}}
+        self.history = (self.history + [rec])[-HISTORY_KEEP:]
+        p = audit_log_path(self.pin_dir)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        with open(p, "a") as f:
+            f.write(json.dumps(rec, sort_keys=True) + "\n")
+        return rec
+
+
+def _who() -> str:
+    return os.environ.get("SUDO_USER") or getpass.getuser()
+
+
+def allocate_slots(current: dict[str, int], names: list[str], capacity: int) -> tuple[dict[str, int], list[int]]:
+    """Keep the slot of every rule name that stays; give new names the lowest free slots.
+
+    Returns (slots for `names`, slots newly handed out, whose counters the caller must zero)."""
+    keep = {n: s for n, s in current.items() if n in set(names)}
+    used = set(keep.values())
+    free = (s for s in range(capacity) if s not in used)
+    fresh = []
+    for n in names:
+        if n not in keep:
+            s = next(free, None)
+            if s is None:
+                raise RuntimeError(f"no free counter slot (capacity {capacity})")
+            keep[n] = s
+            fresh.append(s)
+    return keep, fresh
