@@ -18,8 +18,8 @@
 #define HW_MAX_RULES          4096      /* rules per policy (bits in a class bitmap) */
 #define HW_WORDS              64        /* HW_MAX_RULES / 64 */
 #define HW_MAX_RULE_SLOTS     8192      /* counter slots; stable per rule name across swaps */
-#define HW_PEER_CLASSES_MAX   8192      /* distinct peer rule-sets per generation */
-#define HW_L4_CLASSES_MAX     2048      /* distinct (direction, protocol, port) rule-sets per generation */
+#define HW_PEER_CLASSES_MAX   16384     /* distinct peer rule-sets per generation */
+#define HW_L4_CLASSES_MAX     16384     /* distinct (direction, protocol, port) rule-sets per generation */
 #define HW_V4_INTERVALS_MAX   524288    /* elementary IPv4 intervals per generation (~2 per prefix) */
 #define HW_V6_INTERVALS_MAX   262144    /* elementary IPv6 intervals per generation */
 #define HW_TOP_BITS           16        /* the first lookup indexes the top 16 address bits */

@@ -51,10 +51,21 @@ class CompiledPolicy:
 
 # ---- generic interval classification ------------------------------------------------------------
 
-def _row_hash(m: np.ndarray) -> np.ndarray:
-    rnd = np.random.default_rng(_HASH_SEED).integers(1, 2**63, size=m.shape[1], dtype=np.uint64) | np.uint64(1)
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64 finaliser: a bijection on uint64 whose every output bit depends on every input bit."""
     with np.errstate(over="ignore"):
-        return (m * rnd).sum(axis=1, dtype=np.uint64) ^ (m.sum(axis=1, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15))
+        x = x ^ (x >> np.uint64(30))
+        x = x * np.uint64(0xBF58476D1CE4E5B9)
+        x = x ^ (x >> np.uint64(27))
+        x = x * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+
+def _row_hash(m: np.ndarray) -> np.ndarray:
+    """64-bit hash per row (sum of mixed, column-salted words). Collisions are checked by the caller."""
+    salt = np.random.default_rng(_HASH_SEED).integers(0, 2**63, size=m.shape[1], dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        return _mix64(m ^ salt).sum(axis=1, dtype=np.uint64)
 
 
 def _class_records(rows: np.ndarray) -> np.ndarray:
@@ -66,51 +77,67 @@ def _class_records(rows: np.ndarray) -> np.ndarray:
     return recs
 
 
-def classify(n_rules: int, ranges: dict[int, list[tuple[int, int]]], any_rules: list[int],
-             axis_end: int) -> Classes:
+def _merge_per_owner(own: np.ndarray, start: np.ndarray, end: np.ndarray):
+    """Merge overlapping [start, end) ranges of the same owner (vectorised; values < 2**40)."""
+    o = np.lexsort((start, own))
+    own, start, end = own[o], start[o], end[o]
+    base = own.astype(np.uint64) << np.uint64(41)
+    run = np.maximum.accumulate(base + end)
+    new = np.ones(len(own), dtype=bool)
+    new[1:] = (base[1:] + start[1:]) > run[:-1]
+    grp = np.cumsum(new) - 1
+    m_end = np.zeros(int(grp[-1]) + 1, dtype=np.uint64)
+    np.maximum.at(m_end, grp, end)
+    return own[new], start[new], m_end
+
+
+def _merge_big(own: list[int], start: list[int], end: list[int]):
+    """_merge_per_owner for values beyond 64 bits (IPv6), in Python: v6 lists are short in practice."""
+    out_o, out_s, out_e = [], [], []
+    for o, s, e in sorted(zip(own, start, end)):
+        if out_o and out_o[-1] == o and s <= out_e[-1]:
+            out_e[-1] = max(out_e[-1], e)
+        else:
+            out_o.append(o); out_s.append(s); out_e.append(e)
+    return out_o, out_s, out_e
+
+
+def classify(n_rules: int, own, start, end, any_rules: list[int], axis_end: int) -> Classes:
     """Cut [0, axis_end) into intervals of equal matching-rule sets.
 
-    ranges: rule order -> list of [start, end) on the axis (may overlap; merged per rule).
-    any_rules: rules matching the whole axis. Interval values may exceed 64 bits (IPv6); ranks keep
-    the heavy lifting in NumPy either way."""
+    Rule own[i] matches [start[i], end[i]) (ranges may overlap; merged per rule first so that XOR
+    toggling is exact); any_rules match the whole axis. Up to 2**40 the work is NumPy-vectorised;
+    wider axes (IPv6) rank their values in Python first."""
     words = max(1, (n_rules + 63) // 64)
-    # 1. merge each rule's ranges so toggling is exact (XOR of disjoint ranges = membership)
-    merged_r, merged_s, merged_e = [], [], []
-    for r, rs in ranges.items():
-        rs = sorted(rs)
-        cs, ce = rs[0]
-        for s, e in rs[1:]:
-            if s <= ce:
-                ce = max(ce, e)
-            else:
-                merged_r.append(r); merged_s.append(cs); merged_e.append(ce)
-                cs, ce = s, e
-        merged_r.append(r); merged_s.append(cs); merged_e.append(ce)
-    # 2. elementary interval starts
-    big = axis_end > 2**63
+    big = axis_end > 2**40
     if big:
-        pts = sorted({0, *merged_s, *(e for e in merged_e if e < axis_end)})
+        own, start, end = _merge_big(list(own), list(start), list(end))
+        pts = sorted({0, *start, *(e for e in end if e < axis_end)})
         rank = {v: i for i, v in enumerate(pts)}
-        s_idx = np.fromiter((rank[v] for v in merged_s), dtype=np.int64, count=len(merged_s))
-        e_idx = np.fromiter((rank.get(v, len(pts)) for v in merged_e), dtype=np.int64, count=len(merged_e))
+        s_idx = np.fromiter((rank[v] for v in start), dtype=np.int64, count=len(start))
+        e_idx = np.fromiter((rank.get(v, len(pts)) for v in end), dtype=np.int64, count=len(end))
         starts: list | np.ndarray = pts
+        rr = np.asarray(own, dtype=np.int64)
     else:
-        ms = np.asarray(merged_s, dtype=np.uint64)
-        me = np.asarray(merged_e, dtype=np.uint64)
-        starts = np.unique(np.concatenate([np.zeros(1, np.uint64), ms, me[me < axis_end]]))
-        s_idx = np.searchsorted(starts, ms).astype(np.int64)
-        e_idx = np.searchsorted(starts, me).astype(np.int64)
+        own = np.asarray(own, dtype=np.int64)
+        start = np.asarray(start, dtype=np.uint64)
+        end = np.asarray(end, dtype=np.uint64)
+        if len(own):
+            own, start, end = _merge_per_owner(own, start, end)
+        starts = np.unique(np.concatenate([np.zeros(1, np.uint64), start, end[end < np.uint64(axis_end)]]))
+        s_idx = np.searchsorted(starts, start).astype(np.int64)
+        e_idx = np.searchsorted(starts, end).astype(np.int64)
+        rr = own
     n = len(starts)
-    # 3. toggles at range bounds, XOR-prefix-scan -> membership bitmap per interval
+    # toggles at range bounds, XOR-prefix-scan -> membership bitmap per interval
     tog = np.zeros((n + 1, words), dtype=np.uint64)
-    rr = np.asarray(merged_r, dtype=np.int64)
     bits = np.left_shift(np.uint64(1), (rr % 64).astype(np.uint64))
     np.bitwise_xor.at(tog, (s_idx, rr // 64), bits)
     np.bitwise_xor.at(tog, (e_idx, rr // 64), bits)
     member = np.bitwise_xor.accumulate(tog[:n], axis=0)
     for r in any_rules:
         member[:, r // 64] |= np.uint64(1) << np.uint64(r % 64)
-    # 4. drop intervals equal to their predecessor, then number the distinct rule sets
+    # drop intervals equal to their predecessor, then number the distinct rule sets
     keep = np.ones(n, dtype=bool)
     keep[1:] = (member[1:] != member[:-1]).any(axis=1)
     member = member[keep]
@@ -125,63 +152,35 @@ def classify(n_rules: int, ranges: dict[int, list[tuple[int, int]]], any_rules: 
 
 # ---- fields -------------------------------------------------------------------------------------
 
-def _peer_ranges(rules: tuple[Rule, ...], family: int):
-    ranges: dict[int, list[tuple[int, int]]] = {}
-    any_rules = []
-    bits = 32 if family == 4 else 128
-    for order, rule in enumerate(rules):
-        ps = rule.peers
-        if ps.any:
-            any_rules.append(order)
-            continue
-        if family == 4:
-            if len(ps.v4_net):
-                net = ps.v4_net.astype(np.uint64)
-                size = np.left_shift(np.uint64(1), (32 - ps.v4_len.astype(np.uint64)))
-                ranges[order] = list(zip(net.tolist(), (net + size).tolist()))
-        elif ps.v6_net:
-            ranges[order] = [(n, n + (1 << (bits - ln))) for n, ln in zip(ps.v6_net, ps.v6_len)]
-    return ranges, any_rules
-
-
-def _fast_v4_classes(rules: tuple[Rule, ...]) -> Classes:
-    """classify() for IPv4 peers, with per-rule merging vectorised (a 100k-line blocklist is one rule)."""
-    nets, ends, owners, any_rules = [], [], [], []
+def _v4_classes(rules: tuple[Rule, ...]) -> Classes:
+    own, start, end, any_rules = [], [], [], []
     for order, rule in enumerate(rules):
         ps = rule.peers
         if ps.any:
             any_rules.append(order)
         elif len(ps.v4_net):
             net = ps.v4_net.astype(np.uint64)
-            nets.append(net)
-            ends.append(net + np.left_shift(np.uint64(1), 32 - ps.v4_len.astype(np.uint64)))
-            owners.append(np.full(len(net), order, dtype=np.int64))
-    if not nets:
-        return classify(len(rules), {}, any_rules, 1 << 32)
-    net = np.concatenate(nets); end = np.concatenate(ends); own = np.concatenate(owners)
-    # merge overlapping ranges per rule: sort by (rule, start), running max of end within a rule
-    o = np.lexsort((net, own))
-    net, end, own = net[o], end[o], own[o]
-    key_end = own.astype(np.uint64) * np.uint64(1 << 34) + end
-    run = np.maximum.accumulate(key_end)
-    prev = np.concatenate([[np.uint64(0)], run[:-1]])
-    new = (own.astype(np.uint64) * np.uint64(1 << 34) + net) >= prev
-    new[0] = True
-    grp = np.cumsum(new) - 1
-    m_start = net[new]
-    m_end = np.zeros(grp[-1] + 1, dtype=np.uint64)
-    np.maximum.at(m_end, grp, end)
-    m_own = own[new]
-    ranges: dict[int, list[tuple[int, int]]] = {}
-    # classify() merges again per rule; already-disjoint input keeps that a cheap pass
-    for r in np.unique(m_own):
-        sel = m_own == r
-        ranges[int(r)] = list(zip(m_start[sel].tolist(), m_end[sel].tolist()))
-    return classify(len(rules), ranges, any_rules, 1 << 32)
+            own.append(np.full(len(net), order, dtype=np.int64))
+            start.append(net)
+            end.append(net + np.left_shift(np.uint64(1), np.uint64(32) - ps.v4_len.astype(np.uint64)))
+    cat = lambda xs, dt: np.concatenate(xs) if xs else np.zeros(0, dt)
+    return classify(len(rules), cat(own, np.int64), cat(start, np.uint64), cat(end, np.uint64), any_rules, 1 << 32)
+
+
+def _v6_classes(rules: tuple[Rule, ...]) -> Classes:
+    own, start, end, any_rules = [], [], [], []
+    for order, rule in enumerate(rules):
+        ps = rule.peers
+        if ps.any:
+            any_rules.append(order)
+            continue
+        for n, ln in zip(ps.v6_net, ps.v6_len):
+            own.append(order); start.append(n); end.append(n + (1 << (128 - ln)))
+    return classify(len(rules), own, start, end, any_rules, 1 << 128)
 
 
 def _l4_classes(rules: tuple[Rule, ...]) -> Classes:
-    ranges: dict[int, list[tuple[int, int]]] = {}
+    own, start, end = [], [], []
     for order, rule in enumerate(rules):
         d = L.DIR[rule.direction]
         if rule.ports is not None:
@@ -190,9 +189,11 @@ def _l4_classes(rules: tuple[Rule, ...]) -> Classes:
         else:
             protos = list(L.PROTO_IDX) if rule.protocol == "any" else [rule.protocol]
             spans = [(0, 65536)]
-        ranges[order] = [(L.l4_key(d, L.PROTO_IDX[p], 0) + s, L.l4_key(d, L.PROTO_IDX[p], 0) + e)
-                         for p in protos for s, e in spans]
-    return classify(len(rules), ranges, [], 2 * L.PROTO_IDX_MAX * 65536)
+        for p in protos:
+            base = L.l4_key(d, L.PROTO_IDX[p], 0)
+            for s, e in spans:
+                own.append(order); start.append(base + s); end.append(base + e)
+    return classify(len(rules), own, start, end, [], 2 * L.PROTO_IDX_MAX * 65536)
 
 
 def _top_table(starts_top16: np.ndarray, exact_at_bucket: np.ndarray) -> np.ndarray:
@@ -234,9 +235,8 @@ def compile_policy(policy: Policy, slots: dict[str, int], revision_id: int) -> C
     rules = policy.rules
     if len(rules) > L.MAX_RULES:
         raise CompileError(f"{len(rules)} rules; the datapath holds at most {L.MAX_RULES}")
-    c4 = _fast_v4_classes(rules)
-    r6, any6 = _peer_ranges(rules, 6)
-    c6 = classify(len(rules), r6, any6, 1 << 128)
+    c4 = _v4_classes(rules)
+    c6 = _v6_classes(rules)
     # one peer-class space for both families: v6 classes follow v4 ones
     peer_cls = np.concatenate([c4.bitmaps, c6.bitmaps])
     if len(peer_cls) > L.PEER_CLASSES_MAX:

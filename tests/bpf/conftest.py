@@ -1,0 +1,76 @@
+"""Fixtures for tests that run the real programs through BPF_PROG_TEST_RUN."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+from enforcer import layout as L
+from enforcer._internal import bpfsys
+from enforcer.compiler import compile_policy
+from enforcer.datapath import Datapath
+from enforcer.policy import Policy, parse_policy
+
+XDP_DROP, XDP_PASS = 1, 2
+TC_ACT_OK, TC_ACT_SHOT = 0, 2
+HOOKS = {"xdp": L.C["HW_HOOK_XDP_INGRESS"], "tc_ingress": L.C["HW_HOOK_TC_INGRESS"],
+         "tc_egress": L.C["HW_HOOK_TC_EGRESS"]}
+PROGS = {"xdp": "xdp_ingress", "tc_ingress": "tc_ingress", "tc_egress": "tc_egress"}
+
+
+@dataclass(frozen=True)
+class Outcome:
+    passed: bool          # what the program returned: pass or drop
+    verdict: str          # allow | drop | would_drop, from the counter that moved
+    reason: str           # hw_reason name from the counter that moved
+    rule_slot: int | None # rule counter slot that moved, if any
+
+
+class Harness:
+    """Runs one packet through one program and reports the single counted exit it took."""
+
+    def __init__(self, dp: Datapath):
+        self.dp = dp
+        self.slots: dict[str, int] = {}
+
+    def install(self, policy: Policy | str) -> Policy:
+        if isinstance(policy, str):
+            policy = parse_policy(policy)
+        self.slots = {r.name: i for i, r in enumerate(policy.rules)}
+        self.dp.install(compile_policy(policy, self.slots, 1))
+        self.dp.clear_conntrack()
+        return policy
+
+    def run(self, hook: str, frame: bytes) -> Outcome:
+        before = self.dp.stats()
+        rules_before = self.dp.rule_stats()["packets"][: max(len(self.slots), 1)].copy()
+        res = bpfsys.prog_test_run(self.dp.prog_fds[PROGS[hook]], frame)
+        moved = np.nonzero(self.dp.stats()["packets"] - before["packets"])[0]
+        assert len(moved) == 1, f"expected exactly one counted exit, got {moved.tolist()}"
+        idx = int(moved[0])
+        h, rest = divmod(idx, L.VERDICTS * L.REASONS)
+        v, r = divmod(rest, L.REASONS)
+        assert h == HOOKS[hook], f"counted on hook {h}, ran {hook}"
+        rmoved = np.nonzero(self.dp.rule_stats()["packets"][: max(len(self.slots), 1)] - rules_before)[0]
+        passed = res.retval == (XDP_PASS if hook == "xdp" else TC_ACT_OK)
+        if not passed:
+            assert res.retval == (XDP_DROP if hook == "xdp" else TC_ACT_SHOT), f"unexpected retval {res.retval}"
+        return Outcome(passed, L.VERDICT_NAMES[v], L.REASON_NAMES[r], int(rmoved[0]) if len(rmoved) else None)
+
+
+@pytest.fixture(scope="session")
+def datapath():
+    if os.geteuid() != 0:
+        pytest.skip("loading BPF programs needs root (CAP_BPF, CAP_NET_ADMIN)")
+    dp = Datapath.load()
+    yield dp
+    dp.close()
+
+
+@pytest.fixture
+def harness(datapath):
+    h = Harness(datapath)
+    yield h
+    datapath.clear_conntrack()

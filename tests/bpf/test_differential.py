@@ -1,0 +1,148 @@
+"""The loaded XDP/TC programs judge exactly like the reference evaluator (enforcer/reference.py).
+
+Random policies (peers v4/v6, protocols, ports and ranges, priorities with ties, defaults, audit) and
+random packets drawn from the same small address/port universe, so that rules overlap and hit often.
+Conntrack is cleared after every packet: the packets here are judged by policy alone."""
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from enforcer.reference import Packet, evaluate
+
+from .packets import frame
+
+pytestmark = pytest.mark.bpf
+
+V4 = ["10.0.0.0/8", "10.1.0.0/16", "10.1.2.0/24", "10.1.2.3/32", "10.2.0.0/15", "10.3.128.0/17", "0.0.0.0/1",
+      "192.168.0.0/16", "10.1.2.128/25"]
+V6 = ["fd00::/16", "fd00:1::/32", "fd00:1:2::/48", "fd00:1:2::3/128", "fd00:2::/31", "::/1", "fd00:1:2:0:8000::/65"]
+V4_HOSTS = ["10.1.2.3", "10.1.2.200", "10.1.9.9", "10.2.0.1", "10.3.200.1", "10.9.9.9", "192.168.1.1", "11.0.0.1",
+            "200.1.1.1", "10.3.127.255", "10.1.2.127", "10.1.2.128"]
+V6_HOSTS = ["fd00:1:2::3", "fd00:1:2::4", "fd00:1:3::1", "fd00:2::1", "fd00:3::1", "fd01::1", "2001:db8::1",
+            "fd00:1:2:0:8000::1", "fd00:1:2:0:7fff::1", "::1:2", "fe80::1"]
+PORTS = [1, 22, 53, 80, 443, 8000, 8050, 8100, 8101, 65535]
+
+
+def port_spec():
+    single = st.sampled_from(PORTS).map(str)
+    rng = st.tuples(st.sampled_from(PORTS), st.sampled_from(PORTS)).map(lambda t: f"{min(t)}-{max(t)}")
+    return st.lists(st.one_of(single, rng), min_size=1, max_size=3)
+
+
+@st.composite
+def rules(draw, i):
+    proto = draw(st.sampled_from(["tcp", "udp", "icmp", "icmpv6", "any"]))
+    r = {"name": f"r{i}", "priority": draw(st.integers(0, 5)), "direction": draw(st.sampled_from(["ingress", "egress"])),
+         "action": draw(st.sampled_from(["allow", "deny", "log"])), "protocol": proto}
+    if draw(st.booleans()):
+        r["peers"] = draw(st.lists(st.sampled_from(V4 + V6), min_size=1, max_size=4, unique=True))
+    if proto in ("tcp", "udp", "any") and draw(st.booleans()):
+        r["ports"] = draw(port_spec())
+    return r
+
+
+@st.composite
+def policies(draw):
+    n = draw(st.integers(0, 10))
+    rs = [draw(rules(i)) for i in range(n)]
+    d = {"ingress": draw(st.sampled_from(["allow", "deny"])), "egress": draw(st.sampled_from(["allow", "deny"])),
+         "stateful": draw(st.booleans()), "audit": draw(st.booleans())}
+    import json
+    return f"version: 1\nname: diff\ndefaults: {json.dumps(d)}\nrules: {json.dumps(rs)}\n"
+
+
+@st.composite
+def packets(draw):
+    fam = draw(st.sampled_from([4, 6]))
+    hosts = V4_HOSTS if fam == 4 else V6_HOSTS
+    proto = draw(st.sampled_from([6, 17, 1 if fam == 4 else 58, 47]))
+    frag = draw(st.booleans()) if draw(st.integers(0, 9)) == 0 else False
+    ports = proto in (6, 17)
+    return Packet(direction=draw(st.sampled_from(["ingress", "egress"])), family=fam,
+                  src=draw(st.sampled_from(hosts)), dst=draw(st.sampled_from(hosts)), protocol=proto,
+                  sport=draw(st.sampled_from(PORTS)) if ports else 0, dport=draw(st.sampled_from(PORTS)) if ports else 0,
+                  fragment=frag)
+
+
+def check(harness, policy, pkt: Packet, **frame_kw):
+    want = evaluate(policy, pkt)
+    hooks = ["xdp", "tc_ingress"] if pkt.direction == "ingress" else ["tc_egress"]
+    for hook in hooks:
+        got = harness.run(hook, frame(pkt, **frame_kw))
+        harness.dp.clear_conntrack()
+        ctx = f"{hook} {pkt} {frame_kw}: want {want}, got {got}"
+        assert got.verdict == want.verdict, ctx
+        assert got.passed == (want.verdict != "drop"), ctx
+        if want.verdict == "allow":
+            assert got.reason == ("pass_rule" if want.rule else "pass_default"), ctx
+        else:
+            assert got.reason == want.reason, ctx
+        want_slot = harness.slots[want.rule] if want.rule else None
+        assert got.rule_slot == want_slot, ctx
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture])
+@given(policy_text=policies(), pkts=st.lists(packets(), min_size=1, max_size=25))
+def test_datapath_matches_reference(harness, policy_text, pkts):
+    policy = harness.install(policy_text)
+    for pkt in pkts:
+        check(harness, policy, pkt)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(policy_text=policies(), pkts=st.lists(packets().filter(lambda p: p.family == 6 and not p.fragment),
+                                             min_size=1, max_size=10),
+       ext=st.lists(st.sampled_from(["hbh", "dst", "rt"]), max_size=4), vlan=st.booleans())
+def test_v6_extension_headers_and_vlan_are_skipped(harness, policy_text, pkts, ext, vlan):
+    policy = harness.install(policy_text)
+    for pkt in pkts:
+        check(harness, policy, pkt, ext=tuple(ext), vlan=vlan)
+
+
+def test_first_match_by_priority_then_file_order(harness):
+    policy = harness.install("""
+version: 1
+name: prio
+defaults: {ingress: allow}
+rules:
+  - {name: late-allow, priority: 10, direction: ingress, action: allow, protocol: tcp, ports: [22]}
+  - {name: tie-first, priority: 5, direction: ingress, action: deny, protocol: tcp, peers: [10.1.0.0/16]}
+  - {name: tie-second, priority: 5, direction: ingress, action: allow, protocol: tcp, peers: [10.1.2.0/24]}
+""")
+    pkt = Packet("ingress", 4, "10.1.2.3", "10.9.9.9", 6, 1000, 22)
+    got = harness.run("xdp", frame(pkt))
+    assert (got.passed, got.reason, got.rule_slot) == (False, "policy_deny", harness.slots["tie-first"])
+    assert evaluate(policy, pkt).rule == "tie-first"
+
+
+def test_4096_rules_and_100k_prefixes_match_reference(harness, tmp_path):
+    """The largest policy the datapath holds still judges like the reference (sampled packets)."""
+    import random
+    rnd = random.Random(7)
+    blk = tmp_path / "block.txt"
+    nets = {f"{rnd.randrange(11, 223)}.{rnd.randrange(256)}.{rnd.randrange(256)}.0/24" for _ in range(100_000)}
+    blk.write_text("\n".join(sorted(nets)) + "\n")
+    lines = ["version: 1", "name: big", "defaults: {ingress: deny, egress: allow}", "rules:",
+             "  - {name: intel, priority: 1, direction: ingress, action: deny, peers_file: block.txt}"]
+    for i in range(4095):
+        a, b = rnd.randrange(11, 223), rnd.randrange(256)
+        lo = rnd.randrange(1, 60000)
+        lines.append(f"  - {{name: r{i}, priority: {rnd.randrange(2, 50)}, direction: {rnd.choice(['ingress', 'egress'])}, "
+                     f"action: {rnd.choice(['allow', 'deny'])}, protocol: {rnd.choice(['tcp', 'udp'])}, "
+                     f"peers: [{a}.{b}.0.0/16], ports: [\"{lo}-{lo + rnd.randrange(0, 500)}\"]}}")
+    (tmp_path / "p.yaml").write_text("\n".join(lines) + "\n")
+    from enforcer.policy import load_policy
+    policy = load_policy(tmp_path / "p.yaml")
+    harness.install(policy)
+    listed = sorted(nets)
+    for i in range(300):
+        if i % 3 == 0:
+            src = listed[rnd.randrange(len(listed))].replace("0/24", str(rnd.randrange(1, 255)))
+        else:
+            src = str(ipaddress.IPv4Address(rnd.randrange(11 << 24, 223 << 24)))
+        r = policy.rules[rnd.randrange(1, len(policy.rules))]
+        port = r.ports[0][0] if r.ports and i % 2 else rnd.randrange(1, 65536)
+        check(harness, policy, Packet(rnd.choice(["ingress", "egress"]), 4, src, src, 6 if i % 2 else 17, 999, port))
