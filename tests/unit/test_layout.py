@@ -1,0 +1,71 @@
+"""Every struct dtype in enforcer/layout.py matches bpf/hostwall.h as the C compiler lays it out,
+and the constants read from the header agree with the compiler's view of them."""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+
+import pytest
+
+from enforcer import layout as L
+
+
+def _fields(text: str) -> dict[str, list[str]]:
+    out = {}
+    for name, body in re.findall(r"struct\s+(hw_\w+)\s*\{(.*?)\};", re.sub(r"/\*.*?\*/", "", text, flags=re.S), re.S):
+        out[name] = [re.sub(r"\[.*\]", "", decl.split()[-1]) for decl in body.split(";") if decl.strip()]
+    return out
+
+
+@pytest.fixture(scope="module")
+def c_layout(tmp_path_factory):
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.fail("no C compiler: install gcc (scripts/setup.sh does)")
+    structs = _fields(L.HEADER.read_text())
+    lines = ['#include <stdio.h>', '#include <stddef.h>', '#include <linux/types.h>', f'#include "{L.HEADER}"',
+             'int main(void) { printf("{");']
+    for s, fields in structs.items():
+        lines.append(f'printf("\\"{s}\\": {{\\"size\\": %zu", sizeof(struct {s}));')
+        for f in fields:
+            lines.append(f'printf(", \\"{f}\\": [%zu, %zu]", offsetof(struct {s}, {f}), sizeof(((struct {s} *)0)->{f}));')
+        lines.append('printf("}, ");')
+    consts = [k for k in L.C if not k.startswith("HW_CT_TO_")]
+    lines.append('printf("\\"consts\\": {");')
+    for i, k in enumerate(consts):
+        lines.append(f'printf("{"," if i else ""}\\"{k}\\": %lld", (long long)({k}));')
+    lines.append('printf("}}"); return 0; }')
+    d = tmp_path_factory.mktemp("layout")
+    (d / "probe.c").write_text("\n".join(lines))
+    subprocess.run([cc, "-o", str(d / "probe"), str(d / "probe.c")], check=True)
+    return json.loads(subprocess.run([str(d / "probe")], check=True, capture_output=True, text=True).stdout)
+
+
+def test_every_header_struct_has_a_dtype(c_layout):
+    structs = {k for k in c_layout if k != "consts"}
+    assert structs == set(L.DTYPES), "a struct was added to the header or the dtypes without its twin"
+
+
+@pytest.mark.parametrize("name", sorted(L.DTYPES))
+def test_struct_layout_matches_header(c_layout, name):
+    c = c_layout[name]
+    dt = L.DTYPES[name]
+    assert dt.itemsize == c["size"], f"{name}: sizeof {c['size']} in C, {dt.itemsize} in Python"
+    assert list(dt.names) == [k for k in c if k != "size"], f"{name}: field names or order differ"
+    for f in dt.names:
+        off, size = c[f]
+        assert dt.fields[f][1] == off, f"{name}.{f}: offset {off} in C"
+        assert dt.fields[f][0].itemsize == size, f"{name}.{f}: size {size} in C"
+
+
+def test_constants_agree_with_compiler(c_layout):
+    for k, v in c_layout["consts"].items():
+        assert L.C[k] == v, k
+
+
+def test_reason_names_cover_design_contract():
+    drop = {"policy_deny", "default_deny", "rate_limit", "syn_flood", "udp_flood", "icmp_flood", "port_limit",
+            "banned", "malformed", "conntrack_invalid"}
+    assert set(L.DROP_REASONS.values()) == drop
