@@ -102,12 +102,16 @@ def _who() -> str:
 
 
 def allocate_slots(current: dict[str, int], names: list[str], capacity: int) -> tuple[dict[str, int], list[int]]:
-    """Keep the slot of every rule name that stays; give new names the lowest free slots.
+    """Counter slots for the rules of a new policy.
 
-    Returns (slots for `names`, slots newly handed out, whose counters the caller must zero)."""
-    keep = {n: s for n, s in current.items() if n in set(names)}
-    used = set(keep.values())
-    free = (s for s in range(capacity) if s not in used)
+    A name that stays keeps its slot (its counters go on). A new name gets the lowest slot that
+    neither the new nor the *current* policy uses: the current policy stays live until the flip and
+    its packets keep counting into its slots, so a slot is reused only one swap after it was retired.
+    Returns (slots for `names`, slots newly handed out, whose counters the caller zeroes first)."""
+    wanted = set(names)
+    keep = {n: s for n, s in current.items() if n in wanted}
+    busy = set(current.values())
+    free = (s for s in range(capacity) if s not in busy)
     fresh = []
     for n in names:
         if n not in keep:

@@ -69,3 +69,14 @@ def test_reason_names_cover_design_contract():
     drop = {"policy_deny", "default_deny", "rate_limit", "syn_flood", "udp_flood", "icmp_flood", "port_limit",
             "banned", "malformed", "conntrack_invalid"}
     assert set(L.DROP_REASONS.values()) == drop
+
+
+def test_slot_of_the_live_policy_is_not_reused_until_it_is_retired():
+    from enforcer.state import allocate_slots
+    a = {"a-deny": 0, "a-allow": 1}
+    b, fresh_b = allocate_slots(a, ["b-allow", "a-allow"], 8)
+    assert b["a-allow"] == 1                          # kept: its counters go on
+    assert b["b-allow"] not in (0, 1) and fresh_b == [b["b-allow"]]
+    c, fresh_c = allocate_slots(b, ["c-new"], 8)
+    assert c["c-new"] not in b.values()               # b is live until the flip
+    assert 0 in {s for s in range(8) if s not in b.values()}    # a-deny's slot is free again now
