@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# The README's first command: set up whatever a fresh machine lacks, then run the lab demo.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+exec .venv/bin/hostwall-lab demo "$@"
