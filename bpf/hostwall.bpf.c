@@ -27,6 +27,7 @@
 
 /* ---- maps ----------------------------------------------------------------------------------- */
 BPF_ARRAY(hw_config, struct hw_config, 1);
+BPF_ARRAY(hw_collect, struct hw_collect, 1);
 BPF_F_TABLE("array", u32, struct hw_policy_hdr, hw_policy, 2, MAPF_MMAP);
 BPF_F_TABLE("array", u32, struct hw_rule, hw_rules, 2 * HW_MAX_RULES, MAPF_MMAP);
 BPF_F_TABLE("array", u32, struct hw_class, hw_peer_cls, 2 * HW_PEER_CLASSES_MAX, MAPF_MMAP);
@@ -44,6 +45,13 @@ BPF_PERCPU_ARRAY(hw_port_stats, struct hw_port_counter, 65536);
 BPF_TABLE("lru_hash", struct hw_ct4_key, struct hw_ct_entry, hw_ct4, HW_CT_MAX);
 BPF_TABLE("lru_hash", struct hw_ct6_key, struct hw_ct_entry, hw_ct6, HW_CT_MAX);
 
+BPF_RINGBUF_OUTPUT(hw_events, HW_RINGBUF_BYTES / 4096);
+BPF_PERCPU_ARRAY(hw_ev_stats, struct hw_counter, HW_EV_TYPES * HW_EV_OUTCOMES);
+BPF_PERCPU_ARRAY(hw_ev_budget, struct hw_ev_budget, 1);
+BPF_TABLE("percpu_hash", struct hw_drop_key, struct hw_drop_val, hw_drops0, HW_DROP_AGG_MAX);
+BPF_TABLE("percpu_hash", struct hw_drop_key, struct hw_drop_val, hw_drops1, HW_DROP_AGG_MAX);
+BPF_PERCPU_ARRAY(hw_drop_overflow, struct hw_counter, 2 * HW_VERDICTS * HW_REASONS);
+
 /* ---- parsed packet (private to this file) --------------------------------------------------- */
 struct pkt {
 	__u32 saddr[4];         /* network order; v4 in [0] */
@@ -60,6 +68,7 @@ struct pkt {
 	__u8  opens;            /* may open a tracked connection: TCP SYN, UDP, ICMP echo request */
 	__u8  related;          /* ICMP error: the inner tuple below is valid */
 	__u8  trackable;        /* TCP, UDP or ICMP echo: has a connection tuple */
+	__u32 ifindex;
 	__u32 in_saddr[4];      /* ICMP error: the offending packet, as sent */
 	__u32 in_daddr[4];
 	__u16 in_sport;
@@ -357,6 +366,86 @@ static __always_inline int first_match(__u32 gen, __u32 pcls, __u32 lcls)
 	return -1;
 }
 
+/* ---- per-packet environment ----------------------------------------------------------------- */
+struct env {
+	struct hw_config *cfg;  /* enforcer's knobs (never NULL: array map) */
+	struct hw_collect *col; /* collector's knobs (never NULL: array map) */
+	__u64 now;              /* coarse monotonic ns (or the test clock) */
+	__u64 cgroup;           /* egress: sender's cgroup id */
+	__u32 hook;             /* enum hw_hook */
+	__u32 dir;              /* enum hw_dir */
+};
+
+/* ---- events (bounded by a per-CPU token budget) ---------------------------------------------- */
+static __always_inline void ev_count(__u32 type, __u32 outcome)
+{
+	__u32 k = type * HW_EV_OUTCOMES + outcome;
+	struct hw_counter *c = hw_ev_stats.lookup(&k);
+	if (c)
+		c->packets++;
+}
+
+/* May one more event enter the ring buffer now? Each CPU gets budget/ncpus events per second with
+ * a 50 ms burst, so all CPUs together stay within ~1.05 x budget in any second. */
+static __always_inline int ev_budget_take(struct env *v)
+{
+	__u32 zero = 0;
+	struct hw_ev_budget *b = hw_ev_budget.lookup(&zero);
+	__u64 budget = v->col->event_budget;
+	__u64 ncpus = v->cfg->ncpus ? v->cfg->ncpus : 1;
+	if (!b || !budget)
+		return 0;
+	__u64 dt = v->now - b->last_ns;
+	if (dt > 1000000000ULL)
+		dt = 1000000000ULL;
+	__u64 cap = budget * 50 / ncpus + 1000;             /* milli-events: 50 ms worth, at least one */
+	__u64 t = b->tokens_milli + dt * budget / ncpus / 1000000ULL;
+	b->tokens_milli = t > cap ? cap : t;
+	b->last_ns = v->now;
+	if (b->tokens_milli < 1000)
+		return 0;
+	b->tokens_milli -= 1000;
+	return 1;
+}
+
+/* Reserve an event slot, or count why not. The caller fills and submits it. */
+static __always_inline struct hw_event *ev_reserve(struct env *v, __u32 type)
+{
+	if (!ev_budget_take(v)) {
+		ev_count(type, HW_EO_BUDGET);
+		return 0;
+	}
+	struct hw_event *e = hw_events.ringbuf_reserve(sizeof(struct hw_event));
+	if (!e) {
+		ev_count(type, HW_EO_RINGBUF_FULL);
+		return 0;
+	}
+	ev_count(type, HW_EO_EMITTED);
+	__builtin_memset(e, 0, sizeof(*e));
+	e->type = type;
+	e->ts_ns = bpf_ktime_get_ns();
+	e->start_ns = e->ts_ns;
+	e->hook = v->hook;
+	e->direction = v->dir;
+	e->cgroup_id = v->cgroup;
+	return e;
+}
+
+static __always_inline void ev_packet(struct hw_event *e, struct pkt *p)
+{
+	__builtin_memcpy(e->saddr, p->saddr, 16);
+	__builtin_memcpy(e->daddr, p->daddr, 16);
+	e->sport = p->sport;
+	e->dport = p->dport;
+	e->family = p->family;
+	e->proto = p->proto;
+	e->ifindex = p->ifindex;
+	e->tcp_flags = p->tcp_flags;
+	e->icmp_type = p->icmp_type;
+	e->packets[0] = 1;
+	e->bytes[0] = p->len;
+}
+
 /* ---- connection tracking -------------------------------------------------------------------- */
 struct ctref {
 	struct hw_ct_entry *e;
@@ -435,13 +524,45 @@ static __always_inline int ct_find(struct pkt *p, __u32 *s, __u32 *d, __u16 sp, 
 	return 1;
 }
 
+/* A tracked TCP connection just closed: report it once, with its totals. */
+static __always_inline void ct_emit_end(struct env *v, struct pkt *p, struct ctref *r, __u8 from_init)
+{
+	struct hw_ct_entry *e = r->e;
+	if (e->fin_seen & 0x80)
+		return;
+	struct hw_event *ev = ev_reserve(v, HW_EV_FLOW_END);
+	if (!ev)
+		return;                 /* the collector's conntrack scan reports it at expiry */
+	e->fin_seen |= 0x80;
+	ev_packet(ev, p);
+	if (!from_init) {               /* flows are reported from the initiator's side */
+		__builtin_memcpy(ev->saddr, p->daddr, 16);
+		__builtin_memcpy(ev->daddr, p->saddr, 16);
+		ev->sport = p->dport;
+		ev->dport = p->sport;
+	}
+	ev->start_ns = e->created_ns;
+	ev->packets[0] = e->packets[0];
+	ev->packets[1] = e->packets[1];
+	ev->bytes[0] = e->bytes[0];
+	ev->bytes[1] = e->bytes[1];
+	ev->cgroup_id = e->cgroup_id;
+	ev->rule_slot = e->rule_slot;
+	ev->revision_id = e->revision_id;
+	ev->direction = e->origin;
+	ev->ct_state = e->state;
+	ev->verdict = HW_V_ALLOW;
+	ev->reason = HW_R_PASS_CONNTRACK;
+	hw_events.ringbuf_submit(ev, 0);
+}
+
 /* Is this packet a valid continuation of the tracked connection? Updates state if so. */
-static __always_inline int ct_advance(struct pkt *p, struct ctref *r, __u32 dir, __u64 now)
+static __always_inline int ct_advance(struct env *v, struct pkt *p, struct ctref *r)
 {
 	struct hw_ct_entry *e = r->e;
 	__u8 from_init = r->side == e->initiator;
 	/* the initiator's packets travel the way the first one did, the responder's the other way */
-	if ((from_init ? e->origin : !e->origin) != dir)
+	if ((from_init ? e->origin : !e->origin) != v->dir)
 		return 0;
 	if (p->proto == IPPROTO_TCP) {
 		__u8 f = p->tcp_flags;
@@ -460,29 +581,31 @@ static __always_inline int ct_advance(struct pkt *p, struct ctref *r, __u32 dir,
 		}
 		if (f & TCPF_FIN) {
 			e->fin_seen |= from_init ? 1 : 2;
-			e->state = e->fin_seen == 3 ? HW_CT_CLOSING : HW_CT_FIN_WAIT;
+			e->state = (e->fin_seen & 3) == 3 ? HW_CT_CLOSING : HW_CT_FIN_WAIT;
 		}
 	} else if (!from_init && e->state == HW_CT_NEW) {
 		e->state = HW_CT_ESTABLISHED;
 	}
-	e->last_ns = now;
+	e->last_ns = v->now;
 	__sync_fetch_and_add(&e->packets[!from_init], 1);
 	__sync_fetch_and_add(&e->bytes[!from_init], p->len);
+	if (e->state >= HW_CT_CLOSING)
+		ct_emit_end(v, p, r, from_init);
 	return 1;
 }
 
-static __always_inline void ct_open(struct pkt *p, __u32 dir, __u32 slot, __u32 rev, __u64 cgroup, __u64 now)
+static __always_inline void ct_open(struct env *v, struct pkt *p, __u32 slot, __u32 rev, __u32 reason)
 {
 	struct hw_ct_entry e = {};
-	e.created_ns = now;
-	e.last_ns = now;
+	e.created_ns = v->now;
+	e.last_ns = v->now;
 	e.packets[0] = 1;
 	e.bytes[0] = p->len;
-	e.cgroup_id = cgroup;
+	e.cgroup_id = v->cgroup;
 	e.rule_slot = slot;
 	e.revision_id = rev;
 	e.state = p->proto == IPPROTO_TCP ? HW_CT_SYN_SENT : HW_CT_NEW;
-	e.origin = dir;
+	e.origin = v->dir;
 	if (p->family == 4) {
 		struct hw_ct4_key k = {};
 		e.initiator = ct_key4(&k, p->saddr[0], p->daddr[0], p->sport, p->dport, p->proto);
@@ -492,6 +615,17 @@ static __always_inline void ct_open(struct pkt *p, __u32 dir, __u32 slot, __u32 
 		e.initiator = ct_key6(&k, p->saddr, p->daddr, p->sport, p->dport, p->proto);
 		hw_ct6.update(&k, &e);
 	}
+	struct hw_event *ev = ev_reserve(v, HW_EV_FLOW_START);
+	if (ev) {
+		ev_packet(ev, p);
+		ev->start_ns = v->now;
+		ev->rule_slot = slot;
+		ev->revision_id = rev;
+		ev->ct_state = e.state;
+		ev->verdict = HW_V_ALLOW;
+		ev->reason = reason;
+		hw_events.ringbuf_submit(ev, 0);
+	}
 }
 
 /* ---- the one counted exit ------------------------------------------------------------------- */
@@ -499,11 +633,85 @@ struct judgement {
 	__u32 verdict;          /* enum hw_verdict */
 	__u32 reason;           /* enum hw_reason */
 	__u32 slot;             /* rule counter slot, or ~0 */
+	__u32 revision_id;
+	__u8  action;           /* enum hw_action of the matching rule (log → event) */
+	__u8  ruled;            /* a rule decided */
 };
 
-static __always_inline void count(__u32 hook, struct pkt *p, struct judgement *j)
+/* Mask an address (network order words) to `len` bits. */
+static __always_inline void mask_addr(__u32 *dst, __u32 *src, __u32 family, __u32 len)
 {
-	__u32 k = (hook * HW_VERDICTS + j->verdict) * HW_REASONS + j->reason;
+	__u32 words = family == 4 ? 1 : 4;
+#pragma unroll
+	for (int i = 0; i < 4; i++) {
+		__u32 keep = len >= 32 * (i + 1) ? 32 : len > 32 * i ? len - 32 * i : 0;
+		__u32 m = keep == 0 ? 0 : keep >= 32 ? ~0U : ~0U << (32 - keep);
+		dst[i] = i < words ? src[i] & bpf_htonl(m) : 0;
+	}
+}
+
+static __always_inline void agg_overflow(struct env *v, struct judgement *j, struct pkt *p, __u32 gen)
+{
+	__u32 k = (gen * HW_VERDICTS + j->verdict) * HW_REASONS + j->reason;
+	struct hw_counter *c = hw_drop_overflow.lookup(&k);
+	if (c) {
+		c->packets++;
+		c->bytes += p->len;
+	}
+}
+
+/* Add a dropped (or would-drop) packet to the drop aggregation of the current interval; the first
+ * packet of a key in an interval is also reported as a `deny` event with its full tuple. */
+static __always_inline void agg_drop(struct env *v, struct pkt *p, struct judgement *j)
+{
+	struct hw_drop_key k = {};
+	__u32 fam = p->family;
+	__u32 len = fam == 4 ? v->col->agg_prefix_v4 : v->col->agg_prefix_v6;
+	mask_addr(k.src, v->dir == HW_DIR_INGRESS ? p->saddr : p->daddr, fam, len);
+	k.ifindex = p->ifindex;
+	k.dport = (p->pidx <= HW_P_UDP && !p->frag) ? p->dport : 0;
+	k.reason = j->reason;
+	k.verdict = j->verdict;
+	k.proto = p->proto;
+	k.family = fam;
+	k.prefix_len = fam ? len : 0;
+	k.direction = v->dir;
+	__u32 gen = v->col->agg_gen & 1;
+	struct hw_drop_val *val = gen ? hw_drops1.lookup(&k) : hw_drops0.lookup(&k);
+	if (val) {
+		val->packets++;
+		val->bytes += p->len;
+		val->last_ns = v->now;
+		return;
+	}
+	struct hw_drop_val nv = {.packets = 1, .bytes = p->len, .first_ns = v->now, .last_ns = v->now};
+	int rc = gen ? hw_drops1.insert(&k, &nv) : hw_drops0.insert(&k, &nv);
+	if (rc) {
+		/* EEXIST: another CPU created it between our lookup and insert — add to our slot */
+		val = gen ? hw_drops1.lookup(&k) : hw_drops0.lookup(&k);
+		if (val) {
+			val->packets++;
+			val->bytes += p->len;
+			val->last_ns = v->now;
+		} else {
+			agg_overflow(v, j, p, gen);     /* map full: counted, never silent */
+		}
+		return;
+	}
+	struct hw_event *ev = ev_reserve(v, HW_EV_DENY);
+	if (ev) {
+		ev_packet(ev, p);
+		ev->rule_slot = j->slot;
+		ev->revision_id = j->revision_id;
+		ev->verdict = j->verdict;
+		ev->reason = j->reason;
+		hw_events.ringbuf_submit(ev, 0);
+	}
+}
+
+static __always_inline void count(struct env *v, struct pkt *p, struct judgement *j)
+{
+	__u32 k = (v->hook * HW_VERDICTS + j->verdict) * HW_REASONS + j->reason;
 	struct hw_counter *c = hw_stats.lookup(&k);
 	if (c) {
 		c->packets++;
@@ -529,19 +737,30 @@ static __always_inline void count(__u32 hook, struct pkt *p, struct judgement *j
 				pc->would_drop++;
 		}
 	}
+	if (j->verdict != HW_V_ALLOW) {
+		agg_drop(v, p, j);
+	} else if (j->ruled && j->action == HW_ACT_LOG) {
+		struct hw_event *ev = ev_reserve(v, HW_EV_LOG);
+		if (ev) {
+			ev_packet(ev, p);
+			ev->rule_slot = j->slot;
+			ev->revision_id = j->revision_id;
+			ev->verdict = j->verdict;
+			ev->reason = j->reason;
+			hw_events.ringbuf_submit(ev, 0);
+		}
+	}
 }
 
 /* ---- the judgement shared by all hooks ------------------------------------------------------ */
-static __always_inline void judge(struct pkt *p, __u32 dir, __u64 cgroup, struct judgement *j)
+static __always_inline void judge(struct env *v, struct pkt *p, struct judgement *j)
 {
-	__u64 now = bpf_ktime_get_coarse_ns();
 	struct ctref r = {};
 	int ct_invalid = 0;
 
-	j->slot = ~0U;
 	if (p->trackable && !p->frag &&
-	    ct_find(p, p->saddr, p->daddr, p->sport, p->dport, p->proto, now, &r)) {
-		if (ct_advance(p, &r, dir, now)) {
+	    ct_find(p, p->saddr, p->daddr, p->sport, p->dport, p->proto, v->now, &r)) {
+		if (ct_advance(v, p, &r)) {
 			j->verdict = HW_V_ALLOW;
 			j->reason = HW_R_PASS_CONNTRACK;
 			return;
@@ -550,28 +769,24 @@ static __always_inline void judge(struct pkt *p, __u32 dir, __u64 cgroup, struct
 	}
 	if (p->related) {
 		struct ctref ir = {};
-		/* the offending packet went the other way: it was sent by us (egress) or to us (ingress) */
-		if (ct_find(p, p->in_saddr, p->in_daddr, p->in_sport, p->in_dport, p->in_proto, now, &ir)) {
+		if (ct_find(p, p->in_saddr, p->in_daddr, p->in_sport, p->in_dport, p->in_proto, v->now, &ir)) {
 			j->verdict = HW_V_ALLOW;
 			j->reason = HW_R_PASS_RELATED;
 			return;
 		}
 	}
 
-	__u32 zero = 0;
-	struct hw_config *cfg = hw_config.lookup(&zero);
-	if (!cfg)
-		goto fail_closed;
-	__u32 gen = cfg->gen & 1;
+	__u32 gen = v->cfg->gen & 1;
 	struct hw_policy_hdr *h = hw_policy.lookup(&gen);
 	if (!h)
 		goto fail_closed;
+	j->revision_id = h->revision_id;
 
 	__u32 pcls = 0, lcls = 0;
 	int m = -1;
-	int rc = p->family == 4 ? peer_class4(gen, dir == HW_DIR_INGRESS ? p->saddr[0] : p->daddr[0], &pcls)
-				: peer_class6(gen, dir == HW_DIR_INGRESS ? p->saddr : p->daddr, &pcls);
-	if (rc == 0 && l4_class(gen, dir, p, &lcls) == 0)
+	int rc = p->family == 4 ? peer_class4(gen, v->dir == HW_DIR_INGRESS ? p->saddr[0] : p->daddr[0], &pcls)
+				: peer_class6(gen, v->dir == HW_DIR_INGRESS ? p->saddr : p->daddr, &pcls);
+	if (rc == 0 && l4_class(gen, v->dir, p, &lcls) == 0)
 		m = first_match(gen, pcls, lcls);
 
 	__u8 action;
@@ -582,9 +797,11 @@ static __always_inline void judge(struct pkt *p, __u32 dir, __u64 cgroup, struct
 			goto fail_closed;
 		action = rule->action;
 		j->slot = rule->slot;
+		j->ruled = 1;
+		j->action = action;
 		j->reason = action == HW_ACT_DENY ? HW_R_POLICY_DENY : HW_R_PASS_RULE;
 	} else {
-		action = dir == HW_DIR_INGRESS ? h->default_ingress : h->default_egress;
+		action = v->dir == HW_DIR_INGRESS ? h->default_ingress : h->default_egress;
 		j->reason = action == HW_ACT_DENY ? HW_R_DEFAULT_DENY : HW_R_PASS_DEFAULT;
 	}
 	if (action == HW_ACT_DENY) {
@@ -595,7 +812,7 @@ static __always_inline void judge(struct pkt *p, __u32 dir, __u64 cgroup, struct
 	}
 	j->verdict = HW_V_ALLOW;
 	if (h->stateful && p->opens && !p->frag)
-		ct_open(p, dir, j->slot, h->revision_id, cgroup, now);
+		ct_open(v, p, j->slot, h->revision_id, j->reason);
 	return;
 
 fail_closed:            /* unreachable with loaded maps; counted, never silent */
@@ -603,7 +820,21 @@ fail_closed:            /* unreachable with loaded maps; counted, never silent *
 	j->reason = HW_R_MALFORMED;
 }
 
-static __always_inline void judge_parsed(struct pkt *p, int rc, __u32 dir, __u64 cgroup, struct judgement *j)
+static __always_inline int env_init(struct env *v, __u32 hook, __u32 dir, __u64 cgroup)
+{
+	__u32 zero = 0;
+	v->cfg = hw_config.lookup(&zero);
+	v->col = hw_collect.lookup(&zero);
+	if (!v->cfg || !v->col)
+		return -1;
+	v->now = v->cfg->test_now_ns ? v->cfg->test_now_ns : bpf_ktime_get_coarse_ns();
+	v->hook = hook;
+	v->dir = dir;
+	v->cgroup = cgroup;
+	return 0;
+}
+
+static __always_inline void judge_parsed(struct env *v, struct pkt *p, int rc, struct judgement *j)
 {
 	j->slot = ~0U;
 	if (rc == PARSE_NOT_IP) {
@@ -612,15 +843,14 @@ static __always_inline void judge_parsed(struct pkt *p, int rc, __u32 dir, __u64
 		return;
 	}
 	if (rc == PARSE_MALFORMED) {
-		__u32 zero = 0;
-		struct hw_config *cfg = hw_config.lookup(&zero);
-		__u32 gen = cfg ? cfg->gen & 1 : 0;
+		__u32 gen = v->cfg->gen & 1;
 		struct hw_policy_hdr *h = hw_policy.lookup(&gen);
 		j->verdict = h && h->audit ? HW_V_WOULD_DROP : HW_V_DROP;
 		j->reason = HW_R_MALFORMED;
+		p->pidx = HW_P_OTHER;   /* no trustworthy port: aggregate and count without one */
 		return;
 	}
-	judge(p, dir, cgroup, j);
+	judge(v, p, j);
 }
 
 /* ---- programs ------------------------------------------------------------------------------- */
@@ -628,9 +858,13 @@ int xdp_ingress(struct xdp_md *ctx)
 {
 	struct pkt p = {};
 	struct judgement j = {};
+	struct env v = {};
+	if (env_init(&v, HW_HOOK_XDP_INGRESS, HW_DIR_INGRESS, 0))
+		return XDP_PASS;        /* unreachable: hw_config is an array */
 	int rc = parse_pkt(&p, (void *)(long)ctx->data, (void *)(long)ctx->data_end);
-	judge_parsed(&p, rc, HW_DIR_INGRESS, 0, &j);
-	count(HW_HOOK_XDP_INGRESS, &p, &j);
+	p.ifindex = ctx->ingress_ifindex;
+	judge_parsed(&v, &p, rc, &j);
+	count(&v, &p, &j);
 	if (j.verdict == HW_V_DROP)
 		return XDP_DROP;
 	/* mark the packet as judged for TC ingress; without room for metadata TC judges it again,
@@ -654,6 +888,7 @@ static __always_inline int tc_parse(struct __sk_buff *skb, struct pkt *p)
 		bpf_skb_pull_data(skb, want);
 	int rc = parse_pkt(p, (void *)(long)skb->data, (void *)(long)skb->data_end);
 	p->len = skb->len;
+	p->ifindex = skb->ifindex;
 	return rc;
 }
 
@@ -661,18 +896,22 @@ int tc_ingress(struct __sk_buff *skb)
 {
 	struct pkt p = {};
 	struct judgement j = {};
+	struct env v = {};
+	if (env_init(&v, HW_HOOK_TC_INGRESS, HW_DIR_INGRESS, 0))
+		return TC_ACT_OK;
 	struct hw_meta *meta = (void *)(long)skb->data_meta;
 	if ((void *)(meta + 1) <= (void *)(long)skb->data && meta->magic == HW_META_MAGIC) {
 		j.verdict = HW_V_ALLOW;
 		j.reason = HW_R_PASS_JUDGED;
 		j.slot = ~0U;
 		p.len = skb->len;           /* counted in aggregate only: XDP counted the details */
-		count(HW_HOOK_TC_INGRESS, &p, &j);
+		p.pidx = HW_P_OTHER;
+		count(&v, &p, &j);
 		return TC_ACT_OK;
 	}
 	int rc = tc_parse(skb, &p);
-	judge_parsed(&p, rc, HW_DIR_INGRESS, 0, &j);
-	count(HW_HOOK_TC_INGRESS, &p, &j);
+	judge_parsed(&v, &p, rc, &j);
+	count(&v, &p, &j);
 	return j.verdict == HW_V_DROP ? TC_ACT_SHOT : TC_ACT_OK;
 }
 
@@ -680,8 +919,11 @@ int tc_egress(struct __sk_buff *skb)
 {
 	struct pkt p = {};
 	struct judgement j = {};
+	struct env v = {};
+	if (env_init(&v, HW_HOOK_TC_EGRESS, HW_DIR_EGRESS, bpf_skb_cgroup_id(skb)))
+		return TC_ACT_OK;
 	int rc = tc_parse(skb, &p);
-	judge_parsed(&p, rc, HW_DIR_EGRESS, bpf_skb_cgroup_id(skb), &j);
-	count(HW_HOOK_TC_EGRESS, &p, &j);
+	judge_parsed(&v, &p, rc, &j);
+	count(&v, &p, &j);
 	return j.verdict == HW_V_DROP ? TC_ACT_SHOT : TC_ACT_OK;
 }

@@ -30,6 +30,10 @@
 #define HW_L4_ELEMS           (2 * HW_PROTO_IDX_MAX * 65536 / HW_L4_SLOTS_PER_ELEM)  /* per generation */
 #define HW_CT_MAX             262144    /* tracked connections per family (LRU) */
 #define HW_META_MAGIC         0x68770a11 /* XDP → TC metadata marker: "already judged" */
+#define HW_RINGBUF_BYTES      (8 << 20) /* event ring buffer (power of two, multiple of the page size) */
+#define HW_DROP_AGG_MAX       65536     /* drop aggregation keys per generation (per-CPU hash) */
+#define HW_EVENT_BUDGET       20000     /* default events/s into the ring buffer (hw_config.event_budget) */
+#define HW_EV_TYPES           8
 
 /* conntrack timeouts, seconds (nf_conntrack-like defaults) */
 #define HW_CT_TO_SYN          120
@@ -82,10 +86,32 @@ enum hw_ct_state {
 	HW_CT_CLOSED = 5,       /* RST seen */
 };
 
+enum hw_event_type {
+	HW_EV_NONE = 0,
+	HW_EV_FLOW_START = 1,       /* a tracked connection was opened by an allowed packet */
+	HW_EV_FLOW_END = 2,         /* a tracked TCP connection closed (both FINs or RST) */
+	HW_EV_DENY = 3,             /* first dropped packet of a drop-aggregation key in this interval */
+	HW_EV_LOG = 4,              /* a packet judged by an action:log rule */
+};
+
+/* what became of an event the datapath wanted to emit: hw_ev_stats[type * HW_EV_OUTCOMES + outcome] */
+enum hw_ev_outcome { HW_EO_EMITTED = 0, HW_EO_BUDGET = 1, HW_EO_RINGBUF_FULL = 2, HW_EV_OUTCOMES = 3 };
+
 /* ---- policy maps (one entry per generation unless noted) ------------------------------------ */
-struct hw_config {                  /* hw_config_map[0] — the only mutable global */
-	__u32 gen;                  /* active generation: 0 or 1 */
-	__u32 flags;                /* reserved */
+/* Runtime knobs. Each map has ONE writer, so a read-modify-write never undoes another's change. */
+struct hw_config {                  /* hw_config[0] — written by the enforcer only */
+	__u32 gen;                  /* active policy generation: 0 or 1 */
+	__u32 ncpus;                /* possible CPUs: the event budget is split evenly among them */
+	__u64 test_now_ns;          /* tests only: when non-zero, the datapath's clock reads this */
+};
+
+struct hw_collect {                 /* hw_collect[0] — written by the collector only */
+	__u32 agg_gen;              /* drop aggregation map the datapath writes: 0 or 1 */
+	__u32 event_budget;         /* ring-buffer events per second, all CPUs together; 0 = none */
+	__u8  agg_prefix_v4;        /* drop aggregation source prefix length (default 24) */
+	__u8  agg_prefix_v6;        /* (default 64) */
+	__u16 pad;
+	__u32 pad2;
 };
 
 struct hw_policy_hdr {              /* hw_policy_map[gen] */
@@ -175,8 +201,69 @@ struct hw_ct_entry {
 	__u8  state;                /* enum hw_ct_state */
 	__u8  initiator;            /* 0: side a opened, 1: side b opened */
 	__u8  origin;               /* enum hw_dir of the opening packet */
-	__u8  fin_seen;             /* bit 0: initiator FIN, bit 1: responder FIN */
+	__u8  fin_seen;             /* bit 0: initiator FIN, bit 1: responder FIN, bit 7: flow_end emitted */
 	__u32 pad;
+};
+
+/* ---- events (ring buffer) -------------------------------------------------------------------- *
+ * Fixed size, so the collector decodes a batch as one NumPy structured view. Timestamps are
+ * bpf_ktime_get_ns (CLOCK_MONOTONIC); the collector converts them to wall time. */
+struct hw_event {
+	__u64 ts_ns;
+	__u64 start_ns;             /* FLOW_END: when the connection was opened; else = ts_ns */
+	__u64 packets[2];           /* FLOW_END: [0] from initiator, [1] from responder; else [0] = 1 */
+	__u64 bytes[2];
+	__u64 cgroup_id;            /* egress-opened connections / egress packets: the sender's cgroup */
+	__u32 saddr[4];             /* network order; flows: the initiator */
+	__u32 daddr[4];
+	__u16 sport;                /* network order */
+	__u16 dport;
+	__u32 ifindex;
+	__u32 rule_slot;            /* ~0: no rule (default or conntrack) */
+	__u32 revision_id;
+	__u8  type;                 /* enum hw_event_type */
+	__u8  family;               /* 4 or 6 */
+	__u8  proto;                /* IP protocol number */
+	__u8  verdict;              /* enum hw_verdict */
+	__u8  reason;               /* enum hw_reason */
+	__u8  hook;                 /* enum hw_hook */
+	__u8  direction;            /* enum hw_dir of the packet (flows: of the opening packet) */
+	__u8  tcp_flags;            /* flows: union of flags seen is not kept; the triggering packet's */
+	__u8  ct_state;             /* enum hw_ct_state (flows) */
+	__u8  icmp_type;
+	__u16 pad;
+	__u32 pad2;
+};
+
+/* per-CPU token bucket that holds the ring buffer to hw_collect.event_budget (budget / ncpus each) */
+struct hw_ev_budget {
+	__u64 tokens_milli;         /* thousandths of an event */
+	__u64 last_ns;
+};
+
+/* ---- drop aggregation (per-CPU hash, two generations: hw_drops0 / hw_drops1) ---------------- *
+ * Every drop and would-drop exit adds the packet here, keyed by source prefix, reason and
+ * destination port. The collector flips hw_collect.agg_gen, waits one RCU grace period and drains
+ * the other map (read + delete), so summaries add up exactly to the hw_stats drop counters.
+ * A key that does not fit (map full) is counted in hw_drop_overflow[agg_gen][verdict][reason]. */
+struct hw_drop_key {
+	__u32 src[4];               /* peer address (source for ingress, destination for egress) masked
+	                             * to the aggregation prefix, network order */
+	__u32 ifindex;
+	__u16 dport;                /* network order; 0 for non-TCP/UDP */
+	__u8  reason;
+	__u8  verdict;              /* HW_V_DROP or HW_V_WOULD_DROP */
+	__u8  proto;
+	__u8  family;
+	__u8  prefix_len;
+	__u8  direction;            /* enum hw_dir */
+};
+
+struct hw_drop_val {
+	__u64 packets;
+	__u64 bytes;
+	__u64 first_ns;
+	__u64 last_ns;
 };
 
 /* XDP → TC ingress: written in front of the packet when XDP passes it. */

@@ -38,7 +38,8 @@ POLICY_MAPS = {
     "hw_iv6": ("hw_iv6", L.V6_INTERVALS_MAX),
     "hw_l4": ("hw_l4_elem", L.L4_ELEMS),
 }
-OTHER_MAPS = ("hw_config", "hw_stats", "hw_rule_stats", "hw_port_stats", "hw_ct4", "hw_ct6")
+OTHER_MAPS = ("hw_config", "hw_collect", "hw_stats", "hw_rule_stats", "hw_port_stats", "hw_ct4", "hw_ct6", "hw_events",
+              "hw_ev_stats", "hw_ev_budget", "hw_drops0", "hw_drops1", "hw_drop_overflow")
 ALL_MAPS = tuple(POLICY_MAPS) + OTHER_MAPS
 
 
@@ -90,7 +91,10 @@ class Datapath:
                 _, log = bpfsys.prog_load_verbose(ptype, ctypes.string_at(start, size), name)
                 raise RuntimeError(f"loading {name} failed: {e}\n{log[-3000:]}") from None
         maps = {name: bpf[name.encode()].map_fd for name in ALL_MAPS}
-        return cls(progs, maps, bpf)
+        dp = cls(progs, maps, bpf)
+        dp.set_config()
+        dp.init_collect_defaults()
+        return dp
 
     @classmethod
     def open(cls, pin_dir: str | os.PathLike) -> "Datapath":
@@ -154,6 +158,28 @@ class Datapath:
             self._views[name] = np.frombuffer(m, dtype=dt, count=2 * per_gen)
         return self._views[name]
 
+    def config(self) -> np.void:
+        raw = bpfsys.map_lookup(self.map_fds["hw_config"], b"\0" * 4, L.DTYPES["hw_config"].itemsize)
+        return np.frombuffer(raw, dtype=L.DTYPES["hw_config"])[0].copy()
+
+    def set_config(self, **fields) -> None:
+        """Write the enforcer's knobs (hw_config: gen, ncpus, test_now_ns). The enforcer is this map's
+        only writer, so read-modify-write is safe. `gen` is changed only by install()."""
+        cfg = np.zeros(1, dtype=L.DTYPES["hw_config"])
+        cfg[0] = self.config()
+        cfg["ncpus"] = self.ncpus
+        for k, val in fields.items():
+            cfg[k] = val
+        bpfsys.map_update(self.map_fds["hw_config"], b"\0" * 4, cfg.tobytes())
+
+    def init_collect_defaults(self) -> None:
+        """Fresh instance: default event budget and drop-aggregation prefixes in hw_collect. The
+        collector owns this map afterwards (it may change the budget or the prefixes)."""
+        col = np.zeros(1, dtype=L.DTYPES["hw_collect"])
+        col["event_budget"] = L.C["HW_EVENT_BUDGET"]
+        col["agg_prefix_v4"], col["agg_prefix_v6"] = 24, 64
+        bpfsys.map_update(self.map_fds["hw_collect"], b"\0" * 4, col.tobytes())
+
     def active_gen(self) -> int:
         raw = bpfsys.map_lookup(self.map_fds["hw_config"], b"\0" * 4, L.DTYPES["hw_config"].itemsize)
         return int(np.frombuffer(raw, dtype=L.DTYPES["hw_config"])["gen"][0]) & 1
@@ -177,9 +203,7 @@ class Datapath:
             v = self.view(name)
             v[new * per_gen: new * per_gen + len(arr)] = arr
         t2 = time.perf_counter()
-        cfg = np.zeros(1, dtype=L.DTYPES["hw_config"])
-        cfg["gen"] = new
-        bpfsys.map_update(self.map_fds["hw_config"], b"\0" * 4, cfg.tobytes())
+        self.set_config(gen=new)           # the switch: one map update
         t3 = time.perf_counter()
         return SwapTiming(barrier_s=t1 - t0, write_s=t2 - t1, switch_s=t3 - t2, old_gen=old, new_gen=new)
 

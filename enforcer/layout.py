@@ -68,6 +68,9 @@ ACTION = {"allow": C["HW_ACT_ALLOW"], "deny": C["HW_ACT_DENY"], "log": C["HW_ACT
 PROTO_IDX = {"tcp": C["HW_P_TCP"], "udp": C["HW_P_UDP"], "icmp": C["HW_P_ICMP"], "icmpv6": C["HW_P_ICMPV6"],
              "other": C["HW_P_OTHER"]}
 DIR = {"ingress": C["HW_DIR_INGRESS"], "egress": C["HW_DIR_EGRESS"]}
+EVENT_TYPE_NAMES = {v: k[len("HW_EV_"):].lower() for k, v in C.items()
+                    if k.startswith("HW_EV_") and k not in ("HW_EV_TYPES", "HW_EV_OUTCOMES", "HW_EV_NONE")}
+EV_OUTCOME_NAMES = {C["HW_EO_EMITTED"]: "emitted", C["HW_EO_BUDGET"]: "budget", C["HW_EO_RINGBUF_FULL"]: "ringbuf_full"}
 CT_STATE_NAMES = {v: k[len("HW_CT_"):].lower() for k, v in C.items()
                   if k.startswith("HW_CT_") and not k.startswith(("HW_CT_TO_", "HW_CT_MAX"))}
 
@@ -75,7 +78,9 @@ u8, u16, u32, u64 = np.uint8, np.uint16, np.uint32, np.uint64
 
 # struct name -> dtype; every dtype's itemsize equals the C sizeof (checked by the layout test).
 DTYPES: dict[str, np.dtype] = {
-    "hw_config": np.dtype([("gen", u32), ("flags", u32)]),
+    "hw_config": np.dtype([("gen", u32), ("ncpus", u32), ("test_now_ns", u64)]),
+    "hw_collect": np.dtype([("agg_gen", u32), ("event_budget", u32), ("agg_prefix_v4", u8), ("agg_prefix_v6", u8),
+                            ("pad", u16), ("pad2", u32)]),
     "hw_policy_hdr": np.dtype([("revision_id", u32), ("nrules", u32), ("default_ingress", u8),
                                ("default_egress", u8), ("stateful", u8), ("audit", u8), ("pad", u32)]),
     "hw_rule": np.dtype([("slot", u32), ("action", u8), ("pad", u8, 3)]),
@@ -93,6 +98,15 @@ DTYPES: dict[str, np.dtype] = {
     "hw_ct_entry": np.dtype([("created_ns", u64), ("last_ns", u64), ("packets", u64, 2), ("bytes", u64, 2),
                              ("cgroup_id", u64), ("rule_slot", u32), ("revision_id", u32), ("state", u8),
                              ("initiator", u8), ("origin", u8), ("fin_seen", u8), ("pad", u32)]),
+    "hw_event": np.dtype([("ts_ns", u64), ("start_ns", u64), ("packets", u64, 2), ("bytes", u64, 2),
+                          ("cgroup_id", u64), ("saddr", u8, 16), ("daddr", u8, 16), ("sport", ">u2"), ("dport", ">u2"),
+                          ("ifindex", u32), ("rule_slot", u32), ("revision_id", u32), ("type", u8), ("family", u8),
+                          ("proto", u8), ("verdict", u8), ("reason", u8), ("hook", u8), ("direction", u8),
+                          ("tcp_flags", u8), ("ct_state", u8), ("icmp_type", u8), ("pad", u16), ("pad2", u32)]),
+    "hw_ev_budget": np.dtype([("tokens_milli", u64), ("last_ns", u64)]),
+    "hw_drop_key": np.dtype([("src", u8, 16), ("ifindex", u32), ("dport", ">u2"), ("reason", u8), ("verdict", u8),
+                             ("proto", u8), ("family", u8), ("prefix_len", u8), ("direction", u8)]),
+    "hw_drop_val": np.dtype([("packets", u64), ("bytes", u64), ("first_ns", u64), ("last_ns", u64)]),
     "hw_meta": np.dtype([("magic", u32), ("reason", u32)]),
 }
 
