@@ -45,6 +45,17 @@ BPF_PERCPU_ARRAY(hw_port_stats, struct hw_port_counter, 65536);
 BPF_TABLE("lru_hash", struct hw_ct4_key, struct hw_ct_entry, hw_ct4, HW_CT_MAX);
 BPF_TABLE("lru_hash", struct hw_ct6_key, struct hw_ct_entry, hw_ct6, HW_CT_MAX);
 
+BPF_F_TABLE("array", u32, struct hw_dos_profile, hw_dos_profiles, 2 * HW_DOS_PROFILES_MAX, MAPF_MMAP);
+BPF_F_TABLE("array", u32, struct hw_dos_if, hw_dos_ifs, 2 * HW_DOS_IF_SLOTS, MAPF_MMAP);
+BPF_TABLE("lru_hash", struct hw_dos_key, struct hw_dos_src, hw_dos_src, HW_DOS_SRC_MAX);
+BPF_TABLE("hash", struct hw_dos_key, struct hw_dos_ban, hw_dos_banned, HW_DOS_BANNED_MAX);
+BPF_ARRAY(hw_dos_global, struct hw_bucket, HW_DOS_PROFILES_MAX * 16);
+BPF_PERCPU_ARRAY(hw_dos_stats, struct hw_counter, HW_DOS_PROFILES_MAX * HW_REASONS);
+BPF_F_TABLE("lpm_trie", struct hw_ban4_key, struct hw_manual_ban, hw_manual_ban4, HW_MANUAL_BANS_MAX, BPF_F_NO_PREALLOC);
+BPF_F_TABLE("lpm_trie", struct hw_ban6_key, struct hw_manual_ban, hw_manual_ban6, HW_MANUAL_BANS_MAX, BPF_F_NO_PREALLOC);
+
+BPF_PROG_ARRAY(hw_jump, 1);                            /* [0] = xdp_judge */
+
 BPF_RINGBUF_OUTPUT(hw_events, HW_RINGBUF_BYTES / 4096);
 BPF_PERCPU_ARRAY(hw_ev_stats, struct hw_counter, HW_EV_TYPES * HW_EV_OUTCOMES);
 BPF_PERCPU_ARRAY(hw_ev_budget, struct hw_ev_budget, 1);
@@ -374,6 +385,7 @@ struct env {
 	__u64 cgroup;           /* egress: sender's cgroup id */
 	__u32 hook;             /* enum hw_hook */
 	__u32 dir;              /* enum hw_dir */
+	__u32 gen;              /* policy generation read once for this packet */
 };
 
 /* ---- events (bounded by a per-CPU token budget) ---------------------------------------------- */
@@ -752,6 +764,189 @@ static __always_inline void count(struct env *v, struct pkt *p, struct judgement
 	}
 }
 
+/* ---- DoS guards (XDP ingress, before conntrack and policy) ----------------------------------- */
+/* Refill a bucket of `rate`/s (tokens in 1e-9 units) capped at `cap`, then take `cost`; 1 = admitted. */
+static __always_inline int bucket_take(__u64 *tok, __u64 rate, __u64 cap, __u64 dt, __u64 cost)
+{
+	__u64 t = *tok + rate * dt;
+	if (t > cap || t < *tok)
+		t = cap;
+	if (t < cost) {
+		*tok = t;
+		return 0;
+	}
+	*tok = t - cost;
+	return 1;
+}
+
+/* Bits bucket in 1e-3 bit units: refill bps * dt / 1e6. dt is clamped to 100 ms so the product fits
+ * 64 bits up to 100 Gbit/s; the bits burst is at most 100 ms worth, so nothing is lost by it. */
+static __always_inline int bits_take(__u64 *tok, __u64 bps, __u64 cap, __u64 dt, __u64 cost)
+{
+	if (dt > 100000000ULL)
+		dt = 100000000ULL;
+	__u64 t = *tok + bps * dt / 1000000ULL;
+	if (t > cap)
+		t = cap;
+	if (t < cost) {
+		*tok = t;
+		return 0;
+	}
+	*tok = t - cost;
+	return 1;
+}
+
+static __always_inline struct hw_dos_profile *dos_profile(struct env *v, __u32 ifindex, __u32 *id)
+{
+	__u32 base = v->gen * HW_DOS_IF_SLOTS;
+#pragma unroll
+	for (int i = 0; i < HW_DOS_IF_PROBES; i++) {
+		__u32 k = base + ((ifindex + i) & (HW_DOS_IF_SLOTS - 1));
+		struct hw_dos_if *f = hw_dos_ifs.lookup(&k);
+		if (!f || f->ifindex == 0)
+			return 0;
+		if (f->ifindex == ifindex) {
+			*id = f->profile & (HW_DOS_PROFILES_MAX - 1);
+			__u32 pk = v->gen * HW_DOS_PROFILES_MAX + *id;
+			struct hw_dos_profile *pr = hw_dos_profiles.lookup(&pk);
+			return pr && pr->enabled ? pr : 0;
+		}
+	}
+	return 0;
+}
+
+static __always_inline int manual_banned(struct env *v, struct pkt *p)
+{
+	struct hw_manual_ban *b;
+	if (p->family == 4) {
+		struct hw_ban4_key k = {.prefixlen = 32, .addr = p->saddr[0]};
+		b = hw_manual_ban4.lookup(&k);
+	} else {
+		struct hw_ban6_key k = {.prefixlen = 128};
+		__builtin_memcpy(k.addr, p->saddr, 16);
+		b = hw_manual_ban6.lookup(&k);
+	}
+	return b && (b->until_ns == 0 || b->until_ns > v->now);
+}
+
+static __always_inline void dos_ban(struct env *v, struct hw_dos_key *k, struct hw_dos_src *s,
+				    struct hw_dos_profile *pr, __u32 reason)
+{
+	s->banned_until_ns = v->now + pr->ban_ns;
+	struct hw_dos_ban b = {.since_ns = v->now, .until_ns = s->banned_until_ns, .reason = reason};
+	hw_dos_banned.update(k, &b);    /* for listing; if full, the ban still holds through *s */
+}
+
+/* Per-source limits; returns a drop reason or 0. Keeps the over-limit streak and bans. */
+static __always_inline __u32 dos_source(struct env *v, struct pkt *p, struct hw_dos_profile *pr, __u32 profile)
+{
+	struct hw_dos_key k = {};
+	__u32 len = p->family == 4 ? pr->prefix_v4 : pr->prefix_v6;
+	mask_addr(k.addr, p->saddr, p->family, len);
+	k.family = p->family;
+	k.prefix_len = len;
+	k.profile = profile;
+	struct hw_dos_src *s = hw_dos_src.lookup(&k);
+	if (!s) {
+		struct hw_dos_src n = {.last_ns = v->now, .tok_pkt = pr->burst * 1000000000ULL,
+				       .tok_bits = pr->bps_burst * 1000ULL, .tok_syn = pr->syn_pps * 1000000000ULL,
+				       .tok_udp = pr->udp_pps * 1000000000ULL, .tok_icmp = pr->icmp_pps * 1000000000ULL};
+		hw_dos_src.update(&k, &n);
+		s = hw_dos_src.lookup(&k);
+		if (!s)
+			return 0;       /* could not track this source: no per-source limit (fail open) */
+	}
+	if (s->banned_until_ns) {
+		if (s->banned_until_ns > v->now)
+			return HW_R_BANNED;
+		s->banned_until_ns = 0;         /* expired by itself */
+		s->streak_start_ns = 0;
+	}
+	__u64 dt = v->now - s->last_ns;
+	if (dt > 2000000000ULL)
+		dt = 2000000000ULL;
+	s->last_ns = v->now;
+	__u32 reason = 0;
+	if (p->proto == IPPROTO_TCP && p->opens && pr->syn_pps &&
+	    !bucket_take(&s->tok_syn, pr->syn_pps, pr->syn_pps * 1000000000ULL, dt, 1000000000ULL))
+		reason = HW_R_SYN_FLOOD;
+	else if (p->proto == IPPROTO_UDP && pr->udp_pps &&
+		 !bucket_take(&s->tok_udp, pr->udp_pps, pr->udp_pps * 1000000000ULL, dt, 1000000000ULL))
+		reason = HW_R_UDP_FLOOD;
+	else if ((p->pidx == HW_P_ICMP || p->pidx == HW_P_ICMPV6) && pr->icmp_pps &&
+		 !bucket_take(&s->tok_icmp, pr->icmp_pps, pr->icmp_pps * 1000000000ULL, dt, 1000000000ULL))
+		reason = HW_R_ICMP_FLOOD;
+	else if (pr->pps && !bucket_take(&s->tok_pkt, pr->pps, pr->burst * 1000000000ULL, dt, 1000000000ULL))
+		reason = HW_R_RATE_LIMIT;
+	else if (pr->bps && !bits_take(&s->tok_bits, pr->bps, pr->bps_burst * 1000ULL, dt, (__u64)p->len * 8000ULL))
+		reason = HW_R_RATE_LIMIT;
+	if (!reason)
+		return 0;
+	if (!s->streak_start_ns || v->now - s->streak_last_ns > HW_DOS_STREAK_GAP_NS)
+		s->streak_start_ns = v->now;
+	s->streak_last_ns = v->now;
+	if (pr->ban_after_ns && v->now - s->streak_start_ns >= pr->ban_after_ns)
+		dos_ban(v, &k, s, pr, reason);
+	return reason;
+}
+
+static __always_inline int global_take(__u32 idx, __u64 rate, __u64 now)
+{
+	struct hw_bucket *b = hw_dos_global.lookup(&idx);
+	if (!b)
+		return 1;
+	__u64 dt = now - b->last_ns;
+	if (dt > 1000000000ULL)
+		dt = 1000000000ULL;
+	b->last_ns = now;
+	return bucket_take(&b->tokens, rate, rate * 1000000000ULL, dt, 1000000000ULL);
+}
+
+static __always_inline __u32 dos_limits(struct env *v, struct pkt *p, struct hw_dos_profile *pr, __u32 profile)
+{
+	__u32 reason = dos_source(v, p, pr, profile);
+	if (reason)
+		return reason;
+	if (p->proto == IPPROTO_TCP && p->opens && pr->syn_global_pps &&
+	    !global_take(profile * 16, pr->syn_global_pps, v->now))
+		return HW_R_SYN_FLOOD;
+	if (pr->nports && p->pidx <= HW_P_UDP && !p->frag) {
+		__u16 port = bpf_ntohs(p->dport);
+#pragma unroll
+		for (int i = 0; i < HW_DOS_PORTS_MAX; i++) {
+			if (i >= pr->nports)
+				break;
+			if (pr->ports[i].port == port && pr->ports[i].proto == p->proto)
+				return global_take(profile * 16 + 1 + i, pr->ports[i].pps, v->now) ? 0 : HW_R_PORT_LIMIT;
+		}
+	}
+	return 0;
+}
+
+static __always_inline void dos_count(__u32 profile, __u32 reason)
+{
+	__u32 k = (profile & (HW_DOS_PROFILES_MAX - 1)) * HW_REASONS + reason;
+	struct hw_counter *c = hw_dos_stats.lookup(&k);
+	if (c)
+		c->packets++;
+}
+
+/* All DoS checks for one ingress packet; returns a drop reason or 0 (admitted). Operator bans apply
+ * on every interface; the limits apply where the interface has a profile (counted per profile). */
+static __always_inline __u32 dos_check(struct env *v, struct pkt *p)
+{
+	if (v->cfg->manual_bans && manual_banned(v, p))
+		return HW_R_BANNED;
+	__u32 profile = 0;
+	struct hw_dos_profile *pr = dos_profile(v, p->ifindex, &profile);
+	if (!pr)
+		return 0;
+	__u32 reason = dos_limits(v, p, pr, profile);
+	if (reason)
+		dos_count(profile, reason);
+	return reason;
+}
+
 /* ---- the judgement shared by all hooks ------------------------------------------------------ */
 static __always_inline void judge(struct env *v, struct pkt *p, struct judgement *j)
 {
@@ -776,7 +971,7 @@ static __always_inline void judge(struct env *v, struct pkt *p, struct judgement
 		}
 	}
 
-	__u32 gen = v->cfg->gen & 1;
+	__u32 gen = v->gen;
 	struct hw_policy_hdr *h = hw_policy.lookup(&gen);
 	if (!h)
 		goto fail_closed;
@@ -828,6 +1023,7 @@ static __always_inline int env_init(struct env *v, __u32 hook, __u32 dir, __u64 
 	if (!v->cfg || !v->col)
 		return -1;
 	v->now = v->cfg->test_now_ns ? v->cfg->test_now_ns : bpf_ktime_get_coarse_ns();
+	v->gen = v->cfg->gen & 1;
 	v->hook = hook;
 	v->dir = dir;
 	v->cgroup = cgroup;
@@ -843,7 +1039,7 @@ static __always_inline void judge_parsed(struct env *v, struct pkt *p, int rc, s
 		return;
 	}
 	if (rc == PARSE_MALFORMED) {
-		__u32 gen = v->cfg->gen & 1;
+		__u32 gen = v->gen;
 		struct hw_policy_hdr *h = hw_policy.lookup(&gen);
 		j->verdict = h && h->audit ? HW_V_WOULD_DROP : HW_V_DROP;
 		j->reason = HW_R_MALFORMED;
@@ -854,6 +1050,41 @@ static __always_inline void judge_parsed(struct env *v, struct pkt *p, int rc, s
 }
 
 /* ---- programs ------------------------------------------------------------------------------- */
+/* XDP is two programs joined by a tail call, so each stays within the verifier's budget:
+ * xdp_ingress parses and applies the DoS guards; xdp_judge runs conntrack and the policy on the
+ * packet xdp_ingress parsed (handed over in per-CPU scratch memory, valid within one packet). */
+BPF_PERCPU_ARRAY(hw_pkt_scratch, struct pkt, 1);
+
+static __always_inline int xdp_exit(struct xdp_md *ctx, struct env *v, struct pkt *p, struct judgement *j, int mark)
+{
+	count(v, p, j);
+	if (j->verdict == HW_V_DROP)
+		return XDP_DROP;
+	/* mark the packet as judged for TC ingress; without room for metadata TC judges it again,
+	 * which is safe (same policy semantics), only slower */
+	if (mark && bpf_xdp_adjust_meta(ctx, -(int)sizeof(struct hw_meta)) == 0) {
+		struct hw_meta *meta = (void *)(long)ctx->data_meta;
+		if ((void *)(meta + 1) <= (void *)(long)ctx->data) {
+			meta->magic = HW_META_MAGIC;
+			meta->reason = j->reason;
+		}
+	}
+	return XDP_PASS;
+}
+
+int xdp_judge(struct xdp_md *ctx)
+{
+	struct judgement j = {};
+	struct env v = {};
+	__u32 zero = 0;
+	struct pkt *p = hw_pkt_scratch.lookup(&zero);
+	if (env_init(&v, HW_HOOK_XDP_INGRESS, HW_DIR_INGRESS, 0) || !p)
+		return XDP_PASS;        /* unreachable: array maps */
+	j.slot = ~0U;
+	judge(&v, p, &j);
+	return xdp_exit(ctx, &v, p, &j, 1);
+}
+
 int xdp_ingress(struct xdp_md *ctx)
 {
 	struct pkt p = {};
@@ -863,20 +1094,31 @@ int xdp_ingress(struct xdp_md *ctx)
 		return XDP_PASS;        /* unreachable: hw_config is an array */
 	int rc = parse_pkt(&p, (void *)(long)ctx->data, (void *)(long)ctx->data_end);
 	p.ifindex = ctx->ingress_ifindex;
-	judge_parsed(&v, &p, rc, &j);
-	count(&v, &p, &j);
-	if (j.verdict == HW_V_DROP)
-		return XDP_DROP;
-	/* mark the packet as judged for TC ingress; without room for metadata TC judges it again,
-	 * which is safe (same policy semantics), only slower */
-	if (bpf_xdp_adjust_meta(ctx, -(int)sizeof(struct hw_meta)) == 0) {
-		struct hw_meta *meta = (void *)(long)ctx->data_meta;
-		if ((void *)(meta + 1) <= (void *)(long)ctx->data) {
-			meta->magic = HW_META_MAGIC;
-			meta->reason = j.reason;
-		}
+	if (rc != PARSE_OK) {
+		judge_parsed(&v, &p, rc, &j);
+		return xdp_exit(ctx, &v, &p, &j, 1);
 	}
-	return XDP_PASS;
+	__u32 dos = dos_check(&v, &p);
+	if (dos) {
+		__u32 g = v.gen;
+		struct hw_policy_hdr *h = hw_policy.lookup(&g);
+		j.verdict = h && h->audit ? HW_V_WOULD_DROP : HW_V_DROP;
+		j.reason = dos;
+		j.slot = ~0U;
+		j.revision_id = h ? h->revision_id : 0;
+		return xdp_exit(ctx, &v, &p, &j, 1);
+	}
+	__u32 zero = 0;
+	struct pkt *sp = hw_pkt_scratch.lookup(&zero);
+	if (sp) {
+		__builtin_memcpy(sp, &p, sizeof(p));
+		hw_jump.call(ctx, 0);
+	}
+	/* no judge program to jump to: leave it unmarked, TC ingress judges it (counted) */
+	j.verdict = HW_V_ALLOW;
+	j.reason = HW_R_PASS_DEFERRED;
+	j.slot = ~0U;
+	return xdp_exit(ctx, &v, &p, &j, 0);
 }
 
 #define HW_PULL_LEN 256

@@ -34,6 +34,14 @@
 #define HW_DROP_AGG_MAX       65536     /* drop aggregation keys per generation (per-CPU hash) */
 #define HW_EVENT_BUDGET       20000     /* default events/s into the ring buffer (hw_config.event_budget) */
 #define HW_EV_TYPES           8
+#define HW_DOS_PROFILES_MAX   16        /* DoS profiles per generation */
+#define HW_DOS_PORTS_MAX      8         /* per-port limits per profile */
+#define HW_DOS_IF_SLOTS       256       /* interface → profile table, per generation (ifindex % slots, probed) */
+#define HW_DOS_IF_PROBES      4
+#define HW_DOS_SRC_MAX        1048576   /* per-source buckets (LRU): ~150 MB of kernel memory */
+#define HW_DOS_BANNED_MAX     65536     /* automatic bans, for listing */
+#define HW_MANUAL_BANS_MAX    65536     /* operator bans per family (LPM trie) */
+#define HW_DOS_STREAK_GAP_NS  1000000000ULL  /* over-limit packets further apart than this break a streak */
 
 /* conntrack timeouts, seconds (nf_conntrack-like defaults) */
 #define HW_CT_TO_SYN          120
@@ -70,6 +78,7 @@ enum hw_reason {
 	HW_R_PASS_RELATED = 19,    /* ICMP error about a tracked connection */
 	HW_R_PASS_NOT_IP = 20,     /* ARP and other non-IP frames are not judged */
 	HW_R_PASS_JUDGED = 21,     /* TC ingress: XDP already judged this packet */
+	HW_R_PASS_DEFERRED = 22,   /* XDP could not reach its judge program: TC ingress judges instead */
 	HW_REASONS = 32,
 };
 
@@ -103,6 +112,8 @@ struct hw_config {                  /* hw_config[0] — written by the enforcer 
 	__u32 gen;                  /* active policy generation: 0 or 1 */
 	__u32 ncpus;                /* possible CPUs: the event budget is split evenly among them */
 	__u64 test_now_ns;          /* tests only: when non-zero, the datapath's clock reads this */
+	__u32 manual_bans;          /* operator bans in the LPM tries; 0 skips that lookup */
+	__u32 pad;
 };
 
 struct hw_collect {                 /* hw_collect[0] — written by the collector only */
@@ -154,6 +165,88 @@ struct hw_iv6 {                     /* hw_iv6[gen * HW_V6_INTERVALS_MAX + i], so
 
 struct hw_l4_elem {                 /* hw_l4[gen * HW_L4_ELEMS + key / 4], key = (dir*5+proto)*65536+port */
 	__u16 cls[HW_L4_SLOTS_PER_ELEM];
+};
+
+/* ---- DoS profiles (policy generation: swapped with the policy) ------------------------------ *
+ * Rates are per second; 0 disables that limit. Buckets hold tokens scaled so refill is one
+ * multiply: packets in 1e-9 packet units (rate * dt_ns), bits in 1e-3 bit units (rate * dt_ns / 1e6). */
+struct hw_dos_port {
+	__u16 port;                 /* host order */
+	__u8  proto;                /* IPPROTO_TCP / IPPROTO_UDP */
+	__u8  pad;
+	__u32 pps;
+};
+
+struct hw_dos_profile {             /* hw_dos_profiles[gen * HW_DOS_PROFILES_MAX + id] */
+	__u64 pps;                  /* per source */
+	__u64 burst;                /* packets */
+	__u64 bps;                  /* per source, bits/s */
+	__u64 bps_burst;            /* bits */
+	__u64 syn_pps;              /* per source TCP SYN (without ACK) */
+	__u64 syn_global_pps;       /* all sources together */
+	__u64 udp_pps;              /* per source */
+	__u64 icmp_pps;             /* per source, ICMP and ICMPv6 */
+	__u64 ban_after_ns;         /* over a limit this long in a row → banned; 0 = never */
+	__u64 ban_ns;               /* ban duration */
+	__u8  prefix_v4;            /* source grouping */
+	__u8  prefix_v6;
+	__u8  nports;
+	__u8  enabled;
+	__u32 pad;
+	struct hw_dos_port ports[HW_DOS_PORTS_MAX];
+};
+
+struct hw_dos_if {                  /* hw_dos_ifs[gen * HW_DOS_IF_SLOTS + slot] */
+	__u32 ifindex;              /* 0 = empty slot */
+	__u32 profile;              /* profile id */
+};
+
+/* ---- DoS state (not swapped: a policy swap keeps buckets and bans) --------------------------- */
+struct hw_dos_key {                 /* hw_dos_src (LRU hash), hw_dos_banned (hash) */
+	__u32 addr[4];              /* source masked to the profile's prefix, network order */
+	__u8  family;
+	__u8  prefix_len;
+	__u8  profile;
+	__u8  pad;
+};
+
+struct hw_dos_src {
+	__u64 last_ns;
+	__u64 tok_pkt;              /* 1e-9 packets */
+	__u64 tok_bits;             /* 1e-3 bits */
+	__u64 tok_syn;
+	__u64 tok_udp;
+	__u64 tok_icmp;
+	__u64 streak_start_ns;      /* first over-limit packet of the current streak, 0 = none */
+	__u64 streak_last_ns;       /* latest over-limit packet */
+	__u64 banned_until_ns;      /* 0 = not banned */
+};
+
+struct hw_dos_ban {                 /* hw_dos_banned value: automatic bans, for `ban list` */
+	__u64 since_ns;
+	__u64 until_ns;
+	__u32 reason;               /* the limit whose streak led to the ban */
+	__u32 pad;
+};
+
+struct hw_bucket {                  /* hw_dos_global[profile * 16 + i]: i 0 = global SYN, 1.. = ports[i-1] */
+	__u64 tokens;               /* 1e-9 packets */
+	__u64 last_ns;
+};
+
+struct hw_ban4_key {                /* hw_manual_ban4 (LPM trie) */
+	__u32 prefixlen;
+	__u32 addr;                 /* network order */
+};
+
+struct hw_ban6_key {                /* hw_manual_ban6 (LPM trie) */
+	__u32 prefixlen;
+	__u32 addr[4];
+};
+
+struct hw_manual_ban {
+	__u64 until_ns;             /* CLOCK_MONOTONIC; 0 = until removed */
+	__u64 added_ns;
 };
 
 /* ---- counters (per-CPU) --------------------------------------------------------------------- */

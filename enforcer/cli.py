@@ -141,6 +141,66 @@ def cmd_detach(a) -> int:
     return EXIT_OK
 
 
+def _open(pin_dir: str):
+    from .control import ControlError
+    from .datapath import Datapath
+    if not Datapath.is_pinned(pin_dir):
+        raise ControlError(f"no running instance at {pin_dir}; start one with `hostwall-enforcer run`")
+    return Datapath.open(pin_dir)
+
+
+def _duration(text: str) -> float:
+    from .validation import parse_duration
+    return parse_duration(text)
+
+
+def cmd_ban(a) -> int:
+    from . import bans
+    from .state import InstanceState
+    dp = _open(a.pin_dir)
+    try:
+        if a.ban_cmd == "add":
+            try:
+                net = bans.add(dp, a.prefix, _duration(a.duration) if a.duration else None)
+            except ValueError as e:
+                _err(str(e))
+                return EXIT_INPUT
+            print(f"banned {net}" + (f" for {a.duration}" if a.duration else " until removed"))
+        elif a.ban_cmd == "del":
+            try:
+                found = bans.delete(dp, a.prefix)
+            except ValueError as e:
+                _err(str(e))
+                return EXIT_INPUT
+            if not found:
+                _err(f"no ban on {a.prefix}")
+                return EXIT_RUNTIME
+            print(f"lifted the ban on {a.prefix}")
+        else:
+            st = InstanceState.load(a.pin_dir)
+            rows = bans.listing(dp, tuple(st.dos_profiles) if st else ())
+            if a.json:
+                print(json.dumps(rows, indent=1))
+            else:
+                _print_bans(rows)
+        return EXIT_OK
+    finally:
+        dp.close()
+
+
+def _print_bans(rows: list[dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    t = Table(title=f"bans ({len(rows)})")
+    for c in ("prefix", "kind", "profile", "reason", "expires"):
+        t.add_column(c)
+    now = time.time()
+    for b in rows:
+        exp = "never" if b["until"] is None else f"in {max(0, b['until'] - now):.0f} s"
+        t.add_row(b["prefix"], b["kind"], b.get("profile", "-"), b.get("reason", "-"), exp)
+    Console().print(t)
+
+
 def _fmt_n(n: int) -> str:
     for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if n >= div:
@@ -196,6 +256,16 @@ def cmd_status(a) -> int:
         for p in s["ports"]:
             t.add_row(str(p["port"]), _fmt_n(p["allowed"]), _fmt_n(p["dropped"]), _fmt_n(p["would_drop"]))
         con.print(t)
+    if s.get("dos"):
+        t = Table(title="DoS drops per profile")
+        for col in ("profile", "reason", "packets"):
+            t.add_column(col, justify="right" if col == "packets" else "left")
+        for prof, reasons in s["dos"].items():
+            for r, n in sorted(reasons.items()):
+                t.add_row(prof, r, _fmt_n(n))
+        con.print(t)
+    if s.get("bans"):
+        _print_bans(s["bans"])
     t = Table(title="map pressure")
     for c in ("map", "entries", "capacity", "%"):
         t.add_column(c, justify="right")
@@ -232,6 +302,19 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("detach", help="detach from every interface and unpin")
     d.add_argument("--pin-dir", **pin)
     d.set_defaults(fn=cmd_detach)
+    b = sub.add_parser("ban", help="operator bans: add | del | list (also lists automatic DoS bans)")
+    bsub = b.add_subparsers(dest="ban_cmd", required=True)
+    ba = bsub.add_parser("add", help="drop every packet from PREFIX (reason banned)")
+    ba.add_argument("prefix")
+    ba.add_argument("--for", dest="duration", help="expire after this long (e.g. 10m, 1h); default: until removed")
+    ba.add_argument("--pin-dir", **pin)
+    bd = bsub.add_parser("del", help="remove an operator ban or lift an automatic one")
+    bd.add_argument("prefix")
+    bd.add_argument("--pin-dir", **pin)
+    bl = bsub.add_parser("list", help="current bans with expiry")
+    bl.add_argument("--json", action="store_true")
+    bl.add_argument("--pin-dir", **pin)
+    b.set_defaults(fn=cmd_ban)
     return ap
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import layout as L
-from .policy import Policy, Rule
+from .policy import DosProfile, Policy, Rule
 
 _HASH_SEED = 0x5EED
 
@@ -43,6 +43,9 @@ class CompiledPolicy:
     iv6: np.ndarray             # hw_iv6
     l4: np.ndarray              # hw_l4_elem, L4_ELEMS
     rule_names: tuple[str, ...]
+    dos_profiles: np.ndarray    # hw_dos_profile, HW_DOS_PROFILES_MAX (id = position in dos_profile_names)
+    dos_ifs: np.ndarray         # hw_dos_if, HW_DOS_IF_SLOTS (ifindex → profile id, open addressing)
+    dos_profile_names: tuple[str, ...] = ()
 
     def describe(self) -> dict:
         return {"rules": len(self.rule_names), "peer_classes": len(self.peer_cls), "l4_classes": len(self.l4_cls),
@@ -230,8 +233,56 @@ def _v6_tables(c: Classes, cls_offset: int):
     return _top_table(top16, exact), iv
 
 
-def compile_policy(policy: Policy, slots: dict[str, int], revision_id: int) -> CompiledPolicy:
-    """Build every table of one policy generation. slots: rule name -> counter slot (stable)."""
+def _dos_profile_record(p: DosProfile) -> np.void:
+    rec = np.zeros(1, dtype=L.DTYPES["hw_dos_profile"])[0]
+    rec["pps"] = p.per_source_pps or 0
+    rec["burst"] = p.per_source_burst or p.per_source_pps or 0          # default: one second worth
+    rec["bps"] = p.per_source_bps or 0
+    # bits burst: 100 ms worth (the datapath refills at most 100 ms at once), at least 8 full frames
+    rec["bps_burst"] = max((p.per_source_bps or 0) // 10, 8 * 1514 * 8) if p.per_source_bps else 0
+    rec["syn_pps"] = p.syn_per_source_pps or 0
+    rec["syn_global_pps"] = p.syn_global_pps or 0
+    rec["udp_pps"] = p.udp_per_source_pps or 0
+    rec["icmp_pps"] = p.icmp_per_source_pps or 0
+    if p.ban_after_s and p.ban_duration_s:
+        rec["ban_after_ns"] = int(p.ban_after_s * 1e9)
+        rec["ban_ns"] = int(p.ban_duration_s * 1e9)
+    rec["prefix_v4"], rec["prefix_v6"] = p.source_prefix_v4, p.source_prefix_v6
+    if len(p.ports) > L.C["HW_DOS_PORTS_MAX"]:
+        raise CompileError(f"DoS profile {p.name!r} has {len(p.ports)} port limits; the datapath holds "
+                           f"{L.C['HW_DOS_PORTS_MAX']}")
+    rec["nports"] = len(p.ports)
+    for i, (port, proto, pps) in enumerate(p.ports):
+        rec["ports"][i] = (port, 6 if proto == "tcp" else 17, 0, pps)
+    rec["enabled"] = 1
+    return rec
+
+
+def compile_dos(policy: Policy, interfaces: dict[int, str]) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
+    """DoS tables of one generation. interfaces: ifindex → profile name for the attached interfaces."""
+    names = tuple(sorted(policy.dos_profiles))
+    if len(names) > L.C["HW_DOS_PROFILES_MAX"]:
+        raise CompileError(f"{len(names)} DoS profiles; the datapath holds {L.C['HW_DOS_PROFILES_MAX']}")
+    profiles = np.zeros(L.C["HW_DOS_PROFILES_MAX"], dtype=L.DTYPES["hw_dos_profile"])
+    for i, n in enumerate(names):
+        profiles[i] = _dos_profile_record(policy.dos_profiles[n])
+    slots = L.C["HW_DOS_IF_SLOTS"]
+    ifs = np.zeros(slots, dtype=L.DTYPES["hw_dos_if"])
+    for ifindex, prof in sorted(interfaces.items()):
+        for probe in range(L.C["HW_DOS_IF_PROBES"]):
+            s = (ifindex + probe) % slots
+            if ifs[s]["ifindex"] == 0:
+                ifs[s] = (ifindex, names.index(prof))
+                break
+        else:
+            raise CompileError(f"too many interfaces share DoS table slots near ifindex {ifindex}")
+    return profiles, ifs, names
+
+
+def compile_policy(policy: Policy, slots: dict[str, int], revision_id: int,
+                   dos_interfaces: dict[int, str] | None = None) -> CompiledPolicy:
+    """Build every table of one policy generation. slots: rule name -> counter slot (stable);
+    dos_interfaces: ifindex -> DoS profile name of each attached interface that has one."""
     rules = policy.rules
     if len(rules) > L.MAX_RULES:
         raise CompileError(f"{len(rules)} rules; the datapath holds at most {L.MAX_RULES}")
@@ -266,5 +317,7 @@ def compile_policy(policy: Policy, slots: dict[str, int], revision_id: int) -> C
     hdr["default_egress"] = L.ACTION[d.egress]
     hdr["stateful"] = d.stateful
     hdr["audit"] = d.audit
+    dos_profiles, dos_ifs, dos_names = compile_dos(policy, dos_interfaces or {})
     return CompiledPolicy(hdr=hdr, rules=rule_recs, peer_cls=peer_cls, l4_cls=cl4.bitmaps, top4=top4, iv4=iv4,
-                          top6=top6, iv6=iv6, l4=l4, rule_names=tuple(r.name for r in rules))
+                          top6=top6, iv6=iv6, l4=l4, rule_names=tuple(r.name for r in rules),
+                          dos_profiles=dos_profiles, dos_ifs=dos_ifs, dos_profile_names=dos_names)

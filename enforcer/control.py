@@ -54,13 +54,27 @@ def _zero_counters(dp: Datapath, slots: list[int]) -> None:
         bpfsys.map_update(dp.map_fds["hw_rule_stats"], int(s).to_bytes(4, "little"), zero)
 
 
-def apply_policy(dp: Datapath, st: InstanceState, policy: Policy) -> ApplyResult:
-    """Compile, install atomically, record. The caller saves the state."""
+def dos_interfaces(policy: Policy, attached: list[tuple[str, str | None]]) -> dict[int, str]:
+    """ifindex → DoS profile for attached interfaces that the policy's `interfaces:` gives one."""
+    by_name = {i.name: i.dos_profile for i in policy.interfaces if i.dos_profile}
+    out = {}
+    for name, netns in attached:
+        if name in by_name:
+            out[attach.link_state(name, netns).ifindex] = by_name[name]
+    return out
+
+
+def apply_policy(dp: Datapath, st: InstanceState, policy: Policy,
+                 attached: list[tuple[str, str | None]] | None = None) -> ApplyResult:
+    """Compile, install atomically, record. The caller saves the state. `attached`: interfaces the
+    policy applies to (default: the instance's), for the DoS profile of each."""
     t0 = time.perf_counter()
     names = [r.name for r in policy.rules]
     slots, fresh = allocate_slots(st.slots, names, L.MAX_RULE_SLOTS)
     rev_id = st.revision_id + 1
-    cp = compile_policy(policy, slots, rev_id)
+    if attached is None:
+        attached = [(i.name, i.netns) for i in st.interfaces]
+    cp = compile_policy(policy, slots, rev_id, dos_interfaces(policy, attached))
     t1 = time.perf_counter()
     _zero_counters(dp, fresh)
     timing = dp.install(cp)
@@ -74,6 +88,7 @@ def apply_policy(dp: Datapath, st: InstanceState, policy: Policy) -> ApplyResult
     st.revisions[str(rev_id)] = policy.revision
     st.revision, st.policy_name, st.policy_path = policy.revision, policy.name, os.path.abspath(policy.source)
     st.rules, st.prefixes, st.applied_at = len(policy.rules), policy.prefix_count, time.time()
+    st.dos_profiles = list(cp.dos_profile_names)
     st.record_change(old_rev, policy.revision, old_rules, len(policy.rules), st.policy_path, timing.switch_s * 1e3)
     return ApplyResult(old_rev, policy.revision, len(policy.rules), policy.prefix_count, t1 - t0, t2 - t1,
                        timing.switch_s * 1e3, timing.barrier_s * 1e3)
@@ -125,7 +140,7 @@ def start(policy: Policy, pin_dir: str, interfaces: list[InterfaceConf], netns: 
                            revision=st.revision if st else "", revision_id=st.revision_id if st else 0,
                            history=st.history if st else [])
     st.build = build
-    res = apply_policy(dp, st, policy)
+    res = apply_policy(dp, st, policy, [(i.name, netns) for i in interfaces])
     dp.pin(pin_dir)
     attached = []
     try:
@@ -233,6 +248,13 @@ def status(pin_dir: str, with_pressure: bool = True) -> dict:
             "rules": rules, "ports": ports, "pid": st.pid,
             "pid_alive": bool(st.pid and os.path.exists(f"/proc/{st.pid}")),
         }
+        names = tuple(st.dos_profiles)
+        ds = dp.dos_stats()
+        out["dos"] = {names[p] if p < len(names) else str(p): {L.REASON_NAMES[r]: int(ds[p * L.REASONS + r]["packets"])
+                      for r in L.DROP_REASONS if ds[p * L.REASONS + r]["packets"]}
+                      for p in range(len(names))}
+        from . import bans
+        out["bans"] = bans.listing(dp, names)
         if with_pressure:
             out["map_pressure"] = dp.map_pressure()
         return out

@@ -24,7 +24,7 @@ from . import layout as L
 from ._internal import bpfsys
 from .compiler import CompiledPolicy
 
-PROGRAMS = {"xdp_ingress": "xdp", "tc_ingress": "sched_cls", "tc_egress": "sched_cls"}
+PROGRAMS = {"xdp_judge": "xdp", "xdp_ingress": "xdp", "tc_ingress": "sched_cls", "tc_egress": "sched_cls"}
 
 # map name -> (value dtype name, entries per generation or None when not double-buffered)
 POLICY_MAPS = {
@@ -37,9 +37,13 @@ POLICY_MAPS = {
     "hw_iv4": ("hw_iv4", L.V4_INTERVALS_MAX),
     "hw_iv6": ("hw_iv6", L.V6_INTERVALS_MAX),
     "hw_l4": ("hw_l4_elem", L.L4_ELEMS),
+    "hw_dos_profiles": ("hw_dos_profile", L.C["HW_DOS_PROFILES_MAX"]),
+    "hw_dos_ifs": ("hw_dos_if", L.C["HW_DOS_IF_SLOTS"]),
 }
 OTHER_MAPS = ("hw_config", "hw_collect", "hw_stats", "hw_rule_stats", "hw_port_stats", "hw_ct4", "hw_ct6", "hw_events",
-              "hw_ev_stats", "hw_ev_budget", "hw_drops0", "hw_drops1", "hw_drop_overflow")
+              "hw_ev_stats", "hw_ev_budget", "hw_drops0", "hw_drops1", "hw_drop_overflow", "hw_jump",
+              "hw_pkt_scratch", "hw_dos_src", "hw_dos_banned", "hw_dos_global", "hw_dos_stats", "hw_manual_ban4",
+              "hw_manual_ban6")
 ALL_MAPS = tuple(POLICY_MAPS) + OTHER_MAPS
 
 
@@ -91,6 +95,8 @@ class Datapath:
                 _, log = bpfsys.prog_load_verbose(ptype, ctypes.string_at(start, size), name)
                 raise RuntimeError(f"loading {name} failed: {e}\n{log[-3000:]}") from None
         maps = {name: bpf[name.encode()].map_fd for name in ALL_MAPS}
+        # xdp_ingress tail-calls xdp_judge; a pinned prog array keeps this entry across restarts
+        bpfsys.map_update(maps["hw_jump"], b"\0" * 4, progs["xdp_judge"].to_bytes(4, "little"))
         dp = cls(progs, maps, bpf)
         dp.set_config()
         dp.init_collect_defaults()
@@ -197,7 +203,8 @@ class Datapath:
         self._barrier.wait()             # a packet that read `new` before the last flip has finished
         t1 = time.perf_counter()
         parts = {"hw_policy": cp.hdr, "hw_rules": cp.rules, "hw_peer_cls": cp.peer_cls, "hw_l4_cls": cp.l4_cls,
-                 "hw_top4": cp.top4, "hw_top6": cp.top6, "hw_iv4": cp.iv4, "hw_iv6": cp.iv6, "hw_l4": cp.l4}
+                 "hw_top4": cp.top4, "hw_top6": cp.top6, "hw_iv4": cp.iv4, "hw_iv6": cp.iv6, "hw_l4": cp.l4,
+                 "hw_dos_profiles": cp.dos_profiles, "hw_dos_ifs": cp.dos_ifs}
         for name, arr in parts.items():
             per_gen = POLICY_MAPS[name][1]
             v = self.view(name)
@@ -231,12 +238,21 @@ class Datapath:
     def port_stats(self) -> np.ndarray:
         return self._percpu_array("hw_port_stats", "hw_port_counter", 65536)
 
+    def dos_stats(self) -> np.ndarray:
+        """DoS drops per (profile, reason), summed over CPUs."""
+        return self._percpu_array("hw_dos_stats", "hw_counter", L.C["HW_DOS_PROFILES_MAX"] * L.REASONS)
+
+    PRESSURE_MAPS = {"hw_ct4": "hw_ct4_key", "hw_ct6": "hw_ct6_key", "hw_dos_src": "hw_dos_key",
+                     "hw_dos_banned": "hw_dos_key", "hw_drops0": "hw_drop_key", "hw_drops1": "hw_drop_key"}
+
     def map_pressure(self) -> dict[str, dict]:
-        """Fill of the hash maps (entries / capacity). Counting walks the keys: O(entries) syscalls."""
+        """Fill of the hash maps (entries / capacity, %). LRU maps at 100% evict their oldest entries;
+        the others refuse new keys (counted where the datapath uses them). Counting reads keys in
+        batches: O(entries / 4096) syscalls."""
         out = {}
-        for name, ksz in (("hw_ct4", L.DTYPES["hw_ct4_key"].itemsize), ("hw_ct6", L.DTYPES["hw_ct6_key"].itemsize)):
+        for name, kdt in self.PRESSURE_MAPS.items():
             fd = self.map_fds[name]
-            n = sum(1 for _ in bpfsys.map_keys(fd, ksz))
+            n = _count_keys(fd, L.DTYPES[kdt].itemsize)
             cap = bpfsys.map_info(fd).max_entries
             out[name] = {"entries": n, "capacity": cap, "percent": round(100.0 * n / cap, 2)}
         return out
@@ -246,6 +262,26 @@ class Datapath:
             fd = self.map_fds[name]
             for k in list(bpfsys.map_keys(fd, L.DTYPES[dt].itemsize)):
                 bpfsys.map_delete(fd, k)
+
+
+def _count_keys(fd: int, key_size: int) -> int:
+    """Number of keys of a hash map, walking it with GET_NEXT_KEY in C-speed batches of syscalls."""
+    n = 0
+    cur = None
+    nxt = ctypes.create_string_buffer(key_size)
+    attr = bpfsys._MapElemAttr(map_fd=fd, key=0, value=ctypes.addressof(nxt))
+    while True:
+        try:
+            bpfsys._sys_bpf(bpfsys.MAP_GET_NEXT_KEY, attr)
+        except bpfsys.BpfError as e:
+            if e.errno == 2:
+                return n
+            raise
+        n += 1
+        if cur is None:
+            cur = ctypes.create_string_buffer(key_size)
+            attr.key = ctypes.addressof(cur)
+        ctypes.memmove(cur, nxt, key_size)
 
 
 def _lookup_batch(fd: int, keys: np.ndarray, value_stride: int) -> bytes:

@@ -57,6 +57,7 @@ class InstanceState:
     revisions: dict[str, str] = field(default_factory=dict)    # revision_id (as str) -> revision
     slots: dict[str, int] = field(default_factory=dict)        # rule name -> counter slot
     rule_meta: dict[str, dict] = field(default_factory=dict)   # rule name -> {priority, direction, action}
+    dos_profiles: list[str] = field(default_factory=list)      # profile id -> name (active policy)
     history: list[dict] = field(default_factory=list)
     pid: int | None = None                                      # the `run` process, if any
 

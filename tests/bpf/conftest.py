@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import struct
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,18 +36,23 @@ class Harness:
         self.dp = dp
         self.slots: dict[str, int] = {}
 
-    def install(self, policy: Policy | str) -> Policy:
+    def install(self, policy: Policy | str, dos_interfaces: dict[int, str] | None = None) -> Policy:
         if isinstance(policy, str):
             policy = parse_policy(policy)
         self.slots = {r.name: i for i, r in enumerate(policy.rules)}
-        self.dp.install(compile_policy(policy, self.slots, 1))
+        self.compiled = compile_policy(policy, self.slots, 1, dos_interfaces)
+        self.dp.install(self.compiled)
         self.dp.clear_conntrack()
         return policy
 
-    def run(self, hook: str, frame: bytes) -> Outcome:
+    def run(self, hook: str, frame: bytes, ifindex: int = 0) -> Outcome:
+        """ifindex (XDP only): the interface the packet arrives on (must exist: 1 = lo)."""
         before = self.dp.stats()
         rules_before = self.dp.rule_stats()["packets"][: max(len(self.slots), 1)].copy()
-        res = bpfsys.prog_test_run(self.dp.prog_fds[PROGS[hook]], frame)
+        ctx = None
+        if ifindex:
+            ctx = struct.pack("<6I", 0, len(frame), 0, ifindex, 0, 0)   # struct xdp_md
+        res = bpfsys.prog_test_run(self.dp.prog_fds[PROGS[hook]], frame, ctx=ctx)
         moved = np.nonzero(self.dp.stats()["packets"] - before["packets"])[0]
         assert len(moved) == 1, f"expected exactly one counted exit, got {moved.tolist()}"
         idx = int(moved[0])

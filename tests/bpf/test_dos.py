@@ -1,0 +1,202 @@
+"""DoS guards in XDP through test-run with an injected clock, against enforcer/dos_reference.py."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+from scapy.layers.inet import ICMP, IP, TCP, UDP
+from scapy.layers.inet6 import ICMPv6EchoRequest, IPv6
+from scapy.layers.l2 import Ether
+from scapy.packet import Raw, raw
+
+from enforcer import bans, layout as L
+from enforcer.dos_reference import DosModel, Pkt, ProfileParams
+
+pytestmark = pytest.mark.bpf
+
+E = Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
+LO = 1
+T0 = 50_000_000_000_000
+NS = 1_000_000_000
+POLICY = """
+version: 1
+name: dos
+defaults: {{ingress: allow, egress: allow, stateful: false, audit: {audit}}}
+dos:
+  profiles:
+    p:
+{profile}
+interfaces:
+  - {{name: lo, dos_profile: p}}
+"""
+
+
+def install(harness, profile_yaml: str, audit: bool = False) -> ProfileParams:
+    body = "\n".join("      " + line for line in profile_yaml.strip().splitlines())
+    harness.install(POLICY.format(profile=body, audit=str(audit).lower()), dos_interfaces={LO: "p"})
+    harness.dp.set_config(test_now_ns=T0)
+    _reset_state(harness.dp)
+    return ProfileParams.from_record(harness.compiled.dos_profiles[0])
+
+
+def _reset_state(dp):
+    from enforcer._internal import bpfsys
+    for name, kdt in (("hw_dos_src", "hw_dos_key"), ("hw_dos_banned", "hw_dos_key")):
+        for k in list(bpfsys.map_keys(dp.map_fds[name], L.DTYPES[kdt].itemsize)):
+            bpfsys.map_delete(dp.map_fds[name], k)
+    zero = bytes(L.DTYPES["hw_bucket"].itemsize)
+    for i in range(L.C["HW_DOS_PROFILES_MAX"] * 16):
+        bpfsys.map_update(dp.map_fds["hw_dos_global"], i.to_bytes(4, "little"), zero)
+
+
+def frame(p: Pkt) -> bytes:
+    v6 = ":" in p.src
+    ip = IPv6(src=p.src, dst="fd00::1") if v6 else IP(src=p.src, dst="10.0.0.1")
+    if p.proto == 6:
+        l4 = TCP(sport=1234, dport=p.dport or 80, flags="S" if p.syn else "A")
+    elif p.proto == 17:
+        l4 = UDP(sport=1234, dport=p.dport or 53)
+    else:
+        l4 = ICMPv6EchoRequest() if v6 else ICMP()
+    f = raw(E / ip / l4)
+    pad = max(0, p.length - len(f))
+    return f + b"\0" * pad
+
+
+def send(harness, p: Pkt, now: int):
+    harness.dp.set_config(test_now_ns=now)
+    return harness.run("xdp", frame(p), ifindex=LO)
+
+
+def outcome_reason(o) -> str | None:
+    return None if o.verdict == "allow" else o.reason
+
+
+SOURCES = ["10.1.1.1", "10.1.1.2", "10.1.2.1", "fd00:1::1", "fd00:1::2", "fd00:2::1"]
+
+
+@st.composite
+def profiles(draw):
+    lines = []
+    ps = draw(st.sampled_from([None, 5, 20]))
+    if ps:
+        lines.append(f"per_source: {{pps: {ps}, burst: {draw(st.sampled_from([ps, 2 * ps]))}}}")
+    syn = draw(st.sampled_from([None, 3]))
+    glob = draw(st.sampled_from([None, 6]))
+    if syn or glob:
+        parts = ([f"per_source_pps: {syn}"] if syn else []) + ([f"global_pps: {glob}"] if glob else [])
+        lines.append("syn: {" + ", ".join(parts) + "}")
+    if draw(st.booleans()):
+        lines.append(f"udp: {{per_source_pps: {draw(st.sampled_from([2, 8]))}}}")
+    if draw(st.booleans()):
+        lines.append("icmp: {per_source_pps: 2}")
+    if draw(st.booleans()):
+        lines.append("ports: [{port: 53, protocol: udp, pps: 4}]")
+    if draw(st.booleans()):
+        lines.append("ban: {after: 2s, duration: 3s}")
+    lines.append(f"source_prefix_v4: {draw(st.sampled_from([24, 32]))}")
+    lines.append(f"source_prefix_v6: {draw(st.sampled_from([64, 128]))}")
+    return "\n".join(lines)
+
+
+packets = st.builds(Pkt, src=st.sampled_from(SOURCES), proto=st.sampled_from([6, 17, 1]),
+                    syn=st.booleans(), dport=st.sampled_from([53, 80]), length=st.sampled_from([64, 600]))
+
+
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture, HealthCheck.data_too_large])
+@given(profile=profiles(), steps=st.lists(st.tuples(st.sampled_from([0, 1_000_000, 50_000_000, 400_000_000, 1_500_000_000]),
+                                                     packets), min_size=1, max_size=60))
+def test_buckets_match_reference(harness, profile, steps):
+    params = install(harness, profile)
+    model = DosModel(params)
+    now = T0
+    for dt, p in steps:
+        if p.proto == 1 and ":" in p.src:
+            p = Pkt(p.src, 58, p.syn, p.dport, p.length)
+        now += dt
+        got = outcome_reason(send(harness, p, now))
+        want = model.check(p, now)
+        assert got == want, f"{profile}\n{p} at +{(now - T0) / NS:.3f}s: kernel {got}, reference {want}"
+
+
+def test_rate_burst_refill_and_prefix_grouping(harness):
+    install(harness, "per_source: {pps: 10, burst: 10}\nsource_prefix_v4: 24\nsource_prefix_v6: 64")
+    r = [outcome_reason(send(harness, Pkt("10.9.9.1", 17), T0)) for _ in range(12)]
+    assert r == [None] * 10 + ["rate_limit"] * 2
+    # another address of the same /24 shares the bucket; another /24 has its own
+    assert outcome_reason(send(harness, Pkt("10.9.9.200", 17), T0)) == "rate_limit"
+    assert outcome_reason(send(harness, Pkt("10.9.8.1", 17), T0)) is None
+    # 10 pps refills one token every 100 ms
+    assert outcome_reason(send(harness, Pkt("10.9.9.1", 17), T0 + 100_000_000)) is None
+    assert outcome_reason(send(harness, Pkt("10.9.9.1", 17), T0 + 100_000_000)) == "rate_limit"
+    # IPv6 groups by /64
+    for _ in range(10):
+        send(harness, Pkt("fd00:7::1", 17), T0)
+    assert outcome_reason(send(harness, Pkt("fd00:7::ffff", 17), T0)) == "rate_limit"
+    assert outcome_reason(send(harness, Pkt("fd00:8::1", 17), T0)) is None
+
+
+def test_only_syns_consume_the_syn_bucket(harness):
+    install(harness, "syn: {per_source_pps: 2}")
+    assert [outcome_reason(send(harness, Pkt("10.2.2.2", 6, syn=True), T0)) for _ in range(3)] == \
+        [None, None, "syn_flood"]
+    assert all(outcome_reason(send(harness, Pkt("10.2.2.2", 6, syn=False), T0)) is None for _ in range(20))
+
+
+def test_port_limit_is_shared_by_all_sources(harness):
+    install(harness, "ports: [{port: 53, protocol: udp, pps: 3}]")
+    r = [outcome_reason(send(harness, Pkt(f"10.3.{i}.1", 17, dport=53), T0)) for i in range(5)]
+    assert r == [None, None, None, "port_limit", "port_limit"]
+    assert outcome_reason(send(harness, Pkt("10.3.9.1", 17, dport=80), T0)) is None
+
+
+def test_ban_after_streak_and_expiry(harness):
+    install(harness, "per_source: {pps: 2, burst: 2}\nban: {after: 3s, duration: 10s}")
+    now = T0
+    for i in range(40):                     # 4 s of over-limit traffic, 10 packets/s
+        got = outcome_reason(send(harness, Pkt("10.4.4.4", 17), now))
+        now += 100_000_000
+        if now - T0 > 3_500_000_000:        # the packet that completes the 3 s streak starts the ban
+            assert got == "banned"
+    listed = bans.listing(harness.dp, ("p",))
+    assert [(b["prefix"], b["kind"], b["reason"]) for b in listed] == [("10.4.4.4/32", "automatic", "rate_limit")]
+    assert outcome_reason(send(harness, Pkt("10.4.4.4", 6), now + 5 * NS)) == "banned"     # any protocol
+    assert outcome_reason(send(harness, Pkt("10.4.4.4", 17), now + 11 * NS)) is None     # expired by itself
+
+
+def test_audit_mode_counts_would_drop(harness):
+    install(harness, "udp: {per_source_pps: 1}", audit=True)
+    send(harness, Pkt("10.5.5.5", 17), T0)
+    o = send(harness, Pkt("10.5.5.5", 17), T0)
+    assert (o.passed, o.verdict, o.reason) == (True, "would_drop", "udp_flood")
+
+
+def test_operator_ban_add_and_delete(harness):
+    install(harness, "per_source: {pps: 1000}")
+    bans.add(harness.dp, "10.6.0.0/16", None)
+    try:
+        o = send(harness, Pkt("10.6.1.2", 6), T0)
+        assert (o.passed, o.reason) == (False, "banned")
+        assert [b["prefix"] for b in bans.listing(harness.dp)] == ["10.6.0.0/16"]
+    finally:
+        assert bans.delete(harness.dp, "10.6.0.0/16")
+    assert outcome_reason(send(harness, Pkt("10.6.1.2", 6), T0)) is None
+
+
+def test_interface_without_profile_is_not_limited(harness):
+    harness.install(POLICY.format(profile="      per_source: {pps: 1, burst: 1}", audit="false"),
+                    dos_interfaces={999: "p"})                  # the profile sits on another interface
+    _reset_state(harness.dp)
+    for _ in range(5):
+        assert send(harness, Pkt("10.7.7.7", 17), T0).verdict == "allow"
+
+
+def test_profile_counters_per_reason(harness):
+    install(harness, "icmp: {per_source_pps: 1}")
+    before = harness.dp.dos_stats()
+    for _ in range(4):
+        send(harness, Pkt("10.8.8.8", 1), T0)
+    after = harness.dp.dos_stats()
+    k = 0 * L.REASONS + L.C["HW_R_ICMP_FLOOD"]
+    assert int(after[k]["packets"] - before[k]["packets"]) == 3
