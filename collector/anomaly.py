@@ -1,0 +1,545 @@
+"""Anomaly windows: rate spikes per source prefix, destination port and drop reason, against a learned
+baseline; open / update / close records for on-call alerting (schemas/anomaly.schema.json).
+
+Signals and keys (one independent detector per key):
+  drops  packets of drop_summary records, by source prefix (/24 v4, /64 v6 — re-masked when the
+         kernel aggregated finer), by "<transport>/<port>" and by drop reason. A summary's packets are
+         spread evenly over the buckets its interval [window.start, window.end] overlaps.
+  flows  new connections (flow start records), by source prefix and destination port.
+
+Window math. Time is cut into buckets of `bucket_s`; at each bucket boundary e the window [e - window_s, e)
+gives rate = count / window_s. The baseline is an EWMA of that rate (alpha) and of its absolute
+deviation (alpha); score = (rate - mean) / max(dev, min_deviation, sqrt(mean / window_s)) — the last
+term is the Poisson noise of a steady rate, so steady traffic scores near 0 whatever its level.
+  open    score ≥ score_threshold AND rate ≥ min_rate (warm-up rules below)
+  update  while open, every `update_interval_s`, with the current rate/score and peak values
+  close   after score < score_threshold or rate < min_rate continuously for `quiet_s`
+While open, the deviation is frozen and the mean learns `open_learning_factor` times slower (default:
+time constant ~17 min at 1 s buckets), so an attack does not become normal in seconds but a lasting new
+normal still closes eventually. Nothing opens during the first `warmup_windows` windows after the first
+tick (every key is new then); later, a key with no baseline yet (a new source) may open at once when
+its rate passes min_rate, and a key with history needs `warmup_windows` windows of it.
+Severity: the highest band in `severity_bands` (name → minimum score) the score reaches.
+Top talkers: per key, the sources (finest known: IP of a flow, prefix of a summary) with the largest
+exponentially decayed counts (time constant window_s), at most `talkers_tracked` tracked per key.
+
+Bounds: at most `max_keys` keys per signal+dimension; the least recently seen idle key is evicted
+(counted; an open anomaly is never evicted — if all are open, the new key is refused, counted).
+Late data (for buckets already evaluated) still counts into the window if it is inside it; older data
+is counted and ignored.
+
+Cost: observe() O(buckets touched) per record (~15 µs); tick() O(keys × buckets elapsed), ~3 µs per
+key-step (10k keys ≈ 30 ms per second).
+Time: records carry wall-clock ISO times; tick(now) takes wall-clock seconds (time.time()).
+"""
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import math
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from .records import ECS_VERSION, SCHEMA_VERSION, iso_ns, parse_iso_ns
+
+__all__ = ["AnomalyConfig", "AnomalyConfigError", "AnomalyDetector", "DIMENSIONS", "SIGNALS"]
+
+DIMENSIONS = ("source_prefix", "destination_port", "reason")
+SIGNALS = ("drops", "flows")
+
+
+class AnomalyConfigError(ValueError):
+    """Every problem of an anomaly configuration, one per line in .errors."""
+
+    def __init__(self, errors: list[str]):
+        self.errors = errors
+        super().__init__("invalid anomaly config:\n  " + "\n  ".join(errors))
+
+
+@dataclass(frozen=True)
+class AnomalyConfig:
+    window_s: float = 10.0               # sliding window length
+    bucket_s: float = 1.0                # evaluation step and time resolution
+    ewma_alpha: float = 0.05             # baseline learning rate per step
+    score_threshold: float = 6.0         # open when the score reaches this ...
+    min_rate: float = 50.0               # ... and the rate (per second) at least this
+    quiet_s: float = 30.0                # close after this long below threshold
+    update_interval_s: float = 10.0      # update records while open
+    warmup_windows: int = 3              # windows of history before a non-zero baseline is trusted
+    min_deviation: float = 1.0           # floor of the deviation (per second)
+    open_learning_factor: float = 0.02   # baseline (mean) alpha multiplier while open; deviation frozen
+    prefix_v4: int = 24
+    prefix_v6: int = 64
+    max_keys: int = 20000                # per (signal, dimension)
+    top_talkers: int = 5
+    talkers_tracked: int = 32
+    dimensions: tuple = DIMENSIONS
+    signals: tuple = SIGNALS
+    severity_bands: dict = field(default_factory=lambda: {"low": 6.0, "medium": 12.0, "high": 24.0, "critical": 48.0})
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "AnomalyConfig":
+        """Validate and build; raises AnomalyConfigError listing every error (unknown keys, types, ranges,
+        cross-field rules)."""
+        d = dict(d or {})
+        errors: list[str] = []
+        known = {f.name: f for f in fields(cls)}
+        for k in sorted(set(d) - set(known)):
+            errors.append(f"{k}: unknown setting (known: {', '.join(sorted(known))})")
+        vals: dict[str, Any] = {}
+        for name, f in known.items():
+            if name not in d:
+                continue
+            vals[name] = _coerce(name, d[name], f, errors)
+        cfg_vals = {k: v for k, v in vals.items() if v is not _BAD}
+        try:
+            cfg = cls(**cfg_vals)
+        except TypeError as e:                       # pragma: no cover - guarded by _coerce
+            errors.append(str(e))
+            raise AnomalyConfigError(errors)
+        errors += cfg._check()
+        if errors:
+            raise AnomalyConfigError(errors)
+        return cfg
+
+    def _check(self) -> list[str]:
+        e = []
+        for name in ("window_s", "bucket_s", "score_threshold", "update_interval_s", "min_deviation"):
+            if not getattr(self, name) > 0:
+                e.append(f"{name}: must be > 0, got {getattr(self, name)}")
+        for name in ("min_rate", "quiet_s"):
+            if getattr(self, name) < 0:
+                e.append(f"{name}: must be >= 0, got {getattr(self, name)}")
+        if not 0 < self.ewma_alpha <= 1:
+            e.append(f"ewma_alpha: must be in (0, 1], got {self.ewma_alpha}")
+        if not 0 <= self.open_learning_factor <= 1:
+            e.append(f"open_learning_factor: must be in [0, 1], got {self.open_learning_factor}")
+        if self.bucket_s > 0 and self.window_s > 0:
+            n = self.window_s / self.bucket_s
+            if abs(n - round(n)) > 1e-9 or round(n) < 1:
+                e.append(f"window_s ({self.window_s}) must be a whole multiple of bucket_s ({self.bucket_s})")
+            elif round(n) > 3600:
+                e.append(f"window_s / bucket_s = {round(n)} buckets: at most 3600")
+        if not 0 <= self.prefix_v4 <= 32:
+            e.append(f"prefix_v4: must be 0..32, got {self.prefix_v4}")
+        if not 0 <= self.prefix_v6 <= 128:
+            e.append(f"prefix_v6: must be 0..128, got {self.prefix_v6}")
+        for name in ("max_keys", "talkers_tracked", "warmup_windows"):
+            if getattr(self, name) < (0 if name == "warmup_windows" else 1):
+                e.append(f"{name}: must be >= {0 if name == 'warmup_windows' else 1}, got {getattr(self, name)}")
+        if self.top_talkers < 0 or self.top_talkers > self.talkers_tracked:
+            e.append(f"top_talkers: must be 0..talkers_tracked ({self.talkers_tracked}), got {self.top_talkers}")
+        for dim in self.dimensions:
+            if dim not in DIMENSIONS:
+                e.append(f"dimensions: unknown {dim!r} (known: {', '.join(DIMENSIONS)})")
+        for sig in self.signals:
+            if sig not in SIGNALS:
+                e.append(f"signals: unknown {sig!r} (known: {', '.join(SIGNALS)})")
+        e += _check_bands(self.severity_bands, self.score_threshold)
+        return e
+
+    @property
+    def buckets(self) -> int:
+        return max(1, round(self.window_s / self.bucket_s))
+
+    def severity(self, score: float) -> str:
+        name = ""
+        for n, lo in sorted(self.severity_bands.items(), key=lambda kv: kv[1]):
+            if score >= lo:
+                name = n
+        return name or min(self.severity_bands.items(), key=lambda kv: kv[1])[0]
+
+
+_BAD = object()
+_SEQ_FIELDS = {"dimensions", "signals"}
+
+
+def _coerce(name: str, v, f, errors: list[str]):
+    t = f.type if isinstance(f.type, str) else f.type.__name__
+    if name in _SEQ_FIELDS:
+        if not isinstance(v, (list, tuple)) or not all(isinstance(x, str) for x in v):
+            errors.append(f"{name}: must be a list of strings, got {v!r}")
+            return _BAD
+        return tuple(v)
+    if name == "severity_bands":
+        if not isinstance(v, dict):
+            errors.append(f"severity_bands: must be a mapping of band name to minimum score, got {v!r}")
+            return _BAD
+        return dict(v)
+    if t == "int":
+        if isinstance(v, bool) or not isinstance(v, int):
+            errors.append(f"{name}: must be an integer, got {v!r}")
+            return _BAD
+        return v
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        errors.append(f"{name}: must be a finite number, got {v!r}")
+        return _BAD
+    return float(v)
+
+
+def _check_bands(bands: dict, threshold: float) -> list[str]:
+    e = []
+    if not bands:
+        return ["severity_bands: at least one band is required"]
+    for n, lo in bands.items():
+        if not isinstance(n, str) or not n:
+            e.append(f"severity_bands: band names must be non-empty strings, got {n!r}")
+        if isinstance(lo, bool) or not isinstance(lo, (int, float)) or not math.isfinite(lo) or lo <= 0:
+            e.append(f"severity_bands.{n}: minimum score must be a number > 0, got {lo!r}")
+    nums = [lo for lo in bands.values() if isinstance(lo, (int, float)) and not isinstance(lo, bool)]
+    if len(set(nums)) != len(nums):
+        e.append("severity_bands: two bands share a minimum score")
+    if nums and threshold > 0 and min(nums) > threshold:
+        e.append(f"severity_bands: the lowest band ({min(nums)}) is above score_threshold ({threshold}): "
+                 "an opened anomaly would have no severity")
+    return e
+
+
+# ------------------------------------------------------------------------------------- state
+
+@dataclass
+class _Key:
+    signal: str
+    dimension: str
+    value: str
+    extra: dict                                    # the key's record fields (transport, port, reason, ...)
+    buckets: dict = field(default_factory=dict)    # bucket index -> count
+    talkers: dict = field(default_factory=dict)    # source -> decayed count
+    talkers_t: float = 0.0
+    mean: float = 0.0
+    dev: float = 0.0
+    steps: int = 0                                 # full windows learned
+    created_bucket: int = 0
+    # open anomaly
+    anomaly_id: str = ""
+    opened_at: float = 0.0
+    last_update: float = 0.0
+    below_since: float | None = None
+    peak_rate: float = 0.0
+    peak_score: float = 0.0
+    seq: int = 0
+
+
+class AnomalyDetector:
+    """observe(records) feeds the windows; tick(now) evaluates every elapsed bucket boundary and returns
+    anomaly records. Not thread-safe (one pipeline task owns it)."""
+
+    def __init__(self, config: AnomalyConfig | None = None, host: Any = None):
+        self.cfg = config or AnomalyConfig()
+        self.host = host
+        self._keys: dict[tuple, OrderedDict] = {}
+        self._evaluated_to: int | None = None           # bucket index of the last evaluated boundary
+        self._started: int | None = None                # first evaluated boundary (global warm-up)
+        self.counters = {"observed": 0, "ignored": 0, "late": 0, "too_late": 0, "evicted_keys": 0,
+                         "refused_keys": 0, "opened": 0, "updated": 0, "closed": 0, "bad_records": 0}
+        self._pending: list[dict] = []
+        self._iso_memo: dict[str, float] = {}
+
+    # ---- input -------------------------------------------------------------------------------------
+    def observe(self, records) -> None:
+        for rec in records:
+            try:
+                self._observe(rec)
+            except (KeyError, ValueError, TypeError):
+                self.counters["bad_records"] += 1
+
+    def _observe(self, rec: dict) -> None:
+        hw = rec.get("hostwall", {})
+        kind = hw.get("kind")
+        if kind == "drop_summary" and "drops" in self.cfg.signals:
+            packets = float(rec.get("network", {}).get("packets", 0))
+            w = hw["window"]
+            t0, t1 = self._iso_s(w["start"]), self._iso_s(w["end"])
+            if not self._timely(t0, t1):
+                return
+            src = hw.get("source_prefix", "")
+            for dim, value, extra in self._drop_keys(rec, hw):
+                self._add("drops", dim, value, extra, packets, t0, t1, src)
+            self.counters["observed"] += 1
+        elif kind == "flow" and "start" in rec.get("event", {}).get("type", ()) and "flows" in self.cfg.signals:
+            t = parse_iso_ns(rec["@timestamp"]) / 1e9
+            if not self._timely(t, t):
+                return
+            src = rec.get("source", {}).get("ip", "")
+            for dim, value, extra in self._flow_keys(rec):
+                self._add("flows", dim, value, extra, 1.0, t, t, src)
+            self.counters["observed"] += 1
+        else:
+            self.counters["ignored"] += 1
+
+    def _iso_s(self, iso: str) -> float:
+        """Seconds of an ISO time; the summaries of one interval share their bounds, so memoise a few."""
+        got = self._iso_memo.get(iso)
+        if got is None:
+            if len(self._iso_memo) > 64:
+                self._iso_memo.clear()
+            got = self._iso_memo[iso] = parse_iso_ns(iso) / 1e9
+        return got
+
+    def _prefix(self, ip_or_prefix: str) -> str:
+        addr, _, plen = ip_or_prefix.partition("/")
+        if plen and int(plen) == (self.cfg.prefix_v6 if ":" in addr else self.cfg.prefix_v4):
+            return ip_or_prefix                     # the kernel aggregated at our length: no parsing
+        net = ipaddress.ip_network(ip_or_prefix, strict=False)
+        want = self.cfg.prefix_v4 if net.version == 4 else self.cfg.prefix_v6
+        if net.prefixlen > want:
+            net = net.supernet(new_prefix=want)
+        return str(net)
+
+    def _port_key(self, rec: dict):
+        port = rec.get("destination", {}).get("port")
+        transport = rec.get("network", {}).get("transport")
+        if port is None or not transport:
+            return None
+        return f"{transport}/{port}", {"transport": transport, "port": int(port)}
+
+    def _drop_keys(self, rec: dict, hw: dict):
+        dims = self.cfg.dimensions
+        if "source_prefix" in dims and hw.get("source_prefix"):
+            p = self._prefix(hw["source_prefix"])
+            yield "source_prefix", p, {"source_prefix": p}
+        pk = self._port_key(rec)
+        if "destination_port" in dims and pk:
+            yield "destination_port", pk[0], pk[1]
+        if "reason" in dims and hw.get("reason"):
+            yield "reason", hw["reason"], {"reason": hw["reason"]}
+
+    def _flow_keys(self, rec: dict):
+        dims = self.cfg.dimensions
+        ip = rec.get("source", {}).get("ip")
+        if "source_prefix" in dims and ip:
+            p = self._prefix(ip)
+            yield "source_prefix", p, {"source_prefix": p}
+        pk = self._port_key(rec)
+        if "destination_port" in dims and pk:
+            yield "destination_port", pk[0], pk[1]
+
+    def _table(self, signal: str, dim: str) -> OrderedDict:
+        return self._keys.setdefault((signal, dim), OrderedDict())
+
+    def _get_key(self, signal, dim, value, extra, now_s: float) -> _Key | None:
+        table = self._table(signal, dim)
+        k = table.get(value)
+        if k is not None:
+            table.move_to_end(value)
+            return k
+        if len(table) >= self.cfg.max_keys:
+            victim = next((v for v, kk in table.items() if not kk.anomaly_id), None)
+            if victim is None:
+                self.counters["refused_keys"] += 1
+                return None
+            del table[victim]
+            self.counters["evicted_keys"] += 1
+        k = table[value] = _Key(signal, dim, value, extra, talkers_t=now_s,
+                                created_bucket=math.floor(now_s / self.cfg.bucket_s))
+        return k
+
+    def _buckets_of(self, t0: float, t1: float) -> tuple[int, int]:
+        b = self.cfg.bucket_s
+        first = math.floor(t0 / b)
+        return first, (max(first, math.ceil(t1 / b) - 1) if t1 > t0 else first)   # [t0, t1): t1 is outside
+
+    def _timely(self, t0: float, t1: float) -> bool:
+        """False (counted too_late) for data older than the last evaluated window; counts late data."""
+        if self._evaluated_to is None:
+            return True
+        first, last = self._buckets_of(t0, t1)
+        if last < self._evaluated_to - self.cfg.buckets:
+            self.counters["too_late"] += 1
+            return False
+        if first < self._evaluated_to:
+            self.counters["late"] += 1
+        return True
+
+    def _add(self, signal, dim, value, extra, count: float, t0: float, t1: float, source: str) -> None:
+        first, last = self._buckets_of(t0, t1)
+        k = self._get_key(signal, dim, value, extra, t1)
+        if k is None:
+            return
+        self._spread(k, count, t0, t1, first, last)
+        self._talk(k, source, count, t1)
+
+    def _spread(self, k: _Key, count: float, t0: float, t1: float, first: int, last: int) -> None:
+        """Add `count` to the buckets [first, last], proportionally to each bucket's overlap with [t0, t1]."""
+        if last == first or t1 <= t0:
+            k.buckets[first] = k.buckets.get(first, 0.0) + count
+            return
+        b, span = self.cfg.bucket_s, t1 - t0
+        for i in range(first, last + 1):
+            lo, hi = max(t0, i * b), min(t1, (i + 1) * b)
+            if hi > lo:
+                k.buckets[i] = k.buckets.get(i, 0.0) + count * (hi - lo) / span
+
+    def _talk(self, k: _Key, source: str, count: float, t: float) -> None:
+        if not source or self.cfg.top_talkers == 0:
+            return
+        if t > k.talkers_t:
+            decay = math.exp(-(t - k.talkers_t) / self.cfg.window_s)
+            for s in k.talkers:
+                k.talkers[s] *= decay
+            k.talkers_t = t
+        k.talkers[source] = k.talkers.get(source, 0.0) + count
+        if len(k.talkers) > self.cfg.talkers_tracked:
+            del k.talkers[min(k.talkers, key=k.talkers.get)]
+
+    # ---- evaluation ----------------------------------------------------------------------------------
+    def tick(self, now: float | None = None) -> list[dict]:
+        """Evaluate every bucket boundary up to `now` (wall-clock seconds); return anomaly records."""
+        now = time.time() if now is None else float(now)
+        end = math.floor(now / self.cfg.bucket_s)
+        if self._evaluated_to is None:
+            first = self._first_bucket()
+            self._evaluated_to = end - 1 if first is None else min(end - 1, first)
+            self._started = self._evaluated_to + 1
+        out = self._pending
+        self._pending = []
+        steps = end - self._evaluated_to
+        if steps > self.cfg.buckets * 4:             # a long pause: the skipped boundaries see no data
+            self._evaluated_to = end - self.cfg.buckets * 4
+        while self._evaluated_to < end:
+            self._evaluated_to += 1
+            for table in self._keys.values():
+                for k in list(table.values()):
+                    rec = self._step(k, self._evaluated_to)
+                    if rec is not None:
+                        out.append(rec)
+            self._forget_idle(self._evaluated_to)
+        return out
+
+    def _first_bucket(self) -> int | None:
+        firsts = [min(k.buckets) for t in self._keys.values() for k in t.values() if k.buckets]
+        return min(firsts) if firsts else None
+
+    def _window_rate(self, k: _Key, e: int) -> float:
+        n = self.cfg.buckets
+        return sum(k.buckets.get(i, 0.0) for i in range(e - n, e)) / self.cfg.window_s
+
+    def _score(self, k: _Key, rate: float) -> float:
+        floor = max(k.dev, self.cfg.min_deviation, math.sqrt(max(k.mean, 0.0) / self.cfg.window_s))
+        return (rate - k.mean) / floor
+
+    def _learn(self, k: _Key, rate: float) -> None:
+        a = self.cfg.ewma_alpha * (self.cfg.open_learning_factor if k.anomaly_id else 1.0)
+        if k.steps == 0 and not k.anomaly_id:         # first whole window of a quiet key: start there
+            k.mean, k.dev = rate, 0.0
+        else:
+            if not k.anomaly_id:                        # the attack's spread must not widen the band
+                k.dev += a * (abs(rate - k.mean) - k.dev)
+            k.mean += a * (rate - k.mean)
+        k.steps += 1
+
+    def _step(self, k: _Key, e: int) -> dict | None:
+        """Evaluate the window ending at bucket boundary e for one key."""
+        n = self.cfg.buckets
+        rate = self._window_rate(k, e)
+        score = self._score(k, rate)
+        t = e * self.cfg.bucket_s
+        hot = score >= self.cfg.score_threshold and rate >= self.cfg.min_rate
+        full = e - k.created_bucket >= n                  # learn only from whole windows
+        rec = None
+        if not k.anomaly_id:
+            warm = e - self._started >= self.cfg.warmup_windows * n
+            trusted = k.steps >= self.cfg.warmup_windows * n or k.mean == 0.0
+            if hot and warm and trusted:
+                rec = self._open(k, t, rate, score)
+            elif full:
+                self._learn(k, rate)
+        else:
+            k.peak_rate, k.peak_score = max(k.peak_rate, rate), max(k.peak_score, score)
+            if hot:
+                k.below_since = None
+            elif k.below_since is None:
+                k.below_since = t
+            if k.below_since is not None and t - k.below_since >= self.cfg.quiet_s:
+                rec = self._emit(k, "close", t, rate, score)
+                self._reset(k)
+            elif t - k.last_update >= self.cfg.update_interval_s:
+                rec = self._emit(k, "update", t, rate, score)
+            if full:
+                self._learn(k, rate)
+        for i in [i for i in k.buckets if i < e - n]:
+            del k.buckets[i]
+        return rec
+
+    def _open(self, k: _Key, t: float, rate: float, score: float) -> dict:
+        k.anomaly_id = hashlib.blake2b(f"{k.signal}|{k.dimension}|{k.value}|{t}".encode(), digest_size=16).hexdigest()
+        k.opened_at, k.below_since = t, None
+        k.peak_rate, k.peak_score, k.seq = rate, score, 0
+        return self._emit(k, "open", t, rate, score)
+
+    def _reset(self, k: _Key) -> None:
+        k.anomaly_id, k.below_since, k.seq = "", None, 0
+        k.peak_rate = k.peak_score = 0.0
+
+    def _forget_idle(self, e: int) -> None:
+        """Drop keys with no data in the window, no open anomaly and a baseline that decayed to ~0."""
+        if e % self.cfg.buckets:
+            return
+        for table in self._keys.values():
+            idle = [v for v, k in table.items()
+                    if not k.anomaly_id and not k.buckets and k.mean < self.cfg.min_deviation * 1e-3]
+            for v in idle:
+                del table[v]
+
+    # ---- output ----------------------------------------------------------------------------------------
+    def _emit(self, k: _Key, state: str, t: float, rate: float, score: float) -> dict:
+        k.last_update = t
+        k.seq += 1
+        self.counters[{"open": "opened", "update": "updated", "close": "closed"}[state]] += 1
+        return self._record(k, state, t, rate, score)
+
+    def _record(self, k: _Key, state: str, t: float, rate: float, score: float) -> dict:
+        t_ns = int(round(t * 1e9))
+        w0 = int(round((t - self.cfg.window_s) * 1e9))
+        base = (k.mean, k.dev)
+        sev = self.cfg.severity(max(score, k.peak_score) if state != "open" else score)
+        talkers = sorted(k.talkers.items(), key=lambda kv: -kv[1])[:self.cfg.top_talkers]
+        anomaly = {
+            "id": k.anomaly_id, "state": state, "sequence": k.seq,
+            "key": {"signal": k.signal, "dimension": k.dimension, "value": k.value, **k.extra},
+            "window": {"start": iso_ns(w0), "end": iso_ns(t_ns), "seconds": self.cfg.window_s},
+            "rate": round(rate, 3), "baseline": {"rate": round(base[0], 3), "deviation": round(base[1], 3)},
+            "score": round(score, 3), "severity": sev, "peak_rate": round(k.peak_rate, 3),
+            "peak_score": round(k.peak_score, 3), "opened_at": iso_ns(int(round(k.opened_at * 1e9))),
+            "top_talkers": [{"source": s, "count": round(c, 3)} for s, c in talkers],
+        }
+        if state == "close":
+            anomaly["closed_at"] = iso_ns(t_ns)
+            anomaly["duration_s"] = round(t - k.opened_at, 3)
+        ev_type = {"open": ["start"], "update": ["info"], "close": ["end"]}[state]
+        rec = {"@timestamp": iso_ns(t_ns), "schema_version": SCHEMA_VERSION, "ecs": {"version": ECS_VERSION},
+               "event": {"kind": "alert", "category": ["network"], "type": ev_type, "action": f"anomaly_{state}",
+                         "dataset": "hostwall.anomaly", "start": anomaly["opened_at"],
+                         "severity": list(self.cfg.severity_bands).index(sev) + 1 if sev in self.cfg.severity_bands else 0,
+                         "id": hashlib.blake2b(f"{k.anomaly_id}|{state}|{k.seq}".encode(), digest_size=16).hexdigest()},
+               "hostwall": {"kind": "anomaly", "anomaly": anomaly},
+               "message": (f"{k.signal} anomaly {state}: {k.dimension} {k.value} at {rate:.1f}/s "
+                           f"(baseline {base[0]:.1f}/s, score {score:.1f}, {sev})")}
+        if state == "close":
+            rec["event"]["end"] = anomaly["closed_at"]
+        if self.host is not None:
+            rec["observer"] = {"hostname": self.host.hostname, "type": "firewall", "product": "hostwall",
+                               "vendor": "hostwall", **({"version": self.host.version} if self.host.version else {})}
+        self._key_fields(rec, k)
+        return rec
+
+    @staticmethod
+    def _key_fields(rec: dict, k: _Key) -> None:
+        x = k.extra
+        if "source_prefix" in x:
+            rec["source"] = {"ip": x["source_prefix"].split("/")[0]}
+        if "port" in x:
+            rec["destination"] = {"port": x["port"]}
+            rec["network"] = {"transport": x["transport"]}
+        if "reason" in x:
+            rec["hostwall"]["reason"] = x["reason"]
+
+    def open_anomalies(self) -> list[dict]:
+        return [{"id": k.anomaly_id, "signal": k.signal, "dimension": k.dimension, "value": k.value,
+                 "opened_at": k.opened_at} for t in self._keys.values() for k in t.values() if k.anomaly_id]
+
+    def stats(self) -> dict:
+        return {**self.counters, "keys": sum(len(t) for t in self._keys.values()),
+                "open": len(self.open_anomalies())}

@@ -1,0 +1,287 @@
+"""Encoders: ECS field names/types against ECS's own field list, OCSF against the OCSF schema (the
+pydantic-ocsf library's models and its bundled OCSF 1.7.0 schema), OTel log-record shape.
+
+ECS reference: tests/collector/data/ecs_8_12_fields_excerpt.csv, rows copied verbatim from
+elastic/ecs generated/csv/fields.csv (8.12) for every field set we emit, and the categorization
+allowed values (ecs_8_12_allowed_values.json)."""
+from __future__ import annotations
+
+import copy
+import csv
+import ipaddress
+import json
+from pathlib import Path
+
+import orjson
+import pytest
+
+from collector.encoders import EncodeError, encode, to_ocsf, to_otel
+from collector.enrich import Enricher
+from collector.enrich.cgroup import CgroupInfo
+from collector.enrich.host import Iface, InstanceStateView
+from collector.enrich.sockets import SocketOwner
+from collector.records import parse_iso_ns
+from tests.collector.test_anomaly import anomaly_records
+from tests.collector.test_records import HOST, audit_record, builder, sample_records, state
+
+DATA = Path(__file__).parent / "data"
+CUSTOM_TOP = {"schema_version", "hostwall"}          # ours, documented in schemas/*.json
+
+
+# ------------------------------------------------------------------------------------- fixtures
+
+class FakeCgroups:
+    def __init__(self, info):
+        self.info = info
+
+    def resolve(self, cgid):
+        return self.info if cgid == self.info.cgroup_id else None
+
+    def stats(self):
+        return {}
+
+
+class FakeSockets:
+    def __init__(self, owner):
+        self.owner, self.calls = owner, []
+
+    def lookup(self, netns, proto, ip, port):
+        self.calls.append((netns, proto, ip, port))
+        return self.owner if port == 22 else None
+
+    def stats(self):
+        return {}
+
+    def close(self):
+        pass
+
+
+POD = CgroupInfo(cgroup_id=4242, path="/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod0d0c3f29_"
+                 "0000_4000_8000_000000000001.slice/cri-containerd-" + "a" * 64 + ".scope", container_id="a" * 64,
+                 runtime="containerd", pod_uid="0d0c3f29-0000-4000-8000-000000000001", pod_qos="burstable",
+                 container_name="sshd", image="registry.local/sshd:9", pod_name="bastion-0", pod_namespace="ops")
+
+
+def enriched_records() -> list[dict]:
+    """Sample records passed through an Enricher whose resolvers know one pod and one sshd socket."""
+    recs = sample_records()
+    enr = Enricher(HOST, InstanceStateView(HOST.pin_dir, state()), cgroups=FakeCgroups(POD),
+                   sockets=FakeSockets(SocketOwner(inode=9, pid=321, process_name="sshd", executable="/usr/sbin/sshd",
+                                                   cgroup_id=4242, cgroup_path=POD.path)))
+    enr.interfaces.rebuild = lambda: None                        # ifindex 2 = eth0, without asking the kernel
+    enr.interfaces._map = {2: Iface("eth0", None)}
+    enr.interfaces._gen = enr.instance.generation
+    for r in recs:
+        enr.enrich(r)
+    return recs
+
+
+def all_records() -> list[dict]:
+    return enriched_records() + anomaly_records()
+
+
+# ------------------------------------------------------------------------------------------- ECS
+
+def ecs_fields() -> dict[str, tuple[str, str]]:
+    rows = [ln for ln in (DATA / "ecs_8_12_fields_excerpt.csv").read_text().splitlines() if not ln.startswith("#")]
+    return {r["Field"]: (r["Type"], r["Normalization"]) for r in csv.DictReader(rows)}
+
+
+def leaves(d: dict, prefix: str = ""):
+    for k, v in d.items():
+        path = f"{prefix}{k}"
+        if isinstance(v, dict):
+            yield from leaves(v, path + ".")
+        else:
+            yield path, v
+
+
+def type_ok(ecs_type: str, v) -> bool:
+    if ecs_type in ("keyword", "match_only_text", "wildcard", "constant_keyword"):
+        return isinstance(v, str)
+    if ecs_type == "long":
+        return isinstance(v, int) and not isinstance(v, bool)
+    if ecs_type in ("float", "scaled_float"):
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+    if ecs_type == "boolean":
+        return isinstance(v, bool)
+    if ecs_type == "ip":
+        try:
+            ipaddress.ip_address(v)
+            return True
+        except (ValueError, TypeError):
+            return False
+    if ecs_type == "date":
+        try:
+            parse_iso_ns(v)
+            return True
+        except (ValueError, TypeError):
+            return False
+    return False
+
+
+def test_ecs_excerpt_is_the_real_list():
+    f = ecs_fields()
+    assert f["source.ip"] == ("ip", "") and f["event.type"] == ("keyword", "array")
+    assert f["network.community_id"] == ("keyword", "") and f["related.ip"] == ("ip", "array")
+    assert len(f) > 120
+
+
+def test_every_ecs_field_we_emit_exists_with_its_type():
+    ref = ecs_fields()
+    seen = set()
+    for r in all_records():
+        for path, v in leaves({k: v for k, v in r.items() if k not in CUSTOM_TOP}):
+            assert path in ref, f"{path} is not an ECS field (record {r['event']['action']})"
+            typ, norm = ref[path]
+            values = v if isinstance(v, list) else [v]
+            if isinstance(v, list):
+                assert norm == "array", f"{path}: ECS does not declare it an array"
+            assert values and all(type_ok(typ, x) for x in values), f"{path}={v!r} is not ECS {typ}"
+            seen.add(path)
+    must = {"@timestamp", "event.kind", "event.category", "event.type", "event.action", "event.outcome", "event.id",
+            "event.dataset", "source.ip", "source.port", "source.bytes", "source.packets", "destination.ip",
+            "destination.port", "destination.bytes", "destination.packets", "network.transport",
+            "network.iana_number", "network.type", "network.direction", "network.community_id", "network.bytes",
+            "network.packets", "rule.name", "rule.ruleset", "rule.version", "observer.hostname", "observer.type",
+            "observer.product", "observer.version", "observer.ingress.interface.name", "container.id",
+            "container.runtime", "container.name", "container.image.name", "orchestrator.namespace",
+            "orchestrator.resource.name", "process.pid", "process.name"}
+    assert must <= seen, sorted(must - seen)
+
+
+def test_ecs_categorization_values_are_allowed():
+    allowed = json.loads((DATA / "ecs_8_12_allowed_values.json").read_text())
+    for r in all_records():
+        ev = r["event"]
+        assert ev["kind"] in allowed["event.kind"]
+        assert set(ev["category"]) <= set(allowed["event.category"])
+        for cat in ev["category"]:
+            assert set(ev["type"]) <= set(allowed["expected_types"][cat]), (cat, ev["type"])
+        if "outcome" in ev:
+            assert ev["outcome"] in allowed["event.outcome"]
+        if "direction" in r.get("network", {}):
+            assert r["network"]["direction"] in allowed["network.direction"]
+
+
+def test_enrichment_attributes_the_local_side():
+    recs = enriched_records()
+    ssh = [r for r in recs if r["event"]["action"] == "flow_start" and r.get("destination", {}).get("port") == 22][0]
+    assert ssh["container"] == {"id": "a" * 64, "runtime": "containerd", "name": "sshd",
+                                "image": {"name": "registry.local/sshd:9"}}
+    assert ssh["orchestrator"] == {"type": "kubernetes", "namespace": "ops",
+                                   "resource": {"type": "pod", "id": POD.pod_uid, "name": "bastion-0"}}
+    assert ssh["process"] == {"pid": 321, "name": "sshd", "executable": "/usr/sbin/sshd"}
+    assert ssh["hostwall"]["attribution"] == "socket" and ssh["hostwall"]["pod_qos"] == "burstable"
+    assert ssh["observer"]["ingress"]["interface"]["name"] == "eth0"
+    egress = [r for r in recs if r["network"].get("direction") == "egress"][0]
+    assert "container" not in egress and egress["hostwall"]["cgroup_id"] == 1234   # unknown cgroup: nothing set
+    summary = [r for r in recs if r["hostwall"]["kind"] == "drop_summary"][0]
+    assert summary["hostwall"]["interface"]["name"] == "eth0" and "process" not in summary
+
+
+# ------------------------------------------------------------------------------------------ OCSF
+
+def ocsf_schema() -> dict:
+    import ocsf
+    return json.loads((Path(ocsf.__file__).parent / "schemas" / "v1_7_0.json").read_text())
+
+
+def ocsf_model(class_uid: int):
+    from ocsf.v1_7_0.events import DetectionFinding, DeviceConfigStateChange, NetworkActivity
+    return {4001: NetworkActivity, 2004: DetectionFinding, 5019: DeviceConfigStateChange}[class_uid]
+
+
+def test_ocsf_events_validate_against_the_ocsf_schema(tmp_path, monkeypatch):
+    audit = builder().on_audit(audit_record(tmp_path, monkeypatch))
+    schema = ocsf_schema()
+    dictionary = schema["dictionary"]["attributes"]
+    classes = set()
+    for r in all_records() + [audit]:
+        o = to_ocsf(r)
+        model = ocsf_model(o["class_uid"])
+        model.model_validate(copy.deepcopy(o))                  # raises pydantic.ValidationError on a mismatch
+        classes.add(o["class_uid"])
+        # attributes the model leaves untyped (profiles): must be OCSF dictionary attributes, with valid enums
+        for name, value in o.items():
+            assert name in model.model_fields or name in dictionary, f"{name} is not an OCSF attribute"
+        for name in ("action_id", "disposition_id"):
+            if name in o:
+                assert str(o[name]) in dictionary[name]["enum"], (name, o[name])
+        for side in ("src_endpoint", "dst_endpoint"):
+            for name in o.get(side, {}):
+                assert name in dictionary, f"{side}.{name}"
+        assert o["metadata"]["uid"] == r["event"]["id"]
+    assert classes == {4001, 2004, 5019}
+
+
+def test_ocsf_network_activity_mapping():
+    recs: dict = {}
+    for r in enriched_records():
+        recs.setdefault((r["hostwall"]["kind"], r["event"]["action"]), r)     # the first of each: tcp/22
+    start = to_ocsf(recs[("flow", "flow_start")])
+    assert (start["activity_id"], start["action_id"], start["disposition_id"]) == (1, 1, 1)
+    assert start["connection_info"]["community_uid"] == recs[("flow", "flow_start")]["network"]["community_id"]
+    assert start["connection_info"]["direction_id"] == 1 and start["connection_info"]["protocol_ver_id"] == 4
+    assert start["dst_endpoint"]["container"]["uid"] == "a" * 64                 # local side of an ingress flow
+    end = to_ocsf(recs[("flow", "flow_end")])
+    assert end["activity_id"] == 2 and end["traffic"] == {"bytes_out": 1000, "packets_out": 10, "bytes_in": 8000,
+                                                          "packets_in": 8, "bytes": 9000, "packets": 18}
+    assert end["duration"] == 2000 and end["end_time"] - end["start_time"] == 2000
+    deny = to_ocsf(recs[("deny", "deny")])
+    assert (deny["activity_id"], deny["action_id"], deny["disposition_id"]) == (6, 2, 2)
+    assert deny["firewall_rule"] == {"name": "threat-intel", "version": "rev-7"}
+    audit_mode = to_ocsf(recs[("deny", "would_deny")])
+    assert (audit_mode["action_id"], audit_mode["disposition_id"]) == (1, 15)
+    summary = to_ocsf(recs[("drop_summary", "drop_summary")])
+    assert summary["count"] == summary["traffic"]["packets"]
+
+
+def test_ocsf_refuses_unknown_kinds():
+    with pytest.raises(EncodeError):
+        to_ocsf({"hostwall": {"kind": "mystery"}, "event": {}})
+    broken = sample_records()[0]
+    del broken["@timestamp"]
+    with pytest.raises(EncodeError):
+        encode(broken, "ocsf")
+
+
+# ------------------------------------------------------------------------------------------ OTel
+
+def test_otel_log_records():
+    for r in all_records():
+        o = to_otel(r)
+        assert set(o) == {"time_unix_nano", "observed_time_unix_nano", "severity_number", "severity_text", "body",
+                          "attributes"}
+        assert o["time_unix_nano"] == parse_iso_ns(r["@timestamp"])
+        assert isinstance(o["body"], str) and o["body"]
+        for k, v in o["attributes"].items():
+            ok = isinstance(v, (str, int, float, bool)) or (
+                isinstance(v, list) and v and len({type(x) for x in v}) == 1 and isinstance(v[0], (str, int, float, bool)))
+            assert ok, (k, v)
+        assert o["attributes"]["log.record.uid"] == r["event"]["id"]
+    flow = to_otel([r for r in enriched_records() if r["event"]["action"] == "flow_end"][0])
+    a = flow["attributes"]
+    assert (a["network.transport"], a["network.type"], a["source.address"], a["source.port"],
+            a["destination.address"], a["destination.port"]) == ("tcp", "ipv4", "10.66.2.2", 40000, "10.66.1.2", 22)
+    assert a["k8s.pod.name"] == "bastion-0" and a["k8s.namespace.name"] == "ops" and a["process.pid"] == 321
+    assert a["hostwall.rule.name"] == "ssh-admin" and a["hostwall.community_id"].startswith("1:")
+    assert (flow["severity_number"], flow["severity_text"]) == (9, "INFO")
+    deny = to_otel([r for r in sample_records() if r["event"]["action"] == "deny"][0])
+    assert (deny["severity_number"], deny["severity_text"]) == (13, "WARN")
+    crit = [to_otel(r) for r in anomaly_records() if r["hostwall"]["anomaly"]["severity"] == "critical"]
+    assert crit and all(o["severity_number"] == 21 for o in crit)
+
+
+# ---------------------------------------------------------------------------------------- encode()
+
+def test_encode_roundtrips_and_rejects_unknown_formats():
+    r = enriched_records()[0]
+    assert orjson.loads(encode(r)) == r and orjson.loads(encode(r, "ecs")) == r
+    assert orjson.loads(encode(r, "ocsf"))["class_uid"] == 4001
+    assert orjson.loads(encode(r, "otel"))["severity_text"] == "INFO"
+    with pytest.raises(ValueError):
+        encode(r, "cef")
+    snapshot = json.dumps(r, sort_keys=True)
+    encode(r, "ocsf"), encode(r, "otel")
+    assert json.dumps(r, sort_keys=True) == snapshot                  # encoders never mutate the record

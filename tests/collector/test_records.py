@@ -1,0 +1,345 @@
+"""RecordBuilder: kernel batches (enforcer.layout dtypes) → canonical records, checked against
+schemas/flow.schema.json and schemas/audit.schema.json and against the kernel facts they came from.
+
+sample_records() (also used by test_encoders.py) builds one record of every kind and shape."""
+from __future__ import annotations
+
+import ipaddress
+import json
+import time
+from pathlib import Path
+
+import jsonschema
+import numpy as np
+
+from collector.community_id import community_id
+from collector.enrich.host import NO_RULE_SLOT, HostInfo, InstanceStateView
+from collector.records import SCHEMA_VERSION, Clock, RecordBuilder, iso_ns, parse_iso_ns
+from enforcer import layout as L
+from enforcer.state import AttachedInterface, InstanceState
+
+REPO = Path(__file__).resolve().parents[2]
+SCHEMAS = REPO / "schemas"
+HOST = HostInfo("fw-1", "0e1d-boot", "/sys/fs/bpf/hostwall/test", "0.1.0", "6.1.0")
+CLOCK = Clock(1_700_000_000 * 10**9)          # mono 0 = 2023-11-14T22:13:20Z
+T = 5 * 10**9                                  # a monotonic instant
+EV, CT4, CT6, CTE = (L.DTYPES[n] for n in ("hw_event", "hw_ct4_key", "hw_ct6_key", "hw_ct_entry"))
+DK, DV = L.DTYPES["hw_drop_key"], L.DTYPES["hw_drop_val"]
+TYPE = {n: v for v, n in L.EVENT_TYPE_NAMES.items()}
+R = {n: v for v, n in L.REASON_NAMES.items()}
+V = {n: v for v, n in L.VERDICT_NAMES.items()}
+
+
+def validator(name: str) -> jsonschema.Draft202012Validator:
+    schema = json.loads((SCHEMAS / name).read_text())
+    jsonschema.Draft202012Validator.check_schema(schema)
+    return jsonschema.Draft202012Validator(schema, format_checker=jsonschema.FormatChecker())
+
+
+def state(**kw) -> InstanceState:
+    base = dict(pin_dir=HOST.pin_dir, build="b", revision="rev-7", revision_id=7, policy_name="edge-web",
+                revisions={"6": "rev-6", "7": "rev-7"}, slots={"ssh-admin": 0, "web": 1, "threat-intel": 2},
+                interfaces=[AttachedInterface("eth0", None, "auto", "generic")])
+    base.update(kw)
+    return InstanceState(**base)
+
+
+def builder(**kw) -> RecordBuilder:
+    return RecordBuilder(HOST, InstanceStateView(HOST.pin_dir, state()), **kw)
+
+
+def addr16(ip: str) -> np.ndarray:
+    a = ipaddress.ip_address(ip).packed
+    return np.frombuffer(a + bytes(16 - len(a)), np.uint8)
+
+
+def event(type_: str, src="10.66.2.2", dst="10.66.1.2", sport=40000, dport=22, proto=6, **kw) -> np.ndarray:
+    e = np.zeros(1, EV)
+    fam = 6 if ":" in src else 4
+    e["saddr"][0], e["daddr"][0] = addr16(src), addr16(dst)
+    defaults = dict(ts_ns=T, start_ns=T, type=TYPE[type_], family=fam, proto=proto, sport=sport, dport=dport,
+                    ifindex=2, rule_slot=0, revision_id=7, verdict=V["allow"], reason=R["pass_rule"],
+                    hook=0, direction=0, ct_state=2)
+    defaults.update(kw)
+    for k, v in defaults.items():
+        if k in ("packets", "bytes"):
+            e[k][0] = v
+        else:
+            e[k] = v
+    return e
+
+
+def batch(*events: np.ndarray) -> np.ndarray:
+    return np.concatenate(events)
+
+
+def ct4(src: str, dst: str, sport: int, dport: int, proto: int = 6, **entry):
+    """One conntrack row as the kernel stores it: side a = the lower (address, port)."""
+    s, d = int(ipaddress.ip_address(src)), int(ipaddress.ip_address(dst))
+    swap = (d, dport) < (s, sport)
+    k = np.zeros(1, CT4)
+    k["addr_a"], k["addr_b"] = (d, s) if swap else (s, d)
+    k["port_a"], k["port_b"] = (dport, sport) if swap else (sport, dport)
+    k["proto"] = proto
+    e = np.zeros(1, CTE)
+    vals = dict(created_ns=T, last_ns=T + 3 * 10**9, packets=[6, 4], bytes=[600, 4000], rule_slot=1, revision_id=7,
+                state=2, initiator=1 if swap else 0, origin=0)
+    vals.update(entry)
+    for kk, v in vals.items():
+        e[kk][0] = v
+    return k, e
+
+
+def drop_rows(rows: list[dict]):
+    keys, vals = np.zeros(len(rows), DK), np.zeros(len(rows), DV)
+    for i, r in enumerate(rows):
+        keys["src"][i] = addr16(r["src"])
+        for f in ("ifindex", "dport", "reason", "verdict", "proto", "family", "prefix_len"):
+            keys[f][i] = r[f]
+        for f in ("packets", "bytes", "first_ns", "last_ns"):
+            vals[f][i] = r[f]
+    return keys, vals
+
+
+DROPS = [dict(src="10.66.3.0", ifindex=2, dport=22, reason=R["policy_deny"], verdict=V["drop"], proto=6, family=4,
+              prefix_len=24, packets=1200, bytes=72000, first_ns=T, last_ns=T + 9 * 10**8),
+         dict(src="fd66:3::", ifindex=2, dport=0, reason=R["icmp_flood"], verdict=V["would_drop"], proto=58, family=6,
+              prefix_len=64, packets=50, bytes=5000, first_ns=T, last_ns=T + 10**8)]
+
+
+def sample_records() -> list[dict]:
+    """One record of each kind/shape the builder makes (v4+v6, tcp/udp/icmp, audit mode, conntrack)."""
+    b = builder()
+    evs = batch(
+        event("flow_start"),
+        event("flow_end", start_ns=T - 2 * 10**9, ts_ns=T, packets=[10, 8], bytes=[1000, 8000], ct_state=4),
+        event("flow_start", "fd66:2::2", "fd66:1::2", 5353, 53, 17, direction=1, hook=2, cgroup_id=1234),
+        event("flow_start", sport=77, dport=77, proto=1, icmp_type=8, rule_slot=NO_RULE_SLOT, reason=R["pass_default"]),
+        event("deny", "10.66.3.9", sport=1234, dport=23, verdict=V["drop"], reason=R["policy_deny"], rule_slot=2,
+              packets=[1, 0], bytes=[60, 0]),
+        event("deny", "fd66:3::9", "fd66:1::2", 0, 0, 58, icmp_type=1, verdict=V["would_drop"],
+              reason=R["default_deny"], rule_slot=NO_RULE_SLOT, packets=[1, 0], bytes=[80, 0]),
+        event("log", dport=8080, packets=[1, 0], bytes=[74, 0], rule_slot=1),
+    )
+    recs = b.on_events(evs, CLOCK)
+    k, e = ct4("10.66.2.2", "10.66.1.2", 40001, 80)
+    recs += b.on_conntrack(k, e, None, CLOCK)                         # idle expiry
+    k, e = ct4("10.66.2.2", "10.66.1.2", 40002, 80)
+    recs += b.on_conntrack(np.zeros(0, CT4), np.zeros(0, CTE), (k, e), CLOCK)   # active-timeout update
+    keys, vals = drop_rows(DROPS)
+    recs += b.on_drop_summaries(keys, vals, 1_700_000_004.0, 1_700_000_006.0, CLOCK)
+    recs += b.on_drop_overflow({(V["drop"], R["syn_flood"]): (900, 54000)}, 1_700_000_004.0, 1_700_000_006.0, CLOCK)
+    return recs
+
+
+def audit_record(tmp_path, monkeypatch) -> dict:
+    monkeypatch.setenv("HOSTWALL_STATE_DIR", str(tmp_path))
+    st = state()
+    st.record_change("rev-6", "rev-7", 3, 4, "/etc/hostwall/policy.yaml", 0.123456)
+    from enforcer.state import audit_log_path
+    return json.loads(audit_log_path(st.pin_dir).read_text().splitlines()[-1])
+
+
+# ------------------------------------------------------------------------------------------ tests
+
+def test_every_sample_record_matches_the_flow_schema():
+    v = validator("flow.schema.json")
+    recs = sample_records()
+    kinds = {(r["hostwall"]["kind"], r["event"]["action"]) for r in recs}
+    assert kinds == {("flow", "flow_start"), ("flow", "flow_end"), ("flow", "flow_update"), ("deny", "deny"),
+                     ("deny", "would_deny"), ("log", "log"), ("drop_summary", "drop_summary")}
+    for r in recs:
+        errs = sorted(v.iter_errors(r), key=str)
+        assert not errs, f"{r['event']['action']}: {[e.message for e in errs]}"
+        assert r["schema_version"] == SCHEMA_VERSION
+
+
+def test_schema_rejects_what_it_must():
+    v = validator("flow.schema.json")
+    good = sample_records()[1]                                     # a flow end
+    bad_hw = json.loads(json.dumps(good))
+    bad_hw["hostwall"]["surprise"] = 1                             # hostwall is closed
+    no_totals = json.loads(json.dumps(good))
+    del no_totals["destination"]["packets"]
+    bad_reason = json.loads(json.dumps(good))
+    bad_reason["hostwall"]["reason"] = "because"
+    for r in (bad_hw, no_totals, bad_reason):
+        assert list(v.iter_errors(r))
+
+
+def test_flow_end_maps_directions_totals_and_duration():
+    r = [x for x in sample_records() if x["event"]["action"] == "flow_end" and "reason" not in x["event"]][0]
+    assert r["event"]["type"] == ["end"] and r["event"]["kind"] == "event"
+    assert (r["source"]["ip"], r["source"]["port"], r["destination"]["port"]) == ("10.66.2.2", 40000, 22)
+    assert (r["source"]["packets"], r["source"]["bytes"]) == (10, 1000)          # from the initiator
+    assert (r["destination"]["packets"], r["destination"]["bytes"]) == (8, 8000)
+    assert (r["network"]["packets"], r["network"]["bytes"]) == (18, 9000)
+    assert r["hostwall"]["flow"]["duration_ns"] == r["event"]["duration"] == 2 * 10**9
+    assert r["hostwall"]["flow"]["end_reason"] == "fin"
+    assert parse_iso_ns(r["hostwall"]["flow"]["end"]) - parse_iso_ns(r["hostwall"]["flow"]["start"]) == 2 * 10**9
+    assert r["@timestamp"] == iso_ns(CLOCK.wall_ns(T))
+
+
+def test_conntrack_end_orients_by_initiator_and_matches_the_event_community_id():
+    b = builder()
+    # the responder (10.66.1.2:80) is the lower side a; initiator = side b
+    k, e = ct4("10.66.2.9", "10.66.1.2", 50000, 80)
+    assert e["initiator"][0] == 1
+    [r] = b.on_conntrack(k, e, None, CLOCK)
+    assert (r["source"]["ip"], r["source"]["port"]) == ("10.66.2.9", 50000)
+    assert (r["destination"]["ip"], r["destination"]["port"]) == ("10.66.1.2", 80)
+    assert (r["source"]["packets"], r["destination"]["bytes"]) == (6, 4000)
+    assert r["hostwall"]["flow"]["end_reason"] == "idle_timeout" and r["event"]["reason"] == "idle timeout"
+    assert r["rule"] == {"name": "web", "ruleset": "edge-web", "version": "rev-7"}
+    expect = community_id("10.66.2.9", "10.66.1.2", 6, 50000, 80)
+    [start] = b.on_events(event("flow_start", "10.66.2.9", "10.66.1.2", 50000, 80), CLOCK)
+    assert r["network"]["community_id"] == start["network"]["community_id"] == expect
+
+
+def test_icmp_community_id_only_when_exact():
+    recs = sample_records()
+    echo = [r for r in recs if r["network"].get("iana_number") == "1"][0]
+    assert echo["network"]["community_id"] == community_id("10.66.2.2", "10.66.1.2", 1, 8, 0)
+    assert echo["hostwall"]["icmp"] == {"type": 8, "id": 77} and "port" not in echo["source"]
+    unreach = [r for r in recs if r["network"].get("iana_number") == "58"][0]
+    assert "community_id" not in unreach["network"]            # ICMPv6 type 1: code unknown → absent
+    assert unreach["hostwall"]["icmp"] == {"type": 1}
+
+
+def test_rule_resolution_never_guesses():
+    recs = sample_records()
+    deny = [r for r in recs if r["event"]["action"] == "deny"][0]
+    assert deny["rule"] == {"name": "threat-intel", "ruleset": "edge-web", "version": "rev-7"}
+    default = [r for r in recs if r["event"]["action"] == "would_deny"][0]
+    assert default["rule"] == {"ruleset": "edge-web", "version": "rev-7"}     # no rule: slot ~0
+    b = builder()
+    [old] = b.on_events(event("flow_start", revision_id=6, rule_slot=1), CLOCK)
+    assert old["rule"] == {"version": "rev-6"}        # revision known from the table; its slots are not
+    [gone] = b.on_events(event("flow_start", revision_id=99, rule_slot=1), CLOCK)
+    assert "rule" not in gone
+    nobody = RecordBuilder(HOST, None)
+    assert "rule" not in nobody.on_events(event("flow_start"), CLOCK)[0]
+
+
+def test_slot_reuse_across_swaps_resolves_per_revision(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOSTWALL_STATE_DIR", str(tmp_path))
+    st = state()
+    st.save()
+    view = InstanceStateView(HOST.pin_dir)
+    b = RecordBuilder(HOST, view)
+    st.slots = {"new-rule": 1}                      # slot 1 now belongs to another rule, revision 8
+    st.revision_id, st.revision = 8, "rev-8"
+    st.revisions["8"] = "rev-8"
+    time.sleep(0.01)
+    st.save()
+    b.tick()                                        # reloads the state file
+    [r7] = b.on_events(event("flow_start", revision_id=7, rule_slot=1), CLOCK)
+    [r8] = b.on_events(event("flow_start", revision_id=8, rule_slot=1), CLOCK)
+    assert r7["rule"]["name"] == "web" and r8["rule"]["name"] == "new-rule"
+
+
+def test_event_ids_unique_deterministic_and_boot_scoped():
+    a, b = sample_records(), sample_records()
+    ids = [r["event"]["id"] for r in a]
+    assert len(set(ids)) == len(ids)
+    assert ids == [r["event"]["id"] for r in b]
+    other = RecordBuilder(HostInfo("fw-1", "another-boot", HOST.pin_dir), None)
+    assert other.on_events(event("deny"), CLOCK)[0]["event"]["id"] != \
+        RecordBuilder(HOST, None).on_events(event("deny"), CLOCK)[0]["event"]["id"]
+
+
+def test_flow_table_is_bounded_and_counts():
+    b = builder(max_flows=2)
+    b.on_events(batch(*[event("flow_start", sport=1000 + i) for i in range(5)]), CLOCK)
+    assert b.stats()["open_flows"] == 2 and b.stats()["flow_table_evicted"] == 3
+    b.on_events(event("flow_end", sport=1000), CLOCK)                 # evicted: end without start
+    assert b.stats()["end_without_start"] == 1
+    b.on_events(event("flow_end", sport=1004), CLOCK)                 # still open: no count
+    assert b.stats()["end_without_start"] == 1 and b.stats()["open_flows"] == 1
+
+
+def test_conntrack_expiry_after_kernel_flow_end_is_not_duplicated():
+    b = builder()
+    b.on_events(event("flow_start", sport=41000, dport=80), CLOCK)
+    b.on_events(event("flow_end", sport=41000, dport=80), CLOCK)
+    k, e = ct4("10.66.2.2", "10.66.1.2", 41000, 80, fin_seen=0x83, state=4)
+    assert b.on_conntrack(k, e, None, CLOCK) == []
+    assert b.stats()["ct_end_already_emitted"] == 1
+    # the kernel emitted flow_end but it never arrived (ring buffer full): conntrack produces it
+    b.on_events(event("flow_start", sport=41001, dport=80), CLOCK)
+    k, e = ct4("10.66.2.2", "10.66.1.2", 41001, 80, fin_seen=0x83, state=5)
+    [r] = b.on_conntrack(k, e, None, CLOCK)
+    assert r["hostwall"]["flow"]["end_reason"] == "rst" and b.stats()["ct_end_event_lost"] == 1
+    assert r["hostwall"]["interface"] == {"id": 2}                   # carried over from the start
+
+
+def test_batches_in_any_byte_order_or_as_raw_bytes_decode_alike():
+    one = event("flow_start", sport=40000, dport=22)
+    native = np.concatenate([one, one])                      # numpy canonicalises '>u2' to native order
+    assert native.dtype != EV
+    for b in (native, one.tobytes() + one.tobytes(), np.frombuffer(one.tobytes() * 2, np.uint8)):
+        recs = builder().on_events(b, CLOCK)
+        assert [(r["source"]["port"], r["destination"]["port"]) for r in recs] == [(40000, 22)] * 2
+
+
+def test_decode_errors_are_counted_not_silent():
+    class Ledger:
+        def __init__(self):
+            self.lost_calls = []
+
+        def lost(self, stage, reason, n):
+            self.lost_calls.append((stage, reason, n))
+
+    led = Ledger()
+    b = RecordBuilder(HOST, None, led)
+    bad = event("deny")
+    bad["type"] = 42
+    fam = event("deny")
+    fam["family"] = 7
+    recs = b.on_events(batch(event("deny"), bad, fam, bad), CLOCK)
+    assert len(recs) == 1
+    assert sorted(led.lost_calls) == [("decode", "bad_family", 1), ("decode", "unknown_event_type", 2)]
+    assert b.stats()["decode_errors"] == 3
+
+
+def test_drop_summaries():
+    b = builder()
+    keys, vals = drop_rows(DROPS)
+    v4, v6 = b.on_drop_summaries(keys, vals, 1_700_000_004.0, 1_700_000_006.0, CLOCK)
+    assert v4["hostwall"]["source_prefix"] == "10.66.3.0/24" and v4["destination"] == {"port": 22}
+    assert (v4["source"]["packets"], v4["network"]["bytes"]) == (1200, 72000)
+    assert v4["hostwall"]["window"] == {"start": "2023-11-14T22:13:24.000000Z", "end": "2023-11-14T22:13:26.000000Z"}
+    assert v4["event"]["kind"] == "metric" and v4["event"]["type"] == ["denied"]
+    assert v6["hostwall"]["source_prefix"] == "fd66:3::/64" and "destination" not in v6
+    assert v6["hostwall"]["verdict"] == "would_drop" and v6["event"]["outcome"] == "success"
+    again = b.on_drop_summaries(keys, vals, 1_700_000_004.0, 1_700_000_006.0, CLOCK)
+    later = b.on_drop_summaries(keys, vals, 1_700_000_006.0, 1_700_000_008.0, CLOCK)
+    assert again[0]["event"]["id"] == v4["event"]["id"] != later[0]["event"]["id"]
+
+
+def test_clock_and_time_format():
+    c = Clock.calibrate()
+    assert abs(c.wall_ns(time.monotonic_ns()) - time.time_ns()) < 5_000_000
+    assert iso_ns(1_700_000_000_123_456_789) == "2023-11-14T22:13:20.123456Z"
+    assert parse_iso_ns("2023-11-14T22:13:20.123456Z") == 1_700_000_000_123_456_000
+
+
+def test_audit_records_match_the_audit_schema(tmp_path, monkeypatch):
+    v = validator("audit.schema.json")
+    raw = audit_record(tmp_path, monkeypatch)
+    assert not list(v.iter_errors(raw)), "the enforcer's own audit line"
+    full = builder().on_audit(raw)
+    assert not list(v.iter_errors(full))
+    assert full["event"]["id"] == builder().on_audit(raw)["event"]["id"] and "id" not in raw["event"]
+    broken = json.loads(json.dumps(raw))
+    broken["hostwall"]["policy"]["new_rules"] = "four"
+    assert list(v.iter_errors(broken))
+
+
+def test_tick_forgets_stale_flows():
+    b = builder(flow_stale_s=10)
+    b.on_events(event("flow_start", ts_ns=T), CLOCK)
+    b.tick(now=T + 5 * 10**9)
+    assert b.stats()["open_flows"] == 1
+    b.tick(now=T + 11 * 10**9)
+    assert b.stats()["open_flows"] == 0 and b.stats()["flows_stale_expired"] == 1
