@@ -76,6 +76,7 @@ struct pkt {
 	__u8  frag;             /* non-first fragment: no L4 header */
 	__u8  tcp_flags;
 	__u8  icmp_type;
+	__u8  icmp_code;
 	__u8  opens;            /* may open a tracked connection: TCP SYN, UDP, ICMP echo request */
 	__u8  related;          /* ICMP error: the inner tuple below is valid */
 	__u8  trackable;        /* TCP, UDP or ICMP echo: has a connection tuple */
@@ -186,6 +187,7 @@ static __always_inline int parse_l4(struct pkt *p, void *cur, void *end)
 			return PARSE_MALFORMED;     /* ICMP in IPv6 or ICMPv6 in IPv4 */
 		p->pidx = p->family == 4 ? HW_P_ICMP : HW_P_ICMPV6;
 		p->icmp_type = ic->type;
+		p->icmp_code = ic->code;
 		if (p->family == 4 ? (ic->type == 8 || ic->type == 0) : (ic->type == 128 || ic->type == 129)) {
 			p->sport = ic->un.echo.id;
 			p->dport = ic->un.echo.id;
@@ -454,6 +456,7 @@ static __always_inline void ev_packet(struct hw_event *e, struct pkt *p)
 	e->ifindex = p->ifindex;
 	e->tcp_flags = p->tcp_flags;
 	e->icmp_type = p->icmp_type;
+	e->icmp_code = p->icmp_code;
 	e->packets[0] = 1;
 	e->bytes[0] = p->len;
 }

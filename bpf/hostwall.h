@@ -324,7 +324,8 @@ struct hw_event {
 	__u8  tcp_flags;            /* flows: union of flags seen is not kept; the triggering packet's */
 	__u8  ct_state;             /* enum hw_ct_state (flows) */
 	__u8  icmp_type;
-	__u16 pad;
+	__u8  icmp_code;
+	__u8  pad;
 	__u32 pad2;
 };
 

@@ -86,6 +86,11 @@ def apply_policy(dp: Datapath, st: InstanceState, policy: Policy,
     st.revision_id = rev_id
     st.revisions = {k: v for k, v in st.revisions.items() if int(k) >= rev_id - 16}
     st.revisions[str(rev_id)] = policy.revision
+    st.revision_info = {k: v for k, v in st.revision_info.items() if int(k) >= rev_id - 16}
+    st.revision_info[str(rev_id)] = {"revision": policy.revision, "policy": policy.name, "slots": dict(slots)}
+    profiles = {i.name: i.dos_profile for i in policy.interfaces}
+    for a in st.interfaces:
+        a.dos_profile = profiles.get(a.name)
     st.revision, st.policy_name, st.policy_path = policy.revision, policy.name, os.path.abspath(policy.source)
     st.rules, st.prefixes, st.applied_at = len(policy.rules), policy.prefix_count, time.time()
     st.dos_profiles = list(cp.dos_profile_names)
@@ -147,7 +152,9 @@ def start(policy: Policy, pin_dir: str, interfaces: list[InterfaceConf], netns: 
         for i in interfaces:
             mode = attach.attach_xdp(i.name, dp.prog_fds["xdp_ingress"], i.xdp_mode, netns)
             attach.attach_tc(i.name, dp.prog_fds["tc_ingress"], dp.prog_fds["tc_egress"], netns)
-            attached.append(AttachedInterface(i.name, netns, i.xdp_mode, mode))
+            attached.append(AttachedInterface(i.name, netns, i.xdp_mode, mode,
+                                              attach.link_state(i.name, netns).ifindex,
+                                              {p.name: p.dos_profile for p in policy.interfaces}.get(i.name)))
     except attach.AttachError:
         if not adopted:         # a fresh instance that cannot attach everywhere leaves nothing behind
             for a in attached:

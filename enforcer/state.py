@@ -40,6 +40,8 @@ class AttachedInterface:
     netns: str | None
     xdp_mode_requested: str        # native | generic | auto
     xdp_mode: str                  # what took: native | generic
+    ifindex: int = 0               # inside its netns
+    dos_profile: str | None = None # of the active policy
 
 
 @dataclass
@@ -55,6 +57,9 @@ class InstanceState:
     rules: int = 0
     prefixes: int = 0
     revisions: dict[str, str] = field(default_factory=dict)    # revision_id (as str) -> revision
+    # revision_id (as str) -> {revision, policy, slots: {rule name: slot}}: resolves the rule of a record
+    # stamped with an older revision (slots are reused across swaps)
+    revision_info: dict[str, dict] = field(default_factory=dict)
     slots: dict[str, int] = field(default_factory=dict)        # rule name -> counter slot
     rule_meta: dict[str, dict] = field(default_factory=dict)   # rule name -> {priority, direction, action}
     dos_profiles: list[str] = field(default_factory=list)      # profile id -> name (active policy)

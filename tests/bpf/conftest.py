@@ -80,3 +80,4 @@ def harness(datapath):
     h = Harness(datapath)
     yield h
     datapath.clear_conntrack()
+    datapath.set_config(test_now_ns=0)          # a test that injected time must not leak it
