@@ -543,12 +543,12 @@ static __always_inline int ct_find(struct pkt *p, __u32 *s, __u32 *d, __u16 sp, 
 static __always_inline void ct_emit_end(struct env *v, struct pkt *p, struct ctref *r, __u8 from_init)
 {
 	struct hw_ct_entry *e = r->e;
-	if (e->fin_seen & 0x80)
+	if (e->fin_seen & HW_CT_F_END_EMITTED)
 		return;
 	struct hw_event *ev = ev_reserve(v, HW_EV_FLOW_END);
 	if (!ev)
 		return;                 /* the collector's conntrack scan reports it at expiry */
-	e->fin_seen |= 0x80;
+	e->fin_seen |= HW_CT_F_END_EMITTED;
 	ev_packet(ev, p);
 	if (!from_init) {               /* flows are reported from the initiator's side */
 		__builtin_memcpy(ev->saddr, p->daddr, 16);

@@ -29,6 +29,7 @@
 #define HW_L4_SLOTS_PER_ELEM  4         /* u16 class ids packed per hw_l4_elem */
 #define HW_L4_ELEMS           (2 * HW_PROTO_IDX_MAX * 65536 / HW_L4_SLOTS_PER_ELEM)  /* per generation */
 #define HW_CT_MAX             262144    /* tracked connections per family (LRU) */
+#define HW_CT_F_END_EMITTED   0x80      /* hw_ct_entry.fin_seen: the datapath emitted this flow's flow_end */
 #define HW_META_MAGIC         0x68770a11 /* XDP → TC metadata marker: "already judged" */
 #define HW_RINGBUF_BYTES      (8 << 20) /* event ring buffer (power of two, multiple of the page size) */
 #define HW_DROP_AGG_MAX       65536     /* drop aggregation keys per generation (per-CPU hash) */
@@ -294,7 +295,7 @@ struct hw_ct_entry {
 	__u8  state;                /* enum hw_ct_state */
 	__u8  initiator;            /* 0: side a opened, 1: side b opened */
 	__u8  origin;               /* enum hw_dir of the opening packet */
-	__u8  fin_seen;             /* bit 0: initiator FIN, bit 1: responder FIN, bit 7: flow_end emitted */
+	__u8  fin_seen;             /* bit 0: initiator FIN, bit 1: responder FIN, HW_CT_F_END_EMITTED */
 	__u32 pad;
 };
 

@@ -66,7 +66,7 @@ TRANSPORT_NAMES = {1: "icmp", 2: "igmp", 4: "ipv4", 6: "tcp", 17: "udp", 41: "ip
 _ECHO_TYPES = {1: (8, 0), 58: (128, 129)}          # proto -> (request, reply)
 _DIR_NAMES = {L.DIR["ingress"]: "ingress", L.DIR["egress"]: "egress"}
 _END_REASON = {"closed": "rst", "closing": "fin", "fin_wait": "fin"}
-_FLOW_END_EMITTED = 0x80                              # hw_ct_entry.fin_seen bit 7
+_FLOW_END_EMITTED = L.C["HW_CT_F_END_EMITTED"]       # hw_ct_entry.fin_seen: flow_end was emitted
 
 
 # ------------------------------------------------------------------------------------------ time

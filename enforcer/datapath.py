@@ -220,8 +220,7 @@ class Datapath:
         dt = L.DTYPES[dtname]
         stride = (dt.itemsize + 7) & ~7
         fd = self.map_fds[name]
-        keys = np.arange(n, dtype=np.uint32)
-        vals = _lookup_batch(fd, keys, stride * self.ncpus)
+        vals = bpfsys.array_slots(fd, 0, n, stride * self.ncpus)
         per_cpu = np.frombuffer(vals, dtype=dt).reshape(n, self.ncpus)
         out = np.zeros(n, dtype=dt)
         for f in dt.names:
@@ -282,31 +281,3 @@ def _count_keys(fd: int, key_size: int) -> int:
             cur = ctypes.create_string_buffer(key_size)
             attr.key = ctypes.addressof(cur)
         ctypes.memmove(cur, nxt, key_size)
-
-
-def _lookup_batch(fd: int, keys: np.ndarray, value_stride: int) -> bytes:
-    """Values of the first len(keys) entries of an array map, via BPF_MAP_LOOKUP_BATCH
-    (one syscall per 64k entries instead of one per key)."""
-    out = bytearray()
-    n = len(keys)
-    chunk = 65536
-    token = ctypes.c_uint32(0)
-    got = 0
-    while got < n:
-        cnt = min(chunk, n - got)
-        kb = ctypes.create_string_buffer(cnt * 4)
-        vb = ctypes.create_string_buffer(cnt * value_stride)
-        nxt = ctypes.c_uint32(0)
-        attr = bpfsys._MapBatchAttr(in_batch=ctypes.addressof(token) if got else 0, out_batch=ctypes.addressof(nxt),
-                                    keys=ctypes.addressof(kb), values=ctypes.addressof(vb), count=cnt, map_fd=fd)
-        try:
-            bpfsys._sys_bpf(bpfsys.MAP_LOOKUP_BATCH, attr)
-        except bpfsys.BpfError as e:
-            if e.errno != 2:       # ENOENT: the map ended within this chunk
-                raise
-        out += vb.raw[: attr.count * value_stride]
-        got += attr.count
-        token = nxt
-        if attr.count == 0:
-            break
-    return bytes(out)

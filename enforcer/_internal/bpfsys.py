@@ -18,7 +18,7 @@ _SYS_BPF = 321  # x86_64
 # enum bpf_cmd
 MAP_CREATE, MAP_LOOKUP_ELEM, MAP_UPDATE_ELEM, MAP_DELETE_ELEM, MAP_GET_NEXT_KEY = 0, 1, 2, 3, 4
 OBJ_PIN, OBJ_GET, PROG_TEST_RUN, OBJ_GET_INFO_BY_FD = 6, 7, 10, 15
-MAP_LOOKUP_BATCH, MAP_UPDATE_BATCH = 24, 26
+MAP_LOOKUP_BATCH, MAP_LOOKUP_AND_DELETE_BATCH, MAP_UPDATE_BATCH = 24, 25, 26
 
 # enum bpf_map_type (subset)
 MAP_TYPE_ARRAY, MAP_TYPE_ARRAY_OF_MAPS = 2, 12
@@ -195,6 +195,67 @@ def map_update_batch(fd: int, keys: bytes, values: bytes, count: int) -> None:
     kb = ctypes.create_string_buffer(keys, len(keys))
     vb = ctypes.create_string_buffer(values, len(values))
     _sys_bpf(MAP_UPDATE_BATCH, _MapBatchAttr(keys=_addr(kb), values=_addr(vb), count=count, map_fd=fd))
+
+
+def map_batch(fd: int, key_size: int, value_bytes: int, *, delete: bool = False,
+              chunk: int = 8192) -> tuple[bytes, bytes, int]:
+    """All (key, value) pairs of a map via BPF_MAP_LOOKUP[_AND_DELETE]_BATCH.
+
+    value_bytes: bytes per value as the syscall returns them (per-CPU maps: 8-aligned value × ncpus).
+    Cost: one syscall per `chunk` entries. A hash map written concurrently may be seen partially
+    (entries added behind the cursor). Returns (packed keys, packed values, count)."""
+    cmd = MAP_LOOKUP_AND_DELETE_BATCH if delete else MAP_LOOKUP_BATCH
+    keys, vals = bytearray(), bytearray()
+    total = 0
+    token_in = ctypes.create_string_buffer(max(key_size, 8))
+    token_out = ctypes.create_string_buffer(max(key_size, 8))
+    first = True
+    while True:
+        kb = ctypes.create_string_buffer(chunk * key_size)
+        vb = ctypes.create_string_buffer(chunk * value_bytes)
+        attr = _MapBatchAttr(in_batch=0 if first else ctypes.addressof(token_in), out_batch=ctypes.addressof(token_out),
+                             keys=ctypes.addressof(kb), values=ctypes.addressof(vb), count=chunk, map_fd=fd)
+        done = False
+        try:
+            _sys_bpf(cmd, attr)
+        except BpfError as e:
+            if e.errno != 2:        # ENOENT: the map ended within this chunk
+                raise
+            done = True
+        n = attr.count
+        keys += kb.raw[: n * key_size]
+        vals += vb.raw[: n * value_bytes]
+        total += n
+        if done or n == 0:
+            return bytes(keys), bytes(vals), total
+        ctypes.memmove(token_in, token_out, len(token_out))
+        first = False
+
+
+def array_slots(fd: int, start: int, n: int, value_bytes: int) -> bytes:
+    """Values of array-map slots start .. start+n-1 with LOOKUP_BATCH (one syscall per 64k slots).
+
+    value_bytes as in map_batch. Raises BpfError if the map holds fewer slots."""
+    out = bytearray()
+    got = 0
+    while got < n:
+        cnt = min(65536, n - got)
+        token = ctypes.c_uint32(start + got - 1)
+        nxt = ctypes.c_uint32(0)
+        kb = ctypes.create_string_buffer(cnt * 4)
+        vb = ctypes.create_string_buffer(cnt * value_bytes)
+        attr = _MapBatchAttr(in_batch=ctypes.addressof(token) if start + got else 0, out_batch=ctypes.addressof(nxt),
+                             keys=ctypes.addressof(kb), values=ctypes.addressof(vb), count=cnt, map_fd=fd)
+        try:
+            _sys_bpf(MAP_LOOKUP_BATCH, attr)
+        except BpfError as e:
+            if e.errno != 2:
+                raise
+        if attr.count != cnt:
+            raise BpfError(22, f"array batch read at slot {start + got}: {attr.count} of {cnt} slots")
+        out += vb.raw[: cnt * value_bytes]
+        got += cnt
+    return bytes(out)
 
 
 def mmap_array(fd: int) -> mmap.mmap:

@@ -1,0 +1,195 @@
+"""JSON Lines file sink: one encoded record per line, size-based rotation, explicit fsync policy.
+
+Rotation: before a line would take the file past `rotate_bytes`, the file is closed and renamed
+PATH → PATH.1 → ... → PATH.<keep> (the oldest is overwritten), and a new PATH is started; at most
+keep + 1 files exist. A single line longer than rotate_bytes gets a file of its own.
+
+Durability (fsync policy) — what "delivered" means for this sink:
+  none      delivered = written to the kernel (page cache) by write(2). Survives a collector crash;
+            a machine crash may lose what the kernel had not written back yet.
+  interval  as `none`, plus fdatasync at most every fsync_interval (default 1 s) and at flush,
+            rotation and close: a machine crash loses at most ~one interval.  (default)
+  always    fdatasync before send() returns: a record is counted delivered only once it is on disk.
+fsync runs in a worker thread (the event loop keeps going); writes are one write(2) per batch and
+segment (≈ memcpy into the page cache).
+
+Full-queue policy: block (a local disk is the sink of last resort: slow it down, don't drop).
+Losses are counted by reason: encode_error (the encoder rejected a record), write_error (write(2)
+failed, e.g. ENOSPC — the batch's unwritten records; the file is reopened on the next batch),
+fsync_error (policy always: fdatasync failed, so the batch is not known to be on disk).
+"""
+from __future__ import annotations
+
+import asyncio
+import functools
+import os
+import time
+from pathlib import Path
+
+from .base import BaseSink, FullQueuePolicy, SinkUnavailable
+
+
+def make_encoder(encoding: str):
+    """record -> bytes (no trailing newline) in `encoding` (collector.encoders: ecs | ocsf | otel)."""
+    from collector.encoders import FORMATS, encode
+    if encoding not in FORMATS:
+        raise SinkUnavailable(f"encoding {encoding!r} is not available; use one of {', '.join(FORMATS)}")
+    return functools.partial(encode, fmt=encoding)
+
+
+class JsonlSink(BaseSink):
+    full_queue_policy = FullQueuePolicy.BLOCK
+
+    def __init__(self, path: str | os.PathLike, *, encoding: str = "ecs", rotate_bytes: int = 256 << 20,
+                 rotate_keep: int = 5, fsync: str = "interval", fsync_interval_s: float = 1.0,
+                 name: str | None = None):
+        super().__init__(name or f"jsonl:{path}")
+        self.path = Path(path)
+        self.encoding = encoding
+        self.rotate_bytes = rotate_bytes
+        self.rotate_keep = rotate_keep
+        self.fsync = fsync
+        self.fsync_interval_s = fsync_interval_s
+        self._encode = None
+        self._fd = -1
+        self._size = 0
+        self._dirty = False
+        self._last_sync = time.monotonic()
+        self.rotations = 0
+        self.bytes_written = 0
+        self.fsyncs = 0
+        self.fsync_errors = 0
+
+    @classmethod
+    def from_spec(cls, spec, config) -> "JsonlSink":
+        o = config.jsonl
+        return cls(spec.target, encoding=spec.encoding, rotate_bytes=o.rotate_bytes, rotate_keep=o.rotate_keep,
+                   fsync=o.fsync, fsync_interval_s=o.fsync_interval_s, name=spec.name)
+
+    # ---- lifecycle -------------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Resolve the encoder and open the file (append); raises OSError with the path if it cannot."""
+        self._encode = make_encoder(self.encoding)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._open()
+
+    def _open(self) -> None:
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        self._size = os.fstat(self._fd).st_size
+
+    async def flush(self) -> None:
+        if self.fsync != "none":
+            await self._sync()
+
+    async def close(self) -> None:
+        if self._fd >= 0:
+            await self.flush()
+            os.close(self._fd)
+            self._fd = -1
+
+    # ---- writing ---------------------------------------------------------------------------------
+    async def _send(self, records: list[dict]) -> None:
+        lines = self._encode_all(records)
+        if not lines:
+            return
+        if self._fd < 0:
+            try:
+                self._open()
+            except OSError as e:
+                self._write_failed(e, len(lines))
+                return
+        written = 0
+        for seg_lines, seg_bytes in self._segments(lines):
+            try:
+                if self._size and self._size + seg_bytes > self.rotate_bytes:
+                    await self._rotate()
+                self._write_all(b"".join(seg_lines))
+            except OSError as e:
+                self._write_failed(e, len(lines) - written)
+                break
+            written += len(seg_lines)
+            self._size += seg_bytes
+            self.bytes_written += seg_bytes
+            self._dirty = True
+        if self.fsync == "always":
+            if not await self._sync():
+                self._lose("fsync_error", written)
+                return
+        elif self.fsync == "interval" and time.monotonic() - self._last_sync >= self.fsync_interval_s:
+            await self._sync()
+        self._deliver(written)
+
+    def _encode_all(self, records: list[dict]) -> list[bytes]:
+        enc = self._encode
+        try:
+            return [enc(r) + b"\n" for r in records]           # fast path: no per-record try
+        except Exception:
+            out = []
+            for r in records:
+                try:
+                    out.append(enc(r) + b"\n")
+                except Exception as e:
+                    self._lose("encode_error", 1)
+                    self.last_error = f"encode: {type(e).__name__}: {e}"
+            return out
+
+    def _segments(self, lines: list[bytes]):
+        """Split lines into runs that fit the current file, then whole new files: (lines, bytes)."""
+        room = self.rotate_bytes - self._size if self._size else self.rotate_bytes
+        start, acc = 0, 0
+        for i, ln in enumerate(lines):
+            if acc and acc + len(ln) > room:
+                yield lines[start:i], acc
+                start, acc, room = i, 0, self.rotate_bytes
+            acc += len(ln)
+        yield lines[start:], acc
+
+    def _write_all(self, buf: bytes) -> None:
+        mv = memoryview(buf)
+        while mv:
+            n = os.write(self._fd, mv)
+            mv = mv[n:]
+
+    def _write_failed(self, e: OSError, n: int) -> None:
+        self._lose("write_error", n)
+        self.last_error = f"write {self.path}: {e.strerror or e}"
+        if self._fd >= 0:
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
+            self._fd = -1
+
+    async def _sync(self) -> bool:
+        """fdatasync in a worker thread if anything was written since the last one; False on error."""
+        ok = True
+        if self._fd >= 0 and self._dirty:
+            try:
+                await asyncio.to_thread(os.fdatasync, self._fd)
+                self.fsyncs += 1
+                self._dirty = False
+            except OSError as e:
+                self.fsync_errors += 1
+                self.last_error = f"fdatasync {self.path}: {e.strerror or e}"
+                ok = False
+        self._last_sync = time.monotonic()
+        return ok
+
+    async def _rotate(self) -> None:
+        """PATH → PATH.1 → ... → PATH.<keep>; cost: keep renames + one fsync unless policy none."""
+        if self.fsync != "none":
+            await self._sync()
+        os.close(self._fd)
+        self._fd = -1
+        for i in range(self.rotate_keep - 1, 0, -1):
+            src = self.path.with_name(f"{self.path.name}.{i}")
+            if src.exists():
+                os.replace(src, self.path.with_name(f"{self.path.name}.{i + 1}"))
+        os.replace(self.path, self.path.with_name(f"{self.path.name}.1"))
+        self._open()
+        self.rotations += 1
+
+    def stats(self) -> dict:
+        return {**super().stats(), "path": str(self.path), "encoding": self.encoding, "fsync": self.fsync,
+                "bytes_written": self.bytes_written, "rotations": self.rotations, "fsyncs": self.fsyncs, "fsync_errors": self.fsync_errors,
+                "file_bytes": self._size}

@@ -1,0 +1,204 @@
+"""collector.sinks.jsonl: one record per line, size rotation keeping N files, fsync policies, and
+every record accounted for (delivered, or lost with a reason)."""
+from __future__ import annotations
+
+import asyncio
+import errno
+import json
+import os
+
+import pytest
+
+from collector.sinks.base import BaseSink, FullQueuePolicy, SinkUnavailable
+from collector.sinks.jsonl import JsonlSink
+
+
+def recs(n: int, start: int = 0, pad: int = 0) -> list[dict]:
+    return [{"event": {"id": f"id-{i}", "dataset": "hostwall.flow"}, "seq": i, "pad": "x" * pad}
+            for i in range(start, start + n)]
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def lines(path) -> list[dict]:
+    return [json.loads(ln) for ln in path.read_text().splitlines()] if path.exists() else []
+
+
+def accounted(sink) -> None:
+    st = sink.stats()
+    assert st["in_flight"] == 0, st
+
+
+def test_one_record_per_line_and_counts(tmp_path):
+    p = tmp_path / "sub" / "flows.jsonl"
+
+    async def go():
+        s = JsonlSink(p, fsync="none")
+        await s.start()
+        await s.send(recs(3))
+        await s.send(recs(2, 3))
+        await s.close()
+        return s
+    s = run(go())
+    assert [r["seq"] for r in lines(p)] == [0, 1, 2, 3, 4]
+    assert s.stats()["delivered"] == 5 and s.stats()["lost"] == {} and s.full_queue_policy is FullQueuePolicy.BLOCK
+    assert s.stats()["bytes_written"] == p.stat().st_size
+    accounted(s)
+
+
+def test_appends_to_an_existing_file(tmp_path):
+    p = tmp_path / "f.jsonl"
+    p.write_text('{"old": 1}\n')
+
+    async def go():
+        s = JsonlSink(p, fsync="none", rotate_bytes=1 << 20)
+        await s.start()
+        assert s.stats()["file_bytes"] == 11
+        await s.send(recs(1))
+        await s.close()
+    run(go())
+    assert lines(p) == [{"old": 1}] + recs(1)
+
+
+def test_rotation_keeps_n_files_each_under_the_limit(tmp_path):
+    p = tmp_path / "f.jsonl"
+    one = len(json.dumps(recs(1, 40, pad=100)[0], separators=(",", ":"))) + 1     # a 2-digit line
+
+    async def go():
+        s = JsonlSink(p, fsync="none", rotate_bytes=one * 10 + 5, rotate_keep=2)
+        await s.start()
+        for k in range(7):
+            await s.send(recs(7, 7 * k, pad=100))       # batches straddle file boundaries
+        await s.close()
+        return s
+    s = run(go())
+    files = sorted(x.name for x in tmp_path.iterdir())
+    assert files == ["f.jsonl", "f.jsonl.1", "f.jsonl.2"]
+    for f in files:
+        assert (tmp_path / f).stat().st_size <= one * 10 + 5
+    kept = lines(tmp_path / "f.jsonl.2") + lines(tmp_path / "f.jsonl.1") + lines(p)
+    seq = [r["seq"] for r in kept]
+    assert seq == list(range(49 - len(seq), 49))         # the newest, in order, no gaps
+    assert len(lines(tmp_path / "f.jsonl.1")) == 10
+    assert s.stats()["rotations"] == 4 and s.stats()["delivered"] == 49
+
+
+def test_a_line_longer_than_the_limit_gets_its_own_file(tmp_path):
+    p = tmp_path / "f.jsonl"
+
+    async def go():
+        s = JsonlSink(p, fsync="none", rotate_bytes=100, rotate_keep=3)
+        await s.start()
+        await s.send(recs(1) + recs(1, 1, pad=300) + recs(1, 2))
+        await s.close()
+    run(go())
+    assert [len(lines(x)) for x in (tmp_path / "f.jsonl.2", tmp_path / "f.jsonl.1", p)] == [1, 1, 1]
+    assert lines(tmp_path / "f.jsonl.1")[0]["seq"] == 1
+
+
+@pytest.mark.parametrize("policy,batches,expect", [("none", 5, 0), ("always", 5, 5), ("interval", 5, 0)])
+def test_fsync_policies(tmp_path, monkeypatch, policy, batches, expect):
+    calls = []
+    monkeypatch.setattr(os, "fdatasync", lambda fd: calls.append(fd))
+
+    async def go():
+        s = JsonlSink(tmp_path / "f.jsonl", fsync=policy, fsync_interval_s=3600)
+        await s.start()
+        for k in range(batches):
+            await s.send(recs(2, 2 * k))
+        during = len(calls)
+        await s.close()                                   # close flushes (interval/always)
+        return during, s
+    during, s = run(go())
+    assert during == expect
+    assert len(calls) == expect + (1 if policy == "interval" else 0)
+    assert s.stats()["delivered"] == 2 * batches
+
+
+def test_fsync_failure_with_policy_always_is_a_counted_loss(tmp_path, monkeypatch):
+    def boom(fd):
+        raise OSError(errno.EIO, "I/O error")
+    monkeypatch.setattr(os, "fdatasync", boom)
+
+    async def go():
+        s = JsonlSink(tmp_path / "f.jsonl", fsync="always")
+        await s.start()
+        await s.send(recs(4))
+        return s
+    s = run(go())
+    assert s.stats()["lost"] == {"fsync_error": 4} and s.stats()["delivered"] == 0 and s.fsync_errors == 1
+    accounted(s)
+
+
+def test_encode_errors_are_counted_and_the_rest_written(tmp_path):
+    p = tmp_path / "f.jsonl"
+
+    async def go():
+        s = JsonlSink(p, fsync="none")
+        await s.start()
+        bad = {"event": {"id": "x"}, "oops": {1, 2}}          # a set is not JSON
+        await s.send(recs(2) + [bad] + recs(1, 2))
+        await s.close()
+        return s
+    s = run(go())
+    assert [r["seq"] for r in lines(p)] == [0, 1, 2]
+    assert s.stats()["lost"] == {"encode_error": 1} and s.stats()["delivered"] == 3
+    assert "encode" in s.stats()["last_error"]
+    accounted(s)
+
+
+def test_write_errors_are_counted_and_the_file_reopened(tmp_path, monkeypatch):
+    p = tmp_path / "f.jsonl"
+    real_write = os.write
+    fail = {"on": True}
+
+    def write(fd, b):
+        if fail["on"]:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, b)
+    monkeypatch.setattr(os, "write", write)
+
+    async def go():
+        s = JsonlSink(p, fsync="none")
+        await s.start()
+        await s.send(recs(3))
+        fail["on"] = False
+        await s.send(recs(2, 3))
+        await s.close()
+        return s
+    s = run(go())
+    assert s.stats()["lost"] == {"write_error": 3} and s.stats()["delivered"] == 2
+    assert "No space left" in s.stats()["last_error"]
+    assert [r["seq"] for r in lines(p)] == [3, 4]
+    accounted(s)
+
+
+def test_ocsf_encoding_and_unknown_encoding(tmp_path):
+    p = tmp_path / "f.jsonl"
+
+    async def go():
+        s = JsonlSink(p, encoding="ocsf", fsync="none")
+        await s.start()
+        await s.send([{"event": {"id": "x"}, "hostwall": {"kind": "no-such-kind"}}])
+        await s.close()
+        return s
+    s = run(go())
+    st = s.stats()
+    assert st["delivered"] + st["lost"].get("encode_error", 0) == 1           # mapped, or a counted loss
+    with pytest.raises(SinkUnavailable, match="encoding 'xml'"):
+        run(JsonlSink(tmp_path / "g.jsonl", encoding="xml").start())
+
+
+def test_base_sink_counts_a_failed_send():
+    class Broken(BaseSink):
+        async def _send(self, records):
+            self._deliver(1)
+            raise RuntimeError("broker gone")
+
+    s = Broken("broken")
+    with pytest.raises(RuntimeError):
+        run(s.send(recs(5)))
+    assert s.stats()["delivered"] == 1 and s.stats()["lost"] == {"sink_error": 4} and s.stats()["in_flight"] == 0
+    assert "broker gone" in s.stats()["last_error"]
