@@ -189,6 +189,7 @@ struct hw_dos_profile {             /* hw_dos_profiles[gen * HW_DOS_PROFILES_MAX
 	__u64 icmp_pps;             /* per source, ICMP and ICMPv6 */
 	__u64 ban_after_ns;         /* over a limit this long in a row → banned; 0 = never */
 	__u64 ban_ns;               /* ban duration */
+	__u64 bps_fp;               /* bps * 2^20 / 1e6: refill of the bits bucket without a division */
 	__u8  prefix_v4;            /* source grouping */
 	__u8  prefix_v6;
 	__u8  nports;

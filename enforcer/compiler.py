@@ -238,6 +238,7 @@ def _dos_profile_record(p: DosProfile) -> np.void:
     rec["pps"] = p.per_source_pps or 0
     rec["burst"] = p.per_source_burst or p.per_source_pps or 0          # default: one second worth
     rec["bps"] = p.per_source_bps or 0
+    rec["bps_fp"] = (rec["bps"] << 20) // 1_000_000
     # bits burst: 100 ms worth (the datapath refills at most 100 ms at once), at least 8 full frames
     rec["bps_burst"] = max((p.per_source_bps or 0) // 10, 8 * 1514 * 8) if p.per_source_bps else 0
     rec["syn_pps"] = p.syn_per_source_pps or 0

@@ -61,7 +61,7 @@ def _take(tok: int, rate: int, cap: int, dt: int, cost: int) -> tuple[int, bool]
 
 def _bits_take(tok: int, bps: int, cap: int, dt: int, cost: int) -> tuple[int, bool]:
     dt = min(dt, 100_000_000)
-    t = tok + bps * dt // 1_000_000
+    t = tok + (((bps << 20) // 1_000_000) * dt >> 20)
     t = min(t, cap)
     if t < cost:
         return t, False

@@ -92,7 +92,7 @@ DTYPES: dict[str, np.dtype] = {
     "hw_dos_port": np.dtype([("port", u16), ("proto", u8), ("pad", u8), ("pps", u32)]),
     "hw_dos_profile": np.dtype([("pps", u64), ("burst", u64), ("bps", u64), ("bps_burst", u64), ("syn_pps", u64),
                                 ("syn_global_pps", u64), ("udp_pps", u64), ("icmp_pps", u64), ("ban_after_ns", u64),
-                                ("ban_ns", u64), ("prefix_v4", u8), ("prefix_v6", u8), ("nports", u8), ("enabled", u8),
+                                ("ban_ns", u64), ("bps_fp", u64), ("prefix_v4", u8), ("prefix_v6", u8), ("nports", u8), ("enabled", u8),
                                 ("pad", u32), ("ports", np.dtype([("port", u16), ("proto", u8), ("pad", u8),
                                                                   ("pps", u32)]), C["HW_DOS_PORTS_MAX"])]),
     "hw_dos_if": np.dtype([("ifindex", u32), ("profile", u32)]),

@@ -4,3 +4,5 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+
+pytest_plugins = ["tests.peers.fixtures"]

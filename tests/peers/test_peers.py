@@ -1,0 +1,187 @@
+"""Smoke tests of the real peers: each one starts, takes data from a real client and gives it back."""
+
+from __future__ import annotations
+
+import asyncio
+import http.server
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from tests.peers import free_ports
+from tests.peers.kafka import KafkaBroker
+from tests.peers.otelcol import OtelCollector
+from tests.peers.prometheus import PrometheusServer
+
+pytestmark = [pytest.mark.peers, pytest.mark.timeout(240)]
+
+
+# ------------------------------------------------------------------------------------------------ kafka
+
+
+async def _produce_consume(bootstrap: str, topic: str, key: bytes, value: bytes) -> tuple[bytes, bytes]:
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True,
+                                compression_type="gzip", request_timeout_ms=10000)
+    await producer.start()
+    try:
+        meta = await asyncio.wait_for(producer.send_and_wait(topic, value, key=key), 30)
+        assert meta.topic == topic and meta.offset >= 0
+    finally:
+        await producer.stop()
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+                                enable_auto_commit=False, group_id=None)
+    await consumer.start()
+    try:
+        msg = await asyncio.wait_for(consumer.getone(), 30)
+        return msg.key, msg.value
+    finally:
+        await consumer.stop()
+
+
+def test_kafka_produce_consume(kafka_broker: KafkaBroker) -> None:
+    topic = f"smoke-{uuid.uuid4().hex[:8]}"
+    kafka_broker.create_topic(topic, partitions=2)
+    md = kafka_broker.metadata([topic])
+    assert md.topics[topic].ready and len(md.topics[topic].partitions) == 2
+    key, value = b"10.0.0.1", b'{"event":{"action":"deny"}}'
+    assert asyncio.run(_produce_consume(kafka_broker.bootstrap_servers, topic, key, value)) == (key, value)
+
+
+def test_kafka_restart_keeps_data(kafka_broker_factory) -> None:
+    broker: KafkaBroker = kafka_broker_factory()
+    broker.create_topic("durable")
+    asyncio.run(_produce_consume(broker.bootstrap_servers, "durable", b"k", b"before"))
+    port = broker.port
+    broker.stop()
+    assert not broker.running
+    broker.start()
+    assert broker.port == port and broker.starts == 2
+    assert "durable" in broker.metadata().topics  # same data dir: topic and record survive
+    assert asyncio.run(_produce_consume(broker.bootstrap_servers, "durable", b"k2", b"after")) == (b"k", b"before")
+
+
+def test_kafka_producer_perf_tool(kafka_broker: KafkaBroker) -> None:
+    kafka_broker.create_topic("perf")
+    proc = kafka_broker.run_tool(
+        "org.apache.kafka.tools.ProducerPerformance", "--topic", "perf", "--num-records", 2000,
+        "--record-size", 100, "--throughput", -1,
+        "--producer-props", f"bootstrap.servers={kafka_broker.bootstrap_servers}", "acks=all", timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "2000 records sent" in proc.stdout, proc.stdout
+
+
+# ------------------------------------------------------------------------------------------------- otel
+
+
+def test_otel_log_and_metric(otel_collector: OtelCollector) -> None:
+    from opentelemetry._logs import SeverityNumber
+    from opentelemetry.exporter.otlp.proto.grpc._log_exporter import OTLPLogExporter
+    from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+    from opentelemetry.sdk._logs import LoggerProvider
+    from opentelemetry.sdk._logs.export import SimpleLogRecordProcessor
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+    from opentelemetry.sdk.resources import Resource
+
+    marker = uuid.uuid4().hex
+    resource = Resource.create({"service.name": "hostwall-smoke", "smoke.run": marker})
+
+    logs = LoggerProvider(resource=resource)
+    logs.add_log_record_processor(SimpleLogRecordProcessor(
+        OTLPLogExporter(endpoint=otel_collector.grpc_endpoint, insecure=True, timeout=10)))
+    logs.get_logger("hostwall.smoke").emit(body=f"flow denied {marker}", severity_number=SeverityNumber.WARN,
+                                          severity_text="WARN",
+                                          attributes={"source.ip": "10.0.0.1", "destination.port": 22})
+    logs.shutdown()
+
+    reader = PeriodicExportingMetricReader(
+        OTLPMetricExporter(endpoint=otel_collector.grpc_endpoint, insecure=True, timeout=10),
+        export_interval_millis=60_000)
+    meters = MeterProvider(resource=resource, metric_readers=[reader])
+    counter = meters.get_meter("hostwall.smoke").create_counter("hostwall.smoke.drops", unit="1")
+    counter.add(7, {"reason": "policy"})
+    assert meters.force_flush(timeout_millis=10_000)
+    meters.shutdown()
+
+    [rec] = otel_collector.wait_for_log_records(lambda r: r.get("body_value") == f"flow denied {marker}")
+    assert rec["attrs"] == {"source.ip": "10.0.0.1", "destination.port": 22}
+    assert rec["severityText"] == "WARN" and rec["resource_attrs"]["smoke.run"] == marker
+
+    [metric, *_] = otel_collector.wait_for_metric("hostwall.smoke.drops")
+    point = metric["sum"]["dataPoints"][0]
+    assert int(point["asInt"]) == 7 and metric["sum"]["isMonotonic"]
+
+    lines = otel_collector.wait_for_prometheus("hostwall_smoke_drops_total")
+    assert any('reason="policy"' in line and line.rsplit(" ", 1)[-1] == "7" for line in lines), lines
+
+    # The collector counts what it accepted: what the sink tests will use to check delivery.
+    otel_collector.wait_for_prometheus("otelcol_receiver_accepted_log_records", url=otel_collector.telemetry_url)
+
+
+# ------------------------------------------------------------------------------------------- prometheus
+
+
+class _Target(http.server.BaseHTTPRequestHandler):
+    body = b"# TYPE hostwall_smoke_value gauge\nhostwall_smoke_value{kind=\"test\"} 42\n"
+
+    def do_GET(self) -> None:  # noqa: N802
+        if self.path != "/metrics":
+            self.send_error(404)
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain; version=0.0.4")
+        self.send_header("Content-Length", str(len(self.body)))
+        self.end_headers()
+        self.wfile.write(self.body)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def metrics_target() -> Iterator[str]:
+    (port,) = free_ports(1)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), _Target)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
+    thread.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+def test_prometheus_scrapes_target(prometheus_server: PrometheusServer, metrics_target: str) -> None:
+    prometheus_server.set_targets({"smoke": [metrics_target]}, replace=False)
+    prometheus_server.wait_for_targets_up("smoke")
+    [series] = prometheus_server.wait_for_query('hostwall_smoke_value{job="smoke"}')
+    assert series["metric"]["kind"] == "test" and series["metric"]["instance"] == metrics_target
+    assert float(series["value"][1]) == 42.0
+    assert prometheus_server.query_value('sum(hostwall_smoke_value{job="smoke"})') == 42.0
+
+
+def test_prometheus_scrapes_collector(prometheus_server: PrometheusServer, otel_collector: OtelCollector) -> None:
+    """The chain the dashboards rely on: OTLP metric -> collector's prometheus exporter -> Prometheus."""
+    from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+
+    reader = PeriodicExportingMetricReader(
+        OTLPMetricExporter(endpoint=f"{otel_collector.http_endpoint}/v1/metrics", timeout=10),
+        export_interval_millis=60_000)
+    meters = MeterProvider(metric_readers=[reader])
+    meters.get_meter("hostwall.smoke").create_up_down_counter("hostwall.smoke.backlog").add(3)
+    assert meters.force_flush(timeout_millis=10_000)
+    meters.shutdown()
+
+    prometheus_server.set_targets({"otelcol": [otel_collector.prometheus_target]}, replace=False)
+    prometheus_server.wait_for_targets_up("otelcol")
+    t0 = time.monotonic()
+    [series] = prometheus_server.wait_for_query('hostwall_smoke_backlog{job="otelcol"}')
+    assert float(series["value"][1]) == 3.0, (series, time.monotonic() - t0)
