@@ -1,0 +1,302 @@
+"""Suite `datapath`: ns per packet of the XDP ingress program (and TC egress) via BPF_PROG_TEST_RUN.
+
+What is measured (every case is one frame run `repeat` times in the kernel; the metric is the median,
+over several batches, of the kernel's mean ns per run; the batches of all cases are interleaved, so a
+burst of interference from other work on the machine hits every case alike). Each policy size gets
+its own freshly loaded instance (10 rules, 1000 rules (not with --quick), max = 4096 rules + 100k
+IPv4 + 10k IPv6 prefixes), so all cases can be interleaved without swapping policies in between:
+
+- allow    first packet of a flow that only the LAST rule allows ("probe-ingress", priority 1000000):
+           a TCP ACK. A non-SYN creates no conntrack state, so every repeat takes the full path:
+           parse, conntrack miss, peer lookup (top-16 bucket + binary search in a dense bucket),
+           L4 lookup, bit-vector AND over all 64 words (each word has candidate rules, no match
+           until the last), rule load, counters. This is the "first packet of a flow" metric.
+           (A repeated SYN would measure the conntrack-hit path from its second run on: the first
+           allowed SYN opens a tracked connection.)
+- deny     a TCP ACK from a block-listed source (the deny rule is first in priority order, as a
+           threat-intel list usually is): drop, reason policy_deny.
+- default  a TCP ACK to a port no rule names: every word is scanned, no rule matches, default deny.
+- established  the conntrack-hit path: SYN in (XDP, once) → SYN-ACK out (TC egress, once) → the
+           flow is ESTABLISHED; then the initiator's ACK of that flow is measured (one conntrack
+           lookup, state/counter update, no policy evaluation).
+- egress_allow (TC egress) a TCP ACK to a destination only the last egress rule allows.
+- ct_insert   many SYNs of distinct flows, each run once (repeat=1, so each inserts a conntrack
+           entry), minus the same number of ACKs of distinct flows run once (same path, no insert).
+
+Baselines from the same run: an empty XDP program (`return XDP_PASS;`) and an empty TC program,
+compiled with BCC, through the same test-run loop. Every case is checked before it is timed: the
+probe's verdict and rule come from the reference model (bench.policies.check_probes) and the
+datapath's counted exit (hook, verdict, reason, rule counter) must agree.
+
+Caveats: test-run repeats one frame, so caches and branch predictors are warm (a lower bound for
+real traffic), and its per-run overhead (the empty program's figure) is included in every ns_* value.
+The deny/default paths repeat one drop key, so after the first run (which emits the deny event) they
+update an existing drop aggregate, as in a flood from one source.
+"""
+from __future__ import annotations
+
+import ipaddress
+import statistics
+import struct
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from enforcer import layout as L
+from enforcer._internal import bpfsys
+from enforcer.reference import Packet
+
+from . import policies as P
+
+XDP_DROP, XDP_PASS = 1, 2
+TC_ACT_OK, TC_ACT_SHOT = 0, 2
+TCP_FIN, TCP_SYN, TCP_RST, TCP_ACK = 0x01, 0x02, 0x04, 0x10
+
+TARGETS = {
+    "ns_per_pkt_v4_max_policy": ("<= 150 ns", lambda m: m["ns_per_pkt_v4_max_policy"] <= 150),
+    "ns_per_pkt_v6_max_policy": ("<= 250 ns", lambda m: m["ns_per_pkt_v6_max_policy"] <= 250),
+    "ratio_v4_max_over_10_rules": ("<= 2 (max policy vs 10 rules)", lambda m: m["ratio_v4_max_over_10_rules"] <= 2),
+    "ratio_v6_max_over_10_rules": ("<= 2 (max policy vs 10 rules)", lambda m: m["ratio_v6_max_over_10_rules"] <= 2),
+    "ns_per_pkt_v4_established": ("<= 60 ns", lambda m: m["ns_per_pkt_v4_established"] <= 60),
+}
+
+NOTES = """\
+allow/first packet = TCP ACK matched only by the last rule (no conntrack state is created by non-SYN
+packets, so every repeat evaluates the policy). A repeated SYN would be the conntrack-hit path after
+its first run. established = ACK of a flow opened by SYN (XDP) + SYN-ACK (TC egress).
+ns_* = median over batches of the kernel's mean ns/run (BPF_PROG_TEST_RUN); warm caches."""
+
+_MAC = b"\x02\x00\x00\x00\x00\x02" + b"\x02\x00\x00\x00\x00\x01"
+
+
+def _log(msg: str) -> None:
+    print(f"[datapath] {msg}", file=sys.stderr, flush=True)
+
+
+# ---- frames --------------------------------------------------------------------------------------
+
+def _csum(b: bytes) -> int:
+    if len(b) % 2:
+        b += b"\0"
+    s = sum(struct.unpack(f"!{len(b) // 2}H", b))
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return ~s & 0xFFFF
+
+
+def tcp_frame(pkt: Packet, flags: int, sport: int | None = None, payload: int = 0) -> bytes:
+    """Ethernet + IPv4/IPv6 + TCP (no options) frame for `pkt` with the given TCP flags."""
+    sp = pkt.sport if sport is None else sport
+    tcp = struct.pack("!HHIIBBHHH", sp, pkt.dport, 1000, 2000 if flags & TCP_ACK else 0, 5 << 4, flags,
+                      65535, 0, 0) + b"\0" * payload
+    src, dst = ipaddress.ip_address(pkt.src).packed, ipaddress.ip_address(pkt.dst).packed
+    if pkt.family == 4:
+        pseudo = src + dst + struct.pack("!BBH", 0, 6, len(tcp))
+        tcp = tcp[:16] + struct.pack("!H", _csum(pseudo + tcp)) + tcp[18:]
+        ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), 1, 0x4000, 64, 6, 0, src, dst)
+        ip = ip[:10] + struct.pack("!H", _csum(ip)) + ip[12:]
+        return _MAC + b"\x08\x00" + ip + tcp
+    pseudo = src + dst + struct.pack("!IxxxB", len(tcp), 6)
+    tcp = tcp[:16] + struct.pack("!H", _csum(pseudo + tcp)) + tcp[18:]
+    ip6 = struct.pack("!IHBB16s16s", 6 << 28, len(tcp), 6, 64, src, dst)
+    return _MAC + b"\x86\xdd" + ip6 + tcp
+
+
+def reply(pkt: Packet) -> Packet:
+    """The same flow seen from the other side (direction flipped)."""
+    return Packet("egress" if pkt.direction == "ingress" else "ingress", pkt.family, pkt.dst, pkt.src,
+                  pkt.protocol, pkt.dport, pkt.sport)
+
+
+# ---- programs ------------------------------------------------------------------------------------
+
+_EMPTY_SRC = b"""
+int empty_xdp(struct xdp_md *ctx) { return XDP_PASS; }
+int empty_tc(struct __sk_buff *skb) { return 0; }
+"""
+
+
+def _empty_programs():
+    """(bpf module, xdp fd, tc fd) of programs that only return pass: the test-run loop's own cost."""
+    from bcc import BPF
+    b = BPF(text=_EMPTY_SRC)
+    return b, b.load_func(b"empty_xdp", BPF.XDP).fd, b.load_func(b"empty_tc", BPF.SCHED_CLS).fd
+
+
+class Runner:
+    """Checked single test-runs against one loaded Datapath: which counted exit did a frame take?"""
+
+    def __init__(self, dp, slot_names: dict[int, str] | None = None):
+        self.dp = dp
+        self.slot_names: dict[int, str] = slot_names or {}   # rule counter slot -> rule name
+
+    def judged(self, prog: str, frame: bytes) -> tuple[int, str, str, str | None, int]:
+        """Run once; (hook, verdict, reason, rule name or None, retval) from the counters that moved."""
+        dp = self.dp
+        before, rb = dp.stats()["packets"], dp.rule_stats()["packets"]
+        res = bpfsys.prog_test_run(dp.prog_fds[prog], frame)
+        moved = np.nonzero(dp.stats()["packets"] - before)[0]
+        if len(moved) != 1:
+            raise RuntimeError(f"{prog}: expected one counted exit, counters moved at {moved.tolist()}")
+        h, rest = divmod(int(moved[0]), L.VERDICTS * L.REASONS)
+        v, r = divmod(rest, L.REASONS)
+        rmoved = np.nonzero(dp.rule_stats()["packets"] - rb)[0]
+        rule = self.slot_names.get(int(rmoved[0]), f"slot{int(rmoved[0])}") if len(rmoved) else None
+        return h, L.VERDICT_NAMES[v], L.REASON_NAMES[r], rule, res.retval
+
+    def expect(self, prog: str, frame: bytes, verdict: str, reason: str, rule: str | None, what: str) -> None:
+        hook = {"xdp_ingress": L.C["HW_HOOK_XDP_INGRESS"], "tc_egress": L.C["HW_HOOK_TC_EGRESS"],
+                "tc_ingress": L.C["HW_HOOK_TC_INGRESS"]}[prog]
+        got = self.judged(prog, frame)
+        if got[:4] != (hook, verdict, reason, rule):
+            raise RuntimeError(f"{what}: datapath judged (hook {got[0]}, {got[1]}, {got[2]}, rule {got[3]}), "
+                               f"expected (hook {hook}, {verdict}, {reason}, rule {rule}); the datapath "
+                               "disagrees with the reference model")
+
+
+# ---- the suite -----------------------------------------------------------------------------------
+
+_EXPECT = {"allow": ("allow", "pass_rule"), "deny": ("drop", "policy_deny"), "default": ("drop", "default_deny"),
+           "egress_allow": ("allow", "pass_rule")}
+EST_SPORT = 30000          # the established flow's source port (the first-packet probes use another)
+
+
+@dataclass
+class Case:
+    name: str                  # metric name
+    fd: int
+    frame: bytes
+    retval: int
+    runs: list = field(default_factory=list)
+
+
+def _instance(bp: P.BenchPolicy):
+    """A freshly loaded datapath with `bp` installed and its probes checked (reference + counters)."""
+    from enforcer.compiler import compile_policy
+    from enforcer.datapath import Datapath
+    from enforcer.policy import load_policy
+    t0 = time.perf_counter()
+    pol = load_policy(bp.path)
+    P.check_probes(pol, bp.probes)
+    slots = {r.name: i for i, r in enumerate(pol.rules)}
+    cp = compile_policy(pol, slots, revision_id=bp.n_rules)
+    t1 = time.perf_counter()
+    dp = Datapath.load()
+    dp.install(cp)
+    dp.clear_conntrack()
+    _log(f"{bp.label}: {len(pol.rules)} rules, {bp.v4_prefixes} v4 / {bp.v6_prefixes} v6 prefixes, "
+         f"{cp.describe()}; parse+compile {t1 - t0:.1f} s, load+install {time.perf_counter() - t1:.1f} s")
+    return dp, {i: n for n, i in slots.items()}
+
+
+def _cases(dp, slot_names: dict[int, str], bp: P.BenchPolicy) -> list[Case]:
+    """Check every probe's path in the datapath, open the established flows, return the timed cases."""
+    runner = Runner(dp, slot_names)
+    xdp, egr = dp.prog_fds["xdp_ingress"], dp.prog_fds["tc_egress"]
+    lab = bp.label
+    out: list[Case] = []
+    for fam in (4, 6):
+        v = f"v{fam}"
+        # established: SYN in (XDP), SYN-ACK out (TC egress), then the initiator's ACK is a conntrack hit
+        syn = bp.probes[(fam, "allow")].packet
+        syn = Packet(syn.direction, fam, syn.src, syn.dst, 6, EST_SPORT, syn.dport)
+        runner.expect("xdp_ingress", tcp_frame(syn, TCP_SYN), "allow", "pass_rule", "probe-ingress",
+                      f"{lab} {v} SYN opening a flow")
+        runner.expect("tc_egress", tcp_frame(reply(syn), TCP_SYN | TCP_ACK), "allow", "pass_conntrack", None,
+                      f"{lab} {v} SYN-ACK of a tracked flow")
+        ack = tcp_frame(syn, TCP_ACK)
+        runner.expect("xdp_ingress", ack, "allow", "pass_conntrack", None, f"{lab} {v} ACK of an established flow")
+        for path in ("allow", "deny", "default"):
+            pr = bp.probes[(fam, path)]
+            f = tcp_frame(pr.packet, TCP_ACK)
+            verdict, reason = _EXPECT[path]
+            runner.expect("xdp_ingress", f, verdict, reason, pr.rule, f"{lab} {v} {path}")
+            out.append(Case(f"ns_xdp_{v}_{lab}_{path}", xdp, f, XDP_PASS if verdict == "allow" else XDP_DROP))
+        out.append(Case(f"ns_xdp_{v}_{lab}_established", xdp, ack, XDP_PASS))
+        pr = bp.probes[(fam, "egress_allow")]
+        f = tcp_frame(pr.packet, TCP_ACK)
+        runner.expect("tc_egress", f, "allow", "pass_rule", pr.rule, f"{lab} {v} egress allow")
+        out.append(Case(f"ns_tc_egress_{v}_{lab}_allow", egr, f, TC_ACT_OK))
+    return out
+
+
+def _measure(cases: list[Case], repeat: int, batches: int) -> None:
+    """Interleaved rounds: every case runs one batch per round, so a burst of interference from other
+    work on the machine hits all cases alike instead of skewing one of them."""
+    for c in cases:                                  # warm-up and return-value check
+        r = bpfsys.prog_test_run(c.fd, c.frame, repeat=max(1, repeat // 10))
+        if r.retval != c.retval:
+            raise RuntimeError(f"{c.name}: program returned {r.retval}, expected {c.retval}")
+    for i in range(batches):
+        order = cases[i % len(cases):] + cases[:i % len(cases)]
+        for c in order:
+            c.runs.append(bpfsys.prog_test_run(c.fd, c.frame, repeat=repeat).duration_ns)
+
+
+def _ct_insert(dp, bp: P.BenchPolicy, flows: int, m: dict[str, float]) -> None:
+    """Mean single-run cost of SYNs that each open a flow vs ACKs that open none (same policy path)."""
+    xdp = dp.prog_fds["xdp_ingress"]
+    dp.clear_conntrack()
+    for fam in (4, 6):
+        base = bp.probes[(fam, "allow")].packet
+        syn_ns, ack_ns = [], []
+        for i in range(flows):
+            syn_ns.append(bpfsys.prog_test_run(xdp, tcp_frame(base, TCP_SYN, sport=1024 + i)).duration_ns)
+            ack_ns.append(bpfsys.prog_test_run(xdp, tcp_frame(base, TCP_ACK, sport=1024 + flows + i)).duration_ns)
+        entries = dp.map_pressure()[f"hw_ct{fam}"]["entries"]
+        if entries != flows:
+            raise RuntimeError(f"v{fam}: {flows} SYNs of distinct flows left {entries} conntrack entries")
+        v = f"v{fam}"
+        m[f"ns_syn_new_flow_{v}_repeat1"] = float(np.mean(syn_ns))
+        m[f"ns_ack_new_flow_{v}_repeat1"] = float(np.mean(ack_ns))
+        m[f"ct_insert_ns_{v}"] = m[f"ns_syn_new_flow_{v}_repeat1"] - m[f"ns_ack_new_flow_{v}_repeat1"]
+        dp.clear_conntrack()
+    m["ct_insert_ns"] = m["ct_insert_ns_v4"]
+    _log(f"conntrack insert: v4 {m['ct_insert_ns_v4']:.0f} ns, v6 {m['ct_insert_ns_v6']:.0f} ns "
+         f"({flows} flows each, single runs; max policy)")
+
+
+def run(quick: bool) -> dict[str, float]:
+    repeat, batches, flows = (20_000, 11, 2_000) if quick else (200_000, 15, 20_000)
+    m: dict[str, float] = {}
+    t0 = time.perf_counter()
+    empty_mod, empty_xdp, empty_tc = _empty_programs()
+    instances = []
+    try:
+        probe_frame = tcp_frame(P._probes(P.PROBE_PORT_IN)[(4, "allow")].packet, TCP_ACK)
+        cases = [Case("ns_empty_xdp", empty_xdp, probe_frame, XDP_PASS),
+                 Case("ns_empty_tc", empty_tc, probe_frame, TC_ACT_OK)]
+        with P.tempdir() as d:
+            for n in ((10, P.MAX_RULES) if quick else P.RULE_COUNTS):    # --quick skips 1000 rules
+                bp = P.max_policy(d, seed=1) if n == P.MAX_RULES else P.generate(d, n, seed=1)
+                dp, slot_names = _instance(bp)
+                instances.append(dp)
+                cases += _cases(dp, slot_names, bp)
+            _log(f"set-up {time.perf_counter() - t0:.1f} s; timing {len(cases)} cases x {batches} interleaved "
+                 f"batches of {repeat} runs")
+            _measure(cases, repeat, batches)
+            for c in cases:
+                m[c.name] = float(statistics.median(c.runs))
+                c_min = float(min(c.runs))
+                if c.name.endswith(("max_policy_allow", "10_rules_allow", "max_policy_established")) \
+                        or c.name.startswith("ns_empty"):
+                    m[c.name + "_min"] = c_min
+            _ct_insert(instances[-1], bp, flows, m)      # bp: the max policy
+        # contract names (DESIGN.md §9)
+        for fam in ("v4", "v6"):
+            m[f"ns_per_pkt_{fam}_10_rules"] = m[f"ns_xdp_{fam}_10_rules_allow"]
+            m[f"ns_per_pkt_{fam}_max_policy"] = m[f"ns_xdp_{fam}_max_policy_allow"]
+            m[f"ns_per_pkt_{fam}_established"] = m[f"ns_xdp_{fam}_max_policy_established"]
+            m[f"ratio_{fam}_max_over_10_rules"] = m[f"ns_per_pkt_{fam}_max_policy"] / m[f"ns_per_pkt_{fam}_10_rules"]
+            m[f"ratio_{fam}_max_over_empty_xdp"] = m[f"ns_per_pkt_{fam}_max_policy"] / m["ns_empty_xdp"]
+            m[f"ns_added_{fam}_max_policy"] = m[f"ns_per_pkt_{fam}_max_policy"] - m["ns_empty_xdp"]
+            m[f"ns_added_{fam}_established"] = m[f"ns_per_pkt_{fam}_established"] - m["ns_empty_xdp"]
+        m["repeat"] = float(repeat)
+        m["batches"] = float(batches)
+        return dict(sorted(m.items()))
+    finally:
+        for dp in instances:
+            dp.close()
+        empty_mod.cleanup()
