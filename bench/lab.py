@@ -228,8 +228,7 @@ rules:
         self.dp.clear_conntrack()
         ns = self.lab.ns("prot")
         try:
-            self.mode = attach.attach_xdp("eth0", self.dp.prog_fds["xdp_ingress"], "auto", netns=ns)
-            attach.attach_tc("eth0", self.dp.prog_fds["tc_ingress"], self.dp.prog_fds["tc_egress"], netns=ns)
+            self.mode = self.dp.attach("eth0", "auto", netns=ns)
         except BaseException:
             self.remove()
             raise

@@ -114,7 +114,8 @@ struct hw_config {                  /* hw_config[0] — written by the enforcer 
 	__u32 ncpus;                /* possible CPUs: the event budget is split evenly among them */
 	__u64 test_now_ns;          /* tests only: when non-zero, the datapath's clock reads this */
 	__u32 manual_bans;          /* operator bans in the LPM tries; 0 skips that lookup */
-	__u32 pad;
+	__u32 xdp_ingress;          /* 1: XDP judges ingress on every attached interface, so TC ingress
+	                             * judges only packets XDP marked as deferred; 0: TC judges all */
 };
 
 struct hw_collect {                 /* hw_collect[0] — written by the collector only */

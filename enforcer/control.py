@@ -150,16 +150,14 @@ def start(policy: Policy, pin_dir: str, interfaces: list[InterfaceConf], netns: 
     attached = []
     try:
         for i in interfaces:
-            mode = attach.attach_xdp(i.name, dp.prog_fds["xdp_ingress"], i.xdp_mode, netns)
-            attach.attach_tc(i.name, dp.prog_fds["tc_ingress"], dp.prog_fds["tc_egress"], netns)
+            mode = dp.attach(i.name, i.xdp_mode, netns)
             attached.append(AttachedInterface(i.name, netns, i.xdp_mode, mode,
                                               attach.link_state(i.name, netns).ifindex,
                                               {p.name: p.dos_profile for p in policy.interfaces}.get(i.name)))
     except attach.AttachError:
         if not adopted:         # a fresh instance that cannot attach everywhere leaves nothing behind
             for a in attached:
-                attach.detach_xdp(a.name, netns)
-                attach.detach_tc(a.name, netns)
+                Datapath.detach(a.name, netns)
             Datapath.unpin(pin_dir)
             dp.close()
         raise
@@ -190,8 +188,7 @@ def detach(pin_dir: str) -> list[str]:
     done = []
     for i in (st.interfaces if st else []):
         try:
-            attach.detach_xdp(i.name, i.netns)
-            attach.detach_tc(i.name, i.netns)
+            Datapath.detach(i.name, i.netns)
             done.append(i.name + (f"@{i.netns}" if i.netns else ""))
         except Exception:  # interface or netns gone: nothing left to detach there
             pass

@@ -126,6 +126,23 @@ class Datapath:
             if not (d / "progs" / n).exists():
                 bpfsys.obj_pin(fd, str(d / "progs" / n))
 
+    def attach(self, ifname: str, xdp_mode: str = "auto", netns: str | None = None) -> str:
+        """Attach XDP ingress and TC ingress/egress on one interface; returns the XDP mode that took.
+
+        Sets hw_config.xdp_ingress: from now on TC ingress leaves the judging of ingress packets to
+        XDP (it judges only packets XDP marks as deferred), so no packet is judged twice."""
+        from . import attach
+        mode = attach.attach_xdp(ifname, self.prog_fds["xdp_ingress"], xdp_mode, netns)
+        attach.attach_tc(ifname, self.prog_fds["tc_ingress"], self.prog_fds["tc_egress"], netns)
+        self.set_config(xdp_ingress=1)
+        return mode
+
+    @staticmethod
+    def detach(ifname: str, netns: str | None = None) -> None:
+        from . import attach
+        attach.detach_xdp(ifname, netns)
+        attach.detach_tc(ifname, netns)
+
     @staticmethod
     def unpin(pin_dir: str | os.PathLike) -> None:
         d = Path(pin_dir)

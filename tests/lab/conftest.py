@@ -94,8 +94,7 @@ def hostwall_attached(lab: Lab, dp, policy, host: str = "prot", ifname: str = "e
     dp.clear_conntrack()
     ns = lab.ns(host)
     try:
-        mode = attach.attach_xdp(ifname, dp.prog_fds["xdp_ingress"], xdp_mode, netns=ns)
-        attach.attach_tc(ifname, dp.prog_fds["tc_ingress"], dp.prog_fds["tc_egress"], netns=ns)
+        mode = dp.attach(ifname, xdp_mode, netns=ns)
         yield slots, mode
     finally:
         try:
