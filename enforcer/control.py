@@ -94,6 +94,7 @@ def apply_policy(dp: Datapath, st: InstanceState, policy: Policy,
     st.revision, st.policy_name, st.policy_path = policy.revision, policy.name, os.path.abspath(policy.source)
     st.rules, st.prefixes, st.applied_at = len(policy.rules), policy.prefix_count, time.time()
     st.dos_profiles = list(cp.dos_profile_names)
+    st.tables = cp.describe()
     st.record_change(old_rev, policy.revision, old_rules, len(policy.rules), st.policy_path, timing.switch_s * 1e3)
     return ApplyResult(old_rev, policy.revision, len(policy.rules), policy.prefix_count, t1 - t0, t2 - t1,
                        timing.switch_s * 1e3, timing.barrier_s * 1e3)
@@ -198,6 +199,16 @@ def detach(pin_dir: str) -> list[str]:
     return done
 
 
+POLICY_CAPACITY = {"rules": L.MAX_RULES, "peer_classes": L.PEER_CLASSES_MAX, "l4_classes": L.L4_CLASSES_MAX,
+                   "v4_intervals": L.V4_INTERVALS_MAX, "v6_intervals": L.V6_INTERVALS_MAX}
+
+
+def policy_pressure(tables: dict) -> dict[str, dict]:
+    """Fill of the policy tables of the active generation, as map pressure rows."""
+    return {f"policy.{k}": {"entries": int(tables.get(k, 0)), "capacity": cap,
+                            "percent": round(100.0 * tables.get(k, 0) / cap, 2)} for k, cap in POLICY_CAPACITY.items()}
+
+
 def status(pin_dir: str, with_pressure: bool = True) -> dict:
     """Everything `status` shows, as plain data."""
     st = InstanceState.load(pin_dir)
@@ -260,7 +271,7 @@ def status(pin_dir: str, with_pressure: bool = True) -> dict:
         from . import bans
         out["bans"] = bans.listing(dp, names)
         if with_pressure:
-            out["map_pressure"] = dp.map_pressure()
+            out["map_pressure"] = {**policy_pressure(st.tables), **dp.map_pressure()}
         return out
     finally:
         dp.close()

@@ -63,6 +63,7 @@ class InstanceState:
     slots: dict[str, int] = field(default_factory=dict)        # rule name -> counter slot
     rule_meta: dict[str, dict] = field(default_factory=dict)   # rule name -> {priority, direction, action}
     dos_profiles: list[str] = field(default_factory=list)      # profile id -> name (active policy)
+    tables: dict[str, int] = field(default_factory=dict)       # fill of the active policy tables
     history: list[dict] = field(default_factory=list)
     pid: int | None = None                                      # the `run` process, if any
 

@@ -156,6 +156,7 @@ class Issues:
 # ---------------------------------------------------------------- YAML with lines
 
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_FLATTEN_TAGS = frozenset({"tag:yaml.org,2002:merge", "tag:yaml.org,2002:value"})
 _STR_TAG = "tag:yaml.org,2002:str"
 _COLLECTION_TAGS = frozenset({"tag:yaml.org,2002:map", "tag:yaml.org,2002:seq"})
 _MISSING = object()
@@ -241,7 +242,10 @@ class _Tree:
 
     def _mapping(self, node: yaml.MappingNode) -> dict:
         first: dict[Any, int] = {}
+        special = False                       # a merge key '<<' or a value key '=' (flatten_mapping's work)
         for k_node, _ in node.value:          # duplicates among explicit keys (merge keys may override)
+            if k_node.tag in _FLATTEN_TAGS:
+                special = True
             if k_node.tag == "tag:yaml.org,2002:merge" or not isinstance(k_node, yaml.ScalarNode):
                 continue
             key = self.key_of(k_node)
@@ -252,10 +256,11 @@ class _Tree:
                 self._issue(f"duplicate key {key!r} (first at line {first[key]}); keep only one", key, line=kline)
             else:
                 first[key] = kline
-        try:
-            self.ctor.flatten_mapping(node)
-        except yaml.YAMLError as e:
-            self._issue(f"bad YAML merge: {getattr(e, 'problem', e)}")
+        if special:
+            try:
+                self.ctor.flatten_mapping(node)
+            except yaml.YAMLError as e:
+                self._issue(f"bad YAML merge: {getattr(e, 'problem', e)}")
         out: dict = {}
         path = self.path
         for k_node, v_node in node.value:
@@ -595,7 +600,9 @@ def parse_peer_lines(lines: Sequence[str], progress: Callable[[int], None] | Non
             for k in np.flatnonzero(badmask):
                 hostbits.append((lines4[k], None))
             nets, lens = nets[~badmask], lens[~badmask]
-        key = np.unique((nets.astype(np.uint64) << np.uint64(8)) | lens.astype(np.uint64))
+        key = np.sort((nets.astype(np.uint64) << np.uint64(8)) | lens.astype(np.uint64))
+        if len(key) > 1:                      # unique (np.unique hashes: slower on distinct values)
+            key = key[np.concatenate(([True], key[1:] != key[:-1]))]
         nets = (key >> np.uint64(8)).astype(np.uint32)
         lens = (key & np.uint64(0xFF)).astype(np.uint8)
     v6u = sorted(set(v6))

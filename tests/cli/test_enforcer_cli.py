@@ -107,7 +107,8 @@ def test_run_apply_status_detach(inst):
     s = status(inst)
     assert s["revision"] == "r1" and s["rules_count"] == 2
     assert s["interfaces"][0]["xdp_mode"] in ("native", "generic") and s["interfaces"][0]["tc_egress"]
-    assert {"hw_ct4", "hw_ct6", "hw_dos_src", "hw_drops0"} <= set(s["map_pressure"])
+    assert {"hw_ct4", "hw_ct6", "hw_dos_src", "hw_drops0", "policy.rules", "policy.v4_intervals"} <= set(s["map_pressure"])
+    assert s["map_pressure"]["policy.rules"]["entries"] == 2
     assert all(0 <= m["percent"] <= 100 for m in s["map_pressure"].values())
     gen = s["generation"]
 
