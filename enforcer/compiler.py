@@ -5,8 +5,11 @@ each field the axis of possible values is cut into elementary intervals; all val
 match exactly the same rules, its *class*. A class is stored once as a bitmap over rule order. The
 datapath looks up both classes, ANDs the bitmaps and takes the lowest set bit: the first match.
 
-Cost: O((P + R) log(P + R)) for P prefixes and R rules, plus an E x R/64 word XOR scan over the E
-elementary intervals (about 0.2 s for 4096 rules + 100k prefixes). Everything is NumPy-vectorised.
+Cost: O((P + R) log(P + R) + C x R/64) for P prefixes, R rules and C classes: classes come from
+128-bit signatures of the elementary intervals, bitmaps from one representative interval per class
+(see classify), never an E x R/64 matrix over the E elementary intervals. About 0.1 s for the max
+policy (4096 rules + 100k IPv4 + 10k IPv6 prefixes, ~2 x 10^5 intervals) on an idle core; everything
+but the IPv6 ranking is NumPy-vectorised.
 """
 from __future__ import annotations
 
@@ -115,7 +118,8 @@ def classify(n_rules: int, own, start, end, any_rules: list[int], axis_end: int)
     size E x R for the E elementary intervals:
     1. Rank every bound among the elementary points (NumPy up to 2**40; wider axes such as IPv6 are
        ranked in Python first, after that everything works on ranks), and merge the ranges of each
-       rule so that one rule's ranges are disjoint.
+       rule so that one rule's ranges are disjoint (ranges of an any-rule are dropped: it covers
+       the whole axis anyway).
     2. Signature of an interval: two independent 64-bit sums, mod 2**64, of random per-rule keys
        over the rules covering it: +key at each range's start index, -key at its end index, then a
        prefix sum. any_rules would add the same keys to every interval, which changes no equality, so
@@ -136,11 +140,18 @@ def classify(n_rules: int, own, start, end, any_rules: list[int], axis_end: int)
     below 2**-90 for the 2**19 IPv4 intervals the datapath holds.
     """
     words = max(1, (n_rules + 63) // 64)
-    if axis_end > 2**40:
+    big = axis_end > 2**40
+    own = np.asarray(own, dtype=np.int64)
+    if any_rules and len(own):                    # an any-rule's own ranges add nothing to its set
+        rest = ~np.isin(own, np.asarray(any_rules, dtype=np.int64))
+        if not rest.all():
+            own = own[rest]
+            start = [v for v, k in zip(start, rest.tolist()) if k] if big else np.asarray(start)[rest]
+            end = [v for v, k in zip(end, rest.tolist()) if k] if big else np.asarray(end)[rest]
+    if big:
         pts, s_idx, e_idx = _rank_big(list(start), list(end), axis_end)
     else:
         pts, s_idx, e_idx = _rank_small(np.asarray(start, np.uint64), np.asarray(end, np.uint64), axis_end)
-    own = np.asarray(own, dtype=np.int64)
     if len(own):
         own, s_idx, e_idx = _merge_per_owner(own, s_idx.astype(np.uint64), e_idx.astype(np.uint64))
         s_idx, e_idx = s_idx.astype(np.intp), e_idx.astype(np.intp)
@@ -218,8 +229,10 @@ def _v6_classes(rules: tuple[Rule, ...]) -> Classes:
         if ps.any:
             any_rules.append(order)
             continue
-        for n, ln in zip(ps.v6_net, ps.v6_len):
-            own.append(order); start.append(n); end.append(n + (1 << (128 - ln)))
+        if ps.v6_net:
+            own.extend([order] * len(ps.v6_net))
+            start.extend(ps.v6_net)
+            end.extend([n + (1 << (128 - ln)) for n, ln in zip(ps.v6_net, ps.v6_len)])
     return classify(len(rules), own, start, end, any_rules, 1 << 128)
 
 

@@ -271,6 +271,10 @@ class _Tree:
             if key is _MISSING:
                 self._issue(f"cannot read key {k_node.value!r}", line=k_node.start_mark.line + 1)
                 continue
+            if not isinstance(key, str):      # e.g. a profile named 1: names are strings
+                self._issue(f"key {key!r} is a {type(key).__name__}; names must be strings (quote it: "
+                            f"\"{k_node.value}\")", line=k_node.start_mark.line + 1)
+                continue
             path.append(key)
             out[key] = self.build(v_node)
             path.pop()
@@ -532,6 +536,9 @@ def _host_bits_msg(text: str, fam: int, n: int, ln: int) -> str:
     return f"{text.strip()} has host bits set; did you mean {addr}/{ln}?"
 
 
+_V4_LENS = {str(n): n for n in range(33)}
+
+
 @dataclass(slots=True)
 class PeerLines:
     """Parsed peers file: unique prefixes (sorted), and (line, message) of bad lines, sorted."""
@@ -551,7 +558,7 @@ def parse_peer_lines(lines: Sequence[str], progress: Callable[[int], None] | Non
     with numpy); IPv6 lines use Python ints. Only the first `keep_bad` bad lines get a message;
     `bad_total` counts them all. progress(lines_done) is called every 16384 lines.
     """
-    pton, af4, af6 = _pton, _AF4, _AF6
+    pton, af4, af6, len4 = _pton, _AF4, _AF6, _V4_LENS
     packed4 = bytearray()
     lens4 = bytearray()
     lines4: list[int] = []
@@ -570,7 +577,12 @@ def parse_peer_lines(lines: Sequence[str], progress: Callable[[int], None] | Non
         if ":" not in addr:
             try:
                 b = pton(af4, addr)
-                ln = _plen(plen, 32) if sep else 32
+                if sep:
+                    ln = len4.get(plen)       # the usual '0'..'32'; anything else: _plen decides
+                    if ln is None:
+                        ln = _plen(plen, 32)
+                else:
+                    ln = 32
             except (OSError, ValueError):
                 bad.append((i + 1, s))
                 continue

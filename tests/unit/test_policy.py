@@ -571,3 +571,9 @@ def test_peers_file_100k_lines_is_fast(tmp_path):
         best = min(best, time.perf_counter() - t)
     assert best < 1.5, f"100k-line peers file took {best:.2f}s"
     assert p.prefix_count == len(set(lines[:500] + [lines[500].split()[0]] + lines[501:]))
+
+
+def test_non_string_mapping_key_is_an_error_not_a_crash():
+    with pytest.raises(PolicyError) as e:
+        parse_policy("version: 1\nname: x\ndos: {profiles: {1: {}}}\n")
+    assert any("names must be strings" in i.message and i.line == 3 for i in e.value.issues), e.value.issues
