@@ -214,7 +214,6 @@ rules:
 """
 
     def install(self) -> None:
-        from enforcer import attach
         from enforcer.compiler import compile_policy
         from enforcer.policy import load_policy
         if self.compiled is None:                  # once; later rounds reinstall the same tables

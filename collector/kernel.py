@@ -12,7 +12,6 @@ the datapath's coarse clock (tests), and `now_ns()` follows it so conntrack time
 """
 from __future__ import annotations
 
-import ctypes
 import os
 import time
 from dataclasses import dataclass

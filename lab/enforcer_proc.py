@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-from pathlib import Path
 
 from .netns import REPO_ROOT, Lab
 
