@@ -526,6 +526,8 @@ class Pipeline:
                     await self._final_ring_drain()
                     await events
                     await self._export_drops()
+                    # kernel losses since the last tick (the tick task is already stopped)
+                    self.ledger.fold_kernel(await self._k(self.source.kernel_loss))
             except TimeoutError:
                 log.error("shutdown: record building did not finish in time; counting the rest as lost")
             except Exception as e:                      # noqa: BLE001 — reported, shutdown goes on

@@ -1,0 +1,221 @@
+"""End to end: the real enforcer and the real `hostwall-collector` process next to it in a netns lab
+(issue "Collector"). One lab run — the demo's own (lab.demo.run_lab) with a second, OCSF-encoded
+JSONL sink — is shared by the tests of this module:
+
+    attacker probes (blocked) → normal client traffic, both families → a 3 s UDP flood from the
+    attacker while the client keeps using the web service → quiet until the anomaly closes →
+    SIGTERM to the collector (final drain) → enforcer counters.
+
+Checked: the anomaly (exactly one for the attacker's prefix, open within 2 s of the flood's start
+as seen in the flow log, closed after it; none from normal traffic); every record against
+schemas/*.json by kind; the OCSF sink with pydantic-ocsf; ECS names and types against the ECS
+reference; drop summaries == the enforcer's drop counters; a client flow's start and end records;
+the ledger (produced = delivered + lost, nothing in flight, every delivered record in the file)."""
+from __future__ import annotations
+
+import base64
+import copy
+import hashlib
+import ipaddress
+import io
+import struct
+from collections import Counter, defaultdict
+
+import pytest
+from rich.console import Console
+
+from lab import demo
+from lab.collector_proc import LAB_CONFIG, kind, read_jsonl
+from tests.collector.test_encoders import CUSTOM_TOP, ecs_fields, leaves, ocsf_model, ocsf_schema, type_ok
+from tests.collector.test_records import validator
+
+from .conftest import EXAMPLE_POLICY, _available
+
+pytestmark = pytest.mark.lab
+
+ATTACKER = demo.ATTACKER_PREFIX
+FLOOD_S = 3.0
+FLOOD_PPS = 100_000
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    ok, why = _available()
+    if not ok:
+        pytest.skip(f"netns lab unavailable: {why}")
+    out = tmp_path_factory.mktemp("collector-lab")
+    sinks = [f"jsonl:{out / 'flows.jsonl'}", {"url": f"jsonl:{out / 'flows.ocsf.jsonl'}", "encoding": "ocsf"}]
+    con = Console(file=io.StringIO(), width=120)
+    r = demo.run_lab(EXAMPLE_POLICY, out, FLOOD_S, FLOOD_PPS, con, sinks=sinks)
+    r.console_text = con.file.getvalue()
+    r.ocsf = read_jsonl(out / "flows.ocsf.jsonl")
+    return r
+
+
+def anomaly_rows(run) -> list[dict]:
+    return demo.anomalies(run.records, run.arrivals)
+
+
+def community_id_v1(saddr: str, daddr: str, proto: int, sport: int, dport: int, seed: int = 0) -> str:
+    """Community ID v1 (corelight/community-id-spec), written out here independently of the collector."""
+    a, b = ipaddress.ip_address(saddr).packed, ipaddress.ip_address(daddr).packed
+    if not (a < b or (a == b and sport < dport)):
+        a, b, sport, dport = b, a, dport, sport
+    data = struct.pack("!H", seed) + a + b + struct.pack("!BBHH", proto, 0, sport, dport)
+    return "1:" + base64.b64encode(hashlib.sha1(data).digest()).decode()
+
+
+# ---- anomalies -----------------------------------------------------------------------------------
+
+def test_normal_traffic_opens_no_anomaly(run):
+    warm_end = run.collector_started + LAB_CONFIG["anomaly"]["window_s"] * LAB_CONFIG["anomaly"]["warmup_windows"]
+    assert run.normal_end - warm_end >= 5.0, "normal traffic must run well past the detector's warm-up"
+    before = run.status_before_flood["anomaly"]
+    assert before["observed"] > 20 and before["keys"] > 0, before        # it was watching the normal traffic
+    assert before["opened"] == 0 and before["open"] == 0, before
+    early = [rec for _, rec in run.arrivals if _seen_before(rec, run.flood_start)]
+    assert early == []
+    assert [r for r in anomaly_rows(run) if r["opened_at"] < run.flood_start - 1.0] == []
+
+
+def _seen_before(rec: dict, t: float) -> bool:
+    return demo.iso_s(rec["@timestamp"]) < t - 1.0
+
+
+def test_flood_opens_exactly_one_anomaly_for_the_attacker_prefix_and_closes_it(run):
+    rows = anomaly_rows(run)
+    by_prefix = [r for r in rows if r["dimension"] == "source_prefix"]
+    assert [(r["value"], r["states"][0], r["states"][-1]) for r in by_prefix] == [(ATTACKER, "open", "close")], rows
+    a = by_prefix[0]
+    assert a["states"].count("open") == 1 and a["states"].count("close") == 1
+    # open: the anomaly's own time and the moment a reader of the flow log saw it, both ≤ 2 s
+    assert a["opened_at"] - run.flood_start <= demo.OPEN_WITHIN_S, (a, run.flood_start)
+    assert a["open_seen"] is not None and a["open_seen"] - run.flood_start <= demo.OPEN_WITHIN_S, (a, run.flood_start)
+    assert a["closed_at"] >= run.flood_end
+    assert a["severity"] and a["peak_rate"] > 1000          # a real flood, not a trickle over the threshold
+    recs = [r for r in run.records if kind(r) == "anomaly" and r["hostwall"]["anomaly"]["id"] == a["id"]]
+    talkers = recs[-1]["hostwall"]["anomaly"]["top_talkers"]
+    top = ipaddress.ip_network(talkers[0]["source"], strict=False)
+    assert top.subnet_of(ipaddress.ip_network(ATTACKER)), talkers
+    # nothing anywhere opened for the client's or any other prefix
+    assert all(demo.in_prefix(r["value"], ATTACKER) for r in rows if r["dimension"] == "source_prefix")
+
+
+# ---- schemas -------------------------------------------------------------------------------------
+
+SCHEMA_BY_KIND = {"flow": "flow.schema.json", "log": "flow.schema.json", "deny": "flow.schema.json",
+                  "drop_summary": "flow.schema.json", "anomaly": "anomaly.schema.json", "audit": "audit.schema.json"}
+
+
+def test_every_record_validates_against_its_schema(run):
+    validators = {k: validator(name) for k, name in SCHEMA_BY_KIND.items()}
+    kinds = Counter(kind(r) for r in run.records)
+    assert {"flow", "deny", "drop_summary", "anomaly", "audit"} <= set(kinds), kinds
+    assert set(kinds) <= set(SCHEMA_BY_KIND), kinds
+    for r in run.records:
+        errs = sorted(validators[kind(r)].iter_errors(r), key=str)
+        assert not errs, f"{kind(r)} {r['event'].get('action')}: {[e.message for e in errs][:5]}"
+    ids = [r["event"]["id"] for r in run.records]
+    assert len(ids) == len(set(ids))                        # event.id unique per record
+
+
+def test_ecs_field_names_and_types_match_the_ecs_reference(run):
+    ref = ecs_fields()
+    seen = set()
+    for r in run.records:
+        for path, v in leaves({k: v for k, v in r.items() if k not in CUSTOM_TOP}):
+            assert path in ref, f"{path} is not an ECS field ({kind(r)} {r['event'].get('action')})"
+            typ, norm = ref[path]
+            values = v if isinstance(v, list) else [v]
+            if isinstance(v, list):
+                assert norm == "array", f"{path}: ECS does not declare it an array"
+            assert values and all(type_ok(typ, x) for x in values), f"{path}={v!r} is not ECS {typ}"
+            seen.add(path)
+    assert {"source.ip", "destination.port", "network.community_id", "rule.name", "source.bytes",
+            "destination.packets", "observer.ingress.interface.name", "event.id"} <= seen
+
+
+def test_ocsf_sink_validates_with_pydantic_ocsf(run):
+    assert len(run.ocsf) == len(run.records) > 0             # the same records, through the second sink
+    dictionary = ocsf_schema()["dictionary"]["attributes"]
+    classes = Counter()
+    for o in run.ocsf:
+        model = ocsf_model(o["class_uid"])
+        model.model_validate(copy.deepcopy(o))              # raises pydantic.ValidationError on a mismatch
+        for name in o:
+            assert name in model.model_fields or name in dictionary, f"{name} is not an OCSF attribute"
+        for name in ("action_id", "disposition_id"):
+            if name in o:
+                assert str(o[name]) in dictionary[name]["enum"], (name, o[name])
+        classes[o["class_uid"]] += 1
+    assert set(classes) == {4001, 2004, 5019}, classes      # network activity, detection finding, config change
+    assert {o["metadata"]["uid"] for o in run.ocsf} == {r["event"]["id"] for r in run.records}
+
+
+# ---- drops, flows, ledger ------------------------------------------------------------------------
+
+def test_drop_summaries_add_up_exactly_to_the_enforcers_drop_counters(run):
+    log, enf = demo.drops_from_log(run.records), demo.drops_from_enforcer(run.enforcer_status)
+    assert log == enf
+    assert enf[("udp_flood", "drop")] > 10_000                          # the DoS profile took the flood
+    assert enf[("policy_deny", "drop")] > 0 and enf[("default_deny", "drop")] > 0
+    ledger = run.collector_status["ledger"]
+    assert ledger["drop_packets"].get("overflow", 0) == 0
+    assert ledger["drop_packets"]["summarized"] == sum(enf.values())
+
+
+def test_a_client_flow_has_start_and_end_with_totals_both_ways_rule_and_community_id(run):
+    cli, prot = "10.66.2.2", "10.66.1.2"
+    flows = defaultdict(dict)
+    for r in run.records:
+        if kind(r) == "flow" and r["source"]["ip"] == cli and r["destination"].get("port") == 22 \
+                and r["destination"]["ip"] == prot:
+            flows[r["source"]["port"]][r["event"]["type"][0]] = r
+    assert len(flows) == 3, flows.keys()                     # three ssh connections from the client (IPv4)
+    for sport, f in flows.items():
+        assert set(f) >= {"start", "end"}, (sport, f.keys())
+        start, end = f["start"], f["end"]
+        cid = community_id_v1(cli, prot, 6, sport, 22)
+        for r in (start, end):
+            assert r["network"]["community_id"] == cid
+            assert r["rule"]["name"] == "client-ssh" and r["rule"]["ruleset"] == "lab-demo"
+            assert r["network"]["transport"] == "tcp" and r["network"]["direction"] == "ingress"
+            assert r["hostwall"]["verdict"] == "allow"
+        assert end["source"]["packets"] > 0 and end["destination"]["packets"] > 0
+        assert end["source"]["bytes"] > 0 and end["destination"]["bytes"] > 0
+        assert end["network"]["packets"] == end["source"]["packets"] + end["destination"]["packets"]
+        fl = end["hostwall"]["flow"]
+        assert fl["state"] == "closed" and fl["end_reason"] == "fin"
+        # the end's start is the conntrack entry's creation time (the datapath's coarse clock, up to a
+        # jiffy behind the fine clock that stamped the start event)
+        assert abs(demo.iso_s(fl["start"]) - demo.iso_s(start["hostwall"]["flow"]["start"])) < 0.011
+        assert demo.iso_s(fl["start"]) <= demo.iso_s(fl["end"]) and fl["duration_ns"] >= 0
+
+
+def test_ledger_balances_for_every_sink_and_the_log_holds_every_delivered_record(run):
+    st = run.collector_status
+    assert run.collector_rc == 0 and st["state"] == "stopped"
+    led = st["ledger"]
+    assert led["ok"] and led["violations"] == [] and led["quiescent_violations"] == []
+    assert len(led["sinks"]) == 2
+    for name, b in led["sinks"].items():
+        assert b["produced"] == b["delivered"] + b["lost"] and b["in_flight"] == 0, (name, b)
+        assert b["lost"] == 0, (name, b, led["lost_by_stage"])     # a light lab load loses nothing
+        assert demo.jsonl_lines(name) == b["delivered"]
+        assert f"{name}: produced {b['produced']} = delivered {b['delivered']} + lost 0 + in flight 0 ok" \
+            in run.collector_exit
+    assert led["produced"] == len(run.records)
+    by_kind = Counter(kind(r) for r in run.records)
+    assert led["produced_by_source"]["anomaly"] == by_kind["anomaly"]
+    assert led["produced_by_source"]["audit"] == by_kind["audit"] == 1
+
+
+def test_the_demo_checks_and_summary(run):
+    cs = demo.checks(run)
+    assert all(c.ok for c in cs), [(c.what, c.detail) for c in cs if not c.ok]
+    con = Console(file=io.StringIO(), width=140)
+    demo.print_summary(run, con)
+    text = con.file.getvalue()
+    for what in ("top flows", "drops by reason", "anomalies", "collector ledger", str(run.jsonl), "udp_flood",
+                 "client-web", ATTACKER):
+        assert what in text, what
