@@ -231,7 +231,10 @@ class Pipeline:
         self._spawn("events", self._build_events())
         self._spawn("drops", self._every(self.cfg.drop_interval_s, self._export_drops))
         self._spawn("ct", self._every(self.cfg.ct_scan_interval_s, self._scan_ct))
-        self._spawn("tick", self._every(1.0, self._tick))
+        # the anomaly detector evaluates at its bucket boundaries: tick at least that often, so an
+        # anomaly is reported within about one bucket of the flood that opens it
+        bucket = getattr(getattr(self.anomaly, "cfg", None), "bucket_s", 1.0) or 1.0
+        self._spawn("tick", self._every(min(1.0, bucket), self._tick))
         self._spawn("status", self._every(self.cfg.status_interval_s, self._write_status))
         for s in self.slots:
             self._spawn(f"sink {s.name}", self._sink_worker(s))
