@@ -21,14 +21,44 @@ File format (every key optional):
     drop_prefix_v6: 64
     queues: {events: 16, sink: 20000, batch: 8192}
     jsonl: {rotate_size: 256MB, rotate_keep: 5, fsync: interval, fsync_interval: 1s}
+    kafka:                              # kafka:// sinks (collector/sinks/kafka.py)
+      flows_topic: hostwall.flows       # flows, log/deny samples, drop summaries (key: community id / prefix)
+      anomalies_topic: hostwall.anomalies   # key: source prefix (or dimension=value)
+      audit_topic: hostwall.audit       # key: pin dir
+      compression: zstd                 # zstd | lz4 | gzip | snappy | none
+      batch_size: 512KiB                # per partition batch, before compression (<= the broker's message.max.bytes)
+      linger: 5ms
+      request_timeout: 30s
+      spool_after: 2s                   # no broker progress this long: spool to disk
+      client_id: hostwall-web-1
+      tls: false                        # tls_ca_file, tls_cert_file, tls_key_file (PEM)
+      sasl_mechanism: SCRAM-SHA-512     # PLAIN (needs tls) | SCRAM-SHA-256 | SCRAM-SHA-512
+      sasl_username: hostwall
+      sasl_password_file: /etc/hostwall/kafka.pass    # or sasl_password (environment!)
+      spool_dir: /var/lib/hostwall/spool               # one sub-folder per kafka sink
+      spool_size: 1GiB
+      spool_segment_size: 64MiB
+      spool_fsync: interval             # none | interval | always
+      spool_fsync_interval: 1s
+      spool_overflow: drop_newest       # drop_newest (counted) | block (back-pressure)
+    otlp:                               # otlp:// sinks (collector/sinks/otlp.py)
+      protocol: grpc                    # grpc (port 4317) | http (4318, protobuf)
+      timeout: 10s                      # per export, the SDK's retries included
+      batch: 512                        # log records per export request
+      compression: none                 # none | gzip
+      tls: false                        # tls_ca_file, tls_cert_file, tls_key_file
+      headers: {x-tenant: blue}         # or "k=v,k2=v2"
+    metrics:                            # self-metrics (collector/metrics.py); both off by default
+      prometheus: 127.0.0.1:9464        # scrape endpoint (/metrics)
+      otlp: otlp://127.0.0.1:4317       # OTLP metrics (protocol, tls and headers from `otlp`)
+      interval: 15s                     # OTLP export period and kernel-map read period
     status_file: /run/hostwall/collector-....json
     anomaly: {...}                      # owned by collector.anomaly (AnomalyConfig.from_dict)
 
 Environment: HOSTWALL_COLLECTOR_<KEY>, KEY = the dotted path upper-cased with '_' (e.g.
 HOSTWALL_COLLECTOR_JSONL_FSYNC, HOSTWALL_COLLECTOR_QUEUES_SINK); HOSTWALL_COLLECTOR_SINKS is a
 comma-separated URL list; HOSTWALL_PIN_DIR (the enforcer's) is honoured below
-HOSTWALL_COLLECTOR_PIN_DIR. kafka:// and otlp:// parse and validate here; whether this build can
-run them is decided when the service starts (a clear "not available in this build yet" error).
+HOSTWALL_COLLECTOR_PIN_DIR. Secrets (sasl_password) are never echoed: describe() redacts them.
 """
 from __future__ import annotations
 
@@ -50,6 +80,12 @@ FSYNC_POLICIES = ("none", "interval", "always")
 SCHEMES = ("jsonl", "kafka", "otlp", "console")
 DEFAULT_SINK = "jsonl:/var/log/hostwall/flows.jsonl"
 MAX_BATCH = 65536
+COMPRESSIONS = ("zstd", "lz4", "gzip", "snappy", "none")
+SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+SPOOL_OVERFLOW = ("drop_newest", "block")
+OTLP_PROTOCOLS = ("grpc", "http")
+OTLP_COMPRESSIONS = ("none", "gzip")
+SECRET_KEYS = frozenset({"sasl_password"})
 
 
 class ConfigError(Exception):
@@ -93,6 +129,61 @@ class JsonlOptions:
 
 
 @dataclass(frozen=True)
+class KafkaOptions:
+    """Options of every kafka:// sink (collector/sinks/kafka.py)."""
+    flows_topic: str = "hostwall.flows"
+    anomalies_topic: str = "hostwall.anomalies"
+    audit_topic: str = "hostwall.audit"
+    compression: str = "zstd"           # zstd | lz4 | gzip | snappy | none
+    batch_bytes: int = 512 << 10        # aiokafka max_batch_size (per partition, before compression)
+    linger_s: float = 0.005
+    request_timeout_s: float = 30.0
+    spool_after_s: float = 2.0          # no acknowledgement for this long: degrade to the spool
+    client_id: str | None = None
+    tls: bool = False
+    tls_ca_file: str | None = None
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    sasl_mechanism: str | None = None   # PLAIN | SCRAM-SHA-256 | SCRAM-SHA-512
+    sasl_username: str | None = None
+    sasl_password: str | None = field(default=None, repr=False)
+    sasl_password_file: str | None = None
+    spool_dir: str = "/var/lib/hostwall/spool"
+    spool_max_bytes: int = 1 << 30
+    spool_segment_bytes: int = 64 << 20
+    spool_fsync: str = "interval"       # none | interval | always
+    spool_fsync_interval_s: float = 1.0
+    spool_overflow: str = "drop_newest"   # drop_newest | block
+
+    @property
+    def security_protocol(self) -> str:
+        return ("SASL_SSL" if self.tls else "SASL_PLAINTEXT") if self.sasl_mechanism else \
+            ("SSL" if self.tls else "PLAINTEXT")
+
+
+@dataclass(frozen=True)
+class OtlpOptions:
+    """Options of every otlp:// sink and of OTLP self-metrics (collector/sinks/otlp.py, metrics.py)."""
+    protocol: str = "grpc"              # grpc | http (protobuf)
+    timeout_s: float = 10.0             # per export call, the SDK exporter's own retries included
+    batch: int = 512                    # log records per export request
+    compression: str = "none"           # none | gzip
+    tls: bool = False
+    tls_ca_file: str | None = None
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class MetricsOptions:
+    """Self-metrics outputs (collector/metrics.py): both off unless set."""
+    prometheus: str | None = None       # "HOST:PORT" of the scrape endpoint
+    otlp: str | None = None             # "HOST:PORT" of an OTLP receiver (otlp://HOST:PORT in the file)
+    interval_s: float = 15.0
+
+
+@dataclass(frozen=True)
 class CollectorConfig:
     pin_dir: str = DEFAULT_PIN_DIR
     sinks: tuple[SinkSpec, ...] = ()
@@ -105,6 +196,9 @@ class CollectorConfig:
     drop_prefix_v6: int = 64
     queues: QueueSizes = QueueSizes()
     jsonl: JsonlOptions = JsonlOptions()
+    kafka: KafkaOptions = KafkaOptions()
+    otlp: OtlpOptions = OtlpOptions()
+    metrics: MetricsOptions = MetricsOptions()
     anomaly: Any = None
     hostname: str | None = None
     status_file: str | None = None
@@ -165,6 +259,79 @@ def parse_str(v: Any) -> str:
     if not isinstance(v, str) or not v.strip():
         raise ValueError(f"{v!r} is not a non-empty string")
     return v.strip()
+
+
+def parse_bool(v: Any) -> bool:
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, str) and v.strip().lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
+        return v.strip().lower() in ("true", "yes", "on", "1")
+    raise ValueError(f"{v!r} is not a boolean; use true or false")
+
+
+def parse_topic(v: Any) -> str:
+    """A Kafka topic name: 1-249 of [A-Za-z0-9._-], not '.' or '..'."""
+    t = parse_str(v)
+    if len(t) > 249 or t in (".", "..") or not re.fullmatch(r"[A-Za-z0-9._-]+", t):
+        raise ValueError(f"{t!r} is not a valid Kafka topic name (1-249 of letters, digits, '.', '_', '-')")
+    return t
+
+
+def parse_file(v: Any) -> str:
+    """A readable file (TLS material, password file); the error says what is wrong with it."""
+    path = os.path.abspath(parse_str(v))
+    if not os.path.exists(path):
+        raise ValueError(f"{path}: no such file")
+    if not os.path.isfile(path):
+        raise ValueError(f"{path} is not a file")
+    if not os.access(path, os.R_OK):
+        raise ValueError(f"{path} is not readable by this user")
+    return path
+
+
+def parse_sasl(v: Any) -> str:
+    if not isinstance(v, str) or v.strip().upper() not in SASL_MECHANISMS:
+        raise ValueError(f"{v!r} is not a supported SASL mechanism; use one of {', '.join(SASL_MECHANISMS)}")
+    return v.strip().upper()
+
+
+def parse_endpoint(v: Any) -> str:
+    """'HOST:PORT' or 'otlp://HOST:PORT' (or http(s)://) → 'HOST:PORT'."""
+    t = parse_str(v)
+    t = re.sub(r"^(otlp|http|https|grpc)://", "", t).rstrip("/")
+    host, port = parse_hostport(t, "otlp")
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def parse_listen(v: Any) -> str:
+    """'HOST:PORT' to listen on (metrics.prometheus)."""
+    t = parse_str(v)
+    m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:([0-9]+)|([^:/\[\]\s]*):([0-9]+)", t)
+    if not m:
+        raise ValueError(f"{t!r} is not HOST:PORT to listen on (e.g. 127.0.0.1:9464)")
+    port = int(m.group(2) or m.group(4))
+    if not 1 <= port <= 65535:
+        raise ValueError(f"port {port} is out of range 1..65535")
+    return t
+
+
+def parse_headers(v: Any) -> tuple[tuple[str, str], ...]:
+    """{k: v} or 'k=v,k2=v2' → ((k, v), ...); keys are lower-cased (gRPC metadata must be)."""
+    if isinstance(v, str):
+        items = []
+        for part in filter(None, (p.strip() for p in v.split(","))):
+            k, sep, val = part.partition("=")
+            if not sep or not k.strip():
+                raise ValueError(f"header {part!r} is not KEY=VALUE")
+            items.append((k.strip(), val.strip()))
+    elif isinstance(v, dict):
+        items = [(str(k), str(val)) for k, val in v.items()]
+    else:
+        raise ValueError(f"{v!r} is not a mapping of headers or 'k=v,k2=v2'")
+    for k, _ in items:
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", k):
+            raise ValueError(f"header name {k!r} has characters HTTP/gRPC do not allow")
+    return tuple((k.lower(), val) for k, val in items)
 
 
 def parse_hostport(text: str, scheme: str) -> tuple[str, int]:
@@ -260,9 +427,45 @@ FIELDS = [
     _Field(("jsonl", "fsync_interval"), ("jsonl", "fsync_interval_s"), _dur),
     _Field(("status_file",), ("status_file",), parse_str),
     _Field(("status_interval",), ("status_interval_s",), _dur),
+    _Field(("kafka", "flows_topic"), ("kafka", "flows_topic"), parse_topic),
+    _Field(("kafka", "anomalies_topic"), ("kafka", "anomalies_topic"), parse_topic),
+    _Field(("kafka", "audit_topic"), ("kafka", "audit_topic"), parse_topic),
+    _Field(("kafka", "compression"), ("kafka", "compression"), parse_choice(COMPRESSIONS)),
+    _Field(("kafka", "batch_size"), ("kafka", "batch_bytes"), parse_size),
+    _Field(("kafka", "linger"), ("kafka", "linger_s"), _dur),
+    _Field(("kafka", "request_timeout"), ("kafka", "request_timeout_s"), _dur),
+    _Field(("kafka", "spool_after"), ("kafka", "spool_after_s"), _dur),
+    _Field(("kafka", "client_id"), ("kafka", "client_id"), parse_str),
+    _Field(("kafka", "tls"), ("kafka", "tls"), parse_bool),
+    _Field(("kafka", "tls_ca_file"), ("kafka", "tls_ca_file"), parse_file),
+    _Field(("kafka", "tls_cert_file"), ("kafka", "tls_cert_file"), parse_file),
+    _Field(("kafka", "tls_key_file"), ("kafka", "tls_key_file"), parse_file),
+    _Field(("kafka", "sasl_mechanism"), ("kafka", "sasl_mechanism"), parse_sasl),
+    _Field(("kafka", "sasl_username"), ("kafka", "sasl_username"), parse_str),
+    _Field(("kafka", "sasl_password"), ("kafka", "sasl_password"), parse_str),
+    _Field(("kafka", "sasl_password_file"), ("kafka", "sasl_password_file"), parse_file),
+    _Field(("kafka", "spool_dir"), ("kafka", "spool_dir"), parse_str),
+    _Field(("kafka", "spool_size"), ("kafka", "spool_max_bytes"), parse_size),
+    _Field(("kafka", "spool_segment_size"), ("kafka", "spool_segment_bytes"), parse_size),
+    _Field(("kafka", "spool_fsync"), ("kafka", "spool_fsync"), parse_choice(FSYNC_POLICIES)),
+    _Field(("kafka", "spool_fsync_interval"), ("kafka", "spool_fsync_interval_s"), _dur),
+    _Field(("kafka", "spool_overflow"), ("kafka", "spool_overflow"), parse_choice(SPOOL_OVERFLOW)),
+    _Field(("otlp", "protocol"), ("otlp", "protocol"), parse_choice(OTLP_PROTOCOLS)),
+    _Field(("otlp", "timeout"), ("otlp", "timeout_s"), _dur),
+    _Field(("otlp", "batch"), ("otlp", "batch"), parse_int(1, 65536)),
+    _Field(("otlp", "compression"), ("otlp", "compression"), parse_choice(OTLP_COMPRESSIONS)),
+    _Field(("otlp", "tls"), ("otlp", "tls"), parse_bool),
+    _Field(("otlp", "tls_ca_file"), ("otlp", "tls_ca_file"), parse_file),
+    _Field(("otlp", "tls_cert_file"), ("otlp", "tls_cert_file"), parse_file),
+    _Field(("otlp", "tls_key_file"), ("otlp", "tls_key_file"), parse_file),
+    _Field(("otlp", "headers"), ("otlp", "headers"), parse_headers),
+    _Field(("metrics", "prometheus"), ("metrics", "prometheus"), parse_listen),
+    _Field(("metrics", "otlp"), ("metrics", "otlp"), parse_endpoint),
+    _Field(("metrics", "interval"), ("metrics", "interval_s"), _dur),
 ]
-SECTIONS = {"queues": [f for f in FIELDS if f.path[0] == "queues"],
-            "jsonl": [f for f in FIELDS if f.path[0] == "jsonl"]}
+_SECTION_TYPES = {"queues": QueueSizes, "jsonl": JsonlOptions, "kafka": KafkaOptions, "otlp": OtlpOptions,
+                  "metrics": MetricsOptions}
+SECTIONS = {sec: [f for f in FIELDS if f.path[0] == sec] for sec in _SECTION_TYPES}
 TOP_KEYS = {f.path[0] for f in FIELDS} | {"sinks", "anomaly"}
 
 
@@ -371,10 +574,10 @@ def _add(issues: Issues, where: tuple, path: tuple, msg: str) -> None:
 
 
 def _build(values: dict, origins: dict) -> CollectorConfig:
-    queues = QueueSizes(**{a[1]: v for a, v in values.items() if a[0] == "queues"})
-    jsonl = JsonlOptions(**{a[1]: v for a, v in values.items() if a[0] == "jsonl"})
+    sections = {sec: cls(**{a[1]: v for a, v in values.items() if len(a) == 2 and a[0] == sec})
+                for sec, cls in _SECTION_TYPES.items()}
     top = {a[0]: v for a, v in values.items() if len(a) == 1}
-    return CollectorConfig(queues=queues, jsonl=jsonl, origins=origins, **top)
+    return CollectorConfig(origins=origins, **sections, **top)
 
 
 def _sinks(args, env, data, encoding: str, issues: Issues, origins: dict) -> tuple[SinkSpec, ...]:
@@ -449,14 +652,70 @@ def _cross_checks(cfg: CollectorConfig, origins: dict, issues: Issues) -> None:
     if cfg.queues.batch > cfg.queues.sink:
         _add(issues, where("queues.batch"), ("queues", "batch"),
              f"batch ({cfg.queues.batch}) exceeds the sink queue ({cfg.queues.sink}); a batch must fit a queue")
+    _kafka_checks(cfg.kafka, where, issues)
+    _tls_checks("otlp", cfg.otlp, where, issues)
+
+
+def _tls_checks(sec: str, o, where, issues: Issues) -> None:
+    """TLS material only with tls on; a client certificate needs its key and the other way round."""
+    files = [k for k in ("tls_ca_file", "tls_cert_file", "tls_key_file") if getattr(o, k)]
+    if files and not o.tls:
+        _add(issues, where(f"{sec}.{files[0]}"), (sec, files[0]),
+             f"{', '.join(files)} set but {sec}.tls is false; set {sec}.tls: true (or remove them)")
+    if bool(o.tls_cert_file) != bool(o.tls_key_file):
+        have, miss = ("tls_cert_file", "tls_key_file") if o.tls_cert_file else ("tls_key_file", "tls_cert_file")
+        _add(issues, where(f"{sec}.{have}"), (sec, have),
+             f"a client certificate needs both tls_cert_file and tls_key_file; {sec}.{miss} is missing")
+
+
+def _kafka_checks(k: KafkaOptions, where, issues: Issues) -> None:
+    _tls_checks("kafka", k, where, issues)
+    if k.sasl_mechanism:
+        if not k.sasl_username:
+            _add(issues, where("kafka.sasl_mechanism"), ("kafka", "sasl_mechanism"),
+                 f"{k.sasl_mechanism} needs kafka.sasl_username")
+        if not k.sasl_password and not k.sasl_password_file:
+            _add(issues, where("kafka.sasl_mechanism"), ("kafka", "sasl_mechanism"),
+                 f"{k.sasl_mechanism} needs kafka.sasl_password_file (or kafka.sasl_password, e.g. from "
+                 "HOSTWALL_COLLECTOR_KAFKA_SASL_PASSWORD)")
+        if k.sasl_mechanism == "PLAIN" and not k.tls:
+            _add(issues, where("kafka.sasl_mechanism"), ("kafka", "sasl_mechanism"),
+                 "PLAIN sends the password in clear text; set kafka.tls: true (or use SCRAM-SHA-512)")
+    else:
+        for key in ("sasl_username", "sasl_password", "sasl_password_file"):
+            if getattr(k, key):
+                _add(issues, where(f"kafka.{key}"), ("kafka", key),
+                     f"kafka.{key} is set but kafka.sasl_mechanism is not; set it to one of "
+                     f"{', '.join(SASL_MECHANISMS)}")
+                break
+    if k.sasl_password and k.sasl_password_file:
+        _add(issues, where("kafka.sasl_password"), ("kafka", "sasl_password"),
+             "set kafka.sasl_password or kafka.sasl_password_file, not both")
+    if k.spool_segment_bytes > k.spool_max_bytes:
+        _add(issues, where("kafka.spool_segment_size"), ("kafka", "spool_segment_size"),
+             f"segment size {k.spool_segment_bytes} exceeds spool_size {k.spool_max_bytes}")
+    if k.spool_max_bytes < (1 << 20):
+        _add(issues, where("kafka.spool_size"), ("kafka", "spool_size"),
+             f"{k.spool_max_bytes} bytes is too small for a spool; use at least 1MiB (e.g. 1GiB)")
+    if k.spool_segment_bytes < (64 << 10):
+        _add(issues, where("kafka.spool_segment_size"), ("kafka", "spool_segment_size"),
+             f"{k.spool_segment_bytes} bytes is too small; use at least 64KiB (e.g. 64MiB)")
+    if not (1 << 10) <= k.batch_bytes <= (16 << 20):
+        _add(issues, where("kafka.batch_size"), ("kafka", "batch_size"),
+             f"{k.batch_bytes} bytes is out of range 1KiB..16MiB")
+    if k.request_timeout_s <= k.spool_after_s:
+        _add(issues, where("kafka.spool_after"), ("kafka", "spool_after"),
+             f"spool_after ({k.spool_after_s:g}s) must be shorter than request_timeout ({k.request_timeout_s:g}s)")
 
 
 def describe(cfg: CollectorConfig) -> dict:
     """JSON-ready summary (status file)."""
-    out = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in ("sinks", "queues", "jsonl",
-                                                                               "anomaly", "origins")}
+    out = {f.name: getattr(cfg, f.name) for f in fields(cfg)
+           if f.name not in ("sinks", "anomaly", "origins", *_SECTION_TYPES)}
     out["sinks"] = [{"url": s.url, "encoding": s.encoding} for s in cfg.sinks]
-    out["queues"] = {f.name: getattr(cfg.queues, f.name) for f in fields(cfg.queues)}
-    out["jsonl"] = {f.name: getattr(cfg.jsonl, f.name) for f in fields(cfg.jsonl)}
+    for sec in _SECTION_TYPES:
+        o = getattr(cfg, sec)
+        out[sec] = {f.name: ("<redacted>" if f.name in SECRET_KEYS and getattr(o, f.name) else getattr(o, f.name))
+                    for f in fields(o)}
     out["origins"] = dict(cfg.origins)
     return out

@@ -146,7 +146,7 @@ class Pipeline:
     def __init__(self, cfg: CollectorConfig, source, builder, sinks: list, *, enricher=None, anomaly=None,
                  ledger: Ledger | None = None, clock_factory: Callable[[int], Any] | None = None,
                  audit_log: str | os.PathLike | None = None, status_path: str | os.PathLike | None = None,
-                 shutdown_timeout_s: float = SHUTDOWN_TIMEOUT_S, close_source: bool = True):
+                 shutdown_timeout_s: float = SHUTDOWN_TIMEOUT_S, close_source: bool = True, metrics=None):
         self.cfg = cfg
         self.source = source
         self.builder = builder
@@ -163,6 +163,7 @@ class Pipeline:
         self.status_path = Path(status_path) if status_path else cfg.status_path()
         self.shutdown_timeout_s = shutdown_timeout_s
         self._close_source = close_source
+        self.metrics = metrics                      # collector.metrics.SelfMetrics: fed every status write
         self.counters: Counter = Counter()
         self.ring = None
         self._tasks: dict[str, asyncio.Task] = {}
@@ -219,6 +220,12 @@ class Pipeline:
                 self._fail(f"sink {s.name}", e)
                 s.dead = True
                 raise PipelineFailed(f"sink {s.name}: {e}") from None
+        if self.metrics is not None:
+            try:
+                self.metrics.start()
+            except Exception as e:
+                self._fail("metrics", e)
+                raise PipelineFailed(f"metrics: {e}") from None
         self.clock = self._clock_factory(self.source.monotonic_to_wall())
         self._clock_at = time.monotonic()
         await self._k(self.source.set_event_budget, self.cfg.event_budget)
@@ -452,6 +459,9 @@ class Pipeline:
                 await asyncio.sleep(0)
 
     async def _fan_out(self, records: list[dict]) -> None:
+        km = getattr(self.metrics, "kernel_metrics", None)
+        if km is not None:                       # dashboard series from records (top sources, anomalies)
+            km.observe(records)
         n = len(records)
         for s in self.slots:
             if s.policy is FullQueuePolicy.BLOCK and not s.dead:
@@ -559,6 +569,8 @@ class Pipeline:
                 s.abandoned = st["in_flight"]
         self.state = "failed" if self._failure else "stopped"
         await self._write_status(final=True)
+        if self.metrics is not None:                    # last OTLP push of the final counters
+            await asyncio.to_thread(self.metrics.close)
         self._close()
 
     def _count_abandoned(self) -> None:
@@ -643,8 +655,11 @@ class Pipeline:
 
     async def _write_status(self, final: bool = False) -> None:
         """Status JSON; a failed write is logged and counted, never fatal (the data path goes on)."""
+        st = self.status(final=final)
+        if self.metrics is not None:
+            self.metrics.update(st)
         try:
-            write_status(self.status_path, self.status(final=final))
+            write_status(self.status_path, st)
         except OSError as e:
             self.counters["status_write_errors"] += 1
             if self.counters["status_write_errors"] in (1, 10, 100, 1000):
@@ -687,6 +702,8 @@ def build_pipeline(cfg: CollectorConfig) -> Pipeline:
     from .records import RecordBuilder
     from .sinks import build_sink
 
+    from .metrics import SelfMetrics
+
     sinks = [build_sink(spec, cfg) for spec in cfg.sinks]     # unavailable sinks fail before the kernel is touched
     source = KernelSource(cfg.pin_dir)
     host = HostInfo.detect(cfg.pin_dir)
@@ -704,4 +721,4 @@ def build_pipeline(cfg: CollectorConfig) -> Pipeline:
     if AnomalyDetector is not None:
         anomaly = AnomalyDetector(cfg.anomaly if isinstance(cfg.anomaly, AnomalyConfig) else None, host)
     return Pipeline(cfg, source, builder, sinks, enricher=enricher, anomaly=anomaly, ledger=ledger,
-                    audit_log=instance.audit_log)
+                    audit_log=instance.audit_log, metrics=SelfMetrics.from_config(cfg))

@@ -18,6 +18,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="flood rate in packets/s; 0 = as fast as trafgen can (default 100000)")
     d.add_argument("--out-dir", type=Path, default=Path("/var/tmp/hostwall-demo"),
                    help="where each run's flow log, collector config and log are kept (default /var/tmp/hostwall-demo)")
+    d.add_argument("--kafka", action="append", default=[], metavar="HOST:PORT",
+                   help="also ship to this Kafka broker (topics hostwall.flows, hostwall.anomalies, hostwall.audit; "
+                        "spool in the run's folder); repeatable")
+    d.add_argument("--otlp", action="append", default=[], metavar="HOST:PORT",
+                   help="also ship to this OTLP/gRPC receiver, e.g. an OpenTelemetry Collector on 4317; repeatable")
     sub.add_parser("cleanup", help="remove leftover lab namespaces (only idle ones)")
     a = ap.parse_args(argv)
     if os.geteuid() != 0:
@@ -27,10 +32,18 @@ def main(argv: list[str] | None = None) -> int:
         from .netns import cleanup_stale
         print(f"removed: {cleanup_stale() or 'nothing'}")
         return 0
+    from collector.config import parse_sink
     from .demo import DEFAULT_POLICY, run_demo
     if not 0 < a.flood_seconds <= 30:
         ap.error("--flood-seconds must be in (0, 30]")
-    return run_demo(a.policy or DEFAULT_POLICY, a.flood_seconds, out_root=a.out_dir, flood_pps=a.flood_pps or None)
+    extra = [f"kafka://{x}" for x in a.kafka] + [f"otlp://{x}" for x in a.otlp]
+    for url in extra:                            # one clear line for a bad address, before the lab is built
+        try:
+            parse_sink(url, "ecs")
+        except ValueError as e:
+            ap.error(str(e))
+    return run_demo(a.policy or DEFAULT_POLICY, a.flood_seconds, out_root=a.out_dir, flood_pps=a.flood_pps or None,
+                    extra_sinks=extra)
 
 
 if __name__ == "__main__":

@@ -113,7 +113,8 @@ def _egress(lab, fam) -> Step:
 def run_lab(policy: Path, out_dir: Path, flood_seconds: float, flood_pps: int | None, con: Console,
             close_wait_s: float | None = None, sinks: list | None = None) -> DemoRun:
     """The lab run behind the demo (and tests/lab/test_collector_lab.py). sinks: the collector's
-    sinks (default: one JSONL file out_dir/flows.jsonl); the first must be that JSONL file."""
+    sinks (default: one JSONL file out_dir/flows.jsonl); the first must be that JSONL file. A Kafka
+    sink spools into out_dir/kafka-spool (not the system spool) if its broker is unreachable."""
     run = DemoRun(out_dir)
     t0 = time.monotonic()
     an = LAB_CONFIG["anomaly"]
@@ -122,7 +123,9 @@ def run_lab(policy: Path, out_dir: Path, flood_seconds: float, flood_pps: int | 
         con.print(f"[bold]lab[/] {lab.prefix}: protected host {lab.addr('prot')} / {lab.addr('prot', 6)}, "
                   f"client {lab.addr('cli')}, attacker {lab.addr('att')}")
         lab.warm()
-        with EnforcerProcess(lab, policy) as enf, CollectorProcess(enf, out_dir, sinks=sinks) as col, \
+        with EnforcerProcess(lab, policy) as enf, \
+                CollectorProcess(enf, out_dir, sinks=sinks,
+                                 config={"kafka": {"spool_dir": str(out_dir / "kafka-spool")}}) as col, \
                 traffic.echo_servers(lab, "prot", tcp=[22, 80, 3306], udp=[5353]), \
                 traffic.echo_servers(lab, "cli", tcp=[9000]), JsonlFollower(col.jsonl) as follow:
             run.jsonl, run.sinks, run.collector_started = col.jsonl, col.sinks, time.time()
@@ -420,7 +423,9 @@ def print_summary(run: DemoRun, con: Console) -> list[Check]:
 
 
 def run_demo(policy: Path = DEFAULT_POLICY, flood_seconds: float = 3.0, console: Console | None = None,
-             out_root: Path = DEFAULT_OUT, flood_pps: int | None = 100_000) -> int:
+             out_root: Path = DEFAULT_OUT, flood_pps: int | None = 100_000,
+             extra_sinks: list[str] | None = None) -> int:
+    """extra_sinks: kafka://HOST:PORT / otlp://HOST:PORT URLs shipped to besides the run's JSONL log."""
     con = console or (Console() if sys.stdout.isatty() else Console(width=120))
     ok, why = lab_available()
     if not ok:
@@ -433,7 +438,8 @@ def run_demo(policy: Path = DEFAULT_POLICY, flood_seconds: float = 3.0, console:
         out_dir = out_dir.with_name(f"{out_dir.name.split('.')[0]}.{n}")
         n += 1
     try:
-        run = run_lab(Path(policy), out_dir, flood_seconds, flood_pps, con)
+        sinks = [f"jsonl:{out_dir / 'flows.jsonl'}", *extra_sinks] if extra_sinks else None
+        run = run_lab(Path(policy), out_dir, flood_seconds, flood_pps, con, sinks=sinks)
     except Exception as e:                      # noqa: BLE001 — one clear line; everything was cleaned up
         con.print(f"demo failed: {type(e).__name__}: {e}", style="red", markup=False, highlight=False)
         con.print(f"lab removed; the collector's files (if any) are in {out_dir}", highlight=False)

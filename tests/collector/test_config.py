@@ -210,15 +210,6 @@ def test_anomaly_section_goes_to_the_anomaly_module(tmp_path, monkeypatch):
                                                          ["anomaly", "window: must be a duration"]]
 
 
-def test_kafka_and_otlp_parse_but_are_not_available_at_start(tmp_path):
-    cfg = load_config(None, env={}, args={"sinks": ["kafka://127.0.0.1:9092", "otlp://127.0.0.1:4317"]})
-    for spec in cfg.sinks:
-        with pytest.raises(SinkUnavailable, match="not available in this build yet"):
-            build_sink(spec, cfg)
-
-
-# ---- the CLI's handling of configuration and start-up errors (collector.cli) --------------------
-
 def test_cli_bad_config_exits_2_listing_every_error(tmp_path, capsys):
     from collector.cli import main
     p = write(tmp_path, "event_budget: lots\njsonl: {fsync: maybe}\n")
@@ -235,13 +226,6 @@ def test_cli_check_config_prints_the_resolved_config(tmp_path, capsys, monkeypat
     out = json.loads(capsys.readouterr().out)
     assert out["event_budget"] == 77 and out["sinks"] == [{"url": "console", "encoding": "ocsf"}]
     assert out["origins"]["event_budget"] == "environment HOSTWALL_COLLECTOR_EVENT_BUDGET"
-
-
-def test_cli_run_fails_in_one_line_when_a_sink_is_not_in_this_build(tmp_path, capsys):
-    from collector.cli import main
-    assert main(["run", "--pin-dir", str(tmp_path), "--sink", "kafka://127.0.0.1:9092"]) == 1
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "kafka sinks are not available in this build yet" in err[0]
 
 
 def test_cli_run_fails_in_one_line_without_a_pinned_instance(tmp_path, capsys):
@@ -275,3 +259,21 @@ def test_cli_status_reads_the_status_file(tmp_path, capsys, monkeypatch):
     assert main(["status", "--json", "--pin-dir", "/sys/fs/bpf/hostwall/x"]) == 0
     st = json.loads(capsys.readouterr().out)
     assert st["alive"] is False and st["ledger"]["sinks"]["jsonl:/f"]["in_flight"] == 1
+
+
+def test_kafka_and_otlp_sinks_are_built_from_the_config():
+    cfg = load_config(None, env={}, args={"sinks": ["kafka://127.0.0.1:9092", "otlp://127.0.0.1:4317"]})
+    kafka, otlp = (build_sink(spec, cfg) for spec in cfg.sinks)
+    assert type(kafka).__name__ == "KafkaSink" and kafka.name == "kafka://127.0.0.1:9092"
+    assert kafka.full_queue_policy.value == "block" and kafka.topics == ("hostwall.flows", "hostwall.anomalies",
+                                                                          "hostwall.audit")
+    assert type(otlp).__name__ == "OtlpSink" and otlp.full_queue_policy.value == "drop_oldest"
+
+
+def test_cli_run_fails_in_one_line_when_a_sink_package_is_missing(tmp_path, capsys, monkeypatch):
+    from collector.cli import main
+    monkeypatch.delitem(sys.modules, "collector.sinks.kafka", raising=False)
+    monkeypatch.setitem(sys.modules, "aiokafka", None)          # import aiokafka -> ModuleNotFoundError
+    assert main(["run", "--pin-dir", str(tmp_path), "--sink", "kafka://127.0.0.1:9092"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "needs the Python package 'aiokafka'" in err[0], err

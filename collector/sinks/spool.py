@@ -1,0 +1,621 @@
+"""A bounded, crash-safe, in-order on-disk spool: the Kafka sink's buffer while the broker is down or slow.
+
+Layout (one directory per sink):
+
+    <dir>/00000000000000000042.seg   segment files, named by the sequence number of their first record
+    <dir>/cursor                     replay progress: every record with seq < cursor was acknowledged
+
+Segment = 16-byte header (magic b"HWSPOOL1" + u64 first seq, little endian) + frames. Frame =
+`u32 payload length | u32 CRC-32 | u64 seq | payload`, CRC-32 over the length, the seq and the payload.
+Records get consecutive sequence numbers (never reused: a new spool continues after the cursor), so a
+gap between what a segment holds and where the next one starts is an exact count of lost records.
+
+Invariants
+- Append-only and in order: seqs grow by one per record across segments; read() returns them in order.
+- A record is reported acknowledged only through `ack()`; the cursor moves over contiguous acknowledged
+  seqs and a segment is deleted only when the cursor has passed its last record. So a crash at any point
+  re-reads from the last durable cursor: duplicates are possible, loss is not (at-least-once).
+- Bounded: `size_bytes <= max_bytes` (the sum of segment files). append() accepts the prefix that fits
+  and reports the rest as refused: the caller counts them (overflow policy drop_newest), or waits for
+  room (`wait_room`, overflow policy block). Memory: segment metadata + the acknowledged ranges beyond
+  the cursor (bounded by what is in flight); read() returns at most max_bytes.
+
+Durability (fsync policy), for the segment files:
+  none      written with write(2): survives a collector crash (kill -9), not a machine crash.
+  interval  as none, plus fdatasync at most every fsync_interval (default 1 s) and at segment rotation
+            and close: a machine crash loses at most ~one interval of spooled records.   (default)
+  always    fdatasync before append() returns.
+The cursor is written with tmp + rename (atomic) without fsync, except at close and under `always`:
+after a machine crash it may be older than the truth, which only replays records twice.
+
+Crash recovery (open): segments whose header is damaged are renamed *.corrupt; the last segment is
+scanned frame by frame and cut at the first incomplete or CRC-failing frame (a torn write: the process
+died mid-append; those records were never acknowledged to anyone). A bad frame found while reading an
+earlier segment skips the rest of that segment; the seqs skipped are reported by `take_lost()` (exact,
+from the next segment's first seq). Cost of open: one read of the last segment (<= segment_bytes).
+
+Not thread-safe: use from one event loop; fdatasync runs in a worker thread.
+"""
+from __future__ import annotations
+
+import asyncio
+import bisect
+import fcntl
+import os
+import struct
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = ["Spool", "SpoolError", "Recovery", "FSYNC_POLICIES", "FRAME_OVERHEAD"]
+
+MAGIC = b"HWSPOOL1"
+_SEG_HDR = struct.Struct("<8sQ")              # magic, first seq
+_FRAME = struct.Struct("<IIQ")                # payload length, crc32, seq
+_LEN_SEQ = struct.Struct("<IQ")               # what the CRC covers before the payload
+_CURSOR = struct.Struct("<8sQI")              # magic, cursor seq, crc32 of the first 16 bytes
+CURSOR_MAGIC = b"HWCURSR1"
+FRAME_OVERHEAD = _FRAME.size
+FSYNC_POLICIES = ("none", "interval", "always")
+SEG_SUFFIX = ".seg"
+READ_CHUNK = 1 << 20
+CURSOR_WRITE_INTERVAL_S = 0.2               # cursor file rewrite at most this often (and when a segment goes)
+
+
+class SpoolError(RuntimeError):
+    """The spool directory cannot be used (permissions, not a directory, a record too large)."""
+
+
+@dataclass
+class Recovery:
+    """What open() found: segments, records pending replay, and what it had to repair."""
+    segments: int = 0
+    pending: int = 0                  # records from earlier runs still to replay
+    truncated_bytes: int = 0          # torn tail cut off the last segment
+    corrupt_segments: list[str] = field(default_factory=list)   # renamed *.corrupt (header damaged)
+    cursor: str = "none"              # file | reset (missing or damaged: replay from the oldest segment) | none
+
+
+@dataclass
+class _Segment:
+    first: int
+    path: Path
+    size: int = _SEG_HDR.size
+    end: int = -1                     # seq after its last record (known once sealed or scanned)
+
+
+def _crc(length: int, seq: int, payload) -> int:
+    return zlib.crc32(payload, zlib.crc32(_LEN_SEQ.pack(length, seq)))
+
+
+def frame(seq: int, payload: bytes) -> bytes:
+    """One framed record (header + payload)."""
+    n = len(payload)
+    return _FRAME.pack(n, _crc(n, seq, payload), seq) + payload
+
+
+class Spool:
+    def __init__(self, directory: str | os.PathLike, *, max_bytes: int = 1 << 30, segment_bytes: int = 64 << 20,
+                 fsync: str = "interval", fsync_interval_s: float = 1.0, max_record_bytes: int = 16 << 20):
+        if fsync not in FSYNC_POLICIES:
+            raise ValueError(f"fsync policy {fsync!r} is not one of {', '.join(FSYNC_POLICIES)}")
+        if segment_bytes < 4096 or max_bytes < segment_bytes:
+            raise ValueError(f"need 4096 <= segment_bytes ({segment_bytes}) <= max_bytes ({max_bytes})")
+        self.dir = Path(directory)
+        self.max_bytes = max_bytes
+        self.segment_bytes = segment_bytes
+        self.fsync = fsync
+        self.fsync_interval_s = fsync_interval_s
+        self.max_record_bytes = max_record_bytes
+        self.segments: list[_Segment] = []
+        self.next_seq = 0
+        self.cursor = 0
+        self._done: list[list[int]] = []          # sorted, disjoint [start, end) acknowledged beyond the cursor
+        self._wfd = -1
+        self._dirty = False
+        self._last_sync = time.monotonic()
+        self._syncing: asyncio.Future | None = None
+        self._cursor_written = -1
+        self._cursor_at = 0.0
+        # reader
+        self._rseg = 0                            # index into segments
+        self._rfd = -1
+        self._rfd_seg: _Segment | None = None
+        self._roff = _SEG_HDR.size
+        self.read_seq = 0                         # next seq read() may return
+        self._rnext = 0                           # seq the next frame of the segment being read must have
+        self._lost: list[tuple[int, int]] = []    # [start, end) found corrupt while reading
+        self._room: asyncio.Event | None = None
+        self.opened = False
+        self._lockfd = -1
+        # counters
+        self.appended = 0
+        self.refused = 0
+        self.bytes_appended = 0
+        self.fsyncs = 0
+        self.fsync_errors = 0
+        self.corrupt_records = 0
+        self.deleted_segments = 0
+        self.recovery = Recovery()
+
+    # ---- open / recovery ---------------------------------------------------------------------------
+    def open(self) -> Recovery:
+        """Create or recover the spool (see the module docstring). Raises SpoolError."""
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+            if not os.access(self.dir, os.W_OK | os.X_OK):
+                raise SpoolError(f"spool directory {self.dir} is not writable")
+        except OSError as e:
+            raise SpoolError(f"cannot create spool directory {self.dir}: {e.strerror or e}") from None
+        self._lock()
+        rec = Recovery()
+        for p in sorted(self.dir.glob("*" + SEG_SUFFIX)):
+            if p.stat().st_size == 0:              # created, header never written: holds nothing
+                p.unlink()
+                continue
+            first = self._read_header(p)
+            if first is None:
+                bad = p.with_name(p.name + ".corrupt")
+                os.replace(p, bad)
+                rec.corrupt_segments.append(bad.name)
+                continue
+            self.segments.append(_Segment(first, p, p.stat().st_size))
+        self.segments.sort(key=lambda s: s.first)
+        for a, b in zip(self.segments, self.segments[1:]):
+            a.end = b.first                        # exact unless corrupt: read() reports the gap then
+        cur, rec.cursor = self._load_cursor()
+        if self.segments:
+            last = self.segments[-1]
+            last.end, cut = self._scan_tail(last)
+            rec.truncated_bytes = cut
+            self.next_seq = last.end
+            if cur is None:
+                rec.cursor = "reset"                 # missing or damaged: replay all (duplicates, no loss)
+            if cur is None or cur < self.segments[0].first:
+                cur = self.segments[0].first
+            cur = min(cur, self.next_seq)
+        else:
+            cur = cur or 0
+            self.next_seq = cur
+        self.cursor = cur
+        while self.segments and self.segments[0].end <= self.cursor:
+            self._unlink(self.segments.pop(0))     # fully acknowledged before the crash
+        self.rewind()
+        rec.segments = len(self.segments)
+        rec.pending = self.next_seq - self.cursor
+        self.recovery = rec
+        self.opened = True
+        self._write_cursor(force=True)
+        return rec
+
+    def _lock(self) -> None:
+        """One process per spool directory (flock; released by the kernel if the process dies)."""
+        fd = os.open(self.dir / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise SpoolError(f"spool directory {self.dir} is in use by another process (pid {holder}); "
+                             "give each collector its own spool directory") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lockfd = fd
+
+    @staticmethod
+    def _read_header(p: Path) -> int | None:
+        try:
+            with open(p, "rb") as f:
+                hdr = f.read(_SEG_HDR.size)
+        except OSError:
+            return None
+        if len(hdr) != _SEG_HDR.size:
+            return None
+        magic, first = _SEG_HDR.unpack(hdr)
+        if magic != MAGIC or p.name != f"{first:020d}{SEG_SUFFIX}":
+            return None
+        return first
+
+    def _scan_tail(self, seg: _Segment) -> tuple[int, int]:
+        """Validate the last segment; cut it at the first bad frame. Returns (end seq, bytes cut)."""
+        fd = os.open(seg.path, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            size = os.fstat(fd).st_size
+            off, seq = _SEG_HDR.size, seg.first
+            buf, boff = b"", off
+            while off < size:
+                if off + _FRAME.size > boff + len(buf):
+                    buf, boff = os.pread(fd, max(READ_CHUNK, _FRAME.size), off), off
+                if len(buf) - (off - boff) < _FRAME.size:
+                    break
+                n, crc, s = _FRAME.unpack_from(buf, off - boff)
+                if n > self.max_record_bytes or s != seq or off + _FRAME.size + n > size:
+                    break
+                if off + _FRAME.size + n > boff + len(buf):
+                    buf, boff = os.pread(fd, max(READ_CHUNK, _FRAME.size + n), off), off
+                p = memoryview(buf)[off - boff + _FRAME.size: off - boff + _FRAME.size + n]
+                if _crc(n, s, p) != crc:
+                    break
+                off += _FRAME.size + n
+                seq += 1
+            cut = size - off
+            if cut:
+                os.ftruncate(fd, off)
+                os.fsync(fd)
+            seg.size = off
+            return seq, cut
+        finally:
+            os.close(fd)
+
+    def _load_cursor(self) -> tuple[int | None, str]:
+        p = self.dir / "cursor"
+        try:
+            raw = p.read_bytes()
+        except FileNotFoundError:
+            return None, "none"
+        except OSError:
+            return None, "reset"
+        if len(raw) != _CURSOR.size:
+            return None, "reset"
+        magic, seq, crc = _CURSOR.unpack(raw)
+        if magic != CURSOR_MAGIC or zlib.crc32(raw[:16]) != crc:
+            return None, "reset"
+        return seq, "file"
+
+    def _write_cursor(self, *, force: bool = False, sync: bool = False) -> None:
+        if not force and self._cursor_written == self.cursor:
+            return
+        head = struct.pack("<8sQ", CURSOR_MAGIC, self.cursor)
+        tmp = self.dir / ".cursor.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
+        try:
+            os.write(fd, head + struct.pack("<I", zlib.crc32(head)))
+            if sync or self.fsync == "always":
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, self.dir / "cursor")
+        self._cursor_written = self.cursor
+        self._cursor_at = time.monotonic()
+
+    # ---- append --------------------------------------------------------------------------------------
+    @property
+    def size_bytes(self) -> int:
+        return sum(s.size for s in self.segments)
+
+    @property
+    def pending(self) -> int:
+        """Records appended and not acknowledged (acknowledged ranges beyond the cursor excluded)."""
+        return self.next_seq - self.cursor - sum(e - s for s, e in self._done)
+
+    @property
+    def unread(self) -> int:
+        return self.next_seq - self.read_seq
+
+    def room(self) -> int:
+        return self.max_bytes - self.size_bytes
+
+    async def append(self, payloads: list[bytes]) -> int:
+        """Append records in order; returns how many were accepted (a prefix of `payloads`): the rest did
+        not fit in max_bytes. Cost: one write(2) per segment touched (+ fdatasync per the fsync policy).
+        Raises SpoolError for a record larger than max_record_bytes; OSError if the disk fails, with
+        `.written` = how many of the records made it (a partial frame is cut off again)."""
+        if not payloads:
+            return 0
+        hdr = _SEG_HDR.size
+        groups: list[list[bytes]] = [[]] if self._wfd >= 0 else []
+        seg_size = self.segments[-1].size if self._wfd >= 0 else None
+        total, seq, size = self.size_bytes, self.next_seq, 0
+        for p in payloads:
+            if len(p) > self.max_record_bytes:
+                raise SpoolError(f"record of {len(p)} bytes exceeds the spool's max_record_bytes "
+                                 f"({self.max_record_bytes})")
+            f = frame(seq, p)
+            rotate = seg_size is None or (seg_size + len(f) > self.segment_bytes and seg_size > hdr)
+            need = len(f) + (hdr if rotate else 0)
+            if total + need > self.max_bytes:
+                break
+            if rotate:
+                groups.append([])
+                seg_size = hdr
+            groups[-1].append(f)
+            seg_size += len(f)
+            total += need
+            size += len(f)
+            seq += 1
+        accepted = seq - self.next_seq
+        first = self.next_seq
+        for k, g in enumerate(groups):
+            try:
+                if k > 0 or self._wfd < 0:
+                    await self._new_segment()
+                if not g:
+                    continue
+                buf = b"".join(g)
+                _write_all(self._wfd, buf)
+            except OSError as e:                 # ENOSPC, EIO: roll back a partial frame, then report
+                if self._wfd >= 0 and self.segments:
+                    try:
+                        os.ftruncate(self._wfd, self.segments[-1].size)
+                    except OSError:
+                        pass
+                    os.close(self._wfd)
+                    self._wfd = -1
+                e.written = self.next_seq - first    # records before the failure are in the spool
+                self.appended += e.written
+                raise
+            seg = self.segments[-1]
+            seg.size += len(buf)
+            self.next_seq += len(g)
+            seg.end = self.next_seq
+            self._dirty = True
+        self.appended += accepted
+        self.refused += len(payloads) - accepted
+        self.bytes_appended += size
+        if accepted:
+            if self.fsync == "always":
+                await self.sync()
+            elif self.fsync == "interval" and time.monotonic() - self._last_sync >= self.fsync_interval_s:
+                await self.sync()
+        return accepted
+
+    async def _new_segment(self) -> None:
+        if self._wfd >= 0:
+            if self.fsync != "none":
+                await self.sync()
+            os.close(self._wfd)
+            self._wfd = -1
+        seg = _Segment(self.next_seq, self.dir / f"{self.next_seq:020d}{SEG_SUFFIX}", _SEG_HDR.size, self.next_seq)
+        fd = os.open(seg.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC, 0o640)
+        _write_all(fd, _SEG_HDR.pack(MAGIC, seg.first))
+        self._wfd = fd
+        self.segments.append(seg)
+        if self.fsync != "none":                   # the new name must survive a machine crash too
+            await asyncio.to_thread(_fsync_dir, self.dir)
+
+    async def sync(self) -> bool:
+        """fdatasync the segment being written (worker thread); False (counted) on error."""
+        if self._syncing is not None:
+            await asyncio.shield(self._syncing)
+        ok = True
+        if self._wfd >= 0 and self._dirty:
+            self._dirty = False
+            fd = self._wfd
+            self._syncing = asyncio.ensure_future(asyncio.to_thread(os.fdatasync, fd))
+            try:
+                await asyncio.shield(self._syncing)
+                self.fsyncs += 1
+            except OSError:
+                self.fsync_errors += 1
+                ok = False
+            finally:
+                self._syncing = None
+        self._last_sync = time.monotonic()
+        return ok
+
+    async def wait_room(self, nbytes: int, timeout: float | None = None) -> bool:
+        """Wait until nbytes (+ framing) fit, or timeout. True if they fit."""
+        if self._room is None:
+            self._room = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        end = None if timeout is None else loop.time() + timeout
+        while self.room() < nbytes + _FRAME.size + _SEG_HDR.size:
+            self._room.clear()
+            left = None if end is None else end - loop.time()
+            if left is not None and left <= 0:
+                return False
+            try:
+                await asyncio.wait_for(self._room.wait(), left)
+            except TimeoutError:
+                return False
+        return True
+
+    # ---- read / ack ----------------------------------------------------------------------------------
+    def rewind(self) -> None:
+        """Read again from the cursor (after a failed delivery). Acknowledged seqs are skipped.
+        Cost: re-scans the frame headers of the first segment up to the cursor."""
+        self._close_reader()
+        self._rseg, self._roff, self.read_seq = 0, _SEG_HDR.size, self.cursor
+        self._rnext = self.segments[0].first if self.segments else self.cursor
+
+    def read(self, max_records: int = 4096, max_bytes: int = 4 << 20) -> list[tuple[int, bytes]]:
+        """Up to max_records unacknowledged records from the read position, in seq order, with at most
+        ~max_bytes of payload (at least one record if any is unread). Cost: pread of those bytes + a
+        CRC-32 per record. Corrupt frames end their segment (reported by take_lost())."""
+        out: list[tuple[int, bytes]] = []
+        nbytes = 0
+        H = _FRAME.size
+        while len(out) < max_records and nbytes < max_bytes and self._rseg < len(self.segments):
+            seg = self.segments[self._rseg]
+            tail = self._rseg == len(self.segments) - 1
+            if self._roff >= seg.size:
+                if tail:
+                    break                               # caught up with the writer
+                self._next_segment()
+                continue
+            if self._rfd_seg is not seg:
+                self._close_reader()
+                try:
+                    self._rfd = os.open(seg.path, os.O_RDONLY | os.O_CLOEXEC)
+                except FileNotFoundError:
+                    self._corrupt(seg)
+                    continue
+                self._rfd_seg = seg
+            buf = os.pread(self._rfd, min(READ_CHUNK, seg.size - self._roff), self._roff)
+            pos = 0
+            while len(out) < max_records and nbytes < max_bytes:
+                if pos + H > len(buf):
+                    if pos == 0:                        # a frame header cut short
+                        self._corrupt(seg)
+                    break
+                n, crc, s = _FRAME.unpack_from(buf, pos)
+                if n > self.max_record_bytes or s != self._rnext or self._roff + H + n > seg.size:
+                    self._corrupt(seg)
+                    break
+                if pos + H + n > len(buf):
+                    if pos == 0:                        # one record larger than the chunk: read exactly it
+                        buf = os.pread(self._rfd, H + n, self._roff)
+                        continue
+                    break
+                payload = buf[pos + H: pos + H + n]
+                if _crc(n, s, payload) != crc:
+                    self._corrupt(seg)
+                    break
+                pos += H + n
+                self._roff += H + n
+                self._rnext = s + 1
+                if s < self.read_seq:                   # re-scan after rewind: before the read position
+                    continue
+                self.read_seq = s + 1
+                if not self.is_acked(s):
+                    out.append((s, payload))
+                    nbytes += n
+        return out
+
+    def _next_segment(self) -> None:
+        self._close_reader()
+        self._rseg += 1
+        self._roff = _SEG_HDR.size
+        nxt = self.segments[self._rseg]
+        self._rnext = nxt.first
+        if nxt.first > self.read_seq:                   # a gap: records lost to corruption before
+            self._report_lost(self.read_seq, nxt.first)
+            self.read_seq = nxt.first
+
+    def _corrupt(self, seg: _Segment) -> None:
+        """Bad frame: skip the rest of this segment; the seqs up to where the next one starts are lost."""
+        tail = seg is self.segments[-1]
+        end = self.next_seq if tail else seg.end
+        if end > self.read_seq:
+            self._report_lost(self.read_seq, end)
+            self.read_seq = end
+        self._close_reader()
+        self._roff = seg.size
+        self._rnext = end
+        if tail and self._wfd >= 0:                     # appends continue in a fresh segment
+            os.close(self._wfd)
+            self._wfd = -1
+
+    def _report_lost(self, start: int, end: int) -> None:
+        if end > start:
+            self.corrupt_records += end - start
+            self._lost.append((start, end))
+            self.ack(start, end)
+
+    def take_lost(self) -> list[tuple[int, int]]:
+        """[start, end) seq ranges found corrupt since the last call (already acknowledged)."""
+        out, self._lost = self._lost, []
+        return out
+
+    def _close_reader(self) -> None:
+        if self._rfd >= 0:
+            os.close(self._rfd)
+        self._rfd, self._rfd_seg = -1, None
+
+    def is_acked(self, seq: int) -> bool:
+        if seq < self.cursor:
+            return True
+        i = bisect.bisect_right(self._done, [seq, float("inf")]) - 1
+        return i >= 0 and self._done[i][0] <= seq < self._done[i][1]
+
+    def ack(self, start: int, end: int) -> None:
+        """Acknowledge seqs [start, end) (idempotent). Moves the cursor over contiguous acknowledged seqs,
+        deletes segments the cursor passed, and writes the cursor file (cheap: tmp + rename)."""
+        start = max(start, self.cursor)
+        if end <= start:
+            return
+        i = bisect.bisect_left(self._done, [start, start])
+        if i > 0 and self._done[i - 1][1] >= start:
+            i -= 1
+        j = i
+        s, e = start, end
+        while j < len(self._done) and self._done[j][0] <= e:
+            s, e = min(s, self._done[j][0]), max(e, self._done[j][1])
+            j += 1
+        self._done[i:j] = [[s, e]]
+        if self._done and self._done[0][0] <= self.cursor:
+            self.cursor = max(self.cursor, self._done.pop(0)[1])
+            self._gc()
+
+    def _gc(self) -> None:
+        """Delete segments whose every record is acknowledged; keep the reader on a live segment."""
+        freed = False
+        while self.segments:
+            seg = self.segments[0]
+            last = len(self.segments) == 1
+            if (self.next_seq if last else seg.end) > self.cursor:
+                break
+            if last and self._wfd >= 0:
+                os.close(self._wfd)
+                self._wfd = -1
+                self._dirty = False
+            if self._rfd_seg is seg:
+                self._close_reader()
+            self.segments.pop(0)
+            if self._rseg == 0:                          # the reader was in it: start of the next one
+                self._roff = _SEG_HDR.size
+                self._rnext = self.segments[0].first if self.segments else self.next_seq
+            else:
+                self._rseg -= 1
+            self._unlink(seg)
+            freed = True
+        self.read_seq = max(self.read_seq, self.cursor)
+        if freed or time.monotonic() - self._cursor_at >= CURSOR_WRITE_INTERVAL_S:
+            self._write_cursor()
+        if freed and self._room is not None:
+            self._room.set()
+
+    def skip_to(self, seq: int) -> None:
+        """Move the read position forward to `seq` (records before it are delivered by someone else,
+        e.g. batches already handed to the producer that were spooled only for crash safety)."""
+        self.read_seq = max(self.read_seq, min(seq, self.next_seq))
+
+    def _unlink(self, seg: _Segment) -> None:
+        try:
+            os.unlink(seg.path)
+            self.deleted_segments += 1
+        except FileNotFoundError:
+            pass
+
+    # ---- close / stats -------------------------------------------------------------------------------
+    async def close(self) -> None:
+        """fdatasync (unless policy none), write the cursor durably, close files."""
+        if self._wfd >= 0:
+            if self.fsync != "none":
+                await self.sync()
+            os.close(self._wfd)
+            self._wfd = -1
+        self._close_reader()
+        if self.opened:
+            self._write_cursor(force=True, sync=True)
+        self.opened = False
+        if self._lockfd >= 0:
+            os.close(self._lockfd)
+            self._lockfd = -1
+
+    def stats(self) -> dict:
+        return {"dir": str(self.dir), "size_bytes": self.size_bytes, "max_bytes": self.max_bytes,
+                "segments": len(self.segments), "pending": self.pending, "unread": self.unread,
+                "cursor": self.cursor, "next_seq": self.next_seq, "appended": self.appended,
+                "refused": self.refused, "bytes_appended": self.bytes_appended, "fsync": self.fsync,
+                "fsyncs": self.fsyncs, "fsync_errors": self.fsync_errors, "corrupt_records": self.corrupt_records,
+                "deleted_segments": self.deleted_segments,
+                "recovery": {"segments": self.recovery.segments, "pending": self.recovery.pending,
+                             "truncated_bytes": self.recovery.truncated_bytes,
+                             "corrupt_segments": self.recovery.corrupt_segments, "cursor": self.recovery.cursor}}
+
+
+def _write_all(fd: int, buf: bytes) -> None:
+    mv = memoryview(buf)
+    while mv:
+        n = os.write(fd, mv)
+        mv = mv[n:]
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

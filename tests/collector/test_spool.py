@@ -1,0 +1,304 @@
+"""collector.sinks.spool: in order across segments, bounded, crash-safe (torn tail, CRC errors, a killed
+writer), and replay from the cursor after a restart — at-least-once, never a silent loss."""
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from collector.sinks.spool import FRAME_OVERHEAD, Spool, SpoolError
+
+SEG = 4096
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def payload(i: int, size: int = 100) -> bytes:
+    head = f"rec-{i:08d}:".encode()
+    return head + b"x" * max(0, size - len(head))
+
+
+def idx(p: bytes) -> int:
+    return int(p[4:12])
+
+
+def make(d: Path, **kw) -> Spool:
+    kw.setdefault("segment_bytes", SEG)
+    kw.setdefault("max_bytes", 1 << 20)
+    kw.setdefault("fsync", "none")
+    s = Spool(d, **kw)
+    s.open()
+    return s
+
+
+def read_all(s: Spool) -> list[tuple[int, bytes]]:
+    out = []
+    while True:
+        got = s.read(max_records=37, max_bytes=5000)
+        if not got:
+            return out
+        out += got
+
+
+def segs(d: Path) -> list[Path]:
+    return sorted(d.glob("*.seg"))
+
+
+def test_order_across_segments_ack_deletes_and_cursor(tmp_path):
+    async def go():
+        s = make(tmp_path)
+        assert await s.append([payload(i) for i in range(100)]) == 100
+        assert len(segs(tmp_path)) > 2                       # 100 x 116 B over 4 KiB segments
+        got = read_all(s)
+        assert [q for q, _ in got] == list(range(100))
+        assert [idx(p) for _, p in got] == list(range(100))
+        assert s.unread == 0 and s.pending == 100
+        s.ack(50, 100)                                       # out of order: the cursor waits for 0..49
+        assert s.cursor == 0 and s.pending == 50
+        s.ack(0, 50)
+        assert s.cursor == 100 and s.pending == 0
+        assert segs(tmp_path) == [] and s.size_bytes == 0    # everything acknowledged: nothing on disk
+        assert await s.append([payload(100)]) == 1           # seqs continue
+        assert read_all(s) == [(100, payload(100))]
+        await s.close()
+    run(go())
+
+
+def test_restart_replays_from_the_cursor_in_order(tmp_path):
+    async def go():
+        s = make(tmp_path)
+        await s.append([payload(i) for i in range(60)])
+        assert [q for q, _ in s.read(max_records=30)] == list(range(30))
+        s.ack(0, 25)
+        await s.close()
+        s2 = make(tmp_path)
+        assert s2.recovery.cursor == "file" and s2.recovery.pending == 35
+        got = read_all(s2)
+        assert [q for q, _ in got] == list(range(25, 60))   # unacknowledged ones again, in order
+        assert [idx(p) for _, p in got] == list(range(25, 60))
+        await s2.append([payload(60)])                      # new records after the old ones
+        assert read_all(s2) == [(60, payload(60))]
+        await s2.close()
+    run(go())
+
+
+def test_rewind_rereads_unacknowledged_and_skips_acknowledged(tmp_path):
+    async def go():
+        s = make(tmp_path)
+        await s.append([payload(i) for i in range(80)])
+        read_all(s)
+        s.ack(0, 10)
+        s.ack(30, 50)                                        # delivered out of order before a failure
+        s.rewind()
+        got = [q for q, _ in read_all(s)]
+        assert got == list(range(10, 30)) + list(range(50, 80))
+        s.skip_to(80)
+        assert s.read() == []
+        await s.close()
+    run(go())
+
+
+def test_torn_tail_record_is_cut_at_open(tmp_path):
+    async def go():
+        s = make(tmp_path)
+        await s.append([payload(i) for i in range(50)])
+        # no close(): as if the process died; then tear the last record in half
+        last = segs(tmp_path)[-1]
+        os.truncate(last, last.stat().st_size - 40)
+        s._close_reader()
+        os.close(s._wfd)
+        os.close(s._lockfd)
+        s2 = make(tmp_path)
+        assert s2.recovery.truncated_bytes == 100 + FRAME_OVERHEAD - 40
+        assert s2.next_seq == 49 and s2.recovery.pending == 49
+        assert [q for q, _ in read_all(s2)] == list(range(49))
+        assert await s2.append([payload(49)]) == 1          # the lost seq is not reused blindly:
+        assert read_all(s2) == [(49, payload(49))]          # it was never acknowledged to anyone
+        await s2.close()
+    run(go())
+
+
+def flip(path: Path, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0xFF]))
+
+
+def test_crc_error_in_a_sealed_segment_counts_exactly_what_is_lost(tmp_path):
+    async def go():
+        s = make(tmp_path)
+        await s.append([payload(i) for i in range(100)])
+        await s.close()
+        files = segs(tmp_path)
+        first_of = [int(p.stem) for p in files]
+        # damage record #5 of the second segment (payload byte)
+        target = files[1]
+        flip(target, 16 + 5 * (100 + FRAME_OVERHEAD) + FRAME_OVERHEAD + 20)
+        s2 = make(tmp_path)
+        got = [q for q, _ in read_all(s2)]
+        bad = first_of[1] + 5
+        lost = s2.take_lost()
+        assert lost == [(bad, first_of[2])]                 # the rest of that segment, exactly
+        assert got == [q for q in range(100) if not bad <= q < first_of[2]]
+        assert s2.corrupt_records == first_of[2] - bad
+        s2.ack(0, 100)
+        assert s2.cursor == 100 and s2.pending == 0          # lost ranges do not block the cursor
+        await s2.close()
+    run(go())
+
+
+def test_crc_error_in_the_last_segment_is_cut_at_open(tmp_path):
+    async def go():
+        s = make(tmp_path)
+        await s.append([payload(i) for i in range(20)])
+        await s.close()
+        last = segs(tmp_path)[-1]
+        first = int(last.stem)
+        n_in_last = 20 - first
+        assert n_in_last > 3
+        flip(last, 16 + 2 * (100 + FRAME_OVERHEAD) + 4)     # the CRC field of its third record
+        s2 = make(tmp_path)
+        assert s2.next_seq == first + 2
+        assert s2.recovery.truncated_bytes == (n_in_last - 2) * (100 + FRAME_OVERHEAD)
+        assert [q for q, _ in read_all(s2)] == list(range(first + 2))
+        await s2.close()
+    run(go())
+
+
+def test_damaged_cursor_replays_everything_rather_than_lose(tmp_path):
+    async def go():
+        s = make(tmp_path)
+        await s.append([payload(i) for i in range(30)])
+        read_all(s)
+        s.ack(0, 10)
+        await s.close()
+        flip(tmp_path / "cursor", 9)
+        s2 = make(tmp_path)
+        assert s2.recovery.cursor == "reset"
+        assert [q for q, _ in read_all(s2)][0] <= 10         # from the oldest segment kept: duplicates only
+        await s2.close()
+    run(go())
+
+
+def test_size_limit_refuses_and_counts_then_room_returns(tmp_path):
+    async def go():
+        s = make(tmp_path, max_bytes=3 * SEG)
+        n = await s.append([payload(i) for i in range(200)])
+        assert 0 < n < 200 and s.refused == 200 - n
+        assert s.size_bytes <= 3 * SEG
+        assert await s.append([payload(999)]) == 0           # still full
+        got = read_all(s)
+        assert [q for q, _ in got] == list(range(n))
+        waiter = asyncio.ensure_future(s.wait_room(200, timeout=5))
+        await asyncio.sleep(0.01)
+        assert not waiter.done()
+        s.ack(0, n)
+        assert await waiter
+        assert await s.append([payload(i) for i in range(n, n + 10)]) == 10
+        await s.close()
+    run(go())
+
+
+def test_record_too_large_and_second_process_are_clear_errors(tmp_path):
+    async def go():
+        s = make(tmp_path, max_record_bytes=1000)
+        with pytest.raises(SpoolError, match="exceeds"):
+            await s.append([b"x" * 1001])
+        with pytest.raises(SpoolError, match="in use by another process"):
+            Spool(tmp_path).open()
+        await s.close()
+    run(go())
+
+
+WRITER = textwrap.dedent("""
+    import asyncio, sys
+    sys.path.insert(0, {root!r})
+    from collector.sinks.spool import Spool
+    async def main():
+        s = Spool({d!r}, segment_bytes=1 << 20, max_bytes=1 << 30, fsync="none")
+        s.open()
+        i = 0
+        while True:
+            batch = [b"rec-%08d:" % j + b"y" * (50 + j % 700) for j in range(i, i + 97)]
+            assert await s.append(batch) == len(batch)
+            i += len(batch)
+            print(i, flush=True)                 # every record below i was accepted
+    asyncio.run(main())
+""")
+
+
+def test_killed_writer_loses_nothing_it_accepted(tmp_path):
+    """SIGKILL mid-append: a reopened spool holds every accepted record, in order, no gaps, no garbage."""
+    d = tmp_path / "spool"
+    root = str(Path(__file__).resolve().parents[2])
+    p = subprocess.Popen([sys.executable, "-c", WRITER.format(root=root, d=str(d))], stdout=subprocess.PIPE,
+                         text=True)
+    accepted = 0
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 0.7:
+        line = p.stdout.readline()
+        if not line:
+            break
+        accepted = int(line)
+    assert p.poll() is None, "the writer must still be writing when it is killed"
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    for line in p.stdout:                        # what it printed before dying was accepted too
+        accepted = max(accepted, int(line))
+    assert accepted > 1000
+
+    async def go():
+        s = make(d, segment_bytes=1 << 20, max_bytes=1 << 30)
+        got = read_all(s)
+        seqs = [q for q, _ in got]
+        assert seqs == list(range(len(got)))
+        assert [idx(pl) for _, pl in got] == seqs
+        assert len(got) >= accepted
+        assert s.corrupt_records == 0
+        await s.close()
+    run(go())
+
+
+def test_disk_full_mid_append_reports_what_was_written_and_leaves_no_torn_frame(tmp_path, monkeypatch):
+    import errno
+    import collector.sinks.spool as sp
+
+    async def go():
+        s = make(tmp_path)
+        assert await s.append([payload(i) for i in range(10)]) == 10
+        real = os.write
+        calls = {"n": 0}
+
+        def flaky(fd, buf):                      # the next segment's frames: half written, then ENOSPC
+            calls["n"] += 1
+            if calls["n"] == 3:
+                real(fd, bytes(buf)[: len(buf) // 2])
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real(fd, buf)
+        monkeypatch.setattr(sp.os, "write", flaky)
+        with pytest.raises(OSError) as ei:
+            await s.append([payload(i) for i in range(10, 100)])
+        monkeypatch.setattr(sp.os, "write", real)
+        written = ei.value.written
+        assert 0 < written < 90
+        assert s.next_seq == 10 + written
+        assert await s.append([payload(999)]) == 1            # goes on in a fresh segment
+        got = read_all(s)
+        assert [q for q, _ in got] == list(range(10 + written + 1)) and s.corrupt_records == 0
+        await s.close()
+        s2 = make(tmp_path)
+        assert s2.recovery.truncated_bytes == 0 and s2.next_seq == 10 + written + 1
+        assert [idx(p) for _, p in read_all(s2)] == list(range(10 + written)) + [999]
+        await s2.close()
+    run(go())
