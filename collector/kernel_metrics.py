@@ -395,30 +395,9 @@ class RecordMetrics:
 # ---- kernel -------------------------------------------------------------------------------------------
 
 def count_entries(fd: int, key_size: int, value_bytes: int, chunk: int = BATCH_CHUNK) -> int:
-    """Entries of a hash map by BPF_MAP_LOOKUP_BATCH with buffers reused across calls: one syscall per
-    `chunk` entries, memory O(chunk) (never one syscall per key). value_bytes: per-CPU maps return the
-    8-aligned value times the number of possible CPUs."""
+    """Entries of a hash map: one batched walk (enforcer._internal.bpfsys.count_entries)."""
     from enforcer._internal import bpfsys
-    kb = ctypes.create_string_buffer(chunk * key_size)
-    vb = ctypes.create_string_buffer(chunk * value_bytes)
-    tin = ctypes.create_string_buffer(max(key_size, 8))
-    tout = ctypes.create_string_buffer(max(key_size, 8))
-    total, first = 0, True
-    while True:
-        attr = bpfsys._MapBatchAttr(in_batch=0 if first else ctypes.addressof(tin), out_batch=ctypes.addressof(tout),
-                                    keys=ctypes.addressof(kb), values=ctypes.addressof(vb), count=chunk, map_fd=fd)
-        done = False
-        try:
-            bpfsys._sys_bpf(bpfsys.MAP_LOOKUP_BATCH, attr)
-        except bpfsys.BpfError as e:
-            if e.errno != 2:                        # ENOENT: the map ended within this chunk
-                raise
-            done = True
-        total += attr.count
-        if done or attr.count == 0:
-            return total
-        ctypes.memmove(tin, tout, len(tout))
-        first = False
+    return bpfsys.count_entries(fd, key_size, value_bytes, chunk=chunk)
 
 
 class KernelCollector:

@@ -38,7 +38,6 @@ Cost: update() O(series) dict building (~100 µs) once per status write; kernel 
 """
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import socket
@@ -303,35 +302,17 @@ class _KernelGauges:
 
 
 def _count(fd: int, key_size: int, value_size: int, *, until_after: int | None = None, chunk: int = 8192) -> int:
-    """Entries of a hash map by BPF_MAP_LOOKUP_BATCH with reused buffers (memory O(chunk)); with
-    until_after, only entries whose first u64 after `since_ns` (hw_dos_ban.until_ns) is later."""
+    """Entries of a hash map (one batched walk, memory O(chunk)); with until_after, only entries whose
+    second u64 (hw_dos_ban.until_ns, after since_ns) is later."""
     import numpy as np
     from enforcer._internal import bpfsys
-    kb = ctypes.create_string_buffer(chunk * key_size)
-    vb = ctypes.create_string_buffer(chunk * value_size)
-    tin = ctypes.create_string_buffer(max(key_size, 8))
-    tout = ctypes.create_string_buffer(max(key_size, 8))
-    total, first = 0, True
-    while True:
-        attr = bpfsys._MapBatchAttr(in_batch=0 if first else ctypes.addressof(tin), out_batch=ctypes.addressof(tout),
-                                    keys=ctypes.addressof(kb), values=ctypes.addressof(vb), count=chunk, map_fd=fd)
-        done = False
-        try:
-            bpfsys._sys_bpf(bpfsys.MAP_LOOKUP_BATCH, attr)
-        except bpfsys.BpfError as e:
-            if e.errno != 2:
-                raise
-            done = True
-        n = attr.count
-        if until_after is None:
-            total += n
-        elif n:
-            vals = np.frombuffer(vb.raw[: n * value_size], dtype=np.uint64).reshape(n, value_size // 8)
-            total += int((vals[:, 1] > until_after).sum())
-        if done or n == 0:
-            return total
-        ctypes.memmove(tin, tout, len(tout))
-        first = False
+    if until_after is None:
+        return bpfsys.count_entries(fd, key_size, value_size, chunk=chunk)
+    total = 0
+    for _, vb, n in bpfsys.iter_batches(fd, key_size, value_size, chunk=chunk):
+        vals = np.frombuffer(vb.raw[: n * value_size], dtype=np.uint64).reshape(n, value_size // 8)
+        total += int((vals[:, 1] > until_after).sum())
+    return total
 
 
 # ---- the registry and its two outputs ------------------------------------------------------------

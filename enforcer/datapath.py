@@ -258,17 +258,21 @@ class Datapath:
         """DoS drops per (profile, reason), summed over CPUs."""
         return self._percpu_array("hw_dos_stats", "hw_counter", L.C["HW_DOS_PROFILES_MAX"] * L.REASONS)
 
-    PRESSURE_MAPS = {"hw_ct4": "hw_ct4_key", "hw_ct6": "hw_ct6_key", "hw_dos_src": "hw_dos_key",
-                     "hw_dos_banned": "hw_dos_key", "hw_drops0": "hw_drop_key", "hw_drops1": "hw_drop_key"}
+    # map -> (key dtype, value dtype, per-CPU)
+    PRESSURE_MAPS = {"hw_ct4": ("hw_ct4_key", "hw_ct_entry", False), "hw_ct6": ("hw_ct6_key", "hw_ct_entry", False),
+                     "hw_dos_src": ("hw_dos_key", "hw_dos_src", False),
+                     "hw_dos_banned": ("hw_dos_key", "hw_dos_ban", False),
+                     "hw_drops0": ("hw_drop_key", "hw_drop_val", True), "hw_drops1": ("hw_drop_key", "hw_drop_val", True)}
 
     def map_pressure(self) -> dict[str, dict]:
         """Fill of the hash maps (entries / capacity, %). LRU maps at 100% evict their oldest entries;
-        the others refuse new keys (counted where the datapath uses them). Counting reads keys in
-        batches: O(entries / 4096) syscalls."""
+        the others refuse new keys (counted where the datapath uses them). Counting reads the maps in
+        batches: O(entries / 8192) syscalls."""
         out = {}
-        for name, kdt in self.PRESSURE_MAPS.items():
+        for name, (kdt, vdt, percpu) in self.PRESSURE_MAPS.items():
             fd = self.map_fds[name]
-            n = _count_keys(fd, L.DTYPES[kdt].itemsize)
+            vbytes = (L.DTYPES[vdt].itemsize + 7) // 8 * 8 * (self.ncpus if percpu else 1)
+            n = bpfsys.count_entries(fd, L.DTYPES[kdt].itemsize, vbytes)
             cap = bpfsys.map_info(fd).max_entries
             out[name] = {"entries": n, "capacity": cap, "percent": round(100.0 * n / cap, 2)}
         return out
@@ -278,23 +282,3 @@ class Datapath:
             fd = self.map_fds[name]
             for k in list(bpfsys.map_keys(fd, L.DTYPES[dt].itemsize)):
                 bpfsys.map_delete(fd, k)
-
-
-def _count_keys(fd: int, key_size: int) -> int:
-    """Number of keys of a hash map, walking it with GET_NEXT_KEY in C-speed batches of syscalls."""
-    n = 0
-    cur = None
-    nxt = ctypes.create_string_buffer(key_size)
-    attr = bpfsys._MapElemAttr(map_fd=fd, key=0, value=ctypes.addressof(nxt))
-    while True:
-        try:
-            bpfsys._sys_bpf(bpfsys.MAP_GET_NEXT_KEY, attr)
-        except bpfsys.BpfError as e:
-            if e.errno == 2:
-                return n
-            raise
-        n += 1
-        if cur is None:
-            cur = ctypes.create_string_buffer(key_size)
-            attr.key = ctypes.addressof(cur)
-        ctypes.memmove(cur, nxt, key_size)

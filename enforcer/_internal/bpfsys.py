@@ -197,22 +197,20 @@ def map_update_batch(fd: int, keys: bytes, values: bytes, count: int) -> None:
     _sys_bpf(MAP_UPDATE_BATCH, _MapBatchAttr(keys=_addr(kb), values=_addr(vb), count=count, map_fd=fd))
 
 
-def map_batch(fd: int, key_size: int, value_bytes: int, *, delete: bool = False,
-              chunk: int = 8192) -> tuple[bytes, bytes, int]:
-    """All (key, value) pairs of a map via BPF_MAP_LOOKUP[_AND_DELETE]_BATCH.
+def iter_batches(fd: int, key_size: int, value_bytes: int, *, delete: bool = False, chunk: int = 8192):
+    """Walk a map with BPF_MAP_LOOKUP[_AND_DELETE]_BATCH, yielding (keys, values, n) per chunk.
 
-    value_bytes: bytes per value as the syscall returns them (per-CPU maps: 8-aligned value × ncpus).
-    Cost: one syscall per `chunk` entries. A hash map written concurrently may be seen partially
-    (entries added behind the cursor). Returns (packed keys, packed values, count)."""
+    The two buffers are reused between chunks (copy what you keep), so memory is O(chunk) whatever
+    the map's size; one syscall per `chunk` entries. value_bytes: bytes per value as the syscall
+    returns them (per-CPU maps: 8-aligned value × ncpus). A hash map written concurrently may be
+    seen partially (entries added behind the cursor)."""
     cmd = MAP_LOOKUP_AND_DELETE_BATCH if delete else MAP_LOOKUP_BATCH
-    keys, vals = bytearray(), bytearray()
-    total = 0
+    kb = ctypes.create_string_buffer(chunk * key_size)
+    vb = ctypes.create_string_buffer(chunk * value_bytes)
     token_in = ctypes.create_string_buffer(max(key_size, 8))
     token_out = ctypes.create_string_buffer(max(key_size, 8))
     first = True
     while True:
-        kb = ctypes.create_string_buffer(chunk * key_size)
-        vb = ctypes.create_string_buffer(chunk * value_bytes)
         attr = _MapBatchAttr(in_batch=0 if first else ctypes.addressof(token_in), out_batch=ctypes.addressof(token_out),
                              keys=ctypes.addressof(kb), values=ctypes.addressof(vb), count=chunk, map_fd=fd)
         done = False
@@ -222,14 +220,29 @@ def map_batch(fd: int, key_size: int, value_bytes: int, *, delete: bool = False,
             if e.errno != 2:        # ENOENT: the map ended within this chunk
                 raise
             done = True
-        n = attr.count
+        if attr.count:
+            yield kb, vb, attr.count
+        if done or attr.count == 0:
+            return
+        ctypes.memmove(token_in, token_out, len(token_out))
+        first = False
+
+
+def map_batch(fd: int, key_size: int, value_bytes: int, *, delete: bool = False,
+              chunk: int = 8192) -> tuple[bytes, bytes, int]:
+    """All (key, value) pairs of a map, packed: (keys, values, count). See iter_batches."""
+    keys, vals = bytearray(), bytearray()
+    total = 0
+    for kb, vb, n in iter_batches(fd, key_size, value_bytes, delete=delete, chunk=chunk):
         keys += kb.raw[: n * key_size]
         vals += vb.raw[: n * value_bytes]
         total += n
-        if done or n == 0:
-            return bytes(keys), bytes(vals), total
-        ctypes.memmove(token_in, token_out, len(token_out))
-        first = False
+    return bytes(keys), bytes(vals), total
+
+
+def count_entries(fd: int, key_size: int, value_bytes: int, chunk: int = 8192) -> int:
+    """Number of entries of a hash map (batched: ~0.3 s for 1M entries, memory O(chunk))."""
+    return sum(n for _, _, n in iter_batches(fd, key_size, value_bytes, chunk=chunk))
 
 
 def array_slots(fd: int, start: int, n: int, value_bytes: int) -> bytes:
