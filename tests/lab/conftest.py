@@ -66,7 +66,7 @@ def datapath():
     try:
         import bcc  # noqa: F401
     except ImportError as e:                     # pragma: no cover - depends on the machine
-        pytest.skip(f"BCC is not importable (run scripts/setup.sh): {e}")
+        pytest.fail(f"BCC is not importable (run scripts/setup.sh): {e}")
     from enforcer.datapath import Datapath
     dp = Datapath.load()                         # a compile or verifier failure is an error, not a skip
     try:
