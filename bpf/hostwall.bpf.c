@@ -51,6 +51,7 @@ BPF_TABLE("lru_hash", struct hw_dos_key, struct hw_dos_src, hw_dos_src, HW_DOS_S
 BPF_TABLE("hash", struct hw_dos_key, struct hw_dos_ban, hw_dos_banned, HW_DOS_BANNED_MAX);
 BPF_ARRAY(hw_dos_global, struct hw_bucket, HW_DOS_PROFILES_MAX * 16);
 BPF_PERCPU_ARRAY(hw_dos_stats, struct hw_counter, HW_DOS_PROFILES_MAX * HW_REASONS);
+BPF_PERCPU_ARRAY(hw_dos_inserts, struct hw_counter, 1);  /* sources ever tracked: evicted = this - entries */
 BPF_F_TABLE("lpm_trie", struct hw_ban4_key, struct hw_manual_ban, hw_manual_ban4, HW_MANUAL_BANS_MAX, BPF_F_NO_PREALLOC);
 BPF_F_TABLE("lpm_trie", struct hw_ban6_key, struct hw_manual_ban, hw_manual_ban6, HW_MANUAL_BANS_MAX, BPF_F_NO_PREALLOC);
 
@@ -880,6 +881,8 @@ static __always_inline __u32 dos_source(struct env *v, struct pkt *p, struct hw_
 				       .tok_bits = pr->bps_burst * 1000ULL, .tok_syn = pr->syn_pps * 1000000000ULL,
 				       .tok_udp = pr->udp_pps * 1000000000ULL, .tok_icmp = pr->icmp_pps * 1000000000ULL};
 		hw_dos_src.update(&k, &n);
+		__u32 zero = 0;
+		counter_add(hw_dos_inserts.lookup(&zero), 0);   /* LRU: at capacity each insert evicts one */
 		s = hw_dos_src.lookup(&k);
 		if (!s)
 			return 0;       /* could not track this source: no per-source limit (fail open) */

@@ -267,10 +267,10 @@ def cmd_status(a) -> int:
     if s.get("bans"):
         _print_bans(s["bans"])
     t = Table(title="map pressure")
-    for c in ("map", "entries", "capacity", "%"):
+    for c in ("map", "entries", "capacity", "%", "evicted"):
         t.add_column(c, justify="right")
     for m, v in s["map_pressure"].items():
-        t.add_row(m, str(v["entries"]), str(v["capacity"]), f"{v['percent']:.1f}")
+        t.add_row(m, str(v["entries"]), str(v["capacity"]), f"{v['percent']:.1f}", str(v.get("evicted", "")))
     con.print(t)
     return EXIT_OK
 

@@ -42,7 +42,7 @@ POLICY_MAPS = {
 }
 OTHER_MAPS = ("hw_config", "hw_collect", "hw_stats", "hw_rule_stats", "hw_port_stats", "hw_ct4", "hw_ct6", "hw_events",
               "hw_ev_stats", "hw_ev_budget", "hw_drops0", "hw_drops1", "hw_drop_overflow", "hw_jump",
-              "hw_pkt_scratch", "hw_dos_src", "hw_dos_banned", "hw_dos_global", "hw_dos_stats", "hw_manual_ban4",
+              "hw_pkt_scratch", "hw_dos_src", "hw_dos_banned", "hw_dos_global", "hw_dos_stats", "hw_dos_inserts", "hw_manual_ban4",
               "hw_manual_ban6")
 ALL_MAPS = tuple(POLICY_MAPS) + OTHER_MAPS
 
@@ -258,6 +258,10 @@ class Datapath:
         """DoS drops per (profile, reason), summed over CPUs."""
         return self._percpu_array("hw_dos_stats", "hw_counter", L.C["HW_DOS_PROFILES_MAX"] * L.REASONS)
 
+    def dos_sources_inserted(self) -> int:
+        """Sources the DoS guards started tracking since load (a full LRU evicts one per insert)."""
+        return int(self._percpu_array("hw_dos_inserts", "hw_counter", 1)["packets"][0])
+
     # map -> (key dtype, value dtype, per-CPU)
     PRESSURE_MAPS = {"hw_ct4": ("hw_ct4_key", "hw_ct_entry", False), "hw_ct6": ("hw_ct6_key", "hw_ct_entry", False),
                      "hw_dos_src": ("hw_dos_key", "hw_dos_src", False),
@@ -275,6 +279,9 @@ class Datapath:
             n = bpfsys.count_entries(fd, L.DTYPES[kdt].itemsize, vbytes)
             cap = bpfsys.map_info(fd).max_entries
             out[name] = {"entries": n, "capacity": cap, "percent": round(100.0 * n / cap, 2)}
+        # LRU maps never refuse a key: count what they pushed out instead (inserts − live entries; exact
+        # because nothing but the LRU removes source entries — bans only rewrite them)
+        out["hw_dos_src"]["evicted"] = max(0, self.dos_sources_inserted() - out["hw_dos_src"]["entries"])
         return out
 
     def clear_conntrack(self) -> None:
