@@ -176,6 +176,24 @@ def run_echo_server(tcp_ports: Sequence[int] = (), udp_ports: Sequence[int] = ()
 
 # ====================================================================================== clients
 
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    """Exactly n bytes from sock (ConnectionResetError if the peer closes first)."""
+    got = b""
+    while len(got) < n:
+        chunk = sock.recv(n - len(got))
+        if not chunk:
+            raise ConnectionResetError("closed by peer")
+        got += chunk
+    return got
+
+
+def _echo(sock: socket.socket, payload: bytes) -> None:
+    """One echo round trip; ValueError if the echo differs from what was sent."""
+    sock.sendall(payload)
+    if _recv_exact(sock, len(payload)) != payload:
+        raise ValueError("echo mismatch")
+
+
 def tcp_client(host: str, port: int, count: int = 5, *, timeout: float = 1.0, size: int = 32,
                reuse: bool = False, interval: float = 0.0, max_time: float | None = None) -> dict:
     """`count` request/response round trips to a TCP echo server. New connection per round trip
@@ -197,15 +215,7 @@ def tcp_client(host: str, port: int, count: int = 5, *, timeout: float = 1.0, si
             if sock is None:
                 sock = socket.create_connection((host, port), timeout=timeout)
             sock.settimeout(timeout)
-            sock.sendall(payload)
-            got = b""
-            while len(got) < len(payload):
-                chunk = sock.recv(len(payload) - len(got))
-                if not chunk:
-                    raise ConnectionResetError("closed by peer")
-                got += chunk
-            if got != payload:
-                raise ValueError("echo mismatch")
+            _echo(sock, payload)
             ok += 1
             lat.append((time.perf_counter() - t0) * 1000)
         except (OSError, ValueError) as e:
@@ -297,15 +307,7 @@ def long_lived(host: str, port: int, *, interval_ms: float = 50.0, duration: flo
             sent += 1
             t0 = time.perf_counter()
             try:
-                sock.sendall(payload)
-                got = b""
-                while len(got) < len(payload):
-                    chunk = sock.recv(len(payload) - len(got))
-                    if not chunk:
-                        raise ConnectionResetError("closed by peer")
-                    got += chunk
-                if got != payload:
-                    raise ValueError("echo mismatch")
+                _echo(sock, payload)
                 ok += 1
                 t = time.monotonic()
                 max_gap = max(max_gap, t - last_ok)
@@ -316,12 +318,7 @@ def long_lived(host: str, port: int, *, interval_ms: float = 50.0, duration: flo
                 error = "timeout"
                 try:
                     sock.settimeout(timeout)
-                    rest = b""
-                    while len(rest) < len(payload):
-                        chunk = sock.recv(len(payload) - len(rest))
-                        if not chunk:
-                            raise ConnectionResetError("closed by peer")
-                        rest += chunk
+                    _recv_exact(sock, len(payload))      # drain the late echo
                 except OSError as e:
                     broken, error = True, _err_kind(e)
                     break
