@@ -116,6 +116,9 @@ struct hw_config {                  /* hw_config[0] — written by the enforcer 
 	__u32 manual_bans;          /* operator bans in the LPM tries; 0 skips that lookup */
 	__u32 xdp_ingress;          /* 1: XDP judges ingress on every attached interface, so TC ingress
 	                             * judges only packets XDP marked as deferred; 0: TC judges all */
+	__u64 tick_ns;              /* the datapath's clock is jiffies * tick_ns + tick_base_ns (CLOCK_MONOTONIC, */
+	__u64 tick_base_ns;         /* tick resolution), calibrated at load; tick_ns 0: coarse clock helper */
+	__u64 ct_seed;              /* conntrack table hash seed, random per instance */
 };
 
 struct hw_collect {                 /* hw_collect[0] — written by the collector only */
@@ -287,7 +290,7 @@ struct hw_ct6_key {
 };
 
 struct hw_ct_entry {
-	__u64 created_ns;           /* bpf_ktime_get_coarse_ns */
+	__u64 created_ns;           /* the datapath clock (hw_now) */
 	__u64 last_ns;
 	__u64 packets[2];           /* [0] from initiator, [1] from responder */
 	__u64 bytes[2];

@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import secrets
 import shutil
 import time
 from dataclasses import dataclass
@@ -53,6 +54,31 @@ def build_hash() -> str:
     for p in (L.HEADER, L.BPF_SOURCE):
         h.update(p.read_bytes())
     return h.hexdigest()[:16]
+
+
+def calibrate_clock(probe_fd: int, timeout_s: float = 2.0) -> tuple[int, int]:
+    """(tick_ns, base_ns) such that jiffies * tick_ns + base_ns follows the kernel's coarse monotonic
+    clock, never ahead of it (at most one tick behind).
+
+    The datapath reads time as scaled jiffies because the verifier inlines bpf_jiffies64 (one load)
+    where clock helpers cost 20-35 ns a packet. Probes over ≥ 3 ticks (≈ 12-30 ms) give the tick:
+    tick_ns is the kernel's TICK_NSEC for the HZ they imply. Jiffies and the coarse clock are updated
+    one after the other, so a probe can see one a tick ahead of the other: the smallest offset seen is
+    the one where neither is. base_ns is stored modulo 2^64."""
+    def probe() -> tuple[int, int]:
+        j, t = np.frombuffer(bpfsys.prog_test_run(probe_fd, bytes(64)).data_out[:16], dtype="<u8").tolist()
+        return j, t
+    samples = [probe()]
+    deadline = time.monotonic() + timeout_s
+    while samples[-1][0] - samples[0][0] < 3 or len(samples) < 8:
+        if time.monotonic() > deadline:
+            raise RuntimeError("clock calibration: jiffies did not advance (is the kernel tick running?)")
+        time.sleep(0.003)
+        samples.append(probe())
+    (j0, t0), (j1, t1) = samples[0], samples[-1]
+    hz = round(1e9 * (j1 - j0) / (t1 - t0))
+    tick = (1_000_000_000 + hz // 2) // hz
+    return tick, min(t - j * tick for j, t in samples) % (1 << 64)
 
 
 @dataclass(frozen=True)
@@ -98,7 +124,8 @@ class Datapath:
         # xdp_ingress tail-calls xdp_judge; a pinned prog array keeps this entry across restarts
         bpfsys.map_update(maps["hw_jump"], b"\0" * 4, progs["xdp_judge"].to_bytes(4, "little"))
         dp = cls(progs, maps, bpf)
-        dp.set_config()
+        tick_ns, base_ns = calibrate_clock(bpf.load_func(b"clock_probe", BPF.XDP).fd)
+        dp.set_config(tick_ns=tick_ns, tick_base_ns=base_ns, ct_seed=secrets.randbits(64))
         dp.init_collect_defaults()
         return dp
 

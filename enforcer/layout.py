@@ -78,7 +78,8 @@ u8, u16, u32, u64 = np.uint8, np.uint16, np.uint32, np.uint64
 
 # struct name -> dtype; every dtype's itemsize equals the C sizeof (checked by the layout test).
 DTYPES: dict[str, np.dtype] = {
-    "hw_config": np.dtype([("gen", u32), ("ncpus", u32), ("test_now_ns", u64), ("manual_bans", u32), ("xdp_ingress", u32)]),
+    "hw_config": np.dtype([("gen", u32), ("ncpus", u32), ("test_now_ns", u64), ("manual_bans", u32), ("xdp_ingress", u32),
+                           ("tick_ns", u64), ("tick_base_ns", u64), ("ct_seed", u64)]),
     "hw_collect": np.dtype([("agg_gen", u32), ("event_budget", u32), ("agg_prefix_v4", u8), ("agg_prefix_v6", u8),
                             ("pad", u16), ("pad2", u32)]),
     "hw_policy_hdr": np.dtype([("revision_id", u32), ("nrules", u32), ("default_ingress", u8),
