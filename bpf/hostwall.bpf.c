@@ -42,8 +42,9 @@ BPF_PERCPU_ARRAY(hw_stats, struct hw_counter, HW_HOOKS * HW_VERDICTS * HW_REASON
 BPF_PERCPU_ARRAY(hw_rule_stats, struct hw_counter, HW_MAX_RULE_SLOTS);
 BPF_PERCPU_ARRAY(hw_port_stats, struct hw_port_counter, 65536);
 
-BPF_TABLE("lru_hash", struct hw_ct4_key, struct hw_ct_entry, hw_ct4, HW_CT_MAX);
-BPF_TABLE("lru_hash", struct hw_ct6_key, struct hw_ct_entry, hw_ct6, HW_CT_MAX);
+BPF_F_TABLE("array", u32, struct hw_ct4_slot, hw_ct4, HW_CT_MAX, MAPF_MMAP);
+BPF_F_TABLE("array", u32, struct hw_ct6_slot, hw_ct6, HW_CT_MAX, MAPF_MMAP);
+BPF_PERCPU_ARRAY(hw_ct_stats, struct hw_counter, 2 * HW_CT_STATS);    /* [v6 * HW_CT_STATS + stat] */
 
 BPF_F_TABLE("array", u32, struct hw_dos_profile, hw_dos_profiles, 2 * HW_DOS_PROFILES_MAX, MAPF_MMAP);
 BPF_F_TABLE("array", u32, struct hw_dos_if, hw_dos_ifs, 2 * HW_DOS_IF_SLOTS, MAPF_MMAP);
@@ -487,6 +488,14 @@ static __always_inline void ev_packet(struct hw_event *e, struct pkt *p)
 	e->bytes[0] = p->len;
 }
 
+static __always_inline void counter_add(struct hw_counter *c, __u32 len)
+{
+	if (c) {
+		c->packets++;
+		c->bytes += len;
+	}
+}
+
 /* ---- connection tracking -------------------------------------------------------------------- */
 struct ctref {
 	struct hw_ct_entry *e;
@@ -545,25 +554,121 @@ static __always_inline __u64 ct_timeout_ns(struct hw_ct_entry *e, __u8 proto)
 	return s * 1000000000ULL;
 }
 
-/* Look up the connection of (s,d,sp,dp,proto); live entries only. */
-static __always_inline int ct_find(struct pkt *p, __u32 *s, __u32 *d, __u16 sp, __u16 dp, __u8 proto,
-				   __u64 now, struct ctref *r)
+/* Bucket of a normalised key: the first of its HW_CT_WAYS slots. A seeded multiply-xorshift over the
+ * key's 64-bit words (enforcer/conntrack.py computes the same); the seed is random per instance. */
+static __always_inline __u64 ct_mix(__u64 h, __u64 w)
 {
-	struct hw_ct_entry *e;
-	if (p->family == 4) {
-		struct hw_ct4_key k = {};
-		r->side = ct_key4(&k, s[0], d[0], sp, dp, proto);
-		e = hw_ct4.lookup(&k);
-		asm volatile("" : "+r"(e));     /* keep two call sites: one map each, so both get inlined */
-	} else {
-		struct hw_ct6_key k = {};
-		r->side = ct_key6(&k, s, d, sp, dp, proto);
-		e = hw_ct6.lookup(&k);
+	h = (h ^ w) * 0x9e3779b97f4a7c15ULL;
+	return h ^ (h >> 29);
+}
+
+static __always_inline __u64 ct_ports_word(__u16 pa, __u16 pb, __u8 proto)
+{
+	return ((__u64)pa << 24) | ((__u64)pb << 8) | proto;
+}
+
+static __always_inline __u32 ct_first_slot(__u64 h)
+{
+	return ((__u32)(h >> 32) & (HW_CT_MAX / HW_CT_WAYS - 1)) * HW_CT_WAYS;
+}
+
+static __always_inline __u32 ct_base4(struct hw_ct4_key *k, __u64 seed)
+{
+	__u64 h = ct_mix(seed, ((__u64)k->addr_a << 32) | k->addr_b);
+	return ct_first_slot(ct_mix(h, ct_ports_word(k->port_a, k->port_b, k->proto)));
+}
+
+static __always_inline __u32 ct_base6(struct hw_ct6_key *k, __u64 seed)
+{
+	__u64 h = seed;
+#pragma unroll
+	for (int i = 0; i < 4; i += 2) {
+		h = ct_mix(h, ((__u64)k->addr_a[i] << 32) | k->addr_a[i + 1]);
+		h = ct_mix(h, ((__u64)k->addr_b[i] << 32) | k->addr_b[i + 1]);
 	}
-	if (!e || (__s64)(now - e->last_ns) > (__s64)ct_timeout_ns(e, proto))
+	return ct_first_slot(ct_mix(h, ct_ports_word(k->port_a, k->port_b, k->proto)));
+}
+
+/* 0 when two keys are equal: their 64-bit words XORed and ORed (one branch for the caller, where a
+ * field-by-field compare would give the verifier a path per field). Pad bytes are always zero. */
+static __always_inline __u64 ct_key4_diff(struct hw_ct4_key *x, struct hw_ct4_key *y)
+{
+	__u64 *a = (__u64 *)x, *b = (__u64 *)y;
+	return (a[0] ^ b[0]) | (a[1] ^ b[1]);
+}
+
+static __always_inline __u64 ct_key6_diff(struct hw_ct6_key *x, struct hw_ct6_key *y)
+{
+	__u64 *a = (__u64 *)x, *b = (__u64 *)y;
+	return (a[0] ^ b[0]) | (a[1] ^ b[1]) | (a[2] ^ b[2]) | (a[3] ^ b[3]) | (a[4] ^ b[4]);
+}
+
+static __always_inline int ct_expired(struct hw_ct_entry *e, __u8 proto, __u64 now)
+{
+	return (__s64)(now - e->last_ns) > (__s64)ct_timeout_ns(e, proto);
+}
+
+/* Look up the connection of (s,d,sp,dp,proto); live entries only. HW_CT_WAYS inlined array lookups
+ * and one-branch key compares, then one more lookup of the hit. The loop only notes the hit's index
+ * (no early exit): compiled code after it is not duplicated per way, so the verifier's paths through
+ * it merge (an early `break` multiplied the verified size of the whole judgement by the ways). */
+static __always_inline int ct_find(struct env *v, struct pkt *p, __u32 *s, __u32 *d, __u16 sp, __u16 dp,
+				   __u8 proto, struct ctref *r)
+{
+	struct hw_ct_entry *e = 0;
+	__u32 hit = HW_CT_MAX;          /* no slot */
+	if (p->family == 4) {
+		struct hw_ct4_key k __attribute__((aligned(8))) = {};   /* compared as 64-bit words */
+		r->side = ct_key4(&k, s[0], d[0], sp, dp, proto);
+		__u32 base = ct_base4(&k, v->cfg->ct_seed);
+#pragma unroll
+		for (int i = 0; i < HW_CT_WAYS; i++) {
+			__u32 idx = base + i;
+			struct hw_ct4_slot *sl = hw_ct4.lookup(&idx);
+			asm volatile("" : "+r"(sl));   /* one call site per map: inlined */
+			if (sl && !(ct_key4_diff(&sl->k, &k) | (sl->e.slot_state ^ HW_SLOT_LIVE)))
+				hit = idx;
+		}
+		struct hw_ct4_slot *sl = hw_ct4.lookup(&hit);
+		asm volatile("" : "+r"(sl));
+		if (sl)
+			e = &sl->e;
+	} else {
+		struct hw_ct6_key k __attribute__((aligned(8))) = {};
+		r->side = ct_key6(&k, s, d, sp, dp, proto);
+		__u32 base = ct_base6(&k, v->cfg->ct_seed);
+#pragma unroll
+		for (int i = 0; i < HW_CT_WAYS; i++) {
+			__u32 idx = base + i;
+			struct hw_ct6_slot *sl = hw_ct6.lookup(&idx);
+			if (sl && !(ct_key6_diff(&sl->k, &k) | (sl->e.slot_state ^ HW_SLOT_LIVE)))
+				hit = idx;
+		}
+		struct hw_ct6_slot *sl = hw_ct6.lookup(&hit);
+		if (sl)
+			e = &sl->e;
+	}
+	if (!e || ct_expired(e, proto, v->now))
 		return 0;
 	r->e = e;
 	return 1;
+}
+
+/* A flow_end event's view of its connection: start, totals per direction, rule, state. */
+static __always_inline void ev_flow_totals(struct hw_event *ev, struct hw_ct_entry *e)
+{
+	ev->start_ns = e->created_ns;
+	ev->packets[0] = e->packets[0];
+	ev->packets[1] = e->packets[1];
+	ev->bytes[0] = e->bytes[0];
+	ev->bytes[1] = e->bytes[1];
+	ev->cgroup_id = e->cgroup_id;
+	ev->rule_slot = e->rule_slot;
+	ev->revision_id = e->revision_id;
+	ev->direction = e->origin;
+	ev->ct_state = e->state;
+	ev->verdict = HW_V_ALLOW;
+	ev->reason = HW_R_PASS_CONNTRACK;
 }
 
 /* A tracked TCP connection just closed: report it once, with its totals. */
@@ -577,24 +682,14 @@ static __always_inline void ct_emit_end(struct env *v, struct pkt *p, struct ctr
 		return;                 /* the collector's conntrack scan reports it at expiry */
 	e->fin_seen |= HW_CT_F_END_EMITTED;
 	ev_packet(ev, p);
+	ev->ts_ns = v->now;             /* start and end of a flow on one clock */
 	if (!from_init) {               /* flows are reported from the initiator's side */
 		__builtin_memcpy(ev->saddr, p->daddr, 16);
 		__builtin_memcpy(ev->daddr, p->saddr, 16);
 		ev->sport = p->dport;
 		ev->dport = p->sport;
 	}
-	ev->start_ns = e->created_ns;
-	ev->packets[0] = e->packets[0];
-	ev->packets[1] = e->packets[1];
-	ev->bytes[0] = e->bytes[0];
-	ev->bytes[1] = e->bytes[1];
-	ev->cgroup_id = e->cgroup_id;
-	ev->rule_slot = e->rule_slot;
-	ev->revision_id = e->revision_id;
-	ev->direction = e->origin;
-	ev->ct_state = e->state;
-	ev->verdict = HW_V_ALLOW;
-	ev->reason = HW_R_PASS_CONNTRACK;
+	ev_flow_totals(ev, e);
 	hw_events.ringbuf_submit(ev, 0);
 }
 
@@ -636,34 +731,176 @@ static __always_inline int ct_advance(struct env *v, struct pkt *p, struct ctref
 	return 1;
 }
 
+static __always_inline void ct_stat(__u8 family, __u32 what)
+{
+	__u32 k = (family == 6) * HW_CT_STATS + what;
+	counter_add(hw_ct_stats.lookup(&k), 0);
+}
+
+/* Report a connection the datapath displaces from its slot (idle past its timeout, replaced, or
+ * evicted from a full bucket) with its totals, once: as the collector's idle scan would have. */
+static __always_inline void ct_retire(struct env *v, struct hw_ct_entry *e, __u32 *a, __u32 *b, __u16 pa,
+				      __u16 pb, __u8 proto, __u8 family, __u8 cause)
+{
+	if (e->fin_seen & HW_CT_F_END_EMITTED)
+		return;
+	struct hw_event *ev = ev_reserve(v, HW_EV_FLOW_END);
+	if (!ev)
+		return;                 /* counted by ev_reserve */
+	if (family == 4) {              /* the v4 key holds one word per address (ev_reserve zeroed the rest) */
+		ev->saddr[0] = e->initiator ? b[0] : a[0];
+		ev->daddr[0] = e->initiator ? a[0] : b[0];
+	} else {
+		__builtin_memcpy(ev->saddr, e->initiator ? b : a, 16);
+		__builtin_memcpy(ev->daddr, e->initiator ? a : b, 16);
+	}
+	ev->sport = e->initiator ? pb : pa;
+	ev->dport = e->initiator ? pa : pb;
+	ev->family = family;
+	ev->proto = proto;
+	ev->ts_ns = e->last_ns;         /* it ended with its last packet */
+	ev_flow_totals(ev, e);
+	ev->end_cause = cause;
+	hw_events.ringbuf_submit(ev, 0);
+}
+
+/* Rank of a slot for a new connection: its own old slot (4), a free one (3), an expired one (2), a
+ * live one (1: evicted if nothing better, least recently used first); 0: BUSY, another CPU is
+ * writing it. `diff`: ct_key*_diff of the slot's key and the new one. */
+static __always_inline __u32 ct_rank(struct hw_ct_entry *e, __u64 diff, __u8 proto, __u64 now)
+{
+	__u64 st = e->slot_state;
+	if (st == HW_SLOT_FREE)
+		return 3;
+	if (st != HW_SLOT_LIVE)
+		return 0;
+	if (!diff)
+		return 4;
+	return ct_expired(e, proto, now) ? 2 : 1;
+}
+
+/* Claim the picked slot (FREE/LIVE → BUSY) and count the insert. 0: none to pick, or another CPU
+ * took it first (counted; this connection is then not tracked). */
+static __always_inline int ct_claim(struct env *v, __u32 rank, struct hw_ct_entry *e, __u8 proto, __u8 family)
+{
+	__u64 seen = rank == 3 ? HW_SLOT_FREE : HW_SLOT_LIVE;
+	if (!rank || __sync_val_compare_and_swap(&e->slot_state, seen, HW_SLOT_BUSY) != seen) {
+		ct_stat(family, HW_CTS_CLAIM_LOST);
+		return 0;
+	}
+	ct_stat(family, HW_CTS_INSERTED);
+	if (rank == 1)
+		ct_stat(family, HW_CTS_EVICTED);
+	else if (rank == 2 || (rank == 4 && ct_expired(e, proto, v->now)))
+		ct_stat(family, HW_CTS_REUSED_IDLE);
+	return 1;
+}
+
+/* Why a displaced connection ended (hw_event.end_cause). */
+static __always_inline __u8 ct_cause(__u32 rank, struct hw_ct_entry *e, __u8 proto, __u64 now)
+{
+	if (rank == 1)
+		return HW_END_EVICTED;
+	return rank == 2 || ct_expired(e, proto, now) ? HW_END_IDLE : HW_END_CLOSED;
+}
+
+/* Take a slot of k's bucket for a new connection: the best ranked (ct_rank), reporting the connection
+ * it held. Returns the slot's entry, BUSY, with k written; 0 if none could be claimed. */
+static __always_inline struct hw_ct_entry *ct_take4(struct env *v, struct hw_ct4_key *k)
+{
+	__u32 pick_idx = HW_CT_MAX, rank = 0;
+	__u64 oldest = ~0ULL;
+	__u32 base = ct_base4(k, v->cfg->ct_seed);
+#pragma unroll
+	for (int i = 0; i < HW_CT_WAYS; i++) {
+		__u32 idx = base + i;
+		struct hw_ct4_slot *sl = hw_ct4.lookup(&idx);
+		asm volatile("" : "+r"(sl));   /* one call site per map: inlined */
+		if (!sl)
+			continue;
+		__u32 r = ct_rank(&sl->e, ct_key4_diff(&sl->k, k), sl->k.proto, v->now);
+		if (r > rank || (r == 1 && rank == 1 && sl->e.last_ns < oldest)) {
+			pick_idx = idx;
+			rank = r;
+			oldest = sl->e.last_ns;
+		}
+	}
+	struct hw_ct4_slot *pick = hw_ct4.lookup(&pick_idx);
+	asm volatile("" : "+r"(pick));
+	if (!pick || !ct_claim(v, rank, &pick->e, pick->k.proto, 4))
+		return 0;
+	if (rank != 3)
+		ct_retire(v, &pick->e, &pick->k.addr_a, &pick->k.addr_b, pick->k.port_a, pick->k.port_b, pick->k.proto, 4,
+			  ct_cause(rank, &pick->e, pick->k.proto, v->now));
+	pick->k = *k;
+	return &pick->e;
+}
+
+static __always_inline struct hw_ct_entry *ct_take6(struct env *v, struct hw_ct6_key *k)
+{
+	__u32 pick_idx = HW_CT_MAX, rank = 0;
+	__u64 oldest = ~0ULL;
+	__u32 base = ct_base6(k, v->cfg->ct_seed);
+#pragma unroll
+	for (int i = 0; i < HW_CT_WAYS; i++) {
+		__u32 idx = base + i;
+		struct hw_ct6_slot *sl = hw_ct6.lookup(&idx);
+		if (!sl)
+			continue;
+		__u32 r = ct_rank(&sl->e, ct_key6_diff(&sl->k, k), sl->k.proto, v->now);
+		if (r > rank || (r == 1 && rank == 1 && sl->e.last_ns < oldest)) {
+			pick_idx = idx;
+			rank = r;
+			oldest = sl->e.last_ns;
+		}
+	}
+	struct hw_ct6_slot *pick = hw_ct6.lookup(&pick_idx);
+	if (!pick || !ct_claim(v, rank, &pick->e, pick->k.proto, 6))
+		return 0;
+	if (rank != 3)
+		ct_retire(v, &pick->e, pick->k.addr_a, pick->k.addr_b, pick->k.port_a, pick->k.port_b, pick->k.proto, 6,
+			  ct_cause(rank, &pick->e, pick->k.proto, v->now));
+	pick->k = *k;
+	return &pick->e;
+}
+
 static __always_inline void ct_open(struct env *v, struct pkt *p, __u32 slot, __u32 rev, __u32 reason)
 {
-	struct hw_ct_entry e = {};
-	e.created_ns = v->now;
-	e.last_ns = v->now;
-	e.packets[0] = 1;
-	e.bytes[0] = p->len;
-	e.cgroup_id = v->cgroup;
-	e.rule_slot = slot;
-	e.revision_id = rev;
-	e.state = p->proto == IPPROTO_TCP ? HW_CT_SYN_SENT : HW_CT_NEW;
-	e.origin = v->dir;
+	struct hw_ct_entry *e;
+	__u8 initiator;
 	if (p->family == 4) {
-		struct hw_ct4_key k = {};
-		e.initiator = ct_key4(&k, p->saddr[0], p->daddr[0], p->sport, p->dport, p->proto);
-		hw_ct4.update(&k, &e);
+		struct hw_ct4_key k __attribute__((aligned(8))) = {};   /* compared as 64-bit words */
+		initiator = ct_key4(&k, p->saddr[0], p->daddr[0], p->sport, p->dport, p->proto);
+		e = ct_take4(v, &k);
 	} else {
-		struct hw_ct6_key k = {};
-		e.initiator = ct_key6(&k, p->saddr, p->daddr, p->sport, p->dport, p->proto);
-		hw_ct6.update(&k, &e);
+		struct hw_ct6_key k __attribute__((aligned(8))) = {};
+		initiator = ct_key6(&k, p->saddr, p->daddr, p->sport, p->dport, p->proto);
+		e = ct_take6(v, &k);
 	}
+	if (!e)
+		return;
+	__u8 state = p->proto == IPPROTO_TCP ? HW_CT_SYN_SENT : HW_CT_NEW;
+	e->created_ns = v->now;
+	e->last_ns = v->now;
+	e->packets[0] = 1;
+	e->packets[1] = 0;
+	e->bytes[0] = p->len;
+	e->bytes[1] = 0;
+	e->cgroup_id = v->cgroup;
+	e->rule_slot = slot;
+	e->revision_id = rev;
+	e->state = state;
+	e->initiator = initiator;
+	e->origin = v->dir;
+	e->fin_seen = 0;
+	__sync_lock_test_and_set(&e->slot_state, HW_SLOT_LIVE);        /* publish: the entry is whole */
 	struct hw_event *ev = ev_reserve(v, HW_EV_FLOW_START);
 	if (ev) {
 		ev_packet(ev, p);
 		ev->start_ns = v->now;
 		ev->rule_slot = slot;
 		ev->revision_id = rev;
-		ev->ct_state = e.state;
+		ev->ct_state = state;
 		ev->verdict = HW_V_ALLOW;
 		ev->reason = reason;
 		hw_events.ringbuf_submit(ev, 0);
@@ -692,14 +929,6 @@ static __always_inline void ev_judged(struct env *v, struct pkt *p, struct judge
 	ev->verdict = j->verdict;
 	ev->reason = j->reason;
 	hw_events.ringbuf_submit(ev, 0);
-}
-
-static __always_inline void counter_add(struct hw_counter *c, __u32 len)
-{
-	if (c) {
-		c->packets++;
-		c->bytes += len;
-	}
 }
 
 static __always_inline void drop_val_add(struct hw_drop_val *val, __u32 len, __u64 now)
@@ -988,7 +1217,7 @@ static __always_inline void judge(struct env *v, struct pkt *p, struct judgement
 	if (p->ct_hint) {
 		ct_invalid = p->ct_hint == CT_HINT_INVALID;     /* xdp_ingress already looked */
 	} else if (p->trackable && !p->frag &&
-		   ct_find(p, p->saddr, p->daddr, p->sport, p->dport, p->proto, v->now, &r)) {
+		   ct_find(v, p, p->saddr, p->daddr, p->sport, p->dport, p->proto, &r)) {
 		if (ct_advance(v, p, &r)) {
 			j->verdict = HW_V_ALLOW;
 			j->reason = HW_R_PASS_CONNTRACK;
@@ -998,7 +1227,7 @@ static __always_inline void judge(struct env *v, struct pkt *p, struct judgement
 	}
 	if (p->related) {
 		struct ctref ir = {};
-		if (ct_find(p, p->in_saddr, p->in_daddr, p->in_sport, p->in_dport, p->in_proto, v->now, &ir)) {
+		if (ct_find(v, p, p->in_saddr, p->in_daddr, p->in_sport, p->in_dport, p->in_proto, &ir)) {
 			j->verdict = HW_V_ALLOW;
 			j->reason = HW_R_PASS_RELATED;
 			return;
@@ -1170,7 +1399,7 @@ int xdp_ingress(struct xdp_md *ctx)
 	/* fast path: a packet of a tracked connection leaves here, without the tail call */
 	if (p.trackable && !p.frag) {
 		struct ctref r = {};
-		if (ct_find(&p, p.saddr, p.daddr, p.sport, p.dport, p.proto, v.now, &r)) {
+		if (ct_find(&v, &p, p.saddr, p.daddr, p.sport, p.dport, p.proto, &r)) {
 			if (ct_advance(&v, &p, &r)) {
 				j.verdict = HW_V_ALLOW;
 				j.reason = HW_R_PASS_CONNTRACK;
@@ -1196,15 +1425,16 @@ int xdp_ingress(struct xdp_md *ctx)
 	return xdp_exit(ctx, &v, &p, &j);
 }
 
-/* Clock calibration (test-run only, never attached): writes jiffies and the coarse monotonic clock,
- * read at the same instant, over the first 16 bytes of the frame. */
+/* Clock calibration (test-run only, never attached): writes jiffies, the coarse and the precise
+ * monotonic clock, read together, over the first 24 bytes of the frame. */
 int clock_probe(struct xdp_md *ctx)
 {
 	__u64 *d = (void *)(long)ctx->data;
-	if ((void *)(d + 2) > (void *)(long)ctx->data_end)
+	if ((void *)(d + 3) > (void *)(long)ctx->data_end)
 		return XDP_ABORTED;
 	d[0] = bpf_jiffies64();
 	d[1] = bpf_ktime_get_coarse_ns();
+	d[2] = bpf_ktime_get_ns();
 	return XDP_PASS;
 }
 

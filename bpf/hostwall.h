@@ -28,7 +28,8 @@
 #define HW_PROTO_IDX_MAX      5         /* protocol index: tcp, udp, icmp, icmpv6, other */
 #define HW_L4_SLOTS_PER_ELEM  4         /* u16 class ids packed per hw_l4_elem */
 #define HW_L4_ELEMS           (2 * HW_PROTO_IDX_MAX * 65536 / HW_L4_SLOTS_PER_ELEM)  /* per generation */
-#define HW_CT_MAX             262144    /* tracked connections per family (LRU) */
+#define HW_CT_MAX             262144    /* conntrack table slots per family */
+#define HW_CT_WAYS            4         /* slots per conntrack bucket: a connection lives in one of them */
 #define HW_CT_F_END_EMITTED   0x80      /* hw_ct_entry.fin_seen: the datapath emitted this flow's flow_end */
 #define HW_META_MAGIC         0x68770a11 /* XDP → TC metadata marker: "already judged" */
 #define HW_RINGBUF_BYTES      (8 << 20) /* event ring buffer (power of two, multiple of the page size) */
@@ -99,7 +100,8 @@ enum hw_ct_state {
 enum hw_event_type {
 	HW_EV_NONE = 0,
 	HW_EV_FLOW_START = 1,       /* a tracked connection was opened by an allowed packet */
-	HW_EV_FLOW_END = 2,         /* a tracked TCP connection closed (both FINs or RST) */
+	HW_EV_FLOW_END = 2,         /* a tracked TCP connection closed (both FINs or RST), or a connection
+	                             * was displaced from its conntrack slot (hw_event.end_cause) */
 	HW_EV_DENY = 3,             /* first dropped packet of a drop-aggregation key in this interval */
 	HW_EV_LOG = 4,              /* a packet judged by an action:log rule */
 };
@@ -268,9 +270,24 @@ struct hw_port_counter {            /* hw_port_stats[dport]: tcp and udp only, p
 	__u64 would_drop;
 };
 
-/* ---- connection tracking (LRU hash, shared by all hooks and all CPUs) ------------------------ *
- * Keys are normalised: side a is the lower (address, port) pair, so both directions of a
- * connection find the same entry with one lookup. ICMP echo uses the identifier as both ports. */
+/* ---- connection tracking (shared by all hooks and all CPUs) ---------------------------------- *
+ * One set-associative table per family in an mmapable array: a connection lives in one of the
+ * HW_CT_WAYS consecutive slots of its bucket (a seeded hash of the normalised key), so the datapath
+ * finds it with inlined array lookups instead of a hash-map helper call. A new connection takes its
+ * own old slot, a free one, an expired one, or else evicts the least recently used; the datapath
+ * reports the flow it displaces (flow_end with end_cause idle / evicted). Keys are normalised: side a
+ * is the lower (address, port) pair, so both directions find the same slot. ICMP echo uses the
+ * identifier as both ports. Slot life: FREE → BUSY (claimed by cmpxchg, being written) → LIVE
+ * (published by xchg); only LIVE slots match. The collector frees idle ones (mmap store). */
+enum hw_ct_slot_state { HW_SLOT_FREE = 0, HW_SLOT_BUSY = 1, HW_SLOT_LIVE = 2 };
+
+/* why the datapath reported a flow's end: hw_event.end_cause */
+enum hw_ct_end_cause { HW_END_CLOSED = 0, HW_END_IDLE = 1, HW_END_EVICTED = 2 };
+
+/* hw_ct_stats[]: per-CPU counts of what became of connection inserts */
+enum hw_ct_stat { HW_CTS_INSERTED = 0, HW_CTS_REUSED_IDLE = 1, HW_CTS_EVICTED = 2, HW_CTS_CLAIM_LOST = 3,
+                  HW_CT_STATS = 4 };
+
 struct hw_ct4_key {
 	__u32 addr_a;               /* network byte order */
 	__u32 addr_b;
@@ -302,11 +319,23 @@ struct hw_ct_entry {
 	__u8  origin;               /* enum hw_dir of the opening packet */
 	__u8  fin_seen;             /* bit 0: initiator FIN, bit 1: responder FIN, HW_CT_F_END_EMITTED */
 	__u32 pad;
+	__u64 slot_state;           /* enum hw_ct_slot_state (64 bits: BPF's cmpxchg/xchg here need them) */
+};
+
+struct hw_ct4_slot {                /* hw_ct4[bucket * HW_CT_WAYS + way] */
+	struct hw_ct_entry e;
+	struct hw_ct4_key k;
+};
+
+struct hw_ct6_slot {                /* hw_ct6[bucket * HW_CT_WAYS + way] */
+	struct hw_ct_entry e;
+	struct hw_ct6_key k;
 };
 
 /* ---- events (ring buffer) -------------------------------------------------------------------- *
  * Fixed size, so the collector decodes a batch as one NumPy structured view. Timestamps are
- * bpf_ktime_get_ns (CLOCK_MONOTONIC); the collector converts them to wall time. */
+ * CLOCK_MONOTONIC ns: ts_ns from bpf_ktime_get_ns, except for flow ends, whose ts_ns (the last
+ * packet) and start_ns are both on the datapath's clock (hw_now); the collector converts to wall time. */
 struct hw_event {
 	__u64 ts_ns;
 	__u64 start_ns;             /* FLOW_END: when the connection was opened; else = ts_ns */
@@ -331,7 +360,7 @@ struct hw_event {
 	__u8  ct_state;             /* enum hw_ct_state (flows) */
 	__u8  icmp_type;
 	__u8  icmp_code;
-	__u8  pad;
+	__u8  end_cause;            /* FLOW_END: enum hw_ct_end_cause */
 	__u32 pad2;
 };
 

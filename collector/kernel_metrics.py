@@ -64,9 +64,8 @@ DEFAULT_MAX_ANOMALIES = 100
 DEFAULT_GONE_KEEP_S = 900.0          # > the OTel Collector prometheus exporter's metric_expiration (5-10 min)
 BATCH_CHUNK = 8192
 
-# Hash maps whose fill is reported (key dtype in enforcer.layout.DTYPES).
-PRESSURE_MAPS = {"hw_ct4": "hw_ct4_key", "hw_ct6": "hw_ct6_key", "hw_dos_src": "hw_dos_key",
-                 "hw_dos_banned": "hw_dos_key", "hw_drops0": "hw_drop_key", "hw_drops1": "hw_drop_key"}
+# Kernel tables whose fill is reported (Datapath.map_pressure).
+PRESSURE_MAPS = ("hw_ct4", "hw_ct6", "hw_dos_src", "hw_dos_banned", "hw_drops0", "hw_drops1")
 # Packets handed from one hook to another: counted where they were judged, so not a verdict of their own.
 HANDOFF_REASONS = ("pass_judged", "pass_deferred")
 HOOK_DIRECTION = {"xdp_ingress": "ingress", "tc_ingress": "ingress", "tc_egress": "egress"}
@@ -117,6 +116,9 @@ SPEC: dict[str, tuple[str, str, tuple[str, ...], str, str]] = {
                              "BPF_MAP_LOOKUP_BATCH count (hash maps), instance state (policy tables)"),
     "hostwall_map_capacity": ("gauge", "{entry}", ("map",), "Capacity (max entries) of a kernel hash map or "
                               "policy table", "map info, enforcer.layout"),
+    "hostwall_map_evicted": ("counter", "{entry}", ("map",), "Entries a full kernel table pushed out to make room "
+                             "(conntrack: live connections, reported as flow ends; DoS sources)",
+                             "hw_ct_stats (conntrack), hw_dos_inserts - entries (DoS sources)"),
     # kernel: interfaces
     "hostwall_interface_info": ("gauge", "{interface}", _IF + ("xdp_mode", "dos_profile"), "1 per interface of the "
                                 "instance, with the XDP mode that took and its DoS profile", "instance state"),
@@ -420,7 +422,7 @@ class KernelCollector:
         self._lock = threading.Lock()
         self._cache: list[Family] = []
         self._cache_at = -math.inf
-        self._pressure: dict[str, tuple[int, int]] = {}
+        self._pressure: dict[str, dict] = {}
         self._pressure_at = -math.inf
         self._pressure_ids: dict[str, int] = {}
         self._seen_ifaces: dict[tuple[str, str], dict] = {}     # (name, netns) -> last info
@@ -616,16 +618,17 @@ class KernelCollector:
             self._pressure_at = now
         ent = _family("hostwall_map_entries")
         cap = _family("hostwall_map_capacity")
+        evicted = _family("hostwall_map_evicted")
         rows = dict(self._pressure)
         if st is not None:
             from enforcer.control import policy_pressure
-            for name, row in policy_pressure(st.tables).items():
-                rows[name] = (row["entries"], row["capacity"])
+            rows.update(policy_pressure(st.tables))
         for name in sorted(rows):
-            n, c = rows[name]
-            ent.add((name,), n)
-            cap.add((name,), c)
-        fams += [ent, cap]
+            ent.add((name,), rows[name]["entries"])
+            cap.add((name,), rows[name]["capacity"])
+            if "evicted" in rows[name]:
+                evicted.add((name,), rows[name]["evicted"])
+        fams += [ent, cap, evicted]
         return fams
 
     @staticmethod
@@ -634,18 +637,8 @@ class KernelCollector:
         return {n: bpfsys.map_info(dp.map_fds[n]).id for n in ("hw_ct4", "hw_dos_src")}
 
     @staticmethod
-    def _count_maps(dp) -> dict[str, tuple[int, int]]:
-        from enforcer import layout as L
-        from enforcer._internal import bpfsys
-        out = {}
-        for name, kdt in PRESSURE_MAPS.items():
-            fd = dp.map_fds[name]
-            info = bpfsys.map_info(fd)
-            vb = (info.value_size + 7) & ~7
-            if info.type in (5, 10):                # BPF_MAP_TYPE_PERCPU_HASH, LRU_PERCPU_HASH
-                vb *= dp.ncpus
-            out[name] = (count_entries(fd, L.DTYPES[kdt].itemsize, vb), info.max_entries)
-        return out
+    def _count_maps(dp) -> dict[str, dict]:
+        return dp.map_pressure()
 
 
 _CLONE_NEWNET = 0x40000000

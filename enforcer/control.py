@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import attach, layout as L
+from . import attach, conntrack, layout as L
 from ._internal import bpfsys
 from .compiler import compile_policy
 from .datapath import Datapath, build_hash
@@ -101,15 +101,16 @@ def apply_policy(dp: Datapath, st: InstanceState, policy: Policy,
 
 
 def _migrate_conntrack(old: Datapath, new: Datapath) -> int:
-    n = 0
-    vsz = L.DTYPES["hw_ct_entry"].itemsize
-    for name, kdt in (("hw_ct4", "hw_ct4_key"), ("hw_ct6", "hw_ct6_key")):
-        for k in list(bpfsys.map_keys(old.map_fds[name], L.DTYPES[kdt].itemsize)):
-            v = bpfsys.map_lookup(old.map_fds[name], k, vsz)
-            if v is not None:
-                bpfsys.map_update(new.map_fds[name], k, v)
-                n += 1
-    return n
+    """Carry the tracked connections of a pinned instance of another build into a freshly loaded one:
+    the tables are copied slot for slot with the old hash seed. A build whose tables or config are laid
+    out differently carries nothing (its connections are judged by policy again)."""
+    for name, dt in (("hw_config", "hw_config"), ("hw_ct4", "hw_ct4_slot"), ("hw_ct6", "hw_ct6_slot")):
+        info = bpfsys.map_info(old.map_fds[name])
+        if info.type != bpfsys.map_info(new.map_fds[name]).type or info.value_size != L.DTYPES[dt].itemsize \
+                or info.max_entries != bpfsys.map_info(new.map_fds[name]).max_entries:
+            return 0
+    new.set_config(ct_seed=int(old.config()["ct_seed"]))
+    return conntrack.copy_tables(old.map_fds, new.map_fds)
 
 
 def _check_interfaces(ifaces: list[InterfaceConf], netns: str | None) -> None:
@@ -141,7 +142,7 @@ def start(policy: Policy, pin_dir: str, interfaces: list[InterfaceConf], netns: 
                 migrated = _migrate_conntrack(old, dp)
             finally:
                 old.close()
-            Datapath.unpin(pin_dir)
+        Datapath.unpin(pin_dir)     # also what an incomplete or older build left: it would shadow our pins
         st = InstanceState(pin_dir=pin_dir, build=build, slots=st.slots if st else {},
                            revision=st.revision if st else "", revision_id=st.revision_id if st else 0,
                            history=st.history if st else [])

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import layout as L
+from . import conntrack, layout as L
 from ._internal import bpfsys
 from .compiler import CompiledPolicy
 
@@ -41,7 +41,8 @@ POLICY_MAPS = {
     "hw_dos_profiles": ("hw_dos_profile", L.C["HW_DOS_PROFILES_MAX"]),
     "hw_dos_ifs": ("hw_dos_if", L.C["HW_DOS_IF_SLOTS"]),
 }
-OTHER_MAPS = ("hw_config", "hw_collect", "hw_stats", "hw_rule_stats", "hw_port_stats", "hw_ct4", "hw_ct6", "hw_events",
+OTHER_MAPS = ("hw_config", "hw_collect", "hw_stats", "hw_rule_stats", "hw_port_stats", "hw_ct4", "hw_ct6", "hw_ct_stats",
+              "hw_events",
               "hw_ev_stats", "hw_ev_budget", "hw_drops0", "hw_drops1", "hw_drop_overflow", "hw_jump",
               "hw_pkt_scratch", "hw_dos_src", "hw_dos_banned", "hw_dos_global", "hw_dos_stats", "hw_dos_inserts", "hw_manual_ban4",
               "hw_manual_ban6")
@@ -57,28 +58,29 @@ def build_hash() -> str:
 
 
 def calibrate_clock(probe_fd: int, timeout_s: float = 2.0) -> tuple[int, int]:
-    """(tick_ns, base_ns) such that jiffies * tick_ns + base_ns follows the kernel's coarse monotonic
-    clock, never ahead of it (at most one tick behind).
+    """(tick_ns, base_ns) such that jiffies * tick_ns + base_ns follows CLOCK_MONOTONIC at tick
+    resolution, never ahead of it (1-2 ticks behind, like the kernel's coarse clock).
 
     The datapath reads time as scaled jiffies because the verifier inlines bpf_jiffies64 (one load)
-    where clock helpers cost 20-35 ns a packet. Probes over ≥ 3 ticks (≈ 12-30 ms) give the tick:
-    tick_ns is the kernel's TICK_NSEC for the HZ they imply. Jiffies and the coarse clock are updated
-    one after the other, so a probe can see one a tick ahead of the other: the smallest offset seen is
-    the one where neither is. base_ns is stored modulo 2^64."""
-    def probe() -> tuple[int, int]:
-        j, t = np.frombuffer(bpfsys.prog_test_run(probe_fd, bytes(64)).data_out[:16], dtype="<u8").tolist()
-        return j, t
+    where clock helpers cost 20-35 ns a packet. Probes over ≥ 5 ticks (≈ 20-50 ms) give the tick:
+    tick_ns is the kernel's TICK_NSEC for the HZ they imply. Jiffies may lag the clock (updated at the
+    next tick) but never lead it, so every probe's ktime - jiffies * tick bounds the offset from above;
+    the smallest, less one tick, is at or below it. base_ns is stored modulo 2^64."""
+    def probe() -> tuple[int, int, int]:
+        out = bpfsys.prog_test_run(probe_fd, bytes(64)).data_out[:24]
+        j, coarse, ktime = np.frombuffer(out, dtype="<u8").tolist()
+        return j, coarse, ktime
     samples = [probe()]
     deadline = time.monotonic() + timeout_s
-    while samples[-1][0] - samples[0][0] < 3 or len(samples) < 8:
+    while samples[-1][0] - samples[0][0] < 5 or len(samples) < 16:
         if time.monotonic() > deadline:
             raise RuntimeError("clock calibration: jiffies did not advance (is the kernel tick running?)")
-        time.sleep(0.003)
+        time.sleep(0.002)
         samples.append(probe())
-    (j0, t0), (j1, t1) = samples[0], samples[-1]
-    hz = round(1e9 * (j1 - j0) / (t1 - t0))
+    (j0, c0, _), (j1, c1, _) = samples[0], samples[-1]
+    hz = round(1e9 * (j1 - j0) / (c1 - c0))
     tick = (1_000_000_000 + hz // 2) // hz
-    return tick, min(t - j * tick for j, t in samples) % (1 << 64)
+    return tick, (min(k - j * tick for j, _, k in samples) - tick) % (1 << 64)
 
 
 @dataclass(frozen=True)
@@ -289,17 +291,28 @@ class Datapath:
         """Sources the DoS guards started tracking since load (a full LRU evicts one per insert)."""
         return int(self._percpu_array("hw_dos_inserts", "hw_counter", 1)["packets"][0])
 
-    # map -> (key dtype, value dtype, per-CPU)
-    PRESSURE_MAPS = {"hw_ct4": ("hw_ct4_key", "hw_ct_entry", False), "hw_ct6": ("hw_ct6_key", "hw_ct_entry", False),
-                     "hw_dos_src": ("hw_dos_key", "hw_dos_src", False),
+    def ct_stats(self) -> dict[int, dict[str, int]]:
+        """Per family: conntrack inserts since load and what they displaced (hw_ct_stats, summed over CPUs)."""
+        n = L.C["HW_CT_STATS"]
+        pk = self._percpu_array("hw_ct_stats", "hw_counter", 2 * n)["packets"]
+        return {fam: {name: int(pk[j * n + i]) for i, name in L.CT_STAT_NAMES.items()} for j, fam in enumerate((4, 6))}
+
+    # hash map -> (key dtype, value dtype, per-CPU); the conntrack tables are counted in place
+    PRESSURE_MAPS = {"hw_dos_src": ("hw_dos_key", "hw_dos_src", False),
                      "hw_dos_banned": ("hw_dos_key", "hw_dos_ban", False),
                      "hw_drops0": ("hw_drop_key", "hw_drop_val", True), "hw_drops1": ("hw_drop_key", "hw_drop_val", True)}
 
     def map_pressure(self) -> dict[str, dict]:
-        """Fill of the hash maps (entries / capacity, %). LRU maps at 100% evict their oldest entries;
-        the others refuse new keys (counted where the datapath uses them). Counting reads the maps in
-        batches: O(entries / 8192) syscalls."""
+        """Fill of the conntrack tables and hash maps (entries / capacity, %). The conntrack tables are
+        read in place (mmap); the hash maps in batches: O(entries / 8192) syscalls. LRU maps at 100%
+        evict their oldest entries; the others refuse new keys (counted where the datapath uses them)."""
         out = {}
+        cts = self.ct_stats()
+        for fam, n in conntrack.live_count(self.map_fds).items():
+            # a full bucket evicts its least recently used connection (the datapath reports its flow end);
+            # claim_lost: connections left untracked because another CPU took the slot at that instant
+            out[conntrack.MAPS[fam]] = {"entries": n, "capacity": L.CT_MAX, "percent": round(100.0 * n / L.CT_MAX, 2),
+                                        "evicted": cts[fam]["evicted"], "claim_lost": cts[fam]["claim_lost"]}
         for name, (kdt, vdt, percpu) in self.PRESSURE_MAPS.items():
             fd = self.map_fds[name]
             vbytes = (L.DTYPES[vdt].itemsize + 7) // 8 * 8 * (self.ncpus if percpu else 1)
@@ -312,7 +325,7 @@ class Datapath:
         return out
 
     def clear_conntrack(self) -> None:
-        for name, dt in (("hw_ct4", "hw_ct4_key"), ("hw_ct6", "hw_ct6_key")):
-            fd = self.map_fds[name]
-            for k in list(bpfsys.map_keys(fd, L.DTYPES[dt].itemsize)):
-                bpfsys.map_delete(fd, k)
+        """Forget every tracked connection (tests, benchmarks); no flow ends are reported."""
+        for t in conntrack.tables(self.map_fds):
+            with t:
+                t.clear()

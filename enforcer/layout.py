@@ -39,6 +39,12 @@ def _parse_constants(text: str) -> dict[str, int]:
     return consts
 
 
+def _enum_members(text: str, enum: str) -> list[str]:
+    """Member names of one `enum <name> { ... }` of the header, in order."""
+    body = re.search(rf"enum\s+{enum}\s*\{{(.*?)\}}", re.sub(r"/\*.*?\*/", "", text, flags=re.S), flags=re.S)
+    return [m.partition("=")[0].strip() for m in body.group(1).split(",") if m.strip()]
+
+
 C = _parse_constants(HEADER.read_text())
 
 MAX_RULES = C["HW_MAX_RULES"]
@@ -71,8 +77,11 @@ DIR = {"ingress": C["HW_DIR_INGRESS"], "egress": C["HW_DIR_EGRESS"]}
 EVENT_TYPE_NAMES = {v: k[len("HW_EV_"):].lower() for k, v in C.items()
                     if k.startswith("HW_EV_") and k not in ("HW_EV_TYPES", "HW_EV_OUTCOMES", "HW_EV_NONE")}
 EV_OUTCOME_NAMES = {C["HW_EO_EMITTED"]: "emitted", C["HW_EO_BUDGET"]: "budget", C["HW_EO_RINGBUF_FULL"]: "ringbuf_full"}
-CT_STATE_NAMES = {v: k[len("HW_CT_"):].lower() for k, v in C.items()
-                  if k.startswith("HW_CT_") and not k.startswith(("HW_CT_TO_", "HW_CT_MAX"))}
+CT_STATE_NAMES = {C[k]: k[len("HW_CT_"):].lower() for k in _enum_members(HEADER.read_text(), "hw_ct_state")}
+CT_END_CAUSE_NAMES = {C[k]: k[len("HW_END_"):].lower() for k in _enum_members(HEADER.read_text(), "hw_ct_end_cause")}
+CT_STAT_NAMES = {C[k]: k[len("HW_CTS_"):].lower() for k in _enum_members(HEADER.read_text(), "hw_ct_stat")
+                 if k.startswith("HW_CTS_")}
+CT_WAYS = C["HW_CT_WAYS"]
 
 u8, u16, u32, u64 = np.uint8, np.uint16, np.uint32, np.uint64
 
@@ -114,12 +123,15 @@ DTYPES: dict[str, np.dtype] = {
                             ("proto", u8), ("pad", u8, 3)]),
     "hw_ct_entry": np.dtype([("created_ns", u64), ("last_ns", u64), ("packets", u64, 2), ("bytes", u64, 2),
                              ("cgroup_id", u64), ("rule_slot", u32), ("revision_id", u32), ("state", u8),
-                             ("initiator", u8), ("origin", u8), ("fin_seen", u8), ("pad", u32)]),
+                             ("initiator", u8), ("origin", u8), ("fin_seen", u8), ("pad", u32),
+                             ("slot_state", u64)]),
+    "hw_ct4_slot": None,   # filled below from the entry and key dtypes
+    "hw_ct6_slot": None,
     "hw_event": np.dtype([("ts_ns", u64), ("start_ns", u64), ("packets", u64, 2), ("bytes", u64, 2),
                           ("cgroup_id", u64), ("saddr", u8, 16), ("daddr", u8, 16), ("sport", ">u2"), ("dport", ">u2"),
                           ("ifindex", u32), ("rule_slot", u32), ("revision_id", u32), ("type", u8), ("family", u8),
                           ("proto", u8), ("verdict", u8), ("reason", u8), ("hook", u8), ("direction", u8),
-                          ("tcp_flags", u8), ("ct_state", u8), ("icmp_type", u8), ("icmp_code", u8), ("pad", u8),
+                          ("tcp_flags", u8), ("ct_state", u8), ("icmp_type", u8), ("icmp_code", u8), ("end_cause", u8),
                           ("pad2", u32)]),
     "hw_ev_budget": np.dtype([("tokens_milli", u64), ("last_ns", u64)]),
     "hw_drop_key": np.dtype([("src", u8, 16), ("ifindex", u32), ("dport", ">u2"), ("reason", u8), ("verdict", u8),
@@ -127,6 +139,8 @@ DTYPES: dict[str, np.dtype] = {
     "hw_drop_val": np.dtype([("packets", u64), ("bytes", u64), ("first_ns", u64), ("last_ns", u64)]),
     "hw_meta": np.dtype([("magic", u32), ("reason", u32)]),
 }
+for _fam in (4, 6):     # conntrack table slots: the entry, then the key it belongs to
+    DTYPES[f"hw_ct{_fam}_slot"] = np.dtype([("e", DTYPES["hw_ct_entry"]), ("k", DTYPES[f"hw_ct{_fam}_key"])])
 
 
 def stats_index(hook: int, verdict: int, reason: int) -> int:

@@ -1,6 +1,7 @@
 """Fixtures for tests that run the real programs through BPF_PROG_TEST_RUN."""
 from __future__ import annotations
 
+import ctypes
 import os
 import struct
 from dataclasses import dataclass
@@ -81,3 +82,35 @@ def harness(datapath):
     yield h
     datapath.clear_conntrack()
     datapath.set_config(test_now_ns=0)          # a test that injected time must not leak it
+
+
+class Events:
+    """Reads the datapath's ring buffer through BCC (the collector has its own consumer)."""
+
+    def __init__(self, dp):
+        self.got: list[np.void] = []
+        dt = L.DTYPES["hw_event"]
+
+        def cb(_ctx, data, size):
+            assert size == dt.itemsize
+            self.got.append(np.frombuffer(ctypes.string_at(data, size), dtype=dt)[0].copy())
+
+        self.bpf = dp._bpf
+        self.bpf[b"hw_events"].open_ring_buffer(cb)
+        self.drain()
+        self.got.clear()
+
+    def drain(self) -> list[np.void]:
+        self.bpf.ring_buffer_consume()
+        out, self.got = self.got, []
+        return out
+
+
+@pytest.fixture
+def events(harness):
+    ev = getattr(harness.dp, "_test_events", None)      # BCC opens a ring buffer once per map
+    if ev is None:
+        ev = harness.dp._test_events = Events(harness.dp)
+    ev.drain()
+    yield ev
+    harness.dp.set_config(test_now_ns=0)

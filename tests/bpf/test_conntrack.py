@@ -2,14 +2,16 @@
 ingress; related ICMP errors pass; invalid continuations and closed connections do not."""
 from __future__ import annotations
 
+import socket
+
+import numpy as np
 import pytest
 from scapy.layers.inet import ICMP, IP, TCP, UDP, IPerror, UDPerror
 from scapy.layers.inet6 import ICMPv6DestUnreach, ICMPv6EchoReply, ICMPv6EchoRequest, IPv6
 from scapy.layers.l2 import Ether
 from scapy.packet import raw
 
-from enforcer import layout as L
-from enforcer._internal import bpfsys
+from enforcer import conntrack, layout as L
 
 pytestmark = pytest.mark.bpf
 
@@ -112,16 +114,119 @@ def test_icmp_echo_v4_and_v6(harness):
     assert harness.run("xdp", err6).reason == "pass_related"
 
 
-def test_conntrack_entry_records_flow(harness):
+def inet_pton(addr: str, family: int) -> bytes:
+    return socket.inet_pton(socket.AF_INET if family == 4 else socket.AF_INET6, addr)
+
+
+def _live(dp, family):
+    with conntrack.CtTable(dp.map_fds[conntrack.MAPS[family]], family) as t:
+        idx = t.live()
+        return idx, t.slots[idx].copy()
+
+
+@pytest.mark.parametrize("v6", [False, True], ids=["v4", "v6"])
+def test_conntrack_entry_records_flow(harness, v6):
     harness.install(POLICY % "true")
-    harness.run("tc_egress", out_tcp("S"))
-    harness.run("xdp", in_tcp("SA"))
-    fd = harness.dp.map_fds["hw_ct4"]
-    keys = list(bpfsys.map_keys(fd, L.DTYPES["hw_ct4_key"].itemsize))
-    assert len(keys) == 1
-    import numpy as np
-    e = np.frombuffer(bpfsys.map_lookup(fd, keys[0], L.DTYPES["hw_ct_entry"].itemsize), dtype=L.DTYPES["hw_ct_entry"])[0]
+    harness.run("tc_egress", out_tcp("S", v6=v6))
+    harness.run("xdp", in_tcp("SA", v6=v6))
+    fam = 6 if v6 else 4
+    idx, slots = _live(harness.dp, fam)
+    assert len(idx) == 1 and len(_live(harness.dp, 10 - fam)[0]) == 0
+    me, peer = (ME6, PEER6) if v6 else (ME, PEER)
+    key, side = conntrack.key_of(fam, inet_pton(me, fam), inet_pton(peer, fam), 40000, 443, 6)
+    assert slots[0]["k"].tobytes() == key.tobytes()
+    # the slot is in the bucket the user-space twin of the datapath's hash names
+    first = conntrack.first_slot(np.array([key]), fam, int(harness.dp.config()["ct_seed"]))[0]
+    assert first <= idx[0] < first + conntrack.WAYS
+    e = slots[0]["e"]
     assert L.CT_STATE_NAMES[int(e["state"])] == "established"
-    assert e["packets"].tolist() == [1, 1]
+    assert e["packets"].tolist() == [1, 1] and int(e["initiator"]) == side
     assert e["origin"] == L.DIR["egress"]
     assert e["revision_id"] == 1
+
+# ---- the table: full buckets, idle slots ---------------------------------------------------------
+T0 = 1_000 * 10**9
+
+
+def _same_bucket_flows(dp, fam: int, n: int) -> list[tuple[int, int]]:
+    """n (sport, dport) of outgoing ME→PEER TCP flows that share one bucket (this instance's seed)."""
+    me, peer = (ME6, PEER6) if fam == 6 else (ME, PEER)
+    proto_key, side = conntrack.key_of(fam, inet_pton(me, fam), inet_pton(peer, fam), 0, 0, 6)
+    sport, dport = np.meshgrid(np.arange(1024, 65536), np.arange(440, 448))
+    sport, dport = sport.ravel(), dport.ravel()
+    keys = np.repeat(np.array([proto_key]), len(sport))
+    keys["port_a"], keys["port_b"] = (dport, sport) if side else (sport, dport)
+    first = conntrack.first_slot(keys, fam, int(dp.config()["ct_seed"]))
+    vals, counts = np.unique(first, return_counts=True)
+    assert counts.max() >= n, "no bucket holds enough of 500k flows (hash badly skewed?)"
+    pick = first == vals[np.argmax(counts)]
+    return list(zip(sport[pick][:n].tolist(), dport[pick][:n].tolist()))
+
+
+def _open_at(harness, t_ns: int, flow: tuple[int, int], v6: bool = False) -> None:
+    harness.dp.set_config(test_now_ns=t_ns)
+    assert harness.run("tc_egress", out_tcp("S", sport=flow[0], dport=flow[1], v6=v6)).reason == "pass_default"
+
+
+def _reply(harness, flags: str, flow: tuple[int, int], v6: bool = False) -> str:
+    return harness.run("xdp", in_tcp(flags, sport=flow[1], dport=flow[0], v6=v6)).reason
+
+
+@pytest.mark.parametrize("v6", [False, True], ids=["v4", "v6"])
+def test_full_bucket_evicts_least_recent_and_reports_its_flow(harness, events, v6):
+    fam = 6 if v6 else 4
+    harness.install(POLICY % "true")
+    flows = _same_bucket_flows(harness.dp, fam, conntrack.WAYS + 1)
+    for i, f in enumerate(flows[:-1]):
+        _open_at(harness, T0 + i * 10**9, f, v6)
+    harness.dp.set_config(test_now_ns=T0 + 10 * 10**9)      # the first flow is the least recently used:
+    for f in flows[1:-1]:                                     # the others see a reply
+        assert _reply(harness, "SA", f, v6) == "pass_conntrack"
+    before = harness.dp.ct_stats()[fam]
+    events.drain()
+    _open_at(harness, T0 + 20 * 10**9, flows[-1], v6)
+    after = harness.dp.ct_stats()[fam]
+    assert after["evicted"] - before["evicted"] == 1 and after["inserted"] - before["inserted"] == 1
+    ends = [e for e in events.drain() if L.EVENT_TYPE_NAMES[int(e["type"])] == "flow_end"]
+    assert len(ends) == 1
+    end = ends[0]
+    assert L.CT_END_CAUSE_NAMES[int(end["end_cause"])] == "evicted"
+    me = inet_pton(ME6 if v6 else ME, fam)
+    assert bytes(end["saddr"][:len(me)]) == me and (int(end["sport"]), int(end["dport"])) == flows[0]
+    assert end["packets"].tolist() == [1, 0] and int(end["ts_ns"]) == T0 and int(end["start_ns"]) == T0
+    assert int(end["family"]) == fam and int(end["proto"]) == 6
+    # the evicted connection is no longer tracked: its reply meets the ingress default; the rest pass
+    assert _reply(harness, "SA", flows[0], v6) == "default_deny"
+    for f in flows[1:]:
+        assert _reply(harness, "A" if f != flows[-1] else "SA", f, v6) == "pass_conntrack"
+    assert len(_live(harness.dp, fam)[0]) == conntrack.WAYS
+
+
+def test_idle_slot_is_reused_before_any_live_one_is_evicted(harness, events):
+    harness.install(POLICY % "true")
+    flows = _same_bucket_flows(harness.dp, 4, conntrack.WAYS + 1)
+    _open_at(harness, T0, flows[0])                  # SYN_SENT: idle after HW_CT_TO_SYN
+    later = T0 + (L.C["HW_CT_TO_SYN"] + 1) * 10**9
+    for f in flows[1:-1]:
+        _open_at(harness, later, f)
+    before = harness.dp.ct_stats()[4]
+    events.drain()
+    _open_at(harness, later, flows[-1])
+    after = harness.dp.ct_stats()[4]
+    assert after["reused_idle"] - before["reused_idle"] == 1 and after["evicted"] == before["evicted"]
+    ends = [e for e in events.drain() if L.EVENT_TYPE_NAMES[int(e["type"])] == "flow_end"]
+    assert [(int(e["sport"]), L.CT_END_CAUSE_NAMES[int(e["end_cause"])]) for e in ends] == [(flows[0][0], "idle")]
+    for f in flows[1:]:
+        assert _reply(harness, "SA", f) == "pass_conntrack"
+
+
+def test_closed_connection_is_not_reported_twice_when_its_slot_is_taken(harness, events):
+    harness.install(POLICY % "true")
+    flows = _same_bucket_flows(harness.dp, 4, conntrack.WAYS + 1)
+    _open_at(harness, T0, flows[0])
+    assert _reply(harness, "R", flows[0]) == "pass_conntrack"      # closed: its flow_end is reported now
+    for f in flows[1:-1]:
+        _open_at(harness, T0 + 10**9, f)
+    events.drain()
+    _open_at(harness, T0 + 2 * 10**9, flows[-1])       # evicts the closed one (least recent)
+    assert [e for e in events.drain() if L.EVENT_TYPE_NAMES[int(e["type"])] == "flow_end"] == []

@@ -2,7 +2,6 @@
 that adds up exactly to the drop counters (DESIGN.md §2, §6)."""
 from __future__ import annotations
 
-import ctypes
 
 import numpy as np
 import pytest
@@ -33,38 +32,6 @@ def syn(src="10.0.0.9", sport=40000, dport=80, flags="S"):
 
 def reply(flags, src="10.0.0.9", sport=40000):
     return raw(E / IP(src="10.0.0.1", dst=src) / TCP(sport=80, dport=sport, flags=flags))
-
-
-class Events:
-    """Reads the datapath's ring buffer through BCC (the collector has its own consumer)."""
-
-    def __init__(self, dp):
-        self.got: list[np.void] = []
-        dt = L.DTYPES["hw_event"]
-
-        def cb(_ctx, data, size):
-            assert size == dt.itemsize
-            self.got.append(np.frombuffer(ctypes.string_at(data, size), dtype=dt)[0].copy())
-
-        self.bpf = dp._bpf
-        self.bpf[b"hw_events"].open_ring_buffer(cb)
-        self.drain()
-        self.got.clear()
-
-    def drain(self) -> list[np.void]:
-        self.bpf.ring_buffer_consume()
-        out, self.got = self.got, []
-        return out
-
-
-@pytest.fixture
-def events(harness):
-    ev = getattr(harness.dp, "_test_events", None)      # BCC opens a ring buffer once per map
-    if ev is None:
-        ev = harness.dp._test_events = Events(harness.dp)
-    ev.drain()
-    yield ev
-    harness.dp.set_config(test_now_ns=0)
 
 
 def set_collect(dp, **kw):

@@ -1,0 +1,146 @@
+"""The conntrack tables (hw_ct4, hw_ct6) from user space: mmap'ed NumPy views of their slots.
+
+Each family's table is a set-associative hash table in a BPF_F_MMAPABLE array (bpf/hostwall.h): a
+connection lives in one of the HW_CT_WAYS slots of the bucket its normalised key hashes to, and a slot
+is FREE, BUSY (a CPU is writing it) or LIVE. The datapath inserts and evicts; user space reads the
+slots in place (no syscalls), frees idle ones with one store, clears and copies tables.
+
+Writes from here race with the datapath only as documented where they happen (`free_if_unchanged`).
+"""
+from __future__ import annotations
+
+import mmap
+
+import numpy as np
+
+from . import layout as L
+from ._internal import bpfsys
+
+MAPS = {4: "hw_ct4", 6: "hw_ct6"}
+SLOT_DT = {4: L.DTYPES["hw_ct4_slot"], 6: L.DTYPES["hw_ct6_slot"]}
+KEY_DT = {4: L.DTYPES["hw_ct4_key"], 6: L.DTYPES["hw_ct6_key"]}
+FREE, BUSY, LIVE = L.C["HW_SLOT_FREE"], L.C["HW_SLOT_BUSY"], L.C["HW_SLOT_LIVE"]
+WAYS = L.CT_WAYS
+BUCKETS = L.CT_MAX // WAYS
+_M64 = (1 << 64) - 1
+_K = 0x9E3779B97F4A7C15
+
+
+class CtTable:
+    """One family's table, mapped into this process: `slots` is a writable structured view (CT_MAX).
+
+    Mapping costs one mmap (no copy); reading all slots touches ~25-30 MB. Close before the fd."""
+
+    def __init__(self, fd: int, family: int):
+        self.family = family
+        self._mm: mmap.mmap | None = bpfsys.mmap_array(fd)
+        self.slots = np.frombuffer(self._mm, dtype=SLOT_DT[family], count=L.CT_MAX)
+
+    def live(self) -> np.ndarray:
+        """Indexes of LIVE slots (expired ones included: only the datapath's clock says which are)."""
+        return np.flatnonzero(self.slots["e"]["slot_state"] == LIVE)
+
+    def free_if_unchanged(self, idx: np.ndarray, seen: np.ndarray) -> np.ndarray:
+        """Free the slots at idx whose entry still has the created_ns/last_ns of `seen` (entries read
+        earlier); mask of those freed. A packet or a new connection that touches a slot between this
+        check and the store is lost to it (that connection's next packet is judged by policy again):
+        a window of a few µs per slot, as with any delete-after-read."""
+        e = self.slots["e"]
+        cur = e[idx]
+        ok = (cur["slot_state"] == LIVE) & (cur["created_ns"] == seen["created_ns"]) & \
+             (cur["last_ns"] == seen["last_ns"])
+        for i in idx[ok]:
+            e["slot_state"][i] = FREE      # one aligned 8-byte store
+        return ok
+
+    def clear(self) -> None:
+        self.slots[...] = np.zeros(1, dtype=self.slots.dtype)
+
+    def close(self) -> None:
+        self.slots = None
+        if self._mm is not None:
+            try:
+                self._mm.close()
+            except BufferError:         # a caller still holds a view; the mapping goes with it
+                pass
+            self._mm = None
+
+    def __enter__(self) -> "CtTable":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def tables(map_fds: dict[str, int]) -> list[CtTable]:
+    return [CtTable(map_fds[MAPS[f]], f) for f in (4, 6)]
+
+
+def live_count(map_fds: dict[str, int]) -> dict[int, int]:
+    out = {}
+    for t in tables(map_fds):
+        with t:
+            out[t.family] = len(t.live())
+    return out
+
+
+def copy_tables(src_fds: dict[str, int], dst_fds: dict[str, int]) -> int:
+    """Copy every LIVE slot of src into the same index of dst (same seed required: the caller copies
+    hw_config.ct_seed); returns how many."""
+    n = 0
+    for s, d in zip(tables(src_fds), tables(dst_fds)):
+        with s, d:
+            idx = s.live()
+            d.slots[idx] = s.slots[idx]
+            n += len(idx)
+    return n
+
+
+def _mix(h: np.ndarray, w: np.ndarray) -> np.ndarray:
+    h = (h ^ w) * np.uint64(_K)
+    return h ^ (h >> np.uint64(29))
+
+
+def _word(hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
+    return (hi.astype(np.uint64) << np.uint64(32)) | lo.astype(np.uint64)
+
+
+def first_slot(keys: np.ndarray, family: int, seed: int) -> np.ndarray:
+    """Index of the first slot of each key's bucket, as the datapath's ct_base4/ct_base6 compute it.
+    keys: hw_ct4_key / hw_ct6_key structured array (numeric fields in host order after conversion)."""
+    with np.errstate(over="ignore"):
+        h = np.full(len(keys), seed & _M64, dtype=np.uint64)
+        if family == 4:
+            h = _mix(h, _word(_raw(keys["addr_a"]), _raw(keys["addr_b"])))
+        else:
+            a = np.ascontiguousarray(keys["addr_a"]).view("=u4")      # (n, 4) words as the CPU loads them
+            b = np.ascontiguousarray(keys["addr_b"]).view("=u4")
+            for i in (0, 2):
+                h = _mix(h, _word(a[:, i], a[:, i + 1]))
+                h = _mix(h, _word(b[:, i], b[:, i + 1]))
+        ports = (_raw(keys["port_a"]).astype(np.uint64) << np.uint64(24)) | \
+                (_raw(keys["port_b"]).astype(np.uint64) << np.uint64(8)) | keys["proto"].astype(np.uint64)
+        h = _mix(h, ports)
+    return ((h >> np.uint64(32)).astype(np.uint32) & np.uint32(BUCKETS - 1)).astype(np.int64) * WAYS
+
+
+def _raw(x: np.ndarray) -> np.ndarray:
+    """The integer the datapath sees for a network-order field: its bytes read in host order."""
+    x = np.ascontiguousarray(x)
+    return x.view(x.dtype.newbyteorder("=")) if x.dtype.byteorder == ">" else x
+
+
+def key_of(family: int, src: bytes, dst: bytes, sport: int, dport: int, proto: int) -> tuple[np.void, int]:
+    """(normalised key, side) of a packet's tuple as the datapath's ct_key4/ct_key6 build it: side a is
+    the lower (address, port) pair — v4 addresses and all ports compared as the CPU loads them, v6
+    addresses as big-endian words; side 1 means the sender is side b. Addresses are packed bytes."""
+    def raw16(port: int) -> int:
+        return int.from_bytes(port.to_bytes(2, "big"), "little")
+    if family == 4:
+        s, d = int.from_bytes(src, "little"), int.from_bytes(dst, "little")
+    else:
+        s, d = int.from_bytes(src, "big"), int.from_bytes(dst, "big")
+    side = s > d or (s == d and raw16(sport) > raw16(dport))
+    (aa, pa), (ab, pb) = ((dst, dport), (src, sport)) if side else ((src, sport), (dst, dport))
+    raw = aa + ab + pa.to_bytes(2, "big") + pb.to_bytes(2, "big") + bytes([proto, 0, 0, 0])
+    return np.frombuffer(raw, dtype=KEY_DT[family])[0], int(side)
