@@ -230,3 +230,28 @@ def test_closed_connection_is_not_reported_twice_when_its_slot_is_taken(harness,
     events.drain()
     _open_at(harness, T0 + 2 * 10**9, flows[-1])       # evicts the closed one (least recent)
     assert [e for e in events.drain() if L.EVENT_TYPE_NAMES[int(e["type"])] == "flow_end"] == []
+
+
+def test_restart_with_another_build_carries_connections_over(harness):
+    """control._migrate_conntrack: a freshly loaded datapath takes over the tables slot for slot, with
+    the old hash seed, so replies of connections opened before the restart still pass."""
+    from enforcer.control import _migrate_conntrack
+    from enforcer.datapath import Datapath
+    harness.install(POLICY % "true")
+    for sport in (40000, 40001):
+        harness.run("tc_egress", out_tcp("S", sport=sport))
+    harness.run("tc_egress", out_tcp("S", v6=True))
+    new = Datapath.load()
+    try:
+        new.install(harness.compiled)
+        assert new.config()["ct_seed"] != harness.dp.config()["ct_seed"]   # random per load
+        assert _migrate_conntrack(harness.dp, new) == 3
+        assert new.config()["ct_seed"] == harness.dp.config()["ct_seed"]
+        other = type(harness)(new)
+        other.slots = harness.slots
+        for sport in (40000, 40001):
+            assert other.run("xdp", in_tcp("SA", dport=sport)).reason == "pass_conntrack"
+        assert other.run("xdp", in_tcp("SA", v6=True)).reason == "pass_conntrack"
+        assert other.run("xdp", in_tcp("SA", dport=40002)).reason == "default_deny"   # never opened
+    finally:
+        new.close()
