@@ -48,11 +48,11 @@ BPF_PERCPU_ARRAY(hw_ct_stats, struct hw_counter, 2 * HW_CT_STATS);    /* [v6 * H
 
 BPF_F_TABLE("array", u32, struct hw_dos_profile, hw_dos_profiles, 2 * HW_DOS_PROFILES_MAX, MAPF_MMAP);
 BPF_F_TABLE("array", u32, struct hw_dos_if, hw_dos_ifs, 2 * HW_DOS_IF_SLOTS, MAPF_MMAP);
-BPF_TABLE("lru_hash", struct hw_dos_key, struct hw_dos_src, hw_dos_src, HW_DOS_SRC_MAX);
+BPF_F_TABLE("array", u32, struct hw_dos_slot, hw_dos_src, HW_DOS_SRC_MAX, MAPF_MMAP);
 BPF_TABLE("hash", struct hw_dos_key, struct hw_dos_ban, hw_dos_banned, HW_DOS_BANNED_MAX);
 BPF_ARRAY(hw_dos_global, struct hw_bucket, HW_DOS_PROFILES_MAX * 16);
 BPF_PERCPU_ARRAY(hw_dos_stats, struct hw_counter, HW_DOS_PROFILES_MAX * HW_REASONS);
-BPF_PERCPU_ARRAY(hw_dos_inserts, struct hw_counter, 1);  /* sources ever tracked: evicted = this - entries */
+BPF_PERCPU_ARRAY(hw_dos_src_stats, struct hw_counter, HW_DSS_STATS);
 BPF_F_TABLE("lpm_trie", struct hw_ban4_key, struct hw_manual_ban, hw_manual_ban4, HW_MANUAL_BANS_MAX, BPF_F_NO_PREALLOC);
 BPF_F_TABLE("lpm_trie", struct hw_ban6_key, struct hw_manual_ban, hw_manual_ban6, HW_MANUAL_BANS_MAX, BPF_F_NO_PREALLOC);
 
@@ -620,7 +620,7 @@ static __always_inline int ct_find(struct env *v, struct pkt *p, __u32 *s, __u32
 	if (p->family == 4) {
 		struct hw_ct4_key k __attribute__((aligned(8))) = {};   /* compared as 64-bit words */
 		r->side = ct_key4(&k, s[0], d[0], sp, dp, proto);
-		__u32 base = ct_base4(&k, v->cfg->ct_seed);
+		__u32 base = ct_base4(&k, v->cfg->table_seed);
 #pragma unroll
 		for (int i = 0; i < HW_CT_WAYS; i++) {
 			__u32 idx = base + i;
@@ -636,7 +636,7 @@ static __always_inline int ct_find(struct env *v, struct pkt *p, __u32 *s, __u32
 	} else {
 		struct hw_ct6_key k __attribute__((aligned(8))) = {};
 		r->side = ct_key6(&k, s, d, sp, dp, proto);
-		__u32 base = ct_base6(&k, v->cfg->ct_seed);
+		__u32 base = ct_base6(&k, v->cfg->table_seed);
 #pragma unroll
 		for (int i = 0; i < HW_CT_WAYS; i++) {
 			__u32 idx = base + i;
@@ -810,7 +810,7 @@ static __always_inline struct hw_ct_entry *ct_take4(struct env *v, struct hw_ct4
 {
 	__u32 pick_idx = HW_CT_MAX, rank = 0;
 	__u64 oldest = ~0ULL;
-	__u32 base = ct_base4(k, v->cfg->ct_seed);
+	__u32 base = ct_base4(k, v->cfg->table_seed);
 #pragma unroll
 	for (int i = 0; i < HW_CT_WAYS; i++) {
 		__u32 idx = base + i;
@@ -840,7 +840,7 @@ static __always_inline struct hw_ct_entry *ct_take6(struct env *v, struct hw_ct6
 {
 	__u32 pick_idx = HW_CT_MAX, rank = 0;
 	__u64 oldest = ~0ULL;
-	__u32 base = ct_base6(k, v->cfg->ct_seed);
+	__u32 base = ct_base6(k, v->cfg->table_seed);
 #pragma unroll
 	for (int i = 0; i < HW_CT_WAYS; i++) {
 		__u32 idx = base + i;
@@ -1100,27 +1100,98 @@ static __always_inline void dos_ban(struct env *v, struct hw_dos_key *k, struct 
 	hw_dos_banned.update(k, &b);    /* for listing; if full, the ban still holds through *s */
 }
 
-/* Per-source limits; returns a drop reason or 0. Keeps the over-limit streak and bans. */
+static __always_inline __u64 dos_key_diff(struct hw_dos_key *x, struct hw_dos_key *y)
+{
+	__u64 *a = (__u64 *)x, *b = (__u64 *)y;
+	return (a[0] ^ b[0]) | (a[1] ^ b[1]) | (a[2] ^ b[2]);
+}
+
+/* First slot of a source's bucket: the conntrack hash over the key's three 64-bit words. */
+static __always_inline __u32 dos_base(struct hw_dos_key *k, __u64 seed)
+{
+	__u64 *w = (__u64 *)k;
+	__u64 h = ct_mix(ct_mix(ct_mix(seed, w[0]), w[1]), w[2]);
+	return ((__u32)(h >> 32) & (HW_DOS_SRC_MAX / HW_DOS_WAYS - 1)) * HW_DOS_WAYS;
+}
+
+static __always_inline void dos_src_stat(__u32 what)
+{
+	counter_add(hw_dos_src_stats.lookup(&what), 0);
+}
+
+/* Rank of a slot for a new source: free (3), a live unbanned one (2), a live banned one (1); the least
+ * recently seen first among live ones; 0: BUSY. */
+static __always_inline __u32 dos_rank(struct hw_dos_slot *sl, __u64 now)
+{
+	__u64 st = sl->slot_state;
+	if (st == HW_SLOT_FREE)
+		return 3;
+	if (st != HW_SLOT_LIVE)
+		return 0;
+	return sl->s.banned_until_ns > now ? 1 : 2;
+}
+
+/* Start tracking source k in a slot of its bucket (full buckets evict, counted); 0: lost the slot to
+ * another CPU (counted; no per-source limit for this packet: fail open). */
+static __always_inline struct hw_dos_src *dos_take(struct env *v, struct hw_dos_key *k, __u32 base,
+						   struct hw_dos_profile *pr)
+{
+	__u32 pick_idx = HW_DOS_SRC_MAX, rank = 0;
+	__u64 oldest = ~0ULL;
+#pragma unroll
+	for (int i = 0; i < HW_DOS_WAYS; i++) {
+		__u32 idx = base + i;
+		struct hw_dos_slot *sl = hw_dos_src.lookup(&idx);
+		if (!sl)
+			continue;
+		__u32 r = dos_rank(sl, v->now);
+		if (r > rank || (r == rank && r && r < 3 && sl->s.last_ns < oldest)) {
+			pick_idx = idx;
+			rank = r;
+			oldest = sl->s.last_ns;
+		}
+	}
+	struct hw_dos_slot *sl = hw_dos_src.lookup(&pick_idx);
+	__u64 seen = rank == 3 ? HW_SLOT_FREE : HW_SLOT_LIVE;
+	if (!sl || !rank || __sync_val_compare_and_swap(&sl->slot_state, seen, HW_SLOT_BUSY) != seen) {
+		dos_src_stat(HW_DSS_CLAIM_LOST);
+		return 0;
+	}
+	dos_src_stat(HW_DSS_INSERTED);
+	if (rank != 3)
+		dos_src_stat(HW_DSS_EVICTED);
+	sl->k = *k;
+	struct hw_dos_src n = {.last_ns = v->now, .tok_pkt = pr->burst * 1000000000ULL,
+			       .tok_bits = pr->bps_burst * 1000ULL, .tok_syn = pr->syn_pps * 1000000000ULL,
+			       .tok_udp = pr->udp_pps * 1000000000ULL, .tok_icmp = pr->icmp_pps * 1000000000ULL};
+	sl->s = n;
+	__sync_lock_test_and_set(&sl->slot_state, HW_SLOT_LIVE);
+	return &sl->s;
+}
+
+/* Per-source limits; returns a drop reason or 0. Keeps the over-limit streak and bans. Finding the
+ * source costs HW_DOS_WAYS inlined array probes (no helper call), as conntrack does. */
 static __always_inline __u32 dos_source(struct env *v, struct pkt *p, struct hw_dos_profile *pr, __u32 profile)
 {
-	struct hw_dos_key k = {};
+	struct hw_dos_key k __attribute__((aligned(8))) = {};   /* compared as 64-bit words */
 	__u32 len = p->family == 4 ? pr->prefix_v4 : pr->prefix_v6;
 	mask_addr(k.addr, p->saddr, p->family, len);
 	k.family = p->family;
 	k.prefix_len = len;
 	k.profile = profile;
-	struct hw_dos_src *s = hw_dos_src.lookup(&k);
-	if (!s) {
-		struct hw_dos_src n = {.last_ns = v->now, .tok_pkt = pr->burst * 1000000000ULL,
-				       .tok_bits = pr->bps_burst * 1000ULL, .tok_syn = pr->syn_pps * 1000000000ULL,
-				       .tok_udp = pr->udp_pps * 1000000000ULL, .tok_icmp = pr->icmp_pps * 1000000000ULL};
-		hw_dos_src.update(&k, &n);
-		__u32 zero = 0;
-		counter_add(hw_dos_inserts.lookup(&zero), 0);   /* LRU: at capacity each insert evicts one */
-		s = hw_dos_src.lookup(&k);
-		if (!s)
-			return 0;       /* could not track this source: no per-source limit (fail open) */
+	__u32 base = dos_base(&k, v->cfg->table_seed);
+	__u32 hit = HW_DOS_SRC_MAX;
+#pragma unroll
+	for (int i = 0; i < HW_DOS_WAYS; i++) {
+		__u32 idx = base + i;
+		struct hw_dos_slot *sl = hw_dos_src.lookup(&idx);
+		if (sl && !(dos_key_diff(&sl->k, &k) | (sl->slot_state ^ HW_SLOT_LIVE)))
+			hit = idx;
 	}
+	struct hw_dos_slot *sl = hw_dos_src.lookup(&hit);
+	struct hw_dos_src *s = sl ? &sl->s : dos_take(v, &k, base, pr);
+	if (!s)
+		return 0;
 	if (s->banned_until_ns) {
 		if (s->banned_until_ns > v->now)
 			return HW_R_BANNED;

@@ -40,7 +40,8 @@
 #define HW_DOS_PORTS_MAX      8         /* per-port limits per profile */
 #define HW_DOS_IF_SLOTS       256       /* interface → profile table, per generation (ifindex % slots, probed) */
 #define HW_DOS_IF_PROBES      4
-#define HW_DOS_SRC_MAX        1048576   /* per-source buckets (LRU): ~150 MB of kernel memory */
+#define HW_DOS_SRC_MAX        1048576   /* per-source bucket slots: ~104 MB of kernel memory */
+#define HW_DOS_WAYS           4         /* slots per source-table bucket */
 #define HW_DOS_BANNED_MAX     65536     /* automatic bans, for listing */
 #define HW_MANUAL_BANS_MAX    65536     /* operator bans per family (LPM trie) */
 #define HW_DOS_STREAK_GAP_NS  1000000000ULL  /* over-limit packets further apart than this break a streak */
@@ -120,7 +121,7 @@ struct hw_config {                  /* hw_config[0] — written by the enforcer 
 	                             * judges only packets XDP marked as deferred; 0: TC judges all */
 	__u64 tick_ns;              /* the datapath's clock is jiffies * tick_ns + tick_base_ns (CLOCK_MONOTONIC, */
 	__u64 tick_base_ns;         /* tick resolution), calibrated at load; tick_ns 0: coarse clock helper */
-	__u64 ct_seed;              /* conntrack table hash seed, random per instance */
+	__u64 table_seed;           /* hash seed of the conntrack and DoS source tables, random per instance */
 };
 
 struct hw_collect {                 /* hw_collect[0] — written by the collector only */
@@ -210,12 +211,13 @@ struct hw_dos_if {                  /* hw_dos_ifs[gen * HW_DOS_IF_SLOTS + slot] 
 };
 
 /* ---- DoS state (not swapped: a policy swap keeps buckets and bans) --------------------------- */
-struct hw_dos_key {                 /* hw_dos_src (LRU hash), hw_dos_banned (hash) */
+struct hw_dos_key {                 /* hw_dos_src slots, hw_dos_banned (hash) */
 	__u32 addr[4];              /* source masked to the profile's prefix, network order */
 	__u8  family;
 	__u8  prefix_len;
 	__u8  profile;
 	__u8  pad;
+	__u32 pad2;                 /* 24 bytes: compared and hashed as three 64-bit words */
 };
 
 struct hw_dos_src {
@@ -229,6 +231,18 @@ struct hw_dos_src {
 	__u64 streak_last_ns;       /* latest over-limit packet */
 	__u64 banned_until_ns;      /* 0 = not banned */
 };
+
+/* hw_dos_src[bucket * HW_DOS_WAYS + way]: a set-associative table like conntrack's (slot_state
+ * FREE → BUSY → LIVE, same hash over the key's 64-bit words); a new source takes a free slot, else
+ * evicts the least recently seen unbanned source of its bucket, else the least recently seen one. */
+struct hw_dos_slot {
+	struct hw_dos_src s;
+	struct hw_dos_key k;
+	__u64 slot_state;           /* enum hw_ct_slot_state */
+};
+
+/* hw_dos_src_stats[]: per-CPU counts of source inserts */
+enum hw_dos_src_stat { HW_DSS_INSERTED = 0, HW_DSS_EVICTED = 1, HW_DSS_CLAIM_LOST = 2, HW_DSS_STATS = 3 };
 
 struct hw_dos_ban {                 /* hw_dos_banned value: automatic bans, for `ban list` */
 	__u64 since_ns;

@@ -118,7 +118,7 @@ SPEC: dict[str, tuple[str, str, tuple[str, ...], str, str]] = {
                               "policy table", "map info, enforcer.layout"),
     "hostwall_map_evicted": ("counter", "{entry}", ("map",), "Entries a full kernel table pushed out to make room "
                              "(conntrack: live connections, reported as flow ends; DoS sources)",
-                             "hw_ct_stats (conntrack), hw_dos_inserts - entries (DoS sources)"),
+                             "hw_ct_stats (conntrack), hw_dos_src_stats (DoS sources)"),
     # kernel: interfaces
     "hostwall_interface_info": ("gauge", "{interface}", _IF + ("xdp_mode", "dos_profile"), "1 per interface of the "
                                 "instance, with the XDP mode that took and its DoS profile", "instance state"),

@@ -287,8 +287,9 @@ class _KernelGauges:
             out["dos_drops"] = {L.REASON_NAMES[r]: int(c[r]) for r in range(L.REASONS)
                                 if c[r] and r in L.REASON_NAMES}
         if "hw_dos_src" in self.fds:
-            out["dos_buckets"] = _count(self.fds["hw_dos_src"], L.DTYPES["hw_dos_key"].itemsize,
-                                        L.DTYPES["hw_dos_src"].itemsize)
+            from enforcer import dos_sources
+            with dos_sources.table(self.fds["hw_dos_src"]) as t:        # read in place (mmap)
+                out["dos_buckets"] = len(t.live())
         if "hw_dos_banned" in self.fds:
             now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
             out["bans_auto"] = _count(self.fds["hw_dos_banned"], L.DTYPES["hw_dos_key"].itemsize,

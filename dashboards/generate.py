@@ -337,7 +337,7 @@ def dos() -> dict:
     L.add(stat("DoS drops", "Packets per second dropped by DoS limits (all profiles).",
                [target(f"sum({rate('hostwall_dos_profile_dropped_packets_total')})", "dropped")], "pps",
                steps=thresholds((None, "green"), (100, "orange"), (10000, "red"))), 4, 4)
-    L.add(stat("Buckets tracked", "Per-source DoS token buckets (hw_dos_src, LRU of 1,048,576 entries).",
+    L.add(stat("Buckets tracked", "Per-source DoS token buckets (hw_dos_src, 1,048,576 slots in 4-way buckets).",
                [target(f"sum(hostwall_dos_buckets{{{SEL}}})", "buckets")], "short"), 4, 4)
     L.add(stat("Anomalies opened", "Anomalies opened since the collector started, by severity.",
                [target(f"sum by (severity) (hostwall_anomaly_transitions_total{{{SEL}, state=\"open\"}})",

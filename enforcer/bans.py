@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 
-from . import layout as L
+from . import dos_sources, layout as L
 from ._internal import bpfsys
 from .datapath import Datapath
 
@@ -62,17 +62,17 @@ def delete(dp: Datapath, prefix: str) -> bool:
     found = bpfsys.map_delete(dp.map_fds[name], key)
     dp.set_config(manual_bans=_count_manual(dp))
     kdt = L.DTYPES["hw_dos_key"]
-    for k in list(bpfsys.map_keys(dp.map_fds["hw_dos_banned"], kdt.itemsize)):
-        rec = np.frombuffer(k, dtype=kdt)[0]
-        if _auto_prefix(rec) == net:
-            bpfsys.map_delete(dp.map_fds["hw_dos_banned"], k)
-            src = bpfsys.map_lookup(dp.map_fds["hw_dos_src"], k, L.DTYPES["hw_dos_src"].itemsize)
-            if src is not None:
-                s = np.frombuffer(src, dtype=L.DTYPES["hw_dos_src"]).copy()
-                s["banned_until_ns"] = 0
-                s["streak_start_ns"] = 0
-                bpfsys.map_update(dp.map_fds["hw_dos_src"], k, s.tobytes())
-            found = True
+    seed = int(dp.config()["table_seed"])
+    with dos_sources.table(dp.map_fds[dos_sources.MAP]) as t:
+        for k in list(bpfsys.map_keys(dp.map_fds["hw_dos_banned"], kdt.itemsize)):
+            rec = np.frombuffer(k, dtype=kdt)[0]
+            if _auto_prefix(rec) == net:
+                bpfsys.map_delete(dp.map_fds["hw_dos_banned"], k)
+                i = dos_sources.find(t, rec, seed)
+                if i is not None:           # lift it where the datapath looks (two 8-byte stores)
+                    t.slots["s"]["banned_until_ns"][i] = 0
+                    t.slots["s"]["streak_start_ns"][i] = 0
+                found = True
     return found
 
 

@@ -1,44 +1,34 @@
 """The conntrack tables (hw_ct4, hw_ct6) from user space: mmap'ed NumPy views of their slots.
 
-Each family's table is a set-associative hash table in a BPF_F_MMAPABLE array (bpf/hostwall.h): a
-connection lives in one of the HW_CT_WAYS slots of the bucket its normalised key hashes to, and a slot
-is FREE, BUSY (a CPU is writing it) or LIVE. The datapath inserts and evicts; user space reads the
-slots in place (no syscalls), frees idle ones with one store, clears and copies tables.
+Each family's table is a set-associative table (enforcer/slot_table.py, bpf/hostwall.h): a connection
+lives in one of the HW_CT_WAYS slots of the bucket its normalised key hashes to. The datapath inserts
+and evicts; user space reads the slots in place (no syscalls), frees idle ones with one store, clears
+and copies tables.
 
 Writes from here race with the datapath only as documented where they happen (`free_if_unchanged`).
 """
 from __future__ import annotations
 
-import mmap
-
 import numpy as np
 
 from . import layout as L
-from ._internal import bpfsys
+from .slot_table import FREE, LIVE, SlotTable, bucket_first_slot, mix, seeded
 
 MAPS = {4: "hw_ct4", 6: "hw_ct6"}
 SLOT_DT = {4: L.DTYPES["hw_ct4_slot"], 6: L.DTYPES["hw_ct6_slot"]}
 KEY_DT = {4: L.DTYPES["hw_ct4_key"], 6: L.DTYPES["hw_ct6_key"]}
-FREE, BUSY, LIVE = L.C["HW_SLOT_FREE"], L.C["HW_SLOT_BUSY"], L.C["HW_SLOT_LIVE"]
 WAYS = L.CT_WAYS
 BUCKETS = L.CT_MAX // WAYS
-_M64 = (1 << 64) - 1
-_K = 0x9E3779B97F4A7C15
 
 
-class CtTable:
+class CtTable(SlotTable):
     """One family's table, mapped into this process: `slots` is a writable structured view (CT_MAX).
 
     Mapping costs one mmap (no copy); reading all slots touches ~25-30 MB. Close before the fd."""
 
     def __init__(self, fd: int, family: int):
+        super().__init__(fd, SLOT_DT[family], L.CT_MAX, ("e", "slot_state"))
         self.family = family
-        self._mm: mmap.mmap | None = bpfsys.mmap_array(fd)
-        self.slots = np.frombuffer(self._mm, dtype=SLOT_DT[family], count=L.CT_MAX)
-
-    def live(self) -> np.ndarray:
-        """Indexes of LIVE slots (expired ones included: only the datapath's clock says which are)."""
-        return np.flatnonzero(self.slots["e"]["slot_state"] == LIVE)
 
     def free_if_unchanged(self, idx: np.ndarray, seen: np.ndarray) -> np.ndarray:
         """Free the slots at idx whose entry still has the created_ns/last_ns of `seen` (entries read
@@ -52,24 +42,6 @@ class CtTable:
         for i in idx[ok]:
             e["slot_state"][i] = FREE      # one aligned 8-byte store
         return ok
-
-    def clear(self) -> None:
-        self.slots[...] = np.zeros(1, dtype=self.slots.dtype)
-
-    def close(self) -> None:
-        self.slots = None
-        if self._mm is not None:
-            try:
-                self._mm.close()
-            except BufferError:         # a caller still holds a view; the mapping goes with it
-                pass
-            self._mm = None
-
-    def __enter__(self) -> "CtTable":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 def tables(map_fds: dict[str, int]) -> list[CtTable]:
@@ -86,7 +58,7 @@ def live_count(map_fds: dict[str, int]) -> dict[int, int]:
 
 def copy_tables(src_fds: dict[str, int], dst_fds: dict[str, int]) -> int:
     """Copy every LIVE slot of src into the same index of dst (same seed required: the caller copies
-    hw_config.ct_seed); returns how many."""
+    hw_config.table_seed); returns how many."""
     n = 0
     for s, d in zip(tables(src_fds), tables(dst_fds)):
         with s, d:
@@ -96,32 +68,25 @@ def copy_tables(src_fds: dict[str, int], dst_fds: dict[str, int]) -> int:
     return n
 
 
-def _mix(h: np.ndarray, w: np.ndarray) -> np.ndarray:
-    h = (h ^ w) * np.uint64(_K)
-    return h ^ (h >> np.uint64(29))
-
-
 def _word(hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
     return (hi.astype(np.uint64) << np.uint64(32)) | lo.astype(np.uint64)
 
 
 def first_slot(keys: np.ndarray, family: int, seed: int) -> np.ndarray:
     """Index of the first slot of each key's bucket, as the datapath's ct_base4/ct_base6 compute it.
-    keys: hw_ct4_key / hw_ct6_key structured array (numeric fields in host order after conversion)."""
-    with np.errstate(over="ignore"):
-        h = np.full(len(keys), seed & _M64, dtype=np.uint64)
-        if family == 4:
-            h = _mix(h, _word(_raw(keys["addr_a"]), _raw(keys["addr_b"])))
-        else:
-            a = np.ascontiguousarray(keys["addr_a"]).view("=u4")      # (n, 4) words as the CPU loads them
-            b = np.ascontiguousarray(keys["addr_b"]).view("=u4")
-            for i in (0, 2):
-                h = _mix(h, _word(a[:, i], a[:, i + 1]))
-                h = _mix(h, _word(b[:, i], b[:, i + 1]))
-        ports = (_raw(keys["port_a"]).astype(np.uint64) << np.uint64(24)) | \
-                (_raw(keys["port_b"]).astype(np.uint64) << np.uint64(8)) | keys["proto"].astype(np.uint64)
-        h = _mix(h, ports)
-    return ((h >> np.uint64(32)).astype(np.uint32) & np.uint32(BUCKETS - 1)).astype(np.int64) * WAYS
+    keys: hw_ct4_key / hw_ct6_key structured array."""
+    h = seeded(len(keys), seed)
+    if family == 4:
+        h = mix(h, _word(_raw(keys["addr_a"]), _raw(keys["addr_b"])))
+    else:
+        a = np.ascontiguousarray(keys["addr_a"]).view("=u4")      # (n, 4) words as the CPU loads them
+        b = np.ascontiguousarray(keys["addr_b"]).view("=u4")
+        for i in (0, 2):
+            h = mix(h, _word(a[:, i], a[:, i + 1]))
+            h = mix(h, _word(b[:, i], b[:, i + 1]))
+    ports = (_raw(keys["port_a"]).astype(np.uint64) << np.uint64(24)) | \
+            (_raw(keys["port_b"]).astype(np.uint64) << np.uint64(8)) | keys["proto"].astype(np.uint64)
+    return bucket_first_slot(mix(h, ports), BUCKETS, WAYS)
 
 
 def _raw(x: np.ndarray) -> np.ndarray:

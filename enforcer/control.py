@@ -109,7 +109,7 @@ def _migrate_conntrack(old: Datapath, new: Datapath) -> int:
         if info.type != bpfsys.map_info(new.map_fds[name]).type or info.value_size != L.DTYPES[dt].itemsize \
                 or info.max_entries != bpfsys.map_info(new.map_fds[name]).max_entries:
             return 0
-    new.set_config(ct_seed=int(old.config()["ct_seed"]))
+    new.set_config(table_seed=int(old.config()["table_seed"]))
     return conntrack.copy_tables(old.map_fds, new.map_fds)
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import conntrack, layout as L
+from . import conntrack, dos_sources, layout as L
 from ._internal import bpfsys
 from .compiler import CompiledPolicy
 
@@ -44,7 +44,7 @@ POLICY_MAPS = {
 OTHER_MAPS = ("hw_config", "hw_collect", "hw_stats", "hw_rule_stats", "hw_port_stats", "hw_ct4", "hw_ct6", "hw_ct_stats",
               "hw_events",
               "hw_ev_stats", "hw_ev_budget", "hw_drops0", "hw_drops1", "hw_drop_overflow", "hw_jump",
-              "hw_pkt_scratch", "hw_dos_src", "hw_dos_banned", "hw_dos_global", "hw_dos_stats", "hw_dos_inserts", "hw_manual_ban4",
+              "hw_pkt_scratch", "hw_dos_src", "hw_dos_banned", "hw_dos_global", "hw_dos_stats", "hw_dos_src_stats", "hw_manual_ban4",
               "hw_manual_ban6")
 ALL_MAPS = tuple(POLICY_MAPS) + OTHER_MAPS
 
@@ -127,7 +127,7 @@ class Datapath:
         bpfsys.map_update(maps["hw_jump"], b"\0" * 4, progs["xdp_judge"].to_bytes(4, "little"))
         dp = cls(progs, maps, bpf)
         tick_ns, base_ns = calibrate_clock(bpf.load_func(b"clock_probe", BPF.XDP).fd)
-        dp.set_config(tick_ns=tick_ns, tick_base_ns=base_ns, ct_seed=secrets.randbits(64))
+        dp.set_config(tick_ns=tick_ns, tick_base_ns=base_ns, table_seed=secrets.randbits(64))
         dp.init_collect_defaults()
         return dp
 
@@ -287,9 +287,10 @@ class Datapath:
         """DoS drops per (profile, reason), summed over CPUs."""
         return self._percpu_array("hw_dos_stats", "hw_counter", L.C["HW_DOS_PROFILES_MAX"] * L.REASONS)
 
-    def dos_sources_inserted(self) -> int:
-        """Sources the DoS guards started tracking since load (a full LRU evicts one per insert)."""
-        return int(self._percpu_array("hw_dos_inserts", "hw_counter", 1)["packets"][0])
+    def dos_src_stats(self) -> dict[str, int]:
+        """DoS sources the guards started tracking since load, and what those inserts evicted."""
+        pk = self._percpu_array("hw_dos_src_stats", "hw_counter", L.C["HW_DSS_STATS"])["packets"]
+        return {name: int(pk[i]) for i, name in dos_sources.STAT_NAMES.items()}
 
     def ct_stats(self) -> dict[int, dict[str, int]]:
         """Per family: conntrack inserts since load and what they displaced (hw_ct_stats, summed over CPUs)."""
@@ -297,15 +298,15 @@ class Datapath:
         pk = self._percpu_array("hw_ct_stats", "hw_counter", 2 * n)["packets"]
         return {fam: {name: int(pk[j * n + i]) for i, name in L.CT_STAT_NAMES.items()} for j, fam in enumerate((4, 6))}
 
-    # hash map -> (key dtype, value dtype, per-CPU); the conntrack tables are counted in place
-    PRESSURE_MAPS = {"hw_dos_src": ("hw_dos_key", "hw_dos_src", False),
-                     "hw_dos_banned": ("hw_dos_key", "hw_dos_ban", False),
+    # hash map -> (key dtype, value dtype, per-CPU); the conntrack and DoS source tables are counted in place
+    PRESSURE_MAPS = {"hw_dos_banned": ("hw_dos_key", "hw_dos_ban", False),
                      "hw_drops0": ("hw_drop_key", "hw_drop_val", True), "hw_drops1": ("hw_drop_key", "hw_drop_val", True)}
 
     def map_pressure(self) -> dict[str, dict]:
-        """Fill of the conntrack tables and hash maps (entries / capacity, %). The conntrack tables are
-        read in place (mmap); the hash maps in batches: O(entries / 8192) syscalls. LRU maps at 100%
-        evict their oldest entries; the others refuse new keys (counted where the datapath uses them)."""
+        """Fill of the conntrack and DoS source tables and the hash maps (entries / capacity, %). The
+        tables are read in place (mmap) and evict when a bucket is full (counted: evicted); the hash
+        maps are counted in batches, O(entries / 8192) syscalls, and refuse new keys when full (counted
+        where the datapath uses them)."""
         out = {}
         cts = self.ct_stats()
         for fam, n in conntrack.live_count(self.map_fds).items():
@@ -313,15 +314,18 @@ class Datapath:
             # claim_lost: connections left untracked because another CPU took the slot at that instant
             out[conntrack.MAPS[fam]] = {"entries": n, "capacity": L.CT_MAX, "percent": round(100.0 * n / L.CT_MAX, 2),
                                         "evicted": cts[fam]["evicted"], "claim_lost": cts[fam]["claim_lost"]}
+        with dos_sources.table(self.map_fds[dos_sources.MAP]) as t:
+            n = len(t.live())
+        ds = self.dos_src_stats()
+        out[dos_sources.MAP] = {"entries": n, "capacity": dos_sources.SLOTS,
+                                "percent": round(100.0 * n / dos_sources.SLOTS, 2),
+                                "evicted": ds["evicted"], "claim_lost": ds["claim_lost"]}
         for name, (kdt, vdt, percpu) in self.PRESSURE_MAPS.items():
             fd = self.map_fds[name]
             vbytes = (L.DTYPES[vdt].itemsize + 7) // 8 * 8 * (self.ncpus if percpu else 1)
             n = bpfsys.count_entries(fd, L.DTYPES[kdt].itemsize, vbytes)
             cap = bpfsys.map_info(fd).max_entries
             out[name] = {"entries": n, "capacity": cap, "percent": round(100.0 * n / cap, 2)}
-        # LRU maps never refuse a key: count what they pushed out instead (inserts − live entries; exact
-        # because nothing but the LRU removes source entries — bans only rewrite them)
-        out["hw_dos_src"]["evicted"] = max(0, self.dos_sources_inserted() - out["hw_dos_src"]["entries"])
         return out
 
     def clear_conntrack(self) -> None:

@@ -88,7 +88,7 @@ u8, u16, u32, u64 = np.uint8, np.uint16, np.uint32, np.uint64
 # struct name -> dtype; every dtype's itemsize equals the C sizeof (checked by the layout test).
 DTYPES: dict[str, np.dtype] = {
     "hw_config": np.dtype([("gen", u32), ("ncpus", u32), ("test_now_ns", u64), ("manual_bans", u32), ("xdp_ingress", u32),
-                           ("tick_ns", u64), ("tick_base_ns", u64), ("ct_seed", u64)]),
+                           ("tick_ns", u64), ("tick_base_ns", u64), ("table_seed", u64)]),
     "hw_collect": np.dtype([("agg_gen", u32), ("event_budget", u32), ("agg_prefix_v4", u8), ("agg_prefix_v6", u8),
                             ("pad", u16), ("pad2", u32)]),
     "hw_policy_hdr": np.dtype([("revision_id", u32), ("nrules", u32), ("default_ingress", u8),
@@ -106,7 +106,8 @@ DTYPES: dict[str, np.dtype] = {
                                 ("pad", u32), ("ports", np.dtype([("port", u16), ("proto", u8), ("pad", u8),
                                                                   ("pps", u32)]), C["HW_DOS_PORTS_MAX"])]),
     "hw_dos_if": np.dtype([("ifindex", u32), ("profile", u32)]),
-    "hw_dos_key": np.dtype([("addr", u8, 16), ("family", u8), ("prefix_len", u8), ("profile", u8), ("pad", u8)]),
+    "hw_dos_key": np.dtype([("addr", u8, 16), ("family", u8), ("prefix_len", u8), ("profile", u8), ("pad", u8),
+                            ("pad2", u32)]),
     "hw_dos_src": np.dtype([("last_ns", u64), ("tok_pkt", u64), ("tok_bits", u64), ("tok_syn", u64), ("tok_udp", u64),
                             ("tok_icmp", u64), ("streak_start_ns", u64), ("streak_last_ns", u64),
                             ("banned_until_ns", u64)]),
@@ -139,6 +140,7 @@ DTYPES: dict[str, np.dtype] = {
     "hw_drop_val": np.dtype([("packets", u64), ("bytes", u64), ("first_ns", u64), ("last_ns", u64)]),
     "hw_meta": np.dtype([("magic", u32), ("reason", u32)]),
 }
+DTYPES["hw_dos_slot"] = np.dtype([("s", DTYPES["hw_dos_src"]), ("k", DTYPES["hw_dos_key"]), ("slot_state", u64)])
 for _fam in (4, 6):     # conntrack table slots: the entry, then the key it belongs to
     DTYPES[f"hw_ct{_fam}_slot"] = np.dtype([("e", DTYPES["hw_ct_entry"]), ("k", DTYPES[f"hw_ct{_fam}_key"])])
 

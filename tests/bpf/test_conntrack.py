@@ -136,7 +136,7 @@ def test_conntrack_entry_records_flow(harness, v6):
     key, side = conntrack.key_of(fam, inet_pton(me, fam), inet_pton(peer, fam), 40000, 443, 6)
     assert slots[0]["k"].tobytes() == key.tobytes()
     # the slot is in the bucket the user-space twin of the datapath's hash names
-    first = conntrack.first_slot(np.array([key]), fam, int(harness.dp.config()["ct_seed"]))[0]
+    first = conntrack.first_slot(np.array([key]), fam, int(harness.dp.config()["table_seed"]))[0]
     assert first <= idx[0] < first + conntrack.WAYS
     e = slots[0]["e"]
     assert L.CT_STATE_NAMES[int(e["state"])] == "established"
@@ -156,7 +156,7 @@ def _same_bucket_flows(dp, fam: int, n: int) -> list[tuple[int, int]]:
     sport, dport = sport.ravel(), dport.ravel()
     keys = np.repeat(np.array([proto_key]), len(sport))
     keys["port_a"], keys["port_b"] = (dport, sport) if side else (sport, dport)
-    first = conntrack.first_slot(keys, fam, int(dp.config()["ct_seed"]))
+    first = conntrack.first_slot(keys, fam, int(dp.config()["table_seed"]))
     vals, counts = np.unique(first, return_counts=True)
     assert counts.max() >= n, "no bucket holds enough of 500k flows (hash badly skewed?)"
     pick = first == vals[np.argmax(counts)]
@@ -244,9 +244,9 @@ def test_restart_with_another_build_carries_connections_over(harness):
     new = Datapath.load()
     try:
         new.install(harness.compiled)
-        assert new.config()["ct_seed"] != harness.dp.config()["ct_seed"]   # random per load
+        assert new.config()["table_seed"] != harness.dp.config()["table_seed"]   # random per load
         assert _migrate_conntrack(harness.dp, new) == 3
-        assert new.config()["ct_seed"] == harness.dp.config()["ct_seed"]
+        assert new.config()["table_seed"] == harness.dp.config()["table_seed"]
         other = type(harness)(new)
         other.slots = harness.slots
         for sport in (40000, 40001):

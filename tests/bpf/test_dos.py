@@ -1,6 +1,8 @@
 """DoS guards in XDP through test-run with an injected clock, against enforcer/dos_reference.py."""
 from __future__ import annotations
 
+import ipaddress
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
@@ -9,9 +11,8 @@ from scapy.layers.inet6 import ICMPv6EchoRequest, IPv6
 from scapy.layers.l2 import Ether
 from scapy.packet import Raw, raw
 
-from enforcer import bans, layout as L
+from enforcer import bans, dos_sources, layout as L
 from enforcer._internal import bpfsys
-import struct
 from enforcer.dos_reference import DosModel, Pkt, ProfileParams
 
 pytestmark = pytest.mark.bpf
@@ -42,10 +43,10 @@ def install(harness, profile_yaml: str, audit: bool = False) -> ProfileParams:
 
 
 def _reset_state(dp):
-    from enforcer._internal import bpfsys
-    for name, kdt in (("hw_dos_src", "hw_dos_key"), ("hw_dos_banned", "hw_dos_key")):
-        for k in list(bpfsys.map_keys(dp.map_fds[name], L.DTYPES[kdt].itemsize)):
-            bpfsys.map_delete(dp.map_fds[name], k)
+    with dos_sources.table(dp.map_fds[dos_sources.MAP]) as t:
+        t.clear()
+    for k in list(bpfsys.map_keys(dp.map_fds["hw_dos_banned"], L.DTYPES["hw_dos_key"].itemsize)):
+        bpfsys.map_delete(dp.map_fds["hw_dos_banned"], k)
     zero = bytes(L.DTYPES["hw_bucket"].itemsize)
     for i in range(L.C["HW_DOS_PROFILES_MAX"] * 16):
         bpfsys.map_update(dp.map_fds["hw_dos_global"], i.to_bytes(4, "little"), zero)
@@ -207,24 +208,36 @@ def test_profile_counters_per_reason(harness):
     assert int(after[k]["packets"] - before[k]["packets"]) == 3
 
 
-def test_full_source_map_evictions_are_counted(harness):
-    """Past capacity the LRU evicts sources; inserts − live entries counts them (nothing else deletes
-    source entries in production; this test starts from an emptied map and counts from there)."""
-    install(harness, "per_source: {pps: 1000}")
+def test_full_source_buckets_evict_and_count(harness):
+    """A new source whose bucket is full evicts the least recently seen unbanned one of that bucket,
+    and the eviction is counted; the evicted source starts again from a full bucket."""
+    install(harness, "per_source: {pps: 2, burst: 2}")
     dp = harness.dp
-    cap = L.C["HW_DOS_SRC_MAX"]
-    before = dp.dos_sources_inserted()
-    frame = bytearray(frame_of(Pkt("11.0.0.0", 17)))
-    ctx = struct.pack("<6I", 0, len(frame), 0, LO, 0, 0)
-    fd = dp.prog_fds["xdp_ingress"]
+    seed = int(dp.config()["table_seed"])
+    # WAYS + 1 /32 sources of one bucket (this instance's seed)
     base = int.from_bytes(bytes([11, 0, 0, 0]), "big")
-    n = cap + 5000
-    for i in range(n):                                  # one new /32 source per packet
-        frame[26:30] = (base + i).to_bytes(4, "big")
-        bpfsys.prog_test_run(fd, bytes(frame), ctx=ctx)
-    inserted = dp.dos_sources_inserted() - before
-    entries = bpfsys.count_entries(dp.map_fds["hw_dos_src"], L.DTYPES["hw_dos_key"].itemsize,
-                                   L.DTYPES["hw_dos_src"].itemsize)
-    assert inserted == n and entries <= cap
-    assert inserted - entries >= 5000                   # at least what did not fit was evicted, and counted
+    keys = np.zeros(200_000, L.DTYPES["hw_dos_key"])
+    addrs = (base + np.arange(len(keys))).astype(">u4")
+    keys["addr"][:, :4] = addrs.view(np.uint8).reshape(-1, 4)
+    keys["family"], keys["prefix_len"], keys["profile"] = 4, 32, 0
+    first = dos_sources.first_slot(keys, seed)
+    vals, counts = np.unique(first, return_counts=True)
+    assert counts.max() > dos_sources.WAYS
+    srcs = [str(ipaddress.ip_address(int(a))) for a in addrs[first == vals[np.argmax(counts)]][:dos_sources.WAYS + 1]]
+    before = dp.dos_src_stats()
+    for i, src in enumerate(srcs[:-1]):
+        dp.set_config(test_now_ns=T0 + i * 10**6)
+        for _ in range(3):                              # burst 2: the third is over the limit
+            out = harness.run("xdp", frame_of(Pkt(src, 17)), ifindex=LO)
+        assert out.reason == "rate_limit"
+    dp.set_config(test_now_ns=T0 + 10**7)
+    assert harness.run("xdp", frame_of(Pkt(srcs[-1], 17)), ifindex=LO).reason != "rate_limit"
+    after = dp.dos_src_stats()
+    assert after["inserted"] - before["inserted"] == dos_sources.WAYS + 1
+    assert after["evicted"] - before["evicted"] == 1
+    # the first source (least recently seen) was evicted: its bucket is full again; the others are not
+    assert harness.run("xdp", frame_of(Pkt(srcs[0], 17)), ifindex=LO).reason != "rate_limit"
+    assert harness.run("xdp", frame_of(Pkt(srcs[2], 17)), ifindex=LO).reason == "rate_limit"
+    with dos_sources.table(dp.map_fds[dos_sources.MAP]) as t:
+        assert len(t.live()) == dos_sources.WAYS + 0   # srcs[0] came back by evicting the next oldest
     _reset_state(dp)

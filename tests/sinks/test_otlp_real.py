@@ -243,7 +243,7 @@ def test_kernel_gauges_read_real_pinned_maps(tmp_path):
     import numpy as np
 
     from collector.metrics import _KernelGauges
-    from enforcer import layout as L
+    from enforcer import dos_sources, layout as L
     from enforcer._internal import bpfsys
     if os.geteuid() != 0:
         pytest.fail("needs root (BPF)")
@@ -272,13 +272,15 @@ def test_kernel_gauges_read_real_pinned_maps(tmp_path):
         bpfsys.map_update(dp.map_fds["hw_stats"], idx(0, would, r_syn).to_bytes(4, "little"), percpu([7] * ncpu))
         bpfsys.map_update(dp.map_fds["hw_dos_stats"], (2 * L.REASONS + r_syn).to_bytes(4, "little"),
                           percpu([11] * ncpu))
-        kdt, sdt, bdt = L.DTYPES["hw_dos_key"], L.DTYPES["hw_dos_src"], L.DTYPES["hw_dos_ban"]
+        kdt, bdt = L.DTYPES["hw_dos_key"], L.DTYPES["hw_dos_ban"]
         now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
-        for i in range(9000):                            # more than one lookup-batch chunk
+        with dos_sources.table(dp.map_fds[dos_sources.MAP]) as t:
+            t.slots["slot_state"][:9000:2] = L.C["HW_SLOT_LIVE"]     # 4500 tracked sources (any slots)
+            t.slots["slot_state"][1:20:2] = L.C["HW_SLOT_BUSY"]      # being written: not counted
+        for i in range(5):
             k = np.zeros(1, kdt)
             k["addr"][0][:4] = list(i.to_bytes(4, "big"))
             k["family"], k["prefix_len"] = 4, 32
-            bpfsys.map_update(dp.map_fds["hw_dos_src"], k.tobytes(), np.zeros(1, sdt).tobytes())
             if i < 5:
                 b = np.zeros(1, bdt)
                 b["since_ns"], b["until_ns"] = now, now + (60 * 10**9 if i < 3 else -10**9)   # 3 active, 2 expired
@@ -293,8 +295,7 @@ def test_kernel_gauges_read_real_pinned_maps(tmp_path):
         assert k["drops"][("drop", "policy_deny")] == 3 + 4 * (ncpu - 1) + 5 * ncpu
         assert k["drops"][("would_drop", "syn_flood")] == 7 * ncpu
         assert k["dos_drops"] == {"syn_flood": 11 * ncpu}
-        lru_cap = bpfsys.map_info(dp.map_fds["hw_dos_src"]).max_entries
-        assert k["dos_buckets"] == min(9000, lru_cap)
+        assert k["dos_buckets"] == 4500
         assert k["bans_auto"] == 3 and k["bans_manual"] == 2
         fams = {f.prom: f for f in families_from_status({}, k)}
         assert dict(fams["hostwall_dos_bans"].samples) == {("auto",): 3, ("manual",): 2}
