@@ -343,8 +343,9 @@ def test_kernel_collector_matches_enforcer_status(instance, monkeypatch):
 
     def no_fork():
         raise AssertionError("fork in the collector: a forked child shares asyncio's signal wake-up pipe")
-    with monkeypatch.context() as m:                # netlink queries in another netns must not fork
-        m.setattr(os, "fork", no_fork)
+    status_before = control.status(pin)             # lab hosts keep sending a little (ND, RS): the
+    with monkeypatch.context() as m:                # read is bracketed by two status reads
+        m.setattr(os, "fork", no_fork)              # netlink queries in another netns must not fork
         t0 = time.perf_counter()
         fams = kc.families()
         took = time.perf_counter() - t0
@@ -360,13 +361,15 @@ def test_kernel_collector_matches_enforcer_status(instance, monkeypatch):
 
     # verdict counters: the same numbers as status' counters, hand-offs apart
     dpk = samples(fams, "hostwall_datapath_packets")
-    want = {}
-    for hook, verdicts in status["counters"].items():
-        for verdict, reasons in verdicts.items():
-            for reason, c in reasons.items():
-                if reason not in km.HANDOFF_REASONS:
-                    want[(hook, km.HOOK_DIRECTION[hook], verdict, reason)] = c["packets"]
-    assert dpk == want
+
+    def verdicts(st: dict) -> dict:
+        return {(hook, km.HOOK_DIRECTION[hook], verdict, reason): c["packets"]
+                for hook, vs in st["counters"].items() for verdict, reasons in vs.items()
+                for reason, c in reasons.items() if reason not in km.HANDOFF_REASONS}
+    lo, hi = verdicts(status_before), verdicts(status)
+    assert set(lo) <= set(dpk) <= set(hi)
+    assert all(lo.get(k, 0) <= n <= hi[k] for k, n in dpk.items()), (lo, dpk, hi)
+    assert sum(hi.values()) - sum(lo.values()) <= 10      # the bracket is tight: a few background packets
     assert dpk[("xdp_ingress", "ingress", "drop", "policy_deny")] >= 2
     assert dpk[("xdp_ingress", "ingress", "drop", "udp_flood")] > 1000
     assert dpk[("xdp_ingress", "ingress", "allow", "pass_rule")] >= 5
