@@ -171,6 +171,20 @@ def test_ban_after_streak_and_expiry(harness):
     assert outcome_reason(send(harness, Pkt("10.4.4.4", 17), now + 11 * NS)) is None     # expired by itself
 
 
+def test_lifting_an_automatic_ban_frees_the_source_at_once(harness):
+    """`ban del` removes the listing and clears the ban where the datapath looks: the source's slot."""
+    install(harness, "per_source: {pps: 2, burst: 2}\nban: {after: 1s, duration: 60s}")
+    now = T0
+    for _ in range(20):                     # 2 s over the limit: banned
+        got = outcome_reason(send(harness, Pkt("10.4.4.5", 17), now))
+        now += 100_000_000
+    assert got == "banned"
+    assert bans.delete(harness.dp, "10.4.4.5/32")
+    assert bans.listing(harness.dp, ("p",)) == []
+    assert outcome_reason(send(harness, Pkt("10.4.4.5", 17), now + 5 * NS)) is None   # the ban had 55 s left
+    assert not bans.delete(harness.dp, "10.4.4.5/32")
+
+
 def test_audit_mode_counts_would_drop(harness):
     install(harness, "udp: {per_source_pps: 1}", audit=True)
     send(harness, Pkt("10.5.5.5", 17), T0)
