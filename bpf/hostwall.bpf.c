@@ -554,53 +554,48 @@ static __always_inline __u64 ct_timeout_ns(struct hw_ct_entry *e, __u8 proto)
 	return s * 1000000000ULL;
 }
 
-/* Bucket of a normalised key: the first of its HW_CT_WAYS slots. A seeded multiply-xorshift over the
- * key's 64-bit words (enforcer/conntrack.py computes the same); the seed is random per instance. */
-static __always_inline __u64 ct_mix(__u64 h, __u64 w)
+/* The set-associative tables (conntrack, DoS sources): a key is hashed and compared as its 64-bit
+ * words, so keys are 8-aligned with zeroed pad bytes. First slot of its bucket: a seeded
+ * multiply-xorshift over the words (enforcer/slot_table.py computes the same); the seed is random per
+ * instance. */
+static __always_inline __u32 tbl_first_slot(void *key, __u32 nwords, __u64 seed, __u32 slots, __u32 ways)
 {
-	h = (h ^ w) * 0x9e3779b97f4a7c15ULL;
-	return h ^ (h >> 29);
+	__u64 *w = key, h = seed;
+#pragma unroll
+	for (int i = 0; i < 8; i++) {
+		if (i < nwords) {
+			h = (h ^ w[i]) * 0x9e3779b97f4a7c15ULL;
+			h ^= h >> 29;
+		}
+	}
+	return ((__u32)(h >> 32) & (slots / ways - 1)) * ways;
 }
 
-static __always_inline __u64 ct_ports_word(__u16 pa, __u16 pb, __u8 proto)
+/* 0 when two keys are equal: their words XORed and ORed (one branch for the caller, where a
+ * field-by-field compare would give the verifier a path per field). */
+static __always_inline __u64 tbl_key_diff(void *x, void *y, __u32 nwords)
 {
-	return ((__u64)pa << 24) | ((__u64)pb << 8) | proto;
+	__u64 *a = x, *b = y, d = 0;
+#pragma unroll
+	for (int i = 0; i < 8; i++) {
+		if (i < nwords)
+			d |= a[i] ^ b[i];
+	}
+	return d;
 }
 
-static __always_inline __u32 ct_first_slot(__u64 h)
-{
-	return ((__u32)(h >> 32) & (HW_CT_MAX / HW_CT_WAYS - 1)) * HW_CT_WAYS;
-}
+#define CT4_WORDS (sizeof(struct hw_ct4_key) / 8)
+#define CT6_WORDS (sizeof(struct hw_ct6_key) / 8)
+#define DOS_WORDS (sizeof(struct hw_dos_key) / 8)
 
 static __always_inline __u32 ct_base4(struct hw_ct4_key *k, __u64 seed)
 {
-	__u64 h = ct_mix(seed, ((__u64)k->addr_a << 32) | k->addr_b);
-	return ct_first_slot(ct_mix(h, ct_ports_word(k->port_a, k->port_b, k->proto)));
+	return tbl_first_slot(k, CT4_WORDS, seed, HW_CT_MAX, HW_CT_WAYS);
 }
 
 static __always_inline __u32 ct_base6(struct hw_ct6_key *k, __u64 seed)
 {
-	__u64 h = seed;
-#pragma unroll
-	for (int i = 0; i < 4; i += 2) {
-		h = ct_mix(h, ((__u64)k->addr_a[i] << 32) | k->addr_a[i + 1]);
-		h = ct_mix(h, ((__u64)k->addr_b[i] << 32) | k->addr_b[i + 1]);
-	}
-	return ct_first_slot(ct_mix(h, ct_ports_word(k->port_a, k->port_b, k->proto)));
-}
-
-/* 0 when two keys are equal: their 64-bit words XORed and ORed (one branch for the caller, where a
- * field-by-field compare would give the verifier a path per field). Pad bytes are always zero. */
-static __always_inline __u64 ct_key4_diff(struct hw_ct4_key *x, struct hw_ct4_key *y)
-{
-	__u64 *a = (__u64 *)x, *b = (__u64 *)y;
-	return (a[0] ^ b[0]) | (a[1] ^ b[1]);
-}
-
-static __always_inline __u64 ct_key6_diff(struct hw_ct6_key *x, struct hw_ct6_key *y)
-{
-	__u64 *a = (__u64 *)x, *b = (__u64 *)y;
-	return (a[0] ^ b[0]) | (a[1] ^ b[1]) | (a[2] ^ b[2]) | (a[3] ^ b[3]) | (a[4] ^ b[4]);
+	return tbl_first_slot(k, CT6_WORDS, seed, HW_CT_MAX, HW_CT_WAYS);
 }
 
 static __always_inline int ct_expired(struct hw_ct_entry *e, __u8 proto, __u64 now)
@@ -626,7 +621,7 @@ static __always_inline int ct_find(struct env *v, struct pkt *p, __u32 *s, __u32
 			__u32 idx = base + i;
 			struct hw_ct4_slot *sl = hw_ct4.lookup(&idx);
 			asm volatile("" : "+r"(sl));   /* one call site per map: inlined */
-			if (sl && !(ct_key4_diff(&sl->k, &k) | (sl->e.slot_state ^ HW_SLOT_LIVE)))
+			if (sl && !(tbl_key_diff(&sl->k, &k, CT4_WORDS) | (sl->e.slot_state ^ HW_SLOT_LIVE)))
 				hit = idx;
 		}
 		struct hw_ct4_slot *sl = hw_ct4.lookup(&hit);
@@ -641,7 +636,7 @@ static __always_inline int ct_find(struct env *v, struct pkt *p, __u32 *s, __u32
 		for (int i = 0; i < HW_CT_WAYS; i++) {
 			__u32 idx = base + i;
 			struct hw_ct6_slot *sl = hw_ct6.lookup(&idx);
-			if (sl && !(ct_key6_diff(&sl->k, &k) | (sl->e.slot_state ^ HW_SLOT_LIVE)))
+			if (sl && !(tbl_key_diff(&sl->k, &k, CT6_WORDS) | (sl->e.slot_state ^ HW_SLOT_LIVE)))
 				hit = idx;
 		}
 		struct hw_ct6_slot *sl = hw_ct6.lookup(&hit);
@@ -818,7 +813,7 @@ static __always_inline struct hw_ct_entry *ct_take4(struct env *v, struct hw_ct4
 		asm volatile("" : "+r"(sl));   /* one call site per map: inlined */
 		if (!sl)
 			continue;
-		__u32 r = ct_rank(&sl->e, ct_key4_diff(&sl->k, k), sl->k.proto, v->now);
+		__u32 r = ct_rank(&sl->e, tbl_key_diff(&sl->k, k, CT4_WORDS), sl->k.proto, v->now);
 		if (r > rank || (r == 1 && rank == 1 && sl->e.last_ns < oldest)) {
 			pick_idx = idx;
 			rank = r;
@@ -847,7 +842,7 @@ static __always_inline struct hw_ct_entry *ct_take6(struct env *v, struct hw_ct6
 		struct hw_ct6_slot *sl = hw_ct6.lookup(&idx);
 		if (!sl)
 			continue;
-		__u32 r = ct_rank(&sl->e, ct_key6_diff(&sl->k, k), sl->k.proto, v->now);
+		__u32 r = ct_rank(&sl->e, tbl_key_diff(&sl->k, k, CT6_WORDS), sl->k.proto, v->now);
 		if (r > rank || (r == 1 && rank == 1 && sl->e.last_ns < oldest)) {
 			pick_idx = idx;
 			rank = r;
@@ -1100,18 +1095,9 @@ static __always_inline void dos_ban(struct env *v, struct hw_dos_key *k, struct 
 	hw_dos_banned.update(k, &b);    /* for listing; if full, the ban still holds through *s */
 }
 
-static __always_inline __u64 dos_key_diff(struct hw_dos_key *x, struct hw_dos_key *y)
-{
-	__u64 *a = (__u64 *)x, *b = (__u64 *)y;
-	return (a[0] ^ b[0]) | (a[1] ^ b[1]) | (a[2] ^ b[2]);
-}
-
-/* First slot of a source's bucket: the conntrack hash over the key's three 64-bit words. */
 static __always_inline __u32 dos_base(struct hw_dos_key *k, __u64 seed)
 {
-	__u64 *w = (__u64 *)k;
-	__u64 h = ct_mix(ct_mix(ct_mix(seed, w[0]), w[1]), w[2]);
-	return ((__u32)(h >> 32) & (HW_DOS_SRC_MAX / HW_DOS_WAYS - 1)) * HW_DOS_WAYS;
+	return tbl_first_slot(k, DOS_WORDS, seed, HW_DOS_SRC_MAX, HW_DOS_WAYS);
 }
 
 static __always_inline void dos_src_stat(__u32 what)
@@ -1185,7 +1171,7 @@ static __always_inline __u32 dos_source(struct env *v, struct pkt *p, struct hw_
 	for (int i = 0; i < HW_DOS_WAYS; i++) {
 		__u32 idx = base + i;
 		struct hw_dos_slot *sl = hw_dos_src.lookup(&idx);
-		if (sl && !(dos_key_diff(&sl->k, &k) | (sl->slot_state ^ HW_SLOT_LIVE)))
+		if (sl && !(tbl_key_diff(&sl->k, &k, DOS_WORDS) | (sl->slot_state ^ HW_SLOT_LIVE)))
 			hit = idx;
 	}
 	struct hw_dos_slot *sl = hw_dos_src.lookup(&hit);
@@ -1379,10 +1365,6 @@ static __always_inline int env_init(struct env *v, __u32 hook, __u32 dir, __u64 
 	if (env_maps(v, hook, dir, cgroup))
 		return -1;
 	v->now = hw_now(v->cfg);
-	v->gen = v->cfg->gen & 1;
-	v->hook = hook;
-	v->dir = dir;
-	v->cgroup = cgroup;
 	return 0;
 }
 

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import layout as L
-from .slot_table import FREE, LIVE, SlotTable, bucket_first_slot, mix, seeded
+from . import layout as L, slot_table
+from .slot_table import FREE, LIVE, SlotTable
 
 MAPS = {4: "hw_ct4", 6: "hw_ct6"}
 SLOT_DT = {4: L.DTYPES["hw_ct4_slot"], 6: L.DTYPES["hw_ct6_slot"]}
 KEY_DT = {4: L.DTYPES["hw_ct4_key"], 6: L.DTYPES["hw_ct6_key"]}
 WAYS = L.CT_WAYS
-BUCKETS = L.CT_MAX // WAYS
 
 
 class CtTable(SlotTable):
@@ -39,8 +38,7 @@ class CtTable(SlotTable):
         cur = e[idx]
         ok = (cur["slot_state"] == LIVE) & (cur["created_ns"] == seen["created_ns"]) & \
              (cur["last_ns"] == seen["last_ns"])
-        for i in idx[ok]:
-            e["slot_state"][i] = FREE      # one aligned 8-byte store
+        e["slot_state"][idx[ok]] = FREE     # one aligned 8-byte store per slot
         return ok
 
 
@@ -68,31 +66,10 @@ def copy_tables(src_fds: dict[str, int], dst_fds: dict[str, int]) -> int:
     return n
 
 
-def _word(hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
-    return (hi.astype(np.uint64) << np.uint64(32)) | lo.astype(np.uint64)
-
-
 def first_slot(keys: np.ndarray, family: int, seed: int) -> np.ndarray:
     """Index of the first slot of each key's bucket, as the datapath's ct_base4/ct_base6 compute it.
     keys: hw_ct4_key / hw_ct6_key structured array."""
-    h = seeded(len(keys), seed)
-    if family == 4:
-        h = mix(h, _word(_raw(keys["addr_a"]), _raw(keys["addr_b"])))
-    else:
-        a = np.ascontiguousarray(keys["addr_a"]).view("=u4")      # (n, 4) words as the CPU loads them
-        b = np.ascontiguousarray(keys["addr_b"]).view("=u4")
-        for i in (0, 2):
-            h = mix(h, _word(a[:, i], a[:, i + 1]))
-            h = mix(h, _word(b[:, i], b[:, i + 1]))
-    ports = (_raw(keys["port_a"]).astype(np.uint64) << np.uint64(24)) | \
-            (_raw(keys["port_b"]).astype(np.uint64) << np.uint64(8)) | keys["proto"].astype(np.uint64)
-    return bucket_first_slot(mix(h, ports), BUCKETS, WAYS)
-
-
-def _raw(x: np.ndarray) -> np.ndarray:
-    """The integer the datapath sees for a network-order field: its bytes read in host order."""
-    x = np.ascontiguousarray(x)
-    return x.view(x.dtype.newbyteorder("=")) if x.dtype.byteorder == ">" else x
+    return slot_table.first_slot(np.asarray(keys, dtype=KEY_DT[family]), seed, L.CT_MAX, WAYS)
 
 
 def key_of(family: int, src: bytes, dst: bytes, sport: int, dport: int, proto: int) -> tuple[np.void, int]:

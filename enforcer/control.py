@@ -16,7 +16,7 @@ import numpy as np
 from . import attach, conntrack, layout as L
 from ._internal import bpfsys
 from .compiler import compile_policy
-from .datapath import Datapath, build_hash
+from .datapath import Datapath, build_hash, pressure_row
 from .policy import InterfaceConf, Policy
 from .state import AttachedInterface, InstanceState, allocate_slots
 
@@ -104,10 +104,9 @@ def _migrate_conntrack(old: Datapath, new: Datapath) -> int:
     """Carry the tracked connections of a pinned instance of another build into a freshly loaded one:
     the tables are copied slot for slot with the old hash seed. A build whose tables or config are laid
     out differently carries nothing (its connections are judged by policy again)."""
-    for name, dt in (("hw_config", "hw_config"), ("hw_ct4", "hw_ct4_slot"), ("hw_ct6", "hw_ct6_slot")):
-        info = bpfsys.map_info(old.map_fds[name])
-        if info.type != bpfsys.map_info(new.map_fds[name]).type or info.value_size != L.DTYPES[dt].itemsize \
-                or info.max_entries != bpfsys.map_info(new.map_fds[name]).max_entries:
+    for name in ("hw_config", "hw_ct4", "hw_ct6"):
+        was, now = bpfsys.map_info(old.map_fds[name]), bpfsys.map_info(new.map_fds[name])
+        if (was.type, was.value_size, was.max_entries) != (now.type, now.value_size, now.max_entries):
             return 0
     new.set_config(table_seed=int(old.config()["table_seed"]))
     return conntrack.copy_tables(old.map_fds, new.map_fds)
@@ -206,8 +205,7 @@ POLICY_CAPACITY = {"rules": L.MAX_RULES, "peer_classes": L.PEER_CLASSES_MAX, "l4
 
 def policy_pressure(tables: dict) -> dict[str, dict]:
     """Fill of the policy tables of the active generation, as map pressure rows."""
-    return {f"policy.{k}": {"entries": int(tables.get(k, 0)), "capacity": cap,
-                            "percent": round(100.0 * tables.get(k, 0) / cap, 2)} for k, cap in POLICY_CAPACITY.items()}
+    return {f"policy.{k}": pressure_row(int(tables.get(k, 0)), cap) for k, cap in POLICY_CAPACITY.items()}
 
 
 def status(pin_dir: str, with_pressure: bool = True) -> dict:

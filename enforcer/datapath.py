@@ -83,6 +83,11 @@ def calibrate_clock(probe_fd: int, timeout_s: float = 2.0) -> tuple[int, int]:
     return tick, (min(k - j * tick for j, _, k in samples) - tick) % (1 << 64)
 
 
+def pressure_row(entries: int, capacity: int, **extra) -> dict:
+    """One row of map pressure (`status`, metrics): fill and capacity, plus what the table counts."""
+    return {"entries": entries, "capacity": capacity, "percent": round(100.0 * entries / capacity, 2), **extra}
+
+
 @dataclass(frozen=True)
 class SwapTiming:
     barrier_s: float     # wait for packets still reading the standby half (one RCU grace period)
@@ -308,24 +313,21 @@ class Datapath:
         maps are counted in batches, O(entries / 8192) syscalls, and refuse new keys when full (counted
         where the datapath uses them)."""
         out = {}
+        # a full bucket evicts its least recently used entry (for conntrack the datapath reports its flow
+        # end); claim_lost: entries left untracked because another CPU took the slot at that instant
         cts = self.ct_stats()
         for fam, n in conntrack.live_count(self.map_fds).items():
-            # a full bucket evicts its least recently used connection (the datapath reports its flow end);
-            # claim_lost: connections left untracked because another CPU took the slot at that instant
-            out[conntrack.MAPS[fam]] = {"entries": n, "capacity": L.CT_MAX, "percent": round(100.0 * n / L.CT_MAX, 2),
-                                        "evicted": cts[fam]["evicted"], "claim_lost": cts[fam]["claim_lost"]}
+            out[conntrack.MAPS[fam]] = pressure_row(n, L.CT_MAX, evicted=cts[fam]["evicted"],
+                                                    claim_lost=cts[fam]["claim_lost"])
         with dos_sources.table(self.map_fds[dos_sources.MAP]) as t:
             n = len(t.live())
         ds = self.dos_src_stats()
-        out[dos_sources.MAP] = {"entries": n, "capacity": dos_sources.SLOTS,
-                                "percent": round(100.0 * n / dos_sources.SLOTS, 2),
-                                "evicted": ds["evicted"], "claim_lost": ds["claim_lost"]}
+        out[dos_sources.MAP] = pressure_row(n, dos_sources.SLOTS, evicted=ds["evicted"], claim_lost=ds["claim_lost"])
         for name, (kdt, vdt, percpu) in self.PRESSURE_MAPS.items():
             fd = self.map_fds[name]
             vbytes = (L.DTYPES[vdt].itemsize + 7) // 8 * 8 * (self.ncpus if percpu else 1)
-            n = bpfsys.count_entries(fd, L.DTYPES[kdt].itemsize, vbytes)
-            cap = bpfsys.map_info(fd).max_entries
-            out[name] = {"entries": n, "capacity": cap, "percent": round(100.0 * n / cap, 2)}
+            out[name] = pressure_row(bpfsys.count_entries(fd, L.DTYPES[kdt].itemsize, vbytes),
+                                     bpfsys.map_info(fd).max_entries)
         return out
 
     def clear_conntrack(self) -> None:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import layout as L
-from .slot_table import LIVE, SlotTable, bucket_first_slot, mix, seeded
+from . import layout as L, slot_table
+from .slot_table import LIVE, SlotTable
 
 MAP = "hw_dos_src"
 SLOT_DT = L.DTYPES["hw_dos_slot"]
@@ -28,11 +28,7 @@ def table(fd: int) -> SlotTable:
 
 def first_slot(keys: np.ndarray, seed: int) -> np.ndarray:
     """First slot of each key's bucket, as the datapath's dos_base computes it (hw_dos_key array)."""
-    words = np.frombuffer(np.ascontiguousarray(keys).tobytes(), dtype="<u8").reshape(len(keys), 3)
-    h = seeded(len(keys), seed)
-    for i in range(3):
-        h = mix(h, words[:, i])
-    return bucket_first_slot(h, SLOTS // WAYS, WAYS)
+    return slot_table.first_slot(np.asarray(keys, dtype=KEY_DT), seed, SLOTS, WAYS)
 
 
 def find(t: SlotTable, key: np.void, seed: int) -> int | None:

@@ -4,7 +4,7 @@ The datapath keeps these tables in BPF_F_MMAPABLE arrays rather than BPF hash ma
 lookups are inlined where a hash-map lookup is a helper call (bpf/hostwall.h, docs/datapath.md): a key
 lives in one of the `ways` consecutive slots of the bucket its seeded hash names, and each slot has a
 slot_state FREE → BUSY → LIVE. Here they are mmap'ed NumPy views: reads touch no syscall, a slot is
-freed with one aligned store, and `bucket_first_slot` is the user-space twin of the kernel's hash.
+freed with one aligned store, and `first_slot` is the user-space twin of the kernel's hash.
 """
 from __future__ import annotations
 
@@ -58,17 +58,14 @@ class SlotTable:
         self.close()
 
 
-def mix(h: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """One step of the kernel's ct_mix: (h ^ w) * K, then h ^= h >> 29 (uint64, wrapping)."""
+def first_slot(keys: np.ndarray, seed: int, slots: int, ways: int) -> np.ndarray:
+    """First slot of each key's bucket, as the kernel's tbl_first_slot computes it: a seeded
+    multiply-xorshift over the key's 64-bit words (keys: a structured array of a key struct whose
+    size is a multiple of 8, pad bytes zero)."""
+    words = np.frombuffer(np.ascontiguousarray(keys).tobytes(), dtype="<u8").reshape(len(keys), -1)
+    h = np.full(len(keys), seed & _M64, dtype=np.uint64)
     with np.errstate(over="ignore"):
-        h = (h ^ w.astype(np.uint64)) * np.uint64(_K)
-    return h ^ (h >> np.uint64(29))
-
-
-def bucket_first_slot(h: np.ndarray, buckets: int, ways: int) -> np.ndarray:
-    """Index of a bucket's first slot from the final hash, as the kernel computes it."""
-    return ((h >> np.uint64(32)).astype(np.uint32) & np.uint32(buckets - 1)).astype(np.int64) * ways
-
-
-def seeded(n: int, seed: int) -> np.ndarray:
-    return np.full(n, seed & _M64, dtype=np.uint64)
+        for i in range(words.shape[1]):
+            h = (h ^ words[:, i]) * np.uint64(_K)
+            h ^= h >> np.uint64(29)
+    return ((h >> np.uint64(32)).astype(np.uint32) & np.uint32(slots // ways - 1)).astype(np.int64) * ways
