@@ -57,28 +57,37 @@ def build_hash() -> str:
     return h.hexdigest()[:16]
 
 
-def calibrate_clock(probe_fd: int, timeout_s: float = 2.0) -> tuple[int, int]:
+_KNOWN_HZ = (100, 250, 300, 1000)     # CONFIG_HZ choices (x86 and most arches)
+
+
+def calibrate_clock(probe_fd: int, span_s: float = 0.1, timeout_s: float = 2.0) -> tuple[int, int]:
     """(tick_ns, base_ns) such that jiffies * tick_ns + base_ns follows CLOCK_MONOTONIC at tick
     resolution, never ahead of it (1-2 ticks behind, like the kernel's coarse clock).
 
     The datapath reads time as scaled jiffies because the verifier inlines bpf_jiffies64 (one load)
-    where clock helpers cost 20-35 ns a packet. Probes over ≥ 5 ticks (≈ 20-50 ms) give the tick:
-    tick_ns is the kernel's TICK_NSEC for the HZ they imply. Jiffies may lag the clock (updated at the
-    next tick) but never lead it, so every probe's ktime - jiffies * tick bounds the offset from above;
-    the smallest, less one tick, is at or below it. base_ns is stored modulo 2^64."""
-    def probe() -> tuple[int, int, int]:
-        out = bpfsys.prog_test_run(probe_fd, bytes(64)).data_out[:24]
-        j, coarse, ktime = np.frombuffer(out, dtype="<u8").tolist()
-        return j, coarse, ktime
+    where clock helpers cost 20-35 ns a packet. Probes over ≥ span_s and ≥ 20 ticks give the tick rate;
+    jiffies may lag a tick at either end (a busy machine), so the estimate is snapped to the nearest
+    CONFIG_HZ choice when within 10 % of one; tick_ns is the kernel's TICK_NSEC for that HZ. Jiffies
+    never lead the clock, so every probe's ktime - jiffies * tick bounds the offset from above; the
+    smallest, less one tick, is at or below it. base_ns is stored modulo 2^64. Cost: ≈ span_s."""
+    def probe() -> tuple[int, int, int]:     # (jiffies, coarse ns, ktime ns), read together
+        return tuple(np.frombuffer(bpfsys.prog_test_run(probe_fd, bytes(64)).data_out[:24], dtype="<u8").tolist())
     samples = [probe()]
-    deadline = time.monotonic() + timeout_s
-    while samples[-1][0] - samples[0][0] < 5 or len(samples) < 16:
-        if time.monotonic() > deadline:
+    start = time.monotonic()
+    while samples[-1][0] - samples[0][0] < 20 or time.monotonic() - start < span_s:
+        if time.monotonic() - start > timeout_s:
             raise RuntimeError("clock calibration: jiffies did not advance (is the kernel tick running?)")
         time.sleep(0.002)
         samples.append(probe())
+    return clock_fit(samples)
+
+
+def clock_fit(samples: list[tuple[int, int, int]]) -> tuple[int, int]:
+    """calibrate_clock's arithmetic on (jiffies, coarse ns, ktime ns) probes, first and last ≥ 20 ticks apart."""
     (j0, c0, _), (j1, c1, _) = samples[0], samples[-1]
-    hz = round(1e9 * (j1 - j0) / (c1 - c0))
+    measured = 1e9 * (j1 - j0) / (c1 - c0)
+    known = min(_KNOWN_HZ, key=lambda hz: abs(hz - measured))
+    hz = known if abs(known - measured) <= 0.1 * known else round(measured)
     tick = (1_000_000_000 + hz // 2) // hz
     return tick, (min(k - j * tick for j, _, k in samples) - tick) % (1 << 64)
 
