@@ -246,6 +246,16 @@ def _metadata(conn: _Conn, topics: Sequence[str] | None) -> ClusterMetadata:
 # ------------------------------------------------------------------------------------------ the broker
 
 
+def kafka_cluster_id() -> str:
+    """A Kafka cluster id as StorageTool random-uuid prints it: 16 random bytes, base64url without
+    padding, redrawn (as Kafka's Uuid.randomUuid does) while it starts with '-', which the tool's
+    argument parser would take for an option (1 draw in 64)."""
+    while True:
+        cid = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cid.startswith("-"):
+            return cid
+
+
 class KafkaBroker(PeerBase):
     """One KRaft combined-mode node (broker + controller) on 127.0.0.1, data in ``workdir/data``.
 
@@ -340,8 +350,7 @@ class KafkaBroker(PeerBase):
                 "-cp", self.classpath, main, *[str(a) for a in args]]
 
     def _format(self) -> None:
-        # Kafka's cluster id: 16 random bytes, base64url without padding (what StorageTool random-uuid prints).
-        self.cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        self.cluster_id = kafka_cluster_id()
         self._write_config()
         proc = subprocess.run(
             self._jvm("kafka.tools.StorageTool", "format", "--standalone", "-t", self.cluster_id,

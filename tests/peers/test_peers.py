@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import http.server
 import threading
 import time
@@ -12,7 +13,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.peers import free_ports
-from tests.peers.kafka import KafkaBroker
+from tests.peers.kafka import KafkaBroker, kafka_cluster_id
 from tests.peers.otelcol import OtelCollector
 from tests.peers.prometheus import PrometheusServer
 
@@ -185,3 +186,10 @@ def test_prometheus_scrapes_collector(prometheus_server: PrometheusServer, otel_
     t0 = time.monotonic()
     [series] = prometheus_server.wait_for_query('hostwall_smoke_backlog{job="otelcol"}')
     assert float(series["value"][1]) == 3.0, (series, time.monotonic() - t0)
+
+
+def test_kafka_cluster_ids_never_look_like_an_option():
+    """StorageTool's parser took an id starting with '-' for an option and the broker never started."""
+    ids = [kafka_cluster_id() for _ in range(3000)]        # a leading '-' is 1 draw in 64
+    assert not [i for i in ids if i.startswith("-")]
+    assert all(len(base64.urlsafe_b64decode(i + "==")) == 16 for i in ids) and len(set(ids)) == len(ids)
