@@ -272,6 +272,7 @@ def bench_e2e(prod: Producer, n_records: int) -> tuple[float, int]:
     from collector.enrich.host import HostInfo
     from collector.pipeline import Pipeline
     from collector.records import RecordBuilder
+    from collector.ringbuf import slot_size
     from collector.sinks.jsonl import JsonlSink
 
     d = Path(tempfile.mkdtemp(prefix="hw-bench-collector-"))
@@ -285,7 +286,7 @@ def bench_e2e(prod: Producer, n_records: int) -> tuple[float, int]:
         builder = RecordBuilder(HostInfo(hostname="bench", boot_id="b", pin_dir=str(d)), None, ledger)
         pipe = Pipeline(cfg, _BenchSource(prod), builder, [sink], ledger=ledger)
         cap = _capacity(prod.ring_bytes)
-        slot = 8 + L.DTYPES["hw_event"].itemsize
+        slot = slot_size(L.DTYPES["hw_event"].itemsize)
 
         async def go() -> float:
             task = asyncio.ensure_future(pipe.run())

@@ -16,8 +16,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 from enforcer import layout as L
 from enforcer._internal import bpfsys
 
@@ -77,17 +75,6 @@ def dos_added_ns(quick: bool) -> dict:
         dp.close()
 
 
-def _ev_admitted(dp) -> int:
-    stride = L.DTYPES["hw_counter"].itemsize * dp.ncpus
-    n = 0
-    for t in L.EVENT_TYPE_NAMES:
-        for o in (L.C["HW_EO_EMITTED"], L.C["HW_EO_RINGBUF_FULL"]):
-            k = (t * L.C["HW_EV_OUTCOMES"] + o).to_bytes(4, "little")
-            n += int(np.frombuffer(bpfsys.map_lookup(dp.map_fds["hw_ev_stats"], k, stride),
-                                   dtype=L.DTYPES["hw_counter"])["packets"].sum())
-    return n
-
-
 def _drops(dp) -> int:
     st = dp.stats()
     return sum(int(st["packets"][L.stats_index(h, L.C["HW_V_DROP"], r)]) for h in L.HOOK_NAMES for r in L.DROP_REASONS)
@@ -100,7 +87,7 @@ def _prog_ns(dp) -> int:
 def flood(quick: bool) -> dict:
     from enforcer.datapath import Datapath
     from lab import traffic
-    from lab.enforcer_proc import EnforcerProcess
+    from lab.enforcer_proc import EnforcerProcess, events_admitted
     from lab.netns import Lab
 
     seconds = 3.0 if quick else 8.0
@@ -115,12 +102,12 @@ def flood(quick: bool) -> dict:
             with traffic.echo_servers(lab, "prot", tcp=[80]), EnforcerProcess(lab, pol) as enf:
                 dp = Datapath.open(enf.pin_dir)
                 try:
-                    ev0, dr0, cpu0, t0 = _ev_admitted(dp), _drops(dp), _prog_ns(dp), time.monotonic()
+                    ev0, dr0, cpu0, t0 = events_admitted(dp), _drops(dp), _prog_ns(dp), time.monotonic()
                     legit = traffic.start_in(lab, "cli", "tcp-client", host=lab.addr("prot"), port=80,
                                              count=int(seconds * 50), interval=0.02, op_timeout=1.0)
                     sent = traffic.trafgen_in(lab, "att", kind="udp", dport=5353, duration=seconds)
                     el = time.monotonic() - t0
-                    ev, dr, cpu = _ev_admitted(dp) - ev0, _drops(dp) - dr0, _prog_ns(dp) - cpu0
+                    ev, dr, cpu = events_admitted(dp) - ev0, _drops(dp) - dr0, _prog_ns(dp) - cpu0
                     res = legit.result(timeout=60)
                 finally:
                     dp.close()

@@ -23,9 +23,8 @@ def _wall(mono_ns: int) -> float:
 
 
 def _key(net: ipaddress._BaseNetwork) -> tuple[str, bytes]:
-    if net.version == 4:
-        return "hw_manual_ban4", net.prefixlen.to_bytes(4, "little") + net.network_address.packed
-    return "hw_manual_ban6", net.prefixlen.to_bytes(4, "little") + net.network_address.packed
+    """(hw_manual_ban4 | hw_manual_ban6, LPM key: prefix length + network address)."""
+    return f"hw_manual_ban{net.version}", net.prefixlen.to_bytes(4, "little") + net.network_address.packed
 
 
 def parse_prefix(text: str) -> ipaddress._BaseNetwork:

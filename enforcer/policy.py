@@ -374,7 +374,7 @@ class _Builder:
     def _read_peer_files(self, rules: list) -> None:
         """Read every referenced peers file once, then parse with one progress total."""
         self._peer_sets: dict[tuple, PeerSet] = {}
-        todo: list[tuple[tuple, str, str]] = []     # (rule path, resolved path, as written)
+        todo: list[tuple[tuple, str]] = []          # (rule path, resolved path)
         for i, r in enumerate(rules):
             p = ("rules", i)
             if not isinstance(r, dict) or "peers_file" not in r or "peers" in r:
@@ -392,10 +392,10 @@ class _Builder:
                                                          f"{e.strerror or e}; paths are relative to the "
                                                          "policy file's folder")
                     continue
-            todo.append((p, full, fp))
+            todo.append((p, full))
         parsed: dict[str, PeerSet | None] = {}
         lines_of: dict[str, list[str]] = {}
-        for p, full, _ in todo:
+        for p, full in todo:
             if full in lines_of:
                 continue
             try:
@@ -411,7 +411,7 @@ class _Builder:
             lines_of[full] = lines
         total = sum(len(v) for v in lines_of.values())
         done = 0
-        for p, full, _ in todo:
+        for p, full in todo:
             if full not in parsed:
                 lines = lines_of[full]
                 tick = None

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import selectors
 import signal
 import subprocess
 import sys
@@ -27,7 +26,7 @@ from typing import Any, Callable
 
 import yaml
 
-from .netns import REPO_ROOT
+from .netns import REPO_ROOT, first_line
 
 # Lab-tuned settings: a lab run lasts a minute, not a day, so the anomaly windows are seconds long.
 # Drop summaries every 250 ms and 0.5 s buckets keep detection latency (flood start → anomaly
@@ -98,11 +97,7 @@ class CollectorProcess:
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(self.argv(), env=self.env, cwd=REPO_ROOT, stdout=subprocess.PIPE,
                                      stderr=self._log, text=True)
-        sel = selectors.DefaultSelector()
-        sel.register(self.proc.stdout, selectors.EVENT_READ)
-        ready = sel.select(timeout)
-        sel.close()
-        self.banner = self.proc.stdout.readline() if ready else ""
+        self.banner = first_line(self.proc, timeout)
         if "collecting from" not in self.banner:
             self.close()
             raise CollectorError(f"collector did not start within {timeout:g} s: {self.banner.strip()} "

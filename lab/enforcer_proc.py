@@ -15,7 +15,7 @@ import subprocess
 import sys
 import tempfile
 
-from .netns import REPO_ROOT, Lab
+from .netns import REPO_ROOT, Lab, first_line
 
 
 class EnforcerProcess:
@@ -41,12 +41,7 @@ class EnforcerProcess:
             argv.append("--keep-attached")
         self.proc = subprocess.Popen(argv, env=self.env, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      text=True)
-        import selectors
-        sel = selectors.DefaultSelector()
-        sel.register(self.proc.stdout, selectors.EVENT_READ)
-        ok = sel.select(timeout)
-        sel.close()
-        self.banner = self.proc.stdout.readline() if ok else ""
+        self.banner = first_line(self.proc, timeout)
         if "enforcing" not in self.banner:
             self.proc.kill()
             _, err = self.proc.communicate(timeout=10)
@@ -102,3 +97,20 @@ def rule_packets(status: dict) -> dict[str, int]:
 def drops(status: dict) -> dict[str, int]:
     """Dropped packets per reason (actual drops, not would-drops)."""
     return {k: v["drop"] for k, v in status["drops_by_reason"].items()}
+
+
+def events_admitted(dp) -> int:
+    """Events that passed the event budget (emitted, or found the ring buffer full) since the load of
+    `dp` (an enforcer.datapath.Datapath), summed over event types and CPUs."""
+    import numpy as np
+
+    from enforcer import layout as L
+    from enforcer._internal import bpfsys
+    stride = L.DTYPES["hw_counter"].itemsize * dp.ncpus
+    n = 0
+    for t in L.EVENT_TYPE_NAMES:
+        for o in (L.C["HW_EO_EMITTED"], L.C["HW_EO_RINGBUF_FULL"]):
+            k = (t * L.C["HW_EV_OUTCOMES"] + o).to_bytes(4, "little")
+            n += int(np.frombuffer(bpfsys.map_lookup(dp.map_fds["hw_ev_stats"], k, stride),
+                                   dtype=L.DTYPES["hw_counter"])["packets"].sum())
+    return n

@@ -35,6 +35,7 @@ import ipaddress
 import os
 import re
 import secrets
+import selectors
 import signal
 import subprocess
 import sys
@@ -45,7 +46,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 __all__ = ["Lab", "LabError", "HostSpec", "HOSTS", "SWITCH", "LAB_V4", "LAB_V6",
-           "cleanup_stale", "lab_available", "REPO_ROOT"]
+           "cleanup_stale", "first_line", "lab_available", "REPO_ROOT"]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 LOCK_DIR = Path("/run/hostwall-lab")
@@ -149,6 +150,18 @@ def _group_members(pgid: int) -> list[int]:
         if len(fields) > 3 and int(fields[2]) == pgid and int(fields[3]) == pgid:
             out.append(int(d))
     return out
+
+
+def first_line(proc: subprocess.Popen, timeout: float) -> str:
+    """The first line `proc` writes to its (text) stdout pipe, or "" if none comes within `timeout` s
+    (the start-up banner of the enforcer and collector processes)."""
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)
+    try:
+        ready = sel.select(timeout)
+    finally:
+        sel.close()
+    return proc.stdout.readline() if ready else ""
 
 
 def _pdeathsig() -> None:          # runs in the child between fork and exec

@@ -665,8 +665,8 @@ def _wait_ready(proc: subprocess.Popen, timeout: float, what: str) -> dict:
             line = proc.stdout.readline()
             if not line:
                 break
-            if line.startswith("{") and json.loads(line).get("ready"):
-                return json.loads(line)
+            if line.startswith("{") and (msg := json.loads(line)).get("ready"):
+                return msg
     finally:
         sel.close()
     err = ""

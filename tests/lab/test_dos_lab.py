@@ -7,14 +7,12 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
 import pytest
 
 from enforcer import layout as L
-from enforcer._internal import bpfsys
 from enforcer.datapath import Datapath
 from lab import traffic
-from lab.enforcer_proc import EnforcerProcess
+from lab.enforcer_proc import EnforcerProcess, events_admitted
 from tests.bpf.test_events import drain_drops
 
 pytestmark = pytest.mark.lab
@@ -39,18 +37,6 @@ interfaces:
   - {name: eth0, dos_profile: edge}
 """
 FLOOD_S = 3.0
-
-
-def ev_admitted(dp: Datapath) -> int:
-    """Events that passed the budget (emitted, or found the ring buffer full) since load."""
-    n = 0
-    stride = L.DTYPES["hw_counter"].itemsize * dp.ncpus
-    for t in L.EVENT_TYPE_NAMES:
-        for o in (L.C["HW_EO_EMITTED"], L.C["HW_EO_RINGBUF_FULL"]):
-            k = (t * L.C["HW_EV_OUTCOMES"] + o).to_bytes(4, "little")
-            n += int(np.frombuffer(bpfsys.map_lookup(dp.map_fds["hw_ev_stats"], k, stride),
-                                   dtype=L.DTYPES["hw_counter"])["packets"].sum())
-    return n
 
 
 def drop_counters(dp: Datapath) -> dict[int, int]:
@@ -104,7 +90,7 @@ def test_flood_is_absorbed_legit_client_unharmed_and_fully_accounted(lab, tmp_pa
         try:
             summaries(dp)                                  # start a clean interval
             drops0 = drop_counters(dp)
-            ev0, t0 = ev_admitted(dp), time.monotonic()
+            ev0, t0 = events_admitted(dp), time.monotonic()
             legit = traffic.start_in(lab, "cli", "tcp-client", host=lab.addr("prot"), port=80, count=400,
                                      interval=0.01, op_timeout=1.0)
             time.sleep(0.3)
@@ -113,7 +99,7 @@ def test_flood_is_absorbed_legit_client_unharmed_and_fully_accounted(lab, tmp_pa
             sent = stop(lab, f)
             res = legit.result(timeout=60)
             elapsed = time.monotonic() - t0
-            admitted = ev_admitted(dp) - ev0
+            admitted = events_admitted(dp) - ev0
             time.sleep(0.2)
             got = summaries(dp)
             drops1 = drop_counters(dp)
