@@ -38,7 +38,6 @@ of 65536 new source prefixes ~0.1 s).
 """
 from __future__ import annotations
 
-import ctypes
 import logging
 import math
 import os
@@ -641,10 +640,6 @@ class KernelCollector:
         return dp.map_pressure()
 
 
-_CLONE_NEWNET = 0x40000000
-_libc = None
-
-
 def _in_netns(netns: str | None, fn: Callable[[], Any], timeout: float = 5.0) -> Any:
     """fn() with the network namespace `netns` (a name under /run/netns, or a path).
 
@@ -653,19 +648,15 @@ def _in_netns(netns: str | None, fn: Callable[[], Any], timeout: float = 5.0) ->
     shares the loop's signal wake-up pipe, so the helper's termination reached the collector as SIGTERM."""
     if not netns:
         return fn()
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(None, use_errno=True)
-    path = netns if "/" in netns else f"/run/netns/{netns}"
+    from .enrich.sockets import _NsSwitch, netns_path
+    path = netns_path(netns)
     box: dict[str, Any] = {}
 
     def run() -> None:
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
             try:
-                if _libc.setns(fd, _CLONE_NEWNET) != 0:
-                    err = ctypes.get_errno()
-                    raise OSError(err, f"setns({path}): {os.strerror(err)}")
+                _NsSwitch.setns(fd)
             finally:
                 os.close(fd)
             box["value"] = fn()

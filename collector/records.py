@@ -202,7 +202,9 @@ def _as_dtype(arr, dt: np.dtype) -> np.ndarray | None:
 class _GcPaused:
     """Pause the cyclic GC while a batch builds: records are acyclic dicts, but allocating ~15 of them
     per record triggers generation scans that cost as much as building them. Reference counting
-    still frees everything; the GC resumes (and catches up) when the batch is done."""
+    still frees everything; the GC resumes (and catches up) when the batch is done. The Kafka sink
+    pauses it the same way around its per-record loops."""
+    __slots__ = ("was",)
 
     def __enter__(self):
         self.was = gc.isenabled()

@@ -476,18 +476,6 @@ def pipeline() -> dict:
 
 # ---- Grafana alerting, from the Prometheus rules ---------------------------------------------------------
 
-def _seconds(d: str) -> int:
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-    total, num = 0, ""
-    for ch in d:
-        if ch.isdigit():
-            num += ch
-        else:
-            total += int(num) * units[ch]
-            num = ""
-    return total
-
-
 def grafana_alerting(rules_doc: dict) -> dict:
     """Grafana file provisioning (apiVersion 1) of the same rules: query A = the rule's PromQL (instant),
     condition C = A > 0 (the PromQL already compares; any returned series is an alert instance)."""

@@ -188,8 +188,7 @@ EOF
 
 setup_kafka() {
   local t0; t0=$(now)
-  command -v java >/dev/null || apt_install openjdk-17-jre-headless
-  command -v mvn >/dev/null || apt_install maven
+  command -v java >/dev/null || apt_install openjdk-17-jre-headless    # the tests run the broker on it
   local dir=$CACHE/kafka/$KAFKA_VERSION key
   key=$(kafka_pom | sha256sum | cut -c1-16)
   if ((FORCE == 0)) && [ "$(cat "$dir/.installed" 2>/dev/null)" = "$key" ]; then
@@ -198,6 +197,7 @@ setup_kafka() {
     timing "kafka (cached)" "$t0"
     return
   fi
+  command -v mvn >/dev/null || apt_install maven                         # only to fetch the jars
   log "kafka $KAFKA_VERSION: fetching jars from Maven Central"
   local stage=$dir.stage.$$
   rm -rf "$stage"; mkdir -p "$stage"

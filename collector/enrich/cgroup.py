@@ -263,28 +263,28 @@ class RuntimeMetadata:
         return {k: v for k, v in out.items() if v}
 
     def _oci_bundle(self, cid: str) -> dict:
-        for root in self.containerd_roots:
-            d = self._read(os.path.join(root, cid, "config.json"))
-            if d:
-                a = d.get("annotations") or {}
-                out = {"name": a.get("io.kubernetes.cri.container-name", ""),
-                       "image": a.get("io.kubernetes.cri.image-name", ""),
-                       "pod_name": a.get("io.kubernetes.cri.sandbox-name", ""),
-                       "pod_namespace": a.get("io.kubernetes.cri.sandbox-namespace", "")}
-                return {k: v for k, v in out.items() if v}
-        return {}
+        return self._annotated((os.path.join(root, cid, "config.json") for root in self.containerd_roots),
+                               _CONTAINERD_KEYS)
 
     def _crio(self, cid: str) -> dict:
-        for root in self.crio_roots:
-            d = self._read(os.path.join(root, cid, "userdata", "config.json"))
+        return self._annotated((os.path.join(root, cid, "userdata", "config.json") for root in self.crio_roots),
+                               _CRIO_KEYS)
+
+    def _annotated(self, paths, keys: dict[str, str]) -> dict:
+        """The `keys` (ours → annotation) of the first readable OCI config among `paths`."""
+        for path in paths:
+            d = self._read(path)
             if d:
                 a = d.get("annotations") or {}
-                out = {"name": a.get("io.kubernetes.container.name", ""),
-                       "image": a.get("io.kubernetes.cri-o.ImageName", ""),
-                       "pod_name": a.get("io.kubernetes.pod.name", ""),
-                       "pod_namespace": a.get("io.kubernetes.pod.namespace", "")}
-                return {k: v for k, v in out.items() if v}
+                return {k: a[src] for k, src in keys.items() if a.get(src)}
         return {}
+
+
+_CONTAINERD_KEYS = {"name": "io.kubernetes.cri.container-name", "image": "io.kubernetes.cri.image-name",
+                    "pod_name": "io.kubernetes.cri.sandbox-name",
+                    "pod_namespace": "io.kubernetes.cri.sandbox-namespace"}
+_CRIO_KEYS = {"name": "io.kubernetes.container.name", "image": "io.kubernetes.cri-o.ImageName",
+              "pod_name": "io.kubernetes.pod.name", "pod_namespace": "io.kubernetes.pod.namespace"}
 
 
 # ------------------------------------------------------------------------------------- resolver

@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from .base import BaseSink, FullQueuePolicy, SinkUnavailable
+from .spool import _write_all
 
 
 def make_encoder(encoding: str):
@@ -103,7 +104,7 @@ class JsonlSink(BaseSink):
             try:
                 if self._size and self._size + seg_bytes > self.rotate_bytes:
                     await self._rotate()
-                self._write_all(b"".join(seg_lines))
+                _write_all(self._fd, b"".join(seg_lines))
             except OSError as e:
                 self._write_failed(e, len(lines) - written)
                 break
@@ -143,12 +144,6 @@ class JsonlSink(BaseSink):
                 start, acc, room = i, 0, self.rotate_bytes
             acc += len(ln)
         yield lines[start:], acc
-
-    def _write_all(self, buf: bytes) -> None:
-        mv = memoryview(buf)
-        while mv:
-            n = os.write(self._fd, mv)
-            mv = mv[n:]
 
     def _write_failed(self, e: OSError, n: int) -> None:
         self._lose("write_error", n)

@@ -60,7 +60,6 @@ from __future__ import annotations
 import asyncio
 import bisect
 import functools
-import gc
 import logging
 import os
 import random
@@ -75,6 +74,7 @@ from typing import Any
 import aiokafka                                      # at import: a build without it fails in build_sink
 import orjson
 
+from ..records import _GcPaused
 from .base import BaseSink, FullQueuePolicy, SinkUnavailable
 from .spool import Spool, SpoolError
 
@@ -473,8 +473,6 @@ class KafkaSink(BaseSink):
         enc, topics, enc_b = self._enc, self.topics, self._enc_b
         limit = self.o.batch_bytes
         hdrs: dict = self._hdrs
-        parts = self._partitions if partitioned else {}
-        crc32 = zlib.crc32
         groups: dict = {}
         for r in records:
             try:
@@ -497,17 +495,7 @@ class KafkaSink(BaseSink):
                 h = hdrs[hk] = [("schema_version", str(hk[0]).encode()), ("encoding", enc_b),
                                 ("kind", str(hk[1]).encode())]     # a list (aiokafka's C builder wants one);
                                                                       # shared, never mutated
-            if partitioned:
-                ps = parts[topic]
-                if len(ps) == 1:
-                    p = ps[0]
-                elif key is None:
-                    self._rr += 1
-                    p = ps[self._rr % len(ps)]
-                else:
-                    p = ps[crc32(key) % len(ps)]
-            else:
-                p = None
+            p = self._partition(topic, key) if partitioned else None
             g = groups.get((topic, p))
             if g is None:
                 groups[(topic, p)] = [(topic, key, v, h)]
@@ -516,7 +504,7 @@ class KafkaSink(BaseSink):
         return groups
 
     def _partition(self, topic: str, key: bytes | None) -> int:
-        """Partition of a key: CRC-32 mod partitions (same as _encode); keyless records round-robin."""
+        """Partition of a key: CRC-32 mod partitions; keyless records round-robin."""
         parts = self._partitions[topic]
         if len(parts) == 1:
             return parts[0]
@@ -914,20 +902,6 @@ def _fill(batch, ms: list, i: int, ts_ms: int, k: int) -> tuple[int, int]:
     batch._relative_offset = off
     batch.close()
     return j, nbytes
-
-
-class _GcPaused:
-    """Pause the cyclic GC around per-record loops (as collector.records does while building): the
-    records and messages are acyclic, reference counting frees them; the GC catches up afterwards."""
-    __slots__ = ("was",)
-
-    def __enter__(self):
-        self.was = gc.isenabled()
-        gc.disable()
-
-    def __exit__(self, *exc):
-        if self.was:
-            gc.enable()
 
 
 def _fut_exc(fut: asyncio.Future) -> BaseException | None:

@@ -360,12 +360,16 @@ class Spool:
                 await self.sync()
         return accepted
 
-    async def _new_segment(self) -> None:
+    async def _close_writer(self) -> None:
+        """fdatasync (unless policy none) and close the segment being appended to, if any."""
         if self._wfd >= 0:
             if self.fsync != "none":
                 await self.sync()
             os.close(self._wfd)
             self._wfd = -1
+
+    async def _new_segment(self) -> None:
+        await self._close_writer()
         seg = _Segment(self.next_seq, self.dir / f"{self.next_seq:020d}{SEG_SUFFIX}", _SEG_HDR.size, self.next_seq)
         fd = os.open(seg.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC, 0o640)
         _write_all(fd, _SEG_HDR.pack(MAGIC, seg.first))
@@ -581,11 +585,7 @@ class Spool:
     # ---- close / stats -------------------------------------------------------------------------------
     async def close(self) -> None:
         """fdatasync (unless policy none), write the cursor durably, close files."""
-        if self._wfd >= 0:
-            if self.fsync != "none":
-                await self.sync()
-            os.close(self._wfd)
-            self._wfd = -1
+        await self._close_writer()
         self._close_reader()
         if self.opened:
             self._write_cursor(force=True, sync=True)

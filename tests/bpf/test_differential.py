@@ -70,8 +70,9 @@ def packets(draw):
 def check(harness, policy, pkt: Packet, **frame_kw):
     want = evaluate(policy, pkt)
     hooks = ["xdp", "tc_ingress"] if pkt.direction == "ingress" else ["tc_egress"]
+    wire = frame(pkt, **frame_kw)
     for hook in hooks:
-        got = harness.run(hook, frame(pkt, **frame_kw))
+        got = harness.run(hook, wire)
         harness.dp.clear_conntrack()
         ctx = f"{hook} {pkt} {frame_kw}: want {want}, got {got}"
         assert got.verdict == want.verdict, ctx

@@ -71,15 +71,20 @@ def cgroup_tree():
             p.wait(timeout=10)
         dirs = [Path(dp) for dp, _, _ in os.walk(top)]
         for d in sorted(dirs, key=lambda x: len(x.parts), reverse=True):      # leaves first
-            for _ in range(50):
-                try:
-                    d.rmdir()
-                    break
-                except FileNotFoundError:
-                    break
-                except OSError:
-                    time.sleep(0.05)             # the killed process is still leaving the cgroup
+            rmdir_cgroup(d)
         assert not top.exists(), f"could not remove {top}"
+
+
+def rmdir_cgroup(d: Path) -> None:
+    """Remove an emptied cgroup, retrying for up to ~2.5 s; gone already is fine."""
+    for _ in range(50):
+        try:
+            d.rmdir()
+            return
+        except FileNotFoundError:
+            return
+        except OSError:
+            time.sleep(0.05)             # the killed process is still leaving the cgroup
 
 
 def test_real_cgroups_resolve_to_their_workload(cgroup_tree):

@@ -10,7 +10,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +19,7 @@ from collector.enrich.cgroup import CgroupResolver, RuntimeMetadata, cgroup2_mou
 from collector.enrich.host import HostInfo, InstanceStateView
 from collector.enrich.sockets import SocketOwnerResolver
 from enforcer.state import AttachedInterface, InstanceState
+from tests.collector.test_enrich_cgroup import rmdir_cgroup
 
 ADDR = "10.66.9.1"                 # exists only on lo inside the test's own namespace
 LISTENER = f"""
@@ -72,14 +72,7 @@ def listener_in_netns():
         if cg is not None:
             top = cg.parent.parent
             for d in (cg, cg.parent, top):
-                for _ in range(50):
-                    try:
-                        d.rmdir()
-                        break
-                    except FileNotFoundError:
-                        break
-                    except OSError:
-                        time.sleep(0.05)
+                rmdir_cgroup(d)
             assert not top.exists(), f"could not remove {top}"
 
 

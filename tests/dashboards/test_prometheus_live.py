@@ -30,7 +30,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.peers import PeerError, free_ports
+from tests.peers import free_ports
+from tests.peers.fixtures import start_peer
 from tests.peers.prometheus import PrometheusServer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -167,18 +168,13 @@ def run(tmp_path_factory, otel_collector, kafka_broker):
     audit_policy.write_text(text.replace("audit: false", "audit: true"))
 
     metrics_port, dead_port = free_ports(2)
-    try:                                   # a Prometheus of this module's own: its rule file, its two jobs
-        prom = PrometheusServer(
-            {DIRECT_JOB: [f"127.0.0.1:{metrics_port}"]}, scrape_interval=f"{SCRAPE_S}s", rule_files=[RULES],
-            scrape_configs=[{"job_name": OTEL_JOB_SCRAPE, "honor_labels": True, "scrape_interval": f"{SCRAPE_S}s",
-                             "static_configs": [{"targets": [otel_collector.prometheus_target]}]}])
-        prom.start()
-    except PeerError as e:
-        pytest.fail(f"Prometheus did not start: {e}", pytrace=False)
-    try:
+    # a Prometheus of this module's own: its rule file, its two jobs
+    with start_peer(PrometheusServer, {DIRECT_JOB: [f"127.0.0.1:{metrics_port}"]}, scrape_interval=f"{SCRAPE_S}s",
+                    rule_files=[RULES],
+                    scrape_configs=[{"job_name": OTEL_JOB_SCRAPE, "honor_labels": True,
+                                     "scrape_interval": f"{SCRAPE_S}s",
+                                     "static_configs": [{"targets": [otel_collector.prometheus_target]}]}]) as prom:
         yield _lab_run(prom, out, audit_policy, metrics_port, dead_port, otel_collector, kafka_broker)
-    finally:
-        prom.close()
 
 
 def _lab_run(prom, out, audit_policy, metrics_port, dead_port, otel_collector, kafka_broker) -> LabRun:

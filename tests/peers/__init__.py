@@ -28,13 +28,14 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import Self, TypeVar
 
 __all__ = [
     "PeerError",
     "PeerNotInstalled",
     "PeerProcess",
     "cache_dir",
+    "file_tail",
     "free_ports",
     "http_get",
     "repo_root",
@@ -136,6 +137,16 @@ def wait_until(check: Callable[[], T], timeout: float, what: str, *, interval: f
 
 # ------------------------------------------------------------------------------------------- processes
 
+
+def file_tail(path: Path, lines: int = 40) -> str:
+    """The last ``lines`` lines of a log file, under a header naming it (for error messages)."""
+    try:
+        text = path.read_text(errors="replace").splitlines()[-lines:]
+    except OSError:
+        return f"(no log at {path})"
+    return f"--- last {len(text)} lines of {path} ---\n" + "\n".join(text)
+
+
 _PR_SET_PDEATHSIG = 1
 try:  # resolved in the parent: the child (between fork and exec) only makes the call
     _prctl = ctypes.CDLL(None, use_errno=True).prctl
@@ -198,11 +209,7 @@ class PeerProcess:
             raise PeerError(f"{self.name} exited with status {rc}\n{self.log_tail()}")
 
     def log_tail(self, lines: int = 40) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace").splitlines()[-lines:]
-        except OSError:
-            return f"(no log at {self.log_path})"
-        return f"--- last {len(text)} lines of {self.log_path} ---\n" + "\n".join(text)
+        return file_tail(self.log_path, lines)
 
     def send_signal(self, sig: int) -> None:
         try:
@@ -236,9 +243,13 @@ class PeerProcess:
 
 
 class PeerBase:
-    """Shared life cycle: a private work folder, one process at a time, context manager, close() cleans up."""
+    """Shared life cycle: a private work folder, one process at a time, context manager, close() cleans up.
+
+    Subclasses implement :meth:`_launch` (start the process, wait until ready) and set ``start_timeout``.
+    """
 
     name = "peer"
+    start_timeout = 60.0
 
     def __init__(self, workdir: str | os.PathLike[str] | None) -> None:
         self._owns_workdir = workdir is None
@@ -274,6 +285,21 @@ class PeerBase:
         except PeerError:
             self.stop()
             raise
+
+    def start(self, timeout: float | None = None) -> Self:
+        """Start and wait until ready (``start_timeout`` seconds unless given); a running peer is left as is."""
+        if self._closed:
+            raise PeerError(f"{self.name} is closed")
+        if not self.running:
+            self._launch(self.start_timeout if timeout is None else timeout)
+        return self
+
+    def _launch(self, timeout: float) -> None:
+        raise NotImplementedError
+
+    def restart(self, timeout: float | None = None) -> Self:
+        self.stop()
+        return self.start(timeout)
 
     def stop(self, timeout: float = 30.0) -> None:
         if self.process is not None:

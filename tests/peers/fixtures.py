@@ -17,6 +17,7 @@ installed makes the test FAIL (not skip) with "run scripts/setup-peers.sh".
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from typing import Any, TypeVar
 
 import pytest
@@ -34,8 +35,9 @@ def pytest_configure(config: pytest.Config) -> None:
         "markers", "peers: uses a real Kafka / OTel Collector / Prometheus (scripts/setup-peers.sh)")
 
 
-def _start(cls: Callable[..., P], *args: Any, **kwargs: Any) -> P:
-    """Construct and start a peer; turn "not installed" and start failures into test failures."""
+def start_peer(cls: Callable[..., P], *args: Any, **kwargs: Any) -> P:
+    """Construct and start a peer; turn "not installed" and start failures into test failures.
+    For a peer of another scope than these fixtures' (e.g. a module fixture's own Prometheus)."""
     problem = None
     try:
         peer = cls(*args, **kwargs)
@@ -56,48 +58,29 @@ def _start(cls: Callable[..., P], *args: Any, **kwargs: Any) -> P:
 def kafka_broker() -> Iterator[KafkaBroker]:
     """One KRaft broker for the session (auto-create on, 1 partition default). Never stop it in a test:
     outage tests use ``kafka_broker_factory``."""
-    broker = _start(KafkaBroker)
-    try:
+    with start_peer(KafkaBroker) as broker:
         yield broker
-    finally:
-        broker.close()
 
 
 @pytest.fixture(scope="session")
 def otel_collector() -> Iterator[OtelCollector]:
     """One collector for the session; records of all tests land in the same files: filter by a marker
     (e.g. a unique resource attribute) rather than counting everything."""
-    collector = _start(OtelCollector)
-    try:
+    with start_peer(OtelCollector) as collector:
         yield collector
-    finally:
-        collector.close()
 
 
 @pytest.fixture(scope="session")
 def prometheus_server() -> Iterator[PrometheusServer]:
     """Starts with no scrape targets; tests call ``set_targets(..., replace=False)`` to add their jobs."""
-    server = _start(PrometheusServer)
-    try:
+    with start_peer(PrometheusServer) as server:
         yield server
-    finally:
-        server.close()
 
 
 def _factory(cls: Callable[..., P]) -> Callable[..., Iterator[Callable[..., P]]]:
     def fixture() -> Iterator[Callable[..., P]]:
-        made: list[P] = []
-
-        def make(*args: Any, **kwargs: Any) -> P:
-            peer = _start(cls, *args, **kwargs)
-            made.append(peer)
-            return peer
-
-        try:
-            yield make
-        finally:
-            for peer in reversed(made):
-                peer.close()
+        with ExitStack() as made:  # closes them in reverse order
+            yield lambda *args, **kwargs: made.enter_context(start_peer(cls, *args, **kwargs))
 
     fixture.__doc__ = f"Make started {cls.__name__}s for this test only; all are closed after it."
     return fixture

@@ -34,6 +34,7 @@ from . import (
     PeerProcess,
     cache_dir,
     declared_version,
+    file_tail,
     free_ports,
     repo_root,
     wait_until,
@@ -265,6 +266,7 @@ class KafkaBroker(PeerBase):
     """
 
     name = "kafka"
+    start_timeout = 120.0
 
     def __init__(self, *, workdir: str | os.PathLike[str] | None = None, auto_create_topics: bool = True,
                  num_partitions: int = 1, heap: str = "512m", config: Mapping[str, object] | None = None,
@@ -360,20 +362,15 @@ class KafkaBroker(PeerBase):
             raise PeerError(f"kafka: StorageTool format failed ({proc.returncode}):\n{proc.stdout[-3000:]}")
 
     # -- life cycle
-    def start(self, timeout: float = 120.0) -> KafkaBroker:
+    def _launch(self, timeout: float) -> None:
         """Start (formatting storage on the first start) and wait until the broker answers Metadata with
         itself registered and a controller elected. Same ports and data dir on every start."""
-        if self._closed:
-            raise PeerError("kafka: broker is closed")
-        if self.running:
-            return self
         if self.cluster_id is None:
             self._format()
         self.process = PeerProcess(self._jvm("kafka.Kafka", self.properties_path), name="kafka",
                                    log_path=self.workdir / "stdout.log", cwd=self.workdir)
         self.starts += 1
         self._wait_ready(self._ready, timeout, f"Metadata from {self.bootstrap_servers}")
-        return self
 
     def _ready(self) -> bool:
         md = self.metadata(topics=[], timeout=2.0)
@@ -389,10 +386,6 @@ class KafkaBroker(PeerBase):
             self.process.kill()
             self.process = None
 
-    def restart(self, timeout: float = 120.0) -> KafkaBroker:
-        self.stop()
-        return self.start(timeout)
-
     @property
     def server_log(self) -> Path:
         return self.workdir / "server.log"
@@ -400,8 +393,7 @@ class KafkaBroker(PeerBase):
     def log_tail(self, lines: int = 40) -> str:
         out = super().log_tail(lines)
         if self.server_log.exists():
-            text = self.server_log.read_text(errors="replace").splitlines()[-lines:]
-            out += f"\n--- last {len(text)} lines of {self.server_log} ---\n" + "\n".join(text)
+            out += "\n" + file_tail(self.server_log, lines)
         return out
 
     # -- admin
@@ -435,9 +427,12 @@ class KafkaBroker(PeerBase):
         if errors:
             raise PeerError(f"kafka: CreateTopics failed: {errors}")
         names = list(spec)
-        wait_until(lambda: all(t.ready for t in self.metadata(names, timeout=2.0).topics.values())
-                   and len(self.metadata(names, timeout=2.0).topics) == len(names),
-                   timeout, f"leaders for topics {names}")
+
+        def leaders_ready() -> bool:
+            topics = self.metadata(names, timeout=2.0).topics
+            return len(topics) == len(names) and all(t.ready for t in topics.values())
+
+        wait_until(leaders_ready, timeout, f"leaders for topics {names}")
 
     def create_topic(self, name: str, partitions: int | None = None, **kw) -> None:
         self.create_topics({name: partitions or self.num_partitions}, **kw)

@@ -163,25 +163,16 @@ class OtelCollector(PeerBase):
         return _merge(cfg, self.config_overrides)
 
     # -- life cycle
-    def start(self, timeout: float = 60.0) -> OtelCollector:
+    def _launch(self, timeout: float) -> None:
         """Write the config (JSON, which is YAML) and start; ready = health_check 200 + OTLP ports open."""
-        if self._closed:
-            raise PeerError("otelcol: collector is closed")
-        if self.running:
-            return self
         self.config_path.write_text(json.dumps(self.config(), indent=2))
         self.process = PeerProcess([self.binary, "--config", self.config_path], name="otelcol",
                                    log_path=self.log_path, cwd=self.workdir)
         self._wait_ready(self._ready, timeout, f"health check {self.health_url} and OTLP ports")
-        return self
 
     def _ready(self) -> bool:
         status, _ = http_get(self.health_url, timeout=1.0)
         return status == 200 and tcp_open(self.grpc_port) and tcp_open(self.http_port)
-
-    def restart(self, timeout: float = 60.0) -> OtelCollector:
-        self.stop()
-        return self.start(timeout)
 
     # -- what it received (file exporter)
     def read_exports(self, signal: str) -> list[dict[str, Any]]:

@@ -99,11 +99,7 @@ class PrometheusServer(PeerBase):
         tmp.replace(self.config_path)
 
     # -- life cycle
-    def start(self, timeout: float = 60.0) -> PrometheusServer:
-        if self._closed:
-            raise PeerError("prometheus: server is closed")
-        if self.running:
-            return self
+    def _launch(self, timeout: float) -> None:
         self._write_config()
         argv = [self.binary, f"--config.file={self.config_path}", f"--storage.tsdb.path={self.data_dir}",
                 f"--web.listen-address={self.host}:{self.port}", "--web.enable-lifecycle",
@@ -111,11 +107,6 @@ class PrometheusServer(PeerBase):
         self.process = PeerProcess(argv, name="prometheus", log_path=self.log_path, cwd=self.workdir)
         self._wait_ready(lambda: http_get(f"{self.url}/-/ready", timeout=1.0)[0] == 200, timeout,
                          f"{self.url}/-/ready")
-        return self
-
-    def restart(self, timeout: float = 60.0) -> PrometheusServer:
-        self.stop()
-        return self.start(timeout)
 
     def set_targets(self, targets: Targets, *, replace: bool = True, timeout: float = 30.0) -> None:
         """Change the scrape targets (``replace=False`` adds jobs) and reload the running server."""
