@@ -1,4 +1,4 @@
-"""`python -m bench SUITE [--quick] [--json]` — the benchmark runner (DESIGN.md §9).
+"""`python -m hostwall.bench SUITE [--quick] [--json]` — the benchmark runner (DESIGN.md §9).
 
 Each suite is a module bench/<suite>.py with `run(quick: bool) -> dict[str, float]`; it may also
 expose TARGETS ({metric: (text, predicate(metrics) -> bool)}) and NOTES (printed under the table).
@@ -18,8 +18,8 @@ import os
 import platform
 import sys
 import time
-from datetime import datetime, timezone
-from typing import Callable
+from collections.abc import Callable
+from datetime import UTC, datetime
 
 SUITES = ("datapath", "lab", "swap", "dos", "collector", "kafka")
 
@@ -66,7 +66,7 @@ def machine_info() -> dict:
         "cpu": cpu,
         "nproc": nproc,
         "python": platform.python_version(),
-        "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
     }
 
 
@@ -103,7 +103,7 @@ def table(suite: str, metrics: dict[str, float], targets: dict[str, tuple[str, C
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m bench", description="hostwall benchmarks (DESIGN.md §9)")
+    ap = argparse.ArgumentParser(prog="python -m hostwall.bench", description="hostwall benchmarks (DESIGN.md §9)")
     ap.add_argument("suite", choices=SUITES + ("all",), help="which suite to run")
     ap.add_argument("--quick", action="store_true", help="smaller runs; each suite finishes in under a minute")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:
             print(f"suite {name}: interrupted", file=sys.stderr)
             return 1
-        except Exception as e:  # one clear line; the suite's own log is on stderr above it
+        except Exception as e:  # noqa: BLE001 — one clear line per failed suite; its own log is above it
             msg = str(e).strip().splitlines()
             print(f"suite {name} failed: {type(e).__name__}: {msg[0] if msg else ''}"
                   + (f" (+{len(msg) - 1} more lines: {' | '.join(msg[1:4])})" if len(msg) > 1 else ""),

@@ -37,8 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
-from enforcer import layout as L
-from enforcer._internal import bpfsys
+from hostwall.bpf import bpfsys
+from hostwall.bpf import layout as L
 
 TARGETS = {
     "decode_rps": (">= 2e6 records/s", lambda m: m["decode_rps"] >= 2e6),
@@ -163,13 +163,13 @@ class Producer:
 
 
 def _capacity(ring_bytes: int) -> int:
-    from collector.ringbuf import slot_size
+    from hostwall.bpf.ringbuf import slot_size
     return (ring_bytes - 8) // slot_size(L.DTYPES["hw_event"].itemsize)
 
 
 def bench_decode(prod: Producer, rounds: int) -> tuple[float, int]:
     """records/s of RingBuffer.read over `rounds` full rings; checks order and count."""
-    from collector.ringbuf import RingBuffer
+    from hostwall.bpf.ringbuf import RingBuffer
     cap = _capacity(prod.ring_bytes)
     times, total = [], 0
     with RingBuffer(prod.ring_fd()) as rb:
@@ -204,7 +204,7 @@ def bench_bcc_callback(prod: Producer, rounds: int) -> float:
     def cb(_ctx, data, size):
         try:
             got.append(ctypes.cast(data, ptr).contents)
-        except Exception:                            # never raise through the C callback
+        except Exception:  # noqa: BLE001 — never raise through the C callback
             errors[0] += 1
         return 0
 
@@ -235,11 +235,11 @@ class _BenchSource:
         self.prod = prod
 
     def ring(self):
-        from collector.ringbuf import RingBuffer
+        from hostwall.bpf.ringbuf import RingBuffer
         return RingBuffer(self.prod.ring_fd())
 
     def monotonic_to_wall(self) -> int:
-        from collector.kernel import KernelSource
+        from hostwall.collector.kernel import KernelSource
         return KernelSource.monotonic_to_wall()
 
     def now_ns(self) -> int:
@@ -252,13 +252,13 @@ class _BenchSource:
         return {}
 
     def drain_drops(self):
-        from collector.kernel import DropDrain
+        from hostwall.collector.kernel import DropDrain
         z = np.zeros(0, dtype=L.DTYPES["hw_drop_key"])
         now = self.now_ns()
         return DropDrain(z, np.zeros(0, dtype=L.DTYPES["hw_drop_val"]), {}, now, now, 0.0)
 
     def scan_conntrack(self, now_ns: int, at_ns: int):
-        from collector.kernel import CtScan
+        from hostwall.collector.kernel import CtScan
         return CtScan([], 0, 0, 0)
 
     def close(self) -> None:
@@ -267,13 +267,13 @@ class _BenchSource:
 
 def bench_e2e(prod: Producer, n_records: int) -> tuple[float, int]:
     """Pipeline: ring → RecordBuilder → JsonlSink; records/s and bytes written."""
-    from collector.accounting import Ledger
-    from collector.config import CollectorConfig, JsonlOptions, QueueSizes
-    from collector.enrich.host import HostInfo
-    from collector.pipeline import Pipeline
-    from collector.records import RecordBuilder
-    from collector.ringbuf import slot_size
-    from collector.sinks.jsonl import JsonlSink
+    from hostwall.bpf.ringbuf import slot_size
+    from hostwall.collector.accounting import Ledger
+    from hostwall.collector.config import CollectorConfig, JsonlOptions, QueueSizes
+    from hostwall.collector.enrich.host import HostInfo
+    from hostwall.collector.pipeline import Pipeline
+    from hostwall.collector.records import RecordBuilder
+    from hostwall.collector.sinks.jsonl import JsonlSink
 
     d = Path(tempfile.mkdtemp(prefix="hw-bench-collector-"))
     try:

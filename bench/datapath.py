@@ -44,9 +44,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from enforcer import layout as L
-from enforcer._internal import bpfsys
-from enforcer.reference import Packet
+from hostwall.bpf import bpfsys
+from hostwall.bpf import layout as L
+from hostwall.enforcer.reference import Packet
 
 from . import policies as P
 
@@ -174,9 +174,9 @@ class Case:
 
 def _instance(bp: P.BenchPolicy):
     """A freshly loaded datapath with `bp` installed and its probes checked (reference + counters)."""
-    from enforcer.compiler import compile_policy
-    from enforcer.datapath import Datapath
-    from enforcer.policy import load_policy
+    from hostwall.enforcer.compiler import compile_policy
+    from hostwall.enforcer.datapath import Datapath
+    from hostwall.enforcer.policy import load_policy
     t0 = time.perf_counter()
     pol = load_policy(bp.path)
     P.check_probes(pol, bp.probes)

@@ -16,8 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from enforcer import layout as L
-from enforcer._internal import bpfsys
+from hostwall.bpf import bpfsys
+from hostwall.bpf import layout as L
 
 POLICY = """
 version: 1
@@ -50,9 +50,9 @@ def dos_added_ns(quick: bool) -> dict:
     from scapy.layers.l2 import Ether
     from scapy.packet import raw
 
-    from enforcer.compiler import compile_policy
-    from enforcer.datapath import Datapath
-    from enforcer.policy import parse_policy
+    from hostwall.enforcer.compiler import compile_policy
+    from hostwall.enforcer.datapath import Datapath
+    from hostwall.enforcer.policy import parse_policy
 
     pol = parse_policy(POLICY % {"pps": 10**9, "udp": 10**9, "ifname": "lo"})
     slots = {r.name: i for i, r in enumerate(pol.rules)}
@@ -85,10 +85,10 @@ def _prog_ns(dp) -> int:
 
 
 def flood(quick: bool) -> dict:
-    from enforcer.datapath import Datapath
-    from lab import traffic
-    from lab.enforcer_proc import EnforcerProcess, events_admitted
-    from lab.netns import Lab
+    from hostwall.enforcer.datapath import Datapath
+    from hostwall.lab import traffic
+    from hostwall.lab.enforcer_proc import EnforcerProcess, events_admitted
+    from hostwall.lab.netns import Lab
 
     seconds = 3.0 if quick else 8.0
     stats_path = Path("/proc/sys/kernel/bpf_stats_enabled")

@@ -62,9 +62,10 @@ def _log(msg: str) -> None:
 
 def make_records(n: int) -> list[dict]:
     """n canonical records from the real RecordBuilder: flow starts and denies over many 5-tuples."""
-    from enforcer import layout as L
-    from collector.enrich.host import HostInfo
-    from collector.records import Clock, RecordBuilder
+    from hostwall.bpf import layout as L
+    from hostwall.bpf.clock import Clock
+    from hostwall.collector.enrich.host import HostInfo
+    from hostwall.collector.records import RecordBuilder
     ev = np.zeros(n, L.DTYPES["hw_event"])
     i = np.arange(n)
     base = int(ipaddress.ip_address("198.51.100.0"))
@@ -87,8 +88,8 @@ def make_records(n: int) -> list[dict]:
 
 
 async def _sink_throughput(bootstrap: str, topic: str, recs: list[dict], total: int, spool: str) -> float:
-    from collector.config import KafkaOptions
-    from collector.sinks.kafka import KafkaSink
+    from hostwall.collector.config import KafkaOptions
+    from hostwall.collector.sinks.kafka import KafkaSink
     s = KafkaSink(bootstrap, options=KafkaOptions(flows_topic=topic, anomalies_topic=topic + ".a",
                                                   audit_topic=topic + ".audit", spool_dir=spool))
     await s.start()
@@ -144,15 +145,16 @@ def _java_perf(broker, topic: str, payload_file: Path, total: int, batch_bytes: 
 
 async def _latency(broker, topic: str, seconds: float, rate: int, spool: str) -> list[float]:
     """Kernel → broker latencies (ms) of every record of a paced run through the real Pipeline."""
-    from aiokafka import AIOKafkaConsumer
     import orjson
-    from bench.collector import Producer, _BenchSource
-    from collector.accounting import Ledger
-    from collector.config import CollectorConfig, KafkaOptions, QueueSizes
-    from collector.enrich.host import HostInfo
-    from collector.pipeline import Pipeline
-    from collector.records import RecordBuilder, parse_iso_ns
-    from collector.sinks.kafka import KafkaSink
+    from aiokafka import AIOKafkaConsumer
+
+    from hostwall.bench.collector import Producer, _BenchSource
+    from hostwall.collector.accounting import Ledger
+    from hostwall.collector.config import CollectorConfig, KafkaOptions, QueueSizes
+    from hostwall.collector.enrich.host import HostInfo
+    from hostwall.collector.pipeline import Pipeline
+    from hostwall.collector.records import RecordBuilder, parse_iso_ns
+    from hostwall.collector.sinks.kafka import KafkaSink
 
     prod = Producer()
     d = Path(tempfile.mkdtemp(prefix="hw-bench-kafka-"))
@@ -208,9 +210,9 @@ async def _latency(broker, topic: str, seconds: float, rate: int, spool: str) ->
 
 
 def run(quick: bool) -> dict[str, float]:
+    from hostwall.collector.config import KafkaOptions
+    from hostwall.collector.sinks.kafka import _make_encoder
     from tests.peers.kafka import KafkaBroker
-    from collector.config import KafkaOptions
-    from collector.sinks.kafka import _make_encoder
     total, lat_s = (300_000, 10.0) if quick else (2_000_000, 30.0)
     m: dict[str, float] = {}
     enc = _make_encoder("ecs")

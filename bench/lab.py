@@ -60,12 +60,12 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
-from lab import traffic as T
-from lab.netns import Lab
+from hostwall.lab import traffic as T
+from hostwall.lab.netns import Lab
 
 __all__ = ["run", "deny_prefixes", "ALLOWED_PORTS", "FLOOD_PORT", "N_PREFIXES"]
 
@@ -246,8 +246,8 @@ rules:
 """
 
     def install(self) -> None:
-        from enforcer.compiler import compile_policy
-        from enforcer.policy import load_policy
+        from hostwall.enforcer.compiler import compile_policy
+        from hostwall.enforcer.policy import load_policy
         if self.compiled is None:                  # once; later rounds reinstall the same tables
             self.tmp.mkdir(parents=True, exist_ok=True)
             (self.tmp / "deny.txt").write_text("\n".join(self.prefixes) + "\n")
@@ -268,7 +268,7 @@ rules:
         return int(self.dp.rule_stats()["packets"][self.slots[name]])
 
     def _stat(self, verdict: str, reason: str) -> int:
-        from enforcer import layout as L
+        from hostwall.bpf import layout as L
         i = L.stats_index(L.C["HW_HOOK_XDP_INGRESS"], L.C[f"HW_V_{verdict}"], L.C[f"HW_R_{reason}"])
         return int(self.dp.stats()["packets"][i])
 
@@ -281,7 +281,7 @@ rules:
         return min(self._rule("allow-ports"), self._stat("ALLOW", "PASS_RULE"))
 
     def remove(self) -> None:
-        from enforcer import attach
+        from hostwall.enforcer import attach
         ns = self.lab.ns("prot")
         try:
             attach.detach_xdp("eth0", netns=ns)
@@ -307,11 +307,11 @@ class XdpPass(Filter):
         return b, b.load_func(b"xdp_pass", BPF.XDP).fd
 
     def install(self) -> None:
-        from enforcer import attach
+        from hostwall.enforcer import attach
         self.mode = attach.attach_xdp("eth0", self.prog_fd, "auto", netns=self.lab.ns("prot"))
 
     def remove(self) -> None:
-        from enforcer import attach
+        from hostwall.enforcer import attach
         attach.detach_xdp("eth0", netns=self.lab.ns("prot"))
 
 
@@ -399,7 +399,7 @@ def run(quick: bool) -> dict:
     duration = 0.5 if quick else 1.0           # measured seconds per configuration and round
     warmup = 0.25 if quick else 0.4
     prefixes = deny_prefixes()
-    from enforcer.datapath import Datapath
+    from hostwall.enforcer.datapath import Datapath
     dp = Datapath.load()                       # compile before any measurement (CPU heavy)
     runs: dict[str, list[dict]] = {}
     modes: dict[str, str | None] = {}
@@ -452,5 +452,5 @@ def run(quick: bool) -> dict:
     return m
 
 
-if __name__ == "__main__":              # python -m bench.lab [--quick]: a quick look without bench/__main__
+if __name__ == "__main__":              # python -m hostwall.bench.lab [--quick]: a quick look without bench/__main__
     print(json.dumps(run("--quick" in sys.argv[1:]), indent=2))

@@ -41,8 +41,8 @@ from pathlib import Path
 
 import numpy as np
 
-from enforcer.policy import Policy
-from enforcer.reference import Decision, Packet, evaluate
+from hostwall.enforcer.policy import Policy
+from hostwall.enforcer.reference import Decision, Packet, evaluate
 
 __all__ = ["Probe", "BenchPolicy", "generate", "max_policy", "check_probes", "tempdir",
            "RULE_COUNTS", "MAX_RULES", "V4_BLOCKLIST", "V6_BLOCKLIST"]
@@ -216,7 +216,7 @@ def _v4_blocklist(rng: np.random.Generator, n: int, extra: list[str]) -> list[st
     a = (arr >> np.uint64(8)).astype(np.uint32)
     ln = (arr & np.uint64(0xFF)).astype(np.uint8)
     b = a.view(np.uint8).reshape(-1, 4)[:, ::-1]   # little endian -> dotted order
-    return [f"{w}.{x}.{y}.{z}/{int(l)}" for (w, x, y, z), l in zip(b.tolist(), ln.tolist())]
+    return [f"{w}.{x}.{y}.{z}/{int(n)}" for (w, x, y, z), n in zip(b.tolist(), ln.tolist())]
 
 
 def _v6_blocklist(rng: random.Random, n: int, extra: list[str]) -> list[str]:

@@ -22,7 +22,7 @@ import statistics
 import sys
 import time
 
-from enforcer.reference import Packet
+from hostwall.enforcer.reference import Packet
 
 from . import policies as P
 from .datapath import TCP_ACK, Runner, tcp_frame
@@ -45,8 +45,8 @@ def _log(msg: str) -> None:
 
 
 def _apply(dp, path, slots: dict[str, int], revision_id: int) -> dict[str, float]:
-    from enforcer.compiler import compile_policy
-    from enforcer.policy import load_policy
+    from hostwall.enforcer.compiler import compile_policy
+    from hostwall.enforcer.policy import load_policy
     t0 = time.perf_counter()
     pol = load_policy(path)
     t1 = time.perf_counter()
@@ -70,8 +70,8 @@ def _check_active(runner: Runner, port_on: int, port_off: int, what: str) -> Non
 
 
 def run(quick: bool) -> dict[str, float]:
-    from enforcer.datapath import Datapath
-    from enforcer.policy import load_policy
+    from hostwall.enforcer.datapath import Datapath
+    from hostwall.enforcer.policy import load_policy
 
     swaps = 3 if quick else 7
     m: dict[str, float] = {}

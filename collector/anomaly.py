@@ -80,7 +80,7 @@ class AnomalyConfig:
     severity_bands: dict = field(default_factory=lambda: {"low": 6.0, "medium": 12.0, "high": 24.0, "critical": 48.0})
 
     @classmethod
-    def from_dict(cls, d: dict | None) -> "AnomalyConfig":
+    def from_dict(cls, d: dict | None) -> AnomalyConfig:
         """Validate and build; raises AnomalyConfigError listing every error (unknown keys, types, ranges,
         cross-field rules)."""
         d = dict(d or {})
@@ -98,7 +98,7 @@ class AnomalyConfig:
             cfg = cls(**cfg_vals)
         except TypeError as e:                       # pragma: no cover - guarded by _coerce
             errors.append(str(e))
-            raise AnomalyConfigError(errors)
+            raise AnomalyConfigError(errors) from None
         errors += cfg._check()
         if errors:
             raise AnomalyConfigError(errors)

@@ -116,7 +116,7 @@ def run(cfg: CollectorConfig, *, verbose: bool = False) -> int:
     except (SinkUnavailable, OSError) as e:
         _err(f"cannot start: {e}")
         return 1
-    except Exception as e:                              # noqa: BLE001 — one line; the log has the traceback
+    except Exception as e:
         logging.getLogger("hostwall.collector").debug("unexpected failure", exc_info=True)
         _err(f"failed: {type(e).__name__}: {e} (run with -v for details)")
         return 1

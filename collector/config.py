@@ -67,12 +67,14 @@ import ipaddress
 import math
 import os
 import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
-from enforcer.state import DEFAULT_PIN_DIR, state_dir, state_path
-from enforcer.validation import Issues, PolicyIssue, load_yaml, parse_duration
+from hostwall.bpf.state import DEFAULT_PIN_DIR, state_dir, state_path
+from hostwall.units import parse_duration
+from hostwall.yamldoc import Issues, PolicyIssue, load_yaml
 
 ENV_PREFIX = "HOSTWALL_COLLECTOR_"
 ENCODINGS = ("ecs", "ocsf")
@@ -619,7 +621,7 @@ def _anomaly(data: dict, issues: Issues) -> Any:
         issues.add(("anomaly",), "must be a mapping (see the anomaly detector's settings)")
         return None
     try:
-        from .anomaly import AnomalyConfig      # another module's section; optional in this build
+        from .anomaly import AnomalyConfig  # another module's section; optional in this build
     except ImportError:
         return raw
     try:

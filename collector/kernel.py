@@ -19,10 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
-from enforcer import conntrack, layout as L
-from enforcer._internal import bpfsys
-
-from .ringbuf import RingBuffer
+from hostwall.bpf import bpfsys, conntrack
+from hostwall.bpf import layout as L
+from hostwall.bpf.clock import Clock
+from hostwall.bpf.ringbuf import RingBuffer
 
 # The collector's knobs (agg_gen, event_budget, aggregation prefixes) live in hw_collect, whose only
 # writer is the collector; hw_config (policy generation, test clock) belongs to the enforcer.
@@ -196,7 +196,7 @@ class KernelSource:
             os.close(fd)
         self.fds = {}
 
-    def __enter__(self) -> "KernelSource":
+    def __enter__(self) -> KernelSource:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -234,15 +234,8 @@ class KernelSource:
 
     @staticmethod
     def monotonic_to_wall() -> int:
-        """CLOCK_REALTIME - CLOCK_MONOTONIC in ns, from the tightest of 5 bracketed samples (±~1 µs)."""
-        best = None
-        for _ in range(5):
-            a = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
-            w = time.time_ns()
-            b = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
-            if best is None or b - a < best[0]:
-                best = (b - a, w - (a + b) // 2)
-        return best[1]
+        """CLOCK_REALTIME - CLOCK_MONOTONIC in ns (hostwall.bpf.clock.Clock.calibrate, ±~1 µs)."""
+        return Clock.calibrate().offset_ns
 
     # ---- ring buffer -------------------------------------------------------------------------------
     def ring(self) -> RingBuffer:

@@ -2,7 +2,7 @@
 hook and DoS profile, map pressure, interface attachment, and what the collector's records say (drops
 per interface, top source prefixes, anomalies). docs/metrics.md lists every metric.
 
-Two sources, one table of `collector.metrics.Family` objects (so they can ride both outputs of
+Two sources, one table of `collector.metric_family.Family` objects (so they can ride both outputs of
 SelfMetrics, the Prometheus endpoint and the OTLP push, exactly like its own families):
 
     KernelCollector   reads the pinned maps through enforcer.datapath.Datapath.open(pin_dir) and the
@@ -44,11 +44,12 @@ import os
 import threading
 import time
 from collections import Counter
-from typing import Any, Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 
-from .metrics import Family
+from .metric_family import Family
 
 log = logging.getLogger("hostwall.collector.kernel_metrics")
 
@@ -397,7 +398,7 @@ class RecordMetrics:
 
 def count_entries(fd: int, key_size: int, value_bytes: int, chunk: int = BATCH_CHUNK) -> int:
     """Entries of a hash map: one batched walk (enforcer._internal.bpfsys.count_entries)."""
-    from enforcer._internal import bpfsys
+    from hostwall.bpf import bpfsys
     return bpfsys.count_entries(fd, key_size, value_bytes, chunk=chunk)
 
 
@@ -479,17 +480,17 @@ class KernelCollector:
 
     # ---- reading ----------------------------------------------------------------------------------
     def _state(self):
-        from enforcer.state import InstanceState
+        from hostwall.bpf.state import InstanceState
         try:
             return InstanceState.load(self.pin_dir)
         except (OSError, ValueError, TypeError):
             return None
 
     def _read(self, now: float) -> list[Family]:
-        from enforcer.datapath import Datapath
+        from hostwall.bpf.instance import Instance
         st = self._state()
         try:
-            dp = Datapath.open(self.pin_dir)
+            dp = Instance.open(self.pin_dir)
         except OSError:
             dp = None
         fams: list[Family] = []
@@ -535,8 +536,8 @@ class KernelCollector:
         return [info, att, pk, by]
 
     def _datapath(self, dp, st, now: float) -> list[Family]:
-        from enforcer import layout as L
-        from enforcer._internal import bpfsys
+        from hostwall.bpf import bpfsys
+        from hostwall.bpf import layout as L
         fams: list[Family] = []
         hdr = dp.active_header()
         revs = st.revisions if st is not None else {}
@@ -620,7 +621,7 @@ class KernelCollector:
         evicted = _family("hostwall_map_evicted")
         rows = dict(self._pressure)
         if st is not None:
-            from enforcer.control import policy_pressure
+            from hostwall.bpf.instance import policy_pressure
             rows.update(policy_pressure(st.tables))
         for name in sorted(rows):
             ent.add((name,), rows[name]["entries"])
@@ -632,7 +633,7 @@ class KernelCollector:
 
     @staticmethod
     def _map_ids(dp) -> dict[str, int]:
-        from enforcer._internal import bpfsys
+        from hostwall.bpf import bpfsys
         return {n: bpfsys.map_info(dp.map_fds[n]).id for n in ("hw_ct4", "hw_dos_src")}
 
     @staticmethod
@@ -677,18 +678,18 @@ def _link(name: str, netns: str | None) -> dict | None:
     """Attachment (XDP, our TC filters) and link counters of one interface; None if it is gone."""
     from pyroute2 import IPRoute
 
-    from enforcer import attach
+    from hostwall.bpf import links
 
     def query() -> dict:
         with IPRoute() as ipr:
-            idx = attach._index(ipr, name)
+            idx = links.ifindex(ipr, name)
             link = ipr.get_links(idx)[0]
             xdp = link.get_attr("IFLA_XDP")
             xdp_on = bool(xdp is not None and (xdp.get_attr("IFLA_XDP_PROG_ID") or 0))
             stats = link.get_attr("IFLA_STATS64") or {}
             return {"attached": {"xdp": xdp_on,
-                                 "tc_ingress": bool(attach._our_filters(ipr, idx, attach.TC_INGRESS_PARENT)),
-                                 "tc_egress": bool(attach._our_filters(ipr, idx, attach.TC_EGRESS_PARENT))},
+                                 "tc_ingress": bool(links.our_filters(ipr, idx, links.TC_INGRESS_PARENT)),
+                                 "tc_egress": bool(links.our_filters(ipr, idx, links.TC_EGRESS_PARENT))},
                     "stats": {k: int(stats.get(k, 0)) for k in ("rx_packets", "tx_packets", "rx_bytes", "tx_bytes")}
                     if stats else {}}
     try:

@@ -40,50 +40,22 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import threading
 import time
-from dataclasses import dataclass, field
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
+
+from .metric_family import Family, _fam
+from .resource import resource_attributes
 
 log = logging.getLogger("hostwall.collector.metrics")
 
-__all__ = ["SelfMetrics", "Family", "families_from_status", "resource_attributes", "MetricsUnavailable"]
+__all__ = ["SelfMetrics", "families_from_status", "MetricsUnavailable"]
 
 
 class MetricsUnavailable(RuntimeError):
     """The metrics endpoint cannot be served (port in use, bad address); one line."""
-
-
-@dataclass
-class Family:
-    """One metric: prom name (without _total), OTel name, kind counter|gauge|histogram, unit (UCUM)."""
-    prom: str
-    otel: str
-    kind: str
-    unit: str
-    help: str
-    labels: tuple[str, ...] = ()
-    samples: list = field(default_factory=list)     # (label values, value) | (label values, hist dict)
-
-    def add(self, labels: Iterable[str], value) -> None:
-        self.samples.append((tuple(str(v) for v in labels), value))
-
-
-_UNIT_SUFFIX = {"By": "_bytes", "s": "_seconds"}
-
-
-def prom_name(otel: str, unit: str) -> str:
-    """The Prometheus name of an OTel metric, as the OTel Collector's prometheus exporter derives it
-    (dots to underscores, base-unit suffix; `_total` is added for counters by the exposition)."""
-    name = otel.replace(".", "_")
-    suffix = _UNIT_SUFFIX.get(unit, "")
-    return name if name.endswith(suffix) else name + suffix
-
-
-def _fam(otel: str, kind: str, unit: str, help_: str, labels: tuple[str, ...] = ()) -> Family:
-    return Family(prom_name(otel, unit), otel, kind, unit, help_, labels)
 
 
 def _walk_caches(d: Any, prefix: str = "") -> Iterable[tuple[str, dict]]:
@@ -212,33 +184,6 @@ def families_from_status(st: dict, kernel: dict | None = None, *, version: str =
     return fams
 
 
-# ---- resource ------------------------------------------------------------------------------------
-
-def resource_attributes(config) -> dict:
-    """OTel resource of this collector: service.*, host.*, os.type, hostwall.pin_dir, hostwall.interfaces."""
-    from collector.enrich.host import collector_version
-    host = config.hostname or socket.gethostname()
-    attrs: dict[str, Any] = {"service.name": "hostwall-collector", "service.namespace": "hostwall",
-                             "service.version": collector_version(),
-                             "service.instance.id": f"{host}:{Path(config.pin_dir).name}",
-                             "host.name": host, "os.type": "linux", "hostwall.pin_dir": config.pin_dir}
-    try:
-        mid = Path("/etc/machine-id").read_text().strip()
-        if mid:
-            attrs["host.id"] = mid
-    except OSError:
-        pass
-    try:
-        from enforcer.state import InstanceState
-        st = InstanceState.load(config.pin_dir)
-        names = sorted({i.name for i in st.interfaces})
-        if names:
-            attrs["hostwall.interfaces"] = names
-    except Exception:                                # noqa: BLE001 — no enforcer state yet: no interfaces
-        pass
-    return attrs
-
-
 # ---- kernel maps ---------------------------------------------------------------------------------
 
 class _KernelGauges:
@@ -247,7 +192,7 @@ class _KernelGauges:
     MAPS = ("hw_stats", "hw_dos_stats", "hw_dos_src", "hw_dos_banned", "hw_config")
 
     def __init__(self, pin_dir: str):
-        from enforcer._internal import bpfsys
+        from hostwall.bpf import bpfsys
         self.fds: dict[str, int] = {}
         self.missing: list[str] = []
         for n in self.MAPS:
@@ -264,9 +209,9 @@ class _KernelGauges:
         self.fds.clear()
 
     def read(self) -> dict:
-        from enforcer import layout as L
-        from collector.kernel import COUNTER_DT, percpu_stride, sum_percpu
-        from enforcer._internal import bpfsys
+        from hostwall.bpf import bpfsys
+        from hostwall.bpf import layout as L
+        from hostwall.collector.kernel import COUNTER_DT, percpu_stride, sum_percpu
         out: dict[str, Any] = {}
         if "hw_stats" in self.fds:
             n = L.HOOKS * L.VERDICTS * L.REASONS
@@ -287,7 +232,7 @@ class _KernelGauges:
             out["dos_drops"] = {L.REASON_NAMES[r]: int(c[r]) for r in range(L.REASONS)
                                 if c[r] and r in L.REASON_NAMES}
         if "hw_dos_src" in self.fds:
-            from enforcer import dos_sources
+            from hostwall.bpf import dos_sources
             with dos_sources.table(self.fds["hw_dos_src"]) as t:        # read in place (mmap)
                 out["dos_buckets"] = len(t.live())
         if "hw_dos_banned" in self.fds:
@@ -306,7 +251,8 @@ def _count(fd: int, key_size: int, value_size: int, *, until_after: int | None =
     """Entries of a hash map (one batched walk, memory O(chunk)); with until_after, only entries whose
     second u64 (hw_dos_ban.until_ns, after since_ns) is later."""
     import numpy as np
-    from enforcer._internal import bpfsys
+
+    from hostwall.bpf import bpfsys
     if until_after is None:
         return bpfsys.count_entries(fd, key_size, value_size, chunk=chunk)
     total = 0
@@ -324,7 +270,7 @@ class SelfMetrics:
 
     def __init__(self, options, *, otlp_options=None, resource: dict | None = None, pin_dir: str | None = None,
                  kernel: bool = True):
-        from collector.enrich.host import collector_version
+        from hostwall.collector.enrich.host import collector_version
         self.o = options
         self.otlp_o = otlp_options
         self.resource_attrs = dict(resource or {})
@@ -345,12 +291,12 @@ class SelfMetrics:
         self.kernel_errors = 0
         self.prometheus_address: tuple[str, int] | None = None
         # per rule / port / interface / map-pressure series for the dashboards (collector/kernel_metrics.py)
-        from collector.kernel_metrics import KernelCollector
+        from hostwall.collector.kernel_metrics import KernelCollector
         self.kernel_metrics = (KernelCollector(pin_dir, refresh_s=min(5.0, float(getattr(options, "interval_s", 5.0))))
                                if self._want_kernel else None)
 
     @classmethod
-    def from_config(cls, config) -> "SelfMetrics | None":
+    def from_config(cls, config) -> SelfMetrics | None:
         m = config.metrics
         if not m.prometheus and not m.otlp:
             return None
@@ -368,9 +314,9 @@ class SelfMetrics:
         if self.o.prometheus:
             self._start_prometheus(self.o.prometheus)
         if self.o.otlp:
-            from collector.config import OtlpOptions
-            from collector.sinks.base import SinkUnavailable
-            from collector.sinks.otlp import make_log_exporter
+            from hostwall.collector.config import OtlpOptions
+            from hostwall.collector.sinks.base import SinkUnavailable
+            from hostwall.collector.sinks.otlp import make_log_exporter
             try:
                 self._exporter = make_log_exporter(self.o.otlp, self.otlp_o or OtlpOptions(), signal="metrics")
             except SinkUnavailable as e:
@@ -465,9 +411,18 @@ class SelfMetrics:
 
     # ---- OTLP form ---------------------------------------------------------------------------------
     def _metrics_data(self):
-        from opentelemetry.sdk.metrics.export import (AggregationTemporality, Gauge, Histogram,
-                                                      HistogramDataPoint, Metric, MetricsData, NumberDataPoint,
-                                                      ResourceMetrics, ScopeMetrics, Sum)
+        from opentelemetry.sdk.metrics.export import (
+            AggregationTemporality,
+            Gauge,
+            Histogram,
+            HistogramDataPoint,
+            Metric,
+            MetricsData,
+            NumberDataPoint,
+            ResourceMetrics,
+            ScopeMetrics,
+            Sum,
+        )
         from opentelemetry.sdk.resources import Resource
         from opentelemetry.sdk.util.instrumentation import InstrumentationScope
         now = time.time_ns()

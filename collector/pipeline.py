@@ -37,10 +37,11 @@ import os
 import signal
 import time
 from collections import Counter, deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import orjson
 
@@ -141,7 +142,7 @@ class Pipeline:
 
     source: KernelSource-like (ring, drain_drops, scan_conntrack, kernel_loss, now_ns,
     monotonic_to_wall, set_event_budget, close). builder: collector.records.RecordBuilder-like.
-    clock_factory(offset_ns) -> clock object with wall_ns(mono) (records.Clock)."""
+    clock_factory(offset_ns) -> clock object with wall_ns(mono) (hostwall.bpf.clock.Clock)."""
 
     def __init__(self, cfg: CollectorConfig, source, builder, sinks: list, *, enricher=None, anomaly=None,
                  ledger: Ledger | None = None, clock_factory: Callable[[int], Any] | None = None,
@@ -216,14 +217,14 @@ class Pipeline:
         for s in self.slots:
             try:
                 await s.sink.start()
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001 — a sink that cannot start is reported and marked dead
                 self._fail(f"sink {s.name}", e)
                 s.dead = True
                 raise PipelineFailed(f"sink {s.name}: {e}") from None
         if self.metrics is not None:
             try:
                 self.metrics.start()
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001 — reported with its cause, then the pipeline fails
                 self._fail("metrics", e)
                 raise PipelineFailed(f"metrics: {e}") from None
         self.clock = self._clock_factory(self.source.monotonic_to_wall())
@@ -453,7 +454,7 @@ class Pipeline:
             for r in records[i:i + ENRICH_CHUNK]:
                 try:
                     enrich(r)
-                except Exception:               # best effort: the record ships un-enriched
+                except Exception:  # noqa: BLE001 — best effort: the record ships un-enriched (counted)
                     self.counters["enrich_errors"] += 1
             if i + ENRICH_CHUNK < len(records):
                 await asyncio.sleep(0)
@@ -686,7 +687,7 @@ async def _cancel(task: asyncio.Task | None) -> None:
 
 
 def _default_clock(offset_ns: int):
-    from .records import Clock
+    from hostwall.bpf.clock import Clock
     return Clock(offset_ns)
 
 
@@ -699,10 +700,9 @@ def build_pipeline(cfg: CollectorConfig) -> Pipeline:
     from .enrich import Enricher
     from .enrich.host import HostInfo, InstanceStateView
     from .kernel import KernelSource
+    from .metrics import SelfMetrics
     from .records import RecordBuilder
     from .sinks import build_sink
-
-    from .metrics import SelfMetrics
 
     sinks = [build_sink(spec, cfg) for spec in cfg.sinks]     # unavailable sinks fail before the kernel is touched
     source = KernelSource(cfg.pin_dir)

@@ -45,18 +45,20 @@ import socket
 import struct
 import time
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import Any, Iterable
+from datetime import UTC, datetime
+from typing import Any
 
 import numpy as np
 
-from enforcer import layout as L
+from hostwall.bpf import layout as L
+from hostwall.bpf.clock import Clock
 
 from .community_id import community_id
 from .enrich.host import NO_RULE_SLOT, HostInfo, InstanceStateView
 
-__all__ = ["Clock", "RecordBuilder", "SCHEMA_VERSION", "ECS_VERSION", "iso_ns", "parse_iso_ns",
+__all__ = ["RecordBuilder", "SCHEMA_VERSION", "ECS_VERSION", "iso_ns", "parse_iso_ns",
            "TRANSPORT_NAMES"]
 
 SCHEMA_VERSION = "1.0.0"
@@ -86,49 +88,13 @@ def parse_iso_ns(s: str) -> int:
     """Inverse of iso_ns (any RFC 3339 'Z' or offset timestamp), in ns since the epoch."""
     dt = datetime.fromisoformat(s.replace("Z", "+00:00"))
     if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=timezone.utc)
+        dt = dt.replace(tzinfo=UTC)
     return (int(dt.timestamp()) * 1_000_000_000) + dt.microsecond * 1000
 
 
 def _wall_ns(t: float | int) -> int:
     """Window bounds may come as seconds since the epoch (float) or ns since the epoch (int)."""
     return int(t) if isinstance(t, (int, np.integer)) and t > 10**14 else int(round(float(t) * 1e9))
-
-
-class Clock:
-    """CLOCK_MONOTONIC ns (what bpf_ktime_get_ns and the coarse variant read) → wall time.
-
-    wall_ns = mono_ns + offset_ns. calibrate() measures the offset from the narrowest of a few
-    (monotonic, realtime, monotonic) brackets, so the error is below a microsecond; call it again
-    (cheap) after a wall-clock step if the pipeline wants to follow NTP steps."""
-
-    def __init__(self, offset_ns: int):
-        self.offset_ns = int(offset_ns)
-
-    @classmethod
-    def calibrate(cls, samples: int = 7) -> "Clock":
-        best = None
-        for _ in range(samples):
-            a = time.monotonic_ns()
-            w = time.time_ns()
-            b = time.monotonic_ns()
-            if best is None or b - a < best[0]:
-                best = (b - a, w - (a + b) // 2)
-        return cls(best[1])
-
-    @staticmethod
-    def now() -> int:
-        """Current CLOCK_MONOTONIC ns (the kernel timestamps' clock)."""
-        return time.monotonic_ns()
-
-    def wall_ns(self, mono_ns: int) -> int:
-        return int(mono_ns) + self.offset_ns
-
-    def iso(self, mono_ns: int) -> str:
-        return iso_ns(self.wall_ns(mono_ns))
-
-    def __repr__(self) -> str:
-        return f"Clock(offset_ns={self.offset_ns})"
 
 
 # ----------------------------------------------------------------------------------- flow table
@@ -425,7 +391,7 @@ class RecordBuilder:
         rec = self._packet_record(ev, clock, "flow", "hostwall.flow", ev["ts_ns"])
         # the connection's start is the conntrack entry's creation time (start_ns), the same clock the
         # flow_end record and the conntrack scan use, so start and end records agree exactly
-        start = clock.iso(ev["start_ns"])
+        start = iso_ns(clock.wall_ns(ev["start_ns"]))
         rec["event"].update(type=["start"], action="flow_start", outcome="success", start=start,
                             id=self._event_id("flow_start", ev["raw"]))
         rec["hostwall"].update(flow={"start": start, "state": "open"}, sample_rate=1)
@@ -478,7 +444,7 @@ class RecordBuilder:
 
     @staticmethod
     def _flow_times(rec: dict, clock: Clock, start_ns: int, end_ns: int, state: str, end_reason: str | None) -> None:
-        start, end = clock.iso(start_ns), clock.iso(end_ns)
+        start, end = iso_ns(clock.wall_ns(start_ns)), iso_ns(clock.wall_ns(end_ns))
         dur = max(0, int(end_ns) - int(start_ns))
         rec["event"].update(start=start, end=end, duration=dur)
         flow = {"start": start, "end": end, "duration_ns": dur, "state": state}
@@ -659,7 +625,7 @@ class RecordBuilder:
         if k["proto"] in (6, 17, 132) and k["dport"]:
             rec["destination"] = {"port": int(k["dport"])}
         if v["first_ns"] and v["last_ns"]:
-            rec["event"].update(start=clock.iso(v["first_ns"]), end=clock.iso(v["last_ns"]))
+            rec["event"].update(start=iso_ns(clock.wall_ns(v["first_ns"])), end=iso_ns(clock.wall_ns(v["last_ns"])))
         self._interface(rec, k["ifindex"], None)
         return rec
 

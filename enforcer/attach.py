@@ -10,50 +10,28 @@ and it holds nothing else.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
-from dataclasses import dataclass
-
-from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
+
+from hostwall.bpf.links import TC_EGRESS_PARENT, TC_INGRESS_PARENT, TC_PRIO, LinkError, LinkState, ifindex, link_state
+from hostwall.bpf.links import ipr_in as _ipr
+from hostwall.bpf.links import our_filters as _our_filters
+
+__all__ = ["AttachError", "LinkState", "attach_tc", "attach_xdp", "detach_tc", "detach_xdp", "link_state"]
 
 XDP_FLAGS_UPDATE_IF_NOEXIST = 1
 XDP_FLAGS_SKB_MODE = 2
 XDP_FLAGS_DRV_MODE = 4
-XDP_ATTACHED = {None: "none", "xdp": "native", "xdpgeneric": "generic", "xdpoffload": "offload", "xdpmulti": "multi"}
-
-TC_PRIO = 0xC0DE & 0x7FFF          # our filter priority on clsact (visible in `tc filter show`)
-TC_INGRESS_PARENT = 0xFFFFFFF2
-TC_EGRESS_PARENT = 0xFFFFFFF3
 
 
 class AttachError(RuntimeError):
     pass
 
 
-@dataclass(frozen=True)
-class LinkState:
-    ifname: str
-    ifindex: int
-    xdp_mode: str          # none | native | generic | ...
-    xdp_prog_id: int
-    tc_ingress: bool
-    tc_egress: bool
-
-
-@contextmanager
-def _ipr(netns: str | None):
-    ipr = IPRoute(netns=netns) if netns else IPRoute()
-    try:
-        yield ipr
-    finally:
-        ipr.close()
-
-
 def _index(ipr, ifname: str) -> int:
-    idx = ipr.link_lookup(ifname=ifname)
-    if not idx:
-        raise AttachError(f"interface {ifname!r} not found" + (" in that netns" if ipr.status.get("netns") else ""))
-    return idx[0]
+    try:
+        return ifindex(ipr, ifname)
+    except LinkError as e:
+        raise AttachError(str(e)) from None
 
 
 def _kind(ipr, idx: int) -> str | None:
@@ -92,14 +70,6 @@ def _has_clsact(ipr, idx: int) -> bool:
     return any(q.get_attr("TCA_KIND") == "clsact" for q in ipr.get_qdiscs(index=idx))
 
 
-def _our_filters(ipr, idx: int, parent: int) -> list:
-    try:
-        fs = ipr.get_filters(index=idx, parent=parent)
-    except NetlinkError:
-        return []
-    return [f for f in fs if (f["info"] >> 16) == TC_PRIO and f.get_attr("TCA_KIND") == "bpf"]
-
-
 def attach_tc(ifname: str, ingress_fd: int, egress_fd: int, netns: str | None = None) -> None:
     """Add (or replace) our ingress and egress filters on a clsact qdisc."""
     with _ipr(netns) as ipr:
@@ -135,14 +105,3 @@ def detach_tc(ifname: str, netns: str | None = None) -> None:
                 pass
 
 
-def link_state(ifname: str, netns: str | None = None) -> LinkState:
-    with _ipr(netns) as ipr:
-        idx = _index(ipr, ifname)
-        link = ipr.get_links(idx)[0]
-        xdp = link.get_attr("IFLA_XDP")
-        mode, pid = "none", 0
-        if xdp is not None:
-            mode = XDP_ATTACHED.get(xdp.get_attr("IFLA_XDP_ATTACHED"), "unknown")
-            pid = xdp.get_attr("IFLA_XDP_PROG_ID") or 0
-        return LinkState(ifname, idx, mode, pid, bool(_our_filters(ipr, idx, TC_INGRESS_PARENT)),
-                         bool(_our_filters(ipr, idx, TC_EGRESS_PARENT)))

@@ -9,8 +9,9 @@ import time
 
 import numpy as np
 
-from . import dos_sources, layout as L
-from ._internal import bpfsys
+from hostwall.bpf import bpfsys, dos_sources
+from hostwall.bpf import layout as L
+
 from .datapath import Datapath
 
 

@@ -12,9 +12,10 @@ import signal
 import sys
 import time
 
+from hostwall.bpf.state import DEFAULT_PIN_DIR
+from hostwall.yamldoc import PolicyError
+
 from .policy import InterfaceConf, Policy, load_policy
-from .state import DEFAULT_PIN_DIR
-from .validation import PolicyError
 
 EXIT_OK, EXIT_RUNTIME, EXIT_INPUT = 0, 1, 2
 
@@ -150,13 +151,14 @@ def _open(pin_dir: str):
 
 
 def _duration(text: str) -> float:
-    from .validation import parse_duration
+    from hostwall.units import parse_duration
     return parse_duration(text)
 
 
 def cmd_ban(a) -> int:
+    from hostwall.bpf.state import InstanceState
+
     from . import bans
-    from .state import InstanceState
     dp = _open(a.pin_dir)
     try:
         if a.ban_cmd == "add":
@@ -320,9 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
+    from .attach import AttachError
     from .compiler import CompileError
     from .control import ControlError
-    from .attach import AttachError
     try:
         return a.fn(a)
     except PolicyError as e:

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import layout as L
+from hostwall.bpf import layout as L
+
 from .policy import DosProfile, Policy, Rule
 
 
@@ -218,8 +219,7 @@ def _v4_classes(rules: tuple[Rule, ...]) -> Classes:
             own.append(np.full(len(net), order, dtype=np.int64))
             start.append(net)
             end.append(net + np.left_shift(np.uint64(1), np.uint64(32) - ps.v4_len.astype(np.uint64)))
-    cat = lambda xs, dt: np.concatenate(xs) if xs else np.zeros(0, dt)
-    return classify(len(rules), cat(own, np.int64), cat(start, np.uint64), cat(end, np.uint64), any_rules, 1 << 32)
+    return classify(len(rules), _cat(own, np.int64), _cat(start, np.uint64), _cat(end, np.uint64), any_rules, 1 << 32)
 
 
 def _v6_classes(rules: tuple[Rule, ...]) -> Classes:
@@ -249,7 +249,9 @@ def _l4_classes(rules: tuple[Rule, ...]) -> Classes:
         for p in protos:
             base = L.l4_key(d, L.PROTO_IDX[p], 0)
             for s, e in spans:
-                own.append(order); start.append(base + s); end.append(base + e)
+                own.append(order)
+                start.append(base + s)
+                end.append(base + e)
     return classify(len(rules), own, start, end, [], 2 * L.PROTO_IDX_MAX * 65536)
 
 
@@ -376,3 +378,7 @@ def compile_policy(policy: Policy, slots: dict[str, int], revision_id: int,
     return CompiledPolicy(hdr=hdr, rules=rule_recs, peer_cls=peer_cls, l4_cls=cl4.bitmaps, top4=top4, iv4=iv4,
                           top6=top6, iv6=iv6, l4=l4, rule_names=tuple(r.name for r in rules),
                           dos_profiles=dos_profiles, dos_ifs=dos_ifs, dos_profile_names=dos_names)
+
+
+def _cat(xs: list, dt) -> np.ndarray:
+    return np.concatenate(xs) if xs else np.zeros(0, dt)

@@ -13,12 +13,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import attach, conntrack, layout as L
-from ._internal import bpfsys
+from hostwall.bpf import bpfsys, conntrack
+from hostwall.bpf import layout as L
+from hostwall.bpf.instance import policy_pressure
+from hostwall.bpf.links import LinkError
+from hostwall.bpf.state import AttachedInterface, InstanceState, allocate_slots
+
+from . import attach
 from .compiler import compile_policy
-from .datapath import Datapath, build_hash, pressure_row
+from .datapath import Datapath, build_hash
 from .policy import InterfaceConf, Policy
-from .state import AttachedInterface, InstanceState, allocate_slots
 
 
 class ControlError(RuntimeError):
@@ -117,7 +121,7 @@ def _check_interfaces(ifaces: list[InterfaceConf], netns: str | None) -> None:
     for i in ifaces:
         try:
             attach.link_state(i.name, netns)
-        except attach.AttachError:
+        except LinkError:
             missing.append(i.name)
     if missing:
         where = f" in netns {netns}" if netns else ""
@@ -191,21 +195,12 @@ def detach(pin_dir: str) -> list[str]:
         try:
             Datapath.detach(i.name, i.netns)
             done.append(i.name + (f"@{i.netns}" if i.netns else ""))
-        except Exception:  # interface or netns gone: nothing left to detach there
+        except Exception:  # noqa: BLE001 — interface or netns gone: nothing left to detach there
             pass
     Datapath.unpin(pin_dir)
     if st:
         st.remove()
     return done
-
-
-POLICY_CAPACITY = {"rules": L.MAX_RULES, "peer_classes": L.PEER_CLASSES_MAX, "l4_classes": L.L4_CLASSES_MAX,
-                   "v4_intervals": L.V4_INTERVALS_MAX, "v6_intervals": L.V6_INTERVALS_MAX}
-
-
-def policy_pressure(tables: dict) -> dict[str, dict]:
-    """Fill of the policy tables of the active generation, as map pressure rows."""
-    return {f"policy.{k}": pressure_row(int(tables.get(k, 0)), cap) for k, cap in POLICY_CAPACITY.items()}
 
 
 def status(pin_dir: str, with_pressure: bool = True) -> dict:
@@ -248,7 +243,7 @@ def status(pin_dir: str, with_pressure: bool = True) -> dict:
                 ls = attach.link_state(i.name, i.netns)
                 links.append({"name": i.name, "netns": i.netns, "xdp_mode": ls.xdp_mode, "requested": i.xdp_mode_requested,
                               "xdp_prog_id": ls.xdp_prog_id, "tc_ingress": ls.tc_ingress, "tc_egress": ls.tc_egress})
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001 — status shows the error per interface
                 links.append({"name": i.name, "netns": i.netns, "error": str(e)})
         out = {
             "pin_dir": pin_dir, "build": st.build, "policy": st.policy_name, "policy_path": st.policy_path,

@@ -34,7 +34,7 @@ class ProfileParams:
     ports: list[tuple[int, int, int]] = field(default_factory=list)   # (port, ipproto, pps)
 
     @classmethod
-    def from_record(cls, rec) -> "ProfileParams":
+    def from_record(cls, rec) -> ProfileParams:
         return cls(**{k: int(rec[k]) for k in ("pps", "burst", "bps", "bps_burst", "syn_pps", "syn_global_pps",
                                                "udp_pps", "icmp_pps", "ban_after_ns", "ban_ns", "prefix_v4",
                                                "prefix_v6")},

@@ -15,25 +15,16 @@ import gc
 import hashlib
 import ipaddress
 import os
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Literal
+from typing import Any, Literal
 
 import numpy as np
 
-from .validation import (
-    MAX_BAD_PEER_LINES,
-    Issues,
-    PolicyError,
-    PolicyIssue,
-    check_schema,
-    load_yaml,
-    parse_cidr,
-    parse_duration,
-    parse_peer_lines,
-    parse_port,
-    parse_rate,
-    _MISSING,
-)
+from hostwall.units import parse_duration, parse_rate
+from hostwall.yamldoc import _MISSING, Issues, PolicyError, PolicyIssue, load_yaml
+
+from .validation import MAX_BAD_PEER_LINES, check_schema, parse_cidr, parse_peer_lines, parse_port
 
 __all__ = [
     "Direction", "Action", "Protocol", "PeerSet", "Rule", "Defaults", "DosProfile", "InterfaceConf",
@@ -81,12 +72,12 @@ class PeerSet:
         object.__setattr__(self, "v6_len", list(self.v6_len))
 
     @classmethod
-    def everything(cls) -> "PeerSet":
+    def everything(cls) -> PeerSet:
         """The unrestricted set (rule has no peers / peers_file)."""
         return cls(True, np.empty(0, np.uint32), np.empty(0, np.uint8), [], [])
 
     @classmethod
-    def from_cidrs(cls, cidrs: Iterable[str]) -> "PeerSet":
+    def from_cidrs(cls, cidrs: Iterable[str]) -> PeerSet:
         """Build from CIDR strings (bare address = host route); ValueError on the first bad one."""
         v4: set[tuple[int, int]] = set()
         v6: set[tuple[int, int]] = set()
@@ -96,7 +87,7 @@ class PeerSet:
         return cls._from_pairs(v4, v6)
 
     @classmethod
-    def _from_pairs(cls, v4: Iterable[tuple[int, int]], v6: Iterable[tuple[int, int]]) -> "PeerSet":
+    def _from_pairs(cls, v4: Iterable[tuple[int, int]], v6: Iterable[tuple[int, int]]) -> PeerSet:
         a4, a6 = sorted(set(v4)), sorted(set(v6))
         return cls(False, np.array([n for n, _ in a4], np.uint32), np.array([ln for _, ln in a4], np.uint8),
                    [n for n, _ in a6], [ln for _, ln in a6])

@@ -32,7 +32,8 @@ def main(argv: list[str] | None = None) -> int:
         from .netns import cleanup_stale
         print(f"removed: {cleanup_stale() or 'nothing'}")
         return 0
-    from collector.config import parse_sink
+    from hostwall.collector.config import parse_sink
+
     from .demo import DEFAULT_POLICY, run_demo
     if not 0 < a.flood_seconds <= 30:
         ap.error("--flood-seconds must be in (0, 30]")

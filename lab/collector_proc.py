@@ -21,8 +21,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
@@ -64,8 +65,8 @@ class CollectorProcess:
         self.jsonl = self.out_dir / "flows.jsonl"
         self.sinks = list(sinks) if sinks else [f"jsonl:{self.jsonl}"]
         self.config = _merge(LAB_CONFIG, config or {})
-        self.config_path = self.out_dir / "collector.yaml"
-        self.log_path = self.out_dir / "collector.log"
+        self.config_path = self.out_dir / "hostwall.collector.yaml"
+        self.log_path = self.out_dir / "hostwall.collector.log"
         self.env = dict(enforcer.env, PYTHONPATH=str(REPO_ROOT))
         self.extra = extra
         self.proc: subprocess.Popen | None = None
@@ -76,7 +77,7 @@ class CollectorProcess:
 
     # ---- lifecycle -------------------------------------------------------------------------------
     def argv(self) -> list[str]:
-        argv = [sys.executable, "-m", "collector.cli", "run", "--config", str(self.config_path),
+        argv = [sys.executable, "-m", "hostwall.collector.cli", "run", "--config", str(self.config_path),
                 "--pin-dir", self.pin_dir]
         if all(isinstance(s, str) for s in self.sinks):
             for s in self.sinks:
@@ -92,7 +93,7 @@ class CollectorProcess:
         self.config_path.write_text(text)
         return self.config_path
 
-    def start(self, timeout: float = 60.0) -> "CollectorProcess":
+    def start(self, timeout: float = 60.0) -> CollectorProcess:
         self.write_config()
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(self.argv(), env=self.env, cwd=REPO_ROOT, stdout=subprocess.PIPE,
@@ -138,7 +139,7 @@ class CollectorProcess:
             self._log.close()
             self._log = None
 
-    def __enter__(self) -> "CollectorProcess":
+    def __enter__(self) -> CollectorProcess:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -146,7 +147,7 @@ class CollectorProcess:
 
     # ---- observing -------------------------------------------------------------------------------
     def cli(self, *args: str, timeout: float = 30.0) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "collector.cli", *args], env=self.env, cwd=REPO_ROOT,
+        return subprocess.run([sys.executable, "-m", "hostwall.collector.cli", *args], env=self.env, cwd=REPO_ROOT,
                               capture_output=True, text=True, timeout=timeout)
 
     def status(self) -> dict:
@@ -217,7 +218,7 @@ class JsonlFollower:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="jsonl-follower", daemon=True)
 
-    def start(self) -> "JsonlFollower":
+    def start(self) -> JsonlFollower:
         self._thread.start()
         return self
 
@@ -248,7 +249,7 @@ class JsonlFollower:
         self._stop.set()
         self._thread.join(timeout=5)
 
-    def __enter__(self) -> "JsonlFollower":
+    def __enter__(self) -> JsonlFollower:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -30,12 +30,14 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from hostwall import resource_dir
+
 from . import traffic
 from .collector_proc import LAB_CONFIG, CollectorProcess, JsonlFollower, kind, read_jsonl
 from .enforcer_proc import EnforcerProcess
-from .netns import REPO_ROOT, Lab, cleanup_stale, lab_available
+from .netns import Lab, cleanup_stale, lab_available
 
-DEFAULT_POLICY = REPO_ROOT / "examples" / "policy.yaml"
+DEFAULT_POLICY = resource_dir("examples") / "policy.yaml"
 DEFAULT_OUT = Path("/var/tmp/hostwall-demo")
 ATTACKER_PREFIX = "10.66.3.0/24"           # the attacker host's /24 (anomaly keys are /24 by default)
 OPEN_WITHIN_S = 2.0                        # flood start → anomaly open (the bound)
@@ -191,7 +193,7 @@ def _astate(rec: dict) -> str:
 
 
 def iso_s(s: str) -> float:
-    from collector.records import parse_iso_ns
+    from hostwall.collector.records import parse_iso_ns
     return parse_iso_ns(s) / 1e9
 
 

@@ -34,8 +34,8 @@ class EnforcerProcess:
         self.banner = ""
 
     # ---- lifecycle -------------------------------------------------------------------------------
-    def start(self, timeout: float = 60.0) -> "EnforcerProcess":
-        argv = [sys.executable, "-m", "enforcer.cli", "run", "--policy", self.policy, "--netns", self.lab.ns(self.host),
+    def start(self, timeout: float = 60.0) -> EnforcerProcess:
+        argv = [sys.executable, "-m", "hostwall.enforcer.cli", "run", "--policy", self.policy, "--netns", self.lab.ns(self.host),
                 "--interface", "eth0", *self.extra]
         if self.keep_attached:
             argv.append("--keep-attached")
@@ -69,7 +69,7 @@ class EnforcerProcess:
         if self._own_state:
             shutil.rmtree(self.state_dir, ignore_errors=True)
 
-    def __enter__(self) -> "EnforcerProcess":
+    def __enter__(self) -> EnforcerProcess:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -77,7 +77,7 @@ class EnforcerProcess:
 
     # ---- control ---------------------------------------------------------------------------------
     def cli(self, *args: str, check: bool = True, timeout: float = 120.0) -> subprocess.CompletedProcess:
-        r = subprocess.run([sys.executable, "-m", "enforcer.cli", *args], env=self.env, cwd=REPO_ROOT,
+        r = subprocess.run([sys.executable, "-m", "hostwall.enforcer.cli", *args], env=self.env, cwd=REPO_ROOT,
                            capture_output=True, text=True, timeout=timeout)
         if check and r.returncode:
             raise RuntimeError(f"hostwall-enforcer {' '.join(args)} failed ({r.returncode}): {r.stderr[-2000:]}")
@@ -104,8 +104,8 @@ def events_admitted(dp) -> int:
     `dp` (an enforcer.datapath.Datapath), summed over event types and CPUs."""
     import numpy as np
 
-    from enforcer import layout as L
-    from enforcer._internal import bpfsys
+    from hostwall.bpf import bpfsys
+    from hostwall.bpf import layout as L
     stride = L.DTYPES["hw_counter"].itemsize * dp.ncpus
     n = 0
     for t in L.EVENT_TYPE_NAMES:

@@ -41,9 +41,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
 
 __all__ = ["Lab", "LabError", "HostSpec", "HOSTS", "SWITCH", "LAB_V4", "LAB_V6",
            "cleanup_stale", "first_line", "lab_available", "REPO_ROOT"]
@@ -168,7 +168,7 @@ def _pdeathsig() -> None:          # runs in the child between fork and exec
     try:
         import ctypes
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
-    except Exception:
+    except (OSError, AttributeError):
         pass
 
 
@@ -468,7 +468,7 @@ class Lab:
         if errors:
             raise LabError("lab cleanup: " + "; ".join(errors))
 
-    def __enter__(self) -> "Lab":
+    def __enter__(self) -> Lab:
         return self
 
     def __exit__(self, *exc) -> None:

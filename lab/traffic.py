@@ -2,7 +2,7 @@
 and trafgen floods. Standard library only (starts fast inside a namespace).
 
 Two ways to use it:
-- inside a namespace, as a library or CLI:  ip netns exec NS python -m lab.traffic tcp-client --host ...
+- inside a namespace, as a library or CLI:  ip netns exec NS python -m hostwall.lab.traffic tcp-client --host ...
   Every client prints one JSON object on stdout; servers print {"ready": true, ...} once listening and
   a JSON summary when they stop (SIGTERM/SIGINT or --duration).
 - from the test process (root namespace), through a Lab: `run_in(lab, host, [...])`, `echo_servers(...)`,
@@ -28,9 +28,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .netns import Lab
@@ -153,7 +154,7 @@ async def _serve(tcp_ports: Sequence[int], udp_ports: Sequence[int], duration: f
         on_ready()
         try:
             await asyncio.wait_for(stop.wait(), timeout=min(duration, SERVER_MAX_S))
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
     finally:
         for s in servers:
@@ -258,7 +259,7 @@ def udp_client(host: str, port: int, count: int = 5, *, timeout: float = 1.0, si
                 for _ in range(64):               # bounded: skip at most 64 stale echoes
                     left = end - time.monotonic()
                     if left <= 0:
-                        raise socket.timeout()
+                        raise TimeoutError()
                     s.settimeout(left)
                     data = s.recv(65536)
                     if data == payload:
@@ -266,7 +267,7 @@ def udp_client(host: str, port: int, count: int = 5, *, timeout: float = 1.0, si
                         lat.append((time.perf_counter() - t0) * 1000)
                         break
                 else:
-                    raise socket.timeout()
+                    raise TimeoutError()
             except OSError as e:
                 k = _err_kind(e)
                 errors[k] = errors.get(k, 0) + 1
@@ -313,7 +314,7 @@ def long_lived(host: str, port: int, *, interval_ms: float = 50.0, duration: flo
                 max_gap = max(max_gap, t - last_ok)
                 last_ok = t
                 lat.append((time.perf_counter() - t0) * 1000)
-            except socket.timeout:
+            except TimeoutError:
                 fail += 1                       # the echo may still arrive: keep the stream aligned
                 error = "timeout"
                 try:
@@ -453,7 +454,7 @@ class TrafgenRun:
     @classmethod
     def start(cls, config: str, *, dev: str = "eth0", cpus: int = 1, rate_pps: int | None = None,
               max_duration: float = 30.0, popen: Callable[[list[str]], subprocess.Popen] | None = None
-              ) -> "TrafgenRun":
+              ) -> TrafgenRun:
         fd, path = tempfile.mkstemp(prefix="hwl-trafgen-", suffix=".cfg")
         with os.fdopen(fd, "w") as f:
             f.write(config)
@@ -499,7 +500,7 @@ class TrafgenRun:
         self.result = r
         return r
 
-    def __enter__(self) -> "TrafgenRun":
+    def __enter__(self) -> TrafgenRun:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -551,28 +552,28 @@ def _last_json(text: str) -> dict:
     raise ValueError(f"no JSON result in output: {text[-500:]!r}")
 
 
-def run_in(lab: "Lab", host: str, command: str, /, *, timeout: float = 60.0, **params) -> dict:
-    """Run `python -m lab.traffic COMMAND --param value ...` inside host's namespace; return its JSON."""
-    cp = lab.python(host, ["-m", "lab.traffic", command, *_cli_args(params)], timeout=timeout, check=False)
+def run_in(lab: Lab, host: str, command: str, /, *, timeout: float = 60.0, **params) -> dict:
+    """Run `python -m hostwall.lab.traffic COMMAND --param value ...` inside host's namespace; return its JSON."""
+    cp = lab.python(host, ["-m", "hostwall.lab.traffic", command, *_cli_args(params)], timeout=timeout, check=False)
     if cp.returncode != 0:
         raise RuntimeError(f"[{host}] lab.traffic {command} failed (exit {cp.returncode}): {cp.stderr[-1500:]}")
     return _last_json(cp.stdout)
 
 
-def tcp_client_in(lab: "Lab", host: str, dst: str, port: int, count: int = 5, *, timeout: float = 1.0,
+def tcp_client_in(lab: Lab, host: str, dst: str, port: int, count: int = 5, *, timeout: float = 1.0,
                   **kw) -> dict:
     """TCP round trips from host's namespace to dst:port (kw: size, reuse, interval)."""
     return run_in(lab, host, "tcp-client", timeout=count * (2 * timeout + 1) + 15,
                   **{"host": dst, "port": port, "count": count, "op_timeout": timeout, **kw})
 
 
-def udp_client_in(lab: "Lab", host: str, dst: str, port: int, count: int = 5, *, timeout: float = 1.0,
+def udp_client_in(lab: Lab, host: str, dst: str, port: int, count: int = 5, *, timeout: float = 1.0,
                   **kw) -> dict:
     return run_in(lab, host, "udp-client", timeout=count * (timeout + 1) + 15,
                   **{"host": dst, "port": port, "count": count, "op_timeout": timeout, **kw})
 
 
-def ping_in(lab: "Lab", host: str, dst: str, count: int = 3, *, timeout: float = 1.0,
+def ping_in(lab: Lab, host: str, dst: str, count: int = 3, *, timeout: float = 1.0,
             interval: float = 0.2) -> dict:
     """ping from host's namespace (no Python start-up: runs the ping binary directly)."""
     argv = ping_argv(dst, count, timeout=timeout, interval=interval)
@@ -583,7 +584,7 @@ def ping_in(lab: "Lab", host: str, dst: str, count: int = 3, *, timeout: float =
 class Background:
     """A lab.traffic command running in a namespace; result() waits (bounded) for its JSON."""
 
-    def __init__(self, lab: "Lab", host: str, proc: subprocess.Popen, what: str):
+    def __init__(self, lab: Lab, host: str, proc: subprocess.Popen, what: str):
         self.lab, self.host, self.proc, self.what = lab, host, proc, what
 
     def result(self, timeout: float = 60.0) -> dict:
@@ -604,13 +605,13 @@ class Background:
             return None
 
 
-def start_in(lab: "Lab", host: str, command: str, /, **params) -> Background:
-    """Start `python -m lab.traffic COMMAND ...` in the background inside host's namespace."""
-    argv = [sys.executable, "-m", "lab.traffic", command, *_cli_args(params)]
+def start_in(lab: Lab, host: str, command: str, /, **params) -> Background:
+    """Start `python -m hostwall.lab.traffic COMMAND ...` in the background inside host's namespace."""
+    argv = [sys.executable, "-m", "hostwall.lab.traffic", command, *_cli_args(params)]
     return Background(lab, host, lab.popen(host, argv), command)
 
 
-def long_lived_in(lab: "Lab", host: str, dst: str, port: int, *, interval_ms: float = 50, duration: float = 5,
+def long_lived_in(lab: Lab, host: str, dst: str, port: int, *, interval_ms: float = 50, duration: float = 5,
                   timeout: float = 1.0) -> Background:
     """Start the long-lived connection probe in the background; .result() gives its report."""
     return start_in(lab, host, "long-lived", host=dst, port=port, interval_ms=interval_ms, duration=duration,
@@ -619,7 +620,7 @@ def long_lived_in(lab: "Lab", host: str, dst: str, port: int, *, interval_ms: fl
 
 @dataclass
 class EchoServers:
-    lab: "Lab"
+    lab: Lab
     host: str
     proc: subprocess.Popen
     tcp: list[int] = field(default_factory=list)
@@ -637,10 +638,10 @@ class EchoServers:
 
 
 @contextmanager
-def echo_servers(lab: "Lab", host: str, *, tcp: Sequence[int] = (), udp: Sequence[int] = (),
+def echo_servers(lab: Lab, host: str, *, tcp: Sequence[int] = (), udp: Sequence[int] = (),
                  duration: float = 300.0, ready_timeout: float = 10.0) -> Iterator[EchoServers]:
     """TCP and UDP echo servers (v4 + v6) in host's namespace, listening when this yields."""
-    argv = [sys.executable, "-m", "lab.traffic", "echo-server", *_cli_args(
+    argv = [sys.executable, "-m", "hostwall.lab.traffic", "echo-server", *_cli_args(
         {"tcp": list(tcp) or None, "udp": list(udp) or None, "duration": duration})]
     proc = lab.popen(host, argv)
     srv = EchoServers(lab, host, proc, list(tcp), list(udp))
@@ -675,7 +676,7 @@ def _wait_ready(proc: subprocess.Popen, timeout: float, what: str) -> dict:
     raise RuntimeError(f"{what} not ready within {timeout:g} s {err}")
 
 
-def trafgen_in(lab: "Lab", host: str, *, kind: str = "udp", dst_host: str = "prot", family: int = 4,
+def trafgen_in(lab: Lab, host: str, *, kind: str = "udp", dst_host: str = "prot", family: int = 4,
                src: str | None = None, dport: int = 5353, sport: int | tuple[int, int] = 40000, size: int = 64,
                duration: float | None = 3.0, rate_pps: int | None = None, cpus: int = 1,
                dst: str | None = None) -> dict | TrafgenRun:
@@ -697,7 +698,7 @@ def _ports(s: str) -> list[int]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m lab.traffic", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m hostwall.lab.traffic", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     p = sub.add_parser("echo-server", help="TCP and/or UDP echo servers, IPv4 + IPv6")

@@ -21,7 +21,8 @@ Cost per record: a few dict operations on cache hits; misses cost what the resol
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from .cgroup import CgroupInfo, CgroupResolver, LruTtlCache
 from .host import HostInfo, Iface, InstanceStateView, InterfaceTable
@@ -63,13 +64,13 @@ class Enricher:
         iface = None
         try:
             iface = self._interface(record, hw)
-        except Exception:
+        except Exception:  # noqa: BLE001 — enrichment is best effort: counted, the record ships
             self.counters["errors"] += 1
         if hw.get("kind") not in _ATTRIBUTED_KINDS:
             return
         try:
             self._attribute(record, hw, iface)
-        except Exception:
+        except Exception:  # noqa: BLE001 — enrichment is best effort: counted, the record ships
             self.counters["errors"] += 1
 
     # ---- interface -------------------------------------------------------------------------------

@@ -28,8 +28,9 @@ import re
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field, replace
-from typing import Callable, Generic, Hashable, TypeVar
+from typing import Generic, TypeVar
 
 __all__ = ["CgroupInfo", "CgroupResolver", "LruTtlCache", "RuntimeMetadata", "cgroup2_mount",
            "parse_cgroup_path", "cgroup_id_of"]

@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from enforcer.state import InstanceState, audit_log_path, state_path
+from hostwall.bpf.state import InstanceState, audit_log_path, state_path
 
 __all__ = ["HostInfo", "InstanceStateView", "InterfaceTable", "Iface", "NO_RULE_SLOT", "collector_version"]
 
@@ -29,10 +29,10 @@ REVISIONS_KEPT = 64
 
 
 def collector_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
     try:
-        from importlib.metadata import version
         return version("hostwall")
-    except Exception:
+    except PackageNotFoundError:
         return "0.0.0"
 
 
@@ -52,7 +52,7 @@ class HostInfo:
     kernel: str = ""
 
     @classmethod
-    def detect(cls, pin_dir: str = "") -> "HostInfo":
+    def detect(cls, pin_dir: str = "") -> HostInfo:
         return cls(hostname=socket.gethostname(), boot_id=_read("/proc/sys/kernel/random/boot_id"),
                    pin_dir=pin_dir, version=collector_version(), kernel=os.uname().release)
 
@@ -194,7 +194,7 @@ class InterfaceTable:
             return {name: i for i, name in socket.if_nameindex()}
         try:
             cp = subprocess.run(["ip", "-j", "-n", netns, "link", "show"], capture_output=True, text=True, timeout=5)
-            return {l["ifname"]: int(l["ifindex"]) for l in json.loads(cp.stdout or "[]")}
+            return {link["ifname"]: int(link["ifindex"]) for link in json.loads(cp.stdout or "[]")}
         except (OSError, ValueError, subprocess.TimeoutExpired, KeyError):
             self.errors += 1
             return {}

@@ -31,9 +31,10 @@ import os
 import socket
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor, TimeoutError as FutureTimeout
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
-from typing import Callable
 
 from .cgroup import LruTtlCache, cgroup2_mount, cgroup_id_of
 
@@ -141,12 +142,12 @@ class SocketOwnerResolver:
             for ds in self._diag.values():
                 try:
                     ds.close()
-                except Exception:
+                except OSError:
                     pass
             self._diag.clear()
         try:
             self._pool.submit(_close).result(self.timeout_s)
-        except Exception:
+        except (TimeoutError, OSError):
             pass
         self._pool.shutdown(wait=False)
 
@@ -186,7 +187,7 @@ class SocketOwnerResolver:
                 for m in ds.get_sock_stats(family=fam, protocol=proto, states=0xFFFFFFFF):
                     index.setdefault(m["idiag_sport"], []).append(
                         (m["idiag_src"], m["idiag_state"], m["idiag_inode"], m.get_attr("INET_DIAG_CGROUP_ID") or 0))
-        except Exception:
+        except Exception:  # noqa: BLE001 — any netlink failure: counted, the socket is rebuilt next time
             self.counters["dump_errors"] += 1
             self._drop_socket(netns)
             return None
@@ -237,7 +238,7 @@ class SocketOwnerResolver:
         if ds is not None:
             try:
                 ds.close()
-            except Exception:
+            except OSError:
                 pass
 
     def _pid_of(self, inode: int) -> int:

@@ -10,8 +10,8 @@ from .base import FullQueuePolicy, Sink, SinkUnavailable
 __all__ = ["FullQueuePolicy", "Sink", "SinkUnavailable", "build_sink"]
 
 # scheme -> (module, class).
-_IMPL = {"jsonl": ("collector.sinks.jsonl", "JsonlSink"), "console": ("collector.sinks.console", "ConsoleSink"),
-         "kafka": ("collector.sinks.kafka", "KafkaSink"), "otlp": ("collector.sinks.otlp", "OtlpSink")}
+_IMPL = {"jsonl": ("hostwall.collector.sinks.jsonl", "JsonlSink"), "console": ("hostwall.collector.sinks.console", "ConsoleSink"),
+         "kafka": ("hostwall.collector.sinks.kafka", "KafkaSink"), "otlp": ("hostwall.collector.sinks.otlp", "OtlpSink")}
 
 
 def build_sink(spec, config) -> Sink:

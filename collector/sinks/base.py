@@ -25,7 +25,7 @@ from collections import Counter
 from typing import Any, Protocol, runtime_checkable
 
 
-class FullQueuePolicy(str, enum.Enum):
+class FullQueuePolicy(enum.StrEnum):
     BLOCK = "block"
     DROP_OLDEST = "drop_oldest"
     DROP_NEWEST = "drop_newest"

@@ -124,7 +124,7 @@ class ConsoleSink(BaseSink):
         self._task: asyncio.Task | None = None
 
     @classmethod
-    def from_spec(cls, spec, config) -> "ConsoleSink":
+    def from_spec(cls, spec, config) -> ConsoleSink:
         return cls(name=spec.name)
 
     async def start(self) -> None:

@@ -32,7 +32,7 @@ from .spool import _write_all
 
 def make_encoder(encoding: str):
     """record -> bytes (no trailing newline) in `encoding` (collector.encoders: ecs | ocsf | otel)."""
-    from collector.encoders import FORMATS, encode
+    from hostwall.collector.encoders import FORMATS, encode
     if encoding not in FORMATS:
         raise SinkUnavailable(f"encoding {encoding!r} is not available; use one of {', '.join(FORMATS)}")
     return functools.partial(encode, fmt=encoding)
@@ -62,7 +62,7 @@ class JsonlSink(BaseSink):
         self.fsync_errors = 0
 
     @classmethod
-    def from_spec(cls, spec, config) -> "JsonlSink":
+    def from_spec(cls, spec, config) -> JsonlSink:
         o = config.jsonl
         return cls(spec.target, encoding=spec.encoding, rotate_bytes=o.rotate_bytes, rotate_keep=o.rotate_keep,
                    fsync=o.fsync, fsync_interval_s=o.fsync_interval_s, name=spec.name)
@@ -124,12 +124,12 @@ class JsonlSink(BaseSink):
         enc = self._encode
         try:
             return [enc(r) + b"\n" for r in records]           # fast path: no per-record try
-        except Exception:
+        except Exception:  # noqa: BLE001 — fall back to one record at a time to find the bad one
             out = []
             for r in records:
                 try:
                     out.append(enc(r) + b"\n")
-                except Exception as e:
+                except Exception as e:  # noqa: BLE001 — an unencodable record is counted lost, the rest go on
                     self._lose("encode_error", 1)
                     self.last_error = f"encode: {type(e).__name__}: {e}"
             return out

@@ -71,7 +71,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import aiokafka                                      # at import: a build without it fails in build_sink
+import aiokafka  # at import: a build without it fails in build_sink
 import orjson
 
 from ..records import _GcPaused
@@ -212,7 +212,7 @@ class KafkaSink(BaseSink):
 
     def __init__(self, bootstrap: str, *, encoding: str = "ecs", options=None, spool_dir: str | os.PathLike |
                  None = None, name: str | None = None, hostname: str | None = None):
-        from collector.config import KafkaOptions
+        from hostwall.collector.config import KafkaOptions
         super().__init__(name or f"kafka://{bootstrap}")
         self.bootstrap = bootstrap
         self.encoding = encoding
@@ -257,7 +257,7 @@ class KafkaSink(BaseSink):
         self.latency_n = 0
 
     @classmethod
-    def from_spec(cls, spec, config) -> "KafkaSink":
+    def from_spec(cls, spec, config) -> KafkaSink:
         return cls(spec.target, encoding=spec.encoding, options=config.kafka, name=spec.name,
                    hostname=config.hostname)
 
@@ -942,6 +942,6 @@ def _make_encoder(encoding: str):
     if encoding == "ecs":
         return orjson.dumps
     if encoding == "ocsf":
-        from collector.encoders import to_ocsf
+        from hostwall.collector.encoders import to_ocsf
         return lambda r: orjson.dumps(to_ocsf(r))
     raise SinkUnavailable(f"kafka sinks encode ecs or ocsf, not {encoding!r}")

@@ -6,7 +6,7 @@ sink exported it, severity (flows/summaries INFO, denies WARN, anomalies WARN..F
 body = a one-line summary, attributes = OpenTelemetry semantic conventions (network.*, source.*,
 destination.*, process.*, container.*, k8s.*, host.name, event.name, log.record.uid = event.id) plus
 hostwall.*; event_name = event.dataset. Resource: service.*, host.*, hostwall.pin_dir and
-hostwall.interfaces (collector/metrics.py resource_attributes). Scope: "hostwall.collector".
+hostwall.interfaces (collector/resource.py). Scope: "hostwall.collector".
 
 Delivery (DESIGN.md §6): the pipeline's bounded queue in front of this sink drops the OLDEST batch when
 full (full_queue_policy drop_oldest, counted "queue_full" in the ledger): fresh data first. send() exports
@@ -26,8 +26,9 @@ import logging
 import random
 import time
 
-import opentelemetry.sdk._logs                       # noqa: F401 — at import: a build without the SDK fails
-                                                     # in build_sink, before the kernel is touched
+import opentelemetry.sdk._logs  # noqa: F401 — at import: a build without the SDK fails
+
+# in build_sink, before the kernel is touched
 from .base import BaseSink, FullQueuePolicy, SinkUnavailable
 
 log = logging.getLogger("hostwall.collector.otlp")
@@ -87,7 +88,7 @@ class OtlpSink(BaseSink):
     full_queue_policy = FullQueuePolicy.DROP_OLDEST
 
     def __init__(self, endpoint: str, *, options=None, resource: dict | None = None, name: str | None = None):
-        from collector.config import OtlpOptions
+        from hostwall.collector.config import OtlpOptions
         super().__init__(name or f"otlp://{endpoint}")
         self.endpoint = endpoint
         self.o = options or OtlpOptions()
@@ -103,14 +104,15 @@ class OtlpSink(BaseSink):
         self._closed = False
 
     @classmethod
-    def from_spec(cls, spec, config) -> "OtlpSink":
-        from collector.metrics import resource_attributes
+    def from_spec(cls, spec, config) -> OtlpSink:
+        from hostwall.collector.resource import resource_attributes
         return cls(spec.target, options=config.otlp, resource=resource_attributes(config), name=spec.name)
 
     async def start(self) -> None:
         from opentelemetry.sdk.resources import Resource
         from opentelemetry.sdk.util.instrumentation import InstrumentationScope
-        from collector.enrich.host import collector_version
+
+        from hostwall.collector.enrich.host import collector_version
         self._exporter = make_log_exporter(self.endpoint, self.o)
         self._resource = Resource.create(self.resource_attrs)
         self._scope = InstrumentationScope(SCOPE, collector_version())
@@ -124,7 +126,8 @@ class OtlpSink(BaseSink):
         """Canonical records → SDK ReadableLogRecords; records the mapping rejects are counted lost."""
         from opentelemetry._logs import LogRecord, SeverityNumber
         from opentelemetry.sdk._logs import ReadableLogRecord
-        from collector.encoders.otel import to_otel
+
+        from hostwall.collector.encoders.otel import to_otel
         out = []
         for r in records:
             try:

@@ -9,11 +9,11 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from enforcer import layout as L
-from enforcer._internal import bpfsys
-from enforcer.compiler import compile_policy
-from enforcer.datapath import Datapath
-from enforcer.policy import Policy, parse_policy
+from hostwall.bpf import bpfsys
+from hostwall.bpf import layout as L
+from hostwall.enforcer.compiler import compile_policy
+from hostwall.enforcer.datapath import Datapath
+from hostwall.enforcer.policy import Policy, parse_policy
 
 XDP_DROP, XDP_PASS = 1, 2
 TC_ACT_OK, TC_ACT_SHOT = 0, 2

@@ -3,12 +3,19 @@ judge the very same packet."""
 from __future__ import annotations
 
 from scapy.layers.inet import ICMP, IP, TCP, UDP
-from scapy.layers.inet6 import (ICMPv6DestUnreach, ICMPv6EchoReply, ICMPv6EchoRequest, IPv6,
-                                IPv6ExtHdrDestOpt, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop, IPv6ExtHdrRouting)
+from scapy.layers.inet6 import (
+    ICMPv6EchoReply,
+    ICMPv6EchoRequest,
+    IPv6,
+    IPv6ExtHdrDestOpt,
+    IPv6ExtHdrFragment,
+    IPv6ExtHdrHopByHop,
+    IPv6ExtHdrRouting,
+)
 from scapy.layers.l2 import Dot1Q, Ether
 from scapy.packet import Raw, raw
 
-from enforcer.reference import Packet
+from hostwall.enforcer.reference import Packet
 
 ETH = dict(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
 

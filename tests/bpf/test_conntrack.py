@@ -11,7 +11,8 @@ from scapy.layers.inet6 import ICMPv6DestUnreach, ICMPv6EchoReply, ICMPv6EchoReq
 from scapy.layers.l2 import Ether
 from scapy.packet import raw
 
-from enforcer import conntrack, layout as L
+from hostwall.bpf import conntrack
+from hostwall.bpf import layout as L
 
 pytestmark = pytest.mark.bpf
 
@@ -235,8 +236,8 @@ def test_closed_connection_is_not_reported_twice_when_its_slot_is_taken(harness,
 def test_restart_with_another_build_carries_connections_over(harness):
     """control._migrate_conntrack: a freshly loaded datapath takes over the tables slot for slot, with
     the old hash seed, so replies of connections opened before the restart still pass."""
-    from enforcer.control import _migrate_conntrack
-    from enforcer.datapath import Datapath
+    from hostwall.enforcer.control import _migrate_conntrack
+    from hostwall.enforcer.datapath import Datapath
     harness.install(POLICY % "true")
     for sport in (40000, 40001):
         harness.run("tc_egress", out_tcp("S", sport=sport))

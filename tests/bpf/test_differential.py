@@ -8,9 +8,10 @@ from __future__ import annotations
 import ipaddress
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from enforcer.reference import Packet, evaluate
+from hostwall.enforcer.reference import Packet, evaluate
 
 from .packets import frame
 
@@ -135,7 +136,7 @@ def test_4096_rules_and_100k_prefixes_match_reference(harness, tmp_path):
                      f"action: {rnd.choice(['allow', 'deny'])}, protocol: {rnd.choice(['tcp', 'udp'])}, "
                      f"peers: [{a}.{b}.0.0/16], ports: [\"{lo}-{lo + rnd.randrange(0, 500)}\"]}}")
     (tmp_path / "p.yaml").write_text("\n".join(lines) + "\n")
-    from enforcer.policy import load_policy
+    from hostwall.enforcer.policy import load_policy
     policy = load_policy(tmp_path / "p.yaml")
     harness.install(policy)
     listed = sorted(nets)

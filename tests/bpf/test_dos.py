@@ -5,15 +5,17 @@ import ipaddress
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.inet6 import ICMPv6EchoRequest, IPv6
 from scapy.layers.l2 import Ether
-from scapy.packet import Raw, raw
+from scapy.packet import raw
 
-from enforcer import bans, dos_sources, layout as L
-from enforcer._internal import bpfsys
-from enforcer.dos_reference import DosModel, Pkt, ProfileParams
+from hostwall.bpf import bpfsys, dos_sources
+from hostwall.bpf import layout as L
+from hostwall.enforcer import bans
+from hostwall.enforcer.dos_reference import DosModel, Pkt, ProfileParams
 
 pytestmark = pytest.mark.bpf
 
@@ -160,7 +162,7 @@ def test_port_limit_is_shared_by_all_sources(harness):
 def test_ban_after_streak_and_expiry(harness):
     install(harness, "per_source: {pps: 2, burst: 2}\nban: {after: 3s, duration: 10s}")
     now = T0
-    for i in range(40):                     # 4 s of over-limit traffic, 10 packets/s
+    for _ in range(40):                     # 4 s of over-limit traffic, 10 packets/s
         got = outcome_reason(send(harness, Pkt("10.4.4.4", 17), now))
         now += 100_000_000
         if now - T0 > 3_500_000_000:        # the packet that completes the 3 s streak starts the ban

@@ -2,15 +2,14 @@
 that adds up exactly to the drop counters (DESIGN.md §2, §6)."""
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.l2 import Ether
 from scapy.packet import raw
 
-from enforcer import layout as L
-from enforcer._internal import bpfsys
+from hostwall.bpf import bpfsys
+from hostwall.bpf import layout as L
 
 pytestmark = pytest.mark.bpf
 

@@ -8,7 +8,7 @@ import pytest
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.inet6 import IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrHopByHop
 from scapy.layers.l2 import ARP, Dot1Q, Ether
-from scapy.packet import Raw, raw
+from scapy.packet import raw
 
 pytestmark = pytest.mark.bpf
 

@@ -38,7 +38,7 @@ pytestmark = pytest.mark.bpf
 
 
 def cli(*args, env=None, check=False, timeout=120):
-    r = subprocess.run([sys.executable, "-m", "enforcer.cli", *args], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-m", "hostwall.enforcer.cli", *args], capture_output=True, text=True,
                        env=env, cwd=ROOT, timeout=timeout)
     if check and r.returncode:
         raise AssertionError(f"{args}: rc={r.returncode}\n{r.stdout}\n{r.stderr}")
@@ -73,7 +73,7 @@ def write(tmp, name, text):
 
 
 def start(inst, policy, *extra):
-    p = subprocess.Popen([sys.executable, "-m", "enforcer.cli", "run", "--policy", policy, "--netns", inst["ns"],
+    p = subprocess.Popen([sys.executable, "-m", "hostwall.enforcer.cli", "run", "--policy", policy, "--netns", inst["ns"],
                           "--interface", "v0", *extra], env=inst["env"], cwd=ROOT, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)
     inst["procs"].append(p)

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from collector.accounting import Ledger
+from hostwall.collector.accounting import Ledger
 
 
 def test_balance_of_one_sink():

@@ -10,9 +10,9 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from collector.anomaly import AnomalyConfig, AnomalyConfigError, AnomalyDetector
-from collector.enrich.host import HostInfo
-from collector.records import iso_ns
+from hostwall.collector.anomaly import AnomalyConfig, AnomalyConfigError, AnomalyDetector
+from hostwall.collector.enrich.host import HostInfo
+from hostwall.collector.records import iso_ns
 
 T0 = 1_700_000_000.0
 SCHEMA = json.loads((Path(__file__).resolve().parents[2] / "schemas" / "anomaly.schema.json").read_text())
@@ -41,7 +41,10 @@ def run(det: AnomalyDetector, seconds: int, per_second) -> list[dict]:
     return out
 
 
-def steady(s, rng=random.Random(7)):
+_STEADY_RNG = random.Random(7)
+
+
+def steady(s, rng=_STEADY_RNG):
     return [summary("10.1.2.0/24", max(0, round(rng.gauss(200, 20))), T0 + s, T0 + s + 1),
             summary("10.1.3.0/24", max(0, round(rng.gauss(60, 8))), T0 + s, T0 + s + 1, reason="policy_deny", port=80)]
 

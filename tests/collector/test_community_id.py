@@ -11,9 +11,10 @@ import json
 from pathlib import Path
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
-from collector.community_id import community_id
+from hostwall.collector.community_id import community_id
 
 DATA = Path(__file__).parent / "data"
 BASELINE = json.loads((DATA / "community_id_baseline_deflt.json").read_text())

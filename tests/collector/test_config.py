@@ -8,12 +8,12 @@ import types
 
 import pytest
 
-from collector.config import DEFAULT_SINK, ConfigError, load_config, parse_size, parse_sink
-from collector.sinks import SinkUnavailable, build_sink
+from hostwall.collector.config import DEFAULT_SINK, ConfigError, load_config, parse_sink, parse_size
+from hostwall.collector.sinks import build_sink
 
 
 def write(tmp_path, text: str):
-    p = tmp_path / "collector.yaml"
+    p = tmp_path / "hostwall.collector.yaml"
     p.write_text(textwrap.dedent(text).lstrip("\n"))
     return p
 
@@ -199,9 +199,9 @@ def test_anomaly_section_goes_to_the_anomaly_module(tmp_path, monkeypatch):
                 raise ValueError("threshold: must be >= 0\nwindow: must be a duration")
             return ("cfg", d)
 
-    fake = types.ModuleType("collector.anomaly")
+    fake = types.ModuleType("hostwall.collector.anomaly")
     fake.AnomalyConfig = AnomalyConfig
-    monkeypatch.setitem(sys.modules, "collector.anomaly", fake)
+    monkeypatch.setitem(sys.modules, "hostwall.collector.anomaly", fake)
     cfg = load_config(write(tmp_path, "anomaly: {threshold: 3, window: 10s}\n"), env={})
     assert cfg.anomaly == ("cfg", {"threshold": 3, "window": "10s"})
     with pytest.raises(ConfigError) as ei:
@@ -211,7 +211,7 @@ def test_anomaly_section_goes_to_the_anomaly_module(tmp_path, monkeypatch):
 
 
 def test_cli_bad_config_exits_2_listing_every_error(tmp_path, capsys):
-    from collector.cli import main
+    from hostwall.collector.cli import main
     p = write(tmp_path, "event_budget: lots\njsonl: {fsync: maybe}\n")
     assert main(["check-config", "--config", str(p), "--sink", "ftp://x"]) == 2
     err = capsys.readouterr().err
@@ -220,7 +220,7 @@ def test_cli_bad_config_exits_2_listing_every_error(tmp_path, capsys):
 
 
 def test_cli_check_config_prints_the_resolved_config(tmp_path, capsys, monkeypatch):
-    from collector.cli import main
+    from hostwall.collector.cli import main
     monkeypatch.setenv("HOSTWALL_COLLECTOR_EVENT_BUDGET", "77")
     assert main(["check-config", "--sink", "console", "--encoding", "ocsf"]) == 0
     out = json.loads(capsys.readouterr().out)
@@ -229,16 +229,16 @@ def test_cli_check_config_prints_the_resolved_config(tmp_path, capsys, monkeypat
 
 
 def test_cli_run_fails_in_one_line_without_a_pinned_instance(tmp_path, capsys):
-    from collector.cli import main
+    from hostwall.collector.cli import main
     assert main(["run", "--pin-dir", str(tmp_path), "--sink", f"jsonl:{tmp_path}/f.jsonl"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no hostwall instance is pinned there" in err[0]
 
 
 def test_cli_status_reads_the_status_file(tmp_path, capsys, monkeypatch):
-    from collector.accounting import Ledger
-    from collector.cli import main
-    from collector.pipeline import write_status
+    from hostwall.collector.accounting import Ledger
+    from hostwall.collector.cli import main
+    from hostwall.collector.pipeline import write_status
     monkeypatch.setenv("HOSTWALL_STATE_DIR", str(tmp_path))
     assert main(["status", "--pin-dir", "/sys/fs/bpf/hostwall/x"]) == 1
     assert "no collector status at" in capsys.readouterr().err
@@ -271,8 +271,8 @@ def test_kafka_and_otlp_sinks_are_built_from_the_config():
 
 
 def test_cli_run_fails_in_one_line_when_a_sink_package_is_missing(tmp_path, capsys, monkeypatch):
-    from collector.cli import main
-    monkeypatch.delitem(sys.modules, "collector.sinks.kafka", raising=False)
+    from hostwall.collector.cli import main
+    monkeypatch.delitem(sys.modules, "hostwall.collector.sinks.kafka", raising=False)
     monkeypatch.setitem(sys.modules, "aiokafka", None)          # import aiokafka -> ModuleNotFoundError
     assert main(["run", "--pin-dir", str(tmp_path), "--sink", "kafka://127.0.0.1:9092"]) == 1
     err = capsys.readouterr().err.strip().splitlines()

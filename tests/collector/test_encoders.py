@@ -15,12 +15,12 @@ from pathlib import Path
 import orjson
 import pytest
 
-from collector.encoders import EncodeError, encode, to_ocsf, to_otel
-from collector.enrich import Enricher
-from collector.enrich.cgroup import CgroupInfo
-from collector.enrich.host import Iface, InstanceStateView
-from collector.enrich.sockets import SocketOwner
-from collector.records import parse_iso_ns
+from hostwall.collector.encoders import EncodeError, encode, to_ocsf, to_otel
+from hostwall.collector.enrich import Enricher
+from hostwall.collector.enrich.cgroup import CgroupInfo
+from hostwall.collector.enrich.host import Iface, InstanceStateView
+from hostwall.collector.enrich.sockets import SocketOwner
+from hostwall.collector.records import parse_iso_ns
 from tests.collector.test_anomaly import anomaly_records
 from tests.collector.test_records import HOST, audit_record, builder, sample_records, state
 
@@ -209,7 +209,7 @@ def test_ocsf_events_validate_against_the_ocsf_schema(tmp_path, monkeypatch):
         model.model_validate(copy.deepcopy(o))                  # raises pydantic.ValidationError on a mismatch
         classes.add(o["class_uid"])
         # attributes the model leaves untyped (profiles): must be OCSF dictionary attributes, with valid enums
-        for name, value in o.items():
+        for name in o:
             assert name in model.model_fields or name in dictionary, f"{name} is not an OCSF attribute"
         for name in ("action_id", "disposition_id"):
             if name in o:

@@ -17,8 +17,14 @@ from pathlib import Path
 
 import pytest
 
-from collector.enrich.cgroup import (CgroupResolver, LruTtlCache, RuntimeMetadata, cgroup2_mount, cgroup_id_of,
-                                     parse_cgroup_path)
+from hostwall.collector.enrich.cgroup import (
+    CgroupResolver,
+    LruTtlCache,
+    RuntimeMetadata,
+    cgroup2_mount,
+    cgroup_id_of,
+    parse_cgroup_path,
+)
 
 HEX = [secrets.token_hex(32) for _ in range(6)]
 UID = "0d0c3f29-1111-4222-8333-444455556666"
@@ -91,7 +97,7 @@ def test_real_cgroups_resolve_to_their_workload(cgroup_tree):
     mount, top, tree = cgroup_tree
     r = CgroupResolver(mount, runtime_meta=RuntimeMetadata(docker_root="/nonexistent", containerd_roots=(),
                                                            crio_roots=()))
-    for rel, (cgid, pid) in tree.items():
+    for rel, (cgid, _pid) in tree.items():
         info = r.resolve(cgid)
         assert info is not None, rel
         assert info.path == "/" + str((top / rel).relative_to(mount))
@@ -168,8 +174,8 @@ def _egress_flow(cgid: int, state: str) -> dict:
 
 
 def test_enricher_attributes_egress_by_the_kernel_cgroup_id_and_remembers_the_flow(cgroup_tree):
-    from collector.enrich import Enricher
-    from collector.enrich.host import HostInfo
+    from hostwall.collector.enrich import Enricher
+    from hostwall.collector.enrich.host import HostInfo
     mount, _, tree = cgroup_tree
     rel = next(r for r in LAYOUT if "cri-containerd" in r)
     cgid, _ = tree[rel]

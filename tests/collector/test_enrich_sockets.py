@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from collector.enrich import Enricher
-from collector.enrich.cgroup import CgroupResolver, RuntimeMetadata, cgroup2_mount
-from collector.enrich.host import HostInfo, InstanceStateView
-from collector.enrich.sockets import SocketOwnerResolver
-from enforcer.state import AttachedInterface, InstanceState
+from hostwall.bpf.state import AttachedInterface, InstanceState
+from hostwall.collector.enrich import Enricher
+from hostwall.collector.enrich.cgroup import CgroupResolver, RuntimeMetadata, cgroup2_mount
+from hostwall.collector.enrich.host import HostInfo, InstanceStateView
+from hostwall.collector.enrich.sockets import SocketOwnerResolver
 from tests.collector.test_enrich_cgroup import rmdir_cgroup
 
 ADDR = "10.66.9.1"                 # exists only on lo inside the test's own namespace

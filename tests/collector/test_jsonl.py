@@ -9,8 +9,8 @@ import os
 
 import pytest
 
-from collector.sinks.base import BaseSink, FullQueuePolicy, SinkUnavailable
-from collector.sinks.jsonl import JsonlSink
+from hostwall.collector.sinks.base import BaseSink, FullQueuePolicy, SinkUnavailable
+from hostwall.collector.sinks.jsonl import JsonlSink
 
 
 def recs(n: int, start: int = 0, pad: int = 0) -> list[dict]:

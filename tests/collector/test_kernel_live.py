@@ -18,9 +18,9 @@ from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.l2 import Ether
 from scapy.packet import raw
 
-from collector.kernel import MAPS, KernelSource
-from enforcer import conntrack, layout as L
-from enforcer._internal import bpfsys
+from hostwall.bpf import bpfsys, conntrack
+from hostwall.bpf import layout as L
+from hostwall.collector.kernel import MAPS, KernelSource
 
 pytestmark = pytest.mark.bpf
 
@@ -57,12 +57,12 @@ def instance():
     """(Datapath, pin dir): the real datapath, loaded and pinned where the collector finds it."""
     if os.geteuid() != 0:
         pytest.skip("loading BPF programs needs root (CAP_BPF, CAP_NET_ADMIN)")
-    src = L.BPF_SOURCE.read_text()
+    src = L.program_text()
     missing = [m for m in MAPS if m not in src]
     if missing:
-        pytest.fail(f"the kernel side of the collector has not landed: bpf/hostwall.bpf.c defines no "
+        pytest.fail(f"the kernel side of the collector has not landed: bpf/ defines no "
                     f"{', '.join(missing)} (docs/collector.md)", pytrace=False)
-    from enforcer.datapath import Datapath
+    from hostwall.enforcer.datapath import Datapath
     dp = Datapath.load()
     pin = f"/sys/fs/bpf/hostwall-test/collector-{secrets.token_hex(3)}"
     dp.pin(pin)
@@ -74,8 +74,8 @@ def instance():
 @pytest.fixture
 def kernel(instance):
     """A fresh KernelSource on the pinned instance, with the policy installed and state cleared."""
-    from enforcer.compiler import compile_policy
-    from enforcer.policy import parse_policy
+    from hostwall.enforcer.compiler import compile_policy
+    from hostwall.enforcer.policy import parse_policy
     dp, pin = instance
     pol = parse_policy(POLICY)
     slots = {r.name: i for i, r in enumerate(pol.rules)}
@@ -106,7 +106,7 @@ def emitted(ks) -> Counter:
 
 
 def test_missing_pins_are_a_clear_error(tmp_path):
-    from collector.kernel import KernelSourceError
+    from hostwall.collector.kernel import KernelSourceError
     with pytest.raises(KernelSourceError, match="no hostwall instance is pinned there"):
         KernelSource(tmp_path)
 
@@ -223,12 +223,12 @@ def test_pipeline_end_to_end_on_the_real_kernel(kernel, tmp_path):
     packets equal the kernel's drop counters; the ledger balances with nothing in flight."""
     import uvloop
 
-    from collector.accounting import Ledger
-    from collector.config import CollectorConfig, QueueSizes
-    from collector.enrich.host import HostInfo
-    from collector.pipeline import Pipeline
-    from collector.records import RecordBuilder
-    from collector.sinks.jsonl import JsonlSink
+    from hostwall.collector.accounting import Ledger
+    from hostwall.collector.config import CollectorConfig, QueueSizes
+    from hostwall.collector.enrich.host import HostInfo
+    from hostwall.collector.pipeline import Pipeline
+    from hostwall.collector.records import RecordBuilder
+    from hostwall.collector.sinks.jsonl import JsonlSink
 
     ks, dp, _ = kernel
     out = tmp_path / "flows.jsonl"
@@ -279,7 +279,7 @@ def test_cli_run_status_and_sigterm(kernel, tmp_path):
     repo = str(L.HEADER.parent.parent)
     env = dict(os.environ, HOSTWALL_STATE_DIR=str(tmp_path / "state"), PYTHONPATH=repo)
     out = tmp_path / "flows.jsonl"
-    cli = [sys.executable, "-m", "collector.cli"]
+    cli = [sys.executable, "-m", "hostwall.collector.cli"]
     p = subprocess.Popen(cli + ["run", "--pin-dir", str(ks.pin_dir), "--sink", f"jsonl:{out}"], env=env, cwd=repo,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

@@ -15,8 +15,8 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from collector import kernel_metrics as km
-from collector.metrics import Family
+from hostwall.collector import kernel_metrics as km
+from hostwall.collector.metric_family import Family
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -216,8 +216,8 @@ def test_every_family_emitted_is_in_the_table(tmp_path, monkeypatch):
 def test_names_survive_the_otel_collector(otel_collector):
     """Pushed over OTLP as SelfMetrics pushes its own families, every family comes out of the OTel
     Collector's prometheus exporter under the name a direct scrape shows."""
-    from collector.config import MetricsOptions, OtlpOptions
-    from collector.metrics import SelfMetrics
+    from hostwall.collector.config import MetricsOptions, OtlpOptions
+    from hostwall.collector.metrics import SelfMetrics
 
     fams = spec_families()
     marker = secrets.token_hex(4)
@@ -292,15 +292,15 @@ interfaces:
 @pytest.fixture(scope="module")
 def instance():
     """The enforcer (control.start, in process) on a netns lab's protected host; state in a temp dir."""
-    from lab.netns import Lab, cleanup_stale, lab_available
+    from hostwall.lab.netns import Lab, cleanup_stale, lab_available
     ok, why = lab_available()
     if not ok:
         pytest.skip(f"netns lab unavailable: {why}")
     if os.geteuid() != 0:
         pytest.skip("loading BPF programs needs root")
     cleanup_stale()
-    from enforcer import control
-    from enforcer.policy import parse_policy
+    from hostwall.enforcer import control
+    from hostwall.enforcer.policy import parse_policy
     state = tempfile.mkdtemp(prefix="hostwall-km-state-")
     old = os.environ.get("HOSTWALL_STATE_DIR")
     os.environ["HOSTWALL_STATE_DIR"] = state
@@ -324,9 +324,9 @@ def instance():
 @pytest.mark.bpf
 @pytest.mark.lab
 def test_kernel_collector_matches_enforcer_status(instance, monkeypatch):
-    from enforcer import control
-    from enforcer.datapath import Datapath
-    from lab import traffic
+    from hostwall.enforcer import control
+    from hostwall.enforcer.datapath import Datapath
+    from hostwall.lab import traffic
     lab, pin = instance
     with traffic.echo_servers(lab, "prot", tcp=[80]):
         assert traffic.tcp_client_in(lab, "cli", lab.addr("prot"), 80, count=5, timeout=0.7)["ok"] == 5

@@ -32,19 +32,19 @@ from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import Ether
 from scapy.packet import raw
 
-from collector.accounting import Ledger
-from collector.anomaly import AnomalyDetector
-from collector.config import CollectorConfig, QueueSizes
-from collector.enrich import Enricher
-from collector.enrich.host import HostInfo, InstanceStateView
-from collector.kernel import KernelSource
-from collector.pipeline import Pipeline, PipelineFailed
-from collector.records import RecordBuilder
-from collector.ringbuf import slot_size
-from collector.sinks.base import BaseSink, FullQueuePolicy
-from collector.sinks.jsonl import JsonlSink
-from enforcer import layout as L
-from enforcer._internal import bpfsys
+from hostwall.bpf import bpfsys
+from hostwall.bpf import layout as L
+from hostwall.bpf.ringbuf import slot_size
+from hostwall.collector.accounting import Ledger
+from hostwall.collector.anomaly import AnomalyDetector
+from hostwall.collector.config import CollectorConfig, QueueSizes
+from hostwall.collector.enrich import Enricher
+from hostwall.collector.enrich.host import HostInfo, InstanceStateView
+from hostwall.collector.kernel import KernelSource
+from hostwall.collector.pipeline import Pipeline, PipelineFailed
+from hostwall.collector.records import RecordBuilder
+from hostwall.collector.sinks.base import BaseSink, FullQueuePolicy
+from hostwall.collector.sinks.jsonl import JsonlSink
 
 pytestmark = pytest.mark.bpf
 
@@ -66,7 +66,7 @@ BIG_BUDGET = 10_000_000
 def instance():
     if os.geteuid() != 0:
         pytest.skip("loading BPF programs needs root (CAP_BPF, CAP_NET_ADMIN)")
-    from enforcer.datapath import Datapath
+    from hostwall.enforcer.datapath import Datapath
     dp = Datapath.load()
     pin = f"/sys/fs/bpf/hostwall-test/loss-{secrets.token_hex(3)}"
     dp.pin(pin)
@@ -79,8 +79,8 @@ def instance():
 def kernel(instance, tmp_path, monkeypatch):
     """(KernelSource for the test's own reading, Datapath, pin dir) with the stateless log policy
     installed and the ring buffer and drop maps empty."""
-    from enforcer.compiler import compile_policy
-    from enforcer.policy import parse_policy
+    from hostwall.enforcer.compiler import compile_policy
+    from hostwall.enforcer.policy import parse_policy
     monkeypatch.setenv("HOSTWALL_STATE_DIR", str(tmp_path / "state"))
     dp, pin = instance
     pol = parse_policy(POLICY)
@@ -135,7 +135,7 @@ async def until(pred, timeout: float, what: str, every: float = 0.05):
 async def cli_status(status_file: str, *args: str) -> subprocess.CompletedProcess:
     """`hostwall-collector status` run as a separate process (without blocking the collector's loop)."""
     env = dict(os.environ, PYTHONPATH=REPO)
-    return await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "collector.cli", "status", *args,
+    return await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "hostwall.collector.cli", "status", *args,
                                                     "--status-file", status_file],
                                    env=env, cwd=REPO, capture_output=True, text=True, timeout=60)
 

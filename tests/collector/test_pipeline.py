@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 import uvloop
 
-from collector.accounting import Ledger
-from collector.config import CollectorConfig, JsonlOptions, QueueSizes
-from collector.kernel import CtFamilyScan, CtScan, DropDrain
-from collector.pipeline import Pipeline, PipelineFailed, RecordQueue
-from collector.ringbuf import RingWalker, check_events
-from collector.sinks.base import BaseSink, FullQueuePolicy
-from enforcer import layout as L
+from hostwall.bpf import layout as L
+from hostwall.bpf.ringbuf import RingWalker, check_events
+from hostwall.collector.accounting import Ledger
+from hostwall.collector.config import CollectorConfig, JsonlOptions, QueueSizes
+from hostwall.collector.kernel import CtFamilyScan, CtScan, DropDrain
+from hostwall.collector.pipeline import Pipeline, PipelineFailed, RecordQueue
+from hostwall.collector.sinks.base import BaseSink, FullQueuePolicy
 
 from .test_ringbuf import FakeRing
 
@@ -451,9 +451,9 @@ def test_record_queue_bounds_in_records():
 
 
 def test_real_record_builder_and_jsonl_end_to_end(tmp_path):
-    from collector.enrich.host import HostInfo
-    from collector.records import RecordBuilder
-    from collector.sinks.jsonl import JsonlSink
+    from hostwall.collector.enrich.host import HostInfo
+    from hostwall.collector.records import RecordBuilder
+    from hostwall.collector.sinks.jsonl import JsonlSink
 
     src = FakeSource()
     out = tmp_path / "flows.jsonl"
@@ -480,7 +480,7 @@ def test_console_sink_summarises_flows_drops_and_anomalies():
 
     from rich.console import Console
 
-    from collector.sinks.console import ConsoleSink
+    from hostwall.collector.sinks.console import ConsoleSink
 
     buf = io.StringIO()
     sink = ConsoleSink(console=Console(file=buf, width=140, force_terminal=False), refresh_hz=50)

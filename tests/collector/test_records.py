@@ -10,14 +10,15 @@ import time
 from pathlib import Path
 
 import jsonschema
-import pytest
 import numpy as np
+import pytest
 
-from collector.community_id import community_id
-from collector.enrich.host import NO_RULE_SLOT, HostInfo, InstanceStateView
-from collector.records import SCHEMA_VERSION, Clock, RecordBuilder, iso_ns, parse_iso_ns
-from enforcer import layout as L
-from enforcer.state import AttachedInterface, InstanceState
+from hostwall.bpf import layout as L
+from hostwall.bpf.clock import Clock
+from hostwall.bpf.state import AttachedInterface, InstanceState
+from hostwall.collector.community_id import community_id
+from hostwall.collector.enrich.host import NO_RULE_SLOT, HostInfo, InstanceStateView
+from hostwall.collector.records import SCHEMA_VERSION, RecordBuilder, iso_ns, parse_iso_ns
 
 REPO = Path(__file__).resolve().parents[2]
 SCHEMAS = REPO / "schemas"
@@ -139,7 +140,7 @@ def audit_record(tmp_path, monkeypatch) -> dict:
     monkeypatch.setenv("HOSTWALL_STATE_DIR", str(tmp_path))
     st = state()
     st.record_change("rev-6", "rev-7", 3, 4, "/etc/hostwall/policy.yaml", 0.123456)
-    from enforcer.state import audit_log_path
+    from hostwall.bpf.state import audit_log_path
     return json.loads(audit_log_path(st.pin_dir).read_text().splitlines()[-1])
 
 

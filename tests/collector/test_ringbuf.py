@@ -13,9 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from collector.ringbuf import (BUSY_BIT, DISCARD_BIT, EVENT_DTYPE, HDR_SIZE, RingWalker, check_events,
-                               slot_size)
-from enforcer import layout as L
+from hostwall.bpf import layout as L
+from hostwall.bpf.ringbuf import BUSY_BIT, DISCARD_BIT, EVENT_DTYPE, HDR_SIZE, RingWalker, check_events, slot_size
 
 REC = EVENT_DTYPE.itemsize
 DENY = L.C["HW_EV_DENY"]
@@ -247,7 +246,7 @@ def test_matches_a_model_of_the_ring(script):
 def producer():
     if os.geteuid() != 0:
         pytest.skip("loading BPF programs needs root")
-    from bench.collector import Producer
+    from hostwall.bench.collector import Producer
     p = Producer(ring_bytes=1 << 16)               # 64 KiB: 511 records, wraps quickly
     yield p
     p.close()
@@ -255,7 +254,7 @@ def producer():
 
 @pytest.fixture
 def kring(producer):
-    from collector.ringbuf import RingBuffer
+    from hostwall.bpf.ringbuf import RingBuffer
     rb = RingBuffer(producer.ring_fd())
     rb.read(1 << 20)                               # start empty
     yield rb

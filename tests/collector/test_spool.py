@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from collector.sinks.spool import FRAME_OVERHEAD, Spool, SpoolError
+from hostwall.collector.sinks.spool import FRAME_OVERHEAD, Spool, SpoolError
 
 SEG = 4096
 
@@ -224,7 +224,7 @@ def test_record_too_large_and_second_process_are_clear_errors(tmp_path):
 WRITER = textwrap.dedent("""
     import asyncio, sys
     sys.path.insert(0, {root!r})
-    from collector.sinks.spool import Spool
+    from hostwall.collector.sinks.spool import Spool
     async def main():
         s = Spool({d!r}, segment_bytes=1 << 20, max_bytes=1 << 30, fsync="none")
         s.open()
@@ -272,7 +272,8 @@ def test_killed_writer_loses_nothing_it_accepted(tmp_path):
 
 def test_disk_full_mid_append_reports_what_was_written_and_leaves_no_torn_frame(tmp_path, monkeypatch):
     import errno
-    import collector.sinks.spool as sp
+
+    import hostwall.collector.sinks.spool as sp
 
     async def go():
         s = make(tmp_path)

@@ -202,8 +202,8 @@ def test_grafana_alerting_carries_the_prometheus_rules():
 
 def known_metrics() -> dict[str, tuple[str, tuple[str, ...], str]]:
     """Exposition name -> (type, labels, family) of every metric the collector can serve."""
-    from collector import kernel_metrics as km
-    from collector.metrics import families_from_status
+    from hostwall.collector import kernel_metrics as km
+    from hostwall.collector.metrics import families_from_status
     fams = [(f.prom, f.kind, f.labels) for f in families_from_status({}, {})]
     fams += [(n, kind, labels) for n, (kind, _unit, labels, _h, _s) in km.SPEC.items()]
     out = {}
@@ -423,8 +423,8 @@ def _port(hostport: str) -> int:
 
 
 def test_compose_settings_are_the_code_defaults(project):
-    from collector.config import DEFAULT_SINK, KafkaOptions, OtlpOptions, load_config
-    from enforcer.state import DEFAULT_PIN_DIR
+    from hostwall.bpf.state import DEFAULT_PIN_DIR
+    from hostwall.collector.config import DEFAULT_SINK, KafkaOptions, OtlpOptions, load_config
     from tests.peers.kafka import kafka_version
     from tests.peers.otelcol import otelcol_version
 

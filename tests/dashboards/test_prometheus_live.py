@@ -154,7 +154,7 @@ def _alert_seen(prom, name: str, state: str, since: float) -> bool:
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, otel_collector, kafka_broker):
-    from lab.netns import cleanup_stale, lab_available
+    from hostwall.lab.netns import cleanup_stale, lab_available
 
     ok, why = lab_available()
     if not ok:
@@ -178,10 +178,10 @@ def run(tmp_path_factory, otel_collector, kafka_broker):
 
 
 def _lab_run(prom, out, audit_policy, metrics_port, dead_port, otel_collector, kafka_broker) -> LabRun:
-    from lab import traffic
-    from lab.collector_proc import CollectorProcess
-    from lab.enforcer_proc import EnforcerProcess
-    from lab.netns import Lab
+    from hostwall.lab import traffic
+    from hostwall.lab.collector_proc import CollectorProcess
+    from hostwall.lab.enforcer_proc import EnforcerProcess
+    from hostwall.lab.netns import Lab
     sinks = [f"jsonl:{out / 'flows.jsonl'}", f"kafka://{kafka_broker.bootstrap_servers}",
              f"otlp://{otel_collector.grpc_endpoint}", f"otlp://127.0.0.1:{dead_port}"]
     config = {"metrics": {"prometheus": f"127.0.0.1:{metrics_port}", "otlp": f"otlp://{otel_collector.grpc_endpoint}",
@@ -220,7 +220,7 @@ def _lab_run(prom, out, audit_policy, metrics_port, dead_port, otel_collector, k
                 r.marks["flood_end"] = time.time()
                 r.marks["legit"] = legit.result(timeout=60)
                 for name in PROVOKED_FIRING:
-                    _wait(lambda: _alert_seen(prom, name, "firing", r.t0), 40, f"alert {name} firing",
+                    _wait(lambda name=name: _alert_seen(prom, name, "firing", r.t0), 40, f"alert {name} firing",
                           diag=lambda: _diag(prom, col))
                     r.marks[name] = time.time()
                 # 3. audit mode: the same policy, recording would_drop instead of dropping

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from lab.netns import Lab, cleanup_stale, lab_available
+from hostwall.lab.netns import Lab, cleanup_stale, lab_available
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE_POLICY = REPO / "examples" / "policy.yaml"
@@ -67,7 +67,7 @@ def datapath():
         import bcc  # noqa: F401
     except ImportError as e:                     # pragma: no cover - depends on the machine
         pytest.fail(f"BCC is not importable (run scripts/setup.sh): {e}")
-    from enforcer.datapath import Datapath
+    from hostwall.enforcer.datapath import Datapath
     dp = Datapath.load()                         # a compile or verifier failure is an error, not a skip
     try:
         yield dp
@@ -77,7 +77,7 @@ def datapath():
 
 def lab_policy():
     """The example policy (examples/policy.yaml) or, if it is missing, the inline equivalent."""
-    from enforcer.policy import load_policy, parse_policy
+    from hostwall.enforcer.policy import load_policy, parse_policy
     if EXAMPLE_POLICY.exists():
         return load_policy(EXAMPLE_POLICY)
     return parse_policy(INLINE_POLICY)
@@ -87,8 +87,8 @@ def lab_policy():
 def hostwall_attached(lab: Lab, dp, policy, host: str = "prot", ifname: str = "eth0", xdp_mode: str = "auto"):
     """Install `policy` into `dp` and attach XDP + TC to host's eth0; always detach on exit.
     Yields (slots, xdp mode that took); slots maps rule name -> counter slot."""
-    from enforcer import attach
-    from enforcer.compiler import compile_policy
+    from hostwall.enforcer import attach
+    from hostwall.enforcer.compiler import compile_policy
     slots = {r.name: i for i, r in enumerate(policy.rules)}
     dp.install(compile_policy(policy, slots, 1))
     dp.clear_conntrack()

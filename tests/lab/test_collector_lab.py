@@ -16,16 +16,16 @@ from __future__ import annotations
 import base64
 import copy
 import hashlib
-import ipaddress
 import io
+import ipaddress
 import struct
 from collections import Counter, defaultdict
 
 import pytest
 from rich.console import Console
 
-from lab import demo
-from lab.collector_proc import LAB_CONFIG, kind, read_jsonl
+from hostwall.lab import demo
+from hostwall.lab.collector_proc import LAB_CONFIG, kind, read_jsonl
 from tests.collector.test_encoders import assert_ecs_fields, ocsf_model, ocsf_schema
 from tests.collector.test_records import validator
 

@@ -9,10 +9,10 @@ import time
 
 import pytest
 
-from enforcer import layout as L
-from enforcer.datapath import Datapath
-from lab import traffic
-from lab.enforcer_proc import EnforcerProcess, events_admitted
+from hostwall.bpf import layout as L
+from hostwall.enforcer.datapath import Datapath
+from hostwall.lab import traffic
+from hostwall.lab.enforcer_proc import EnforcerProcess, events_admitted
 from tests.bpf.test_events import drain_drops
 
 pytestmark = pytest.mark.lab

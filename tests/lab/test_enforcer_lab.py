@@ -2,14 +2,12 @@
 stateful replies, audit mode, atomic swaps under a packet stream, and an enforcer restart."""
 from __future__ import annotations
 
-import textwrap
-import threading
 import time
 
 import pytest
 
-from lab import traffic
-from lab.enforcer_proc import EnforcerProcess, drops, rule_packets
+from hostwall.lab import traffic
+from hostwall.lab.enforcer_proc import EnforcerProcess, drops, rule_packets
 
 pytestmark = pytest.mark.lab
 
@@ -84,8 +82,8 @@ rules:
 
 
 def test_apply_during_stream_never_mixes_and_loses_nothing(lab, tmp_path, monkeypatch):
-    from enforcer import control
-    from enforcer.policy import load_policy
+    from hostwall.enforcer import control
+    from hostwall.enforcer.policy import load_policy
     a = policy(tmp_path, "a", text=SWAP_A)
     b = policy(tmp_path, "b", text=SWAP_B)
     pa, pb = load_policy(a), load_policy(b)
@@ -111,7 +109,8 @@ def test_apply_during_stream_never_mixes_and_loses_nothing(lab, tmp_path, monkey
     port80 = next(p for p in st["ports"] if p["port"] == 80)
     assert port80["dropped"] == 0 and port80["would_drop"] == 0, port80
     assert drops(st).get("policy_deny", 0) == 0
-    allowed = lambda s: s["counters"].get("xdp_ingress", {}).get("allow", {}).get("pass_rule", {}).get("packets", 0)
+    def allowed(s):
+        return s["counters"].get("xdp_ingress", {}).get("allow", {}).get("pass_rule", {}).get("packets", 0)
     assert allowed(st) - allowed(before) >= 0.8 * sent["packets"], (st["counters"], sent)
     assert pr["fail"] == 0 and pr["ok"] == pr["sent"] and not pr["broken"], pr
 

@@ -7,9 +7,10 @@ import subprocess
 import numpy as np
 import pytest
 
-from enforcer import attach, layout as L
-from lab import traffic as T
-from lab.netns import Lab, cleanup_stale
+from hostwall.bpf import layout as L
+from hostwall.enforcer import attach
+from hostwall.lab import traffic as T
+from hostwall.lab.netns import Lab, cleanup_stale
 
 from .conftest import _available, hostwall_attached, lab_policy
 

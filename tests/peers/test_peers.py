@@ -130,7 +130,7 @@ def test_otel_log_and_metric(otel_collector: OtelCollector) -> None:
 class _Target(http.server.BaseHTTPRequestHandler):
     body = b"# TYPE hostwall_smoke_value gauge\nhostwall_smoke_value{kind=\"test\"} 42\n"
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         if self.path != "/metrics":
             self.send_error(404)
             return

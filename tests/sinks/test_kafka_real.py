@@ -20,9 +20,9 @@ from pathlib import Path
 import orjson
 import pytest
 
-from collector.config import ConfigError, KafkaOptions, load_config
-from collector.sinks.base import SinkUnavailable
-from collector.sinks.kafka import KafkaSink, route
+from hostwall.collector.config import ConfigError, KafkaOptions, load_config
+from hostwall.collector.sinks.base import SinkUnavailable
+from hostwall.collector.sinks.kafka import KafkaSink, route
 from tests.collector.test_encoders import all_records
 from tests.collector.test_records import audit_record, builder, validator
 
@@ -232,8 +232,8 @@ def test_sasl_credentials_refused_is_a_clear_start_error(kafka_broker_factory, t
 DRIVER = textwrap.dedent("""
     import asyncio, json, os, sys, time
     sys.path.insert(0, {root!r})
-    from collector.config import KafkaOptions
-    from collector.sinks.kafka import KafkaSink
+    from hostwall.collector.config import KafkaOptions
+    from hostwall.collector.sinks.kafka import KafkaSink
     RUN, RATE, KEYS = {run!r}, {rate}, 2000
     PAD = "p" * 180
     state = {{"stop": False}}

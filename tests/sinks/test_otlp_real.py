@@ -14,12 +14,12 @@ from collections import Counter
 import pytest
 import uvloop
 
-from collector.config import MetricsOptions, OtlpOptions, QueueSizes
-from collector.encoders.otel import to_otel
-from collector.metrics import SelfMetrics, families_from_status
-from collector.pipeline import Pipeline
-from collector.records import iso_ns, parse_iso_ns
-from collector.sinks.otlp import OtlpSink
+from hostwall.collector.config import MetricsOptions, OtlpOptions, QueueSizes
+from hostwall.collector.encoders.otel import to_otel
+from hostwall.collector.metrics import SelfMetrics, families_from_status
+from hostwall.collector.pipeline import Pipeline
+from hostwall.collector.records import iso_ns, parse_iso_ns
+from hostwall.collector.sinks.otlp import OtlpSink
 from tests.collector.test_encoders import all_records
 from tests.collector.test_pipeline import FakeSource, StubBuilder, cfg, started, until
 from tests.peers import free_ports
@@ -242,12 +242,12 @@ def test_kernel_gauges_read_real_pinned_maps(tmp_path):
 
     import numpy as np
 
-    from collector.metrics import _KernelGauges
-    from enforcer import dos_sources, layout as L
-    from enforcer._internal import bpfsys
+    from hostwall.bpf import bpfsys, dos_sources
+    from hostwall.bpf import layout as L
+    from hostwall.collector.metrics import _KernelGauges
     if os.geteuid() != 0:
         pytest.fail("needs root (BPF)")
-    from enforcer.datapath import Datapath
+    from hostwall.enforcer.datapath import Datapath
     dp = Datapath.load()
     pin = f"/sys/fs/bpf/hw-test-metrics-{uuid.uuid4().hex[:8]}"
     try:

@@ -1,4 +1,4 @@
-"""`python -m bench` argument parsing and output envelope, with fake suites (no BPF, no root)."""
+"""`python -m hostwall.bench` argument parsing and output envelope, with fake suites (no BPF, no root)."""
 from __future__ import annotations
 
 import json
@@ -9,13 +9,13 @@ import types
 
 import pytest
 
-import bench.__main__ as cli
+import hostwall.bench.__main__ as cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _fake_suite(metrics, targets=None, notes=None, seen=None):
-    mod = types.ModuleType("bench.fake")
+    mod = types.ModuleType("hostwall.bench.fake")
 
     def run(quick):
         if seen is not None:
@@ -164,8 +164,8 @@ def test_module_entry_point_rejects_unknown_suite():
 def test_benchmark_policies_probes_take_their_paths(tmp_path, n):
     """The generated policies validate, have exactly n rules, and every probe gets its stated verdict
     and rule from the reference model (the datapath suite re-checks this on the programs)."""
-    from bench import policies as P
-    from enforcer.policy import load_policy
+    from hostwall.bench import policies as P
+    from hostwall.enforcer.policy import load_policy
 
     bp = P.generate(tmp_path, n, seed=7)
     pol = load_policy(bp.path)

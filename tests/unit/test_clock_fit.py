@@ -1,9 +1,9 @@
-"""enforcer.datapath.clock_fit: the datapath clock's calibration arithmetic, on synthetic probes."""
+"""hostwall.bpf.clock.clock_fit: the datapath clock's calibration arithmetic, on synthetic probes."""
 from __future__ import annotations
 
 import pytest
 
-from enforcer.datapath import clock_fit
+from hostwall.bpf.clock import clock_fit
 
 OFF = 7_000_123_456          # CLOCK_MONOTONIC at jiffies 0 of the synthetic kernel
 

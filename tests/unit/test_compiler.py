@@ -10,11 +10,12 @@ import random
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from enforcer import layout as L
-from enforcer.compiler import classify, compile_policy
-from enforcer.policy import parse_policy
+from hostwall.bpf import layout as L
+from hostwall.enforcer.compiler import classify, compile_policy
+from hostwall.enforcer.policy import parse_policy
 
 V6_END = 1 << 128
 

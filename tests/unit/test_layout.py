@@ -1,4 +1,4 @@
-"""Every struct dtype in enforcer/layout.py matches bpf/hostwall.h as the C compiler lays it out,
+"""Every struct dtype in hostwall.bpf.layout matches bpf/hostwall.h as the C compiler lays it out,
 and the constants read from the header agree with the compiler's view of them."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from enforcer import layout as L
+from hostwall.bpf import layout as L
 
 
 def _fields(text: str) -> dict[str, list[str]]:
@@ -72,7 +72,7 @@ def test_reason_names_cover_design_contract():
 
 
 def test_slot_of_the_live_policy_is_not_reused_until_it_is_retired():
-    from enforcer.state import allocate_slots
+    from hostwall.bpf.state import allocate_slots
     a = {"a-deny": 0, "a-allow": 1}
     b, fresh_b = allocate_slots(a, ["b-allow", "a-allow"], 8)
     assert b["a-allow"] == 1                          # kept: its counters go on
@@ -80,3 +80,28 @@ def test_slot_of_the_live_policy_is_not_reused_until_it_is_retired():
     c, fresh_c = allocate_slots(b, ["c-new"], 8)
     assert c["c-new"] not in b.values()               # b is live until the flip
     assert 0 in {s for s in range(8) if s not in b.values()}    # a-deny's slot is free again now
+
+
+def _c_sources() -> str:
+    return "\n".join(p.read_text() for p in L.SOURCES)
+
+
+def test_map_names_match_the_c():
+    """hostwall.bpf.names lists exactly the maps the C declares (the one source for Python's names)."""
+    from hostwall.bpf.names import ALL_MAPS
+    text = re.sub(r"/\*.*?\*/", "", _c_sources(), flags=re.S)
+    declared = set(re.findall(r"BPF_(?:ARRAY|PERCPU_ARRAY|PROG_ARRAY|RINGBUF_OUTPUT)\(\s*(hw_\w+)", text))
+    declared |= set(re.findall(r"BPF_F?_?TABLE\(\s*\"\w+\"\s*,[^,]+,[^,]+,\s*(hw_\w+)", text))
+    assert declared, "no map declarations found: did the C's map macros change?"
+    assert set(ALL_MAPS) == declared, (f"only in C: {sorted(declared - set(ALL_MAPS))}; "
+                                       f"only in hostwall.bpf.names: {sorted(set(ALL_MAPS) - declared)}")
+
+
+def test_program_names_match_the_c():
+    from hostwall.bpf.names import PROGRAMS
+    kinds = {"xdp_md": "xdp", "__sk_buff": "sched_cls"}
+    text = _c_sources()
+    for name, kind in PROGRAMS.items():
+        m = re.search(rf"^int\s+{name}\(struct\s+(\w+)\s*\*", text, flags=re.M)
+        assert m, f"program {name} is not defined in the C"
+        assert kinds[m.group(1)] == kind, f"{name}: a {m.group(1)} program, listed as {kind}"

@@ -12,11 +12,20 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from enforcer.policy import (
-    MAX_RULES, Defaults, DosProfile, InterfaceConf, PeerSet, Policy, PolicyError, PolicyIssue,
-    load_policy, parse_policy,
+from hostwall.enforcer.policy import (
+    MAX_RULES,
+    Defaults,
+    DosProfile,
+    InterfaceConf,
+    PeerSet,
+    Policy,
+    PolicyError,
+    PolicyIssue,
+    load_policy,
+    parse_policy,
 )
-from enforcer.validation import parse_cidr, parse_duration, parse_peer_lines, parse_rate
+from hostwall.enforcer.validation import parse_cidr, parse_peer_lines
+from hostwall.units import parse_duration, parse_rate
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "tests" / "data" / "policies"
@@ -84,7 +93,7 @@ def test_valid_files_load(path):
 
 
 def test_lab_example_matches_lab_plan():
-    from enforcer.reference import Packet, evaluate
+    from hostwall.enforcer.reference import Packet, evaluate
     p = load_policy(ROOT / "examples" / "policy.yaml")
     assert (p.defaults.ingress, p.defaults.egress, p.defaults.stateful) == ("deny", "allow", True)
     ok = [(4, "10.66.2.5", 6, 22), (4, "10.66.2.5", 6, 80), (4, "10.66.2.5", 6, 8050), (4, "10.66.2.5", 17, 5353),

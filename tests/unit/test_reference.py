@@ -9,13 +9,13 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from enforcer.policy import parse_policy
-from enforcer.reference import Decision, Packet, evaluate, match
+from hostwall.enforcer.policy import parse_policy
+from hostwall.enforcer.reference import Decision, Packet, evaluate, match
 
 TCP, UDP, ICMP, ICMP6, GRE = 6, 17, 1, 58, 47
 
 
-def pol(rules: list[dict], **defaults) -> "Policy":  # noqa: F821
+def pol(rules: list[dict], **defaults) -> Policy:  # noqa: F821
     doc = {"version": 1, "name": "t", "rules": rules}
     if defaults:
         doc["defaults"] = defaults
@@ -173,7 +173,7 @@ def oracle(rules: list[dict], defaults: dict, pkt: Packet) -> Decision:
     numbers = {"tcp": TCP, "udp": UDP, "icmp": ICMP, "icmpv6": ICMP6}
     peer = ipaddress.ip_address(pkt.src if pkt.direction == "ingress" else pkt.dst)
     ordered = sorted(enumerate(rules), key=lambda t: t[1]["priority"])
-    for i, rl in ordered:
+    for _i, rl in ordered:
         if rl["direction"] != pkt.direction:
             continue
         proto = rl.get("protocol", "any")

@@ -9,7 +9,7 @@ import jsonschema
 import pytest
 import yaml
 
-from enforcer import policy as pol
+from hostwall.enforcer import policy as pol
 
 ROOT = Path(__file__).resolve().parents[2]
 SCHEMA = json.loads((ROOT / "schemas" / "policy.schema.json").read_text())
@@ -93,6 +93,6 @@ def test_too_many_rules_rejected():
 
 
 def test_loader_uses_the_schema_file():
-    from enforcer import validation
+    from hostwall.enforcer import validation
     assert validation.SCHEMA_PATH == ROOT / "schemas" / "policy.schema.json"
     assert validation.schema() == SCHEMA

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import layout as L, slot_table
+from . import layout as L
+from . import slot_table
 from .slot_table import FREE, LIVE, SlotTable
 
 MAPS = {4: "hw_ct4", 6: "hw_ct6"}

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import layout as L, slot_table
+from . import layout as L
+from . import slot_table
 from .slot_table import LIVE, SlotTable
 
 MAP = "hw_dos_src"

@@ -11,8 +11,21 @@ from pathlib import Path
 
 import numpy as np
 
-HEADER = Path(__file__).resolve().parent.parent / "bpf" / "hostwall.h"
+HEADER = Path(__file__).resolve().with_name("hostwall.h")
 BPF_SOURCE = HEADER.with_name("hostwall.bpf.c")
+SOURCES = (*sorted(HEADER.parent.glob("*.h")), BPF_SOURCE)     # the C that makes one build (build hash)
+_LOCAL_INCLUDE = re.compile(r'^#include "(\w+\.h)"\s*$', re.M)
+
+
+def program_text() -> str:
+    """hostwall.bpf.c with its concern headers inlined (hostwall.h stays an include).
+
+    BCC rewrites map accesses (`hw_config.lookup(...)`) only in the main file it compiles, so the
+    headers that own maps are pasted in where they are included. Cost: reading ~10 small files."""
+    def expand(m: re.Match) -> str:
+        name = m.group(1)
+        return m.group(0) if name == HEADER.name else HEADER.with_name(name).read_text()
+    return _LOCAL_INCLUDE.sub(expand, BPF_SOURCE.read_text())
 
 
 def _parse_constants(text: str) -> dict[str, int]:

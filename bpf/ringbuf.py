@@ -39,8 +39,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from enforcer import layout as L
-from enforcer._internal import bpfsys
+from . import bpfsys
+from . import layout as L
 
 MAP_TYPE_RINGBUF = 27
 HDR_SIZE = 8
@@ -200,7 +200,7 @@ class RingBuffer(RingWalker):
         self._data_mv = data
 
     @classmethod
-    def open(cls, path: str | os.PathLike, **kw) -> "RingBuffer":
+    def open(cls, path: str | os.PathLike, **kw) -> RingBuffer:
         """Open the ring buffer pinned at `path` (e.g. <pin_dir>/maps/hw_events)."""
         return cls(bpfsys.obj_get(os.fspath(path)), **kw)
 
@@ -237,7 +237,7 @@ class RingBuffer(RingWalker):
         os.close(self._fd)
         self._fd = -1
 
-    def __enter__(self) -> "RingBuffer":
+    def __enter__(self) -> RingBuffer:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -12,8 +12,8 @@ import mmap
 
 import numpy as np
 
+from . import bpfsys
 from . import layout as L
-from ._internal import bpfsys
 
 FREE, BUSY, LIVE = L.C["HW_SLOT_FREE"], L.C["HW_SLOT_BUSY"], L.C["HW_SLOT_LIVE"]
 _K = 0x9E3779B97F4A7C15

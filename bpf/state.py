@@ -68,7 +68,7 @@ class InstanceState:
     pid: int | None = None                                      # the `run` process, if any
 
     @classmethod
-    def load(cls, pin_dir: str) -> "InstanceState | None":
+    def load(cls, pin_dir: str) -> InstanceState | None:
         p = state_path(pin_dir)
         try:
             d = json.loads(p.read_text())

@@ -1,0 +1,266 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/* DoS guards in XDP ingress, before conntrack and policy: per-source token buckets in a
+ * set-associative table, global SYN buckets, bans (automatic and manual) and their counters (docs/dos.md).
+ */
+#ifndef HW_DOS_H
+#define HW_DOS_H
+
+/* ---- DoS maps ------------------------------------------------------------------------------------ */
+
+BPF_F_TABLE("array", u32, struct hw_dos_profile, hw_dos_profiles, 2 * HW_DOS_PROFILES_MAX, MAPF_MMAP);
+BPF_F_TABLE("array", u32, struct hw_dos_if, hw_dos_ifs, 2 * HW_DOS_IF_SLOTS, MAPF_MMAP);
+BPF_F_TABLE("array", u32, struct hw_dos_slot, hw_dos_src, HW_DOS_SRC_MAX, MAPF_MMAP);
+BPF_TABLE("hash", struct hw_dos_key, struct hw_dos_ban, hw_dos_banned, HW_DOS_BANNED_MAX);
+BPF_ARRAY(hw_dos_global, struct hw_bucket, HW_DOS_PROFILES_MAX * 16);
+BPF_PERCPU_ARRAY(hw_dos_stats, struct hw_counter, HW_DOS_PROFILES_MAX * HW_REASONS);
+BPF_PERCPU_ARRAY(hw_dos_src_stats, struct hw_counter, HW_DSS_STATS);
+BPF_F_TABLE("lpm_trie", struct hw_ban4_key, struct hw_manual_ban, hw_manual_ban4, HW_MANUAL_BANS_MAX, BPF_F_NO_PREALLOC);
+BPF_F_TABLE("lpm_trie", struct hw_ban6_key, struct hw_manual_ban, hw_manual_ban6, HW_MANUAL_BANS_MAX, BPF_F_NO_PREALLOC);
+
+#define DOS_WORDS (sizeof(struct hw_dos_key) / 8)
+
+/* ---- DoS guards (XDP ingress, before conntrack and policy) ----------------------------------- */
+/* Refill a bucket of `rate`/s (tokens in 1e-9 units) capped at `cap`, then take `cost`; 1 = admitted. */
+static __always_inline int bucket_take(__u64 *tok, __u64 rate, __u64 cap, __u64 dt, __u64 cost)
+{
+	__u64 t = *tok + rate * dt;
+	if (t > cap || t < *tok)
+		t = cap;
+	if (t < cost) {
+		*tok = t;
+		return 0;
+	}
+	*tok = t - cost;
+	return 1;
+}
+
+/* Bits bucket in 1e-3 bit units: refill bps * dt / 1e6, as (bps_fp * dt) >> 20 with
+ * bps_fp = bps * 2^20 / 1e6 (no division per packet). dt is clamped to 100 ms so the product fits
+ * 64 bits up to ~100 Gbit/s; the bits burst is at most 100 ms worth, so nothing is lost by it. */
+static __always_inline int bits_take(__u64 *tok, __u64 bps_fp, __u64 cap, __u64 dt, __u64 cost)
+{
+	if (dt > 100000000ULL)
+		dt = 100000000ULL;
+	__u64 t = *tok + ((bps_fp * dt) >> 20);
+	if (t > cap)
+		t = cap;
+	if (t < cost) {
+		*tok = t;
+		return 0;
+	}
+	*tok = t - cost;
+	return 1;
+}
+
+static __always_inline struct hw_dos_profile *dos_profile(struct env *v, __u32 ifindex, __u32 *id)
+{
+	__u32 base = v->gen * HW_DOS_IF_SLOTS;
+#pragma unroll
+	for (int i = 0; i < HW_DOS_IF_PROBES; i++) {
+		__u32 k = base + ((ifindex + i) & (HW_DOS_IF_SLOTS - 1));
+		struct hw_dos_if *f = hw_dos_ifs.lookup(&k);
+		if (!f || f->ifindex == 0)
+			return 0;
+		if (f->ifindex == ifindex) {
+			*id = f->profile & (HW_DOS_PROFILES_MAX - 1);
+			__u32 pk = v->gen * HW_DOS_PROFILES_MAX + *id;
+			struct hw_dos_profile *pr = hw_dos_profiles.lookup(&pk);
+			return pr && pr->enabled ? pr : 0;
+		}
+	}
+	return 0;
+}
+
+static __always_inline int manual_banned(struct env *v, struct pkt *p)
+{
+	struct hw_manual_ban *b;
+	if (p->family == 4) {
+		struct hw_ban4_key k = {.prefixlen = 32, .addr = p->saddr[0]};
+		b = hw_manual_ban4.lookup(&k);
+	} else {
+		struct hw_ban6_key k = {.prefixlen = 128};
+		__builtin_memcpy(k.addr, p->saddr, 16);
+		b = hw_manual_ban6.lookup(&k);
+	}
+	return b && (b->until_ns == 0 || b->until_ns > v->now);
+}
+
+static __always_inline void dos_ban(struct env *v, struct hw_dos_key *k, struct hw_dos_src *s,
+				    struct hw_dos_profile *pr, __u32 reason)
+{
+	s->banned_until_ns = v->now + pr->ban_ns;
+	struct hw_dos_ban b = {.since_ns = v->now, .until_ns = s->banned_until_ns, .reason = reason};
+	hw_dos_banned.update(k, &b);    /* for listing; if full, the ban still holds through *s */
+}
+
+static __always_inline __u32 dos_base(struct hw_dos_key *k, __u64 seed)
+{
+	return tbl_first_slot(k, DOS_WORDS, seed, HW_DOS_SRC_MAX, HW_DOS_WAYS);
+}
+
+static __always_inline void dos_src_stat(__u32 what)
+{
+	counter_add(hw_dos_src_stats.lookup(&what), 0);
+}
+
+/* Rank of a slot for a new source: free (3), a live unbanned one (2), a live banned one (1); the least
+ * recently seen first among live ones; 0: BUSY. */
+static __always_inline __u32 dos_rank(struct hw_dos_slot *sl, __u64 now)
+{
+	__u64 st = sl->slot_state;
+	if (st == HW_SLOT_FREE)
+		return 3;
+	if (st != HW_SLOT_LIVE)
+		return 0;
+	return sl->s.banned_until_ns > now ? 1 : 2;
+}
+
+/* Start tracking source k in a slot of its bucket (full buckets evict, counted); 0: lost the slot to
+ * another CPU (counted; no per-source limit for this packet: fail open). */
+static __always_inline struct hw_dos_src *dos_take(struct env *v, struct hw_dos_key *k, __u32 base,
+						   struct hw_dos_profile *pr)
+{
+	__u32 pick_idx = HW_DOS_SRC_MAX, rank = 0;
+	__u64 oldest = ~0ULL;
+#pragma unroll
+	for (int i = 0; i < HW_DOS_WAYS; i++) {
+		__u32 idx = base + i;
+		struct hw_dos_slot *sl = hw_dos_src.lookup(&idx);
+		if (!sl)
+			continue;
+		__u32 r = dos_rank(sl, v->now);
+		if (r > rank || (r == rank && r && r < 3 && sl->s.last_ns < oldest)) {
+			pick_idx = idx;
+			rank = r;
+			oldest = sl->s.last_ns;
+		}
+	}
+	struct hw_dos_slot *sl = hw_dos_src.lookup(&pick_idx);
+	__u64 seen = rank == 3 ? HW_SLOT_FREE : HW_SLOT_LIVE;
+	if (!sl || !rank || __sync_val_compare_and_swap(&sl->slot_state, seen, HW_SLOT_BUSY) != seen) {
+		dos_src_stat(HW_DSS_CLAIM_LOST);
+		return 0;
+	}
+	dos_src_stat(HW_DSS_INSERTED);
+	if (rank != 3)
+		dos_src_stat(HW_DSS_EVICTED);
+	sl->k = *k;
+	struct hw_dos_src n = {.last_ns = v->now, .tok_pkt = pr->burst * 1000000000ULL,
+			       .tok_bits = pr->bps_burst * 1000ULL, .tok_syn = pr->syn_pps * 1000000000ULL,
+			       .tok_udp = pr->udp_pps * 1000000000ULL, .tok_icmp = pr->icmp_pps * 1000000000ULL};
+	sl->s = n;
+	__sync_lock_test_and_set(&sl->slot_state, HW_SLOT_LIVE);
+	return &sl->s;
+}
+
+/* Per-source limits; returns a drop reason or 0. Keeps the over-limit streak and bans. Finding the
+ * source costs HW_DOS_WAYS inlined array probes (no helper call), as conntrack does. */
+static __always_inline __u32 dos_source(struct env *v, struct pkt *p, struct hw_dos_profile *pr, __u32 profile)
+{
+	struct hw_dos_key k __attribute__((aligned(8))) = {};   /* compared as 64-bit words */
+	__u32 len = p->family == 4 ? pr->prefix_v4 : pr->prefix_v6;
+	mask_addr(k.addr, p->saddr, p->family, len);
+	k.family = p->family;
+	k.prefix_len = len;
+	k.profile = profile;
+	__u32 base = dos_base(&k, v->cfg->table_seed);
+	__u32 hit = HW_DOS_SRC_MAX;
+#pragma unroll
+	for (int i = 0; i < HW_DOS_WAYS; i++) {
+		__u32 idx = base + i;
+		struct hw_dos_slot *sl = hw_dos_src.lookup(&idx);
+		if (sl && !(tbl_key_diff(&sl->k, &k, DOS_WORDS) | (sl->slot_state ^ HW_SLOT_LIVE)))
+			hit = idx;
+	}
+	struct hw_dos_slot *sl = hw_dos_src.lookup(&hit);
+	struct hw_dos_src *s = sl ? &sl->s : dos_take(v, &k, base, pr);
+	if (!s)
+		return 0;
+	if (s->banned_until_ns) {
+		if (s->banned_until_ns > v->now)
+			return HW_R_BANNED;
+		s->banned_until_ns = 0;         /* expired by itself */
+		s->streak_start_ns = 0;
+	}
+	__u64 dt = elapsed_ns(v->now, s->last_ns, 2000000000ULL);
+	s->last_ns = v->now;
+	__u32 reason = 0;
+	if (p->proto == IPPROTO_TCP && p->opens && pr->syn_pps &&
+	    !bucket_take(&s->tok_syn, pr->syn_pps, pr->syn_pps * 1000000000ULL, dt, 1000000000ULL))
+		reason = HW_R_SYN_FLOOD;
+	else if (p->proto == IPPROTO_UDP && pr->udp_pps &&
+		 !bucket_take(&s->tok_udp, pr->udp_pps, pr->udp_pps * 1000000000ULL, dt, 1000000000ULL))
+		reason = HW_R_UDP_FLOOD;
+	else if ((p->pidx == HW_P_ICMP || p->pidx == HW_P_ICMPV6) && pr->icmp_pps &&
+		 !bucket_take(&s->tok_icmp, pr->icmp_pps, pr->icmp_pps * 1000000000ULL, dt, 1000000000ULL))
+		reason = HW_R_ICMP_FLOOD;
+	else if (pr->pps && !bucket_take(&s->tok_pkt, pr->pps, pr->burst * 1000000000ULL, dt, 1000000000ULL))
+		reason = HW_R_RATE_LIMIT;
+	else if (pr->bps && !bits_take(&s->tok_bits, pr->bps_fp, pr->bps_burst * 1000ULL, dt, (__u64)p->len * 8000ULL))
+		reason = HW_R_RATE_LIMIT;
+	if (!reason)
+		return 0;
+	if (!s->streak_start_ns || v->now - s->streak_last_ns > HW_DOS_STREAK_GAP_NS)
+		s->streak_start_ns = v->now;
+	s->streak_last_ns = v->now;
+	if (pr->ban_after_ns && v->now - s->streak_start_ns >= pr->ban_after_ns)
+		dos_ban(v, &k, s, pr, reason);
+	return reason;
+}
+
+static __always_inline int global_take(__u32 idx, __u64 rate, __u64 now)
+{
+	struct hw_bucket *b = hw_dos_global.lookup(&idx);
+	if (!b)
+		return 1;
+	__u64 dt = elapsed_ns(now, b->last_ns, 1000000000ULL);
+	b->last_ns = now;
+	return bucket_take(&b->tokens, rate, rate * 1000000000ULL, dt, 1000000000ULL);
+}
+
+static __always_inline __u32 dos_limits(struct env *v, struct pkt *p, struct hw_dos_profile *pr, __u32 profile)
+{
+	__u32 reason = dos_source(v, p, pr, profile);
+	if (reason)
+		return reason;
+	if (p->proto == IPPROTO_TCP && p->opens && pr->syn_global_pps &&
+	    !global_take(profile * 16, pr->syn_global_pps, v->now))
+		return HW_R_SYN_FLOOD;
+	if (pr->nports && p->pidx <= HW_P_UDP && !p->frag) {
+		__u16 port = bpf_ntohs(p->dport);
+#pragma unroll
+		for (int i = 0; i < HW_DOS_PORTS_MAX; i++) {
+			if (i >= pr->nports)
+				break;
+			if (pr->ports[i].port == port && pr->ports[i].proto == p->proto)
+				return global_take(profile * 16 + 1 + i, pr->ports[i].pps, v->now) ? 0 : HW_R_PORT_LIMIT;
+		}
+	}
+	return 0;
+}
+
+static __always_inline void dos_count(__u32 profile, __u32 reason)
+{
+	__u32 k = (profile & (HW_DOS_PROFILES_MAX - 1)) * HW_REASONS + reason;
+	struct hw_counter *c = hw_dos_stats.lookup(&k);
+	if (c)
+		c->packets++;
+}
+
+/* All DoS checks for one ingress packet; returns a drop reason or 0 (admitted). Operator bans apply
+ * on every interface; the limits apply where the interface has a profile (counted per profile). */
+static __always_inline __u32 dos_check(struct env *v, struct pkt *p)
+{
+	if (v->cfg->manual_bans && manual_banned(v, p))
+		return HW_R_BANNED;
+	__u32 profile = 0;
+	struct hw_dos_profile *pr = dos_profile(v, p->ifindex, &profile);
+	if (!pr)
+		return 0;
+	__u32 reason = dos_limits(v, p, pr, profile);
+	if (reason)
+		dos_count(profile, reason);
+	return reason;
+}
+
+#endif /* HW_DOS_H */

@@ -1,0 +1,137 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/* The one counted exit of every program: counters per (hook, verdict, reason), rule and port,
+ * deny/log events, and the double-buffered drop aggregation the collector drains.
+ */
+#ifndef HW_VERDICT_H
+#define HW_VERDICT_H
+
+/* ---- counters and drop aggregation ------------------------------------------------------------ */
+
+BPF_PERCPU_ARRAY(hw_stats, struct hw_counter, HW_HOOKS * HW_VERDICTS * HW_REASONS);
+BPF_PERCPU_ARRAY(hw_rule_stats, struct hw_counter, HW_MAX_RULE_SLOTS);
+BPF_PERCPU_ARRAY(hw_port_stats, struct hw_port_counter, 65536);
+
+BPF_TABLE("percpu_hash", struct hw_drop_key, struct hw_drop_val, hw_drops0, HW_DROP_AGG_MAX);
+BPF_TABLE("percpu_hash", struct hw_drop_key, struct hw_drop_val, hw_drops1, HW_DROP_AGG_MAX);
+BPF_PERCPU_ARRAY(hw_drop_overflow, struct hw_counter, 2 * HW_VERDICTS * HW_REASONS);
+
+/* ---- the one counted exit ------------------------------------------------------------------- */
+struct judgement {
+	__u32 verdict;          /* enum hw_verdict */
+	__u32 reason;           /* enum hw_reason */
+	__u32 slot;             /* rule counter slot, or ~0 */
+	__u32 revision_id;
+	__u8  action;           /* enum hw_action of the matching rule (log → event) */
+	__u8  ruled;            /* a rule decided */
+};
+
+/* Report one judged packet (a deny sample or a log rule's packet) with its verdict and rule. */
+static __always_inline void ev_judged(struct env *v, struct pkt *p, struct judgement *j, __u32 type)
+{
+	struct hw_event *ev = ev_reserve(v, type);
+	if (!ev)
+		return;
+	ev_packet(ev, p);
+	ev->rule_slot = j->slot;
+	ev->revision_id = j->revision_id;
+	ev->verdict = j->verdict;
+	ev->reason = j->reason;
+	hw_events.ringbuf_submit(ev, 0);
+}
+
+static __always_inline void drop_val_add(struct hw_drop_val *val, __u32 len, __u64 now)
+{
+	val->packets++;
+	val->bytes += len;
+	val->last_ns = now;
+}
+
+/* Mask an address (network order words) to `len` bits. */
+static __always_inline void mask_addr(__u32 *dst, __u32 *src, __u32 family, __u32 len)
+{
+	__u32 words = family == 4 ? 1 : 4;
+#pragma unroll
+	for (int i = 0; i < 4; i++) {
+		__u32 keep = len >= 32 * (i + 1) ? 32 : len > 32 * i ? len - 32 * i : 0;
+		__u32 m = keep == 0 ? 0 : keep >= 32 ? ~0U : ~0U << (32 - keep);
+		dst[i] = i < words ? src[i] & bpf_htonl(m) : 0;
+	}
+}
+
+static __always_inline void agg_overflow(struct env *v, struct judgement *j, struct pkt *p, __u32 gen)
+{
+	__u32 k = (gen * HW_VERDICTS + j->verdict) * HW_REASONS + j->reason;
+	counter_add(hw_drop_overflow.lookup(&k), p->len);
+}
+
+/* Add a dropped (or would-drop) packet to the drop aggregation of the current interval; the first
+ * packet of a key in an interval is also reported as a `deny` event with its full tuple. */
+static __always_inline void agg_drop(struct env *v, struct pkt *p, struct judgement *j)
+{
+	struct hw_drop_key k = {};
+	__u32 fam = p->family;
+	__u32 len = fam == 4 ? v->col->agg_prefix_v4 : v->col->agg_prefix_v6;
+	mask_addr(k.src, v->dir == HW_DIR_INGRESS ? p->saddr : p->daddr, fam, len);
+	k.ifindex = p->ifindex;
+	k.dport = (p->pidx <= HW_P_UDP && !p->frag) ? p->dport : 0;
+	k.reason = j->reason;
+	k.verdict = j->verdict;
+	k.proto = p->proto;
+	k.family = fam;
+	k.prefix_len = fam ? len : 0;
+	k.direction = v->dir;
+	__u32 gen = v->col->agg_gen & 1;
+	struct hw_drop_val *val;
+	if (gen) {
+		val = hw_drops1.lookup(&k);
+		asm volatile("" : "+r"(val));   /* keep two call sites: one map each, so both get inlined */
+	} else {
+		val = hw_drops0.lookup(&k);
+	}
+	if (val) {
+		drop_val_add(val, p->len, v->now);
+		return;
+	}
+	struct hw_drop_val nv = {.packets = 1, .bytes = p->len, .first_ns = v->now, .last_ns = v->now};
+	int rc = gen ? hw_drops1.insert(&k, &nv) : hw_drops0.insert(&k, &nv);
+	if (rc) {
+		/* EEXIST: another CPU created it between our lookup and insert — add to our slot */
+		val = gen ? hw_drops1.lookup(&k) : hw_drops0.lookup(&k);
+		if (val) {
+			drop_val_add(val, p->len, v->now);
+		} else {
+			agg_overflow(v, j, p, gen);     /* map full: counted, never silent */
+		}
+		return;
+	}
+	ev_judged(v, p, j, HW_EV_DENY);
+}
+
+static __always_inline void count(struct env *v, struct pkt *p, struct judgement *j)
+{
+	__u32 k = (v->hook * HW_VERDICTS + j->verdict) * HW_REASONS + j->reason;
+	counter_add(hw_stats.lookup(&k), p->len);
+	if (j->slot < HW_MAX_RULE_SLOTS) {
+		__u32 s = j->slot;
+		counter_add(hw_rule_stats.lookup(&s), p->len);
+	}
+	if (p->pidx <= HW_P_UDP && p->family && !p->frag) {
+		__u32 port = bpf_ntohs(p->dport);
+		struct hw_port_counter *pc = hw_port_stats.lookup(&port);
+		if (pc) {
+			if (j->verdict == HW_V_ALLOW)
+				pc->allowed++;
+			else if (j->verdict == HW_V_DROP)
+				pc->dropped++;
+			else
+				pc->would_drop++;
+		}
+	}
+	if (j->verdict != HW_V_ALLOW) {
+		agg_drop(v, p, j);
+	} else if (j->ruled && j->action == HW_ACT_LOG) {
+		ev_judged(v, p, j, HW_EV_LOG);
+	}
+}
+
+#endif /* HW_VERDICT_H */
