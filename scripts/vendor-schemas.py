@@ -10,7 +10,8 @@ be left out. Output (see tests/data/README.md):
 
   tests/data/ecs/<version>/fields.json   every field of generated/ecs/ecs_flat.yml with what a
                                          field-level check needs (type, normalize, object_type,
-                                         allowed_values with expected_event_types, pattern, required)
+                                         allowed_values with expected_event_types, pattern, required,
+                                         expected_values)
   tests/data/ocsf/<version>/schema.json  the classes of OCSF_CLASSES and every object reachable from
                                          them, resolved as ocsf-schema-compiler resolves the core
                                          schema (no platform extensions): $include, extends, profiles,
@@ -40,7 +41,7 @@ ECS_REPO, OCSF_REPO = "https://github.com/elastic/ecs", "https://github.com/ocsf
 # class names (as in the schema's events/**) that hostwall maps records to, or will
 OCSF_CLASSES = ("network_activity", "detection_finding", "device_config_state_change", "dns_activity",
                 "application_error")
-ECS_KEYS = ("type", "normalize", "object_type", "pattern", "required")
+ECS_KEYS = ("type", "normalize", "object_type", "pattern", "required", "expected_values")
 REQ_RANK = {None: 0, "optional": 1, "recommended": 2, "required": 3}
 
 
@@ -54,7 +55,7 @@ def resolve_tag(repo: Path, candidates: list[str]) -> tuple[str, str]:
     """(tag, commit) of the first candidate tag that exists in `repo`."""
     for tag in candidates:
         r = subprocess.run(["git", "-C", str(repo), "rev-parse", "--verify", "-q", f"refs/tags/{tag}^{{commit}}"],
-                           capture_output=True, text=True)
+                           capture_output=True, text=True, check=False)
         if r.returncode == 0:
             return tag, r.stdout.strip()
     sys.exit(f"{repo}: none of the tags {candidates} exists")
@@ -109,7 +110,8 @@ def vendor_ecs(repo: Path, version: str) -> Path:
     out = DATA / "ecs" / version
     write_common(out, files, ("LICENSE.txt", "NOTICE.txt"), provenance(
         ECS_REPO, tag, commit, "fields.json: every field of generated/ecs/ecs_flat.yml with type, normalize, "
-        "object_type, pattern, required and allowed_values (name, expected_event_types)", version, "ECS"))
+        "object_type, pattern, required, expected_values and allowed_values (name, expected_event_types)",
+        version, "ECS"))
     (out / "fields.json").write_text(dump(doc))
     return out
 
@@ -155,10 +157,9 @@ class OcsfResolver:
 
     def __init__(self, files: dict[str, bytes]):
         self.files = files
-        load = lambda p: json.loads(files[p])                                   # noqa: E731
-        self.version = load("version.json")["version"]
-        self.categories = load("categories.json")["attributes"]
-        self.dictionary = load("dictionary.json")
+        self.version = json.loads(files["version.json"])["version"]
+        self.categories = json.loads(files["categories.json"])["attributes"]
+        self.dictionary = json.loads(files["dictionary.json"])
         self.types = self.dictionary["types"]["attributes"]
         self.dict_attrs = self.dictionary["attributes"]
         self.classes = self._items("events/")
@@ -302,12 +303,12 @@ class OcsfResolver:
                 new[name] = full
             item["attributes"] = new
 
-    def resolve(self) -> "OcsfResolver":
+    def resolve(self) -> OcsfResolver:
         for item in (*self.classes.values(), *self.objects.values()):
             self._include_attributes(item)
         self._collect_observables(self.classes, "Class")
         self._collect_observables(self.objects, "Object")
-        for name, attr in self.dict_attrs.items():                      # object-typed dictionary attributes
+        for attr in self.dict_attrs.values():                           # object-typed dictionary attributes
             if attr["type"] not in self.types:
                 attr["object_type"], attr["type"] = attr["type"], "object_t"
         for items in (self.classes, self.objects):
@@ -320,8 +321,8 @@ class OcsfResolver:
         for attr in self.dict_attrs.values():
             if attr["type"] == "object_t":
                 attr["object_name"] = self.objects[attr["object_type"]].get("caption", "")
-        for src, kind in ((self.types, "Dictionary Type"), (self.dict_attrs, "Dictionary Attribute")):
-            for key, d in src.items():
+        for src in (self.types, self.dict_attrs):
+            for d in src.values():
                 if "observable" in d:
                     self._observable(d["observable"], d.get("caption", ""))
         self.dict_attrs.update({f"{n}_dt": {**copy.deepcopy(a), "type": "datetime_t"}
@@ -397,7 +398,8 @@ def vendor_ocsf(repo: Path, version: str, check: Path | None) -> Path:
     if r.version != version:
         sys.exit(f"OCSF tag {tag} declares version {r.version}, not {version}")
     classes = {n: compact_item(r.classes[n]) for n in OCSF_CLASSES}
-    objects = {n: compact_item(o) for n, o in sorted(reachable_objects(r, list(r.classes[n] for n in OCSF_CLASSES)).items())}
+    reachable = reachable_objects(r, [r.classes[n] for n in OCSF_CLASSES])
+    objects = {n: compact_item(o) for n, o in sorted(reachable.items())}
     types = {n: {k: v for k, v in t.items() if k in ("caption", "type", "regex", "max_len", "range", "values")}
              for n, t in sorted(r.types.items())}
     doc = {"version": version, "source": {"repo": OCSF_REPO, "tag": tag, "commit": commit},

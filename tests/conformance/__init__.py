@@ -4,7 +4,7 @@ human-readable violations ("path: what is wrong"), empty when the record conform
 from __future__ import annotations
 
 import json
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 DATA = Path(__file__).resolve().parent.parent / "data"
@@ -14,7 +14,7 @@ def _version_key(v: str) -> tuple:
     return tuple(int(x) if x.isdigit() else x for x in v.split("."))
 
 
-@lru_cache(maxsize=None)
+@cache
 def load(kind: str, filename: str, version: str | None = None) -> dict:
     """The vendored `tests/data/<kind>/<version>/<filename>`; version None = the newest vendored."""
     if version is None:

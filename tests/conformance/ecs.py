@@ -21,17 +21,19 @@ Rules:
 - `allowed_values` (event.kind, event.category, event.type, event.outcome) are the only values; for
   each value of event.category, every event.type value is one of its `expected_event_types`.
 - Required fields (`@timestamp`, `ecs.version`) are present and `ecs.version` is the vendored version.
+`expected_values` (e.g. network.direction) are not enforced: elastic/ecs schemas/README.md calls them
+"the recommended convention, but users may also use other values"; field() exposes them for tests.
 """
 from __future__ import annotations
 
 import ipaddress
 import re
 from datetime import datetime
-from functools import lru_cache
+from functools import cache
 
 from . import join, load
 
-__all__ = ["validate", "version"]
+__all__ = ["field", "validate", "version"]
 
 KEYWORDS = {"keyword", "constant_keyword", "wildcard", "match_only_text", "text"}
 INT_BITS = {"long": 64, "integer": 32, "short": 16, "byte": 8}
@@ -40,7 +42,7 @@ FLOATS = {"float", "double", "half_float", "scaled_float"}
 _DATE = re.compile(r"(\d{4})-(\d{2})-(\d{2})(?:T(\d{2}):(\d{2})(?::(\d{2})(?:\.\d{1,9})?)?)?(Z|[+-]\d{2}:?\d{2})?")
 
 
-@lru_cache(maxsize=None)
+@cache
 def _spec(ver: str | None) -> tuple[str, dict, frozenset, frozenset]:
     """(version, fields, top-level keys, every proper prefix of a field name)."""
     doc = load("ecs", "fields.json", ver)
@@ -52,6 +54,11 @@ def _spec(ver: str | None) -> tuple[str, dict, frozenset, frozenset]:
 def version(ver: str | None = None) -> str:
     """The vendored ECS version (the newest, unless `ver` names one)."""
     return _spec(ver)[0]
+
+
+def field(name: str, ver: str | None = None) -> dict:
+    """The vendored definition of ECS field `name` (KeyError if it is not one)."""
+    return _spec(ver)[1][name]
 
 
 def validate(record: dict, ver: str | None = None) -> list[str]:

@@ -31,16 +31,16 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from functools import lru_cache
+from functools import cache
 
 from . import join, load
 
-__all__ = ["validate", "version", "schema"]
+__all__ = ["schema", "validate", "version"]
 
 _TS_MS = (10**11, 10**14)            # 1973-03-03 .. 5138-11-16 in ms since the epoch
 
 
-@lru_cache(maxsize=None)
+@cache
 def schema(ver: str | None = None) -> dict:
     """The vendored resolved schema (newest version unless `ver`), with `by_uid`: class_uid -> class."""
     doc = dict(load("ocsf", "schema.json", ver))
@@ -151,7 +151,9 @@ def type_error(t: str, x, types: dict) -> str | None:
           "string_t": lambda: isinstance(x, str), "json_t": lambda: True}[base]()
     if not ok:
         return f"{x!r} is not a {t}" + (f" ({base})" if base != t else "")
-    rule = lambda k: td.get(k, sup.get(k))                              # noqa: E731
+
+    def rule(k: str):
+        return td.get(k, sup.get(k))
     if rule("values") is not None and x not in rule("values"):
         return f"{x!r} is not one of the values {rule('values')} of {t}"
     if rule("range") is not None and not rule("range")[0] <= x <= rule("range")[1]:
