@@ -218,7 +218,7 @@ def _categorization(record: dict, fields: dict) -> list[str]:
     cats = cats if isinstance(cats, list) else [cats]
     types = types if isinstance(types, list) else [types] if types is not None else []
     out = []
-    for cat in cats:
+    for cat in (c for c in cats if isinstance(c, str)):
         for t in types:
             if cat in expected and t not in expected[cat]:
                 out.append(f"event.type: {t!r} is not an expected event type of event.category {cat!r} "
