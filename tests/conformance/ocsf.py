@@ -67,7 +67,7 @@ def validate(event: dict, ver: str | None = None) -> list[str]:
     profiles = meta.get("profiles") if isinstance(meta.get("profiles"), list) else []
     out = [f"metadata.profiles[{i}]: {p!r} is not an OCSF {doc['version']} profile"
            for i, p in enumerate(profiles) if p not in doc["profiles"]]
-    _item(event, "", cls, profiles, doc, out)
+    _item(event, "", cls, {p for p in profiles if isinstance(p, str)}, doc, out)
     if isinstance(meta.get("version"), str) and meta["version"] != doc["version"]:
         out.append(f"metadata.version: {meta['version']!r} is not the vendored OCSF version {doc['version']!r}")
     if all(_is_int(event.get(k)) for k in ("activity_id", "type_uid")):
@@ -84,13 +84,12 @@ def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def _active(item: dict, profiles: list) -> dict:
+def _active(item: dict, profiles: set) -> dict:
     """Attributes of `item` in effect: those of no profile, or of a profile the event applies."""
-    return {n: a for n, a in item["attributes"].items()
-            if a.get("profiles") is None or set(a["profiles"]) & set(profiles)}
+    return {n: a for n, a in item["attributes"].items() if a.get("profiles") is None or profiles & set(a["profiles"])}
 
 
-def _item(d: dict, path: str, item: dict, profiles: list, doc: dict, out: list) -> None:
+def _item(d: dict, path: str, item: dict, profiles: set, doc: dict, out: list) -> None:
     """Check object/event `d` (at `path`) against class or object definition `item`."""
     what = f"class {item['name']}" if "uid" in item else f"object {item['name']}"
     attrs = _active(item, profiles)
