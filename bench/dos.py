@@ -1,4 +1,4 @@
-"""Suite `dos` (DESIGN.md §9): what the DoS guards cost and what they absorb.
+"""Suite `dos` (docs/benchmarks.md): what the DoS guards cost and what they absorb.
 
 - dos_added_ns: XDP ns/packet through BPF_PROG_TEST_RUN with a DoS profile on the arrival interface
   minus the same without one (same policy, same admitted packet: the full guard path, bucket hit).

@@ -1,7 +1,7 @@
 """Typed collector configuration: YAML file + environment + command-line arguments.
 
 Each field is resolved on its own with the precedence argument > environment > file > default
-(DESIGN.md §8). Validation collects EVERY problem before reporting, each with where it came from:
+(docs/architecture.md "Style"). Validation collects EVERY problem before reporting, each with where it came from:
 `FILE:LINE: path: message` for the file, `environment HOSTWALL_COLLECTOR_X: path: message`,
 `argument --sink: sinks[1]: message`. Cross-field rules run after the fields parse.
 

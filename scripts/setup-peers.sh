@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs and caches the real components that hostwall's peer tests talk to (DESIGN.md §7):
+# Installs and caches the real components that hostwall's peer tests talk to (docs/testing.md):
 #   kafka       Apache Kafka (KRaft) jars from Maven Central      -> $CACHE/kafka/<version>/libs/*.jar
 #               (+ kafka-tools for ProducerPerformance, log4j2 as the slf4j backend)
 #   otelcol     OpenTelemetry Collector built with the collector   -> $CACHE/otelcol/<version>/otelcol-hostwall

@@ -8,7 +8,7 @@ destination.*, process.*, container.*, k8s.*, host.name, event.name, log.record.
 hostwall.*; event_name = event.dataset. Resource: service.*, host.*, hostwall.pin_dir and
 hostwall.interfaces (collector/resource.py). Scope: "hostwall.collector".
 
-Delivery (DESIGN.md §6): the pipeline's bounded queue in front of this sink drops the OLDEST batch when
+Delivery (docs/collector.md "Delivery and loss"): the pipeline's bounded queue in front of this sink drops the OLDEST batch when
 full (full_queue_policy drop_oldest, counted "queue_full" in the ledger): fresh data first. send() exports
 in requests of `otlp.batch` records on a worker thread. The SDK exporter retries only retryable errors
 (gRPC UNAVAILABLE, RESOURCE_EXHAUSTED, ...; HTTP 429/502/503/504 and connection errors) with jittered

@@ -169,7 +169,7 @@ def packets(draw):
 
 
 def oracle(rules: list[dict], defaults: dict, pkt: Packet) -> Decision:
-    """Independent restatement of DESIGN.md §3 with ipaddress networks and a stable sort."""
+    """Independent restatement of docs/policy.md with ipaddress networks and a stable sort."""
     numbers = {"tcp": TCP, "udp": UDP, "icmp": ICMP, "icmpv6": ICMP6}
     peer = ipaddress.ip_address(pkt.src if pkt.direction == "ingress" else pkt.dst)
     ordered = sorted(enumerate(rules), key=lambda t: t[1]["priority"])
