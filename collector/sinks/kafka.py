@@ -69,13 +69,13 @@ import time
 import zlib
 from collections import Counter
 from pathlib import Path
-from typing import Any
 
 import aiokafka  # at import: a build without it fails in build_sink
 import orjson
 
 from ..records import _GcPaused
 from .base import BaseSink, FullQueuePolicy, SinkUnavailable
+from .kafka_client import client_kwargs, sasl_password, split_bootstrap, ssl_context
 from .spool import Spool, SpoolError
 
 log = logging.getLogger("hostwall.collector.kafka")
@@ -310,41 +310,21 @@ class KafkaSink(BaseSink):
                                   f"(pip install 'aiokafka[{c}]', cramjam>=2.8); or set kafka.compression: gzip|none")
 
     def _ssl_context(self):
-        if not self.o.tls:
-            return None
-        from aiokafka.helpers import create_ssl_context
-        try:
-            return create_ssl_context(cafile=self.o.tls_ca_file, certfile=self.o.tls_cert_file,
-                                      keyfile=self.o.tls_key_file)
-        except (OSError, ValueError) as e:       # ssl.SSLError is an OSError
-            which = ", ".join(f for f in (self.o.tls_ca_file, self.o.tls_cert_file, self.o.tls_key_file) if f)
-            raise SinkUnavailable(f"sink {self.name}: kafka TLS: cannot load {which or 'the system CAs'}: "
-                                  f"{getattr(e, 'reason', None) or e}; check kafka.tls_* (PEM files)") from None
+        return ssl_context(self.o, self.name)
 
     def _password(self) -> str | None:
-        if self.o.sasl_password_file:
-            try:
-                return Path(self.o.sasl_password_file).read_text().rstrip("\r\n")
-            except OSError as e:
-                raise SinkUnavailable(f"sink {self.name}: cannot read kafka.sasl_password_file "
-                                      f"{self.o.sasl_password_file}: {e.strerror}") from None
-        return self.o.sasl_password
+        return sasl_password(self.o, self.name)
 
     def _client_kwargs(self) -> dict:
-        kw: dict[str, Any] = {"security_protocol": self.o.security_protocol, "ssl_context": self._ssl}
-        if self.o.sasl_mechanism:
-            kw.update(sasl_mechanism=self.o.sasl_mechanism, sasl_plain_username=self.o.sasl_username,
-                      sasl_plain_password=self._sasl_password)
-        return kw
+        return client_kwargs(self.o, self._ssl, self._sasl_password)
 
     async def _probe(self) -> str | None:
         """Open one connection the way the producer will (TLS, SASL). None when it works; a message when
         the broker is unreachable; SinkUnavailable when it refuses us (credentials, certificate)."""
         from aiokafka.conn import create_conn
-        host, _, port = self.bootstrap.rpartition(":")
-        host = host.strip("[]")
         try:
-            conn = await asyncio.wait_for(create_conn(host, int(port), client_id=self.client_id,
+            host, port = split_bootstrap(self.bootstrap)
+            conn = await asyncio.wait_for(create_conn(host, port, client_id=self.client_id,
                                                       request_timeout_ms=int(CONNECT_TIMEOUT_S * 1000),
                                                       **self._client_kwargs()), CONNECT_TIMEOUT_S)
         except Exception as e:                       # noqa: BLE001 — classified below

@@ -2,6 +2,8 @@
 
 Session-scoped, shared by every test of the run (started on first use, stopped at the end):
     kafka_broker       -> tests.peers.kafka.KafkaBroker        (.bootstrap_servers, .create_topic(), ...)
+    kafka_sasl_broker  -> KafkaBroker(sasl_ssl=True, auto_create_topics=False)
+                                                               (.sasl_bootstrap_servers, .ca_file, .writer, ...)
     otel_collector     -> tests.peers.otelcol.OtelCollector    (.grpc_endpoint, .http_endpoint, .prometheus_url, ...)
     prometheus_server  -> tests.peers.prometheus.PrometheusServer (.url, .query(), .set_targets(), ...)
 Function-scoped factories, for tests that need a peer of their own (outage tests that stop/kill a broker,
@@ -59,6 +61,15 @@ def kafka_broker() -> Iterator[KafkaBroker]:
     """One KRaft broker for the session (auto-create on, 1 partition default). Never stop it in a test:
     outage tests use ``kafka_broker_factory``."""
     with start_peer(KafkaBroker) as broker:
+        yield broker
+
+
+@pytest.fixture(scope="session")
+def kafka_sasl_broker() -> Iterator[KafkaBroker]:
+    """One KRaft broker for the session with a SASL_SSL listener (SCRAM-SHA-256/512, throwaway CA, ACLs
+    with a writer and a read-only user) next to PLAINTEXT, topic auto-creation off. Tests revoke users
+    they added themselves (add_scram_user), never ``writer`` / ``reader``."""
+    with start_peer(KafkaBroker, sasl_ssl=True, auto_create_topics=False) as broker:
         yield broker
 
 
