@@ -158,7 +158,7 @@ async def probe_kafka(bootstrap: str, options=None, timeout_s: float = 10.0, *, 
                       client_id: str = "hostwall-probe") -> ProbeResult:
     """Probe the broker at ``bootstrap`` ("host:port") with the sink's options (KafkaOptions; defaults
     when None) and topics, within ``timeout_s``. Never raises for a broker problem: see ProbeResult."""
-    from collector.config import KafkaOptions
+    from hostwall.collector.config import KafkaOptions
     o = options or KafkaOptions()
     sink = name or f"kafka://{bootstrap}"
     t0 = time.monotonic()

@@ -15,8 +15,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from collector.config import KafkaOptions
-from collector.sinks.kafka_probe import (
+from hostwall.collector.config import KafkaOptions
+from hostwall.collector.sinks.kafka_probe import (
     AUTH,
     AUTHZ,
     FINISH_MARGIN_S,
