@@ -211,11 +211,11 @@ async def _latency(broker, topic: str, seconds: float, rate: int, spool: str) ->
 
 def run(quick: bool) -> dict[str, float]:
     from hostwall.collector.config import KafkaOptions
-    from hostwall.collector.sinks.kafka import _make_encoder
+    from hostwall.collector.sinks.kafka_wire import make_encoder
     from tests.peers.kafka import KafkaBroker
     total, lat_s = (300_000, 10.0) if quick else (2_000_000, 30.0)
     m: dict[str, float] = {}
-    enc = _make_encoder("ecs")
+    enc = make_encoder("ecs")
     m["record_bytes"] = float(np.mean([len(enc(r)) for r in make_records(5000)]))
     _log(f"records: {m['record_bytes']:.0f} B each (ECS JSON)")
     work = Path(tempfile.mkdtemp(prefix="hw-bench-kafka-"))

@@ -5,7 +5,16 @@ lives in one of the HW_CT_WAYS slots of the bucket its normalised key hashes to.
 and evicts; user space reads the slots in place (no syscalls), frees idle ones with one store, clears
 and copies tables.
 
-Writes from here race with the datapath only as documented where they happen (`free_if_unchanged`).
+Writes from here race with the datapath only as documented where they happen (`free_if_unchanged`,
+`claim_if_unchanged`).
+
+Claims (docs/collector.md "Delivery and loss"): the collector reports an idle-expired connection's end
+itself, and must not free its slot before that record is durable, or a crash in between would lose the
+end. It *claims* the entry instead: fin_seen |= HW_CT_F_END_EMITTED | CT_F_CLAIMED. END_EMITTED makes
+the datapath treat the end as reported (it never emits a flow_end for it, even when it reuses the
+slot); CT_F_CLAIMED is the collector's own bit (the datapath never reads or writes bit 6 of fin_seen:
+tests/collector/test_delivery.py checks the header's flags), so a collector that restarts after a crash
+finds the ends that were claimed but never freed and reports them again (same event.id).
 """
 from __future__ import annotations
 
@@ -16,6 +25,9 @@ from . import slot_table
 from .slot_table import FREE, LIVE, SlotTable
 
 MAPS = {4: "hw_ct4", 6: "hw_ct6"}
+END_EMITTED = L.C["HW_CT_F_END_EMITTED"]
+CT_F_CLAIMED = 0x40                 # collector-private bit of hw_ct_entry.fin_seen (see the module docstring)
+CLAIM_BITS = END_EMITTED | CT_F_CLAIMED
 SLOT_DT = {4: L.DTYPES["hw_ct4_slot"], 6: L.DTYPES["hw_ct6_slot"]}
 KEY_DT = {4: L.DTYPES["hw_ct4_key"], 6: L.DTYPES["hw_ct6_key"]}
 WAYS = L.CT_WAYS
@@ -40,6 +52,19 @@ class CtTable(SlotTable):
         ok = (cur["slot_state"] == LIVE) & (cur["created_ns"] == seen["created_ns"]) & \
              (cur["last_ns"] == seen["last_ns"])
         e["slot_state"][idx[ok]] = FREE     # one aligned 8-byte store per slot
+        return ok
+
+    def claim_if_unchanged(self, idx: np.ndarray, seen: np.ndarray) -> np.ndarray:
+        """Claim the expired entries at idx whose created_ns/last_ns are still those of `seen`: set
+        END_EMITTED | CT_F_CLAIMED in fin_seen (one byte store per slot); mask of those claimed. The
+        datapath does not touch an expired entry except to reuse its slot (then it sees END_EMITTED and
+        reports nothing), so the only race is the check-to-store window of free_if_unchanged."""
+        e = self.slots["e"]
+        cur = e[idx]
+        ok = (cur["slot_state"] == LIVE) & (cur["created_ns"] == seen["created_ns"]) & \
+             (cur["last_ns"] == seen["last_ns"])
+        hit = idx[ok]
+        e["fin_seen"][hit] = cur["fin_seen"][ok] | CLAIM_BITS
         return ok
 
 

@@ -237,6 +237,11 @@ class AnomalyDetector:
         self._pending: list[dict] = []
         self._iso_memo: dict[str, float] = {}
 
+    @property
+    def bucket_s(self) -> float:
+        """Evaluation step: tick() at least this often for timely anomalies."""
+        return self.cfg.bucket_s
+
     # ---- input -------------------------------------------------------------------------------------
     def observe(self, records) -> None:
         for rec in records:

@@ -87,8 +87,9 @@ def run(cfg: CollectorConfig, *, verbose: bool = False) -> int:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from .kernel import KernelSourceError
-    from .pipeline import PipelineFailed, build_pipeline
+    from .pipeline import PipelineFailed
     from .sinks import SinkUnavailable
+    from .wiring import build_pipeline
     try:
         pipe = build_pipeline(cfg)
     except (KernelSourceError, SinkUnavailable) as e:

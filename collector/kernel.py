@@ -22,6 +22,7 @@ import numpy as np
 from hostwall.bpf import bpfsys, conntrack
 from hostwall.bpf import layout as L
 from hostwall.bpf.clock import Clock
+from hostwall.bpf.conntrack import CLAIM_BITS, CT_F_CLAIMED
 from hostwall.bpf.ringbuf import RingBuffer
 
 # The collector's knobs (agg_gen, event_budget, aggregation prefixes) live in hw_collect, whose only
@@ -64,6 +65,7 @@ class DropDrain:
     t0_ns: int
     t1_ns: int
     barrier_s: float
+    gen: int = 0                # the aggregation generation read (its map is cleared by clear_drops)
 
     @property
     def packets(self) -> int:
@@ -87,15 +89,21 @@ class DropDrain:
 class CtFamilyScan:
     """Conntrack scan result of one family; keys in hw_ct4_key / hw_ct6_key, entries hw_ct_entry.
 
-    expired_*: entries idle past their timeout, now deleted (including those whose flow_end the
-    datapath already emitted: fin_seen bit 7; the record builder decides what they still need).
+    expired_*: entries idle past their timeout whose end the collector reports: claimed now, or
+    claimed by an earlier collector that never freed them (entries with fin_seen's claim bits cleared,
+    as the builder must see them). Entries whose flow_end the datapath emitted are freed at once and
+    not listed (their end is in the ring buffer).
     update_*: live entries that crossed a multiple of the active timeout since the previous scan
-    and saw a packet since the previous multiple (a periodic flow update is due)."""
+    and saw a packet since the previous multiple (a periodic flow update is due).
+    claimed_idx / claimed_seen: the slots of expired_* and their entries as read, for free_claims()
+    once the records are durable."""
     family: int
     expired_keys: np.ndarray
     expired_entries: np.ndarray
     update_keys: np.ndarray
     update_entries: np.ndarray
+    claimed_idx: np.ndarray = None          # type: ignore[assignment]
+    claimed_seen: np.ndarray = None         # type: ignore[assignment]
 
 
 @dataclass
@@ -103,8 +111,9 @@ class CtScan:
     """Outcome of one scan_conntrack over both families (one CtFamilyScan each)."""
     families: list[CtFamilyScan]
     scanned: int          # entries read
-    raced: int            # expired candidates a packet touched between read and delete (kept)
-    ended: int            # expired entries whose flow_end event had already been emitted
+    raced: int            # expired candidates a packet touched between read and claim (kept)
+    ended: int            # expired entries whose flow_end event had already been emitted (freed)
+    reclaimed: int = 0    # claims of an earlier collector, reported again
 
     @property
     def expired(self) -> int:
@@ -173,6 +182,7 @@ class KernelSource:
         self._barrier = bpfsys.RcuBarrier()
         self._last_flip_ns: int | None = None
         self._last_scan_ns: int | None = None
+        self._claims: dict[int, set[tuple[int, int]]] = {4: set(), 6: set()}   # (slot, created_ns) not freed yet
 
     def _check_layouts(self) -> None:
         want = {"hw_config": CFG_DT.itemsize, KNOBS: KNOBS_DT.itemsize, "hw_drops0": DROP_VAL_DT.itemsize,
@@ -237,6 +247,21 @@ class KernelSource:
         """CLOCK_REALTIME - CLOCK_MONOTONIC in ns (hostwall.bpf.clock.Clock.calibrate, ±~1 µs)."""
         return Clock.calibrate().offset_ns
 
+    def identity(self) -> dict:
+        """What tells this kernel instance apart across collector restarts: the boot, and the ids of the
+        ring buffer and event-counter maps (new ids: the datapath was reloaded, its ring is a new one)."""
+        try:
+            boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        except OSError:
+            boot = ""
+        return {"boot_id": boot, "ring_map_id": bpfsys.map_info(self.fds["hw_events"]).id,
+                "ev_stats_map_id": bpfsys.map_info(self.fds["hw_ev_stats"]).id,
+                "drops_map_ids": [bpfsys.map_info(self.fds[f"hw_drops{g}"]).id for g in (0, 1)]}
+
+    def agg_gen(self) -> int:
+        """The drop aggregation generation the datapath writes now."""
+        return int(self.knobs()["agg_gen"]) & 1
+
     # ---- ring buffer -------------------------------------------------------------------------------
     def ring(self) -> RingBuffer:
         """A new consumer of hw_events (owns its own fd and mappings)."""
@@ -271,40 +296,68 @@ class KernelSource:
 
     # ---- drop aggregation --------------------------------------------------------------------------
     def drain_drops(self) -> DropDrain:
-        """Export one drop-aggregation interval (see docs/collector.md).
+        """Export one drop-aggregation interval and clear it at once: read_drops() + clear_drops()."""
+        d = self.read_drops()
+        self.clear_drops(d)
+        return d
+
+    def read_drops(self) -> DropDrain:
+        """Flip to the other aggregation generation and read the old one without clearing it (see
+        docs/collector.md). The collector clears it (clear_drops) only once the summaries made from it are
+        durable, so a crash in between leaves the interval in the kernel for the next collector, which
+        reads it again (read_drops_of). Until cleared, the next flip must not happen.
 
         Flip hw_collect.agg_gen, wait one RCU grace period (no program still writes the old
-        generation), then read + delete every key of the old per-CPU hash and read + zero its
-        overflow slots. Cost: 1 flip + grace period (~1-20 ms) + ceil(keys / 8192) batch syscalls
-        + 2 for the overflow slots. Exact: no packet is counted twice or lost between intervals."""
-        old = int(self.knobs()["agg_gen"]) & 1
+        generation), then read every key of the old per-CPU hash and its overflow slots. Cost: 1 flip +
+        grace period (~1-20 ms) + ceil(keys / 8192) batch syscalls + 1 for the overflow slots. Exact: no
+        packet is counted twice or lost between intervals."""
+        old = self.agg_gen()
         self.set_knobs(agg_gen=old ^ 1)
         t1 = self.now_ns()
         b0 = time.perf_counter()
         self._barrier.wait()
         barrier_s = time.perf_counter() - b0
-        ksz = DROP_KEY_DT.itemsize
-        raw_k, raw_v, n = map_batch(self.fds[f"hw_drops{old}"], ksz,
-                                    percpu_stride(DROP_VAL_DT.itemsize) * self.ncpus, delete=True)
-        keys = np.frombuffer(raw_k, dtype=DROP_KEY_DT, count=n).copy()
-        vals = sum_percpu(raw_v, n, DROP_VAL_DT, self.ncpus)
-        overflow = self._drain_overflow(old)
+        d = self.read_drops_of(old)
+        d.barrier_s = barrier_s
+        d.t1_ns = t1
         t0 = self._last_flip_ns
         if t0 is None:
-            seen = vals["first_ns"][vals["first_ns"] > 0]
+            seen = d.vals["first_ns"][d.vals["first_ns"] > 0]
             t0 = int(seen.min()) if len(seen) else t1
+        d.t0_ns = t0
         self._last_flip_ns = t1
-        return DropDrain(keys, vals, overflow, t0, t1, barrier_s)
+        return d
 
-    def _drain_overflow(self, gen: int) -> dict[tuple[int, int], tuple[int, int]]:
-        """Read and zero hw_drop_overflow[gen][verdict][reason] (2 syscalls; 1 more if non-zero)."""
+    def read_drops_of(self, gen: int) -> DropDrain:
+        """Read generation `gen`'s map and overflow slots as they are (no flip, no clear): the interval
+        an earlier collector read but never cleared, when the datapath writes the other generation.
+        Times are left 0 (the caller has them from its checkpoint)."""
+        ksz = DROP_KEY_DT.itemsize
+        raw_k, raw_v, n = map_batch(self.fds[f"hw_drops{gen}"], ksz, percpu_stride(DROP_VAL_DT.itemsize) * self.ncpus)
+        keys = np.frombuffer(raw_k, dtype=DROP_KEY_DT, count=n).copy()
+        vals = sum_percpu(raw_v, n, DROP_VAL_DT, self.ncpus)
+        return DropDrain(keys, vals, self._read_overflow(gen), 0, 0, 0.0, gen)
+
+    def clear_drops(self, d: DropDrain) -> None:
+        """Delete the keys `d` read from its generation's map and zero the overflow slots it read. Nothing
+        writes that generation until the next flip, so this removes exactly what `d` holds. Cost:
+        ceil(keys / 8192) batch syscalls + 1."""
+        if len(d.keys):
+            bpfsys.map_delete_batch(self.fds[f"hw_drops{d.gen}"], np.ascontiguousarray(d.keys).tobytes(),
+                                    DROP_KEY_DT.itemsize)
+        if d.overflow:
+            fd = self.fds["hw_drop_overflow"]
+            stride = percpu_stride(COUNTER_DT.itemsize) * self.ncpus
+            idx = np.array([d.gen * OVERFLOW_SLOTS_PER_GEN + v * L.REASONS + r for v, r in d.overflow], np.uint32)
+            bpfsys.map_update_batch(fd, idx.tobytes(), bytes(stride * len(idx)), len(idx))
+
+    def _read_overflow(self, gen: int) -> dict[tuple[int, int], tuple[int, int]]:
+        """Read hw_drop_overflow[gen][verdict][reason] (1 syscall): the non-zero slots."""
         fd = self.fds["hw_drop_overflow"]
         stride = percpu_stride(COUNTER_DT.itemsize) * self.ncpus
         idx = np.arange(gen * OVERFLOW_SLOTS_PER_GEN, (gen + 1) * OVERFLOW_SLOTS_PER_GEN, dtype=np.uint32)
         c = sum_percpu(self._lookup_slots(fd, idx, stride), len(idx), COUNTER_DT, self.ncpus)
         hit = np.flatnonzero(c["packets"])
-        if len(hit):
-            bpfsys.map_update_batch(fd, idx[hit].tobytes(), bytes(stride * len(hit)), len(hit))
         return {tuple(int(x) for x in divmod(int(i), L.REASONS)): (int(c["packets"][i]), int(c["bytes"][i]))
                 for i in hit}
 
@@ -315,29 +368,52 @@ class KernelSource:
 
     # ---- conntrack ---------------------------------------------------------------------------------
     def scan_conntrack(self, now_ns: int, active_timeout_ns: int) -> CtScan:
-        """Free entries idle past their timeout (returned) and find long-lived ones due for an
-        active-timeout update. `now_ns` is on the datapath's clock (`now_ns()`).
+        """Claim entries idle past their timeout (returned; free them with free_claims() once their end
+        records are durable) and find long-lived ones due for an active-timeout update. `now_ns` is on
+        the datapath's clock (`now_ns()`).
 
         Cost: the tables are read in place (mmap'ed, no syscalls): one vectorised pass over every slot
-        (~25-30 MB per family). An expired entry is freed only if its times are unchanged since the
-        read (else a packet touched it: counted as raced, kept); conntrack.CtTable.free_if_unchanged
-        states the remaining µs window. The datapath itself ignores expired entries (and reports the
-        flow of any it displaces), so freeing them changes no verdict. No updates on the first scan
-        (there is no previous scan to compare)."""
-        fams, scanned, raced, ended = [], 0, 0, 0
+        (~25-30 MB per family). An expired entry is claimed only if its times are unchanged since the
+        read (else a packet touched it: counted as raced, kept); conntrack.CtTable.claim_if_unchanged
+        states the remaining µs window. The datapath itself ignores expired entries (and reports nothing
+        for a claimed one it displaces), so claiming and freeing them changes no verdict. Entries claimed
+        by an earlier collector and never freed are reported again (`reclaimed`). No updates on the first
+        scan (there is no previous scan to compare)."""
+        fams, scanned, raced, ended, again = [], 0, 0, 0, 0
         for fam in (4, 6):
-            f, n, r, e = self._scan_family(fam, now_ns, active_timeout_ns)
+            f, n, r, e, a = self._scan_family(fam, now_ns, active_timeout_ns)
             fams.append(f)
-            scanned, raced, ended = scanned + n, raced + r, ended + e
+            scanned, raced, ended, again = scanned + n, raced + r, ended + e, again + a
         self._last_scan_ns = now_ns
-        return CtScan(fams, scanned, raced, ended)
+        return CtScan(fams, scanned, raced, ended, again)
+
+    def free_claims(self, scan: CtFamilyScan) -> int:
+        """Free the slots `scan` claimed, where the entry is still the one claimed (a slot the datapath
+        reused meanwhile holds another connection now). Returns how many were freed."""
+        if scan.claimed_idx is None or not len(scan.claimed_idx):
+            return 0
+        table = self._table(scan.family)
+        freed = table.free_if_unchanged(scan.claimed_idx, scan.claimed_seen)
+        mine = self._claims[scan.family]
+        for i, c in zip(scan.claimed_idx.tolist(), scan.claimed_seen["created_ns"].tolist()):
+            mine.discard((i, c))
+        return int(freed.sum())
+
+    def set_last_scan(self, now_ns: int | None) -> None:
+        """Where active-timeout updates continue from (a checkpoint of the previous collector's last
+        durable scan), so a restart neither skips nor repeats due updates."""
+        self._last_scan_ns = now_ns
+
+    @property
+    def last_scan_ns(self) -> int | None:
+        return self._last_scan_ns
 
     def _table(self, fam: int) -> conntrack.CtTable:
         if fam not in self._ct:
             self._ct[fam] = conntrack.CtTable(self.fds[conntrack.MAPS[fam]], fam)
         return self._ct[fam]
 
-    def _scan_family(self, fam: int, now_ns: int, at_ns: int) -> tuple[CtFamilyScan, int, int, int]:
+    def _scan_family(self, fam: int, now_ns: int, at_ns: int) -> tuple[CtFamilyScan, int, int, int, int]:
         table = self._table(fam)
         idx = table.live()
         snap = table.slots[idx]                     # a copy: the datapath keeps writing the table
@@ -346,15 +422,31 @@ class KernelSource:
         last = ents["last_ns"].astype(np.int64)
         created = ents["created_ns"].astype(np.int64)
         expired = (np.int64(now_ns) - last) > ct_timeout_ns(keys["proto"], ents["state"])
-        ended = (ents["fin_seen"] & CT_END_EMITTED) != 0
-        cand = np.flatnonzero(expired)
-        gone = table.free_if_unchanged(idx[cand], ents[cand])
-        raced = int((~gone).sum())
-        exp_idx = cand[gone]
-        upd_idx = self._due_updates(created, last, ~expired & ~ended, now_ns, at_ns)
-        scan = CtFamilyScan(fam, keys[exp_idx].copy(), ents[exp_idx].copy(), keys[upd_idx].copy(),
-                            ents[upd_idx].copy())
-        return scan, n, raced, int(ended[exp_idx].sum())
+        fin = ents["fin_seen"]
+        claimed = (fin & CT_F_CLAIMED) != 0
+        ended = ((fin & CT_END_EMITTED) != 0) & ~claimed
+        mine = self._claims[fam]
+        pending = np.array([(i, c) in mine for i, c in zip(idx.tolist(), created.tolist())], bool) \
+            if mine else np.zeros(n, bool)
+        # the datapath reported these ends itself (the event is in the ring buffer): just free them
+        done = np.flatnonzero(expired & ended)
+        table.free_if_unchanged(idx[done], ents[done])
+        # claimed by an earlier collector, never freed: report again; fresh ones: claim now
+        again = np.flatnonzero(expired & claimed & ~pending)
+        fresh = np.flatnonzero(expired & ~claimed & ~ended)
+        got = table.claim_if_unchanged(idx[fresh], ents[fresh])
+        raced = int((~got).sum())
+        rep = np.sort(np.concatenate([again, fresh[got]]))
+        for i, c in zip(idx[rep].tolist(), created[rep].tolist()):
+            mine.add((i, c))
+        exp_ents = ents[rep].copy()
+        exp_ents["fin_seen"] &= np.uint8(0xFF ^ CLAIM_BITS)     # as the builder must see them
+        seen = ents[rep].copy()
+        seen["fin_seen"] |= np.uint8(CLAIM_BITS)
+        upd_idx = self._due_updates(created, last, ~expired & ~(ended | claimed), now_ns, at_ns)
+        scan = CtFamilyScan(fam, keys[rep].copy(), exp_ents, keys[upd_idx].copy(), ents[upd_idx].copy(),
+                            idx[rep].copy(), seen)
+        return scan, n, raced, len(done), len(again)
 
     def _due_updates(self, created: np.ndarray, last: np.ndarray, live: np.ndarray, now_ns: int,
                      at_ns: int) -> np.ndarray:

@@ -339,6 +339,11 @@ class SelfMetrics:
         self.prometheus_address = server.server_address[:2]
         self._threads.append(thread)
 
+    def observe_records(self, records: list[dict]) -> None:
+        """Record-derived dashboard series (top sources, anomalies): collector/kernel_metrics.py."""
+        if self.kernel_metrics is not None:
+            self.kernel_metrics.observe(records)
+
     def update(self, status: dict) -> None:
         """Take the pipeline's latest status snapshot (called on every status write)."""
         with self._lock:

@@ -199,10 +199,25 @@ def test_conntrack_scan_expires_idle_entries_and_reports_long_lived_ones(kernel)
     assert (s.expired, s.updates, s.ended) == (1, 0, 0)
     gone = s.families[0]
     assert int(gone.expired_keys["proto"][0]) == 17 and int(gone.expired_entries["last_ns"][0]) == t0
+    assert int(gone.expired_entries["fin_seen"][0]) == 0            # the builder sees the entry as it was
     with conntrack.CtTable(ks.fds["hw_ct4"], 4) as table:
-        left = table.slots[table.live()]
-        assert left["k"]["proto"].tolist() == [6]      # freed in the kernel; TCP stays
-    assert ks.scan_conntrack(t0 + 32 * 10**9, at).expired == 0
+        left = table.slots[table.live()]                # claimed, not freed: until its end record is durable
+        assert sorted(left["k"]["proto"].tolist()) == [6, 17]
+        claimed = left[left["k"]["proto"] == 17]["e"]["fin_seen"][0]
+        assert claimed & conntrack.CLAIM_BITS == conntrack.CLAIM_BITS
+    assert ks.scan_conntrack(t0 + 32 * 10**9, at).expired == 0    # pending in this process: not again
+    # a new collector (after a crash) finds the claim and reports the end again; then frees it
+    ks2 = KernelSource(ks.pin_dir)
+    try:
+        again = ks2.scan_conntrack(t0 + 33 * 10**9, at)
+        assert (again.expired, again.reclaimed) == (1, 1)
+        assert ks2.free_claims(again.families[0]) == 1
+    finally:
+        ks2.close()
+    assert ks.free_claims(gone) == 0                   # the slot is free already
+    with conntrack.CtTable(ks.fds["hw_ct4"], 4) as table:
+        assert table.slots[table.live()]["k"]["proto"].tolist() == [6]      # freed in the kernel; TCP stays
+    assert ks.scan_conntrack(t0 + 34 * 10**9, at).expired == 0
 
 
 def test_event_budget_losses_are_counted_by_type(kernel):

@@ -1,0 +1,299 @@
+"""The pipeline's periodic sources and its start-up recovery (part of collector.pipeline.Pipeline).
+
+Each source hands its records to `_emit` and releases what it took from the kernel only once they are
+durable in every at_least_once sink (docs/collector.md "Delivery and loss"):
+
+    drops   read a drop-aggregation interval (flip + RCU barrier, no clear) → drop_summary records in a
+            fixed order → checkpoint the interval (generation, window, seq base, count) → fan out → when
+            durable, clear exactly what was read and checkpoint that. The next flip waits for it. A
+            restart finds the checkpointed interval still in its map and exports it again with the same
+            window, so the same event ids and seqs (or finds it cleared, and moves on).
+    ct      claim idle conntrack ends (hostwall.bpf.conntrack) → flow end / update records → when
+            durable, checkpoint the stream's seq and the scan time, then free the claims.
+    tick    builder/anomaly tick (anomaly records go through the outbox), the enforcer's audit log (its
+            offset is checkpointed when the records are durable), kernel loss counters (the baseline is
+            checkpointed), and loss records for records a sink counted lost.
+
+Recovery (`_recover`, once at start): compare the checkpoint with the kernel (collector/checkpoint.py),
+count what the kernel counted while no collector ran, count what could not be recovered (`restart`
+stage: crash, reboot), resend the outbox, and publish one collector-restart loss record.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import orjson
+
+from hostwall.bpf.ringbuf import slot_size
+
+from .acks import CommitEntry
+from .checkpoint import STREAMS, analyze_restart
+
+log = logging.getLogger("hostwall.collector")
+
+CLOCK_RECALIBRATE_S = 60.0
+
+
+class Sources:
+    """Mixin of collector.pipeline.Pipeline: the sources other than the ring, and recovery."""
+
+    # ---- recovery --------------------------------------------------------------------------------
+    async def _recover(self) -> None:
+        ck = self.checkpoint
+        identity = await self._k(self.source.identity)
+        self.previous_run = _previous_run(self.status_path)
+        stride = slot_size(self.ring.record_size)
+        rs = self.restart = analyze_restart(ck, identity, self.ring.consumer_pos, stride)
+        if rs.previous == "crash" and self.previous_run is None and ck.exists:
+            self.previous_run = {"pid": ck["pid"], "updated_at": ck["updated_at"], "state": "crashed"}
+        if rs.baseline:
+            self.ledger.set_kernel_baseline(rs.baseline)
+        before = dict(self.ledger.lost_by.get("kernel", {}))
+        await self._fold_kernel()
+        self.kernel_while_down = {r: n - before.get(r, 0) for r, n in self.ledger.lost_by.get("kernel", {}).items()
+                                  if n - before.get(r, 0) > 0} if rs.baseline else {}
+        for reason, n in rs.lost.items():
+            self.ledger.lose("restart", reason, n, produced="kernel")
+        self.seq = {s: ck.seq(s) for s in STREAMS}
+        self.seq["events"] = rs.events_seq
+        if rs.previous == "reboot":              # the kernel state the checkpoint described is gone
+            ck["drain"] = None
+            ck["ct_last_scan"] = None
+            ck.data["ring"] = {}
+        ck["kernel"] = identity
+        ck["pid"], ck["started_at"], ck["clean_stop"] = os.getpid(), self._started, False
+        if "pos" not in ck.ring:
+            ck.ring.update(pos=self.ring.consumer_pos, seq=rs.events_seq)
+        ck.save()
+        if ck["ct_last_scan"]:
+            self.source.set_last_scan(int(ck["ct_last_scan"]))
+        self._audit_pos = self._audit_resume()
+        self._drain_checked = False
+        await self._replay_outbox()
+        if rs.previous in ("crash", "reboot"):
+            log.warning("collector restarted after a %s: %s", rs.previous,
+                        "; ".join(rs.notes) or f"kernel counted while down: {self.kernel_while_down or 'nothing'}")
+            rec = self.losses.restart(rs.as_dict(), kernel_while_down=self.kernel_while_down,
+                                      previous_run=(self.previous_run or {}).get("ledger"), seqs=dict(self.seq))
+            await self._emit_owned([rec], "collector")
+
+    async def _replay_outbox(self) -> None:
+        """Records an earlier run put in the outbox and never got durable everywhere: send them first."""
+        pending = self.outbox.load()
+        if self.outbox.damaged:
+            log.warning("outbox %s: %d unreadable line(s) dropped", self.outbox.path, self.outbox.damaged)
+            self.ledger.lose("restart", "outbox_torn", self.outbox.damaged, produced="collector")
+        if not pending:
+            return
+        for r in pending:
+            h = r.get("hostwall") or {}
+            st = h.get("stream")
+            if st in self.seq and isinstance(h.get("seq"), int):
+                self.seq[st] = max(self.seq[st], h["seq"] + 1)
+        by: dict[str, list[dict]] = {}
+        for r in pending:
+            by.setdefault((r.get("hostwall") or {}).get("stream") or "collector", []).append(r)
+        log.info("resending %d record(s) from the outbox %s", len(pending), self.outbox.path)
+        for stream, recs in by.items():
+            ticket = await self._emit(recs, stream, assign_seq=False, enrich=False, observe=False)
+            self._commit_owned(ticket, stream, len(recs))
+
+    async def _emit_owned(self, records: list[dict], stream: str) -> None:
+        """Records made from the collector's own state: outbox first, then fan out; settled in order."""
+        ticket = await self._emit(records, stream, outbox=True, enrich=False, observe=False)
+        self._commit_owned(ticket, stream, len(records))
+
+    def _commit_owned(self, ticket, stream: str, n: int) -> None:
+        ck, outbox, seq_after = self.checkpoint, self.outbox, self.seq.get(stream, 0)
+
+        def before() -> None:
+            ck.set_seq(stream, max(ck.seq(stream), seq_after))
+
+        async def after() -> None:
+            outbox.settle(n)
+        self.commits.add(CommitEntry(ticket, before, after))
+
+    # ---- drop aggregation ------------------------------------------------------------------------
+    async def _export_drops(self) -> None:
+        if not self._drain_checked:
+            self._drain_checked = True
+            await self._export_checkpointed_drain()
+        if self.checkpoint["drain"]:            # an interval is still uncleared (not durable): never flip
+            return                              # back onto it; the next collector exports it
+        d = await self._k(self.source.read_drops)
+        self.ledger.count_drops(d.packets, d.overflow_packets)
+        self.counters["drop_intervals"] += 1
+        self.last_drain = {"keys": len(d.keys), "packets": d.packets, "overflow_packets": d.overflow_packets,
+                           "barrier_ms": round(d.barrier_s * 1e3, 3)}
+        await self._ship_drain(d, self.clock.wall_ns(d.t0_ns), self.clock.wall_ns(d.t1_ns), self.seq["drop_summaries"])
+
+    async def _export_checkpointed_drain(self) -> None:
+        """An interval the last run read but did not clear: export it again, or note that it was cleared."""
+        ck = self.checkpoint
+        m = ck["drain"]
+        if not m:
+            return
+        if await self._k(self.source.agg_gen) == m["gen"]:
+            ck["drain"] = None                  # never flipped away from: nothing was read from it
+            return
+        d = await self._k(self.source.read_drops_of, int(m["gen"]))
+        if not len(d.keys) and not d.overflow:  # cleared before the crash: its records were durable
+            self.seq["drop_summaries"] = max(self.seq["drop_summaries"], int(m["seq_base"]) + int(m["n"]))
+            ck.set_seq("drop_summaries", self.seq["drop_summaries"])
+            ck["drain"] = None
+            ck.save()
+            return
+        self.counters["drain_reexported"] += 1
+        self.ledger.count_drops(d.packets, d.overflow_packets)
+        self.seq["drop_summaries"] = int(m["seq_base"])
+        await self._ship_drain(d, int(m["t0"]), int(m["t1"]), int(m["seq_base"]))
+
+    async def _ship_drain(self, d, t0: int, t1: int, seq_base: int) -> None:
+        if not len(d.keys) and not d.overflow:
+            return
+        recs = self._build("drop_summaries", len(d.keys), self.builder.on_drop_summaries, d.keys, d.vals, t0, t1,
+                           self.clock) if len(d.keys) else []
+        if d.overflow:
+            recs += self._build("drop_summaries", len(d.overflow), self.builder.on_drop_overflow, d.overflow, t0, t1,
+                                self.clock)
+        recs.sort(key=lambda r: r["event"]["id"])        # a fixed order: a re-export gets the same seqs
+        ck = self.checkpoint
+        ck["drain"] = {"gen": d.gen, "t0": t0, "t1": t1, "seq_base": seq_base, "n": len(recs)}
+        ck.save()
+        ticket = await self._emit(recs, "drop_summaries")
+        if ticket is not None and not await ticket.wait():
+            return                                       # stopping: the interval stays for the next run
+        await self._k(self.source.clear_drops, d)
+        ck["drain"] = None
+        ck.set_seq("drop_summaries", seq_base + len(recs))
+        ck.save()
+
+    # ---- conntrack -------------------------------------------------------------------------------
+    async def _scan_ct(self) -> None:
+        now = await self._k(self.source.now_ns)
+        s = await self._k(self.source.scan_conntrack, now, int(self.cfg.active_timeout_s * 1e9))
+        self.counters["ct_scans"] += 1
+        self.counters["ct_expired"] += s.expired
+        self.counters["ct_updates"] += s.updates
+        self.counters["ct_raced"] += s.raced
+        self.counters["ct_reclaimed"] += s.reclaimed
+        self.last_scan = {"entries": s.scanned, "expired": s.expired, "updates": s.updates, "raced": s.raced,
+                          "ended_before": s.ended, "reclaimed": s.reclaimed}
+        recs: list[dict] = []
+        for f in s.families:
+            if len(f.expired_keys) or len(f.update_keys):
+                recs += self._build("conntrack", len(f.expired_keys) + len(f.update_keys), self.builder.on_conntrack,
+                                    f.expired_keys, f.expired_entries, (f.update_keys, f.update_entries), self.clock)
+        ticket = await self._emit(recs, "conntrack")
+        claims = [f for f in s.families if f.claimed_idx is not None and len(f.claimed_idx)]
+        ck, src, seq_after = self.checkpoint, self.source, self.seq["conntrack"]
+
+        def before() -> None:
+            ck.set_seq("conntrack", seq_after)
+            ck["ct_last_scan"] = now
+
+        async def after() -> None:
+            for f in claims:
+                self.counters["ct_freed"] += await self._k(src.free_claims, f)
+        self.commits.add(CommitEntry(ticket, before, after if claims else None))
+
+    # ---- tick ------------------------------------------------------------------------------------
+    async def _tick(self) -> None:
+        now = await self._k(self.source.now_ns)
+        await self._emit(self.builder.tick(now), "tick")
+        if self.anomaly is not None:                     # the detector works in wall-clock seconds
+            recs = self.anomaly.tick(time.time()) or []
+            if recs:
+                await self._emit_owned(recs, "anomaly")
+        await self._tail_audit()
+        await self._fold_kernel()
+        await self._report_sink_losses()
+        if time.monotonic() - self._clock_at >= CLOCK_RECALIBRATE_S:      # follow wall-clock steps
+            self.clock = self._clock_factory(self.source.monotonic_to_wall())
+            self._clock_at = time.monotonic()
+
+    async def _fold_kernel(self) -> None:
+        totals = await self._k(self.source.kernel_loss)
+        self.ledger.fold_kernel(totals)
+        self.checkpoint["kernel_loss"] = totals
+
+    async def _report_sink_losses(self) -> None:
+        recs = []
+        for s in self.slots:
+            for (stream, reason), ranges in s.sink.take_lost_seqs().items():
+                recs.append(self.losses.sink_loss(s.name, reason, stream, ranges))
+        if recs:
+            await self._emit_owned(recs, "collector")
+
+    # ---- audit log -------------------------------------------------------------------------------
+    def _audit_resume(self) -> tuple[int, int] | None:
+        """Where to continue the enforcer's audit log: the checkpointed offset (durable records) if it is
+        the same file (inode), else its start (re-shipped records have the same event.id)."""
+        if self.audit_log is None:
+            return None
+        a = self.checkpoint["audit"]
+        if a:
+            return int(a["inode"]), int(a["offset"])
+        try:                                             # a checkpoint from before this format: the status
+            prev = orjson.loads(self.status_path.read_bytes()).get("audit", {})
+            return int(prev["inode"]), int(prev["offset"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return (0, 0)
+
+    async def _tail_audit(self) -> None:
+        if self._audit_pos is None:
+            return
+        try:
+            st = os.stat(self.audit_log)
+        except FileNotFoundError:
+            return
+        ino, off = self._audit_pos
+        if st.st_ino != ino or st.st_size < off:
+            ino, off = st.st_ino, 0                     # new or truncated file
+        if st.st_size == off:
+            self._audit_pos = (ino, off)
+            return
+        with open(self.audit_log, "rb") as f:
+            f.seek(off)
+            data = f.read(st.st_size - off)
+        end = data.rfind(b"\n") + 1                     # whole lines only
+        recs, bad = [], 0
+        for line in data[:end].splitlines():
+            if not line.strip():
+                continue
+            try:
+                recs.append(self.builder.on_audit(orjson.loads(line)))
+            except (ValueError, TypeError, AttributeError):
+                bad += 1
+        self._audit_pos = pos = (ino, off + end)
+        if bad:
+            self.ledger.lose("decode", "audit_line", bad, produced="audit")
+        ticket = await self._emit(recs, "audit", observe=False)
+        ck, seq_after = self.checkpoint, self.seq["audit"]
+
+        def before() -> None:
+            ck["audit"] = {"inode": pos[0], "offset": pos[1]}
+            ck.set_seq("audit", seq_after)
+        self.commits.add(CommitEntry(ticket, before))
+
+
+def _previous_run(status_path) -> dict | None:
+    """The last status the previous collector wrote, when it did not stop (its pid is gone and its state
+    says running): kept in this run's status as `previous_run` instead of being overwritten."""
+    try:
+        st = orjson.loads(status_path.read_bytes())
+    except (OSError, ValueError):
+        return None
+    if st.get("state") not in ("starting", "running", "stopping"):
+        return None
+    try:
+        os.kill(int(st.get("pid")), 0)
+        return None                                     # still alive: not ours to report
+    except (TypeError, ValueError, ProcessLookupError):
+        pass
+    except PermissionError:
+        return None
+    return {"pid": st.get("pid"), "state": "crashed", "started_at": st.get("started_at"),
+            "updated_at": st.get("updated_at"), "ledger": st.get("ledger")}
