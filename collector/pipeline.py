@@ -60,12 +60,12 @@ from .outbox import Outbox
 from .parts import Detector, Enricher, KernelSource, MetricsSink, RecordBuilder, Ring
 from .queues import RecordQueue, SinkSlot
 from .sinks.base import FullQueuePolicy, Sink
-from .sources import Sources
+from .sources import Sources, previous_run
 from .status import build_status, write_status
 
 log = logging.getLogger("hostwall.collector")
 
-__all__ = ["Pipeline", "PipelineFailed", "RecordQueue", "write_status"]
+__all__ = ["Pipeline", "PipelineFailed", "RecordQueue", "StartFailed", "write_status"]
 
 ENRICH_CHUNK = 1024             # records enriched between two yields to the loop
 SHUTDOWN_TIMEOUT_S = 10.0
@@ -75,6 +75,11 @@ COMMIT_INTERVAL_S = 0.01        # commits (checkpoint write + kernel release) at
 
 class PipelineFailed(RuntimeError):
     """A background task failed; the message names the task and the error (one line)."""
+
+
+class StartFailed(PipelineFailed):
+    """A part could not start (a sink that cannot work with its destination, the metrics endpoint):
+    nothing was read from the kernel. The message is the part's own one line (what, where, what to do)."""
 
 
 class Pipeline(Sources):
@@ -167,21 +172,23 @@ class Pipeline(Sources):
 
     # ---- start ---------------------------------------------------------------------------------
     async def _start(self) -> None:
+        self.previous_run = previous_run(self.status_path)    # before this run's first status write
         for s in self.slots:
             try:
                 await s.sink.start()
-            except Exception as e:  # noqa: BLE001 — a sink that cannot start is reported and marked dead
-                self._fail(f"sink {s.name}", e)
+            except Exception as e:  # noqa: BLE001 — a sink that cannot start is reported (one line) and dead
+                self._failure = (f"sink {s.name}", e)
                 s.dead = True
-                raise PipelineFailed(f"sink {s.name}: {e}") from None
+                msg = str(e) if s.name in str(e) else f"sink {s.name}: {e}"
+                raise StartFailed(msg) from None
             if s.acknowledges:
                 s.sink.on_settle = self._settle_evt.set
         if self.metrics is not None:
             try:
                 self.metrics.start()
             except Exception as e:  # noqa: BLE001 — reported with its cause, then the pipeline fails
-                self._fail("metrics", e)
-                raise PipelineFailed(f"metrics: {e}") from None
+                self._failure = ("metrics", e)
+                raise StartFailed(f"metrics: {e}") from None
         self.clock = self._clock_factory(self.source.monotonic_to_wall())
         self._clock_at = time.monotonic()
         await self._k(self.source.set_event_budget, self.cfg.event_budget)

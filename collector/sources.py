@@ -43,7 +43,6 @@ class Sources:
     async def _recover(self) -> None:
         ck = self.checkpoint
         identity = await self._k(self.source.identity)
-        self.previous_run = _previous_run(self.status_path)
         stride = slot_size(self.ring.record_size)
         rs = self.restart = analyze_restart(ck, identity, self.ring.consumer_pos, stride)
         if rs.previous == "crash" and self.previous_run is None and ck.exists:
@@ -279,7 +278,7 @@ class Sources:
         self.commits.add(CommitEntry(ticket, before))
 
 
-def _previous_run(status_path) -> dict | None:
+def previous_run(status_path) -> dict | None:
     """The last status the previous collector wrote, when it did not stop (its pid is gone and its state
     says running): kept in this run's status as `previous_run` instead of being overwritten."""
     try:

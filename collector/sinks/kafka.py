@@ -93,6 +93,10 @@ class KafkaSink(SpoolReplay, BaseSink):
         self.degraded = False
         self.connected = False
         self._fatal = False                          # the last problem is one retrying cannot fix
+        self._fatal_why: str | None = None           # health causes (kafka_replay.SpoolReplay._health_now)
+        self._full_why: str | None = None
+        self._probing: asyncio.Future | None = None   # a background broker probe while degraded
+        self._probed_at = 0.0
         self._window: dict[int, Flight] = {}         # direct flights not yet acknowledged, in creation order
         self._replay: dict[int, Flight] = {}         # replay flights in flight
         self._replay_bytes = 0
@@ -171,7 +175,7 @@ class KafkaSink(SpoolReplay, BaseSink):
             self.degraded = True
             self.counters["degradations"] += 1
         if self.degraded:
-            self._set_health(Health.DEGRADED, problem or "replaying the spool of an earlier run")
+            self._health_now(why=problem or "replaying the spool of an earlier run")
         self._task = asyncio.create_task(self._run(), name=f"{self.name} replay")
         self._task.add_done_callback(self._task_done)
 
@@ -262,12 +266,13 @@ class KafkaSink(SpoolReplay, BaseSink):
         deadline = loop.time() + CLOSE_GRACE_S
         while (self._window or self._replay) and loop.time() < deadline and not self._producer_dead():
             await asyncio.sleep(0.02)
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):    # noqa: BLE001 — reported by _task_done
-                pass
+        for t in (self._task, self._probing):
+            if t is not None and not t.done():
+                t.cancel()
+                try:
+                    await t
+                except (asyncio.CancelledError, Exception):    # noqa: BLE001 — reported by _task_done
+                    pass
         if self._mirroring is not None:
             await asyncio.shield(self._mirroring)
         left = [f for f in self._window.values() if not f.done and f.seqs is None]
@@ -410,7 +415,7 @@ class KafkaSink(SpoolReplay, BaseSink):
             self._settle_flight(f)
             self.latency.add(time.time() - f.t0, f.n)
             if self._health is not Health.OK and not self.degraded:
-                self._set_health(Health.OK)
+                self._health_now(fatal=None, full=None)
             if f.seqs is not None:
                 self._release(f.seqs)
                 for a, b in seq_runs(f.seqs):
@@ -432,8 +437,7 @@ class KafkaSink(SpoolReplay, BaseSink):
             self.counters["failed_batches"] += 1
             self._recycle = True
             if is_fatal(exc):
-                self._fatal = True
-                self._set_health(Health.FAILING, self.last_error)
+                self._health_now(fatal=self.last_error)
             if f.seqs is not None:                   # in the spool: replay it after a rewind
                 self._window.pop(id(f), None)
                 self._release(f.seqs)

@@ -45,6 +45,7 @@ log = logging.getLogger("hostwall.collector.kafka")
 REPLAY_RECORDS = 4096               # records per spool read while replaying
 REPLAY_INFLIGHT_BYTES = 16 << 20    # payload bytes handed to the producer and not yet acknowledged
 PROBE_TIMEOUT_S = 10.0
+PROBE_EVERY_S = 5.0                 # while degraded and not delivering: how often to ask the broker why
 DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
@@ -79,6 +80,23 @@ def _payload(t: float, m: tuple) -> bytes:
 class SpoolReplay:
     """Mixin of KafkaSink: spool appends, mirroring, the replay/watchdog task, durability of spooled data."""
 
+    # ---- health ----------------------------------------------------------------------------------
+    def _health_now(self, *, fatal: str | None = ..., full: str | None = ..., why: str = "") -> None:
+        """Set one cause (fatal: a problem retrying cannot fix; full: the spool or its disk refuses
+        records; None clears it) and derive the state: failing while either cause holds, degraded while
+        spooling, ok otherwise. The base class logs each change once."""
+        if fatal is not ...:
+            self._fatal_why = fatal
+        if full is not ...:
+            self._full_why = full
+        self._fatal = self._fatal_why is not None
+        if self._fatal_why or self._full_why:
+            self._set_health(Health.FAILING, self._fatal_why or self._full_why)
+        elif self.degraded:
+            self._set_health(Health.DEGRADED, why or self._health_why if self._health is Health.DEGRADED else why)
+        else:
+            self._set_health(Health.OK)
+
     # ---- settling --------------------------------------------------------------------------------
     def _settle_flight(self, f: Flight) -> None:
         if not f.settled:
@@ -111,8 +129,7 @@ class SpoolReplay:
         self.degraded = True
         self.counters["degradations"] += 1
         self.last_error = why
-        if self._health is Health.OK:
-            self._set_health(Health.DEGRADED, f"spooling: {why}")
+        self._health_now(why=f"spooling: {why}")
         self._mirroring = asyncio.ensure_future(self._mirror_window())
         self._wake.set()
 
@@ -211,8 +228,8 @@ class SpoolReplay:
                     self._note_msgs(reason, msgs[done:])
                     self._settle(call, len(payloads) - done)
                     self.last_error = f"spool write {self.spool.dir}: {e.strerror or e}"
-                    self._set_health(Health.FAILING, f"{reason.replace('_', ' ')}: {self.last_error}; "
-                                     "new records are counted lost")
+                    self._health_now(full=f"{reason.replace('_', ' ')}: {self.last_error}; new records are "
+                                     "counted lost")
                     self.counters["spool_errors"] += 1
                     break
                 self._age.mark(first, first + n, now)
@@ -228,11 +245,11 @@ class SpoolReplay:
                     self._note_msgs("spool_full", msgs[done:])
                     self._settle(call, len(payloads) - done)
                     self.last_error = f"spool full ({self.spool.max_bytes} bytes): newest records dropped"
-                    self._set_health(Health.FAILING, f"{self.last_error}; new records are counted lost")
+                    self._health_now(full=f"{self.last_error}; new records are counted lost")
                     break
             else:
-                if self._health is Health.FAILING and not self._fatal:
-                    self._set_health(Health.DEGRADED, "spooling again")
+                if self._full_why is not None:
+                    self._health_now(full=None, why="spooling again")
 
     async def _run(self) -> None:
         """Replay + watchdog: wakes on events or every 0.2 s."""
@@ -254,6 +271,7 @@ class SpoolReplay:
                 continue
             if self._mirroring is not None and not self._mirroring.done():
                 await asyncio.shield(self._mirroring)
+            self._watch_broker()
             if self._need_rewind or self._recycle or self._producer_dead():
                 if self._window or self._replay:
                     continue                         # let every batch in flight settle first (a poisoned
@@ -286,7 +304,30 @@ class SpoolReplay:
                 self._owned.clear()
                 self._backoff.reset()
                 self.counters["recoveries"] += 1
-                self._set_health(Health.OK)
+                self._health_now(fatal=None, full=None)
+
+    def _watch_broker(self) -> None:
+        """While degraded, the producer may sit on batches it cannot deliver (aiokafka retries them forever,
+        also after the broker refused our credentials): ask the broker why, every PROBE_EVERY_S, in the
+        background, so the health says `failing` when retrying cannot fix it (docs/collector.md)."""
+        if self._closing or (self._probing is not None and not self._probing.done()):
+            return
+        if time.monotonic() - self._probed_at < PROBE_EVERY_S:
+            return
+        self._probed_at = time.monotonic()
+        self._probing = asyncio.ensure_future(self._probe_health())
+        self._probing.add_done_callback(self._task_done)
+
+    async def _probe_health(self) -> None:
+        r = await probe_kafka(self.bootstrap, self.o, PROBE_TIMEOUT_S, name=self.name, client_id=self.client_id)
+        self.counters["probes"] += 1
+        if self._closing or not self.degraded:
+            return
+        if r.ok:
+            self._health_now(fatal=None)
+        else:
+            self.last_error = str(r)
+            self._health_now(fatal=None if r.retryable else str(r), why=str(r))
 
     async def _reconnect(self) -> bool:
         """Probe, then a new producer. A problem retrying cannot fix marks the sink failing (once per
@@ -294,19 +335,15 @@ class SpoolReplay:
         r = await probe_kafka(self.bootstrap, self.o, PROBE_TIMEOUT_S, name=self.name, client_id=self.client_id)
         if not r.ok:
             self.last_error = str(r)
-            self._fatal = not r.retryable
-            self._set_health(Health.FAILING if self._fatal else Health.DEGRADED, str(r))
+            self._health_now(fatal=None if r.retryable else str(r), why=str(r))
             return False
         try:
             await self._connect()
         except Exception as e:                       # noqa: BLE001 — still not usable: back off and retry
             self.last_error = f"reconnect: {err_name(e)}: {e}"
-            self._fatal = is_fatal(e)
-            self._set_health(Health.FAILING if self._fatal else Health.DEGRADED, self.last_error)
+            self._health_now(fatal=self.last_error if is_fatal(e) else None, why=self.last_error)
             return False
-        self._fatal = False
-        if self._health is Health.FAILING:
-            self._set_health(Health.DEGRADED, "connected again; replaying the spool")
+        self._health_now(fatal=None, why="connected again; replaying the spool")
         return self._producer is not None
 
     async def _feed(self) -> None:
@@ -388,8 +425,7 @@ class SpoolReplay:
             self.counters["failed_batches"] += 1
             self.last_error = f"replay delivery failed: {err_name(exc)}: {exc}"
             if is_fatal(exc):
-                self._fatal = True
-                self._set_health(Health.FAILING, self.last_error)
+                self._health_now(fatal=self.last_error)
             self._wake.set()
             return
         for a, b in seq_runs(f.seqs):
