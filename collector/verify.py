@@ -199,8 +199,8 @@ async def read_kafka(bootstrap: str, topic: str, options=None, timeout_s: float 
     await asyncio.wait_for(c.start(), 30)
     out: list[dict] = []
     try:
-        await asyncio.wait_for(c.topics(), 30)              # metadata of every topic
-        parts = c.partitions_for_topic(topic)
+        cluster = await asyncio.wait_for(c._client.fetch_all_metadata(), 30)     # aiokafka is pinned
+        parts = cluster.partitions_for_topic(topic)
         if not parts:
             raise LookupError(f"kafka://{bootstrap}/{topic}: no such topic")
         tps = [TopicPartition(topic, p) for p in sorted(parts)]
@@ -209,7 +209,10 @@ async def read_kafka(bootstrap: str, topic: str, options=None, timeout_s: float 
         end = await c.end_offsets(tps)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
-        while any(await c.position(tp) < end[tp] for tp in tps):
+        while True:
+            behind = [tp for tp in tps if await c.position(tp) < end[tp]]
+            if not behind:
+                break
             if loop.time() > deadline:
                 raise TimeoutError(f"kafka://{bootstrap}/{topic}: not read to its end within {timeout_s:g}s")
             got = await c.getmany(timeout_ms=500, max_records=50_000)

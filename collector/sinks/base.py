@@ -217,7 +217,7 @@ class BaseSink:
         from hostwall.collector.loss_report import SeqRanges
         by: dict[str, list[int]] = {}
         for h in hws:
-            if h and "seq" in h:
+            if h and "seq" in h and h.get("kind") != "loss":    # a lost loss record is counted, not reported again
                 by.setdefault(h.get("stream", ""), []).append(int(h["seq"]))
         for stream, seqs in by.items():
             self._lost_seqs.setdefault((stream, reason), SeqRanges()).add(seqs)

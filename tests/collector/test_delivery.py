@@ -351,3 +351,25 @@ def test_jsonl_settles_on_its_fsync_policy(tmp_path, policy):
         await s.close()
         return after_send, after_flush
     assert asyncio.run(go()) == {"none": (1, 1), "interval": (0, 1), "always": (1, 1)}[policy]
+
+
+def test_loss_records_validate_as_ecs_and_ocsf(tmp_path):
+    from pathlib import Path
+
+    import jsonschema
+
+    from hostwall.collector.encoders.ocsf import to_ocsf
+    from hostwall.collector.loss_report import LossReporter
+    from tests.conformance import ocsf as ocsf_check
+    schema = json.loads((Path(__file__).resolve().parents[2] / "schemas" / "loss.schema.json").read_text())
+    rep = LossReporter("h1", "/sys/fs/bpf/hostwall/x")
+    r = SeqRanges()
+    r.add([1, 2, 9])
+    recs = [rep.sink_loss("kafka://b:9092", "spool_full", "events", r),
+            rep.restart({"previous": "crash", "lost": {"crash": 2}, "previous_pid": 7}, kernel_while_down={"budget": 3},
+                        previous_run=None, seqs={"events": 10})]
+    for i, rec in enumerate(recs):
+        rec["hostwall"].update(seq=i, stream="collector")
+        jsonschema.validate(rec, schema)
+        assert ocsf_check.validate(to_ocsf(rec)) == [], ocsf_check.validate(to_ocsf(rec))
+    assert recs[0]["hostwall"]["loss"]["ranges"] == [[1, 2], [9, 9]] and recs[1]["event"]["reason"] == "crash"
