@@ -243,7 +243,12 @@ async def _stall(pipe, ks, dp, stalled, seen: dict) -> None:
     seen["more"] = seen["free"] + 5000
     log_events(dp, seen["more"])
     seen["after"] = log_outcomes(ks)
-    await asyncio.sleep(1.5)                               # a tick folds the kernel counters, status is written
+    want = (seen["after"] - seen["before"])["ringbuf_full"]
+    await until(lambda: pipe.ledger.lost_by.get("kernel", {}).get("ringbuf_full", 0) == want, 10,
+                "a tick to fold the kernel counters into the ledger")
+    folded = time.time()
+    await until(lambda: json.loads(pipe.status_path.read_text()).get("updated_at", 0) > folded, 10,
+                "a status write after the fold")
 
 
 def test_a_stalled_sink_backpressures_to_the_kernel_and_nothing_disappears(kernel, tmp_path):

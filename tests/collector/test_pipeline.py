@@ -131,7 +131,9 @@ def test_back_pressure_stops_reading_the_ring_and_loses_nothing(tmp_path):
     async def go():
         task = await started(pipe)
         src.emit(100)
-        await asyncio.sleep(0.3)
+        # back-pressure reached the reader: the sink holds one batch, its queue and the events queue are full
+        await until(lambda: pipe.slots[0].queue.size == 10 and pipe._events_q.full())
+        await asyncio.sleep(0.1)                          # and it stays so: the reader reads no further
         unread = src.rb.unread_bytes() // 128
         assert 55 <= unread < 100                         # reading stopped: the rest waits in the ring
         assert src.rb.available_bytes() // 128 == 100     # and nothing is released before it is durable
@@ -235,18 +237,18 @@ def test_audit_log_is_shipped_once_and_resumed(tmp_path):
     src, sink = FakeSource(), MemorySink()
     pipe = Pipeline(cfg(tmp_path), src, StubBuilder(), [sink], audit_log=audit)
 
-    async def go(p):
+    async def go(p, want: int):
         task = await started(p)
-        await asyncio.sleep(1.3)
+        await until(lambda: len([r for r in p.slots[0].sink.records if r["hostwall"]["kind"] == "audit"]) == want)
         p.stop()
         await task
-    uvloop.run(go(pipe))
+    uvloop.run(go(pipe, 2))
     assert [r["n"] for r in sink.records if r["hostwall"]["kind"] == "audit"] == [1, 2]
     with open(audit, "a") as f:
         f.write('"x"}\n{"n": 3}\n')
     sink2 = MemorySink()
     pipe2 = Pipeline(cfg(tmp_path), FakeSource(), StubBuilder(), [sink2], audit_log=audit)
-    uvloop.run(go(pipe2))
+    uvloop.run(go(pipe2, 2))
     assert [r.get("n", r.get("partial")) for r in sink2.records] == ["x", 3]
 
 
@@ -270,7 +272,9 @@ def test_status_file_shows_queues_backlog_and_components(tmp_path):
     async def go():
         task = await started(pipe)
         src.emit(100)
-        await asyncio.sleep(0.3)
+        await until(lambda: pipe.slots[0].queue.size == 10 and pipe._events_q.full())
+        t = time.time()
+        await until(lambda: status(tmp_path)["updated_at"] > t)       # a status written since
         st = status(tmp_path)
         assert st["state"] == "running" and st["ring"]["backlog_bytes"] > 0
         assert st["queues"]["sinks"]["mem"]["depth"] == 10 and st["queues"]["sinks"]["mem"]["policy"] == "block"
