@@ -72,6 +72,7 @@ class Sources:
         self._drain_checked = False
         await self._replay_outbox()
         if rs.previous in ("crash", "reboot"):
+            await self._close_orphaned_anomalies()
             log.warning("collector restarted after a %s: %s", rs.previous,
                         "; ".join(rs.notes) or f"kernel counted while down: {self.kernel_while_down or 'nothing'}")
             rec = self.losses.restart(rs.as_dict(), kernel_while_down=self.kernel_while_down,
@@ -95,24 +96,40 @@ class Sources:
         for r in pending:
             by.setdefault((r.get("hostwall") or {}).get("stream") or "collector", []).append(r)
         log.info("resending %d record(s) from the outbox %s", len(pending), self.outbox.path)
+        track_open_anomalies(self.checkpoint, [r for r in pending if (r.get("hostwall") or {}).get("kind") == "anomaly"])
         for stream, recs in by.items():
             ticket = await self._emit(recs, stream, assign_seq=False, enrich=False, observe=False)
-            self._commit_owned(ticket, stream, len(recs))
+            self._commit_owned(ticket, stream, len(recs), recs)
 
     async def _emit_owned(self, records: list[dict], stream: str) -> None:
         """Records made from the collector's own state: outbox first, then fan out; settled in order."""
         ticket = await self._emit(records, stream, outbox=True, enrich=False, observe=False)
-        self._commit_owned(ticket, stream, len(records))
+        self._commit_owned(ticket, stream, len(records), records)
 
-    def _commit_owned(self, ticket, stream: str, n: int) -> None:
+    def _commit_owned(self, ticket, stream: str, n: int, records: list[dict] = ()) -> None:
         ck, outbox, seq_after = self.checkpoint, self.outbox, self.seq.get(stream, 0)
+        opened = [r for r in records if (r.get("hostwall") or {}).get("kind") == "anomaly"]
 
         def before() -> None:
             ck.set_seq(stream, max(ck.seq(stream), seq_after))
+            if opened:                           # which anomalies are open, as durable records say
+                track_open_anomalies(ck, opened)
 
         async def after() -> None:
             outbox.settle(n)
         self.commits.add(CommitEntry(ticket, before, after))
+
+    async def _close_orphaned_anomalies(self) -> None:
+        """Anomalies the crashed run had open (checkpoint, plus opens resent from the outbox): close them,
+        since the detector state that would have closed them is gone."""
+        from .anomaly import AnomalyDetector
+        still = dict(self.checkpoint["open_anomalies"] or {})
+        if not still:
+            return
+        now = time.time()
+        closes = [AnomalyDetector.close_after_restart(last, now) for last in still.values()]
+        log.info("closing %d anomaly(ies) the previous run left open", len(closes))
+        await self._emit_owned(closes, "anomaly")
 
     # ---- drop aggregation ------------------------------------------------------------------------
     async def _export_drops(self) -> None:
@@ -276,6 +293,18 @@ class Sources:
             ck["audit"] = {"inode": pos[0], "offset": pos[1]}
             ck.set_seq("audit", seq_after)
         self.commits.add(CommitEntry(ticket, before))
+
+
+def track_open_anomalies(ck, records: list[dict]) -> None:
+    """Keep the checkpoint's {anomaly id: last record} of open anomalies (open/update add, close removes)."""
+    now = dict(ck["open_anomalies"] or {})
+    for r in records:
+        a = r["hostwall"].get("anomaly") or {}
+        if a.get("state") == "close":
+            now.pop(a.get("id"), None)
+        elif a.get("id"):
+            now[a["id"]] = r
+    ck["open_anomalies"] = now
 
 
 def previous_run(status_path) -> dict | None:

@@ -373,3 +373,61 @@ def test_loss_records_validate_as_ecs_and_ocsf(tmp_path):
         jsonschema.validate(rec, schema)
         assert ocsf_check.validate(to_ocsf(rec)) == [], ocsf_check.validate(to_ocsf(rec))
     assert recs[0]["hostwall"]["loss"]["ranges"] == [[1, 2], [9, 9]] and recs[1]["event"]["reason"] == "crash"
+
+
+def test_an_anomaly_left_open_by_a_crash_is_closed_by_the_next_start(tmp_path):
+    import time as _time
+    from pathlib import Path
+
+    import jsonschema
+
+    from hostwall.collector.anomaly import AnomalyDetector, _Key
+    from hostwall.collector.enrich.host import HostInfo
+
+    det = AnomalyDetector(host=HostInfo("fw-1", version="0.1.0"))
+    k = _Key("drops", "source_prefix", "10.9.9.0/24", {"source_prefix": "10.9.9.0/24"}, talkers={"10.9.9.7": 40.0})
+    opened = det._open(k, _time.time() - 30, 900.0, 40.0)
+
+    class Once:
+        bucket_s = 0.05
+
+        def __init__(self, recs):
+            self.recs = recs
+
+        def observe(self, records):
+            pass
+
+        def tick(self, now=None):
+            out, self.recs = self.recs, []
+            return out
+
+        def stats(self):
+            return {}
+
+        def open_anomalies(self):
+            return []
+
+    src, sink = FakeSource(), MemorySink()
+    pipe = Pipeline(cfg(tmp_path), src, StubBuilder(), [sink], anomaly=Once([opened]))
+
+    async def run(p, sink, n):
+        task = await started(p)
+        await until(lambda: len([r for r in sink.records if r["hostwall"]["kind"] == "anomaly"]) >= n
+                    and not p.commits)
+        p.stop()
+        await task
+    uvloop.run(run(pipe, sink, 1))
+    ck = json.loads(pipe.checkpoint.path.read_text())
+    assert list(ck["open_anomalies"]) == [opened["hostwall"]["anomaly"]["id"]]
+    ck["clean_stop"] = False                               # as if it had been killed
+    pipe.checkpoint.path.write_text(json.dumps(ck))
+    sink2 = MemorySink()
+    pipe2 = Pipeline(cfg(tmp_path), restarted(src), StubBuilder(), [sink2], anomaly=Once([]))
+    uvloop.run(run(pipe2, sink2, 1))
+    close = [r for r in sink2.records if r["hostwall"]["kind"] == "anomaly"]
+    assert len(close) == 1 and close[0]["hostwall"]["anomaly"]["state"] == "close"
+    assert close[0]["hostwall"]["anomaly"]["id"] == opened["hostwall"]["anomaly"]["id"]
+    assert close[0]["event"]["reason"] == "collector restarted" and close[0]["hostwall"]["stream"] == "anomaly"
+    schema = json.loads((Path(__file__).resolve().parents[2] / "schemas" / "anomaly.schema.json").read_text())
+    jsonschema.validate(close[0], schema)
+    assert json.loads(pipe2.checkpoint.path.read_text())["open_anomalies"] == {}
