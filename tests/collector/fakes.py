@@ -13,6 +13,7 @@ import numpy as np
 
 from hostwall.bpf import layout as L
 from hostwall.bpf.ringbuf import BUSY_BIT, DISCARD_BIT, EVENT_DTYPE, HDR_SIZE, RingWalker, check_events, slot_size
+from hostwall.collector.config import CollectorConfig, JsonlOptions, QueueSizes
 from hostwall.collector.kernel import CtScan, DropDrain
 from hostwall.collector.sinks.base import BaseSink, FullQueuePolicy
 
@@ -299,3 +300,27 @@ class MemorySink(BaseSink):
 
     async def close(self):
         self.closed = True
+
+
+# ---- running a pipeline in a test ---------------------------------------------------------------------
+
+def cfg(tmp_path, **kw) -> CollectorConfig:
+    base = dict(pin_dir=str(tmp_path / "pin"), drop_interval_s=0.05, ct_scan_interval_s=0.05, active_timeout_s=60,
+                status_interval_s=0.05, status_file=str(tmp_path / "status.json"),
+                queues=QueueSizes(events=4, sink=1000, batch=64), jsonl=JsonlOptions(fsync="none"))
+    base.update(kw)
+    return CollectorConfig(**base)
+
+
+async def until(pred, timeout=5.0):
+    t0 = time.monotonic()
+    while not pred():
+        if time.monotonic() - t0 > timeout:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.01)
+
+
+async def started(pipe):
+    task = asyncio.ensure_future(pipe.run())
+    await until(lambda: pipe.state == "running" or task.done())
+    return task

@@ -21,8 +21,17 @@ from hostwall.collector.loss_report import SeqRanges
 from hostwall.collector.outbox import Outbox
 from hostwall.collector.pipeline import Pipeline
 from hostwall.collector.sinks.base import BaseSink, Durability, FullQueuePolicy
-from tests.collector.fakes import DROP_KEY, DROP_VAL, FakeRingBuffer, FakeSource, MemorySink, StubBuilder
-from tests.collector.test_pipeline import cfg, started, until
+from tests.collector.fakes import (
+    DROP_KEY,
+    DROP_VAL,
+    FakeRingBuffer,
+    FakeSource,
+    MemorySink,
+    StubBuilder,
+    cfg,
+    started,
+    until,
+)
 
 STRIDE = 128
 

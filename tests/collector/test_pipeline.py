@@ -17,33 +17,11 @@ import uvloop
 
 from hostwall.bpf import layout as L
 from hostwall.collector.accounting import Ledger
-from hostwall.collector.config import CollectorConfig, JsonlOptions, QueueSizes
+from hostwall.collector.config import QueueSizes
 from hostwall.collector.kernel import CtFamilyScan, CtScan, DropDrain
 from hostwall.collector.pipeline import Pipeline, PipelineFailed, RecordQueue
 from hostwall.collector.sinks.base import FullQueuePolicy
-from tests.collector.fakes import DROP_KEY, DROP_VAL, FakeSource, MemorySink, StubBuilder
-
-
-def cfg(tmp_path, **kw) -> CollectorConfig:
-    base = dict(pin_dir=str(tmp_path / "pin"), drop_interval_s=0.05, ct_scan_interval_s=0.05, active_timeout_s=60,
-                status_interval_s=0.05, status_file=str(tmp_path / "status.json"),
-                queues=QueueSizes(events=4, sink=1000, batch=64), jsonl=JsonlOptions(fsync="none"))
-    base.update(kw)
-    return CollectorConfig(**base)
-
-
-async def until(pred, timeout=5.0):
-    t0 = time.monotonic()
-    while not pred():
-        if time.monotonic() - t0 > timeout:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.01)
-
-
-async def started(pipe: Pipeline):
-    task = asyncio.ensure_future(pipe.run())
-    await until(lambda: pipe.state == "running" or task.done())
-    return task
+from tests.collector.fakes import DROP_KEY, DROP_VAL, FakeSource, MemorySink, StubBuilder, cfg, started, until
 
 
 def status(tmp_path) -> dict:

@@ -20,9 +20,8 @@ from hostwall.collector.metrics import SelfMetrics, families_from_status
 from hostwall.collector.pipeline import Pipeline
 from hostwall.collector.records import iso_ns, parse_iso_ns
 from hostwall.collector.sinks.otlp import OtlpSink
-from tests.collector.fakes import FakeSource, StubBuilder
+from tests.collector.fakes import FakeSource, StubBuilder, cfg, started, until
 from tests.collector.test_encoders import all_records
-from tests.collector.test_pipeline import cfg, started, until
 from tests.peers import free_ports
 
 pytestmark = [pytest.mark.peers]
