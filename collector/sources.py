@@ -53,6 +53,11 @@ class Sources:
         await self._fold_kernel()
         self.kernel_while_down = {r: n - before.get(r, 0) for r, n in self.ledger.lost_by.get("kernel", {}).items()
                                   if n - before.get(r, 0) > 0} if rs.baseline else {}
+        for s in self.slots:                     # a spool's torn tail (collector/sinks/spool.py recovery)
+            torn = ((s.sink.stats().get("recovered") or {}).get("lost") or {}).get("spool_torn", 0)
+            if torn:
+                rs.lost["spool_torn"] = rs.lost.get("spool_torn", 0) + torn
+                rs.notes.append(f"sink {s.name}: {torn} spooled records cut off with a torn spool tail")
         for reason, n in rs.lost.items():
             self.ledger.lose("restart", reason, n, produced="kernel")
         self.seq = {s: ck.seq(s) for s in STREAMS}
