@@ -428,8 +428,7 @@ class SpoolReplay:
                 self._health_now(fatal=self.last_error)
             self._wake.set()
             return
-        for a, b in seq_runs(f.seqs):
-            self.spool.ack(a, b)
+        self.spool.ack_seqs(f.seqs)
         self._wake.set()
 
     def _account_corrupt(self) -> None:

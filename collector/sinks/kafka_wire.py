@@ -101,21 +101,45 @@ def pack(t_enq: float, topic: str, key: bytes | None, value: bytes, headers: lis
     return b"".join(parts)
 
 
+_HDR_LEN = struct.Struct("<BH")
+_MEMO_MAX = 1024
+_topics: dict[bytes, str] = {}
+_headers: dict[bytes, list] = {}
+
+
 def unpack(p: bytes) -> tuple[float, str, bytes | None, bytes, list]:
+    """The inverse of pack. Topic names and header lists repeat (a few per sink), so they are decoded once
+    and shared (bounded memo): replay cost is mostly slicing. The returned header list is shared: never
+    mutate it."""
     t_enq, tl, kl, nh = _PACK.unpack_from(p, 0)
     o = _PACK.size
-    topic = p[o:o + tl].decode()
+    tb = p[o:o + tl]
+    topic = _topics.get(tb)
+    if topic is None:
+        if len(_topics) > _MEMO_MAX:
+            _topics.clear()
+        topic = _topics[tb] = tb.decode()
     o += tl
     key = None
     if kl != 0xFFFF:
         key = p[o:o + kl]
         o += kl
-    headers = []
+    h0 = o
     for _ in range(nh):
-        hl, vl = struct.unpack_from("<BH", p, o)
-        o += 3
-        headers.append((p[o:o + hl].decode(), p[o + hl:o + hl + vl]))
-        o += hl + vl
+        hl, vl = _HDR_LEN.unpack_from(p, o)
+        o += 3 + hl + vl
+    hb = p[h0:o]
+    headers = _headers.get(hb)
+    if headers is None:
+        headers, q = [], h0
+        for _ in range(nh):
+            hl, vl = _HDR_LEN.unpack_from(p, q)
+            q += 3
+            headers.append((p[q:q + hl].decode(), p[q + hl:q + hl + vl]))
+            q += hl + vl
+        if len(_headers) > _MEMO_MAX:
+            _headers.clear()
+        _headers[hb] = headers
     return t_enq, topic, key, p[o:], headers
 
 
