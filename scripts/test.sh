@@ -3,5 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-bash scripts/setup-peers.sh          # Kafka (Maven jars), OTel Collector (builder), Prometheus; cached
+bash scripts/setup-peers.sh          # Kafka (Maven jars), OTel Collector (builder), Prometheus, Alertmanager; cached
 exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
