@@ -25,7 +25,7 @@ import pytest
 import yaml
 
 from tests.peers import PeerNotInstalled, free_ports
-from tests.peers.alertmanager import Alertmanager, Notification, WebhookReceiver, alert, amtool
+from tests.peers.alertmanager import Alertmanager, Notification, WebhookReceiver, alert, amtool, rfc3339
 
 from .test_runbooks import ROOT, RULES, rules
 
@@ -209,8 +209,7 @@ def test_inhibition_by_collector_down_and_enforcer_detached(am: Alertmanager, we
     assert pairs() == expected, f"notified {sorted(pairs())}, expected only {sorted(expected)}"
 
     # The collector is back: what it held back on host A is sent now.
-    am.post_alerts([{**sources[0], "endsAt": alert("x", ends_at=time.time())["endsAt"],
-                     "startsAt": alert("x", starts_at=time.time() - 60)["startsAt"]}])
+    am.post_alerts([{**sources[0], "startsAt": rfc3339(time.time() - 60), "endsAt": rfc3339(time.time())}])
     webhook_receiver.wait_for(lambda ns: ("HostwallRecordsLost", A) in pairs(),
                               what="HostwallRecordsLost of host A once HostwallCollectorDown resolved")
     assert ("HostwallMapPressureHigh", A) not in pairs()          # still held back by the detached enforcer

@@ -35,7 +35,7 @@ from typing import Any, TypeVar
 from . import SETUP_HINT, PeerBase, PeerError, PeerNotInstalled, PeerProcess, free_ports, http_get, wait_until
 
 __all__ = ["Alertmanager", "Notification", "WebhookReceiver", "alert", "alertmanager_binary", "amtool",
-           "amtool_binary", "webhook_config"]
+           "amtool_binary", "rfc3339", "webhook_config"]
 
 T = TypeVar("T")
 
@@ -70,7 +70,8 @@ def amtool(*args: str | os.PathLike[str], timeout: float = 60.0) -> subprocess.C
 # ------------------------------------------------------------------------------------------ alerts
 
 
-def _rfc3339(t: float | dt.datetime) -> str:
+def rfc3339(t: float | dt.datetime) -> str:
+    """A Unix time (or datetime) as the API's timestamps: ``2026-01-02T03:04:05.678Z``."""
     if not isinstance(t, dt.datetime):
         t = dt.datetime.fromtimestamp(t, dt.timezone.utc)
     return t.astimezone(dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
@@ -83,9 +84,9 @@ def alert(alertname: str, *, annotations: Mapping[str, str] | None = None, start
     a: dict[str, Any] = {"labels": {"alertname": alertname, **{k: str(v) for k, v in labels.items()}},
                          "annotations": dict(annotations or {})}
     if starts_at is not None:
-        a["startsAt"] = _rfc3339(starts_at)
+        a["startsAt"] = rfc3339(starts_at)
     if ends_at is not None:
-        a["endsAt"] = _rfc3339(ends_at)
+        a["endsAt"] = rfc3339(ends_at)
     if generator_url:
         a["generatorURL"] = generator_url
     return a

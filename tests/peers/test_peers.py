@@ -14,7 +14,7 @@ import pytest
 
 from tests.peers import PeerNotInstalled, free_ports
 from tests.peers.alertmanager import Alertmanager, Notification, WebhookReceiver, alert, alertmanager_binary, \
-    webhook_config
+    rfc3339, webhook_config
 from tests.peers.kafka import KafkaBroker, kafka_cluster_id
 from tests.peers.otelcol import OtelCollector
 from tests.peers.prometheus import PrometheusServer
@@ -225,7 +225,7 @@ def test_alertmanager_notifies_the_webhook(alertmanager_factory, webhook_receive
     [a] = n.alerts
     assert a["labels"]["severity"] == "warning" and a["annotations"]["runbook_url"] == "http://127.0.0.1/rb.md"
 
-    am.post_alerts([{**smoke, "endsAt": alert("x", ends_at=time.time())["endsAt"]}])
+    am.post_alerts([{**smoke, "endsAt": rfc3339(time.time())}])
     resolved: list[Notification] = webhook_receiver.wait_for(
         lambda ns: [x for x in ns if x.status == "resolved"], what="the resolved notification")
     assert resolved[0].alert_labels("alertname") == ["PeerSmokeWebhook"]
