@@ -117,7 +117,7 @@ def test_records_arrive_once_with_keys_headers_and_schema(kafka_broker, tmp_path
                 key = r["hostwall"]["anomaly"]["key"]
                 assert m.key.decode() in (key.get("source_prefix"), f"{key['dimension']}={key['value']}")
             elif kind == "drop_summary":
-                assert m.key.decode() in (r["hostwall"].get("source_prefix"),
+                assert m.key.decode() in (r["hostwall"].get("source", {}).get("prefix"),
                                           f"overflow:{r['hostwall'].get('reason', '')}")
             elif r["network"].get("community_id"):
                 assert m.key == r["network"]["community_id"].encode()
