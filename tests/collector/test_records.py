@@ -394,3 +394,47 @@ def test_tick_forgets_stale_flows():
     assert b.stats()["open_flows"] == 1
     b.tick(now=T + 11 * 10**9)
     assert b.stats()["open_flows"] == 0 and b.stats()["flows_stale_expired"] == 1
+
+
+def test_flow_times_are_the_first_and_last_packet_on_the_precise_clock():
+    b = builder()
+    t1 = T + 123_456_789                               # not on any 4 ms tick: precise, to the µs in the text
+    [start] = b.on_events(event("flow_start", ts_ns=t1, start_ns=t1), CLOCK)
+    assert start["@timestamp"] == start["event"]["start"] == start["hostwall"]["flow"]["start"] == \
+        iso_ns(CLOCK.wall_ns(t1)) == "2023-11-14T22:13:25.123456Z"
+    [end] = b.on_events(event("flow_end", start_ns=t1, ts_ns=t1 + 10_000_500, packets=[2, 2], bytes=[100, 100],
+                              ct_state=5), CLOCK)
+    assert end["@timestamp"] == end["event"]["end"] and end["event"]["duration"] == 10_000_500
+    assert end["event"]["start"] == start["event"]["start"] and start["@timestamp"] < end["@timestamp"]
+    # another CPU stored an older reading last: the end is clamped to the start, never before it
+    [odd] = b.on_events(event("flow_end", sport=40009, start_ns=t1, ts_ns=t1 - 1000, ct_state=5), CLOCK)
+    assert odd["event"]["duration"] == 0 and odd["@timestamp"] == odd["event"]["start"]
+    for r in (start, end, odd):
+        assert parse_iso_ns(r["event"]["created"]) > parse_iso_ns(r["@timestamp"])   # made now, long after 2023
+
+
+def test_conntrack_ends_and_updates_use_the_precise_first_and_last_packet():
+    b = builder()
+    k, e = ct4("10.66.2.2", "10.66.1.2", 40100, 80)                        # last_ns (tick) T+3 s, end_ns T+3.0012 s
+    [idle] = b.on_conntrack(k, e, None, CLOCK)
+    end_ns = int(e["end_ns"][0])
+    assert idle["@timestamp"] == idle["event"]["end"] == iso_ns(CLOCK.wall_ns(end_ns))
+    assert idle["event"]["duration"] == end_ns - T and idle["hostwall"]["flow"]["end_reason"] == "idle_timeout"
+    k, e = ct4("10.66.2.2", "10.66.1.2", 40101, 80)
+    [upd] = b.on_conntrack(np.zeros(0, CT4), np.zeros(0, CTE), (k, e), CLOCK)
+    assert upd["event"]["type"] == ["info"] and upd["event"]["end"] == iso_ns(CLOCK.wall_ns(end_ns))
+    # closed by FINs and reported after the grace period: end_reason fin; its later expiry adds nothing
+    b.on_events(event("flow_start", sport=40102, dport=80), CLOCK)
+    k, e = ct4("10.66.2.2", "10.66.1.2", 40102, 80, state=4, fin_seen=3, reported=1, packets=[5, 4])
+    [closed] = b.on_conntrack(np.zeros(0, CT4), np.zeros(0, CTE), None, CLOCK, (k, e))
+    assert closed["hostwall"]["flow"]["end_reason"] == "fin" and closed["source"]["packets"] == 5
+    assert closed["hostwall"]["interface"] == {"id": 2} and b.stats()["flow_end_closed_after_grace"] == 1
+    assert b.on_conntrack(k, e, None, CLOCK) == [] and b.stats()["ct_end_already_emitted"] == 1
+
+
+def test_a_host_prefix_summary_names_its_host():
+    rows = [dict(DROPS[0], src="10.66.3.7", prefix_len=32)]
+    [r] = builder().on_drop_summaries(*drop_rows(rows), 1_700_000_004.0, 1_700_000_006.0, CLOCK)
+    assert r["source"]["address"] == "10.66.3.7/32" and r["source"]["ip"] == "10.66.3.7"
+    assert r["hostwall"]["source"] == {"prefix": "10.66.3.7/32"}
+    assert not list(validator("flow.schema.json").iter_errors(r))
