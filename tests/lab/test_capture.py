@@ -28,16 +28,19 @@ pytestmark = pytest.mark.lab
 
 MS = 1_000_000
 CONFIG = {"conntrack_scan_interval": "500ms", "active_timeout": "2s", "flow_close_grace": "1s"}
-PAIRS = 4
+PAIRS = 6
 TWO_DATAGRAMS = f"""
-import socket, sys, time
+import os, socket, sys, time
 dst = sys.argv[1]
+try:                                    # a busy machine preempts a sleeping sender: 10 ms would be 15
+    os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(10))
+except OSError:
+    pass
 for _ in range({PAIRS}):
     s = socket.socket(socket.AF_INET6 if ":" in dst else socket.AF_INET, socket.SOCK_DGRAM)
     s.sendto(b"a" * 200, (dst, 5353))
     t = time.perf_counter() + 0.010
-    time.sleep(0.008)
-    while time.perf_counter() < t:      # the last 2 ms busy: sleep alone overshoots on a busy machine
+    while time.perf_counter() < t:      # busy for 10 ms: sleep overshoots
         pass
     s.sendto(b"b" * 300, (dst, 5353))
     print(s.getsockname()[1])
@@ -107,7 +110,7 @@ def _capture_of(packets, rec: dict) -> tuple[list, list]:
 def test_flow_records_equal_the_capture(run):
     flows, packets = run
     assert len(flows) == 2 * (1 + PAIRS)
-    spaced = []                                  # UDP pairs the capture shows 10 ms apart (± 0.25 ms)
+    spaced = []                                  # UDP pairs the capture shows 10 ms apart (± 0.5 ms)
     for (fam, proto, _), recs in flows.items():
         last = recs[-1]                          # the end (TCP) or the latest update (UDP)
         fwd, rev = _capture_of(packets, last)
@@ -136,7 +139,7 @@ def test_flow_records_equal_the_capture(run):
             assert both[-1].tcp_flags == 0x10, what           # ... and it is counted
         else:
             assert (len(fwd), len(rev)) == (2, 0), what       # the ICMP errors are not the flow's
-            if abs(fwd[1].ts_ns - fwd[0].ts_ns - 10 * MS) <= MS // 4:
+            if abs(fwd[1].ts_ns - fwd[0].ts_ns - 10 * MS) <= MS // 2:
                 spaced.append((fam, ev["duration"]))
     # two packets of one flow 10 ms apart give 10 ± 1 ms (each family: at least one pair the sender
     # managed to space so on a busy machine; the capture is the judge)
