@@ -173,7 +173,8 @@ int xdp_ingress(struct xdp_md *ctx)
 	struct env v = {};
 	if (env_init(&v, HW_HOOK_XDP_INGRESS, HW_DIR_INGRESS, 0))
 		return XDP_PASS;        /* unreachable: hw_config is an array */
-	int rc = parse_pkt(&p, (void *)(long)ctx->data, (void *)(long)ctx->data_end);
+	int rc = parse_pkt(&p, (void *)(long)ctx->data, (void *)(long)ctx->data_end,
+			   (__u32)(ctx->data_end - ctx->data));
 	p.ifindex = ctx->ingress_ifindex;
 	if (rc != PARSE_OK) {
 		judge_parsed(&v, &p, rc, &j);
@@ -238,8 +239,7 @@ static __always_inline int tc_parse(struct __sk_buff *skb, struct pkt *p)
 	__u32 want = skb->len < HW_PULL_LEN ? skb->len : HW_PULL_LEN;
 	if (skb->data_end - skb->data < want)
 		bpf_skb_pull_data(skb, want);
-	int rc = parse_pkt(p, (void *)(long)skb->data, (void *)(long)skb->data_end);
-	p->len = skb->len;
+	int rc = parse_pkt(p, (void *)(long)skb->data, (void *)(long)skb->data_end, skb->len);
 	p->ifindex = skb->ifindex;
 	return rc;
 }
@@ -257,7 +257,8 @@ int tc_ingress(struct __sk_buff *skb)
 		j.verdict = HW_V_ALLOW;
 		j.reason = HW_R_PASS_JUDGED;
 		j.slot = ~0U;
-		p.len = skb->len;           /* counted in aggregate only: XDP counted the details */
+		/* counted in aggregate only (XDP counted the details): the frame less an Ethernet header */
+		p.len = skb->len > ETH_HLEN ? skb->len - ETH_HLEN : 0;
 		p.pidx = HW_P_OTHER;
 		count(&v, &p, &j);
 		return TC_ACT_OK;

@@ -34,6 +34,7 @@
 #define HW_META_MAGIC         0x68770a11 /* XDP → TC metadata marker: "already judged" */
 #define HW_RINGBUF_BYTES      (8 << 20) /* event ring buffer (power of two, multiple of the page size) */
 #define HW_DROP_AGG_MAX       65536     /* drop aggregation keys per generation (per-CPU hash) */
+#define HW_DROP_SRC_SLOTS     4096      /* individual dropped peers per CPU per generation (top talkers) */
 #define HW_EVENT_BUDGET       20000     /* default events/s into the ring buffer (hw_config.event_budget) */
 #define HW_EV_TYPES           8
 #define HW_DOS_PROFILES_MAX   16        /* DoS profiles per generation */
@@ -321,10 +322,13 @@ struct hw_ct6_key {
 };
 
 struct hw_ct_entry {
-	__u64 created_ns;           /* the datapath clock (hw_now) */
-	__u64 last_ns;
+	__u64 created_ns;           /* first packet, on the precise clock (hw_precise): the flow's start */
+	__u64 last_ns;              /* latest packet on the datapath clock (hw_now, tick resolution): ages the entry */
+	__u64 end_ns;               /* latest packet on the precise clock, read only where it is cheap enough:
+	                             * every TCP packet from the first FIN or RST on, and the first packet of
+	                             * each tick otherwise (docs/datapath.md "Clock"): the flow's end */
 	__u64 packets[2];           /* [0] from initiator, [1] from responder */
-	__u64 bytes[2];
+	__u64 bytes[2];             /* IP-layer bytes (header + payload), as packets[] */
 	__u64 cgroup_id;            /* egress-opened connections: the sender's cgroup */
 	__u32 rule_slot;            /* rule that allowed the first packet, or ~0 for a default */
 	__u32 revision_id;          /* policy revision that allowed it */
@@ -332,7 +336,9 @@ struct hw_ct_entry {
 	__u8  initiator;            /* 0: side a opened, 1: side b opened */
 	__u8  origin;               /* enum hw_dir of the opening packet */
 	__u8  fin_seen;             /* bit 0: initiator FIN, bit 1: responder FIN, HW_CT_F_END_EMITTED */
-	__u32 pad;
+	__u8  reported;             /* written by the collector only (one byte store): it reported this closed
+	                             * connection's end after the close grace period; reset when the slot is reused */
+	__u8  pad[3];
 	__u64 slot_state;           /* enum hw_ct_slot_state (64 bits: BPF's cmpxchg/xchg here need them) */
 };
 
@@ -348,13 +354,14 @@ struct hw_ct6_slot {                /* hw_ct6[bucket * HW_CT_WAYS + way] */
 
 /* ---- events (ring buffer) -------------------------------------------------------------------- *
  * Fixed size, so the collector decodes a batch as one NumPy structured view. Timestamps are
- * CLOCK_MONOTONIC ns: ts_ns from bpf_ktime_get_ns, except for flow ends, whose ts_ns (the last
- * packet) and start_ns are both on the datapath's clock (hw_now); the collector converts to wall time. */
+ * CLOCK_MONOTONIC ns on the precise clock (hw_precise: bpf_ktime_get_ns), never the datapath's tick
+ * clock; the collector converts them to wall time. */
 struct hw_event {
-	__u64 ts_ns;
-	__u64 start_ns;             /* FLOW_END: when the connection was opened; else = ts_ns */
+	__u64 ts_ns;                /* the packet that made the event; FLOW_END: the flow's last packet
+	                             * (hw_ct_entry.end_ns); FLOW_START: = start_ns */
+	__u64 start_ns;             /* FLOW_START / FLOW_END: the connection's first packet (created_ns); else = ts_ns */
 	__u64 packets[2];           /* FLOW_END: [0] from initiator, [1] from responder; else [0] = 1 */
-	__u64 bytes[2];
+	__u64 bytes[2];             /* IP-layer bytes, as packets[] */
 	__u64 cgroup_id;            /* egress-opened connections / egress packets: the sender's cgroup */
 	__u32 saddr[4];             /* network order; flows: the initiator */
 	__u32 daddr[4];
@@ -407,6 +414,20 @@ struct hw_drop_val {
 	__u64 bytes;
 	__u64 first_ns;
 	__u64 last_ns;
+};
+
+/* The individual peers behind the drop summaries (top talkers), per interval: a per-CPU array,
+ * hw_drop_srcs[agg_gen * HW_DROP_SRC_SLOTS + slot], direct-mapped by a seeded hash of the key. A slot
+ * counts the first key of the interval that hashed to it; another key that hashes there is not
+ * counted here (its packets are in hw_drops all the same), so a listed peer's counts are exact unless
+ * it lost its slot on some CPU (then a lower bound). Drained with hw_drops (same flip and grace
+ * period): the collector reads and zeroes the old generation's slots. */
+struct hw_drop_src {
+	struct hw_drop_key k;       /* the drop-aggregation key (prefix_len = the aggregation prefix), but
+	                             * with the peer's full address in src */
+	__u32 pad;                  /* zero: the first 32 bytes are hashed and compared as 64-bit words */
+	__u64 packets;              /* 0 = empty slot */
+	__u64 bytes;                /* IP-layer */
 };
 
 /* XDP → TC ingress: written in front of the packet when XDP passes it. */

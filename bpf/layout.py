@@ -135,10 +135,10 @@ DTYPES: dict[str, np.dtype] = {
                             ("proto", u8), ("pad", u8, 3)]),
     "hw_ct6_key": np.dtype([("addr_a", u8, 16), ("addr_b", u8, 16), ("port_a", ">u2"), ("port_b", ">u2"),
                             ("proto", u8), ("pad", u8, 3)]),
-    "hw_ct_entry": np.dtype([("created_ns", u64), ("last_ns", u64), ("packets", u64, 2), ("bytes", u64, 2),
-                             ("cgroup_id", u64), ("rule_slot", u32), ("revision_id", u32), ("state", u8),
-                             ("initiator", u8), ("origin", u8), ("fin_seen", u8), ("pad", u32),
-                             ("slot_state", u64)]),
+    "hw_ct_entry": np.dtype([("created_ns", u64), ("last_ns", u64), ("end_ns", u64), ("packets", u64, 2),
+                             ("bytes", u64, 2), ("cgroup_id", u64), ("rule_slot", u32), ("revision_id", u32),
+                             ("state", u8), ("initiator", u8), ("origin", u8), ("fin_seen", u8), ("reported", u8),
+                             ("pad", u8, 3), ("slot_state", u64)]),
     "hw_ct4_slot": None,   # filled below from the entry and key dtypes
     "hw_ct6_slot": None,
     "hw_event": np.dtype([("ts_ns", u64), ("start_ns", u64), ("packets", u64, 2), ("bytes", u64, 2),
@@ -153,6 +153,7 @@ DTYPES: dict[str, np.dtype] = {
     "hw_drop_val": np.dtype([("packets", u64), ("bytes", u64), ("first_ns", u64), ("last_ns", u64)]),
     "hw_meta": np.dtype([("magic", u32), ("reason", u32)]),
 }
+DTYPES["hw_drop_src"] = np.dtype([("k", DTYPES["hw_drop_key"]), ("pad", u32), ("packets", u64), ("bytes", u64)])
 DTYPES["hw_dos_slot"] = np.dtype([("s", DTYPES["hw_dos_src"]), ("k", DTYPES["hw_dos_key"]), ("slot_state", u64)])
 for _fam in (4, 6):     # conntrack table slots: the entry, then the key it belongs to
     DTYPES[f"hw_ct{_fam}_slot"] = np.dtype([("e", DTYPES["hw_ct_entry"]), ("k", DTYPES[f"hw_ct{_fam}_key"])])

@@ -9,7 +9,7 @@
 struct pkt {
 	__u32 saddr[4];         /* network order; v4 in [0] */
 	__u32 daddr[4];
-	__u32 len;              /* wire length */
+	__u32 len;              /* IP-layer bytes: header + payload (docs/datapath.md "Counters") */
 	__u16 sport;            /* network order; ICMP echo: identifier */
 	__u16 dport;
 	__u8  family;           /* 4 or 6; 0 = not IP */
@@ -154,7 +154,12 @@ static __always_inline int parse_l4(struct pkt *p, void *cur, void *end)
 /* IPv6 extension headers we step over; a chain longer than this is malformed (not guessed). */
 #define HW_V6_EXT_MAX 6
 
-static __always_inline int parse_pkt(struct pkt *p, void *data, void *end)
+/* frame_len: the whole frame's length (XDP: data_end - data; TC: skb->len, which may exceed the
+ * linear data). p->len becomes the packet's IP-layer length: the IP header's own length (IPv4 total
+ * length, IPv6 40 + payload length), capped at what the frame holds after its L2 header (Ethernet
+ * padding and lying headers count for nothing); the frame after its L2 header when there is no IP
+ * length (non-IP, IPv6 jumbograms, frames too short to say). NetFlow/IPFIX count octets the same way. */
+static __always_inline int parse_pkt(struct pkt *p, void *data, void *end, __u32 frame_len)
 {
 	struct ethhdr *eth = data;
 	void *cur = eth + 1;
@@ -171,13 +176,17 @@ static __always_inline int parse_pkt(struct pkt *p, void *data, void *end)
 		proto = vh[1];
 		cur += 4;
 	}
-	p->len = end - data;
+	__u32 l2 = cur - data;
+	__u32 l3 = frame_len > l2 ? frame_len - l2 : 0;
+	p->len = l3;
 	if (proto == bpf_htons(ETH_P_IP)) {
 		struct iphdr *ip = cur;
 		if ((void *)(ip + 1) > end)
 			return PARSE_MALFORMED;
 		if (ip->version != 4 || ip->ihl < 5 || bpf_ntohs(ip->tot_len) < ip->ihl * 4)
 			return PARSE_MALFORMED;
+		__u32 ip_len = bpf_ntohs(ip->tot_len);
+		p->len = ip_len < l3 ? ip_len : l3;
 		p->family = 4;
 		p->proto = ip->protocol;
 		p->saddr[0] = ip->saddr;
@@ -190,6 +199,9 @@ static __always_inline int parse_pkt(struct pkt *p, void *data, void *end)
 			return PARSE_MALFORMED;
 		if (ip6->version != 6)
 			return PARSE_MALFORMED;
+		__u32 ip_len = bpf_ntohs(ip6->payload_len);
+		if (ip_len)             /* 0: a jumbogram (the frame's length stands) */
+			p->len = ip_len + 40 < l3 ? ip_len + 40 : l3;
 		p->family = 6;
 		__builtin_memcpy(p->saddr, &ip6->saddr, 16);
 		__builtin_memcpy(p->daddr, &ip6->daddr, 16);

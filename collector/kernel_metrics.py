@@ -317,7 +317,7 @@ class RecordMetrics:
         pk, by = int(net.get("packets", 0)), int(net.get("bytes", 0))
         self.dropped[key] += pk
         self.dropped_bytes[key] += by
-        prefix = hw.get("source_prefix")
+        prefix = (hw.get("source") or {}).get("prefix")
         if prefix and pk:
             self.prefixes.add(str(prefix), pk)
 

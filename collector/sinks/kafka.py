@@ -4,12 +4,12 @@ bounded on-disk spool (collector.sinks.spool) that takes over while the broker i
 Messages
 - Topics (KafkaOptions): flows (flow, log, deny, drop_summary), anomalies, audit.
 - Key: flows/log/deny `network.community_id` (falls back to source.ip when there is none, e.g. ICMP
-  errors); drop summaries `hostwall.source_prefix` ("overflow:<reason>" for map-overflow summaries);
+  errors); drop summaries `hostwall.source.prefix` ("overflow:<reason>" for map-overflow summaries);
   anomalies the source prefix of their key (else "<dimension>=<value>"); audit `hostwall.pin_dir`.
   Partition = CRC-32(key) mod partitions (the same key always lands on the same partition, so per-key
   order holds; not Java's murmur2: do not mix producers on one topic if partition affinity matters).
 - Value: the record in the sink's encoding (ecs: the canonical JSON; ocsf: OCSF JSON).
-- Headers: schema_version, encoding (ecs|ocsf), kind (flow, drop_summary, anomaly, ...): one shared list
+- Headers: schema_version (the record's hostwall.schema_version), encoding (ecs|ocsf), kind (flow, drop_summary, anomaly, ...): one shared list
   per (schema, kind), no allocation per record. Dedup key: event.id in the value (ECS event.id, OCSF
   metadata.uid).
 - Timestamp: produce time (CreateTime); the event time is in the value (@timestamp).
@@ -73,7 +73,7 @@ from pathlib import Path
 import aiokafka  # at import: a build without it fails in build_sink
 import orjson
 
-from ..records import _GcPaused
+from ..records.batch import GcPaused as _GcPaused
 from .base import BaseSink, FullQueuePolicy, SinkUnavailable
 from .kafka_client import client_kwargs, sasl_password, split_bootstrap, ssl_context
 from .spool import Spool, SpoolError
@@ -115,7 +115,7 @@ def route(rec: dict) -> tuple[int, bytes | None]:
     net = rec.get("network")
     key = net.get("community_id") if net else None
     if not key:
-        key = hw.get("source_prefix")
+        key = (hw.get("source") or {}).get("prefix")
         if not key:
             key = (rec.get("source") or {}).get("ip")
             if not key and hw.get("overflow"):
@@ -467,7 +467,8 @@ class KafkaSink(BaseSink):
                 continue
             t, key = route(r)
             topic = topics[t]
-            hk = (r.get("schema_version") or "", (r.get("hostwall") or {}).get("kind") or "")
+            hw = r.get("hostwall") or {}
+            hk = (hw.get("schema_version") or "", hw.get("kind") or "")
             h = hdrs.get(hk)
             if h is None:
                 if len(hdrs) > 256:                  # unexpected variety: do not grow without bound

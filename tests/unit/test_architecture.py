@@ -76,7 +76,7 @@ def test_layer_contracts_hold(tmp_path):
 
 def test_a_collector_import_of_the_enforcer_breaks_the_contracts(tmp_path):
     tree = installed_tree(tmp_path)
-    records = tree / "hostwall" / "collector" / "records.py"
+    records = tree / "hostwall" / "collector" / "records" / "__init__.py"
     records.write_text(records.read_text() + "\nfrom hostwall.enforcer import control  # seeded\n")
     r = lint_imports(tree)
     assert r.returncode != 0
