@@ -173,7 +173,7 @@ def oracle(rules: list[dict], defaults: dict, pkt: Packet) -> Decision:
     numbers = {"tcp": TCP, "udp": UDP, "icmp": ICMP, "icmpv6": ICMP6}
     peer = ipaddress.ip_address(pkt.src if pkt.direction == "ingress" else pkt.dst)
     ordered = sorted(enumerate(rules), key=lambda t: t[1]["priority"])
-    for _i, rl in ordered:
+    for i, rl in ordered:  # noqa: B007 — i names the deciding rule after the break
         if rl["direction"] != pkt.direction:
             continue
         proto = rl.get("protocol", "any")
