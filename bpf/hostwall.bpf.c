@@ -2,8 +2,10 @@
  *
  * hostwall datapath: XDP ingress, TC ingress and TC egress, compiled and loaded by BCC.
  *
- *   parse → conntrack (normalised key, one lookup) → [ICMP error → related lookup]
+ *   parse → later fragment? follow its first fragment (frag.h)
+ *         → conntrack (normalised key, one lookup) → essential ICMP [ICMP error → related lookup]
  *         → policy: peer class ∧ L4 class bit-vector AND, lowest set bit = first match
+ *         → a first fragment that passed leaves a fragment-table entry
  *         → hw_exit(): the one counted exit of every program
  *
  * XDP judges ingress and leaves a struct hw_meta in front of packets it passes; TC ingress judges
@@ -33,20 +35,23 @@
 #include "table.h"
 #include "conntrack.h"
 #include "verdict.h"
+#include "frag.h"
+#include "essential.h"
 #include "dos.h"
 
 /* ---- programs' shared maps ------------------------------------------------------------------ */
 BPF_PROG_ARRAY(hw_jump, 1);                            /* [0] = xdp_judge */
 
 /* ---- the judgement shared by all hooks ------------------------------------------------------ */
-static __always_inline void judge(struct env *v, struct pkt *p, struct judgement *j)
+/* An unfragmented packet or a first fragment: conntrack, essential ICMP, then the policy. */
+static __always_inline void judge_first(struct env *v, struct pkt *p, struct judgement *j)
 {
 	struct ctref r = {};
 	int ct_invalid = 0;
 
 	if (p->ct_hint) {
 		ct_invalid = p->ct_hint == CT_HINT_INVALID;     /* xdp_ingress already looked */
-	} else if (p->trackable && !p->frag &&
+	} else if (p->trackable &&
 		   ct_find(v, p, p->saddr, p->daddr, p->sport, p->dport, p->proto, &r)) {
 		if (ct_advance(v, p, &r)) {
 			j->verdict = HW_V_ALLOW;
@@ -55,13 +60,12 @@ static __always_inline void judge(struct env *v, struct pkt *p, struct judgement
 		}
 		ct_invalid = 1;
 	}
+	/* an ICMP error about a tracked connection (looked up here, where the stack of the lookup above
+	 * is reused: the programs' stacks are near the verifier's 512 bytes) */
+	int related = 0;
 	if (p->related) {
 		struct ctref ir = {};
-		if (ct_find(v, p, p->in_saddr, p->in_daddr, p->in_sport, p->in_dport, p->in_proto, &ir)) {
-			j->verdict = HW_V_ALLOW;
-			j->reason = HW_R_PASS_RELATED;
-			return;
-		}
+		related = ct_find(v, p, p->in_saddr, p->in_daddr, p->in_sport, p->in_dport, p->in_proto, &ir);
 	}
 
 	__u32 gen = v->gen;
@@ -69,6 +73,17 @@ static __always_inline void judge(struct env *v, struct pkt *p, struct judgement
 	if (!h)
 		goto fail_closed;
 	j->revision_id = h->revision_id;
+
+	/* essential ICMP, before any rule (docs/policy.md "Essential ICMP") */
+	if (p->pidx >= HW_P_ICMP && p->pidx <= HW_P_ICMPV6 && h->essential_icmp) {
+		__u32 why = related ? HW_R_PASS_RELATED : essential_icmp(p) ? HW_R_PASS_ESSENTIAL : 0;
+		if (why) {
+			j->verdict = HW_V_ALLOW;
+			j->reason = why;
+			j->slot = h->essential_slot;
+			return;
+		}
+	}
 
 	__u32 pcls = 0, lcls = 0;
 	int m = -1;
@@ -99,13 +114,46 @@ static __always_inline void judge(struct env *v, struct pkt *p, struct judgement
 		return;
 	}
 	j->verdict = HW_V_ALLOW;
-	if (h->stateful && p->opens && !p->frag)
+	if (h->stateful && p->opens)
 		ct_open(v, p, j->slot, h->revision_id, j->reason);
 	return;
 
 fail_closed:            /* unreachable with loaded maps; counted, never silent */
 	j->verdict = HW_V_DROP;
 	j->reason = HW_R_MALFORMED;
+}
+
+/* A later fragment carries no L4 header: it follows its first fragment (docs/datapath.md "Fragments"). */
+static __always_inline void judge_later_fragment(struct env *v, struct pkt *p, struct judgement *j)
+{
+	__u32 gen = v->gen;
+	struct hw_policy_hdr *h = hw_policy.lookup(&gen);
+	j->revision_id = h ? h->revision_id : 0;
+	if (frag_follow(v, p)) {
+		j->verdict = HW_V_ALLOW;
+		j->reason = HW_R_PASS_FRAGMENT;
+		return;
+	}
+	j->verdict = h && h->audit ? HW_V_WOULD_DROP : HW_V_DROP;
+	j->reason = HW_R_FRAGMENT_UNMATCHED;
+}
+
+static __always_inline void judge(struct env *v, struct pkt *p, struct judgement *j)
+{
+	if (p->frag) {
+		judge_later_fragment(v, p, j);
+		return;
+	}
+	judge_first(v, p, j);
+}
+
+/* After a judgement: a first fragment that passed leaves its datagram in the fragment table, so its
+ * later fragments follow (frag.h). Called where judge() ran (xdp_judge, TC), after judge() returned:
+ * the insert then reuses judge()'s stack. */
+static __always_inline void frag_note(struct env *v, struct pkt *p, struct judgement *j)
+{
+	if (p->frag_first && j->verdict == HW_V_ALLOW)
+		frag_insert(v, p, j);
 }
 
 static __always_inline void judge_parsed(struct env *v, struct pkt *p, int rc, struct judgement *j)
@@ -163,6 +211,7 @@ int xdp_judge(struct xdp_md *ctx)
 	v.now = p->now;
 	j.slot = ~0U;
 	judge(&v, p, &j);
+	frag_note(&v, p, &j);
 	return xdp_exit(ctx, &v, p, &j);
 }
 
@@ -189,8 +238,9 @@ int xdp_ingress(struct xdp_md *ctx)
 		j.revision_id = h ? h->revision_id : 0;
 		return xdp_exit(ctx, &v, &p, &j);
 	}
-	/* fast path: a packet of a tracked connection leaves here, without the tail call */
-	if (p.trackable && !p.frag) {
+	/* fast path: a packet of a tracked connection leaves here, without the tail call (a first
+	 * fragment takes the tail call: xdp_judge notes its datagram for the later fragments) */
+	if (p.trackable && !p.frag_first) {
 		struct ctref r = {};
 		if (ct_find(&v, &p, p.saddr, p.daddr, p.sport, p.dport, p.proto, &r)) {
 			if (ct_advance(&v, &p, &r)) {
@@ -264,6 +314,7 @@ int tc_ingress(struct __sk_buff *skb)
 	}
 	int rc = tc_parse(skb, &p);
 	judge_parsed(&v, &p, rc, &j);
+	frag_note(&v, &p, &j);
 	count(&v, &p, &j);
 	return j.verdict == HW_V_DROP ? TC_ACT_SHOT : TC_ACT_OK;
 }
@@ -277,6 +328,7 @@ int tc_egress(struct __sk_buff *skb)
 		return TC_ACT_OK;
 	int rc = tc_parse(skb, &p);
 	judge_parsed(&v, &p, rc, &j);
+	frag_note(&v, &p, &j);
 	count(&v, &p, &j);
 	return j.verdict == HW_V_DROP ? TC_ACT_SHOT : TC_ACT_OK;
 }
