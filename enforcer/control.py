@@ -22,7 +22,7 @@ from hostwall.bpf.state import AttachedInterface, InstanceState, allocate_slots
 from . import attach
 from .compiler import compile_policy
 from .datapath import Datapath, build_hash
-from .policy import InterfaceConf, Policy
+from .policy import ESSENTIAL_ICMP, InterfaceConf, Policy
 
 
 class ControlError(RuntimeError):
@@ -73,7 +73,7 @@ def apply_policy(dp: Datapath, st: InstanceState, policy: Policy,
     """Compile, install atomically, record. The caller saves the state. `attached`: interfaces the
     policy applies to (default: the instance's), for the DoS profile of each."""
     t0 = time.perf_counter()
-    names = [r.name for r in policy.rules]
+    names = policy.counter_names()              # the rules, then pseudo-rules such as essential_icmp
     slots, fresh = allocate_slots(st.slots, names, L.MAX_RULE_SLOTS)
     rev_id = st.revision_id + 1
     if attached is None:
@@ -87,6 +87,9 @@ def apply_policy(dp: Datapath, st: InstanceState, policy: Policy,
     st.slots = slots
     st.rule_meta = {r.name: {"priority": r.priority, "direction": r.direction, "action": r.action,
                              "order": i} for i, r in enumerate(policy.rules)}
+    if ESSENTIAL_ICMP in slots:                 # passes before any rule, both directions
+        st.rule_meta[ESSENTIAL_ICMP] = {"priority": -1, "direction": "both", "action": "allow", "order": -1,
+                                        "pseudo": True}
     st.revision_id = rev_id
     st.revisions = {k: v for k, v in st.revisions.items() if int(k) >= rev_id - 16}
     st.revisions[str(rev_id)] = policy.revision
@@ -252,7 +255,8 @@ def status(pin_dir: str, with_pressure: bool = True) -> dict:
             "prefixes": st.prefixes, "defaults": {
                 "ingress": "deny" if hdr["default_ingress"] == L.ACTION["deny"] else "allow",
                 "egress": "deny" if hdr["default_egress"] == L.ACTION["deny"] else "allow",
-                "stateful": bool(hdr["stateful"]), "audit": bool(hdr["audit"])},
+                "stateful": bool(hdr["stateful"]), "audit": bool(hdr["audit"]),
+                "essential_icmp": bool(hdr["essential_icmp"])},
             "interfaces": links, "totals": totals, "drops_by_reason": by_reason, "counters": counters,
             "rules": rules, "ports": ports, "pid": st.pid,
             "pid_alive": bool(st.pid and os.path.exists(f"/proc/{st.pid}")),
@@ -264,6 +268,7 @@ def status(pin_dir: str, with_pressure: bool = True) -> dict:
                       for p in range(len(names))}
         from . import bans
         out["bans"] = bans.listing(dp, names)
+        out["fragments"] = {f"ipv{fam}": c for fam, c in dp.frag_stats().items()}
         if with_pressure:
             out["map_pressure"] = {**policy_pressure(st.tables), **dp.map_pressure()}
         return out
