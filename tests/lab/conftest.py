@@ -89,7 +89,7 @@ def hostwall_attached(lab: Lab, dp, policy, host: str = "prot", ifname: str = "e
     Yields (slots, xdp mode that took); slots maps rule name -> counter slot."""
     from hostwall.enforcer import attach
     from hostwall.enforcer.compiler import compile_policy
-    slots = {r.name: i for i, r in enumerate(policy.rules)}
+    slots = {n: i for i, n in enumerate(policy.counter_names())}      # rules, then essential_icmp
     dp.install(compile_policy(policy, slots, 1))
     dp.clear_conntrack()
     ns = lab.ns(host)
