@@ -5,7 +5,7 @@
  *   frag_insert  a first fragment passed (rule, default, tracked connection, essential ICMP): note it;
  *   frag_follow  a later fragment: pass if its datagram's first fragment passed within
  *                HW_FRAG_TIMEOUT_NS, else drop as fragment_unmatched.
- * Unfragmented packets never reach this code (two flag tests in the callers).
+ * Unfragmented packets never reach this code (one or two tests of parsed fields in the callers).
  */
 #ifndef HW_FRAG_H
 #define HW_FRAG_H
@@ -16,13 +16,20 @@ BPF_F_TABLE("array", u32, struct hw_frag4_slot, hw_frag4, HW_FRAG_MAX, MAPF_MMAP
 BPF_F_TABLE("array", u32, struct hw_frag6_slot, hw_frag6, HW_FRAG_MAX, MAPF_MMAP);
 BPF_PERCPU_ARRAY(hw_frag_stats, struct hw_counter, 2 * HW_FRAG_STATS);   /* [v6 * HW_FRAG_STATS + stat] */
 
-/* The key under construction lives in per-CPU scratch memory, not on the stack: the programs' stacks
- * are near the verifier's 512 bytes, and only fragments ever come here. */
+/* Per-CPU scratch memory of this header: the key under construction (off the stack, which the
+ * programs need for the rest) and the judgement handed to frag_insert. Valid within one packet. */
 union frag_keys {
 	struct hw_frag4_key k4;
 	struct hw_frag6_key k6;
 };
-BPF_PERCPU_ARRAY(hw_frag_scratch, union frag_keys, 1);
+struct frag_scratch {
+	union frag_keys k;
+	__u32 slot;             /* frag_note → frag_insert: the first fragment's judgement */
+	__u32 revision_id;
+	__u32 reason;
+	__u32 pad;
+};
+BPF_PERCPU_ARRAY(hw_frag_scratch, struct frag_scratch, 1);
 
 #define FRAG4_WORDS (sizeof(struct hw_frag4_key) / 8)
 #define FRAG6_WORDS (sizeof(struct hw_frag6_key) / 8)
@@ -64,12 +71,12 @@ static __always_inline int frag_follow(struct env *v, struct pkt *p)
 {
 	int hit = 0;
 	__u32 zero = 0;
-	union frag_keys *ks = hw_frag_scratch.lookup(&zero);
+	struct frag_scratch *ks = hw_frag_scratch.lookup(&zero);
 	if (!ks)
 		return 0;               /* unreachable: array map */
-	__builtin_memset(ks, 0, sizeof(*ks));
+	__builtin_memset(&ks->k, 0, sizeof(ks->k));
 	if (p->family == 4) {
-		struct hw_frag4_key *k = &ks->k4;
+		struct hw_frag4_key *k = &ks->k.k4;
 		frag_key4(k, p, v->dir);
 		__u32 base = tbl_first_slot(k, FRAG4_WORDS, v->cfg->table_seed, HW_FRAG_MAX, HW_FRAG_WAYS);
 #pragma unroll
@@ -81,7 +88,7 @@ static __always_inline int frag_follow(struct env *v, struct pkt *p)
 				hit = 1;
 		}
 	} else {
-		struct hw_frag6_key *k = &ks->k6;
+		struct hw_frag6_key *k = &ks->k.k6;
 		frag_key6(k, p, v->dir);
 		__u32 base = tbl_first_slot(k, FRAG6_WORDS, v->cfg->table_seed, HW_FRAG_MAX, HW_FRAG_WAYS);
 #pragma unroll
@@ -115,7 +122,7 @@ static __always_inline __u32 frag_rank(struct hw_frag_entry *e, __u64 diff, __u6
  * publishes the slot (LIVE). 0: another CPU took the slot in between (counted claim_lost; this
  * datagram's later fragments will be unmatched). */
 static __always_inline int frag_fill(struct env *v, struct pkt *p, struct hw_frag_entry *e, __u32 rank,
-				     struct judgement *j)
+				     struct frag_scratch *ks)
 {
 	__u64 seen = rank == 3 ? HW_SLOT_FREE : HW_SLOT_LIVE;
 	if (!rank || __sync_val_compare_and_swap(&e->slot_state, seen, HW_SLOT_BUSY) != seen) {
@@ -126,23 +133,21 @@ static __always_inline int frag_fill(struct env *v, struct pkt *p, struct hw_fra
 	if (rank == 1)
 		frag_stat(p, HW_FS_EVICTED);
 	e->created_ns = v->now;
-	e->rule_slot = j->slot;
-	e->revision_id = j->revision_id;
-	e->reason = j->reason;
+	e->rule_slot = ks->slot;
+	e->revision_id = ks->revision_id;
+	e->reason = ks->reason;
 	return 1;
 }
 
-/* A first fragment passed: note its datagram so that its later fragments follow (frag_follow). */
-static __always_inline void frag_insert(struct env *v, struct pkt *p, struct judgement *j)
+/* A first fragment passed: note its datagram so that its later fragments follow (frag_follow). The
+ * judgement is in ks (slot, revision_id, reason). */
+static __always_inline void frag_insert(struct env *v, struct pkt *p, struct frag_scratch *ks)
 {
-	__u32 pick = HW_FRAG_MAX, rank = 0, zero = 0;
+	__u32 pick = HW_FRAG_MAX, rank = 0;
 	__u64 oldest = ~0ULL;
-	union frag_keys *ks = hw_frag_scratch.lookup(&zero);
-	if (!ks)
-		return;                 /* unreachable: array map */
-	__builtin_memset(ks, 0, sizeof(*ks));
+	__builtin_memset(&ks->k, 0, sizeof(ks->k));
 	if (p->family == 4) {
-		struct hw_frag4_key *k = &ks->k4;
+		struct hw_frag4_key *k = &ks->k.k4;
 		frag_key4(k, p, v->dir);
 		__u32 base = tbl_first_slot(k, FRAG4_WORDS, v->cfg->table_seed, HW_FRAG_MAX, HW_FRAG_WAYS);
 #pragma unroll
@@ -163,12 +168,12 @@ static __always_inline void frag_insert(struct env *v, struct pkt *p, struct jud
 		asm volatile("" : "+r"(sl));
 		if (!sl)
 			return;
-		if (frag_fill(v, p, &sl->e, rank, j)) {
+		if (frag_fill(v, p, &sl->e, rank, ks)) {
 			sl->k = *k;
 			__sync_lock_test_and_set(&sl->e.slot_state, HW_SLOT_LIVE);    /* publish: the entry is whole */
 		}
 	} else {
-		struct hw_frag6_key *k = &ks->k6;
+		struct hw_frag6_key *k = &ks->k.k6;
 		frag_key6(k, p, v->dir);
 		__u32 base = tbl_first_slot(k, FRAG6_WORDS, v->cfg->table_seed, HW_FRAG_MAX, HW_FRAG_WAYS);
 #pragma unroll
@@ -189,11 +194,37 @@ static __always_inline void frag_insert(struct env *v, struct pkt *p, struct jud
 		asm volatile("" : "+r"(sl));
 		if (!sl)
 			return;
-		if (frag_fill(v, p, &sl->e, rank, j)) {
+		if (frag_fill(v, p, &sl->e, rank, ks)) {
 			sl->k = *k;
 			__sync_lock_test_and_set(&sl->e.slot_state, HW_SLOT_LIVE);
 		}
 	}
+}
+
+/* ---- where fragments are judged --------------------------------------------------------------- *
+ * XDP: xdp_judge (behind a tail call already) judges fragments inline. TC: tc_ingress and tc_egress
+ * hand every fragment to tc_frag_ingress / tc_frag_egress by a tail call (hostwall.bpf.c tc_divert),
+ * which judge the packet the caller parsed into hw_tc_pkt: the fragment paths are verified once, as
+ * their own programs, not as more paths of the TC programs. */
+BPF_PROG_ARRAY(hw_jump_tc, 2);                         /* tc_frag_ingress, tc_frag_egress */
+#define FRAG_JUMP_INGRESS 0
+#define FRAG_JUMP_EGRESS  1
+
+/* A first fragment passed: note its datagram (its judgement goes through scratch memory, read back as
+ * unknown values, so the insert is verified once, not once per path of the judgement before it). */
+static __always_inline void frag_note(struct env *v, struct pkt *p, struct judgement *j)
+{
+	if (!FIRST_FRAGMENT(p) || j->verdict != HW_V_ALLOW)
+		return;
+	__u32 zero = 0;
+	struct frag_scratch *ks = hw_frag_scratch.lookup(&zero);
+	if (!ks)
+		return;                 /* unreachable: array map */
+	ks->slot = j->slot;
+	ks->revision_id = j->revision_id;
+	ks->reason = j->reason;
+	asm volatile("" ::: "memory");
+	frag_insert(v, p, ks);
 }
 
 #endif /* HW_FRAG_H */

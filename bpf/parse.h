@@ -22,10 +22,11 @@ struct pkt {
 	__u8  opens;            /* may open a tracked connection: TCP SYN, UDP, ICMP echo request */
 	__u8  related;          /* ICMP error: the inner tuple below is valid */
 	__u8  trackable;        /* TCP, UDP or ICMP echo: has a connection tuple */
-	__u8  frag_first;       /* first fragment of a fragmented datagram (offset 0, more follow) */
 	__u8  hop_limit;        /* IPv4 TTL / IPv6 hop limit */
+	__u8  pad0;
 	__u32 ifindex;
-	__u32 frag_id;          /* frag or frag_first: IPv4 identification / IPv6 fragment id, network order */
+	__u32 frag_id;          /* fragments: IPv4 identification / IPv6 fragment id, network order */
+	__u32 first_x;          /* 1 iff a first fragment (offset 0, more follow); see FIRST_FRAGMENT */
 	__u32 in_saddr[4];      /* ICMP error: the offending packet, as sent */
 	__u32 in_daddr[4];
 	__u16 in_sport;
@@ -36,6 +37,12 @@ struct pkt {
 	__u32 l4len;            /* parsing only: bytes the IP header(s) say follow the headers parsed so far */
 	__u64 now;              /* xdp_ingress's clock, so xdp_judge does not read it again */
 };
+
+/* p->first_x is 1 + (the fragment field XOR the value it has in a first fragment), not a 0/1 flag: a
+ * flag stored as a constant would split the verifier's states into two for every path after parsing,
+ * while a value derived from the packet is one unknown scalar on all of them (docs/datapath.md
+ * "Speed"). 1 only for a first fragment; 0 (unparsed, or IPv6 without a fragment header) never is. */
+#define FIRST_FRAGMENT(p) ((p)->first_x == 1)
 
 #define CT_HINT_MISS    1
 #define CT_HINT_INVALID 2
@@ -196,7 +203,7 @@ static __always_inline int parse_pkt(struct pkt *p, void *data, void *end)
 		p->hop_limit = ip->ttl;
 		__u16 fo = bpf_ntohs(ip->frag_off);
 		p->frag = (fo & 0x1fff) != 0;                   /* offset > 0 */
-		p->frag_first = (fo & 0x3fff) == 0x2000;        /* offset 0, more fragments */
+		p->first_x = ((fo & 0x3fff) ^ 0x2000) + 1;      /* 1: offset 0, more fragments */
 		p->frag_id = ip->id;
 		p->l4len = bpf_ntohs(ip->tot_len) - ip->ihl * 4;
 		cur += ip->ihl * 4;
@@ -225,7 +232,7 @@ static __always_inline int parse_pkt(struct pkt *p, void *data, void *end)
 			if (nh == IPPROTO_FRAGMENT) {
 				__u16 fo = (ext[2] << 8) | ext[3];
 				p->frag = (fo & 0xfff8) != 0;           /* offset > 0 */
-				p->frag_first = (fo & 0xfff9) == 1;     /* offset 0, more fragments (M) */
+				p->first_x = ((fo & 0xfff9) ^ 1) + 1;   /* 1: offset 0, more fragments (M) */
 				p->frag_id = *(__u32 *)(ext + 4);       /* an atomic fragment (offset 0, no M) is whole */
 				cur += 8;
 				p->l4len -= 8;

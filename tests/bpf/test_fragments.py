@@ -198,3 +198,21 @@ def test_unfragmented_packets_leave_no_entry(harness):
         atomic = IPv6(src=PEER6, dst=ME6) / IPv6ExtHdrFragment(m=0, offset=0, id=5) if v6 else IP(src=PEER, dst=ME)
         assert harness.run("xdp", raw(E / atomic / UDP(sport=2, dport=5353))).reason == "pass_rule"
     assert harness.dp.frag_stats() == before
+
+
+def test_tc_fragments_fail_closed_without_their_judge_program(harness):
+    """TC hands fragments to tc_frag_ingress / tc_frag_egress by a tail call; with that program missing
+    (never the case once loaded) a fragment is dropped and counted, not passed unjudged."""
+    from hostwall.bpf import bpfsys
+    install(harness)
+    fd, key = harness.dp.map_fds["hw_jump_tc"], (1).to_bytes(4, "little")      # FRAG_JUMP_EGRESS
+    out = datagram(False, 514, 0x7777, inbound=False)
+    assert bpfsys.map_delete(fd, key)
+    try:
+        got = harness.run("tc_egress", out[1])
+        assert (got.passed, got.verdict, got.reason) == (False, "drop", "malformed")
+        whole = raw(E / IP(src=ME, dst=PEER) / UDP(sport=1, dport=53))
+        assert harness.run("tc_egress", whole).reason == "pass_default"        # whole packets never jump
+    finally:
+        bpfsys.map_update(fd, key, harness.dp.prog_fds["tc_frag_egress"].to_bytes(4, "little"))
+    assert harness.run("tc_egress", out[0]).reason == "pass_rule"

@@ -30,10 +30,10 @@ rules:
      peers: [10.66.2.0/24, "fd66:2::/64"], ports: [80, "8000-8100"]}
   - {name: client-mdns, priority: 100, direction: ingress, action: allow, protocol: udp,
      peers: [10.66.2.0/24, "fd66:2::/64"], ports: [5353]}
-  - {name: client-ping, priority: 100, direction: ingress, action: allow, protocol: icmp, peers: [10.66.2.0/24]}
-  - {name: client-ping6, priority: 100, direction: ingress, action: allow, protocol: icmpv6, peers: ["fd66:2::/64"]}
-  - {name: ipv6-neighbour-discovery, priority: 200, direction: ingress, action: allow, protocol: icmpv6,
-     peers: ["fe80::/10"]}
+  - {name: client-ping, priority: 100, direction: ingress, action: allow, protocol: icmp, peers: [10.66.2.0/24],
+     icmp_types: [echo-request]}
+  - {name: client-ping6, priority: 100, direction: ingress, action: allow, protocol: icmpv6, peers: ["fd66:2::/64"],
+     icmp_types: [echo-request]}
 """
 
 _AVAILABLE: tuple[bool, str] | None = None
