@@ -50,6 +50,15 @@ class Instance:
         maps = {n: bpfsys.obj_get(str(d / "maps" / n)) for n in ALL_MAPS}
         return cls(progs, maps)
 
+    @classmethod
+    def open_maps(cls, pin_dir: str | os.PathLike, names: tuple[str, ...]) -> Instance | None:
+        """Only the named maps of a pinned instance, or None if one is missing: what an instance of
+        another build (with other maps and programs) still shares with this one, e.g. conntrack."""
+        d = Path(pin_dir) / "maps"
+        if not all((d / n).exists() for n in names):
+            return None
+        return cls({}, {n: bpfsys.obj_get(str(d / n)) for n in names})
+
     @staticmethod
     def is_pinned(pin_dir: str | os.PathLike) -> bool:
         d = Path(pin_dir)

@@ -15,7 +15,7 @@ import numpy as np
 
 from hostwall.bpf import bpfsys, conntrack
 from hostwall.bpf import layout as L
-from hostwall.bpf.instance import policy_pressure
+from hostwall.bpf.instance import Instance, policy_pressure
 from hostwall.bpf.links import LinkError
 from hostwall.bpf.state import AttachedInterface, InstanceState, allocate_slots
 
@@ -107,10 +107,14 @@ def apply_policy(dp: Datapath, st: InstanceState, policy: Policy,
                        timing.switch_s * 1e3, timing.barrier_s * 1e3)
 
 
-def _migrate_conntrack(old: Datapath, new: Datapath) -> int:
+CONNTRACK_MAPS = ("hw_config", "hw_ct4", "hw_ct6")
+
+
+def _migrate_conntrack(old: Instance, new: Datapath) -> int:
     """Carry the tracked connections of a pinned instance of another build into a freshly loaded one:
-    the tables are copied slot for slot with the old hash seed. A build whose tables or config are laid
-    out differently carries nothing (its connections are judged by policy again)."""
+    the tables are copied slot for slot with the old hash seed. `old` needs only CONNTRACK_MAPS, so an
+    older build with fewer maps or programs carries its connections over too. A build whose tables or
+    config are laid out differently carries nothing (its connections are judged by policy again)."""
     for name in ("hw_config", "hw_ct4", "hw_ct6"):
         was, now = bpfsys.map_info(old.map_fds[name]), bpfsys.map_info(new.map_fds[name])
         if (was.type, was.value_size, was.max_entries) != (now.type, now.value_size, now.max_entries):
@@ -142,8 +146,8 @@ def start(policy: Policy, pin_dir: str, interfaces: list[InterfaceConf], netns: 
         adopted = True
     else:
         dp = Datapath.load()
-        if Datapath.is_pinned(pin_dir):
-            old = Datapath.open(pin_dir)
+        old = Instance.open_maps(pin_dir, CONNTRACK_MAPS)     # any build's pins that hold conntrack
+        if old is not None:
             try:
                 migrated = _migrate_conntrack(old, dp)
             finally:
