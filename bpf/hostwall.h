@@ -67,7 +67,7 @@ enum hw_dir { HW_DIR_INGRESS = 0, HW_DIR_EGRESS = 1 };
 
 enum hw_verdict { HW_V_ALLOW = 0, HW_V_DROP = 1, HW_V_WOULD_DROP = 2, HW_VERDICTS = 3 };
 
-/* Why a packet got its verdict. 1..15 are the drop reasons of DESIGN.md §3; 16.. say why it passed. */
+/* Why a packet got its verdict. 1..15 are drop reasons (docs/policy.md); 16.. say why it passed. */
 enum hw_reason {
 	HW_R_NONE = 0,
 	HW_R_POLICY_DENY = 1,

@@ -1,4 +1,4 @@
-"""hostwall-enforcer: validate | run | apply | status | detach (DESIGN.md §4).
+"""hostwall-enforcer: validate | run | apply | status | detach (README "Using the enforcer").
 
 Exit codes: 0 ok, 2 bad input (every error listed, one per line: file:line: path: message), 1 runtime
 failure (one line: what failed and what to do).

@@ -1,4 +1,4 @@
-"""Typed policy model (DESIGN.md §3) and loading.
+"""Typed policy model (docs/policy.md) and loading.
 
 load_policy/parse_policy return an immutable Policy or raise one PolicyError listing every problem
 (schema + semantic, each with file, line and path). Invariants of a loaded Policy:

@@ -173,7 +173,7 @@ def packets(draw):
 
 
 def oracle(rules: list[dict], defaults: dict, pkt: Packet) -> Decision:
-    """Independent restatement of DESIGN.md §3 with ipaddress networks and a stable sort."""
+    """Independent restatement of docs/policy.md with ipaddress networks and a stable sort."""
     numbers = {"tcp": TCP, "udp": UDP, "icmp": ICMP, "icmpv6": ICMP6}
     if pkt.fragment:                     # follows its first fragment; no state here: unmatched
         return Decision("would_drop" if defaults["audit"] else "drop", "fragment_unmatched", None)
