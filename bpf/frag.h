@@ -16,8 +16,8 @@ BPF_F_TABLE("array", u32, struct hw_frag4_slot, hw_frag4, HW_FRAG_MAX, MAPF_MMAP
 BPF_F_TABLE("array", u32, struct hw_frag6_slot, hw_frag6, HW_FRAG_MAX, MAPF_MMAP);
 BPF_PERCPU_ARRAY(hw_frag_stats, struct hw_counter, 2 * HW_FRAG_STATS);   /* [v6 * HW_FRAG_STATS + stat] */
 
-/* Per-CPU scratch memory of this header: the key under construction (off the stack, which the
- * programs need for the rest) and the judgement handed to frag_insert. Valid within one packet. */
+/* Per-CPU scratch memory of this header: the key under construction and the judgement handed to
+ * frag_insert (read back from memory: unknown values to the verifier). Valid within one packet. */
 union frag_keys {
 	struct hw_frag4_key k4;
 	struct hw_frag6_key k6;

@@ -63,8 +63,8 @@ static __always_inline void judge_first(struct env *v, struct pkt *p, struct jud
 		}
 		ct_invalid = 1;
 	}
-	/* an ICMP error about a tracked connection (looked up here, where the stack of the lookup above
-	 * is reused: the programs' stacks are near the verifier's 512 bytes) */
+	/* an ICMP error about a tracked connection: looked up here, next to the lookup above (its stack
+	 * is reused), and passed below only with essential ICMP on */
 	int related = 0;
 	if (p->related) {
 		struct ctref ir = {};
@@ -288,9 +288,9 @@ static __always_inline int tc_parse(struct __sk_buff *skb, struct pkt *p)
 	return rc;
 }
 
-/* The TC programs parse into per-CPU memory, not onto the stack: their stacks are near the verifier's
- * 512 bytes, and read back from memory the packet's fields are unknown values to the verifier, so it
- * walks far fewer distinct paths (as in xdp_judge; docs/datapath.md "Speed"). Valid within one packet:
+/* The TC programs parse into per-CPU memory, not onto the stack: it keeps their stacks small, and read
+ * back from memory the packet's fields are unknown values to the verifier, so it walks far fewer
+ * distinct paths (as in xdp_judge; docs/datapath.md "Speed"). Valid within one packet:
  * TC runs with bottom halves off, so nothing else on this CPU writes it meanwhile; tc_frag_* reads it
  * after the tail call. */
 BPF_PERCPU_ARRAY(hw_tc_pkt, struct pkt, 1);
