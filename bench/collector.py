@@ -286,7 +286,7 @@ class _BenchSource:
     def kernel_loss(self) -> dict:
         return {}
 
-    def scan_conntrack(self, now_ns: int, at_ns: int):
+    def scan_conntrack(self, now_ns: int, at_ns: int, grace_ns: int = 0):
         from hostwall.collector.kernel import CtScan
         return CtScan([], 0, 0, 0)
 

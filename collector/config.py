@@ -16,6 +16,7 @@ File format (every key optional):
     drop_summary_interval: 1s           # <= 1s
     conntrack_scan_interval: 5s
     active_timeout: 60s                 # long-lived flows get an update this often
+    flow_close_grace: 2s                # a connection closed by FINs is reported once quiet this long
     event_budget: 20000                 # events/s into the ring buffer (written to hw_collect)
     drop_prefix_v4: 24                  # drop summaries aggregate sources by this prefix
     drop_prefix_v6: 64
@@ -211,6 +212,7 @@ class CollectorConfig:
     drop_interval_s: float = 1.0
     ct_scan_interval_s: float = 5.0
     active_timeout_s: float = 60.0
+    close_grace_s: float = 2.0      # FIN-closed connections: reported once quiet this long (last ACK counted)
     event_budget: int = 20000
     drop_prefix_v4: int = 24        # drop aggregation source prefix (written to hw_collect at start)
     drop_prefix_v6: int = 64
@@ -305,6 +307,7 @@ FIELDS = [
     _Field(("drop_summary_interval",), ("drop_interval_s",), _dur),
     _Field(("conntrack_scan_interval",), ("ct_scan_interval_s",), _dur),
     _Field(("active_timeout",), ("active_timeout_s",), _dur),
+    _Field(("flow_close_grace",), ("close_grace_s",), _dur),
     _Field(("event_budget",), ("event_budget",), parse_int(0, 10_000_000)),
     _Field(("drop_prefix_v4",), ("drop_prefix_v4",), parse_int(0, 32)),
     _Field(("drop_prefix_v6",), ("drop_prefix_v6",), parse_int(0, 128)),

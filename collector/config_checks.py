@@ -38,6 +38,10 @@ def cross_checks(cfg, origins: dict, issues: Issues) -> None:
         add_issue(issues, where("active_timeout"), ("active_timeout",),
              f"{cfg.active_timeout_s:g}s is shorter than conntrack_scan_interval ({cfg.ct_scan_interval_s:g}s); "
              "raise it or scan more often")
+    if not 0 < cfg.close_grace_s <= 60:
+        add_issue(issues, where("flow_close_grace"), ("flow_close_grace",),
+             f"{cfg.close_grace_s:g}s is outside (0s, 60s]: closed connections must be reported after their "
+             "last packets (a few round trips) and long before the datapath's FIN timeout")
     if cfg.jsonl.rotate_bytes < 4096:
         add_issue(issues, where("jsonl.rotate_size"), ("jsonl", "rotate_size"),
              f"{cfg.jsonl.rotate_bytes} bytes is too small to hold records; use at least 4096 (e.g. 100MB)")

@@ -24,11 +24,11 @@ from collections.abc import Iterable
 
 import orjson
 
+from .records import ECS_VERSION, SCHEMA_VERSION, iso_ns
+
 __all__ = ["LossReporter", "SeqRanges", "MAX_RANGES"]
 
 MAX_RANGES = 512
-SCHEMA_VERSION = "1.0.0"
-ECS_VERSION = "8.11.0"
 
 
 class SeqRanges:
@@ -64,11 +64,6 @@ class SeqRanges:
         return self.count > 0
 
 
-def _iso(t: float) -> str:
-    sec = int(t)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec)) + f".{int((t - sec) * 1e6):06d}Z"
-
-
 class LossReporter:
     def __init__(self, hostname: str, pin_dir: str):
         self.hostname = hostname
@@ -79,14 +74,15 @@ class LossReporter:
         ident = orjson.dumps({"h": self.hostname, "p": self.pin_dir, "a": action, "l": loss},
                              option=orjson.OPT_SORT_KEYS)
         self.made += 1
-        return {"@timestamp": _iso(now), "schema_version": SCHEMA_VERSION, "ecs": {"version": ECS_VERSION},
+        ts = iso_ns(int(now * 1e9))
+        return {"@timestamp": ts, "ecs": {"version": ECS_VERSION},
                 "event": {"kind": "event", "category": ["host"], "type": ["info"], "action": action,
-                          "outcome": "failure", "reason": reason, "dataset": "hostwall.loss",
+                          "outcome": "failure", "reason": reason, "dataset": "hostwall.loss", "created": ts,
                           "id": hashlib.blake2b(ident, digest_size=16).hexdigest()},
                 "observer": {"hostname": self.hostname, "type": "firewall", "product": "hostwall",
                              "vendor": "hostwall"},
                 "message": message,
-                "hostwall": {"kind": "loss", "pin_dir": self.pin_dir, "loss": loss}}
+                "hostwall": {"kind": "loss", "schema_version": SCHEMA_VERSION, "pin_dir": self.pin_dir, "loss": loss}}
 
     def sink_loss(self, sink: str, reason: str, stream: str, ranges: SeqRanges, *, now: float | None = None) -> dict:
         """A sink counted `ranges.count` records of `stream` lost for `reason`."""

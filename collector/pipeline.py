@@ -5,7 +5,8 @@ Tasks (each watched: a task that fails or ends on its own stops the service, whi
     ring     ring buffer → decoded event batches → `events` queue (bounded, in batches)
     events   events queue → RecordBuilder.on_events → enrich → anomaly.observe → fan-out
     drops    every drop_summary_interval (≤ 1 s): read a drop interval → summaries → clear once durable
-    ct       every conntrack_scan_interval: claim idle ends, active updates → free the claims once durable
+    ct       every conntrack_scan_interval: claim FIN closes after the close grace period, idle ends,
+             active updates → release the claims once durable
     tick     every second (or anomaly bucket): builder/anomaly tick, audit-log tail, kernel loss counters,
              sink loss reports
     status   every status_interval: the status JSON ($HOSTWALL_STATE_DIR/collector-<pin stem>.json)

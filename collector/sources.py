@@ -8,8 +8,9 @@ durable in every at_least_once sink (docs/collector.md "Delivery and loss"):
             durable, clear exactly what was read and checkpoint that. The next flip waits for it. A
             restart finds the checkpointed interval still in its map and exports it again with the same
             window, so the same event ids and seqs (or finds it cleared, and moves on).
-    ct      claim idle conntrack ends (hostwall.bpf.conntrack) → flow end / update records → when
-            durable, checkpoint the stream's seq and the scan time, then free the claims.
+    ct      claim idle conntrack ends and FIN closes quiet for the close grace period
+            (hostwall.bpf.conntrack) → flow end / update records → when durable, checkpoint the stream's
+            seq and the scan time, then release the claims (free idle slots, mark closes reported).
     tick    builder/anomaly tick (anomaly records go through the outbox), the enforcer's audit log (its
             offset is checkpointed when the records are durable), kernel loss counters (the baseline is
             checkpointed), and loss records for records a sink counted lost.
@@ -175,7 +176,7 @@ class Sources:
         if not len(d.keys) and not d.overflow:
             return
         recs = self._build("drop_summaries", len(d.keys), self.builder.on_drop_summaries, d.keys, d.vals, t0, t1,
-                           self.clock) if len(d.keys) else []
+                           self.clock, d.sources) if len(d.keys) else []
         if d.overflow:
             recs += self._build("drop_summaries", len(d.overflow), self.builder.on_drop_overflow, d.overflow, t0, t1,
                                 self.clock)
@@ -194,21 +195,27 @@ class Sources:
     # ---- conntrack -------------------------------------------------------------------------------
     async def _scan_ct(self) -> None:
         now = await self._k(self.source.now_ns)
-        s = await self._k(self.source.scan_conntrack, now, int(self.cfg.active_timeout_s * 1e9))
+        s = await self._k(self.source.scan_conntrack, now, int(self.cfg.active_timeout_s * 1e9),
+                          int(self.cfg.close_grace_s * 1e9))
+        closed = s.closed
         self.counters["ct_scans"] += 1
         self.counters["ct_expired"] += s.expired
         self.counters["ct_updates"] += s.updates
+        self.counters["ct_closed"] += closed
         self.counters["ct_raced"] += s.raced
         self.counters["ct_reclaimed"] += s.reclaimed
-        self.last_scan = {"entries": s.scanned, "expired": s.expired, "updates": s.updates, "raced": s.raced,
-                          "ended_before": s.ended, "reclaimed": s.reclaimed}
+        self.last_scan = {"entries": s.scanned, "expired": s.expired, "updates": s.updates, "closed": closed,
+                          "raced": s.raced, "ended_before": s.ended, "reclaimed": s.reclaimed}
         recs: list[dict] = []
         for f in s.families:
-            if len(f.expired_keys) or len(f.update_keys):
-                recs += self._build("conntrack", len(f.expired_keys) + len(f.update_keys), self.builder.on_conntrack,
-                                    f.expired_keys, f.expired_entries, (f.update_keys, f.update_entries), self.clock)
+            ck = f.closed_keys
+            if len(f.expired_keys) or len(f.update_keys) or len(ck):
+                recs += self._build("conntrack", len(f.expired_keys) + len(f.update_keys) + len(ck),
+                                    self.builder.on_conntrack, f.expired_keys, f.expired_entries,
+                                    (f.update_keys, f.update_entries), self.clock,
+                                    (ck, f.closed_entries) if len(ck) else None)
         ticket = await self._emit(recs, "conntrack")
-        claims = [f for f in s.families if f.claimed_idx is not None and len(f.claimed_idx)]
+        claims = [f for f in s.families if any(i is not None and len(i) for i in (f.claimed_idx, f.closed_idx))]
         ck, src, seq_after = self.checkpoint, self.source, self.seq["conntrack"]
 
         def before() -> None:

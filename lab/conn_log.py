@@ -9,7 +9,7 @@ EOF, so both FINs are exchanged and the connection is complete). Logged after th
 {"src", "sport", "dst", "dport", "t0", "t1", "ok", "error"} (wall-clock seconds; t0 before connect, t1
 after close). Bounded: --duration and --count, a per-operation timeout, and it stops on SIGTERM/SIGINT
 after the connection in progress (the log is flushed per line). Standard library only; only lab
-addresses (lab.traffic.check_lab_address).
+addresses (lab.addresses.check_lab_address).
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import socket
 import sys
 import time
 
-from .traffic import check_lab_address
+from .addresses import check_lab_address
 
 __all__ = ["run", "main"]
 

@@ -14,8 +14,9 @@ Trials, mixed (seeded):
   load    a UDP flood from the attacker (drop summaries, deny samples) and pings (conntrack ends), SIGKILL
           while the enforcer keeps judging, restart after a moment of downtime
 
-After the last trial: the generator stops, the flows end (TCP at once; ICMP after its 30 s conntrack idle
-timeout, reported by the collector's scan), the collector stops cleanly, and `Outcome` compares:
+After the last trial: the generator stops, the flows end (TCP connections closed by FINs once quiet for
+the close grace period, ICMP after its 30 s conntrack idle timeout, both reported by the collector's
+conntrack scan: docs/collector.md "Records"), the collector stops cleanly, and `Outcome` compares:
 
   - every connection in the generator's log has a flow start and a flow end record in Kafka;
   - every event the kernel emitted (its own counters) is in Kafka (events stream: lost_uncounted);
@@ -50,6 +51,7 @@ __all__ = ["KINDS", "CrashSession", "Outcome", "plan"]
 KINDS = ("stop", "outage", "replay", "load")
 POLICY = REPO_ROOT / "examples" / "policy.yaml"
 ICMP_IDLE_S = 30.0                     # HW_CT_TO_ICMP: ping flows end by the collector's conntrack scan
+CLOSE_GRACE_S = 2.0                    # flow_close_grace (default): FIN-closed connections end by the scan too
 TOPICS = {"flows_topic": "crash.flows", "anomalies_topic": "crash.anomalies", "audit_topic": "crash.audit"}
 CONFIG = {"conntrack_scan_interval": "1s", "drop_summary_interval": "250ms", "status_interval": "250ms",
           "jsonl": {"fsync": "interval", "fsync_interval": "500ms"},
@@ -307,7 +309,10 @@ class CrashSession:
         self.lab.stop(self._traffic)
         self._traffic = None
         last_ping = max((t1 for _, t1 in self.pings), default=0.0)
-        _wait(lambda: time.time() > last_ping + ICMP_IDLE_S + 3, ICMP_IDLE_S + 10, "the ping flows' idle timeout",
+        # the last connections' ends: the close grace period, then a scan (conntrack_scan_interval 1 s) and
+        # the next one, should the first have raced a late packet
+        ends_due = max(time.time() + CLOSE_GRACE_S + 3, last_ping + ICMP_IDLE_S + 3)
+        _wait(lambda: time.time() > ends_due, ends_due - time.time() + 10, "the flows' close grace and idle timeouts",
               every=0.5)
         _wait(lambda: self.status().get("ring", {}).get("backlog_bytes", 1) == 0 and self.healthy(), timeout,
               "the collector to catch up", every=0.25)

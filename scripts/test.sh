@@ -5,5 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/as-root.sh
 bash scripts/setup.sh
-bash scripts/setup-peers.sh          # Kafka (Maven jars), OTel Collector (builder), Prometheus; cached
+bash scripts/setup-peers.sh          # Kafka (Maven jars), OTel Collector (builder), Prometheus, Alertmanager; cached
 exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"

@@ -339,7 +339,7 @@ class KafkaSink(SpoolReplay, BaseSink):
                 continue
             t, key = route(r)
             topic = topics[t]
-            hk = (r.get("schema_version") or hw.get("schema_version") or "", hw.get("kind") or "")
+            hk = (hw.get("schema_version") or "", hw.get("kind") or "")
             h = hdrs.get(hk)
             if h is None:
                 if len(hdrs) > 256:                  # unexpected variety: do not grow without bound

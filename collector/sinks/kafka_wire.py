@@ -4,14 +4,14 @@ value encoders, the spool payload of a message, and filling aiokafka batches.
 Messages
 - Topics (KafkaOptions): flows (flow, log, deny, drop_summary, loss), anomalies, audit.
 - Key: flows/log/deny `network.community_id` (falls back to source.ip when there is none, e.g. ICMP
-  errors); drop summaries `hostwall.source_prefix` ("overflow:<reason>" for map-overflow summaries);
+  errors); drop summaries `hostwall.source.prefix` ("overflow:<reason>" for map-overflow summaries);
   anomalies the source prefix of their key (else "<dimension>=<value>"); audit `hostwall.pin_dir`;
   loss records `loss:<stream>`.
   Partition = CRC-32(key) mod partitions (the same key always lands on the same partition, so per-key
   order holds; not Java's murmur2: do not mix producers on one topic if partition affinity matters).
 - Value: the record in the sink's encoding (ecs: the canonical JSON; ocsf: OCSF JSON).
-- Headers: schema_version, encoding (ecs|ocsf), kind (flow, drop_summary, anomaly, ...): one shared list
-  per (schema, kind), no allocation per record. Dedup key: event.id in the value (ECS event.id, OCSF
+- Headers: schema_version (the record's hostwall.schema_version), encoding (ecs|ocsf), kind (flow,
+  drop_summary, anomaly, ...): one shared list per (schema, kind), no allocation per record. Dedup key: event.id in the value (ECS event.id, OCSF
   metadata.uid).
 - Timestamp: produce time (CreateTime); the event time is in the value (@timestamp).
 
@@ -26,7 +26,6 @@ aiokafka.
 """
 from __future__ import annotations
 
-import gc
 import os
 import re
 import struct
@@ -34,6 +33,7 @@ from pathlib import Path
 
 import orjson
 
+from ..records.batch import GcPaused
 from .base import SinkUnavailable
 
 __all__ = ["ANOMALIES", "AUDIT", "FLOWS", "HEADER_NAMES", "GcPaused", "fill", "make_encoder", "pack", "route",
@@ -41,21 +41,6 @@ __all__ = ["ANOMALIES", "AUDIT", "FLOWS", "HEADER_NAMES", "GcPaused", "fill", "m
 
 FLOWS, ANOMALIES, AUDIT = 0, 1, 2
 HEADER_NAMES = ("schema_version", "encoding", "kind")
-
-
-class GcPaused:
-    """Pause the cyclic GC around per-record loops over acyclic records (reference counting still frees
-    everything; the GC catches up when it resumes): without it, generation scans of the records alive in
-    the queues quadruple the cost."""
-    __slots__ = ("was",)
-
-    def __enter__(self):
-        self.was = gc.isenabled()
-        gc.disable()
-
-    def __exit__(self, *exc):
-        if self.was:
-            gc.enable()
 
 
 def route(rec: dict) -> tuple[int, bytes | None]:
@@ -75,7 +60,7 @@ def route(rec: dict) -> tuple[int, bytes | None]:
     net = rec.get("network")
     key = net.get("community_id") if net else None
     if not key:
-        key = hw.get("source_prefix")
+        key = (hw.get("source") or {}).get("prefix")
         if not key:
             key = (rec.get("source") or {}).get("ip")
             if not key and hw.get("overflow"):

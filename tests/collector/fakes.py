@@ -170,11 +170,11 @@ class FakeSource:
     def clear_drops(self, d: DropDrain) -> None:
         self.cleared.append(d)
 
-    def scan_conntrack(self, now_ns, at_ns) -> CtScan:
+    def scan_conntrack(self, now_ns, at_ns, grace_ns=2_000_000_000) -> CtScan:
         return self.scans.pop(0) if self.scans else CtScan([], 0, 0, 0)
 
     def free_claims(self, scan) -> int:
-        n = 0 if scan.claimed_idx is None else len(scan.claimed_idx)
+        n = sum(0 if i is None else len(i) for i in (scan.claimed_idx, scan.closed_idx))
         self.freed.append(n)
         return n
 
@@ -231,16 +231,16 @@ class StubBuilder:
             raise ValueError("cannot build")
         return [self._rec("deny", int(s)) for s in batch["start_ns"]]
 
-    def on_drop_summaries(self, keys, vals, t0, t1, clock):
+    def on_drop_summaries(self, keys, vals, t0, t1, clock, sources=None):
         self.drop_windows.append((t0, t1))
         return [self._rec("drop_summary", f"{int(p)}-{t0}-{t1}") for p in vals["packets"]]
 
     def on_drop_overflow(self, counts, t0, t1, clock):
         return [self._rec("drop_summary", f"overflow-{v}-{r}-{t0}") for (v, r) in counts]
 
-    def on_conntrack(self, ek, ee, updates, clock):
+    def on_conntrack(self, ek, ee, updates, clock, closed=None):
         self.ct_families.append(len(ek))
-        return [self._rec("flow", i) for i in range(len(ek) + len(updates[0]))]
+        return [self._rec("flow", i) for i in range(len(ek) + len(updates[0]) + (len(closed[0]) if closed else 0))]
 
     def on_audit(self, rec):
         return {**rec, "hostwall": {"kind": "audit"}}

@@ -394,8 +394,11 @@ def test_an_anomaly_left_open_by_a_crash_is_closed_by_the_next_start(tmp_path):
     from hostwall.collector.enrich.host import HostInfo
 
     det = AnomalyDetector(host=HostInfo("fw-1", version="0.1.0"))
-    k = _Key("drops", "source_prefix", "10.9.9.0/24", {"source_prefix": "10.9.9.0/24"}, talkers={"10.9.9.7": 40.0})
-    opened = det._open(k, _time.time() - 30, 900.0, 40.0)
+    t_open = _time.time() - 30
+    bucket = round(t_open / det.cfg.bucket_s) - 1
+    k = _Key("drops", "source_prefix", "10.9.9.0/24", {"source_prefix": "10.9.9.0/24"},
+             talkers={"10.9.9.7": {bucket: [40, 40, 4000]}})      # source -> {bucket: [count, packets, bytes]}
+    opened = det._open(k, t_open, 900.0, 40.0)
 
     class Once:
         bucket_s = 0.05

@@ -11,6 +11,8 @@ a collector with other config, Prometheus with specific targets); whatever they 
     kafka_broker_factory(**KafkaBroker kwargs)            -> started KafkaBroker
     otel_collector_factory(**OtelCollector kwargs)        -> started OtelCollector
     prometheus_server_factory(targets, **kwargs)          -> started PrometheusServer
+    alertmanager_factory(config, **kwargs)                -> started Alertmanager (tests.peers.alertmanager)
+    webhook_receiver                                      -> WebhookReceiver on 127.0.0.1 (what Alertmanager posts)
 
 Do not stop the shared ``kafka_broker``: use ``kafka_broker_factory`` for outages. A peer that is not
 installed makes the test FAIL (not skip) with "run scripts/setup-peers.sh".
@@ -25,6 +27,7 @@ from typing import Any, TypeVar
 import pytest
 
 from . import PeerBase, PeerError, PeerNotInstalled
+from .alertmanager import Alertmanager, WebhookReceiver
 from .kafka import KafkaBroker
 from .otelcol import OtelCollector
 from .prometheus import PrometheusServer
@@ -34,7 +37,7 @@ P = TypeVar("P", bound=PeerBase)
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
-        "markers", "peers: uses a real Kafka / OTel Collector / Prometheus (scripts/setup-peers.sh)")
+        "markers", "peers: uses a real Kafka / OTel Collector / Prometheus / Alertmanager (scripts/setup-peers.sh)")
 
 
 def start_peer(cls: Callable[..., P], *args: Any, **kwargs: Any) -> P:
@@ -100,3 +103,11 @@ def _factory(cls: Callable[..., P]) -> Callable[..., Iterator[Callable[..., P]]]
 kafka_broker_factory = pytest.fixture(_factory(KafkaBroker), name="kafka_broker_factory")
 otel_collector_factory = pytest.fixture(_factory(OtelCollector), name="otel_collector_factory")
 prometheus_server_factory = pytest.fixture(_factory(PrometheusServer), name="prometheus_server_factory")
+alertmanager_factory = pytest.fixture(_factory(Alertmanager), name="alertmanager_factory")
+
+
+@pytest.fixture
+def webhook_receiver() -> Iterator[WebhookReceiver]:
+    """An HTTP server on 127.0.0.1 recording every notification POST (``.url``, ``.wait_for(...)``)."""
+    with WebhookReceiver() as receiver:
+        yield receiver

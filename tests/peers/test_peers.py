@@ -14,7 +14,16 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.peers import free_ports
+from tests.peers import PeerNotInstalled, free_ports
+from tests.peers.alertmanager import (
+    Alertmanager,
+    Notification,
+    WebhookReceiver,
+    alert,
+    alertmanager_binary,
+    rfc3339,
+    webhook_config,
+)
 from tests.peers.kafka import Acl, KafkaBroker, kafka_cluster_id
 from tests.peers.otelcol import OtelCollector
 from tests.peers.prometheus import PrometheusServer
@@ -321,3 +330,59 @@ def test_kafka_cluster_ids_never_look_like_an_option():
     ids = [kafka_cluster_id() for _ in range(3000)]        # a leading '-' is 1 draw in 64
     assert not [i for i in ids if i.startswith("-")]
     assert all(len(base64.urlsafe_b64decode(i + "==")) == 16 for i in ids) and len(set(ids)) == len(ids)
+
+
+# ----------------------------------------------------------------------------------------- alertmanager
+
+
+def test_alertmanager_starts_and_answers(alertmanager_factory) -> None:
+    am: Alertmanager = alertmanager_factory()
+    st = am.status()
+    assert st["versionInfo"]["version"].startswith("0."), st["versionInfo"]
+    assert st["cluster"]["status"] == "disabled"                 # no gossip port, nothing but 127.0.0.1
+    assert "webhook" in st["config"]["original"]                  # the config this test wrote
+    assert am.alerts() == [] and am.alert_groups() == []
+    am.post_alerts([alert("PeerSmokeApi", instance="api-test", severity="warning")])
+    [a] = am.wait_for_alerts(lambda alerts: alerts, what="the posted alert")
+    assert a["labels"] == {"alertname": "PeerSmokeApi", "instance": "api-test", "severity": "warning"}
+    assert a["status"]["state"] == "active" and [r["name"] for r in a["receivers"]] == ["webhook"]
+
+
+def test_alertmanager_notifies_the_webhook(alertmanager_factory, webhook_receiver: WebhookReceiver) -> None:
+    """A posted alert reaches the receiver as a firing notification; ending it sends the resolved one."""
+    am: Alertmanager = alertmanager_factory(webhook_config(webhook_receiver.url))
+    smoke = alert("PeerSmokeWebhook", instance="hook-test", severity="warning",
+                  annotations={"summary": "smoke", "runbook_url": "http://127.0.0.1/rb.md"}, starts_at=time.time() - 60)
+    am.post_alerts([smoke])
+    [n] = webhook_receiver.wait_for(lambda ns: ns, what="the firing notification")
+    assert n.path == "/hook" and n.receiver == "webhook" and n.status == "firing" and n.body["version"] == "4"
+    assert n.body["groupLabels"] == {"alertname": "PeerSmokeWebhook", "instance": "hook-test"}
+    [a] = n.alerts
+    assert a["labels"]["severity"] == "warning" and a["annotations"]["runbook_url"] == "http://127.0.0.1/rb.md"
+
+    am.post_alerts([{**smoke, "endsAt": rfc3339(time.time())}])
+    resolved: list[Notification] = webhook_receiver.wait_for(
+        lambda ns: [x for x in ns if x.status == "resolved"], what="the resolved notification")
+    assert resolved[0].alert_labels("alertname") == ["PeerSmokeWebhook"]
+
+
+def test_prometheus_sends_its_alerts_to_alertmanager(prometheus_server_factory, alertmanager_factory,
+                                                     webhook_receiver: WebhookReceiver, tmp_path) -> None:
+    """The chain the deployment relies on: a rule fires in Prometheus -> Alertmanager -> receiver."""
+    rules = tmp_path / "smoke.rules.yml"
+    rules.write_text("groups:\n- name: smoke\n  rules:\n  - alert: PeerSmokeRule\n    expr: vector(1)\n"
+                     "    labels: {severity: warning, service: smoke}\n"
+                     "    annotations: {summary: 'value {{ $value }}'}\n")
+    am: Alertmanager = alertmanager_factory(webhook_config(webhook_receiver.url, group_by=("alertname",)))
+    prom = prometheus_server_factory(None, rule_files=[rules], alertmanagers=[am.url])
+    assert prom.config()["alerting"]["alertmanagers"][0]["static_configs"][0]["targets"] == [f"127.0.0.1:{am.port}"]
+    [n] = webhook_receiver.wait_for(lambda ns: ns, timeout=60, what="PeerSmokeRule from Prometheus")
+    [a] = n.alerts
+    assert a["labels"] == {"alertname": "PeerSmokeRule", "severity": "warning", "service": "smoke"}
+    assert a["annotations"] == {"summary": "value 1"} and "/graph?g0.expr=vector%281%29" in a["generatorURL"]
+
+
+def test_a_missing_alertmanager_says_how_to_install_it(monkeypatch) -> None:
+    monkeypatch.setenv("HOSTWALL_ALERTMANAGER", "/nonexistent/prometheus-alertmanager")
+    with pytest.raises(PeerNotInstalled, match="run scripts/setup-peers.sh"):
+        alertmanager_binary()
