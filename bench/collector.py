@@ -262,6 +262,9 @@ class _BenchSource:
     def free_claims(self, scan) -> int:
         return 0
 
+    def adopt_claims(self, scan) -> None:
+        pass
+
     def set_last_scan(self, now_ns) -> None:
         self._last_scan = now_ns
 

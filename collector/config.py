@@ -243,6 +243,11 @@ class CollectorConfig:
         st = status or self.status_path()
         return st.with_name(f"{st.stem}.outbox.jsonl")
 
+    def ct_journal_path(self, status: Path | None = None) -> Path:
+        """The conntrack journal's directory (collector/ct_journal.py), next to the status file: <status stem>.ct."""
+        st = status or self.status_path()
+        return st.with_name(f"{st.stem}.ct")
+
 
 def parse_sink(v: Any, default_encoding: str) -> SinkSpec:
     """A sink URL (str) or {url, encoding}."""

@@ -475,6 +475,15 @@ class KernelSource:
                 mine.discard((i, c))
         return done
 
+    def adopt_claims(self, scan: CtFamilyScan) -> None:
+        """Take over the claims of `scan`, a batch an earlier collector made and journaled
+        (collector/ct_journal.py): they are pending here from now on, so a scan does not report them
+        again; free_claims(scan) releases them once the batch sent again is durable. O(claims)."""
+        mine = self._claims[scan.family]
+        for idx, seen in ((scan.claimed_idx, scan.claimed_seen), (scan.closed_idx, scan.closed_seen)):
+            if idx is not None and len(idx):
+                mine.update(zip(idx.tolist(), seen["created_ns"].tolist()))
+
     def set_last_scan(self, now_ns: int | None) -> None:
         """Where active-timeout updates continue from (a checkpoint of the previous collector's last
         durable scan), so a restart neither skips nor repeats due updates."""

@@ -17,11 +17,13 @@ End-to-end acknowledgement (docs/collector.md "Delivery and loss"): the ring buf
 consumer position; each fanned-out batch gets a ticket (collector/acks.py) and the consumer position
 moves past a batch's events only when every at_least_once sink settled that batch (durable, or counted
 lost). The same holds for what the collector takes out of the kernel itself: a drop interval is cleared
-from its map, and claimed conntrack ends are freed, only once their records are durable; the audit-log
-offset and every stream's hostwall.seq are checkpointed (collector/checkpoint.py) only then; records
-made from the collector's own state (anomalies, loss reports) go through the outbox (collector/outbox.py).
-The checkpoint is written before the kernel side moves. So a kill -9 at any instant leaves everything
-not yet durable in the kernel or the outbox, and the next start sends it again (same event.id).
+from its map, and claimed conntrack ends are freed (FIN closes marked reported), only once their records
+are durable; the audit-log offset and every stream's hostwall.seq are checkpointed
+(collector/checkpoint.py) only then; conntrack scan batches are journaled until durable
+(collector/ct_journal.py) so a restart numbers them as before; records made from the collector's own
+state (anomalies, loss reports) go through the outbox (collector/outbox.py). The checkpoint is written
+before the kernel side moves. So a kill -9 at any instant leaves everything not yet durable in the
+kernel, the journal or the outbox, and the next start sends it again (same event.id and seq).
 
 Back-pressure: fan-out waits until every `block` sink's queue has room, so a slow local sink stalls
 record building, the events queue fills, the ring reader stops reading and the kernel counts
@@ -56,6 +58,7 @@ from .accounting import Ledger
 from .acks import Acks, CommitEntry, CommitLog, Ticket
 from .checkpoint import Checkpoint, Restart
 from .config import CollectorConfig
+from .ct_journal import CtJournal
 from .loss_report import LossReporter
 from .outbox import Outbox
 from .parts import Detector, Enricher, KernelSource, MetricsSink, RecordBuilder, Ring
@@ -110,6 +113,7 @@ class Pipeline(Sources):
         self.status_path = Path(status_path) if status_path else cfg.status_path()
         self.checkpoint = checkpoint or Checkpoint.load(cfg.state_path(self.status_path))
         self.outbox = outbox or Outbox(cfg.outbox_path(self.status_path))
+        self.ct_journal = CtJournal(cfg.ct_journal_path(self.status_path))
         self.shutdown_timeout_s = shutdown_timeout_s
         self._close_source = close_source
         self.metrics = metrics                      # fed every status write
@@ -124,6 +128,8 @@ class Pipeline(Sources):
         self.previous_run: dict | None = None
         self.kernel_while_down: dict[str, int] = {}
         self._drain_checked = False
+        self._ct_checked = False
+        self._boot_id = ""
         self._audit_pos: tuple[int, int] | None = None
         self._settle_evt: asyncio.Event | None = None
         self._tasks: dict[str, asyncio.Task] = {}

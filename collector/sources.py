@@ -76,6 +76,8 @@ class Sources:
             self.source.set_last_scan(int(ck["ct_last_scan"]))
         self._audit_pos = self._audit_resume()
         self._drain_checked = False
+        self._ct_checked = False
+        self._boot_id = str(identity.get("boot_id") or "")
         await self._replay_outbox()
         if rs.previous in ("crash", "reboot"):
             await self._close_orphaned_anomalies()
@@ -194,6 +196,9 @@ class Sources:
 
     # ---- conntrack -------------------------------------------------------------------------------
     async def _scan_ct(self) -> None:
+        if not self._ct_checked:
+            self._ct_checked = True
+            await self._replay_ct_journal()
         now = await self._k(self.source.now_ns)
         s = await self._k(self.source.scan_conntrack, now, int(self.cfg.active_timeout_s * 1e9),
                           int(self.cfg.close_grace_s * 1e9))
@@ -206,17 +211,34 @@ class Sources:
         self.counters["ct_reclaimed"] += s.reclaimed
         self.last_scan = {"entries": s.scanned, "expired": s.expired, "updates": s.updates, "closed": closed,
                           "raced": s.raced, "ended_before": s.ended, "reclaimed": s.reclaimed}
+        await self._ship_ct(self._build_ct(s.families), s.families, now)
+
+    def _build_ct(self, families) -> list[dict]:
         recs: list[dict] = []
-        for f in s.families:
+        for f in families:
             ck = f.closed_keys
             if len(f.expired_keys) or len(f.update_keys) or len(ck):
                 recs += self._build("conntrack", len(f.expired_keys) + len(f.update_keys) + len(ck),
                                     self.builder.on_conntrack, f.expired_keys, f.expired_entries,
                                     (f.update_keys, f.update_entries), self.clock,
                                     (ck, f.closed_entries) if len(ck) else None)
+        return recs
+
+    async def _ship_ct(self, recs: list[dict], families, now: int, journaled=None) -> None:
+        """Journal the batch (unless it comes from the journal), fan it out, and once durable checkpoint
+        the stream's seq and the scan time, then release the claims and drop the journal file."""
+        base = self.seq["conntrack"]
+        path = journaled
+        if recs and journaled is None:
+            path = self.ct_journal.write(base, len(recs), now, self._boot_id, families)
+            if path is None:
+                self.counters["ct_journal_errors"] += 1
+                if self.counters["ct_journal_errors"] in (1, 10, 100):
+                    log.warning("cannot write the conntrack journal %s: a crash before this batch is durable "
+                                "may number its records again", self.ct_journal.dir)
         ticket = await self._emit(recs, "conntrack")
-        claims = [f for f in s.families if any(i is not None and len(i) for i in (f.claimed_idx, f.closed_idx))]
-        ck, src, seq_after = self.checkpoint, self.source, self.seq["conntrack"]
+        claims = [f for f in families if any(i is not None and len(i) for i in (f.claimed_idx, f.closed_idx))]
+        ck, src, journal, seq_after = self.checkpoint, self.source, self.ct_journal, self.seq["conntrack"]
 
         def before() -> None:
             ck.set_seq("conntrack", seq_after)
@@ -224,8 +246,44 @@ class Sources:
 
         async def after() -> None:
             for f in claims:
-                self.counters["ct_freed"] += await self._k(src.free_claims, f)
-        self.commits.add(CommitEntry(ticket, before, after if claims else None))
+                self.counters["ct_released"] += await self._k(src.free_claims, f)
+            journal.remove(path)
+        self.commits.add(CommitEntry(ticket, before, after if claims or path is not None else None))
+
+    async def _replay_ct_journal(self) -> None:
+        """Scan batches an earlier run journaled and did not see durable: send each again from its
+        snapshot (same records, same seqs), after taking over its claims; a batch that was durable already
+        (the crash came between the checkpoint and the release) is only released."""
+        batches, bad = self.ct_journal.load()
+        if bad:
+            log.warning("conntrack journal %s: %d unreadable batch(es) dropped", self.ct_journal.dir, bad)
+            self.counters["ct_journal_unreadable"] += bad
+        if not batches:
+            return
+        durable_to = self.checkpoint.seq("conntrack")
+        last = None
+        for b in batches:
+            scans = b.scans()
+            ours = b.boot_id == self._boot_id       # the kernel tables it claimed in are this boot's
+            for f in scans:
+                if ours:
+                    await self._k(self.source.adopt_claims, f)
+            if b.seq_base + b.n <= durable_to:
+                for f in scans:
+                    if ours:
+                        self.counters["ct_released"] += await self._k(self.source.free_claims, f)
+                self.ct_journal.remove(b.path)
+                continue
+            recs = self._build_ct(scans)
+            if len(recs) != b.n:                    # a builder that changed between the runs
+                log.warning("conntrack journal %s: %d records rebuilt, %d journaled", b.path, len(recs), b.n)
+            self.counters["ct_journal_resent"] += len(recs)
+            self.seq["conntrack"] = b.seq_base
+            await self._ship_ct(recs, scans if ours else [], b.now_ns, journaled=b.path)
+            last = b.now_ns if ours else last
+        log.info("resent %d conntrack batch(es) from the journal %s", len(batches), self.ct_journal.dir)
+        if last is not None:
+            self.source.set_last_scan(last)         # their active-timeout updates are in them
 
     # ---- tick ------------------------------------------------------------------------------------
     async def _tick(self) -> None:

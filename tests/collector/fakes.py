@@ -111,7 +111,7 @@ class FakeSource:
 
     drains: DropDrain objects handed out by read_drops() in order (then empty ones); clear_drops()
     records what was cleared. scans: CtScan objects handed out by scan_conntrack(); free_claims() records
-    the families freed."""
+    the families freed, adopt_claims() the families of journaled batches taken over."""
 
     def __init__(self, ring_size: int = 1 << 16):
         self.fake = FakeRing(ring_size)
@@ -122,6 +122,7 @@ class FakeSource:
         self.scans: list[CtScan] = []
         self.cleared: list[DropDrain] = []
         self.freed: list[int] = []
+        self.adopted: list = []                          # CtFamilyScans of journaled batches (restart tests)
         self.gen = 0
         self.pending_gen: dict[int, DropDrain] = {}      # what read_drops_of(gen) returns (restart tests)
         self.loss = {"deny": {"emitted": 0, "budget": 0, "ringbuf_full": 0}}
@@ -177,6 +178,9 @@ class FakeSource:
         n = sum(0 if i is None else len(i) for i in (scan.claimed_idx, scan.closed_idx))
         self.freed.append(n)
         return n
+
+    def adopt_claims(self, scan) -> None:
+        self.adopted.append(scan)
 
     def set_last_scan(self, now_ns) -> None:
         self.last_scan = now_ns

@@ -220,6 +220,68 @@ def test_conntrack_claims_are_freed_once_durable(tmp_path):
     assert json.loads(pipe.checkpoint.path.read_text())["seq"]["conntrack"] == 2
 
 
+class CtIdBuilder(StubBuilder):
+    """Conntrack records whose event.id is the entry's first packet, as RecordBuilder's are (a pure
+    function of the scan's snapshot), in its order: closes, idle ends, updates."""
+
+    def on_conntrack(self, ek, ee, updates, clock, closed=None):
+        out = []
+        for kind, ents in (("close", closed[1] if closed else ()), ("end", ee), ("update", updates[1])):
+            out += [self._rec("flow", f"{kind}-{int(c)}") for c in (ents["created_ns"] if len(ents) else ())]
+        return out
+
+
+def _ct_scan(closes: list[int], updates: list[int], first_slot: int) -> CtScan:
+    """A v4 scan: closes claimed at consecutive slots (created_ns as given) and active-timeout updates."""
+    ct4, ct6, ent = L.DTYPES["hw_ct4_key"], L.DTYPES["hw_ct6_key"], L.DTYPES["hw_ct_entry"]
+    cl, up = np.zeros(len(closes), ent), np.zeros(len(updates), ent)
+    cl["created_ns"], up["created_ns"] = closes, updates
+    z4, z6 = (np.zeros(0, ct4), np.zeros(0, ent)), (np.zeros(0, ct6), np.zeros(0, ent))
+    return CtScan([CtFamilyScan(4, *z4, np.zeros(len(updates), ct4), up, None, None, np.zeros(len(closes), ct4), cl,
+                                np.arange(first_slot, first_slot + len(closes)), cl.copy()),
+                   CtFamilyScan(6, *z6, *z6)], 10, 0, 0)
+
+
+def test_a_conntrack_batch_not_durable_at_a_crash_is_sent_again_with_its_seqs(tmp_path):
+    """The journal (collector/ct_journal.py): a scan batch whose records were fanned out but not durable
+    when the collector stopped is rebuilt by the next start from its snapshot — same records, same seqs,
+    before anything new — its claims are taken over (not reported again by the new scan) and released
+    once durable; new records continue after it, so no seq ever names two events."""
+    durable = asyncio.Event()
+    src, sink = FakeSource(), MemorySink(durable_gate=durable)
+    src.scans.append(_ct_scan([101, 102], [201], 7))
+    pipe = Pipeline(cfg(tmp_path), src, CtIdBuilder(), [sink], shutdown_timeout_s=0.5)
+
+    async def one():
+        task = await started(pipe)
+        await until(lambda: len(sink.records) == 3)
+        assert len(pipe.ct_journal) == 1                 # journaled before it was fanned out
+        pipe.stop()                                      # never durable: abandoned, as after a crash
+        await task
+    uvloop.run(one())
+    first = [(r["event"]["id"], r["hostwall"]["seq"]) for r in sink.records]
+    assert first == [("flow-close-101", 0), ("flow-close-102", 1), ("flow-update-201", 2)]
+    assert src.freed == [] and json.loads(pipe.checkpoint.path.read_text())["seq"].get("conntrack", 0) == 0
+
+    src2 = restarted(src)
+    src2.scans.append(_ct_scan([103], [], 20))          # a new close; the journaled claims are not in it
+    sink2 = MemorySink()
+    pipe2 = Pipeline(cfg(tmp_path), src2, CtIdBuilder(), [sink2])
+
+    async def two():
+        task = await started(pipe2)
+        await until(lambda: len(sink2.records) >= 4 and len(src2.freed) >= 2)
+        await until(lambda: len(pipe2.ct_journal) == 0)
+        pipe2.stop()
+        await task
+    uvloop.run(two())
+    got = [(r["event"]["id"], r["hostwall"]["seq"]) for r in sink2.records if r["hostwall"]["stream"] == "conntrack"]
+    assert got == first + [("flow-close-103", 3)]
+    assert [len(f.closed_idx) for f in src2.adopted] == [2, 0]          # the journaled batch's claims
+    assert src2.freed == [2, 1]                                          # released once durable, then the new one
+    assert json.loads(pipe2.checkpoint.path.read_text())["seq"]["conntrack"] == 4
+
+
 def test_the_claim_bit_is_the_collectors_own():
     flags = {k: v for k, v in L.C.items() if k.startswith("HW_CT_F_")}
     assert flags and all(not v & CT_F_CLAIMED for v in flags.values()), flags
