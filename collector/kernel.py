@@ -127,8 +127,8 @@ class CtScan:
     families: list[CtFamilyScan]
     scanned: int          # entries read
     raced: int            # expired candidates a packet touched between read and claim (kept)
-    ended: int            # expired entries whose flow_end event had already been emitted (freed)
-    reclaimed: int = 0    # claims of an earlier collector, reported again
+    ended: int            # expired entries whose end was reported already (datapath flow_end, durable close): freed
+    reclaimed: int = 0    # claims of an earlier collector (idle ends, closes) not journaled, reported again
 
     @property
     def expired(self) -> int:
