@@ -5,10 +5,12 @@ tmp + rename (atomic: a reader or a restart sees the old or the new file, never 
 
     version, pid, started_at, updated_at, clean_stop     this run; clean_stop is set by a clean stop only
     kernel        the kernel instance it belongs to: boot_id, ring_map_id, ev_stats_map_id, drops_map_ids
-    ring          pos / seq (last committed consumer position and the events seq after it), prev_pos /
-                  prev_seq (the commit before: the checkpoint is written before the kernel's consumer
-                  position moves, so after a crash the kernel is at one of the two), producer_pos (as
-                  last seen), events (records committed, cumulative)
+    ring          pos / seq (last committed consumer position and the events seq after it), unapplied
+                  ([[pos, seq], ...]: every commit since the last consumer position known to be in the
+                  kernel, that one first; the checkpoint is written before the kernel's consumer position
+                  moves, and one write may hold several commits, so after a crash the kernel is at one of
+                  them and its seq is exact), producer_pos (as last seen), events (records committed,
+                  cumulative)
     seq           next hostwall.seq per stream (events, drop_summaries, conntrack, audit, anomaly,
                   collector) as of the last durable commit
     kernel_loss   the event-outcome counters last folded into the ledger: the baseline the next run
@@ -35,6 +37,7 @@ import orjson
 __all__ = ["STREAMS", "Checkpoint", "Restart", "analyze_restart"]
 
 VERSION = 1
+MAX_UNAPPLIED = 4096                  # ring commits one checkpoint write may hold (a batch per commit group)
 STREAMS = ("events", "drop_summaries", "conntrack", "audit", "anomaly", "collector", "tick")
 
 
@@ -84,13 +87,27 @@ class Checkpoint:
         return self.data["ring"]
 
     def commit_ring(self, pos: int, seq: int, events: int, producer_pos: int) -> None:
+        """A ring commit is durable: the kernel's consumer position may now move to `pos` (ring_applied
+        says when it did). Until then the kernel may be at any earlier unapplied commit."""
         r = self.data["ring"]
-        if r.get("pos") != pos:
-            r["prev_pos"], r["prev_seq"] = r.get("pos"), r.get("seq")
+        pending = r.setdefault("unapplied", [])
+        if not pending and "pos" in r:
+            pending.append([int(r["pos"]), int(r["seq"])])
+        if not pending or pending[-1][0] != pos:
+            pending.append([int(pos), int(seq)])
+        else:
+            pending[-1][1] = int(seq)
+        if len(pending) > MAX_UNAPPLIED:          # cannot happen while the ring commits after each save
+            del pending[1:-MAX_UNAPPLIED + 1]
         r["pos"], r["seq"] = int(pos), int(seq)
         r["events"] = int(r.get("events", 0)) + int(events)
         r["producer_pos"] = int(producer_pos)
         self.set_seq("events", seq)
+
+    def ring_applied(self, pos: int) -> None:
+        """The kernel's consumer position is now `pos`: earlier commits can no longer be where it is."""
+        r = self.data["ring"]
+        r["unapplied"] = [e for e in r.get("unapplied", []) if e[0] > pos]
 
     def __getitem__(self, key: str) -> Any:
         return self.data.get(key)
@@ -143,6 +160,15 @@ def _same_kernel(old: dict, new: dict) -> bool:
         old.get("ring_map_id") == new.get("ring_map_id") and old.get("ev_stats_map_id") == new.get("ev_stats_map_id")
 
 
+def _unapplied(ring: dict) -> dict[int, int]:
+    """Consumer position -> events seq of the commits the kernel may still be at (prev_pos/prev_seq:
+    checkpoints written before `unapplied` existed)."""
+    at = {int(p): int(q) for p, q in ring.get("unapplied", [])}
+    if ring.get("prev_pos") is not None:
+        at.setdefault(int(ring["prev_pos"]), int(ring["prev_seq"]))
+    return at
+
+
 def analyze_restart(ck: Checkpoint, identity: dict, consumer_pos: int, stride: int) -> Restart:
     """Compare the last run's checkpoint with the kernel as it is now.
 
@@ -179,16 +205,16 @@ def analyze_restart(ck: Checkpoint, identity: dict, consumer_pos: int, stride: i
         rs.events_seq = ck.seq("events")
     elif consumer_pos == pos:
         rs.events_seq = int(seq)
-    elif r.get("prev_pos") is not None and consumer_pos == r["prev_pos"]:
-        rs.events_seq = int(r["prev_seq"])
+    elif consumer_pos in (at := _unapplied(r)):
+        rs.events_seq = at[consumer_pos]
         rs.duplicates_possible = (pos - consumer_pos) // stride
         rs.notes.append(f"the ring had not moved to the last commit: {rs.duplicates_possible} events come again")
     elif consumer_pos > pos:
         rs.events_seq = int(seq)
         rs.lost["crash"] = (consumer_pos - pos) // stride
         rs.notes.append(f"{rs.lost['crash']} events were consumed from the ring by someone else")
-    else:
-        rs.events_seq = int(seq)
+    else:                                   # not a commit it knows: every slot is one event of one stride
         rs.duplicates_possible = (pos - consumer_pos) // stride
+        rs.events_seq = max(0, int(seq) - rs.duplicates_possible)
         rs.notes.append(f"the ring is behind the last commit: {rs.duplicates_possible} events come again")
     return rs

@@ -314,6 +314,7 @@ class Pipeline(Sources):
 
         async def after() -> None:
             ring.commit(end_pos)
+            ck.ring_applied(end_pos)
         self.commits.add(CommitEntry(ticket, before, after))
 
     def _build(self, source: str, n_inputs: int, fn, *args) -> list[dict]:

@@ -47,6 +47,23 @@ log() { printf '[setup-peers] %s\n' "$*"; }
 die() { printf '[setup-peers] ERROR: %s\n' "$*" >&2; exit 1; }
 now() { date +%s.%N; }
 TIMINGS=()
+# run_logged LABEL LOG DIR CMD... : CMD with its output in LOG; every 20 s a line says it is still at it
+# (elapsed time, how big DIR — the download or build cache it fills — has grown, the log's last line), so a
+# long fetch or build on a fresh machine is never silent. Returns CMD's status.
+run_logged() {
+  local label=$1 logf=$2 watch=$3 i=0 before last; shift 3
+  before=$(du -sm "$watch" 2>/dev/null | cut -f1); before=${before:-0}
+  "$@" >"$logf" 2>&1 &
+  local pid=$!
+  while kill -0 "$pid" 2>/dev/null; do
+    sleep 1; i=$((i + 1))
+    if ((i % 20 == 0)); then
+      last=$(tail -n 1 "$logf" 2>/dev/null | tr -d '\r' | cut -c1-80)
+      log "$label: still running, ${i}s, cache $(( $(du -sm "$watch" 2>/dev/null | cut -f1) - before )) MB added${last:+, log: $last}"
+    fi
+  done
+  wait "$pid"
+}
 timing() { TIMINGS+=("$(awk -v a="$2" -v b="$(now)" -v n="$1" 'BEGIN { printf "%-22s %7.1f s", n, b - a }')"); }
 
 mkdir -p "$CACHE"
@@ -206,9 +223,10 @@ setup_kafka() {
   local stage=$dir.stage.$$
   rm -rf "$stage"; mkdir -p "$stage"
   kafka_pom > "$stage/pom.xml"
-  nice mvn -B -q -Dstyle.color=never -f "$stage/pom.xml" -Dmaven.repo.local="$CACHE/m2" \
+  run_logged "kafka jars" "$stage/mvn.log" "$CACHE/m2" \
+      nice mvn -B -q -Dstyle.color=never -f "$stage/pom.xml" -Dmaven.repo.local="$CACHE/m2" \
       -Dmaven.wagon.http.retryHandler.count=3 \
-      dependency:copy-dependencies -DincludeScope=runtime -DoutputDirectory="$stage/libs" >"$stage/mvn.log" 2>&1 \
+      dependency:copy-dependencies -DincludeScope=runtime -DoutputDirectory="$stage/libs" \
     || { tail -n 40 "$stage/mvn.log" >&2; rm -rf "$stage"; die "kafka: mvn dependency:copy-dependencies failed"; }
   timing "kafka jars (mvn)" "$t0"
   local t1; t1=$(now)
@@ -276,8 +294,8 @@ setup_otelcol() {
   mkdir -p "$dir/bin"
   if [ ! -x "$dir/bin/builder" ] || ((FORCE)); then
     log "otelcol: go install go.opentelemetry.io/collector/cmd/builder@$OTELCOL_VERSION"
-    GOBIN=$dir/bin nice go install "go.opentelemetry.io/collector/cmd/builder@$OTELCOL_VERSION" \
-        >"$dir/go-install.log" 2>&1 \
+    GOBIN=$dir/bin run_logged "otelcol builder" "$dir/go-install.log" "$CACHE/go" \
+        nice go install "go.opentelemetry.io/collector/cmd/builder@$OTELCOL_VERSION" \
       || { tail -n 40 "$dir/go-install.log" >&2; die "otelcol: go install builder@$OTELCOL_VERSION failed"; }
     timing "otelcol builder" "$t0"
   fi
@@ -286,7 +304,7 @@ setup_otelcol() {
   rm -rf "$src"; mkdir -p "$src"
   cp "$OTELCOL_MANIFEST" "$src/manifest.yaml"
   log "otelcol $OTELCOL_VERSION: building (modules + compile; the long pole, several minutes on 2 cores)"
-  (cd "$src" && nice "$dir/bin/builder" --config manifest.yaml >"$src/build.log" 2>&1) \
+  (cd "$src" && run_logged "otelcol build" "$src/build.log" "$CACHE/go" nice "$dir/bin/builder" --config manifest.yaml) \
     || { tail -n 40 "$src/build.log" >&2; die "otelcol: builder failed (full log: $src/build.log)"; }
   timing "otelcol build" "$t1"
   otelcol_verify "$src/_build/otelcol-hostwall"

@@ -155,6 +155,25 @@ def test_analyze_restart_positions():
     assert r.previous == "reboot" and r.lost == {"reboot": 2} and r.baseline is None
 
 
+def test_restart_finds_the_seq_of_any_commit_one_checkpoint_write_held(tmp_path):
+    """One commit group runs several ring commits' bookkeeping, writes the checkpoint once, then moves the
+    kernel's consumer position commit by commit: a crash in between leaves the kernel at any of them, and
+    the seq the restart gives the first event read must be that event's seq (else `verify` sees a gap)."""
+    ident = {"boot_id": "b", "ring_map_id": 1, "ev_stats_map_id": 2}
+    ck = Checkpoint(tmp_path / "c.json", {"version": 1, "seq": {}, "ring": {}, "kernel": ident})
+    ck.commit_ring(2 * STRIDE, 2, 2, 2 * STRIDE)
+    ck.ring_applied(2 * STRIDE)                              # an earlier group, applied
+    for pos, seq in ((5, 4), (9, 7), (12, 10)):               # one group: befores, one save, then afters
+        ck.commit_ring(pos * STRIDE, seq, 3, 12 * STRIDE)
+    ck.save()
+    disk = Checkpoint(tmp_path / "c.json", json.loads((tmp_path / "c.json").read_text()))
+    for kernel_at, seq in ((2, 2), (5, 4), (9, 7), (12, 10)):
+        r = analyze_restart(disk, ident, kernel_at * STRIDE, STRIDE)
+        assert (r.events_seq, r.duplicates_possible, r.lost) == (seq, 12 - kernel_at, {}), kernel_at
+    ck.ring_applied(9 * STRIDE)
+    assert [p // STRIDE for p, _ in ck.ring["unapplied"]] == [12]
+
+
 def test_drop_interval_is_cleared_only_when_durable_and_reexported_after_a_crash(tmp_path):
     durable = asyncio.Event()
     src, sink = FakeSource(), MemorySink(durable_gate=durable)
