@@ -1,0 +1,265 @@
+"""`hostwall-enforcer diff OLD NEW`: the traffic whose verdict changes, exactly, and the rule-level
+changes that cause it (docs/policy.md "Tooling").
+
+Verdict changes come from the compiled tables of both policies (table.py): the two partitions of each
+axis are overlaid (every boundary of either), so every joint cell lies in one cell of OLD and one of
+NEW and has one old and one new outcome. The cells whose verdict differs are reported as regions
+(regions.py: peer ranges × protocol × ports × direction) with the deciding rule on each side: every
+packet whose verdict changes lies in a reported region, and every packet of a reported region changes
+(tests/unit/test_tooling_diff.py checks both against the reference model on random policy pairs).
+`by_rule` also reports traffic that keeps its verdict but changes its deciding rule (counters, log).
+
+The OLD side may be the running instance (enforcer/running.py reads its active tables), so
+`apply --dry-run` shows what the swap would change against what is enforced, not against a file.
+Cost: O(joint cells) memory and time after both owner sweeps; ~1 s for two max policies.
+"""
+from __future__ import annotations
+
+import bisect
+import difflib
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..policy import Policy
+from .regions import Region, regions
+from .table import VERDICT_NAMES, Axes, DecisionTable, decision_table
+
+__all__ = ["VerdictChange", "RuleChange", "PolicyDiff", "diff_tables", "rule_changes", "setting_changes", "diff"]
+
+
+@dataclass(frozen=True)
+class VerdictChange:
+    region: Region
+    old: tuple[str, str | None]        # (verdict, deciding rule or None = the default)
+    new: tuple[str, str | None]
+
+    def text(self) -> str:
+        def side(v: tuple[str, str | None]) -> str:
+            return f"{v[0]} ({'rule ' + repr(v[1]) if v[1] else 'default'})"
+        return f"{self.region.text()}: {side(self.old)} → {side(self.new)}"
+
+    def to_json(self) -> dict:
+        return {**self.region.to_json(), "old": {"verdict": self.old[0], "rule": self.old[1]},
+                "new": {"verdict": self.new[0], "rule": self.new[1]}}
+
+
+@dataclass(frozen=True)
+class RuleChange:
+    kind: str                          # added | removed | changed | moved
+    name: str
+    where: str
+    details: tuple[str, ...] = ()
+
+    def text(self) -> str:
+        mark = {"added": "+", "removed": "-", "changed": "~", "moved": "↕"}[self.kind]
+        return f"{mark} {self.name} ({self.where}): {self.kind}" + (f": {'; '.join(self.details)}" if self.details else "")
+
+
+@dataclass
+class PolicyDiff:
+    old_label: str
+    new_label: str
+    changes: list[VerdictChange] = field(default_factory=list)
+    rules: list[RuleChange] = field(default_factory=list)
+    settings: list[str] = field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        return not (self.changes or self.rules or self.settings)
+
+    def text(self, limit: int = 200) -> str:
+        out = [f"--- {self.old_label}", f"+++ {self.new_label}"]
+        n = len(self.changes)
+        out.append(f"verdict changes: {n} region{'s' if n != 1 else ''}" + (":" if n else " (no packet changes verdict)"))
+        out += [f"  {c.text()}" for c in self.changes[:limit]]
+        if n > limit:
+            out.append(f"  … and {n - limit} more (--json lists all)")
+        if self.rules:
+            out.append(f"rule changes: {len(self.rules)}")
+            out += [f"  {r.text()}" for r in self.rules]
+        if self.settings:
+            out.append("settings:")
+            out += [f"  {s}" for s in self.settings]
+        return "\n".join(out)
+
+    def to_json(self) -> dict:
+        return {"old": self.old_label, "new": self.new_label, "verdict_changes": [c.to_json() for c in self.changes],
+                "rule_changes": [{"kind": r.kind, "rule": r.name, "where": r.where, "details": list(r.details)}
+                                 for r in self.rules], "settings": self.settings}
+
+
+# ---------------------------------------------------------------- joint axes
+
+def _joint_v4(a: Axes, b: Axes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    u = np.union1d(a.v4_starts, b.v4_starts)
+    ca = a.v4_cls[np.searchsorted(a.v4_starts, u, side="right") - 1]
+    cb = b.v4_cls[np.searchsorted(b.v4_starts, u, side="right") - 1]
+    return u, ca, cb
+
+
+def _joint_v6(a: Axes, b: Axes) -> tuple[list[int], np.ndarray, np.ndarray]:
+    u = sorted(set(a.v6_starts) | set(b.v6_starts))
+    ca = a.v6_cls[[bisect.bisect_right(a.v6_starts, v) - 1 for v in u]]
+    cb = b.v6_cls[[bisect.bisect_right(b.v6_starts, v) - 1 for v in u]]
+    return u, ca, cb
+
+
+def _joint_l4(a: Axes, b: Axes) -> tuple[list[tuple[int, int, int, int, int]], dict[int, tuple[int, int]]]:
+    """Overlaid key intervals per (direction, pidx), tagged by the (a class, b class) pair."""
+    def by_seg(ax: Axes) -> dict[tuple[int, int], list[tuple[int, int, int]]]:
+        out: dict[tuple[int, int], list] = {}
+        for c, s, e in ax.l4_iv:
+            out.setdefault((int(ax.l4_dir[c]), int(ax.l4_pidx[c])), []).append((s, e, c))
+        return out
+    sa, sb = by_seg(a), by_seg(b)
+    pairs: dict[tuple[int, int], int] = {}
+    ivs = []
+    for seg in sorted(set(sa) | set(sb)):
+        la, lb = sorted(sa.get(seg, [])), sorted(sb.get(seg, []))
+        bounds = sorted({s for s, _, _ in la} | {e for _, e, _ in la} | {s for s, _, _ in lb} | {e for _, e, _ in lb})
+        starts_a = [s for s, _, _ in la]
+        starts_b = [s for s, _, _ in lb]
+        for s, e in zip(bounds, bounds[1:]):
+            i, j = bisect.bisect_right(starts_a, s) - 1, bisect.bisect_right(starts_b, s) - 1
+            if i < 0 or j < 0 or s >= la[i][1] or s >= lb[j][1]:
+                continue                          # outside the key domain of one side (never: same domain)
+            tag = pairs.setdefault((la[i][2], lb[j][2]), len(pairs))
+            ivs.append((seg[0], seg[1], s, e, tag))
+    return ivs, {v: k for k, v in pairs.items()}
+
+
+def diff_tables(a: DecisionTable, b: DecisionTable, by_rule: bool = False) -> list[VerdictChange]:
+    """Regions whose verdict (or, with by_rule, deciding rule) differs between a (old) and b (new)."""
+    u4, ca4, cb4 = _joint_v4(a, b)
+    u6, ca6, cb6 = _joint_v6(a, b)
+    ka = np.concatenate([ca4, ca6]).astype(np.int64)
+    kb = np.concatenate([cb4, cb6]).astype(np.int64)
+    fam = np.concatenate([np.full(len(ca4), 4), np.full(len(ca6), 6)])
+    pair_key = (ka * (b.n_peer + 1) + kb) * 8 + fam
+    uniq, inv = np.unique(pair_key, return_inverse=True)
+    pa = (uniq // 8) // (b.n_peer + 1)
+    pb = (uniq // 8) % (b.n_peer + 1)
+    l4_ivs, l4_pairs = _joint_l4(a, b)
+    ax = Axes(u4, inv[:len(ca4)], u6, inv[len(ca4):], len(uniq), l4_ivs)
+    la = np.array([l4_pairs[int(t)][0] for t in ax.l4_tag], dtype=np.int64)
+    lb = np.array([l4_pairs[int(t)][1] for t in ax.l4_tag], dtype=np.int64)
+    fa, _ = a.owners(second=False)
+    fb, _ = b.owners(second=False)
+    va, vb = a.verdict_matrix(), b.verdict_matrix()
+    reach = ax.reachable()
+    old_v, new_v = va[np.ix_(pa, la)], vb[np.ix_(pb, lb)]
+    old_r, new_r = fa[np.ix_(pa, la)], fb[np.ix_(pb, lb)]
+    changed = old_v != new_v
+    if by_rule:
+        names = sorted(set(a.t.names) | set(b.t.names))
+        ida = np.array([names.index(n) for n in a.t.names] + [-1], dtype=np.int64)
+        idb = np.array([names.index(n) for n in b.t.names] + [-1], dtype=np.int64)
+        changed |= ida[old_r] != idb[new_r]               # index -1 (default) reads the trailing -1
+    changed &= reach
+    rows, cols = np.nonzero(changed)
+    if not len(rows):
+        return []
+    span = max(a.nrules, b.nrules) + 2
+    tags = (((old_v[rows, cols].astype(np.int64) * span + old_r[rows, cols] + 1) * 4 + new_v[rows, cols]) * span
+            + new_r[rows, cols] + 1)
+    out = []
+    for tag, reg in regions(ax, rows, cols, tags):
+        t = int(tag)
+        nr, t = t % span - 1, t // span
+        nv, t = t % 4, t // 4
+        orr, ov = t % span - 1, t // span
+        out.append(VerdictChange(reg, (VERDICT_NAMES[ov], a.t.names[orr] if orr >= 0 else None),
+                                 (VERDICT_NAMES[nv], b.t.names[nr] if nr >= 0 else None)))
+    return out
+
+
+# ---------------------------------------------------------------- rules and settings
+
+def _peers_delta(old, new) -> str | None:
+    if old.any and new.any:
+        return None
+    if old.any != new.any:
+        return f"peers {'any' if old.any else f'{len(old)} prefixes'} → {'any' if new.any else f'{len(new)} prefixes'}"
+    a, b = set(old.cidrs()), set(new.cidrs())
+    if a == b:
+        return None
+    add, rem = sorted(b - a), sorted(a - b)
+    parts = []
+    if add:
+        parts.append(f"+{len(add)} ({', '.join(add[:3])}{', …' if len(add) > 3 else ''})")
+    if rem:
+        parts.append(f"-{len(rem)} ({', '.join(rem[:3])}{', …' if len(rem) > 3 else ''})")
+    return "peers " + " ".join(parts)
+
+
+def _ranges(v) -> str:
+    return "any" if v is None else "[" + ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in v) + "]"
+
+
+def rule_changes(old_rules, new_rules, old_src: str = "old", new_src: str = "new") -> list[RuleChange]:
+    """Added, removed, changed (field by field) and moved rules, by name. Rules are Rule objects or
+    anything with name, priority, direction, action (and optionally protocol, peers, ports, line)."""
+    old = {r.name: r for r in old_rules}
+    new = {r.name: r for r in new_rules}
+    out = []
+
+    def where(r, src) -> str:
+        return f"{src}:{r.line}" if getattr(r, "line", 0) else src
+    for r in new_rules:
+        if r.name not in old:
+            out.append(RuleChange("added", r.name, where(r, new_src), (f"{r.direction} {r.action}",)))
+    for r in old_rules:
+        if r.name not in new:
+            out.append(RuleChange("removed", r.name, where(r, old_src), (f"{r.direction} {r.action}",)))
+    for r in new_rules:
+        o = old.get(r.name)
+        if o is None:
+            continue
+        det = [f"{f} {getattr(o, f)} → {getattr(r, f)}" for f in ("priority", "direction", "action", "protocol")
+               if hasattr(o, f) and getattr(o, f) != getattr(r, f)]
+        if hasattr(o, "peers"):
+            pd = _peers_delta(o.peers, r.peers)
+            if pd:
+                det.append(pd)
+        for f in ("ports", "icmp_types"):
+            if hasattr(o, f) and getattr(o, f, None) != getattr(r, f, None):
+                det.append(f"{f} {_ranges(getattr(o, f))} → {_ranges(getattr(r, f))}")
+        if det:
+            out.append(RuleChange("changed", r.name, f"{where(o, old_src)} → {where(r, new_src)}", tuple(det)))
+    common_old = [r.name for r in old_rules if r.name in new]
+    common_new = [r.name for r in new_rules if r.name in old]
+    sm = difflib.SequenceMatcher(a=common_old, b=common_new, autojunk=False)
+    kept = {common_old[blk.a + k] for blk in sm.get_matching_blocks() for k in range(blk.size)}
+    for n in common_new:
+        if n not in kept:
+            out.append(RuleChange("moved", n, where(new[n], new_src),
+                                  (f"tried {common_old.index(n) + 1}. → {common_new.index(n) + 1}. among the rules of both",)))
+    return out
+
+
+def setting_changes(old: Policy, new: Policy) -> list[str]:
+    out = []
+    for f in ("ingress", "egress", "stateful", "audit", "essential_icmp"):
+        a, b = getattr(old.defaults, f, None), getattr(new.defaults, f, None)
+        if a != b:
+            out.append(f"defaults.{f}: {a} → {b}")
+    for n in sorted(set(old.dos_profiles) | set(new.dos_profiles)):
+        a, b = old.dos_profiles.get(n), new.dos_profiles.get(n)
+        if a != b:
+            out.append(f"dos profile {n!r}: {'added' if a is None else 'removed' if b is None else 'changed'}")
+    oi = {i.name: i for i in old.interfaces}
+    ni = {i.name: i for i in new.interfaces}
+    for n in sorted(set(oi) | set(ni)):
+        if oi.get(n) != ni.get(n):
+            out.append(f"interface {n}: {oi.get(n)} → {ni.get(n)}")
+    return out
+
+
+def diff(old: Policy, new: Policy, by_rule: bool = False) -> PolicyDiff:
+    d = PolicyDiff(f"{old.source} ({old.name} revision {old.revision})", f"{new.source} ({new.name} revision {new.revision})")
+    d.changes = diff_tables(decision_table(old), decision_table(new), by_rule)
+    d.rules = rule_changes(old.rules, new.rules, old.source, new.source)
+    d.settings = setting_changes(old, new)
+    return d
+
