@@ -348,6 +348,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["explain"]:          # an unquoted packet: argparse would take "->" for an option
+        argv = ["to" if t == "->" else t for t in argv]
     a = build_parser().parse_args(argv)
     from .attach import AttachError
     from .compiler import CompileError

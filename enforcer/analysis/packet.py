@@ -3,6 +3,7 @@
 Compact form, one line:
 
     DIRECTION PROTOCOL SRC[:SPORT] -> DST[:DPORT] [flags F] [type T] [code C] [id N] [frag] [on IF] [state S]
+    ("to" may stand for "->", which a shell or argparse may take for an option)
 
     ingress tcp 10.1.2.3:5555 -> 10.0.0.1:22
     ingress tcp [2001:db8::7]:40000 -> :443 flags SA state reply      (":443": this host's address)
@@ -278,7 +279,7 @@ def packet_from_mapping(d: dict, local: dict[int, str] | None = None) -> CasePac
 
 def parse_packet(text: str, local: dict[int, str] | None = None) -> CasePacket:
     """Parse the compact one-line form (module docstring); ValueError names what is wrong."""
-    toks = text.replace("->", " -> ").split()
+    toks = ["->" if t == "to" else t for t in text.replace("->", " -> ").split()]
     if len(toks) < 3:
         raise ValueError(f"packet {text!r}: write DIRECTION PROTOCOL SRC -> DST (e.g. 'ingress tcp 10.1.2.3:5555 "
                          "-> 10.0.0.1:22')")

@@ -18,13 +18,18 @@ from hostwall.bpf import layout as L
 
 from ..reference import Packet
 from .intervals import Span, cidrs, peers_text, ranges_text
-from .table import DIR_NAMES, ICMP_KEYED, PIDX_NAMES, Axes, sample_packet
+from .table import DIR_NAMES, ICMP_KEYED, PIDX_NAMES, Axes, family_sees, key_domain, sample_packet
 
 __all__ = ["Region", "regions", "keys_text"]
 
 
+_ORDER = {"tcp": 0, "udp": 1, "icmp": 2, "icmpv6": 3, "other": 4, "any": -1}
+
+
 def keys_text(pidx_name: str, keys: Span) -> str:
-    """The L4 part of a region: "port 22, 80", "non-first fragments", "type 8", "" (any)."""
+    """The L4 part of a region: "port 22, 80", "non-first fragments", "type 8", "" (all of them)."""
+    if pidx_name in L.PROTO_IDX and keys == key_domain(L.PROTO_IDX[pidx_name]):
+        return ""
     if pidx_name in ("tcp", "udp"):
         parts = []
         ports = keys - Span.point(0)
@@ -49,7 +54,7 @@ def keys_text(pidx_name: str, keys: Span) -> str:
 @dataclass(frozen=True)
 class Region:
     """Every packet of `direction`, IPv`family`, protocol `protocol` with a key in `keys` and a peer in
-    `peers` (source for ingress, destination for egress)."""
+    `peers` (source for ingress, destination for egress). protocol "any": every protocol (keys: all)."""
     direction: str
     family: int
     protocol: str                # tcp | udp | icmp | icmpv6 | other
@@ -57,7 +62,7 @@ class Region:
     peers: Span
 
     def text(self, limit: int = 6) -> str:
-        proto = "other protocols (not tcp/udp/icmp)" if self.protocol == "other" else self.protocol
+        proto = {"other": "other protocols (not tcp/udp/icmp)", "any": "any protocol"}.get(self.protocol, self.protocol)
         k = keys_text(self.protocol, self.keys)
         side = "from" if self.direction == "ingress" else "to"
         return f"{self.direction} {proto}{' ' + k if k else ''} {side} {peers_text(self.family, self.peers, limit)}"
@@ -65,7 +70,9 @@ class Region:
     def to_json(self) -> dict:
         out = {"direction": self.direction, "family": self.family, "protocol": self.protocol,
                "peers": cidrs(self.family, self.peers)}
-        if self.protocol in ("tcp", "udp"):
+        if self.protocol == "any":
+            pass
+        elif self.protocol in ("tcp", "udp"):
             ports = self.keys - Span.point(0)
             out["ports"] = [[s, e - 1] for s, e in ports]
             out["fragments"] = 0 in self.keys
@@ -75,11 +82,12 @@ class Region:
 
     def sample(self, local: dict[int, str]) -> Packet:
         """A packet inside the region (a port, not a fragment, when the region has one)."""
-        key = (self.keys - Span.point(0)).sample() if self.protocol in ("tcp", "udp") else None
+        proto = "tcp" if self.protocol == "any" else self.protocol
+        keys = key_domain(L.PROTO_IDX["tcp"]) if self.protocol == "any" else self.keys
+        key = (keys - Span.point(0)).sample() if proto in ("tcp", "udp") else None
         if key is None:
-            key = self.keys.first()
-        return sample_packet(L.DIR[self.direction], self.family, L.PROTO_IDX[self.protocol], self.peers.sample(),
-                             key, local)
+            key = keys.first()
+        return sample_packet(L.DIR[self.direction], self.family, L.PROTO_IDX[proto], self.peers.sample(), key, local)
 
 
 def regions(ax: Axes, rows: np.ndarray, cols: np.ndarray, tags: np.ndarray | None = None,
@@ -106,10 +114,23 @@ def regions(ax: Axes, rows: np.ndarray, cols: np.ndarray, tags: np.ndarray | Non
                int(ax.l4_pidx[c]), rows[a:b].tobytes())
         merged.setdefault(key, []).append(c)
     out = []
+    whole: dict[tuple, list[int]] = {}            # protocols present with all their keys, per peer set
     for (tag, f, d, pidx, peer_bytes), l4cls in merged.items():
+        keys = ax.l4_spans(l4cls)[(d, pidx)]
+        if keys == key_domain(pidx):
+            whole.setdefault((tag, f, d, peer_bytes), []).append(pidx)
+    done = set()
+    for k, pidxs in whole.items():
+        if set(pidxs) == {p for p in range(L.PROTO_IDX_MAX) if family_sees(k[1], p)}:
+            peers = ax.peer_span(np.frombuffer(k[3], dtype=np.int64), k[1])
+            out.append((k[0], Region(DIR_NAMES[k[2]], k[1], "any", Span.full(65536), peers)))
+            done |= {(k[0], k[1], k[2], p, k[3]) for p in pidxs}
+    for (tag, f, d, pidx, peer_bytes), l4cls in merged.items():
+        if (tag, f, d, pidx, peer_bytes) in done:
+            continue
         peers = ax.peer_span(np.frombuffer(peer_bytes, dtype=np.int64), f)
         keys = ax.l4_spans(l4cls)[(d, pidx)]
         out.append((tag, Region(DIR_NAMES[d], f, PIDX_NAMES[pidx], keys, peers)))
-    out.sort(key=lambda t: (t[1].direction != "ingress", t[1].family, t[1].protocol, t[1].keys.first() or 0,
+    out.sort(key=lambda t: (t[1].direction != "ingress", t[1].family, _ORDER[t[1].protocol], t[1].keys.first() or 0,
                             t[1].peers.first() or 0))
     return out
