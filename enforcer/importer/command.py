@@ -71,13 +71,11 @@ def cmd_import(a, _load=None) -> int:
             print(f"{o.where()}: {why}: {o.text}", file=sys.stderr)
         print(f"hostwall-enforcer: {len(problems)} unreadable line(s); nothing was written", file=sys.stderr)
         return EXIT_INPUT
-    iface = a.interface
-    if iface is None:
-        named = _interfaces(rulesets)
-        iface = next(iter(named)) if len(named) == 1 else "eth0"
-        if len(named) > 1:
-            print(f"hostwall-enforcer: the rules name interfaces {', '.join(sorted(named))}: translating for "
-                  f"{iface}; pass --interface to choose", file=sys.stderr)
+    iface = a.interface or "eth0"
+    named = _interfaces(rulesets) - {iface}
+    if named and not a.interface:
+        print(f"hostwall-enforcer: the rules also name interface(s) {', '.join(sorted(named))}: translating for "
+              f"{iface}, the one hostwall protects (pass --interface to choose)", file=sys.stderr)
     header = [f"Imported by `hostwall-enforcer import` from {', '.join(srcs)}",
               f"on {datetime.now(UTC).isoformat(timespec='seconds')} for interface {iface}. Every rule names its source line;",
               "see the import report for what was left out and why (docs/policy.md, Import)."]
@@ -97,7 +95,7 @@ def cmd_import(a, _load=None) -> int:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(tr.text)
         os.replace(tmp, a.output)
-        print(f"wrote {a.output}: {tr.rules} rules", file=out_stream)
+        print(f"wrote {a.output}: {tr.rules} rules", file=sys.stderr if a.json else out_stream)
     elif not a.json:
         sys.stdout.write(tr.text)
     return EXIT_OK
@@ -110,7 +108,7 @@ def add_parser(sub) -> None:
     p.add_argument("--nft-json", action="append", metavar="FILE", help="`nft -j list ruleset` output (repeatable)")
     p.add_argument("-o", "--output", metavar="POLICY", help="write the policy here (default: stdout)")
     p.add_argument("--partial", action="store_true", help="write the policy even if some rules were left out")
-    p.add_argument("--interface", help="the interface hostwall will protect (default: the one the rules name, or eth0)")
+    p.add_argument("--interface", help="the interface hostwall will protect (default: eth0)")
     p.add_argument("--local-address", action="append", metavar="ADDR",
                    help="this host's address on it (repeatable): decides -d on INPUT and -s on OUTPUT")
     p.add_argument("--name", default="imported", help="the policy's name (default %(default)s)")

@@ -159,7 +159,7 @@ def translate(rulesets: list[IRuleset], ctx: Context, name: str = "imported", he
                 if e.action != "ct_established":
                     continue
                 markers[d] += e.origins
-                before = [x for x in entries[:k] if x.action == "deny" and (x.match & e.match) is not None]
+                before = [x for x in entries[:k] if x.action == "deny" and not x.new_only and (x.match & e.match) is not None]
                 if before:
                     lines = ", ".join(sorted({o.where() for x in before for o in x.origins}))
                     fl.mark(e.origins[0], "untranslated",
@@ -175,7 +175,7 @@ def translate(rulesets: list[IRuleset], ctx: Context, name: str = "imported", he
             other = "egress" if d == "ingress" else "ingress"
             if markers[d] or not markers[other]:
                 continue
-            drops = defaults[d] == "deny" or any(e.action == "deny" for dd, e in out if dd == d)
+            drops = defaults[d] == "deny" or any(e.action == "deny" and not e.new_only for dd, e in out if dd == d)
             if drops:
                 for o in markers[other]:
                     fl = next(f for f in fls if o.file == f.rs.source)
@@ -237,7 +237,8 @@ def _align(a: list[Entry], b: list[Entry]) -> list[Entry]:
     for op, i1, i2, j1, j2 in sm.get_opcodes():
         if op == "equal":
             out += [Entry(Match(x.match.peers4, y.match.peers6, x.match.proto, x.match.ports, x.match.icmp), x.action,
-                          x.origins + [o for o in y.origins if o not in x.origins]) for x, y in zip(a[i1:i2], b[j1:j2])]
+                          x.origins + [o for o in y.origins if o not in x.origins], x.new_only and y.new_only)
+                    for x, y in zip(a[i1:i2], b[j1:j2])]
         else:
             out += a[i1:i2] + b[j1:j2]
     return out

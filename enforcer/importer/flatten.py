@@ -46,6 +46,7 @@ class Entry:
     match: Match
     action: str                  # allow | deny | log | ct_established (a marker, removed at the end)
     origins: list[Origin]
+    new_only: bool = False       # reached only through a conntrack NEW condition (never sees tracked packets)
 
 
 @dataclass
@@ -66,6 +67,7 @@ class _Resolved:
     notes: list[str] = field(default_factory=list)
     ct: str | None = None        # "established" marker
     other_family: bool = False   # `never` because the rule is for the other address family
+    new_only: bool = False       # a conntrack NEW condition: the original applies it to new connections only
 
 
 def _iface_match(pattern: str, name: str) -> bool:
@@ -192,6 +194,7 @@ class Flattener:
                     r.ct = "established"
                 elif not c.neg and "NEW" in states and states <= _CT_EST | {"NEW"} and self.ctx.stateful:
                     r.notes.append(f"{c.text}: hostwall's rules see only packets that no tracked connection claims")
+                    r.new_only = r.new_only or not (states & _CT_EST)
                 else:
                     r.why.append(f"{c.text}: hostwall has no conntrack state match besides its own tracking "
                                  "(packets netfilter calls INVALID or UNTRACKED are judged by the rules here)")
@@ -236,23 +239,37 @@ class Flattener:
             x = e.match & m
             if x is None:
                 continue
-            out.append(Entry(x, e.action, e.origins))
+            out.append(Entry(x, e.action, e.origins, e.new_only))
             if e.match.covers(m) and e.action != "ct_established":
                 break
         return out
 
-    def chain(self, name: str, d: str, fam: int, ctx: Match, cont: list[Entry], stack: tuple[str, ...]) -> list[Entry]:
+    def chain(self, name: str, d: str, fam: int, ctx: Match, cont: list[Entry], stack: tuple[str, ...],
+              new_only: bool = False) -> list[Entry]:
         tail = cont
         ch = self.rs.chains[name]
-        for rule in reversed(ch.rules):
+        # a RETURN on the peers alone: the rules after it see only the other peers (keeps entries narrow)
+        ctx_at: list[Match] = []
+        c = ctx
+        for rule in ch.rules:
+            ctx_at.append(c)
+            res = self.resolve(rule, d, fam)
+            if rule.target == "RETURN" and res.never is None and not res.why and res.ct is None and res.match:
+                r = ctx & res.match
+                if r is not None:
+                    c = c.minus(r, ctx)
+        for i in range(len(ch.rules) - 1, -1, -1):
+            rule = ch.rules[i]
+            ctx = ctx_at[i]
             o = rule.origin
             res = self.resolve(rule, d, fam)
+            if res.never is not None:          # exactly never here, whatever else it says
+                self.mark(o, "other_family" if res.other_family else "not_here", res.never)
+                continue
             if res.why:
                 self.mark(o, "untranslated", "; ".join(res.why))
                 continue
-            if res.never is not None:
-                self.mark(o, "other_family" if res.other_family else "not_here", res.never)
-                continue
+            fresh = new_only or res.new_only
             m = ctx & res.match
             if m is None:
                 self.mark(o, "not_here", "matches nothing in the context it is reached in")
@@ -277,7 +294,7 @@ class Flattener:
                 if t == "REJECT":
                     self.mark(o, "noted", "REJECT becomes deny: the packet is dropped without an ICMP error or RST")
                 self.mark(o, "translated")
-                tail = [Entry(m, act, [o])] + tail
+                tail = [Entry(m, act, [o], fresh)] + tail
             elif t == "RETURN":
                 self.mark(o, "translated")
                 tail = self.restrict(cont, m) + tail
@@ -288,7 +305,7 @@ class Flattener:
                     continue
                 self.mark(o, "translated")
                 after = self.restrict(tail if t == "JUMP" else cont, m)
-                sub = self.chain(target, d, fam, m, after, stack + (target,))
+                sub = self.chain(target, d, fam, m, after, stack + (target,), fresh)
                 tail = sub if m.covers(ctx) else sub + tail
             elif t == "LOG":
                 if o not in self.status:

@@ -66,6 +66,15 @@ class Match:
                 return False
         return True
 
+    def minus(self, r: Match, ctx: Match) -> Match:
+        """self without the packets of r, when that is a product: r restricts only the peers (relative to
+        ctx), so its complement is the other peers; otherwise self unchanged (exact, only less tidy)."""
+        if (r.proto, r.ports, r.icmp) != (ctx.proto, ctx.ports, ctx.icmp):
+            return self
+        p4 = self.peers4 - r.peers4 if self.peers4 is not None and r.peers4 is not None else self.peers4
+        p6 = self.peers6 - r.peers6 if self.peers6 is not None and r.peers6 is not None else self.peers6
+        return Match(p4, p6, self.proto, self.ports, self.icmp).normal() or self
+
     def families(self) -> tuple[int, ...]:
         return tuple(f for f, s in ((4, self.peers4), (6, self.peers6)) if s is not None)
 
