@@ -204,6 +204,11 @@ def translate(rulesets: list[IRuleset], ctx: Context, name: str = "imported", he
     for fl in fls:
         rs = fl.rs
         reached = fl.reached()
+        jumpers: dict[str, list[Origin]] = {}
+        for ch in rs.chains.values():
+            for r in ch.rules:
+                if r.chain_target:
+                    jumpers.setdefault(r.chain_target, []).append(r.origin)
         for ch in rs.chains.values():
             for r in ch.rules:
                 st = fl.status.get(r.origin)
@@ -213,7 +218,10 @@ def translate(rulesets: list[IRuleset], ctx: Context, name: str = "imported", he
                         f"chain {ch.name} is not reached from INPUT or OUTPUT"
                     st = Status("out_of_scope", [why])
                 elif st is None:
-                    st = Status("untranslated", ["reached only through rules that were left out"])
+                    via = [o for o in jumpers.get(ch.name, []) if fl.status.get(o, Status("x")).kind == "untranslated"]
+                    st = Status("untranslated", [f"reached only through rules that were left out (line "
+                                                 f"{', '.join(str(o.line) for o in via)})"]) if via else \
+                        Status("not_here", ["no packet reaches it here (the rules that lead to it cannot match)"])
                 elif st.kind == "other_family":
                     st = Status("not_here", st.messages)
                 statuses.append((r.origin, st))
