@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..policy import Policy
+from .intervals import cidrs
 from .regions import Region, regions
 from .table import VERDICT_NAMES, Axes, DecisionTable, decision_table
 
@@ -39,8 +40,8 @@ class VerdictChange:
             return f"{v[0]} ({'rule ' + repr(v[1]) if v[1] else 'default'})"
         return f"{self.region.text()}: {side(self.old)} → {side(self.new)}"
 
-    def to_json(self) -> dict:
-        return {**self.region.to_json(), "old": {"verdict": self.old[0], "rule": self.old[1]},
+    def to_json(self, peers: bool = True) -> dict:
+        return {**self.region.to_json(peers), "old": {"verdict": self.old[0], "rule": self.old[1]},
                 "new": {"verdict": self.new[0], "rule": self.new[1]}}
 
 
@@ -84,35 +85,53 @@ class PolicyDiff:
         return "\n".join(out)
 
     def to_json(self) -> dict:
-        return {"old": self.old_label, "new": self.new_label, "verdict_changes": [c.to_json() for c in self.changes],
+        """Peers inline when short; a set shared by several regions or longer than 64 CIDRs is listed
+        once under peer_sets and named by its index (a diff of unrelated block lists repeats them)."""
+        sets: dict[object, int] = {}
+        table: list[list[str]] = []
+        changes = []
+        for c in self.changes:
+            j = c.to_json(peers=False)
+            key = c.region.peer_key
+            if key is not None and key in sets:
+                j["peer_set"] = sets[key]
+            else:
+                nets = cidrs(c.region.family, c.region.peers)
+                if key is not None and len(nets) > 64:
+                    sets[key] = len(table)
+                    table.append(nets)
+                    j["peer_set"] = sets[key]
+                else:
+                    j["peers"] = nets
+            changes.append(j)
+        return {"old": self.old_label, "new": self.new_label, "verdict_changes": changes, "peer_sets": table,
                 "rule_changes": [{"kind": r.kind, "rule": r.name, "where": r.where, "details": list(r.details)}
                                  for r in self.rules], "settings": self.settings}
 
 
 # ---------------------------------------------------------------- joint axes
 
-def _joint_v4(a: Axes, b: Axes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    u = np.union1d(a.v4_starts, b.v4_starts)
-    ca = a.v4_cls[np.searchsorted(a.v4_starts, u, side="right") - 1]
-    cb = b.v4_cls[np.searchsorted(b.v4_starts, u, side="right") - 1]
-    return u, ca, cb
+def _joint_peers(a: Axes, b: Axes, ga: np.ndarray, gb: np.ndarray):
+    """Overlay of both peer partitions: per family the union of the interval starts, each tagged with
+    the (a group, b group) it lies in."""
+    u4 = np.union1d(a.v4_starts, b.v4_starts)
+    ca4 = ga[a.v4_cls[np.searchsorted(a.v4_starts, u4, side="right") - 1]]
+    cb4 = gb[b.v4_cls[np.searchsorted(b.v4_starts, u4, side="right") - 1]]
+    u6 = sorted(set(a.v6_starts) | set(b.v6_starts))
+    ca6 = ga[a.v6_cls[[bisect.bisect_right(a.v6_starts, v) - 1 for v in u6]]]
+    cb6 = gb[b.v6_cls[[bisect.bisect_right(b.v6_starts, v) - 1 for v in u6]]]
+    return u4, ca4, cb4, u6, ca6, cb6
 
 
-def _joint_v6(a: Axes, b: Axes) -> tuple[list[int], np.ndarray, np.ndarray]:
-    u = sorted(set(a.v6_starts) | set(b.v6_starts))
-    ca = a.v6_cls[[bisect.bisect_right(a.v6_starts, v) - 1 for v in u]]
-    cb = b.v6_cls[[bisect.bisect_right(b.v6_starts, v) - 1 for v in u]]
-    return u, ca, cb
-
-
-def _joint_l4(a: Axes, b: Axes) -> tuple[list[tuple[int, int, int, int, int]], dict[int, tuple[int, int]]]:
-    """Overlaid key intervals per (direction, pidx), tagged by the (a class, b class) pair."""
-    def by_seg(ax: Axes) -> dict[tuple[int, int], list[tuple[int, int, int]]]:
+def _joint_l4(a: Axes, b: Axes, ga: np.ndarray, gb: np.ndarray):
+    """Overlaid key intervals per (direction, pidx), tagged by the (a group, b group) pair; returns
+    (intervals, {tag: (a group, b group)})."""
+    def by_seg(ax: Axes, g: np.ndarray) -> dict[tuple[int, int], list[tuple[int, int, int]]]:
         out: dict[tuple[int, int], list] = {}
         for c, s, e in ax.l4_iv:
-            out.setdefault((int(ax.l4_dir[c]), int(ax.l4_pidx[c])), []).append((s, e, c))
+            out.setdefault((int(ax.l4_dir[c]), int(ax.l4_pidx[c])), []).append((s, e, int(g[c])))
         return out
-    sa, sb = by_seg(a), by_seg(b)
+    sa, sb = by_seg(a, ga), by_seg(b, gb)
     pairs: dict[tuple[int, int], int] = {}
     ivs = []
     for seg in sorted(set(sa) | set(sb)):
@@ -130,33 +149,33 @@ def _joint_l4(a: Axes, b: Axes) -> tuple[list[tuple[int, int, int, int, int]], d
 
 
 def diff_tables(a: DecisionTable, b: DecisionTable, by_rule: bool = False) -> list[VerdictChange]:
-    """Regions whose verdict (or, with by_rule, deciding rule) differs between a (old) and b (new)."""
-    u4, ca4, cb4 = _joint_v4(a, b)
-    u6, ca6, cb6 = _joint_v6(a, b)
+    """Regions whose verdict (or, with by_rule, deciding rule) differs between a (old) and b (new).
+    Works on each side's outcome groups (DecisionTable.outcome_groups), overlaid."""
+    gpa, gla, fa, dira = a.outcome_groups()
+    gpb, glb, fb, dirb = b.outcome_groups()
+    u4, ca4, cb4, u6, ca6, cb6 = _joint_peers(a, b, gpa, gpb)
     ka = np.concatenate([ca4, ca6]).astype(np.int64)
     kb = np.concatenate([cb4, cb6]).astype(np.int64)
     fam = np.concatenate([np.full(len(ca4), 4), np.full(len(ca6), 6)])
-    pair_key = (ka * (b.n_peer + 1) + kb) * 8 + fam
+    nb = int(gpb.max(initial=0)) + 1
+    pair_key = (ka * nb + kb) * 8 + fam
     uniq, inv = np.unique(pair_key, return_inverse=True)
-    pa = (uniq // 8) // (b.n_peer + 1)
-    pb = (uniq // 8) % (b.n_peer + 1)
-    l4_ivs, l4_pairs = _joint_l4(a, b)
+    pa = (uniq // 8) // nb
+    pb = (uniq // 8) % nb
+    l4_ivs, l4_pairs = _joint_l4(a, b, gla, glb)
     ax = Axes(u4, inv[:len(ca4)], u6, inv[len(ca4):], len(uniq), l4_ivs)
     la = np.array([l4_pairs[int(t)][0] for t in ax.l4_tag], dtype=np.int64)
     lb = np.array([l4_pairs[int(t)][1] for t in ax.l4_tag], dtype=np.int64)
-    fa, _ = a.owners(second=False)
-    fb, _ = b.owners(second=False)
-    va, vb = a.verdict_matrix(), b.verdict_matrix()
-    reach = ax.reachable()
-    old_v, new_v = va[np.ix_(pa, la)], vb[np.ix_(pb, lb)]
     old_r, new_r = fa[np.ix_(pa, la)], fb[np.ix_(pb, lb)]
+    old_v = a.group_verdicts(old_r, np.broadcast_to(dira[la], old_r.shape))
+    new_v = b.group_verdicts(new_r, np.broadcast_to(dirb[lb], new_r.shape))
     changed = old_v != new_v
     if by_rule:
-        names = sorted(set(a.t.names) | set(b.t.names))
-        ida = np.array([names.index(n) for n in a.t.names] + [-1], dtype=np.int64)
-        idb = np.array([names.index(n) for n in b.t.names] + [-1], dtype=np.int64)
+        names = {n: i for i, n in enumerate(sorted(set(a.t.names) | set(b.t.names)))}
+        ida = np.array([names[n] for n in a.t.names] + [-1], dtype=np.int64)
+        idb = np.array([names[n] for n in b.t.names] + [-1], dtype=np.int64)
         changed |= ida[old_r] != idb[new_r]               # index -1 (default) reads the trailing -1
-    changed &= reach
+    changed &= ax.reachable()
     rows, cols = np.nonzero(changed)
     if not len(rows):
         return []

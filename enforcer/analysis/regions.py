@@ -10,7 +10,7 @@ intervals into CIDRs (`ipaddress.summarize_address_range`).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
 
 import numpy as np
 
@@ -51,15 +51,28 @@ def keys_text(pidx_name: str, keys: Span) -> str:
     return ""
 
 
-@dataclass(frozen=True)
 class Region:
     """Every packet of `direction`, IPv`family`, protocol `protocol` with a key in `keys` and a peer in
-    `peers` (source for ingress, destination for egress). protocol "any": every protocol (keys: all)."""
-    direction: str
-    family: int
-    protocol: str                # tcp | udp | icmp | icmpv6 | other
-    keys: Span
-    peers: Span
+    `peers` (source for ingress, destination for egress). protocol "any": every protocol (keys: all).
+
+    `peers` may be given as a loader, computed on first use and shared by every region with the same
+    peer classes (`peer_key`): a diff of two unrelated max policies has ~6·10^4 regions over a few
+    thousand large peer sets, and most callers render only the first few."""
+    __slots__ = ("direction", "family", "protocol", "keys", "_peers", "_load", "peer_key")
+
+    def __init__(self, direction: str, family: int, protocol: str, keys: Span, peers: Span | None = None,
+                 load: Callable[[], Span] | None = None, peer_key: object = None):
+        self.direction, self.family, self.protocol, self.keys = direction, family, protocol, keys
+        self._peers, self._load, self.peer_key = peers, load, peer_key
+
+    @property
+    def peers(self) -> Span:
+        if self._peers is None:
+            self._peers = self._load()
+        return self._peers
+
+    def __repr__(self) -> str:
+        return f"Region({self.direction} {self.family} {self.protocol} {self.keys})"
 
     def text(self, limit: int = 6) -> str:
         proto = {"other": "other protocols (not tcp/udp/icmp)", "any": "any protocol"}.get(self.protocol, self.protocol)
@@ -67,9 +80,10 @@ class Region:
         side = "from" if self.direction == "ingress" else "to"
         return f"{self.direction} {proto}{' ' + k if k else ''} {side} {peers_text(self.family, self.peers, limit)}"
 
-    def to_json(self) -> dict:
-        out = {"direction": self.direction, "family": self.family, "protocol": self.protocol,
-               "peers": cidrs(self.family, self.peers)}
+    def to_json(self, peers: bool = True) -> dict:
+        out = {"direction": self.direction, "family": self.family, "protocol": self.protocol}
+        if peers:
+            out["peers"] = cidrs(self.family, self.peers)
         if self.protocol == "any":
             pass
         elif self.protocol in ("tcp", "udp"):
@@ -105,32 +119,67 @@ def regions(ax: Axes, rows: np.ndarray, cols: np.ndarray, tags: np.ndarray | Non
     o = np.lexsort((rows, fam, cols, tags))
     rows, cols, tags, fam = rows[o], cols[o], tags[o], fam[o]
     cut = np.flatnonzero((np.diff(cols) != 0) | (np.diff(tags) != 0) | (np.diff(fam) != 0)) + 1
-    starts = np.concatenate([[0], cut])
-    stops = np.append(cut, len(rows))
-    merged: dict[tuple, list[int]] = {}
-    for a, b in zip(starts.tolist(), stops.tolist()):
-        c = int(cols[a])
-        key = (tags[a].item() if hasattr(tags[a], "item") else tags[a], int(fam[a]), int(ax.l4_dir[c]),
-               int(ax.l4_pidx[c]), rows[a:b].tobytes())
-        merged.setdefault(key, []).append(c)
-    out = []
+    starts = np.concatenate([[0], cut]).astype(np.int64)
+    stops = np.append(cut, len(rows)).astype(np.int64)
+    # intern the peer class sets without a Python step per group: two independent 64-bit sums of
+    # random per-class keys and the size identify a set (collisions 2**-128 per pair, as in
+    # compiler.classify's class signatures)
+    k = np.random.default_rng(0x5E75).integers(0, 2**63, size=(2, max(ax.n_peer, 1)), dtype=np.int64)
+    with np.errstate(over="ignore"):
+        h1 = np.add.reduceat(k[0][rows], starts)
+        h2 = np.add.reduceat(k[1][rows], starts)
+    _, rep, sid = np.unique(np.stack([h1, h2, stops - starts, fam[starts]], axis=1), axis=0, return_index=True,
+                            return_inverse=True)
+    sid = sid.ravel()
+    gcol = cols[starts]
+    gkey = np.stack([tags[starts], fam[starts], ax.l4_dir[gcol], ax.l4_pidx[gcol], sid], axis=1)
+    ukey, mid = np.unique(gkey, axis=0, return_inverse=True)
+    mid = mid.ravel()
+    order = np.argsort(mid, kind="stable")
+    bounds = np.searchsorted(mid[order], np.arange(len(ukey) + 1))
+    # lowest interval of each set (intervals are sorted by address within a family): the sort key
+    first_iv = ax.class_first_interval()
+    set_first = np.minimum.reduceat(first_iv[rows], starts)[rep]
+    class_keys: dict[int, Span] = {}
+
+    def keys_of(l4cls: list[int], d: int, pidx: int) -> Span:
+        for c in l4cls:
+            if c not in class_keys:
+                class_keys[c] = ax.l4_spans([c])[(d, pidx)]
+        if len(l4cls) == 1:
+            return class_keys[l4cls[0]]
+        return Span.of(iv for c in l4cls for iv in class_keys[c])
+    spans: dict[int, Span] = {}                     # one Span per distinct peer class set (shared by regions)
+
+    def loader(f: int, si: int) -> Callable[[], Span]:
+        def load() -> Span:
+            if si not in spans:
+                g = rep[si]
+                spans[si] = ax.peer_span(rows[starts[g]:stops[g]], f)
+            return spans[si]
+        return load
+    domains = {p: key_domain(p) for p in range(L.PROTO_IDX_MAX)}
+    seen_by = {f: {p for p in range(L.PROTO_IDX_MAX) if family_sees(f, p)} for f in (4, 6)}
     whole: dict[tuple, list[int]] = {}            # protocols present with all their keys, per peer set
-    for (tag, f, d, pidx, peer_bytes), l4cls in merged.items():
-        keys = ax.l4_spans(l4cls)[(d, pidx)]
-        if keys == key_domain(pidx):
-            whole.setdefault((tag, f, d, peer_bytes), []).append(pidx)
+    keyed: dict[tuple, Span] = {}
+    ukey_l = ukey.tolist()
+    gcol_l = gcol.tolist()
+    for m, (tag, f, d, pidx, si) in enumerate(ukey_l):
+        l4cls = [gcol_l[g] for g in order[bounds[m]:bounds[m + 1]].tolist()]
+        keys = keyed[(tag, f, d, pidx, si)] = keys_of(l4cls, d, pidx)
+        if keys == domains[pidx]:
+            whole.setdefault((tag, f, d, si), []).append(pidx)
+    out = []
     done = set()
-    for k, pidxs in whole.items():
-        if set(pidxs) == {p for p in range(L.PROTO_IDX_MAX) if family_sees(k[1], p)}:
-            peers = ax.peer_span(np.frombuffer(k[3], dtype=np.int64), k[1])
-            out.append((k[0], Region(DIR_NAMES[k[2]], k[1], "any", Span.full(65536), peers)))
-            done |= {(k[0], k[1], k[2], p, k[3]) for p in pidxs}
-    for (tag, f, d, pidx, peer_bytes), l4cls in merged.items():
-        if (tag, f, d, pidx, peer_bytes) in done:
+    for kk, pidxs in whole.items():
+        if set(pidxs) == seen_by[kk[1]]:
+            out.append((kk[0], Region(DIR_NAMES[kk[2]], kk[1], "any", Span.full(65536), load=loader(kk[1], kk[3]),
+                                      peer_key=(kk[1], kk[3]))))
+            done |= {(kk[0], kk[1], kk[2], p, kk[3]) for p in pidxs}
+    for (tag, f, d, pidx, si), keys in keyed.items():
+        if (tag, f, d, pidx, si) in done:
             continue
-        peers = ax.peer_span(np.frombuffer(peer_bytes, dtype=np.int64), f)
-        keys = ax.l4_spans(l4cls)[(d, pidx)]
-        out.append((tag, Region(DIR_NAMES[d], f, PIDX_NAMES[pidx], keys, peers)))
+        out.append((tag, Region(DIR_NAMES[d], f, PIDX_NAMES[pidx], keys, load=loader(f, si), peer_key=(f, si))))
     out.sort(key=lambda t: (t[1].direction != "ingress", t[1].family, _ORDER[t[1].protocol], t[1].keys.first() or 0,
-                            t[1].peers.first() or 0))
+                            int(set_first[t[1].peer_key[1]])))
     return out

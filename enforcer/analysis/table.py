@@ -170,15 +170,46 @@ class Axes:
         return ((fam == 4) & self.compatible(4)[None, :]) | ((fam == 6) & self.compatible(6)[None, :])
 
     def peer_span(self, classes, family: int) -> Span:
-        """Addresses of `family` in the given peer classes."""
+        """Addresses of `family` in the given peer classes. O(intervals of those classes), vectorised
+        for IPv4 (a class of a 100k-prefix block list has ~10^5 intervals)."""
         order, off = self._p4 if family == 4 else self._p6
-        starts = self.v4_starts if family == 4 else self.v6_starts
-        ends = self._v4_ends if family == 4 else self._v6_ends
         idx = [order[off[c]:off[c + 1]] for c in np.atleast_1d(classes)]
         if not idx:
             return Span()
         sel = np.sort(np.concatenate(idx))
-        return Span.of((int(starts[i]), int(ends[i])) for i in sel)
+        if not len(sel):
+            return Span()
+        if family == 4:
+            st, en = self.v4_starts[sel], self._v4_ends[sel]
+            keep = np.ones(len(sel), dtype=bool)
+            keep[1:] = st[1:] != en[:-1]                  # intervals are disjoint and sorted: merge touching ones
+            first = np.flatnonzero(keep)
+            last = np.append(first[1:], len(sel)) - 1
+            return Span(tuple(zip(st[first].astype(np.int64).tolist(), en[last].astype(np.int64).tolist())))
+        out: list[tuple[int, int]] = []
+        for i in sel.tolist():
+            a, b = self.v6_starts[i], self._v6_ends[i]
+            if out and out[-1][1] == a:
+                out[-1] = (out[-1][0], b)
+            else:
+                out.append((a, b))
+        return Span(tuple(out))
+
+    def class_first_interval(self) -> np.ndarray:
+        """Per peer class, the index of its lowest interval within its family's sorted intervals."""
+        out = np.full(self.n_peer, np.iinfo(np.int64).max, dtype=np.int64)
+        np.minimum.at(out, self.v4_cls, np.arange(len(self.v4_cls)))
+        np.minimum.at(out, self.v6_cls, np.arange(len(self.v6_cls)))
+        return out
+
+    def peer_first(self, classes, family: int) -> int:
+        """The lowest address of `family` in the given peer classes (without building their Span)."""
+        order, off = self._p4 if family == 4 else self._p6
+        firsts = [order[off[c]] for c in np.atleast_1d(classes) if off[c] < off[c + 1]]
+        if not firsts:
+            return 0
+        i = int(min(firsts))
+        return int(self.v4_starts[i]) if family == 4 else self.v6_starts[i]
 
     def l4_spans(self, classes) -> dict[tuple[int, int], Span]:
         """(direction, protocol index) -> keys of the given refined L4 classes."""
@@ -294,6 +325,30 @@ class DecisionTable(Axes):
         """Verdict codes (ALLOW, DROP, WOULD_DROP) of cells, given each cell's owner (-1: the default of
         its direction) and L4 class (arrays of one shape)."""
         dflt = np.array([self.t.default[d] for d in (0, 1)])[self.l4_dir[l4]]
+        act = np.where(owner >= 0, self.t.actions[np.maximum(owner, 0)] if self.nrules else 0, dflt)
+        drop = WOULD_DROP if self.t.audit else DROP
+        return np.where(act == L.ACTION["deny"], drop, ALLOW).astype(np.int8)
+
+    def outcome_groups(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Cells grouped by outcome: (peer group per peer class, L4 group per L4 class, first owner per
+        (peer group, L4 group), direction per L4 group). Peer classes with the same first owner in every
+        L4 class (and the same family) form one group, L4 classes with the same owner for every peer
+        group (and the same direction and protocol) another: diff overlays these groups, not the
+        classes, so two max policies with unrelated block lists compare in seconds (the overlay of the
+        classes themselves has ~10^5 × 10^3 cells). O(cells log) for the two np.unique sorts."""
+        first, _ = self.owners(second=False)
+        f = np.ascontiguousarray(first)
+        rows = np.concatenate([f, self.peer_family[:, None].astype(f.dtype)], axis=1)
+        _, ridx, rinv = np.unique(rows, axis=0, return_index=True, return_inverse=True)
+        fr = f[ridx]
+        cols = np.concatenate([fr.T, self.l4_dir[:, None].astype(f.dtype), self.l4_pidx[:, None].astype(f.dtype)],
+                              axis=1)
+        _, cidx, cinv = np.unique(cols, axis=0, return_index=True, return_inverse=True)
+        return rinv.ravel(), cinv.ravel(), fr[:, cidx], self.l4_dir[cidx]
+
+    def group_verdicts(self, owner: np.ndarray, l4_dir: np.ndarray) -> np.ndarray:
+        """Verdict codes of owners whose cells have the given directions (arrays of one shape)."""
+        dflt = np.array([self.t.default[d] for d in (0, 1)])[l4_dir]
         act = np.where(owner >= 0, self.t.actions[np.maximum(owner, 0)] if self.nrules else 0, dflt)
         drop = WOULD_DROP if self.t.audit else DROP
         return np.where(act == L.ACTION["deny"], drop, ALLOW).astype(np.int8)
