@@ -54,6 +54,9 @@ class Expect:
 
     def misses(self, got) -> list[str]:
         """What of this expectation `got` (an Outcome) does not meet, as phrases."""
+        if (self.verdict is None or got.verdict == self.verdict) and (self.reason is None or got.reason == self.reason) \
+                and (self.rule is _UNSET or got.rule == self.rule):
+            return []
         out = []
         if self.verdict is not None and got.verdict != self.verdict:
             out.append(f"verdict {got.verdict}, expected {self.verdict}")

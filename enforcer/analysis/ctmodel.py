@@ -42,8 +42,11 @@ class Outcome:
         return {"verdict": self.verdict, "reason": self.reason, "rule": self.rule}
 
 
-def outcome_of(d: Decision) -> Outcome:
-    """The reference model's Decision in the datapath's vocabulary (its counters' reasons)."""
+def outcome_of(d: Decision | Outcome) -> Outcome:
+    """The reference model's Decision in the datapath's vocabulary (its counters' reasons); an
+    Outcome is returned as it is."""
+    if isinstance(d, Outcome):
+        return d
     if d.verdict == "allow":
         return Outcome("allow", d.reason or ("pass_rule" if d.rule else "pass_default"), d.rule)
     return Outcome(d.verdict, d.reason or "policy_deny", d.rule)
@@ -75,8 +78,9 @@ def _continues(p: CasePacket, from_initiator: bool) -> bool:
     return True
 
 
-def judge(policy: Policy, pkt: CasePacket, stateless: Callable[[CasePacket], Decision]) -> Outcome:
-    """Outcome of `pkt` given its state; `stateless(p)` is the policy's judgement of one packet."""
+def judge(policy: Policy, pkt: CasePacket, stateless: Callable[[CasePacket], Decision | Outcome]) -> Outcome:
+    """Outcome of `pkt` given its state; `stateless(p)` is the policy's judgement of one packet (a
+    reference Decision or already an Outcome)."""
     op = pkt.opener()
     if op is None:
         return outcome_of(stateless(pkt))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import bisect
 import difflib
+import ipaddress
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -196,19 +197,24 @@ def diff_tables(a: DecisionTable, b: DecisionTable, by_rule: bool = False) -> li
 # ---------------------------------------------------------------- rules and settings
 
 def _peers_delta(old, new) -> str | None:
-    if old.any and new.any:
+    if old == new:                                   # PeerSet equality: array compares, no formatting
         return None
     if old.any != new.any:
         return f"peers {'any' if old.any else f'{len(old)} prefixes'} → {'any' if new.any else f'{len(new)} prefixes'}"
-    a, b = set(old.cidrs()), set(new.cidrs())
-    if a == b:
-        return None
+
+    def pairs(ps) -> set:
+        return {(4, int(n), int(ln)) for n, ln in zip(ps.v4_net.tolist(), ps.v4_len.tolist())} | \
+            {(6, n, ln) for n, ln in zip(ps.v6_net, ps.v6_len)}
+
+    def txt(items: list) -> str:
+        return ", ".join(f"{ipaddress.ip_address(n) if f == 6 else ipaddress.IPv4Address(n)}/{ln}" for f, n, ln in items[:3])
+    a, b = pairs(old), pairs(new)
     add, rem = sorted(b - a), sorted(a - b)
     parts = []
     if add:
-        parts.append(f"+{len(add)} ({', '.join(add[:3])}{', …' if len(add) > 3 else ''})")
+        parts.append(f"+{len(add)} ({txt(add)}{', …' if len(add) > 3 else ''})")
     if rem:
-        parts.append(f"-{len(rem)} ({', '.join(rem[:3])}{', …' if len(rem) > 3 else ''})")
+        parts.append(f"-{len(rem)} ({txt(rem)}{', …' if len(rem) > 3 else ''})")
     return "peers " + " ".join(parts)
 
 

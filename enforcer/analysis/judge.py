@@ -18,10 +18,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..policy import Policy
-from ..reference import Decision
+from ..reference import evaluate
 from .batch import BatchReference
 from .cases import Case, CaseFile
-from .ctmodel import Outcome, judge
+from .ctmodel import Outcome, judge, outcome_of
 from .invariants import InvariantResult, check_invariant
 from .packet import CasePacket
 from .table import decision_table
@@ -32,7 +32,7 @@ __all__ = ["CaseResult", "TestReport", "run_tests", "reference_outcomes", "Datap
 DatapathJudge = Callable[[list[CasePacket]], list[dict[str, Outcome]]]
 
 
-@dataclass
+@dataclass(slots=True)
 class CaseResult:
     case: Case
     reference: Outcome
@@ -105,31 +105,56 @@ class TestReport:
 
 
 def reference_outcomes(policy: Policy, packets: list[CasePacket], batch: BatchReference | None = None) -> list[Outcome]:
-    """The reference model's outcome of each packet (its `state` included)."""
+    """The reference model's outcome of each packet (its `state` included). Every stateless judgement
+    (the packets and the openers of those with a state) is made in one batch; outcomes are shared
+    objects per deciding rule, so a case costs a few list operations."""
     batch = batch or BatchReference(policy)
-    need: dict[CasePacket, int] = {}
     order: list[CasePacket] = []
-    for p in packets:
-        for q in (p, *(o[0] for o in [p.opener()] if o)):
-            if q not in need:
-                need[q] = len(order)
-                order.append(q)
-    decisions = batch.evaluate([q.reference() for q in order])
-    memo: dict[CasePacket, Decision] = {q: decisions[i] for q, i in need.items()}
-    return [judge(policy, p, memo.__getitem__) for p in packets]
+    pos: list[int] = []
+    openers: dict[int, int] = {}
+    for i, p in enumerate(packets):
+        pos.append(len(order))
+        order.append(p)
+        op = p.opener()
+        if op is not None:
+            openers[i] = len(order)
+            order.append(op[0])
+    orders = batch.orders(order).tolist()
+    drop = "would_drop" if policy.defaults.audit else "drop"
+    by_rule = [Outcome(drop, "policy_deny", r.name) if r.action == "deny" else Outcome("allow", "pass_rule", r.name)
+               for r in policy.rules]
+    default = {d: Outcome("allow", "pass_default", None) if getattr(policy.defaults, d) == "allow"
+               else Outcome(drop, "default_deny", None) for d in ("ingress", "egress")}
+
+    def decided(k: int) -> Outcome:
+        o = orders[k]
+        if o >= 0:
+            return by_rule[o]
+        if o == -1:
+            return default[order[k].direction]
+        return outcome_of(evaluate(policy, order[k].reference()))
+    out: list[Outcome] = []
+    for i, p in enumerate(packets):
+        k = openers.get(i)
+        if k is None:
+            out.append(decided(pos[i]))
+        else:
+            memo = {p: decided(pos[i]), order[k]: decided(k)}
+            out.append(judge(policy, p, memo.__getitem__))
+    return out
 
 
 def run_tests(policy: Policy, cf: CaseFile, datapath: DatapathJudge | None = None) -> TestReport:
     t0 = time.perf_counter()
     packets = [c.packet for c in cf.cases]
     ref = reference_outcomes(policy, packets)
-    dp = datapath(packets) if datapath is not None and packets else [{} for _ in packets]
+    dp = datapath(packets) if datapath is not None and packets else [{}] * len(packets)   # shared, never written
     results = []
     for c, r, d in zip(cf.cases, ref, dp):
-        res = CaseResult(c, r, d, c.expect.misses(r))
-        for hook, got in d.items():
-            if got != r:
-                res.disagreements.append(f"{hook}: {got.text()}, reference model: {r.text()}")
+        res = CaseResult(c, r, d, c.expect.misses(r), [])
+        if d:
+            res.disagreements = [f"{hook}: {got.text()}, reference model: {r.text()}" for hook, got in d.items()
+                                 if got != r]
         results.append(res)
     invs = []
     if cf.invariants:

@@ -88,7 +88,7 @@ class CasePacket:
 
     @property
     def family(self) -> int:
-        return ipaddress.ip_address(self.src).version
+        return 6 if ":" in self.src else 4           # src is a validated address (packet_from_mapping)
 
     @property
     def proto_name(self) -> str:

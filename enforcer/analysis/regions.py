@@ -104,18 +104,30 @@ class Region:
         return sample_packet(L.DIR[self.direction], self.family, L.PROTO_IDX[proto], self.peers.sample(), key, local)
 
 
-def regions(ax: Axes, rows: np.ndarray, cols: np.ndarray, tags: np.ndarray | None = None,
-            ) -> list[tuple[object, Region]]:
-    """Group cells (rows[i], cols[i]) — optionally with a tag each (e.g. old → new outcome) — into
-    regions: [(tag, Region)], ordered by direction, family, protocol, first key, first peer."""
-    rows = np.asarray(rows, dtype=np.int64)
-    cols = np.asarray(cols, dtype=np.int64)
-    if tags is None:
-        tags = np.zeros(len(rows), dtype=np.int64)
-    if not len(rows):
-        return []
+def _group_small(ax: Axes, rows: np.ndarray, cols: np.ndarray, tags: np.ndarray):
+    """Cells to merged groups {(tag, family, direction, pidx, set id): [L4 classes]}, plain Python (a
+    lint finding has a handful of cells, where NumPy's per-call cost would dominate)."""
+    fam = ax.peer_family[rows].tolist()
+    groups: dict[tuple, set[int]] = {}
+    for r, c, t, f in zip(rows.tolist(), cols.tolist(), tags.tolist(), fam):
+        groups.setdefault((t, c, f), set()).add(r)
+    ids: dict[frozenset, int] = {}
+    members: list[np.ndarray] = []
+    merged: dict[tuple, list[int]] = {}
+    for (t, c, f), rs in groups.items():
+        fs = frozenset(rs)
+        si = ids.get(fs)
+        if si is None:
+            si = ids[fs] = len(members)
+            members.append(np.array(sorted(fs), dtype=np.int64))
+        merged.setdefault((t, f, int(ax.l4_dir[c]), int(ax.l4_pidx[c]), si), []).append(c)
+    first_iv = ax.class_first_interval()
+    return merged, members.__getitem__, [int(first_iv[m].min()) for m in members]
+
+
+def _group_large(ax: Axes, rows: np.ndarray, cols: np.ndarray, tags: np.ndarray):
+    """As _group_small, vectorised: millions of cells (a diff of unrelated policies)."""
     fam = ax.peer_family[rows].astype(np.int64)
-    # group cells by (tag, L4 class, family): the peer classes of each group
     o = np.lexsort((rows, fam, cols, tags))
     rows, cols, tags, fam = rows[o], cols[o], tags[o], fam[o]
     cut = np.flatnonzero((np.diff(cols) != 0) | (np.diff(tags) != 0) | (np.diff(fam) != 0)) + 1
@@ -124,7 +136,7 @@ def regions(ax: Axes, rows: np.ndarray, cols: np.ndarray, tags: np.ndarray | Non
     # intern the peer class sets without a Python step per group: two independent 64-bit sums of
     # random per-class keys and the size identify a set (collisions 2**-128 per pair, as in
     # compiler.classify's class signatures)
-    k = np.random.default_rng(0x5E75).integers(0, 2**63, size=(2, max(ax.n_peer, 1)), dtype=np.int64)
+    k = ax.class_keys()
     with np.errstate(over="ignore"):
         h1 = np.add.reduceat(k[0][rows], starts)
         h2 = np.add.reduceat(k[1][rows], starts)
@@ -137,9 +149,32 @@ def regions(ax: Axes, rows: np.ndarray, cols: np.ndarray, tags: np.ndarray | Non
     mid = mid.ravel()
     order = np.argsort(mid, kind="stable")
     bounds = np.searchsorted(mid[order], np.arange(len(ukey) + 1))
-    # lowest interval of each set (intervals are sorted by address within a family): the sort key
+    gcol_l = gcol.tolist()
+    merged = {tuple(key): [gcol_l[g] for g in order[bounds[m]:bounds[m + 1]].tolist()]
+              for m, key in enumerate(ukey.tolist())}
     first_iv = ax.class_first_interval()
-    set_first = np.minimum.reduceat(first_iv[rows], starts)[rep]
+    set_first = np.minimum.reduceat(first_iv[rows], starts)[rep].tolist()
+
+    def classes(si: int) -> np.ndarray:
+        g = rep[si]
+        return rows[starts[g]:stops[g]]
+    return merged, classes, set_first
+
+
+def regions(ax: Axes, rows: np.ndarray, cols: np.ndarray, tags: np.ndarray | None = None,
+            ) -> list[tuple[object, Region]]:
+    """Group cells (rows[i], cols[i]) — optionally with a tag each (e.g. old → new outcome) — into
+    regions: [(tag, Region)], ordered by direction, family, protocol, first key, first peer."""
+    rows = np.asarray(rows, dtype=np.int64)
+    cols = np.asarray(cols, dtype=np.int64)
+    if tags is None:
+        tags = np.zeros(len(rows), dtype=np.int64)
+    if not len(rows):
+        return []
+    if len(rows) <= 1024:
+        merged, set_classes, set_first = _group_small(ax, rows, cols, tags)
+    else:
+        merged, set_classes, set_first = _group_large(ax, rows, cols, tags)
     class_keys: dict[int, Span] = {}
 
     def keys_of(l4cls: list[int], d: int, pidx: int) -> Span:
@@ -154,18 +189,14 @@ def regions(ax: Axes, rows: np.ndarray, cols: np.ndarray, tags: np.ndarray | Non
     def loader(f: int, si: int) -> Callable[[], Span]:
         def load() -> Span:
             if si not in spans:
-                g = rep[si]
-                spans[si] = ax.peer_span(rows[starts[g]:stops[g]], f)
+                spans[si] = ax.peer_span(set_classes(si), f)
             return spans[si]
         return load
     domains = {p: key_domain(p) for p in range(L.PROTO_IDX_MAX)}
     seen_by = {f: {p for p in range(L.PROTO_IDX_MAX) if family_sees(f, p)} for f in (4, 6)}
     whole: dict[tuple, list[int]] = {}            # protocols present with all their keys, per peer set
     keyed: dict[tuple, Span] = {}
-    ukey_l = ukey.tolist()
-    gcol_l = gcol.tolist()
-    for m, (tag, f, d, pidx, si) in enumerate(ukey_l):
-        l4cls = [gcol_l[g] for g in order[bounds[m]:bounds[m + 1]].tolist()]
+    for (tag, f, d, pidx, si), l4cls in merged.items():
         keys = keyed[(tag, f, d, pidx, si)] = keys_of(l4cls, d, pidx)
         if keys == domains[pidx]:
             whole.setdefault((tag, f, d, si), []).append(pidx)
@@ -181,5 +212,5 @@ def regions(ax: Axes, rows: np.ndarray, cols: np.ndarray, tags: np.ndarray | Non
             continue
         out.append((tag, Region(DIR_NAMES[d], f, PIDX_NAMES[pidx], keys, load=loader(f, si), peer_key=(f, si))))
     out.sort(key=lambda t: (t[1].direction != "ingress", t[1].family, _ORDER[t[1].protocol], t[1].keys.first() or 0,
-                            int(set_first[t[1].peer_key[1]])))
+                            set_first[t[1].peer_key[1]]))
     return out

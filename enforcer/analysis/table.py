@@ -196,11 +196,22 @@ class Axes:
         return Span(tuple(out))
 
     def class_first_interval(self) -> np.ndarray:
-        """Per peer class, the index of its lowest interval within its family's sorted intervals."""
-        out = np.full(self.n_peer, np.iinfo(np.int64).max, dtype=np.int64)
-        np.minimum.at(out, self.v4_cls, np.arange(len(self.v4_cls)))
-        np.minimum.at(out, self.v6_cls, np.arange(len(self.v6_cls)))
+        """Per peer class, the index of its lowest interval within its family's sorted intervals (cached)."""
+        out = getattr(self, "_first_iv", None)
+        if out is None:
+            out = np.full(self.n_peer, np.iinfo(np.int64).max, dtype=np.int64)
+            np.minimum.at(out, self.v4_cls, np.arange(len(self.v4_cls)))
+            np.minimum.at(out, self.v6_cls, np.arange(len(self.v6_cls)))
+            self._first_iv = out
         return out
+
+    def class_keys(self) -> np.ndarray:
+        """Two random 64-bit keys per peer class (fixed seed, cached): sums of them identify class sets."""
+        k = getattr(self, "_class_keys", None)
+        if k is None:
+            k = self._class_keys = np.random.default_rng(0x5E75).integers(0, 2**63, size=(2, max(self.n_peer, 1)),
+                                                                          dtype=np.int64)
+        return k
 
     def peer_first(self, classes, family: int) -> int:
         """The lowest address of `family` in the given peer classes (without building their Span)."""
@@ -337,13 +348,22 @@ class DecisionTable(Axes):
         classes, so two max policies with unrelated block lists compare in seconds (the overlay of the
         classes themselves has ~10^5 × 10^3 cells). O(cells log) for the two np.unique sorts."""
         first, _ = self.owners(second=False)
-        f = np.ascontiguousarray(first)
-        rows = np.concatenate([f, self.peer_family[:, None].astype(f.dtype)], axis=1)
-        _, ridx, rinv = np.unique(rows, axis=0, return_index=True, return_inverse=True)
+        f = np.ascontiguousarray(first).astype(np.int64)
+        # rows (and columns) are grouped by two random linear hashes mod 2**64 plus the family (direction
+        # and protocol), not by sorting whole rows: two different owner vectors collide with
+        # probability below 2**-100 (their difference has entries below 2**14 in size)
+        rng = np.random.default_rng(0x6209)
+        kr = rng.integers(0, 2**63, size=(f.shape[1], 2), dtype=np.int64)
+        with np.errstate(over="ignore"):
+            hr = f @ kr
+        _, ridx, rinv = np.unique(np.concatenate([hr, self.peer_family[:, None].astype(np.int64)], axis=1), axis=0,
+                                  return_index=True, return_inverse=True)
         fr = f[ridx]
-        cols = np.concatenate([fr.T, self.l4_dir[:, None].astype(f.dtype), self.l4_pidx[:, None].astype(f.dtype)],
-                              axis=1)
-        _, cidx, cinv = np.unique(cols, axis=0, return_index=True, return_inverse=True)
+        kc = rng.integers(0, 2**63, size=(fr.shape[0], 2), dtype=np.int64)
+        with np.errstate(over="ignore"):
+            hc = fr.T @ kc
+        _, cidx, cinv = np.unique(np.concatenate([hc, self.l4_dir[:, None], self.l4_pidx[:, None]], axis=1), axis=0,
+                                  return_index=True, return_inverse=True)
         return rinv.ravel(), cinv.ravel(), fr[:, cidx], self.l4_dir[cidx]
 
     def group_verdicts(self, owner: np.ndarray, l4_dir: np.ndarray) -> np.ndarray:
