@@ -29,6 +29,7 @@ from ..reference import PROTO_NUMBERS, Decision, Packet, evaluate
 __all__ = ["BatchReference"]
 
 _ECHO = {1: (0, 8), 58: (128, 129)}
+_EMPTY = np.zeros(0, dtype=np.int64)
 
 
 def _merge(starts: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -67,8 +68,12 @@ class _Index:
         self.values = values[self.members]
 
     def ranges(self, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+        if not len(self.members) or not len(lo):
+            return _EMPTY
         a = np.searchsorted(self.values, lo, side="left")
         b = np.searchsorted(self.values, hi, side="left")
+        if len(a) == 1:                          # one range (most rules): a slice, no expansion
+            return self.members[int(a[0]):int(b[0])]
         return self.members[_expand(a, b)]
 
 
@@ -184,7 +189,8 @@ class BatchReference:
             icmp = getattr(rule, "icmp_types", None)
             peers = self._peers[r]
             if peers is not None:
-                cand = np.concatenate([by_peer[(d, f)].ranges(*peers[f]) for f in (4, 6)])
+                parts = [x for x in (by_peer[(d, 4)].ranges(*peers[4]), by_peer[(d, 6)].ranges(*peers[6])) if len(x)]
+                cand = parts[0] if len(parts) == 1 else (np.concatenate(parts) if parts else _EMPTY)
             elif ports is not None:
                 lo = np.array([a for a, _ in ports], dtype=np.int64)
                 hi = np.array([b + 1 for _, b in ports], dtype=np.int64)

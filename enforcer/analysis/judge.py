@@ -109,16 +109,12 @@ def reference_outcomes(policy: Policy, packets: list[CasePacket], batch: BatchRe
     (the packets and the openers of those with a state) is made in one batch; outcomes are shared
     objects per deciding rule, so a case costs a few list operations."""
     batch = batch or BatchReference(policy)
-    order: list[CasePacket] = []
-    pos: list[int] = []
-    openers: dict[int, int] = {}
-    for i, p in enumerate(packets):
-        pos.append(len(order))
-        order.append(p)
-        op = p.opener()
-        if op is not None:
-            openers[i] = len(order)
-            order.append(op[0])
+    stateful = [i for i, p in enumerate(packets) if p.state != "new"]
+    order: list[CasePacket] = list(packets)
+    opener_pos: dict[int, int] = {}
+    for i in stateful:
+        opener_pos[i] = len(order)
+        order.append(packets[i].opener()[0])
     orders = batch.orders(order).tolist()
     drop = "would_drop" if policy.defaults.audit else "drop"
     by_rule = [Outcome(drop, "policy_deny", r.name) if r.action == "deny" else Outcome("allow", "pass_rule", r.name)
@@ -133,14 +129,14 @@ def reference_outcomes(policy: Policy, packets: list[CasePacket], batch: BatchRe
         if o == -1:
             return default[order[k].direction]
         return outcome_of(evaluate(policy, order[k].reference()))
-    out: list[Outcome] = []
-    for i, p in enumerate(packets):
-        k = openers.get(i)
-        if k is None:
-            out.append(decided(pos[i]))
-        else:
-            memo = {p: decided(pos[i]), order[k]: decided(k)}
-            out.append(judge(policy, p, memo.__getitem__))
+    out = [by_rule[o] if o >= 0 else None for o in orders[:len(packets)]]
+    for i, o in enumerate(out):
+        if o is None:
+            out[i] = decided(i)
+    for i in stateful:
+        p = packets[i]
+        memo = {p: decided(i), order[opener_pos[i]]: decided(opener_pos[i])}
+        out[i] = judge(policy, p, memo.__getitem__)
     return out
 
 
