@@ -79,7 +79,17 @@ def lint(policy: Policy, dt: DecisionTable | None = None, max_regions: int = 3) 
     actions = dt.t.actions
     dflt_l4 = np.array([dt.t.default[int(d)] for d in dt.l4_dir], dtype=np.int64)
     deny = (actions == _DENY).astype(np.int8)
-    wins = np.bincount(first[first >= 0].ravel(), minlength=len(rules)) if len(rules) else np.zeros(0)
+    n = len(rules)
+    wins = np.bincount(first[first >= 0].ravel(), minlength=n) if n else np.zeros(0, np.int64)
+    # redundancy over the whole matrix at once: a decided cell "differs" when the next matching rule
+    # (or the default of its direction) has another action; a deciding rule is redundant iff none of
+    # its cells differs
+    differ_count = np.zeros(n, np.int64)
+    if n:
+        decided = first >= 0
+        nxt = np.where(second >= 0, actions[np.maximum(second, 0)], dflt_l4[None, :])
+        differs = decided & (nxt != actions[np.maximum(first, 0)])
+        differ_count = np.bincount(first[differs].ravel(), minlength=n)
     out: list[Finding] = []
     for r, rule in enumerate(rules):
         blocks = dt.blocks(r)
@@ -87,35 +97,25 @@ def lint(policy: Policy, dt: DecisionTable | None = None, max_regions: int = 3) 
         if not blocks:
             out.append(Finding("never_matches", *loc, _why_never(rule)))
             continue
-        earlier: list[np.ndarray] = []
-        nexts: list[np.ndarray] = []
-        conflict_cells: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-        mine = deny[r]
-        for rows, cols in blocks:
-            ix = np.ix_(rows, cols)
-            f = first[ix]
-            taken = f != r
-            if taken.any():
-                earlier.append(np.unique(f[taken]))
-                bad = taken & (deny[np.maximum(f, 0)] != mine)
-                if bad.any():
-                    ri, ci = np.nonzero(bad)
-                    conflict_cells.append((rows[ri], cols[ci], f[bad]))
-            if wins[r]:
-                s = second[ix][~taken]
-                ci = np.broadcast_to(cols, f.shape)[~taken]
-                nexts.append(np.where(s >= 0, actions[np.maximum(s, 0)], dflt_l4[ci]))
         if not wins[r]:
-            who, names = _who(policy, np.unique(np.concatenate(earlier)))
+            earlier = np.unique(np.concatenate([first[np.ix_(rows, cols)].ravel() for rows, cols in blocks]))
+            who, names = _who(policy, earlier[earlier != r])
             out.append(Finding("shadowed", *loc, f"never decides a packet: every packet it matches is decided "
                                                  f"earlier by {who}", names))
             continue
-        na = np.concatenate(nexts)
-        if len(na) and (na == actions[r]).all():
+        if not differ_count[r]:
             what = rule.action if rule.action != "deny" else "deny (reason default_deny instead of policy_deny " \
                                                             "where the default decides)"
             out.append(Finding("redundant", *loc, f"removing it changes no verdict: every packet it decides gets "
                                                   f"the same action, {what}, from the rules after it or the default"))
+        mine = deny[r]
+        conflict_cells: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        for rows, cols in blocks:
+            f = first[np.ix_(rows, cols)]
+            bad = (f != r) & (deny[f] != mine)       # f >= 0 wherever r matches: the first owner exists
+            if bad.any():
+                ri, ci = np.nonzero(bad)
+                conflict_cells.append((rows[ri], cols[ci], f[bad]))
         if conflict_cells:
             rows = np.concatenate([c[0] for c in conflict_cells])
             cols = np.concatenate([c[1] for c in conflict_cells])
