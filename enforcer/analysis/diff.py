@@ -25,7 +25,7 @@ import numpy as np
 from ..policy import Policy
 from .intervals import cidrs
 from .regions import Region, regions
-from .table import VERDICT_NAMES, Axes, DecisionTable, decision_table
+from .table import VERDICT_NAMES, Axes, DecisionTable, decision_table, paused_gc
 
 __all__ = ["VerdictChange", "RuleChange", "PolicyDiff", "diff_tables", "rule_changes", "setting_changes", "diff"]
 
@@ -282,6 +282,11 @@ def setting_changes(old: Policy, new: Policy) -> list[str]:
 
 
 def diff(old: Policy, new: Policy, by_rule: bool = False) -> PolicyDiff:
+    with paused_gc():
+        return _diff(old, new, by_rule)
+
+
+def _diff(old: Policy, new: Policy, by_rule: bool) -> PolicyDiff:
     d = PolicyDiff(f"{old.source} ({old.name} revision {old.revision})", f"{new.source} ({new.name} revision {new.revision})")
     d.changes = diff_tables(decision_table(old), decision_table(new), by_rule)
     d.rules = rule_changes(old.rules, new.rules, old.source, new.source)

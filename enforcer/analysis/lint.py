@@ -23,7 +23,7 @@ from hostwall.bpf import layout as L
 
 from ..policy import Policy, Rule
 from .regions import Region, regions
-from .table import DecisionTable, decision_table
+from .table import DecisionTable, decision_table, paused_gc
 
 __all__ = ["Finding", "lint", "KINDS"]
 
@@ -73,6 +73,11 @@ def _who(policy: Policy, orders, limit: int = 5) -> tuple[str, list[str]]:
 
 def lint(policy: Policy, dt: DecisionTable | None = None, max_regions: int = 3) -> list[Finding]:
     """Every finding, in rule order (the order rules are tried)."""
+    with paused_gc():
+        return _lint(policy, dt, max_regions)
+
+
+def _lint(policy: Policy, dt: DecisionTable | None, max_regions: int) -> list[Finding]:
     dt = dt or decision_table(policy)
     first, second = dt.owners(second=True)
     rules = policy.rules

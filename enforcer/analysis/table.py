@@ -25,7 +25,9 @@ rule covers) with one NumPy block operation per rule and family, about 0.3 s for
 from __future__ import annotations
 
 import bisect
+import contextlib
 import dataclasses
+import gc
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,7 +39,7 @@ from ..policy import Policy, Rule
 from ..reference import PROTO_NUMBERS, Packet
 from .intervals import PORT_END, V4_END, V6_END, Span
 
-__all__ = ["Tables", "Axes", "DecisionTable", "sample_packet", "key_domain", "family_sees", "DIR_NAMES", "ICMP_KEYED", "FRAGMENTS_REACH_RULES", "PIDX_NAMES", "decision_table",
+__all__ = ["Tables", "Axes", "DecisionTable", "paused_gc", "sample_packet", "key_domain", "family_sees", "DIR_NAMES", "ICMP_KEYED", "FRAGMENTS_REACH_RULES", "PIDX_NAMES", "decision_table",
            "ALLOW", "DROP", "WOULD_DROP", "VERDICT_NAMES"]
 
 # Policy v2 keys ICMP by type/code (Rule.icmp_types) and judges later fragments by their first one
@@ -376,6 +378,20 @@ class DecisionTable(Axes):
     def verdict_matrix(self) -> np.ndarray:
         first, _ = self.owners()
         return self.verdicts(first, np.broadcast_to(np.arange(self.n_l4), first.shape))
+
+
+@contextlib.contextmanager
+def paused_gc():
+    """Pause the cyclic GC while the analysis builds many small acyclic objects (regions, spans,
+    findings): gen-2 collections would otherwise walk every object of the policies alive beside them
+    (measured: half of the time of `test` and `lint` on the max policy). As in policy.parse_policy."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 def decision_table(policy: Policy) -> DecisionTable:
