@@ -38,6 +38,7 @@ class DatapathError(RuntimeError):
 
 class TestRun:
     """A private datapath instance with one policy installed. Use as a context manager."""
+    __test__ = False                     # not a pytest test class, despite its name
 
     def __init__(self, policy: Policy, dp: Datapath | None = None):
         self.own = dp is None
