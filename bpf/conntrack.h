@@ -156,18 +156,27 @@ static __always_inline void ev_flow_totals(struct hw_event *ev, struct hw_ct_ent
 	ev->reason = HW_R_PASS_CONNTRACK;
 }
 
-/* A tracked TCP connection just closed: report it once, with its totals. */
+/* Has this connection's end been reported already (by the datapath, or by the collector after the
+ * close grace period)? */
+static __always_inline int ct_reported(struct hw_ct_entry *e)
+{
+	return (e->fin_seen & HW_CT_F_END_EMITTED) || e->reported;
+}
+
+/* A tracked TCP connection was reset: report it once, with its totals (nothing after an RST belongs to
+ * it). A connection closed by FINs is not reported here: its last ACK comes after the FINs, so the
+ * collector reports it once it has been quiet for the close grace period (docs/collector.md). */
 static __always_inline void ct_emit_end(struct env *v, struct pkt *p, struct ctref *r, __u8 from_init)
 {
 	struct hw_ct_entry *e = r->e;
-	if (e->fin_seen & HW_CT_F_END_EMITTED)
+	if (ct_reported(e))
 		return;
 	struct hw_event *ev = ev_reserve(v, HW_EV_FLOW_END);
 	if (!ev)
 		return;                 /* the collector's conntrack scan reports it at expiry */
 	e->fin_seen |= HW_CT_F_END_EMITTED;
 	ev_packet(ev, p);
-	ev->ts_ns = v->now;             /* start and end of a flow on one clock */
+	ev->ts_ns = e->end_ns;          /* this packet, on the precise clock (ct_advance read it) */
 	if (!from_init) {               /* flows are reported from the initiator's side */
 		__builtin_memcpy(ev->saddr, p->daddr, 16);
 		__builtin_memcpy(ev->daddr, p->saddr, 16);
@@ -208,10 +217,15 @@ static __always_inline int ct_advance(struct env *v, struct pkt *p, struct ctref
 	} else if (!from_init && e->state == HW_CT_NEW) {
 		e->state = HW_CT_ESTABLISHED;
 	}
+	/* The flow's end on the precise clock, read where it is cheap: every packet from the first FIN or
+	 * RST on (one of them is the last), and the first packet of each tick otherwise (at most one read
+	 * per connection per tick, whatever its rate: the established path stays free of the helper call). */
+	if (e->state >= HW_CT_FIN_WAIT || e->last_ns != v->now)
+		e->end_ns = hw_precise(v->cfg);
 	e->last_ns = v->now;
 	__sync_fetch_and_add(&e->packets[!from_init], 1);
 	__sync_fetch_and_add(&e->bytes[!from_init], p->len);
-	if (e->state >= HW_CT_CLOSING)
+	if (e->state == HW_CT_CLOSED)
 		ct_emit_end(v, p, r, from_init);
 	return 1;
 }
@@ -227,7 +241,7 @@ static __always_inline void ct_stat(__u8 family, __u32 what)
 static __always_inline void ct_retire(struct env *v, struct hw_ct_entry *e, __u32 *a, __u32 *b, __u16 pa,
 				      __u16 pb, __u8 proto, __u8 family, __u8 cause)
 {
-	if (e->fin_seen & HW_CT_F_END_EMITTED)
+	if (ct_reported(e))
 		return;
 	struct hw_event *ev = ev_reserve(v, HW_EV_FLOW_END);
 	if (!ev)
@@ -243,7 +257,7 @@ static __always_inline void ct_retire(struct env *v, struct hw_ct_entry *e, __u3
 	ev->dport = e->initiator ? pa : pb;
 	ev->family = family;
 	ev->proto = proto;
-	ev->ts_ns = e->last_ns;         /* it ended with its last packet */
+	ev->ts_ns = e->end_ns;          /* it ended with its last packet (precise clock) */
 	ev_flow_totals(ev, e);
 	ev->end_cause = cause;
 	hw_events.ringbuf_submit(ev, 0);
@@ -365,7 +379,9 @@ static __always_inline void ct_open(struct env *v, struct pkt *p, __u32 slot, __
 	if (!e)
 		return;
 	__u8 state = p->proto == IPPROTO_TCP ? HW_CT_SYN_SENT : HW_CT_NEW;
-	e->created_ns = v->now;
+	__u64 t = hw_precise(v->cfg);   /* the flow's first packet: start of its records */
+	e->created_ns = t;
+	e->end_ns = t;
 	e->last_ns = v->now;
 	e->packets[0] = 1;
 	e->packets[1] = 0;
@@ -378,11 +394,13 @@ static __always_inline void ct_open(struct env *v, struct pkt *p, __u32 slot, __
 	e->initiator = initiator;
 	e->origin = v->dir;
 	e->fin_seen = 0;
+	e->reported = 0;
 	__sync_lock_test_and_set(&e->slot_state, HW_SLOT_LIVE);        /* publish: the entry is whole */
 	struct hw_event *ev = ev_reserve(v, HW_EV_FLOW_START);
 	if (ev) {
 		ev_packet(ev, p);
-		ev->start_ns = v->now;
+		ev->ts_ns = t;
+		ev->start_ns = t;
 		ev->rule_slot = slot;
 		ev->revision_id = rev;
 		ev->ct_state = state;

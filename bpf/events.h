@@ -63,7 +63,7 @@ static __always_inline struct hw_event *ev_reserve(struct env *v, __u32 type)
 	ev_count(type, HW_EO_EMITTED);
 	__builtin_memset(e, 0, sizeof(*e));
 	e->type = type;
-	e->ts_ns = bpf_ktime_get_ns();
+	e->ts_ns = hw_precise(v->cfg);
 	e->start_ns = e->ts_ns;
 	e->hook = v->hook;
 	e->direction = v->dir;

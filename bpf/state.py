@@ -90,7 +90,8 @@ class InstanceState:
     def record_change(self, old_revision: str, new_revision: str, old_rules: int, new_rules: int,
                       source: str, switch_ms: float) -> dict:
         """Append a policy-change audit record to the history and the audit log; returns it."""
-        rec = {"@timestamp": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + "Z",
+        now = time.time_ns()                # microseconds, as every record (docs/collector.md "Records")
+        rec = {"@timestamp": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now // 10**9)) + f".{now // 1000 % 10**6:06d}Z",
                "event": {"kind": "event", "category": ["configuration"], "type": ["change"],
                          "action": "policy-apply", "dataset": "hostwall.audit"},
                "user": {"name": _who()}, "hostwall": {"pin_dir": self.pin_dir, "policy": {

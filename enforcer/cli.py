@@ -239,7 +239,8 @@ def cmd_status(a) -> int:
     d = s["defaults"]
     con.print(f"[bold]{s['policy']}[/] revision [bold]{s['revision']}[/] (generation {s['generation']}, "
               f"{s['rules_count']} rules, {s['prefixes']} prefixes) — ingress {d['ingress']}, egress {d['egress']}, "
-              f"stateful {d['stateful']}, audit {d['audit']}; pin dir {s['pin_dir']}; "
+              f"stateful {d['stateful']}, audit {d['audit']}, essential ICMP {d.get('essential_icmp')}; "
+              f"pin dir {s['pin_dir']}; "
               f"run pid {s['pid']} {'alive' if s['pid_alive'] else 'not running (programs still attached)'}")
     t = Table(title="interfaces")
     for c in ("interface", "netns", "xdp", "tc ingress", "tc egress"):
@@ -285,6 +286,14 @@ def cmd_status(a) -> int:
         con.print(t)
     if s.get("bans"):
         _print_bans(s["bans"])
+    if s.get("fragments"):
+        t = Table(title="fragments (later fragments follow their first fragment)")
+        for c in ("family", "first passed", "evicted", "claim lost", "followed", "unmatched"):
+            t.add_column(c, justify="right")
+        for fam, c in s["fragments"].items():
+            t.add_row(fam, _fmt_n(c["inserted"]), _fmt_n(c["evicted"]), _fmt_n(c["claim_lost"]),
+                      _fmt_n(c["followed"]), _fmt_n(c["unmatched"]))
+        con.print(t)
     t = Table(title="map pressure")
     for c in ("map", "entries", "capacity", "%", "evicted"):
         t.add_column(c, justify="right")

@@ -4,9 +4,11 @@ or HTTP/protobuf (opentelemetry-exporter-otlp).
 Mapping (collector/encoders/otel.py): timestamp = the record's @timestamp, observed timestamp = when this
 sink exported it, severity (flows/summaries INFO, denies WARN, anomalies WARN..FATAL by band, audit INFO),
 body = a one-line summary, attributes = OpenTelemetry semantic conventions (network.*, source.*,
-destination.*, process.*, container.*, k8s.*, host.name, event.name, log.record.uid = event.id) plus
-hostwall.*; event_name = event.dataset. Resource: service.*, host.*, hostwall.pin_dir and
-hostwall.interfaces (collector/resource.py). Scope: "hostwall.collector".
+destination.*, client.*, server.*, security_rule.*, process.*, container.*, k8s.*, host.name,
+log.record.uid = event.id) plus hostwall.*; event_name = event.dataset. Resource: service.*, host.*,
+hostwall.pin_dir and hostwall.interfaces (collector/resource.py). Scope: "hostwall.collector". Scope and
+resource carry the semantic conventions' schema URL (encoders.otel.SCHEMA_URL: the version the
+attribute names follow).
 
 Delivery (docs/collector.md "Delivery and loss"): the pipeline's bounded queue in front of this sink drops the OLDEST batch when
 full (full_queue_policy drop_oldest, counted "queue_full" in the ledger): fresh data first. send() exports
@@ -17,19 +19,24 @@ and the sink then waits a jittered, growing pause (0.5 s .. 30 s, reset on succe
 request, so an outage neither spins nor grows memory — the queue in front sheds and counts instead.
 At-most-once: an export the collector received but did not acknowledge in time counts as lost.
 
+`otlp.delivery: at_least_once` makes the sink acknowledging (docs/collector.md "Delivery and loss"): its
+queue blocks instead of shedding, a failed export is retried after the same jittered pause (Backoff)
+instead of being counted lost, and a batch settles — the pipeline may release its kernel data — once
+the receiver accepted it. Default best_effort: the pipeline never waits for this sink.
+
 Cost: ~30-60 µs per record (attribute dicts + protobuf encoding in the SDK), on the worker thread.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 
 import opentelemetry.sdk._logs  # noqa: F401 — at import: a build without the SDK fails
 
 # in build_sink, before the kernel is touched
-from .base import BaseSink, FullQueuePolicy, SinkUnavailable
+from ..backoff import Backoff
+from .base import BaseSink, Durability, FullQueuePolicy, Health, SinkUnavailable
 
 log = logging.getLogger("hostwall.collector.otlp")
 
@@ -86,6 +93,7 @@ def make_log_exporter(endpoint: str, options, *, signal: str = "logs"):
 
 class OtlpSink(BaseSink):
     full_queue_policy = FullQueuePolicy.DROP_OLDEST
+    durability = Durability.BEST_EFFORT
 
     def __init__(self, endpoint: str, *, options=None, resource: dict | None = None, name: str | None = None):
         from hostwall.collector.config import OtlpOptions
@@ -93,11 +101,14 @@ class OtlpSink(BaseSink):
         self.endpoint = endpoint
         self.o = options or OtlpOptions()
         self.resource_attrs = dict(resource or {})
+        if self.o.delivery == "at_least_once":
+            self.durability = Durability.AT_LEAST_ONCE
+            self.full_queue_policy = FullQueuePolicy.BLOCK
         self._exporter = None
         self._resource = None
         self._scope = None
         self._pause = 0.0
-        self._fails = 0
+        self._backoff = Backoff(PAUSE_MIN_S, PAUSE_MAX_S)
         self.exports = 0
         self.export_failures = 0
         self.paused_s = 0.0
@@ -112,10 +123,11 @@ class OtlpSink(BaseSink):
         from opentelemetry.sdk.resources import Resource
         from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
+        from hostwall.collector.encoders.otel import SCHEMA_URL
         from hostwall.collector.enrich.host import collector_version
         self._exporter = make_log_exporter(self.endpoint, self.o)
-        self._resource = Resource.create(self.resource_attrs)
-        self._scope = InstrumentationScope(SCOPE, collector_version())
+        self._resource = Resource.create(self.resource_attrs, schema_url=SCHEMA_URL)
+        self._scope = InstrumentationScope(SCOPE, collector_version(), schema_url=SCHEMA_URL)
 
     async def close(self) -> None:
         if self._exporter is not None and not self._closed:
@@ -135,7 +147,7 @@ class OtlpSink(BaseSink):
                 attrs = o["attributes"]
                 lr = LogRecord(timestamp=o["time_unix_nano"], observed_timestamp=observed_ns,
                                severity_text=o["severity_text"], severity_number=SeverityNumber(o["severity_number"]),
-                               body=o["body"], attributes=attrs, event_name=attrs.get("event.name"))
+                               body=o["body"], attributes=attrs, event_name=o["event_name"])
             except Exception as e:                  # noqa: BLE001 — counted, never silent
                 self._lose("encode_error", 1)
                 self.last_error = f"encode: {type(e).__name__}: {e}"
@@ -163,20 +175,29 @@ class OtlpSink(BaseSink):
             chunk = records[i:i + step]
             n, ok = await asyncio.to_thread(self._export, chunk)
             self.exports += 1
+            while not ok and self.durability is Durability.AT_LEAST_ONCE and not self._closed:
+                self.export_failures += 1
+                self._pause = self._backoff.next()
+                self.last_error = f"export to {self.endpoint} ({self.o.protocol}) failed; retrying in {self._pause:.1f}s"
+                self._set_health(Health.DEGRADED, f"exports to {self.endpoint} fail; retrying (back-pressure)")
+                await asyncio.sleep(self._pause)
+                self.paused_s += self._pause
+                self._pause = 0.0
+                n, ok = await asyncio.to_thread(self._export, chunk)
+                self.exports += 1
             if ok:
                 self._deliver(n)
-                self._fails = 0
+                self._backoff.reset()
+                self._set_health(Health.OK)
             else:
                 self.export_failures += 1
-                self._lose("export_failed", n)
-                self._fails += 1
-                self._pause = min(PAUSE_MAX_S, PAUSE_MIN_S * 2 ** (self._fails - 1)) * random.uniform(0.5, 1.0)
+                self._lose_records("export_failed", chunk)
+                self._pause = self._backoff.next()
                 self.last_error = (f"export to {self.endpoint} ({self.o.protocol}) failed after the exporter's "
                                    f"retries; pausing {self._pause:.1f}s")
-                if self._fails in (1, 10, 100) or self._fails % 1000 == 0:
-                    log.warning("%s: %s", self.name, self.last_error)
+                self._set_health(Health.DEGRADED, f"exports to {self.endpoint} fail; records are counted lost")
 
     def stats(self) -> dict:
         return {**super().stats(), "endpoint": self.endpoint, "protocol": self.o.protocol, "exports": self.exports,
                 "export_failures": self.export_failures, "paused_s": round(self.paused_s, 3),
-                "consecutive_failures": self._fails}
+                "consecutive_failures": self._backoff.failures}

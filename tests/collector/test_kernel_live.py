@@ -10,15 +10,17 @@ import asyncio
 import json
 import os
 import secrets
+import socket
 import time
 from collections import Counter
 
+import numpy as np
 import pytest
 from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.l2 import Ether
 from scapy.packet import raw
 
-from hostwall.bpf import bpfsys, conntrack
+from hostwall.bpf import bpfsys, conntrack, slot_table
 from hostwall.bpf import layout as L
 from hostwall.collector.kernel import MAPS, KernelSource
 
@@ -158,6 +160,56 @@ def test_drop_drain_adds_up_exactly_to_the_drop_counters(kernel):
     assert len(again.keys) == 0 and again.t0_ns == d.t1_ns
 
 
+def _drop_src_slot(keys: np.ndarray, seed: int) -> np.ndarray:
+    """The hw_drop_srcs slot of each key (hw_drop_src rows): agg_src's hash over the first 32 bytes,
+    by the user-space twin of tbl_first_slot."""
+    k32 = np.frombuffer(np.ascontiguousarray(keys).tobytes(), np.uint8).reshape(len(keys), -1)[:, :32]
+    return slot_table.first_slot(np.ascontiguousarray(k32).view([("w", "<u8", (4,))]).ravel(), seed,
+                                 L.C["HW_DROP_SRC_SLOTS"], 1)
+
+
+def test_drop_drain_lists_individual_peers_with_exact_counts(kernel):
+    """The per-interval peer table behind the summaries' top talkers: every peer of a key, one host
+    each, its packets and IP-layer bytes exact when no other peer of the interval shares its slot
+    (which the user-space twin of the hash tells); drained with the aggregate and zeroed."""
+    ks, dp, _ = kernel
+    cpus = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(cpus)})            # one CPU: per-CPU slots fill in the order sent
+    try:
+        ks.drain_drops()
+        sent: Counter = Counter()
+        for i in range(300):
+            for src, dport in ((f"198.51.100.{i % 50}", 22), (f"203.0.113.{i % 7}", 443)):
+                xdp(dp, tcp_in(src=src, sport=1000 + i, dport=dport))
+                sent[(src, dport)] += 1
+        d = ks.drain_drops()
+    finally:
+        os.sched_setaffinity(0, cpus)
+    agg = {int(k["dport"]): k for k in d.keys}
+    want = np.zeros(len(sent), L.DTYPES["hw_drop_src"])
+    for i, (src, dport) in enumerate(sent):
+        want["k"][i] = agg[dport]
+        want["k"]["src"][i][:4] = np.frombuffer(socket.inet_aton(src), np.uint8)
+    slot = _drop_src_slot(want, int(dp.config()["table_seed"]))
+    first_in_slot = {}
+    for i, sl in enumerate(slot.tolist()):
+        first_in_slot.setdefault(sl, i)            # sent in this order: the first key keeps the slot
+    got = {(socket.inet_ntoa(bytes(s["k"]["src"][:4])), int(s["k"]["dport"])): (int(s["packets"]), int(s["bytes"]))
+           for s in d.sources}
+    assert got, "no individual peers were drained"
+    holders = {i for i in first_in_slot.values()}
+    for i, (key, n) in enumerate(sent.items()):
+        if i in holders:
+            assert got.get(key) == (n, 40 * n), (key, got.get(key))      # 40 = IP + TCP header bytes
+        else:
+            assert key not in got                                          # lost its slot: not listed
+    assert len(got) == len(holders) and len(sent) - len(holders) == len(slot) - len(set(slot.tolist()))
+    for s in d.sources:                             # each lies in its summary's prefix, key for key
+        k = s["k"].copy()
+        assert bytes(k["src"][:3]) == bytes(agg[int(k["dport"])]["src"][:3]) and k["prefix_len"] == 24
+    assert len(ks.drain_drops().sources) == 0      # the drained slots were zeroed
+
+
 def test_full_aggregation_map_overflow_is_drained_and_zeroed(kernel):
     ks, dp, _ = kernel
     ks.set_knobs(agg_prefix_v4=32)
@@ -199,10 +251,123 @@ def test_conntrack_scan_expires_idle_entries_and_reports_long_lived_ones(kernel)
     assert (s.expired, s.updates, s.ended) == (1, 0, 0)
     gone = s.families[0]
     assert int(gone.expired_keys["proto"][0]) == 17 and int(gone.expired_entries["last_ns"][0]) == t0
+    assert int(gone.expired_entries["fin_seen"][0]) == 0            # the builder sees the entry as it was
     with conntrack.CtTable(ks.fds["hw_ct4"], 4) as table:
-        left = table.slots[table.live()]
-        assert left["k"]["proto"].tolist() == [6]      # freed in the kernel; TCP stays
-    assert ks.scan_conntrack(t0 + 32 * 10**9, at).expired == 0
+        left = table.slots[table.live()]                # claimed, not freed: until its end record is durable
+        assert sorted(left["k"]["proto"].tolist()) == [6, 17]
+        claimed = left[left["k"]["proto"] == 17]["e"]["fin_seen"][0]
+        assert claimed & conntrack.CLAIM_BITS == conntrack.CLAIM_BITS
+    assert ks.scan_conntrack(t0 + 32 * 10**9, at).expired == 0    # pending in this process: not again
+    # a new collector (after a crash) finds the claim and reports the end again; then frees it
+    ks2 = KernelSource(ks.pin_dir)
+    try:
+        again = ks2.scan_conntrack(t0 + 33 * 10**9, at)
+        assert (again.expired, again.reclaimed) == (1, 1)
+        assert ks2.free_claims(again.families[0]) == 1
+    finally:
+        ks2.close()
+    assert ks.free_claims(gone) == 0                   # the slot is free already
+    with conntrack.CtTable(ks.fds["hw_ct4"], 4) as table:
+        assert table.slots[table.live()]["k"]["proto"].tolist() == [6]      # freed in the kernel; TCP stays
+    assert ks.scan_conntrack(t0 + 34 * 10**9, at).expired == 0
+
+
+def test_a_fin_closed_connection_is_reported_after_its_grace_with_its_last_ack_and_precise_times(kernel):
+    """Counts equal a capture: the last ACK after both FINs belongs to the flow. The datapath does not
+    report a FIN close itself; the scan reports it once the connection has been quiet for the grace
+    period, marks it reported (no second report, late packets still pass), with the first and last
+    packets on the precise clock (not the 4 ms tick) and IP-layer bytes."""
+    from hostwall.bpf.clock import Clock
+    from hostwall.collector.enrich.host import HostInfo
+    from hostwall.collector.records import RecordBuilder
+    ks, dp, _ = kernel
+    dp.clear_conntrack()
+    with ks.ring() as rb:
+        rb.read()
+        t_open = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+        xdp(dp, tcp_in(sport=41000))                                      # SYN      (client →)
+        t_opened = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+        egress(dp, tcp_out("SA", dport=41000))                            # SYN-ACK  (← server)
+        xdp(dp, raw(E / IP(src="10.0.0.9", dst=ME) / TCP(sport=41000, dport=80, flags="PA") / (b"x" * 100)))
+        egress(dp, tcp_out("FA", dport=41000))                            # server FIN
+        xdp(dp, tcp_in(sport=41000, flags="FA"))                          # client FIN: both FINs seen
+        time.sleep(0.01)                                                  # the last ACK, 10 ms later
+        t_last = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+        xdp(dp, tcp_in(sport=41000, flags="A"))
+        t_lasted = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+        types = Counter(L.EVENT_TYPE_NAMES[int(t)] for t in rb.read().records["type"])
+    assert types == {"flow_start": 1}, types                             # no flow_end at the FINs
+    now = ks.now_ns()
+    assert ks.scan_conntrack(now, 60 * 10**9, 2 * 10**9).closed == 0     # not quiet long enough yet
+    s = ks.scan_conntrack(now + 3 * 10**9, 60 * 10**9, 2 * 10**9)
+    assert s.closed == 1 and s.expired == 0
+    f = s.families[0]
+    e = f.closed_entries[0]
+    assert e["packets"].tolist() == [4, 2]                               # SYN, data, FIN, last ACK / SYN-ACK, FIN
+    assert e["bytes"].tolist() == [40 + 140 + 40 + 40, 40 + 40]          # IP-layer: 20 + 20 + payload
+    assert t_open <= int(e["created_ns"]) <= t_opened                   # precise: within the call
+    assert t_last <= int(e["end_ns"]) <= t_lasted
+    assert ks.scan_conntrack(now + 4 * 10**9, 60 * 10**9, 2 * 10**9).closed == 0    # reported once
+    assert xdp(dp, tcp_in(sport=41000, flags="A")) == 2                  # a late packet still passes (XDP_PASS)
+    b = RecordBuilder(HostInfo("live", "b", str(ks.pin_dir)), None)
+    [r] = b.on_conntrack(f.expired_keys, f.expired_entries, None, Clock(0), (f.closed_keys, f.closed_entries))
+    assert r["hostwall"]["flow"]["end_reason"] == "fin" and (r["source"]["packets"], r["destination"]["packets"]) == (4, 2)
+    assert r["event"]["duration"] == int(e["end_ns"]) - int(e["created_ns"]) >= 10**7
+    dp.clear_conntrack()
+
+
+def test_a_close_is_claimed_until_durable_and_a_crash_reports_it_again_with_the_same_id(kernel):
+    """The close grace period's report is released like every other (docs/collector.md "Delivery and
+    loss"): the scan claims the closed connection (`reported` = REPORTED_CLAIMED: the datapath treats it
+    as reported), free_claims() marks it durable; a collector that died in between leaves the claim, and
+    the next one reports the close again with the same event.id, even after a late packet."""
+    from hostwall.bpf.clock import Clock
+    from hostwall.collector.enrich.host import HostInfo
+    from hostwall.collector.records import RecordBuilder
+    ks, dp, _ = kernel
+    dp.clear_conntrack()
+    xdp(dp, tcp_in(sport=42000))
+    egress(dp, tcp_out("SA", dport=42000))
+    egress(dp, tcp_out("FA", dport=42000))
+    xdp(dp, tcp_in(sport=42000, flags="FA"))
+    xdp(dp, tcp_in(sport=42000, flags="A"))
+    grace, at = 2 * 10**9, 60 * 10**9
+
+    def reported() -> list[int]:
+        with conntrack.CtTable(ks.fds["hw_ct4"], 4) as table:
+            return table.slots[table.live()]["e"]["reported"].tolist()
+
+    def record(scan) -> dict:
+        f = scan.families[0]
+        b = RecordBuilder(HostInfo("live", "b", str(ks.pin_dir)), None)
+        [r] = b.on_conntrack(f.expired_keys, f.expired_entries, None, Clock(0), (f.closed_keys, f.closed_entries))
+        return r
+
+    now = ks.now_ns() + 3 * 10**9
+    first = ks.scan_conntrack(now, at, grace)
+    assert first.closed == 1 and reported() == [conntrack.REPORTED_CLAIMED]
+    rec = record(first)
+    assert ks.scan_conntrack(now + 10**9, at, grace).closed == 0          # pending here: not twice
+    assert xdp(dp, tcp_in(sport=42000, flags="A")) == 2                   # a late packet after the claim
+    crashed = KernelSource(ks.pin_dir)                                    # the next collector, after a crash
+    try:
+        again = crashed.scan_conntrack(now + 2 * 10**9, at, grace)
+        assert (again.closed, again.reclaimed) == (1, 1)
+        assert again.families[0].closed_entries["packets"][0].tolist() == [4, 2]    # the late packet counted
+        assert record(again)["event"]["id"] == rec["event"]["id"]          # a duplicate, deduplicated downstream
+        assert crashed.free_claims(again.families[0]) == 1                  # durable: reported for good
+        assert reported() == [conntrack.REPORTED_DURABLE]
+    finally:
+        crashed.close()
+    assert ks.free_claims(first.families[0]) == 0                        # released already
+    nxt = KernelSource(ks.pin_dir)
+    try:
+        assert nxt.scan_conntrack(now + 3 * 10**9, at, grace).closed == 0   # durable: never again
+        fin_to = L.C["HW_CT_TO_FIN"] * 10**9
+        gone = nxt.scan_conntrack(now + fin_to + 10 * 10**9, at, grace)     # its FIN timeout: freed, not listed
+        assert (gone.closed, gone.expired, gone.ended) == (0, 0, 1) and reported() == []
+    finally:
+        nxt.close()
 
 
 def test_event_budget_losses_are_counted_by_type(kernel):
@@ -260,7 +425,7 @@ def test_pipeline_end_to_end_on_the_real_kernel(kernel, tmp_path):
     assert kinds["deny"] == evs["deny"] == 2 and kinds["flow"] == evs["flow_start"] == 1
     summed = sum(r["network"]["packets"] for r in recs if r["hostwall"]["kind"] == "drop_summary")
     assert summed == int((ks.drop_counters() - before).sum()) == 100
-    assert {r["hostwall"]["source_prefix"] for r in recs if r["hostwall"]["kind"] == "drop_summary"} == {
+    assert {r["hostwall"]["source"]["prefix"] for r in recs if r["hostwall"]["kind"] == "drop_summary"} == {
         "198.51.0.0/16", "203.0.0.0/16"}                 # the configured prefix reached the kernel
     assert int(ks.knobs()["event_budget"]) == 5000
     assert ledger.check(quiescent=True) == [] and ledger.lost_upstream == 0

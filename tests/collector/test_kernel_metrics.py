@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from hostwall.collector import kernel_metrics as km
+from hostwall.collector import record_metrics
 from hostwall.collector.metric_family import Family
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -99,7 +100,7 @@ def test_record_metrics_keep_up_with_a_spoofed_flood():
 # ---- records ------------------------------------------------------------------------------------------
 
 def drop_summary(prefix, reason, packets, iface="eth0", transport="udp", verdict="drop"):
-    return {"hostwall": {"kind": "drop_summary", "reason": reason, "verdict": verdict, "source_prefix": prefix,
+    return {"hostwall": {"kind": "drop_summary", "reason": reason, "verdict": verdict, "source": {"prefix": prefix},
                          "interface": {"id": 2, "name": iface}},
             "network": {"packets": packets, "bytes": packets * 60, "iana_number": "17", "transport": transport}}
 
@@ -146,7 +147,7 @@ def test_record_metrics_drops_anomalies_and_sources():
     assert samples(fams, "hostwall_anomaly_open") == {key + ("high",): 0, key + ("critical",): 0}
     assert samples(fams, "hostwall_anomaly_score") == {key: 0} == samples(fams, "hostwall_anomaly_severity_level")
     assert samples(fams, "hostwall_anomaly_top_talker_count") == {key + ("10.66.3.0/24",): 0}
-    clk.t += km.DEFAULT_GONE_KEEP_S + 1
+    clk.t += record_metrics.DEFAULT_GONE_KEEP_S + 1
     fams = rm.families()
     assert samples(fams, "hostwall_anomaly_open") == {} and samples(fams, "hostwall_anomaly_score") == {}
     assert samples(fams, "hostwall_anomaly_transitions") == {

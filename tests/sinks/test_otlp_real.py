@@ -20,8 +20,8 @@ from hostwall.collector.metrics import SelfMetrics, families_from_status
 from hostwall.collector.pipeline import Pipeline
 from hostwall.collector.records import iso_ns, parse_iso_ns
 from hostwall.collector.sinks.otlp import OtlpSink
+from tests.collector.fakes import FakeSource, StubBuilder, cfg, started, until
 from tests.collector.test_encoders import all_records
-from tests.collector.test_pipeline import FakeSource, StubBuilder, cfg, started, until
 from tests.peers import free_ports
 
 pytestmark = [pytest.mark.peers]
@@ -67,6 +67,7 @@ def test_log_records_arrive_with_semconv_attributes_and_severity(otel_collector,
         if rec.get("event", {}).get("dataset"):
             assert r.get("eventName") == rec["event"]["dataset"]
         assert r["scope"]["name"] == "hostwall.collector"
+        assert r["scope_schema_url"] == r["resource_schema_url"] == want["schema_url"]    # the semconv version
         assert r["resource_attrs"]["hostwall.interfaces"] == ["eth0", "eth1"]
         assert r["resource_attrs"]["host.name"] == "fw-test"
     kinds = Counter(r["hostwall"]["kind"] for r in recs)
@@ -75,7 +76,8 @@ def test_log_records_arrive_with_semconv_attributes_and_severity(otel_collector,
     flow = next(by_uid[r["event"]["id"]] for r in recs if r["hostwall"]["kind"] == "flow" and
                 r.get("network", {}).get("transport") == "tcp")
     for key in ("network.transport", "network.type", "source.address", "source.port", "destination.address",
-                "destination.port", "host.name", "event.name", "hostwall.verdict", "hostwall.community_id"):
+                "destination.port", "client.address", "server.port", "network.io.direction", "host.name",
+                "hostwall.verdict", "hostwall.community_id"):
         assert key in flow["attrs"], key
 
 
@@ -85,7 +87,7 @@ class TimedBuilder(StubBuilder):
     def _rec(self, kind: str, ident) -> dict:
         r = super()._rec(kind, ident)
         r["@timestamp"] = iso_ns(time.time_ns())
-        r["schema_version"] = "1.0.0"
+        r["hostwall"]["schema_version"] = "1.1.0"
         r["network"] = {"transport": "tcp", "type": "ipv4"}
         r["source"], r["destination"] = {"ip": "10.0.0.1", "port": 40000}, {"ip": "10.0.0.2", "port": 443}
         return r
@@ -126,31 +128,40 @@ def test_collector_outage_is_counted_bounded_and_metrics_arrive(otel_collector_f
     depths: list[int] = []
     ours = lambda r: r["resource_attrs"].get("service.instance.id") == marker      # noqa: E731
 
-    async def pump(n: int, seconds: float):
-        end = time.monotonic() + seconds
-        per = max(1, int(n / (seconds / 0.05)))
+    def lane_lost(reason: str) -> int:
+        pipe._sync_sink(pipe.slots[0])
+        return pipe.ledger.lanes["otlp://col"].lost[reason]
+
+    async def pump(n: int, per: int = 250, timeout: float = 60.0) -> int:
+        """Emit n events, `per` at a time, waiting for room in the ring when it is full: a count of work
+        with a deadline, never an amount of work in a fixed time (docs/testing.md)."""
+        end = time.monotonic() + timeout
         sent = 0
-        while time.monotonic() < end and sent < n:
+        while sent < n:
+            assert time.monotonic() < end, f"only {sent} of {n} events fit the ring within {timeout:g} s"
             sent += src.emit(min(per, n - sent))
             depths.append(pipe.slots[0].queue.size)
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.02)
         return sent
 
     async def go():
         task = await started(pipe)
-        assert await pump(3000, 1.0) == 3000
+        assert await pump(3000) == 3000
         await until(lambda: sink.delivered == 3000, 30)
         before = len([r for r in col.log_records() if ours(r)])
         assert before == 3000
         await asyncio.to_thread(col.stop)                  # the OTel Collector goes away
-        await pump(20000, 8.0)
+        await pump(20000)
         await until(lambda: sink.export_failures >= 2, 30)
         mid = pipe.status()
         await asyncio.to_thread(col.start)                 # ... and comes back (same ports)
         sink._pause = 0.0
-        await pump(2000, 1.0)
+        await pump(2000)
         await until(lambda: pipe.slots[0].queue.size == 0 and sink.in_flight == 0, 60)
-        await asyncio.sleep(1.0)
+        # the OTel Collector writes what it received to its file: wait until every delivered record is there
+        await until(lambda: len([r for r in col.log_records() if ours(r)]) >= sink.delivered - before, 30)
+        await until(lambda: sample(scrape(metrics.prometheus_address), "hostwall_records_lost_total", stage="sink",
+                                   reason="export_failed", sink="otlp://col") == lane_lost("export_failed"), 30)
         prom_text = scrape(metrics.prometheus_address)
         pipe.stop()
         await task
