@@ -87,7 +87,7 @@ def running_policy(pin_dir: str) -> RunningPolicy:
                audit=bool(hdr["audit"]), v4_starts=iv4["start"].astype(np.uint64), v4_cls=iv4["cls"].astype(np.int64),
                v6_starts=[(int(a) << 64) | int(b) for a, b in zip(iv6["hi"], iv6["lo"])],
                v6_cls=iv6["cls"].astype(np.int64), peer_words=peer["words"], l4_dense=dense, l4_words=l4["words"],
-               revision=revision)
+               revision=revision, essential=bool(hdr["essential_icmp"]))
     pol = None
     if st.policy_path:
         try:

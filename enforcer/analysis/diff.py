@@ -6,8 +6,16 @@ axis are overlaid (every boundary of either), so every joint cell lies in one ce
 NEW and has one old and one new outcome. The cells whose verdict differs are reported as regions
 (regions.py: peer ranges × protocol × ports × direction) with the deciding rule on each side: every
 packet whose verdict changes lies in a reported region, and every packet of a reported region changes
-(tests/unit/test_tooling_diff.py checks both against the reference model on random policy pairs).
+(tests/tooling/test_diff.py checks both against the reference model on random policy pairs).
 `by_rule` also reports traffic that keeps its verdict but changes its deciding rule (counters, log).
+
+The stages before the rules (stages.py, docs/policy.md "Semantics"): when either policy has
+`essential_icmp`, every cell is read twice where essential ICMP can apply — its packets that meet the
+essential condition (passed by the pseudo-rule essential_icmp on a side that has it, judged by the
+rules on the other) and the rest (judged by the rules on both) — and the regions say which (e.g.
+"with hop limit 255 (essential ICMP)", "except essential ICMP"). Later fragments are judged by no
+rule: they change verdict only when `audit` changes (drop ↔ would_drop, one region per direction and
+family).
 
 The OLD side may be the running instance (enforcer/running.py reads its active tables), so
 `apply --dry-run` shows what the swap would change against what is enforced, not against a file.
@@ -22,10 +30,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..policy import Policy
-from .intervals import cidrs
-from .regions import Region, regions
-from .table import VERDICT_NAMES, Axes, DecisionTable, decision_table, paused_gc
+from ..policy import ESSENTIAL_ICMP, Policy
+from .intervals import Span, cidrs
+from .regions import Region, fragment_region, icmp_keys_text, regions
+from .stages import COND_NONE, COND_NOT_ESS, ESS_NONE, cond_essential
+from .table import ALLOW, VERDICT_NAMES, Axes, DecisionTable, decision_table, paused_gc
 
 __all__ = ["VerdictChange", "RuleChange", "PolicyDiff", "diff_tables", "rule_changes", "setting_changes", "diff"]
 
@@ -170,27 +179,53 @@ def diff_tables(a: DecisionTable, b: DecisionTable, by_rule: bool = False) -> li
     old_r, new_r = fa[np.ix_(pa, la)], fb[np.ix_(pb, lb)]
     old_v = a.group_verdicts(old_r, np.broadcast_to(dira[la], old_r.shape))
     new_v = b.group_verdicts(new_r, np.broadcast_to(dirb[lb], new_r.shape))
-    changed = old_v != new_v
-    if by_rule:
-        names = {n: i for i, n in enumerate(sorted(set(a.t.names) | set(b.t.names)))}
-        ida = np.array([names[n] for n in a.t.names] + [-1], dtype=np.int64)
-        idb = np.array([names[n] for n in b.t.names] + [-1], dtype=np.int64)
-        changed |= ida[old_r] != idb[new_r]               # index -1 (default) reads the trailing -1
-    changed &= ax.reachable()
-    rows, cols = np.nonzero(changed)
-    if not len(rows):
-        return []
-    span = max(a.nrules, b.nrules) + 2
-    tags = (((old_v[rows, cols].astype(np.int64) * span + old_r[rows, cols] + 1) * 4 + new_v[rows, cols]) * span
-            + new_r[rows, cols] + 1)
+    reach = ax.reachable()
+    span = max(a.nrules, b.nrules) + 3
+    ess = span - 2                                        # owner code of the pseudo-rule essential_icmp
+    names = {n: i for i, n in enumerate(sorted(set(a.t.names) | set(b.t.names) | {ESSENTIAL_ICMP}))}
+    ida = np.array([names[n] for n in a.t.names] + [-1] * (span - a.nrules), dtype=np.int64)
+    idb = np.array([names[n] for n in b.t.names] + [-1] * (span - b.nrules), dtype=np.int64)
+    ida[ess] = idb[ess] = names[ESSENTIAL_ICMP]           # index -1 (default) reads a trailing -1
+
+    def changes(ov, orr, nv, nrr, mask):
+        ch = ov != nv
+        if by_rule:
+            ch = ch | (ida[orr] != idb[nrr])
+        return np.nonzero(ch & mask)
+    split = a.t.essential or b.t.essential
+    rows, cols = changes(old_v, old_r, new_v, new_r, reach)
+    conds = np.full(len(rows), COND_NOT_ESS if split else COND_NONE, dtype=np.int64)
+    pick = [(rows, cols, old_v[rows, cols], old_r[rows, cols], new_v[rows, cols], new_r[rows, cols], conds)]
+    if split:                                             # the packets that meet an essential condition
+        ecols = np.flatnonzero(ax.l4_ess != ESS_NONE)
+        if len(ecols):
+            rr, cc = np.meshgrid(np.arange(ax.n_peer), ecols, indexing="ij")
+            kind = ax.essential_cells(rr.ravel(), cc.ravel()).reshape(rr.shape)
+
+            def side(t, r, v):
+                return (np.full(r.shape, ess), np.full(v.shape, ALLOW, dtype=v.dtype)) if t.essential else (r, v)
+            eor, eov = side(a.t, old_r[:, ecols], old_v[:, ecols])
+            enr, env = side(b.t, new_r[:, ecols], new_v[:, ecols])
+            er, ec = changes(eov, eor, env, enr, reach[:, ecols] & (kind != ESS_NONE))
+            pick.append((er, ecols[ec], eov[er, ec], eor[er, ec], env[er, ec], enr[er, ec],
+                         cond_essential(kind[er, ec])))
+    rows, cols, ov, orr, nv, nrr, conds = (np.concatenate(x) for x in zip(*pick))
     out = []
-    for tag, reg in regions(ax, rows, cols, tags):
-        t = int(tag)
-        nr, t = t % span - 1, t // span
-        nv, t = t % 4, t // 4
-        orr, ov = t % span - 1, t // span
-        out.append(VerdictChange(reg, (VERDICT_NAMES[ov], a.t.names[orr] if orr >= 0 else None),
-                                 (VERDICT_NAMES[nv], b.t.names[nr] if nr >= 0 else None)))
+    if len(rows):
+        tags = (((ov.astype(np.int64) * span + orr + 1) * 4 + nv) * span + nrr + 1)
+
+        def name(t: DecisionTable, r: int) -> str | None:
+            return ESSENTIAL_ICMP if r == ess else t.t.names[r] if r >= 0 else None
+        for tag, reg in regions(ax, rows, cols, tags, conds):
+            t = int(tag)
+            nr, t = t % span - 1, t // span
+            nvv, t = t % 4, t // 4
+            o, ovv = t % span - 1, t // span
+            out.append(VerdictChange(reg, (VERDICT_NAMES[ovv], name(a, o)), (VERDICT_NAMES[nvv], name(b, nr))))
+    if a.t.audit != b.t.audit:                            # later fragments: fragment_unmatched on both sides
+        fa_, fb_ = ("would_drop" if t.audit else "drop" for t in (a.t, b.t))
+        out += [VerdictChange(fragment_region(d, f), (fa_, None), (fb_, None))
+                for d in ("ingress", "egress") for f in (4, 6)]
     return out
 
 
@@ -218,8 +253,12 @@ def _peers_delta(old, new) -> str | None:
     return "peers " + " ".join(parts)
 
 
-def _ranges(v) -> str:
-    return "any" if v is None else "[" + ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in v) + "]"
+def _ranges(v, icmp: bool = False) -> str:
+    if v is None:
+        return "any"
+    if icmp:                                         # type << 8 | code keys, as "type 3 code 4"
+        return "[" + icmp_keys_text(Span.of((a, b + 1) for a, b in v), limit=1 << 16) + "]"
+    return "[" + ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in v) + "]"
 
 
 def rule_changes(old_rules, new_rules, old_src: str = "old", new_src: str = "new") -> list[RuleChange]:
@@ -249,7 +288,8 @@ def rule_changes(old_rules, new_rules, old_src: str = "old", new_src: str = "new
                 det.append(pd)
         for f in ("ports", "icmp_types"):
             if hasattr(o, f) and getattr(o, f, None) != getattr(r, f, None):
-                det.append(f"{f} {_ranges(getattr(o, f))} → {_ranges(getattr(r, f))}")
+                icmp = f == "icmp_types"
+                det.append(f"{f} {_ranges(getattr(o, f), icmp)} → {_ranges(getattr(r, f), icmp)}")
         if det:
             out.append(RuleChange("changed", r.name, f"{where(o, old_src)} → {where(r, new_src)}", tuple(det)))
     common_old = [r.name for r in old_rules if r.name in new]

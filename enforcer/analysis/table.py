@@ -17,6 +17,9 @@ ICMP in IPv6 and ICMPv6 in IPv4 (malformed), keys the parser never produces (doc
 - icmp/icmpv6: key 0 only, unless the language keys ICMP by type and code (policy v2 `icmp_types`:
   key = type << 8 | code, every key);
 - other IP protocols: key 0.
+L4 classes are also cut where essential ICMP's kinds begin and end (stages.py), so each has one kind:
+its packets that meet the kind's condition pass before the rules when `defaults.essential_icmp` is on
+(`Tables.essential`); the owners below are the rule stage's, for the packets that reach the rules.
 
 Cost: O(P + L) to read the intervals; the owner sweep (`owners`) is O(sum over rules of the cells a
 rule covers) with one NumPy block operation per rule and family, about 0.3 s for the max policy
@@ -38,6 +41,7 @@ from ..compiler import CompiledPolicy, compile_policy
 from ..policy import Policy, Rule
 from ..reference import PROTO_NUMBERS, Packet
 from .intervals import PORT_END, V4_END, V6_END, Span
+from .stages import ESS_MLD, ESS_NONE, LINK_LOCAL, cond_kind, essential_fields, essential_spans
 
 __all__ = ["Tables", "Axes", "DecisionTable", "paused_gc", "sample_packet", "key_domain", "family_sees", "DIR_NAMES", "ICMP_KEYED", "FRAGMENTS_REACH_RULES", "PIDX_NAMES", "decision_table",
            "ALLOW", "DROP", "WOULD_DROP", "VERDICT_NAMES"]
@@ -83,6 +87,7 @@ class Tables:
     l4_dense: np.ndarray              # class per linear (direction, protocol index, key)
     l4_words: np.ndarray              # (L4 classes, words) uint64
     revision: str = ""
+    essential: bool = False           # defaults.essential_icmp (stages.py)
 
     @classmethod
     def from_compiled(cls, cp: CompiledPolicy, revision: str = "") -> Tables:
@@ -94,7 +99,7 @@ class Tables:
                    v6_starts=[(int(a) << 64) | int(b) for a, b in zip(cp.iv6["hi"], cp.iv6["lo"])],
                    v6_cls=np.asarray(cp.iv6["cls"], dtype=np.int64), peer_words=np.asarray(cp.peer_cls["words"]),
                    l4_dense=np.asarray(cp.l4["cls"]).reshape(-1), l4_words=np.asarray(cp.l4_cls["words"]),
-                   revision=revision)
+                   revision=revision, essential=bool(h["essential_icmp"]))
 
     @classmethod
     def from_policy(cls, policy: Policy) -> Tables:
@@ -130,7 +135,8 @@ class Axes:
     def __init__(self, v4_starts: np.ndarray, v4_cls: np.ndarray, v6_starts: list[int], v6_cls: np.ndarray,
                  n_peer: int, l4_iv: list[tuple[int, int, int, int, int]]):
         """l4_iv: (direction, pidx, start, stop, tag) key intervals; intervals with equal (tag, direction,
-        pidx) form one refined class (tag: the class of the underlying table)."""
+        pidx) and essential kind form one refined class (tag: the class of the underlying table); an
+        interval that spans several kinds is cut at their bounds (stages.essential_spans)."""
         self.v4_starts, self.v4_cls, self.v6_starts, self.v6_cls = v4_starts, v4_cls, v6_starts, v6_cls
         self.peer_family = np.zeros(n_peer, dtype=np.int8)
         self.peer_family[v4_cls] = 4
@@ -139,15 +145,17 @@ class Axes:
         self._v6_ends = list(v6_starts[1:]) + [V6_END]
         self._p4 = _csr(v4_cls, n_peer)
         self._p6 = _csr(v6_cls, n_peer)
-        keys: dict[tuple[int, int, int], int] = {}
+        keys: dict[tuple[int, int, int, int], int] = {}
         out = []
         for d, pidx, s, e, o in l4_iv:
-            k = keys.setdefault((o, d, pidx), len(keys))
-            out.append((k, s, e))
+            for s2, e2, kind in _by_kind(pidx, s, e):
+                k = keys.setdefault((o, d, pidx, kind), len(keys))
+                out.append((k, s2, e2))
         self.l4_iv = out
         self.l4_dir = np.array([k[1] for k in keys], dtype=np.int64)
         self.l4_pidx = np.array([k[2] for k in keys], dtype=np.int64)
         self.l4_tag = np.array([k[0] for k in keys], dtype=np.int64)
+        self.l4_ess = np.array([k[3] for k in keys], dtype=np.int64)
         self._l4_by_class = _csr(np.array([c for c, _, _ in out], dtype=np.int64), len(keys))
         self._l4_index: dict[tuple[int, int], list[tuple[int, int]]] = {}
         for i, (c, s, _e) in enumerate(out):
@@ -170,6 +178,24 @@ class Axes:
         """Bool matrix (peer classes × L4 classes): cells some packet can fall into."""
         fam = self.peer_family[:, None]
         return ((fam == 4) & self.compatible(4)[None, :]) | ((fam == 6) & self.compatible(6)[None, :])
+
+    def link_local(self) -> np.ndarray:
+        """Bool per peer class: it holds an IPv6 link-local address or :: (cached; ingress MLD's
+        condition, stages.py)."""
+        out = getattr(self, "_ll", None)
+        if out is None:
+            out = self._ll = np.zeros(self.n_peer, dtype=bool)
+            out[self.peer_classes_in(6, LINK_LOCAL)] = True
+        return out
+
+    def essential_cells(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """Per cell (rows[i], cols[i]), the essential kind some of its packets can meet (ESS_NONE: none):
+        the L4 class's kind, except ingress MLD in a peer class without link-local addresses."""
+        kind = self.l4_ess[cols]
+        mld_in = (kind == ESS_MLD) & (self.l4_dir[cols] == L.DIR["ingress"])
+        if mld_in.any():
+            kind = np.where(mld_in & ~self.link_local()[rows], ESS_NONE, kind)
+        return kind
 
     def peer_span(self, classes, family: int) -> Span:
         """Addresses of `family` in the given peer classes. O(intervals of those classes), vectorised
@@ -263,6 +289,24 @@ class Axes:
             return None
         c, s, e = self.l4_iv[lst[i][1]]
         return (c, s, e) if s <= key < e else None
+
+
+def _by_kind(pidx: int, s: int, e: int) -> list[tuple[int, int, int]]:
+    """[s, e) cut at the bounds of essential ICMP's kinds: (start, stop, kind) pieces."""
+    spans = essential_spans(pidx)
+    if not spans:
+        return [(s, e, ESS_NONE)]
+    out, pos = [], s
+    for a, b, kind in spans:
+        if b <= pos or a >= e:
+            continue
+        if a > pos:
+            out.append((pos, a, ESS_NONE))
+        out.append((max(a, pos), min(b, e), kind))
+        pos = min(b, e)
+    if pos < e:
+        out.append((pos, e, ESS_NONE))
+    return out
 
 
 def _table_l4_intervals(dense: np.ndarray) -> list[tuple[int, int, int, int, int]]:
@@ -398,9 +442,12 @@ def decision_table(policy: Policy) -> DecisionTable:
     return DecisionTable(Tables.from_policy(policy))
 
 
-def sample_packet(direction: int, family: int, pidx: int, peer: int, key: int, local: dict[int, str]) -> Packet:
+def sample_packet(direction: int, family: int, pidx: int, peer: int, key: int, local: dict[int, str],
+                  cond: int = 0) -> Packet:
     """A concrete packet of a cell: `peer` on the peer side, this host's `local` address of the family
-    on the other; key 0 of tcp/udp is a non-first fragment (no ports)."""
+    on the other; key 0 of tcp/udp is a non-first fragment (no ports). cond (stages.py): an essential
+    condition gives the packet the fields that meet it; any other leaves the defaults (hop limit 64, no
+    embedded packet), which meet no essential condition."""
     from .intervals import addr_text
     d = DIR_NAMES[direction]
     peer_s, loc = addr_text(family, peer), local[family]
@@ -410,5 +457,8 @@ def sample_packet(direction: int, family: int, pidx: int, peer: int, key: int, l
         return Packet(d, family, src, dst, PROTO_NUMBERS[name], 40000 if key else 0, key, fragment=key == 0)
     if name in ("icmp", "icmpv6"):
         kw = {"icmp_type": key >> 8, "icmp_code": key & 255} if ICMP_KEYED else {}
+        if cond_kind(cond):
+            kw.update(essential_fields(cond_kind(cond), d, family, peer_s, loc))
+            src = kw.pop("src", src)
         return Packet(d, family, src, dst, PROTO_NUMBERS[name], **kw)
     return Packet(d, family, src, dst, OTHER_PROTO_SAMPLE)

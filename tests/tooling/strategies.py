@@ -32,6 +32,17 @@ def _edges(nets: list[str]) -> list[str]:
 V4_HOSTS = _edges(V4) + ["11.0.0.1", "200.1.1.1", "192.168.1.1"]
 V6_HOSTS = _edges(V6) + ["2001:db8::1", "fe80::1", "fd01::1"]
 PORT_POINTS = sorted({p + d for p in PORTS for d in (-1, 0, 1) if 1 <= p + d <= 65535})
+# icmp_types entries per protocol (names, numbers, type/code), and the (type, code) packets are drawn
+# from: their edges, echo, the essential kinds (path-MTU errors, ND, MLD) and their neighbours
+ICMP_SPECS = {"icmp": ["echo-request", "echo-reply", 3, "3/4", "destination-unreachable/port-unreachable", 11, "5/1",
+                       0, 255, "255/255"],
+              "icmpv6": ["echo-request", 2, "packet-too-big", 1, "1/4", 133, "neighbor-solicitation", 136, 137,
+                         130, "mld-listener-report", 143, 0, 255, "255/255", "135/1"]}
+ICMP_POINTS = {4: [(0, 0), (3, 0), (3, 3), (3, 4), (3, 5), (3, 255), (5, 1), (8, 0), (11, 0), (2, 0), (255, 255),
+                   (4, 0)],
+               6: [(1, 4), (2, 0), (2, 1), (3, 0), (128, 0), (129, 0), (130, 0), (131, 0), (132, 0), (133, 0),
+                   (135, 0), (135, 1), (136, 0), (137, 0), (138, 0), (143, 0), (144, 0), (255, 255), (0, 0)]}
+HOP_LIMITS = [64, 255, 1, 254]
 
 
 def port_spec():
@@ -50,6 +61,8 @@ def rule_dicts(draw, i: int, prefix: str = "r"):
         r["peers"] = draw(st.lists(st.sampled_from(V4 + V6), min_size=1, max_size=4, unique=True))
     if proto in ("tcp", "udp", "any") and draw(st.booleans()):
         r["ports"] = draw(port_spec())
+    if proto in ("icmp", "icmpv6") and draw(st.booleans()):
+        r["icmp_types"] = draw(st.lists(st.sampled_from(ICMP_SPECS[proto]), min_size=1, max_size=3))
     return r
 
 
@@ -60,7 +73,8 @@ def policy_text(rules: list[dict], defaults: dict, name: str = "t") -> str:
 @st.composite
 def defaults(draw) -> dict:
     return {"ingress": draw(st.sampled_from(["allow", "deny"])), "egress": draw(st.sampled_from(["allow", "deny"])),
-            "stateful": draw(st.booleans()), "audit": draw(st.integers(0, 5)) == 0}
+            "stateful": draw(st.booleans()), "audit": draw(st.integers(0, 5)) == 0,
+            "essential_icmp": draw(st.booleans())}
 
 
 @st.composite
@@ -93,7 +107,12 @@ def packets(draw, fragments: bool = True) -> Packet:
     proto = draw(st.sampled_from([6, 17, 1 if fam == 4 else 58, 47]))
     frag = fragments and draw(st.integers(0, 9)) == 0
     ported = proto in (6, 17) and not frag
-    return Packet(direction=draw(st.sampled_from(["ingress", "egress"])), family=fam,
-                  src=draw(st.sampled_from(hosts)), dst=draw(st.sampled_from(hosts)), protocol=proto,
-                  sport=draw(st.sampled_from(PORT_POINTS)) if ported else 0,
-                  dport=draw(st.sampled_from(PORT_POINTS)) if ported else 0, fragment=frag)
+    src, dst = draw(st.sampled_from(hosts)), draw(st.sampled_from(hosts))
+    kw = {}
+    if proto in (1, 58):
+        t, c = draw(st.sampled_from(ICMP_POINTS[fam]))
+        kw = {"icmp_type": t, "icmp_code": c, "hop_limit": draw(st.sampled_from(HOP_LIMITS)),
+              "inner_src": draw(st.sampled_from([None, dst, src]))}
+    return Packet(direction=draw(st.sampled_from(["ingress", "egress"])), family=fam, src=src, dst=dst,
+                  protocol=proto, sport=draw(st.sampled_from(PORT_POINTS)) if ported else 0,
+                  dport=draw(st.sampled_from(PORT_POINTS)) if ported else 0, fragment=frag, **kw)
