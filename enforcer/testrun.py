@@ -4,8 +4,9 @@
 hooks that would see it: XDP and TC ingress for ingress packets (each judges where the other is not
 attached), TC egress for egress. What the datapath decided is read from its one counted exit (the
 hw_stats counter that moved: hook, verdict, reason) and the rule counter that moved (docs/datapath.md
-"Counters"). A case with a `state` first runs its opener on the opener's hook; tracked connections
-are forgotten after every packet, so cases never see each other.
+"Counters"; essential ICMP moves its pseudo-rule's counter, as in a running instance). A case with a
+`state` first runs its opener on the opener's hook; tracked connections are forgotten after every
+packet, so cases never see each other.
 
 Cost: loading ≈ 1-3 s (BCC compile, verifier, clock calibration); then ~0.1-0.3 ms a packet and hook
 (test-run syscall, two counter reads, a scan of the conntrack tables' slot states). Needs root.
@@ -43,7 +44,7 @@ class TestRun:
     def __init__(self, policy: Policy, dp: Datapath | None = None):
         self.own = dp is None
         self.dp = dp or Datapath.load()
-        self.names = [r.name for r in policy.rules]
+        self.names = policy.counter_names()          # the rules, then essential_icmp when it is on
         self.dp.install(compile_policy(policy, {n: i for i, n in enumerate(self.names)}, 1))
         self.tables = conntrack.tables(self.dp.map_fds)
         self._forget()

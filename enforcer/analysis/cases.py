@@ -269,7 +269,7 @@ def parse_cases(text: str, source: str = "<cases>", policy: Policy | None = None
             out.local[ip.version] = str(ip)
         except ValueError:
             issues.add(("local", j) if isinstance(loc, list) else ("local",), f"{a!r} is not an IP address")
-    rules = {r.name for r in policy.rules} if policy is not None else None
+    rules = set(policy.counter_names()) if policy is not None else None    # rules, and essential_icmp when on
     names: dict[str, int] = {}
     cases = data.get("cases", [])
     if not isinstance(cases, list):

@@ -9,12 +9,14 @@ bpf/conntrack.h `ct_open`, `ct_advance`, docs/policy.md "stateful"): the opener 
 policy; only an allowed opening packet (TCP SYN, any UDP, ICMP echo request) of a stateful policy
 opens a connection (state SYN_SENT for TCP, NEW otherwise). The packet then passes as pass_conntrack
 if it continues the connection validly: from the side and in the direction it belongs to, and for
-TCP not a SYN-ACK from the initiator nor a SYN from the responder. Otherwise it is judged by the
+TCP not a SYN-ACK from the initiator nor a SYN from the responder (a tuple that is its own reverse
+counts as the initiator's, as the datapath's normalised key does). Otherwise it is judged by the
 policy, and a drop of such an invalid continuation has reason conntrack_invalid. Cost: one or two
 stateless judgements.
 """
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -78,6 +80,15 @@ def _continues(p: CasePacket, from_initiator: bool) -> bool:
     return True
 
 
+def _symmetric(p: CasePacket) -> bool:
+    """A tuple that is its own reverse (same address and port on both sides; ICMP echo carries its id
+    as both ports): bpf/conntrack.h ct_key4/ct_key6 then always name the sender the initiator, whose
+    packets must travel the opener's direction, so such a packet never continues as the reply."""
+    if ipaddress.ip_address(p.src) != ipaddress.ip_address(p.dst):
+        return False
+    return p.protocol in (1, 58) or p.sport == p.dport
+
+
 def judge(policy: Policy, pkt: CasePacket, stateless: Callable[[CasePacket], Decision | Outcome]) -> Outcome:
     """Outcome of `pkt` given its state; `stateless(p)` is the policy's judgement of one packet (a
     reference Decision or already an Outcome)."""
@@ -87,7 +98,7 @@ def judge(policy: Policy, pkt: CasePacket, stateless: Callable[[CasePacket], Dec
     opener, how = op
     first = stateless(opener)
     tracked = first.verdict == "allow" and policy.defaults.stateful and opens(opener)
-    if tracked and _continues(pkt, how == "same"):
+    if tracked and not (how == "reversed" and _symmetric(pkt)) and _continues(pkt, how == "same"):
         return Outcome("allow", "pass_conntrack", None)
     out = outcome_of(stateless(pkt))
     if tracked and out.verdict != "allow":

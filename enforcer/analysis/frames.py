@@ -3,7 +3,9 @@
 Correct lengths and checksums (IPv4 header, TCP/UDP/ICMPv6 pseudo-header sums), so the same bytes can
 be handed to BPF_PROG_TEST_RUN or sent through a raw socket into a lab namespace, where netfilter's
 conntrack checks checksums. A non-first fragment carries 16 bytes of payload at offset 800 and no
-L4 header; ICMP echo carries the packet's id. Pure Python (struct), no scapy at run time; the unit
+L4 header; ICMP echo carries the packet's id; an ICMP error with `about` embeds an IP header (source
+`about`, destination the error's sender, UDP) and the first 8 bytes of a UDP header, as RFC 792 and
+RFC 4443 §2.4 have it, after an MTU of 1280; the TTL / hop limit is the packet's. Pure Python (struct), no scapy at run time; the unit
 tests compare with scapy. Cost: a few µs per packet.
 """
 from __future__ import annotations
@@ -40,7 +42,10 @@ def _l4(p: CasePacket, src: bytes, dst: bytes) -> bytes:
         body = struct.pack("!HHHH", p.sport, p.dport, 8 + len(_PAYLOAD), 0) + _PAYLOAD
     elif p.protocol in (1, 58):
         t, c = p.icmp
-        body = struct.pack("!BBHHH", t, c, 0, p.icmp_id if p.is_echo() else 0, 1) + _PAYLOAD
+        if p.about and p.is_error():          # the rest of the header: unused, or the MTU of a path-MTU error
+            body = struct.pack("!BBHI", t, c, 0, 1280) + _embedded(p, dst_of_inner=src, v6=v6)
+        else:
+            body = struct.pack("!BBHHH", t, c, 0, p.icmp_id if p.is_echo() else 0, 1) + _PAYLOAD
     else:
         return _PAYLOAD
     if p.protocol == 1:
@@ -55,9 +60,21 @@ def _l4(p: CasePacket, src: bytes, dst: bytes) -> bytes:
     return body[:off] + struct.pack("!H", ck) + body[off + 2:]
 
 
-def ip_packet(p: CasePacket, ident: int = 1, ttl: int = 64) -> bytes:
+def _embedded(p: CasePacket, dst_of_inner: bytes, v6: bool) -> bytes:
+    """The packet an ICMP error is about: its IP header (from `p.about` to the error's sender) and the
+    first 8 bytes of its UDP datagram (ports 40000 → 53)."""
+    src = socket.inet_pton(socket.AF_INET6 if v6 else socket.AF_INET, p.about)
+    udp = struct.pack("!HHHH", 40000, 53, 8 + len(_PAYLOAD), 0)
+    if v6:
+        return struct.pack("!IHBB16s16s", 6 << 28, len(udp) + len(_PAYLOAD), 17, 64, src, dst_of_inner) + udp
+    hdr = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp) + len(_PAYLOAD), 1, 0, 64, 17, 0, src, dst_of_inner)
+    return hdr[:10] + struct.pack("!H", _csum(hdr)) + hdr[12:] + udp
+
+
+def ip_packet(p: CasePacket, ident: int = 1) -> bytes:
     """The IPv4 or IPv6 packet (no link layer)."""
     fam = p.family
+    ttl = p.hop_limit
     src = socket.inet_pton(socket.AF_INET if fam == 4 else socket.AF_INET6, p.src)
     dst = socket.inet_pton(socket.AF_INET if fam == 4 else socket.AF_INET6, p.dst)
     if fam == 4:

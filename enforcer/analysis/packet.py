@@ -2,17 +2,22 @@
 
 Compact form, one line:
 
-    DIRECTION PROTOCOL SRC[:SPORT] -> DST[:DPORT] [flags F] [type T] [code C] [id N] [frag] [on IF] [state S]
+    DIRECTION PROTOCOL SRC[:SPORT] -> DST[:DPORT] [flags F] [type T] [code C] [id N] [ttl N] [about ADDR]
+              [frag] [on IF] [state S]
     ("to" may stand for "->", which a shell or argparse may take for an option)
 
     ingress tcp 10.1.2.3:5555 -> 10.0.0.1:22
     ingress tcp [2001:db8::7]:40000 -> :443 flags SA state reply      (":443": this host's address)
     egress udp :5353 -> 8.8.8.8:53
     ingress icmp 10.1.2.3 -> 10.0.0.1 type echo-request id 7
+    ingress icmp 10.1.2.3 -> 10.0.0.1 type 3/4 about 10.0.0.1                (an error about our packet)
+    ingress icmpv6 fe80::1 -> ff02::1:ff00:1 type neighbor-solicitation ttl 255
     ingress gre 10.1.2.3 -> 10.0.0.1                                  (or "proto 47")
 
-or the same as a YAML mapping (direction, protocol, src, dst, sport, dport, flags, type, code, id,
-fragment, interface, state). An omitted address is this host's own (`local`, default 192.0.2.1 /
+or the same as a YAML mapping (direction, protocol, src, dst, sport, dport, flags, type, code, id, ttl,
+about, fragment, interface, state). `ttl` is the IPv4 TTL or IPv6 hop limit (default 64; essential
+ICMP asks 255 of neighbour discovery, 1 of MLD); `about` gives an ICMP error an embedded packet with
+that source address (essential path-MTU errors are about a packet their destination sent). An omitted address is this host's own (`local`, default 192.0.2.1 /
 2001:db8::1, documentation ranges): policies match only the peer's address, so it never changes a
 verdict. `state` (new | established | reply) puts a tracked connection in place first: `established`
 = this packet's sender opened it (the same tuple, in this direction), `reply` = the other side did
@@ -28,7 +33,7 @@ from typing import Any
 from ..reference import Packet
 
 __all__ = ["CasePacket", "parse_packet", "packet_from_mapping", "PROTOCOLS", "DEFAULT_LOCAL", "icmp_type_number",
-           "STATES"]
+           "STATES", "ICMP_ERRORS"]
 
 PROTOCOLS = {"tcp": 6, "udp": 17, "icmp": 1, "icmpv6": 58, "ipv6-icmp": 58, "gre": 47, "esp": 50, "ah": 51,
              "ospf": 89, "vrrp": 112, "sctp": 132, "igmp": 2, "ipip": 4, "ipv6": 41}
@@ -49,6 +54,7 @@ _ICMP_TYPES = {
         "nd-neighbor-advert": 136, "redirect": 137, "nd-redirect": 137, "ping": 128, "pong": 129},
 }
 ECHO = {4: (8, 0), 6: (128, 129)}           # (request, reply)
+ICMP_ERRORS = {4: (3, 4, 5, 11, 12), 6: (1, 2, 3, 4)}
 
 
 def icmp_type_number(text: Any, family: int) -> int:
@@ -85,6 +91,8 @@ class CasePacket:
     fragment: bool = False
     interface: str | None = None
     state: str = "new"
+    hop_limit: int = 64              # IPv4 TTL / IPv6 hop limit
+    about: str | None = None         # ICMP error: the embedded packet's source address (None: none embedded)
 
     @property
     def family(self) -> int:
@@ -110,13 +118,20 @@ class CasePacket:
     def is_echo(self) -> bool:
         return self.protocol in (1, 58) and self.icmp[0] in ECHO[self.family]
 
+    def is_error(self) -> bool:
+        """An ICMP error, which embeds the packet it is about (bpf/parse.h is_icmp4_error / is_icmp6_error)."""
+        if self.protocol not in (1, 58) or self.fragment:
+            return False
+        return self.icmp[0] in ICMP_ERRORS[self.family]
+
     def reference(self) -> Packet:
-        """The reference model's view (enforcer/reference.py): ports only for tcp/udp; ICMP type and
-        code when the model has them (policy v2)."""
+        """The reference model's view (enforcer/reference.py): ports only for tcp/udp; ICMP type, code,
+        hop limit and embedded source when the model has them (policy v2)."""
         ported = self.protocol in (6, 17) and not self.fragment
         kw = {}
         if self.protocol in (1, 58) and "icmp_type" in Packet.__dataclass_fields__:
-            kw = {"icmp_type": self.icmp[0], "icmp_code": self.icmp_code}
+            kw = {"icmp_type": self.icmp[0], "icmp_code": self.icmp_code, "hop_limit": self.hop_limit,
+                  "inner_src": self.about}
         return Packet(self.direction, self.family, self.src, self.dst, self.protocol,
                       self.sport if ported else 0, self.dport if ported else 0, self.fragment, **kw)
 
@@ -130,6 +145,10 @@ class CasePacket:
         if self.protocol in (1, 58):
             t, c = self.icmp
             out += f" type {t}" + (f" code {c}" if c else "") + (f" id {self.icmp_id}" if self.is_echo() else "")
+        if self.hop_limit != 64:
+            out += f" ttl {self.hop_limit}"
+        if self.about:
+            out += f" about {self.about}"
         if self.fragment:
             out += " frag"
         if self.interface:
@@ -171,13 +190,7 @@ def _split_addr(text: str) -> tuple[str | None, int | None]:
 
 
 def _port(v: Any) -> int:
-    try:
-        p = int(v)
-    except (TypeError, ValueError):
-        raise ValueError(f"port {v!r} is not a number") from None
-    if not 1 <= p <= 65535:
-        raise ValueError(f"port {p} is not 1-65535")
-    return p
+    return _number(v, "port", 1, 65535)
 
 
 def _proto(v: Any) -> int:
@@ -194,6 +207,17 @@ def _proto(v: Any) -> int:
     return n
 
 
+def _number(v: Any, what: str, lo: int = 0, hi: int = 255) -> int:
+    """An integer field in [lo, hi] (a port, a code, a TTL); ValueError naming the field."""
+    try:
+        n = int(v)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} {v!r} is not a number") from None
+    if not lo <= n <= hi:
+        raise ValueError(f"{what} {n} is not {lo}-{hi}")
+    return n
+
+
 def _addr(v: Any, what: str) -> str:
     try:
         return str(ipaddress.ip_address(str(v)))
@@ -205,7 +229,7 @@ def packet_from_mapping(d: dict, local: dict[int, str] | None = None) -> CasePac
     """Build and check a packet from named fields (the YAML mapping form); ValueError says what is wrong."""
     local = local or DEFAULT_LOCAL
     known = {"direction", "protocol", "src", "dst", "sport", "dport", "flags", "type", "code", "id", "fragment",
-             "interface", "state"}
+             "interface", "state", "ttl", "about"}
     extra = sorted(set(d) - known)
     if extra:
         raise ValueError(f"unknown packet field(s) {', '.join(map(repr, extra))}; known: {', '.join(sorted(known))}")
@@ -252,12 +276,7 @@ def packet_from_mapping(d: dict, local: dict[int, str] | None = None) -> CasePac
                 d = {**d, "code": c}
             itype = icmp_type_number(t, fam)
         if d.get("code") is not None:
-            try:
-                icode = int(d["code"])
-            except (TypeError, ValueError):
-                raise ValueError(f"ICMP code {d['code']!r} is not a number") from None
-            if not 0 <= icode <= 255:
-                raise ValueError(f"ICMP code {icode} is not 0-255")
+            icode = _number(d["code"], "ICMP code")
         if d.get("id") is not None:
             iid = int(d["id"])
             if not 0 <= iid <= 65535:
@@ -267,8 +286,17 @@ def packet_from_mapping(d: dict, local: dict[int, str] | None = None) -> CasePac
     state = d.get("state", "new") or "new"
     if state not in STATES:
         raise ValueError(f"state must be one of {', '.join(STATES)}, not {state!r}")
+    ttl = _number(d["ttl"], "ttl") if d.get("ttl") is not None else 64
+    about = _addr(d["about"], "about") if d.get("about") is not None else None
     pkt = CasePacket(direction, proto, src, dst, sport, dport, flags, itype, icode, iid, frag,
-                     str(d["interface"]) if d.get("interface") is not None else None, state)
+                     str(d["interface"]) if d.get("interface") is not None else None, state, ttl, about)
+    if about is not None:
+        if not pkt.is_error():
+            raise ValueError("about (the embedded packet's source) belongs to ICMP errors (icmp types "
+                             f"{', '.join(map(str, ICMP_ERRORS[4]))}; icmpv6 types "
+                             f"{', '.join(map(str, ICMP_ERRORS[6]))})")
+        if ipaddress.ip_address(about).version != fam:
+            raise ValueError(f"about {about} is not an IPv{fam} address")
     if state != "new":
         if frag:
             raise ValueError("a fragment has no connection state (state needs a whole tcp, udp or icmp echo packet)")
@@ -299,7 +327,7 @@ def parse_packet(text: str, local: dict[int, str] | None = None) -> CasePacket:
         i += 2
     d.update(src=src, dst=dst, sport=sport, dport=dport)
     opts = {"flags": "flags", "type": "type", "code": "code", "id": "id", "on": "interface", "if": "interface",
-            "iface": "interface", "state": "state"}
+            "iface": "interface", "state": "state", "ttl": "ttl", "hop-limit": "ttl", "about": "about"}
     while i < len(toks):
         t = toks[i]
         if t in ("frag", "fragment"):
@@ -309,8 +337,8 @@ def parse_packet(text: str, local: dict[int, str] | None = None) -> CasePacket:
             d[opts[t]] = toks[i + 1]
             i += 2
         else:
-            raise ValueError(f"packet {text!r}: unexpected {t!r}; options are flags F, type T, code C, id N, frag, "
-                             "on IF, state new|established|reply")
+            raise ValueError(f"packet {text!r}: unexpected {t!r}; options are flags F, type T, code C, id N, ttl N, "
+                             "about ADDR, frag, on IF, state new|established|reply")
     try:
         return packet_from_mapping(d, local)
     except ValueError as e:

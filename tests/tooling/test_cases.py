@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from scapy.layers.inet import ICMP, IP, TCP, UDP
-from scapy.layers.inet6 import ICMPv6EchoRequest, IPv6
+from scapy.layers.inet6 import ICMPv6EchoRequest, ICMPv6Unknown, IPv6
 from scapy.layers.l2 import Ether
 
 from hostwall.enforcer.analysis.cases import parse_cases
@@ -172,3 +172,34 @@ def test_frames_are_what_scapy_builds(text):
           58: lambda: ICMPv6EchoRequest(id=p.icmp_id, seq=1)}[p.protocol]()
     want = Ether(bytes(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / ip / l4 / b"hostwall-probe!!"))
     assert bytes(got) == bytes(want)
+
+
+@pytest.mark.parametrize("text", ["ingress icmp 10.1.2.3 -> 10.0.0.1 type 3/4 about 10.0.0.1 ttl 30",
+                                  "egress icmp 10.0.0.1 -> 10.1.2.3 type time-exceeded about 10.1.2.3",
+                                  "ingress icmpv6 [2001:db8::7] -> 2001:db8::1 type packet-too-big about 2001:db8::1",
+                                  "ingress icmpv6 fe80::7 -> ff02::1 type neighbor-advertisement ttl 255"])
+def test_icmp_error_and_hop_limit_frames_are_what_scapy_builds(text):
+    """An error with `about` embeds an IP header from that address to the error's sender and 8 bytes of
+    UDP (after an MTU of 1280); `ttl` is the outer TTL / hop limit."""
+    p = parse_packet(text)
+    assert parse_packet(p.text()) == p
+    udp = bytes(UDP(sport=40000, dport=53, len=24, chksum=0))[:8]
+    if p.family == 4:
+        ip = IP(src=p.src, dst=p.dst, id=1, flags=0, ttl=p.hop_limit)
+        inner = bytes(IP(src=p.about, dst=p.src, id=1, flags=0, ttl=64, proto=17, len=44))[:20]
+    else:
+        ip = IPv6(src=p.src, dst=p.dst, hlim=p.hop_limit)
+        inner = bytes(IPv6(src=p.about, dst=p.src, plen=24, nh=17, hlim=64))[:40] if p.about else b""
+    if p.about:                                       # type, code, checksum, MTU 1280, the embedded packet
+        rest = (1280).to_bytes(4, "big") + inner + udp
+    else:                                             # type, code, checksum, id 0, seq 1, payload
+        rest = b"\x00\x00\x00\x01hostwall-probe!!"
+    if p.family == 4:
+        l4 = ICMP(bytes([p.icmp[0], p.icmp_code, 0, 0]) + rest)
+        del l4.chksum                                 # scapy computes it
+    else:
+        l4 = ICMPv6Unknown(type=p.icmp[0], code=p.icmp_code, msgbody=rest)
+    want = Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / ip / l4
+    assert frame(p) == bytes(want), (Ether(frame(p)).show(dump=True), want.show2(dump=True))
+    ref = p.reference()
+    assert (ref.hop_limit, ref.inner_src) == (p.hop_limit, p.about)
