@@ -1,7 +1,8 @@
 """`hostwall-enforcer explain POLICY PACKET`: why a packet gets its verdict (docs/policy.md "Tooling").
 
 The deciding rule and the outcome come from the reference model (with the packet's `state`, through
-ctmodel); every later rule that also matches is listed as shadowed for this packet; the default of the
+ctmodel), including the stages before the rules: essential ICMP (which kind, and which condition an
+ICMP message of an essential kind meets or misses) and later fragments; every later rule that also matches is listed as shadowed for this packet; the default of the
 direction says what would happen without a matching rule. From the compiled tables (table.py): the
 largest ranges around the packet that are judged alike (its peer's elementary interval, its port's
 key interval). From the policy's DoS profile of the interface: the limits this packet counts against
@@ -17,10 +18,12 @@ from dataclasses import dataclass, field
 from hostwall.bpf import layout as L
 
 from ..policy import DosProfile, Policy, Rule
-from ..reference import evaluate, match
+from ..reference import essential_icmp, evaluate, match
 from .ctmodel import Outcome, judge
 from .intervals import Span, addr_text, ranges_text
 from .packet import CasePacket
+from .regions import icmp_keys_text
+from .stages import ESS_MLD, ESS_ND, ESS_NONE, ESS_PMTU, KIND_NAMES, kind_of_message
 from .table import ICMP_KEYED, PIDX_NAMES, DecisionTable, decision_table
 
 __all__ = ["Explanation", "explain", "dos_limits"]
@@ -40,6 +43,7 @@ class Explanation:
     dos: list[str] = field(default_factory=list)
     bans: list[dict] = field(default_factory=list)
     source: str = ""
+    essential: str | None = None            # essential ICMP: why the packet passes before the rules, or not
 
     def text(self) -> str:
         p = self.packet
@@ -48,12 +52,19 @@ class Explanation:
         if self.outcome.reason == "pass_conntrack":
             out.append("         the packet continues a tracked connection (its opener was allowed), so no rule "
                        "is consulted")
+        elif self.outcome.reason == "pass_essential":
+            out.append(f"         passed as essential ICMP before any rule (defaults.essential_icmp): {self.essential}")
+        elif self.outcome.reason == "fragment_unmatched":
+            out.append("         a later fragment without its first fragment: judged before any rule "
+                       "(it follows its first fragment's verdict when that was seen)")
         elif decider is not None:
             out.append(f"         decided by rule {decider.name!r} ({self.source}:{decider.line}, priority "
                        f"{decider.priority}, {decider.action})")
         else:
             out.append(f"         no rule matches: the {p.direction} default ({self.default}) applies")
         rest = self.matching[1:] if decider is not None else self.matching
+        if self.essential and self.outcome.reason != "pass_essential":
+            out.append(f"essential ICMP: {self.essential}")
         if rest:
             out.append("shadowed (these match too, but are tried later):")
             out += [f"         {r.name!r} ({self.source}:{r.line}, priority {r.priority}, {r.action})" for r in rest]
@@ -64,7 +75,8 @@ class Explanation:
         if self.peer_range:
             side = "source" if p.direction == "ingress" else "destination"
             out.append(f"alike    every {side} in {self.peer_range[0]} - {self.peer_range[1]}"
-                       + (f" with {self.key_range}" if self.key_range else "") + " is judged the same way")
+                       + (f" with {self.key_range}" if self.key_range else "") + " is judged the same way"
+                       + (" (with the same hop limit and embedded packet)" if self.essential else ""))
         if self.dos_profile:
             out.append(f"DoS      profile {self.dos_profile}:")
             out += [f"         {d}" for d in self.dos]
@@ -83,7 +95,7 @@ class Explanation:
                              for r in self.matching],
                 "default": self.default, "stateful": self.stateful, "audit": self.audit,
                 "peer_range": list(self.peer_range) if self.peer_range else None, "key_range": self.key_range,
-                "dos_profile": self.dos_profile, "dos": self.dos, "bans": self.bans}
+                "dos_profile": self.dos_profile, "dos": self.dos, "bans": self.bans, "essential_icmp": self.essential}
 
 
 def dos_limits(prof: DosProfile, pkt: CasePacket) -> list[str]:
@@ -120,6 +132,22 @@ def dos_limits(prof: DosProfile, pkt: CasePacket) -> list[str]:
     return out
 
 
+def _essential_note(policy: Policy, pkt: CasePacket, rp) -> str | None:
+    """Why an ICMP message of an essential kind passes before the rules, or why it does not (its
+    condition not met, or essential_icmp off); None for other messages."""
+    kind = kind_of_message(pkt.family, *pkt.icmp)
+    if kind == ESS_NONE:
+        return None
+    what = KIND_NAMES[kind]
+    if not getattr(policy.defaults, "essential_icmp", False):
+        return f"a {what} message, but defaults.essential_icmp is false: the rules judge it"
+    need = {ESS_ND: "hop limit 255", ESS_MLD: "hop limit 1 and a link-local source (fe80::/10 or ::)",
+            ESS_PMTU: "an embedded packet its destination sent ('about' the destination's address)"}[kind]
+    if essential_icmp(rp):
+        return f"a {what} message with {need}"
+    return f"a {what} message, but it passes before the rules only with {need}: the rules judge it"
+
+
 def explain(policy: Policy, pkt: CasePacket, dt: DecisionTable | None = None,
             bans: list[dict] | None = None) -> Explanation:
     """Explain `pkt` under `policy`; `bans` (from a running instance) are filtered to the ones that
@@ -145,6 +173,9 @@ def explain(policy: Policy, pkt: CasePacket, dt: DecisionTable | None = None,
     iv = dt.l4_interval_of(L.DIR[pkt.direction], pidx, key)
     if iv is not None and name in ("tcp", "udp") and key:
         ex.key_range = f"{name} port {ranges_text(Span(((iv[1], iv[2]),)) - Span.point(0))}"
+    elif iv is not None and name in ("icmp", "icmpv6") and ICMP_KEYED:
+        ex.key_range = f"{name} {icmp_keys_text(Span(((iv[1], iv[2]),)))}"
+        ex.essential = _essential_note(policy, pkt, rp)
     by_if = {i.name: i.dos_profile for i in policy.interfaces}
     if pkt.direction == "ingress":
         prof = by_if.get(pkt.interface) if pkt.interface else None

@@ -3,7 +3,11 @@ allowed), decided exactly over the cells of the compiled policy (table.py), no s
 
 The set (cases.Selector) is cut by the cells: the peer classes with an address in the set, the L4
 classes of its direction and protocols with a key in the set. The invariant holds iff no such cell has
-the wrong verdict. When it does not hold, the counterexample is a concrete packet inside both the set
+the wrong verdict. Essential ICMP (stages.py) passes before the rules: with `defaults.essential_icmp`
+on, a `never` also fails where the set holds ICMP messages of an essential kind that can meet its
+condition (hop limit, embedded packet, a link-local MLD source: the set names no such field, so it
+holds both kinds of packet), and the counterexample meets it. Later fragments follow their first
+fragment's verdict; they are outside every set (a set of ports names whole packets). When it does not hold, the counterexample is a concrete packet inside both the set
 and a violating cell, and the reference model (enforcer/reference.py, an implementation independent of
 the compiler) must judge it the same way: if it does not, that is a bug in hostwall, raised as such.
 Cost: the owner sweep once per policy, then O(cells in the set) per invariant.
@@ -23,6 +27,7 @@ from .ctmodel import Outcome, outcome_of
 from .intervals import PORT_END, Span, addr_text
 from .packet import CasePacket
 from .regions import Region, regions
+from .stages import COND_NONE, ESS_MLD, ESS_NONE, LINK_LOCAL, cond_essential, cond_kind, essential_fields
 from .table import ALLOW, ICMP_KEYED, PIDX_NAMES, DecisionTable
 
 __all__ = ["InvariantResult", "check_invariant"]
@@ -76,7 +81,8 @@ def check_invariant(policy: Policy, dt: DecisionTable, inv: Invariant, local: di
             keys_by_col[int(c)] = k
             cols.append(int(c))
     cols_a = np.array(cols, dtype=np.int64)
-    bad_rows, bad_cols = [], []
+    bad_rows, bad_cols, bad_conds = [], [], []
+    essential = inv.kind == "never" and dt.t.essential
     for fam, span in sorted(sel.peers.items()):
         rows = dt.peer_classes_in(fam, span)
         cf = cols_a[dt.compatible(fam)[cols_a]] if len(cols_a) else cols_a
@@ -87,37 +93,59 @@ def check_invariant(policy: Policy, dt: DecisionTable, inv: Invariant, local: di
         ri, ci = np.nonzero(bad)
         bad_rows.append(rows[ri])
         bad_cols.append(cf[ci])
+        bad_conds.append(np.full(len(ri), COND_NONE, dtype=np.int64))
+        if essential:                  # essential messages the rules would not allow pass before them
+            rr, cc = np.meshgrid(rows, cf, indexing="ij")
+            kind = dt.l4_ess[cc]
+            mld_in = (kind == ESS_MLD) & (dt.l4_dir[cc] == L.DIR["ingress"])
+            if mld_in.any():            # ingress MLD: only from link-local sources inside the set
+                ll = np.isin(rr, dt.peer_classes_in(6, span & LINK_LOCAL)) if fam == 6 else np.zeros(rr.shape, bool)
+                kind = np.where(mld_in & ~ll, ESS_NONE, kind)
+            ri, ci = np.nonzero(~bad & (kind != ESS_NONE))
+            bad_rows.append(rows[ri])
+            bad_cols.append(cf[ci])
+            bad_conds.append(cond_essential(kind[ri, ci]).astype(np.int64))
     rows = np.concatenate(bad_rows) if bad_rows else np.zeros(0, np.int64)
     cols_v = np.concatenate(bad_cols) if bad_cols else np.zeros(0, np.int64)
+    conds = np.concatenate(bad_conds) if bad_conds else np.zeros(0, np.int64)
     if not len(rows):
         return InvariantResult(inv, True)
-    # the counterexample: the first violating cell, a packet inside it and inside the set
-    pc, lc = int(rows[0]), int(cols_v[0])
+    # the counterexample: the first violating cell, a packet inside it and inside the set (meeting the
+    # essential condition where that is what violates)
+    pc, lc, cond = int(rows[0]), int(cols_v[0]), int(conds[0])
     fam = int(dt.peer_family[pc])
-    peer = (dt.peer_span([pc], fam) & sel.peers[fam]).sample()
+    within = dt.peer_span([pc], fam) & sel.peers[fam]
+    if cond_kind(cond) == ESS_MLD and sel.direction == "ingress":
+        within &= LINK_LOCAL
+    peer = within.sample()
     name = PIDX_NAMES[int(dt.l4_pidx[lc])]
     keys = keys_by_col[lc]
     key = (keys - Span.point(0)).sample() if name in ("tcp", "udp") else None
     key = keys.first() if key is None else key
-    pkt = _packet(sel.direction, fam, name, addr_text(fam, peer), key, local)
+    pkt = _packet(sel.direction, fam, name, addr_text(fam, peer), key, local, cond)
     out = outcome_of(evaluate(policy, pkt.reference()))
     if (out.verdict == "allow") != (inv.kind == "never"):
         raise AnalysisBug(f"invariant {inv.name!r}: the cell analysis says `{pkt.text()}` violates it, the "
                           f"reference model judges {out.text()}")
     regs = []
-    for _, r in regions(dt, rows, cols_v):
+    for _, r in regions(dt, rows, cols_v, conds=conds):
         peers = r.peers & sel.peers.get(r.family, Span())
         keys = r.keys & _keys_of(sel, r.protocol)
         if peers and keys:
-            regs.append(Region(r.direction, r.family, r.protocol, keys, peers))
+            regs.append(Region(r.direction, r.family, r.protocol, keys, peers, cond=r.cond))
         if len(regs) >= max_regions:
             break
     return InvariantResult(inv, False, pkt, out, regs, len(rows))
 
 
-def _packet(direction: str, fam: int, proto: str, peer: str, key: int, local: dict[int, str]) -> CasePacket:
+def _packet(direction: str, fam: int, proto: str, peer: str, key: int, local: dict[int, str],
+            cond: int = COND_NONE) -> CasePacket:
     loc = local[fam]
     src, dst = (peer, loc) if direction == "ingress" else (loc, peer)
+    if cond_kind(cond):                           # an essential ICMP message: the fields that make it one
+        kw = essential_fields(cond_kind(cond), direction, fam, peer, loc)
+        return CasePacket(direction, 1 if proto == "icmp" else 58, kw.get("src", src), dst, icmp_type=key >> 8,
+                          icmp_code=key & 255, hop_limit=kw.get("hop_limit", 64), about=kw.get("inner_src"))
     if proto in ("tcp", "udp"):
         if key == 0:
             return CasePacket(direction, 6 if proto == "tcp" else 17, src, dst, fragment=True)

@@ -11,10 +11,11 @@ from hypothesis import strategies as st
 from hostwall.enforcer.analysis.cases import parse_cases
 from hostwall.enforcer.analysis.invariants import check_invariant
 from hostwall.enforcer.analysis.table import decision_table
+from hostwall.enforcer.icmp import icmp_key
 from hostwall.enforcer.policy import parse_policy
 from hostwall.enforcer.reference import evaluate
 
-from .strategies import V4, V6, packets, policies
+from .strategies import ICMP_SPECS, V4, V6, packets, policies
 
 POLICY = """version: 1
 name: inv
@@ -59,12 +60,45 @@ def test_seeded_violation_has_a_valid_counterexample():
         assert reg.direction == "ingress" and reg.protocol == "tcp" and set(range(22, 23)) >= {s for s, _ in reg.keys}
 
 
+def test_icmp_invariants_see_types_and_essential_icmp():
+    """A `never` over ICMPv6 from outside holds while essential ICMP is off and the rules deny it; with
+    essential ICMP on it fails on the essential messages (packet too big about this host, neighbour discovery with hop limit
+255, …), and the counterexample is one of them,
+    allowed by the reference model as essential. ICMP types in the set narrow it exactly."""
+    text = """version: 1
+name: icmp
+defaults: {ingress: deny, egress: allow, essential_icmp: ESS}
+rules:
+  - {name: ping, priority: 1, direction: ingress, action: allow, protocol: icmpv6, icmp_types: [echo-request], peers: ["fd00::/16"]}
+  - {name: pmtu, priority: 2, direction: ingress, action: allow, protocol: icmp, icmp_types: ["3/4"]}
+"""
+    cases = """invariants:
+  - {name: no icmpv6 from outside, never: {direction: ingress, protocol: icmpv6, from: "::/0", except: ["fd00::/16"]}}
+  - {name: no ping from outside, never: {direction: ingress, protocol: icmpv6, icmp_types: [echo-request], from: "::/0", except: ["fd00::/16"]}}
+  - {name: pmtu always, always: {direction: ingress, protocol: icmp, icmp_types: ["3/4"]}}
+  - {name: no other unreachable, never: {direction: ingress, protocol: icmp, icmp_types: ["3/0", "3/5"]}}
+"""
+    for ess in ("false", "true"):
+        p = parse_policy(text.replace("ESS", ess), "p.yaml")
+        cf = parse_cases(cases, "c.yaml", p)
+        res = [check_invariant(p, decision_table(p), inv, cf.local) for inv in cf.invariants]
+        assert [r.holds for r in res] == [ess == "false", True, True, True], [r.text() for r in res]
+    r = res[0]
+    ce = r.counterexample
+    assert ce.protocol == 58 and (ce.hop_limit in (1, 255) or ce.about == ce.dst) and r.outcome.reason == "pass_essential"
+    assert evaluate(p, ce.reference()).rule == "essential_icmp"
+    assert "(essential ICMP)" in r.text()
+    assert all(reg.condition() for reg in r.regions)
+
+
 @st.composite
 def selectors(draw) -> str:
     d = draw(st.sampled_from(["ingress", "egress"]))
     sel = {"direction": d, "protocol": draw(st.sampled_from(["tcp", "udp", "icmp", "icmpv6", "any"]))}
     if sel["protocol"] in ("tcp", "udp", "any") and draw(st.booleans()):
         sel["ports"] = draw(st.lists(st.sampled_from([22, 53, 80, "8000-8100", "1-1024"]), min_size=1, max_size=3))
+    if sel["protocol"] in ("icmp", "icmpv6") and draw(st.booleans()):
+        sel["icmp_types"] = draw(st.lists(st.sampled_from(ICMP_SPECS[sel["protocol"]]), min_size=1, max_size=3))
     if draw(st.booleans()):
         sel["from" if d == "ingress" else "to"] = draw(st.lists(st.sampled_from(V4 + V6), min_size=1, max_size=3))
     if draw(st.booleans()):
@@ -75,10 +109,13 @@ def selectors(draw) -> str:
 
 
 def _in_set(sel, p) -> bool:
+    """Later fragments are outside every set: they follow their first fragment (invariants.py)."""
     proto = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmpv6"}.get(p.protocol, "other")
-    if p.direction != sel.direction or (sel.protocols is not None and proto not in sel.protocols):
+    if p.fragment or p.direction != sel.direction or (sel.protocols is not None and proto not in sel.protocols):
         return False
-    if sel.ports is not None and proto in ("tcp", "udp") and (p.fragment or p.dport not in sel.ports):
+    if sel.ports is not None and proto in ("tcp", "udp") and p.dport not in sel.ports:
+        return False
+    if sel.icmp_keys is not None and proto in ("icmp", "icmpv6") and icmp_key(*p.icmp) not in sel.icmp_keys:
         return False
     span = sel.peers.get(p.family)
     return span is not None and int(p.peer) in span
