@@ -8,7 +8,15 @@ Kinds of finding, per rule r (first match wins; "cells" are the classes of packe
 - redundant: r decides some packets, but removing it changes no verdict and no logging: every packet
   it decides would get the same action from the next matching rule or the default;
 - conflict: an earlier rule with a different verdict (allow/log vs deny) takes part of r's packets:
-  named, with where (the rest of r still applies; a rule that loses everything is `shadowed`).
+  named, with where (the rest of r still applies; a rule that loses everything is `shadowed`); and an
+  icmp/icmpv6 deny rule over messages that essential ICMP passes before any rule (`essential_icmp`,
+  with the condition: hop limit, embedded packet, link-local source; a deny of any protocol, such as
+  a block list, is not flagged for them). ICMP is keyed by type and code, so
+  overlapping `icmp_types` shadow and conflict like ports do. `ports` with protocol icmp can never
+  match, and validation refuses it before lint runs.
+
+Where essential ICMP is on, an ICMP message of an essential kind that meets its condition never
+reaches the rules: the regions of a finding say "with a hop limit other than 255" and the like.
 
 Cost: the owner sweep (table.DecisionTable.owners) plus one read of each rule's cells; for the max
 policy (4096 rules, 110k prefixes) ~1 s after loading (docs/benchmarks.md, suite `policy`).
@@ -21,8 +29,9 @@ import numpy as np
 
 from hostwall.bpf import layout as L
 
-from ..policy import Policy, Rule
+from ..policy import ESSENTIAL_ICMP, Policy, Rule
 from .regions import Region, regions
+from .stages import COND_NONE, COND_NOT_ESS, ESS_NONE, cond_essential
 from .table import DecisionTable, decision_table, paused_gc
 
 __all__ = ["Finding", "lint", "KINDS"]
@@ -95,6 +104,8 @@ def _lint(policy: Policy, dt: DecisionTable | None, max_regions: int) -> list[Fi
         nxt = np.where(second >= 0, actions[np.maximum(second, 0)], dflt_l4[None, :])
         differs = decided & (nxt != actions[np.maximum(first, 0)])
         differ_count = np.bincount(first[differs].ravel(), minlength=n)
+    essential = dt.t.essential
+    cond = COND_NOT_ESS if essential else COND_NONE          # what the rules see of a cell
     out: list[Finding] = []
     for r, rule in enumerate(rules):
         blocks = dt.blocks(r)
@@ -114,6 +125,10 @@ def _lint(policy: Policy, dt: DecisionTable | None, max_regions: int) -> list[Fi
             out.append(Finding("redundant", *loc, f"removing it changes no verdict: every packet it decides gets "
                                                   f"the same action, {what}, from the rules after it or the default"))
         mine = deny[r]
+        if essential and mine and rule.protocol in ("icmp", "icmpv6"):
+            f = _essential_conflict(dt, r, blocks, first, loc, max_regions)
+            if f is not None:
+                out.append(f)
         conflict_cells: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         for rows, cols in blocks:
             f = first[np.ix_(rows, cols)]
@@ -131,7 +146,34 @@ def _lint(policy: Policy, dt: DecisionTable | None, max_regions: int) -> list[Fi
                                           f"verdict by {who}", names)
             for q in qs[:max_regions]:
                 sel = own == q
-                for _, reg in regions(dt, rows[sel], cols[sel])[:2]:
+                for _, reg in regions(dt, rows[sel], cols[sel], conds=np.full(int(sel.sum()), cond))[:2]:
                     f.regions.append((rules[int(q)].name, reg))
             out.append(f)
     return out
+
+
+def _essential_conflict(dt: DecisionTable, r: int, blocks, first: np.ndarray, loc: tuple,
+                        max_regions: int) -> Finding | None:
+    """A deny rule that would decide ICMP messages essential ICMP passes first: the cells it decides
+    whose messages can be essential, with the condition under which they pass anyway."""
+    rows_l, cols_l, kinds_l = [], [], []
+    for rows, cols in blocks:
+        ess_cols = cols[dt.l4_ess[cols] != ESS_NONE]
+        if not len(ess_cols):
+            continue
+        rr, cc = np.meshgrid(rows, ess_cols, indexing="ij")
+        rr, cc = rr.ravel(), cc.ravel()
+        kind = dt.essential_cells(rr, cc)
+        keep = (kind != ESS_NONE) & (first[rr, cc] == r)
+        rows_l.append(rr[keep])
+        cols_l.append(cc[keep])
+        kinds_l.append(kind[keep])
+    if not rows_l or not sum(len(x) for x in rows_l):
+        return None
+    rows, cols, kinds = (np.concatenate(x) for x in (rows_l, cols_l, kinds_l))
+    f = Finding("conflict", *loc, "essential ICMP passes part of the traffic it denies before any rule "
+                                  "(defaults.essential_icmp; set it false to let the rules judge these messages)",
+                [ESSENTIAL_ICMP])
+    for _, reg in regions(dt, rows, cols, conds=cond_essential(kinds))[:max_regions]:
+        f.regions.append((ESSENTIAL_ICMP, reg))
+    return f

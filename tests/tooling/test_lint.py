@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hostwall.enforcer.analysis.diff import diff_tables
 from hostwall.enforcer.analysis.lint import lint
 from hostwall.enforcer.analysis.table import decision_table
-from hostwall.enforcer.policy import parse_policy
+from hostwall.enforcer.policy import PolicyError, parse_policy
 from hostwall.enforcer.reference import evaluate, match
 
 from .strategies import policies
@@ -46,6 +46,44 @@ def test_each_kind_with_file_and_line():
 def _without(text: str, name: str) -> str:
     head, _, rules = text.partition("rules: ")
     return head + "rules: " + json.dumps([r for r in json.loads(rules) if r["name"] != name]) + "\n"
+
+
+ICMP_POLICY = """version: 1
+name: lint-icmp
+defaults: {ingress: allow, egress: allow}
+rules:
+  - {name: echo, priority: 1, direction: ingress, action: allow, protocol: icmp, icmp_types: [echo-request]}
+  - {name: ping-deny, priority: 2, direction: ingress, action: deny, protocol: icmp, icmp_types: [8, 0]}
+  - {name: unreach-all, priority: 3, direction: ingress, action: deny, protocol: icmp, icmp_types: [destination-unreachable]}
+  - {name: unreach-4, priority: 4, direction: ingress, action: allow, protocol: icmp, icmp_types: ["3/4"]}
+  - {name: nd-deny, priority: 5, direction: ingress, action: deny, protocol: icmpv6, peers: ["fe80::/10"]}
+  - {name: echo-again, priority: 6, direction: ingress, action: allow, protocol: icmp, icmp_types: ["8/0", "8/1"]}
+"""
+
+
+def test_icmp_types_overlap_shadow_and_essential_icmp():
+    found = {(f.kind, f.rule): f for f in lint(parse_policy(ICMP_POLICY, "p.yaml"))}
+    assert set(found) == {("conflict", "ping-deny"), ("conflict", "unreach-all"), ("shadowed", "unreach-4"),
+                          ("conflict", "nd-deny"), ("shadowed", "echo-again")}, [f.text() for f in found.values()]
+    assert [reg.text() for _, reg in found[("conflict", "ping-deny")].regions] == ["ingress icmp type 8 from any IPv4"]
+    assert "'unreach-all' (line 7, deny)" in found[("shadowed", "unreach-4")].message
+    assert found[("shadowed", "echo-again")].related == ["echo"]
+    f = found[("conflict", "unreach-all")]
+    assert f.related == ["essential_icmp"]
+    assert [reg.text() for _, reg in f.regions] == [
+        "ingress icmp type 3 code 4 from any IPv4 about a packet this host sent (essential ICMP)"]
+    nd = {reg.text() for _, reg in found[("conflict", "nd-deny")].regions}
+    assert "ingress icmpv6 type 133-137 from fe80::/10 with hop limit 255 (essential ICMP)" in nd
+    off = lint(parse_policy(ICMP_POLICY.replace("allow, egress: allow}", "allow, egress: allow, essential_icmp: false}")))
+    assert {(f.kind, f.rule) for f in off} == {("conflict", "ping-deny"), ("shadowed", "unreach-4"),
+                                               ("shadowed", "echo-again")}
+    # ports with icmp can never match: validation refuses the rule before lint sees it
+    try:
+        parse_policy(ICMP_POLICY.replace("icmp_types: [echo-request]", "ports: [22]"))
+    except PolicyError as e:
+        assert "ports apply to tcp, udp or any, not icmp" in str(e)
+    else:
+        raise AssertionError("ports with icmp validated")
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
