@@ -1,7 +1,10 @@
 """From rulesets to a hostwall policy and the report of what was and was not translated.
 
 `translate(rulesets, ctx)` inlines INPUT and OUTPUT of every ruleset (flatten.py), decides
-`defaults.stateful` from the conntrack ESTABLISHED accepts, turns the entries into rules (one per
+`defaults.stateful` from the conntrack ESTABLISHED accepts (and `defaults.essential_icmp` with it:
+hostwall passes ICMP errors about tracked connections, RELATED in netfilter, only with essential ICMP
+on, which also passes ND, MLD and path-MTU errors before the rules — noted on those accepts; a
+ruleset without them gets essential_icmp false, so no message passes that its rules would drop), turns the entries into rules (one per
 entry, named after the source rule's comment or chain and line), writes the policy YAML with the
 source line of every rule above it, and simplifies it with the exact lint (analysis/lint.py):
 rules that never decide a packet, and rules whose removal changes no verdict, are dropped one at a
@@ -45,7 +48,8 @@ class Translation:
         n_src = sum(1 for _, s in self.statuses if s.kind not in ("untranslated", "out_of_scope"))
         d = self.defaults
         out.append(f"translated: {n_src} source rules → {self.rules} policy rules; defaults ingress {d['ingress']}, "
-                   f"egress {d['egress']}, stateful {str(d['stateful']).lower()}")
+                   f"egress {d['egress']}, stateful {str(d['stateful']).lower()}, "
+                   f"essential_icmp {str(d.get('essential_icmp', True)).lower()}")
         notes = [(o, s) for o, s in self.statuses if s.kind in ("noted", "not_here") and s.messages]
         if notes:
             out.append(f"notes ({len(notes)}):")
@@ -145,7 +149,8 @@ def translate(rulesets: list[IRuleset], ctx: Context, name: str = "imported", he
                 got = fl.base(hook, d, fam)
                 if got is not None:
                     lists[d].append((fam, got[0], got[1]))
-    defaults = {"ingress": "allow", "egress": "allow", "stateful": stateful, "audit": False}
+    defaults = {"ingress": "allow", "egress": "allow", "stateful": stateful, "audit": False,
+                "essential_icmp": stateful}
     markers: dict[str, list[Origin]] = {"ingress": [], "egress": []}
     for d in ("ingress", "egress"):
         if lists[d]:
@@ -159,6 +164,9 @@ def translate(rulesets: list[IRuleset], ctx: Context, name: str = "imported", he
                 if e.action != "ct_established":
                     continue
                 markers[d] += e.origins
+                fl.mark(e.origins[0], "noted", "RELATED ICMP errors pass with defaults.essential_icmp, which also passes "
+                                               "IPv6 neighbour/router discovery, MLD and path-MTU errors before any "
+                                               "rule (the original judges those by its rules)")
                 before = [x for x in entries[:k] if x.action == "deny" and not x.new_only and (x.match & e.match) is not None]
                 if before:
                     lines = ", ".join(sorted({o.where() for x in before for o in x.origins}))
