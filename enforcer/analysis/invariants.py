@@ -94,16 +94,18 @@ def check_invariant(policy: Policy, dt: DecisionTable, inv: Invariant, local: di
         bad_rows.append(rows[ri])
         bad_cols.append(cf[ci])
         bad_conds.append(np.full(len(ri), COND_NONE, dtype=np.int64))
-        if essential:                  # essential messages the rules would not allow pass before them
-            rr, cc = np.meshgrid(rows, cf, indexing="ij")
+        sub = np.flatnonzero(dt.l4_ess[cf] != ESS_NONE) if essential else ()
+        if len(sub):                   # essential messages the rules would not allow pass before them
+            ecf = cf[sub]
+            rr, cc = np.meshgrid(rows, ecf, indexing="ij")
             kind = dt.l4_ess[cc]
             mld_in = (kind == ESS_MLD) & (dt.l4_dir[cc] == L.DIR["ingress"])
             if mld_in.any():            # ingress MLD: only from link-local sources inside the set
                 ll = np.isin(rr, dt.peer_classes_in(6, span & LINK_LOCAL)) if fam == 6 else np.zeros(rr.shape, bool)
                 kind = np.where(mld_in & ~ll, ESS_NONE, kind)
-            ri, ci = np.nonzero(~bad & (kind != ESS_NONE))
+            ri, ci = np.nonzero(~bad[:, sub] & (kind != ESS_NONE))
             bad_rows.append(rows[ri])
-            bad_cols.append(cf[ci])
+            bad_cols.append(ecf[ci])
             bad_conds.append(cond_essential(kind[ri, ci]).astype(np.int64))
     rows = np.concatenate(bad_rows) if bad_rows else np.zeros(0, np.int64)
     cols_v = np.concatenate(bad_cols) if bad_cols else np.zeros(0, np.int64)
