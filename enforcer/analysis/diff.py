@@ -19,7 +19,8 @@ family).
 
 The OLD side may be the running instance (enforcer/running.py reads its active tables), so
 `apply --dry-run` shows what the swap would change against what is enforced, not against a file.
-Cost: O(joint cells) memory and time after both owner sweeps; ~1 s for two max policies.
+Cost: O(joint cells) memory and time after both owner sweeps; ~2 s for a max policy and an edited copy,
+6-12 s for two unrelated max policies (~6·10^4 regions; docs/benchmarks.md, suite `policy`).
 """
 from __future__ import annotations
 
