@@ -159,8 +159,9 @@ class Instance:
         """hw_counter per (hook, verdict, reason), summed over CPUs."""
         return self._percpu_array("hw_stats", "hw_counter", L.HOOKS * L.VERDICTS * L.REASONS)
 
-    def rule_stats(self) -> np.ndarray:
-        return self._percpu_array("hw_rule_stats", "hw_counter", L.MAX_RULE_SLOTS)
+    def rule_stats(self, n: int = L.MAX_RULE_SLOTS) -> np.ndarray:
+        """Per rule counter slot (the first n slots), summed over CPUs."""
+        return self._percpu_array("hw_rule_stats", "hw_counter", n)
 
     def port_stats(self) -> np.ndarray:
         return self._percpu_array("hw_port_stats", "hw_port_counter", 65536)

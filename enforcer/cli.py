@@ -1,4 +1,5 @@
-"""hostwall-enforcer: validate | run | apply | status | detach (docs/cli.md).
+"""hostwall-enforcer: validate | run | apply | status | detach | ban, and the policy tooling test |
+explain | lint | diff | import (cli_tooling.py) (docs/cli.md).
 
 Exit codes: 0 ok, 2 bad input (every error listed, one per line: file:line: path: message), 1 runtime
 failure (one line: what failed and what to do).
@@ -71,6 +72,10 @@ def cmd_validate(a) -> int:
     p = _load(a.policy)
     print(f"{a.policy}: OK — policy {p.name!r} revision {p.revision}: {len(p.rules)} rules, "
           f"{p.prefix_count} prefixes, {len(p.dos_profiles)} DoS profiles, {len(p.interfaces)} interfaces")
+    if a.cases:          # by the reference model: validate needs no root and no BPF (docs/cli.md)
+        from .cli_tooling import run_cases
+        if run_cases(p, a.cases, reference_only=True).failed:
+            return EXIT_RUNTIME
     return EXIT_OK
 
 
@@ -126,7 +131,19 @@ def cmd_run(a) -> int:
 
 def cmd_apply(a) -> int:
     from . import control
+    from .cli_tooling import dry_run, run_cases
     p = _load(a.policy)
+    if a.cases:
+        try:
+            if run_cases(p, a.cases, a.reference_only, quiet=True).failed:
+                _err("the cases failed; nothing was changed")
+                return EXIT_RUNTIME
+        except RuntimeError as e:
+            _err(f"{e}; nothing was changed")
+            return EXIT_RUNTIME
+        print(f"{a.cases}: every case and invariant passed")
+    if a.dry_run:
+        return dry_run(p, a.pin_dir)
     t = time.perf_counter()
     r = control.apply(p, a.pin_dir)
     total = time.perf_counter() - t
@@ -293,6 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
            "help": "bpffs directory of the instance (default %(default)s)"}
     v = sub.add_parser("validate", help="check a policy; exit 2 listing every error")
     v.add_argument("policy")
+    v.add_argument("--cases", metavar="FILE", help="also run this test cases file (reference model); exit 1 on a miss")
     v.set_defaults(fn=cmd_validate)
     r = sub.add_parser("run", help="load, attach and enforce; stays in the foreground")
     r.add_argument("--policy", required=True)
@@ -305,6 +323,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("apply", help="swap the policy of the running instance atomically")
     p.add_argument("policy")
     p.add_argument("--pin-dir", **pin)
+    p.add_argument("--cases", metavar="FILE", help="run this test cases file first (reference model and "
+                                                   "test-run); change nothing unless every case passes")
+    p.add_argument("--reference-only", action="store_true", help="with --cases: judge by the reference model alone")
+    p.add_argument("--dry-run", action="store_true", help="print which traffic would change verdict against the "
+                                                          "running policy; change nothing")
     p.set_defaults(fn=cmd_apply)
     s = sub.add_parser("status", help="interfaces, revision, counters, map pressure")
     s.add_argument("--json", action="store_true")
@@ -326,10 +349,17 @@ def build_parser() -> argparse.ArgumentParser:
     bl.add_argument("--json", action="store_true")
     bl.add_argument("--pin-dir", **pin)
     b.set_defaults(fn=cmd_ban)
+    from .cli_tooling import add_parsers
+    add_parsers(sub, pin)
+    for name in ("test", "explain", "lint", "diff", "import"):
+        sub.choices[name].set_defaults(fn=lambda a: a.tool(a, _load))
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["explain"]:          # an unquoted packet: argparse would take "->" for an option
+        argv = ["to" if t == "->" else t for t in argv]
     a = build_parser().parse_args(argv)
     from .attach import AttachError
     from .compiler import CompileError

@@ -1,0 +1,265 @@
+"""The reference model (enforcer/reference.py) for many packets at once: the same first-match
+semantics, evaluated rule by rule over arrays of packets with per-rule index lookups.
+
+`reference.evaluate` states the semantics and costs O(rules × prefixes) per packet (~10 ms a packet
+on the max policy); `test` judges thousands of cases. This module keeps the statement (rules in
+order, direction, protocol, ports, peers of the packet's own family; the first match decides, else the
+direction's default) and changes only the order of work: for each rule in order it finds the
+still-undecided packets it matches through sorted indexes (packets by peer address, by port), so a
+rule costs O(log n + the packets near its prefixes or ports), not O(packets). It never reads the
+compiler's tables: the datapath is checked against a model built independently of the compiler.
+tests/unit/test_tooling_batch.py checks it against `reference.evaluate` on random policies.
+
+Packets whose judgement starts before the rules (later fragments; ICMP other than echo, which policy
+v2 may pass as essential ICMP) go to `reference.evaluate` itself, one by one.
+
+Cost: ~0.5 µs a packet plus ~40 µs a rule (NumPy calls) — ~0.3 s for 100k packets on the max policy.
+"""
+from __future__ import annotations
+
+import bisect
+import socket
+from collections.abc import Sequence
+
+import numpy as np
+
+from ..policy import Policy
+from ..reference import PROTO_NUMBERS, Decision, Packet, evaluate
+
+__all__ = ["BatchReference"]
+
+_ECHO = {1: (0, 8), 58: (128, 129)}
+_EMPTY = np.zeros(0, dtype=np.int64)
+
+
+def _merge(starts: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Union of [start, end) ranges as sorted disjoint ranges (vectorised)."""
+    if not len(starts):
+        return starts, ends
+    o = np.argsort(starts, kind="stable")
+    s, e = starts[o], ends[o]
+    reach = np.maximum.accumulate(e)
+    new = np.ones(len(s), dtype=bool)
+    new[1:] = s[1:] > reach[:-1]
+    grp = np.cumsum(new) - 1
+    m_end = np.zeros(int(grp[-1]) + 1, dtype=e.dtype)
+    np.maximum.at(m_end, grp, e)
+    return s[new], m_end
+
+
+def _expand(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """Concatenation of aranges [lo[i], hi[i])."""
+    n = hi - lo
+    keep = n > 0
+    lo, n = lo[keep], n[keep]
+    if not len(n):
+        return np.zeros(0, dtype=np.int64)
+    tot = int(n.sum())
+    starts = np.repeat(lo - np.concatenate([[0], np.cumsum(n)[:-1]]), n)
+    return starts + np.arange(tot)
+
+
+class _Index:
+    """Packet numbers sorted by a value; `slice(lo, hi)` -> packets with value in [lo, hi)."""
+
+    def __init__(self, members: np.ndarray, values: np.ndarray):
+        o = np.argsort(values[members], kind="stable")
+        self.members = members[o]
+        self.values = values[self.members]
+
+    def ranges(self, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+        if not len(self.members) or not len(lo):
+            return _EMPTY
+        a = np.searchsorted(self.values, lo, side="left")
+        b = np.searchsorted(self.values, hi, side="left")
+        if len(a) == 1:                          # one range (most rules): a slice, no expansion
+            return self.members[int(a[0]):int(b[0])]
+        return self.members[_expand(a, b)]
+
+
+class BatchReference:
+    """`evaluate(packets)` == `[reference.evaluate(policy, p) for p in packets]`, faster."""
+
+    def __init__(self, policy: Policy):
+        self.policy = policy
+        self.rules = policy.rules
+        self._v6_bounds: list[int] = sorted({b for r in self.rules if not r.peers.any
+                                             for n, ln in zip(r.peers.v6_net, r.peers.v6_len)
+                                             for b in (n, n + (1 << (128 - ln)))})
+        self._peers: list[dict[int, tuple[np.ndarray, np.ndarray]] | None] = [self._peer_ranges(r) for r in self.rules]
+
+    def _rank6(self, v: int) -> int:
+        """Elementary-interval rank of an IPv6 value among every rule bound (order-preserving)."""
+        return bisect.bisect_right(self._v6_bounds, v)
+
+    def _peer_ranges(self, rule) -> dict[int, tuple[np.ndarray, np.ndarray]] | None:
+        ps = rule.peers
+        if ps.any:
+            return None
+        if len(ps) <= 32:                      # a handful of prefixes: plain Python beats NumPy's call overhead
+            out = {}
+            for fam, pairs in ((4, [(int(n), int(n) + (1 << (32 - int(ln)))) for n, ln in zip(ps.v4_net, ps.v4_len)]),
+                               (6, [(self._rank6(n), self._rank6(n + (1 << (128 - ln)))) for n, ln in zip(ps.v6_net, ps.v6_len)])):
+                merged: list[list[int]] = []
+                for s, e in sorted(pairs):
+                    if merged and s <= merged[-1][1]:
+                        merged[-1][1] = max(merged[-1][1], e)
+                    else:
+                        merged.append([s, e])
+                out[fam] = (np.array([m[0] for m in merged], dtype=np.int64), np.array([m[1] for m in merged], dtype=np.int64))
+            return out
+        s4 = ps.v4_net.astype(np.int64)
+        e4 = s4 + (np.int64(1) << (32 - ps.v4_len.astype(np.int64)))
+        # IPv6 in rank space: [rank(start), rank(end)) holds exactly the packets inside the prefix
+        s6 = np.array([self._rank6(n) for n in ps.v6_net], dtype=np.int64)
+        e6 = np.array([self._rank6(n + (1 << (128 - ln))) for n, ln in zip(ps.v6_net, ps.v6_len)], dtype=np.int64)
+        return {4: _merge(s4, e4), 6: _merge(s6, e6)}
+
+    @staticmethod
+    def plain(p: Packet) -> bool:
+        """Judged by the rules alone: not a later fragment, and not ICMP other than echo."""
+        if p.fragment:
+            return False
+        if p.protocol in (1, 58):
+            t = getattr(p, "icmp_type", None)
+            return t is None or t in _ECHO[p.protocol]
+        return True
+
+    def orders(self, pkts: Sequence[Packet]) -> np.ndarray:
+        """Order of the deciding rule per plain packet (-1: the default); -2 for packets that are not
+        plain (judge those with reference.evaluate)."""
+        n = len(pkts)
+        out = np.full(n, -2, dtype=np.int64)
+        # one pass over the packets (attribute access is the cost here, not the arithmetic)
+        idx_l, dir_l, fam_l, proto_l, key_l, addr_l = [], [], [], [], [], []
+        rank6 = self._rank6
+        for i, p in enumerate(pkts):
+            proto = p.protocol
+            if p.fragment:
+                continue
+            if proto in (6, 17):
+                key = p.dport
+            elif proto in (1, 58):
+                t = getattr(p, "icmp_type", None)
+                if t is not None and t not in _ECHO[proto]:
+                    continue                     # not plain: reference.evaluate judges it
+                key = _icmp_key(p)
+            else:
+                key = -1
+            egress = p.direction == "egress"
+            peer = p.dst if egress else p.src
+            idx_l.append(i)
+            dir_l.append(egress)
+            proto_l.append(proto)
+            key_l.append(key)
+            if ":" in peer:
+                fam_l.append(6)
+                addr_l.append(rank6(_addr6(peer)))
+            else:
+                fam_l.append(4)
+                addr_l.append(_addr4(peer))
+        idx = np.array(idx_l, dtype=np.int64)
+        m = len(idx)
+        if not m:
+            return out
+        dirs = np.array(dir_l, dtype=np.int64)
+        fam = np.array(fam_l, dtype=np.int64)
+        proto = np.array(proto_l, dtype=np.int64)
+        key = np.array(key_l, dtype=np.int64)
+        addr = np.array(addr_l, dtype=np.int64)
+        dec = np.full(m, -1, dtype=np.int64)
+        every = np.arange(m)
+        by_peer = {(d, f): _Index(every[(dirs == d) & (fam == f)], addr) for d in (0, 1) for f in (4, 6)}
+        by_key = {(d, pr): _Index(every[(dirs == d) & (proto == pr)], key) for d in (0, 1) for pr in (6, 17, 1, 58)}
+        groups: dict[tuple, np.ndarray] = {}
+
+        def group(d: int, pr: int | None) -> np.ndarray:
+            k = (d, pr)
+            g = groups.get(k)
+            if g is None:
+                g = every[(dirs == d) & ((proto == pr) if pr is not None else True)]
+            g = g[dec[g] < 0]                      # compact: decided packets never come back
+            groups[k] = g
+            return g
+
+        for r, rule in enumerate(self.rules):
+            d = 1 if rule.direction == "egress" else 0
+            pr = PROTO_NUMBERS.get(rule.protocol)
+            ports = rule.ports
+            icmp = getattr(rule, "icmp_types", None)
+            peers = self._peers[r]
+            if peers is not None:
+                parts = [x for x in (by_peer[(d, 4)].ranges(*peers[4]), by_peer[(d, 6)].ranges(*peers[6])) if len(x)]
+                cand = parts[0] if len(parts) == 1 else (np.concatenate(parts) if parts else _EMPTY)
+            elif ports is not None:
+                lo = np.array([a for a, _ in ports], dtype=np.int64)
+                hi = np.array([b + 1 for _, b in ports], dtype=np.int64)
+                cand = np.concatenate([by_key[(d, p)].ranges(lo, hi) for p in ((6, 17) if pr is None else (pr,))])
+            elif icmp is not None:
+                lo = np.array([a for a, _ in icmp], dtype=np.int64)
+                hi = np.array([b + 1 for _, b in icmp], dtype=np.int64)
+                cand = by_key[(d, pr)].ranges(lo, hi)
+            else:
+                cand = group(d, pr)
+            if not len(cand):
+                continue
+            cand = cand[dec[cand] < 0]
+            if pr is not None:
+                cand = cand[proto[cand] == pr]
+            if ports is not None:
+                cand = cand[np.isin(proto[cand], (6, 17))]
+                k = key[cand]
+                ok = np.zeros(len(cand), dtype=bool)
+                for a, b in ports:
+                    ok |= (k >= a) & (k <= b)
+                cand = cand[ok]
+            if icmp is not None:
+                k = key[cand]
+                ok = np.zeros(len(cand), dtype=bool)
+                for a, b in icmp:
+                    ok |= (k >= a) & (k <= b)
+                cand = cand[ok]
+            if len(cand):
+                dec[cand] = r
+        out[idx] = dec
+        return out
+
+    def evaluate(self, pkts: Sequence[Packet]) -> list[Decision]:
+        """Decisions in the packets' order (exactly reference.evaluate's). Packets may also be
+        analysis.packet.CasePacket (same attributes); those that are not plain are converted for
+        reference.evaluate."""
+        orders = self.orders(pkts)
+        policy = self.policy
+        drop = "would_drop" if policy.defaults.audit else "drop"
+        out: list[Decision] = []
+        for p, o in zip(pkts, orders.tolist()):
+            if o == -2:
+                out.append(evaluate(policy, p if isinstance(p, Packet) else p.reference()))
+            elif o == -1:
+                if getattr(policy.defaults, p.direction) == "allow":
+                    out.append(Decision("allow", None, None))
+                else:
+                    out.append(Decision(drop, "default_deny", None))
+            else:
+                rule = self.rules[o]
+                out.append(Decision(drop, "policy_deny", rule.name) if rule.action == "deny"
+                           else Decision("allow", None, rule.name))
+        return out
+
+
+def _icmp_key(p: Packet) -> int:
+    """ICMP type << 8 | code (policy v2's key); -1 for other protocols (no key)."""
+    if p.protocol not in (1, 58):
+        return -1
+    t = getattr(p, "icmp_type", None)
+    if t is None:
+        t = 8 if p.protocol == 1 else 128
+    return (t << 8) | getattr(p, "icmp_code", 0)
+
+
+def _addr4(text: str) -> int:
+    return int.from_bytes(socket.inet_pton(socket.AF_INET, text), "big")
+
+
+def _addr6(text: str) -> int:
+    return int.from_bytes(socket.inet_pton(socket.AF_INET6, text), "big")

@@ -1,0 +1,336 @@
+"""`hostwall-enforcer diff OLD NEW`: the traffic whose verdict changes, exactly, and the rule-level
+changes that cause it (docs/policy.md "Tooling").
+
+Verdict changes come from the compiled tables of both policies (table.py): the two partitions of each
+axis are overlaid (every boundary of either), so every joint cell lies in one cell of OLD and one of
+NEW and has one old and one new outcome. The cells whose verdict differs are reported as regions
+(regions.py: peer ranges × protocol × ports × direction) with the deciding rule on each side: every
+packet whose verdict changes lies in a reported region, and every packet of a reported region changes
+(tests/tooling/test_diff.py checks both against the reference model on random policy pairs).
+`by_rule` also reports traffic that keeps its verdict but changes its deciding rule (counters, log).
+
+The stages before the rules (stages.py, docs/policy.md "Semantics"): when either policy has
+`essential_icmp`, every cell is read twice where essential ICMP can apply — its packets that meet the
+essential condition (passed by the pseudo-rule essential_icmp on a side that has it, judged by the
+rules on the other) and the rest (judged by the rules on both) — and the regions say which (e.g.
+"with hop limit 255 (essential ICMP)", "except essential ICMP"). Later fragments are judged by no
+rule: they change verdict only when `audit` changes (drop ↔ would_drop, one region per direction and
+family).
+
+The OLD side may be the running instance (enforcer/running.py reads its active tables), so
+`apply --dry-run` shows what the swap would change against what is enforced, not against a file.
+Cost: O(joint cells) memory and time after both owner sweeps; ~2 s for a max policy and an edited copy,
+6-12 s for two unrelated max policies (~6·10^4 regions; docs/benchmarks.md, suite `policy`).
+"""
+from __future__ import annotations
+
+import bisect
+import difflib
+import ipaddress
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..policy import ESSENTIAL_ICMP, Policy
+from .intervals import Span, cidrs
+from .regions import Region, fragment_region, icmp_keys_text, regions
+from .stages import COND_NONE, COND_NOT_ESS, ESS_NONE, cond_essential
+from .table import ALLOW, VERDICT_NAMES, Axes, DecisionTable, decision_table, paused_gc
+
+__all__ = ["VerdictChange", "RuleChange", "PolicyDiff", "diff_tables", "rule_changes", "setting_changes", "diff"]
+
+
+@dataclass(frozen=True)
+class VerdictChange:
+    region: Region
+    old: tuple[str, str | None]        # (verdict, deciding rule or None = the default)
+    new: tuple[str, str | None]
+
+    def text(self) -> str:
+        def side(v: tuple[str, str | None]) -> str:
+            return f"{v[0]} ({'rule ' + repr(v[1]) if v[1] else 'default'})"
+        return f"{self.region.text()}: {side(self.old)} → {side(self.new)}"
+
+    def to_json(self, peers: bool = True) -> dict:
+        return {**self.region.to_json(peers), "old": {"verdict": self.old[0], "rule": self.old[1]},
+                "new": {"verdict": self.new[0], "rule": self.new[1]}}
+
+
+@dataclass(frozen=True)
+class RuleChange:
+    kind: str                          # added | removed | changed | moved
+    name: str
+    where: str
+    details: tuple[str, ...] = ()
+
+    def text(self) -> str:
+        mark = {"added": "+", "removed": "-", "changed": "~", "moved": "↕"}[self.kind]
+        return f"{mark} {self.name} ({self.where}): {self.kind}" + (f": {'; '.join(self.details)}" if self.details else "")
+
+
+@dataclass
+class PolicyDiff:
+    old_label: str
+    new_label: str
+    changes: list[VerdictChange] = field(default_factory=list)
+    rules: list[RuleChange] = field(default_factory=list)
+    settings: list[str] = field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        return not (self.changes or self.rules or self.settings)
+
+    def text(self, limit: int = 200) -> str:
+        out = [f"--- {self.old_label}", f"+++ {self.new_label}"]
+        n = len(self.changes)
+        out.append(f"verdict changes: {n} region{'s' if n != 1 else ''}" + (":" if n else " (no packet changes verdict)"))
+        out += [f"  {c.text()}" for c in self.changes[:limit]]
+        if n > limit:
+            out.append(f"  … and {n - limit} more (--json lists all)")
+        if self.rules:
+            out.append(f"rule changes: {len(self.rules)}")
+            out += [f"  {r.text()}" for r in self.rules]
+        if self.settings:
+            out.append("settings:")
+            out += [f"  {s}" for s in self.settings]
+        return "\n".join(out)
+
+    def to_json(self) -> dict:
+        """Peers inline when short; a set shared by several regions or longer than 64 CIDRs is listed
+        once under peer_sets and named by its index (a diff of unrelated block lists repeats them)."""
+        sets: dict[object, int] = {}
+        table: list[list[str]] = []
+        changes = []
+        for c in self.changes:
+            j = c.to_json(peers=False)
+            key = c.region.peer_key
+            if key is not None and key in sets:
+                j["peer_set"] = sets[key]
+            else:
+                nets = cidrs(c.region.family, c.region.peers)
+                if key is not None and len(nets) > 64:
+                    sets[key] = len(table)
+                    table.append(nets)
+                    j["peer_set"] = sets[key]
+                else:
+                    j["peers"] = nets
+            changes.append(j)
+        return {"old": self.old_label, "new": self.new_label, "verdict_changes": changes, "peer_sets": table,
+                "rule_changes": [{"kind": r.kind, "rule": r.name, "where": r.where, "details": list(r.details)}
+                                 for r in self.rules], "settings": self.settings}
+
+
+# ---------------------------------------------------------------- joint axes
+
+def _joint_peers(a: Axes, b: Axes, ga: np.ndarray, gb: np.ndarray):
+    """Overlay of both peer partitions: per family the union of the interval starts, each tagged with
+    the (a group, b group) it lies in."""
+    u4 = np.union1d(a.v4_starts, b.v4_starts)
+    ca4 = ga[a.v4_cls[np.searchsorted(a.v4_starts, u4, side="right") - 1]]
+    cb4 = gb[b.v4_cls[np.searchsorted(b.v4_starts, u4, side="right") - 1]]
+    u6 = sorted(set(a.v6_starts) | set(b.v6_starts))
+    ca6 = ga[a.v6_cls[[bisect.bisect_right(a.v6_starts, v) - 1 for v in u6]]]
+    cb6 = gb[b.v6_cls[[bisect.bisect_right(b.v6_starts, v) - 1 for v in u6]]]
+    return u4, ca4, cb4, u6, ca6, cb6
+
+
+def _joint_l4(a: Axes, b: Axes, ga: np.ndarray, gb: np.ndarray):
+    """Overlaid key intervals per (direction, pidx), tagged by the (a group, b group) pair; returns
+    (intervals, {tag: (a group, b group)})."""
+    def by_seg(ax: Axes, g: np.ndarray) -> dict[tuple[int, int], list[tuple[int, int, int]]]:
+        out: dict[tuple[int, int], list] = {}
+        for c, s, e in ax.l4_iv:
+            out.setdefault((int(ax.l4_dir[c]), int(ax.l4_pidx[c])), []).append((s, e, int(g[c])))
+        return out
+    sa, sb = by_seg(a, ga), by_seg(b, gb)
+    pairs: dict[tuple[int, int], int] = {}
+    ivs = []
+    for seg in sorted(set(sa) | set(sb)):
+        la, lb = sorted(sa.get(seg, [])), sorted(sb.get(seg, []))
+        bounds = sorted({s for s, _, _ in la} | {e for _, e, _ in la} | {s for s, _, _ in lb} | {e for _, e, _ in lb})
+        starts_a = [s for s, _, _ in la]
+        starts_b = [s for s, _, _ in lb]
+        for s, e in zip(bounds, bounds[1:]):
+            i, j = bisect.bisect_right(starts_a, s) - 1, bisect.bisect_right(starts_b, s) - 1
+            if i < 0 or j < 0 or s >= la[i][1] or s >= lb[j][1]:
+                continue                          # outside the key domain of one side (never: same domain)
+            tag = pairs.setdefault((la[i][2], lb[j][2]), len(pairs))
+            ivs.append((seg[0], seg[1], s, e, tag))
+    return ivs, {v: k for k, v in pairs.items()}
+
+
+def diff_tables(a: DecisionTable, b: DecisionTable, by_rule: bool = False) -> list[VerdictChange]:
+    """Regions whose verdict (or, with by_rule, deciding rule) differs between a (old) and b (new).
+    Works on each side's outcome groups (DecisionTable.outcome_groups), overlaid."""
+    gpa, gla, fa, dira = a.outcome_groups()
+    gpb, glb, fb, dirb = b.outcome_groups()
+    u4, ca4, cb4, u6, ca6, cb6 = _joint_peers(a, b, gpa, gpb)
+    ka = np.concatenate([ca4, ca6]).astype(np.int64)
+    kb = np.concatenate([cb4, cb6]).astype(np.int64)
+    fam = np.concatenate([np.full(len(ca4), 4), np.full(len(ca6), 6)])
+    nb = int(gpb.max(initial=0)) + 1
+    pair_key = (ka * nb + kb) * 8 + fam
+    uniq, inv = np.unique(pair_key, return_inverse=True)
+    pa = (uniq // 8) // nb
+    pb = (uniq // 8) % nb
+    l4_ivs, l4_pairs = _joint_l4(a, b, gla, glb)
+    ax = Axes(u4, inv[:len(ca4)], u6, inv[len(ca4):], len(uniq), l4_ivs)
+    la = np.array([l4_pairs[int(t)][0] for t in ax.l4_tag], dtype=np.int64)
+    lb = np.array([l4_pairs[int(t)][1] for t in ax.l4_tag], dtype=np.int64)
+    old_r, new_r = fa[np.ix_(pa, la)], fb[np.ix_(pb, lb)]
+    old_v = a.group_verdicts(old_r, np.broadcast_to(dira[la], old_r.shape))
+    new_v = b.group_verdicts(new_r, np.broadcast_to(dirb[lb], new_r.shape))
+    reach = ax.reachable()
+    span = max(a.nrules, b.nrules) + 3
+    ess = span - 2                                        # owner code of the pseudo-rule essential_icmp
+    names = {n: i for i, n in enumerate(sorted(set(a.t.names) | set(b.t.names) | {ESSENTIAL_ICMP}))}
+    ida = np.array([names[n] for n in a.t.names] + [-1] * (span - a.nrules), dtype=np.int64)
+    idb = np.array([names[n] for n in b.t.names] + [-1] * (span - b.nrules), dtype=np.int64)
+    ida[ess] = idb[ess] = names[ESSENTIAL_ICMP]           # index -1 (default) reads a trailing -1
+
+    def changes(ov, orr, nv, nrr, mask):
+        ch = ov != nv
+        if by_rule:
+            ch = ch | (ida[orr] != idb[nrr])
+        return np.nonzero(ch & mask)
+    split = a.t.essential or b.t.essential
+    rows, cols = changes(old_v, old_r, new_v, new_r, reach)
+    conds = np.full(len(rows), COND_NOT_ESS if split else COND_NONE, dtype=np.int64)
+    pick = [(rows, cols, old_v[rows, cols], old_r[rows, cols], new_v[rows, cols], new_r[rows, cols], conds)]
+    if split:                                             # the packets that meet an essential condition
+        ecols = np.flatnonzero(ax.l4_ess != ESS_NONE)
+        if len(ecols):
+            rr, cc = np.meshgrid(np.arange(ax.n_peer), ecols, indexing="ij")
+            kind = ax.essential_cells(rr.ravel(), cc.ravel()).reshape(rr.shape)
+
+            def side(t, r, v):
+                return (np.full(r.shape, ess), np.full(v.shape, ALLOW, dtype=v.dtype)) if t.essential else (r, v)
+            eor, eov = side(a.t, old_r[:, ecols], old_v[:, ecols])
+            enr, env = side(b.t, new_r[:, ecols], new_v[:, ecols])
+            er, ec = changes(eov, eor, env, enr, reach[:, ecols] & (kind != ESS_NONE))
+            pick.append((er, ecols[ec], eov[er, ec], eor[er, ec], env[er, ec], enr[er, ec],
+                         cond_essential(kind[er, ec])))
+    rows, cols, ov, orr, nv, nrr, conds = (np.concatenate(x) for x in zip(*pick))
+    out = []
+    if len(rows):
+        tags = (((ov.astype(np.int64) * span + orr + 1) * 4 + nv) * span + nrr + 1)
+
+        def name(t: DecisionTable, r: int) -> str | None:
+            return ESSENTIAL_ICMP if r == ess else t.t.names[r] if r >= 0 else None
+        for tag, reg in regions(ax, rows, cols, tags, conds):
+            t = int(tag)
+            nr, t = t % span - 1, t // span
+            nvv, t = t % 4, t // 4
+            o, ovv = t % span - 1, t // span
+            out.append(VerdictChange(reg, (VERDICT_NAMES[ovv], name(a, o)), (VERDICT_NAMES[nvv], name(b, nr))))
+    if a.t.audit != b.t.audit:                            # later fragments: fragment_unmatched on both sides
+        fa_, fb_ = ("would_drop" if t.audit else "drop" for t in (a.t, b.t))
+        out += [VerdictChange(fragment_region(d, f), (fa_, None), (fb_, None))
+                for d in ("ingress", "egress") for f in (4, 6)]
+    return out
+
+
+# ---------------------------------------------------------------- rules and settings
+
+def _peers_delta(old, new) -> str | None:
+    if old == new:                                   # PeerSet equality: array compares, no formatting
+        return None
+    if old.any != new.any:
+        return f"peers {'any' if old.any else f'{len(old)} prefixes'} → {'any' if new.any else f'{len(new)} prefixes'}"
+
+    def pairs(ps) -> set:
+        return {(4, int(n), int(ln)) for n, ln in zip(ps.v4_net.tolist(), ps.v4_len.tolist())} | \
+            {(6, n, ln) for n, ln in zip(ps.v6_net, ps.v6_len)}
+
+    def txt(items: list) -> str:
+        return ", ".join(f"{ipaddress.ip_address(n) if f == 6 else ipaddress.IPv4Address(n)}/{ln}" for f, n, ln in items[:3])
+    a, b = pairs(old), pairs(new)
+    add, rem = sorted(b - a), sorted(a - b)
+    parts = []
+    if add:
+        parts.append(f"+{len(add)} ({txt(add)}{', …' if len(add) > 3 else ''})")
+    if rem:
+        parts.append(f"-{len(rem)} ({txt(rem)}{', …' if len(rem) > 3 else ''})")
+    return "peers " + " ".join(parts)
+
+
+def _ranges(v, icmp: bool = False) -> str:
+    if v is None:
+        return "any"
+    if icmp:                                         # type << 8 | code keys, as "type 3 code 4"
+        return "[" + icmp_keys_text(Span.of((a, b + 1) for a, b in v), limit=1 << 16) + "]"
+    return "[" + ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in v) + "]"
+
+
+def rule_changes(old_rules, new_rules, old_src: str = "old", new_src: str = "new") -> list[RuleChange]:
+    """Added, removed, changed (field by field) and moved rules, by name. Rules are Rule objects or
+    anything with name, priority, direction, action (and optionally protocol, peers, ports, line)."""
+    old = {r.name: r for r in old_rules}
+    new = {r.name: r for r in new_rules}
+    out = []
+
+    def where(r, src) -> str:
+        return f"{src}:{r.line}" if getattr(r, "line", 0) else src
+    for r in new_rules:
+        if r.name not in old:
+            out.append(RuleChange("added", r.name, where(r, new_src), (f"{r.direction} {r.action}",)))
+    for r in old_rules:
+        if r.name not in new:
+            out.append(RuleChange("removed", r.name, where(r, old_src), (f"{r.direction} {r.action}",)))
+    for r in new_rules:
+        o = old.get(r.name)
+        if o is None:
+            continue
+        det = [f"{f} {getattr(o, f)} → {getattr(r, f)}" for f in ("priority", "direction", "action", "protocol")
+               if hasattr(o, f) and getattr(o, f) != getattr(r, f)]
+        if hasattr(o, "peers"):
+            pd = _peers_delta(o.peers, r.peers)
+            if pd:
+                det.append(pd)
+        for f in ("ports", "icmp_types"):
+            if hasattr(o, f) and getattr(o, f, None) != getattr(r, f, None):
+                icmp = f == "icmp_types"
+                det.append(f"{f} {_ranges(getattr(o, f), icmp)} → {_ranges(getattr(r, f), icmp)}")
+        if det:
+            out.append(RuleChange("changed", r.name, f"{where(o, old_src)} → {where(r, new_src)}", tuple(det)))
+    common_old = [r.name for r in old_rules if r.name in new]
+    common_new = [r.name for r in new_rules if r.name in old]
+    sm = difflib.SequenceMatcher(a=common_old, b=common_new, autojunk=False)
+    kept = {common_old[blk.a + k] for blk in sm.get_matching_blocks() for k in range(blk.size)}
+    for n in common_new:
+        if n not in kept:
+            out.append(RuleChange("moved", n, where(new[n], new_src),
+                                  (f"tried {common_old.index(n) + 1}. → {common_new.index(n) + 1}. among the rules of both",)))
+    return out
+
+
+def setting_changes(old: Policy, new: Policy) -> list[str]:
+    out = []
+    for f in ("ingress", "egress", "stateful", "audit", "essential_icmp"):
+        a, b = getattr(old.defaults, f, None), getattr(new.defaults, f, None)
+        if a != b:
+            out.append(f"defaults.{f}: {a} → {b}")
+    for n in sorted(set(old.dos_profiles) | set(new.dos_profiles)):
+        a, b = old.dos_profiles.get(n), new.dos_profiles.get(n)
+        if a != b:
+            out.append(f"dos profile {n!r}: {'added' if a is None else 'removed' if b is None else 'changed'}")
+    oi = {i.name: i for i in old.interfaces}
+    ni = {i.name: i for i in new.interfaces}
+    for n in sorted(set(oi) | set(ni)):
+        if oi.get(n) != ni.get(n):
+            out.append(f"interface {n}: {oi.get(n)} → {ni.get(n)}")
+    return out
+
+
+def diff(old: Policy, new: Policy, by_rule: bool = False) -> PolicyDiff:
+    with paused_gc():
+        return _diff(old, new, by_rule)
+
+
+def _diff(old: Policy, new: Policy, by_rule: bool) -> PolicyDiff:
+    d = PolicyDiff(f"{old.source} ({old.name} revision {old.revision})", f"{new.source} ({new.name} revision {new.revision})")
+    d.changes = diff_tables(decision_table(old), decision_table(new), by_rule)
+    d.rules = rule_changes(old.rules, new.rules, old.source, new.source)
+    d.settings = setting_changes(old, new)
+    return d
+

@@ -1,0 +1,194 @@
+"""`hostwall-enforcer explain POLICY PACKET`: why a packet gets its verdict (docs/policy.md "Tooling").
+
+The deciding rule and the outcome come from the reference model (with the packet's `state`, through
+ctmodel), including the stages before the rules: essential ICMP (which kind, and which condition an
+ICMP message of an essential kind meets or misses) and later fragments; every later rule that also matches is listed as shadowed for this packet; the default of the
+direction says what would happen without a matching rule. From the compiled tables (table.py): the
+largest ranges around the packet that are judged alike (its peer's elementary interval, its port's
+key interval). From the policy's DoS profile of the interface: the limits this packet counts against
+and the bucket it shares. Live bans (operator and automatic) come from a running instance and are
+passed in by the caller (cli_tooling.py), so this module stays free of kernel code.
+Cost: O(rules × prefixes) for the matches (reference.match), plus one compile for the ranges.
+"""
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+
+from hostwall.bpf import layout as L
+
+from ..policy import DosProfile, Policy, Rule
+from ..reference import essential_icmp, evaluate, match
+from .ctmodel import Outcome, judge
+from .intervals import Span, addr_text, ranges_text
+from .packet import CasePacket
+from .regions import icmp_keys_text
+from .stages import ESS_MLD, ESS_ND, ESS_NONE, ESS_PMTU, KIND_NAMES, kind_of_message
+from .table import ICMP_KEYED, PIDX_NAMES, DecisionTable, decision_table
+
+__all__ = ["Explanation", "explain", "dos_limits"]
+
+
+@dataclass
+class Explanation:
+    packet: CasePacket
+    outcome: Outcome
+    matching: list[Rule]                    # every rule that matches the packet, in the order tried
+    default: str                            # allow | deny, of the packet's direction
+    stateful: bool
+    audit: bool
+    peer_range: tuple[str, str] | None = None
+    key_range: str | None = None
+    dos_profile: str | None = None
+    dos: list[str] = field(default_factory=list)
+    bans: list[dict] = field(default_factory=list)
+    source: str = ""
+    essential: str | None = None            # essential ICMP: why the packet passes before the rules, or not
+
+    def text(self) -> str:
+        p = self.packet
+        out = [f"packet   {p.text()}", f"verdict  {self.outcome.text()}"]
+        decider = self.matching[0] if self.matching and self.outcome.rule == self.matching[0].name else None
+        if self.outcome.reason == "pass_conntrack":
+            out.append("         the packet continues a tracked connection (its opener was allowed), so no rule "
+                       "is consulted")
+        elif self.outcome.reason == "pass_essential":
+            out.append(f"         passed as essential ICMP before any rule (defaults.essential_icmp): {self.essential}")
+        elif self.outcome.reason == "fragment_unmatched":
+            out.append("         a later fragment without its first fragment: judged before any rule "
+                       "(it follows its first fragment's verdict when that was seen)")
+        elif decider is not None:
+            out.append(f"         decided by rule {decider.name!r} ({self.source}:{decider.line}, priority "
+                       f"{decider.priority}, {decider.action})")
+        else:
+            out.append(f"         no rule matches: the {p.direction} default ({self.default}) applies")
+        rest = self.matching[1:] if decider is not None else self.matching
+        if self.essential and self.outcome.reason != "pass_essential":
+            out.append(f"essential ICMP: {self.essential}")
+        if rest:
+            out.append("shadowed (these match too, but are tried later):")
+            out += [f"         {r.name!r} ({self.source}:{r.line}, priority {r.priority}, {r.action})" for r in rest]
+        out.append(f"default  {p.direction}: {self.default} (when no rule matches)")
+        st = ("stateful: an allowed opening packet (TCP SYN, UDP, ICMP echo request) is tracked; the connection "
+              "then passes both ways without rules" if self.stateful else "stateless: every packet is judged by the rules")
+        out.append(f"state    {st}" + ("; audit mode: drops become would_drop and pass" if self.audit else ""))
+        if self.peer_range:
+            side = "source" if p.direction == "ingress" else "destination"
+            out.append(f"alike    every {side} in {self.peer_range[0]} - {self.peer_range[1]}"
+                       + (f" with {self.key_range}" if self.key_range else "") + " is judged the same way"
+                       + (" (with the same hop limit and embedded packet)" if self.essential else ""))
+        if self.dos_profile:
+            out.append(f"DoS      profile {self.dos_profile}:")
+            out += [f"         {d}" for d in self.dos]
+        elif p.direction == "ingress":
+            out.append("DoS      no DoS profile applies (give the interface: 'on IF', or list the interface "
+                       "with a dos_profile in the policy)")
+        if self.bans:
+            out.append("bans     " + "; ".join(f"{b['prefix']} ({b['kind']}"
+                                               + (f", {b['reason']}" if b.get("reason") else "") + ")"
+                                               for b in self.bans) + ": dropped as banned before any rule")
+        return "\n".join(out)
+
+    def to_json(self) -> dict:
+        return {"packet": self.packet.text(), **self.outcome.to_json(),
+                "matching": [{"rule": r.name, "line": r.line, "priority": r.priority, "action": r.action}
+                             for r in self.matching],
+                "default": self.default, "stateful": self.stateful, "audit": self.audit,
+                "peer_range": list(self.peer_range) if self.peer_range else None, "key_range": self.key_range,
+                "dos_profile": self.dos_profile, "dos": self.dos, "bans": self.bans, "essential_icmp": self.essential}
+
+
+def dos_limits(prof: DosProfile, pkt: CasePacket) -> list[str]:
+    """The limits of `prof` this packet counts against (docs/dos.md), in the order the guards check."""
+    out = []
+    src = ipaddress.ip_address(pkt.src)
+    plen = prof.source_prefix_v4 if src.version == 4 else prof.source_prefix_v6
+    bucket = ipaddress.ip_network(f"{src}/{plen}", strict=False)
+    syn = pkt.protocol == 6 and pkt.tcp_flag_bits & 0x16 == 0x02
+    if syn and prof.syn_per_source_pps:
+        out.append(f"SYN: {prof.syn_per_source_pps} per second per source (reason syn_flood)")
+    if pkt.protocol == 17 and prof.udp_per_source_pps:
+        out.append(f"UDP: {prof.udp_per_source_pps} per second per source (reason udp_flood)")
+    if pkt.protocol in (1, 58) and prof.icmp_per_source_pps:
+        out.append(f"ICMP: {prof.icmp_per_source_pps} per second per source (reason icmp_flood)")
+    if prof.per_source_pps:
+        out.append(f"packets: {prof.per_source_pps} per second per source, burst {prof.per_source_burst or prof.per_source_pps}"
+                   " (reason rate_limit)")
+    if prof.per_source_bps:
+        out.append(f"bits: {prof.per_source_bps / 1e6:g} Mbit/s per source (reason rate_limit)")
+    if syn and prof.syn_global_pps:
+        out.append(f"SYN, all sources together: {prof.syn_global_pps} per second (reason syn_flood)")
+    for port, proto, pps in prof.ports:
+        if pkt.protocol == (6 if proto == "tcp" else 17) and pkt.dport == port:
+            out.append(f"port {port}/{proto}: {pps} per second, all sources together (reason port_limit)")
+    if out:
+        out.append(f"the source's bucket is {bucket} (source_prefix_v{src.version}: /{plen}): every address in it "
+                   "shares these per-source limits")
+    else:
+        out.append("no limit of this profile applies to this packet")
+    if prof.ban_after_s and prof.ban_duration_s:
+        out.append(f"ban: over a per-source limit for {prof.ban_after_s:g} s in a row → every packet from {bucket} "
+                   f"dropped for {prof.ban_duration_s:g} s (reason banned)")
+    return out
+
+
+def _essential_note(policy: Policy, pkt: CasePacket, rp) -> str | None:
+    """Why an ICMP message of an essential kind passes before the rules, or why it does not (its
+    condition not met, or essential_icmp off); None for other messages."""
+    kind = kind_of_message(pkt.family, *pkt.icmp)
+    if kind == ESS_NONE:
+        return None
+    what = KIND_NAMES[kind]
+    if not getattr(policy.defaults, "essential_icmp", False):
+        return f"a {what} message, but defaults.essential_icmp is false: the rules judge it"
+    need = {ESS_ND: "hop limit 255", ESS_MLD: "hop limit 1 and a link-local source (fe80::/10 or ::)",
+            ESS_PMTU: "an embedded packet its destination sent ('about' the destination's address)"}[kind]
+    if essential_icmp(rp):
+        return f"a {what} message with {need}"
+    return f"a {what} message, but it passes before the rules only with {need}: the rules judge it"
+
+
+def explain(policy: Policy, pkt: CasePacket, dt: DecisionTable | None = None,
+            bans: list[dict] | None = None) -> Explanation:
+    """Explain `pkt` under `policy`; `bans` (from a running instance) are filtered to the ones that
+    cover the packet's source."""
+    rp = pkt.reference()
+    out = judge(policy, pkt, lambda c: evaluate(policy, c.reference()))
+    matching = [r for r in policy.rules if match(r, rp)]
+    ex = Explanation(pkt, out, matching, getattr(policy.defaults, pkt.direction), policy.defaults.stateful,
+                     policy.defaults.audit, source=policy.source)
+    dt = dt or decision_table(policy)
+    fam = pkt.family
+    _, lo, hi = dt.peer_interval_of(fam, int(ipaddress.ip_address(pkt.peer)))
+    ex.peer_range = (addr_text(fam, lo), addr_text(fam, hi - 1))
+    pidx = L.PROTO_IDX.get(pkt.proto_name, L.PROTO_IDX["other"])
+    name = PIDX_NAMES[pidx]
+    if name in ("tcp", "udp"):
+        key = 0 if pkt.fragment else pkt.dport
+    elif name in ("icmp", "icmpv6"):
+        t, c = pkt.icmp
+        key = (t << 8 | c) if ICMP_KEYED else 0
+    else:
+        key = 0
+    iv = dt.l4_interval_of(L.DIR[pkt.direction], pidx, key)
+    if iv is not None and name in ("tcp", "udp") and key:
+        ex.key_range = f"{name} port {ranges_text(Span(((iv[1], iv[2]),)) - Span.point(0))}"
+    elif iv is not None and name in ("icmp", "icmpv6") and ICMP_KEYED:
+        ex.key_range = f"{name} {icmp_keys_text(Span(((iv[1], iv[2]),)))}"
+        ex.essential = _essential_note(policy, pkt, rp)
+    by_if = {i.name: i.dos_profile for i in policy.interfaces}
+    if pkt.direction == "ingress":
+        prof = by_if.get(pkt.interface) if pkt.interface else None
+        where = f"interface {pkt.interface}"
+        if prof is None and not pkt.interface:
+            with_prof = {n: v for n, v in by_if.items() if v}
+            if len(set(with_prof.values())) == 1:
+                prof = next(iter(with_prof.values()))
+                where = "interface " + ", ".join(sorted(with_prof))
+        if prof:
+            ex.dos_profile = f"{prof} ({where})"
+            ex.dos = dos_limits(policy.dos_profiles[prof], pkt)
+        src = ipaddress.ip_address(pkt.src)
+        ex.bans = [b for b in (bans or []) if src in ipaddress.ip_network(b["prefix"])]
+    return ex
+

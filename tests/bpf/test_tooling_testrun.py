@@ -1,0 +1,152 @@
+"""`test` judges by the loaded programs too: on random policies and random cases — new packets and
+packets of connections a prior packet opened (`state: established | reply`, TCP flags of every kind) —
+the datapath (test-run, every hook that sees the packet) agrees with the reference model and its
+conntrack model (enforcer/analysis/ctmodel.py), ICMP of every kind included (types and codes matched
+by `icmp_types`, essential ICMP with its hop limits, embedded packets and link-local sources); a wrong
+expectation fails the CLI naming the case."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from hostwall.enforcer.analysis.judge import reference_outcomes
+from hostwall.enforcer.analysis.packet import ICMP_ERRORS, CasePacket
+from hostwall.enforcer.policy import parse_policy
+from hostwall.enforcer.testrun import TestRun
+from tests.tooling.strategies import HOP_LIMITS, ICMP_POINTS, PORT_POINTS, V4_HOSTS, V6_HOSTS, policies
+
+pytestmark = pytest.mark.bpf
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@st.composite
+def case_packets(draw) -> CasePacket:
+    fam = draw(st.sampled_from([4, 6]))
+    hosts = V4_HOSTS if fam == 4 else V6_HOSTS
+    proto = draw(st.sampled_from([6, 6, 17, 1 if fam == 4 else 58, 47]))
+    frag = proto in (6, 17, 47) and draw(st.integers(0, 12)) == 0
+    ported = proto in (6, 17) and not frag
+    state = draw(st.sampled_from(["new", "new", "established", "reply"])) if not frag and proto != 47 else "new"
+    icmp_type, icmp_code, ttl, about = None, 0, 64, None
+    src, dst = draw(st.sampled_from(hosts)), draw(st.sampled_from(hosts))
+    if proto in (1, 58):
+        echo = (8, 0) if fam == 4 else (128, 129)
+        if state != "new":
+            icmp_type = draw(st.sampled_from(echo))
+        else:                              # any type/code, essential kinds and their neighbours often
+            icmp_type, icmp_code = draw(st.sampled_from(ICMP_POINTS[fam]))
+            ttl = draw(st.sampled_from(HOP_LIMITS))
+            if icmp_type in ICMP_ERRORS[fam]:
+                about = draw(st.sampled_from([None, dst, src]))
+    return CasePacket(direction=draw(st.sampled_from(["ingress", "egress"])), protocol=proto, src=src, dst=dst,
+                      sport=draw(st.sampled_from(PORT_POINTS)) if ported else 0,
+                      dport=draw(st.sampled_from(PORT_POINTS)) if ported else 0,
+                      flags=draw(st.sampled_from(["S", "SA", "A", "PA", "R", "FA", "RA"])) if proto == 6 and not frag else "",
+                      icmp_type=icmp_type, icmp_code=icmp_code, icmp_id=draw(st.integers(1, 3)), fragment=frag,
+                      state=state, hop_limit=ttl, about=about)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
+                                                                  HealthCheck.data_too_large])
+@given(text=policies(max_rules=8), pkts=st.lists(case_packets(), min_size=1, max_size=12))
+def test_datapath_agrees_with_the_reference_and_conntrack_models(datapath, text, pkts):
+    policy = parse_policy(text)
+    tr = TestRun(policy, dp=datapath)
+    try:
+        got = tr.judge(pkts)
+    finally:
+        tr.close()
+    want = reference_outcomes(policy, pkts)
+    for p, g, w in zip(pkts, got, want):
+        for hook, o in g.items():
+            assert o == w, f"{hook} `{p.text()}`: datapath {o.text()}, reference {w.text()}\n{text}"
+
+
+def test_self_addressed_tuples(datapath):
+    """A tuple that is its own reverse (an echo from an address to itself, equal ports) names its
+    sender the initiator in the datapath's normalised key: as a reply it is judged by the rules, as
+    the same direction it continues. The conntrack model agrees (found by the test above)."""
+    policy = parse_policy('version: 1\nname: t\ndefaults: {ingress: allow, egress: allow, stateful: true}\nrules: []\n')
+    pkts = [CasePacket("ingress", 1, "0.0.0.0", "0.0.0.0", icmp_type=8, state="reply"),
+            CasePacket("ingress", 17, "10.0.0.1", "10.0.0.1", 53, 53, state="reply"),
+            CasePacket("ingress", 6, "10.0.0.1", "10.0.0.1", 80, 80, "A", state="reply"),
+            CasePacket("ingress", 6, "10.0.0.1", "10.0.0.1", 80, 80, "A", state="established"),
+            CasePacket("ingress", 6, "10.0.0.1", "10.0.0.1", 80, 81, "SA", state="reply")]
+    tr = TestRun(policy, dp=datapath)
+    try:
+        got = tr.judge(pkts)
+    finally:
+        tr.close()
+    want = reference_outcomes(policy, pkts)
+    assert [w.reason for w in want] == ["pass_default"] * 3 + ["pass_conntrack"] * 2
+    for p, g, w in zip(pkts, got, want):
+        assert all(o == w for o in g.values()), (p.text(), g, w)
+
+
+POLICY = """version: 1
+name: web
+defaults: {ingress: deny, egress: allow}
+rules:
+  - {name: ssh-admin, priority: 10, direction: ingress, action: allow, protocol: tcp, ports: [22], peers: [10.20.0.0/16]}
+  - {name: web, priority: 20, direction: ingress, action: log, protocol: tcp, ports: [80, 443]}
+  - {name: no-smtp-out, priority: 30, direction: egress, action: deny, protocol: tcp, ports: [25]}
+  - {name: ping, priority: 40, direction: ingress, action: allow, protocol: icmp, icmp_types: [echo-request]}
+"""
+CASES = """cases:
+  - name: ssh from the admin network
+    packet: ingress tcp 10.20.1.5:40000 -> :22
+    expect: {verdict: allow, reason: pass_rule, rule: ssh-admin}
+  - name: web is logged
+    packet: ingress tcp [2001:db8:1::5]:5555 -> :443
+    expect: {verdict: allow, rule: web}
+  - name: replies of outbound https
+    packet: ingress tcp 198.51.100.7:443 -> :40001 flags SA
+    state: reply
+    expect: {verdict: allow, reason: pass_conntrack}
+  - name: a second SYN of an open connection
+    packet: egress tcp :40001 -> 198.51.100.7:443
+    state: established
+    expect: {verdict: allow, reason: pass_conntrack}
+  - name: smtp out is blocked
+    packet: egress tcp :40000 -> 198.51.100.25:25
+    expect: {verdict: drop, rule: no-smtp-out}
+  - name: ping is allowed
+    packet: ingress icmp 203.0.113.9 -> 192.0.2.1 type echo-request
+    expect: {verdict: allow, rule: ping}
+  - name: other unreachables are not
+    packet: ingress icmp 203.0.113.9 -> 192.0.2.1 type 3/1 about 192.0.2.1
+    expect: {verdict: drop, reason: default_deny}
+  - name: fragmentation needed about our packet passes as essential ICMP
+    packet: ingress icmp 203.0.113.9 -> 192.0.2.1 type 3/4 about 192.0.2.1
+    expect: {verdict: allow, reason: pass_essential, rule: essential_icmp}
+  - name: neighbour solicitation with hop limit 255
+    packet: ingress icmpv6 fe80::9 -> 2001:db8::1 type neighbor-solicitation ttl 255
+    expect: {verdict: allow, reason: pass_essential}
+  - name: neighbour solicitation routed from afar
+    packet: ingress icmpv6 2001:db8:99::9 -> 2001:db8::1 type neighbor-solicitation ttl 60
+    expect: {verdict: drop, reason: default_deny}
+"""
+
+
+def _cli(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "hostwall.enforcer.cli", *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=180)
+
+
+def test_cli_test_with_the_datapath(tmp_path):
+    (tmp_path / "p.yaml").write_text(POLICY)
+    (tmp_path / "c.yaml").write_text(CASES)
+    r = _cli("test", "p.yaml", "c.yaml", "--junit", "j.xml", cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "reference model and datapath (test-run)" in r.stdout
+    assert ET.parse(tmp_path / "j.xml").getroot().get("tests") == "10"
+    (tmp_path / "w.yaml").write_text(CASES.replace("expect: {verdict: drop, rule: no-smtp-out}", "expect: allow"))
+    r = _cli("test", "p.yaml", "w.yaml", cwd=tmp_path)
+    assert r.returncode == 1 and "case 'smtp out is blocked'" in r.stdout and "verdict drop, expected allow" in r.stdout
+    assert "datapath disagrees" not in r.stdout
