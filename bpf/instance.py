@@ -187,6 +187,11 @@ class Instance:
         pk = self._percpu_array(frag.STATS_MAP, "hw_counter", 2 * n)["packets"]
         return {fam: {name: int(pk[j * n + i]) for i, name in L.FRAG_STAT_NAMES.items()} for j, fam in enumerate((4, 6))}
 
+    def fqdn_stats(self) -> dict[str, int]:
+        """The datapath's dynamic-set lookups since load: tried, hit, found expired (hw_fqdn_stats)."""
+        pk = self._percpu_array("hw_fqdn_stats", "hw_counter", L.C["HW_FQDN_STATS"])["packets"]
+        return {name: int(pk[i]) for i, name in L.FQDN_STAT_NAMES.items()}
+
     # hash map -> (key dtype, value dtype, per-CPU); the conntrack and DoS source tables are counted in place
     PRESSURE_MAPS = {"hw_dos_banned": ("hw_dos_key", "hw_dos_ban", False),
                      "hw_drops0": ("hw_drop_key", "hw_drop_val", True), "hw_drops1": ("hw_drop_key", "hw_drop_val", True)}
