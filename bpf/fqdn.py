@@ -202,3 +202,28 @@ class FqdnMaps:
             except BufferError:
                 pass
             self._mm = None
+
+
+def copy_maps(old_fds: dict[str, int], new_fds: dict[str, int]) -> int:
+    """Copy the dynamic set, the learnt names and the proxy's counters of one instance into another's
+    (a new build of the datapath), when their layouts agree; returns the set entries copied."""
+    for n in MAPS:
+        a, b = bpfsys.map_info(old_fds[n]), bpfsys.map_info(new_fds[n])
+        if (a.type, a.key_size, a.value_size) != (b.type, b.key_size, b.value_size):
+            return 0
+    copied = 0
+    for n in (SET_MAP, NAMES_MAP, NAME_IPS_MAP):
+        info = bpfsys.map_info(old_fds[n])
+        for kb, vb, cnt in bpfsys.iter_batches(old_fds[n], info.key_size, info.value_size):
+            keys, vals = kb.raw[: cnt * info.key_size], vb.raw[: cnt * info.value_size]
+            for i in range(cnt):
+                try:
+                    bpfsys.map_update(new_fds[n], keys[i * info.key_size:(i + 1) * info.key_size],
+                                      vals[i * info.value_size:(i + 1) * info.value_size])
+                except bpfsys.BpfError:
+                    break                       # the new map is full: the rest is learnt again
+                copied += n == SET_MAP
+    raw = bpfsys.array_slots(old_fds[STATS_MAP], 0, L.C["HW_DNS_STATS"], 8)
+    for i in range(L.C["HW_DNS_STATS"]):
+        bpfsys.map_update(new_fds[STATS_MAP], i.to_bytes(4, "little"), raw[8 * i:8 * i + 8])
+    return copied

@@ -66,7 +66,7 @@
 #define HW_FQDN_IPS_MAX       65536     /* (set, address) entries of the dynamic set, all sets together */
 #define HW_DNS_NAMES_MAX      16384     /* names the proxy learnt addresses for (hw_dns_names) */
 #define HW_DNS_NAME_LEN       256       /* a name (at most 253 characters) and its NUL */
-#define HW_DNS_LAT_BUCKETS    16        /* proxy latency histogram buckets (hw_dns_stats) */
+#define HW_DNS_LAT_BUCKETS    15        /* proxy latency histogram buckets (hw_dns_stats) */
 
 /* ---- enums ---------------------------------------------------------------------------------- */
 enum hw_hook { HW_HOOK_XDP_INGRESS = 0, HW_HOOK_TC_INGRESS = 1, HW_HOOK_TC_EGRESS = 2, HW_HOOKS = 3 };
@@ -264,7 +264,8 @@ enum hw_dns_stat {
 	HW_DNS_SET_FULL = 13,       /* addresses the full dynamic set refused */
 	HW_DNS_RECORDS_SUPPRESSED = 14, /* DNS decision records over the rate limit: counted, not written */
 	HW_DNS_LATENCY_SUM_US = 15, /* sum of answer latencies (µs) */
-	HW_DNS_LAT0 = 16,           /* HW_DNS_LAT_BUCKETS latency buckets follow */
+	HW_DNS_OVERLOAD = 16,       /* queries dropped: too many in flight */
+	HW_DNS_LAT0 = 17,           /* HW_DNS_LAT_BUCKETS latency buckets follow */
 	HW_DNS_STATS = 32,
 };
 

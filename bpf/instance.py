@@ -194,7 +194,9 @@ class Instance:
 
     # hash map -> (key dtype, value dtype, per-CPU); the conntrack and DoS source tables are counted in place
     PRESSURE_MAPS = {"hw_dos_banned": ("hw_dos_key", "hw_dos_ban", False),
-                     "hw_drops0": ("hw_drop_key", "hw_drop_val", True), "hw_drops1": ("hw_drop_key", "hw_drop_val", True)}
+                     "hw_drops0": ("hw_drop_key", "hw_drop_val", True), "hw_drops1": ("hw_drop_key", "hw_drop_val", True),
+                     "hw_fqdn": ("hw_fqdn_key", "hw_fqdn_val", False), "hw_dns_names": (8, "hw_dns_name", False),
+                     "hw_dns_name_ips": ("hw_dns_name_ip", "hw_fqdn_val", False)}
 
     def map_pressure(self) -> dict[str, dict]:
         """Fill of the conntrack, fragment and DoS source tables and the hash maps (entries / capacity, %).
@@ -221,8 +223,8 @@ class Instance:
         for name, (kdt, vdt, percpu) in self.PRESSURE_MAPS.items():
             fd = self.map_fds[name]
             vbytes = (L.DTYPES[vdt].itemsize + 7) // 8 * 8 * (self.ncpus if percpu else 1)
-            out[name] = pressure_row(bpfsys.count_entries(fd, L.DTYPES[kdt].itemsize, vbytes),
-                                     bpfsys.map_info(fd).max_entries)
+            ksize = kdt if isinstance(kdt, int) else L.DTYPES[kdt].itemsize
+            out[name] = pressure_row(bpfsys.count_entries(fd, ksize, vbytes), bpfsys.map_info(fd).max_entries)
         return out
 
     def clear_conntrack(self) -> None:

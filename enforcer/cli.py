@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
 import time
 
@@ -83,45 +82,13 @@ def _interfaces(a, p: Policy) -> list[InterfaceConf]:
 
 
 def cmd_run(a) -> int:
-    from . import control
+    from . import runner
     p = _load(a.policy)
     ifaces = _interfaces(a, p)
     if not ifaces:
         _err("no interface to protect: pass --interface IF or list `interfaces:` in the policy")
         return EXIT_INPUT
-    dp, st, res = control.start(p, a.pin_dir, ifaces, a.netns)
-    how = "took over the running instance (no gap)" if res.adopted else "loaded the datapath"
-    if res.migrated_conntrack:
-        how += f", carried {res.migrated_conntrack} tracked connections over"
-    where = ", ".join(f"{i.name} (xdp {i.xdp_mode}, tc)" for i in res.interfaces)
-    print(f"hostwall-enforcer: {how}; enforcing {p.name} revision {p.revision} "
-          f"({res.apply.rules} rules, {res.apply.prefixes} prefixes) on {where}", flush=True)
-
-    state = {"reload": False, "stop": None}
-    signal.signal(signal.SIGHUP, lambda *_: state.update(reload=True))
-    signal.signal(signal.SIGTERM, lambda *_: state.update(stop="SIGTERM"))
-    signal.signal(signal.SIGINT, lambda *_: state.update(stop="SIGINT"))
-    try:
-        while state["stop"] is None:
-            time.sleep(0.2)
-            if state["reload"]:
-                state["reload"] = False
-                try:
-                    r = control.apply(_load(a.policy), a.pin_dir)
-                    print(f"hostwall-enforcer: SIGHUP: revision {r.old_revision} → {r.new_revision} "
-                          f"(switch {r.switch_ms:.3f} ms)", flush=True)
-                except PolicyError as e:
-                    _policy_errors(e)
-                    _err("SIGHUP: the running policy is unchanged")
-    finally:
-        dp.close()
-    if a.keep_attached:
-        print(f"hostwall-enforcer: {state['stop']}: exiting, programs stay attached and pinned at {a.pin_dir}",
-              flush=True)
-    else:
-        gone = control.detach(a.pin_dir)
-        print(f"hostwall-enforcer: {state['stop']}: detached from {', '.join(gone) or 'nothing'}", flush=True)
-    return EXIT_OK
+    return runner.run(a, p, ifaces, _load, _policy_errors)
 
 
 def cmd_apply(a) -> int:

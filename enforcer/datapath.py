@@ -93,6 +93,12 @@ class Datapath(Instance):
         attach.detach_xdp(ifname, netns)
         attach.detach_tc(ifname, netns)
 
+    def grace_period(self) -> None:
+        """Wait one RCU grace period: no packet that started before this call is still running."""
+        if self._barrier is None:
+            self._barrier = bpfsys.RcuBarrier()
+        self._barrier.wait()
+
     def install(self, cp: CompiledPolicy) -> SwapTiming:
         """Write `cp` into the standby generation and switch to it atomically."""
         if self._barrier is None:
