@@ -49,6 +49,8 @@ def parse_pattern(text: str) -> str:
         raise ValueError(f"{text!r} is not a name; write a DNS name like mirror.example.com")
     raw = text.strip()
     name = normalize_name(raw)
+    if name == "*":
+        raise ValueError(f"{raw!r}: a wildcard needs the name it stands under, like '*.example.com'")
     if name.startswith("*."):
         rest = name[2:]
         if "*" in rest:
