@@ -7,7 +7,7 @@ Tasks (each watched: a task that fails or ends on its own stops the service, whi
     drops    every drop_summary_interval (≤ 1 s): KernelSource.drain_drops → on_drop_summaries
     ct       every conntrack_scan_interval: scan_conntrack → on_conntrack (FIN closes after the close
              grace period, idle ends, active updates)
-    tick     every second: builder/anomaly tick, enforcer audit-log tail, kernel loss counters
+    tick     every second: builder/anomaly tick, enforcer audit-log and DNS-log tails, kernel loss counters
     status   every status_interval: the status JSON ($HOSTWALL_STATE_DIR/collector-<pin stem>.json)
     sink:*   one per sink: its queue → sink.send; flush when idle for a second
 
@@ -148,7 +148,8 @@ class Pipeline:
     def __init__(self, cfg: CollectorConfig, source, builder, sinks: list, *, enricher=None, anomaly=None,
                  ledger: Ledger | None = None, clock_factory: Callable[[int], Any] | None = None,
                  audit_log: str | os.PathLike | None = None, status_path: str | os.PathLike | None = None,
-                 shutdown_timeout_s: float = SHUTDOWN_TIMEOUT_S, close_source: bool = True, metrics=None):
+                 shutdown_timeout_s: float = SHUTDOWN_TIMEOUT_S, close_source: bool = True, metrics=None,
+                 dns_log: str | os.PathLike | None = None):
         self.cfg = cfg
         self.source = source
         self.builder = builder
@@ -181,6 +182,8 @@ class Pipeline:
         self._started = time.time()
         self._clock_at = 0.0
         self._audit_pos: tuple[int, int] | None = None     # (inode, offset)
+        self.dns_log = Path(dns_log) if dns_log else None
+        self._dns_tail = None                               # collector.logtail.JsonlTail, once started
         self.state = "starting"
         self.last_drain: dict = {}
         self.last_scan: dict = {}
@@ -236,6 +239,9 @@ class Pipeline:
         self.ledger.fold_kernel(await self._k(self.source.kernel_loss))
         self.ring = self.source.ring()
         self._audit_pos = self._audit_resume()
+        if self.dns_log is not None and hasattr(self.builder, "on_dns"):
+            from .logtail import JsonlTail
+            self._dns_tail = JsonlTail.resume(self.dns_log, self.status_path, "dns_log")
         self._spawn("ring", self._read_ring())
         self._spawn("events", self._build_events())
         self._spawn("drops", self._every(self.cfg.drop_interval_s, self._export_drops))
@@ -390,6 +396,7 @@ class Pipeline:
         if self.anomaly is not None:                     # the detector works in wall-clock seconds
             await self._emit(self.anomaly.tick(time.time()) or [], "anomaly", observe=False)
         await self._tail_audit()
+        await self._tail_dns()
         self.ledger.fold_kernel(await self._k(self.source.kernel_loss))
         if time.monotonic() - self._clock_at >= CLOCK_RECALIBRATE_S:      # follow wall-clock steps
             self.clock = self._clock_factory(self.source.monotonic_to_wall())
@@ -436,6 +443,15 @@ class Pipeline:
         if bad:
             self.ledger.lose("decode", "audit_line", bad, produced="audit")
         await self._emit(recs, "audit", observe=False)
+
+    async def _tail_dns(self) -> None:
+        """The DNS proxy's decision records (enforcer/dnsrecords.py), as the audit log above."""
+        if self._dns_tail is None:
+            return
+        lines, bad = self._dns_tail.read()
+        if bad:
+            self.ledger.lose("decode", "dns_line", bad, produced="dns")
+        await self._emit([self.builder.on_dns(x) for x in lines], "dns", observe=False)
 
     # ---- records → sinks -------------------------------------------------------------------------
     async def _emit(self, records: list[dict], source: str, *, observe: bool = True) -> None:
@@ -660,6 +676,8 @@ class Pipeline:
                     out[name] = {"error": repr(e)}
         if self._audit_pos is not None:
             out["audit"] = {"path": str(self.audit_log), "inode": self._audit_pos[0], "offset": self._audit_pos[1]}
+        if self._dns_tail is not None:
+            out["dns_log"] = self._dns_tail.status()
         return out
 
     async def _write_status(self, final: bool = False) -> None:
@@ -729,4 +747,4 @@ def build_pipeline(cfg: CollectorConfig) -> Pipeline:
     if AnomalyDetector is not None:
         anomaly = AnomalyDetector(cfg.anomaly if isinstance(cfg.anomaly, AnomalyConfig) else None, host)
     return Pipeline(cfg, source, builder, sinks, enricher=enricher, anomaly=anomaly, ledger=ledger,
-                    audit_log=instance.audit_log, metrics=SelfMetrics.from_config(cfg))
+                    audit_log=instance.audit_log, metrics=SelfMetrics.from_config(cfg), dns_log=instance.dns_log)

@@ -102,7 +102,7 @@ class DnsRecordLog:
         """No upstream answered in time (or every one failed): the client got SERVFAIL."""
         if not self._allow():
             return
-        rec = self._base("dns-upstream-failure", ["protocol", "error"], q, "SERVFAIL", client, server, transport,
+        rec = self._base("dns-upstream-failure", ["protocol"], q, "SERVFAIL", client, server, transport,
                          "upstream_failure")
         rec["event"]["reason"] = f"no upstream answered: {error}"
         rec["error"] = {"message": error, "type": "upstream_failure"}

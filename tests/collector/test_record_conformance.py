@@ -4,7 +4,9 @@ the records declare (tests/data/README.md): ECS on the canonical record, OCSF on
 The records come from the code paths the other collector tests use: RecordBuilder via
 test_records.sample_records (flow start/end/update, deny, audit-mode deny, log, drop summary and
 overflow summary), the same records through the Enricher (test_encoders.enriched_records),
-AnomalyDetector open/update/close (test_anomaly.anomaly_records) and RecordBuilder.on_audit. They are
+AnomalyDetector open/update/close (test_anomaly.anomaly_records), RecordBuilder.on_audit, the DNS
+proxy's decision records through RecordBuilder.on_dns and flows named by their fqdns rule's learnt
+destination.domain (test_dns_records.dns_records, domain_flow_records). They are
 also checked against the published JSON Schemas (schemas/*.json) and the contract's invariants
 (tests/conformance/records.py: one host per .ip, flow times and order). A failure lists each distinct
 violation with the number of records that have it.
@@ -26,6 +28,7 @@ from hostwall.collector.encoders import to_ocsf
 from hostwall.collector.encoders.ocsf import OCSF_VERSION
 from hostwall.collector.records import ECS_VERSION
 from tests.collector.test_anomaly import anomaly_records
+from tests.collector.test_dns_records import dns_records, domain_flow_records
 from tests.collector.test_encoders import enriched_records
 from tests.collector.test_records import audit_record, builder, sample_records
 from tests.conformance import ecs, ocsf
@@ -33,7 +36,7 @@ from tests.conformance import records as invariants
 
 SCHEMAS = Path(__file__).resolve().parents[2] / "schemas"
 SCHEMA_OF = {"flow": "flow", "log": "flow", "deny": "flow", "drop_summary": "flow", "anomaly": "anomaly",
-             "audit": "audit"}
+             "audit": "audit", "dns": "dns"}
 
 
 def schema_errors(rec: dict) -> list[str]:
@@ -45,7 +48,7 @@ def schema_errors(rec: dict) -> list[str]:
 
 KINDS = ["flow:flow_start", "flow:flow_end", "flow:flow_update", "deny:deny", "deny:would_deny", "log:log",
          "drop_summary:drop_summary", "drop_summary:overflow", "anomaly:anomaly_open", "anomaly:anomaly_update",
-         "anomaly:anomaly_close", "audit:policy-apply"]
+         "anomaly:anomaly_close", "audit:policy-apply", "dns:dns-refused", "dns:dns-upstream-failure"]
 
 
 def label(rec: dict) -> str:
@@ -56,8 +59,9 @@ def label(rec: dict) -> str:
 @pytest.fixture
 def records(tmp_path, monkeypatch) -> dict[str, list[dict]]:
     """label -> records of that kind, raw and enriched."""
-    recs = sample_records() + enriched_records() + anomaly_records()
+    recs = sample_records() + enriched_records() + anomaly_records() + domain_flow_records()
     recs.append(builder().on_audit(audit_record(tmp_path, monkeypatch)))
+    recs += dns_records(tmp_path, monkeypatch)
     out = collections.defaultdict(list)
     for r in recs:
         out[label(r)].append(r)
