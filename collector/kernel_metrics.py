@@ -49,6 +49,7 @@ from typing import Any
 
 import numpy as np
 
+from .dns_metrics import DNS_SPEC, dns_families
 from .metric_family import Family
 
 log = logging.getLogger("hostwall.collector.kernel_metrics")
@@ -159,6 +160,9 @@ SPEC: dict[str, tuple[str, str, tuple[str, ...], str, str]] = {
     "hostwall_kernel_metrics_read_duration_seconds": ("gauge", "s", (), "Duration of the last kernel read for these "
                                                       "metrics", "this module"),
 }
+
+
+SPEC.update(DNS_SPEC)                    # the DNS proxy and FQDN rules (collector/dns_metrics.py)
 
 
 def _family(prom: str) -> Family:
@@ -629,6 +633,7 @@ class KernelCollector:
             if "evicted" in rows[name]:
                 evicted.add((name,), rows[name]["evicted"])
         fams += [ent, cap, evicted]
+        fams += dns_families(dp, _family)
         return fams
 
     @staticmethod

@@ -215,3 +215,38 @@ def _dns_log(enf) -> list[dict]:
     from pathlib import Path
     path = next(Path(enf.state_dir).glob("*.dns.jsonl"))
     return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_collector_ships_dns_records_and_names_fqdn_flows(lab, world, tmp_path):
+    """The real collector next to the enforcer: flows allowed by the fqdns rule carry destination.domain
+    (the name asked), the refused name is a DNS record; both valid ECS 8.11 / OCSF 1.7 (4001, 4003)."""
+    from hostwall.collector.encoders import to_ocsf
+    from hostwall.lab.collector_proc import CollectorProcess, read_jsonl
+    from tests.conformance import ecs, ocsf
+
+    text = policy_text(dns_extra=", refuse_unlisted: true")
+    with EnforcerProcess(lab, write(tmp_path, text)) as enf, CollectorProcess(enf, tmp_path / "out") as col:
+        assert addresses(lookup(lab, "a.cdn.example.test")) == [CDN]
+        s = connect(lab, "prot", CDN, PORT, 1.0)
+        assert s is not None
+        s.sendall(b"hello")
+        assert s.recv(16) == b"hello"
+        s.close()
+        assert lookup(lab, "other.example.test").rcode() == dns.rcode.REFUSED
+
+        def shipped():
+            recs = read_jsonl(col.jsonl) if col.jsonl.exists() else []
+            flows = [r for r in recs if r["hostwall"]["kind"] == "flow" and r.get("destination", {}).get("ip") == CDN]
+            dnsr = [r for r in recs if r["hostwall"]["kind"] == "dns"]
+            return (flows, dnsr) if any("start" in f["event"]["type"] for f in flows) and dnsr else None
+
+        until(lambda: shipped() is not None, 20, "the flow start and the DNS record in the collector's output")
+        flows, dnsr = shipped()
+        start = next(f for f in flows if "start" in f["event"]["type"])
+        assert start["rule"]["name"] == "mirrors" and start["destination"]["domain"] == "a.cdn.example.test"
+        assert dnsr[0]["dns"]["question"]["name"] == "other.example.test"
+        assert dnsr[0]["dns"]["response_code"] == "REFUSED" and dnsr[0]["event"]["action"] == "dns-refused"
+        for r in (start, dnsr[0]):
+            assert ecs.validate(r) == [], r
+            assert ocsf.validate(to_ocsf(r)) == [], to_ocsf(r)
+        assert to_ocsf(dnsr[0])["class_uid"] == 4003
