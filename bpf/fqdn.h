@@ -27,9 +27,9 @@ static __always_inline void fqdn_count(__u32 what)
 
 /* The first matching rule once fqdns rules are considered: `m` is the first static match (order index,
  * or -1); an fqdns rule of the packet's L4 class that comes before it matches when the destination is in
- * its set and the entry has not expired. Candidates are tried in rule order, one hash lookup each, and
- * only those before `m`: a packet whose class holds no fqdns rule, or whose static match comes first,
- * pays one inlined array load. Expiry only stops new connections: packets of tracked ones never get here. */
+ * its set and the entry has not expired. Candidates are tried in rule order, one hash lookup each (~40 ns
+ * here: docs/benchmarks.md "FQDN rules"), and only those before `m`: a packet whose class holds no fqdns
+ * rule, or whose static match comes first, pays one inlined array load. Expiry only stops new connections: packets of tracked ones never get here. */
 static __always_inline int fqdn_match(struct env *v, struct pkt *p, __u32 gen, __u32 lcls, int m)
 {
 	__u32 k = gen * HW_L4_CLASSES_MAX + (lcls & (HW_L4_CLASSES_MAX - 1));
@@ -56,10 +56,11 @@ static __always_inline int fqdn_match(struct env *v, struct pkt *p, __u32 gen, _
 		if (!fr || (m >= 0 && fr->order >= (__u32)m))
 			break;
 		fk.set = fr->set;
-		fqdn_count(HW_FQS_LOOKUP);
 		struct hw_fqdn_val *e = hw_fqdn.lookup(&fk);
-		if (!e)
+		if (!e) {
+			fqdn_count(HW_FQS_MISS);
 			continue;
+		}
 		if (e->expires_ns > v->now) {
 			fqdn_count(HW_FQS_HIT);
 			p->fqdn_m = fr->order & (HW_MAX_RULES - 1);

@@ -6,15 +6,20 @@
     hw_dns_name_ips  (name_id, address) -> (expires_ns, learnt_ns): the source the sets are derived from
     hw_dns_stats     the proxy's counters (mmap, enum hw_dns_stat)
 
-User space only writes them (the proxy, and a policy swap filling a new set), one element per syscall
-(~3 µs) or in batches; a full map refuses the element (`put` returns False, the caller counts it).
+User space only writes them (the proxy, and a policy swap filling a new set, possibly in two processes:
+their writes to the dynamic set happen inside `writing()`, an exclusive flock on a lock file beside the
+instance state, so a renewal never undoes a longer expiry another writer just set), one element per
+syscall (~3 µs) or in batches; a full map refuses the element (`put` returns False, the caller counts it).
 Times are CLOCK_MONOTONIC ns, the datapath's clock. Used by the enforcer (proxy, swap, status) and the
 collector (metrics, destination.domain), so it lives here, below both.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import ipaddress
+import os
 import time
 from dataclasses import dataclass
 
@@ -22,6 +27,7 @@ import numpy as np
 
 from . import bpfsys
 from . import layout as L
+from .state import state_dir
 
 __all__ = ["SET_MAP", "NAMES_MAP", "NAME_IPS_MAP", "STATS_MAP", "FqdnMaps", "Learnt", "name_id", "now_ns",
            "MAPS"]
@@ -76,12 +82,37 @@ class Learnt:
 
 
 class FqdnMaps:
-    """The four maps of one instance, by fd (owned by the caller's Instance)."""
+    """The four maps of one instance, by fd (owned by the caller's Instance). `pin_dir` names the lock file
+    writers share (None: no lock, for a writer known to be alone, e.g. a test)."""
 
-    def __init__(self, map_fds: dict[str, int]):
+    def __init__(self, map_fds: dict[str, int], pin_dir: str | None = None):
         self.fds = {n: map_fds[n] for n in MAPS}
+        self.pin_dir = pin_dir
         self._stats: np.ndarray | None = None
         self._mm = None
+        self._lock_fd: int | None = None
+        self._depth = 0
+        self.evicted = 0                # the hash map never evicts (kept for the writers' interface)
+
+    @contextlib.contextmanager
+    def writing(self):
+        """Hold the instance's writer lock (re-entrant within this object)."""
+        if self.pin_dir is None:
+            yield
+            return
+        if self._depth == 0:
+            path = state_dir() / (os.path.abspath(self.pin_dir).strip("/").replace("/", "_") + ".fqdn.lock")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._lock_fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        self._depth += 1
+        try:
+            yield
+        finally:
+            self._depth -= 1
+            if self._depth == 0 and self._lock_fd is not None:
+                os.close(self._lock_fd)            # closing releases the flock
+                self._lock_fd = None
 
     # ---- the dynamic set ------------------------------------------------------------------------
     def _put(self, fd: int, key: bytes, value: bytes) -> bool:
@@ -157,12 +188,22 @@ class FqdnMaps:
                               int(v["learnt_ns"][i])))
         return out
 
+    def set_live(self, now: int) -> int:
+        """Unexpired entries of the dynamic set (a batch dump)."""
+        _, vals, n = bpfsys.map_batch(self.fds[SET_MAP], _KEY.itemsize, _VAL.itemsize)
+        return int((np.frombuffer(vals, _VAL, n)["expires_ns"] > np.uint64(now)).sum())
+
     def sweep(self, now: int) -> dict[str, int]:
         """Delete expired set entries, expired (name, address) pairs and names left without addresses.
         The datapath ignores expired entries anyway; this frees their room. O(entries) syscalls-light:
         batch dumps, one delete per expired entry."""
         out = {"set": 0, "name_ips": 0, "names": 0}
-        for mp, kdt, field in ((SET_MAP, _KEY, "set"), (NAME_IPS_MAP, _NKEY, "name_ips")):
+        with self.writing():
+            keys, vals, n = bpfsys.map_batch(self.fds[SET_MAP], _KEY.itemsize, _VAL.itemsize)
+            k, v = np.frombuffer(keys, _KEY, n), np.frombuffer(vals, _VAL, n)
+            for i in np.flatnonzero(v["expires_ns"] <= np.uint64(now)):
+                out["set"] += bpfsys.map_delete(self.fds[SET_MAP], k[i].tobytes())
+        for mp, kdt, field in ((NAME_IPS_MAP, _NKEY, "name_ips"),):
             keys, vals, n = bpfsys.map_batch(self.fds[mp], kdt.itemsize, _VAL.itemsize)
             k, v = np.frombuffer(keys, kdt, n), np.frombuffer(vals, _VAL, n)
             for i in np.flatnonzero(v["expires_ns"] <= np.uint64(now)):

@@ -242,7 +242,7 @@ struct hw_dns_name_ip {             /* hw_dns_name_ips key; value: struct hw_fqd
 };
 
 /* hw_fqdn_stats[]: per-CPU counts of the datapath's dynamic-set lookups */
-enum hw_fqdn_stat { HW_FQS_LOOKUP = 0, HW_FQS_HIT = 1, HW_FQS_EXPIRED = 2, HW_FQDN_STATS = 3 };
+enum hw_fqdn_stat { HW_FQS_HIT = 0, HW_FQS_EXPIRED = 1, HW_FQS_MISS = 2, HW_FQDN_STATS = 3 };
 
 /* hw_dns_stats[]: the DNS proxy's counters (u64 each; written by the enforcer's proxy alone, through mmap,
  * never by a program: pinned so they survive enforcer restarts, read by `status` and the collector's

@@ -75,5 +75,5 @@ def dns_families(dp, family: Callable[[str], object]) -> list:
     fq = dp.fqdn_stats()
     fams["hostwall_fqdn_lookups"].add(("hit",), fq["hit"])
     fams["hostwall_fqdn_lookups"].add(("expired",), fq["expired"])
-    fams["hostwall_fqdn_lookups"].add(("miss",), max(0, fq["lookup"] - fq["hit"] - fq["expired"]))
+    fams["hostwall_fqdn_lookups"].add(("miss",), fq["miss"])
     return list(fams.values())

@@ -119,17 +119,22 @@ def _install_with_sets(dp: Datapath, st: InstanceState, policy: Policy, cp, sets
     publish the new sets alone. Returns (addresses filled, the swap's timing)."""
     old = {v: tuple(k.split("\n")) for k, v in st.fqdn_sets.items()}
     new = {v: tuple(k.split("\n")) for k, v in sets.items()}
-    fm = fq.FqdnMaps(dp.map_fds)
-    fqdnsets.publish(st.pin_dir, {**old, **new}, policy.dns, policy.revision)
-    if fresh:
-        fm.delete_sets(set(fresh))          # an id retired earlier may hold leftovers (a crash mid-swap)
-    filled = fqdnsets.fill_sets(fm, {i: new[i] for i in fresh})["entered"]
-    timing = dp.install(cp)
-    retired = set(old) - set(new)
-    if retired:
-        dp.grace_period()                   # no packet still judges by the old generation's sets
-        fm.delete_sets(retired)
-    fqdnsets.publish(st.pin_dir, new, policy.dns, policy.revision)
+    fm = fq.FqdnMaps(dp.map_fds, st.pin_dir)
+    try:
+        fqdnsets.publish(st.pin_dir, {**old, **new}, policy.dns, policy.revision)
+        with fm.writing():
+            if fresh:
+                fm.delete_sets(set(fresh))  # an id retired earlier may hold leftovers (a crash mid-swap)
+            filled = fqdnsets.fill_sets(fm, {i: new[i] for i in fresh})["entered"]
+        timing = dp.install(cp)
+        retired = set(old) - set(new)
+        if retired:
+            dp.grace_period()               # no packet still judges by the old generation's sets
+            with fm.writing():
+                fm.delete_sets(retired)
+        fqdnsets.publish(st.pin_dir, new, policy.dns, policy.revision)
+    finally:
+        fm.close()
     st.fqdn_sets = dict(sets)
     return filled, timing
 

@@ -29,7 +29,7 @@ class Learnt:
     entered: int = 0            # addresses entered or renewed in the name's record
     set_entries: int = 0        # (set, address) entries written
     overflow: int = 0           # new addresses over max_ips_per_name
-    full: int = 0               # refused by a full map
+    full: int = 0               # refused by a full name map, or evicted another from a full set bucket
 
 
 class Learner:
@@ -88,9 +88,12 @@ class Learner:
                 out.entered += 1
             else:
                 out.full += 1
-        self._enter(self.cfg.listed(name), keep, cur, now, out)
-        if self.refresh():                              # a swap published new sets meanwhile
+        evicted = self.fm.evicted
+        with self.fm.writing():
             self._enter(self.cfg.listed(name), keep, cur, now, out)
+            if self.refresh():                          # a swap published new sets meanwhile
+                self._enter(self.cfg.listed(name), keep, cur, now, out)
+        out.full += self.fm.evicted - evicted
         return out
 
     def _enter(self, sets: set[int], ips: list[str], exp: dict[str, int], now: int, out: Learnt) -> None:

@@ -89,7 +89,7 @@ async def _main(a, dp, socks, load: Callable[[str], Policy], report: Callable[[P
     for sig, name in ((signal.SIGTERM, "SIGTERM"), (signal.SIGINT, "SIGINT")):
         loop.add_signal_handler(sig, lambda n=name: (why.setdefault("stop", n), stop.set()))
     loop.add_signal_handler(signal.SIGHUP, reload_ev.set)
-    fm = FqdnMaps(dp.map_fds)
+    fm = FqdnMaps(dp.map_fds, a.pin_dir)
     dns = _Dns(a.pin_dir, fm, SocketMaker(a.netns))
     await dns.follow(socks)
 
