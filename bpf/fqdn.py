@@ -101,9 +101,10 @@ class FqdnMaps:
             yield
             return
         if self._depth == 0:
-            path = state_dir() / (os.path.abspath(self.pin_dir).strip("/").replace("/", "_") + ".fqdn.lock")
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._lock_fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            if self._lock_fd is None:            # kept open: each use costs the two flock calls only
+                path = state_dir() / (os.path.abspath(self.pin_dir).strip("/").replace("/", "_") + ".fqdn.lock")
+                path.parent.mkdir(parents=True, exist_ok=True)
+                self._lock_fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
         self._depth += 1
         try:
@@ -111,8 +112,7 @@ class FqdnMaps:
         finally:
             self._depth -= 1
             if self._depth == 0 and self._lock_fd is not None:
-                os.close(self._lock_fd)            # closing releases the flock
-                self._lock_fd = None
+                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
     # ---- the dynamic set ------------------------------------------------------------------------
     def _put(self, fd: int, key: bytes, value: bytes) -> bool:
@@ -237,6 +237,9 @@ class FqdnMaps:
 
     def close(self) -> None:
         self._stats = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
         if self._mm is not None:
             try:
                 self._mm.close()

@@ -246,7 +246,7 @@ class DnsProxy:
             if not learn or truncated(resp) or rcode_of(resp) != 0:
                 return resp, None
             try:
-                return resp, addresses(resp)
+                return resp, addresses(resp, q)
             except MalformedAnswer:
                 st[S["malformed_answer"]] += 1
                 return None

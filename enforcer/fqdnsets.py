@@ -148,10 +148,10 @@ def status(fm: FqdnMaps, pin_dir: str, rule_meta: dict, proxy_alive: bool, now: 
                       "counters": fm.stats_dict()}}
 
 
-def config_sig(pin_dir: str) -> tuple | None:
+def config_sig(pin_dir: str, path: Path | None = None) -> tuple | None:
     """(inode, mtime, size) of the config file: changes with every publish."""
     try:
-        st = os.stat(fqdn_config_path(pin_dir))
+        st = os.stat(path or fqdn_config_path(pin_dir))
     except OSError:
         return None
     return st.st_ino, st.st_mtime_ns, st.st_size

@@ -13,6 +13,7 @@ a `dns` section, reloading the policy on SIGHUP.
 from __future__ import annotations
 
 import asyncio
+import gc
 import signal
 import sys
 from collections.abc import Callable
@@ -92,6 +93,10 @@ async def _main(a, dp, socks, load: Callable[[str], Policy], report: Callable[[P
     fm = FqdnMaps(dp.map_fds, a.pin_dir)
     dns = _Dns(a.pin_dir, fm, SocketMaker(a.netns))
     await dns.follow(socks)
+    # what start-up made (BCC, the policy, dnspython's tables) lives as long as the process: out of the
+    # collector's way, so a full collection does not stall queries for tens of ms
+    gc.collect()
+    gc.freeze()
 
     async def reloads() -> None:
         while True:

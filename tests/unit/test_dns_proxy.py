@@ -21,6 +21,8 @@ import dns.rdatatype
 import dns.rrset
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from hostwall.bpf import layout as L
 from hostwall.bpf.fqdn import Learnt as LearntRow
@@ -432,3 +434,44 @@ def test_wire_helpers():
     with pytest.raises(MalformedAnswer):
         addresses(answer(q, ("mirror.example.test", 5, "AAAA", ["fd66::1"]))[:-4])
     assert addresses(answer(q, ("mirror.example.test", 5, "AAAA", ["fd66::1"]))) == (["fd66::1"], 5)
+
+
+@st.composite
+def chained_answers(draw):
+    """An answer to a random A/AAAA question: a CNAME chain (0-3 links, random case), the addresses at its
+    end, unrelated records, all in random order, compressed by dnspython's renderer."""
+    rdtype = draw(st.sampled_from(["A", "AAAA"]))
+    edns = draw(st.booleans())
+    labels = st.text("abcXYZ019-", min_size=1, max_size=8).filter(lambda x: not x.startswith("-") and not x.endswith("-"))
+    names = draw(st.lists(st.builds(lambda a, b: f"{a}.{b}.test", labels, labels), min_size=1, max_size=4, unique_by=str.lower))
+    q = dns.message.make_query(names[0], rdtype, use_edns=0 if edns else None)
+    q.id = draw(st.integers(0, 65535))
+    rrs = [(names[i], draw(st.integers(0, 5000)), "CNAME", [names[i + 1].swapcase() + "."]) for i in range(len(names) - 1)]
+    if draw(st.booleans()):
+        addrs = draw(st.lists(st.sampled_from(["10.66.2.1", "10.66.2.2", "10.0.0.9"] if rdtype == "A"
+                                              else ["fd66::1", "fd66::2", "2001:db8::5"]), min_size=1, max_size=3, unique=True))
+        rrs.append((names[-1], draw(st.integers(0, 5000)), rdtype, addrs))
+    if draw(st.booleans()):
+        rrs.append(("unrelated.test", 60, rdtype, ["10.6.6.6"] if rdtype == "A" else ["fd66::666"]))
+    rrs = draw(st.permutations(rrs))
+    wire = answer(q, *rrs)
+    cut = draw(st.sampled_from([0, 0, 0, 1, 3, 11]))           # sometimes broken at the end
+    junk = draw(st.sampled_from([b"", b"", b"", b"\0"]))       # or with trailing bytes
+    return q, (wire[:-cut] if cut else wire) + junk, not cut and not junk
+
+
+@settings(max_examples=300, deadline=None)
+@given(chained_answers())
+def test_the_small_answer_parser_agrees_with_dnspython(qa):
+    from hostwall.enforcer.dnswire import _fast
+    q, wire, intact = qa
+    pq = parse_query(q.to_wire())
+    fast = _fast(wire, pq)
+    assert fast is not None or not intact, "the small parser must take every well-formed answer of this shape"
+    try:
+        slow = addresses(wire)                           # dnspython's resolve_chaining
+    except MalformedAnswer:
+        assert fast is None, "the small parser took an answer dnspython rejects"
+        return
+    if fast is not None:
+        assert (sorted(fast[0]), fast[1] if fast[0] else 0) == (sorted(slow[0]), slow[1] if slow[0] else 0)
