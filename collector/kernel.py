@@ -23,6 +23,7 @@ import numpy as np
 from hostwall.bpf import bpfsys, conntrack
 from hostwall.bpf import layout as L
 from hostwall.bpf.clock import Clock
+from hostwall.bpf.conntrack import CLAIM_BITS, CT_F_CLAIMED
 from hostwall.bpf.ringbuf import RingBuffer
 
 # The collector's knobs (agg_gen, event_budget, aggregation prefixes) live in hw_collect, whose only
@@ -70,6 +71,7 @@ class DropDrain:
     t0_ns: int
     t1_ns: int
     barrier_s: float
+    gen: int = 0                # the aggregation generation read (its map is cleared by clear_drops)
     sources: np.ndarray = field(default_factory=lambda: np.zeros(0, DROP_SRC_DT))
 
     @property
@@ -94,20 +96,29 @@ class DropDrain:
 class CtFamilyScan:
     """Conntrack scan result of one family; keys in hw_ct4_key / hw_ct6_key, entries hw_ct_entry.
 
-    expired_*: entries idle past their timeout, now deleted (including those whose end was reported
-    already: fin_seen bit 7 or `reported`; the record builder decides what they still need).
+    expired_*: entries idle past their timeout whose end the collector reports: claimed now, or
+    claimed by an earlier collector that never freed them (entries with fin_seen's claim bits cleared,
+    as the builder must see them). Entries whose flow_end the datapath emitted, or whose close record
+    is durable (`reported` REPORTED_DURABLE), are freed at once and not listed (their end is reported).
     update_*: live entries that crossed a multiple of the active timeout since the previous scan
     and saw a packet since the previous multiple (a periodic flow update is due).
     closed_*: connections closed by both FINs whose last packet is older than the close grace
-    period, now marked `reported` in the kernel (their flow end record is due; the entry stays until
-    its timeout so late packets still pass as part of the connection)."""
+    period, now claimed in the kernel (`reported` = REPORTED_CLAIMED; their flow end record is due; the
+    entry stays until its timeout so late packets still pass as part of the connection), or claimed so
+    by an earlier collector whose records never became durable (reported again, same event.id).
+    claimed_idx / claimed_seen: the slots of expired_* and their entries as read, for free_claims()
+    once the records are durable; closed_idx / closed_seen: the same for closed_*."""
     family: int
     expired_keys: np.ndarray
     expired_entries: np.ndarray
     update_keys: np.ndarray
     update_entries: np.ndarray
+    claimed_idx: np.ndarray = None          # type: ignore[assignment]
+    claimed_seen: np.ndarray = None         # type: ignore[assignment]
     closed_keys: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint8))
     closed_entries: np.ndarray = field(default_factory=lambda: np.zeros(0, CT_ENTRY_DT))
+    closed_idx: np.ndarray = None           # type: ignore[assignment]
+    closed_seen: np.ndarray = None          # type: ignore[assignment]
 
 
 @dataclass
@@ -115,8 +126,9 @@ class CtScan:
     """Outcome of one scan_conntrack over both families (one CtFamilyScan each)."""
     families: list[CtFamilyScan]
     scanned: int          # entries read
-    raced: int            # expired candidates a packet touched between read and delete (kept)
-    ended: int            # expired entries whose flow_end event had already been emitted
+    raced: int            # expired candidates a packet touched between read and claim (kept)
+    ended: int            # expired entries whose end was reported already (datapath flow_end, durable close): freed
+    reclaimed: int = 0    # claims of an earlier collector (idle ends, closes) not journaled, reported again
 
     @property
     def expired(self) -> int:
@@ -189,6 +201,7 @@ class KernelSource:
         self._barrier = bpfsys.RcuBarrier()
         self._last_flip_ns: int | None = None
         self._last_scan_ns: int | None = None
+        self._claims: dict[int, set[tuple[int, int]]] = {4: set(), 6: set()}   # (slot, created_ns) not freed yet
 
     def _check_layouts(self) -> None:
         want = {"hw_config": CFG_DT.itemsize, KNOBS: KNOBS_DT.itemsize, "hw_drops0": DROP_VAL_DT.itemsize,
@@ -253,6 +266,21 @@ class KernelSource:
         """CLOCK_REALTIME - CLOCK_MONOTONIC in ns (hostwall.bpf.clock.Clock.calibrate, ±~1 µs)."""
         return Clock.calibrate().offset_ns
 
+    def identity(self) -> dict:
+        """What tells this kernel instance apart across collector restarts: the boot, and the ids of the
+        ring buffer and event-counter maps (new ids: the datapath was reloaded, its ring is a new one)."""
+        try:
+            boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        except OSError:
+            boot = ""
+        return {"boot_id": boot, "ring_map_id": bpfsys.map_info(self.fds["hw_events"]).id,
+                "ev_stats_map_id": bpfsys.map_info(self.fds["hw_ev_stats"]).id,
+                "drops_map_ids": [bpfsys.map_info(self.fds[f"hw_drops{g}"]).id for g in (0, 1)]}
+
+    def agg_gen(self) -> int:
+        """The drop aggregation generation the datapath writes now."""
+        return int(self.knobs()["agg_gen"]) & 1
+
     # ---- ring buffer -------------------------------------------------------------------------------
     def ring(self) -> RingBuffer:
         """A new consumer of hw_events (owns its own fd and mappings)."""
@@ -287,37 +315,44 @@ class KernelSource:
 
     # ---- drop aggregation --------------------------------------------------------------------------
     def drain_drops(self) -> DropDrain:
-        """Export one drop-aggregation interval (see docs/collector.md).
+        """Export one drop-aggregation interval and clear it at once: read_drops() + clear_drops()."""
+        d = self.read_drops()
+        self.clear_drops(d)
+        return d
+
+    def read_drops(self) -> DropDrain:
+        """Flip to the other aggregation generation and read the old one without clearing it (see
+        docs/collector.md). The collector clears it (clear_drops) only once the summaries made from it are
+        durable, so a crash in between leaves the interval in the kernel for the next collector, which
+        reads it again (read_drops_of). Until cleared, the next flip must not happen.
 
         Flip hw_collect.agg_gen, wait one RCU grace period (no program still writes the old
-        generation), then read + delete every key of the old per-CPU hash and read + zero its
-        overflow slots. Cost: 1 flip + grace period (~1-20 ms) + ceil(keys / 8192) batch syscalls
-        + 2 for the overflow slots. Exact: no packet is counted twice or lost between intervals."""
-        old = int(self.knobs()["agg_gen"]) & 1
+        generation), then read every key of the old per-CPU hash, its overflow slots and its peer slots.
+        Cost: 1 flip + grace period (~1-20 ms) + ceil(keys / 8192) batch syscalls + 1 for the overflow
+        slots + 1 for the peers (read_drops_of). Exact: no
+        packet is counted twice or lost between intervals."""
+        old = self.agg_gen()
         self.set_knobs(agg_gen=old ^ 1)
         t1 = self.now_ns()
         b0 = time.perf_counter()
         self._barrier.wait()
         barrier_s = time.perf_counter() - b0
-        ksz = DROP_KEY_DT.itemsize
-        raw_k, raw_v, n = map_batch(self.fds[f"hw_drops{old}"], ksz,
-                                    percpu_stride(DROP_VAL_DT.itemsize) * self.ncpus, delete=True)
-        keys = np.frombuffer(raw_k, dtype=DROP_KEY_DT, count=n).copy()
-        vals = sum_percpu(raw_v, n, DROP_VAL_DT, self.ncpus)
-        overflow = self._drain_overflow(old)
-        sources = self._drain_sources(old)
+        d = self.read_drops_of(old)
+        d.barrier_s = barrier_s
+        d.t1_ns = t1
         t0 = self._last_flip_ns
         if t0 is None:
-            seen = vals["first_ns"][vals["first_ns"] > 0]
+            seen = d.vals["first_ns"][d.vals["first_ns"] > 0]
             t0 = int(seen.min()) if len(seen) else t1
+        d.t0_ns = t0
         self._last_flip_ns = t1
-        return DropDrain(keys, vals, overflow, t0, t1, barrier_s, sources)
+        return d
 
-    def _drain_sources(self, gen: int) -> np.ndarray:
-        """Read and zero the old generation's peer slots (hw_drop_srcs); one entry per distinct key,
-        packets and bytes summed over CPUs (a key may hold the same slot on several CPUs). Cost: one
-        LOOKUP_BATCH of HW_DROP_SRC_SLOTS × ncpus values (~200 KB per CPU), one UPDATE_BATCH of the used
-        slots, O(slots × ncpus) vectorised."""
+    def _read_sources(self, gen: int) -> np.ndarray:
+        """Read generation `gen`'s peer slots (hw_drop_srcs) without zeroing them (clear_drops does, with
+        the interval); one entry per distinct key, packets and bytes summed over CPUs (a key may hold
+        the same slot on several CPUs). Cost: one LOOKUP_BATCH of HW_DROP_SRC_SLOTS × ncpus values
+        (~200 KB per CPU), O(slots × ncpus) vectorised."""
         fd = self.fds["hw_drop_srcs"]
         stride = percpu_stride(DROP_SRC_DT.itemsize)
         first = gen * DROP_SRC_SLOTS
@@ -327,8 +362,6 @@ class KernelSource:
         used = np.flatnonzero((per["packets"] > 0).any(axis=1))
         if len(used) == 0:
             return np.zeros(0, DROP_SRC_DT)
-        idx = (used + first).astype(np.uint32)
-        bpfsys.map_update_batch(fd, idx.tobytes(), bytes(stride * self.ncpus * len(used)), len(used))
         flat = per[used].reshape(-1)
         flat = flat[flat["packets"] > 0]
         keyb = np.ascontiguousarray(flat).view(np.uint8).reshape(len(flat), -1)[:, :_DROP_SRC_KEY_BYTES]
@@ -340,15 +373,51 @@ class KernelSource:
         np.add.at(out["bytes"], inv, flat["bytes"])
         return out
 
-    def _drain_overflow(self, gen: int) -> dict[tuple[int, int], tuple[int, int]]:
-        """Read and zero hw_drop_overflow[gen][verdict][reason] (2 syscalls; 1 more if non-zero)."""
+    def _clear_sources(self, gen: int) -> None:
+        """Zero generation `gen`'s used peer slots. Cost: one LOOKUP_BATCH to find them, one UPDATE_BATCH."""
+        fd = self.fds["hw_drop_srcs"]
+        stride = percpu_stride(DROP_SRC_DT.itemsize)
+        first = gen * DROP_SRC_SLOTS
+        raw = bpfsys.array_slots(fd, first, DROP_SRC_SLOTS, stride * self.ncpus)
+        per = np.frombuffer(raw, dtype=DROP_SRC_DT, count=DROP_SRC_SLOTS * self.ncpus).reshape(DROP_SRC_SLOTS,
+                                                                                              self.ncpus)
+        used = np.flatnonzero((per["packets"] > 0).any(axis=1))
+        if len(used):
+            idx = (used + first).astype(np.uint32)
+            bpfsys.map_update_batch(fd, idx.tobytes(), bytes(stride * self.ncpus * len(used)), len(used))
+
+    def read_drops_of(self, gen: int) -> DropDrain:
+        """Read generation `gen`'s map and overflow slots as they are (no flip, no clear): the interval
+        an earlier collector read but never cleared, when the datapath writes the other generation.
+        Times are left 0 (the caller has them from its checkpoint)."""
+        ksz = DROP_KEY_DT.itemsize
+        raw_k, raw_v, n = map_batch(self.fds[f"hw_drops{gen}"], ksz, percpu_stride(DROP_VAL_DT.itemsize) * self.ncpus)
+        keys = np.frombuffer(raw_k, dtype=DROP_KEY_DT, count=n).copy()
+        vals = sum_percpu(raw_v, n, DROP_VAL_DT, self.ncpus)
+        return DropDrain(keys, vals, self._read_overflow(gen), 0, 0, 0.0, gen, self._read_sources(gen))
+
+    def clear_drops(self, d: DropDrain) -> None:
+        """Delete the keys `d` read from its generation's map and zero the overflow slots it read. Nothing
+        writes that generation until the next flip, so this removes exactly what `d` holds; its peer slots
+        (hw_drop_srcs) are zeroed with it. Cost: ceil(keys / 8192) batch syscalls + 1, + 2 with peers."""
+        if len(d.keys):
+            bpfsys.map_delete_batch(self.fds[f"hw_drops{d.gen}"], np.ascontiguousarray(d.keys).tobytes(),
+                                    DROP_KEY_DT.itemsize)
+        if d.overflow:
+            fd = self.fds["hw_drop_overflow"]
+            stride = percpu_stride(COUNTER_DT.itemsize) * self.ncpus
+            idx = np.array([d.gen * OVERFLOW_SLOTS_PER_GEN + v * L.REASONS + r for v, r in d.overflow], np.uint32)
+            bpfsys.map_update_batch(fd, idx.tobytes(), bytes(stride * len(idx)), len(idx))
+        if len(d.sources):
+            self._clear_sources(d.gen)
+
+    def _read_overflow(self, gen: int) -> dict[tuple[int, int], tuple[int, int]]:
+        """Read hw_drop_overflow[gen][verdict][reason] (1 syscall): the non-zero slots."""
         fd = self.fds["hw_drop_overflow"]
         stride = percpu_stride(COUNTER_DT.itemsize) * self.ncpus
         idx = np.arange(gen * OVERFLOW_SLOTS_PER_GEN, (gen + 1) * OVERFLOW_SLOTS_PER_GEN, dtype=np.uint32)
         c = sum_percpu(self._lookup_slots(fd, idx, stride), len(idx), COUNTER_DT, self.ncpus)
         hit = np.flatnonzero(c["packets"])
-        if len(hit):
-            bpfsys.map_update_batch(fd, idx[hit].tobytes(), bytes(stride * len(hit)), len(hit))
         return {tuple(int(x) for x in divmod(int(i), L.REASONS)): (int(c["packets"][i]), int(c["bytes"][i]))
                 for i in hit}
 
@@ -359,38 +428,78 @@ class KernelSource:
 
     # ---- conntrack ---------------------------------------------------------------------------------
     def scan_conntrack(self, now_ns: int, active_timeout_ns: int, close_grace_ns: int = 2 * _S) -> CtScan:
-        """Free entries idle past their timeout (returned), find long-lived ones due for an
-        active-timeout update, and mark connections closed by both FINs and quiet for `close_grace_ns`
-        as reported (returned: their end record is due). `now_ns` is on the datapath's clock
+        """Claim entries idle past their timeout (returned; free them with free_claims() once their end
+        records are durable), find long-lived ones due for an active-timeout update, and claim
+        connections closed by both FINs and quiet for `close_grace_ns` (returned: their end record is
+        due; free_claims() marks them durably reported). `now_ns` is on the datapath's clock
         (`now_ns()`).
 
-        The close grace period is conntrack's TIME_WAIT idea applied to reporting: the last ACK after
-        the FINs (and a retransmitted FIN) arrives after the close, so a closed connection is reported
-        only once it has been quiet that long, with every packet counted. Its entry stays until its
-        timeout (late packets still pass as part of it; they are not reported). Marking races with a
-        packet as freeing does: a packet between the check and the one-byte store is counted in the
-        kernel but not in the record (conntrack.CtTable.mark_reported_if_unchanged).
+        The close grace period is conntrack's TIME_WAIT idea applied to reporting (docs/collector.md
+        "Records"): the last ACK after the FINs (and a retransmitted FIN) arrives after the close, so a
+        closed connection is reported only once it has been quiet that long, with every packet counted.
+        Its entry stays until its timeout (late packets still pass as part of it; they are not
+        reported). Claiming races with a packet as freeing does: a packet between the check and the
+        one-byte store is counted in the kernel but not in the record
+        (conntrack.CtTable.claim_closed_if_unchanged).
 
         Cost: the tables are read in place (mmap'ed, no syscalls): one vectorised pass over every slot
-        (~25-30 MB per family). An expired entry is freed only if its times are unchanged since the
-        read (else a packet touched it: counted as raced, kept); conntrack.CtTable.free_if_unchanged
-        states the remaining µs window. The datapath itself ignores expired entries (and reports the
-        flow of any it displaces), so freeing them changes no verdict. No updates on the first scan
-        (there is no previous scan to compare)."""
-        fams, scanned, raced, ended = [], 0, 0, 0
+        (~25-30 MB per family). An expired entry is claimed only if its times are unchanged since the
+        read (else a packet touched it: counted as raced, kept); conntrack.CtTable.claim_if_unchanged
+        states the remaining µs window. The datapath itself ignores expired entries (and reports nothing
+        for a claimed one it displaces), so claiming and freeing them changes no verdict. Entries claimed
+        by an earlier collector and never freed are reported again (`reclaimed`). No updates on the first
+        scan (there is no previous scan to compare)."""
+        fams, scanned, raced, ended, again = [], 0, 0, 0, 0
         for fam in (4, 6):
-            f, n, r, e = self._scan_family(fam, now_ns, active_timeout_ns, close_grace_ns)
+            f, n, r, e, a = self._scan_family(fam, now_ns, active_timeout_ns, close_grace_ns)
             fams.append(f)
-            scanned, raced, ended = scanned + n, raced + r, ended + e
+            scanned, raced, ended, again = scanned + n, raced + r, ended + e, again + a
         self._last_scan_ns = now_ns
-        return CtScan(fams, scanned, raced, ended)
+        return CtScan(fams, scanned, raced, ended, again)
+
+    def free_claims(self, scan: CtFamilyScan) -> int:
+        """Release what `scan` claimed, once its records are durable: free the idle-expired slots, and mark
+        the closed connections durably reported (conntrack.CtTable.confirm_closed: the entry stays until
+        its timeout, the next scan after that frees it). Only where the slot still holds the connection
+        claimed (a slot the datapath reused meanwhile holds another connection now). Returns how many
+        were released. Cost: two vectorised passes over the claimed slots."""
+        table = self._table(scan.family)
+        mine = self._claims[scan.family]
+        done = 0
+        for idx, seen, release in ((scan.claimed_idx, scan.claimed_seen, table.free_if_unchanged),
+                                   (scan.closed_idx, scan.closed_seen, table.confirm_closed)):
+            if idx is None or not len(idx):
+                continue
+            done += int(release(idx, seen).sum())
+            for i, c in zip(idx.tolist(), seen["created_ns"].tolist()):
+                mine.discard((i, c))
+        return done
+
+    def adopt_claims(self, scan: CtFamilyScan) -> None:
+        """Take over the claims of `scan`, a batch an earlier collector made and journaled
+        (collector/ct_journal.py): they are pending here from now on, so a scan does not report them
+        again; free_claims(scan) releases them once the batch sent again is durable. O(claims)."""
+        mine = self._claims[scan.family]
+        for idx, seen in ((scan.claimed_idx, scan.claimed_seen), (scan.closed_idx, scan.closed_seen)):
+            if idx is not None and len(idx):
+                mine.update(zip(idx.tolist(), seen["created_ns"].tolist()))
+
+    def set_last_scan(self, now_ns: int | None) -> None:
+        """Where active-timeout updates continue from (a checkpoint of the previous collector's last
+        durable scan), so a restart neither skips nor repeats due updates."""
+        self._last_scan_ns = now_ns
+
+    @property
+    def last_scan_ns(self) -> int | None:
+        return self._last_scan_ns
 
     def _table(self, fam: int) -> conntrack.CtTable:
         if fam not in self._ct:
             self._ct[fam] = conntrack.CtTable(self.fds[conntrack.MAPS[fam]], fam)
         return self._ct[fam]
 
-    def _scan_family(self, fam: int, now_ns: int, at_ns: int, grace_ns: int) -> tuple[CtFamilyScan, int, int, int]:
+    def _scan_family(self, fam: int, now_ns: int, at_ns: int,
+                     grace_ns: int) -> tuple[CtFamilyScan, int, int, int, int]:
         table = self._table(fam)
         idx = table.live()
         snap = table.slots[idx]                     # a copy: the datapath keeps writing the table
@@ -399,21 +508,47 @@ class KernelSource:
         last = ents["last_ns"].astype(np.int64)
         created = ents["created_ns"].astype(np.int64)
         expired = (np.int64(now_ns) - last) > ct_timeout_ns(keys["proto"], ents["state"])
-        ended = ((ents["fin_seen"] & CT_END_EMITTED) != 0) | (ents["reported"] != 0)
-        cand = np.flatnonzero(expired)
-        gone = table.free_if_unchanged(idx[cand], ents[cand])
-        raced = int((~gone).sum())
-        exp_idx = cand[gone]
+        fin = ents["fin_seen"]
+        rep_b = ents["reported"]
+        claimed = (fin & CT_F_CLAIMED) != 0
+        closed_claimed = rep_b == conntrack.REPORTED_CLAIMED
+        ended = (((fin & CT_END_EMITTED) != 0) & ~claimed) | (rep_b == conntrack.REPORTED_DURABLE)
+        mine = self._claims[fam]
+        pending = np.zeros(n, bool)                 # this run's claims whose records are not durable yet
+        if mine:
+            maybe = np.flatnonzero(np.isin(idx, np.fromiter((i for i, _ in mine), np.int64, len(mine))))
+            pending[maybe] = [(i, c) in mine for i, c in zip(idx[maybe].tolist(), created[maybe].tolist())]
+        # the datapath reported these ends itself (the event is in the ring buffer), or this collector's
+        # close record is durable: just free them
+        done = np.flatnonzero(expired & ended)
+        table.free_if_unchanged(idx[done], ents[done])
+        # idle ends claimed by an earlier collector, never freed: report again; fresh ones: claim now
+        again = np.flatnonzero(expired & claimed & ~pending)
+        fresh = np.flatnonzero(expired & ~claimed & ~ended & ~closed_claimed)
+        got = table.claim_if_unchanged(idx[fresh], ents[fresh])
+        raced = int((~got).sum())
+        rep = np.sort(np.concatenate([again, fresh[got]]))
+        # closes: quiet for the grace period now (claim), or claimed by an earlier collector whose close
+        # records never became durable (report again, expired or not; pending ones are this run's)
         quiet = (np.int64(now_ns) - last) > np.int64(grace_ns)
-        closing = np.flatnonzero((ents["state"] == CT_CLOSING) & ~ended & ~expired & quiet)
-        marked = table.mark_reported_if_unchanged(idx[closing], ents[closing])
+        closing = np.flatnonzero((ents["state"] == CT_CLOSING) & ~ended & ~claimed & ~closed_claimed & ~expired
+                                 & quiet)
+        marked = table.claim_closed_if_unchanged(idx[closing], ents[closing])
         raced += int((~marked).sum())
-        cls_idx = closing[marked]
-        upd_idx = self._due_updates(created, last, ~expired & ~ended, now_ns, at_ns)
-        upd_idx = np.setdiff1d(upd_idx, cls_idx)
-        scan = CtFamilyScan(fam, keys[exp_idx].copy(), ents[exp_idx].copy(), keys[upd_idx].copy(),
-                            ents[upd_idx].copy(), keys[cls_idx].copy(), ents[cls_idx].copy())
-        return scan, n, raced, int(ended[exp_idx].sum())
+        again_closed = np.flatnonzero(closed_claimed & ~pending)
+        cls = np.sort(np.concatenate([again_closed, closing[marked]]))
+        for i, c in zip(idx[rep].tolist() + idx[cls].tolist(), created[rep].tolist() + created[cls].tolist()):
+            mine.add((i, c))
+        exp_ents = ents[rep].copy()
+        exp_ents["fin_seen"] &= np.uint8(0xFF ^ CLAIM_BITS)     # as the builder must see them
+        seen = ents[rep].copy()
+        seen["fin_seen"] |= np.uint8(CLAIM_BITS)
+        upd_idx = self._due_updates(created, last, ~expired & ~(ended | claimed | closed_claimed), now_ns, at_ns)
+        upd_idx = np.setdiff1d(upd_idx, cls)
+        scan = CtFamilyScan(fam, keys[rep].copy(), exp_ents, keys[upd_idx].copy(), ents[upd_idx].copy(),
+                            idx[rep].copy(), seen, keys[cls].copy(), ents[cls].copy(), idx[cls].copy(),
+                            ents[cls].copy())
+        return scan, n, raced, len(done), len(again) + len(again_closed)
 
     def _due_updates(self, created: np.ndarray, last: np.ndarray, live: np.ndarray, now_ns: int,
                      at_ns: int) -> np.ndarray:

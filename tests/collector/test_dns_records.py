@@ -100,12 +100,18 @@ def test_the_dns_log_tail_follows_rotation_and_resumes(tmp_path):
     with open(p, "a") as f:
         f.write("}\n")
     assert [r["a"] for r in t.read()[0]] == [3]
-    status = tmp_path / "status.json"
-    status.write_text(json.dumps({"dns_log": t.status()}))
-    assert JsonlTail.resume(p, status, "dns_log").read() == ([], 0), "resumes at the saved offset"
+    assert JsonlTail(p, t.position).read() == ([], 0), "resumes at the saved position"
+    with open(p, "a") as f:
+        f.write('{"a": 4}\n{"a": 5')                          # 4 written before the rotation, 5 torn
     os.replace(p, str(p) + ".1")
-    p.write_text('{"a": 4}\n')
-    assert [r["a"] for r in t.read()[0]] == [4], "a rotated file starts over"
+    p.write_text('{"a": 6}\n')
+    resumed = JsonlTail(p, t.position)
+    assert [r["a"] for r in t.read()[0]] == [4], "the rest of the rotated file first"
+    assert [r["a"] for r in t.read()[0]] == [6], "then the new file from its start"
+    assert [r["a"] for r in resumed.read()[0]] == [4] and [r["a"] for r in resumed.read()[0]] == [6], \
+        "a position saved before the rotation resumes in the rotated file"
+    p.write_text("")
+    assert t.read() == ([], 0) and t.position[1] == 0, "a truncated file starts over"
 
 
 def test_destination_domain_names_fqdns_flows():
