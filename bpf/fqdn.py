@@ -267,7 +267,8 @@ def copy_maps(old_fds: dict[str, int], new_fds: dict[str, int]) -> int:
                 except bpfsys.BpfError:
                     break                       # the new map is full: the rest is learnt again
                 copied += n == SET_MAP
-    raw = bpfsys.array_slots(old_fds[STATS_MAP], 0, L.C["HW_DNS_STATS"], 8)
-    for i in range(L.C["HW_DNS_STATS"]):
+    n = min(bpfsys.map_info(old_fds[STATS_MAP]).max_entries, L.C["HW_DNS_STATS"])   # an older build: fewer
+    raw = bpfsys.array_slots(old_fds[STATS_MAP], 0, n, 8)
+    for i in range(n):
         bpfsys.map_update(new_fds[STATS_MAP], i.to_bytes(4, "little"), raw[8 * i:8 * i + 8])
     return copied

@@ -266,7 +266,9 @@ enum hw_dns_stat {
 	HW_DNS_LATENCY_SUM_US = 15, /* sum of answer latencies (µs) */
 	HW_DNS_OVERLOAD = 16,       /* queries dropped: too many in flight */
 	HW_DNS_LAT0 = 17,           /* HW_DNS_LAT_BUCKETS latency buckets follow */
-	HW_DNS_STATS = 32,
+	HW_DNS_RECORDS_UNWRITTEN = 32, /* DNS decision records the log could not take (write error): counted */
+	HW_DNS_RECORDS_WRITTEN = 33,   /* DNS decision records written to the log */
+	HW_DNS_STATS = 40,
 };
 
 /* ---- DoS profiles (policy generation: swapped with the policy) ------------------------------ *

@@ -6,7 +6,7 @@ pressure rows (`hostwall_map_entries{map="hw_fqdn"}`, `hw_dns_names`, `hw_dns_na
 Served by collector/kernel_metrics.py's KernelCollector with its other kernel families (same Family
 table, same refresh). The answer latency is a histogram in counters: cumulative answers per upper bound
 `le` (seconds, the proxy's buckets: 0.125 ms x 2^b) and the sum, so histogram_quantile() works on it.
-Cost per read: one mmap read of 32 counters and one per-CPU array read.
+Cost per read: one mmap read of 40 counters and one per-CPU array read.
 """
 from __future__ import annotations
 
@@ -34,6 +34,8 @@ DNS_SPEC: dict[str, tuple[str, str, tuple[str, ...], str, str]] = {
                                       "map refused them)", "hw_dns_stats"),
     "hostwall_dns_records_suppressed": ("counter", "{record}", (), "DNS decision records over the proxy's rate "
                                         "limit: counted, not written", "hw_dns_stats"),
+    "hostwall_dns_records_unwritten": ("counter", "{record}", (), "DNS decision records the proxy could not "
+                                       "write to its log (write error): counted", "hw_dns_stats"),
     "hostwall_dns_answers_by_latency": ("counter", "{answer}", ("le",), "Answers by latency, cumulative: answered "
                                         "within `le` seconds of the query's arrival (le=\"+Inf\": all)",
                                         "hw_dns_stats"),
@@ -65,6 +67,7 @@ def dns_families(dp, family: Callable[[str], object]) -> list:
     for lv, k in (("learnt", "learnt"), ("overflow", "overflow"), ("full", "set_full")):
         fams["hostwall_dns_learnt_addresses"].add((lv,), s[i[k]])
     fams["hostwall_dns_records_suppressed"].add((), s[i["records_suppressed"]])
+    fams["hostwall_dns_records_unwritten"].add((), s[i["records_unwritten"]])
     lat0, n = L.C["HW_DNS_LAT0"], L.C["HW_DNS_LAT_BUCKETS"]
     total = 0
     for b in range(n):

@@ -8,8 +8,12 @@ are born in user space, the collector must not import the enforcer, and a file i
 either process restarting (the collector resumes at its saved offset).
 
 Bounded: at most `rate` records per second (burst `burst`) are written; the rest are counted in
-hw_dns_stats[HW_DNS_RECORDS_SUPPRESSED] (and every query is in the other counters regardless). The file is
-rotated to `.1` past `max_bytes`. Cost: one write(2) per record.
+hw_dns_stats[HW_DNS_RECORDS_SUPPRESSED] (and every query is in the other counters regardless); a record the
+file cannot take (disk full, state dir gone) is counted in HW_DNS_RECORDS_UNWRITTEN and the query is answered
+as usual; HW_DNS_RECORDS_WRITTEN counts the rest. The collector folds these into its loss ledger
+(collector/kernel.py kernel_loss, type "dns": emitted, budget, write_error). The file is rotated to `.1`
+past `max_bytes`; the collector reads the rest of a rotated file before the new one (collector/logtail.py).
+Cost: one write(2) per record.
 """
 from __future__ import annotations
 
@@ -27,7 +31,8 @@ from .dnswire import Question
 
 __all__ = ["DnsRecordLog"]
 
-_SUPPRESSED = L.C["HW_DNS_RECORDS_SUPPRESSED"]
+_SUPPRESSED, _UNWRITTEN, _WRITTEN = (L.C["HW_DNS_RECORDS_SUPPRESSED"], L.C["HW_DNS_RECORDS_UNWRITTEN"],
+                                     L.C["HW_DNS_RECORDS_WRITTEN"])
 
 
 def _iso(ns: int) -> str:
@@ -58,18 +63,24 @@ class DnsRecordLog:
         return False
 
     def _write(self, rec: dict) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         line = orjson.dumps(rec) + b"\n"
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
         try:
-            if os.fstat(fd).st_size + len(line) > self.max_bytes:
-                os.replace(self.path, self.path.with_name(self.path.name + ".1"))
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+            try:
+                if os.fstat(fd).st_size + len(line) > self.max_bytes:
+                    os.replace(self.path, self.path.with_name(self.path.name + ".1"))
+                    os.close(fd)
+                    fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+                if os.write(fd, line) != len(line):
+                    raise OSError("short write")
+            finally:
                 os.close(fd)
-                fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
-            os.write(fd, line)
-        finally:
-            os.close(fd)
+        except OSError:
+            self.stats[_UNWRITTEN] += 1
+            return
         self.written += 1
+        self.stats[_WRITTEN] += 1
 
     def _base(self, action: str, types: list[str], q: Question, rcode: str, client: tuple, server: tuple,
               transport: str, decision: str) -> dict:

@@ -89,6 +89,19 @@ def test_records_are_rate_limited_and_the_rest_counted(tmp_path, monkeypatch):
     for _ in range(20):
         log.refused(q, ("127.0.0.1", 1), ("127.0.0.1", 53), "udp")
     assert log.written == 10 and stats[L.C["HW_DNS_RECORDS_SUPPRESSED"]] == 30
+    assert stats[L.C["HW_DNS_RECORDS_WRITTEN"]] == 10
+
+
+def test_a_record_the_log_cannot_take_is_counted_not_raised(tmp_path, monkeypatch):
+    (tmp_path / "blocked").write_text("")                  # the state dir is a file: every write fails
+    monkeypatch.setenv("HOSTWALL_STATE_DIR", str(tmp_path / "blocked"))
+    stats = np.zeros(L.C["HW_DNS_STATS"], np.uint64)
+    log = DnsRecordLog(HOST.pin_dir, stats)
+    q = parse_query(dns.message.make_query("x.test", "A").to_wire())
+    log.refused(q, ("127.0.0.1", 1), ("127.0.0.1", 53), "udp")
+    log.upstream_failure(q, ("127.0.0.1", 1), ("127.0.0.1", 53), "udp", ["10.66.3.2:53"], "timeout")
+    assert log.written == 0 and stats[L.C["HW_DNS_RECORDS_UNWRITTEN"]] == 2
+    assert stats[L.C["HW_DNS_RECORDS_WRITTEN"]] == 0
 
 
 def test_the_dns_log_tail_follows_rotation_and_resumes(tmp_path):
