@@ -12,6 +12,7 @@ import json
 import signal
 import time
 
+import dns.flags
 import dns.rcode
 import pytest
 
@@ -29,6 +30,11 @@ ZONE = [A("mirror.example.test", MIRROR, 2), A("mirror.example.test", MIRROR6, 2
         CNAME("a.cdn.example.test", "edge.cdnhost.test", 300), A("edge.cdnhost.test", CDN, 300),
         A("other.example.test", OTHER, 300), A("deep.x.cdn.example.test", DEEP, 300),
         Wildcard("wild.example.test", WILD)]
+# Names with 40 addresses each: answers of ~700 bytes (over 512: EDNS0 over UDP, or truncated and asked
+# again over TCP without it). The echo servers listen on the last address of each.
+BIG = [f"10.66.2.{100 + i}" for i in range(40)]
+BIG_TCP = [f"10.66.2.{140 + i}" for i in range(40)]
+ZONE += [A("big.example.test", a, 300) for a in BIG] + [A("bigtcp.example.test", a, 300) for a in BIG_TCP]
 
 
 def policy_text(name="fq", fqdns=("mirror.example.test", "long.example.test", "*.cdn.example.test"), extra="",
@@ -50,7 +56,7 @@ dns: {{listen: ["127.0.0.1:53"], upstreams: ["{upstream}"], min_ttl: 1s, max_ttl
 @pytest.fixture
 def world(lab, tmp_path):
     """Servers: dnsmasq (att), TCP echo on PORT at the zone's addresses (cli)."""
-    lab.add_addresses("cli", [MIRROR, CDN, OTHER, DEEP, WILD, MIRROR6])
+    lab.add_addresses("cli", [MIRROR, CDN, OTHER, DEEP, WILD, MIRROR6, BIG[-1], BIG_TCP[-1]])
     with DnsServer(lab, "att", ZONE) as srv, traffic.echo_servers(lab, "cli", tcp=[PORT]):
         yield srv
 
@@ -115,6 +121,27 @@ def test_learnt_address_allowed_from_the_first_connection(lab, world, tmp_path):
         assert st["map_pressure"]["hw_fqdn"]["entries"] >= 3
         rules = {r["name"]: r["packets"] for r in st["rules"]}
         assert rules["mirrors"] >= 3
+
+
+def test_large_answers_over_udp_with_edns0_and_over_tcp_after_truncation(lab, world, tmp_path):
+    """Every address of a ~700-byte answer enters the set: over UDP with EDNS0, and for a client without
+    EDNS0 the truncated UDP answer (TC) and the whole answer over TCP that it asks for next."""
+    fqdns = ("big.example.test", "bigtcp.example.test")
+    with EnforcerProcess(lab, write(tmp_path, policy_text(fqdns=fqdns))) as enf:
+        assert not can_connect(lab, BIG[-1]) and not can_connect(lab, BIG_TCP[-1])
+        big = lookup(lab, "big.example.test")                                   # EDNS0: 1232-byte UDP
+        assert len(big.to_wire()) > 512 and not big.flags & dns.flags.TC
+        assert sorted(addresses(big)) == sorted(BIG)
+        assert can_connect(lab, BIG[-1]), "the last address of a large UDP answer was not learnt"
+
+        cut = lookup(lab, "bigtcp.example.test", edns=False)                   # plain DNS: 512 bytes, TC
+        assert cut.flags & dns.flags.TC, "a 40-address answer must not fit 512 bytes"
+        full = lookup(lab, "bigtcp.example.test", edns=False, tcp=True)
+        assert sorted(addresses(full)) == sorted(BIG_TCP)
+        assert can_connect(lab, BIG_TCP[-1]), "the last address of the TCP answer was not learnt"
+        names = {n["name"]: n["addresses"] for n in enf.status()["fqdn"]["names"]}
+        assert names["big.example.test"] == 40 and names["bigtcp.example.test"] == 40
+        assert not can_connect(lab, OTHER), "an unlisted name's address stays blocked"
 
 
 def test_expiry_blocks_new_connections_but_not_an_open_one(lab, world, tmp_path):
@@ -246,7 +273,12 @@ def test_collector_ships_dns_records_and_names_fqdn_flows(lab, world, tmp_path):
         assert start["rule"]["name"] == "mirrors" and start["destination"]["domain"] == "a.cdn.example.test"
         assert dnsr[0]["dns"]["question"]["name"] == "other.example.test"
         assert dnsr[0]["dns"]["response_code"] == "REFUSED" and dnsr[0]["event"]["action"] == "dns-refused"
+        assert (dnsr[0]["hostwall"]["stream"], dnsr[0]["hostwall"]["seq"]) == ("dns", 0), "numbered in its stream"
+        assert isinstance(start["hostwall"]["seq"], int) and start["hostwall"]["stream"] in ("events", "conntrack")
         for r in (start, dnsr[0]):
             assert ecs.validate(r) == [], r
             assert ocsf.validate(to_ocsf(r)) == [], to_ocsf(r)
         assert to_ocsf(dnsr[0])["class_uid"] == 4003
+        # the proxy's record counters (pinned hw_dns_stats) reach the collector's ledger
+        st = col.wait_status(lambda s: s["ledger"]["kernel_events"].get("dns", {}).get("emitted", 0) >= 1)
+        assert st["ledger"]["kernel_events"]["dns"] == {"emitted": 1, "budget": 0, "write_error": 0}
