@@ -58,7 +58,7 @@ class Wildcard:
 def dnsmasq_binary() -> str:
     found = shutil.which("dnsmasq") or ("/usr/sbin/dnsmasq" if Path("/usr/sbin/dnsmasq").exists() else None)
     if not found:
-        raise RuntimeError("dnsmasq is not installed: run scripts/setup-peers.sh dns (Debian's dnsmasq-base)")
+        raise RuntimeError("dnsmasq is not installed: run scripts/setup.sh (Debian's dnsmasq-base)")
     return found
 
 
