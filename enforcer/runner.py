@@ -90,6 +90,7 @@ async def _main(a, dp, socks, load: Callable[[str], Policy], report: Callable[[P
     for sig, name in ((signal.SIGTERM, "SIGTERM"), (signal.SIGINT, "SIGINT")):
         loop.add_signal_handler(sig, lambda n=name: (why.setdefault("stop", n), stop.set()))
     loop.add_signal_handler(signal.SIGHUP, reload_ev.set)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)   # what arrived since the banner is handled now
     fm = FqdnMaps(dp.map_fds, a.pin_dir)
     dns = _Dns(a.pin_dir, fm, SocketMaker(a.netns))
     await dns.follow(socks)
@@ -133,6 +134,9 @@ async def _main(a, dp, socks, load: Callable[[str], Policy], report: Callable[[P
     return why.get("stop", "stop")
 
 
+_SIGNALS = {signal.SIGHUP, signal.SIGTERM, signal.SIGINT}
+
+
 def run(a, policy: Policy, ifaces: list[InterfaceConf], load: Callable[[str], Policy],
         report: Callable[[PolicyError], int]) -> int:
     """Start (or take over) the instance, serve until a stop signal, then detach unless --keep-attached."""
@@ -154,6 +158,9 @@ def run(a, policy: Policy, ifaces: list[InterfaceConf], load: Callable[[str], Po
     if res.migrated_conntrack:
         how += f", carried {res.migrated_conntrack} tracked connections over"
     where = ", ".join(f"{i.name} (xdp {i.xdp_mode}, tc)" for i in res.interfaces)
+    # From the banner on, callers may signal us: held pending until _main's handlers are in place (a SIGHUP
+    # would otherwise end the process by its default action, a SIGTERM skip the detach)
+    signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
     _say(f"{how}; enforcing {policy.name} revision {policy.revision} ({res.apply.rules} rules, "
          f"{res.apply.prefixes} prefixes) on {where}")
     try:
