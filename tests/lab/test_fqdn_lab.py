@@ -110,15 +110,17 @@ def test_learnt_address_allowed_from_the_first_connection(lab, world, tmp_path):
         assert addresses(lookup(lab, "other.example.test")) == [OTHER]
         assert addresses(lookup(lab, "deep.x.cdn.example.test")) == [DEEP]
         assert not can_connect(lab, OTHER) and not can_connect(lab, DEEP)
+        # status: mirror.example.test's entries (TTL 2 s) may have lapsed by now on a busy machine, so the
+        # live rows are checked with a.cdn.example.test (300 s) and mirror's learning by the counters
         st = enf.status()
         fq = st["fqdn"]
-        assert {n["name"] for n in fq["names"]} >= {"mirror.example.test", "a.cdn.example.test"}
+        assert "a.cdn.example.test" in {n["name"] for n in fq["names"]}
         assert "other.example.test" not in {n["name"] for n in fq["names"]}
-        assert fq["sets"][0]["rules"] == ["mirrors"] and fq["sets"][0]["addresses"] >= 2
+        assert fq["sets"][0]["rules"] == ["mirrors"] and fq["sets"][0]["addresses"] >= 1
         c = fq["proxy"]["counters"]
         assert c["queries_udp"] >= 4 and c["queries_tcp"] == 1 and c["listed"] == 3 and c["learnt"] >= 3
         assert fq["datapath"]["hit"] >= 3
-        assert st["map_pressure"]["hw_fqdn"]["entries"] >= 3
+        assert st["map_pressure"]["hw_fqdn"]["entries"] >= 1
         rules = {r["name"]: r["packets"] for r in st["rules"]}
         assert rules["mirrors"] >= 3
 
