@@ -22,6 +22,12 @@ IPv4 + 10k IPv6 prefixes), so all cases can be interleaved without swapping poli
 - egress_allow (TC egress) a TCP ACK to a destination only the last egress rule allows.
 - ct_insert   many SYNs of distinct flows, each run once (repeat=1, so each inserts a conntrack
            entry), minus the same number of ACKs of distinct flows run once (same path, no insert).
+- fqdn_allow (TC egress) the egress probe allowed by an fqdns rule placed just before probe-egress in
+           the 10-rule policy, its destination in the rule's dynamic set (docs/datapath.md "FQDN
+           rules"): the static scan finds probe-egress, then one dynamic-set lookup of the fqdns rule
+           hits. Compared with the same packet allowed by probe-egress itself (`fqdn_static`, same
+           instance: the fqdns rule's set holds another address, so the lookup misses) and with the
+           10-rule policy without fqdns rules (`ns_tc_egress_v4_10_rules_allow`).
 
 Baselines from the same run: an empty XDP program (`return XDP_PASS;`) and an empty TC program,
 compiled with BCC, through the same test-run loop. Every case is checked before it is timed: the
@@ -222,6 +228,45 @@ def _cases(dp, slot_names: dict[int, str], bp: P.BenchPolicy) -> list[Case]:
     return out
 
 
+FQDN_RULE = ("  - {name: probe-egress-fqdn, priority: 999999, direction: egress, action: allow, protocol: tcp, "
+             f"ports: [{P.PROBE_PORT_OUT}], fqdns: [probe.bench.test]}}\n")
+
+
+def _fqdn_instance(d, bp: P.BenchPolicy):
+    """The 10-rule policy plus an fqdns rule for the egress probe's port (just before probe-egress), and its
+    timed cases: fqdn_allow (the probe's destination is in the rule's dynamic set: one lookup, a hit) and
+    fqdn_static (another address of the probe network, not in the set: one lookup, a miss, then probe-egress
+    allows). Each checked through the datapath's counted exit first."""
+    from hostwall.bpf.fqdn import FqdnMaps, now_ns
+    from hostwall.enforcer.compiler import compile_policy, fqdn_lists
+    from hostwall.enforcer.datapath import Datapath
+    from hostwall.enforcer.policy import load_policy
+    path = d / "policy-fqdn.yaml"
+    path.write_text(bp.path.read_text() + FQDN_RULE + "dns: {upstreams: [\"192.0.2.53\"]}\n")
+    pol = load_policy(path)
+    slots = {r.name: i for i, r in enumerate(pol.rules)}
+    dp = Datapath.load()
+    dp.install(compile_policy(pol, slots, revision_id=11))
+    dp.clear_conntrack()
+    assert fqdn_lists(pol) == [("probe.bench.test",)]           # set id 1 (compile_policy's default)
+    fm = FqdnMaps(dp.map_fds)
+    runner = Runner(dp, {i: n for n, i in slots.items()})
+    egr = dp.prog_fds["tc_egress"]
+    out = []
+    for fam in (4, 6):
+        hit = bp.probes[(fam, "egress_allow")].packet
+        miss = Packet(hit.direction, fam, hit.src, "198.18.7.11" if fam == 4 else "2001:2:0:7::11", 6, hit.sport,
+                      hit.dport)
+        assert fm.set_put(1, hit.dst, now_ns() + 3600 * 10**9, 0)
+        for name, pkt, rule in (("fqdn_allow", hit, "probe-egress-fqdn"), ("fqdn_static", miss, "probe-egress")):
+            f = tcp_frame(pkt, TCP_ACK)
+            runner.expect("tc_egress", f, "allow", "pass_rule", rule, f"fqdn v{fam} {name}")
+            out.append(Case(f"ns_tc_egress_v{fam}_{name}", egr, f, TC_ACT_OK))
+    fm.close()
+    _log(f"fqdn: 10 rules + 1 fqdns rule, {dp.fqdn_stats()}")
+    return dp, out
+
+
 def _measure(cases: list[Case], repeat: int, batches: int) -> None:
     """Interleaved rounds: every case runs one batch per round, so a burst of interference from other
     work on the machine hits all cases alike instead of skewing one of them."""
@@ -274,6 +319,10 @@ def run(quick: bool) -> dict[str, float]:
                 dp, slot_names = _instance(bp)
                 instances.append(dp)
                 cases += _cases(dp, slot_names, bp)
+                if n == 10:
+                    fdp, fcases = _fqdn_instance(d, bp)
+                    instances.append(fdp)
+                    cases += fcases
             _log(f"set-up {time.perf_counter() - t0:.1f} s; timing {len(cases)} cases x {batches} interleaved "
                  f"batches of {repeat} runs")
             _measure(cases, repeat, batches)
@@ -283,7 +332,7 @@ def run(quick: bool) -> dict[str, float]:
                 if c.name.endswith(("max_policy_allow", "10_rules_allow", "max_policy_established")) \
                         or c.name.startswith("ns_empty"):
                     m[c.name + "_min"] = c_min
-            _ct_insert(instances[-1], bp, flows, m)      # bp: the max policy
+            _ct_insert(instances[-1], bp, flows, m)      # bp: the max policy (the last instance)
         # contract names (docs/benchmarks.md)
         for fam in ("v4", "v6"):
             m[f"ns_per_pkt_{fam}_10_rules"] = m[f"ns_xdp_{fam}_10_rules_allow"]
@@ -293,6 +342,12 @@ def run(quick: bool) -> dict[str, float]:
             m[f"ratio_{fam}_max_over_empty_xdp"] = m[f"ns_per_pkt_{fam}_max_policy"] / m["ns_empty_xdp"]
             m[f"ns_added_{fam}_max_policy"] = m[f"ns_per_pkt_{fam}_max_policy"] - m["ns_empty_xdp"]
             m[f"ns_added_{fam}_established"] = m[f"ns_per_pkt_{fam}_established"] - m["ns_empty_xdp"]
+        for fam in ("v4", "v6"):
+            base = m[f"ns_tc_egress_{fam}_10_rules_allow"]
+            m[f"ratio_{fam}_egress_fqdn_hit_over_static"] = m[f"ns_tc_egress_{fam}_fqdn_allow"] / base
+            m[f"ratio_{fam}_egress_fqdn_miss_over_static"] = m[f"ns_tc_egress_{fam}_fqdn_static"] / base
+            m[f"ratio_{fam}_egress_max_over_empty_tc"] = m[f"ns_tc_egress_{fam}_max_policy_allow"] / m["ns_empty_tc"]
+            m[f"ratio_{fam}_egress_10_rules_over_empty_tc"] = m[f"ns_tc_egress_{fam}_10_rules_allow"] / m["ns_empty_tc"]
         m["repeat"] = float(repeat)
         m["batches"] = float(batches)
         return dict(sorted(m.items()))

@@ -4,7 +4,8 @@
  *
  *   parse → later fragment? follow its first fragment (frag.h)
  *         → conntrack (normalised key, one lookup) → essential ICMP [ICMP error → related lookup]
- *         → policy: peer class ∧ L4 class bit-vector AND, lowest set bit = first match
+ *         → policy: peer class ∧ L4 class bit-vector AND, lowest set bit = first match;
+ *           egress: fqdns rules before it that the dynamic set of learnt addresses matches (fqdn.h)
  *         → a first fragment that passed leaves a fragment-table entry
  *         → count(): the one counted exit of every program (verdict.h)
  *
@@ -40,6 +41,7 @@
 #include "verdict.h"
 #include "frag.h"
 #include "essential.h"
+#include "fqdn.h"
 #include "dos.h"
 
 /* ---- programs' shared maps ------------------------------------------------------------------ */
@@ -92,8 +94,12 @@ static __always_inline void judge_first(struct env *v, struct pkt *p, struct jud
 	int m = -1;
 	int rc = p->family == 4 ? peer_class4(gen, v->dir == HW_DIR_INGRESS ? p->saddr[0] : p->daddr[0], &pcls)
 				: peer_class6(gen, v->dir == HW_DIR_INGRESS ? p->saddr : p->daddr, &pcls);
-	if (rc == 0 && l4_class(gen, v->dir, p, &lcls) == 0)
+	if (rc == 0 && l4_class(gen, v->dir, p, &lcls) == 0) {
 		m = first_match(gen, pcls, lcls);
+		/* fqdns rules are in no peer class: the dynamic set decides them (fqdn.h) */
+		if (v->dir == HW_DIR_EGRESS && h->fqdn_rules)
+			m = fqdn_match(v, p, gen, lcls, m);
+	}
 
 	__u8 action;
 	if (m >= 0) {

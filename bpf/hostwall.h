@@ -61,6 +61,13 @@
 #define HW_FRAG_WAYS          4         /* slots per bucket */
 #define HW_FRAG_TIMEOUT_NS    10000000000ULL  /* an entry serves later fragments for 10 s after the first */
 
+/* FQDN egress rules (docs/datapath.md "FQDN rules"): the dynamic set the DNS proxy fills */
+#define HW_FQDN_RULES_MAX     64        /* rules with fqdns per policy: one bit each in hw_fqdn_l4 */
+#define HW_FQDN_IPS_MAX       65536     /* (set, address) entries of the dynamic set, all sets together */
+#define HW_DNS_NAMES_MAX      16384     /* names the proxy learnt addresses for (hw_dns_names) */
+#define HW_DNS_NAME_LEN       256       /* a name (at most 253 characters) and its NUL */
+#define HW_DNS_LAT_BUCKETS    15        /* proxy latency histogram buckets (hw_dns_stats) */
+
 /* ---- enums ---------------------------------------------------------------------------------- */
 enum hw_hook { HW_HOOK_XDP_INGRESS = 0, HW_HOOK_TC_INGRESS = 1, HW_HOOK_TC_EGRESS = 2, HW_HOOKS = 3 };
 
@@ -152,7 +159,8 @@ struct hw_policy_hdr {              /* hw_policy_map[gen] */
 	__u8  essential_icmp;       /* 1: essential ICMP passes before any rule (docs/policy.md) */
 	__u8  pad[3];
 	__u32 essential_slot;       /* counter slot of the pseudo-rule essential_icmp; ~0: none */
-	__u32 pad2;                 /* 24 bytes: a multiple of 8, the array's value stride */
+	__u32 fqdn_rules;           /* rules with fqdns (hw_fqdn_rules); 0 skips the dynamic set (24 bytes in all:
+	                             * a multiple of 8, the array's value stride) */
 };
 
 struct hw_rule {                    /* hw_rule_map[gen * HW_MAX_RULES + order] */
@@ -185,6 +193,82 @@ struct hw_iv6 {                     /* hw_iv6[gen * HW_V6_INTERVALS_MAX + i], so
 
 struct hw_l4_elem {                 /* hw_l4[gen * HW_L4_ELEMS + key / 4], key = (dir*5+proto)*65536+port */
 	__u16 cls[HW_L4_SLOTS_PER_ELEM];
+};
+
+/* ---- FQDN rules (docs/datapath.md "FQDN rules") ---------------------------------------------- *
+ * A rule with fqdns is in no peer class: first_match never returns it. Its peer condition is the dynamic
+ * set: the addresses the DNS proxy learnt for the names of its fqdns list (one *set* per distinct list,
+ * numbered stably by user space, so a policy swap that keeps a list keeps its entries). Per generation,
+ * hw_fqdn_rules lists the fqdns rules in rule order and hw_fqdn_l4[L4 class] has bit i set when the i-th
+ * of them matches that class; an egress packet whose L4 class has such bits looks its destination up in
+ * hw_fqdn once per candidate rule that comes before the first static match. */
+struct hw_fqdn_rule {               /* hw_fqdn_rules[gen * HW_FQDN_RULES_MAX + i], i in rule order */
+	__u32 order;                /* the rule's order index (hw_rules) */
+	__u32 set;                  /* its dynamic set */
+};
+
+struct hw_fqdn_l4 {                 /* hw_fqdn_l4[gen * HW_L4_CLASSES_MAX + L4 class] */
+	__u64 rules;                /* bit i: hw_fqdn_rules[i] matches this (direction, protocol, port) class */
+};
+
+struct hw_fqdn_key {                /* hw_fqdn (hash, shared by both generations, pinned) */
+	__u32 set;
+	__u8  family;               /* 4 or 6 */
+	__u8  pad[3];
+	__u32 addr[4];              /* network order; IPv4 in addr[0], the rest zero */
+};
+
+struct hw_fqdn_val {
+	__u64 expires_ns;           /* CLOCK_MONOTONIC: the entry allows new connections until then */
+	__u64 learnt_ns;            /* CLOCK_MONOTONIC: the answer that (last) put it here */
+};
+
+/* What the proxy learnt, by name (hw_dns_names, hw_dns_name_ips: user space only, pinned with the
+ * instance): which addresses each asked name resolved to and until when. The dynamic sets are derived
+ * from it: a policy swap that adds a set fills it from here before the switch, `status` shows it, and the
+ * collector names a flow's destination from it (destination.domain). name_id: the first 8 bytes of the
+ * name's BLAKE2b digest, little endian. */
+struct hw_dns_name {                /* hw_dns_names[name_id] */
+	__u64 learnt_ns;            /* CLOCK_MONOTONIC: the latest answer for it */
+	char  name[HW_DNS_NAME_LEN];/* lowercase, no trailing dot, NUL-terminated */
+};
+
+struct hw_dns_name_ip {             /* hw_dns_name_ips key; value: struct hw_fqdn_val */
+	__u64 name_id;
+	__u8  family;
+	__u8  pad[3];
+	__u32 addr[4];              /* network order; IPv4 in addr[0] */
+	__u32 pad2;                 /* 32 bytes */
+};
+
+/* hw_fqdn_stats[]: per-CPU counts of the datapath's dynamic-set lookups */
+enum hw_fqdn_stat { HW_FQS_HIT = 0, HW_FQS_EXPIRED = 1, HW_FQS_MISS = 2, HW_FQDN_STATS = 3 };
+
+/* hw_dns_stats[]: the DNS proxy's counters (u64 each; written by the enforcer's proxy alone, through mmap,
+ * never by a program: pinned so they survive enforcer restarts, read by `status` and the collector's
+ * metrics; docs/metrics.md). Latency buckets: answers that took <= 2^b * 0.125 ms (the last: any). */
+enum hw_dns_stat {
+	HW_DNS_QUERIES_UDP = 0,     /* queries received */
+	HW_DNS_QUERIES_TCP = 1,
+	HW_DNS_LISTED = 2,          /* queries for a name some rule lists */
+	HW_DNS_ANSWERED = 3,        /* upstream answers relayed to the client */
+	HW_DNS_REFUSED = 4,         /* unlisted names answered REFUSED (refuse_unlisted) */
+	HW_DNS_SERVFAIL = 5,        /* upstream failures answered SERVFAIL */
+	HW_DNS_UPSTREAM_TIMEOUT = 6,
+	HW_DNS_UPSTREAM_ERROR = 7,  /* refused connection, network error, truncated TCP answer */
+	HW_DNS_MALFORMED_QUERY = 8, /* client datagrams that are no DNS query: dropped */
+	HW_DNS_MALFORMED_ANSWER = 9,/* upstream answers that do not parse: dropped */
+	HW_DNS_MISMATCHED = 10,     /* upstream datagrams with the wrong ID or question: ignored */
+	HW_DNS_LEARNT = 11,         /* addresses entered into the dynamic set (new or renewed) */
+	HW_DNS_OVERFLOW = 12,       /* addresses over max_ips_per_name: not entered */
+	HW_DNS_SET_FULL = 13,       /* addresses the full dynamic set refused */
+	HW_DNS_RECORDS_SUPPRESSED = 14, /* DNS decision records over the rate limit: counted, not written */
+	HW_DNS_LATENCY_SUM_US = 15, /* sum of answer latencies (µs) */
+	HW_DNS_OVERLOAD = 16,       /* queries dropped: too many in flight */
+	HW_DNS_LAT0 = 17,           /* HW_DNS_LAT_BUCKETS latency buckets follow */
+	HW_DNS_RECORDS_UNWRITTEN = 32, /* DNS decision records the log could not take (write error): counted */
+	HW_DNS_RECORDS_WRITTEN = 33,   /* DNS decision records written to the log */
+	HW_DNS_STATS = 40,
 };
 
 /* ---- DoS profiles (policy generation: swapped with the policy) ------------------------------ *

@@ -188,9 +188,16 @@ class Instance:
         pk = self._percpu_array(frag.STATS_MAP, "hw_counter", 2 * n)["packets"]
         return {fam: {name: int(pk[j * n + i]) for i, name in L.FRAG_STAT_NAMES.items()} for j, fam in enumerate((4, 6))}
 
+    def fqdn_stats(self) -> dict[str, int]:
+        """The datapath's dynamic-set lookups since load: tried, hit, found expired (hw_fqdn_stats)."""
+        pk = self._percpu_array("hw_fqdn_stats", "hw_counter", L.C["HW_FQDN_STATS"])["packets"]
+        return {name: int(pk[i]) for i, name in L.FQDN_STAT_NAMES.items()}
+
     # hash map -> (key dtype, value dtype, per-CPU); the conntrack and DoS source tables are counted in place
     PRESSURE_MAPS = {"hw_dos_banned": ("hw_dos_key", "hw_dos_ban", False),
-                     "hw_drops0": ("hw_drop_key", "hw_drop_val", True), "hw_drops1": ("hw_drop_key", "hw_drop_val", True)}
+                     "hw_drops0": ("hw_drop_key", "hw_drop_val", True), "hw_drops1": ("hw_drop_key", "hw_drop_val", True),
+                     "hw_fqdn": ("hw_fqdn_key", "hw_fqdn_val", False), "hw_dns_names": (8, "hw_dns_name", False),
+                     "hw_dns_name_ips": ("hw_dns_name_ip", "hw_fqdn_val", False)}
 
     def map_pressure(self) -> dict[str, dict]:
         """Fill of the conntrack, fragment and DoS source tables and the hash maps (entries / capacity, %).
@@ -217,8 +224,8 @@ class Instance:
         for name, (kdt, vdt, percpu) in self.PRESSURE_MAPS.items():
             fd = self.map_fds[name]
             vbytes = (L.DTYPES[vdt].itemsize + 7) // 8 * 8 * (self.ncpus if percpu else 1)
-            out[name] = pressure_row(bpfsys.count_entries(fd, L.DTYPES[kdt].itemsize, vbytes),
-                                     bpfsys.map_info(fd).max_entries)
+            ksize = kdt if isinstance(kdt, int) else L.DTYPES[kdt].itemsize
+            out[name] = pressure_row(bpfsys.count_entries(fd, ksize, vbytes), bpfsys.map_info(fd).max_entries)
         return out
 
     def clear_conntrack(self) -> None:

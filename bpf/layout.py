@@ -99,6 +99,12 @@ FRAG_MAX = C["HW_FRAG_MAX"]
 FRAG_WAYS = C["HW_FRAG_WAYS"]
 FRAG_STAT_NAMES = {C[k]: k[len("HW_FS_"):].lower() for k in _enum_members(HEADER.read_text(), "hw_frag_stat")
                    if k.startswith("HW_FS_")}
+FQDN_RULES_MAX = C["HW_FQDN_RULES_MAX"]
+FQDN_IPS_MAX = C["HW_FQDN_IPS_MAX"]
+FQDN_STAT_NAMES = {C[k]: k[len("HW_FQS_"):].lower() for k in _enum_members(HEADER.read_text(), "hw_fqdn_stat")
+                   if k.startswith("HW_FQS_")}
+DNS_STAT_NAMES = {C[k]: k[len("HW_DNS_"):].lower() for k in _enum_members(HEADER.read_text(), "hw_dns_stat")
+                  if k not in ("HW_DNS_STATS",)}
 NO_SLOT = 0xFFFFFFFF      # a rule_slot / essential_slot that names no counter slot (~0 in the C)
 
 u8, u16, u32, u64 = np.uint8, np.uint16, np.uint32, np.uint64
@@ -111,7 +117,7 @@ DTYPES: dict[str, np.dtype] = {
                             ("pad", u16), ("pad2", u32)]),
     "hw_policy_hdr": np.dtype([("revision_id", u32), ("nrules", u32), ("default_ingress", u8),
                                ("default_egress", u8), ("stateful", u8), ("audit", u8), ("essential_icmp", u8),
-                               ("pad", u8, 3), ("essential_slot", u32), ("pad2", u32)]),
+                               ("pad", u8, 3), ("essential_slot", u32), ("fqdn_rules", u32)]),
     "hw_rule": np.dtype([("slot", u32), ("action", u8), ("pad", u8, 3)]),
     "hw_class": np.dtype([("summary", u64), ("words", u64, WORDS)]),
     "hw_top": np.dtype([("first", u32), ("last", u32)]),
@@ -166,6 +172,12 @@ DTYPES: dict[str, np.dtype] = {
                              ("proto", u8), ("family", u8), ("prefix_len", u8), ("direction", u8)]),
     "hw_drop_val": np.dtype([("packets", u64), ("bytes", u64), ("first_ns", u64), ("last_ns", u64)]),
     "hw_meta": np.dtype([("magic", u32), ("reason", u32)]),
+    "hw_fqdn_rule": np.dtype([("order", u32), ("set", u32)]),
+    "hw_fqdn_l4": np.dtype([("rules", u64)]),
+    "hw_fqdn_key": np.dtype([("set", u32), ("family", u8), ("pad", u8, 3), ("addr", u8, 16)]),
+    "hw_fqdn_val": np.dtype([("expires_ns", u64), ("learnt_ns", u64)]),
+    "hw_dns_name": np.dtype([("learnt_ns", u64), ("name", "S256")]),
+    "hw_dns_name_ip": np.dtype([("name_id", u64), ("family", u8), ("pad", u8, 3), ("addr", u8, 16), ("pad2", u32)]),
 }
 DTYPES["hw_drop_src"] = np.dtype([("k", DTYPES["hw_drop_key"]), ("pad", u32), ("packets", u64), ("bytes", u64)])
 DTYPES["hw_dos_slot"] = np.dtype([("s", DTYPES["hw_dos_src"]), ("k", DTYPES["hw_dos_key"]), ("slot_state", u64)])

@@ -24,10 +24,13 @@ POLICY_MAPS = {
     "hw_l4": ("hw_l4_elem", L.L4_ELEMS),
     "hw_dos_profiles": ("hw_dos_profile", L.C["HW_DOS_PROFILES_MAX"]),
     "hw_dos_ifs": ("hw_dos_if", L.C["HW_DOS_IF_SLOTS"]),
+    "hw_fqdn_rules": ("hw_fqdn_rule", L.FQDN_RULES_MAX),
+    "hw_fqdn_l4": ("hw_fqdn_l4", L.L4_CLASSES_MAX),
 }
 OTHER_MAPS = ("hw_config", "hw_collect", "hw_stats", "hw_rule_stats", "hw_port_stats", "hw_ct4", "hw_ct6", "hw_ct_stats",
               "hw_frag4", "hw_frag6", "hw_frag_stats", "hw_frag_scratch", "hw_jump_tc", "hw_tc_pkt", "hw_events",
               "hw_ev_stats", "hw_ev_budget", "hw_drops0", "hw_drops1", "hw_drop_overflow", "hw_drop_srcs", "hw_jump",
               "hw_pkt_scratch", "hw_dos_src", "hw_dos_banned", "hw_dos_global", "hw_dos_stats", "hw_dos_src_stats", "hw_manual_ban4",
-              "hw_manual_ban6")
+              "hw_manual_ban6", "hw_fqdn", "hw_fqdn_stats", "hw_dns_names",
+              "hw_dns_name_ips", "hw_dns_stats")
 ALL_MAPS = tuple(POLICY_MAPS) + OTHER_MAPS

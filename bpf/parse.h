@@ -36,6 +36,8 @@ struct pkt {
 	__u8  ct_hint;          /* set by xdp_ingress before the tail call: 1 no connection, 2 invalid one */
 	__u32 l4len;            /* parsing only: bytes the IP header(s) say follow the headers parsed so far */
 	__u64 now;              /* xdp_ingress's clock, so xdp_judge does not read it again */
+	__s32 fqdn_m;           /* judging only: fqdn_match's answer (fqdn.h) */
+	__u32 pad1;
 };
 
 /* p->first_x is 1 + (the fragment field XOR the value it has in a first fragment), not a 0/1 flag: a

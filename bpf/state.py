@@ -34,6 +34,17 @@ def audit_log_path(pin_dir: str) -> Path:
     return state_dir() / f"{_stem(pin_dir)}.audit.jsonl"
 
 
+def fqdn_config_path(pin_dir: str) -> Path:
+    """The live dynamic sets and the dns section, which the DNS proxy follows (enforcer/fqdnsets.py)."""
+    return state_dir() / f"{_stem(pin_dir)}.fqdn.json"
+
+
+def dns_log_path(pin_dir: str) -> Path:
+    """The DNS proxy's decision records (refused names, upstream failures), one JSON object per line
+    (shipped by the collector as the audit log is)."""
+    return state_dir() / f"{_stem(pin_dir)}.dns.jsonl"
+
+
 @dataclass
 class AttachedInterface:
     name: str
@@ -66,6 +77,7 @@ class InstanceState:
     tables: dict[str, int] = field(default_factory=dict)       # fill of the active policy tables
     history: list[dict] = field(default_factory=list)
     pid: int | None = None                                      # the `run` process, if any
+    fqdn_sets: dict[str, int] = field(default_factory=dict)    # fqdns list ("\n"-joined) -> dynamic set id
 
     @classmethod
     def load(cls, pin_dir: str) -> InstanceState | None:
@@ -86,6 +98,7 @@ class InstanceState:
 
     def remove(self) -> None:
         state_path(self.pin_dir).unlink(missing_ok=True)
+        fqdn_config_path(self.pin_dir).unlink(missing_ok=True)
 
     def record_change(self, old_revision: str, new_revision: str, old_rules: int, new_rules: int,
                       source: str, switch_ms: float) -> dict:

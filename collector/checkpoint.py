@@ -11,14 +11,15 @@ tmp + rename (atomic: a reader or a restart sees the old or the new file, never 
                   moves, and one write may hold several commits, so after a crash the kernel is at one of
                   them and its seq is exact), producer_pos (as last seen), events (records committed,
                   cumulative)
-    seq           next hostwall.seq per stream (events, drop_summaries, conntrack, audit, anomaly,
-                  collector) as of the last durable commit
+    seq           next hostwall.seq per stream (events, drop_summaries, conntrack, audit, dns, anomaly,
+                  collector, tick) as of the last durable commit
     kernel_loss   the event-outcome counters last folded into the ledger: the baseline the next run
                   continues from (a restart never takes the kernel's counters as a new zero)
     drain         a drop-aggregation interval read but not cleared yet: gen, t0/t1 (wall ns), seq_base,
                   n (records made of it) — a restart re-exports it with the same event ids and seqs
     ct_last_scan  the datapath-clock time of the last conntrack scan whose records are durable
-    audit         {inode, offset} of the enforcer's audit log up to which records are durable
+    audit, dns    {inode, offset} of the enforcer's audit log / DNS decision log up to which records are
+                  durable
 
 Cost: one small write per commit group (at most every COMMIT_INTERVAL_S of collector/pipeline.py);
 fsync only at a clean stop (a collector crash keeps the page cache; a machine crash loses the ring
@@ -38,7 +39,7 @@ __all__ = ["STREAMS", "Checkpoint", "Restart", "analyze_restart"]
 
 VERSION = 1
 MAX_UNAPPLIED = 4096                  # ring commits one checkpoint write may hold (a batch per commit group)
-STREAMS = ("events", "drop_summaries", "conntrack", "audit", "anomaly", "collector", "tick")
+STREAMS = ("events", "drop_summaries", "conntrack", "audit", "dns", "anomaly", "collector", "tick")
 
 
 class Checkpoint:

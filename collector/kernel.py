@@ -305,13 +305,35 @@ class KernelSource:
         return c
 
     def kernel_loss(self) -> dict[str, dict[str, int]]:
-        """Cumulative event outcomes per event type: {type: {emitted, budget, ringbuf_full}}.
-        Cost: one batch syscall."""
+        """Cumulative event outcomes per event type: {type: {emitted, budget, ringbuf_full}}, and the DNS
+        proxy's decision records, {"dns": {emitted (written to its log), budget (over its rate limit),
+        write_error}} (pinned hw_dns_stats, enforcer/dnsrecords.py; when the instance has that map).
+        Cost: one batch syscall, and one for the DNS counters."""
         c = self._percpu_array("hw_ev_stats", COUNTER_DT)["packets"].reshape(EV_TYPES, EV_OUTCOMES)
         out = {}
         for t, tname in sorted(L.EVENT_TYPE_NAMES.items()):
             out[tname] = {L.EV_OUTCOME_NAMES[o]: int(c[t, o]) for o in range(EV_OUTCOMES)}
+        dns = self._dns_stats()
+        if dns is not None:
+            out["dns"] = {"emitted": int(dns[L.C["HW_DNS_RECORDS_WRITTEN"]]),
+                          "budget": int(dns[L.C["HW_DNS_RECORDS_SUPPRESSED"]]),
+                          "write_error": int(dns[L.C["HW_DNS_RECORDS_UNWRITTEN"]])}
         return out
+
+    def _dns_stats(self) -> np.ndarray | None:
+        """hw_dns_stats up to the record counters, or None for an instance without them (no FQDN maps, or
+        an older build's shorter array)."""
+        if "hw_dns_stats" not in self.fds:
+            try:
+                fd = bpfsys.obj_get(str(self.pin_dir / "maps" / "hw_dns_stats"))
+            except OSError:
+                return None
+            if bpfsys.map_info(fd).max_entries <= L.C["HW_DNS_RECORDS_WRITTEN"]:
+                os.close(fd)
+                return None
+            self.fds["hw_dns_stats"] = fd
+        n = L.C["HW_DNS_RECORDS_WRITTEN"] + 1
+        return np.frombuffer(bpfsys.array_slots(self.fds["hw_dns_stats"], 0, n, 8), dtype=np.uint64)
 
     # ---- drop aggregation --------------------------------------------------------------------------
     def drain_drops(self) -> DropDrain:

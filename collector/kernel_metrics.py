@@ -48,6 +48,7 @@ from typing import Any
 
 import numpy as np
 
+from .dns_metrics import dns_families
 from .metric_family import Family
 from .metric_spec import HANDOFF_REASONS, HOOK_DIRECTION, SPEC, to_prometheus
 from .metric_spec import spec_family as _family
@@ -301,6 +302,7 @@ class KernelCollector:
             if "evicted" in rows[name]:
                 evicted.add((name,), rows[name]["evicted"])
         fams += [ent, cap, evicted]
+        fams += dns_families(dp, _family)
         return fams
 
     @staticmethod

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+from .dns_metrics import DNS_SPEC
 from .metric_family import Family
 
 # Packets handed from one hook to another: counted where they were judged, so not a verdict of their own.
@@ -100,6 +101,8 @@ SPEC: dict[str, tuple[str, str, tuple[str, ...], str, str]] = {
     "hostwall_kernel_metrics_read_duration_seconds": ("gauge", "s", (), "Duration of the last kernel read for these "
                                                       "metrics", "this module"),
 }
+
+SPEC.update(DNS_SPEC)                    # the DNS proxy and FQDN rules (collector/dns_metrics.py)
 
 
 def spec_family(prom: str) -> Family:

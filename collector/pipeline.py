@@ -7,8 +7,8 @@ Tasks (each watched: a task that fails or ends on its own stops the service, whi
     drops    every drop_summary_interval (≤ 1 s): read a drop interval → summaries → clear once durable
     ct       every conntrack_scan_interval: claim FIN closes after the close grace period, idle ends,
              active updates → release the claims once durable
-    tick     every second (or anomaly bucket): builder/anomaly tick, audit-log tail, kernel loss counters,
-             sink loss reports
+    tick     every second (or anomaly bucket): builder/anomaly tick, the enforcer's audit and DNS logs,
+             kernel loss counters, sink loss reports
     status   every status_interval: the status JSON ($HOSTWALL_STATE_DIR/collector-<pin stem>.json)
     commit   end-to-end acknowledgement: releases kernel data once every at_least_once sink has it
     sink:*   one per sink: its queue → sink.send; flush when idle for a second
@@ -18,7 +18,7 @@ consumer position; each fanned-out batch gets a ticket (collector/acks.py) and t
 moves past a batch's events only when every at_least_once sink settled that batch (durable, or counted
 lost). The same holds for what the collector takes out of the kernel itself: a drop interval is cleared
 from its map, and claimed conntrack ends are freed (FIN closes marked reported), only once their records
-are durable; the audit-log offset and every stream's hostwall.seq are checkpointed
+are durable; the offsets in the enforcer's logs and every stream's hostwall.seq are checkpointed
 (collector/checkpoint.py) only then; conntrack scan batches are journaled until durable
 (collector/ct_journal.py) so a restart numbers them as before; records made from the collector's own
 state (anomalies, loss reports) go through the outbox (collector/outbox.py). The checkpoint is written
@@ -96,7 +96,8 @@ class Pipeline(Sources):
                  clock_factory: Callable[[int], Any] | None = None, audit_log: str | os.PathLike | None = None,
                  status_path: str | os.PathLike | None = None, shutdown_timeout_s: float = SHUTDOWN_TIMEOUT_S,
                  close_source: bool = True, metrics: MetricsSink | None = None, hostname: str | None = None,
-                 checkpoint: Checkpoint | None = None, outbox: Outbox | None = None):
+                 checkpoint: Checkpoint | None = None, outbox: Outbox | None = None,
+                 dns_log: str | os.PathLike | None = None):
         self.cfg = cfg
         self.source = source
         self.builder = builder
@@ -110,6 +111,7 @@ class Pipeline(Sources):
         self._clock_factory = clock_factory or _default_clock
         self.clock = None
         self.audit_log = Path(audit_log) if audit_log else None
+        self.dns_log = Path(dns_log) if dns_log else None
         self.status_path = Path(status_path) if status_path else cfg.status_path()
         self.checkpoint = checkpoint or Checkpoint.load(cfg.state_path(self.status_path))
         self.outbox = outbox or Outbox(cfg.outbox_path(self.status_path))
@@ -130,7 +132,7 @@ class Pipeline(Sources):
         self._drain_checked = False
         self._ct_checked = False
         self._boot_id = ""
-        self._audit_pos: tuple[int, int] | None = None
+        self.logs: dict = {}                        # stream -> (JsonlTail, builder method): collector/sources.py
         self._settle_evt: asyncio.Event | None = None
         self._tasks: dict[str, asyncio.Task] = {}
         self._runs: set[asyncio.Future] = set()     # periodic runs in progress (see _every)

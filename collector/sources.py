@@ -11,9 +11,10 @@ durable in every at_least_once sink (docs/collector.md "Delivery and loss"):
     ct      claim idle conntrack ends and FIN closes quiet for the close grace period
             (hostwall.bpf.conntrack) → flow end / update records → when durable, checkpoint the stream's
             seq and the scan time, then release the claims (free idle slots, mark closes reported).
-    tick    builder/anomaly tick (anomaly records go through the outbox), the enforcer's audit log (its
-            offset is checkpointed when the records are durable), kernel loss counters (the baseline is
-            checkpointed), and loss records for records a sink counted lost.
+    tick    builder/anomaly tick (anomaly records go through the outbox), the enforcer's audit log and
+            DNS decision log (collector/logtail.py; each log's offset is checkpointed with its stream's
+            seq when the records are durable), kernel loss counters (the baseline is checkpointed), and
+            loss records for records a sink counted lost.
 
 Recovery (`_recover`, once at start): compare the checkpoint with the kernel (collector/checkpoint.py),
 count what the kernel counted while no collector ran, count what could not be recovered (`restart`
@@ -31,6 +32,7 @@ from hostwall.bpf.ringbuf import slot_size
 
 from .acks import CommitEntry
 from .checkpoint import STREAMS, analyze_restart
+from .logtail import JsonlTail
 
 log = logging.getLogger("hostwall.collector")
 
@@ -67,6 +69,7 @@ class Sources:
             ck["drain"] = None
             ck["ct_last_scan"] = None
             ck.data["ring"] = {}
+        self._open_logs()                        # before the checkpoint names this kernel (exists)
         ck["kernel"] = identity
         ck["pid"], ck["started_at"], ck["clean_stop"] = os.getpid(), self._started, False
         if "pos" not in ck.ring:
@@ -74,7 +77,6 @@ class Sources:
         ck.save()
         if ck["ct_last_scan"]:
             self.source.set_last_scan(int(ck["ct_last_scan"]))
-        self._audit_pos = self._audit_resume()
         self._drain_checked = False
         self._ct_checked = False
         self._boot_id = str(identity.get("boot_id") or "")
@@ -293,7 +295,7 @@ class Sources:
             recs = self.anomaly.tick(time.time()) or []
             if recs:
                 await self._emit_owned(recs, "anomaly")
-        await self._tail_audit()
+        await self._tail_logs()
         await self._fold_kernel()
         await self._report_sink_losses()
         if time.monotonic() - self._clock_at >= CLOCK_RECALIBRATE_S:      # follow wall-clock steps
@@ -313,56 +315,51 @@ class Sources:
         if recs:
             await self._emit_owned(recs, "collector")
 
-    # ---- audit log -------------------------------------------------------------------------------
-    def _audit_resume(self) -> tuple[int, int] | None:
-        """Where to continue the enforcer's audit log: the checkpointed offset (durable records) if it is
-        the same file (inode), else its start (re-shipped records have the same event.id)."""
-        if self.audit_log is None:
-            return None
-        a = self.checkpoint["audit"]
+    # ---- the enforcer's logs (audit, DNS decisions) --------------------------------------------------
+    def _open_logs(self) -> None:
+        """Tail each log from its checkpointed offset (records up to it are durable), or from its start
+        (re-shipped records have the same event.id)."""
+        self.logs = {}
+        for stream, path, build in (("audit", self.audit_log, self.builder.on_audit),
+                                    ("dns", self.dns_log, self.builder.on_dns)):
+            if path is not None:
+                self.logs[stream] = (JsonlTail(path, self._log_resume(stream)), build)
+
+    def _log_resume(self, stream: str) -> tuple[int, int]:
+        a = self.checkpoint[stream]
         if a:
             return int(a["inode"]), int(a["offset"])
-        try:                                             # a checkpoint from before this format: the status
-            prev = orjson.loads(self.status_path.read_bytes()).get("audit", {})
+        if stream != "audit" or self.checkpoint.exists:  # the status holds the read position, not the durable one
+            return (0, 0)
+        try:                                             # a collector from before checkpoints: its status
+            prev = orjson.loads(self.status_path.read_bytes()).get(stream, {})
             return int(prev["inode"]), int(prev["offset"])
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return (0, 0)
 
-    async def _tail_audit(self) -> None:
-        if self._audit_pos is None:
-            return
-        try:
-            st = os.stat(self.audit_log)
-        except FileNotFoundError:
-            return
-        ino, off = self._audit_pos
-        if st.st_ino != ino or st.st_size < off:
-            ino, off = st.st_ino, 0                     # new or truncated file
-        if st.st_size == off:
-            self._audit_pos = (ino, off)
-            return
-        with open(self.audit_log, "rb") as f:
-            f.seek(off)
-            data = f.read(st.st_size - off)
-        end = data.rfind(b"\n") + 1                     # whole lines only
-        recs, bad = [], 0
-        for line in data[:end].splitlines():
-            if not line.strip():
-                continue
-            try:
-                recs.append(self.builder.on_audit(orjson.loads(line)))
-            except (ValueError, TypeError, AttributeError):
-                bad += 1
-        self._audit_pos = pos = (ino, off + end)
-        if bad:
-            self.ledger.lose("decode", "audit_line", bad, produced="audit")
-        ticket = await self._emit(recs, "audit", observe=False)
-        ck, seq_after = self.checkpoint, self.seq["audit"]
+    async def _tail_logs(self) -> None:
+        """New whole lines of each log → records of its stream; a line that is not a record is counted
+        (decode/<stream>_line). The offset is checkpointed with the stream's seq once they are durable."""
+        for stream, (tail, build) in self.logs.items():
+            lines, bad = tail.read()
+            recs = []
+            for line in lines:
+                try:
+                    recs.append(build(line))
+                except (ValueError, TypeError, AttributeError, KeyError):
+                    bad += 1
+            if bad:
+                self.ledger.lose("decode", f"{stream}_line", bad, produced=stream)
+            ticket = await self._emit(recs, stream, observe=False)
+            self.commits.add(CommitEntry(ticket, self._log_commit(stream, tail.position)))
+
+    def _log_commit(self, stream: str, pos: tuple[int, int]):
+        ck, seq_after = self.checkpoint, self.seq[stream]
 
         def before() -> None:
-            ck["audit"] = {"inode": pos[0], "offset": pos[1]}
-            ck.set_seq("audit", seq_after)
-        self.commits.add(CommitEntry(ticket, before))
+            ck[stream] = {"inode": pos[0], "offset": pos[1]}
+            ck.set_seq(stream, seq_after)
+        return before
 
 
 def track_open_anomalies(ck, records: list[dict]) -> None:

@@ -73,8 +73,8 @@ def build_status(p: Any, *, final: bool = False) -> dict:
                 out[name] = comp.stats()
             except Exception as e:                  # noqa: BLE001 — status must not fail
                 out[name] = {"error": repr(e)}
-    if p._audit_pos is not None:
-        out["audit"] = {"path": str(p.audit_log), "inode": p._audit_pos[0], "offset": p._audit_pos[1]}
+    for stream, (tail, _) in p.logs.items():      # the enforcer's logs: "audit", "dns"
+        out[stream] = tail.status()
     return out
 
 

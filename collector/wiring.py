@@ -34,4 +34,5 @@ def build_pipeline(cfg: CollectorConfig) -> Pipeline:
     enricher = Enricher(host, instance)
     anomaly = AnomalyDetector(cfg.anomaly if isinstance(cfg.anomaly, AnomalyConfig) else None, host)
     return Pipeline(cfg, source, builder, sinks, enricher=enricher, anomaly=anomaly, ledger=ledger,
-                    audit_log=instance.audit_log, metrics=SelfMetrics.from_config(cfg), hostname=host.hostname)
+                    audit_log=instance.audit_log, metrics=SelfMetrics.from_config(cfg), hostname=host.hostname,
+                    dns_log=instance.dns_log)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
 import time
 
@@ -88,45 +87,13 @@ def _interfaces(a, p: Policy) -> list[InterfaceConf]:
 
 
 def cmd_run(a) -> int:
-    from . import control
+    from . import runner
     p = _load(a.policy)
     ifaces = _interfaces(a, p)
     if not ifaces:
         _err("no interface to protect: pass --interface IF or list `interfaces:` in the policy")
         return EXIT_INPUT
-    dp, st, res = control.start(p, a.pin_dir, ifaces, a.netns)
-    how = "took over the running instance (no gap)" if res.adopted else "loaded the datapath"
-    if res.migrated_conntrack:
-        how += f", carried {res.migrated_conntrack} tracked connections over"
-    where = ", ".join(f"{i.name} (xdp {i.xdp_mode}, tc)" for i in res.interfaces)
-    print(f"hostwall-enforcer: {how}; enforcing {p.name} revision {p.revision} "
-          f"({res.apply.rules} rules, {res.apply.prefixes} prefixes) on {where}", flush=True)
-
-    state = {"reload": False, "stop": None}
-    signal.signal(signal.SIGHUP, lambda *_: state.update(reload=True))
-    signal.signal(signal.SIGTERM, lambda *_: state.update(stop="SIGTERM"))
-    signal.signal(signal.SIGINT, lambda *_: state.update(stop="SIGINT"))
-    try:
-        while state["stop"] is None:
-            time.sleep(0.2)
-            if state["reload"]:
-                state["reload"] = False
-                try:
-                    r = control.apply(_load(a.policy), a.pin_dir)
-                    print(f"hostwall-enforcer: SIGHUP: revision {r.old_revision} → {r.new_revision} "
-                          f"(switch {r.switch_ms:.3f} ms)", flush=True)
-                except PolicyError as e:
-                    _policy_errors(e)
-                    _err("SIGHUP: the running policy is unchanged")
-    finally:
-        dp.close()
-    if a.keep_attached:
-        print(f"hostwall-enforcer: {state['stop']}: exiting, programs stay attached and pinned at {a.pin_dir}",
-              flush=True)
-    else:
-        gone = control.detach(a.pin_dir)
-        print(f"hostwall-enforcer: {state['stop']}: detached from {', '.join(gone) or 'nothing'}", flush=True)
-    return EXIT_OK
+    return runner.run(a, p, ifaces, _load, _policy_errors)
 
 
 def cmd_apply(a) -> int:
@@ -294,6 +261,8 @@ def cmd_status(a) -> int:
             t.add_row(fam, _fmt_n(c["inserted"]), _fmt_n(c["evicted"]), _fmt_n(c["claim_lost"]),
                       _fmt_n(c["followed"]), _fmt_n(c["unmatched"]))
         con.print(t)
+    if s.get("fqdn"):
+        _print_fqdn(con, s["fqdn"])
     t = Table(title="map pressure")
     for c in ("map", "entries", "capacity", "%", "evicted"):
         t.add_column(c, justify="right")
@@ -301,6 +270,37 @@ def cmd_status(a) -> int:
         t.add_row(m, str(v["entries"]), str(v["capacity"]), f"{v['percent']:.1f}", str(v.get("evicted", "")))
     con.print(t)
     return EXIT_OK
+
+
+def _print_fqdn(con, fq: dict) -> None:
+    """The fqdn section of `status`: proxy, dynamic sets, learnt names (docs/cli.md)."""
+    from rich.table import Table
+    p = fq["proxy"]
+    d = p.get("dns") or {}
+    c = p["counters"]
+    con.print(f"DNS proxy {'running' if p['running'] else 'not running (learnt addresses still apply)'}"
+              f" on {', '.join(d.get('listen', [])) or '-'} → {', '.join(d.get('upstreams', [])) or '-'}; "
+              f"queries {c['queries_udp']} udp / {c['queries_tcp']} tcp, listed {c['listed']}, relayed {c['answered']}, "
+              f"refused {c['refused']}, servfail {c['servfail']} (timeouts {c['upstream_timeout']}, errors "
+              f"{c['upstream_error']}); dropped: malformed {c['malformed_query']} + {c['malformed_answer']}, "
+              f"mismatched {c['mismatched']}, overload {c['overload']}; addresses learnt {c['learnt']}, over the "
+              f"per-name limit {c['overflow']}, full {c['set_full']}; datapath lookups: hit "
+              f"{fq.get('datapath', {}).get('hit', 0)}, expired {fq.get('datapath', {}).get('expired', 0)}, miss "
+              f"{fq.get('datapath', {}).get('miss', 0)}")
+    t = Table(title="fqdn dynamic sets")
+    for col in ("set", "rules", "fqdns", "addresses"):
+        t.add_column(col, justify="right" if col in ("set", "addresses") else "left")
+    for st in fq["sets"]:
+        t.add_row(str(st["id"]), ", ".join(st["rules"]), ", ".join(st["fqdns"]), str(st["addresses"]))
+    con.print(t)
+    if fq["names"]:
+        t = Table(title=f"learnt names ({fq['names_total']}; latest 20)")
+        for col in ("name", "addresses", "expires in", "learnt", "sets"):
+            t.add_column(col, justify="left" if col in ("name", "sets") else "right")
+        for n in fq["names"][:20]:
+            t.add_row(n["name"], str(n["addresses"]), f"{n['expires_in_s']:.0f} s", f"{n['learnt_s_ago']:.0f} s ago",
+                      ", ".join(map(str, n.get("sets", []))))
+        con.print(t)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -48,6 +48,8 @@ class CompiledPolicy:
     dos_profiles: np.ndarray    # hw_dos_profile, HW_DOS_PROFILES_MAX (id = position in dos_profile_names)
     dos_ifs: np.ndarray         # hw_dos_if, HW_DOS_IF_SLOTS (ifindex → profile id, open addressing)
     dos_profile_names: tuple[str, ...] = ()
+    fqdn_rules: np.ndarray | None = None    # hw_fqdn_rule per fqdns rule, in rule order
+    fqdn_l4: np.ndarray | None = None       # hw_fqdn_l4 per L4 class
 
     def describe(self) -> dict:
         return {"rules": len(self.rule_names), "peer_classes": len(self.peer_cls), "l4_classes": len(self.l4_cls),
@@ -211,6 +213,8 @@ def classify(n_rules: int, own, start, end, any_rules: list[int], axis_end: int)
 def _v4_classes(rules: tuple[Rule, ...]) -> Classes:
     own, start, end, any_rules = [], [], [], []
     for order, rule in enumerate(rules):
+        if rule.fqdns is not None:                # in no peer class: the dynamic set decides (fqdn tables)
+            continue
         ps = rule.peers
         if ps.any:
             any_rules.append(order)
@@ -225,6 +229,8 @@ def _v4_classes(rules: tuple[Rule, ...]) -> Classes:
 def _v6_classes(rules: tuple[Rule, ...]) -> Classes:
     own, start, end, any_rules = [], [], [], []
     for order, rule in enumerate(rules):
+        if rule.fqdns is not None:
+            continue
         ps = rule.peers
         if ps.any:
             any_rules.append(order)
@@ -342,12 +348,38 @@ def compile_dos(policy: Policy, interfaces: dict[int, str]) -> tuple[np.ndarray,
     return profiles, ifs, names
 
 
+def fqdn_lists(policy: Policy) -> list[tuple[str, ...]]:
+    """The distinct fqdns lists of the policy's rules, in rule order: each names one dynamic set."""
+    return list(dict.fromkeys(r.fqdns for r in policy.rules if r.fqdns is not None))
+
+
+def _fqdn_tables(rules: tuple[Rule, ...], l4_bitmaps: np.ndarray, sets: dict[tuple[str, ...], int]):
+    """hw_fqdn_rules (the fqdns rules in rule order with their set) and hw_fqdn_l4 (per L4 class, bit i
+    when the i-th fqdns rule is in the class), docs/datapath.md "FQDN rules". Cost: O(fqdns rules x classes)."""
+    fq = [(order, r) for order, r in enumerate(rules) if r.fqdns is not None]
+    if len(fq) > L.FQDN_RULES_MAX:
+        raise CompileError(f"{len(fq)} rules with fqdns; the datapath holds {L.FQDN_RULES_MAX}: merge the fqdns "
+                           "lists of rules with the same action, protocol and ports")
+    recs = np.zeros(len(fq), dtype=L.DTYPES["hw_fqdn_rule"])
+    l4 = np.zeros(len(l4_bitmaps), dtype=L.DTYPES["hw_fqdn_l4"])
+    words = l4_bitmaps["words"]
+    for i, (order, r) in enumerate(fq):
+        if r.fqdns not in sets:
+            raise CompileError(f"rule {r.name!r}: no dynamic set for its fqdns list (internal error)")
+        recs[i] = (order, sets[r.fqdns])
+        bit = (words[:, order // 64] >> np.uint64(order % 64)) & np.uint64(1)
+        l4["rules"] |= bit << np.uint64(i)
+    return recs, l4
+
+
 def compile_policy(policy: Policy, slots: dict[str, int], revision_id: int,
-                   dos_interfaces: dict[int, str] | None = None) -> CompiledPolicy:
+                   dos_interfaces: dict[int, str] | None = None,
+                   fqdn_sets: dict[tuple[str, ...], int] | None = None) -> CompiledPolicy:
     """Build every table of one policy generation. slots: rule name -> counter slot (stable), and
     the pseudo-rule essential_icmp's slot (Policy.counter_names(); without one, essential ICMP is
     counted by reason only); dos_interfaces: ifindex -> DoS profile name of each attached interface
-    that has one."""
+    that has one; fqdn_sets: fqdns list -> dynamic set id (stable across swaps, allocated by the caller;
+    default: 1, 2, ... in rule order)."""
     rules = policy.rules
     if len(rules) > L.MAX_RULES:
         raise CompileError(f"{len(rules)} rules; the datapath holds at most {L.MAX_RULES}")
@@ -385,9 +417,14 @@ def compile_policy(policy: Policy, slots: dict[str, int], revision_id: int,
     hdr["essential_icmp"] = d.essential_icmp
     hdr["essential_slot"] = slots.get(ESSENTIAL_ICMP, L.NO_SLOT) if d.essential_icmp else L.NO_SLOT
     dos_profiles, dos_ifs, dos_names = compile_dos(policy, dos_interfaces or {})
+    if fqdn_sets is None:
+        fqdn_sets = {lst: i + 1 for i, lst in enumerate(fqdn_lists(policy))}
+    fq_rules, fq_l4 = _fqdn_tables(rules, cl4.bitmaps, fqdn_sets)
+    hdr["fqdn_rules"] = len(fq_rules)
     return CompiledPolicy(hdr=hdr, rules=rule_recs, peer_cls=peer_cls, l4_cls=cl4.bitmaps, top4=top4, iv4=iv4,
                           top6=top6, iv6=iv6, l4=l4, rule_names=tuple(r.name for r in rules),
-                          dos_profiles=dos_profiles, dos_ifs=dos_ifs, dos_profile_names=dos_names)
+                          dos_profiles=dos_profiles, dos_ifs=dos_ifs, dos_profile_names=dos_names,
+                          fqdn_rules=fq_rules, fqdn_l4=fq_l4)
 
 
 def _cat(xs: list, dt) -> np.ndarray:

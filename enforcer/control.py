@@ -14,13 +14,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from hostwall.bpf import bpfsys, conntrack
+from hostwall.bpf import fqdn as fq
 from hostwall.bpf import layout as L
 from hostwall.bpf.instance import Instance, policy_pressure
 from hostwall.bpf.links import LinkError
 from hostwall.bpf.state import AttachedInterface, InstanceState, allocate_slots
 
-from . import attach
-from .compiler import compile_policy
+from . import attach, fqdnsets
+from .compiler import compile_policy, fqdn_lists
 from .datapath import Datapath, build_hash
 from .policy import ESSENTIAL_ICMP, InterfaceConf, Policy
 
@@ -39,6 +40,7 @@ class ApplyResult:
     install_s: float
     switch_ms: float
     barrier_ms: float
+    fqdn_filled: int = 0         # learnt addresses entered into the policy's new dynamic sets
 
 
 @dataclass(frozen=True)
@@ -78,15 +80,18 @@ def apply_policy(dp: Datapath, st: InstanceState, policy: Policy,
     rev_id = st.revision_id + 1
     if attached is None:
         attached = [(i.name, i.netns) for i in st.interfaces]
-    cp = compile_policy(policy, slots, rev_id, dos_interfaces(policy, attached))
+    sets, fresh_sets = fqdnsets.allocate_sets(st.fqdn_sets, fqdn_lists(policy))
+    cp = compile_policy(policy, slots, rev_id, dos_interfaces(policy, attached),
+                        {tuple(k.split("\n")): v for k, v in sets.items()})
     t1 = time.perf_counter()
     _zero_counters(dp, fresh)
-    timing = dp.install(cp)
+    filled, timing = _install_with_sets(dp, st, policy, cp, sets, fresh_sets)
     t2 = time.perf_counter()
     old_rev, old_rules = st.revision, st.rules
     st.slots = slots
     st.rule_meta = {r.name: {"priority": r.priority, "direction": r.direction, "action": r.action,
-                             "order": i} for i, r in enumerate(policy.rules)}
+                             "order": i, **({"fqdns": list(r.fqdns)} if r.fqdns is not None else {})}
+                    for i, r in enumerate(policy.rules)}
     if ESSENTIAL_ICMP in slots:                 # passes before any rule, both directions
         st.rule_meta[ESSENTIAL_ICMP] = {"priority": -1, "direction": "both", "action": "allow", "order": -1,
                                         "pseudo": True}
@@ -104,10 +109,49 @@ def apply_policy(dp: Datapath, st: InstanceState, policy: Policy,
     st.tables = cp.describe()
     st.record_change(old_rev, policy.revision, old_rules, len(policy.rules), st.policy_path, timing.switch_s * 1e3)
     return ApplyResult(old_rev, policy.revision, len(policy.rules), policy.prefix_count, t1 - t0, t2 - t1,
-                       timing.switch_s * 1e3, timing.barrier_s * 1e3)
+                       timing.switch_s * 1e3, timing.barrier_s * 1e3, filled)
+
+
+def _install_with_sets(dp: Datapath, st: InstanceState, policy: Policy, cp, sets: dict[str, int],
+                       fresh: list[int]):
+    """The swap with the dynamic sets around it (enforcer/fqdnsets.py): publish old + new sets, fill the
+    new ones from the learnt names, switch, then (one grace period later) empty the retired sets and
+    publish the new sets alone. Returns (addresses filled, the swap's timing)."""
+    old = {v: tuple(k.split("\n")) for k, v in st.fqdn_sets.items()}
+    new = {v: tuple(k.split("\n")) for k, v in sets.items()}
+    fm = fq.FqdnMaps(dp.map_fds, st.pin_dir)
+    try:
+        fqdnsets.publish(st.pin_dir, {**old, **new}, policy.dns, policy.revision)
+        with fm.writing():
+            if fresh:
+                fm.delete_sets(set(fresh))  # an id retired earlier may hold leftovers (a crash mid-swap)
+            filled = fqdnsets.fill_sets(fm, {i: new[i] for i in fresh})["entered"]
+        timing = dp.install(cp)
+        retired = set(old) - set(new)
+        if retired:
+            dp.grace_period()               # no packet still judges by the old generation's sets
+            with fm.writing():
+                fm.delete_sets(retired)
+        fqdnsets.publish(st.pin_dir, new, policy.dns, policy.revision)
+    finally:
+        fm.close()
+    st.fqdn_sets = dict(sets)
+    return filled, timing
 
 
 CONNTRACK_MAPS = ("hw_config", "hw_ct4", "hw_ct6")
+
+
+def _migrate_fqdn(pin_dir: str, new: Datapath) -> int:
+    """Carry the learnt names, the dynamic sets and the proxy's counters of a pinned instance of another
+    build over (same layouts only): an enforcer upgrade keeps what the proxy learnt."""
+    old = Instance.open_maps(pin_dir, fq.MAPS)
+    if old is None:
+        return 0
+    try:
+        return fq.copy_maps(old.map_fds, new.map_fds)
+    finally:
+        old.close()
 
 
 def _migrate_conntrack(old: Instance, new: Datapath) -> int:
@@ -152,10 +196,11 @@ def start(policy: Policy, pin_dir: str, interfaces: list[InterfaceConf], netns: 
                 migrated = _migrate_conntrack(old, dp)
             finally:
                 old.close()
+        _migrate_fqdn(pin_dir, dp)
         Datapath.unpin(pin_dir)     # also what an incomplete or older build left: it would shadow our pins
         st = InstanceState(pin_dir=pin_dir, build=build, slots=st.slots if st else {},
                            revision=st.revision if st else "", revision_id=st.revision_id if st else 0,
-                           history=st.history if st else [])
+                           history=st.history if st else [], fqdn_sets=st.fqdn_sets if st else {})
     st.build = build
     res = apply_policy(dp, st, policy, [(i.name, netns) for i in interfaces])
     dp.pin(pin_dir)
@@ -273,6 +318,13 @@ def status(pin_dir: str, with_pressure: bool = True) -> dict:
         from . import bans
         out["bans"] = bans.listing(dp, names)
         out["fragments"] = {f"ipv{fam}": c for fam, c in dp.frag_stats().items()}
+        if st.fqdn_sets or fqdnsets.FqdnConfig.read(pin_dir) is not None:
+            fm = fq.FqdnMaps(dp.map_fds)
+            try:
+                out["fqdn"] = fqdnsets.status(fm, pin_dir, st.rule_meta, out["pid_alive"])
+            finally:
+                fm.close()
+            out["fqdn"]["datapath"] = dp.fqdn_stats()
         if with_pressure:
             out["map_pressure"] = {**policy_pressure(st.tables), **dp.map_pressure()}
         return out

@@ -93,6 +93,12 @@ class Datapath(Instance):
         attach.detach_xdp(ifname, netns)
         attach.detach_tc(ifname, netns)
 
+    def grace_period(self) -> None:
+        """Wait one RCU grace period: no packet that started before this call is still running."""
+        if self._barrier is None:
+            self._barrier = bpfsys.RcuBarrier()
+        self._barrier.wait()
+
     def install(self, cp: CompiledPolicy) -> SwapTiming:
         """Write `cp` into the standby generation and switch to it atomically."""
         if self._barrier is None:
@@ -105,6 +111,8 @@ class Datapath(Instance):
         parts = {"hw_policy": cp.hdr, "hw_rules": cp.rules, "hw_peer_cls": cp.peer_cls, "hw_l4_cls": cp.l4_cls,
                  "hw_top4": cp.top4, "hw_top6": cp.top6, "hw_iv4": cp.iv4, "hw_iv6": cp.iv6, "hw_l4": cp.l4,
                  "hw_dos_profiles": cp.dos_profiles, "hw_dos_ifs": cp.dos_ifs}
+        if cp.fqdn_rules is not None:
+            parts.update(hw_fqdn_rules=cp.fqdn_rules, hw_fqdn_l4=cp.fqdn_l4)
         for name, arr in parts.items():
             per_gen = POLICY_MAPS[name][1]
             v = self.view(name)

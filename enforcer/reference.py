@@ -4,24 +4,31 @@ Order of judgement (docs/policy.md): a later fragment follows its first fragment
 the fragment table; without it every later fragment is `fragment_unmatched`); essential ICMP passes
 before any rule (defaults.essential_icmp); then first match wins over `policy.rules` (already sorted
 by priority, then file order), restricted to the packet's direction; else the direction's default.
+A rule with `fqdns` matches an egress packet whose destination one of its names resolved to: `learnt`
+maps names (as asked) to the addresses the DNS proxy learnt for them and that have not expired
+(docs/policy.md "FQDN rules"); without it, fqdns rules match nothing.
 Connection tracking (and so ICMP errors about tracked connections, `pass_related`) is modelled
 elsewhere, on top of this. Cost: O(rules × prefixes) per packet — a test oracle, not a fast path.
 """
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Literal
+
+from hostwall.dnsnames import matches
 
 from .icmp import ECHO_REQUEST, icmp_key
 from .policy import ESSENTIAL_ICMP, Direction, Policy, Rule
 
-__all__ = ["Packet", "Decision", "match", "evaluate", "essential_icmp", "PROTO_NUMBERS"]
+__all__ = ["Packet", "Decision", "match", "evaluate", "essential_icmp", "fqdn_has", "PROTO_NUMBERS", "Learnt"]
 
 PROTO_NUMBERS = {"tcp": 6, "udp": 17, "icmp": 1, "icmpv6": 58}
 _PORTED = (6, 17)
 _LINK_LOCAL = ipaddress.ip_network("fe80::/10")
 IPAddr = ipaddress.IPv4Address | ipaddress.IPv6Address
+Learnt = Mapping[str, Collection[str]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,12 +84,23 @@ class Decision:
     rule: str | None        # matching rule name (or the pseudo-rule); None when the default applied
 
 
-def match(rule: Rule, pkt: Packet) -> bool:
-    """True if `rule` matches `pkt` (direction, protocol, ports or ICMP types, peers)."""
-    return _match(rule, pkt, pkt.peer)
+def match(rule: Rule, pkt: Packet, learnt: Learnt | None = None) -> bool:
+    """True if `rule` matches `pkt` (direction, protocol, ports or ICMP types, peers or fqdns)."""
+    return _match(rule, pkt, pkt.peer, learnt)
 
 
-def _match(rule: Rule, pkt: Packet, peer: IPAddr) -> bool:
+def fqdn_has(rule: Rule, peer: IPAddr, learnt: Learnt | None) -> bool:
+    """Is `peer` an address learnt for a name that one of the rule's fqdns patterns matches?"""
+    if not learnt:
+        return False
+    for name, ips in learnt.items():
+        if any(matches(name, pat) for pat in rule.fqdns or ()) and \
+                any(ipaddress.ip_address(a) == peer for a in ips):
+            return True
+    return False
+
+
+def _match(rule: Rule, pkt: Packet, peer: IPAddr, learnt: Learnt | None = None) -> bool:
     if rule.direction != pkt.direction:
         return False
     if rule.protocol != "any" and PROTO_NUMBERS[rule.protocol] != pkt.protocol:
@@ -100,6 +118,8 @@ def _match(rule: Rule, pkt: Packet, peer: IPAddr) -> bool:
         key = icmp_key(*pkt.icmp)
         if not any(lo <= key <= hi for lo, hi in rule.icmp_types):
             return False
+    if rule.fqdns is not None:
+        return fqdn_has(rule, peer, learnt)
     return rule.peers.any or rule.peers.contains(peer)
 
 
@@ -123,17 +143,17 @@ def essential_icmp(pkt: Packet) -> bool:
     return False
 
 
-def evaluate(policy: Policy, pkt: Packet) -> Decision:
-    """Verdict of `policy` for `pkt` with no state: a later fragment is fragment_unmatched; essential
-    ICMP passes; else the first matching rule, else defaults[direction]. Audit turns every drop into
-    would_drop (same reason and rule)."""
+def evaluate(policy: Policy, pkt: Packet, learnt: Learnt | None = None) -> Decision:
+    """Verdict of `policy` for `pkt` with no connection state: a later fragment is fragment_unmatched;
+    essential ICMP passes; else the first matching rule (fqdns rules by `learnt`), else
+    defaults[direction]. Audit turns every drop into would_drop (same reason and rule)."""
     if pkt.fragment:
         return _drop(policy, "fragment_unmatched", None)
     if policy.defaults.essential_icmp and essential_icmp(pkt):
         return Decision("allow", "pass_essential", ESSENTIAL_ICMP)
     peer = pkt.peer
     for rule in policy.rules:
-        if _match(rule, pkt, peer):
+        if _match(rule, pkt, peer, learnt):
             if rule.action == "deny":
                 return _drop(policy, "policy_deny", rule.name)
             return Decision("allow", None, rule.name)

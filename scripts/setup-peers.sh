@@ -7,9 +7,11 @@
 #   prometheus  Debian's prometheus package (binary /usr/bin/prometheus); the Debian service is never used
 #   alertmanager  Debian's prometheus-alertmanager package (/usr/bin/prometheus-alertmanager and amtool);
 #               the Debian service is never used
+#   dns         Debian's dnsmasq-base (the dnsmasq binary, no service: the lab's upstream DNS server in a
+#               test namespace) and dnsperf (the `dns` benchmark's load generator)
 #
-# Usage: scripts/setup-peers.sh [--force] [--verify] [kafka] [otelcol] [prometheus] [alertmanager]
-#        (default: all four)
+# Usage: scripts/setup-peers.sh [--force] [--verify] [kafka] [otelcol] [prometheus] [alertmanager] [dns]
+#        (default: all five)
 #   --force   rebuild/re-fetch even when the cache is complete
 #   --verify  re-run the start-up checks on a cached install (a fresh install is always verified)
 #
@@ -36,12 +38,12 @@ for a in "$@"; do
   case $a in
     --force) FORCE=1 ;;
     --verify) VERIFY=1 ;;
-    kafka|otelcol|prometheus|alertmanager) WANT+=("$a") ;;
-    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+    kafka|otelcol|prometheus|alertmanager|dns) WANT+=("$a") ;;
+    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
     *) echo "setup-peers: unknown argument: $a" >&2; exit 2 ;;
   esac
 done
-((${#WANT[@]})) || WANT=(kafka otelcol prometheus alertmanager)
+((${#WANT[@]})) || WANT=(kafka otelcol prometheus alertmanager dns)
 
 log() { printf '[setup-peers] %s\n' "$*"; }
 die() { printf '[setup-peers] ERROR: %s\n' "$*" >&2; exit 1; }
@@ -357,6 +359,24 @@ setup_alertmanager() {
   fi
   log "alertmanager: $(prometheus-alertmanager --version 2>&1 | head -n1)"
   timing "alertmanager" "$t0"
+}
+
+# ------------------------------------------------------------------------------------------------- dns
+setup_dns() {
+  local t0; t0=$(now)
+  # dnsmasq-base ships the binary only (the `dnsmasq` package would add a system service); dnsperf is a
+  # plain binary. Tests and the benchmark start their own dnsmasq inside a lab namespace.
+  apt_install dnsmasq-base dnsperf
+  local b
+  for b in dnsmasq dnsperf; do
+    command -v "$b" >/dev/null || [ -x "/usr/sbin/$b" ] || die "dns: $b not found after installing its Debian package"
+  done
+  if ((VERIFY)); then
+    dnsmasq --test >/dev/null 2>&1 || /usr/sbin/dnsmasq --version >/dev/null 2>&1 || die "dns: dnsmasq does not run"
+    dnsperf -h >/dev/null 2>&1 || die "dns: dnsperf does not run"
+  fi
+  log "dns: $( (command -v dnsmasq >/dev/null && dnsmasq --version || /usr/sbin/dnsmasq --version) | head -n1); dnsperf $(dpkg-query -W -f='${Version}' dnsperf)"
+  timing "dns" "$t0"
 }
 
 T0=$(now)

@@ -21,6 +21,10 @@
       count         packets of a drop summary
   anomaly → Detection Finding (2004): activity open 1 Create, update 2 Update, close 3 Close
   audit   → Device Config State Change (5019), activity 99 Other ("Policy Apply")
+  dns     → DNS Activity (4003), activity 2 Response (the answer the proxy gave): query {hostname, type,
+            class, opcode}, rcode_id/rcode, src_endpoint = the client, dst_endpoint = the proxy (this
+            host); refused: action 2 Denied, disposition 2 Blocked; upstream failure: action 3 Observed,
+            disposition 27 Error, the upstreams' errors in status_detail
 
 Everything hostwall-specific without an OCSF home (verdict, reason, cgroup, process, anomaly numbers,
 prefixes, top talkers) goes to `unmapped`. Times are ms since the epoch (timestamp_t); `metadata.uid`
@@ -86,6 +90,8 @@ def to_ocsf(rec: dict) -> dict:
             return _prune(_application_error(rec))
         if kind == "audit":
             return _prune(_config_change(rec))
+        if kind == "dns":
+            return _prune(_dns_activity(rec))
     except (KeyError, ValueError, TypeError) as e:
         raise EncodeError(f"ocsf: cannot map {kind} record {rec.get('event', {}).get('id', '?')}: {e!r}") from None
     raise EncodeError(f"ocsf: no OCSF mapping for record kind {kind!r}")
@@ -231,4 +237,40 @@ def _config_change(rec: dict) -> dict:
         "message": f"policy {pol.get('old_revision', '')} -> {pol.get('new_revision', '')} "
                    f"({pol.get('old_rules', '?')} -> {pol.get('new_rules', '?')} rules)",
         "unmapped": {"hostwall": rec["hostwall"]},
+    }
+
+
+# -------------------------------------------------------------------------------------- dns
+
+_RCODE = {"NOERROR": (0, "NoError"), "FORMERR": (1, "FormError"), "SERVFAIL": (2, "ServError"),
+          "NXDOMAIN": (3, "NXDomain"), "NOTIMP": (4, "NotImp"), "REFUSED": (5, "Refused")}
+
+
+def _dns_activity(rec: dict) -> dict:
+    d, net, hw = rec["dns"], rec.get("network", {}), rec["hostwall"]
+    q = d.get("question", {})
+    refused = hw.get("dns", {}).get("decision") == "refused"
+    rcode_id, rcode = _RCODE.get(d.get("response_code", ""), (99, d.get("response_code", "Other")))
+    src, dst = rec.get("source", {}), rec.get("destination", {})
+    return {
+        "class_uid": 4003, "class_name": "DNS Activity", "category_uid": 4, "category_name": "Network Activity",
+        "activity_id": 2, "activity_name": "Response", "type_uid": 4003 * 100 + 2, "severity_id": 1 if refused else 2,
+        "time": _ms(rec["@timestamp"]),
+        "metadata": _metadata(rec, ["host", "security_control"]),
+        "device": _device(rec),
+        "src_endpoint": {"ip": src.get("ip"), "port": src.get("port")},
+        "dst_endpoint": {"ip": dst.get("ip"), "port": dst.get("port"),
+                         "hostname": rec.get("observer", {}).get("hostname")},
+        "query": {"hostname": q.get("name") or ".", "type": q.get("type"), "class": q.get("class"),
+                  "opcode": "Query", "opcode_id": 0, "packet_uid": int(d["id"]) if str(d.get("id", "")).isdigit() else None},
+        "rcode_id": rcode_id, "rcode": rcode,
+        "action_id": 2 if refused else 3, "action": "Denied" if refused else "Observed",
+        "disposition_id": 2 if refused else 27, "disposition": "Blocked" if refused else "Error",
+        "connection_info": {"protocol_name": net.get("transport"),
+                            "protocol_num": int(net["iana_number"]) if "iana_number" in net else None,
+                            "protocol_ver_id": {"ipv4": 4, "ipv6": 6}.get(net.get("type")), "direction_id": 0},
+        "status_detail": rec.get("error", {}).get("message"),
+        "message": f"{rec['event'].get('action', 'dns')}: {q.get('name', '')} {q.get('type', '')} -> {rcode}"
+                   + (f" ({rec['event']['reason']})" if rec["event"].get("reason") else ""),
+        "unmapped": {"hostwall": hw},
     }

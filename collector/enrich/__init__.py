@@ -10,6 +10,8 @@
               → process.{pid,name,executable}, container.{id,runtime,name,image.name},
                 orchestrator.{type,namespace,resource.{type,id,name}} (pods), hostwall.{cgroup_id,
                 cgroup_path,systemd_unit,pod_qos,attribution}
+  domain      destination.domain of flows an fqdns rule allowed: the name asked of the enforcer's DNS
+              proxy that put the destination into the rule's dynamic set (enrich/domains.py)
   flow memory a flow's attribution is remembered from its first record (LRU+TTL, keyed by community id
               + opening direction) until its end record, so the end is attributed even after the socket
               is gone; a reused 5-tuple after the end is resolved afresh.
@@ -25,6 +27,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .cgroup import CgroupInfo, CgroupResolver, LruTtlCache
+from .domains import DomainNamer
 from .host import HostInfo, Iface, InstanceStateView, InterfaceTable
 from .sockets import SocketOwner, SocketOwnerResolver
 
@@ -43,19 +46,23 @@ class Enricher:
     def __init__(self, host: HostInfo, instance: InstanceStateView | None = None, *,
                  cgroups: CgroupResolver | None | bool = None, sockets: SocketOwnerResolver | None | bool = None,
                  interfaces: InterfaceTable | None = None, flow_memory: int = 65536, flow_memory_ttl_s: float = 3600.0,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, domains: DomainNamer | None | bool = None):
         self.host = host
         self.instance = instance
         self.cgroups = CgroupResolver(clock=clock) if cgroups is None else (cgroups or None)
         self.sockets = SocketOwnerResolver(clock=clock) if sockets is None else (sockets or None)
         self.interfaces = interfaces if interfaces is not None else InterfaceTable(instance)
         self.flow_attr: LruTtlCache[tuple, dict | None] = LruTtlCache(flow_memory, flow_memory_ttl_s, clock)
+        self.domains = (DomainNamer(instance) if instance is not None else None) if domains is None \
+            else (domains or None)
         self.counters = {"records": 0, "attributed_cgroup": 0, "attributed_socket": 0, "unattributed": 0,
                          "from_flow_memory": 0, "errors": 0}
 
     def close(self) -> None:
         if self.sockets is not None:
             self.sockets.close()
+        if self.domains is not None:
+            self.domains.close()
 
     # ---- entry point -----------------------------------------------------------------------------
     def enrich(self, record: dict) -> None:
@@ -68,6 +75,11 @@ class Enricher:
             self.counters["errors"] += 1
         if hw.get("kind") not in _ATTRIBUTED_KINDS:
             return
+        if self.domains is not None and "rule" in record:
+            try:
+                self.domains.name(record)
+            except Exception:  # noqa: BLE001 — best effort, as above
+                self.counters["errors"] += 1
         try:
             self._attribute(record, hw, iface)
         except Exception:  # noqa: BLE001 — enrichment is best effort: counted, the record ships
@@ -156,6 +168,8 @@ class Enricher:
             out["cgroups"] = self.cgroups.stats()
         if self.sockets is not None:
             out["sockets"] = self.sockets.stats()
+        if self.domains is not None:
+            out["domains"] = self.domains.stats()
         return out
 
 

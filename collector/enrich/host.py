@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hostwall.bpf.state import InstanceState, audit_log_path, state_path
+from hostwall.bpf.state import InstanceState, audit_log_path, dns_log_path, state_path
 
 __all__ = ["HostInfo", "InstanceStateView", "InterfaceTable", "Iface", "NO_RULE_SLOT", "collector_version"]
 
@@ -88,6 +88,11 @@ class InstanceStateView:
     @property
     def audit_log(self) -> Path:
         return audit_log_path(self.pin_dir)
+
+    @property
+    def dns_log(self) -> Path:
+        """The DNS proxy's decision records (enforcer/dnsrecords.py)."""
+        return dns_log_path(self.pin_dir)
 
     def refresh(self) -> bool:
         """Re-read the state file if it changed (mtime, size, inode). True when reloaded."""

@@ -25,6 +25,8 @@ Record kinds (`hostwall.kind`):
                 destination port, protocol, direction, interface), its largest individual peers and
                 the interval bounds; event.kind "metric"
   audit         a policy change from the enforcer's audit log (on_audit adds id/version/observer)
+  dns           a DNS proxy decision from the enforcer's DNS log: a name refused (refuse_unlisted) or a
+                query answered SERVFAIL (no upstream answered); ECS dns.* fields (records/dns.py)
 
 Invariants
 - ECS purity: top-level keys are fields of ECS_VERSION; ours sit under `hostwall.*`.
@@ -58,6 +60,7 @@ from __future__ import annotations
 
 from .base import ECS_VERSION, SCHEMA_VERSION, TRANSPORT_NAMES, BuilderBase
 from .conntrack import ConntrackRecords
+from .dns import DnsRecords
 from .drops import DropRecords
 from .events import EventRecords
 from .timefmt import iso_ns, parse_iso_ns
@@ -65,7 +68,7 @@ from .timefmt import iso_ns, parse_iso_ns
 __all__ = ["RecordBuilder", "SCHEMA_VERSION", "ECS_VERSION", "iso_ns", "parse_iso_ns", "TRANSPORT_NAMES"]
 
 
-class RecordBuilder(EventRecords, ConntrackRecords, DropRecords, BuilderBase):
+class RecordBuilder(EventRecords, ConntrackRecords, DropRecords, DnsRecords, BuilderBase):
     """Builds canonical records from kernel batches: on_events (ring buffer), on_conntrack (scan),
-    on_drop_summaries / on_drop_overflow (drop aggregation), on_audit; tick() for housekeeping.
+    on_drop_summaries / on_drop_overflow (drop aggregation), on_audit, on_dns; tick() for housekeeping.
     Not thread-safe: one pipeline task owns it. Constructor: records.base.BuilderBase."""

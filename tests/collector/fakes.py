@@ -249,6 +249,9 @@ class StubBuilder:
     def on_audit(self, rec):
         return {**rec, "hostwall": {"kind": "audit"}}
 
+    def on_dns(self, rec):
+        return {**rec, "hostwall": {"kind": "dns"}}
+
     def tick(self, now=None):
         self.calls["tick"] += 1
         return []

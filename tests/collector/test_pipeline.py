@@ -230,6 +230,50 @@ def test_audit_log_is_shipped_once_and_resumed(tmp_path):
     assert [r.get("n", r.get("partial")) for r in sink2.records] == ["x", 3]
 
 
+def test_dns_log_is_numbered_in_its_stream_resent_until_durable_and_its_losses_counted(tmp_path):
+    """The DNS proxy's decision log follows the delivery contract: records in stream `dns` with seqs, the
+    offset checkpointed only once they are durable (a run whose sink never made them durable leaves them
+    for the next, same seqs), lines that are no record and records the proxy never wrote are counted."""
+    log = tmp_path / "fw.dns.jsonl"
+    log.write_text('{"n": 1}\n{"n": 2}\nnot a record\n')
+
+    def dns(sink):
+        return [r for r in sink.records if r["hostwall"]["kind"] == "dns"]
+
+    async def go(p, want: int, then=None):
+        task = await started(p)
+        await until(lambda: len(dns(p.slots[0].sink)) == want)
+        if then is not None:
+            await then(p)
+        p.stop()
+        await task
+
+    src = FakeSource()
+    src.loss["dns"] = {"emitted": 2, "budget": 0, "write_error": 0}
+
+    async def proxy_loses(p):                   # the proxy suppressed 5 records and could not write 1
+        src.loss["dns"] = {"emitted": 2, "budget": 5, "write_error": 1}
+        await until(lambda: p.ledger.lost_by["kernel"]["write_error"] == 1)
+        assert p.ledger.lost_by["kernel"]["budget"] == 5
+        assert p.ledger.lost_by["decode"]["dns_line"] == 1
+
+    never = MemorySink(durable_gate=asyncio.Event())     # shipped, never durable
+    uvloop.run(go(Pipeline(cfg(tmp_path), src, StubBuilder(), [never], dns_log=log), 2, proxy_loses))
+    first = [(r["n"], r["hostwall"]["stream"], r["hostwall"]["seq"]) for r in dns(never)]
+    assert first == [(1, "dns", 0), (2, "dns", 1)]
+
+    sink = MemorySink()
+    uvloop.run(go(Pipeline(cfg(tmp_path), FakeSource(), StubBuilder(), [sink], dns_log=log), 2))
+    assert [(r["n"], r["hostwall"]["seq"]) for r in dns(sink)] == [(1, 0), (2, 1)], "sent again, same seqs"
+    assert status(tmp_path)["dns"]["offset"] == log.stat().st_size
+
+    with open(log, "a") as f:
+        f.write('{"n": 3}\n')
+    sink = MemorySink()
+    uvloop.run(go(Pipeline(cfg(tmp_path), FakeSource(), StubBuilder(), [sink], dns_log=log), 1))
+    assert [(r["n"], r["hostwall"]["seq"]) for r in dns(sink)] == [(3, 2)], "durable ones are not sent again"
+
+
 def test_status_file_shows_queues_backlog_and_components(tmp_path):
     gate = asyncio.Event()
     src, sink = FakeSource(), MemorySink(gate=gate)

@@ -4,9 +4,12 @@ the records declare (tests/data/README.md): ECS on the canonical record, OCSF on
 The records come from the code paths the other collector tests use: RecordBuilder via
 test_records.sample_records (flow start/end/update, deny, audit-mode deny, log, drop summary and
 overflow summary), the same records through the Enricher (test_encoders.enriched_records),
-AnomalyDetector open/update/close (test_anomaly.anomaly_records), RecordBuilder.on_audit and the
-collector's loss records (collector/loss_report.py: records-lost, collector-restart, numbered in the
-`collector` stream as the pipeline numbers them). They are
+AnomalyDetector open/update/close (test_anomaly.anomaly_records), RecordBuilder.on_audit, the DNS
+proxy's decision records through RecordBuilder.on_dns (numbered in the `dns` stream as the pipeline
+numbers them) and flows named by their fqdns rule's learnt destination.domain
+(test_dns_records.dns_records, domain_flow_records), and the collector's loss records
+(collector/loss_report.py: records-lost, collector-restart, numbered in the `collector` stream as the
+pipeline numbers them). They are
 also checked against the published JSON Schemas (schemas/*.json) and the contract's invariants
 (tests/conformance/records.py: one host per .ip, flow times and order). A failure lists each distinct
 violation with the number of records that have it.
@@ -29,6 +32,7 @@ from hostwall.collector.encoders.ocsf import OCSF_VERSION
 from hostwall.collector.loss_report import LossReporter, SeqRanges
 from hostwall.collector.records import ECS_VERSION
 from tests.collector.test_anomaly import anomaly_records
+from tests.collector.test_dns_records import dns_records, domain_flow_records
 from tests.collector.test_encoders import enriched_records
 from tests.collector.test_records import audit_record, builder, sample_records
 from tests.conformance import ecs, ocsf
@@ -36,7 +40,7 @@ from tests.conformance import records as invariants
 
 SCHEMAS = Path(__file__).resolve().parents[2] / "schemas"
 SCHEMA_OF = {"flow": "flow", "log": "flow", "deny": "flow", "drop_summary": "flow", "anomaly": "anomaly",
-             "audit": "audit", "loss": "loss"}
+             "audit": "audit", "dns": "dns", "loss": "loss"}
 
 
 def schema_errors(rec: dict) -> list[str]:
@@ -48,7 +52,8 @@ def schema_errors(rec: dict) -> list[str]:
 
 KINDS = ["flow:flow_start", "flow:flow_end", "flow:flow_update", "deny:deny", "deny:would_deny", "log:log",
          "drop_summary:drop_summary", "drop_summary:overflow", "anomaly:anomaly_open", "anomaly:anomaly_update",
-         "anomaly:anomaly_close", "audit:policy-apply", "loss:records-lost", "loss:collector-restart"]
+         "anomaly:anomaly_close", "audit:policy-apply", "dns:dns-refused", "dns:dns-upstream-failure",
+         "loss:records-lost", "loss:collector-restart"]
 
 
 def label(rec: dict) -> str:
@@ -59,8 +64,11 @@ def label(rec: dict) -> str:
 @pytest.fixture
 def records(tmp_path, monkeypatch) -> dict[str, list[dict]]:
     """label -> records of that kind, raw and enriched."""
-    recs = sample_records() + enriched_records() + anomaly_records()
+    recs = sample_records() + enriched_records() + anomaly_records() + domain_flow_records()
     recs.append(builder().on_audit(audit_record(tmp_path, monkeypatch)))
+    for i, r in enumerate(dns_records(tmp_path, monkeypatch)):
+        r["hostwall"].update(seq=i, stream="dns")
+        recs.append(r)
     recs += loss_records()
     out = collections.defaultdict(list)
     for r in recs:

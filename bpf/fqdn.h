@@ -1,0 +1,75 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/* FQDN egress rules: the dynamic set of addresses the DNS proxy learnt for the names rules list, and
+ * the per-generation tables that tie fqdns rules to it (docs/datapath.md "FQDN rules").
+ */
+#ifndef HW_FQDN_H
+#define HW_FQDN_H
+
+/* The dynamic set: (set, family, address) → expiry. Written by the enforcer's DNS proxy only (an entry
+ * enters before the answer reaches the client), never by a program; pinned, and shared by both policy
+ * generations: a set is named by its fqdns list, so a swap that keeps a list keeps its entries. */
+BPF_F_TABLE("hash", struct hw_fqdn_key, struct hw_fqdn_val, hw_fqdn, HW_FQDN_IPS_MAX, BPF_F_NO_PREALLOC);
+/* per generation: the fqdns rules in rule order, and per L4 class which of them it holds */
+BPF_F_TABLE("array", u32, struct hw_fqdn_rule, hw_fqdn_rules, 2 * HW_FQDN_RULES_MAX, MAPF_MMAP);
+BPF_F_TABLE("array", u32, struct hw_fqdn_l4, hw_fqdn_l4, 2 * HW_L4_CLASSES_MAX, MAPF_MMAP);
+BPF_PERCPU_ARRAY(hw_fqdn_stats, struct hw_counter, HW_FQDN_STATS);
+/* The DNS proxy's names, addresses and counters (enum hw_dns_stat): user space alone writes them (the
+ * counters through mmap) and no program reads them; maps of the instance, so they are pinned with it and
+ * survive enforcer restarts (hostwall.h "What the proxy learnt"; docs/metrics.md). */
+BPF_F_TABLE("hash", __u64, struct hw_dns_name, hw_dns_names, HW_DNS_NAMES_MAX, BPF_F_NO_PREALLOC);
+BPF_F_TABLE("hash", struct hw_dns_name_ip, struct hw_fqdn_val, hw_dns_name_ips, HW_FQDN_IPS_MAX, BPF_F_NO_PREALLOC);
+BPF_F_TABLE("array", u32, __u64, hw_dns_stats, HW_DNS_STATS, MAPF_MMAP);
+
+static __always_inline void fqdn_count(__u32 what)
+{
+	counter_add(hw_fqdn_stats.lookup(&what), 0);
+}
+
+/* The first matching rule once fqdns rules are considered: `m` is the first static match (order index,
+ * or -1); an fqdns rule of the packet's L4 class that comes before it matches when the destination is in
+ * its set and the entry has not expired. Candidates are tried in rule order, one hash lookup each (~40 ns
+ * here: docs/benchmarks.md "FQDN rules"), and only those before `m`: a packet whose class holds no fqdns
+ * rule, or whose static match comes first, pays one inlined array load. Expiry only stops new connections: packets of tracked ones never get here. */
+static __always_inline int fqdn_match(struct env *v, struct pkt *p, __u32 gen, __u32 lcls, int m)
+{
+	__u32 k = gen * HW_L4_CLASSES_MAX + (lcls & (HW_L4_CLASSES_MAX - 1));
+	struct hw_fqdn_l4 *c = hw_fqdn_l4.lookup(&k);
+	if (!c)
+		return m;
+	__u64 mask = c->rules;
+	if (!mask)
+		return m;
+	struct hw_fqdn_key fk = {};
+	fk.family = p->family;
+	__builtin_memcpy(fk.addr, p->daddr, 16);
+	/* the answer goes through the packet's per-CPU memory: read back after the loop it is one unknown
+	 * value on every path out of the loop, so the verifier walks the rest of the program once, not once
+	 * per iteration (docs/datapath.md "Speed") */
+	p->fqdn_m = m;
+	for (int i = 0; i < HW_FQDN_RULES_MAX; i++) {
+		if (!mask)
+			break;
+		__u32 b = ctz64(mask);
+		mask &= mask - 1;
+		__u32 ri = gen * HW_FQDN_RULES_MAX + (b & (HW_FQDN_RULES_MAX - 1));
+		struct hw_fqdn_rule *fr = hw_fqdn_rules.lookup(&ri);
+		if (!fr || (m >= 0 && fr->order >= (__u32)m))
+			break;
+		fk.set = fr->set;
+		struct hw_fqdn_val *e = hw_fqdn.lookup(&fk);
+		if (!e) {
+			fqdn_count(HW_FQS_MISS);
+			continue;
+		}
+		if (e->expires_ns > v->now) {
+			fqdn_count(HW_FQS_HIT);
+			p->fqdn_m = fr->order & (HW_MAX_RULES - 1);
+			break;
+		}
+		fqdn_count(HW_FQS_EXPIRED);
+	}
+	asm volatile("" ::: "memory");
+	return p->fqdn_m;
+}
+
+#endif /* HW_FQDN_H */

@@ -1,0 +1,274 @@
+"""The dynamic set of FQDN rules and the DNS proxy's learnt names, in the instance's pinned maps
+(bpf/fqdn.h, hostwall.h "FQDN rules" and "What the proxy learnt"; docs/datapath.md "FQDN rules").
+
+    hw_fqdn          (set, address) -> (expires_ns, learnt_ns): what the datapath reads
+    hw_dns_names     name_id -> (learnt_ns, name)
+    hw_dns_name_ips  (name_id, address) -> (expires_ns, learnt_ns): the source the sets are derived from
+    hw_dns_stats     the proxy's counters (mmap, enum hw_dns_stat)
+
+User space only writes them (the proxy, and a policy swap filling a new set, possibly in two processes:
+their writes to the dynamic set happen inside `writing()`, an exclusive flock on a lock file beside the
+instance state, so a renewal never undoes a longer expiry another writer just set), one element per
+syscall (~3 µs) or in batches; a full map refuses the element (`put` returns False, the caller counts it).
+Times are CLOCK_MONOTONIC ns, the datapath's clock. Used by the enforcer (proxy, swap, status) and the
+collector (metrics, destination.domain), so it lives here, below both.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import ipaddress
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import bpfsys
+from . import layout as L
+from .state import state_dir
+
+__all__ = ["SET_MAP", "NAMES_MAP", "NAME_IPS_MAP", "STATS_MAP", "FqdnMaps", "Learnt", "name_id", "now_ns",
+           "MAPS"]
+
+SET_MAP, NAMES_MAP, NAME_IPS_MAP, STATS_MAP = "hw_fqdn", "hw_dns_names", "hw_dns_name_ips", "hw_dns_stats"
+MAPS = (SET_MAP, NAMES_MAP, NAME_IPS_MAP, STATS_MAP)
+_KEY, _VAL = L.DTYPES["hw_fqdn_key"], L.DTYPES["hw_fqdn_val"]
+_NKEY, _NAME = L.DTYPES["hw_dns_name_ip"], L.DTYPES["hw_dns_name"]
+E2BIG = 7
+
+
+def now_ns() -> int:
+    """CLOCK_MONOTONIC ns: the clock of every expiry here (bpf_ktime_get_ns, the datapath's tick clock)."""
+    return time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+
+
+def name_id(name: str) -> int:
+    """A name's id in hw_dns_names: the first 8 bytes of its BLAKE2b digest, little endian."""
+    return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "little")
+
+
+def _addr(ip: str) -> tuple[int, bytes]:
+    a = ipaddress.ip_address(ip)
+    return a.version, a.packed.ljust(16, b"\0")
+
+
+def _ntop(family: int, raw: bytes) -> str:
+    return str(ipaddress.ip_address(raw[:4] if family == 4 else raw[:16]))
+
+
+def _set_key(set_id: int, ip: str) -> bytes:
+    fam, packed = _addr(ip)
+    return set_id.to_bytes(4, "little") + bytes([fam, 0, 0, 0]) + packed
+
+
+def _name_key(nid: int, ip: str) -> bytes:
+    fam, packed = _addr(ip)
+    return nid.to_bytes(8, "little") + bytes([fam, 0, 0, 0]) + packed + b"\0" * 4
+
+
+def _val(expires_ns: int, learnt_ns: int) -> bytes:
+    return int(expires_ns).to_bytes(8, "little") + int(learnt_ns).to_bytes(8, "little")
+
+
+@dataclass(frozen=True, slots=True)
+class Learnt:
+    """One address learnt for one name."""
+    name: str
+    ip: str
+    expires_ns: int
+    learnt_ns: int
+
+
+class FqdnMaps:
+    """The four maps of one instance, by fd (owned by the caller's Instance). `pin_dir` names the lock file
+    writers share (None: no lock, for a writer known to be alone, e.g. a test)."""
+
+    def __init__(self, map_fds: dict[str, int], pin_dir: str | None = None):
+        self.fds = {n: map_fds[n] for n in MAPS}
+        self.pin_dir = pin_dir
+        self._stats: np.ndarray | None = None
+        self._mm = None
+        self._lock_fd: int | None = None
+        self._depth = 0
+        self.evicted = 0                # the hash map never evicts (kept for the writers' interface)
+
+    @contextlib.contextmanager
+    def writing(self):
+        """Hold the instance's writer lock (re-entrant within this object)."""
+        if self.pin_dir is None:
+            yield
+            return
+        if self._depth == 0:
+            if self._lock_fd is None:            # kept open: each use costs the two flock calls only
+                path = state_dir() / (os.path.abspath(self.pin_dir).strip("/").replace("/", "_") + ".fqdn.lock")
+                path.parent.mkdir(parents=True, exist_ok=True)
+                self._lock_fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        self._depth += 1
+        try:
+            yield
+        finally:
+            self._depth -= 1
+            if self._depth == 0 and self._lock_fd is not None:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+
+    # ---- the dynamic set ------------------------------------------------------------------------
+    def _put(self, fd: int, key: bytes, value: bytes) -> bool:
+        try:
+            bpfsys.map_update(fd, key, value)
+        except bpfsys.BpfError as e:
+            if e.errno == E2BIG:
+                return False
+            raise
+        return True
+
+    def set_get(self, set_id: int, ip: str) -> tuple[int, int] | None:
+        raw = bpfsys.map_lookup(self.fds[SET_MAP], _set_key(set_id, ip), _VAL.itemsize)
+        if raw is None:
+            return None
+        v = np.frombuffer(raw, _VAL)[0]
+        return int(v["expires_ns"]), int(v["learnt_ns"])
+
+    def set_put(self, set_id: int, ip: str, expires_ns: int, learnt_ns: int) -> bool:
+        """Enter or renew (set, ip); False when the map is full (nothing changed)."""
+        return self._put(self.fds[SET_MAP], _set_key(set_id, ip), _val(expires_ns, learnt_ns))
+
+    def set_delete(self, set_id: int, ip: str) -> bool:
+        return bpfsys.map_delete(self.fds[SET_MAP], _set_key(set_id, ip))
+
+    def set_entries(self) -> list[tuple[int, str, int, int]]:
+        """Every (set, ip, expires_ns, learnt_ns); one batch syscall per 8192 entries."""
+        keys, vals, n = bpfsys.map_batch(self.fds[SET_MAP], _KEY.itemsize, _VAL.itemsize)
+        k, v = np.frombuffer(keys, _KEY, n), np.frombuffer(vals, _VAL, n)
+        return [(int(k["set"][i]), _ntop(int(k["family"][i]), k["addr"][i].tobytes()), int(v["expires_ns"][i]),
+                 int(v["learnt_ns"][i])) for i in range(n)]
+
+    def delete_sets(self, set_ids: set[int]) -> int:
+        """Remove every entry of these sets (retired by a policy swap); returns how many."""
+        keys, _, n = bpfsys.map_batch(self.fds[SET_MAP], _KEY.itemsize, _VAL.itemsize)
+        k = np.frombuffer(keys, _KEY, n)
+        gone = 0
+        for i in np.flatnonzero(np.isin(k["set"], np.array(sorted(set_ids), dtype=np.uint32))):
+            gone += bpfsys.map_delete(self.fds[SET_MAP], k[i].tobytes())
+        return gone
+
+    # ---- learnt names ---------------------------------------------------------------------------
+    def name_put(self, name: str, learnt_ns: int) -> bool:
+        rec = np.zeros(1, _NAME)
+        rec["learnt_ns"], rec["name"] = learnt_ns, name.encode()
+        return self._put(self.fds[NAMES_MAP], name_id(name).to_bytes(8, "little"), rec.tobytes())
+
+    def name_ip_put(self, name: str, ip: str, expires_ns: int, learnt_ns: int) -> bool:
+        return self._put(self.fds[NAME_IPS_MAP], _name_key(name_id(name), ip), _val(expires_ns, learnt_ns))
+
+    def name_ip_delete(self, name: str, ip: str) -> bool:
+        return bpfsys.map_delete(self.fds[NAME_IPS_MAP], _name_key(name_id(name), ip))
+
+    def names(self) -> dict[int, tuple[str, int]]:
+        """name_id -> (name, learnt_ns)."""
+        keys, vals, n = bpfsys.map_batch(self.fds[NAMES_MAP], 8, _NAME.itemsize)
+        ids, v = np.frombuffer(keys, "<u8", n), np.frombuffer(vals, _NAME, n)
+        return {int(ids[i]): (v["name"][i].decode(errors="replace"), int(v["learnt_ns"][i])) for i in range(n)}
+
+    def learnt(self, now: int | None = None) -> list[Learnt]:
+        """Every (name, address) the proxy learnt (those expired before `now` left out when given).
+        Cost: two batch dumps, O(entries)."""
+        names = self.names()
+        keys, vals, n = bpfsys.map_batch(self.fds[NAME_IPS_MAP], _NKEY.itemsize, _VAL.itemsize)
+        k, v = np.frombuffer(keys, _NKEY, n), np.frombuffer(vals, _VAL, n)
+        out = []
+        for i in range(n):
+            got = names.get(int(k["name_id"][i]))
+            exp = int(v["expires_ns"][i])
+            if got is None or (now is not None and exp <= now):
+                continue
+            out.append(Learnt(got[0], _ntop(int(k["family"][i]), k["addr"][i].tobytes()), exp,
+                              int(v["learnt_ns"][i])))
+        return out
+
+    def set_live(self, now: int) -> int:
+        """Unexpired entries of the dynamic set (a batch dump)."""
+        _, vals, n = bpfsys.map_batch(self.fds[SET_MAP], _KEY.itemsize, _VAL.itemsize)
+        return int((np.frombuffer(vals, _VAL, n)["expires_ns"] > np.uint64(now)).sum())
+
+    def sweep(self, now: int) -> dict[str, int]:
+        """Delete expired set entries, expired (name, address) pairs and names left without addresses.
+        The datapath ignores expired entries anyway; this frees their room. O(entries) syscalls-light:
+        batch dumps, one delete per expired entry."""
+        out = {"set": 0, "name_ips": 0, "names": 0}
+        with self.writing():
+            keys, vals, n = bpfsys.map_batch(self.fds[SET_MAP], _KEY.itemsize, _VAL.itemsize)
+            k, v = np.frombuffer(keys, _KEY, n), np.frombuffer(vals, _VAL, n)
+            for i in np.flatnonzero(v["expires_ns"] <= np.uint64(now)):
+                out["set"] += bpfsys.map_delete(self.fds[SET_MAP], k[i].tobytes())
+        for mp, kdt, field in ((NAME_IPS_MAP, _NKEY, "name_ips"),):
+            keys, vals, n = bpfsys.map_batch(self.fds[mp], kdt.itemsize, _VAL.itemsize)
+            k, v = np.frombuffer(keys, kdt, n), np.frombuffer(vals, _VAL, n)
+            for i in np.flatnonzero(v["expires_ns"] <= np.uint64(now)):
+                out[field] += bpfsys.map_delete(self.fds[mp], k[i].tobytes())
+        keys, _, n = bpfsys.map_batch(self.fds[NAME_IPS_MAP], _NKEY.itemsize, _VAL.itemsize)
+        live = set(np.frombuffer(keys, _NKEY, n)["name_id"].tolist())
+        for nid in self.names():
+            if nid not in live:
+                out["names"] += bpfsys.map_delete(self.fds[NAMES_MAP], nid.to_bytes(8, "little"))
+        return out
+
+    def counts(self) -> dict[str, int]:
+        """Entries of the three hash maps (status, metrics)."""
+        return {SET_MAP: bpfsys.count_entries(self.fds[SET_MAP], _KEY.itemsize, _VAL.itemsize),
+                NAMES_MAP: bpfsys.count_entries(self.fds[NAMES_MAP], 8, _NAME.itemsize),
+                NAME_IPS_MAP: bpfsys.count_entries(self.fds[NAME_IPS_MAP], _NKEY.itemsize, _VAL.itemsize)}
+
+    # ---- the proxy's counters -------------------------------------------------------------------
+    def stats(self) -> np.ndarray:
+        """hw_dns_stats as a writable uint64 view (mmap; the proxy is its only writer)."""
+        if self._stats is None:
+            self._mm = bpfsys.mmap_array(self.fds[STATS_MAP])
+            self._stats = np.frombuffer(self._mm, dtype=np.uint64, count=L.C["HW_DNS_STATS"])
+        return self._stats
+
+    def stats_dict(self) -> dict[str, int]:
+        s = self.stats()
+        out = {name: int(s[i]) for i, name in L.DNS_STAT_NAMES.items() if name != "lat0"}
+        out["latency_buckets"] = [int(x) for x in s[L.C["HW_DNS_LAT0"]:L.C["HW_DNS_LAT0"] + L.C["HW_DNS_LAT_BUCKETS"]]]
+        return out
+
+    def close(self) -> None:
+        self._stats = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+        if self._mm is not None:
+            try:
+                self._mm.close()
+            except BufferError:
+                pass
+            self._mm = None
+
+
+def copy_maps(old_fds: dict[str, int], new_fds: dict[str, int]) -> int:
+    """Copy the dynamic set, the learnt names and the proxy's counters of one instance into another's
+    (a new build of the datapath), when their layouts agree; returns the set entries copied."""
+    for n in MAPS:
+        a, b = bpfsys.map_info(old_fds[n]), bpfsys.map_info(new_fds[n])
+        if (a.type, a.key_size, a.value_size) != (b.type, b.key_size, b.value_size):
+            return 0
+    copied = 0
+    for n in (SET_MAP, NAMES_MAP, NAME_IPS_MAP):
+        info = bpfsys.map_info(old_fds[n])
+        for kb, vb, cnt in bpfsys.iter_batches(old_fds[n], info.key_size, info.value_size):
+            keys, vals = kb.raw[: cnt * info.key_size], vb.raw[: cnt * info.value_size]
+            for i in range(cnt):
+                try:
+                    bpfsys.map_update(new_fds[n], keys[i * info.key_size:(i + 1) * info.key_size],
+                                      vals[i * info.value_size:(i + 1) * info.value_size])
+                except bpfsys.BpfError:
+                    break                       # the new map is full: the rest is learnt again
+                copied += n == SET_MAP
+    n = min(bpfsys.map_info(old_fds[STATS_MAP]).max_entries, L.C["HW_DNS_STATS"])   # an older build: fewer
+    raw = bpfsys.array_slots(old_fds[STATS_MAP], 0, n, 8)
+    for i in range(n):
+        bpfsys.map_update(new_fds[STATS_MAP], i.to_bytes(4, "little"), raw[8 * i:8 * i + 8])
+    return copied
