@@ -290,6 +290,10 @@ async def _connect(sink: str, host: str, port: int, o, kw: dict, client_id: str,
     remaining_ms = max(100, int((budget_s - (time.monotonic() - t0)) * 1000))
     try:
         return await create_conn(host, port, client_id=client_id, request_timeout_ms=remaining_ms, **kw)
+    except (TimeoutError, Errors.KafkaTimeoutError):
+        # the client's request timeout (the probe's remaining time) can fire a moment before the probe's
+        # own deadline: the same outcome, reported the same way (probe_kafka → _timed_out)
+        raise TimeoutError from None
     except ssl.SSLCertVerificationError as e:
         raise _Failed(TLS, f"{sink}: {TLS}: the certificate of {addr}{via} does not verify ({_reason(e)}); "
                       f"set kafka.tls_ca_file to the CA that signed it (now: "
