@@ -29,6 +29,7 @@ struct pkt {
 	__u16 in_dport;
 	__u8  in_proto;
 	__u8  ct_hint;          /* set by xdp_ingress before the tail call: 1 no connection, 2 invalid one */
+	__u8  syn_proxy;        /* set by the DoS stage: SP_* (dos.h), what the SYN proxy does with it */
 	__u64 now;              /* xdp_ingress's clock, so xdp_judge does not read it again */
 };
 

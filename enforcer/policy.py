@@ -167,6 +167,15 @@ class DosProfile:
     ban_duration_s: float | None
     source_prefix_v4: int = 32
     source_prefix_v6: int = 64
+    # SYNs to one destination port (all sources) and the SYN proxy (docs/dos.md); ranges are inclusive
+    syn_per_port_pps: int | None = None
+    syn_proxy: Literal["off", "on", "auto"] = "off"
+    syn_proxy_ports: tuple[tuple[int, int], ...] | None = None     # None: every port
+    syn_proxy_quiet_s: float = 30.0
+    syn_proxy_pressure: int | None = None                          # auto: evictions/s (None: the default)
+    syn_proxy_mss: int = 1460
+    syn_proxy_options: Literal["mss", "full"] = "mss"
+    syn_proxy_wscale: int = 7
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,6 +197,7 @@ class Policy:
     dos_profiles: dict[str, DosProfile]
     interfaces: tuple[InterfaceConf, ...]
     source: str
+    unconfirmed_timeout_s: float | None = None   # conntrack.unconfirmed_timeout (None: the datapath's default)
 
     @property
     def prefix_count(self) -> int:
@@ -269,6 +279,8 @@ class _Builder:
         rules = self._rules(_get(d, "rules"))
         profiles = self._profiles(_get(_get(d, "dos"), "profiles"))
         interfaces = self._interfaces(_get(d, "interfaces"), d)
+        unconfirmed = self._unconfirmed_timeout(_get(d, "conntrack"))
+        self._proxy_needs_state(profiles, defaults)
         if len(self.issues):
             return None
         revision = _get(d, "revision")
@@ -280,7 +292,8 @@ class _Builder:
             revision = "sha256:" + h.hexdigest()[:12]
         return Policy(version=int(d["version"]), name=d["name"], revision=str(revision), defaults=defaults,
                       rules=tuple(sorted(rules, key=lambda r: (r.priority, r.index))),
-                      dos_profiles=profiles, interfaces=tuple(interfaces), source=self.source)
+                      dos_profiles=profiles, interfaces=tuple(interfaces), source=self.source,
+                      unconfirmed_timeout_s=unconfirmed)
 
     # -- defaults
     def _defaults(self, d: Any) -> Defaults:
@@ -479,7 +492,54 @@ class _Builder:
             ban_duration_s=self._num(p + ("ban", "duration"), _get(ban, "duration"), parse_duration),
             source_prefix_v4=_int_or(d.get("source_prefix_v4"), 32),
             source_prefix_v6=_int_or(d.get("source_prefix_v6"), 64),
+            syn_per_port_pps=self._num(p + ("syn", "per_port_pps"), _get(syn, "per_port_pps")),
+            syn_proxy=_proxy_mode(_get(syn, "proxy")),
+            syn_proxy_ports=self._proxy_ports(p + ("syn", "proxy_ports"), _get(syn, "proxy_ports")),
+            syn_proxy_quiet_s=self._num(p + ("syn", "proxy_quiet"), _get(syn, "proxy_quiet"), parse_duration) or 30.0,
+            syn_proxy_pressure=self._num(p + ("syn", "proxy_pressure"), _get(syn, "proxy_pressure")),
+            syn_proxy_mss=_int_or(_get(syn, "proxy_mss"), 1460),
+            syn_proxy_options="full" if _get(syn, "proxy_options") == "full" else "mss",
+            syn_proxy_wscale=_int_or(_get(syn, "proxy_wscale"), 7),
         )
+
+    # -- conntrack
+    def _unconfirmed_timeout(self, ct: Any) -> float | None:
+        path = ("conntrack", "unconfirmed_timeout")
+        t = self._num(path, _get(ct, "unconfirmed_timeout"), parse_duration)
+        if t is not None and not 1.0 <= t <= 3600.0:
+            self.issues.add(path, f"{_get(ct, 'unconfirmed_timeout')!r} is out of range: give 1s to 1h (whole "
+                                  "seconds; the datapath counts seconds)")
+            return None
+        return t
+
+    def _proxy_needs_state(self, profiles: dict[str, DosProfile], defaults: Defaults) -> None:
+        """The SYN proxy admits a connection once, at its cookie ACK: later packets pass only as a tracked
+        connection, so it needs stateful tracking."""
+        if defaults.stateful:
+            return
+        for name, prof in profiles.items():
+            if prof.syn_proxy != "off":
+                self.issues.add(("dos", "profiles", name, "syn", "proxy"),
+                                f"proxy: {prof.syn_proxy} needs defaults.stateful: true (a connection admitted by its "
+                                "cookie is then tracked); set stateful or proxy: off")
+
+    def _proxy_ports(self, p: tuple, ports: Any) -> tuple[tuple[int, int], ...] | None:
+        if not isinstance(ports, list) or self.issues.bad(p):
+            return None
+        ranges = []
+        for j, v in enumerate(ports):
+            pj = p + (j,)
+            if not self.ok(pj, v, int, float, str):
+                continue
+            try:
+                ranges.append(parse_port(v))
+            except ValueError as e:
+                self.issues.add(pj, str(e))
+        merged = _merge_ranges(ranges)
+        if len(merged) > 8:                     # the datapath holds 8 ranges (HW_PROXY_RANGES_MAX)
+            self.issues.add(p, f"{len(merged)} separate port ranges after merging; the proxy holds 8: "
+                               "merge neighbouring ports into ranges")
+        return merged or None
 
     # -- interfaces
     def _interfaces(self, ifaces: Any, d: dict) -> list[InterfaceConf]:
@@ -508,6 +568,13 @@ class _Builder:
             if not self.issues.tainted(p):
                 out.append(InterfaceConf(name=name, xdp_mode=e.get("xdp_mode", "auto"), dos_profile=prof))
         return out
+
+
+def _proxy_mode(v: Any) -> str:
+    """syn.proxy: YAML 1.1 reads unquoted off/on as booleans; they mean the same."""
+    if v is True:
+        return "on"
+    return v if v in ("on", "auto") else "off"
 
 
 def _int_or(v: Any, default: int) -> int:
