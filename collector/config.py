@@ -17,6 +17,7 @@ File format (every key optional):
     conntrack_scan_interval: 5s
     active_timeout: 60s                 # long-lived flows get an update this often
     event_budget: 20000                 # events/s into the ring buffer (written to hw_collect)
+    event_source_share: 2000            # flow events/s one source may emit individually (default budget/10)
     drop_prefix_v4: 24                  # drop summaries aggregate sources by this prefix
     drop_prefix_v6: 64
     queues: {events: 16, sink: 20000, batch: 8192}
@@ -194,6 +195,7 @@ class CollectorConfig:
     ct_scan_interval_s: float = 5.0
     active_timeout_s: float = 60.0
     event_budget: int = 20000
+    event_source_share: int | None = None   # flow events/s per source (hw_collect); None: event_budget / 10
     drop_prefix_v4: int = 24        # drop aggregation source prefix (written to hw_collect at start)
     drop_prefix_v6: int = 64
     queues: QueueSizes = QueueSizes()
@@ -418,6 +420,7 @@ FIELDS = [
     _Field(("conntrack_scan_interval",), ("ct_scan_interval_s",), _dur),
     _Field(("active_timeout",), ("active_timeout_s",), _dur),
     _Field(("event_budget",), ("event_budget",), parse_int(0, 10_000_000)),
+    _Field(("event_source_share",), ("event_source_share",), parse_int(0, 10_000_000)),
     _Field(("drop_prefix_v4",), ("drop_prefix_v4",), parse_int(0, 32)),
     _Field(("drop_prefix_v6",), ("drop_prefix_v6",), parse_int(0, 128)),
     _Field(("queues", "events"), ("queues", "events"), parse_int(1, 1_000_000)),

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hostwall.bpf import bpfsys, conntrack
+from hostwall.bpf import bpfsys, conntrack, flow_agg, syn_proxy
 from hostwall.bpf import layout as L
 from hostwall.bpf.clock import Clock
 from hostwall.bpf.ringbuf import RingBuffer
@@ -28,7 +28,8 @@ from hostwall.bpf.ringbuf import RingBuffer
 # writer is the collector; hw_config (policy generation, test clock) belongs to the enforcer.
 KNOBS = "hw_collect"
 MAPS = ("hw_config", KNOBS, "hw_stats", "hw_events", "hw_ev_stats", "hw_drops0", "hw_drops1", "hw_drop_overflow",
-        "hw_ct4", "hw_ct6")
+        "hw_ct4", "hw_ct6", "hw_policy", "hw_flows0", "hw_flows1", "hw_flow_overflow", "hw_flow_stats",
+        "hw_syn_ports", "hw_syn_state", "hw_port_stats")
 ENOENT = 2
 BATCH_CHUNK = 8192
 
@@ -42,6 +43,8 @@ EV_TYPES = L.C["HW_EV_TYPES"]
 EV_OUTCOMES = L.C["HW_EV_OUTCOMES"]
 OVERFLOW_SLOTS_PER_GEN = L.VERDICTS * L.REASONS
 CT_END_EMITTED = L.C["HW_CT_F_END_EMITTED"]   # hw_ct_entry.fin_seen: the datapath already emitted flow_end
+REP_EVENTS = L.C["HW_REP_EVENTS"]             # hw_ct_entry.report: reported by events (else in aggregate)
+POLICY_HDR_DT = L.DTYPES["hw_policy_hdr"]
 
 _S = 1_000_000_000
 
@@ -57,13 +60,15 @@ class DropDrain:
     keys/vals: hw_drop_key/hw_drop_val arrays summed over CPUs (first_ns = min over CPUs that saw a
     packet, last_ns = max). overflow: {(verdict, reason): (packets, bytes)} that did not fit the map.
     Per (verdict, reason), vals packets + overflow packets = the drop counters' increase over the
-    interval (exactly; see drain_drops)."""
+    interval (exactly; see drain_drops). `flows`: the flow aggregation of the same interval (the same
+    generation flip; hostwall.bpf.flow_agg), None from sources that have none."""
     keys: np.ndarray
     vals: np.ndarray
     overflow: dict[tuple[int, int], tuple[int, int]]
     t0_ns: int
     t1_ns: int
     barrier_s: float
+    flows: flow_agg.FlowDrain | None = None
 
     @property
     def packets(self) -> int:
@@ -87,8 +92,10 @@ class DropDrain:
 class CtFamilyScan:
     """Conntrack scan result of one family; keys in hw_ct4_key / hw_ct6_key, entries hw_ct_entry.
 
-    expired_*: entries idle past their timeout, now deleted (including those whose flow_end the
-    datapath already emitted: fin_seen bit 7; the record builder decides what they still need).
+    expired_*: entries idle past their timeout, now deleted, that are reported one record each
+    (including those whose flow_end the datapath already emitted: fin_seen bit 7; the record builder
+    decides what they still need). agg_*: expired entries reported in aggregate (hw_ct_entry.report
+    is not EVENTS and the datapath has not counted their end): flow summaries of the scan.
     update_*: live entries that crossed a multiple of the active timeout since the previous scan
     and saw a packet since the previous multiple (a periodic flow update is due)."""
     family: int
@@ -96,6 +103,8 @@ class CtFamilyScan:
     expired_entries: np.ndarray
     update_keys: np.ndarray
     update_entries: np.ndarray
+    agg_keys: np.ndarray | None = None
+    agg_entries: np.ndarray | None = None
 
 
 @dataclass
@@ -108,7 +117,7 @@ class CtScan:
 
     @property
     def expired(self) -> int:
-        return sum(len(f.expired_keys) for f in self.families)
+        return sum(len(f.expired_keys) + (len(f.agg_keys) if f.agg_keys is not None else 0) for f in self.families)
 
     @property
     def updates(self) -> int:
@@ -176,7 +185,8 @@ class KernelSource:
 
     def _check_layouts(self) -> None:
         want = {"hw_config": CFG_DT.itemsize, KNOBS: KNOBS_DT.itemsize, "hw_drops0": DROP_VAL_DT.itemsize,
-                "hw_drops1": DROP_VAL_DT.itemsize, "hw_ct4": conntrack.SLOT_DT[4].itemsize,
+                "hw_drops1": DROP_VAL_DT.itemsize, "hw_flows0": flow_agg.VAL_DT.itemsize,
+                "hw_policy": POLICY_HDR_DT.itemsize, "hw_ct4": conntrack.SLOT_DT[4].itemsize,
                 "hw_ct6": conntrack.SLOT_DT[6].itemsize,
                 "hw_ev_stats": COUNTER_DT.itemsize, "hw_drop_overflow": COUNTER_DT.itemsize}
         for name, size in want.items():
@@ -232,6 +242,13 @@ class KernelSource:
         t = int(self._read1("hw_config", CFG_DT)["test_now_ns"])
         return t if t else time.clock_gettime_ns(time.CLOCK_MONOTONIC)
 
+    def unconfirmed_ns(self) -> int:
+        """Idle timeout of unconfirmed conntrack entries in the active policy (ns; two lookups)."""
+        gen = int(self._read1("hw_config", CFG_DT)["gen"]) & 1
+        raw = bpfsys.map_lookup(self.fds["hw_policy"], gen.to_bytes(4, "little"), POLICY_HDR_DT.itemsize)
+        s = int(np.frombuffer(raw, dtype=POLICY_HDR_DT)[0]["ct_unconfirmed_s"])
+        return (s or L.C["HW_CT_TO_UNCONFIRMED"]) * _S
+
     @staticmethod
     def monotonic_to_wall() -> int:
         """CLOCK_REALTIME - CLOCK_MONOTONIC in ns (hostwall.bpf.clock.Clock.calibrate, ±~1 µs)."""
@@ -269,6 +286,16 @@ class KernelSource:
             out[tname] = {L.EV_OUTCOME_NAMES[o]: int(c[t, o]) for o in range(EV_OUTCOMES)}
         return out
 
+    # ---- the SYN proxy and the per-port SYN rate (docs/dos.md) ---------------------------------------
+    def port_syns(self) -> np.ndarray:
+        """Ingress TCP SYNs per destination port since load (hw_port_stats.syns summed over CPUs), 65536
+        counters. Cost: one batch syscall over ~2 MB per CPU."""
+        return self._percpu_array("hw_port_stats", L.DTYPES["hw_port_counter"])["syns"]
+
+    def syn_proxy(self, now_ns: int) -> syn_proxy.ProxyState:
+        """What the `auto` SYN proxies answer for at `now_ns` (the datapath's clock; mmap, no syscall)."""
+        return syn_proxy.read(self.fds, now_ns)
+
     # ---- drop aggregation --------------------------------------------------------------------------
     def drain_drops(self) -> DropDrain:
         """Export one drop-aggregation interval (see docs/collector.md).
@@ -289,12 +316,13 @@ class KernelSource:
         keys = np.frombuffer(raw_k, dtype=DROP_KEY_DT, count=n).copy()
         vals = sum_percpu(raw_v, n, DROP_VAL_DT, self.ncpus)
         overflow = self._drain_overflow(old)
+        flows = flow_agg.drain(self.fds, old, self.ncpus)
         t0 = self._last_flip_ns
         if t0 is None:
             seen = vals["first_ns"][vals["first_ns"] > 0]
             t0 = int(seen.min()) if len(seen) else t1
         self._last_flip_ns = t1
-        return DropDrain(keys, vals, overflow, t0, t1, barrier_s)
+        return DropDrain(keys, vals, overflow, t0, t1, barrier_s, flows)
 
     def _drain_overflow(self, gen: int) -> dict[tuple[int, int], tuple[int, int]]:
         """Read and zero hw_drop_overflow[gen][verdict][reason] (2 syscalls; 1 more if non-zero)."""
@@ -325,8 +353,9 @@ class KernelSource:
         flow of any it displaces), so freeing them changes no verdict. No updates on the first scan
         (there is no previous scan to compare)."""
         fams, scanned, raced, ended = [], 0, 0, 0
+        unc_ns = self.unconfirmed_ns()
         for fam in (4, 6):
-            f, n, r, e = self._scan_family(fam, now_ns, active_timeout_ns)
+            f, n, r, e = self._scan_family(fam, now_ns, active_timeout_ns, unc_ns)
             fams.append(f)
             scanned, raced, ended = scanned + n, raced + r, ended + e
         self._last_scan_ns = now_ns
@@ -337,7 +366,7 @@ class KernelSource:
             self._ct[fam] = conntrack.CtTable(self.fds[conntrack.MAPS[fam]], fam)
         return self._ct[fam]
 
-    def _scan_family(self, fam: int, now_ns: int, at_ns: int) -> tuple[CtFamilyScan, int, int, int]:
+    def _scan_family(self, fam: int, now_ns: int, at_ns: int, unc_ns: int) -> tuple[CtFamilyScan, int, int, int]:
         table = self._table(fam)
         idx = table.live()
         snap = table.slots[idx]                     # a copy: the datapath keeps writing the table
@@ -345,15 +374,17 @@ class KernelSource:
         n = len(idx)
         last = ents["last_ns"].astype(np.int64)
         created = ents["created_ns"].astype(np.int64)
-        expired = (np.int64(now_ns) - last) > ct_timeout_ns(keys["proto"], ents["state"])
+        expired = (np.int64(now_ns) - last) > ct_timeout_ns(keys["proto"], ents["state"], unc_ns)
         ended = (ents["fin_seen"] & CT_END_EMITTED) != 0
         cand = np.flatnonzero(expired)
         gone = table.free_if_unchanged(idx[cand], ents[cand])
         raced = int((~gone).sum())
         exp_idx = cand[gone]
-        upd_idx = self._due_updates(created, last, ~expired & ~ended, now_ns, at_ns)
+        in_agg = (ents["report"][exp_idx] != REP_EVENTS) & ~ended[exp_idx]
+        agg_idx, exp_idx = exp_idx[in_agg], exp_idx[~in_agg]
+        upd_idx = self._due_updates(created, last, ~expired & ~ended & (ents["report"] == REP_EVENTS), now_ns, at_ns)
         scan = CtFamilyScan(fam, keys[exp_idx].copy(), ents[exp_idx].copy(), keys[upd_idx].copy(),
-                            ents[upd_idx].copy())
+                            ents[upd_idx].copy(), keys[agg_idx].copy(), ents[agg_idx].copy())
         return scan, n, raced, int(ended[exp_idx].sum())
 
     def _due_updates(self, created: np.ndarray, last: np.ndarray, live: np.ndarray, now_ns: int,
@@ -370,12 +401,13 @@ class KernelSource:
         return np.flatnonzero(live & (k_now >= 1) & (k_now > k_prev) & active)
 
 
-def ct_timeout_ns(proto: np.ndarray, state: np.ndarray) -> np.ndarray:
-    """Idle timeout per entry, as the datapath's ct_timeout_ns() computes it (HW_CT_TO_* seconds)."""
+def ct_timeout_ns(proto: np.ndarray, state: np.ndarray, unconfirmed_ns: int = L.C["HW_CT_TO_UNCONFIRMED"] * _S
+                  ) -> np.ndarray:
+    """Idle timeout per entry, as the datapath's ct_expired_u() computes it: unconfirmed entries (NEW,
+    SYN_SENT, SYN_RECV) the policy's unconfirmed timeout, the others HW_CT_TO_* seconds by state."""
     C = L.C
-    tcp = np.select([state == C["HW_CT_ESTABLISHED"], state == C["HW_CT_SYN_SENT"],
-                     (state == C["HW_CT_FIN_WAIT"]) | (state == C["HW_CT_CLOSING"])],
-                    [C["HW_CT_TO_ESTABLISHED"], C["HW_CT_TO_SYN"], C["HW_CT_TO_FIN"]], C["HW_CT_TO_CLOSE"])
-    udp = np.where(state == C["HW_CT_ESTABLISHED"], C["HW_CT_TO_UDP_REPLIED"], C["HW_CT_TO_UDP"])
-    s = np.where(proto == 6, tcp, np.where(proto == 17, udp, C["HW_CT_TO_ICMP"]))
-    return s.astype(np.int64) * _S
+    tcp = np.select([state == C["HW_CT_ESTABLISHED"], (state == C["HW_CT_FIN_WAIT"]) | (state == C["HW_CT_CLOSING"])],
+                    [C["HW_CT_TO_ESTABLISHED"], C["HW_CT_TO_FIN"]], C["HW_CT_TO_CLOSE"])
+    s = np.where(proto == 6, tcp, np.where(proto == 17, C["HW_CT_TO_UDP_REPLIED"], C["HW_CT_TO_ICMP"]))
+    unconfirmed = np.isin(state, list(L.UNCONFIRMED_STATES))
+    return np.where(unconfirmed, np.int64(unconfirmed_ns), s.astype(np.int64) * _S)

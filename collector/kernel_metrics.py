@@ -49,6 +49,7 @@ from typing import Any
 
 import numpy as np
 
+from . import attack_metrics
 from .metric_family import Family
 
 log = logging.getLogger("hostwall.collector.kernel_metrics")
@@ -159,6 +160,9 @@ SPEC: dict[str, tuple[str, str, tuple[str, ...], str, str]] = {
     "hostwall_kernel_metrics_read_duration_seconds": ("gauge", "s", (), "Duration of the last kernel read for these "
                                                       "metrics", "this module"),
 }
+
+
+SPEC.update(attack_metrics.SPEC)         # conntrack evictions by kind, SYN proxy, flows in aggregate
 
 
 def _family(prom: str) -> Family:
@@ -589,14 +593,15 @@ class KernelCollector:
 
         # destination ports (tcp/udp), bounded
         ps = dp.port_stats()
-        counts = np.stack([ps["allowed"], ps["dropped"], ps["would_drop"]], axis=1)
+        counts = np.stack([ps["allowed"], ps["dropped"], ps["would_drop"], ps["syns"]], axis=1)
         mid = bpfsys.map_info(dp.map_fds["hw_port_stats"]).id
-        f = _family("hostwall_port_packets")
+        f, fs = _family("hostwall_port_packets"), _family("hostwall_port_syn_packets")
         top = self.ports.update(counts, mid)
         for port in sorted(top, key=lambda p: (p == "other", int(p) if p != "other" else 0)):
             for i, vname in enumerate(("allow", "drop", "would_drop")):
                 f.add((port, vname), int(top[port][i]))
-        fams.append(f)
+            fs.add((port,), int(top[port][3]))
+        fams += [f, fs]
 
         # DoS drops per profile
         names = tuple(st.dos_profiles) if st is not None else ()
@@ -628,7 +633,7 @@ class KernelCollector:
             cap.add((name,), rows[name]["capacity"])
             if "evicted" in rows[name]:
                 evicted.add((name,), rows[name]["evicted"])
-        fams += [ent, cap, evicted]
+        fams += [ent, cap, evicted] + attack_metrics.families(dp, rows, names, _family)
         return fams
 
     @staticmethod

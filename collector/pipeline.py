@@ -4,7 +4,8 @@ Tasks (each watched: a task that fails or ends on its own stops the service, whi
 
     ring     ring buffer → decoded event batches → `events` queue (bounded, in batches)
     events   events queue → RecordBuilder.on_events → enrich → anomaly.observe → fan-out
-    drops    every drop_summary_interval (≤ 1 s): KernelSource.drain_drops → on_drop_summaries
+    drops    every drop_summary_interval (≤ 1 s): KernelSource.drain_drops → on_drop_summaries, and the
+             flow aggregation of the same interval → flow_summary.from_drain
     ct       every conntrack_scan_interval: scan_conntrack → on_conntrack (idle ends, active updates)
     tick     every second: builder/anomaly tick, enforcer audit-log tail, kernel loss counters
     status   every status_interval: the status JSON ($HOSTWALL_STATE_DIR/collector-<pin stem>.json)
@@ -40,14 +41,17 @@ from collections import Counter, deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import orjson
 
+from . import flow_summary
 from .accounting import Ledger
 from .config import CollectorConfig, describe
 from .sinks.base import FullQueuePolicy
+from .syn_proxy import SynWatch
 
 log = logging.getLogger("hostwall.collector")
 
@@ -153,6 +157,8 @@ class Pipeline:
         self.builder = builder
         self.enricher = enricher
         self.anomaly = anomaly
+        self.syn_watch = SynWatch(anomaly, lambda: tuple(getattr(getattr(getattr(builder, "instance", None), "state",
+                                                                          None), "dos_profiles", ()))) if anomaly else None
         self.ledger = ledger or Ledger()
         self.slots = [_SinkSlot(s, cfg.queues.sink) for s in sinks]
         for s in self.slots:
@@ -230,6 +236,10 @@ class Pipeline:
         self.clock = self._clock_factory(self.source.monotonic_to_wall())
         self._clock_at = time.monotonic()
         await self._k(self.source.set_event_budget, self.cfg.event_budget)
+        if hasattr(self.source, "set_knobs"):        # per-source share of flow events (docs/collector.md)
+            share = self.cfg.event_source_share
+            await self._k(partial(self.source.set_knobs, source_share=self.cfg.event_budget // 10 if share is None
+                                  else share))
         if hasattr(self.source, "set_drop_prefixes"):
             await self._k(self.source.set_drop_prefixes, self.cfg.drop_prefix_v4, self.cfg.drop_prefix_v6)
         self.ledger.fold_kernel(await self._k(self.source.kernel_loss))
@@ -361,6 +371,12 @@ class Pipeline:
             recs += self._build("drop_summaries", len(d.overflow), self.builder.on_drop_overflow, d.overflow, t0, t1,
                                 self.clock)
         await self._emit(recs, "drop_summaries")
+        fl = getattr(d, "flows", None)
+        if fl is not None and (len(fl.keys) or fl.overflow):
+            self.ledger.count_flows(fl.totals())
+            recs = self._build("flow_summaries", len(fl.keys) + len(fl.overflow), flow_summary.from_drain,
+                               self.builder, fl, t0, t1, self.clock)
+            await self._emit(recs, "flow_summaries")
 
     async def _scan_ct(self) -> None:
         now = await self._k(self.source.now_ns)
@@ -371,15 +387,24 @@ class Pipeline:
         self.counters["ct_raced"] += s.raced
         self.last_scan = {"entries": s.scanned, "expired": s.expired, "updates": s.updates, "raced": s.raced,
                           "ended_before": s.ended}
+        t1 = self.clock.wall_ns(now)
+        t0, self._last_scan_wall = getattr(self, "_last_scan_wall", None) or t1, t1
         for f in s.families:
             if len(f.expired_keys) or len(f.update_keys):
                 recs = self._build("conntrack", len(f.expired_keys) + len(f.update_keys), self.builder.on_conntrack,
                                    f.expired_keys, f.expired_entries, (f.update_keys, f.update_entries), self.clock)
                 await self._emit(recs, "conntrack")
+            if f.agg_keys is not None and len(f.agg_keys):       # ended in aggregate: flow summaries
+                recs = self._build("conntrack", len(f.agg_keys), flow_summary.from_scan, self.builder, f.agg_keys,
+                                   f.agg_entries, self.cfg.drop_prefix_v4, self.cfg.drop_prefix_v6, t0, t1, self.clock)
+                await self._emit(recs, "conntrack")
 
     async def _tick(self) -> None:
         now = await self._k(self.source.now_ns)
         await self._emit(self.builder.tick(now), "tick")
+        if self.anomaly is not None and hasattr(self.source, "port_syns"):   # SYNs per port, proxy switches
+            syns, proxy = await self._k(self.source.port_syns), await self._k(self.source.syn_proxy, now)
+            await self._emit(self.syn_watch.tick(syns, proxy, time.time()), "anomaly", observe=False)
         if self.anomaly is not None:                     # the detector works in wall-clock seconds
             await self._emit(self.anomaly.tick(time.time()) or [], "anomaly", observe=False)
         await self._tail_audit()

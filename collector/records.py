@@ -7,7 +7,8 @@ dicts, one per record, that the enricher completes and the encoders serialise. R
   flow          ring-buffer flow_start → event.type ["start"]; flow_end → ["end"] with totals per
                 direction (source = initiator); conntrack idle expiry, or the datapath
                 reusing an idle connection's slot → ["end"] (end_reason "idle_timeout"); a full
-                conntrack bucket evicting one → ["end"] (end_reason "evicted"); conntrack
+                conntrack bucket evicting one → ["end"] (end_reason "evicted_unconfirmed", or
+                "evicted_established" when the bucket held no unconfirmed one); conntrack
                 active-timeout update → ["info"] with running totals
   log           a packet judged by an `action: log` rule → event.type ["connection", "allowed"]
   deny          the sampled first dropped packet of an aggregation key → ["denied"] (audit mode:
@@ -72,7 +73,10 @@ _DIR_NAMES = {L.DIR["ingress"]: "ingress", L.DIR["egress"]: "egress"}
 _END_REASON = {"closed": "rst", "closing": "fin", "fin_wait": "fin"}
 # flow_end events of connections the datapath displaced from its table (hw_event.end_cause)
 _END_CAUSE_REASON = {L.C["HW_END_IDLE"]: ("idle_timeout", "idle timeout"),
-                     L.C["HW_END_EVICTED"]: ("evicted", "conntrack table full: evicted")}
+                     L.C["HW_END_EVICTED_ESTABLISHED"]: ("evicted_established",
+                                                         "conntrack bucket full of established connections: evicted"),
+                     L.C["HW_END_EVICTED_UNCONFIRMED"]: ("evicted_unconfirmed",
+                                                         "conntrack bucket full: unconfirmed connection evicted")}
 _FLOW_END_EMITTED = L.C["HW_CT_F_END_EMITTED"]       # hw_ct_entry.fin_seen: flow_end was emitted
 
 
@@ -216,7 +220,7 @@ class RecordBuilder:
         self.counters: dict[str, int] = {
             "events": 0, "records": 0, "decode_errors": 0, "end_without_start": 0, "ct_end_already_emitted": 0,
             "ct_end_event_lost": 0, "flows_stale_expired": 0, "drop_summaries": 0, "overflow_summaries": 0,
-            "flow_end_idle_timeout": 0, "flow_end_evicted": 0}
+            "flow_end_idle_timeout": 0, "flow_end_evicted_established": 0, "flow_end_evicted_unconfirmed": 0}
 
     # ---- accounting ------------------------------------------------------------------------------
     def _lost(self, stage: str, reason: str, n: int) -> None:

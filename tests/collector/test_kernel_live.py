@@ -183,26 +183,54 @@ def test_conntrack_scan_expires_idle_entries_and_reports_long_lived_ones(kernel)
     at = 10 * 10**9
     dp.set_config(test_now_ns=t0)
     assert ks.now_ns() == t0
-    xdp(dp, udp_in())                                  # UDP flow, never answered: 30 s timeout
-    xdp(dp, tcp_in(src="10.0.0.8"))                    # TCP flow, established: 5 days
+    xdp(dp, udp_in())                                  # UDP flow, never answered: unconfirmed, 10 s
+    xdp(dp, tcp_in(src="10.0.0.8"))                    # TCP flow, confirmed by its ACK: 5 days
     egress(dp, tcp_out("SA", dst="10.0.0.8"))
+    xdp(dp, tcp_in(src="10.0.0.8", flags="A"))
     first = ks.scan_conntrack(t0 + 10**9, at)
     assert (first.scanned, first.expired, first.updates) == (2, 0, 0)
     dp.set_config(test_now_ns=t0 + 12 * 10**9)
     xdp(dp, tcp_in(src="10.0.0.8", flags="A"))        # activity after the first 10 s boundary
-    s = ks.scan_conntrack(t0 + 15 * 10**9, at)
-    assert (s.expired, s.updates) == (0, 1)
-    upd = s.families[0]
-    assert upd.family == 4 and int(upd.update_keys["proto"][0]) == 6
-    assert upd.update_entries["packets"][0].tolist() == [2, 1]
-    s = ks.scan_conntrack(t0 + 31 * 10**9, at)         # UDP idle 31 s > 30 s
-    assert (s.expired, s.updates, s.ended) == (1, 0, 0)
-    gone = s.families[0]
-    assert int(gone.expired_keys["proto"][0]) == 17 and int(gone.expired_entries["last_ns"][0]) == t0
+    s = ks.scan_conntrack(t0 + 15 * 10**9, at)         # UDP idle 15 s > 10 s
+    assert (s.expired, s.updates, s.ended) == (1, 1, 0)
+    fam = s.families[0]
+    assert fam.family == 4 and int(fam.update_keys["proto"][0]) == 6
+    assert fam.update_entries["packets"][0].tolist() == [3, 1]
+    assert int(fam.expired_keys["proto"][0]) == 17 and int(fam.expired_entries["last_ns"][0]) == t0
     with conntrack.CtTable(ks.fds["hw_ct4"], 4) as table:
         left = table.slots[table.live()]
         assert left["k"]["proto"].tolist() == [6]      # freed in the kernel; TCP stays
     assert ks.scan_conntrack(t0 + 32 * 10**9, at).expired == 0
+
+
+def test_conntrack_scan_aggregates_connections_that_ended_unconfirmed(kernel):
+    """A connection whose start waited for confirmation (PENDING: the budget was at its reserve) and
+    that expired unconfirmed is not a flow end of its own: the scan returns it for a flow summary."""
+    from hostwall.collector import flow_summary
+    from hostwall.collector.records import RecordBuilder
+    from tests.collector.test_records import CLOCK, HOST, validator
+    ks, dp, _ = kernel
+    t0 = 20_000 * 10**9
+    dp.set_config(test_now_ns=t0)
+    ks.set_event_budget(dp.ncpus)                      # 1 event/s per CPU: never above the reserve
+    try:
+        for sport in (5001, 5002):
+            xdp(dp, udp_in(sport=sport))
+    finally:
+        ks.set_event_budget(L.C["HW_EVENT_BUDGET"])
+        # the budget buckets last saw this test's clock, ahead of the real one: let them start full again
+        zero = bytes(L.DTYPES["hw_ev_budget"].itemsize * dp.ncpus)
+        bpfsys.map_update(dp.map_fds["hw_ev_budget"], b"\0" * 4, zero)
+    s = ks.scan_conntrack(t0 + 11 * 10**9, 10**12)
+    fam = s.families[0]
+    assert len(fam.expired_keys) == 0 and len(fam.agg_keys) == 2 and s.expired == 2
+    recs = flow_summary.from_scan(RecordBuilder(HOST, None), fam.agg_keys, fam.agg_entries, 24, 64,
+                                  CLOCK.wall_ns(t0), CLOCK.wall_ns(t0 + 11 * 10**9), CLOCK)
+    assert len(recs) == 1
+    r = recs[0]
+    assert r["hostwall"]["summary"] == {"kind": "unconfirmed", "flows": 2, "ended": 2, "origin": "conntrack_scan"}
+    assert r["source"]["address"].endswith("/24") and r["destination"]["port"] == 53
+    assert not list(validator("flow.schema.json").iter_errors(r))
 
 
 def test_event_budget_losses_are_counted_by_type(kernel):
