@@ -101,13 +101,19 @@ def cmd_run(a) -> int:
     signal.signal(signal.SIGHUP, lambda *_: state.update(reload=True))
     signal.signal(signal.SIGTERM, lambda *_: state.update(stop="SIGTERM"))
     signal.signal(signal.SIGINT, lambda *_: state.update(stop="SIGINT"))
+    from .syn_watch import ProxyWatch
+    watch, polled = ProxyWatch(dp, a.pin_dir, tuple(st.dos_profiles)), 0.0
     try:
         while state["stop"] is None:
             time.sleep(0.2)
+            if time.monotonic() - polled >= 1.0:        # the SYN proxy's automatic switches: audit records
+                watch.poll()
+                polled = time.monotonic()
             if state["reload"]:
                 state["reload"] = False
                 try:
                     r = control.apply(_load(a.policy), a.pin_dir)
+                    watch.profiles = tuple(control.InstanceState.load(a.pin_dir).dos_profiles)
                     print(f"hostwall-enforcer: SIGHUP: revision {r.old_revision} → {r.new_revision} "
                           f"(switch {r.switch_ms:.3f} ms)", flush=True)
                 except PolicyError as e:
@@ -268,13 +274,35 @@ def cmd_status(a) -> int:
         con.print(t)
     if s.get("bans"):
         _print_bans(s["bans"])
-    t = Table(title="map pressure")
-    for c in ("map", "entries", "capacity", "%", "evicted"):
+    _print_syn_proxy(con, s.get("syn_proxy") or {})
+    t = Table(title="map pressure (conntrack evicts unconfirmed entries before established ones)")
+    for c in ("map", "entries", "capacity", "%", "evicted", "unconfirmed", "established"):
         t.add_column(c, justify="right")
     for m, v in s["map_pressure"].items():
-        t.add_row(m, str(v["entries"]), str(v["capacity"]), f"{v['percent']:.1f}", str(v.get("evicted", "")))
+        t.add_row(m, str(v["entries"]), str(v["capacity"]), f"{v['percent']:.1f}", str(v.get("evicted", "")),
+                  str(v.get("evicted_unconfirmed", "")), str(v.get("evicted_established", "")))
     con.print(t)
     return EXIT_OK
+
+
+def _print_syn_proxy(con, sp: dict) -> None:
+    """SYN proxy modes and work, and the flows counted in aggregate (status without --json)."""
+    from rich.table import Table
+    profs = {n: p for n, p in sp.get("profiles", {}).items() if p["mode"] != "off" or p["per_port_pps"]}
+    if profs:
+        on = ", ".join(f"{p} ({s:.0f} s)" for p, s in sp.get("ports_on", {}).items()) or "none"
+        con.print("SYN proxy: " + "; ".join(f"{n} {p['mode']}" + (" (conntrack pressure: on)" if p["pressure"] else "")
+                                            for n, p in profs.items()) + f"; auto on for ports: {on}")
+        st = sp.get("stats", {})
+        con.print("  " + ", ".join(f"{k} {_fmt_n(v)}" for k, v in st.items()))
+    agg = {k: v for k, v in sp.get("flows_aggregated", {}).items() if v["flows"] or v["ended"]}
+    if agg:
+        t = Table(title="flows counted in aggregate (flow summaries)")
+        for c in ("kind", "started", "ended", "packets", "bytes"):
+            t.add_column(c, justify="right")
+        for k, v in agg.items():
+            t.add_row(k, _fmt_n(v["flows"]), _fmt_n(v["ended"]), _fmt_n(v["packets"]), _fmt_n(v["bytes"]))
+        con.print(t)
 
 
 def build_parser() -> argparse.ArgumentParser:
