@@ -112,20 +112,22 @@ static __always_inline int proxy_pressure(struct env *v, struct hw_dos_profile *
  * check. Returns a drop reason or 0. */
 static __always_inline __u32 syn_port_stage(struct env *v, struct pkt *p, struct hw_dos_profile *pr, __u32 profile)
 {
+	if (pr->proxy == HW_PROXY_OFF && !pr->syn_port_pps)
+		return 0;                       /* nothing per port: no lookup */
 	__u32 port = bpf_ntohs(p->dport);
 	int covered = pr->proxy != HW_PROXY_OFF && proxy_covers(pr, port);
+	if (!covered && (!p->opens || !pr->syn_port_pps))
+		return 0;
 	struct hw_syn_port *sp = hw_syn_ports.lookup(&port);
 	if (!sp)
 		return 0;
 	if (!p->opens) {
-		if (covered && (p->tcp_flags & (TCPF_SYN | TCPF_RST | TCPF_ACK)) == TCPF_ACK) {
+		if ((p->tcp_flags & (TCPF_SYN | TCPF_RST | TCPF_ACK)) == TCPF_ACK) {
 			int on = pr->proxy == HW_PROXY_ON || sp->hot_until_ns > v->now || proxy_pressure(v, pr, profile, 0);
 			p->syn_proxy = on ? SP_CHECK : SP_LEARN;
 		}
 		return 0;
 	}
-	if (!covered && !pr->syn_port_pps)
-		return 0;
 	int over = 0;
 	if (pr->syn_port_pps) {
 		__u64 dt = elapsed_ns(v->now, sp->last_ns, 1000000000ULL);

@@ -134,6 +134,11 @@ static __always_inline void syn_parse_opts(__u8 *buf, __u32 thl, struct syn_opts
 	}
 }
 
+/* One's-complement sum of N 16-bit words at p, as they lie in memory (the folded result stored back
+ * the same way is the Internet checksum whatever the host's byte order). Inline loads: no helper. */
+#define SUM16(p, n) ({ __u64 _s = 0; __u16 *_w = (__u16 *)(p);                   \
+	_Pragma("unroll") for (int _i = 0; _i < (n); _i++) _s += _w[_i]; _s; })
+
 static __always_inline __u16 csum_fold(__u64 s)
 {
 	s = (s & 0xffffffff) + (s >> 32);
@@ -224,10 +229,13 @@ static __always_inline int syn_answer(struct xdp_md *ctx, struct pkt *p, struct 
 	__u64 sum;
 	__u16 mss = p->family == 4 ? pr->proxy_mss : pr->proxy_mss - 20;
 	/* the kernel's cookie timestamp: ms clock with the client's options in the low 6 bits, not ahead of now */
-	__u32 now_ms = bpf_ktime_get_ns() / 1000000ULL;
-	__u32 tsval = (now_ms & ~0x3fU) | (so.ws ? so.wscale : 0xf) | (so.sack ? 0x10 : 0);
-	if (tsval > now_ms)
-		tsval -= 0x40;
+	__u32 tsval = 0;
+	if (full) {
+		__u32 now_ms = bpf_ktime_get_ns() / 1000000ULL;
+		tsval = (now_ms & ~0x3fU) | (so.ws ? so.wscale : 0xf) | (so.sack ? 0x10 : 0);
+		if (tsval > now_ms)
+			tsval -= 0x40;
+	}
 	struct tcphdr *t;
 	if (p->family == 4) {
 		struct iphdr *ip = data + l3;
@@ -243,9 +251,8 @@ static __always_inline int syn_answer(struct xdp_md *ctx, struct pkt *p, struct 
 		ip->frag_off = bpf_htons(0x4000);
 		ip->ttl = 64;
 		ip->check = 0;
-		ip->check = csum_fold(bpf_csum_diff(0, 0, (__be32 *)ip, 20, 0));
-		__u32 ph[3] = {ip->saddr, ip->daddr, bpf_htonl((IPPROTO_TCP << 16) | (20 + optlen))};
-		sum = bpf_csum_diff(0, 0, ph, sizeof(ph), 0);
+		ip->check = csum_fold(SUM16(ip, 10));
+		sum = SUM16(&ip->saddr, 4) + bpf_htons(IPPROTO_TCP) + bpf_htons(20 + optlen);
 	} else {
 		struct ipv6hdr *ip6 = data + l3;
 		t = (void *)(ip6 + 1);
@@ -257,11 +264,7 @@ static __always_inline int syn_answer(struct xdp_md *ctx, struct pkt *p, struct 
 		*(__u32 *)ip6 = bpf_htonl(0x60000000);
 		ip6->payload_len = bpf_htons(20 + optlen);
 		ip6->hop_limit = 64;
-		__u32 ph[10] = {};
-		__builtin_memcpy(ph, &ip6->saddr, 32);
-		ph[8] = bpf_htonl(20 + optlen);
-		ph[9] = bpf_htonl(IPPROTO_TCP);
-		sum = bpf_csum_diff(0, 0, ph, sizeof(ph), 0);
+		sum = SUM16(&ip6->saddr, 16) + bpf_htons(20 + optlen) + bpf_htons(IPPROTO_TCP);
 	}
 	__builtin_memset(t, 0, 20);
 	t->source = dport;
@@ -274,9 +277,9 @@ static __always_inline int syn_answer(struct xdp_md *ctx, struct pkt *p, struct 
 	t->window = bpf_htons(65535);
 	syn_write_opts((__u8 *)(t + 1), mss, full, &so, tsval, pr->proxy_wscale);
 	if (full)
-		sum = bpf_csum_diff(0, 0, (__be32 *)t, 40, sum);
+		sum += SUM16(t, 20);
 	else
-		sum = bpf_csum_diff(0, 0, (__be32 *)t, 24, sum);
+		sum += SUM16(t, 12);
 	t->check = csum_fold(sum);
 	*synack_len = newlen;
 	return 1;

@@ -48,7 +48,7 @@ class SynWatch:
     def tick(self, syns: np.ndarray, state: ProxyState, now: float) -> list[dict]:
         """syns: cumulative SYNs per port now; state: the proxies' switches at the same moment; now: wall
         seconds. Returns anomaly records of switches (the `syns` signal goes into the detector)."""
-        cur = np.asarray(syns, dtype=np.int64)
+        cur = np.array(syns, dtype=np.int64)          # a copy: the caller may reuse its array
         if self._syns is not None and self._t is not None and now > self._t:
             delta = cur - self._syns
             if (delta < 0).any():                 # the datapath was reloaded: start over

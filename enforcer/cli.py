@@ -101,7 +101,10 @@ def cmd_run(a) -> int:
     signal.signal(signal.SIGHUP, lambda *_: state.update(reload=True))
     signal.signal(signal.SIGTERM, lambda *_: state.update(stop="SIGTERM"))
     signal.signal(signal.SIGINT, lambda *_: state.update(stop="SIGINT"))
-    from .syn_watch import ProxyWatch
+    # after the handlers: a SIGHUP may come as soon as the banner is out
+    from .syn_watch import ProxyWatch, host_warnings
+    for w in host_warnings(p.dos_profiles.values(), a.netns):
+        _err(w)
     watch, polled = ProxyWatch(dp, a.pin_dir, tuple(st.dos_profiles)), 0.0
     try:
         while state["stop"] is None:

@@ -60,3 +60,30 @@ class ProxyWatch:
         for rec in out:
             append_audit(self.pin_dir, rec)
         return out
+
+
+def host_warnings(profiles, netns: str | None) -> list[str]:
+    """One line per setting of the protected host (the interfaces' network namespace) that keeps a SYN
+    proxy of these profiles (enforcer.policy.DosProfile) from completing handshakes (docs/dos.md)."""
+    import subprocess
+    on = [p for p in profiles if p.syn_proxy != "off"]
+    if not on:
+        return []
+
+    def sysctl(name: str) -> str:
+        path = "/proc/sys/net/ipv4/" + name
+        argv = ["ip", "netns", "exec", netns, "cat", path] if netns else ["cat", path]
+        try:
+            return subprocess.run(argv, capture_output=True, text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.TimeoutExpired):
+            return "?"
+    out = []
+    where = f" in netns {netns}" if netns else ""
+    if sysctl("tcp_syncookies") != "2":
+        out.append(f"SYN proxy of {', '.join(p.name for p in on)}: net.ipv4.tcp_syncookies is not 2{where}; "
+                   f"the host's stack will refuse cookie ACKs: run `sysctl -w net.ipv4.tcp_syncookies=2`{where}")
+    full = [p.name for p in on if p.syn_proxy_options == "full"]
+    if full and sysctl("tcp_timestamps") != "2":
+        out.append(f"SYN proxy of {', '.join(full)} (proxy_options: full): net.ipv4.tcp_timestamps is not 2{where}; "
+                   "window scaling and SACK would be read wrong: set it to 2, or use proxy_options: mss")
+    return out

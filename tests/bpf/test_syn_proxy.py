@@ -294,3 +294,31 @@ def test_dos_frame_and_proxy_agree_on_non_syn_tcp(harness):
     install(harness)
     o = send(harness, dos_frame(Pkt("10.81.8.1", 6, syn=False, dport=8080)), T0)
     assert o.reason == "syn_cookie_invalid"
+
+
+def test_enforcer_audits_each_automatic_switch(harness, tmp_path, monkeypatch):
+    """enforcer/syn_watch.py: what the datapath switched on and off becomes audit records, which the
+    collector ships (they validate as audit records)."""
+    import json
+
+    from hostwall.bpf.state import audit_log_path
+    from hostwall.collector.records import RecordBuilder
+    from hostwall.enforcer.syn_watch import ProxyWatch
+    from tests.collector.test_records import HOST, validator
+    monkeypatch.setenv("HOSTWALL_STATE_DIR", str(tmp_path))
+    install(harness, "proxy: auto, per_port_pps: 2, proxy_quiet: 2s")
+    w = ProxyWatch(harness.dp, "/sys/fs/bpf/test-watch", ("p",))
+    assert w.poll() == []
+    for i in range(4):
+        send(harness, syn(f"10.81.9.{i + 1}", sport=47000 + i), T0)
+    on = w.poll()
+    assert [(r["event"]["action"], r["hostwall"]["syn_proxy"]["port"]) for r in on] == [("syn-proxy-on", 8080)]
+    assert w.poll() == []
+    harness.dp.set_config(test_now_ns=T0 + 3 * NS)
+    off = w.poll()
+    assert [r["event"]["action"] for r in off] == ["syn-proxy-off"]
+    lines = audit_log_path("/sys/fs/bpf/test-watch").read_text().splitlines()
+    assert len(lines) == 2
+    b = RecordBuilder(HOST, None)
+    for line in lines:
+        assert not list(validator("audit.schema.json").iter_errors(b.on_audit(json.loads(line))))
