@@ -1,4 +1,4 @@
-"""Audit records of the SYN proxy's automatic switches (docs/dos.md, "auto").
+"""Audit records of the SYN proxy's automatic switches, and the host settings it needs (docs/dos.md).
 
 The datapath switches an `auto` proxy by itself (bpf/dos.h): on for a port whose SYN rate went over
 `per_port_pps`, or for every port of a profile while conntrack evicts more than `proxy_pressure`
