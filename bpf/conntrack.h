@@ -92,12 +92,16 @@ static __always_inline __u64 ct_confirmed_timeout_ns(struct hw_ct_entry *e, __u8
  * the entry is unconfirmed (the fast path of an established connection never reads it). */
 static __always_inline int ct_expired_u(struct env *v, struct hw_ct_entry *e, __u8 proto, __u64 unc_ns)
 {
+	__s64 idle = (__s64)(v->now - e->last_ns);
 	__u64 to;
-	if (ct_unconfirmed(e))
+	if (ct_unconfirmed(e)) {
+		if (idle <= 1000000000LL)
+			return 0;       /* the timeout is at least 1 s (policy validation): no lookup for a busy entry */
 		to = unc_ns ? unc_ns : ct_unconfirmed_ns(v);
-	else
+	} else {
 		to = ct_confirmed_timeout_ns(e, proto);
-	return (__s64)(v->now - e->last_ns) > (__s64)to;
+	}
+	return idle > (__s64)to;
 }
 
 static __always_inline int ct_expired(struct env *v, struct hw_ct_entry *e, __u8 proto)
@@ -310,8 +314,10 @@ static __always_inline int ct_advance(struct env *v, struct pkt *p, struct ctref
 	confirmed = confirmed && e->report == HW_REP_PENDING;
 	if (fast && (confirmed || closing))
 		return -1;
-	e->state = ns;
-	e->fin_seen = fin;
+	if (ns != st)
+		e->state = ns;
+	if (fin != e->fin_seen)
+		e->fin_seen = fin;
 	e->last_ns = v->now;
 	__sync_fetch_and_add(&e->packets[!from_init], 1);
 	__sync_fetch_and_add(&e->bytes[!from_init], p->len);
