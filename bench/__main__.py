@@ -1,4 +1,4 @@
-"""`python -m hostwall.bench SUITE [--quick] [--json]` — the benchmark runner (DESIGN.md §9).
+"""`python -m hostwall.bench SUITE [--quick] [--json]` — the benchmark runner (docs/benchmarks.md).
 
 Each suite is a module bench/<suite>.py with `run(quick: bool) -> dict[str, float]`; it may also
 expose TARGETS ({metric: (text, predicate(metrics) -> bool)}) and NOTES (printed under the table).
@@ -103,7 +103,7 @@ def table(suite: str, metrics: dict[str, float], targets: dict[str, tuple[str, C
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m hostwall.bench", description="hostwall benchmarks (DESIGN.md §9)")
+    ap = argparse.ArgumentParser(prog="python -m hostwall.bench", description="hostwall benchmarks (docs/benchmarks.md)")
     ap.add_argument("suite", choices=SUITES + ("all",), help="which suite to run")
     ap.add_argument("--quick", action="store_true", help="smaller runs; each suite finishes in under a minute")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of a table")

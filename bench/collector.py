@@ -257,7 +257,7 @@ class _BenchSource:
         now = self.now_ns()
         return DropDrain(z, np.zeros(0, dtype=L.DTYPES["hw_drop_val"]), {}, now, now, 0.0)
 
-    def scan_conntrack(self, now_ns: int, at_ns: int):
+    def scan_conntrack(self, now_ns: int, at_ns: int, grace_ns: int = 0):
         from hostwall.collector.kernel import CtScan
         return CtScan([], 0, 0, 0)
 

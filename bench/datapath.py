@@ -284,7 +284,7 @@ def run(quick: bool) -> dict[str, float]:
                         or c.name.startswith("ns_empty"):
                     m[c.name + "_min"] = c_min
             _ct_insert(instances[-1], bp, flows, m)      # bp: the max policy
-        # contract names (DESIGN.md §9)
+        # contract names (docs/benchmarks.md)
         for fam in ("v4", "v6"):
             m[f"ns_per_pkt_{fam}_10_rules"] = m[f"ns_xdp_{fam}_10_rules_allow"]
             m[f"ns_per_pkt_{fam}_max_policy"] = m[f"ns_xdp_{fam}_max_policy_allow"]

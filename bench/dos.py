@@ -1,4 +1,4 @@
-"""Suite `dos` (DESIGN.md §9): what the DoS guards cost and what they absorb.
+"""Suite `dos` (docs/benchmarks.md): what the DoS guards cost and what they absorb.
 
 Test-run (one datapath, no packet leaves):
 - dos_added_ns: XDP ns/packet with a DoS profile on the arrival interface minus the same without one

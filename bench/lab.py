@@ -1,4 +1,4 @@
-"""Benchmark suite `lab` (DESIGN.md §9): packets/s the protected host processes behind each filter.
+"""Benchmark suite `lab` (docs/benchmarks.md): packets/s the protected host processes behind each filter.
 
 Setup: one netns lab (lab/netns.py; iptables_legacy_linear gets a second, identical one). The client
 floods the protected host with trafgen (one sender process pinned to one CPU, 64-byte UDP frames to

@@ -87,9 +87,13 @@ static __always_inline int peer_class6(__u32 gen, __u32 *addr_be, __u32 *cls)
 	return 0;
 }
 
+/* L4 class of (direction, protocol, key): the key is the destination port for TCP/UDP and
+ * (type << 8 | code) for ICMP/ICMPv6 (docs/datapath.md "Classification"), so ICMP type matching is
+ * the same one table load as a port. Later fragments never get here (frag_follow judges them). */
 static __always_inline int l4_class(__u32 gen, __u32 dir, struct pkt *p, __u32 *cls)
 {
-	__u32 port = (p->pidx <= HW_P_UDP && !p->frag) ? bpf_ntohs(p->dport) : 0;
+	__u32 port = p->pidx <= HW_P_UDP ? bpf_ntohs(p->dport) :
+		     p->pidx <= HW_P_ICMPV6 ? ((__u32)p->icmp_type << 8 | p->icmp_code) : 0;
 	__u32 key = (dir * HW_PROTO_IDX_MAX + p->pidx) * 65536 + port;
 	__u32 idx = gen * HW_L4_ELEMS + key / HW_L4_SLOTS_PER_ELEM;
 	struct hw_l4_elem *e = hw_l4.lookup(&idx);

@@ -191,6 +191,13 @@ static __always_inline void ev_flow_totals(struct hw_event *ev, struct hw_ct_ent
 	ev->reason = HW_R_PASS_CONNTRACK;
 }
 
+/* Has this connection's end been reported already (by the datapath, or by the collector after the
+ * close grace period)? */
+static __always_inline int ct_reported(struct hw_ct_entry *e)
+{
+	return (e->fin_seen & HW_CT_F_END_EMITTED) || e->reported;
+}
+
 /* A connection reported in aggregate (report != EVENTS) ended: count it, with its totals, under the
  * peer (the initiator of an ingress-opened connection, the responder of an egress-opened one). A
  * PENDING connection (never confirmed, start never reported) counts as started and ended. */
@@ -206,11 +213,14 @@ static __always_inline void ct_end_agg(struct env *v, struct hw_ct_entry *e, __u
 	flow_agg(v, e->origin == HW_DIR_INGRESS ? init : resp, family, resp_port, proto, e->origin, report_kind(rep), &a);
 }
 
-/* A tracked TCP connection just closed: report it once, with its totals. */
+/* A tracked TCP connection was reset: report it once, with its totals (nothing after an RST belongs to
+ * it), as an event or in aggregate (hw_ct_entry.report). A connection closed by FINs is not reported
+ * here: its last ACK comes after the FINs, so the collector reports it (one record, or in a flow
+ * summary) once it has been quiet for the close grace period (docs/collector.md). */
 static __always_inline void ct_emit_end(struct env *v, struct pkt *p, struct ctref *r, __u8 from_init)
 {
 	struct hw_ct_entry *e = r->e;
-	if (e->fin_seen & HW_CT_F_END_EMITTED)
+	if (ct_reported(e))
 		return;
 	if (e->report != HW_REP_EVENTS) {
 		e->fin_seen |= HW_CT_F_END_EMITTED;
@@ -223,7 +233,7 @@ static __always_inline void ct_emit_end(struct env *v, struct pkt *p, struct ctr
 		return;                 /* the collector's conntrack scan reports it at expiry */
 	e->fin_seen |= HW_CT_F_END_EMITTED;
 	ev_packet(ev, p);
-	ev->ts_ns = v->now;             /* start and end of a flow on one clock */
+	ev->ts_ns = e->end_ns;          /* this packet, on the precise clock (ct_advance read it) */
 	if (!from_init) {               /* flows are reported from the initiator's side */
 		__builtin_memcpy(ev->saddr, p->daddr, 16);
 		__builtin_memcpy(ev->daddr, p->saddr, 16);
@@ -310,7 +320,8 @@ static __always_inline int ct_advance(struct env *v, struct pkt *p, struct ctref
 		ns = HW_CT_ESTABLISHED;
 		confirmed = 1;
 	}
-	int closing = (ns == HW_CT_CLOSING || ns == HW_CT_CLOSED) && !(fin & HW_CT_F_END_EMITTED);
+	/* a reset to report (a FIN close is the collector's, after the close grace period) */
+	int closing = ns == HW_CT_CLOSED && !(fin & HW_CT_F_END_EMITTED) && !e->reported;
 	confirmed = confirmed && e->report == HW_REP_PENDING;
 	if (fast && (confirmed || closing))
 		return -1;
@@ -318,6 +329,12 @@ static __always_inline int ct_advance(struct env *v, struct pkt *p, struct ctref
 		e->state = ns;
 	if (fin != e->fin_seen)
 		e->fin_seen = fin;
+	/* The flow's end on the precise clock, read where it is cheap: every packet from the first FIN or
+	 * RST on (one of them is the last), and the first packet of each tick otherwise (at most one read
+	 * per connection per tick, whatever its rate: the established path stays free of the helper call).
+	 * States are compared by value, not order (SYN_RECV comes after CLOSED). */
+	if ((__u8)(ns - HW_CT_FIN_WAIT) <= HW_CT_CLOSED - HW_CT_FIN_WAIT || e->last_ns != v->now)
+		e->end_ns = hw_precise(v->cfg);
 	e->last_ns = v->now;
 	__sync_fetch_and_add(&e->packets[!from_init], 1);
 	__sync_fetch_and_add(&e->bytes[!from_init], p->len);
@@ -359,7 +376,7 @@ static __always_inline void ct_pressure_note(struct env *v)
 static __always_inline void ct_retire(struct env *v, struct hw_ct_entry *e, __u32 *a, __u32 *b, __u16 pa,
 				      __u16 pb, __u8 proto, __u8 family, __u8 cause)
 {
-	if (e->fin_seen & HW_CT_F_END_EMITTED)
+	if (ct_reported(e))
 		return;
 	if (e->report != HW_REP_EVENTS) {
 		__u32 w[4] = {}, x[4] = {};
@@ -387,7 +404,7 @@ static __always_inline void ct_retire(struct env *v, struct hw_ct_entry *e, __u3
 	ev->dport = e->initiator ? pa : pb;
 	ev->family = family;
 	ev->proto = proto;
-	ev->ts_ns = e->last_ns;         /* it ended with its last packet */
+	ev->ts_ns = e->end_ns;          /* it ended with its last packet (precise clock) */
 	ev_flow_totals(ev, e);
 	ev->end_cause = cause;
 	hw_events.ringbuf_submit(ev, 0);
@@ -538,10 +555,12 @@ static __always_inline void ct_open(struct env *v, struct pkt *p, __u32 slot, __
 	if (!e)
 		return;
 	__u8 state = confirmed ? HW_CT_ESTABLISHED : p->proto == IPPROTO_TCP ? HW_CT_SYN_SENT : HW_CT_NEW;
+	__u64 t = hw_precise(v->cfg);   /* the flow's first packet: start of its records */
 	struct hw_event *ev = 0;
 	e->report = report_start(v, v->dir == HW_DIR_INGRESS ? p->saddr : p->daddr, p->family, p->dport, p->proto,
 				 v->dir, confirmed, &ev);
-	e->created_ns = v->now;
+	e->created_ns = t;
+	e->end_ns = t;
 	e->last_ns = v->now;
 	e->packets[0] = 1;
 	e->packets[1] = 0;
@@ -554,10 +573,12 @@ static __always_inline void ct_open(struct env *v, struct pkt *p, __u32 slot, __
 	e->initiator = initiator;
 	e->origin = v->dir;
 	e->fin_seen = 0;
+	e->reported = 0;
 	__sync_lock_test_and_set(&e->slot_state, HW_SLOT_LIVE);        /* publish: the entry is whole */
 	if (ev) {
 		ev_packet(ev, p);
-		ev->start_ns = v->now;
+		ev->ts_ns = t;
+		ev->start_ns = t;
 		ev->rule_slot = slot;
 		ev->revision_id = rev;
 		ev->ct_state = state;

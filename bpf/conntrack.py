@@ -42,6 +42,19 @@ class CtTable(SlotTable):
         e["slot_state"][idx[ok]] = FREE     # one aligned 8-byte store per slot
         return ok
 
+    def mark_reported_if_unchanged(self, idx: np.ndarray, seen: np.ndarray) -> np.ndarray:
+        """Set `reported` on the slots at idx whose entry is still the one of `seen` (same created_ns)
+        and saw no packet since (same packet counts); mask of those marked. The datapath then reports
+        the connection's end no more (bpf/conntrack.h ct_reported) and resets the byte when the slot is
+        reused. A packet or a reuse between this check and the one-byte store is the race `free_if_unchanged`
+        states: a few µs per slot."""
+        e = self.slots["e"]
+        cur = e[idx]
+        ok = (cur["slot_state"] == LIVE) & (cur["created_ns"] == seen["created_ns"]) & \
+             (cur["packets"] == seen["packets"]).all(axis=1)
+        e["reported"][idx[ok]] = 1          # one byte store per slot; the datapath writes it only at reuse
+        return ok
+
 
 def tables(map_fds: dict[str, int]) -> list[CtTable]:
     return [CtTable(map_fds[MAPS[f]], f) for f in (4, 6)]

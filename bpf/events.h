@@ -70,7 +70,7 @@ static __always_inline struct hw_event *ev_alloc(struct env *v, __u32 type)
 		return 0;
 	__builtin_memset(e, 0, sizeof(*e));
 	e->type = type;
-	e->ts_ns = bpf_ktime_get_ns();
+	e->ts_ns = hw_precise(v->cfg);
 	e->start_ns = e->ts_ns;
 	e->hook = v->hook;
 	e->direction = v->dir;

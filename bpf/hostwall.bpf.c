@@ -2,13 +2,18 @@
  *
  * hostwall datapath: XDP ingress, TC ingress and TC egress, compiled and loaded by BCC.
  *
- *   parse → conntrack (normalised key, one lookup) → [ICMP error → related lookup]
+ *   parse → later fragment? follow its first fragment (frag.h)
+ *         → conntrack (normalised key, one lookup) → essential ICMP [ICMP error → related lookup]
  *         → policy: peer class ∧ L4 class bit-vector AND, lowest set bit = first match
- *         → hw_exit(): the one counted exit of every program
+ *         → a first fragment that passed leaves a fragment-table entry
+ *         → count(): the one counted exit of every program (verdict.h)
  *
  * XDP judges ingress and leaves a struct hw_meta in front of packets it passes; TC ingress judges
  * only packets that carry no such mark (XDP not attached), so no packet is judged twice or by two
  * policy generations. TC egress judges egress and stamps the sender's cgroup into new connections.
+ * Every program parses into per-CPU memory (hw_pkt_scratch for XDP, hw_tc_pkt for TC), which also
+ * hands the packet over through tail calls: xdp_ingress → xdp_judge, and on TC every fragment →
+ * tc_frag_ingress / tc_frag_egress (docs/datapath.md).
  */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/if_ether.h>
@@ -34,6 +39,8 @@
 #include "report.h"
 #include "conntrack.h"
 #include "verdict.h"
+#include "frag.h"
+#include "essential.h"
 #include "dos.h"
 #include "syncookie.h"
 
@@ -41,14 +48,15 @@
 BPF_PROG_ARRAY(hw_jump, 1);                            /* [0] = xdp_judge */
 
 /* ---- the judgement shared by all hooks ------------------------------------------------------ */
-static __always_inline void judge(struct env *v, struct pkt *p, struct judgement *j)
+/* An unfragmented packet or a first fragment: conntrack, essential ICMP, then the policy. */
+static __always_inline void judge_first(struct env *v, struct pkt *p, struct judgement *j)
 {
 	struct ctref r = {};
 	int ct_invalid = 0;
 
 	if (p->ct_hint) {
 		ct_invalid = p->ct_hint == CT_HINT_INVALID;     /* xdp_ingress already looked */
-	} else if (p->trackable && !p->frag &&
+	} else if (p->trackable &&
 		   ct_find(v, p, p->saddr, p->daddr, p->sport, p->dport, p->proto, &r)) {
 		if (ct_advance(v, p, &r, 0)) {
 			j->verdict = HW_V_ALLOW;
@@ -57,13 +65,12 @@ static __always_inline void judge(struct env *v, struct pkt *p, struct judgement
 		}
 		ct_invalid = 1;
 	}
+	/* an ICMP error about a tracked connection: looked up here, next to the lookup above (its stack
+	 * is reused), and passed below only with essential ICMP on */
+	int related = 0;
 	if (p->related) {
 		struct ctref ir = {};
-		if (ct_find(v, p, p->in_saddr, p->in_daddr, p->in_sport, p->in_dport, p->in_proto, &ir)) {
-			j->verdict = HW_V_ALLOW;
-			j->reason = HW_R_PASS_RELATED;
-			return;
-		}
+		related = ct_find(v, p, p->in_saddr, p->in_daddr, p->in_sport, p->in_dport, p->in_proto, &ir);
 	}
 
 	__u32 gen = v->gen;
@@ -71,6 +78,17 @@ static __always_inline void judge(struct env *v, struct pkt *p, struct judgement
 	if (!h)
 		goto fail_closed;
 	j->revision_id = h->revision_id;
+
+	/* essential ICMP, before any rule (docs/policy.md "Essential ICMP") */
+	if (p->pidx >= HW_P_ICMP && p->pidx <= HW_P_ICMPV6 && h->essential_icmp) {
+		__u32 why = related ? HW_R_PASS_RELATED : essential_icmp(p) ? HW_R_PASS_ESSENTIAL : 0;
+		if (why) {
+			j->verdict = HW_V_ALLOW;
+			j->reason = why;
+			j->slot = h->essential_slot;
+			return;
+		}
+	}
 
 	__u32 pcls = 0, lcls = 0;
 	int m = -1;
@@ -101,7 +119,7 @@ static __always_inline void judge(struct env *v, struct pkt *p, struct judgement
 		return;
 	}
 	j->verdict = HW_V_ALLOW;
-	if (h->stateful && p->opens && !p->frag) {
+	if (h->stateful && p->opens) {
 		if (p->syn_proxy == SP_ANSWER)
 			j->answer = 1;          /* xdp_judge answers it with a cookie: no state */
 		else
@@ -112,6 +130,30 @@ static __always_inline void judge(struct env *v, struct pkt *p, struct judgement
 fail_closed:            /* unreachable with loaded maps; counted, never silent */
 	j->verdict = HW_V_DROP;
 	j->reason = HW_R_MALFORMED;
+}
+
+/* A later fragment carries no L4 header: it follows its first fragment (docs/datapath.md "Fragments"). */
+static __always_inline void judge_later_fragment(struct env *v, struct pkt *p, struct judgement *j)
+{
+	__u32 gen = v->gen;
+	struct hw_policy_hdr *h = hw_policy.lookup(&gen);
+	j->revision_id = h ? h->revision_id : 0;
+	if (frag_follow(v, p)) {
+		j->verdict = HW_V_ALLOW;
+		j->reason = HW_R_PASS_FRAGMENT;
+		return;
+	}
+	j->verdict = h && h->audit ? HW_V_WOULD_DROP : HW_V_DROP;
+	j->reason = HW_R_FRAGMENT_UNMATCHED;
+}
+
+static __always_inline void judge(struct env *v, struct pkt *p, struct judgement *j)
+{
+	if (p->frag) {
+		judge_later_fragment(v, p, j);
+		return;
+	}
+	judge_first(v, p, j);
 }
 
 static __always_inline void judge_parsed(struct env *v, struct pkt *p, int rc, struct judgement *j)
@@ -130,7 +172,7 @@ static __always_inline void judge_parsed(struct env *v, struct pkt *p, int rc, s
 		p->pidx = HW_P_OTHER;   /* no trustworthy port: aggregate and count without one */
 		return;
 	}
-	judge(v, p, j);
+	judge_first(v, p, j);           /* TC hands fragments to tc_frag_* before this */
 }
 
 /* ---- programs ------------------------------------------------------------------------------- */
@@ -220,23 +262,30 @@ int xdp_judge(struct xdp_md *ctx)
 	if (p->syn_proxy != SP_NONE && j.verdict == HW_V_ALLOW && j.reason != HW_R_PASS_CONNTRACK &&
 	    j.reason != HW_R_PASS_RELATED)
 		syn_proxy_judged(ctx, &v, p, &j);
-	return xdp_exit(ctx, &v, p, &j);
+	int ret = xdp_exit(ctx, &v, p, &j);
+	frag_note(&v, p, &j);           /* a first fragment that passed: its later fragments follow */
+	return ret;
 }
 
 int xdp_ingress(struct xdp_md *ctx)
 {
-	struct pkt p = {};
 	struct judgement j = {};
 	struct env v = {};
-	if (env_init(&v, HW_HOOK_XDP_INGRESS, HW_DIR_INGRESS, 0))
-		return XDP_PASS;        /* unreachable: hw_config is an array */
-	int rc = parse_pkt(&p, (void *)(long)ctx->data, (void *)(long)ctx->data_end);
-	p.ifindex = ctx->ingress_ifindex;
+	__u32 zero = 0;
+	/* parsed straight into the per-CPU handover to xdp_judge: no copy before the tail call, less stack,
+	 * and fields the verifier reads back as unknown values (docs/datapath.md "Speed") */
+	struct pkt *p = hw_pkt_scratch.lookup(&zero);
+	if (!p || env_init(&v, HW_HOOK_XDP_INGRESS, HW_DIR_INGRESS, 0))
+		return XDP_PASS;        /* unreachable: array maps */
+	__builtin_memset(p, 0, sizeof(*p));
+	int rc = parse_pkt(p, (void *)(long)ctx->data, (void *)(long)ctx->data_end,
+			   (__u32)(ctx->data_end - ctx->data));
+	p->ifindex = ctx->ingress_ifindex;
 	if (rc != PARSE_OK) {
-		judge_parsed(&v, &p, rc, &j);
-		return xdp_exit(ctx, &v, &p, &j);
+		judge_parsed(&v, p, rc, &j);
+		return xdp_exit(ctx, &v, p, &j);
 	}
-	__u32 dos = dos_check(&v, &p);
+	__u32 dos = dos_check(&v, p);
 	if (dos) {
 		__u32 g = v.gen;
 		struct hw_policy_hdr *h = hw_policy.lookup(&g);
@@ -244,37 +293,33 @@ int xdp_ingress(struct xdp_md *ctx)
 		j.reason = dos;
 		j.slot = ~0U;
 		j.revision_id = h ? h->revision_id : 0;
-		return xdp_exit(ctx, &v, &p, &j);
+		return xdp_exit(ctx, &v, p, &j);
 	}
-	/* fast path: a packet of a tracked connection leaves here, without the tail call */
-	if (p.trackable && !p.frag) {
+	/* fast path: a packet of a tracked connection leaves here, without the tail call (a first
+	 * fragment takes the tail call: xdp_judge notes its datagram for the later fragments) */
+	if (p->trackable && !FIRST_FRAGMENT(p)) {
 		struct ctref r = {};
-		if (ct_find(&v, &p, p.saddr, p.daddr, p.sport, p.dport, p.proto, &r)) {
-			int adv = ct_advance(&v, &p, &r, 1);
+		if (ct_find(&v, p, p->saddr, p->daddr, p->sport, p->dport, p->proto, &r)) {
+			int adv = ct_advance(&v, p, &r, 1);
 			if (adv > 0) {
 				j.verdict = HW_V_ALLOW;
 				j.reason = HW_R_PASS_CONNTRACK;
 				j.slot = ~0U;
-				return xdp_exit(ctx, &v, &p, &j);
+				return xdp_exit(ctx, &v, p, &j);
 			}
 			/* invalid continuation, or one to report: xdp_judge looks again (ct_hint 0) */
-			p.ct_hint = adv == 0 ? CT_HINT_INVALID : 0;
+			p->ct_hint = adv == 0 ? CT_HINT_INVALID : 0;
 		} else {
-			p.ct_hint = CT_HINT_MISS;
+			p->ct_hint = CT_HINT_MISS;
 		}
 	}
-	p.now = v.now;
-	__u32 zero = 0;
-	struct pkt *sp = hw_pkt_scratch.lookup(&zero);
-	if (sp) {
-		__builtin_memcpy(sp, &p, sizeof(p));
-		hw_jump.call(ctx, 0);
-	}
+	p->now = v.now;
+	hw_jump.call(ctx, 0);
 	/* no judge program to jump to: TC ingress judges it instead (counted) */
 	j.verdict = HW_V_ALLOW;
 	j.reason = HW_R_PASS_DEFERRED;
 	j.slot = ~0U;
-	return xdp_exit(ctx, &v, &p, &j);
+	return xdp_exit(ctx, &v, p, &j);
 }
 
 /* Clock calibration (test-run only, never attached): writes jiffies, the coarse and the precise
@@ -297,45 +342,106 @@ static __always_inline int tc_parse(struct __sk_buff *skb, struct pkt *p)
 	__u32 want = skb->len < HW_PULL_LEN ? skb->len : HW_PULL_LEN;
 	if (skb->data_end - skb->data < want)
 		bpf_skb_pull_data(skb, want);
-	int rc = parse_pkt(p, (void *)(long)skb->data, (void *)(long)skb->data_end);
-	p->len = skb->len;
+	int rc = parse_pkt(p, (void *)(long)skb->data, (void *)(long)skb->data_end, skb->len);
 	p->ifindex = skb->ifindex;
 	return rc;
 }
 
-int tc_ingress(struct __sk_buff *skb)
+/* The TC programs parse into per-CPU memory, not onto the stack: it keeps their stacks small, and read
+ * back from memory the packet's fields are unknown values to the verifier, so it walks far fewer
+ * distinct paths (as in xdp_judge; docs/datapath.md "Speed"). Valid within one packet:
+ * TC runs with bottom halves off, so nothing else on this CPU writes it meanwhile; tc_frag_* reads it
+ * after the tail call. */
+BPF_PERCPU_ARRAY(hw_tc_pkt, struct pkt, 1);
+
+static __always_inline struct pkt *tc_pkt(void)
 {
-	struct pkt p = {};
+	__u32 zero = 0;
+	struct pkt *p = hw_tc_pkt.lookup(&zero);
+	if (p)
+		__builtin_memset(p, 0, sizeof(*p));
+	return p;
+}
+
+/* A fragment on a TC hook: judged by tc_frag_ingress / tc_frag_egress, a tail call that does not
+ * return (frag.h "where fragments are judged"). If that tail call fails (no program in hw_jump_tc:
+ * unreachable once loaded) the caller drops and counts it: fail closed, never silent. */
+static __always_inline void tc_divert(struct __sk_buff *skb, __u32 which, struct judgement *j)
+{
+	hw_jump_tc.call(skb, which);
+	j->verdict = HW_V_DROP;
+	j->reason = HW_R_MALFORMED;
+	j->slot = ~0U;
+}
+
+/* Tail-called by tc_ingress / tc_egress for every fragment (frag.h frag_divert): the judgement of a
+ * fragment on a TC hook (docs/datapath.md "Fragments"), its count, and for a first fragment that
+ * passed, its note. One program per hook, so that hook and direction are constants. Never attached. */
+static __always_inline int tc_frag(struct __sk_buff *skb, __u32 hook, __u32 dir)
+{
+	__u32 zero = 0;
 	struct judgement j = {};
 	struct env v = {};
-	if (env_init(&v, HW_HOOK_TC_INGRESS, HW_DIR_INGRESS, 0))
-		return TC_ACT_OK;
+	struct pkt *p = hw_tc_pkt.lookup(&zero);        /* parsed by the caller (see hw_tc_pkt) */
+	if (!p || env_init(&v, hook, dir, dir == HW_DIR_EGRESS ? bpf_skb_cgroup_id(skb) : 0))
+		return TC_ACT_SHOT;     /* unreachable: array maps */
+	j.slot = ~0U;
+	judge(&v, p, &j);
+	count(&v, p, &j);
+	frag_note(&v, p, &j);
+	return j.verdict == HW_V_DROP ? TC_ACT_SHOT : TC_ACT_OK;
+}
+
+int tc_frag_ingress(struct __sk_buff *skb)
+{
+	return tc_frag(skb, HW_HOOK_TC_INGRESS, HW_DIR_INGRESS);
+}
+
+int tc_frag_egress(struct __sk_buff *skb)
+{
+	return tc_frag(skb, HW_HOOK_TC_EGRESS, HW_DIR_EGRESS);
+}
+
+int tc_ingress(struct __sk_buff *skb)
+{
+	struct judgement j = {};
+	struct env v = {};
+	struct pkt *p = tc_pkt();
+	if (!p || env_init(&v, HW_HOOK_TC_INGRESS, HW_DIR_INGRESS, 0))
+		return TC_ACT_OK;       /* unreachable: array maps */
 	struct hw_meta *meta = (void *)(long)skb->data_meta;
 	int marked = (void *)(meta + 1) <= (void *)(long)skb->data && meta->magic == HW_META_MAGIC;
 	if (v.cfg->xdp_ingress && !marked) {    /* XDP judged it (only deferred packets are marked) */
 		j.verdict = HW_V_ALLOW;
 		j.reason = HW_R_PASS_JUDGED;
 		j.slot = ~0U;
-		p.len = skb->len;           /* counted in aggregate only: XDP counted the details */
-		p.pidx = HW_P_OTHER;
-		count(&v, &p, &j);
+		/* counted in aggregate only (XDP counted the details): the frame less an Ethernet header */
+		p->len = skb->len > ETH_HLEN ? skb->len - ETH_HLEN : 0;
+		p->pidx = HW_P_OTHER;
+		count(&v, p, &j);
 		return TC_ACT_OK;
 	}
-	int rc = tc_parse(skb, &p);
-	judge_parsed(&v, &p, rc, &j);
-	count(&v, &p, &j);
+	int rc = tc_parse(skb, p);
+	if (rc == PARSE_OK && (p->frag || FIRST_FRAGMENT(p)))
+		tc_divert(skb, FRAG_JUMP_INGRESS, &j);     /* returns only if the tail call failed */
+	else
+		judge_parsed(&v, p, rc, &j);
+	count(&v, p, &j);
 	return j.verdict == HW_V_DROP ? TC_ACT_SHOT : TC_ACT_OK;
 }
 
 int tc_egress(struct __sk_buff *skb)
 {
-	struct pkt p = {};
 	struct judgement j = {};
 	struct env v = {};
-	if (env_init(&v, HW_HOOK_TC_EGRESS, HW_DIR_EGRESS, bpf_skb_cgroup_id(skb)))
-		return TC_ACT_OK;
-	int rc = tc_parse(skb, &p);
-	judge_parsed(&v, &p, rc, &j);
-	count(&v, &p, &j);
+	struct pkt *p = tc_pkt();
+	if (!p || env_init(&v, HW_HOOK_TC_EGRESS, HW_DIR_EGRESS, bpf_skb_cgroup_id(skb)))
+		return TC_ACT_OK;       /* unreachable: array maps */
+	int rc = tc_parse(skb, p);
+	if (rc == PARSE_OK && (p->frag || FIRST_FRAGMENT(p)))
+		tc_divert(skb, FRAG_JUMP_EGRESS, &j);     /* returns only if the tail call failed */
+	else
+		judge_parsed(&v, p, rc, &j);
+	count(&v, p, &j);
 	return j.verdict == HW_V_DROP ? TC_ACT_SHOT : TC_ACT_OK;
 }

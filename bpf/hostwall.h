@@ -34,6 +34,7 @@
 #define HW_META_MAGIC         0x68770a11 /* XDP → TC metadata marker: "already judged" */
 #define HW_RINGBUF_BYTES      (8 << 20) /* event ring buffer (power of two, multiple of the page size) */
 #define HW_DROP_AGG_MAX       65536     /* drop aggregation keys per generation (per-CPU hash) */
+#define HW_DROP_SRC_SLOTS     4096      /* individual dropped peers per CPU per generation (top talkers) */
 #define HW_EVENT_BUDGET       20000     /* default events/s into the ring buffer (hw_config.event_budget) */
 #define HW_EV_TYPES           8
 #define HW_DOS_PROFILES_MAX   16        /* DoS profiles per generation */
@@ -66,6 +67,11 @@
 #define HW_CT_TO_UDP_REPLIED  180
 #define HW_CT_TO_ICMP         30
 
+/* fragment table (docs/datapath.md "Fragments"): later fragments follow their first fragment */
+#define HW_FRAG_MAX           16384     /* fragment table slots per family */
+#define HW_FRAG_WAYS          4         /* slots per bucket */
+#define HW_FRAG_TIMEOUT_NS    10000000000ULL  /* an entry serves later fragments for 10 s after the first */
+
 /* ---- enums ---------------------------------------------------------------------------------- */
 enum hw_hook { HW_HOOK_XDP_INGRESS = 0, HW_HOOK_TC_INGRESS = 1, HW_HOOK_TC_EGRESS = 2, HW_HOOKS = 3 };
 
@@ -73,7 +79,7 @@ enum hw_dir { HW_DIR_INGRESS = 0, HW_DIR_EGRESS = 1 };
 
 enum hw_verdict { HW_V_ALLOW = 0, HW_V_DROP = 1, HW_V_WOULD_DROP = 2, HW_VERDICTS = 3 };
 
-/* Why a packet got its verdict. 1..15 are the drop reasons (docs/policy.md); 16.. say why it passed. */
+/* Why a packet got its verdict. 1..15 are drop reasons (docs/records.md); 16.. say why it passed. */
 enum hw_reason {
 	HW_R_NONE = 0,
 	HW_R_POLICY_DENY = 1,
@@ -86,6 +92,7 @@ enum hw_reason {
 	HW_R_BANNED = 8,
 	HW_R_MALFORMED = 9,
 	HW_R_CONNTRACK_INVALID = 10,
+	HW_R_FRAGMENT_UNMATCHED = 11, /* later fragment whose first fragment was denied, never seen or expired */
 	HW_R_SYN_COOKIE_INVALID = 12, /* an untracked ACK to a port the SYN proxy covers, without a valid cookie */
 	HW_R_PASS_RULE = 16,       /* allow/log rule matched */
 	HW_R_PASS_DEFAULT = 17,    /* no rule matched, default allow */
@@ -94,7 +101,9 @@ enum hw_reason {
 	HW_R_PASS_NOT_IP = 20,     /* ARP and other non-IP frames are not judged */
 	HW_R_PASS_JUDGED = 21,     /* TC ingress: XDP already judged this packet */
 	HW_R_PASS_DEFERRED = 22,   /* XDP could not reach its judge program: TC ingress judges instead */
-	HW_R_PASS_SYN_COOKIE = 24, /* an allowed SYN answered from XDP with a cookie SYN-ACK (no state kept) */
+	HW_R_PASS_ESSENTIAL = 23,  /* essential ICMP (neighbour/router discovery, MLD, path-MTU errors) */
+	HW_R_PASS_FRAGMENT = 24,   /* later fragment of a datagram whose first fragment passed */
+	HW_R_PASS_SYN_COOKIE = 25, /* an allowed SYN answered from XDP with a cookie SYN-ACK (no state kept) */
 	HW_REASONS = 32,
 };
 
@@ -160,7 +169,11 @@ struct hw_policy_hdr {              /* hw_policy_map[gen] */
 	__u8  default_egress;
 	__u8  stateful;
 	__u8  audit;
-	__u32 ct_unconfirmed_s;     /* idle timeout of unconfirmed conntrack entries, s; 0: HW_CT_TO_UNCONFIRMED */
+	__u8  essential_icmp;       /* 1: essential ICMP passes before any rule (docs/policy.md) */
+	__u8  pad[3];
+	__u32 essential_slot;       /* counter slot of the pseudo-rule essential_icmp; ~0: none */
+	__u32 ct_unconfirmed_s;     /* idle timeout of unconfirmed conntrack entries, s; 0: HW_CT_TO_UNCONFIRMED
+	                             * (24 bytes: a multiple of 8, the array's value stride) */
 };
 
 struct hw_rule {                    /* hw_rule_map[gen * HW_MAX_RULES + order] */
@@ -406,10 +419,13 @@ struct hw_ct6_key {
 };
 
 struct hw_ct_entry {
-	__u64 created_ns;           /* the datapath clock (hw_now) */
-	__u64 last_ns;
+	__u64 created_ns;           /* first packet, on the precise clock (hw_precise): the flow's start */
+	__u64 last_ns;              /* latest packet on the datapath clock (hw_now, tick resolution): ages the entry */
+	__u64 end_ns;               /* latest packet on the precise clock, read only where it is cheap enough:
+	                             * every TCP packet from the first FIN or RST on, and the first packet of
+	                             * each tick otherwise (docs/datapath.md "Clock"): the flow's end */
 	__u64 packets[2];           /* [0] from initiator, [1] from responder */
-	__u64 bytes[2];
+	__u64 bytes[2];             /* IP-layer bytes (header + payload), as packets[] */
 	__u64 cgroup_id;            /* egress-opened connections: the sender's cgroup */
 	__u32 rule_slot;            /* rule that allowed the first packet, or ~0 for a default */
 	__u32 revision_id;          /* policy revision that allowed it */
@@ -417,7 +433,10 @@ struct hw_ct_entry {
 	__u8  initiator;            /* 0: side a opened, 1: side b opened */
 	__u8  origin;               /* enum hw_dir of the opening packet */
 	__u8  fin_seen;             /* bit 0: initiator FIN, bit 1: responder FIN, HW_CT_F_END_EMITTED */
-	__u32 report;               /* enum hw_ct_report */
+	__u8  reported;             /* written by the collector only (one byte store): it reported this closed
+	                             * connection's end after the close grace period; reset when the slot is reused */
+	__u8  report;               /* enum hw_ct_report */
+	__u8  pad[2];
 	__u64 slot_state;           /* enum hw_ct_slot_state (64 bits: BPF's cmpxchg/xchg here need them) */
 };
 
@@ -431,15 +450,62 @@ struct hw_ct6_slot {                /* hw_ct6[bucket * HW_CT_WAYS + way] */
 	struct hw_ct6_key k;
 };
 
+/* ---- fragment table (shared by all hooks and CPUs; docs/datapath.md "Fragments") ------------ *
+ * A first fragment that passes (by a rule, a default or a tracked connection) leaves an entry keyed by
+ * its addresses, protocol, direction and IP ID (IPv6: fragment identification); a later fragment passes
+ * only if it finds a live entry younger than HW_FRAG_TIMEOUT_NS. Set-associative like conntrack: one
+ * of HW_FRAG_WAYS consecutive slots of the bucket the key's seeded hash names; a new entry takes its
+ * own old slot, a free one, an expired one, or evicts the oldest (counted). */
+enum hw_frag_stat { HW_FS_INSERTED = 0, HW_FS_EVICTED = 1, HW_FS_CLAIM_LOST = 2, HW_FS_FOLLOWED = 3,
+                    HW_FS_UNMATCHED = 4, HW_FRAG_STATS = 5 };   /* hw_frag_stats[v6 * HW_FRAG_STATS + stat] */
+
+struct hw_frag4_key {
+	__u32 saddr;                /* network order */
+	__u32 daddr;
+	__u32 id;                   /* the 16-bit IPv4 identification as on the wire, in the first two bytes */
+	__u8  proto;
+	__u8  dir;                  /* enum hw_dir */
+	__u8  pad[2];
+};
+
+struct hw_frag6_key {
+	__u32 saddr[4];
+	__u32 daddr[4];
+	__u32 id;                   /* fragment header identification, network order */
+	__u8  proto;                /* the upper-layer protocol of the first fragment */
+	__u8  dir;
+	__u8  pad[2];
+};
+
+struct hw_frag_entry {
+	__u64 created_ns;           /* the first fragment passed (datapath clock) */
+	__u32 rule_slot;            /* rule that allowed the first fragment, ~0 for a default or a connection */
+	__u32 revision_id;
+	__u8  reason;               /* enum hw_reason of the first fragment's pass */
+	__u8  pad[7];
+	__u64 slot_state;           /* enum hw_ct_slot_state */
+};
+
+struct hw_frag4_slot {              /* hw_frag4[bucket * HW_FRAG_WAYS + way] */
+	struct hw_frag_entry e;
+	struct hw_frag4_key k;
+};
+
+struct hw_frag6_slot {              /* hw_frag6[bucket * HW_FRAG_WAYS + way] */
+	struct hw_frag_entry e;
+	struct hw_frag6_key k;
+};
+
 /* ---- events (ring buffer) -------------------------------------------------------------------- *
  * Fixed size, so the collector decodes a batch as one NumPy structured view. Timestamps are
- * CLOCK_MONOTONIC ns: ts_ns from bpf_ktime_get_ns, except for flow ends, whose ts_ns (the last
- * packet) and start_ns are both on the datapath's clock (hw_now); the collector converts to wall time. */
+ * CLOCK_MONOTONIC ns on the precise clock (hw_precise: bpf_ktime_get_ns), never the datapath's tick
+ * clock; the collector converts them to wall time. */
 struct hw_event {
-	__u64 ts_ns;
-	__u64 start_ns;             /* FLOW_END: when the connection was opened; else = ts_ns */
+	__u64 ts_ns;                /* the packet that made the event; FLOW_END: the flow's last packet
+	                             * (hw_ct_entry.end_ns); FLOW_START: = start_ns */
+	__u64 start_ns;             /* FLOW_START / FLOW_END: the connection's first packet (created_ns); else = ts_ns */
 	__u64 packets[2];           /* FLOW_END: [0] from initiator, [1] from responder; else [0] = 1 */
-	__u64 bytes[2];
+	__u64 bytes[2];             /* IP-layer bytes, as packets[] */
 	__u64 cgroup_id;            /* egress-opened connections / egress packets: the sender's cgroup */
 	__u32 saddr[4];             /* network order; flows: the initiator */
 	__u32 daddr[4];
@@ -537,6 +603,20 @@ struct hw_share_slot {
 	__u64 tokens_milli;         /* thousandths of an event */
 	__u64 last_ns;
 	__u64 slot_state;           /* enum hw_ct_slot_state */
+};
+
+/* The individual peers behind the drop summaries (top talkers), per interval: a per-CPU array,
+ * hw_drop_srcs[agg_gen * HW_DROP_SRC_SLOTS + slot], direct-mapped by a seeded hash of the key. A slot
+ * counts the first key of the interval that hashed to it; another key that hashes there is not
+ * counted here (its packets are in hw_drops all the same), so a listed peer's counts are exact unless
+ * it lost its slot on some CPU (then a lower bound). Drained with hw_drops (same flip and grace
+ * period): the collector reads and zeroes the old generation's slots. */
+struct hw_drop_src {
+	struct hw_drop_key k;       /* the drop-aggregation key (prefix_len = the aggregation prefix), but
+	                             * with the peer's full address in src */
+	__u32 pad;                  /* zero: the first 32 bytes are hashed and compared as 64-bit words */
+	__u64 packets;              /* 0 = empty slot */
+	__u64 bytes;                /* IP-layer */
 };
 
 /* XDP → TC ingress: written in front of the packet when XDP passes it. */

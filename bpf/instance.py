@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import bpfsys, conntrack, dos_sources
+from . import bpfsys, conntrack, dos_sources, frag
 from . import layout as L
 from .names import ALL_MAPS, POLICY_MAPS, PROGRAMS
 
@@ -49,6 +49,15 @@ class Instance:
         progs = {n: bpfsys.obj_get(str(d / "progs" / n)) for n in PROGRAMS}
         maps = {n: bpfsys.obj_get(str(d / "maps" / n)) for n in ALL_MAPS}
         return cls(progs, maps)
+
+    @classmethod
+    def open_maps(cls, pin_dir: str | os.PathLike, names: tuple[str, ...]) -> Instance | None:
+        """Only the named maps of a pinned instance, or None if one is missing: what an instance of
+        another build (with other maps and programs) still shares with this one, e.g. conntrack."""
+        d = Path(pin_dir) / "maps"
+        if not all((d / n).exists() for n in names):
+            return None
+        return cls({}, {n: bpfsys.obj_get(str(d / n)) for n in names})
 
     @staticmethod
     def is_pinned(pin_dir: str | os.PathLike) -> bool:
@@ -172,13 +181,20 @@ class Instance:
         pk = self._percpu_array("hw_ct_stats", "hw_counter", 2 * n)["packets"]
         return {fam: {name: int(pk[j * n + i]) for i, name in L.CT_STAT_NAMES.items()} for j, fam in enumerate((4, 6))}
 
+    def frag_stats(self) -> dict[int, dict[str, int]]:
+        """Per family: fragment-table inserts (passed first fragments) and what they evicted, claims lost,
+        later fragments that followed their first fragment and those that found none (hw_frag_stats)."""
+        n = L.C["HW_FRAG_STATS"]
+        pk = self._percpu_array(frag.STATS_MAP, "hw_counter", 2 * n)["packets"]
+        return {fam: {name: int(pk[j * n + i]) for i, name in L.FRAG_STAT_NAMES.items()} for j, fam in enumerate((4, 6))}
+
     # hash map -> (key dtype, value dtype, per-CPU); the conntrack and DoS source tables are counted in place
     PRESSURE_MAPS = {"hw_dos_banned": ("hw_dos_key", "hw_dos_ban", False),
                      "hw_drops0": ("hw_drop_key", "hw_drop_val", True), "hw_drops1": ("hw_drop_key", "hw_drop_val", True)}
 
     def map_pressure(self) -> dict[str, dict]:
-        """Fill of the conntrack and DoS source tables and the hash maps (entries / capacity, %). The
-        tables are read in place (mmap) and evict when a bucket is full (counted: evicted); the hash
+        """Fill of the conntrack, fragment and DoS source tables and the hash maps (entries / capacity, %).
+        The tables are read in place (mmap) and evict when a bucket is full (counted: evicted); the hash
         maps are counted in batches, O(entries / 8192) syscalls, and refuse new keys when full (counted
         where the datapath uses them)."""
         out = {}
@@ -192,6 +208,12 @@ class Instance:
                 n, L.CT_MAX, evicted=c["evicted_unconfirmed"] + c["evicted_established"],
                 evicted_unconfirmed=c["evicted_unconfirmed"], evicted_established=c["evicted_established"],
                 claim_lost=c["claim_lost"])
+        # fragment tables: entries still serving later fragments; a full bucket evicts the oldest (counted)
+        fs = self.frag_stats()
+        test_now = int(self.config()["test_now_ns"])
+        for fam, n in frag.live_count(self.map_fds, test_now or None).items():
+            out[frag.MAPS[fam]] = pressure_row(n, frag.SLOTS, evicted=fs[fam]["evicted"],
+                                               claim_lost=fs[fam]["claim_lost"])
         with dos_sources.table(self.map_fds[dos_sources.MAP]) as t:
             n = len(t.live())
         ds = self.dos_src_stats()
@@ -204,7 +226,9 @@ class Instance:
         return out
 
     def clear_conntrack(self) -> None:
-        """Forget every tracked connection (tests, benchmarks); no flow ends are reported."""
+        """Forget every tracked connection and every noted fragmented datagram (tests, benchmarks);
+        no flow ends are reported."""
         for t in conntrack.tables(self.map_fds):
             with t:
                 t.clear()
+        frag.clear(self.map_fds)

@@ -103,6 +103,11 @@ SYN_PROXY_MODES = {"off": C["HW_PROXY_OFF"], "on": C["HW_PROXY_ON"], "auto": C["
 SYN_STAT_NAMES = {C[k]: k[len("HW_SS_"):].lower() for k in _enum_members(HEADER.read_text(), "hw_syn_stat")
                   if k != "HW_SS_STATS"}
 UNCONFIRMED_STATES = frozenset({C["HW_CT_NEW"], C["HW_CT_SYN_SENT"], C["HW_CT_SYN_RECV"]})
+FRAG_MAX = C["HW_FRAG_MAX"]
+FRAG_WAYS = C["HW_FRAG_WAYS"]
+FRAG_STAT_NAMES = {C[k]: k[len("HW_FS_"):].lower() for k in _enum_members(HEADER.read_text(), "hw_frag_stat")
+                   if k.startswith("HW_FS_")}
+NO_SLOT = 0xFFFFFFFF      # a rule_slot / essential_slot that names no counter slot (~0 in the C)
 
 u8, u16, u32, u64 = np.uint8, np.uint16, np.uint32, np.uint64
 
@@ -113,7 +118,8 @@ DTYPES: dict[str, np.dtype] = {
     "hw_collect": np.dtype([("agg_gen", u32), ("event_budget", u32), ("agg_prefix_v4", u8), ("agg_prefix_v6", u8),
                             ("pad", u16), ("source_share", u32)]),
     "hw_policy_hdr": np.dtype([("revision_id", u32), ("nrules", u32), ("default_ingress", u8),
-                               ("default_egress", u8), ("stateful", u8), ("audit", u8), ("ct_unconfirmed_s", u32)]),
+                               ("default_egress", u8), ("stateful", u8), ("audit", u8), ("essential_icmp", u8),
+                               ("pad", u8, 3), ("essential_slot", u32), ("ct_unconfirmed_s", u32)]),
     "hw_rule": np.dtype([("slot", u32), ("action", u8), ("pad", u8, 3)]),
     "hw_class": np.dtype([("summary", u64), ("words", u64, WORDS)]),
     "hw_top": np.dtype([("first", u32), ("last", u32)]),
@@ -152,12 +158,20 @@ DTYPES: dict[str, np.dtype] = {
                             ("proto", u8), ("pad", u8, 3)]),
     "hw_ct6_key": np.dtype([("addr_a", u8, 16), ("addr_b", u8, 16), ("port_a", ">u2"), ("port_b", ">u2"),
                             ("proto", u8), ("pad", u8, 3)]),
-    "hw_ct_entry": np.dtype([("created_ns", u64), ("last_ns", u64), ("packets", u64, 2), ("bytes", u64, 2),
-                             ("cgroup_id", u64), ("rule_slot", u32), ("revision_id", u32), ("state", u8),
-                             ("initiator", u8), ("origin", u8), ("fin_seen", u8), ("report", u32),
-                             ("slot_state", u64)]),
+    "hw_ct_entry": np.dtype([("created_ns", u64), ("last_ns", u64), ("end_ns", u64), ("packets", u64, 2),
+                             ("bytes", u64, 2), ("cgroup_id", u64), ("rule_slot", u32), ("revision_id", u32),
+                             ("state", u8), ("initiator", u8), ("origin", u8), ("fin_seen", u8), ("reported", u8),
+                             ("report", u8), ("pad", u8, 2), ("slot_state", u64)]),
     "hw_ct4_slot": None,   # filled below from the entry and key dtypes
     "hw_ct6_slot": None,
+    "hw_frag4_key": np.dtype([("saddr", u8, 4), ("daddr", u8, 4), ("id", ">u4"), ("proto", u8), ("dir", u8),
+                              ("pad", u8, 2)]),
+    "hw_frag6_key": np.dtype([("saddr", u8, 16), ("daddr", u8, 16), ("id", ">u4"), ("proto", u8), ("dir", u8),
+                              ("pad", u8, 2)]),
+    "hw_frag_entry": np.dtype([("created_ns", u64), ("rule_slot", u32), ("revision_id", u32), ("reason", u8),
+                               ("pad", u8, 7), ("slot_state", u64)]),
+    "hw_frag4_slot": None,
+    "hw_frag6_slot": None,
     "hw_event": np.dtype([("ts_ns", u64), ("start_ns", u64), ("packets", u64, 2), ("bytes", u64, 2),
                           ("cgroup_id", u64), ("saddr", u8, 16), ("daddr", u8, 16), ("sport", ">u2"), ("dport", ">u2"),
                           ("ifindex", u32), ("rule_slot", u32), ("revision_id", u32), ("type", u8), ("family", u8),
@@ -176,11 +190,13 @@ DTYPES: dict[str, np.dtype] = {
     "hw_share_slot": None,  # filled below
     "hw_meta": np.dtype([("magic", u32), ("reason", u32)]),
 }
+DTYPES["hw_drop_src"] = np.dtype([("k", DTYPES["hw_drop_key"]), ("pad", u32), ("packets", u64), ("bytes", u64)])
 DTYPES["hw_dos_slot"] = np.dtype([("s", DTYPES["hw_dos_src"]), ("k", DTYPES["hw_dos_key"]), ("slot_state", u64)])
 DTYPES["hw_share_slot"] = np.dtype([("k", DTYPES["hw_share_key"]), ("tokens_milli", u64), ("last_ns", u64),
                                     ("slot_state", u64)])
-for _fam in (4, 6):     # conntrack table slots: the entry, then the key it belongs to
+for _fam in (4, 6):     # conntrack and fragment table slots: the entry, then the key it belongs to
     DTYPES[f"hw_ct{_fam}_slot"] = np.dtype([("e", DTYPES["hw_ct_entry"]), ("k", DTYPES[f"hw_ct{_fam}_key"])])
+    DTYPES[f"hw_frag{_fam}_slot"] = np.dtype([("e", DTYPES["hw_frag_entry"]), ("k", DTYPES[f"hw_frag{_fam}_key"])])
 
 
 def stats_index(hook: int, verdict: int, reason: int) -> int:

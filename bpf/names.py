@@ -7,7 +7,9 @@ from __future__ import annotations
 
 from . import layout as L
 
-PROGRAMS = {"xdp_judge": "xdp", "xdp_ingress": "xdp", "tc_ingress": "sched_cls", "tc_egress": "sched_cls"}
+PROGRAMS = {"xdp_judge": "xdp", "xdp_ingress": "xdp", "tc_frag_ingress": "sched_cls", "tc_frag_egress": "sched_cls",
+            "tc_ingress": "sched_cls",
+            "tc_egress": "sched_cls"}
 
 # map name -> (value dtype name, entries per generation or None when not double-buffered)
 POLICY_MAPS = {
@@ -24,8 +26,8 @@ POLICY_MAPS = {
     "hw_dos_ifs": ("hw_dos_if", L.C["HW_DOS_IF_SLOTS"]),
 }
 OTHER_MAPS = ("hw_config", "hw_collect", "hw_stats", "hw_rule_stats", "hw_port_stats", "hw_ct4", "hw_ct6", "hw_ct_stats",
-              "hw_events",
-              "hw_ev_stats", "hw_ev_budget", "hw_drops0", "hw_drops1", "hw_drop_overflow", "hw_jump",
+              "hw_frag4", "hw_frag6", "hw_frag_stats", "hw_frag_scratch", "hw_jump_tc", "hw_tc_pkt", "hw_events",
+              "hw_ev_stats", "hw_ev_budget", "hw_drops0", "hw_drops1", "hw_drop_overflow", "hw_drop_srcs", "hw_jump",
               "hw_pkt_scratch", "hw_dos_src", "hw_dos_banned", "hw_dos_global", "hw_dos_stats", "hw_dos_src_stats", "hw_manual_ban4",
               "hw_manual_ban6",
               # issue 20: tracking under attack (SYN proxy, per-port SYN state, bounded flow reports)

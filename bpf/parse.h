@@ -9,7 +9,7 @@
 struct pkt {
 	__u32 saddr[4];         /* network order; v4 in [0] */
 	__u32 daddr[4];
-	__u32 len;              /* wire length */
+	__u32 len;              /* IP-layer bytes: header + payload (docs/datapath.md "Counters") */
 	__u16 sport;            /* network order; ICMP echo: identifier */
 	__u16 dport;
 	__u8  family;           /* 4 or 6; 0 = not IP */
@@ -22,16 +22,28 @@ struct pkt {
 	__u8  opens;            /* may open a tracked connection: TCP SYN, UDP, ICMP echo request */
 	__u8  related;          /* ICMP error: the inner tuple below is valid */
 	__u8  trackable;        /* TCP, UDP or ICMP echo: has a connection tuple */
+	__u8  hop_limit;        /* IPv4 TTL / IPv6 hop limit */
+	__u8  pad0;
 	__u32 ifindex;
+	__u32 frag_id;          /* fragments: IPv4 identification / IPv6 fragment id, network order */
+	__u32 first_x;          /* 1 iff a first fragment (offset 0, more follow); see FIRST_FRAGMENT */
 	__u32 in_saddr[4];      /* ICMP error: the offending packet, as sent */
 	__u32 in_daddr[4];
 	__u16 in_sport;
 	__u16 in_dport;
 	__u8  in_proto;
+	__u8  inner;            /* ICMP error: in_saddr/in_daddr hold the embedded packet's addresses */
 	__u8  ct_hint;          /* set by xdp_ingress before the tail call: 1 no connection, 2 invalid one */
 	__u8  syn_proxy;        /* set by the DoS stage: SP_* (dos.h), what the SYN proxy does with it */
+	__u32 l4len;            /* parsing only: bytes the IP header(s) say follow the headers parsed so far */
 	__u64 now;              /* xdp_ingress's clock, so xdp_judge does not read it again */
 };
+
+/* p->first_x is 1 + (the fragment field XOR the value it has in a first fragment), not a 0/1 flag: a
+ * flag stored as a constant would split the verifier's states into two for every path after parsing,
+ * while a value derived from the packet is one unknown scalar on all of them (docs/datapath.md
+ * "Speed"). 1 only for a first fragment; 0 (unparsed, or IPv6 without a fragment header) never is. */
+#define FIRST_FRAGMENT(p) ((p)->first_x == 1)
 
 #define CT_HINT_MISS    1
 #define CT_HINT_INVALID 2
@@ -49,41 +61,44 @@ struct pkt {
 static __always_inline int is_icmp4_error(__u8 t) { return t == 3 || t == 4 || t == 5 || t == 11 || t == 12; }
 static __always_inline int is_icmp6_error(__u8 t) { return t >= 1 && t <= 4; }
 
-/* Parse the IP packet embedded in an ICMP error (header + first 8 bytes of L4). */
-static __always_inline void parse_inner(struct pkt *p, void *cur, void *end)
+/* Parse the IP packet embedded in an ICMP error (header + first 8 bytes of L4). `avail`: bytes of
+ * the error's body that the outer IP header says it holds; nothing past them is read as the inner
+ * packet (a short frame's padding is not a header). */
+static __always_inline void parse_inner(struct pkt *p, void *cur, void *end, __u32 avail)
 {
+	__u32 hlen;
 	if (p->family == 4) {
 		struct iphdr *ip = cur;
 		if ((void *)(ip + 1) > end || ip->ihl < 5)
 			return;
-		__u8 *l4 = cur + ip->ihl * 4;
-		if ((void *)(l4 + 4) > end)
+		hlen = ip->ihl * 4;
+		if (hlen > avail)
 			return;
 		p->in_saddr[0] = ip->saddr;
 		p->in_daddr[0] = ip->daddr;
 		p->in_proto = ip->protocol;
-		cur = l4;
+		cur += hlen;
 	} else {
 		struct ipv6hdr *ip6 = cur;
-		if ((void *)(ip6 + 1) > end)
+		if ((void *)(ip6 + 1) > end || sizeof(*ip6) > avail)
 			return;
+		hlen = sizeof(*ip6);
 		__builtin_memcpy(p->in_saddr, &ip6->saddr, 16);
 		__builtin_memcpy(p->in_daddr, &ip6->daddr, 16);
 		p->in_proto = ip6->nexthdr;
 		cur = ip6 + 1;
-		if (cur + 4 > end)
-			return;
 	}
+	p->inner = 1;
 	if (p->in_proto == IPPROTO_TCP || p->in_proto == IPPROTO_UDP) {
 		__u16 *ports = cur;
-		if ((void *)(ports + 2) > end)
+		if ((void *)(ports + 2) > end || hlen + 4 > avail)
 			return;
 		p->in_sport = ports[0];
 		p->in_dport = ports[1];
 		p->related = 1;
 	} else if (p->in_proto == IPPROTO_ICMP || p->in_proto == IPPROTO_ICMPV6) {
 		struct icmphdr *ic = cur;
-		if ((void *)(ic + 1) > end)
+		if ((void *)(ic + 1) > end || hlen + sizeof(*ic) > avail)
 			return;
 		p->in_sport = ic->un.echo.id;
 		p->in_dport = ic->un.echo.id;
@@ -91,7 +106,10 @@ static __always_inline void parse_inner(struct pkt *p, void *cur, void *end)
 	}
 }
 
-static __always_inline int parse_l4(struct pkt *p, void *cur, void *end)
+/* The L4 header at `cur`. `l4len`: bytes the IP header(s) say follow (the frame may hold padding
+ * after them): a header that does not fit in them is malformed, also in a first fragment (a first
+ * fragment too short for its L4 header, RFC 1858's tiny fragment, never reaches the policy). */
+static __always_inline int parse_l4(struct pkt *p, void *cur, void *end, __u32 l4len)
 {
 	if (p->frag) {
 		p->pidx = p->proto == IPPROTO_TCP ? HW_P_TCP : p->proto == IPPROTO_UDP ? HW_P_UDP :
@@ -101,7 +119,7 @@ static __always_inline int parse_l4(struct pkt *p, void *cur, void *end)
 	switch (p->proto) {
 	case IPPROTO_TCP: {
 		struct tcphdr *th = cur;
-		if ((void *)(th + 1) > end || th->doff < 5)
+		if ((void *)(th + 1) > end || th->doff < 5 || th->doff * 4 > l4len)
 			return PARSE_MALFORMED;
 		p->pidx = HW_P_TCP;
 		p->sport = th->source;
@@ -115,7 +133,7 @@ static __always_inline int parse_l4(struct pkt *p, void *cur, void *end)
 	}
 	case IPPROTO_UDP: {
 		struct udphdr *uh = cur;
-		if ((void *)(uh + 1) > end || bpf_ntohs(uh->len) < sizeof(*uh))
+		if ((void *)(uh + 1) > end || sizeof(*uh) > l4len || bpf_ntohs(uh->len) < sizeof(*uh))
 			return PARSE_MALFORMED;
 		p->pidx = HW_P_UDP;
 		p->sport = uh->source;
@@ -129,7 +147,7 @@ static __always_inline int parse_l4(struct pkt *p, void *cur, void *end)
 	case IPPROTO_ICMP:
 	case IPPROTO_ICMPV6: {
 		struct icmphdr *ic = cur;   /* type, code, csum, id, seq: same layout for ICMPv6 echo */
-		if ((void *)(ic + 1) > end)
+		if ((void *)(ic + 1) > end || sizeof(*ic) > l4len)
 			return PARSE_MALFORMED;
 		if ((p->proto == IPPROTO_ICMP) != (p->family == 4))
 			return PARSE_MALFORMED;     /* ICMP in IPv6 or ICMPv6 in IPv4 */
@@ -142,7 +160,7 @@ static __always_inline int parse_l4(struct pkt *p, void *cur, void *end)
 			p->opens = ic->type == 8 || ic->type == 128;
 			p->trackable = 1;
 		} else if (p->family == 4 ? is_icmp4_error(ic->type) : is_icmp6_error(ic->type)) {
-			parse_inner(p, (void *)(ic + 1), end);
+			parse_inner(p, (void *)(ic + 1), end, l4len - sizeof(*ic));
 		}
 		return PARSE_OK;
 	}
@@ -155,7 +173,12 @@ static __always_inline int parse_l4(struct pkt *p, void *cur, void *end)
 /* IPv6 extension headers we step over; a chain longer than this is malformed (not guessed). */
 #define HW_V6_EXT_MAX 6
 
-static __always_inline int parse_pkt(struct pkt *p, void *data, void *end)
+/* frame_len: the whole frame's length (XDP: data_end - data; TC: skb->len, which may exceed the
+ * linear data). p->len becomes the packet's IP-layer length: the IP header's own length (IPv4 total
+ * length, IPv6 40 + payload length), capped at what the frame holds after its L2 header (Ethernet
+ * padding and lying headers count for nothing); the frame after its L2 header when there is no IP
+ * length (non-IP, IPv6 jumbograms, frames too short to say). NetFlow/IPFIX count octets the same way. */
+static __always_inline int parse_pkt(struct pkt *p, void *data, void *end, __u32 frame_len)
 {
 	struct ethhdr *eth = data;
 	void *cur = eth + 1;
@@ -172,18 +195,27 @@ static __always_inline int parse_pkt(struct pkt *p, void *data, void *end)
 		proto = vh[1];
 		cur += 4;
 	}
-	p->len = end - data;
+	__u32 l2 = cur - data;
+	__u32 l3 = frame_len > l2 ? frame_len - l2 : 0;
+	p->len = l3;
 	if (proto == bpf_htons(ETH_P_IP)) {
 		struct iphdr *ip = cur;
 		if ((void *)(ip + 1) > end)
 			return PARSE_MALFORMED;
 		if (ip->version != 4 || ip->ihl < 5 || bpf_ntohs(ip->tot_len) < ip->ihl * 4)
 			return PARSE_MALFORMED;
+		__u32 ip_len = bpf_ntohs(ip->tot_len);
+		p->len = ip_len < l3 ? ip_len : l3;
 		p->family = 4;
 		p->proto = ip->protocol;
 		p->saddr[0] = ip->saddr;
 		p->daddr[0] = ip->daddr;
-		p->frag = (ip->frag_off & bpf_htons(0x1fff)) != 0;
+		p->hop_limit = ip->ttl;
+		__u16 fo = bpf_ntohs(ip->frag_off);
+		p->frag = (fo & 0x1fff) != 0;                   /* offset > 0 */
+		p->first_x = ((fo & 0x3fff) ^ 0x2000) + 1;      /* 1: offset 0, more fragments */
+		p->frag_id = ip->id;
+		p->l4len = bpf_ntohs(ip->tot_len) - ip->ihl * 4;
 		cur += ip->ihl * 4;
 	} else if (proto == bpf_htons(ETH_P_IPV6)) {
 		struct ipv6hdr *ip6 = cur;
@@ -191,11 +223,17 @@ static __always_inline int parse_pkt(struct pkt *p, void *data, void *end)
 			return PARSE_MALFORMED;
 		if (ip6->version != 6)
 			return PARSE_MALFORMED;
+		__u32 ip_len = bpf_ntohs(ip6->payload_len);
+		if (ip_len)             /* 0: a jumbogram (the frame's length stands) */
+			p->len = ip_len + 40 < l3 ? ip_len + 40 : l3;
 		p->family = 6;
 		__builtin_memcpy(p->saddr, &ip6->saddr, 16);
 		__builtin_memcpy(p->daddr, &ip6->daddr, 16);
+		p->hop_limit = ip6->hop_limit;
 		__u8 nh = ip6->nexthdr;
 		cur = ip6 + 1;
+		/* payload length 0: a jumbo (BIG TCP) super-packet on a TC hook; its length is the skb's */
+		p->l4len = ip6->payload_len ? bpf_ntohs(ip6->payload_len) : 0x10000;
 		int i;
 		for (i = 0; i < HW_V6_EXT_MAX; i++) {
 			if (nh != IPPROTO_HOPOPTS && nh != IPPROTO_ROUTING && nh != IPPROTO_DSTOPTS &&
@@ -205,23 +243,32 @@ static __always_inline int parse_pkt(struct pkt *p, void *data, void *end)
 			if ((void *)(ext + 8) > end)    /* every extension header is at least 8 bytes */
 				return PARSE_MALFORMED;
 			if (nh == IPPROTO_FRAGMENT) {
-				if (((ext[2] << 8) | ext[3]) & 0xfff8)
-					p->frag = 1;
+				__u16 fo = (ext[2] << 8) | ext[3];
+				p->frag = (fo & 0xfff8) != 0;           /* offset > 0 */
+				p->first_x = ((fo & 0xfff9) ^ 1) + 1;   /* 1: offset 0, more fragments (M) */
+				p->frag_id = *(__u32 *)(ext + 4);       /* an atomic fragment (offset 0, no M) is whole */
 				cur += 8;
-			} else {
-				cur += (ext[1] + 1) * 8;
+				p->l4len -= 8;
+				nh = ext[0];
+				if (p->frag)
+					break;  /* past this header a later fragment holds payload, not headers */
+				continue;
 			}
+			cur += (ext[1] + 1) * 8;
+			p->l4len -= (ext[1] + 1) * 8;
 			nh = ext[0];
 		}
 		if (i == HW_V6_EXT_MAX)
 			return PARSE_MALFORMED;     /* chain longer than HW_V6_EXT_MAX */
+		if ((__s32)p->l4len < 0)
+			return PARSE_MALFORMED;     /* extension headers longer than the payload */
 		p->proto = nh;
 	} else {
 		return PARSE_NOT_IP;
 	}
 	if (cur > end)
 		return PARSE_MALFORMED;
-	return parse_l4(p, cur, end);
+	return parse_l4(p, cur, end, p->l4len);
 }
 
 #endif /* HW_PARSE_H */

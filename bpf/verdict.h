@@ -14,6 +14,7 @@ BPF_PERCPU_ARRAY(hw_port_stats, struct hw_port_counter, 65536);
 BPF_TABLE("percpu_hash", struct hw_drop_key, struct hw_drop_val, hw_drops0, HW_DROP_AGG_MAX);
 BPF_TABLE("percpu_hash", struct hw_drop_key, struct hw_drop_val, hw_drops1, HW_DROP_AGG_MAX);
 BPF_PERCPU_ARRAY(hw_drop_overflow, struct hw_counter, 2 * HW_VERDICTS * HW_REASONS);
+BPF_PERCPU_ARRAY(hw_drop_srcs, struct hw_drop_src, 2 * HW_DROP_SRC_SLOTS);
 
 /* ---- the one counted exit ------------------------------------------------------------------- */
 struct judgement {
@@ -53,6 +54,29 @@ static __always_inline void agg_overflow(struct env *v, struct judgement *j, str
 	counter_add(hw_drop_overflow.lookup(&k), p->len);
 }
 
+/* Count a dropped packet against its individual peer (full address) for the summaries' top talkers:
+ * one inlined per-CPU array lookup, a hash and a four-word compare (no helper call, no atomics). The
+ * slot keeps the first key of the interval that hashed to it; a later one is not counted here (its
+ * packets are in the aggregate all the same), so listed counts are exact or lower bounds. */
+#define DROP_SRC_WORDS 4                /* hw_drop_src.k + pad: 32 bytes */
+
+static __always_inline void agg_src(struct env *v, struct pkt *p, struct hw_drop_key *k, __u32 gen)
+{
+	struct hw_drop_src c __attribute__((aligned(8))) = {};
+	c.k = *k;
+	__builtin_memcpy(c.k.src, v->dir == HW_DIR_INGRESS ? p->saddr : p->daddr, 16);
+	__u32 idx = gen * HW_DROP_SRC_SLOTS + tbl_first_slot(&c, DROP_SRC_WORDS, v->cfg->table_seed, HW_DROP_SRC_SLOTS, 1);
+	struct hw_drop_src *s = hw_drop_srcs.lookup(&idx);
+	if (!s)
+		return;
+	if (!s->packets)
+		__builtin_memcpy(s, &c, DROP_SRC_WORDS * 8);
+	else if (tbl_key_diff(s, &c, DROP_SRC_WORDS))
+		return;                         /* another peer holds this slot for the interval */
+	s->packets++;
+	s->bytes += p->len;
+}
+
 /* Add a dropped (or would-drop) packet to the drop aggregation of the current interval; the first
  * packet of a key in an interval is also reported as a `deny` event with its full tuple. */
 static __always_inline void agg_drop(struct env *v, struct pkt *p, struct judgement *j)
@@ -70,6 +94,7 @@ static __always_inline void agg_drop(struct env *v, struct pkt *p, struct judgem
 	k.prefix_len = fam ? len : 0;
 	k.direction = v->dir;
 	__u32 gen = v->col->agg_gen & 1;
+	agg_src(v, p, &k, gen);
 	struct hw_drop_val *val;
 	if (gen) {
 		val = hw_drops1.lookup(&k);

@@ -23,8 +23,14 @@ normal still closes eventually. Nothing opens during the first `warmup_windows` 
 tick (every key is new then); later, a key with no baseline yet (a new source) may open at once when
 its rate passes min_rate, and a key with history needs `warmup_windows` windows of it.
 Severity: the highest band in `severity_bands` (name → minimum score) the score reaches.
-Top talkers: per key, the sources (finest known: IP of a flow, prefix of a summary) with the largest
-exponentially decayed counts (time constant window_s), at most `talkers_tracked` tracked per key.
+Top talkers: per anomaly, individual sources (one host each, never a prefix) with integer counts from
+the start of the window that opened it to the current record's window end: for drops, the peers each
+drop summary lists (`hostwall.top_peers`, from the kernel's per-interval peer table) with their
+packets and bytes; for flows, the source of each new connection (count = connections). At most
+`talkers_tracked` sources are tracked per key (per window, and per open anomaly); a new one replaces
+the one with the smallest total, so a listed count is exact unless the source was replaced and came
+back (then it is a lower bound); peers the kernel could not list (docs/collector.md "Top talkers")
+are missing, never guessed.
 
 Bounds: at most `max_keys` keys per signal+dimension; the least recently seen idle key is evicted
 (counted; an open anomaly is never evicted — if all are open, the new key is refused, counted).
@@ -46,6 +52,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from .records import ECS_VERSION, SCHEMA_VERSION, iso_ns, parse_iso_ns
+from .records.timefmt import created_now
 
 __all__ = ["AnomalyConfig", "AnomalyConfigError", "AnomalyDetector", "DIMENSIONS", "SIGNALS"]
 
@@ -209,8 +216,8 @@ class _Key:
     value: str
     extra: dict                                    # the key's record fields (transport, port, reason, ...)
     buckets: dict = field(default_factory=dict)    # bucket index -> count
-    talkers: dict = field(default_factory=dict)    # source -> decayed count
-    talkers_t: float = 0.0
+    talkers: dict = field(default_factory=dict)    # source IP -> {bucket index: [count, packets, bytes]}
+    open_talkers: dict = field(default_factory=dict)   # while open: source IP -> [count, packets, bytes]
     mean: float = 0.0
     dev: float = 0.0
     steps: int = 0                                 # full windows learned
@@ -257,17 +264,19 @@ class AnomalyDetector:
             t0, t1 = self._iso_s(w["start"]), self._iso_s(w["end"])
             if not self._timely(t0, t1):
                 return
-            src = hw.get("source_prefix", "")
+            peers = [(p["ip"], int(p["packets"]), int(p["packets"]), int(p["bytes"]))
+                     for p in hw.get("top_peers", ())]
             for dim, value, extra in self._drop_keys(rec, hw):
-                self._add("drops", dim, value, extra, packets, t0, t1, src)
+                self._add("drops", dim, value, extra, packets, t0, t1, peers)
             self.counters["observed"] += 1
         elif kind == "flow" and "start" in rec.get("event", {}).get("type", ()) and "flows" in self.cfg.signals:
             t = parse_iso_ns(rec["@timestamp"]) / 1e9
             if not self._timely(t, t):
                 return
             src = rec.get("source", {}).get("ip", "")
+            talker = [(src, 1, None, None)] if src else []
             for dim, value, extra in self._flow_keys(rec):
-                self._add("flows", dim, value, extra, 1.0, t, t, src)
+                self._add("flows", dim, value, extra, 1.0, t, t, talker)
             self.counters["observed"] += 1
         else:
             self.counters["ignored"] += 1
@@ -308,8 +317,9 @@ class AnomalyDetector:
 
     def _drop_keys(self, rec: dict, hw: dict):
         dims = self.cfg.dimensions
-        if "source_prefix" in dims and hw.get("source_prefix"):
-            p = self._prefix(hw["source_prefix"])
+        prefix = hw.get("source", {}).get("prefix")
+        if "source_prefix" in dims and prefix:
+            p = self._prefix(prefix)
             yield "source_prefix", p, {"source_prefix": p}
         pk = self._port_key(rec)
         if "destination_port" in dims and pk:
@@ -343,8 +353,7 @@ class AnomalyDetector:
                 return None
             del table[victim]
             self.counters["evicted_keys"] += 1
-        k = table[value] = _Key(signal, dim, value, extra, talkers_t=now_s,
-                                created_bucket=math.floor(now_s / self.cfg.bucket_s))
+        k = table[value] = _Key(signal, dim, value, extra, created_bucket=math.floor(now_s / self.cfg.bucket_s))
         return k
 
     def _buckets_of(self, t0: float, t1: float) -> tuple[int, int]:
@@ -364,13 +373,14 @@ class AnomalyDetector:
             self.counters["late"] += 1
         return True
 
-    def _add(self, signal, dim, value, extra, count: float, t0: float, t1: float, source: str) -> None:
+    def _add(self, signal, dim, value, extra, count: float, t0: float, t1: float, talkers: list) -> None:
         first, last = self._buckets_of(t0, t1)
         k = self._get_key(signal, dim, value, extra, t1)
         if k is None:
             return
         self._spread(k, count, t0, t1, first, last)
-        self._talk(k, source, count, t1)
+        for source, n, packets, bytes_ in talkers:
+            self._talk(k, source, last, n, packets, bytes_)
 
     def _spread(self, k: _Key, count: float, t0: float, t1: float, first: int, last: int) -> None:
         """Add `count` to the buckets [first, last], proportionally to each bucket's overlap with [t0, t1]."""
@@ -383,17 +393,51 @@ class AnomalyDetector:
             if hi > lo:
                 k.buckets[i] = k.buckets.get(i, 0.0) + count * (hi - lo) / span
 
-    def _talk(self, k: _Key, source: str, count: float, t: float) -> None:
+    def _talk(self, k: _Key, source: str, bucket: int, count: int, packets: int | None,
+              bytes_: int | None) -> None:
+        """Add one source's integer counts to its bucket (the bucket its record ends in). O(1), or
+        O(talkers_tracked) when a new source replaces the smallest."""
         if not source or self.cfg.top_talkers == 0:
             return
-        if t > k.talkers_t:
-            decay = math.exp(-(t - k.talkers_t) / self.cfg.window_s)
-            for s in k.talkers:
-                k.talkers[s] *= decay
-            k.talkers_t = t
-        k.talkers[source] = k.talkers.get(source, 0.0) + count
-        if len(k.talkers) > self.cfg.talkers_tracked:
-            del k.talkers[min(k.talkers, key=k.talkers.get)]
+        per = k.talkers.get(source)
+        if per is None:
+            if len(k.talkers) >= self.cfg.talkers_tracked:
+                del k.talkers[min(k.talkers, key=lambda s: sum(c[0] for c in k.talkers[s].values()))]
+            per = k.talkers[source] = {}
+        add = (count, packets or 0, bytes_ or 0)
+        c = per.setdefault(bucket, [0, 0, 0])
+        for i in range(3):
+            c[i] += add[i]
+        if k.anomaly_id:
+            self._talk_open(k.open_talkers, source, add)
+
+    def _talk_open(self, tot: dict, source: str, add) -> None:
+        c = tot.get(source)
+        if c is None:
+            if len(tot) >= self.cfg.talkers_tracked:
+                del tot[min(tot, key=lambda s: tot[s][0])]
+            c = tot[source] = [0, 0, 0]
+        for i in range(3):
+            c[i] += add[i]
+
+    def _window_totals(self, k: _Key, e: int) -> dict:
+        """Integer totals per source over the window ending at bucket boundary e."""
+        n, out = self.cfg.buckets, {}
+        for source, per in k.talkers.items():
+            for b, c in per.items():
+                if e - n <= b < e:
+                    self._talk_open(out, source, c)
+        return out
+
+    def _top_talkers(self, k: _Key) -> list[dict]:
+        rows = []
+        for source, (count, packets, bytes_) in k.open_talkers.items():
+            row = {"source": source, "count": count}
+            if k.signal == "drops":
+                row.update(packets=packets, bytes=bytes_)
+            rows.append(row)
+        rows.sort(key=lambda r: (-r["count"], r["source"]))
+        return rows[:self.cfg.top_talkers]
 
     # ---- evaluation ----------------------------------------------------------------------------------
     def tick(self, now: float | None = None) -> list[dict]:
@@ -472,17 +516,25 @@ class AnomalyDetector:
                 self._learn(k, rate)
         for i in [i for i in k.buckets if i < e - n]:
             del k.buckets[i]
+        for s in list(k.talkers):
+            per = k.talkers[s]
+            for i in [i for i in per if i < e - n]:
+                del per[i]
+            if not per:
+                del k.talkers[s]
         return rec
 
     def _open(self, k: _Key, t: float, rate: float, score: float) -> dict:
         k.anomaly_id = hashlib.blake2b(f"{k.signal}|{k.dimension}|{k.value}|{t}".encode(), digest_size=16).hexdigest()
         k.opened_at, k.below_since = t, None
         k.peak_rate, k.peak_score, k.seq = rate, score, 0
+        k.open_talkers = self._window_totals(k, round(t / self.cfg.bucket_s))
         return self._emit(k, "open", t, rate, score)
 
     def _reset(self, k: _Key) -> None:
         k.anomaly_id, k.below_since, k.seq = "", None, 0
         k.peak_rate = k.peak_score = 0.0
+        k.open_talkers = {}
 
     def _forget_idle(self, e: int) -> None:
         """Drop keys with no data in the window, no open anomaly and a baseline that decayed to ~0."""
@@ -506,7 +558,7 @@ class AnomalyDetector:
         w0 = int(round((t - self.cfg.window_s) * 1e9))
         base = (k.mean, k.dev)
         sev = self.cfg.severity(max(score, k.peak_score) if state != "open" else score)
-        talkers = sorted(k.talkers.items(), key=lambda kv: -kv[1])[:self.cfg.top_talkers]
+        talkers = self._top_talkers(k)
         anomaly = {
             "id": k.anomaly_id, "state": state, "sequence": k.seq,
             "key": {"signal": k.signal, "dimension": k.dimension, "value": k.value, **k.extra},
@@ -514,18 +566,18 @@ class AnomalyDetector:
             "rate": round(rate, 3), "baseline": {"rate": round(base[0], 3), "deviation": round(base[1], 3)},
             "score": round(score, 3), "severity": sev, "peak_rate": round(k.peak_rate, 3),
             "peak_score": round(k.peak_score, 3), "opened_at": iso_ns(int(round(k.opened_at * 1e9))),
-            "top_talkers": [{"source": s, "count": round(c, 3)} for s, c in talkers],
+            "top_talkers": talkers,
         }
         if state == "close":
             anomaly["closed_at"] = iso_ns(t_ns)
             anomaly["duration_s"] = round(t - k.opened_at, 3)
         ev_type = {"open": ["start"], "update": ["info"], "close": ["end"]}[state]
-        rec = {"@timestamp": iso_ns(t_ns), "schema_version": SCHEMA_VERSION, "ecs": {"version": ECS_VERSION},
+        rec = {"@timestamp": iso_ns(t_ns), "ecs": {"version": ECS_VERSION},
                "event": {"kind": "alert", "category": ["network"], "type": ev_type, "action": f"anomaly_{state}",
-                         "dataset": "hostwall.anomaly", "start": anomaly["opened_at"],
+                         "dataset": "hostwall.anomaly", "start": anomaly["opened_at"], "created": created_now(),
                          "severity": list(self.cfg.severity_bands).index(sev) + 1 if sev in self.cfg.severity_bands else 0,
                          "id": hashlib.blake2b(f"{k.anomaly_id}|{state}|{k.seq}".encode(), digest_size=16).hexdigest()},
-               "hostwall": {"kind": "anomaly", "anomaly": anomaly},
+               "hostwall": {"kind": "anomaly", "schema_version": SCHEMA_VERSION, "anomaly": anomaly},
                "message": (f"{k.signal} anomaly {state}: {k.dimension} {k.value} at {rate:.1f}/s "
                            f"(baseline {base[0]:.1f}/s, score {score:.1f}, {sev})")}
         if state == "close":
@@ -539,8 +591,9 @@ class AnomalyDetector:
     @staticmethod
     def _key_fields(rec: dict, k: _Key) -> None:
         x = k.extra
-        if "source_prefix" in x:
-            rec["source"] = {"ip": x["source_prefix"].split("/")[0]}
+        if "source_prefix" in x:                      # a prefix, not a host: never source.ip
+            rec["source"] = {"address": x["source_prefix"]}
+            rec["hostwall"]["source"] = {"prefix": x["source_prefix"]}
         if "port" in x:
             rec["destination"] = {"port": x["port"]}
             rec["network"] = {"transport": x["transport"]}

@@ -211,7 +211,8 @@ def render_status(st: dict) -> str:
     out.append(f"drops      {d.get('intervals', 0)} intervals, {d.get('packets', 0)} packets summarized "
                f"(+{d.get('overflow_packets', 0)} overflow), last barrier {d.get('last', {}).get('barrier_ms', '-')} ms")
     c = st.get("conntrack", {})
-    out.append(f"conntrack  {c.get('scans', 0)} scans, {c.get('expired', 0)} expired, {c.get('updates', 0)} updates")
+    out.append(f"conntrack  {c.get('scans', 0)} scans, {c.get('closed', 0)} closed (after the close grace), "
+               f"{c.get('expired', 0)} expired, {c.get('updates', 0)} updates")
     en = st.get("enricher")
     if isinstance(en, dict):
         flat = ", ".join(f"{k} {v}" for k, v in en.items() if not isinstance(v, dict))

@@ -1,7 +1,7 @@
 """Typed collector configuration: YAML file + environment + command-line arguments.
 
 Each field is resolved on its own with the precedence argument > environment > file > default
-(DESIGN.md §8). Validation collects EVERY problem before reporting, each with where it came from:
+(docs/architecture.md "Style"). Validation collects EVERY problem before reporting, each with where it came from:
 `FILE:LINE: path: message` for the file, `environment HOSTWALL_COLLECTOR_X: path: message`,
 `argument --sink: sinks[1]: message`. Cross-field rules run after the fields parse.
 
@@ -16,6 +16,7 @@ File format (every key optional):
     drop_summary_interval: 1s           # <= 1s
     conntrack_scan_interval: 5s
     active_timeout: 60s                 # long-lived flows get an update this often
+    flow_close_grace: 2s                # a connection closed by FINs is reported once quiet this long
     event_budget: 20000                 # events/s into the ring buffer (written to hw_collect)
     event_source_share: 2000            # flow events/s one source may emit individually (default budget/10)
     drop_prefix_v4: 24                  # drop summaries aggregate sources by this prefix
@@ -194,6 +195,7 @@ class CollectorConfig:
     drop_interval_s: float = 1.0
     ct_scan_interval_s: float = 5.0
     active_timeout_s: float = 60.0
+    close_grace_s: float = 2.0      # FIN-closed connections: reported once quiet this long (last ACK counted)
     event_budget: int = 20000
     event_source_share: int | None = None   # flow events/s per source (hw_collect); None: event_budget / 10
     drop_prefix_v4: int = 24        # drop aggregation source prefix (written to hw_collect at start)
@@ -419,6 +421,7 @@ FIELDS = [
     _Field(("drop_summary_interval",), ("drop_interval_s",), _dur),
     _Field(("conntrack_scan_interval",), ("ct_scan_interval_s",), _dur),
     _Field(("active_timeout",), ("active_timeout_s",), _dur),
+    _Field(("flow_close_grace",), ("close_grace_s",), _dur),
     _Field(("event_budget",), ("event_budget",), parse_int(0, 10_000_000)),
     _Field(("event_source_share",), ("event_source_share",), parse_int(0, 10_000_000)),
     _Field(("drop_prefix_v4",), ("drop_prefix_v4",), parse_int(0, 32)),
@@ -651,6 +654,10 @@ def _cross_checks(cfg: CollectorConfig, origins: dict, issues: Issues) -> None:
         _add(issues, where("active_timeout"), ("active_timeout",),
              f"{cfg.active_timeout_s:g}s is shorter than conntrack_scan_interval ({cfg.ct_scan_interval_s:g}s); "
              "raise it or scan more often")
+    if not 0 < cfg.close_grace_s <= 60:
+        _add(issues, where("flow_close_grace"), ("flow_close_grace",),
+             f"{cfg.close_grace_s:g}s is outside (0s, 60s]: closed connections must be reported after their "
+             "last packets (a few round trips) and long before the datapath's FIN timeout")
     if cfg.jsonl.rotate_bytes < 4096:
         _add(issues, where("jsonl.rotate_size"), ("jsonl", "rotate_size"),
              f"{cfg.jsonl.rotate_bytes} bytes is too small to hold records; use at least 4096 (e.g. 100MB)")

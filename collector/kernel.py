@@ -6,15 +6,16 @@ restates a kernel struct. Costs are per call and stated on each method; all meth
 syscalls, one RCU grace period for the drop drain), so the pipeline runs them in a worker thread
 (ctypes releases the GIL during the syscalls).
 
-Clocks: the datapath stamps events with bpf_ktime_get_ns and conntrack/drop aggregation with
-bpf_ktime_get_coarse_ns, both CLOCK_MONOTONIC; `hw_config.test_now_ns`, when non-zero, replaces
-the datapath's coarse clock (tests), and `now_ns()` follows it so conntrack timeouts agree.
+Clocks (docs/datapath.md "Clock"): the datapath stamps events and a connection's first and last
+packet (hw_ct_entry.created_ns, end_ns) with its precise clock (bpf_ktime_get_ns), and ages entries
+(last_ns) and drop aggregates with its tick clock; both are CLOCK_MONOTONIC. `hw_config.test_now_ns`,
+when non-zero, replaces both (tests), and `now_ns()` follows it so conntrack timeouts agree.
 """
 from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,7 @@ from hostwall.bpf.ringbuf import RingBuffer
 # writer is the collector; hw_config (policy generation, test clock) belongs to the enforcer.
 KNOBS = "hw_collect"
 MAPS = ("hw_config", KNOBS, "hw_stats", "hw_events", "hw_ev_stats", "hw_drops0", "hw_drops1", "hw_drop_overflow",
-        "hw_ct4", "hw_ct6", "hw_policy", "hw_flows0", "hw_flows1", "hw_flow_overflow", "hw_flow_stats",
+        "hw_drop_srcs", "hw_ct4", "hw_ct6", "hw_policy", "hw_flows0", "hw_flows1", "hw_flow_overflow", "hw_flow_stats",
         "hw_syn_ports", "hw_syn_state", "hw_port_stats")
 ENOENT = 2
 BATCH_CHUNK = 8192
@@ -38,6 +39,9 @@ KNOBS_DT = L.DTYPES[KNOBS]
 COUNTER_DT = L.DTYPES["hw_counter"]
 DROP_KEY_DT = L.DTYPES["hw_drop_key"]
 DROP_VAL_DT = L.DTYPES["hw_drop_val"]
+DROP_SRC_DT = L.DTYPES["hw_drop_src"]
+DROP_SRC_SLOTS = L.C["HW_DROP_SRC_SLOTS"]
+_DROP_SRC_KEY_BYTES = 32                      # hw_drop_src.k + pad: what the datapath hashes and compares
 CT_ENTRY_DT = L.DTYPES["hw_ct_entry"]
 EV_TYPES = L.C["HW_EV_TYPES"]
 EV_OUTCOMES = L.C["HW_EV_OUTCOMES"]
@@ -45,6 +49,7 @@ OVERFLOW_SLOTS_PER_GEN = L.VERDICTS * L.REASONS
 CT_END_EMITTED = L.C["HW_CT_F_END_EMITTED"]   # hw_ct_entry.fin_seen: the datapath already emitted flow_end
 REP_EVENTS = L.C["HW_REP_EVENTS"]             # hw_ct_entry.report: reported by events (else in aggregate)
 POLICY_HDR_DT = L.DTYPES["hw_policy_hdr"]
+CT_CLOSING = L.C["HW_CT_CLOSING"]
 
 _S = 1_000_000_000
 
@@ -60,14 +65,17 @@ class DropDrain:
     keys/vals: hw_drop_key/hw_drop_val arrays summed over CPUs (first_ns = min over CPUs that saw a
     packet, last_ns = max). overflow: {(verdict, reason): (packets, bytes)} that did not fit the map.
     Per (verdict, reason), vals packets + overflow packets = the drop counters' increase over the
-    interval (exactly; see drain_drops). `flows`: the flow aggregation of the same interval (the same
-    generation flip; hostwall.bpf.flow_agg), None from sources that have none."""
+    interval (exactly; see drain_drops). sources: the interval's individual peers (hw_drop_src, one
+    per distinct key, summed over CPUs; the top talkers of the summaries). `flows`: the flow
+    aggregation of the same interval (the same generation flip; hostwall.bpf.flow_agg), None from
+    sources that have none."""
     keys: np.ndarray
     vals: np.ndarray
     overflow: dict[tuple[int, int], tuple[int, int]]
     t0_ns: int
     t1_ns: int
     barrier_s: float
+    sources: np.ndarray = field(default_factory=lambda: np.zeros(0, DROP_SRC_DT))
     flows: flow_agg.FlowDrain | None = None
 
     @property
@@ -93,18 +101,26 @@ class CtFamilyScan:
     """Conntrack scan result of one family; keys in hw_ct4_key / hw_ct6_key, entries hw_ct_entry.
 
     expired_*: entries idle past their timeout, now deleted, that are reported one record each
-    (including those whose flow_end the datapath already emitted: fin_seen bit 7; the record builder
-    decides what they still need). agg_*: expired entries reported in aggregate (hw_ct_entry.report
-    is not EVENTS and the datapath has not counted their end): flow summaries of the scan.
+    (including those whose end was reported already: fin_seen bit 7 or `reported`; the record builder
+    decides what they still need).
     update_*: live entries that crossed a multiple of the active timeout since the previous scan
-    and saw a packet since the previous multiple (a periodic flow update is due)."""
+    and saw a packet since the previous multiple (a periodic flow update is due).
+    closed_*: connections closed by both FINs whose last packet is older than the close grace
+    period, now marked `reported` in the kernel (their flow end record is due; the entry stays until
+    its timeout so late packets still pass as part of the connection), reported one record each.
+    agg_*: connections reported in aggregate (hw_ct_entry.report is not EVENTS) whose end the datapath
+    has not counted: expired ones (deleted) and, the last `agg_closed` of them, ones closed by FINs and
+    quiet for the close grace period (marked `reported`): flow summaries of the scan."""
     family: int
     expired_keys: np.ndarray
     expired_entries: np.ndarray
     update_keys: np.ndarray
     update_entries: np.ndarray
+    closed_keys: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint8))
+    closed_entries: np.ndarray = field(default_factory=lambda: np.zeros(0, CT_ENTRY_DT))
     agg_keys: np.ndarray | None = None
     agg_entries: np.ndarray | None = None
+    agg_closed: int = 0
 
 
 @dataclass
@@ -117,11 +133,16 @@ class CtScan:
 
     @property
     def expired(self) -> int:
-        return sum(len(f.expired_keys) + (len(f.agg_keys) if f.agg_keys is not None else 0) for f in self.families)
+        return sum(len(f.expired_keys) + (len(f.agg_keys) - f.agg_closed if f.agg_keys is not None else 0)
+                   for f in self.families)
 
     @property
     def updates(self) -> int:
         return sum(len(f.update_keys) for f in self.families)
+
+    @property
+    def closed(self) -> int:
+        return sum(len(f.closed_keys) + f.agg_closed for f in self.families)
 
 
 # ---- batch syscalls -----------------------------------------------------------------------------
@@ -317,12 +338,40 @@ class KernelSource:
         vals = sum_percpu(raw_v, n, DROP_VAL_DT, self.ncpus)
         overflow = self._drain_overflow(old)
         flows = flow_agg.drain(self.fds, old, self.ncpus)
+        sources = self._drain_sources(old)
         t0 = self._last_flip_ns
         if t0 is None:
             seen = vals["first_ns"][vals["first_ns"] > 0]
             t0 = int(seen.min()) if len(seen) else t1
         self._last_flip_ns = t1
-        return DropDrain(keys, vals, overflow, t0, t1, barrier_s, flows)
+        return DropDrain(keys, vals, overflow, t0, t1, barrier_s, sources, flows)
+
+    def _drain_sources(self, gen: int) -> np.ndarray:
+        """Read and zero the old generation's peer slots (hw_drop_srcs); one entry per distinct key,
+        packets and bytes summed over CPUs (a key may hold the same slot on several CPUs). Cost: one
+        LOOKUP_BATCH of HW_DROP_SRC_SLOTS × ncpus values (~200 KB per CPU), one UPDATE_BATCH of the used
+        slots, O(slots × ncpus) vectorised."""
+        fd = self.fds["hw_drop_srcs"]
+        stride = percpu_stride(DROP_SRC_DT.itemsize)
+        first = gen * DROP_SRC_SLOTS
+        raw = bpfsys.array_slots(fd, first, DROP_SRC_SLOTS, stride * self.ncpus)
+        per = np.frombuffer(raw, dtype=DROP_SRC_DT, count=DROP_SRC_SLOTS * self.ncpus).reshape(DROP_SRC_SLOTS,
+                                                                                              self.ncpus)
+        used = np.flatnonzero((per["packets"] > 0).any(axis=1))
+        if len(used) == 0:
+            return np.zeros(0, DROP_SRC_DT)
+        idx = (used + first).astype(np.uint32)
+        bpfsys.map_update_batch(fd, idx.tobytes(), bytes(stride * self.ncpus * len(used)), len(used))
+        flat = per[used].reshape(-1)
+        flat = flat[flat["packets"] > 0]
+        keyb = np.ascontiguousarray(flat).view(np.uint8).reshape(len(flat), -1)[:, :_DROP_SRC_KEY_BYTES]
+        uniq, first_of, inv = np.unique(np.ascontiguousarray(keyb).view(f"V{_DROP_SRC_KEY_BYTES}").ravel(),
+                                        return_index=True, return_inverse=True)
+        out = flat[first_of].copy()
+        out["packets"], out["bytes"] = 0, 0
+        np.add.at(out["packets"], inv, flat["packets"])
+        np.add.at(out["bytes"], inv, flat["bytes"])
+        return out
 
     def _drain_overflow(self, gen: int) -> dict[tuple[int, int], tuple[int, int]]:
         """Read and zero hw_drop_overflow[gen][verdict][reason] (2 syscalls; 1 more if non-zero)."""
@@ -342,9 +391,18 @@ class KernelSource:
         return bpfsys.array_slots(fd, int(idx[0]), len(idx), stride)
 
     # ---- conntrack ---------------------------------------------------------------------------------
-    def scan_conntrack(self, now_ns: int, active_timeout_ns: int) -> CtScan:
-        """Free entries idle past their timeout (returned) and find long-lived ones due for an
-        active-timeout update. `now_ns` is on the datapath's clock (`now_ns()`).
+    def scan_conntrack(self, now_ns: int, active_timeout_ns: int, close_grace_ns: int = 2 * _S) -> CtScan:
+        """Free entries idle past their timeout (returned), find long-lived ones due for an
+        active-timeout update, and mark connections closed by both FINs and quiet for `close_grace_ns`
+        as reported (returned: their end record is due). `now_ns` is on the datapath's clock
+        (`now_ns()`).
+
+        The close grace period is conntrack's TIME_WAIT idea applied to reporting: the last ACK after
+        the FINs (and a retransmitted FIN) arrives after the close, so a closed connection is reported
+        only once it has been quiet that long, with every packet counted. Its entry stays until its
+        timeout (late packets still pass as part of it; they are not reported). Marking races with a
+        packet as freeing does: a packet between the check and the one-byte store is counted in the
+        kernel but not in the record (conntrack.CtTable.mark_reported_if_unchanged).
 
         Cost: the tables are read in place (mmap'ed, no syscalls): one vectorised pass over every slot
         (~25-30 MB per family). An expired entry is freed only if its times are unchanged since the
@@ -355,7 +413,7 @@ class KernelSource:
         fams, scanned, raced, ended = [], 0, 0, 0
         unc_ns = self.unconfirmed_ns()
         for fam in (4, 6):
-            f, n, r, e = self._scan_family(fam, now_ns, active_timeout_ns, unc_ns)
+            f, n, r, e = self._scan_family(fam, now_ns, active_timeout_ns, close_grace_ns, unc_ns)
             fams.append(f)
             scanned, raced, ended = scanned + n, raced + r, ended + e
         self._last_scan_ns = now_ns
@@ -366,7 +424,8 @@ class KernelSource:
             self._ct[fam] = conntrack.CtTable(self.fds[conntrack.MAPS[fam]], fam)
         return self._ct[fam]
 
-    def _scan_family(self, fam: int, now_ns: int, at_ns: int, unc_ns: int) -> tuple[CtFamilyScan, int, int, int]:
+    def _scan_family(self, fam: int, now_ns: int, at_ns: int, grace_ns: int,
+                     unc_ns: int) -> tuple[CtFamilyScan, int, int, int]:
         table = self._table(fam)
         idx = table.live()
         snap = table.slots[idx]                     # a copy: the datapath keeps writing the table
@@ -375,16 +434,26 @@ class KernelSource:
         last = ents["last_ns"].astype(np.int64)
         created = ents["created_ns"].astype(np.int64)
         expired = (np.int64(now_ns) - last) > ct_timeout_ns(keys["proto"], ents["state"], unc_ns)
-        ended = (ents["fin_seen"] & CT_END_EMITTED) != 0
+        ended = ((ents["fin_seen"] & CT_END_EMITTED) != 0) | (ents["reported"] != 0)
         cand = np.flatnonzero(expired)
         gone = table.free_if_unchanged(idx[cand], ents[cand])
         raced = int((~gone).sum())
         exp_idx = cand[gone]
-        in_agg = (ents["report"][exp_idx] != REP_EVENTS) & ~ended[exp_idx]
-        agg_idx, exp_idx = exp_idx[in_agg], exp_idx[~in_agg]
+        quiet = (np.int64(now_ns) - last) > np.int64(grace_ns)
+        closing = np.flatnonzero((ents["state"] == CT_CLOSING) & ~ended & ~expired & quiet)
+        marked = table.mark_reported_if_unchanged(idx[closing], ents[closing])
+        raced += int((~marked).sum())
+        cls_idx = closing[marked]
+        # connections reported in aggregate (hw_ct_entry.report) end in flow summaries, not records
+        exp_agg = (ents["report"][exp_idx] != REP_EVENTS) & ~ended[exp_idx]
+        cls_agg = ents["report"][cls_idx] != REP_EVENTS
+        agg_idx = np.concatenate([exp_idx[exp_agg], cls_idx[cls_agg]])
+        exp_idx, cls_idx = exp_idx[~exp_agg], cls_idx[~cls_agg]
         upd_idx = self._due_updates(created, last, ~expired & ~ended & (ents["report"] == REP_EVENTS), now_ns, at_ns)
+        upd_idx = np.setdiff1d(upd_idx, cls_idx)
         scan = CtFamilyScan(fam, keys[exp_idx].copy(), ents[exp_idx].copy(), keys[upd_idx].copy(),
-                            ents[upd_idx].copy(), keys[agg_idx].copy(), ents[agg_idx].copy())
+                            ents[upd_idx].copy(), keys[cls_idx].copy(), ents[cls_idx].copy(), keys[agg_idx].copy(),
+                            ents[agg_idx].copy(), int(cls_agg.sum()))
         return scan, n, raced, int(ended[exp_idx].sum())
 
     def _due_updates(self, created: np.ndarray, last: np.ndarray, live: np.ndarray, now_ns: int,

@@ -66,7 +66,7 @@ DEFAULT_GONE_KEEP_S = 900.0          # > the OTel Collector prometheus exporter'
 BATCH_CHUNK = 8192
 
 # Kernel tables whose fill is reported (Datapath.map_pressure).
-PRESSURE_MAPS = ("hw_ct4", "hw_ct6", "hw_dos_src", "hw_dos_banned", "hw_drops0", "hw_drops1")
+PRESSURE_MAPS = ("hw_ct4", "hw_ct6", "hw_frag4", "hw_frag6", "hw_dos_src", "hw_dos_banned", "hw_drops0", "hw_drops1")
 # Packets handed from one hook to another: counted where they were judged, so not a verdict of their own.
 HANDOFF_REASONS = ("pass_judged", "pass_deferred")
 HOOK_DIRECTION = {"xdp_ingress": "ingress", "tc_ingress": "ingress", "tc_egress": "egress"}
@@ -118,8 +118,8 @@ SPEC: dict[str, tuple[str, str, tuple[str, ...], str, str]] = {
     "hostwall_map_capacity": ("gauge", "{entry}", ("map",), "Capacity (max entries) of a kernel hash map or "
                               "policy table", "map info, enforcer.layout"),
     "hostwall_map_evicted": ("counter", "{entry}", ("map",), "Entries a full kernel table pushed out to make room "
-                             "(conntrack: live connections, reported as flow ends; DoS sources)",
-                             "hw_ct_stats (conntrack), hw_dos_src_stats (DoS sources)"),
+                             "(conntrack: live connections, reported as flow ends; fragmented datagrams; DoS "
+                             "sources)", "hw_ct_stats (conntrack), hw_frag_stats (fragments), hw_dos_src_stats (DoS sources)"),
     # kernel: interfaces
     "hostwall_interface_info": ("gauge", "{interface}", _IF + ("xdp_mode", "dos_profile"), "1 per interface of the "
                                 "instance, with the XDP mode that took and its DoS profile", "instance state"),
@@ -321,7 +321,7 @@ class RecordMetrics:
         pk, by = int(net.get("packets", 0)), int(net.get("bytes", 0))
         self.dropped[key] += pk
         self.dropped_bytes[key] += by
-        prefix = hw.get("source_prefix")
+        prefix = (hw.get("source") or {}).get("prefix")
         if prefix and pk:
             self.prefixes.add(str(prefix), pk)
 

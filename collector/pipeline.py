@@ -6,7 +6,9 @@ Tasks (each watched: a task that fails or ends on its own stops the service, whi
     events   events queue → RecordBuilder.on_events → enrich → anomaly.observe → fan-out
     drops    every drop_summary_interval (≤ 1 s): KernelSource.drain_drops → on_drop_summaries, and the
              flow aggregation of the same interval → flow_summary.from_drain
-    ct       every conntrack_scan_interval: scan_conntrack → on_conntrack (idle ends, active updates)
+    ct       every conntrack_scan_interval: scan_conntrack → on_conntrack (FIN closes after the close
+             grace period, idle ends, active updates), and connections reported in aggregate that
+             ended → flow_summary.from_scan
     tick     every second: builder/anomaly tick, enforcer audit-log tail, kernel loss counters
     status   every status_interval: the status JSON ($HOSTWALL_STATE_DIR/collector-<pin stem>.json)
     sink:*   one per sink: its queue → sink.send; flush when idle for a second
@@ -366,7 +368,7 @@ class Pipeline:
                            "barrier_ms": round(d.barrier_s * 1e3, 3)}
         t0, t1 = self.clock.wall_ns(d.t0_ns), self.clock.wall_ns(d.t1_ns)
         recs = self._build("drop_summaries", len(d.keys), self.builder.on_drop_summaries, d.keys, d.vals, t0, t1,
-                           self.clock) if len(d.keys) else []
+                           self.clock, d.sources) if len(d.keys) else []
         if d.overflow:
             recs += self._build("drop_summaries", len(d.overflow), self.builder.on_drop_overflow, d.overflow, t0, t1,
                                 self.clock)
@@ -380,19 +382,25 @@ class Pipeline:
 
     async def _scan_ct(self) -> None:
         now = await self._k(self.source.now_ns)
-        s = await self._k(self.source.scan_conntrack, now, int(self.cfg.active_timeout_s * 1e9))
+        s = await self._k(self.source.scan_conntrack, now, int(self.cfg.active_timeout_s * 1e9),
+                          int(self.cfg.close_grace_s * 1e9))
+        closed = s.closed
         self.counters["ct_scans"] += 1
         self.counters["ct_expired"] += s.expired
         self.counters["ct_updates"] += s.updates
+        self.counters["ct_closed"] += closed
         self.counters["ct_raced"] += s.raced
-        self.last_scan = {"entries": s.scanned, "expired": s.expired, "updates": s.updates, "raced": s.raced,
-                          "ended_before": s.ended}
+        self.last_scan = {"entries": s.scanned, "expired": s.expired, "updates": s.updates, "closed": closed,
+                          "raced": s.raced, "ended_before": s.ended}
         t1 = self.clock.wall_ns(now)
         t0, self._last_scan_wall = getattr(self, "_last_scan_wall", None) or t1, t1
         for f in s.families:
-            if len(f.expired_keys) or len(f.update_keys):
-                recs = self._build("conntrack", len(f.expired_keys) + len(f.update_keys), self.builder.on_conntrack,
-                                   f.expired_keys, f.expired_entries, (f.update_keys, f.update_entries), self.clock)
+            ck = f.closed_keys
+            if len(f.expired_keys) or len(f.update_keys) or len(ck):
+                recs = self._build("conntrack", len(f.expired_keys) + len(f.update_keys) + len(ck),
+                                   self.builder.on_conntrack, f.expired_keys, f.expired_entries,
+                                   (f.update_keys, f.update_entries), self.clock,
+                                   (ck, f.closed_entries) if len(ck) else None)
                 await self._emit(recs, "conntrack")
             if f.agg_keys is not None and len(f.agg_keys):       # ended in aggregate: flow summaries
                 recs = self._build("conntrack", len(f.agg_keys), flow_summary.from_scan, self.builder, f.agg_keys,
@@ -664,7 +672,8 @@ class Pipeline:
                       "packets": self.ledger.drop_packets.get("summarized", 0),
                       "overflow_packets": self.ledger.drop_packets.get("overflow", 0)},
             "conntrack": {"scans": self.counters["ct_scans"], "expired": self.counters["ct_expired"],
-                          "updates": self.counters["ct_updates"], "raced": self.counters["ct_raced"],
+                          "updates": self.counters["ct_updates"], "closed": self.counters["ct_closed"],
+                          "raced": self.counters["ct_raced"],
                           "last": self.last_scan},
             "pipeline": {k: v for k, v in sorted(self.counters.items())},
             "config": describe(self.cfg),

@@ -1,4 +1,4 @@
-"""hostwall-enforcer: validate | run | apply | status | detach (DESIGN.md §4).
+"""hostwall-enforcer: validate | run | apply | status | detach (docs/cli.md).
 
 Exit codes: 0 ok, 2 bad input (every error listed, one per line: file:line: path: message), 1 runtime
 failure (one line: what failed and what to do).
@@ -231,7 +231,8 @@ def cmd_status(a) -> int:
     d = s["defaults"]
     con.print(f"[bold]{s['policy']}[/] revision [bold]{s['revision']}[/] (generation {s['generation']}, "
               f"{s['rules_count']} rules, {s['prefixes']} prefixes) — ingress {d['ingress']}, egress {d['egress']}, "
-              f"stateful {d['stateful']}, audit {d['audit']}; pin dir {s['pin_dir']}; "
+              f"stateful {d['stateful']}, audit {d['audit']}, essential ICMP {d.get('essential_icmp')}; "
+              f"pin dir {s['pin_dir']}; "
               f"run pid {s['pid']} {'alive' if s['pid_alive'] else 'not running (programs still attached)'}")
     t = Table(title="interfaces")
     for c in ("interface", "netns", "xdp", "tc ingress", "tc egress"):
@@ -278,6 +279,14 @@ def cmd_status(a) -> int:
     if s.get("bans"):
         _print_bans(s["bans"])
     _print_syn_proxy(con, s.get("syn_proxy") or {})
+    if s.get("fragments"):
+        t = Table(title="fragments (later fragments follow their first fragment)")
+        for c in ("family", "first passed", "evicted", "claim lost", "followed", "unmatched"):
+            t.add_column(c, justify="right")
+        for fam, c in s["fragments"].items():
+            t.add_row(fam, _fmt_n(c["inserted"]), _fmt_n(c["evicted"]), _fmt_n(c["claim_lost"]),
+                      _fmt_n(c["followed"]), _fmt_n(c["unmatched"]))
+        con.print(t)
     t = Table(title="map pressure (conntrack evicts unconfirmed entries before established ones)")
     for c in ("map", "entries", "capacity", "%", "evicted", "unconfirmed", "established"):
         t.add_column(c, justify="right")

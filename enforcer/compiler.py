@@ -19,7 +19,7 @@ import numpy as np
 
 from hostwall.bpf import layout as L
 
-from .policy import DosProfile, Policy, Rule
+from .policy import ESSENTIAL_ICMP, DosProfile, Policy, Rule
 
 
 class CompileError(Exception):
@@ -237,12 +237,18 @@ def _v6_classes(rules: tuple[Rule, ...]) -> Classes:
 
 
 def _l4_classes(rules: tuple[Rule, ...]) -> Classes:
+    """Classes over the (direction, protocol, key) axis: the key is the destination port for tcp/udp
+    and type << 8 | code for icmp/icmpv6 (enforcer/icmp.py), so icmp_types cost the datapath nothing
+    more than ports do: one load from the dense hw_l4 table."""
     own, start, end = [], [], []
     for order, rule in enumerate(rules):
         d = L.DIR[rule.direction]
         if rule.ports is not None:
             protos = ["tcp", "udp"] if rule.protocol == "any" else [rule.protocol]
             spans = [(lo, hi + 1) for lo, hi in rule.ports]
+        elif rule.icmp_types is not None:         # validation: only on icmp / icmpv6 rules
+            protos = [rule.protocol]
+            spans = [(lo, hi + 1) for lo, hi in rule.icmp_types]
         else:
             protos = list(L.PROTO_IDX) if rule.protocol == "any" else [rule.protocol]
             spans = [(0, 65536)]
@@ -363,8 +369,10 @@ def compile_dos(policy: Policy, interfaces: dict[int, str]) -> tuple[np.ndarray,
 
 def compile_policy(policy: Policy, slots: dict[str, int], revision_id: int,
                    dos_interfaces: dict[int, str] | None = None) -> CompiledPolicy:
-    """Build every table of one policy generation. slots: rule name -> counter slot (stable);
-    dos_interfaces: ifindex -> DoS profile name of each attached interface that has one."""
+    """Build every table of one policy generation. slots: rule name -> counter slot (stable), and
+    the pseudo-rule essential_icmp's slot (Policy.counter_names(); without one, essential ICMP is
+    counted by reason only); dos_interfaces: ifindex -> DoS profile name of each attached interface
+    that has one."""
     rules = policy.rules
     if len(rules) > L.MAX_RULES:
         raise CompileError(f"{len(rules)} rules; the datapath holds at most {L.MAX_RULES}")
@@ -400,6 +408,8 @@ def compile_policy(policy: Policy, slots: dict[str, int], revision_id: int,
     hdr["stateful"] = d.stateful
     hdr["audit"] = d.audit
     hdr["ct_unconfirmed_s"] = int(round(policy.unconfirmed_timeout_s or 0))      # 0: the datapath's default
+    hdr["essential_icmp"] = d.essential_icmp
+    hdr["essential_slot"] = slots.get(ESSENTIAL_ICMP, L.NO_SLOT) if d.essential_icmp else L.NO_SLOT
     dos_profiles, dos_ifs, dos_names = compile_dos(policy, dos_interfaces or {})
     return CompiledPolicy(hdr=hdr, rules=rule_recs, peer_cls=peer_cls, l4_cls=cl4.bitmaps, top4=top4, iv4=iv4,
                           top6=top6, iv6=iv6, l4=l4, rule_names=tuple(r.name for r in rules),

@@ -15,14 +15,14 @@ import numpy as np
 
 from hostwall.bpf import bpfsys, conntrack
 from hostwall.bpf import layout as L
-from hostwall.bpf.instance import policy_pressure
+from hostwall.bpf.instance import Instance, policy_pressure
 from hostwall.bpf.links import LinkError
 from hostwall.bpf.state import AttachedInterface, InstanceState, allocate_slots
 
 from . import attach
 from .compiler import compile_policy
 from .datapath import Datapath, build_hash
-from .policy import InterfaceConf, Policy
+from .policy import ESSENTIAL_ICMP, InterfaceConf, Policy
 
 
 class ControlError(RuntimeError):
@@ -73,7 +73,7 @@ def apply_policy(dp: Datapath, st: InstanceState, policy: Policy,
     """Compile, install atomically, record. The caller saves the state. `attached`: interfaces the
     policy applies to (default: the instance's), for the DoS profile of each."""
     t0 = time.perf_counter()
-    names = [r.name for r in policy.rules]
+    names = policy.counter_names()              # the rules, then pseudo-rules such as essential_icmp
     slots, fresh = allocate_slots(st.slots, names, L.MAX_RULE_SLOTS)
     rev_id = st.revision_id + 1
     if attached is None:
@@ -87,6 +87,9 @@ def apply_policy(dp: Datapath, st: InstanceState, policy: Policy,
     st.slots = slots
     st.rule_meta = {r.name: {"priority": r.priority, "direction": r.direction, "action": r.action,
                              "order": i} for i, r in enumerate(policy.rules)}
+    if ESSENTIAL_ICMP in slots:                 # passes before any rule, both directions
+        st.rule_meta[ESSENTIAL_ICMP] = {"priority": -1, "direction": "both", "action": "allow", "order": -1,
+                                        "pseudo": True}
     st.revision_id = rev_id
     st.revisions = {k: v for k, v in st.revisions.items() if int(k) >= rev_id - 16}
     st.revisions[str(rev_id)] = policy.revision
@@ -104,10 +107,14 @@ def apply_policy(dp: Datapath, st: InstanceState, policy: Policy,
                        timing.switch_s * 1e3, timing.barrier_s * 1e3)
 
 
-def _migrate_conntrack(old: Datapath, new: Datapath) -> int:
+CONNTRACK_MAPS = ("hw_config", "hw_ct4", "hw_ct6")
+
+
+def _migrate_conntrack(old: Instance, new: Datapath) -> int:
     """Carry the tracked connections of a pinned instance of another build into a freshly loaded one:
-    the tables are copied slot for slot with the old hash seed. A build whose tables or config are laid
-    out differently carries nothing (its connections are judged by policy again)."""
+    the tables are copied slot for slot with the old hash seed. `old` needs only CONNTRACK_MAPS, so an
+    older build with fewer maps or programs carries its connections over too. A build whose tables or
+    config are laid out differently carries nothing (its connections are judged by policy again)."""
     for name in ("hw_config", "hw_ct4", "hw_ct6"):
         was, now = bpfsys.map_info(old.map_fds[name]), bpfsys.map_info(new.map_fds[name])
         if (was.type, was.value_size, was.max_entries) != (now.type, now.value_size, now.max_entries):
@@ -139,8 +146,8 @@ def start(policy: Policy, pin_dir: str, interfaces: list[InterfaceConf], netns: 
         adopted = True
     else:
         dp = Datapath.load()
-        if Datapath.is_pinned(pin_dir):
-            old = Datapath.open(pin_dir)
+        old = Instance.open_maps(pin_dir, CONNTRACK_MAPS)     # any build's pins that hold conntrack
+        if old is not None:
             try:
                 migrated = _migrate_conntrack(old, dp)
             finally:
@@ -270,7 +277,8 @@ def status(pin_dir: str, with_pressure: bool = True) -> dict:
             "prefixes": st.prefixes, "defaults": {
                 "ingress": "deny" if hdr["default_ingress"] == L.ACTION["deny"] else "allow",
                 "egress": "deny" if hdr["default_egress"] == L.ACTION["deny"] else "allow",
-                "stateful": bool(hdr["stateful"]), "audit": bool(hdr["audit"])},
+                "stateful": bool(hdr["stateful"]), "audit": bool(hdr["audit"]),
+                "essential_icmp": bool(hdr["essential_icmp"])},
             "interfaces": links, "totals": totals, "drops_by_reason": by_reason, "counters": counters,
             "rules": rules, "ports": ports, "pid": st.pid,
             "pid_alive": bool(st.pid and os.path.exists(f"/proc/{st.pid}")),
@@ -283,6 +291,7 @@ def status(pin_dir: str, with_pressure: bool = True) -> dict:
         from . import bans
         out["bans"] = bans.listing(dp, names)
         out["syn_proxy"] = syn_proxy_status(dp, names)
+        out["fragments"] = {f"ipv{fam}": c for fam, c in dp.frag_stats().items()}
         if with_pressure:
             out["map_pressure"] = {**policy_pressure(st.tables), **dp.map_pressure()}
         return out

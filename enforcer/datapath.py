@@ -64,8 +64,12 @@ class Datapath(Instance):
                 _, log = bpfsys.prog_load_verbose(ptype, ctypes.string_at(start, size), name)
                 raise RuntimeError(f"loading {name} failed: {e}\n{log[-3000:]}") from None
         maps = {name: bpf[name.encode()].map_fd for name in ALL_MAPS}
-        # xdp_ingress tail-calls xdp_judge; a pinned prog array keeps this entry across restarts
+        # xdp_ingress tail-calls xdp_judge, the TC programs tail-call tc_frag_ingress /
+        # tc_frag_egress for fragments; a pinned
+        # prog array keeps its entry across restarts
         bpfsys.map_update(maps["hw_jump"], b"\0" * 4, progs["xdp_judge"].to_bytes(4, "little"))
+        for i, name in enumerate(("tc_frag_ingress", "tc_frag_egress")):      # frag.h FRAG_JUMP_*
+            bpfsys.map_update(maps["hw_jump_tc"], i.to_bytes(4, "little"), progs[name].to_bytes(4, "little"))
         dp = cls(progs, maps, bpf)
         tick_ns, base_ns = calibrate_clock(bpf.load_func(b"clock_probe", BPF.XDP).fd)
         dp.set_config(tick_ns=tick_ns, tick_base_ns=base_ns, table_seed=secrets.randbits(64))

@@ -12,8 +12,9 @@ then drives:
 
 Then it stops the collector (sinks flushed, last drop interval exported), removes the lab and prints
 what the hosts saw, top flows and drops by reason from the flow log (next to the enforcer's own
-counters), the anomalies, the collector's ledger (produced = delivered + lost) and the path of the
-flow log, which is kept under /var/tmp/hostwall-demo/<time>/. Exit 0 only when every check holds.
+counters), the anomalies, the collector's ledger (produced = delivered + lost), how many records the
+official ECS and OCSF definitions and the published schemas accept (lab/conformance.py) and the path of
+the flow log, which is kept under /var/tmp/hostwall-demo/<time>/. Exit 0 only when every check holds.
 Runtime ≈ 40-60 s.
 """
 from __future__ import annotations
@@ -32,7 +33,7 @@ from rich.text import Text
 
 from hostwall import resource_dir
 
-from . import traffic
+from . import conformance, traffic
 from .collector_proc import LAB_CONFIG, CollectorProcess, JsonlFollower, kind, read_jsonl
 from .enforcer_proc import EnforcerProcess
 from .netns import Lab, cleanup_stale, lab_available
@@ -86,6 +87,14 @@ class DemoRun:
     normal_end: float = 0.0             # wall clock, end of the normal traffic
     status_before_flood: dict = field(default_factory=dict)
     elapsed_s: float = 0.0
+    _conformance: conformance.Conformance | None = None
+
+    @property
+    def conformance(self) -> conformance.Conformance:
+        """The flow log against ECS, OCSF and schemas/*.json (computed once, on first use)."""
+        if self._conformance is None or self._conformance.records != len(self.records):
+            self._conformance = conformance.check(self.records)
+        return self._conformance
 
 
 def _tcp(lab, src, dst, port, fam, expect, count=3, **kw) -> Step:
@@ -335,6 +344,11 @@ def checks(run: DemoRun) -> list[Check]:
                      "the log holds every delivered record", not bad_sinks, "; ".join(bad_sinks)))
     out.append(Check("collector stopped cleanly (exit 0)", run.collector_rc == 0,
                      "" if run.collector_rc == 0 else f"exit {run.collector_rc}"))
+    c = run.conformance
+    worst = "; ".join(f"{v} [{n}]" for v, n in c.problems.most_common(3))
+    out.append(Check("every record is valid against the official ECS and OCSF definitions and schemas/*.json, "
+                     "and every flow's start sorts before its end", c.ok,
+                     "" if c.ok else "; ".join(x for x in (c.line(), worst, *c.invariant_violations[:3]) if x)))
     return out
 
 
@@ -347,6 +361,11 @@ def _plain(*cells) -> list[Text]:
 
 def _n(x: int | float) -> str:
     return f"{x:,}".replace(",", " ") if isinstance(x, int) else f"{x:,.1f}".replace(",", " ")
+
+
+def _duration(s: float | None) -> str:
+    """Flow durations are exact to the µs (first to last packet): short ones in ms."""
+    return "-" if s is None else f"{s:.2f} s" if s >= 1 else f"{s * 1e3:.2f} ms"
 
 
 def print_summary(run: DemoRun, con: Console) -> list[Check]:
@@ -372,7 +391,7 @@ def print_summary(run: DemoRun, con: Console) -> list[Check]:
         where = f"{proto} {a}{f':{sp}' if sp is not None else ''} → {b}{f':{dp}' if dp is not None else ''}"
         t.add_row(*_plain(where, f["rule"] or "(conntrack)", f"{f['packets'][0]}/{f['packets'][1]}",
                           f"{_n(f['bytes'][0])}/{_n(f['bytes'][1])}",
-                          "-" if f["duration_s"] is None else f"{f['duration_s']:.2f} s", f["state"]))
+                          _duration(f["duration_s"]), f["state"]))
     con.print(t)
 
     log, enf = drops_from_log(run.records), drops_from_enforcer(run.enforcer_status)
@@ -415,6 +434,7 @@ def print_summary(run: DemoRun, con: Console) -> list[Check]:
                   f"lines in the file: {_n(jsonl_lines(name) or 0)}", highlight=False)
     if not names:
         con.print("[red]collector ledger: no final status[/]")
+    con.print(f"[bold]conformance[/] {run.conformance.line()}", highlight=False)
     con.print(f"[bold]flow log[/] {run.jsonl}  (next to it: collector.yaml it ran with, collector.log, "
               "collector-status.json = its final `hostwall-collector status --json`)", highlight=False)
 

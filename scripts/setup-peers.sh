@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# Installs and caches the real components that hostwall's peer tests talk to (DESIGN.md §7):
+# Installs and caches the real components that hostwall's peer tests talk to (docs/testing.md):
 #   kafka       Apache Kafka (KRaft) jars from Maven Central      -> $CACHE/kafka/<version>/libs/*.jar
 #               (+ kafka-tools for ProducerPerformance, log4j2 as the slf4j backend)
 #   otelcol     OpenTelemetry Collector built with the collector   -> $CACHE/otelcol/<version>/otelcol-hostwall
 #               builder from deploy/otelcol/manifest.yaml
 #   prometheus  Debian's prometheus package (binary /usr/bin/prometheus); the Debian service is never used
+#   alertmanager  Debian's prometheus-alertmanager package (/usr/bin/prometheus-alertmanager and amtool);
+#               the Debian service is never used
 #
-# Usage: scripts/setup-peers.sh [--force] [--verify] [kafka] [otelcol] [prometheus]   (default: all three)
+# Usage: scripts/setup-peers.sh [--force] [--verify] [kafka] [otelcol] [prometheus] [alertmanager]
+#        (default: all four)
 #   --force   rebuild/re-fetch even when the cache is complete
 #   --verify  re-run the start-up checks on a cached install (a fresh install is always verified)
 #
@@ -33,12 +36,12 @@ for a in "$@"; do
   case $a in
     --force) FORCE=1 ;;
     --verify) VERIFY=1 ;;
-    kafka|otelcol|prometheus) WANT+=("$a") ;;
-    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+    kafka|otelcol|prometheus|alertmanager) WANT+=("$a") ;;
+    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
     *) echo "setup-peers: unknown argument: $a" >&2; exit 2 ;;
   esac
 done
-((${#WANT[@]})) || WANT=(kafka otelcol prometheus)
+((${#WANT[@]})) || WANT=(kafka otelcol prometheus alertmanager)
 
 log() { printf '[setup-peers] %s\n' "$*"; }
 die() { printf '[setup-peers] ERROR: %s\n' "$*" >&2; exit 1; }
@@ -65,7 +68,8 @@ apt_install() {  # apt_install PKG... : install missing Debian packages, never s
   log "installing Debian packages: ${missing[*]}"
   local made_policy=0
   if [ ! -e /usr/sbin/policy-rc.d ]; then
-    # Keep postinst scripts from starting daemons (prometheus would bind :9090 as a system service).
+    # Keep postinst scripts from starting daemons (prometheus would bind :9090, alertmanager :9093 — Kafka's
+    # controller port in docker-compose.yml — as system services).
     printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d && made_policy=1
   fi
   local rc=0
@@ -295,24 +299,46 @@ setup_otelcol() {
 }
 
 # ------------------------------------------------------------------------------------------- prometheus
+no_debian_service() {  # no_debian_service NAME : tests start their own server; never rely on (or leave
+  local svc=$1         # running) the Debian service a package installed
+  if [ -d /run/systemd/system ]; then
+    if systemctl is-enabled --quiet "$svc" 2>/dev/null || systemctl is-active --quiet "$svc" 2>/dev/null
+    then
+      log "$svc: disabling the Debian service"
+      systemctl disable --now "$svc" >/dev/null 2>&1 || true
+    fi
+  elif [ -x "/etc/init.d/$svc" ] && "/etc/init.d/$svc" status >/dev/null 2>&1; then
+    log "$svc: stopping the Debian service"
+    "/etc/init.d/$svc" stop >/dev/null 2>&1 || true
+  fi
+}
+
 setup_prometheus() {
   local t0; t0=$(now)
   apt_install prometheus
   command -v prometheus >/dev/null || die "prometheus: not in PATH after installing the Debian package"
-  # Tests start their own server on a free port; never rely on (or leave running) the Debian service.
-  if [ -d /run/systemd/system ]; then
-    if systemctl is-enabled --quiet prometheus 2>/dev/null || systemctl is-active --quiet prometheus 2>/dev/null
-    then
-      log "prometheus: disabling the Debian service"
-      systemctl disable --now prometheus >/dev/null 2>&1 || true
-    fi
-  elif [ -x /etc/init.d/prometheus ] && /etc/init.d/prometheus status >/dev/null 2>&1; then
-    log "prometheus: stopping the Debian service"
-    /etc/init.d/prometheus stop >/dev/null 2>&1 || true
-  fi
+  no_debian_service prometheus
   if ((VERIFY)); then prometheus --version >/dev/null 2>&1 || die "prometheus: binary does not run"; fi
   log "prometheus: $(prometheus --version 2>&1 | head -n1)"
   timing "prometheus" "$t0"
+}
+
+# ----------------------------------------------------------------------------------------- alertmanager
+setup_alertmanager() {
+  local t0; t0=$(now)
+  apt_install prometheus-alertmanager
+  local b
+  for b in prometheus-alertmanager amtool; do
+    command -v "$b" >/dev/null || die "alertmanager: $b not in PATH after installing prometheus-alertmanager"
+  done
+  no_debian_service prometheus-alertmanager
+  if ((VERIFY)); then
+    prometheus-alertmanager --version >/dev/null 2>&1 || die "alertmanager: binary does not run"
+    amtool check-config deploy/alertmanager/alertmanager.yml >/dev/null \
+      || die "alertmanager: amtool check-config deploy/alertmanager/alertmanager.yml failed"
+  fi
+  log "alertmanager: $(prometheus-alertmanager --version 2>&1 | head -n1)"
+  timing "alertmanager" "$t0"
 }
 
 T0=$(now)

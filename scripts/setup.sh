@@ -18,9 +18,10 @@ DEB_PKGS=(python3-bpfcc libbpfcc linux-headers-amd64 iproute2 nftables iptables 
 missing=()
 for p in "${DEB_PKGS[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if ((${#missing[@]})); then
-  log "installing Debian packages: ${missing[*]}"
+  log "installing Debian packages: ${missing[*]} (a few minutes on a fresh machine)"
   apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null 2>"$CACHE/apt.log" ||
+    { tail -n 20 "$CACHE/apt.log" >&2; echo "setup: apt-get install failed (log: $CACHE/apt.log)" >&2; exit 1; }
 fi
 
 # BCC compiles against kernel headers. Debian's 6.1 headers build XDP/TC programs fine for newer kernels;
@@ -54,9 +55,17 @@ echo "$SHIM" > "$SITE/bcc-shim.pth"
 
 stamp=$VENV/.installed-$(sha256sum pyproject.toml | cut -c1-16)
 if [ ! -e "$stamp" ]; then
-  log "installing hostwall and its Python dependencies into the venv"
-  PIP_CACHE_DIR=$CACHE/pip "$VENV/bin/pip" install -q --upgrade pip
-  PIP_CACHE_DIR=$CACHE/pip "$VENV/bin/pip" install -q -e ".[test]"
+  # pip and the build backend talk a lot (progress bars, editable-install notices); keep it in a log and
+  # show it only when something fails.
+  pip_log=$CACHE/pip-install.log
+  log "installing hostwall and its Python dependencies into the venv (about a minute; log: $pip_log)"
+  if ! { PIP_CACHE_DIR=$CACHE/pip "$VENV/bin/pip" install -q --disable-pip-version-check --upgrade pip &&
+         PIP_CACHE_DIR=$CACHE/pip "$VENV/bin/pip" install -q --disable-pip-version-check -e ".[test]"; } \
+       >"$pip_log" 2>&1; then
+    tail -n 40 "$pip_log" >&2
+    echo "setup: pip install failed (full log: $pip_log)" >&2
+    exit 1
+  fi
   rm -f "$VENV"/.installed-*
   touch "$stamp"
 fi

@@ -6,17 +6,26 @@
       action_id     verdict allow 1 Allowed, drop 2 Denied, would_drop (audit) 1 Allowed
       disposition_id allow 1 Allowed, drop 2 Blocked, would_drop 15 Detected
       src/dst_endpoint  source/destination ip+port; the local side (destination for ingress, source
-                    for egress) also carries the interface and the container (container profile)
+                    for egress) also carries this host's name, the interface and the container
+                    (container profile: uid, name, runtime; the image name has no OCSF home without
+                    the image's uid, which OCSF requires, so it goes to unmapped.container)
+                    A prefix-keyed record (drop summary) has no host on the peer side: network_endpoint
+                    has no attribute for a CIDR, so the prefix stays in unmapped.hostwall.source.prefix
+                    and an endpoint left without any identifying attribute (ip, hostname, interface, …:
+                    the object's at_least_one constraint) is moved to unmapped.<side> whole
       connection_info   protocol, IP version, direction (ingress 1 Inbound, egress 2 Outbound),
                     community_uid (Community ID)
       traffic       bytes_out/packets_out = from source (initiator), bytes_in/packets_in = from destination
-      firewall_rule / policy   rule name + revision / ruleset + revision (security_control profile)
+      firewall_rule / policy   rule name + revision / ruleset + revision (security_control profile);
+                    absent when no rule (or ruleset) is known: both objects need a name or uid
       count         packets of a drop summary; connections of a flow summary
   anomaly → Detection Finding (2004): activity open 1 Create, update 2 Update, close 3 Close
   audit   → Device Config State Change (5019), activity 99 Other ("Policy Apply", "SYN Proxy Switch")
 
-Everything hostwall-specific without an OCSF home (verdict, reason, cgroup, process, anomaly numbers)
-goes to `unmapped`. Times are ms since the epoch (timestamp_t). metadata.uid = event.id.
+Everything hostwall-specific without an OCSF home (verdict, reason, cgroup, process, anomaly numbers,
+prefixes, top talkers) goes to `unmapped`. Times are ms since the epoch (timestamp_t); `metadata.uid`
+= event.id, `metadata.logged_time` = event.created. Every event validates against the official OCSF
+1.7.0 schema with its profiles and constraints (tests/conformance/ocsf.py).
 """
 from __future__ import annotations
 
@@ -31,6 +40,8 @@ _DISPOSITION = {"allow": (1, "Allowed"), "drop": (2, "Blocked"), "would_drop": (
 _DIRECTION = {"ingress": 1, "egress": 2}
 _SEVERITY = {"low": 2, "medium": 3, "high": 4, "critical": 5}
 _FINDING_ACTIVITY = {"open": 1, "update": 2, "close": 3}
+# network_endpoint's at_least_one constraint (OCSF 1.7.0)
+_ENDPOINT_IDS = ("ip", "uid", "name", "hostname", "svc_name", "instance_uid", "interface_uid", "interface_name", "domain")
 
 
 class EncodeError(ValueError):
@@ -55,6 +66,7 @@ def _metadata(rec: dict, profiles: list[str]) -> dict:
     obs = rec.get("observer", {})
     ev = rec.get("event", {})
     return {"version": OCSF_VERSION, "uid": ev.get("id"), "log_name": ev.get("dataset"), "profiles": profiles,
+            "logged_time": _ms(ev.get("created")),
             "product": {"name": obs.get("product", "hostwall"), "vendor_name": obs.get("vendor", "hostwall"),
                         "version": obs.get("version")}}
 
@@ -92,15 +104,20 @@ def _activity(rec: dict, kind: str) -> tuple[int, str]:
 def _endpoint(side: dict, local: bool, rec: dict) -> dict:
     ep = {"ip": side.get("ip"), "port": side.get("port")}
     if local:
+        ep["hostname"] = rec.get("observer", {}).get("hostname")
         iface = rec["hostwall"].get("interface", {})
         ep["interface_name"] = iface.get("name")
         ep["interface_uid"] = str(iface["id"]) if "id" in iface else None
         c = rec.get("container")
-        if c:
+        if c and (c.get("id") or c.get("name")):
             ep["container"] = {"uid": c.get("id"), "name": c.get("name"), "runtime": c.get("runtime"),
-                               "image": {"name": c["image"]["name"]} if c.get("image", {}).get("name") else None,
                                "pod_uuid": rec.get("orchestrator", {}).get("resource", {}).get("id")}
     return ep
+
+
+def _named(obj: dict) -> dict | None:
+    """firewall_rule / policy: only with a name (both objects need a name or uid)."""
+    return obj if obj.get("name") else None
 
 
 def _network_activity(rec: dict, kind: str) -> dict:
@@ -131,13 +148,20 @@ def _network_activity(rec: dict, kind: str) -> dict:
                     "packets_in": dst.get("packets"), "bytes": net.get("bytes"), "packets": net.get("packets")},
         "count": net.get("packets") if kind == "drop_summary" else
         hw["summary"]["flows"] if kind == "flow_summary" else None,
-        "firewall_rule": {"name": rec.get("rule", {}).get("name"), "version": rec.get("rule", {}).get("version")},
-        "policy": {"name": rec.get("rule", {}).get("ruleset"), "version": rec.get("rule", {}).get("version")},
+        "firewall_rule": _named({"name": rec.get("rule", {}).get("name"), "version": rec.get("rule", {}).get("version")}),
+        "policy": _named({"name": rec.get("rule", {}).get("ruleset"), "version": rec.get("rule", {}).get("version")}),
         "message": _message(rec, kind),
-        "unmapped": {"hostwall": hw, "process": rec.get("process"), "orchestrator": rec.get("orchestrator")},
+        "unmapped": {"hostwall": hw, "process": rec.get("process"), "orchestrator": rec.get("orchestrator"),
+                     "container": {"image": rec.get("container", {}).get("image")}},
     }
-    if not out["src_endpoint"].get("ip") and not out["dst_endpoint"].get("port") and kind == "drop_summary":
-        out["dst_endpoint"] = {"hostname": rec.get("observer", {}).get("hostname")}   # overflow: source unknown
+    for name in ("src_endpoint", "dst_endpoint"):
+        ep = _prune(out[name])
+        if not any(k in ep for k in _ENDPOINT_IDS):              # e.g. a prefix's port: no host to name
+            out["unmapped"][name] = ep or None
+            out[name] = None
+    if out["src_endpoint"] is None and out["dst_endpoint"] is None:
+        # an overflow summary: no key, no direction; the drops were this host's traffic
+        out["dst_endpoint"] = {"hostname": rec.get("observer", {}).get("hostname")}
     return out
 
 

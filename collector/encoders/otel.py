@@ -1,32 +1,44 @@
 """Canonical record → OpenTelemetry log record fields, as a plain dict:
 
-    {time_unix_nano, observed_time_unix_nano, severity_number, severity_text, body, attributes}
+    {time_unix_nano, observed_time_unix_nano, severity_number, severity_text, body, event_name,
+     attributes, schema_url}
 
-The OTLP sink maps this onto the SDK's LogRecord. Attributes use OpenTelemetry semantic-convention
-names where one exists and the `hostwall.` namespace otherwise; values are str/int/float/bool or
-homogeneous lists of them (what OTLP AnyValue carries):
+The OTLP sink maps this onto the SDK's LogRecord; `schema_url` (https://opentelemetry.io/schemas/
+SEMCONV_VERSION) goes on the instrumentation scope and the resource, as OTLP carries it. Attributes
+follow the OpenTelemetry semantic conventions of SEMCONV_VERSION where one exists, no deprecated
+name, and the `hostwall.` namespace otherwise (tests check every name against the
+opentelemetry-semantic-conventions package); values are str/int/float/bool or homogeneous lists of
+them (what OTLP AnyValue carries):
 
-  network.transport, network.type, network.interface.name,
-  source.address/port, destination.address/port,
+  network.transport (tcp | udp), network.type (ipv4 | ipv6), network.interface.name,
+  network.io.direction (receive = ingress, transmit = egress, as this host sees it),
+  source.address/port, destination.address/port: one host each, never a prefix (a prefix-keyed
+      record has hostwall.source.prefix instead),
+  client.address/port = the connection's initiator, server.address/port = its responder (flows),
+  security_rule.name, security_rule.ruleset.name, security_rule.version (the policy rule),
   process.pid, process.executable.name, process.executable.path,
-  container.id, container.name, container.image.name, container.runtime,
-  k8s.pod.uid, k8s.pod.name, k8s.namespace.name, host.name, event.name, log.record.uid (= event.id)
-  hostwall.*  everything else, flattened with dots (hostwall.verdict, hostwall.rule.name,
-              hostwall.community_id, hostwall.source.bytes, hostwall.anomaly.score, ...)
+  container.id, container.name, container.image.name, container.runtime.name,
+  k8s.pod.uid, k8s.pod.name, k8s.namespace.name, host.name, log.record.uid (= event.id)
+  hostwall.*  everything else, flattened with dots (hostwall.verdict, hostwall.community_id,
+              hostwall.source.bytes, hostwall.source.prefix, hostwall.anomaly.score, ...)
 
-Severity: allowed traffic and summaries INFO (9); denied/would-deny packet samples WARN (13);
-anomalies by band low WARN (13), medium WARN2 (14), high ERROR (17), critical FATAL (21);
-audit INFO (9). The body is a one-line human summary.
+The event name (`event.dataset`, e.g. hostwall.flow) is the LogRecord's EventName field, not an
+attribute (the `event.name` attribute is deprecated). Severity: allowed traffic and summaries INFO
+(9); denied/would-deny packet samples WARN (13); anomalies by band low WARN (13), medium WARN2 (14),
+high ERROR (17), critical FATAL (21); audit INFO (9). The body is a one-line human summary.
 """
 from __future__ import annotations
 
 from ..records import parse_iso_ns
 
-__all__ = ["to_otel", "SEVERITY_TEXT"]
+__all__ = ["to_otel", "SEVERITY_TEXT", "SEMCONV_VERSION", "SCHEMA_URL"]
 
+SEMCONV_VERSION = "1.44.0"
+SCHEMA_URL = f"https://opentelemetry.io/schemas/{SEMCONV_VERSION}"
 SEVERITY_TEXT = {9: "INFO", 13: "WARN", 14: "WARN2", 17: "ERROR", 21: "FATAL"}
 _ANOMALY_SEVERITY = {"low": 13, "medium": 14, "high": 17, "critical": 21}
-_OTEL_TRANSPORT = {"tcp": "tcp", "udp": "udp", "icmp": "icmp", "ipv6-icmp": "icmp", "sctp": "sctp"}
+_OTEL_TRANSPORT = {"tcp": "tcp", "udp": "udp"}          # network.transport's well-known values we see
+_IO_DIRECTION = {"ingress": "receive", "egress": "transmit"}
 
 
 def _severity(rec: dict) -> int:
@@ -57,18 +69,30 @@ def _flatten(prefix: str, value, out: dict) -> None:
 def _semconv(rec: dict) -> dict:
     a: dict = {}
     net, src, dst = rec.get("network", {}), rec.get("source", {}), rec.get("destination", {})
-    if net.get("transport"):
-        a["network.transport"] = _OTEL_TRANSPORT.get(net["transport"], net["transport"])
+    if net.get("transport") in _OTEL_TRANSPORT:
+        a["network.transport"] = _OTEL_TRANSPORT[net["transport"]]
     if net.get("type"):
         a["network.type"] = net["type"]
+    if net.get("direction") in _IO_DIRECTION:
+        a["network.io.direction"] = _IO_DIRECTION[net["direction"]]
     iface = rec.get("hostwall", {}).get("interface", {})
     if iface.get("name"):
         a["network.interface.name"] = iface["name"]
-    for side, d in (("source", src), ("destination", dst)):
-        if "ip" in d:
+    flow = rec.get("hostwall", {}).get("kind") == "flow"
+    for side, d, role in (("source", src, "client"), ("destination", dst, "server")):
+        if "ip" in d:                            # one host; a prefix (`address`) has no semconv home
             a[f"{side}.address"] = d["ip"]
-        if "port" in d:
+            if flow:
+                a[f"{role}.address"] = d["ip"]
+        if "port" in d and ("ip" in d or side == "destination"):
             a[f"{side}.port"] = d["port"]
+            if flow:
+                a[f"{role}.port"] = d["port"]
+    rule = rec.get("rule", {})
+    for k, name in (("name", "security_rule.name"), ("ruleset", "security_rule.ruleset.name"),
+                    ("version", "security_rule.version")):
+        if rule.get(k):
+            a[name] = rule[k]
     proc = rec.get("process", {})
     if "pid" in proc:
         a["process.pid"] = proc["pid"]
@@ -77,7 +101,7 @@ def _semconv(rec: dict) -> dict:
     if proc.get("executable"):
         a["process.executable.path"] = proc["executable"]
     c = rec.get("container", {})
-    for k, name in (("id", "container.id"), ("name", "container.name"), ("runtime", "container.runtime")):
+    for k, name in (("id", "container.id"), ("name", "container.name"), ("runtime", "container.runtime.name")):
         if c.get(k):
             a[name] = c[k]
     if c.get("image", {}).get("name"):
@@ -94,8 +118,6 @@ def _semconv(rec: dict) -> dict:
     if rec.get("observer", {}).get("hostname"):
         a["host.name"] = rec["observer"]["hostname"]
     ev = rec.get("event", {})
-    if ev.get("dataset"):
-        a["event.name"] = ev["dataset"]
     if ev.get("id"):
         a["log.record.uid"] = ev["id"]
     return a
@@ -104,15 +126,15 @@ def _semconv(rec: dict) -> dict:
 def _vendor(rec: dict) -> dict:
     out: dict = {}
     _flatten("hostwall", rec.get("hostwall", {}), out)
-    if rec.get("rule"):
-        _flatten("hostwall.rule", rec["rule"], out)
     net = rec.get("network", {})
+    if net.get("transport") and net["transport"] not in _OTEL_TRANSPORT:
+        out["hostwall.network.transport"] = net["transport"]
     if net.get("community_id"):
         out["hostwall.community_id"] = net["community_id"]
     if net.get("direction"):
         out["hostwall.direction"] = net["direction"]
     for side in ("source", "destination"):
-        for k in ("bytes", "packets"):
+        for k in ("bytes", "packets", "address"):
             if k in rec.get(side, {}):
                 out[f"hostwall.{side}.{k}"] = rec[side][k]
     for k in ("bytes", "packets"):
@@ -124,7 +146,9 @@ def _vendor(rec: dict) -> dict:
             out[f"hostwall.event.{k}"] = ev[k]
     if ev.get("type"):
         out["hostwall.event.type"] = list(ev["type"])
-    out["hostwall.schema_version"] = rec.get("schema_version", "")
+    for k in ("start", "end", "duration", "created"):
+        if ev.get(k) is not None:
+            out[f"hostwall.event.{k}"] = ev[k]
     return out
 
 
@@ -138,8 +162,8 @@ def _body(rec: dict) -> str:
         p = hw.get("policy", {})
         return f"policy change {p.get('old_revision', '')} -> {p.get('new_revision', '')}"
     src, dst = rec.get("source", {}), rec.get("destination", {})
-    s = f"{src.get('ip', '*')}{':' + str(src['port']) if 'port' in src else ''}"
-    d = f"{dst.get('ip', '*')}{':' + str(dst['port']) if 'port' in dst else ''}"
+    s = f"{src.get('ip') or src.get('address', '*')}{':' + str(src['port']) if 'port' in src else ''}"
+    d = f"{dst.get('ip') or dst.get('address', '*')}{':' + str(dst['port']) if 'port' in dst else ''}"
     reason = f" {hw['reason']}" if hw.get("reason") else ""
     return f"{ev.get('action', hw.get('kind', ''))} {net.get('transport', '')} {s} -> {d} {hw.get('verdict', '')}{reason}"
 
@@ -150,4 +174,5 @@ def to_otel(rec: dict, observed_ns: int | None = None) -> dict:
     sev = _severity(rec)
     return {"time_unix_nano": t, "observed_time_unix_nano": observed_ns if observed_ns is not None else t,
             "severity_number": sev, "severity_text": SEVERITY_TEXT[sev], "body": _body(rec),
-            "attributes": {**_vendor(rec), **_semconv(rec)}}
+            "event_name": rec.get("event", {}).get("dataset") or None, "attributes": {**_vendor(rec), **_semconv(rec)},
+            "schema_url": SCHEMA_URL}

@@ -4,12 +4,12 @@ bounded on-disk spool (collector.sinks.spool) that takes over while the broker i
 Messages
 - Topics (KafkaOptions): flows (flow, log, deny, drop_summary), anomalies, audit.
 - Key: flows/log/deny `network.community_id` (falls back to source.ip when there is none, e.g. ICMP
-  errors); drop summaries `hostwall.source_prefix` ("overflow:<reason>" for map-overflow summaries);
+  errors); drop summaries `hostwall.source.prefix` ("overflow:<reason>" for map-overflow summaries);
   anomalies the source prefix of their key (else "<dimension>=<value>"); audit `hostwall.pin_dir`.
   Partition = CRC-32(key) mod partitions (the same key always lands on the same partition, so per-key
   order holds; not Java's murmur2: do not mix producers on one topic if partition affinity matters).
 - Value: the record in the sink's encoding (ecs: the canonical JSON; ocsf: OCSF JSON).
-- Headers: schema_version, encoding (ecs|ocsf), kind (flow, drop_summary, anomaly, ...): one shared list
+- Headers: schema_version (the record's hostwall.schema_version), encoding (ecs|ocsf), kind (flow, drop_summary, anomaly, ...): one shared list
   per (schema, kind), no allocation per record. Dedup key: event.id in the value (ECS event.id, OCSF
   metadata.uid).
 - Timestamp: produce time (CreateTime); the event time is in the value (@timestamp).
@@ -69,13 +69,13 @@ import time
 import zlib
 from collections import Counter
 from pathlib import Path
-from typing import Any
 
 import aiokafka  # at import: a build without it fails in build_sink
 import orjson
 
-from ..records import _GcPaused
+from ..records.batch import GcPaused as _GcPaused
 from .base import BaseSink, FullQueuePolicy, SinkUnavailable
+from .kafka_client import client_kwargs, sasl_password, split_bootstrap, ssl_context
 from .spool import Spool, SpoolError
 
 log = logging.getLogger("hostwall.collector.kafka")
@@ -115,7 +115,7 @@ def route(rec: dict) -> tuple[int, bytes | None]:
     net = rec.get("network")
     key = net.get("community_id") if net else None
     if not key:
-        key = hw.get("source_prefix")
+        key = (hw.get("source") or {}).get("prefix")
         if not key:
             key = (rec.get("source") or {}).get("ip")
             if not key and hw.get("overflow"):
@@ -310,41 +310,21 @@ class KafkaSink(BaseSink):
                                   f"(pip install 'aiokafka[{c}]', cramjam>=2.8); or set kafka.compression: gzip|none")
 
     def _ssl_context(self):
-        if not self.o.tls:
-            return None
-        from aiokafka.helpers import create_ssl_context
-        try:
-            return create_ssl_context(cafile=self.o.tls_ca_file, certfile=self.o.tls_cert_file,
-                                      keyfile=self.o.tls_key_file)
-        except (OSError, ValueError) as e:       # ssl.SSLError is an OSError
-            which = ", ".join(f for f in (self.o.tls_ca_file, self.o.tls_cert_file, self.o.tls_key_file) if f)
-            raise SinkUnavailable(f"sink {self.name}: kafka TLS: cannot load {which or 'the system CAs'}: "
-                                  f"{getattr(e, 'reason', None) or e}; check kafka.tls_* (PEM files)") from None
+        return ssl_context(self.o, self.name)
 
     def _password(self) -> str | None:
-        if self.o.sasl_password_file:
-            try:
-                return Path(self.o.sasl_password_file).read_text().rstrip("\r\n")
-            except OSError as e:
-                raise SinkUnavailable(f"sink {self.name}: cannot read kafka.sasl_password_file "
-                                      f"{self.o.sasl_password_file}: {e.strerror}") from None
-        return self.o.sasl_password
+        return sasl_password(self.o, self.name)
 
     def _client_kwargs(self) -> dict:
-        kw: dict[str, Any] = {"security_protocol": self.o.security_protocol, "ssl_context": self._ssl}
-        if self.o.sasl_mechanism:
-            kw.update(sasl_mechanism=self.o.sasl_mechanism, sasl_plain_username=self.o.sasl_username,
-                      sasl_plain_password=self._sasl_password)
-        return kw
+        return client_kwargs(self.o, self._ssl, self._sasl_password)
 
     async def _probe(self) -> str | None:
         """Open one connection the way the producer will (TLS, SASL). None when it works; a message when
         the broker is unreachable; SinkUnavailable when it refuses us (credentials, certificate)."""
         from aiokafka.conn import create_conn
-        host, _, port = self.bootstrap.rpartition(":")
-        host = host.strip("[]")
         try:
-            conn = await asyncio.wait_for(create_conn(host, int(port), client_id=self.client_id,
+            host, port = split_bootstrap(self.bootstrap)
+            conn = await asyncio.wait_for(create_conn(host, port, client_id=self.client_id,
                                                       request_timeout_ms=int(CONNECT_TIMEOUT_S * 1000),
                                                       **self._client_kwargs()), CONNECT_TIMEOUT_S)
         except Exception as e:                       # noqa: BLE001 — classified below
@@ -487,7 +467,8 @@ class KafkaSink(BaseSink):
                 continue
             t, key = route(r)
             topic = topics[t]
-            hk = (r.get("schema_version") or "", (r.get("hostwall") or {}).get("kind") or "")
+            hw = r.get("hostwall") or {}
+            hk = (hw.get("schema_version") or "", hw.get("kind") or "")
             h = hdrs.get(hk)
             if h is None:
                 if len(hdrs) > 256:                  # unexpected variety: do not grow without bound

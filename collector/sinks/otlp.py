@@ -4,11 +4,13 @@ or HTTP/protobuf (opentelemetry-exporter-otlp).
 Mapping (collector/encoders/otel.py): timestamp = the record's @timestamp, observed timestamp = when this
 sink exported it, severity (flows/summaries INFO, denies WARN, anomalies WARN..FATAL by band, audit INFO),
 body = a one-line summary, attributes = OpenTelemetry semantic conventions (network.*, source.*,
-destination.*, process.*, container.*, k8s.*, host.name, event.name, log.record.uid = event.id) plus
-hostwall.*; event_name = event.dataset. Resource: service.*, host.*, hostwall.pin_dir and
-hostwall.interfaces (collector/resource.py). Scope: "hostwall.collector".
+destination.*, client.*, server.*, security_rule.*, process.*, container.*, k8s.*, host.name,
+log.record.uid = event.id) plus hostwall.*; event_name = event.dataset. Resource: service.*, host.*,
+hostwall.pin_dir and hostwall.interfaces (collector/resource.py). Scope: "hostwall.collector". Scope and
+resource carry the semantic conventions' schema URL (encoders.otel.SCHEMA_URL: the version the
+attribute names follow).
 
-Delivery (DESIGN.md §6): the pipeline's bounded queue in front of this sink drops the OLDEST batch when
+Delivery (docs/collector.md "Delivery and loss"): the pipeline's bounded queue in front of this sink drops the OLDEST batch when
 full (full_queue_policy drop_oldest, counted "queue_full" in the ledger): fresh data first. send() exports
 in requests of `otlp.batch` records on a worker thread. The SDK exporter retries only retryable errors
 (gRPC UNAVAILABLE, RESOURCE_EXHAUSTED, ...; HTTP 429/502/503/504 and connection errors) with jittered
@@ -112,10 +114,11 @@ class OtlpSink(BaseSink):
         from opentelemetry.sdk.resources import Resource
         from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
+        from hostwall.collector.encoders.otel import SCHEMA_URL
         from hostwall.collector.enrich.host import collector_version
         self._exporter = make_log_exporter(self.endpoint, self.o)
-        self._resource = Resource.create(self.resource_attrs)
-        self._scope = InstrumentationScope(SCOPE, collector_version())
+        self._resource = Resource.create(self.resource_attrs, schema_url=SCHEMA_URL)
+        self._scope = InstrumentationScope(SCOPE, collector_version(), schema_url=SCHEMA_URL)
 
     async def close(self) -> None:
         if self._exporter is not None and not self._closed:
@@ -135,7 +138,7 @@ class OtlpSink(BaseSink):
                 attrs = o["attributes"]
                 lr = LogRecord(timestamp=o["time_unix_nano"], observed_timestamp=observed_ns,
                                severity_text=o["severity_text"], severity_number=SeverityNumber(o["severity_number"]),
-                               body=o["body"], attributes=attrs, event_name=attrs.get("event.name"))
+                               body=o["body"], attributes=attrs, event_name=o["event_name"])
             except Exception as e:                  # noqa: BLE001 — counted, never silent
                 self._lose("encode_error", 1)
                 self.last_error = f"encode: {type(e).__name__}: {e}"

@@ -41,7 +41,7 @@ class Harness:
     def install(self, policy: Policy | str, dos_interfaces: dict[int, str] | None = None) -> Policy:
         if isinstance(policy, str):
             policy = parse_policy(policy)
-        self.slots = {r.name: i for i, r in enumerate(policy.rules)}
+        self.slots = {n: i for i, n in enumerate(policy.counter_names())}     # rules, then essential_icmp
         self.compiled = compile_policy(policy, self.slots, 1, dos_interfaces)
         self.dp.install(self.compiled)
         self.dp.clear_conntrack()

@@ -2,10 +2,13 @@
 judge the very same packet."""
 from __future__ import annotations
 
-from scapy.layers.inet import ICMP, IP, TCP, UDP
+import struct
+
+from scapy.layers.inet import ICMP, IP, TCP, UDP, IPerror, UDPerror
 from scapy.layers.inet6 import (
     ICMPv6EchoReply,
     ICMPv6EchoRequest,
+    IPerror6,
     IPv6,
     IPv6ExtHdrDestOpt,
     IPv6ExtHdrFragment,
@@ -20,11 +23,24 @@ from hostwall.enforcer.reference import Packet
 ETH = dict(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
 
 
+def _icmp_any(pkt: Packet, t: int, code: int):
+    """Any ICMP/ICMPv6 type and code: the 8-byte header (checksum 0: the datapath does not check it),
+    then, for an error with inner_src, the embedded packet (IP header + UDP header) it reports."""
+    body = struct.pack("!BBHHH", t, code, 0, pkt.sport or 1, 1)
+    if pkt.inner_src is not None:
+        inner = (IPerror(src=pkt.inner_src, dst=pkt.src) if pkt.family == 4 else IPerror6(src=pkt.inner_src, dst=pkt.src))
+        body += raw(inner / UDPerror(sport=4000, dport=53))
+    return Raw(body)
+
+
 def l4(pkt: Packet, flags: str = "A", icmp_type: int | None = None):
     if pkt.protocol == 6:
         return TCP(sport=pkt.sport, dport=pkt.dport, flags=flags)
     if pkt.protocol == 17:
         return UDP(sport=pkt.sport, dport=pkt.dport)
+    if pkt.protocol in (1, 58) and (pkt.icmp_type is not None or pkt.icmp_code or pkt.inner_src):
+        t, code = pkt.icmp
+        return _icmp_any(pkt, t if icmp_type is None else icmp_type, code)
     if pkt.protocol == 1:
         return ICMP(type=8 if icmp_type is None else icmp_type, id=pkt.sport or 1)
     if pkt.protocol == 58:
@@ -36,11 +52,12 @@ def frame(pkt: Packet, flags: str = "A", ext: tuple[str, ...] = (), vlan: bool =
           icmp_type: int | None = None) -> bytes:
     """Ethernet frame for `pkt`. ext: IPv6 extension headers to insert (hbh, rt, dst, frag)."""
     if pkt.family == 4:
-        ip = IP(src=pkt.src, dst=pkt.dst, proto=pkt.protocol, flags=0, frag=100 if pkt.fragment else 0)
+        ip = IP(src=pkt.src, dst=pkt.dst, proto=pkt.protocol, flags=0, frag=100 if pkt.fragment else 0,
+                ttl=pkt.hop_limit)
         body = Raw(b"\0" * 16) if pkt.fragment else l4(pkt, flags, icmp_type)
         p = ip / body
     else:
-        p = IPv6(src=pkt.src, dst=pkt.dst)
+        p = IPv6(src=pkt.src, dst=pkt.dst, hlim=pkt.hop_limit)
         for e in ext:
             p = p / {"hbh": IPv6ExtHdrHopByHop, "rt": IPv6ExtHdrRouting, "dst": IPv6ExtHdrDestOpt,
                      "frag": lambda: IPv6ExtHdrFragment(offset=0, m=1)}[e]()
@@ -48,6 +65,8 @@ def frame(pkt: Packet, flags: str = "A", ext: tuple[str, ...] = (), vlan: bool =
             p = p / IPv6ExtHdrFragment(offset=10, nh=pkt.protocol) / Raw(b"\0" * 16)
         else:
             p = p / l4(pkt, flags, icmp_type)
+            if isinstance(p.lastlayer(), Raw) and pkt.protocol == 58:
+                p.lastlayer().underlayer.nh = 58          # a raw ICMPv6 message (scapy would write 59)
             if pkt.protocol not in (6, 17, 1, 58):
                 p.lastlayer().underlayer.nh = pkt.protocol if p.lastlayer().underlayer else None
     eth = Ether(**ETH)

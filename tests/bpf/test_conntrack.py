@@ -242,7 +242,11 @@ def test_closed_connection_is_not_reported_twice_when_its_slot_is_taken(harness,
 def test_restart_with_another_build_carries_connections_over(harness):
     """control._migrate_conntrack: a freshly loaded datapath takes over the tables slot for slot, with
     the old hash seed, so replies of connections opened before the restart still pass."""
-    from hostwall.enforcer.control import _migrate_conntrack
+    import os
+
+    from hostwall.bpf import bpfsys
+    from hostwall.bpf.instance import Instance
+    from hostwall.enforcer.control import CONNTRACK_MAPS, _migrate_conntrack
     from hostwall.enforcer.datapath import Datapath
     harness.install(POLICY % "true")
     for sport, v6 in ((40000, False), (40001, False), (40000, True)):     # established: loading takes longer
@@ -250,10 +254,20 @@ def test_restart_with_another_build_carries_connections_over(harness):
         harness.run("xdp", in_tcp("SA", dport=sport, v6=v6))
         harness.run("tc_egress", out_tcp("A", sport=sport, v6=v6))
     new = Datapath.load()
+    # the old build is seen through its pins, of which a build with other maps shares only conntrack's
+    pins = f"/sys/fs/bpf/hostwall-test-migrate-{os.getpid()}"
     try:
+        os.makedirs(f"{pins}/maps")
+        for name in CONNTRACK_MAPS:
+            bpfsys.obj_pin(harness.dp.map_fds[name], f"{pins}/maps/{name}")
+        old = Instance.open_maps(pins, CONNTRACK_MAPS)
+        assert old is not None and Instance.open_maps(pins, ("hw_frag4",)) is None
         new.install(harness.compiled)
         assert new.config()["table_seed"] != harness.dp.config()["table_seed"]   # random per load
-        assert _migrate_conntrack(harness.dp, new) == 3
+        try:
+            assert _migrate_conntrack(old, new) == 3
+        finally:
+            old.close()
         assert new.config()["table_seed"] == harness.dp.config()["table_seed"]
         other = type(harness)(new)
         other.slots = harness.slots
@@ -263,6 +277,7 @@ def test_restart_with_another_build_carries_connections_over(harness):
         assert other.run("xdp", in_tcp("PA", dport=40002)).reason == "default_deny"   # never opened
     finally:
         new.close()
+        Instance.unpin(pins)
 
 
 # ---- tracking under attack: unconfirmed entries go first -----------------------------------------

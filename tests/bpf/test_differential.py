@@ -1,8 +1,9 @@
 """The loaded XDP/TC programs judge exactly like the reference evaluator (enforcer/reference.py).
 
-Random policies (peers v4/v6, protocols, ports and ranges, priorities with ties, defaults, audit) and
-random packets drawn from the same small address/port universe, so that rules overlap and hit often.
-Conntrack is cleared after every packet: the packets here are judged by policy alone."""
+Random policies (peers v4/v6, protocols, ports and ranges, ICMP types and codes by name, number and
+type/code, priorities with ties, defaults, audit, essential ICMP on and off) and random packets drawn
+from the same small address/port/type universe, so that rules overlap and hit often. Conntrack and
+the fragment table are cleared after every packet: the packets here are judged by policy alone."""
 from __future__ import annotations
 
 import ipaddress
@@ -23,8 +24,21 @@ V6 = ["fd00::/16", "fd00:1::/32", "fd00:1:2::/48", "fd00:1:2::3/128", "fd00:2::/
 V4_HOSTS = ["10.1.2.3", "10.1.2.200", "10.1.9.9", "10.2.0.1", "10.3.200.1", "10.9.9.9", "192.168.1.1", "11.0.0.1",
             "200.1.1.1", "10.3.127.255", "10.1.2.127", "10.1.2.128"]
 V6_HOSTS = ["fd00:1:2::3", "fd00:1:2::4", "fd00:1:3::1", "fd00:2::1", "fd00:3::1", "fd01::1", "2001:db8::1",
-            "fd00:1:2:0:8000::1", "fd00:1:2:0:7fff::1", "::1:2", "fe80::1"]
+            "fd00:1:2:0:8000::1", "fd00:1:2:0:7fff::1", "::1:2", "fe80::1", "fe80::2", "::"]
 PORTS = [1, 22, 53, 80, 443, 8000, 8050, 8100, 8101, 65535]
+# icmp_types entries of rules, and the (type, code) of packets, per family: names, numbers, type/code,
+# the essential messages (ND, MLD, path-MTU errors) and their neighbours
+ICMP_SPECS = {
+    4: ["echo-request", "echo-reply", 8, 0, 3, "3/4", "3/3", "destination-unreachable/fragmentation-needed",
+        "time-exceeded", "11/1", 5, "redirect/host-redirect", "timestamp", "12/0", 255, "255/255"],
+    6: ["echo-request", "echo-reply", 128, 1, "1/4", "packet-too-big", "2/0", 3, "time-exceeded/ttl-zero-during-transit",
+        "4/1", "neighbour-solicitation", "nd-router-advert", 136, 137, 133, "mld-listener-query", 143, "131/0"],
+}
+ICMP_MESSAGES = {
+    4: [(8, 0), (0, 0), (3, 4), (3, 3), (3, 1), (11, 0), (11, 1), (5, 1), (13, 0), (12, 0), (255, 255), (4, 0)],
+    6: [(128, 0), (129, 0), (1, 4), (1, 0), (2, 0), (2, 1), (3, 0), (3, 1), (4, 1), (133, 0), (134, 0), (135, 0),
+        (136, 0), (137, 0), (130, 0), (131, 0), (132, 0), (143, 0), (138, 0)],
+}
 
 
 def port_spec():
@@ -42,6 +56,9 @@ def rules(draw, i):
         r["peers"] = draw(st.lists(st.sampled_from(V4 + V6), min_size=1, max_size=4, unique=True))
     if proto in ("tcp", "udp", "any") and draw(st.booleans()):
         r["ports"] = draw(port_spec())
+    if proto in ("icmp", "icmpv6") and draw(st.booleans()):
+        r["icmp_types"] = draw(st.lists(st.sampled_from(ICMP_SPECS[4 if proto == "icmp" else 6]),
+                                        min_size=1, max_size=4))
     return r
 
 
@@ -50,22 +67,32 @@ def policies(draw):
     n = draw(st.integers(0, 10))
     rs = [draw(rules(i)) for i in range(n)]
     d = {"ingress": draw(st.sampled_from(["allow", "deny"])), "egress": draw(st.sampled_from(["allow", "deny"])),
-         "stateful": draw(st.booleans()), "audit": draw(st.booleans())}
+         "stateful": draw(st.booleans()), "audit": draw(st.booleans()), "essential_icmp": draw(st.booleans())}
     import json
     return f"version: 1\nname: diff\ndefaults: {json.dumps(d)}\nrules: {json.dumps(rs)}\n"
 
 
 @st.composite
-def packets(draw):
+def packets(draw, icmp_only: bool = False):
     fam = draw(st.sampled_from([4, 6]))
     hosts = V4_HOSTS if fam == 4 else V6_HOSTS
-    proto = draw(st.sampled_from([6, 17, 1 if fam == 4 else 58, 47]))
+    proto = 1 if fam == 4 else 58
+    if not icmp_only:
+        proto = draw(st.sampled_from([6, 17, proto, 47]))
     frag = draw(st.booleans()) if draw(st.integers(0, 9)) == 0 else False
     ports = proto in (6, 17)
+    src, dst = draw(st.sampled_from(hosts)), draw(st.sampled_from(hosts))
+    icmp = {}
+    if proto in (1, 58) and not frag:
+        t, code = draw(st.one_of(st.sampled_from(ICMP_MESSAGES[fam]),
+                                 st.tuples(st.integers(0, 255), st.integers(0, 255))))
+        inner = draw(st.sampled_from([None, dst, src, hosts[0]]))     # dst: an error about our own packet
+        icmp = {"icmp_type": t, "icmp_code": code, "hop_limit": draw(st.sampled_from([1, 64, 255])),
+                "inner_src": inner}
     return Packet(direction=draw(st.sampled_from(["ingress", "egress"])), family=fam,
-                  src=draw(st.sampled_from(hosts)), dst=draw(st.sampled_from(hosts)), protocol=proto,
+                  src=src, dst=dst, protocol=proto,
                   sport=draw(st.sampled_from(PORTS)) if ports else 0, dport=draw(st.sampled_from(PORTS)) if ports else 0,
-                  fragment=frag)
+                  fragment=frag, **icmp)
 
 
 def check(harness, policy, pkt: Packet, **frame_kw):
@@ -79,7 +106,7 @@ def check(harness, policy, pkt: Packet, **frame_kw):
         assert got.verdict == want.verdict, ctx
         assert got.passed == (want.verdict != "drop"), ctx
         if want.verdict == "allow":
-            assert got.reason == ("pass_rule" if want.rule else "pass_default"), ctx
+            assert got.reason == (want.reason or ("pass_rule" if want.rule else "pass_default")), ctx
         else:
             assert got.reason == want.reason, ctx
         want_slot = harness.slots[want.rule] if want.rule else None
@@ -89,6 +116,36 @@ def check(harness, policy, pkt: Packet, **frame_kw):
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture])
 @given(policy_text=policies(), pkts=st.lists(packets(), min_size=1, max_size=25))
 def test_datapath_matches_reference(harness, policy_text, pkts):
+    policy = harness.install(policy_text)
+    for pkt in pkts:
+        check(harness, policy, pkt)
+
+
+@st.composite
+def icmp_policies(draw):
+    """Policies of ICMP rules only (so icmp_types decide often), both families, essential on or off."""
+    import json
+    rs = []
+    for i in range(draw(st.integers(1, 8))):
+        r = draw(rules(i))
+        r["protocol"] = proto = draw(st.sampled_from(["icmp", "icmpv6"]))
+        r.pop("ports", None)
+        if draw(st.integers(0, 3)):
+            r["icmp_types"] = draw(st.lists(st.sampled_from(ICMP_SPECS[4 if proto == "icmp" else 6]),
+                                            min_size=1, max_size=4))
+        else:
+            r.pop("icmp_types", None)
+        rs.append(r)
+    d = {"ingress": draw(st.sampled_from(["allow", "deny"])), "egress": draw(st.sampled_from(["allow", "deny"])),
+         "audit": draw(st.booleans()), "essential_icmp": draw(st.booleans())}
+    return f"version: 1\nname: icmp\ndefaults: {json.dumps(d)}\nrules: {json.dumps(rs)}\n"
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture])
+@given(policy_text=icmp_policies(), pkts=st.lists(packets(icmp_only=True), min_size=1, max_size=25))
+def test_icmp_types_and_codes_match_reference(harness, policy_text, pkts):
+    """ICMP and ICMPv6 type/code matching (names, numbers, type/code) and essential ICMP (ND with hop
+    limit 255, MLD from link-local with hop limit 1, path-MTU errors about our own packets), v4 and v6."""
     policy = harness.install(policy_text)
     for pkt in pkts:
         check(harness, policy, pkt)

@@ -1,5 +1,5 @@
 """Kernel reporting: flow/deny/log events into the ring buffer within budget, and drop aggregation
-that adds up exactly to the drop counters (docs/collector.md)."""
+that adds up exactly to the drop counters (docs/collector.md "Delivery and loss")."""
 from __future__ import annotations
 
 import numpy as np

@@ -1,4 +1,4 @@
-"""hostwall-enforcer's contract (DESIGN.md §4) on a real veth pair in a throwaway netns."""
+"""hostwall-enforcer's contract (docs/cli.md) on a real veth pair in a throwaway netns."""
 from __future__ import annotations
 
 import json

@@ -18,12 +18,17 @@ T0 = 1_700_000_000.0
 SCHEMA = json.loads((Path(__file__).resolve().parents[2] / "schemas" / "anomaly.schema.json").read_text())
 
 
-def summary(prefix: str, packets: float, t0: float, t1: float, reason="default_deny", port=22, transport="tcp") -> dict:
-    return {"@timestamp": iso_ns(int(t1 * 1e9)), "event": {"type": ["denied"]},
-            "network": {"transport": transport, "packets": packets},
-            "destination": {"port": port}, "source": {"ip": prefix.split("/")[0]},
-            "hostwall": {"kind": "drop_summary", "reason": reason, "source_prefix": prefix,
-                         "window": {"start": iso_ns(int(t0 * 1e9)), "end": iso_ns(int(t1 * 1e9))}}}
+def summary(prefix: str, packets: float, t0: float, t1: float, reason="default_deny", port=22, transport="tcp",
+            peers: list[tuple[str, int]] = ()) -> dict:
+    """A drop summary as collector/records/drops.py makes it; peers: (ip, packets) of hostwall.top_peers."""
+    rec = {"@timestamp": iso_ns(int(t1 * 1e9)), "event": {"type": ["denied"]},
+           "network": {"transport": transport, "packets": packets},
+           "destination": {"port": port}, "source": {"address": prefix},
+           "hostwall": {"kind": "drop_summary", "reason": reason, "source": {"prefix": prefix},
+                        "window": {"start": iso_ns(int(t0 * 1e9)), "end": iso_ns(int(t1 * 1e9))}}}
+    if peers:
+        rec["hostwall"]["top_peers"] = [{"ip": ip, "packets": n, "bytes": 60 * n} for ip, n in peers]
+    return rec
 
 
 def flow_start(src: str, port: int, t: float) -> dict:
@@ -57,7 +62,8 @@ def anomaly_records() -> list[dict]:
     def traffic(s):
         recs = steady(s, rng)
         if 120 <= s < 180:
-            recs.append(summary("10.9.9.0/24", 5000, T0 + s, T0 + s + 1, reason="syn_flood", port=443))
+            recs.append(summary("10.9.9.0/24", 5000, T0 + s, T0 + s + 1, reason="syn_flood", port=443,
+                                peers=[("10.9.9.7", 4000), ("10.9.9.8", 900), ("10.9.9.9", 100)]))
         return recs
     return run(det, 300, traffic)
 
@@ -110,11 +116,20 @@ def test_flood_opens_updates_and_closes_with_everything_the_record_needs():
         assert opened["baseline"]["rate"] == 0 and opened["rate"] >= 50
         assert max(a["rate"] for a in seq) == pytest.approx(5000)
         assert closed["peak_rate"] == pytest.approx(5000) and closed["severity"] == "critical"
-        assert closed["top_talkers"][0]["source"] == "10.9.9.0/24"
+        # individual sources with integer counts over the whole anomaly: 60 s of the flood
+        assert closed["top_talkers"] == [{"source": "10.9.9.7", "count": 240000, "packets": 240000, "bytes": 14400000},
+                                         {"source": "10.9.9.8", "count": 54000, "packets": 54000, "bytes": 3240000},
+                                         {"source": "10.9.9.9", "count": 6000, "packets": 6000, "bytes": 360000}]
+        assert opened["top_talkers"][0] == {"source": "10.9.9.7", "count": 4000, "packets": 4000, "bytes": 240000}
         # flood ends at T0+180; the window drains by +190; quiet_s = 30 → close at +220
         assert closed["closed_at"] == iso_ns(int((T0 + 220) * 1e9))
     assert len({r["event"]["id"] for r in recs}) == len(recs)
     assert all(r["observer"]["hostname"] == "fw-1" for r in recs)
+    # keyed by a prefix: the CIDR in source.address and hostwall.source.prefix, never in source.ip
+    pre = [r for r in recs if r["hostwall"]["anomaly"]["key"]["dimension"] == "source_prefix"]
+    assert pre and all(r["source"] == {"address": "10.9.9.0/24"} and r["hostwall"]["source"] == {"prefix": "10.9.9.0/24"}
+                       for r in pre)
+    assert all("source" not in r for r in recs if r not in pre)
 
 
 def test_spike_over_a_learned_baseline_and_minimum_rate_gate():
@@ -141,7 +156,8 @@ def test_flow_signal_connection_burst():
     assert [r["hostwall"]["anomaly"]["state"] for r in recs][0] == "open"
     assert recs[0]["hostwall"]["anomaly"]["key"] == {"signal": "flows", "dimension": "destination_port",
                                                      "value": "tcp/8443", "transport": "tcp", "port": 8443}
-    assert len(recs[0]["hostwall"]["anomaly"]["top_talkers"]) == 5
+    talkers = recs[0]["hostwall"]["anomaly"]["top_talkers"]
+    assert len(talkers) == 5 and all(isinstance(t["count"], int) and "/" not in t["source"] for t in talkers)
 
 
 def test_keys_are_bounded_and_evictions_counted():

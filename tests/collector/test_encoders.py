@@ -6,6 +6,7 @@ tests/data/README.md), checked by tests/conformance/ecs.py."""
 from __future__ import annotations
 
 import copy
+import ipaddress
 import json
 from pathlib import Path
 
@@ -21,10 +22,6 @@ from hostwall.collector.records import ECS_VERSION, parse_iso_ns
 from tests.collector.test_anomaly import anomaly_records
 from tests.collector.test_records import HOST, audit_record, builder, sample_records, state
 from tests.conformance import ecs
-
-# not an ECS field: tests/collector/test_record_conformance.py reports it until it moves under hostwall.*
-PENDING_TOP = {"schema_version"}
-
 
 # ------------------------------------------------------------------------------------- fixtures
 
@@ -100,9 +97,8 @@ def assert_ecs_fields(records) -> set[str]:
     arrays, categorization allowed values and expected_event_types); returns the ECS paths seen."""
     seen = set()
     for r in records:
-        rec = {k: v for k, v in r.items() if k not in PENDING_TOP}
-        assert ecs.validate(rec) == [], (r["event"].get("action"), ecs.validate(rec))
-        seen |= {path for path, _ in leaves({k: v for k, v in rec.items() if k != "hostwall"})}
+        assert ecs.validate(r) == [], (r["event"].get("action"), ecs.validate(r))
+        seen |= {path for path, _ in leaves({k: v for k, v in r.items() if k != "hostwall"})}
     return seen
 
 
@@ -211,11 +207,61 @@ def test_ocsf_refuses_unknown_kinds():
 
 # ------------------------------------------------------------------------------------------ OTel
 
+def semconv_names() -> tuple[set[str], set[str]]:
+    """(attribute names the installed opentelemetry-semantic-conventions package defines, those of them
+    it marks deprecated — renamed or dropped, not merely moved to stable), from the package's source."""
+    import importlib.util
+    import pkgutil
+    import re
+    names, deprecated = set(), set()
+    const = re.compile(r'^[A-Z0-9_]+: Final = "([a-z0-9_.]+)"\n"""\n(.*?)"""', re.M | re.S)
+    for pkg in ("opentelemetry.semconv.attributes", "opentelemetry.semconv._incubating.attributes"):
+        for m in pkgutil.iter_modules(importlib.import_module(pkg).__path__):
+            text = Path(importlib.util.find_spec(f"{pkg}.{m.name}").origin).read_text()
+            for name, doc in const.findall(text):
+                names.add(name)
+                if doc.lstrip().startswith("Deprecated") and "in favor of stable" not in doc:
+                    deprecated.add(name)
+    return names, deprecated
+
+
+def test_otel_attributes_follow_the_semantic_conventions_of_the_schema_url(tmp_path, monkeypatch):
+    from opentelemetry.semconv.attributes.network_attributes import NetworkTransportValues, NetworkTypeValues
+    from opentelemetry.semconv.schemas import Schemas
+
+    from hostwall.collector.encoders.otel import SCHEMA_URL, SEMCONV_VERSION
+    assert SCHEMA_URL == f"https://opentelemetry.io/schemas/{SEMCONV_VERSION}"
+    assert SCHEMA_URL in {s.value for s in Schemas}, "the package must know the version we name"
+    names, deprecated = semconv_names()
+    assert {"network.transport", "source.address", "server.address", "security_rule.name"} <= names
+    assert "container.runtime" in deprecated and "event.name" in deprecated and "source.address" not in deprecated
+    audit = builder().on_audit(audit_record(tmp_path, monkeypatch))
+    seen = set()
+    for r in all_records() + [audit]:
+        o = to_otel(r)
+        assert o["schema_url"] == SCHEMA_URL and o["event_name"] == r["event"]["dataset"]
+        for k in o["attributes"]:
+            if k.startswith("hostwall."):
+                continue
+            assert k in names, f"{k} is not an OpenTelemetry semantic-convention attribute"
+            assert k not in deprecated, f"{k} is deprecated in semantic conventions {SEMCONV_VERSION}"
+            seen.add(k)
+        a = o["attributes"]
+        assert a.get("network.transport", "tcp") in {v.value for v in NetworkTransportValues}
+        assert a.get("network.type", "ipv4") in {v.value for v in NetworkTypeValues}
+        assert a.get("network.io.direction", "receive") in ("receive", "transmit")
+        for side in ("source", "destination", "client", "server"):      # one host, never a prefix
+            if f"{side}.address" in a:
+                ipaddress.ip_address(a[f"{side}.address"])
+    assert {"client.address", "server.port", "network.io.direction", "security_rule.name",
+            "container.runtime.name"} <= seen, seen
+
+
 def test_otel_log_records():
     for r in all_records():
         o = to_otel(r)
         assert set(o) == {"time_unix_nano", "observed_time_unix_nano", "severity_number", "severity_text", "body",
-                          "attributes"}
+                          "attributes", "event_name", "schema_url"}
         assert o["time_unix_nano"] == parse_iso_ns(r["@timestamp"])
         assert isinstance(o["body"], str) and o["body"]
         for k, v in o["attributes"].items():
@@ -227,8 +273,13 @@ def test_otel_log_records():
     a = flow["attributes"]
     assert (a["network.transport"], a["network.type"], a["source.address"], a["source.port"],
             a["destination.address"], a["destination.port"]) == ("tcp", "ipv4", "10.66.2.2", 40000, "10.66.1.2", 22)
+    assert (a["client.address"], a["client.port"], a["server.address"], a["server.port"]) == \
+        ("10.66.2.2", 40000, "10.66.1.2", 22)                                    # initiator = client
     assert a["k8s.pod.name"] == "bastion-0" and a["k8s.namespace.name"] == "ops" and a["process.pid"] == 321
-    assert a["hostwall.rule.name"] == "ssh-admin" and a["hostwall.community_id"].startswith("1:")
+    assert a["security_rule.name"] == "ssh-admin" and a["security_rule.ruleset.name"] == "edge-web"
+    assert a["hostwall.community_id"].startswith("1:") and a["network.io.direction"] == "receive"
+    summary = to_otel([r for r in sample_records() if r["hostwall"]["kind"] == "drop_summary"][0])["attributes"]
+    assert "source.address" not in summary and summary["hostwall.source.prefix"] == "10.66.3.0/24"
     assert (flow["severity_number"], flow["severity_text"]) == (9, "INFO")
     deny = to_otel([r for r in sample_records() if r["event"]["action"] == "deny"][0])
     assert (deny["severity_number"], deny["severity_text"]) == (13, "WARN")

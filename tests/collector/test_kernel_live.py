@@ -10,15 +10,17 @@ import asyncio
 import json
 import os
 import secrets
+import socket
 import time
 from collections import Counter
 
+import numpy as np
 import pytest
 from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.l2 import Ether
 from scapy.packet import raw
 
-from hostwall.bpf import bpfsys, conntrack
+from hostwall.bpf import bpfsys, conntrack, slot_table
 from hostwall.bpf import layout as L
 from hostwall.collector.kernel import MAPS, KernelSource
 
@@ -158,6 +160,56 @@ def test_drop_drain_adds_up_exactly_to_the_drop_counters(kernel):
     assert len(again.keys) == 0 and again.t0_ns == d.t1_ns
 
 
+def _drop_src_slot(keys: np.ndarray, seed: int) -> np.ndarray:
+    """The hw_drop_srcs slot of each key (hw_drop_src rows): agg_src's hash over the first 32 bytes,
+    by the user-space twin of tbl_first_slot."""
+    k32 = np.frombuffer(np.ascontiguousarray(keys).tobytes(), np.uint8).reshape(len(keys), -1)[:, :32]
+    return slot_table.first_slot(np.ascontiguousarray(k32).view([("w", "<u8", (4,))]).ravel(), seed,
+                                 L.C["HW_DROP_SRC_SLOTS"], 1)
+
+
+def test_drop_drain_lists_individual_peers_with_exact_counts(kernel):
+    """The per-interval peer table behind the summaries' top talkers: every peer of a key, one host
+    each, its packets and IP-layer bytes exact when no other peer of the interval shares its slot
+    (which the user-space twin of the hash tells); drained with the aggregate and zeroed."""
+    ks, dp, _ = kernel
+    cpus = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(cpus)})            # one CPU: per-CPU slots fill in the order sent
+    try:
+        ks.drain_drops()
+        sent: Counter = Counter()
+        for i in range(300):
+            for src, dport in ((f"198.51.100.{i % 50}", 22), (f"203.0.113.{i % 7}", 443)):
+                xdp(dp, tcp_in(src=src, sport=1000 + i, dport=dport))
+                sent[(src, dport)] += 1
+        d = ks.drain_drops()
+    finally:
+        os.sched_setaffinity(0, cpus)
+    agg = {int(k["dport"]): k for k in d.keys}
+    want = np.zeros(len(sent), L.DTYPES["hw_drop_src"])
+    for i, (src, dport) in enumerate(sent):
+        want["k"][i] = agg[dport]
+        want["k"]["src"][i][:4] = np.frombuffer(socket.inet_aton(src), np.uint8)
+    slot = _drop_src_slot(want, int(dp.config()["table_seed"]))
+    first_in_slot = {}
+    for i, sl in enumerate(slot.tolist()):
+        first_in_slot.setdefault(sl, i)            # sent in this order: the first key keeps the slot
+    got = {(socket.inet_ntoa(bytes(s["k"]["src"][:4])), int(s["k"]["dport"])): (int(s["packets"]), int(s["bytes"]))
+           for s in d.sources}
+    assert got, "no individual peers were drained"
+    holders = {i for i in first_in_slot.values()}
+    for i, (key, n) in enumerate(sent.items()):
+        if i in holders:
+            assert got.get(key) == (n, 40 * n), (key, got.get(key))      # 40 = IP + TCP header bytes
+        else:
+            assert key not in got                                          # lost its slot: not listed
+    assert len(got) == len(holders) and len(sent) - len(holders) == len(slot) - len(set(slot.tolist()))
+    for s in d.sources:                             # each lies in its summary's prefix, key for key
+        k = s["k"].copy()
+        assert bytes(k["src"][:3]) == bytes(agg[int(k["dport"])]["src"][:3]) and k["prefix_len"] == 24
+    assert len(ks.drain_drops().sources) == 0      # the drained slots were zeroed
+
+
 def test_full_aggregation_map_overflow_is_drained_and_zeroed(kernel):
     ks, dp, _ = kernel
     ks.set_knobs(agg_prefix_v4=32)
@@ -233,6 +285,83 @@ def test_conntrack_scan_aggregates_connections_that_ended_unconfirmed(kernel):
     assert not list(validator("flow.schema.json").iter_errors(r))
 
 
+def test_a_fin_closed_connection_is_reported_after_its_grace_with_its_last_ack_and_precise_times(kernel):
+    """Counts equal a capture: the last ACK after both FINs belongs to the flow. The datapath does not
+    report a FIN close itself; the scan reports it once the connection has been quiet for the grace
+    period, marks it reported (no second report, late packets still pass), with the first and last
+    packets on the precise clock (not the 4 ms tick) and IP-layer bytes."""
+    from hostwall.bpf.clock import Clock
+    from hostwall.collector.enrich.host import HostInfo
+    from hostwall.collector.records import RecordBuilder
+    ks, dp, _ = kernel
+    dp.clear_conntrack()
+    with ks.ring() as rb:
+        rb.read()
+        t_open = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+        xdp(dp, tcp_in(sport=41000))                                      # SYN      (client →)
+        t_opened = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+        egress(dp, tcp_out("SA", dport=41000))                            # SYN-ACK  (← server)
+        xdp(dp, raw(E / IP(src="10.0.0.9", dst=ME) / TCP(sport=41000, dport=80, flags="PA") / (b"x" * 100)))
+        egress(dp, tcp_out("FA", dport=41000))                            # server FIN
+        xdp(dp, tcp_in(sport=41000, flags="FA"))                          # client FIN: both FINs seen
+        time.sleep(0.01)                                                  # the last ACK, 10 ms later
+        t_last = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+        xdp(dp, tcp_in(sport=41000, flags="A"))
+        t_lasted = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+        types = Counter(L.EVENT_TYPE_NAMES[int(t)] for t in rb.read().records["type"])
+    assert types == {"flow_start": 1}, types                             # no flow_end at the FINs
+    now = ks.now_ns()
+    assert ks.scan_conntrack(now, 60 * 10**9, 2 * 10**9).closed == 0     # not quiet long enough yet
+    s = ks.scan_conntrack(now + 3 * 10**9, 60 * 10**9, 2 * 10**9)
+    assert s.closed == 1 and s.expired == 0
+    f = s.families[0]
+    e = f.closed_entries[0]
+    assert e["packets"].tolist() == [4, 2]                               # SYN, data, FIN, last ACK / SYN-ACK, FIN
+    assert e["bytes"].tolist() == [40 + 140 + 40 + 40, 40 + 40]          # IP-layer: 20 + 20 + payload
+    assert t_open <= int(e["created_ns"]) <= t_opened                   # precise: within the call
+    assert t_last <= int(e["end_ns"]) <= t_lasted
+    assert ks.scan_conntrack(now + 4 * 10**9, 60 * 10**9, 2 * 10**9).closed == 0    # reported once
+    assert xdp(dp, tcp_in(sport=41000, flags="A")) == 2                  # a late packet still passes (XDP_PASS)
+    b = RecordBuilder(HostInfo("live", "b", str(ks.pin_dir)), None)
+    [r] = b.on_conntrack(f.expired_keys, f.expired_entries, None, Clock(0), (f.closed_keys, f.closed_entries))
+    assert r["hostwall"]["flow"]["end_reason"] == "fin" and (r["source"]["packets"], r["destination"]["packets"]) == (4, 2)
+    assert r["event"]["duration"] == int(e["end_ns"]) - int(e["created_ns"]) >= 10**7
+    dp.clear_conntrack()
+
+
+def test_a_fin_close_in_aggregate_ends_in_a_scan_summary_after_its_grace(kernel):
+    """A connection reported in aggregate (no room in the event budget: its start was counted in kind
+    over_budget) and closed by both FINs is the scan's too: after the grace period its end, last ACK
+    included, goes to a flow summary (not a flow record), and it is marked reported (counted once)."""
+    from hostwall.collector import flow_summary
+    from hostwall.collector.records import RecordBuilder
+    from tests.collector.test_records import CLOCK, HOST, validator
+    ks, dp, _ = kernel
+    dp.clear_conntrack()
+    ks.set_event_budget(0)                             # no events at all: every start is aggregated
+    try:
+        xdp(dp, tcp_in(sport=41100))                   # SYN: its start waits (pending)
+        egress(dp, tcp_out("SA", dport=41100))
+        xdp(dp, tcp_in(sport=41100, flags="A"))        # confirmed: no room, so over_budget
+        egress(dp, tcp_out("FA", dport=41100))
+        xdp(dp, tcp_in(sport=41100, flags="FA"))
+        xdp(dp, tcp_in(sport=41100, flags="A"))        # the last ACK
+    finally:
+        ks.set_event_budget(L.C["HW_EVENT_BUDGET"])
+    now = ks.now_ns()
+    s = ks.scan_conntrack(now + 3 * 10**9, 60 * 10**9, 2 * 10**9)
+    f = s.families[0]
+    assert (s.closed, s.expired, len(f.closed_keys), len(f.agg_keys), f.agg_closed) == (1, 0, 0, 1, 1)
+    assert int(f.agg_entries[0]["report"]) == L.C["HW_REP_AGG_BUDGET"]
+    assert ks.scan_conntrack(now + 4 * 10**9, 60 * 10**9, 2 * 10**9).closed == 0      # reported once
+    [r] = flow_summary.from_scan(RecordBuilder(HOST, None), f.agg_keys, f.agg_entries, 24, 64,
+                                 CLOCK.wall_ns(now), CLOCK.wall_ns(now + 3 * 10**9), CLOCK)
+    assert r["hostwall"]["summary"] == {"kind": "over_budget", "flows": 0, "ended": 1, "origin": "conntrack_scan"}
+    assert r["network"]["packets"] == 6 and r["source"]["address"] == "10.0.0.0/24"   # 4 in, 2 out
+    assert not list(validator("flow.schema.json").iter_errors(r))
+    dp.clear_conntrack()
+
+
 def test_event_budget_losses_are_counted_by_type(kernel):
     ks, dp, _ = kernel
     before = ks.kernel_loss()["deny"]
@@ -288,7 +417,7 @@ def test_pipeline_end_to_end_on_the_real_kernel(kernel, tmp_path):
     assert kinds["deny"] == evs["deny"] == 2 and kinds["flow"] == evs["flow_start"] == 1
     summed = sum(r["network"]["packets"] for r in recs if r["hostwall"]["kind"] == "drop_summary")
     assert summed == int((ks.drop_counters() - before).sum()) == 100
-    assert {r["hostwall"]["source_prefix"] for r in recs if r["hostwall"]["kind"] == "drop_summary"} == {
+    assert {r["hostwall"]["source"]["prefix"] for r in recs if r["hostwall"]["kind"] == "drop_summary"} == {
         "198.51.0.0/16", "203.0.0.0/16"}                 # the configured prefix reached the kernel
     assert int(ks.knobs()["event_budget"]) == 5000
     assert ledger.check(quiescent=True) == [] and ledger.lost_upstream == 0

@@ -99,7 +99,7 @@ def test_record_metrics_keep_up_with_a_spoofed_flood():
 # ---- records ------------------------------------------------------------------------------------------
 
 def drop_summary(prefix, reason, packets, iface="eth0", transport="udp", verdict="drop"):
-    return {"hostwall": {"kind": "drop_summary", "reason": reason, "verdict": verdict, "source_prefix": prefix,
+    return {"hostwall": {"kind": "drop_summary", "reason": reason, "verdict": verdict, "source": {"prefix": prefix},
                          "interface": {"id": 2, "name": iface}},
             "network": {"packets": packets, "bytes": packets * 60, "iana_number": "17", "transport": transport}}
 

@@ -89,7 +89,7 @@ class FakeSource:
         now = self.now_ns()
         return DropDrain(np.zeros(0, DROP_KEY), np.zeros(0, DROP_VAL), {}, now, now, 0.0)
 
-    def scan_conntrack(self, now_ns, at_ns) -> CtScan:
+    def scan_conntrack(self, now_ns, at_ns, grace_ns) -> CtScan:
         return self.scans.pop(0) if self.scans else CtScan([], 0, 0, 0)
 
     def close(self) -> None:
@@ -127,16 +127,16 @@ class StubBuilder:
             raise ValueError("cannot build")
         return [self._rec("deny", int(s)) for s in batch["start_ns"]]
 
-    def on_drop_summaries(self, keys, vals, t0, t1, clock):
+    def on_drop_summaries(self, keys, vals, t0, t1, clock, sources=None):
         self.drop_windows.append((t0, t1))
         return [self._rec("drop_summary", int(p)) for p in vals["packets"]]
 
     def on_drop_overflow(self, counts, t0, t1, clock):
         return [self._rec("drop_summary", f"overflow-{v}-{r}") for (v, r) in counts]
 
-    def on_conntrack(self, ek, ee, updates, clock):
+    def on_conntrack(self, ek, ee, updates, clock, closed=None):
         self.ct_families.append(len(ek))
-        return [self._rec("flow", i) for i in range(len(ek) + len(updates[0]))]
+        return [self._rec("flow", i) for i in range(len(ek) + len(updates[0]) + (len(closed[0]) if closed else 0))]
 
     def on_audit(self, rec):
         return {**rec, "hostwall": {"kind": "audit"}}

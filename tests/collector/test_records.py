@@ -84,8 +84,8 @@ def ct4(src: str, dst: str, sport: int, dport: int, proto: int = 6, **entry):
     k["port_a"], k["port_b"] = (dport, sport) if swap else (sport, dport)
     k["proto"] = proto
     e = np.zeros(1, CTE)
-    vals = dict(created_ns=T, last_ns=T + 3 * 10**9, packets=[6, 4], bytes=[600, 4000], rule_slot=1, revision_id=7,
-                state=2, initiator=1 if swap else 0, origin=0)
+    vals = dict(created_ns=T, last_ns=T + 3 * 10**9, end_ns=T + 3 * 10**9 + 1234567, packets=[6, 4], bytes=[600, 4000],
+                rule_slot=1, revision_id=7, state=2, initiator=1 if swap else 0, origin=0)
     vals.update(entry)
     for kk, v in vals.items():
         e[kk][0] = v
@@ -98,15 +98,33 @@ def drop_rows(rows: list[dict]):
         keys["src"][i] = addr16(r["src"])
         for f in ("ifindex", "dport", "reason", "verdict", "proto", "family", "prefix_len"):
             keys[f][i] = r[f]
+        keys["direction"][i] = r.get("direction", 0)
         for f in ("packets", "bytes", "first_ns", "last_ns"):
             vals[f][i] = r[f]
     return keys, vals
 
 
+def drop_sources(keys: np.ndarray, peers: dict[int, list[tuple[str, int, int]]]) -> np.ndarray:
+    """hw_drop_src rows as the kernel drains them: key i's fields with each peer's full address."""
+    out = []
+    for i, lst in peers.items():
+        for ip, packets, bytes_ in lst:
+            s = np.zeros(1, L.DTYPES["hw_drop_src"])
+            s["k"] = keys[i]
+            s["k"]["src"][0] = addr16(ip)
+            s["packets"], s["bytes"] = packets, bytes_
+            out.append(s)
+    return np.concatenate(out)
+
+
 DROPS = [dict(src="10.66.3.0", ifindex=2, dport=22, reason=R["policy_deny"], verdict=V["drop"], proto=6, family=4,
               prefix_len=24, packets=1200, bytes=72000, first_ns=T, last_ns=T + 9 * 10**8),
          dict(src="fd66:3::", ifindex=2, dport=0, reason=R["icmp_flood"], verdict=V["would_drop"], proto=58, family=6,
-              prefix_len=64, packets=50, bytes=5000, first_ns=T, last_ns=T + 10**8)]
+              prefix_len=64, packets=50, bytes=5000, first_ns=T, last_ns=T + 10**8),
+         dict(src="192.0.2.0", ifindex=2, dport=443, reason=R["policy_deny"], verdict=V["drop"], proto=6, family=4,
+              prefix_len=24, packets=3, bytes=180, first_ns=T, last_ns=T + 10**8, direction=1)]     # egress
+PEERS = {0: [("10.66.3.7", 1000, 60000), ("10.66.3.8", 150, 9000), ("10.66.3.9", 50, 3000)],
+         1: [("fd66:3::9", 50, 5000)]}
 
 
 def sample_records() -> list[dict]:
@@ -130,8 +148,10 @@ def sample_records() -> list[dict]:
     recs += b.on_conntrack(k, e, None, CLOCK)                         # idle expiry
     k, e = ct4("10.66.2.2", "10.66.1.2", 40002, 80)
     recs += b.on_conntrack(np.zeros(0, CT4), np.zeros(0, CTE), (k, e), CLOCK)   # active-timeout update
+    k, e = ct4("10.66.2.2", "10.66.1.2", 40004, 80, state=4, fin_seen=3, reported=1)
+    recs += b.on_conntrack(np.zeros(0, CT4), np.zeros(0, CTE), None, CLOCK, (k, e))    # closed, after the grace
     keys, vals = drop_rows(DROPS)
-    recs += b.on_drop_summaries(keys, vals, 1_700_000_004.0, 1_700_000_006.0, CLOCK)
+    recs += b.on_drop_summaries(keys, vals, 1_700_000_004.0, 1_700_000_006.0, CLOCK, drop_sources(keys, PEERS))
     recs += b.on_drop_overflow({(V["drop"], R["syn_flood"]): (900, 54000)}, 1_700_000_004.0, 1_700_000_006.0, CLOCK)
     return recs
 
@@ -155,7 +175,7 @@ def test_every_sample_record_matches_the_flow_schema():
     for r in recs:
         errs = sorted(v.iter_errors(r), key=str)
         assert not errs, f"{r['event']['action']}: {[e.message for e in errs]}"
-        assert r["schema_version"] == SCHEMA_VERSION
+        assert r["hostwall"]["schema_version"] == SCHEMA_VERSION and "schema_version" not in r
 
 
 def test_schema_rejects_what_it_must():
@@ -326,13 +346,25 @@ def test_decode_errors_are_counted_not_silent():
 def test_drop_summaries():
     b = builder()
     keys, vals = drop_rows(DROPS)
-    v4, v6 = b.on_drop_summaries(keys, vals, 1_700_000_004.0, 1_700_000_006.0, CLOCK)
-    assert v4["hostwall"]["source_prefix"] == "10.66.3.0/24" and v4["destination"] == {"port": 22}
-    assert (v4["source"]["packets"], v4["network"]["bytes"]) == (1200, 72000)
+    v4, v6, out = b.on_drop_summaries(keys, vals, 1_700_000_004.0, 1_700_000_006.0, CLOCK, drop_sources(keys, PEERS))
+    # keyed by a prefix: the CIDR in source.address and hostwall.source.prefix, never in source.ip
+    assert v4["hostwall"]["source"] == {"prefix": "10.66.3.0/24"} and v4["destination"] == {"port": 22}
+    assert v4["source"] == {"address": "10.66.3.0/24", "packets": 1200, "bytes": 72000}
+    assert v4["network"]["bytes"] == 72000 and v4["network"]["direction"] == "ingress"
     assert v4["hostwall"]["window"] == {"start": "2023-11-14T22:13:24.000000Z", "end": "2023-11-14T22:13:26.000000Z"}
+    assert (v4["event"]["start"], v4["event"]["end"]) == ("2023-11-14T22:13:24.000000Z", "2023-11-14T22:13:26.000000Z")
+    assert v4["@timestamp"] == v4["event"]["end"]
     assert v4["event"]["kind"] == "metric" and v4["event"]["type"] == ["denied"]
-    assert v6["hostwall"]["source_prefix"] == "fd66:3::/64" and "destination" not in v6
+    # its individual peers, largest first, with integer counts
+    assert v4["hostwall"]["top_peers"] == [{"ip": "10.66.3.7", "packets": 1000, "bytes": 60000},
+                                           {"ip": "10.66.3.8", "packets": 150, "bytes": 9000},
+                                           {"ip": "10.66.3.9", "packets": 50, "bytes": 3000}]
+    assert v6["hostwall"]["source"] == {"prefix": "fd66:3::/64"} and "destination" not in v6 and "ip" not in v6["source"]
+    assert v6["hostwall"]["top_peers"] == [{"ip": "fd66:3::9", "packets": 50, "bytes": 5000}]
     assert v6["hostwall"]["verdict"] == "would_drop" and v6["event"]["outcome"] == "success"
+    # an egress drop's peer is the addressee
+    assert out["destination"] == {"address": "192.0.2.0/24", "port": 443} and "address" not in out["source"]
+    assert out["hostwall"]["source"] == {"prefix": "192.0.2.0/24"} and "top_peers" not in out
     again = b.on_drop_summaries(keys, vals, 1_700_000_004.0, 1_700_000_006.0, CLOCK)
     later = b.on_drop_summaries(keys, vals, 1_700_000_006.0, 1_700_000_008.0, CLOCK)
     assert again[0]["event"]["id"] == v4["event"]["id"] != later[0]["event"]["id"]
@@ -364,3 +396,47 @@ def test_tick_forgets_stale_flows():
     assert b.stats()["open_flows"] == 1
     b.tick(now=T + 11 * 10**9)
     assert b.stats()["open_flows"] == 0 and b.stats()["flows_stale_expired"] == 1
+
+
+def test_flow_times_are_the_first_and_last_packet_on_the_precise_clock():
+    b = builder()
+    t1 = T + 123_456_789                               # not on any 4 ms tick: precise, to the µs in the text
+    [start] = b.on_events(event("flow_start", ts_ns=t1, start_ns=t1), CLOCK)
+    assert start["@timestamp"] == start["event"]["start"] == start["hostwall"]["flow"]["start"] == \
+        iso_ns(CLOCK.wall_ns(t1)) == "2023-11-14T22:13:25.123456Z"
+    [end] = b.on_events(event("flow_end", start_ns=t1, ts_ns=t1 + 10_000_500, packets=[2, 2], bytes=[100, 100],
+                              ct_state=5), CLOCK)
+    assert end["@timestamp"] == end["event"]["end"] and end["event"]["duration"] == 10_000_500
+    assert end["event"]["start"] == start["event"]["start"] and start["@timestamp"] < end["@timestamp"]
+    # another CPU stored an older reading last: the end is clamped to the start, never before it
+    [odd] = b.on_events(event("flow_end", sport=40009, start_ns=t1, ts_ns=t1 - 1000, ct_state=5), CLOCK)
+    assert odd["event"]["duration"] == 0 and odd["@timestamp"] == odd["event"]["start"]
+    for r in (start, end, odd):
+        assert parse_iso_ns(r["event"]["created"]) > parse_iso_ns(r["@timestamp"])   # made now, long after 2023
+
+
+def test_conntrack_ends_and_updates_use_the_precise_first_and_last_packet():
+    b = builder()
+    k, e = ct4("10.66.2.2", "10.66.1.2", 40100, 80)                        # last_ns (tick) T+3 s, end_ns T+3.0012 s
+    [idle] = b.on_conntrack(k, e, None, CLOCK)
+    end_ns = int(e["end_ns"][0])
+    assert idle["@timestamp"] == idle["event"]["end"] == iso_ns(CLOCK.wall_ns(end_ns))
+    assert idle["event"]["duration"] == end_ns - T and idle["hostwall"]["flow"]["end_reason"] == "idle_timeout"
+    k, e = ct4("10.66.2.2", "10.66.1.2", 40101, 80)
+    [upd] = b.on_conntrack(np.zeros(0, CT4), np.zeros(0, CTE), (k, e), CLOCK)
+    assert upd["event"]["type"] == ["info"] and upd["event"]["end"] == iso_ns(CLOCK.wall_ns(end_ns))
+    # closed by FINs and reported after the grace period: end_reason fin; its later expiry adds nothing
+    b.on_events(event("flow_start", sport=40102, dport=80), CLOCK)
+    k, e = ct4("10.66.2.2", "10.66.1.2", 40102, 80, state=4, fin_seen=3, reported=1, packets=[5, 4])
+    [closed] = b.on_conntrack(np.zeros(0, CT4), np.zeros(0, CTE), None, CLOCK, (k, e))
+    assert closed["hostwall"]["flow"]["end_reason"] == "fin" and closed["source"]["packets"] == 5
+    assert closed["hostwall"]["interface"] == {"id": 2} and b.stats()["flow_end_closed_after_grace"] == 1
+    assert b.on_conntrack(k, e, None, CLOCK) == [] and b.stats()["ct_end_already_emitted"] == 1
+
+
+def test_a_host_prefix_summary_names_its_host():
+    rows = [dict(DROPS[0], src="10.66.3.7", prefix_len=32)]
+    [r] = builder().on_drop_summaries(*drop_rows(rows), 1_700_000_004.0, 1_700_000_006.0, CLOCK)
+    assert r["source"]["address"] == "10.66.3.7/32" and r["source"]["ip"] == "10.66.3.7"
+    assert r["hostwall"]["source"] == {"prefix": "10.66.3.7/32"}
+    assert not list(validator("flow.schema.json").iter_errors(r))

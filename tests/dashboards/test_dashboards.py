@@ -386,7 +386,7 @@ def project(compose_check) -> dict:
 
 def test_compose_loads_and_demands_the_policy(project, compose_check):
     assert set(project["services"]) == {"hostwall-enforcer", "hostwall-collector", "kafka", "kafka-topics",
-                                        "otelcol", "prometheus", "grafana"}
+                                        "otelcol", "prometheus", "alertmanager", "grafana"}
     r = load_compose(compose_check, {})                 # no policy given: refuses with a clear message
     assert r.returncode != 0 and "HOSTWALL_INTERFACE" in r.stderr + r.stdout
     for name in ("hostwall-enforcer", "hostwall-collector"):
@@ -484,6 +484,28 @@ def test_compose_settings_are_the_code_defaults(project):
     assert gvols[provider["options"]["path"]] == DASH
     home = svc["grafana"]["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
     assert (DASH / Path(home).relative_to(provider["options"]["path"])).is_file()
+
+
+def test_compose_prometheus_alerts_go_to_the_alertmanager(project):
+    """Prometheus loads the rules (not their unit tests beside them) and sends to the Alertmanager service, which
+    runs deploy/alertmanager/alertmanager.yml (tests/dashboards/test_alertmanager.py) on 127.0.0.1 alone."""
+    import fnmatch
+    svc = project["services"]
+    prom = yaml.safe_load(PROM_CONFIG.read_text())
+    pvols = {v["target"]: Path(v["source"]) for v in svc["prometheus"]["volumes"] if v["type"] == "bind"}
+    [pattern] = prom["rule_files"]
+    loaded = [p.name for p in pvols[str(Path(pattern).parent)].iterdir() if fnmatch.fnmatch(p.name, Path(pattern).name)]
+    assert loaded == [RULES.name], loaded                # hostwall.rules.test.yml is no rule file
+    am = svc["alertmanager"]
+    args = dict(a.split("=", 1) for a in am["command"])
+    assert args["--cluster.listen-address"] == "" and args["--web.listen-address"].startswith("127.0.0.1:")
+    [amset] = prom["alerting"]["alertmanagers"]
+    assert amset["static_configs"][0]["targets"] == [args["--web.listen-address"]] and amset["api_version"] == "v2"
+    avols = {v["target"]: Path(v["source"]) for v in am["volumes"] if v["type"] == "bind"}
+    assert avols[args["--config.file"]] == ROOT / "deploy" / "alertmanager" / "alertmanager.yml"
+    used = {int(a.rsplit(":", 1)[1]) for s in svc.values() for a in s.get("command") or []
+            if isinstance(a, str) and "listen-address=127.0.0.1:" in a}
+    assert 9093 not in used, "9093 is Kafka's controller port in this stack"
 
 
 def test_prometheus_config_passes_promtool():

@@ -30,10 +30,10 @@ rules:
      peers: [10.66.2.0/24, "fd66:2::/64"], ports: [80, "8000-8100"]}
   - {name: client-mdns, priority: 100, direction: ingress, action: allow, protocol: udp,
      peers: [10.66.2.0/24, "fd66:2::/64"], ports: [5353]}
-  - {name: client-ping, priority: 100, direction: ingress, action: allow, protocol: icmp, peers: [10.66.2.0/24]}
-  - {name: client-ping6, priority: 100, direction: ingress, action: allow, protocol: icmpv6, peers: ["fd66:2::/64"]}
-  - {name: ipv6-neighbour-discovery, priority: 200, direction: ingress, action: allow, protocol: icmpv6,
-     peers: ["fe80::/10"]}
+  - {name: client-ping, priority: 100, direction: ingress, action: allow, protocol: icmp, peers: [10.66.2.0/24],
+     icmp_types: [echo-request]}
+  - {name: client-ping6, priority: 100, direction: ingress, action: allow, protocol: icmpv6, peers: ["fd66:2::/64"],
+     icmp_types: [echo-request]}
 """
 
 _AVAILABLE: tuple[bool, str] | None = None
@@ -89,7 +89,7 @@ def hostwall_attached(lab: Lab, dp, policy, host: str = "prot", ifname: str = "e
     Yields (slots, xdp mode that took); slots maps rule name -> counter slot."""
     from hostwall.enforcer import attach
     from hostwall.enforcer.compiler import compile_policy
-    slots = {r.name: i for i, r in enumerate(policy.rules)}
+    slots = {n: i for i, n in enumerate(policy.counter_names())}      # rules, then essential_icmp
     dp.install(compile_policy(policy, slots, 1))
     dp.clear_conntrack()
     ns = lab.ns(host)

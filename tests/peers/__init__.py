@@ -1,4 +1,4 @@
-"""Real test peers: Kafka (KRaft), the OpenTelemetry Collector and Prometheus, started by tests.
+"""Real test peers: Kafka (KRaft), the OpenTelemetry Collector, Prometheus and Alertmanager, started by tests.
 
 Each peer runs as a child process in its own process group, listens on 127.0.0.1 only, on free ports, in a
 private temporary folder, and is stopped (TERM, then KILL) and cleaned up by ``close()`` or at interpreter
@@ -7,7 +7,8 @@ exit. Every wait is bounded. The binaries come from ``scripts/setup-peers.sh`` w
 :class:`PeerNotInstalled`, which the pytest fixtures in :mod:`tests.peers.fixtures` turn into a failure.
 
 Modules: :mod:`tests.peers.kafka` (:class:`KafkaBroker`), :mod:`tests.peers.otelcol` (:class:`OtelCollector`),
-:mod:`tests.peers.prometheus` (:class:`PrometheusServer`). This module holds what they share: locating the
+:mod:`tests.peers.prometheus` (:class:`PrometheusServer`), :mod:`tests.peers.alertmanager`
+(:class:`Alertmanager`, and the :class:`WebhookReceiver` its notifications go to). This module holds what they share: locating the
 cache and the versions the repo declares, free ports, bounded waits and process-group management.
 """
 
@@ -45,7 +46,8 @@ __all__ = [
 
 T = TypeVar("T")
 
-SETUP_HINT = "run scripts/setup-peers.sh (installs and caches Kafka, the OTel Collector and Prometheus)"
+SETUP_HINT = ("run scripts/setup-peers.sh (installs and caches Kafka, the OTel Collector, Prometheus and "
+              "Alertmanager)")
 
 
 class PeerError(RuntimeError):

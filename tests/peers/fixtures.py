@@ -2,6 +2,8 @@
 
 Session-scoped, shared by every test of the run (started on first use, stopped at the end):
     kafka_broker       -> tests.peers.kafka.KafkaBroker        (.bootstrap_servers, .create_topic(), ...)
+    kafka_sasl_broker  -> KafkaBroker(sasl_ssl=True, auto_create_topics=False)
+                                                               (.sasl_bootstrap_servers, .ca_file, .writer, ...)
     otel_collector     -> tests.peers.otelcol.OtelCollector    (.grpc_endpoint, .http_endpoint, .prometheus_url, ...)
     prometheus_server  -> tests.peers.prometheus.PrometheusServer (.url, .query(), .set_targets(), ...)
 Function-scoped factories, for tests that need a peer of their own (outage tests that stop/kill a broker,
@@ -9,6 +11,8 @@ a collector with other config, Prometheus with specific targets); whatever they 
     kafka_broker_factory(**KafkaBroker kwargs)            -> started KafkaBroker
     otel_collector_factory(**OtelCollector kwargs)        -> started OtelCollector
     prometheus_server_factory(targets, **kwargs)          -> started PrometheusServer
+    alertmanager_factory(config, **kwargs)                -> started Alertmanager (tests.peers.alertmanager)
+    webhook_receiver                                      -> WebhookReceiver on 127.0.0.1 (what Alertmanager posts)
 
 Do not stop the shared ``kafka_broker``: use ``kafka_broker_factory`` for outages. A peer that is not
 installed makes the test FAIL (not skip) with "run scripts/setup-peers.sh".
@@ -23,6 +27,7 @@ from typing import Any, TypeVar
 import pytest
 
 from . import PeerBase, PeerError, PeerNotInstalled
+from .alertmanager import Alertmanager, WebhookReceiver
 from .kafka import KafkaBroker
 from .otelcol import OtelCollector
 from .prometheus import PrometheusServer
@@ -32,7 +37,7 @@ P = TypeVar("P", bound=PeerBase)
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
-        "markers", "peers: uses a real Kafka / OTel Collector / Prometheus (scripts/setup-peers.sh)")
+        "markers", "peers: uses a real Kafka / OTel Collector / Prometheus / Alertmanager (scripts/setup-peers.sh)")
 
 
 def start_peer(cls: Callable[..., P], *args: Any, **kwargs: Any) -> P:
@@ -63,6 +68,15 @@ def kafka_broker() -> Iterator[KafkaBroker]:
 
 
 @pytest.fixture(scope="session")
+def kafka_sasl_broker() -> Iterator[KafkaBroker]:
+    """One KRaft broker for the session with a SASL_SSL listener (SCRAM-SHA-256/512, throwaway CA, ACLs
+    with a writer and a read-only user) next to PLAINTEXT, topic auto-creation off. Tests revoke users
+    they added themselves (add_scram_user), never ``writer`` / ``reader``."""
+    with start_peer(KafkaBroker, sasl_ssl=True, auto_create_topics=False) as broker:
+        yield broker
+
+
+@pytest.fixture(scope="session")
 def otel_collector() -> Iterator[OtelCollector]:
     """One collector for the session; records of all tests land in the same files: filter by a marker
     (e.g. a unique resource attribute) rather than counting everything."""
@@ -89,3 +103,11 @@ def _factory(cls: Callable[..., P]) -> Callable[..., Iterator[Callable[..., P]]]
 kafka_broker_factory = pytest.fixture(_factory(KafkaBroker), name="kafka_broker_factory")
 otel_collector_factory = pytest.fixture(_factory(OtelCollector), name="otel_collector_factory")
 prometheus_server_factory = pytest.fixture(_factory(PrometheusServer), name="prometheus_server_factory")
+alertmanager_factory = pytest.fixture(_factory(Alertmanager), name="alertmanager_factory")
+
+
+@pytest.fixture
+def webhook_receiver() -> Iterator[WebhookReceiver]:
+    """An HTTP server on 127.0.0.1 recording every notification POST (``.url``, ``.wait_for(...)``)."""
+    with WebhookReceiver() as receiver:
+        yield receiver

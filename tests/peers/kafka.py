@@ -8,19 +8,29 @@
     broker.kill()                   # crash (SIGKILL) instead of a controlled shutdown
     broker.close()                  # stop + remove the temp folder
 
-Readiness and topic creation speak the Kafka protocol directly (ApiVersions v0, Metadata v4, CreateTopics
-v2: plain, non-flexible versions every Kafka 4.x broker serves), so this module needs no client library
-and no event loop, and every call has a socket deadline.
+    secure = KafkaBroker(sasl_ssl=True)   # + a SASL_SSL listener (SCRAM-SHA-256/512, throwaway CA, ACLs)
+    secure.sasl_bootstrap_servers, secure.ca_file, secure.wrong_ca_file
+    secure.writer / secure.reader   # ScramUser: WRITE on every topic / READ only (authorization failures)
+    secure.add_scram_user("carol"); secure.remove_scram_user("alice")   # at runtime, waits until in effect
+
+Readiness, topic creation, ACLs and SCRAM logins speak the Kafka protocol directly (ApiVersions v0,
+Metadata v4, CreateTopics v2, CreateAcls/DescribeAcls v1, SaslHandshake v1, SaslAuthenticate v1: plain,
+non-flexible versions every Kafka 4.x broker serves), so this module needs no client library and no event
+loop, and every call has a socket deadline. SCRAM users are changed with Kafka's own ConfigCommand.
 """
 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import os
+import secrets
 import shutil
 import socket
+import ssl
 import struct
 import subprocess
+import time
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -39,11 +49,14 @@ from . import (
     repo_root,
     wait_until,
 )
+from .kafka_security import SCRAM_MECHANISMS, ScramClient, make_test_pki
 
-__all__ = ["KafkaBroker", "kafka_home", "kafka_version"]
+__all__ = ["SCRAM_MECHANISMS", "Acl", "KafkaBroker", "ScramUser", "kafka_home", "kafka_version"]
 
 _API_METADATA, _API_VERSIONS, _API_CREATE_TOPICS = 3, 18, 19
+_API_SASL_HANDSHAKE, _API_DESCRIBE_ACLS, _API_CREATE_ACLS, _API_SASL_AUTHENTICATE = 17, 29, 30, 36
 _ERR_TOPIC_ALREADY_EXISTS = 36
+_ERR_SASL_AUTHENTICATION_FAILED = 58
 
 
 def kafka_version() -> str:
@@ -95,6 +108,11 @@ class _Writer:
         self.parts.append(b)
         return self
 
+    def blob(self, v: bytes) -> _Writer:
+        self.i32(len(v))
+        self.parts.append(v)
+        return self
+
     def bytes(self) -> bytes:
         return b"".join(self.parts)
 
@@ -117,12 +135,21 @@ class _Reader:
     def i32(self) -> int:
         return self._take(">i")
 
+    def i64(self) -> int:
+        return self._take(">q")
+
     def string(self) -> str | None:
         n = self.i16()
         if n < 0:
             return None
         v = self.data[self.pos:self.pos + n].decode()
         self.pos += n
+        return v
+
+    def blob(self) -> bytes:
+        n = self.i32()
+        v = self.data[self.pos:self.pos + max(n, 0)]
+        self.pos += max(n, 0)
         return v
 
     def array(self, item):
@@ -141,10 +168,18 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
 
 
 class _Conn:
-    """One blocking connection with a deadline per request (request header v1, response header v0)."""
+    """One blocking connection with a deadline per request (request header v1, response header v0);
+    over TLS when ``tls`` is given (the server certificate is verified against it for ``host``)."""
 
-    def __init__(self, host: str, port: int, timeout: float) -> None:
-        self.sock = socket.create_connection((host, port), timeout=timeout)
+    def __init__(self, host: str, port: int, timeout: float, tls: ssl.SSLContext | None = None) -> None:
+        sock = socket.create_connection((host, port), timeout=timeout)
+        if tls is not None:
+            try:
+                sock = tls.wrap_socket(sock, server_hostname=host)
+            except BaseException:
+                sock.close()
+                raise
+        self.sock = sock
         self.sock.settimeout(timeout)
         self.correlation = 0
 
@@ -244,6 +279,103 @@ def _metadata(conn: _Conn, topics: Sequence[str] | None) -> ClusterMetadata:
     return ClusterMetadata(brokers, cluster_id, controller, {t.name: t for t in r.array(topic)})
 
 
+# ------------------------------------------------------------------------------------ ACLs and SCRAM
+
+_RESOURCE_TYPES = {"TOPIC": 2, "GROUP": 3, "CLUSTER": 4, "TRANSACTIONAL_ID": 5}
+_PATTERN_TYPES = {"LITERAL": 3, "PREFIXED": 4}
+_OPERATIONS = {"ALL": 2, "READ": 3, "WRITE": 4, "CREATE": 5, "DELETE": 6, "ALTER": 7, "DESCRIBE": 8,
+               "CLUSTER_ACTION": 9, "DESCRIBE_CONFIGS": 10, "ALTER_CONFIGS": 11, "IDEMPOTENT_WRITE": 12}
+_PERMISSIONS = {"DENY": 2, "ALLOW": 3}
+_ANY = 1                                 # the "any" code of every ACL enum in a DescribeAcls filter
+
+
+def _name_of(table: Mapping[str, int], code: int) -> str:
+    return next((k for k, v in table.items() if v == code), str(code))
+
+
+@dataclass(frozen=True)
+class Acl:
+    """One ACL binding, e.g. ``Acl("User:bob", "READ")`` (READ on every topic: resource name ``*``)."""
+    principal: str
+    operation: str                       # ALL | READ | WRITE | CREATE | DESCRIBE | IDEMPOTENT_WRITE | ...
+    resource_type: str = "TOPIC"         # TOPIC | GROUP | CLUSTER | TRANSACTIONAL_ID
+    resource_name: str = "*"             # "*": every resource of the type; CLUSTER: "kafka-cluster"
+    pattern: str = "LITERAL"             # LITERAL | PREFIXED
+    permission: str = "ALLOW"            # ALLOW | DENY
+    host: str = "*"
+
+
+@dataclass(frozen=True)
+class ScramUser:
+    name: str
+    password: str
+    mechanisms: tuple[str, ...] = SCRAM_MECHANISMS
+
+    @property
+    def principal(self) -> str:
+        return f"User:{self.name}"
+
+
+def _create_acls(conn: _Conn, acls: Sequence[Acl]) -> None:
+    _require(_api_versions(conn), _API_CREATE_ACLS, 1, "CreateAcls")
+    w = _Writer().i32(len(acls))
+    for a in acls:
+        w.i8(_RESOURCE_TYPES[a.resource_type]).string(a.resource_name).i8(_PATTERN_TYPES[a.pattern])
+        w.string(a.principal).string(a.host).i8(_OPERATIONS[a.operation]).i8(_PERMISSIONS[a.permission])
+    r = conn.request(_API_CREATE_ACLS, 1, w.bytes())
+    r.i32()  # throttle_time_ms
+    errors = [(a, code, msg) for a, (code, msg) in zip(acls, r.array(lambda: (r.i16(), r.string()))) if code]
+    if errors:
+        raise PeerError(f"kafka: CreateAcls failed: {errors}")
+
+
+def _describe_acls(conn: _Conn) -> list[Acl]:
+    _require(_api_versions(conn), _API_DESCRIBE_ACLS, 1, "DescribeAcls")
+    body = (_Writer().i8(_ANY).string(None).i8(_ANY).string(None).string(None).i8(_ANY).i8(_ANY).bytes())
+    r = conn.request(_API_DESCRIBE_ACLS, 1, body)
+    r.i32()  # throttle_time_ms
+    err, msg = r.i16(), r.string()
+    if err:
+        raise PeerError(f"kafka: DescribeAcls error {err}: {msg}")
+    out: list[Acl] = []
+
+    def resource() -> None:
+        rtype, rname, pattern = r.i8(), r.string() or "", r.i8()
+        for principal, host, op, perm in r.array(lambda: (r.string(), r.string(), r.i8(), r.i8())):
+            out.append(Acl(principal or "", _name_of(_OPERATIONS, op), _name_of(_RESOURCE_TYPES, rtype), rname,
+                           _name_of(_PATTERN_TYPES, pattern), _name_of(_PERMISSIONS, perm), host or ""))
+
+    r.array(resource)
+    return out
+
+
+def _sasl_authenticate(conn: _Conn, token: bytes) -> tuple[int, str | None, bytes]:
+    r = conn.request(_API_SASL_AUTHENTICATE, 1, _Writer().blob(token).bytes())
+    err, msg, data = r.i16(), r.string(), r.blob()
+    r.i64()  # session_lifetime_ms
+    return err, msg, data
+
+
+def _scram_login(conn: _Conn, mechanism: str, user: str, password: str) -> tuple[int, str | None]:
+    """A full SCRAM exchange on a fresh connection: (0, None), or (Kafka error code, its message)."""
+    apis = _api_versions(conn)
+    _require(apis, _API_SASL_HANDSHAKE, 1, "SaslHandshake")
+    _require(apis, _API_SASL_AUTHENTICATE, 1, "SaslAuthenticate")
+    r = conn.request(_API_SASL_HANDSHAKE, 1, _Writer().string(mechanism).bytes())
+    err, offered = r.i16(), r.array(r.string)
+    if err:
+        raise PeerError(f"kafka: SaslHandshake {mechanism}: error {err} (broker offers {offered})")
+    scram = ScramClient(mechanism, user, password)
+    err, msg, server_first = _sasl_authenticate(conn, scram.first())
+    if err:
+        return err, msg
+    err, msg, server_final = _sasl_authenticate(conn, scram.final(server_first))
+    if err:
+        return err, msg
+    scram.verify(server_final)
+    return 0, None
+
+
 # ------------------------------------------------------------------------------------------ the broker
 
 
@@ -263,6 +395,16 @@ class KafkaBroker(PeerBase):
     Ports and the cluster id are chosen once, at the first start(), and kept across stop()/start(), so
     clients configured with :attr:`bootstrap_servers` reconnect after an outage. JVM heap is capped
     (``heap``) to fit the 2-core/24 GiB machines next to the test suite.
+
+    ``sasl_ssl=True`` adds a SASL_SSL listener (:attr:`sasl_bootstrap_servers`) taking SCRAM-SHA-256 and
+    SCRAM-SHA-512, with a server certificate for 127.0.0.1/localhost from a throwaway CA (:attr:`ca_file`;
+    :attr:`wrong_ca_file` is an unrelated CA), and turns on ACLs (StandardAuthorizer). The PLAINTEXT and
+    controller listeners stay as they are and their principal (User:ANONYMOUS) is a super user, so the admin
+    calls here and tests that use :attr:`bootstrap_servers` work unchanged. Two SCRAM users exist from the
+    format on (``kafka-storage format --add-scram``), both mechanisms each, random passwords:
+    :attr:`writer` (ALL on every topic and group, IDEMPOTENT_WRITE) and :attr:`reader` (READ on every topic
+    and group, no WRITE: produce is an authorization failure). :meth:`add_scram_user` /
+    :meth:`remove_scram_user` change users while the broker runs and return once a new connection sees it.
     """
 
     name = "kafka"
@@ -270,7 +412,7 @@ class KafkaBroker(PeerBase):
 
     def __init__(self, *, workdir: str | os.PathLike[str] | None = None, auto_create_topics: bool = True,
                  num_partitions: int = 1, heap: str = "512m", config: Mapping[str, object] | None = None,
-                 home: Path | None = None) -> None:
+                 home: Path | None = None, sasl_ssl: bool = False) -> None:
         self.home = Path(home) if home else kafka_home()  # raises PeerNotInstalled before any temp dir exists
         self.java = _java()
         super().__init__(workdir)
@@ -280,17 +422,58 @@ class KafkaBroker(PeerBase):
         self.heap = heap
         self.extra_config = dict(config or {})
         self.host = "127.0.0.1"
-        self.port, self.controller_port = free_ports(2)
+        self.port, self.controller_port, sasl_port = free_ports(3)
         self.cluster_id: str | None = None
         self.data_dir = self.workdir / "data"
         self.properties_path = self.workdir / "server.properties"
         self.starts = 0
+        self.sasl_ssl = sasl_ssl
+        self.sasl_port = sasl_port if sasl_ssl else None
+        self.tls_dir = self.workdir / "tls"
+        self._writer = ScramUser("alice", secrets.token_hex(12))
+        self._reader = ScramUser("bob", secrets.token_hex(12))
+        self.users: dict[str, ScramUser] = {u.name: u for u in (self._writer, self._reader)} if sasl_ssl else {}
 
     # -- connection info
     @property
     def bootstrap_servers(self) -> str:
         """``"127.0.0.1:<port>"`` for aiokafka's ``bootstrap_servers``."""
         return f"{self.host}:{self.port}"
+
+    @property
+    def sasl_bootstrap_servers(self) -> str:
+        """``"127.0.0.1:<port>"`` of the SASL_SSL listener (``sasl_ssl=True`` only)."""
+        self._need_sasl()
+        return f"{self.host}:{self.sasl_port}"
+
+    @property
+    def ca_file(self) -> Path:
+        """PEM CA that signed the SASL_SSL listener's certificate (exists once started)."""
+        self._need_sasl()
+        return self.tls_dir / "ca.pem"
+
+    @property
+    def wrong_ca_file(self) -> Path:
+        """PEM of a valid CA that signed nothing this broker presents: verification must fail with it."""
+        self._need_sasl()
+        return self.tls_dir / "other-ca.pem"
+
+    @property
+    def writer(self) -> ScramUser:
+        """SCRAM user with ALL on every topic and group (and IDEMPOTENT_WRITE). Revoke a user of your own
+        (:meth:`add_scram_user` + :meth:`create_acls`) rather than this one when the broker is shared."""
+        self._need_sasl()
+        return self._writer
+
+    @property
+    def reader(self) -> ScramUser:
+        """SCRAM user with READ on every topic and group and no WRITE anywhere."""
+        self._need_sasl()
+        return self._reader
+
+    def _need_sasl(self) -> None:
+        if not self.sasl_ssl:
+            raise PeerError("this KafkaBroker has no SASL_SSL listener: construct it with sasl_ssl=True")
 
     @property
     def classpath(self) -> str:
@@ -323,6 +506,22 @@ class KafkaBroker(PeerBase):
             "broker.session.timeout.ms": 3000,
             "broker.heartbeat.interval.ms": 500,
         }
+        if self.sasl_ssl:
+            listener = f"SASL_SSL://{self.host}:{self.sasl_port}"
+            scram = "org.apache.kafka.common.security.scram.ScramLoginModule required;"
+            props.update({
+                "listeners": f"{props['listeners']},{listener}",
+                "advertised.listeners": f"{props['advertised.listeners']},{listener}",
+                "listener.security.protocol.map": f"{props['listener.security.protocol.map']},SASL_SSL:SASL_SSL",
+                "listener.name.sasl_ssl.sasl.enabled.mechanisms": ",".join(SCRAM_MECHANISMS),
+                **{f"listener.name.sasl_ssl.{m.lower()}.sasl.jaas.config": scram for m in SCRAM_MECHANISMS},
+                "listener.name.sasl_ssl.ssl.keystore.type": "PEM",   # key + chain in one PEM file
+                "listener.name.sasl_ssl.ssl.keystore.location": self.tls_dir / "server-keystore.pem",
+                "listener.name.sasl_ssl.ssl.client.auth": "none",
+                "authorizer.class.name": "org.apache.kafka.metadata.authorizer.StandardAuthorizer",
+                # PLAINTEXT and CONTROLLER connections (admin calls here, broker <-> controller) are ANONYMOUS.
+                "super.users": "User:ANONYMOUS",
+            })
         props.update(self.extra_config)
         return props
 
@@ -352,25 +551,61 @@ class KafkaBroker(PeerBase):
                 "-cp", self.classpath, main, *[str(a) for a in args]]
 
     def _format(self) -> None:
-        self.cluster_id = kafka_cluster_id()
+        cluster_id = kafka_cluster_id()
+        scram: list[str] = []
+        if self.sasl_ssl:
+            make_test_pki(self.tls_dir, hosts=(self.host, "localhost"))
+            for u in self.users.values():
+                for m in u.mechanisms:
+                    scram += ["--add-scram", f"{m}=[name={u.name},password={u.password}]"]
         self._write_config()
         proc = subprocess.run(
-            self._jvm("kafka.tools.StorageTool", "format", "--standalone", "-t", self.cluster_id,
-                      "-c", self.properties_path, short_lived=True),
+            self._jvm("kafka.tools.StorageTool", "format", "--standalone", "-t", cluster_id,
+                      "-c", self.properties_path, *scram, short_lived=True),
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=120, text=True)
         if proc.returncode != 0:
-            raise PeerError(f"kafka: StorageTool format failed ({proc.returncode}):\n{proc.stdout[-3000:]}")
+            out = proc.stdout[-3000:]
+            for u in self.users.values():
+                out = out.replace(u.password, "***")
+            raise PeerError(f"kafka: StorageTool format failed ({proc.returncode}):\n{out}")
+        self.cluster_id = cluster_id
 
     # -- life cycle
     def _launch(self, timeout: float) -> None:
         """Start (formatting storage on the first start) and wait until the broker answers Metadata with
         itself registered and a controller elected. Same ports and data dir on every start."""
-        if self.cluster_id is None:
+        deadline = time.monotonic() + timeout
+        first = self.cluster_id is None
+        if first:
             self._format()
         self.process = PeerProcess(self._jvm("kafka.Kafka", self.properties_path), name="kafka",
                                    log_path=self.workdir / "stdout.log", cwd=self.workdir)
         self.starts += 1
-        self._wait_ready(self._ready, timeout, f"Metadata from {self.bootstrap_servers}")
+        self._wait_ready(self._ready, deadline - time.monotonic(), f"Metadata from {self.bootstrap_servers}")
+        if self.sasl_ssl:
+            if first:   # ACLs live in the metadata log: once is enough
+                try:
+                    self.create_acls(self._default_acls(), timeout=max(1.0, deadline - time.monotonic()))
+                except (PeerError, TimeoutError, OSError) as e:
+                    tail = self.log_tail()
+                    self.stop()
+                    raise PeerError(f"kafka: default ACLs: {e}\n{tail}") from None
+            # The listener is up and takes SCRAM: a full login of a user that still has credentials.
+            u = next(iter(self.users.values()), None)
+            check = (lambda: all(self.scram_login(u.name, u.password, m) for m in u.mechanisms)) if u else \
+                self._sasl_listener_up
+            self._wait_ready(check, max(1.0, deadline - time.monotonic()),
+                             f"SASL_SSL listener on {self.sasl_bootstrap_servers}")
+
+    def _sasl_listener_up(self) -> bool:
+        with _Conn(self.host, self.sasl_port, 2.0, tls=self.tls_context()) as conn:
+            return bool(_api_versions(conn))
+
+    def _default_acls(self) -> list[Acl]:
+        w, r = self.writer.principal, self.reader.principal
+        return [Acl(w, "ALL", "TOPIC"), Acl(w, "ALL", "GROUP"),
+                Acl(w, "IDEMPOTENT_WRITE", "CLUSTER", "kafka-cluster"),
+                Acl(r, "READ", "TOPIC"), Acl(r, "READ", "GROUP")]
 
     def _ready(self) -> bool:
         md = self.metadata(topics=[], timeout=2.0)
@@ -436,6 +671,79 @@ class KafkaBroker(PeerBase):
 
     def create_topic(self, name: str, partitions: int | None = None, **kw) -> None:
         self.create_topics({name: partitions or self.num_partitions}, **kw)
+
+    # -- SASL_SSL: ACLs and SCRAM users (sasl_ssl=True)
+    def describe_acls(self, timeout: float = 5.0) -> list[Acl]:
+        """Every ACL the broker's authorizer holds (DescribeAcls, answered from the broker's own copy)."""
+        self._need_sasl()
+        with _Conn(self.host, self.port, timeout) as conn:
+            return _describe_acls(conn)
+
+    def create_acls(self, acls: Iterable[Acl], timeout: float = 30.0) -> None:
+        """Create ACLs and wait until the broker's authorizer lists all of them."""
+        self._need_sasl()
+        acls = list(acls)
+        with _Conn(self.host, self.port, timeout) as conn:
+            _create_acls(conn, acls)
+        wait_until(lambda: set(acls) <= set(self.describe_acls(timeout=2.0)), timeout,
+                   f"kafka: ACLs {acls} in effect")
+
+    def tls_context(self, cafile: str | os.PathLike[str] | None = None) -> ssl.SSLContext:
+        """A client TLS context that trusts ``cafile`` (default :attr:`ca_file`) and checks the host name."""
+        ctx = ssl.create_default_context(cafile=str(cafile or self.ca_file))
+        return ctx
+
+    def scram_login(self, user: str, password: str, mechanism: str = "SCRAM-SHA-512",
+                    timeout: float = 5.0) -> bool:
+        """Authenticate on a fresh SASL_SSL connection: True when it works, False when the broker answers
+        SASL_AUTHENTICATION_FAILED; anything else (TLS, connection, protocol) raises."""
+        self._need_sasl()
+        with _Conn(self.host, self.sasl_port, timeout, tls=self.tls_context()) as conn:
+            code, msg = _scram_login(conn, mechanism, user, password)
+        if code in (0, _ERR_SASL_AUTHENTICATION_FAILED):
+            return code == 0
+        raise PeerError(f"kafka: SCRAM {mechanism} login of {user}: error {code}: {msg}")
+
+    def _config_command(self, *args: object, secret: str | None = None) -> None:
+        proc = self.run_tool("kafka.admin.ConfigCommand", "--bootstrap-server", self.bootstrap_servers, *args,
+                             timeout=120)
+        if proc.returncode != 0:
+            out = (proc.stdout + proc.stderr)[-3000:]
+            raise PeerError(f"kafka: ConfigCommand failed ({proc.returncode}):\n"
+                            f"{out.replace(secret, '***') if secret else out}")
+
+    def add_scram_user(self, name: str, password: str | None = None,
+                       mechanisms: Sequence[str] = SCRAM_MECHANISMS, timeout: float = 60.0) -> ScramUser:
+        """Create (or re-key) SCRAM credentials while the broker runs (``kafka-configs --alter
+        --add-config``), and wait until a new connection logs in with each mechanism. No ACLs are added:
+        see :meth:`create_acls`."""
+        self._need_sasl()
+        user = ScramUser(name, password or secrets.token_hex(12), tuple(mechanisms))
+        for m in user.mechanisms:    # one mechanism a request: the broker refuses a user twice in one
+            self._config_command("--alter", "--add-config", f"{m}=[password={user.password}]",
+                                 "--entity-type", "users", "--entity-name", name, secret=user.password)
+        wait_until(lambda: all(self.scram_login(name, user.password, m) for m in user.mechanisms), timeout,
+                   f"kafka: SCRAM login of {name} ({', '.join(user.mechanisms)})")
+        self.users[name] = user
+        return user
+
+    def remove_scram_user(self, name: str, mechanisms: Sequence[str] | None = None,
+                          timeout: float = 60.0) -> None:
+        """Revoke SCRAM credentials while the broker runs (``kafka-configs --alter --delete-config``),
+        and wait until a new connection with the old password is refused for each of them. Connections
+        already authenticated stay open: Kafka checks credentials when a connection authenticates."""
+        self._need_sasl()
+        user = self.users[name]
+        gone = tuple(mechanisms or user.mechanisms)
+        for m in gone:
+            self._config_command("--alter", "--delete-config", m, "--entity-type", "users", "--entity-name", name)
+        wait_until(lambda: not any(self.scram_login(name, user.password, m) for m in gone), timeout,
+                   f"kafka: SCRAM login of {name} refused ({', '.join(gone)})")
+        left = tuple(m for m in user.mechanisms if m not in gone)
+        if left:
+            self.users[name] = dataclasses.replace(user, mechanisms=left)
+        else:
+            del self.users[name]
 
     # -- Kafka's own tools (e.g. ProducerPerformance for the kafka benchmark)
     def tool_argv(self, main_class: str, *args: object, heap: str = "256m") -> list[str]:

@@ -257,6 +257,8 @@ def _flatten(exports: list[dict[str, Any]], res_key: str, scope_key: str, item_k
                     flat = dict(item)
                     flat["resource_attrs"] = res_attrs
                     flat["scope"] = scope
+                    flat["resource_schema_url"] = res.get("schemaUrl", "")
+                    flat["scope_schema_url"] = sc.get("schemaUrl", "")
                     if "attributes" in item:
                         flat["attrs"] = attributes(item["attributes"])
                     if "body" in item:

@@ -8,6 +8,9 @@
     prom.query("sum(rate(x[1m]))")                          # -> data.result (list of series)
     prom.close()
 
+    PrometheusServer(targets, rule_files=["dashboards/alerts/hostwall.rules.yml"],
+                     alertmanagers=[am.url])                # evaluates the rules, sends alerts (API v2)
+
 The server never touches the Debian service: its own config, its own TSDB in the work folder, a free port,
 ``--web.enable-lifecycle`` for reloads. Scrape and evaluation interval default to 1 s so tests wait little.
 """
@@ -53,6 +56,11 @@ class PrometheusServer(PeerBase):
 
     ``rule_files`` are copied into the config (checked by Prometheus at start/reload); ``scrape_configs``
     (raw dicts) are appended as they are, for relabelling or a metrics_path other than /metrics.
+    ``alertmanagers`` (``http://host:port`` or ``host:port``) get the alerts of those rules (``alerting:``
+    section, API v2); the rules are evaluated every ``scrape_interval``, and firing alerts are re-sent as often
+    (``--rules.alert.resend-delay``, 1 m by default): a fresh server evaluates its rules before its notifier
+    has discovered the Alertmanager and drops those first sends (prometheus_notifications_dropped_total), so
+    with the default the first notification would come a minute late.
     """
 
     name = "prometheus"
@@ -60,7 +68,8 @@ class PrometheusServer(PeerBase):
     def __init__(self, targets: Targets = None, *, scrape_interval: str = "1s",
                  workdir: str | os.PathLike[str] | None = None, binary: Path | None = None,
                  rule_files: Iterable[str | os.PathLike[str]] = (),
-                 scrape_configs: Iterable[Mapping[str, Any]] = (), extra_args: Iterable[str] = ()) -> None:
+                 scrape_configs: Iterable[Mapping[str, Any]] = (), extra_args: Iterable[str] = (),
+                 alertmanagers: Iterable[str] = ()) -> None:
         self.binary = Path(binary) if binary else prometheus_binary()
         super().__init__(workdir)
         self.host = "127.0.0.1"
@@ -70,6 +79,7 @@ class PrometheusServer(PeerBase):
         self.rule_files = [str(Path(p).resolve()) for p in rule_files]
         self.extra_scrape_configs = [dict(c) for c in scrape_configs]
         self.extra_args = list(extra_args)
+        self.alertmanagers = [a.split("://", 1)[-1].rstrip("/") for a in alertmanagers]
         self.config_path = self.workdir / "prometheus.yml"
         self.data_dir = self.workdir / "data"
 
@@ -87,11 +97,15 @@ class PrometheusServer(PeerBase):
     def config(self) -> dict[str, Any]:
         scrape = [{"job_name": job, "scrape_interval": self.scrape_interval, "scrape_timeout": self.scrape_interval,
                    "static_configs": [{"targets": targets}]} for job, targets in self.jobs.items()]
-        return {
+        doc: dict[str, Any] = {
             "global": {"scrape_interval": self.scrape_interval, "evaluation_interval": self.scrape_interval},
             "rule_files": self.rule_files,
             "scrape_configs": scrape + self.extra_scrape_configs,
         }
+        if self.alertmanagers:
+            doc["alerting"] = {"alertmanagers": [{"api_version": "v2",
+                                                  "static_configs": [{"targets": self.alertmanagers}]}]}
+        return doc
 
     def _write_config(self) -> None:
         tmp = self.config_path.with_suffix(".tmp")
@@ -104,6 +118,8 @@ class PrometheusServer(PeerBase):
         argv = [self.binary, f"--config.file={self.config_path}", f"--storage.tsdb.path={self.data_dir}",
                 f"--web.listen-address={self.host}:{self.port}", "--web.enable-lifecycle",
                 "--storage.tsdb.retention.time=1d", "--log.level=info", *self.extra_args]
+        if self.alertmanagers and not any(a.startswith("--rules.alert.resend-delay") for a in self.extra_args):
+            argv.append(f"--rules.alert.resend-delay={self.scrape_interval}")
         self.process = PeerProcess(argv, name="prometheus", log_path=self.log_path, cwd=self.workdir)
         self._wait_ready(lambda: http_get(f"{self.url}/-/ready", timeout=1.0)[0] == 200, timeout,
                          f"{self.url}/-/ready")

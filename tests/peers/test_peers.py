@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import http.server
+import socket
+import ssl
 import threading
 import time
 import uuid
@@ -12,8 +14,17 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.peers import free_ports
-from tests.peers.kafka import KafkaBroker, kafka_cluster_id
+from tests.peers import PeerNotInstalled, free_ports
+from tests.peers.alertmanager import (
+    Alertmanager,
+    Notification,
+    WebhookReceiver,
+    alert,
+    alertmanager_binary,
+    rfc3339,
+    webhook_config,
+)
+from tests.peers.kafka import Acl, KafkaBroker, kafka_cluster_id
 from tests.peers.otelcol import OtelCollector
 from tests.peers.prometheus import PrometheusServer
 
@@ -74,6 +85,132 @@ def test_kafka_producer_perf_tool(kafka_broker: KafkaBroker) -> None:
         "--producer-props", f"bootstrap.servers={kafka_broker.bootstrap_servers}", "acks=all", timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "2000 records sent" in proc.stdout, proc.stdout
+
+
+def _sasl_kwargs(broker: KafkaBroker, user: str, password: str, mechanism: str, cafile=None) -> dict:
+    from aiokafka.helpers import create_ssl_context
+    return {"security_protocol": "SASL_SSL", "ssl_context": create_ssl_context(cafile=str(cafile or broker.ca_file)),
+            "sasl_mechanism": mechanism, "sasl_plain_username": user, "sasl_plain_password": password}
+
+
+async def _login(broker: KafkaBroker, user: str, password: str, mechanism: str) -> None:
+    """One aiokafka connection to the SASL_SSL listener (TLS, ApiVersions, SCRAM); raises what aiokafka raises."""
+    from aiokafka.conn import create_conn
+    host, port = broker.sasl_bootstrap_servers.rsplit(":", 1)
+    conn = await create_conn(host, int(port), request_timeout_ms=10000,
+                             **_sasl_kwargs(broker, user, password, mechanism))
+    conn.close()
+
+
+@pytest.mark.parametrize("producer_mech,consumer_mech", [("SCRAM-SHA-256", "SCRAM-SHA-512"),
+                                                         ("SCRAM-SHA-512", "SCRAM-SHA-256")])
+def test_kafka_sasl_ssl_round_trip_and_acls(kafka_sasl_broker: KafkaBroker, producer_mech, consumer_mech) -> None:
+    """aiokafka over SASL_SSL with the throwaway CA: the writer produces and reads back; the read-only user
+    reads but its produce is refused by the ACLs; the unrelated CA does not verify the listener."""
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+    from aiokafka.errors import TopicAuthorizationFailedError
+
+    b = kafka_sasl_broker
+    topic = f"sasl-{uuid.uuid4().hex[:8]}"
+    b.create_topic(topic, partitions=2)
+    w, r = b.writer, b.reader
+    key, value = b"10.0.0.2", b'{"event":{"action":"allow"}}'
+
+    async def go() -> tuple:
+        producer = AIOKafkaProducer(bootstrap_servers=b.sasl_bootstrap_servers, acks="all", enable_idempotence=True,
+                                    request_timeout_ms=10000, **_sasl_kwargs(b, w.name, w.password, producer_mech))
+        await producer.start()
+        try:
+            meta = await asyncio.wait_for(producer.send_and_wait(topic, value, key=key), 30)
+        finally:
+            await producer.stop()
+        got = {}
+        for user in (w, r):
+            consumer = AIOKafkaConsumer(topic, bootstrap_servers=b.sasl_bootstrap_servers,
+                                        auto_offset_reset="earliest", enable_auto_commit=False, group_id=None,
+                                        **_sasl_kwargs(b, user.name, user.password, consumer_mech))
+            await consumer.start()
+            try:
+                msg = await asyncio.wait_for(consumer.getone(), 30)
+                got[user.name] = (msg.key, msg.value, msg.partition, msg.offset)
+            finally:
+                await consumer.stop()
+        denied = AIOKafkaProducer(bootstrap_servers=b.sasl_bootstrap_servers, request_timeout_ms=10000,
+                                  **_sasl_kwargs(b, r.name, r.password, producer_mech))
+        await denied.start()
+        try:
+            with pytest.raises(TopicAuthorizationFailedError):
+                await asyncio.wait_for(denied.send_and_wait(topic, b"not allowed"), 30)
+        finally:
+            await denied.stop()
+        return meta, got
+
+    meta, got = asyncio.run(go())
+    assert got[w.name] == got[r.name] == (key, value, meta.partition, meta.offset)
+    assert b.metadata([topic]).topics[topic].ready
+
+    async def wrong_ca() -> None:
+        from aiokafka.conn import create_conn
+        host, port = b.sasl_bootstrap_servers.rsplit(":", 1)
+        await create_conn(host, int(port), request_timeout_ms=10000,
+                          **_sasl_kwargs(b, w.name, w.password, producer_mech, cafile=b.wrong_ca_file))
+
+    with pytest.raises(ssl.SSLCertVerificationError):
+        asyncio.run(wrong_ca())
+
+
+def test_kafka_sasl_revoked_user_cannot_connect(kafka_sasl_broker: KafkaBroker) -> None:
+    """A SCRAM user added and granted while the broker runs produces; once revoked (kafka-configs
+    --delete-config), a new connection fails authentication for either mechanism, and the peer's own
+    SCRAM client agrees. Users of the broker are untouched."""
+    from aiokafka import AIOKafkaProducer
+    from aiokafka.errors import SaslAuthenticationFailed
+
+    b = kafka_sasl_broker
+    name = f"carol-{uuid.uuid4().hex[:6]}"
+    topic = f"revoke-{uuid.uuid4().hex[:8]}"
+    b.create_topic(topic)
+    user = b.add_scram_user(name)
+    b.create_acls([Acl(user.principal, "WRITE", "TOPIC", topic), Acl(user.principal, "DESCRIBE", "TOPIC", topic)])
+
+    async def produce() -> int:
+        p = AIOKafkaProducer(bootstrap_servers=b.sasl_bootstrap_servers, request_timeout_ms=10000,
+                             **_sasl_kwargs(b, name, user.password, "SCRAM-SHA-512"))
+        await p.start()
+        try:
+            return (await asyncio.wait_for(p.send_and_wait(topic, b"before revocation"), 30)).offset
+        finally:
+            await p.stop()
+
+    assert asyncio.run(produce()) == 0
+    for mech in user.mechanisms:
+        asyncio.run(_login(b, name, user.password, mech))
+    b.remove_scram_user(name)
+    assert name not in b.users
+    for mech in user.mechanisms:
+        with pytest.raises(SaslAuthenticationFailed):
+            asyncio.run(_login(b, name, user.password, mech))
+        assert b.scram_login(name, user.password, mech) is False
+    w = b.writer                                   # everyone else still logs in
+    assert all(b.scram_login(w.name, w.password, m) for m in w.mechanisms)
+    asyncio.run(_login(b, w.name, w.password, "SCRAM-SHA-256"))
+
+
+def test_kafka_sasl_peer_material(kafka_sasl_broker: KafkaBroker) -> None:
+    """The certificate names 127.0.0.1 and localhost and chains to ca_file only; wrong passwords are refused."""
+    b = kafka_sasl_broker
+    host, port = b.sasl_bootstrap_servers.rsplit(":", 1)
+    for name in ("127.0.0.1", "localhost"):
+        ctx = ssl.create_default_context(cafile=str(b.ca_file))
+        with socket.create_connection((host, int(port)), timeout=5) as raw, \
+                ctx.wrap_socket(raw, server_hostname=name) as tls:
+            assert tls.version() in ("TLSv1.2", "TLSv1.3")
+    assert b.ca_file.read_bytes() != b.wrong_ca_file.read_bytes()
+    assert b.writer.password != b.reader.password
+    assert b.scram_login(b.writer.name, b.writer.password + "x", "SCRAM-SHA-256") is False
+    assert b.scram_login(b.reader.name, b.reader.password, "SCRAM-SHA-512") is True
+    kinds = {(a.principal, a.operation, a.resource_type) for a in b.describe_acls()}
+    assert ("User:bob", "READ", "TOPIC") in kinds and not {k for k in kinds if k[0] == "User:bob" and k[1] in ("WRITE", "ALL")}
 
 
 # ------------------------------------------------------------------------------------------------- otel
@@ -193,3 +330,59 @@ def test_kafka_cluster_ids_never_look_like_an_option():
     ids = [kafka_cluster_id() for _ in range(3000)]        # a leading '-' is 1 draw in 64
     assert not [i for i in ids if i.startswith("-")]
     assert all(len(base64.urlsafe_b64decode(i + "==")) == 16 for i in ids) and len(set(ids)) == len(ids)
+
+
+# ----------------------------------------------------------------------------------------- alertmanager
+
+
+def test_alertmanager_starts_and_answers(alertmanager_factory) -> None:
+    am: Alertmanager = alertmanager_factory()
+    st = am.status()
+    assert st["versionInfo"]["version"].startswith("0."), st["versionInfo"]
+    assert st["cluster"]["status"] == "disabled"                 # no gossip port, nothing but 127.0.0.1
+    assert "webhook" in st["config"]["original"]                  # the config this test wrote
+    assert am.alerts() == [] and am.alert_groups() == []
+    am.post_alerts([alert("PeerSmokeApi", instance="api-test", severity="warning")])
+    [a] = am.wait_for_alerts(lambda alerts: alerts, what="the posted alert")
+    assert a["labels"] == {"alertname": "PeerSmokeApi", "instance": "api-test", "severity": "warning"}
+    assert a["status"]["state"] == "active" and [r["name"] for r in a["receivers"]] == ["webhook"]
+
+
+def test_alertmanager_notifies_the_webhook(alertmanager_factory, webhook_receiver: WebhookReceiver) -> None:
+    """A posted alert reaches the receiver as a firing notification; ending it sends the resolved one."""
+    am: Alertmanager = alertmanager_factory(webhook_config(webhook_receiver.url))
+    smoke = alert("PeerSmokeWebhook", instance="hook-test", severity="warning",
+                  annotations={"summary": "smoke", "runbook_url": "http://127.0.0.1/rb.md"}, starts_at=time.time() - 60)
+    am.post_alerts([smoke])
+    [n] = webhook_receiver.wait_for(lambda ns: ns, what="the firing notification")
+    assert n.path == "/hook" and n.receiver == "webhook" and n.status == "firing" and n.body["version"] == "4"
+    assert n.body["groupLabels"] == {"alertname": "PeerSmokeWebhook", "instance": "hook-test"}
+    [a] = n.alerts
+    assert a["labels"]["severity"] == "warning" and a["annotations"]["runbook_url"] == "http://127.0.0.1/rb.md"
+
+    am.post_alerts([{**smoke, "endsAt": rfc3339(time.time())}])
+    resolved: list[Notification] = webhook_receiver.wait_for(
+        lambda ns: [x for x in ns if x.status == "resolved"], what="the resolved notification")
+    assert resolved[0].alert_labels("alertname") == ["PeerSmokeWebhook"]
+
+
+def test_prometheus_sends_its_alerts_to_alertmanager(prometheus_server_factory, alertmanager_factory,
+                                                     webhook_receiver: WebhookReceiver, tmp_path) -> None:
+    """The chain the deployment relies on: a rule fires in Prometheus -> Alertmanager -> receiver."""
+    rules = tmp_path / "smoke.rules.yml"
+    rules.write_text("groups:\n- name: smoke\n  rules:\n  - alert: PeerSmokeRule\n    expr: vector(1)\n"
+                     "    labels: {severity: warning, service: smoke}\n"
+                     "    annotations: {summary: 'value {{ $value }}'}\n")
+    am: Alertmanager = alertmanager_factory(webhook_config(webhook_receiver.url, group_by=("alertname",)))
+    prom = prometheus_server_factory(None, rule_files=[rules], alertmanagers=[am.url])
+    assert prom.config()["alerting"]["alertmanagers"][0]["static_configs"][0]["targets"] == [f"127.0.0.1:{am.port}"]
+    [n] = webhook_receiver.wait_for(lambda ns: ns, timeout=60, what="PeerSmokeRule from Prometheus")
+    [a] = n.alerts
+    assert a["labels"] == {"alertname": "PeerSmokeRule", "severity": "warning", "service": "smoke"}
+    assert a["annotations"] == {"summary": "value 1"} and "/graph?g0.expr=vector%281%29" in a["generatorURL"]
+
+
+def test_a_missing_alertmanager_says_how_to_install_it(monkeypatch) -> None:
+    monkeypatch.setenv("HOSTWALL_ALERTMANAGER", "/nonexistent/prometheus-alertmanager")
+    with pytest.raises(PeerNotInstalled, match="run scripts/setup-peers.sh"):
+        alertmanager_binary()

@@ -106,7 +106,7 @@ def test_records_arrive_once_with_keys_headers_and_schema(kafka_broker, tmp_path
             assert set(h) == {"schema_version", "encoding", "kind"}
             r = by_id[event_id(enc, orjson.loads(m.value))]
             kind = r["hostwall"]["kind"]
-            assert h["schema_version"] == r["schema_version"].encode() and h["encoding"] == enc.encode()
+            assert h["schema_version"] == r["hostwall"]["schema_version"].encode() and h["encoding"] == enc.encode()
             assert h["kind"] == kind.encode()
             want_topic = {"anomaly": tt["anomalies_topic"], "audit": tt["audit_topic"]}.get(kind, tt["flows_topic"])
             assert m.topic == want_topic
@@ -117,7 +117,7 @@ def test_records_arrive_once_with_keys_headers_and_schema(kafka_broker, tmp_path
                 key = r["hostwall"]["anomaly"]["key"]
                 assert m.key.decode() in (key.get("source_prefix"), f"{key['dimension']}={key['value']}")
             elif kind == "drop_summary":
-                assert m.key.decode() in (r["hostwall"].get("source_prefix"),
+                assert m.key.decode() in (r["hostwall"].get("source", {}).get("prefix"),
                                           f"overflow:{r['hostwall'].get('reason', '')}")
             elif r["network"].get("community_id"):
                 assert m.key == r["network"]["community_id"].encode()
@@ -247,13 +247,14 @@ DRIVER = textwrap.dedent("""
     def rec(i):
         k = i % KEYS
         if i % 1000 == 999:                      # some anomalies: another topic, keyed by prefix
-            return {{"@timestamp": "2024-05-01T12:00:00.000000Z", "schema_version": "1.0.0",
+            return {{"@timestamp": "2024-05-01T12:00:00.000000Z",
                     "event": {{"id": f"{{RUN}}-{{i}}", "kind": "alert"}}, "n": [RUN, i],
-                    "hostwall": {{"kind": "anomaly", "anomaly": {{"key": {{"dimension": "source_prefix",
+                    "hostwall": {{"kind": "anomaly", "schema_version": "1.1.0", "anomaly": {{"key": {{"dimension": "source_prefix",
                                  "value": f"10.{{k % 200}}.0.0/24", "source_prefix": f"10.{{k % 200}}.0.0/24"}}}}}}}}
-        return {{"@timestamp": "2024-05-01T12:00:00.000000Z", "schema_version": "1.0.0",
+        return {{"@timestamp": "2024-05-01T12:00:00.000000Z",
                 "event": {{"id": f"{{RUN}}-{{i}}", "kind": "event"}}, "n": [RUN, i],
-                "network": {{"community_id": f"1:key-{{k}}"}}, "hostwall": {{"kind": "flow"}}, "pad": PAD}}
+                "network": {{"community_id": f"1:key-{{k}}"}}, "hostwall": {{"kind": "flow", "schema_version": "1.1.0"}},
+                "pad": PAD}}
 
     async def main():
         o = KafkaOptions(**json.loads(os.environ["HW_TOPICS"]), spool_dir=os.environ["HW_SPOOL"],

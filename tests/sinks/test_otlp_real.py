@@ -67,6 +67,7 @@ def test_log_records_arrive_with_semconv_attributes_and_severity(otel_collector,
         if rec.get("event", {}).get("dataset"):
             assert r.get("eventName") == rec["event"]["dataset"]
         assert r["scope"]["name"] == "hostwall.collector"
+        assert r["scope_schema_url"] == r["resource_schema_url"] == want["schema_url"]    # the semconv version
         assert r["resource_attrs"]["hostwall.interfaces"] == ["eth0", "eth1"]
         assert r["resource_attrs"]["host.name"] == "fw-test"
     kinds = Counter(r["hostwall"]["kind"] for r in recs)
@@ -75,7 +76,8 @@ def test_log_records_arrive_with_semconv_attributes_and_severity(otel_collector,
     flow = next(by_uid[r["event"]["id"]] for r in recs if r["hostwall"]["kind"] == "flow" and
                 r.get("network", {}).get("transport") == "tcp")
     for key in ("network.transport", "network.type", "source.address", "source.port", "destination.address",
-                "destination.port", "host.name", "event.name", "hostwall.verdict", "hostwall.community_id"):
+                "destination.port", "client.address", "server.port", "network.io.direction", "host.name",
+                "hostwall.verdict", "hostwall.community_id"):
         assert key in flow["attrs"], key
 
 
@@ -85,7 +87,7 @@ class TimedBuilder(StubBuilder):
     def _rec(self, kind: str, ident) -> dict:
         r = super()._rec(kind, ident)
         r["@timestamp"] = iso_ns(time.time_ns())
-        r["schema_version"] = "1.0.0"
+        r["hostwall"]["schema_version"] = "1.1.0"
         r["network"] = {"transport": "tcp", "type": "ipv4"}
         r["source"], r["destination"] = {"ip": "10.0.0.1", "port": 40000}, {"ip": "10.0.0.2", "port": 443}
         return r

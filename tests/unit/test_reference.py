@@ -123,12 +123,16 @@ def test_ports_restrict_to_tcp_udp():
     assert evaluate(p, pkt4(proto=TCP, dport=53)).rule is None
 
 
-def test_non_first_fragments_never_match_port_rules():
-    p = pol([r("web", protocol="tcp", ports=[80]), r("peer", priority=20, peers=["10.0.0.0/8"], action="deny")])
+def test_non_first_fragments_follow_their_first_fragment_not_the_rules():
+    """A later fragment carries no ports: rules never judge it. Without the state of its first
+    fragment (the datapath's fragment table) it is fragment_unmatched, whatever rules or defaults say."""
+    p = pol([r("web", protocol="tcp", ports=[80]), r("peer", priority=20, peers=["10.0.0.0/8"], action="allow")],
+            ingress="allow")
     assert evaluate(p, pkt4(dport=80)).rule == "web"
     frag = pkt4(dport=0, fragment=True)
-    assert evaluate(p, frag) == Decision("drop", "policy_deny", "peer")  # portless rule still matches
+    assert evaluate(p, frag) == Decision("drop", "fragment_unmatched", None)
     assert not match(p.rules[0], Packet("ingress", 4, "10.0.0.1", "10.9.9.9", TCP, 0, 80, fragment=True))
+    assert match(p.rules[1], frag)                      # match() itself still sees a portless rule
 
 
 def test_packet_validation():
@@ -169,11 +173,13 @@ def packets(draw):
 
 
 def oracle(rules: list[dict], defaults: dict, pkt: Packet) -> Decision:
-    """Independent restatement of DESIGN.md §3 with ipaddress networks and a stable sort."""
+    """Independent restatement of docs/policy.md with ipaddress networks and a stable sort."""
     numbers = {"tcp": TCP, "udp": UDP, "icmp": ICMP, "icmpv6": ICMP6}
+    if pkt.fragment:                     # follows its first fragment; no state here: unmatched
+        return Decision("would_drop" if defaults["audit"] else "drop", "fragment_unmatched", None)
     peer = ipaddress.ip_address(pkt.src if pkt.direction == "ingress" else pkt.dst)
     ordered = sorted(enumerate(rules), key=lambda t: t[1]["priority"])
-    for _i, rl in ordered:
+    for i, rl in ordered:  # noqa: B007 — i names the deciding rule after the break
         if rl["direction"] != pkt.direction:
             continue
         proto = rl.get("protocol", "any")

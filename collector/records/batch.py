@@ -1,0 +1,58 @@
+"""Kernel batches as the record builder reads them: NumPy arrays in the layouts of bpf/hostwall.h
+(hostwall.bpf.layout.DTYPES), addresses as packed bytes, and the GC pause around dict building."""
+from __future__ import annotations
+
+import gc
+import socket
+
+import numpy as np
+
+__all__ = ["as_dtype", "GcPaused", "pairs", "ntop", "packed"]
+
+
+def as_dtype(arr, dt: np.dtype) -> np.ndarray | None:
+    """`arr` as a C-contiguous array of layout `dt`: raw bytes (uint8 / bytes) are reinterpreted; a
+    structured array with the same field names but another byte order or packing (np.concatenate
+    canonicalises '>u2' to native) is converted field by field. None if it cannot be either."""
+    if isinstance(arr, (bytes, bytearray, memoryview)):
+        arr = np.frombuffer(arr, np.uint8)
+    if arr.dtype == dt:
+        return np.ascontiguousarray(arr)
+    if arr.dtype.names is None:
+        raw = np.ascontiguousarray(arr).view(np.uint8).reshape(-1)
+        return np.frombuffer(raw.tobytes(), dt) if raw.size % dt.itemsize == 0 else None
+    if set(arr.dtype.names) != set(dt.names):
+        return None
+    try:
+        return np.ascontiguousarray(arr.astype(dt))
+    except (TypeError, ValueError):
+        return None
+
+
+class GcPaused:
+    """Pause the cyclic GC while a batch builds: records are acyclic dicts, but allocating ~15 of them
+    per record triggers generation scans that cost as much as building them. Reference counting
+    still frees everything; the GC resumes (and catches up) when the batch is done. The Kafka sink
+    pauses it the same way around its per-record loops."""
+    __slots__ = ("was",)
+
+    def __enter__(self):
+        self.was = gc.isenabled()
+        gc.disable()
+
+    def __exit__(self, *exc):
+        if self.was:
+            gc.enable()
+
+
+def pairs(col: np.ndarray) -> list[tuple[int, int]]:
+    """An (n, 2) integer field as n (a, b) tuples of Python ints, one 1-D tolist() per column."""
+    return list(zip(col[:, 0].tolist(), col[:, 1].tolist()))
+
+
+def ntop(fam: int, raw: bytes) -> str:
+    return socket.inet_ntop(socket.AF_INET, raw[:4]) if fam == 4 else socket.inet_ntop(socket.AF_INET6, raw)
+
+
+def packed(fam: int, raw: bytes) -> bytes:
+    return raw[:4] if fam == 4 else raw
