@@ -404,6 +404,11 @@ class KernelSource:
         packet as freeing does: a packet between the check and the one-byte store is counted in the
         kernel but not in the record (conntrack.CtTable.mark_reported_if_unchanged).
 
+        Connections reported in aggregate (hw_ct_entry.report: their start went to the flow aggregation,
+        or waited and never came) get no record of their own: their expiry or FIN close is returned in
+        CtFamilyScan.agg_* for flow summaries (collector/flow_summary.py), and they get no updates. The
+        timeout of unconfirmed entries is the active policy's (one map lookup per scan).
+
         Cost: the tables are read in place (mmap'ed, no syscalls): one vectorised pass over every slot
         (~25-30 MB per family). An expired entry is freed only if its times are unchanged since the
         read (else a packet touched it: counted as raced, kept); conntrack.CtTable.free_if_unchanged

@@ -44,6 +44,19 @@ def _live(dp) -> tuple[int, int]:
         return len(e), int((e["report"] == L.C["HW_REP_PENDING"]).sum())
 
 
+def _unreported_closes(dp) -> int:
+    """Connections closed by both FINs that the collector has not reported yet (it does after the close
+    grace period, docs/collector.md), both families."""
+    from hostwall.bpf import layout as L
+    n = 0
+    for fam in (4, 6):
+        with conntrack.CtTable(dp.map_fds[conntrack.MAPS[fam]], fam) as t:
+            e = t.slots[t.live()]["e"]
+            n += int(((e["state"] == L.C["HW_CT_CLOSING"]) & (e["reported"] == 0) &
+                      ((e["fin_seen"] & L.C["HW_CT_F_END_EMITTED"]) == 0)).sum())
+    return n
+
+
 def _run(lab, tmp_path, flood_kind: str):
     synflood.route_spoofed(lab)
     pol = tmp_path / "policy.yaml"
@@ -68,6 +81,8 @@ def _run(lab, tmp_path, flood_kind: str):
             while time.monotonic() < deadline and _live(dp)[1]:
                 time.sleep(0.5)
             live, pending = _live(dp)
+            while time.monotonic() < deadline + 30 and _unreported_closes(dp):
+                time.sleep(0.5)                     # the client's last FIN closes, after their grace period
             time.sleep(2.5)                         # two conntrack scans and drains of the collector
             inserted = dp.ct_stats()[4]["inserted"] - inserted0
             kernel_agg = enf.status()["syn_proxy"]["flows_aggregated"]
