@@ -55,7 +55,8 @@ static __always_inline int l3_offset(void *data, void *end, __u16 *proto)
 }
 
 /* The IP and TCP headers of a packet the proxy can answer or check: IPv4 without options, or IPv6
- * without extension headers, and the TCP header's 20 fixed bytes in the packet. Offsets (l3, l4) of
+ * without extension headers (a fragment header among them), not a fragment (a cookie answers a whole
+ * SYN, docs/dos.md), and the TCP header's 20 fixed bytes in the packet. Offsets (l3, l4) of
  * the IP and TCP headers; 0 if the packet is not one of those. */
 static __always_inline int syn_headers(struct xdp_md *ctx, struct pkt *p, __u32 *l3, __u32 *l4)
 {
@@ -66,7 +67,8 @@ static __always_inline int syn_headers(struct xdp_md *ctx, struct pkt *p, __u32 
 		return 0;
 	if (p->family == 4) {
 		struct iphdr *ip = data + off;
-		if ((void *)(ip + 1) > end || ip->ihl != 5 || proto != bpf_htons(ETH_P_IP))
+		if ((void *)(ip + 1) > end || ip->ihl != 5 || proto != bpf_htons(ETH_P_IP) ||
+		    (ip->frag_off & bpf_htons(0x3fff)))         /* offset or more fragments */
 			return 0;
 		*l4 = off + sizeof(struct iphdr);
 	} else {
@@ -172,7 +174,7 @@ static __always_inline void syn_write_opts(__u8 *o, __u16 mss, int full, struct 
 }
 
 /* Turn the SYN in ctx into its cookie SYN-ACK (XDP_TX by the caller). 1: done, with *synack_len its
- * length; 0: this SYN cannot be answered (IP options, IPv6 extension headers, a helper failure): it
+ * length; 0: this SYN cannot be answered (IP options, IPv6 extension headers, a fragment, a helper failure): it
  * is then handled as without the proxy (counted not_answerable). Nothing is changed before every
  * check has passed; -1 (unreachable: the frame has exactly the length just set) if the frame was
  * resized but could not be written, so the caller must drop it. */

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from scapy.layers.inet import IP, TCP
+from scapy.layers.inet import IP, TCP, fragment
 from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
 from scapy.packet import raw
@@ -286,6 +286,25 @@ def test_cookie_check_uses_the_kernel_helpers_tuple(harness):
     assert o.reason == "syn_cookie_invalid"
     o = send(harness, ack("10.81.7.1", 46000, seq=3001, ack_no=sa[TCP].seq + 1))
     assert o.reason == "pass_rule"
+
+
+def test_a_fragmented_syn_is_not_answered_but_tracked(harness):
+    """A SYN in a first fragment (more fragments follow) is not answered from XDP: its cookie SYN-ACK
+    would answer half a datagram. It is counted not_answerable and tracked as without the proxy; its
+    later fragment follows it (docs/dos.md "What it does not answer")."""
+    install(harness)
+    refresh(harness, "10.81.9.1")
+    stats0 = syn_proxy.stats(harness.dp.map_fds, harness.dp.ncpus)
+    n0 = live(harness)
+    whole = E / IP(src="10.81.9.1", dst=ME, id=777) / TCP(sport=47000, dport=8080, flags="S", seq=1,
+                                                           options=[("MSS", 1460)]) / (b"x" * 64)
+    first, later = (raw(E / f) for f in fragment(whole[IP], fragsize=48))
+    o = send(harness, first)
+    assert (o.passed, o.verdict, o.reason, o.sent_back) == (True, "allow", "pass_rule", None), o
+    assert send(harness, later).reason == "pass_fragment"
+    assert live(harness) == n0 + 1
+    stats = syn_proxy.stats(harness.dp.map_fds, harness.dp.ncpus)
+    assert stats["not_answerable"] - stats0["not_answerable"] == 1 and stats["answered"] == stats0["answered"]
 
 
 def test_dos_frame_and_proxy_agree_on_non_syn_tcp(harness):
