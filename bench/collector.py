@@ -229,10 +229,48 @@ def bench_bcc_callback(prod: Producer, rounds: int) -> float:
 
 
 class _BenchSource:
-    """KernelSource stand-in for the e2e run: the producer's ring, no drops, no conntrack."""
+    """collector.parts.KernelSource for the e2e runs: the producer's ring, no drops, no conntrack."""
 
     def __init__(self, prod: Producer):
         self.prod = prod
+        self._gen = 0
+        self._last_scan: int | None = None
+
+    def identity(self) -> dict:
+        from hostwall.bpf import bpfsys
+        return {"boot_id": "bench", "ring_map_id": bpfsys.map_info(self.prod.map_fd).id, "ev_stats_map_id": 0}
+
+    def set_drop_prefixes(self, v4: int, v6: int) -> None:
+        pass
+
+    def agg_gen(self) -> int:
+        return self._gen
+
+    def read_drops(self):
+        self._gen ^= 1
+        return self.read_drops_of(self._gen ^ 1)
+
+    def read_drops_of(self, gen: int):
+        from hostwall.collector.kernel import DropDrain
+        z = np.zeros(0, dtype=L.DTYPES["hw_drop_key"])
+        now = self.now_ns()
+        return DropDrain(z, np.zeros(0, dtype=L.DTYPES["hw_drop_val"]), {}, now, now, 0.0, gen)
+
+    def clear_drops(self, d) -> None:
+        pass
+
+    def free_claims(self, scan) -> int:
+        return 0
+
+    def adopt_claims(self, scan) -> None:
+        pass
+
+    def set_last_scan(self, now_ns) -> None:
+        self._last_scan = now_ns
+
+    @property
+    def last_scan_ns(self):
+        return self._last_scan
 
     def ring(self):
         from hostwall.bpf.ringbuf import RingBuffer
@@ -245,17 +283,18 @@ class _BenchSource:
     def now_ns(self) -> int:
         return time.clock_gettime_ns(time.CLOCK_MONOTONIC)
 
-    def set_event_budget(self, n: int) -> None:
+    def set_event_budget(self, n: int, source_share: int | None = None) -> None:
         pass
+
+    def port_syns(self) -> np.ndarray:
+        return np.zeros(65536, np.uint64)
+
+    def syn_proxy(self, now_ns: int):
+        from hostwall.bpf.syn_proxy import ProxyState
+        return ProxyState(now_ns, {}, {})
 
     def kernel_loss(self) -> dict:
         return {}
-
-    def drain_drops(self):
-        from hostwall.collector.kernel import DropDrain
-        z = np.zeros(0, dtype=L.DTYPES["hw_drop_key"])
-        now = self.now_ns()
-        return DropDrain(z, np.zeros(0, dtype=L.DTYPES["hw_drop_val"]), {}, now, now, 0.0)
 
     def scan_conntrack(self, now_ns: int, at_ns: int, grace_ns: int = 0):
         from hostwall.collector.kernel import CtScan

@@ -4,8 +4,10 @@ Kafka's own producer benchmark as the baseline in the same run.
 - kafka_rps       sustained records/s through collector.sinks.kafka.KafkaSink (acks=all, idempotent,
                   zstd, 512 KiB batches, 4-partition topic): canonical ECS records made by the real
                   RecordBuilder (flows and denies with community ids), sent in pipeline-sized batches
-                  (8192) as fast as the sink takes them; from the first send() to the last broker
-                  acknowledgement. Encoding, routing, keys and headers are inside the timing.
+                  (8192) as fast as the sink takes them; from the first send() to the moment every batch
+                  is settled — the end-to-end acknowledgement the pipeline waits for before it releases
+                  the ring buffer (docs/collector.md "Delivery and loss"). Encoding, routing, keys,
+                  headers and the settlement bookkeeping are inside the timing.
 - java_perf_rps   org.apache.kafka.tools.ProducerPerformance (kafka-tools jar from the cache) on the same
                   broker and a same-shaped topic: the SAME encoded records as payloads (--payload-file, so
                   size and compressibility match), acks=all, idempotence, zstd; the tool's own defaults
@@ -16,10 +18,11 @@ Kafka's own producer benchmark as the baseline in the same run.
 - kafka_vs_java   kafka_rps / java_perf_rps (kafka_vs_java_tuned: / java_perf_tuned_rps)
 - latency_p99_ms  kernel to broker at 20k records/s: a BCC program writes struct hw_event records into a
                   real ring buffer (bench.collector.Producer, kernel timestamp bpf_ktime_get_ns) 1000 every
-                  50 ms; the real Pipeline (ring reader, RecordBuilder, queues) ships them through the Kafka
-                  sink to a topic with message.timestamp.type=LogAppendTime; latency = the broker's append
-                  time - the record's @timestamp (the kernel's clock, mapped to wall time); p50/p99/max
-                  over every record of the run (ms resolution, the broker's).
+                  50 ms; the real Pipeline (ring reader with acknowledged consumption, RecordBuilder, queues)
+                  ships them through the Kafka sink to a topic with message.timestamp.type=LogAppendTime;
+                  latency = the broker's append time - the record's @timestamp (the kernel's clock, mapped
+                  to wall time); p50/p99/max over every record of the run (ms resolution, the broker's).
+                  The run also checks that the ring's consumer position caught up with every record.
 - record_bytes    mean encoded record size (the payload size of both producers)
 
 The broker runs on the same 2 CPUs as the producer under test, so both producers pay for it; the Java
@@ -40,8 +43,8 @@ import numpy as np
 
 TARGETS = {
     "kafka_rps": (">= 100k records/s", lambda m: m["kafka_rps"] >= 100_000),
-    "kafka_vs_java": (">= 0.5 x Java ProducerPerformance", lambda m: m["kafka_rps"] >= 0.5 * m["java_perf_rps"]),
-    "latency_p99_ms": ("<= 500 ms kernel to broker", lambda m: m["latency_p99_ms"] <= 500),
+    "kafka_vs_java": (">= 1.2 x Java ProducerPerformance", lambda m: m["kafka_rps"] >= 1.2 * m["java_perf_rps"]),
+    "latency_p99_ms": ("<= 250 ms kernel to broker at 20k/s", lambda m: m["latency_p99_ms"] <= 250),
 }
 
 NOTES = """\
@@ -101,13 +104,15 @@ async def _sink_throughput(bootstrap: str, topic: str, recs: list[dict], total: 
         await asyncio.sleep(0.005)
     base = s.delivered
     t0 = time.perf_counter()
-    sent = 0
+    sent = calls = 0
     while sent < total:
         k = min(BATCH, total - sent)
         off = sent % (len(recs) - BATCH)
         await s.send(recs[off:off + k])
         sent += k
-    while s.delivered - base < total:
+        calls += 1
+    want = s.batches                               # every call, warm-up included, settled: acknowledged
+    while s.settled_calls < want or s.delivered - base < total:
         if time.perf_counter() - t0 > 300:
             raise RuntimeError(f"only {s.delivered - base} of {total} delivered; {s.stats()}")
         await asyncio.sleep(0.002)
@@ -143,8 +148,10 @@ def _java_perf(broker, topic: str, payload_file: Path, total: int, batch_bytes: 
     return float(m.group(1))
 
 
-async def _latency(broker, topic: str, seconds: float, rate: int, spool: str) -> list[float]:
-    """Kernel → broker latencies (ms) of every record of a paced run through the real Pipeline."""
+async def _latency(broker, topic: str, seconds: float, rate: int, spool: str) -> tuple[list[float], int]:
+    """Kernel → broker latencies (ms) of every record of a paced run through the real Pipeline, and how
+    many of the offered records did not fit the ring buffer (a pipeline slower than the offered rate:
+    what waits to be acknowledged fills the ring; the datapath would count those ringbuf_full)."""
     import orjson
     from aiokafka import AIOKafkaConsumer
 
@@ -183,11 +190,19 @@ async def _latency(broker, topic: str, seconds: float, rate: int, spool: str) ->
             await asyncio.sleep(step / 2)
         while sink.delivered < n and loop.time() - t0 < seconds + 60:
             await asyncio.sleep(0.05)
+        t_end = loop.time() + 10                   # the last commit follows the last acknowledgement
+        while pipe.ring.consumer_pos != pipe.ring.producer_pos and loop.time() < t_end:
+            await asyncio.sleep(0.01)
+        caught_up = pipe.ring.consumer_pos == pipe.ring.producer_pos
         pipe.stop()
         await task
-        if sink.delivered != n:
-            raise RuntimeError(f"latency run: {sink.delivered} of {n} records delivered; ledger "
-                               f"{ledger.check(quiescent=True)}")
+        if not caught_up:
+            raise RuntimeError("latency run: the ring's consumer position never reached the last record")
+        problems = ledger.check(quiescent=True)
+        if problems or sink.stats()["lost"]:
+            raise RuntimeError(f"latency run: the sink lost records or the ledger is off: {problems} "
+                               f"{sink.stats()['lost']}")
+        delivered = sink.delivered
     finally:
         prod.close()
         shutil.rmtree(d, ignore_errors=True)
@@ -196,7 +211,7 @@ async def _latency(broker, topic: str, seconds: float, rate: int, spool: str) ->
     await c.start()
     lat: list[float] = []
     try:
-        while len(lat) < n:
+        while len(lat) < delivered:
             got = await asyncio.wait_for(c.getmany(timeout_ms=1000, max_records=20000), 30)
             for msgs in got.values():
                 for m in msgs:
@@ -206,16 +221,16 @@ async def _latency(broker, topic: str, seconds: float, rate: int, spool: str) ->
                     lat.append(m.timestamp - t_kernel_ns / 1e6)
     finally:
         await c.stop()
-    return lat
+    return lat, n - delivered
 
 
 def run(quick: bool) -> dict[str, float]:
     from hostwall.collector.config import KafkaOptions
-    from hostwall.collector.sinks.kafka import _make_encoder
+    from hostwall.collector.sinks.kafka_wire import make_encoder
     from tests.peers.kafka import KafkaBroker
     total, lat_s = (300_000, 10.0) if quick else (2_000_000, 30.0)
     m: dict[str, float] = {}
-    enc = _make_encoder("ecs")
+    enc = make_encoder("ecs")
     m["record_bytes"] = float(np.mean([len(enc(r)) for r in make_records(5000)]))
     _log(f"records: {m['record_bytes']:.0f} B each (ECS JSON)")
     work = Path(tempfile.mkdtemp(prefix="hw-bench-kafka-"))
@@ -231,7 +246,7 @@ def run(quick: bool) -> dict[str, float]:
         # latency first, on a fresh broker: the throughput runs below write GBs, and the page-cache
         # writeback that follows stalls any broker on this disk for seconds
         import uvloop
-        lat = uvloop.run(_latency(broker, "bench.latency", lat_s, 20_000, str(work / "s2")))
+        lat, m["latency_ring_full"] = uvloop.run(_latency(broker, "bench.latency", lat_s, 20_000, str(work / "s2")))
         a = np.array(lat)
         m["latency_p50_ms"] = float(np.percentile(a, 50))
         m["latency_p99_ms"] = float(np.percentile(a, 99))

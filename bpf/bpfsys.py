@@ -18,7 +18,7 @@ _SYS_BPF = 321  # x86_64
 # enum bpf_cmd
 MAP_CREATE, MAP_LOOKUP_ELEM, MAP_UPDATE_ELEM, MAP_DELETE_ELEM, MAP_GET_NEXT_KEY = 0, 1, 2, 3, 4
 OBJ_PIN, OBJ_GET, PROG_TEST_RUN, OBJ_GET_INFO_BY_FD = 6, 7, 10, 15
-MAP_LOOKUP_BATCH, MAP_LOOKUP_AND_DELETE_BATCH, MAP_UPDATE_BATCH = 24, 25, 26
+MAP_LOOKUP_BATCH, MAP_LOOKUP_AND_DELETE_BATCH, MAP_UPDATE_BATCH, MAP_DELETE_BATCH = 24, 25, 26, 27
 
 # enum bpf_map_type (subset)
 MAP_TYPE_ARRAY, MAP_TYPE_ARRAY_OF_MAPS = 2, 12
@@ -195,6 +195,27 @@ def map_update_batch(fd: int, keys: bytes, values: bytes, count: int) -> None:
     kb = ctypes.create_string_buffer(keys, len(keys))
     vb = ctypes.create_string_buffer(values, len(values))
     _sys_bpf(MAP_UPDATE_BATCH, _MapBatchAttr(keys=_addr(kb), values=_addr(vb), count=count, map_fd=fd))
+
+
+def map_delete_batch(fd: int, keys: bytes, key_size: int, *, chunk: int = 8192) -> int:
+    """Delete the packed `keys` from a hash map, `chunk` keys per syscall; keys already gone are skipped
+    (one syscall per missing key to step over it). Returns how many were deleted."""
+    n = len(keys) // key_size
+    done = i = 0
+    while i < n:
+        cnt = min(chunk, n - i)
+        kb = ctypes.create_string_buffer(keys[i * key_size:(i + cnt) * key_size], cnt * key_size)
+        attr = _MapBatchAttr(keys=ctypes.addressof(kb), count=cnt, map_fd=fd)
+        try:
+            _sys_bpf(MAP_DELETE_BATCH, attr)
+            done += attr.count
+            i += cnt
+        except BpfError as e:
+            if e.errno != 2:        # ENOENT: key i + attr.count is gone already; the ones before it were deleted
+                raise
+            done += attr.count
+            i += attr.count + 1
+    return done
 
 
 def iter_batches(fd: int, key_size: int, value_bytes: int, *, delete: bool = False, chunk: int = 8192):

@@ -5,7 +5,23 @@ lives in one of the HW_CT_WAYS slots of the bucket its normalised key hashes to.
 and evicts; user space reads the slots in place (no syscalls), frees idle ones with one store, clears
 and copies tables.
 
-Writes from here race with the datapath only as documented where they happen (`free_if_unchanged`).
+Writes from here race with the datapath only as documented where they happen (`free_if_unchanged`,
+`claim_if_unchanged`, `claim_closed_if_unchanged`, `confirm_closed`).
+
+Claims (docs/collector.md "Delivery and loss"): the collector reports an idle-expired connection's end
+itself, and must not free its slot before that record is durable, or a crash in between would lose the
+end. It *claims* the entry instead: fin_seen |= HW_CT_F_END_EMITTED | CT_F_CLAIMED. END_EMITTED makes
+the datapath treat the end as reported (it never emits a flow_end for it, even when it reuses the
+slot); CT_F_CLAIMED is the collector's own bit (the datapath never reads or writes bit 6 of fin_seen:
+tests/collector/test_delivery.py checks the header's flags), so a collector that restarts after a crash
+finds the ends that were claimed but never freed and reports them again (same event.id).
+
+Connections closed by both FINs are reported by the collector after the close grace period (the entry
+stays until its FIN timeout, so late packets still pass as part of it). Their claim is the entry's
+`reported` byte, which only the collector writes while the slot is live (the datapath resets it at
+reuse and treats any non-zero value as reported): REPORTED_CLAIMED when the scan builds the close
+record, REPORTED_DURABLE once that record is durable in every at_least_once sink. A collector that
+restarts after a crash finds REPORTED_CLAIMED entries it did not claim itself and reports them again.
 """
 from __future__ import annotations
 
@@ -16,6 +32,11 @@ from . import slot_table
 from .slot_table import FREE, LIVE, SlotTable
 
 MAPS = {4: "hw_ct4", 6: "hw_ct6"}
+END_EMITTED = L.C["HW_CT_F_END_EMITTED"]
+CT_F_CLAIMED = 0x40                 # collector-private bit of hw_ct_entry.fin_seen (see the module docstring)
+CLAIM_BITS = END_EMITTED | CT_F_CLAIMED
+REPORTED_DURABLE = 1                # hw_ct_entry.reported: the close record is durable
+REPORTED_CLAIMED = 2                # hw_ct_entry.reported: the close record is built, not durable yet
 SLOT_DT = {4: L.DTYPES["hw_ct4_slot"], 6: L.DTYPES["hw_ct6_slot"]}
 KEY_DT = {4: L.DTYPES["hw_ct4_key"], 6: L.DTYPES["hw_ct6_key"]}
 WAYS = L.CT_WAYS
@@ -42,17 +63,45 @@ class CtTable(SlotTable):
         e["slot_state"][idx[ok]] = FREE     # one aligned 8-byte store per slot
         return ok
 
-    def mark_reported_if_unchanged(self, idx: np.ndarray, seen: np.ndarray) -> np.ndarray:
-        """Set `reported` on the slots at idx whose entry is still the one of `seen` (same created_ns)
-        and saw no packet since (same packet counts); mask of those marked. The datapath then reports
-        the connection's end no more (bpf/conntrack.h ct_reported) and resets the byte when the slot is
-        reused. A packet or a reuse between this check and the one-byte store is the race `free_if_unchanged`
-        states: a few µs per slot."""
+    def claim_if_unchanged(self, idx: np.ndarray, seen: np.ndarray) -> np.ndarray:
+        """Claim the expired entries at idx whose created_ns/last_ns are still those of `seen`: set
+        END_EMITTED | CT_F_CLAIMED in fin_seen (one byte store per slot); mask of those claimed. The
+        datapath does not touch an expired entry except to reuse its slot (then it sees END_EMITTED and
+        reports nothing), so the only race is the check-to-store window of free_if_unchanged."""
+        e = self.slots["e"]
+        cur = e[idx]
+        ok = (cur["slot_state"] == LIVE) & (cur["created_ns"] == seen["created_ns"]) & \
+             (cur["last_ns"] == seen["last_ns"])
+        hit = idx[ok]
+        e["fin_seen"][hit] = cur["fin_seen"][ok] | CLAIM_BITS
+        return ok
+
+    def claim_closed_if_unchanged(self, idx: np.ndarray, seen: np.ndarray) -> np.ndarray:
+        """Claim the closed connections at idx whose entry is still the one of `seen` (same created_ns)
+        and saw no packet since (same packet counts): set `reported` to REPORTED_CLAIMED (one byte store
+        per slot); mask of those claimed. The datapath then reports the connection's end no more
+        (bpf/conntrack.h ct_reported: any non-zero value) and resets the byte when the slot is reused. A
+        packet or a reuse between this check and the store is the race `free_if_unchanged` states: a few
+        µs per slot."""
         e = self.slots["e"]
         cur = e[idx]
         ok = (cur["slot_state"] == LIVE) & (cur["created_ns"] == seen["created_ns"]) & \
              (cur["packets"] == seen["packets"]).all(axis=1)
-        e["reported"][idx[ok]] = 1          # one byte store per slot; the datapath writes it only at reuse
+        e["reported"][idx[ok]] = REPORTED_CLAIMED   # the datapath writes this byte only at reuse
+        return ok
+
+    def confirm_closed(self, idx: np.ndarray, seen: np.ndarray) -> np.ndarray:
+        """The close records of the claims at idx are durable: set `reported` to REPORTED_DURABLE where
+        the slot still holds the connection claimed (LIVE, same created_ns, still REPORTED_CLAIMED; a
+        slot reused meanwhile holds another connection, whose byte ct_open reset). Mask of those set.
+        Late packets may have touched the entry since the claim: they change neither created_ns nor
+        `reported`, so they do not stop the confirmation."""
+        e = self.slots["e"]
+        cur = e[idx]
+        ok = (cur["slot_state"] == LIVE) & (cur["created_ns"] == seen["created_ns"]) & \
+             (cur["reported"] == REPORTED_CLAIMED)
+        e["reported"][idx[ok]] = REPORTED_DURABLE
+        return ok
         return ok
 
 

@@ -7,9 +7,11 @@ per-CPU hashes hw_flows0/hw_flows1, one per aggregation generation (hw_collect.a
 as the drop aggregation), plus hw_flow_overflow[gen][kind] for keys that did not fit. Every count also
 goes to hw_flow_stats[kind], so per kind: drained summaries + overflow = the counters' increase.
 
-`drain(fds, gen, ncpus)` reads and deletes the generation the caller has just flipped away from (after
-an RCU grace period, so no program still writes it) and zeroes its overflow slots.
-Cost: ceil(keys / 8192) batch syscalls + 2 for the overflow slots.
+`read(fds, gen, ncpus)` reads the generation the caller has flipped away from (after an RCU grace
+period, so no program still writes it) without clearing it; `clear(fds, drain, ncpus)` deletes exactly
+what was read and zeroes the overflow slots read, once the summaries made from it are durable (the drop
+interval's protocol, collector/sources.py); `drain` does both at once.
+Cost: ceil(keys / 8192) batch syscalls + 1 for the overflow slots to read; as many + 1 to clear.
 """
 from __future__ import annotations
 
@@ -51,6 +53,12 @@ class FlowDrain:
     keys: np.ndarray
     vals: np.ndarray
     overflow: dict[int, np.void]
+    gen: int = 0                  # the aggregation generation read (clear() deletes from its map)
+
+    @property
+    def records(self) -> int:
+        """Summary records this drain makes: one per key, one per kind that overflowed."""
+        return len(self.keys) + len(self.overflow)
 
     def totals(self) -> dict[str, dict[str, int]]:
         """Per kind name: flows, ended, packets, bytes (summaries + overflow): the exactness check's left
@@ -66,19 +74,33 @@ class FlowDrain:
         return out
 
 
-def drain(map_fds: dict[str, int], gen: int, ncpus: int) -> FlowDrain:
-    raw_k, raw_v, n = bpfsys.map_batch(map_fds[f"hw_flows{gen & 1}"], KEY_DT.itemsize, stride() * ncpus,
-                                       delete=True)
+def read(map_fds: dict[str, int], gen: int, ncpus: int) -> FlowDrain:
+    """Generation `gen` as it is (no clear)."""
+    raw_k, raw_v, n = bpfsys.map_batch(map_fds[f"hw_flows{gen & 1}"], KEY_DT.itemsize, stride() * ncpus)
     keys = np.frombuffer(raw_k, dtype=KEY_DT, count=n).copy()
     vals = sum_cpus(raw_v, n, ncpus)
-    fd = map_fds["hw_flow_overflow"]
     first = (gen & 1) * NKINDS
-    ov = sum_cpus(bpfsys.array_slots(fd, first, NKINDS, stride() * ncpus), NKINDS, ncpus)
+    ov = sum_cpus(bpfsys.array_slots(map_fds["hw_flow_overflow"], first, NKINDS, stride() * ncpus), NKINDS, ncpus)
     hit = np.flatnonzero(ov["flows"] | ov["ended"] | ov["packets"])
-    if len(hit):
-        idx = (first + hit).astype(np.uint32)
-        bpfsys.map_update_batch(fd, idx.tobytes(), bytes(stride() * ncpus * len(hit)), len(hit))
-    return FlowDrain(keys, vals, {int(i): ov[i].copy() for i in hit})
+    return FlowDrain(keys, vals, {int(i): ov[i].copy() for i in hit}, gen & 1)
+
+
+def clear(map_fds: dict[str, int], d: FlowDrain, ncpus: int) -> None:
+    """Delete the keys `d` read and zero the overflow slots it found used (nothing writes that
+    generation until the next flip)."""
+    if len(d.keys):
+        bpfsys.map_delete_batch(map_fds[f"hw_flows{d.gen}"], np.ascontiguousarray(d.keys).tobytes(), KEY_DT.itemsize)
+    if d.overflow:
+        idx = np.array([d.gen * NKINDS + k for k in sorted(d.overflow)], np.uint32)
+        bpfsys.map_update_batch(map_fds["hw_flow_overflow"], idx.tobytes(), bytes(stride() * ncpus * len(idx)),
+                                len(idx))
+
+
+def drain(map_fds: dict[str, int], gen: int, ncpus: int) -> FlowDrain:
+    """read() and clear() at once."""
+    d = read(map_fds, gen, ncpus)
+    clear(map_fds, d, ncpus)
+    return d
 
 
 def stats(map_fds: dict[str, int], ncpus: int) -> dict[str, dict[str, int]]:

@@ -433,8 +433,9 @@ struct hw_ct_entry {
 	__u8  initiator;            /* 0: side a opened, 1: side b opened */
 	__u8  origin;               /* enum hw_dir of the opening packet */
 	__u8  fin_seen;             /* bit 0: initiator FIN, bit 1: responder FIN, HW_CT_F_END_EMITTED */
-	__u8  reported;             /* written by the collector only (one byte store): it reported this closed
-	                             * connection's end after the close grace period; reset when the slot is reused */
+	__u8  reported;             /* written by the collector only (one byte store): non-zero once it reported this
+	                             * closed connection's end after the close grace period (2 claimed, 1 durable:
+	                             * bpf/conntrack.py); reset when the slot is reused */
 	__u8  report;               /* enum hw_ct_report */
 	__u8  pad[2];
 	__u64 slot_state;           /* enum hw_ct_slot_state (64 bits: BPF's cmpxchg/xchg here need them) */

@@ -16,6 +16,14 @@ the first BUSY record (order is preserved: nothing behind it is consumed), skip 
 then store consumer_pos; then read producer_pos again, until nothing new arrived. On x86-64 (TSO)
 plain aligned 8-byte loads/stores are acquire/release; that is the platform bpfsys supports.
 
+Acknowledged consumption (`read(commit=False)` + `commit(pos)`, docs/collector.md "Delivery and
+loss"): the walk may run ahead of consumer_pos on a private read position, and consumer_pos moves only
+when the caller commits a position it has read up to. Until then the kernel keeps those records (they
+count against the ring's space, so a consumer that never commits back-pressures the producer, which
+counts `ringbuf_full`), and because the ring is a pinned map that outlives this process, a consumer
+killed at any instant leaves every uncommitted record for the next one. Invariant:
+consumer_pos <= read position <= producer_pos; commit() never moves consumer_pos backwards.
+
 Batch decode: hostwall records are fixed size (struct hw_event), so a run of committed records is a
 strided array. `read()` views up to N record slots at once as a NumPy structured array, checks every
 length in one vector compare, and copies the good prefix out with one strided copy. Python work is
@@ -27,7 +35,9 @@ Wake-up: the ring buffer map fd supports poll (readable while data is available)
 one-shot `loop.add_reader` on it: no busy polling, no thread. The kernel signals only when the
 consumer has caught up (adaptive wake-up), which is exactly when we sleep; level-triggered readiness
 covers the case where we stopped early. Backlog (`available_bytes`) is producer_pos - consumer_pos,
-like cilium/ebpf's Reader.AvailableBytes.
+like cilium/ebpf's Reader.AvailableBytes. While records are read but not committed, the map fd is
+always readable (poll compares producer_pos with consumer_pos), so `wait()` then sleeps in short steps
+(WAIT_STEP_S) instead of polling.
 """
 from __future__ import annotations
 
@@ -51,6 +61,7 @@ PAGE = mmap.PAGESIZE
 EVENT_DTYPE: np.dtype = L.DTYPES["hw_event"]
 KNOWN_TYPES = np.array(sorted(L.EVENT_TYPE_NAMES), dtype=np.uint8)
 DEFAULT_BATCH = 65536
+WAIT_STEP_S = 0.005          # wait() step while read-but-uncommitted records make poll useless
 
 
 def slot_size(record_size: int) -> int:
@@ -65,6 +76,7 @@ class Batch:
     errors: Counter = field(default_factory=Counter)   # decode errors by reason, in records
     discarded: int = 0                                 # records the producer discarded (not loss)
     consumed_bytes: int = 0
+    end_pos: int = 0                                   # ring position after the last record read
 
     @property
     def read(self) -> int:
@@ -113,6 +125,7 @@ class RingWalker:
         self._slot_dt = np.dtype({"names": ["len", "rec"], "formats": ["<u4", self.record_dtype],
                                   "offsets": [0, HDR_SIZE], "itemsize": self.stride})
         self._validate = validate
+        self._read_pos: int | None = None     # ahead of consumer_pos while reads are uncommitted
 
     # ---- positions -------------------------------------------------------------------------------
     @property
@@ -123,17 +136,45 @@ class RingWalker:
     def producer_pos(self) -> int:
         return int(self._prod[0])
 
+    @property
+    def read_pos(self) -> int:
+        """Where the next read() starts: consumer_pos, or further when reads are not committed yet."""
+        cons = int(self._cons[0])
+        return cons if self._read_pos is None or self._read_pos < cons else self._read_pos
+
     def available_bytes(self) -> int:
-        """Backlog: bytes committed or reserved but not consumed yet (0 <= n <= size)."""
+        """Backlog as the kernel sees it: bytes not consumed yet, read or not (0 <= n <= size)."""
         return int(self._prod[0]) - int(self._cons[0])
 
+    def unread_bytes(self) -> int:
+        """Bytes not read yet (the part of the backlog a read() would see)."""
+        return int(self._prod[0]) - self.read_pos
+
+    def uncommitted_bytes(self) -> int:
+        """Bytes read but not committed: the kernel still holds them for us."""
+        return self.read_pos - int(self._cons[0])
+
+    def commit(self, pos: int) -> None:
+        """Release everything before ring position `pos` to the producer. `pos` must be a position a
+        read() ended at (Batch.end_pos); positions behind consumer_pos are ignored (never backwards)."""
+        if pos > self.read_pos:
+            raise ValueError(f"commit to {pos} beyond the read position {self.read_pos}")
+        if pos > int(self._cons[0]):
+            self._cons[0] = pos              # release store (x86-64 TSO)
+
+    def rewind(self) -> None:
+        """Forget uncommitted reads: the next read() starts at consumer_pos again."""
+        self._read_pos = None
+
     # ---- reading ---------------------------------------------------------------------------------
-    def read(self, max_records: int = DEFAULT_BATCH) -> Batch:
-        """Consume up to `max_records` committed records; never blocks. See the module docstring."""
+    def read(self, max_records: int = DEFAULT_BATCH, *, commit: bool = True) -> Batch:
+        """Read up to `max_records` committed records; never blocks. commit=True releases them at once
+        (consumer_pos moves); commit=False only moves the private read position (see `commit()`).
+        See the module docstring."""
         chunks: list[np.ndarray] = []
         errors: Counter = Counter()
         discarded = 0
-        start = cons = int(self._cons[0])
+        start = cons = self.read_pos
         n = 0
         busy = False
         while n < max_records and not busy:
@@ -160,12 +201,16 @@ class RingWalker:
                     errors["length"] += 1
                     n += 1
                 cons += slot_size(length)
-            self._cons[0] = cons             # release: the producer may reuse the space
+            if commit:
+                self._cons[0] = cons         # release: the producer may reuse the space
+                self._read_pos = None
+            else:
+                self._read_pos = cons
         records = _concat(chunks, self.record_dtype)
         if self._validate is not None:
             records, bad = self._validate(records)
             errors.update(bad)
-        return Batch(records, errors, discarded, cons - start)
+        return Batch(records, errors, discarded, cons - start, cons)
 
     def _take_run(self, off: int, k: int, out: list[np.ndarray]) -> int:
         """Copy the longest prefix of the next k slots whose length is exactly the record size."""
@@ -211,10 +256,21 @@ class RingBuffer(RingWalker):
         """Sleep until the kernel reports data (poll on the map fd) or `timeout` s; True if data.
 
         One-shot reader: registered only while sleeping, so a backlog we leave unread on purpose
-        (back-pressure) never spins the event loop."""
-        if self.available_bytes() > 0:
+        (back-pressure) never spins the event loop. With read-but-uncommitted records the fd is always
+        readable: then it checks every WAIT_STEP_S instead (no busy loop either)."""
+        if self.unread_bytes() > 0:
             return True
         loop = asyncio.get_running_loop()
+        if self.uncommitted_bytes() > 0:
+            end = None if timeout is None else loop.time() + timeout
+            while self.unread_bytes() <= 0 and self.uncommitted_bytes() > 0:
+                left = WAIT_STEP_S if end is None else min(WAIT_STEP_S, end - loop.time())
+                if left <= 0:
+                    return False
+                await asyncio.sleep(left)
+            if self.unread_bytes() > 0:
+                return True
+            timeout = None if end is None else max(0.0, end - loop.time())
         fut = loop.create_future()
         loop.add_reader(self._fd, lambda: fut.done() or fut.set_result(None))
         try:
@@ -224,7 +280,7 @@ class RingBuffer(RingWalker):
             pass
         finally:
             loop.remove_reader(self._fd)
-        return self.available_bytes() > 0
+        return self.unread_bytes() > 0
 
     def close(self) -> None:
         """Drop the views, unmap, close the fd. Idempotent."""

@@ -104,6 +104,13 @@ class Ledger:
             for f, n in c.items():
                 acc[f] = acc.get(f, 0) + n
 
+    def set_kernel_baseline(self, totals: dict[str, dict[str, int]]) -> None:
+        """Continue from the counters a previous run folded last (its checkpoint), instead of taking the
+        kernel's current counters as a new zero: what the kernel counted while no collector ran is then
+        counted by the next fold_kernel() (docs/collector.md "Restarts")."""
+        self._kernel_last = {(t, o): int(v) for t, outs in (totals or {}).items() for o, v in outs.items()
+                             if o not in ("emitted", "aggregated")}
+
     def count_drops(self, summarized_packets: int, overflow_packets: int) -> None:
         self.drop_packets["summarized"] += summarized_packets
         self.drop_packets["overflow"] += overflow_packets

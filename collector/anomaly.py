@@ -97,6 +97,11 @@ class AnomalyDetector:
         self._pending: list[dict] = []
         self._iso_memo: dict[str, float] = {}
 
+    @property
+    def bucket_s(self) -> float:
+        """Evaluation step: tick() at least this often for timely anomalies."""
+        return self.cfg.bucket_s
+
     # ---- input -------------------------------------------------------------------------------------
     def observe(self, records) -> None:
         for rec in records:
@@ -449,6 +454,26 @@ class AnomalyDetector:
             rec["network"] = {"transport": x["transport"]}
         if "reason" in x:
             rec["hostwall"]["reason"] = x["reason"]
+
+    @staticmethod
+    def close_after_restart(last: dict, now: float) -> dict:
+        """A `close` record for an anomaly that was open when the collector that opened it crashed
+        (docs/collector.md "Restarts"): made from the anomaly's last record, closed at `now` with
+        event.reason "collector restarted". The detector learns its baselines again; if the condition
+        persists, a new anomaly (a new id) opens after the warm-up. Pure: O(size of the record)."""
+        a = dict(last["hostwall"]["anomaly"])
+        seq = int(a.get("sequence", 0)) + 1
+        t_ns = int(round(now * 1e9))
+        opened = parse_iso_ns(a["opened_at"]) / 1e9
+        a.update(state="close", sequence=seq, closed_at=iso_ns(t_ns), duration_s=round(now - opened, 3))
+        ev = {**last["event"], "type": ["end"], "action": "anomaly_close", "end": a["closed_at"],
+              "reason": "collector restarted", "created": created_now(),
+              "id": hashlib.blake2b(f"{a['id']}|close|{seq}".encode(), digest_size=16).hexdigest()}
+        rec = {**last, "@timestamp": a["closed_at"], "event": ev,
+               "hostwall": {k: v for k, v in last["hostwall"].items() if k not in ("seq", "stream")} | {"anomaly": a},
+               "message": f"{a['key'].get('signal')} anomaly close: {a['key'].get('dimension')} "
+                          f"{a['key'].get('value')} (the collector restarted; its state is gone)"}
+        return rec
 
     def open_anomalies(self) -> list[dict]:
         return [{"id": k.anomaly_id, "signal": k.signal, "dimension": k.dimension, "value": k.value,

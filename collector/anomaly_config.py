@@ -1,10 +1,7 @@
-"""The anomaly detector's configuration (collector/anomaly.py; docs/collector.md "Anomalies"): the
-`anomaly` section of the collector's config, validated as a whole.
-
-AnomalyConfig.from_dict raises one AnomalyConfigError listing every problem (unknown keys, types,
-ranges, cross-field rules such as a severity band above the opening threshold); a built AnomalyConfig
-is immutable and consistent. Signals and dimensions are the detector's (SIGNALS, DIMENSIONS; the
-module docstring of collector/anomaly.py says what each counts). Cost: negligible (once at start).
+"""The anomaly detector's configuration (collector/anomaly.py; the `anomaly` section of the collector's
+config file, docs/collector.md "Configuration"): the window, baseline and opening parameters, the
+keys it tracks and the severity bands, validated all at once — AnomalyConfig.from_dict raises
+AnomalyConfigError listing every problem (unknown keys, types, ranges, cross-field rules). O(fields).
 """
 from __future__ import annotations
 

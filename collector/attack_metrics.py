@@ -2,8 +2,8 @@
 proxy's work and which ports it answers for, and the flows counted in aggregate.
 
 Read by collector/kernel_metrics.py's KernelCollector together with its other kernel families (the
-same refresh, the same open instance); SPEC joins its table there. Label sets are bounded: map (hw_ct4,
-hw_ct6) × kind (2); outcome (bpf/hostwall.h hw_syn_stat); scope × key: the ports an `auto` proxy
+same refresh, the same open instance); the families are catalogued in collector/metric_spec.py's SPEC.
+Label sets are bounded: map (hw_ct4, hw_ct6) × kind (2); outcome (bpf/hostwall.h hw_syn_stat); scope × key: the ports an `auto` proxy
 answers for now (at most MAX_ACTIVE_PORTS) and the profiles under conntrack pressure (≤ 16);
 kind (hw_agg_kind) × count (flows, ended). Cost: two small per-CPU array reads and one vectorised pass
 over the 65536 per-port SYN slots (mmap, ~3 MB).
@@ -18,27 +18,6 @@ from hostwall.bpf import conntrack, flow_agg, syn_proxy
 from .metric_family import Family
 
 MAX_ACTIVE_PORTS = 50
-
-SPEC: dict[str, tuple[str, str, tuple[str, ...], str, str]] = {
-    "hostwall_port_syn_packets": ("counter", "{packet}", ("port",), "Ingress TCP SYNs per destination port, whatever "
-                                  "became of them: the per-port SYN rate (ports labelled as hostwall_port_packets)",
-                                  "hw_port_stats"),
-    "hostwall_conntrack_evicted": ("counter", "{entry}", ("map", "kind"), "Connections a full conntrack bucket "
-                                   "evicted, by kind: unconfirmed (handshake not complete, no reply yet: evicted "
-                                   "first) or established (only from a bucket holding no unconfirmed one)",
-                                   "hw_ct_stats"),
-    "hostwall_syn_proxy_outcomes": ("counter", "{packet}", ("outcome",), "The SYN proxy's work: SYNs answered with "
-                                    "a cookie, SYNs let through to refresh the host's cookie window, cookie ACKs "
-                                    "valid / invalid, SYNs that could not be answered, SYNs the per-port guard "
-                                    "dropped", "hw_syn_stats"),
-    "hostwall_syn_proxy_active": ("gauge", "{state}", ("scope", "key"), "1 while an `auto` SYN proxy answers: for a "
-                                  "port over its SYN rate (scope port, key the port) or for every port of a profile "
-                                  "under conntrack pressure (scope pressure, key the profile)",
-                                  "hw_syn_ports, hw_syn_state"),
-    "hostwall_flows_aggregated": ("counter", "{flow}", ("kind", "count"), "Connections the datapath counted in "
-                                  "flow summaries instead of one event each, by kind (unconfirmed, over_share, "
-                                  "over_budget, syn_cookie) and count (flows started, ended)", "hw_flow_stats"),
-}
 
 
 def datapath_now_ns(dp) -> int:

@@ -3,12 +3,17 @@
     hostwall-collector run [--config FILE] [--sink URL]... [--pin-dir DIR] [--encoding ecs|ocsf]
                            [--event-budget N] [--hostname NAME] [--status-file PATH] [-v]
     hostwall-collector status [--json] [--config FILE] [--pin-dir DIR] [--status-file PATH]
-    hostwall-collector check-config [--config FILE] [--sink URL]... [--pin-dir DIR] [--encoding E]
+    hostwall-collector check-config [--config FILE] [--sink URL]... [--pin-dir DIR] [--encoding E] [--connect]
+    hostwall-collector verify (FILE.jsonl | kafka://HOST:PORT/TOPIC)... [--json] [--config FILE] [--timeout S]
 
 Exit codes: 0 ok; 2 bad input (every config error listed, one per line); 1 runtime failure (one
 clear line: what, where, what to do). `run` stays in the foreground and prints one banner line
 ("collecting ...") once the sinks and the kernel maps are open; SIGTERM/SIGINT stop it cleanly
-(sinks flushed). Entry point: collector.cli:main.
+(sinks flushed). A sink that cannot work with its destination (credentials, TLS, permissions, a missing
+topic, an unreachable broker it never delivered to) stops `run` within kafka.connect_timeout with exit 1
+and one line. `check-config --connect` probes every sink the same way and prints one line each (exit 1
+if any cannot deliver). `verify` reads what a sink wrote and checks it is complete (collector/verify.py):
+exit 1 on any gap no loss record explains. Entry point: collector.cli:main.
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ import sys
 import time
 
 from .config import ENCODINGS, CollectorConfig, ConfigError, load_config
+from .status_view import ledger_lines, render_status
 
 PROG = "hostwall-collector"
 
@@ -48,6 +54,13 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print the status JSON")
     c = sub.add_parser("check-config", help="resolve and validate the configuration, print it")
     common(c)
+    c.add_argument("--connect", action="store_true",
+                   help="also connect to every sink (name, TCP, TLS, login, topics) and print one line each")
+    v = sub.add_parser("verify", help="check that what a sink wrote is complete (hostwall.seq, loss records)")
+    v.add_argument("targets", nargs="+", metavar="TARGET", help="FILE.jsonl or kafka://HOST:PORT/TOPIC")
+    v.add_argument("--config", metavar="FILE", help="collector config: kafka TLS/SASL settings for the reader")
+    v.add_argument("--json", action="store_true", help="print the report as JSON")
+    v.add_argument("--timeout", type=float, default=120.0, metavar="S", help="bound for reading a topic")
     return p
 
 
@@ -65,6 +78,8 @@ def _err(msg: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     a = _parser().parse_args(argv)
+    if a.cmd == "verify":
+        return verify(a)
     try:
         cfg = _config(a)
     except ConfigError as e:
@@ -73,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {issue}", file=sys.stderr)
         return 2
     if a.cmd == "check-config":
+        if a.connect:
+            return check_connect(cfg)
         from .config import describe
         print(json.dumps(describe(cfg), indent=1, sort_keys=True))
         return 0
@@ -83,12 +100,66 @@ def main(argv: list[str] | None = None) -> int:
 
 # ---- run ----------------------------------------------------------------------------------------
 
+def check_connect(cfg: CollectorConfig) -> int:
+    """Probe every sink as it would start (kafka: kafka_probe.probe_kafka; jsonl: the file can be opened
+    for appending; otlp and console: nothing to check before records flow). One line each on stdout;
+    exit 1 if any sink cannot deliver."""
+    bad = 0
+    for spec in cfg.sinks:
+        if spec.scheme == "kafka":
+            from .sinks.kafka_probe import probe_kafka
+            r = asyncio.run(probe_kafka(spec.target, cfg.kafka, cfg.kafka.connect_timeout_s, name=spec.name))
+            print(str(r), flush=True)
+            bad += not r.ok
+        elif spec.scheme == "jsonl":
+            try:
+                os.makedirs(os.path.dirname(spec.target) or ".", exist_ok=True)
+                with open(spec.target, "ab"):
+                    pass
+                print(f"{spec.name}: ok: {spec.target} can be appended to", flush=True)
+            except OSError as e:
+                print(f"{spec.name}: failing: cannot open {spec.target} for appending: {e.strerror}; "
+                      "fix the path or its permissions", flush=True)
+                bad += 1
+        else:
+            print(f"{spec.name}: ok: nothing to check before records flow", flush=True)
+    return 1 if bad else 0
+
+
+def verify(a: argparse.Namespace) -> int:
+    from .verify import verify as check
+    options = None
+    if a.config:
+        try:
+            options = load_config(a.config, args={}).kafka
+        except ConfigError as e:
+            _err(f"invalid configuration ({len(e.issues)} errors): {e.issues[0]}")
+            return 2
+    try:
+        reports, v = check(a.targets, options, a.timeout)
+    except (OSError, LookupError, ValueError, TimeoutError) as e:
+        _err(f"verify: {e}")
+        return 2 if isinstance(e, (ValueError, FileNotFoundError, LookupError)) else 1
+    ok = all(r.ok for r in reports)
+    if a.json:
+        print(json.dumps({"ok": ok, "records": v.records, "unsequenced": v.unsequenced,
+                          "undecodable": v.undecodable, "streams": [r.as_dict() for r in reports]},
+                         indent=1, sort_keys=True))
+    else:
+        for r in reports:
+            print(r.line())
+        print(f"{v.records} records read, {v.unsequenced} without hostwall.seq, {v.undecodable} undecodable: "
+              f"{'complete' if ok else 'INCOMPLETE'}")
+    return 0 if ok else 1
+
+
 def run(cfg: CollectorConfig, *, verbose: bool = False) -> int:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from .kernel import KernelSourceError
-    from .pipeline import PipelineFailed, build_pipeline
+    from .pipeline import PipelineFailed, StartFailed
     from .sinks import SinkUnavailable
+    from .wiring import build_pipeline
     try:
         pipe = build_pipeline(cfg)
     except (KernelSourceError, SinkUnavailable) as e:
@@ -110,6 +181,9 @@ def run(cfg: CollectorConfig, *, verbose: bool = False) -> int:
     import uvloop
     try:
         uvloop.run(go())
+    except StartFailed as e:
+        _err(f"cannot start: {e}")
+        return 1
     except PipelineFailed as e:
         _err(f"stopped: {e}")
         return 1
@@ -122,7 +196,7 @@ def run(cfg: CollectorConfig, *, verbose: bool = False) -> int:
         return 1
     led = pipe.ledger.snapshot()
     led["quiescent_violations"] = pipe.ledger.check(quiescent=True)
-    for line in _ledger_lines(led):
+    for line in ledger_lines(led):
         print(f"{PROG}: {line}", flush=True)
     return 0
 
@@ -156,78 +230,6 @@ def _alive(pid) -> bool:
         return False
     except PermissionError:
         return True
-
-
-def _ledger_lines(led: dict) -> list[str]:
-    lines = []
-    for name, b in led.get("sinks", {}).items():
-        ok = b["produced"] == b["delivered"] + b["lost"] + b["in_flight"]
-        lines.append(f"{name}: produced {b['produced']} = delivered {b['delivered']} + lost {b['lost']} + "
-                     f"in flight {b['in_flight']} {'ok' if ok else 'MISMATCH'}")
-    for v in led.get("violations", []) + led.get("quiescent_violations", []):
-        lines.append(f"ledger violation: {v}")
-    return lines
-
-
-def _mib(n: float) -> str:
-    return f"{n / 1048576:.1f} MiB"
-
-
-def render_status(st: dict) -> str:
-    """Human-readable status (the --json form holds everything)."""
-    state = st.get("state", "?")
-    if state in ("running", "starting") and not st.get("alive"):
-        state = f"dead (last update {st.get('age_s', 0):.0f} s ago)"
-    out = [f"collector  {state}, pid {st.get('pid')}, up {st.get('uptime_s', 0):.0f} s, pin {st.get('pin_dir')}"]
-    if st.get("error"):
-        out.append(f"error      {st['error']}")
-    led = st.get("ledger", {})
-    for line in _ledger_lines(led):
-        out.append(f"ledger     {line}")
-    lost = [f"{stage}.{r} {n}" for stage, rs in led.get("lost_by_stage", {}).items() for r, n in rs.items()]
-    lost += [f"{s}: {r} {n}" for s, b in led.get("sinks", {}).items() for r, n in b.get("lost_in_sink", {}).items()]
-    out.append(f"lost       {', '.join(lost) if lost else 'none'}")
-    kev = led.get("kernel_events", {})
-    if kev:
-        em = {t: o.get("emitted", 0) for t, o in kev.items()}
-        out.append(f"kernel     events emitted {sum(em.values())} ({', '.join(f'{t} {n}' for t, n in em.items())}); "
-                   f"aggregated {sum(o.get('aggregated', 0) for o in kev.values())}, "
-                   f"over budget {sum(o.get('budget', 0) for o in kev.values())}, "
-                   f"ring buffer full {sum(o.get('ringbuf_full', 0) for o in kev.values())} (cumulative)")
-    ring = st.get("ring", {})
-    if ring:
-        out.append(f"ring       backlog {ring.get('backlog_bytes', 0)} B of {_mib(ring.get('size_bytes', 0))}; "
-                   f"read {ring.get('records_read', 0)}, decode errors {ring.get('decode_errors', 0)}")
-    q = st.get("queues", {})
-    qs = [f"events {q.get('events', {}).get('depth', 0)}/{q.get('events', {}).get('capacity_batches', 0)} batches"]
-    qs += [f"{n} {v['depth']}/{v['capacity']} ({v['policy']}{', DEAD' if v.get('dead') else ''})"
-           for n, v in q.get("sinks", {}).items()]
-    out.append(f"queues     {'; '.join(qs)}")
-    for n, s in st.get("sinks", {}).items():
-        extra = f", {_mib(s['bytes_written'])} written, {s.get('rotations', 0)} rotations" if "bytes_written" in s else ""
-        out.append(f"sink       {n}: delivered {s.get('delivered', 0)}, lost {s.get('lost', {}) or 0}, "
-                   f"in flight {s.get('in_flight', 0)}{extra}")
-    d = st.get("drops", {})
-    out.append(f"drops      {d.get('intervals', 0)} intervals, {d.get('packets', 0)} packets summarized "
-               f"(+{d.get('overflow_packets', 0)} overflow), last barrier {d.get('last', {}).get('barrier_ms', '-')} ms")
-    c = st.get("conntrack", {})
-    out.append(f"conntrack  {c.get('scans', 0)} scans, {c.get('closed', 0)} closed (after the close grace), "
-               f"{c.get('expired', 0)} expired, {c.get('updates', 0)} updates")
-    en = st.get("enricher")
-    if isinstance(en, dict):
-        flat = ", ".join(f"{k} {v}" for k, v in en.items() if not isinstance(v, dict))
-        rates = ", ".join(f"{path} {r:.0%}" for path, r in _hit_rates(en))
-        out.append(f"enricher   {flat}" + (f"; cache hit rates: {rates}" if rates else ""))
-    return "\n".join(out)
-
-
-def _hit_rates(d: dict, prefix: str = ""):
-    """(dotted path, hit_rate) of every nested cache the enricher reports."""
-    for k, v in d.items():
-        if isinstance(v, dict):
-            if isinstance(v.get("hit_rate"), (int, float)):
-                yield f"{prefix}{k}", float(v["hit_rate"])
-            yield from _hit_rates(v, f"{prefix}{k}.")
 
 
 if __name__ == "__main__":

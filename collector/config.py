@@ -32,6 +32,7 @@ File format (every key optional):
       linger: 5ms
       request_timeout: 30s
       spool_after: 2s                   # no broker progress this long: spool to disk
+      connect_timeout: 10s              # start-up probe: a broker that cannot be used fails the start within it
       client_id: hostwall-web-1
       tls: false                        # tls_ca_file, tls_cert_file, tls_key_file (PEM)
       sasl_mechanism: SCRAM-SHA-512     # PLAIN (needs tls) | SCRAM-SHA-256 | SCRAM-SHA-512
@@ -50,6 +51,7 @@ File format (every key optional):
       compression: none                 # none | gzip
       tls: false                        # tls_ca_file, tls_cert_file, tls_key_file
       headers: {x-tenant: blue}         # or "k=v,k2=v2"
+      delivery: best_effort             # best_effort | at_least_once (the pipeline waits for acceptance)
     metrics:                            # self-metrics (collector/metrics.py); both off by default
       prometheus: 127.0.0.1:9464        # scrape endpoint (/metrics)
       otlp: otlp://127.0.0.1:4317       # OTLP metrics (protocol, tls and headers from `otlp`)
@@ -65,8 +67,6 @@ HOSTWALL_COLLECTOR_PIN_DIR. Secrets (sasl_password) are never echoed: describe()
 from __future__ import annotations
 
 import difflib
-import ipaddress
-import math
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -78,6 +78,22 @@ from hostwall.bpf.state import DEFAULT_PIN_DIR, state_dir, state_path
 from hostwall.units import parse_duration
 from hostwall.yamldoc import Issues, PolicyIssue, load_yaml
 
+from .config_checks import add_issue, cross_checks
+from .config_values import (
+    parse_bool,
+    parse_choice,
+    parse_endpoint,
+    parse_file,
+    parse_headers,
+    parse_hostport,
+    parse_int,
+    parse_listen,
+    parse_sasl,
+    parse_size,
+    parse_str,
+    parse_topic,
+)
+
 ENV_PREFIX = "HOSTWALL_COLLECTOR_"
 ENCODINGS = ("ecs", "ocsf")
 FSYNC_POLICIES = ("none", "interval", "always")
@@ -85,11 +101,11 @@ SCHEMES = ("jsonl", "kafka", "otlp", "console")
 DEFAULT_SINK = "jsonl:/var/log/hostwall/flows.jsonl"
 MAX_BATCH = 65536
 COMPRESSIONS = ("zstd", "lz4", "gzip", "snappy", "none")
-SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
 SPOOL_OVERFLOW = ("drop_newest", "block")
 OTLP_PROTOCOLS = ("grpc", "http")
 OTLP_COMPRESSIONS = ("none", "gzip")
 SECRET_KEYS = frozenset({"sasl_password"})
+DELIVERY = ("best_effort", "at_least_once")
 
 
 class ConfigError(Exception):
@@ -143,6 +159,7 @@ class KafkaOptions:
     linger_s: float = 0.005
     request_timeout_s: float = 30.0
     spool_after_s: float = 2.0          # no acknowledgement for this long: degrade to the spool
+    connect_timeout_s: float = 10.0     # start-up probe and (re)connect bound (kafka_probe.py)
     client_id: str | None = None
     tls: bool = False
     tls_ca_file: str | None = None
@@ -177,6 +194,7 @@ class OtlpOptions:
     tls_cert_file: str | None = None
     tls_key_file: str | None = None
     headers: tuple[tuple[str, str], ...] = ()
+    delivery: str = "best_effort"       # best_effort | at_least_once (docs/collector.md "Delivery and loss")
 
 
 @dataclass(frozen=True)
@@ -217,145 +235,20 @@ class CollectorConfig:
             return Path(self.status_file)
         return state_dir() / f"collector-{state_path(self.pin_dir).stem}.json"
 
+    def state_path(self, status: Path | None = None) -> Path:
+        """The checkpoint (collector/checkpoint.py), next to the status file: <status stem>.state.json."""
+        st = status or self.status_path()
+        return st.with_name(f"{st.stem}.state.json")
 
-# ---- value parsers (raise ValueError with an actionable message) ---------------------------------
+    def outbox_path(self, status: Path | None = None) -> Path:
+        """The outbox (collector/outbox.py), next to the status file: <status stem>.outbox.jsonl."""
+        st = status or self.status_path()
+        return st.with_name(f"{st.stem}.outbox.jsonl")
 
-_SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?)\s*([A-Za-z]*)\s*$")
-_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 1 << 10, "mib": 1 << 20,
-               "gib": 1 << 30, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
-
-
-def parse_size(v: Any) -> int:
-    """Bytes: 1048576, '100MB', '1GiB', '64k'. Must be > 0."""
-    if isinstance(v, bool) or not isinstance(v, (int, float, str)):
-        raise ValueError(f"{v!r} is not a size; use bytes or a unit like 100MB or 1GiB")
-    if isinstance(v, str):
-        m = _SIZE.match(v)
-        if not m or m.group(2).lower() not in _SIZE_UNITS:
-            raise ValueError(f"malformed size {v!r}; use e.g. 100MB, 512MiB, 1GiB")
-        val = float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()]
-    else:
-        val = float(v)
-    if not val >= 1 or math.isinf(val):
-        raise ValueError(f"size {v!r} must be at least 1 byte")
-    return int(val)
-
-
-def parse_int(lo: int, hi: int) -> Callable[[Any], int]:
-    def p(v: Any) -> int:
-        if isinstance(v, str) and re.fullmatch(r"\s*[0-9]+\s*", v):
-            v = int(v)
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise ValueError(f"{v!r} is not an integer")
-        if not lo <= v <= hi:
-            raise ValueError(f"{v} is out of range; use {lo}..{hi}")
-        return v
-    return p
-
-
-def parse_choice(choices: tuple[str, ...]) -> Callable[[Any], str]:
-    def p(v: Any) -> str:
-        if not isinstance(v, str) or v.strip().lower() not in choices:
-            raise ValueError(f"{v!r} is not one of {', '.join(choices)}")
-        return v.strip().lower()
-    return p
-
-
-def parse_str(v: Any) -> str:
-    if not isinstance(v, str) or not v.strip():
-        raise ValueError(f"{v!r} is not a non-empty string")
-    return v.strip()
-
-
-def parse_bool(v: Any) -> bool:
-    if isinstance(v, bool):
-        return v
-    if isinstance(v, str) and v.strip().lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
-        return v.strip().lower() in ("true", "yes", "on", "1")
-    raise ValueError(f"{v!r} is not a boolean; use true or false")
-
-
-def parse_topic(v: Any) -> str:
-    """A Kafka topic name: 1-249 of [A-Za-z0-9._-], not '.' or '..'."""
-    t = parse_str(v)
-    if len(t) > 249 or t in (".", "..") or not re.fullmatch(r"[A-Za-z0-9._-]+", t):
-        raise ValueError(f"{t!r} is not a valid Kafka topic name (1-249 of letters, digits, '.', '_', '-')")
-    return t
-
-
-def parse_file(v: Any) -> str:
-    """A readable file (TLS material, password file); the error says what is wrong with it."""
-    path = os.path.abspath(parse_str(v))
-    if not os.path.exists(path):
-        raise ValueError(f"{path}: no such file")
-    if not os.path.isfile(path):
-        raise ValueError(f"{path} is not a file")
-    if not os.access(path, os.R_OK):
-        raise ValueError(f"{path} is not readable by this user")
-    return path
-
-
-def parse_sasl(v: Any) -> str:
-    if not isinstance(v, str) or v.strip().upper() not in SASL_MECHANISMS:
-        raise ValueError(f"{v!r} is not a supported SASL mechanism; use one of {', '.join(SASL_MECHANISMS)}")
-    return v.strip().upper()
-
-
-def parse_endpoint(v: Any) -> str:
-    """'HOST:PORT' or 'otlp://HOST:PORT' (or http(s)://) → 'HOST:PORT'."""
-    t = parse_str(v)
-    t = re.sub(r"^(otlp|http|https|grpc)://", "", t).rstrip("/")
-    host, port = parse_hostport(t, "otlp")
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def parse_listen(v: Any) -> str:
-    """'HOST:PORT' to listen on (metrics.prometheus)."""
-    t = parse_str(v)
-    m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:([0-9]+)|([^:/\[\]\s]*):([0-9]+)", t)
-    if not m:
-        raise ValueError(f"{t!r} is not HOST:PORT to listen on (e.g. 127.0.0.1:9464)")
-    port = int(m.group(2) or m.group(4))
-    if not 1 <= port <= 65535:
-        raise ValueError(f"port {port} is out of range 1..65535")
-    return t
-
-
-def parse_headers(v: Any) -> tuple[tuple[str, str], ...]:
-    """{k: v} or 'k=v,k2=v2' → ((k, v), ...); keys are lower-cased (gRPC metadata must be)."""
-    if isinstance(v, str):
-        items = []
-        for part in filter(None, (p.strip() for p in v.split(","))):
-            k, sep, val = part.partition("=")
-            if not sep or not k.strip():
-                raise ValueError(f"header {part!r} is not KEY=VALUE")
-            items.append((k.strip(), val.strip()))
-    elif isinstance(v, dict):
-        items = [(str(k), str(val)) for k, val in v.items()]
-    else:
-        raise ValueError(f"{v!r} is not a mapping of headers or 'k=v,k2=v2'")
-    for k, _ in items:
-        if not re.fullmatch(r"[A-Za-z0-9_.-]+", k):
-            raise ValueError(f"header name {k!r} has characters HTTP/gRPC do not allow")
-    return tuple((k.lower(), val) for k, val in items)
-
-
-def parse_hostport(text: str, scheme: str) -> tuple[str, int]:
-    """'HOST:PORT' or '[v6]:PORT' → (host, port)."""
-    m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:([0-9]+)|([^:/\[\]\s]+):([0-9]+)", text)
-    if not m:
-        raise ValueError(f"{scheme}:// needs HOST:PORT (e.g. {scheme}://127.0.0.1:"
-                         f"{9092 if scheme == 'kafka' else 4317}), got {text!r}")
-    host, port = (m.group(1), m.group(2)) if m.group(1) else (m.group(3), m.group(4))
-    if m.group(1):
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            raise ValueError(f"{host!r} is not an IPv6 address") from None
-    p = int(port)
-    if not 1 <= p <= 65535:
-        raise ValueError(f"port {p} is out of range 1..65535")
-    return host, p
+    def ct_journal_path(self, status: Path | None = None) -> Path:
+        """The conntrack journal's directory (collector/ct_journal.py), next to the status file: <status stem>.ct."""
+        st = status or self.status_path()
+        return st.with_name(f"{st.stem}.ct")
 
 
 def parse_sink(v: Any, default_encoding: str) -> SinkSpec:
@@ -443,6 +336,7 @@ FIELDS = [
     _Field(("kafka", "linger"), ("kafka", "linger_s"), _dur),
     _Field(("kafka", "request_timeout"), ("kafka", "request_timeout_s"), _dur),
     _Field(("kafka", "spool_after"), ("kafka", "spool_after_s"), _dur),
+    _Field(("kafka", "connect_timeout"), ("kafka", "connect_timeout_s"), _dur),
     _Field(("kafka", "client_id"), ("kafka", "client_id"), parse_str),
     _Field(("kafka", "tls"), ("kafka", "tls"), parse_bool),
     _Field(("kafka", "tls_ca_file"), ("kafka", "tls_ca_file"), parse_file),
@@ -467,6 +361,7 @@ FIELDS = [
     _Field(("otlp", "tls_cert_file"), ("otlp", "tls_cert_file"), parse_file),
     _Field(("otlp", "tls_key_file"), ("otlp", "tls_key_file"), parse_file),
     _Field(("otlp", "headers"), ("otlp", "headers"), parse_headers),
+    _Field(("otlp", "delivery"), ("otlp", "delivery"), parse_choice(DELIVERY)),
     _Field(("metrics", "prometheus"), ("metrics", "prometheus"), parse_listen),
     _Field(("metrics", "otlp"), ("metrics", "otlp"), parse_endpoint),
     _Field(("metrics", "interval"), ("metrics", "interval_s"), _dur),
@@ -505,7 +400,7 @@ def load_config(path: str | os.PathLike | None = None, *, args: Mapping[str, Any
             values[f.attr] = f.parse(raw)
             origins[f.key] = origin
         except ValueError as e:
-            _add(issues, where, f.path, str(e))
+            add_issue(issues, where, f.path, str(e))
     if ("pin_dir",) not in values and env.get("HOSTWALL_PIN_DIR"):
         values[("pin_dir",)] = env["HOSTWALL_PIN_DIR"]
         origins["pin_dir"] = "environment HOSTWALL_PIN_DIR"
@@ -513,7 +408,7 @@ def load_config(path: str | os.PathLike | None = None, *, args: Mapping[str, Any
     cfg = _build(values, origins)
     cfg = replace(cfg, sinks=_sinks(args, env, data, cfg.encoding, issues, origins))
     cfg = replace(cfg, anomaly=_anomaly(data, issues))
-    _cross_checks(cfg, origins, issues)
+    cross_checks(cfg, origins, issues)
     if len(issues):
         raise ConfigError(issues.sorted())
     return cfg
@@ -571,16 +466,6 @@ def _pick(f: _Field, args, env, data) -> tuple[Any, str, tuple]:
     return node, "file", ("file", None)
 
 
-def _add(issues: Issues, where: tuple, path: tuple, msg: str) -> None:
-    kind, name = where
-    if kind == "file":
-        issues.add(path, msg)
-    elif kind == "env":
-        issues.add(path, msg, file=f"environment {name}", use_index=False)
-    else:
-        issues.add(path, msg, file=f"argument {name}", use_index=False)
-
-
 def _build(values: dict, origins: dict) -> CollectorConfig:
     sections = {sec: cls(**{a[1]: v for a, v in values.items() if len(a) == 2 and a[0] == sec})
                 for sec, cls in _SECTION_TYPES.items()}
@@ -597,7 +482,7 @@ def _sinks(args, env, data, encoding: str, issues: Issues, origins: dict) -> tup
     elif "sinks" in data:
         raw, where, origin = data["sinks"], ("file", None), "file"
         if not isinstance(raw, list) or not raw:
-            _add(issues, where, ("sinks",), "must be a non-empty list of sink URLs")
+            add_issue(issues, where, ("sinks",), "must be a non-empty list of sink URLs")
             return ()
     else:
         raw, where, origin = [DEFAULT_SINK], ("default", None), "default"
@@ -607,10 +492,10 @@ def _sinks(args, env, data, encoding: str, issues: Issues, origins: dict) -> tup
         try:
             s = parse_sink(v, encoding)
         except ValueError as e:
-            _add(issues, where, ("sinks", i), str(e))
+            add_issue(issues, where, ("sinks", i), str(e))
             continue
         if s.url in seen:
-            _add(issues, where, ("sinks", i), f"duplicate sink {s.url} (also sinks[{seen[s.url]}]); list it once")
+            add_issue(issues, where, ("sinks", i), f"duplicate sink {s.url} (also sinks[{seen[s.url]}]); list it once")
             continue
         seen[s.url] = i
         out.append(s)
@@ -636,88 +521,6 @@ def _anomaly(data: dict, issues: Issues) -> Any:
         for line in getattr(e, "errors", None) or str(e).splitlines() or [repr(e)]:
             issues.add(("anomaly",), str(line).strip())
         return None
-
-
-def _cross_checks(cfg: CollectorConfig, origins: dict, issues: Issues) -> None:
-    def where(key: str) -> tuple:
-        o = origins.get(key, "default")
-        if o.startswith("environment "):
-            return ("env", o.split(" ", 1)[1])
-        if o == "argument":
-            return ("arg", f"--{key.replace('_', '-')}")
-        return ("file", None)
-
-    if cfg.drop_interval_s > 1.0:
-        _add(issues, where("drop_summary_interval"), ("drop_summary_interval",),
-             f"{cfg.drop_interval_s:g}s is longer than 1s; drop summaries are exported at least every second")
-    if cfg.active_timeout_s < cfg.ct_scan_interval_s:
-        _add(issues, where("active_timeout"), ("active_timeout",),
-             f"{cfg.active_timeout_s:g}s is shorter than conntrack_scan_interval ({cfg.ct_scan_interval_s:g}s); "
-             "raise it or scan more often")
-    if not 0 < cfg.close_grace_s <= 60:
-        _add(issues, where("flow_close_grace"), ("flow_close_grace",),
-             f"{cfg.close_grace_s:g}s is outside (0s, 60s]: closed connections must be reported after their "
-             "last packets (a few round trips) and long before the datapath's FIN timeout")
-    if cfg.jsonl.rotate_bytes < 4096:
-        _add(issues, where("jsonl.rotate_size"), ("jsonl", "rotate_size"),
-             f"{cfg.jsonl.rotate_bytes} bytes is too small to hold records; use at least 4096 (e.g. 100MB)")
-    if cfg.queues.batch > cfg.queues.sink:
-        _add(issues, where("queues.batch"), ("queues", "batch"),
-             f"batch ({cfg.queues.batch}) exceeds the sink queue ({cfg.queues.sink}); a batch must fit a queue")
-    _kafka_checks(cfg.kafka, where, issues)
-    _tls_checks("otlp", cfg.otlp, where, issues)
-
-
-def _tls_checks(sec: str, o, where, issues: Issues) -> None:
-    """TLS material only with tls on; a client certificate needs its key and the other way round."""
-    files = [k for k in ("tls_ca_file", "tls_cert_file", "tls_key_file") if getattr(o, k)]
-    if files and not o.tls:
-        _add(issues, where(f"{sec}.{files[0]}"), (sec, files[0]),
-             f"{', '.join(files)} set but {sec}.tls is false; set {sec}.tls: true (or remove them)")
-    if bool(o.tls_cert_file) != bool(o.tls_key_file):
-        have, miss = ("tls_cert_file", "tls_key_file") if o.tls_cert_file else ("tls_key_file", "tls_cert_file")
-        _add(issues, where(f"{sec}.{have}"), (sec, have),
-             f"a client certificate needs both tls_cert_file and tls_key_file; {sec}.{miss} is missing")
-
-
-def _kafka_checks(k: KafkaOptions, where, issues: Issues) -> None:
-    _tls_checks("kafka", k, where, issues)
-    if k.sasl_mechanism:
-        if not k.sasl_username:
-            _add(issues, where("kafka.sasl_mechanism"), ("kafka", "sasl_mechanism"),
-                 f"{k.sasl_mechanism} needs kafka.sasl_username")
-        if not k.sasl_password and not k.sasl_password_file:
-            _add(issues, where("kafka.sasl_mechanism"), ("kafka", "sasl_mechanism"),
-                 f"{k.sasl_mechanism} needs kafka.sasl_password_file (or kafka.sasl_password, e.g. from "
-                 "HOSTWALL_COLLECTOR_KAFKA_SASL_PASSWORD)")
-        if k.sasl_mechanism == "PLAIN" and not k.tls:
-            _add(issues, where("kafka.sasl_mechanism"), ("kafka", "sasl_mechanism"),
-                 "PLAIN sends the password in clear text; set kafka.tls: true (or use SCRAM-SHA-512)")
-    else:
-        for key in ("sasl_username", "sasl_password", "sasl_password_file"):
-            if getattr(k, key):
-                _add(issues, where(f"kafka.{key}"), ("kafka", key),
-                     f"kafka.{key} is set but kafka.sasl_mechanism is not; set it to one of "
-                     f"{', '.join(SASL_MECHANISMS)}")
-                break
-    if k.sasl_password and k.sasl_password_file:
-        _add(issues, where("kafka.sasl_password"), ("kafka", "sasl_password"),
-             "set kafka.sasl_password or kafka.sasl_password_file, not both")
-    if k.spool_segment_bytes > k.spool_max_bytes:
-        _add(issues, where("kafka.spool_segment_size"), ("kafka", "spool_segment_size"),
-             f"segment size {k.spool_segment_bytes} exceeds spool_size {k.spool_max_bytes}")
-    if k.spool_max_bytes < (1 << 20):
-        _add(issues, where("kafka.spool_size"), ("kafka", "spool_size"),
-             f"{k.spool_max_bytes} bytes is too small for a spool; use at least 1MiB (e.g. 1GiB)")
-    if k.spool_segment_bytes < (64 << 10):
-        _add(issues, where("kafka.spool_segment_size"), ("kafka", "spool_segment_size"),
-             f"{k.spool_segment_bytes} bytes is too small; use at least 64KiB (e.g. 64MiB)")
-    if not (1 << 10) <= k.batch_bytes <= (16 << 20):
-        _add(issues, where("kafka.batch_size"), ("kafka", "batch_size"),
-             f"{k.batch_bytes} bytes is out of range 1KiB..16MiB")
-    if k.request_timeout_s <= k.spool_after_s:
-        _add(issues, where("kafka.spool_after"), ("kafka", "spool_after"),
-             f"spool_after ({k.spool_after_s:g}s) must be shorter than request_timeout ({k.request_timeout_s:g}s)")
 
 
 def describe(cfg: CollectorConfig) -> dict:

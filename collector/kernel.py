@@ -1,5 +1,5 @@
-"""The collector's view of one pinned enforcer instance: ring buffer, drop aggregation, conntrack,
-loss counters. Pure bpf(2) syscalls (enforcer/_internal/bpfsys.py), no BCC, no compiler.
+"""The collector's view of one pinned enforcer instance: ring buffer, drop and flow aggregation,
+conntrack (collector/ct_scan.py), loss counters, the SYN proxy's state. Pure bpf(2) syscalls (enforcer/_internal/bpfsys.py), no BCC, no compiler.
 
 Every layout comes from enforcer.layout.DTYPES (the NumPy twins of bpf/hostwall.h); nothing here
 restates a kernel struct. Costs are per call and stated on each method; all methods block (a few
@@ -25,6 +25,11 @@ from hostwall.bpf import layout as L
 from hostwall.bpf.clock import Clock
 from hostwall.bpf.ringbuf import RingBuffer
 
+from .ct_scan import CT_ENTRY_DT, POLICY_HDR_DT, ConntrackScans, CtFamilyScan, CtScan, ct_timeout_ns
+
+__all__ = ["CT_ENTRY_DT", "ConntrackScans", "CtFamilyScan", "CtScan", "DropDrain", "KernelSource",
+           "KernelSourceError", "ct_timeout_ns"]
+
 # The collector's knobs (agg_gen, event_budget, aggregation prefixes) live in hw_collect, whose only
 # writer is the collector; hw_config (policy generation, test clock) belongs to the enforcer.
 KNOBS = "hw_collect"
@@ -42,14 +47,9 @@ DROP_VAL_DT = L.DTYPES["hw_drop_val"]
 DROP_SRC_DT = L.DTYPES["hw_drop_src"]
 DROP_SRC_SLOTS = L.C["HW_DROP_SRC_SLOTS"]
 _DROP_SRC_KEY_BYTES = 32                      # hw_drop_src.k + pad: what the datapath hashes and compares
-CT_ENTRY_DT = L.DTYPES["hw_ct_entry"]
 EV_TYPES = L.C["HW_EV_TYPES"]
 EV_OUTCOMES = L.C["HW_EV_OUTCOMES"]
 OVERFLOW_SLOTS_PER_GEN = L.VERDICTS * L.REASONS
-CT_END_EMITTED = L.C["HW_CT_F_END_EMITTED"]   # hw_ct_entry.fin_seen: the datapath already emitted flow_end
-REP_EVENTS = L.C["HW_REP_EVENTS"]             # hw_ct_entry.report: reported by events (else in aggregate)
-POLICY_HDR_DT = L.DTYPES["hw_policy_hdr"]
-CT_CLOSING = L.C["HW_CT_CLOSING"]
 
 _S = 1_000_000_000
 
@@ -75,6 +75,7 @@ class DropDrain:
     t0_ns: int
     t1_ns: int
     barrier_s: float
+    gen: int = 0                # the aggregation generation read (its map is cleared by clear_drops)
     sources: np.ndarray = field(default_factory=lambda: np.zeros(0, DROP_SRC_DT))
     flows: flow_agg.FlowDrain | None = None
 
@@ -94,55 +95,6 @@ class DropDrain:
         for (v, r), (p, _) in self.overflow.items():
             out[v, r] += p
         return out
-
-
-@dataclass
-class CtFamilyScan:
-    """Conntrack scan result of one family; keys in hw_ct4_key / hw_ct6_key, entries hw_ct_entry.
-
-    expired_*: entries idle past their timeout, now deleted, that are reported one record each
-    (including those whose end was reported already: fin_seen bit 7 or `reported`; the record builder
-    decides what they still need).
-    update_*: live entries that crossed a multiple of the active timeout since the previous scan
-    and saw a packet since the previous multiple (a periodic flow update is due).
-    closed_*: connections closed by both FINs whose last packet is older than the close grace
-    period, now marked `reported` in the kernel (their flow end record is due; the entry stays until
-    its timeout so late packets still pass as part of the connection), reported one record each.
-    agg_*: connections reported in aggregate (hw_ct_entry.report is not EVENTS) whose end the datapath
-    has not counted: expired ones (deleted) and, the last `agg_closed` of them, ones closed by FINs and
-    quiet for the close grace period (marked `reported`): flow summaries of the scan."""
-    family: int
-    expired_keys: np.ndarray
-    expired_entries: np.ndarray
-    update_keys: np.ndarray
-    update_entries: np.ndarray
-    closed_keys: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint8))
-    closed_entries: np.ndarray = field(default_factory=lambda: np.zeros(0, CT_ENTRY_DT))
-    agg_keys: np.ndarray | None = None
-    agg_entries: np.ndarray | None = None
-    agg_closed: int = 0
-
-
-@dataclass
-class CtScan:
-    """Outcome of one scan_conntrack over both families (one CtFamilyScan each)."""
-    families: list[CtFamilyScan]
-    scanned: int          # entries read
-    raced: int            # expired candidates a packet touched between read and delete (kept)
-    ended: int            # expired entries whose flow_end event had already been emitted
-
-    @property
-    def expired(self) -> int:
-        return sum(len(f.expired_keys) + (len(f.agg_keys) - f.agg_closed if f.agg_keys is not None else 0)
-                   for f in self.families)
-
-    @property
-    def updates(self) -> int:
-        return sum(len(f.update_keys) for f in self.families)
-
-    @property
-    def closed(self) -> int:
-        return sum(len(f.closed_keys) + f.agg_closed for f in self.families)
 
 
 # ---- batch syscalls -----------------------------------------------------------------------------
@@ -179,7 +131,7 @@ def sum_percpu(raw: bytes, n: int, dtype: np.dtype, ncpus: int) -> np.ndarray:
 
 # ---- the source ---------------------------------------------------------------------------------
 
-class KernelSource:
+class KernelSource(ConntrackScans):
     """Opened maps of one pinned instance. Not thread-safe: use from one thread at a time."""
 
     def __init__(self, pin_dir: str | os.PathLike):
@@ -203,6 +155,7 @@ class KernelSource:
         self._barrier = bpfsys.RcuBarrier()
         self._last_flip_ns: int | None = None
         self._last_scan_ns: int | None = None
+        self._claims: dict[int, set[tuple[int, int]]] = {4: set(), 6: set()}   # (slot, created_ns) not freed yet
 
     def _check_layouts(self) -> None:
         want = {"hw_config": CFG_DT.itemsize, KNOBS: KNOBS_DT.itemsize, "hw_drops0": DROP_VAL_DT.itemsize,
@@ -250,8 +203,11 @@ class KernelSource:
             val[0][k] = v
         bpfsys.map_update(self.fds[KNOBS], b"\0" * 4, val.tobytes())
 
-    def set_event_budget(self, events_per_s: int) -> None:
-        self.set_knobs(event_budget=int(events_per_s))
+    def set_event_budget(self, events_per_s: int, source_share: int | None = None) -> None:
+        """The ring's flow-event budget (events/s) and, unless None, one source's share of it
+        (hw_collect.source_share; docs/collector.md "Flows under a flood")."""
+        share = {} if source_share is None else {"source_share": int(source_share)}
+        self.set_knobs(event_budget=int(events_per_s), **share)
 
     def set_drop_prefixes(self, v4: int, v6: int) -> None:
         """Source prefix lengths of drop aggregation keys (keys carry their prefix_len, so a change
@@ -263,17 +219,25 @@ class KernelSource:
         t = int(self._read1("hw_config", CFG_DT)["test_now_ns"])
         return t if t else time.clock_gettime_ns(time.CLOCK_MONOTONIC)
 
-    def unconfirmed_ns(self) -> int:
-        """Idle timeout of unconfirmed conntrack entries in the active policy (ns; two lookups)."""
-        gen = int(self._read1("hw_config", CFG_DT)["gen"]) & 1
-        raw = bpfsys.map_lookup(self.fds["hw_policy"], gen.to_bytes(4, "little"), POLICY_HDR_DT.itemsize)
-        s = int(np.frombuffer(raw, dtype=POLICY_HDR_DT)[0]["ct_unconfirmed_s"])
-        return (s or L.C["HW_CT_TO_UNCONFIRMED"]) * _S
-
     @staticmethod
     def monotonic_to_wall() -> int:
         """CLOCK_REALTIME - CLOCK_MONOTONIC in ns (hostwall.bpf.clock.Clock.calibrate, ±~1 µs)."""
         return Clock.calibrate().offset_ns
+
+    def identity(self) -> dict:
+        """What tells this kernel instance apart across collector restarts: the boot, and the ids of the
+        ring buffer and event-counter maps (new ids: the datapath was reloaded, its ring is a new one)."""
+        try:
+            boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        except OSError:
+            boot = ""
+        return {"boot_id": boot, "ring_map_id": bpfsys.map_info(self.fds["hw_events"]).id,
+                "ev_stats_map_id": bpfsys.map_info(self.fds["hw_ev_stats"]).id,
+                "drops_map_ids": [bpfsys.map_info(self.fds[f"hw_drops{g}"]).id for g in (0, 1)]}
+
+    def agg_gen(self) -> int:
+        """The drop aggregation generation the datapath writes now."""
+        return int(self.knobs()["agg_gen"]) & 1
 
     # ---- ring buffer -------------------------------------------------------------------------------
     def ring(self) -> RingBuffer:
@@ -319,38 +283,45 @@ class KernelSource:
 
     # ---- drop aggregation --------------------------------------------------------------------------
     def drain_drops(self) -> DropDrain:
-        """Export one drop-aggregation interval (see docs/collector.md).
+        """Export one drop-aggregation interval and clear it at once: read_drops() + clear_drops()."""
+        d = self.read_drops()
+        self.clear_drops(d)
+        return d
+
+    def read_drops(self) -> DropDrain:
+        """Flip to the other aggregation generation and read the old one without clearing it (see
+        docs/collector.md). The collector clears it (clear_drops) only once the summaries made from it are
+        durable, so a crash in between leaves the interval in the kernel for the next collector, which
+        reads it again (read_drops_of). Until cleared, the next flip must not happen.
 
         Flip hw_collect.agg_gen, wait one RCU grace period (no program still writes the old
-        generation), then read + delete every key of the old per-CPU hash and read + zero its
-        overflow slots. Cost: 1 flip + grace period (~1-20 ms) + ceil(keys / 8192) batch syscalls
-        + 2 for the overflow slots. Exact: no packet is counted twice or lost between intervals."""
-        old = int(self.knobs()["agg_gen"]) & 1
+        generation), then read every key of the old per-CPU hash, its overflow slots and its peer slots,
+        and the flow aggregation of the same generation (hostwall.bpf.flow_agg). Cost: 1 flip + grace
+        period (~1-20 ms) + ceil(keys / 8192) batch syscalls + 1 for the overflow slots + 1 for the
+        peers + the flow aggregation's (read_drops_of). Exact: no packet is counted twice or lost
+        between intervals."""
+        old = self.agg_gen()
         self.set_knobs(agg_gen=old ^ 1)
         t1 = self.now_ns()
         b0 = time.perf_counter()
         self._barrier.wait()
         barrier_s = time.perf_counter() - b0
-        ksz = DROP_KEY_DT.itemsize
-        raw_k, raw_v, n = map_batch(self.fds[f"hw_drops{old}"], ksz,
-                                    percpu_stride(DROP_VAL_DT.itemsize) * self.ncpus, delete=True)
-        keys = np.frombuffer(raw_k, dtype=DROP_KEY_DT, count=n).copy()
-        vals = sum_percpu(raw_v, n, DROP_VAL_DT, self.ncpus)
-        overflow = self._drain_overflow(old)
-        flows = flow_agg.drain(self.fds, old, self.ncpus)
-        sources = self._drain_sources(old)
+        d = self.read_drops_of(old)
+        d.barrier_s = barrier_s
+        d.t1_ns = t1
         t0 = self._last_flip_ns
         if t0 is None:
-            seen = vals["first_ns"][vals["first_ns"] > 0]
+            seen = d.vals["first_ns"][d.vals["first_ns"] > 0]
             t0 = int(seen.min()) if len(seen) else t1
+        d.t0_ns = t0
         self._last_flip_ns = t1
-        return DropDrain(keys, vals, overflow, t0, t1, barrier_s, sources, flows)
+        return d
 
-    def _drain_sources(self, gen: int) -> np.ndarray:
-        """Read and zero the old generation's peer slots (hw_drop_srcs); one entry per distinct key,
-        packets and bytes summed over CPUs (a key may hold the same slot on several CPUs). Cost: one
-        LOOKUP_BATCH of HW_DROP_SRC_SLOTS × ncpus values (~200 KB per CPU), one UPDATE_BATCH of the used
-        slots, O(slots × ncpus) vectorised."""
+    def _read_sources(self, gen: int) -> np.ndarray:
+        """Read generation `gen`'s peer slots (hw_drop_srcs) without zeroing them (clear_drops does, with
+        the interval); one entry per distinct key, packets and bytes summed over CPUs (a key may hold
+        the same slot on several CPUs). Cost: one LOOKUP_BATCH of HW_DROP_SRC_SLOTS × ncpus values
+        (~200 KB per CPU), O(slots × ncpus) vectorised."""
         fd = self.fds["hw_drop_srcs"]
         stride = percpu_stride(DROP_SRC_DT.itemsize)
         first = gen * DROP_SRC_SLOTS
@@ -360,8 +331,6 @@ class KernelSource:
         used = np.flatnonzero((per["packets"] > 0).any(axis=1))
         if len(used) == 0:
             return np.zeros(0, DROP_SRC_DT)
-        idx = (used + first).astype(np.uint32)
-        bpfsys.map_update_batch(fd, idx.tobytes(), bytes(stride * self.ncpus * len(used)), len(used))
         flat = per[used].reshape(-1)
         flat = flat[flat["packets"] > 0]
         keyb = np.ascontiguousarray(flat).view(np.uint8).reshape(len(flat), -1)[:, :_DROP_SRC_KEY_BYTES]
@@ -373,15 +342,55 @@ class KernelSource:
         np.add.at(out["bytes"], inv, flat["bytes"])
         return out
 
-    def _drain_overflow(self, gen: int) -> dict[tuple[int, int], tuple[int, int]]:
-        """Read and zero hw_drop_overflow[gen][verdict][reason] (2 syscalls; 1 more if non-zero)."""
+    def _clear_sources(self, gen: int) -> None:
+        """Zero generation `gen`'s used peer slots. Cost: one LOOKUP_BATCH to find them, one UPDATE_BATCH."""
+        fd = self.fds["hw_drop_srcs"]
+        stride = percpu_stride(DROP_SRC_DT.itemsize)
+        first = gen * DROP_SRC_SLOTS
+        raw = bpfsys.array_slots(fd, first, DROP_SRC_SLOTS, stride * self.ncpus)
+        per = np.frombuffer(raw, dtype=DROP_SRC_DT, count=DROP_SRC_SLOTS * self.ncpus).reshape(DROP_SRC_SLOTS,
+                                                                                              self.ncpus)
+        used = np.flatnonzero((per["packets"] > 0).any(axis=1))
+        if len(used):
+            idx = (used + first).astype(np.uint32)
+            bpfsys.map_update_batch(fd, idx.tobytes(), bytes(stride * self.ncpus * len(used)), len(used))
+
+    def read_drops_of(self, gen: int) -> DropDrain:
+        """Read generation `gen`'s map and overflow slots as they are (no flip, no clear): the interval
+        an earlier collector read but never cleared, when the datapath writes the other generation.
+        Times are left 0 (the caller has them from its checkpoint)."""
+        ksz = DROP_KEY_DT.itemsize
+        raw_k, raw_v, n = map_batch(self.fds[f"hw_drops{gen}"], ksz, percpu_stride(DROP_VAL_DT.itemsize) * self.ncpus)
+        keys = np.frombuffer(raw_k, dtype=DROP_KEY_DT, count=n).copy()
+        vals = sum_percpu(raw_v, n, DROP_VAL_DT, self.ncpus)
+        return DropDrain(keys, vals, self._read_overflow(gen), 0, 0, 0.0, gen, self._read_sources(gen),
+                         flow_agg.read(self.fds, gen, self.ncpus))
+
+    def clear_drops(self, d: DropDrain) -> None:
+        """Delete the keys `d` read from its generation's map and zero the overflow slots it read. Nothing
+        writes that generation until the next flip, so this removes exactly what `d` holds; its peer slots
+        (hw_drop_srcs) are zeroed with it, and the flow aggregation it read (flow_agg.clear). Cost:
+        ceil(keys / 8192) batch syscalls + 1, + 2 with peers, + the flow aggregation's."""
+        if len(d.keys):
+            bpfsys.map_delete_batch(self.fds[f"hw_drops{d.gen}"], np.ascontiguousarray(d.keys).tobytes(),
+                                    DROP_KEY_DT.itemsize)
+        if d.overflow:
+            fd = self.fds["hw_drop_overflow"]
+            stride = percpu_stride(COUNTER_DT.itemsize) * self.ncpus
+            idx = np.array([d.gen * OVERFLOW_SLOTS_PER_GEN + v * L.REASONS + r for v, r in d.overflow], np.uint32)
+            bpfsys.map_update_batch(fd, idx.tobytes(), bytes(stride * len(idx)), len(idx))
+        if len(d.sources):
+            self._clear_sources(d.gen)
+        if d.flows is not None:
+            flow_agg.clear(self.fds, d.flows, self.ncpus)
+
+    def _read_overflow(self, gen: int) -> dict[tuple[int, int], tuple[int, int]]:
+        """Read hw_drop_overflow[gen][verdict][reason] (1 syscall): the non-zero slots."""
         fd = self.fds["hw_drop_overflow"]
         stride = percpu_stride(COUNTER_DT.itemsize) * self.ncpus
         idx = np.arange(gen * OVERFLOW_SLOTS_PER_GEN, (gen + 1) * OVERFLOW_SLOTS_PER_GEN, dtype=np.uint32)
         c = sum_percpu(self._lookup_slots(fd, idx, stride), len(idx), COUNTER_DT, self.ncpus)
         hit = np.flatnonzero(c["packets"])
-        if len(hit):
-            bpfsys.map_update_batch(fd, idx[hit].tobytes(), bytes(stride * len(hit)), len(hit))
         return {tuple(int(x) for x in divmod(int(i), L.REASONS)): (int(c["packets"][i]), int(c["bytes"][i]))
                 for i in hit}
 
@@ -389,99 +398,3 @@ class KernelSource:
     def _lookup_slots(fd: int, idx: np.ndarray, stride: int) -> bytes:
         """Values of array slots idx[0]..idx[-1] (contiguous), one LOOKUP_BATCH."""
         return bpfsys.array_slots(fd, int(idx[0]), len(idx), stride)
-
-    # ---- conntrack ---------------------------------------------------------------------------------
-    def scan_conntrack(self, now_ns: int, active_timeout_ns: int, close_grace_ns: int = 2 * _S) -> CtScan:
-        """Free entries idle past their timeout (returned), find long-lived ones due for an
-        active-timeout update, and mark connections closed by both FINs and quiet for `close_grace_ns`
-        as reported (returned: their end record is due). `now_ns` is on the datapath's clock
-        (`now_ns()`).
-
-        The close grace period is conntrack's TIME_WAIT idea applied to reporting: the last ACK after
-        the FINs (and a retransmitted FIN) arrives after the close, so a closed connection is reported
-        only once it has been quiet that long, with every packet counted. Its entry stays until its
-        timeout (late packets still pass as part of it; they are not reported). Marking races with a
-        packet as freeing does: a packet between the check and the one-byte store is counted in the
-        kernel but not in the record (conntrack.CtTable.mark_reported_if_unchanged).
-
-        Connections reported in aggregate (hw_ct_entry.report: their start went to the flow aggregation,
-        or waited and never came) get no record of their own: their expiry or FIN close is returned in
-        CtFamilyScan.agg_* for flow summaries (collector/flow_summary.py), and they get no updates. The
-        timeout of unconfirmed entries is the active policy's (one map lookup per scan).
-
-        Cost: the tables are read in place (mmap'ed, no syscalls): one vectorised pass over every slot
-        (~25-30 MB per family). An expired entry is freed only if its times are unchanged since the
-        read (else a packet touched it: counted as raced, kept); conntrack.CtTable.free_if_unchanged
-        states the remaining µs window. The datapath itself ignores expired entries (and reports the
-        flow of any it displaces), so freeing them changes no verdict. No updates on the first scan
-        (there is no previous scan to compare)."""
-        fams, scanned, raced, ended = [], 0, 0, 0
-        unc_ns = self.unconfirmed_ns()
-        for fam in (4, 6):
-            f, n, r, e = self._scan_family(fam, now_ns, active_timeout_ns, close_grace_ns, unc_ns)
-            fams.append(f)
-            scanned, raced, ended = scanned + n, raced + r, ended + e
-        self._last_scan_ns = now_ns
-        return CtScan(fams, scanned, raced, ended)
-
-    def _table(self, fam: int) -> conntrack.CtTable:
-        if fam not in self._ct:
-            self._ct[fam] = conntrack.CtTable(self.fds[conntrack.MAPS[fam]], fam)
-        return self._ct[fam]
-
-    def _scan_family(self, fam: int, now_ns: int, at_ns: int, grace_ns: int,
-                     unc_ns: int) -> tuple[CtFamilyScan, int, int, int]:
-        table = self._table(fam)
-        idx = table.live()
-        snap = table.slots[idx]                     # a copy: the datapath keeps writing the table
-        keys, ents = snap["k"], snap["e"]
-        n = len(idx)
-        last = ents["last_ns"].astype(np.int64)
-        created = ents["created_ns"].astype(np.int64)
-        expired = (np.int64(now_ns) - last) > ct_timeout_ns(keys["proto"], ents["state"], unc_ns)
-        ended = ((ents["fin_seen"] & CT_END_EMITTED) != 0) | (ents["reported"] != 0)
-        cand = np.flatnonzero(expired)
-        gone = table.free_if_unchanged(idx[cand], ents[cand])
-        raced = int((~gone).sum())
-        exp_idx = cand[gone]
-        quiet = (np.int64(now_ns) - last) > np.int64(grace_ns)
-        closing = np.flatnonzero((ents["state"] == CT_CLOSING) & ~ended & ~expired & quiet)
-        marked = table.mark_reported_if_unchanged(idx[closing], ents[closing])
-        raced += int((~marked).sum())
-        cls_idx = closing[marked]
-        # connections reported in aggregate (hw_ct_entry.report) end in flow summaries, not records
-        exp_agg = (ents["report"][exp_idx] != REP_EVENTS) & ~ended[exp_idx]
-        cls_agg = ents["report"][cls_idx] != REP_EVENTS
-        agg_idx = np.concatenate([exp_idx[exp_agg], cls_idx[cls_agg]])
-        exp_idx, cls_idx = exp_idx[~exp_agg], cls_idx[~cls_agg]
-        upd_idx = self._due_updates(created, last, ~expired & ~ended & (ents["report"] == REP_EVENTS), now_ns, at_ns)
-        upd_idx = np.setdiff1d(upd_idx, cls_idx)
-        scan = CtFamilyScan(fam, keys[exp_idx].copy(), ents[exp_idx].copy(), keys[upd_idx].copy(),
-                            ents[upd_idx].copy(), keys[cls_idx].copy(), ents[cls_idx].copy(), keys[agg_idx].copy(),
-                            ents[agg_idx].copy(), int(cls_agg.sum()))
-        return scan, n, raced, int(ended[exp_idx].sum())
-
-    def _due_updates(self, created: np.ndarray, last: np.ndarray, live: np.ndarray, now_ns: int,
-                     at_ns: int) -> np.ndarray:
-        """Indexes of live entries that crossed a multiple of the active timeout (from creation)
-        since the previous scan and saw a packet since the previous multiple."""
-        if self._last_scan_ns is None or at_ns <= 0:
-            return np.empty(0, dtype=np.int64)
-        age_now = np.int64(now_ns) - created
-        age_prev = np.int64(self._last_scan_ns) - created
-        k_now = np.where(age_now > 0, age_now // at_ns, 0)
-        k_prev = np.where(age_prev > 0, age_prev // at_ns, 0)
-        active = last > created + (k_now - 1) * at_ns
-        return np.flatnonzero(live & (k_now >= 1) & (k_now > k_prev) & active)
-
-
-def ct_timeout_ns(proto: np.ndarray, state: np.ndarray, unconfirmed_ns: int = L.C["HW_CT_TO_UNCONFIRMED"] * _S
-                  ) -> np.ndarray:
-    """Idle timeout per entry, as the datapath's ct_expired_u() computes it: unconfirmed entries (NEW,
-    SYN_SENT, SYN_RECV) the policy's unconfirmed timeout, the others HW_CT_TO_* seconds by state."""
-    C = L.C
-    tcp = np.select([state == C["HW_CT_ESTABLISHED"], (state == C["HW_CT_FIN_WAIT"]) | (state == C["HW_CT_CLOSING"])],
-                    [C["HW_CT_TO_ESTABLISHED"], C["HW_CT_TO_FIN"]], C["HW_CT_TO_CLOSE"])
-    s = np.where(proto == 6, tcp, np.where(proto == 17, C["HW_CT_TO_UDP_REPLIED"], C["HW_CT_TO_ICMP"]))
-    unconfirmed = np.isin(state, list(L.UNCONFIRMED_STATES))
-    return np.where(unconfirmed, np.int64(unconfirmed_ns), s.astype(np.int64) * _S)

@@ -27,6 +27,10 @@ cache (the enricher's caches), type/outcome (kernel event kinds), verdict/reason
     hostwall_dos_bans{kind}                         auto (active, hw_dos_banned) | manual (prefixes)
     hostwall_spool_size_bytes{sink} / hostwall_spool_records{sink}
     hostwall_kafka_degraded{sink}                   1 while records go through the spool
+    hostwall_sink_health{sink,state}                1 for the current state: ok | degraded | failing
+    hostwall_sink_last_success_timestamp_seconds{sink}
+    hostwall_spool_capacity_bytes{sink} / hostwall_spool_oldest_record_age_seconds{sink}
+    hostwall_delivery_waiting / hostwall_ring_uncommitted_bytes   acknowledgement backlog
     hostwall_kafka_delivery_latency_seconds{sink}   histogram, records weighted, enqueue → broker ack
     hostwall_enrich_cache_lookups_total{cache,result}   hit | miss
     hostwall_enrich_cache_hit_ratio{cache}
@@ -65,6 +69,42 @@ def _walk_caches(d: Any, prefix: str = "") -> Iterable[tuple[str, dict]]:
             return
         for k, v in d.items():
             yield from _walk_caches(v, f"{prefix}.{k}" if prefix else str(k))
+
+
+HEALTH_STATES = ("ok", "degraded", "failing")
+
+
+def _sink_health_families(st: dict) -> list[Family]:
+    """Sink health (collector/sinks/base.py): the state as one 0/1 series per state, when the sink last
+    succeeded, its spool's capacity and oldest record; and the end-to-end acknowledgement backlog."""
+    health = _fam("hostwall.sink.health", "gauge", "{state}", "1 for the sink's current health state (ok, "
+                  "degraded, failing), 0 for the others", ("sink", "state"))
+    last = _fam("hostwall.sink.last_success.timestamp", "gauge", "s", "When the sink last delivered a record "
+                "(Unix time; absent before the first)", ("sink",))
+    cap = _fam("hostwall.spool.capacity", "gauge", "By", "Size limit of the Kafka spool (kafka.spool_size)",
+               ("sink",))
+    age = _fam("hostwall.spool.oldest_record.age", "gauge", "s", "Age of the oldest record in the Kafka spool "
+               "(0 when empty)", ("sink",))
+    for sink, s in (st.get("sinks") or {}).items():
+        h = s.get("health") or {}
+        if h.get("state") in HEALTH_STATES:
+            for state in HEALTH_STATES:
+                health.add((sink, state), 1 if h["state"] == state else 0)
+        if h.get("last_success_at"):
+            last.add((sink,), float(h["last_success_at"]))
+        if "spool_max_bytes" in h:
+            cap.add((sink,), h["spool_max_bytes"])
+            age.add((sink,), h.get("spool_oldest_age_s") or 0.0)
+    dl = st.get("delivery") or {}
+    waiting = _fam("hostwall.delivery.waiting", "gauge", "{batch}", "Batches fanned out and not yet durable in "
+                   "every at_least_once sink (their kernel data is held back)")
+    unc = _fam("hostwall.ring.uncommitted", "gauge", "By", "Ring-buffer bytes read but not released: their "
+               "records are not durable yet")
+    if dl:
+        waiting.add((), dl.get("waiting", 0))
+    if st.get("ring"):
+        unc.add((), st["ring"].get("uncommitted_bytes", 0))
+    return [health, last, cap, age, waiting, unc]
 
 
 def families_from_status(st: dict, kernel: dict | None = None, *, version: str = "", export_failures: int = 0
@@ -143,6 +183,7 @@ def families_from_status(st: dict, kernel: dict | None = None, *, version: str =
             lat.add((sink,), {"bounds": L["buckets_s"], "counts": L["counts"], "sum": L["sum_s"],
                               "count": L["count"]})
     fams += [spool_b, spool_r, degraded, lat]
+    fams += _sink_health_families(st)
 
     look = _fam("hostwall.enrich.cache.lookups", "counter", "{lookup}", "Enrichment cache lookups",
                 ("cache", "result"))
@@ -338,6 +379,11 @@ class SelfMetrics:
         self._server = server
         self.prometheus_address = server.server_address[:2]
         self._threads.append(thread)
+
+    def observe_records(self, records: list[dict]) -> None:
+        """Record-derived dashboard series (top sources, anomalies): collector/kernel_metrics.py."""
+        if self.kernel_metrics is not None:
+            self.kernel_metrics.observe(records)
 
     def update(self, status: dict) -> None:
         """Take the pipeline's latest status snapshot (called on every status write)."""

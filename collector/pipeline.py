@@ -4,33 +4,44 @@ Tasks (each watched: a task that fails or ends on its own stops the service, whi
 
     ring     ring buffer → decoded event batches → `events` queue (bounded, in batches)
     events   events queue → RecordBuilder.on_events → enrich → anomaly.observe → fan-out
-    drops    every drop_summary_interval (≤ 1 s): KernelSource.drain_drops → on_drop_summaries, and the
-             flow aggregation of the same interval → flow_summary.from_drain
-    ct       every conntrack_scan_interval: scan_conntrack → on_conntrack (FIN closes after the close
-             grace period, idle ends, active updates), and connections reported in aggregate that
-             ended → flow_summary.from_scan
-    tick     every second: builder/anomaly tick, enforcer audit-log tail, kernel loss counters
+    drops    every drop_summary_interval (≤ 1 s): read a drop interval and the flow aggregation of the same
+             generation → drop and flow summaries → clear once durable
+    ct       every conntrack_scan_interval: claim FIN closes after the close grace period, idle ends,
+             active updates → release the claims once durable; connections reported in aggregate that
+             ended → flow summaries in the same batch
+    tick     every second (or anomaly bucket): builder/anomaly tick, the per-port SYN signal and the SYN
+             proxy's switches, audit-log tail, kernel loss counters, sink loss reports
     status   every status_interval: the status JSON ($HOSTWALL_STATE_DIR/collector-<pin stem>.json)
+    commit   end-to-end acknowledgement: releases kernel data once every at_least_once sink has it
     sink:*   one per sink: its queue → sink.send; flush when idle for a second
 
-Back-pressure (docs/collector.md): fan-out waits until every `block` sink's queue has room, so a
-slow local sink stalls record building, the events queue fills, the ring reader stops reading and
-the kernel counts `ringbuf_full` — user space never drops for lack of room in front of such a sink.
-`drop_oldest` / `drop_newest` sinks never wait; what they shed is counted (`queue_full`).
-Fan-out is all-or-nothing per batch (room is awaited first, then every queue takes the batch
-without awaiting), so a cancellation can never deliver a batch to one sink and not another.
+End-to-end acknowledgement (docs/collector.md "Delivery and loss"): the ring buffer is read ahead of its
+consumer position; each fanned-out batch gets a ticket (collector/acks.py) and the consumer position
+moves past a batch's events only when every at_least_once sink settled that batch (durable, or counted
+lost). The same holds for what the collector takes out of the kernel itself: a drop interval is cleared
+from its map, and claimed conntrack ends are freed (FIN closes marked reported), only once their records
+are durable; the audit-log offset and every stream's hostwall.seq are checkpointed
+(collector/checkpoint.py) only then; conntrack scan batches are journaled until durable
+(collector/ct_journal.py) so a restart numbers them as before; records made from the collector's own
+state (anomalies, loss reports) go through the outbox (collector/outbox.py). The checkpoint is written
+before the kernel side moves. So a kill -9 at any instant leaves everything not yet durable in the
+kernel, the journal or the outbox, and the next start sends it again (same event.id and seq).
 
-Kernel calls (drop drain with its RCU grace period, conntrack scans, counters) run on one worker
+Back-pressure: fan-out waits until every `block` sink's queue has room, so a slow local sink stalls
+record building, the events queue fills, the ring reader stops reading and the kernel counts
+`ringbuf_full` — user space never drops for lack of room in front of such a sink. `drop_oldest` /
+`drop_newest` sinks never wait; what they shed is counted (`queue_full`). Fan-out is all-or-nothing per
+batch (room is awaited first, then every queue takes the batch without awaiting).
+
+Kernel calls (drop reads with their RCU grace period, conntrack scans, counters) run on one worker
 thread (KernelSource is not thread-safe; ctypes releases the GIL). Ring reads are plain memory reads
 of the mmap and stay on the loop. Record building and enrichment run on the loop in batches.
 
-Shutdown (SIGTERM/SIGINT): periodic tasks stop after the run in progress (a drain or scan that took
-data out of the kernel always completes); the ring is drained once more and a last drop interval
-is exported (summaries add up to the counters at exit); sink queues drain, sinks flush and close —
-all within `shutdown_timeout_s`; whatever is still queued then is counted lost ("shutdown").
-After a task failure the ring and drop maps are left to the next collector instead; what had been
-taken out already is counted lost ("build"/"pipeline"/"sink_failed"). The final status carries the
-ledger checked at quiescence.
+Shutdown (SIGTERM/SIGINT): periodic tasks stop after the run in progress; the ring is drained once
+more and a last drop interval is exported; sink queues drain, sinks flush and close, the last durable
+batches are committed — all within `shutdown_timeout_s`. Whatever is not durable then stays in the
+kernel (counted `requeued`, not lost: the next collector reads it again). After a task failure nothing
+more is committed. The final status carries the ledger checked at quiescence.
 """
 from __future__ import annotations
 
@@ -39,130 +50,64 @@ import logging
 import os
 import signal
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
-from functools import partial
 from pathlib import Path
 from typing import Any
 
-import orjson
-
-from . import flow_summary
 from .accounting import Ledger
-from .config import CollectorConfig, describe
-from .sinks.base import FullQueuePolicy
+from .acks import Acks, CommitEntry, CommitLog, Ticket
+from .checkpoint import Checkpoint, Restart
+from .config import CollectorConfig
+from .ct_journal import CtJournal
+from .loss_report import LossReporter
+from .outbox import Outbox
+from .parts import Detector, Enricher, KernelSource, MetricsSink, RecordBuilder, Ring
+from .queues import RecordQueue, SinkSlot
+from .sinks.base import FullQueuePolicy, Sink
+from .sources import Sources, previous_run
+from .status import build_status, write_status
 from .syn_proxy import SynWatch
 
 log = logging.getLogger("hostwall.collector")
 
+__all__ = ["Pipeline", "PipelineFailed", "RecordQueue", "StartFailed", "write_status"]
+
 ENRICH_CHUNK = 1024             # records enriched between two yields to the loop
 SHUTDOWN_TIMEOUT_S = 10.0
 FINAL_RING_DRAIN_S = 2.0
-CLOCK_RECALIBRATE_S = 60.0
+COMMIT_INTERVAL_S = 0.01        # commits (checkpoint write + kernel release) at most this often
 
 
 class PipelineFailed(RuntimeError):
     """A background task failed; the message names the task and the error (one line)."""
 
 
-class RecordQueue:
-    """FIFO of record batches bounded in records (not batches). Single consumer, many producers.
-
-    wait_room(n) returns once n more records fit (or the queue is empty: a batch larger than the
-    capacity is still accepted alone); put_nowait never blocks, so producers that awaited room
-    and then put without awaiting can overshoot by at most one batch each (≤ 4 producers)."""
-
-    def __init__(self, capacity: int):
-        self.capacity = capacity
-        self.size = 0
-        self.closed = False
-        self._dq: deque[list] = deque()
-        self._data = asyncio.Event()
-        self._room = asyncio.Event()
-        self._room.set()
-
-    def __len__(self) -> int:
-        return self.size
-
-    def has_room(self, n: int) -> bool:
-        return self.size == 0 or self.size + n <= self.capacity
-
-    async def wait_room(self, n: int) -> None:
-        while not self.has_room(n):
-            self._room.clear()
-            await self._room.wait()
-
-    def put_nowait(self, batch: list) -> None:
-        self._dq.append(batch)
-        self.size += len(batch)
-        self._data.set()
-
-    def pop_oldest(self) -> list:
-        b = self._dq.popleft()
-        self.size -= len(b)
-        self._room.set()
-        return b
-
-    async def get(self, timeout: float | None = None) -> list | None:
-        """Next batch; None when closed and empty, or on timeout (check `.closed`)."""
-        while not self._dq:
-            if self.closed:
-                return None
-            self._data.clear()
-            try:
-                async with asyncio.timeout(timeout):
-                    await self._data.wait()
-            except TimeoutError:
-                return None
-        return self.pop_oldest()
-
-    def close(self) -> None:
-        self.closed = True
-        self._data.set()
-
-    def clear(self) -> int:
-        n = self.size
-        self._dq.clear()
-        self.size = 0
-        self._room.set()
-        return n
+class StartFailed(PipelineFailed):
+    """A part could not start (a sink that cannot work with its destination, the metrics endpoint):
+    nothing was read from the kernel. The message is the part's own one line (what, where, what to do)."""
 
 
-class _SinkSlot:
-    def __init__(self, sink, capacity: int):
-        self.sink = sink
-        self.name = sink.name
-        self.policy = FullQueuePolicy(getattr(sink, "full_queue_policy", FullQueuePolicy.BLOCK))
-        self.queue = RecordQueue(capacity)
-        self.dead = False
-        self.seen_delivered = 0
-        self.seen_lost: Counter = Counter()
-        self.queue_dropped = 0
-        self.abandoned = 0          # sink-internal in-flight records counted lost at shutdown
+class Pipeline(Sources):
+    """Wires a kernel source, a record builder, optional enricher/anomaly detector and sinks (the
+    protocols of collector/parts.py). clock_factory(offset_ns) -> clock with wall_ns(mono)
+    (hostwall.bpf.clock.Clock)."""
 
-
-class Pipeline:
-    """Wires a kernel source, a record builder, optional enricher/anomaly detector and sinks.
-
-    source: KernelSource-like (ring, drain_drops, scan_conntrack, kernel_loss, now_ns,
-    monotonic_to_wall, set_event_budget, close). builder: collector.records.RecordBuilder-like.
-    clock_factory(offset_ns) -> clock object with wall_ns(mono) (hostwall.bpf.clock.Clock)."""
-
-    def __init__(self, cfg: CollectorConfig, source, builder, sinks: list, *, enricher=None, anomaly=None,
-                 ledger: Ledger | None = None, clock_factory: Callable[[int], Any] | None = None,
-                 audit_log: str | os.PathLike | None = None, status_path: str | os.PathLike | None = None,
-                 shutdown_timeout_s: float = SHUTDOWN_TIMEOUT_S, close_source: bool = True, metrics=None):
+    def __init__(self, cfg: CollectorConfig, source: KernelSource, builder: RecordBuilder, sinks: list[Sink], *,
+                 enricher: Enricher | None = None, anomaly: Detector | None = None, ledger: Ledger | None = None,
+                 clock_factory: Callable[[int], Any] | None = None, audit_log: str | os.PathLike | None = None,
+                 status_path: str | os.PathLike | None = None, shutdown_timeout_s: float = SHUTDOWN_TIMEOUT_S,
+                 close_source: bool = True, metrics: MetricsSink | None = None, hostname: str | None = None,
+                 checkpoint: Checkpoint | None = None, outbox: Outbox | None = None):
         self.cfg = cfg
         self.source = source
         self.builder = builder
         self.enricher = enricher
         self.anomaly = anomaly
-        self.syn_watch = SynWatch(anomaly, lambda: tuple(getattr(getattr(getattr(builder, "instance", None), "state",
-                                                                          None), "dos_profiles", ()))) if anomaly else None
+        self.syn_watch = SynWatch.of(anomaly, builder)  # the per-port SYN signal, the SYN proxy's switches
         self.ledger = ledger or Ledger()
-        self.slots = [_SinkSlot(s, cfg.queues.sink) for s in sinks]
+        self.slots = [SinkSlot(s, cfg.queues.sink) for s in sinks]
         for s in self.slots:
             if s.name not in self.ledger.lanes:
                 self.ledger.add_sink(s.name)
@@ -170,11 +115,27 @@ class Pipeline:
         self.clock = None
         self.audit_log = Path(audit_log) if audit_log else None
         self.status_path = Path(status_path) if status_path else cfg.status_path()
+        self.checkpoint = checkpoint or Checkpoint.load(cfg.state_path(self.status_path))
+        self.outbox = outbox or Outbox(cfg.outbox_path(self.status_path))
+        self.ct_journal = CtJournal(cfg.ct_journal_path(self.status_path))
         self.shutdown_timeout_s = shutdown_timeout_s
         self._close_source = close_source
-        self.metrics = metrics                      # collector.metrics.SelfMetrics: fed every status write
+        self.metrics = metrics                      # fed every status write
+        self.hostname = hostname or cfg.hostname or os.uname().nodename
+        self.losses = LossReporter(self.hostname, cfg.pin_dir)
         self.counters: Counter = Counter()
-        self.ring = None
+        self.ring: Ring | None = None
+        self.acks = Acks()
+        self.commits = CommitLog()
+        self.seq: dict[str, int] = {}
+        self.restart: Restart | None = None
+        self.previous_run: dict | None = None
+        self.kernel_while_down: dict[str, int] = {}
+        self._drain_checked = False
+        self._ct_checked = False
+        self._boot_id = ""
+        self._audit_pos: tuple[int, int] | None = None
+        self._settle_evt: asyncio.Event | None = None
         self._tasks: dict[str, asyncio.Task] = {}
         self._runs: set[asyncio.Future] = set()     # periodic runs in progress (see _every)
         self._stop: asyncio.Event | None = None
@@ -182,12 +143,11 @@ class Pipeline:
         self._failure: tuple[str, BaseException] | None = None
         self._pending = 0
         self._events_q: asyncio.Queue | None = None
-        self._carry = None
+        self._carry: tuple | None = None
         self._building = 0
         self._kexec: ThreadPoolExecutor | None = None
         self._started = time.time()
         self._clock_at = 0.0
-        self._audit_pos: tuple[int, int] | None = None     # (inode, offset)
         self.state = "starting"
         self.last_drain: dict = {}
         self.last_scan: dict = {}
@@ -202,6 +162,7 @@ class Pipeline:
         """Run until stop() or a task failure; always shuts down cleanly. Raises PipelineFailed."""
         loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
+        self._settle_evt = asyncio.Event()
         self._events_q = asyncio.Queue(self.cfg.queues.events)
         self._kexec = ThreadPoolExecutor(1, thread_name_prefix="hw-kernel")
         if install_signals:
@@ -222,39 +183,40 @@ class Pipeline:
 
     # ---- start ---------------------------------------------------------------------------------
     async def _start(self) -> None:
+        self.previous_run = previous_run(self.status_path)    # before this run's first status write
         for s in self.slots:
             try:
                 await s.sink.start()
-            except Exception as e:  # noqa: BLE001 — a sink that cannot start is reported and marked dead
-                self._fail(f"sink {s.name}", e)
+            except Exception as e:  # noqa: BLE001 — a sink that cannot start is reported (one line) and dead
+                self._failure = (f"sink {s.name}", e)
                 s.dead = True
-                raise PipelineFailed(f"sink {s.name}: {e}") from None
+                msg = str(e) if s.name in str(e) else f"sink {s.name}: {e}"
+                raise StartFailed(msg) from None
+            if s.acknowledges:
+                s.sink.on_settle = self._settle_evt.set
         if self.metrics is not None:
             try:
                 self.metrics.start()
             except Exception as e:  # noqa: BLE001 — reported with its cause, then the pipeline fails
-                self._fail("metrics", e)
-                raise PipelineFailed(f"metrics: {e}") from None
+                self._failure = ("metrics", e)
+                raise StartFailed(f"metrics: {e}") from None
         self.clock = self._clock_factory(self.source.monotonic_to_wall())
         self._clock_at = time.monotonic()
-        await self._k(self.source.set_event_budget, self.cfg.event_budget)
-        if hasattr(self.source, "set_knobs"):        # per-source share of flow events (docs/collector.md)
-            share = self.cfg.event_source_share
-            await self._k(partial(self.source.set_knobs, source_share=self.cfg.event_budget // 10 if share is None
-                                  else share))
-        if hasattr(self.source, "set_drop_prefixes"):
-            await self._k(self.source.set_drop_prefixes, self.cfg.drop_prefix_v4, self.cfg.drop_prefix_v6)
-        self.ledger.fold_kernel(await self._k(self.source.kernel_loss))
+        share = self.cfg.event_source_share                 # flow events/s of one source (default: a tenth)
+        await self._k(self.source.set_event_budget, self.cfg.event_budget, self.cfg.event_budget // 10 if share is None
+                      else share)
+        await self._k(self.source.set_drop_prefixes, self.cfg.drop_prefix_v4, self.cfg.drop_prefix_v6)
         self.ring = self.source.ring()
-        self._audit_pos = self._audit_resume()
+        await self._recover()
+        self._spawn("commit", self._commit_loop())
         self._spawn("ring", self._read_ring())
         self._spawn("events", self._build_events())
         self._spawn("drops", self._every(self.cfg.drop_interval_s, self._export_drops))
         self._spawn("ct", self._every(self.cfg.ct_scan_interval_s, self._scan_ct))
         # the anomaly detector evaluates at its bucket boundaries: tick at least that often, so an
         # anomaly is reported within about one bucket of the flood that opens it
-        bucket = getattr(getattr(self.anomaly, "cfg", None), "bucket_s", 1.0) or 1.0
-        self._spawn("tick", self._every(min(1.0, bucket), self._tick))
+        bucket = self.anomaly.bucket_s if self.anomaly is not None else 1.0
+        self._spawn("tick", self._every(min(1.0, bucket or 1.0), self._tick))
         self._spawn("status", self._every(self.cfg.status_interval_s, self._write_status))
         for s in self.slots:
             self._spawn(f"sink {s.name}", self._sink_worker(s))
@@ -288,8 +250,8 @@ class Pipeline:
 
     async def _every(self, interval: float, fn) -> None:
         """Run fn every `interval` s. Each run is shielded: cancelling the loop (shutdown) never
-        abandons a run half-way (a drop drain or conntrack scan has already taken data out of the
-        kernel); shutdown waits for the run in progress instead."""
+        abandons a run half-way (a drop read or conntrack scan has already touched the kernel);
+        shutdown waits for the run in progress instead."""
         loop = asyncio.get_running_loop()
         nxt = loop.time() + interval
         while True:
@@ -313,13 +275,13 @@ class Pipeline:
     async def _read_ring(self) -> None:
         ring, batch = self.ring, self.cfg.queues.batch
         while True:
-            b = ring.read(batch)
+            b = ring.read(batch, commit=False)
             self._account_read(b)
-            if len(b.records):
-                self._carry = b.records
-                await self._events_q.put(b.records)
+            if b.consumed_bytes:
+                self._carry = (b.records, b.end_pos)
+                await self._events_q.put(self._carry)
                 self._carry = None
-            elif not b.consumed_bytes:
+            else:
                 self.counters["ring_waits"] += 1
                 await ring.wait(1.0)
 
@@ -331,23 +293,34 @@ class Pipeline:
             await self._events_q.put(self._carry)
             self._carry = None
         while loop.time() < deadline:
-            b = self.ring.read(self.cfg.queues.batch)
+            b = self.ring.read(self.cfg.queues.batch, commit=False)
             self._account_read(b)
-            if len(b.records):
-                await self._events_q.put(b.records)
             if not b.consumed_bytes:
                 break
+            await self._events_q.put((b.records, b.end_pos))
         await self._events_q.put(None)
 
     async def _build_events(self) -> None:
         while True:
-            batch = await self._events_q.get()
-            if batch is None:
+            item = await self._events_q.get()
+            if item is None:
                 return
-            self._building = len(batch)                 # until built: counted lost if cancelled here
-            recs = self._build("events", len(batch), self.builder.on_events, batch, self.clock)
+            batch, end_pos = item
+            self._building = len(batch)                 # until built: counted requeued if cancelled here
+            recs = self._build("events", len(batch), self.builder.on_events, batch, self.clock) if len(batch) else []
             self._building = 0
-            await self._emit(recs, "events")
+            ticket = await self._emit(recs, "events")
+            self._commit_ring(ticket, end_pos, self.seq["events"], len(batch))
+
+    def _commit_ring(self, ticket: Ticket | None, end_pos: int, seq_after: int, events: int) -> None:
+        ring, ck = self.ring, self.checkpoint
+
+        def before() -> None:
+            ck.commit_ring(end_pos, seq_after, events, ring.producer_pos)
+
+        async def after() -> None:
+            ring.commit(end_pos)
+        self.commits.add(CommitEntry(ticket, before, after))
 
     def _build(self, source: str, n_inputs: int, fn, *args) -> list[dict]:
         """Call a builder method; if it raises, its inputs (already taken from the kernel) are
@@ -359,127 +332,36 @@ class Pipeline:
             self._building = 0
             raise
 
-    # ---- periodic sources ------------------------------------------------------------------------
-    async def _export_drops(self) -> None:
-        d = await self._k(self.source.drain_drops)
-        self.ledger.count_drops(d.packets, d.overflow_packets)
-        self.counters["drop_intervals"] += 1
-        self.last_drain = {"keys": len(d.keys), "packets": d.packets, "overflow_packets": d.overflow_packets,
-                           "barrier_ms": round(d.barrier_s * 1e3, 3)}
-        t0, t1 = self.clock.wall_ns(d.t0_ns), self.clock.wall_ns(d.t1_ns)
-        recs = self._build("drop_summaries", len(d.keys), self.builder.on_drop_summaries, d.keys, d.vals, t0, t1,
-                           self.clock, d.sources) if len(d.keys) else []
-        if d.overflow:
-            recs += self._build("drop_summaries", len(d.overflow), self.builder.on_drop_overflow, d.overflow, t0, t1,
-                                self.clock)
-        await self._emit(recs, "drop_summaries")
-        fl = getattr(d, "flows", None)
-        if fl is not None and (len(fl.keys) or fl.overflow):
-            self.ledger.count_flows(fl.totals())
-            recs = self._build("flow_summaries", len(fl.keys) + len(fl.overflow), flow_summary.from_drain,
-                               self.builder, fl, t0, t1, self.clock)
-            await self._emit(recs, "flow_summaries")
-
-    async def _scan_ct(self) -> None:
-        now = await self._k(self.source.now_ns)
-        s = await self._k(self.source.scan_conntrack, now, int(self.cfg.active_timeout_s * 1e9),
-                          int(self.cfg.close_grace_s * 1e9))
-        closed = s.closed
-        self.counters["ct_scans"] += 1
-        self.counters["ct_expired"] += s.expired
-        self.counters["ct_updates"] += s.updates
-        self.counters["ct_closed"] += closed
-        self.counters["ct_raced"] += s.raced
-        self.last_scan = {"entries": s.scanned, "expired": s.expired, "updates": s.updates, "closed": closed,
-                          "raced": s.raced, "ended_before": s.ended}
-        t1 = self.clock.wall_ns(now)
-        t0, self._last_scan_wall = getattr(self, "_last_scan_wall", None) or t1, t1
-        for f in s.families:
-            ck = f.closed_keys
-            if len(f.expired_keys) or len(f.update_keys) or len(ck):
-                recs = self._build("conntrack", len(f.expired_keys) + len(f.update_keys) + len(ck),
-                                   self.builder.on_conntrack, f.expired_keys, f.expired_entries,
-                                   (f.update_keys, f.update_entries), self.clock,
-                                   (ck, f.closed_entries) if len(ck) else None)
-                await self._emit(recs, "conntrack")
-            if f.agg_keys is not None and len(f.agg_keys):       # ended in aggregate: flow summaries
-                recs = self._build("conntrack", len(f.agg_keys), flow_summary.from_scan, self.builder, f.agg_keys,
-                                   f.agg_entries, self.cfg.drop_prefix_v4, self.cfg.drop_prefix_v6, t0, t1, self.clock)
-                await self._emit(recs, "conntrack")
-
-    async def _tick(self) -> None:
-        now = await self._k(self.source.now_ns)
-        await self._emit(self.builder.tick(now), "tick")
-        if self.anomaly is not None and hasattr(self.source, "port_syns"):   # SYNs per port, proxy switches
-            syns, proxy = await self._k(self.source.port_syns), await self._k(self.source.syn_proxy, now)
-            await self._emit(self.syn_watch.tick(syns, proxy, time.time()), "anomaly", observe=False)
-        if self.anomaly is not None:                     # the detector works in wall-clock seconds
-            await self._emit(self.anomaly.tick(time.time()) or [], "anomaly", observe=False)
-        await self._tail_audit()
-        self.ledger.fold_kernel(await self._k(self.source.kernel_loss))
-        if time.monotonic() - self._clock_at >= CLOCK_RECALIBRATE_S:      # follow wall-clock steps
-            self.clock = self._clock_factory(self.source.monotonic_to_wall())
-            self._clock_at = time.monotonic()
-
-    # ---- audit log -------------------------------------------------------------------------------
-    def _audit_resume(self) -> tuple[int, int] | None:
-        """Where to continue the enforcer's audit log: the offset in our last status file if it is
-        the same file (inode), else its start (re-shipped records have the same event.id)."""
-        if self.audit_log is None or not hasattr(self.builder, "on_audit"):
-            return None
-        try:
-            prev = orjson.loads(self.status_path.read_bytes()).get("audit", {})
-            return int(prev["inode"]), int(prev["offset"])
-        except (OSError, ValueError, KeyError, TypeError):
-            return (0, 0)
-
-    async def _tail_audit(self) -> None:
-        if self._audit_pos is None:
-            return
-        try:
-            st = os.stat(self.audit_log)
-        except FileNotFoundError:
-            return
-        ino, off = self._audit_pos
-        if st.st_ino != ino or st.st_size < off:
-            ino, off = st.st_ino, 0                     # new or truncated file
-        if st.st_size == off:
-            self._audit_pos = (ino, off)
-            return
-        with open(self.audit_log, "rb") as f:
-            f.seek(off)
-            data = f.read(st.st_size - off)
-        end = data.rfind(b"\n") + 1                     # whole lines only
-        recs, bad = [], 0
-        for line in data[:end].splitlines():
-            if not line.strip():
-                continue
-            try:
-                recs.append(self.builder.on_audit(orjson.loads(line)))
-            except (ValueError, TypeError, AttributeError):
-                bad += 1
-        self._audit_pos = (ino, off + end)
-        if bad:
-            self.ledger.lose("decode", "audit_line", bad, produced="audit")
-        await self._emit(recs, "audit", observe=False)
-
     # ---- records → sinks -------------------------------------------------------------------------
-    async def _emit(self, records: list[dict], source: str, *, observe: bool = True) -> None:
-        """Count, enrich, observe and fan out one batch of records (the only way records leave)."""
+    async def _emit(self, records: list[dict], source: str, *, outbox: bool = False, assign_seq: bool = True,
+                    enrich: bool = True, observe: bool = True) -> Ticket | None:
+        """Count, number (hostwall.seq of `source`'s stream), enrich, observe and fan out one batch of
+        records — the only way records leave. outbox: make them durable in the outbox first (records the
+        kernel cannot give again). Returns the batch's ticket (None for no records)."""
         if not records:
-            return
+            return None
         self.ledger.produce(source, len(records))
+        if assign_seq:
+            n = self.seq.setdefault(source, 0)
+            for i, r in enumerate(records):
+                h = r.setdefault("hostwall", {})
+                h["seq"], h["stream"] = n + i, source
+            self.seq[source] = n + len(records)
         self._pending += len(records)           # until fanned out; a failure leaves them for shutdown to count
-        if self.enricher is not None and source != "anomaly":
+        if outbox:
+            try:
+                self.outbox.append(records)
+            except OSError as e:                # not crash-safe now, but delivered: counted, never silent
+                self.counters["outbox_errors"] += 1
+                if self.counters["outbox_errors"] in (1, 10, 100):
+                    log.warning("cannot write the outbox %s: %s", self.outbox.path, e)
+        if enrich and self.enricher is not None:
             await self._enrich(records)
         if observe and self.anomaly is not None:
-            extra = self.anomaly.observe(records) or []
-            if extra:
-                self.ledger.produce("anomaly", len(extra))
-                self._pending += len(extra)
-                records = records + list(extra)
-        await self._fan_out(records)
+            self.anomaly.observe(records)
+        ticket = await self._fan_out(records)
         self._pending -= len(records)
+        return ticket
 
     async def _enrich(self, records: list[dict]) -> None:
         enrich = self.enricher.enrich
@@ -492,10 +374,9 @@ class Pipeline:
             if i + ENRICH_CHUNK < len(records):
                 await asyncio.sleep(0)
 
-    async def _fan_out(self, records: list[dict]) -> None:
-        km = getattr(self.metrics, "kernel_metrics", None)
-        if km is not None:                       # dashboard series from records (top sources, anomalies)
-            km.observe(records)
+    async def _fan_out(self, records: list[dict]) -> Ticket:
+        if self.metrics is not None:            # dashboard series from records (top sources, anomalies)
+            self.metrics.observe_records(records)
         n = len(records)
         for s in self.slots:
             if s.policy is FullQueuePolicy.BLOCK and not s.dead:
@@ -516,8 +397,12 @@ class Pipeline:
                         s.queue_dropped += k
             s.queue.put_nowait(records)
         self.ledger.fan_out(n)
+        ticket = self.acks.issue()
+        if not any(s.acknowledges for s in self.slots):
+            self._settle_evt.set()
+        return ticket
 
-    async def _sink_worker(self, s: _SinkSlot) -> None:
+    async def _sink_worker(self, s: SinkSlot) -> None:
         try:
             while True:
                 batch = await s.queue.get(timeout=1.0)
@@ -537,7 +422,7 @@ class Pipeline:
             self.ledger.sink_lose(s.name, "sink_failed", lost)
             raise
 
-    def _sync_sink(self, s: _SinkSlot) -> dict:
+    def _sync_sink(self, s: SinkSlot) -> dict:
         """Move the sink's cumulative counters into the ledger (deltas since the last sync)."""
         st = s.sink.stats()
         d = st.get("delivered", 0) - s.seen_delivered
@@ -550,6 +435,34 @@ class Pipeline:
                 self.ledger.sink_lose(s.name, reason, d)
                 s.seen_lost[reason] += d
         return st
+
+    # ---- acknowledgement -------------------------------------------------------------------------
+    def frontier(self) -> int:
+        """Fan-out batches below this are settled in every at_least_once sink (collector/acks.py)."""
+        acking = [s for s in self.slots if s.acknowledges]
+        if not acking:
+            return self.acks.issued
+        return min(s.sink.settled_calls for s in acking)
+
+    async def _commit_loop(self) -> None:
+        while True:
+            await self._settle_evt.wait()
+            self._settle_evt.clear()
+            await self._commit_ready()
+            await asyncio.sleep(COMMIT_INTERVAL_S)
+
+    async def _commit_ready(self) -> int:
+        """Resolve durable tickets, then run the commits now due: checkpoint first, kernel side after."""
+        self.acks.advance(self.frontier())
+        ready, _ = self.commits.take_ready()
+        if not ready:
+            return 0
+        self.checkpoint.save()
+        for e in ready:
+            if e.after is not None:
+                await e.after()
+        self.counters["commits"] += len(ready)
+        return len(ready)
 
     # ---- shutdown --------------------------------------------------------------------------------
     async def _shutdown(self) -> None:
@@ -573,10 +486,10 @@ class Pipeline:
                     await self._final_ring_drain()
                     await events
                     await self._export_drops()
-                    # kernel losses since the last tick (the tick task is already stopped)
-                    self.ledger.fold_kernel(await self._k(self.source.kernel_loss))
+                    await self._fold_kernel()            # kernel losses since the last tick
+                    await self._report_sink_losses()
             except TimeoutError:
-                log.error("shutdown: record building did not finish in time; counting the rest as lost")
+                log.error("shutdown: record building did not finish in time; the rest stays in the kernel")
             except Exception as e:                      # noqa: BLE001 — reported, shutdown goes on
                 log.error("shutdown: final drain failed: %s: %s", type(e).__name__, e)
         await _cancel(self._tasks.get("events"))
@@ -594,13 +507,25 @@ class Pipeline:
             except Exception as e:                      # noqa: BLE001
                 log.error("shutdown: closing sink %s failed: %s", s.name, e)
             self._sync_sink(s)
+            why = "requeued" if s.acknowledges else "shutdown"
             left = s.queue.clear()
             if left:
-                self.ledger.sink_lose(s.name, "shutdown", left)
+                self.ledger.sink_lose(s.name, why, left)
             st = s.sink.stats()
             if st.get("in_flight", 0) > 0:                 # accepted by the sink, never confirmed
-                self.ledger.sink_lose(s.name, "shutdown", st["in_flight"])
+                self.ledger.sink_lose(s.name, why, st["in_flight"])
                 s.abandoned = st["in_flight"]
+        await _cancel(self._tasks.get("commit"))
+        if self._failure is None:                       # after a failure nothing more is released
+            try:
+                await self._commit_ready()
+            except Exception as e:                      # noqa: BLE001
+                log.error("shutdown: last commit failed: %s: %s", type(e).__name__, e)
+        self.counters["abandoned_tickets"] += self.acks.abandon()
+        if self._runs:                                  # runs that waited on an abandoned ticket end now
+            await asyncio.wait(set(self._runs), timeout=1.0)
+        self.checkpoint["clean_stop"] = self._failure is None
+        self.checkpoint.save(sync=True)
         self.state = "failed" if self._failure else "stopped"
         await self._write_status(final=True)
         if self.metrics is not None:                    # last OTLP push of the final counters
@@ -608,20 +533,21 @@ class Pipeline:
         self._close()
 
     def _count_abandoned(self) -> None:
-        """Events read but never built, and records produced but never fanned out: lost at shutdown."""
+        """Events read but never built, and records produced but never fanned out: they stay in the
+        kernel (uncommitted) for the next collector — counted `requeued`, not lost."""
         n = 0
         while not self._events_q.empty():
             b = self._events_q.get_nowait()
-            n += len(b) if b is not None else 0
+            n += len(b[0]) if b is not None else 0
         if self._carry is not None:
-            n += len(self._carry)
+            n += len(self._carry[0])
             self._carry = None
         n += self._building
         self._building = 0
         if n:
-            self.ledger.lose("pipeline", "shutdown", n, produced="events")
+            self.ledger.lose("pipeline", "requeued", n, produced="events")
         if self._pending:
-            self.ledger.lose("pipeline", "shutdown", self._pending)
+            self.ledger.lose("pipeline", "requeued", self._pending)
             self._pending = 0
 
     def _close(self) -> None:
@@ -630,7 +556,7 @@ class Pipeline:
             self.ring = None
         if self._close_source:
             self.source.close()
-        if self.enricher is not None and hasattr(self.enricher, "close"):
+        if self.enricher is not None:
             self.enricher.close()
         if self._kexec is not None:
             self._kexec.shutdown(wait=False)
@@ -643,50 +569,7 @@ class Pipeline:
         return out
 
     def status(self, *, final: bool = False) -> dict:
-        for s in self.slots:
-            self._sync_sink(s)
-        obs = self.observed_in_flight()
-        ledger = self.ledger.snapshot(obs)
-        if final:
-            ledger["quiescent_violations"] = self.ledger.check(obs, quiescent=True)
-        ring = {}
-        if self.ring is not None:
-            ring = {"backlog_bytes": self.ring.available_bytes(), "size_bytes": self.ring.size,
-                    "records_read": self.counters["events_read"], "decode_errors": self.counters["decode_errors"],
-                    "discarded": self.counters["ring_discarded"], "waits": self.counters["ring_waits"]}
-        out = {
-            "pid": os.getpid(), "state": self.state, "pin_dir": self.cfg.pin_dir,
-            "started_at": self._started, "updated_at": time.time(),
-            "uptime_s": round(time.time() - self._started, 3),
-            "error": f"{self._failure[0]}: {type(self._failure[1]).__name__}: {self._failure[1]}"
-            if self._failure else None,
-            "ledger": ledger,
-            "ring": ring,
-            "queues": {"events": {"depth": self._events_q.qsize() if self._events_q else 0,
-                                  "capacity_batches": self.cfg.queues.events},
-                       "sinks": {s.name: {"depth": s.queue.size, "capacity": s.queue.capacity,
-                                          "policy": s.policy.value, "dropped": s.queue_dropped, "dead": s.dead}
-                                 for s in self.slots}},
-            "sinks": {s.name: s.sink.stats() for s in self.slots},
-            "drops": {"intervals": self.counters["drop_intervals"], "last": self.last_drain,
-                      "packets": self.ledger.drop_packets.get("summarized", 0),
-                      "overflow_packets": self.ledger.drop_packets.get("overflow", 0)},
-            "conntrack": {"scans": self.counters["ct_scans"], "expired": self.counters["ct_expired"],
-                          "updates": self.counters["ct_updates"], "closed": self.counters["ct_closed"],
-                          "raced": self.counters["ct_raced"],
-                          "last": self.last_scan},
-            "pipeline": {k: v for k, v in sorted(self.counters.items())},
-            "config": describe(self.cfg),
-        }
-        for name, comp in (("builder", self.builder), ("enricher", self.enricher), ("anomaly", self.anomaly)):
-            if comp is not None and hasattr(comp, "stats"):
-                try:
-                    out[name] = comp.stats()
-                except Exception as e:                  # noqa: BLE001 — status must not fail
-                    out[name] = {"error": repr(e)}
-        if self._audit_pos is not None:
-            out["audit"] = {"path": str(self.audit_log), "inode": self._audit_pos[0], "offset": self._audit_pos[1]}
-        return out
+        return build_status(self, final=final)
 
     async def _write_status(self, final: bool = False) -> None:
         """Status JSON; a failed write is logged and counted, never fatal (the data path goes on)."""
@@ -699,15 +582,6 @@ class Pipeline:
             self.counters["status_write_errors"] += 1
             if self.counters["status_write_errors"] in (1, 10, 100, 1000):
                 log.warning("cannot write status %s: %s", self.status_path, e)
-
-
-def write_status(path: Path, data: dict) -> None:
-    """Atomic (tmp + rename) JSON write; readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(orjson.dumps(data, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS
-                                 | orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS, default=str))
-    os.replace(tmp, path)
 
 
 async def _cancel(task: asyncio.Task | None) -> None:
@@ -723,36 +597,3 @@ async def _cancel(task: asyncio.Task | None) -> None:
 def _default_clock(offset_ns: int):
     from hostwall.bpf.clock import Clock
     return Clock(offset_ns)
-
-
-# ---- the production wiring ----------------------------------------------------------------------
-
-def build_pipeline(cfg: CollectorConfig) -> Pipeline:
-    """Real components for `cfg`: KernelSource on the pin dir, RecordBuilder, Enricher, the anomaly
-    detector when this build has one, and the configured sinks. Raises KernelSourceError /
-    SinkUnavailable with a one-line message."""
-    from .enrich import Enricher
-    from .enrich.host import HostInfo, InstanceStateView
-    from .kernel import KernelSource
-    from .metrics import SelfMetrics
-    from .records import RecordBuilder
-    from .sinks import build_sink
-
-    sinks = [build_sink(spec, cfg) for spec in cfg.sinks]     # unavailable sinks fail before the kernel is touched
-    source = KernelSource(cfg.pin_dir)
-    host = HostInfo.detect(cfg.pin_dir)
-    if cfg.hostname:
-        host = replace(host, hostname=cfg.hostname)
-    instance = InstanceStateView(cfg.pin_dir)
-    ledger = Ledger([s.name for s in sinks])
-    builder = RecordBuilder(host, instance, ledger)
-    enricher = Enricher(host, instance)
-    anomaly = None
-    try:
-        from .anomaly import AnomalyConfig, AnomalyDetector
-    except ImportError:                                     # not in this build
-        AnomalyDetector = None
-    if AnomalyDetector is not None:
-        anomaly = AnomalyDetector(cfg.anomaly if isinstance(cfg.anomaly, AnomalyConfig) else None, host)
-    return Pipeline(cfg, source, builder, sinks, enricher=enricher, anomaly=anomaly, ledger=ledger,
-                    audit_log=instance.audit_log, metrics=SelfMetrics.from_config(cfg))

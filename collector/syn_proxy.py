@@ -37,6 +37,15 @@ class SynWatch:
         self._rate: dict[int, float] = {}
         self.open: dict[tuple[str, int], _Key] = {}
 
+    @classmethod
+    def of(cls, detector, builder) -> SynWatch | None:
+        """The pipeline's watch: over `detector` if it is the anomaly detector (a stand-in, or none, has no
+        per-port signal: None), with the DoS profile names of `builder`'s instance state for the keys."""
+        if not isinstance(detector, AnomalyDetector):
+            return None
+        return cls(detector, lambda: tuple(getattr(getattr(getattr(builder, "instance", None), "state", None),
+                                                   "dos_profiles", ())))
+
     def _key(self, key: tuple[str, int]) -> _Key:
         scope, k = key
         if scope == "port":

@@ -164,6 +164,23 @@ def state_timeline(title: str, desc: str, targets: list[dict]) -> dict:
                         "tooltip": {"mode": "single", "sort": "none"}}}
 
 
+HEALTH_COLORS = (("0", "ok", "green"), ("1", "degraded", "orange"), ("2", "failing", "red"))
+
+
+def health_timeline(title: str, desc: str, targets: list[dict]) -> dict:
+    """One lane per sink: 0 ok (green), 1 degraded (orange), 2 failing (red)."""
+    mappings = [{"type": "value", "options": {v: {"text": name, "color": color, "index": i}
+                                              for i, (v, name, color) in enumerate(HEALTH_COLORS)}}]
+    return {"type": "state-timeline", "title": title, "description": desc, "datasource": DS, "targets": targets,
+            "fieldConfig": {"defaults": {"unit": "none", "mappings": mappings, "color": {"mode": "thresholds"},
+                                         "thresholds": thresholds((None, "green"), (1, "orange"), (2, "red")),
+                                         "min": 0, "max": 2, "custom": {"fillOpacity": 80, "lineWidth": 0}},
+                            "overrides": []},
+            "options": {"showValue": "auto", "mergeValues": True, "alignValue": "left", "rowHeight": 0.8,
+                        "legend": {"showLegend": True, "displayMode": "list", "placement": "bottom"},
+                        "tooltip": {"mode": "single", "sort": "none"}}}
+
+
 def variables(interface: bool = True) -> dict:
     def query_var(name: str, label: str, query: str, desc: str, *, multi: bool) -> dict:
         v: dict[str, Any] = {"type": "query", "name": name, "label": label, "description": desc, "datasource": DS,
@@ -452,6 +469,24 @@ def pipeline() -> dict:
                              "{{queue}}")], "percentunit", maximum=1), 12, 8)
 
     L.row("Sinks")
+    L.add(health_timeline("Sink health", "Each sink's state: ok, degraded (delivering through its spool or "
+                          "retrying: the destination is down or slow, retrying fixes it) or failing (it cannot "
+                          "deliver: credentials, permissions, TLS, a missing topic, a full spool or disk). "
+                          "HostwallSinkFailing fires after 1 minute of failing. `hostwall-collector status` "
+                          "says why.",
+                          [target(f"max by (sink) (hostwall_sink_health{{{SEL},state=\"degraded\"}}) + 2 * "
+                                  f"max by (sink) (hostwall_sink_health{{{SEL},state=\"failing\"}})", "{{sink}}")]),
+          12, 8)
+    L.add(timeseries("Spool fill", "Each Kafka spool's size against its limit (kafka.spool_size). "
+                     "HostwallSpoolNearlyFull fires above the red line (80 %); when full, new records are counted "
+                     "lost (spool_full).",
+                     [target(f"max by (sink) (hostwall_spool_size_bytes{{{SEL}}} / hostwall_spool_capacity_bytes{{{SEL}}})",
+                             "{{sink}}")], "percentunit", maximum=1,
+                     thresholds_line=thresholds((None, "transparent"), (0.8, "red"))), 12, 8)
+    L.add(timeseries("Oldest spooled record", "Age of the oldest record still in each Kafka spool: how far "
+                     "behind the broker delivery is (0 when the spool is empty).",
+                     [target(f"max by (sink) (hostwall_spool_oldest_record_age_seconds{{{SEL}}})", "{{sink}}")],
+                     "s"), 12, 8)
     L.add(timeseries("Kafka delivery latency", "Enqueue to broker acknowledgement per record: p50 and p99.",
                      [target(f"histogram_quantile(0.99, sum by (le, sink) ({rate('hostwall_kafka_delivery_latency_seconds_bucket')}))",
                              "p99 {{sink}}"),

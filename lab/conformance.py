@@ -23,7 +23,7 @@ from .netns import REPO_ROOT
 __all__ = ["Conformance", "check"]
 
 _SCHEMA_OF = {"flow": "flow", "log": "flow", "deny": "flow", "drop_summary": "flow", "flow_summary": "flow",
-              "anomaly": "anomaly", "audit": "audit"}
+              "anomaly": "anomaly", "audit": "audit", "loss": "loss"}
 
 
 @dataclass

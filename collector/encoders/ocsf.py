@@ -82,6 +82,8 @@ def to_ocsf(rec: dict) -> dict:
             return _prune(_network_activity(rec, kind))
         if kind == "anomaly":
             return _prune(_detection_finding(rec))
+        if kind == "loss":
+            return _prune(_application_error(rec))
         if kind == "audit":
             return _prune(_config_change(rec))
     except (KeyError, ValueError, TypeError) as e:
@@ -195,6 +197,23 @@ def _detection_finding(rec: dict) -> dict:
                          "types": ["hostwall.anomaly", key["dimension"], key["signal"]],
                          "first_seen_time": _ms(a.get("opened_at")), "last_seen_time": _ms(a["window"]["end"])},
         "message": rec.get("message"),
+        "unmapped": {"hostwall": rec["hostwall"]},
+    }
+
+
+# ------------------------------------------------------------------------------------ loss
+
+def _application_error(rec: dict) -> dict:
+    """A loss record (collector/loss_report.py): Application Error (6008), General Error; severity Medium
+    for a sink's counted loss, High for a restart after a crash or reboot."""
+    ev, loss = rec.get("event", {}), rec["hostwall"].get("loss", {})
+    return {
+        "class_uid": 6008, "class_name": "Application Error", "category_uid": 6,
+        "category_name": "Application Activity", "activity_id": 1, "activity_name": "General Error",
+        "type_uid": 6008 * 100 + 1, "severity_id": 4 if ev.get("action") == "collector-restart" else 3,
+        "time": _ms(rec["@timestamp"]), "metadata": _metadata(rec, ["host"]), "device": _device(rec),
+        "count": loss.get("count"), "message": rec.get("message"),
+        "status_detail": f"{ev.get('action', '')}: {ev.get('reason', '')}",
         "unmapped": {"hostwall": rec["hostwall"]},
     }
 

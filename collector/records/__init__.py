@@ -44,7 +44,7 @@ Invariants
   revision that stamped the record; see collector.enrich.host.InstanceStateView).
 - `event.id` is deterministic: the first 128 bits of BLAKE2b over (boot id, pin dir, record kind, the
   identity of the kernel fact: the raw 120-byte event; the conntrack key + created/last timestamps
-  (+ totals for updates); the drop key + value + interval). The same kernel fact always gets the same
+  (+ totals for updates; a FIN close: key + created only, since its entry stays live after the report); the drop key + value + interval). The same kernel fact always gets the same
   id (a re-export after a collector crash deduplicates downstream), and distinct facts differ.
   boot id is included because CLOCK_MONOTONIC restarts at boot.
 - `network.community_id` is Community ID v1 of the 5-tuple. It is absent when it cannot be formed

@@ -115,8 +115,10 @@ class ConntrackRecords:
     def _ct_key(k: dict, e: dict) -> tuple:
         return (k["family"], k["proto"], k["saddr"], k["daddr"], k["sport"], k["dport"], e["origin"])
 
-    def _ct_finish(self, rec: dict, k: dict, e: dict, clock: Clock, reason: str) -> dict:
-        """The end record's interface (from the open flow), times and identity."""
+    def _ct_finish(self, rec: dict, k: dict, e: dict, clock: Clock, reason: str, kind: str = "ct_end") -> dict:
+        """The end record's interface (from the open flow), times and identity: `kind` "ct_end" (idle
+        expiry: the entry no longer changes, so its created/last times identify it) or "ct_close" (see
+        _ct_closed)."""
         open_flow = self.flows.close(self._ct_key(k, e))
         if open_flow is None:
             self.counters["end_without_start"] += 1
@@ -124,15 +126,22 @@ class ConntrackRecords:
             self._interface(rec, open_flow.ifindex, rec["network"].get("direction"))
             rec["hostwall"]["hook"] = L.HOOK_NAMES.get(open_flow.hook, "")
         self._flow_times(rec, clock, e["created_ns"], e["end_ns"], "closed", reason)
+        ident = struct.pack("<Q", e["created_ns"]) if kind == "ct_close" else \
+            struct.pack("<QQ", e["created_ns"], e["last_ns"])
         rec["event"].update(type=["end"], action="flow_end", outcome="success",
-                            id=self._event_id("ct_end", k["raw"], struct.pack("<QQ", e["created_ns"], e["last_ns"])))
+                            id=self._event_id(kind, k["raw"], ident))
         return rec
 
     def _ct_closed(self, k: dict, e: dict, clock: Clock) -> dict:
         """A connection closed by both FINs, quiet for the close grace period: its totals include the
-        last ACK after the FINs (and any retransmission within the grace period)."""
+        last ACK after the FINs (and any retransmission within the grace period).
+
+        Its event.id is the key and the first packet's time only: the entry stays live after the claim
+        (late packets still count in it), and a collector that crashed before this record was durable
+        makes it again from the entry (docs/collector.md "Delivery and loss"), so the id must not depend
+        on what changes after the claim. A connection has one close, so key + start identify it."""
         self.counters["flow_end_closed_after_grace"] += 1
-        return self._ct_finish(self._ct_record(k, e, clock, e["end_ns"]), k, e, clock, "fin")
+        return self._ct_finish(self._ct_record(k, e, clock, e["end_ns"]), k, e, clock, "fin", "ct_close")
 
     def _ct_end(self, k: dict, e: dict, clock: Clock) -> dict | None:
         already = bool(e["fin_seen"] & _FLOW_END_EMITTED) or bool(e["reported"])

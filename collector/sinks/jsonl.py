@@ -14,20 +14,29 @@ fsync runs in a worker thread (the event loop keeps going); writes are one write
 segment (≈ memcpy into the page cache).
 
 Full-queue policy: block (a local disk is the sink of last resort: slow it down, don't drop).
-Losses are counted by reason: encode_error (the encoder rejected a record), write_error (write(2)
-failed, e.g. ENOSPC — the batch's unwritten records; the file is reopened on the next batch),
-fsync_error (policy always: fdatasync failed, so the batch is not known to be on disk).
+Losses are counted by reason: encode_error (the encoder rejected a record), disk_full (write(2) failed
+with ENOSPC or EDQUOT), write_error (any other write(2) failure — the batch's unwritten records; the
+file is reopened on the next batch), fsync_error (policy always: fdatasync failed, so the batch is not
+known to be on disk). The collector keeps running; health is `failing` until a write succeeds again.
+
+Durability (at_least_once, docs/collector.md "Delivery and loss"): a batch is settled — the pipeline
+may release its kernel data — once it is written (policy none) or covered by a successful fdatasync
+(interval, always). Under `interval` that is the next periodic or idle flush, so the kernel keeps a
+batch for up to ~fsync_interval longer; a failed fdatasync leaves the batches unsettled until one works.
 """
 from __future__ import annotations
 
 import asyncio
+import errno
 import functools
 import os
 import time
 from pathlib import Path
 
-from .base import BaseSink, FullQueuePolicy, SinkUnavailable
-from .spool import _write_all
+from .base import BaseSink, Call, FullQueuePolicy, Health, SinkUnavailable
+from .spool_format import write_all
+
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
 def make_encoder(encoding: str):
@@ -40,6 +49,7 @@ def make_encoder(encoding: str):
 
 class JsonlSink(BaseSink):
     full_queue_policy = FullQueuePolicy.BLOCK
+    tracks_durability = True
 
     def __init__(self, path: str | os.PathLike, *, encoding: str = "ecs", rotate_bytes: int = 256 << 20,
                  rotate_keep: int = 5, fsync: str = "interval", fsync_interval_s: float = 1.0,
@@ -60,6 +70,7 @@ class JsonlSink(BaseSink):
         self.bytes_written = 0
         self.fsyncs = 0
         self.fsync_errors = 0
+        self._unsynced: list[Call] = []               # written, waiting for an fdatasync to settle
 
     @classmethod
     def from_spec(cls, spec, config) -> JsonlSink:
@@ -90,21 +101,24 @@ class JsonlSink(BaseSink):
 
     # ---- writing ---------------------------------------------------------------------------------
     async def _send(self, records: list[dict]) -> None:
+        call = self._call
         lines = self._encode_all(records)
         if not lines:
+            self._settle(call, call.remaining)
             return
         if self._fd < 0:
             try:
                 self._open()
             except OSError as e:
                 self._write_failed(e, len(lines))
+                self._settle(call, call.remaining)
                 return
         written = 0
         for seg_lines, seg_bytes in self._segments(lines):
             try:
                 if self._size and self._size + seg_bytes > self.rotate_bytes:
                     await self._rotate()
-                _write_all(self._fd, b"".join(seg_lines))
+                write_all(self._fd, b"".join(seg_lines))
             except OSError as e:
                 self._write_failed(e, len(lines) - written)
                 break
@@ -112,13 +126,26 @@ class JsonlSink(BaseSink):
             self._size += seg_bytes
             self.bytes_written += seg_bytes
             self._dirty = True
+        if written == len(lines):
+            self._set_health(Health.OK)
+        if self.fsync == "none" or not written:
+            self._deliver(written)
+            self._settle(call, call.remaining)
+            return
+        self._unsynced.append(call)
         if self.fsync == "always":
             if not await self._sync():
                 self._lose("fsync_error", written)
+                self._settle_unsynced()                  # counted lost: nothing to wait for
                 return
         elif self.fsync == "interval" and time.monotonic() - self._last_sync >= self.fsync_interval_s:
             await self._sync()
         self._deliver(written)
+
+    def _settle_unsynced(self) -> None:
+        calls, self._unsynced = self._unsynced, []
+        for c in calls:
+            self._settle(c, c.remaining)
 
     def _encode_all(self, records: list[dict]) -> list[bytes]:
         enc = self._encode
@@ -146,8 +173,11 @@ class JsonlSink(BaseSink):
         yield lines[start:], acc
 
     def _write_failed(self, e: OSError, n: int) -> None:
-        self._lose("write_error", n)
+        full = e.errno in DISK_FULL_ERRNOS
+        self._lose("disk_full" if full else "write_error", n)
         self.last_error = f"write {self.path}: {e.strerror or e}"
+        self._set_health(Health.FAILING, f"{'disk full' if full else 'write failed'}: {self.last_error}; "
+                         "records are counted lost until a write succeeds")
         if self._fd >= 0:
             try:
                 os.close(self._fd)
@@ -158,6 +188,7 @@ class JsonlSink(BaseSink):
     async def _sync(self) -> bool:
         """fdatasync in a worker thread if anything was written since the last one; False on error."""
         ok = True
+        covered = len(self._unsynced)                   # calls written before this fdatasync starts
         if self._fd >= 0 and self._dirty:
             try:
                 await asyncio.to_thread(os.fdatasync, self._fd)
@@ -166,8 +197,13 @@ class JsonlSink(BaseSink):
             except OSError as e:
                 self.fsync_errors += 1
                 self.last_error = f"fdatasync {self.path}: {e.strerror or e}"
+                self._set_health(Health.FAILING, f"fdatasync failed: {self.last_error}")
                 ok = False
         self._last_sync = time.monotonic()
+        if ok and covered:
+            calls, self._unsynced = self._unsynced[:covered], self._unsynced[covered:]
+            for c in calls:
+                self._settle(c, c.remaining)
         return ok
 
     async def _rotate(self) -> None:

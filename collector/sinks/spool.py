@@ -1,14 +1,7 @@
 """A bounded, crash-safe, in-order on-disk spool: the Kafka sink's buffer while the broker is down or slow.
 
-Layout (one directory per sink):
-
-    <dir>/00000000000000000042.seg   segment files, named by the sequence number of their first record
-    <dir>/cursor                     replay progress: every record with seq < cursor was acknowledged
-
-Segment = 16-byte header (magic b"HWSPOOL1" + u64 first seq, little endian) + frames. Frame =
-`u32 payload length | u32 CRC-32 | u64 seq | payload`, CRC-32 over the length, the seq and the payload.
-Records get consecutive sequence numbers (never reused: a new spool continues after the cursor), so a
-gap between what a segment holds and where the next one starts is an exact count of lost records.
+Layout and framing: collector/sinks/spool_format.py (segments named by their first record's sequence
+number, CRC-framed records, a cursor file with the replay progress and how far appends had reached).
 
 Invariants
 - Append-only and in order: seqs grow by one per record across segments; read() returns them in order.
@@ -19,47 +12,61 @@ Invariants
   and reports the rest as refused: the caller counts them (overflow policy drop_newest), or waits for
   room (`wait_room`, overflow policy block). Memory: segment metadata + the acknowledged ranges beyond
   the cursor (bounded by what is in flight); read() returns at most max_bytes.
+- Durable frontier: `synced_seq` — every record below it survives a machine crash (fdatasync'ed; with
+  policy none: written, which survives a collector crash). It only grows; `on_synced` is called when it
+  does, so the Kafka sink can settle batches that reached the spool (docs/collector.md "Delivery and loss").
 
 Durability (fsync policy), for the segment files:
   none      written with write(2): survives a collector crash (kill -9), not a machine crash.
   interval  as none, plus fdatasync at most every fsync_interval (default 1 s) and at segment rotation
             and close: a machine crash loses at most ~one interval of spooled records.   (default)
   always    fdatasync before append() returns.
-The cursor is written with tmp + rename (atomic) without fsync, except at close and under `always`:
-after a machine crash it may be older than the truth, which only replays records twice.
+The cursor file (cursor + next_seq) is rewritten with tmp + rename after every fdatasync and when the
+cursor moves (at most every 0.2 s), fsynced only at close and under `always`.
 
 Crash recovery (open): segments whose header is damaged are renamed *.corrupt; the last segment is
 scanned frame by frame and cut at the first incomplete or CRC-failing frame (a torn write: the process
-died mid-append; those records were never acknowledged to anyone). A bad frame found while reading an
-earlier segment skips the rest of that segment; the seqs skipped are reported by `take_lost()` (exact,
-from the next segment's first seq). Cost of open: one read of the last segment (<= segment_bytes).
+died mid-append, or a machine crash lost pages that were never synced). `Recovery.torn_records` counts
+the records cut off: at least one when bytes were cut, and every seq between the last good frame and the
+next_seq the cursor file last recorded (exact for records that had been synced; records appended after
+the last fdatasync of a machine that lost power cannot be counted, and were never settled either). A bad
+frame found while reading an earlier segment skips the rest of that segment; the seqs skipped are
+reported by `take_lost()` (exact, from the next segment's first seq). Cost of open: one read of the last
+segment (<= segment_bytes).
 
 Not thread-safe: use from one event loop; fdatasync runs in a worker thread.
 """
 from __future__ import annotations
 
 import asyncio
-import bisect
 import fcntl
 import os
-import struct
 import time
-import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .spool_format import (
+    FRAME,
+    FRAME_OVERHEAD,
+    READ_CHUNK,
+    SEG_HDR,
+    SEG_SUFFIX,
+    crc,
+    frame,
+    fsync_dir,
+    read_cursor,
+    read_header,
+    scan_tail,
+    segment_name,
+    write_all,
+    write_cursor,
+)
+
 __all__ = ["Spool", "SpoolError", "Recovery", "FSYNC_POLICIES", "FRAME_OVERHEAD"]
 
-MAGIC = b"HWSPOOL1"
-_SEG_HDR = struct.Struct("<8sQ")              # magic, first seq
-_FRAME = struct.Struct("<IIQ")                # payload length, crc32, seq
-_LEN_SEQ = struct.Struct("<IQ")               # what the CRC covers before the payload
-_CURSOR = struct.Struct("<8sQI")              # magic, cursor seq, crc32 of the first 16 bytes
-CURSOR_MAGIC = b"HWCURSR1"
-FRAME_OVERHEAD = _FRAME.size
+_SEG_HDR, _FRAME = SEG_HDR, FRAME
 FSYNC_POLICIES = ("none", "interval", "always")
-SEG_SUFFIX = ".seg"
-READ_CHUNK = 1 << 20
 CURSOR_WRITE_INTERVAL_S = 0.2               # cursor file rewrite at most this often (and when a segment goes)
 
 
@@ -73,6 +80,7 @@ class Recovery:
     segments: int = 0
     pending: int = 0                  # records from earlier runs still to replay
     truncated_bytes: int = 0          # torn tail cut off the last segment
+    torn_records: int = 0             # records cut off with it (see the module docstring)
     corrupt_segments: list[str] = field(default_factory=list)   # renamed *.corrupt (header damaged)
     cursor: str = "none"              # file | reset (missing or damaged: replay from the oldest segment) | none
 
@@ -83,16 +91,6 @@ class _Segment:
     path: Path
     size: int = _SEG_HDR.size
     end: int = -1                     # seq after its last record (known once sealed or scanned)
-
-
-def _crc(length: int, seq: int, payload) -> int:
-    return zlib.crc32(payload, zlib.crc32(_LEN_SEQ.pack(length, seq)))
-
-
-def frame(seq: int, payload: bytes) -> bytes:
-    """One framed record (header + payload)."""
-    n = len(payload)
-    return _FRAME.pack(n, _crc(n, seq, payload), seq) + payload
 
 
 class Spool:
@@ -111,13 +109,16 @@ class Spool:
         self.segments: list[_Segment] = []
         self.next_seq = 0
         self.cursor = 0
-        self._done: list[list[int]] = []          # sorted, disjoint [start, end) acknowledged beyond the cursor
+        self._acked = bytearray()                 # byte i = 1: seq cursor + i acknowledged (beyond the cursor)
+        self._acked_n = 0                         # ones in _acked
         self._wfd = -1
         self._dirty = False
         self._last_sync = time.monotonic()
         self._syncing: asyncio.Future | None = None
-        self._cursor_written = -1
+        self._cursor_written = (-1, -1)
         self._cursor_at = 0.0
+        self.synced_seq = 0                       # every seq below it is durable per the fsync policy
+        self.on_synced: Callable[[], None] | None = None
         # reader
         self._rseg = 0                            # index into segments
         self._rfd = -1
@@ -154,7 +155,7 @@ class Spool:
             if p.stat().st_size == 0:              # created, header never written: holds nothing
                 p.unlink()
                 continue
-            first = self._read_header(p)
+            first = read_header(p)
             if first is None:
                 bad = p.with_name(p.name + ".corrupt")
                 os.replace(p, bad)
@@ -164,12 +165,15 @@ class Spool:
         self.segments.sort(key=lambda s: s.first)
         for a, b in zip(self.segments, self.segments[1:]):
             a.end = b.first                        # exact unless corrupt: read() reports the gap then
-        cur, rec.cursor = self._load_cursor()
+        c, rec.cursor = read_cursor(self.dir)
+        cur = c.cursor if c is not None else None
         if self.segments:
             last = self.segments[-1]
-            last.end, cut = self._scan_tail(last)
+            last.end, cut, last.size = scan_tail(last.path, last.first, self.max_record_bytes)
             rec.truncated_bytes = cut
             self.next_seq = last.end
+            recorded = c.next_seq if c is not None and c.next_seq is not None else 0
+            rec.torn_records = max(recorded - self.next_seq, 1 if cut else 0)
             if cur is None:
                 rec.cursor = "reset"                 # missing or damaged: replay all (duplicates, no loss)
             if cur is None or cur < self.segments[0].first:
@@ -177,7 +181,7 @@ class Spool:
             cur = min(cur, self.next_seq)
         else:
             cur = cur or 0
-            self.next_seq = cur
+            self.next_seq = max(cur, c.next_seq or 0) if c is not None else cur
         self.cursor = cur
         while self.segments and self.segments[0].end <= self.cursor:
             self._unlink(self.segments.pop(0))     # fully acknowledged before the crash
@@ -185,6 +189,7 @@ class Spool:
         rec.segments = len(self.segments)
         rec.pending = self.next_seq - self.cursor
         self.recovery = rec
+        self.synced_seq = self.next_seq             # what recovery kept is on disk
         self.opened = True
         self._write_cursor(force=True)
         return rec
@@ -203,80 +208,12 @@ class Spool:
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._lockfd = fd
 
-    @staticmethod
-    def _read_header(p: Path) -> int | None:
-        try:
-            with open(p, "rb") as f:
-                hdr = f.read(_SEG_HDR.size)
-        except OSError:
-            return None
-        if len(hdr) != _SEG_HDR.size:
-            return None
-        magic, first = _SEG_HDR.unpack(hdr)
-        if magic != MAGIC or p.name != f"{first:020d}{SEG_SUFFIX}":
-            return None
-        return first
-
-    def _scan_tail(self, seg: _Segment) -> tuple[int, int]:
-        """Validate the last segment; cut it at the first bad frame. Returns (end seq, bytes cut)."""
-        fd = os.open(seg.path, os.O_RDWR | os.O_CLOEXEC)
-        try:
-            size = os.fstat(fd).st_size
-            off, seq = _SEG_HDR.size, seg.first
-            buf, boff = b"", off
-            while off < size:
-                if off + _FRAME.size > boff + len(buf):
-                    buf, boff = os.pread(fd, max(READ_CHUNK, _FRAME.size), off), off
-                if len(buf) - (off - boff) < _FRAME.size:
-                    break
-                n, crc, s = _FRAME.unpack_from(buf, off - boff)
-                if n > self.max_record_bytes or s != seq or off + _FRAME.size + n > size:
-                    break
-                if off + _FRAME.size + n > boff + len(buf):
-                    buf, boff = os.pread(fd, max(READ_CHUNK, _FRAME.size + n), off), off
-                p = memoryview(buf)[off - boff + _FRAME.size: off - boff + _FRAME.size + n]
-                if _crc(n, s, p) != crc:
-                    break
-                off += _FRAME.size + n
-                seq += 1
-            cut = size - off
-            if cut:
-                os.ftruncate(fd, off)
-                os.fsync(fd)
-            seg.size = off
-            return seq, cut
-        finally:
-            os.close(fd)
-
-    def _load_cursor(self) -> tuple[int | None, str]:
-        p = self.dir / "cursor"
-        try:
-            raw = p.read_bytes()
-        except FileNotFoundError:
-            return None, "none"
-        except OSError:
-            return None, "reset"
-        if len(raw) != _CURSOR.size:
-            return None, "reset"
-        magic, seq, crc = _CURSOR.unpack(raw)
-        if magic != CURSOR_MAGIC or zlib.crc32(raw[:16]) != crc:
-            return None, "reset"
-        return seq, "file"
-
     def _write_cursor(self, *, force: bool = False, sync: bool = False) -> None:
-        if not force and self._cursor_written == self.cursor:
+        state = (self.cursor, self.synced_seq)
+        if not force and self._cursor_written == state:
             return
-        head = struct.pack("<8sQ", CURSOR_MAGIC, self.cursor)
-        tmp = self.dir / ".cursor.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
-        try:
-            os.write(fd, head + struct.pack("<I", zlib.crc32(head)))
-            if sync or self.fsync == "always":
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.dir / "cursor")
-        self._cursor_written = self.cursor
+        write_cursor(self.dir, self.cursor, self.synced_seq, sync=sync or self.fsync == "always")
+        self._cursor_written = state
         self._cursor_at = time.monotonic()
 
     # ---- append --------------------------------------------------------------------------------------
@@ -287,7 +224,7 @@ class Spool:
     @property
     def pending(self) -> int:
         """Records appended and not acknowledged (acknowledged ranges beyond the cursor excluded)."""
-        return self.next_seq - self.cursor - sum(e - s for s, e in self._done)
+        return self.next_seq - self.cursor - self._acked_n
 
     @property
     def unread(self) -> int:
@@ -333,7 +270,7 @@ class Spool:
                 if not g:
                     continue
                 buf = b"".join(g)
-                _write_all(self._wfd, buf)
+                write_all(self._wfd, buf)
             except OSError as e:                 # ENOSPC, EIO: roll back a partial frame, then report
                 if self._wfd >= 0 and self.segments:
                     try:
@@ -354,11 +291,24 @@ class Spool:
         self.refused += len(payloads) - accepted
         self.bytes_appended += size
         if accepted:
-            if self.fsync == "always":
+            if self.fsync == "none":
+                self._synced(self.next_seq)
+            elif self.fsync == "always":
                 await self.sync()
-            elif self.fsync == "interval" and time.monotonic() - self._last_sync >= self.fsync_interval_s:
+            elif self.sync_due():
                 await self.sync()
         return accepted
+
+    def sync_due(self) -> bool:
+        """Policy interval: unsynced records and fsync_interval has passed since the last fdatasync."""
+        return (self.fsync == "interval" and self.synced_seq < self.next_seq
+                and time.monotonic() - self._last_sync >= self.fsync_interval_s)
+
+    def _synced(self, seq: int) -> None:
+        if seq > self.synced_seq:
+            self.synced_seq = seq
+            if self.on_synced is not None:
+                self.on_synced()
 
     async def _close_writer(self) -> None:
         """fdatasync (unless policy none) and close the segment being appended to, if any."""
@@ -370,19 +320,22 @@ class Spool:
 
     async def _new_segment(self) -> None:
         await self._close_writer()
-        seg = _Segment(self.next_seq, self.dir / f"{self.next_seq:020d}{SEG_SUFFIX}", _SEG_HDR.size, self.next_seq)
+        seg = _Segment(self.next_seq, self.dir / segment_name(self.next_seq), _SEG_HDR.size, self.next_seq)
         fd = os.open(seg.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC, 0o640)
-        _write_all(fd, _SEG_HDR.pack(MAGIC, seg.first))
+        write_all(fd, _SEG_HDR.pack(b"HWSPOOL1", seg.first))
         self._wfd = fd
         self.segments.append(seg)
         if self.fsync != "none":                   # the new name must survive a machine crash too
-            await asyncio.to_thread(_fsync_dir, self.dir)
+            await asyncio.to_thread(fsync_dir, self.dir)
 
     async def sync(self) -> bool:
-        """fdatasync the segment being written (worker thread); False (counted) on error."""
+        """fdatasync the segment being written (worker thread); False (counted) on error. On success every
+        record appended before it is durable (`synced_seq`). Earlier segments were synced when they were
+        sealed (_close_writer)."""
         if self._syncing is not None:
             await asyncio.shield(self._syncing)
         ok = True
+        upto = self.next_seq
         if self._wfd >= 0 and self._dirty:
             self._dirty = False
             fd = self._wfd
@@ -392,10 +345,15 @@ class Spool:
                 self.fsyncs += 1
             except OSError:
                 self.fsync_errors += 1
+                self._dirty = True
                 ok = False
             finally:
                 self._syncing = None
         self._last_sync = time.monotonic()
+        if ok:
+            self._synced(upto)
+            if self.opened:
+                self._write_cursor()
         return ok
 
     async def wait_room(self, nbytes: int, timeout: float | None = None) -> bool:
@@ -453,7 +411,7 @@ class Spool:
                     if pos == 0:                        # a frame header cut short
                         self._corrupt(seg)
                     break
-                n, crc, s = _FRAME.unpack_from(buf, pos)
+                n, c, s = _FRAME.unpack_from(buf, pos)
                 if n > self.max_record_bytes or s != self._rnext or self._roff + H + n > seg.size:
                     self._corrupt(seg)
                     break
@@ -463,7 +421,7 @@ class Spool:
                         continue
                     break
                 payload = buf[pos + H: pos + H + n]
-                if _crc(n, s, payload) != crc:
+                if crc(n, s, payload) != c:
                     self._corrupt(seg)
                     break
                 pos += H + n
@@ -518,29 +476,52 @@ class Spool:
         self._rfd, self._rfd_seg = -1, None
 
     def is_acked(self, seq: int) -> bool:
-        if seq < self.cursor:
-            return True
-        i = bisect.bisect_right(self._done, [seq, float("inf")]) - 1
-        return i >= 0 and self._done[i][0] <= seq < self._done[i][1]
+        i = seq - self.cursor
+        return i < 0 or (i < len(self._acked) and self._acked[i] == 1)
+
+    def _room_for(self, end: int) -> None:
+        need = end - self.cursor - len(self._acked)
+        if need > 0:
+            self._acked.extend(bytes(need))
 
     def ack(self, start: int, end: int) -> None:
         """Acknowledge seqs [start, end) (idempotent). Moves the cursor over contiguous acknowledged seqs,
-        deletes segments the cursor passed, and writes the cursor file (cheap: tmp + rename)."""
+        deletes segments the cursor passed, and writes the cursor file (cheap: tmp + rename). Cost: O(end -
+        start) in C (a byte per seq beyond the cursor: ~1 MB per million unacknowledged records)."""
         start = max(start, self.cursor)
         if end <= start:
             return
-        i = bisect.bisect_left(self._done, [start, start])
-        if i > 0 and self._done[i - 1][1] >= start:
-            i -= 1
-        j = i
-        s, e = start, end
-        while j < len(self._done) and self._done[j][0] <= e:
-            s, e = min(s, self._done[j][0]), max(e, self._done[j][1])
-            j += 1
-        self._done[i:j] = [[s, e]]
-        if self._done and self._done[0][0] <= self.cursor:
-            self.cursor = max(self.cursor, self._done.pop(0)[1])
-            self._gc()
+        self._room_for(end)
+        a, b = start - self.cursor, end - self.cursor
+        self._acked_n += (b - a) - self._acked.count(1, a, b)
+        self._acked[a:b] = b"\x01" * (b - a)
+        self._advance()
+
+    def ack_seqs(self, seqs: list[int]) -> None:
+        """Acknowledge individual seqs in any order (a replayed batch: one partition's records of a read,
+        interleaved with the other partitions'). Cost: O(len(seqs)) simple steps, then the cursor advance."""
+        c = self.cursor
+        if not seqs:
+            return
+        self._room_for(max(seqs) + 1)
+        acked, new = self._acked, 0
+        for q in seqs:
+            i = q - c
+            if i >= 0 and not acked[i]:
+                acked[i] = 1
+                new += 1
+        self._acked_n += new
+        self._advance()
+
+    def _advance(self) -> None:
+        if not self._acked or not self._acked[0]:
+            return
+        k = self._acked.find(0)
+        k = len(self._acked) if k < 0 else k
+        del self._acked[:k]
+        self._acked_n -= k
+        self.cursor += k
+        self._gc()
 
     def _gc(self) -> None:
         """Delete segments whose every record is acknowledged; keep the reader on a live segment."""
@@ -600,22 +581,8 @@ class Spool:
                 "cursor": self.cursor, "next_seq": self.next_seq, "appended": self.appended,
                 "refused": self.refused, "bytes_appended": self.bytes_appended, "fsync": self.fsync,
                 "fsyncs": self.fsyncs, "fsync_errors": self.fsync_errors, "corrupt_records": self.corrupt_records,
-                "deleted_segments": self.deleted_segments,
+                "deleted_segments": self.deleted_segments, "synced_seq": self.synced_seq,
                 "recovery": {"segments": self.recovery.segments, "pending": self.recovery.pending,
                              "truncated_bytes": self.recovery.truncated_bytes,
+                             "torn_records": self.recovery.torn_records,
                              "corrupt_segments": self.recovery.corrupt_segments, "cursor": self.recovery.cursor}}
-
-
-def _write_all(fd: int, buf: bytes) -> None:
-    mv = memoryview(buf)
-    while mv:
-        n = os.write(fd, mv)
-        mv = mv[n:]
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

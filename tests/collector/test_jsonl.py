@@ -160,16 +160,23 @@ def test_write_errors_are_counted_and_the_file_reopened(tmp_path, monkeypatch):
         return real_write(fd, b)
     monkeypatch.setattr(os, "write", write)
 
+    health = []
+
     async def go():
         s = JsonlSink(p, fsync="none")
         await s.start()
         await s.send(recs(3))
+        health.append(s.health()["state"])
         fail["on"] = False
         await s.send(recs(2, 3))
+        health.append(s.health()["state"])
         await s.close()
         return s
     s = run(go())
-    assert s.stats()["lost"] == {"write_error": 3} and s.stats()["delivered"] == 2
+    # ENOSPC is its own reason (disk_full); the sink is failing until a write succeeds, and both batches
+    # are settled (counted lost, or written: fsync none)
+    assert s.stats()["lost"] == {"disk_full": 3} and s.stats()["delivered"] == 2
+    assert health == ["failing", "ok"] and s.settled_calls == 2 and s.unsettled_calls == 0
     assert "No space left" in s.stats()["last_error"]
     assert [r["seq"] for r in lines(p)] == [3, 4]
     accounted(s)

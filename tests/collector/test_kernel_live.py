@@ -245,14 +245,29 @@ def test_conntrack_scan_expires_idle_entries_and_reports_long_lived_ones(kernel)
     xdp(dp, tcp_in(src="10.0.0.8", flags="A"))        # activity after the first 10 s boundary
     s = ks.scan_conntrack(t0 + 15 * 10**9, at)         # UDP idle 15 s > 10 s
     assert (s.expired, s.updates, s.ended) == (1, 1, 0)
-    fam = s.families[0]
-    assert fam.family == 4 and int(fam.update_keys["proto"][0]) == 6
-    assert fam.update_entries["packets"][0].tolist() == [3, 1]
-    assert int(fam.expired_keys["proto"][0]) == 17 and int(fam.expired_entries["last_ns"][0]) == t0
+    gone = s.families[0]
+    assert gone.family == 4 and int(gone.update_keys["proto"][0]) == 6
+    assert gone.update_entries["packets"][0].tolist() == [3, 1]
+    assert int(gone.expired_keys["proto"][0]) == 17 and int(gone.expired_entries["last_ns"][0]) == t0
+    assert int(gone.expired_entries["fin_seen"][0]) == 0            # the builder sees the entry as it was
     with conntrack.CtTable(ks.fds["hw_ct4"], 4) as table:
-        left = table.slots[table.live()]
-        assert left["k"]["proto"].tolist() == [6]      # freed in the kernel; TCP stays
-    assert ks.scan_conntrack(t0 + 32 * 10**9, at).expired == 0
+        left = table.slots[table.live()]                # claimed, not freed: until its end record is durable
+        assert sorted(left["k"]["proto"].tolist()) == [6, 17]
+        claimed = left[left["k"]["proto"] == 17]["e"]["fin_seen"][0]
+        assert claimed & conntrack.CLAIM_BITS == conntrack.CLAIM_BITS
+    assert ks.scan_conntrack(t0 + 32 * 10**9, at).expired == 0    # pending in this process: not again
+    # a new collector (after a crash) finds the claim and reports the end again; then frees it
+    ks2 = KernelSource(ks.pin_dir)
+    try:
+        again = ks2.scan_conntrack(t0 + 33 * 10**9, at)
+        assert (again.expired, again.reclaimed) == (1, 1)
+        assert ks2.free_claims(again.families[0]) == 1
+    finally:
+        ks2.close()
+    assert ks.free_claims(gone) == 0                   # the slot is free already
+    with conntrack.CtTable(ks.fds["hw_ct4"], 4) as table:
+        assert table.slots[table.live()]["k"]["proto"].tolist() == [6]      # freed in the kernel; TCP stays
+    assert ks.scan_conntrack(t0 + 34 * 10**9, at).expired == 0
 
 
 def test_conntrack_scan_aggregates_connections_that_ended_unconfirmed(kernel):
@@ -360,6 +375,60 @@ def test_a_fin_close_in_aggregate_ends_in_a_scan_summary_after_its_grace(kernel)
     assert r["network"]["packets"] == 6 and r["source"]["address"] == "10.0.0.0/24"   # 4 in, 2 out
     assert not list(validator("flow.schema.json").iter_errors(r))
     dp.clear_conntrack()
+
+
+def test_a_close_is_claimed_until_durable_and_a_crash_reports_it_again_with_the_same_id(kernel):
+    """The close grace period's report is released like every other (docs/collector.md "Delivery and
+    loss"): the scan claims the closed connection (`reported` = REPORTED_CLAIMED: the datapath treats it
+    as reported), free_claims() marks it durable; a collector that died in between leaves the claim, and
+    the next one reports the close again with the same event.id, even after a late packet."""
+    from hostwall.bpf.clock import Clock
+    from hostwall.collector.enrich.host import HostInfo
+    from hostwall.collector.records import RecordBuilder
+    ks, dp, _ = kernel
+    dp.clear_conntrack()
+    xdp(dp, tcp_in(sport=42000))
+    egress(dp, tcp_out("SA", dport=42000))
+    egress(dp, tcp_out("FA", dport=42000))
+    xdp(dp, tcp_in(sport=42000, flags="FA"))
+    xdp(dp, tcp_in(sport=42000, flags="A"))
+    grace, at = 2 * 10**9, 60 * 10**9
+
+    def reported() -> list[int]:
+        with conntrack.CtTable(ks.fds["hw_ct4"], 4) as table:
+            return table.slots[table.live()]["e"]["reported"].tolist()
+
+    def record(scan) -> dict:
+        f = scan.families[0]
+        b = RecordBuilder(HostInfo("live", "b", str(ks.pin_dir)), None)
+        [r] = b.on_conntrack(f.expired_keys, f.expired_entries, None, Clock(0), (f.closed_keys, f.closed_entries))
+        return r
+
+    now = ks.now_ns() + 3 * 10**9
+    first = ks.scan_conntrack(now, at, grace)
+    assert first.closed == 1 and reported() == [conntrack.REPORTED_CLAIMED]
+    rec = record(first)
+    assert ks.scan_conntrack(now + 10**9, at, grace).closed == 0          # pending here: not twice
+    assert xdp(dp, tcp_in(sport=42000, flags="A")) == 2                   # a late packet after the claim
+    crashed = KernelSource(ks.pin_dir)                                    # the next collector, after a crash
+    try:
+        again = crashed.scan_conntrack(now + 2 * 10**9, at, grace)
+        assert (again.closed, again.reclaimed) == (1, 1)
+        assert again.families[0].closed_entries["packets"][0].tolist() == [4, 2]    # the late packet counted
+        assert record(again)["event"]["id"] == rec["event"]["id"]          # a duplicate, deduplicated downstream
+        assert crashed.free_claims(again.families[0]) == 1                  # durable: reported for good
+        assert reported() == [conntrack.REPORTED_DURABLE]
+    finally:
+        crashed.close()
+    assert ks.free_claims(first.families[0]) == 0                        # released already
+    nxt = KernelSource(ks.pin_dir)
+    try:
+        assert nxt.scan_conntrack(now + 3 * 10**9, at, grace).closed == 0   # durable: never again
+        fin_to = L.C["HW_CT_TO_FIN"] * 10**9
+        gone = nxt.scan_conntrack(now + fin_to + 10 * 10**9, at, grace)     # its FIN timeout: freed, not listed
+        assert (gone.closed, gone.expired, gone.ended) == (0, 0, 1) and reported() == []
+    finally:
+        nxt.close()
 
 
 def test_event_budget_losses_are_counted_by_type(kernel):

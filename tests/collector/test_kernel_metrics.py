@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from hostwall.collector import kernel_metrics as km
+from hostwall.collector import record_metrics
 from hostwall.collector.metric_family import Family
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -146,7 +147,7 @@ def test_record_metrics_drops_anomalies_and_sources():
     assert samples(fams, "hostwall_anomaly_open") == {key + ("high",): 0, key + ("critical",): 0}
     assert samples(fams, "hostwall_anomaly_score") == {key: 0} == samples(fams, "hostwall_anomaly_severity_level")
     assert samples(fams, "hostwall_anomaly_top_talker_count") == {key + ("10.66.3.0/24",): 0}
-    clk.t += km.DEFAULT_GONE_KEEP_S + 1
+    clk.t += record_metrics.DEFAULT_GONE_KEEP_S + 1
     fams = rm.families()
     assert samples(fams, "hostwall_anomaly_open") == {} and samples(fams, "hostwall_anomaly_score") == {}
     assert samples(fams, "hostwall_anomaly_transitions") == {

@@ -16,188 +16,12 @@ import pytest
 import uvloop
 
 from hostwall.bpf import layout as L
-from hostwall.bpf.ringbuf import RingWalker, check_events
 from hostwall.collector.accounting import Ledger
-from hostwall.collector.config import CollectorConfig, JsonlOptions, QueueSizes
+from hostwall.collector.config import QueueSizes
 from hostwall.collector.kernel import CtFamilyScan, CtScan, DropDrain
 from hostwall.collector.pipeline import Pipeline, PipelineFailed, RecordQueue
-from hostwall.collector.sinks.base import BaseSink, FullQueuePolicy
-
-from .test_ringbuf import FakeRing
-
-DROP_KEY, DROP_VAL = L.DTYPES["hw_drop_key"], L.DTYPES["hw_drop_val"]
-
-
-# ---- fakes --------------------------------------------------------------------------------------
-
-class FakeRingBuffer(RingWalker):
-    def __init__(self, fake: FakeRing):
-        super().__init__(fake.cons, fake.prod, fake.data, fake.size, validate=check_events)
-        self._evt: asyncio.Event | None = None
-        self.closed = False
-
-    async def wait(self, timeout=None) -> bool:
-        if self.available_bytes():
-            return True
-        self._evt = asyncio.Event()
-        try:
-            async with asyncio.timeout(timeout):
-                await self._evt.wait()
-        except TimeoutError:
-            pass
-        finally:
-            self._evt = None
-        return self.available_bytes() > 0
-
-    def notify(self) -> None:
-        if self._evt is not None:
-            self._evt.set()
-
-    def close(self) -> None:
-        self.closed = True
-
-
-class FakeSource:
-    def __init__(self, ring_size: int = 1 << 16):
-        self.fake = FakeRing(ring_size)
-        self.rb = FakeRingBuffer(self.fake)
-        self.budget = None
-        self.drains: list[DropDrain] = []
-        self.scans: list[CtScan] = []
-        self.loss = {"deny": {"emitted": 0, "budget": 0, "ringbuf_full": 0}}
-        self.closed = False
-
-    # the KernelSource surface used by the pipeline
-    def ring(self):
-        return self.rb
-
-    def monotonic_to_wall(self) -> int:
-        return 1_700_000_000 * 10**9
-
-    def now_ns(self) -> int:
-        return time.monotonic_ns()
-
-    def set_event_budget(self, n: int) -> None:
-        self.budget = n
-
-    def kernel_loss(self) -> dict:
-        return json.loads(json.dumps(self.loss))
-
-    def drain_drops(self) -> DropDrain:
-        if self.drains:
-            return self.drains.pop(0)
-        now = self.now_ns()
-        return DropDrain(np.zeros(0, DROP_KEY), np.zeros(0, DROP_VAL), {}, now, now, 0.0)
-
-    def scan_conntrack(self, now_ns, at_ns, grace_ns) -> CtScan:
-        return self.scans.pop(0) if self.scans else CtScan([], 0, 0, 0)
-
-    def close(self) -> None:
-        self.closed = True
-
-    # test helpers
-    def emit(self, n: int, bad_len: int = 0) -> int:
-        done = 0
-        for _ in range(n):
-            if not self.fake.emit():
-                break
-            done += 1
-        for _ in range(bad_len):
-            self.fake.emit(b"\x00" * 24)
-        self.rb.notify()
-        return done
-
-
-class StubBuilder:
-    """Minimal RecordBuilder stand-in: one record per input row, with the row's identity."""
-
-    def __init__(self, fail_on_events: bool = False):
-        self.fail = fail_on_events
-        self.calls: Counter = Counter()
-        self.drop_windows: list[tuple] = []
-        self.ct_families: list[int] = []
-
-    def _rec(self, kind: str, ident) -> dict:
-        return {"event": {"id": f"{kind}-{ident}", "dataset": f"hostwall.{kind}"}, "hostwall": {"kind": kind},
-                "ident": ident}
-
-    def on_events(self, batch, clock):
-        self.calls["events"] += 1
-        if self.fail:
-            raise ValueError("cannot build")
-        return [self._rec("deny", int(s)) for s in batch["start_ns"]]
-
-    def on_drop_summaries(self, keys, vals, t0, t1, clock, sources=None):
-        self.drop_windows.append((t0, t1))
-        return [self._rec("drop_summary", int(p)) for p in vals["packets"]]
-
-    def on_drop_overflow(self, counts, t0, t1, clock):
-        return [self._rec("drop_summary", f"overflow-{v}-{r}") for (v, r) in counts]
-
-    def on_conntrack(self, ek, ee, updates, clock, closed=None):
-        self.ct_families.append(len(ek))
-        return [self._rec("flow", i) for i in range(len(ek) + len(updates[0]) + (len(closed[0]) if closed else 0))]
-
-    def on_audit(self, rec):
-        return {**rec, "hostwall": {"kind": "audit"}}
-
-    def tick(self, now):
-        self.calls["tick"] += 1
-        return []
-
-    def stats(self):
-        return dict(self.calls)
-
-
-class MemorySink(BaseSink):
-    def __init__(self, name="mem", policy=FullQueuePolicy.BLOCK, gate: asyncio.Event | None = None,
-                 fail_after: int | None = None):
-        super().__init__(name)
-        self.full_queue_policy = policy
-        self.records: list[dict] = []
-        self.gate = gate
-        self.fail_after = fail_after
-        self.flushes = 0
-        self.started = self.closed = False
-
-    async def start(self):
-        self.started = True
-
-    async def _send(self, records):
-        if self.gate is not None:
-            await self.gate.wait()
-        if self.fail_after is not None and len(self.records) >= self.fail_after:
-            raise OSError("disk on fire")
-        self.records += records
-        self._deliver(len(records))
-
-    async def flush(self):
-        self.flushes += 1
-
-    async def close(self):
-        self.closed = True
-
-
-def cfg(tmp_path, **kw) -> CollectorConfig:
-    base = dict(pin_dir=str(tmp_path / "pin"), drop_interval_s=0.05, ct_scan_interval_s=0.05, active_timeout_s=60,
-                status_interval_s=0.05, status_file=str(tmp_path / "status.json"),
-                queues=QueueSizes(events=4, sink=1000, batch=64), jsonl=JsonlOptions(fsync="none"))
-    base.update(kw)
-    return CollectorConfig(**base)
-
-
-async def until(pred, timeout=5.0):
-    t0 = time.monotonic()
-    while not pred():
-        if time.monotonic() - t0 > timeout:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.01)
-
-
-async def started(pipe: Pipeline):
-    task = asyncio.ensure_future(pipe.run())
-    await until(lambda: pipe.state == "running" or task.done())
-    return task
+from hostwall.collector.sinks.base import FullQueuePolicy
+from tests.collector.fakes import DROP_KEY, DROP_VAL, FakeSource, MemorySink, StubBuilder, cfg, started, until
 
 
 def status(tmp_path) -> dict:
@@ -285,9 +109,12 @@ def test_back_pressure_stops_reading_the_ring_and_loses_nothing(tmp_path):
     async def go():
         task = await started(pipe)
         src.emit(100)
-        await asyncio.sleep(0.3)
-        backlog = src.rb.available_bytes() // 128
-        assert 55 <= backlog < 100                        # reading stopped: the rest waits in the ring
+        # back-pressure reached the reader: the sink holds one batch, its queue and the events queue are full
+        await until(lambda: pipe.slots[0].queue.size == 10 and pipe._events_q.full())
+        await asyncio.sleep(0.1)                          # and it stays so: the reader reads no further
+        unread = src.rb.unread_bytes() // 128
+        assert 55 <= unread < 100                         # reading stopped: the rest waits in the ring
+        assert src.rb.available_bytes() // 128 == 100     # and nothing is released before it is durable
         assert pipe.ledger.lost_upstream == 0 and not pipe.ledger.lanes["mem"].lost
         gate.set()
         await until(lambda: len(sink.records) == 100)
@@ -388,18 +215,18 @@ def test_audit_log_is_shipped_once_and_resumed(tmp_path):
     src, sink = FakeSource(), MemorySink()
     pipe = Pipeline(cfg(tmp_path), src, StubBuilder(), [sink], audit_log=audit)
 
-    async def go(p):
+    async def go(p, want: int):
         task = await started(p)
-        await asyncio.sleep(1.3)
+        await until(lambda: len([r for r in p.slots[0].sink.records if r["hostwall"]["kind"] == "audit"]) == want)
         p.stop()
         await task
-    uvloop.run(go(pipe))
+    uvloop.run(go(pipe, 2))
     assert [r["n"] for r in sink.records if r["hostwall"]["kind"] == "audit"] == [1, 2]
     with open(audit, "a") as f:
         f.write('"x"}\n{"n": 3}\n')
     sink2 = MemorySink()
     pipe2 = Pipeline(cfg(tmp_path), FakeSource(), StubBuilder(), [sink2], audit_log=audit)
-    uvloop.run(go(pipe2))
+    uvloop.run(go(pipe2, 2))
     assert [r.get("n", r.get("partial")) for r in sink2.records] == ["x", 3]
 
 
@@ -414,13 +241,18 @@ def test_status_file_shows_queues_backlog_and_components(tmp_path):
         def stats(self):
             return {"hit_rate": 0.5}
 
+        def close(self):
+            pass
+
     pipe = Pipeline(cfg(tmp_path, queues=QueueSizes(events=1, sink=10, batch=5)), src, StubBuilder(), [sink],
                     enricher=Enricher())
 
     async def go():
         task = await started(pipe)
         src.emit(100)
-        await asyncio.sleep(0.3)
+        await until(lambda: pipe.slots[0].queue.size == 10 and pipe._events_q.full())
+        t = time.time()
+        await until(lambda: status(tmp_path)["updated_at"] > t)       # a status written since
         st = status(tmp_path)
         assert st["state"] == "running" and st["ring"]["backlog_bytes"] > 0
         assert st["queues"]["sinks"]["mem"]["depth"] == 10 and st["queues"]["sinks"]["mem"]["policy"] == "block"

@@ -4,9 +4,11 @@ the records declare (tests/data/README.md): ECS on the canonical record, OCSF on
 The records come from the code paths the other collector tests use: RecordBuilder via
 test_records.sample_records (flow start/end/update, deny, audit-mode deny, log, drop summary and
 overflow summary), the same records through the Enricher (test_encoders.enriched_records),
-AnomalyDetector open/update/close (test_anomaly.anomaly_records) and RecordBuilder.on_audit, and the records
+AnomalyDetector open/update/close (test_anomaly.anomaly_records), RecordBuilder.on_audit, the records
 of tracking under attack (test_flood_records): flow summaries (datapath kinds, overflow, conntrack scan),
-the per-port SYN signal's anomalies, the SYN proxy's switches as anomalies and as audit records. They are
+the per-port SYN signal's anomalies, the SYN proxy's switches as anomalies and as audit records, and the
+collector's loss records (collector/loss_report.py: records-lost, collector-restart, numbered in the
+`collector` stream as the pipeline numbers them). They are
 also checked against the published JSON Schemas (schemas/*.json) and the contract's invariants
 (tests/conformance/records.py: one host per .ip, flow times and order). A failure lists each distinct
 violation with the number of records that have it.
@@ -26,6 +28,7 @@ import pytest
 
 from hostwall.collector.encoders import to_ocsf
 from hostwall.collector.encoders.ocsf import OCSF_VERSION
+from hostwall.collector.loss_report import LossReporter, SeqRanges
 from hostwall.collector.records import ECS_VERSION
 from tests.collector.test_anomaly import anomaly_records
 from tests.collector.test_encoders import enriched_records
@@ -36,7 +39,7 @@ from tests.conformance import records as invariants
 
 SCHEMAS = Path(__file__).resolve().parents[2] / "schemas"
 SCHEMA_OF = {"flow": "flow", "log": "flow", "deny": "flow", "drop_summary": "flow", "flow_summary": "flow",
-             "anomaly": "anomaly", "audit": "audit"}
+             "anomaly": "anomaly", "audit": "audit", "loss": "loss"}
 
 
 def schema_errors(rec: dict) -> list[str]:
@@ -50,7 +53,7 @@ KINDS = ["flow:flow_start", "flow:flow_end", "flow:flow_update", "deny:deny", "d
          "drop_summary:drop_summary", "drop_summary:overflow", "flow_summary:flow_summary", "flow_summary:overflow",
          "anomaly:anomaly_open", "anomaly:anomaly_update", "anomaly:anomaly_close", "anomaly/syns:anomaly_open",
          "anomaly/syn_proxy:anomaly_open", "anomaly/syn_proxy:anomaly_close", "audit:policy-apply",
-         "audit:syn-proxy-on", "audit:syn-proxy-off"]
+         "audit:syn-proxy-on", "audit:syn-proxy-off", "loss:records-lost", "loss:collector-restart"]
 
 
 def label(rec: dict) -> str:
@@ -68,10 +71,31 @@ def records(tmp_path, monkeypatch) -> dict[str, list[dict]]:
     recs = sample_records() + enriched_records() + anomaly_records() + summary_records() + syns_records()
     recs += [r for rs in switch_records() for r in rs] + switch_audit_records()
     recs.append(builder().on_audit(audit_record(tmp_path, monkeypatch)))
+    recs += loss_records()
     out = collections.defaultdict(list)
     for r in recs:
         out[label(r)].append(r)
     return out
+
+
+def loss_records() -> list[dict]:
+    """Loss records as the pipeline ships them: a sink's counted loss (one range list, one coarsened to its
+    span past MAX_RANGES) and a restart after a crash and after a reboot, numbered in `collector`."""
+    rep = LossReporter("fw-1", "/sys/fs/bpf/hostwall/lab")
+    few, many = SeqRanges(), SeqRanges()
+    few.add([1, 2, 3, 9])
+    many.add(range(0, 2000, 2))
+    recs = [rep.sink_loss("kafka://127.0.0.1:9092", "spool_full", "events", few),
+            rep.sink_loss("jsonl:/var/log/hostwall/flows.jsonl", "disk_full", "conntrack", many),
+            rep.restart({"previous": "crash", "lost": {"crash": 2}, "previous_pid": 7, "duplicates_possible": 40,
+                         "notes": ["consumer position moved beyond the checkpoint"]},
+                        kernel_while_down={"ringbuf_full": 3}, previous_run={"produced": 10, "ok": True},
+                        seqs={"events": 10, "conntrack": 4}),
+            rep.restart({"previous": "reboot", "lost": {"reboot": 5}}, kernel_while_down={}, previous_run=None,
+                        seqs={"events": 0})]
+    for i, r in enumerate(recs):
+        r["hostwall"].update(seq=i, stream="collector")
+    return recs
 
 
 def report(violations: list[str], n: int) -> str:
@@ -123,7 +147,7 @@ def _one(records, kind: str) -> dict:
 
 def test_a_non_ecs_top_level_field_is_caught(records):
     for kind in ("flow:flow_start", "drop_summary:drop_summary", "flow_summary:flow_summary", "anomaly:anomaly_open",
-                 "audit:policy-apply"):
+                 "audit:policy-apply", "loss:collector-restart"):
         r = _one(records, kind)
         r["schema_version"] = "1.0.0"
         assert any(v.startswith("schema_version: top-level key") for v in ecs.validate(r)), kind
@@ -161,6 +185,18 @@ def test_a_prefix_in_source_ip_is_caught(records):
     a = _one(records, "anomaly:anomaly_open")
     a["hostwall"]["anomaly"]["top_talkers"][0]["source"] = "10.9.9.0/24"
     assert invariants.validate([a]) and schema_errors(a)
+
+
+def test_a_loss_record_whose_count_disagrees_is_caught(records):
+    lost = _one(records, "loss:records-lost")
+    assert lost["hostwall"]["loss"]["ranges"] == [[1, 3], [9, 9]] and invariants.validate([lost]) == []
+    lost["hostwall"]["loss"]["count"] = 5
+    assert invariants.validate([lost]) == ["record 0 (loss records-lost): count 5 is not the 4 seqs of its ranges"]
+    lost["hostwall"]["loss"].update(count=4, ranges=[[9, 9], [1, 3]])
+    assert any("not sorted and disjoint" in v for v in invariants.validate([lost]))
+    restart = _one(records, "loss:collector-restart")
+    restart["hostwall"]["loss"]["count"] += 1
+    assert any("is not lost + kernel_while_down" in v for v in invariants.validate([restart]))
 
 
 def test_a_flow_start_sorting_after_its_end_is_caught():

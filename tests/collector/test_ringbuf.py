@@ -14,63 +14,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hostwall.bpf import layout as L
-from hostwall.bpf.ringbuf import BUSY_BIT, DISCARD_BIT, EVENT_DTYPE, HDR_SIZE, RingWalker, check_events, slot_size
+from hostwall.bpf.ringbuf import EVENT_DTYPE, RingWalker, slot_size
+from tests.collector.fakes import FakeRing
 
 REC = EVENT_DTYPE.itemsize
 DENY = L.C["HW_EV_DENY"]
-
-
-class FakeRing:
-    """Producer side of a ring buffer in plain memory, following kernel/bpf/ringbuf.c: reserve writes
-    a BUSY header at producer_pos and advances it; commit clears BUSY (or sets DISCARD). The data
-    area is written through both halves of the double mapping, as the kernel's pages appear."""
-
-    def __init__(self, size: int = 4096):
-        self.size, self.mask = size, size - 1
-        self.cons = bytearray(4096)
-        self.prod = bytearray(4096)
-        self.data = bytearray(2 * size)
-        self.seq = 0
-
-    def _pos(self, buf) -> int:
-        return int.from_bytes(buf[:8], "little")
-
-    def _write(self, pos: int, b: bytes) -> None:
-        for i in range(0, len(b)):
-            off = (pos + i) & self.mask
-            self.data[off] = b[i]
-            self.data[off + self.size] = b[i]
-
-    def reserve(self, length: int) -> int | None:
-        prod, cons = self._pos(self.prod), self._pos(self.cons)
-        new = prod + slot_size(length)
-        if new - cons > self.mask:
-            return None
-        self._write(prod, (length | BUSY_BIT).to_bytes(4, "little") + b"\0\0\0\0")
-        self.prod[:8] = new.to_bytes(8, "little")
-        return prod
-
-    def commit(self, pos: int, payload: bytes, discard: bool = False) -> None:
-        self._write(pos + HDR_SIZE, payload)
-        self._write(pos, (len(payload) | (DISCARD_BIT if discard else 0)).to_bytes(4, "little"))
-
-    def event(self, seq: int | None = None, type_: int = DENY, family: int = 4) -> bytes:
-        e = np.zeros(1, dtype=EVENT_DTYPE)
-        e["start_ns"] = self.seq if seq is None else seq
-        e["type"], e["family"], e["dport"] = type_, family, 443
-        self.seq += 1
-        return e.tobytes()
-
-    def emit(self, payload: bytes | None = None, discard: bool = False) -> bool:
-        payload = self.event() if payload is None else payload
-        pos = self.reserve(len(payload))
-        if pos is None:
-            return False
-        self.commit(pos, payload, discard)
-        return True
-
-    def walker(self, validate=check_events) -> RingWalker:
-        return RingWalker(self.cons, self.prod, self.data, self.size, validate=validate)
 
 
 def seqs(batch) -> list[int]:

@@ -119,10 +119,34 @@ def test_torn_tail_record_is_cut_at_open(tmp_path):
         os.close(s._lockfd)
         s2 = make(tmp_path)
         assert s2.recovery.truncated_bytes == 100 + FRAME_OVERHEAD - 40
+        assert s2.recovery.torn_records == 1                # the torn record is counted
         assert s2.next_seq == 49 and s2.recovery.pending == 49
         assert [q for q, _ in read_all(s2)] == list(range(49))
         assert await s2.append([payload(49)]) == 1          # the lost seq is not reused blindly:
         assert read_all(s2) == [(49, payload(49))]          # it was never acknowledged to anyone
+        await s2.close()
+    run(go())
+
+
+def test_a_tail_lost_after_it_was_synced_is_counted_from_the_cursor(tmp_path):
+    """A machine crash that lost pages the spool had synced (a lying disk, a damaged file system): the
+    cursor file's next_seq says how far appends had durably reached; everything after the last good frame
+    up to it is counted."""
+    async def go():
+        s = make(tmp_path, fsync="interval", fsync_interval_s=3600)
+        await s.append([payload(i) for i in range(60)])
+        assert await s.sync() and s.synced_seq == 60
+        s._close_reader()
+        os.close(s._wfd)
+        os.close(s._lockfd)
+        seg = segs(tmp_path)[-1]
+        with open(seg, "rb") as f:                          # cut inside record 55 (of the last segment)
+            data = f.read()
+        frame_len = FRAME_OVERHEAD + 100
+        keep = len(data) - (60 - 55) * frame_len + 17
+        os.truncate(seg, keep)
+        s2 = make(tmp_path)
+        assert s2.next_seq == 55 and s2.recovery.truncated_bytes == 17 and s2.recovery.torn_records == 5
         await s2.close()
     run(go())
 

@@ -8,6 +8,10 @@
   text); a flow start's `@timestamp` is its `event.start`, a flow end's is its `event.end`.
 - Order: across the records of one flow (5-tuple and first packet), the start record's `@timestamp`
   is not after any of its update or end records' (a SIEM sorting by time sees the start first).
+- Loss records (docs/records.md "Loss records"): a records-lost record's `hostwall.loss.ranges` are
+  [first, last] seq pairs, sorted and disjoint, and its `count` is the seqs they hold (or at most the
+  span when they were coarsened to one range); a collector-restart record's `count` is what it lists
+  as lost plus what the kernel counted while no collector ran; both sit in the `collector` stream.
 """
 from __future__ import annotations
 
@@ -57,6 +61,8 @@ def _record(r: dict, where: str, out: list[str]) -> None:
             if k in t and (isinstance(t[k], bool) or not isinstance(t[k], int)):
                 out.append(f"{where}: top talker {k} {t[k]!r} is not an integer")
     ev = r.get("event", {}) if isinstance(r.get("event"), dict) else {}
+    if hw.get("kind") == "loss":
+        _loss(r, hw, ev, where, out)
     if hw.get("kind") == "flow":
         types = ev.get("type", [])
         if "duration" in ev:
@@ -69,6 +75,30 @@ def _record(r: dict, where: str, out: list[str]) -> None:
             out.append(f"{where}: a flow start's @timestamp is not its first packet (event.start)")
         if "end" in types and ev.get("end") != r.get("@timestamp"):
             out.append(f"{where}: a flow end's @timestamp is not its last packet (event.end)")
+
+
+def _loss(r: dict, hw: dict, ev: dict, where: str, out: list[str]) -> None:
+    loss = hw.get("loss") if isinstance(hw.get("loss"), dict) else {}
+    if "stream" in hw and hw["stream"] != "collector":
+        out.append(f"{where}: a loss record in the stream {hw['stream']!r} (loss records are the collector's)")
+    count = loss.get("count")
+    if ev.get("action") == "records-lost":
+        ranges = loss.get("ranges") or []
+        prev = -2
+        for pair in ranges:
+            if not (isinstance(pair, list) and len(pair) == 2 and 0 <= pair[0] <= pair[1]):
+                out.append(f"{where}: seq range {pair!r} is not [first, last]")
+                return
+            if pair[0] <= prev + 1:
+                out.append(f"{where}: seq ranges not sorted and disjoint at {pair!r}")
+            prev = pair[1]
+        held = sum(hi - lo + 1 for lo, hi in ranges)
+        if count != held and not (len(ranges) == 1 and isinstance(count, int) and 0 < count <= held):
+            out.append(f"{where}: count {count!r} is not the {held} seqs of its ranges")
+    elif ev.get("action") == "collector-restart":
+        listed = sum((loss.get("lost") or {}).values()) + sum((loss.get("kernel_while_down") or {}).values())
+        if count != listed:
+            out.append(f"{where}: count {count!r} is not lost + kernel_while_down ({listed})")
 
 
 def _flow_key(r: dict) -> tuple | None:

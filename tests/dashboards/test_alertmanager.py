@@ -5,7 +5,7 @@
   to the receiver its severity calls for;
 - a real Alertmanager on that file, its receivers pointed at a webhook receiver in the test, shows the
   grouping (one flood from one /24 on one host is one notification, whatever the keys it opens) and the
-  inhibition (HostwallCollectorDown of host A holds back A's loss, spool and anomaly alerts, not B's;
+  inhibition (HostwallCollectorDown of host A holds back A's loss, spool, sink and anomaly alerts, not B's;
   HostwallEnforcerDetached holds back map pressure) with alerts posted to its API v2 as Prometheus posts them;
 - end to end: a real Prometheus evaluating the project's rules on a scraped flood sends them to that
   Alertmanager, and the receiver gets one page with the runbook links, then one resolved notification.
@@ -181,6 +181,8 @@ def test_inhibition_by_collector_down_and_enforcer_detached(am: Alertmanager, we
                rule_alert("HostwallEnforcerDetached", A, interface="eth0", netns="", hook="xdp")]
     held_back = [rule_alert("HostwallRecordsLost", A, stage="kernel", reason="budget"),
                  rule_alert("HostwallSpoolGrowing", A, sink="kafka://127.0.0.1:9092"),
+                 rule_alert("HostwallSinkFailing", A, sink="kafka://127.0.0.1:9092"),
+                 rule_alert("HostwallSpoolNearlyFull", A, sink="kafka://127.0.0.1:9092"),
                  anomaly(A, "drops", "source_prefix", "203.0.113.0/24"),
                  rule_alert("HostwallMapPressureHigh", A, map="hw_ct4")]
     other_host = [rule_alert("HostwallRecordsLost", B, stage="kernel", reason="budget"),
@@ -197,6 +199,7 @@ def test_inhibition_by_collector_down_and_enforcer_detached(am: Alertmanager, we
     fingerprint = {a["labels"]["alertname"]: a["fingerprint"] for a in am.alerts()
                    if a["labels"]["instance"] == A and a["status"]["state"] == "active"}
     by = {"HostwallRecordsLost": "HostwallCollectorDown", "HostwallSpoolGrowing": "HostwallCollectorDown",
+          "HostwallSinkFailing": "HostwallCollectorDown", "HostwallSpoolNearlyFull": "HostwallCollectorDown",
           "HostwallAnomalyHighSeverity": "HostwallCollectorDown", "HostwallMapPressureHigh": "HostwallEnforcerDetached"}
     suppressed = am.wait_for_alerts(
         lambda alerts: [a for a in alerts if a["status"]["state"] == "suppressed"], what="the inhibited alerts")

@@ -6,8 +6,10 @@ One lab run (module fixture `run`) is shared by the tests below:
         job "hostwall": the collector's own endpoint (metrics.prometheus)
         job "otelcol":  the OTel Collector's prometheus exporter (the collector pushes OTLP metrics to it)
     netns lab: the real enforcer (examples/policy.yaml, DoS profile "lab" on the protected host's eth0) and the
-    real `hostwall-collector run` with sinks jsonl, kafka (real broker), otlp (real OTel Collector) and a
-    second otlp sink whose endpoint is down (it loses records: the loss alert's provocation)
+    real `hostwall-collector run` with sinks jsonl, kafka (real broker), otlp (real OTel Collector), a
+    second otlp sink whose endpoint is down (it loses records: the loss alert's provocation) and a second
+    kafka sink whose broker is down (it delivered there before: it starts degraded and spools; a burst of
+    connections fills its 1 MiB spool: the spool alert fires and the sink goes failing)
     traffic: attacker probes, client traffic in both families, a 3 s UDP flood (anomaly), an audit-mode
     policy swap with blocked traffic (would_drop), then XDP removed from eth0 behind the enforcer's back.
 
@@ -42,8 +44,8 @@ DIRECT_JOB, OTEL_JOB_SCRAPE = "hostwall", "otelcol"
 OTEL_JOB = "hostwall/hostwall-collector"          # job label of OTLP metrics: service.namespace/service.name
 SCRAPE_S = 1
 RATE_INTERVAL = f"{4 * SCRAPE_S}s"                  # Grafana: max($__interval + scrape, 4 x scrape)
-PROVOKED_FIRING = ("HostwallAnomalyHighSeverity", "HostwallRecordsLost")
-PROVOKED_PENDING = ("HostwallEnforcerDetached",)
+PROVOKED_FIRING = ("HostwallAnomalyHighSeverity", "HostwallRecordsLost", "HostwallSpoolNearlyFull")
+PROVOKED_PENDING = ("HostwallEnforcerDetached", "HostwallSinkFailing")
 
 pytestmark = [pytest.mark.lab, pytest.mark.peers, pytest.mark.timeout(600)]
 
@@ -167,26 +169,33 @@ def run(tmp_path_factory, otel_collector, kafka_broker):
     assert "audit: false" in text
     audit_policy.write_text(text.replace("audit: false", "audit: true"))
 
-    metrics_port, dead_port = free_ports(2)
+    metrics_port, dead_port, dead_kafka = free_ports(3)
     # a Prometheus of this module's own: its rule file, its two jobs
     with start_peer(PrometheusServer, {DIRECT_JOB: [f"127.0.0.1:{metrics_port}"]}, scrape_interval=f"{SCRAPE_S}s",
                     rule_files=[RULES],
                     scrape_configs=[{"job_name": OTEL_JOB_SCRAPE, "honor_labels": True,
                                      "scrape_interval": f"{SCRAPE_S}s",
                                      "static_configs": [{"targets": [otel_collector.prometheus_target]}]}]) as prom:
-        yield _lab_run(prom, out, audit_policy, metrics_port, dead_port, otel_collector, kafka_broker)
+        yield _lab_run(prom, out, audit_policy, metrics_port, dead_port, dead_kafka, otel_collector, kafka_broker)
 
 
-def _lab_run(prom, out, audit_policy, metrics_port, dead_port, otel_collector, kafka_broker) -> LabRun:
+def _lab_run(prom, out, audit_policy, metrics_port, dead_port, dead_kafka, otel_collector, kafka_broker) -> LabRun:
+    from hostwall.collector.sinks.kafka import CONNECTED_MARKER
+    from hostwall.collector.sinks.kafka_wire import spool_dir_for
     from hostwall.lab import traffic
     from hostwall.lab.collector_proc import CollectorProcess
     from hostwall.lab.enforcer_proc import EnforcerProcess
     from hostwall.lab.netns import Lab
     sinks = [f"jsonl:{out / 'flows.jsonl'}", f"kafka://{kafka_broker.bootstrap_servers}",
-             f"otlp://{otel_collector.grpc_endpoint}", f"otlp://127.0.0.1:{dead_port}"]
+             f"otlp://{otel_collector.grpc_endpoint}", f"otlp://127.0.0.1:{dead_port}", f"kafka://127.0.0.1:{dead_kafka}"]
     config = {"metrics": {"prometheus": f"127.0.0.1:{metrics_port}", "otlp": f"otlp://{otel_collector.grpc_endpoint}",
                           "interval": f"{SCRAPE_S}s"},
-              "otlp": {"timeout": "1s"}, "kafka": {"spool_dir": str(out / "spool")}}
+              "otlp": {"timeout": "1s"}, "kafka": {"spool_dir": str(out / "spool"), "spool_size": "1MiB",
+                                                   "spool_segment_size": "64KiB"}}
+    # the down broker is one this sink delivered to before: it starts degraded (spooling) instead of failing
+    marker = spool_dir_for(out / "spool", f"127.0.0.1:{dead_kafka}")
+    marker.mkdir(parents=True)
+    (marker / CONNECTED_MARKER).write_text(f"127.0.0.1:{dead_kafka}\n")
     with Lab() as lab:
         lab.warm()
         with EnforcerProcess(lab, EXAMPLE) as enf, \
@@ -219,10 +228,16 @@ def _lab_run(prom, out, audit_policy, metrics_port, dead_port, otel_collector, k
                                                       rate_pps=100_000)
                 r.marks["flood_end"] = time.time()
                 r.marks["legit"] = legit.result(timeout=60)
+                # a burst of connections (2 flow records each) fills the down broker's 1 MiB spool
+                r.marks["burst"] = traffic.tcp_client_in(lab, "cli", lab.addr("prot"), 80, count=900, timeout=0.5)
                 for name in PROVOKED_FIRING:
                     _wait(lambda name=name: _alert_seen(prom, name, "firing", r.t0), 40, f"alert {name} firing",
                           diag=lambda: _diag(prom, col))
                     r.marks[name] = time.time()
+                _wait(lambda: _alert_seen(prom, "HostwallSinkFailing", "pending", r.t0), 30,
+                      "alert HostwallSinkFailing pending", diag=lambda: _diag(prom, col))
+                r.marks["dead_kafka"] = f"kafka://127.0.0.1:{dead_kafka}"
+                r.marks["sink_failing"] = col.status()["sinks"][r.marks["dead_kafka"]]["health"]
                 # 3. audit mode: the same policy, recording would_drop instead of dropping
                 enf.apply(audit_policy)
                 r.marks["audit_applied"] = time.time()
@@ -258,6 +273,8 @@ def _lab_run(prom, out, audit_policy, metrics_port, dead_port, otel_collector, k
 
 def test_the_lab_provoked_what_the_dashboards_show(run):
     assert run.marks["legit"]["ok"] >= 0.9 * run.marks["legit"]["count"], run.marks["legit"]
+    h = run.marks["sink_failing"]                  # the down broker's sink: failing because its spool is full
+    assert h["state"] == "failing" and "spool full" in h["reason"] and h["spool_fill_ratio"] > 0.8, h
     assert run.enforcer_status["defaults"]["audit"] is True
     # the drop panels' two sources agree: drop summaries (records) == the kernel's drop counters
     assert run.final_values["drops_summaries"] == run.final_values["drops_datapath"] > 10_000, run.final_values
@@ -344,3 +361,9 @@ def test_detached_interface_alert_goes_pending(run):
     before = run.prom.api("query_range", {"query": 'ALERTS{alertname="HostwallEnforcerDetached"}',
                                           "start": run.t0, "end": run.marks["xdp_removed"] - 1, "step": 1})["result"]
     assert before == [], "detached alert while everything was attached"
+
+
+def test_sink_failing_alert_names_the_failing_sink_only(run):
+    res = run.prom.api("query_range", {"query": 'ALERTS{alertname="HostwallSinkFailing"}',
+                                       "start": run.t0, "end": run.t1, "step": 1})["result"]
+    assert res and {s["metric"]["sink"] for s in res} == {run.marks["dead_kafka"]}, [s["metric"] for s in res]

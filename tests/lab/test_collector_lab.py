@@ -108,7 +108,8 @@ def test_flood_opens_exactly_one_anomaly_for_the_attacker_prefix_and_closes_it(r
 # ---- schemas -------------------------------------------------------------------------------------
 
 SCHEMA_BY_KIND = {"flow": "flow.schema.json", "log": "flow.schema.json", "deny": "flow.schema.json",
-                  "drop_summary": "flow.schema.json", "anomaly": "anomaly.schema.json", "audit": "audit.schema.json"}
+                  "drop_summary": "flow.schema.json", "anomaly": "anomaly.schema.json", "audit": "audit.schema.json",
+                  "loss": "loss.schema.json"}
 
 
 def test_every_record_validates_against_its_schema(run):

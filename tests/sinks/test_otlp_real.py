@@ -20,8 +20,8 @@ from hostwall.collector.metrics import SelfMetrics, families_from_status
 from hostwall.collector.pipeline import Pipeline
 from hostwall.collector.records import iso_ns, parse_iso_ns
 from hostwall.collector.sinks.otlp import OtlpSink
+from tests.collector.fakes import FakeSource, StubBuilder, cfg, started, until
 from tests.collector.test_encoders import all_records
-from tests.collector.test_pipeline import FakeSource, StubBuilder, cfg, started, until
 from tests.peers import free_ports
 
 pytestmark = [pytest.mark.peers]
@@ -128,31 +128,40 @@ def test_collector_outage_is_counted_bounded_and_metrics_arrive(otel_collector_f
     depths: list[int] = []
     ours = lambda r: r["resource_attrs"].get("service.instance.id") == marker      # noqa: E731
 
-    async def pump(n: int, seconds: float):
-        end = time.monotonic() + seconds
-        per = max(1, int(n / (seconds / 0.05)))
+    def lane_lost(reason: str) -> int:
+        pipe._sync_sink(pipe.slots[0])
+        return pipe.ledger.lanes["otlp://col"].lost[reason]
+
+    async def pump(n: int, per: int = 250, timeout: float = 60.0) -> int:
+        """Emit n events, `per` at a time, waiting for room in the ring when it is full: a count of work
+        with a deadline, never an amount of work in a fixed time (docs/testing.md)."""
+        end = time.monotonic() + timeout
         sent = 0
-        while time.monotonic() < end and sent < n:
+        while sent < n:
+            assert time.monotonic() < end, f"only {sent} of {n} events fit the ring within {timeout:g} s"
             sent += src.emit(min(per, n - sent))
             depths.append(pipe.slots[0].queue.size)
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.02)
         return sent
 
     async def go():
         task = await started(pipe)
-        assert await pump(3000, 1.0) == 3000
+        assert await pump(3000) == 3000
         await until(lambda: sink.delivered == 3000, 30)
         before = len([r for r in col.log_records() if ours(r)])
         assert before == 3000
         await asyncio.to_thread(col.stop)                  # the OTel Collector goes away
-        await pump(20000, 8.0)
+        await pump(20000)
         await until(lambda: sink.export_failures >= 2, 30)
         mid = pipe.status()
         await asyncio.to_thread(col.start)                 # ... and comes back (same ports)
         sink._pause = 0.0
-        await pump(2000, 1.0)
+        await pump(2000)
         await until(lambda: pipe.slots[0].queue.size == 0 and sink.in_flight == 0, 60)
-        await asyncio.sleep(1.0)
+        # the OTel Collector writes what it received to its file: wait until every delivered record is there
+        await until(lambda: len([r for r in col.log_records() if ours(r)]) >= sink.delivered - before, 30)
+        await until(lambda: sample(scrape(metrics.prometheus_address), "hostwall_records_lost_total", stage="sink",
+                                   reason="export_failed", sink="otlp://col") == lane_lost("export_failed"), 30)
         prom_text = scrape(metrics.prometheus_address)
         pipe.stop()
         await task

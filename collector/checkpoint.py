@@ -1,0 +1,194 @@
+"""The collector's checkpoint: what a restart needs to tell the truth (docs/collector.md "Restarts").
+
+One small JSON file per pin dir, next to the status file (`<status stem>.state.json`), rewritten with
+tmp + rename (atomic: a reader or a restart sees the old or the new file, never half of one):
+
+    version, pid, started_at, updated_at, clean_stop     this run; clean_stop is set by a clean stop only
+    kernel        the kernel instance it belongs to: boot_id, ring_map_id, ev_stats_map_id, drops_map_ids
+    ring          pos / seq (last committed consumer position and the events seq after it), prev_pos /
+                  prev_seq (the commit before: the checkpoint is written before the kernel's consumer
+                  position moves, so after a crash the kernel is at one of the two), producer_pos (as
+                  last seen), events (records committed, cumulative)
+    seq           next hostwall.seq per stream (events, drop_summaries, conntrack, audit, anomaly,
+                  collector) as of the last durable commit
+    kernel_loss   the event-outcome counters last folded into the ledger: the baseline the next run
+                  continues from (a restart never takes the kernel's counters as a new zero)
+    drain         a drop-aggregation interval read but not cleared yet: gen, t0/t1 (wall ns), seq_base,
+                  n (records made of it) — a restart re-exports it with the same event ids and seqs
+    ct_last_scan  the datapath-clock time of the last conntrack scan whose records are durable
+    audit         {inode, offset} of the enforcer's audit log up to which records are durable
+
+Cost: one small write per commit group (at most every COMMIT_INTERVAL_S of collector/pipeline.py);
+fsync only at a clean stop (a collector crash keeps the page cache; a machine crash loses the ring
+buffer the checkpoint describes anyway).
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+__all__ = ["STREAMS", "Checkpoint", "Restart", "analyze_restart"]
+
+VERSION = 1
+STREAMS = ("events", "drop_summaries", "conntrack", "audit", "anomaly", "collector", "tick")
+
+
+class Checkpoint:
+    def __init__(self, path: str | os.PathLike, data: dict | None = None, *, problem: str | None = None):
+        self.path = Path(path)
+        self.data: dict[str, Any] = data or {}
+        self.problem = problem              # why an existing file could not be used (None: fine or absent)
+        self.data.setdefault("version", VERSION)
+        self.data.setdefault("seq", {})
+        self.data.setdefault("ring", {})
+        self.writes = 0
+        self.write_errors = 0
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Checkpoint:
+        """The file's checkpoint, or an empty one (first start; or damaged, noted in `problem`)."""
+        p = Path(path)
+        try:
+            raw = p.read_bytes()
+        except FileNotFoundError:
+            return cls(p)
+        except OSError as e:
+            return cls(p, problem=f"cannot read {p}: {e.strerror or e}")
+        try:
+            data = orjson.loads(raw)
+        except orjson.JSONDecodeError as e:
+            return cls(p, problem=f"damaged checkpoint {p}: {e}")
+        if not isinstance(data, dict) or data.get("version") != VERSION:
+            return cls(p, problem=f"checkpoint {p} has another format (version {data.get('version')!r})"
+                       if isinstance(data, dict) else f"damaged checkpoint {p}")
+        return cls(p, data)
+
+    @property
+    def exists(self) -> bool:
+        return bool(self.data.get("kernel"))
+
+    # ---- fields --------------------------------------------------------------------------------
+    def seq(self, stream: str) -> int:
+        return int(self.data["seq"].get(stream, 0))
+
+    def set_seq(self, stream: str, n: int) -> None:
+        self.data["seq"][stream] = int(n)
+
+    @property
+    def ring(self) -> dict:
+        return self.data["ring"]
+
+    def commit_ring(self, pos: int, seq: int, events: int, producer_pos: int) -> None:
+        r = self.data["ring"]
+        if r.get("pos") != pos:
+            r["prev_pos"], r["prev_seq"] = r.get("pos"), r.get("seq")
+        r["pos"], r["seq"] = int(pos), int(seq)
+        r["events"] = int(r.get("events", 0)) + int(events)
+        r["producer_pos"] = int(producer_pos)
+        self.set_seq("events", seq)
+
+    def __getitem__(self, key: str) -> Any:
+        return self.data.get(key)
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self.data[key] = value
+
+    # ---- writing -------------------------------------------------------------------------------
+    def save(self, *, sync: bool = False) -> bool:
+        """Atomic write; False (counted in write_errors) when the state dir cannot be written."""
+        self.data["updated_at"] = time.time()
+        tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
+            try:
+                os.write(fd, orjson.dumps(self.data, option=orjson.OPT_SORT_KEYS))
+                if sync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, self.path)
+        except OSError:
+            self.write_errors += 1
+            return False
+        self.writes += 1
+        return True
+
+
+@dataclass
+class Restart:
+    """What a start found about the run before it (status `restart`, the restart loss record)."""
+    previous: str                           # none | clean | crash | reboot
+    events_seq: int = 0                     # hostwall.seq of the first event read now
+    lost: dict[str, int] = field(default_factory=dict)      # reason -> records (stage "restart")
+    duplicates_possible: int = 0            # events re-read that the previous run had committed
+    baseline: dict | None = None            # kernel counters to continue from (None: take the kernel's as zero)
+    notes: list[str] = field(default_factory=list)
+    previous_pid: int | None = None
+    previous_updated_at: float | None = None
+
+    def as_dict(self) -> dict:
+        return {"previous": self.previous, "events_seq": self.events_seq, "lost": dict(self.lost),
+                "duplicates_possible": self.duplicates_possible, "notes": list(self.notes),
+                "previous_pid": self.previous_pid, "previous_updated_at": self.previous_updated_at}
+
+
+def _same_kernel(old: dict, new: dict) -> bool:
+    return bool(old) and old.get("boot_id") == new.get("boot_id") and \
+        old.get("ring_map_id") == new.get("ring_map_id") and old.get("ev_stats_map_id") == new.get("ev_stats_map_id")
+
+
+def analyze_restart(ck: Checkpoint, identity: dict, consumer_pos: int, stride: int) -> Restart:
+    """Compare the last run's checkpoint with the kernel as it is now.
+
+    Same kernel instance (boot, ring and counter maps): the ring's consumer position is where the last run
+    committed (or at the commit before, if it died between writing the checkpoint and moving the
+    position: those events come again, with their seqs: duplicates, not loss); the kernel counters
+    continue from the checkpoint's baseline, so what the kernel counted while no collector ran is counted
+    now (budget, ringbuf_full). A consumer position *past* the checkpoint means events someone else took:
+    lost, reason `crash`. A new boot or a reloaded datapath (new maps): the ring the last run read is
+    gone with every event it held beyond the last commit — at least (producer_pos - pos) / stride as last
+    seen: reason `reboot`; counters start from zero."""
+    old = ck.data.get("kernel") or {}
+    r = ck.ring
+    prev = "clean" if ck.data.get("clean_stop") else "crash"
+    rs = Restart(prev, previous_pid=ck.data.get("pid"), previous_updated_at=ck.data.get("updated_at"))
+    if ck.problem:
+        rs.notes.append(ck.problem)
+    if not old:
+        rs.previous = "none" if not ck.problem else "crash"
+        return rs
+    if not _same_kernel(old, identity):
+        rs.previous = "reboot"
+        why = "new boot" if old.get("boot_id") != identity.get("boot_id") else "the datapath was reloaded (new maps)"
+        backlog = max(0, int(r.get("producer_pos", 0)) - int(r.get("pos", 0))) // stride if "pos" in r else 0
+        if backlog and not ck.data.get("clean_stop"):
+            rs.lost["reboot"] = backlog
+        rs.notes.append(f"{why}: the previous ring buffer is gone"
+                        + (f" with at least {backlog} uncommitted events" if backlog else ""))
+        rs.events_seq = ck.seq("events")
+        return rs
+    rs.baseline = ck.data.get("kernel_loss")
+    pos, seq = r.get("pos"), r.get("seq")
+    if pos is None:
+        rs.events_seq = ck.seq("events")
+    elif consumer_pos == pos:
+        rs.events_seq = int(seq)
+    elif r.get("prev_pos") is not None and consumer_pos == r["prev_pos"]:
+        rs.events_seq = int(r["prev_seq"])
+        rs.duplicates_possible = (pos - consumer_pos) // stride
+        rs.notes.append(f"the ring had not moved to the last commit: {rs.duplicates_possible} events come again")
+    elif consumer_pos > pos:
+        rs.events_seq = int(seq)
+        rs.lost["crash"] = (consumer_pos - pos) // stride
+        rs.notes.append(f"{rs.lost['crash']} events were consumed from the ring by someone else")
+    else:
+        rs.events_seq = int(seq)
+        rs.duplicates_possible = (pos - consumer_pos) // stride
+        rs.notes.append(f"the ring is behind the last commit: {rs.duplicates_possible} events come again")
+    return rs

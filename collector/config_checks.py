@@ -1,0 +1,104 @@
+"""Cross-field rules of the collector configuration (collector/config.py), run after every field
+parsed: each problem is added to the Issues list with where the offending value came from (file line,
+environment variable or argument), so every problem is reported at once. O(fields).
+"""
+from __future__ import annotations
+
+from hostwall.yamldoc import Issues
+
+from .config_values import SASL_MECHANISMS
+
+__all__ = ["add_issue", "cross_checks"]
+
+
+def add_issue(issues: Issues, where: tuple, path: tuple, msg: str) -> None:
+    kind, name = where
+    if kind == "file":
+        issues.add(path, msg)
+    elif kind == "env":
+        issues.add(path, msg, file=f"environment {name}", use_index=False)
+    else:
+        issues.add(path, msg, file=f"argument {name}", use_index=False)
+
+
+
+def cross_checks(cfg, origins: dict, issues: Issues) -> None:
+    def where(key: str) -> tuple:
+        o = origins.get(key, "default")
+        if o.startswith("environment "):
+            return ("env", o.split(" ", 1)[1])
+        if o == "argument":
+            return ("arg", f"--{key.replace('_', '-')}")
+        return ("file", None)
+
+    if cfg.drop_interval_s > 1.0:
+        add_issue(issues, where("drop_summary_interval"), ("drop_summary_interval",),
+             f"{cfg.drop_interval_s:g}s is longer than 1s; drop summaries are exported at least every second")
+    if cfg.active_timeout_s < cfg.ct_scan_interval_s:
+        add_issue(issues, where("active_timeout"), ("active_timeout",),
+             f"{cfg.active_timeout_s:g}s is shorter than conntrack_scan_interval ({cfg.ct_scan_interval_s:g}s); "
+             "raise it or scan more often")
+    if not 0 < cfg.close_grace_s <= 60:
+        add_issue(issues, where("flow_close_grace"), ("flow_close_grace",),
+             f"{cfg.close_grace_s:g}s is outside (0s, 60s]: closed connections must be reported after their "
+             "last packets (a few round trips) and long before the datapath's FIN timeout")
+    if cfg.jsonl.rotate_bytes < 4096:
+        add_issue(issues, where("jsonl.rotate_size"), ("jsonl", "rotate_size"),
+             f"{cfg.jsonl.rotate_bytes} bytes is too small to hold records; use at least 4096 (e.g. 100MB)")
+    if cfg.queues.batch > cfg.queues.sink:
+        add_issue(issues, where("queues.batch"), ("queues", "batch"),
+             f"batch ({cfg.queues.batch}) exceeds the sink queue ({cfg.queues.sink}); a batch must fit a queue")
+    _kafka_checks(cfg.kafka, where, issues)
+    _tls_checks("otlp", cfg.otlp, where, issues)
+
+
+def _tls_checks(sec: str, o, where, issues: Issues) -> None:
+    """TLS material only with tls on; a client certificate needs its key and the other way round."""
+    files = [k for k in ("tls_ca_file", "tls_cert_file", "tls_key_file") if getattr(o, k)]
+    if files and not o.tls:
+        add_issue(issues, where(f"{sec}.{files[0]}"), (sec, files[0]),
+             f"{', '.join(files)} set but {sec}.tls is false; set {sec}.tls: true (or remove them)")
+    if bool(o.tls_cert_file) != bool(o.tls_key_file):
+        have, miss = ("tls_cert_file", "tls_key_file") if o.tls_cert_file else ("tls_key_file", "tls_cert_file")
+        add_issue(issues, where(f"{sec}.{have}"), (sec, have),
+             f"a client certificate needs both tls_cert_file and tls_key_file; {sec}.{miss} is missing")
+
+
+def _kafka_checks(k, where, issues: Issues) -> None:
+    _tls_checks("kafka", k, where, issues)
+    if k.sasl_mechanism:
+        if not k.sasl_username:
+            add_issue(issues, where("kafka.sasl_mechanism"), ("kafka", "sasl_mechanism"),
+                 f"{k.sasl_mechanism} needs kafka.sasl_username")
+        if not k.sasl_password and not k.sasl_password_file:
+            add_issue(issues, where("kafka.sasl_mechanism"), ("kafka", "sasl_mechanism"),
+                 f"{k.sasl_mechanism} needs kafka.sasl_password_file (or kafka.sasl_password, e.g. from "
+                 "HOSTWALL_COLLECTOR_KAFKA_SASL_PASSWORD)")
+        if k.sasl_mechanism == "PLAIN" and not k.tls:
+            add_issue(issues, where("kafka.sasl_mechanism"), ("kafka", "sasl_mechanism"),
+                 "PLAIN sends the password in clear text; set kafka.tls: true (or use SCRAM-SHA-512)")
+    else:
+        for key in ("sasl_username", "sasl_password", "sasl_password_file"):
+            if getattr(k, key):
+                add_issue(issues, where(f"kafka.{key}"), ("kafka", key),
+                     f"kafka.{key} is set but kafka.sasl_mechanism is not; set it to one of "
+                     f"{', '.join(SASL_MECHANISMS)}")
+                break
+    if k.sasl_password and k.sasl_password_file:
+        add_issue(issues, where("kafka.sasl_password"), ("kafka", "sasl_password"),
+             "set kafka.sasl_password or kafka.sasl_password_file, not both")
+    if k.spool_segment_bytes > k.spool_max_bytes:
+        add_issue(issues, where("kafka.spool_segment_size"), ("kafka", "spool_segment_size"),
+             f"segment size {k.spool_segment_bytes} exceeds spool_size {k.spool_max_bytes}")
+    if k.spool_max_bytes < (1 << 20):
+        add_issue(issues, where("kafka.spool_size"), ("kafka", "spool_size"),
+             f"{k.spool_max_bytes} bytes is too small for a spool; use at least 1MiB (e.g. 1GiB)")
+    if k.spool_segment_bytes < (64 << 10):
+        add_issue(issues, where("kafka.spool_segment_size"), ("kafka", "spool_segment_size"),
+             f"{k.spool_segment_bytes} bytes is too small; use at least 64KiB (e.g. 64MiB)")
+    if not (1 << 10) <= k.batch_bytes <= (16 << 20):
+        add_issue(issues, where("kafka.batch_size"), ("kafka", "batch_size"),
+             f"{k.batch_bytes} bytes is out of range 1KiB..16MiB")
+    if k.request_timeout_s <= k.spool_after_s:
+        add_issue(issues, where("kafka.spool_after"), ("kafka", "spool_after"),
+             f"spool_after ({k.spool_after_s:g}s) must be shorter than request_timeout ({k.request_timeout_s:g}s)")

@@ -1,0 +1,111 @@
+"""Loss records: what the collector tells a consumer about records it knows are missing, so that
+`hostwall-collector verify` can tell gaps in `hostwall.seq` that are explained from gaps that are not
+(docs/records.md "Loss records").
+
+Two kinds of `hostwall.kind: "loss"` record (schemas/loss.schema.json):
+
+  records-lost       a sink counted records lost (e.g. spool_full, disk_full, too_large): the sink, the
+                     reason, and per stream the hostwall.seq ranges of those records
+  collector-restart  a collector started after a crash or a reboot: what the last run left (its pid and
+                     last checkpoint), what could not be recovered (stage restart: `crash`, `reboot`), what
+                     the kernel counted while no collector ran (budget, ringbuf_full), and the seqs the new
+                     run continues from
+
+They are made by the collector from its own state, so they travel through the outbox (crash-safe) in
+the stream `collector`, and they are fanned out to every sink (each names the sink it concerns). Cost:
+one record per (sink, stream, reason) per tick with news; SeqRanges keeps ranges, not seqs, capped at
+MAX_RANGES (then coarsened to the span, with the exact count kept).
+"""
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Iterable
+
+import orjson
+
+from .records import ECS_VERSION, SCHEMA_VERSION, iso_ns
+
+__all__ = ["LossReporter", "SeqRanges", "MAX_RANGES"]
+
+MAX_RANGES = 512
+
+
+class SeqRanges:
+    """Disjoint, sorted [lo, hi] ranges of hostwall.seq values, plus an exact count."""
+    __slots__ = ("ranges", "count")
+
+    def __init__(self) -> None:
+        self.ranges: list[list[int]] = []
+        self.count = 0
+
+    def add(self, seqs: Iterable[int]) -> None:
+        for s in sorted(seqs):
+            self.count += 1
+            if self.ranges and self.ranges[-1][1] + 1 >= s >= self.ranges[-1][0]:
+                self.ranges[-1][1] = max(self.ranges[-1][1], s)
+            else:
+                self.ranges.append([s, s])
+        self._normalise()
+
+    def _normalise(self) -> None:
+        self.ranges.sort()
+        out: list[list[int]] = []
+        for lo, hi in self.ranges:
+            if out and lo <= out[-1][1] + 1:
+                out[-1][1] = max(out[-1][1], hi)
+            else:
+                out.append([lo, hi])
+        if len(out) > MAX_RANGES:
+            out = [[out[0][0], out[-1][1]]]
+        self.ranges = out
+
+    def __bool__(self) -> bool:
+        return self.count > 0
+
+
+class LossReporter:
+    def __init__(self, hostname: str, pin_dir: str):
+        self.hostname = hostname
+        self.pin_dir = pin_dir
+        self.made = 0
+
+    def _base(self, action: str, reason: str, message: str, loss: dict, now: float) -> dict:
+        ident = orjson.dumps({"h": self.hostname, "p": self.pin_dir, "a": action, "l": loss},
+                             option=orjson.OPT_SORT_KEYS)
+        self.made += 1
+        ts = iso_ns(int(now * 1e9))
+        return {"@timestamp": ts, "ecs": {"version": ECS_VERSION},
+                "event": {"kind": "event", "category": ["host"], "type": ["info"], "action": action,
+                          "outcome": "failure", "reason": reason, "dataset": "hostwall.loss", "created": ts,
+                          "id": hashlib.blake2b(ident, digest_size=16).hexdigest()},
+                "observer": {"hostname": self.hostname, "type": "firewall", "product": "hostwall",
+                             "vendor": "hostwall"},
+                "message": message,
+                "hostwall": {"kind": "loss", "schema_version": SCHEMA_VERSION, "pin_dir": self.pin_dir, "loss": loss}}
+
+    def sink_loss(self, sink: str, reason: str, stream: str, ranges: SeqRanges, *, now: float | None = None) -> dict:
+        """A sink counted `ranges.count` records of `stream` lost for `reason`."""
+        now = time.time() if now is None else now
+        loss = {"sink": sink, "reason": reason, "stream": stream, "count": ranges.count,
+                "ranges": [list(r) for r in ranges.ranges], "reported_at": now}
+        return self._base("records-lost", reason,
+                          f"sink {sink} lost {ranges.count} {stream} records ({reason})", loss, now)
+
+    def restart(self, restart: dict, *, kernel_while_down: dict, previous_run: dict | None, seqs: dict,
+                now: float | None = None) -> dict:
+        """A start after a crash or reboot: what was lost, what the kernel counted meanwhile."""
+        now = time.time() if now is None else now
+        lost = restart.get("lost") or {}
+        n = sum(lost.values()) + sum(kernel_while_down.values())
+        reason = "reboot" if restart.get("previous") == "reboot" else "crash"
+        loss = {"reason": reason, "previous": restart.get("previous"), "count": n, "lost": dict(lost),
+                "kernel_while_down": dict(kernel_while_down), "previous_pid": restart.get("previous_pid"),
+                "previous_updated_at": restart.get("previous_updated_at"),
+                "duplicates_possible": restart.get("duplicates_possible", 0), "notes": restart.get("notes", []),
+                "seq_from": dict(seqs), "started_at": now}
+        if previous_run:
+            loss["previous_ledger"] = {k: previous_run.get(k) for k in ("produced", "lost_upstream", "ok")}
+        what = ", ".join(f"{r} {c}" for r, c in {**lost, **kernel_while_down}.items()) or "nothing"
+        return self._base("collector-restart", reason,
+                          f"collector restarted after a {restart.get('previous')}: lost {what}", loss, now)

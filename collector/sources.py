@@ -1,0 +1,429 @@
+"""The pipeline's periodic sources and its start-up recovery (part of collector.pipeline.Pipeline).
+
+Each source hands its records to `_emit` and releases what it took from the kernel only once they are
+durable in every at_least_once sink (docs/collector.md "Delivery and loss"):
+
+    drops   read a drop-aggregation interval (flip + RCU barrier, no clear) and the flow aggregation of
+            the same generation → drop_summary and flow_summary records in a fixed order → checkpoint the interval (generation, window, seq base, count) → fan out → when
+            durable, clear exactly what was read and checkpoint that. The next flip waits for it. A
+            restart finds the checkpointed interval still in its map and exports it again with the same
+            window, so the same event ids and seqs (or finds it cleared, and moves on).
+    ct      claim idle conntrack ends and FIN closes quiet for the close grace period
+            (hostwall.bpf.conntrack) → flow end / update records → when durable, checkpoint the stream's
+            seq and the scan time, then release the claims (free idle slots, mark closes reported).
+            Connections reported in aggregate that ended become flow_summary records of the same batch.
+    tick    builder/anomaly tick, the per-port SYN signal and the SYN proxy's switches (collector/
+            syn_proxy.py; anomaly records go through the outbox), the enforcer's audit log (its
+            offset is checkpointed when the records are durable), kernel loss counters (the baseline is
+            checkpointed), and loss records for records a sink counted lost.
+
+Recovery (`_recover`, once at start): compare the checkpoint with the kernel (collector/checkpoint.py),
+count what the kernel counted while no collector ran, count what could not be recovered (`restart`
+stage: crash, reboot), resend the outbox, and publish one collector-restart loss record.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import orjson
+
+from hostwall.bpf.ringbuf import slot_size
+
+from . import flow_summary
+from .acks import CommitEntry
+from .checkpoint import STREAMS, analyze_restart
+
+log = logging.getLogger("hostwall.collector")
+
+CLOCK_RECALIBRATE_S = 60.0
+
+
+class Sources:
+    """Mixin of collector.pipeline.Pipeline: the sources other than the ring, and recovery."""
+
+    # ---- recovery --------------------------------------------------------------------------------
+    async def _recover(self) -> None:
+        ck = self.checkpoint
+        identity = await self._k(self.source.identity)
+        stride = slot_size(self.ring.record_size)
+        rs = self.restart = analyze_restart(ck, identity, self.ring.consumer_pos, stride)
+        if rs.previous == "crash" and self.previous_run is None and ck.exists:
+            self.previous_run = {"pid": ck["pid"], "updated_at": ck["updated_at"], "state": "crashed"}
+        if rs.baseline:
+            self.ledger.set_kernel_baseline(rs.baseline)
+        before = dict(self.ledger.lost_by.get("kernel", {}))
+        await self._fold_kernel()
+        self.kernel_while_down = {r: n - before.get(r, 0) for r, n in self.ledger.lost_by.get("kernel", {}).items()
+                                  if n - before.get(r, 0) > 0} if rs.baseline else {}
+        for s in self.slots:                     # a spool's torn tail (collector/sinks/spool.py recovery)
+            torn = ((s.sink.stats().get("recovered") or {}).get("lost") or {}).get("spool_torn", 0)
+            if torn:
+                rs.lost["spool_torn"] = rs.lost.get("spool_torn", 0) + torn
+                rs.notes.append(f"sink {s.name}: {torn} spooled records cut off with a torn spool tail")
+        for reason, n in rs.lost.items():
+            self.ledger.lose("restart", reason, n, produced="kernel")
+        self.seq = {s: ck.seq(s) for s in STREAMS}
+        self.seq["events"] = rs.events_seq
+        if rs.previous == "reboot":              # the kernel state the checkpoint described is gone
+            ck["drain"] = None
+            ck["ct_last_scan"] = None
+            ck.data["ring"] = {}
+        ck["kernel"] = identity
+        ck["pid"], ck["started_at"], ck["clean_stop"] = os.getpid(), self._started, False
+        if "pos" not in ck.ring:
+            ck.ring.update(pos=self.ring.consumer_pos, seq=rs.events_seq)
+        ck.save()
+        if ck["ct_last_scan"]:
+            self.source.set_last_scan(int(ck["ct_last_scan"]))
+        self._audit_pos = self._audit_resume()
+        self._drain_checked = False
+        self._ct_checked = False
+        self._last_scan_wall: int | None = None      # the flow summaries' window starts at the previous scan
+        self._boot_id = str(identity.get("boot_id") or "")
+        await self._replay_outbox()
+        if rs.previous in ("crash", "reboot"):
+            await self._close_orphaned_anomalies()
+            log.warning("collector restarted after a %s: %s", rs.previous,
+                        "; ".join(rs.notes) or f"kernel counted while down: {self.kernel_while_down or 'nothing'}")
+            rec = self.losses.restart(rs.as_dict(), kernel_while_down=self.kernel_while_down,
+                                      previous_run=(self.previous_run or {}).get("ledger"), seqs=dict(self.seq))
+            await self._emit_owned([rec], "collector")
+
+    async def _replay_outbox(self) -> None:
+        """Records an earlier run put in the outbox and never got durable everywhere: send them first."""
+        pending = self.outbox.load()
+        if self.outbox.damaged:
+            log.warning("outbox %s: %d unreadable line(s) dropped", self.outbox.path, self.outbox.damaged)
+            self.ledger.lose("restart", "outbox_torn", self.outbox.damaged, produced="collector")
+        if not pending:
+            return
+        for r in pending:
+            h = r.get("hostwall") or {}
+            st = h.get("stream")
+            if st in self.seq and isinstance(h.get("seq"), int):
+                self.seq[st] = max(self.seq[st], h["seq"] + 1)
+        by: dict[str, list[dict]] = {}
+        for r in pending:
+            by.setdefault((r.get("hostwall") or {}).get("stream") or "collector", []).append(r)
+        log.info("resending %d record(s) from the outbox %s", len(pending), self.outbox.path)
+        track_open_anomalies(self.checkpoint, [r for r in pending if (r.get("hostwall") or {}).get("kind") == "anomaly"])
+        for stream, recs in by.items():
+            ticket = await self._emit(recs, stream, assign_seq=False, enrich=False, observe=False)
+            self._commit_owned(ticket, stream, len(recs), recs)
+
+    async def _emit_owned(self, records: list[dict], stream: str) -> None:
+        """Records made from the collector's own state: outbox first, then fan out; settled in order."""
+        ticket = await self._emit(records, stream, outbox=True, enrich=False, observe=False)
+        self._commit_owned(ticket, stream, len(records), records)
+
+    def _commit_owned(self, ticket, stream: str, n: int, records: list[dict] = ()) -> None:
+        ck, outbox, seq_after = self.checkpoint, self.outbox, self.seq.get(stream, 0)
+        opened = [r for r in records if (r.get("hostwall") or {}).get("kind") == "anomaly"]
+
+        def before() -> None:
+            ck.set_seq(stream, max(ck.seq(stream), seq_after))
+            if opened:                           # which anomalies are open, as durable records say
+                track_open_anomalies(ck, opened)
+
+        async def after() -> None:
+            outbox.settle(n)
+        self.commits.add(CommitEntry(ticket, before, after))
+
+    async def _close_orphaned_anomalies(self) -> None:
+        """Anomalies the crashed run had open (checkpoint, plus opens resent from the outbox): close them,
+        since the detector state that would have closed them is gone."""
+        from .anomaly import AnomalyDetector
+        still = dict(self.checkpoint["open_anomalies"] or {})
+        if not still:
+            return
+        now = time.time()
+        closes = [AnomalyDetector.close_after_restart(last, now) for last in still.values()]
+        log.info("closing %d anomaly(ies) the previous run left open", len(closes))
+        await self._emit_owned(closes, "anomaly")
+
+    # ---- drop aggregation ------------------------------------------------------------------------
+    async def _export_drops(self) -> None:
+        if not self._drain_checked:
+            self._drain_checked = True
+            await self._export_checkpointed_drain()
+        if self.checkpoint["drain"]:            # an interval is still uncleared (not durable): never flip
+            return                              # back onto it; the next collector exports it
+        d = await self._k(self.source.read_drops)
+        self._count_drain(d)
+        self.counters["drop_intervals"] += 1
+        self.last_drain = {"keys": len(d.keys), "packets": d.packets, "overflow_packets": d.overflow_packets,
+                           "barrier_ms": round(d.barrier_s * 1e3, 3)}
+        await self._ship_drain(d, self.clock.wall_ns(d.t0_ns), self.clock.wall_ns(d.t1_ns), self.seq["drop_summaries"])
+
+    async def _export_checkpointed_drain(self) -> None:
+        """An interval the last run read but did not clear: export it again, or note that it was cleared."""
+        ck = self.checkpoint
+        m = ck["drain"]
+        if not m:
+            return
+        if await self._k(self.source.agg_gen) == m["gen"]:
+            ck["drain"] = None                  # never flipped away from: nothing was read from it
+            return
+        d = await self._k(self.source.read_drops_of, int(m["gen"]))
+        if not _drain_records(d):               # cleared before the crash: its records were durable
+            self.seq["drop_summaries"] = max(self.seq["drop_summaries"], int(m["seq_base"]) + int(m["n"]))
+            ck.set_seq("drop_summaries", self.seq["drop_summaries"])
+            ck["drain"] = None
+            ck.save()
+            return
+        self.counters["drain_reexported"] += 1
+        self._count_drain(d)
+        self.seq["drop_summaries"] = int(m["seq_base"])
+        await self._ship_drain(d, int(m["t0"]), int(m["t1"]), int(m["seq_base"]))
+
+    def _count_drain(self, d) -> None:
+        self.ledger.count_drops(d.packets, d.overflow_packets)
+        fl = getattr(d, "flows", None)
+        if fl is not None and fl.records:
+            self.ledger.count_flows(fl.totals())
+
+    async def _ship_drain(self, d, t0: int, t1: int, seq_base: int) -> None:
+        if not _drain_records(d):
+            return
+        recs = self._build("drop_summaries", len(d.keys), self.builder.on_drop_summaries, d.keys, d.vals, t0, t1,
+                           self.clock, d.sources) if len(d.keys) else []
+        if d.overflow:
+            recs += self._build("drop_summaries", len(d.overflow), self.builder.on_drop_overflow, d.overflow, t0, t1,
+                                self.clock)
+        fl = getattr(d, "flows", None)
+        if fl is not None and fl.records:               # the same interval's flows in aggregate, same stream
+            recs += self._build("drop_summaries", fl.records, flow_summary.from_drain, self.builder, fl, t0, t1,
+                                self.clock)
+        recs.sort(key=lambda r: r["event"]["id"])        # a fixed order: a re-export gets the same seqs
+        ck = self.checkpoint
+        ck["drain"] = {"gen": d.gen, "t0": t0, "t1": t1, "seq_base": seq_base, "n": len(recs)}
+        ck.save()
+        ticket = await self._emit(recs, "drop_summaries")
+        if ticket is not None and not await ticket.wait():
+            return                                       # stopping: the interval stays for the next run
+        await self._k(self.source.clear_drops, d)
+        ck["drain"] = None
+        ck.set_seq("drop_summaries", seq_base + len(recs))
+        ck.save()
+
+    # ---- conntrack -------------------------------------------------------------------------------
+    async def _scan_ct(self) -> None:
+        if not self._ct_checked:
+            self._ct_checked = True
+            await self._replay_ct_journal()
+        now = await self._k(self.source.now_ns)
+        s = await self._k(self.source.scan_conntrack, now, int(self.cfg.active_timeout_s * 1e9),
+                          int(self.cfg.close_grace_s * 1e9))
+        closed = s.closed
+        self.counters["ct_scans"] += 1
+        self.counters["ct_expired"] += s.expired
+        self.counters["ct_updates"] += s.updates
+        self.counters["ct_closed"] += closed
+        self.counters["ct_raced"] += s.raced
+        self.counters["ct_reclaimed"] += s.reclaimed
+        self.last_scan = {"entries": s.scanned, "expired": s.expired, "updates": s.updates, "closed": closed,
+                          "raced": s.raced, "ended_before": s.ended, "reclaimed": s.reclaimed}
+        t1 = self.clock.wall_ns(now)
+        window = (self._last_scan_wall or t1, t1)
+        self._last_scan_wall = t1
+        await self._ship_ct(self._build_ct(s.families, window), s.families, now, window=window)
+
+    def _build_ct(self, families, window: tuple[int, int] | None) -> list[dict]:
+        recs: list[dict] = []
+        for f in families:
+            ck = f.closed_keys
+            if len(f.expired_keys) or len(f.update_keys) or len(ck):
+                recs += self._build("conntrack", len(f.expired_keys) + len(f.update_keys) + len(ck),
+                                    self.builder.on_conntrack, f.expired_keys, f.expired_entries,
+                                    (f.update_keys, f.update_entries), self.clock,
+                                    (ck, f.closed_entries) if len(ck) else None)
+            if f.agg_keys is not None and len(f.agg_keys) and window is not None:    # ended in aggregate
+                recs += self._build("conntrack", len(f.agg_keys), flow_summary.from_scan, self.builder, f.agg_keys,
+                                    f.agg_entries, self.cfg.drop_prefix_v4, self.cfg.drop_prefix_v6, *window,
+                                    self.clock)
+        return recs
+
+    async def _ship_ct(self, recs: list[dict], families, now: int, journaled=None, window=None) -> None:
+        """Journal the batch (unless it comes from the journal), fan it out, and once durable checkpoint
+        the stream's seq and the scan time, then release the claims and drop the journal file."""
+        base = self.seq["conntrack"]
+        path = journaled
+        if recs and journaled is None:
+            path = self.ct_journal.write(base, len(recs), now, self._boot_id, families, window)
+            if path is None:
+                self.counters["ct_journal_errors"] += 1
+                if self.counters["ct_journal_errors"] in (1, 10, 100):
+                    log.warning("cannot write the conntrack journal %s: a crash before this batch is durable "
+                                "may number its records again", self.ct_journal.dir)
+        ticket = await self._emit(recs, "conntrack")
+        claims = [f for f in families if any(i is not None and len(i) for i in (f.claimed_idx, f.closed_idx))]
+        ck, src, journal, seq_after = self.checkpoint, self.source, self.ct_journal, self.seq["conntrack"]
+
+        def before() -> None:
+            ck.set_seq("conntrack", seq_after)
+            ck["ct_last_scan"] = now
+
+        async def after() -> None:
+            for f in claims:
+                self.counters["ct_released"] += await self._k(src.free_claims, f)
+            journal.remove(path)
+        self.commits.add(CommitEntry(ticket, before, after if claims or path is not None else None))
+
+    async def _replay_ct_journal(self) -> None:
+        """Scan batches an earlier run journaled and did not see durable: send each again from its
+        snapshot (same records, same seqs), after taking over its claims; a batch that was durable already
+        (the crash came between the checkpoint and the release) is only released."""
+        batches, bad = self.ct_journal.load()
+        if bad:
+            log.warning("conntrack journal %s: %d unreadable batch(es) dropped", self.ct_journal.dir, bad)
+            self.counters["ct_journal_unreadable"] += bad
+        if not batches:
+            return
+        durable_to = self.checkpoint.seq("conntrack")
+        last = None
+        for b in batches:
+            scans = b.scans()
+            ours = b.boot_id == self._boot_id       # the kernel tables it claimed in are this boot's
+            for f in scans:
+                if ours:
+                    await self._k(self.source.adopt_claims, f)
+            if b.seq_base + b.n <= durable_to:
+                for f in scans:
+                    if ours:
+                        self.counters["ct_released"] += await self._k(self.source.free_claims, f)
+                self.ct_journal.remove(b.path)
+                continue
+            recs = self._build_ct(scans, b.window)
+            if len(recs) != b.n:                    # a builder that changed between the runs
+                log.warning("conntrack journal %s: %d records rebuilt, %d journaled", b.path, len(recs), b.n)
+            self.counters["ct_journal_resent"] += len(recs)
+            self.seq["conntrack"] = b.seq_base
+            await self._ship_ct(recs, scans if ours else [], b.now_ns, journaled=b.path)
+            last = b.now_ns if ours else last
+        log.info("resent %d conntrack batch(es) from the journal %s", len(batches), self.ct_journal.dir)
+        if last is not None:
+            self.source.set_last_scan(last)         # their active-timeout updates are in them
+
+    # ---- tick ------------------------------------------------------------------------------------
+    async def _tick(self) -> None:
+        now = await self._k(self.source.now_ns)
+        await self._emit(self.builder.tick(now), "tick")
+        if self.syn_watch is not None:                   # SYNs per port, the SYN proxy's switches
+            syns, proxy = await self._k(self.source.port_syns), await self._k(self.source.syn_proxy, now)
+            recs = self.syn_watch.tick(syns, proxy, time.time())
+            if recs:
+                await self._emit_owned(recs, "anomaly")
+        if self.anomaly is not None:                     # the detector works in wall-clock seconds
+            recs = self.anomaly.tick(time.time()) or []
+            if recs:
+                await self._emit_owned(recs, "anomaly")
+        await self._tail_audit()
+        await self._fold_kernel()
+        await self._report_sink_losses()
+        if time.monotonic() - self._clock_at >= CLOCK_RECALIBRATE_S:      # follow wall-clock steps
+            self.clock = self._clock_factory(self.source.monotonic_to_wall())
+            self._clock_at = time.monotonic()
+
+    async def _fold_kernel(self) -> None:
+        totals = await self._k(self.source.kernel_loss)
+        self.ledger.fold_kernel(totals)
+        self.checkpoint["kernel_loss"] = totals
+
+    async def _report_sink_losses(self) -> None:
+        recs = []
+        for s in self.slots:
+            for (stream, reason), ranges in s.sink.take_lost_seqs().items():
+                recs.append(self.losses.sink_loss(s.name, reason, stream, ranges))
+        if recs:
+            await self._emit_owned(recs, "collector")
+
+    # ---- audit log -------------------------------------------------------------------------------
+    def _audit_resume(self) -> tuple[int, int] | None:
+        """Where to continue the enforcer's audit log: the checkpointed offset (durable records) if it is
+        the same file (inode), else its start (re-shipped records have the same event.id)."""
+        if self.audit_log is None:
+            return None
+        a = self.checkpoint["audit"]
+        if a:
+            return int(a["inode"]), int(a["offset"])
+        try:                                             # a checkpoint from before this format: the status
+            prev = orjson.loads(self.status_path.read_bytes()).get("audit", {})
+            return int(prev["inode"]), int(prev["offset"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return (0, 0)
+
+    async def _tail_audit(self) -> None:
+        if self._audit_pos is None:
+            return
+        try:
+            st = os.stat(self.audit_log)
+        except FileNotFoundError:
+            return
+        ino, off = self._audit_pos
+        if st.st_ino != ino or st.st_size < off:
+            ino, off = st.st_ino, 0                     # new or truncated file
+        if st.st_size == off:
+            self._audit_pos = (ino, off)
+            return
+        with open(self.audit_log, "rb") as f:
+            f.seek(off)
+            data = f.read(st.st_size - off)
+        end = data.rfind(b"\n") + 1                     # whole lines only
+        recs, bad = [], 0
+        for line in data[:end].splitlines():
+            if not line.strip():
+                continue
+            try:
+                recs.append(self.builder.on_audit(orjson.loads(line)))
+            except (ValueError, TypeError, AttributeError):
+                bad += 1
+        self._audit_pos = pos = (ino, off + end)
+        if bad:
+            self.ledger.lose("decode", "audit_line", bad, produced="audit")
+        ticket = await self._emit(recs, "audit", observe=False)
+        ck, seq_after = self.checkpoint, self.seq["audit"]
+
+        def before() -> None:
+            ck["audit"] = {"inode": pos[0], "offset": pos[1]}
+            ck.set_seq("audit", seq_after)
+        self.commits.add(CommitEntry(ticket, before))
+
+
+def _drain_records(d) -> int:
+    """Summary records a DropDrain makes (drops, overflow, flows in aggregate); 0: an empty interval."""
+    fl = getattr(d, "flows", None)
+    return len(d.keys) + len(d.overflow) + (fl.records if fl is not None else 0)
+
+
+def track_open_anomalies(ck, records: list[dict]) -> None:
+    """Keep the checkpoint's {anomaly id: last record} of open anomalies (open/update add, close removes)."""
+    now = dict(ck["open_anomalies"] or {})
+    for r in records:
+        a = r["hostwall"].get("anomaly") or {}
+        if a.get("state") == "close":
+            now.pop(a.get("id"), None)
+        elif a.get("id"):
+            now[a["id"]] = r
+    ck["open_anomalies"] = now
+
+
+def previous_run(status_path) -> dict | None:
+    """The last status the previous collector wrote, when it did not stop (its pid is gone and its state
+    says running): kept in this run's status as `previous_run` instead of being overwritten."""
+    try:
+        st = orjson.loads(status_path.read_bytes())
+    except (OSError, ValueError):
+        return None
+    if st.get("state") not in ("starting", "running", "stopping"):
+        return None
+    try:
+        os.kill(int(st.get("pid")), 0)
+        return None                                     # still alive: not ours to report
+    except (TypeError, ValueError, ProcessLookupError):
+        pass
+    except PermissionError:
+        return None
+    return {"pid": st.get("pid"), "state": "crashed", "started_at": st.get("started_at"),
+            "updated_at": st.get("updated_at"), "ledger": st.get("ledger")}

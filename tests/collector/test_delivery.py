@@ -1,0 +1,508 @@
+"""End-to-end acknowledgement with a fake kernel (docs/collector.md "Delivery and loss", "Restarts"):
+the ring's consumer position, drop intervals, conntrack claims, the audit offset and the outbox move only
+once every at_least_once sink made the records durable; a restart continues from the checkpoint with the
+same hostwall.seq for what comes again, counts what the kernel counted while no collector ran, and says
+what it could not recover. The real kernel and real processes: tests/collector/test_crash_live.py."""
+from __future__ import annotations
+
+import asyncio
+import json
+
+import numpy as np
+import pytest
+import uvloop
+
+from hostwall.bpf import layout as L
+from hostwall.bpf.conntrack import CT_F_CLAIMED
+from hostwall.collector.acks import Acks, CommitEntry, CommitLog
+from hostwall.collector.checkpoint import Checkpoint, analyze_restart
+from hostwall.collector.kernel import CtFamilyScan, CtScan, DropDrain
+from hostwall.collector.loss_report import SeqRanges
+from hostwall.collector.outbox import Outbox
+from hostwall.collector.pipeline import Pipeline
+from hostwall.collector.sinks.base import BaseSink, Durability, FullQueuePolicy
+from tests.collector.fakes import (
+    DROP_KEY,
+    DROP_VAL,
+    FakeRingBuffer,
+    FakeSource,
+    MemorySink,
+    StubBuilder,
+    cfg,
+    started,
+    until,
+)
+
+STRIDE = 128
+
+
+def restarted(src: FakeSource) -> FakeSource:
+    """The same kernel state (ring memory, counters) as a new collector process sees it."""
+    src.rb = FakeRingBuffer(src.fake)
+    src.cleared, src.freed = [], []
+    src.closed = False
+    return src
+
+
+def seqs(records, stream="events"):
+    return [r["hostwall"]["seq"] for r in records if r["hostwall"].get("stream") == stream]
+
+
+def test_the_ring_moves_only_past_durable_batches(tmp_path):
+    durable = asyncio.Event()
+    src, sink = FakeSource(), MemorySink(durable_gate=durable)
+    pipe = Pipeline(cfg(tmp_path), src, StubBuilder(), [sink])
+
+    async def go():
+        task = await started(pipe)
+        src.emit(50)
+        await until(lambda: len(sink.records) == 50)
+        await asyncio.sleep(0.1)
+        assert src.rb.consumer_pos == 0 and src.rb.uncommitted_bytes() == 50 * STRIDE   # delivered, not durable
+        assert pipe.status()["delivery"]["waiting"] >= 1
+        durable.set()
+        sink.make_durable()
+        await until(lambda: src.rb.consumer_pos == 50 * STRIDE)
+        ck = json.loads(pipe.checkpoint.path.read_text())
+        assert ck["ring"]["pos"] == 50 * STRIDE and ck["seq"]["events"] == 50   # checkpoint before the kernel
+        pipe.stop()
+        await task
+    uvloop.run(go())
+    assert seqs(sink.records) == list(range(50))
+    assert {r["hostwall"]["stream"] for r in sink.records} == {"events"}
+    assert json.loads(pipe.checkpoint.path.read_text())["clean_stop"] is True
+
+
+def test_a_stop_before_durability_leaves_the_events_for_the_next_run_with_the_same_seqs(tmp_path):
+    durable = asyncio.Event()
+    src, first = FakeSource(), MemorySink(durable_gate=durable)
+    pipe = Pipeline(cfg(tmp_path, queues=cfg(tmp_path).queues), src, StubBuilder(), [first], shutdown_timeout_s=1.0)
+
+    async def one():
+        task = await started(pipe)
+        src.emit(30)
+        await until(lambda: len(first.records) == 30)
+        pipe.stop()
+        await task
+    uvloop.run(one())
+    assert src.rb.consumer_pos == 0                       # nothing was durable: the kernel keeps all 30
+    led = pipe.ledger
+    # delivered (written), but never durable: the next run sends them again (duplicates, same event.id)
+    assert led.lanes["mem"].delivered == 30 and led.check(quiescent=True) == []
+    second = MemorySink()
+    pipe2 = Pipeline(cfg(tmp_path), restarted(src), StubBuilder(), [second])
+
+    async def two():
+        task = await started(pipe2)
+        await until(lambda: len([r for r in second.records if r["hostwall"]["kind"] == "deny"]) == 30)
+        pipe2.stop()
+        await task
+    uvloop.run(two())
+    again = [r for r in second.records if r["hostwall"]["kind"] == "deny"]
+    assert [r["ident"] for r in again] == [r["ident"] for r in first.records]      # the same events ...
+    assert seqs(again) == seqs(first.records) == list(range(30))                  # ... with the same seqs
+    assert pipe2.restart.previous == "clean" and src.rb.consumer_pos == 30 * STRIDE
+
+
+def test_restart_counts_what_the_kernel_counted_while_down_and_a_reboot(tmp_path):
+    src, sink = FakeSource(), MemorySink()
+    pipe = Pipeline(cfg(tmp_path), src, StubBuilder(), [sink])
+
+    async def run(p, sink, n):
+        task = await started(p)
+        src.emit(n)
+        await until(lambda: len([r for r in sink.records if r["hostwall"]["kind"] == "deny"]) >= n)
+        p.stop()
+        await task
+    src.loss["deny"]["ringbuf_full"] = 5                  # before the first start: not this collector's
+    uvloop.run(run(pipe, sink, 10))
+    assert pipe.ledger.lost_by.get("kernel", {}) == {}
+    src.loss["deny"]["ringbuf_full"] = 12                 # 7 more while no collector ran
+    src.loss["deny"]["budget"] = 3
+    sink2 = MemorySink()
+    pipe2 = Pipeline(cfg(tmp_path), restarted(src), StubBuilder(), [sink2])
+    uvloop.run(run(pipe2, sink2, 5))
+    assert dict(pipe2.ledger.lost_by["kernel"]) == {"ringbuf_full": 7, "budget": 3}
+    assert pipe2.kernel_while_down == {"ringbuf_full": 7, "budget": 3}
+    assert seqs(sink2.records) == list(range(10, 15))    # the seq continues
+    # a new boot: the checkpoint's ring is gone with its uncommitted events (counted), seqs continue
+    ck = json.loads(pipe2.checkpoint.path.read_text())
+    ck["ring"]["producer_pos"] = ck["ring"]["pos"] + 4 * STRIDE
+    ck["clean_stop"] = False
+    pipe2.checkpoint.path.write_text(json.dumps(ck))
+    src.ident["boot_id"] = "another-boot"
+    sink3 = MemorySink()
+    pipe3 = Pipeline(cfg(tmp_path), restarted(src), StubBuilder(), [sink3])
+    uvloop.run(run(pipe3, sink3, 2))
+    assert pipe3.restart.previous == "reboot" and dict(pipe3.ledger.lost_by["restart"]) == {"reboot": 4}
+    loss = [r for r in sink3.records if r["hostwall"]["kind"] == "loss"]
+    assert len(loss) == 1 and loss[0]["event"]["action"] == "collector-restart"
+    assert loss[0]["hostwall"]["loss"]["lost"] == {"reboot": 4} and loss[0]["hostwall"]["stream"] == "collector"
+
+
+def test_analyze_restart_positions():
+    ck = Checkpoint("/nonexistent/x.json", {"version": 1, "seq": {"events": 7}, "ring": {
+        "pos": 10 * STRIDE, "seq": 7, "prev_pos": 6 * STRIDE, "prev_seq": 3, "producer_pos": 12 * STRIDE},
+        "kernel": {"boot_id": "b", "ring_map_id": 1, "ev_stats_map_id": 2}, "kernel_loss": {"deny": {"budget": 1}}})
+    ident = {"boot_id": "b", "ring_map_id": 1, "ev_stats_map_id": 2}
+    r = analyze_restart(ck, ident, 10 * STRIDE, STRIDE)
+    assert (r.previous, r.events_seq, r.lost, r.baseline) == ("crash", 7, {}, {"deny": {"budget": 1}})
+    r = analyze_restart(ck, ident, 6 * STRIDE, STRIDE)        # died between checkpoint and ring commit
+    assert (r.events_seq, r.duplicates_possible, r.lost) == (3, 4, {})
+    r = analyze_restart(ck, ident, 15 * STRIDE, STRIDE)       # someone else consumed 5
+    assert r.lost == {"crash": 5}
+    r = analyze_restart(ck, {**ident, "ring_map_id": 9}, 0, STRIDE)
+    assert r.previous == "reboot" and r.lost == {"reboot": 2} and r.baseline is None
+
+
+def test_drop_interval_is_cleared_only_when_durable_and_reexported_after_a_crash(tmp_path):
+    durable = asyncio.Event()
+    src, sink = FakeSource(), MemorySink(durable_gate=durable)
+    keys = np.zeros(2, DROP_KEY)
+    keys["family"] = 4
+    vals = np.zeros(2, DROP_VAL)
+    vals["packets"] = [5, 9]
+    src.drains.append(DropDrain(keys, vals, {(1, 3): (4, 400)}, 1_000, 2_000, 0.001))
+    builder = StubBuilder()
+    pipe = Pipeline(cfg(tmp_path), src, builder, [sink], shutdown_timeout_s=1.0)
+
+    async def one():
+        task = await started(pipe)
+        await until(lambda: len(sink.records) == 3)
+        await asyncio.sleep(0.2)
+        assert src.cleared == []                         # read, shipped, not durable: still in the kernel
+        assert json.loads(pipe.checkpoint.path.read_text())["drain"]["n"] == 3
+        pipe.stop()
+        await task
+    uvloop.run(one())
+    first = [r for r in sink.records if r["hostwall"]["kind"] == "drop_summary"]
+    marker = json.loads(pipe.checkpoint.path.read_text())["drain"]
+    assert marker is not None and marker["gen"] == 0 and src.cleared == []
+    # the next collector finds the interval in generation 0's map (the datapath writes gen 1 now)
+    src.pending_gen[0] = DropDrain(keys, vals, {(1, 3): (4, 400)}, 0, 0, 0.0, 0)
+    sink2 = MemorySink()
+    pipe2 = Pipeline(cfg(tmp_path), restarted(src), StubBuilder(), [sink2])
+
+    async def two():
+        task = await started(pipe2)
+        await until(lambda: len(src.cleared) >= 1)
+        pipe2.stop()
+        await task
+    uvloop.run(two())
+    again = [r for r in sink2.records if r["hostwall"]["kind"] == "drop_summary"][:3]
+    assert [r["event"]["id"] for r in again] == [r["event"]["id"] for r in first]     # same window, same ids
+    assert seqs(again, "drop_summaries") == seqs(first, "drop_summaries") == [0, 1, 2]
+    assert src.cleared[0].gen == 0 and json.loads(pipe2.checkpoint.path.read_text())["drain"] is None
+
+
+def test_conntrack_claims_are_freed_once_durable(tmp_path):
+    durable = asyncio.Event()
+    src, sink = FakeSource(), MemorySink(durable_gate=durable)
+    ct4, ent = L.DTYPES["hw_ct4_key"], L.DTYPES["hw_ct_entry"]
+    e6 = (np.zeros(0, L.DTYPES["hw_ct6_key"]), np.zeros(0, ent))
+    src.scans.append(CtScan([CtFamilyScan(4, np.zeros(2, ct4), np.zeros(2, ent), np.zeros(0, ct4), np.zeros(0, ent),
+                                          np.array([7, 9]), np.zeros(2, ent)),
+                             CtFamilyScan(6, *e6, *e6)], 10, 0, 0))
+    pipe = Pipeline(cfg(tmp_path), src, StubBuilder(), [sink])
+
+    async def go():
+        task = await started(pipe)
+        await until(lambda: len(sink.records) == 2)
+        await asyncio.sleep(0.2)
+        assert src.freed == []
+        durable.set()
+        sink.make_durable()
+        await until(lambda: src.freed == [2])
+        pipe.stop()
+        await task
+    uvloop.run(go())
+    assert seqs(sink.records, "conntrack") == [0, 1]
+    assert json.loads(pipe.checkpoint.path.read_text())["seq"]["conntrack"] == 2
+
+
+class CtIdBuilder(StubBuilder):
+    """Conntrack records whose event.id is the entry's first packet, as RecordBuilder's are (a pure
+    function of the scan's snapshot), in its order: closes, idle ends, updates."""
+
+    def on_conntrack(self, ek, ee, updates, clock, closed=None):
+        out = []
+        for kind, ents in (("close", closed[1] if closed else ()), ("end", ee), ("update", updates[1])):
+            out += [self._rec("flow", f"{kind}-{int(c)}") for c in (ents["created_ns"] if len(ents) else ())]
+        return out
+
+
+def _ct_scan(closes: list[int], updates: list[int], first_slot: int) -> CtScan:
+    """A v4 scan: closes claimed at consecutive slots (created_ns as given) and active-timeout updates."""
+    ct4, ct6, ent = L.DTYPES["hw_ct4_key"], L.DTYPES["hw_ct6_key"], L.DTYPES["hw_ct_entry"]
+    cl, up = np.zeros(len(closes), ent), np.zeros(len(updates), ent)
+    cl["created_ns"], up["created_ns"] = closes, updates
+    z4, z6 = (np.zeros(0, ct4), np.zeros(0, ent)), (np.zeros(0, ct6), np.zeros(0, ent))
+    return CtScan([CtFamilyScan(4, *z4, np.zeros(len(updates), ct4), up, None, None, np.zeros(len(closes), ct4), cl,
+                                np.arange(first_slot, first_slot + len(closes)), cl.copy()),
+                   CtFamilyScan(6, *z6, *z6)], 10, 0, 0)
+
+
+def test_a_conntrack_batch_not_durable_at_a_crash_is_sent_again_with_its_seqs(tmp_path):
+    """The journal (collector/ct_journal.py): a scan batch whose records were fanned out but not durable
+    when the collector stopped is rebuilt by the next start from its snapshot — same records, same seqs,
+    before anything new — its claims are taken over (not reported again by the new scan) and released
+    once durable; new records continue after it, so no seq ever names two events."""
+    durable = asyncio.Event()
+    src, sink = FakeSource(), MemorySink(durable_gate=durable)
+    src.scans.append(_ct_scan([101, 102], [201], 7))
+    pipe = Pipeline(cfg(tmp_path), src, CtIdBuilder(), [sink], shutdown_timeout_s=0.5)
+
+    async def one():
+        task = await started(pipe)
+        await until(lambda: len(sink.records) == 3)
+        assert len(pipe.ct_journal) == 1                 # journaled before it was fanned out
+        pipe.stop()                                      # never durable: abandoned, as after a crash
+        await task
+    uvloop.run(one())
+    first = [(r["event"]["id"], r["hostwall"]["seq"]) for r in sink.records]
+    assert first == [("flow-close-101", 0), ("flow-close-102", 1), ("flow-update-201", 2)]
+    assert src.freed == [] and json.loads(pipe.checkpoint.path.read_text())["seq"].get("conntrack", 0) == 0
+
+    src2 = restarted(src)
+    src2.scans.append(_ct_scan([103], [], 20))          # a new close; the journaled claims are not in it
+    sink2 = MemorySink()
+    pipe2 = Pipeline(cfg(tmp_path), src2, CtIdBuilder(), [sink2])
+
+    async def two():
+        task = await started(pipe2)
+        await until(lambda: len(sink2.records) >= 4 and len(src2.freed) >= 2)
+        await until(lambda: len(pipe2.ct_journal) == 0)
+        pipe2.stop()
+        await task
+    uvloop.run(two())
+    got = [(r["event"]["id"], r["hostwall"]["seq"]) for r in sink2.records if r["hostwall"]["stream"] == "conntrack"]
+    assert got == first + [("flow-close-103", 3)]
+    assert [len(f.closed_idx) for f in src2.adopted] == [2, 0]          # the journaled batch's claims
+    assert src2.freed == [2, 1]                                          # released once durable, then the new one
+    assert json.loads(pipe2.checkpoint.path.read_text())["seq"]["conntrack"] == 4
+
+
+def test_the_claim_bit_is_the_collectors_own():
+    flags = {k: v for k, v in L.C.items() if k.startswith("HW_CT_F_")}
+    assert flags and all(not v & CT_F_CLAIMED for v in flags.values()), flags
+    assert CT_F_CLAIMED not in (1, 2)                    # fin_seen bits 0 and 1: the FIN flags
+
+
+def test_anomaly_records_survive_in_the_outbox_and_are_resent(tmp_path):
+    class Detector:
+        bucket_s = 0.05
+
+        def __init__(self, n):
+            self.n = n
+
+        def observe(self, records):
+            pass
+
+        def tick(self, now=None):
+            out, self.n = [{"event": {"id": f"anomaly-{i}"}, "hostwall": {"kind": "anomaly"}} for i in range(self.n)], 0
+            return out
+
+        def stats(self):
+            return {}
+
+        def open_anomalies(self):
+            return []
+
+    durable = asyncio.Event()
+    src, sink = FakeSource(), MemorySink(durable_gate=durable)
+    pipe = Pipeline(cfg(tmp_path), src, StubBuilder(), [sink], anomaly=Detector(2), shutdown_timeout_s=1.0)
+
+    async def one():
+        task = await started(pipe)
+        await until(lambda: len(sink.records) == 2)
+        pipe.stop()
+        await task
+    uvloop.run(one())
+    assert len(Outbox(pipe.outbox.path).load()) == 2          # never durable: still in the outbox
+    sink2 = MemorySink()
+    pipe2 = Pipeline(cfg(tmp_path), restarted(src), StubBuilder(), [sink2], anomaly=Detector(1))
+
+    async def two():
+        task = await started(pipe2)
+        await until(lambda: len(sink2.records) == 3 and not pipe2.outbox.path.exists())
+        pipe2.stop()
+        await task
+    uvloop.run(two())
+    got = [(r["event"]["id"], r["hostwall"]["seq"]) for r in sink2.records]
+    assert got == [("anomaly-0", 0), ("anomaly-1", 1), ("anomaly-0", 2)]     # resent as they were, then new
+
+
+def test_a_sink_loss_becomes_a_loss_record_with_the_seqs(tmp_path):
+    class Lossy(BaseSink):
+        def __init__(self):
+            super().__init__("lossy")
+            self.records = []
+
+        async def _send(self, records):
+            keep = [r for r in records if r["hostwall"]["seq"] % 10 != 3]
+            self._lose_records("spool_full", [r for r in records if r["hostwall"]["seq"] % 10 == 3])
+            self.records += records
+            self._deliver(len(keep))
+
+    src, sink = FakeSource(), Lossy()
+    pipe = Pipeline(cfg(tmp_path), src, StubBuilder(), [sink])
+
+    async def go():
+        task = await started(pipe)
+        src.emit(30)
+        await until(lambda: any(r["hostwall"]["kind"] == "loss" for r in sink.records))
+        pipe.stop()
+        await task
+    uvloop.run(go())
+    loss = [r for r in sink.records if r["hostwall"]["kind"] == "loss"]
+    assert [(x["hostwall"]["loss"]["stream"], x["hostwall"]["loss"]["reason"], x["hostwall"]["loss"]["ranges"])
+            for x in loss] == [("events", "spool_full", [[3, 3], [13, 13], [23, 23]])]
+    assert loss[0]["hostwall"]["loss"]["sink"] == "lossy" and loss[0]["hostwall"]["loss"]["count"] == 3
+
+
+def test_best_effort_sinks_are_not_waited_for(tmp_path):
+    gate = asyncio.Event()
+    src = FakeSource()
+    slow = MemorySink("slow", FullQueuePolicy.DROP_OLDEST, gate=gate)
+    assert slow.durability is Durability.BEST_EFFORT
+    pipe = Pipeline(cfg(tmp_path), src, StubBuilder(), [slow])
+
+    async def go():
+        task = await started(pipe)
+        src.emit(20)
+        await until(lambda: src.rb.consumer_pos == 20 * STRIDE)    # nobody to wait for: released at once
+        gate.set()
+        pipe.stop()
+        await task
+    uvloop.run(go())
+
+
+def test_acks_and_commit_log_order():
+    async def go():
+        acks, log = Acks(), CommitLog()
+        done = []
+        t = [acks.issue() for _ in range(3)]
+        log.add(CommitEntry(t[0], lambda: done.append(0)))
+        log.add(CommitEntry(None, lambda: done.append("x")))      # no ticket: waits for the one before
+        log.add(CommitEntry(t[2], lambda: done.append(2)))
+        log.add(CommitEntry(t[1], lambda: done.append(1)))
+        assert log.take_ready() == ([], False)
+        acks.advance(1)
+        await asyncio.sleep(0)
+        assert [e.before and e for e in log.take_ready()[0]] and done == [0, "x"]
+        acks.advance(3)
+        log.take_ready()
+        assert done == [0, "x", 2, 1] and acks.open == 0
+        t4 = acks.issue()
+        log.add(CommitEntry(t4, lambda: done.append(4)))
+        assert acks.abandon() == 1 and await t4.wait() is False
+        assert log.take_ready() == ([], True) and done == [0, "x", 2, 1]
+    asyncio.run(go())
+
+
+def test_seq_ranges_merge_and_cap():
+    r = SeqRanges()
+    r.add([5, 3, 4, 9, 10, 1])
+    assert r.ranges == [[1, 1], [3, 5], [9, 10]] and r.count == 6
+    r.add(range(0, 5000, 2))
+    assert r.count == 2506 and len(r.ranges) == 1         # over MAX_RANGES: the span, the count exact
+
+
+@pytest.mark.parametrize("policy", ["none", "interval", "always"])
+def test_jsonl_settles_on_its_fsync_policy(tmp_path, policy):
+    from hostwall.collector.sinks.jsonl import JsonlSink
+
+    async def go():
+        s = JsonlSink(tmp_path / "f.jsonl", fsync=policy, fsync_interval_s=3600)
+        await s.start()
+        await s.send([{"event": {"id": "a"}}])
+        after_send = s.settled_calls
+        await s.flush()
+        after_flush = s.settled_calls
+        await s.close()
+        return after_send, after_flush
+    assert asyncio.run(go()) == {"none": (1, 1), "interval": (0, 1), "always": (1, 1)}[policy]
+
+
+def test_loss_records_validate_as_ecs_and_ocsf(tmp_path):
+    from pathlib import Path
+
+    import jsonschema
+
+    from hostwall.collector.encoders.ocsf import to_ocsf
+    from hostwall.collector.loss_report import LossReporter
+    from tests.conformance import ocsf as ocsf_check
+    schema = json.loads((Path(__file__).resolve().parents[2] / "schemas" / "loss.schema.json").read_text())
+    rep = LossReporter("h1", "/sys/fs/bpf/hostwall/x")
+    r = SeqRanges()
+    r.add([1, 2, 9])
+    recs = [rep.sink_loss("kafka://b:9092", "spool_full", "events", r),
+            rep.restart({"previous": "crash", "lost": {"crash": 2}, "previous_pid": 7}, kernel_while_down={"budget": 3},
+                        previous_run=None, seqs={"events": 10})]
+    for i, rec in enumerate(recs):
+        rec["hostwall"].update(seq=i, stream="collector")
+        jsonschema.validate(rec, schema)
+        assert ocsf_check.validate(to_ocsf(rec)) == [], ocsf_check.validate(to_ocsf(rec))
+    assert recs[0]["hostwall"]["loss"]["ranges"] == [[1, 2], [9, 9]] and recs[1]["event"]["reason"] == "crash"
+
+
+def test_an_anomaly_left_open_by_a_crash_is_closed_by_the_next_start(tmp_path):
+    import time as _time
+    from pathlib import Path
+
+    import jsonschema
+
+    from hostwall.collector.anomaly import AnomalyDetector, _Key
+    from hostwall.collector.enrich.host import HostInfo
+
+    det = AnomalyDetector(host=HostInfo("fw-1", version="0.1.0"))
+    t_open = _time.time() - 30
+    bucket = round(t_open / det.cfg.bucket_s) - 1
+    k = _Key("drops", "source_prefix", "10.9.9.0/24", {"source_prefix": "10.9.9.0/24"},
+             talkers={"10.9.9.7": {bucket: [40, 40, 4000]}})      # source -> {bucket: [count, packets, bytes]}
+    opened = det._open(k, t_open, 900.0, 40.0)
+
+    class Once:
+        bucket_s = 0.05
+
+        def __init__(self, recs):
+            self.recs = recs
+
+        def observe(self, records):
+            pass
+
+        def tick(self, now=None):
+            out, self.recs = self.recs, []
+            return out
+
+        def stats(self):
+            return {}
+
+        def open_anomalies(self):
+            return []
+
+    src, sink = FakeSource(), MemorySink()
+    pipe = Pipeline(cfg(tmp_path), src, StubBuilder(), [sink], anomaly=Once([opened]))
+
+    async def run(p, sink, n):
+        task = await started(p)
+        await until(lambda: len([r for r in sink.records if r["hostwall"]["kind"] == "anomaly"]) >= n
+                    and not p.commits)
+        p.stop()
+        await task
+    uvloop.run(run(pipe, sink, 1))
+    ck = json.loads(pipe.checkpoint.path.read_text())
+    assert list(ck["open_anomalies"]) == [opened["hostwall"]["anomaly"]["id"]]
+    ck["clean_stop"] = False                               # as if it had been killed
+    pipe.checkpoint.path.write_text(json.dumps(ck))
+    sink2 = MemorySink()
+    pipe2 = Pipeline(cfg(tmp_path), restarted(src), StubBuilder(), [sink2], anomaly=Once([]))
+    uvloop.run(run(pipe2, sink2, 1))
+    close = [r for r in sink2.records if r["hostwall"]["kind"] == "anomaly"]
+    assert len(close) == 1 and close[0]["hostwall"]["anomaly"]["state"] == "close"
+    assert close[0]["hostwall"]["anomaly"]["id"] == opened["hostwall"]["anomaly"]["id"]
+    assert close[0]["event"]["reason"] == "collector restarted" and close[0]["hostwall"]["stream"] == "anomaly"
+    schema = json.loads((Path(__file__).resolve().parents[2] / "schemas" / "anomaly.schema.json").read_text())
+    jsonschema.validate(close[0], schema)
+    assert json.loads(pipe2.checkpoint.path.read_text())["open_anomalies"] == {}
+

@@ -1,0 +1,82 @@
+"""The Kafka sink's spool edge cases, with its broker down (no broker needed: a dead port it delivered to
+before): a full spool counts `spool_full` with the seqs and marks the sink failing, a full disk (ENOSPC)
+counts `disk_full`, the sink keeps accepting and recovers when there is room; every batch settles
+(durable in the spool, or counted); a sink that never delivered to an unreachable broker does not start
+(docs/collector.md "Kafka, OTLP and self-metrics")."""
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+
+import pytest
+
+from hostwall.collector.config import KafkaOptions
+from hostwall.collector.sinks.base import SinkUnavailable
+from hostwall.collector.sinks.kafka import CONNECTED_MARKER, KafkaSink
+from hostwall.collector.sinks.kafka_wire import spool_dir_for
+from tests.peers import free_ports
+
+
+def records(n: int, start: int = 0, pad: int = 900) -> list[dict]:
+    return [{"event": {"id": f"e{i}"}, "hostwall": {"kind": "flow", "seq": i, "stream": "events"},
+             "network": {"community_id": f"1:k{i % 7}"}, "pad": "x" * pad} for i in range(start, start + n)]
+
+
+def sink(tmp_path, *, known: bool = True, **opts) -> KafkaSink:
+    port, = free_ports(1)
+    boot = f"127.0.0.1:{port}"
+    o = KafkaOptions(spool_dir=str(tmp_path), connect_timeout_s=2.0, spool_fsync="none", **opts)
+    if known:                                        # as if it had delivered to this broker before
+        d = spool_dir_for(tmp_path, boot)
+        d.mkdir(parents=True)
+        (d / CONNECTED_MARKER).write_text(boot)
+    return KafkaSink(boot, options=o)
+
+
+def test_an_unreachable_broker_it_never_delivered_to_fails_the_start(tmp_path):
+    s = sink(tmp_path, known=False)
+    with pytest.raises(SinkUnavailable, match=r": unreachable: no TCP connection to .* never delivered to"):
+        asyncio.run(s.start())
+
+
+def test_a_full_spool_counts_spool_full_with_seqs_and_the_sink_is_failing(tmp_path):
+    async def go():
+        s = sink(tmp_path, spool_max_bytes=64 << 10, spool_segment_bytes=16 << 10)
+        await s.start()
+        assert s.health()["state"] == "degraded" and s.degraded
+        await s.send(records(120))                  # ~110 KiB into a 64 KiB spool
+        h = s.health()
+        st = s.stats()
+        lost = st["lost"].get("spool_full", 0)
+        assert 0 < lost < 120 and st["spool"]["pending"] == 120 - lost
+        assert h["state"] == "failing" and "spool full" in h["reason"] and h["spool_fill_ratio"] > 0.8
+        assert s.settled_calls == 1 and s.unsettled_calls == 0     # durable in the spool, or counted
+        seqs = s.take_lost_seqs()[("events", "spool_full")]
+        assert seqs.count == lost and seqs.ranges == [[120 - lost, 119]]   # the newest are refused
+        await s.close()
+        assert s.stats()["lost"]["carried_over"] == 120 - lost and s.in_flight == 0
+    asyncio.run(go())
+
+
+def test_a_full_disk_counts_disk_full_keeps_running_and_recovers(tmp_path, monkeypatch):
+    import hostwall.collector.sinks.spool_format as sf
+
+    async def go():
+        s = sink(tmp_path)
+        await s.start()
+        await s.send(records(10))
+        real = os.write
+
+        def full(fd, buf):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        monkeypatch.setattr(sf.os, "write", full)
+        await s.send(records(5, 10))
+        monkeypatch.setattr(sf.os, "write", real)
+        assert s.stats()["lost"] == {"disk_full": 5} and s.health()["state"] == "failing"
+        assert "disk full" in s.health()["reason"]
+        await s.send(records(5, 15))                # room again: spooling goes on, failing clears
+        assert s.health()["state"] == "degraded" and s.stats()["spool"]["pending"] == 15
+        assert s.settled_calls == 3
+        await s.close()
+    asyncio.run(go())
