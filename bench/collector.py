@@ -283,8 +283,15 @@ class _BenchSource:
     def now_ns(self) -> int:
         return time.clock_gettime_ns(time.CLOCK_MONOTONIC)
 
-    def set_event_budget(self, n: int) -> None:
+    def set_event_budget(self, n: int, source_share: int | None = None) -> None:
         pass
+
+    def port_syns(self) -> np.ndarray:
+        return np.zeros(65536, np.uint64)
+
+    def syn_proxy(self, now_ns: int):
+        from hostwall.bpf.syn_proxy import ProxyState
+        return ProxyState(now_ns, {}, {})
 
     def kernel_loss(self) -> dict:
         return {}

@@ -10,6 +10,7 @@
 BPF_F_TABLE("array", u32, struct hw_ct4_slot, hw_ct4, HW_CT_MAX, MAPF_MMAP);
 BPF_F_TABLE("array", u32, struct hw_ct6_slot, hw_ct6, HW_CT_MAX, MAPF_MMAP);
 BPF_PERCPU_ARRAY(hw_ct_stats, struct hw_counter, 2 * HW_CT_STATS);    /* [v6 * HW_CT_STATS + stat] */
+BPF_ARRAY(hw_ct_pressure, struct hw_ct_pressure, 1);                    /* evictions per second (SYN proxy auto) */
 
 /* ---- connection tracking -------------------------------------------------------------------- */
 struct ctref {
@@ -50,23 +51,62 @@ static __always_inline __u8 ct_key6(struct hw_ct6_key *k, __u32 *s, __u32 *d, __
 	return side;
 }
 
-static __always_inline __u64 ct_timeout_ns(struct hw_ct_entry *e, __u8 proto)
+/* Unconfirmed: a TCP handshake not complete (SYN_SENT, SYN_RECV), or UDP/ICMP not replied (NEW). A full
+ * bucket evicts these before any established connection; they expire after ct_unconfirmed_s. */
+static __always_inline int ct_unconfirmed(struct hw_ct_entry *e)
+{
+	__u8 st = e->state;
+	return st == HW_CT_NEW || st == HW_CT_SYN_SENT || st == HW_CT_SYN_RECV;
+}
+
+/* The unconfirmed entries' idle timeout of the active policy (ns). One inlined array lookup; callers
+ * that rank several slots read it once. */
+static __always_inline __u64 ct_unconfirmed_ns(struct env *v)
+{
+	__u32 gen = v->gen;
+	struct hw_policy_hdr *h = hw_policy.lookup(&gen);
+	__u64 s = h && h->ct_unconfirmed_s ? h->ct_unconfirmed_s : HW_CT_TO_UNCONFIRMED;
+	return s * 1000000000ULL;
+}
+
+/* Idle timeout of a confirmed entry (ns). */
+static __always_inline __u64 ct_confirmed_timeout_ns(struct hw_ct_entry *e, __u8 proto)
 {
 	__u64 s;
 	if (proto == IPPROTO_TCP) {
 		switch (e->state) {
 		case HW_CT_ESTABLISHED: s = HW_CT_TO_ESTABLISHED; break;
-		case HW_CT_SYN_SENT:    s = HW_CT_TO_SYN; break;
 		case HW_CT_FIN_WAIT:
 		case HW_CT_CLOSING:     s = HW_CT_TO_FIN; break;
 		default:                s = HW_CT_TO_CLOSE; break;
 		}
 	} else if (proto == IPPROTO_UDP) {
-		s = e->state == HW_CT_ESTABLISHED ? HW_CT_TO_UDP_REPLIED : HW_CT_TO_UDP;
+		s = HW_CT_TO_UDP_REPLIED;
 	} else {
 		s = HW_CT_TO_ICMP;
 	}
 	return s * 1000000000ULL;
+}
+
+/* Has the entry been idle past its timeout? `unc_ns`: ct_unconfirmed_ns, or 0 to look it up only if
+ * the entry is unconfirmed (the fast path of an established connection never reads it). */
+static __always_inline int ct_expired_u(struct env *v, struct hw_ct_entry *e, __u8 proto, __u64 unc_ns)
+{
+	__s64 idle = (__s64)(v->now - e->last_ns);
+	__u64 to;
+	if (ct_unconfirmed(e)) {
+		if (idle <= 1000000000LL)
+			return 0;       /* the timeout is at least 1 s (policy validation): no lookup for a busy entry */
+		to = unc_ns ? unc_ns : ct_unconfirmed_ns(v);
+	} else {
+		to = ct_confirmed_timeout_ns(e, proto);
+	}
+	return idle > (__s64)to;
+}
+
+static __always_inline int ct_expired(struct env *v, struct hw_ct_entry *e, __u8 proto)
+{
+	return ct_expired_u(v, e, proto, 0);
 }
 
 /* The set-associative tables (conntrack, DoS sources): a key is hashed and compared as its 64-bit
@@ -86,11 +126,6 @@ static __always_inline __u32 ct_base4(struct hw_ct4_key *k, __u64 seed)
 static __always_inline __u32 ct_base6(struct hw_ct6_key *k, __u64 seed)
 {
 	return tbl_first_slot(k, CT6_WORDS, seed, HW_CT_MAX, HW_CT_WAYS);
-}
-
-static __always_inline int ct_expired(struct hw_ct_entry *e, __u8 proto, __u64 now)
-{
-	return (__s64)(now - e->last_ns) > (__s64)ct_timeout_ns(e, proto);
 }
 
 /* Look up the connection of (s,d,sp,dp,proto); live entries only. HW_CT_WAYS inlined array lookups
@@ -133,7 +168,7 @@ static __always_inline int ct_find(struct env *v, struct pkt *p, __u32 *s, __u32
 		if (sl)
 			e = &sl->e;
 	}
-	if (!e || ct_expired(e, proto, v->now))
+	if (!e || ct_expired(v, e, proto))
 		return 0;
 	r->e = e;
 	return 1;
@@ -163,15 +198,37 @@ static __always_inline int ct_reported(struct hw_ct_entry *e)
 	return (e->fin_seen & HW_CT_F_END_EMITTED) || e->reported;
 }
 
+/* A connection reported in aggregate (report != EVENTS) ended: count it, with its totals, under the
+ * peer (the initiator of an ingress-opened connection, the responder of an egress-opened one). A
+ * PENDING connection (never confirmed, start never reported) counts as started and ended. */
+static __always_inline void ct_end_agg(struct env *v, struct hw_ct_entry *e, __u32 *init, __u32 *resp,
+				       __u16 resp_port, __u8 proto, __u8 family)
+{
+	__u32 rep = e->report;
+	struct hw_flow_val a = {.flows = rep == HW_REP_PENDING, .ended = 1,
+				.packets = e->packets[0] + e->packets[1], .bytes = e->bytes[0] + e->bytes[1]};
+	if (rep == HW_REP_PENDING)
+		ev_count(HW_EV_FLOW_START, HW_EO_AGGREGATED);
+	ev_count(HW_EV_FLOW_END, HW_EO_AGGREGATED);
+	flow_agg(v, e->origin == HW_DIR_INGRESS ? init : resp, family, resp_port, proto, e->origin, report_kind(rep), &a);
+}
+
 /* A tracked TCP connection was reset: report it once, with its totals (nothing after an RST belongs to
- * it). A connection closed by FINs is not reported here: its last ACK comes after the FINs, so the
- * collector reports it once it has been quiet for the close grace period (docs/collector.md). */
+ * it), as an event or in aggregate (hw_ct_entry.report). A connection closed by FINs is not reported
+ * here: its last ACK comes after the FINs, so the collector reports it (one record, or in a flow
+ * summary) once it has been quiet for the close grace period (docs/collector.md). */
 static __always_inline void ct_emit_end(struct env *v, struct pkt *p, struct ctref *r, __u8 from_init)
 {
 	struct hw_ct_entry *e = r->e;
 	if (ct_reported(e))
 		return;
-	struct hw_event *ev = ev_reserve(v, HW_EV_FLOW_END);
+	if (e->report != HW_REP_EVENTS) {
+		e->fin_seen |= HW_CT_F_END_EMITTED;
+		ct_end_agg(v, e, from_init ? p->saddr : p->daddr, from_init ? p->daddr : p->saddr,
+			   from_init ? p->dport : p->sport, p->proto, p->family);
+		return;
+	}
+	struct hw_event *ev = ev_reserve(v, HW_EV_FLOW_END, 0);
 	if (!ev)
 		return;                 /* the collector's conntrack scan reports it at expiry */
 	e->fin_seen |= HW_CT_F_END_EMITTED;
@@ -187,45 +244,105 @@ static __always_inline void ct_emit_end(struct env *v, struct pkt *p, struct ctr
 	hw_events.ringbuf_submit(ev, 0);
 }
 
-/* Is this packet a valid continuation of the tracked connection? Updates state if so. */
-static __always_inline int ct_advance(struct env *v, struct pkt *p, struct ctref *r)
+/* A PENDING connection was just confirmed: report its start now (from the budget's high class), or
+ * count it in aggregate if its source is over its share or there is no room. Race, stated: two CPUs
+ * confirming the same connection within the same few nanoseconds (a reply and a retransmission on
+ * two CPUs) may both report its start, as two events or an event and an aggregate count. */
+static __always_inline void ct_report_confirmed(struct env *v, struct pkt *p, struct hw_ct_entry *e, __u8 from_init)
+{
+	__u32 *init = from_init ? p->saddr : p->daddr, *resp = from_init ? p->daddr : p->saddr;
+	__u16 iport = from_init ? p->sport : p->dport, rport = from_init ? p->dport : p->sport;
+	struct hw_event *ev = 0;
+	e->report = HW_REP_EVENTS;      /* claimed (the caller saw PENDING) */
+	e->report = report_start(v, e->origin == HW_DIR_INGRESS ? init : resp, p->family, rport, p->proto, e->origin,
+				 1, &ev);
+	if (!ev)
+		return;
+	ev->ts_ns = e->created_ns;      /* the start is the first packet's time */
+	ev->start_ns = e->created_ns;
+	__builtin_memcpy(ev->saddr, init, 16);
+	__builtin_memcpy(ev->daddr, resp, 16);
+	ev->sport = iport;
+	ev->dport = rport;
+	ev->family = p->family;
+	ev->proto = p->proto;
+	ev->ifindex = p->ifindex;
+	ev->tcp_flags = p->tcp_flags;
+	ev->packets[0] = 1;
+	ev->rule_slot = e->rule_slot;
+	ev->revision_id = e->revision_id;
+	ev->direction = e->origin;
+	ev->ct_state = e->state;
+	ev->cgroup_id = e->cgroup_id;
+	ev->verdict = HW_V_ALLOW;
+	ev->reason = e->rule_slot == ~0U ? HW_R_PASS_DEFAULT : HW_R_PASS_RULE;
+	hw_events.ringbuf_submit(ev, 0);
+}
+
+/* Is this packet a valid continuation of the tracked connection? Updates state if so: 1. 0: not a
+ * valid continuation (nothing changed). A TCP connection is confirmed by the initiator's ACK after the
+ * responder's SYN-ACK (SYN_RECV → ESTABLISHED), UDP and ICMP by the first reply (NEW → ESTABLISHED).
+ * `fast` (xdp_ingress): a packet whose continuation must be reported (it confirms a connection whose
+ * start is PENDING, or closes one) returns -1 with nothing changed, for xdp_judge to handle: the fast
+ * path stays free of the reporting code, which keeps xdp_ingress inside the verifier's budget. */
+static __always_inline int ct_advance(struct env *v, struct pkt *p, struct ctref *r, int fast)
 {
 	struct hw_ct_entry *e = r->e;
 	__u8 from_init = r->side == e->initiator;
+	__u8 st = e->state, ns = st, fin = e->fin_seen;
+	int confirmed = 0;
 	/* the initiator's packets travel the way the first one did, the responder's the other way */
 	if ((from_init ? e->origin : !e->origin) != v->dir)
 		return 0;
 	if (p->proto == IPPROTO_TCP) {
 		__u8 f = p->tcp_flags;
 		if (f & TCPF_RST) {
-			e->state = HW_CT_CLOSED;
+			ns = HW_CT_CLOSED;
 		} else if ((f & (TCPF_SYN | TCPF_ACK)) == (TCPF_SYN | TCPF_ACK)) {
 			if (from_init)
 				return 0;
-			if (e->state == HW_CT_SYN_SENT)
-				e->state = HW_CT_ESTABLISHED;
+			if (st == HW_CT_SYN_SENT)
+				ns = HW_CT_SYN_RECV;
 		} else if (f & TCPF_SYN) {
-			if (!from_init || e->state >= HW_CT_FIN_WAIT)
+			if (!from_init || st == HW_CT_FIN_WAIT || st == HW_CT_CLOSING || st == HW_CT_CLOSED)
 				return 0;   /* a new connection on a closing tuple is judged afresh */
-		} else if (e->state >= HW_CT_CLOSED) {
+		} else if (st == HW_CT_CLOSED) {
 			return 0;
+		} else if (st == HW_CT_SYN_RECV && from_init && (f & TCPF_ACK)) {
+			ns = HW_CT_ESTABLISHED;
+			confirmed = 1;
 		}
 		if (f & TCPF_FIN) {
-			e->fin_seen |= from_init ? 1 : 2;
-			e->state = (e->fin_seen & 3) == 3 ? HW_CT_CLOSING : HW_CT_FIN_WAIT;
+			fin |= from_init ? 1 : 2;
+			ns = (fin & 3) == 3 ? HW_CT_CLOSING : HW_CT_FIN_WAIT;
 		}
-	} else if (!from_init && e->state == HW_CT_NEW) {
-		e->state = HW_CT_ESTABLISHED;
+	} else if (!from_init && st == HW_CT_NEW) {
+		ns = HW_CT_ESTABLISHED;
+		confirmed = 1;
 	}
+	/* a reset to report (a FIN close is the collector's, after the close grace period) */
+	int closing = ns == HW_CT_CLOSED && !(fin & HW_CT_F_END_EMITTED) && !e->reported;
+	confirmed = confirmed && e->report == HW_REP_PENDING;
+	if (fast && (confirmed || closing))
+		return -1;
+	if (ns != st)
+		e->state = ns;
+	if (fin != e->fin_seen)
+		e->fin_seen = fin;
 	/* The flow's end on the precise clock, read where it is cheap: every packet from the first FIN or
 	 * RST on (one of them is the last), and the first packet of each tick otherwise (at most one read
-	 * per connection per tick, whatever its rate: the established path stays free of the helper call). */
-	if (e->state >= HW_CT_FIN_WAIT || e->last_ns != v->now)
+	 * per connection per tick, whatever its rate: the established path stays free of the helper call).
+	 * States are compared by value, not order (SYN_RECV comes after CLOSED). */
+	if ((__u8)(ns - HW_CT_FIN_WAIT) <= HW_CT_CLOSED - HW_CT_FIN_WAIT || e->last_ns != v->now)
 		e->end_ns = hw_precise(v->cfg);
 	e->last_ns = v->now;
 	__sync_fetch_and_add(&e->packets[!from_init], 1);
 	__sync_fetch_and_add(&e->bytes[!from_init], p->len);
-	if (e->state == HW_CT_CLOSED)
+	if (fast)
+		return 1;
+	if (confirmed)
+		ct_report_confirmed(v, p, e, from_init);
+	if (closing)
 		ct_emit_end(v, p, r, from_init);
 	return 1;
 }
@@ -236,14 +353,44 @@ static __always_inline void ct_stat(__u8 family, __u32 what)
 	counter_add(hw_ct_stats.lookup(&k), 0);
 }
 
+/* Count an eviction in the current second (the SYN proxy's `auto` reads the previous second's count:
+ * syncookie.h). Approximate under concurrent window turns; exact enough for a threshold. */
+static __always_inline void ct_pressure_note(struct env *v)
+{
+	__u32 zero = 0;
+	struct hw_ct_pressure *cp = hw_ct_pressure.lookup(&zero);
+	if (!cp)
+		return;
+	__u64 w = cp->window_ns;
+	if (v->now - w >= HW_PRESSURE_WINDOW_NS) {
+		cp->prev = v->now - w < 2 * HW_PRESSURE_WINDOW_NS ? cp->count : 0;
+		cp->count = 0;
+		cp->window_ns = v->now;
+	}
+	__sync_fetch_and_add(&cp->count, 1);
+}
+
 /* Report a connection the datapath displaces from its slot (idle past its timeout, replaced, or
- * evicted from a full bucket) with its totals, once: as the collector's idle scan would have. */
+ * evicted from a full bucket) with its totals, once: as the collector's idle scan would have. `a`, `b`,
+ * `pa`, `pb`: the slot's key (side a, side b). */
 static __always_inline void ct_retire(struct env *v, struct hw_ct_entry *e, __u32 *a, __u32 *b, __u16 pa,
 				      __u16 pb, __u8 proto, __u8 family, __u8 cause)
 {
 	if (ct_reported(e))
 		return;
-	struct hw_event *ev = ev_reserve(v, HW_EV_FLOW_END);
+	if (e->report != HW_REP_EVENTS) {
+		__u32 w[4] = {}, x[4] = {};
+		if (family == 4) {      /* the v4 key holds one word per address */
+			w[0] = e->initiator ? b[0] : a[0];
+			x[0] = e->initiator ? a[0] : b[0];
+		} else {
+			__builtin_memcpy(w, e->initiator ? b : a, 16);
+			__builtin_memcpy(x, e->initiator ? a : b, 16);
+		}
+		ct_end_agg(v, e, w, x, e->initiator ? pa : pb, proto, family);
+		return;
+	}
+	struct hw_event *ev = ev_reserve(v, HW_EV_FLOW_END, 0);
 	if (!ev)
 		return;                 /* counted by ev_reserve */
 	if (family == 4) {              /* the v4 key holds one word per address (ev_reserve zeroed the rest) */
@@ -263,44 +410,70 @@ static __always_inline void ct_retire(struct env *v, struct hw_ct_entry *e, __u3
 	hw_events.ringbuf_submit(ev, 0);
 }
 
-/* Rank of a slot for a new connection: its own old slot (4), a free one (3), an expired one (2), a
- * live one (1: evicted if nothing better, least recently used first); 0: BUSY, another CPU is
- * writing it. `diff`: ct_key*_diff of the slot's key and the new one. */
-static __always_inline __u32 ct_rank(struct hw_ct_entry *e, __u64 diff, __u8 proto, __u64 now)
+/* Rank of a slot for a new connection, best first: its own old slot (7), a free one (6), an expired
+ * one (5), a closed one (4: both FINs or a RST seen, its end already reported), a live unconfirmed one
+ * (3), a live established one (2); among slots of a rank from 4 down the least recently used is taken.
+ * So a full bucket never evicts an established connection while it holds an unconfirmed one
+ * (docs/datapath.md). 0: BUSY, another CPU is writing it. `diff`: tbl_key_diff of the slot's key and
+ * the new one; `unc_ns`: ct_unconfirmed_ns. */
+#define CT_RANK_OWN 7
+#define CT_RANK_FREE 6
+#define CT_RANK_EXPIRED 5
+#define CT_RANK_CLOSED 4
+#define CT_RANK_UNCONFIRMED 3
+#define CT_RANK_ESTABLISHED 2
+
+static __always_inline __u32 ct_rank(struct env *v, struct hw_ct_entry *e, __u64 diff, __u8 proto, __u64 unc_ns)
 {
 	__u64 st = e->slot_state;
 	if (st == HW_SLOT_FREE)
-		return 3;
+		return CT_RANK_FREE;
 	if (st != HW_SLOT_LIVE)
 		return 0;
 	if (!diff)
-		return 4;
-	return ct_expired(e, proto, now) ? 2 : 1;
+		return CT_RANK_OWN;
+	if (ct_expired_u(v, e, proto, unc_ns))
+		return CT_RANK_EXPIRED;
+	if (e->state == HW_CT_CLOSING || e->state == HW_CT_CLOSED)
+		return CT_RANK_CLOSED;
+	return ct_unconfirmed(e) ? CT_RANK_UNCONFIRMED : CT_RANK_ESTABLISHED;
+}
+
+/* Does a slot of rank r, last used at `last`, beat the pick so far (rank, oldest)? */
+static __always_inline int ct_better(__u32 r, __u64 last, __u32 rank, __u64 oldest)
+{
+	return r > rank || (r == rank && r <= CT_RANK_CLOSED && r && last < oldest);
 }
 
 /* Claim the picked slot (FREE/LIVE → BUSY) and count the insert. 0: none to pick, or another CPU
  * took it first (counted; this connection is then not tracked). */
-static __always_inline int ct_claim(struct env *v, __u32 rank, struct hw_ct_entry *e, __u8 proto, __u8 family)
+static __always_inline int ct_claim(struct env *v, __u32 rank, struct hw_ct_entry *e, __u8 proto, __u8 family,
+				    __u64 unc_ns)
 {
-	__u64 seen = rank == 3 ? HW_SLOT_FREE : HW_SLOT_LIVE;
+	__u64 seen = rank == CT_RANK_FREE ? HW_SLOT_FREE : HW_SLOT_LIVE;
 	if (!rank || __sync_val_compare_and_swap(&e->slot_state, seen, HW_SLOT_BUSY) != seen) {
 		ct_stat(family, HW_CTS_CLAIM_LOST);
 		return 0;
 	}
 	ct_stat(family, HW_CTS_INSERTED);
-	if (rank == 1)
-		ct_stat(family, HW_CTS_EVICTED);
-	else if (rank == 2 || (rank == 4 && ct_expired(e, proto, v->now)))
+	if (rank == CT_RANK_UNCONFIRMED || rank == CT_RANK_ESTABLISHED) {
+		ct_stat(family, rank == CT_RANK_UNCONFIRMED ? HW_CTS_EVICTED_UNCONFIRMED : HW_CTS_EVICTED_ESTABLISHED);
+		ct_pressure_note(v);
+	} else if (rank == CT_RANK_EXPIRED || rank == CT_RANK_CLOSED ||
+		   (rank == CT_RANK_OWN && ct_expired_u(v, e, proto, unc_ns))) {
 		ct_stat(family, HW_CTS_REUSED_IDLE);
+	}
 	return 1;
 }
 
 /* Why a displaced connection ended (hw_event.end_cause). */
-static __always_inline __u8 ct_cause(__u32 rank, struct hw_ct_entry *e, __u8 proto, __u64 now)
+static __always_inline __u8 ct_cause(struct env *v, __u32 rank, struct hw_ct_entry *e, __u8 proto, __u64 unc_ns)
 {
-	if (rank == 1)
-		return HW_END_EVICTED;
-	return rank == 2 || ct_expired(e, proto, now) ? HW_END_IDLE : HW_END_CLOSED;
+	if (rank == CT_RANK_UNCONFIRMED)
+		return HW_END_EVICTED_UNCONFIRMED;
+	if (rank == CT_RANK_ESTABLISHED)
+		return HW_END_EVICTED_ESTABLISHED;
+	return rank == CT_RANK_EXPIRED || ct_expired_u(v, e, proto, unc_ns) ? HW_END_IDLE : HW_END_CLOSED;
 }
 
 /* Take a slot of k's bucket for a new connection: the best ranked (ct_rank), reporting the connection
@@ -308,7 +481,7 @@ static __always_inline __u8 ct_cause(__u32 rank, struct hw_ct_entry *e, __u8 pro
 static __always_inline struct hw_ct_entry *ct_take4(struct env *v, struct hw_ct4_key *k)
 {
 	__u32 pick_idx = HW_CT_MAX, rank = 0;
-	__u64 oldest = ~0ULL;
+	__u64 oldest = ~0ULL, unc_ns = ct_unconfirmed_ns(v);
 	__u32 base = ct_base4(k, v->cfg->table_seed);
 #pragma unroll
 	for (int i = 0; i < HW_CT_WAYS; i++) {
@@ -317,8 +490,8 @@ static __always_inline struct hw_ct_entry *ct_take4(struct env *v, struct hw_ct4
 		asm volatile("" : "+r"(sl));   /* one call site per map: inlined */
 		if (!sl)
 			continue;
-		__u32 r = ct_rank(&sl->e, tbl_key_diff(&sl->k, k, CT4_WORDS), sl->k.proto, v->now);
-		if (r > rank || (r == 1 && rank == 1 && sl->e.last_ns < oldest)) {
+		__u32 r = ct_rank(v, &sl->e, tbl_key_diff(&sl->k, k, CT4_WORDS), sl->k.proto, unc_ns);
+		if (ct_better(r, sl->e.last_ns, rank, oldest)) {
 			pick_idx = idx;
 			rank = r;
 			oldest = sl->e.last_ns;
@@ -326,11 +499,11 @@ static __always_inline struct hw_ct_entry *ct_take4(struct env *v, struct hw_ct4
 	}
 	struct hw_ct4_slot *pick = hw_ct4.lookup(&pick_idx);
 	asm volatile("" : "+r"(pick));
-	if (!pick || !ct_claim(v, rank, &pick->e, pick->k.proto, 4))
+	if (!pick || !ct_claim(v, rank, &pick->e, pick->k.proto, 4, unc_ns))
 		return 0;
-	if (rank != 3)
+	if (rank != CT_RANK_FREE)
 		ct_retire(v, &pick->e, &pick->k.addr_a, &pick->k.addr_b, pick->k.port_a, pick->k.port_b, pick->k.proto, 4,
-			  ct_cause(rank, &pick->e, pick->k.proto, v->now));
+			  ct_cause(v, rank, &pick->e, pick->k.proto, unc_ns));
 	pick->k = *k;
 	return &pick->e;
 }
@@ -338,7 +511,7 @@ static __always_inline struct hw_ct_entry *ct_take4(struct env *v, struct hw_ct4
 static __always_inline struct hw_ct_entry *ct_take6(struct env *v, struct hw_ct6_key *k)
 {
 	__u32 pick_idx = HW_CT_MAX, rank = 0;
-	__u64 oldest = ~0ULL;
+	__u64 oldest = ~0ULL, unc_ns = ct_unconfirmed_ns(v);
 	__u32 base = ct_base6(k, v->cfg->table_seed);
 #pragma unroll
 	for (int i = 0; i < HW_CT_WAYS; i++) {
@@ -346,24 +519,27 @@ static __always_inline struct hw_ct_entry *ct_take6(struct env *v, struct hw_ct6
 		struct hw_ct6_slot *sl = hw_ct6.lookup(&idx);
 		if (!sl)
 			continue;
-		__u32 r = ct_rank(&sl->e, tbl_key_diff(&sl->k, k, CT6_WORDS), sl->k.proto, v->now);
-		if (r > rank || (r == 1 && rank == 1 && sl->e.last_ns < oldest)) {
+		__u32 r = ct_rank(v, &sl->e, tbl_key_diff(&sl->k, k, CT6_WORDS), sl->k.proto, unc_ns);
+		if (ct_better(r, sl->e.last_ns, rank, oldest)) {
 			pick_idx = idx;
 			rank = r;
 			oldest = sl->e.last_ns;
 		}
 	}
 	struct hw_ct6_slot *pick = hw_ct6.lookup(&pick_idx);
-	if (!pick || !ct_claim(v, rank, &pick->e, pick->k.proto, 6))
+	if (!pick || !ct_claim(v, rank, &pick->e, pick->k.proto, 6, unc_ns))
 		return 0;
-	if (rank != 3)
+	if (rank != CT_RANK_FREE)
 		ct_retire(v, &pick->e, pick->k.addr_a, pick->k.addr_b, pick->k.port_a, pick->k.port_b, pick->k.proto, 6,
-			  ct_cause(rank, &pick->e, pick->k.proto, v->now));
+			  ct_cause(v, rank, &pick->e, pick->k.proto, unc_ns));
 	pick->k = *k;
 	return &pick->e;
 }
 
-static __always_inline void ct_open(struct env *v, struct pkt *p, __u32 slot, __u32 rev, __u32 reason)
+/* Track a new connection opened by the allowed packet p. `confirmed`: its handshake is already proven
+ * (a valid SYN-cookie ACK: the SYN proxy answered the SYN), so it starts ESTABLISHED. Its start is
+ * reported as report_start decides (report.h). */
+static __always_inline void ct_open(struct env *v, struct pkt *p, __u32 slot, __u32 rev, __u32 reason, int confirmed)
 {
 	struct hw_ct_entry *e;
 	__u8 initiator;
@@ -378,8 +554,11 @@ static __always_inline void ct_open(struct env *v, struct pkt *p, __u32 slot, __
 	}
 	if (!e)
 		return;
-	__u8 state = p->proto == IPPROTO_TCP ? HW_CT_SYN_SENT : HW_CT_NEW;
+	__u8 state = confirmed ? HW_CT_ESTABLISHED : p->proto == IPPROTO_TCP ? HW_CT_SYN_SENT : HW_CT_NEW;
 	__u64 t = hw_precise(v->cfg);   /* the flow's first packet: start of its records */
+	struct hw_event *ev = 0;
+	e->report = report_start(v, v->dir == HW_DIR_INGRESS ? p->saddr : p->daddr, p->family, p->dport, p->proto,
+				 v->dir, confirmed, &ev);
 	e->created_ns = t;
 	e->end_ns = t;
 	e->last_ns = v->now;
@@ -396,7 +575,6 @@ static __always_inline void ct_open(struct env *v, struct pkt *p, __u32 slot, __
 	e->fin_seen = 0;
 	e->reported = 0;
 	__sync_lock_test_and_set(&e->slot_state, HW_SLOT_LIVE);        /* publish: the entry is whole */
-	struct hw_event *ev = ev_reserve(v, HW_EV_FLOW_START);
 	if (ev) {
 		ev_packet(ev, p);
 		ev->ts_ns = t;

@@ -1,6 +1,7 @@
 /* SPDX-License-Identifier: Apache-2.0 */
 /* DoS guards in XDP ingress, before conntrack and policy: per-source token buckets in a
- * set-associative table, global SYN buckets, bans (automatic and manual) and their counters (docs/dos.md).
+ * set-associative table, the per-destination-port SYN stage (rate, guard, SYN proxy decision), global
+ * SYN buckets, bans (automatic and manual) and their counters (docs/dos.md).
  */
 #ifndef HW_DOS_H
 #define HW_DOS_H
@@ -16,6 +17,9 @@ BPF_PERCPU_ARRAY(hw_dos_stats, struct hw_counter, HW_DOS_PROFILES_MAX * HW_REASO
 BPF_PERCPU_ARRAY(hw_dos_src_stats, struct hw_counter, HW_DSS_STATS);
 BPF_F_TABLE("lpm_trie", struct hw_ban4_key, struct hw_manual_ban, hw_manual_ban4, HW_MANUAL_BANS_MAX, BPF_F_NO_PREALLOC);
 BPF_F_TABLE("lpm_trie", struct hw_ban6_key, struct hw_manual_ban, hw_manual_ban6, HW_MANUAL_BANS_MAX, BPF_F_NO_PREALLOC);
+BPF_F_TABLE("array", u32, struct hw_syn_port, hw_syn_ports, HW_SYN_PORTS, MAPF_MMAP);
+BPF_F_TABLE("array", u32, struct hw_syn_state, hw_syn_state, HW_DOS_PROFILES_MAX, MAPF_MMAP);
+BPF_PERCPU_ARRAY(hw_syn_stats, struct hw_counter, HW_SS_STATS);
 
 #define DOS_WORDS (sizeof(struct hw_dos_key) / 8)
 
@@ -50,6 +54,112 @@ static __always_inline int bits_take(__u64 *tok, __u64 bps_fp, __u64 cap, __u64 
 	}
 	*tok = t - cost;
 	return 1;
+}
+
+/* what the DoS stage decided for a TCP packet (struct pkt.syn_proxy) */
+#define SP_NONE   0
+#define SP_ANSWER 1     /* a SYN: answer it with a cookie SYN-ACK if the policy allows it */
+#define SP_CHECK  2     /* an untracked ACK while the proxy answers for its port: its cookie must be valid */
+#define SP_LEARN  3     /* an untracked ACK while an `auto` proxy is idle: a valid cookie opens a connection */
+
+static __always_inline void syn_stat(__u32 what)
+{
+	counter_add(hw_syn_stats.lookup(&what), 0);
+}
+
+/* ---- the DoS stage: per-port SYN rate, guard and proxy decision (xdp_ingress) -------------------- */
+static __always_inline int proxy_covers(struct hw_dos_profile *pr, __u16 port)
+{
+	if (!pr->nproxy_ranges)
+		return 1;
+#pragma unroll
+	for (int i = 0; i < HW_PROXY_RANGES_MAX; i++) {
+		if (i >= pr->nproxy_ranges)
+			break;
+		if (port >= pr->proxy_ranges[i].lo && port <= pr->proxy_ranges[i].hi)
+			return 1;
+	}
+	return 0;
+}
+
+/* auto: is the conntrack table under pressure for this profile? Conntrack evictions over the last
+ * second above proxy_pressure (re)start its quiet period; `note`: 1 to update the state (a SYN). */
+static __always_inline int proxy_pressure(struct env *v, struct hw_dos_profile *pr, __u32 profile, int note)
+{
+	struct hw_syn_state *ss = hw_syn_state.lookup(&profile);
+	if (!ss)
+		return 0;
+	if (note && pr->proxy_pressure) {
+		__u32 zero = 0;
+		struct hw_ct_pressure *cp = hw_ct_pressure.lookup(&zero);
+		if (cp && v->now - cp->window_ns < 2 * HW_PRESSURE_WINDOW_NS) {
+			__u64 rate = cp->prev > cp->count ? cp->prev : cp->count;
+			if (rate > pr->proxy_pressure) {
+				if (ss->pressure_until_ns <= v->now)
+					ss->pressure_since_ns = v->now;
+				ss->pressure_until_ns = v->now + pr->proxy_quiet_ns;
+			}
+		}
+	}
+	return ss->pressure_until_ns > v->now;
+}
+
+/* The per-destination-port SYN stage of an ingress TCP packet on an interface with profile `pr`. A SYN
+ * takes a token of its port's bucket (syn_port_pps, all sources together). If the proxy covers the
+ * port and answers (on; auto while hot or under pressure), the SYN is marked SP_ANSWER (the policy
+ * still decides) and bypasses the global and per-port SYN limits: answering costs no state. Else a SYN
+ * over the port's rate is dropped (syn_flood). An ACK to a covered port is marked for the cookie
+ * check. Returns a drop reason or 0. */
+static __always_inline __u32 syn_port_stage(struct env *v, struct pkt *p, struct hw_dos_profile *pr, __u32 profile)
+{
+	if (pr->proxy == HW_PROXY_OFF && !pr->syn_port_pps)
+		return 0;                       /* nothing per port: no lookup */
+	__u32 port = bpf_ntohs(p->dport);
+	int covered = pr->proxy != HW_PROXY_OFF && proxy_covers(pr, port);
+	if (!covered && (!p->opens || !pr->syn_port_pps))
+		return 0;
+	struct hw_syn_port *sp = hw_syn_ports.lookup(&port);
+	if (!sp)
+		return 0;
+	if (!p->opens) {
+		if ((p->tcp_flags & (TCPF_SYN | TCPF_RST | TCPF_ACK)) == TCPF_ACK) {
+			int on = pr->proxy == HW_PROXY_ON || sp->hot_until_ns > v->now || proxy_pressure(v, pr, profile, 0);
+			p->syn_proxy = on ? SP_CHECK : SP_LEARN;
+		}
+		return 0;
+	}
+	int over = 0;
+	if (pr->syn_port_pps) {
+		__u64 dt = elapsed_ns(v->now, sp->last_ns, 1000000000ULL);
+		sp->last_ns = v->now;
+		over = !bucket_take(&sp->tokens, pr->syn_port_pps, pr->syn_port_pps * 1000000000ULL, dt, 1000000000ULL);
+	}
+	if (covered) {
+		int on = pr->proxy == HW_PROXY_ON;
+		if (pr->proxy == HW_PROXY_AUTO) {
+			if (over) {
+				if (sp->hot_until_ns <= v->now)
+					sp->hot_since_ns = v->now;
+				sp->hot_until_ns = v->now + pr->proxy_quiet_ns;
+			}
+			on = sp->hot_until_ns > v->now || proxy_pressure(v, pr, profile, 1);
+		}
+		if (on) {
+			__u32 fam = p->family == 6;
+			if (v->now - sp->refresh_ns[fam] >= HW_SYN_REFRESH_NS) {
+				sp->refresh_ns[fam] = v->now;       /* this one goes to the stack (see the top) */
+				syn_stat(HW_SS_REFRESH);
+				return 0;
+			}
+			p->syn_proxy = SP_ANSWER;
+			return 0;
+		}
+	}
+	if (over) {
+		syn_stat(HW_SS_PORT_GUARD);
+		return HW_R_SYN_FLOOD;
+	}
+	return 0;
 }
 
 static __always_inline struct hw_dos_profile *dos_profile(struct env *v, __u32 ifindex, __u32 *id)
@@ -223,7 +333,9 @@ static __always_inline __u32 dos_limits(struct env *v, struct pkt *p, struct hw_
 	__u32 reason = dos_source(v, p, pr, profile);
 	if (reason)
 		return reason;
-	if (p->proto == IPPROTO_TCP && p->opens && pr->syn_global_pps &&
+	if (p->proto == IPPROTO_TCP && !p->frag && (reason = syn_port_stage(v, p, pr, profile)))
+		return reason;
+	if (p->proto == IPPROTO_TCP && p->opens && pr->syn_global_pps && p->syn_proxy != SP_ANSWER &&
 	    !global_take(profile * 16, pr->syn_global_pps, v->now))
 		return HW_R_SYN_FLOOD;
 	if (pr->nports && p->pidx <= HW_P_UDP && !p->frag) {

@@ -28,8 +28,12 @@ static __always_inline void ev_count(__u32 type, __u32 outcome)
 }
 
 /* May one more event enter the ring buffer now? Each CPU gets budget/ncpus events per second with
- * a 50 ms burst, so all CPUs together stay within ~1.05 x budget in any second. */
-static __always_inline int ev_budget_take(struct env *v)
+ * a 50 ms burst, so all CPUs together stay within ~1.05 x budget in any second. `low`: an event of the
+ * low class (an unconfirmed connection's start, a deny sample) takes a token only while the bucket
+ * holds more than half its burst, so the other half stays for the high class (flow ends, confirmed
+ * starts, log events): under a flood of new connections the confirmed ones keep being reported
+ * (docs/collector.md, "Flows under a flood"). */
+static __always_inline int ev_budget_take(struct env *v, int low)
 {
 	__u32 zero = 0;
 	struct hw_ev_budget *b = hw_ev_budget.lookup(&zero);
@@ -42,25 +46,28 @@ static __always_inline int ev_budget_take(struct env *v)
 	__u64 t = b->tokens_milli + dt * budget / ncpus / 1000000ULL;
 	b->tokens_milli = t > cap ? cap : t;
 	b->last_ns = v->now;
-	if (b->tokens_milli < 1000)
+	if (b->tokens_milli < 1000 + (low ? cap / 2 : 0))
 		return 0;
 	b->tokens_milli -= 1000;
 	return 1;
 }
 
-/* Reserve an event slot, or count why not. The caller fills and submits it. */
-static __always_inline struct hw_event *ev_reserve(struct env *v, __u32 type)
+/* Give back a token taken by ev_budget_take (the event went elsewhere); same CPU, no race. */
+static __always_inline void ev_budget_refund(struct env *v)
 {
-	if (!ev_budget_take(v)) {
-		ev_count(type, HW_EO_BUDGET);
-		return 0;
-	}
+	__u32 zero = 0;
+	struct hw_ev_budget *b = hw_ev_budget.lookup(&zero);
+	if (b)
+		b->tokens_milli += 1000;
+}
+
+/* A zeroed event slot in the ring buffer with its header filled, or 0 when the ring is full. Not
+ * counted: the caller counts the outcome. */
+static __always_inline struct hw_event *ev_alloc(struct env *v, __u32 type)
+{
 	struct hw_event *e = hw_events.ringbuf_reserve(sizeof(struct hw_event));
-	if (!e) {
-		ev_count(type, HW_EO_RINGBUF_FULL);
+	if (!e)
 		return 0;
-	}
-	ev_count(type, HW_EO_EMITTED);
 	__builtin_memset(e, 0, sizeof(*e));
 	e->type = type;
 	e->ts_ns = hw_precise(v->cfg);
@@ -68,6 +75,23 @@ static __always_inline struct hw_event *ev_reserve(struct env *v, __u32 type)
 	e->hook = v->hook;
 	e->direction = v->dir;
 	e->cgroup_id = v->cgroup;
+	return e;
+}
+
+/* Reserve an event slot within the budget (class `low`, see ev_budget_take), or count why not. The
+ * caller fills and submits it. */
+static __always_inline struct hw_event *ev_reserve(struct env *v, __u32 type, int low)
+{
+	if (!ev_budget_take(v, low)) {
+		ev_count(type, HW_EO_BUDGET);
+		return 0;
+	}
+	struct hw_event *e = ev_alloc(v, type);
+	if (!e) {
+		ev_count(type, HW_EO_RINGBUF_FULL);
+		return 0;
+	}
+	ev_count(type, HW_EO_EMITTED);
 	return e;
 }
 

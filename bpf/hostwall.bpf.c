@@ -37,12 +37,14 @@
 #include "env.h"
 #include "events.h"
 #include "table.h"
+#include "report.h"
 #include "conntrack.h"
 #include "verdict.h"
 #include "frag.h"
 #include "essential.h"
 #include "fqdn.h"
 #include "dos.h"
+#include "syncookie.h"
 
 /* ---- programs' shared maps ------------------------------------------------------------------ */
 BPF_PROG_ARRAY(hw_jump, 1);                            /* [0] = xdp_judge */
@@ -58,7 +60,7 @@ static __always_inline void judge_first(struct env *v, struct pkt *p, struct jud
 		ct_invalid = p->ct_hint == CT_HINT_INVALID;     /* xdp_ingress already looked */
 	} else if (p->trackable &&
 		   ct_find(v, p, p->saddr, p->daddr, p->sport, p->dport, p->proto, &r)) {
-		if (ct_advance(v, p, &r)) {
+		if (ct_advance(v, p, &r, 0)) {
 			j->verdict = HW_V_ALLOW;
 			j->reason = HW_R_PASS_CONNTRACK;
 			return;
@@ -123,8 +125,12 @@ static __always_inline void judge_first(struct env *v, struct pkt *p, struct jud
 		return;
 	}
 	j->verdict = HW_V_ALLOW;
-	if (h->stateful && p->opens)
-		ct_open(v, p, j->slot, h->revision_id, j->reason);
+	if (h->stateful && p->opens) {
+		if (p->syn_proxy == SP_ANSWER)
+			j->answer = 1;          /* xdp_judge answers it with a cookie: no state */
+		else
+			ct_open(v, p, j->slot, h->revision_id, j->reason, 0);
+	}
 	return;
 
 fail_closed:            /* unreachable with loaded maps; counted, never silent */
@@ -186,6 +192,8 @@ static __always_inline int xdp_exit(struct xdp_md *ctx, struct env *v, struct pk
 	count(v, p, j);
 	if (j->verdict == HW_V_DROP)
 		return XDP_DROP;
+	if (j->reason == HW_R_PASS_SYN_COOKIE)
+		return XDP_TX;          /* the frame now holds the cookie SYN-ACK */
 	if (j->reason != HW_R_PASS_DEFERRED)
 		return XDP_PASS;
 	/* XDP could not judge it: mark it so TC ingress does (if there is no room for the mark, TC
@@ -200,6 +208,52 @@ static __always_inline int xdp_exit(struct xdp_md *ctx, struct env *v, struct pk
 	return XDP_PASS;
 }
 
+/* The SYN proxy's part of an allowed packet that xdp_ingress marked (pkt.syn_proxy, dos.h): answer a
+ * SYN with its cookie SYN-ACK (counted pass_syn_cookie, in the flow aggregation as kind syn_cookie; one
+ * that cannot be answered is tracked as without the proxy), and check an untracked ACK's cookie: valid
+ * opens a confirmed connection; invalid is dropped (syn_cookie_invalid) while the proxy answers for the
+ * port, else judged as the policy said. */
+static __always_inline void syn_proxy_judged(struct xdp_md *ctx, struct env *v, struct pkt *p, struct judgement *j)
+{
+	__u32 gen = v->gen;
+	struct hw_policy_hdr *h = hw_policy.lookup(&gen);
+	if (!h)
+		return;
+	if (j->answer) {
+		__u32 id = 0, len = 0;
+		struct hw_dos_profile *pr = dos_profile(v, p->ifindex, &id);
+		int rc = pr ? syn_answer(ctx, p, pr, &len) : 0;
+		if (rc < 0) {
+			j->verdict = HW_V_DROP;
+			j->reason = HW_R_MALFORMED;
+			return;
+		}
+		if (rc) {
+			struct hw_flow_val a = {.flows = 1, .packets = 1, .bytes = len};
+			flow_agg(v, p->saddr, p->family, p->dport, p->proto, HW_DIR_INGRESS, HW_AGG_SYN_COOKIE, &a);
+			syn_stat(HW_SS_ANSWERED);
+			j->reason = HW_R_PASS_SYN_COOKIE;
+			return;
+		}
+		syn_stat(HW_SS_NOT_ANSWERABLE);
+		ct_open(v, p, j->slot, h->revision_id, j->reason, 0);
+		return;
+	}
+	if (p->syn_proxy != SP_CHECK && p->syn_proxy != SP_LEARN)
+		return;
+	if (syn_cookie_valid(ctx, p)) {
+		syn_stat(HW_SS_COOKIE_VALID);
+		if (h->stateful)
+			ct_open(v, p, j->slot, h->revision_id, j->reason, 1);
+		return;
+	}
+	if (p->syn_proxy == SP_CHECK) {
+		syn_stat(HW_SS_COOKIE_INVALID);
+		j->verdict = h->audit ? HW_V_WOULD_DROP : HW_V_DROP;
+		j->reason = HW_R_SYN_COOKIE_INVALID;
+	}
+}
+
 int xdp_judge(struct xdp_md *ctx)
 {
 	struct judgement j = {};
@@ -211,6 +265,9 @@ int xdp_judge(struct xdp_md *ctx)
 	v.now = p->now;
 	j.slot = ~0U;
 	judge(&v, p, &j);
+	if (p->syn_proxy != SP_NONE && j.verdict == HW_V_ALLOW && j.reason != HW_R_PASS_CONNTRACK &&
+	    j.reason != HW_R_PASS_RELATED)
+		syn_proxy_judged(ctx, &v, p, &j);
 	int ret = xdp_exit(ctx, &v, p, &j);
 	frag_note(&v, p, &j);           /* a first fragment that passed: its later fragments follow */
 	return ret;
@@ -249,13 +306,15 @@ int xdp_ingress(struct xdp_md *ctx)
 	if (p->trackable && !FIRST_FRAGMENT(p)) {
 		struct ctref r = {};
 		if (ct_find(&v, p, p->saddr, p->daddr, p->sport, p->dport, p->proto, &r)) {
-			if (ct_advance(&v, p, &r)) {
+			int adv = ct_advance(&v, p, &r, 1);
+			if (adv > 0) {
 				j.verdict = HW_V_ALLOW;
 				j.reason = HW_R_PASS_CONNTRACK;
 				j.slot = ~0U;
 				return xdp_exit(ctx, &v, p, &j);
 			}
-			p->ct_hint = CT_HINT_INVALID;
+			/* invalid continuation, or one to report: xdp_judge looks again (ct_hint 0) */
+			p->ct_hint = adv == 0 ? CT_HINT_INVALID : 0;
 		} else {
 			p->ct_hint = CT_HINT_MISS;
 		}

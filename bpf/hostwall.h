@@ -46,13 +46,24 @@
 #define HW_DOS_BANNED_MAX     65536     /* automatic bans, for listing */
 #define HW_MANUAL_BANS_MAX    65536     /* operator bans per family (LPM trie) */
 #define HW_DOS_STREAK_GAP_NS  1000000000ULL  /* over-limit packets further apart than this break a streak */
+#define HW_SYN_PORTS          65536     /* per-destination-port SYN state (hw_syn_ports[dport]) */
+#define HW_PROXY_RANGES_MAX   8         /* port ranges a profile's SYN proxy covers */
+#define HW_SYN_REFRESH_NS     30000000000ULL /* a covered port lets one SYN per family reach the host's stack
+                                         * this often (docs/dos.md: the listener accepts cookie ACKs only
+                                         * within 2 minutes of a cookie it sent itself) */
+#define HW_PRESSURE_WINDOW_NS 1000000000ULL  /* conntrack evictions are counted per window of this length */
+#define HW_SHARE_MAX          65536     /* per-source event share slots (4-way buckets) */
+#define HW_SHARE_WAYS         4
+#define HW_FLOW_AGG_MAX       65536     /* flow aggregation keys per generation (per-CPU hash) */
 
-/* conntrack timeouts, seconds (nf_conntrack-like defaults) */
-#define HW_CT_TO_SYN          120
+/* conntrack timeouts, seconds (nf_conntrack-like defaults). An unconfirmed entry (TCP handshake not
+ * complete, UDP/ICMP not replied) expires after hw_policy_hdr.ct_unconfirmed_s (policy
+ * conntrack.unconfirmed_timeout), default HW_CT_TO_UNCONFIRMED: fast, so a flood's half-open entries
+ * leave the table quickly (docs/datapath.md, sizing). */
+#define HW_CT_TO_UNCONFIRMED  10
 #define HW_CT_TO_ESTABLISHED  432000
 #define HW_CT_TO_FIN          120
 #define HW_CT_TO_CLOSE        10
-#define HW_CT_TO_UDP          30
 #define HW_CT_TO_UDP_REPLIED  180
 #define HW_CT_TO_ICMP         30
 
@@ -89,6 +100,7 @@ enum hw_reason {
 	HW_R_MALFORMED = 9,
 	HW_R_CONNTRACK_INVALID = 10,
 	HW_R_FRAGMENT_UNMATCHED = 11, /* later fragment whose first fragment was denied, never seen or expired */
+	HW_R_SYN_COOKIE_INVALID = 12, /* an untracked ACK to a port the SYN proxy covers, without a valid cookie */
 	HW_R_PASS_RULE = 16,       /* allow/log rule matched */
 	HW_R_PASS_DEFAULT = 17,    /* no rule matched, default allow */
 	HW_R_PASS_CONNTRACK = 18,  /* packet of a tracked connection */
@@ -98,6 +110,7 @@ enum hw_reason {
 	HW_R_PASS_DEFERRED = 22,   /* XDP could not reach its judge program: TC ingress judges instead */
 	HW_R_PASS_ESSENTIAL = 23,  /* essential ICMP (neighbour/router discovery, MLD, path-MTU errors) */
 	HW_R_PASS_FRAGMENT = 24,   /* later fragment of a datagram whose first fragment passed */
+	HW_R_PASS_SYN_COOKIE = 25, /* an allowed SYN answered from XDP with a cookie SYN-ACK (no state kept) */
 	HW_REASONS = 32,
 };
 
@@ -105,13 +118,16 @@ enum hw_action { HW_ACT_ALLOW = 0, HW_ACT_DENY = 1, HW_ACT_LOG = 2 };
 
 enum hw_proto_idx { HW_P_TCP = 0, HW_P_UDP = 1, HW_P_ICMP = 2, HW_P_ICMPV6 = 3, HW_P_OTHER = 4 };
 
+/* Values are stable across builds (a restart carries entries over), so SYN_RECV, added later, comes
+ * last; the datapath never compares states by order across it. Unconfirmed: NEW, SYN_SENT, SYN_RECV. */
 enum hw_ct_state {
-	HW_CT_NEW = 0,          /* UDP/ICMP: one side seen */
-	HW_CT_SYN_SENT = 1,
-	HW_CT_ESTABLISHED = 2,  /* TCP handshake answered, or UDP/ICMP replied */
+	HW_CT_NEW = 0,          /* UDP/ICMP: one side seen (unconfirmed) */
+	HW_CT_SYN_SENT = 1,     /* TCP: SYN seen (unconfirmed) */
+	HW_CT_ESTABLISHED = 2,  /* TCP handshake complete (the initiator's ACK after the SYN-ACK), or UDP/ICMP replied */
 	HW_CT_FIN_WAIT = 3,     /* one FIN seen */
 	HW_CT_CLOSING = 4,      /* both FINs seen */
 	HW_CT_CLOSED = 5,       /* RST seen */
+	HW_CT_SYN_RECV = 6,     /* TCP: SYN-ACK seen, the initiator's ACK not yet (unconfirmed) */
 };
 
 enum hw_event_type {
@@ -123,8 +139,11 @@ enum hw_event_type {
 	HW_EV_LOG = 4,              /* a packet judged by an action:log rule */
 };
 
-/* what became of an event the datapath wanted to emit: hw_ev_stats[type * HW_EV_OUTCOMES + outcome] */
-enum hw_ev_outcome { HW_EO_EMITTED = 0, HW_EO_BUDGET = 1, HW_EO_RINGBUF_FULL = 2, HW_EV_OUTCOMES = 3 };
+/* what became of an event the datapath wanted to emit: hw_ev_stats[type * HW_EV_OUTCOMES + outcome].
+ * aggregated: a flow event counted in the flow aggregation instead (a source over its share, or no room
+ * in the budget): not lost, it is in the flow summaries (docs/collector.md). */
+enum hw_ev_outcome { HW_EO_EMITTED = 0, HW_EO_BUDGET = 1, HW_EO_RINGBUF_FULL = 2, HW_EO_AGGREGATED = 3,
+                     HW_EV_OUTCOMES = 4 };
 
 /* ---- policy maps (one entry per generation unless noted) ------------------------------------ */
 /* Runtime knobs. Each map has ONE writer, so a read-modify-write never undoes another's change. */
@@ -146,7 +165,8 @@ struct hw_collect {                 /* hw_collect[0] — written by the collecto
 	__u8  agg_prefix_v4;        /* drop aggregation source prefix length (default 24) */
 	__u8  agg_prefix_v6;        /* (default 64) */
 	__u16 pad;
-	__u32 pad2;
+	__u32 source_share;         /* flow events/s one source may emit individually (its flows over that are
+	                             * aggregated); 0 = no per-source share */
 };
 
 struct hw_policy_hdr {              /* hw_policy_map[gen] */
@@ -159,8 +179,9 @@ struct hw_policy_hdr {              /* hw_policy_map[gen] */
 	__u8  essential_icmp;       /* 1: essential ICMP passes before any rule (docs/policy.md) */
 	__u8  pad[3];
 	__u32 essential_slot;       /* counter slot of the pseudo-rule essential_icmp; ~0: none */
-	__u32 fqdn_rules;           /* rules with fqdns (hw_fqdn_rules); 0 skips the dynamic set (24 bytes in all:
-	                             * a multiple of 8, the array's value stride) */
+	__u32 fqdn_rules;           /* rules with fqdns (hw_fqdn_rules); 0 skips the dynamic set */
+	__u32 ct_unconfirmed_s;     /* idle timeout of unconfirmed conntrack entries, s; 0: HW_CT_TO_UNCONFIRMED */
+	__u32 pad2;                 /* 32 bytes in all: a multiple of 8, the array's value stride */
 };
 
 struct hw_rule {                    /* hw_rule_map[gen * HW_MAX_RULES + order] */
@@ -281,6 +302,14 @@ struct hw_dos_port {
 	__u32 pps;
 };
 
+struct hw_port_range {
+	__u16 lo;                   /* host order, inclusive */
+	__u16 hi;
+};
+
+/* SYN proxy (docs/dos.md): SYNs to covered ports answered from XDP with cookie SYN-ACKs */
+enum hw_syn_proxy { HW_PROXY_OFF = 0, HW_PROXY_ON = 1, HW_PROXY_AUTO = 2 };
+
 struct hw_dos_profile {             /* hw_dos_profiles[gen * HW_DOS_PROFILES_MAX + id] */
 	__u64 pps;                  /* per source */
 	__u64 burst;                /* packets */
@@ -299,6 +328,21 @@ struct hw_dos_profile {             /* hw_dos_profiles[gen * HW_DOS_PROFILES_MAX
 	__u8  enabled;
 	__u32 pad;
 	struct hw_dos_port ports[HW_DOS_PORTS_MAX];
+	/* SYNs to one destination port, all sources together (docs/dos.md): a signal, a guard (proxy off:
+	 * the excess is dropped, syn_flood) and the SYN proxy's auto trigger */
+	__u64 syn_port_pps;
+	__u64 proxy_quiet_ns;       /* auto: the proxy stays on this long after the last trigger */
+	__u32 proxy_pressure;       /* auto: on while conntrack evicts more than this many entries per second
+	                             * (0: table pressure does not trigger it) */
+	__u16 proxy_mss;            /* MSS the cookie SYN-ACK advertises over IPv4 (IPv6: 20 less) */
+	__u8  proxy;                /* enum hw_syn_proxy */
+	__u8  proxy_wscale;         /* window scale the cookie SYN-ACK advertises (full options only) */
+	__u8  proxy_full;           /* 1: carry window scaling and SACK in the cookie's timestamp (the host runs
+	                             * net.ipv4.tcp_timestamps=2); 0: MSS only */
+	__u8  nproxy_ranges;        /* 0: the proxy covers every port */
+	__u16 pad3;
+	__u32 pad4;
+	struct hw_port_range proxy_ranges[HW_PROXY_RANGES_MAX];   /* ports the proxy covers, inclusive */
 };
 
 struct hw_dos_if {                  /* hw_dos_ifs[gen * HW_DOS_IF_SLOTS + slot] */
@@ -340,6 +384,35 @@ struct hw_dos_slot {
 /* hw_dos_src_stats[]: per-CPU counts of source inserts */
 enum hw_dos_src_stat { HW_DSS_INSERTED = 0, HW_DSS_EVICTED = 1, HW_DSS_CLAIM_LOST = 2, HW_DSS_STATS = 3 };
 
+/* Per-destination-port SYN state, shared by all interfaces with a profile (hw_syn_ports[dport], not
+ * swapped with the policy). User space reads it in place (mmap): the proxy of an `auto` profile covers
+ * the port while hot_until_ns is ahead of the clock. */
+struct hw_syn_port {
+	__u64 tokens;               /* the per-port SYN bucket (syn_port_pps), 1e-9 SYN units */
+	__u64 last_ns;
+	__u64 hot_until_ns;         /* auto: the proxy covers this port until then (over syn_port_pps + quiet) */
+	__u64 hot_since_ns;         /* when the current hot period began */
+	__u64 refresh_ns[2];        /* last SYN let through to the host's stack while the proxy answered, v4 / v6 */
+};
+
+/* Per profile (hw_syn_state[profile]): the proxy of an `auto` profile covers all its ports while
+ * pressure_until_ns is ahead of the clock (conntrack evicting more than proxy_pressure entries/s). */
+struct hw_syn_state {
+	__u64 pressure_until_ns;
+	__u64 pressure_since_ns;
+};
+
+/* hw_ct_pressure[0]: conntrack evictions (both families) per HW_PRESSURE_WINDOW_NS */
+struct hw_ct_pressure {
+	__u64 window_ns;            /* start of the current window */
+	__u64 count;                /* evictions in it */
+	__u64 prev;                 /* evictions in the window before (0 if that was not the previous one) */
+};
+
+/* hw_syn_stats[]: per-CPU counts of the SYN proxy's work */
+enum hw_syn_stat { HW_SS_ANSWERED = 0, HW_SS_REFRESH = 1, HW_SS_COOKIE_VALID = 2, HW_SS_COOKIE_INVALID = 3,
+                   HW_SS_NOT_ANSWERABLE = 4, HW_SS_PORT_GUARD = 5, HW_SS_STATS = 6 };
+
 struct hw_dos_ban {                 /* hw_dos_banned value: automatic bans, for `ban list` */
 	__u64 since_ns;
 	__u64 until_ns;
@@ -378,6 +451,7 @@ struct hw_port_counter {            /* hw_port_stats[dport]: tcp and udp only, p
 	__u64 allowed;
 	__u64 dropped;
 	__u64 would_drop;
+	__u64 syns;                 /* ingress TCP SYNs (without ACK), whatever their verdict: the per-port SYN rate */
 };
 
 /* ---- connection tracking (shared by all hooks and all CPUs) ---------------------------------- *
@@ -391,12 +465,24 @@ struct hw_port_counter {            /* hw_port_stats[dport]: tcp and udp only, p
  * (published by xchg); only LIVE slots match. The collector frees idle ones (mmap store). */
 enum hw_ct_slot_state { HW_SLOT_FREE = 0, HW_SLOT_BUSY = 1, HW_SLOT_LIVE = 2 };
 
-/* why the datapath reported a flow's end: hw_event.end_cause */
-enum hw_ct_end_cause { HW_END_CLOSED = 0, HW_END_IDLE = 1, HW_END_EVICTED = 2 };
+/* why the datapath reported a flow's end: hw_event.end_cause. A full bucket evicts an unconfirmed
+ * connection before any established one (docs/datapath.md), least recently used first among equals. */
+enum hw_ct_end_cause { HW_END_CLOSED = 0, HW_END_IDLE = 1, HW_END_EVICTED_ESTABLISHED = 2,
+                       HW_END_EVICTED_UNCONFIRMED = 3 };
 
 /* hw_ct_stats[]: per-CPU counts of what became of connection inserts */
-enum hw_ct_stat { HW_CTS_INSERTED = 0, HW_CTS_REUSED_IDLE = 1, HW_CTS_EVICTED = 2, HW_CTS_CLAIM_LOST = 3,
-                  HW_CT_STATS = 4 };
+/* reused_idle: a slot whose connection was idle past its timeout or closed (FINs or RST) */
+enum hw_ct_stat { HW_CTS_INSERTED = 0, HW_CTS_REUSED_IDLE = 1, HW_CTS_EVICTED_ESTABLISHED = 2, HW_CTS_CLAIM_LOST = 3,
+                  HW_CTS_EVICTED_UNCONFIRMED = 4, HW_CT_STATS = 5 };
+
+/* How a connection's start and end are reported (hw_ct_entry.report; docs/collector.md):
+ * EVENTS     its own flow_start / flow_end events (the start may still have been lost, counted);
+ * PENDING    unconfirmed, its start not reported yet: the event budget's reserve is kept for confirmed
+ *            connections. Confirmed → its flow_start is emitted then; ends unconfirmed → counted in the
+ *            flow aggregation (kind unconfirmed);
+ * AGG_SHARE  its source was over its event share: start and end in the flow aggregation (over_share);
+ * AGG_BUDGET the event budget (or the ring buffer) had no room: start and end aggregated (over_budget). */
+enum hw_ct_report { HW_REP_EVENTS = 0, HW_REP_PENDING = 1, HW_REP_AGG_SHARE = 2, HW_REP_AGG_BUDGET = 3 };
 
 struct hw_ct4_key {
 	__u32 addr_a;               /* network byte order */
@@ -434,7 +520,8 @@ struct hw_ct_entry {
 	__u8  reported;             /* written by the collector only (one byte store): non-zero once it reported this
 	                             * closed connection's end after the close grace period (2 claimed, 1 durable:
 	                             * bpf/conntrack.py); reset when the slot is reused */
-	__u8  pad[3];
+	__u8  report;               /* enum hw_ct_report */
+	__u8  pad[2];
 	__u64 slot_state;           /* enum hw_ct_slot_state (64 bits: BPF's cmpxchg/xchg here need them) */
 };
 
@@ -556,6 +643,51 @@ struct hw_drop_val {
 	__u64 bytes;
 	__u64 first_ns;
 	__u64 last_ns;
+};
+
+/* ---- flow aggregation (per-CPU hash, two generations: hw_flows0 / hw_flows1, flipped with agg_gen) -- *
+ * Flows not reported one event each (enum hw_ct_report) and cookie SYN-ACKs, counted per peer prefix
+ * (the source of ingress-opened flows, the destination of egress-opened ones), destination port and
+ * kind; drained with the drop aggregation. Per kind, summaries + hw_flow_overflow = the hw_flow_stats
+ * counters exactly. A start adds flows; an end adds ended and the flow's packets/bytes (both ways). */
+enum hw_agg_kind { HW_AGG_UNCONFIRMED = 0, HW_AGG_OVER_SHARE = 1, HW_AGG_OVER_BUDGET = 2, HW_AGG_SYN_COOKIE = 3,
+                   HW_AGG_KINDS = 4 };
+
+struct hw_flow_key {
+	__u32 peer[4];              /* masked to the aggregation prefix (hw_collect.agg_prefix_v4/v6), network order */
+	__u16 dport;                /* network order */
+	__u8  proto;
+	__u8  family;
+	__u8  prefix_len;
+	__u8  direction;            /* enum hw_dir of the opening packet */
+	__u8  kind;                 /* enum hw_agg_kind */
+	__u8  pad;
+};
+
+struct hw_flow_val {
+	__u64 flows;                /* connections started (syn_cookie: SYNs answered) */
+	__u64 ended;                /* connections ended */
+	__u64 packets;              /* of ended connections, both directions (syn_cookie: SYN-ACKs sent) */
+	__u64 bytes;
+	__u64 first_ns;
+	__u64 last_ns;
+};
+
+/* ---- per-source event share (hw_share[bucket * HW_SHARE_WAYS + way], a set-associative table) ---- *
+ * A token bucket of flow events per source address (/32, /64), refilled at hw_collect.source_share/s:
+ * a source over its share has its further flows aggregated, so one source cannot spend the budget. */
+struct hw_share_key {
+	__u32 addr[4];              /* network order; IPv6 masked to /64 */
+	__u8  family;
+	__u8  pad[3];
+	__u32 pad2;                 /* 24 bytes: compared and hashed as three 64-bit words */
+};
+
+struct hw_share_slot {
+	struct hw_share_key k;
+	__u64 tokens_milli;         /* thousandths of an event */
+	__u64 last_ns;
+	__u64 slot_state;           /* enum hw_ct_slot_state */
 };
 
 /* The individual peers behind the drop summaries (top talkers), per interval: a per-CPU array,

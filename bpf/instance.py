@@ -132,6 +132,7 @@ class Instance:
         collector owns this map afterwards (it may change the budget or the prefixes)."""
         col = np.zeros(1, dtype=L.DTYPES["hw_collect"])
         col["event_budget"] = L.C["HW_EVENT_BUDGET"]
+        col["source_share"] = L.C["HW_EVENT_BUDGET"] // 10     # flow events/s per source (docs/collector.md)
         col["agg_prefix_v4"], col["agg_prefix_v6"] = 24, 64
         bpfsys.map_update(self.map_fds["hw_collect"], b"\0" * 4, col.tobytes())
 
@@ -205,12 +206,16 @@ class Instance:
         maps are counted in batches, O(entries / 8192) syscalls, and refuse new keys when full (counted
         where the datapath uses them)."""
         out = {}
-        # a full bucket evicts its least recently used entry (for conntrack the datapath reports its flow
-        # end); claim_lost: entries left untracked because another CPU took the slot at that instant
+        # a full bucket evicts its least recently used entry, an unconfirmed one before any established
+        # one (the datapath reports the flow's end); claim_lost: entries left untracked because another
+        # CPU took the slot at that instant
         cts = self.ct_stats()
         for fam, n in conntrack.live_count(self.map_fds).items():
-            out[conntrack.MAPS[fam]] = pressure_row(n, L.CT_MAX, evicted=cts[fam]["evicted"],
-                                                    claim_lost=cts[fam]["claim_lost"])
+            c = cts[fam]
+            out[conntrack.MAPS[fam]] = pressure_row(
+                n, L.CT_MAX, evicted=c["evicted_unconfirmed"] + c["evicted_established"],
+                evicted_unconfirmed=c["evicted_unconfirmed"], evicted_established=c["evicted_established"],
+                claim_lost=c["claim_lost"])
         # fragment tables: entries still serving later fragments; a full bucket evicts the oldest (counted)
         fs = self.frag_stats()
         test_now = int(self.config()["test_now_ns"])

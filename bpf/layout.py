@@ -89,12 +89,20 @@ PROTO_IDX = {"tcp": C["HW_P_TCP"], "udp": C["HW_P_UDP"], "icmp": C["HW_P_ICMP"],
 DIR = {"ingress": C["HW_DIR_INGRESS"], "egress": C["HW_DIR_EGRESS"]}
 EVENT_TYPE_NAMES = {v: k[len("HW_EV_"):].lower() for k, v in C.items()
                     if k.startswith("HW_EV_") and k not in ("HW_EV_TYPES", "HW_EV_OUTCOMES", "HW_EV_NONE")}
-EV_OUTCOME_NAMES = {C["HW_EO_EMITTED"]: "emitted", C["HW_EO_BUDGET"]: "budget", C["HW_EO_RINGBUF_FULL"]: "ringbuf_full"}
+EV_OUTCOME_NAMES = {C["HW_EO_EMITTED"]: "emitted", C["HW_EO_BUDGET"]: "budget", C["HW_EO_RINGBUF_FULL"]: "ringbuf_full",
+                    C["HW_EO_AGGREGATED"]: "aggregated"}
 CT_STATE_NAMES = {C[k]: k[len("HW_CT_"):].lower() for k in _enum_members(HEADER.read_text(), "hw_ct_state")}
 CT_END_CAUSE_NAMES = {C[k]: k[len("HW_END_"):].lower() for k in _enum_members(HEADER.read_text(), "hw_ct_end_cause")}
 CT_STAT_NAMES = {C[k]: k[len("HW_CTS_"):].lower() for k in _enum_members(HEADER.read_text(), "hw_ct_stat")
                  if k.startswith("HW_CTS_")}
 CT_WAYS = C["HW_CT_WAYS"]
+CT_REPORT_NAMES = {C[k]: k[len("HW_REP_"):].lower() for k in _enum_members(HEADER.read_text(), "hw_ct_report")}
+AGG_KIND_NAMES = {C[k]: k[len("HW_AGG_"):].lower() for k in _enum_members(HEADER.read_text(), "hw_agg_kind")
+                  if k != "HW_AGG_KINDS"}
+SYN_PROXY_MODES = {"off": C["HW_PROXY_OFF"], "on": C["HW_PROXY_ON"], "auto": C["HW_PROXY_AUTO"]}
+SYN_STAT_NAMES = {C[k]: k[len("HW_SS_"):].lower() for k in _enum_members(HEADER.read_text(), "hw_syn_stat")
+                  if k != "HW_SS_STATS"}
+UNCONFIRMED_STATES = frozenset({C["HW_CT_NEW"], C["HW_CT_SYN_SENT"], C["HW_CT_SYN_RECV"]})
 FRAG_MAX = C["HW_FRAG_MAX"]
 FRAG_WAYS = C["HW_FRAG_WAYS"]
 FRAG_STAT_NAMES = {C[k]: k[len("HW_FS_"):].lower() for k in _enum_members(HEADER.read_text(), "hw_frag_stat")
@@ -114,10 +122,11 @@ DTYPES: dict[str, np.dtype] = {
     "hw_config": np.dtype([("gen", u32), ("ncpus", u32), ("test_now_ns", u64), ("manual_bans", u32), ("xdp_ingress", u32),
                            ("tick_ns", u64), ("tick_base_ns", u64), ("table_seed", u64)]),
     "hw_collect": np.dtype([("agg_gen", u32), ("event_budget", u32), ("agg_prefix_v4", u8), ("agg_prefix_v6", u8),
-                            ("pad", u16), ("pad2", u32)]),
+                            ("pad", u16), ("source_share", u32)]),
     "hw_policy_hdr": np.dtype([("revision_id", u32), ("nrules", u32), ("default_ingress", u8),
                                ("default_egress", u8), ("stateful", u8), ("audit", u8), ("essential_icmp", u8),
-                               ("pad", u8, 3), ("essential_slot", u32), ("fqdn_rules", u32)]),
+                               ("pad", u8, 3), ("essential_slot", u32), ("fqdn_rules", u32),
+                               ("ct_unconfirmed_s", u32), ("pad2", u32)]),
     "hw_rule": np.dtype([("slot", u32), ("action", u8), ("pad", u8, 3)]),
     "hw_class": np.dtype([("summary", u64), ("words", u64, WORDS)]),
     "hw_top": np.dtype([("first", u32), ("last", u32)]),
@@ -125,24 +134,33 @@ DTYPES: dict[str, np.dtype] = {
     "hw_iv6": np.dtype([("hi", u64), ("lo", u64), ("cls", u32), ("pad", u32)]),
     "hw_l4_elem": np.dtype([("cls", u16, L4_SLOTS_PER_ELEM)]),
     "hw_dos_port": np.dtype([("port", u16), ("proto", u8), ("pad", u8), ("pps", u32)]),
+    "hw_port_range": np.dtype([("lo", u16), ("hi", u16)]),
     "hw_dos_profile": np.dtype([("pps", u64), ("burst", u64), ("bps", u64), ("bps_burst", u64), ("syn_pps", u64),
                                 ("syn_global_pps", u64), ("udp_pps", u64), ("icmp_pps", u64), ("ban_after_ns", u64),
                                 ("ban_ns", u64), ("bps_fp", u64), ("prefix_v4", u8), ("prefix_v6", u8), ("nports", u8), ("enabled", u8),
                                 ("pad", u32), ("ports", np.dtype([("port", u16), ("proto", u8), ("pad", u8),
-                                                                  ("pps", u32)]), C["HW_DOS_PORTS_MAX"])]),
+                                                                  ("pps", u32)]), C["HW_DOS_PORTS_MAX"]),
+                                ("syn_port_pps", u64), ("proxy_quiet_ns", u64), ("proxy_pressure", u32), ("proxy_mss", u16),
+                                ("proxy", u8), ("proxy_wscale", u8), ("proxy_full", u8), ("nproxy_ranges", u8),
+                                ("pad3", u16), ("pad4", u32),
+                                ("proxy_ranges", np.dtype([("lo", u16), ("hi", u16)]), C["HW_PROXY_RANGES_MAX"])]),
     "hw_dos_if": np.dtype([("ifindex", u32), ("profile", u32)]),
     "hw_dos_key": np.dtype([("addr", u8, 16), ("family", u8), ("prefix_len", u8), ("profile", u8), ("pad", u8),
                             ("pad2", u32)]),
     "hw_dos_src": np.dtype([("last_ns", u64), ("tok_pkt", u64), ("tok_bits", u64), ("tok_syn", u64), ("tok_udp", u64),
                             ("tok_icmp", u64), ("streak_start_ns", u64), ("streak_last_ns", u64),
                             ("banned_until_ns", u64)]),
+    "hw_syn_port": np.dtype([("tokens", u64), ("last_ns", u64), ("hot_until_ns", u64), ("hot_since_ns", u64),
+                             ("refresh_ns", u64, 2)]),
+    "hw_syn_state": np.dtype([("pressure_until_ns", u64), ("pressure_since_ns", u64)]),
+    "hw_ct_pressure": np.dtype([("window_ns", u64), ("count", u64), ("prev", u64)]),
     "hw_dos_ban": np.dtype([("since_ns", u64), ("until_ns", u64), ("reason", u32), ("pad", u32)]),
     "hw_bucket": np.dtype([("tokens", u64), ("last_ns", u64)]),
     "hw_ban4_key": np.dtype([("prefixlen", u32), ("addr", u8, 4)]),
     "hw_ban6_key": np.dtype([("prefixlen", u32), ("addr", u8, 16)]),
     "hw_manual_ban": np.dtype([("until_ns", u64), ("added_ns", u64)]),
     "hw_counter": np.dtype([("packets", u64), ("bytes", u64)]),
-    "hw_port_counter": np.dtype([("allowed", u64), ("dropped", u64), ("would_drop", u64)]),
+    "hw_port_counter": np.dtype([("allowed", u64), ("dropped", u64), ("would_drop", u64), ("syns", u64)]),
     "hw_ct4_key": np.dtype([("addr_a", ">u4"), ("addr_b", ">u4"), ("port_a", ">u2"), ("port_b", ">u2"),
                             ("proto", u8), ("pad", u8, 3)]),
     "hw_ct6_key": np.dtype([("addr_a", u8, 16), ("addr_b", u8, 16), ("port_a", ">u2"), ("port_b", ">u2"),
@@ -150,7 +168,7 @@ DTYPES: dict[str, np.dtype] = {
     "hw_ct_entry": np.dtype([("created_ns", u64), ("last_ns", u64), ("end_ns", u64), ("packets", u64, 2),
                              ("bytes", u64, 2), ("cgroup_id", u64), ("rule_slot", u32), ("revision_id", u32),
                              ("state", u8), ("initiator", u8), ("origin", u8), ("fin_seen", u8), ("reported", u8),
-                             ("pad", u8, 3), ("slot_state", u64)]),
+                             ("report", u8), ("pad", u8, 2), ("slot_state", u64)]),
     "hw_ct4_slot": None,   # filled below from the entry and key dtypes
     "hw_ct6_slot": None,
     "hw_frag4_key": np.dtype([("saddr", u8, 4), ("daddr", u8, 4), ("id", ">u4"), ("proto", u8), ("dir", u8),
@@ -171,6 +189,12 @@ DTYPES: dict[str, np.dtype] = {
     "hw_drop_key": np.dtype([("src", u8, 16), ("ifindex", u32), ("dport", ">u2"), ("reason", u8), ("verdict", u8),
                              ("proto", u8), ("family", u8), ("prefix_len", u8), ("direction", u8)]),
     "hw_drop_val": np.dtype([("packets", u64), ("bytes", u64), ("first_ns", u64), ("last_ns", u64)]),
+    "hw_flow_key": np.dtype([("peer", u8, 16), ("dport", ">u2"), ("proto", u8), ("family", u8), ("prefix_len", u8),
+                             ("direction", u8), ("kind", u8), ("pad", u8)]),
+    "hw_flow_val": np.dtype([("flows", u64), ("ended", u64), ("packets", u64), ("bytes", u64), ("first_ns", u64),
+                             ("last_ns", u64)]),
+    "hw_share_key": np.dtype([("addr", u8, 16), ("family", u8), ("pad", u8, 3), ("pad2", u32)]),
+    "hw_share_slot": None,  # filled below
     "hw_meta": np.dtype([("magic", u32), ("reason", u32)]),
     "hw_fqdn_rule": np.dtype([("order", u32), ("set", u32)]),
     "hw_fqdn_l4": np.dtype([("rules", u64)]),
@@ -181,6 +205,8 @@ DTYPES: dict[str, np.dtype] = {
 }
 DTYPES["hw_drop_src"] = np.dtype([("k", DTYPES["hw_drop_key"]), ("pad", u32), ("packets", u64), ("bytes", u64)])
 DTYPES["hw_dos_slot"] = np.dtype([("s", DTYPES["hw_dos_src"]), ("k", DTYPES["hw_dos_key"]), ("slot_state", u64)])
+DTYPES["hw_share_slot"] = np.dtype([("k", DTYPES["hw_share_key"]), ("tokens_milli", u64), ("last_ns", u64),
+                                    ("slot_state", u64)])
 for _fam in (4, 6):     # conntrack and fragment table slots: the entry, then the key it belongs to
     DTYPES[f"hw_ct{_fam}_slot"] = np.dtype([("e", DTYPES["hw_ct_entry"]), ("k", DTYPES[f"hw_ct{_fam}_key"])])
     DTYPES[f"hw_frag{_fam}_slot"] = np.dtype([("e", DTYPES["hw_frag_entry"]), ("k", DTYPES[f"hw_frag{_fam}_key"])])

@@ -34,6 +34,7 @@ struct pkt {
 	__u8  in_proto;
 	__u8  inner;            /* ICMP error: in_saddr/in_daddr hold the embedded packet's addresses */
 	__u8  ct_hint;          /* set by xdp_ingress before the tail call: 1 no connection, 2 invalid one */
+	__u8  syn_proxy;        /* set by the DoS stage: SP_* (dos.h), what the SYN proxy does with it */
 	__u32 l4len;            /* parsing only: bytes the IP header(s) say follow the headers parsed so far */
 	__u64 now;              /* xdp_ingress's clock, so xdp_judge does not read it again */
 	__s32 fqdn_m;           /* judging only: fqdn_match's answer (fqdn.h) */

@@ -103,19 +103,30 @@ class InstanceState:
     def record_change(self, old_revision: str, new_revision: str, old_rules: int, new_rules: int,
                       source: str, switch_ms: float) -> dict:
         """Append a policy-change audit record to the history and the audit log; returns it."""
-        now = time.time_ns()                # microseconds, as every record (docs/collector.md "Records")
-        rec = {"@timestamp": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now // 10**9)) + f".{now // 1000 % 10**6:06d}Z",
-               "event": {"kind": "event", "category": ["configuration"], "type": ["change"],
-                         "action": "policy-apply", "dataset": "hostwall.audit"},
-               "user": {"name": _who()}, "hostwall": {"pin_dir": self.pin_dir, "policy": {
-                   "old_revision": old_revision, "new_revision": new_revision, "old_rules": old_rules,
-                   "new_rules": new_rules, "source": source, "switch_ms": round(switch_ms, 4)}}}
+        rec = audit_record("policy-apply", {"pin_dir": self.pin_dir, "policy": {
+            "old_revision": old_revision, "new_revision": new_revision, "old_rules": old_rules,
+            "new_rules": new_rules, "source": source, "switch_ms": round(switch_ms, 4)}})
         self.history = (self.history + [rec])[-HISTORY_KEEP:]
-        p = audit_log_path(self.pin_dir)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        with open(p, "a") as f:
-            f.write(json.dumps(rec, sort_keys=True) + "\n")
+        append_audit(self.pin_dir, rec)
         return rec
+
+
+def audit_record(action: str, hostwall: dict, user: str | None = None, when: float | None = None) -> dict:
+    """An audit record (schemas/audit.schema.json) of `action` with its hostwall part, stamped `when`
+    (Unix seconds; default now)."""
+    t = time.time() if when is None else when
+    return {"@timestamp": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1e6):06d}Z",
+            "event": {"kind": "event", "category": ["configuration"], "type": ["change"], "action": action,
+                      "dataset": "hostwall.audit"},
+            "user": {"name": user or _who()}, "hostwall": hostwall}
+
+
+def append_audit(pin_dir: str, rec: dict) -> None:
+    """Append one record to the instance's audit log (the collector ships it)."""
+    p = audit_log_path(pin_dir)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    with open(p, "a") as f:
+        f.write(json.dumps(rec, sort_keys=True) + "\n")
 
 
 def _who() -> str:

@@ -24,12 +24,13 @@ struct judgement {
 	__u32 revision_id;
 	__u8  action;           /* enum hw_action of the matching rule (log → event) */
 	__u8  ruled;            /* a rule decided */
+	__u8  answer;           /* an allowed SYN the SYN proxy answers (xdp_judge sends the cookie SYN-ACK) */
 };
 
 /* Report one judged packet (a deny sample or a log rule's packet) with its verdict and rule. */
 static __always_inline void ev_judged(struct env *v, struct pkt *p, struct judgement *j, __u32 type)
 {
-	struct hw_event *ev = ev_reserve(v, type);
+	struct hw_event *ev = ev_reserve(v, type, type == HW_EV_DENY);     /* deny samples: the low class */
 	if (!ev)
 		return;
 	ev_packet(ev, p);
@@ -45,18 +46,6 @@ static __always_inline void drop_val_add(struct hw_drop_val *val, __u32 len, __u
 	val->packets++;
 	val->bytes += len;
 	val->last_ns = now;
-}
-
-/* Mask an address (network order words) to `len` bits. */
-static __always_inline void mask_addr(__u32 *dst, __u32 *src, __u32 family, __u32 len)
-{
-	__u32 words = family == 4 ? 1 : 4;
-#pragma unroll
-	for (int i = 0; i < 4; i++) {
-		__u32 keep = len >= 32 * (i + 1) ? 32 : len > 32 * i ? len - 32 * i : 0;
-		__u32 m = keep == 0 ? 0 : keep >= 32 ? ~0U : ~0U << (32 - keep);
-		dst[i] = i < words ? src[i] & bpf_htonl(m) : 0;
-	}
 }
 
 static __always_inline void agg_overflow(struct env *v, struct judgement *j, struct pkt *p, __u32 gen)
@@ -150,6 +139,8 @@ static __always_inline void count(struct env *v, struct pkt *p, struct judgement
 				pc->dropped++;
 			else
 				pc->would_drop++;
+			if (p->opens && p->pidx == HW_P_TCP && v->dir == HW_DIR_INGRESS)
+				pc->syns++;     /* the per-port SYN rate, whatever became of the SYN */
 		}
 	}
 	if (j->verdict != HW_V_ALLOW) {

@@ -36,6 +36,7 @@ class Ledger:
         self.fanned_out = 0
         self.lanes: dict[str, _Lane] = {s: _Lane() for s in sinks}
         self.kernel_totals: dict[str, dict[str, int]] = {}
+        self.flow_counts: dict[str, dict[str, int]] = {}    # flow aggregation drained, per kind
         self._kernel_last: dict[tuple[str, str], int] | None = None
         self.drop_packets: Counter = Counter()                       # summarized | overflow -> packets
 
@@ -76,14 +77,16 @@ class Ledger:
             self.lanes[sink].lost[reason] += n
 
     def fold_kernel(self, totals: dict[str, dict[str, int]]) -> None:
-        """Fold cumulative kernel event outcomes ({type: {emitted, budget, ringbuf_full}}).
+        """Fold cumulative kernel event outcomes ({type: {emitted, budget, ringbuf_full, aggregated}}).
 
         The first call is the baseline (losses before this collector started are not its own);
-        later calls add the increase of every non-`emitted` outcome as records produced and lost
-        at stage "kernel" (a counter that went down, i.e. a reloaded datapath, restarts from 0).
-        Emitted events are counted when they are read from the ring."""
+        later calls add the increase of `budget` and `ringbuf_full` as records produced and lost at
+        stage "kernel" (a counter that went down, i.e. a reloaded datapath, restarts from 0).
+        Emitted events are counted when they are read from the ring; `aggregated` ones are not lost:
+        they arrive in the flow summaries (docs/collector.md, "Flows under a flood")."""
         self.kernel_totals = {t: dict(o) for t, o in totals.items()}
-        flat = {(t, o): v for t, outs in totals.items() for o, v in outs.items() if o != "emitted"}
+        flat = {(t, o): v for t, outs in totals.items() for o, v in outs.items()
+                if o not in ("emitted", "aggregated")}
         last, self._kernel_last = self._kernel_last, flat
         if last is None:
             return
@@ -93,12 +96,20 @@ class Ledger:
             if new > 0:
                 self.lose("kernel", key[1], new, produced="kernel")
 
+    def count_flows(self, totals: dict[str, dict[str, int]]) -> None:
+        """Flows the datapath counted in aggregate (hostwall.bpf.flow_agg.FlowDrain.totals), per kind:
+        not records, counts; they add up to hw_flow_stats (docs/collector.md)."""
+        for kind, c in totals.items():
+            acc = self.flow_counts.setdefault(kind, {})
+            for f, n in c.items():
+                acc[f] = acc.get(f, 0) + n
+
     def set_kernel_baseline(self, totals: dict[str, dict[str, int]]) -> None:
         """Continue from the counters a previous run folded last (its checkpoint), instead of taking the
         kernel's current counters as a new zero: what the kernel counted while no collector ran is then
         counted by the next fold_kernel() (docs/collector.md "Restarts")."""
         self._kernel_last = {(t, o): int(v) for t, outs in (totals or {}).items() for o, v in outs.items()
-                             if o != "emitted"}
+                             if o not in ("emitted", "aggregated")}
 
     def count_drops(self, summarized_packets: int, overflow_packets: int) -> None:
         self.drop_packets["summarized"] += summarized_packets
@@ -161,6 +172,7 @@ class Ledger:
             "sinks": {s: {**self.balance(s), "lost_in_sink": dict(sorted(lane.lost.items())),
                           "in_flight_in_sink": self.in_flight(s)} for s, lane in self.lanes.items()},
             "kernel_events": self.kernel_totals,
+            "flow_aggregates": self.flow_counts,
             "drop_packets": dict(self.drop_packets),
             "ok": not violations,
             "violations": violations,

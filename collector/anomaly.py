@@ -6,6 +6,9 @@ Signals and keys (one independent detector per key):
          kernel aggregated finer), by "<transport>/<port>" and by drop reason. A summary's packets are
          spread evenly over the buckets its interval [window.start, window.end] overlaps.
   flows  new connections (flow start records), by source prefix and destination port.
+  syns   ingress TCP SYNs per destination port, whatever became of them (the kernel's per-port counters,
+         fed by collector/syn_proxy.py through observe_count): a SYN flood spread over many sources
+         is seen and named by its port even when the SYN proxy answers every SYN (no drops, no flows).
 
 Window math. Time is cut into buckets of `bucket_s`; at each bucket boundary e the window [e - window_s, e)
 gives rate = count / window_s. The baseline is an EWMA of that rate (alpha) and of its absolute
@@ -132,6 +135,14 @@ class AnomalyDetector:
             self.counters["observed"] += 1
         else:
             self.counters["ignored"] += 1
+
+    def observe_count(self, signal: str, dimension: str, value: str, extra: dict, count: float, t0: float,
+                      t1: float) -> None:
+        """`count` events of a key that come as counters, not records, spread over [t0, t1] (wall-clock
+        seconds): the per-port SYN signal."""
+        if signal in self.cfg.signals and dimension in self.cfg.dimensions and count > 0 and self._timely(t0, t1):
+            self._add(signal, dimension, value, extra, float(count), t0, t1, "")
+            self.counters["observed"] += 1
 
     def _iso_s(self, iso: str) -> float:
         """Seconds of an ISO time; the summaries of one interval share their bounds, so memoise a few."""

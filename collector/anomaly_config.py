@@ -12,7 +12,7 @@ from typing import Any
 __all__ = ["AnomalyConfig", "AnomalyConfigError", "DIMENSIONS", "SIGNALS"]
 
 DIMENSIONS = ("source_prefix", "destination_port", "reason")
-SIGNALS = ("drops", "flows")
+SIGNALS = ("drops", "flows", "syns")
 
 
 class AnomalyConfigError(ValueError):

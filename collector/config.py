@@ -18,6 +18,7 @@ File format (every key optional):
     active_timeout: 60s                 # long-lived flows get an update this often
     flow_close_grace: 2s                # a connection closed by FINs is reported once quiet this long
     event_budget: 20000                 # events/s into the ring buffer (written to hw_collect)
+    event_source_share: 2000            # flow events/s one source may emit individually (default budget/10)
     drop_prefix_v4: 24                  # drop summaries aggregate sources by this prefix
     drop_prefix_v6: 64
     queues: {events: 16, sink: 20000, batch: 8192}
@@ -214,6 +215,7 @@ class CollectorConfig:
     active_timeout_s: float = 60.0
     close_grace_s: float = 2.0      # FIN-closed connections: reported once quiet this long (last ACK counted)
     event_budget: int = 20000
+    event_source_share: int | None = None   # flow events/s per source (hw_collect); None: event_budget / 10
     drop_prefix_v4: int = 24        # drop aggregation source prefix (written to hw_collect at start)
     drop_prefix_v6: int = 64
     queues: QueueSizes = QueueSizes()
@@ -314,6 +316,7 @@ FIELDS = [
     _Field(("active_timeout",), ("active_timeout_s",), _dur),
     _Field(("flow_close_grace",), ("close_grace_s",), _dur),
     _Field(("event_budget",), ("event_budget",), parse_int(0, 10_000_000)),
+    _Field(("event_source_share",), ("event_source_share",), parse_int(0, 10_000_000)),
     _Field(("drop_prefix_v4",), ("drop_prefix_v4",), parse_int(0, 32)),
     _Field(("drop_prefix_v6",), ("drop_prefix_v6",), parse_int(0, 128)),
     _Field(("queues", "events"), ("queues", "events"), parse_int(1, 1_000_000)),

@@ -15,8 +15,9 @@ same order, so the same seqs), adopts its claims (the kernel keeps them: a new s
 again) and releases them once durable.
 
 Format: one uncompressed NumPy .npz per batch, `<seq_base>.npz` in `<status stem>.ct/`: per family
-`<field>_<fam>` arrays of CtFamilyScan, and `meta` (JSON: seq_base, n, scan time, boot id). Written to a
-temporary name and renamed; no fsync, like the checkpoint (a collector crash keeps the page cache; a
+`<field>_<fam>` arrays of CtFamilyScan, and `meta` (JSON: seq_base, n, scan time, boot id; for a batch
+with flow summaries of connections counted in aggregate, their window and closes per family). Written
+to a temporary name and renamed; no fsync, like the checkpoint (a collector crash keeps the page cache; a
 machine crash loses the kernel state the batch came from anyway). Cost: one write of ~150 bytes per
 record per scan batch (the records themselves are ~1 KB), one unlink per settled batch; memory: none
 beyond the batch being written.
@@ -25,7 +26,7 @@ from __future__ import annotations
 
 import io
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -33,13 +34,13 @@ import orjson
 
 from hostwall.bpf import layout as L
 
-from .kernel import CT_ENTRY_DT, CtFamilyScan
+from .ct_scan import CT_ENTRY_DT, CtFamilyScan
 
 __all__ = ["CtBatch", "CtJournal", "FIELDS"]
 
 # CtFamilyScan fields kept (collector/kernel.py): what on_conntrack needs, and the claims to release
 FIELDS = ("expired_keys", "expired_entries", "update_keys", "update_entries", "closed_keys", "closed_entries",
-          "claimed_idx", "claimed_seen", "closed_idx", "closed_seen")
+          "claimed_idx", "claimed_seen", "closed_idx", "closed_seen", "agg_keys", "agg_entries")
 _KEY_DT = {4: L.DTYPES["hw_ct4_key"], 6: L.DTYPES["hw_ct6_key"]}
 
 
@@ -53,6 +54,8 @@ class CtBatch:
     now_ns: int
     boot_id: str
     families: dict[int, dict[str, np.ndarray]]
+    window: tuple[int, int] | None = None        # the flow summaries' [t0, t1] (wall ns), if the batch has any
+    agg_closed: dict[int, int] = field(default_factory=dict)
 
     def scans(self) -> list[CtFamilyScan]:
         """The batch as the scan returned it: one CtFamilyScan per family (absent fields empty)."""
@@ -66,7 +69,9 @@ class CtBatch:
                                     get("update_keys", _KEY_DT[fam]), get("update_entries", CT_ENTRY_DT),
                                     get("claimed_idx", np.int64), get("claimed_seen", CT_ENTRY_DT),
                                     get("closed_keys", _KEY_DT[fam]), get("closed_entries", CT_ENTRY_DT),
-                                    get("closed_idx", np.int64), get("closed_seen", CT_ENTRY_DT)))
+                                    get("closed_idx", np.int64), get("closed_seen", CT_ENTRY_DT),
+                                    get("agg_keys", _KEY_DT[fam]), get("agg_entries", CT_ENTRY_DT),
+                                    int(self.agg_closed.get(fam, 0))))
         return out
 
 
@@ -76,7 +81,8 @@ class CtJournal:
         self.written = 0
         self.errors = 0
 
-    def write(self, seq_base: int, n: int, now_ns: int, boot_id: str, families) -> Path | None:
+    def write(self, seq_base: int, n: int, now_ns: int, boot_id: str, families,
+              window: tuple[int, int] | None = None) -> Path | None:
         """Journal a batch of `n` records numbered from `seq_base`, made of `families` (CtFamilyScan).
         None when the file cannot be written (counted in `errors`: that batch is not reproducible)."""
         arrays: dict[str, np.ndarray] = {}
@@ -85,7 +91,10 @@ class CtJournal:
                 v = getattr(f, name)
                 if v is not None and len(v):
                     arrays[f"{name}_{f.family}"] = np.ascontiguousarray(v)
-        meta = {"seq_base": int(seq_base), "n": int(n), "now_ns": int(now_ns), "boot_id": boot_id}
+        meta = {"seq_base": int(seq_base), "n": int(n), "now_ns": int(now_ns), "boot_id": boot_id,
+                "agg_closed": {str(f.family): int(f.agg_closed) for f in families if f.agg_closed}}
+        if window is not None:
+            meta["window"] = [int(window[0]), int(window[1])]
         arrays["meta"] = np.frombuffer(orjson.dumps(meta), np.uint8)
         path = self.dir / f"{int(seq_base):020d}.npz"
         tmp = self.dir / f".{path.name}.tmp{os.getpid()}"
@@ -114,8 +123,10 @@ class CtJournal:
                         if key != "meta":
                             name, fam = key.rsplit("_", 1)
                             fams[int(fam)][name] = z[key]
+                w = meta.get("window")
                 out.append(CtBatch(p, int(meta["seq_base"]), int(meta["n"]), int(meta["now_ns"]),
-                                   str(meta.get("boot_id", "")), fams))
+                                   str(meta.get("boot_id", "")), fams, (int(w[0]), int(w[1])) if w else None,
+                                   {int(k): int(v) for k, v in (meta.get("agg_closed") or {}).items()}))
             except (OSError, ValueError, KeyError, orjson.JSONDecodeError):
                 bad += 1
                 self.remove(p)

@@ -1,5 +1,5 @@
-"""The collector's view of one pinned enforcer instance: ring buffer, drop aggregation, conntrack,
-loss counters. Pure bpf(2) syscalls (enforcer/_internal/bpfsys.py), no BCC, no compiler.
+"""The collector's view of one pinned enforcer instance: ring buffer, drop and flow aggregation,
+conntrack (collector/ct_scan.py), loss counters, the SYN proxy's state. Pure bpf(2) syscalls (enforcer/_internal/bpfsys.py), no BCC, no compiler.
 
 Every layout comes from enforcer.layout.DTYPES (the NumPy twins of bpf/hostwall.h); nothing here
 restates a kernel struct. Costs are per call and stated on each method; all methods block (a few
@@ -20,17 +20,22 @@ from pathlib import Path
 
 import numpy as np
 
-from hostwall.bpf import bpfsys, conntrack
+from hostwall.bpf import bpfsys, conntrack, flow_agg, syn_proxy
 from hostwall.bpf import layout as L
 from hostwall.bpf.clock import Clock
-from hostwall.bpf.conntrack import CLAIM_BITS, CT_F_CLAIMED
 from hostwall.bpf.ringbuf import RingBuffer
+
+from .ct_scan import CT_ENTRY_DT, POLICY_HDR_DT, ConntrackScans, CtFamilyScan, CtScan, ct_timeout_ns
+
+__all__ = ["CT_ENTRY_DT", "ConntrackScans", "CtFamilyScan", "CtScan", "DropDrain", "KernelSource",
+           "KernelSourceError", "ct_timeout_ns"]
 
 # The collector's knobs (agg_gen, event_budget, aggregation prefixes) live in hw_collect, whose only
 # writer is the collector; hw_config (policy generation, test clock) belongs to the enforcer.
 KNOBS = "hw_collect"
 MAPS = ("hw_config", KNOBS, "hw_stats", "hw_events", "hw_ev_stats", "hw_drops0", "hw_drops1", "hw_drop_overflow",
-        "hw_drop_srcs", "hw_ct4", "hw_ct6")
+        "hw_drop_srcs", "hw_ct4", "hw_ct6", "hw_policy", "hw_flows0", "hw_flows1", "hw_flow_overflow", "hw_flow_stats",
+        "hw_syn_ports", "hw_syn_state", "hw_port_stats")
 ENOENT = 2
 BATCH_CHUNK = 8192
 
@@ -42,12 +47,9 @@ DROP_VAL_DT = L.DTYPES["hw_drop_val"]
 DROP_SRC_DT = L.DTYPES["hw_drop_src"]
 DROP_SRC_SLOTS = L.C["HW_DROP_SRC_SLOTS"]
 _DROP_SRC_KEY_BYTES = 32                      # hw_drop_src.k + pad: what the datapath hashes and compares
-CT_ENTRY_DT = L.DTYPES["hw_ct_entry"]
 EV_TYPES = L.C["HW_EV_TYPES"]
 EV_OUTCOMES = L.C["HW_EV_OUTCOMES"]
 OVERFLOW_SLOTS_PER_GEN = L.VERDICTS * L.REASONS
-CT_END_EMITTED = L.C["HW_CT_F_END_EMITTED"]   # hw_ct_entry.fin_seen: the datapath already emitted flow_end
-CT_CLOSING = L.C["HW_CT_CLOSING"]
 
 _S = 1_000_000_000
 
@@ -64,7 +66,9 @@ class DropDrain:
     packet, last_ns = max). overflow: {(verdict, reason): (packets, bytes)} that did not fit the map.
     Per (verdict, reason), vals packets + overflow packets = the drop counters' increase over the
     interval (exactly; see drain_drops). sources: the interval's individual peers (hw_drop_src, one
-    per distinct key, summed over CPUs; the top talkers of the summaries)."""
+    per distinct key, summed over CPUs; the top talkers of the summaries). `flows`: the flow
+    aggregation of the same interval (the same generation flip; hostwall.bpf.flow_agg), None from
+    sources that have none."""
     keys: np.ndarray
     vals: np.ndarray
     overflow: dict[tuple[int, int], tuple[int, int]]
@@ -73,6 +77,7 @@ class DropDrain:
     barrier_s: float
     gen: int = 0                # the aggregation generation read (its map is cleared by clear_drops)
     sources: np.ndarray = field(default_factory=lambda: np.zeros(0, DROP_SRC_DT))
+    flows: flow_agg.FlowDrain | None = None
 
     @property
     def packets(self) -> int:
@@ -90,57 +95,6 @@ class DropDrain:
         for (v, r), (p, _) in self.overflow.items():
             out[v, r] += p
         return out
-
-
-@dataclass
-class CtFamilyScan:
-    """Conntrack scan result of one family; keys in hw_ct4_key / hw_ct6_key, entries hw_ct_entry.
-
-    expired_*: entries idle past their timeout whose end the collector reports: claimed now, or
-    claimed by an earlier collector that never freed them (entries with fin_seen's claim bits cleared,
-    as the builder must see them). Entries whose flow_end the datapath emitted, or whose close record
-    is durable (`reported` REPORTED_DURABLE), are freed at once and not listed (their end is reported).
-    update_*: live entries that crossed a multiple of the active timeout since the previous scan
-    and saw a packet since the previous multiple (a periodic flow update is due).
-    closed_*: connections closed by both FINs whose last packet is older than the close grace
-    period, now claimed in the kernel (`reported` = REPORTED_CLAIMED; their flow end record is due; the
-    entry stays until its timeout so late packets still pass as part of the connection), or claimed so
-    by an earlier collector whose records never became durable (reported again, same event.id).
-    claimed_idx / claimed_seen: the slots of expired_* and their entries as read, for free_claims()
-    once the records are durable; closed_idx / closed_seen: the same for closed_*."""
-    family: int
-    expired_keys: np.ndarray
-    expired_entries: np.ndarray
-    update_keys: np.ndarray
-    update_entries: np.ndarray
-    claimed_idx: np.ndarray = None          # type: ignore[assignment]
-    claimed_seen: np.ndarray = None         # type: ignore[assignment]
-    closed_keys: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint8))
-    closed_entries: np.ndarray = field(default_factory=lambda: np.zeros(0, CT_ENTRY_DT))
-    closed_idx: np.ndarray = None           # type: ignore[assignment]
-    closed_seen: np.ndarray = None          # type: ignore[assignment]
-
-
-@dataclass
-class CtScan:
-    """Outcome of one scan_conntrack over both families (one CtFamilyScan each)."""
-    families: list[CtFamilyScan]
-    scanned: int          # entries read
-    raced: int            # expired candidates a packet touched between read and claim (kept)
-    ended: int            # expired entries whose end was reported already (datapath flow_end, durable close): freed
-    reclaimed: int = 0    # claims of an earlier collector (idle ends, closes) not journaled, reported again
-
-    @property
-    def expired(self) -> int:
-        return sum(len(f.expired_keys) for f in self.families)
-
-    @property
-    def updates(self) -> int:
-        return sum(len(f.update_keys) for f in self.families)
-
-    @property
-    def closed(self) -> int:
-        return sum(len(f.closed_keys) for f in self.families)
 
 
 # ---- batch syscalls -----------------------------------------------------------------------------
@@ -177,7 +131,7 @@ def sum_percpu(raw: bytes, n: int, dtype: np.dtype, ncpus: int) -> np.ndarray:
 
 # ---- the source ---------------------------------------------------------------------------------
 
-class KernelSource:
+class KernelSource(ConntrackScans):
     """Opened maps of one pinned instance. Not thread-safe: use from one thread at a time."""
 
     def __init__(self, pin_dir: str | os.PathLike):
@@ -205,7 +159,8 @@ class KernelSource:
 
     def _check_layouts(self) -> None:
         want = {"hw_config": CFG_DT.itemsize, KNOBS: KNOBS_DT.itemsize, "hw_drops0": DROP_VAL_DT.itemsize,
-                "hw_drops1": DROP_VAL_DT.itemsize, "hw_ct4": conntrack.SLOT_DT[4].itemsize,
+                "hw_drops1": DROP_VAL_DT.itemsize, "hw_flows0": flow_agg.VAL_DT.itemsize,
+                "hw_policy": POLICY_HDR_DT.itemsize, "hw_ct4": conntrack.SLOT_DT[4].itemsize,
                 "hw_ct6": conntrack.SLOT_DT[6].itemsize,
                 "hw_ev_stats": COUNTER_DT.itemsize, "hw_drop_overflow": COUNTER_DT.itemsize}
         for name, size in want.items():
@@ -248,8 +203,11 @@ class KernelSource:
             val[0][k] = v
         bpfsys.map_update(self.fds[KNOBS], b"\0" * 4, val.tobytes())
 
-    def set_event_budget(self, events_per_s: int) -> None:
-        self.set_knobs(event_budget=int(events_per_s))
+    def set_event_budget(self, events_per_s: int, source_share: int | None = None) -> None:
+        """The ring's flow-event budget (events/s) and, unless None, one source's share of it
+        (hw_collect.source_share; docs/collector.md "Flows under a flood")."""
+        share = {} if source_share is None else {"source_share": int(source_share)}
+        self.set_knobs(event_budget=int(events_per_s), **share)
 
     def set_drop_prefixes(self, v4: int, v6: int) -> None:
         """Source prefix lengths of drop aggregation keys (keys carry their prefix_len, so a change
@@ -335,6 +293,16 @@ class KernelSource:
         n = L.C["HW_DNS_RECORDS_WRITTEN"] + 1
         return np.frombuffer(bpfsys.array_slots(self.fds["hw_dns_stats"], 0, n, 8), dtype=np.uint64)
 
+    # ---- the SYN proxy and the per-port SYN rate (docs/dos.md) ---------------------------------------
+    def port_syns(self) -> np.ndarray:
+        """Ingress TCP SYNs per destination port since load (hw_port_stats.syns summed over CPUs), 65536
+        counters. Cost: one batch syscall over ~2 MB per CPU."""
+        return self._percpu_array("hw_port_stats", L.DTYPES["hw_port_counter"])["syns"]
+
+    def syn_proxy(self, now_ns: int) -> syn_proxy.ProxyState:
+        """What the `auto` SYN proxies answer for at `now_ns` (the datapath's clock; mmap, no syscall)."""
+        return syn_proxy.read(self.fds, now_ns)
+
     # ---- drop aggregation --------------------------------------------------------------------------
     def drain_drops(self) -> DropDrain:
         """Export one drop-aggregation interval and clear it at once: read_drops() + clear_drops()."""
@@ -349,10 +317,11 @@ class KernelSource:
         reads it again (read_drops_of). Until cleared, the next flip must not happen.
 
         Flip hw_collect.agg_gen, wait one RCU grace period (no program still writes the old
-        generation), then read every key of the old per-CPU hash, its overflow slots and its peer slots.
-        Cost: 1 flip + grace period (~1-20 ms) + ceil(keys / 8192) batch syscalls + 1 for the overflow
-        slots + 1 for the peers (read_drops_of). Exact: no
-        packet is counted twice or lost between intervals."""
+        generation), then read every key of the old per-CPU hash, its overflow slots and its peer slots,
+        and the flow aggregation of the same generation (hostwall.bpf.flow_agg). Cost: 1 flip + grace
+        period (~1-20 ms) + ceil(keys / 8192) batch syscalls + 1 for the overflow slots + 1 for the
+        peers + the flow aggregation's (read_drops_of). Exact: no packet is counted twice or lost
+        between intervals."""
         old = self.agg_gen()
         self.set_knobs(agg_gen=old ^ 1)
         t1 = self.now_ns()
@@ -416,12 +385,14 @@ class KernelSource:
         raw_k, raw_v, n = map_batch(self.fds[f"hw_drops{gen}"], ksz, percpu_stride(DROP_VAL_DT.itemsize) * self.ncpus)
         keys = np.frombuffer(raw_k, dtype=DROP_KEY_DT, count=n).copy()
         vals = sum_percpu(raw_v, n, DROP_VAL_DT, self.ncpus)
-        return DropDrain(keys, vals, self._read_overflow(gen), 0, 0, 0.0, gen, self._read_sources(gen))
+        return DropDrain(keys, vals, self._read_overflow(gen), 0, 0, 0.0, gen, self._read_sources(gen),
+                         flow_agg.read(self.fds, gen, self.ncpus))
 
     def clear_drops(self, d: DropDrain) -> None:
         """Delete the keys `d` read from its generation's map and zero the overflow slots it read. Nothing
         writes that generation until the next flip, so this removes exactly what `d` holds; its peer slots
-        (hw_drop_srcs) are zeroed with it. Cost: ceil(keys / 8192) batch syscalls + 1, + 2 with peers."""
+        (hw_drop_srcs) are zeroed with it, and the flow aggregation it read (flow_agg.clear). Cost:
+        ceil(keys / 8192) batch syscalls + 1, + 2 with peers, + the flow aggregation's."""
         if len(d.keys):
             bpfsys.map_delete_batch(self.fds[f"hw_drops{d.gen}"], np.ascontiguousarray(d.keys).tobytes(),
                                     DROP_KEY_DT.itemsize)
@@ -432,6 +403,8 @@ class KernelSource:
             bpfsys.map_update_batch(fd, idx.tobytes(), bytes(stride * len(idx)), len(idx))
         if len(d.sources):
             self._clear_sources(d.gen)
+        if d.flows is not None:
+            flow_agg.clear(self.fds, d.flows, self.ncpus)
 
     def _read_overflow(self, gen: int) -> dict[tuple[int, int], tuple[int, int]]:
         """Read hw_drop_overflow[gen][verdict][reason] (1 syscall): the non-zero slots."""
@@ -447,151 +420,3 @@ class KernelSource:
     def _lookup_slots(fd: int, idx: np.ndarray, stride: int) -> bytes:
         """Values of array slots idx[0]..idx[-1] (contiguous), one LOOKUP_BATCH."""
         return bpfsys.array_slots(fd, int(idx[0]), len(idx), stride)
-
-    # ---- conntrack ---------------------------------------------------------------------------------
-    def scan_conntrack(self, now_ns: int, active_timeout_ns: int, close_grace_ns: int = 2 * _S) -> CtScan:
-        """Claim entries idle past their timeout (returned; free them with free_claims() once their end
-        records are durable), find long-lived ones due for an active-timeout update, and claim
-        connections closed by both FINs and quiet for `close_grace_ns` (returned: their end record is
-        due; free_claims() marks them durably reported). `now_ns` is on the datapath's clock
-        (`now_ns()`).
-
-        The close grace period is conntrack's TIME_WAIT idea applied to reporting (docs/collector.md
-        "Records"): the last ACK after the FINs (and a retransmitted FIN) arrives after the close, so a
-        closed connection is reported only once it has been quiet that long, with every packet counted.
-        Its entry stays until its timeout (late packets still pass as part of it; they are not
-        reported). Claiming races with a packet as freeing does: a packet between the check and the
-        one-byte store is counted in the kernel but not in the record
-        (conntrack.CtTable.claim_closed_if_unchanged).
-
-        Cost: the tables are read in place (mmap'ed, no syscalls): one vectorised pass over every slot
-        (~25-30 MB per family). An expired entry is claimed only if its times are unchanged since the
-        read (else a packet touched it: counted as raced, kept); conntrack.CtTable.claim_if_unchanged
-        states the remaining µs window. The datapath itself ignores expired entries (and reports nothing
-        for a claimed one it displaces), so claiming and freeing them changes no verdict. Entries claimed
-        by an earlier collector and never freed are reported again (`reclaimed`). No updates on the first
-        scan (there is no previous scan to compare)."""
-        fams, scanned, raced, ended, again = [], 0, 0, 0, 0
-        for fam in (4, 6):
-            f, n, r, e, a = self._scan_family(fam, now_ns, active_timeout_ns, close_grace_ns)
-            fams.append(f)
-            scanned, raced, ended, again = scanned + n, raced + r, ended + e, again + a
-        self._last_scan_ns = now_ns
-        return CtScan(fams, scanned, raced, ended, again)
-
-    def free_claims(self, scan: CtFamilyScan) -> int:
-        """Release what `scan` claimed, once its records are durable: free the idle-expired slots, and mark
-        the closed connections durably reported (conntrack.CtTable.confirm_closed: the entry stays until
-        its timeout, the next scan after that frees it). Only where the slot still holds the connection
-        claimed (a slot the datapath reused meanwhile holds another connection now). Returns how many
-        were released. Cost: two vectorised passes over the claimed slots."""
-        table = self._table(scan.family)
-        mine = self._claims[scan.family]
-        done = 0
-        for idx, seen, release in ((scan.claimed_idx, scan.claimed_seen, table.free_if_unchanged),
-                                   (scan.closed_idx, scan.closed_seen, table.confirm_closed)):
-            if idx is None or not len(idx):
-                continue
-            done += int(release(idx, seen).sum())
-            for i, c in zip(idx.tolist(), seen["created_ns"].tolist()):
-                mine.discard((i, c))
-        return done
-
-    def adopt_claims(self, scan: CtFamilyScan) -> None:
-        """Take over the claims of `scan`, a batch an earlier collector made and journaled
-        (collector/ct_journal.py): they are pending here from now on, so a scan does not report them
-        again; free_claims(scan) releases them once the batch sent again is durable. O(claims)."""
-        mine = self._claims[scan.family]
-        for idx, seen in ((scan.claimed_idx, scan.claimed_seen), (scan.closed_idx, scan.closed_seen)):
-            if idx is not None and len(idx):
-                mine.update(zip(idx.tolist(), seen["created_ns"].tolist()))
-
-    def set_last_scan(self, now_ns: int | None) -> None:
-        """Where active-timeout updates continue from (a checkpoint of the previous collector's last
-        durable scan), so a restart neither skips nor repeats due updates."""
-        self._last_scan_ns = now_ns
-
-    @property
-    def last_scan_ns(self) -> int | None:
-        return self._last_scan_ns
-
-    def _table(self, fam: int) -> conntrack.CtTable:
-        if fam not in self._ct:
-            self._ct[fam] = conntrack.CtTable(self.fds[conntrack.MAPS[fam]], fam)
-        return self._ct[fam]
-
-    def _scan_family(self, fam: int, now_ns: int, at_ns: int,
-                     grace_ns: int) -> tuple[CtFamilyScan, int, int, int, int]:
-        table = self._table(fam)
-        idx = table.live()
-        snap = table.slots[idx]                     # a copy: the datapath keeps writing the table
-        keys, ents = snap["k"], snap["e"]
-        n = len(idx)
-        last = ents["last_ns"].astype(np.int64)
-        created = ents["created_ns"].astype(np.int64)
-        expired = (np.int64(now_ns) - last) > ct_timeout_ns(keys["proto"], ents["state"])
-        fin = ents["fin_seen"]
-        rep_b = ents["reported"]
-        claimed = (fin & CT_F_CLAIMED) != 0
-        closed_claimed = rep_b == conntrack.REPORTED_CLAIMED
-        ended = (((fin & CT_END_EMITTED) != 0) & ~claimed) | (rep_b == conntrack.REPORTED_DURABLE)
-        mine = self._claims[fam]
-        pending = np.zeros(n, bool)                 # this run's claims whose records are not durable yet
-        if mine:
-            maybe = np.flatnonzero(np.isin(idx, np.fromiter((i for i, _ in mine), np.int64, len(mine))))
-            pending[maybe] = [(i, c) in mine for i, c in zip(idx[maybe].tolist(), created[maybe].tolist())]
-        # the datapath reported these ends itself (the event is in the ring buffer), or this collector's
-        # close record is durable: just free them
-        done = np.flatnonzero(expired & ended)
-        table.free_if_unchanged(idx[done], ents[done])
-        # idle ends claimed by an earlier collector, never freed: report again; fresh ones: claim now
-        again = np.flatnonzero(expired & claimed & ~pending)
-        fresh = np.flatnonzero(expired & ~claimed & ~ended & ~closed_claimed)
-        got = table.claim_if_unchanged(idx[fresh], ents[fresh])
-        raced = int((~got).sum())
-        rep = np.sort(np.concatenate([again, fresh[got]]))
-        # closes: quiet for the grace period now (claim), or claimed by an earlier collector whose close
-        # records never became durable (report again, expired or not; pending ones are this run's)
-        quiet = (np.int64(now_ns) - last) > np.int64(grace_ns)
-        closing = np.flatnonzero((ents["state"] == CT_CLOSING) & ~ended & ~claimed & ~closed_claimed & ~expired
-                                 & quiet)
-        marked = table.claim_closed_if_unchanged(idx[closing], ents[closing])
-        raced += int((~marked).sum())
-        again_closed = np.flatnonzero(closed_claimed & ~pending)
-        cls = np.sort(np.concatenate([again_closed, closing[marked]]))
-        for i, c in zip(idx[rep].tolist() + idx[cls].tolist(), created[rep].tolist() + created[cls].tolist()):
-            mine.add((i, c))
-        exp_ents = ents[rep].copy()
-        exp_ents["fin_seen"] &= np.uint8(0xFF ^ CLAIM_BITS)     # as the builder must see them
-        seen = ents[rep].copy()
-        seen["fin_seen"] |= np.uint8(CLAIM_BITS)
-        upd_idx = self._due_updates(created, last, ~expired & ~(ended | claimed | closed_claimed), now_ns, at_ns)
-        upd_idx = np.setdiff1d(upd_idx, cls)
-        scan = CtFamilyScan(fam, keys[rep].copy(), exp_ents, keys[upd_idx].copy(), ents[upd_idx].copy(),
-                            idx[rep].copy(), seen, keys[cls].copy(), ents[cls].copy(), idx[cls].copy(),
-                            ents[cls].copy())
-        return scan, n, raced, len(done), len(again) + len(again_closed)
-
-    def _due_updates(self, created: np.ndarray, last: np.ndarray, live: np.ndarray, now_ns: int,
-                     at_ns: int) -> np.ndarray:
-        """Indexes of live entries that crossed a multiple of the active timeout (from creation)
-        since the previous scan and saw a packet since the previous multiple."""
-        if self._last_scan_ns is None or at_ns <= 0:
-            return np.empty(0, dtype=np.int64)
-        age_now = np.int64(now_ns) - created
-        age_prev = np.int64(self._last_scan_ns) - created
-        k_now = np.where(age_now > 0, age_now // at_ns, 0)
-        k_prev = np.where(age_prev > 0, age_prev // at_ns, 0)
-        active = last > created + (k_now - 1) * at_ns
-        return np.flatnonzero(live & (k_now >= 1) & (k_now > k_prev) & active)
-
-
-def ct_timeout_ns(proto: np.ndarray, state: np.ndarray) -> np.ndarray:
-    """Idle timeout per entry, as the datapath's ct_timeout_ns() computes it (HW_CT_TO_* seconds)."""
-    C = L.C
-    tcp = np.select([state == C["HW_CT_ESTABLISHED"], state == C["HW_CT_SYN_SENT"],
-                     (state == C["HW_CT_FIN_WAIT"]) | (state == C["HW_CT_CLOSING"])],
-                    [C["HW_CT_TO_ESTABLISHED"], C["HW_CT_TO_SYN"], C["HW_CT_TO_FIN"]], C["HW_CT_TO_CLOSE"])
-    udp = np.where(state == C["HW_CT_ESTABLISHED"], C["HW_CT_TO_UDP_REPLIED"], C["HW_CT_TO_UDP"])
-    s = np.where(proto == 6, tcp, np.where(proto == 17, udp, C["HW_CT_TO_ICMP"]))
-    return s.astype(np.int64) * _S

@@ -49,6 +49,7 @@ from typing import Any
 import numpy as np
 
 from .dns_metrics import dns_families
+from . import attack_metrics
 from .metric_family import Family
 from .metric_spec import HANDOFF_REASONS, HOOK_DIRECTION, SPEC, to_prometheus
 from .metric_spec import spec_family as _family
@@ -262,14 +263,15 @@ class KernelCollector:
 
         # destination ports (tcp/udp), bounded
         ps = dp.port_stats()
-        counts = np.stack([ps["allowed"], ps["dropped"], ps["would_drop"]], axis=1)
+        counts = np.stack([ps["allowed"], ps["dropped"], ps["would_drop"], ps["syns"]], axis=1)
         mid = bpfsys.map_info(dp.map_fds["hw_port_stats"]).id
-        f = _family("hostwall_port_packets")
+        f, fs = _family("hostwall_port_packets"), _family("hostwall_port_syn_packets")
         top = self.ports.update(counts, mid)
         for port in sorted(top, key=lambda p: (p == "other", int(p) if p != "other" else 0)):
             for i, vname in enumerate(("allow", "drop", "would_drop")):
                 f.add((port, vname), int(top[port][i]))
-        fams.append(f)
+            fs.add((port,), int(top[port][3]))
+        fams += [f, fs]
 
         # DoS drops per profile
         names = tuple(st.dos_profiles) if st is not None else ()
@@ -301,7 +303,7 @@ class KernelCollector:
             cap.add((name,), rows[name]["capacity"])
             if "evicted" in rows[name]:
                 evicted.add((name,), rows[name]["evicted"])
-        fams += [ent, cap, evicted]
+        fams += [ent, cap, evicted] + attack_metrics.families(dp, rows, names, _family)
         fams += dns_families(dp, _family)
         return fams
 

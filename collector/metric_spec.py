@@ -95,6 +95,25 @@ SPEC: dict[str, tuple[str, str, tuple[str, ...], str, str]] = {
     "hostwall_anomaly_top_talker_count": ("gauge", "{event}", _AN + ("source",), "Top talkers of an open anomaly: "
                                           "decayed count per source over the anomaly window; 0 for 15 min once gone",
                                           "anomaly records"),
+    # kernel: tracking under attack (collector/attack_metrics.py)
+    "hostwall_port_syn_packets": ("counter", "{packet}", ("port",), "Ingress TCP SYNs per destination port, whatever "
+                                  "became of them: the per-port SYN rate (ports labelled as hostwall_port_packets)",
+                                  "hw_port_stats"),
+    "hostwall_conntrack_evicted": ("counter", "{entry}", ("map", "kind"), "Connections a full conntrack bucket "
+                                   "evicted, by kind: unconfirmed (handshake not complete, no reply yet: evicted "
+                                   "first) or established (only from a bucket holding no unconfirmed one)",
+                                   "hw_ct_stats"),
+    "hostwall_syn_proxy_outcomes": ("counter", "{packet}", ("outcome",), "The SYN proxy's work: SYNs answered with "
+                                    "a cookie, SYNs let through to refresh the host's cookie window, cookie ACKs "
+                                    "valid / invalid, SYNs that could not be answered, SYNs the per-port guard "
+                                    "dropped", "hw_syn_stats"),
+    "hostwall_syn_proxy_active": ("gauge", "{state}", ("scope", "key"), "1 while an `auto` SYN proxy answers: for a "
+                                  "port over its SYN rate (scope port, key the port) or for every port of a profile "
+                                  "under conntrack pressure (scope pressure, key the profile)",
+                                  "hw_syn_ports, hw_syn_state"),
+    "hostwall_flows_aggregated": ("counter", "{flow}", ("kind", "count"), "Connections the datapath counted in "
+                                  "flow summaries instead of one event each, by kind (unconfirmed, over_share, "
+                                  "over_budget, syn_cookie) and count (flows started, ended)", "hw_flow_stats"),
     # this module
     "hostwall_kernel_metrics_read_errors": ("counter", "{error}", (), "Kernel reads for these metrics that failed "
                                             "(the previous values are served)", "this module"),

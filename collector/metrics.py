@@ -19,7 +19,7 @@ cache (the enricher's caches), type/outcome (kernel event kinds), verdict/reason
     hostwall_queue_depth{queue} / hostwall_queue_capacity{queue}   records (sink queues), batches (events)
     hostwall_queue_dropped_total{queue}
     hostwall_ring_backlog_bytes
-    hostwall_kernel_events_total{type,outcome}      emitted | budget | ringbuf_full (type dns: | write_error)
+    hostwall_kernel_events_total{type,outcome}      emitted | budget | ringbuf_full | aggregated (type dns: | write_error)
     hostwall_drop_summary_packets_total{kind}       summarized | overflow
     hostwall_drops_packets_total{verdict,reason}    every dropped / would-drop packet (hw_stats)
     hostwall_dos_drops_packets_total{reason}        DoS limits (hw_dos_stats, all profiles)
@@ -155,7 +155,7 @@ def families_from_status(st: dict, kernel: dict | None = None, *, version: str =
     fams.append(f)
 
     f = _fam("hostwall.kernel.events", "counter", "{event}", "Kernel event outcomes (emitted, over "
-             "budget, ring buffer full)", ("type", "outcome"))
+             "budget, ring buffer full, aggregated into flow summaries)", ("type", "outcome"))
     for typ, outs in (led.get("kernel_events") or {}).items():
         for outcome, n in outs.items():
             f.add((typ, outcome), n)

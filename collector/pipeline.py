@@ -4,11 +4,13 @@ Tasks (each watched: a task that fails or ends on its own stops the service, whi
 
     ring     ring buffer → decoded event batches → `events` queue (bounded, in batches)
     events   events queue → RecordBuilder.on_events → enrich → anomaly.observe → fan-out
-    drops    every drop_summary_interval (≤ 1 s): read a drop interval → summaries → clear once durable
+    drops    every drop_summary_interval (≤ 1 s): read a drop interval and the flow aggregation of the same
+             generation → drop and flow summaries → clear once durable
     ct       every conntrack_scan_interval: claim FIN closes after the close grace period, idle ends,
-             active updates → release the claims once durable
-    tick     every second (or anomaly bucket): builder/anomaly tick, the enforcer's audit and DNS logs,
-             kernel loss counters, sink loss reports
+             active updates → release the claims once durable; connections reported in aggregate that
+             ended → flow summaries in the same batch
+    tick     every second (or anomaly bucket): builder/anomaly tick, the per-port SYN signal and the SYN
+             proxy's switches, the enforcer's audit and DNS logs, kernel loss counters, sink loss reports
     status   every status_interval: the status JSON ($HOSTWALL_STATE_DIR/collector-<pin stem>.json)
     commit   end-to-end acknowledgement: releases kernel data once every at_least_once sink has it
     sink:*   one per sink: its queue → sink.send; flush when idle for a second
@@ -66,6 +68,7 @@ from .queues import RecordQueue, SinkSlot
 from .sinks.base import FullQueuePolicy, Sink
 from .sources import Sources, previous_run
 from .status import build_status, write_status
+from .syn_proxy import SynWatch
 
 log = logging.getLogger("hostwall.collector")
 
@@ -103,6 +106,7 @@ class Pipeline(Sources):
         self.builder = builder
         self.enricher = enricher
         self.anomaly = anomaly
+        self.syn_watch = SynWatch.of(anomaly, builder)  # the per-port SYN signal, the SYN proxy's switches
         self.ledger = ledger or Ledger()
         self.slots = [SinkSlot(s, cfg.queues.sink) for s in sinks]
         for s in self.slots:
@@ -200,7 +204,9 @@ class Pipeline(Sources):
                 raise StartFailed(f"metrics: {e}") from None
         self.clock = self._clock_factory(self.source.monotonic_to_wall())
         self._clock_at = time.monotonic()
-        await self._k(self.source.set_event_budget, self.cfg.event_budget)
+        share = self.cfg.event_source_share                 # flow events/s of one source (default: a tenth)
+        await self._k(self.source.set_event_budget, self.cfg.event_budget, self.cfg.event_budget // 10 if share is None
+                      else share)
         await self._k(self.source.set_drop_prefixes, self.cfg.drop_prefix_v4, self.cfg.drop_prefix_v6)
         self.ring = self.source.ring()
         await self._recover()

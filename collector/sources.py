@@ -3,18 +3,20 @@
 Each source hands its records to `_emit` and releases what it took from the kernel only once they are
 durable in every at_least_once sink (docs/collector.md "Delivery and loss"):
 
-    drops   read a drop-aggregation interval (flip + RCU barrier, no clear) → drop_summary records in a
-            fixed order → checkpoint the interval (generation, window, seq base, count) → fan out → when
+    drops   read a drop-aggregation interval (flip + RCU barrier, no clear) and the flow aggregation of
+            the same generation → drop_summary and flow_summary records in a fixed order → checkpoint the interval (generation, window, seq base, count) → fan out → when
             durable, clear exactly what was read and checkpoint that. The next flip waits for it. A
             restart finds the checkpointed interval still in its map and exports it again with the same
             window, so the same event ids and seqs (or finds it cleared, and moves on).
     ct      claim idle conntrack ends and FIN closes quiet for the close grace period
             (hostwall.bpf.conntrack) → flow end / update records → when durable, checkpoint the stream's
             seq and the scan time, then release the claims (free idle slots, mark closes reported).
-    tick    builder/anomaly tick (anomaly records go through the outbox), the enforcer's audit log and
-            DNS decision log (collector/logtail.py; each log's offset is checkpointed with its stream's
-            seq when the records are durable), kernel loss counters (the baseline is checkpointed), and
-            loss records for records a sink counted lost.
+            Connections reported in aggregate that ended become flow_summary records of the same batch.
+    tick    builder/anomaly tick, the per-port SYN signal and the SYN proxy's switches (collector/
+            syn_proxy.py; anomaly records go through the outbox), the enforcer's audit log and DNS decision
+            log (collector/logtail.py; each log's offset is checkpointed with its stream's seq when the
+            records are durable), kernel loss counters (the baseline is checkpointed), and loss records for
+            records a sink counted lost.
 
 Recovery (`_recover`, once at start): compare the checkpoint with the kernel (collector/checkpoint.py),
 count what the kernel counted while no collector ran, count what could not be recovered (`restart`
@@ -30,6 +32,7 @@ import orjson
 
 from hostwall.bpf.ringbuf import slot_size
 
+from . import flow_summary
 from .acks import CommitEntry
 from .checkpoint import STREAMS, analyze_restart
 from .logtail import JsonlTail
@@ -79,6 +82,7 @@ class Sources:
             self.source.set_last_scan(int(ck["ct_last_scan"]))
         self._drain_checked = False
         self._ct_checked = False
+        self._last_scan_wall: int | None = None      # the flow summaries' window starts at the previous scan
         self._boot_id = str(identity.get("boot_id") or "")
         await self._replay_outbox()
         if rs.previous in ("crash", "reboot"):
@@ -149,7 +153,7 @@ class Sources:
         if self.checkpoint["drain"]:            # an interval is still uncleared (not durable): never flip
             return                              # back onto it; the next collector exports it
         d = await self._k(self.source.read_drops)
-        self.ledger.count_drops(d.packets, d.overflow_packets)
+        self._count_drain(d)
         self.counters["drop_intervals"] += 1
         self.last_drain = {"keys": len(d.keys), "packets": d.packets, "overflow_packets": d.overflow_packets,
                            "barrier_ms": round(d.barrier_s * 1e3, 3)}
@@ -165,24 +169,34 @@ class Sources:
             ck["drain"] = None                  # never flipped away from: nothing was read from it
             return
         d = await self._k(self.source.read_drops_of, int(m["gen"]))
-        if not len(d.keys) and not d.overflow:  # cleared before the crash: its records were durable
+        if not _drain_records(d):               # cleared before the crash: its records were durable
             self.seq["drop_summaries"] = max(self.seq["drop_summaries"], int(m["seq_base"]) + int(m["n"]))
             ck.set_seq("drop_summaries", self.seq["drop_summaries"])
             ck["drain"] = None
             ck.save()
             return
         self.counters["drain_reexported"] += 1
-        self.ledger.count_drops(d.packets, d.overflow_packets)
+        self._count_drain(d)
         self.seq["drop_summaries"] = int(m["seq_base"])
         await self._ship_drain(d, int(m["t0"]), int(m["t1"]), int(m["seq_base"]))
 
+    def _count_drain(self, d) -> None:
+        self.ledger.count_drops(d.packets, d.overflow_packets)
+        fl = getattr(d, "flows", None)
+        if fl is not None and fl.records:
+            self.ledger.count_flows(fl.totals())
+
     async def _ship_drain(self, d, t0: int, t1: int, seq_base: int) -> None:
-        if not len(d.keys) and not d.overflow:
+        if not _drain_records(d):
             return
         recs = self._build("drop_summaries", len(d.keys), self.builder.on_drop_summaries, d.keys, d.vals, t0, t1,
                            self.clock, d.sources) if len(d.keys) else []
         if d.overflow:
             recs += self._build("drop_summaries", len(d.overflow), self.builder.on_drop_overflow, d.overflow, t0, t1,
+                                self.clock)
+        fl = getattr(d, "flows", None)
+        if fl is not None and fl.records:               # the same interval's flows in aggregate, same stream
+            recs += self._build("drop_summaries", fl.records, flow_summary.from_drain, self.builder, fl, t0, t1,
                                 self.clock)
         recs.sort(key=lambda r: r["event"]["id"])        # a fixed order: a re-export gets the same seqs
         ck = self.checkpoint
@@ -213,9 +227,12 @@ class Sources:
         self.counters["ct_reclaimed"] += s.reclaimed
         self.last_scan = {"entries": s.scanned, "expired": s.expired, "updates": s.updates, "closed": closed,
                           "raced": s.raced, "ended_before": s.ended, "reclaimed": s.reclaimed}
-        await self._ship_ct(self._build_ct(s.families), s.families, now)
+        t1 = self.clock.wall_ns(now)
+        window = (self._last_scan_wall or t1, t1)
+        self._last_scan_wall = t1
+        await self._ship_ct(self._build_ct(s.families, window), s.families, now, window=window)
 
-    def _build_ct(self, families) -> list[dict]:
+    def _build_ct(self, families, window: tuple[int, int] | None) -> list[dict]:
         recs: list[dict] = []
         for f in families:
             ck = f.closed_keys
@@ -224,15 +241,19 @@ class Sources:
                                     self.builder.on_conntrack, f.expired_keys, f.expired_entries,
                                     (f.update_keys, f.update_entries), self.clock,
                                     (ck, f.closed_entries) if len(ck) else None)
+            if f.agg_keys is not None and len(f.agg_keys) and window is not None:    # ended in aggregate
+                recs += self._build("conntrack", len(f.agg_keys), flow_summary.from_scan, self.builder, f.agg_keys,
+                                    f.agg_entries, self.cfg.drop_prefix_v4, self.cfg.drop_prefix_v6, *window,
+                                    self.clock)
         return recs
 
-    async def _ship_ct(self, recs: list[dict], families, now: int, journaled=None) -> None:
+    async def _ship_ct(self, recs: list[dict], families, now: int, journaled=None, window=None) -> None:
         """Journal the batch (unless it comes from the journal), fan it out, and once durable checkpoint
         the stream's seq and the scan time, then release the claims and drop the journal file."""
         base = self.seq["conntrack"]
         path = journaled
         if recs and journaled is None:
-            path = self.ct_journal.write(base, len(recs), now, self._boot_id, families)
+            path = self.ct_journal.write(base, len(recs), now, self._boot_id, families, window)
             if path is None:
                 self.counters["ct_journal_errors"] += 1
                 if self.counters["ct_journal_errors"] in (1, 10, 100):
@@ -276,7 +297,7 @@ class Sources:
                         self.counters["ct_released"] += await self._k(self.source.free_claims, f)
                 self.ct_journal.remove(b.path)
                 continue
-            recs = self._build_ct(scans)
+            recs = self._build_ct(scans, b.window)
             if len(recs) != b.n:                    # a builder that changed between the runs
                 log.warning("conntrack journal %s: %d records rebuilt, %d journaled", b.path, len(recs), b.n)
             self.counters["ct_journal_resent"] += len(recs)
@@ -291,6 +312,11 @@ class Sources:
     async def _tick(self) -> None:
         now = await self._k(self.source.now_ns)
         await self._emit(self.builder.tick(now), "tick")
+        if self.syn_watch is not None:                   # SYNs per port, the SYN proxy's switches
+            syns, proxy = await self._k(self.source.port_syns), await self._k(self.source.syn_proxy, now)
+            recs = self.syn_watch.tick(syns, proxy, time.time())
+            if recs:
+                await self._emit_owned(recs, "anomaly")
         if self.anomaly is not None:                     # the detector works in wall-clock seconds
             recs = self.anomaly.tick(time.time()) or []
             if recs:
@@ -360,6 +386,12 @@ class Sources:
             ck[stream] = {"inode": pos[0], "offset": pos[1]}
             ck.set_seq(stream, seq_after)
         return before
+
+
+def _drain_records(d) -> int:
+    """Summary records a DropDrain makes (drops, overflow, flows in aggregate); 0: an empty interval."""
+    fl = getattr(d, "flows", None)
+    return len(d.keys) + len(d.overflow) + (fl.records if fl is not None else 0)
 
 
 def track_open_anomalies(ck, records: list[dict]) -> None:

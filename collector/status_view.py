@@ -40,6 +40,7 @@ def render_status(st: dict) -> str:
     if kev:
         em = {t: o.get("emitted", 0) for t, o in kev.items()}
         out.append(f"kernel     events emitted {sum(em.values())} ({', '.join(f'{t} {n}' for t, n in em.items())}); "
+                   f"aggregated {sum(o.get('aggregated', 0) for o in kev.values())}, "
                    f"over budget {sum(o.get('budget', 0) for o in kev.values())}, "
                    f"ring buffer full {sum(o.get('ringbuf_full', 0) for o in kev.values())} (cumulative)")
     ring = st.get("ring", {})

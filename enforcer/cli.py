@@ -253,6 +253,7 @@ def cmd_status(a) -> int:
         con.print(t)
     if s.get("bans"):
         _print_bans(s["bans"])
+    _print_syn_proxy(con, s.get("syn_proxy") or {})
     if s.get("fragments"):
         t = Table(title="fragments (later fragments follow their first fragment)")
         for c in ("family", "first passed", "evicted", "claim lost", "followed", "unmatched"):
@@ -263,11 +264,12 @@ def cmd_status(a) -> int:
         con.print(t)
     if s.get("fqdn"):
         _print_fqdn(con, s["fqdn"])
-    t = Table(title="map pressure")
-    for c in ("map", "entries", "capacity", "%", "evicted"):
+    t = Table(title="map pressure (conntrack evicts unconfirmed entries before established ones)")
+    for c in ("map", "entries", "capacity", "%", "evicted", "unconfirmed", "established"):
         t.add_column(c, justify="right")
     for m, v in s["map_pressure"].items():
-        t.add_row(m, str(v["entries"]), str(v["capacity"]), f"{v['percent']:.1f}", str(v.get("evicted", "")))
+        t.add_row(m, str(v["entries"]), str(v["capacity"]), f"{v['percent']:.1f}", str(v.get("evicted", "")),
+                  str(v.get("evicted_unconfirmed", "")), str(v.get("evicted_established", "")))
     con.print(t)
     return EXIT_OK
 
@@ -300,6 +302,26 @@ def _print_fqdn(con, fq: dict) -> None:
         for n in fq["names"][:20]:
             t.add_row(n["name"], str(n["addresses"]), f"{n['expires_in_s']:.0f} s", f"{n['learnt_s_ago']:.0f} s ago",
                       ", ".join(map(str, n.get("sets", []))))
+        con.print(t)
+
+
+def _print_syn_proxy(con, sp: dict) -> None:
+    """SYN proxy modes and work, and the flows counted in aggregate (status without --json)."""
+    from rich.table import Table
+    profs = {n: p for n, p in sp.get("profiles", {}).items() if p["mode"] != "off" or p["per_port_pps"]}
+    if profs:
+        on = ", ".join(f"{p} ({s:.0f} s)" for p, s in sp.get("ports_on", {}).items()) or "none"
+        con.print("SYN proxy: " + "; ".join(f"{n} {p['mode']}" + (" (conntrack pressure: on)" if p["pressure"] else "")
+                                            for n, p in profs.items()) + f"; auto on for ports: {on}")
+        st = sp.get("stats", {})
+        con.print("  " + ", ".join(f"{k} {_fmt_n(v)}" for k, v in st.items()))
+    agg = {k: v for k, v in sp.get("flows_aggregated", {}).items() if v["flows"] or v["ended"]}
+    if agg:
+        t = Table(title="flows counted in aggregate (flow summaries)")
+        for c in ("kind", "started", "ended", "packets", "bytes"):
+            t.add_column(c, justify="right")
+        for k, v in agg.items():
+            t.add_row(k, _fmt_n(v["flows"]), _fmt_n(v["ended"]), _fmt_n(v["packets"]), _fmt_n(v["bytes"]))
         con.print(t)
 
 

@@ -323,8 +323,33 @@ def _dos_profile_record(p: DosProfile) -> np.void:
     rec["nports"] = len(p.ports)
     for i, (port, proto, pps) in enumerate(p.ports):
         rec["ports"][i] = (port, 6 if proto == "tcp" else 17, 0, pps)
+    _syn_proxy_fields(rec, p)
     rec["enabled"] = 1
     return rec
+
+
+DEFAULT_AUTO_PORT_PPS = 1000         # auto without per_port_pps: SYNs/s to one port that turn the proxy on
+DEFAULT_AUTO_PRESSURE = 1000         # auto without proxy_pressure: conntrack evictions/s that turn it on
+
+
+def _syn_proxy_fields(rec: np.void, p: DosProfile) -> None:
+    """The per-port SYN rate and the SYN proxy of a profile (docs/dos.md). `auto` always has both
+    triggers: the per-port rate (per_port_pps, default DEFAULT_AUTO_PORT_PPS) and table pressure."""
+    auto = p.syn_proxy == "auto"
+    rec["syn_port_pps"] = p.syn_per_port_pps or (DEFAULT_AUTO_PORT_PPS if auto else 0)
+    rec["proxy"] = L.SYN_PROXY_MODES[p.syn_proxy]
+    rec["proxy_quiet_ns"] = int(p.syn_proxy_quiet_s * 1e9)
+    rec["proxy_pressure"] = (p.syn_proxy_pressure or DEFAULT_AUTO_PRESSURE) if auto else 0
+    rec["proxy_mss"] = p.syn_proxy_mss
+    rec["proxy_full"] = p.syn_proxy_options == "full"
+    rec["proxy_wscale"] = p.syn_proxy_wscale
+    ranges = p.syn_proxy_ports or ()
+    if len(ranges) > L.C["HW_PROXY_RANGES_MAX"]:
+        raise CompileError(f"DoS profile {p.name!r}: {len(ranges)} SYN proxy port ranges; the datapath holds "
+                           f"{L.C['HW_PROXY_RANGES_MAX']}")
+    rec["nproxy_ranges"] = len(ranges)
+    for i, (lo, hi) in enumerate(ranges):
+        rec["proxy_ranges"][i] = (lo, hi)
 
 
 def compile_dos(policy: Policy, interfaces: dict[int, str]) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
@@ -414,6 +439,7 @@ def compile_policy(policy: Policy, slots: dict[str, int], revision_id: int,
     hdr["default_egress"] = L.ACTION[d.egress]
     hdr["stateful"] = d.stateful
     hdr["audit"] = d.audit
+    hdr["ct_unconfirmed_s"] = int(round(policy.unconfirmed_timeout_s or 0))      # 0: the datapath's default
     hdr["essential_icmp"] = d.essential_icmp
     hdr["essential_slot"] = slots.get(ESSENTIAL_ICMP, L.NO_SLOT) if d.essential_icmp else L.NO_SLOT
     dos_profiles, dos_ifs, dos_names = compile_dos(policy, dos_interfaces or {})

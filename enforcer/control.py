@@ -255,6 +255,24 @@ def detach(pin_dir: str) -> list[str]:
     return done
 
 
+def syn_proxy_status(dp: Datapath, names: tuple[str, ...]) -> dict:
+    """The SYN proxy of each profile (mode, what an `auto` one answers for now), its work since load, and
+    the flows counted in aggregate (docs/dos.md, docs/collector.md)."""
+    from hostwall.bpf import flow_agg, syn_proxy
+
+    from .syn_watch import datapath_now_ns
+    now = datapath_now_ns(dp)
+    st = syn_proxy.read(dp.map_fds, now)
+    gen = dp.active_gen()
+    prof = dp.view("hw_dos_profiles")[gen * L.C["HW_DOS_PROFILES_MAX"]: gen * L.C["HW_DOS_PROFILES_MAX"] + len(names)]
+    modes = {v: k for k, v in L.SYN_PROXY_MODES.items()}
+    return {"profiles": {n: {"mode": modes.get(int(p["proxy"]), "off"), "per_port_pps": int(p["syn_port_pps"]),
+                             "pressure": st.pressure.get(i) is not None} for i, (n, p) in enumerate(zip(names, prof))},
+            "ports_on": {str(port): round((now - since) / 1e9, 1) for port, since in sorted(st.ports.items())},
+            "stats": syn_proxy.stats(dp.map_fds, dp.ncpus),
+            "flows_aggregated": flow_agg.stats(dp.map_fds, dp.ncpus)}
+
+
 def status(pin_dir: str, with_pressure: bool = True) -> dict:
     """Everything `status` shows, as plain data."""
     st = InstanceState.load(pin_dir)
@@ -317,6 +335,7 @@ def status(pin_dir: str, with_pressure: bool = True) -> dict:
                       for p in range(len(names))}
         from . import bans
         out["bans"] = bans.listing(dp, names)
+        out["syn_proxy"] = syn_proxy_status(dp, names)
         out["fragments"] = {f"ipv{fam}": c for fam, c in dp.frag_stats().items()}
         if st.fqdn_sets or fqdnsets.FqdnConfig.read(pin_dir) is not None:
             fm = fq.FqdnMaps(dp.map_fds)

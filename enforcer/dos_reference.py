@@ -2,9 +2,17 @@
 
 The datapath is tested against this model through BPF_PROG_TEST_RUN with an injected clock. It states
 the semantics: operator bans; then, on an interface with a profile, the per-source guards in order
-(SYN, UDP, ICMP, packets/s, bits/s: the first bucket that is empty names the reason), the global SYN
-bucket, then per-port limits. A source over a limit for `ban_after` in a row (over-limit packets no
-more than 1 s apart) is banned for `ban_duration`; bans expire by themselves.
+(SYN, UDP, ICMP, packets/s, bits/s: the first bucket that is empty names the reason), the per-destination-port SYN stage (the SYN proxy's decision), the global SYN bucket, then per-port
+limits. A source over a limit for `ban_after` in a row (over-limit packets no more than 1 s apart) is
+banned for `ban_duration`; bans expire by themselves.
+
+The per-port SYN stage (bpf/dos.h syn_port_stage): a SYN takes a token of its port's bucket (all sources
+together). Where the profile's SYN proxy covers the port and answers (`on`, or `auto` while the port is
+hot: over its rate within the last `proxy_quiet`), the SYN is to be answered with a cookie ("answer",
+in `DosModel.proxy`) and skips the global SYN bucket; once per REFRESH_NS per family one such SYN goes
+to the host's stack instead. Else a SYN over the port's rate is dropped (syn_flood). An ACK to a covered
+port is marked "check" (proxy answering: its cookie must be valid) or "learn" (auto, idle). Table
+pressure (conntrack evictions) is not modelled: tests/bpf/test_syn_proxy.py checks it on its own.
 """
 from __future__ import annotations
 
@@ -13,7 +21,9 @@ from dataclasses import dataclass, field
 
 NS = 1_000_000_000
 STREAK_GAP_NS = NS
+REFRESH_NS = 30 * NS            # HW_SYN_REFRESH_NS
 U64 = (1 << 64) - 1
+PROXY_OFF, PROXY_ON, PROXY_AUTO = 0, 1, 2
 
 
 @dataclass
@@ -32,20 +42,25 @@ class ProfileParams:
     prefix_v4: int = 32
     prefix_v6: int = 64
     ports: list[tuple[int, int, int]] = field(default_factory=list)   # (port, ipproto, pps)
+    syn_port_pps: int = 0
+    proxy: int = PROXY_OFF
+    proxy_quiet_ns: int = 0
+    proxy_ranges: list[tuple[int, int]] = field(default_factory=list)  # empty: every port
 
     @classmethod
     def from_record(cls, rec) -> ProfileParams:
         return cls(**{k: int(rec[k]) for k in ("pps", "burst", "bps", "bps_burst", "syn_pps", "syn_global_pps",
                                                "udp_pps", "icmp_pps", "ban_after_ns", "ban_ns", "prefix_v4",
-                                               "prefix_v6")},
-                   ports=[(int(p["port"]), int(p["proto"]), int(p["pps"])) for p in rec["ports"][: int(rec["nports"])]])
+                                               "prefix_v6", "syn_port_pps", "proxy", "proxy_quiet_ns")},
+                   ports=[(int(p["port"]), int(p["proto"]), int(p["pps"])) for p in rec["ports"][: int(rec["nports"])]],
+                   proxy_ranges=[(int(r["lo"]), int(r["hi"])) for r in rec["proxy_ranges"][: int(rec["nproxy_ranges"])]])
 
 
 @dataclass
 class Pkt:
     src: str
     proto: int                # 6, 17, 1, 58, ...
-    syn: bool = False         # TCP SYN without ACK/RST
+    syn: bool = False         # TCP SYN without ACK/RST; a TCP packet without it is a bare ACK
     dport: int = 0
     length: int = 64          # bytes on the wire
 
@@ -81,12 +96,60 @@ class _Src:
     banned_until: int = 0
 
 
+@dataclass
+class _Port:
+    tokens: int = 0
+    last: int = 0
+    hot_until: int = 0
+    hot_since: int = 0
+    refresh: list[int] = field(default_factory=lambda: [0, 0])
+
+
 class DosModel:
     def __init__(self, profile: ProfileParams | None, manual_bans: list[str] = ()):
         self.p = profile
         self.src: dict[tuple, _Src] = {}
         self.glob: dict[int, list[int]] = {}         # idx -> [tokens, last]
+        self.ports: dict[int, _Port] = {}            # per destination port (hw_syn_ports)
         self.manual = [ipaddress.ip_network(b) for b in manual_bans]
+        self.proxy: str | None = None                # the SYN proxy's decision for the last packet
+
+    def _covers(self, port: int) -> bool:
+        return not self.p.proxy_ranges or any(lo <= port <= hi for lo, hi in self.p.proxy_ranges)
+
+    def _syn_port(self, pkt: Pkt, now: int) -> str | None:
+        """bpf/dos.h syn_port_stage for a TCP packet."""
+        p = self.p
+        covered = p.proxy != PROXY_OFF and self._covers(pkt.dport)
+        st = self.ports.setdefault(pkt.dport, _Port())
+        if not pkt.syn:
+            if covered:
+                self.proxy = "check" if p.proxy == PROXY_ON or st.hot_until > now else "learn"
+            return None
+        if not covered and not p.syn_port_pps:
+            return None
+        over = False
+        if p.syn_port_pps:
+            dt = min(max(now - st.last, 0), NS)
+            st.last = now
+            st.tokens, ok = _take(st.tokens, p.syn_port_pps, p.syn_port_pps * NS, dt, NS)
+            over = not ok
+        if covered:
+            on = p.proxy == PROXY_ON
+            if p.proxy == PROXY_AUTO:
+                if over:
+                    if st.hot_until <= now:
+                        st.hot_since = now
+                    st.hot_until = now + p.proxy_quiet_ns
+                on = st.hot_until > now
+            if on:
+                fam = ":" in pkt.src
+                if now - st.refresh[fam] >= REFRESH_NS:
+                    st.refresh[fam] = now        # this SYN goes to the host's stack
+                    return None
+                self.proxy = "answer"
+                return None
+        return "syn_flood" if over else None
 
     def _key(self, src: str) -> tuple:
         a = ipaddress.ip_address(src)
@@ -101,7 +164,9 @@ class DosModel:
         return ok
 
     def check(self, pkt: Pkt, now: int) -> str | None:
-        """The drop reason for `pkt` at monotonic time `now`, or None if admitted."""
+        """The drop reason for `pkt` at monotonic time `now`, or None if admitted (then `self.proxy`
+        says what the SYN proxy does with it, or None)."""
+        self.proxy = None
         a = ipaddress.ip_address(pkt.src)
         if any(a in n for n in self.manual):
             return "banned"
@@ -145,7 +210,10 @@ class DosModel:
             if p.ban_after_ns and now - s.streak_start >= p.ban_after_ns:
                 s.banned_until = now + p.ban_ns
             return reason
-        if pkt.proto == 6 and pkt.syn and p.syn_global_pps and not self._global(0, p.syn_global_pps, now):
+        if pkt.proto == 6 and (r := self._syn_port(pkt, now)):
+            return r
+        if pkt.proto == 6 and pkt.syn and p.syn_global_pps and self.proxy != "answer" and \
+                not self._global(0, p.syn_global_pps, now):
             return "syn_flood"
         if pkt.proto in (6, 17):
             for i, (port, proto, pps) in enumerate(p.ports):

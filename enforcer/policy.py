@@ -25,12 +25,14 @@ from typing import Any, Literal
 
 import numpy as np
 
-from hostwall.units import parse_duration, parse_rate
+from hostwall.units import parse_duration
 from hostwall.yamldoc import _MISSING, Issues, PolicyError, PolicyIssue, load_yaml
 
 from .dnspolicy import DnsConf, build_dns, rule_fqdns
 from .icmp import parse_icmp_type
-from .validation import MAX_BAD_PEER_LINES, check_schema, parse_cidr, parse_peer_lines, parse_port
+from .policy_dos import DosBuilder, DosProfile
+from .validation import MAX_BAD_PEER_LINES, check_schema, merge_ranges, parse_cidr, parse_peer_lines, parse_port
+from .validation import get_in as _get
 
 __all__ = [
     "Direction", "Action", "Protocol", "PeerSet", "Rule", "Defaults", "DosProfile", "InterfaceConf",
@@ -167,24 +169,6 @@ class Defaults:
 
 
 @dataclass(frozen=True, slots=True)
-class DosProfile:
-    """DoS limits of one profile (validated; enforcement is separate). Rates in pps / bits per s."""
-    name: str
-    per_source_pps: int | None
-    per_source_burst: int | None
-    per_source_bps: int | None
-    syn_per_source_pps: int | None
-    syn_global_pps: int | None
-    udp_per_source_pps: int | None
-    icmp_per_source_pps: int | None
-    ports: tuple[tuple[int, str, int], ...]      # (port, "tcp"|"udp", pps)
-    ban_after_s: float | None
-    ban_duration_s: float | None
-    source_prefix_v4: int = 32
-    source_prefix_v6: int = 64
-
-
-@dataclass(frozen=True, slots=True)
 class InterfaceConf:
     name: str
     xdp_mode: Literal["native", "generic", "auto"]
@@ -204,6 +188,7 @@ class Policy:
     interfaces: tuple[InterfaceConf, ...]
     source: str
     dns: DnsConf | None = None          # the DNS proxy (required by fqdns rules)
+    unconfirmed_timeout_s: float | None = None   # conntrack.unconfirmed_timeout (None: the datapath's default)
 
     @property
     def prefix_count(self) -> int:
@@ -262,12 +247,9 @@ def _parse(text: str, source: str, base_dir: str | None, progress: ProgressFn | 
     return policy
 
 
-def _get(d: Any, key: str, default: Any = None) -> Any:
-    return d.get(key, default) if isinstance(d, dict) else default
-
-
-class _Builder:
-    """Semantic checks + construction. Each check skips paths the schema already flagged."""
+class _Builder(DosBuilder):
+    """Semantic checks + construction. Each check skips paths the schema already flagged; the DoS
+    profiles' part is policy_dos.DosBuilder."""
 
     def __init__(self, data: Any, text: str, source: str, base_dir: str, issues: Issues,
                  progress: ProgressFn | None):
@@ -290,6 +272,8 @@ class _Builder:
         profiles = self._profiles(_get(_get(d, "dos"), "profiles"))
         interfaces = self._interfaces(_get(d, "interfaces"), d)
         dns = build_dns(self.issues, _get(d, "dns"))
+        unconfirmed = self._unconfirmed_timeout(_get(d, "conntrack"))
+        self._proxy_needs_state(profiles, defaults.stateful)
         if len(self.issues):
             return None
         revision = _get(d, "revision")
@@ -301,7 +285,8 @@ class _Builder:
             revision = "sha256:" + h.hexdigest()[:12]
         return Policy(version=int(d["version"]), name=d["name"], revision=str(revision), defaults=defaults,
                       rules=tuple(sorted(rules, key=lambda r: (r.priority, r.index))),
-                      dos_profiles=profiles, interfaces=tuple(interfaces), source=self.source, dns=dns)
+                      dos_profiles=profiles, interfaces=tuple(interfaces), source=self.source, dns=dns,
+                      unconfirmed_timeout_s=unconfirmed)
 
     # -- defaults
     def _defaults(self, d: Any) -> Defaults:
@@ -387,7 +372,7 @@ class _Builder:
                 ranges.append(parse_port(v))
             except ValueError as e:
                 self.issues.add(pj, str(e))
-        return _merge_ranges(ranges)
+        return merge_ranges(ranges)
 
     def _icmp_types(self, p: tuple, r: dict, proto: Any) -> tuple[tuple[int, int], ...] | None:
         """icmp_types of an icmp/icmpv6 rule as merged key ranges (enforcer/icmp.py); every bad entry
@@ -412,7 +397,7 @@ class _Builder:
                 ranges.append(parse_icmp_type(v, proto))
             except ValueError as e:
                 self.issues.add(pj, str(e))
-        return _merge_ranges(ranges)
+        return merge_ranges(ranges)
 
     def _read_peer_files(self, rules: list) -> None:
         """Read every referenced peers file once, then parse with one progress total."""
@@ -472,17 +457,15 @@ class _Builder:
             if parsed[full] is not None:
                 self._peer_sets[p] = parsed[full]
 
-    # -- dos
-    def _profiles(self, profiles: Any) -> dict[str, DosProfile]:
-        out: dict[str, DosProfile] = {}
-        if not isinstance(profiles, dict):
-            return out
-        for name, prof in profiles.items():
-            p = ("dos", "profiles", name)
-            if not isinstance(prof, dict) or not isinstance(name, str):
-                continue
-            out[name] = self._profile(p, name, prof)
-        return out
+    # -- conntrack
+    def _unconfirmed_timeout(self, ct: Any) -> float | None:
+        path = ("conntrack", "unconfirmed_timeout")
+        t = self._num(path, _get(ct, "unconfirmed_timeout"), parse_duration)
+        if t is not None and not 1.0 <= t <= 3600.0:
+            self.issues.add(path, f"{_get(ct, 'unconfirmed_timeout')!r} is out of range: give 1s to 1h (whole "
+                                  "seconds; the datapath counts seconds)")
+            return None
+        return t
 
     def _num(self, path: tuple, value: Any, parse: Callable[[Any], Any] | None = None) -> Any:
         if value is None or not self.ok(path, value, int, float, str):
@@ -494,44 +477,6 @@ class _Builder:
         except ValueError as e:
             self.issues.add(path, str(e))
             return None
-
-    def _profile(self, p: tuple, name: str, d: dict) -> DosProfile:
-        ps, syn = _get(d, "per_source", {}), _get(d, "syn", {})
-        pps = self._num(p + ("per_source", "pps"), _get(ps, "pps"))
-        burst = self._num(p + ("per_source", "burst"), _get(ps, "burst"))
-        if burst is not None:
-            if pps is None and _get(ps, "pps") is None:
-                self.issues.add(p + ("per_source", "burst"), "burst needs per_source.pps; add pps or remove burst")
-            elif pps is not None and burst < pps:
-                self.issues.add(p + ("per_source", "burst"), f"burst {burst} is below pps {pps}; burst is the "
-                                                             "bucket size and must be >= pps")
-        ports: list[tuple[int, str, int]] = []
-        seen: dict[tuple[int, str], int] = {}
-        plist = _get(d, "ports")
-        for j, e in enumerate(plist if isinstance(plist, list) else []):
-            pj = p + ("ports", j)
-            if self.issues.tainted(pj) or not isinstance(e, dict):
-                continue
-            key = (int(e["port"]), e["protocol"])
-            if key in seen:
-                self.issues.add(pj, f"port {key[0]}/{key[1]} is listed twice (first at ports[{seen[key]}])")
-                continue
-            seen[key] = j
-            ports.append((key[0], key[1], int(e["pps"])))
-        ban = _get(d, "ban", {})
-        return DosProfile(
-            name=name, per_source_pps=pps, per_source_burst=burst,
-            per_source_bps=self._num(p + ("per_source", "bps"), _get(ps, "bps"), parse_rate),
-            syn_per_source_pps=self._num(p + ("syn", "per_source_pps"), _get(syn, "per_source_pps")),
-            syn_global_pps=self._num(p + ("syn", "global_pps"), _get(syn, "global_pps")),
-            udp_per_source_pps=self._num(p + ("udp", "per_source_pps"), _get(_get(d, "udp"), "per_source_pps")),
-            icmp_per_source_pps=self._num(p + ("icmp", "per_source_pps"), _get(_get(d, "icmp"), "per_source_pps")),
-            ports=tuple(ports),
-            ban_after_s=self._num(p + ("ban", "after"), _get(ban, "after"), parse_duration),
-            ban_duration_s=self._num(p + ("ban", "duration"), _get(ban, "duration"), parse_duration),
-            source_prefix_v4=_int_or(d.get("source_prefix_v4"), 32),
-            source_prefix_v6=_int_or(d.get("source_prefix_v6"), 64),
-        )
 
     # -- interfaces
     def _interfaces(self, ifaces: Any, d: dict) -> list[InterfaceConf]:
@@ -563,18 +508,3 @@ class _Builder:
             if not self.issues.tainted(p):
                 out.append(InterfaceConf(name=name, xdp_mode=e.get("xdp_mode", "auto"), dos_profile=prof))
         return out
-
-
-def _int_or(v: Any, default: int) -> int:
-    return int(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else default
-
-
-def _merge_ranges(ranges: list[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
-    """Sort and merge overlapping/adjacent inclusive ranges."""
-    out: list[list[int]] = []
-    for lo, hi in sorted(ranges):
-        if out and lo <= out[-1][1] + 1:
-            out[-1][1] = max(out[-1][1], hi)
-        else:
-            out.append([lo, hi])
-    return tuple((lo, hi) for lo, hi in out)

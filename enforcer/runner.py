@@ -7,6 +7,8 @@ a `dns` section, reloading the policy on SIGHUP.
 - The proxy follows the instance's fqdn config (enforcer/fqdnsets.py), whoever swapped the policy (this
   process on SIGHUP, or `hostwall-enforcer apply` from another): checked every FOLLOW_S, and on every
   query for the live sets. A reload runs on a worker thread, so queries are answered meanwhile.
+- About once a second the SYN proxy's automatic switches become audit records (enforcer/syn_watch.py,
+  docs/dos.md).
 - Every SWEEP_S the expired entries of the dynamic sets and learnt names are removed (the datapath ignores
   them already; this frees their room).
 """
@@ -28,10 +30,12 @@ from .dnsproxy import DnsProxy, endpoint_text
 from .dnsrecords import DnsRecordLog
 from .netsock import SocketMaker
 from .policy import InterfaceConf, Policy
+from .syn_watch import ProxyWatch, host_warnings
 
 __all__ = ["run"]
 
 FOLLOW_S = 0.5
+SYN_WATCH_S = 1.0
 SWEEP_S = 10.0
 
 
@@ -99,12 +103,15 @@ async def _main(a, dp, socks, load: Callable[[str], Policy], report: Callable[[P
     gc.collect()
     gc.freeze()
 
+    watch = ProxyWatch(dp, a.pin_dir, tuple(control.InstanceState.load(a.pin_dir).dos_profiles))
+
     async def reloads() -> None:
         while True:
             await reload_ev.wait()
             reload_ev.clear()
             try:
                 r = await loop.run_in_executor(None, lambda: control.apply(load(a.policy), a.pin_dir))
+                watch.profiles = tuple(control.InstanceState.load(a.pin_dir).dos_profiles)
                 _say(f"SIGHUP: revision {r.old_revision} → {r.new_revision} (switch {r.switch_ms:.3f} ms)")
             except PolicyError as e:
                 report(e)
@@ -121,8 +128,11 @@ async def _main(a, dp, socks, load: Callable[[str], Policy], report: Callable[[P
     async def sweep() -> None:
         dns.sweep()
 
+    async def syn_watch() -> None:
+        watch.poll()
+
     tasks = [loop.create_task(reloads()), loop.create_task(every(FOLLOW_S, dns.follow)),
-             loop.create_task(every(SWEEP_S, sweep))]
+             loop.create_task(every(SWEEP_S, sweep)), loop.create_task(every(SYN_WATCH_S, syn_watch))]
     try:
         await stop.wait()
     finally:
@@ -163,6 +173,8 @@ def run(a, policy: Policy, ifaces: list[InterfaceConf], load: Callable[[str], Po
     signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
     _say(f"{how}; enforcing {policy.name} revision {policy.revision} ({res.apply.rules} rules, "
          f"{res.apply.prefixes} prefixes) on {where}")
+    for w in host_warnings(policy.dos_profiles.values(), a.netns):
+        _say(w, err=True)
     try:
         import uvloop
         go = uvloop.run

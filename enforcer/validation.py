@@ -387,3 +387,17 @@ def parse_port(v: int | str) -> tuple[int, int]:
     return lo, hi
 
 
+def merge_ranges(ranges: list[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
+    """Sort and merge overlapping/adjacent inclusive ranges."""
+    out: list[list[int]] = []
+    for lo, hi in sorted(ranges):
+        if out and lo <= out[-1][1] + 1:
+            out[-1][1] = max(out[-1][1], hi)
+        else:
+            out.append([lo, hi])
+    return tuple((lo, hi) for lo, hi in out)
+
+
+def get_in(d: Any, key: str, default: Any = None) -> Any:
+    """d[key] if d is a mapping that has it, else `default` (a policy document may hold anything)."""
+    return d.get(key, default) if isinstance(d, dict) else default

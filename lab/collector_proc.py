@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from .netns import REPO_ROOT, first_line
+from .netns import REPO_ROOT, START_TIMEOUT_S, first_line
 
 # Lab-tuned settings: a lab run lasts a minute, not a day, so the anomaly windows are seconds long.
 # Drop summaries every 250 ms and 0.5 s buckets keep detection latency (flood start → anomaly
@@ -93,7 +93,7 @@ class CollectorProcess:
         self.config_path.write_text(text)
         return self.config_path
 
-    def start(self, timeout: float = 60.0) -> CollectorProcess:
+    def start(self, timeout: float = START_TIMEOUT_S) -> CollectorProcess:
         self.write_config()
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(self.argv(), env=self.env, cwd=REPO_ROOT, stdout=subprocess.PIPE,

@@ -22,8 +22,8 @@ from .netns import REPO_ROOT
 
 __all__ = ["Conformance", "check"]
 
-_SCHEMA_OF = {"flow": "flow", "log": "flow", "deny": "flow", "drop_summary": "flow", "anomaly": "anomaly",
-              "audit": "audit", "loss": "loss"}
+_SCHEMA_OF = {"flow": "flow", "log": "flow", "deny": "flow", "drop_summary": "flow", "flow_summary": "flow",
+              "anomaly": "anomaly", "audit": "audit", "loss": "loss"}
 
 
 @dataclass

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import tempfile
 
-from .netns import REPO_ROOT, Lab, first_line
+from .netns import REPO_ROOT, START_TIMEOUT_S, Lab, first_line
 
 
 class EnforcerProcess:
@@ -34,7 +34,7 @@ class EnforcerProcess:
         self.banner = ""
 
     # ---- lifecycle -------------------------------------------------------------------------------
-    def start(self, timeout: float = 60.0) -> EnforcerProcess:
+    def start(self, timeout: float = START_TIMEOUT_S) -> EnforcerProcess:
         argv = [sys.executable, "-m", "hostwall.enforcer.cli", "run", "--policy", self.policy, "--netns", self.lab.ns(self.host),
                 "--interface", "eth0", *self.extra]
         if self.keep_attached:

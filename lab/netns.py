@@ -54,6 +54,10 @@ LAB_V4 = ipaddress.ip_network("10.66.0.0/16")
 LAB_V6 = ipaddress.ip_network("fd66::/16")
 SWITCH = "sw"
 CMD_TIMEOUT = 20.0            # default timeout of one command run inside a namespace, seconds
+# Bound on the start-up banner of the enforcer and collector processes: it catches a hung start, it is
+# no speed expectation. The enforcer compiles the datapath with BCC first (~15 s on an idle 2-vCPU VM,
+# over 60 s when the machine is shared with other test runs); a process that exits is seen at once.
+START_TIMEOUT_S = 300.0
 
 
 @dataclass(frozen=True)

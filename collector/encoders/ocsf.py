@@ -1,6 +1,6 @@
 """Canonical record → OCSF 1.7.0 event dict.
 
-  flow / log / deny / drop_summary → Network Activity (class_uid 4001, category 4)
+  flow / log / deny / drop_summary / flow_summary → Network Activity (class_uid 4001, category 4)
       activity_id   flow start 1 Open, end 2 Close (3 Reset when ended by RST), update 6 Traffic;
                     log, deny and drop_summary 6 Traffic
       action_id     verdict allow 1 Allowed, drop 2 Denied, would_drop (audit) 1 Allowed
@@ -18,9 +18,9 @@
       traffic       bytes_out/packets_out = from source (initiator), bytes_in/packets_in = from destination
       firewall_rule / policy   rule name + revision / ruleset + revision (security_control profile);
                     absent when no rule (or ruleset) is known: both objects need a name or uid
-      count         packets of a drop summary
+      count         packets of a drop summary; connections of a flow summary
   anomaly → Detection Finding (2004): activity open 1 Create, update 2 Update, close 3 Close
-  audit   → Device Config State Change (5019), activity 99 Other ("Policy Apply")
+  audit   → Device Config State Change (5019), activity 99 Other ("Policy Apply", "SYN Proxy Switch")
   dns     → DNS Activity (4003), activity 2 Response (the answer the proxy gave): query {hostname, type,
             class, opcode}, rcode_id/rcode, src_endpoint = the client, dst_endpoint = the proxy (this
             host); refused: action 2 Denied, disposition 2 Blocked; upstream failure: action 3 Observed,
@@ -38,7 +38,7 @@ from ..records import parse_iso_ns
 __all__ = ["to_ocsf", "EncodeError", "OCSF_VERSION"]
 
 OCSF_VERSION = "1.7.0"
-_NET_KINDS = frozenset({"flow", "log", "deny", "drop_summary"})
+_NET_KINDS = frozenset({"flow", "log", "deny", "drop_summary", "flow_summary"})
 _ACTION = {"allow": (1, "Allowed"), "drop": (2, "Denied"), "would_drop": (1, "Allowed")}
 _DISPOSITION = {"allow": (1, "Allowed"), "drop": (2, "Blocked"), "would_drop": (15, "Detected")}
 _DIRECTION = {"ingress": 1, "egress": 2}
@@ -154,7 +154,8 @@ def _network_activity(rec: dict, kind: str) -> dict:
                             "tcp_flags": hw.get("tcp_flags")},
         "traffic": {"bytes_out": src.get("bytes"), "packets_out": src.get("packets"), "bytes_in": dst.get("bytes"),
                     "packets_in": dst.get("packets"), "bytes": net.get("bytes"), "packets": net.get("packets")},
-        "count": net.get("packets") if kind == "drop_summary" else None,
+        "count": net.get("packets") if kind == "drop_summary" else
+        hw["summary"]["flows"] if kind == "flow_summary" else None,
         "firewall_rule": _named({"name": rec.get("rule", {}).get("name"), "version": rec.get("rule", {}).get("version")}),
         "policy": _named({"name": rec.get("rule", {}).get("ruleset"), "version": rec.get("rule", {}).get("version")}),
         "message": _message(rec, kind),
@@ -227,15 +228,22 @@ def _application_error(rec: dict) -> dict:
 
 def _config_change(rec: dict) -> dict:
     pol = rec["hostwall"].get("policy", {})
+    sp = rec["hostwall"].get("syn_proxy")
+    if sp:                                   # the SYN proxy switched itself (enforcer/syn_watch.py)
+        what = f"port {sp['port']}" if "port" in sp else f"profile {sp.get('profile', '?')}"
+        message = f"SYN proxy {sp['state']} for {what} ({sp['trigger']})"
+    else:
+        message = f"policy {pol.get('old_revision', '')} -> {pol.get('new_revision', '')} " \
+                  f"({pol.get('old_rules', '?')} -> {pol.get('new_rules', '?')} rules)"
     return {
         "class_uid": 5019, "class_name": "Device Config State Change", "category_uid": 5, "category_name": "Discovery",
-        "activity_id": 99, "activity_name": "Policy Apply", "type_uid": 5019 * 100 + 99, "severity_id": 1,
+        "activity_id": 99, "activity_name": "SYN Proxy Switch" if sp else "Policy Apply", "type_uid": 5019 * 100 + 99,
+        "severity_id": 1,
         "time": _ms(rec["@timestamp"]),
         "metadata": _metadata(rec, ["host"]),
         "device": _device(rec),
         "actor": {"user": {"name": rec.get("user", {}).get("name")}},
-        "message": f"policy {pol.get('old_revision', '')} -> {pol.get('new_revision', '')} "
-                   f"({pol.get('old_rules', '?')} -> {pol.get('new_rules', '?')} rules)",
+        "message": message,
         "unmapped": {"hostwall": rec["hostwall"]},
     }
 

@@ -159,6 +159,10 @@ def _body(rec: dict) -> str:
         return (f"anomaly {a['state']}: {a['key']['signal']} {a['key']['dimension']}={a['key']['value']} "
                 f"rate {a['rate']:.1f}/s baseline {a['baseline']['rate']:.1f}/s score {a['score']:.1f}")
     if hw.get("kind") == "audit":
+        sp = hw.get("syn_proxy")
+        if sp:                                   # the SYN proxy switched itself (enforcer/syn_watch.py)
+            what = f"port {sp['port']}" if "port" in sp else f"profile {sp.get('profile', '?')}"
+            return f"SYN proxy {sp.get('state', '')} for {what} ({sp.get('trigger', '')})"
         p = hw.get("policy", {})
         return f"policy change {p.get('old_revision', '')} -> {p.get('new_revision', '')}"
     src, dst = rec.get("source", {}), rec.get("destination", {})

@@ -17,13 +17,18 @@ Record kinds (`hostwall.kind`):
   flow          flow_start → event.type ["start"]; flow_end → ["end"] with totals per direction
                 (source = initiator, IP-layer bytes) and end_reason rst / fin (closed by FINs, reported
                 once quiet for the close grace period, so the last ACK counts) / idle_timeout /
-                evicted; conntrack active-timeout update → ["info"] with running totals
+                evicted_unconfirmed (a full conntrack bucket evicts unconfirmed connections first) /
+                evicted_established (the bucket held no unconfirmed one); conntrack active-timeout
+                update → ["info"] with running totals
   log           a packet judged by an `action: log` rule → event.type ["connection", "allowed"]
   deny          the sampled first dropped packet of an aggregation key → ["denied"] (audit mode:
                 verdict would_drop, ["allowed"], outcome success: the packet passed)
   drop_summary  one per drop-aggregation key per interval: packets/bytes per (peer prefix, reason,
                 destination port, protocol, direction, interface), its largest individual peers and
                 the interval bounds; event.kind "metric"
+  flow_summary  connections counted in aggregate under a flood and the SYN proxy's cookie answers, per
+                (peer prefix, destination port, protocol, direction, kind) per interval
+                (collector/flow_summary.py: its own module, it needs the datapath's flow aggregation)
   audit         a policy change from the enforcer's audit log (on_audit adds id/version/observer)
   dns           a DNS proxy decision from the enforcer's DNS log: a name refused (refuse_unlisted) or a
                 query answered SERVFAIL (no upstream answered); ECS dns.* fields (records/dns.py)

@@ -23,7 +23,10 @@ __all__ = ["EventRecords", "END_REASON"]
 END_REASON = {"closed": "rst", "closing": "fin", "fin_wait": "fin"}
 # flow_end events of connections the datapath displaced from its table (hw_event.end_cause)
 _END_CAUSE_REASON = {L.C["HW_END_IDLE"]: ("idle_timeout", "idle timeout"),
-                     L.C["HW_END_EVICTED"]: ("evicted", "conntrack table full: evicted")}
+                     L.C["HW_END_EVICTED_ESTABLISHED"]: ("evicted_established",
+                                                         "conntrack bucket full of established connections: evicted"),
+                     L.C["HW_END_EVICTED_UNCONFIRMED"]: ("evicted_unconfirmed",
+                                                         "conntrack bucket full: unconfirmed connection evicted")}
 _COLS = ("ts_ns", "start_ns", "cgroup_id", "sport", "dport", "ifindex", "rule_slot", "revision_id", "type", "family",
          "proto", "verdict", "reason", "hook", "direction", "tcp_flags", "ct_state", "icmp_type", "end_cause")
 

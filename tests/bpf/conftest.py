@@ -15,7 +15,7 @@ from hostwall.enforcer.compiler import compile_policy
 from hostwall.enforcer.datapath import Datapath
 from hostwall.enforcer.policy import Policy, parse_policy
 
-XDP_DROP, XDP_PASS = 1, 2
+XDP_DROP, XDP_PASS, XDP_TX = 1, 2, 3
 TC_ACT_OK, TC_ACT_SHOT = 0, 2
 HOOKS = {"xdp": L.C["HW_HOOK_XDP_INGRESS"], "tc_ingress": L.C["HW_HOOK_TC_INGRESS"],
          "tc_egress": L.C["HW_HOOK_TC_EGRESS"]}
@@ -28,6 +28,7 @@ class Outcome:
     verdict: str          # allow | drop | would_drop, from the counter that moved
     reason: str           # hw_reason name from the counter that moved
     rule_slot: int | None # rule counter slot that moved, if any
+    sent_back: bytes | None = None  # XDP_TX: the frame the program sent back out (the SYN proxy's SYN-ACK)
 
 
 class Harness:
@@ -62,9 +63,11 @@ class Harness:
         assert h == HOOKS[hook], f"counted on hook {h}, ran {hook}"
         rmoved = np.nonzero(self.dp.rule_stats()["packets"][: max(len(self.slots), 1)] - rules_before)[0]
         passed = res.retval == (XDP_PASS if hook == "xdp" else TC_ACT_OK)
-        if not passed:
+        tx = hook == "xdp" and res.retval == XDP_TX
+        if not passed and not tx:
             assert res.retval == (XDP_DROP if hook == "xdp" else TC_ACT_SHOT), f"unexpected retval {res.retval}"
-        return Outcome(passed, L.VERDICT_NAMES[v], L.REASON_NAMES[r], int(rmoved[0]) if len(rmoved) else None)
+        return Outcome(passed, L.VERDICT_NAMES[v], L.REASON_NAMES[r], int(rmoved[0]) if len(rmoved) else None,
+                       res.data_out if tx else None)
 
 
 @pytest.fixture(scope="session")
@@ -82,6 +85,9 @@ def harness(datapath):
     yield h
     datapath.clear_conntrack()
     datapath.set_config(test_now_ns=0)          # a test that injected time must not leak it
+    # nor the event budget's buckets, which last saw that (future) time and would not refill until then
+    bpfsys.map_update(datapath.map_fds["hw_ev_budget"], b"\0" * 4,
+                      bytes(L.DTYPES["hw_ev_budget"].itemsize * datapath.ncpus))
 
 
 class Events:

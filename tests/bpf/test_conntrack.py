@@ -140,8 +140,11 @@ def test_conntrack_entry_records_flow(harness, v6):
     first = conntrack.first_slot(np.array([key]), fam, int(harness.dp.config()["table_seed"]))[0]
     assert first <= idx[0] < first + conntrack.WAYS
     e = slots[0]["e"]
-    assert L.CT_STATE_NAMES[int(e["state"])] == "established"
+    assert L.CT_STATE_NAMES[int(e["state"])] == "syn_recv"          # answered, not yet confirmed
     assert e["packets"].tolist() == [1, 1] and int(e["initiator"]) == side
+    harness.run("tc_egress", out_tcp("A", v6=v6))                     # the initiator's ACK confirms it
+    e = _live(harness.dp, fam)[1][0]["e"]
+    assert L.CT_STATE_NAMES[int(e["state"])] == "established" and e["packets"].tolist() == [2, 1]
     assert e["origin"] == L.DIR["egress"]
     assert e["revision_id"] == 1
 
@@ -180,18 +183,19 @@ def test_full_bucket_evicts_least_recent_and_reports_its_flow(harness, events, v
     flows = _same_bucket_flows(harness.dp, fam, conntrack.WAYS + 1)
     for i, f in enumerate(flows[:-1]):
         _open_at(harness, T0 + i * 10**9, f, v6)
-    harness.dp.set_config(test_now_ns=T0 + 10 * 10**9)      # the first flow is the least recently used:
-    for f in flows[1:-1]:                                     # the others see a reply
+    harness.dp.set_config(test_now_ns=T0 + 5 * 10**9)       # the first flow is the least recently used:
+    for f in flows[1:-1]:                                     # the others see a reply (still unconfirmed)
         assert _reply(harness, "SA", f, v6) == "pass_conntrack"
     before = harness.dp.ct_stats()[fam]
     events.drain()
-    _open_at(harness, T0 + 20 * 10**9, flows[-1], v6)
+    _open_at(harness, T0 + 8 * 10**9, flows[-1], v6)         # within the unconfirmed timeout: none is idle
     after = harness.dp.ct_stats()[fam]
-    assert after["evicted"] - before["evicted"] == 1 and after["inserted"] - before["inserted"] == 1
+    assert after["evicted_unconfirmed"] - before["evicted_unconfirmed"] == 1
+    assert after["inserted"] - before["inserted"] == 1 and after["evicted_established"] == before["evicted_established"]
     ends = [e for e in events.drain() if L.EVENT_TYPE_NAMES[int(e["type"])] == "flow_end"]
     assert len(ends) == 1
     end = ends[0]
-    assert L.CT_END_CAUSE_NAMES[int(end["end_cause"])] == "evicted"
+    assert L.CT_END_CAUSE_NAMES[int(end["end_cause"])] == "evicted_unconfirmed"
     me = inet_pton(ME6 if v6 else ME, fam)
     assert bytes(end["saddr"][:len(me)]) == me and (int(end["sport"]), int(end["dport"])) == flows[0]
     assert end["packets"].tolist() == [1, 0] and int(end["ts_ns"]) == T0 and int(end["start_ns"]) == T0
@@ -206,15 +210,17 @@ def test_full_bucket_evicts_least_recent_and_reports_its_flow(harness, events, v
 def test_idle_slot_is_reused_before_any_live_one_is_evicted(harness, events):
     harness.install(POLICY % "true")
     flows = _same_bucket_flows(harness.dp, 4, conntrack.WAYS + 1)
-    _open_at(harness, T0, flows[0])                  # SYN_SENT: idle after HW_CT_TO_SYN
-    later = T0 + (L.C["HW_CT_TO_SYN"] + 1) * 10**9
+    _open_at(harness, T0, flows[0])                  # SYN_SENT: idle after HW_CT_TO_UNCONFIRMED
+    later = T0 + (L.C["HW_CT_TO_UNCONFIRMED"] + 1) * 10**9
     for f in flows[1:-1]:
         _open_at(harness, later, f)
     before = harness.dp.ct_stats()[4]
     events.drain()
     _open_at(harness, later, flows[-1])
     after = harness.dp.ct_stats()[4]
-    assert after["reused_idle"] - before["reused_idle"] == 1 and after["evicted"] == before["evicted"]
+    assert after["reused_idle"] - before["reused_idle"] == 1
+    assert (after["evicted_unconfirmed"], after["evicted_established"]) == (before["evicted_unconfirmed"],
+                                                                          before["evicted_established"])
     ends = [e for e in events.drain() if L.EVENT_TYPE_NAMES[int(e["type"])] == "flow_end"]
     assert [(int(e["sport"]), L.CT_END_CAUSE_NAMES[int(e["end_cause"])]) for e in ends] == [(flows[0][0], "idle")]
     for f in flows[1:]:
@@ -243,9 +249,10 @@ def test_restart_with_another_build_carries_connections_over(harness):
     from hostwall.enforcer.control import CONNTRACK_MAPS, _migrate_conntrack
     from hostwall.enforcer.datapath import Datapath
     harness.install(POLICY % "true")
-    for sport in (40000, 40001):
-        harness.run("tc_egress", out_tcp("S", sport=sport))
-    harness.run("tc_egress", out_tcp("S", v6=True))
+    for sport, v6 in ((40000, False), (40001, False), (40000, True)):     # established: loading takes longer
+        harness.run("tc_egress", out_tcp("S", sport=sport, v6=v6))       # than an unconfirmed entry lives
+        harness.run("xdp", in_tcp("SA", dport=sport, v6=v6))
+        harness.run("tc_egress", out_tcp("A", sport=sport, v6=v6))
     new = Datapath.load()
     # the old build is seen through its pins, of which a build with other maps shares only conntrack's
     pins = f"/sys/fs/bpf/hostwall-test-migrate-{os.getpid()}"
@@ -265,9 +272,70 @@ def test_restart_with_another_build_carries_connections_over(harness):
         other = type(harness)(new)
         other.slots = harness.slots
         for sport in (40000, 40001):
-            assert other.run("xdp", in_tcp("SA", dport=sport)).reason == "pass_conntrack"
-        assert other.run("xdp", in_tcp("SA", v6=True)).reason == "pass_conntrack"
-        assert other.run("xdp", in_tcp("SA", dport=40002)).reason == "default_deny"   # never opened
+            assert other.run("xdp", in_tcp("PA", dport=sport)).reason == "pass_conntrack"
+        assert other.run("xdp", in_tcp("PA", v6=True)).reason == "pass_conntrack"
+        assert other.run("xdp", in_tcp("PA", dport=40002)).reason == "default_deny"   # never opened
     finally:
         new.close()
         Instance.unpin(pins)
+
+
+# ---- tracking under attack: unconfirmed entries go first -----------------------------------------
+def _establish(harness, t_ns: int, flow: tuple[int, int], v6: bool = False) -> None:
+    """An outgoing connection through its whole handshake (confirmed: SYN, SYN-ACK, ACK)."""
+    _open_at(harness, t_ns, flow, v6)
+    assert _reply(harness, "SA", flow, v6) == "pass_conntrack"
+    assert harness.run("tc_egress", out_tcp("A", sport=flow[0], dport=flow[1], v6=v6)).reason == "pass_conntrack"
+
+
+@pytest.mark.parametrize("v6", [False, True], ids=["v4", "v6"])
+def test_full_bucket_evicts_unconfirmed_entries_before_an_established_one(harness, events, v6):
+    """The established connection is the least recently used slot of its bucket, yet every new
+    connection evicts an unconfirmed one (least recently used among them), never it."""
+    fam = 6 if v6 else 4
+    harness.install(POLICY % "true")
+    flows = _same_bucket_flows(harness.dp, fam, conntrack.WAYS + 4)
+    _establish(harness, T0, flows[0], v6)
+    for i, f in enumerate(flows[1:conntrack.WAYS]):
+        _open_at(harness, T0 + (1 + i) * 10**8, f, v6)
+    before = harness.dp.ct_stats()[fam]
+    events.drain()
+    for f in flows[conntrack.WAYS:]:                      # a SYN flood into this bucket
+        _open_at(harness, T0 + 2 * 10**9, f, v6)
+    after = harness.dp.ct_stats()[fam]
+    assert after["evicted_unconfirmed"] - before["evicted_unconfirmed"] == 4
+    assert after["evicted_established"] == before["evicted_established"]
+    ends = [e for e in events.drain() if L.EVENT_TYPE_NAMES[int(e["type"])] == "flow_end"]
+    assert {L.CT_END_CAUSE_NAMES[int(e["end_cause"])] for e in ends} == {"evicted_unconfirmed"}
+    # the established connection still passes its replies; the first unconfirmed ones were evicted
+    assert _reply(harness, "PA", flows[0], v6) == "pass_conntrack"
+    assert _reply(harness, "SA", flows[1], v6) == "default_deny"
+
+
+def test_bucket_of_established_connections_evicts_the_least_recently_used(harness, events):
+    harness.install(POLICY % "true")
+    flows = _same_bucket_flows(harness.dp, 4, conntrack.WAYS + 1)
+    for i, f in enumerate(flows[:-1]):
+        _establish(harness, T0 + i * 10**9, f)
+    harness.dp.set_config(test_now_ns=T0 + 5 * 10**9)
+    assert _reply(harness, "PA", flows[0]) == "pass_conntrack"   # flows[1] is now the least recently used
+    before = harness.dp.ct_stats()[4]
+    events.drain()
+    _open_at(harness, T0 + 6 * 10**9, flows[-1])
+    after = harness.dp.ct_stats()[4]
+    assert after["evicted_established"] - before["evicted_established"] == 1
+    ends = [e for e in events.drain() if L.EVENT_TYPE_NAMES[int(e["type"])] == "flow_end"]
+    assert [(int(e["sport"]), L.CT_END_CAUSE_NAMES[int(e["end_cause"])]) for e in ends] == \
+        [(flows[1][0], "evicted_established")]
+
+
+def test_unconfirmed_timeout_is_a_policy_setting(harness):
+    for policy, alive in ((POLICY % "true", True), (POLICY % "true" + "conntrack: {unconfirmed_timeout: 3s}\n", False)):
+        harness.install(policy)
+        flows = _same_bucket_flows(harness.dp, 4, 2)
+        _open_at(harness, T0, flows[0])                   # unconfirmed
+        _establish(harness, T0, flows[1])                 # confirmed: the long timeout
+        harness.dp.set_config(test_now_ns=T0 + 4 * 10**9)
+        assert (_reply(harness, "SA", flows[0]) == "pass_conntrack") is alive
+        assert _reply(harness, "PA", flows[1]) == "pass_conntrack"
+        harness.dp.clear_conntrack()

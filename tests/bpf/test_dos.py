@@ -12,7 +12,7 @@ from scapy.layers.inet6 import ICMPv6EchoRequest, IPv6
 from scapy.layers.l2 import Ether
 from scapy.packet import raw
 
-from hostwall.bpf import bpfsys, dos_sources
+from hostwall.bpf import bpfsys, dos_sources, syn_proxy
 from hostwall.bpf import layout as L
 from hostwall.enforcer import bans
 from hostwall.enforcer.dos_reference import DosModel, Pkt, ProfileParams
@@ -52,6 +52,7 @@ def _reset_state(dp):
     zero = bytes(L.DTYPES["hw_bucket"].itemsize)
     for i in range(L.C["HW_DOS_PROFILES_MAX"] * 16):
         bpfsys.map_update(dp.map_fds["hw_dos_global"], i.to_bytes(4, "little"), zero)
+    syn_proxy.clear(dp.map_fds)
 
 
 def frame(p: Pkt) -> bytes:
@@ -91,8 +92,10 @@ def profiles(draw):
         lines.append(f"per_source: {{pps: {ps}, burst: {draw(st.sampled_from([ps, 2 * ps]))}}}")
     syn = draw(st.sampled_from([None, 3]))
     glob = draw(st.sampled_from([None, 6]))
-    if syn or glob:
-        parts = ([f"per_source_pps: {syn}"] if syn else []) + ([f"global_pps: {glob}"] if glob else [])
+    port = draw(st.sampled_from([None, 4]))
+    if syn or glob or port:
+        parts = ([f"per_source_pps: {syn}"] if syn else []) + ([f"global_pps: {glob}"] if glob else []) + \
+                ([f"per_port_pps: {port}"] if port else [])
         lines.append("syn: {" + ", ".join(parts) + "}")
     if draw(st.booleans()):
         lines.append(f"udp: {{per_source_pps: {draw(st.sampled_from([2, 8]))}}}")

@@ -13,6 +13,7 @@ import numpy as np
 
 from hostwall.bpf import layout as L
 from hostwall.bpf.ringbuf import BUSY_BIT, DISCARD_BIT, EVENT_DTYPE, HDR_SIZE, RingWalker, check_events, slot_size
+from hostwall.bpf.syn_proxy import ProxyState
 from hostwall.collector.config import CollectorConfig, JsonlOptions, QueueSizes
 from hostwall.collector.kernel import CtScan, DropDrain
 from hostwall.collector.sinks.base import BaseSink, FullQueuePolicy
@@ -117,6 +118,7 @@ class FakeSource:
         self.fake = FakeRing(ring_size)
         self.rb = FakeRingBuffer(self.fake)
         self.budget = None
+        self.share = None
         self.prefixes = None
         self.drains: list[DropDrain] = []
         self.scans: list[CtScan] = []
@@ -143,8 +145,15 @@ class FakeSource:
     def now_ns(self) -> int:
         return time.monotonic_ns()
 
-    def set_event_budget(self, n: int) -> None:
+    def set_event_budget(self, n: int, source_share: int | None = None) -> None:
         self.budget = n
+        self.share = source_share
+
+    def port_syns(self) -> np.ndarray:
+        return np.zeros(65536, np.uint64)
+
+    def syn_proxy(self, now_ns: int) -> ProxyState:
+        return ProxyState(now_ns, {}, {})
 
     def set_drop_prefixes(self, v4: int, v6: int) -> None:
         self.prefixes = (v4, v6)

@@ -199,8 +199,18 @@ def test_drop_interval_is_cleared_only_when_durable_and_reexported_after_a_crash
     assert marker is not None and marker["gen"] == 0 and src.cleared == []
     # the next collector finds the interval in generation 0's map (the datapath writes gen 1 now)
     src.pending_gen[0] = DropDrain(keys, vals, {(1, 3): (4, 400)}, 0, 0, 0.0, 0)
+    pipe2, records = next_run_until_cleared(tmp_path, src, StubBuilder())
+    again = [r for r in records if r["hostwall"]["kind"] == "drop_summary"][:3]
+    assert [r["event"]["id"] for r in again] == [r["event"]["id"] for r in first]     # same window, same ids
+    assert seqs(again, "drop_summaries") == seqs(first, "drop_summaries") == [0, 1, 2]
+    assert src.cleared[0].gen == 0 and json.loads(pipe2.checkpoint.path.read_text())["drain"] is None
+
+
+def next_run_until_cleared(tmp_path, src: FakeSource, builder) -> tuple[Pipeline, list[dict]]:
+    """The next collector over the same kernel state, run until it cleared a drop interval: it and its
+    records."""
     sink2 = MemorySink()
-    pipe2 = Pipeline(cfg(tmp_path), restarted(src), StubBuilder(), [sink2])
+    pipe2 = Pipeline(cfg(tmp_path), restarted(src), builder, [sink2])
 
     async def two():
         task = await started(pipe2)
@@ -208,10 +218,7 @@ def test_drop_interval_is_cleared_only_when_durable_and_reexported_after_a_crash
         pipe2.stop()
         await task
     uvloop.run(two())
-    again = [r for r in sink2.records if r["hostwall"]["kind"] == "drop_summary"][:3]
-    assert [r["event"]["id"] for r in again] == [r["event"]["id"] for r in first]     # same window, same ids
-    assert seqs(again, "drop_summaries") == seqs(first, "drop_summaries") == [0, 1, 2]
-    assert src.cleared[0].gen == 0 and json.loads(pipe2.checkpoint.path.read_text())["drain"] is None
+    return pipe2, sink2.records
 
 
 def test_conntrack_claims_are_freed_once_durable(tmp_path):
@@ -524,3 +531,89 @@ def test_an_anomaly_left_open_by_a_crash_is_closed_by_the_next_start(tmp_path):
     schema = json.loads((Path(__file__).resolve().parents[2] / "schemas" / "anomaly.schema.json").read_text())
     jsonschema.validate(close[0], schema)
     assert json.loads(pipe2.checkpoint.path.read_text())["open_anomalies"] == {}
+
+
+
+def test_flow_summaries_ride_the_drop_interval_and_are_exported_again_after_a_crash(tmp_path):
+    """The datapath's flow summaries are read with the drop interval of the same generation, numbered in
+    its `drop_summaries` stream, counted by the ledger, and cleared with it only once durable; a restart
+    exports them again with the same event ids and seqs."""
+    from hostwall.collector.records import RecordBuilder
+    from tests.collector.test_flood_records import drain as flow_drain
+    from tests.collector.test_records import HOST
+
+    def interval(gen: int = 0, t: int = 1_000) -> DropDrain:
+        flows = flow_drain([(bytes([10, 66, 128, 0]), 24, 8080, 6, 0, "unconfirmed", 900, 900, 1800, 108_000),
+                            (bytes([10, 66, 3, 0]), 24, 5353, 17, 0, "over_share", 50, 40, 40, 2_400)],
+                           overflow={"over_share": (12, 0, 0, 0)})
+        flows.gen = gen
+        return DropDrain(np.zeros(0, DROP_KEY), np.zeros(0, DROP_VAL), {}, t, 2 * t, 0.001, gen, flows=flows)
+
+    src, sink = FakeSource(), MemorySink(durable_gate=asyncio.Event())
+    src.drains.append(interval())
+    pipe = Pipeline(cfg(tmp_path), src, RecordBuilder(HOST, None), [sink], shutdown_timeout_s=1.0)
+
+    async def one():
+        task = await started(pipe)
+        await until(lambda: len(sink.records) == 3)
+        assert src.cleared == []                         # shipped, not durable: still in the kernel
+        assert json.loads(pipe.checkpoint.path.read_text())["drain"]["n"] == 3
+        pipe.stop()
+        await task
+    uvloop.run(one())
+    first = [r for r in sink.records if r["hostwall"]["kind"] == "flow_summary"]
+    assert len(first) == 3 and seqs(first, "drop_summaries") == [0, 1, 2]
+    assert pipe.ledger.flow_counts["unconfirmed"]["flows"] == 900
+    assert pipe.ledger.flow_counts["over_share"]["flows"] == 62
+    src.pending_gen[0] = interval(0, 0)                  # the next collector finds generation 0 uncleared
+    _, records = next_run_until_cleared(tmp_path, src, RecordBuilder(HOST, None))
+    again = [r for r in records if r["hostwall"]["kind"] == "flow_summary"][:3]
+    assert [r["event"]["id"] for r in again] == [r["event"]["id"] for r in first]     # same window, same ids
+    assert seqs(again, "drop_summaries") == [0, 1, 2]
+    assert src.cleared[0].flows is not None and src.cleared[0].flows.gen == 0
+
+
+def test_connections_in_aggregate_end_in_the_scan_batch_and_its_journal(tmp_path):
+    """Ends of connections counted in aggregate become flow summaries of the scan's `conntrack` batch; they
+    are claimed and released like the other ends, and a batch not durable at a crash is rebuilt from the
+    journal with the same summary (its window is journaled) and seq."""
+    from hostwall.collector.records import RecordBuilder
+    from tests.collector.test_records import HOST, ct4
+
+    ct6, ent = L.DTYPES["hw_ct6_key"], L.DTYPES["hw_ct_entry"]
+    rows = [ct4("10.66.9.1", "10.66.1.2", 40000 + i, 80, state=1, report=L.C["HW_REP_PENDING"]) for i in range(3)]
+    keys, ents = np.concatenate([k for k, _ in rows]), np.concatenate([e for _, e in rows])
+    z4 = (np.zeros(0, L.DTYPES["hw_ct4_key"]), np.zeros(0, ent))
+    z6 = (np.zeros(0, ct6), np.zeros(0, ent))
+    scan = CtScan([CtFamilyScan(4, *z4, *z4, np.array([3, 4, 5]), ents.copy(), *z4, None, None, keys, ents, 0),
+                   CtFamilyScan(6, *z6, *z6)], 10, 0, 0)
+    assert scan.expired == 3 and scan.closed == 0
+    src, sink = FakeSource(), MemorySink(durable_gate=asyncio.Event())
+    src.scans.append(scan)
+    pipe = Pipeline(cfg(tmp_path), src, RecordBuilder(HOST, None), [sink], shutdown_timeout_s=0.5)
+
+    async def one():
+        task = await started(pipe)
+        await until(lambda: len(sink.records) == 1)
+        assert len(pipe.ct_journal) == 1
+        pipe.stop()                                      # never durable
+        await task
+    uvloop.run(one())
+    [rec] = sink.records
+    assert (rec["hostwall"]["stream"], rec["hostwall"]["seq"]) == ("conntrack", 0)
+    assert rec["hostwall"]["summary"] == {"kind": "unconfirmed", "flows": 3, "ended": 3, "origin": "conntrack_scan"}
+    assert src.freed == []
+    src2 = restarted(src)
+    sink2 = MemorySink()
+    pipe2 = Pipeline(cfg(tmp_path), src2, RecordBuilder(HOST, None), [sink2])
+
+    async def two():
+        task = await started(pipe2)
+        await until(lambda: len(sink2.records) >= 1 and src2.freed == [3])
+        await until(lambda: len(pipe2.ct_journal) == 0)
+        pipe2.stop()
+        await task
+    uvloop.run(two())
+    [again] = [r for r in sink2.records if r["hostwall"]["stream"] == "conntrack"]
+    assert (again["event"]["id"], again["hostwall"]["seq"]) == (rec["event"]["id"], 0)
+    assert [len(f.agg_keys) for f in src2.adopted] == [3, 0]

@@ -72,7 +72,14 @@ def enriched_records() -> list[dict]:
 
 
 def all_records() -> list[dict]:
-    return enriched_records() + anomaly_records()
+    return enriched_records() + anomaly_records() + flood_records()
+
+
+def flood_records() -> list[dict]:
+    """Tracking under attack: flow summaries, the per-port SYN signal, the proxy's switches (anomaly
+    and audit records)."""
+    from tests.collector.test_flood_records import summary_records, switch_audit_records, switch_records, syns_records
+    return summary_records() + syns_records() + [r for rs in switch_records() for r in rs] + switch_audit_records()
 
 
 # ------------------------------------------------------------------------------------------- ECS
@@ -283,6 +290,10 @@ def test_otel_log_records():
     assert (flow["severity_number"], flow["severity_text"]) == (9, "INFO")
     deny = to_otel([r for r in sample_records() if r["event"]["action"] == "deny"][0])
     assert (deny["severity_number"], deny["severity_text"]) == (13, "WARN")
+    fs = to_otel([r for r in flood_records() if r["hostwall"]["kind"] == "flow_summary"][0])
+    assert "source.address" not in fs["attributes"] and fs["attributes"]["hostwall.source.prefix"] == "10.66.128.0/24"
+    assert fs["body"].startswith("flow_summary tcp 10.66.128.0/24 -> *:8080")
+    assert to_otel(flood_records()[-1])["body"] == "SYN proxy off for port 8080 (syn_rate)"
     crit = [to_otel(r) for r in anomaly_records() if r["hostwall"]["anomaly"]["severity"] == "critical"]
     assert crit and all(o["severity_number"] == 21 for o in crit)
 

@@ -235,21 +235,19 @@ def test_conntrack_scan_expires_idle_entries_and_reports_long_lived_ones(kernel)
     at = 10 * 10**9
     dp.set_config(test_now_ns=t0)
     assert ks.now_ns() == t0
-    xdp(dp, udp_in())                                  # UDP flow, never answered: 30 s timeout
-    xdp(dp, tcp_in(src="10.0.0.8"))                    # TCP flow, established: 5 days
+    xdp(dp, udp_in())                                  # UDP flow, never answered: unconfirmed, 10 s
+    xdp(dp, tcp_in(src="10.0.0.8"))                    # TCP flow, confirmed by its ACK: 5 days
     egress(dp, tcp_out("SA", dst="10.0.0.8"))
+    xdp(dp, tcp_in(src="10.0.0.8", flags="A"))
     first = ks.scan_conntrack(t0 + 10**9, at)
     assert (first.scanned, first.expired, first.updates) == (2, 0, 0)
     dp.set_config(test_now_ns=t0 + 12 * 10**9)
     xdp(dp, tcp_in(src="10.0.0.8", flags="A"))        # activity after the first 10 s boundary
-    s = ks.scan_conntrack(t0 + 15 * 10**9, at)
-    assert (s.expired, s.updates) == (0, 1)
-    upd = s.families[0]
-    assert upd.family == 4 and int(upd.update_keys["proto"][0]) == 6
-    assert upd.update_entries["packets"][0].tolist() == [2, 1]
-    s = ks.scan_conntrack(t0 + 31 * 10**9, at)         # UDP idle 31 s > 30 s
-    assert (s.expired, s.updates, s.ended) == (1, 0, 0)
+    s = ks.scan_conntrack(t0 + 15 * 10**9, at)         # UDP idle 15 s > 10 s
+    assert (s.expired, s.updates, s.ended) == (1, 1, 0)
     gone = s.families[0]
+    assert gone.family == 4 and int(gone.update_keys["proto"][0]) == 6
+    assert gone.update_entries["packets"][0].tolist() == [3, 1]
     assert int(gone.expired_keys["proto"][0]) == 17 and int(gone.expired_entries["last_ns"][0]) == t0
     assert int(gone.expired_entries["fin_seen"][0]) == 0            # the builder sees the entry as it was
     with conntrack.CtTable(ks.fds["hw_ct4"], 4) as table:
@@ -270,6 +268,36 @@ def test_conntrack_scan_expires_idle_entries_and_reports_long_lived_ones(kernel)
     with conntrack.CtTable(ks.fds["hw_ct4"], 4) as table:
         assert table.slots[table.live()]["k"]["proto"].tolist() == [6]      # freed in the kernel; TCP stays
     assert ks.scan_conntrack(t0 + 34 * 10**9, at).expired == 0
+
+
+def test_conntrack_scan_aggregates_connections_that_ended_unconfirmed(kernel):
+    """A connection whose start waited for confirmation (PENDING: the budget was at its reserve) and
+    that expired unconfirmed is not a flow end of its own: the scan returns it for a flow summary."""
+    from hostwall.collector import flow_summary
+    from hostwall.collector.records import RecordBuilder
+    from tests.collector.test_records import CLOCK, HOST, validator
+    ks, dp, _ = kernel
+    t0 = 20_000 * 10**9
+    dp.set_config(test_now_ns=t0)
+    ks.set_event_budget(dp.ncpus)                      # 1 event/s per CPU: never above the reserve
+    try:
+        for sport in (5001, 5002):
+            xdp(dp, udp_in(sport=sport))
+    finally:
+        ks.set_event_budget(L.C["HW_EVENT_BUDGET"])
+        # the budget buckets last saw this test's clock, ahead of the real one: let them start full again
+        zero = bytes(L.DTYPES["hw_ev_budget"].itemsize * dp.ncpus)
+        bpfsys.map_update(dp.map_fds["hw_ev_budget"], b"\0" * 4, zero)
+    s = ks.scan_conntrack(t0 + 11 * 10**9, 10**12)
+    fam = s.families[0]
+    assert len(fam.expired_keys) == 0 and len(fam.agg_keys) == 2 and s.expired == 2
+    recs = flow_summary.from_scan(RecordBuilder(HOST, None), fam.agg_keys, fam.agg_entries, 24, 64,
+                                  CLOCK.wall_ns(t0), CLOCK.wall_ns(t0 + 11 * 10**9), CLOCK)
+    assert len(recs) == 1
+    r = recs[0]
+    assert r["hostwall"]["summary"] == {"kind": "unconfirmed", "flows": 2, "ended": 2, "origin": "conntrack_scan"}
+    assert r["source"]["address"].endswith("/24") and r["destination"]["port"] == 53
+    assert not list(validator("flow.schema.json").iter_errors(r))
 
 
 def test_a_fin_closed_connection_is_reported_after_its_grace_with_its_last_ack_and_precise_times(kernel):
@@ -313,6 +341,39 @@ def test_a_fin_closed_connection_is_reported_after_its_grace_with_its_last_ack_a
     [r] = b.on_conntrack(f.expired_keys, f.expired_entries, None, Clock(0), (f.closed_keys, f.closed_entries))
     assert r["hostwall"]["flow"]["end_reason"] == "fin" and (r["source"]["packets"], r["destination"]["packets"]) == (4, 2)
     assert r["event"]["duration"] == int(e["end_ns"]) - int(e["created_ns"]) >= 10**7
+    dp.clear_conntrack()
+
+
+def test_a_fin_close_in_aggregate_ends_in_a_scan_summary_after_its_grace(kernel):
+    """A connection reported in aggregate (no room in the event budget: its start was counted in kind
+    over_budget) and closed by both FINs is the scan's too: after the grace period its end, last ACK
+    included, goes to a flow summary (not a flow record), and it is marked reported (counted once)."""
+    from hostwall.collector import flow_summary
+    from hostwall.collector.records import RecordBuilder
+    from tests.collector.test_records import CLOCK, HOST, validator
+    ks, dp, _ = kernel
+    dp.clear_conntrack()
+    ks.set_event_budget(0)                             # no events at all: every start is aggregated
+    try:
+        xdp(dp, tcp_in(sport=41100))                   # SYN: its start waits (pending)
+        egress(dp, tcp_out("SA", dport=41100))
+        xdp(dp, tcp_in(sport=41100, flags="A"))        # confirmed: no room, so over_budget
+        egress(dp, tcp_out("FA", dport=41100))
+        xdp(dp, tcp_in(sport=41100, flags="FA"))
+        xdp(dp, tcp_in(sport=41100, flags="A"))        # the last ACK
+    finally:
+        ks.set_event_budget(L.C["HW_EVENT_BUDGET"])
+    now = ks.now_ns()
+    s = ks.scan_conntrack(now + 3 * 10**9, 60 * 10**9, 2 * 10**9)
+    f = s.families[0]
+    assert (s.closed, s.expired, len(f.closed_keys), len(f.agg_keys), f.agg_closed) == (1, 0, 0, 1, 1)
+    assert int(f.agg_entries[0]["report"]) == L.C["HW_REP_AGG_BUDGET"]
+    assert ks.scan_conntrack(now + 4 * 10**9, 60 * 10**9, 2 * 10**9).closed == 0      # reported once
+    [r] = flow_summary.from_scan(RecordBuilder(HOST, None), f.agg_keys, f.agg_entries, 24, 64,
+                                 CLOCK.wall_ns(now), CLOCK.wall_ns(now + 3 * 10**9), CLOCK)
+    assert r["hostwall"]["summary"] == {"kind": "over_budget", "flows": 0, "ended": 1, "origin": "conntrack_scan"}
+    assert r["network"]["packets"] == 6 and r["source"]["address"] == "10.0.0.0/24"   # 4 in, 2 out
+    assert not list(validator("flow.schema.json").iter_errors(r))
     dp.clear_conntrack()
 
 

@@ -7,9 +7,11 @@ overflow summary), the same records through the Enricher (test_encoders.enriched
 AnomalyDetector open/update/close (test_anomaly.anomaly_records), RecordBuilder.on_audit, the DNS
 proxy's decision records through RecordBuilder.on_dns (numbered in the `dns` stream as the pipeline
 numbers them) and flows named by their fqdns rule's learnt destination.domain
-(test_dns_records.dns_records, domain_flow_records), and the collector's loss records
-(collector/loss_report.py: records-lost, collector-restart, numbered in the `collector` stream as the
-pipeline numbers them). They are
+(test_dns_records.dns_records, domain_flow_records), the records of tracking under attack
+(test_flood_records): flow summaries (datapath kinds, overflow, conntrack scan), the per-port SYN
+signal's anomalies, the SYN proxy's switches as anomalies and as audit records, and the collector's loss
+records (collector/loss_report.py: records-lost, collector-restart, numbered in the `collector` stream as
+the pipeline numbers them). They are
 also checked against the published JSON Schemas (schemas/*.json) and the contract's invariants
 (tests/conformance/records.py: one host per .ip, flow times and order). A failure lists each distinct
 violation with the number of records that have it.
@@ -34,13 +36,14 @@ from hostwall.collector.records import ECS_VERSION
 from tests.collector.test_anomaly import anomaly_records
 from tests.collector.test_dns_records import dns_records, domain_flow_records
 from tests.collector.test_encoders import enriched_records
+from tests.collector.test_flood_records import summary_records, switch_audit_records, switch_records, syns_records
 from tests.collector.test_records import audit_record, builder, sample_records
 from tests.conformance import ecs, ocsf
 from tests.conformance import records as invariants
 
 SCHEMAS = Path(__file__).resolve().parents[2] / "schemas"
-SCHEMA_OF = {"flow": "flow", "log": "flow", "deny": "flow", "drop_summary": "flow", "anomaly": "anomaly",
-             "audit": "audit", "dns": "dns", "loss": "loss"}
+SCHEMA_OF = {"flow": "flow", "log": "flow", "deny": "flow", "drop_summary": "flow", "flow_summary": "flow",
+             "anomaly": "anomaly", "audit": "audit", "dns": "dns", "loss": "loss"}
 
 
 def schema_errors(rec: dict) -> list[str]:
@@ -51,20 +54,27 @@ def schema_errors(rec: dict) -> list[str]:
     return [f"{'.'.join(map(str, e.absolute_path)) or '(record)'}: {e.message}" for e in v.iter_errors(rec)]
 
 KINDS = ["flow:flow_start", "flow:flow_end", "flow:flow_update", "deny:deny", "deny:would_deny", "log:log",
-         "drop_summary:drop_summary", "drop_summary:overflow", "anomaly:anomaly_open", "anomaly:anomaly_update",
-         "anomaly:anomaly_close", "audit:policy-apply", "dns:dns-refused", "dns:dns-upstream-failure",
+         "drop_summary:drop_summary", "drop_summary:overflow", "flow_summary:flow_summary", "flow_summary:overflow",
+         "anomaly:anomaly_open", "anomaly:anomaly_update", "anomaly:anomaly_close", "anomaly/syns:anomaly_open",
+         "anomaly/syn_proxy:anomaly_open", "anomaly/syn_proxy:anomaly_close", "audit:policy-apply",
+         "audit:syn-proxy-on", "audit:syn-proxy-off", "dns:dns-refused", "dns:dns-upstream-failure",
          "loss:records-lost", "loss:collector-restart"]
 
 
 def label(rec: dict) -> str:
     hw = rec.get("hostwall", {})
-    return f"{hw.get('kind')}:{'overflow' if hw.get('overflow') else rec.get('event', {}).get('action')}"
+    kind = hw.get("kind")
+    signal = (hw.get("anomaly") or {}).get("key", {}).get("signal")
+    if signal in ("syns", "syn_proxy"):                 # the signals of tracking under attack, apart
+        kind = f"{kind}/{signal}"
+    return f"{kind}:{'overflow' if hw.get('overflow') else rec.get('event', {}).get('action')}"
 
 
 @pytest.fixture
 def records(tmp_path, monkeypatch) -> dict[str, list[dict]]:
     """label -> records of that kind, raw and enriched."""
-    recs = sample_records() + enriched_records() + anomaly_records() + domain_flow_records()
+    recs = sample_records() + enriched_records() + anomaly_records() + domain_flow_records() + summary_records()
+    recs += syns_records() + [r for rs in switch_records() for r in rs] + switch_audit_records()
     recs.append(builder().on_audit(audit_record(tmp_path, monkeypatch)))
     for i, r in enumerate(dns_records(tmp_path, monkeypatch)):
         r["hostwall"].update(seq=i, stream="dns")
@@ -144,8 +154,8 @@ def _one(records, kind: str) -> dict:
 
 
 def test_a_non_ecs_top_level_field_is_caught(records):
-    for kind in ("flow:flow_start", "drop_summary:drop_summary", "anomaly:anomaly_open", "audit:policy-apply",
-                 "loss:collector-restart"):
+    for kind in ("flow:flow_start", "drop_summary:drop_summary", "flow_summary:flow_summary", "anomaly:anomaly_open",
+                 "audit:policy-apply", "loss:collector-restart"):
         r = _one(records, kind)
         r["schema_version"] = "1.0.0"
         assert any(v.startswith("schema_version: top-level key") for v in ecs.validate(r)), kind
@@ -176,6 +186,10 @@ def test_a_prefix_in_source_ip_is_caught(records):
     assert invariants.validate([as_host]) == ["record 0 (drop_summary drop_summary): source.ip '10.66.3.0' in a "
                                               "record keyed by the prefix 10.66.3.0/24 (the prefix belongs in "
                                               ".address and hostwall.source.prefix)"]
+    f = _one(records, "flow_summary:flow_summary")
+    assert f["source"]["address"] == f["hostwall"]["source"]["prefix"] == "10.66.128.0/24"
+    f["source"]["ip"] = "10.66.128.0"                         # a flow summary's prefix as if a host
+    assert invariants.validate([f]) and ecs.validate(f) == []
     a = _one(records, "anomaly:anomaly_open")
     a["hostwall"]["anomaly"]["top_talkers"][0]["source"] = "10.9.9.0/24"
     assert invariants.validate([a]) and schema_errors(a)

@@ -67,8 +67,21 @@ def test_constants_agree_with_compiler(c_layout):
 
 def test_reason_names_cover_design_contract():
     drop = {"policy_deny", "default_deny", "rate_limit", "syn_flood", "udp_flood", "icmp_flood", "port_limit",
-            "banned", "malformed", "conntrack_invalid", "fragment_unmatched"}
+            "banned", "malformed", "conntrack_invalid", "fragment_unmatched", "syn_cookie_invalid"}
     assert set(L.DROP_REASONS.values()) == drop
+
+
+def test_reason_codes_are_unique_and_the_docs_table_is_the_header():
+    """Every reason has its own code (a merge that gave two reasons one number is caught here: the C enum
+    allows it), drop reasons below 16, and docs/records.md's code table says what the header says."""
+    from hostwall import resource_dir
+    members = re.findall(r"^\s*HW_R_(\w+)\s*=\s*(\d+)", L.HEADER.read_text(), flags=re.M)
+    codes = [int(v) for _, v in members]
+    assert len(codes) == len(set(codes)), sorted(members, key=lambda m: int(m[1]))
+    assert all(c < 16 for c in L.DROP_REASONS) and max(codes) < L.REASONS
+    text = (resource_dir("schemas").parent / "docs" / "records.md").read_text()
+    table = {int(c): n for c, n in re.findall(r"\| (\d+) \| `(\w+)`", text)}
+    assert table == {v: n for v, n in L.REASON_NAMES.items() if v}
 
 
 def test_slot_of_the_live_policy_is_not_reused_until_it_is_retired():
