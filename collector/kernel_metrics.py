@@ -48,8 +48,8 @@ from typing import Any
 
 import numpy as np
 
-from .dns_metrics import dns_families
 from . import attack_metrics
+from .dns_metrics import dns_families
 from .metric_family import Family
 from .metric_spec import HANDOFF_REASONS, HOOK_DIRECTION, SPEC, to_prometheus
 from .metric_spec import spec_family as _family

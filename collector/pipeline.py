@@ -56,6 +56,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from hostwall.bpf.clock import Clock
+
 from .accounting import Ledger
 from .acks import Acks, CommitEntry, CommitLog, Ticket
 from .checkpoint import Checkpoint, Restart
@@ -112,7 +114,7 @@ class Pipeline(Sources):
         for s in self.slots:
             if s.name not in self.ledger.lanes:
                 self.ledger.add_sink(s.name)
-        self._clock_factory = clock_factory or _default_clock
+        self._clock_factory = clock_factory or Clock
         self.clock = None
         self.audit_log = Path(audit_log) if audit_log else None
         self.dns_log = Path(dns_log) if dns_log else None
@@ -595,8 +597,3 @@ async def _cancel(task: asyncio.Task | None) -> None:
         await task
     except (asyncio.CancelledError, Exception):     # noqa: BLE001 — already reported by _watch
         pass
-
-
-def _default_clock(offset_ns: int):
-    from hostwall.bpf.clock import Clock
-    return Clock(offset_ns)

@@ -271,15 +271,21 @@ DRIVER = textwrap.dedent("""
         await s.start()
         loop = asyncio.get_running_loop()
         loop.add_reader(sys.stdin.fileno(), lambda: state.update(stop=True))
-        t0 = loop.time()
+        t0, rate, base = loop.time(), RATE, 0     # records due: base + (now - t0) * rate
         sent, last_report = 0, 0.0
         generate = RATE > 0
         while True:
             now = loop.time()
             if state["stop"]:
                 generate = False
+            try:                                  # the test may lower the offered rate (Driver.set_rate)
+                new = int(open(os.environ["HW_RATE_FILE"] + "." + RUN).read())
+            except (OSError, ValueError):
+                new = rate
+            if new != rate:
+                t0, rate, base = now, new, sent
             if generate:
-                due = int((now - t0) * RATE)
+                due = base + int((now - t0) * rate)
                 if due > sent:
                     await s.send([rec(i) for i in range(sent, due)])
                     sent = due
@@ -309,6 +315,7 @@ class Driver:
     """A collector stand-in process: KafkaSink fed at `rate` records/s; reports stats lines on stdout."""
 
     def __init__(self, run_id: str, rate: int, env: dict):
+        self.rate_file = Path(f"{env['HW_RATE_FILE']}.{run_id}")
         self.p = subprocess.Popen([sys.executable, "-c", DRIVER.format(root=str(ROOT), run=run_id, rate=rate)],
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                   env={**os.environ, **env})
@@ -344,6 +351,30 @@ class Driver:
             time.sleep(0.1)
         raise AssertionError(f"timed out waiting for {what}; last {self.last}")
 
+    def set_rate(self, rate: int) -> None:
+        """Offer `rate` records/s from now on (the driver polls the file)."""
+        tmp = self.rate_file.with_suffix(".tmp")
+        tmp.write_text(str(rate))
+        tmp.replace(self.rate_file)
+
+    def wait_draining(self, cond, what: str, stall_s: float = 90, limit_s: float = 700) -> dict:
+        """Wait for cond while the spool keeps shrinking: fails when spool_pending has not reached a new low
+        for stall_s (a replay that stopped), not after a fixed amount of work (docs/testing.md)."""
+        low, low_at, end = None, time.monotonic(), time.monotonic() + limit_s
+        while time.monotonic() < end:
+            if self.last and cond(self.last):
+                return self.last
+            pending = self.last.get("spool_pending") if self.last else None
+            if pending is not None and (low is None or pending < low):
+                low, low_at = pending, time.monotonic()
+            if time.monotonic() - low_at > stall_s:
+                raise AssertionError(f"{what}: the spool stopped shrinking ({low} pending for {stall_s:g} s); "
+                                     f"last {self.last}")
+            if self.p.poll() is not None and self.final is None:
+                raise AssertionError(f"driver exited ({self.p.returncode}) while waiting for {what}")
+            time.sleep(0.1)
+        raise AssertionError(f"timed out waiting for {what}; last {self.last}")
+
     def stop(self, timeout: float = 180) -> dict:
         self.p.stdin.close()
         self.p.wait(timeout)
@@ -357,14 +388,15 @@ class Driver:
         self._t.join(5)
 
 
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1800)
 def test_broker_outage_and_collector_crash_lose_nothing(kafka_broker_factory, tmp_path):
     rate = 20_000
     b = kafka_broker_factory()
     tag = uuid.uuid4().hex[:8]
     t = topics(tag)
     b.create_topics({t["flows_topic"]: 3, t["anomalies_topic"]: 2, t["audit_topic"]: 1})
-    env = {"HW_TOPICS": json.dumps(t), "HW_SPOOL": str(tmp_path / "spool"), "HW_BOOT": b.bootstrap_servers}
+    env = {"HW_TOPICS": json.dumps(t), "HW_SPOOL": str(tmp_path / "spool"), "HW_BOOT": b.bootstrap_servers,
+           "HW_RATE_FILE": str(tmp_path / "rate")}
 
     # phase 1: steady 20k/s, broker stopped for 60 s, back
     d1 = Driver("a", rate, env)
@@ -382,8 +414,12 @@ def test_broker_outage_and_collector_crash_lose_nothing(kafka_broker_factory, tm
     spooled = d1.last["spool_bytes"]
     assert spooled > 40 * rate * 150, f"60 s of records should be on disk, spool has {spooled} bytes"
     b.start()
-    d1.wait(lambda s: s["state"] == "healthy" and s["spool_pending"] == 0 and s["in_flight"] < rate, 240,
-            "the spool replayed after the broker returned")
+    # live traffic continues during the replay, at a quarter of the rate: the replay must outrun it, and on a
+    # loaded machine the sink's whole throughput may be near the full rate
+    d1.set_rate(rate // 4)
+    d1.wait_draining(lambda s: s["state"] == "healthy" and s["spool_pending"] == 0 and s["in_flight"] < rate,
+                     "the spool replayed after the broker returned")
+    d1.set_rate(rate)
     # memory stayed bounded while ~1.2 M records went through the spool
     assert rss_late - rss_early < 40 * 1024, f"RSS grew {rss_early} -> {rss_late} kB during the outage"
     assert d1.max_rss_kb < 400 * 1024, d1.max_rss_kb
@@ -399,8 +435,9 @@ def test_broker_outage_and_collector_crash_lose_nothing(kafka_broker_factory, tm
     d2.wait(lambda s: s["state"] == "degraded" and s["sent"] > rate, 30, "the restarted collector spooling")
     time.sleep(2)
     b.start()
-    d2.wait(lambda s: s["state"] == "healthy" and s["spool_pending"] == 0 and s["recovered"]["delivered"] > 0,
-            240, "the old spool replayed by the restarted collector")
+    d2.set_rate(rate // 4)
+    d2.wait_draining(lambda s: s["state"] == "healthy" and s["spool_pending"] == 0
+                     and s["recovered"]["delivered"] > 0, "the old spool replayed by the restarted collector")
     time.sleep(2)
     final = d2.stop()
     assert final["lost"] == {}, final
