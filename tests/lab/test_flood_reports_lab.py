@@ -45,14 +45,15 @@ def _live(dp) -> tuple[int, int]:
 
 
 def _unreported_closes(dp) -> int:
-    """Connections closed by both FINs that the collector has not reported yet (it does after the close
-    grace period, docs/collector.md), both families."""
+    """Connections closed by both FINs whose end record is not durable yet (the collector reports them
+    after the close grace period and marks them REPORTED_DURABLE once the record is durable in its
+    sinks, docs/collector.md), both families."""
     from hostwall.bpf import layout as L
     n = 0
     for fam in (4, 6):
         with conntrack.CtTable(dp.map_fds[conntrack.MAPS[fam]], fam) as t:
             e = t.slots[t.live()]["e"]
-            n += int(((e["state"] == L.C["HW_CT_CLOSING"]) & (e["reported"] == 0) &
+            n += int(((e["state"] == L.C["HW_CT_CLOSING"]) & (e["reported"] != conntrack.REPORTED_DURABLE) &
                       ((e["fin_seen"] & L.C["HW_CT_F_END_EMITTED"]) == 0)).sum())
     return n
 
@@ -82,8 +83,8 @@ def _run(lab, tmp_path, flood_kind: str):
                 time.sleep(0.5)
             live, pending = _live(dp)
             while time.monotonic() < deadline + 30 and _unreported_closes(dp):
-                time.sleep(0.5)                     # the client's last FIN closes, after their grace period
-            time.sleep(2.5)                         # two conntrack scans and drains of the collector
+                time.sleep(0.5)                     # the client's last FIN closes: durable after their grace
+            assert not _unreported_closes(dp), "the collector did not report the client's closes in time"
             inserted = dp.ct_stats()[4]["inserted"] - inserted0
             kernel_agg = enf.status()["syn_proxy"]["flows_aggregated"]
             ev = enf.status()
