@@ -67,14 +67,19 @@ PRODUCER_SRC = r"""
 BPF_RINGBUF_OUTPUT(hw_events, RB_BYTES / 4096);
 BPF_ARRAY(hw_seq, u64, 1);
 
-/* A busy load balancer's mix, 4 records per step m = n >> 2 of one connection of (m & 0x3ff):
+/* With HW_BENCH_MIX (Producer(mix=True), the e2e runs) a busy load balancer's mix, 4 records per
+ * step m = n >> 2 of one connection of (m & 0x3ff):
  * n & 3 == 0  deny (xdp ingress, default deny) of 198.51.100.x → 10.0.0.1:443
  *          1  flow_start of the ingress TCP connection 198.51.100.x:port → 10.0.0.1:443
  *          2  flow_end (closed) of that connection, packets and bytes both ways
  *          3  flow_start of an egress UDP flow 10.0.0.1:port → 192.0.2.53:53 from cgroup 4242 */
 static __always_inline int fill(struct hw_event *e, u64 n)
 {
+#ifdef HW_BENCH_MIX
 	u64 m = n >> 2, k = n & 3;
+#else
+	u64 m = n, k = 0;                         /* all denies (decode runs, tests/collector/test_ringbuf.py) */
+#endif
 	__builtin_memset(e, 0, sizeof(*e));
 	e->ts_ns = bpf_ktime_get_ns();
 	e->start_ns = n;                          /* sequence number: lets the reader check order */
@@ -168,11 +173,13 @@ def _log(msg: str) -> None:
 class Producer:
     """A BCC-loaded program writing struct hw_event records into its own ring buffer `hw_events`.
 
-    produce(n): n records via one test-run (repeat = n); returns how many did not fit."""
+    produce(n): n records via one test-run (repeat = n); returns how many did not fit. mix: the e2e
+    runs' load-balancer mix of record kinds (PRODUCER_SRC), else every record a deny."""
 
-    def __init__(self, ring_bytes: int = L.C["HW_RINGBUF_BYTES"]):
+    def __init__(self, ring_bytes: int = L.C["HW_RINGBUF_BYTES"], mix: bool = False):
         from bcc import BPF
-        self.bpf = BPF(text=PRODUCER_SRC.encode(), cflags=[f"-I{L.HEADER.parent}", f"-DRB_BYTES={ring_bytes}"])
+        cflags = [f"-I{L.HEADER.parent}", f"-DRB_BYTES={ring_bytes}"] + (["-DHW_BENCH_MIX=1"] if mix else [])
+        self.bpf = BPF(text=PRODUCER_SRC.encode(), cflags=cflags)
         self.fds = {n: self.bpf.load_func(n.encode(), BPF.XDP).fd
                     for n in ("produce", "produce_discard", "produce_short")}
         self.map_fd = self.bpf[b"hw_events"].map_fd
@@ -300,7 +307,7 @@ def run(quick: bool) -> dict[str, float]:
         m["decode_speedup"] = m["decode_rps"] / m["bcc_callback_rps"]
     finally:
         prod.close()
-    prod = Producer()                                 # a fresh ring (BCC's consumer holds the old one)
+    prod = Producer(mix=True)                         # a fresh ring (BCC's consumer holds the old one)
     try:
         m["rss_mb_bench_process"] = rss_mb("VmRSS")
         m.update(bench_child(prod, e2e_n))
@@ -321,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--enrich", choices=("on", "off"), default="on")
     ap.add_argument("--records", type=int, default=100_000)
     a = ap.parse_args(argv)
-    prod = Producer()
+    prod = Producer(mix=True)
     try:
         print(json.dumps(bench_child(prod, a.records, a.profile, a.enrich)))
     finally:
