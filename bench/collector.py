@@ -274,16 +274,17 @@ def bench_bcc_callback(prod: Producer, rounds: int) -> float:
     return cap / statistics.median(times)
 
 
-def bench_child(prod: Producer, n_records: int, profile: str | None = None, enrich: str = "on") -> dict[str, float]:
+def bench_child(prod: Producer, n_records: int, profile: str | None = None, enrich: str = "on",
+                mode: str = "on") -> dict[str, float]:
     """Runs bench/collector_run.py in a child process (no BCC: the collector's own memory) with the
-    producer's program and ring fds; returns its metrics (e2e with enrichment off and on, floor,
-    the child's peak RSS)."""
+    producer's program and ring fds; returns its metrics (`mode`: e2e with enrichment on / off, or
+    the floor; or, with `profile`, one e2e pass under cProfile)."""
     import json
     import subprocess
     prog_fd, map_fd = prod.fds["produce"], prod.ring_fd()
     try:
         cmd = [sys.executable, "-m", "hostwall.bench.collector_run", "--prog-fd", str(prog_fd),
-               "--map-fd", str(map_fd), "--records", str(n_records)]
+               "--map-fd", str(map_fd), "--records", str(n_records), "--mode", mode]
         if profile:
             cmd += ["--profile", profile, "--enrich", enrich]
         out = subprocess.run(cmd, pass_fds=(prog_fd, map_fd), stdout=subprocess.PIPE, check=True, timeout=900)
@@ -310,7 +311,9 @@ def run(quick: bool) -> dict[str, float]:
     prod = Producer(mix=True)                         # a fresh ring (BCC's consumer holds the old one)
     try:
         m["rss_mb_bench_process"] = rss_mb("VmRSS")
-        m.update(bench_child(prod, e2e_n))
+        for mode in ("floor", "off", "on"):            # each in a fresh child: a fresh heap
+            m.update({k: v for k, v in bench_child(prod, e2e_n, mode=mode).items() if k != "rss_mb_child_start"})
+        m["e2e_over_floor"] = m["e2e_jsonl_rps"] / m["floor_jsonl_rps"]
         m["e2e_records"] = float(e2e_n)
     finally:
         prod.close()

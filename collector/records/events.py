@@ -6,7 +6,7 @@ Times: every event carries the precise clock (bpf/env.h hw_precise). A flow star
 and update records start from); a flow end's `@timestamp` is its last packet; deny and log records
 are stamped with the packet that made them.
 
-Batch-shaped (docs/benchmarks.md "Records at line rate"): a decoded batch is checked and turned into
+Batch-shaped (docs/collector.md "Records at line rate"): a decoded batch is checked and turned into
 columns at once with NumPy — the instants as RFC 3339 text (timefmt.iso_column), names by table
 lookup over the column, the raw 120 bytes of each event and a 40-byte flow tuple per event — and the
 per-record Python is one dict literal per kind plus the optional keys, in the order the schema
@@ -47,6 +47,13 @@ _REASON = column_names(L.REASON_NAMES)
 _HOOK = column_names(L.HOOK_NAMES)
 _KIND_TAG = {t: (name.encode(), "flow" if t in (_FLOW_START, _FLOW_END) else name)
              for t, name in L.EVENT_TYPE_NAMES.items()}
+_PORT_PROTOS = frozenset({6, 17, 132})
+# Constant parts every record of a kind shares (one object each; read-only, docs/collector.md
+# "Records at line rate": code that changes a record replaces such an object, never mutates it)
+_ECS = {"version": ECS_VERSION}
+_CATEGORY = ["network"]
+_T_START, _T_END, _T_ALLOWED, _T_DENIED = ["start"], ["end"], ["allowed"], ["denied"]
+_T_CONN_ALLOWED, _T_CONN_DENIED = ["connection", "allowed"], ["connection", "denied"]
 
 
 class EventRecords:
@@ -93,21 +100,18 @@ class EventRecords:
             cache = self._endpoints_cache = EndpointCache(seed=self.seed)
         return cache
 
-    def _network_of(self, key: int) -> dict:
-        """network.{type,iana_number,transport,direction} per family << 16 | proto << 8 | direction."""
-        memo = self.__dict__.setdefault("_network_memo", {})
-        got = memo.get(key)
+    def _memos(self) -> tuple[dict, dict]:
+        """(network objects by family << 16 | proto << 8 | direction, observer of this host), made
+        once per builder; records get copies."""
+        got = self.__dict__.get("_memos_")
         if got is None:
-            fam, proto, d = key >> 16, (key >> 8) & 0xFF, key & 0xFF
-            got = memo[key] = self._network(fam, proto, DIR_NAMES.get(d))
+            got = self._memos_ = ({}, self._observer())
         return got
 
-    def _observer_of(self) -> dict:
-        """observer.* of this host (pre-rendered once; copied per record)."""
-        obs = self.__dict__.get("_observer_memo")
-        if obs is None:
-            obs = self._observer_memo = self._observer()
-        return obs
+    def _network_for(self, memo: dict, key: int) -> dict:
+        fam, proto, d = key >> 16, (key >> 8) & 0xFF, key & 0xFF
+        got = memo[key] = self._network(fam, proto, DIR_NAMES.get(d))
+        return got
 
     def _rule_of(self, revision_id: int, slot: int) -> tuple:
         """rule.* as (key, value) pairs (BuilderBase._rule's memo); () without an instance view."""
@@ -122,65 +126,68 @@ class EventRecords:
         types = a["type"]
         ts, start = a["ts_ns"], a["start_ns"]
         at = np.where(types == _FLOW_START, start, np.where(types == _FLOW_END, np.maximum(ts, start), ts))
-        at_iso, start_iso = iso_column(at, clock), iso_column(start, clock)
-        dur = (at - start).tolist()                                   # flow ends: end - start ≥ 0
-        size = a.dtype.itemsize
-        raw = np.ascontiguousarray(a).view(np.dtype((np.void, size))).ravel().tolist()
         fam, proto, direction = a["family"], a["proto"], a["direction"]
-        netkey = ((fam.astype(np.uint32) << 16) | (proto.astype(np.uint32) << 8) | direction).tolist()
-        ep_keys = endpoint_keys(a)
-        verdict_col, reason_col, hook_col = a["verdict"], a["reason"], a["hook"]
-        verdict, reason, hook = _VERDICT[verdict_col].tolist(), _REASON[reason_col].tolist(), _HOOK[hook_col].tolist()
-        ruleid = ((a["revision_id"].astype(np.uint64) << np.uint64(32)) | a["rule_slot"]).tolist()
-        pk0, pk1 = a["packets"][:, 0].tolist(), a["packets"][:, 1].tolist()
-        by0, by1 = a["bytes"][:, 0].tolist(), a["bytes"][:, 1].tolist()
-        cols = [a[f].tolist() for f in ("type", "family", "proto", "direction", "verdict", "sport", "ifindex",
-                                         "cgroup_id", "tcp_flags", "ct_state", "icmp_type", "end_cause",
-                                         "dport", "start_ns", "ts_ns", "hook")]
-        eps = self._endpoint_cache()
-        endpoint = eps.get
-        network_of, rule_of = self._network_of, self._rule_of
+        cols = (
+            types.tolist(), fam.tolist(), proto.tolist(), direction.tolist(), a["verdict"].tolist(),
+            a["sport"].tolist(), a["dport"].tolist(), a["ifindex"].tolist(), a["cgroup_id"].tolist(),
+            a["tcp_flags"].tolist(), a["ct_state"].tolist(), a["icmp_type"].tolist(), a["end_cause"].tolist(),
+            start.tolist(), ts.tolist(), a["hook"].tolist(),
+            iso_column(at, clock), iso_column(start, clock), (at - start).tolist(),   # flow ends: end ≥ start
+            np.ascontiguousarray(a).view(np.dtype((np.void, a.dtype.itemsize))).ravel().tolist(),
+            ((fam.astype(np.uint32) << 16) | (proto.astype(np.uint32) << 8) | direction).tolist(),
+            endpoint_keys(a), _VERDICT[a["verdict"]].tolist(), _REASON[a["reason"]].tolist(),
+            _HOOK[a["hook"]].tolist(), ((a["revision_id"].astype(np.uint64) << np.uint64(32)) | a["rule_slot"]).tolist(),
+            a["packets"][:, 0].tolist(), a["packets"][:, 1].tolist(), a["bytes"][:, 0].tolist(),
+            a["bytes"][:, 1].tolist())
+        endpoint = self._endpoint_cache().get
+        netmemo, obs = self._memos()
+        network_for, rule_of = self._network_for, self._rule_of
         rules: dict[int, tuple] = {}
-        obs = self._observer_of()
         created = self._created
         id_prefix = {t: self._id_prefix + tag + b"\x1f" for t, (tag, _) in _KIND_TAG.items()}
+        kinds = {t: kind for t, (_, kind) in _KIND_TAG.items()}
         blake2b = hashlib.blake2b
-        ct_names, counters, flows = L.CT_STATE_NAMES, self.counters, self.flows
+        ct_names, counters, flows, dir_names = L.CT_STATE_NAMES, self.counters, self.flows, DIR_NAMES
         out: list[dict] = []
         append = out.append
         with GcPaused():
-            for i, (t, f, p, d, v, sport, ifindex, cgid, flags, ct, icmp_type, cause, dport, start_ns, ts_ns,
-                    hook_id) in enumerate(zip(*cols)):
-                sip, dip, cid, icmp, spk, dpk = endpoint(ep_keys[i], f, p, sport, dport, icmp_type)
-                net = network_of(netkey[i]).copy()
+            for (t, f, p, d, v, sport, dport, ifindex, cgid, flags, ct, icmp_type, cause, start_ns, ts_ns, hook_id,
+                 at_s, start_s, dur, raw, netkey, epkey, verdict, reason, hook, rk, p0, p1, b0, b1) in zip(*cols):
+                sip, dip, cid, icmp, spk, dpk = endpoint(epkey, f, p, sport, dport, icmp_type)
+                net = netmemo.get(netkey)
+                net = (net or network_for(netmemo, netkey)).copy()
                 if cid:
                     net["community_id"] = cid
-                src, dst = {"ip": sip}, {"ip": dip}
-                if p in (6, 17, 132):
-                    src["port"], dst["port"] = sport, dport
-                hw = {"kind": _KIND_TAG[t][1], "schema_version": SCHEMA_VERSION}
+                if p in _PORT_PROTOS:
+                    src, dst = {"ip": sip, "port": sport}, {"ip": dip, "port": dport}
+                else:
+                    src, dst = {"ip": sip}, {"ip": dip}
+                hw = {"kind": kinds[t], "schema_version": SCHEMA_VERSION}
                 if icmp is not None:
                     hw["icmp"] = icmp.copy()
-                observer = obs.copy()
                 if ifindex:
                     hw["interface"] = {"id": ifindex}
-                    dname = DIR_NAMES.get(d)
+                    dname = dir_names.get(d)
                     if dname is not None:
+                        observer = obs.copy()
                         observer[dname] = {"interface": {"id": str(ifindex)}}
-                hw["verdict"] = verdict[i]
-                r = reason[i]
-                if r:
-                    hw["reason"] = r
-                hw["hook"] = hook[i]
+                    else:
+                        observer = obs.copy()
+                else:
+                    observer = obs.copy()
+                hw["verdict"] = verdict
+                if reason:
+                    hw["reason"] = reason
+                hw["hook"] = hook
                 hw["cgroup_id"] = cgid
                 if p == 6 and flags:
                     hw["tcp_flags"] = flags
-                ident = blake2b(id_prefix[t] + raw[i], digest_size=16).hexdigest()
+                ident = blake2b(id_prefix[t] + raw, digest_size=16).hexdigest()
                 if t == _FLOW_START:
-                    st = start_iso[i]
-                    event = {"kind": "event", "category": ["network"], "dataset": "hostwall.flow", "created": created,
-                             "type": ["start"], "action": "flow_start", "outcome": "success", "start": st, "id": ident}
-                    hw["flow"] = {"start": st, "state": "open"}
+                    event = {"kind": "event", "category": _CATEGORY, "dataset": "hostwall.flow", "created": created,
+                             "type": _T_START, "action": "flow_start", "outcome": "success", "start": start_s,
+                             "id": ident}
+                    hw["flow"] = {"start": start_s, "state": "open"}
                     hw["sample_rate"] = 1
                     state = ct_names.get(ct)
                     if state is not None:
@@ -190,42 +197,38 @@ class EventRecords:
                     if flows.close((f, p, spk, dpk, sport, dport, d)) is None:
                         counters["end_without_start"] += 1
                     state = ct_names.get(ct, "")
-                    p0, p1, b0, b1 = pk0[i], pk1[i], by0[i], by1[i]
                     src["packets"], src["bytes"] = p0, b0
                     dst["packets"], dst["bytes"] = p1, b1
                     net["packets"], net["bytes"] = p0 + p1, b0 + b1
-                    event = {"kind": "event", "category": ["network"], "dataset": "hostwall.flow", "created": created}
+                    event = {"kind": "event", "category": _CATEGORY, "dataset": "hostwall.flow", "created": created}
                     why = END_REASON.get(state, "fin")
                     if cause in _END_CAUSE_REASON:
                         why, event["reason"] = _END_CAUSE_REASON[cause]
                         counters[f"flow_end_{why}"] += 1
-                    st, en, du = start_iso[i], at_iso[i], dur[i]
-                    event["start"], event["end"], event["duration"] = st, en, du
-                    event["type"], event["action"], event["outcome"], event["id"] = ["end"], "flow_end", "success", ident
-                    hw["flow"] = {"start": st, "end": en, "duration_ns": du, "state": "closed", "end_reason": why}
+                    event["start"], event["end"], event["duration"] = start_s, at_s, dur
+                    event["type"], event["action"], event["outcome"], event["id"] = _T_END, "flow_end", "success", ident
+                    hw["flow"] = {"start": start_s, "end": at_s, "duration_ns": dur, "state": "closed", "end_reason": why}
                     if state:
                         hw["ct_state"] = state
                     hw["sample_rate"] = 1
                 else:
-                    p0, b0 = pk0[i], by0[i]
                     src["packets"], src["bytes"] = p0, b0
                     net["packets"], net["bytes"] = p0, b0
                     if t == _DENY:
                         would = v == _WOULD_DROP
-                        event = {"kind": "event", "category": ["network"], "dataset": "hostwall.deny",
-                                 "created": created, "type": ["allowed"] if would else ["denied"],
+                        event = {"kind": "event", "category": _CATEGORY, "dataset": "hostwall.deny",
+                                 "created": created, "type": _T_ALLOWED if would else _T_DENIED,
                                  "action": "would_deny" if would else "deny",
                                  "outcome": "success" if would else "failure", "id": ident}
                     else:
                         dropped = v == _DROP
-                        event = {"kind": "event", "category": ["network"], "dataset": "hostwall.flow",
-                                 "created": created, "type": ["connection", "denied" if dropped else "allowed"],
+                        event = {"kind": "event", "category": _CATEGORY, "dataset": "hostwall.flow",
+                                 "created": created, "type": _T_CONN_DENIED if dropped else _T_CONN_ALLOWED,
                                  "action": "log", "outcome": "failure" if dropped else "success", "id": ident}
                         hw["sample_rate"] = 1
-                rec = {"@timestamp": at_iso[i], "ecs": {"version": ECS_VERSION}, "event": event, "observer": observer,
-                       "hostwall": hw, "network": net, "source": src, "destination": dst,
+                rec = {"@timestamp": at_s, "ecs": _ECS, "event": event, "observer": observer, "hostwall": hw,
+                       "network": net, "source": src, "destination": dst,
                        "related": {"ip": [sip] if sip == dip else [sip, dip]}}
-                rk = ruleid[i]
                 rule = rules.get(rk)
                 if rule is None:
                     rule = rules[rk] = rule_of(rk >> 32, rk & 0xFFFFFFFF)
