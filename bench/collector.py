@@ -274,11 +274,10 @@ def bench_bcc_callback(prod: Producer, rounds: int) -> float:
     return cap / statistics.median(times)
 
 
-def bench_child(prod: Producer, n_records: int, profile: str | None = None, enrich: str = "on",
-                mode: str = "on") -> dict[str, float]:
+def bench_child(prod: Producer, n_records: int, profile: str | None = None, mode: str = "on") -> dict[str, float]:
     """Runs bench/collector_run.py in a child process (no BCC: the collector's own memory) with the
     producer's program and ring fds; returns its metrics (`mode`: e2e with enrichment on / off, or
-    the floor; or, with `profile`, one e2e pass under cProfile)."""
+    the floor; with `profile`, the e2e pass runs under cProfile and its stats go there)."""
     import json
     import subprocess
     prog_fd, map_fd = prod.fds["produce"], prod.ring_fd()
@@ -286,7 +285,7 @@ def bench_child(prod: Producer, n_records: int, profile: str | None = None, enri
         cmd = [sys.executable, "-m", "hostwall.bench.collector_run", "--prog-fd", str(prog_fd),
                "--map-fd", str(map_fd), "--records", str(n_records), "--mode", mode]
         if profile:
-            cmd += ["--profile", profile, "--enrich", enrich]
+            cmd += ["--profile", profile]
         out = subprocess.run(cmd, pass_fds=(prog_fd, map_fd), stdout=subprocess.PIPE, check=True, timeout=900)
     finally:
         os.close(map_fd)
@@ -333,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     prod = Producer(mix=True)
     try:
-        print(json.dumps(bench_child(prod, a.records, a.profile, a.enrich)))
+        print(json.dumps(bench_child(prod, a.records, a.profile, mode=a.enrich)))
     finally:
         prod.close()
     return 0

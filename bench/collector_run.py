@@ -16,7 +16,7 @@ process inherits the first one's garbage and open-flow table, and ran ~25 % slow
                 join per batch of queues.batch, one write(2) per batch — nothing else
 
 `python -m hostwall.bench.collector --profile FILE [--enrich on|off]` loads the producer and runs this
-child with `--profile FILE`: one e2e pass (enrichment per `--enrich`) under cProfile and writes the stats
+child with `--profile FILE --mode on|off`: the e2e pass under cProfile and writes the stats
 to FILE (cProfile's deterministic overhead inflates many-small-call code most; docs/benchmarks.md
 states the factor measured in the same run); `--report FILE` prints its per-stage breakdown. Cost: ~2-4 s per 100k records on this machine.
 """
@@ -311,8 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prog-fd", type=int, help="the producer's program (bench/collector.py passes it)")
     ap.add_argument("--map-fd", type=int, help="its ring buffer")
     ap.add_argument("--records", type=int, default=100_000)
-    ap.add_argument("--profile", help="one e2e pass under cProfile; stats written here")
-    ap.add_argument("--enrich", choices=("on", "off"), default="on", help="with --profile")
+    ap.add_argument("--profile", help="run the e2e pass of --mode on|off under cProfile; stats written here")
     ap.add_argument("--mode", choices=("on", "off", "floor"), default="on",
                     help="e2e with enrichment on / off, or the floor (one per process: a fresh heap each)")
     ap.add_argument("--report", help="print the per-stage breakdown of a --profile stats file and exit")
@@ -328,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
         m["floor_jsonl_rps"] = floor(a.prog_fd, a.map_fd, a.records)
         _log(f"floor (prebuilt records, orjson + write): {m['floor_jsonl_rps']:.3g} records/s")
     else:
-        rps, size = e2e(a.prog_fd, a.map_fd, a.records, a.mode == "on")
+        rps, size = e2e(a.prog_fd, a.map_fd, a.records, a.mode == "on", profile=a.profile)
         m["e2e_jsonl_rps" if a.mode == "on" else "e2e_jsonl_rps_enrich_off"] = rps
         m["collector_rss_mb" if a.mode == "on" else "collector_rss_mb_enrich_off"] = rss_mb("VmHWM")
         m["e2e_bytes_per_record" if a.mode == "on" else "e2e_bytes_per_record_enrich_off"] = size / a.records
