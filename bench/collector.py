@@ -13,43 +13,51 @@ sequence numbered): fill the ring (test-run, repeat = N), then drain it; only th
                     a ctypes struct) and keeps it
 - decode_speedup    decode_rps / bcc_callback_rps
 - e2e_jsonl_rps     ring buffer → RecordBuilder (canonical ECS dicts, event ids, community id) →
-                    JSONL sink (encode, write, rotation; fsync none) through the real Pipeline
-                    with its queues and ledger; records / s from the first read to the last
-                    record written, with the ledger balanced at the end
-- rss_mb            peak resident set (VmHWM) during the e2e run, default queue sizes; this process
-                    also holds BCC/LLVM (rss_mb_before_e2e is the resident set just before it)
+                    Enricher (socket-owner and cgroup caches warm: every record attributed from a
+                    cache hit) → JSONL sink (encode, write, rotation; fsync none) through the real
+                    Pipeline with its queues and ledger; records / s from the first read to the last
+                    record written, with the ledger balanced at the end. e2e_jsonl_rps_enrich_off:
+                    the same without the enricher
+- floor_jsonl_rps   the same records prebuilt: orjson + one write(2) per batch, nothing else;
+                    e2e_over_floor = e2e_jsonl_rps / floor_jsonl_rps (the same-run ratio)
+- collector_rss_mb  peak resident set (VmHWM) of the collector process: the e2e runs happen in a
+                    child (bench/collector_run.py) that never imports BCC, fed the producer's
+                    program and ring fds; rss_mb_bench_process is this process (BCC/LLVM) for context
 
-Caveats: the producer writes records as fast as test-run can (~100 ns each), so drains see a full
-ring (8 MiB = 65535 records); e2e runs with enrichment off (no sockets / cgroups to resolve in a
-benchmark) and a fake drop/conntrack source, so it measures the record path itself.
+The producer writes a load balancer's mix (deny, TCP flow start + end of an ingress connection, an
+egress UDP flow start from a container's cgroup; see PRODUCER_SRC) as fast as test-run can (~100 ns
+each), so drains see a full ring (8 MiB = 65535 records); drops and conntrack come from a fake source,
+so it measures the record path itself.
 """
 from __future__ import annotations
 
-import asyncio
 import ctypes
 import os
-import shutil
 import statistics
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 
 from hostwall.bpf import bpfsys
 from hostwall.bpf import layout as L
 
+from .collector_run import rss_mb
+
 TARGETS = {
     "decode_rps": (">= 2e6 records/s", lambda m: m["decode_rps"] >= 2e6),
     "decode_speedup": (">= 5 x BCC callback", lambda m: m["decode_speedup"] >= 5),
+    "e2e_jsonl_rps": (">= 150k records/s (enrichment on)", lambda m: m["e2e_jsonl_rps"] >= 150e3),
+    "e2e_over_floor": (">= 0.3 x floor_jsonl_rps", lambda m: m["e2e_over_floor"] >= 0.3),
+    "collector_rss_mb": ("<= 150 MiB", lambda m: m["collector_rss_mb"] <= 150),
 }
 
 NOTES = """\
 decode_rps: collector.ringbuf batch decode of full 8 MiB rings (mmap + NumPy, one core).
 bcc_callback_rps: BCC open_ring_buffer + ring_buffer_consume with a per-record Python callback
-(event(data) ctypes decode), same records, same run. e2e_jsonl_rps: ring → RecordBuilder → JSONL
-through the Pipeline (fsync none, enrichment off)."""
+(event(data) ctypes decode), same records, same run. e2e_jsonl_rps: ring → RecordBuilder → Enricher
+(warm caches) → JSONL through the Pipeline (fsync none), in a child process without BCC whose peak
+RSS is collector_rss_mb; floor_jsonl_rps: the same records prebuilt, orjson + write only."""
 
 PRODUCER_SRC = r"""
 #include "hostwall.h"
@@ -59,25 +67,61 @@ PRODUCER_SRC = r"""
 BPF_RINGBUF_OUTPUT(hw_events, RB_BYTES / 4096);
 BPF_ARRAY(hw_seq, u64, 1);
 
+/* With HW_BENCH_MIX (Producer(mix=True), the e2e runs) a busy load balancer's mix, 4 records per
+ * step m = n >> 2 of one connection of (m & 0x3ff):
+ * n & 3 == 0  deny (xdp ingress, default deny) of 198.51.100.x → 10.0.0.1:443
+ *          1  flow_start of the ingress TCP connection 198.51.100.x:port → 10.0.0.1:443
+ *          2  flow_end (closed) of that connection, packets and bytes both ways
+ *          3  flow_start of an egress UDP flow 10.0.0.1:port → 192.0.2.53:53 from cgroup 4242 */
 static __always_inline int fill(struct hw_event *e, u64 n)
 {
+#ifdef HW_BENCH_MIX
+	u64 m = n >> 2, k = n & 3;
+#else
+	u64 m = n, k = 0;                         /* all denies (decode runs, tests/collector/test_ringbuf.py) */
+#endif
 	__builtin_memset(e, 0, sizeof(*e));
 	e->ts_ns = bpf_ktime_get_ns();
 	e->start_ns = n;                          /* sequence number: lets the reader check order */
 	e->packets[0] = 1;
 	e->bytes[0] = 60;
-	e->saddr[0] = bpf_htonl(0xc6336400 | (n & 0xff));     /* 198.51.100.x */
+	e->saddr[0] = bpf_htonl(0xc6336400 | (m & 0xff));     /* 198.51.100.x */
 	e->daddr[0] = bpf_htonl(0x0a000001);                  /* 10.0.0.1 */
-	e->sport = bpf_htons(40000 + (n & 0x3ff));
+	e->sport = bpf_htons(40000 + (m & 0x3ff));
 	e->dport = bpf_htons(443);
 	e->rule_slot = ~0U;
-	e->type = HW_EV_DENY;
 	e->family = 4;
 	e->proto = 6;
-	e->verdict = HW_V_DROP;
-	e->reason = HW_R_DEFAULT_DENY;
 	e->hook = HW_HOOK_XDP_INGRESS;
 	e->tcp_flags = 0x10;
+	if (k == 0) {
+		e->type = HW_EV_DENY;
+		e->verdict = HW_V_DROP;
+		e->reason = HW_R_DEFAULT_DENY;
+	} else if (k == 1 || k == 2) {
+		e->type = k == 1 ? HW_EV_FLOW_START : HW_EV_FLOW_END;
+		e->verdict = HW_V_ALLOW;
+		e->reason = HW_R_PASS_DEFAULT;
+		e->tcp_flags = k == 1 ? 0x02 : 0x04;
+		e->ct_state = k == 1 ? HW_CT_NEW : HW_CT_CLOSED;
+		if (k == 2) {
+			e->packets[0] = 12; e->packets[1] = 10;
+			e->bytes[0] = 1400; e->bytes[1] = 52000;
+		}
+	} else {
+		e->type = HW_EV_FLOW_START;
+		e->verdict = HW_V_ALLOW;
+		e->reason = HW_R_PASS_RULE;
+		e->hook = HW_HOOK_TC_EGRESS;
+		e->direction = HW_DIR_EGRESS;
+		e->proto = 17;
+		e->tcp_flags = 0;
+		e->cgroup_id = 4242;
+		e->saddr[0] = bpf_htonl(0x0a000001);
+		e->daddr[0] = bpf_htonl(0xc0000235);              /* 192.0.2.53 */
+		e->sport = bpf_htons(30000 + (m & 0x3ff));
+		e->dport = bpf_htons(53);
+	}
 	return 0;
 }
 
@@ -129,11 +173,13 @@ def _log(msg: str) -> None:
 class Producer:
     """A BCC-loaded program writing struct hw_event records into its own ring buffer `hw_events`.
 
-    produce(n): n records via one test-run (repeat = n); returns how many did not fit."""
+    produce(n): n records via one test-run (repeat = n); returns how many did not fit. mix: the e2e
+    runs' load-balancer mix of record kinds (PRODUCER_SRC), else every record a deny."""
 
-    def __init__(self, ring_bytes: int = L.C["HW_RINGBUF_BYTES"]):
+    def __init__(self, ring_bytes: int = L.C["HW_RINGBUF_BYTES"], mix: bool = False):
         from bcc import BPF
-        self.bpf = BPF(text=PRODUCER_SRC.encode(), cflags=[f"-I{L.HEADER.parent}", f"-DRB_BYTES={ring_bytes}"])
+        cflags = [f"-I{L.HEADER.parent}", f"-DRB_BYTES={ring_bytes}"] + (["-DHW_BENCH_MIX=1"] if mix else [])
+        self.bpf = BPF(text=PRODUCER_SRC.encode(), cflags=cflags)
         self.fds = {n: self.bpf.load_func(n.encode(), BPF.XDP).fd
                     for n in ("produce", "produce_discard", "produce_short")}
         self.map_fd = self.bpf[b"hw_events"].map_fd
@@ -228,151 +274,22 @@ def bench_bcc_callback(prod: Producer, rounds: int) -> float:
     return cap / statistics.median(times)
 
 
-class _BenchSource:
-    """collector.parts.KernelSource for the e2e runs: the producer's ring, no drops, no conntrack."""
-
-    def __init__(self, prod: Producer):
-        self.prod = prod
-        self._gen = 0
-        self._last_scan: int | None = None
-
-    def identity(self) -> dict:
-        from hostwall.bpf import bpfsys
-        return {"boot_id": "bench", "ring_map_id": bpfsys.map_info(self.prod.map_fd).id, "ev_stats_map_id": 0}
-
-    def set_drop_prefixes(self, v4: int, v6: int) -> None:
-        pass
-
-    def agg_gen(self) -> int:
-        return self._gen
-
-    def read_drops(self):
-        self._gen ^= 1
-        return self.read_drops_of(self._gen ^ 1)
-
-    def read_drops_of(self, gen: int):
-        from hostwall.collector.kernel import DropDrain
-        z = np.zeros(0, dtype=L.DTYPES["hw_drop_key"])
-        now = self.now_ns()
-        return DropDrain(z, np.zeros(0, dtype=L.DTYPES["hw_drop_val"]), {}, now, now, 0.0, gen)
-
-    def clear_drops(self, d) -> None:
-        pass
-
-    def free_claims(self, scan) -> int:
-        return 0
-
-    def adopt_claims(self, scan) -> None:
-        pass
-
-    def set_last_scan(self, now_ns) -> None:
-        self._last_scan = now_ns
-
-    @property
-    def last_scan_ns(self):
-        return self._last_scan
-
-    def ring(self):
-        from hostwall.bpf.ringbuf import RingBuffer
-        return RingBuffer(self.prod.ring_fd())
-
-    def monotonic_to_wall(self) -> int:
-        from hostwall.collector.kernel import KernelSource
-        return KernelSource.monotonic_to_wall()
-
-    def now_ns(self) -> int:
-        return time.clock_gettime_ns(time.CLOCK_MONOTONIC)
-
-    def set_event_budget(self, n: int, source_share: int | None = None) -> None:
-        pass
-
-    def port_syns(self) -> np.ndarray:
-        return np.zeros(65536, np.uint64)
-
-    def syn_proxy(self, now_ns: int):
-        from hostwall.bpf.syn_proxy import ProxyState
-        return ProxyState(now_ns, {}, {})
-
-    def kernel_loss(self) -> dict:
-        return {}
-
-    def scan_conntrack(self, now_ns: int, at_ns: int, grace_ns: int = 0):
-        from hostwall.collector.kernel import CtScan
-        return CtScan([], 0, 0, 0)
-
-    def close(self) -> None:
-        pass
-
-
-def bench_e2e(prod: Producer, n_records: int) -> tuple[float, int]:
-    """Pipeline: ring → RecordBuilder → JsonlSink; records/s and bytes written."""
-    from hostwall.bpf.ringbuf import slot_size
-    from hostwall.collector.accounting import Ledger
-    from hostwall.collector.config import CollectorConfig, JsonlOptions, QueueSizes
-    from hostwall.collector.enrich.host import HostInfo
-    from hostwall.collector.pipeline import Pipeline
-    from hostwall.collector.records import RecordBuilder
-    from hostwall.collector.sinks.jsonl import JsonlSink
-
-    d = Path(tempfile.mkdtemp(prefix="hw-bench-collector-"))
+def bench_child(prod: Producer, n_records: int, profile: str | None = None, mode: str = "on") -> dict[str, float]:
+    """Runs bench/collector_run.py in a child process (no BCC: the collector's own memory) with the
+    producer's program and ring fds; returns its metrics (`mode`: e2e with enrichment on / off, or
+    the floor; with `profile`, the e2e pass runs under cProfile and its stats go there)."""
+    import json
+    import subprocess
+    prog_fd, map_fd = prod.fds["produce"], prod.ring_fd()
     try:
-        path = d / "flows.jsonl"
-        cfg = CollectorConfig(pin_dir=str(d), drop_interval_s=1.0, ct_scan_interval_s=60, active_timeout_s=60,
-                              queues=QueueSizes(),
-                              jsonl=JsonlOptions(rotate_bytes=1 << 30, fsync="none"), status_file=str(d / "st.json"))
-        sink = JsonlSink(path, fsync="none", rotate_bytes=1 << 30)
-        ledger = Ledger([sink.name])
-        builder = RecordBuilder(HostInfo(hostname="bench", boot_id="b", pin_dir=str(d)), None, ledger)
-        pipe = Pipeline(cfg, _BenchSource(prod), builder, [sink], ledger=ledger)
-        cap = _capacity(prod.ring_bytes)
-        slot = slot_size(L.DTYPES["hw_event"].itemsize)
-
-        async def go() -> float:
-            task = asyncio.ensure_future(pipe.run())
-            while pipe.state != "running":
-                await asyncio.sleep(0.01)
-            t0 = time.perf_counter()
-            left = n_records
-            while left > 0:                       # keep the ring topped up as the collector drains it
-                room = cap - pipe.ring.available_bytes() // slot
-                k = min(left, max(0, room - 1))
-                if k:
-                    prod.produce(k)
-                    left -= k
-                await asyncio.sleep(0.002)
-            while sink.delivered < n_records and not task.done():
-                await asyncio.sleep(0.002)
-            dt = time.perf_counter() - t0
-            pipe.stop()
-            await task
-            return dt
-
-        import uvloop
-        dt = uvloop.run(go())
-        bad = ledger.check(quiescent=True)
-        if bad or sink.delivered != n_records:
-            raise RuntimeError(f"e2e: delivered {sink.delivered} of {n_records}; ledger {bad}")
-        return n_records / dt, path.stat().st_size
+        cmd = [sys.executable, "-m", "hostwall.bench.collector_run", "--prog-fd", str(prog_fd),
+               "--map-fd", str(map_fd), "--records", str(n_records), "--mode", mode]
+        if profile:
+            cmd += ["--profile", profile]
+        out = subprocess.run(cmd, pass_fds=(prog_fd, map_fd), stdout=subprocess.PIPE, check=True, timeout=900)
     finally:
-        shutil.rmtree(d, ignore_errors=True)
-
-
-def _rss_mb(field: str = "VmHWM") -> float:
-    """VmHWM (peak resident set) or VmRSS of this process, MiB."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def _reset_peak_rss() -> None:
-    """Reset VmHWM to the current RSS (Linux: write 5 to clear_refs), so the next peak is the e2e run's."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
+        os.close(map_fd)
+    return json.loads(out.stdout.decode().strip().splitlines()[-1])
 
 
 def run(quick: bool) -> dict[str, float]:
@@ -390,17 +307,36 @@ def run(quick: bool) -> dict[str, float]:
         m["decode_speedup"] = m["decode_rps"] / m["bcc_callback_rps"]
     finally:
         prod.close()
-    prod = Producer()                                 # a fresh ring (BCC's consumer holds the old one)
+    prod = Producer(mix=True)                         # a fresh ring (BCC's consumer holds the old one)
     try:
-        m["rss_mb_before_e2e"] = _rss_mb("VmRSS")
-        _reset_peak_rss()
-        m["e2e_jsonl_rps"], size = bench_e2e(prod, e2e_n)
-        m["rss_mb"] = _rss_mb("VmHWM")
+        m["rss_mb_bench_process"] = rss_mb("VmRSS")
+        for mode in ("floor", "off", "on"):            # each in a fresh child: a fresh heap
+            m.update({k: v for k, v in bench_child(prod, e2e_n, mode=mode).items() if k != "rss_mb_child_start"})
+        m["e2e_over_floor"] = m["e2e_jsonl_rps"] / m["floor_jsonl_rps"]
         m["e2e_records"] = float(e2e_n)
-        m["e2e_bytes_per_record"] = size / e2e_n
-        _log(f"e2e ring → records → JSONL: {m['e2e_jsonl_rps']:.3g} records/s ({e2e_n} records, "
-             f"{size / e2e_n:.0f} B/record)")
     finally:
         prod.close()
     m["ring_records"] = float(_capacity(L.C["HW_RINGBUF_BYTES"]))
     return dict(sorted(m.items()))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m hostwall.bench.collector --profile FILE [--enrich on|off] [--records N]`: one e2e pass
+    of the child under cProfile (bench/collector_run.py; `--report FILE` there prints the stages)."""
+    import argparse
+    import json
+    ap = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
+    ap.add_argument("--profile", required=True)
+    ap.add_argument("--enrich", choices=("on", "off"), default="on")
+    ap.add_argument("--records", type=int, default=100_000)
+    a = ap.parse_args(argv)
+    prod = Producer(mix=True)
+    try:
+        print(json.dumps(bench_child(prod, a.records, a.profile, mode=a.enrich)))
+    finally:
+        prod.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -117,7 +117,8 @@ class RecordBuilder(Protocol):
 
 @runtime_checkable
 class Enricher(Protocol):
-    """Adds host, interface, container and pod to records in place (collector.enrich.Enricher)."""
+    """Adds host, interface, container and pod to records in place (collector.enrich.Enricher). It may
+    also offer enrich_batch(records) -> errors (the pipeline uses it when present)."""
 
     def enrich(self, record: dict) -> None: ...
 

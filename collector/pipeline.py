@@ -370,12 +370,17 @@ class Pipeline(Sources):
 
     async def _enrich(self, records: list[dict]) -> None:
         enrich = self.enricher.enrich
+        batch = getattr(self.enricher, "enrich_batch", None)    # collector.enrich.Enricher: lookups once per key
         for i in range(0, len(records), ENRICH_CHUNK):
-            for r in records[i:i + ENRICH_CHUNK]:
-                try:
-                    enrich(r)
-                except Exception:  # noqa: BLE001 — best effort: the record ships un-enriched (counted)
-                    self.counters["enrich_errors"] += 1
+            chunk = records[i:i + ENRICH_CHUNK]
+            if batch is not None:
+                self.counters["enrich_errors"] += batch(chunk)
+            else:
+                for r in chunk:
+                    try:
+                        enrich(r)
+                    except Exception:  # noqa: BLE001 — best effort: the record ships un-enriched (counted)
+                        self.counters["enrich_errors"] += 1
             if i + ENRICH_CHUNK < len(records):
                 await asyncio.sleep(0)
 

@@ -10,7 +10,9 @@ concept:
   conntrack   the conntrack scan: flows closed by FINs after the close grace period, idle expiry,
               active-timeout updates
   drops       drop summaries (and map-overflow summaries)
-  timefmt     RFC 3339 text with µs; batch: kernel batches as NumPy arrays; flowtable: open flows
+  timefmt     RFC 3339 text with µs (per instant and per column); batch: kernel batches as NumPy
+              arrays, name tables and flow-tuple keys; endpoints: addresses as text and Community ID
+              once per distinct flow tuple; flowtable: open flows
 
 Record kinds (`hostwall.kind`):
 
@@ -59,7 +61,9 @@ Invariants
 - Nothing is dropped silently: batches with an unknown event type or family count as decode errors
   (stats() and ledger.lost("decode", reason, n)).
 
-Cost: ~10-20 µs per record in CPython (dict building, inet_ntop, one SHA-1 and one BLAKE2b).
+Cost: ring-buffer events are built batch-shaped (records/events.py): ~3-5 µs per record in CPython
+(one dict literal per kind and one BLAKE2b; inet_ntop and SHA-1 once per distinct flow tuple);
+conntrack, drop and audit records, a few per second, ~10-20 µs each through the BuilderBase helpers.
 """
 from __future__ import annotations
 

@@ -12,7 +12,9 @@ from datetime import UTC, datetime
 
 import numpy as np
 
-__all__ = ["iso_ns", "parse_iso_ns", "wall_ns", "created_now"]
+from hostwall.bpf.clock import Clock
+
+__all__ = ["iso_ns", "iso_column", "parse_iso_ns", "wall_ns", "created_now"]
 
 
 def iso_ns(wall_ns: int) -> str:
@@ -20,6 +22,27 @@ def iso_ns(wall_ns: int) -> str:
     so a start never prints after the end it precedes)."""
     sec, ns = divmod(int(wall_ns), 1_000_000_000)
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec)) + f".{ns // 1000:06d}Z"
+
+
+_SAFE_NS = 1 << 62                 # 2116-02-20: datetime64[ns] and int64 arithmetic stay exact below it
+
+
+def iso_column(mono_ns: np.ndarray, clock) -> list[str]:
+    """iso_ns(clock.wall_ns(t)) for every t of a u64 column of monotonic ns, as a list of str.
+
+    With a plain hostwall.bpf.clock.Clock and instants in [1970, 2116) this is one vectorised
+    np.datetime_as_string over the column (truncated to µs like iso_ns: datetime64 unit casts floor);
+    anything else (another clock object, out-of-range instants) goes through iso_ns one by one, so
+    the text is always iso_ns's. Cost: ~0.2 µs per instant vectorised, ~1.5 µs otherwise."""
+    offset = getattr(clock, "offset_ns", None)
+    if type(clock).wall_ns is Clock.wall_ns and isinstance(offset, int) and len(mono_ns) \
+            and abs(offset) < _SAFE_NS and int(mono_ns.max()) < _SAFE_NS:
+        wall = mono_ns.astype(np.int64) + np.int64(offset)
+        if int(wall.min()) >= 0 and int(wall.max()) < _SAFE_NS:
+            us = wall.astype("datetime64[ns]").astype("datetime64[us]")
+            return np.datetime_as_string(us, unit="us", timezone="UTC").tolist()
+    wall_of = clock.wall_ns
+    return [iso_ns(wall_of(t)) for t in mono_ns.tolist()]
 
 
 def parse_iso_ns(s: str) -> int:

@@ -37,6 +37,7 @@ from .base import BaseSink, Call, FullQueuePolicy, Health, SinkUnavailable
 from .spool_format import write_all
 
 DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+ENCODE_CHUNK = 1024               # records encoded (and their lines held) at a time
 
 
 def make_encoder(encoding: str):
@@ -101,32 +102,47 @@ class JsonlSink(BaseSink):
 
     # ---- writing ---------------------------------------------------------------------------------
     async def _send(self, records: list[dict]) -> None:
+        """Encode and write a batch, ENCODE_CHUNK records at a time (the encoded lines of one chunk
+        are held at once, not the batch's: ~1.5 MB instead of ~12 MB for 8192 ECS records). After a
+        failed open or write the batch's remaining records are still encoded, so each is counted
+        lost exactly once with its reason (encode_error, else disk_full / write_error)."""
         call = self._call
-        lines = self._encode_all(records)
-        if not lines:
+        written = encoded = 0
+        failed: OSError | None = None
+        for i in range(0, len(records), ENCODE_CHUNK):
+            lines = self._encode_all(records[i:i + ENCODE_CHUNK])
+            encoded += len(lines)
+            if not lines:
+                continue
+            if failed is None and self._fd < 0:
+                try:
+                    self._open()
+                except OSError as e:
+                    self._write_failed(e, len(lines))
+                    failed = e
+                    continue
+            if failed is not None:
+                self._lose("disk_full" if failed.errno in DISK_FULL_ERRNOS else "write_error", len(lines))
+                continue
+            done = 0
+            for seg_lines, seg_bytes in self._segments(lines):
+                try:
+                    if self._size and self._size + seg_bytes > self.rotate_bytes:
+                        await self._rotate()
+                    write_all(self._fd, b"".join(seg_lines))
+                except OSError as e:
+                    self._write_failed(e, len(lines) - done)
+                    failed = e
+                    break
+                done += len(seg_lines)
+                self._size += seg_bytes
+                self.bytes_written += seg_bytes
+                self._dirty = True
+            written += done
+        if not encoded:
             self._settle(call, call.remaining)
             return
-        if self._fd < 0:
-            try:
-                self._open()
-            except OSError as e:
-                self._write_failed(e, len(lines))
-                self._settle(call, call.remaining)
-                return
-        written = 0
-        for seg_lines, seg_bytes in self._segments(lines):
-            try:
-                if self._size and self._size + seg_bytes > self.rotate_bytes:
-                    await self._rotate()
-                write_all(self._fd, b"".join(seg_lines))
-            except OSError as e:
-                self._write_failed(e, len(lines) - written)
-                break
-            written += len(seg_lines)
-            self._size += seg_bytes
-            self.bytes_written += seg_bytes
-            self._dirty = True
-        if written == len(lines):
+        if failed is None:
             self._set_health(Health.OK)
         if self.fsync == "none" or not written:
             self._deliver(written)

@@ -209,3 +209,41 @@ def test_base_sink_counts_a_failed_send():
         run(s.send(recs(5)))
     assert s.stats()["delivered"] == 1 and s.stats()["lost"] == {"sink_error": 4} and s.stats()["in_flight"] == 0
     assert "broker gone" in s.stats()["last_error"]
+
+
+def test_a_batch_of_many_encode_chunks_rotates_and_counts_like_one(tmp_path, monkeypatch):
+    """A batch larger than ENCODE_CHUNK (encoded a chunk at a time): rotation points, order and the
+    loss reasons are as for one encoded batch — a write failing in the second chunk loses the rest of
+    the batch as disk_full, except the records that cannot be encoded (encode_error)."""
+    from hostwall.collector.sinks import jsonl
+    monkeypatch.setattr(jsonl, "ENCODE_CHUNK", 10)
+    p = tmp_path / "f.jsonl"
+    one = len(json.dumps(recs(1, 40, pad=100)[0], separators=(",", ":"))) + 1
+    real_write = os.write
+    writes = {"n": 0, "fail_at": None}
+
+    def write(fd, b):
+        writes["n"] += 1
+        if writes["fail_at"] is not None and writes["n"] >= writes["fail_at"]:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, b)
+    monkeypatch.setattr(os, "write", write)
+    bad = {"event": {"id": "x"}, "oops": {1, 2}}
+
+    async def go():
+        s = JsonlSink(p, fsync="none", rotate_bytes=one * 7 + 5, rotate_keep=20)
+        await s.start()
+        await s.send(recs(35, 10, pad=100))                       # 4 chunks, 5 files
+        writes["fail_at"] = writes["n"] + 2                         # the second write of the next batch
+        await s.send(recs(5, 45, pad=100) + [bad] + recs(14, 50, pad=100) + [bad] + recs(5, 64, pad=100))
+        await s.close()
+        return s
+    s = run(go())
+    files = sorted((x for x in tmp_path.iterdir()), key=lambda x: -int(x.suffix[1:]) if x.suffix != ".jsonl" else 0)
+    got = [r["seq"] for f in files for r in lines(f)]
+    assert all(len(lines(f)) <= 7 for f in files)
+    assert got == list(range(10, 10 + len(got)))                  # in order, no gaps
+    st = s.stats()
+    assert st["lost"] == {"encode_error": 2, "disk_full": 59 - len(got)}
+    assert st["delivered"] == len(got) and 35 < len(got) < 69
+    accounted(s)
