@@ -67,6 +67,7 @@ from .loss_report import LossReporter
 from .outbox import Outbox
 from .parts import Detector, Enricher, KernelSource, MetricsSink, RecordBuilder, Ring
 from .queues import RecordQueue, SinkSlot
+from .shutdown import Shutdown
 from .sinks.base import FullQueuePolicy, Sink
 from .sources import Sources, previous_run
 from .status import build_status, write_status
@@ -91,7 +92,7 @@ class StartFailed(PipelineFailed):
     nothing was read from the kernel. The message is the part's own one line (what, where, what to do)."""
 
 
-class Pipeline(Sources):
+class Pipeline(Sources, Shutdown):
     """Wires a kernel source, a record builder, optional enricher/anomaly detector and sinks (the
     protocols of collector/parts.py). clock_factory(offset_ns) -> clock with wall_ns(mono)
     (hostwall.bpf.clock.Clock)."""
@@ -474,103 +475,6 @@ class Pipeline(Sources):
         self.counters["commits"] += len(ready)
         return len(ready)
 
-    # ---- shutdown --------------------------------------------------------------------------------
-    async def _shutdown(self) -> None:
-        self._stopping = True
-        self.state = "stopping"
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.shutdown_timeout_s
-        for name in ("drops", "ct", "tick", "status", "ring"):
-            await _cancel(self._tasks.get(name))
-        if self._runs:                                   # let a drain / scan in progress finish
-            done, _ = await asyncio.wait(set(self._runs), timeout=max(0.1, deadline - loop.time()))
-            for r in done:
-                if not r.cancelled() and r.exception() is not None and self._failure is None:
-                    self._fail("periodic", r.exception())
-        events = self._tasks.get("events")
-        if self._failure is None and self.ring is not None and events is not None and not events.done():
-            # healthy stop: everything read is built and shipped, and a last drop interval exported.
-            # After a failure the rest stays in the kernel (ring, drop maps) for the next collector.
-            try:
-                async with asyncio.timeout(max(0.1, deadline - loop.time())):
-                    await self._final_ring_drain()
-                    await events
-                    await self._export_drops()
-                    await self._fold_kernel()            # kernel losses since the last tick
-                    await self._report_sink_losses()
-            except TimeoutError:
-                log.error("shutdown: record building did not finish in time; the rest stays in the kernel")
-            except Exception as e:                      # noqa: BLE001 — reported, shutdown goes on
-                log.error("shutdown: final drain failed: %s: %s", type(e).__name__, e)
-        await _cancel(self._tasks.get("events"))
-        self._count_abandoned()
-        for s in self.slots:
-            s.queue.close()
-        workers = [self._tasks[f"sink {s.name}"] for s in self.slots if f"sink {s.name}" in self._tasks]
-        if workers:
-            _, pending = await asyncio.wait(workers, timeout=max(0.1, deadline - loop.time()))
-            for t in pending:
-                await _cancel(t)
-        for s in self.slots:
-            try:
-                await asyncio.wait_for(s.sink.close(), timeout=max(0.5, deadline - loop.time()))
-            except Exception as e:                      # noqa: BLE001
-                log.error("shutdown: closing sink %s failed: %s", s.name, e)
-            self._sync_sink(s)
-            why = "requeued" if s.acknowledges else "shutdown"
-            left = s.queue.clear()
-            if left:
-                self.ledger.sink_lose(s.name, why, left)
-            st = s.sink.stats()
-            if st.get("in_flight", 0) > 0:                 # accepted by the sink, never confirmed
-                self.ledger.sink_lose(s.name, why, st["in_flight"])
-                s.abandoned = st["in_flight"]
-        await _cancel(self._tasks.get("commit"))
-        if self._failure is None:                       # after a failure nothing more is released
-            try:
-                await self._commit_ready()
-            except Exception as e:                      # noqa: BLE001
-                log.error("shutdown: last commit failed: %s: %s", type(e).__name__, e)
-        self.counters["abandoned_tickets"] += self.acks.abandon()
-        if self._runs:                                  # runs that waited on an abandoned ticket end now
-            await asyncio.wait(set(self._runs), timeout=1.0)
-        self.checkpoint["clean_stop"] = self._failure is None
-        self.checkpoint.save(sync=True)
-        self.state = "failed" if self._failure else "stopped"
-        await self._write_status(final=True)
-        if self.metrics is not None:                    # last OTLP push of the final counters
-            await asyncio.to_thread(self.metrics.close)
-        self._close()
-
-    def _count_abandoned(self) -> None:
-        """Events read but never built, and records produced but never fanned out: they stay in the
-        kernel (uncommitted) for the next collector — counted `requeued`, not lost."""
-        n = 0
-        while not self._events_q.empty():
-            b = self._events_q.get_nowait()
-            n += len(b[0]) if b is not None else 0
-        if self._carry is not None:
-            n += len(self._carry[0])
-            self._carry = None
-        n += self._building
-        self._building = 0
-        if n:
-            self.ledger.lose("pipeline", "requeued", n, produced="events")
-        if self._pending:
-            self.ledger.lose("pipeline", "requeued", self._pending)
-            self._pending = 0
-
-    def _close(self) -> None:
-        if self.ring is not None:
-            self.ring.close()
-            self.ring = None
-        if self._close_source:
-            self.source.close()
-        if self.enricher is not None:
-            self.enricher.close()
-        if self._kexec is not None:
-            self._kexec.shutdown(wait=False)
-
     # ---- status ----------------------------------------------------------------------------------
     def observed_in_flight(self) -> dict[str, int]:
         out = {"upstream": self._pending}
@@ -592,13 +496,3 @@ class Pipeline(Sources):
             self.counters["status_write_errors"] += 1
             if self.counters["status_write_errors"] in (1, 10, 100, 1000):
                 log.warning("cannot write status %s: %s", self.status_path, e)
-
-
-async def _cancel(task: asyncio.Task | None) -> None:
-    if task is None or task.done():
-        return
-    task.cancel()
-    try:
-        await task
-    except (asyncio.CancelledError, Exception):     # noqa: BLE001 — already reported by _watch
-        pass

@@ -39,6 +39,15 @@ rules:
   - {name: bad, priority: 4, direction: ingress, action: deny, peers: [198.51.100.0/24]}
 """
 V_DROP = L.C["HW_V_DROP"]
+
+
+def future_test_clock(seconds: int) -> int:
+    """A datapath test clock `seconds` past the real monotonic clock, on a 10 s boundary. Per-CPU token
+    buckets (the event budget, shares) keep the last time they saw: a fixed test time below the host's
+    uptime would find them "in the future" and never refill (the outcome then depends on the uptime and
+    on which CPU earlier tests ran)."""
+    now_s = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 10**9
+    return (now_s + seconds) // 10 * 10 * 10**9
 R_POLICY, R_DEFAULT = L.C["HW_R_POLICY_DENY"], L.C["HW_R_DEFAULT_DENY"]
 
 
@@ -231,7 +240,7 @@ def test_full_aggregation_map_overflow_is_drained_and_zeroed(kernel):
 
 def test_conntrack_scan_expires_idle_entries_and_reports_long_lived_ones(kernel):
     ks, dp, _ = kernel
-    t0 = 10_000 * 10**9
+    t0 = future_test_clock(10_000)
     at = 10 * 10**9
     dp.set_config(test_now_ns=t0)
     assert ks.now_ns() == t0
@@ -277,7 +286,7 @@ def test_conntrack_scan_aggregates_connections_that_ended_unconfirmed(kernel):
     from hostwall.collector.records import RecordBuilder
     from tests.collector.test_records import CLOCK, HOST, validator
     ks, dp, _ = kernel
-    t0 = 20_000 * 10**9
+    t0 = future_test_clock(20_000)
     dp.set_config(test_now_ns=t0)
     ks.set_event_budget(dp.ncpus)                      # 1 event/s per CPU: never above the reserve
     try:
