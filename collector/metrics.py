@@ -37,7 +37,7 @@ cache (the enricher's caches), type/outcome (kernel event kinds), verdict/reason
     hostwall_enrich_cache_hit_ratio{cache}
     hostwall_metrics_export_failures_total          OTLP metric pushes that failed
     hostwall_alert_push_alerts_total / hostwall_alert_push_failures_total{reason} / hostwall_alert_push_waiting
-    hostwall_incidents_open{paging}                 direct alert push (collector/alert_push.py)
+    hostwall_incidents_open{paging} / hostwall_alert_push_healthy   direct alert push (collector/alert_push.py)
     hostwall_build_info{version}                    1
 
 Cost: update() O(series) dict building (~100 µs) once per status write; kernel reads O(map entries /
@@ -129,14 +129,17 @@ def _alerting_families(st: dict) -> list[Family]:
     wait = _fam("hostwall.alert_push.waiting", "gauge", "{alert}", "Alert states waiting to be posted")
     inc = _fam("hostwall.incidents.open", "gauge", "{incident}", "Open incidents (correlated anomalies of one "
                "attack), by whether they page", ("paging",))
+    ok = _fam("hostwall.alert_push.healthy", "gauge", "{state}", "1 while the collector's alert push gets through "
+              "(its last post succeeded), 0 while it fails; absent when it is off")
     if a:
+        ok.add((), 1 if a.get("state") == "ok" else 0)
         posted.add((), a.get("alerts_posted", 0))
         for reason, n in sorted((a.get("failures") or {}).items()):
             fail.add((reason,), n)
         wait.add((), a.get("waiting", 0))
         inc.add(("true",), a.get("incidents_paging", 0))
         inc.add(("false",), a.get("incidents_open", 0) - a.get("incidents_paging", 0))
-    return [posted, fail, wait, inc]
+    return [posted, fail, wait, inc, ok]
 
 
 def families_from_status(st: dict, kernel: dict | None = None, *, version: str = "", export_failures: int = 0

@@ -351,12 +351,13 @@ def test_alerting_config_is_typed_and_checked(tmp_path):
 
 
 def test_self_metrics_of_the_push_and_the_loss_classes():
-    st = {"anomaly": {"alerting": {"alerts_posted": 7, "failures": {"timeout": 2, "http_500": 1}, "waiting": 1,
+    st = {"anomaly": {"alerting": {"state": "failing", "alerts_posted": 7, "failures": {"timeout": 2, "http_500": 1}, "waiting": 1,
                                    "incidents_open": 3, "incidents_paging": 1}},
           "ledger": {"lost_by_stage": {"kernel": {"budget": 1211, "ringbuf_full": 4}}}}
     fams = {f.prom: f for f in families_from_status(st)}
     assert fams["hostwall_alert_push_alerts"].samples == [((), 7)]
     assert sorted(fams["hostwall_alert_push_failures"].samples) == [(("http_500",), 1), (("timeout",), 2)]
+    assert fams["hostwall_alert_push_healthy"].samples == [((), 0)]        # the backstop rule fires again
     assert sorted(fams["hostwall_incidents_open"].samples) == [(("false",), 2), (("true",), 1)]
     assert sorted(fams["hostwall_records_lost"].samples) == [(("kernel", "budget", "", "shed"), 1211),
                                                               (("kernel", "ringbuf_full", "", "lost"), 4)]
