@@ -99,8 +99,9 @@ class AnomalyDetector:
         self._pending: list[dict] = []
         self._iso_memo: dict[str, float] = {}
         self.state_path, self._saved_at, self.restored, self.restore_note = state_path, None, 0, ""
+        self.restored_warm = False
         if state_path is not None:                      # a restart starts from the last run's baselines
-            self.restored, self.restore_note = load_baselines(self, state_path)
+            self.restored, self.restored_warm, self.restore_note = load_baselines(self, state_path)
 
     @property
     def bucket_s(self) -> float:
@@ -350,7 +351,7 @@ class AnomalyDetector:
         full = e - k.created_bucket >= n                  # learn only from whole windows
         rec = None
         if not k.anomaly_id:
-            warm = self.restored > 0 or e - self._started >= self.cfg.warmup_windows * n
+            warm = self.restored_warm or e - self._started >= self.cfg.warmup_windows * n
             trusted = k.steps >= self.cfg.warmup_windows * n or k.mean == 0.0
             if hot and warm and trusted:
                 rec = self._open(k, t, rate, score)
@@ -482,7 +483,7 @@ class AnomalyDetector:
     @property
     def warm(self) -> bool:
         """Past the global warm-up (or started from saved baselines): anything may open."""
-        return self.restored > 0 or (self._started is not None and self._evaluated_to is not None and
+        return self.restored_warm or (self._started is not None and self._evaluated_to is not None and
                                      self._evaluated_to - self._started >= self.cfg.warmup_windows * self.cfg.buckets)
 
     def stats(self) -> dict:

@@ -2,7 +2,8 @@
 
 Without them, a restarted detector knows no baseline and opens nothing for `warmup_windows` windows (30 s
 with the defaults): a flood right after a restart would page late. So the detector writes its learned
-baselines — per key: mean and deviation of the rate, steps learned — every `window_s` to
+baselines — per key: mean and deviation of the rate, steps learned; and whether it was past its warm-up —
+every `window_s` to
 `<status stem>.baselines.json` (tmp + rename: a reader sees the old or the new file), and a new detector
 starts from them: the global warm-up is skipped, each key keeps the history it had (a key trusted before
 is trusted at once), and new keys behave as new keys do after the warm-up.
@@ -40,7 +41,7 @@ def snapshot(det, now: float) -> dict:
         for value, k in table.items():
             if k.steps and (k.mean >= floor or k.dev >= floor):
                 keys.append([signal, dim, value, k.extra, round(k.mean, 6), round(k.dev, 6), k.steps])
-    return {"version": VERSION, "saved_at": now, "shape": _shape(det.cfg), "keys": keys}
+    return {"version": VERSION, "saved_at": now, "shape": _shape(det.cfg), "warm": bool(det.warm), "keys": keys}
 
 
 def save_baselines(det, path: str | os.PathLike, now: float | None = None) -> bool:
@@ -56,22 +57,23 @@ def save_baselines(det, path: str | os.PathLike, now: float | None = None) -> bo
     return True
 
 
-def load_baselines(det, path: str | os.PathLike, now: float | None = None) -> tuple[int, str]:
-    """Restore baselines into a fresh detector: (keys restored, why not when 0)."""
+def load_baselines(det, path: str | os.PathLike, now: float | None = None) -> tuple[int, bool, str]:
+    """Restore baselines into a fresh detector: (keys restored, whether the saving run was past its warm-up —
+    then every key it did not know is new, and the new run needs no warm-up either —, why not when nothing)."""
     now = time.time() if now is None else now
     try:
         data: Any = orjson.loads(Path(path).read_bytes())
     except FileNotFoundError:
-        return 0, "no baselines saved yet"
+        return 0, False, "no baselines saved yet"
     except (OSError, orjson.JSONDecodeError) as e:
-        return 0, f"unreadable baselines {path}: {e}"
+        return 0, False, f"unreadable baselines {path}: {e}"
     if not isinstance(data, dict) or data.get("version") != VERSION:
-        return 0, f"baselines {path} have another format"
+        return 0, False, f"baselines {path} have another format"
     if data.get("shape") != _shape(det.cfg):
-        return 0, f"baselines {path} were learned with other window/bucket/prefix settings"
+        return 0, False, f"baselines {path} were learned with other window/bucket/prefix settings"
     age = now - float(data.get("saved_at") or 0)
     if not 0 <= age <= MAX_AGE_S:
-        return 0, f"baselines {path} are {age / 3600:.1f} h old"
+        return 0, False, f"baselines {path} are {age / 3600:.1f} h old"
     bucket = math.floor(now / det.cfg.bucket_s)
     n = 0
     for row in data.get("keys") or ():
@@ -84,4 +86,5 @@ def load_baselines(det, path: str | os.PathLike, now: float | None = None) -> tu
             break
         k.mean, k.dev, k.steps, k.created_bucket = float(mean), float(dev), int(steps), bucket
         n += 1
-    return n, "" if n else f"baselines {path} hold no key"
+    warm = bool(data.get("warm"))
+    return n, warm, "" if n or warm else f"baselines {path} hold no key and were saved during a warm-up"
