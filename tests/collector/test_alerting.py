@@ -327,6 +327,11 @@ def test_a_restarted_detector_is_not_blind(tmp_path):
     assert not opens(blind, 13) and not blind.warm                          # the warm-up the baselines avoid
     other = AnomalyDetector(AnomalyConfig(window_s=10, bucket_s=1), state_path=path)
     assert other.restored == 0 and "other window" in other.stats()["baselines_note"]
+    young = tmp_path / "young.json"                     # saved during its own warm-up: the next run warms up too
+    d = AnomalyDetector(CFG, state_path=young)
+    d.observe(background(T0))
+    d.tick(T0 + 1)
+    assert not AnomalyDetector(CFG, state_path=young).warm
 
 
 # ---- config and metrics ------------------------------------------------------------------------------
