@@ -105,9 +105,13 @@ def alert_rules() -> list[dict]:
 
 
 def lhs(expr: str) -> list[str]:
-    """The comparison-free parts of an alert expression (`a > 0 or b == 0` -> [a, b])."""
-    parts = re.split(r"\s+(?:or|and|unless)\s+(?![^()]*\))", " ".join(expr.split()))
-    return [re.sub(r"\s*(==|!=|>=|<=|>|<)\s*[0-9.e+-]+\s*$", "", p) for p in parts]
+    """The comparison-free parts of an alert expression (`a > 0 or b == 0` -> [a, b]). An `unless` clause is
+    an exception (e.g. the anomaly rule's "unless the collector pushes its incidents itself"): it has data only
+    when the exception applies, so it is not one of the parts that must have data."""
+    parts = re.split(r"\s+(or|and|unless)\s+(?![^()]*\))", " ".join(expr.split()))
+    kept = [parts[0]] + [p for op, p in zip(parts[1::2], parts[2::2]) if op != "unless"]
+    kept = [re.sub(r"^(?:on|ignoring)\s*\([^)]*\)\s*", "", p) for p in kept]
+    return [re.sub(r"\s*(==|!=|>=|<=|>|<)\s*[0-9.e+-]+\s*$", "", p) for p in kept]
 
 
 def finite(result: list[dict]) -> bool:
