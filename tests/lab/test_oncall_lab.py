@@ -72,8 +72,9 @@ def test_one_flood_one_page_through_a_restart_and_quiet_while_the_collector_is_d
         assert took < 10, f"{took:.1f}s from the flood's start to the page"
 
         # a restart in the middle of the flood: the new run posts the same alert again (no new page)
-        before = rig.col.status()["anomaly"]["alerting"]
-        assert before["alerts_posted"] >= 1 and before["failures"] == {}
+        before = rig.col.wait_status(lambda s: (s.get("anomaly") or {}).get("alerting", {}).get("alerts_posted", 0)
+                                     >= 1, timeout=10)["anomaly"]["alerting"]        # the status file lags a little
+        assert before["failures"] == {}, before
         rig.restart_collector()
         st = rig.col.wait_status(lambda s: (s.get("anomaly") or {}).get("alerting", {}).get("rejoined", 0) >= 1
                                  and s["anomaly"]["alerting"]["alerts_posted"] >= 1, timeout=30)
