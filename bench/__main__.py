@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-SUITES = ("datapath", "lab", "swap", "dos", "collector", "kafka", "crash", "policy", "dns")
+SUITES = ("datapath", "lab", "swap", "dos", "collector", "kafka", "crash", "policy", "dns", "oncall")
 
 
 class NotImplementedSuite(Exception):

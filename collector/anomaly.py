@@ -20,8 +20,10 @@ term is the Poisson noise of a steady rate, so steady traffic scores near 0 what
 While open, the deviation is frozen and the mean learns `open_learning_factor` times slower (default:
 time constant ~17 min at 1 s buckets), so an attack does not become normal in seconds but a lasting new
 normal still closes eventually. Nothing opens during the first `warmup_windows` windows after the first
-tick (every key is new then); later, a key with no baseline yet (a new source) may open at once when
-its rate passes min_rate, and a key with history needs `warmup_windows` windows of it.
+tick (every key is new then) — unless the detector started from the baselines a previous run saved
+(`state_path`, collector/anomaly_state.py: a restart is not blind); later, a key with no baseline yet
+(a new source) may open at once when its rate passes min_rate, and a key with history needs
+`warmup_windows` windows of it.
 Severity: the highest band in `severity_bands` (name → minimum score) the score reaches.
 Top talkers: per anomaly, individual sources (one host each, never a prefix) with integer counts from
 the start of the window that opened it to the current record's window end: for drops, the peers each
@@ -52,6 +54,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .anomaly_config import DIMENSIONS, SIGNALS, AnomalyConfig, AnomalyConfigError
+from .anomaly_state import load_baselines, save_baselines
 from .records import ECS_VERSION, SCHEMA_VERSION, iso_ns, parse_iso_ns
 from .records.timefmt import created_now
 
@@ -86,16 +89,22 @@ class AnomalyDetector:
     """observe(records) feeds the windows; tick(now) evaluates every elapsed bucket boundary and returns
     anomaly records. Not thread-safe (one pipeline task owns it)."""
 
-    def __init__(self, config: AnomalyConfig | None = None, host: Any = None):
+    def __init__(self, config: AnomalyConfig | None = None, host: Any = None, state_path: Any = None):
+        """state_path: where baselines are kept across restarts (collector/anomaly_state.py); None: not kept."""
         self.cfg = config or AnomalyConfig()
         self.host = host
         self._keys: dict[tuple, OrderedDict] = {}
         self._evaluated_to: int | None = None           # bucket index of the last evaluated boundary
         self._started: int | None = None                # first evaluated boundary (global warm-up)
         self.counters = {"observed": 0, "ignored": 0, "late": 0, "too_late": 0, "evicted_keys": 0,
-                         "refused_keys": 0, "opened": 0, "updated": 0, "closed": 0, "bad_records": 0}
+                         "refused_keys": 0, "opened": 0, "updated": 0, "closed": 0, "bad_records": 0,
+                         "baseline_saves": 0, "baseline_save_errors": 0}
         self._pending: list[dict] = []
         self._iso_memo: dict[str, float] = {}
+        self.state_path, self._saved_at, self.restored, self.restore_note = state_path, None, 0, ""
+        self.restored_warm = False
+        if state_path is not None:                      # a restart starts from the last run's baselines
+            self.restored, self.restored_warm, self.restore_note = load_baselines(self, state_path)
 
     @property
     def bucket_s(self) -> float:
@@ -316,6 +325,9 @@ class AnomalyDetector:
                     if rec is not None:
                         out.append(rec)
             self._forget_idle(self._evaluated_to)
+        if self.state_path is not None and (self._saved_at is None or now - self._saved_at >= self.cfg.window_s):
+            self._saved_at = now
+            self.counters["baseline_saves" if save_baselines(self, self.state_path, now) else "baseline_save_errors"] += 1
         return out
 
     def _first_bucket(self) -> int | None:
@@ -350,7 +362,7 @@ class AnomalyDetector:
         full = e - k.created_bucket >= n                  # learn only from whole windows
         rec = None
         if not k.anomaly_id:
-            warm = e - self._started >= self.cfg.warmup_windows * n
+            warm = self.restored_warm or e - self._started >= self.cfg.warmup_windows * n
             trusted = k.steps >= self.cfg.warmup_windows * n or k.mean == 0.0
             if hot and warm and trusted:
                 rec = self._open(k, t, rate, score)
@@ -479,6 +491,13 @@ class AnomalyDetector:
         return [{"id": k.anomaly_id, "signal": k.signal, "dimension": k.dimension, "value": k.value,
                  "opened_at": k.opened_at} for t in self._keys.values() for k in t.values() if k.anomaly_id]
 
+    @property
+    def warm(self) -> bool:
+        """Past the global warm-up (or started from saved baselines): anything may open."""
+        return self.restored_warm or (self._started is not None and self._evaluated_to is not None and
+                                     self._evaluated_to - self._started >= self.cfg.warmup_windows * self.cfg.buckets)
+
     def stats(self) -> dict:
         return {**self.counters, "keys": sum(len(t) for t in self._keys.values()),
-                "open": len(self.open_anomalies())}
+                "open": len(self.open_anomalies()), "warm": self.warm, "baselines_restored": self.restored,
+                **({"baselines_note": self.restore_note} if self.restore_note else {})}

@@ -56,6 +56,15 @@ File format (every key optional):
       prometheus: 127.0.0.1:9464        # scrape endpoint (/metrics)
       otlp: otlp://127.0.0.1:4317       # OTLP metrics (protocol, tls and headers from `otlp`)
       interval: 15s                     # OTLP export period and kernel-map read period
+    alerting:                           # direct alert push (collector/alert_push.py, docs/alerting.md); off by default
+      alertmanager: http://127.0.0.1:9093   # Alertmanager base URL: POST /api/v2/alerts
+      timeout: 2s                       # per POST
+      refresh_interval: 15s             # open incidents are posted again this often ...
+      hold: 5m                          # ... with endsAt = now + hold (covers a collector restart)
+      min_severity: high                # the anomaly band from which an incident pages (anomaly.severity_bands)
+      runbook_url: http://127.0.0.1:9090/user/HostwallAnomalyHighSeverity.md
+      labels: {instance: "web-1:9464"}  # added to every alert (default instance: metrics.prometheus)
+      max_alerts: 1000                  # incidents held for posting; more are counted and refused
     status_file: /run/hostwall/collector-....json
     anomaly: {...}                      # owned by collector.anomaly (AnomalyConfig.from_dict)
 
@@ -86,7 +95,9 @@ from .config_values import (
     parse_file,
     parse_headers,
     parse_hostport,
+    parse_http_url,
     parse_int,
+    parse_labels,
     parse_listen,
     parse_sasl,
     parse_size,
@@ -206,6 +217,19 @@ class MetricsOptions:
 
 
 @dataclass(frozen=True)
+class AlertingOptions:
+    """Direct alert push to Alertmanager (collector/alert_push.py): off unless `alertmanager` is set."""
+    alertmanager: str | None = None     # base URL, e.g. http://127.0.0.1:9093
+    timeout_s: float = 2.0              # per POST /api/v2/alerts
+    refresh_interval_s: float = 15.0    # open incidents are re-posted this often
+    hold_s: float = 300.0               # endsAt = now + hold: how long Alertmanager keeps one without news
+    min_severity: str = "high"          # anomaly band (anomaly.severity_bands) from which an incident pages
+    runbook_url: str = "http://127.0.0.1:9090/user/HostwallAnomalyHighSeverity.md"
+    labels: tuple[tuple[str, str], ...] = ()    # static labels of every alert (instance: see alert_push.py)
+    max_alerts: int = 1000              # incidents held for posting at once
+
+
+@dataclass(frozen=True)
 class CollectorConfig:
     pin_dir: str = DEFAULT_PIN_DIR
     sinks: tuple[SinkSpec, ...] = ()
@@ -223,6 +247,7 @@ class CollectorConfig:
     kafka: KafkaOptions = KafkaOptions()
     otlp: OtlpOptions = OtlpOptions()
     metrics: MetricsOptions = MetricsOptions()
+    alerting: AlertingOptions = AlertingOptions()
     anomaly: Any = None
     hostname: str | None = None
     status_file: str | None = None
@@ -244,6 +269,12 @@ class CollectorConfig:
         """The outbox (collector/outbox.py), next to the status file: <status stem>.outbox.jsonl."""
         st = status or self.status_path()
         return st.with_name(f"{st.stem}.outbox.jsonl")
+
+    def side_path(self, suffix: str, status: Path | None = None) -> Path:
+        """A file of the collector's own state next to the status file: <status stem>.<suffix>
+        (baselines.json: collector/anomaly_state.py; alerts.json: collector/alerting.py)."""
+        st = status or self.status_path()
+        return st.with_name(f"{st.stem}.{suffix}")
 
     def ct_journal_path(self, status: Path | None = None) -> Path:
         """The conntrack journal's directory (collector/ct_journal.py), next to the status file: <status stem>.ct."""
@@ -307,6 +338,14 @@ def _dur(v: Any) -> float:
     return parse_duration(v)
 
 
+def parse_http_url_any(v: Any) -> str:
+    """An http(s) link (runbook_url): any path, query or fragment."""
+    t = parse_str(v)
+    if not re.fullmatch(r"https?://[^\s/]+(/\S*)?", t):
+        raise ValueError(f"{t!r} is not an http(s):// link")
+    return t
+
+
 FIELDS = [
     _Field(("pin_dir",), ("pin_dir",), parse_str),
     _Field(("hostname",), ("hostname",), parse_str),
@@ -365,9 +404,17 @@ FIELDS = [
     _Field(("metrics", "prometheus"), ("metrics", "prometheus"), parse_listen),
     _Field(("metrics", "otlp"), ("metrics", "otlp"), parse_endpoint),
     _Field(("metrics", "interval"), ("metrics", "interval_s"), _dur),
+    _Field(("alerting", "alertmanager"), ("alerting", "alertmanager"), parse_http_url),
+    _Field(("alerting", "timeout"), ("alerting", "timeout_s"), _dur),
+    _Field(("alerting", "refresh_interval"), ("alerting", "refresh_interval_s"), _dur),
+    _Field(("alerting", "hold"), ("alerting", "hold_s"), _dur),
+    _Field(("alerting", "min_severity"), ("alerting", "min_severity"), parse_str),
+    _Field(("alerting", "runbook_url"), ("alerting", "runbook_url"), parse_http_url_any),
+    _Field(("alerting", "labels"), ("alerting", "labels"), parse_labels),
+    _Field(("alerting", "max_alerts"), ("alerting", "max_alerts"), parse_int(1, 100_000)),
 ]
 _SECTION_TYPES = {"queues": QueueSizes, "jsonl": JsonlOptions, "kafka": KafkaOptions, "otlp": OtlpOptions,
-                  "metrics": MetricsOptions}
+                  "metrics": MetricsOptions, "alerting": AlertingOptions}
 SECTIONS = {sec: [f for f in FIELDS if f.path[0] == sec] for sec in _SECTION_TYPES}
 TOP_KEYS = {f.path[0] for f in FIELDS} | {"sinks", "anomaly"}
 

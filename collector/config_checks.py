@@ -50,6 +50,24 @@ def cross_checks(cfg, origins: dict, issues: Issues) -> None:
              f"batch ({cfg.queues.batch}) exceeds the sink queue ({cfg.queues.sink}); a batch must fit a queue")
     _kafka_checks(cfg.kafka, where, issues)
     _tls_checks("otlp", cfg.otlp, where, issues)
+    _alerting_checks(cfg, where, issues)
+
+
+def _alerting_checks(cfg, where, issues: Issues) -> None:
+    """Direct alert push (docs/alerting.md "Direct push"): a POST ends before the next refresh, an alert
+    outlives two missed refreshes, and the paging band is one the detector has."""
+    a = cfg.alerting
+    if a.timeout_s <= 0 or a.timeout_s >= a.refresh_interval_s:
+        add_issue(issues, where("alerting.timeout"), ("alerting", "timeout"),
+                  f"{a.timeout_s:g}s must be > 0 and shorter than alerting.refresh_interval ({a.refresh_interval_s:g}s)")
+    if a.hold_s < 2 * a.refresh_interval_s:
+        add_issue(issues, where("alerting.hold"), ("alerting", "hold"),
+                  f"{a.hold_s:g}s is shorter than two refresh intervals ({2 * a.refresh_interval_s:g}s): one lost "
+                  "POST would resolve an open incident; raise hold or refresh more often")
+    bands = getattr(cfg.anomaly, "severity_bands", None)
+    if bands and a.min_severity not in bands:
+        add_issue(issues, where("alerting.min_severity"), ("alerting", "min_severity"),
+                  f"{a.min_severity!r} is not a band of anomaly.severity_bands ({', '.join(bands)})")
 
 
 def _tls_checks(sec: str, o, where, issues: Issues) -> None:

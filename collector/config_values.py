@@ -12,7 +12,8 @@ from collections.abc import Callable
 from typing import Any
 
 __all__ = ["SASL_MECHANISMS", "parse_bool", "parse_choice", "parse_endpoint", "parse_file", "parse_headers",
-           "parse_hostport", "parse_int", "parse_listen", "parse_sasl", "parse_size", "parse_str", "parse_topic"]
+           "parse_hostport", "parse_http_url", "parse_int", "parse_labels", "parse_listen", "parse_sasl", "parse_size",
+           "parse_str", "parse_topic"]
 
 SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
 
@@ -106,6 +107,46 @@ def parse_endpoint(v: Any) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def parse_http_url(v: Any) -> str:
+    """'http(s)://HOST:PORT[/path]' (alerting.alertmanager) → the URL without a trailing slash."""
+    t = parse_str(v)
+    m = re.fullmatch(r"(https?)://(\[[0-9A-Fa-f:.]+\]:[0-9]+|[^:/\[\]\s]+:[0-9]+)(/[^\s?#]*)?", t)
+    if not m:
+        raise ValueError(f"{t!r} is not http(s)://HOST:PORT[/PATH] (e.g. http://127.0.0.1:9093)")
+    parse_hostport(m.group(2), m.group(1))
+    return t.rstrip("/")
+
+
+def _pairs(v: Any, what: str, form: str) -> list[tuple[str, str]]:
+    """{k: v} or 'k=v,k2=v2' → [(k, v), ...] (headers, labels)."""
+    if isinstance(v, dict):
+        return [(str(k), str(val)) for k, val in v.items()]
+    if not isinstance(v, str):
+        raise ValueError(f"{v!r} is not a mapping of {what}s or 'k=v,k2=v2'")
+    items = []
+    for part in filter(None, (p.strip() for p in v.split(","))):
+        k, sep, val = part.partition("=")
+        if not sep or not k.strip():
+            raise ValueError(f"{what} {part!r} is not {form}")
+        items.append((k.strip(), val.strip()))
+    return items
+
+
+_LABEL = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
+
+
+def parse_labels(v: Any) -> tuple[tuple[str, str], ...]:
+    """{name: value} or 'name=value,...' (alerting.labels) → ((name, value), ...), names as Prometheus
+    allows them (not `__`-prefixed: reserved)."""
+    items = _pairs(v, "label", "NAME=VALUE")
+    for k, val in items:
+        if not _LABEL.fullmatch(k) or k.startswith("__"):
+            raise ValueError(f"label name {k!r} is not valid ([a-zA-Z_][a-zA-Z0-9_]*, not starting with __)")
+        if not val:
+            raise ValueError(f"label {k!r} has an empty value (Alertmanager drops it)")
+    return tuple(sorted(items))
+
+
 def parse_listen(v: Any) -> str:
     """'HOST:PORT' to listen on (metrics.prometheus)."""
     t = parse_str(v)
@@ -120,17 +161,7 @@ def parse_listen(v: Any) -> str:
 
 def parse_headers(v: Any) -> tuple[tuple[str, str], ...]:
     """{k: v} or 'k=v,k2=v2' → ((k, v), ...); keys are lower-cased (gRPC metadata must be)."""
-    if isinstance(v, str):
-        items = []
-        for part in filter(None, (p.strip() for p in v.split(","))):
-            k, sep, val = part.partition("=")
-            if not sep or not k.strip():
-                raise ValueError(f"header {part!r} is not KEY=VALUE")
-            items.append((k.strip(), val.strip()))
-    elif isinstance(v, dict):
-        items = [(str(k), str(val)) for k, val in v.items()]
-    else:
-        raise ValueError(f"{v!r} is not a mapping of headers or 'k=v,k2=v2'")
+    items = _pairs(v, "header", "KEY=VALUE")
     for k, _ in items:
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", k):
             raise ValueError(f"header name {k!r} has characters HTTP/gRPC do not allow")

@@ -14,7 +14,8 @@ cache (the enricher's caches), type/outcome (kernel event kinds), verdict/reason
 
     hostwall_records_produced_total{source}         records made (events, drops, conntrack, anomaly, audit, kernel)
     hostwall_records_delivered_total{sink}
-    hostwall_records_lost_total{stage,reason,sink}  stage kernel|decode|build|pipeline (sink="") or sink
+    hostwall_records_lost_total{stage,reason,sink,class}  stage kernel|decode|build|pipeline (sink="") or sink;
+                                                    class shed (kernel budget, by design) | lost
     hostwall_records_in_flight{sink}
     hostwall_queue_depth{queue} / hostwall_queue_capacity{queue}   records (sink queues), batches (events)
     hostwall_queue_dropped_total{queue}
@@ -35,6 +36,8 @@ cache (the enricher's caches), type/outcome (kernel event kinds), verdict/reason
     hostwall_enrich_cache_lookups_total{cache,result}   hit | miss
     hostwall_enrich_cache_hit_ratio{cache}
     hostwall_metrics_export_failures_total          OTLP metric pushes that failed
+    hostwall_alert_push_alerts_total / hostwall_alert_push_failures_total{reason} / hostwall_alert_push_waiting
+    hostwall_incidents_open{paging} / hostwall_alert_push_healthy   direct alert push (collector/alert_push.py)
     hostwall_build_info{version}                    1
 
 Cost: update() O(series) dict building (~100 µs) once per status write; kernel reads O(map entries /
@@ -107,6 +110,38 @@ def _sink_health_families(st: dict) -> list[Family]:
     return [health, last, cap, age, waiting, unc]
 
 
+SHED = {("kernel", "budget")}      # by design: sampled events over the event budget (the drops stay exact)
+
+
+def loss_class(stage: str, reason: str) -> str:
+    """`shed` for what the kernel's event budget held back on purpose during a flood (counted, not paged:
+    docs/runbooks/HostwallRecordsLost.md), `lost` for real losses (sinks, queues, crashes, ring full)."""
+    return "shed" if (stage, reason) in SHED else "lost"
+
+
+def _alerting_families(st: dict) -> list[Family]:
+    """Direct alert push (collector/alert_push.py): alerts posted, failures by reason, what waits."""
+    a = (st.get("anomaly") or {}).get("alerting")
+    posted = _fam("hostwall.alert_push.alerts", "counter", "{alert}", "Alert states posted to Alertmanager and "
+                  "accepted (opens, refreshes, resolves)")
+    fail = _fam("hostwall.alert_push.failures", "counter", "{failure}", "Alert posts that failed, by reason "
+                "(timeout, connect, http_<status>, error, queue_full, expired)", ("reason",))
+    wait = _fam("hostwall.alert_push.waiting", "gauge", "{alert}", "Alert states waiting to be posted")
+    inc = _fam("hostwall.incidents.open", "gauge", "{incident}", "Open incidents (correlated anomalies of one "
+               "attack), by whether they page", ("paging",))
+    ok = _fam("hostwall.alert_push.healthy", "gauge", "{state}", "1 while the collector's alert push gets through "
+              "(its last post succeeded), 0 while it fails; absent when it is off")
+    if a:
+        ok.add((), 1 if a.get("state") == "ok" else 0)
+        posted.add((), a.get("alerts_posted", 0))
+        for reason, n in sorted((a.get("failures") or {}).items()):
+            fail.add((reason,), n)
+        wait.add((), a.get("waiting", 0))
+        inc.add(("true",), a.get("incidents_paging", 0))
+        inc.add(("false",), a.get("incidents_open", 0) - a.get("incidents_paging", 0))
+    return [posted, fail, wait, inc, ok]
+
+
 def families_from_status(st: dict, kernel: dict | None = None, *, version: str = "", export_failures: int = 0
                          ) -> list[Family]:
     """The metric families of one status snapshot (+ kernel map readings). Pure; O(series)."""
@@ -118,17 +153,18 @@ def families_from_status(st: dict, kernel: dict | None = None, *, version: str =
         f.add((src,), n)
     fams.append(f)
     deliv = _fam("hostwall.records.delivered", "counter", "{record}", "Records a sink confirmed", ("sink",))
-    lost = _fam("hostwall.records.lost", "counter", "{record}", "Records counted lost, by stage and reason",
-                ("stage", "reason", "sink"))
+    lost = _fam("hostwall.records.lost", "counter", "{record}", "Records counted lost, by stage and reason; class "
+                "shed = sampled events the kernel's event budget held back by design, lost = everything else",
+                ("stage", "reason", "sink", "class"))
     for stage, reasons in (led.get("lost_by_stage") or {}).items():
         for reason, n in reasons.items():
-            lost.add((stage, reason, ""), n)
+            lost.add((stage, reason, "", loss_class(stage, reason)), n)
     infl = _fam("hostwall.records.in_flight", "gauge", "{record}", "Records neither delivered nor lost yet",
                 ("sink",))
     for sink, b in (led.get("sinks") or {}).items():
         deliv.add((sink,), b.get("delivered", 0))
         for reason, n in (b.get("lost_in_sink") or {}).items():
-            lost.add(("sink", reason, sink), n)
+            lost.add(("sink", reason, sink, "lost"), n)
         infl.add((sink,), b.get("in_flight", 0))
     fams += [deliv, lost, infl]
 
@@ -184,6 +220,7 @@ def families_from_status(st: dict, kernel: dict | None = None, *, version: str =
                               "count": L["count"]})
     fams += [spool_b, spool_r, degraded, lat]
     fams += _sink_health_families(st)
+    fams += _alerting_families(st)
 
     look = _fam("hostwall.enrich.cache.lookups", "counter", "{lookup}", "Enrichment cache lookups",
                 ("cache", "result"))

@@ -32,7 +32,11 @@ def build_pipeline(cfg: CollectorConfig) -> Pipeline:
     ledger = Ledger([s.name for s in sinks])
     builder = RecordBuilder(host, instance, ledger)
     enricher = Enricher(host, instance)
-    anomaly = AnomalyDetector(cfg.anomaly if isinstance(cfg.anomaly, AnomalyConfig) else None, host)
+    anomaly = AnomalyDetector(cfg.anomaly if isinstance(cfg.anomaly, AnomalyConfig) else None, host,
+                              state_path=cfg.side_path("baselines.json"))
+    if cfg.alerting.alertmanager:                               # direct alert push (docs/alerting.md)
+        from .alerting import AlertingDetector
+        anomaly = AlertingDetector.from_config(cfg, anomaly, host.hostname, cfg.side_path("alerts.json"))
     return Pipeline(cfg, source, builder, sinks, enricher=enricher, anomaly=anomaly, ledger=ledger,
                     audit_log=instance.audit_log, metrics=SelfMetrics.from_config(cfg), hostname=host.hostname,
                     dns_log=instance.dns_log)

@@ -71,4 +71,10 @@ if [ ! -e "$stamp" ]; then
   touch "$stamp"
 fi
 "$VENV/bin/python" -c 'import bcc' || { echo "setup: bcc not importable from the venv" >&2; exit 1; }
+
+# The on-call path (docs/alerting.md, `python -m hostwall.bench oncall`): Debian's prometheus and
+# prometheus-alertmanager, installed by setup-peers.sh so that their Debian services never start (they
+# would bind :9090 / :9093); idempotent and quick once installed.
+bash scripts/setup-peers.sh prometheus alertmanager >/dev/null ||
+  { echo "setup: installing prometheus / prometheus-alertmanager failed (run scripts/setup-peers.sh)" >&2; exit 1; }
 log "ready: $VENV/bin/python"

@@ -466,6 +466,12 @@ def test_compose_settings_are_the_code_defaults(project):
     prom = yaml.safe_load(PROM_CONFIG.read_text())
     jobs = {j["job_name"]: j for j in prom["scrape_configs"]}
     assert jobs["hostwall"]["static_configs"][0]["targets"] == [cfg.metrics.prometheus]
+    # the collector pushes its incidents to the same Alertmanager as Prometheus, with the instance label
+    # Prometheus gives it (so the deployed inhibitions match both)
+    from hostwall.collector.alerting import default_labels
+    am_port = svc["alertmanager"]["command"]
+    assert cfg.alerting.alertmanager.rsplit(":", 1)[1] in " ".join(am_port)
+    assert dict(default_labels(cfg))["instance"] == jobs["hostwall"]["static_configs"][0]["targets"][0]
     assert jobs["otelcol"]["static_configs"][0]["targets"] == [otel["exporters"]["prometheus"]["endpoint"]]
     assert jobs["otelcol"]["honor_labels"] is True
     pvols = {v["target"]: v["source"] for v in svc["prometheus"]["volumes"]}

@@ -239,7 +239,7 @@ def test_metric_families_follow_the_naming_rules():
     assert fams["hostwall_spool_size_bytes"].unit == "By" and fams["hostwall_spool_size_bytes"].otel == \
         "hostwall.spool.size"
     assert fams["hostwall_kafka_delivery_latency_seconds"].kind == "histogram"
-    assert ("sink", "spool_full", "kafka://k:9092") in [lv for lv, _ in fams["hostwall_records_lost"].samples]
+    assert ("sink", "spool_full", "kafka://k:9092", "lost") in [lv for lv, _ in fams["hostwall_records_lost"].samples]
     assert dict(fams["hostwall_enrich_cache_hit_ratio"].samples)[("flow_memory",)] == 0.75
     assert dict(fams["hostwall_dos_bans"].samples) == {("auto",): 1, ("manual",): 2}
 
