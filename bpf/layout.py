@@ -55,6 +55,8 @@ def _parse_constants(text: str) -> dict[str, int]:
 def _enum_members(text: str, enum: str) -> list[str]:
     """Member names of one `enum <name> { ... }` of the header, in order."""
     body = re.search(rf"enum\s+{enum}\s*\{{(.*?)\}}", re.sub(r"/\*.*?\*/", "", text, flags=re.S), flags=re.S)
+    if body is None:
+        raise ValueError(f"enum {enum} not found in the header")
     return [m.partition("=")[0].strip() for m in body.group(1).split(",") if m.strip()]
 
 
@@ -117,7 +119,8 @@ NO_SLOT = 0xFFFFFFFF      # a rule_slot / essential_slot that names no counter s
 
 u8, u16, u32, u64 = np.uint8, np.uint16, np.uint32, np.uint64
 
-# struct name -> dtype; every dtype's itemsize equals the C sizeof (checked by the layout test).
+# struct name -> dtype; every dtype's itemsize equals the C sizeof (checked by the layout test). The table
+# slots (hw_*_slot), made of other dtypes, are added below the literal.
 DTYPES: dict[str, np.dtype] = {
     "hw_config": np.dtype([("gen", u32), ("ncpus", u32), ("test_now_ns", u64), ("manual_bans", u32), ("xdp_ingress", u32),
                            ("tick_ns", u64), ("tick_base_ns", u64), ("table_seed", u64)]),
@@ -169,16 +172,12 @@ DTYPES: dict[str, np.dtype] = {
                              ("bytes", u64, 2), ("cgroup_id", u64), ("rule_slot", u32), ("revision_id", u32),
                              ("state", u8), ("initiator", u8), ("origin", u8), ("fin_seen", u8), ("reported", u8),
                              ("report", u8), ("pad", u8, 2), ("slot_state", u64)]),
-    "hw_ct4_slot": None,   # filled below from the entry and key dtypes
-    "hw_ct6_slot": None,
     "hw_frag4_key": np.dtype([("saddr", u8, 4), ("daddr", u8, 4), ("id", ">u4"), ("proto", u8), ("dir", u8),
                               ("pad", u8, 2)]),
     "hw_frag6_key": np.dtype([("saddr", u8, 16), ("daddr", u8, 16), ("id", ">u4"), ("proto", u8), ("dir", u8),
                               ("pad", u8, 2)]),
     "hw_frag_entry": np.dtype([("created_ns", u64), ("rule_slot", u32), ("revision_id", u32), ("reason", u8),
                                ("pad", u8, 7), ("slot_state", u64)]),
-    "hw_frag4_slot": None,
-    "hw_frag6_slot": None,
     "hw_event": np.dtype([("ts_ns", u64), ("start_ns", u64), ("packets", u64, 2), ("bytes", u64, 2),
                           ("cgroup_id", u64), ("saddr", u8, 16), ("daddr", u8, 16), ("sport", ">u2"), ("dport", ">u2"),
                           ("ifindex", u32), ("rule_slot", u32), ("revision_id", u32), ("type", u8), ("family", u8),
@@ -194,7 +193,6 @@ DTYPES: dict[str, np.dtype] = {
     "hw_flow_val": np.dtype([("flows", u64), ("ended", u64), ("packets", u64), ("bytes", u64), ("first_ns", u64),
                              ("last_ns", u64)]),
     "hw_share_key": np.dtype([("addr", u8, 16), ("family", u8), ("pad", u8, 3), ("pad2", u32)]),
-    "hw_share_slot": None,  # filled below
     "hw_meta": np.dtype([("magic", u32), ("reason", u32)]),
     "hw_fqdn_rule": np.dtype([("order", u32), ("set", u32)]),
     "hw_fqdn_l4": np.dtype([("rules", u64)]),

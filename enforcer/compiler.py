@@ -250,7 +250,7 @@ def _l4_classes(rules: tuple[Rule, ...]) -> Classes:
     for order, rule in enumerate(rules):
         d = L.DIR[rule.direction]
         if rule.ports is not None:
-            protos = ["tcp", "udp"] if rule.protocol == "any" else [rule.protocol]
+            protos: list[str] = ["tcp", "udp"] if rule.protocol == "any" else [rule.protocol]
             spans = [(lo, hi + 1) for lo, hi in rule.ports]
         elif rule.icmp_types is not None:         # validation: only on icmp / icmpv6 rules
             protos = [rule.protocol]

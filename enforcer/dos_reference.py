@@ -17,6 +17,7 @@ pressure (conntrack evictions) is not modelled: tests/bpf/test_syn_proxy.py chec
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 NS = 1_000_000_000
@@ -106,7 +107,7 @@ class _Port:
 
 
 class DosModel:
-    def __init__(self, profile: ProfileParams | None, manual_bans: list[str] = ()):
+    def __init__(self, profile: ProfileParams | None, manual_bans: Iterable[str] = ()):
         self.p = profile
         self.src: dict[tuple, _Src] = {}
         self.glob: dict[int, list[int]] = {}         # idx -> [tokens, last]
@@ -114,13 +115,13 @@ class DosModel:
         self.manual = [ipaddress.ip_network(b) for b in manual_bans]
         self.proxy: str | None = None                # the SYN proxy's decision for the last packet
 
-    def _covers(self, port: int) -> bool:
-        return not self.p.proxy_ranges or any(lo <= port <= hi for lo, hi in self.p.proxy_ranges)
+    @staticmethod
+    def _covers(p: ProfileParams, port: int) -> bool:
+        return not p.proxy_ranges or any(lo <= port <= hi for lo, hi in p.proxy_ranges)
 
-    def _syn_port(self, pkt: Pkt, now: int) -> str | None:
+    def _syn_port(self, p: ProfileParams, pkt: Pkt, now: int) -> str | None:
         """bpf/dos.h syn_port_stage for a TCP packet."""
-        p = self.p
-        covered = p.proxy != PROXY_OFF and self._covers(pkt.dport)
+        covered = p.proxy != PROXY_OFF and self._covers(p, pkt.dport)
         st = self.ports.setdefault(pkt.dport, _Port())
         if not pkt.syn:
             if covered:
@@ -151,9 +152,10 @@ class DosModel:
                 return None
         return "syn_flood" if over else None
 
-    def _key(self, src: str) -> tuple:
+    @staticmethod
+    def _key(p: ProfileParams, src: str) -> tuple:
         a = ipaddress.ip_address(src)
-        plen = self.p.prefix_v4 if a.version == 4 else self.p.prefix_v6
+        plen = p.prefix_v4 if a.version == 4 else p.prefix_v6
         return (a.version, ipaddress.ip_network(f"{a}/{plen}", strict=False).network_address, plen)
 
     def _global(self, idx: int, rate: int, now: int) -> bool:
@@ -173,7 +175,7 @@ class DosModel:
         p = self.p
         if p is None:
             return None
-        k = self._key(pkt.src)
+        k = self._key(p, pkt.src)
         s = self.src.get(k)
         if s is None:
             s = self.src[k] = _Src(now, p.burst * NS, p.bps_burst * 1000, p.syn_pps * NS, p.udp_pps * NS, p.icmp_pps * NS)
@@ -210,7 +212,7 @@ class DosModel:
             if p.ban_after_ns and now - s.streak_start >= p.ban_after_ns:
                 s.banned_until = now + p.ban_ns
             return reason
-        if pkt.proto == 6 and (r := self._syn_port(pkt, now)):
+        if pkt.proto == 6 and (r := self._syn_port(p, pkt, now)):
             return r
         if pkt.proto == 6 and pkt.syn and p.syn_global_pps and self.proxy != "answer" and \
                 not self._global(0, p.syn_global_pps, now):

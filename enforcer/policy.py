@@ -308,7 +308,7 @@ class _Builder(DosBuilder):
             p = ("rules", i)
             if not isinstance(r, dict):
                 continue
-            name = r.get("name")
+            name = _get(r, "name")
             if self.ok(p + ("name",), name, str):
                 if name in PSEUDO_RULES:
                     self.issues.add(p + ("name",), f"{name!r} is reserved: it counts what passes before any "
@@ -337,10 +337,11 @@ class _Builder(DosBuilder):
             return PeerSet.everything()
         if "peers_file" in r:
             return self._peer_sets.get(p, PeerSet.everything())
-        peers = r.get("peers")
+        peers = _get(r, "peers")
         if not self.ok(p + ("peers",), peers, list):
             return PeerSet.everything()
-        v4, v6 = [], []
+        v4: list[tuple[int, int]] = []
+        v6: list[tuple[int, int]] = []
         for j, c in enumerate(peers):
             pj = p + ("peers", j)
             if not self.ok(pj, c, str):
@@ -354,7 +355,7 @@ class _Builder(DosBuilder):
         return PeerSet._from_pairs(v4, v6)
 
     def _ports(self, p: tuple, r: dict, proto: Any) -> tuple[tuple[int, int], ...] | None:
-        ports = r.get("ports")
+        ports = _get(r, "ports")
         if "ports" not in r:
             return None
         if proto in ("icmp", "icmpv6") and not self.issues.bad(p + ("protocol",)):
@@ -379,7 +380,7 @@ class _Builder(DosBuilder):
         is reported with its own path."""
         if "icmp_types" not in r:
             return None
-        types = r.get("icmp_types")
+        types = _get(r, "icmp_types")
         if proto not in ("icmp", "icmpv6"):
             if not self.issues.bad(p + ("protocol",)):
                 self.issues.add(p + ("icmp_types",), f"icmp_types need protocol icmp or icmpv6 (type names and "
@@ -454,8 +455,8 @@ class _Builder(DosBuilder):
                                                          "invalid lines", file=full)
                 parsed[full] = None if res.bad_total else PeerSet(False, res.v4_net, res.v4_len,
                                                                   res.v6_net, res.v6_len)
-            if parsed[full] is not None:
-                self._peer_sets[p] = parsed[full]
+            if (peer_set := parsed[full]) is not None:
+                self._peer_sets[p] = peer_set
 
     # -- conntrack
     def _unconfirmed_timeout(self, ct: Any) -> float | None:
@@ -490,7 +491,7 @@ class _Builder(DosBuilder):
             p = ("interfaces", i)
             if not isinstance(e, dict):
                 continue
-            name = e.get("name")
+            name = _get(e, "name")
             if self.ok(p + ("name",), name, str):
                 if name in PSEUDO_RULES:
                     self.issues.add(p + ("name",), f"{name!r} is reserved: it counts what passes before any "

@@ -10,10 +10,12 @@ other than off appears only in a stateful policy. Cost: O(ports) per profile.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from hostwall.units import parse_duration, parse_rate
+from hostwall.yamldoc import Issues
 
 from .validation import get_in as _get
 from .validation import merge_ranges, parse_port
@@ -50,6 +52,11 @@ class DosProfile:
 
 class DosBuilder:
     """policy._Builder's DoS part (a mixin: needs the builder's `ok`, `_num` and `issues`)."""
+
+    issues: Issues
+    if TYPE_CHECKING:                      # the builder's, declared for the type checker
+        def ok(self, path: tuple, value: Any, *types: type) -> bool: ...
+        def _num(self, path: tuple, value: Any, parse: Callable[[Any], Any] | None = None) -> Any: ...
 
     def _profiles(self, profiles: Any) -> dict[str, DosProfile]:
         out: dict[str, DosProfile] = {}
@@ -138,11 +145,11 @@ class DosBuilder:
         return merged or None
 
 
-def _proxy_mode(v: Any) -> str:
+def _proxy_mode(v: Any) -> Literal["off", "on", "auto"]:
     """syn.proxy: YAML 1.1 reads unquoted off/on as booleans; they mean the same."""
-    if v is True:
+    if v is True or v == "on":
         return "on"
-    return v if v in ("on", "auto") else "off"
+    return "auto" if v == "auto" else "off"
 
 
 def _int_or(v: Any, default: int) -> int:

@@ -278,7 +278,7 @@ def parse_peer_lines(lines: Sequence[str], progress: Callable[[int], None] | Non
     lines4: list[int] = []
     v6: list[tuple[int, int]] = []
     bad: list[tuple[int, str]] = []      # (line, raw text) for syntax errors; messages built later
-    hostbits: list[tuple[int, str]] = []
+    hostbits: list[tuple[int, str | None]] = []   # None: the text is read back when the message is built
     for i, raw in enumerate(lines):
         if progress is not None and not i & 0x3FFF and i:
             progress(i)
@@ -333,14 +333,13 @@ def parse_peer_lines(lines: Sequence[str], progress: Callable[[int], None] | Non
         lens = (key & np.uint64(0xFF)).astype(np.uint8)
     v6u = sorted(set(v6))
 
-    everything = sorted([(ln, s, False) for ln, s in bad] + [(ln, s, True) for ln, s in hostbits])
+    everything = sorted([(ln, t, False) for ln, t in bad] + [(ln, t, True) for ln, t in hostbits])
     msgs: list[tuple[int, str]] = []
-    for ln, s, hb in everything[:keep_bad]:
-        if s is None:
-            s = _strip_comment(lines[ln - 1])
+    for ln, text, hb in everything[:keep_bad]:
+        s = text if text is not None else _strip_comment(lines[ln - 1])
         if hb:
-            _, net, plen = _split_any(s)
-            msgs.append((ln, _host_bits_msg(s, 6 if ":" in s else 4, net, plen)))
+            _, net, prefix = _split_any(s)
+            msgs.append((ln, _host_bits_msg(s, 6 if ":" in s else 4, net, prefix)))
         else:
             try:
                 parse_cidr(s)

@@ -66,7 +66,7 @@ class LineIndex:
 
     __slots__ = ("root", "_key")
 
-    def __init__(self, root: yaml.Node | None = None, key_of: Callable[[yaml.Node], Any] | None = None):
+    def __init__(self, root: yaml.Node | None = None, key_of: Callable[[yaml.ScalarNode], Any] | None = None):
         self.root = root
         self._key = key_of or (lambda n: n.value)
 
@@ -224,6 +224,7 @@ class _Tree:
                     out_l.append(self.build(n))
                     path.pop()
                 return out_l
+            assert isinstance(node, yaml.MappingNode)     # the only other collection node
             return self._mapping(node)
         finally:
             self.active.discard(id(node))
@@ -285,21 +286,21 @@ def load_yaml(text: str, issues: Issues) -> Any:
         what = " ".join(x for x in (e.context, e.problem) if x)
         if mark and "\t" in (text.split("\n")[mark.line] if mark.line < text.count("\n") + 1 else ""):
             what += " (tabs are not allowed for indentation; use spaces)"
-        issues.add("", f"YAML syntax error: {what}; fix the YAML syntax",
+        issues.add((), f"YAML syntax error: {what}; fix the YAML syntax",
                    line=mark.line + 1 if mark else None, use_index=False)
         return _MISSING
     except yaml.YAMLError as e:
-        issues.add("", f"YAML error: {e}", use_index=False)
+        issues.add((), f"YAML error: {e}", use_index=False)
         return _MISSING
     if node is None:
-        issues.add("", "policy is empty; start with 'version: 1' and 'name: ...'", line=1, use_index=False)
+        issues.add((), "policy is empty; start with 'version: 1' and 'name: ...'", line=1, use_index=False)
         return _MISSING
     tree = _Tree(issues)
     issues.index = LineIndex(node, tree.key_of)
     try:
         return tree.build(node)
     except _TooBig:
-        issues.add("", f"document expands to more than {_MAX_NODES} YAML nodes (alias bomb?)")
+        issues.add((), f"document expands to more than {_MAX_NODES} YAML nodes (alias bomb?)")
     except RecursionError:
-        issues.add("", "document is nested too deeply")
+        issues.add((), "document is nested too deeply")
     return _MISSING

@@ -20,11 +20,15 @@ from __future__ import annotations
 import bisect
 import socket
 from collections.abc import Sequence
+from typing import Literal
 
 import numpy as np
 
 from ..policy import Policy
 from ..reference import PROTO_NUMBERS, Decision, Packet, evaluate
+from .packet import CasePacket
+
+AnyPacket = Packet | CasePacket       # the reference model's packets and the cases' (same attributes)
 
 __all__ = ["BatchReference"]
 
@@ -116,7 +120,7 @@ class BatchReference:
         return {4: _merge(s4, e4), 6: _merge(s6, e6)}
 
     @staticmethod
-    def plain(p: Packet) -> bool:
+    def plain(p: AnyPacket) -> bool:
         """Judged by the rules alone: not a later fragment, and not ICMP other than echo."""
         if p.fragment:
             return False
@@ -125,7 +129,7 @@ class BatchReference:
             return t is None or t in _ECHO[p.protocol]
         return True
 
-    def orders(self, pkts: Sequence[Packet]) -> np.ndarray:
+    def orders(self, pkts: Sequence[AnyPacket]) -> np.ndarray:
         """Order of the deciding rule per plain packet (-1: the default); -2 for packets that are not
         plain (judge those with reference.evaluate)."""
         n = len(pkts)
@@ -134,24 +138,24 @@ class BatchReference:
         idx_l, dir_l, fam_l, proto_l, key_l, addr_l = [], [], [], [], [], []
         rank6 = self._rank6
         for i, p in enumerate(pkts):
-            proto = p.protocol
+            pnum = p.protocol
             if p.fragment:
                 continue
-            if proto in (6, 17):
-                key = p.dport
-            elif proto in (1, 58):
+            if pnum in (6, 17):
+                kval = p.dport
+            elif pnum in (1, 58):
                 t = getattr(p, "icmp_type", None)
-                if t is not None and t not in _ECHO[proto]:
+                if t is not None and t not in _ECHO[pnum]:
                     continue                     # not plain: reference.evaluate judges it
-                key = _icmp_key(p)
+                kval = _icmp_key(p)
             else:
-                key = -1
+                kval = -1
             egress = p.direction == "egress"
             peer = p.dst if egress else p.src
             idx_l.append(i)
             dir_l.append(egress)
-            proto_l.append(proto)
-            key_l.append(key)
+            proto_l.append(pnum)
+            key_l.append(kval)
             if ":" in peer:
                 fam_l.append(6)
                 addr_l.append(rank6(_addr6(peer)))
@@ -196,6 +200,7 @@ class BatchReference:
                 hi = np.array([b + 1 for _, b in ports], dtype=np.int64)
                 cand = np.concatenate([by_key[(d, p)].ranges(lo, hi) for p in ((6, 17) if pr is None else (pr,))])
             elif icmp is not None:
+                assert pr is not None                # icmp_types: only on icmp / icmpv6 rules (validation)
                 lo = np.array([a for a, _ in icmp], dtype=np.int64)
                 hi = np.array([b + 1 for _, b in icmp], dtype=np.int64)
                 cand = by_key[(d, pr)].ranges(lo, hi)
@@ -224,13 +229,13 @@ class BatchReference:
         out[idx] = dec
         return out
 
-    def evaluate(self, pkts: Sequence[Packet]) -> list[Decision]:
+    def evaluate(self, pkts: Sequence[AnyPacket]) -> list[Decision]:
         """Decisions in the packets' order (exactly reference.evaluate's). Packets may also be
         analysis.packet.CasePacket (same attributes); those that are not plain are converted for
         reference.evaluate."""
         orders = self.orders(pkts)
         policy = self.policy
-        drop = "would_drop" if policy.defaults.audit else "drop"
+        drop: Literal["drop", "would_drop"] = "would_drop" if policy.defaults.audit else "drop"
         out: list[Decision] = []
         for p, o in zip(pkts, orders.tolist()):
             if o == -2:
@@ -247,7 +252,7 @@ class BatchReference:
         return out
 
 
-def _icmp_key(p: Packet) -> int:
+def _icmp_key(p: AnyPacket) -> int:
     """ICMP type << 8 | code (policy v2's key); -1 for other protocols (no key)."""
     if p.protocol not in (1, 58):
         return -1

@@ -150,7 +150,7 @@ def parse_selector(d: Any, issues: Issues, p: tuple) -> Selector | None:
     if proto not in names:
         issues.add(p + ("protocol",), f"protocol must be one of {', '.join(names)}, not {proto!r}")
         return None
-    protocols = None if proto == "any" else (proto,)
+    protocols: tuple[str, ...] | None = None if proto == "any" else (proto,)
     ports = None
     if "ports" in d:
         if proto not in ("tcp", "udp", "any") or not isinstance(d["ports"], list):
@@ -258,7 +258,7 @@ def parse_cases(text: str, source: str = "<cases>", policy: Policy | None = None
         raise PolicyError(issues.sorted())
     out = CaseFile(source)
     if not isinstance(data, dict):
-        issues.add("", "the cases file is a mapping with 'cases' and/or 'invariants'")
+        issues.add((), "the cases file is a mapping with 'cases' and/or 'invariants'")
         raise PolicyError(issues.sorted())
     for k in sorted(set(data) - {"local", "cases", "invariants"}):
         issues.add((k,), f"unknown key {k!r}; a cases file has local, cases and invariants")
@@ -282,7 +282,7 @@ def parse_cases(text: str, source: str = "<cases>", policy: Policy | None = None
             continue
         for k in sorted(set(c) - {"name", "packet", "state", "expect"}):
             issues.add(p + (k,), f"unknown key {k!r}; a case has name, packet, state and expect")
-        name = c.get("name") if isinstance(c.get("name"), str) else f"case {i + 1}"
+        name = c["name"] if isinstance(c.get("name"), str) else f"case {i + 1}"
         if name in names:
             issues.add(p + ("name",), f"duplicate case name {name!r} (first at line {names[name]})")
         names[name] = issues.index.line(p) or 0
@@ -317,10 +317,10 @@ def parse_cases(text: str, source: str = "<cases>", policy: Policy | None = None
         kind = "never" if "never" in v else "always"
         sel = parse_selector(v[kind], issues, p + (kind,))
         if sel is not None:
-            nm = v.get("name") if isinstance(v.get("name"), str) else f"invariant {i + 1}"
+            nm = v["name"] if isinstance(v.get("name"), str) else f"invariant {i + 1}"
             out.invariants.append(Invariant(nm, issues.index.line(p), kind, sel))
     if not out.cases and not out.invariants and not len(issues):
-        issues.add("", "the cases file has no cases and no invariants")
+        issues.add((), "the cases file has no cases and no invariants")
     if len(issues):
         raise PolicyError(issues.sorted())
     return out

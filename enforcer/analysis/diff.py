@@ -98,7 +98,7 @@ class PolicyDiff:
     def to_json(self) -> dict:
         """Peers inline when short; a set shared by several regions or longer than 64 CIDRs is listed
         once under peer_sets and named by its index (a diff of unrelated block lists repeats them)."""
-        sets: dict[object, int] = {}
+        sets: dict[tuple[int, int], int] = {}
         table: list[list[str]] = []
         changes = []
         for c in self.changes:

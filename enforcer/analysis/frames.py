@@ -63,6 +63,7 @@ def _l4(p: CasePacket, src: bytes, dst: bytes) -> bytes:
 def _embedded(p: CasePacket, dst_of_inner: bytes, v6: bool) -> bytes:
     """The packet an ICMP error is about: its IP header (from `p.about` to the error's sender) and the
     first 8 bytes of its UDP datagram (ports 40000 → 53)."""
+    assert p.about is not None                  # the caller checks it
     src = socket.inet_pton(socket.AF_INET6 if v6 else socket.AF_INET, p.about)
     udp = struct.pack("!HHHH", 40000, 53, 8 + len(_PAYLOAD), 0)
     if v6:

@@ -51,7 +51,9 @@ class InvariantResult:
         head = f"invariant {inv.name!r} ({inv.kind}: {inv.selector.text()})"
         if self.holds:
             return f"{head}: holds"
-        out = [f"{head}: VIOLATED, e.g. `{self.counterexample.text()}` → {self.outcome.text()}"]
+        pkt, outcome = self.counterexample, self.outcome
+        assert pkt is not None and outcome is not None    # a violated invariant has its counterexample
+        out = [f"{head}: VIOLATED, e.g. `{pkt.text()}` → {outcome.text()}"]
         out += [f"    violated for {r.text()}" for r in self.regions]
         return "\n".join(out)
 
@@ -124,6 +126,7 @@ def check_invariant(policy: Policy, dt: DecisionTable, inv: Invariant, local: di
     keys = keys_by_col[lc]
     key = (keys - Span.point(0)).sample() if name in ("tcp", "udp") else None
     key = keys.first() if key is None else key
+    assert peer is not None and key is not None       # the cell is inside the set: neither span is empty
     pkt = _packet(sel.direction, fam, name, addr_text(fam, peer), key, local, cond)
     out = outcome_of(evaluate(policy, pkt.reference()))
     if (out.verdict == "allow") != (inv.kind == "never"):

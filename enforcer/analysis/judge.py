@@ -114,7 +114,9 @@ def reference_outcomes(policy: Policy, packets: list[CasePacket], batch: BatchRe
     opener_pos: dict[int, int] = {}
     for i in stateful:
         opener_pos[i] = len(order)
-        order.append(packets[i].opener()[0])
+        opened_by = packets[i].opener()
+        assert opened_by is not None                      # its state is not new
+        order.append(opened_by[0])
     orders = batch.orders(order).tolist()
     drop = "would_drop" if policy.defaults.audit else "drop"
     by_rule = [Outcome(drop, "policy_deny", r.name) if r.action == "deny" else Outcome("allow", "pass_rule", r.name)
@@ -129,10 +131,7 @@ def reference_outcomes(policy: Policy, packets: list[CasePacket], batch: BatchRe
         if o == -1:
             return default[order[k].direction]
         return outcome_of(evaluate(policy, order[k].reference()))
-    out = [by_rule[o] if o >= 0 else None for o in orders[:len(packets)]]
-    for i, o in enumerate(out):
-        if o is None:
-            out[i] = decided(i)
+    out = [by_rule[o] if o >= 0 else decided(i) for i, o in enumerate(orders[:len(packets)])]
     for i in stateful:
         p = packets[i]
         memo = {p: decided(i), order[opener_pos[i]]: decided(opener_pos[i])}

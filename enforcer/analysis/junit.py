@@ -34,6 +34,7 @@ def junit_xml(rep: TestReport) -> bytes:
         tc = ET.SubElement(invs, "testcase", classname="invariants", name=i.invariant.name, file=src,
                            line=str(i.invariant.line or 0))
         if not i.holds:
+            assert i.counterexample is not None           # a violated invariant has its counterexample
             f = ET.SubElement(tc, "failure", message=f"violated, e.g. {i.counterexample.text()}", type="invariant")
             f.text = i.text()
     ET.indent(root)

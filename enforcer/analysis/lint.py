@@ -89,6 +89,7 @@ def lint(policy: Policy, dt: DecisionTable | None = None, max_regions: int = 3) 
 def _lint(policy: Policy, dt: DecisionTable | None, max_regions: int) -> list[Finding]:
     dt = dt or decision_table(policy)
     first, second = dt.owners(second=True)
+    assert second is not None                     # asked for
     rules = policy.rules
     actions = dt.t.actions
     dflt_l4 = np.array([dt.t.default[int(d)] for d in dt.l4_dir], dtype=np.int64)
@@ -152,7 +153,7 @@ def _lint(policy: Policy, dt: DecisionTable | None, max_regions: int) -> list[Fi
     return out
 
 
-def _essential_conflict(dt: DecisionTable, r: int, blocks, first: np.ndarray, loc: tuple,
+def _essential_conflict(dt: DecisionTable, r: int, blocks, first: np.ndarray, loc: tuple[str, str, int],
                         max_regions: int) -> Finding | None:
     """A deny rule that would decide ICMP messages essential ICMP passes first: the cells it decides
     whose messages can be essential, with the condition under which they pass anyway."""

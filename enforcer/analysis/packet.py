@@ -28,8 +28,9 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Literal, cast
 
+from ..policy import Direction
 from ..reference import Packet
 
 __all__ = ["CasePacket", "parse_packet", "packet_from_mapping", "PROTOCOLS", "DEFAULT_LOCAL", "icmp_type_number",
@@ -95,7 +96,7 @@ class CasePacket:
     about: str | None = None         # ICMP error: the embedded packet's source address (None: none embedded)
 
     @property
-    def family(self) -> int:
+    def family(self) -> Literal[4, 6]:
         return 6 if ":" in self.src else 4           # src is a validated address (packet_from_mapping)
 
     @property
@@ -128,11 +129,12 @@ class CasePacket:
         """The reference model's view (enforcer/reference.py): ports only for tcp/udp; ICMP type, code,
         hop limit and embedded source when the model has them (policy v2)."""
         ported = self.protocol in (6, 17) and not self.fragment
-        kw = {}
+        kw: dict[str, Any] = {}
         if self.protocol in (1, 58) and "icmp_type" in Packet.__dataclass_fields__:
             kw = {"icmp_type": self.icmp[0], "icmp_code": self.icmp_code, "hop_limit": self.hop_limit,
                   "inner_src": self.about}
-        return Packet(self.direction, self.family, self.src, self.dst, self.protocol,
+        direction = cast(Direction, self.direction)  # ingress/egress (packet_from_mapping; Packet checks it)
+        return Packet(direction, self.family, self.src, self.dst, self.protocol,
                       self.sport if ported else 0, self.dport if ported else 0, self.fragment, **kw)
 
     def text(self) -> str:
@@ -241,9 +243,10 @@ def packet_from_mapping(d: dict, local: dict[int, str] | None = None) -> CasePac
     proto = _proto(d["protocol"])
     src = _addr(d["src"], "src") if d.get("src") is not None else None
     dst = _addr(d["dst"], "dst") if d.get("dst") is not None else None
-    if src is None and dst is None:
+    given = src if src is not None else dst
+    if given is None:
         raise ValueError("give at least the peer's address (src for ingress, dst for egress)")
-    fam = ipaddress.ip_address(src or dst).version
+    fam = ipaddress.ip_address(given).version
     src, dst = src or local[fam], dst or local[fam]
     if ipaddress.ip_address(src).version != ipaddress.ip_address(dst).version:
         raise ValueError(f"src {src} and dst {dst} are of different address families")

@@ -80,13 +80,15 @@ class Region:
     __slots__ = ("direction", "family", "protocol", "keys", "_peers", "_load", "peer_key", "cond")
 
     def __init__(self, direction: str, family: int, protocol: str, keys: Span, peers: Span | None = None,
-                 load: Callable[[], Span] | None = None, peer_key: object = None, cond: int = COND_NONE):
+                 load: Callable[[], Span] | None = None, peer_key: tuple[int, int] | None = None,
+                 cond: int = COND_NONE):
         self.direction, self.family, self.protocol, self.keys = direction, family, protocol, keys
         self._peers, self._load, self.peer_key, self.cond = peers, load, peer_key, cond
 
     @property
     def peers(self) -> Span:
         if self._peers is None:
+            assert self._load is not None         # a region is made with its peers or their loader
             self._peers = self._load()
         return self._peers
 
@@ -129,14 +131,17 @@ class Region:
     def sample(self, local: dict[int, str]) -> Packet:
         """A packet inside the region (a port, not a fragment, when the region has one; meeting its
         condition)."""
+        peer = self.peers.sample()
+        assert peer is not None                   # regions are never empty
         if self.cond == COND_FRAG:
-            return sample_packet(L.DIR[self.direction], self.family, L.PROTO_IDX["tcp"], self.peers.sample(), 0, local)
+            return sample_packet(L.DIR[self.direction], self.family, L.PROTO_IDX["tcp"], peer, 0, local)
         proto = "tcp" if self.protocol == "any" else self.protocol
         keys = key_domain(L.PROTO_IDX["tcp"]) if self.protocol == "any" else self.keys
         key = (keys - Span.point(0)).sample() if proto in ("tcp", "udp") else None
         if key is None:
             key = keys.first()
-        return sample_packet(L.DIR[self.direction], self.family, L.PROTO_IDX[proto], self.peers.sample(), key, local,
+        assert key is not None
+        return sample_packet(L.DIR[self.direction], self.family, L.PROTO_IDX[proto], peer, key, local,
                              self.cond)
 
 
@@ -206,7 +211,7 @@ _CONDS = 16            # conditions are folded into the tags: tag * _CONDS + con
 
 
 def regions(ax: Axes, rows: np.ndarray, cols: np.ndarray, tags: np.ndarray | None = None,
-            conds: np.ndarray | None = None) -> list[tuple[object, Region]]:
+            conds: np.ndarray | None = None) -> list[tuple[int, Region]]:
     """Group cells (rows[i], cols[i]) — optionally with a tag each (e.g. old → new outcome) and a
     condition each (stages.COND_*: which of the cell's packets are meant) — into regions:
     [(tag, Region)], ordered by direction, family, protocol, first key, first peer. Cells with

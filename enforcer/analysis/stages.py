@@ -24,10 +24,14 @@ and bpf/essential.h (tests/tooling checks the analysis against the reference mod
 from __future__ import annotations
 
 import ipaddress
+from typing import TYPE_CHECKING, TypeVar
 
 from hostwall.bpf import layout as L
 
 from .intervals import V6_END, Span
+
+if TYPE_CHECKING:
+    import numpy as np
 
 __all__ = ["ESS_NONE", "ESS_ND", "ESS_MLD", "ESS_PMTU", "KIND_NAMES", "COND_NONE", "COND_NOT_ESS", "COND_FRAG",
            "cond_essential", "cond_kind", "essential_spans", "kinds_in", "LINK_LOCAL", "cond_text", "essential_fields",
@@ -41,9 +45,10 @@ KIND_NAMES = {ESS_ND: "neighbour/router discovery", ESS_MLD: "multicast listener
 # judge where essential ICMP is on), a later fragment, or essential ICMP of one kind (4 + kind)
 COND_NONE, COND_NOT_ESS, COND_FRAG = 0, 1, 2
 _COND_ESS = 4
+_IntOrArray = TypeVar("_IntOrArray", int, "np.ndarray")    # a condition, or one per cell
 
 
-def cond_essential(kind: int) -> int:
+def cond_essential(kind: _IntOrArray) -> _IntOrArray:
     return _COND_ESS + kind
 
 

@@ -32,13 +32,14 @@ import contextlib
 import dataclasses
 import gc
 from dataclasses import dataclass
+from typing import Any, Literal, cast
 
 import numpy as np
 
 from hostwall.bpf import layout as L
 
 from ..compiler import CompiledPolicy, compile_policy
-from ..policy import Policy, Rule
+from ..policy import Direction, Policy, Rule
 from ..reference import PROTO_NUMBERS, Packet
 from .intervals import PORT_END, V4_END, V6_END, Span
 from .stages import ESS_MLD, ESS_NONE, LINK_LOCAL, cond_kind, essential_fields, essential_spans
@@ -55,7 +56,7 @@ PIDX_NAMES = {v: k for k, v in L.PROTO_IDX.items()}
 _P_TCP, _P_UDP, _P_ICMP, _P_ICMP6, _P_OTHER = (L.PROTO_IDX[k] for k in ("tcp", "udp", "icmp", "icmpv6", "other"))
 ALLOW, DROP, WOULD_DROP = 0, 1, 2
 VERDICT_NAMES = ("allow", "drop", "would_drop")
-DIR_NAMES = {v: k for k, v in L.DIR.items()}
+DIR_NAMES: dict[int, Direction] = {L.DIR["ingress"]: "ingress", L.DIR["egress"]: "egress"}
 OTHER_PROTO_SAMPLE = 47            # GRE: the protocol a counterexample uses for "other"
 
 
@@ -367,7 +368,7 @@ class DecisionTable(Axes):
         """The reachable cells rule `r` matches, as at most two (peer rows, L4 columns) blocks (one per
         family); empty blocks are left out."""
         rows, cols = self.rule_peers[r], self.rule_l4[r]
-        out = []
+        out: list[tuple[np.ndarray, np.ndarray]] = []
         if not len(rows) or not len(cols):
             return out
         fam = self.peer_family[rows]
@@ -450,15 +451,16 @@ def sample_packet(direction: int, family: int, pidx: int, peer: int, key: int, l
     embedded packet), which meet no essential condition."""
     from .intervals import addr_text
     d = DIR_NAMES[direction]
+    fam = cast(Literal[4, 6], family)             # a cell's family: 4 or 6 (Packet checks the addresses)
     peer_s, loc = addr_text(family, peer), local[family]
     src, dst = (peer_s, loc) if d == "ingress" else (loc, peer_s)
     name = PIDX_NAMES[pidx]
     if name in ("tcp", "udp"):
-        return Packet(d, family, src, dst, PROTO_NUMBERS[name], 40000 if key else 0, key, fragment=key == 0)
+        return Packet(d, fam, src, dst, PROTO_NUMBERS[name], 40000 if key else 0, key, fragment=key == 0)
     if name in ("icmp", "icmpv6"):
-        kw = {"icmp_type": key >> 8, "icmp_code": key & 255} if ICMP_KEYED else {}
+        kw: dict[str, Any] = {"icmp_type": key >> 8, "icmp_code": key & 255} if ICMP_KEYED else {}
         if cond_kind(cond):
             kw.update(essential_fields(cond_kind(cond), d, family, peer_s, loc))
             src = kw.pop("src", src)
-        return Packet(d, family, src, dst, PROTO_NUMBERS[name], **kw)
-    return Packet(d, family, src, dst, OTHER_PROTO_SAMPLE)
+        return Packet(d, fam, src, dst, PROTO_NUMBERS[name], **kw)
+    return Packet(d, fam, src, dst, OTHER_PROTO_SAMPLE)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import difflib
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from hostwall.yamldoc import PolicyError
@@ -131,7 +132,7 @@ def _simplify(rules: list[tuple[dict, list[Origin]]], render) -> list[tuple[dict
     return rules
 
 
-def translate(rulesets: list[IRuleset], ctx: Context, name: str = "imported", header: list[str] = ()) -> Translation:
+def translate(rulesets: list[IRuleset], ctx: Context, name: str = "imported", header: Sequence[str] = ()) -> Translation:
     # pass 1: is any ESTABLISHED accept reached? (NEW conditions depend on it)
     probe = [Flattener(rs, Context(ctx.interface, ctx.local, True)) for rs in rulesets]
     stateful = False

@@ -270,6 +270,7 @@ class Flattener:
                 self.mark(o, "untranslated", "; ".join(res.why))
                 continue
             fresh = new_only or res.new_only
+            assert res.match is not None            # resolve: no match comes with `never` or `why`
             m = ctx & res.match
             if m is None:
                 self.mark(o, "not_here", "matches nothing in the context it is reached in")
@@ -300,6 +301,7 @@ class Flattener:
                 tail = self.restrict(cont, m) + tail
             elif t in ("JUMP", "GOTO"):
                 target = rule.chain_target
+                assert target is not None           # the parser sets it on every JUMP / GOTO
                 if target in stack:
                     self.mark(o, "untranslated", f"jump loop through chain {target}")
                     continue

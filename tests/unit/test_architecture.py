@@ -6,9 +6,10 @@
   import breaks them with a message naming it;
 - no import circles at all (strongly connected modules in the import graph);
 - no module over 600 lines in the enforcer, the collector and the lab;
-- ruff is clean; no file cites a document that is not in the repository.
+- ruff is clean; mypy is clean over the policy-pure packages (pyproject.toml [tool.mypy]); no file
+  cites a document that is not in the repository.
 
-import-linter and grimp find modules by walking the package's folder, and ours are spread over the
+import-linter, grimp and mypy find modules by walking the package's folder, and ours are spread over the
 repository's top-level folders; `installed_tree` copies them into the installed layout first.
 """
 from __future__ import annotations
@@ -168,6 +169,24 @@ def test_ruff_is_clean():
     r = subprocess.run([_venv_tool("ruff"), "check", "--no-cache", str(ROOT)], cwd=ROOT, capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-2000:]
+
+
+def _checkout_path(installed: str) -> str:
+    """hostwall/enforcer/policy.py -> enforcer/policy.py: the file to edit for a path in the installed tree."""
+    for pkg in sorted(PACKAGE_DIR, key=len, reverse=True):
+        prefix = pkg.replace(".", "/") + "/"
+        if installed.startswith(prefix):
+            return PACKAGE_DIR[pkg] + "/" + installed[len(prefix):]
+    return installed
+
+
+@pytest.mark.timeout(600)
+def test_mypy_is_clean_on_the_pure_packages(tmp_path):
+    tree = installed_tree(tmp_path / "tree")
+    r = subprocess.run([_venv_tool("mypy"), "--cache-dir", str(tmp_path / "cache")], cwd=tree, capture_output=True,
+                       text=True, timeout=600)
+    report = re.sub(r"^(hostwall/\S+?\.py)(?=:)", lambda m: _checkout_path(m.group(1)), r.stdout, flags=re.M)
+    assert r.returncode == 0, report[-6000:] + r.stderr[-2000:]
 
 
 def test_no_file_cites_a_document_outside_the_repository():
