@@ -3,12 +3,11 @@
 the GC pause around dict building."""
 from __future__ import annotations
 
-import gc
 import socket
 
 import numpy as np
 
-__all__ = ["as_dtype", "GcPaused", "pairs", "ntop", "packed", "column_names", "endpoint_keys", "ENDPOINT_KEY_BYTES"]
+__all__ = ["as_dtype", "pairs", "ntop", "packed", "column_names", "endpoint_keys", "ENDPOINT_KEY_BYTES"]
 
 
 def as_dtype(arr, dt: np.dtype) -> np.ndarray | None:
@@ -28,22 +27,6 @@ def as_dtype(arr, dt: np.dtype) -> np.ndarray | None:
         return np.ascontiguousarray(arr.astype(dt))
     except (TypeError, ValueError):
         return None
-
-
-class GcPaused:
-    """Pause the cyclic GC while a batch builds: records are acyclic dicts, but allocating ~15 of them
-    per record triggers generation scans that cost as much as building them. Reference counting
-    still frees everything; the GC resumes (and catches up) when the batch is done. The Kafka sink
-    pauses it the same way around its per-record loops."""
-    __slots__ = ("was",)
-
-    def __enter__(self):
-        self.was = gc.isenabled()
-        gc.disable()
-
-    def __exit__(self, *exc):
-        if self.was:
-            gc.enable()
 
 
 def pairs(col: np.ndarray) -> list[tuple[int, int]]:

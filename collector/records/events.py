@@ -26,9 +26,10 @@ import numpy as np
 
 from hostwall.bpf import layout as L
 from hostwall.bpf.clock import Clock
+from hostwall.gcpause import GcPaused
 
 from .base import DIR_NAMES, ECS_VERSION, SCHEMA_VERSION
-from .batch import GcPaused, as_dtype, column_names, endpoint_keys
+from .batch import as_dtype, column_names, endpoint_keys
 from .endpoints import EndpointCache
 from .flowtable import OpenFlow
 from .timefmt import iso_column

@@ -54,7 +54,9 @@ from .kafka_client import client_kwargs, sasl_password, ssl_context
 from .kafka_health import LATENCY_BUCKETS_S, LatencyHistogram, SpoolAge, err_name, is_fatal, is_rejected
 from .kafka_probe import probe_kafka
 from .kafka_replay import Flight, SpoolReplay, seq_runs
-from .kafka_wire import GcPaused, enqueue_time, fill, make_encoder, route, spool_dir_for
+from hostwall.gcpause import GcPaused
+
+from .kafka_wire import enqueue_time, fill, make_encoder, route, spool_dir_for
 from .spool import Spool, SpoolError
 
 log = logging.getLogger("hostwall.collector.kafka")

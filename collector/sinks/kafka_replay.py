@@ -37,7 +37,9 @@ from collections import deque
 from .base import Call, Health
 from .kafka_health import err_name, is_fatal, is_rejected
 from .kafka_probe import probe_kafka
-from .kafka_wire import ANOMALIES, AUDIT, FLOWS, GcPaused, fill, pack, unpack
+from hostwall.gcpause import GcPaused
+
+from .kafka_wire import ANOMALIES, AUDIT, FLOWS, fill, pack, unpack
 from .spool import SpoolError
 
 log = logging.getLogger("hostwall.collector.kafka")

@@ -33,10 +33,11 @@ from pathlib import Path
 
 import orjson
 
-from ..records.batch import GcPaused
+from hostwall.gcpause import GcPaused
+
 from .base import SinkUnavailable
 
-__all__ = ["ANOMALIES", "AUDIT", "FLOWS", "HEADER_NAMES", "GcPaused", "fill", "make_encoder", "pack", "route",
+__all__ = ["ANOMALIES", "AUDIT", "FLOWS", "HEADER_NAMES", "fill", "make_encoder", "pack", "route",
            "spool_dir_for", "unpack"]
 
 FLOWS, ANOMALIES, AUDIT = 0, 1, 2
