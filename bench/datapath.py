@@ -333,6 +333,11 @@ def run(quick: bool) -> dict[str, float]:
                         or c.name.startswith("ns_empty"):
                     m[c.name + "_min"] = c_min
             _ct_insert(instances[-1], bp, flows, m)      # bp: the max policy (the last instance)
+            mem = instances[-1].map_memory()            # what the max policy's instance costs in kernel memory
+            m["map_memory_mb_max_policy"] = mem["total_bytes"] / 2**20
+            for name, b in mem["maps"].items():
+                if b >= 1 << 20:
+                    m[f"map_memory_mb_{name}"] = b / 2**20
         # contract names (docs/benchmarks.md)
         for fam in ("v4", "v6"):
             m[f"ns_per_pkt_{fam}_10_rules"] = m[f"ns_xdp_{fam}_10_rules_allow"]

@@ -131,6 +131,20 @@ def map_info(fd: int) -> MapInfo:
                    info.name.decode())
 
 
+def map_memlock(fd: int) -> int:
+    """Bytes the kernel charges for a map (the `memlock` line of its fd's /proc fdinfo: its allocation,
+    per-CPU copies included; for hash maps that allocate as they fill, the kernel's estimate of the full
+    map). 0 when the kernel does not report it. Cost: one small procfs read."""
+    try:
+        with open(f"/proc/self/fdinfo/{fd}") as f:
+            for line in f:
+                if line.startswith("memlock:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
 def prog_stats(fd: int) -> tuple[int, int]:
     """(run_time_ns, run_cnt) of a program; non-zero only with kernel.bpf_stats_enabled=1."""
     info = _ProgInfo()

@@ -233,6 +233,13 @@ class Instance:
             out[name] = pressure_row(bpfsys.count_entries(fd, ksize, vbytes), bpfsys.map_info(fd).max_entries)
         return out
 
+    def map_memory(self) -> dict:
+        """Kernel memory of the instance's maps as the kernel charges it (bpfsys.map_memlock), per map and
+        in total: the price of every table, so a faster structure's cost is visible (docs/datapath.md
+        "Limits"). Cost: one procfs read per map."""
+        maps = {name: bpfsys.map_memlock(fd) for name, fd in sorted(self.map_fds.items())}
+        return {"maps": maps, "total_bytes": sum(maps.values())}
+
     def clear_conntrack(self) -> None:
         """Forget every tracked connection and every noted fragmented datagram (tests, benchmarks);
         no flow ends are reported."""

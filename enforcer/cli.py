@@ -271,6 +271,11 @@ def cmd_status(a) -> int:
         t.add_row(m, str(v["entries"]), str(v["capacity"]), f"{v['percent']:.1f}", str(v.get("evicted", "")),
                   str(v.get("evicted_unconfirmed", "")), str(v.get("evicted_established", "")))
     con.print(t)
+    mem = s.get("map_memory")
+    if mem:
+        top = sorted(mem["maps"].items(), key=lambda kv: -kv[1])[:5]
+        con.print(f"map memory: {mem['total_bytes'] / 2**20:.1f} MiB in {len(mem['maps'])} maps (largest: "
+                  + ", ".join(f"{n} {b / 2**20:.1f} MiB" for n, b in top) + ")")
     return EXIT_OK
 
 

@@ -344,6 +344,7 @@ def status(pin_dir: str, with_pressure: bool = True) -> dict:
             finally:
                 fm.close()
             out["fqdn"]["datapath"] = dp.fqdn_stats()
+        out["map_memory"] = dp.map_memory()
         if with_pressure:
             out["map_pressure"] = {**policy_pressure(st.tables), **dp.map_pressure()}
         return out

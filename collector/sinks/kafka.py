@@ -48,14 +48,14 @@ from collections import Counter, deque
 
 import aiokafka  # at import: a build without it fails in build_sink
 
+from hostwall.gcpause import GcPaused
+
 from ..backoff import Backoff
 from .base import BaseSink, FullQueuePolicy, Health, SinkUnavailable
 from .kafka_client import client_kwargs, sasl_password, ssl_context
 from .kafka_health import LATENCY_BUCKETS_S, LatencyHistogram, SpoolAge, err_name, is_fatal, is_rejected
 from .kafka_probe import probe_kafka
 from .kafka_replay import Flight, SpoolReplay, seq_runs
-from hostwall.gcpause import GcPaused
-
 from .kafka_wire import enqueue_time, fill, make_encoder, route, spool_dir_for
 from .spool import Spool, SpoolError
 

@@ -34,11 +34,11 @@ import logging
 import time
 from collections import deque
 
+from hostwall.gcpause import GcPaused
+
 from .base import Call, Health
 from .kafka_health import err_name, is_fatal, is_rejected
 from .kafka_probe import probe_kafka
-from hostwall.gcpause import GcPaused
-
 from .kafka_wire import ANOMALIES, AUDIT, FLOWS, fill, pack, unpack
 from .spool import SpoolError
 

@@ -12,6 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from hostwall.bpf import conntrack
+from hostwall.bpf import layout as L
+
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "policy.yaml"
 POLICY = """
@@ -110,6 +113,9 @@ def test_run_apply_status_detach(inst):
     assert {"hw_ct4", "hw_ct6", "hw_dos_src", "hw_drops0", "policy.rules", "policy.v4_intervals"} <= set(s["map_pressure"])
     assert s["map_pressure"]["policy.rules"]["entries"] == 2
     assert all(0 <= m["percent"] <= 100 for m in s["map_pressure"].values())
+    mem = s["map_memory"]                  # the kernel's charge per map: an array costs at least its values
+    assert mem["total_bytes"] == sum(mem["maps"].values()) and {"hw_ct4", "hw_ct6", "hw_dos_src"} <= set(mem["maps"])
+    assert mem["maps"]["hw_ct4"] >= conntrack.SLOT_DT[4].itemsize * L.CT_MAX, mem["maps"]["hw_ct4"]
     gen = s["generation"]
 
     r = cli("apply", write(tmp, "b.yaml", POLICY.format(rev="r2")), env=inst["env"], check=True)
