@@ -98,8 +98,10 @@ class Held:
         self.ready = self._line(timeout * count + 20)
 
     def _line(self, timeout: float) -> dict:
-        r, _, _ = select.select([self.proc.stdout], [], [], timeout)
-        if not r:
+        # poll, not select: a long test session's process may hold file descriptors above select's 1024
+        p = select.poll()
+        p.register(self.proc.stdout, select.POLLIN | select.POLLHUP)
+        if not p.poll(timeout * 1000):
             raise RuntimeError(f"hold: no answer within {timeout:g} s")
         line = self.proc.stdout.readline()
         if not line:
