@@ -3,7 +3,8 @@
 Reads the records a sink wrote — a JSONL file (with its rotated siblings PATH.N … PATH.1, oldest first)
 or a Kafka topic from its beginning to the end offsets it had when verify started — and reports, per host
 (observer.hostname) and stream (hostwall.stream): the hostwall.seq ranges received, duplicates (a repeated
-event.id), gaps between the lowest and highest seq received, which of those gaps loss records explain
+event.id; sent again under a new seq — a restarted detector re-opening the anomaly it had open — it still
+fills that seq), gaps between the lowest and highest seq received, which of those gaps loss records explain
 (hostwall.kind "loss", action records-lost: a sink's own report of the seqs it lost and why), and which
 gaps nothing explains. A SIEM team can run it on its side of the pipe: it needs only the records.
 
@@ -119,6 +120,11 @@ class Verifier:
         if eid and eid in self._ids:
             if "seq" in hw:
                 self._dups[(host, hw.get("stream", ""))] += 1
+                # the same event sent again under a new seq (a restarted detector re-opening the same
+                # anomaly): that seq arrived, with a copy; it is not a gap
+                seq, key = hw.get("seq"), (host, hw.get("stream", ""))
+                if isinstance(seq, int) and seq not in self._seqs[key]:
+                    self._seqs[key][seq] = eid
             return
         if eid:
             self._ids.add(eid)

@@ -39,6 +39,15 @@ def test_complete_with_duplicates_is_ok():
     assert out[("h1", "conntrack")].ok and v.records == 17
 
 
+def test_the_same_event_sent_again_under_a_new_seq_fills_that_seq():
+    """A restarted detector re-opens the anomaly it had open (same event.id) with the next seq: a copy,
+    counted as a duplicate, and its seq is no gap; a seq nothing carried still is one."""
+    recs = [rec(0, "anomaly"), rec(1, "anomaly"), rec(2, "anomaly", eid="h1-anomaly-1"), rec(4, "anomaly")]
+    out, _ = analyse(recs)
+    an = out[("h1", "anomaly")]
+    assert an.duplicates == 1 and an.ranges == [[0, 2], [4, 4]] and an.unexplained == [[3, 3]]
+
+
 def test_gaps_explained_by_loss_records_and_unexplained_ones():
     recs = [rec(i) for i in range(20) if i not in (5, 6, 12)] + [loss("h1", "events", [5, 6])]
     out, _ = analyse(recs)
