@@ -339,18 +339,21 @@ class KernelSource(ConntrackScans):
         self._last_flip_ns = t1
         return d
 
+    def _source_slots(self, gen: int) -> tuple[np.ndarray, np.ndarray]:
+        """Generation `gen`'s peer slots (hw_drop_srcs) per CPU, shape (slots, ncpus), and the indexes of
+        the slots some CPU used. Cost: one LOOKUP_BATCH of HW_DROP_SRC_SLOTS × ncpus values."""
+        raw = bpfsys.array_slots(self.fds["hw_drop_srcs"], gen * DROP_SRC_SLOTS, DROP_SRC_SLOTS,
+                                 percpu_stride(DROP_SRC_DT.itemsize) * self.ncpus)
+        per = np.frombuffer(raw, dtype=DROP_SRC_DT, count=DROP_SRC_SLOTS * self.ncpus).reshape(DROP_SRC_SLOTS,
+                                                                                              self.ncpus)
+        return per, np.flatnonzero((per["packets"] > 0).any(axis=1))
+
     def _read_sources(self, gen: int) -> np.ndarray:
         """Read generation `gen`'s peer slots (hw_drop_srcs) without zeroing them (clear_drops does, with
         the interval); one entry per distinct key, packets and bytes summed over CPUs (a key may hold
         the same slot on several CPUs). Cost: one LOOKUP_BATCH of HW_DROP_SRC_SLOTS × ncpus values
         (~200 KB per CPU), O(slots × ncpus) vectorised."""
-        fd = self.fds["hw_drop_srcs"]
-        stride = percpu_stride(DROP_SRC_DT.itemsize)
-        first = gen * DROP_SRC_SLOTS
-        raw = bpfsys.array_slots(fd, first, DROP_SRC_SLOTS, stride * self.ncpus)
-        per = np.frombuffer(raw, dtype=DROP_SRC_DT, count=DROP_SRC_SLOTS * self.ncpus).reshape(DROP_SRC_SLOTS,
-                                                                                              self.ncpus)
-        used = np.flatnonzero((per["packets"] > 0).any(axis=1))
+        per, used = self._source_slots(gen)
         if len(used) == 0:
             return np.zeros(0, DROP_SRC_DT)
         flat = per[used].reshape(-1)
@@ -366,13 +369,8 @@ class KernelSource(ConntrackScans):
 
     def _clear_sources(self, gen: int) -> None:
         """Zero generation `gen`'s used peer slots. Cost: one LOOKUP_BATCH to find them, one UPDATE_BATCH."""
-        fd = self.fds["hw_drop_srcs"]
-        stride = percpu_stride(DROP_SRC_DT.itemsize)
-        first = gen * DROP_SRC_SLOTS
-        raw = bpfsys.array_slots(fd, first, DROP_SRC_SLOTS, stride * self.ncpus)
-        per = np.frombuffer(raw, dtype=DROP_SRC_DT, count=DROP_SRC_SLOTS * self.ncpus).reshape(DROP_SRC_SLOTS,
-                                                                                              self.ncpus)
-        used = np.flatnonzero((per["packets"] > 0).any(axis=1))
+        _, used = self._source_slots(gen)
+        fd, stride, first = self.fds["hw_drop_srcs"], percpu_stride(DROP_SRC_DT.itemsize), gen * DROP_SRC_SLOTS
         if len(used):
             idx = (used + first).astype(np.uint32)
             bpfsys.map_update_batch(fd, idx.tobytes(), bytes(stride * self.ncpus * len(used)), len(used))
