@@ -52,6 +52,7 @@ import numpy as np
 
 from hostwall.bpf import bpfsys
 from hostwall.bpf import layout as L
+from hostwall.enforcer.analysis.frames import inet_checksum
 from hostwall.enforcer.reference import Packet
 
 from . import policies as P
@@ -83,14 +84,6 @@ def _log(msg: str) -> None:
 
 # ---- frames --------------------------------------------------------------------------------------
 
-def _csum(b: bytes) -> int:
-    if len(b) % 2:
-        b += b"\0"
-    s = sum(struct.unpack(f"!{len(b) // 2}H", b))
-    while s >> 16:
-        s = (s & 0xFFFF) + (s >> 16)
-    return ~s & 0xFFFF
-
 
 def tcp_frame(pkt: Packet, flags: int, sport: int | None = None, payload: int = 0) -> bytes:
     """Ethernet + IPv4/IPv6 + TCP (no options) frame for `pkt` with the given TCP flags."""
@@ -100,12 +93,12 @@ def tcp_frame(pkt: Packet, flags: int, sport: int | None = None, payload: int = 
     src, dst = ipaddress.ip_address(pkt.src).packed, ipaddress.ip_address(pkt.dst).packed
     if pkt.family == 4:
         pseudo = src + dst + struct.pack("!BBH", 0, 6, len(tcp))
-        tcp = tcp[:16] + struct.pack("!H", _csum(pseudo + tcp)) + tcp[18:]
+        tcp = tcp[:16] + struct.pack("!H", inet_checksum(pseudo + tcp)) + tcp[18:]
         ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), 1, 0x4000, 64, 6, 0, src, dst)
-        ip = ip[:10] + struct.pack("!H", _csum(ip)) + ip[12:]
+        ip = ip[:10] + struct.pack("!H", inet_checksum(ip)) + ip[12:]
         return _MAC + b"\x08\x00" + ip + tcp
     pseudo = src + dst + struct.pack("!IxxxB", len(tcp), 6)
-    tcp = tcp[:16] + struct.pack("!H", _csum(pseudo + tcp)) + tcp[18:]
+    tcp = tcp[:16] + struct.pack("!H", inet_checksum(pseudo + tcp)) + tcp[18:]
     ip6 = struct.pack("!IHBB16s16s", 6 << 28, len(tcp), 6, 64, src, dst)
     return _MAC + b"\x86\xdd" + ip6 + tcp
 

@@ -22,7 +22,8 @@ ETH_DST = bytes.fromhex("020000000002")
 _PAYLOAD = b"hostwall-probe!!"          # 16 bytes
 
 
-def _csum(data: bytes) -> int:
+def inet_checksum(data: bytes) -> int:
+    """The Internet checksum (RFC 1071) of `data`, odd lengths padded with a zero byte."""
     if len(data) % 2:
         data += b"\0"
     s = sum(struct.unpack(f"!{len(data) // 2}H", data))
@@ -49,11 +50,11 @@ def _l4(p: CasePacket, src: bytes, dst: bytes) -> bytes:
     else:
         return _PAYLOAD
     if p.protocol == 1:
-        ck = _csum(body)
+        ck = inet_checksum(body)
         return body[:2] + struct.pack("!H", ck) + body[4:]
     pseudo = (src + dst + struct.pack("!IxxxB", len(body), p.protocol) if v6
               else src + dst + struct.pack("!xBH", p.protocol, len(body)))
-    ck = _csum(pseudo + body)
+    ck = inet_checksum(pseudo + body)
     if p.protocol == 17 and ck == 0:
         ck = 0xFFFF
     off = {6: 16, 17: 6, 58: 2}[p.protocol]
@@ -69,7 +70,7 @@ def _embedded(p: CasePacket, dst_of_inner: bytes, v6: bool) -> bytes:
     if v6:
         return struct.pack("!IHBB16s16s", 6 << 28, len(udp) + len(_PAYLOAD), 17, 64, src, dst_of_inner) + udp
     hdr = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp) + len(_PAYLOAD), 1, 0, 64, 17, 0, src, dst_of_inner)
-    return hdr[:10] + struct.pack("!H", _csum(hdr)) + hdr[12:] + udp
+    return hdr[:10] + struct.pack("!H", inet_checksum(hdr)) + hdr[12:] + udp
 
 
 def ip_packet(p: CasePacket, ident: int = 1) -> bytes:
@@ -82,7 +83,7 @@ def ip_packet(p: CasePacket, ident: int = 1) -> bytes:
         body = _PAYLOAD if p.fragment else _l4(p, src, dst)
         frag = 100 if p.fragment else 0          # offset in 8-byte units
         hdr = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(body), ident & 0xFFFF, frag, ttl, p.protocol, 0, src, dst)
-        hdr = hdr[:10] + struct.pack("!H", _csum(hdr)) + hdr[12:]
+        hdr = hdr[:10] + struct.pack("!H", inet_checksum(hdr)) + hdr[12:]
         return hdr + body
     if p.fragment:
         body = struct.pack("!BBHI", p.protocol, 0, 100 << 3, ident) + _PAYLOAD
