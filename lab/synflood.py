@@ -25,6 +25,7 @@ import sys
 import time
 from collections.abc import Sequence
 
+from .endpoints import _recv_exact
 from .netns import Lab
 
 SPOOF_V4 = "10.66.128.0/17"          # 32 766 sources
@@ -70,13 +71,7 @@ def _hold(host: str, port: int, count: int, timeout: float) -> int:
                 msg = f"hold-{i}-{random.random()}".encode()
                 try:
                     s.sendall(msg)
-                    got = b""
-                    while len(got) < len(msg):
-                        chunk = s.recv(len(msg) - len(got))
-                        if not chunk:
-                            raise ConnectionResetError("closed by peer")
-                        got += chunk
-                    ok += got == msg
+                    ok += _recv_exact(s, len(msg)) == msg
                 except OSError as e:
                     errs[type(e).__name__] = errs.get(type(e).__name__, 0) + 1
             print(json.dumps({"checked": len(socks), "ok": ok, "errors": errs}), flush=True)
