@@ -12,9 +12,10 @@ from hostwall.bpf import layout as L
 from hostwall.bpf.clock import Clock
 from hostwall.collector.records import RecordBuilder
 from hostwall.collector.records.base import DIR_NAMES, ECHO_TYPES
-from hostwall.collector.records.batch import GcPaused, as_dtype, packed, pairs
+from hostwall.collector.records.batch import as_dtype, packed, pairs
 from hostwall.collector.records.flowtable import OpenFlow
 from hostwall.collector.records.timefmt import iso_ns
+from hostwall.gcpause import GcPaused
 
 END_REASON = {"closed": "rst", "closing": "fin", "fin_wait": "fin"}
 _END_CAUSE_REASON = {L.C["HW_END_IDLE"]: ("idle_timeout", "idle timeout"),
