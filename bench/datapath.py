@@ -328,9 +328,27 @@ class _Pinned:
         os.sched_setaffinity(0, self.old)
 
 
-def _measure(cases: list[Case], repeat: int, batches: int, cpu: int | None = None) -> None:
+def _cpu_ticks() -> list[int]:
+    """The aggregate `cpu` line of /proc/stat: user nice system idle iowait irq softirq steal ..."""
+    with open("/proc/stat") as f:
+        return [int(x) for x in f.readline().split()[1:]]
+
+
+def _machine_share(before: list[int], after: list[int], m: dict[str, float]) -> None:
+    """busy_pct: the share of all CPUs doing anything during the timing loop (other work competes for
+    caches and, on SMT or an overcommitted host, for the core); steal_pct: time the hypervisor ran
+    something else on our vCPUs — test-run's clock cannot exclude it (it does exclude our own preemption)."""
+    d = [a - b for a, b in zip(after, before)]
+    total = sum(d[:8]) or 1
+    m["busy_pct"] = 100.0 * (total - d[3] - d[4]) / total
+    m["steal_pct"] = 100.0 * d[7] / total
+
+
+def _measure(cases: list[Case], repeat: int, batches: int, cpu: int | None = None,
+             m: dict[str, float] | None = None) -> None:
     """Interleaved rounds: every case runs one batch per round, so a burst of interference from other
     work on the machine hits all cases alike instead of skewing one of them."""
+    ticks = _cpu_ticks()
     with _Pinned(cpu):
         for c in cases:                                  # warm-up and return-value check
             r = bpfsys.prog_test_run(c.fd, c.frame, repeat=max(1, repeat // 10))
@@ -340,6 +358,8 @@ def _measure(cases: list[Case], repeat: int, batches: int, cpu: int | None = Non
             order = cases[i % len(cases):] + cases[:i % len(cases)]
             for c in order:
                 c.runs.append(bpfsys.prog_test_run(c.fd, c.frame, repeat=repeat).duration_ns)
+    if m is not None:
+        _machine_share(ticks, _cpu_ticks(), m)
 
 
 def _summarise(cases: list[Case], m: dict[str, float]) -> None:
@@ -350,6 +370,19 @@ def _summarise(cases: list[Case], m: dict[str, float]) -> None:
         med, lo, p90 = float(statistics.median(c.runs)), float(min(c.runs)), float(np.percentile(c.runs, 90))
         m[c.name], m[c.name + "_min"], m[c.name + "_p90"] = med, lo, p90
         spreads[c.name] = m[c.name + "_spread_pct"] = 100.0 * (p90 - lo) / med if med else 0.0
+    by_name = {c.name: c for c in cases}
+    for fam in ("v4", "v6"):                    # per-round ratios: both cases of a pair ran in the same round
+        for label, a, b in ((f"ratio_{fam}_max_over_xdp_filter", f"ns_xdp_{fam}_max_policy_allow",
+                             f"ns_xdp_filter_{fam}_allow"),
+                            (f"ratio_{fam}_max_over_empty_xdp", f"ns_xdp_{fam}_max_policy_allow", "ns_empty_xdp")):
+            if a in by_name and b in by_name:
+                r = [x / y for x, y in zip(by_name[a].runs, by_name[b].runs) if y]
+                med = float(statistics.median(r))
+                m[label + "_paired"] = med
+                m[label + "_paired_spread_pct"] = 100.0 * (float(np.percentile(r, 90)) - min(r)) / med
+    for name in ("ns_empty_xdp", "ns_xdp_v4_max_policy_allow", "ns_xdp_filter_v4_allow"):
+        if name in by_name:                     # batch by batch, in round order: levels show up here
+            _log(f"{name} batches (ns, round order): {by_name[name].runs}")
     m["spread_max_pct"] = max(spreads.values())
     m["spread_median_pct"] = float(statistics.median(spreads.values()))
     wide = sorted((v, k) for k, v in spreads.items() if v > SPREAD_WARN_PCT)
@@ -409,7 +442,7 @@ def run(quick: bool, cpu: int | None = None) -> dict[str, float]:
         cases += _xdp_filter_cases(stack, bp, m)           # bp: the max policy
         _log(f"set-up {time.perf_counter() - t0:.1f} s; timing {len(cases)} cases x {batches} interleaved "
              f"batches of {repeat} runs" + (f", pinned to CPU {cpu}" if cpu is not None else ""))
-        _measure(cases, repeat, batches, cpu)
+        _measure(cases, repeat, batches, cpu, m)
         _summarise(cases, m)
         _ct_insert(instances[-1], bp, flows, m)      # bp: the max policy (the last instance)
         mem = instances[-1].map_memory()            # what the max policy's instance costs in kernel memory
