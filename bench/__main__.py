@@ -159,6 +159,10 @@ def _run_one(name: str, quick: bool, cpu: int | None = None) -> tuple[dict[str, 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.cpu is not None and args.cpu not in os.sched_getaffinity(0):
+        print(f"--cpu {args.cpu}: not one of the CPUs this process may run on "
+              f"({sorted(os.sched_getaffinity(0))})", file=sys.stderr)
+        return 2
     names = SUITES if args.suite == "all" else (args.suite,)
     machine = machine_info()
     merged: dict[str, float] = {}

@@ -195,6 +195,8 @@ def test_cpu_is_passed_only_to_suites_that_take_it(suites, capsys):
     assert "does not support --cpu" in capsys.readouterr().err
     assert cli.main(["all", "--cpu", "1", "--json"]) == 0             # all: pins those that can, runs the rest
     assert got == [0, 1] and json.loads(capsys.readouterr().out)["metrics"] == {"x": 1.0, "y": 2.0}
+    assert cli.main(["datapath", "--cpu", "4096"]) == 2 and got == [0, 1]     # no such CPU: refused up front
+    assert "--cpu 4096" in capsys.readouterr().err
 
 
 def test_xdp_filter_host_entries_hold_one_host_per_prefix():
