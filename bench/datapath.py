@@ -35,10 +35,12 @@ loaded by its CLI on a veth in a namespace of our own with what it can hold of t
 lists (10 000 exact addresses per family: the deny probe's source, then the lists' host routes, then
 one host per remaining prefix; bench.xdpfilter.host_entries) and the default probe's port as its
 denied port, timed on the same frames: allow (no entry matches: both address lookups and both port
-lookups miss, pass), deny (source entry hit, drop), default (port entry hit, drop). Its case is the
-floor the max policy's first packet is compared with (`ratio_v4_max_over_xdp_filter`). Every case is checked before it is timed: the
-probe's verdict and rule come from the reference model (bench.policies.check_probes) and the
-datapath's counted exit (hook, verdict, reason, rule counter) must agree.
+lookups miss, pass), deny (source entry hit, drop), default (port entry hit, drop). Its allow case is
+the floor the max policy's first packet is compared with (`ratio_v4_max_over_xdp_filter`).
+
+Every case is checked before it is timed: the probe's verdict and rule come from the reference model
+(bench.policies.check_probes) and the datapath's counted exit (hook, verdict, reason, rule counter)
+must agree; xdp-filter's paths are checked by its own counters.
 
 Caveats: test-run repeats one frame, so caches and branch predictors are warm (a lower bound for
 real traffic), and its per-run overhead (the empty program's figure) is included in every ns_* value.
@@ -303,18 +305,25 @@ def _xdp_filter_cases(stack: ExitStack, bp: P.BenchPolicy, m: dict[str, float]) 
     for fam in (4, 6):
         for path, want in (("allow", XF.XDP_PASS), ("deny", XF.XDP_DROP), ("default", XF.XDP_DROP)):
             f = tcp_frame(bp.probes[(fam, path)].packet, TCP_ACK)
-            before = (xf.hits(deny[fam]), xf.port_hits(P.PROBE_PORT_DEFAULT), xf.action_packets(want))
-            r = bpfsys.prog_test_run(xf.prog_fd, f)
-            moved = tuple(a - b for a, b in zip((xf.hits(deny[fam]), xf.port_hits(P.PROBE_PORT_DEFAULT),
-                                                 xf.action_packets(want)), before))
-            expect = {"allow": (0, 0, 1), "deny": (1, 0, 1), "default": (0, 1, 1)}[path]
-            if r.retval != want or moved != expect:
-                raise RuntimeError(f"xdp-filter v{fam} {path}: returned {r.retval} (expected {want}), counters "
-                                   f"(deny entry, port entry, action) moved {moved}, expected {expect}")
+            _check_xdp_filter(xf, f, deny[fam], path, want, f"xdp-filter v{fam} {path}")
             out.append(Case(f"ns_xdp_filter_v{fam}_{path}", xf.prog_fd, f, want))
     _log(f"xdp-filter ({xf.attached_mode} on {ifname} in {ns}): {xf.entries[4]} IPv4 / {xf.entries[6]} IPv6 "
          f"source entries (map capacity {xf.capacity(4)}), port {P.PROBE_PORT_DEFAULT} denied")
     return out
+
+
+def _check_xdp_filter(xf: XF.XdpFilter, frame: bytes, deny_src: str, path: str, want: int, what: str) -> None:
+    """One run: the return value and which of xdp-filter's counters moved (the deny entry's hits, the
+    denied port's hits, the count of `want`) must be those of `path`."""
+    def counters() -> tuple[int, int, int]:
+        return xf.hits(deny_src), xf.port_hits(P.PROBE_PORT_DEFAULT), xf.action_packets(want)
+    before = counters()
+    r = bpfsys.prog_test_run(xf.prog_fd, frame)
+    moved = tuple(a - b for a, b in zip(counters(), before))
+    expect = {"allow": (0, 0, 1), "deny": (1, 0, 1), "default": (0, 1, 1)}[path]
+    if r.retval != want or moved != expect:
+        raise RuntimeError(f"{what}: returned {r.retval} (expected {want}), counters (deny entry, port entry, "
+                           f"action) moved {moved}, expected {expect}")
 
 
 @dataclass
@@ -394,8 +403,8 @@ def _summarise(cases: list[Case], m: dict[str, float]) -> None:
         print(f"[datapath] WARNING: {len(wide)} of {len(cases)} cases spread more than {SPREAD_WARN_PCT:g} % "
               f"between batches (p90 - min over median), widest: "
               + ", ".join(f"{k} {v:.0f} %" for v, k in wide[::-1][:5])
-              + "; their figures are not reproducible to that precision (load, CPU frequency; see "
-              "docs/benchmarks.md \"Noise\")", file=sys.stderr, flush=True)
+              + "; their medians are not reproducible to that precision (other work sharing the CPU; compare "
+              "`_min` and the ratios, docs/benchmarks.md \"Noise\")", file=sys.stderr, flush=True)
 
 
 def _ct_insert(dp, bp: P.BenchPolicy, flows: int, m: dict[str, float]) -> None:

@@ -206,3 +206,16 @@ def test_xdp_filter_host_entries_hold_one_host_per_prefix():
         ["10.66.3.2", "10.0.1.7", "10.0.3.9", "10.0.0.1", "10.0.2.1"]     # probe, host routes, one per prefix
     assert host_entries(prefixes, 3, first=["10.66.3.2"]) == ["10.66.3.2", "10.0.1.7", "10.0.3.9"]
     assert host_entries(["2001:db8::/64", "2001:db8:1::5/128"], 10) == ["2001:db8:1::5", "2001:db8::1"]
+
+
+def test_datapath_spread_per_case_and_warning(capsys):
+    from hostwall.bench import datapath as D
+    wide = D.Case("ns_wide", 0, b"", 2, runs=[100, 100, 200, 100, 110])
+    tight = D.Case("ns_tight", 0, b"", 2, runs=[50, 51, 50, 50, 52])
+    m: dict = {}
+    D._summarise([wide, tight], m)
+    assert (m["ns_wide"], m["ns_wide_min"], m["ns_tight"]) == (100.0, 100.0, 50.0)
+    assert m["ns_wide_p90"] == pytest.approx(164.0) and m["ns_wide_spread_pct"] == pytest.approx(64.0)
+    assert m["ns_tight_spread_pct"] == pytest.approx(3.2) and m["spread_max_pct"] == m["ns_wide_spread_pct"]
+    err = capsys.readouterr().err
+    assert "WARNING: 1 of 2 cases" in err and "ns_wide 64 %" in err and "ns_tight" not in err
