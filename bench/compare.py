@@ -27,11 +27,16 @@ import tempfile
 from pathlib import Path
 
 RATIO = re.compile(r"^ratio_|_over_|_vs_|speedup")
-# name -> (numerator, denominator), computed where a suite reports both (older suites lack some ratios)
+# name -> (numerator, denominator), computed where a suite reports both (older suites lack some ratios);
+# the datapath's *_min (fastest batch) ratios move least with other work on the machine
+_DP = ["ns_per_pkt_v4_10_rules", "ns_per_pkt_v6_10_rules", "ns_per_pkt_v4_established", "ns_per_pkt_v6_established"]
+_DP_MIN = [("ns_xdp_v4_max_policy_allow_min", "ns_xdp_v4_10_rules_allow_min"),
+           ("ns_xdp_v6_max_policy_allow_min", "ns_xdp_v6_10_rules_allow_min"),
+           ("ns_tc_egress_v4_max_policy_allow_min", "ns_tc_egress_v4_10_rules_allow_min"),
+           ("ns_xdp_v4_max_policy_allow_min", "ns_empty_xdp_min"),
+           ("ns_xdp_v4_max_policy_established_min", "ns_empty_xdp_min")]
 DERIVED: dict[str, dict[str, tuple[str, str]]] = {
-    "datapath": {f"{m}/ns_empty_xdp": (m, "ns_empty_xdp") for m in (
-        "ns_per_pkt_v4_10_rules", "ns_per_pkt_v6_10_rules", "ns_per_pkt_v4_established",
-        "ns_per_pkt_v6_established")},
+    "datapath": {f"{m}/ns_empty_xdp": (m, "ns_empty_xdp") for m in _DP} | {f"{n}/{d}": (n, d) for n, d in _DP_MIN},
     "collector": {"e2e_jsonl_rps/decode_rps": ("e2e_jsonl_rps", "decode_rps")},
 }
 SIDES = ("a", "b")
@@ -46,9 +51,12 @@ def _git(repo: Path, *args: str) -> str:
                           text=True).stdout.strip()
 
 
-def add_worktree(repo: Path, rev: str, path: Path, log: Path) -> None:
-    """A detached worktree of `rev` at `path`, set up by its own scripts/setup.sh (log in `log`)."""
+def add_worktree(repo: Path, rev: str, path: Path, log: Path, patch: Path | None = None) -> None:
+    """A detached worktree of `rev` at `path` (with `patch` applied, uncommitted), set up by its own
+    scripts/setup.sh (log in `log`)."""
     _git(repo, "worktree", "add", "--detach", str(path), rev)
+    if patch is not None:
+        _git(path, "apply", str(patch.resolve()))
     _log(f"setting up {rev} in {path} (a few minutes; log {log})")
     with open(log, "w") as f:
         r = subprocess.run(["bash", "scripts/setup.sh"], cwd=path, stdout=f, stderr=subprocess.STDOUT)
@@ -140,8 +148,9 @@ def _num(v: float) -> str:
 def table(rows: list[dict], labels: tuple[str, str], tolerance: float) -> str:
     """Markdown: per metric the two medians, their spreads, B vs A and whether that is within tolerance;
     outside it, whether the difference is smaller than a side's own spread (noise) or not."""
-    a, b = labels
-    lines = [f"| suite | metric | {a} | spread | {b} | spread | {b} vs {a} | within {tolerance:g} % | per round |",
+    lines = [f"A = {labels[0]}, B = {labels[1]}; median over rounds, spread = (max - min) / median of a side",
+             "",
+             f"| suite | metric | A | spread A | B | spread B | B vs A | within {tolerance:g} % | B vs A per round (%) |",
              "|---|---|---:|---:|---:|---:|---:|---|---|"]
     for r in rows:
         noise = max(r["spread_a"], r["spread_b"])
@@ -170,6 +179,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--rounds", type=int, default=2, help="rounds of A,B per suite (default 2)")
     ap.add_argument("--quick", action="store_true", help="the suites' --quick")
     ap.add_argument("--out", type=Path, help="directory for the runs' JSON/stderr (default: a new temp dir)")
+    ap.add_argument("--patch", type=Path, help="apply this patch to both worktrees (e.g. a bench setting)")
     ap.add_argument("--results", type=Path, help="only tabulate the JSON already in this directory")
     ap.add_argument("--match", type=re.compile, default=RATIO, help="regex of metric names to compare")
     ap.add_argument("--tolerance", type=float, default=5.0, help="within this many %% counts as the same")
@@ -186,7 +196,7 @@ def measure(a: argparse.Namespace, repo: Path, out: Path) -> int:
     failed = 0
     try:
         for s, rev in zip(SIDES, (a.rev_a, a.rev_b)):
-            add_worktree(repo, rev, wts[s], out / f"setup-{s}.log")
+            add_worktree(repo, rev, wts[s], out / f"setup-{s}.log", a.patch)
         mods = {s: bench_module(wts[s]) for s in SIDES}
         for n in range(1, a.rounds + 1):
             for suite in a.suites:
@@ -205,8 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))     # run the worktrees' clean-up
     repo = Path(_git(Path.cwd(), "rev-parse", "--show-toplevel"))
-    labels = tuple(f"{rev} ({_git(repo, 'rev-parse', '--short', rev + '^{commit}')})"
-                   for rev in (a.rev_a, a.rev_b))
+    shas = [_git(repo, "rev-parse", "--short", rev + "^{commit}") for rev in (a.rev_a, a.rev_b)]
+    labels = tuple(rev if sha.startswith(rev) else f"{rev} ({sha})" for rev, sha in zip((a.rev_a, a.rev_b), shas))
     failed = 0
     if a.results is None:
         out = a.out or Path(tempfile.mkdtemp(prefix="hw-bench-compare-out-"))

@@ -40,7 +40,8 @@ def test_medians_spreads_and_verdicts():
     d = by["ns_per_pkt_v4_10_rules/ns_empty_xdp"]          # derived per run, then the median
     assert d["a"] == pytest.approx(10.5) and d["b"] == pytest.approx(10.0) and d["within"]
     assert one_sided == {"datapath": ["ratio_old_only"]}
-    text = cmp.table(rows, ("A", "B"), 5.0)
+    text = cmp.table(rows, ("old", "new"), 5.0)
+    assert text.startswith("A = old, B = new;")
     assert ("| datapath | `ratio_v4_max_over_10_rules` | 2.1 | 9.5 % | 2.4 | 8.3 % | +14.3 % | **no** | +15 +14 |"
             in text)
     assert "| -4.8 % | yes |" in text
@@ -80,7 +81,7 @@ cat > .venv/bin/python <<'EOF'
 #!/usr/bin/env bash
 # the fake interpreter: `-c import ...` fails (no hostwall namespace); `-m bench SUITE --json` prints a run
 [ "$1" = -c ] && exit 1
-echo "{\\"suite\\": \\"$3\\", \\"metrics\\": {\\"ratio_x\\": $(cat value)}, \\"machine\\": {\\"loadavg_1m\\": 0.5}}"
+echo "{\\"suite\\": \\"$3\\", \\"metrics\\": {\\"ratio_x\\": $(cat value), \\"ratio_p\\": $(cat patched)}, \\"machine\\": {\\"loadavg_1m\\": 0.5}}"
 echo "$3 $(basename "$PWD")" >> "$RUNS_LOG"
 EOF
 chmod +x .venv/bin/python
@@ -106,12 +107,15 @@ def test_measure_interleaves_and_cleans_up(tmp_path, monkeypatch):
     monkeypatch.setattr(cmp.tempfile, "tempdir", str(tmp_path))   # private temp dirs for the worktrees
     out = tmp_path / "out"
     out.mkdir()
-    a = cmp.parse_args(["HEAD~1", "HEAD", "s1", "s2", "--rounds", "2"])
+    patch = tmp_path / "p.diff"                                      # applied to both worktrees
+    patch.write_text("--- /dev/null\n+++ b/patched\n@@ -0,0 +1 @@\n+2\n")
+    a = cmp.parse_args(["HEAD~1", "HEAD", "s1", "s2", "--rounds", "2", "--patch", str(patch)])
     assert cmp.measure(a, repo, out) == 0
     assert runs_log.read_text().splitlines() == ["s1 a", "s1 b", "s2 a", "s2 b"] * 2   # A,B back to back
     rows, _ = cmp.compare(cmp.load_results(out))
-    assert [(r["suite"], r["a"], r["b"], round(r["diff_pct"], 1)) for r in rows] == [
-        ("s1", 1.0, 1.1, 10.0), ("s2", 1.0, 1.1, 10.0)]
+    assert [(r["suite"], r["metric"], r["a"], r["b"], round(r["diff_pct"], 1)) for r in rows] == [
+        ("s1", "ratio_p", 2.0, 2.0, 0.0), ("s1", "ratio_x", 1.0, 1.1, 10.0),
+        ("s2", "ratio_p", 2.0, 2.0, 0.0), ("s2", "ratio_x", 1.0, 1.1, 10.0)]
     worktrees = subprocess.run(["git", "-C", str(repo), "worktree", "list"], capture_output=True, text=True)
     assert len(worktrees.stdout.splitlines()) == 1                   # only the repo itself
     assert not [p for p in os.listdir(tmp_path) if p.startswith("hw-bench-compare-")]
