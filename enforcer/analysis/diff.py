@@ -17,6 +17,15 @@ rules on the other) and the rest (judged by the rules on both) — and the regio
 rule: they change verdict only when `audit` changes (drop ↔ would_drop, one region per direction and
 family).
 
+fqdns rules (fqdn.py) match destinations the DNS proxy learns at run time. The regions above are for
+destinations in no fqdns set (there the fqdns rules match nothing, as compiled). Changes for destinations
+in a set are their own kind (`fqdn_changes`): the names of both policies' fqdns rules are cut into
+classes that both treat alike (fqdn.name_classes); for each, both policies are diffed with the rules
+whose patterns match the class matching every destination, and the regions decided by one of those
+rules on either side are reported as "for destinations learnt for NAMES". Exact for a destination learnt
+for the names of one class; one learnt for names of several classes takes the first matching rule among
+theirs. Rule changes of fqdns rules list the names added and removed.
+
 The OLD side may be the running instance (enforcer/running.py reads its active tables), so
 `apply --dry-run` shows what the swap would change against what is enforced, not against a file.
 Cost: O(joint cells) memory and time after both owner sweeps; ~2 s for a max policy and an edited copy,
@@ -32,12 +41,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..policy import ESSENTIAL_ICMP, Policy
+from .fqdn import is_fqdn, name_classes, with_names
 from .intervals import Span, cidrs
 from .regions import Region, fragment_region, icmp_keys_text, regions
 from .stages import COND_NONE, COND_NOT_ESS, ESS_NONE, cond_essential
 from .table import ALLOW, VERDICT_NAMES, Axes, DecisionTable, decision_table, paused_gc
 
-__all__ = ["VerdictChange", "RuleChange", "PolicyDiff", "diff_tables", "rule_changes", "setting_changes", "diff"]
+__all__ = ["VerdictChange", "FqdnChange", "RuleChange", "PolicyDiff", "diff_tables", "rule_changes", "setting_changes",
+           "fqdn_changes", "diff"]
 
 
 @dataclass(frozen=True)
@@ -54,6 +65,19 @@ class VerdictChange:
     def to_json(self, peers: bool = True) -> dict:
         return {**self.region.to_json(peers), "old": {"verdict": self.old[0], "rule": self.old[1]},
                 "new": {"verdict": self.new[0], "rule": self.new[1]}}
+
+
+@dataclass(frozen=True)
+class FqdnChange:
+    """A verdict change for destinations the DNS proxy learnt for `names` (fqdns rules' sets)."""
+    names: tuple[str, ...]
+    change: VerdictChange
+
+    def text(self) -> str:
+        return f"learnt for {', '.join(self.names)}: {self.change.text()}"
+
+    def to_json(self) -> dict:
+        return {"names": list(self.names), **self.change.to_json()}
 
 
 @dataclass(frozen=True)
@@ -75,18 +99,29 @@ class PolicyDiff:
     changes: list[VerdictChange] = field(default_factory=list)
     rules: list[RuleChange] = field(default_factory=list)
     settings: list[str] = field(default_factory=list)
+    fqdn: list[FqdnChange] = field(default_factory=list)
+    has_fqdn: bool = False             # either policy has fqdns rules: the regions are for no-set destinations
 
     @property
     def empty(self) -> bool:
-        return not (self.changes or self.rules or self.settings)
+        return not (self.changes or self.rules or self.settings or self.fqdn)
 
     def text(self, limit: int = 200) -> str:
         out = [f"--- {self.old_label}", f"+++ {self.new_label}"]
         n = len(self.changes)
-        out.append(f"verdict changes: {n} region{'s' if n != 1 else ''}" + (":" if n else " (no packet changes verdict)"))
+        out.append(f"verdict changes: {n} region{'s' if n != 1 else ''}"
+                   + (" (destinations in no fqdns set)" if self.has_fqdn else "")
+                   + (":" if n else " (no packet changes verdict)"))
         out += [f"  {c.text()}" for c in self.changes[:limit]]
         if n > limit:
             out.append(f"  … and {n - limit} more (--json lists all)")
+        if self.has_fqdn:
+            k = len(self.fqdn)
+            out.append(f"fqdns verdict changes: {k} region{'s' if k != 1 else ''} (destinations the DNS proxy learnt "
+                       "for these names, addresses known at run time)" + (":" if k else ""))
+            out += [f"  {c.text()}" for c in self.fqdn[:limit]]
+            if k > limit:
+                out.append(f"  … and {k - limit} more (--json lists all)")
         if self.rules:
             out.append(f"rule changes: {len(self.rules)}")
             out += [f"  {r.text()}" for r in self.rules]
@@ -116,6 +151,7 @@ class PolicyDiff:
                     j["peers"] = nets
             changes.append(j)
         return {"old": self.old_label, "new": self.new_label, "verdict_changes": changes, "peer_sets": table,
+                "fqdn_changes": [c.to_json() for c in self.fqdn],
                 "rule_changes": [{"kind": r.kind, "rule": r.name, "where": r.where, "details": list(r.details)}
                                  for r in self.rules], "settings": self.settings}
 
@@ -262,6 +298,10 @@ def _ranges(v, icmp: bool = False) -> str:
     return "[" + ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in v) + "]"
 
 
+def _names(names, mark: str = "") -> str:
+    return f"{mark}[{', '.join(names)}]" if names else ""
+
+
 def rule_changes(old_rules, new_rules, old_src: str = "old", new_src: str = "new") -> list[RuleChange]:
     """Added, removed, changed (field by field) and moved rules, by name. Rules are Rule objects or
     anything with name, priority, direction, action (and optionally protocol, peers, ports, line)."""
@@ -273,17 +313,27 @@ def rule_changes(old_rules, new_rules, old_src: str = "old", new_src: str = "new
         return f"{src}:{r.line}" if getattr(r, "line", 0) else src
     for r in new_rules:
         if r.name not in old:
-            out.append(RuleChange("added", r.name, where(r, new_src), (f"{r.direction} {r.action}",)))
+            out.append(RuleChange("added", r.name, where(r, new_src), (f"{r.direction} {r.action}",)
+                                  + ((f"fqdns {_names(r.fqdns)}",) if getattr(r, "fqdns", None) else ())))
     for r in old_rules:
         if r.name not in new:
-            out.append(RuleChange("removed", r.name, where(r, old_src), (f"{r.direction} {r.action}",)))
+            out.append(RuleChange("removed", r.name, where(r, old_src), (f"{r.direction} {r.action}",)
+                                  + ((f"fqdns {_names(r.fqdns)}",) if getattr(r, "fqdns", None) else ())))
     for r in new_rules:
         o = old.get(r.name)
         if o is None:
             continue
         det = [f"{f} {getattr(o, f)} → {getattr(r, f)}" for f in ("priority", "direction", "action", "protocol")
                if hasattr(o, f) and getattr(o, f) != getattr(r, f)]
-        if hasattr(o, "peers"):
+        of, nf = getattr(o, "fqdns", None), getattr(r, "fqdns", None)
+        if of is not None or nf is not None:
+            if of is None or nf is None:
+                det.append(f"destinations {'peers' if of is None else 'fqdns ' + _names(of)} → "
+                           f"{'peers' if nf is None else 'fqdns ' + _names(nf)}")
+            elif of != nf:
+                det.append("fqdns " + " ".join(x for x in (_names(sorted(set(nf) - set(of)), "+"),
+                                                           _names(sorted(set(of) - set(nf)), "-")) if x))
+        if hasattr(o, "peers") and of is None and nf is None:
             pd = _peers_delta(o.peers, r.peers)
             if pd:
                 det.append(pd)
@@ -322,6 +372,17 @@ def setting_changes(old: Policy, new: Policy) -> list[str]:
     return out
 
 
+def fqdn_changes(old: Policy, new: Policy, by_rule: bool = False) -> list[FqdnChange]:
+    """Verdict changes for destinations learnt for the names of each name class (module docstring):
+    per class one diff of the two policies with that class's fqdns rules over every destination; the
+    regions decided by one of those rules on either side. Cost: two compiles per class."""
+    out = []
+    for (ro, rn), names in name_classes(old, new).items():
+        ch = diff_tables(decision_table(with_names(old, ro)), decision_table(with_names(new, rn)), by_rule)
+        out += [FqdnChange(tuple(names), c) for c in ch if c.old[1] in ro or c.new[1] in rn]
+    return out
+
+
 def diff(old: Policy, new: Policy, by_rule: bool = False) -> PolicyDiff:
     with paused_gc():
         return _diff(old, new, by_rule)
@@ -332,5 +393,8 @@ def _diff(old: Policy, new: Policy, by_rule: bool) -> PolicyDiff:
     d.changes = diff_tables(decision_table(old), decision_table(new), by_rule)
     d.rules = rule_changes(old.rules, new.rules, old.source, new.source)
     d.settings = setting_changes(old, new)
+    d.has_fqdn = any(is_fqdn(r) for p in (old, new) for r in p.rules)
+    if d.has_fqdn:
+        d.fqdn = fqdn_changes(old, new, by_rule)
     return d
 
