@@ -214,8 +214,9 @@ def diff_tables(a: DecisionTable, b: DecisionTable, by_rule: bool = False) -> li
     la = np.array([l4_pairs[int(t)][0] for t in ax.l4_tag], dtype=np.int64)
     lb = np.array([l4_pairs[int(t)][1] for t in ax.l4_tag], dtype=np.int64)
     old_r, new_r = fa[np.ix_(pa, la)], fb[np.ix_(pb, lb)]
-    old_v = a.group_verdicts(old_r, np.broadcast_to(dira[la], old_r.shape))
-    new_v = b.group_verdicts(new_r, np.broadcast_to(dirb[lb], new_r.shape))
+    # verdicts per outcome group (small), then gathered like the owners
+    old_v = a.group_verdicts(fa, np.broadcast_to(dira, fa.shape))[np.ix_(pa, la)]
+    new_v = b.group_verdicts(fb, np.broadcast_to(dirb, fb.shape))[np.ix_(pb, lb)]
     reach = ax.reachable()
     span = max(a.nrules, b.nrules) + 3
     ess = span - 2                                        # owner code of the pseudo-rule essential_icmp
@@ -274,19 +275,28 @@ def _peers_delta(old, new) -> str | None:
     if old.any != new.any:
         return f"peers {'any' if old.any else f'{len(old)} prefixes'} → {'any' if new.any else f'{len(new)} prefixes'}"
 
-    def pairs(ps) -> set:
-        return {(4, int(n), int(ln)) for n, ln in zip(ps.v4_net.tolist(), ps.v4_len.tolist())} | \
-            {(6, n, ln) for n, ln in zip(ps.v6_net, ps.v6_len)}
+    def v4(ps) -> np.ndarray:                        # (net << 6 | len): one int64 per IPv4 prefix
+        return (ps.v4_net.astype(np.int64) << 6) | ps.v4_len.astype(np.int64)
+
+    def v6(ps) -> set:
+        return {(6, n, ln) for n, ln in zip(ps.v6_net, ps.v6_len)}
+
+    def v4_items(x: np.ndarray) -> list:
+        return [(4, k >> 6, k & 63) for k in x[:4].tolist()]
 
     def txt(items: list) -> str:
         return ", ".join(f"{ipaddress.ip_address(n) if f == 6 else ipaddress.IPv4Address(n)}/{ln}" for f, n, ln in items[:3])
-    a, b = pairs(old), pairs(new)
-    add, rem = sorted(b - a), sorted(a - b)
+    a4, b4 = v4(old), v4(new)
+    add4, rem4 = np.setdiff1d(b4, a4), np.setdiff1d(a4, b4)      # sorted, unique
+    a6, b6 = v6(old), v6(new)
+    add = v4_items(add4) + sorted(b6 - a6)
+    rem = v4_items(rem4) + sorted(a6 - b6)
+    n_add, n_rem = len(add4) + len(b6 - a6), len(rem4) + len(a6 - b6)
     parts = []
-    if add:
-        parts.append(f"+{len(add)} ({txt(add)}{', …' if len(add) > 3 else ''})")
-    if rem:
-        parts.append(f"-{len(rem)} ({txt(rem)}{', …' if len(rem) > 3 else ''})")
+    if n_add:
+        parts.append(f"+{n_add} ({txt(add)}{', …' if n_add > 3 else ''})")
+    if n_rem:
+        parts.append(f"-{n_rem} ({txt(rem)}{', …' if n_rem > 3 else ''})")
     return "peers " + " ".join(parts)
 
 
@@ -347,10 +357,11 @@ def rule_changes(old_rules, new_rules, old_src: str = "old", new_src: str = "new
     common_new = [r.name for r in new_rules if r.name in old]
     sm = difflib.SequenceMatcher(a=common_old, b=common_new, autojunk=False)
     kept = {common_old[blk.a + k] for blk in sm.get_matching_blocks() for k in range(blk.size)}
-    for n in common_new:
+    pos_old = {n: i for i, n in enumerate(common_old)}
+    for i, n in enumerate(common_new):
         if n not in kept:
             out.append(RuleChange("moved", n, where(new[n], new_src),
-                                  (f"tried {common_old.index(n) + 1}. → {common_new.index(n) + 1}. among the rules of both",)))
+                                  (f"tried {pos_old[n] + 1}. → {i + 1}. among the rules of both",)))
     return out
 
 
