@@ -129,9 +129,11 @@ def reference_outcomes(policy: Policy, packets: list[CasePacket], batch: BatchRe
             return default[order[k].direction]
         return outcome_of(evaluate(policy, order[k].reference()))
     out = [by_rule[o] if o >= 0 else decided(i) for i, o in enumerate(orders[:len(packets)])]
+    def by_pair(opener: CasePacket, first: Outcome, own: Outcome) -> Callable[[CasePacket], Outcome]:
+        return lambda c: first if c is opener else own
     for k, (i, op) in enumerate(zip(stateful, opened)):
-        own, first = out[i], decided(len(packets) + k)
-        out[i] = judge(policy, packets[i], lambda c, op=op, own=own, first=first: first if c is op[0] else own, op)
+        assert op is not None                             # its state is not new
+        out[i] = judge(policy, packets[i], by_pair(op[0], decided(len(packets) + k), out[i]), op)
     return out
 
 
