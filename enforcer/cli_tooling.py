@@ -80,6 +80,14 @@ def cmd_explain(a, load) -> int:
         return EXIT_INPUT
     if pkt.interface and pkt.interface not in {i.name for i in policy.interfaces}:
         print(f"note: the policy lists no interface {pkt.interface!r}: no DoS profile applies there", file=sys.stderr)
+    learnt, snapshot = None, None
+    if a.fqdn_addresses:
+        from .analysis.fqdn import load_addresses
+        try:
+            learnt, snapshot = load_addresses(a.fqdn_addresses), a.fqdn_addresses
+        except ValueError as e:
+            _err(str(e))
+            return EXIT_INPUT
     bans = None
     if a.pin_dir:
         from . import bans as bans_mod
@@ -92,9 +100,11 @@ def cmd_explain(a, load) -> int:
             from hostwall.bpf.state import InstanceState
             st = InstanceState.load(a.pin_dir)
             bans = bans_mod.listing(dp, tuple(st.dos_profiles) if st else ())
+            if learnt is None and any(r.fqdns is not None for r in policy.rules):
+                learnt, snapshot = _live_learnt(dp), f"names learnt by the running instance at {a.pin_dir}"
         finally:
             dp.close()
-    ex = explain(policy, pkt, bans=bans)
+    ex = explain(policy, pkt, bans=bans, learnt=learnt, snapshot=snapshot)
     if a.json:
         print(json.dumps(ex.to_json(), indent=1))
     else:
@@ -102,6 +112,19 @@ def cmd_explain(a, load) -> int:
         if a.pin_dir and not ex.bans and pkt.direction == "ingress":
             print(f"bans     none of the running instance's bans ({len(bans or [])}) covers {pkt.src}")
     return EXIT_OK
+
+
+def _live_learnt(dp) -> dict[str, list[str]]:
+    """The running instance's unexpired learnt names → addresses (docs/datapath.md "FQDN rules")."""
+    from hostwall.bpf.fqdn import FqdnMaps, now_ns
+    fm = FqdnMaps(dp.map_fds)
+    try:
+        out: dict[str, list[str]] = {}
+        for e in fm.learnt(now_ns()):
+            out.setdefault(e.name, []).append(e.ip)
+        return out
+    finally:
+        fm.close()
 
 
 def cmd_lint(a, load) -> int:
@@ -130,7 +153,7 @@ def cmd_diff(a, load) -> int:
 
 def dry_run(policy: Policy, pin_dir: str, as_json: bool = False, by_rule: bool = False) -> int:
     """`apply --dry-run`: the diff against what the running instance enforces; nothing changes."""
-    from .analysis.diff import PolicyDiff, diff_tables, rule_changes, setting_changes
+    from .analysis.diff import PolicyDiff, diff_tables, fqdn_changes, rule_changes, setting_changes
     from .analysis.table import DecisionTable, decision_table
     from .running import running_policy
     run = running_policy(pin_dir)
@@ -139,6 +162,9 @@ def dry_run(policy: Policy, pin_dir: str, as_json: bool = False, by_rule: bool =
     d.rules = rule_changes(run.rules, policy.rules, run.policy.source if run.policy else "running", policy.source)
     if run.policy is not None:
         d.settings = setting_changes(run.policy, policy)
+    d.has_fqdn = any(r.fqdns is not None for r in (*policy.rules, *(run.policy.rules if run.policy else ())))
+    if d.has_fqdn and run.policy is not None:    # fqdns rules are in no table: they need the running file
+        d.fqdn = fqdn_changes(run.policy, policy, by_rule)
     print(json.dumps(d.to_json(), indent=1) if as_json else d.text())
     if not as_json:
         print("dry run: nothing was changed")
@@ -159,7 +185,11 @@ def add_parsers(sub, pin: dict) -> None:
                                        "DoS limits and bans")
     e.add_argument("policy")
     e.add_argument("packet", nargs="+", help="e.g. ingress tcp 10.1.2.3:5555 -> 10.0.0.1:22 [flags S] [on eth0]")
-    e.add_argument("--pin-dir", help="also show the live bans of the instance pinned here")
+    e.add_argument("--pin-dir", help="also show the live bans of the instance pinned here, and judge fqdns rules "
+                                     "by the names → addresses it learnt")
+    e.add_argument("--fqdn-addresses", metavar="FILE",
+                   help="judge fqdns rules by this snapshot of names → addresses (YAML/JSON mapping, e.g. "
+                        "'deb.debian.org: [151.101.2.132]')")
     e.add_argument("--json", action="store_true")
     e.set_defaults(tool=cmd_explain)
     ln = sub.add_parser("lint", help="shadowed, redundant, conflicting and never-matching rules, with file:line")

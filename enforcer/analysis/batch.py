@@ -18,6 +18,8 @@ Cost: ~0.5 µs a packet plus ~40 µs a rule (NumPy calls) — ~0.3 s for 100k pa
 from __future__ import annotations
 
 import bisect
+import functools
+import operator
 import socket
 from collections.abc import Sequence
 from typing import Literal
@@ -129,48 +131,50 @@ class BatchReference:
             return t is None or t in _ECHO[p.protocol]
         return True
 
+    def _columns(self, pkts: Sequence[AnyPacket]):
+        """The plain packets' numbers and their fields as arrays: direction (1 egress), family,
+        protocol, key (port, ICMP key, -1) and peer address (IPv6: its rank). The attributes are read
+        by one attrgetter per packet (C), the columns by zip, the IPv4 addresses parsed by inet_pton
+        into one buffer: no Python step per packet (they dominated `test`'s time)."""
+        n = len(pkts)
+        protos, frags, dports, dirs, srcs, dsts = zip(*map(_FIELDS, pkts))
+        proto = np.array(protos, dtype=np.int64)
+        egress = np.fromiter(map(_EGRESS, dirs), dtype=bool, count=n)
+        peers = np.where(egress, np.array(dsts, dtype=object), np.array(srcs, dtype=object)).tolist()
+        key = np.array(dports, dtype=np.int64)
+        plain = ~np.array(frags, dtype=bool)
+        icmp = np.flatnonzero((proto == 1) | (proto == 58))
+        if len(icmp):
+            sub = [pkts[i] for i in icmp.tolist()]
+            t = np.array([-1 if x is None else x for x in (getattr(p, "icmp_type", None) for p in sub)], dtype=np.int64)
+            code = np.array([getattr(p, "icmp_code", 0) for p in sub], dtype=np.int64)
+            v4 = proto[icmp] == 1
+            echo_req, echo_rep = np.where(v4, 8, 128), np.where(v4, 0, 129)
+            plain[icmp] &= (t < 0) | (t == echo_req) | (t == echo_rep)   # other ICMP: reference.evaluate
+            key[icmp] = (np.where(t < 0, echo_req, t) << 8) | code
+        key[(proto != 6) & (proto != 17) & (proto != 1) & (proto != 58)] = -1
+        v6 = np.fromiter(map(_HAS_COLON, peers), dtype=bool, count=n)
+        addr = np.zeros(n, dtype=np.int64)
+        i4, i6 = np.flatnonzero(~v6), np.flatnonzero(v6)
+        if len(i4):
+            addr[i4] = np.frombuffer(b"".join(map(_PTON4, [peers[i] for i in i4.tolist()])), dtype=">u4")
+        if len(i6):
+            rank6 = self._rank6
+            addr[i6] = [rank6(int.from_bytes(_PTON6(peers[i]), "big")) for i in i6.tolist()]
+        idx = np.flatnonzero(plain)
+        return idx, egress.astype(np.int64)[idx], np.where(v6, 6, 4)[idx], proto[idx], key[idx], addr[idx]
+
     def orders(self, pkts: Sequence[AnyPacket]) -> np.ndarray:
         """Order of the deciding rule per plain packet (-1: the default); -2 for packets that are not
         plain (judge those with reference.evaluate)."""
         n = len(pkts)
         out = np.full(n, -2, dtype=np.int64)
-        # one pass over the packets (attribute access is the cost here, not the arithmetic)
-        idx_l, dir_l, fam_l, proto_l, key_l, addr_l = [], [], [], [], [], []
-        rank6 = self._rank6
-        for i, p in enumerate(pkts):
-            pnum = p.protocol
-            if p.fragment:
-                continue
-            if pnum in (6, 17):
-                kval = p.dport
-            elif pnum in (1, 58):
-                t = getattr(p, "icmp_type", None)
-                if t is not None and t not in _ECHO[pnum]:
-                    continue                     # not plain: reference.evaluate judges it
-                kval = _icmp_key(p)
-            else:
-                kval = -1
-            egress = p.direction == "egress"
-            peer = p.dst if egress else p.src
-            idx_l.append(i)
-            dir_l.append(egress)
-            proto_l.append(pnum)
-            key_l.append(kval)
-            if ":" in peer:
-                fam_l.append(6)
-                addr_l.append(rank6(_addr6(peer)))
-            else:
-                fam_l.append(4)
-                addr_l.append(_addr4(peer))
-        idx = np.array(idx_l, dtype=np.int64)
+        if not n:
+            return out
+        idx, dirs, fam, proto, key, addr = self._columns(pkts)
         m = len(idx)
         if not m:
             return out
-        dirs = np.array(dir_l, dtype=np.int64)
-        fam = np.array(fam_l, dtype=np.int64)
-        proto = np.array(proto_l, dtype=np.int64)
-        key = np.array(key_l, dtype=np.int64)
-        addr = np.array(addr_l, dtype=np.int64)
         dec = np.full(m, -1, dtype=np.int64)
         every = np.arange(m)
         by_peer = {(d, f): _Index(every[(dirs == d) & (fam == f)], addr) for d in (0, 1) for f in (4, 6)}
@@ -262,9 +266,8 @@ def _icmp_key(p: AnyPacket) -> int:
     return (t << 8) | getattr(p, "icmp_code", 0)
 
 
-def _addr4(text: str) -> int:
-    return int.from_bytes(socket.inet_pton(socket.AF_INET, text), "big")
-
-
-def _addr6(text: str) -> int:
-    return int.from_bytes(socket.inet_pton(socket.AF_INET6, text), "big")
+_FIELDS = operator.attrgetter("protocol", "fragment", "dport", "direction", "src", "dst")
+_EGRESS = "egress".__eq__
+_HAS_COLON = operator.methodcaller("__contains__", ":")
+_PTON4 = functools.partial(socket.inet_pton, socket.AF_INET)
+_PTON6 = functools.partial(socket.inet_pton, socket.AF_INET6)

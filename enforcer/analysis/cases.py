@@ -25,6 +25,7 @@ from __future__ import annotations
 import importlib
 import ipaddress
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,11 +53,11 @@ class Expect:
     reason: str | None = None
     rule: Any = _UNSET                 # a name, None (no rule decided), or _UNSET (not checked)
 
-    def misses(self, got) -> list[str]:
-        """What of this expectation `got` (an Outcome) does not meet, as phrases."""
+    def misses(self, got) -> Sequence[str]:
+        """What of this expectation `got` (an Outcome) does not meet, as phrases (() when met)."""
         if (self.verdict is None or got.verdict == self.verdict) and (self.reason is None or got.reason == self.reason) \
                 and (self.rule is _UNSET or got.rule == self.rule):
-            return []
+            return ()
         out = []
         if self.verdict is not None and got.verdict != self.verdict:
             out.append(f"verdict {got.verdict}, expected {self.verdict}")

@@ -16,7 +16,7 @@ stateless judgements.
 """
 from __future__ import annotations
 
-import ipaddress
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -84,15 +84,20 @@ def _symmetric(p: CasePacket) -> bool:
     """A tuple that is its own reverse (same address and port on both sides; ICMP echo carries its id
     as both ports): bpf/conntrack.h ct_key4/ct_key6 then always name the sender the initiator, whose
     packets must travel the opener's direction, so such a packet never continues as the reply."""
-    if ipaddress.ip_address(p.src) != ipaddress.ip_address(p.dst):
+    if p.src != p.dst and _raw(p.src) != _raw(p.dst):     # text first: most tuples differ there already
         return False
     return p.protocol in (1, 58) or p.sport == p.dport
 
 
-def judge(policy: Policy, pkt: CasePacket, stateless: Callable[[CasePacket], Decision | Outcome]) -> Outcome:
+def _raw(addr: str) -> bytes:
+    return socket.inet_pton(socket.AF_INET6 if ":" in addr else socket.AF_INET, addr)
+
+
+def judge(policy: Policy, pkt: CasePacket, stateless: Callable[[CasePacket], Decision | Outcome],
+          opened: tuple[CasePacket, str] | None = None) -> Outcome:
     """Outcome of `pkt` given its state; `stateless(p)` is the policy's judgement of one packet (a
-    reference Decision or already an Outcome)."""
-    op = pkt.opener()
+    reference Decision or already an Outcome); `opened`: pkt.opener() when the caller has it already."""
+    op = opened if opened is not None else pkt.opener()
     if op is None:
         return outcome_of(stateless(pkt))
     opener, how = op

@@ -17,10 +17,20 @@ rules on the other) and the rest (judged by the rules on both) — and the regio
 rule: they change verdict only when `audit` changes (drop ↔ would_drop, one region per direction and
 family).
 
+fqdns rules (fqdn.py) match destinations the DNS proxy learns at run time. The regions above are for
+destinations in no fqdns set (there the fqdns rules match nothing, as compiled). Changes for destinations
+in a set are their own kind (`fqdn_changes`): the names of both policies' fqdns rules are cut into
+classes that both treat alike (fqdn.name_classes); for each, both policies are diffed with the rules
+whose patterns match the class matching every destination, and the regions decided by one of those
+rules on either side are reported as "for destinations learnt for NAMES". Exact for a destination learnt
+for the names of one class; one learnt for names of several classes takes the first matching rule among
+theirs. Rule changes of fqdns rules list the names added and removed.
+
 The OLD side may be the running instance (enforcer/running.py reads its active tables), so
 `apply --dry-run` shows what the swap would change against what is enforced, not against a file.
 Cost: O(joint cells) memory and time after both owner sweeps; ~2 s for a max policy and an edited copy,
-6-12 s for two unrelated max policies (~6·10^4 regions; docs/benchmarks.md, suite `policy`).
+~5 s of CPU for two unrelated max policies (~6·10^4 regions; docs/benchmarks.md, suite `policy`). fqdns
+changes: two compiles per name class.
 """
 from __future__ import annotations
 
@@ -32,12 +42,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..policy import ESSENTIAL_ICMP, Policy
+from .fqdn import is_fqdn, name_classes, with_names
 from .intervals import Span, cidrs
 from .regions import Region, fragment_region, icmp_keys_text, regions
 from .stages import COND_NONE, COND_NOT_ESS, ESS_NONE, cond_essential
 from .table import ALLOW, VERDICT_NAMES, Axes, DecisionTable, decision_table, paused_gc
 
-__all__ = ["VerdictChange", "RuleChange", "PolicyDiff", "diff_tables", "rule_changes", "setting_changes", "diff"]
+__all__ = ["VerdictChange", "FqdnChange", "RuleChange", "PolicyDiff", "diff_tables", "rule_changes", "setting_changes",
+           "fqdn_changes", "diff"]
 
 
 @dataclass(frozen=True)
@@ -54,6 +66,19 @@ class VerdictChange:
     def to_json(self, peers: bool = True) -> dict:
         return {**self.region.to_json(peers), "old": {"verdict": self.old[0], "rule": self.old[1]},
                 "new": {"verdict": self.new[0], "rule": self.new[1]}}
+
+
+@dataclass(frozen=True)
+class FqdnChange:
+    """A verdict change for destinations the DNS proxy learnt for `names` (fqdns rules' sets)."""
+    names: tuple[str, ...]
+    change: VerdictChange
+
+    def text(self) -> str:
+        return f"learnt for {', '.join(self.names)}: {self.change.text()}"
+
+    def to_json(self) -> dict:
+        return {"names": list(self.names), **self.change.to_json()}
 
 
 @dataclass(frozen=True)
@@ -75,18 +100,29 @@ class PolicyDiff:
     changes: list[VerdictChange] = field(default_factory=list)
     rules: list[RuleChange] = field(default_factory=list)
     settings: list[str] = field(default_factory=list)
+    fqdn: list[FqdnChange] = field(default_factory=list)
+    has_fqdn: bool = False             # either policy has fqdns rules: the regions are for no-set destinations
 
     @property
     def empty(self) -> bool:
-        return not (self.changes or self.rules or self.settings)
+        return not (self.changes or self.rules or self.settings or self.fqdn)
 
     def text(self, limit: int = 200) -> str:
         out = [f"--- {self.old_label}", f"+++ {self.new_label}"]
         n = len(self.changes)
-        out.append(f"verdict changes: {n} region{'s' if n != 1 else ''}" + (":" if n else " (no packet changes verdict)"))
+        out.append(f"verdict changes: {n} region{'s' if n != 1 else ''}"
+                   + (" (destinations in no fqdns set)" if self.has_fqdn else "")
+                   + (":" if n else " (no packet changes verdict)"))
         out += [f"  {c.text()}" for c in self.changes[:limit]]
         if n > limit:
             out.append(f"  … and {n - limit} more (--json lists all)")
+        if self.has_fqdn:
+            k = len(self.fqdn)
+            out.append(f"fqdns verdict changes: {k} region{'s' if k != 1 else ''} (destinations the DNS proxy learnt "
+                       "for these names, addresses known at run time)" + (":" if k else ""))
+            out += [f"  {c.text()}" for c in self.fqdn[:limit]]
+            if k > limit:
+                out.append(f"  … and {k - limit} more (--json lists all)")
         if self.rules:
             out.append(f"rule changes: {len(self.rules)}")
             out += [f"  {r.text()}" for r in self.rules]
@@ -116,6 +152,7 @@ class PolicyDiff:
                     j["peers"] = nets
             changes.append(j)
         return {"old": self.old_label, "new": self.new_label, "verdict_changes": changes, "peer_sets": table,
+                "fqdn_changes": [c.to_json() for c in self.fqdn],
                 "rule_changes": [{"kind": r.kind, "rule": r.name, "where": r.where, "details": list(r.details)}
                                  for r in self.rules], "settings": self.settings}
 
@@ -178,8 +215,9 @@ def diff_tables(a: DecisionTable, b: DecisionTable, by_rule: bool = False) -> li
     la = np.array([l4_pairs[int(t)][0] for t in ax.l4_tag], dtype=np.int64)
     lb = np.array([l4_pairs[int(t)][1] for t in ax.l4_tag], dtype=np.int64)
     old_r, new_r = fa[np.ix_(pa, la)], fb[np.ix_(pb, lb)]
-    old_v = a.group_verdicts(old_r, np.broadcast_to(dira[la], old_r.shape))
-    new_v = b.group_verdicts(new_r, np.broadcast_to(dirb[lb], new_r.shape))
+    # verdicts per outcome group (small), then gathered like the owners
+    old_v = a.group_verdicts(fa, np.broadcast_to(dira, fa.shape))[np.ix_(pa, la)]
+    new_v = b.group_verdicts(fb, np.broadcast_to(dirb, fb.shape))[np.ix_(pb, lb)]
     reach = ax.reachable()
     span = max(a.nrules, b.nrules) + 3
     ess = span - 2                                        # owner code of the pseudo-rule essential_icmp
@@ -238,19 +276,28 @@ def _peers_delta(old, new) -> str | None:
     if old.any != new.any:
         return f"peers {'any' if old.any else f'{len(old)} prefixes'} → {'any' if new.any else f'{len(new)} prefixes'}"
 
-    def pairs(ps) -> set:
-        return {(4, int(n), int(ln)) for n, ln in zip(ps.v4_net.tolist(), ps.v4_len.tolist())} | \
-            {(6, n, ln) for n, ln in zip(ps.v6_net, ps.v6_len)}
+    def v4(ps) -> np.ndarray:                        # (net << 6 | len): one int64 per IPv4 prefix
+        return (ps.v4_net.astype(np.int64) << 6) | ps.v4_len.astype(np.int64)
+
+    def v6(ps) -> set:
+        return {(6, n, ln) for n, ln in zip(ps.v6_net, ps.v6_len)}
+
+    def v4_items(x: np.ndarray) -> list:
+        return [(4, k >> 6, k & 63) for k in x[:4].tolist()]
 
     def txt(items: list) -> str:
         return ", ".join(f"{ipaddress.ip_address(n) if f == 6 else ipaddress.IPv4Address(n)}/{ln}" for f, n, ln in items[:3])
-    a, b = pairs(old), pairs(new)
-    add, rem = sorted(b - a), sorted(a - b)
+    a4, b4 = v4(old), v4(new)
+    add4, rem4 = np.setdiff1d(b4, a4), np.setdiff1d(a4, b4)      # sorted, unique
+    a6, b6 = v6(old), v6(new)
+    add = v4_items(add4) + sorted(b6 - a6)
+    rem = v4_items(rem4) + sorted(a6 - b6)
+    n_add, n_rem = len(add4) + len(b6 - a6), len(rem4) + len(a6 - b6)
     parts = []
-    if add:
-        parts.append(f"+{len(add)} ({txt(add)}{', …' if len(add) > 3 else ''})")
-    if rem:
-        parts.append(f"-{len(rem)} ({txt(rem)}{', …' if len(rem) > 3 else ''})")
+    if n_add:
+        parts.append(f"+{n_add} ({txt(add)}{', …' if n_add > 3 else ''})")
+    if n_rem:
+        parts.append(f"-{n_rem} ({txt(rem)}{', …' if n_rem > 3 else ''})")
     return "peers " + " ".join(parts)
 
 
@@ -260,6 +307,10 @@ def _ranges(v, icmp: bool = False) -> str:
     if icmp:                                         # type << 8 | code keys, as "type 3 code 4"
         return "[" + icmp_keys_text(Span.of((a, b + 1) for a, b in v), limit=1 << 16) + "]"
     return "[" + ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in v) + "]"
+
+
+def _names(names, mark: str = "") -> str:
+    return f"{mark}[{', '.join(names)}]" if names else ""
 
 
 def rule_changes(old_rules, new_rules, old_src: str = "old", new_src: str = "new") -> list[RuleChange]:
@@ -273,17 +324,27 @@ def rule_changes(old_rules, new_rules, old_src: str = "old", new_src: str = "new
         return f"{src}:{r.line}" if getattr(r, "line", 0) else src
     for r in new_rules:
         if r.name not in old:
-            out.append(RuleChange("added", r.name, where(r, new_src), (f"{r.direction} {r.action}",)))
+            out.append(RuleChange("added", r.name, where(r, new_src), (f"{r.direction} {r.action}",)
+                                  + ((f"fqdns {_names(r.fqdns)}",) if getattr(r, "fqdns", None) else ())))
     for r in old_rules:
         if r.name not in new:
-            out.append(RuleChange("removed", r.name, where(r, old_src), (f"{r.direction} {r.action}",)))
+            out.append(RuleChange("removed", r.name, where(r, old_src), (f"{r.direction} {r.action}",)
+                                  + ((f"fqdns {_names(r.fqdns)}",) if getattr(r, "fqdns", None) else ())))
     for r in new_rules:
         o = old.get(r.name)
         if o is None:
             continue
         det = [f"{f} {getattr(o, f)} → {getattr(r, f)}" for f in ("priority", "direction", "action", "protocol")
                if hasattr(o, f) and getattr(o, f) != getattr(r, f)]
-        if hasattr(o, "peers"):
+        of, nf = getattr(o, "fqdns", None), getattr(r, "fqdns", None)
+        if of is not None or nf is not None:
+            if of is None or nf is None:
+                det.append(f"destinations {'peers' if of is None else 'fqdns ' + _names(of)} → "
+                           f"{'peers' if nf is None else 'fqdns ' + _names(nf)}")
+            elif of != nf:
+                det.append("fqdns " + " ".join(x for x in (_names(sorted(set(nf) - set(of)), "+"),
+                                                           _names(sorted(set(of) - set(nf)), "-")) if x))
+        if hasattr(o, "peers") and of is None and nf is None:
             pd = _peers_delta(o.peers, r.peers)
             if pd:
                 det.append(pd)
@@ -297,10 +358,11 @@ def rule_changes(old_rules, new_rules, old_src: str = "old", new_src: str = "new
     common_new = [r.name for r in new_rules if r.name in old]
     sm = difflib.SequenceMatcher(a=common_old, b=common_new, autojunk=False)
     kept = {common_old[blk.a + k] for blk in sm.get_matching_blocks() for k in range(blk.size)}
-    for n in common_new:
+    pos_old = {n: i for i, n in enumerate(common_old)}
+    for i, n in enumerate(common_new):
         if n not in kept:
             out.append(RuleChange("moved", n, where(new[n], new_src),
-                                  (f"tried {common_old.index(n) + 1}. → {common_new.index(n) + 1}. among the rules of both",)))
+                                  (f"tried {pos_old[n] + 1}. → {i + 1}. among the rules of both",)))
     return out
 
 
@@ -322,6 +384,17 @@ def setting_changes(old: Policy, new: Policy) -> list[str]:
     return out
 
 
+def fqdn_changes(old: Policy, new: Policy, by_rule: bool = False) -> list[FqdnChange]:
+    """Verdict changes for destinations learnt for the names of each name class (module docstring):
+    per class one diff of the two policies with that class's fqdns rules over every destination; the
+    regions decided by one of those rules on either side. Cost: two compiles per class."""
+    out = []
+    for (ro, rn), names in name_classes(old, new).items():
+        ch = diff_tables(decision_table(with_names(old, ro)), decision_table(with_names(new, rn)), by_rule)
+        out += [FqdnChange(tuple(names), c) for c in ch if c.old[1] in ro or c.new[1] in rn]
+    return out
+
+
 def diff(old: Policy, new: Policy, by_rule: bool = False) -> PolicyDiff:
     with paused_gc():
         return _diff(old, new, by_rule)
@@ -332,5 +405,8 @@ def _diff(old: Policy, new: Policy, by_rule: bool) -> PolicyDiff:
     d.changes = diff_tables(decision_table(old), decision_table(new), by_rule)
     d.rules = rule_changes(old.rules, new.rules, old.source, new.source)
     d.settings = setting_changes(old, new)
+    d.has_fqdn = any(is_fqdn(r) for p in (old, new) for r in p.rules)
+    if d.has_fqdn:
+        d.fqdn = fqdn_changes(old, new, by_rule)
     return d
 

@@ -8,6 +8,9 @@ largest ranges around the packet that are judged alike (its peer's elementary in
 key interval). From the policy's DoS profile of the interface: the limits this packet counts against
 and the bucket it shares. Live bans (operator and automatic) come from a running instance and are
 passed in by the caller (cli_tooling.py), so this module stays free of kernel code.
+fqdns rules (fqdn.py): every one whose other conditions the packet meets is listed with its names; with
+a snapshot of names → addresses (a file, or the running instance's learnt names, passed in as `learnt`)
+the packet is judged with it, and each such rule says which names put the destination into its set.
 Cost: O(rules × prefixes) for the matches (reference.match), plus one compile for the ranges.
 """
 from __future__ import annotations
@@ -18,8 +21,9 @@ from dataclasses import dataclass, field
 from hostwall.bpf import layout as L
 
 from ..policy import DosProfile, Policy, Rule
-from ..reference import essential_icmp, evaluate, match
+from ..reference import Learnt, essential_icmp, evaluate, match
 from .ctmodel import Outcome, judge
+from .fqdn import is_fqdn, names_holding
 from .intervals import Span, addr_text, ranges_text
 from .packet import CasePacket
 from .regions import icmp_keys_text
@@ -44,6 +48,8 @@ class Explanation:
     bans: list[dict] = field(default_factory=list)
     source: str = ""
     essential: str | None = None            # essential ICMP: why the packet passes before the rules, or not
+    fqdn: list[dict] = field(default_factory=list)   # fqdns rules whose other conditions the packet meets
+    snapshot: str | None = None             # where the names → addresses came from (None: no snapshot)
 
     def text(self) -> str:
         p = self.packet
@@ -68,6 +74,7 @@ class Explanation:
         if rest:
             out.append("shadowed (these match too, but are tried later):")
             out += [f"         {r.name!r} ({self.source}:{r.line}, priority {r.priority}, {r.action})" for r in rest]
+        out += self._fqdn_text()
         out.append(f"default  {p.direction}: {self.default} (when no rule matches)")
         st = ("stateful: an allowed opening packet (TCP SYN, UDP, ICMP echo request) is tracked; the connection "
               "then passes both ways without rules" if self.stateful else "stateless: every packet is judged by the rules")
@@ -76,7 +83,8 @@ class Explanation:
             side = "source" if p.direction == "ingress" else "destination"
             out.append(f"alike    every {side} in {self.peer_range[0]} - {self.peer_range[1]}"
                        + (f" with {self.key_range}" if self.key_range else "") + " is judged the same way"
-                       + (" (with the same hop limit and embedded packet)" if self.essential else ""))
+                       + (" (with the same hop limit and embedded packet)" if self.essential else "")
+                       + (" (if in the same fqdns sets)" if any(not f["after"] for f in self.fqdn) else ""))
         if self.dos_profile:
             out.append(f"DoS      profile {self.dos_profile}:")
             out += [f"         {d}" for d in self.dos]
@@ -89,13 +97,36 @@ class Explanation:
                                                for b in self.bans) + ": dropped as banned before any rule")
         return "\n".join(out)
 
+    def _fqdn_text(self) -> list[str]:
+        if not self.fqdn:
+            return []
+        dst = self.packet.dst
+        out = [f"fqdns    rules that match this packet if {dst} is in their set (addresses their names resolved "
+               "to through the DNS proxy" + (f"; snapshot: {self.snapshot})" if self.snapshot else ")")]
+        for f in self.fqdn:
+            out.append(f"         {f['rule']!r} ({self.source}:{f['line']}, priority {f['priority']}, {f['action']}): "
+                       + ", ".join(f["fqdns"]))
+            if f["after"]:
+                out.append(f"           tried after {f['after']!r}, which decides this packet: it cannot decide it")
+            if self.snapshot is None:
+                continue
+            if f["names"]:
+                out.append(f"           {dst} is in its set: learnt for " + ", ".join(f["names"]))
+            else:
+                out.append(f"           {dst} is not in its set: no name it lists resolved to it")
+        if self.snapshot is None:
+            out.append("         (give --fqdn-addresses FILE or --pin-dir DIR to judge with names → addresses "
+                       "and see which names put the address there)")
+        return out
+
     def to_json(self) -> dict:
         return {"packet": self.packet.text(), **self.outcome.to_json(),
                 "matching": [{"rule": r.name, "line": r.line, "priority": r.priority, "action": r.action}
                              for r in self.matching],
                 "default": self.default, "stateful": self.stateful, "audit": self.audit,
                 "peer_range": list(self.peer_range) if self.peer_range else None, "key_range": self.key_range,
-                "dos_profile": self.dos_profile, "dos": self.dos, "bans": self.bans, "essential_icmp": self.essential}
+                "dos_profile": self.dos_profile, "dos": self.dos, "bans": self.bans, "essential_icmp": self.essential,
+                "fqdn": self.fqdn, "fqdn_snapshot": self.snapshot}
 
 
 def dos_limits(prof: DosProfile, pkt: CasePacket) -> list[str]:
@@ -148,15 +179,42 @@ def _essential_note(policy: Policy, pkt: CasePacket, rp) -> str | None:
     return f"a {what} message, but it passes before the rules only with {need}: the rules judge it"
 
 
+def _fqdn_candidates(policy: Policy, rp, learnt: Learnt | None) -> list[dict]:
+    """fqdns rules whose conditions other than the destination hold for `rp`, in the order tried, with
+    the names that put its destination into the rule's set (by `learnt`) and the static rule tried
+    before them that decides the packet anyway (after)."""
+    out: list[dict] = []
+    if rp.direction != "egress":
+        return out
+    static = next((i for i, r in enumerate(policy.rules) if not is_fqdn(r) and match(r, rp)), None)
+    for i, r in enumerate(policy.rules):
+        if not is_fqdn(r) or not match(r, rp, _any_name(r, rp.dst)):
+            continue
+        after = policy.rules[static].name if static is not None and static < i else None
+        out.append({"rule": r.name, "line": r.line, "priority": r.priority, "action": r.action,
+                    "fqdns": list(r.fqdns or ()), "after": after,
+                    "names": names_holding(r, rp.dst, learnt) if learnt is not None else None})
+    return out
+
+
+def _any_name(rule, dst: str) -> Learnt:
+    """A snapshot in which the rule's first pattern resolved to `dst` (to test its other conditions)."""
+    pat = (rule.fqdns or ("x",))[0]
+    return {("x" + pat[1:]) if pat.startswith("*") else pat: (dst,)}
+
+
 def explain(policy: Policy, pkt: CasePacket, dt: DecisionTable | None = None,
-            bans: list[dict] | None = None) -> Explanation:
+            bans: list[dict] | None = None, learnt: Learnt | None = None, snapshot: str | None = None) -> Explanation:
     """Explain `pkt` under `policy`; `bans` (from a running instance) are filtered to the ones that
-    cover the packet's source."""
+    cover the packet's source; `learnt` (names → addresses, from `snapshot`) fills the fqdns rules' sets
+    (without it they hold nothing, and are listed as candidates)."""
     rp = pkt.reference()
-    out = judge(policy, pkt, lambda c: evaluate(policy, c.reference()))
-    matching = [r for r in policy.rules if match(r, rp)]
+    out = judge(policy, pkt, lambda c: evaluate(policy, c.reference(), learnt))
+    matching = [r for r in policy.rules if match(r, rp, learnt)]
     ex = Explanation(pkt, out, matching, getattr(policy.defaults, pkt.direction), policy.defaults.stateful,
                      policy.defaults.audit, source=policy.source)
+    ex.fqdn = _fqdn_candidates(policy, rp, learnt)
+    ex.snapshot = snapshot if learnt is not None else None
     dt = dt or decision_table(policy)
     fam = pkt.family
     _, lo, hi = dt.peer_interval_of(fam, int(ipaddress.ip_address(pkt.peer)))

@@ -14,7 +14,7 @@ Cost: the reference side judges all stateless packets in one batch (batch.py): ~
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from ..policy import Policy
@@ -28,6 +28,7 @@ from .table import decision_table, paused_gc
 
 __all__ = ["CaseResult", "TestReport", "run_tests", "reference_outcomes", "DatapathJudge"]
 
+_NONE: tuple[str, ...] = ()      # no misses, no disagreements (shared: never mutated)
 # packets -> per packet {hook: outcome}
 DatapathJudge = Callable[[list[CasePacket]], list[dict[str, Outcome]]]
 
@@ -37,8 +38,8 @@ class CaseResult:
     case: Case
     reference: Outcome
     datapath: dict[str, Outcome] = field(default_factory=dict)
-    misses: list[str] = field(default_factory=list)
-    disagreements: list[str] = field(default_factory=list)
+    misses: Sequence[str] = ()
+    disagreements: Sequence[str] = ()
 
     @property
     def failed(self) -> bool:
@@ -96,7 +97,7 @@ class TestReport:
                 "cases": [{"name": r.case.name, "line": r.case.line, "packet": r.case.packet.text(),
                            "ok": not r.failed, "reference": r.reference.to_json(),
                            "datapath": {h: o.to_json() for h, o in r.datapath.items()},
-                           "misses": r.misses, "disagreements": r.disagreements} for r in self.results],
+                           "misses": list(r.misses), "disagreements": list(r.disagreements)} for r in self.results],
                 "invariants": [{"name": i.invariant.name, "line": i.invariant.line, "kind": i.invariant.kind,
                                 "set": i.invariant.selector.text(), "holds": i.holds,
                                 "counterexample": i.counterexample.text() if i.counterexample else None,
@@ -110,13 +111,9 @@ def reference_outcomes(policy: Policy, packets: list[CasePacket], batch: BatchRe
     objects per deciding rule, so a case costs a few list operations."""
     batch = batch or BatchReference(policy)
     stateful = [i for i, p in enumerate(packets) if p.state != "new"]
+    opened = [packets[i].opener() for i in stateful]
     order: list[CasePacket] = list(packets)
-    opener_pos: dict[int, int] = {}
-    for i in stateful:
-        opener_pos[i] = len(order)
-        opened_by = packets[i].opener()
-        assert opened_by is not None                      # its state is not new
-        order.append(opened_by[0])
+    order += [op[0] for op in opened if op is not None]     # not None: their state is not new
     orders = batch.orders(order).tolist()
     drop = "would_drop" if policy.defaults.audit else "drop"
     by_rule = [Outcome(drop, "policy_deny", r.name) if r.action == "deny" else Outcome("allow", "pass_rule", r.name)
@@ -132,10 +129,11 @@ def reference_outcomes(policy: Policy, packets: list[CasePacket], batch: BatchRe
             return default[order[k].direction]
         return outcome_of(evaluate(policy, order[k].reference()))
     out = [by_rule[o] if o >= 0 else decided(i) for i, o in enumerate(orders[:len(packets)])]
-    for i in stateful:
-        p = packets[i]
-        memo = {p: decided(i), order[opener_pos[i]]: decided(opener_pos[i])}
-        out[i] = judge(policy, p, memo.__getitem__)
+    def by_pair(opener: CasePacket, first: Outcome, own: Outcome) -> Callable[[CasePacket], Outcome]:
+        return lambda c: first if c is opener else own
+    for k, (i, op) in enumerate(zip(stateful, opened)):
+        assert op is not None                             # its state is not new
+        out[i] = judge(policy, packets[i], by_pair(op[0], decided(len(packets) + k), out[i]), op)
     return out
 
 
@@ -152,13 +150,12 @@ def _run_tests(policy: Policy, cf: CaseFile, datapath: DatapathJudge | None) -> 
     packets = [c.packet for c in cf.cases]
     ref = reference_outcomes(policy, packets)
     dp = datapath(packets) if datapath is not None and packets else [{}] * len(packets)   # shared, never written
-    results = []
-    for c, r, d in zip(cf.cases, ref, dp):
-        res = CaseResult(c, r, d, c.expect.misses(r), [])
-        if d:
-            res.disagreements = [f"{hook}: {got.text()}, reference model: {r.text()}" for hook, got in d.items()
-                                 if got != r]
-        results.append(res)
+    results = [CaseResult(c, r, d, c.expect.misses(r), _NONE) for c, r, d in zip(cf.cases, ref, dp)]
+    for res in results:
+        if res.datapath:
+            r = res.reference
+            res.disagreements = [f"{hook}: {got.text()}, reference model: {r.text()}"
+                                 for hook, got in res.datapath.items() if got != r]
     invs = []
     if cf.invariants:
         dt = decision_table(policy)

@@ -25,7 +25,7 @@ def junit_xml(rep: TestReport) -> bytes:
         tc = ET.SubElement(cases, "testcase", classname="cases", name=r.case.name, file=src,
                            line=str(r.case.line or 0))
         if r.failed:
-            msg = "; ".join(r.misses + [f"datapath: {d}" for d in r.disagreements])
+            msg = "; ".join([*r.misses, *(f"datapath: {d}" for d in r.disagreements)])
             f = ET.SubElement(tc, "failure", message=msg, type="disagreement" if r.disagreements else "expectation")
             f.text = r.text(src)
     invs = ET.SubElement(root, "testsuite", name=f"{src} invariants", tests=str(len(rep.invariants)),

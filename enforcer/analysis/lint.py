@@ -15,6 +15,16 @@ Kinds of finding, per rule r (first match wins; "cells" are the classes of packe
   overlapping `icmp_types` shadow and conflict like ports do. `ports` with protocol icmp can never
   match, and validation refuses it before lint runs.
 
+fqdns rules (fqdn.py: their destinations are learnt from DNS at run time) are judged for every DNS
+answer: such a rule is `shadowed` when earlier rules decide every packet of its protocol and ports
+whatever the destination (a rule over every peer, or an earlier fqdns rule whose names cover its names),
+`redundant` when every rule that could decide its packets next (static, fqdns, or the default) has its
+action, `conflict` when an earlier rule with the other verdict decides some destinations of its ports
+(its names' addresses there never reach it), and `never_matches` when the policy drops the DNS proxy's
+queries to every upstream (no set is ever filled). An fqdns rule never shadows or conflicts with a later
+static rule (its addresses are unknown); a static rule is redundant only if every fqdns rule that could
+come between it and the next deciding rule has its action too.
+
 Where essential ICMP is on, an ICMP message of an essential kind that meets its condition never
 reaches the rules: the regions of a finding say "with a hop limit other than 255" and the like.
 
@@ -30,6 +40,7 @@ import numpy as np
 from hostwall.bpf import layout as L
 
 from ..policy import ESSENTIAL_ICMP, Policy, Rule
+from .fqdn import covers, is_fqdn, upstream_blocked
 from .regions import Region, regions
 from .stages import COND_NONE, COND_NOT_ESS, ESS_NONE, cond_essential
 from .table import DecisionTable, decision_table, paused_gc
@@ -105,12 +116,22 @@ def _lint(policy: Policy, dt: DecisionTable | None, max_regions: int) -> list[Fi
         nxt = np.where(second >= 0, actions[np.maximum(second, 0)], dflt_l4[None, :])
         differs = decided & (nxt != actions[np.maximum(first, 0)])
         differ_count = np.bincount(first[differs].ravel(), minlength=n)
+    fq = [r for r, rule in enumerate(rules) if is_fqdn(rule)]
+    for h in fq:                                  # an fqdns rule may come between a rule and the next one
+        cols = dt.rule_l4[h]
+        sub, sec = first[:, cols], second[:, cols]
+        m = (sub >= 0) & (sub < h) & ((sec < 0) | (sec > h)) & (actions[np.maximum(sub, 0)] != actions[h])
+        differ_count += np.bincount(sub[m].ravel(), minlength=n)
+    blocked = upstream_blocked(policy) if fq else None
     essential = dt.t.essential
     cond = COND_NOT_ESS if essential else COND_NONE          # what the rules see of a cell
     out: list[Finding] = []
     for r, rule in enumerate(rules):
         blocks = dt.blocks(r)
         loc = (rule.name, policy.source, rule.line)
+        if r in fq:
+            out += _lint_fqdn(policy, dt, r, fq, first, blocked, cond, max_regions)
+            continue
         if not blocks:
             out.append(Finding("never_matches", *loc, _why_never(rule)))
             continue
@@ -178,3 +199,81 @@ def _essential_conflict(dt: DecisionTable, r: int, blocks, first: np.ndarray, lo
     for _, reg in regions(dt, rows, cols, conds=cond_essential(kinds))[:max_regions]:
         f.regions.append((ESSENTIAL_ICMP, reg))
     return f
+
+
+def _fqdn_blocks(dt: DecisionTable, f: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The cells an fqdns rule may match: every peer class of a family × its L4 classes of that family."""
+    cols = dt.rule_l4[f]
+    out = []
+    for fam in (4, 6):
+        rows = np.flatnonzero(dt.peer_family == fam)
+        cf = cols[dt.compatible(fam)[cols]]
+        if len(rows) and len(cf):
+            out.append((rows, cf))
+    return out
+
+
+def _lint_fqdn(policy: Policy, dt: DecisionTable, f: int, fq: list[int], first: np.ndarray, blocked: list[str] | None,
+               cond: int, max_regions: int) -> list[Finding]:
+    """Findings of the fqdns rule `f`, true for every DNS answer (module docstring)."""
+    rules, actions = policy.rules, dt.t.actions
+    rule = rules[f]
+    loc = (rule.name, policy.source, rule.line)
+    blocks = _fqdn_blocks(dt, f)
+    if not blocks:
+        return [Finding("never_matches", *loc, "its protocol and ports match no packet the datapath judges")]
+    if blocked:
+        return [Finding("never_matches", *loc, "the policy drops the DNS proxy's queries to every upstream ("
+                        + "; ".join(blocked) + "): no name resolves through the proxy, so its set stays empty")]
+    covering = [g for g in fq if g < f and covers(rules[g].fqdns or (), rule.fqdns or ())]
+    dflt = np.array([dt.t.default[int(d)] for d in dt.l4_dir], dtype=np.int64)
+    later = [h for h in fq if h > f]
+    earlier: set[int] = set()
+    free_any = differs = False
+    bad_rows, bad_cols, bad_own = [], [], []
+    for rows, cols in blocks:
+        own = first[np.ix_(rows, cols)]
+        static = (own >= 0) & (own < f)
+        by_fqdn = np.zeros(len(cols), dtype=bool)
+        for g in covering:
+            hit = np.isin(cols, dt.rule_l4[g])
+            if (hit[None, :] & ~static).any():
+                earlier.add(g)
+            by_fqdn |= hit
+        earlier.update(np.unique(own[static]).tolist())
+        free = ~static & ~by_fqdn[None, :]
+        if free.any():
+            free_any = True
+            nxt = np.where(own >= 0, actions[np.maximum(own, 0)], dflt[cols][None, :])
+            d = free & (nxt != actions[f])
+            for h in later:                       # fqdns rules between f and the next static decider
+                inh = np.isin(cols, dt.rule_l4[h])[None, :] & ((own < 0) | (own > h))
+                d |= free & inh & (actions[h] != actions[f])
+            differs = differs or bool(d.any())
+        bad = static & ((actions[np.maximum(own, 0)] == _DENY) != (actions[f] == _DENY))
+        if bad.any():
+            ri, ci = np.nonzero(bad)
+            bad_rows.append(rows[ri])
+            bad_cols.append(cols[ci])
+            bad_own.append(own[bad])
+    out = []
+    if not free_any:
+        who, names = _who(policy, sorted(earlier))
+        return [Finding("shadowed", *loc, "never decides a packet, whatever its names resolve to: every packet of its "
+                                          f"protocol and ports is decided earlier by {who}", names)]
+    if not differs:
+        out.append(Finding("redundant", *loc, f"removing it changes no verdict, whatever its names resolve to: every "
+                                              f"rule that could decide its packets next, or the default, also gives "
+                                              f"{rule.action}"))
+    if bad_rows:
+        rows, cols, own = (np.concatenate(x) for x in (bad_rows, bad_cols, bad_own))
+        qs = np.unique(own)
+        who, names = _who(policy, qs)
+        fd = Finding("conflict", *loc, f"its names' addresses in part of its traffic never reach it: an earlier rule "
+                                       f"with a different verdict decides there first, {who}", names)
+        for q in qs[:max_regions]:
+            sel = own == q
+            for _, reg in regions(dt, rows[sel], cols[sel], conds=np.full(int(sel.sum()), cond))[:2]:
+                fd.regions.append((rules[int(q)].name, reg))
+        out.append(fd)
+    return out

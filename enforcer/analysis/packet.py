@@ -27,7 +27,7 @@ the connection (enforcer/analysis/ctmodel.py).
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Literal, cast
 
 from ..policy import Direction
@@ -164,14 +164,22 @@ class CasePacket:
         tuple and direction; "reply": reversed, other direction); None for state new."""
         if self.state == "new":
             return None
-        tcp_open = "S"
+        opens = {"flags": "S" if self.protocol == 6 else "", "state": "new", "icmp_code": 0,
+                 "icmp_type": ECHO[self.family][0] if self.protocol in (1, 58) else None}
         if self.state == "established":
-            return replace(self, flags=tcp_open if self.protocol == 6 else "", state="new",
-                           icmp_type=ECHO[self.family][0] if self.protocol in (1, 58) else None, icmp_code=0), "same"
-        other = "egress" if self.direction == "ingress" else "ingress"
-        return replace(self, direction=other, src=self.dst, dst=self.src, sport=self.dport, dport=self.sport,
-                       flags=tcp_open if self.protocol == 6 else "", state="new",
-                       icmp_type=ECHO[self.family][0] if self.protocol in (1, 58) else None, icmp_code=0), "reversed"
+            return self._with(opens), "same"
+        opens.update(direction="egress" if self.direction == "ingress" else "ingress", src=self.dst, dst=self.src,
+                     sport=self.dport, dport=self.sport)
+        return self._with(opens), "reversed"
+
+    def _with(self, changes: dict[str, Any]) -> CasePacket:
+        """A copy with `changes` (dataclasses.replace without its per-call field walk: `test` makes one
+        opener per case with a state; the fields are already validated)."""
+        new = object.__new__(CasePacket)
+        d = new.__dict__
+        d.update(self.__dict__)
+        d.update(changes)
+        return new
 
 
 def _split_addr(text: str) -> tuple[str | None, int | None]:

@@ -229,6 +229,7 @@ def regions(ax: Axes, rows: np.ndarray, cols: np.ndarray, tags: np.ndarray | Non
     else:
         merged, set_classes, set_first = _group_large(ax, rows, cols, tags)
     class_keys: dict[int, Span] = {}
+    merged_keys: dict[tuple[int, ...], Span] = {}   # regions of a diff share a few combinations of classes
 
     def keys_of(l4cls: list[int], d: int, pidx: int) -> Span:
         for c in l4cls:
@@ -236,7 +237,11 @@ def regions(ax: Axes, rows: np.ndarray, cols: np.ndarray, tags: np.ndarray | Non
                 class_keys[c] = ax.l4_spans([c])[(d, pidx)]
         if len(l4cls) == 1:
             return class_keys[l4cls[0]]
-        return Span.of(iv for c in l4cls for iv in class_keys[c])
+        k = tuple(l4cls)
+        got = merged_keys.get(k)
+        if got is None:
+            got = merged_keys[k] = Span.of(iv for c in l4cls for iv in class_keys[c])
+        return got
     spans: dict[int, Span] = {}                     # one Span per distinct peer class set (shared by regions)
 
     def loader(f: int, si: int) -> Callable[[], Span]:

@@ -63,3 +63,41 @@ def test_explain_shows_live_bans(inst):  # noqa: F811
     assert ex["rule"] == "web" and [b["prefix"] for b in ex["bans"]] == ["203.0.113.0/24"]
     r = cli("explain", pol, "ingress tcp 198.51.100.1:5555 -> :443", "--pin-dir", inst["pin"], env=inst["env"])
     assert "none of the running instance's bans (1) covers 198.51.100.1" in r.stdout
+
+
+FQDN = """version: 1
+name: fq
+defaults: {ingress: deny, egress: deny}
+rules:
+  - {name: dns-out, priority: 1, direction: egress, action: allow, protocol: udp, peers: [192.0.2.53/32], ports: [53]}
+  - {name: mirrors, priority: 10, direction: egress, action: allow, protocol: tcp, ports: [443], fqdns: ["*.mirrors.example.test"]}
+dns: {listen: ["127.0.0.53:53"], upstreams: ["192.0.2.53:53"]}
+"""
+
+
+def test_explain_judges_fqdns_rules_by_the_live_learnt_names(inst):  # noqa: F811
+    """`explain --pin-dir` reads the names → addresses the running instance learnt (hw_dns_names /
+    hw_dns_name_ips, as the proxy writes them) and names the one that put the destination there."""
+    from hostwall.bpf.fqdn import FqdnMaps, now_ns
+    from hostwall.enforcer.datapath import Datapath
+    pol = write(inst["tmp"], "fq.yaml", FQDN)
+    start(inst, pol)
+    pkt = "egress tcp :40000 -> 198.51.100.7:443"
+    r = cli("explain", pol, pkt, "--pin-dir", inst["pin"], "--json", env=inst["env"])
+    ex = json.loads(r.stdout)
+    assert ex["verdict"] == "drop" and ex["fqdn"][0]["names"] == [], r.stdout + r.stderr
+    dp = Datapath.open(inst["pin"])
+    fm = FqdnMaps(dp.map_fds, inst["pin"])
+    try:
+        now = now_ns()
+        with fm.writing():
+            assert fm.name_put("a.mirrors.example.test", now)
+            assert fm.name_ip_put("a.mirrors.example.test", "198.51.100.7", now + 600 * 10**9, now)
+    finally:
+        fm.close()
+        dp.close()
+    r = cli("explain", pol, pkt, "--pin-dir", inst["pin"], env=inst["env"])
+    assert r.returncode == 0, r.stderr
+    assert "decided by rule 'mirrors'" in r.stdout
+    assert "198.51.100.7 is in its set: learnt for a.mirrors.example.test" in r.stdout
+    assert f"snapshot: names learnt by the running instance at {inst['pin']}" in r.stdout
