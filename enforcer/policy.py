@@ -490,10 +490,10 @@ class _Builder(DosBuilder):
                 if res.bad_total > MAX_BAD_PEER_LINES:
                     self.issues.add(p + ("peers_file",), f"... and {res.bad_total - MAX_BAD_PEER_LINES} more "
                                                          "invalid lines", file=full)
-                parsed[full] = None if res.bad_total else PeerSet(False, res.v4_net, res.v4_len,
-                                                                  res.v6_net, res.v6_len)
-                if parsed[full] is not None:
-                    _PEER_FILES.put(self.files[full], parsed[full])
+                parsed[full] = None
+                if not res.bad_total:
+                    parsed[full] = ps = PeerSet(False, res.v4_net, res.v4_len, res.v6_net, res.v6_len)
+                    _PEER_FILES.put(self.files[full], ps)
             if (peer_set := parsed[full]) is not None:
                 self._peer_sets[p] = peer_set
 
