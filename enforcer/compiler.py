@@ -13,7 +13,6 @@ but the IPv6 ranking is NumPy-vectorised.
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -95,11 +94,17 @@ def _l4_spans(rules: tuple[Rule, ...], first: int = 0) -> tuple[np.ndarray, np.n
     start: list[int] = []
     end: list[int] = []
     counts: list[int] = []
+    memo = _SPANS
     for rule in rules:
-        s, e = _rule_l4_spans(rule.direction, rule.protocol, rule.ports, rule.icmp_types)
-        start.extend(s)
-        end.extend(e)
-        counts.append(len(s))
+        key = (rule.direction, rule.protocol, rule.ports, rule.icmp_types)
+        se = memo.get(key)
+        if se is None:
+            if len(memo) >= 4 * L.MAX_RULES:
+                memo.clear()
+            se = memo[key] = _rule_l4_spans(*key)
+        start += se[0]
+        end += se[1]
+        counts.append(len(se[0]))
     own = np.repeat(np.arange(first, first + len(rules), dtype=np.int64), counts)
     return own, np.asarray(start, dtype=np.uint64), np.asarray(end, dtype=np.uint64)
 
@@ -119,21 +124,30 @@ def _patch_spans(old: tuple[np.ndarray, np.ndarray, np.ndarray], rules: tuple[Ru
     return tuple(np.concatenate([p[k] for p in pieces]) for k in range(3))
 
 
-@functools.lru_cache(maxsize=2 * L.MAX_RULES)
-def _rule_l4_spans(direction: str, protocol: str, ports, icmp_types) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """[start, end) ranges of one rule on the L4 axis (memoised: most rules of a re-apply are unchanged)."""
+_SPANS: dict[tuple, tuple[list[int], list[int]]] = {}    # _rule_l4_spans by its arguments
+
+
+def _rule_l4_spans(direction: str, protocol: str, ports, icmp_types) -> tuple[list[int], list[int]]:
+    """[start, end) ranges of one rule on the L4 axis (memoised in _SPANS: most rules of a re-apply are
+    unchanged)."""
     d = L.DIR[direction]
     if ports is not None:
         protos: list[str] = ["tcp", "udp"] if protocol == "any" else [protocol]
-        spans = [(lo, hi + 1) for lo, hi in ports]
+        spans = ports
     elif icmp_types is not None:              # validation: only on icmp / icmpv6 rules
         protos = [protocol]
-        spans = [(lo, hi + 1) for lo, hi in icmp_types]
+        spans = icmp_types
     else:
         protos = list(L.PROTO_IDX) if protocol == "any" else [protocol]
-        spans = [(0, 65536)]
-    bases = [L.l4_key(d, L.PROTO_IDX[p], 0) for p in protos]
-    return tuple(b + s for b in bases for s, _ in spans), tuple(b + e for b in bases for _, e in spans)
+        spans = ((0, 65535),)
+    starts: list[int] = []
+    ends: list[int] = []
+    for p in protos:
+        base = L.l4_key(d, L.PROTO_IDX[p], 0)
+        for lo, hi in spans:
+            starts.append(base + lo)
+            ends.append(base + hi + 1)
+    return starts, ends
 
 
 def _top_table(starts_top16: np.ndarray, exact_at_bucket: np.ndarray) -> np.ndarray:
@@ -278,7 +292,7 @@ def clear_memo() -> None:
     _PEER_MEMO.clear()
     _L4_MEMO.clear()
     _LAST.clear()
-    _rule_l4_spans.cache_clear()
+    _SPANS.clear()
 
 
 def _peer_axis(rules: tuple[Rule, ...]):

@@ -53,6 +53,8 @@ class Datapath(Instance):
 
     _grace: tuple | None = None          # (future of the grace period, (gen, revision_id) it flipped to)
     _grace_pool: ThreadPoolExecutor | None = None
+    _grace_barrier: bpfsys.RcuBarrier
+    _installs = 0                        # one-shot objects (`apply` from the CLI) start no worker
     # per half, the read-only arrays (compiler memo) this object last wrote there: not compared again
     _held: list[dict]
 
@@ -118,8 +120,9 @@ class Datapath(Instance):
 
         Only the records that differ from what the standby half holds are written (one compare of
         each table, ~1 ms per MB), so a change of one rule rewrites that rule's records, whatever
-        the policy's size. The grace period that frees the old half runs on a thread right after
-        the flip, so the next install usually finds it over (docs/benchmarks.md "swap")."""
+        the policy's size. From an object's second install on, the grace period that frees the old
+        half runs on a worker thread right after the flip, so the next install usually finds it over
+        (docs/benchmarks.md "swap")."""
         old = self.active_gen()
         new = old ^ 1
         t0 = time.perf_counter()
@@ -144,7 +147,9 @@ class Datapath(Instance):
         t2 = time.perf_counter()
         self.set_config(gen=new)           # the switch: one map update
         t3 = time.perf_counter()
-        self._start_grace(new, int(cp.hdr["revision_id"][0]))
+        if self._installs:               # a second install: this object swaps again, likely soon
+            self._start_grace(new, int(cp.hdr["revision_id"][0]))
+        self._installs += 1
         return SwapTiming(barrier_s=t1 - t0, write_s=t2 - t1, switch_s=t3 - t2, old_gen=old, new_gen=new,
                           written=written)
 
@@ -167,17 +172,19 @@ class Datapath(Instance):
         return False
 
     def _start_grace(self, gen: int, revision_id: int) -> None:
-        """One grace period on this object's worker thread (started once: a queued call costs ~10 µs,
-        a new thread's start a scheduling round, ms on a loaded machine)."""
+        """One grace period on this object's worker thread, with the worker's own barrier (started once:
+        a queued call costs ~10 µs, a new thread's start a scheduling round, ms on a loaded machine)."""
         if self._grace_pool is None:
             self._grace_pool = ThreadPoolExecutor(1, thread_name_prefix="hostwall-grace")
-        assert self._barrier is not None
-        self._grace = (self._grace_pool.submit(self._barrier.wait), (gen, revision_id))
+            self._grace_barrier = bpfsys.RcuBarrier()
+        self._grace = (self._grace_pool.submit(self._grace_barrier.wait), (gen, revision_id))
 
     def close(self) -> None:
+        """Does not wait for a grace period still running: the worker closes its barrier after it."""
         self._grace = None
         if self._grace_pool is not None:
-            self._grace_pool.shutdown(wait=True)     # the barrier's fds are closed below
+            self._grace_pool.submit(self._grace_barrier.close)
+            self._grace_pool.shutdown(wait=False)
             self._grace_pool = None
         super().close()
 
@@ -191,9 +198,9 @@ def write_changed(dst: np.ndarray, src: np.ndarray) -> int:
     src = np.ascontiguousarray(src)
     size = src.dtype.itemsize
     word = next(w for w in (8, 4, 2, 1) if size % w == 0)
-    a = dst.view(f"u{word}").reshape(n, size // word)
-    b = src.view(f"u{word}").reshape(n, size // word)
-    diff = np.flatnonzero((a != b).any(axis=1))
+    a, b = dst.view(f"u{word}"), src.view(f"u{word}")
+    ne = a != b
+    diff = np.flatnonzero(ne if size == word else ne.reshape(n, size // word).any(axis=1))
     if len(diff) == n:
         dst[:] = src
     elif len(diff):
