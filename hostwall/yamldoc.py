@@ -160,6 +160,11 @@ _RESOLVED: dict[tuple[str, tuple[bool, bool]], str] = {}     # (scalar text, imp
 _RESOLVED_MAX = 1 << 16
 
 
+def clear_tag_memo() -> None:
+    """Forget the memo of implicit scalar tags (benchmarks of a cold parse)."""
+    _RESOLVED.clear()
+
+
 class _Loader(_BaseLoader):  # type: ignore[valid-type,misc]
     """The safe loader with a memo of the implicit tag of a scalar: keys and values such as `name`,
     `direction`, `ingress` repeat in every rule, and the resolver's regexes cost ~4 µs a scalar. The tag
