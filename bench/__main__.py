@@ -1,6 +1,7 @@
 """`python -m hostwall.bench SUITE [--quick] [--json]` — the benchmark runner (docs/benchmarks.md).
 
-Each suite is a module bench/<suite>.py with `run(quick: bool) -> dict[str, float]`; it may also
+Each suite is a module bench/<suite>.py with `run(quick: bool) -> dict[str, float]` (a suite whose run()
+also takes `cpu` honours `--cpu N`: its timing loop is pinned to that CPU); it may also
 expose TARGETS ({metric: (text, predicate(metrics) -> bool)}) and NOTES (printed under the table).
 With --json exactly one JSON object goes to stdout: {"suite", "metrics", "machine"}; progress and
 notes go to stderr. Without --json a table is printed, with PASS/FAIL next to metrics that have a
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import json
 import math
 import os
@@ -56,18 +58,44 @@ def machine_info() -> dict:
         nproc = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         nproc = os.cpu_count() or 0
-    try:
-        load1 = float(os.getloadavg()[0])       # other work on the machine skews timings: record it
-    except OSError:
-        load1 = -1.0
     return {
-        "loadavg_1m": load1,
+        "loadavg_1m": _load1(),
         "kernel": platform.release(),
         "cpu": cpu,
+        "cpu_mhz": _cpu_mhz(),
+        "governor": _read("/sys/devices/system/cpu/cpu0/cpufreq/scaling_governor") or "unknown",
         "nproc": nproc,
+        "nproc_online": os.cpu_count() or 0,
         "python": platform.python_version(),
         "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
     }
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def _load1() -> float:
+    try:
+        return float(os.getloadavg()[0])       # other work on the machine skews timings: record it
+    except OSError:
+        return -1.0
+
+
+def _cpu_mhz() -> list[float]:
+    """Current MHz per CPU as /proc/cpuinfo reports it (a VM often shows the nominal clock only)."""
+    out = []
+    for line in (_read("/proc/cpuinfo") or "").splitlines():
+        if line.startswith("cpu MHz"):
+            try:
+                out.append(round(float(line.split(":", 1)[1]), 1))
+            except ValueError:
+                pass
+    return out
 
 
 def _fmt(v: float) -> str:
@@ -85,8 +113,9 @@ def table(suite: str, metrics: dict[str, float], targets: dict[str, tuple[str, C
     targets = targets or {}
     width = max([len(k) for k in metrics] + [6])
     lines = [f"suite {suite}: {len(metrics)} metrics in {elapsed:.1f} s "
-             f"({machine['cpu']}, {machine['nproc']} CPUs, kernel {machine['kernel']}, load {machine['loadavg_1m']:.1f} "
-             f"at start, {machine['timestamp']})",
+             f"({machine['cpu']}, {machine['nproc']} CPUs, governor {machine['governor']}, kernel {machine['kernel']}, "
+             f"load {machine['loadavg_1m']:.1f} at start, {machine.get('loadavg_1m_end', -1):.1f} at end, "
+             f"{machine['timestamp']})",
              f"{'metric':<{width}}  {'value':>12}  target"]
     for k, v in metrics.items():
         t = ""
@@ -107,12 +136,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("suite", choices=SUITES + ("all",), help="which suite to run")
     ap.add_argument("--quick", action="store_true", help="smaller runs; each suite finishes in under a minute")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    ap.add_argument("--cpu", type=int, default=None, metavar="N",
+                    help="pin the timing loop to CPU N (suites whose run() takes `cpu`: datapath; `all` pins those only)")
     return ap.parse_args(argv)
 
 
-def _run_one(name: str, quick: bool) -> tuple[dict[str, float], object]:
+def _takes_cpu(mod) -> bool:
+    return "cpu" in inspect.signature(mod.run).parameters
+
+
+def _run_one(name: str, quick: bool, cpu: int | None = None) -> tuple[dict[str, float], object]:
     mod = load_suite(name)
-    metrics = mod.run(quick)
+    metrics = mod.run(quick, cpu=cpu) if cpu is not None and _takes_cpu(mod) else mod.run(quick)
     if not isinstance(metrics, dict):
         raise TypeError(f"suite {name}: run() returned {type(metrics).__name__}, not a dict")
     out = {str(k): float(v) for k, v in metrics.items()}
@@ -124,6 +159,10 @@ def _run_one(name: str, quick: bool) -> tuple[dict[str, float], object]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.cpu is not None and args.cpu not in os.sched_getaffinity(0):
+        print(f"--cpu {args.cpu}: not one of the CPUs this process may run on "
+              f"({sorted(os.sched_getaffinity(0))})", file=sys.stderr)
+        return 2
     names = SUITES if args.suite == "all" else (args.suite,)
     machine = machine_info()
     merged: dict[str, float] = {}
@@ -133,7 +172,10 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     for name in names:
         try:
-            metrics, mod = _run_one(name, args.quick)
+            if args.cpu is not None and args.suite != "all" and not _takes_cpu(load_suite(name)):
+                print(f"suite {name} does not support --cpu", file=sys.stderr)
+                return 2
+            metrics, mod = _run_one(name, args.quick, args.cpu)
         except NotImplementedSuite:
             if args.suite != "all":
                 print(f"suite {name} is not implemented yet", file=sys.stderr)
@@ -158,6 +200,9 @@ def main(argv: list[str] | None = None) -> int:
     if not ran:
         print("no suite is implemented yet", file=sys.stderr)
         return 2
+    machine["loadavg_1m_end"] = _load1()
+    if args.cpu is not None:
+        machine["pinned_cpu"] = args.cpu
     if args.json:
         print(json.dumps({"suite": args.suite, "metrics": merged, "machine": machine}, allow_nan=False))
     else:

@@ -30,22 +30,37 @@ IPv4 + 10k IPv6 prefixes), so all cases can be interleaved without swapping poli
            10-rule policy without fqdns rules (`ns_tc_egress_v4_10_rules_allow`).
 
 Baselines from the same run: an empty XDP program (`return XDP_PASS;`) and an empty TC program,
-compiled with BCC, through the same test-run loop. Every case is checked before it is timed: the
-probe's verdict and rule come from the reference model (bench.policies.check_probes) and the
-datapath's counted exit (hook, verdict, reason, rule counter) must agree.
+compiled with BCC, through the same test-run loop; and the peer, xdp-filter from xdp-tools (bench/xdpfilter.py),
+loaded by its CLI on a veth in a namespace of our own with what it can hold of the max policy's block
+lists (10 000 exact addresses per family: the deny probe's source, then the lists' host routes, then
+one host per remaining prefix; bench.xdpfilter.host_entries) and the default probe's port as its
+denied port, timed on the same frames: allow (no entry matches: both address lookups and both port
+lookups miss, pass), deny (source entry hit, drop), default (port entry hit, drop). Its allow case is
+the floor the max policy's first packet is compared with (`ratio_v4_max_over_xdp_filter`).
+
+Every case is checked before it is timed: the probe's verdict and rule come from the reference model
+(bench.policies.check_probes) and the datapath's counted exit (hook, verdict, reason, rule counter)
+must agree; xdp-filter's paths are checked by its own counters.
 
 Caveats: test-run repeats one frame, so caches and branch predictors are warm (a lower bound for
 real traffic), and its per-run overhead (the empty program's figure) is included in every ns_* value.
 The deny/default paths repeat one drop key, so after the first run (which emits the deny event) they
 update an existing drop aggregate, as in a flood from one source.
+
+Reproducibility: every case reports its median, `_min`, `_p90` and `_spread_pct` = (p90 − min) / median
+over its batches; `spread_max_pct` is the widest, and above SPREAD_WARN_PCT a warning names the cases
+(their figures are not to be trusted to that precision). `cpu=N` (`--cpu N`) pins the timing loop to
+one CPU (os.sched_setaffinity; restored afterwards).
 """
 from __future__ import annotations
 
 import ipaddress
+import os
 import statistics
 import struct
 import sys
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -56,10 +71,13 @@ from hostwall.enforcer.analysis.frames import inet_checksum
 from hostwall.enforcer.reference import Packet
 
 from . import policies as P
+from . import xdpfilter as XF
 
 XDP_DROP, XDP_PASS = 1, 2
 TC_ACT_OK, TC_ACT_SHOT = 0, 2
 TCP_FIN, TCP_SYN, TCP_RST, TCP_ACK = 0x01, 0x02, 0x04, 0x10
+
+SPREAD_WARN_PCT = 10.0                 # (p90 - min) / median of a case's batches above which it is not trusted
 
 TARGETS = {
     "ns_per_pkt_v4_max_policy": ("<= 150 ns", lambda m: m["ns_per_pkt_v4_max_policy"] <= 150),
@@ -67,13 +85,17 @@ TARGETS = {
     "ratio_v4_max_over_10_rules": ("<= 2 (max policy vs 10 rules)", lambda m: m["ratio_v4_max_over_10_rules"] <= 2),
     "ratio_v6_max_over_10_rules": ("<= 2 (max policy vs 10 rules)", lambda m: m["ratio_v6_max_over_10_rules"] <= 2),
     "ns_per_pkt_v4_established": ("<= 60 ns", lambda m: m["ns_per_pkt_v4_established"] <= 60),
+    "ratio_v4_max_over_xdp_filter": ("<= 1.0 (issue 13)", lambda m: m["ratio_v4_max_over_xdp_filter"] <= 1.0),
+    "ratio_v6_max_over_xdp_filter": ("<= 1.0 (issue 13)", lambda m: m["ratio_v6_max_over_xdp_filter"] <= 1.0),
+    "spread_max_pct": ("<= 10 % (batches agree)", lambda m: m["spread_max_pct"] <= SPREAD_WARN_PCT),
 }
 
 NOTES = """\
 allow/first packet = TCP ACK matched only by the last rule (no conntrack state is created by non-SYN
 packets, so every repeat evaluates the policy). A repeated SYN would be the conntrack-hit path after
 its first run. established = ACK of a flow opened by SYN (XDP) + SYN-ACK (TC egress).
-ns_* = median over batches of the kernel's mean ns/run (BPF_PROG_TEST_RUN); warm caches."""
+ns_* = median over batches of the kernel's mean ns/run (BPF_PROG_TEST_RUN); warm caches.
+xdp_filter = xdp-filter (xdp-tools) on 10k exact addresses per family + 1 denied port, same frames."""
 
 _MAC = b"\x02\x00\x00\x00\x00\x02" + b"\x02\x00\x00\x00\x00\x01"
 
@@ -260,17 +282,129 @@ def _fqdn_instance(d, bp: P.BenchPolicy):
     return dp, out
 
 
-def _measure(cases: list[Case], repeat: int, batches: int) -> None:
+def _xdp_filter_cases(stack: ExitStack, bp: P.BenchPolicy, m: dict[str, float]) -> list[Case]:
+    """xdp-filter loaded by its CLI with what it can hold of bp's block lists (module doc), each path
+    checked by its own counters (the deny entry's hit counter, the port entry's, its pass count) before
+    it is timed. Everything it made is removed by `stack` (detach, fds, the namespace)."""
+    ok, why = XF.available()
+    if not ok:
+        raise RuntimeError(f"the xdp-filter baseline cannot run: {why}")
+    ns, ifname = stack.enter_context(XF.scratch_netns())
+    deny = {4: P.DENY_SRC_V4, 6: P.DENY_SRC_V6}
+    xf = stack.enter_context(XF.XdpFilter(ns, ifname, deny_ports=[P.PROBE_PORT_DEFAULT],
+                                          deny_src=[deny[4], deny[6]]))
+    for fam in (4, 6):
+        lst = P.blocklist(bp, fam)
+        entries = XF.host_entries(lst, xf.capacity(fam), first=[deny[fam]])
+        m[f"xdp_filter_v{fam}_entries"] = float(xf.add_src(entries))
+        held = set(entries)
+        m[f"xdp_filter_v{fam}_entries_host_routes"] = float(sum(1 for p in lst if p.endswith(("/32", "/128"))
+                                                                and p.split("/")[0] in held))
+        m[f"xdp_filter_v{fam}_list_prefixes"] = float(len(lst))
+    out = []
+    for fam in (4, 6):
+        for path, want in (("allow", XF.XDP_PASS), ("deny", XF.XDP_DROP), ("default", XF.XDP_DROP)):
+            f = tcp_frame(bp.probes[(fam, path)].packet, TCP_ACK)
+            _check_xdp_filter(xf, f, deny[fam], path, want, f"xdp-filter v{fam} {path}")
+            out.append(Case(f"ns_xdp_filter_v{fam}_{path}", xf.prog_fd, f, want))
+    _log(f"xdp-filter ({xf.attached_mode} on {ifname} in {ns}): {xf.entries[4]} IPv4 / {xf.entries[6]} IPv6 "
+         f"source entries (map capacity {xf.capacity(4)}), port {P.PROBE_PORT_DEFAULT} denied")
+    return out
+
+
+def _check_xdp_filter(xf: XF.XdpFilter, frame: bytes, deny_src: str, path: str, want: int, what: str) -> None:
+    """One run: the return value and which of xdp-filter's counters moved (the deny entry's hits, the
+    denied port's hits, the count of `want`) must be those of `path`."""
+    def counters() -> tuple[int, int, int]:
+        return xf.hits(deny_src), xf.port_hits(P.PROBE_PORT_DEFAULT), xf.action_packets(want)
+    before = counters()
+    r = bpfsys.prog_test_run(xf.prog_fd, frame)
+    moved = tuple(a - b for a, b in zip(counters(), before))
+    expect = {"allow": (0, 0, 1), "deny": (1, 0, 1), "default": (0, 1, 1)}[path]
+    if r.retval != want or moved != expect:
+        raise RuntimeError(f"{what}: returned {r.retval} (expected {want}), counters (deny entry, port entry, "
+                           f"action) moved {moved}, expected {expect}")
+
+
+@dataclass
+class _Pinned:
+    """os.sched_setaffinity to one CPU for the timing loop (None: leave the affinity alone)."""
+    cpu: int | None
+
+    def __enter__(self):
+        self.old = os.sched_getaffinity(0)
+        if self.cpu is not None:
+            os.sched_setaffinity(0, {self.cpu})
+        return self
+
+    def __exit__(self, *exc) -> None:
+        os.sched_setaffinity(0, self.old)
+
+
+def _cpu_ticks() -> list[int]:
+    """The aggregate `cpu` line of /proc/stat: user nice system idle iowait irq softirq steal ..."""
+    with open("/proc/stat") as f:
+        return [int(x) for x in f.readline().split()[1:]]
+
+
+def _machine_share(before: list[int], after: list[int], m: dict[str, float]) -> None:
+    """busy_pct: the share of all CPUs doing anything during the timing loop (other work competes for
+    caches and, on SMT or an overcommitted host, for the core); steal_pct: time the hypervisor ran
+    something else on our vCPUs — test-run's clock cannot exclude it (it does exclude our own preemption)."""
+    d = [a - b for a, b in zip(after, before)]
+    total = sum(d[:8]) or 1
+    m["busy_pct"] = 100.0 * (total - d[3] - d[4]) / total
+    m["steal_pct"] = 100.0 * d[7] / total
+
+
+def _measure(cases: list[Case], repeat: int, batches: int, cpu: int | None = None,
+             m: dict[str, float] | None = None) -> None:
     """Interleaved rounds: every case runs one batch per round, so a burst of interference from other
     work on the machine hits all cases alike instead of skewing one of them."""
-    for c in cases:                                  # warm-up and return-value check
-        r = bpfsys.prog_test_run(c.fd, c.frame, repeat=max(1, repeat // 10))
-        if r.retval != c.retval:
-            raise RuntimeError(f"{c.name}: program returned {r.retval}, expected {c.retval}")
-    for i in range(batches):
-        order = cases[i % len(cases):] + cases[:i % len(cases)]
-        for c in order:
-            c.runs.append(bpfsys.prog_test_run(c.fd, c.frame, repeat=repeat).duration_ns)
+    ticks = _cpu_ticks()
+    with _Pinned(cpu):
+        for c in cases:                                  # warm-up and return-value check
+            r = bpfsys.prog_test_run(c.fd, c.frame, repeat=max(1, repeat // 10))
+            if r.retval != c.retval:
+                raise RuntimeError(f"{c.name}: program returned {r.retval}, expected {c.retval}")
+        for i in range(batches):
+            order = cases[i % len(cases):] + cases[:i % len(cases)]
+            for c in order:
+                c.runs.append(bpfsys.prog_test_run(c.fd, c.frame, repeat=repeat).duration_ns)
+    if m is not None:
+        _machine_share(ticks, _cpu_ticks(), m)
+
+
+def _summarise(cases: list[Case], m: dict[str, float]) -> None:
+    """median (the metric), _min, _p90 and _spread_pct per case; spread_max_pct and a warning when the
+    batches of some case disagree by more than SPREAD_WARN_PCT."""
+    spreads = {}
+    for c in cases:
+        med, lo, p90 = float(statistics.median(c.runs)), float(min(c.runs)), float(np.percentile(c.runs, 90))
+        m[c.name], m[c.name + "_min"], m[c.name + "_p90"] = med, lo, p90
+        spreads[c.name] = m[c.name + "_spread_pct"] = 100.0 * (p90 - lo) / med if med else 0.0
+    by_name = {c.name: c for c in cases}
+    for fam in ("v4", "v6"):                    # per-round ratios: both cases of a pair ran in the same round
+        for label, a, b in ((f"ratio_{fam}_max_over_xdp_filter", f"ns_xdp_{fam}_max_policy_allow",
+                             f"ns_xdp_filter_{fam}_allow"),
+                            (f"ratio_{fam}_max_over_empty_xdp", f"ns_xdp_{fam}_max_policy_allow", "ns_empty_xdp")):
+            if a in by_name and b in by_name:
+                r = [x / y for x, y in zip(by_name[a].runs, by_name[b].runs) if y]
+                med = float(statistics.median(r))
+                m[label + "_paired"] = med
+                m[label + "_paired_spread_pct"] = 100.0 * (float(np.percentile(r, 90)) - min(r)) / med
+    for name in ("ns_empty_xdp", "ns_xdp_v4_max_policy_allow", "ns_xdp_filter_v4_allow"):
+        if name in by_name:                     # batch by batch, in round order: levels show up here
+            _log(f"{name} batches (ns, round order): {by_name[name].runs}")
+    m["spread_max_pct"] = max(spreads.values())
+    m["spread_median_pct"] = float(statistics.median(spreads.values()))
+    wide = sorted((v, k) for k, v in spreads.items() if v > SPREAD_WARN_PCT)
+    if wide:
+        print(f"[datapath] WARNING: {len(wide)} of {len(cases)} cases spread more than {SPREAD_WARN_PCT:g} % "
+              f"between batches (p90 - min over median), widest: "
+              + ", ".join(f"{k} {v:.0f} %" for v, k in wide[::-1][:5])
+              + "; their medians are not reproducible to that precision (other work sharing the CPU; compare "
+              "`_min` and the ratios, docs/benchmarks.md \"Noise\")", file=sys.stderr, flush=True)
 
 
 def _ct_insert(dp, bp: P.BenchPolicy, flows: int, m: dict[str, float]) -> None:
@@ -296,60 +430,62 @@ def _ct_insert(dp, bp: P.BenchPolicy, flows: int, m: dict[str, float]) -> None:
          f"({flows} flows each, single runs; max policy)")
 
 
-def run(quick: bool) -> dict[str, float]:
-    repeat, batches, flows = (20_000, 11, 2_000) if quick else (200_000, 15, 20_000)
+def run(quick: bool, cpu: int | None = None) -> dict[str, float]:
+    repeat, batches, flows = (20_000, 15, 2_000) if quick else (200_000, 25, 20_000)
     m: dict[str, float] = {}
     t0 = time.perf_counter()
-    empty_mod, empty_xdp, empty_tc = _empty_programs()
-    instances = []
-    try:
+    with ExitStack() as stack:
+        empty_mod, empty_xdp, empty_tc = _empty_programs()
+        stack.callback(empty_mod.cleanup)
+        instances = []
         probe_frame = tcp_frame(P._probes(P.PROBE_PORT_IN)[(4, "allow")].packet, TCP_ACK)
         cases = [Case("ns_empty_xdp", empty_xdp, probe_frame, XDP_PASS),
                  Case("ns_empty_tc", empty_tc, probe_frame, TC_ACT_OK)]
-        with P.tempdir() as d:
-            for n in ((10, P.MAX_RULES) if quick else P.RULE_COUNTS):    # --quick skips 1000 rules
-                bp = P.max_policy(d, seed=1) if n == P.MAX_RULES else P.generate(d, n, seed=1)
-                dp, slot_names = _instance(bp)
-                instances.append(dp)
-                cases += _cases(dp, slot_names, bp)
-                if n == 10:
-                    fdp, fcases = _fqdn_instance(d, bp)
-                    instances.append(fdp)
-                    cases += fcases
-            _log(f"set-up {time.perf_counter() - t0:.1f} s; timing {len(cases)} cases x {batches} interleaved "
-                 f"batches of {repeat} runs")
-            _measure(cases, repeat, batches)
-            for c in cases:
-                m[c.name] = float(statistics.median(c.runs))
-                c_min = float(min(c.runs))
-                if c.name.endswith(("max_policy_allow", "10_rules_allow", "max_policy_established")) \
-                        or c.name.startswith("ns_empty"):
-                    m[c.name + "_min"] = c_min
-            _ct_insert(instances[-1], bp, flows, m)      # bp: the max policy (the last instance)
-            mem = instances[-1].map_memory()            # what the max policy's instance costs in kernel memory
-            m["map_memory_mb_max_policy"] = mem["total_bytes"] / 2**20
-            for name, b in mem["maps"].items():
-                if b >= 1 << 20:
-                    m[f"map_memory_mb_{name}"] = b / 2**20
-        # contract names (docs/benchmarks.md)
-        for fam in ("v4", "v6"):
-            m[f"ns_per_pkt_{fam}_10_rules"] = m[f"ns_xdp_{fam}_10_rules_allow"]
-            m[f"ns_per_pkt_{fam}_max_policy"] = m[f"ns_xdp_{fam}_max_policy_allow"]
-            m[f"ns_per_pkt_{fam}_established"] = m[f"ns_xdp_{fam}_max_policy_established"]
-            m[f"ratio_{fam}_max_over_10_rules"] = m[f"ns_per_pkt_{fam}_max_policy"] / m[f"ns_per_pkt_{fam}_10_rules"]
-            m[f"ratio_{fam}_max_over_empty_xdp"] = m[f"ns_per_pkt_{fam}_max_policy"] / m["ns_empty_xdp"]
-            m[f"ns_added_{fam}_max_policy"] = m[f"ns_per_pkt_{fam}_max_policy"] - m["ns_empty_xdp"]
-            m[f"ns_added_{fam}_established"] = m[f"ns_per_pkt_{fam}_established"] - m["ns_empty_xdp"]
-        for fam in ("v4", "v6"):
-            base = m[f"ns_tc_egress_{fam}_10_rules_allow"]
-            m[f"ratio_{fam}_egress_fqdn_hit_over_static"] = m[f"ns_tc_egress_{fam}_fqdn_allow"] / base
-            m[f"ratio_{fam}_egress_fqdn_miss_over_static"] = m[f"ns_tc_egress_{fam}_fqdn_static"] / base
-            m[f"ratio_{fam}_egress_max_over_empty_tc"] = m[f"ns_tc_egress_{fam}_max_policy_allow"] / m["ns_empty_tc"]
-            m[f"ratio_{fam}_egress_10_rules_over_empty_tc"] = m[f"ns_tc_egress_{fam}_10_rules_allow"] / m["ns_empty_tc"]
-        m["repeat"] = float(repeat)
-        m["batches"] = float(batches)
-        return dict(sorted(m.items()))
-    finally:
-        for dp in instances:
-            dp.close()
-        empty_mod.cleanup()
+        d = stack.enter_context(P.tempdir())
+        for n in ((10, P.MAX_RULES) if quick else P.RULE_COUNTS):    # --quick skips 1000 rules
+            bp = P.max_policy(d, seed=1) if n == P.MAX_RULES else P.generate(d, n, seed=1)
+            dp, slot_names = _instance(bp)
+            stack.callback(dp.close)
+            instances.append(dp)
+            cases += _cases(dp, slot_names, bp)
+            if n == 10:
+                fdp, fcases = _fqdn_instance(d, bp)
+                stack.callback(fdp.close)
+                cases += fcases
+        cases += _xdp_filter_cases(stack, bp, m)           # bp: the max policy
+        _log(f"set-up {time.perf_counter() - t0:.1f} s; timing {len(cases)} cases x {batches} interleaved "
+             f"batches of {repeat} runs" + (f", pinned to CPU {cpu}" if cpu is not None else ""))
+        _measure(cases, repeat, batches, cpu, m)
+        _summarise(cases, m)
+        _ct_insert(instances[-1], bp, flows, m)      # bp: the max policy (the last instance)
+        mem = instances[-1].map_memory()            # what the max policy's instance costs in kernel memory
+        m["map_memory_mb_max_policy"] = mem["total_bytes"] / 2**20
+        for name, b in mem["maps"].items():
+            if b >= 1 << 20:
+                m[f"map_memory_mb_{name}"] = b / 2**20
+    # contract names (docs/benchmarks.md)
+    for fam in ("v4", "v6"):
+        m[f"ns_per_pkt_{fam}_10_rules"] = m[f"ns_xdp_{fam}_10_rules_allow"]
+        m[f"ns_per_pkt_{fam}_max_policy"] = m[f"ns_xdp_{fam}_max_policy_allow"]
+        m[f"ns_per_pkt_{fam}_established"] = m[f"ns_xdp_{fam}_max_policy_established"]
+        m[f"ratio_{fam}_max_over_10_rules"] = m[f"ns_per_pkt_{fam}_max_policy"] / m[f"ns_per_pkt_{fam}_10_rules"]
+        m[f"ratio_{fam}_max_over_empty_xdp"] = m[f"ns_per_pkt_{fam}_max_policy"] / m["ns_empty_xdp"]
+        m[f"ns_added_{fam}_max_policy"] = m[f"ns_per_pkt_{fam}_max_policy"] - m["ns_empty_xdp"]
+        m[f"ns_added_{fam}_established"] = m[f"ns_per_pkt_{fam}_established"] - m["ns_empty_xdp"]
+        xf = m[f"ns_xdp_filter_{fam}_allow"]
+        m[f"ratio_{fam}_max_over_xdp_filter"] = m[f"ns_per_pkt_{fam}_max_policy"] / xf
+        m[f"ratio_{fam}_max_over_xdp_filter_min"] = m[f"ns_xdp_{fam}_max_policy_allow_min"] / m[f"ns_xdp_filter_{fam}_allow_min"]
+        m[f"ratio_{fam}_10_rules_over_xdp_filter"] = m[f"ns_per_pkt_{fam}_10_rules"] / xf
+        m[f"ratio_{fam}_deny_over_xdp_filter_deny"] = m[f"ns_xdp_{fam}_max_policy_deny"] / m[f"ns_xdp_filter_{fam}_deny"]
+        m[f"ratio_{fam}_established_over_xdp_filter"] = m[f"ns_per_pkt_{fam}_established"] / xf
+        m[f"ratio_xdp_filter_{fam}_over_empty_xdp"] = xf / m["ns_empty_xdp"]
+    for fam in ("v4", "v6"):
+        base = m[f"ns_tc_egress_{fam}_10_rules_allow"]
+        m[f"ratio_{fam}_egress_fqdn_hit_over_static"] = m[f"ns_tc_egress_{fam}_fqdn_allow"] / base
+        m[f"ratio_{fam}_egress_fqdn_miss_over_static"] = m[f"ns_tc_egress_{fam}_fqdn_static"] / base
+        m[f"ratio_{fam}_egress_max_over_empty_tc"] = m[f"ns_tc_egress_{fam}_max_policy_allow"] / m["ns_empty_tc"]
+        m[f"ratio_{fam}_egress_10_rules_over_empty_tc"] = m[f"ns_tc_egress_{fam}_10_rules_allow"] / m["ns_empty_tc"]
+    m["repeat"] = float(repeat)
+    m["batches"] = float(batches)
+    m["pinned_cpu"] = float(-1 if cpu is None else cpu)
+    return dict(sorted(m.items()))

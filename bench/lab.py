@@ -25,6 +25,13 @@ host's eth0 / input hook:
                      classified (no conntrack shortcut)
   hostwall_stateful  the same with stateful: true: after the first packet the flow is tracked and its
                      packets take the conntrack fast path (extra metric)
+  xdp_filter         the peer: xdp-filter from xdp-tools, loaded by its CLI (bench/xdpfilter.py) in skb
+                     (generic) mode, the mode hostwall's `auto` takes on veth; it matches exact addresses
+                     only (10 000 per family), so it holds what it can of the list: the attacker's address,
+                     the list's /32 host routes, then one host of each remaining prefix — one entry per
+                     prefix, 10 000 in all (bench.xdpfilter.host_entries); no port entries (its port
+                     entries can only deny, and the flood's port is one to accept; its port lookups run
+                     for every packet anyway)
   xdp_pass           a bare XDP program that returns XDP_PASS (extra metric): the cost of any XDP hook
                      on this veth, the floor under hostwall's own XDP path
 
@@ -67,6 +74,8 @@ from pathlib import Path
 from hostwall.lab import traffic as T
 from hostwall.lab.netns import Lab
 
+from . import xdpfilter as XF
+
 __all__ = ["run", "deny_prefixes", "ALLOWED_PORTS", "FLOOD_PORT", "N_PREFIXES"]
 
 N_PREFIXES = 10_000
@@ -79,6 +88,7 @@ SEED = 66
 
 TARGETS = {
     "hostwall_vs_nft": (">= 0.95 (nftables with sets)", lambda m: m["hostwall_vs_nft"] >= 0.95),
+    "hostwall_vs_xdp_filter": (">= 1.0 (xdp-filter, issue 13)", lambda m: m["hostwall_vs_xdp_filter"] >= 1.0),
     "hostwall_vs_iptables": (">= 100 (iptables-nft linear chain)", lambda m: m["hostwall_vs_iptables"] >= 100),
 }
 
@@ -289,6 +299,33 @@ rules:
             attach.detach_tc("eth0", netns=ns)
 
 
+class XdpFilterPeer(Filter):
+    """xdp-filter (xdp-tools) with what it can hold of the deny list; loaded afresh every round."""
+    name = "xdp_filter"
+
+    def __init__(self, lab: Lab, prefixes: list[str]):
+        super().__init__(lab, prefixes)
+        self.xf: XF.XdpFilter | None = None
+        self.mode = "generic"
+        self.entries = 0
+
+    def install(self) -> None:
+        att = self.lab.addr("att")
+        self.xf = XF.XdpFilter(self.lab.ns("prot"), "eth0", mode="skb", deny_src=[att])
+        self.entries = self.xf.add_src(XF.host_entries(self.prefixes, self.xf.capacity(4), first=[att]))
+
+    def deny_count(self) -> int:
+        return self.xf.hits(self.lab.addr("att"))
+
+    def accept_count(self) -> int:
+        return self.xf.action_packets(XF.XDP_PASS)
+
+    def remove(self) -> None:
+        if self.xf is not None:
+            self.xf.close()
+            self.xf = None
+
+
 class XdpPass(Filter):
     """A bare XDP program returning XDP_PASS: what any XDP hook costs on this veth (the floor under
     hostwall's XDP path), to tell the hook's cost from the classification's."""
@@ -413,12 +450,14 @@ def run(quick: bool) -> dict:
                 tempfile.TemporaryDirectory(prefix="hwl-bench-") as tmp:
             _prepare(lab)
             _prepare(legacy_lab)
+            peer = XdpFilterPeer(lab, prefixes)
             filters: dict[str, Filter] = {
                 "no_filter": Filter(lab, prefixes),
                 "nft_sets": NftSets(lab, prefixes),
                 "iptables_linear": IptablesLinear(lab, prefixes),
                 "iptables_legacy_linear": IptablesLegacyLinear(legacy_lab, prefixes),
                 "xdp_pass": XdpPass(lab, prefixes, bare_fd),
+                "xdp_filter": peer,
                 "hostwall": Hostwall(lab, prefixes, dp, stateful=False, tmp=Path(tmp) / "a"),
                 "hostwall_stateful": Hostwall(lab, prefixes, dp, stateful=True, tmp=Path(tmp) / "b"),
             }
@@ -444,6 +483,9 @@ def run(quick: bool) -> dict:
     m["hostwall_vs_no_filter"] = round(m["pps_hostwall"] / m["pps_no_filter"], 3)
     m["no_filter_vs_iptables"] = round(m["pps_no_filter"] / m["pps_iptables_linear"], 2)
     m["hostwall_vs_xdp_pass"] = round(m["pps_hostwall"] / m["pps_xdp_pass"], 3)
+    m["hostwall_vs_xdp_filter"] = round(m["pps_hostwall"] / m["pps_xdp_filter"], 3)
+    m["xdp_filter_vs_no_filter"] = round(m["pps_xdp_filter"] / m["pps_no_filter"], 3)
+    m["xdp_filter_v4_entries"] = peer.entries
     m["deny_prefixes"] = len(prefixes)
     m["frame_bytes"] = FRAME_SIZE
     m["rounds"] = rounds

@@ -44,7 +44,7 @@ import numpy as np
 from hostwall.enforcer.policy import Policy
 from hostwall.enforcer.reference import Decision, Packet, evaluate
 
-__all__ = ["Probe", "BenchPolicy", "generate", "max_policy", "check_probes", "tempdir",
+__all__ = ["Probe", "BenchPolicy", "generate", "max_policy", "check_probes", "tempdir", "blocklist",
            "RULE_COUNTS", "MAX_RULES", "V4_BLOCKLIST", "V6_BLOCKLIST"]
 
 RULE_COUNTS = (10, 1000, 4096)
@@ -323,6 +323,14 @@ def generate(directory: str | os.PathLike, n_rules: int, seed: int = 1, v4_block
 def max_policy(directory: str | os.PathLike, seed: int = 1, probe_port_in: int = PROBE_PORT_IN) -> BenchPolicy:
     """4096 rules including a 100k-prefix IPv4 and a 10k-prefix IPv6 peers_file deny rule."""
     return generate(directory, MAX_RULES, seed, V4_BLOCKLIST, V6_BLOCKLIST, probe_port_in)
+
+
+def blocklist(bp: BenchPolicy, family: int) -> list[str]:
+    """The prefixes of bp's IPv4 or IPv6 block-list peers file (max policy), in file order; [] without one."""
+    f = bp.path.with_name(f"{bp.path.stem}-block-v{family}.txt")
+    if not f.exists():
+        return []
+    return [ln.strip() for ln in f.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
 
 
 def _probes(port_in: int) -> dict[tuple[int, str], Probe]:

