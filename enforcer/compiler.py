@@ -19,18 +19,9 @@ import numpy as np
 
 from hostwall.bpf import layout as L
 
+from .classify import Classes, CompileError, classify
+from .compile_memo import AxisMemo, LastCompile
 from .policy import ESSENTIAL_ICMP, DosProfile, Policy, Rule
-
-
-class CompileError(Exception):
-    """The policy is valid but exceeds a datapath capacity (message says which and by how much)."""
-
-
-@dataclass(frozen=True)
-class Classes:
-    starts: list | np.ndarray   # sorted interval starts; starts[0] == 0
-    cls: np.ndarray             # class id per interval (uint32)
-    bitmaps: np.ndarray         # hw_class records, one per class
 
 
 @dataclass(frozen=True)
@@ -54,158 +45,6 @@ class CompiledPolicy:
     def describe(self) -> dict:
         return {"rules": len(self.rule_names), "peer_classes": len(self.peer_cls), "l4_classes": len(self.l4_cls),
                 "v4_intervals": len(self.iv4), "v6_intervals": len(self.iv6)}
-
-
-# ---- generic interval classification ------------------------------------------------------------
-
-_KEY_SEED = 0x5EED
-
-
-def _class_records(rows: np.ndarray) -> np.ndarray:
-    recs = np.zeros(len(rows), dtype=L.DTYPES["hw_class"])
-    recs["words"][:, : rows.shape[1]] = rows
-    nz = rows != 0
-    weights = np.left_shift(np.uint64(1), np.arange(rows.shape[1], dtype=np.uint64))
-    recs["summary"] = (nz * weights).sum(axis=1, dtype=np.uint64)
-    return recs
-
-
-def _merge_per_owner(own: np.ndarray, start: np.ndarray, end: np.ndarray):
-    """Merge overlapping or touching [start, end) ranges of the same owner (vectorised; values < 2**40).
-    Returns (own, start, end) sorted by (owner, start), the ranges of one owner disjoint."""
-    o = np.lexsort((start, own))
-    own, start, end = own[o], start[o], end[o]
-    base = own.astype(np.uint64) << np.uint64(41)
-    run = np.maximum.accumulate(base + end)
-    new = np.ones(len(own), dtype=bool)
-    new[1:] = (base[1:] + start[1:]) > run[:-1]
-    grp = np.cumsum(new) - 1
-    m_end = np.zeros(int(grp[-1]) + 1, dtype=np.uint64)
-    np.maximum.at(m_end, grp, end)
-    return own[new], start[new], m_end
-
-
-def _rank_small(start: np.ndarray, end: np.ndarray, axis_end: int):
-    """Elementary points (0 and every bound below axis_end, sorted, unique) and each bound's index
-    among them (axis_end -> len(points))."""
-    pts = np.sort(np.concatenate([np.zeros(1, np.uint64), start, end]))
-    keep = np.ones(len(pts), dtype=bool)
-    keep[1:] = pts[1:] != pts[:-1]              # np.unique's hash path is slower for mostly distinct values
-    keep &= pts < np.uint64(axis_end)
-    pts = pts[keep]
-    return pts, np.searchsorted(pts, start), np.searchsorted(pts, end)
-
-
-def _rank_big(start: list[int], end: list[int], axis_end: int):
-    """_rank_small for Python ints beyond 64 bits (IPv6): one set, one sort, one dict over the
-    distinct bounds (~1 us per bound); everything after works on the indexes."""
-    vals = {0, *start, *end}
-    vals.discard(axis_end)
-    pts = sorted(vals)
-    rank = dict(zip(pts, range(len(pts))))
-    rank[axis_end] = len(pts)
-    get = rank.__getitem__
-    return (pts, np.fromiter(map(get, start), np.int64, count=len(start)),
-            np.fromiter(map(get, end), np.int64, count=len(end)))
-
-
-def classify(n_rules: int, own, start, end, any_rules: list[int], axis_end: int) -> Classes:
-    """Cut [0, axis_end) into maximal intervals of equal matching-rule sets and number the sets.
-
-    Rule own[i] matches [start[i], end[i]) (ranges may overlap and nest, also within one rule);
-    any_rules match the whole axis. Result: `starts` (sorted, starts[0] == 0, no two adjacent
-    intervals with the same set), `cls` (class id per interval; classes numbered by first occurrence
-    along the axis, so the numbering depends on the input only) and one hw_class bitmap per class.
-
-    Sparse algorithm, O((P + R) log(P + R) + C * R/64) for P ranges, R rules, C classes, nothing of
-    size E x R for the E elementary intervals:
-    1. Rank every bound among the elementary points (NumPy up to 2**40; wider axes such as IPv6 are
-       ranked in Python first, after that everything works on ranks), and merge the ranges of each
-       rule so that one rule's ranges are disjoint (ranges of an any-rule are dropped: it covers
-       the whole axis anyway).
-    2. Signature of an interval: two independent 64-bit sums, mod 2**64, of random per-rule keys
-       over the rules covering it: +key at each range's start index, -key at its end index, then a
-       prefix sum. any_rules would add the same keys to every interval, which changes no equality, so
-       they are left out of the signature. Adjacent intervals with equal signatures are merged; one
-       lexsort of the 128-bit signatures groups the intervals into classes and gives each class a
-       representative (its first interval).
-    3. Bitmaps from the representatives only: they are a sorted subsequence of the intervals, so
-       the representatives inside range [s, e) of rule r are a contiguous run [lo, hi) found by two
-       searchsorted calls; XOR bit r at lo and at hi into a (C + 1) x R/64 toggle array and
-       XOR-prefix-scan it (exact, since one rule's ranges are disjoint). any_rules are OR-ed in.
-
-    Collisions: for two different rule sets S and T, sig(S) - sig(T) is a +-1 combination of the
-    keys of the rules in S ^ T (at least one), and each key is uniform on 2**64 values independent of
-    the others, so one 64-bit sum collides with probability exactly 2**-64 and the pair of two
-    independent sums with 2**-128. The keys come from a fixed seed but do not depend on the policy,
-    so for any given policy a union bound over the at most E**2 / 2 pairs of intervals bounds the
-    chance that two different sets share a class (or that adjacent ones are merged) by E**2 / 2**129:
-    below 2**-90 for the 2**19 IPv4 intervals the datapath holds.
-    """
-    words = max(1, (n_rules + 63) // 64)
-    big = axis_end > 2**40
-    own = np.asarray(own, dtype=np.int64)
-    if any_rules and len(own):                    # an any-rule's own ranges add nothing to its set
-        rest = ~np.isin(own, np.asarray(any_rules, dtype=np.int64))
-        if not rest.all():
-            own = own[rest]
-            start = [v for v, k in zip(start, rest.tolist()) if k] if big else np.asarray(start)[rest]
-            end = [v for v, k in zip(end, rest.tolist()) if k] if big else np.asarray(end)[rest]
-    if big:
-        pts, s_idx, e_idx = _rank_big(list(start), list(end), axis_end)
-    else:
-        pts, s_idx, e_idx = _rank_small(np.asarray(start, np.uint64), np.asarray(end, np.uint64), axis_end)
-    if len(own):
-        own, s_idx, e_idx = _merge_per_owner(own, s_idx.astype(np.uint64), e_idx.astype(np.uint64))
-        s_idx, e_idx = s_idx.astype(np.intp), e_idx.astype(np.intp)
-    n = len(pts)
-
-    # 2. signatures per elementary interval; keep the first of every run of equal ones
-    keys = np.random.default_rng(_KEY_SEED).integers(0, 2**64, size=(2, max(1, n_rules)), dtype=np.uint64)
-    sig = []
-    for k in keys:
-        d = np.zeros(n + 1, dtype=np.uint64)
-        np.add.at(d, s_idx, k[own])
-        np.subtract.at(d, e_idx, k[own])          # wraps mod 2**64, as the sums are meant to
-        sig.append(d[:n])
-    keep = (sig[0] != 0) | (sig[1] != 0)
-    keep[0] = True
-    first_iv = np.flatnonzero(keep)               # elementary index of each merged interval's start
-    h1 = np.cumsum(sig[0])[first_iv]
-    h2 = np.cumsum(sig[1])[first_iv]
-    m = len(first_iv)
-
-    # classes: group equal 128-bit signatures (stable sort: a group's first member is its first
-    # occurrence), then number the groups by first occurrence
-    o = np.lexsort((h2, h1))
-    a1, a2 = h1[o], h2[o]
-    new = np.ones(m, dtype=bool)
-    new[1:] = (a1[1:] != a1[:-1]) | (a2[1:] != a2[:-1])
-    grp = np.cumsum(new) - 1
-    first = o[new]                                # merged-interval index of each group's first member
-    by_first = np.argsort(first)
-    rank = np.empty(len(first), dtype=np.int64)
-    rank[by_first] = np.arange(len(first))
-    cls = np.empty(m, dtype=np.uint32)
-    cls[o] = rank[grp]
-    n_cls = len(first)
-
-    # 3. bitmaps: representatives (elementary index, ascending = class order) inside each range
-    reps = first_iv[first[by_first]]
-    rows = np.zeros((n_cls + 1) * words, dtype=np.uint64)
-    if len(own):
-        lo = np.searchsorted(reps, s_idx)
-        hi = np.searchsorted(reps, e_idx)
-        word = own >> 6
-        bit = np.left_shift(np.uint64(1), (own & 63).astype(np.uint64))
-        np.bitwise_xor.at(rows, lo * words + word, bit)
-        np.bitwise_xor.at(rows, hi * words + word, bit)
-    rows = np.bitwise_xor.accumulate(rows.reshape(n_cls + 1, words)[:n_cls], axis=0)
-    for r in any_rules:
-        rows[:, r // 64] |= np.uint64(1) << np.uint64(r % 64)
-
-    starts: list | np.ndarray = [pts[i] for i in first_iv.tolist()] if isinstance(pts, list) else pts[first_iv]
-    return Classes(starts=starts, cls=cls, bitmaps=_class_records(rows))
 
 
 # ---- fields -------------------------------------------------------------------------------------
@@ -242,29 +81,73 @@ def _v6_classes(rules: tuple[Rule, ...]) -> Classes:
     return classify(len(rules), own, start, end, any_rules, 1 << 128)
 
 
-def _l4_classes(rules: tuple[Rule, ...]) -> Classes:
+def _l4_classes(rules: tuple[Rule, ...], spans: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> Classes:
     """Classes over the (direction, protocol, key) axis: the key is the destination port for tcp/udp
     and type << 8 | code for icmp/icmpv6 (enforcer/icmp.py), so icmp_types cost the datapath nothing
-    more than ports do: one load from the dense hw_l4 table."""
-    own, start, end = [], [], []
-    for order, rule in enumerate(rules):
-        d = L.DIR[rule.direction]
-        if rule.ports is not None:
-            protos: list[str] = ["tcp", "udp"] if rule.protocol == "any" else [rule.protocol]
-            spans = [(lo, hi + 1) for lo, hi in rule.ports]
-        elif rule.icmp_types is not None:         # validation: only on icmp / icmpv6 rules
-            protos = [rule.protocol]
-            spans = [(lo, hi + 1) for lo, hi in rule.icmp_types]
-        else:
-            protos = list(L.PROTO_IDX) if rule.protocol == "any" else [rule.protocol]
-            spans = [(0, 65536)]
-        for p in protos:
-            base = L.l4_key(d, L.PROTO_IDX[p], 0)
-            for s, e in spans:
-                own.append(order)
-                start.append(base + s)
-                end.append(base + e)
+    more than ports do: one load from the dense hw_l4 table. spans: _l4_spans(rules) if known."""
+    own, start, end = spans if spans is not None else _l4_spans(rules)
     return classify(len(rules), own, start, end, [], 2 * L.PROTO_IDX_MAX * 65536)
+
+
+def _l4_spans(rules: tuple[Rule, ...], first: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(owner, start, end) of every rule's ranges on the L4 axis, in rule order; owners from `first`."""
+    start: list[int] = []
+    end: list[int] = []
+    counts: list[int] = []
+    memo = _SPANS
+    for rule in rules:
+        key = (rule.direction, rule.protocol, rule.ports, rule.icmp_types)
+        se = memo.get(key)
+        if se is None:
+            if len(memo) >= 4 * L.MAX_RULES:
+                memo.clear()
+            se = memo[key] = _rule_l4_spans(*key)
+        start += se[0]
+        end += se[1]
+        counts.append(len(se[0]))
+    own = np.repeat(np.arange(first, first + len(rules), dtype=np.int64), counts)
+    return own, np.asarray(start, dtype=np.uint64), np.asarray(end, dtype=np.uint64)
+
+
+def _patch_spans(old: tuple[np.ndarray, np.ndarray, np.ndarray], rules: tuple[Rule, ...], changed: list[int]):
+    """_l4_spans(rules) from the spans of a rule list that differs at the `changed` indexes only."""
+    own, start, end = old
+    bounds = np.searchsorted(own, np.asarray(changed, dtype=np.int64))
+    stops = np.searchsorted(own, np.asarray(changed, dtype=np.int64), side="right")
+    pieces: list[tuple[np.ndarray, ...]] = []
+    at = 0
+    for i, lo, hi in zip(changed, bounds.tolist(), stops.tolist()):
+        pieces.append((own[at:lo], start[at:lo], end[at:lo]))
+        pieces.append(_l4_spans(rules[i:i + 1], i))
+        at = hi
+    pieces.append((own[at:], start[at:], end[at:]))
+    return tuple(np.concatenate([p[k] for p in pieces]) for k in range(3))
+
+
+_SPANS: dict[tuple, tuple[list[int], list[int]]] = {}    # _rule_l4_spans by its arguments
+
+
+def _rule_l4_spans(direction: str, protocol: str, ports, icmp_types) -> tuple[list[int], list[int]]:
+    """[start, end) ranges of one rule on the L4 axis (memoised in _SPANS: most rules of a re-apply are
+    unchanged)."""
+    d = L.DIR[direction]
+    if ports is not None:
+        protos: list[str] = ["tcp", "udp"] if protocol == "any" else [protocol]
+        spans = ports
+    elif icmp_types is not None:              # validation: only on icmp / icmpv6 rules
+        protos = [protocol]
+        spans = icmp_types
+    else:
+        protos = list(L.PROTO_IDX) if protocol == "any" else [protocol]
+        spans = ((0, 65535),)
+    starts: list[int] = []
+    ends: list[int] = []
+    for p in protos:
+        base = L.l4_key(d, L.PROTO_IDX[p], 0)
+        for lo, hi in spans:
+            starts.append(base + lo)
+            ends.append(base + hi + 1)
+    return starts, ends
 
 
 def _top_table(starts_top16: np.ndarray, exact_at_bucket: np.ndarray) -> np.ndarray:
@@ -378,10 +261,10 @@ def fqdn_lists(policy: Policy) -> list[tuple[str, ...]]:
     return list(dict.fromkeys(r.fqdns for r in policy.rules if r.fqdns is not None))
 
 
-def _fqdn_tables(rules: tuple[Rule, ...], l4_bitmaps: np.ndarray, sets: dict[tuple[str, ...], int]):
-    """hw_fqdn_rules (the fqdns rules in rule order with their set) and hw_fqdn_l4 (per L4 class, bit i
-    when the i-th fqdns rule is in the class), docs/datapath.md "FQDN rules". Cost: O(fqdns rules x classes)."""
-    fq = [(order, r) for order, r in enumerate(rules) if r.fqdns is not None]
+def _fqdn_tables(fq: list[tuple[int, Rule]], l4_bitmaps: np.ndarray, sets: dict[tuple[str, ...], int]):
+    """hw_fqdn_rules (the fqdns rules `fq`, (order, rule) in rule order, with their set) and hw_fqdn_l4 (per
+    L4 class, bit i when the i-th fqdns rule is in the class), docs/datapath.md "FQDN rules". Cost:
+    O(fqdns rules x classes)."""
     if len(fq) > L.FQDN_RULES_MAX:
         raise CompileError(f"{len(fq)} rules with fqdns; the datapath holds {L.FQDN_RULES_MAX}: merge the fqdns "
                            "lists of rules with the same action, protocol and ports")
@@ -397,6 +280,172 @@ def _fqdn_tables(rules: tuple[Rule, ...], l4_bitmaps: np.ndarray, sets: dict[tup
     return recs, l4
 
 
+# the last two inputs of each axis (docs/benchmarks.md "swap"): a re-apply that changes a rule's
+# ports or action reuses the peer axis, one that changes only actions reuses both
+_PEER_MEMO = AxisMemo()
+_L4_MEMO = AxisMemo()
+_LAST = LastCompile()
+
+
+def clear_memo() -> None:
+    """Forget the memoised axes (benchmarks of a cold compile)."""
+    _PEER_MEMO.clear()
+    _L4_MEMO.clear()
+    _LAST.clear()
+    _SPANS.clear()
+
+
+def _peer_axis(rules: tuple[Rule, ...]):
+    """(peer_cls, top4, iv4, top6, iv6): one peer-class space for both families, v6 classes after v4."""
+    c4 = _v4_classes(rules)
+    c6 = _v6_classes(rules)
+    peer_cls = np.concatenate([c4.bitmaps, c6.bitmaps])
+    if len(peer_cls) > L.PEER_CLASSES_MAX:
+        raise CompileError(f"{len(peer_cls)} distinct peer sets; the datapath holds {L.PEER_CLASSES_MAX}")
+    top4, iv4 = _v4_tables(c4, 0)
+    top6, iv6 = _v6_tables(c6, len(c4.bitmaps))
+    if len(iv4) > L.V4_INTERVALS_MAX or len(iv6) > L.V6_INTERVALS_MAX:
+        raise CompileError(f"{len(iv4)} IPv4 / {len(iv6)} IPv6 address intervals; the datapath holds "
+                           f"{L.V4_INTERVALS_MAX} / {L.V6_INTERVALS_MAX} (about half as many prefixes)")
+    return peer_cls, top4, iv4, top6, iv6
+
+
+def _l4_axis(rules: tuple[Rule, ...], spans=None, prev: Classes | None = None):
+    """(L4 classes, the dense hw_l4 table, the rules' L4 spans). With `prev`, classes keep prev's ids
+    (_keep_ids), so a changed rule rewrites only the table entries whose class changed."""
+    spans = spans if spans is not None else _l4_spans(rules)
+    cl4 = _l4_classes(rules, spans)
+    if prev is not None and max(len(cl4.bitmaps), len(prev.bitmaps)) <= L.L4_CLASSES_MAX:
+        cl4 = _keep_ids(cl4, prev)
+    if len(cl4.bitmaps) > L.L4_CLASSES_MAX:
+        raise CompileError(f"{len(cl4.bitmaps)} distinct protocol/port sets; the datapath holds {L.L4_CLASSES_MAX}")
+    starts = np.asarray(cl4.starts, dtype=np.int64)
+    lengths = np.diff(np.append(starts, 2 * L.PROTO_IDX_MAX * 65536))
+    dense = np.repeat(cl4.cls.astype(np.uint16), lengths)
+    l4 = np.zeros(L.L4_ELEMS, dtype=L.DTYPES["hw_l4_elem"])
+    l4["cls"] = dense.reshape(L.L4_ELEMS, L.L4_SLOTS_PER_ELEM)
+    return cl4, l4, spans
+
+
+def _keep_ids(new: Classes, prev: Classes) -> Classes:
+    """`new` renumbered so that a class with the same rule set as a class of `prev` keeps its id; other
+    classes take the ids prev's vanished classes left, then new ids at the end (those vacated and not
+    reused keep their old bitmap: no interval points to them). Cost: one dict over the classes."""
+    old_ids = {b.tobytes(): i for i, b in enumerate(prev.bitmaps)}
+    keys = [b.tobytes() for b in new.bitmaps]
+    ids = [old_ids.get(k, -1) for k in keys]
+    free = sorted(set(range(len(prev.bitmaps))) - set(ids))[::-1]
+    n = len(prev.bitmaps)
+    for j, i in enumerate(ids):
+        if i < 0:
+            ids[j] = free.pop() if free else n
+            n += ids[j] == n
+    bitmaps = np.zeros(n, dtype=prev.bitmaps.dtype)
+    bitmaps[: len(prev.bitmaps)] = prev.bitmaps
+    idx = np.asarray(ids, dtype=np.int64)
+    bitmaps[idx] = new.bitmaps
+    return Classes(starts=new.starts, cls=idx.astype(np.uint32)[new.cls], bitmaps=bitmaps)
+
+
+def _toggle_l4(axis, rules: tuple[Rule, ...], changed: list[int]):
+    """The L4 axis after the rules at `changed` changed their spans, from the previous axis: only the
+    keys inside a changed rule's old or new spans move, each to the class of its old rule set with that
+    rule's bit set or cleared (an existing class if one has that set, else a new one). Cost:
+    O(keys moved + classes), no classification. Classes no key uses any more stay in the table; None
+    when the table would outgrow L4_CLASSES_MAX (the caller then classifies afresh). The result's
+    Classes has no intervals (starts, cls): the dense table is the axis."""
+    cl4, l4, spans = axis
+    new_spans = _patch_spans(spans, rules, changed)
+    dense = l4["cls"].reshape(-1).copy()
+    recs = list(cl4.bitmaps)
+    index = {r.tobytes(): i for i, r in enumerate(recs)}
+    for k in changed:
+        pieces = []
+        for own, start, end in (spans, new_spans):
+            lo, hi = np.searchsorted(own, [k, k + 1])
+            pieces.append([(int(a), int(b)) for a, b in zip(start[lo:hi], end[lo:hi])])
+        keys = np.unique(np.concatenate([np.arange(a, b) for a, b in pieces[0] + pieces[1]]))
+        inside = np.zeros(len(keys), dtype=bool)
+        for a, b in pieces[1]:
+            inside |= (keys >= a) & (keys < b)
+        combo = dense[keys].astype(np.int64) * 2 + inside
+        uniq, inv = np.unique(combo, return_inverse=True)
+        word, bit = k // 64, np.uint64(1) << np.uint64(k % 64)
+        target = np.empty(len(uniq), dtype=np.int64)
+        for j, c in enumerate(uniq.tolist()):
+            rec = recs[c >> 1].copy()
+            rec["words"][word] = (rec["words"][word] | bit) if c & 1 else (rec["words"][word] & ~bit)
+            summary = np.uint64(1) << np.uint64(word)
+            rec["summary"] = (rec["summary"] | summary) if rec["words"][word] else (rec["summary"] & ~summary)
+            target[j] = index.setdefault(rec.tobytes(), len(recs))
+            if target[j] == len(recs):
+                recs.append(rec)
+        dense[keys] = target[inv.reshape(-1)]
+    if len(recs) > L.L4_CLASSES_MAX:
+        return None
+    out = np.zeros(L.L4_ELEMS, dtype=L.DTYPES["hw_l4_elem"])
+    out["cls"] = dense.reshape(L.L4_ELEMS, L.L4_SLOTS_PER_ELEM)
+    bitmaps = np.array(recs, dtype=cl4.bitmaps.dtype)
+    return Classes(starts=np.zeros(0, np.uint64), cls=np.zeros(0, np.uint32), bitmaps=bitmaps), out, new_spans
+
+
+def _peer_key(r: Rule):
+    return None if r.fqdns is not None else r.peers
+
+
+def _l4_key(r: Rule):
+    return r.direction, r.protocol, r.ports, r.icmp_types
+
+
+def _same(a, b) -> bool:
+    return a is b or a == b
+
+
+def _same_rule(a: Rule, b: Rule) -> bool:
+    """Equal for the compile: every field it reads (not the rule's line or file position)."""
+    return (a.name == b.name and a.action == b.action and _l4_key(a) == _l4_key(b) and a.fqdns == b.fqdns
+            and _same(a.peers, b.peers))
+
+
+def _axes(rules: tuple[Rule, ...], slots: dict[str, int]):
+    """(peer axis, L4 axis, hw_rule records, rule names, orders of the fqdns rules): patched from the
+    last compile when only a few rules changed (docs/benchmarks.md "swap"), else from the memos, else
+    computed. The patch path makes no pass over all rules but the identity check."""
+    last = _LAST.changed(rules, _same_rule)
+    if last is not None:
+        prev, changed, (peer, l4, recs, prev_slots, names, fq) = last
+        if all(_same(_peer_key(prev[i]), _peer_key(rules[i])) for i in changed):
+            if not all(_same(_l4_key(prev[i]), _l4_key(rules[i])) for i in changed):
+                l4 = _toggle_l4(l4, rules, changed) or _l4_axis(rules, _patch_spans(l4[2], rules, changed),
+                                                                 prev=l4[0])
+            if slots != prev_slots:
+                recs = _rule_records(rules, slots)
+            elif changed:
+                recs = recs.copy()
+                for i in changed:
+                    recs["slot"][i], recs["action"][i] = slots[rules[i].name], L.ACTION[rules[i].action]
+            if any(prev[i].name != rules[i].name for i in changed):
+                names = tuple(r.name for r in rules)
+            if any(prev[i].fqdns is not None or rules[i].fqdns is not None for i in changed):
+                fq = tuple(order for order, r in enumerate(rules) if r.fqdns is not None)
+            out = (peer, l4, recs, dict(slots), names, fq)
+            _LAST.save(rules, out)
+            return out
+    peer = _PEER_MEMO.get_or_compute(tuple(map(_peer_key, rules)), lambda: _peer_axis(rules))
+    l4 = _L4_MEMO.get_or_compute(tuple(map(_l4_key, rules)), lambda: _l4_axis(rules))
+    out = (peer, l4, _rule_records(rules, slots), dict(slots), tuple(r.name for r in rules),
+           tuple(order for order, r in enumerate(rules) if r.fqdns is not None))
+    _LAST.save(rules, out)
+    return out
+
+
+def _rule_records(rules: tuple[Rule, ...], slots: dict[str, int]) -> np.ndarray:
+    recs = np.zeros(len(rules), dtype=L.DTYPES["hw_rule"])
+    recs["slot"] = [slots[r.name] for r in rules]
+    recs["action"] = [L.ACTION[r.action] for r in rules]
+    return recs
+
+
 def compile_policy(policy: Policy, slots: dict[str, int], revision_id: int,
                    dos_interfaces: dict[int, str] | None = None,
                    fqdn_sets: dict[tuple[str, ...], int] | None = None) -> CompiledPolicy:
@@ -408,29 +457,8 @@ def compile_policy(policy: Policy, slots: dict[str, int], revision_id: int,
     rules = policy.rules
     if len(rules) > L.MAX_RULES:
         raise CompileError(f"{len(rules)} rules; the datapath holds at most {L.MAX_RULES}")
-    c4 = _v4_classes(rules)
-    c6 = _v6_classes(rules)
-    # one peer-class space for both families: v6 classes follow v4 ones
-    peer_cls = np.concatenate([c4.bitmaps, c6.bitmaps])
-    if len(peer_cls) > L.PEER_CLASSES_MAX:
-        raise CompileError(f"{len(peer_cls)} distinct peer sets; the datapath holds {L.PEER_CLASSES_MAX}")
-    top4, iv4 = _v4_tables(c4, 0)
-    top6, iv6 = _v6_tables(c6, len(c4.bitmaps))
-    if len(iv4) > L.V4_INTERVALS_MAX or len(iv6) > L.V6_INTERVALS_MAX:
-        raise CompileError(f"{len(iv4)} IPv4 / {len(iv6)} IPv6 address intervals; the datapath holds "
-                           f"{L.V4_INTERVALS_MAX} / {L.V6_INTERVALS_MAX} (about half as many prefixes)")
-    cl4 = _l4_classes(rules)
-    if len(cl4.bitmaps) > L.L4_CLASSES_MAX:
-        raise CompileError(f"{len(cl4.bitmaps)} distinct protocol/port sets; the datapath holds {L.L4_CLASSES_MAX}")
-    starts = np.asarray(cl4.starts, dtype=np.int64)
-    lengths = np.diff(np.append(starts, 2 * L.PROTO_IDX_MAX * 65536))
-    dense = np.repeat(cl4.cls.astype(np.uint16), lengths)
-    l4 = np.zeros(L.L4_ELEMS, dtype=L.DTYPES["hw_l4_elem"])
-    l4["cls"] = dense.reshape(L.L4_ELEMS, L.L4_SLOTS_PER_ELEM)
-
-    rule_recs = np.zeros(len(rules), dtype=L.DTYPES["hw_rule"])
-    rule_recs["slot"] = [slots[r.name] for r in rules]
-    rule_recs["action"] = [L.ACTION[r.action] for r in rules]
+    peer_axis, (cl4, l4, _), rule_recs, _, names, fq = _axes(rules, slots)
+    peer_cls, top4, iv4, top6, iv6 = peer_axis
     hdr = np.zeros(1, dtype=L.DTYPES["hw_policy_hdr"])
     d = policy.defaults
     hdr["revision_id"] = revision_id
@@ -444,11 +472,11 @@ def compile_policy(policy: Policy, slots: dict[str, int], revision_id: int,
     hdr["essential_slot"] = slots.get(ESSENTIAL_ICMP, L.NO_SLOT) if d.essential_icmp else L.NO_SLOT
     dos_profiles, dos_ifs, dos_names = compile_dos(policy, dos_interfaces or {})
     if fqdn_sets is None:
-        fqdn_sets = {lst: i + 1 for i, lst in enumerate(fqdn_lists(policy))}
-    fq_rules, fq_l4 = _fqdn_tables(rules, cl4.bitmaps, fqdn_sets)
+        fqdn_sets = {lst: i + 1 for i, lst in enumerate(dict.fromkeys(rules[o].fqdns for o in fq))}
+    fq_rules, fq_l4 = _fqdn_tables([(o, rules[o]) for o in fq], cl4.bitmaps, fqdn_sets)
     hdr["fqdn_rules"] = len(fq_rules)
     return CompiledPolicy(hdr=hdr, rules=rule_recs, peer_cls=peer_cls, l4_cls=cl4.bitmaps, top4=top4, iv4=iv4,
-                          top6=top6, iv6=iv6, l4=l4, rule_names=tuple(r.name for r in rules),
+                          top6=top6, iv6=iv6, l4=l4, rule_names=names,
                           dos_profiles=dos_profiles, dos_ifs=dos_ifs, dos_profile_names=dos_names,
                           fqdn_rules=fq_rules, fqdn_l4=fq_l4)
 

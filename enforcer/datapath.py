@@ -6,7 +6,8 @@ pinned instance from another process (apply, status, a restarted enforcer) witho
 Everything that only reads or adopts an instance is hostwall.bpf.instance.Instance, its base.
 
 Swap: the policy arrays are mmap'ed; `install()` waits one RCU grace period (so no packet still reads
-the standby half), writes the compiled policy into it, then flips hw_config.gen with one map update.
+the standby half), writes into it the records of the compiled policy that differ from what it holds,
+then flips hw_config.gen with one map update.
 The flip is the switch: every packet reads gen once, so it sees wholly the old or wholly the new policy.
 """
 from __future__ import annotations
@@ -15,7 +16,10 @@ import ctypes
 import hashlib
 import secrets
 import time
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
 
 from hostwall.bpf import bpfsys
 from hostwall.bpf import layout as L
@@ -41,10 +45,22 @@ class SwapTiming:
     switch_s: float      # the generation flip: the moment the new policy takes effect
     old_gen: int
     new_gen: int
+    written: dict[str, int] = field(default_factory=dict)   # records rewritten per policy map
 
 
 class Datapath(Instance):
     """A pinned instance this process loaded (or adopted) and enforces: loading, attaching, the swap."""
+
+    _grace: tuple | None = None          # (future of the grace period, (gen, revision_id) it flipped to)
+    _grace_pool: ThreadPoolExecutor | None = None
+    _grace_barrier: bpfsys.RcuBarrier
+    _installs = 0                        # one-shot objects (`apply` from the CLI) start no worker
+    # per half, the read-only arrays (compiler memo) this object last wrote there: not compared again
+    _held: list[dict]
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._held = [{}, {}]
 
     @classmethod
     def load(cls) -> Datapath:
@@ -100,24 +116,93 @@ class Datapath(Instance):
         self._barrier.wait()
 
     def install(self, cp: CompiledPolicy) -> SwapTiming:
-        """Write `cp` into the standby generation and switch to it atomically."""
-        if self._barrier is None:
-            self._barrier = bpfsys.RcuBarrier()
+        """Write `cp` into the standby generation and switch to it atomically.
+
+        Only the records that differ from what the standby half holds are written (one compare of
+        each table, ~1 ms per MB), so a change of one rule rewrites that rule's records, whatever
+        the policy's size. From an object's second install on, the grace period that frees the old
+        half runs on a worker thread right after the flip, so the next install usually finds it over
+        (docs/benchmarks.md "swap")."""
         old = self.active_gen()
         new = old ^ 1
         t0 = time.perf_counter()
-        self._barrier.wait()             # a packet that read `new` before the last flip has finished
+        ours = self._standby_free(old)   # a packet that read `new` before the last flip has finished
         t1 = time.perf_counter()
+        if not ours:                     # someone else flipped since: what either half holds is unknown
+            self._held = [{}, {}]
+        held, self._held[new] = self._held[new], {}     # unknown until every write is done
         parts = {"hw_policy": cp.hdr, "hw_rules": cp.rules, "hw_peer_cls": cp.peer_cls, "hw_l4_cls": cp.l4_cls,
                  "hw_top4": cp.top4, "hw_top6": cp.top6, "hw_iv4": cp.iv4, "hw_iv6": cp.iv6, "hw_l4": cp.l4,
                  "hw_dos_profiles": cp.dos_profiles, "hw_dos_ifs": cp.dos_ifs}
         if cp.fqdn_rules is not None:
             parts.update(hw_fqdn_rules=cp.fqdn_rules, hw_fqdn_l4=cp.fqdn_l4)
+        written = {}
         for name, arr in parts.items():
+            if held.get(name) is arr:        # a read-only array this object wrote there itself
+                written[name] = 0
+                continue
             per_gen = POLICY_MAPS[name][1]
-            v = self.view(name)
-            v[new * per_gen: new * per_gen + len(arr)] = arr
+            written[name] = write_changed(self.view(name)[new * per_gen: new * per_gen + len(arr)], arr)
+        self._held[new] = {k: a for k, a in parts.items() if not a.flags.writeable}
         t2 = time.perf_counter()
         self.set_config(gen=new)           # the switch: one map update
         t3 = time.perf_counter()
-        return SwapTiming(barrier_s=t1 - t0, write_s=t2 - t1, switch_s=t3 - t2, old_gen=old, new_gen=new)
+        if self._installs:               # a second install: this object swaps again, likely soon
+            self._start_grace(new, int(cp.hdr["revision_id"][0]))
+        self._installs += 1
+        return SwapTiming(barrier_s=t1 - t0, write_s=t2 - t1, switch_s=t3 - t2, old_gen=old, new_gen=new,
+                          written=written)
+
+    def _standby_free(self, active: int) -> bool:
+        """Return once no packet reads the standby half; True if this object's own last flip is still the
+        last one (same gen and revision in force), so the standby half holds what it wrote there. The
+        grace period started after that flip counts only then; after anyone else's flip, or if that
+        wait failed, wait one now."""
+        if self._barrier is None:
+            self._barrier = bpfsys.RcuBarrier()
+        grace, self._grace = self._grace, None
+        if grace is not None:
+            future, flipped = grace
+            done = future.exception() is None        # waits for it
+            if flipped == (active, int(self.active_header()["revision_id"])):
+                if not done:
+                    self._barrier.wait()
+                return True
+        self._barrier.wait()
+        return False
+
+    def _start_grace(self, gen: int, revision_id: int) -> None:
+        """One grace period on this object's worker thread, with the worker's own barrier (started once:
+        a queued call costs ~10 µs, a new thread's start a scheduling round, ms on a loaded machine)."""
+        if self._grace_pool is None:
+            self._grace_pool = ThreadPoolExecutor(1, thread_name_prefix="hostwall-grace")
+            self._grace_barrier = bpfsys.RcuBarrier()
+        self._grace = (self._grace_pool.submit(self._grace_barrier.wait), (gen, revision_id))
+
+    def close(self) -> None:
+        """Does not wait for a grace period still running: the worker closes its barrier after it."""
+        self._grace = None
+        if self._grace_pool is not None:
+            self._grace_pool.submit(self._grace_barrier.close)
+            self._grace_pool.shutdown(wait=False)
+            self._grace_pool = None
+        super().close()
+
+
+def write_changed(dst: np.ndarray, src: np.ndarray) -> int:
+    """Copy the records of `src` that differ from `dst` (same dtype and length) into `dst`; returns
+    how many. Records compare as rows of the widest integer that divides their size."""
+    n = len(src)
+    if n == 0:
+        return 0
+    src = np.ascontiguousarray(src)
+    size = src.dtype.itemsize
+    word = next(w for w in (8, 4, 2, 1) if size % w == 0)
+    a, b = dst.view(f"u{word}"), src.view(f"u{word}")
+    ne = a != b
+    diff = np.flatnonzero(ne if size == word else ne.reshape(n, size // word).any(axis=1))
+    if len(diff) == n:
+        dst[:] = src
+    elif len(diff):
+        dst[diff] = src[diff]
+    return len(diff)

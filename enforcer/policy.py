@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import os
+import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -66,20 +67,18 @@ class PeerSet:
     v4_len: np.ndarray
     v6_net: list[int]
     v6_len: list[int]
-    _v4_mask: np.ndarray = field(init=False, repr=False)
+    _v4_mask: np.ndarray | None = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         net = np.array(self.v4_net, dtype=np.uint32).reshape(-1)
         ln = np.array(self.v4_len, dtype=np.uint8).reshape(-1)
         if net.shape != ln.shape or len(self.v6_net) != len(self.v6_len):
             raise ValueError("PeerSet: net and len arrays differ in length")
-        mask = (~((np.uint64(1) << (32 - ln.astype(np.uint64))) - np.uint64(1)) & np.uint64(0xFFFFFFFF)) \
-            .astype(np.uint32)
-        for a in (net, ln, mask):
-            a.setflags(write=False)
+        net.setflags(write=False)
+        ln.setflags(write=False)
         object.__setattr__(self, "v4_net", net)
         object.__setattr__(self, "v4_len", ln)
-        object.__setattr__(self, "_v4_mask", mask)
+        object.__setattr__(self, "_v4_mask", None)       # contains() computes it (the reference model)
         object.__setattr__(self, "v6_net", list(self.v6_net))
         object.__setattr__(self, "v6_len", list(self.v6_len))
 
@@ -111,7 +110,11 @@ class PeerSet:
         if ip.version == 4:
             if not len(self.v4_net):
                 return False
-            return bool(np.any((self._v4_mask & np.uint32(int(ip))) == self.v4_net))
+            if (mask := self._v4_mask) is None:
+                ln = self.v4_len.astype(np.uint64)
+                mask = (~((np.uint64(1) << (32 - ln)) - np.uint64(1)) & np.uint64(0xFFFFFFFF)).astype(np.uint32)
+                object.__setattr__(self, "_v4_mask", mask)
+            return bool(np.any((mask & np.uint32(int(ip))) == self.v4_net))
         n = int(ip)
         return any(((n ^ net) >> (128 - ln)) == 0 for net, ln in zip(self.v6_net, self.v6_len))
 
@@ -127,8 +130,8 @@ class PeerSet:
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, PeerSet):
             return NotImplemented
-        return (self.any == other.any and np.array_equal(self.v4_net, other.v4_net)
-                and np.array_equal(self.v4_len, other.v4_len)
+        return (self.any == other.any and self.v4_net.tobytes() == other.v4_net.tobytes()   # same dtypes
+                and self.v4_len.tobytes() == other.v4_len.tobytes()
                 and self.v6_net == other.v6_net and self.v6_len == other.v6_len)
 
     def __hash__(self) -> int:
@@ -242,6 +245,39 @@ def _parse(text: str, source: str, base_dir: str | None, progress: ProgressFn | 
     return policy
 
 
+class _PeerFileCache:
+    """Parsed peers files by content (sha256), the last MAX of them: re-applying a policy whose
+    blocklists did not change skips their parse (~1 µs per line) and hands the compiler the same
+    PeerSet objects, whose memo then reuses the peer axis (enforcer/compile_memo.py)."""
+
+    MAX = 8
+
+    def __init__(self) -> None:
+        self._items: dict[bytes, PeerSet] = {}
+        self._lock = threading.Lock()
+
+    def get(self, content: bytes) -> PeerSet | None:
+        key = hashlib.sha256(content).digest()
+        with self._lock:
+            if (hit := self._items.pop(key, None)) is not None:
+                self._items[key] = hit                    # most recent last
+            return hit
+
+    def put(self, content: bytes, peers: PeerSet) -> None:
+        with self._lock:
+            self._items[hashlib.sha256(content).digest()] = peers
+            while len(self._items) > self.MAX:
+                del self._items[next(iter(self._items))]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+
+
+_PEER_FILES = _PeerFileCache()
+clear_peer_file_cache = _PEER_FILES.clear
+
+
 class _Builder(DosBuilder):
     """Semantic checks + construction. Each check skips paths the schema already flagged; the DoS
     profiles' part is policy_dos.DosBuilder."""
@@ -297,6 +333,7 @@ class _Builder(DosBuilder):
         if not isinstance(rules, list):
             return []
         self._read_peer_files(rules)
+        lines = self.issues.index.item_lines(("rules",))
         names: dict[str, int] = {}
         out: list[Rule] = []
         for i, r in enumerate(rules):
@@ -309,10 +346,11 @@ class _Builder(DosBuilder):
                     self.issues.add(p + ("name",), f"{name!r} is reserved: it counts what passes before any "
                                                    "rule (docs/policy.md); name the rule differently")
                 elif name in names:
-                    self.issues.add(p + ("name",), f"duplicate rule name {name!r} (first at line {names[name]}); "
+                    first = self.issues.index.line(("rules", names[name], "name"))
+                    self.issues.add(p + ("name",), f"duplicate rule name {name!r} (first at line {first}); "
                                                    "rule names must be unique")
                 else:
-                    names[name] = self.issues.index.line(p + ("name",)) or 0
+                    names[name] = i
             proto = r.get("protocol", "any")
             peers = self._peers(p, r)
             ports = self._ports(p, r, proto)
@@ -322,7 +360,8 @@ class _Builder(DosBuilder):
                 continue
             out.append(Rule(name=name, priority=int(r["priority"]), direction=r["direction"], action=r["action"],
                             protocol=proto, peers=peers, ports=ports, index=i,
-                            line=self.issues.index.line(p) or 0, icmp_types=icmp_types, fqdns=fqdns))
+                            line=lines[i] if i < len(lines) else self.issues.index.line(p) or 0,
+                            icmp_types=icmp_types, fqdns=fqdns))
         return out
 
     def _peers(self, p: tuple, r: dict) -> PeerSet:
@@ -420,7 +459,10 @@ class _Builder(DosBuilder):
         parsed: dict[str, PeerSet | None] = {}
         lines_of: dict[str, list[str]] = {}
         for p, full in todo:
-            if full in lines_of:
+            if full in lines_of or full in parsed:
+                continue
+            if (hit := _PEER_FILES.get(self.files[full])) is not None:
+                parsed[full] = hit
                 continue
             try:
                 text = self.files[full].decode("utf-8-sig")
@@ -448,8 +490,10 @@ class _Builder(DosBuilder):
                 if res.bad_total > MAX_BAD_PEER_LINES:
                     self.issues.add(p + ("peers_file",), f"... and {res.bad_total - MAX_BAD_PEER_LINES} more "
                                                          "invalid lines", file=full)
-                parsed[full] = None if res.bad_total else PeerSet(False, res.v4_net, res.v4_len,
-                                                                  res.v6_net, res.v6_len)
+                parsed[full] = None
+                if not res.bad_total:
+                    parsed[full] = ps = PeerSet(False, res.v4_net, res.v4_len, res.v6_net, res.v6_len)
+                    _PEER_FILES.put(self.files[full], ps)
             if (peer_set := parsed[full]) is not None:
                 self._peer_sets[p] = peer_set
 

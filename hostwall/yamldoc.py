@@ -93,6 +93,18 @@ class LineIndex:
     def line(self, path: PathT) -> int | None:
         return self.pos(path)[0]
 
+    def item_lines(self, path: PathT) -> list[int]:
+        """Line of every item of the list at `path` (one walk for all; [] if it is not a list)."""
+        node = self.root
+        for p in path:
+            if not isinstance(node, yaml.MappingNode):
+                return []
+            node = next((v for k, v in reversed(node.value)
+                         if isinstance(k, yaml.ScalarNode) and self._key(k) == p), None)
+        if not isinstance(node, yaml.SequenceNode):
+            return []
+        return [n.start_mark.line + 1 for n in node.value]
+
 
 class Issues:
     """Ordered, de-duplicated issue collector bound to one policy source."""
@@ -143,9 +155,34 @@ class Issues:
 
 # ---------------------------------------------------------------- YAML with lines
 
-_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_BaseLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_RESOLVED: dict[tuple[str, tuple[bool, bool]], str] = {}     # (scalar text, implicit) -> tag
+_RESOLVED_MAX = 1 << 16
+
+
+def clear_tag_memo() -> None:
+    """Forget the memo of implicit scalar tags (benchmarks of a cold parse)."""
+    _RESOLVED.clear()
+
+
+class _Loader(_BaseLoader):  # type: ignore[valid-type,misc]
+    """The safe loader with a memo of the implicit tag of a scalar: keys and values such as `name`,
+    `direction`, `ingress` repeat in every rule, and the resolver's regexes cost ~4 µs a scalar. The tag
+    depends only on the text and `implicit` (the safe loader has no path resolvers)."""
+
+    def resolve(self, kind, value, implicit):
+        if kind is not yaml.ScalarNode:
+            return super().resolve(kind, value, implicit)
+        key = (value, implicit)
+        tag = _RESOLVED.get(key)
+        if tag is None:
+            tag = super().resolve(kind, value, implicit)
+            if len(_RESOLVED) < _RESOLVED_MAX:
+                _RESOLVED[key] = tag
+        return tag
 _FLATTEN_TAGS = frozenset({"tag:yaml.org,2002:merge", "tag:yaml.org,2002:value"})
 _STR_TAG = "tag:yaml.org,2002:str"
+_INT_TAG = "tag:yaml.org,2002:int"
 _COLLECTION_TAGS = frozenset({"tag:yaml.org,2002:map", "tag:yaml.org,2002:seq"})
 _MISSING = object()
 
@@ -202,6 +239,9 @@ class _Tree:
         if isinstance(node, yaml.ScalarNode):
             if node.tag == _STR_TAG:
                 return node.value                 # fast path: most scalars are strings
+            v = node.value
+            if node.tag == _INT_TAG and v.isascii() and v.isdigit() and (v[0] != "0" or v == "0"):
+                return int(v)                     # plain decimal (YAML 1.1 reads 0-prefixed as octal)
             try:
                 return self.ctor.construct_object(node)
             except yaml.YAMLError as e:

@@ -1,0 +1,176 @@
+"""Generic interval classification for the compiler (enforcer/compiler.py): cut an axis into maximal
+intervals that match the same rules, number the distinct rule sets (classes) and build one bitmap over
+rule order per class. The algorithm and its cost are in classify()'s docstring.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from hostwall.bpf import layout as L
+
+__all__ = ["Classes", "CompileError", "classify"]
+
+
+class CompileError(Exception):
+    """The policy is valid but exceeds a datapath capacity (message says which and by how much)."""
+
+
+@dataclass(frozen=True)
+class Classes:
+    starts: list | np.ndarray   # sorted interval starts; starts[0] == 0
+    cls: np.ndarray             # class id per interval (uint32)
+    bitmaps: np.ndarray         # hw_class records, one per class
+
+
+# ---- generic interval classification ------------------------------------------------------------
+
+_KEY_SEED = 0x5EED
+
+
+def _class_records(rows: np.ndarray) -> np.ndarray:
+    recs = np.zeros(len(rows), dtype=L.DTYPES["hw_class"])
+    recs["words"][:, : rows.shape[1]] = rows
+    nz = rows != 0
+    weights = np.left_shift(np.uint64(1), np.arange(rows.shape[1], dtype=np.uint64))
+    recs["summary"] = (nz * weights).sum(axis=1, dtype=np.uint64)
+    return recs
+
+
+def _merge_per_owner(own: np.ndarray, start: np.ndarray, end: np.ndarray):
+    """Merge overlapping or touching [start, end) ranges of the same owner (vectorised; values < 2**40).
+    Returns (own, start, end) sorted by (owner, start), the ranges of one owner disjoint."""
+    o = np.lexsort((start, own))
+    own, start, end = own[o], start[o], end[o]
+    base = own.astype(np.uint64) << np.uint64(41)
+    run = np.maximum.accumulate(base + end)
+    new = np.ones(len(own), dtype=bool)
+    new[1:] = (base[1:] + start[1:]) > run[:-1]
+    grp = np.cumsum(new) - 1
+    m_end = np.zeros(int(grp[-1]) + 1, dtype=np.uint64)
+    np.maximum.at(m_end, grp, end)
+    return own[new], start[new], m_end
+
+
+def _rank_small(start: np.ndarray, end: np.ndarray, axis_end: int):
+    """Elementary points (0 and every bound below axis_end, sorted, unique) and each bound's index
+    among them (axis_end -> len(points))."""
+    pts = np.sort(np.concatenate([np.zeros(1, np.uint64), start, end]))
+    keep = np.ones(len(pts), dtype=bool)
+    keep[1:] = pts[1:] != pts[:-1]              # np.unique's hash path is slower for mostly distinct values
+    keep &= pts < np.uint64(axis_end)
+    pts = pts[keep]
+    return pts, np.searchsorted(pts, start), np.searchsorted(pts, end)
+
+
+def _rank_big(start: list[int], end: list[int], axis_end: int):
+    """_rank_small for Python ints beyond 64 bits (IPv6): one set, one sort, one dict over the
+    distinct bounds (~1 us per bound); everything after works on the indexes."""
+    vals = {0, *start, *end}
+    vals.discard(axis_end)
+    pts = sorted(vals)
+    rank = dict(zip(pts, range(len(pts))))
+    rank[axis_end] = len(pts)
+    get = rank.__getitem__
+    return (pts, np.fromiter(map(get, start), np.int64, count=len(start)),
+            np.fromiter(map(get, end), np.int64, count=len(end)))
+
+
+def classify(n_rules: int, own, start, end, any_rules: list[int], axis_end: int) -> Classes:
+    """Cut [0, axis_end) into maximal intervals of equal matching-rule sets and number the sets.
+
+    Rule own[i] matches [start[i], end[i]) (ranges may overlap and nest, also within one rule);
+    any_rules match the whole axis. Result: `starts` (sorted, starts[0] == 0, no two adjacent
+    intervals with the same set), `cls` (class id per interval; classes numbered by first occurrence
+    along the axis, so the numbering depends on the input only) and one hw_class bitmap per class.
+
+    Sparse algorithm, O((P + R) log(P + R) + C * R/64) for P ranges, R rules, C classes, nothing of
+    size E x R for the E elementary intervals:
+    1. Rank every bound among the elementary points (NumPy up to 2**40; wider axes such as IPv6 are
+       ranked in Python first, after that everything works on ranks), and merge the ranges of each
+       rule so that one rule's ranges are disjoint (ranges of an any-rule are dropped: it covers
+       the whole axis anyway).
+    2. Signature of an interval: two independent 64-bit sums, mod 2**64, of random per-rule keys
+       over the rules covering it: +key at each range's start index, -key at its end index, then a
+       prefix sum. any_rules would add the same keys to every interval, which changes no equality, so
+       they are left out of the signature. Adjacent intervals with equal signatures are merged; one
+       lexsort of the 128-bit signatures groups the intervals into classes and gives each class a
+       representative (its first interval).
+    3. Bitmaps from the representatives only: they are a sorted subsequence of the intervals, so
+       the representatives inside range [s, e) of rule r are a contiguous run [lo, hi) found by two
+       searchsorted calls; XOR bit r at lo and at hi into a (C + 1) x R/64 toggle array and
+       XOR-prefix-scan it (exact, since one rule's ranges are disjoint). any_rules are OR-ed in.
+
+    Collisions: for two different rule sets S and T, sig(S) - sig(T) is a +-1 combination of the
+    keys of the rules in S ^ T (at least one), and each key is uniform on 2**64 values independent of
+    the others, so one 64-bit sum collides with probability exactly 2**-64 and the pair of two
+    independent sums with 2**-128. The keys come from a fixed seed but do not depend on the policy,
+    so for any given policy a union bound over the at most E**2 / 2 pairs of intervals bounds the
+    chance that two different sets share a class (or that adjacent ones are merged) by E**2 / 2**129:
+    below 2**-90 for the 2**19 IPv4 intervals the datapath holds.
+    """
+    words = max(1, (n_rules + 63) // 64)
+    big = axis_end > 2**40
+    own = np.asarray(own, dtype=np.int64)
+    if any_rules and len(own):                    # an any-rule's own ranges add nothing to its set
+        rest = ~np.isin(own, np.asarray(any_rules, dtype=np.int64))
+        if not rest.all():
+            own = own[rest]
+            start = [v for v, k in zip(start, rest.tolist()) if k] if big else np.asarray(start)[rest]
+            end = [v for v, k in zip(end, rest.tolist()) if k] if big else np.asarray(end)[rest]
+    if big:
+        pts, s_idx, e_idx = _rank_big(list(start), list(end), axis_end)
+    else:
+        pts, s_idx, e_idx = _rank_small(np.asarray(start, np.uint64), np.asarray(end, np.uint64), axis_end)
+    if len(own):
+        own, s_idx, e_idx = _merge_per_owner(own, s_idx.astype(np.uint64), e_idx.astype(np.uint64))
+        s_idx, e_idx = s_idx.astype(np.intp), e_idx.astype(np.intp)
+    n = len(pts)
+
+    # 2. signatures per elementary interval; keep the first of every run of equal ones
+    keys = np.random.default_rng(_KEY_SEED).integers(0, 2**64, size=(2, max(1, n_rules)), dtype=np.uint64)
+    sig = []
+    for k in keys:
+        d = np.zeros(n + 1, dtype=np.uint64)
+        np.add.at(d, s_idx, k[own])
+        np.subtract.at(d, e_idx, k[own])          # wraps mod 2**64, as the sums are meant to
+        sig.append(d[:n])
+    keep = (sig[0] != 0) | (sig[1] != 0)
+    keep[0] = True
+    first_iv = np.flatnonzero(keep)               # elementary index of each merged interval's start
+    h1 = np.cumsum(sig[0])[first_iv]
+    h2 = np.cumsum(sig[1])[first_iv]
+    m = len(first_iv)
+
+    # classes: group equal 128-bit signatures (stable sort: a group's first member is its first
+    # occurrence), then number the groups by first occurrence
+    o = np.lexsort((h2, h1))
+    a1, a2 = h1[o], h2[o]
+    new = np.ones(m, dtype=bool)
+    new[1:] = (a1[1:] != a1[:-1]) | (a2[1:] != a2[:-1])
+    grp = np.cumsum(new) - 1
+    first = o[new]                                # merged-interval index of each group's first member
+    by_first = np.argsort(first)
+    rank = np.empty(len(first), dtype=np.int64)
+    rank[by_first] = np.arange(len(first))
+    cls = np.empty(m, dtype=np.uint32)
+    cls[o] = rank[grp]
+    n_cls = len(first)
+
+    # 3. bitmaps: representatives (elementary index, ascending = class order) inside each range
+    reps = first_iv[first[by_first]]
+    rows = np.zeros((n_cls + 1) * words, dtype=np.uint64)
+    if len(own):
+        lo = np.searchsorted(reps, s_idx)
+        hi = np.searchsorted(reps, e_idx)
+        word = own >> 6
+        bit = np.left_shift(np.uint64(1), (own & 63).astype(np.uint64))
+        np.bitwise_xor.at(rows, lo * words + word, bit)
+        np.bitwise_xor.at(rows, hi * words + word, bit)
+    rows = np.bitwise_xor.accumulate(rows.reshape(n_cls + 1, words)[:n_cls], axis=0)
+    for r in any_rules:
+        rows[:, r // 64] |= np.uint64(1) << np.uint64(r % 64)
+
+    starts: list | np.ndarray = [pts[i] for i in first_iv.tolist()] if isinstance(pts, list) else pts[first_iv]
+    return Classes(starts=starts, cls=cls, bitmaps=_class_records(rows))
