@@ -6,8 +6,9 @@ probes a broker (kafka_probe.py), degraded mode — spooling and replay (kafka_r
 (kafka_health.py). This module is the sink itself: start, the healthy send path, close, stats.
 
 Delivery states
-  healthy   records go straight to the producer (aiokafka batches per partition: at most one queued
-            and one in flight per partition, so memory is bounded by ~2 x batch_size per partition).
+  healthy   records go straight to the producer as ready-made batches (_frame: framed in the loop,
+            compressed in the build thread; kafka_wire.ReadyBatch): at most one queued and one in flight
+            per partition, so memory is bounded by ~2 x batch_size per partition plus the call's batches.
   degraded  the spool takes over (kafka_replay.py) until the broker acknowledged everything it holds.
 
 Start (fail fast, docs/collector.md "Kafka, OTLP and self-metrics"): TLS files, SASL password and the
@@ -40,11 +41,13 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 import logging
 import os
 import time
 import zlib
 from collections import Counter, deque
+from concurrent.futures import ThreadPoolExecutor
 
 import aiokafka  # at import: a build without it fails in build_sink
 
@@ -56,7 +59,18 @@ from .kafka_client import client_kwargs, sasl_password, ssl_context
 from .kafka_health import LATENCY_BUCKETS_S, LatencyHistogram, SpoolAge, err_name, is_fatal, is_rejected
 from .kafka_probe import probe_kafka
 from .kafka_replay import Flight, SpoolReplay, seq_runs
-from .kafka_wire import enqueue_time, fill, make_encoder, route, spool_dir_for
+from .kafka_wire import (
+    CODECS,
+    FLOWS,
+    ROUTED_KINDS,
+    ReadyBatch,
+    append_records,
+    enqueue_time,
+    make_encoder,
+    new_builder,
+    route,
+    spool_dir_for,
+)
 from .spool import Spool, SpoolError
 
 log = logging.getLogger("hostwall.collector.kafka")
@@ -65,6 +79,7 @@ __all__ = ["KafkaSink", "route", "LATENCY_BUCKETS_S"]
 
 CLOSE_GRACE_S = 5.0
 BACKOFF_MIN_S, BACKOFF_MAX_S = 0.2, 30.0
+_EMPTY: dict = {}                   # read-only stand-in for a record without "hostwall"
 CONNECTED_MARKER = "connected"      # in the spool dir: this sink has delivered to this broker before
 
 
@@ -88,6 +103,8 @@ class KafkaSink(SpoolReplay, BaseSink):
         self.spool.on_synced = self._on_spool_synced
         self._enc = None
         self._enc_b = encoding.encode()
+        self._codec = CODECS[self.o.compression]
+        self._builder_pool: ThreadPoolExecutor | None = None    # compresses ready-made batches (_frame)
         self._hdrs: dict = {}                        # (schema_version, kind) -> shared header tuple
         self._producer = None
         self._partitions: dict[str, list[int]] = {}
@@ -135,6 +152,8 @@ class KafkaSink(SpoolReplay, BaseSink):
         module docstring). Raises SinkUnavailable with one line when the sink cannot work."""
         self._enc = make_encoder(self.encoding)
         self._check_codec()
+        if self._codec:
+            self._builder_pool = ThreadPoolExecutor(1, thread_name_prefix="hw-kafka-build")
         quiet = logging.getLogger("aiokafka")
         if quiet.level == logging.NOTSET:            # it logs every failed reconnect at ERROR; we report
             quiet.setLevel(logging.CRITICAL)         # outages ourselves (state, last_error, one warning)
@@ -298,6 +317,8 @@ class KafkaSink(SpoolReplay, BaseSink):
         for c in list(self._calls):                  # counted (delivered, lost or carried over): settled
             self._settle(c, c.remaining)
         self.degraded = True if self.spool.pending else self.degraded
+        if self._builder_pool is not None:
+            self._builder_pool.shutdown(wait=False)      # its last builds finish on their own (ms)
 
     # ---- send --------------------------------------------------------------------------------------
     async def _send(self, records: list[dict]) -> None:
@@ -319,14 +340,19 @@ class KafkaSink(SpoolReplay, BaseSink):
     def _encode(self, records: list[dict], partitioned: bool) -> dict[tuple[str, int | None], list[tuple]]:
         """Records → {(topic, partition or None): [(topic, key, value, headers, hostwall)]}, order kept
         within a group (per-key order is all Kafka keeps, and all the spool needs). One pass: encode, route,
-        share the header list, partition. Encoder failures and oversized records are counted lost here."""
-        enc, topics, enc_b = self._enc, self.topics, self._enc_b
-        limit = self.o.batch_bytes
+        share the header list, partition. Encoder failures and oversized records are counted lost here.
+        Flow records with a Community ID (nearly all) take a short path: key and partition inline,
+        grouped by partition index (kafka_wire.route decides the rest)."""
+        enc, topics, limit, call = self._enc, self.topics, self.o.batch_bytes, self._call
         hdrs: dict = self._hdrs
         groups: dict = {}
-        call = self._call
+        flows = topics[FLOWS]
+        fparts = self._partitions[flows] if partitioned else (None,)
+        nf = len(fparts)
+        by_part: list[list] = [[] for _ in range(nf)]
+        crc32 = zlib.crc32
         for r in records:
-            hw = r.get("hostwall") or {}
+            hw = r.get("hostwall") or _EMPTY
             try:
                 v = enc(r)
             except Exception as e:                   # noqa: BLE001 — counted, never silent
@@ -339,23 +365,38 @@ class KafkaSink(SpoolReplay, BaseSink):
                 self._settle(call, 1)
                 self.last_error = f"record of {len(v)} bytes exceeds kafka.batch_size ({limit})"
                 continue
+            kind = hw.get("kind")
+            h = hdrs.get((hw.get("schema_version"), kind)) or self._headers(hw.get("schema_version"), kind)
+            net = r.get("network") if kind not in ROUTED_KINDS else None
+            cid = net.get("community_id") if net else None
+            if cid:
+                key = cid.encode()
+                by_part[crc32(key) % nf if partitioned else 0].append((flows, key, v, h, hw))
+                continue
             t, key = route(r)
             topic = topics[t]
-            hk = (hw.get("schema_version") or "", hw.get("kind") or "")
-            h = hdrs.get(hk)
-            if h is None:
-                if len(hdrs) > 256:                  # unexpected variety: do not grow without bound
-                    hdrs.clear()
-                h = hdrs[hk] = [("schema_version", str(hk[0]).encode()), ("encoding", enc_b),
-                                ("kind", str(hk[1]).encode())]     # a list (aiokafka's C builder wants one);
-                                                                      # shared, never mutated
             p = self._partition(topic, key) if partitioned else None
             g = groups.get((topic, p))
             if g is None:
                 groups[(topic, p)] = [(topic, key, v, h, hw)]
             else:
                 g.append((topic, key, v, h, hw))
+        for i, ms in enumerate(by_part):             # a key takes one path: per-key order holds
+            if ms:
+                k = (flows, fparts[i])
+                g = groups.get(k)
+                groups[k] = ms if g is None else ms + g
         return groups
+
+    def _headers(self, schema_version, kind) -> list:
+        """The shared header list of a (schema_version, kind): a list (aiokafka's C builder wants one),
+        never mutated."""
+        hdrs = self._hdrs
+        if len(hdrs) > 256:                          # unexpected variety: do not grow without bound
+            hdrs.clear()
+        h = hdrs[(schema_version, kind)] = [("schema_version", str(schema_version or "").encode()),
+                                            ("encoding", self._enc_b), ("kind", str(kind or "").encode())]
+        return h
 
     def _partition(self, topic: str, key: bytes | None) -> int:
         """Partition of a key: CRC-32 mod partitions; keyless records round-robin."""
@@ -368,44 +409,80 @@ class KafkaSink(SpoolReplay, BaseSink):
         return parts[zlib.crc32(key) % len(parts)]
 
     async def _send_direct(self, by_tp: dict) -> None:
-        """Healthy path: batches per partition straight to the producer; a batch not accepted within
-        spool_after degrades the sink and the rest of this call goes to the spool (after the batches
-        in flight, so per-partition order holds)."""
+        """Healthy path: ready-made batches (_frame) straight to the producer, partitions interleaved so
+        that while one partition's batch waits for its predecessor (one in flight per partition with
+        idempotence) the others' are on the wire. A batch not accepted within spool_after degrades the
+        sink and the rest of this call goes to the spool (after the batches in flight, so per-partition
+        order holds)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.o.spool_after_s
         t0 = time.time()
-        ts_ms = int(t0 * 1000)
         call = self._call
-        groups = list(by_tp.items())
-        for gi, (tp, ms) in enumerate(groups):
-            i = 0
+        framed = self._frame(by_tp, int(t0 * 1000), call)
+        for bi, (tp, msgs, nbytes, built) in enumerate(framed):
+            if self.degraded:
+                await self._spool_rest(framed, bi, call)
+                return
+            n = len(msgs)
+            try:
+                batch = ReadyBatch(await built, n)
+            except Exception as e:                   # noqa: BLE001 — the codec failed: counted, never silent
+                self._lose("encode_error", n)
+                self._note_msgs("encode_error", msgs)
+                self._settle(call, n)
+                self.last_error = f"building a batch: {err_name(e)}: {e}"
+                continue
+            try:
+                fut = await asyncio.wait_for(self._producer.send_batch(batch, tp[0], partition=tp[1]),
+                                             max(0.01, deadline - loop.time()))
+            except Exception as e:                   # noqa: BLE001 — timeout or producer trouble: spool
+                self._degrade(f"batch for {tp[0]}[{tp[1]}] not accepted: "
+                              f"{err_name(e) if not isinstance(e, TimeoutError) else 'stalled'}"
+                              f"{': ' + str(e) if str(e) else ''}")
+                await self._spool_rest(framed, bi, call)
+                return
+            f = Flight(msgs, n, n, t0, nbytes, tp, call=call)
+            self._window[id(f)] = f
+            fut.add_done_callback(functools.partial(self._direct_done, f))
+            self.counters["producer_batches"] += 1
+            if self.degraded:                        # degraded while we waited: spool a copy of it too
+                await self._mirror([f])
+
+    def _frame(self, by_tp: dict, ts_ms: int, call) -> list[tuple]:
+        """Fill record batches in the loop (aiokafka's C record builder), each handed to the build thread
+        (compression and CRC, kafka_wire.ReadyBatch) as soon as it is full, so the thread compresses
+        batch k while the loop fills k+1. Returns [(tp, msgs, payload bytes, future of the built batch)],
+        per-partition order kept, partitions interleaved."""
+        rows = []
+        for tp, ms in by_tp.items():
+            row, i = [], 0
             while i < len(ms):
-                if self.degraded:
-                    await self._spool_msgs(ms[i:] + [m for _, g in groups[gi + 1:] for m in g], call)
-                    return
-                batch = self._producer.create_batch()
-                j, nbytes = fill(batch, ms, i, ts_ms, 1)
+                cb = new_builder(self._codec, self.o.batch_bytes)
+                j, nbytes = append_records(cb, 0, ms, i, ts_ms, 1)
                 if j == i:                           # cannot happen (size checked at encode); never spin
                     self._lose("too_large", 1)
+                    self._note_msgs("too_large", ms[i:i + 1])
                     self._settle(call, 1)
                     i += 1
                     continue
-                try:
-                    fut = await asyncio.wait_for(self._producer.send_batch(batch, tp[0], partition=tp[1]),
-                                                 max(0.01, deadline - loop.time()))
-                except Exception as e:               # noqa: BLE001 — timeout or producer trouble: spool
-                    self._degrade(f"batch for {tp[0]}[{tp[1]}] not accepted: "
-                                  f"{err_name(e) if not isinstance(e, TimeoutError) else 'stalled'}"
-                                  f"{': ' + str(e) if str(e) else ''}")
-                    await self._spool_msgs(ms[i:] + [m for _, g in groups[gi + 1:] for m in g], call)
-                    return
-                f = Flight(ms[i:j], j - i, j - i, t0, nbytes, tp, call=call)
-                self._window[id(f)] = f
-                fut.add_done_callback(functools.partial(self._direct_done, f))
-                self.counters["producer_batches"] += 1
-                if self.degraded:                    # degraded while we waited: spool a copy of it too
-                    await self._mirror([f])
+                row.append((tp, ms[i:j], nbytes, self._build(cb)))
                 i = j
+            rows.append(row)
+        return [b for bs in itertools.zip_longest(*rows) for b in bs if b is not None]
+
+    def _build(self, cb) -> asyncio.Future:
+        loop = asyncio.get_running_loop()
+        if self._builder_pool is None:               # no compression: the CRC alone, inline
+            fut = loop.create_future()
+            fut.set_result(cb.build())
+            return fut
+        return loop.run_in_executor(self._builder_pool, cb.build)
+
+    async def _spool_rest(self, framed: list, bi: int, call) -> None:
+        """Batches framed[bi:] go to the spool instead (in order); their builds are not needed."""
+        for b in framed[bi:]:
+            b[3].cancel()
+        await self._spool_msgs([m for b in framed[bi:] for m in b[1]], call)
 
     def _direct_done(self, f: Flight, fut: asyncio.Future) -> None:
         f.done = True

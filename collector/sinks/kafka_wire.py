@@ -19,10 +19,12 @@ A message in flight is the tuple (topic, key, value, headers, seqref): seqref is
 (stream, hostwall.seq) — kept only in memory, so a loss can be reported with its seqs
 (collector/loss_report.py); the spool stores the first four (`pack`).
 
-Cost: ~6-8 µs per record in Python (orjson ~3.5 µs for a 0.9 KB record, routing and partitioning
-~1 µs, aiokafka's C record builder ~1 µs, zstd ~1 µs), with the cyclic GC paused while a batch is
-encoded (records are acyclic). Uses aiokafka internals (BatchBuilder._builder/_relative_offset): pin
-aiokafka.
+Batches: the sink frames a partition's records with aiokafka's C record builder (append_records) and
+its build thread compresses them (new_builder(...).build()); aiokafka gets the result as a ReadyBatch.
+Cost per record (docs/benchmarks.md "`kafka` at the tuned producer's pace"): in the event loop orjson
+(~half), the one-pass encode loop and framing; compression and the CRC in the build thread. Uses
+aiokafka internals (BatchBuilder._builder/_relative_offset; the methods send_batch calls on a batch,
+which ReadyBatch provides): pin aiokafka.
 """
 from __future__ import annotations
 
@@ -32,16 +34,25 @@ import struct
 from pathlib import Path
 
 import orjson
+from aiokafka.record.default_records import DefaultRecordBatchBuilder
+from aiokafka.record.util import calc_crc32c as crc32c
 
 from hostwall.gcpause import GcPaused
 
 from .base import SinkUnavailable
 
-__all__ = ["ANOMALIES", "AUDIT", "FLOWS", "HEADER_NAMES", "fill", "make_encoder", "pack", "route",
-           "spool_dir_for", "unpack"]
+__all__ = ["ANOMALIES", "AUDIT", "CODECS", "FLOWS", "HEADER_NAMES", "ROUTED_KINDS", "ReadyBatch", "append_records", "fill",
+           "make_encoder", "new_builder", "pack", "route", "spool_dir_for", "unpack"]
 
 FLOWS, ANOMALIES, AUDIT = 0, 1, 2
+CODECS = {"none": 0, "gzip": 1, "snappy": 2, "lz4": 3, "zstd": 4}   # record batch attribute bits
+# v2 record batch header (aiokafka DefaultRecordBatch.HEADER_STRUCT): byte offsets of the CRC, of the
+# attributes (where the CRC's coverage starts) and of producer id (q), epoch (h), base sequence (i)
+_CRC_OFFSET, _ATTRIBUTES_OFFSET, _PRODUCER_OFFSET = 17, 21, 43
+_CRC = struct.Struct(">I")
+_PRODUCER_STATE = struct.Struct(">qhi")
 HEADER_NAMES = ("schema_version", "encoding", "kind")
+ROUTED_KINDS = frozenset({"anomaly", "audit", "loss"})    # keyed by what route() says, not a Community ID
 
 
 def route(rec: dict) -> tuple[int, bytes | None]:
@@ -134,14 +145,12 @@ def enqueue_time(p: bytes) -> float:
     return _PACK.unpack_from(p, 0)[0]
 
 
-def fill(batch, ms: list, i: int, ts_ms: int, k: int) -> tuple[int, int]:
-    """Append ms[i:] (key at m[k], value m[k+1], headers m[k+2]) to an aiokafka BatchBuilder until it
-    is full; returns (next index, payload bytes) and closes the batch. Calls the C record builder
-    directly (BatchBuilder.append adds ~0.4 µs of Python per record) and keeps the builder's record
-    count, which the idempotent producer's sequence numbers depend on."""
-    cb = batch._builder
+def append_records(cb, off: int, ms: list, i: int, ts_ms: int, k: int) -> tuple[int, int]:
+    """Append ms[i:] (key at m[k], value m[k+1], headers m[k+2]) to a C DefaultRecordBatchBuilder from
+    relative offset `off` until it is full; returns (next index, payload bytes). Calls the C record
+    builder directly (BatchBuilder.append adds ~0.4 µs of Python per record)."""
     append = cb.append
-    j, off, nbytes, n = i, batch._relative_offset, 0, len(ms)
+    j, nbytes, n = i, 0, len(ms)
     with GcPaused():
         while j < n:
             m = ms[j]
@@ -151,9 +160,57 @@ def fill(batch, ms: list, i: int, ts_ms: int, k: int) -> tuple[int, int]:
             off += 1
             nbytes += len(v)
             j += 1
-    batch._relative_offset = off
+    return j, nbytes
+
+
+def fill(batch, ms: list, i: int, ts_ms: int, k: int) -> tuple[int, int]:
+    """append_records into an aiokafka BatchBuilder, then close it; keeps the builder's record count,
+    which the idempotent producer's sequence numbers depend on."""
+    j, nbytes = append_records(batch._builder, batch._relative_offset, ms, i, ts_ms, k)
+    batch._relative_offset += j - i
     batch.close()
     return j, nbytes
+
+
+def new_builder(codec: int, batch_bytes: int) -> DefaultRecordBatchBuilder:
+    """An empty v2 record batch builder (aiokafka's C one), producer state left for ReadyBatch."""
+    return DefaultRecordBatchBuilder(2, codec, 0, -1, -1, 0, batch_bytes)
+
+
+class ReadyBatch:
+    """A record batch framed, compressed and checksummed before aiokafka sees it.
+
+    producer.send_batch takes any object with BatchBuilder's methods; the sender then only calls
+    _set_producer_state (when it drains the batch: the idempotent producer's id, epoch and base sequence)
+    and _build. So the expensive part — DefaultRecordBatchBuilder.build: compression (cramjam releases
+    the GIL) and the CRC — runs in the sink's build thread, off the event loop, while the loop encodes
+    the next batch; _set_producer_state writes the 14 header bytes and the CRC-32C again, over the
+    compressed bytes only (~35 KB for a 512 KiB batch of flow records). Byte for byte what aiokafka's
+    BatchBuilder would send (tests/unit/test_kafka_ready_batch.py)."""
+    __slots__ = ("_buf", "_n")
+
+    def __init__(self, buf: bytearray, n: int):
+        self._buf, self._n = buf, n
+
+    def close(self) -> None:
+        pass
+
+    def closed(self) -> bool:
+        return True
+
+    def record_count(self) -> int:
+        return self._n
+
+    def size(self) -> int:
+        return len(self._buf)
+
+    def _build(self) -> bytearray:
+        return self._buf
+
+    def _set_producer_state(self, producer_id: int, producer_epoch: int, base_sequence: int) -> None:
+        b = self._buf
+        _PRODUCER_STATE.pack_into(b, _PRODUCER_OFFSET, producer_id, producer_epoch, base_sequence)
+        _CRC.pack_into(b, _CRC_OFFSET, crc32c(memoryview(b)[_ATTRIBUTES_OFFSET:]))
 
 
 def make_encoder(encoding: str):
