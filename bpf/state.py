@@ -6,6 +6,8 @@ counter-slot map, the policy-change history) lives in a JSON file under $HOSTWAL
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import getpass
 import json
 import os
@@ -37,6 +39,22 @@ def audit_log_path(pin_dir: str) -> Path:
 def fqdn_config_path(pin_dir: str) -> Path:
     """The live dynamic sets and the dns section, which the DNS proxy follows (enforcer/fqdnsets.py)."""
     return state_dir() / f"{_stem(pin_dir)}.fqdn.json"
+
+
+@contextlib.contextmanager
+def policy_writer(pin_dir: str):
+    """Exclusive across processes: one policy writer per instance at a time (the runner's reload, a CLI
+    `apply`). Both write the standby half of the policy maps and then flip, and both read-modify-write
+    the state file, so two at once could flip to a mix of two policies or lose a revision (docs/datapath.md
+    "Policy generations"). An flock on a file beside the state: released by the kernel if the holder dies."""
+    path = state_dir() / f"{_stem(pin_dir)}.apply.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)                    # closing the only descriptor of the open file releases the lock
 
 
 def dns_log_path(pin_dir: str) -> Path:

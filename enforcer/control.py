@@ -18,7 +18,7 @@ from hostwall.bpf import fqdn as fq
 from hostwall.bpf import layout as L
 from hostwall.bpf.instance import Instance, policy_pressure
 from hostwall.bpf.links import LinkError
-from hostwall.bpf.state import AttachedInterface, InstanceState, allocate_slots
+from hostwall.bpf.state import AttachedInterface, InstanceState, allocate_slots, policy_writer
 
 from . import attach, fqdnsets
 from .compiler import compile_policy, fqdn_lists
@@ -180,7 +180,13 @@ def _check_interfaces(ifaces: list[InterfaceConf], netns: str | None) -> None:
 
 
 def start(policy: Policy, pin_dir: str, interfaces: list[InterfaceConf], netns: str | None = None) -> tuple[Datapath, InstanceState, StartResult]:
-    """Bring an instance up (or take it over) with `policy` on `interfaces`."""
+    """Bring an instance up (or take it over) with `policy` on `interfaces`; one policy writer at a
+    time (state.policy_writer), like `apply`."""
+    with policy_writer(pin_dir):
+        return _start(policy, pin_dir, interfaces, netns)
+
+
+def _start(policy: Policy, pin_dir: str, interfaces: list[InterfaceConf], netns: str | None) -> tuple[Datapath, InstanceState, StartResult]:
     _check_interfaces(interfaces, netns)
     build = build_hash()
     st = InstanceState.load(pin_dir)
@@ -226,17 +232,18 @@ def start(policy: Policy, pin_dir: str, interfaces: list[InterfaceConf], netns: 
 
 
 def apply(policy: Policy, pin_dir: str) -> ApplyResult:
-    """Atomic swap on a running instance."""
-    st = InstanceState.load(pin_dir)
-    if st is None or not Datapath.is_pinned(pin_dir):
-        raise ControlError(f"no running instance at {pin_dir}; start one with `hostwall-enforcer run`")
-    dp = Datapath.open(pin_dir)
-    try:
-        res = apply_policy(dp, st, policy)
-        st.save()
-        return res
-    finally:
-        dp.close()
+    """Atomic swap on a running instance, one writer at a time (state.policy_writer)."""
+    with policy_writer(pin_dir):
+        st = InstanceState.load(pin_dir)
+        if st is None or not Datapath.is_pinned(pin_dir):
+            raise ControlError(f"no running instance at {pin_dir}; start one with `hostwall-enforcer run`")
+        dp = Datapath.open(pin_dir)
+        try:
+            res = apply_policy(dp, st, policy)
+            st.save()
+            return res
+        finally:
+            dp.close()
 
 
 def detach(pin_dir: str) -> list[str]:
