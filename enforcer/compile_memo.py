@@ -55,10 +55,15 @@ def _same(a: tuple, b: tuple) -> bool:
 
 
 def _freeze(value: Any) -> None:
-    for v in value if isinstance(value, tuple) else (value,):
-        for a in vars(v).values() if hasattr(v, "__dict__") else (v,):
-            if isinstance(a, np.ndarray):
-                a.setflags(write=False)
+    """Make every array in `value` (nested tuples and dataclasses) read-only."""
+    if isinstance(value, np.ndarray):
+        value.setflags(write=False)
+    elif isinstance(value, tuple):
+        for v in value:
+            _freeze(v)
+    elif hasattr(value, "__dataclass_fields__"):
+        for v in vars(value).values():
+            _freeze(v)
 
 
 class LastCompile:

@@ -96,7 +96,7 @@ def _l4_spans(rules: tuple[Rule, ...], first: int = 0) -> tuple[np.ndarray, np.n
     counts: list[int] = []
     memo = _SPANS
     for rule in rules:
-        key = (rule.direction, rule.protocol, rule.ports, rule.icmp_types)
+        key = _l4_key(rule)
         se = memo.get(key)
         if se is None:
             if len(memo) >= 4 * L.MAX_RULES:
