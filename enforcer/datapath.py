@@ -165,13 +165,10 @@ class Datapath(Instance):
         if self._barrier is None:
             self._barrier = bpfsys.RcuBarrier()
         grace, self._grace = self._grace, None
-        if grace is not None:
-            future, flipped = grace
-            done = future.exception() is None        # waits for it
-            if flipped == (active, int(self.active_header()["revision_id"])):
-                if not done:
-                    self._barrier.wait()
-                return True
+        if grace is not None and grace[1] == (active, int(self.active_header()["revision_id"])):
+            if grace[0].exception() is not None:     # waits for it; it failed: wait one here
+                self._barrier.wait()
+            return True
         self._barrier.wait()
         return False
 
