@@ -33,7 +33,7 @@ class AxisMemo:
     def get_or_compute(self, key: tuple, compute: Callable[[], T]) -> T:
         with self._lock:
             for i, (k, v) in enumerate(self._items):
-                if _same(k, key):
+                if _same_items(k, key):
                     self._items.insert(0, self._items.pop(i))
                     self.hits += 1
                     return v
@@ -50,15 +50,25 @@ class AxisMemo:
             self._items.clear()
 
 
-def _same(a: tuple, b: tuple) -> bool:
-    return len(a) == len(b) and all(x is y or x == y for x, y in zip(a, b))
+def same(a: Any, b: Any) -> bool:
+    """Equal, identity first: PeerSet objects shared with the last policy skip the array compare."""
+    return a is b or a == b
+
+
+def _same_items(a: tuple, b: tuple) -> bool:
+    return len(a) == len(b) and all(map(same, a, b))
 
 
 def _freeze(value: Any) -> None:
-    for v in value if isinstance(value, tuple) else (value,):
-        for a in vars(v).values() if hasattr(v, "__dict__") else (v,):
-            if isinstance(a, np.ndarray):
-                a.setflags(write=False)
+    """Make every array in `value` (nested tuples and dataclasses) read-only."""
+    if isinstance(value, np.ndarray):
+        value.setflags(write=False)
+    elif isinstance(value, tuple):
+        for v in value:
+            _freeze(v)
+    elif hasattr(value, "__dataclass_fields__"):
+        for v in vars(value).values():
+            _freeze(v)
 
 
 class LastCompile:

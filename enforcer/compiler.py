@@ -20,7 +20,7 @@ import numpy as np
 from hostwall.bpf import layout as L
 
 from .classify import Classes, CompileError, classify
-from .compile_memo import AxisMemo, LastCompile
+from .compile_memo import AxisMemo, LastCompile, same
 from .policy import ESSENTIAL_ICMP, DosProfile, Policy, Rule
 
 
@@ -96,7 +96,7 @@ def _l4_spans(rules: tuple[Rule, ...], first: int = 0) -> tuple[np.ndarray, np.n
     counts: list[int] = []
     memo = _SPANS
     for rule in rules:
-        key = (rule.direction, rule.protocol, rule.ports, rule.icmp_types)
+        key = _l4_key(rule)
         se = memo.get(key)
         if se is None:
             if len(memo) >= 4 * L.MAX_RULES:
@@ -397,14 +397,10 @@ def _l4_key(r: Rule):
     return r.direction, r.protocol, r.ports, r.icmp_types
 
 
-def _same(a, b) -> bool:
-    return a is b or a == b
-
-
 def _same_rule(a: Rule, b: Rule) -> bool:
     """Equal for the compile: every field it reads (not the rule's line or file position)."""
     return (a.name == b.name and a.action == b.action and _l4_key(a) == _l4_key(b) and a.fqdns == b.fqdns
-            and _same(a.peers, b.peers))
+            and same(a.peers, b.peers))
 
 
 def _axes(rules: tuple[Rule, ...], slots: dict[str, int]):
@@ -414,8 +410,8 @@ def _axes(rules: tuple[Rule, ...], slots: dict[str, int]):
     last = _LAST.changed(rules, _same_rule)
     if last is not None:
         prev, changed, (peer, l4, recs, prev_slots, names, fq) = last
-        if all(_same(_peer_key(prev[i]), _peer_key(rules[i])) for i in changed):
-            if not all(_same(_l4_key(prev[i]), _l4_key(rules[i])) for i in changed):
+        if all(same(_peer_key(prev[i]), _peer_key(rules[i])) for i in changed):
+            if not all(same(_l4_key(prev[i]), _l4_key(rules[i])) for i in changed):
                 l4 = _toggle_l4(l4, rules, changed) or _l4_axis(rules, _patch_spans(l4[2], rules, changed),
                                                                  prev=l4[0])
             if slots != prev_slots:

@@ -55,12 +55,13 @@ class Datapath(Instance):
     _grace_pool: ThreadPoolExecutor | None = None
     _grace_barrier: bpfsys.RcuBarrier
     _installs = 0                        # one-shot objects (`apply` from the CLI) start no worker
-    # per half, the read-only arrays (compiler memo) this object last wrote there: not compared again
-    _held: list[dict]
+    # per half, the header and the read-only arrays (compiler memo) this object last wrote there: the
+    # arrays are not compared again while the half still holds that header
+    _held: list[tuple[bytes, dict]]
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self._held = [{}, {}]
+        self._held = [(b"", {}), (b"", {})]
 
     @classmethod
     def load(cls) -> Datapath:
@@ -122,15 +123,18 @@ class Datapath(Instance):
         each table, ~1 ms per MB), so a change of one rule rewrites that rule's records, whatever
         the policy's size. From an object's second install on, the grace period that frees the old
         half runs on a worker thread right after the flip, so the next install usually finds it over
-        (docs/benchmarks.md "swap")."""
+        (docs/benchmarks.md "swap"). hw_policy is written first: another writer's apply that stops before
+        its flip (killed) has changed the standby header, so this object then compares every table."""
         old = self.active_gen()
         new = old ^ 1
         t0 = time.perf_counter()
         ours = self._standby_free(old)   # a packet that read `new` before the last flip has finished
         t1 = time.perf_counter()
         if not ours:                     # someone else flipped since: what either half holds is unknown
-            self._held = [{}, {}]
-        held, self._held[new] = self._held[new], {}     # unknown until every write is done
+            self._held = [(b"", {}), (b"", {})]
+        (hdr, held), self._held[new] = self._held[new], (b"", {})   # unknown until every write is done
+        if self.view("hw_policy")[new].tobytes() != hdr:
+            held = {}                    # another writer's apply, stopped before its flip, wrote here first
         parts = {"hw_policy": cp.hdr, "hw_rules": cp.rules, "hw_peer_cls": cp.peer_cls, "hw_l4_cls": cp.l4_cls,
                  "hw_top4": cp.top4, "hw_top6": cp.top6, "hw_iv4": cp.iv4, "hw_iv6": cp.iv6, "hw_l4": cp.l4,
                  "hw_dos_profiles": cp.dos_profiles, "hw_dos_ifs": cp.dos_ifs}
@@ -143,7 +147,7 @@ class Datapath(Instance):
                 continue
             per_gen = POLICY_MAPS[name][1]
             written[name] = write_changed(self.view(name)[new * per_gen: new * per_gen + len(arr)], arr)
-        self._held[new] = {k: a for k, a in parts.items() if not a.flags.writeable}
+        self._held[new] = (cp.hdr.tobytes(), {k: a for k, a in parts.items() if not a.flags.writeable})
         t2 = time.perf_counter()
         self.set_config(gen=new)           # the switch: one map update
         t3 = time.perf_counter()
@@ -161,13 +165,10 @@ class Datapath(Instance):
         if self._barrier is None:
             self._barrier = bpfsys.RcuBarrier()
         grace, self._grace = self._grace, None
-        if grace is not None:
-            future, flipped = grace
-            done = future.exception() is None        # waits for it
-            if flipped == (active, int(self.active_header()["revision_id"])):
-                if not done:
-                    self._barrier.wait()
-                return True
+        if grace is not None and grace[1] == (active, int(self.active_header()["revision_id"])):
+            if grace[0].exception() is not None:     # waits for it; it failed: wait one here
+                self._barrier.wait()
+            return True
         self._barrier.wait()
         return False
 

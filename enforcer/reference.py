@@ -13,7 +13,7 @@ elsewhere, on top of this. Cost: O(rules × prefixes) per packet — a test orac
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -22,7 +22,7 @@ from hostwall.dnsnames import matches
 from .icmp import ECHO_REQUEST, icmp_key
 from .policy import ESSENTIAL_ICMP, Direction, Policy, Rule
 
-__all__ = ["Packet", "Decision", "match", "evaluate", "essential_icmp", "fqdn_has", "PROTO_NUMBERS", "Learnt"]
+__all__ = ["Packet", "Decision", "match", "evaluate", "essential_icmp", "fqdn_has", "fqdn_names", "PROTO_NUMBERS", "Learnt"]
 
 PROTO_NUMBERS = {"tcp": 6, "udp": 17, "icmp": 1, "icmpv6": 58}
 _PORTED = (6, 17)
@@ -91,13 +91,15 @@ def match(rule: Rule, pkt: Packet, learnt: Learnt | None = None) -> bool:
 
 def fqdn_has(rule: Rule, peer: IPAddr, learnt: Learnt | None) -> bool:
     """Is `peer` an address learnt for a name that one of the rule's fqdns patterns matches?"""
-    if not learnt:
-        return False
-    for name, ips in learnt.items():
+    return next(fqdn_names(rule, peer, learnt), None) is not None
+
+
+def fqdn_names(rule: Rule, peer: IPAddr, learnt: Learnt | None) -> Iterator[str]:
+    """The learnt names that one of the rule's fqdns patterns matches and that hold `peer`."""
+    for name, ips in (learnt or {}).items():
         if any(matches(name, pat) for pat in rule.fqdns or ()) and \
                 any(ipaddress.ip_address(a) == peer for a in ips):
-            return True
-    return False
+            yield name
 
 
 def _match(rule: Rule, pkt: Packet, peer: IPAddr, learnt: Learnt | None = None) -> bool:

@@ -25,7 +25,7 @@ import yaml
 from hostwall.dnsnames import matches, normalize_name
 
 from ..policy import Policy, Rule
-from ..reference import PROTO_NUMBERS, Learnt, Packet, evaluate
+from ..reference import PROTO_NUMBERS, Learnt, Packet, evaluate, fqdn_names
 
 __all__ = ["load_addresses", "pattern_covers", "covers", "names_holding", "upstream_blocked", "is_fqdn", "name_classes",
            "with_names"]
@@ -80,11 +80,7 @@ def covers(a: Iterable[str], b: Iterable[str]) -> bool:
 
 def names_holding(rule: Rule, addr: str, learnt: Learnt | None) -> list[str]:
     """The learnt names, matched by one of `rule`'s patterns, that hold `addr` (sorted)."""
-    if not learnt or not is_fqdn(rule):
-        return []
-    want = ipaddress.ip_address(addr)
-    return sorted(n for n, ips in learnt.items()
-                  if any(matches(n, p) for p in rule.fqdns or ()) and any(ipaddress.ip_address(a) == want for a in ips))
+    return sorted(fqdn_names(rule, ipaddress.ip_address(addr), learnt))
 
 
 def upstream_blocked(policy: Policy) -> list[str] | None:

@@ -159,19 +159,25 @@ def _lint(policy: Policy, dt: DecisionTable | None, max_regions: int) -> list[Fi
                 ri, ci = np.nonzero(bad)
                 conflict_cells.append((rows[ri], cols[ci], f[bad]))
         if conflict_cells:
-            rows = np.concatenate([c[0] for c in conflict_cells])
-            cols = np.concatenate([c[1] for c in conflict_cells])
-            own = np.concatenate([c[2] for c in conflict_cells])
-            qs = np.unique(own)
-            who, names = _who(policy, qs)
-            f = Finding("conflict", *loc, f"part of the traffic it matches is decided earlier with a different "
-                                          f"verdict by {who}", names)
-            for q in qs[:max_regions]:
-                sel = own == q
-                for _, reg in regions(dt, rows[sel], cols[sel], conds=np.full(int(sel.sum()), cond))[:2]:
-                    f.regions.append((rules[int(q)].name, reg))
-            out.append(f)
+            out.append(_conflict(policy, dt, loc, conflict_cells, cond, max_regions,
+                                 "part of the traffic it matches is decided earlier with a different verdict by {}"))
     return out
+
+
+def _conflict(policy: Policy, dt: DecisionTable, loc: tuple[str, str, int], cells: list, cond: int,
+              max_regions: int, text: str) -> Finding:
+    """The "conflict" finding over `cells`, (rows, cols, owner) triples of the cells an earlier rule (the
+    owner) decides with another verdict: `text` formatted with who decides them, and up to two regions
+    for each of the first max_regions of those rules."""
+    rows, cols, own = (np.concatenate(x) for x in zip(*cells))
+    qs = np.unique(own)
+    who, names = _who(policy, qs)
+    f = Finding("conflict", *loc, text.format(who), names)
+    for q in qs[:max_regions]:
+        sel = own == q
+        for _, reg in regions(dt, rows[sel], cols[sel], conds=np.full(int(sel.sum()), cond))[:2]:
+            f.regions.append((policy.rules[int(q)].name, reg))
+    return f
 
 
 def _essential_conflict(dt: DecisionTable, r: int, blocks, first: np.ndarray, loc: tuple[str, str, int],
@@ -230,7 +236,7 @@ def _lint_fqdn(policy: Policy, dt: DecisionTable, f: int, fq: list[int], first: 
     later = [h for h in fq if h > f]
     earlier: set[int] = set()
     free_any = differs = False
-    bad_rows, bad_cols, bad_own = [], [], []
+    bad_cells = []
     for rows, cols in blocks:
         own = first[np.ix_(rows, cols)]
         static = (own >= 0) & (own < f)
@@ -253,9 +259,7 @@ def _lint_fqdn(policy: Policy, dt: DecisionTable, f: int, fq: list[int], first: 
         bad = static & ((actions[np.maximum(own, 0)] == _DENY) != (actions[f] == _DENY))
         if bad.any():
             ri, ci = np.nonzero(bad)
-            bad_rows.append(rows[ri])
-            bad_cols.append(cols[ci])
-            bad_own.append(own[bad])
+            bad_cells.append((rows[ri], cols[ci], own[bad]))
     out = []
     if not free_any:
         who, names = _who(policy, sorted(earlier))
@@ -265,15 +269,8 @@ def _lint_fqdn(policy: Policy, dt: DecisionTable, f: int, fq: list[int], first: 
         out.append(Finding("redundant", *loc, f"removing it changes no verdict, whatever its names resolve to: every "
                                               f"rule that could decide its packets next, or the default, also gives "
                                               f"{rule.action}"))
-    if bad_rows:
-        rows, cols, own = (np.concatenate(x) for x in (bad_rows, bad_cols, bad_own))
-        qs = np.unique(own)
-        who, names = _who(policy, qs)
-        fd = Finding("conflict", *loc, f"its names' addresses in part of its traffic never reach it: an earlier rule "
-                                       f"with a different verdict decides there first, {who}", names)
-        for q in qs[:max_regions]:
-            sel = own == q
-            for _, reg in regions(dt, rows[sel], cols[sel], conds=np.full(int(sel.sum()), cond))[:2]:
-                fd.regions.append((rules[int(q)].name, reg))
-        out.append(fd)
+    if bad_cells:
+        out.append(_conflict(policy, dt, loc, bad_cells, cond, max_regions,
+                             "its names' addresses in part of its traffic never reach it: an earlier rule with a "
+                             "different verdict decides there first, {}"))
     return out

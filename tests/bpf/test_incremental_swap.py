@@ -7,8 +7,10 @@ import dataclasses
 import ipaddress
 import random
 
+import numpy as np
 import pytest
 
+from hostwall.bpf.names import POLICY_MAPS
 from hostwall.enforcer.compiler import clear_memo, compile_policy
 from hostwall.enforcer.policy import load_policy
 from hostwall.enforcer.reference import Packet, evaluate
@@ -95,4 +97,29 @@ def test_incremental_apply_rewrites_only_the_changed_rule(harness, tmp_path):
     # and back: the datapath judges by the base policy again
     st = dp.install(compile_policy(base, harness.slots, 5))
     assert all(st.written[m] == 0 for m in PEER_MAPS), st.written
+    _check_all(harness, base)
+
+
+def test_install_rewrites_what_a_killed_apply_left_in_the_standby_half(harness, tmp_path):
+    """An apply from another process (`hostwall-enforcer apply` on the same pinned instance) that is killed
+    between its writes and its flip changes the standby half but neither the generation nor the revision
+    in force: the next install must not skip the tables it wrote there itself before."""
+    base = _policy(tmp_path)
+    harness.slots = {n: i for i, n in enumerate(base.counter_names())}
+    dp = harness.dp
+    clear_memo()
+    dp.install(compile_policy(base, harness.slots, 1))
+    dp.install(compile_policy(base, harness.slots, 2))
+    standby = dp.active_gen() ^ 1
+    per_gen = POLICY_MAPS["hw_iv4"][1]
+    iv4 = dp.view("hw_iv4")[standby * per_gen: (standby + 1) * per_gen]
+    # what the killed apply wrote (through the shared mmap, as its process would): its header first, then
+    # the start of the IPv4 interval table
+    dp.view("hw_policy")["revision_id"][standby] = 99
+    iv4[:1000] = iv4[1000:2000].copy()
+    cp = compile_policy(base, harness.slots, 3)
+    st = dp.install(cp)
+    assert st.written["hw_iv4"] > 0, st.written
+    assert np.array_equal(iv4[:len(cp.iv4)], cp.iv4)
+    dp.clear_conntrack()
     _check_all(harness, base)
