@@ -25,8 +25,6 @@ from pathlib import Path
 import dns.message
 import dns.rdatatype
 
-from hostwall.enforcer.netsock import SocketMaker
-
 from .addresses import check_lab_address
 from .netns import Lab
 
@@ -123,16 +121,6 @@ class DnsServer:
         self.close()
 
 
-_MAKERS: dict[str, SocketMaker] = {}
-
-
-def _maker(lab: Lab, host: str) -> SocketMaker:
-    ns = lab.ns(host)
-    if ns not in _MAKERS:
-        _MAKERS[ns] = SocketMaker(ns)
-    return _MAKERS[ns]
-
-
 def _fam(addr: str) -> int:
     return socket.AF_INET6 if ":" in addr else socket.AF_INET
 
@@ -143,7 +131,7 @@ def query(lab: Lab, host: str, server: str, name: str, rdtype: str = "A", *, por
     check_lab_address(server)
     q = dns.message.make_query(name, dns.rdatatype.from_text(rdtype), use_edns=0 if edns else None)
     wire = q.to_wire()
-    s = _maker(lab, host).socket(_fam(server), socket.SOCK_STREAM if tcp else socket.SOCK_DGRAM)
+    s = lab.socket_maker(host).socket(_fam(server), socket.SOCK_STREAM if tcp else socket.SOCK_DGRAM)
     s.setblocking(True)
     s.settimeout(timeout)
     try:
@@ -176,7 +164,7 @@ def connect(lab: Lab, host: str, addr: str, port: int, timeout: float = 1.0) -> 
     """A TCP connection from inside host's namespace (blocking socket with `timeout`), or None if it could
     not be made within `timeout` (e.g. the firewall dropped the SYN)."""
     check_lab_address(addr)
-    s = _maker(lab, host).socket(_fam(addr), socket.SOCK_STREAM)
+    s = lab.socket_maker(host).socket(_fam(addr), socket.SOCK_STREAM)
     s.setblocking(True)
     s.settimeout(timeout)
     try:

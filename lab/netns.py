@@ -45,6 +45,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from hostwall.enforcer.netsock import SocketMaker
+
 __all__ = ["Lab", "LabError", "HostSpec", "HOSTS", "SWITCH", "LAB_V4", "LAB_V6",
            "cleanup_stale", "first_line", "lab_available", "REPO_ROOT"]
 
@@ -200,6 +202,7 @@ class Lab:
         self._lock_fd: int | None = None
         self._closed = False
         self._extra: dict[str, list[str]] = {h: [] for h in self.hosts}
+        self._makers: dict[str, SocketMaker] = {}
         if build:
             try:
                 self.build()
@@ -431,11 +434,23 @@ class Lab:
                 self.run(src, ["ping", "-c", "1", "-W", "1", self.addr(dst, fam)], check=False, timeout=5)
 
     # ---- teardown ---------------------------------------------------------------------------
+    def socket_maker(self, host: str) -> SocketMaker:
+        """Sockets made inside host's namespace from this process (one maker per namespace, kept for
+        the lab's life: each holds the namespace open and a reserve of sockets, closed in close())."""
+        ns = self.ns(host)
+        if ns not in self._makers:
+            self._makers[ns] = SocketMaker(ns)
+        return self._makers[ns]
+
     def close(self) -> None:
-        """Stop processes started by popen(), delete the namespaces (links go with them). Idempotent."""
+        """Stop processes started by popen(), close the socket makers, delete the namespaces (links go
+        with them). Idempotent."""
         if self._closed:
             return
         self._closed = True
+        for m in self._makers.values():
+            m.close()
+        self._makers.clear()
         for p in self._procs:
             _signal_group(p, signal.SIGTERM)
             try:

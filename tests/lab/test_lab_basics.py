@@ -2,6 +2,8 @@
 example policy) passes the client's allowed traffic and drops the attacker's, counting why."""
 from __future__ import annotations
 
+import os
+import socket
 import subprocess
 
 import numpy as np
@@ -105,11 +107,17 @@ def test_cleanup_is_complete_and_safe():
         assert not set(cleanup_stale()) & names
         assert names <= _namespaces()
         p = lab.popen("cli", ["sleep", "30"])
+        fds = len(os.listdir("/proc/self/fd"))
+        s = lab.socket_maker("cli").socket(socket.AF_INET, socket.SOCK_DGRAM)    # made inside cli's netns
+        s.close()
+        assert lab.socket_maker("cli") is lab.socket_maker("cli")
+        assert len(os.listdir("/proc/self/fd")) > fds     # the maker's reserve and the namespace it holds
     finally:
         lab.close()
         lab.close()                       # idempotent
     assert not names & _namespaces()
     assert p.poll() is not None           # processes started in the lab are gone
+    assert len(os.listdir("/proc/self/fd")) <= fds        # the socket makers closed with the lab
 
 
 # ------------------------------------------------------------------------------ hostwall in the lab
