@@ -35,6 +35,10 @@ class EnforcerProcess:
 
     # ---- lifecycle -------------------------------------------------------------------------------
     def start(self, timeout: float = START_TIMEOUT_S) -> EnforcerProcess:
+        """Start the run process (entering the context does it); one at a time: a second start while the
+        first runs would orphan it (still enforcing, never stopped)."""
+        if self.proc is not None and self.proc.poll() is None:
+            raise RuntimeError("enforcer already running: stop() it before starting it again")
         argv = [sys.executable, "-m", "hostwall.enforcer.cli", "run", "--policy", self.policy, "--netns", self.lab.ns(self.host),
                 "--interface", "eth0", *self.extra]
         if self.keep_attached:

@@ -85,8 +85,7 @@ class OncallRig:
         self.am.start()
         self.lab = s.enter_context(Lab())
         self.lab.warm()
-        self.enf = s.enter_context(EnforcerProcess(self.lab, POLICY))
-        self.enf.start()
+        self.enf = s.enter_context(EnforcerProcess(self.lab, POLICY))      # entering starts it
         s.enter_context(traffic.echo_servers(self.lab, "prot", tcp=[80], udp=[5353]))
         self.start_collector(self.push)
         rules = rules_copy(self.workdir / "hostwall.rules.yml", self.collector_down_for)
