@@ -27,7 +27,7 @@ import numpy as np
 
 from . import bpfsys
 from . import layout as L
-from .state import state_dir
+from .state import instance_stem, state_dir
 
 __all__ = ["SET_MAP", "NAMES_MAP", "NAME_IPS_MAP", "STATS_MAP", "FqdnMaps", "Learnt", "name_id", "now_ns",
            "MAPS"]
@@ -102,7 +102,7 @@ class FqdnMaps:
             return
         if self._depth == 0:
             if self._lock_fd is None:            # kept open: each use costs the two flock calls only
-                path = state_dir() / (os.path.abspath(self.pin_dir).strip("/").replace("/", "_") + ".fqdn.lock")
+                path = state_dir() / f"{instance_stem(self.pin_dir)}.fqdn.lock"
                 path.parent.mkdir(parents=True, exist_ok=True)
                 self._lock_fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX)

@@ -23,22 +23,24 @@ def state_dir() -> Path:
     return Path(os.environ.get("HOSTWALL_STATE_DIR", "/run/hostwall"))
 
 
-def _stem(pin_dir: str) -> str:
+def instance_stem(pin_dir: str) -> str:
+    """The instance's name in $HOSTWALL_STATE_DIR: its pin dir as one file-name part (every per-instance
+    file there starts with it, the collector's `collector-<stem>.json` too)."""
     return os.path.abspath(pin_dir).strip("/").replace("/", "_")
 
 
 def state_path(pin_dir: str) -> Path:
-    return state_dir() / f"{_stem(pin_dir)}.json"
+    return state_dir() / f"{instance_stem(pin_dir)}.json"
 
 
 def audit_log_path(pin_dir: str) -> Path:
     """Policy-change audit records, one JSON object per line (shipped by the collector)."""
-    return state_dir() / f"{_stem(pin_dir)}.audit.jsonl"
+    return state_dir() / f"{instance_stem(pin_dir)}.audit.jsonl"
 
 
 def fqdn_config_path(pin_dir: str) -> Path:
     """The live dynamic sets and the dns section, which the DNS proxy follows (enforcer/fqdnsets.py)."""
-    return state_dir() / f"{_stem(pin_dir)}.fqdn.json"
+    return state_dir() / f"{instance_stem(pin_dir)}.fqdn.json"
 
 
 @contextlib.contextmanager
@@ -47,7 +49,7 @@ def policy_writer(pin_dir: str):
     `apply`). Both write the standby half of the policy maps and then flip, and both read-modify-write
     the state file, so two at once could flip to a mix of two policies or lose a revision (docs/datapath.md
     "Policy generations"). An flock on a file beside the state: released by the kernel if the holder dies."""
-    path = state_dir() / f"{_stem(pin_dir)}.apply.lock"
+    path = state_dir() / f"{instance_stem(pin_dir)}.apply.lock"
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
@@ -60,7 +62,7 @@ def policy_writer(pin_dir: str):
 def dns_log_path(pin_dir: str) -> Path:
     """The DNS proxy's decision records (refused names, upstream failures), one JSON object per line
     (shipped by the collector as the audit log is)."""
-    return state_dir() / f"{_stem(pin_dir)}.dns.jsonl"
+    return state_dir() / f"{instance_stem(pin_dir)}.dns.jsonl"
 
 
 @dataclass

@@ -41,6 +41,8 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hostwall.bpf.state import instance_stem
+
 from .collector_proc import CollectorProcess
 from .enforcer_proc import EnforcerProcess
 from .netns import REPO_ROOT, Lab
@@ -200,9 +202,8 @@ class CrashSession:
 
     def status(self) -> dict:
         """The collector's status file, read directly (cheap enough to poll every 100 ms)."""
-        stem = os.path.abspath(self.enf.pin_dir).strip("/").replace("/", "_")
         try:
-            return json.loads((Path(self.enf.state_dir) / f"collector-{stem}.json").read_text())
+            return json.loads((Path(self.enf.state_dir) / f"collector-{instance_stem(self.enf.pin_dir)}.json").read_text())
         except (OSError, ValueError):
             return {}
 
