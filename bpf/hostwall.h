@@ -289,6 +289,9 @@ enum hw_dns_stat {
 	HW_DNS_LAT0 = 17,           /* HW_DNS_LAT_BUCKETS latency buckets follow */
 	HW_DNS_RECORDS_UNWRITTEN = 32, /* DNS decision records the log could not take (write error): counted */
 	HW_DNS_RECORDS_WRITTEN = 33,   /* DNS decision records written to the log */
+	HW_DNS_CACHE_HITS = 34,     /* queries answered from the proxy's answer cache (enforcer/dnscache.py) */
+	HW_DNS_CACHE_MISSES = 35,   /* cacheable queries (cache on) that went to an upstream */
+	HW_DNS_CACHE_EVICTIONS = 36,/* live cache entries dropped for room (the oldest first) */
 	HW_DNS_STATS = 40,
 };
 

@@ -38,6 +38,8 @@ class Learnt:
     set_entries: int = 0        # (set, address) entries written
     overflow: int = 0           # new addresses over max_ips_per_name
     full: int = 0               # refused by a full name map, or evicted another from a full set bucket
+    held_ns: int = 0            # every address of the answer is in the name's record and in each live set
+                                # listing the name until at least then (as this process wrote it; 0: not)
 
 
 class Learner:
@@ -49,6 +51,7 @@ class Learner:
         self.path = fqdn_config_path(pin_dir)
         self.cfg = fqdnsets.FqdnConfig()
         self._sig: tuple | None = ()
+        self.generation = 0                             # bumped whenever the config changes (cache keys)
         self._checked = 0.0
         self.names: dict[str, dict[str, int]] = {}      # name -> {address: expires_ns}
         self.mirror: dict[tuple[int, str], int] = {}    # (set, address) -> expiry this process knows is there
@@ -64,6 +67,7 @@ class Learner:
         if sig == self._sig:
             return False
         self._sig = sig
+        self.generation += 1
         self.cfg = fqdnsets.FqdnConfig.read(self.pin_dir) or fqdnsets.FqdnConfig()
         self.mirror.clear()
         return True
@@ -100,6 +104,7 @@ class Learner:
         if not write:                                   # every address held for at least as long already
             self.refresh()
             if not self._missing(name, keep):
+                out.held_ns = self._held(name, keep, cur)
                 return out
         if not self.fm.name_put(name, now):
             out.full += 1
@@ -112,7 +117,17 @@ class Learner:
             if self.refresh():                          # a swap published new sets meanwhile
                 self._enter(self.cfg.listed(name), keep, cur, now, slack, out)
         out.full += self.fm.evicted - evicted
+        out.held_ns = self._held(name, keep, cur)
         return out
+
+    def _held(self, name: str, ips: list[str], exp: dict[str, int]) -> int:
+        """Until when every one of `ips` is in the name's record and in every live set that lists `name`
+        (what this process wrote or read there; 0 when it does not know of one)."""
+        held = min((exp[ip] for ip in ips), default=0)
+        for sid in self.cfg.listed(name):
+            for ip in ips:
+                held = min(held, self.mirror.get((sid, ip), 0))
+        return held
 
     def _missing(self, name: str, ips: list[str]) -> bool:
         """Does a live set that lists `name` lack one of `ips` as far as this process knows (a set a swap

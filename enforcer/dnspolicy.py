@@ -19,6 +19,7 @@ from hostwall.yamldoc import Issues
 __all__ = ["DnsConf", "parse_endpoint", "rule_fqdns", "build_dns", "DEFAULT_LISTEN"]
 
 DEFAULT_LISTEN = "127.0.0.1:53"
+DEFAULT_CACHE_SIZE = 10000
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +32,7 @@ class DnsConf:
     max_ips_per_name: int = 256
     refuse_unlisted: bool = False
     upstream_timeout_s: float = 2.0
+    cache_size: int = DEFAULT_CACHE_SIZE           # answers the proxy caches (enforcer/dnscache.py); 0: off
 
     def as_dict(self) -> dict:
         """Plain data (the instance's fqdn config file, `status`)."""
@@ -38,7 +40,7 @@ class DnsConf:
                 "upstreams": [f"[{a}]:{p}" if ":" in a else f"{a}:{p}" for a, p in self.upstreams],
                 "min_ttl_s": self.min_ttl_s, "max_ttl_s": self.max_ttl_s,
                 "max_ips_per_name": self.max_ips_per_name, "refuse_unlisted": self.refuse_unlisted,
-                "upstream_timeout_s": self.upstream_timeout_s}
+                "upstream_timeout_s": self.upstream_timeout_s, "cache_size": self.cache_size}
 
     @classmethod
     def from_dict(cls, d: dict) -> DnsConf:
@@ -46,7 +48,8 @@ class DnsConf:
                    upstreams=tuple(parse_endpoint(x) for x in d["upstreams"]),
                    min_ttl_s=float(d["min_ttl_s"]), max_ttl_s=float(d["max_ttl_s"]),
                    max_ips_per_name=int(d["max_ips_per_name"]), refuse_unlisted=bool(d["refuse_unlisted"]),
-                   upstream_timeout_s=float(d.get("upstream_timeout_s", 2.0)))
+                   upstream_timeout_s=float(d.get("upstream_timeout_s", 2.0)),
+                   cache_size=int(d.get("cache_size", DEFAULT_CACHE_SIZE)))
 
 
 def parse_endpoint(text: Any) -> tuple[str, int]:
@@ -146,4 +149,5 @@ def build_dns(issues: Issues, d: Any) -> DnsConf | None:
         return None
     return DnsConf(listen=eps["listen"], upstreams=eps["upstreams"], min_ttl_s=ttl["min_ttl"],
                    max_ttl_s=ttl["max_ttl"], max_ips_per_name=int(d.get("max_ips_per_name", 256)),
-                   refuse_unlisted=bool(d.get("refuse_unlisted", False)), upstream_timeout_s=ttl["upstream_timeout"])
+                   refuse_unlisted=bool(d.get("refuse_unlisted", False)), upstream_timeout_s=ttl["upstream_timeout"],
+                   cache_size=int(d.get("cache_size", DEFAULT_CACHE_SIZE)))

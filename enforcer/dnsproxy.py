@@ -26,15 +26,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import resource
-import secrets
 import socket
 import time
 
 from hostwall.bpf import layout as L
+from hostwall.bpf.fqdn import now_ns
 
+from .dnscache import AnswerCache, cacheable
 from .dnslearn import Learner
 from .dnspolicy import DnsConf
 from .dnsrecords import DnsRecordLog
+from .dnsupstream import UdpPool, rand16
 from .dnswire import (
     REFUSED,
     SERVFAIL,
@@ -47,7 +49,6 @@ from .dnswire import (
     rcode_of,
     truncated,
 )
-from .dnsupstream import UdpPool
 from .netsock import SocketMaker
 
 __all__ = ["DnsProxy", "MAX_INFLIGHT"]
@@ -94,6 +95,8 @@ class DnsProxy:
         self._tasks: set[asyncio.Task] = set()
         self.inflight = 0
         self.pool = UdpPool(self.maker, self._stray)
+        self.cache = AnswerCache()
+        self._gen = learner.generation
 
     # ---- listeners ----------------------------------------------------------------------------------
     def _bind(self, ep: tuple[str, int], kind: int) -> socket.socket:
@@ -178,17 +181,49 @@ class DnsProxy:
 
     # ---- queries ------------------------------------------------------------------------------------
     def on_query(self, data: bytes, client, server, reply, transport: str) -> None:
-        self.stats[S["queries_udp" if transport == "udp" else "queries_tcp"]] += 1
+        """Parse, then answer at once what needs no upstream (REFUSED, a cache hit); else a task asks."""
+        st = self.stats
+        st[S["queries_udp" if transport == "udp" else "queries_tcp"]] += 1
         try:
             q = parse_query(data)
         except ValueError:
-            self.stats[S["malformed_query"]] += 1
+            st[S["malformed_query"]] += 1
             return
+        t0 = time.perf_counter_ns()
+        learner = self.learner
+        sets = learner.listed(q.name)
+        dns = learner.cfg.dns
+        if dns is None:
+            return                                     # the policy dropped its dns section: not serving
+        if sets:
+            st[S["listed"]] += 1
+        elif dns.refuse_unlisted:
+            st[S["refused"]] += 1
+            self.records.refused(q, client, server, transport)
+            resp = make_error(data, REFUSED)
+            if resp is not None:
+                reply(resp)
+            self._latency(t0)
+            return
+        key = None
+        if dns.cache_size:
+            if learner.generation != self._gen:          # a policy change: the sets or dns section moved
+                self.cache.clear()
+                self._gen = learner.generation
+            key = (b"t" if transport == "tcp" else b"u") + data[2:]
+            hit = self.cache.get(key, data[:2], now_ns())
+            if hit is not None:
+                st[S["cache_hits"]] += 1
+                reply(hit)
+                self._latency(t0)
+                return
+            st[S["cache_misses"]] += 1
         if self.inflight >= MAX_INFLIGHT:
-            self.stats[S["overload"]] += 1
+            st[S["overload"]] += 1
             return
         self.inflight += 1
-        t = asyncio.get_running_loop().create_task(self._serve(data, q, client, server, reply, transport))
+        t = asyncio.get_running_loop().create_task(
+            self._serve(data, q, client, server, reply, transport, bool(sets), dns, key, t0))
         self._tasks.add(t)
         t.add_done_callback(self._done)
 
@@ -203,24 +238,11 @@ class DnsProxy:
         self.stats[S["latency_sum_us"]] += us
         self.stats[LAT0 + min(LAT_BUCKETS - 1, ((us - 1) // 125).bit_length() if us else 0)] += 1
 
-    async def _serve(self, data: bytes, q: Question, client, server, reply, transport: str) -> None:
-        t0 = time.perf_counter_ns()
-        sets = self.learner.listed(q.name)
-        dns = self.learner.cfg.dns
-        if dns is None:
-            return                                     # the policy dropped its dns section: not serving
+    async def _serve(self, data: bytes, q: Question, client, server, reply, transport: str, listed: bool,
+                     dns: DnsConf, key: bytes | None, t0: int) -> None:
         st = self.stats
-        if sets:
-            st[S["listed"]] += 1
-        elif dns.refuse_unlisted:
-            st[S["refused"]] += 1
-            self.records.refused(q, client, server, transport)
-            resp = make_error(data, REFUSED)
-            if resp is not None:
-                reply(resp)
-            self._latency(t0)
-            return
-        learn = bool(sets) and q.qtype in (1, 28)
+        gen = self.learner.generation
+        learn = listed and q.qtype in (1, 28)
         got, err = await self._ask(data, q, transport, learn, dns)
         if got is None:
             st[S["servfail"]] += 1
@@ -228,20 +250,38 @@ class DnsProxy:
             resp = make_error(data, SERVFAIL)
         else:
             answer, found = got
-            if found:
+            held: int | None = None                    # no learnt addresses bound the cache entry
+            if found and found[0]:
                 lr = self.learner.learn(q.name, found[0], found[1])
                 st[S["learnt"]] += lr.entered
                 st[S["overflow"]] += lr.overflow
                 st[S["set_full"]] += lr.full
+                held = 0 if lr.overflow else lr.held_ns  # some address not learnt: never cached
+                if lr.full:                            # a full set may have evicted what an entry relies on
+                    self.cache.clear()
             st[S["answered"]] += 1
             resp = q.id.to_bytes(2, "big") + answer[2:]
+            if key is not None and gen == self.learner.generation == self._gen:
+                self._store(key, answer, q, held, dns.cache_size)
         if resp is not None:
             reply(resp)
         self._latency(t0)
 
+    def _store(self, key: bytes, answer: bytes, q: Question, held: int | None, size: int) -> None:
+        """Cache an answer for min(its TTLs, `held`: the learnt set entries' end) when cacheable."""
+        c = cacheable(answer, q)
+        if c is None:
+            return
+        now = now_ns()
+        exp = now + c[0] * 1_000_000_000
+        if held is not None:
+            exp = min(exp, held)
+        if exp > now:
+            self.stats[S["cache_evictions"]] += self.cache.put(key, answer, c[1], now, exp, size)
+
     async def _ask(self, data: bytes, q: Question, transport: str, learn: bool, dns: DnsConf):
         """((answer, (addresses, ttl) or None), "") from the first upstream that answers, or (None, why)."""
-        newid = secrets.randbits(16)
+        newid = rand16()
         wire = newid.to_bytes(2, "big") + data[2:]
         st = self.stats
 

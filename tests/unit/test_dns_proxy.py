@@ -150,7 +150,7 @@ def env(tmp_path, monkeypatch):
 
 
 async def _proxy(env, handler, *, sets=None, refuse=False, max_ips=256, min_ttl=5.0, max_ttl=3600.0, timeout=1.0,
-                 upstreams=None):
+                 upstreams=None, cache=0):
     up = Upstream(handler)
     await up.serve()
     probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -159,7 +159,7 @@ async def _proxy(env, handler, *, sets=None, refuse=False, max_ips=256, min_ttl=
     probe.close()
     conf = DnsConf(listen=(("127.0.0.1", free),), upstreams=tuple(upstreams or [("127.0.0.1", up.port)]),
                    min_ttl_s=min_ttl, max_ttl_s=max_ttl, max_ips_per_name=max_ips, refuse_unlisted=refuse,
-                   upstream_timeout_s=timeout)
+                   upstream_timeout_s=timeout, cache_size=cache)
     fqdnsets.publish("/pins/t", sets if sets is not None else {1: ("mirror.example.test", "*.cdn.example.test")},
                      conf, "r1")
     fm = FakeMaps()

@@ -1,0 +1,106 @@
+"""The DNS proxy's answer cache (docs/policy.md "DNS proxy: upstream sockets and answer cache").
+
+Keyed by the query as the client sent it, ID aside (question with its case, flags, EDNS), and the
+transport (a TCP answer may be larger than a UDP one). A hit costs a dict lookup and a copy of the
+answer with the ID and every TTL rewritten (~5 µs) instead of an upstream round trip.
+
+What is cached (`cacheable`): answers that parse completely (every record framed, nothing trailing),
+not truncated, with rcode NOERROR or NXDOMAIN:
+- positive answers live for the smallest TTL of their records (OPT aside);
+- negative answers (NXDOMAIN, or NOERROR with no answer record) only with the zone's SOA in the
+  authority section, for min(SOA TTL, SOA MINIMUM) (RFC 2308 §5); without an SOA they are not cached;
+- SERVFAIL, REFUSED and every other rcode are never cached (a failure must not outlive its cause).
+
+Served answers have every TTL lowered by the whole seconds the entry has aged. The caller bounds an
+entry's life further: for a listed name, by the learnt dynamic-set entries' remaining life
+(enforcer/dnslearn.py Learnt.held_ns), so a cached answer never names an address the datapath has
+already dropped. `clear()` on every policy change (the sets or the dns section). At most `size`
+entries; an insert into a full cache drops the oldest entry (counted as an eviction by the caller);
+expired entries go when looked up or met by the eviction.
+"""
+from __future__ import annotations
+
+import struct
+
+from .dnswire import Question, _name
+
+__all__ = ["AnswerCache", "cacheable", "MAX_LIFE_S"]
+
+MAX_LIFE_S = 86400                    # an answer is never cached for longer than a day
+_RR = struct.Struct("!HHIH")
+_TTL = struct.Struct("!I")
+NOERROR, NXDOMAIN, SOA, OPT = 0, 3, 6, 41
+
+
+def cacheable(data: bytes, q: Question) -> tuple[int, tuple[int, ...]] | None:
+    """(life in s, offsets of the TTLs to age) for an answer to `q`, or None when it must not be cached."""
+    if len(data) < q.end or data[2] & 0x02:              # truncated: the client will ask over TCP
+        return None
+    rcode = data[3] & 0xF
+    if rcode not in (NOERROR, NXDOMAIN):
+        return None
+    try:
+        an, ns, ar = struct.unpack_from("!HHH", data, 6)
+        pos, offs, life, neg = q.end, [], MAX_LIFE_S, None
+        for i in range(an + ns + ar):
+            pos = _name(data, pos)[1]
+            rtype, _, ttl, rdlen = _RR.unpack_from(data, pos)
+            end = pos + 10 + rdlen
+            if end > len(data):
+                return None
+            if rtype != OPT:
+                offs.append(pos + 4)
+                life = min(life, ttl)
+                if rtype == SOA and an <= i < an + ns and rdlen >= 22:
+                    neg = min(ttl, _TTL.unpack_from(data, end - 4)[0])
+            pos = end
+    except (ValueError, struct.error, IndexError):
+        return None
+    if pos != len(data):
+        return None
+    if rcode == NXDOMAIN or an == 0:
+        if neg is None:
+            return None
+        life = min(life, neg)
+    return (life, tuple(offs)) if life > 0 else None
+
+
+class AnswerCache:
+    """key -> (answer, TTL offsets, TTLs as stored, stored_ns, expires_ns); insertion order = age."""
+
+    def __init__(self) -> None:
+        self.entries: dict[bytes, tuple[bytes, tuple[int, ...], tuple[int, ...], int, int]] = {}
+
+    def get(self, key: bytes, qid: bytes, now: int) -> bytes | None:
+        """The cached answer with ID `qid` (2 bytes) and aged TTLs, or None (expired entries are dropped)."""
+        e = self.entries.get(key)
+        if e is None:
+            return None
+        answer, offs, ttls, stored, expires = e
+        if now >= expires:
+            del self.entries[key]
+            return None
+        out = bytearray(answer)
+        out[0:2] = qid
+        age = (now - stored) // 1_000_000_000
+        if age:
+            for off, ttl in zip(offs, ttls):
+                _TTL.pack_into(out, off, max(0, ttl - age))
+        return bytes(out)
+
+    def put(self, key: bytes, answer: bytes, offs: tuple[int, ...], now: int, expires: int, size: int) -> int:
+        """Store an answer until `expires`; returns how many live entries were evicted for room."""
+        evicted = 0
+        ents = self.entries
+        ents.pop(key, None)
+        while len(ents) >= size and ents:
+            old = next(iter(ents))
+            evicted += ents.pop(old)[4] > now
+        ents[key] = (answer, offs, tuple(_TTL.unpack_from(answer, o)[0] for o in offs), now, expires)
+        return evicted
+
+    def clear(self) -> None:
+        self.entries.clear()
+
+    def __len__(self) -> int:
+        return len(self.entries)
