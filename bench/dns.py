@@ -13,11 +13,15 @@ address into the dynamic set before relaying it) and half unlisted (`uN.other.be
 bytes), A records, shuffled; dnsperf loops over them.
 
 Metrics (runs of the two targets interleaved; the median over rounds):
-- qps_direct, qps_proxy: queries/s completed at full load (dnsperf -c 4 clients, -q 200 outstanding)
-- latency_p50/p99_{direct,proxy}_ms: per-query latencies (dnsperf -v) at 1000 queries/s offered (-Q 1000)
-- added_latency_p50/p99_ms: proxy minus direct at 1000 q/s
-- ratio_qps_proxy_over_direct; lost_* (queries dnsperf counted lost); proxy_cpu_us_per_query (the run
-  process's CPU time over the queries it answered at full load).
+- qps_direct, qps_proxy: queries/s completed at full load (dnsperf -c 4 clients, -q 200 outstanding);
+  qps_proxy is the proxy as deployed (answer cache on, dns.cache_size 10000), qps_proxy_uncached the same
+  proxy with `cache_size: 0` (applied as a policy swap between its runs): every query goes upstream
+- latency_p50/p99_{direct,proxy,proxy_uncached}_ms: per-query latencies (dnsperf -v) at 1000 queries/s
+  offered (-Q 1000); added_latency_p50/p99_ms: proxy minus direct at 1000 q/s (cache on), and
+  added_latency_p99_uncached_ms
+- ratio_qps_proxy_over_direct (cache on), ratio_qps_proxy_uncached_over_direct; cache_hit_ratio (hits over
+  cacheable queries, whole run); lost_* (queries dnsperf counted lost); proxy_cpu_us_per_query and
+  proxy_uncached_cpu_us_per_query (the run process's CPU time over the queries it answered at full load).
 """
 from __future__ import annotations
 
@@ -36,7 +40,8 @@ TARGETS = {
 }
 NOTES = """\
 qps = dnsperf's completed queries/s at full load (4 clients, 200 outstanding), proxy vs the same upstream
-asked directly; latency = per-query latencies (dnsperf -v) at 1000 q/s offered. Half the names are listed by
+asked directly; the goal is judged on the proxy as deployed (answer cache on; 2000 names looped, so mostly
+hits: see cache_hit_ratio); qps_proxy_uncached is the same proxy with cache_size 0; latency = per-query latencies (dnsperf -v) at 1000 q/s offered. Half the names are listed by
 an fqdns rule: their answers are parsed and their addresses entered into the dynamic set before relaying."""
 
 UPSTREAM = "10.66.3.2"
@@ -50,8 +55,9 @@ rules:
      ports: [53]}}
   - {{name: cdn, priority: 10, direction: egress, action: allow, protocol: tcp, ports: [443],
      fqdns: ["*.cdn.bench.test"]}}
-dns: {{listen: ["127.0.0.1:53"], upstreams: ["{UPSTREAM}:53"], min_ttl: 5s, max_ttl: 1h}}
+dns: {{listen: ["127.0.0.1:53"], upstreams: ["{UPSTREAM}:53"], min_ttl: 5s, max_ttl: 1h, cache_size: CACHE}}
 """
+CACHE_SIZE = 10000                      # the default (enforcer/dnspolicy.py): holds all 2000 names
 _QPS = re.compile(r"Queries per second:\s+([0-9.]+)")
 _LOST = re.compile(r"Queries lost:\s+([0-9]+)")
 _DONE = re.compile(r"Queries completed:\s+([0-9]+)")
@@ -109,45 +115,55 @@ def run(quick: bool) -> dict[str, float]:
     from hostwall.lab.enforcer_proc import EnforcerProcess
     from hostwall.lab.netns import Lab
     secs, rounds = (4.0, 1) if quick else (10.0, 3)
-    runs: dict[str, list[dict]] = {k: [] for k in ("direct_max", "proxy_max", "direct_1k", "proxy_1k")}
-    cpu_per_q = []
+    kinds = ("direct", "proxy", "proxy_uncached")
+    runs: dict[str, list[dict]] = {f"{k}_{m}": [] for k in kinds for m in ("max", "1k")}
+    cpu_per_q: dict[str, list[float]] = {"proxy": [], "proxy_uncached": []}
     with P.tempdir("hostwall-bench-dns-") as d, Lab(direct=True) as lab:
         zone = [Wildcard("cdn.bench.test", LISTED_ADDR), Wildcard("other.bench.test", OTHER_ADDR)]
         data = d / "queries.txt"
         _queries(data)
-        (d / "policy.yaml").write_text(POLICY)
+        pol = {"proxy": d / "policy.yaml", "proxy_uncached": d / "policy-uncached.yaml"}
+        pol["proxy"].write_text(POLICY.replace("CACHE", str(CACHE_SIZE)))
+        pol["proxy_uncached"].write_text(POLICY.replace("CACHE", "0"))
         with DnsServer(lab, "att", zone, addr=UPSTREAM, local_ttl=300), \
-                EnforcerProcess(lab, d / "policy.yaml") as enf:
+                EnforcerProcess(lab, pol["proxy"]) as enf:
             for name in ("h0.cdn.bench.test", "u0.other.bench.test"):       # warm both paths once
                 query(lab, "prot", "127.0.0.1", name, timeout=5)
             tick = os.sysconf("SC_CLK_TCK")
             for r in range(rounds):
-                for target, server in (("direct", UPSTREAM), ("proxy", "127.0.0.1")):
-                    c0 = _cpu_ticks(enf.proc.pid)
-                    got = _dnsperf(lab, server, data, secs)
-                    if target == "proxy":
-                        cpu_per_q.append((_cpu_ticks(enf.proc.pid) - c0) / tick * 1e6 / max(1, got["completed"]))
-                    runs[f"{target}_max"].append(got)
-                    _log(f"round {r + 1}: {target} full load {got['qps']:.0f} q/s, lost {got['lost']}")
-                for target, server in (("direct", UPSTREAM), ("proxy", "127.0.0.1")):
-                    got = _dnsperf(lab, server, data, secs, qps=1000, verbose=True)
-                    runs[f"{target}_1k"].append(got)
-                    _log(f"round {r + 1}: {target} at 1000 q/s: p50 {got['p50_ms']:.3f} ms, p99 {got['p99_ms']:.3f} ms")
+                for mode in ("max", "1k"):
+                    for target in kinds:
+                        server = UPSTREAM if target == "direct" else "127.0.0.1"
+                        if target != "direct":
+                            enf.apply(pol[target])
+                        c0 = _cpu_ticks(enf.proc.pid)
+                        got = (_dnsperf(lab, server, data, secs) if mode == "max"
+                               else _dnsperf(lab, server, data, secs, qps=1000, verbose=True))
+                        runs[f"{target}_{mode}"].append(got)
+                        if mode == "max" and target != "direct":
+                            cpu_per_q[target].append((_cpu_ticks(enf.proc.pid) - c0) / tick * 1e6
+                                                     / max(1, got["completed"]))
+                        _log(f"round {r + 1}: {target} " + (f"full load {got['qps']:.0f} q/s, lost {got['lost']}"
+                             if mode == "max" else f"at 1000 q/s: p50 {got['p50_ms']:.3f} ms, p99 {got['p99_ms']:.3f} ms"))
             st = enf.status()["fqdn"]
-            _log(f"proxy counters: {st['proxy']['counters']}; learnt names {st['names_total']}")
-            learnt = st["proxy"]["counters"]["learnt"]
+            counters = st["proxy"]["counters"]
+            _log(f"proxy counters: {counters}; learnt names {st['names_total']}")
 
     def med(key: str, field: str) -> float:
         return float(statistics.median(x[field] for x in runs[key]))
 
-    m = {"qps_direct": med("direct_max", "qps"), "qps_proxy": med("proxy_max", "qps"),
-         "latency_p50_direct_ms": med("direct_1k", "p50_ms"), "latency_p99_direct_ms": med("direct_1k", "p99_ms"),
-         "latency_p50_proxy_ms": med("proxy_1k", "p50_ms"), "latency_p99_proxy_ms": med("proxy_1k", "p99_ms"),
-         "lost_direct": float(sum(x["lost"] for k in ("direct_max", "direct_1k") for x in runs[k])),
-         "lost_proxy": float(sum(x["lost"] for k in ("proxy_max", "proxy_1k") for x in runs[k])),
-         "proxy_cpu_us_per_query": float(statistics.median(cpu_per_q)), "learnt_addresses": float(learnt),
-         "rounds": float(rounds), "seconds_per_run": secs}
+    m = {f"qps_{k}": med(f"{k}_max", "qps") for k in kinds}
+    for k in kinds:
+        m[f"latency_p50_{k}_ms"] = med(f"{k}_1k", "p50_ms")
+        m[f"latency_p99_{k}_ms"] = med(f"{k}_1k", "p99_ms")
+        m[f"lost_{k}"] = float(sum(x["lost"] for mode in ("max", "1k") for x in runs[f"{k}_{mode}"]))
+    for k in ("proxy", "proxy_uncached"):
+        m[f"{k}_cpu_us_per_query"] = float(statistics.median(cpu_per_q[k]))
+    m.update({"learnt_addresses": float(counters["learnt"]), "rounds": float(rounds), "seconds_per_run": secs,
+              "cache_hit_ratio": counters["cache_hits"] / max(1, counters["cache_hits"] + counters["cache_misses"])})
     m["ratio_qps_proxy_over_direct"] = m["qps_proxy"] / m["qps_direct"]
+    m["ratio_qps_proxy_uncached_over_direct"] = m["qps_proxy_uncached"] / m["qps_direct"]
     m["added_latency_p50_ms"] = m["latency_p50_proxy_ms"] - m["latency_p50_direct_ms"]
     m["added_latency_p99_ms"] = m["latency_p99_proxy_ms"] - m["latency_p99_direct_ms"]
+    m["added_latency_p99_uncached_ms"] = m["latency_p99_proxy_uncached_ms"] - m["latency_p99_direct_ms"]
     return dict(sorted(m.items()))

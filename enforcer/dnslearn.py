@@ -72,11 +72,16 @@ class Learner:
         self.mirror.clear()
         return True
 
+    def current(self) -> int:
+        """The config's generation, re-checked at most every LISTED_RECHECK_S."""
+        if time.monotonic() - self._checked >= LISTED_RECHECK_S:
+            self.refresh()
+        return self.generation
+
     def listed(self, name: str) -> set[int]:
         """Sets whose patterns match `name` (empty: no rule lists it); the config as of at most
         LISTED_RECHECK_S ago (learn() checks it afresh)."""
-        if time.monotonic() - self._checked >= LISTED_RECHECK_S:
-            self.refresh()
+        self.current()
         return self.cfg.listed(name)
 
     def learn(self, name: str, ips: list[str], ttl: int, now: int | None = None) -> Learnt:

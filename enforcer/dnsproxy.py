@@ -96,7 +96,7 @@ class DnsProxy:
         self.inflight = 0
         self.pool = UdpPool(self.maker, self._stray)
         self.cache = AnswerCache()
-        self._gen = learner.generation
+        self._gen = 0                                  # the learner generation the cache holds answers of
 
     # ---- listeners ----------------------------------------------------------------------------------
     def _bind(self, ep: tuple[str, int], kind: int) -> socket.socket:
@@ -181,16 +181,31 @@ class DnsProxy:
 
     # ---- queries ------------------------------------------------------------------------------------
     def on_query(self, data: bytes, client, server, reply, transport: str) -> None:
-        """Parse, then answer at once what needs no upstream (REFUSED, a cache hit); else a task asks."""
+        """Answer at once what needs no upstream (a cache hit, before any parsing; REFUSED); else a task
+        asks the upstreams."""
         st = self.stats
         st[S["queries_udp" if transport == "udp" else "queries_tcp"]] += 1
+        t0 = time.perf_counter_ns()
+        learner = self.learner
+        dns = learner.cfg.dns
+        key = None
+        if dns is not None and dns.cache_size:
+            if learner.current() != self._gen:         # a policy change: the sets or dns section moved
+                self.cache.clear()
+                self._gen = learner.generation
+            key = (b"t" if transport == "tcp" else b"u") + data[2:]
+            hit = self.cache.get(key, data[:2], now_ns())
+            if hit is not None:                        # the same bytes as a query answered under this policy
+                st[S["cache_hits"]] += 1
+                st[S["listed"]] += hit[1]
+                reply(hit[0])
+                self._latency(t0)
+                return
         try:
             q = parse_query(data)
         except ValueError:
             st[S["malformed_query"]] += 1
             return
-        t0 = time.perf_counter_ns()
-        learner = self.learner
         sets = learner.listed(q.name)
         dns = learner.cfg.dns
         if dns is None:
@@ -205,19 +220,10 @@ class DnsProxy:
                 reply(resp)
             self._latency(t0)
             return
-        key = None
-        if dns.cache_size:
-            if learner.generation != self._gen:          # a policy change: the sets or dns section moved
-                self.cache.clear()
-                self._gen = learner.generation
-            key = (b"t" if transport == "tcp" else b"u") + data[2:]
-            hit = self.cache.get(key, data[:2], now_ns())
-            if hit is not None:
-                st[S["cache_hits"]] += 1
-                reply(hit)
-                self._latency(t0)
-                return
+        if key is not None and dns.cache_size:
             st[S["cache_misses"]] += 1
+        else:
+            key = None
         if self.inflight >= MAX_INFLIGHT:
             st[S["overload"]] += 1
             return
@@ -262,12 +268,12 @@ class DnsProxy:
             st[S["answered"]] += 1
             resp = q.id.to_bytes(2, "big") + answer[2:]
             if key is not None and gen == self.learner.generation == self._gen:
-                self._store(key, answer, q, held, dns.cache_size)
+                self._store(key, answer, q, held, dns.cache_size, listed)
         if resp is not None:
             reply(resp)
         self._latency(t0)
 
-    def _store(self, key: bytes, answer: bytes, q: Question, held: int | None, size: int) -> None:
+    def _store(self, key: bytes, answer: bytes, q: Question, held: int | None, size: int, listed: bool) -> None:
         """Cache an answer for min(its TTLs, `held`: the learnt set entries' end) when cacheable."""
         c = cacheable(answer, q)
         if c is None:
@@ -277,7 +283,7 @@ class DnsProxy:
         if held is not None:
             exp = min(exp, held)
         if exp > now:
-            self.stats[S["cache_evictions"]] += self.cache.put(key, answer, c[1], now, exp, size)
+            self.stats[S["cache_evictions"]] += self.cache.put(key, answer, c[1], now, exp, size, listed)
 
     async def _ask(self, data: bytes, q: Question, transport: str, learn: bool, dns: DnsConf):
         """((answer, (addresses, ttl) or None), "") from the first upstream that answers, or (None, why)."""
