@@ -22,7 +22,12 @@ DNS_SPEC: dict[str, tuple[str, str, tuple[str, ...], str, str]] = {
     "hostwall_dns_listed_queries": ("counter", "{query}", (), "Queries for a name some fqdns rule lists",
                                     "hw_dns_stats"),
     "hostwall_dns_answers": ("counter", "{answer}", ("result",), "Answers the DNS proxy gave: relayed (from an "
-                             "upstream), refused (refuse_unlisted), servfail (no upstream answered)", "hw_dns_stats"),
+                             "upstream), cached (from its answer cache), refused (refuse_unlisted), servfail (no "
+                             "upstream answered)", "hw_dns_stats"),
+    "hostwall_dns_cache_lookups": ("counter", "{lookup}", ("result",), "Answer cache lookups of queries the proxy "
+                                   "could cache: hit, miss (asked upstream)", "hw_dns_stats"),
+    "hostwall_dns_cache_evictions": ("counter", "{entry}", (), "Live answer cache entries dropped for room",
+                                     "hw_dns_stats"),
     "hostwall_dns_upstream_failures": ("counter", "{failure}", ("reason",), "Upstream queries that failed: timeout, "
                                        "error (refused, network error, closed connection)", "hw_dns_stats"),
     "hostwall_dns_dropped_messages": ("counter", "{message}", ("reason",), "Messages the proxy dropped: "
@@ -58,8 +63,11 @@ def dns_families(dp, family: Callable[[str], object]) -> list:
     fams["hostwall_dns_queries"].add(("udp",), s[i["queries_udp"]])
     fams["hostwall_dns_queries"].add(("tcp",), s[i["queries_tcp"]])
     fams["hostwall_dns_listed_queries"].add((), s[i["listed"]])
-    for lv, k in (("relayed", "answered"), ("refused", "refused"), ("servfail", "servfail")):
+    for lv, k in (("relayed", "answered"), ("cached", "cache_hits"), ("refused", "refused"), ("servfail", "servfail")):
         fams["hostwall_dns_answers"].add((lv,), s[i[k]])
+    fams["hostwall_dns_cache_lookups"].add(("hit",), s[i["cache_hits"]])
+    fams["hostwall_dns_cache_lookups"].add(("miss",), s[i["cache_misses"]])
+    fams["hostwall_dns_cache_evictions"].add((), s[i["cache_evictions"]])
     fams["hostwall_dns_upstream_failures"].add(("timeout",), s[i["upstream_timeout"]])
     fams["hostwall_dns_upstream_failures"].add(("error",), s[i["upstream_error"]])
     for k in ("malformed_query", "malformed_answer", "mismatched", "overload"):

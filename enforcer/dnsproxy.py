@@ -14,12 +14,15 @@ lookup is judged by the rule (enforcer/dnslearn.py).
 - An upstream that fails (timeout, refused, network error) is counted and the next one is tried; when
   none answers, the client gets SERVFAIL and a record is written (enforcer/dnsrecords.py).
 - `refuse_unlisted`: a name no rule lists is answered REFUSED (and recorded), never forwarded.
+- An answer cache (enforcer/dnscache.py, `dns.cache_size`): looked up before the query is parsed; a
+  listed name's entry lives no longer than its learnt set entries (Learnt.held_ns); emptied on every
+  policy change (Learner.generation).
 - Counters in hw_dns_stats (bpf/hostwall.h enum hw_dns_stat): queries, answers, failures, latency
   histogram; `status` and the collector's metrics read them.
 
 Bounded: at most MAX_INFLIGHT queries in flight (more are dropped, counted `overload`); at most one
-upstream socket per query in flight beyond the pool. Cost of a relayed query: ~60 µs of CPU in CPython
-(uvloop, the kernel's work on four datagrams included), plus ~15 µs per learnt address.
+upstream socket per query in flight beyond the pool. CPU per query (uvloop, the kernel's work on the
+datagrams included; docs/benchmarks.md `dns`): a cache hit ~18 µs, a relayed query ~65-100 µs.
 """
 from __future__ import annotations
 
@@ -60,6 +63,14 @@ S = {name: i for i, name in L.DNS_STAT_NAMES.items()}
 LAT0, LAT_BUCKETS = L.C["HW_DNS_LAT0"], L.C["HW_DNS_LAT_BUCKETS"]
 
 
+def _counters(stats):
+    """hw_dns_stats (a numpy view of the mmap) as a memoryview of u64: an increment costs half of a numpy
+    element's (~0.5 µs; a cache hit makes five). Same memory: readers see every increment."""
+    if stats is None:
+        return None
+    return memoryview(stats).cast("B").cast("Q")
+
+
 def endpoint_text(ep: tuple[str, int]) -> str:
     return f"[{ep[0]}]:{ep[1]}" if ":" in ep[0] else f"{ep[0]}:{ep[1]}"
 
@@ -87,7 +98,7 @@ class DnsProxy:
     """The proxy of one instance. `learner` owns the dynamic sets; `stats` is hw_dns_stats (mmap view)."""
 
     def __init__(self, learner: Learner, records: DnsRecordLog, stats, maker: SocketMaker | None = None):
-        self.learner, self.records, self.stats = learner, records, stats
+        self.learner, self.records, self.stats = learner, records, _counters(stats)
         self.maker = maker or SocketMaker()
         self.listen: tuple[tuple[str, int], ...] = ()
         self._udp: list = []
