@@ -198,12 +198,11 @@ class DnsProxy:
         st[S["queries_udp" if transport == "udp" else "queries_tcp"]] += 1
         t0 = time.perf_counter_ns()
         learner = self.learner
+        if learner.current() != self._gen:
+            self._policy_changed()
         dns = learner.cfg.dns
         key = None
         if dns is not None and dns.cache_size:
-            if learner.current() != self._gen:         # a policy change: the sets or dns section moved
-                self.cache.clear()
-                self._gen = learner.generation
             key = (b"t" if transport == "tcp" else b"u") + data[2:]
             hit = self.cache.get(key, data[:2], now_ns())
             if hit is not None:                        # the same bytes as a query answered under this policy
@@ -243,6 +242,14 @@ class DnsProxy:
             self._serve(data, q, client, server, reply, transport, bool(sets), dns, key, t0))
         self._tasks.add(t)
         t.add_done_callback(self._done)
+
+    def _policy_changed(self) -> None:
+        """The sets or the dns section moved: cached answers go, and so do the idle sockets of upstreams
+        no longer configured."""
+        self.cache.clear()
+        self._gen = self.learner.generation
+        dns = self.learner.cfg.dns
+        self.pool.close(keep=dns.upstreams if dns is not None else ())
 
     def _done(self, t: asyncio.Task) -> None:
         self._tasks.discard(t)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 from .netsock import SocketMaker
 
@@ -118,13 +118,15 @@ class UdpPool:
         finally:
             sk.waiter = None
             sk.uses += 1
-            if ok and sk.uses < MAX_USES and len(self.idle[up]) < POOL_SIZE:
-                self.idle[up].append(sk)
+            idle = self.idle.get(up)
+            if ok and sk.uses < MAX_USES and idle is not None and len(idle) < POOL_SIZE:
+                idle.append(sk)
             else:
                 self._drop(up, sk)
 
-    def close(self) -> None:
-        for up, idle in self.idle.items():
-            for sk in idle:
+    def close(self, keep: Collection[tuple[str, int]] = ()) -> None:
+        """Close the idle sockets of every upstream not in `keep` (busy ones close when their query ends:
+        the pool no longer takes them back)."""
+        for up in [u for u in self.idle if u not in keep]:
+            for sk in self.idle.pop(up):
                 self._drop(up, sk)
-        self.idle.clear()

@@ -17,7 +17,7 @@ from hostwall.enforcer import dnslearn, dnsproxy, dnsupstream, fqdnsets
 from hostwall.enforcer.dnscache import cacheable
 from hostwall.enforcer.dnswire import parse_query
 
-from .test_dns_proxy import NOW, S, _proxy, answer, ask, run
+from .test_dns_proxy import NOW, S, Upstream, _proxy, answer, ask, run
 
 
 @pytest.fixture
@@ -216,3 +216,33 @@ def test_upstream_sockets_come_from_a_bounded_pool_picked_at_random(env, monkeyp
     assert len(ports) == 40 and len(set(ports[:4])) == 4, "the pool fills with fresh sockets first"
     assert pool.opened <= 4 + 40 // dnsupstream.MAX_USES, "then idle sockets are reused"
     assert len(set(ports[4:])) >= 3, "a random idle socket per query, not always the same one"
+
+
+def test_a_policy_change_closes_the_idle_sockets_of_dropped_upstreams(env, monkeypatch):
+    monkeypatch.setattr(dnslearn, "LISTED_RECHECK_S", 0.0)
+
+    def handler(q, raw, peer):
+        return [answer(q, ("other.example.test", 60, "A", ["10.66.2.11"]))]
+
+    async def go():
+        up, proxy, fm, port = await _proxy(env, handler)
+        up2 = Upstream(handler)
+        await up2.serve()
+        try:
+            old, new = ("127.0.0.1", up.port), ("127.0.0.1", up2.port)
+            for _ in range(3):
+                await ask(port, "other.example.test")
+            idle_before = len(proxy.pool.idle[old])
+            conf = proxy.learner.cfg.dns
+            fqdnsets.publish("/pins/t", {1: ("mirror.example.test",)}, type(conf)(
+                listen=conf.listen, upstreams=(new,), cache_size=0), "r2")
+            await ask(port, "other.example.test")
+            return idle_before, old in proxy.pool.idle, proxy.pool.open[old], proxy.pool.open[new], len(up2.seen)
+        finally:
+            await proxy.close()
+            up.close()
+            up2.close()
+
+    idle_before, old_idle, old_open, new_open, asked_new = run(go())
+    assert idle_before >= 1 and not old_idle and old_open == 0, "the old upstream's sockets closed"
+    assert asked_new == 1 and new_open == 1
