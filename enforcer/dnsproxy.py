@@ -239,7 +239,7 @@ class DnsProxy:
             return
         self.inflight += 1
         t = asyncio.get_running_loop().create_task(
-            self._serve(data, q, client, server, reply, transport, bool(sets), dns, key, t0))
+            self._serve(data, q, client, server, reply, transport, bool(sets), dns, key, learner.generation, t0))
         self._tasks.add(t)
         t.add_done_callback(self._done)
 
@@ -263,9 +263,10 @@ class DnsProxy:
         self.stats[LAT0 + min(LAT_BUCKETS - 1, ((us - 1) // 125).bit_length() if us else 0)] += 1
 
     async def _serve(self, data: bytes, q: Question, client, server, reply, transport: str, listed: bool,
-                     dns: DnsConf, key: bytes | None, t0: int) -> None:
+                     dns: DnsConf, key: bytes | None, gen: int, t0: int) -> None:
+        """Ask, learn, relay; cache the answer only when the policy it was judged under (`gen`: the
+        config that `listed` and `dns` came from) is still the one the cache holds."""
         st = self.stats
-        gen = self.learner.generation
         learn = listed and q.qtype in (1, 28)
         got, err = await self._ask(data, q, transport, learn, dns)
         if got is None:
