@@ -104,10 +104,11 @@ def truncated(data: bytes) -> bool:
 
 def _name(data: bytes, pos: int) -> tuple[bytes, int]:
     """(lowercased wire name without compression, offset after it) of a name at `pos`; ValueError when
-    it runs past the end, loops or exceeds 255 bytes."""
+    it runs past the end, a pointer points forward (or loops) or it exceeds 255 bytes."""
     out = bytearray()
     end = -1
     jumps = 0
+    limit = pos                                          # the name's start, then the last pointer's target
     while True:
         if pos >= len(data):
             raise ValueError("name runs past the end")
@@ -117,7 +118,10 @@ def _name(data: bytes, pos: int) -> tuple[bytes, int]:
                 raise ValueError("bad compression pointer")
             if end < 0:
                 end = pos + 2
-            pos = ((ln & 0x3F) << 8) | data[pos + 1]
+            target = ((ln & 0x3F) << 8) | data[pos + 1]
+            if target >= limit:                          # as dnspython: each pointer before the last one
+                raise ValueError("compression pointer points forward")
+            pos = limit = target
             jumps += 1
             continue
         if ln & 0xC0:
