@@ -105,9 +105,10 @@ def test_fqdns_without_dns_section():
 
 def test_dns_section_schema_errors():
     got = issues("version: 1\nname: x\ndns: {listen: [], max_ips_per_name: 0, refuse_unlisted: maybe, "
-                 "extra: 1}\n")
+                 "extra: 1, cache_size: -1}\n")
     joined = "\n".join(got)
-    for path in ("dns.upstreams", "dns.listen", "dns.max_ips_per_name", "dns.refuse_unlisted", "dns.extra"):
+    for path in ("dns.upstreams", "dns.listen", "dns.max_ips_per_name", "dns.refuse_unlisted", "dns.extra",
+                 "dns.cache_size"):
         assert f": {path}:" in joined, (path, got)
 
 
@@ -121,8 +122,11 @@ def test_policy_model_and_defaults():
                  "fqdns": ["B.example.com", "a.example.com", "b.example.com."]}])
     assert p.rules[0].fqdns == ("a.example.com", "b.example.com")
     d = p.dns
-    assert (d.listen, d.min_ttl_s, d.max_ttl_s, d.max_ips_per_name, d.refuse_unlisted) == \
-        ((("127.0.0.1", 53),), 5.0, 3600.0, 256, False)
+    assert (d.listen, d.min_ttl_s, d.max_ttl_s, d.max_ips_per_name, d.refuse_unlisted, d.cache_size) == \
+        ((("127.0.0.1", 53),), 5.0, 3600.0, 256, False, 10000)
+    off = policy([{"name": "m", "priority": 1, "direction": "egress", "action": "allow", "fqdns": ["a.example.com"]}],
+                 dns={"upstreams": ["10.0.0.53"], "cache_size": 0}).dns
+    assert off.cache_size == 0 and type(off).from_dict(off.as_dict()) == off
 
 
 def test_compiler_fqdn_tables():
