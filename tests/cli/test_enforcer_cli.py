@@ -209,7 +209,7 @@ def _sighup(p, q, old, new):
             m = re.search(r"(\d+) records written, (\d+) tables known", line)
             assert m, line
             return int(m.group(1)), int(m.group(2))
-    raise AssertionError(f"no '{want}' from the runner; stderr so far: {p.poll()}")
+    raise AssertionError(f"no '{want}' from the runner (exit code {p.poll()})")
 
 
 def _verdict(inst, port, sport):
