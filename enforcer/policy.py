@@ -60,7 +60,7 @@ def _frozen(a: Any, dtype: type) -> np.ndarray:
     if (isinstance(a, np.ndarray) and a.dtype == dtype and a.ndim == 1 and not a.flags.writeable
             and a.base is None):
         return a
-    out = np.array(a, dtype=dtype)
+    out: np.ndarray = np.array(a, dtype=dtype)
     if out.ndim != 1:
         out = out.reshape(-1).copy()
     out.setflags(write=False)
