@@ -237,6 +237,7 @@ def test_sighup_reload_keeps_its_datapath_and_is_incremental(inst):
     _sighup(p, q, "r1", "r2")                        # both halves now hold the same rules
     Path(pol).write_text(POLICY.format(rev="r3").replace("ports: [22]", "ports: [2222]"))
     written, known = _sighup(p, q, "r2", "r3")
+    print(f"one-rule reload: {written} records written, {known} tables known")
     assert known >= 1, "no table was known: the reload did not reuse the runner's Datapath"
     assert 1 <= written <= 8, written                 # header, the rule, its L4 entries: not the tables
     assert _verdict(inst, 2222, 40001) == ("allow", "pass_rule")
