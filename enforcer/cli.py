@@ -115,7 +115,8 @@ def cmd_apply(a) -> int:
     r = control.apply(p, a.pin_dir)
     total = time.perf_counter() - t
     print(f"revision {r.old_revision or '(none)'} → {r.new_revision}: {r.rules} rules, {r.prefixes} prefixes; "
-          f"switch {r.switch_ms:.3f} ms, apply {total:.3f} s (compile {r.compile_s:.3f} s)")
+          f"switch {r.switch_ms:.3f} ms, apply {total:.3f} s (compile {r.compile_s:.3f} s), "
+          f"{r.written_records} records written")
     return EXIT_OK
 
 

@@ -50,19 +50,24 @@ class CompiledPolicy:
 # ---- fields -------------------------------------------------------------------------------------
 
 def _v4_classes(rules: tuple[Rule, ...]) -> Classes:
-    own, start, end, any_rules = [], [], [], []
+    """The rules' IPv4 prefixes gathered in rule order, then converted in one vectorised pass (not
+    three small NumPy operations per rule: ~40 ms for the max policy's 3000 rules with inline peers)."""
+    nets, lens, orders, counts, any_rules = [], [], [], [], []
     for order, rule in enumerate(rules):
         if rule.fqdns is not None:                # in no peer class: the dynamic set decides (fqdn tables)
             continue
         ps = rule.peers
         if ps.any:
             any_rules.append(order)
-        elif len(ps.v4_net):
-            net = ps.v4_net.astype(np.uint64)
-            own.append(np.full(len(net), order, dtype=np.int64))
-            start.append(net)
-            end.append(net + np.left_shift(np.uint64(1), np.uint64(32) - ps.v4_len.astype(np.uint64)))
-    return classify(len(rules), _cat(own, np.int64), _cat(start, np.uint64), _cat(end, np.uint64), any_rules, 1 << 32)
+        elif n := len(ps.v4_net):
+            nets.append(ps.v4_net)
+            lens.append(ps.v4_len)
+            orders.append(order)
+            counts.append(n)
+    own = np.repeat(np.asarray(orders, dtype=np.int64), counts)
+    start = _cat(nets, np.uint32).astype(np.uint64)
+    end = start + np.left_shift(np.uint64(1), np.uint64(32) - _cat(lens, np.uint8).astype(np.uint64))
+    return classify(len(rules), own, start, end, any_rules, 1 << 32)
 
 
 def _v6_classes(rules: tuple[Rule, ...]) -> Classes:

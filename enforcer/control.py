@@ -41,6 +41,8 @@ class ApplyResult:
     switch_ms: float
     barrier_ms: float
     fqdn_filled: int = 0         # learnt addresses entered into the policy's new dynamic sets
+    written_records: int = 0     # policy records rewritten in the standby half (what differed)
+    known_tables: int = 0        # policy tables not even compared: this Datapath object wrote them there
 
 
 @dataclass(frozen=True)
@@ -109,7 +111,8 @@ def apply_policy(dp: Datapath, st: InstanceState, policy: Policy,
     st.tables = cp.describe()
     st.record_change(old_rev, policy.revision, old_rules, len(policy.rules), st.policy_path, timing.switch_s * 1e3)
     return ApplyResult(old_rev, policy.revision, len(policy.rules), policy.prefix_count, t1 - t0, t2 - t1,
-                       timing.switch_s * 1e3, timing.barrier_s * 1e3, filled)
+                       timing.switch_s * 1e3, timing.barrier_s * 1e3, filled, sum(timing.written.values()),
+                       len(timing.known))
 
 
 def _install_with_sets(dp: Datapath, st: InstanceState, policy: Policy, cp, sets: dict[str, int],
@@ -231,19 +234,27 @@ def _start(policy: Policy, pin_dir: str, interfaces: list[InterfaceConf], netns:
     return dp, st, StartResult(adopted, migrated, attached, res)
 
 
-def apply(policy: Policy, pin_dir: str) -> ApplyResult:
-    """Atomic swap on a running instance, one writer at a time (state.policy_writer)."""
+def apply(policy: Policy, pin_dir: str, dp: Datapath | None = None) -> ApplyResult:
+    """Atomic swap on a running instance, one writer at a time (state.policy_writer).
+
+    `dp`: the caller's long-lived Datapath of that instance (the runner's, on SIGHUP), kept open, so its
+    same-object shortcuts apply (docs/datapath.md "Atomic swaps"): tables it wrote into the standby half
+    itself are not compared, the grace period ran after its last flip. Its check of the active gen and
+    revision id sees another process's apply meanwhile, and then it compares every table. Without
+    `dp`, a Datapath is opened for this one apply (the CLI's `apply`)."""
     with policy_writer(pin_dir):
         st = InstanceState.load(pin_dir)
         if st is None or not Datapath.is_pinned(pin_dir):
             raise ControlError(f"no running instance at {pin_dir}; start one with `hostwall-enforcer run`")
-        dp = Datapath.open(pin_dir)
+        own = dp is None
+        use = Datapath.open(pin_dir) if dp is None else dp
         try:
-            res = apply_policy(dp, st, policy)
+            res = apply_policy(use, st, policy)
             st.save()
             return res
         finally:
-            dp.close()
+            if own:
+                use.close()
 
 
 def detach(pin_dir: str) -> list[str]:

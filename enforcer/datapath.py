@@ -46,6 +46,7 @@ class SwapTiming:
     old_gen: int
     new_gen: int
     written: dict[str, int] = field(default_factory=dict)   # records rewritten per policy map
+    known: tuple[str, ...] = ()   # tables not compared: the very arrays this object wrote into that half
 
 
 class Datapath(Instance):
@@ -55,6 +56,7 @@ class Datapath(Instance):
     _grace_pool: ThreadPoolExecutor | None = None
     _grace_barrier: bpfsys.RcuBarrier
     _installs = 0                        # one-shot objects (`apply` from the CLI) start no worker
+    _flipped: tuple[int, int] | None = None   # (gen, revision_id) of this object's last flip
     # per half, the header and the read-only arrays (compiler memo) this object last wrote there: the
     # arrays are not compared again while the half still holds that header
     _held: list[tuple[bytes, dict]]
@@ -140,10 +142,11 @@ class Datapath(Instance):
                  "hw_dos_profiles": cp.dos_profiles, "hw_dos_ifs": cp.dos_ifs}
         if cp.fqdn_rules is not None:
             parts.update(hw_fqdn_rules=cp.fqdn_rules, hw_fqdn_l4=cp.fqdn_l4)
-        written = {}
+        written, known = {}, []
         for name, arr in parts.items():
             if held.get(name) is arr:        # a read-only array this object wrote there itself
                 written[name] = 0
+                known.append(name)
                 continue
             per_gen = POLICY_MAPS[name][1]
             written[name] = write_changed(self.view(name)[new * per_gen: new * per_gen + len(arr)], arr)
@@ -151,11 +154,12 @@ class Datapath(Instance):
         t2 = time.perf_counter()
         self.set_config(gen=new)           # the switch: one map update
         t3 = time.perf_counter()
+        self._flipped = (new, int(cp.hdr["revision_id"][0]))
         if self._installs:               # a second install: this object swaps again, likely soon
-            self._start_grace(new, int(cp.hdr["revision_id"][0]))
+            self._start_grace(*self._flipped)
         self._installs += 1
         return SwapTiming(barrier_s=t1 - t0, write_s=t2 - t1, switch_s=t3 - t2, old_gen=old, new_gen=new,
-                          written=written)
+                          written=written, known=tuple(known))
 
     def _standby_free(self, active: int) -> bool:
         """Return once no packet reads the standby half; True if this object's own last flip is still the
@@ -165,12 +169,13 @@ class Datapath(Instance):
         if self._barrier is None:
             self._barrier = bpfsys.RcuBarrier()
         grace, self._grace = self._grace, None
-        if grace is not None and grace[1] == (active, int(self.active_header()["revision_id"])):
+        ours = self._flipped is not None and self._flipped == (active, int(self.active_header()["revision_id"]))
+        if ours and grace is not None and grace[1] == self._flipped:
             if grace[0].exception() is not None:     # waits for it; it failed: wait one here
                 self._barrier.wait()
             return True
         self._barrier.wait()
-        return False
+        return ours
 
     def _start_grace(self, gen: int, revision_id: int) -> None:
         """One grace period on this object's worker thread, with the worker's own barrier (started once:

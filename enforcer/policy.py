@@ -54,6 +54,21 @@ ProgressFn = Callable[[int, int], None]
 
 # ---------------------------------------------------------------- model
 
+def _frozen(a: Any, dtype: type) -> np.ndarray:
+    """`a` as a read-only 1-D array of `dtype`; an array that already is one, owning its data, is kept
+    (nothing can change it, so PeerSets may share it) instead of copied again."""
+    if (isinstance(a, np.ndarray) and a.dtype == dtype and a.ndim == 1 and not a.flags.writeable
+            and a.base is None):
+        return a
+    out: np.ndarray = np.array(a, dtype=dtype)
+    if out.ndim != 1:
+        out = out.reshape(-1).copy()
+    out.setflags(write=False)
+    return out
+
+
+_EVERYTHING: PeerSet | None = None
+
 @dataclass(frozen=True, slots=True, eq=False)
 class PeerSet:
     """Prefixes of one rule, as numeric arrays (fast to compile). any=True means no peers restriction.
@@ -70,12 +85,9 @@ class PeerSet:
     _v4_mask: np.ndarray | None = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        net = np.array(self.v4_net, dtype=np.uint32).reshape(-1)
-        ln = np.array(self.v4_len, dtype=np.uint8).reshape(-1)
+        net, ln = _frozen(self.v4_net, np.uint32), _frozen(self.v4_len, np.uint8)
         if net.shape != ln.shape or len(self.v6_net) != len(self.v6_len):
             raise ValueError("PeerSet: net and len arrays differ in length")
-        net.setflags(write=False)
-        ln.setflags(write=False)
         object.__setattr__(self, "v4_net", net)
         object.__setattr__(self, "v4_len", ln)
         object.__setattr__(self, "_v4_mask", None)       # contains() computes it (the reference model)
@@ -84,8 +96,11 @@ class PeerSet:
 
     @classmethod
     def everything(cls) -> PeerSet:
-        """The unrestricted set (rule has no peers / peers_file)."""
-        return cls(True, np.empty(0, np.uint32), np.empty(0, np.uint8), [], [])
+        """The unrestricted set (rule has no peers / peers_file): one shared immutable object."""
+        global _EVERYTHING
+        if _EVERYTHING is None:
+            _EVERYTHING = cls(True, np.empty(0, np.uint32), np.empty(0, np.uint8), [], [])
+        return _EVERYTHING
 
     @classmethod
     def from_cidrs(cls, cidrs: Iterable[str]) -> PeerSet:
@@ -100,7 +115,7 @@ class PeerSet:
     @classmethod
     def _from_pairs(cls, v4: Iterable[tuple[int, int]], v6: Iterable[tuple[int, int]]) -> PeerSet:
         a4, a6 = sorted(set(v4)), sorted(set(v6))
-        return cls(False, np.array([n for n, _ in a4], np.uint32), np.array([ln for _, ln in a4], np.uint8),
+        return cls(False, _frozen([n for n, _ in a4], np.uint32), _frozen([ln for _, ln in a4], np.uint8),
                    [n for n, _ in a6], [ln for _, ln in a6])
 
     def contains(self, ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:

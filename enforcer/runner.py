@@ -110,9 +110,11 @@ async def _main(a, dp, socks, load: Callable[[str], Policy], report: Callable[[P
             await reload_ev.wait()
             reload_ev.clear()
             try:
-                r = await loop.run_in_executor(None, lambda: control.apply(load(a.policy), a.pin_dir))
+                # this process's Datapath, kept across reloads: its same-object shortcuts apply
+                r = await loop.run_in_executor(None, lambda: control.apply(load(a.policy), a.pin_dir, dp))
                 watch.profiles = tuple(control.InstanceState.load(a.pin_dir).dos_profiles)
-                _say(f"SIGHUP: revision {r.old_revision} → {r.new_revision} (switch {r.switch_ms:.3f} ms)")
+                _say(f"SIGHUP: revision {r.old_revision} → {r.new_revision} (switch {r.switch_ms:.3f} ms; "
+                     f"{r.written_records} records written, {r.known_tables} tables known)")
             except PolicyError as e:
                 report(e)
                 _say("SIGHUP: the running policy is unchanged", err=True)
