@@ -121,10 +121,11 @@ def _rule_members(words: np.ndarray, nrules: int) -> list[np.ndarray]:
     if nrules == 0:
         return []
     bits = np.unpackbits(np.ascontiguousarray(words).view(np.uint8), axis=1, bitorder="little")[:, :nrules]
-    member, rule = np.nonzero(bits)                 # sorted by member
-    order = np.argsort(rule, kind="stable")         # by rule, members ascending within
+    # rule-major: nonzero yields (rule, member) sorted by rule, members ascending within (no argsort of
+    # the millions of memberships of a max policy)
+    rule, member = np.nonzero(np.ascontiguousarray(bits.T))
     counts = np.bincount(rule, minlength=nrules)
-    return np.split(member[order].astype(np.int64), np.cumsum(counts)[:-1])
+    return np.split(member.astype(np.int64), np.cumsum(counts)[:-1])
 
 
 class Axes:
