@@ -159,13 +159,26 @@ class PolicyDiff:
 
 # ---------------------------------------------------------------- joint axes
 
-def _sorted_union(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """np.union1d of two arrays by one sort (np.unique's hashing costs ~0.5 s on two 10^5-prefix axes)."""
-    u = np.concatenate([a, b])
-    u.sort(kind="stable")
+def _sorted_unique(x: np.ndarray) -> np.ndarray:
+    """np.unique by one sort (np.unique's hashing costs ~0.2 s on a 10^5-prefix axis or block list)."""
+    u = np.sort(x)
     keep = np.ones(len(u), dtype=bool)
     keep[1:] = u[1:] != u[:-1]
     return u[keep]
+
+
+def _sorted_union(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """np.union1d(a, b)."""
+    return _sorted_unique(np.concatenate([a, b]))
+
+
+def _setdiff(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """np.setdiff1d(a, b) (sorted, unique) by sorts and a binary search."""
+    ua, ub = _sorted_unique(a), _sorted_unique(b)
+    if not len(ub):
+        return ua
+    i = np.minimum(np.searchsorted(ub, ua), len(ub) - 1)
+    return ua[ub[i] != ua]
 
 
 def _joint_peers(a: Axes, b: Axes, ga: np.ndarray, gb: np.ndarray):
@@ -302,7 +315,7 @@ def _peers_delta(old, new) -> str | None:
         add4 = np.array(sorted(sb - sa), dtype=np.int64)
         rem4 = np.array(sorted(sa - sb), dtype=np.int64)
     else:
-        add4, rem4 = np.setdiff1d(b4, a4), np.setdiff1d(a4, b4)  # sorted, unique
+        add4, rem4 = _setdiff(b4, a4), _setdiff(a4, b4)          # sorted, unique
     a6, b6 = v6(old), v6(new)
     add = v4_items(add4) + sorted(b6 - a6)
     rem = v4_items(rem4) + sorted(a6 - b6)
