@@ -236,10 +236,11 @@ def diff_tables(a: DecisionTable, b: DecisionTable, by_rule: bool = False) -> li
     ax = Axes(u4, inv[:len(ca4)], u6, inv[len(ca4):], len(uniq), l4_ivs)
     la = np.array([l4_pairs[int(t)][0] for t in ax.l4_tag], dtype=np.int64)
     lb = np.array([l4_pairs[int(t)][1] for t in ax.l4_tag], dtype=np.int64)
-    old_r, new_r = fa[np.ix_(pa, la)], fb[np.ix_(pb, lb)]
-    # verdicts per outcome group (small), then gathered like the owners
-    old_v = a.group_verdicts(fa, np.broadcast_to(dira, fa.shape))[np.ix_(pa, la)]
-    new_v = b.group_verdicts(fb, np.broadcast_to(dirb, fb.shape))[np.ix_(pb, lb)]
+    # verdicts per outcome group (small), then gathered over the joint cells; the owners are gathered
+    # only at the changed cells (full owner matrices only for by_rule), from the small group tables
+    gva = a.group_verdicts(fa, np.broadcast_to(dira, fa.shape))
+    gvb = b.group_verdicts(fb, np.broadcast_to(dirb, fb.shape))
+    old_v, new_v = gva[np.ix_(pa, la)], gvb[np.ix_(pb, lb)]
     reach = ax.reachable()
     span = max(a.nrules, b.nrules) + 3
     ess = span - 2                                        # owner code of the pseudo-rule essential_icmp
@@ -254,9 +255,14 @@ def diff_tables(a: DecisionTable, b: DecisionTable, by_rule: bool = False) -> li
             ch = ch | (ida[orr] != idb[nrr])
         return np.nonzero(ch & mask)
     split = a.t.essential or b.t.essential
-    rows, cols = changes(old_v, old_r, new_v, new_r, reach)
+    if by_rule:
+        rows, cols = changes(old_v, fa[np.ix_(pa, la)], new_v, fb[np.ix_(pb, lb)], reach)
+    else:
+        rows, cols = np.nonzero((old_v != new_v) & reach)
     conds = np.full(len(rows), COND_NOT_ESS if split else COND_NONE, dtype=np.int64)
-    pick = [(rows, cols, old_v[rows, cols], old_r[rows, cols], new_v[rows, cols], new_r[rows, cols], conds)]
+    flat = rows * old_v.shape[1] + cols
+    pick = [(rows, cols, old_v.ravel()[flat], fa[pa[rows], la[cols]], new_v.ravel()[flat], fb[pb[rows], lb[cols]],
+             conds)]
     if split:                                             # the packets that meet an essential condition
         ecols = np.flatnonzero(ax.l4_ess != ESS_NONE)
         if len(ecols):
@@ -265,8 +271,8 @@ def diff_tables(a: DecisionTable, b: DecisionTable, by_rule: bool = False) -> li
 
             def side(t, r, v):
                 return (np.full(r.shape, ess), np.full(v.shape, ALLOW, dtype=v.dtype)) if t.essential else (r, v)
-            eor, eov = side(a.t, old_r[:, ecols], old_v[:, ecols])
-            enr, env = side(b.t, new_r[:, ecols], new_v[:, ecols])
+            eor, eov = side(a.t, fa[np.ix_(pa, la[ecols])], old_v[:, ecols])
+            enr, env = side(b.t, fb[np.ix_(pb, lb[ecols])], new_v[:, ecols])
             er, ec = changes(eov, eor, env, enr, reach[:, ecols] & (kind != ESS_NONE))
             pick.append((er, ecols[ec], eov[er, ec], eor[er, ec], env[er, ec], enr[er, ec],
                          cond_essential(kind[er, ec])))

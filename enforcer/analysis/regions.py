@@ -176,10 +176,10 @@ def _group_large(ax: Axes, rows: np.ndarray, cols: np.ndarray, tags: np.ndarray)
     fam = ax.peer_family[rows].astype(np.int64)
     ncol = max(ax.n_l4, 1)
     if len(tags) and int(tags.max()) < (1 << 62) // (2 * ncol):
-        # one int64 key (tag, L4 class, family) and one stable argsort instead of a 4-key lexsort; the
-        # order of the rows within a group matters to nothing below (sums, minima, peer_span sorts)
+        # one int64 key (tag, L4 class, family) and one argsort instead of a 4-key lexsort; the order
+        # of the rows within a group matters to nothing below (sums, minima, peer_span sorts)
         key = (tags * ncol + cols) * 2 + (fam == 6)
-        o = np.argsort(key, kind="stable")
+        o = np.argsort(key)
         rows, cols, tags, fam, key = rows[o], cols[o], tags[o], fam[o], key[o]
         cut = np.flatnonzero(key[1:] != key[:-1]) + 1
     else:
