@@ -185,7 +185,7 @@ def add_fqdn_addresses(p) -> None:
     """--fqdn-addresses FILE (test, explain, and validate/apply with --cases)."""
     p.add_argument("--fqdn-addresses", metavar="FILE",
                    help="judge fqdns rules by this snapshot of names → addresses (YAML/JSON mapping, e.g. "
-                        "'deb.debian.org: [151.101.2.132]'); test-run fills the kernel's sets with the same")
+                        "'deb.debian.org: [151.101.2.132]'); with test-run the kernel's sets hold the same")
 
 
 def add_parsers(sub, pin: dict) -> None:

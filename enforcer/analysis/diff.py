@@ -29,7 +29,7 @@ theirs. Rule changes of fqdns rules list the names added and removed.
 The OLD side may be the running instance (enforcer/running.py reads its active tables), so
 `apply --dry-run` shows what the swap would change against what is enforced, not against a file.
 Cost: O(joint cells) memory and time after both owner sweeps; ~2 s for a max policy and an edited copy,
-~5 s of CPU for two unrelated max policies (~6·10^4 regions; docs/benchmarks.md, suite `policy`). fqdns
+~4 s of CPU for two unrelated max policies (~6·10^4 regions; docs/benchmarks.md, suite `policy`). fqdns
 changes: two compiles per name class.
 """
 from __future__ import annotations
