@@ -73,8 +73,12 @@ def cmd_validate(a) -> int:
           f"{p.prefix_count} prefixes, {len(p.dos_profiles)} DoS profiles, {len(p.interfaces)} interfaces")
     if a.cases:          # by the reference model: validate needs no root and no BPF (docs/cli.md)
         from .cli_tooling import run_cases
-        if run_cases(p, a.cases, reference_only=True).failed:
-            return EXIT_RUNTIME
+        try:
+            if run_cases(p, a.cases, reference_only=True, fqdn_addresses=a.fqdn_addresses).failed:
+                return EXIT_RUNTIME
+        except ValueError as e:          # the fqdn snapshot file
+            _err(str(e))
+            return EXIT_INPUT
     return EXIT_OK
 
 
@@ -102,9 +106,12 @@ def cmd_apply(a) -> int:
     p = _load(a.policy)
     if a.cases:
         try:
-            if run_cases(p, a.cases, a.reference_only, quiet=True).failed:
+            if run_cases(p, a.cases, a.reference_only, quiet=True, fqdn_addresses=a.fqdn_addresses).failed:
                 _err("the cases failed; nothing was changed")
                 return EXIT_RUNTIME
+        except ValueError as e:          # the fqdn snapshot file
+            _err(f"{e}; nothing was changed")
+            return EXIT_INPUT
         except RuntimeError as e:
             _err(f"{e}; nothing was changed")
             return EXIT_RUNTIME
@@ -332,6 +339,7 @@ def _print_syn_proxy(con, sp: dict) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .cli_tooling import add_fqdn_addresses, add_parsers
     ap = argparse.ArgumentParser(prog="hostwall-enforcer", description="hostwall XDP/TC firewall enforcer")
     sub = ap.add_subparsers(dest="cmd", required=True)
     pin = {"default": os.environ.get("HOSTWALL_PIN_DIR", DEFAULT_PIN_DIR),
@@ -339,6 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("validate", help="check a policy; exit 2 listing every error")
     v.add_argument("policy")
     v.add_argument("--cases", metavar="FILE", help="also run this test cases file (reference model); exit 1 on a miss")
+    add_fqdn_addresses(v)
     v.set_defaults(fn=cmd_validate)
     r = sub.add_parser("run", help="load, attach and enforce; stays in the foreground")
     r.add_argument("--policy", required=True)
@@ -354,6 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cases", metavar="FILE", help="run this test cases file first (reference model and "
                                                    "test-run); change nothing unless every case passes")
     p.add_argument("--reference-only", action="store_true", help="with --cases: judge by the reference model alone")
+    add_fqdn_addresses(p)
     p.add_argument("--dry-run", action="store_true", help="print which traffic would change verdict against the "
                                                           "running policy; change nothing")
     p.set_defaults(fn=cmd_apply)
@@ -377,7 +387,6 @@ def build_parser() -> argparse.ArgumentParser:
     bl.add_argument("--json", action="store_true")
     bl.add_argument("--pin-dir", **pin)
     b.set_defaults(fn=cmd_ban)
-    from .cli_tooling import add_parsers
     add_parsers(sub, pin)
     for name in ("test", "explain", "lint", "diff", "import"):
         sub.choices[name].set_defaults(fn=lambda a: a.tool(a, _load))

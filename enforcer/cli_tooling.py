@@ -22,8 +22,9 @@ def _err(msg: str) -> None:
     print(f"hostwall-enforcer: {msg}", file=sys.stderr, flush=True)
 
 
-def _datapath_judge(policy: Policy):
-    """(judge, close) through test-run, or raise RuntimeError saying why the datapath is unavailable."""
+def _datapath_judge(policy: Policy, learnt=None):
+    """(judge, close) through test-run, its fqdns sets filled from `learnt`, or raise RuntimeError saying
+    why the datapath is unavailable."""
     if os.geteuid() != 0:
         raise RuntimeError("judging by the datapath (BPF_PROG_TEST_RUN) needs root (CAP_BPF, CAP_NET_ADMIN); "
                            "run as root, or pass --reference-only to judge by the reference model alone")
@@ -32,20 +33,26 @@ def _datapath_judge(policy: Policy):
     except ImportError as e:
         raise RuntimeError(f"BCC is not importable ({e}); run scripts/setup.sh, or pass --reference-only") from None
     from .testrun import TestRun
-    tr = TestRun(policy)
+    tr = TestRun(policy, learnt=learnt)
     return tr.judge, tr.close
 
 
 def run_cases(policy: Policy, cases_path: str, reference_only: bool, junit: str | None = None,
-              as_json: bool = False, quiet: bool = False):
-    """Load and run a cases file; prints the report; returns it (PolicyError on a bad file)."""
+              as_json: bool = False, quiet: bool = False, fqdn_addresses: str | None = None):
+    """Load and run a cases file, fqdns rules judged by the names → addresses snapshot file
+    `fqdn_addresses` on both sides (else empty sets); prints the report; returns it (PolicyError on a
+    bad cases file, ValueError on a bad snapshot)."""
     from .analysis.cases import load_cases
     from .analysis.judge import run_tests
     from .analysis.junit import write_junit
+    learnt = None
+    if fqdn_addresses:
+        from .analysis.fqdn import load_addresses
+        learnt = load_addresses(fqdn_addresses)
     cf = load_cases(cases_path, policy)
-    judge, close = (None, None) if reference_only else _datapath_judge(policy)
+    judge, close = (None, None) if reference_only else _datapath_judge(policy, learnt)
     try:
-        rep = run_tests(policy, cf, judge)
+        rep = run_tests(policy, cf, judge, learnt, fqdn_addresses)
     finally:
         if close:
             close()
@@ -61,7 +68,10 @@ def run_cases(policy: Policy, cases_path: str, reference_only: bool, junit: str 
 def cmd_test(a, load) -> int:
     policy = load(a.policy)
     try:
-        rep = run_cases(policy, a.cases, a.reference_only, a.junit, a.json)
+        rep = run_cases(policy, a.cases, a.reference_only, a.junit, a.json, fqdn_addresses=a.fqdn_addresses)
+    except ValueError as e:                      # the snapshot file (PolicyError is handled by the caller)
+        _err(str(e))
+        return EXIT_INPUT
     except RuntimeError as e:
         _err(str(e))
         return EXIT_RUNTIME
@@ -171,6 +181,13 @@ def dry_run(policy: Policy, pin_dir: str, as_json: bool = False, by_rule: bool =
     return EXIT_OK
 
 
+def add_fqdn_addresses(p) -> None:
+    """--fqdn-addresses FILE (test, explain, and validate/apply with --cases)."""
+    p.add_argument("--fqdn-addresses", metavar="FILE",
+                   help="judge fqdns rules by this snapshot of names → addresses (YAML/JSON mapping, e.g. "
+                        "'deb.debian.org: [151.101.2.132]'); with test-run the kernel's sets hold the same")
+
+
 def add_parsers(sub, pin: dict) -> None:
     t = sub.add_parser("test", help="judge test cases by the reference model and the datapath (test-run); "
                                     "check invariants")
@@ -180,6 +197,7 @@ def add_parsers(sub, pin: dict) -> None:
     t.add_argument("--json", action="store_true", help="print the report as JSON")
     t.add_argument("--reference-only", action="store_true",
                    help="judge by the reference model alone (no root, no BPF): no datapath cross-check")
+    add_fqdn_addresses(t)
     t.set_defaults(tool=cmd_test)
     e = sub.add_parser("explain", help="why a packet gets its verdict: deciding rule, shadowed rules, default, "
                                        "DoS limits and bans")
@@ -187,9 +205,7 @@ def add_parsers(sub, pin: dict) -> None:
     e.add_argument("packet", nargs="+", help="e.g. ingress tcp 10.1.2.3:5555 -> 10.0.0.1:22 [flags S] [on eth0]")
     e.add_argument("--pin-dir", help="also show the live bans of the instance pinned here, and judge fqdns rules "
                                      "by the names → addresses it learnt")
-    e.add_argument("--fqdn-addresses", metavar="FILE",
-                   help="judge fqdns rules by this snapshot of names → addresses (YAML/JSON mapping, e.g. "
-                        "'deb.debian.org: [151.101.2.132]')")
+    add_fqdn_addresses(e)
     e.add_argument("--json", action="store_true")
     e.set_defaults(tool=cmd_explain)
     ln = sub.add_parser("lint", help="shadowed, redundant, conflicting and never-matching rules, with file:line")

@@ -10,6 +10,9 @@ rule costs O(log n + the packets near its prefixes or ports), not O(packets). It
 compiler's tables: the datapath is checked against a model built independently of the compiler.
 tests/unit/test_tooling_batch.py checks it against `reference.evaluate` on random policies.
 
+fqdns rules match the addresses of a names → addresses snapshot (`learnt`, as reference.evaluate's):
+they are read as static rules over those addresses (fqdn.with_addresses); without one, nothing.
+
 Packets whose judgement starts before the rules (later fragments; ICMP other than echo, which policy
 v2 may pass as essential ICMP) go to `reference.evaluate` itself, one by one.
 
@@ -27,7 +30,8 @@ from typing import Literal
 import numpy as np
 
 from ..policy import Policy
-from ..reference import PROTO_NUMBERS, Decision, Packet, evaluate
+from ..reference import PROTO_NUMBERS, Decision, Learnt, Packet, evaluate
+from .fqdn import with_addresses
 from .packet import CasePacket
 
 AnyPacket = Packet | CasePacket       # the reference model's packets and the cases' (same attributes)
@@ -86,9 +90,9 @@ class _Index:
 class BatchReference:
     """`evaluate(packets)` == `[reference.evaluate(policy, p) for p in packets]`, faster."""
 
-    def __init__(self, policy: Policy):
-        self.policy = policy
-        self.rules = policy.rules
+    def __init__(self, policy: Policy, learnt: Learnt | None = None):
+        self.policy, self.learnt = policy, learnt
+        self.rules = with_addresses(policy, learnt).rules     # fqdns rules: static over the snapshot's set
         self._v6_bounds: list[int] = sorted({b for r in self.rules if not r.peers.any
                                              for n, ln in zip(r.peers.v6_net, r.peers.v6_len)
                                              for b in (n, n + (1 << (128 - ln)))})
@@ -243,7 +247,7 @@ class BatchReference:
         out: list[Decision] = []
         for p, o in zip(pkts, orders.tolist()):
             if o == -2:
-                out.append(evaluate(policy, p if isinstance(p, Packet) else p.reference()))
+                out.append(evaluate(policy, p if isinstance(p, Packet) else p.reference(), self.learnt))
             elif o == -1:
                 if getattr(policy.defaults, p.direction) == "allow":
                     out.append(Decision("allow", None, None))

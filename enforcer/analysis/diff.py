@@ -29,7 +29,7 @@ theirs. Rule changes of fqdns rules list the names added and removed.
 The OLD side may be the running instance (enforcer/running.py reads its active tables), so
 `apply --dry-run` shows what the swap would change against what is enforced, not against a file.
 Cost: O(joint cells) memory and time after both owner sweeps; ~2 s for a max policy and an edited copy,
-~5 s of CPU for two unrelated max policies (~6·10^4 regions; docs/benchmarks.md, suite `policy`). fqdns
+~4 s of CPU for two unrelated max policies (~6·10^4 regions; docs/benchmarks.md, suite `policy`). fqdns
 changes: two compiles per name class.
 """
 from __future__ import annotations
@@ -159,10 +159,32 @@ class PolicyDiff:
 
 # ---------------------------------------------------------------- joint axes
 
+def _sorted_unique(x: np.ndarray) -> np.ndarray:
+    """np.unique by one sort (np.unique's hashing costs ~0.2 s on a 10^5-prefix axis or block list)."""
+    u = np.sort(x)
+    keep = np.ones(len(u), dtype=bool)
+    keep[1:] = u[1:] != u[:-1]
+    return u[keep]
+
+
+def _sorted_union(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """np.union1d(a, b)."""
+    return _sorted_unique(np.concatenate([a, b]))
+
+
+def _setdiff(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """np.setdiff1d(a, b) (sorted, unique) by sorts and a binary search."""
+    ua, ub = _sorted_unique(a), _sorted_unique(b)
+    if not len(ub):
+        return ua
+    i = np.minimum(np.searchsorted(ub, ua), len(ub) - 1)
+    return ua[ub[i] != ua]
+
+
 def _joint_peers(a: Axes, b: Axes, ga: np.ndarray, gb: np.ndarray):
     """Overlay of both peer partitions: per family the union of the interval starts, each tagged with
     the (a group, b group) it lies in."""
-    u4 = np.union1d(a.v4_starts, b.v4_starts)
+    u4 = _sorted_union(a.v4_starts, b.v4_starts)
     ca4 = ga[a.v4_cls[np.searchsorted(a.v4_starts, u4, side="right") - 1]]
     cb4 = gb[b.v4_cls[np.searchsorted(b.v4_starts, u4, side="right") - 1]]
     u6 = sorted(set(a.v6_starts) | set(b.v6_starts))
@@ -214,10 +236,11 @@ def diff_tables(a: DecisionTable, b: DecisionTable, by_rule: bool = False) -> li
     ax = Axes(u4, inv[:len(ca4)], u6, inv[len(ca4):], len(uniq), l4_ivs)
     la = np.array([l4_pairs[int(t)][0] for t in ax.l4_tag], dtype=np.int64)
     lb = np.array([l4_pairs[int(t)][1] for t in ax.l4_tag], dtype=np.int64)
-    old_r, new_r = fa[np.ix_(pa, la)], fb[np.ix_(pb, lb)]
-    # verdicts per outcome group (small), then gathered like the owners
-    old_v = a.group_verdicts(fa, np.broadcast_to(dira, fa.shape))[np.ix_(pa, la)]
-    new_v = b.group_verdicts(fb, np.broadcast_to(dirb, fb.shape))[np.ix_(pb, lb)]
+    # verdicts per outcome group (small), then gathered over the joint cells; the owners are gathered
+    # only at the changed cells (full owner matrices only for by_rule), from the small group tables
+    gva = a.group_verdicts(fa, np.broadcast_to(dira, fa.shape))
+    gvb = b.group_verdicts(fb, np.broadcast_to(dirb, fb.shape))
+    old_v, new_v = gva[np.ix_(pa, la)], gvb[np.ix_(pb, lb)]
     reach = ax.reachable()
     span = max(a.nrules, b.nrules) + 3
     ess = span - 2                                        # owner code of the pseudo-rule essential_icmp
@@ -232,9 +255,14 @@ def diff_tables(a: DecisionTable, b: DecisionTable, by_rule: bool = False) -> li
             ch = ch | (ida[orr] != idb[nrr])
         return np.nonzero(ch & mask)
     split = a.t.essential or b.t.essential
-    rows, cols = changes(old_v, old_r, new_v, new_r, reach)
+    if by_rule:
+        rows, cols = changes(old_v, fa[np.ix_(pa, la)], new_v, fb[np.ix_(pb, lb)], reach)
+    else:
+        rows, cols = np.nonzero((old_v != new_v) & reach)
     conds = np.full(len(rows), COND_NOT_ESS if split else COND_NONE, dtype=np.int64)
-    pick = [(rows, cols, old_v[rows, cols], old_r[rows, cols], new_v[rows, cols], new_r[rows, cols], conds)]
+    flat = rows * old_v.shape[1] + cols
+    pick = [(rows, cols, old_v.ravel()[flat], fa[pa[rows], la[cols]], new_v.ravel()[flat], fb[pb[rows], lb[cols]],
+             conds)]
     if split:                                             # the packets that meet an essential condition
         ecols = np.flatnonzero(ax.l4_ess != ESS_NONE)
         if len(ecols):
@@ -243,8 +271,8 @@ def diff_tables(a: DecisionTable, b: DecisionTable, by_rule: bool = False) -> li
 
             def side(t, r, v):
                 return (np.full(r.shape, ess), np.full(v.shape, ALLOW, dtype=v.dtype)) if t.essential else (r, v)
-            eor, eov = side(a.t, old_r[:, ecols], old_v[:, ecols])
-            enr, env = side(b.t, new_r[:, ecols], new_v[:, ecols])
+            eor, eov = side(a.t, fa[np.ix_(pa, la[ecols])], old_v[:, ecols])
+            enr, env = side(b.t, fb[np.ix_(pb, lb[ecols])], new_v[:, ecols])
             er, ec = changes(eov, eor, env, enr, reach[:, ecols] & (kind != ESS_NONE))
             pick.append((er, ecols[ec], eov[er, ec], eor[er, ec], env[er, ec], enr[er, ec],
                          cond_essential(kind[er, ec])))
@@ -288,7 +316,12 @@ def _peers_delta(old, new) -> str | None:
     def txt(items: list) -> str:
         return ", ".join(f"{ipaddress.ip_address(n) if f == 6 else ipaddress.IPv4Address(n)}/{ln}" for f, n, ln in items[:3])
     a4, b4 = v4(old), v4(new)
-    add4, rem4 = np.setdiff1d(b4, a4), np.setdiff1d(a4, b4)      # sorted, unique
+    if len(a4) + len(b4) <= 256:                     # a few prefixes: sets beat setdiff1d's per-call cost
+        sa, sb = set(a4.tolist()), set(b4.tolist())
+        add4 = np.array(sorted(sb - sa), dtype=np.int64)
+        rem4 = np.array(sorted(sa - sb), dtype=np.int64)
+    else:
+        add4, rem4 = _setdiff(b4, a4), _setdiff(a4, b4)          # sorted, unique
     a6, b6 = v6(old), v6(new)
     add = v4_items(add4) + sorted(b6 - a6)
     rem = v4_items(rem4) + sorted(a6 - b6)

@@ -24,11 +24,11 @@ import yaml
 
 from hostwall.dnsnames import matches, normalize_name
 
-from ..policy import Policy, Rule
+from ..policy import PeerSet, Policy, Rule
 from ..reference import PROTO_NUMBERS, Learnt, Packet, evaluate, fqdn_names
 
 __all__ = ["load_addresses", "pattern_covers", "covers", "names_holding", "upstream_blocked", "is_fqdn", "name_classes",
-           "with_names"]
+           "with_names", "set_addresses", "with_addresses"]
 
 
 def is_fqdn(rule: Rule) -> bool:
@@ -124,3 +124,25 @@ def with_names(policy: Policy, rules: frozenset[str]) -> Policy:
     match every destination (a static rule over every peer), the other fqdns rules none (as compiled)."""
     return dataclasses.replace(policy, rules=tuple(dataclasses.replace(r, fqdns=None) if r.name in rules else r
                                                    for r in policy.rules))
+
+
+def set_addresses(rule: Rule, learnt: Learnt | None) -> list[str]:
+    """The addresses of the snapshot `learnt` in an fqdns rule's set: those of every name one of its
+    patterns matches (as the proxy enters them, docs/datapath.md "FQDN rules"), in first-seen order."""
+    out: dict[str, None] = {}
+    for name, ips in (learnt or {}).items():
+        if any(matches(name, p) for p in rule.fqdns or ()):
+            out.update((str(ipaddress.ip_address(a)), None) for a in ips)
+    return list(out)
+
+
+def with_addresses(policy: Policy, learnt: Learnt | None) -> Policy:
+    """`policy` with each fqdns rule turned into a static rule over its set's addresses in the snapshot
+    `learnt` (host prefixes; none: it matches nothing, as compiled). Same names, order and conditions,
+    so every packet gets the outcome `reference.evaluate(policy, p, learnt)` gives it; the batch model
+    and the invariants judge a snapshot through it. The policy itself when it has no fqdns rule."""
+    if not any(is_fqdn(r) for r in policy.rules):
+        return policy
+    return dataclasses.replace(policy, rules=tuple(
+        dataclasses.replace(r, fqdns=None, peers=PeerSet.from_cidrs(set_addresses(r, learnt))) if is_fqdn(r) else r
+        for r in policy.rules))

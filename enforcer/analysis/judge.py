@@ -18,10 +18,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from ..policy import Policy
-from ..reference import evaluate
+from ..reference import Learnt, evaluate
 from .batch import BatchReference
 from .cases import Case, CaseFile
 from .ctmodel import Outcome, judge, outcome_of
+from .fqdn import with_addresses
 from .invariants import InvariantResult, check_invariant
 from .packet import CasePacket
 from .table import decision_table, paused_gc
@@ -64,6 +65,7 @@ class TestReport:
     invariants: list[InvariantResult]
     datapath_checked: bool
     seconds: float = 0.0
+    snapshot: str | None = None          # where the fqdns rules' names → addresses came from (None: empty sets)
 
     @property
     def failures(self) -> list[CaseResult]:
@@ -79,6 +81,8 @@ class TestReport:
 
     def summary(self) -> str:
         how = "reference model and datapath (test-run)" if self.datapath_checked else "reference model only"
+        if self.snapshot:
+            how += f"; fqdns sets from {self.snapshot}"
         return (f"{len(self.results)} cases: {len(self.results) - len(self.failures)} passed, {len(self.failures)} "
                 f"failed; {len(self.invariants)} invariants: {len(self.invariants) - len(self.violated)} hold, "
                 f"{len(self.violated)} violated ({how}; policy {self.policy.name} revision {self.policy.revision}; "
@@ -105,11 +109,13 @@ class TestReport:
                                 "regions": [r.to_json() for r in i.regions]} for i in self.invariants]}
 
 
-def reference_outcomes(policy: Policy, packets: list[CasePacket], batch: BatchReference | None = None) -> list[Outcome]:
-    """The reference model's outcome of each packet (its `state` included). Every stateless judgement
-    (the packets and the openers of those with a state) is made in one batch; outcomes are shared
-    objects per deciding rule, so a case costs a few list operations."""
-    batch = batch or BatchReference(policy)
+def reference_outcomes(policy: Policy, packets: list[CasePacket], batch: BatchReference | None = None,
+                       learnt: Learnt | None = None) -> list[Outcome]:
+    """The reference model's outcome of each packet (its `state` included), fqdns rules judged by the
+    snapshot `learnt` (names → addresses; None: their sets are empty). Every stateless judgement (the
+    packets and the openers of those with a state) is made in one batch; outcomes are shared objects
+    per deciding rule, so a case costs a few list operations."""
+    batch = batch or BatchReference(policy, learnt)
     stateful = [i for i, p in enumerate(packets) if p.state != "new"]
     opened = [packets[i].opener() for i in stateful]
     order: list[CasePacket] = list(packets)
@@ -127,7 +133,7 @@ def reference_outcomes(policy: Policy, packets: list[CasePacket], batch: BatchRe
             return by_rule[o]
         if o == -1:
             return default[order[k].direction]
-        return outcome_of(evaluate(policy, order[k].reference()))
+        return outcome_of(evaluate(policy, order[k].reference(), learnt))
     out = [by_rule[o] if o >= 0 else decided(i) for i, o in enumerate(orders[:len(packets)])]
     def by_pair(opener: CasePacket, first: Outcome, own: Outcome) -> Callable[[CasePacket], Outcome]:
         return lambda c: first if c is opener else own
@@ -137,18 +143,22 @@ def reference_outcomes(policy: Policy, packets: list[CasePacket], batch: BatchRe
     return out
 
 
-def run_tests(policy: Policy, cf: CaseFile, datapath: DatapathJudge | None = None) -> TestReport:
-    """Every case and invariant. The cyclic GC is paused meanwhile (as in policy.parse_policy): a run
+def run_tests(policy: Policy, cf: CaseFile, datapath: DatapathJudge | None = None,
+              learnt: Learnt | None = None, snapshot: str | None = None) -> TestReport:
+    """Every case and invariant; fqdns rules judged by the names → addresses snapshot `learnt` (read
+    from `snapshot`, named in the report; the datapath judge must hold the same addresses in its
+    sets), else with empty sets. The cyclic GC is paused meanwhile (as in policy.parse_policy): a run
     creates a few objects per case and no cycles, and gen-2 collections over everything else alive
     (a max policy's tables) otherwise halve the throughput."""
     with paused_gc():
-        return _run_tests(policy, cf, datapath)
+        return _run_tests(policy, cf, datapath, learnt, snapshot)
 
 
-def _run_tests(policy: Policy, cf: CaseFile, datapath: DatapathJudge | None) -> TestReport:
+def _run_tests(policy: Policy, cf: CaseFile, datapath: DatapathJudge | None, learnt: Learnt | None,
+               snapshot: str | None) -> TestReport:
     t0 = time.perf_counter()
     packets = [c.packet for c in cf.cases]
-    ref = reference_outcomes(policy, packets)
+    ref = reference_outcomes(policy, packets, learnt=learnt)
     dp = datapath(packets) if datapath is not None and packets else [{}] * len(packets)   # shared, never written
     results = [CaseResult(c, r, d, c.expect.misses(r), _NONE) for c, r, d in zip(cf.cases, ref, dp)]
     for res in results:
@@ -157,7 +167,9 @@ def _run_tests(policy: Policy, cf: CaseFile, datapath: DatapathJudge | None) -> 
             res.disagreements = [f"{hook}: {got.text()}, reference model: {r.text()}"
                                  for hook, got in res.datapath.items() if got != r]
     invs = []
-    if cf.invariants:
-        dt = decision_table(policy)
-        invs = [check_invariant(policy, dt, inv, cf.local) for inv in cf.invariants]
-    return TestReport(policy, cf, results, invs, datapath is not None, time.perf_counter() - t0)
+    if cf.invariants:                     # over the snapshot's sets: fqdns rules as static rules
+        static = with_addresses(policy, learnt)
+        dt = decision_table(static)
+        invs = [check_invariant(static, dt, inv, cf.local) for inv in cf.invariants]
+    return TestReport(policy, cf, results, invs, datapath is not None, time.perf_counter() - t0,
+                      snapshot if learnt is not None else None)

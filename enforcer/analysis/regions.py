@@ -174,9 +174,18 @@ def _group_small(ax: Axes, rows: np.ndarray, cols: np.ndarray, tags: np.ndarray)
 def _group_large(ax: Axes, rows: np.ndarray, cols: np.ndarray, tags: np.ndarray):
     """As _group_small, vectorised: millions of cells (a diff of unrelated policies)."""
     fam = ax.peer_family[rows].astype(np.int64)
-    o = np.lexsort((rows, fam, cols, tags))
-    rows, cols, tags, fam = rows[o], cols[o], tags[o], fam[o]
-    cut = np.flatnonzero((np.diff(cols) != 0) | (np.diff(tags) != 0) | (np.diff(fam) != 0)) + 1
+    ncol = max(ax.n_l4, 1)
+    if len(tags) and int(tags.max()) < (1 << 62) // (2 * ncol):
+        # one int64 key (tag, L4 class, family) and one argsort instead of a 4-key lexsort; the order
+        # of the rows within a group matters to nothing below (sums, minima, peer_span sorts)
+        key = (tags * ncol + cols) * 2 + (fam == 6)
+        o = np.argsort(key)
+        rows, cols, tags, fam, key = rows[o], cols[o], tags[o], fam[o], key[o]
+        cut = np.flatnonzero(key[1:] != key[:-1]) + 1
+    else:
+        o = np.lexsort((rows, fam, cols, tags))
+        rows, cols, tags, fam = rows[o], cols[o], tags[o], fam[o]
+        cut = np.flatnonzero((np.diff(cols) != 0) | (np.diff(tags) != 0) | (np.diff(fam) != 0)) + 1
     starts = np.concatenate([[0], cut]).astype(np.int64)
     stops = np.append(cut, len(rows)).astype(np.int64)
     # intern the peer class sets without a Python step per group: two independent 64-bit sums of

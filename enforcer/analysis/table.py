@@ -120,11 +120,15 @@ def _rule_members(words: np.ndarray, nrules: int) -> list[np.ndarray]:
     """Per rule order, the sorted ids of the classes whose bitmap has the rule's bit."""
     if nrules == 0:
         return []
-    bits = np.unpackbits(np.ascontiguousarray(words).view(np.uint8), axis=1, bitorder="little")[:, :nrules]
-    member, rule = np.nonzero(bits)                 # sorted by member
-    order = np.argsort(rule, kind="stable")         # by rule, members ascending within
+    w = np.ascontiguousarray(np.asarray(words, dtype="<u8").T)           # (words, classes): small
+    # rule-major bits, unpacked in place: row 64·i + j is bit j of word i (little endian bytes); nonzero
+    # then yields (rule, member) sorted by rule, members ascending within (no argsort or transposed copy
+    # of the millions of memberships of a max policy)
+    by = w.view(np.uint8).reshape(w.shape[0], w.shape[1], 8).transpose(0, 2, 1)
+    bits = np.unpackbits(by, axis=1, bitorder="little").reshape(-1, w.shape[1])[:nrules]
+    rule, member = np.nonzero(bits)
     counts = np.bincount(rule, minlength=nrules)
-    return np.split(member[order].astype(np.int64), np.cumsum(counts)[:-1])
+    return np.split(member.astype(np.int64), np.cumsum(counts)[:-1])
 
 
 class Axes:

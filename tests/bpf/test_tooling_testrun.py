@@ -15,11 +15,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hostwall.enforcer.analysis.judge import reference_outcomes
+from hostwall.bpf.fqdn import FqdnMaps
+from hostwall.enforcer.analysis.cases import load_cases
+from hostwall.enforcer.analysis.judge import reference_outcomes, run_tests
 from hostwall.enforcer.analysis.packet import ICMP_ERRORS, CasePacket
 from hostwall.enforcer.policy import parse_policy
 from hostwall.enforcer.testrun import TestRun
 from tests.tooling.strategies import HOP_LIMITS, ICMP_POINTS, PORT_POINTS, V4_HOSTS, V6_HOSTS, policies
+from tests.tooling.test_fqdn_tooling import FQ_CASES, FQ_POLICY, FQ_SNAPSHOT, LEARN, fqdn_policies
 
 pytestmark = pytest.mark.bpf
 ROOT = Path(__file__).resolve().parents[2]
@@ -150,3 +153,85 @@ def test_cli_test_with_the_datapath(tmp_path):
     r = _cli("test", "p.yaml", "w.yaml", cwd=tmp_path)
     assert r.returncode == 1 and "case 'smtp out is blocked'" in r.stdout and "verdict drop, expected allow" in r.stdout
     assert "datapath disagrees" not in r.stdout
+
+
+# ---------------------------------------------------------------- fqdns rules judged against a snapshot
+
+@st.composite
+def fqdn_cases(draw) -> tuple[str, dict[str, list[str]], list[CasePacket]]:
+    """A policy with fqdns rules, a names → addresses snapshot over the test hosts, and egress packets
+    (half of them to a snapshot address), some of them replies of connections they opened."""
+    text = draw(fqdn_policies())
+    learnt: dict[str, list[str]] = {}
+    for name in draw(st.lists(st.sampled_from(LEARN), max_size=4, unique=True)):
+        learnt[name] = draw(st.lists(st.sampled_from(V4_HOSTS + V6_HOSTS), min_size=1, max_size=3, unique=True))
+    listed = [a for ips in learnt.values() for a in ips]
+    pkts = []
+    for _ in range(draw(st.integers(1, 10))):
+        dst = draw(st.sampled_from(listed)) if listed and draw(st.booleans()) else draw(st.sampled_from(V4_HOSTS + V6_HOSTS))
+        fam = 6 if ":" in dst else 4
+        src = "192.0.2.1" if fam == 4 else "2001:db8::1"
+        proto = draw(st.sampled_from([6, 17]))
+        state = draw(st.sampled_from(["new", "new", "established"]))
+        pkts.append(CasePacket("egress", proto, src, dst, 40000, draw(st.sampled_from(PORT_POINTS)),
+                               "S" if proto == 6 else "", state=state))
+    return text, learnt, pkts
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(case=fqdn_cases())
+def test_datapath_with_a_snapshot_agrees_with_the_reference_model(datapath, case):
+    """The snapshot learnt into the instance and its sets filled as a swap fills them: every hook agrees
+    with the reference model judging by the same snapshot."""
+    text, learnt, pkts = case
+    policy = parse_policy(text)
+    tr = TestRun(policy, dp=datapath, learnt=learnt)
+    try:
+        got = tr.judge(pkts)
+    finally:
+        tr.close()
+    want = reference_outcomes(policy, pkts, learnt=learnt)
+    for p, g, w in zip(pkts, got, want):
+        for hook, o in g.items():
+            assert o == w, f"{hook} `{p.text()}`: datapath {o.text()}, reference {w.text()}\n{text}\n{learnt}"
+
+
+def test_a_datapath_with_other_addresses_disagrees(datapath, tmp_path):
+    """The cross-check is live for fqdns rules: a kernel whose sets hold other addresses than the
+    reference model's snapshot fails the cases it judges differently, as disagreements; the same
+    snapshot on both sides agrees; closing a shared instance leaves its sets and names empty."""
+    policy = parse_policy(FQ_POLICY)
+    (tmp_path / "c.yaml").write_text(FQ_CASES.split("invariants:")[0])
+    cf = load_cases(str(tmp_path / "c.yaml"), policy)
+    learnt = {"deb.mirrors.example.test": ["198.51.100.10", "2001:db8::10"], "api.example.test": ["198.51.100.20"]}
+    other = {"deb.mirrors.example.test": ["198.51.100.99"]}
+    for kernel, bad in ((learnt, set()), (other, {"a mirror listed in the snapshot", "a mirror over IPv6",
+                                                 "the api on any port", "the reply of a mirror connection"})):
+        tr = TestRun(policy, dp=datapath, learnt=kernel)
+        try:
+            rep = run_tests(policy, cf, tr.judge, learnt, "snapshot")
+        finally:
+            tr.close()
+        assert {r.case.name for r in rep.results if r.disagreements} == bad, rep.text()
+        assert not any(r.misses for r in rep.results), rep.text()
+    fm = FqdnMaps(datapath.map_fds)
+    try:
+        assert fm.set_entries() == [] and fm.learnt() == []
+    finally:
+        fm.close()
+
+
+def test_cli_test_with_fqdn_addresses_and_the_datapath(tmp_path):
+    (tmp_path / "p.yaml").write_text(FQ_POLICY)
+    (tmp_path / "c.yaml").write_text(FQ_CASES.split("invariants:")[0])
+    (tmp_path / "snap.yaml").write_text(FQ_SNAPSHOT)
+    r = _cli("test", "p.yaml", "c.yaml", "--fqdn-addresses", "snap.yaml", cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "reference model and datapath (test-run); fqdns sets from snap.yaml" in r.stdout
+    # an expectation that an address outside the snapshot's names is allowed fails, naming the case
+    (tmp_path / "w.yaml").write_text(FQ_CASES.split("invariants:")[0].replace(
+        "expect: {verdict: drop, reason: default_deny}", "expect: {verdict: allow, rule: mirrors}"))
+    r = _cli("test", "p.yaml", "w.yaml", "--fqdn-addresses", "snap.yaml", cwd=tmp_path)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "case 'an address learnt for an unlisted name falls through'" in r.stdout
+    assert "verdict drop, expected allow" in r.stdout and "datapath disagrees" not in r.stdout

@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 from hostwall.bpf import layout as L
 from hostwall.dnsnames import matches
+from hostwall.enforcer.analysis.batch import BatchReference
 from hostwall.enforcer.analysis.diff import diff
 from hostwall.enforcer.analysis.explain import explain
 from hostwall.enforcer.analysis.fqdn import covers, load_addresses, name_classes
@@ -290,3 +291,88 @@ def test_cli_diff_fqdn(tmp_path):
     assert "~ late-allow" in r.stdout and "fqdns +[y.example.com]" in r.stdout
     assert "learnt for y.example.com: egress tcp port 8443 to any IPv4 except 198.51.100.0/24, 203.0.113.0/24: " \
            "drop (default) → allow (rule 'late-allow')" in r.stdout
+
+
+# ---------------------------------------------------------------- test with a snapshot
+
+def _learnt_for(pkts: list[Packet], draw_names: list[str]) -> dict[str, list[str]]:
+    """A snapshot putting the packets' destinations under some of the names (a name may hold several)."""
+    out: dict[str, list[str]] = {}
+    for i, p in enumerate(pkts):
+        if draw_names:
+            out.setdefault(draw_names[i % len(draw_names)], []).append(p.dst)
+    return out
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(text=fqdn_policies(), pkts=st.lists(packets(fragments=False), min_size=1, max_size=25),
+       names=st.lists(st.sampled_from(LEARN), max_size=4, unique=True))
+def test_batch_judges_fqdns_rules_by_the_snapshot(text, pkts, names):
+    """The batch model `test` uses equals reference.evaluate with the same snapshot, and with none (the
+    sets empty: an fqdns rule matches nothing — the batch model once read it as matching every peer)."""
+    policy = parse_policy(text)
+    learnt = _learnt_for(pkts, names)
+    for snap in (None, learnt):
+        got = BatchReference(policy, snap).evaluate(pkts)
+        assert got == [evaluate(policy, p, snap) for p in pkts], (text, snap)
+
+
+FQ_POLICY = """version: 1
+name: fq-test
+defaults: {ingress: deny, egress: deny, stateful: true}
+rules:
+  - {name: dns, priority: 1, direction: egress, action: allow, protocol: udp, ports: [53], peers: [192.0.2.53/32]}
+  - {name: mirrors, priority: 10, direction: egress, action: allow, protocol: tcp, ports: [443], fqdns: ["*.mirrors.example.test"]}
+  - {name: api, priority: 20, direction: egress, action: allow, protocol: tcp, fqdns: ["api.example.test"]}
+dns: {upstreams: ["192.0.2.53:53"]}
+"""
+FQ_SNAPSHOT = """deb.mirrors.example.test: [198.51.100.10, "2001:db8::10"]
+api.example.test: 198.51.100.20
+other.example.test: [198.51.100.30]
+"""
+FQ_CASES = """cases:
+  - name: a mirror listed in the snapshot
+    packet: egress tcp :40000 -> 198.51.100.10:443
+    expect: {verdict: allow, rule: mirrors}
+  - name: a mirror over IPv6
+    packet: egress tcp :40000 -> [2001:db8::10]:443
+    expect: {verdict: allow, rule: mirrors}
+  - name: the api on any port
+    packet: egress tcp :40000 -> 198.51.100.20:8443
+    expect: {verdict: allow, rule: api}
+  - name: an address learnt for an unlisted name falls through
+    packet: egress tcp :40000 -> 198.51.100.30:443
+    expect: {verdict: drop, reason: default_deny}
+  - name: the reply of a mirror connection
+    packet: ingress tcp 198.51.100.10:443 -> :40000 flags SA
+    state: reply
+    expect: {verdict: allow, reason: pass_conntrack}
+invariants:
+  - {name: no ssh out to the api, never: {direction: egress, protocol: tcp, ports: [22], to: 198.51.100.20/32}}
+"""
+
+
+def test_cli_test_with_fqdn_addresses_reference_only(tmp_path):
+    (tmp_path / "p.yaml").write_text(FQ_POLICY)
+    (tmp_path / "c.yaml").write_text(FQ_CASES)
+    (tmp_path / "snap.yaml").write_text(FQ_SNAPSHOT)
+    r = _cli("test", "p.yaml", "c.yaml", "--reference-only", "--fqdn-addresses", "snap.yaml", cwd=tmp_path)
+    assert r.returncode == 1, r.stdout + r.stderr        # the api rule allows any tcp port: ssh to it too
+    assert "case" not in r.stdout.split("FAILED")[0], r.stdout
+    assert "'no ssh out to the api'" in r.stdout and "5 passed, 0 failed" in r.stdout
+    assert "fqdns sets from snap.yaml" in r.stdout
+    ok = FQ_CASES.split("invariants:")[0]
+    (tmp_path / "ok.yaml").write_text(ok)
+    r = _cli("test", "p.yaml", "ok.yaml", "--reference-only", "--fqdn-addresses", "snap.yaml", cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    # without the snapshot the sets are empty: every case that expects an fqdns rule fails, by name
+    r = _cli("test", "p.yaml", "ok.yaml", "--reference-only", cwd=tmp_path)
+    assert r.returncode == 1 and "3 passed" not in r.stdout
+    for name in ("a mirror listed in the snapshot", "a mirror over IPv6", "the api on any port"):
+        assert f"case {name!r}" in r.stdout, r.stdout
+    assert "case 'an address learnt for an unlisted name falls through'" not in r.stdout
+    r = _cli("validate", "p.yaml", "--cases", "ok.yaml", "--fqdn-addresses", "snap.yaml", cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    (tmp_path / "bad.yaml").write_text("api.example.test: [nope]\n")
+    r = _cli("test", "p.yaml", "ok.yaml", "--reference-only", "--fqdn-addresses", "bad.yaml", cwd=tmp_path)
+    assert r.returncode == 2 and "api.example.test[0]: 'nope' is not an IP address" in r.stderr
