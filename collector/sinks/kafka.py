@@ -433,8 +433,8 @@ class KafkaSink(SpoolReplay, BaseSink):
                 self.last_error = f"building a batch: {err_name(e)}: {e}"
                 continue
             try:
-                fut = await asyncio.wait_for(self._producer.send_batch(batch, tp[0], partition=tp[1]),
-                                             max(0.01, deadline - loop.time()))
+                async with asyncio.timeout(max(0.01, deadline - loop.time())):
+                    fut = await self._producer.send_batch(batch, tp[0], partition=tp[1])
             except Exception as e:                   # noqa: BLE001 — timeout or producer trouble: spool
                 self._degrade(f"batch for {tp[0]}[{tp[1]}] not accepted: "
                               f"{err_name(e) if not isinstance(e, TimeoutError) else 'stalled'}"
@@ -465,14 +465,14 @@ class KafkaSink(SpoolReplay, BaseSink):
                     self._settle(call, 1)
                     i += 1
                     continue
-                row.append((tp, ms[i:j], nbytes, self._build(cb)))
+                row.append((tp, ms[i:j], nbytes, self._build(cb, full=j < len(ms))))
                 i = j
             rows.append(row)
         return [b for bs in itertools.zip_longest(*rows) for b in bs if b is not None]
 
-    def _build(self, cb) -> asyncio.Future:
+    def _build(self, cb, full: bool = True) -> asyncio.Future:
         loop = asyncio.get_running_loop()
-        if self._builder_pool is None:               # no compression: the CRC alone, inline
+        if self._builder_pool is None or not full:   # no compression, or nothing to frame meanwhile: inline
             fut = loop.create_future()
             fut.set_result(cb.build())
             return fut
