@@ -6,9 +6,10 @@ probes a broker (kafka_probe.py), degraded mode — spooling and replay (kafka_r
 (kafka_health.py). This module is the sink itself: start, the healthy send path, close, stats.
 
 Delivery states
-  healthy   records go straight to the producer as ready-made batches (_frame: framed in the loop,
-            compressed in the build thread; kafka_wire.ReadyBatch): at most one queued and one in flight
-            per partition, so memory is bounded by ~2 x batch_size per partition plus the call's batches.
+  healthy   records go straight to the producer as ready-made batches (_frame: framed in the loop, a
+            full one compressed in the build thread, a partition's last one in the loop;
+            kafka_wire.ReadyBatch): at most one queued and one in flight per partition, so memory is
+            bounded by ~2 x batch_size per partition plus the call's batches.
   degraded  the spool takes over (kafka_replay.py) until the broker acknowledged everything it holds.
 
 Start (fail fast, docs/collector.md "Kafka, OTLP and self-metrics"): TLS files, SASL password and the
@@ -451,8 +452,11 @@ class KafkaSink(SpoolReplay, BaseSink):
     def _frame(self, by_tp: dict, ts_ms: int, call) -> list[tuple]:
         """Fill record batches in the loop (aiokafka's C record builder), each handed to the build thread
         (compression and CRC, kafka_wire.ReadyBatch) as soon as it is full, so the thread compresses
-        batch k while the loop fills k+1. Returns [(tp, msgs, payload bytes, future of the built batch)],
-        per-partition order kept, partitions interleaved."""
+        batch k while the loop fills k+1; a partition's last (partial) batch is built in the loop — at low
+        rates every batch is one, and on a busy machine the thread's two wake-ups and the GIL hand-off
+        cost more latency than compressing a small batch (docs/benchmarks.md "`kafka` latency: where the
+        seconds went"). Returns [(tp, msgs, payload bytes, future of the built batch)], per-partition
+        order kept, partitions interleaved."""
         rows = []
         for tp, ms in by_tp.items():
             row, i = [], 0
@@ -470,7 +474,7 @@ class KafkaSink(SpoolReplay, BaseSink):
             rows.append(row)
         return [b for bs in itertools.zip_longest(*rows) for b in bs if b is not None]
 
-    def _build(self, cb, full: bool = True) -> asyncio.Future:
+    def _build(self, cb, full: bool) -> asyncio.Future:
         loop = asyncio.get_running_loop()
         if self._builder_pool is None or not full:   # no compression, or nothing to frame meanwhile: inline
             fut = loop.create_future()
