@@ -412,11 +412,10 @@ class KafkaSink(SpoolReplay, BaseSink):
     async def _send_direct(self, by_tp: dict) -> None:
         """Healthy path: ready-made batches (_frame) straight to the producer, partitions interleaved so
         that while one partition's batch waits for its predecessor (one in flight per partition with
-        idempotence) the others' are on the wire. A batch not accepted within spool_after degrades the
-        sink and the rest of this call goes to the spool (after the batches in flight, so per-partition
-        order holds)."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.o.spool_after_s
+        idempotence) the others' are on the wire. A batch not accepted within spool_after (each batch
+        from when it is its turn: a call of several pipeline batches hands over several per partition,
+        one round trip apart) degrades the sink and the rest of this call goes to the spool (after the
+        batches in flight, so per-partition order holds)."""
         t0 = time.time()
         call = self._call
         framed = self._frame(by_tp, int(t0 * 1000), call)
@@ -434,7 +433,7 @@ class KafkaSink(SpoolReplay, BaseSink):
                 self.last_error = f"building a batch: {err_name(e)}: {e}"
                 continue
             try:
-                async with asyncio.timeout(max(0.01, deadline - loop.time())):
+                async with asyncio.timeout(self.o.spool_after_s):
                     fut = await self._producer.send_batch(batch, tp[0], partition=tp[1])
             except Exception as e:                   # noqa: BLE001 — timeout or producer trouble: spool
                 self._degrade(f"batch for {tp[0]}[{tp[1]}] not accepted: "
@@ -443,6 +442,7 @@ class KafkaSink(SpoolReplay, BaseSink):
                 await self._spool_rest(framed, bi, call)
                 return
             f = Flight(msgs, n, n, t0, nbytes, tp, call=call)
+            f.sent = time.time()                     # the watchdog's "no acknowledgement for spool_after"
             self._window[id(f)] = f
             fut.add_done_callback(functools.partial(self._direct_done, f))
             self.counters["producer_batches"] += 1

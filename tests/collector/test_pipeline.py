@@ -139,7 +139,7 @@ def test_a_busy_sink_gets_what_queued_meanwhile_in_one_call_settled_batch_by_bat
         await until(lambda: sink.in_flight == 3)          # the first call waits at the sink's gate
         for k in range(1, 5):                             # four more batches of 3 queue up behind it
             src.emit(3)
-            await until(lambda: pipe.slots[0].queue.size == 3 * k)
+            await until(lambda k=k: pipe.slots[0].queue.size == 3 * k)
         gate.set()
         await until(lambda: len(sink.records) == 15)
         assert sink.sends == [3, 9, 3]                    # 3 + 3 + 3 fit the limit of 10; the fourth waits
