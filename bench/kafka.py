@@ -30,6 +30,11 @@ Kafka's own producer benchmark as the baseline in the same run.
                   STEP_S seconds, bounded by SEARCH_BUDGET_S (the figure is a lower bound when the budget
                   ends the search). The step grid is coarse (factor 1.5, then 1.22): read it as such.
 - latency_search_steps  how many steps that search ran
+- latency_to_sink_p50_ms / _p99_ms  the 20k/s run split where the sink takes a record: kernel → the start of
+                  the sink call that carried it (ring read, record building, the queues), and
+  latency_sink_p50_ms / _p99_ms  from there to the broker's append (encoding, batching, waiting for the
+                  producer's request in flight, the broker); latency_records_per_call: records per sink call
+                  (the pipeline hands a sink what queued up while it was busy: docs/collector.md)
 - record_bytes    mean encoded record size (the payload size of both producers)
 
 The broker runs on the same 2 CPUs as the producer under test, so both producers pay for it; the Java
@@ -38,12 +43,14 @@ tool runs with its own JVM (-Xmx512m). --quick: 300k records, 10 s of latency; f
 from __future__ import annotations
 
 import asyncio
+import bisect
 import ipaddress
 import re
 import shutil
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -162,14 +169,48 @@ def _java_perf(broker, topic: str, payload_file: Path, total: int, batch_bytes: 
     return float(m.group(1))
 
 
+class _SinkCalls:
+    """Wraps the sink's send_many (what the pipeline's sink worker calls): when each call began (wall ms)
+    and the events-stream hostwall.seq of its first record — the latency breakdown's split point. One
+    append per call."""
+
+    def __init__(self, sink) -> None:
+        self.began_ms: list[float] = []
+        self.first_seq: list[int] = []
+        self.records = 0
+        inner = sink.send_many
+
+        async def send_many(batches: list[list[dict]]) -> None:
+            self.began_ms.append(time.time() * 1000)
+            self.first_seq.append(batches[0][0]["hostwall"]["seq"])
+            self.records += sum(map(len, batches))
+            await inner(batches)
+        sink.send_many = send_many
+
+    def began(self, seq: int) -> float:
+        """Wall ms at which the sink call that carried events record `seq` began."""
+        return self.began_ms[bisect.bisect_right(self.first_seq, seq) - 1]
+
+
+@dataclass
+class LatencyRun:
+    """One paced run: per record kernel → broker (`total`) and kernel → the sink call that took it
+    (`to_sink`: ring read, record building and the queues), ms; offered records that found the ring full
+    (-1: a strict=False run that did not hold); sink calls."""
+    total: list[float] = field(default_factory=list)
+    to_sink: list[float] = field(default_factory=list)
+    ring_full: int = -1
+    calls: int = 0
+
+
 async def _latency(broker, topic: str, seconds: float, rate: int, spool: str, drain_s: float = 60.0,
-                   strict: bool = True) -> tuple[list[float], int]:
-    """Kernel → broker latencies (ms) of every record of a paced run through the real Pipeline, and how
-    many of the offered records did not fit the ring buffer (a pipeline slower than the offered rate:
-    what waits to be acknowledged fills the ring; the datapath would count those ringbuf_full).
-    strict=False (the rate search): a run whose records were not all delivered within drain_s (still
-    in the ring, or in the sink's spool at the stop: carried over) is not an error but ([], -1): the
-    step failed."""
+                   strict: bool = True) -> LatencyRun:
+    """Kernel → broker latencies (ms) of every record of a paced run through the real Pipeline, split at
+    the sink call, and how many of the offered records did not fit the ring buffer (a pipeline slower
+    than the offered rate: what waits to be acknowledged fills the ring; the datapath would count those
+    ringbuf_full). strict=False (the rate search): a run whose records were not all delivered within
+    drain_s (still in the ring, or in the sink's spool at the stop: carried over) is not an error but
+    LatencyRun() (ring_full -1): the step failed."""
     import orjson
     from aiokafka import AIOKafkaConsumer
 
@@ -189,6 +230,7 @@ async def _latency(broker, topic: str, seconds: float, rate: int, spool: str, dr
             flows_topic=topic, anomalies_topic=topic + ".a", audit_topic=topic + ".audit", spool_dir=spool))
         cfg = CollectorConfig(pin_dir=str(d), drop_interval_s=1.0, ct_scan_interval_s=60, active_timeout_s=60,
                               queues=QueueSizes(), status_file=str(d / "st.json"))
+        calls = _SinkCalls(sink)
         ledger = Ledger([sink.name])
         builder = RecordBuilder(HostInfo(hostname="bench", boot_id="b", pin_dir=str(d)), None, ledger)
         pipe = Pipeline(cfg, _Source(prod.map_fd), builder, [sink], ledger=ledger)
@@ -216,7 +258,7 @@ async def _latency(broker, topic: str, seconds: float, rate: int, spool: str, dr
         pipe.stop()
         await task
         if not strict and (not caught_up or sink.delivered < n):
-            return [], -1                          # spooled or still in the ring: the step did not hold
+            return LatencyRun()                    # spooled or still in the ring: the step did not hold
         if not caught_up:
             raise RuntimeError("latency run: the ring's consumer position never reached the last record")
         problems = ledger.check(quiescent=True)
@@ -230,7 +272,8 @@ async def _latency(broker, topic: str, seconds: float, rate: int, spool: str, dr
     c = AIOKafkaConsumer(topic, bootstrap_servers=broker.bootstrap_servers, auto_offset_reset="earliest",
                          enable_auto_commit=False, group_id=None)
     await c.start()
-    lat: list[float] = []
+    run = LatencyRun(ring_full=n - delivered, calls=len(calls.began_ms))
+    lat, to_sink = run.total, run.to_sink
     try:
         while len(lat) < delivered:
             got = await asyncio.wait_for(c.getmany(timeout_ms=1000, max_records=20000), 30)
@@ -238,11 +281,27 @@ async def _latency(broker, topic: str, seconds: float, rate: int, spool: str, dr
                 for m in msgs:
                     if m.timestamp_type != 1:
                         raise RuntimeError("the latency topic must use LogAppendTime")
-                    t_kernel_ns = parse_iso_ns(orjson.loads(m.value)["@timestamp"])
-                    lat.append(m.timestamp - t_kernel_ns / 1e6)
+                    r = orjson.loads(m.value)
+                    t_kernel_ms = parse_iso_ns(r["@timestamp"]) / 1e6
+                    lat.append(m.timestamp - t_kernel_ms)
+                    hw = r["hostwall"]
+                    to_sink.append(calls.began(hw["seq"]) - t_kernel_ms if hw.get("stream") == "events" else np.nan)
     finally:
         await c.stop()
-    return lat, n - delivered
+    return run
+
+
+def latency_metrics(r: LatencyRun) -> dict[str, float]:
+    """The 20k/s run's metrics: kernel → broker percentiles, and the breakdown at the sink call."""
+    a, up = np.array(r.total), np.array(r.to_sink)
+    sink = a - up
+    return {"latency_p50_ms": float(np.percentile(a, 50)), "latency_p99_ms": float(np.percentile(a, 99)),
+            "latency_max_ms": float(a.max()), "latency_records": float(len(a)),
+            "latency_ring_full": float(r.ring_full),
+            "latency_to_sink_p50_ms": float(np.nanpercentile(up, 50)),
+            "latency_to_sink_p99_ms": float(np.nanpercentile(up, 99)),
+            "latency_sink_p50_ms": float(np.nanpercentile(sink, 50)), "latency_sink_p99_ms": float(np.nanpercentile(sink, 99)),
+            "latency_records_per_call": len(a) / r.calls if r.calls else 0.0}
 
 
 def _step(broker, k: int, rate: int, seconds: float, work: Path) -> tuple[bool, float]:
@@ -251,11 +310,10 @@ def _step(broker, k: int, rate: int, seconds: float, work: Path) -> tuple[bool, 
     topic = f"bench.rate{k}"
     broker.create_topics({topic: PARTITIONS, topic + ".a": 1, topic + ".audit": 1},
                          config={"message.timestamp.type": "LogAppendTime"})
-    lat, ring_full = uvloop.run(_latency(broker, topic, seconds, rate, str(work / f"r{k}"), drain_s=5.0,
-                                         strict=False))
-    p99 = float(np.percentile(np.array(lat), 99)) if lat else float("inf")
-    held = ring_full == 0 and p99 <= P99_LIMIT_MS
-    _log(f"rate search: {rate} records/s offered: p99 {p99:.0f} ms, ring full {ring_full}: "
+    r = uvloop.run(_latency(broker, topic, seconds, rate, str(work / f"r{k}"), drain_s=5.0, strict=False))
+    p99 = float(np.percentile(np.array(r.total), 99)) if r.total else float("inf")
+    held = r.ring_full == 0 and p99 <= P99_LIMIT_MS
+    _log(f"rate search: {rate} records/s offered: p99 {p99:.0f} ms, ring full {r.ring_full}: "
          f"{'held' if held else 'did not hold'}")
     return held, p99
 
@@ -309,14 +367,13 @@ def run(quick: bool) -> dict[str, float]:
         # latency first, on a fresh broker: the throughput runs below write GBs, and the page-cache
         # writeback that follows stalls any broker on this disk for seconds
         import uvloop
-        lat, m["latency_ring_full"] = uvloop.run(_latency(broker, "bench.latency", lat_s, 20_000, str(work / "s2")))
-        a = np.array(lat)
-        m["latency_p50_ms"] = float(np.percentile(a, 50))
-        m["latency_p99_ms"] = float(np.percentile(a, 99))
-        m["latency_max_ms"] = float(a.max())
-        m["latency_records"] = float(len(a))
+        r = uvloop.run(_latency(broker, "bench.latency", lat_s, 20_000, str(work / "s2")))
+        m.update(latency_metrics(r))
         _log(f"kernel -> broker at 20k/s: p50 {m['latency_p50_ms']:.1f} ms, p99 {m['latency_p99_ms']:.1f} ms, "
-             f"max {m['latency_max_ms']:.1f} ms over {len(a)} records")
+             f"max {m['latency_max_ms']:.1f} ms over {len(r.total)} records; kernel -> sink call p50 "
+             f"{m['latency_to_sink_p50_ms']:.1f} / p99 {m['latency_to_sink_p99_ms']:.1f} ms, sink call -> broker "
+             f"p50 {m['latency_sink_p50_ms']:.1f} / p99 {m['latency_sink_p99_ms']:.1f} ms, "
+             f"{m['latency_records_per_call']:.0f} records a call")
         held = m["latency_p99_ms"] <= P99_LIMIT_MS and m["latency_ring_full"] == 0
         m["max_rps_p99_250ms"], steps = max_rate(broker, held, quick, work)
         m["latency_search_steps"] = float(steps)

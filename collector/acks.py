@@ -2,7 +2,7 @@
 at_least_once sink has made durable, and the commits that wait for them.
 
 Every batch the pipeline fans out gets a Ticket with its fan-out index. Each at_least_once sink settles
-its calls in order (collector.sinks.base: `settled_calls`), and its k-th call is fan-out batch k, so the
+its batches in order (collector.sinks.base: `settled_calls`), and its k-th batch is fan-out batch k, so the
 *frontier* — the smallest `settled_calls` over those sinks — says that every batch below it is durable
 in every at_least_once sink or counted lost. `advance(frontier)` resolves the tickets below it (True);
 `abandon()` resolves the rest (False: the service stopped before they were durable, so their kernel data

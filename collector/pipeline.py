@@ -414,15 +414,23 @@ class Pipeline(Sources, Shutdown):
         return ticket
 
     async def _sink_worker(self, s: SinkSlot) -> None:
+        """Feeds one sink: what queued up while it was busy goes in one send_many() call (up to
+        queues.batch records), so a sink whose calls cost a round trip each (Kafka: the broker's
+        acknowledgement of the previous request) sends larger batches exactly when the input outpaces it,
+        and each batch alone while it keeps up — it never waits for a batch to fill."""
+        many = getattr(s.sink, "send_many", None)
+        limit = self.cfg.queues.batch if many is not None else 0
         try:
             while True:
-                batch = await s.queue.get(timeout=1.0)
-                if batch is None:
+                batches = await s.queue.get_many(limit, timeout=1.0)
+                if batches is None:
                     if s.queue.closed:
                         break
                     await s.sink.flush()                # idle for a second
+                elif many is not None:
+                    await many(batches)
                 else:
-                    await s.sink.send(batch)
+                    await s.sink.send(batches[0])       # limit 0: always one batch
                 self._sync_sink(s)
             await s.sink.flush()
             self._sync_sink(s)

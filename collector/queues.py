@@ -64,6 +64,20 @@ class RecordQueue:
                 return None
         return self.pop_oldest()
 
+    async def get_many(self, max_records: int, timeout: float | None = None) -> list[list] | None:
+        """The next batch and the batches queued behind it, up to max_records in all (the first batch
+        whatever its size); None as get(). The adaptive part of the sink's batching: a sink that keeps up
+        gets each batch alone, one that was busy gets everything that waited meanwhile in one call."""
+        first = await self.get(timeout)
+        if first is None:
+            return None
+        out, n = [first], len(first)
+        while self._dq and n + len(self._dq[0]) <= max_records:
+            b = self.pop_oldest()
+            out.append(b)
+            n += len(b)
+        return out
+
     def close(self) -> None:
         self.closed = True
         self._data.set()
@@ -78,8 +92,8 @@ class RecordQueue:
 
 class SinkSlot:
     """One sink, its queue, and the pipeline's counters for it. An at_least_once sink must block when
-    its queue is full (it receives every batch, in order: its k-th send() is fan-out batch k, which is
-    what the acknowledgement frontier relies on)."""
+    its queue is full (it receives every batch, in order: the k-th batch it is sent — one per send(),
+    several per send_many() — is fan-out batch k, which is what the acknowledgement frontier relies on)."""
 
     def __init__(self, sink: Sink, capacity: int):
         self.sink = sink

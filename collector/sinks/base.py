@@ -19,9 +19,10 @@ as lost ("sink_error") before re-raising, and the pipeline stops the service.
 
 Durability (docs/collector.md "Delivery and loss"): a sink is `at_least_once` (JSONL, Kafka: the
 pipeline releases kernel data only once they made it durable) or `best_effort` (console, OTLP by
-default: never waited for). Every send() call is one batch; a batch is *settled* when each of its
-records is durable (written and fdatasync'ed per the sink's policy, acknowledged by a broker, or in a
-spool that was synced) or counted lost. Calls settle in order: `settled_calls` is the number of
+default: never waited for). Every send() call is one pipeline batch, a send_many() call several (what
+queued up while the sink was busy, sent as one); a batch is *settled* when each of its records is
+durable (written and fdatasync'ed per the sink's policy, acknowledged by a broker, or in a spool that was
+synced) or counted lost. Calls settle in order: `settled_calls` is the number of pipeline batches of the
 leading calls that are settled (monotone), and `on_settle` (set by the pipeline) is called whenever it
 grows. Sinks that track durability themselves set `tracks_durability` and call `_settle(call, n)`;
 for the others a call settles when send() returns. Cost: O(1) per call and per settlement.
@@ -79,6 +80,8 @@ class Sink(Protocol):
 
     async def send(self, records: list[dict]) -> None: ...
 
+    # optional: async def send_many(self, batches: list[list[dict]]) -> None (BaseSink has it)
+
     async def flush(self) -> None: ...
 
     async def close(self) -> None: ...
@@ -89,11 +92,12 @@ class Sink(Protocol):
 
 
 class Call:
-    """One send() call (one pipeline batch) until each of its records is settled."""
-    __slots__ = ("remaining",)
+    """One send() or send_many() call — `batches` pipeline batches — until each of its records is settled."""
+    __slots__ = ("remaining", "batches")
 
-    def __init__(self, n: int):
+    def __init__(self, n: int, batches: int = 1):
         self.remaining = n
+        self.batches = batches
 
 
 class BaseSink:
@@ -126,10 +130,21 @@ class BaseSink:
         pass
 
     async def send(self, records: list[dict]) -> None:
+        await self._send_call(records, 1)
+
+    async def send_many(self, batches: list[list[dict]]) -> None:
+        """Several pipeline batches in one call (the pipeline's sink worker takes what queued up while the
+        sink was busy: docs/collector.md "Delivery and loss"). Settles as len(batches) calls, in order."""
+        if len(batches) == 1:
+            await self._send_call(batches[0], 1)
+        else:
+            await self._send_call([r for b in batches for r in b], len(batches))
+
+    async def _send_call(self, records: list[dict], batches: int) -> None:
         n = len(records)
         self.in_flight += n
         before = self.delivered + sum(self.lost.values())
-        call = self._call = Call(n)
+        call = self._call = Call(n, batches)
         self._calls.append(call)
         try:
             await self._send(records)
@@ -140,7 +155,7 @@ class BaseSink:
             self._settle(call, call.remaining)          # counted lost: nothing left to wait for
             raise
         finally:
-            self.batches += 1
+            self.batches += batches
             self._call = None
         if not self.tracks_durability:
             self._settle(call, call.remaining)
@@ -154,15 +169,15 @@ class BaseSink:
             return
         done = 0
         while self._calls and self._calls[0].remaining <= 0:
-            self._calls.popleft()
-            done += 1
+            done += self._calls.popleft().batches
         self.settled_calls += done
         if self.on_settle is not None:
             self.on_settle()
 
     @property
     def unsettled_calls(self) -> int:
-        return len(self._calls)
+        """Pipeline batches whose call began and is not settled yet."""
+        return sum(c.batches for c in self._calls)
 
     # ---- health ------------------------------------------------------------------------------
     def _set_health(self, state: Health, why: str = "") -> None:

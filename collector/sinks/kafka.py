@@ -6,9 +6,10 @@ probes a broker (kafka_probe.py), degraded mode — spooling and replay (kafka_r
 (kafka_health.py). This module is the sink itself: start, the healthy send path, close, stats.
 
 Delivery states
-  healthy   records go straight to the producer as ready-made batches (_frame: framed in the loop,
-            compressed in the build thread; kafka_wire.ReadyBatch): at most one queued and one in flight
-            per partition, so memory is bounded by ~2 x batch_size per partition plus the call's batches.
+  healthy   records go straight to the producer as ready-made batches (_frame: framed in the loop, a
+            full one compressed in the build thread, a partition's last one in the loop;
+            kafka_wire.ReadyBatch): at most one queued and one in flight per partition, so memory is
+            bounded by ~2 x batch_size per partition plus the call's batches.
   degraded  the spool takes over (kafka_replay.py) until the broker acknowledged everything it holds.
 
 Start (fail fast, docs/collector.md "Kafka, OTLP and self-metrics"): TLS files, SASL password and the
@@ -411,11 +412,10 @@ class KafkaSink(SpoolReplay, BaseSink):
     async def _send_direct(self, by_tp: dict) -> None:
         """Healthy path: ready-made batches (_frame) straight to the producer, partitions interleaved so
         that while one partition's batch waits for its predecessor (one in flight per partition with
-        idempotence) the others' are on the wire. A batch not accepted within spool_after degrades the
-        sink and the rest of this call goes to the spool (after the batches in flight, so per-partition
-        order holds)."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.o.spool_after_s
+        idempotence) the others' are on the wire. A batch not accepted within spool_after (each batch
+        from when it is its turn: a call of several pipeline batches hands over several per partition,
+        one round trip apart) degrades the sink and the rest of this call goes to the spool (after the
+        batches in flight, so per-partition order holds)."""
         t0 = time.time()
         call = self._call
         framed = self._frame(by_tp, int(t0 * 1000), call)
@@ -433,8 +433,8 @@ class KafkaSink(SpoolReplay, BaseSink):
                 self.last_error = f"building a batch: {err_name(e)}: {e}"
                 continue
             try:
-                fut = await asyncio.wait_for(self._producer.send_batch(batch, tp[0], partition=tp[1]),
-                                             max(0.01, deadline - loop.time()))
+                async with asyncio.timeout(self.o.spool_after_s):
+                    fut = await self._producer.send_batch(batch, tp[0], partition=tp[1])
             except Exception as e:                   # noqa: BLE001 — timeout or producer trouble: spool
                 self._degrade(f"batch for {tp[0]}[{tp[1]}] not accepted: "
                               f"{err_name(e) if not isinstance(e, TimeoutError) else 'stalled'}"
@@ -442,6 +442,7 @@ class KafkaSink(SpoolReplay, BaseSink):
                 await self._spool_rest(framed, bi, call)
                 return
             f = Flight(msgs, n, n, t0, nbytes, tp, call=call)
+            f.sent = time.time()                     # the watchdog's "no acknowledgement for spool_after"
             self._window[id(f)] = f
             fut.add_done_callback(functools.partial(self._direct_done, f))
             self.counters["producer_batches"] += 1
@@ -451,8 +452,11 @@ class KafkaSink(SpoolReplay, BaseSink):
     def _frame(self, by_tp: dict, ts_ms: int, call) -> list[tuple]:
         """Fill record batches in the loop (aiokafka's C record builder), each handed to the build thread
         (compression and CRC, kafka_wire.ReadyBatch) as soon as it is full, so the thread compresses
-        batch k while the loop fills k+1. Returns [(tp, msgs, payload bytes, future of the built batch)],
-        per-partition order kept, partitions interleaved."""
+        batch k while the loop fills k+1; a partition's last (partial) batch is built in the loop — at low
+        rates every batch is one, and on a busy machine the thread's two wake-ups and the GIL hand-off
+        cost more latency than compressing a small batch (docs/benchmarks.md "`kafka` latency: where the
+        seconds went"). Returns [(tp, msgs, payload bytes, future of the built batch)], per-partition
+        order kept, partitions interleaved."""
         rows = []
         for tp, ms in by_tp.items():
             row, i = [], 0
@@ -465,14 +469,14 @@ class KafkaSink(SpoolReplay, BaseSink):
                     self._settle(call, 1)
                     i += 1
                     continue
-                row.append((tp, ms[i:j], nbytes, self._build(cb)))
+                row.append((tp, ms[i:j], nbytes, self._build(cb, full=j < len(ms))))
                 i = j
             rows.append(row)
         return [b for bs in itertools.zip_longest(*rows) for b in bs if b is not None]
 
-    def _build(self, cb) -> asyncio.Future:
+    def _build(self, cb, full: bool) -> asyncio.Future:
         loop = asyncio.get_running_loop()
-        if self._builder_pool is None:               # no compression: the CRC alone, inline
+        if self._builder_pool is None or not full:   # no compression, or nothing to frame meanwhile: inline
             fut = loop.create_future()
             fut.set_result(cb.build())
             return fut

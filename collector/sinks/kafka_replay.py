@@ -53,10 +53,11 @@ DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 class Flight:
     """One batch handed to aiokafka. msgs are kept until acknowledged (to spool them on an outage)."""
-    __slots__ = ("msgs", "n", "mine", "t0", "nbytes", "seqs", "done", "ok", "final", "tp", "call", "settled")
+    __slots__ = ("msgs", "n", "mine", "t0", "sent", "nbytes", "seqs", "done", "ok", "final", "tp", "call", "settled")
 
     def __init__(self, msgs, n, mine, t0, nbytes, tp, seqs=None, call: Call | None = None):
         self.msgs, self.n, self.mine, self.t0, self.nbytes, self.tp = msgs, n, mine, t0, nbytes, tp
+        self.sent = t0              # when the producer accepted it (the watchdog's clock); t0: enqueued
         self.seqs = seqs            # spool seqs (mirrored or replayed), acknowledged per batch; None: memory only
         self.done = False
         self.ok = False
@@ -266,7 +267,7 @@ class SpoolReplay:
                 await self.spool.sync()
             if not self.degraded:
                 oldest = next(iter(self._window.values()), None)
-                if oldest is not None and time.time() - oldest.t0 > self.o.spool_after_s:
+                if oldest is not None and time.time() - oldest.sent > self.o.spool_after_s:
                     self._degrade(f"no acknowledgement for {self.o.spool_after_s:g}s")
                 elif self._producer_dead() and self._producer is not None:
                     self._degrade("producer stopped")

@@ -286,6 +286,7 @@ class MemorySink(BaseSink):
         self.durable_gate = durable_gate
         self.tracks_durability = durable_gate is not None
         self._waiting: list = []
+        self.sends: list[int] = []                       # records per call (send or send_many)
         self.flushes = 0
         self.started = self.closed = False
 
@@ -297,6 +298,7 @@ class MemorySink(BaseSink):
             await self.gate.wait()
         if self.fail_after is not None and len(self.records) >= self.fail_after:
             raise OSError("disk on fire")
+        self.sends.append(len(records))
         self.records += records
         self._deliver(len(records))
         if self.durable_gate is not None:

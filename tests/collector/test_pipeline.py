@@ -125,6 +125,41 @@ def test_back_pressure_stops_reading_the_ring_and_loses_nothing(tmp_path):
     assert pipe.ledger.check(quiescent=True) == []
 
 
+def test_a_busy_sink_gets_what_queued_meanwhile_in_one_call_settled_batch_by_batch(tmp_path):
+    """The adaptive flush (docs/collector.md "Delivery and loss"): each batch alone while the sink keeps
+    up, what queued up while it was busy in one call (up to queues.batch records); that call settles as
+    as many batches as it holds, so the ring is released exactly up to what is durable."""
+    gate, durable = asyncio.Event(), asyncio.Event()
+    src, sink = FakeSource(), MemorySink(gate=gate, durable_gate=durable)
+    pipe = Pipeline(cfg(tmp_path, queues=QueueSizes(events=4, sink=1000, batch=10)), src, StubBuilder(), [sink])
+
+    async def go():
+        task = await started(pipe)
+        src.emit(3)
+        await until(lambda: sink.in_flight == 3)          # the first call waits at the sink's gate
+        for k in range(1, 5):                             # four more batches of 3 queue up behind it
+            src.emit(3)
+            await until(lambda k=k: pipe.slots[0].queue.size == 3 * k)
+        gate.set()
+        await until(lambda: len(sink.records) == 15)
+        assert sink.sends == [3, 9, 3]                    # 3 + 3 + 3 fit the limit of 10; the fourth waits
+        assert pipe.acks.issued == 5 and sink.batches == 5
+        assert sink.settled_calls == 0 and sink.unsettled_calls == 5
+        assert src.rb.consumer_pos == 0                   # nothing durable: nothing released
+        durable.set()
+        sink.make_durable()
+        await until(lambda: src.rb.consumer_pos == src.rb.producer_pos)
+        assert sink.settled_calls == 5 and sink.unsettled_calls == 0
+        src.emit(2)                                       # the sink keeps up again: a batch alone
+        await until(lambda: len(sink.records) == 17)
+        pipe.stop()
+        await task
+    uvloop.run(go())
+    assert sink.sends[-1] == 2
+    assert [r["ident"] for r in sink.records] == list(range(17))
+    assert pipe.ledger.check(quiescent=True) == []
+
+
 def test_drop_oldest_sink_sheds_and_counts_while_a_blocking_sink_gets_everything(tmp_path):
     gate = asyncio.Event()
     fast, lossy = MemorySink("fast"), MemorySink("lossy", FullQueuePolicy.DROP_OLDEST, gate=gate)
@@ -323,6 +358,21 @@ def test_record_queue_bounds_in_records():
         q.put_nowait([2] * 50)                           # an oversized batch fits an empty queue
         q.close()
         assert len(await q.get()) == 50 and await q.get() is None
+    uvloop.run(go())
+
+
+def test_record_queue_get_many_takes_what_waited_up_to_the_limit():
+    async def go():
+        q = RecordQueue(100)
+        assert await q.get_many(10, timeout=0.01) is None             # nothing queued: times out
+        for k in (4, 4, 3, 1):
+            q.put_nowait([k] * k)
+        assert await q.get_many(10) == [[4] * 4, [4] * 4]              # 4 + 4 fit, + 3 would not
+        assert q.size == 4
+        assert await q.get_many(2) == [[3] * 3]                        # the first batch, whatever its size
+        assert await q.get_many(10) == [[1]] and q.size == 0
+        q.close()
+        assert await q.get_many(10) is None
     uvloop.run(go())
 
 
