@@ -281,7 +281,9 @@ class DnsProxy:
                 st[S["learnt"]] += lr.entered
                 st[S["overflow"]] += lr.overflow
                 st[S["set_full"]] += lr.full
-                held = 0 if lr.overflow else lr.held_ns  # some address not learnt: never cached
+                # some address not learnt (over max_ips_per_name, or refused by a full map although the
+                # learner counts it held): this answer is never cached
+                held = 0 if lr.overflow or lr.full else lr.held_ns
                 if lr.full:                            # a full set may have evicted what an entry relies on
                     self.cache.clear()
             st[S["answered"]] += 1
