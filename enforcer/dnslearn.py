@@ -13,7 +13,8 @@ live sets are read from the config (one stat(); re-read and entered again if it 
 Cost per answer: ~2 + (addresses x matching sets) map updates (~3 µs each); a renewal that would extend
 an expiry by less than min(RENEW_SLACK_NS, a quarter of the clamped TTL) costs no syscall (this process
 remembers what it wrote), so a name asked again and again writes at most about once a second, and an
-address is always held for at least three quarters of its TTL after any answer that named it. `listed()` re-reads the config at most
+address is always held for at least three quarters of its TTL after any relayed answer that named it
+(after a cached one, for at least that slack: enforcer/dnscache.py). `listed()` re-reads the config at most
 every LISTED_RECHECK_S; learn() always re-checks it after writing (the order above).
 """
 from __future__ import annotations
@@ -40,6 +41,7 @@ class Learnt:
     full: int = 0               # refused by a full name map, or evicted another from a full set bucket
     held_ns: int = 0            # every address of the answer is in the name's record and in each live set
                                 # listing the name until at least then (as this process wrote it; 0: not)
+    slack_ns: int = 0           # what a skipped renewal may leave short: min(RENEW_SLACK_NS, life / 4)
 
 
 class Learner:
@@ -92,7 +94,7 @@ class Learner:
         now = now_ns() if now is None else now
         life = int(min(max(float(ttl), dns.min_ttl_s), dns.max_ttl_s) * 1e9)
         exp = now + life
-        slack = min(RENEW_SLACK_NS, life // 4)          # what a skipped renewal may leave short
+        slack = out.slack_ns = min(RENEW_SLACK_NS, life // 4)   # what a skipped renewal may leave short
         cur = {ip: e for ip, e in self.names.get(name, {}).items() if e > now}   # as written to the maps
         keep: list[str] = []
         write: list[str] = []
