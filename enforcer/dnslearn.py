@@ -95,7 +95,8 @@ class Learner:
         life = int(min(max(float(ttl), dns.min_ttl_s), dns.max_ttl_s) * 1e9)
         exp = now + life
         slack = out.slack_ns = min(RENEW_SLACK_NS, life // 4)   # what a skipped renewal may leave short
-        cur = {ip: e for ip, e in self.names.get(name, {}).items() if e > now}   # as written to the maps
+        prev = self.names.get(name, {})
+        cur = {ip: e for ip, e in prev.items() if e > now}   # as written to the maps
         keep: list[str] = []
         write: list[str] = []
         for ip in dict.fromkeys(ips):
@@ -115,9 +116,8 @@ class Learner:
                 return out
         if not self.fm.name_put(name, now):
             out.full += 1
-        for ip in write:
-            if not self.fm.name_ip_put(name, ip, cur[ip], now):
-                out.full += 1
+        refused = [ip for ip in write if not self.fm.name_ip_put(name, ip, cur[ip], now)]
+        out.full += len(refused)
         evicted = self.fm.evicted
         with self.fm.writing():
             self._enter(self.cfg.listed(name), keep, cur, now, slack, out)
@@ -125,6 +125,13 @@ class Learner:
                 self._enter(self.cfg.listed(name), keep, cur, now, slack, out)
         out.full += self.fm.evicted - evicted
         out.held_ns = self._held(name, keep, cur)
+        if refused:                                     # not in the record: the next answer writes them again
+            out.held_ns = 0
+            for ip in refused:                          # cur is self.names[name]
+                if prev.get(ip, 0) > now:
+                    cur[ip] = prev[ip]                  # the record keeps its earlier expiry
+                else:
+                    del cur[ip]
         return out
 
     def _held(self, name: str, ips: list[str], exp: dict[str, int]) -> int:
