@@ -15,8 +15,8 @@ not truncated, with rcode NOERROR or NXDOMAIN:
 
 Served answers have every TTL lowered by the whole seconds the entry has aged. The caller bounds an
 entry's life further: for a listed name, by the learnt dynamic-set entries' remaining life
-(enforcer/dnslearn.py Learnt.held_ns), so a cached answer never names an address the datapath has
-already dropped. `clear()` on every policy change (the sets or the dns section). At most `size`
+(enforcer/dnslearn.py Learnt.held_ns) less the learner's renewal slack (Learnt.slack_ns), so a cached
+answer never names an address the datapath has dropped or is about to drop. `clear()` on every policy change (the sets or the dns section). At most `size`
 entries; an insert into a full cache drops the oldest entry (counted as an eviction by the caller);
 expired entries go when looked up or met by the eviction.
 """

@@ -13,7 +13,8 @@ live sets are read from the config (one stat(); re-read and entered again if it 
 Cost per answer: ~2 + (addresses x matching sets) map updates (~3 µs each); a renewal that would extend
 an expiry by less than min(RENEW_SLACK_NS, a quarter of the clamped TTL) costs no syscall (this process
 remembers what it wrote), so a name asked again and again writes at most about once a second, and an
-address is always held for at least three quarters of its TTL after any answer that named it. `listed()` re-reads the config at most
+address is always held for at least three quarters of its TTL after any relayed answer that named it
+(after a cached one, for at least that slack: enforcer/dnscache.py). `listed()` re-reads the config at most
 every LISTED_RECHECK_S; learn() always re-checks it after writing (the order above).
 """
 from __future__ import annotations
@@ -40,6 +41,7 @@ class Learnt:
     full: int = 0               # refused by a full name map, or evicted another from a full set bucket
     held_ns: int = 0            # every address of the answer is in the name's record and in each live set
                                 # listing the name until at least then (as this process wrote it; 0: not)
+    slack_ns: int = 0           # what a skipped renewal may leave short: min(RENEW_SLACK_NS, life / 4)
 
 
 class Learner:
@@ -92,8 +94,9 @@ class Learner:
         now = now_ns() if now is None else now
         life = int(min(max(float(ttl), dns.min_ttl_s), dns.max_ttl_s) * 1e9)
         exp = now + life
-        slack = min(RENEW_SLACK_NS, life // 4)          # what a skipped renewal may leave short
-        cur = {ip: e for ip, e in self.names.get(name, {}).items() if e > now}   # as written to the maps
+        slack = out.slack_ns = min(RENEW_SLACK_NS, life // 4)   # what a skipped renewal may leave short
+        prev = self.names.get(name, {})
+        cur = {ip: e for ip, e in prev.items() if e > now}   # as written to the maps
         keep: list[str] = []
         write: list[str] = []
         for ip in dict.fromkeys(ips):
@@ -113,9 +116,8 @@ class Learner:
                 return out
         if not self.fm.name_put(name, now):
             out.full += 1
-        for ip in write:
-            if not self.fm.name_ip_put(name, ip, cur[ip], now):
-                out.full += 1
+        refused = [ip for ip in write if not self.fm.name_ip_put(name, ip, cur[ip], now)]
+        out.full += len(refused)
         evicted = self.fm.evicted
         with self.fm.writing():
             self._enter(self.cfg.listed(name), keep, cur, now, slack, out)
@@ -123,6 +125,13 @@ class Learner:
                 self._enter(self.cfg.listed(name), keep, cur, now, slack, out)
         out.full += self.fm.evicted - evicted
         out.held_ns = self._held(name, keep, cur)
+        if refused:                                     # not in the record: the next answer writes them again
+            out.held_ns = 0
+            for ip in refused:                          # cur is self.names[name]
+                if prev.get(ip, 0) > now:
+                    cur[ip] = prev[ip]                  # the record keeps its earlier expiry
+                else:
+                    del cur[ip]
         return out
 
     def _held(self, name: str, ips: list[str], exp: dict[str, int]) -> int:

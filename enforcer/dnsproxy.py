@@ -15,7 +15,7 @@ lookup is judged by the rule (enforcer/dnslearn.py).
   none answers, the client gets SERVFAIL and a record is written (enforcer/dnsrecords.py).
 - `refuse_unlisted`: a name no rule lists is answered REFUSED (and recorded), never forwarded.
 - An answer cache (enforcer/dnscache.py, `dns.cache_size`): looked up before the query is parsed; a
-  listed name's entry lives no longer than its learnt set entries (Learnt.held_ns); emptied on every
+  listed name's entry ends a renewal slack before its learnt set entries (Learnt.held_ns); emptied on every
   policy change (Learner.generation).
 - Counters in hw_dns_stats (bpf/hostwall.h enum hw_dns_stat): queries, answers, failures, latency
   histogram; `status` and the collector's metrics read them.
@@ -281,7 +281,11 @@ class DnsProxy:
                 st[S["learnt"]] += lr.entered
                 st[S["overflow"]] += lr.overflow
                 st[S["set_full"]] += lr.full
-                held = 0 if lr.overflow else lr.held_ns  # some address not learnt: never cached
+                # some address not learnt (over max_ips_per_name, or refused by a full map although the
+                # learner counts it held): this answer is never cached
+                # a hit must leave the client time to connect: the entry ends `slack_ns` before the set
+                # entries do (docs/policy.md "DNS proxy: upstream sockets and answer cache")
+                held = 0 if lr.overflow or lr.full else lr.held_ns - lr.slack_ns
                 if lr.full:                            # a full set may have evicted what an entry relies on
                     self.cache.clear()
             st[S["answered"]] += 1

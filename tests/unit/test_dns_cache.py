@@ -113,6 +113,10 @@ def test_a_cached_answer_never_names_an_address_the_set_dropped(env, monkeypatch
     fm, served = run(go())
     late = [s for s in served if s[2] <= 0]
     assert not late, f"answers naming addresses already dropped from the set: {late[:5]}"
+    # and the client has time to connect: held for at least the learner's renewal slack (here 1 s:
+    # min(RENEW_SLACK_NS, a quarter of clamp(TTL, 5, 15) s)), as after a relayed answer
+    short = [s for s in served if s[2] < dnslearn.RENEW_SLACK_NS]
+    assert not short, f"answers naming addresses about to leave the set: {short[:5]}"
     st = fm.stats()
     assert st[S["cache_hits"]] >= 20 and st[S["cache_misses"]] >= 20, "both paths were walked"
 
@@ -246,3 +250,29 @@ def test_a_policy_change_closes_the_idle_sockets_of_dropped_upstreams(env, monke
     idle_before, old_idle, old_open, new_open, asked_new = run(go())
     assert idle_before >= 1 and not old_idle and old_open == 0, "the old upstream's sockets closed"
     assert asked_new == 1 and new_open == 1
+
+
+def test_an_answer_whose_learning_hit_a_full_map_is_not_cached(env, monkeypatch):
+    """A full learnt-name map refuses the address (`set_full`): the learner still believes it wrote it
+    (held_ns says so), but the name's record lacks it, so the next swap's sets would too. Such an answer
+    empties the cache and is not cached itself: the next ask goes upstream again."""
+    Clock(monkeypatch)
+
+    def handler(q, raw, peer):
+        return [answer(q, ("mirror.example.test", 300, "A", ["10.66.2.9"]))]
+
+    async def go():
+        up, proxy, fm, port = await _proxy(env, handler, cache=100)
+        monkeypatch.setattr(fm, "name_ip_put", lambda *a: False)   # the name map is full
+        try:
+            first = await ask(port, "mirror.example.test")
+            second = await ask(port, "mirror.example.test")
+            return up, fm, first, second
+        finally:
+            await proxy.close()
+            up.close()
+
+    up, fm, first, second = run(go())
+    st = fm.stats()
+    assert addrs(first) == addrs(second) == ["10.66.2.9"]
+    assert st[S["set_full"]] >= 1 and st[S["cache_hits"]] == 0 and len(up.seen) == 2, up.seen

@@ -474,3 +474,20 @@ def test_the_small_answer_parser_agrees_with_dnspython(qa):
         return
     if fast is not None:
         assert (sorted(fast[0]), fast[1] if fast[0] else 0) == (sorted(slow[0]), slow[1] if slow[0] else 0)
+
+
+def test_an_address_a_full_name_map_refused_is_written_again_by_the_next_answer(env):
+    """name_ip_put refused by a full map: the learner must not remember the address as written (it would
+    skip the next answer's write, and the name's record, which the next swap's sets are filled from,
+    would lack the address until a renewal falls due)."""
+    fqdnsets.publish("/pins/t", {1: ("mirror.example.test",)}, DnsConf(listen=(("127.0.0.1", 53),),
+                     upstreams=(("127.0.0.1", 53),)), "r1")
+    fm = FakeMaps()
+    learner = Learner(fm, "/pins/t")
+    real = fm.name_ip_put
+    fm.name_ip_put = lambda *a: False                  # the name map is full
+    first = learner.learn("mirror.example.test", ["10.66.2.9"], 300, now=NOW)
+    assert first.full == 1 and first.held_ns == 0 and not fm.name_ips
+    fm.name_ip_put = real                              # room again
+    learner.learn("mirror.example.test", ["10.66.2.9"], 300, now=NOW + 10**8)
+    assert ("mirror.example.test", "10.66.2.9") in fm.name_ips, "the refused address was not written again"
