@@ -134,7 +134,9 @@ def reference_outcomes(policy: Policy, packets: list[CasePacket], batch: BatchRe
         if o == -1:
             return default[order[k].direction]
         return outcome_of(evaluate(policy, order[k].reference(), learnt))
-    out = [by_rule[o] if o >= 0 else decided(i) for i, o in enumerate(orders[:len(packets)])]
+    dflt_in, dflt_eg = default["ingress"], default["egress"]
+    out = [by_rule[o] if o >= 0 else (dflt_eg if p.direction == "egress" else dflt_in) if o == -1 else decided(i)
+           for i, (o, p) in enumerate(zip(orders, packets))]
     def by_pair(opener: CasePacket, first: Outcome, own: Outcome) -> Callable[[CasePacket], Outcome]:
         return lambda c: first if c is opener else own
     for k, (i, op) in enumerate(zip(stateful, opened)):
