@@ -26,7 +26,7 @@ import struct
 
 from .dnswire import Question, _name
 
-__all__ = ["AnswerCache", "cacheable", "MAX_LIFE_S"]
+__all__ = ["AnswerCache", "cacheable", "capped", "MAX_LIFE_S"]
 
 MAX_LIFE_S = 86400                    # an answer is never cached for longer than a day
 _RR = struct.Struct("!HHIH")
@@ -34,13 +34,9 @@ _TTL = struct.Struct("!I")
 NOERROR, NXDOMAIN, SOA, OPT = 0, 3, 6, 41
 
 
-def cacheable(data: bytes, q: Question) -> tuple[int, tuple[int, ...]] | None:
-    """(life in s, offsets of the TTLs to age) for an answer to `q`, or None when it must not be cached."""
-    if len(data) < q.end or data[2] & 0x02:              # truncated: the client will ask over TCP
-        return None
-    rcode = data[3] & 0xF
-    if rcode not in (NOERROR, NXDOMAIN):
-        return None
+def _walk(data: bytes, q: Question) -> tuple[list[int], int, int | None] | None:
+    """(offsets of every TTL but OPT's, the smallest of them, the SOA's negative life or None) of an answer
+    to `q`, or None when a record does not frame or bytes trail."""
     try:
         an, ns, ar = struct.unpack_from("!HHH", data, 6)
         pos, offs, life, neg = q.end, [], MAX_LIFE_S, None
@@ -58,13 +54,42 @@ def cacheable(data: bytes, q: Question) -> tuple[int, tuple[int, ...]] | None:
             pos = end
     except (ValueError, struct.error, IndexError):
         return None
-    if pos != len(data):
+    return (offs, life, neg) if pos == len(data) else None
+
+
+def cacheable(data: bytes, q: Question) -> tuple[int, tuple[int, ...]] | None:
+    """(life in s, offsets of the TTLs to age) for an answer to `q`, or None when it must not be cached."""
+    if len(data) < q.end or data[2] & 0x02:              # truncated: the client will ask over TCP
         return None
-    if rcode == NXDOMAIN or an == 0:
+    rcode = data[3] & 0xF
+    if rcode not in (NOERROR, NXDOMAIN):
+        return None
+    w = _walk(data, q)
+    if w is None:
+        return None
+    offs, life, neg = w
+    if rcode == NXDOMAIN or data[6:8] == b"\0\0":          # no answer record
         if neg is None:
             return None
         life = min(life, neg)
     return (life, tuple(offs)) if life > 0 else None
+
+
+def capped(data: bytes, q: Question, cap_s: int) -> bytes:
+    """`data` (an answer to `q`) with every TTL above `cap_s` lowered to it (OPT aside); unchanged when it
+    does not frame. A client that honours the TTL then asks again before the learnt set entries of a
+    listed name expire, instead of connecting to an address the datapath no longer allows
+    (docs/policy.md "DNS proxy: upstream sockets and answer cache")."""
+    if len(data) < q.end:
+        return data
+    w = _walk(data, q)
+    if w is None or w[1] <= cap_s:
+        return data
+    out = bytearray(data)
+    for off in w[0]:
+        if _TTL.unpack_from(out, off)[0] > cap_s:
+            _TTL.pack_into(out, off, cap_s)
+    return bytes(out)
 
 
 class AnswerCache:

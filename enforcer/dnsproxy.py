@@ -35,7 +35,7 @@ import time
 from hostwall.bpf import layout as L
 from hostwall.bpf.fqdn import now_ns
 
-from .dnscache import AnswerCache, cacheable
+from .dnscache import AnswerCache, cacheable, capped
 from .dnslearn import Learner
 from .dnspolicy import DnsConf
 from .dnsrecords import DnsRecordLog
@@ -288,6 +288,8 @@ class DnsProxy:
                 held = 0 if lr.overflow or lr.full else lr.held_ns - lr.slack_ns
                 if lr.full:                            # a full set may have evicted what an entry relies on
                     self.cache.clear()
+                elif held > 0:                         # no TTL outlives the set entries (max_ttl below the TTL)
+                    answer = capped(answer, q, max(0, (held - now_ns()) // 1_000_000_000))
             st[S["answered"]] += 1
             resp = q.id.to_bytes(2, "big") + answer[2:]
             if key is not None and gen == self.learner.generation == self._gen:

@@ -105,6 +105,9 @@ def test_a_cached_answer_never_names_an_address_the_set_dropped(env, monkeypatch
                 for ip in addrs(m):
                     exp = fm.sets.get((1, ip), (0, 0))[0]
                     served.append((name, ip, exp - clock.t))
+                    # a client honouring the TTL never connects after the set dropped the address
+                    over = [t for t in ttls(m) if t * 1_000_000_000 > exp - clock.t]
+                    assert not over, f"{name}: TTL {over} s outlives the set entry ({(exp - clock.t) / 1e9:.1f} s)"
             return fm, served
         finally:
             await proxy.close()
@@ -276,3 +279,30 @@ def test_an_answer_whose_learning_hit_a_full_map_is_not_cached(env, monkeypatch)
     st = fm.stats()
     assert addrs(first) == addrs(second) == ["10.66.2.9"]
     assert st[S["set_full"]] >= 1 and st[S["cache_hits"]] == 0 and len(up.seen) == 2, up.seen
+
+
+def test_served_ttls_never_outlive_the_set_entries_and_unlisted_ttls_are_untouched(env, monkeypatch):
+    """An upstream TTL of 300 s under max_ttl 15 s: the client is told at most the set entries' life
+    less the renewal slack (14 s), relayed and cached alike; an unlisted name keeps its 300 s."""
+    clock = Clock(monkeypatch)
+
+    def handler(q, raw, peer):
+        name = q.question[0].name.to_text().rstrip(".")
+        return [answer(q, (name, 300, "A", ["10.66.2.9"]))]
+
+    async def go():
+        up, proxy, fm, port = await _proxy(env, handler, cache=100, min_ttl=5.0, max_ttl=15.0)
+        try:
+            relayed = await ask(port, "mirror.example.test")
+            clock.advance(4.2)
+            hit = await ask(port, "mirror.example.test")
+            other = await ask(port, "other.example.test")
+            return fm, relayed, hit, other
+        finally:
+            await proxy.close()
+            up.close()
+
+    fm, relayed, hit, other = run(go())
+    assert ttls(relayed) == [14] and ttls(hit) == [10], (ttls(relayed), ttls(hit))
+    assert ttls(other) == [300]
+    assert fm.stats()[S["cache_hits"]] == 1
