@@ -10,7 +10,10 @@ with the loop once and used for **one outstanding query at a time**:
   16 more bits;
 - a socket is closed after MAX_USES queries (and a fresh one, on a new random port, takes its place on
   demand), after any error or timeout (a late answer never reaches a later query) and when the pool
-  is full (more queries in flight than POOL_SIZE: extra sockets serve one query each);
+  is full (more queries in flight than POOL_SIZE: extra sockets serve one query each), and after
+  MAX_IDLE_S without a query (a sweep at most once a second): at a low query rate the pool shrinks
+  instead of keeping its ports open for hours, which would help an off-path spoofer find them by
+  probing (the SAD DNS side channel);
 - sockets stay connected to their upstream, so the kernel drops datagrams from anyone else; answers
   are still checked against the outstanding ID and question (`check`). Datagrams that arrive while a
   socket is idle (late answers) are read and counted through `stray`.
@@ -20,14 +23,16 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import time
 from collections.abc import Callable, Collection
 
 from .netsock import SocketMaker
 
-__all__ = ["UdpPool", "POOL_SIZE", "MAX_USES", "rand16"]
+__all__ = ["UdpPool", "POOL_SIZE", "MAX_USES", "MAX_IDLE_S", "rand16"]
 
 POOL_SIZE = 256
 MAX_USES = 16
+MAX_IDLE_S = 10.0
 _RAND = {"buf": b"", "pos": 0}
 
 
@@ -43,10 +48,10 @@ def rand16() -> int:
 
 
 class _Sock:
-    __slots__ = ("s", "fd", "uses", "waiter")
+    __slots__ = ("s", "fd", "uses", "waiter", "idle_since")
 
     def __init__(self, s: socket.socket):
-        self.s, self.fd, self.uses = s, s.fileno(), 0
+        self.s, self.fd, self.uses, self.idle_since = s, s.fileno(), 0, 0.0
         self.waiter: tuple[asyncio.Future, Callable] | None = None
 
 
@@ -58,6 +63,7 @@ class UdpPool:
         self.idle: dict[tuple[str, int], list[_Sock]] = {}
         self.open: dict[tuple[str, int], int] = {}
         self.opened = 0                         # sockets opened (tests: ports in use stay bounded)
+        self.swept = time.monotonic()
 
     def _new(self, up: tuple[str, int]) -> _Sock:
         s = self.maker.socket(socket.AF_INET6 if ":" in up[0] else socket.AF_INET, socket.SOCK_DGRAM)
@@ -73,12 +79,25 @@ class UdpPool:
         return sk
 
     def _take(self, up: tuple[str, int]) -> _Sock:
+        now = time.monotonic()
+        if now - self.swept >= 1.0:
+            self._sweep(now)
         idle = self.idle.setdefault(up, [])
         if self.open.get(up, 0) < POOL_SIZE or not idle:
             return self._new(up)
         i = rand16() % len(idle)                 # len <= POOL_SIZE: the modulo bias is under 0.4 %
         idle[i], idle[-1] = idle[-1], idle[i]
         return idle.pop()
+
+    def _sweep(self, now: float) -> None:
+        """Close the sockets idle for MAX_IDLE_S or more (O(idle sockets), at most once a second)."""
+        self.swept = now
+        for up, idle in self.idle.items():
+            stale = [sk for sk in idle if now - sk.idle_since >= MAX_IDLE_S]
+            if stale:
+                idle[:] = [sk for sk in idle if now - sk.idle_since < MAX_IDLE_S]
+                for sk in stale:
+                    self._drop(up, sk)
 
     def _drop(self, up: tuple[str, int], sk: _Sock) -> None:
         asyncio.get_running_loop().remove_reader(sk.fd)
@@ -120,6 +139,7 @@ class UdpPool:
             sk.uses += 1
             idle = self.idle.get(up)
             if ok and sk.uses < MAX_USES and idle is not None and len(idle) < POOL_SIZE:
+                sk.idle_since = time.monotonic()
                 idle.append(sk)
             else:
                 self._drop(up, sk)

@@ -306,3 +306,33 @@ def test_served_ttls_never_outlive_the_set_entries_and_unlisted_ttls_are_untouch
     assert ttls(relayed) == [14] and ttls(hit) == [10], (ttls(relayed), ttls(hit))
     assert ttls(other) == [300]
     assert fm.stats()[S["cache_hits"]] == 1
+
+
+def test_idle_upstream_sockets_close_after_max_idle(env, monkeypatch):
+    """At a low query rate the pool does not keep its ports open: a socket idle for MAX_IDLE_S is closed
+    by the next query's sweep and that query gets a fresh socket on a new port."""
+    t = {"now": 1000.0}
+    monkeypatch.setattr(dnsupstream.time, "monotonic", lambda: t["now"])
+
+    def handler(q, raw, peer):
+        return [answer(q, ("other.example.test", 60, "A", ["10.66.2.11"]))]
+
+    async def go():
+        up, proxy, fm, port = await _proxy(env, handler)           # cache off: every query goes up
+        try:
+            pool = proxy.pool
+            for _ in range(3):
+                await ask(port, "other.example.test")
+                t["now"] += 2.0                                     # busy enough: nothing swept
+            kept = sum(map(len, pool.idle.values()))
+            t["now"] += dnsupstream.MAX_IDLE_S
+            await ask(port, "other.example.test")
+            return up, kept, sum(map(len, pool.idle.values())), sum(pool.open.values())
+        finally:
+            await proxy.close()
+            up.close()
+
+    up, kept, idle_after, open_after = run(go())
+    assert kept == 3, "the first queries each opened a socket, all kept idle"
+    assert idle_after == 1 and open_after == 1, "the stale ones closed; only the last query's socket is left"
+    assert up.seen[-1][1] not in {p for _, p in up.seen[:3]}, "the last query went out on a new port"
