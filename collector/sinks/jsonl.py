@@ -173,7 +173,7 @@ class JsonlSink(BaseSink):
                 try:
                     out.append(enc(r) + b"\n")
                 except Exception as e:  # noqa: BLE001 — an unencodable record is counted lost, the rest go on
-                    self._lose("encode_error", 1)
+                    self._lose_records("encode_error", [r])      # its seq noted: the loss record explains the gap
                     self.last_error = f"encode: {type(e).__name__}: {e}"
             return out
 

@@ -138,7 +138,7 @@ def test_encode_errors_are_counted_and_the_rest_written(tmp_path):
     async def go():
         s = JsonlSink(p, fsync="none")
         await s.start()
-        bad = {"event": {"id": "x"}, "oops": {1, 2}}          # a set is not JSON
+        bad = {"event": {"id": "x"}, "oops": {1, 2}, "hostwall": {"seq": 7, "stream": "events"}}   # a set is not JSON
         await s.send(recs(2) + [bad] + recs(1, 2))
         await s.close()
         return s
@@ -146,6 +146,8 @@ def test_encode_errors_are_counted_and_the_rest_written(tmp_path):
     assert [r["seq"] for r in lines(p)] == [0, 1, 2]
     assert s.stats()["lost"] == {"encode_error": 1} and s.stats()["delivered"] == 3
     assert "encode" in s.stats()["last_error"]
+    # its hostwall.seq is noted, so the pipeline's loss record explains the gap (docs/records.md)
+    assert {k: (v.count, v.ranges) for k, v in s.take_lost_seqs().items()} == {("events", "encode_error"): (1, [[7, 7]])}
     accounted(s)
 
 
