@@ -391,3 +391,8 @@ def test_cli_test_with_fqdn_addresses_reference_only(tmp_path):
     (tmp_path / "bad.yaml").write_text("api.example.test: [nope]\n")
     r = _cli("test", "p.yaml", "ok.yaml", "--reference-only", "--fqdn-addresses", "bad.yaml", cwd=tmp_path)
     assert r.returncode == 2 and "api.example.test[0]: 'nope' is not an IP address" in r.stderr
+    # the snapshot judges the cases only: without --cases it is an input error, not silently ignored (apply
+    # would otherwise change the policy as if the option did something)
+    for args in (["validate"], ["apply", "--pin-dir", str(tmp_path / "none")]):   # a private pin dir: no instance
+        r = _cli(*args[:1], "p.yaml", "--fqdn-addresses", "snap.yaml", *args[1:], cwd=tmp_path)
+        assert r.returncode == 2 and "--fqdn-addresses judges the --cases file" in r.stderr, (args, r.stdout, r.stderr)
