@@ -67,7 +67,18 @@ def _policy_errors(e: PolicyError) -> int:
     return EXIT_INPUT
 
 
+def _snapshot_without_cases(a) -> bool:
+    """--fqdn-addresses judges the cases only (docs/policy.md "fqdns rules"): alone it is an input error,
+    never silently ignored (apply would change the policy as if it did something)."""
+    if a.fqdn_addresses and not a.cases:
+        _err("--fqdn-addresses judges the --cases file; give --cases FILE too")
+        return True
+    return False
+
+
 def cmd_validate(a) -> int:
+    if _snapshot_without_cases(a):
+        return EXIT_INPUT
     p = _load(a.policy)
     print(f"{a.policy}: OK — policy {p.name!r} revision {p.revision}: {len(p.rules)} rules, "
           f"{p.prefix_count} prefixes, {len(p.dos_profiles)} DoS profiles, {len(p.interfaces)} interfaces")
@@ -103,6 +114,8 @@ def cmd_run(a) -> int:
 def cmd_apply(a) -> int:
     from . import control
     from .cli_tooling import dry_run, run_cases
+    if _snapshot_without_cases(a):
+        return EXIT_INPUT
     p = _load(a.policy)
     if a.cases:
         try:

@@ -55,8 +55,12 @@ class TestRun:
         self.dp.install(compile_policy(policy, {n: i for i, n in enumerate(self.names)}, 1, fqdn_sets=self.sets))
         self.tables = conntrack.tables(self.dp.map_fds)
         self.learnt = {n: tuple(ips) for n, ips in (learnt or {}).items()}
-        self._fill()
-        self._forget()
+        try:
+            self._fill()
+            self._forget()
+        except BaseException:            # no close() follows a failed constructor: a shared instance
+            self.close()                 # keeps no half-learnt snapshot, an own one is not leaked
+            raise
 
     def _fill(self) -> None:
         """Learn the snapshot's names as the DNS proxy does (hw_dns_names, hw_dns_name_ips), then fill

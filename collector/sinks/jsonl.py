@@ -17,7 +17,8 @@ Full-queue policy: block (a local disk is the sink of last resort: slow it down,
 Losses are counted by reason: encode_error (the encoder rejected a record), disk_full (write(2) failed
 with ENOSPC or EDQUOT), write_error (any other write(2) failure — the batch's unwritten records; the
 file is reopened on the next batch), fsync_error (policy always: fdatasync failed, so the batch is not
-known to be on disk). The collector keeps running; health is `failing` until a write succeeds again.
+known to be on disk), each noting its records' hostwall.seq for the loss record (docs/records.md
+"Completeness"). The collector keeps running; health is `failing` until a write succeeds again.
 
 Durability (at_least_once, docs/collector.md "Delivery and loss"): a batch is settled — the pipeline
 may release its kernel data — once it is written (policy none) or covered by a successful fdatasync
@@ -109,8 +110,9 @@ class JsonlSink(BaseSink):
         call = self._call
         written = encoded = 0
         failed: OSError | None = None
+        wrote: list[dict] = []                               # the records written (an fsync_error loses them)
         for i in range(0, len(records), ENCODE_CHUNK):
-            lines = self._encode_all(records[i:i + ENCODE_CHUNK])
+            lines, recs = self._encode_all(records[i:i + ENCODE_CHUNK])
             encoded += len(lines)
             if not lines:
                 continue
@@ -118,11 +120,11 @@ class JsonlSink(BaseSink):
                 try:
                     self._open()
                 except OSError as e:
-                    self._write_failed(e, len(lines))
+                    self._write_failed(e, recs)
                     failed = e
                     continue
             if failed is not None:
-                self._lose("disk_full" if failed.errno in DISK_FULL_ERRNOS else "write_error", len(lines))
+                self._lose_records("disk_full" if failed.errno in DISK_FULL_ERRNOS else "write_error", recs)
                 continue
             done = 0
             for seg_lines, seg_bytes in self._segments(lines):
@@ -131,7 +133,7 @@ class JsonlSink(BaseSink):
                         await self._rotate()
                     write_all(self._fd, b"".join(seg_lines))
                 except OSError as e:
-                    self._write_failed(e, len(lines) - done)
+                    self._write_failed(e, recs[done:])
                     failed = e
                     break
                 done += len(seg_lines)
@@ -139,6 +141,8 @@ class JsonlSink(BaseSink):
                 self.bytes_written += seg_bytes
                 self._dirty = True
             written += done
+            if self.fsync == "always":
+                wrote += recs[:done]
         if not encoded:
             self._settle(call, call.remaining)
             return
@@ -151,7 +155,7 @@ class JsonlSink(BaseSink):
         self._unsynced.append(call)
         if self.fsync == "always":
             if not await self._sync():
-                self._lose("fsync_error", written)
+                self._lose_records("fsync_error", wrote)
                 self._settle_unsynced()                  # counted lost: nothing to wait for
                 return
         elif self.fsync == "interval" and time.monotonic() - self._last_sync >= self.fsync_interval_s:
@@ -163,19 +167,22 @@ class JsonlSink(BaseSink):
         for c in calls:
             self._settle(c, c.remaining)
 
-    def _encode_all(self, records: list[dict]) -> list[bytes]:
+    def _encode_all(self, records: list[dict]) -> tuple[list[bytes], list[dict]]:
+        """(lines, the records they encode): a loss notes its records' hostwall.seq, so the pipeline's
+        loss record explains the gap (docs/records.md "Completeness")."""
         enc = self._encode
         try:
-            return [enc(r) + b"\n" for r in records]           # fast path: no per-record try
+            return [enc(r) + b"\n" for r in records], records  # fast path: no per-record try
         except Exception:  # noqa: BLE001 — fall back to one record at a time to find the bad one
-            out = []
+            out, ok = [], []
             for r in records:
                 try:
                     out.append(enc(r) + b"\n")
+                    ok.append(r)
                 except Exception as e:  # noqa: BLE001 — an unencodable record is counted lost, the rest go on
-                    self._lose("encode_error", 1)
+                    self._lose_records("encode_error", [r])
                     self.last_error = f"encode: {type(e).__name__}: {e}"
-            return out
+            return out, ok
 
     def _segments(self, lines: list[bytes]):
         """Split lines into runs that fit the current file, then whole new files: (lines, bytes)."""
@@ -188,9 +195,9 @@ class JsonlSink(BaseSink):
             acc += len(ln)
         yield lines[start:], acc
 
-    def _write_failed(self, e: OSError, n: int) -> None:
+    def _write_failed(self, e: OSError, lost: list[dict]) -> None:
         full = e.errno in DISK_FULL_ERRNOS
-        self._lose("disk_full" if full else "write_error", n)
+        self._lose_records("disk_full" if full else "write_error", lost)
         self.last_error = f"write {self.path}: {e.strerror or e}"
         self._set_health(Health.FAILING, f"{'disk full' if full else 'write failed'}: {self.last_error}; "
                          "records are counted lost until a write succeeds")

@@ -149,7 +149,7 @@ class OtlpSink(BaseSink):
                                severity_text=o["severity_text"], severity_number=SeverityNumber(o["severity_number"]),
                                body=o["body"], attributes=attrs, event_name=o["event_name"])
             except Exception as e:                  # noqa: BLE001 — counted, never silent
-                self._lose("encode_error", 1)
+                self._lose_records("encode_error", [r])          # its seq noted: the loss record explains the gap
                 self.last_error = f"encode: {type(e).__name__}: {e}"
                 continue
             out.append(ReadableLogRecord(log_record=lr, resource=self._resource, instrumentation_scope=self._scope))

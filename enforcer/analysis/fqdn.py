@@ -22,7 +22,7 @@ from collections.abc import Iterable
 
 import yaml
 
-from hostwall.dnsnames import matches, normalize_name
+from hostwall.dnsnames import matches, normalize_name, parse_pattern
 
 from ..policy import PeerSet, Policy, Rule
 from ..reference import PROTO_NUMBERS, Learnt, Packet, evaluate, fqdn_names
@@ -53,6 +53,12 @@ def load_addresses(path: str) -> dict[str, tuple[str, ...]]:
     for name, addrs in data.items():
         if not isinstance(name, str) or not name.strip():
             raise ValueError(f"{path}: {name!r} is not a DNS name")
+        if "*" in name:
+            raise ValueError(f"{path}: {name!r}: a snapshot lists what names resolved to: a name, not a pattern")
+        try:                             # as the proxy could learn it (the kernel's name map holds no longer)
+            parse_pattern(name)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
         vals = [addrs] if isinstance(addrs, str) else addrs
         if not isinstance(vals, list):
             raise ValueError(f"{path}: {name}: expected an address or a list of addresses")

@@ -235,3 +235,20 @@ def test_cli_test_with_fqdn_addresses_and_the_datapath(tmp_path):
     assert r.returncode == 1, r.stdout + r.stderr
     assert "case 'an address learnt for an unlisted name falls through'" in r.stdout
     assert "verdict drop, expected allow" in r.stdout and "datapath disagrees" not in r.stdout
+
+
+def test_a_snapshot_too_big_for_the_kernel_leaves_a_shared_instance_clean(datapath):
+    """A snapshot the learnt-name maps cannot hold (HW_DNS_NAMES_MAX + 1 names) makes TestRun raise
+    from its constructor — no close() follows — and the names it had entered before the map filled are
+    removed again: the next TestRun on the shared instance fills its sets from its own snapshot only."""
+    from hostwall.bpf import layout as L
+    from hostwall.enforcer.testrun import DatapathError
+    policy = parse_policy(FQ_POLICY)
+    big = {f"n{i}.deb.mirrors.example.test": ["198.51.100.10"] for i in range(L.C["HW_DNS_NAMES_MAX"] + 1)}
+    with pytest.raises(DatapathError, match="does not fit the learnt-name maps"):
+        TestRun(policy, dp=datapath, learnt=big)
+    fm = FqdnMaps(datapath.map_fds)
+    try:
+        assert fm.set_entries() == [] and fm.learnt() == [] and fm.names() == {}
+    finally:
+        fm.close()

@@ -138,7 +138,7 @@ def test_encode_errors_are_counted_and_the_rest_written(tmp_path):
     async def go():
         s = JsonlSink(p, fsync="none")
         await s.start()
-        bad = {"event": {"id": "x"}, "oops": {1, 2}}          # a set is not JSON
+        bad = {"event": {"id": "x"}, "oops": {1, 2}, "hostwall": {"seq": 7, "stream": "events"}}   # a set is not JSON
         await s.send(recs(2) + [bad] + recs(1, 2))
         await s.close()
         return s
@@ -146,6 +146,8 @@ def test_encode_errors_are_counted_and_the_rest_written(tmp_path):
     assert [r["seq"] for r in lines(p)] == [0, 1, 2]
     assert s.stats()["lost"] == {"encode_error": 1} and s.stats()["delivered"] == 3
     assert "encode" in s.stats()["last_error"]
+    # its hostwall.seq is noted, so the pipeline's loss record explains the gap (docs/records.md)
+    assert {k: (v.count, v.ranges) for k, v in s.take_lost_seqs().items()} == {("events", "encode_error"): (1, [[7, 7]])}
     accounted(s)
 
 
@@ -247,3 +249,48 @@ def test_a_batch_of_many_encode_chunks_rotates_and_counts_like_one(tmp_path, mon
     assert st["lost"] == {"encode_error": 2, "disk_full": 59 - len(got)}
     assert st["delivered"] == len(got) and 35 < len(got) < 69
     accounted(s)
+
+
+def test_write_and_fsync_losses_note_the_records_seqs(tmp_path, monkeypatch):
+    """disk_full, write_error and fsync_error losses note the lost records' hostwall.seq (as encode_error
+    does), so the pipeline's loss records explain every gap a consumer of the file sees (docs/records.md
+    "Completeness"); the records written before a failing write are not among them."""
+    def hw(n: int, start: int) -> list[dict]:
+        return [r | {"hostwall": {"seq": r["seq"], "stream": "events"}} for r in recs(n, start)]
+    real_write = os.write
+    fail = {"errno": None}
+
+    def write(fd, b):
+        if fail["errno"] is not None:
+            raise OSError(fail["errno"], os.strerror(fail["errno"]))
+        return real_write(fd, b)
+    monkeypatch.setattr(os, "write", write)
+
+    def noted(s) -> dict:
+        return {k: (v.count, v.ranges) for k, v in s.take_lost_seqs().items()}
+
+    async def go():
+        s = JsonlSink(tmp_path / "f.jsonl", fsync="none", rotate_bytes=10**6)
+        await s.start()
+        await s.send(hw(3, 0))
+        fail["errno"] = errno.ENOSPC
+        await s.send(hw(4, 3))                              # the write fails: all four lost
+        await s.send(hw(2, 7))                              # the reopened file's write fails too
+        assert noted(s) == {("events", "disk_full"): (6, [[3, 8]])}
+        fail["errno"] = errno.EIO
+        await s.send(hw(2, 9))
+        assert noted(s) == {("events", "write_error"): (2, [[9, 10]])}
+        fail["errno"] = None
+        await s.close()
+
+        def boom(fd):
+            raise OSError(errno.EIO, "I/O error")
+        monkeypatch.setattr(os, "fdatasync", boom)
+        a = JsonlSink(tmp_path / "g.jsonl", fsync="always")
+        await a.start()
+        await a.send(hw(3, 11))
+        assert noted(a) == {("events", "fsync_error"): (3, [[11, 13]])}
+        return s, a
+    s, a = run(go())
+    assert [r["seq"] for r in lines(tmp_path / "f.jsonl")] == [0, 1, 2]
+    assert s.stats()["lost"] == {"disk_full": 6, "write_error": 2} and a.stats()["lost"] == {"fsync_error": 3}

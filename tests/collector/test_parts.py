@@ -43,3 +43,12 @@ def test_fakes_are_the_same_parts(tmp_path):
     assert isinstance(StubBuilder(), parts.RecordBuilder)
     assert isinstance(MemorySink(), parts.Sink)
     assert isinstance(JsonlSink(tmp_path / "f.jsonl"), parts.Sink)
+
+
+def test_otlp_encode_errors_note_the_records_seqs():
+    """A record the OTLP mapping rejects is counted lost (encode_error) with its hostwall.seq noted, so
+    the pipeline's loss record explains the gap a consumer sees (docs/records.md "Completeness")."""
+    s = OtlpSink("127.0.0.1:1")
+    assert s.to_log_records([{"hostwall": {"seq": 5, "stream": "events", "kind": "flow"}}], 1) == []
+    assert s.lost == {"encode_error": 1}
+    assert {k: (v.count, v.ranges) for k, v in s.take_lost_seqs().items()} == {("events", "encode_error"): (1, [[5, 5]])}

@@ -15,6 +15,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -275,6 +276,20 @@ def test_cli_explain_with_fqdn_addresses(tmp_path):
     assert r.returncode == 2 and "x.example.com[0]: 'not-an-address' is not an IP address" in r.stderr
 
 
+def test_a_snapshot_lists_valid_dns_names_only(tmp_path):
+    """A snapshot name the DNS proxy could never learn is an input error, not a silent mismatch: the
+    kernel's name map keeps at most a DNS name's length (an over-long one is truncated there, so the
+    swap's fill_sets would not match it while the reference model's wildcard does), and a pattern is
+    not a name."""
+    for text, why in ((f"{'x' * 64}.example.net: [198.51.100.9]\n", "at most 63"),
+                      (f"{'abcdefgh.' * 30}example.net: [198.51.100.9]\n", "at most 253"),
+                      ("'*.example.net': [198.51.100.9]\n", "a name, not a pattern"),
+                      ("a..example.net: [198.51.100.9]\n", "empty label")):
+        (tmp_path / "s.yaml").write_text(text)
+        with pytest.raises(ValueError, match=why):
+            load_addresses(str(tmp_path / "s.yaml"))
+
+
 def test_cli_lint_fqdn(tmp_path):
     (tmp_path / "p.yaml").write_text(POLICY)
     r = _cli("lint", "p.yaml", "--strict", cwd=tmp_path)
@@ -376,3 +391,8 @@ def test_cli_test_with_fqdn_addresses_reference_only(tmp_path):
     (tmp_path / "bad.yaml").write_text("api.example.test: [nope]\n")
     r = _cli("test", "p.yaml", "ok.yaml", "--reference-only", "--fqdn-addresses", "bad.yaml", cwd=tmp_path)
     assert r.returncode == 2 and "api.example.test[0]: 'nope' is not an IP address" in r.stderr
+    # the snapshot judges the cases only: without --cases it is an input error, not silently ignored (apply
+    # would otherwise change the policy as if the option did something)
+    for args in (["validate"], ["apply", "--pin-dir", str(tmp_path / "none")]):   # a private pin dir: no instance
+        r = _cli(*args[:1], "p.yaml", "--fqdn-addresses", "snap.yaml", *args[1:], cwd=tmp_path)
+        assert r.returncode == 2 and "--fqdn-addresses judges the --cases file" in r.stderr, (args, r.stdout, r.stderr)
