@@ -68,11 +68,13 @@ def _policy_errors(e: PolicyError) -> int:
 
 
 def _snapshot_without_cases(a) -> bool:
-    """--fqdn-addresses judges the cases only (docs/policy.md "fqdns rules"): alone it is an input error,
-    never silently ignored (apply would change the policy as if it did something)."""
-    if a.fqdn_addresses and not a.cases:
-        _err("--fqdn-addresses judges the --cases file; give --cases FILE too")
-        return True
+    """--fqdn-addresses and --reference-only shape how the cases are judged (docs/policy.md "fqdns
+    rules"): without --cases they are an input error, never silently ignored (apply would change the
+    policy as if they did something)."""
+    for given, opt in ((a.fqdn_addresses, "--fqdn-addresses"), (getattr(a, "reference_only", False), "--reference-only")):
+        if given and not a.cases:
+            _err(f"{opt} judges the --cases file; give --cases FILE too")
+            return True
     return False
 
 

@@ -396,3 +396,5 @@ def test_cli_test_with_fqdn_addresses_reference_only(tmp_path):
     for args in (["validate"], ["apply", "--pin-dir", str(tmp_path / "none")]):   # a private pin dir: no instance
         r = _cli(*args[:1], "p.yaml", "--fqdn-addresses", "snap.yaml", *args[1:], cwd=tmp_path)
         assert r.returncode == 2 and "--fqdn-addresses judges the --cases file" in r.stderr, (args, r.stdout, r.stderr)
+    r = _cli("apply", "p.yaml", "--reference-only", "--pin-dir", str(tmp_path / "none"), cwd=tmp_path)
+    assert r.returncode == 2 and "--reference-only judges the --cases file" in r.stderr, (r.stdout, r.stderr)
