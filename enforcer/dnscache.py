@@ -24,12 +24,11 @@ from __future__ import annotations
 
 import struct
 
-from .dnswire import Question, _name
+from .dnswire import Question, frame_record
 
 __all__ = ["AnswerCache", "cacheable", "capped", "MAX_LIFE_S"]
 
 MAX_LIFE_S = 86400                    # an answer is never cached for longer than a day
-_RR = struct.Struct("!HHIH")
 _TTL = struct.Struct("!I")
 NOERROR, NXDOMAIN, SOA, OPT = 0, 3, 6, 41
 
@@ -41,15 +40,11 @@ def _walk(data: bytes, q: Question) -> tuple[list[int], int, int | None] | None:
         an, ns, ar = struct.unpack_from("!HHH", data, 6)
         pos, offs, life, neg = q.end, [], MAX_LIFE_S, None
         for i in range(an + ns + ar):
-            pos = _name(data, pos)[1]
-            rtype, _, ttl, rdlen = _RR.unpack_from(data, pos)
-            end = pos + 10 + rdlen
-            if end > len(data):
-                return None
+            _, rtype, _, ttl, rd, end = frame_record(data, pos)
             if rtype != OPT:
-                offs.append(pos + 4)
+                offs.append(rd - 6)                      # the TTL: 6 bytes before the rdata
                 life = min(life, ttl)
-                if rtype == SOA and an <= i < an + ns and rdlen >= 22:
+                if rtype == SOA and an <= i < an + ns and end - rd >= 22:
                     neg = min(ttl, _TTL.unpack_from(data, end - 4)[0])
             pos = end
     except (ValueError, struct.error, IndexError):

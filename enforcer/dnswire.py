@@ -25,7 +25,7 @@ import dns.rcode
 import dns.rdatatype
 
 __all__ = ["Question", "parse_query", "answer_matches", "addresses", "make_error", "rcode_of", "QTYPE_NAMES",
-           "MalformedAnswer"]
+           "MalformedAnswer", "frame_record"]
 
 QTYPE_NAMES = {1: "A", 28: "AAAA", 5: "CNAME", 15: "MX", 16: "TXT", 2: "NS", 6: "SOA", 12: "PTR", 33: "SRV",
                65: "HTTPS", 64: "SVCB", 255: "ANY"}
@@ -135,18 +135,29 @@ def _name(data: bytes, pos: int) -> tuple[bytes, int]:
 
 
 _SIMPLE = frozenset({1, 5, 28, 41})                     # A, CNAME, AAAA, OPT: what the small parser vets
+_RR = struct.Struct("!HHIH")
+
+
+def frame_record(data: bytes, pos: int) -> tuple[bytes, int, int, int, int, int]:
+    """(owner, type, class, ttl, rdata offset, rdata end) of the record at `pos`; ValueError (or
+    struct.error) when it runs past the end. The one record framer of the small parser and the answer
+    cache (enforcer/dnscache.py)."""
+    owner, pos = _name(data, pos)
+    rtype, rclass, ttl, rdlen = _RR.unpack_from(data, pos)
+    end = pos + 10 + rdlen
+    if end > len(data):
+        raise ValueError("record past the end")
+    return owner, rtype, rclass, ttl, pos + 10, end
 
 
 def _rrs(data: bytes, pos: int, count: int, out: list) -> int:
     """Append (owner, type, class, ttl, rdata offset, rdlen) of `count` records from `pos`; ValueError on
     anything the small parser does not vet itself (dnspython then decides)."""
     for _ in range(count):
-        owner, pos = _name(data, pos)
-        rtype, rclass, ttl, rdlen = struct.unpack_from("!HHIH", data, pos)
-        pos += 10
-        end = pos + rdlen
-        if end > len(data) or rtype not in _SIMPLE:
-            raise ValueError("record past the end, or a type left to dnspython")
+        owner, rtype, rclass, ttl, pos, end = frame_record(data, pos)
+        rdlen = end - pos
+        if rtype not in _SIMPLE:
+            raise ValueError("a type left to dnspython")
         if (rtype == 1 and rdlen != 4) or (rtype == 28 and rdlen != 16):
             raise ValueError("address of the wrong length")
         if rtype == 5 and _name(data, pos)[1] != end:
