@@ -10,7 +10,7 @@ import numpy as np
 
 from hostwall.bpf import layout as L
 
-__all__ = ["Classes", "CompileError", "classify"]
+__all__ = ["Classes", "CompileError", "classify", "sorted_unique"]
 
 
 class CompileError(Exception):
@@ -53,14 +53,20 @@ def _merge_per_owner(own: np.ndarray, start: np.ndarray, end: np.ndarray):
     return own[new], start[new], m_end
 
 
+def sorted_unique(x: np.ndarray) -> np.ndarray:
+    """np.unique(x) by one sort and a neighbour mask: np.unique's hash path is slower for mostly
+    distinct values (~0.2 s on a 10^5-prefix axis)."""
+    u = np.sort(x)
+    keep = np.ones(len(u), dtype=bool)
+    keep[1:] = u[1:] != u[:-1]
+    return u[keep]
+
+
 def _rank_small(start: np.ndarray, end: np.ndarray, axis_end: int):
     """Elementary points (0 and every bound below axis_end, sorted, unique) and each bound's index
     among them (axis_end -> len(points))."""
-    pts = np.sort(np.concatenate([np.zeros(1, np.uint64), start, end]))
-    keep = np.ones(len(pts), dtype=bool)
-    keep[1:] = pts[1:] != pts[:-1]              # np.unique's hash path is slower for mostly distinct values
-    keep &= pts < np.uint64(axis_end)
-    pts = pts[keep]
+    pts = sorted_unique(np.concatenate([np.zeros(1, np.uint64), start, end]))
+    pts = pts[pts < np.uint64(axis_end)]
     return pts, np.searchsorted(pts, start), np.searchsorted(pts, end)
 
 
