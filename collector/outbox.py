@@ -7,10 +7,12 @@ appended to this file and fdatasync'ed *before* it is fanned out, and leaves the
 at_least_once sink has it durable; a collector that starts with records in the outbox sends them first
 (same event.id and hostwall.seq: a duplicate at worst, never a loss).
 
-Format: JSON Lines, one record per line, in fan-out order. Removing the leading settled records rewrites
-the file (tmp + rename, no fsync: a crash before the rename only sends them again). Cost: one write +
-fdatasync per batch (anomaly records are a few per minute), one rewrite per settled batch; memory: the
-records not settled yet.
+Format: JSON Lines, one record per line, in fan-out order. A settled batch names its records (stream and
+hostwall.seq), not a count: a restart resends the outbox grouped by stream, so batches may settle in
+another order than they were appended, and a batch whose append failed has no lines here. Removing the
+settled records rewrites the file (tmp + rename, no fsync: a crash before the rename only sends them
+again). Cost: one write + fdatasync per batch (anomaly records are a few per minute), one rewrite per
+settled batch; memory: the records not settled yet.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ __all__ = ["Outbox"]
 class Outbox:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        self._pending: list[bytes] = []     # encoded lines not settled yet, in order
+        self._pending: dict[tuple, bytes] = {}   # record key -> encoded line, not settled yet, in order
         self.damaged = 0                    # lines found unreadable at load (a torn last line)
         self.appended = 0
 
@@ -40,10 +42,12 @@ class Outbox:
             if not line.strip():
                 continue
             try:
-                out.append(orjson.loads(line))
-                self._pending.append(line + b"\n")
+                r = orjson.loads(line)
             except orjson.JSONDecodeError:
                 self.damaged += 1
+                continue
+            out.append(r)
+            self._pending[record_key(r)] = line + b"\n"
         return out
 
     def append(self, records: list[dict]) -> None:
@@ -56,23 +60,33 @@ class Outbox:
             os.fdatasync(fd)
         finally:
             os.close(fd)
-        self._pending += lines
+        for r, line in zip(records, lines):
+            self._pending[record_key(r)] = line
         self.appended += len(lines)
 
-    def settle(self, n: int) -> None:
-        """The first `n` pending records are durable in every at_least_once sink: forget them."""
-        if n <= 0:
+    def settle(self, records: list[dict]) -> None:
+        """`records` are durable in every at_least_once sink: forget them (records not here: ignored)."""
+        gone = [self._pending.pop(record_key(r), None) for r in records]
+        if not any(g is not None for g in gone):
             return
-        del self._pending[:n]
         tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
         try:
             if not self._pending:
                 self.path.unlink(missing_ok=True)
                 return
-            tmp.write_bytes(b"".join(self._pending))
+            tmp.write_bytes(b"".join(self._pending.values()))
             os.replace(tmp, self.path)
         except OSError:
             pass                            # sent again after a restart: a duplicate, not a loss
 
     def __len__(self) -> int:
         return len(self._pending)
+
+
+def record_key(record: dict) -> tuple:
+    """(stream, hostwall.seq): one record's name in its stream (its sorted encoding if it has no seq)."""
+    h = record.get("hostwall") or {}
+    seq = h.get("seq")
+    if isinstance(seq, int):
+        return h.get("stream"), seq
+    return None, orjson.dumps(record, option=orjson.OPT_SORT_KEYS)

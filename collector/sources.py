@@ -113,14 +113,14 @@ class Sources:
         track_open_anomalies(self.checkpoint, [r for r in pending if (r.get("hostwall") or {}).get("kind") == "anomaly"])
         for stream, recs in by.items():
             ticket = await self._emit(recs, stream, assign_seq=False, enrich=False, observe=False)
-            self._commit_owned(ticket, stream, len(recs), recs)
+            self._commit_owned(ticket, stream, recs)
 
     async def _emit_owned(self, records: list[dict], stream: str) -> None:
         """Records made from the collector's own state: outbox first, then fan out; settled in order."""
         ticket = await self._emit(records, stream, outbox=True, enrich=False, observe=False)
-        self._commit_owned(ticket, stream, len(records), records)
+        self._commit_owned(ticket, stream, records)
 
-    def _commit_owned(self, ticket, stream: str, n: int, records: list[dict] = ()) -> None:
+    def _commit_owned(self, ticket, stream: str, records: list[dict]) -> None:
         ck, outbox, seq_after = self.checkpoint, self.outbox, self.seq.get(stream, 0)
         opened = [r for r in records if (r.get("hostwall") or {}).get("kind") == "anomaly"]
 
@@ -130,7 +130,7 @@ class Sources:
                 track_open_anomalies(ck, opened)
 
         async def after() -> None:
-            outbox.settle(n)
+            outbox.settle(records)
         self.commits.add(CommitEntry(ticket, before, after))
 
     async def _close_orphaned_anomalies(self) -> None:

@@ -358,6 +358,32 @@ def test_anomaly_records_survive_in_the_outbox_and_are_resent(tmp_path):
     assert got == [("anomaly-0", 0), ("anomaly-1", 1), ("anomaly-0", 2)]     # resent as they were, then new
 
 
+def owned(stream, seq):
+    return {"event": {"id": f"{stream}-{seq}"}, "hostwall": {"stream": stream, "seq": seq}}
+
+
+def test_the_outbox_forgets_exactly_the_records_that_settled(tmp_path):
+    """A restart resends the outbox grouped by stream, so its batches settle in another order than the
+    lines were appended: settling the collector stream's two records must keep the anomaly between
+    them (a count of leading lines would drop it, and a second crash would lose it; CI saw that gap)."""
+    box = Outbox(tmp_path / "o.jsonl")
+    for r in (owned("collector", 0), owned("anomaly", 7), owned("collector", 1)):
+        box.append([r])
+    again = Outbox(box.path)
+    pending = again.load()
+    again.settle([r for r in pending if r["hostwall"]["stream"] == "collector"])
+    assert [r["event"]["id"] for r in Outbox(box.path).load()] == ["anomaly-7"]
+    again.settle([owned("anomaly", 7)])
+    assert not box.path.exists() and len(again) == 0
+
+
+def test_a_batch_the_outbox_never_held_settles_nothing_else(tmp_path):
+    box = Outbox(tmp_path / "o.jsonl")
+    box.append([owned("anomaly", 0)])
+    box.settle([owned("collector", 3), owned("collector", 4)])     # its append failed: no lines here
+    assert [r["event"]["id"] for r in Outbox(box.path).load()] == ["anomaly-0"] and len(box) == 1
+
+
 def test_a_sink_loss_becomes_a_loss_record_with_the_seqs(tmp_path):
     class Lossy(BaseSink):
         def __init__(self):
