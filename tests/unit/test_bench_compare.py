@@ -119,3 +119,15 @@ def test_measure_interleaves_and_cleans_up(tmp_path, monkeypatch):
     worktrees = subprocess.run(["git", "-C", str(repo), "worktree", "list"], capture_output=True, text=True)
     assert len(worktrees.stdout.splitlines()) == 1                   # only the repo itself
     assert not [p for p in os.listdir(tmp_path) if p.startswith("hw-bench-compare-")]
+
+
+def test_code_compare_lists_only_the_functions_whose_work_changed():
+    from hostwall.bench.code_compare import differing_code
+    before = ("from collector.config import Options\n\n"
+              "class Sink:\n    def send(self, rs):\n        return len(rs) + 1\n\n"
+              "    def make(self):\n        from collector.enc import e\n        return e\n")
+    moved = before.replace("from collector.", "from hostwall.collector.").replace("rs):", "rs: list):")
+    # import sites, and the class body that builds the annotations (both run once); never send()
+    assert differing_code(before, moved) == ["<module>", "<module>.Sink", "<module>.Sink.make"]
+    changed = differing_code(moved, moved.replace("+ 1", "+ 2"))
+    assert "<module>.Sink.send" in changed and not {"<module>", "<module>.Sink", "<module>.Sink.make"} & set(changed)
