@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 
 import numpy as np
 import pytest
@@ -643,3 +644,37 @@ def test_connections_in_aggregate_end_in_the_scan_batch_and_its_journal(tmp_path
     [again] = [r for r in sink2.records if r["hostwall"]["stream"] == "conntrack"]
     assert (again["event"]["id"], again["hostwall"]["seq"]) == (rec["event"]["id"], 0)
     assert [len(f.agg_keys) for f in src2.adopted] == [3, 0]
+
+
+# ---- holes a kill -9 could open (found hunting the crash test's flakes) -----------------------------
+
+def _ecs(stream, seq):
+    return {"@timestamp": "2026-01-01T00:00:00Z", "event": {"id": f"{stream}-{seq}", "kind": "event"},
+            "observer": {"hostname": "h"}, "hostwall": {"kind": "anomaly", "stream": stream, "seq": seq}}
+
+
+def test_a_jsonl_line_torn_by_a_kill_does_not_swallow_the_next_runs_first_record(tmp_path):
+    """A SIGKILL during a large write(2) leaves a short write: the file ends in part of a line, a batch
+    never settled (it comes again). The next run's first line must not be glued to that fragment: one
+    undecodable line of both would lose a record the sink settled (the restarted collector's first records
+    are the outbox's anomalies: CI's crash test saw one anomaly seq missing from the JSONL file)."""
+    from hostwall.collector.sinks.jsonl import JsonlSink
+    from hostwall.collector.verify import Verifier, read_jsonl
+    path = tmp_path / "f.jsonl"
+
+    async def run(records, cut_last_write=0):
+        s = JsonlSink(path, fsync="always")
+        await s.start()
+        await s.send(records)
+        await s.close()
+        if cut_last_write:                               # the kill tore the write: part of its last line
+            os.truncate(path, path.stat().st_size - cut_last_write)
+        return s
+    asyncio.run(run([_ecs("anomaly", 0), _ecs("anomaly", 1)], cut_last_write=40))
+    second = asyncio.run(run([_ecs("anomaly", 1), _ecs("anomaly", 2)]))  # 1 again (never settled), then new
+    v = Verifier()
+    for r in read_jsonl(path, v):
+        v.add(r)
+    (rep,) = v.report()
+    assert (v.undecodable, rep.received, rep.unexplained) == (0, 3, []), (v.undecodable, rep.as_dict())
+    assert second.stats()["torn_bytes"] > 0
