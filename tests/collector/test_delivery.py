@@ -678,3 +678,17 @@ def test_a_jsonl_line_torn_by_a_kill_does_not_swallow_the_next_runs_first_record
     (rep,) = v.report()
     assert (v.undecodable, rep.received, rep.unexplained) == (0, 3, []), (v.undecodable, rep.as_dict())
     assert second.stats()["torn_bytes"] > 0
+
+
+def test_an_outbox_line_torn_by_a_kill_does_not_swallow_the_next_append(tmp_path):
+    """A kill during the outbox's write(2) leaves part of a line (those records were never fanned out:
+    counted `outbox_torn`). The next run appends after it: its first record must survive a second crash
+    before anything settles (glued to the fragment it would be one more unreadable line, its seq a gap)."""
+    box = Outbox(tmp_path / "o.jsonl")
+    box.append([owned("anomaly", 0), owned("anomaly", 1)])
+    os.truncate(box.path, box.path.stat().st_size - 5)          # the kill tore the last line
+    second = Outbox(box.path)
+    assert [r["event"]["id"] for r in second.load()] == ["anomaly-0"] and second.damaged == 1
+    second.append([owned("anomaly", 1)])                        # the next run's record (same seq: never sent)
+    third = Outbox(box.path)                                    # a second kill before anything settled
+    assert [r["event"]["id"] for r in third.load()] == ["anomaly-0", "anomaly-1"] and third.damaged == 0
