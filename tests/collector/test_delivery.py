@@ -172,7 +172,7 @@ def test_restart_finds_the_seq_of_any_commit_one_checkpoint_write_held(tmp_path)
         r = analyze_restart(disk, ident, kernel_at * STRIDE, STRIDE)
         assert (r.events_seq, r.duplicates_possible, r.lost) == (seq, 12 - kernel_at, {}), kernel_at
     ck.ring_applied(9 * STRIDE)
-    assert [p // STRIDE for p, _ in ck.ring["unapplied"]] == [12]
+    assert [p // STRIDE for p, _ in ck.ring["unapplied"]] == [9, 12]       # the kernel's, then the rest
 
 
 def test_drop_interval_is_cleared_only_when_durable_and_reexported_after_a_crash(tmp_path):
@@ -692,3 +692,21 @@ def test_an_outbox_line_torn_by_a_kill_does_not_swallow_the_next_append(tmp_path
     second.append([owned("anomaly", 1)])                        # the next run's record (same seq: never sent)
     third = Outbox(box.path)                                    # a second kill before anything settled
     assert [r["event"]["id"] for r in third.load()] == ["anomaly-0", "anomaly-1"] and third.damaged == 0
+
+
+def test_the_checkpoint_keeps_the_kernels_position_while_later_commits_are_unapplied(tmp_path):
+    """A commit group moves the consumer position commit by commit, and a later commit's kernel release
+    awaits (a conntrack claim release runs on the kernel thread), so another task may write the checkpoint
+    while the kernel is at an earlier commit. That file must still name the kernel's position and its
+    seq: the fallback (one seq per slot) is wrong once a slot held no record (an undecodable event, a
+    discarded reservation), and the restart would number events again with seqs off by that many."""
+    ident = {"boot_id": "b", "ring_map_id": 1, "ev_stats_map_id": 2}
+    ck = Checkpoint(tmp_path / "c.json", {"version": 1, "seq": {}, "ring": {}, "kernel": ident})
+    ck.commit_ring(5 * STRIDE, 3, 5, 9 * STRIDE)             # 5 slots, 3 records (2 undecodable)
+    ck.commit_ring(9 * STRIDE, 6, 4, 9 * STRIDE)             # 4 slots, 3 records
+    ck.save()
+    ck.ring_applied(5 * STRIDE)                              # the kernel is at 5 now ...
+    ck.save()                                                # ... when a drop interval's checkpoint is written
+    disk = Checkpoint(tmp_path / "c.json", json.loads((tmp_path / "c.json").read_text()))
+    r = analyze_restart(disk, ident, 5 * STRIDE, STRIDE)
+    assert (r.events_seq, r.duplicates_possible, r.lost) == (3, 4, {})
