@@ -334,12 +334,27 @@ class Sources:
         self.checkpoint["kernel_loss"] = totals
 
     async def _report_sink_losses(self) -> None:
-        recs = []
-        for s in self.slots:
-            for (stream, reason), ranges in s.sink.take_lost_seqs().items():
-                recs.append(self.losses.sink_loss(s.name, reason, stream, ranges))
+        """Loss records of the seqs sinks counted lost (also before each commit: collector/pipeline.py)."""
+        recs = self._sink_loss_records()
         if recs:
             await self._emit_owned(recs, "collector")
+
+    def _stash_sink_losses(self) -> None:
+        """While stopping (sinks closing or closed): numbered and put in the outbox only; the next start
+        sends them (and counts them produced then)."""
+        recs = self._sink_loss_records()
+        if recs:
+            self._number(recs, "collector")
+            try:
+                self.outbox.append(recs)
+            except OSError as e:
+                self.counters["outbox_errors"] += 1
+                log.warning("cannot write the outbox %s: %s (%d loss record(s) not kept)", self.outbox.path, e,
+                            len(recs))
+
+    def _sink_loss_records(self) -> list[dict]:
+        return [self.losses.sink_loss(s.name, reason, stream, ranges)
+                for s in self.slots for (stream, reason), ranges in s.sink.take_lost_seqs().items()]
 
     # ---- the enforcer's logs (audit, DNS decisions) --------------------------------------------------
     def _open_logs(self) -> None:

@@ -710,3 +710,37 @@ def test_the_checkpoint_keeps_the_kernels_position_while_later_commits_are_unapp
     disk = Checkpoint(tmp_path / "c.json", json.loads((tmp_path / "c.json").read_text()))
     r = analyze_restart(disk, ident, 5 * STRIDE, STRIDE)
     assert (r.events_seq, r.duplicates_possible, r.lost) == (3, 4, {})
+
+
+def test_a_sink_loss_is_in_the_outbox_before_the_kernel_lets_go_of_the_lost_records(tmp_path):
+    """A sink that counts records lost settles them, and the pipeline then releases their kernel data.
+    The sink's note of their seqs lives in memory until a loss record is made of it: a kill in between
+    would leave a gap nothing explains. So the loss record must be in the outbox (or delivered) by the time
+    the ring's consumer position moves past the lost events. The tick (which also reports sink losses) is
+    stopped here, so only the commit path can have made it."""
+    class Lossy(BaseSink):
+        def __init__(self):
+            super().__init__("lossy")
+            self.records = []
+
+        async def _send(self, records):
+            self._lose_records("spool_full", [r for r in records if r["hostwall"].get("seq", 0) % 10 == 3])
+            self.records += records
+            self._deliver(len([r for r in records if r["hostwall"].get("seq", 0) % 10 != 3]))
+
+    src, sink = FakeSource(), Lossy()
+    pipe = Pipeline(cfg(tmp_path), src, StubBuilder(), [sink])
+    seen = {}
+
+    async def go():
+        task = await started(pipe)
+        pipe._tasks["tick"].cancel()
+        src.emit(30)
+        await until(lambda: not src.rb.unread_bytes() and not src.rb.uncommitted_bytes())  # all 30 released
+        box = Outbox(pipe.outbox.path).load() if pipe.outbox.path.exists() else []
+        seen["loss"] = [r for r in box + sink.records if r["hostwall"]["kind"] == "loss"]
+        pipe.stop()
+        await task
+    uvloop.run(go())
+    explained = {s for x in seen["loss"] for a, b in x["hostwall"]["loss"]["ranges"] for s in range(a, b + 1)}
+    assert explained == {3, 13, 23}, seen
