@@ -744,3 +744,49 @@ def test_a_sink_loss_is_in_the_outbox_before_the_kernel_lets_go_of_the_lost_reco
     uvloop.run(go())
     explained = {s for x in seen["loss"] for a, b in x["hostwall"]["loss"]["ranges"] for s in range(a, b + 1)}
     assert explained == {3, 13, 23}, seen
+
+
+def test_a_journaled_conntrack_batch_is_rebuilt_whatever_the_new_flow_table_holds(tmp_path):
+    """RecordBuilder makes an expired entry whose end was reported already (a close claimed, not durable
+    yet) into an end record only while its flow is still open in the builder's flow table. A restarted
+    collector's table is another one, so rebuilding a journaled batch from the entries alone could make
+    fewer records than were numbered: a seq gap, and later seqs naming other events. The journal keeps what
+    the first build decided."""
+    from hostwall.bpf.conntrack import REPORTED_CLAIMED
+    from hostwall.collector.enrich.host import HostInfo
+    from hostwall.collector.records import RecordBuilder
+    from hostwall.collector.records.flowtable import OpenFlow
+    ct4, ct6, ent = L.DTYPES["hw_ct4_key"], L.DTYPES["hw_ct6_key"], L.DTYPES["hw_ct_entry"]
+    keys, ents = np.zeros(2, ct4), np.zeros(2, ent)
+    keys["port_a"], keys["port_b"], keys["proto"] = [40001, 40002], 80, 6
+    ents["created_ns"], ents["last_ns"], ents["end_ns"] = [10**9, 2 * 10**9], 5 * 10**9, 5 * 10**9
+    ents["reported"][1] = REPORTED_CLAIMED                     # its close was claimed, never durable
+    z6 = (np.zeros(0, ct6), np.zeros(0, ent))
+    scan = CtScan([CtFamilyScan(4, keys, ents, np.zeros(0, ct4), np.zeros(0, ent), np.array([3, 4]), ents.copy()),
+                   CtFamilyScan(6, *z6, *z6)], 2, 0, 0)
+    host = HostInfo("h", "b", str(tmp_path / "pins"))
+    first = RecordBuilder(host, None)
+    for k, e in first._ct_rows(keys, ents):                     # run A's table still has both flows open
+        first.flows.open(first._ct_key(k, e), OpenFlow(int(e["created_ns"]), int(e["end_ns"]), 0, 0))
+    src, sink = FakeSource(), MemorySink(durable_gate=asyncio.Event())
+    src.scans.append(scan)
+    pipe = Pipeline(cfg(tmp_path), src, first, [sink], shutdown_timeout_s=0.5)
+
+    async def one():
+        task = await started(pipe)
+        await until(lambda: len(sink.records) == 2)
+        pipe.stop()                                           # never durable: as after a crash
+        await task
+    uvloop.run(one())
+    before = [(r["event"]["id"], r["hostwall"]["seq"]) for r in sink.records]
+    sink2 = MemorySink()
+    pipe2 = Pipeline(cfg(tmp_path), restarted(src), RecordBuilder(host, None), [sink2])   # an empty flow table
+
+    async def two():
+        task = await started(pipe2)
+        await until(lambda: len(pipe2.ct_journal) == 0 and len(src.freed) >= 1)
+        pipe2.stop()
+        await task
+    uvloop.run(two())
+    again = [(r["event"]["id"], r["hostwall"]["seq"]) for r in sink2.records if r["hostwall"]["stream"] == "conntrack"]
+    assert again == before and [s for _, s in before] == [0, 1], (before, again)
