@@ -106,9 +106,11 @@ class Checkpoint:
         self.set_seq("events", seq)
 
     def ring_applied(self, pos: int) -> None:
-        """The kernel's consumer position is now `pos`: earlier commits can no longer be where it is."""
+        """The kernel's consumer position is now `pos`: earlier commits can no longer be where it is. `pos`
+        itself stays first: until the later commits are applied the kernel is there, and a checkpoint
+        written meanwhile (another task's save) must give a restart its exact seq."""
         r = self.data["ring"]
-        r["unapplied"] = [e for e in r.get("unapplied", []) if e[0] > pos]
+        r["unapplied"] = [e for e in r.get("unapplied", []) if e[0] >= pos]
 
     def __getitem__(self, key: str) -> Any:
         return self.data.get(key)

@@ -24,6 +24,7 @@ beyond the batch being written.
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 from dataclasses import dataclass, field
@@ -36,12 +37,26 @@ from hostwall.bpf import layout as L
 
 from .ct_scan import CT_ENTRY_DT, CtFamilyScan
 
-__all__ = ["CtBatch", "CtJournal", "FIELDS"]
+__all__ = ["CtBatch", "CtJournal", "FIELDS", "journal_view"]
 
 # CtFamilyScan fields kept (collector/kernel.py): what on_conntrack needs, and the claims to release
 FIELDS = ("expired_keys", "expired_entries", "update_keys", "update_entries", "closed_keys", "closed_entries",
           "claimed_idx", "claimed_seen", "closed_idx", "closed_seen", "agg_keys", "agg_entries")
 _KEY_DT = {4: L.DTYPES["hw_ct4_key"], 6: L.DTYPES["hw_ct6_key"]}
+_END_EMITTED = L.C["HW_CT_F_END_EMITTED"]
+
+
+def journal_view(f: CtFamilyScan, made: np.ndarray | None) -> CtFamilyScan:
+    """The family as the journal keeps it: of the expired entries only those that made a record (`made`:
+    RecordBuilder.ct_expired_made), with the bits that let the builder skip one cleared (fin_seen's
+    END_EMITTED, `reported`), so a rebuild makes exactly these whatever its flow table holds (the skip
+    depends on it: collector/records/conntrack.py _ct_end). Claims are untouched (claimed_idx/_seen)."""
+    if made is None or not len(made) or len(made) != len(f.expired_keys):
+        return f
+    ents = f.expired_entries[made].copy()
+    ents["fin_seen"] &= 0xFF ^ _END_EMITTED
+    ents["reported"] = 0
+    return dataclasses.replace(f, expired_keys=f.expired_keys[made], expired_entries=ents)
 
 
 @dataclass

@@ -11,7 +11,9 @@ Format: JSON Lines, one record per line, in fan-out order. A settled batch names
 hostwall.seq), not a count: a restart resends the outbox grouped by stream, so batches may settle in
 another order than they were appended, and a batch whose append failed has no lines here. Removing the
 settled records rewrites the file (tmp + rename, no fsync: a crash before the rename only sends them
-again). Cost: one write + fdatasync per batch (anomaly records are a few per minute), one rewrite per
+again). A line torn by a kill during the append (records never fanned out, counted `outbox_torn` by the
+caller) is cut by load(), which rewrites the file without it: the next append must not be glued to it.
+Cost: one write + fdatasync per batch (anomaly records are a few per minute), one rewrite per
 settled batch; memory: the records not settled yet.
 """
 from __future__ import annotations
@@ -48,6 +50,8 @@ class Outbox:
                 continue
             out.append(r)
             self._pending[record_key(r)] = line + b"\n"
+        if self.damaged or not raw.endswith(b"\n"):
+            self._rewrite(sync=True)            # cut the torn line before anything is appended after it
         return out
 
     def append(self, records: list[dict]) -> None:
@@ -67,17 +71,24 @@ class Outbox:
     def settle(self, records: list[dict]) -> None:
         """`records` are durable in every at_least_once sink: forget them (records not here: ignored)."""
         gone = [self._pending.pop(record_key(r), None) for r in records]
-        if not any(g is not None for g in gone):
-            return
+        if any(g is not None for g in gone):
+            self._rewrite()
+
+    def _rewrite(self, sync: bool = False) -> None:
+        """The file := the records not settled (tmp + rename; removed when none)."""
         tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
         try:
             if not self._pending:
                 self.path.unlink(missing_ok=True)
                 return
-            tmp.write_bytes(b"".join(self._pending.values()))
+            with open(tmp, "wb") as f:
+                f.write(b"".join(self._pending.values()))
+                if sync:
+                    f.flush()
+                    os.fdatasync(f.fileno())
             os.replace(tmp, self.path)
         except OSError:
-            pass                            # sent again after a restart: a duplicate, not a loss
+            pass                            # settle: sent again after a restart (a duplicate, not a loss)
 
     def __len__(self) -> int:
         return len(self._pending)

@@ -348,11 +348,7 @@ class Pipeline(Sources, Shutdown):
             return None
         self.ledger.produce(source, len(records))
         if assign_seq:
-            n = self.seq.setdefault(source, 0)
-            for i, r in enumerate(records):
-                h = r.setdefault("hostwall", {})
-                h["seq"], h["stream"] = n + i, source
-            self.seq[source] = n + len(records)
+            self._number(records, source)
         self._pending += len(records)           # until fanned out; a failure leaves them for shutdown to count
         if outbox:
             try:
@@ -368,6 +364,14 @@ class Pipeline(Sources, Shutdown):
         ticket = await self._fan_out(records)
         self._pending -= len(records)
         return ticket
+
+    def _number(self, records: list[dict], stream: str) -> None:
+        """hostwall.seq and hostwall.stream: the next seqs of `stream`."""
+        n = self.seq.setdefault(stream, 0)
+        for i, r in enumerate(records):
+            h = r.setdefault("hostwall", {})
+            h["seq"], h["stream"] = n + i, stream
+        self.seq[stream] = n + len(records)
 
     async def _enrich(self, records: list[dict]) -> None:
         enrich = self.enricher.enrich
@@ -471,8 +475,15 @@ class Pipeline(Sources, Shutdown):
             await asyncio.sleep(COMMIT_INTERVAL_S)
 
     async def _commit_ready(self) -> int:
-        """Resolve durable tickets, then run the commits now due: checkpoint first, kernel side after."""
-        self.acks.advance(self.frontier())
+        """Resolve durable tickets, then run the commits now due: checkpoint first, kernel side after.
+        What sinks counted lost up to the frontier gets its loss record into the outbox first: once the
+        kernel side moves, that record is the only account of the lost seqs (a kill must not take it)."""
+        frontier = self.frontier()
+        if self._stopping:
+            self._stash_sink_losses()            # the sinks may be closed: the next start sends them
+        else:
+            await self._report_sink_losses()
+        self.acks.advance(frontier)
         ready, _ = self.commits.take_ready()
         if not ready:
             return 0

@@ -35,6 +35,7 @@ from hostwall.bpf.ringbuf import slot_size
 from . import flow_summary
 from .acks import CommitEntry
 from .checkpoint import STREAMS, analyze_restart
+from .ct_journal import journal_view
 from .logtail import JsonlTail
 
 log = logging.getLogger("hostwall.collector")
@@ -230,22 +231,29 @@ class Sources:
         t1 = self.clock.wall_ns(now)
         window = (self._last_scan_wall or t1, t1)
         self._last_scan_wall = t1
-        await self._ship_ct(self._build_ct(s.families, window), s.families, now, window=window)
+        recs, journaled = self._build_ct(s.families, window)
+        await self._ship_ct(recs, journaled, now, window=window)
 
-    def _build_ct(self, families, window: tuple[int, int] | None) -> list[dict]:
+    def _build_ct(self, families, window: tuple[int, int] | None) -> tuple[list[dict], list]:
+        """The scan's records, and its families as the journal keeps them (collector/ct_journal.py
+        journal_view: what the builder decided from its flow table is kept, not decided again)."""
         recs: list[dict] = []
+        journaled = []
         for f in families:
             ck = f.closed_keys
+            made = None
             if len(f.expired_keys) or len(f.update_keys) or len(ck):
                 recs += self._build("conntrack", len(f.expired_keys) + len(f.update_keys) + len(ck),
                                     self.builder.on_conntrack, f.expired_keys, f.expired_entries,
                                     (f.update_keys, f.update_entries), self.clock,
                                     (ck, f.closed_entries) if len(ck) else None)
+                made = getattr(self.builder, "ct_expired_made", None)
+            journaled.append(journal_view(f, made))
             if f.agg_keys is not None and len(f.agg_keys) and window is not None:    # ended in aggregate
                 recs += self._build("conntrack", len(f.agg_keys), flow_summary.from_scan, self.builder, f.agg_keys,
                                     f.agg_entries, self.cfg.drop_prefix_v4, self.cfg.drop_prefix_v6, *window,
                                     self.clock)
-        return recs
+        return recs, journaled
 
     async def _ship_ct(self, recs: list[dict], families, now: int, journaled=None, window=None) -> None:
         """Journal the batch (unless it comes from the journal), fan it out, and once durable checkpoint
@@ -297,7 +305,7 @@ class Sources:
                         self.counters["ct_released"] += await self._k(self.source.free_claims, f)
                 self.ct_journal.remove(b.path)
                 continue
-            recs = self._build_ct(scans, b.window)
+            recs, _ = self._build_ct(scans, b.window)
             if len(recs) != b.n:                    # a builder that changed between the runs
                 log.warning("conntrack journal %s: %d records rebuilt, %d journaled", b.path, len(recs), b.n)
             self.counters["ct_journal_resent"] += len(recs)
@@ -334,12 +342,27 @@ class Sources:
         self.checkpoint["kernel_loss"] = totals
 
     async def _report_sink_losses(self) -> None:
-        recs = []
-        for s in self.slots:
-            for (stream, reason), ranges in s.sink.take_lost_seqs().items():
-                recs.append(self.losses.sink_loss(s.name, reason, stream, ranges))
+        """Loss records of the seqs sinks counted lost (also before each commit: collector/pipeline.py)."""
+        recs = self._sink_loss_records()
         if recs:
             await self._emit_owned(recs, "collector")
+
+    def _stash_sink_losses(self) -> None:
+        """While stopping (sinks closing or closed): numbered and put in the outbox only; the next start
+        sends them (and counts them produced then)."""
+        recs = self._sink_loss_records()
+        if recs:
+            self._number(recs, "collector")
+            try:
+                self.outbox.append(recs)
+            except OSError as e:
+                self.counters["outbox_errors"] += 1
+                log.warning("cannot write the outbox %s: %s (%d loss record(s) not kept)", self.outbox.path, e,
+                            len(recs))
+
+    def _sink_loss_records(self) -> list[dict]:
+        return [self.losses.sink_loss(s.name, reason, stream, ranges)
+                for s in self.slots for (stream, reason), ranges in s.sink.take_lost_seqs().items()]
 
     # ---- the enforcer's logs (audit, DNS decisions) --------------------------------------------------
     def _open_logs(self) -> None:

@@ -42,16 +42,20 @@ class ConntrackRecords:
         the layout), aligned with hw_ct_entry arrays.
         An expired entry whose end was reported already (the datapath's flow_end: fin_seen bit 7; or
         this collector after the grace period: `reported`) yields a record only if that event never
-        reached us (the flow is still open in the table): counted ct_end_event_lost."""
+        reached us (the flow is still open in the table): counted ct_end_event_lost. That depends on
+        this builder's table, so `ct_expired_made` tells per expired entry whether it made a record (the
+        conntrack journal keeps the decision: collector/ct_journal.py journal_view)."""
         self._batch_started()
         out = []
         if closed is not None:
             for key, ent in self._ct_rows(*closed):
                 out.append(self._ct_closed(key, ent, clock))
-        for key, ent in self._ct_rows(expired_keys, expired_entries):
+        made = self.ct_expired_made = np.zeros(len(expired_keys) if expired_keys is not None else 0, bool)
+        for i, (key, ent) in enumerate(self._ct_rows(expired_keys, expired_entries)):
             rec = self._ct_end(key, ent, clock)
             if rec is not None:
                 out.append(rec)
+                made[i] = True
         if updates is not None:
             for key, ent in self._ct_rows(*updates):
                 out.append(self._ct_update(key, ent, clock))

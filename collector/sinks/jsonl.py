@@ -24,18 +24,27 @@ Durability (at_least_once, docs/collector.md "Delivery and loss"): a batch is se
 may release its kernel data — once it is written (policy none) or covered by a successful fdatasync
 (interval, always). Under `interval` that is the next periodic or idle flush, so the kernel keeps a
 batch for up to ~fsync_interval longer; a failed fdatasync leaves the batches unsettled until one works.
+
+Torn tail: a SIGKILL during a write(2) of many pages can leave a short write, the file ending in part of
+a line. That line was never settled (its call had not returned), so its records come again; but the next
+run's first line, appended to it, would make one undecodable line of both and lose a record that *was*
+settled. Opening the file (start, or again after a failed write whose records were counted lost) therefore
+cuts it back to its last newline (counted in `torn_bytes`).
 """
 from __future__ import annotations
 
 import asyncio
 import errno
 import functools
+import logging
 import os
 import time
 from pathlib import Path
 
 from .base import BaseSink, Call, FullQueuePolicy, Health, SinkUnavailable
 from .spool_format import write_all
+
+log = logging.getLogger("hostwall.collector.sinks")
 
 DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 ENCODE_CHUNK = 1024               # records encoded (and their lines held) at a time
@@ -72,6 +81,7 @@ class JsonlSink(BaseSink):
         self.bytes_written = 0
         self.fsyncs = 0
         self.fsync_errors = 0
+        self.torn_bytes = 0                           # a torn last line cut at start (see the module docstring)
         self._unsynced: list[Call] = []               # written, waiting for an fdatasync to settle
 
     @classmethod
@@ -87,9 +97,32 @@ class JsonlSink(BaseSink):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._open()
 
+    def _cut_torn_tail(self) -> None:
+        """Cut a last line without its newline (a write torn by a kill: never settled, so sent again; or by
+        a failed write: counted lost). Cost: reads back to the last newline (one block, a line is ~1 KB)."""
+        if not self._size:
+            return
+        keep, step = 0, 1 << 16
+        with open(self.path, "rb") as f:
+            for stop in range(self._size, 0, -step):         # find the last newline, backwards
+                f.seek(max(0, stop - step))
+                chunk = f.read(min(step, stop))
+                if stop == self._size and chunk.endswith(b"\n"):
+                    return
+                i = chunk.rfind(b"\n")
+                if i >= 0:
+                    keep = max(0, stop - step) + i + 1
+                    break
+        os.truncate(self.path, keep)
+        self.torn_bytes += self._size - keep
+        log.warning("sink %s: cut a torn last line (%d bytes) left by a crash; its records come again",
+                    self.name, self._size - keep)
+        self._size = keep
+
     def _open(self) -> None:
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
         self._size = os.fstat(self._fd).st_size
+        self._cut_torn_tail()
 
     async def flush(self) -> None:
         if self.fsync != "none":
@@ -246,4 +279,5 @@ class JsonlSink(BaseSink):
     def stats(self) -> dict:
         return {**super().stats(), "path": str(self.path), "encoding": self.encoding, "fsync": self.fsync,
                 "bytes_written": self.bytes_written, "rotations": self.rotations, "fsyncs": self.fsyncs, "fsync_errors": self.fsync_errors,
+                "torn_bytes": self.torn_bytes,
                 "file_bytes": self._size}

@@ -34,11 +34,13 @@ frame found while reading an earlier segment skips the rest of that segment; the
 reported by `take_lost()` (exact, from the next segment's first seq). Cost of open: one read of the last
 segment (<= segment_bytes).
 
-Not thread-safe: use from one event loop; fdatasync runs in a worker thread.
+Not thread-safe: use from one event loop; fdatasync runs in a worker thread, and a descriptor it runs on is
+closed only after it (an acknowledgement that empties the spool meanwhile drops the writer, never under it).
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import os
 import time
@@ -115,6 +117,8 @@ class Spool:
         self._dirty = False
         self._last_sync = time.monotonic()
         self._syncing: asyncio.Future | None = None
+        self._syncing_fd = -1                     # the descriptor that fdatasync runs on
+        self._appending = False                   # an append() is under way (it may be awaiting a sync)
         self._cursor_written = (-1, -1)
         self._cursor_at = 0.0
         self.synced_seq = 0                       # every seq below it is durable per the fsync policy
@@ -263,30 +267,31 @@ class Spool:
             seq += 1
         accepted = seq - self.next_seq
         first = self.next_seq
-        for k, g in enumerate(groups):
-            try:
-                if k > 0 or self._wfd < 0:
-                    await self._new_segment()
-                if not g:
-                    continue
-                buf = b"".join(g)
-                write_all(self._wfd, buf)
-            except OSError as e:                 # ENOSPC, EIO: roll back a partial frame, then report
-                if self._wfd >= 0 and self.segments:
-                    try:
-                        os.ftruncate(self._wfd, self.segments[-1].size)
-                    except OSError:
-                        pass
-                    os.close(self._wfd)
-                    self._wfd = -1
-                e.written = self.next_seq - first    # records before the failure are in the spool
-                self.appended += e.written
-                raise
-            seg = self.segments[-1]
-            seg.size += len(buf)
-            self.next_seq += len(g)
-            seg.end = self.next_seq
-            self._dirty = True
+        self._appending = True                   # _gc keeps the segment being written (see _gc)
+        try:
+            for k, g in enumerate(groups):
+                try:
+                    if k > 0 or self._wfd < 0:
+                        await self._new_segment()
+                    if not g:
+                        continue
+                    buf = b"".join(g)
+                    write_all(self._wfd, buf)
+                except OSError as e:             # ENOSPC, EIO: roll back a partial frame, then report
+                    if self._wfd >= 0 and self.segments:
+                        with contextlib.suppress(OSError):
+                            os.ftruncate(self._wfd, self.segments[-1].size)
+                        self._drop_writer()
+                    e.written = self.next_seq - first    # records before the failure are in the spool
+                    self.appended += e.written
+                    raise
+                seg = self.segments[-1]
+                seg.size += len(buf)
+                self.next_seq += len(g)
+                seg.end = self.next_seq
+                self._dirty = True
+        finally:
+            self._appending = False
         self.appended += accepted
         self.refused += len(payloads) - accepted
         self.bytes_appended += size
@@ -315,8 +320,16 @@ class Spool:
         if self._wfd >= 0:
             if self.fsync != "none":
                 await self.sync()
-            os.close(self._wfd)
-            self._wfd = -1
+            self._drop_writer()             # (an acknowledgement may have dropped it during the sync)
+
+    def _drop_writer(self) -> None:
+        """Close the segment being appended to now, or once the fdatasync on it ends (closed under the
+        worker thread, it fails with EBADF, or syncs whatever file got the number next)."""
+        fd, self._wfd = self._wfd, -1
+        if fd >= 0 and self._syncing is not None and not self._syncing.done() and self._syncing_fd == fd:
+            self._syncing.add_done_callback(lambda _f: os.close(fd))
+        elif fd >= 0:
+            os.close(fd)
 
     async def _new_segment(self) -> None:
         await self._close_writer()
@@ -333,12 +346,13 @@ class Spool:
         record appended before it is durable (`synced_seq`). Earlier segments were synced when they were
         sealed (_close_writer)."""
         if self._syncing is not None:
-            await asyncio.shield(self._syncing)
+            with contextlib.suppress(OSError):      # the sync that ran counted it
+                await asyncio.shield(self._syncing)
         ok = True
         upto = self.next_seq
         if self._wfd >= 0 and self._dirty:
             self._dirty = False
-            fd = self._wfd
+            fd = self._syncing_fd = self._wfd
             self._syncing = asyncio.ensure_future(asyncio.to_thread(os.fdatasync, fd))
             try:
                 await asyncio.shield(self._syncing)
@@ -456,8 +470,7 @@ class Spool:
         self._roff = seg.size
         self._rnext = end
         if tail and self._wfd >= 0:                     # appends continue in a fresh segment
-            os.close(self._wfd)
-            self._wfd = -1
+            self._drop_writer()
 
     def _report_lost(self, start: int, end: int) -> None:
         if end > start:
@@ -529,11 +542,10 @@ class Spool:
         while self.segments:
             seg = self.segments[0]
             last = len(self.segments) == 1
-            if (self.next_seq if last else seg.end) > self.cursor:
-                break
+            if (self.next_seq if last else seg.end) > self.cursor or (last and self._appending):
+                break                                    # (an append is sealing it or about to write to it)
             if last and self._wfd >= 0:
-                os.close(self._wfd)
-                self._wfd = -1
+                self._drop_writer()
                 self._dirty = False
             if self._rfd_seg is seg:
                 self._close_reader()

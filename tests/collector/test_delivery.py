@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 
 import numpy as np
 import pytest
@@ -171,7 +172,7 @@ def test_restart_finds_the_seq_of_any_commit_one_checkpoint_write_held(tmp_path)
         r = analyze_restart(disk, ident, kernel_at * STRIDE, STRIDE)
         assert (r.events_seq, r.duplicates_possible, r.lost) == (seq, 12 - kernel_at, {}), kernel_at
     ck.ring_applied(9 * STRIDE)
-    assert [p // STRIDE for p, _ in ck.ring["unapplied"]] == [12]
+    assert [p // STRIDE for p, _ in ck.ring["unapplied"]] == [9, 12]       # the kernel's, then the rest
 
 
 def test_drop_interval_is_cleared_only_when_durable_and_reexported_after_a_crash(tmp_path):
@@ -643,3 +644,149 @@ def test_connections_in_aggregate_end_in_the_scan_batch_and_its_journal(tmp_path
     [again] = [r for r in sink2.records if r["hostwall"]["stream"] == "conntrack"]
     assert (again["event"]["id"], again["hostwall"]["seq"]) == (rec["event"]["id"], 0)
     assert [len(f.agg_keys) for f in src2.adopted] == [3, 0]
+
+
+# ---- holes a kill -9 could open (found hunting the crash test's flakes) -----------------------------
+
+def _ecs(stream, seq):
+    return {"@timestamp": "2026-01-01T00:00:00Z", "event": {"id": f"{stream}-{seq}", "kind": "event"},
+            "observer": {"hostname": "h"}, "hostwall": {"kind": "anomaly", "stream": stream, "seq": seq}}
+
+
+def test_a_jsonl_line_torn_by_a_kill_does_not_swallow_the_next_runs_first_record(tmp_path):
+    """A SIGKILL during a large write(2) leaves a short write: the file ends in part of a line, a batch
+    never settled (it comes again). The next run's first line must not be glued to that fragment: one
+    undecodable line of both would lose a record the sink settled (the restarted collector's first records
+    are the outbox's anomalies: CI's crash test saw one anomaly seq missing from the JSONL file)."""
+    from hostwall.collector.sinks.jsonl import JsonlSink
+    from hostwall.collector.verify import Verifier, read_jsonl
+    path = tmp_path / "f.jsonl"
+
+    async def run(records, cut_last_write=0):
+        s = JsonlSink(path, fsync="always")
+        await s.start()
+        await s.send(records)
+        await s.close()
+        if cut_last_write:                               # the kill tore the write: part of its last line
+            os.truncate(path, path.stat().st_size - cut_last_write)
+        return s
+    asyncio.run(run([_ecs("anomaly", 0), _ecs("anomaly", 1)], cut_last_write=40))
+    second = asyncio.run(run([_ecs("anomaly", 1), _ecs("anomaly", 2)]))  # 1 again (never settled), then new
+    v = Verifier()
+    for r in read_jsonl(path, v):
+        v.add(r)
+    (rep,) = v.report()
+    assert (v.undecodable, rep.received, rep.unexplained) == (0, 3, []), (v.undecodable, rep.as_dict())
+    assert second.stats()["torn_bytes"] > 0
+
+
+def test_an_outbox_line_torn_by_a_kill_does_not_swallow_the_next_append(tmp_path):
+    """A kill during the outbox's write(2) leaves part of a line (those records were never fanned out:
+    counted `outbox_torn`). The next run appends after it: its first record must survive a second crash
+    before anything settles (glued to the fragment it would be one more unreadable line, its seq a gap)."""
+    box = Outbox(tmp_path / "o.jsonl")
+    box.append([owned("anomaly", 0), owned("anomaly", 1)])
+    os.truncate(box.path, box.path.stat().st_size - 5)          # the kill tore the last line
+    second = Outbox(box.path)
+    assert [r["event"]["id"] for r in second.load()] == ["anomaly-0"] and second.damaged == 1
+    second.append([owned("anomaly", 1)])                        # the next run's record (same seq: never sent)
+    third = Outbox(box.path)                                    # a second kill before anything settled
+    assert [r["event"]["id"] for r in third.load()] == ["anomaly-0", "anomaly-1"] and third.damaged == 0
+
+
+def test_the_checkpoint_keeps_the_kernels_position_while_later_commits_are_unapplied(tmp_path):
+    """A commit group moves the consumer position commit by commit, and a later commit's kernel release
+    awaits (a conntrack claim release runs on the kernel thread), so another task may write the checkpoint
+    while the kernel is at an earlier commit. That file must still name the kernel's position and its
+    seq: the fallback (one seq per slot) is wrong once a slot held no record (an undecodable event, a
+    discarded reservation), and the restart would number events again with seqs off by that many."""
+    ident = {"boot_id": "b", "ring_map_id": 1, "ev_stats_map_id": 2}
+    ck = Checkpoint(tmp_path / "c.json", {"version": 1, "seq": {}, "ring": {}, "kernel": ident})
+    ck.commit_ring(5 * STRIDE, 3, 5, 9 * STRIDE)             # 5 slots, 3 records (2 undecodable)
+    ck.commit_ring(9 * STRIDE, 6, 4, 9 * STRIDE)             # 4 slots, 3 records
+    ck.save()
+    ck.ring_applied(5 * STRIDE)                              # the kernel is at 5 now ...
+    ck.save()                                                # ... when a drop interval's checkpoint is written
+    disk = Checkpoint(tmp_path / "c.json", json.loads((tmp_path / "c.json").read_text()))
+    r = analyze_restart(disk, ident, 5 * STRIDE, STRIDE)
+    assert (r.events_seq, r.duplicates_possible, r.lost) == (3, 4, {})
+
+
+def test_a_sink_loss_is_in_the_outbox_before_the_kernel_lets_go_of_the_lost_records(tmp_path):
+    """A sink that counts records lost settles them, and the pipeline then releases their kernel data.
+    The sink's note of their seqs lives in memory until a loss record is made of it: a kill in between
+    would leave a gap nothing explains. So the loss record must be in the outbox (or delivered) by the time
+    the ring's consumer position moves past the lost events. The tick (which also reports sink losses) is
+    stopped here, so only the commit path can have made it."""
+    class Lossy(BaseSink):
+        def __init__(self):
+            super().__init__("lossy")
+            self.records = []
+
+        async def _send(self, records):
+            self._lose_records("spool_full", [r for r in records if r["hostwall"].get("seq", 0) % 10 == 3])
+            self.records += records
+            self._deliver(len([r for r in records if r["hostwall"].get("seq", 0) % 10 != 3]))
+
+    src, sink = FakeSource(), Lossy()
+    pipe = Pipeline(cfg(tmp_path), src, StubBuilder(), [sink])
+    seen = {}
+
+    async def go():
+        task = await started(pipe)
+        pipe._tasks["tick"].cancel()
+        src.emit(30)
+        await until(lambda: not src.rb.unread_bytes() and not src.rb.uncommitted_bytes())  # all 30 released
+        box = Outbox(pipe.outbox.path).load() if pipe.outbox.path.exists() else []
+        seen["loss"] = [r for r in box + sink.records if r["hostwall"]["kind"] == "loss"]
+        pipe.stop()
+        await task
+    uvloop.run(go())
+    explained = {s for x in seen["loss"] for a, b in x["hostwall"]["loss"]["ranges"] for s in range(a, b + 1)}
+    assert explained == {3, 13, 23}, seen
+
+
+def test_a_journaled_conntrack_batch_is_rebuilt_whatever_the_new_flow_table_holds(tmp_path):
+    """RecordBuilder makes an expired entry whose end was reported already (a close claimed, not durable
+    yet) into an end record only while its flow is still open in the builder's flow table. A restarted
+    collector's table is another one, so rebuilding a journaled batch from the entries alone could make
+    fewer records than were numbered: a seq gap, and later seqs naming other events. The journal keeps what
+    the first build decided."""
+    from hostwall.bpf.conntrack import REPORTED_CLAIMED
+    from hostwall.collector.enrich.host import HostInfo
+    from hostwall.collector.records import RecordBuilder
+    from hostwall.collector.records.flowtable import OpenFlow
+    ct4, ct6, ent = L.DTYPES["hw_ct4_key"], L.DTYPES["hw_ct6_key"], L.DTYPES["hw_ct_entry"]
+    keys, ents = np.zeros(2, ct4), np.zeros(2, ent)
+    keys["port_a"], keys["port_b"], keys["proto"] = [40001, 40002], 80, 6
+    ents["created_ns"], ents["last_ns"], ents["end_ns"] = [10**9, 2 * 10**9], 5 * 10**9, 5 * 10**9
+    ents["reported"][1] = REPORTED_CLAIMED                     # its close was claimed, never durable
+    z6 = (np.zeros(0, ct6), np.zeros(0, ent))
+    scan = CtScan([CtFamilyScan(4, keys, ents, np.zeros(0, ct4), np.zeros(0, ent), np.array([3, 4]), ents.copy()),
+                   CtFamilyScan(6, *z6, *z6)], 2, 0, 0)
+    host = HostInfo("h", "b", str(tmp_path / "pins"))
+    first = RecordBuilder(host, None)
+    for k, e in first._ct_rows(keys, ents):                     # run A's table still has both flows open
+        first.flows.open(first._ct_key(k, e), OpenFlow(int(e["created_ns"]), int(e["end_ns"]), 0, 0))
+    src, sink = FakeSource(), MemorySink(durable_gate=asyncio.Event())
+    src.scans.append(scan)
+    pipe = Pipeline(cfg(tmp_path), src, first, [sink], shutdown_timeout_s=0.5)
+
+    async def one():
+        task = await started(pipe)
+        await until(lambda: len(sink.records) == 2)
+        pipe.stop()                                           # never durable: as after a crash
+        await task
+    uvloop.run(one())
+    before = [(r["event"]["id"], r["hostwall"]["seq"]) for r in sink.records]
+    sink2 = MemorySink()
+    pipe2 = Pipeline(cfg(tmp_path), restarted(src), RecordBuilder(host, None), [sink2])   # an empty flow table
+
+    async def two():
+        task = await started(pipe2)
+        await until(lambda: len(pipe2.ct_journal) == 0 and len(src.freed) >= 1)
+        pipe2.stop()
+        await task
+    uvloop.run(two())
+    again = [(r["event"]["id"], r["hostwall"]["seq"]) for r in sink2.records if r["hostwall"]["stream"] == "conntrack"]
+    assert again == before and [s for _, s in before] == [0, 1], (before, again)

@@ -33,15 +33,17 @@ from tests.peers.kafka import KafkaBroker, ScramUser
 
 pytestmark = [pytest.mark.peers, pytest.mark.timeout(300)]
 BOUND_S = 10.0                                     # the contract: an answer within 10 s
+SCHED_SLACK_S = 1.0             # a loaded 2-core machine's loop may wake this late: for a probe that runs to its
+                                # deadline, the test bounds a hang, not the scheduler (FINISH_MARGIN_S is 0.1 s)
 
 
-def probe(bootstrap: str, timeout_s: float = BOUND_S, **options) -> ProbeResult:
-    """Run the probe on a fresh event loop; assert the wall-clock bound and the one-line form."""
+def probe(bootstrap: str, timeout_s: float = BOUND_S, slack_s: float = 0.0, **options) -> ProbeResult:
+    """Run the probe on a fresh event loop; assert the wall-clock bound (+ slack_s) and the one-line form."""
     name = f"kafka://{bootstrap}"
     t0 = time.monotonic()
     res = asyncio.run(probe_kafka(bootstrap, KafkaOptions(**options), timeout_s, name=name))
     wall = time.monotonic() - t0
-    assert wall < timeout_s, (wall, res)
+    assert wall < timeout_s + slack_s, (wall, res)
     assert res.elapsed_s <= wall
     assert "\n" not in res.message and res.message.startswith(f"{name}: {res.status}: "), res.message
     assert bootstrap in res.message, res.message
@@ -140,9 +142,10 @@ def silent_listener() -> Iterator[str]:
 
 def test_unreachable_when_nothing_answers_within_the_timeout(silent_listener):
     """TCP works, the Kafka handshake never completes: the probe gives up at its own deadline."""
-    res = probe(silent_listener, timeout_s=2.0, **NAMES)
+    res = probe(silent_listener, timeout_s=2.0, slack_s=SCHED_SLACK_S, **NAMES)
     assert res.status == UNREACHABLE and res.error == "TimeoutError", res
-    assert 2.0 - FINISH_MARGIN_S <= res.elapsed_s < 2.0, res
+    # it gave up at its own deadline (timeout - FINISH_MARGIN_S), not before, and answered then
+    assert 2.0 - FINISH_MARGIN_S <= res.elapsed_s < 2.0 + SCHED_SLACK_S, res
     assert "did not complete a PLAINTEXT handshake within 2s" in res.message
 
 

@@ -405,14 +405,16 @@ def test_broker_outage_and_collector_crash_lose_nothing(kafka_broker_factory, tm
     b.stop()
     t_down = time.monotonic()
     d1.wait(lambda s: s["state"] == "degraded" and s["spool_pending"] > 0, 20, "spooling after the broker stopped")
+    # at least 60 s down and until 40 s of records are on disk (~1.2 M records through the spool): a loaded
+    # machine may offer fewer than 20k/s, so wait for the amount, bounded, never assume it in a fixed time
     rss_early = None
-    while time.monotonic() - t_down < 60:
+    while time.monotonic() - t_down < 60 or d1.last["spool_bytes"] <= 40 * rate * 150:
+        assert time.monotonic() - t_down < 300, f"40 s of records never reached the spool: {d1.last}"
         time.sleep(0.5)
         if rss_early is None and time.monotonic() - t_down > 15:
             rss_early = d1.last["rss_kb"]
     rss_late = d1.last["rss_kb"]
     spooled = d1.last["spool_bytes"]
-    assert spooled > 40 * rate * 150, f"60 s of records should be on disk, spool has {spooled} bytes"
     b.start()
     # live traffic continues during the replay, at a quarter of the rate: the replay must outrun it, and on a
     # loaded machine the sink's whole throughput may be near the full rate
@@ -423,7 +425,8 @@ def test_broker_outage_and_collector_crash_lose_nothing(kafka_broker_factory, tm
     # memory stayed bounded while ~1.2 M records went through the spool
     assert rss_late - rss_early < 40 * 1024, f"RSS grew {rss_early} -> {rss_late} kB during the outage"
     assert d1.max_rss_kb < 400 * 1024, d1.max_rss_kb
-    d1.wait(lambda s: s["delivered"] >= 75 * rate and s["state"] == "healthy", 60, "steady again")
+    steady_from = d1.last["delivered"]
+    d1.wait(lambda s: s["delivered"] >= steady_from + 5 * rate and s["state"] == "healthy", 120, "steady again")
 
     # phase 2: broker down again, collector killed with SIGKILL while spooling, restarted, broker back
     b.stop()
