@@ -161,8 +161,12 @@ def test_a_credential_revoked_while_running_turns_the_sink_failing(enforcer, kaf
                        alive=alive)
             assert sink()["health"]["state"] == "ok"
             b.remove_scram_user(carol.name)
-            h = wait_until(lambda: (sink().get("health") or {}).get("state") == "failing" and sink()["health"],
-                           90, "the sink failing after the revocation", alive=alive)
+            try:
+                h = wait_until(lambda: (sink().get("health") or {}).get("state") == "failing" and sink()["health"],
+                               90, "the sink failing after the revocation", alive=alive)
+            except TimeoutError as e:                   # say what the sink saw instead
+                raise AssertionError(f"{e}; sink: {json.dumps(sink())[:1500]}; collector log: "
+                                     f"{(tmp_path / 'collector.log').read_text()[-3000:]}") from None
             assert ": auth: " in (h["reason"] or "") and "kafka.sasl_username" in h["reason"], h
             spooled = sink()["spool"]["appended"]
             wait_until(lambda: sink()["spool"]["appended"] > spooled, 30, "spooling goes on", alive=alive)
