@@ -32,6 +32,7 @@ class Outbox:
         self._pending: dict[tuple, bytes] = {}   # record key -> encoded line, not settled yet, in order
         self.damaged = 0                    # lines found unreadable at load (a torn last line)
         self.appended = 0
+        self._torn_tail = False             # the file ends in a fragment load could not cut
 
     def load(self) -> list[dict]:
         """Records left by an earlier run, in order (a torn last line is dropped and counted)."""
@@ -51,7 +52,9 @@ class Outbox:
             out.append(r)
             self._pending[record_key(r)] = line + b"\n"
         if self.damaged or not raw.endswith(b"\n"):
-            self._rewrite(sync=True)            # cut the torn line before anything is appended after it
+            # cut the torn line before anything is appended after it; if the file cannot be rewritten
+            # (a full disk), the next append starts with a newline so it is not glued to the fragment
+            self._torn_tail = not self._rewrite(sync=True) and not raw.endswith(b"\n")
         return out
 
     def append(self, records: list[dict]) -> None:
@@ -60,10 +63,11 @@ class Outbox:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
         try:
-            os.write(fd, b"".join(lines))
+            os.write(fd, (b"\n" if self._torn_tail else b"") + b"".join(lines))
             os.fdatasync(fd)
         finally:
             os.close(fd)
+        self._torn_tail = False
         for r, line in zip(records, lines):
             self._pending[record_key(r)] = line
         self.appended += len(lines)
@@ -74,21 +78,22 @@ class Outbox:
         if any(g is not None for g in gone):
             self._rewrite()
 
-    def _rewrite(self, sync: bool = False) -> None:
-        """The file := the records not settled (tmp + rename; removed when none)."""
+    def _rewrite(self, sync: bool = False) -> bool:
+        """The file := the records not settled (tmp + rename; removed when none). False if it failed."""
         tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
         try:
             if not self._pending:
                 self.path.unlink(missing_ok=True)
-                return
+                return True
             with open(tmp, "wb") as f:
                 f.write(b"".join(self._pending.values()))
                 if sync:
                     f.flush()
                     os.fdatasync(f.fileno())
             os.replace(tmp, self.path)
+            return True
         except OSError:
-            pass                            # settle: sent again after a restart (a duplicate, not a loss)
+            return False                    # settle: sent again after a restart (a duplicate, not a loss)
 
     def __len__(self) -> int:
         return len(self._pending)

@@ -48,6 +48,9 @@ class Shutdown:
             except Exception as e:                      # noqa: BLE001 — reported, shutdown goes on
                 log.error("shutdown: final drain failed: %s: %s", type(e).__name__, e)
         await _cancel(self._tasks.get("events"))
+        # the commit loop may be fanning out a loss record (waiting for room): stop it before what is in
+        # flight is counted; the last _commit_ready below does what it would have done
+        await _cancel(self._tasks.get("commit"))
         self._count_abandoned()
         for s in self.slots:
             s.queue.close()

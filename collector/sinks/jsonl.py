@@ -113,7 +113,14 @@ class JsonlSink(BaseSink):
                 if i >= 0:
                     keep = max(0, stop - step) + i + 1
                     break
-        os.truncate(self.path, keep)
+        try:
+            os.ftruncate(self._fd, keep)                 # the file this sink has open, whatever its name now
+        except OSError as e:                             # e.g. append-only (chattr +a): end the fragment instead
+            log.warning("sink %s: cannot cut a torn last line (%s); ending it with a newline", self.name, e)
+            write_all(self._fd, b"\n")
+            self._size += 1
+            self.torn_bytes += self._size - 1 - keep
+            return
         self.torn_bytes += self._size - keep
         log.warning("sink %s: cut a torn last line (%d bytes) left by a crash; its records come again",
                     self.name, self._size - keep)

@@ -31,8 +31,7 @@ the records cut off: at least one when bytes were cut, and every seq between the
 next_seq the cursor file last recorded (exact for records that had been synced; records appended after
 the last fdatasync of a machine that lost power cannot be counted, and were never settled either). A bad
 frame found while reading an earlier segment skips the rest of that segment; the seqs skipped are
-reported by `take_lost()` (exact, from the next segment's first seq). Cost of open: one read of the last
-segment (<= segment_bytes).
+reported by `take_lost()` (exact, from the next segment's first seq). Open reads the last segment once.
 
 Not thread-safe: use from one event loop; fdatasync runs in a worker thread, and a descriptor it runs on is
 closed only after it (an acknowledgement that empties the spool meanwhile drops the writer, never under it).
@@ -323,8 +322,8 @@ class Spool:
             self._drop_writer()             # (an acknowledgement may have dropped it during the sync)
 
     def _drop_writer(self) -> None:
-        """Close the segment being appended to now, or once the fdatasync on it ends (closed under the
-        worker thread, it fails with EBADF, or syncs whatever file got the number next)."""
+        """Close the segment being appended to now, or once the fdatasync on it ends (closed under it, the
+        thread fails with EBADF or syncs whatever file got the number next)."""
         fd, self._wfd = self._wfd, -1
         if fd >= 0 and self._syncing is not None and not self._syncing.done() and self._syncing_fd == fd:
             self._syncing.add_done_callback(lambda _f: os.close(fd))
@@ -343,8 +342,7 @@ class Spool:
 
     async def sync(self) -> bool:
         """fdatasync the segment being written (worker thread); False (counted) on error. On success every
-        record appended before it is durable (`synced_seq`). Earlier segments were synced when they were
-        sealed (_close_writer)."""
+        record appended before it is durable (`synced_seq`); earlier segments were synced when sealed."""
         if self._syncing is not None:
             with contextlib.suppress(OSError):      # the sync that ran counted it
                 await asyncio.shield(self._syncing)
@@ -358,11 +356,13 @@ class Spool:
                 await asyncio.shield(self._syncing)
                 self.fsyncs += 1
             except OSError:
-                self.fsync_errors += 1
-                self._dirty = True
-                ok = False
+                self.fsync_errors, self._dirty, ok = self.fsync_errors + 1, True, False
+            except asyncio.CancelledError:      # the thread still runs: not durable yet; the next sync
+                self._dirty = True               # (and a deferred close) waits for it
+                raise
             finally:
-                self._syncing = None
+                if self._syncing is not None and self._syncing.done():
+                    self._syncing = None
         self._last_sync = time.monotonic()
         if ok:
             self._synced(upto)

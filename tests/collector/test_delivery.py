@@ -790,3 +790,40 @@ def test_a_journaled_conntrack_batch_is_rebuilt_whatever_the_new_flow_table_hold
     uvloop.run(two())
     again = [(r["event"]["id"], r["hostwall"]["seq"]) for r in sink2.records if r["hostwall"]["stream"] == "conntrack"]
     assert again == before and [s for _, s in before] == [0, 1], (before, again)
+
+
+def test_a_torn_jsonl_line_that_cannot_be_cut_is_ended_by_a_newline(tmp_path, monkeypatch):
+    """An append-only file (chattr +a) cannot be truncated: the sink must still start, and end the
+    fragment with a newline so the next record stays a line of its own."""
+    import errno
+
+    from hostwall.collector.sinks.jsonl import JsonlSink
+    path = tmp_path / "f.jsonl"
+    path.write_bytes(b'{"whole": 1}\n{"torn')
+
+    def refuse(fd, n):
+        raise OSError(errno.EPERM, "Operation not permitted")
+    monkeypatch.setattr(os, "ftruncate", refuse)
+
+    async def go():
+        s = JsonlSink(path, fsync="always")
+        await s.start()
+        await s.send([_ecs("anomaly", 0)])
+        await s.close()
+        return s
+    s = asyncio.run(go())
+    lines = path.read_bytes().split(b"\n")
+    assert lines[:2] == [b'{"whole": 1}', b'{"torn'] and json.loads(lines[2])["hostwall"]["seq"] == 0, lines
+    assert s.stats()["torn_bytes"] == len(b'{"torn')
+
+
+def test_an_outbox_whose_torn_line_cannot_be_cut_starts_the_next_append_on_a_new_line(tmp_path, monkeypatch):
+    box = Outbox(tmp_path / "o.jsonl")
+    box.append([owned("anomaly", 0), owned("anomaly", 1)])
+    os.truncate(box.path, box.path.stat().st_size - 5)
+    second = Outbox(box.path)
+    monkeypatch.setattr(second, "_rewrite", lambda sync=False: False)      # a full disk: no room for the tmp copy
+    assert [r["event"]["id"] for r in second.load()] == ["anomaly-0"]
+    second.append([owned("anomaly", 1)])
+    third = Outbox(box.path)
+    assert [r["event"]["id"] for r in third.load()] == ["anomaly-0", "anomaly-1"] and third.damaged == 1

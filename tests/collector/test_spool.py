@@ -380,3 +380,33 @@ def test_an_ack_that_empties_the_spool_while_an_append_seals_a_segment(tmp_path,
         assert [q for q, _ in s.read()] == [q for q in range(n - 2, n + 10) if not s.is_acked(q)]
         await s.close()
     run(go())
+
+
+def test_a_sync_whose_task_is_cancelled_leaves_the_spool_waiting_for_its_fdatasync(tmp_path, monkeypatch):
+    """The sink's close cancels the task that awaits a sync while the worker thread still runs it: the
+    records are not known durable (a later sync runs again) and the descriptor is not closed under it."""
+    import threading
+    gate, real = threading.Event(), os.fdatasync
+
+    def held(fd):
+        assert gate.wait(30)
+        return real(fd)
+
+    async def go():
+        s = make(tmp_path, fsync="interval", fsync_interval_s=3600)
+        assert await s.append([payload(i) for i in range(3)]) == 3
+        monkeypatch.setattr(os, "fdatasync", held)
+        task = asyncio.ensure_future(s.sync())
+        while s._syncing is None:
+            await asyncio.sleep(0.001)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert s._dirty and s._syncing is not None and not s._syncing.done()
+        later = asyncio.ensure_future(s.sync())          # waits for the running one, then syncs again
+        await asyncio.sleep(0.01)
+        assert not later.done()
+        gate.set()
+        assert await later is True and s.fsyncs >= 1
+        await s.close()
+    run(go())
