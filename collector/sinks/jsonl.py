@@ -118,8 +118,8 @@ class JsonlSink(BaseSink):
         except OSError as e:                             # e.g. append-only (chattr +a): end the fragment instead
             log.warning("sink %s: cannot cut a torn last line (%s); ending it with a newline", self.name, e)
             write_all(self._fd, b"\n")
+            self.torn_bytes += self._size - keep
             self._size += 1
-            self.torn_bytes += self._size - 1 - keep
             return
         self.torn_bytes += self._size - keep
         log.warning("sink %s: cut a torn last line (%d bytes) left by a crash; its records come again",
