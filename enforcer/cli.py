@@ -139,6 +139,8 @@ def cmd_apply(a) -> int:
     print(f"revision {r.old_revision or '(none)'} → {r.new_revision}: {r.rules} rules, {r.prefixes} prefixes; "
           f"switch {r.switch_ms:.3f} ms, apply {total:.3f} s (compile {r.compile_s:.3f} s), "
           f"{r.written_records} records written")
+    if r.fqdn_full:
+        _err(f"warning: {control.fqdn_full_text(r.fqdn_full)}")
     return EXIT_OK
 
 

@@ -41,8 +41,15 @@ class ApplyResult:
     switch_ms: float
     barrier_ms: float
     fqdn_filled: int = 0         # learnt addresses entered into the policy's new dynamic sets
+    fqdn_full: int = 0           # learnt addresses a full hw_fqdn refused: denied until their names are asked again
     written_records: int = 0     # policy records rewritten in the standby half (what differed)
     known_tables: int = 0        # policy tables not even compared: this Datapath object wrote them there
+
+
+def fqdn_full_text(n: int) -> str:
+    """What an operator reads when a swap's refill of new dynamic sets met a full map (counted, not silent)."""
+    return (f"{n} learnt addresses did not fit the dynamic set map (hw_fqdn full): connections to them are "
+            f"denied until their names are asked again (docs/policy.md \"FQDN rules\")")
 
 
 @dataclass(frozen=True)
@@ -111,15 +118,15 @@ def apply_policy(dp: Datapath, st: InstanceState, policy: Policy,
     st.tables = cp.describe()
     st.record_change(old_rev, policy.revision, old_rules, len(policy.rules), st.policy_path, timing.switch_s * 1e3)
     return ApplyResult(old_rev, policy.revision, len(policy.rules), policy.prefix_count, t1 - t0, t2 - t1,
-                       timing.switch_s * 1e3, timing.barrier_s * 1e3, filled, sum(timing.written.values()),
-                       len(timing.known))
+                       timing.switch_s * 1e3, timing.barrier_s * 1e3, filled["entered"], filled["full"],
+                       sum(timing.written.values()), len(timing.known))
 
 
 def _install_with_sets(dp: Datapath, st: InstanceState, policy: Policy, cp, sets: dict[str, int],
                        fresh: list[int]):
     """The swap with the dynamic sets around it (enforcer/fqdnsets.py): publish old + new sets, fill the
     new ones from the learnt names, switch, then (one grace period later) empty the retired sets and
-    publish the new sets alone. Returns (addresses filled, the swap's timing)."""
+    publish the new sets alone. Returns (fill_sets' counts: entered / full, the swap's timing)."""
     old = {v: tuple(k.split("\n")) for k, v in st.fqdn_sets.items()}
     new = {v: tuple(k.split("\n")) for k, v in sets.items()}
     fm = fq.FqdnMaps(dp.map_fds, st.pin_dir)
@@ -128,7 +135,7 @@ def _install_with_sets(dp: Datapath, st: InstanceState, policy: Policy, cp, sets
         with fm.writing():
             if fresh:
                 fm.delete_sets(set(fresh))  # an id retired earlier may hold leftovers (a crash mid-swap)
-            filled = fqdnsets.fill_sets(fm, {i: new[i] for i in fresh})["entered"]
+            filled = fqdnsets.fill_sets(fm, {i: new[i] for i in fresh})
         timing = dp.install(cp)
         retired = set(old) - set(new)
         if retired:

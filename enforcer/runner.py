@@ -115,6 +115,8 @@ async def _main(a, dp, socks, load: Callable[[str], Policy], report: Callable[[P
                 watch.profiles = tuple(control.InstanceState.load(a.pin_dir).dos_profiles)
                 _say(f"SIGHUP: revision {r.old_revision} → {r.new_revision} (switch {r.switch_ms:.3f} ms; "
                      f"{r.written_records} records written, {r.known_tables} tables known)")
+                if r.fqdn_full:
+                    _say(f"SIGHUP: {control.fqdn_full_text(r.fqdn_full)}", err=True)
             except PolicyError as e:
                 report(e)
                 _say("SIGHUP: the running policy is unchanged", err=True)
