@@ -12,12 +12,14 @@ OCSF/OTel mappings add a few µs of dict building.
 """
 from __future__ import annotations
 
+import functools
+
 import orjson
 
 from .ocsf import EncodeError, to_ocsf
 from .otel import to_otel
 
-__all__ = ["encode", "EncodeError", "FORMATS", "to_ocsf", "to_otel"]
+__all__ = ["encode", "line_encoder", "EncodeError", "FORMATS", "to_ocsf", "to_otel"]
 
 FORMATS = ("ecs", "ocsf", "otel")
 
@@ -34,3 +36,14 @@ def encode(record: dict, fmt: str = "ecs") -> bytes:
     except orjson.JSONEncodeError as e:
         raise EncodeError(f"{fmt}: record is not JSON-serialisable: {e}") from None
     raise ValueError(f"unknown encoding {fmt!r}: use one of {', '.join(FORMATS)}")
+
+
+def line_encoder(fmt: str):
+    """record -> encode(record, fmt) + b"\n", for files of one record per line. ecs: orjson's own
+    OPT_APPEND_NEWLINE (no second bytes object per record); it raises orjson.JSONEncodeError where
+    encode raises EncodeError, so callers catch Exception and ask encode() for the error."""
+    if fmt == "ecs":
+        return functools.partial(orjson.dumps, option=orjson.OPT_APPEND_NEWLINE)
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown encoding {fmt!r}: use one of {', '.join(FORMATS)}")
+    return lambda record: encode(record, fmt) + b"\n"
