@@ -6,7 +6,8 @@ syscalls, ring buffer, records, enrichment, sinks), so its peak resident set is 
 (docs/benchmarks.md "collector"). It fills the ring through BPF_PROG_TEST_RUN on the inherited
 program fd, exactly as the parent's producer would, and prints one JSON object of metrics. One
 measurement per process (`--mode`), so each starts from a fresh heap (a second pipeline in the same
-process inherits the first one's garbage and open-flow table, and ran ~25 % slower):
+process inherits the first one's garbage and open-flow table, and ran ~25 % slower), with the process
+settings the collector CLI makes at start (hostwall/gcpause.py tune_for_batches):
 
   --mode on     e2e_jsonl_rps: ring → RecordBuilder → Enricher → JsonlSink through the real Pipeline,
                 the Enricher's socket-owner and cgroup caches warm (every record attributed from a
@@ -409,6 +410,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{k:24s} {v:8.3f} s {100 * v / total:5.1f} %")
         return 0
     m: dict[str, float] = {"rss_mb_child_start": rss_mb("VmRSS")}
+    from hostwall.gcpause import tune_for_batches
+    tune_for_batches()                      # as the collector CLI does at start (collector/cli.py run)
     if a.mode == "stages":
         m.update(stages(a.prog_fd, a.map_fd, a.records))
         _log("stages, ns per record: " + ", ".join(f"{k[6:-3]} {v:.0f}" for k, v in m.items() if k.startswith("stage_")))

@@ -12,8 +12,6 @@ OCSF/OTel mappings add a few µs of dict building.
 """
 from __future__ import annotations
 
-import functools
-
 import orjson
 
 from .ocsf import EncodeError, to_ocsf
@@ -39,11 +37,14 @@ def encode(record: dict, fmt: str = "ecs") -> bytes:
 
 
 def line_encoder(fmt: str):
-    """record -> encode(record, fmt) + b"\n", for files of one record per line. ecs: orjson's own
-    OPT_APPEND_NEWLINE (no second bytes object per record); it raises orjson.JSONEncodeError where
-    encode raises EncodeError, so callers catch Exception and ask encode() for the error."""
+    """record -> encode(record, fmt) + b"\n", for files of one record per line. ecs: orjson.dumps without
+    encode()'s dispatch; it raises orjson.JSONEncodeError where encode raises EncodeError, so callers
+    catch Exception and ask encode() for the error. Not OPT_APPEND_NEWLINE: orjson's own buffer is
+    over-allocated and a sink holds a chunk of lines (+9 MiB peak RSS in `bench collector`); the
+    concatenation makes an exact-size line."""
     if fmt == "ecs":
-        return functools.partial(orjson.dumps, option=orjson.OPT_APPEND_NEWLINE)
+        dumps = orjson.dumps
+        return lambda record: dumps(record) + b"\n"
     if fmt not in FORMATS:
         raise ValueError(f"unknown encoding {fmt!r}: use one of {', '.join(FORMATS)}")
     return lambda record: encode(record, fmt) + b"\n"
