@@ -15,6 +15,8 @@ settings the collector CLI makes at start (hostwall/gcpause.py tune_for_batches)
   --mode off    e2e_jsonl_rps_enrich_off, collector_rss_mb_enrich_off: the same without the enricher
   --mode floor  floor_jsonl_rps: the same records prebuilt (one ring batch, reused): orjson.dumps each,
                 join per batch of queues.batch, one write(2) per batch — nothing else
+  --mode stages stage_*_ns: unprofiled ns per record of each stage (stages(); `python -m
+                hostwall.bench.collector --stages` runs it)
 
 `python -m hostwall.bench.collector --profile FILE [--enrich on|off]` loads the producer and runs this
 child with `--profile FILE --mode on|off`: the e2e pass under cProfile and writes the stats
