@@ -322,17 +322,21 @@ def run(quick: bool) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m hostwall.bench.collector --profile FILE [--enrich on|off] [--records N]`: one e2e pass
-    of the child under cProfile (bench/collector_run.py; `--report FILE` there prints the stages)."""
+    of the child under cProfile (bench/collector_run.py; `--report FILE` there prints the stages).
+    `--stages [--records N]`: the unprofiled ns per record of each stage instead (collector_run.stages)."""
     import argparse
     import json
     ap = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
-    ap.add_argument("--profile", required=True)
+    how = ap.add_mutually_exclusive_group(required=True)
+    how.add_argument("--profile")
+    how.add_argument("--stages", action="store_true")
     ap.add_argument("--enrich", choices=("on", "off"), default="on")
     ap.add_argument("--records", type=int, default=100_000)
     a = ap.parse_args(argv)
     prod = Producer(mix=True)
     try:
-        print(json.dumps(bench_child(prod, a.records, a.profile, mode=a.enrich)))
+        mode = "stages" if a.stages else a.enrich
+        print(json.dumps(bench_child(prod, a.records, a.profile, mode=mode)))
     finally:
         prod.close()
     return 0

@@ -6,7 +6,8 @@ syscalls, ring buffer, records, enrichment, sinks), so its peak resident set is 
 (docs/benchmarks.md "collector"). It fills the ring through BPF_PROG_TEST_RUN on the inherited
 program fd, exactly as the parent's producer would, and prints one JSON object of metrics. One
 measurement per process (`--mode`), so each starts from a fresh heap (a second pipeline in the same
-process inherits the first one's garbage and open-flow table, and ran ~25 % slower):
+process inherits the first one's garbage and open-flow table, and ran ~25 % slower), with the process
+settings the collector CLI makes at start (hostwall/gcpause.py tune_for_batches):
 
   --mode on     e2e_jsonl_rps: ring → RecordBuilder → Enricher → JsonlSink through the real Pipeline,
                 the Enricher's socket-owner and cgroup caches warm (every record attributed from a
@@ -14,6 +15,8 @@ process inherits the first one's garbage and open-flow table, and ran ~25 % slow
   --mode off    e2e_jsonl_rps_enrich_off, collector_rss_mb_enrich_off: the same without the enricher
   --mode floor  floor_jsonl_rps: the same records prebuilt (one ring batch, reused): orjson.dumps each,
                 join per batch of queues.batch, one write(2) per batch — nothing else
+  --mode stages stage_*_ns: unprofiled ns per record of each stage (stages(); `python -m
+                hostwall.bench.collector --stages` runs it)
 
 `python -m hostwall.bench.collector --profile FILE [--enrich on|off]` loads the producer and runs this
 child with `--profile FILE --mode on|off`: the e2e pass under cProfile and writes the stats
@@ -271,6 +274,85 @@ def floor(prog_fd: int, map_fd: int, n_records: int) -> float:
     return n_records / dt
 
 
+def stages(prog_fd: int, map_fd: int, n_records: int) -> dict[str, float]:
+    """Unprofiled ns per record of each stage of the e2e record path, timed with perf_counter_ns around
+    whole ring batches (queues.batch events) — the same calls the Pipeline makes, without the event
+    loop between them: ring read, RecordBuilder.on_events, ledger + hostwall.seq numbering
+    (Pipeline._number), Enricher.enrich_batch (warm caches), the JSONL sink's send (encode + write),
+    and, apart, the cyclic GC's own time inside them (gc.callbacks)."""
+    import gc
+
+    from hostwall.bpf.ringbuf import slot_size
+    from hostwall.collector.accounting import Ledger
+    from hostwall.collector.config import CollectorConfig, JsonlOptions, QueueSizes
+    from hostwall.collector.enrich.host import HostInfo
+    from hostwall.collector.pipeline import Pipeline
+    from hostwall.collector.records import RecordBuilder
+    from hostwall.collector.sinks.jsonl import JsonlSink
+
+    d = Path(tempfile.mkdtemp(prefix="hw-bench-stages-"))
+    gc_ns = [0, 0]
+
+    def on_gc(phase: str, _info: dict) -> None:
+        if phase == "start":
+            gc_ns[1] = time.perf_counter_ns()
+        else:
+            gc_ns[0] += time.perf_counter_ns() - gc_ns[1]
+    try:
+        cfg = CollectorConfig(pin_dir=str(d), queues=QueueSizes(), status_file=str(d / "st.json"),
+                              jsonl=JsonlOptions(rotate_bytes=1 << 30, fsync="none"))
+        sink = JsonlSink(d / "flows.jsonl", fsync="none", rotate_bytes=1 << 30)
+        ledger = Ledger([sink.name])
+        host = HostInfo(hostname="bench", boot_id="b", pin_dir=str(d))
+        builder, enricher = RecordBuilder(host, None, ledger), warm_enricher(host)
+        pipe = Pipeline(cfg, _Source(map_fd), builder, [sink], ledger=ledger, enricher=enricher)
+        from hostwall.bpf.clock import Clock
+        clock = Clock.calibrate()
+        slot, batch = slot_size(L.DTYPES["hw_event"].itemsize), cfg.queues.batch
+        t = dict.fromkeys(("decode", "build", "number", "enrich", "sink"), 0)
+        done = 0
+
+        async def go() -> None:
+            nonlocal done
+            await sink.start()
+            ring = _Source(map_fd).ring()
+            ring.read(1 << 20)
+            gc.callbacks.append(on_gc)
+            try:
+                while done < n_records:
+                    k = min(batch, n_records - done)
+                    while ring.available_bytes() // slot < k:
+                        produce(prog_fd, k - ring.available_bytes() // slot)
+                    t0 = time.perf_counter_ns()
+                    b = ring.read(k)
+                    t1 = time.perf_counter_ns()
+                    recs = builder.on_events(b.records, clock)
+                    t2 = time.perf_counter_ns()
+                    ledger.produce("events", len(recs))
+                    pipe._number(recs, "events")
+                    t3 = time.perf_counter_ns()
+                    await pipe._enrich(recs)
+                    t4 = time.perf_counter_ns()
+                    await sink.send(recs)
+                    t5 = time.perf_counter_ns()
+                    for key, dt in zip(t, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)):
+                        t[key] += dt
+                    done += len(recs)
+                    del recs, b
+            finally:
+                gc.callbacks.remove(on_gc)
+                await sink.close()
+                ring.close()
+        import uvloop
+        uvloop.run(go())
+        out = {f"stage_{k}_ns": v / done for k, v in t.items()}
+        out["stage_total_ns"] = sum(t.values()) / done
+        out["stage_gc_ns"] = gc_ns[0] / done
+        return out
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
 # cProfile functions → pipeline stage (docs/benchmarks.md "Where the time goes"). Python functions
 # by file (and name, for the id/time helpers inside the record modules); built-ins by their own name
 # when it says what they do, else their time goes to the stage of the caller (per call edge).
@@ -319,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--map-fd", type=int, help="its ring buffer")
     ap.add_argument("--records", type=int, default=100_000)
     ap.add_argument("--profile", help="run the e2e pass of --mode on|off under cProfile; stats written here")
-    ap.add_argument("--mode", choices=("on", "off", "floor"), default="on",
+    ap.add_argument("--mode", choices=("on", "off", "floor", "stages"), default="on",
                     help="e2e with enrichment on / off, or the floor (one per process: a fresh heap each)")
     ap.add_argument("--report", help="print the per-stage breakdown of a --profile stats file and exit")
     a = ap.parse_args(argv)
@@ -330,7 +412,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{k:24s} {v:8.3f} s {100 * v / total:5.1f} %")
         return 0
     m: dict[str, float] = {"rss_mb_child_start": rss_mb("VmRSS")}
-    if a.mode == "floor":
+    from hostwall.gcpause import tune_for_batches
+    tune_for_batches()                      # as the collector CLI does at start (collector/cli.py run)
+    if a.mode == "stages":
+        m.update(stages(a.prog_fd, a.map_fd, a.records))
+        _log("stages, ns per record: " + ", ".join(f"{k[6:-3]} {v:.0f}" for k, v in m.items() if k.startswith("stage_")))
+    elif a.mode == "floor":
         m["floor_jsonl_rps"] = floor(a.prog_fd, a.map_fd, a.records)
         _log(f"floor (prebuilt records, orjson + write): {m['floor_jsonl_rps']:.3g} records/s")
     else:

@@ -179,6 +179,9 @@ def run(cfg: CollectorConfig, *, verbose: bool = False) -> int:
         await task
 
     import uvloop
+
+    from hostwall.gcpause import tune_for_batches
+    tune_for_batches()                      # records are made in batches: hostwall/gcpause.py says why
     try:
         uvloop.run(go())
     except StartFailed as e:

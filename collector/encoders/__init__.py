@@ -17,7 +17,7 @@ import orjson
 from .ocsf import EncodeError, to_ocsf
 from .otel import to_otel
 
-__all__ = ["encode", "EncodeError", "FORMATS", "to_ocsf", "to_otel"]
+__all__ = ["encode", "line_encoder", "EncodeError", "FORMATS", "to_ocsf", "to_otel"]
 
 FORMATS = ("ecs", "ocsf", "otel")
 
@@ -34,3 +34,17 @@ def encode(record: dict, fmt: str = "ecs") -> bytes:
     except orjson.JSONEncodeError as e:
         raise EncodeError(f"{fmt}: record is not JSON-serialisable: {e}") from None
     raise ValueError(f"unknown encoding {fmt!r}: use one of {', '.join(FORMATS)}")
+
+
+def line_encoder(fmt: str):
+    """record -> encode(record, fmt) + b"\n", for files of one record per line. ecs: orjson.dumps without
+    encode()'s dispatch; it raises orjson.JSONEncodeError where encode raises EncodeError, so callers
+    catch Exception and ask encode() for the error. Not OPT_APPEND_NEWLINE: orjson's own buffer is
+    over-allocated and a sink holds a chunk of lines (+9 MiB peak RSS in `bench collector`); the
+    concatenation makes an exact-size line."""
+    if fmt == "ecs":
+        dumps = orjson.dumps
+        return lambda record: dumps(record) + b"\n"
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown encoding {fmt!r}: use one of {', '.join(FORMATS)}")
+    return lambda record: encode(record, fmt) + b"\n"

@@ -81,13 +81,19 @@ class LruTtlCache(Generic[K, V]):
                 self.evictions += 1
 
     def pop(self, key: K, default=None):
-        """Remove and return a live entry (counted like get)."""
-        value = self.get(key, _MISSING)
-        if value is _MISSING:
-            return default
+        """Remove and return a live entry (counted like get; one lock, one clock read)."""
+        now = self._clock()
         with self._lock:
-            self._d.pop(key, None)
-        return value
+            item = self._d.pop(key, _MISSING)
+            if item is _MISSING:
+                self.misses += 1
+                return default
+            if item[0] <= now:
+                self.expirations += 1
+                self.misses += 1
+                return default
+            self.hits += 1
+            return item[1]
 
     def contains(self, key: K) -> bool:
         """True if a live entry exists (does not count as a hit or miss)."""

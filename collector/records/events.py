@@ -53,7 +53,8 @@ _KIND_TAG = {t: (name.encode(), "flow" if t in (_FLOW_START, _FLOW_END) else nam
              for t, name in L.EVENT_TYPE_NAMES.items()}
 _PORT_PROTOS = frozenset({6, 17, 132})
 # Constant parts every record of a kind shares (one object each; read-only, docs/collector.md
-# "Records at line rate": code that changes a record replaces such an object, never mutates it)
+# "Records at line rate": code that changes a record replaces such an object, never mutates it); so is
+# the host's `observer` of a record without an interface
 _ECS = {"version": ECS_VERSION}
 _CATEGORY = ["network"]
 _T_START, _T_END, _T_ALLOWED, _T_DENIED = ["start"], ["end"], ["allowed"], ["denied"]
@@ -106,7 +107,8 @@ class EventRecords:
 
     def _memos(self) -> tuple[dict, dict]:
         """(network objects by family << 16 | proto << 8 | direction, observer of this host), made
-        once per builder; records get copies."""
+        once per builder; records get copies of the network object and share the observer unless they
+        add an interface to it."""
         got = self.__dict__.get("_memos_")
         if got is None:
             got = self._memos_ = ({}, self._observer())
@@ -169,16 +171,13 @@ class EventRecords:
                 hw = {"kind": kinds[t], "schema_version": SCHEMA_VERSION}
                 if icmp is not None:
                     hw["icmp"] = icmp.copy()
+                observer = obs                  # shared read-only, unless the record names its interface
                 if ifindex:
                     hw["interface"] = {"id": ifindex}
                     dname = dir_names.get(d)
                     if dname is not None:
                         observer = obs.copy()
                         observer[dname] = {"interface": {"id": str(ifindex)}}
-                    else:
-                        observer = obs.copy()
-                else:
-                    observer = obs.copy()
                 hw["verdict"] = verdict
                 if reason:
                     hw["reason"] = reason

@@ -58,6 +58,13 @@ def make_encoder(encoding: str):
     return functools.partial(encode, fmt=encoding)
 
 
+def make_line_encoder(encoding: str):
+    """record -> its line: make_encoder's bytes and b"\n" (collector.encoders.line_encoder)."""
+    from hostwall.collector.encoders import line_encoder
+    make_encoder(encoding)                            # the same check and message
+    return line_encoder(encoding)
+
+
 class JsonlSink(BaseSink):
     full_queue_policy = FullQueuePolicy.BLOCK
     tracks_durability = True
@@ -73,6 +80,7 @@ class JsonlSink(BaseSink):
         self.fsync = fsync
         self.fsync_interval_s = fsync_interval_s
         self._encode = None
+        self._line = None
         self._fd = -1
         self._size = 0
         self._dirty = False
@@ -94,6 +102,7 @@ class JsonlSink(BaseSink):
     async def start(self) -> None:
         """Resolve the encoder and open the file (append); raises OSError with the path if it cannot."""
         self._encode = make_encoder(self.encoding)
+        self._line = make_line_encoder(self.encoding)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._open()
 
@@ -210,10 +219,11 @@ class JsonlSink(BaseSink):
     def _encode_all(self, records: list[dict]) -> tuple[list[bytes], list[dict]]:
         """(lines, the records they encode): a loss notes its records' hostwall.seq, so the pipeline's
         loss record explains the gap (docs/records.md "Completeness")."""
-        enc = self._encode
+        line = self._line
         try:
-            return [enc(r) + b"\n" for r in records], records  # fast path: no per-record try
+            return [line(r) for r in records], records      # fast path: no per-record try
         except Exception:  # noqa: BLE001 — fall back to one record at a time to find the bad one
+            enc = self._encode
             out, ok = [], []
             for r in records:
                 try:
@@ -225,8 +235,13 @@ class JsonlSink(BaseSink):
             return out, ok
 
     def _segments(self, lines: list[bytes]):
-        """Split lines into runs that fit the current file, then whole new files: (lines, bytes)."""
+        """Split lines into runs that fit the current file, then whole new files: (lines, bytes).
+        Lines that all fit are one run (one sum over their lengths, no per-line loop)."""
         room = self.rotate_bytes - self._size if self._size else self.rotate_bytes
+        total = sum(map(len, lines))
+        if total <= room:
+            yield lines, total
+            return
         start, acc = 0, 0
         for i, ln in enumerate(lines):
             if acc and acc + len(ln) > room:

@@ -13,7 +13,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from hostwall.collector.encoders import EncodeError, encode, to_ocsf, to_otel
+from hostwall.collector.encoders import EncodeError, encode, line_encoder, to_ocsf, to_otel
 from hostwall.collector.enrich import Enricher
 from hostwall.collector.enrich.cgroup import CgroupInfo
 from hostwall.collector.enrich.host import Iface, InstanceStateView
@@ -310,3 +310,18 @@ def test_encode_roundtrips_and_rejects_unknown_formats():
     snapshot = json.dumps(r, sort_keys=True)
     encode(r, "ocsf"), encode(r, "otel")
     assert json.dumps(r, sort_keys=True) == snapshot                  # encoders never mutate the record
+
+
+def test_line_encoder_is_encode_and_a_newline_and_fails_where_encode_fails():
+    recs = enriched_records()
+    for fmt in ("ecs", "ocsf", "otel"):
+        line = line_encoder(fmt)
+        assert [line(r) for r in recs] == [encode(r, fmt) + b"\n" for r in recs]
+    bad = {**recs[0], "x": {1, 2}}                                     # a set: not JSON
+    with pytest.raises(orjson.JSONEncodeError):              # the sink then asks encode() for the error
+        line_encoder("ecs")(bad)
+    with pytest.raises(EncodeError):
+        encode(bad)
+    with pytest.raises(ValueError):
+        line_encoder("cef")
+

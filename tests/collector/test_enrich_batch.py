@@ -58,6 +58,7 @@ _record = st.fixed_dictionaries({
     "local": st.sampled_from([("10.0.0.1", 443), ("10.0.0.1", 53), ("10.0.0.2", 443), ("10.0.0.3", 80), ("10.0.0.1", None)]),
     "proto": st.sampled_from(["6", "17", "1"]), "cgid": st.sampled_from([0, 7, 8, 9, 11]),
     "cid": st.sampled_from(["1:a", "1:b", "1:c", None]), "state": st.sampled_from(["open", "closed"]),
+    "ifindex": st.sampled_from([None, None, 5]),       # with an interface id: enrich()'s own path in the batch
 })
 
 
@@ -75,6 +76,8 @@ def make(r: dict) -> dict:
     hw = {"kind": r["kind"], "schema_version": "1.1.0", "verdict": "allow", "hook": "xdp_ingress", "cgroup_id": r["cgid"]}
     if r["kind"] == "flow":
         hw["flow"] = {"state": r["state"]}
+    if r.get("ifindex"):
+        hw["interface"] = {"id": r["ifindex"]}
     return {"@timestamp": "2026-12-06T00:00:00.000000Z", "event": {"kind": "event"}, "observer": {"hostname": "h"},
             "hostwall": hw, "network": net, "source": src, "destination": dst}
 
