@@ -167,6 +167,19 @@ def clear_tag_memo() -> None:
     _RESOLVED.clear()
 
 
+_RESOLVER = yaml.resolver.Resolver()      # the safe loaders' resolver class (CSafeLoader's too)
+
+
+def plain_tag(value: str) -> str:
+    """The implicit tag of a plain scalar with this text (memoised; shared with hostwall.yamlplain)."""
+    tag = _RESOLVED.get(value)
+    if tag is None:
+        tag = _RESOLVER.resolve(yaml.ScalarNode, value, (True, False))
+        if len(_RESOLVED) < _RESOLVED_MAX:
+            _RESOLVED[value] = tag
+    return tag
+
+
 class _Loader(_BaseLoader):  # type: ignore[valid-type,misc]
     """The safe loader with a memo of the implicit tag of a plain scalar: keys and values such as `name`,
     `direction`, `ingress` repeat in every rule, and the resolver's regexes cost ~4 µs a scalar. A plain
@@ -177,12 +190,7 @@ class _Loader(_BaseLoader):  # type: ignore[valid-type,misc]
         if kind is yaml.ScalarNode:
             if not implicit[0]:
                 return _STR_TAG                # quoted or '!'-tagged: the resolver's default, no regexes
-            tag = _RESOLVED.get(value)
-            if tag is None:
-                tag = super().resolve(kind, value, implicit)
-                if len(_RESOLVED) < _RESOLVED_MAX:
-                    _RESOLVED[value] = tag
-            return tag
+            return plain_tag(value)
         return _MAP_TAG if kind is yaml.MappingNode else _SEQ_TAG
 
     # The composer calls these once per node; with no path resolvers they only return. C callables that

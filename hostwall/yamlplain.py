@@ -1,0 +1,261 @@
+"""A loader for the plain subset of YAML that policies are written in, without PyYAML's node graph.
+
+`load_plain(text)` returns (data, index) for a document inside the subset and None for anything else;
+the caller then loads with hostwall.yamldoc.load_yaml, which also reports every problem with its line
+and path (docs/policy.md "Validation"). Inside the subset the data is PyYAML's: the same values, types
+and key order (plain scalars go through PyYAML's own resolver and constructor), checked against
+load_yaml on generated documents by tests/unit/test_yamlplain.py. `index` answers only what a valid
+policy needs: the line of every item of a top-level list (Rule.line).
+
+The subset: block mappings and block sequences, one entry per line (also `- key: v` and a list at its
+key's indentation); flow mappings and lists that close on the line they open; plain scalars made of
+[A-Za-z0-9_./+-] words; quoted scalars on one line without escapes (single quotes only outside flow
+collections); comments (any printable text) and blank lines. Outside it (→ None): tabs, CR, control
+characters, tags, anchors, aliases, merge keys, block or multi-line scalars, document markers,
+directives, duplicate keys, keys that are not plain strings, empty list items or flow values, and every
+syntax error.
+
+Cost: one regex pass per line, one findall per flow line and a Python step per token, no node objects
+(and the tag of a plain scalar memoised as in yamldoc): ~0.125 s CPU for the 4096-rule max policy
+against ~0.235 s for PyYAML's compose and the walk to plain data (docs/benchmarks.md "swap").
+"""
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import yaml
+
+from hostwall.yamldoc import LineIndex, PathT, plain_tag
+
+__all__ = ["PlainIndex", "load_plain"]
+
+_WORD = r"[A-Za-z0-9_./+-]+"
+_PLAIN = r"[A-Za-z0-9_./][A-Za-z0-9_./+-]*(?: +" + _WORD + r")*"
+_KEY = r"[A-Za-z0-9_./][A-Za-z0-9_./+-]*"
+# tab, CR, control characters, YAML's other line breaks (NEL, LS, PS) and what it cannot print; other
+# non-ASCII text can only be in comments and quoted scalars (every other pattern here is ASCII)
+_OUTSIDE = re.compile("[^\n\x20-\x7e\xa0-\u2027\u202a-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+_BLANK = re.compile(r" *(?:#.*)?$")
+_ENTRY = re.compile(r"(" + _KEY + r"):(?: +(.*))?$")            # key: [value]
+_REST = re.compile(r" *$| +#.*$")                              # what may follow a value
+# a scalar value: "..." '...' or a plain scalar
+_SCALAR = re.compile(r'"([^"\\]*)"|\'([^\']*)\'|(' + _PLAIN + r")")
+# a flow collection's tokens: punctuation, a "quoted" scalar, a plain scalar (a key when ': ' follows),
+# any other character (which leaves the subset); _FLOW_LINE finds where a comment starts (atomic: no
+# backtracking into other splits of the same text)
+_TOKEN = re.compile(r' *(?:([\[\]{},])|("[^"\\]*")|(' + _PLAIN + r")(: )?|(.))")
+_FLOW_LINE = re.compile(r'((?: *(?>[\[\]{},]|"[^"\\]*+"|' + _PLAIN + r"(?:: )?))*+)(?: *| +#.*)$")
+_W_VALUE, _W_KEY, _W_SEP, _W_OPEN_L, _W_OPEN_M, _W_END = range(6)   # what flow() wants next (OPEN: after [ {)
+_STR = "tag:yaml.org,2002:str"
+
+
+class _Out(Exception):
+    """The document leaves the subset: the caller loads it with the full loader."""
+
+
+class PlainIndex(LineIndex):
+    """The LineIndex of a document loaded by load_plain: item lines of the top-level lists only;
+    pos() knows no line (an issue makes the caller load again with the full loader)."""
+
+    __slots__ = ("_items",)
+
+    def __init__(self, items: dict[str, list[int]]):
+        super().__init__()
+        self._items = items
+
+    def item_lines(self, path: PathT) -> list[int]:
+        return list(self._items.get(path[0], ())) if len(path) == 1 else []
+
+
+def load_plain(text: str) -> tuple[Any, PlainIndex] | None:
+    """(data, index) of a top-level mapping inside the subset (module doc), else None."""
+    if _OUTSIDE.search(text):
+        return None
+    lines = [(len(s) - len(s.lstrip(" ")), s.lstrip(" "), no)
+             for no, s in enumerate(text.split("\n"), 1) if not _BLANK.match(s)]
+    if not lines or lines[0][0] != 0:
+        return None
+    p = _Parser(lines)
+    try:
+        data, i = p.mapping(0, 0, top=True)
+    except (_Out, RecursionError):
+        return None
+    if i != len(lines):
+        return None
+    return data, PlainIndex(p.items)
+
+
+class _Parser:
+    """Recursive descent over the non-blank lines (indent, text without it, 1-based line)."""
+
+    def __init__(self, lines: list[tuple[int, str, int]]):
+        self.lines = lines
+        self.items: dict[str, list[int]] = {}
+        self.last_lines: list[int] = []           # item lines of the list sequence() returned last
+        self.keys: set[str] = set()               # plain keys known to be strings
+        self.ctor = yaml.constructor.SafeConstructor()
+
+    # ---- block structure
+    def block(self, i: int) -> tuple[Any, int, int]:
+        """The block collection starting at line i: (value, next line, line of its first node)."""
+        ind, s, no = self.lines[i]
+        v: Any
+        v, i = self.sequence(i, ind) if _is_item(s) else self.mapping(i, ind)
+        return v, i, no
+
+    def mapping(self, i: int, ind: int, top: bool = False) -> tuple[dict, int]:
+        lines, out = self.lines, {}
+        value: Any
+        while i < len(lines):
+            li, s, no = lines[i]
+            if li < ind:
+                break
+            m = _ENTRY.match(s)
+            if li > ind or m is None:
+                raise _Out
+            key = m.group(1)
+            if key in out or plain_tag(key) != _STR:
+                raise _Out
+            rest = m.group(2)
+            i += 1
+            if rest and not rest.startswith("#"):
+                value, lns = self.inline(rest, no)
+                if top and lns is not None:
+                    self.items[key] = lns
+            elif i < len(lines) and (lines[i][0] > ind or (lines[i][0] == ind and _is_item(lines[i][1]))):
+                if lines[i][0] == ind:                   # a list at its key's indentation
+                    value, i = self.sequence(i, ind)
+                else:
+                    value, i, _ = self.block(i)
+                if top and isinstance(value, list):
+                    self.items[key] = self.last_lines    # the outermost list finished last
+            else:
+                value = None                             # "key:" alone: null
+            out[key] = value
+        return out, i
+
+    def sequence(self, i: int, ind: int) -> tuple[list, int]:
+        lines, out, where = self.lines, [], []
+        while i < len(lines):
+            li, s, no = lines[i]
+            if li < ind or (li == ind and not _is_item(s)):
+                break
+            if li > ind:
+                raise _Out
+            rest = s[1:].lstrip(" ")
+            if not rest or rest.startswith("#"):
+                if i + 1 >= len(lines) or lines[i + 1][0] <= ind:
+                    raise _Out                           # an empty item
+                value, i, first = self.block(i + 1)
+                where.append(first)
+            elif _is_item(rest):
+                raise _Out                               # "- - x": a compact nested list
+            elif _ENTRY.match(rest):                     # "- key: value": a mapping at the key's column
+                col = li + len(s) - len(rest)
+                lines[i] = (col, rest, no)
+                value, i = self.mapping(i, col)
+                where.append(no)
+            else:
+                value, _ = self.inline(rest, no)
+                i += 1
+                where.append(no)
+            out.append(value)
+        self.last_lines = where
+        return out, i
+
+    # ---- one line's value
+    def inline(self, s: str, no: int) -> tuple[Any, list[int] | None]:
+        """A value that ends on its line; (value, its items' lines if it is a list)."""
+        if s[0] in "[{":
+            if "#" in s:                                       # a comment may follow: cut it off
+                m = _FLOW_LINE.match(s)
+                if m is None:
+                    raise _Out
+                s = s[:m.end(1)]
+            value = self.flow(_TOKEN.findall(s.rstrip(" ")))
+        else:
+            m = _SCALAR.match(s)
+            if m is None or not _REST.match(s, m.end()):
+                raise _Out
+            dq, sq, plain = m.groups()
+            value = self.scalar(plain) if plain is not None else dq if dq is not None else sq
+        return value, ([no] * len(value) if isinstance(value, list) else None)
+
+    def flow(self, toks: list[tuple[str, str, str, str, str]]) -> Any:
+        """A flow collection from its tokens (punctuation, "quoted", plain, ': ' after a plain key, any
+        other character), which cover the text without gaps: one pass with a stack, no recursion."""
+        stack: list[Any] = []
+        root: Any = None
+        key = ""
+        want = _W_VALUE
+        keys, scalar = self.keys, self.scalar
+        for p, dq, plain, colon, other in toks:
+            if other or want == _W_END:
+                raise _Out
+            if p:
+                if p == ",":
+                    if want != _W_SEP:
+                        raise _Out
+                    want = _W_KEY if type(stack[-1]) is dict else _W_VALUE
+                    continue
+                if p == "]" or p == "}":
+                    if want != _W_SEP and want != _W_OPEN_L and want != _W_OPEN_M:
+                        raise _Out
+                    top = stack.pop()
+                    if (p == "]") is not (type(top) is list):
+                        raise _Out
+                    want = _W_SEP if stack else _W_END
+                    continue
+                if want != _W_VALUE and want != _W_OPEN_L:
+                    raise _Out
+                v: Any = []
+                if p == "{":
+                    v = {}
+                if stack:
+                    if type(stack[-1]) is list:
+                        stack[-1].append(v)
+                    else:
+                        stack[-1][key] = v
+                else:
+                    root = v
+                stack.append(v)
+                want = _W_OPEN_L if p == "[" else _W_OPEN_M
+                continue
+            if colon:                                          # a key
+                if (want != _W_KEY and want != _W_OPEN_M) or plain in stack[-1]:
+                    raise _Out
+                if plain not in keys:
+                    if plain_tag(plain) != _STR:
+                        raise _Out
+                    keys.add(plain)
+                key = plain
+                want = _W_VALUE
+                continue
+            if (want != _W_VALUE and want != _W_OPEN_L) or not stack:
+                raise _Out
+            v = dq[1:-1] if dq else scalar(plain)
+            if type(stack[-1]) is list:
+                stack[-1].append(v)
+            else:
+                stack[-1][key] = v
+            want = _W_SEP
+        if want != _W_END:
+            raise _Out                                         # not closed on its line
+        return root
+
+    def scalar(self, v: str) -> Any:
+        """A plain scalar as PyYAML builds it (yamldoc._Tree.build's rules)."""
+        if v.isdigit() and (v[0] != "0" or v == "0"):
+            return int(v)                                # plain decimal (0-prefixed is octal in YAML 1.1)
+        tag = plain_tag(v)
+        if tag == _STR:
+            return v
+        try:
+            return self.ctor.construct_object(yaml.ScalarNode(tag, v))
+        except yaml.YAMLError:
+            raise _Out from None
+
+
+def _is_item(s: str) -> bool:
+    return s[:1] == "-" and (len(s) == 1 or s[1] == " ")

@@ -1,0 +1,243 @@
+"""The plain YAML loader (hostwall/yamlplain.py) gives PyYAML's data or steps aside.
+
+Property: for any document, load_plain either returns None (the caller then uses the full loader) or
+exactly what load_yaml builds (values, types, key order) with no issue, and the same line for every item
+of a top-level list. Documents are drawn in every style the subset has and many it has not (tricky
+scalars such as yes/on/~/017/1:30/2001-01-01, quoting, flow and block collections, indentless and
+compact lists, comments, duplicate keys), then also with one character changed, which is where a
+hand-written parser would accept what YAML rejects. Policies: the same Policy, and the very same error
+report, with and without the plain loader."""
+from __future__ import annotations
+
+import glob
+import os
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from hostwall.enforcer import policy as policy_mod
+from hostwall.enforcer.policy import PolicyError, load_policy, parse_policy
+from hostwall.yamldoc import _MISSING, Issues, load_yaml
+from hostwall.yamlplain import load_plain
+
+ROOT = Path(__file__).resolve().parents[2]
+
+SCALARS = ["a", "r0001", "ingress", "deny-v4", "10.0.0.0/8", "2001:db8::/32", "yes", "No", "on", "OFF", "y",
+           "true", "False", "null", "Null", "~", "", "0", "7", "42", "017", "0x1F", "0o7", "0b11", "1_000", "1.5",
+           "1e5", ".5", ".inf", ".NaN", "-1", "+2", "-1e5", "2001-01-01", "1:30", "a b", "a  b", "a:b", "a: b",
+           "a #b", "#x", "a,b", "[x]", "{x}", "-", "- x", "?", "? x", "caf\u00e9", "x\ty", "x\\y", "it's", 'say "hi"',
+           "=", "<<", "&a", "*a", "!x", "|", ">", "%x", "@x", "`x", " lead", "trail ", "8000-8100", "a/b.c_d+e"]
+KEYS = ["name", "priority", "ports", "peers", "x", "y", "on", "1", "a b", "<<", "a:b", "yes", "n", "~", "k.1",
+        "-k", "\"q\"", "'s'"]
+
+SAFE = ["a", "r0001", "ingress", "10.0.0.0/8", "0", "7", "42", "a b", "8000-8100", "a/b.c_d+e", "yes", "true",
+        "null", "1.5"]
+# mostly what the subset holds (so the plain path is taken often), with every kind of trouble mixed in
+scalar = st.one_of(st.sampled_from(SAFE), st.sampled_from(SAFE), st.sampled_from(SAFE), st.sampled_from(SCALARS),
+                   st.text(alphabet="ab1:#-, []{}'\"\\. ", max_size=6))
+key = st.one_of(st.sampled_from(KEYS[:6]), st.sampled_from(KEYS[:6]), st.sampled_from(KEYS[:6]), st.sampled_from(KEYS))
+
+
+def _tree(depth: int) -> st.SearchStrategy:
+    if depth == 0:
+        return scalar
+    sub = _tree(depth - 1)
+    pairs = st.lists(st.tuples(key, sub), max_size=4)
+    return st.one_of(scalar, st.lists(sub, max_size=4), pairs, pairs.map(_unique), pairs.map(_unique))
+
+
+def _unique(pairs: list) -> list:
+    return list(dict(pairs).items())
+
+
+style = st.fixed_dictionaries({
+    "indent": st.sampled_from([2, 4, 1]),
+    "quote": st.sampled_from(["plain", "plain", "double", "single"]),
+    "flow": st.booleans(),
+    "compact": st.booleans(),
+    "indentless": st.booleans(),
+    "comment": st.booleans(),
+    "trailing": st.sampled_from(["", " ", "  # note"]),
+})
+
+
+def _scalar(v: str, s: dict) -> str:
+    if s["quote"] == "double":
+        return '"' + v + '"'
+    if s["quote"] == "single":
+        return "'" + v + "'"
+    return v
+
+
+def _flow(v, s: dict) -> str:
+    if isinstance(v, str):
+        return _scalar(v, s)
+    if v and isinstance(v[0], tuple):
+        return "{" + ", ".join(f"{k}: {_flow(x, s)}" for k, x in v) + "}"
+    return "[" + ", ".join(_flow(x, s) for x in v) + "]"
+
+
+def _block(v, ind: int, s: dict, out: list[str]) -> None:
+    """Lines of a block collection at indentation ind (v is a list: of pairs for a mapping)."""
+    pad, step = " " * ind, s["indent"]
+    is_map = bool(v) and isinstance(v[0], tuple)
+    for item in v:
+        if s["comment"]:
+            out.append(pad + "# c")
+        k, x = item if is_map else (None, item)
+        head = f"{pad}{k}:" if is_map else f"{pad}-"
+        if isinstance(x, str) or not x or s["flow"]:
+            out.append(f"{head} {_flow(x, s)}{s['trailing']}")
+        elif not is_map and s["compact"] and isinstance(x[0], tuple):
+            sub: list[str] = []
+            _block(x, ind + 2, s, sub)
+            out.append(f"{pad}- " + sub[0].lstrip(" "))
+            out.extend(sub[1:])
+        else:
+            out.append(head + s["trailing"])
+            _block(x, ind if (is_map and s["indentless"] and not isinstance(x[0], tuple)) else ind + step, s, out)
+
+
+def render(pairs: list, s: dict) -> str:
+    out: list[str] = ["# generated"]
+    _block(pairs, 0, s, out)
+    return "\n".join(out) + "\n"
+
+
+def canon(x):
+    """Data with its types and key order made comparable."""
+    if isinstance(x, dict):
+        return ("d", [(canon(k), canon(v)) for k, v in x.items()])
+    if isinstance(x, list):
+        return ("l", [canon(v) for v in x])
+    return (type(x).__name__, repr(x))
+
+
+def check_same(text: str) -> bool:
+    """load_plain's answer is load_yaml's (or None); True if the plain loader took the document."""
+    fast = load_plain(text)
+    if fast is None:
+        return False
+    issues = Issues("t.yaml")
+    slow = load_yaml(text, issues)
+    assert slow is not _MISSING and not len(issues), (text, [str(i) for i in issues.sorted()])
+    assert canon(fast[0]) == canon(slow), text
+    for k in slow:
+        assert fast[1].item_lines((k,)) == issues.index.item_lines((k,)), (text, k)
+    return True
+
+
+doc = st.lists(st.tuples(key, _tree(3)), min_size=1, max_size=5).map(_unique)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(doc, style)
+def test_plain_loader_agrees_with_pyyaml(pairs, s):
+    check_same(render(pairs, s))
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(doc, style, st.integers(min_value=0), st.sampled_from(list(" -:#,[]{}\"'\n\t~&*!|>?%@`\\x1")),
+       st.sampled_from(["insert", "replace", "delete"]))
+def test_plain_loader_agrees_after_one_edit(pairs, s, at, ch, how):
+    text = render(pairs, s)
+    i = at % len(text)
+    text = (text[:i] + ch + text[i:] if how == "insert" else text[:i] + ch + text[i + 1:] if how == "replace"
+            else text[:i] + text[i + 1:])
+    check_same(text)
+
+
+@pytest.mark.parametrize("text", [
+    "a: 1\nb:\n  - x\n  - y\n",
+    "a:\n- x\n- {k: v, l: [1, 2]}\nb: ~\n",
+    "rules:\n  - name: r\n    ports: [22, \"80-90\"]\n  -\n    name: s\n",
+    "a: {x: [], y: {}}  # c\n",
+    "a: [[1, [2]], {b: [c]}]\n",
+    "a: yes\nb: 0x1F\nc: 017\nd: 1_000\ne: 1.5\nf:\n",
+    "k: caf\u00e9\n",                       # non-ASCII plain scalar: outside (PyYAML takes it)
+])
+def test_known_documents(text):
+    check_same(text)
+
+
+def test_plain_loader_rejects_what_it_cannot_mirror():
+    for text in ["a: 1\na: 2\n", "a: &x 1\nb: *x\n", "a: !!str 1\n", "a: |\n  x\n", "a: b\n  c\n", "---\na: 1\n",
+                 "a:\n\tb: 1\n", "a: [1,\n  2]\n", "<<: {a: 1}\n", "a: {b: 1, b: 2}\n", "a: 'it''s'\n", "1: a\n",
+                 "a: \"x\\ty\"\n", "a:\n  - x\n b: 1\n", "  a: 1\n", "on: 1\n", "a: [1,]\n", "a:b\n"]:
+        assert load_plain(text) is None, text
+
+
+# ---- policies
+
+POLICY_FILES = sorted({*glob.glob(str(ROOT / "examples" / "*.yaml")),
+                       *glob.glob(str(ROOT / "tests" / "data" / "policies" / "*.yaml")),
+                       str(ROOT / "deploy" / "hostwall" / "policy.yaml")})
+
+
+def _slow_only(monkeypatch):
+    monkeypatch.setattr(policy_mod, "load_plain", lambda text: None)
+
+
+@pytest.mark.parametrize("path", POLICY_FILES, ids=os.path.basename)
+def test_policy_files_take_the_plain_path_and_give_the_same_policy(path, monkeypatch):
+    text = Path(path).read_text(encoding="utf-8-sig")
+    assert check_same(text), f"{path} is outside the plain subset"
+    try:
+        fast = load_policy(path)
+    except PolicyError as e:                   # a file that needs things this checkout lacks: same report
+        _slow_only(monkeypatch)
+        with pytest.raises(PolicyError) as slow_e:
+            load_policy(path)
+        assert str(slow_e.value) == str(e)
+        return
+    _slow_only(monkeypatch)
+    slow = load_policy(path)
+    assert fast == slow
+    assert [r.line for r in fast.rules] == [r.line for r in slow.rules]
+
+
+def test_bench_policy_takes_the_plain_path(tmp_path, monkeypatch):
+    from hostwall.bench import policies as P
+    bp = P.generate(tmp_path, 300, seed=5, v4_blocklist=50, v6_blocklist=20)
+    assert check_same(bp.path.read_text())
+    fast = load_policy(bp.path)
+    _slow_only(monkeypatch)
+    assert load_policy(bp.path) == fast
+
+
+BAD = """\
+version: 1
+name: bad
+rules:
+  - {name: a, priority: 1, direction: ingress, action: allow, protocol: tcp, ports: [22, "90-80"]}
+  - {name: a, priority: 2, direction: ingress, action: allow, peers: [10.0.0.0/33]}
+  - name: c
+    priority: 3
+    direction: sideways
+    action: deny
+"""
+
+
+def test_errors_are_the_full_loaders_with_lines(monkeypatch):
+    assert load_plain(BAD) is not None               # in the subset: the plain path runs first
+    with pytest.raises(PolicyError) as fast:
+        parse_policy(BAD, source="bad.yaml")
+    _slow_only(monkeypatch)
+    with pytest.raises(PolicyError) as slow:
+        parse_policy(BAD, source="bad.yaml")
+    assert str(fast.value) == str(slow.value)
+    assert all(i.line is not None for i in fast.value.issues)
+    assert "bad.yaml:4: rules[0].ports[1]" in str(fast.value)
+
+
+def test_progress_is_reported_once_when_the_full_loader_runs_again(tmp_path):
+    (tmp_path / "block.txt").write_text("10.0.0.0/8\n10.1.0.0/16\n")
+    pol = tmp_path / "p.yaml"
+    pol.write_text("version: 1\nname: p\nrules:\n  - {name: b, priority: 1, direction: ingress, action: deny, "
+                   "peers_file: block.txt}\n  - {name: x, priority: 2, direction: up, action: deny}\n")
+    seen: list[tuple[int, int]] = []
+    with pytest.raises(PolicyError):
+        load_policy(pol, progress=lambda n, total: seen.append((n, total)))
+    assert seen and seen[-1] == (2, 2) and seen.count((2, 2)) == 1
