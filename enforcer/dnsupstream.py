@@ -127,6 +127,8 @@ class UdpPool:
                 self.stray()
                 continue
             w.offer(resp)
+            if sk.waiter is not w:               # its query ended: a datagram more (a late duplicate) is read
+                return                           # when the loop calls again, saving a recv + EAGAIN per query
 
     def send(self, up: tuple[str, int], wire: bytes, waiter: Waiter) -> _Sock:
         """Send `wire` to `up` on a pool socket that reports to `waiter` until `release`: every datagram
