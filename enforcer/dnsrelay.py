@@ -134,9 +134,12 @@ class Deadlines:
         self.queues: dict[float, deque[tuple[float, Relay, int]]] = {}
         self.timer: asyncio.TimerHandle | None = None
         self.when = float("inf")
+        self.loop: asyncio.AbstractEventLoop | None = None   # the loop of the first add (one loop owns the proxy)
 
     def add(self, timeout: float, relay: Relay, attempt: int) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self.loop
+        if loop is None:                                # asyncio.get_running_loop() costs a getpid()
+            loop = self.loop = asyncio.get_running_loop()
         due = loop.time() + timeout
         q = self.queues.get(timeout)
         if q is None:
@@ -154,7 +157,8 @@ class Deadlines:
         self.timer = loop.call_at(due, self._fire)
 
     def _fire(self) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self.loop
+        assert loop is not None
         self.timer, self.when = None, float("inf")
         now = loop.time()
         for timeout, q in list(self.queues.items()):
@@ -170,5 +174,5 @@ class Deadlines:
     def close(self) -> None:
         if self.timer is not None:
             self.timer.cancel()
-        self.timer, self.when = None, float("inf")
+        self.timer, self.when, self.loop = None, float("inf"), None
         self.queues.clear()
