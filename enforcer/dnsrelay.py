@@ -18,16 +18,13 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from hostwall.bpf import layout as L
 
-from .dnsupstream import rand16
+from .dnspolicy import DnsConf
+from .dnsupstream import UdpPool, rand16
 from .dnswire import MalformedAnswer, Question, addresses, answer_matches, rcode_of, truncated
-
-if TYPE_CHECKING:
-    from .dnspolicy import DnsConf
-    from .dnsproxy import DnsProxy
 
 __all__ = ["Relay", "Deadlines", "accept", "endpoint_text"]
 
@@ -55,13 +52,23 @@ def accept(resp: bytes, newid: int, q: Question, learn: bool, st) -> tuple[bytes
         return None
 
 
+class Proxy(Protocol):
+    """What a Relay needs of its proxy (enforcer/dnsproxy.py DnsProxy)."""
+
+    pool: UdpPool
+    deadlines: Deadlines
+    stats: Any
+
+    def done(self, r: Relay, got: tuple[bytes, Any] | None, err: str) -> None: ...
+
+
 class Relay:
     """One query from a client to the upstreams and back (both transports: TCP only uses the fields)."""
 
     __slots__ = ("proxy", "data", "q", "client", "server", "reply", "transport", "listed", "dns", "key", "gen",
                  "t0", "learn", "newid", "wire", "idx", "errors", "sk", "up")
 
-    def __init__(self, proxy: DnsProxy, data: bytes, q: Question, client, server, reply: Callable[[bytes], None],
+    def __init__(self, proxy: Proxy, data: bytes, q: Question, client, server, reply: Callable[[bytes], None],
                  transport: str, listed: bool, dns: DnsConf, key, gen: int, t0: int):
         self.proxy, self.data, self.q, self.client, self.server, self.reply = proxy, data, q, client, server, reply
         self.transport, self.listed, self.dns, self.key, self.gen, self.t0 = transport, listed, dns, key, gen, t0
