@@ -21,8 +21,10 @@ lookup is judged by the rule (enforcer/dnslearn.py).
   histogram; `status` and the collector's metrics read them.
 
 Bounded: at most MAX_INFLIGHT queries in flight (more are dropped, counted `overload`); at most one
-upstream socket per query in flight beyond the pool. CPU per query (uvloop, the kernel's work on the
-datagrams included; docs/benchmarks.md `dns`): a cache hit ~18 µs, a relayed query ~65-100 µs.
+upstream socket per query in flight beyond the pool. A UDP hit is answered in `_Udp.datagram_received`
+before anything else; a relayed UDP query is a Relay (enforcer/dnsrelay.py), a TCP one a task. CPU per
+query (uvloop, the kernel's work on the datagrams included; docs/benchmarks.md `dns`): a cache hit
+~6-12 µs, a relayed query ~55-90 µs (by the machine's load and CPU level).
 """
 from __future__ import annotations
 
@@ -33,25 +35,14 @@ import socket
 import time
 
 from hostwall.bpf import layout as L
-from hostwall.bpf.fqdn import now_ns
 
-from .dnscache import AnswerCache, cacheable, capped
+from .dnscache import AGE, BODY, EXPIRES, LISTED, STORED, AnswerCache, aged, cacheable, capped
 from .dnslearn import Learner
 from .dnspolicy import DnsConf
 from .dnsrecords import DnsRecordLog
-from .dnsupstream import UdpPool, rand16
-from .dnswire import (
-    REFUSED,
-    SERVFAIL,
-    MalformedAnswer,
-    Question,
-    addresses,
-    answer_matches,
-    make_error,
-    parse_query,
-    rcode_of,
-    truncated,
-)
+from .dnsrelay import Deadlines, Relay, accept, endpoint_text
+from .dnsupstream import UdpPool
+from .dnswire import REFUSED, SERVFAIL, Question, make_error, parse_query
 from .netsock import SocketMaker
 
 __all__ = ["DnsProxy", "MAX_INFLIGHT"]
@@ -61,6 +52,14 @@ MAX_INFLIGHT = 4096
 TCP_IDLE_S = 10.0
 S = {name: i for i, name in L.DNS_STAT_NAMES.items()}
 LAT0, LAT_BUCKETS = L.C["HW_DNS_LAT0"], L.C["HW_DNS_LAT_BUCKETS"]
+now_ns = time.monotonic_ns      # CLOCK_MONOTONIC on Linux: hostwall.bpf.fqdn.now_ns's clock (the datapath's), minus
+                                # a Python frame per call (a hit reads it twice)
+_Q_UDP, _HITS, _LISTED, _LAT_SUM = S["queries_udp"], S["cache_hits"], S["listed"], S["latency_sum_us"]
+
+
+def _lat_bucket(us: int) -> int:
+    """The hw_dns_stats index of the latency histogram bucket for `us` µs (bpf/hostwall.h)."""
+    return LAT0 + min(LAT_BUCKETS - 1, ((us - 1) // 125).bit_length() if us else 0)
 
 
 def _counters(stats):
@@ -71,15 +70,15 @@ def _counters(stats):
     return memoryview(stats).cast("B").cast("Q")
 
 
-def endpoint_text(ep: tuple[str, int]) -> str:
-    return f"[{ep[0]}]:{ep[1]}" if ":" in ep[0] else f"{ep[0]}:{ep[1]}"
-
-
 def _family(addr: str) -> int:
     return socket.AF_INET6 if ":" in addr else socket.AF_INET
 
 
 class _Udp(asyncio.DatagramProtocol):
+    """A listening UDP socket. A cache hit is answered here, before any parsing, with the fewest steps
+    (docs/benchmarks.md `dns`): no object per hit but the reply, one clock read for expiry and age (and
+    one for the latency), TTLs re-aged at most once a second per entry (enforcer/dnscache.py)."""
+
     def __init__(self, proxy: DnsProxy, server: tuple[str, int]):
         self.proxy, self.server, self.transport = proxy, server, None
 
@@ -87,8 +86,25 @@ class _Udp(asyncio.DatagramProtocol):
         self.transport = transport
 
     def datagram_received(self, data: bytes, addr) -> None:
+        p = self.proxy
+        if p.learner.current() == p._gen:
+            e = p.cache.entries.get(data[2:])
+            if e is not None:
+                now = now_ns()
+                if now < e[EXPIRES]:
+                    age = (now - e[STORED]) // 1_000_000_000
+                    self.transport.sendto(data[:2] + (e[BODY] if age == e[AGE] else aged(e, age)), addr)
+                    st = p.stats
+                    st[_Q_UDP] += 1
+                    st[_HITS] += 1
+                    if e[LISTED]:
+                        st[_LISTED] += 1
+                    us = (now_ns() - now) // 1000
+                    st[_LAT_SUM] += us
+                    st[LAT0 if us <= 125 else _lat_bucket(us)] += 1
+                    return
         send = self.transport.sendto
-        self.proxy.on_query(data, addr, self.server, lambda resp: send(resp, addr), "udp")
+        p.on_query(data, addr, self.server, lambda resp: send(resp, addr), "udp")
 
     def error_received(self, exc: Exception) -> None:      # ICMP errors about our replies: nothing to do
         pass
@@ -106,6 +122,8 @@ class DnsProxy:
         self._tasks: set[asyncio.Task] = set()
         self.inflight = 0
         self.pool = UdpPool(self.maker, self._stray)
+        self.deadlines = Deadlines()
+        self._relays: dict[Relay, None] = {}           # UDP queries in flight (close() frees their sockets)
         self.cache = AnswerCache()
         self._gen = 0                                  # the learner generation the cache holds answers of
 
@@ -185,6 +203,11 @@ class DnsProxy:
             t.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        for r in list(self._relays):
+            r.abandon()
+        self.inflight -= len(self._relays)
+        self._relays.clear()
+        self.deadlines.close()
         self.pool.close()
 
     def _stray(self) -> None:
@@ -192,8 +215,8 @@ class DnsProxy:
 
     # ---- queries ------------------------------------------------------------------------------------
     def on_query(self, data: bytes, client, server, reply, transport: str) -> None:
-        """Answer at once what needs no upstream (a cache hit, before any parsing; REFUSED); else a task
-        asks the upstreams."""
+        """Answer at once what needs no upstream (a cache hit, before any parsing; REFUSED); else relay
+        (UDP: a Relay, enforcer/dnsrelay.py; TCP: a task). UDP hits mostly end earlier, in _Udp."""
         st = self.stats
         st[S["queries_udp" if transport == "udp" else "queries_tcp"]] += 1
         t0 = time.perf_counter_ns()
@@ -201,9 +224,9 @@ class DnsProxy:
         if learner.current() != self._gen:
             self._policy_changed()
         dns = learner.cfg.dns
-        key = None
+        key: bytes | tuple[str, bytes] | None = None
         if dns is not None and dns.cache_size:
-            key = (b"t" if transport == "tcp" else b"u") + data[2:]
+            key = ("t", data[2:]) if transport == "tcp" else data[2:]
             hit = self.cache.get(key, data[:2], now_ns())
             if hit is not None:                        # the same bytes as a query answered under this policy
                 st[S["cache_hits"]] += 1
@@ -238,10 +261,14 @@ class DnsProxy:
             st[S["overload"]] += 1
             return
         self.inflight += 1
-        t = asyncio.get_running_loop().create_task(
-            self._serve(data, q, client, server, reply, transport, bool(sets), dns, key, learner.generation, t0))
+        r = Relay(self, data, q, client, server, reply, transport, bool(sets), dns, key, learner.generation, t0)
+        if transport == "udp":
+            self._relays[r] = None
+            r.start()
+            return
+        t = asyncio.get_running_loop().create_task(self._serve_tcp(r))
         self._tasks.add(t)
-        t.add_done_callback(self._done)
+        t.add_done_callback(self._task_done)
 
     def _policy_changed(self) -> None:
         """The sets or the dns section moved: cached answers go, and so do the idle sockets of upstreams
@@ -251,28 +278,42 @@ class DnsProxy:
         dns = self.learner.cfg.dns
         self.pool.close(keep=dns.upstreams if dns is not None else ())
 
-    def _done(self, t: asyncio.Task) -> None:
+    def _task_done(self, t: asyncio.Task) -> None:
         self._tasks.discard(t)
-        self.inflight -= 1
         if not t.cancelled() and t.exception() is not None:
             log.error("dns query failed: %s: %s", type(t.exception()).__name__, t.exception())
 
     def _latency(self, t0: int) -> None:
         us = max(0, (time.perf_counter_ns() - t0) // 1000)
-        self.stats[S["latency_sum_us"]] += us
-        self.stats[LAT0 + min(LAT_BUCKETS - 1, ((us - 1) // 125).bit_length() if us else 0)] += 1
+        self.stats[_LAT_SUM] += us
+        self.stats[_lat_bucket(us)] += 1
 
-    async def _serve(self, data: bytes, q: Question, client, server, reply, transport: str, listed: bool,
-                     dns: DnsConf, key: bytes | None, gen: int, t0: int) -> None:
-        """Ask, learn, relay; cache the answer only when the policy it was judged under (`gen`: the
-        config that `listed` and `dns` came from) is still the one the cache holds."""
-        st = self.stats
-        learn = listed and q.qtype in (1, 28)
-        got, err = await self._ask(data, q, transport, learn, dns)
+    async def _serve_tcp(self, r: Relay) -> None:
+        try:
+            got, err = await self._ask_tcp(r)
+        except BaseException:
+            self.inflight -= 1
+            raise
+        self.done(r, got, err)
+
+    def done(self, r: Relay, got, err: str) -> None:
+        """Learn, then relay (or SERVFAIL when `got` is None); cache the answer only when the policy it
+        was judged under (`r.gen`: the config that `r.listed` and `r.dns` came from) is still the one
+        the cache holds. An exception is logged and the query answered nothing, as a failed task was."""
+        self.inflight -= 1
+        self._relays.pop(r, None)
+        try:
+            self._answer(r, got, err)
+        except Exception as e:                         # noqa: BLE001 - one query's failure, never the loop's
+            log.error("dns query failed: %s: %s", type(e).__name__, e)
+
+    def _answer(self, r: Relay, got, err: str) -> None:
+        st, q, dns = self.stats, r.q, r.dns
         if got is None:
             st[S["servfail"]] += 1
-            self.records.upstream_failure(q, client, server, transport, [endpoint_text(u) for u in dns.upstreams], err)
-            resp = make_error(data, SERVFAIL)
+            self.records.upstream_failure(q, r.client, r.server, r.transport,
+                                          [endpoint_text(u) for u in dns.upstreams], err)
+            resp = make_error(r.data, SERVFAIL)
         else:
             answer, found = got
             held: int | None = None                    # no learnt addresses bound the cache entry
@@ -291,12 +332,12 @@ class DnsProxy:
                 elif held > 0:                         # no TTL outlives the set entries (max_ttl below the TTL)
                     answer = capped(answer, q, max(0, (held - now_ns()) // 1_000_000_000))
             st[S["answered"]] += 1
-            resp = q.id.to_bytes(2, "big") + answer[2:]
-            if key is not None and gen == self.learner.generation == self._gen:
-                self._store(key, answer, q, held, dns.cache_size, listed)
+            resp = r.data[:2] + answer[2:]
+            if r.key is not None and r.gen == self.learner.generation == self._gen:
+                self._store(r.key, answer, q, held, dns.cache_size, r.listed)
         if resp is not None:
-            reply(resp)
-        self._latency(t0)
+            r.reply(resp)
+        self._latency(r.t0)
 
     def _store(self, key: bytes, answer: bytes, q: Question, held: int | None, size: int, listed: bool) -> None:
         """Cache an answer for min(its TTLs, `held`: the learnt set entries' end) when cacheable."""
@@ -310,38 +351,21 @@ class DnsProxy:
         if exp > now:
             self.stats[S["cache_evictions"]] += self.cache.put(key, answer, c[1], now, exp, size, listed)
 
-    async def _ask(self, data: bytes, q: Question, transport: str, learn: bool, dns: DnsConf):
-        """((answer, (addresses, ttl) or None), "") from the first upstream that answers, or (None, why)."""
-        newid = rand16()
-        wire = newid.to_bytes(2, "big") + data[2:]
+    async def _ask_tcp(self, r: Relay):
+        """((answer, (addresses, ttl) or None), "") from the first upstream that answers over TCP (a fresh
+        connection each), or (None, why)."""
         st = self.stats
-
-        def check(resp: bytes):
-            if not answer_matches(resp, newid, q):
-                st[S["mismatched"]] += 1
-                return None
-            if not learn or truncated(resp) or rcode_of(resp) != 0:
-                return resp, None
+        for up in r.dns.upstreams:
             try:
-                return resp, addresses(resp, q)
-            except MalformedAnswer:
-                st[S["malformed_answer"]] += 1
-                return None
-
-        errors = []
-        for up in dns.upstreams:
-            try:
-                async with asyncio.timeout(dns.upstream_timeout_s):
-                    if transport == "tcp":
-                        return await self._tcp_exchange(up, wire, check), ""
-                    return await self.pool.exchange(up, wire, check), ""
+                async with asyncio.timeout(r.dns.upstream_timeout_s):
+                    return await self._tcp_exchange(up, r.wire, lambda resp: accept(resp, r.newid, r.q, r.learn, st)), ""
             except TimeoutError:
                 st[S["upstream_timeout"]] += 1
-                errors.append(f"{endpoint_text(up)}: no answer within {dns.upstream_timeout_s:g} s")
+                r.errors.append(f"{endpoint_text(up)}: no answer within {r.dns.upstream_timeout_s:g} s")
             except (OSError, asyncio.IncompleteReadError) as e:
                 st[S["upstream_error"]] += 1
-                errors.append(f"{endpoint_text(up)}: {getattr(e, 'strerror', None) or e}")
-        return None, "; ".join(errors)
+                r.errors.append(f"{endpoint_text(up)}: {getattr(e, 'strerror', None) or e}")
+        return None, "; ".join(r.errors)
 
     async def _tcp_exchange(self, up: tuple[str, int], wire: bytes, check):
         loop = asyncio.get_running_loop()

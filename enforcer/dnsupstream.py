@@ -25,10 +25,11 @@ import os
 import socket
 import time
 from collections.abc import Callable, Collection
+from typing import Protocol
 
 from .netsock import SocketMaker
 
-__all__ = ["UdpPool", "POOL_SIZE", "MAX_USES", "MAX_IDLE_S", "rand16"]
+__all__ = ["UdpPool", "Waiter", "POOL_SIZE", "MAX_USES", "MAX_IDLE_S", "rand16"]
 
 POOL_SIZE = 256
 MAX_USES = 16
@@ -47,12 +48,19 @@ def rand16() -> int:
     return (r["buf"][pos] << 8) | r["buf"][pos + 1]
 
 
+class Waiter(Protocol):
+    """The query a busy socket serves (enforcer/dnsrelay.py)."""
+
+    def offer(self, resp: bytes) -> None: ...
+    def failed(self, exc: OSError) -> None: ...
+
+
 class _Sock:
     __slots__ = ("s", "fd", "uses", "waiter", "idle_since")
 
     def __init__(self, s: socket.socket):
         self.s, self.fd, self.uses, self.idle_since = s, s.fileno(), 0, 0.0
-        self.waiter: tuple[asyncio.Future, Callable] | None = None
+        self.waiter: Waiter | None = None
 
 
 class UdpPool:
@@ -111,38 +119,42 @@ class UdpPool:
             except BlockingIOError:
                 return
             except OSError as e:                 # ICMP port unreachable: ECONNREFUSED
-                if sk.waiter is not None and not sk.waiter[0].done():
-                    sk.waiter[0].set_exception(e)
+                if sk.waiter is not None:
+                    sk.waiter.failed(e)
                 return
             w = sk.waiter
-            if w is None or w[0].done():
+            if w is None:
                 self.stray()
                 continue
-            got = w[1](resp)
-            if got is not None:
-                w[0].set_result(got)
+            w.offer(resp)
+            if sk.waiter is not w:               # its query ended: a datagram more (a late duplicate) is read
+                return                           # when the loop calls again, saving a recv + EAGAIN per query
 
-    async def exchange(self, up: tuple[str, int], wire: bytes, check: Callable):
-        """Send `wire` to `up`; the first datagram `check` accepts (its non-None result). Raises OSError
-        (the socket's error) or the caller's timeout; either closes the socket."""
+    def send(self, up: tuple[str, int], wire: bytes, waiter: Waiter) -> _Sock:
+        """Send `wire` to `up` on a pool socket that reports to `waiter` until `release`: every datagram
+        to `waiter.offer`, a socket error to `waiter.failed`. OSError when no socket can send (the
+        socket is then released)."""
         sk = self._take(up)
-        fut = asyncio.get_running_loop().create_future()
-        sk.waiter = (fut, check)
-        ok = False
+        sk.waiter = waiter
         try:
             sk.s.send(wire)
-            got = await fut
-            ok = True
-            return got
-        finally:
-            sk.waiter = None
-            sk.uses += 1
-            idle = self.idle.get(up)
-            if ok and sk.uses < MAX_USES and idle is not None and len(idle) < POOL_SIZE:
-                sk.idle_since = time.monotonic()
-                idle.append(sk)
-            else:
-                self._drop(up, sk)
+        except OSError:
+            self.release(up, sk, False)
+            raise
+        return sk
+
+    def release(self, up: tuple[str, int], sk: _Sock, ok: bool) -> None:
+        """The query on `sk` ended: back to the idle pool when it ended with an answer (`ok`) and the
+        socket has uses left, else closed (after an error or timeout a late answer must never reach a
+        later query)."""
+        sk.waiter = None
+        sk.uses += 1
+        idle = self.idle.get(up)
+        if ok and sk.uses < MAX_USES and idle is not None and len(idle) < POOL_SIZE:
+            sk.idle_since = time.monotonic()
+            idle.append(sk)
+        else:
+            self._drop(up, sk)
 
     def close(self, keep: Collection[tuple[str, int]] = ()) -> None:
         """Close the idle sockets of every upstream not in `keep` (busy ones close when their query ends:

@@ -14,8 +14,9 @@ checks the two agree.
 from __future__ import annotations
 
 import ipaddress
+import socket
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import dns.exception
 import dns.flags
@@ -30,6 +31,7 @@ __all__ = ["Question", "parse_query", "answer_matches", "addresses", "make_error
 QTYPE_NAMES = {1: "A", 28: "AAAA", 5: "CNAME", 15: "MX", 16: "TXT", 2: "NS", 6: "SOA", 12: "PTR", 33: "SRV",
                65: "HTTPS", 64: "SVCB", 255: "ANY"}
 _HDR = struct.Struct("!HHHHHH")
+_QTC = struct.Struct("!HH")
 A, AAAA = 1, 28
 
 
@@ -37,8 +39,9 @@ class MalformedAnswer(ValueError):
     """An upstream answer that does not parse or contradicts itself."""
 
 
-@dataclass(frozen=True, slots=True)
-class Question:
+class Question(NamedTuple):
+    """A query's one question (a tuple: built once per relayed query, ~5x cheaper than a frozen
+    dataclass)."""
     id: int
     flags: int
     name: str                   # lowercase, no trailing dot; "" for the root
@@ -64,9 +67,9 @@ def parse_query(data: bytes) -> Question:
         raise ValueError("not a standard query (opcode)")
     if qd != 1:
         raise ValueError(f"{qd} questions; exactly one is supported")
-    pos, labels = 12, []
+    pos, labels, n = 12, [], len(data)
     while True:
-        if pos >= len(data):
+        if pos >= n:
             raise ValueError("question name runs past the end")
         ln = data[pos]
         if ln == 0:
@@ -76,14 +79,14 @@ def parse_query(data: bytes) -> Question:
             raise ValueError("compression pointer in the question")
         labels.append(data[pos + 1:pos + 1 + ln])
         pos += 1 + ln
-        if pos > len(data) or pos - 12 > 255:
+        if pos > n or pos > 267:                         # the name over 255 bytes, or truncated
             raise ValueError("question name too long or truncated")
-    if pos + 4 > len(data):
+    if pos + 4 > n:
         raise ValueError("question type/class missing")
-    qtype, qclass = struct.unpack_from("!HH", data, pos)
+    qtype, qclass = _QTC.unpack_from(data, pos)
     end = pos + 4
-    name = b".".join(labels).decode("latin-1").lower()
-    return Question(qid, flags, name, qtype, qclass, end, data[12:end].lower())
+    wire_q = data[12:end].lower()
+    return Question(qid, flags, b".".join(labels).decode("latin-1").lower(), qtype, qclass, end, wire_q)
 
 
 def answer_matches(data: bytes, qid: int, q: Question) -> bool:
@@ -194,7 +197,7 @@ def _fast(data: bytes, q: Question) -> tuple[list[str], int] | None:
         addrs = [(data[p:p + ln], ttl) for owner, t, c, ttl, p, ln in rrs
                  if owner == cur and t == q.qtype and c == q.qclass]
         if addrs:
-            ips = [str(ipaddress.ip_address(a)) for a, _ in addrs]
+            ips = [_ntop(a) for a, _ in addrs]
             return list(dict.fromkeys(ips)), min(min_ttl, min(t for _, t in addrs))
         cname = [(p, ttl) for owner, t, c, ttl, p, ln in rrs if owner == cur and t == 5 and c == q.qclass]
         if len(cname) != 1:
@@ -202,6 +205,12 @@ def _fast(data: bytes, q: Question) -> tuple[list[str], int] | None:
         cur, _ = _name(data, cname[0][0])
         min_ttl = min(min_ttl, cname[0][1])
     return None                                          # a chain this long: dnspython decides
+
+
+def _ntop(a: bytes) -> str:
+    """An address's text as dnspython gives it: IPv4 by inet_ntop (~10x cheaper than ipaddress),
+    IPv6 by ipaddress (inet_ntop writes IPv4-mapped addresses differently)."""
+    return socket.inet_ntop(socket.AF_INET, a) if len(a) == 4 else str(ipaddress.ip_address(a))
 
 
 def addresses(data: bytes, q: Question | None = None) -> tuple[list[str], int]:

@@ -1,0 +1,185 @@
+"""One query the DNS proxy relays, as a state machine instead of a task (docs/policy.md "DNS proxy:
+upstream sockets and answer cache").
+
+A task per relayed query (the task, its coroutine frames, a future, an asyncio.timeout with its timer
+handle) was a fifth of a relayed query's Python time. A `Relay` holds the query's state; the pool
+socket it waits on (enforcer/dnsupstream.py) hands it every datagram (`offer`) and socket error
+(`failed`), and `Deadlines` (one FIFO per timeout value, one loop timer for its head) fires its
+timeout. The first upstream that gives an acceptable answer ends it; a timeout or an error moves it to
+the next upstream on a fresh socket; when none is left the proxy answers SERVFAIL. Each attempt has its
+own socket with its own random ID, so a late answer to an earlier attempt never reaches this one (the
+socket it came to is closed) and answers are matched to their query by socket, then by ID and question:
+clients that use the same ID, or answers that arrive out of order, cannot be confused.
+
+TCP queries keep a task (enforcer/dnsproxy.py `_ask_tcp`) but share `accept` and the end (`done`).
+"""
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from hostwall.bpf import layout as L
+
+from .dnspolicy import DnsConf
+from .dnsupstream import UdpPool, rand16
+from .dnswire import MalformedAnswer, Question, addresses, answer_matches, rcode_of, truncated
+
+__all__ = ["Relay", "Deadlines", "accept", "endpoint_text"]
+
+S = {name: i for i, name in L.DNS_STAT_NAMES.items()}
+_MISMATCHED, _MALFORMED = S["mismatched"], S["malformed_answer"]
+_TIMEOUT, _ERROR = S["upstream_timeout"], S["upstream_error"]
+
+
+def endpoint_text(ep: tuple[str, int]) -> str:
+    return f"[{ep[0]}]:{ep[1]}" if ":" in ep[0] else f"{ep[0]}:{ep[1]}"
+
+
+def accept(resp: bytes, newid: int, q: Question, learn: bool, st) -> tuple[bytes, Any] | None:
+    """(answer, (addresses, ttl) or None) when `resp` answers our query `newid` for `q`, else None
+    (counted: `mismatched`; an unparsable answer for a listed name `malformed_answer`)."""
+    if not answer_matches(resp, newid, q):
+        st[_MISMATCHED] += 1
+        return None
+    if not learn or truncated(resp) or rcode_of(resp) != 0:
+        return resp, None
+    try:
+        return resp, addresses(resp, q)
+    except MalformedAnswer:
+        st[_MALFORMED] += 1
+        return None
+
+
+class Proxy(Protocol):
+    """What a Relay needs of its proxy (enforcer/dnsproxy.py DnsProxy)."""
+
+    pool: UdpPool
+    deadlines: Deadlines
+    stats: Any
+
+    def done(self, r: Relay, got: tuple[bytes, Any] | None, err: str) -> None: ...
+
+
+class Relay:
+    """One query from a client to the upstreams and back (both transports: TCP only uses the fields)."""
+
+    __slots__ = ("proxy", "data", "q", "client", "server", "reply", "transport", "listed", "dns", "key", "gen",
+                 "t0", "learn", "newid", "wire", "idx", "errors", "sk", "up")
+
+    def __init__(self, proxy: Proxy, data: bytes, q: Question, client, server, reply: Callable[[bytes], None],
+                 transport: str, listed: bool, dns: DnsConf, key, gen: int, t0: int):
+        self.proxy, self.data, self.q, self.client, self.server, self.reply = proxy, data, q, client, server, reply
+        self.transport, self.listed, self.dns, self.key, self.gen, self.t0 = transport, listed, dns, key, gen, t0
+        self.learn = listed and q.qtype in (1, 28)
+        self.newid = rand16()
+        self.wire = self.newid.to_bytes(2, "big") + data[2:]
+        self.idx = 0                                    # the next upstream to ask
+        self.errors: list[str] = []
+        self.sk = None                                  # the pool socket of the attempt in flight
+        self.up: tuple[str, int] = ("", 0)
+
+    def start(self) -> None:
+        """Send to the next upstream that takes it; when none is left, end with SERVFAIL."""
+        proxy, ups = self.proxy, self.dns.upstreams
+        while self.idx < len(ups):
+            up = ups[self.idx]
+            self.idx += 1
+            try:
+                self.sk = proxy.pool.send(up, self.wire, self)
+            except OSError as e:
+                self._error(up, e)
+                continue
+            self.up = up
+            proxy.deadlines.add(self.dns.upstream_timeout_s, self, self.idx)
+            return
+        proxy.done(self, None, "; ".join(self.errors))
+
+    def offer(self, resp: bytes) -> None:
+        got = accept(resp, self.newid, self.q, self.learn, self.proxy.stats)
+        if got is not None:
+            self.proxy.pool.release(self.up, self.sk, True)
+            self.sk = None
+            self.proxy.done(self, got, "")
+
+    def failed(self, exc: OSError) -> None:
+        self.proxy.pool.release(self.up, self.sk, False)
+        self.sk = None
+        self._error(self.up, exc)
+        self.start()
+
+    def expired(self, attempt: int) -> None:
+        """The deadline of attempt number `attempt` passed: if that attempt still waits, it failed."""
+        if self.sk is None or attempt != self.idx:
+            return
+        self.proxy.pool.release(self.up, self.sk, False)
+        self.sk = None
+        self.proxy.stats[_TIMEOUT] += 1
+        self.errors.append(f"{endpoint_text(self.up)}: no answer within {self.dns.upstream_timeout_s:g} s")
+        self.start()
+
+    def abandon(self) -> None:
+        """The proxy closes: free the socket, answer nothing."""
+        if self.sk is not None:
+            self.proxy.pool.release(self.up, self.sk, False)
+            self.sk = None
+        self.idx = len(self.dns.upstreams)
+
+    def _error(self, up: tuple[str, int], e: OSError) -> None:
+        self.proxy.stats[_ERROR] += 1
+        self.errors.append(f"{endpoint_text(up)}: {e.strerror or e}")
+
+
+class Deadlines:
+    """Timeouts of relayed queries: one FIFO per timeout value (so deadlines are in order within it) and
+    one loop timer for the earliest head. Adding costs a deque append instead of a timer handle per
+    query. Answered queries' entries are dropped from the head as new ones come (so a queue holds about
+    the queries since the oldest one still waiting), or skipped when they come due."""
+
+    def __init__(self) -> None:
+        self.queues: dict[float, deque[tuple[float, Relay, int]]] = {}
+        self.timer: asyncio.TimerHandle | None = None
+        self.when = float("inf")
+        self.loop: asyncio.AbstractEventLoop | None = None   # the loop of the first add (one loop owns the proxy)
+
+    def add(self, timeout: float, relay: Relay, attempt: int) -> None:
+        loop = self.loop
+        if loop is None:                                # asyncio.get_running_loop() costs a getpid()
+            loop = self.loop = asyncio.get_running_loop()
+        due = loop.time() + timeout
+        q = self.queues.get(timeout)
+        if q is None:
+            q = self.queues[timeout] = deque()
+        while q and (q[0][1].sk is None or q[0][2] != q[0][1].idx):    # answered: no longer due
+            q.popleft()
+        q.append((due, relay, attempt))
+        if due < self.when:
+            self._arm(loop, due)
+
+    def _arm(self, loop: asyncio.AbstractEventLoop, due: float) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        self.when = due
+        self.timer = loop.call_at(due, self._fire)
+
+    def _fire(self) -> None:
+        loop = self.loop
+        assert loop is not None
+        self.timer, self.when = None, float("inf")
+        now = loop.time()
+        for timeout, q in list(self.queues.items()):
+            while q and q[0][0] <= now:
+                _, relay, attempt = q.popleft()
+                relay.expired(attempt)
+            if not q:
+                del self.queues[timeout]
+        heads = [q[0][0] for q in self.queues.values() if q]
+        if heads and (self.timer is None or min(heads) < self.when):
+            self._arm(loop, min(heads))
+
+    def close(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer, self.when, self.loop = None, float("inf"), None
+        self.queues.clear()
