@@ -177,6 +177,8 @@ def run(a, policy: Policy, ifaces: list[InterfaceConf], load: Callable[[str], Po
     signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
     _say(f"{how}; enforcing {policy.name} revision {policy.revision} ({res.apply.rules} rules, "
          f"{res.apply.prefixes} prefixes) on {where}")
+    if res.apply.fqdn_full:
+        _say(control.fqdn_full_text(res.apply.fqdn_full), err=True)
     for w in host_warnings(policy.dos_profiles.values(), a.netns):
         _say(w, err=True)
     try:

@@ -263,8 +263,8 @@ class _Tree:
                 return int(v)                     # plain decimal (YAML 1.1 reads 0-prefixed as octal)
             try:
                 return self.ctor.construct_object(node)
-            except yaml.YAMLError as e:
-                self._issue(f"cannot read value {node.value!r} ({getattr(e, 'problem', e)}); "
+            except (yaml.YAMLError, ValueError, OverflowError) as e:   # e.g. a timestamp of no date: 2001-02-29
+                self._issue(f"cannot read value {node.value!r} ({getattr(e, 'problem', None) or e}); "
                             "use a plain value without YAML tags")
                 return None
         if node.tag not in _COLLECTION_TAGS:

@@ -12,7 +12,8 @@ key's indentation); flow mappings and lists that close on the line they open; pl
 [A-Za-z0-9_./+-] words; quoted scalars on one line without escapes (single quotes only outside flow
 collections); comments (any printable text) and blank lines. Outside it (→ None): tabs, CR, control
 characters, tags, anchors, aliases, merge keys, block or multi-line scalars, document markers,
-directives, duplicate keys, keys that are not plain strings, empty list items or flow values, and every
+directives, duplicate keys, keys that are not plain strings or longer than 1000 characters, nesting
+deeper than 64 collections, empty list items or flow values, values PyYAML cannot build, and every
 syntax error.
 
 Cost: one regex pass per line, one findall per flow line and a Python step per token, no node objects
@@ -48,6 +49,9 @@ _TOKEN = re.compile(r' *(?:([\[\]{},])|("[^"\\]*")|(' + _PLAIN + r")(: )?|(.))")
 _FLOW_LINE = re.compile(r'((?: *(?>[\[\]{},]|"[^"\\]*+"|' + _PLAIN + r"(?:: )?))*+)(?: *| +#.*)$")
 _W_VALUE, _W_KEY, _W_SEP, _W_OPEN_L, _W_OPEN_M, _W_END = range(6)   # what flow() wants next (OPEN: after [ {)
 _STR = "tag:yaml.org,2002:str"
+# Bounds inside which PyYAML agrees: libyaml refuses deep flow nesting (and the full loader reports deep
+# documents), PyYAML a simple key over 1024 characters; a policy needs a depth of ~5 and short keys
+MAX_DEPTH, MAX_KEY = 64, 1000
 
 
 class _Out(Exception):
@@ -95,6 +99,7 @@ class _Parser:
         self.last_lines: list[int] = []           # item lines of the list sequence() returned last
         self.keys: set[str] = set()               # plain keys known to be strings
         self.ctor = yaml.constructor.SafeConstructor()
+        self.depth = 0                            # open block collections (MAX_DEPTH)
 
     # ---- block structure
     def block(self, i: int) -> tuple[Any, int, int]:
@@ -104,9 +109,15 @@ class _Parser:
         v, i = self.sequence(i, ind) if _is_item(s) else self.mapping(i, ind)
         return v, i, no
 
+    def _deeper(self) -> None:
+        self.depth += 1
+        if self.depth > MAX_DEPTH:
+            raise _Out
+
     def mapping(self, i: int, ind: int, top: bool = False) -> tuple[dict, int]:
         lines, out = self.lines, {}
         value: Any
+        self._deeper()
         while i < len(lines):
             li, s, no = lines[i]
             if li < ind:
@@ -115,7 +126,7 @@ class _Parser:
             if li > ind or m is None:
                 raise _Out
             key = m.group(1)
-            if key in out or plain_tag(key) != _STR:
+            if key in out or len(key) > MAX_KEY or plain_tag(key) != _STR:
                 raise _Out
             rest = m.group(2)
             i += 1
@@ -133,10 +144,12 @@ class _Parser:
             else:
                 value = None                             # "key:" alone: null
             out[key] = value
+        self.depth -= 1
         return out, i
 
     def sequence(self, i: int, ind: int) -> tuple[list, int]:
         lines, out, where = self.lines, [], []
+        self._deeper()
         while i < len(lines):
             li, s, no = lines[i]
             if li < ind or (li == ind and not _is_item(s)):
@@ -162,6 +175,7 @@ class _Parser:
                 where.append(no)
             out.append(value)
         self.last_lines = where
+        self.depth -= 1
         return out, i
 
     # ---- one line's value
@@ -212,6 +226,8 @@ class _Parser:
                 v: Any = []
                 if p == "{":
                     v = {}
+                if len(stack) >= MAX_DEPTH - self.depth:
+                    raise _Out
                 if stack:
                     if type(stack[-1]) is list:
                         stack[-1].append(v)
@@ -223,7 +239,7 @@ class _Parser:
                 want = _W_OPEN_L if p == "[" else _W_OPEN_M
                 continue
             if colon:                                          # a key
-                if (want != _W_KEY and want != _W_OPEN_M) or plain in stack[-1]:
+                if (want != _W_KEY and want != _W_OPEN_M) or plain in stack[-1] or len(plain) > MAX_KEY:
                     raise _Out
                 if plain not in keys:
                     if plain_tag(plain) != _STR:
@@ -253,7 +269,7 @@ class _Parser:
             return v
         try:
             return self.ctor.construct_object(yaml.ScalarNode(tag, v))
-        except yaml.YAMLError:
+        except (yaml.YAMLError, ValueError, OverflowError):   # the full loader reports it with its line
             raise _Out from None
 
 

@@ -158,7 +158,8 @@ class JsonlSink(BaseSink):
         lost exactly once with its reason (encode_error, else disk_full / write_error)."""
         call = self._call
         written = encoded = 0
-        failed: OSError | None = None
+        failed: int | None = None                           # errno (kept, not the exception: its traceback
+                                                             # would hold this batch alive until a GC cycle)
         wrote: list[dict] = []                               # the records written (an fsync_error loses them)
         for i in range(0, len(records), ENCODE_CHUNK):
             lines, recs = self._encode_all(records[i:i + ENCODE_CHUNK])
@@ -170,10 +171,10 @@ class JsonlSink(BaseSink):
                     self._open()
                 except OSError as e:
                     self._write_failed(e, recs)
-                    failed = e
+                    failed = e.errno or 0
                     continue
             if failed is not None:
-                self._lose_records("disk_full" if failed.errno in DISK_FULL_ERRNOS else "write_error", recs)
+                self._lose_records("disk_full" if failed in DISK_FULL_ERRNOS else "write_error", recs)
                 continue
             done = 0
             for seg_lines, seg_bytes in self._segments(lines):
@@ -183,7 +184,7 @@ class JsonlSink(BaseSink):
                     write_all(self._fd, b"".join(seg_lines))
                 except OSError as e:
                     self._write_failed(e, recs[done:])
-                    failed = e
+                    failed = e.errno or 0
                     break
                 done += len(seg_lines)
                 self._size += seg_bytes

@@ -169,6 +169,28 @@ def test_plain_loader_rejects_what_it_cannot_mirror():
         assert load_plain(text) is None, text
 
 
+def test_plain_loader_stays_inside_pyyamls_bounds():
+    """Documents PyYAML refuses or reports must not be accepted here: deep nesting (libyaml's flow depth,
+    the full loader's depth limit) and simple keys over 1024 characters; and values it cannot build."""
+    deep_flow = "a: " + "[" * 1000 + "]" * 1000 + "\n"
+    deep_block = "".join(" " * i + "k:\n" for i in range(340)) + " " * 340 + "k: 1\n"
+    for text in [deep_flow, deep_block, "a" * 1025 + ": 1\n", "x: {" + "k" * 1100 + ": v}\n",
+                 "a: 2001-02-29\n", "a: [2001-13-45]\n"]:
+        assert load_plain(text) is None, text[:40]
+    nested = "a: " + "[" * 30 + "]" * 30 + "\n"         # well inside both bounds: still the plain path
+    check_same(nested)
+
+
+@pytest.mark.parametrize("value", ["[" * 1000 + "]" * 1000, "2001-02-29"])
+def test_unreadable_values_are_error_reports_with_lines(value):
+    """A policy the plain loader leaves gets the full loader's report (file:line), never a traceback."""
+    text = (f"version: 1\nname: x\nrules:\n  - name: r\n    priority: 1\n    direction: ingress\n"
+            f"    action: allow\n    peers: {value}\n")
+    with pytest.raises(PolicyError) as e:
+        parse_policy(text, source="deep.yaml")
+    assert "deep.yaml:8" in str(e.value), str(e.value)
+
+
 # ---- policies
 
 POLICY_FILES = sorted({*glob.glob(str(ROOT / "examples" / "*.yaml")),
