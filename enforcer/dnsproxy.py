@@ -122,7 +122,7 @@ class DnsProxy:
         self._tasks: set[asyncio.Task] = set()
         self.inflight = 0
         self.pool = UdpPool(self.maker, self._stray)
-        self.deadlines = Deadlines()
+        self.deadlines = Deadlines(2 * MAX_INFLIGHT)
         self._relays: dict[Relay, None] = {}           # UDP queries in flight (close() frees their sockets)
         self.cache = AnswerCache()
         self._gen = 0                                  # the learner generation the cache holds answers of
@@ -267,7 +267,8 @@ class DnsProxy:
             r.start()
             return
         t = asyncio.get_running_loop().create_task(self._serve_tcp(r))
-        self._tasks.add(t)
+        self._tasks.add(t)                             # _task_done ends its in-flight count, even if
+                                                       # cancelled before its first step
         t.add_done_callback(self._task_done)
 
     def _policy_changed(self) -> None:
@@ -280,6 +281,7 @@ class DnsProxy:
 
     def _task_done(self, t: asyncio.Task) -> None:
         self._tasks.discard(t)
+        self.inflight -= 1
         if not t.cancelled() and t.exception() is not None:
             log.error("dns query failed: %s: %s", type(t.exception()).__name__, t.exception())
 
@@ -289,19 +291,16 @@ class DnsProxy:
         self.stats[_lat_bucket(us)] += 1
 
     async def _serve_tcp(self, r: Relay) -> None:
-        try:
-            got, err = await self._ask_tcp(r)
-        except BaseException:
-            self.inflight -= 1
-            raise
+        got, err = await self._ask_tcp(r)
         self.done(r, got, err)
 
     def done(self, r: Relay, got, err: str) -> None:
         """Learn, then relay (or SERVFAIL when `got` is None); cache the answer only when the policy it
         was judged under (`r.gen`: the config that `r.listed` and `r.dns` came from) is still the one
         the cache holds. An exception is logged and the query answered nothing, as a failed task was."""
-        self.inflight -= 1
-        self._relays.pop(r, None)
+        if r in self._relays:                          # UDP; a TCP query's task ends its count (_task_done)
+            del self._relays[r]
+            self.inflight -= 1
         try:
             self._answer(r, got, err)
         except Exception as e:                         # noqa: BLE001 - one query's failure, never the loop's
@@ -355,7 +354,9 @@ class DnsProxy:
         """((answer, (addresses, ttl) or None), "") from the first upstream that answers over TCP (a fresh
         connection each), or (None, why)."""
         st = self.stats
-        for up in r.dns.upstreams:
+        for i, up in enumerate(r.dns.upstreams):
+            if i:
+                r.new_id()                             # each attempt its own ID (enforcer/dnsrelay.py)
             try:
                 async with asyncio.timeout(r.dns.upstream_timeout_s):
                     return await self._tcp_exchange(up, r.wire, lambda resp: accept(resp, r.newid, r.q, r.learn, st)), ""

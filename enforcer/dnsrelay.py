@@ -7,15 +7,17 @@ socket it waits on (enforcer/dnsupstream.py) hands it every datagram (`offer`) a
 (`failed`), and `Deadlines` (one FIFO per timeout value, one loop timer for its head) fires its
 timeout. The first upstream that gives an acceptable answer ends it; a timeout or an error moves it to
 the next upstream on a fresh socket; when none is left the proxy answers SERVFAIL. Each attempt has its
-own socket with its own random ID, so a late answer to an earlier attempt never reaches this one (the
-socket it came to is closed) and answers are matched to their query by socket, then by ID and question:
-clients that use the same ID, or answers that arrive out of order, cannot be confused.
+own socket with its own random ID (`new_id`: each retry draws one other than the previous attempt's,
+over TCP as well), so a late answer to an earlier attempt never reaches this one (the socket it came
+to is closed, and its ID is not this attempt's) and answers are matched to their query by socket, then
+by ID and question: clients that use the same ID, or answers that arrive out of order, cannot be confused.
 
 TCP queries keep a task (enforcer/dnsproxy.py `_ask_tcp`) but share `accept` and the end (`done`).
 """
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import deque
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -28,6 +30,7 @@ from .dnswire import MalformedAnswer, Question, addresses, answer_matches, rcode
 
 __all__ = ["Relay", "Deadlines", "accept", "endpoint_text"]
 
+log = logging.getLogger("hostwall.enforcer.dns")
 S = {name: i for i, name in L.DNS_STAT_NAMES.items()}
 _MISMATCHED, _MALFORMED = S["mismatched"], S["malformed_answer"]
 _TIMEOUT, _ERROR = S["upstream_timeout"], S["upstream_error"]
@@ -85,6 +88,8 @@ class Relay:
         proxy, ups = self.proxy, self.dns.upstreams
         while self.idx < len(ups):
             up = ups[self.idx]
+            if self.idx:                                # a retry: a late answer to a previous attempt
+                self.new_id()                           # must not match this one, even on another port
             self.idx += 1
             try:
                 self.sk = proxy.pool.send(up, self.wire, self)
@@ -95,6 +100,11 @@ class Relay:
             proxy.deadlines.add(self.dns.upstream_timeout_s, self, self.idx)
             return
         proxy.done(self, None, "; ".join(self.errors))
+
+    def new_id(self) -> None:
+        """A fresh random ID for the next attempt, never the previous attempt's (65535 values left)."""
+        self.newid = (self.newid + 1 + rand16() % 0xFFFF) & 0xFFFF  # bias under 0.002 %
+        self.wire = self.newid.to_bytes(2, "big") + self.data[2:]
 
     def offer(self, resp: bytes) -> None:
         got = accept(resp, self.newid, self.q, self.learn, self.proxy.stats)
@@ -133,11 +143,15 @@ class Relay:
 
 class Deadlines:
     """Timeouts of relayed queries: one FIFO per timeout value (so deadlines are in order within it) and
-    one loop timer for the earliest head. Adding costs a deque append instead of a timer handle per
-    query. Answered queries' entries are dropped from the head as new ones come (so a queue holds about
-    the queries since the oldest one still waiting), or skipped when they come due."""
+    one loop timer for the earliest due head. Adding costs a deque append instead of a timer handle per
+    query. Finished entries (answered, or an attempt since replaced) are dropped from a queue's head as
+    new ones come, skipped when they come due, and, so that one stuck query at the head cannot pin every
+    later query until it times out, dropped all at once when a queue grows past `limit` entries: the
+    queue is rebuilt with its live entries (at most one per query in flight, so with `limit` at least
+    twice the in-flight bound a rebuild at least halves it: amortised O(1) per add)."""
 
-    def __init__(self) -> None:
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
         self.queues: dict[float, deque[tuple[float, Relay, int]]] = {}
         self.timer: asyncio.TimerHandle | None = None
         self.when = float("inf")
@@ -151,8 +165,10 @@ class Deadlines:
         q = self.queues.get(timeout)
         if q is None:
             q = self.queues[timeout] = deque()
-        while q and (q[0][1].sk is None or q[0][2] != q[0][1].idx):    # answered: no longer due
+        while q and not _live(q[0]):                    # finished: no longer due
             q.popleft()
+        if len(q) >= self.limit:
+            q = self.queues[timeout] = deque(e for e in q if _live(e))
         q.append((due, relay, attempt))
         if due < self.when:
             self._arm(loop, due)
@@ -164,22 +180,37 @@ class Deadlines:
         self.timer = loop.call_at(due, self._fire)
 
     def _fire(self) -> None:
+        """Expire the due entries in due-time order across queues (bounded: each is popped once); one
+        relay's exception is logged and the others still expire, and the timer is always re-armed."""
         loop = self.loop
         assert loop is not None
         self.timer, self.when = None, float("inf")
-        now = loop.time()
-        for timeout, q in list(self.queues.items()):
-            while q and q[0][0] <= now:
+        try:
+            now = loop.time()
+            while True:
+                q = min((q for q in self.queues.values() if q), key=lambda q: q[0][0], default=None)
+                if q is None or q[0][0] > now:
+                    break
                 _, relay, attempt = q.popleft()
-                relay.expired(attempt)
-            if not q:
+                try:
+                    relay.expired(attempt)
+                except Exception as e:                  # noqa: BLE001 - one query's failure, never the timer's
+                    log.error("dns relay timeout failed: %s: %s", type(e).__name__, e)
+        finally:
+            for timeout in [t for t, q in self.queues.items() if not q]:
                 del self.queues[timeout]
-        heads = [q[0][0] for q in self.queues.values() if q]
-        if heads and (self.timer is None or min(heads) < self.when):
-            self._arm(loop, min(heads))
+            heads = [q[0][0] for q in self.queues.values()]
+            if heads and (self.timer is None or min(heads) < self.when):
+                self._arm(loop, min(heads))
 
     def close(self) -> None:
         if self.timer is not None:
             self.timer.cancel()
         self.timer, self.when, self.loop = None, float("inf"), None
         self.queues.clear()
+
+
+def _live(entry: tuple[float, Relay, int]) -> bool:
+    """The entry's attempt still waits for an answer (not answered, failed or replaced by a retry)."""
+    relay = entry[1]
+    return relay.sk is not None and entry[2] == relay.idx

@@ -15,8 +15,10 @@ with the loop once and used for **one outstanding query at a time**:
   instead of keeping its ports open for hours, which would help an off-path spoofer find them by
   probing (the SAD DNS side channel);
 - sockets stay connected to their upstream, so the kernel drops datagrams from anyone else; answers
-  are still checked against the outstanding ID and question (`check`). Datagrams that arrive while a
-  socket is idle (late answers) are read and counted through `stray`.
+  are still checked against the outstanding ID and question (enforcer/dnsrelay.py `accept`). Datagrams
+  left on a socket when its query is answered (a duplicated answer) are read before it goes back to the
+  pool, and those that arrive while it is idle (late answers) when they come; both are counted through
+  `stray`, so the next query on the socket is never offered them.
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ __all__ = ["UdpPool", "Waiter", "POOL_SIZE", "MAX_USES", "MAX_IDLE_S", "rand16"]
 POOL_SIZE = 256
 MAX_USES = 16
 MAX_IDLE_S = 10.0
+MAX_DRAIN = 64                               # leftovers read when a socket goes idle; more: it is closed
 _RAND = {"buf": b"", "pos": 0}
 
 
@@ -127,8 +130,8 @@ class UdpPool:
                 self.stray()
                 continue
             w.offer(resp)
-            if sk.waiter is not w:               # its query ended: a datagram more (a late duplicate) is read
-                return                           # when the loop calls again, saving a recv + EAGAIN per query
+            if sk.waiter is not w:               # its query ended (release read any leftovers)
+                return
 
     def send(self, up: tuple[str, int], wire: bytes, waiter: Waiter) -> _Sock:
         """Send `wire` to `up` on a pool socket that reports to `waiter` until `release`: every datagram
@@ -144,17 +147,31 @@ class UdpPool:
         return sk
 
     def release(self, up: tuple[str, int], sk: _Sock, ok: bool) -> None:
-        """The query on `sk` ended: back to the idle pool when it ended with an answer (`ok`) and the
-        socket has uses left, else closed (after an error or timeout a late answer must never reach a
-        later query)."""
+        """The query on `sk` ended: back to the idle pool when it ended with an answer (`ok`), the socket
+        has uses left and its leftover datagrams are read (`_drain`), else closed (after an error or
+        timeout a late answer must never reach a later query)."""
         sk.waiter = None
         sk.uses += 1
         idle = self.idle.get(up)
-        if ok and sk.uses < MAX_USES and idle is not None and len(idle) < POOL_SIZE:
+        if ok and sk.uses < MAX_USES and idle is not None and len(idle) < POOL_SIZE and self._drain(sk):
             sk.idle_since = time.monotonic()
             idle.append(sk)
         else:
             self._drop(up, sk)
+
+    def _drain(self, sk: _Sock) -> bool:
+        """Read the datagrams left on `sk` (each counted through `stray`); True when it is empty, False
+        when it must be closed (an error queued, or more than MAX_DRAIN left: a flood). Costs one recv
+        (EAGAIN) per answered query."""
+        for _ in range(MAX_DRAIN):
+            try:
+                sk.s.recv(65535)
+            except BlockingIOError:
+                return True
+            except OSError:
+                return False
+            self.stray()
+        return False
 
     def close(self, keep: Collection[tuple[str, int]] = ()) -> None:
         """Close the idle sockets of every upstream not in `keep` (busy ones close when their query ends:
