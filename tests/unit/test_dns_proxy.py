@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import socket
 import struct
@@ -79,6 +80,43 @@ class FakeMaps:
         return self._stats
 
 
+def _port_pair() -> tuple[socket.socket, socket.socket, int]:
+    """A UDP and a TCP socket bound to one port of 127.0.0.1. The port the kernel picks for UDP may be
+    taken for TCP (other tests, other processes on this machine): pick again, a bounded number of times."""
+    for _ in range(200):
+        udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        udp.bind(("127.0.0.1", 0))
+        port = udp.getsockname()[1]
+        tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            tcp.bind(("127.0.0.1", port))
+        except OSError as e:
+            udp.close()
+            tcp.close()
+            if e.errno != errno.EADDRINUSE:
+                raise
+            continue
+        return udp, tcp, port
+    raise RuntimeError("no port of 127.0.0.1 free for both UDP and TCP in 200 tries")
+
+
+def _bind_listener(proxy: DnsProxy) -> tuple[tuple[tuple[str, int], ...], list[socket.socket]]:
+    """The proxy's UDP + TCP listening sockets on a free port (bound by the proxy's own bind(); a port
+    taken between the probe and the bind is picked again, a bounded number of times)."""
+    for _ in range(200):
+        udp, tcp, port = _port_pair()
+        udp.close()
+        tcp.close()
+        listen = (("127.0.0.1", port),)
+        try:
+            return listen, proxy.bind(listen)
+        except OSError as e:
+            if e.errno != errno.EADDRINUSE:
+                raise
+    raise RuntimeError("no port of 127.0.0.1 free for the proxy in 200 tries")
+
+
 class Upstream:
     """A UDP+TCP DNS server on 127.0.0.1 whose answers the test scripts: handler(query Message, raw bytes,
     peer) -> list of raw datagrams to send back (each may be wrong on purpose)."""
@@ -86,14 +124,9 @@ class Upstream:
     def __init__(self, handler):
         self.handler = handler
         self.seen: list[tuple[int, int]] = []           # (query id, source port)
-        self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.udp.bind(("127.0.0.1", 0))
-        self.udp.setblocking(False)
-        self.port = self.udp.getsockname()[1]
-        self.tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.tcp.bind(("127.0.0.1", self.port))
+        self.udp, self.tcp, self.port = _port_pair()
         self.tcp.listen(8)
+        self.udp.setblocking(False)
         self.tcp.setblocking(False)
 
     async def serve(self):
@@ -153,19 +186,15 @@ async def _proxy(env, handler, *, sets=None, refuse=False, max_ips=256, min_ttl=
                  upstreams=None, cache=0):
     up = Upstream(handler)
     await up.serve()
-    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    probe.bind(("127.0.0.1", 0))
-    free = probe.getsockname()[1]
-    probe.close()
-    conf = DnsConf(listen=(("127.0.0.1", free),), upstreams=tuple(upstreams or [("127.0.0.1", up.port)]),
+    listen, socks = _bind_listener(DnsProxy(None, None, None))   # only to bind, as the runner does
+    conf = DnsConf(listen=listen, upstreams=tuple(upstreams or [("127.0.0.1", up.port)]),
                    min_ttl_s=min_ttl, max_ttl_s=max_ttl, max_ips_per_name=max_ips, refuse_unlisted=refuse,
                    upstream_timeout_s=timeout, cache_size=cache)
     fqdnsets.publish("/pins/t", sets if sets is not None else {1: ("mirror.example.test", "*.cdn.example.test")},
                      conf, "r1")
     fm = FakeMaps()
-    learner = Learner(fm, "/pins/t")
-    proxy = DnsProxy(learner, DnsRecordLog("/pins/t", fm.stats()), fm.stats())
-    await proxy.start(conf.listen)
+    proxy = DnsProxy(Learner(fm, "/pins/t"), DnsRecordLog("/pins/t", fm.stats()), fm.stats())
+    await proxy.start(conf.listen, socks)
     port = proxy._udp[0].get_extra_info("sockname")[1]
     return up, proxy, fm, port
 
