@@ -6,7 +6,6 @@ import os
 import re
 import secrets
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
@@ -291,33 +290,10 @@ interfaces:
 @pytest.fixture(scope="module")
 def instance():
     """The enforcer (control.start, in process) on a netns lab's protected host; state in a temp dir."""
-    from hostwall.lab.netns import Lab, cleanup_stale, lab_available
-    ok, why = lab_available()
-    if not ok:
-        pytest.skip(f"netns lab unavailable: {why}")
-    if os.geteuid() != 0:
-        pytest.skip("loading BPF programs needs root")
-    cleanup_stale()
-    from hostwall.enforcer import control
-    from hostwall.enforcer.policy import parse_policy
-    state = tempfile.mkdtemp(prefix="hostwall-km-state-")
-    old = os.environ.get("HOSTWALL_STATE_DIR")
-    os.environ["HOSTWALL_STATE_DIR"] = state
-    pin = f"/sys/fs/bpf/hostwall-test/km-{secrets.token_hex(3)}"
-    pol = parse_policy(POLICY)
-    with Lab() as lab:
-        lab.warm()
-        dp, st, _ = control.start(pol, pin, list(pol.interfaces), netns=lab.ns("prot"))
+    from tests.enforcer_instance import started_instance
+    with started_instance(POLICY, "km") as (lab, dp, pin, _):
         dp.close()
-        try:
-            yield lab, pin
-        finally:
-            control.detach(pin)
-            if old is None:
-                os.environ.pop("HOSTWALL_STATE_DIR", None)
-            else:
-                os.environ["HOSTWALL_STATE_DIR"] = old
-            subprocess.run(["rm", "-rf", state], check=False)
+        yield lab, pin
 
 
 @pytest.mark.bpf

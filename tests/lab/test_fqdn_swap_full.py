@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import secrets
 import subprocess
 import sys
-import tempfile
 
 import pytest
 
@@ -29,35 +27,14 @@ WITH_B = "  - {name: b, priority: 30, direction: egress, action: allow, protocol
 
 @pytest.fixture
 def instance():
-    """control.start on a netns lab's protected host; state in a temp dir; detached at the end."""
-    from hostwall.lab.netns import Lab, cleanup_stale, lab_available
-    ok, why = lab_available()
-    if not ok:
-        pytest.skip(f"netns lab unavailable: {why}")
-    if os.geteuid() != 0:
-        pytest.skip("loading BPF programs needs root")
-    cleanup_stale()
-    from hostwall.enforcer import control
-    from hostwall.enforcer.policy import parse_policy
-    state = tempfile.mkdtemp(prefix="hostwall-fqfull-state-")
-    old = os.environ.get("HOSTWALL_STATE_DIR")
-    os.environ["HOSTWALL_STATE_DIR"] = state
-    pin = f"/sys/fs/bpf/hostwall-test/fqfull-{secrets.token_hex(3)}"
-    with Lab() as lab:
-        lab.warm()
-        from hostwall.enforcer.policy import InterfaceConf
-        dp, _, _ = control.start(parse_policy(BASE.format(extra="")), pin,
-                                 [InterfaceConf("eth0", "auto", None)], netns=lab.ns("prot"))
+    """control.start on a netns lab's protected host (tests/enforcer_instance.py)."""
+    from hostwall.enforcer.policy import InterfaceConf
+    from tests.enforcer_instance import started_instance
+    with started_instance(BASE.format(extra=""), "fqfull", [InterfaceConf("eth0", "auto", None)]) as (_, dp, pin, state):
         try:
             yield dp, pin, state
         finally:
             dp.close()
-            control.detach(pin)
-            if old is None:
-                os.environ.pop("HOSTWALL_STATE_DIR", None)
-            else:
-                os.environ["HOSTWALL_STATE_DIR"] = old
-            subprocess.run(["rm", "-rf", state], check=False)
 
 
 def test_swap_into_a_full_set_map_counts_and_warns(instance, tmp_path):
