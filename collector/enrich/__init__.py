@@ -72,17 +72,17 @@ class Enricher:
         """enrich() each record in order; returns how many raised (each counted, the rest go on).
 
         Within the call, the workload a lookup key resolves to — (direction, cgroup id, namespace,
-        protocol, local address, local port): everything _resolve reads — is resolved once and reused
-        for the batch's other records of that key (a busy service's records share a few keys), so the
-        resolvers' caches see one lookup per distinct key per batch (their hit/miss stats count those)
-        and the attribution counters still count every record. A record without an interface id (and
-        any record while no domain namer is set) takes `_attribute_fast`: enrich()'s steps inlined, in
-        the same order, with the same counters. Cost on a warm host: ~2-4 µs per record (flow memory,
-        the lookup key, the merge) plus one resolver lookup per distinct key (docs/benchmarks.md)."""
+        protocol, local address, local port): everything the resolvers read — is resolved once and
+        reused for the batch's other records of that key (a busy service's records share a few keys),
+        so the resolvers' caches see one lookup per distinct key per batch (their hit/miss stats count
+        those) and the attribution counters still count every record. While no domain namer is set, a
+        record without an interface id has no interface or naming step: it goes straight to _attribute,
+        with enrich()'s counters. Cost on a warm host: ~2-4 µs per record (flow memory, the lookup key,
+        the merge) plus one resolver lookup per distinct key (docs/benchmarks.md)."""
         errors = 0
         self._memo = {}
         counters = self.counters
-        attribute = self._attribute_fast
+        attribute = self._attribute
         per_record = self.domains is not None           # domain naming reads the rule: enrich() does it
         try:
             for r in records:
@@ -93,50 +93,15 @@ class Enricher:
                         continue
                     counters["records"] += 1
                     if hw.get("kind") in _ATTRIBUTED_KINDS:
-                        attribute(r, hw)
+                        try:
+                            attribute(r, hw, None)
+                        except Exception:  # noqa: BLE001 — as enrich() counts it: the record ships
+                            counters["errors"] += 1
                 except Exception:  # noqa: BLE001 — best effort: the record ships un-enriched (counted)
                     errors += 1
         finally:
             self._memo = None
         return errors
-
-    def _attribute_fast(self, record: dict, hw: dict) -> None:
-        """_attribute(record, hw, None) with _flow_key and _resolve's memo inlined (enrich_batch only:
-        the memo is set). A failure is counted in errors, as enrich() counts it."""
-        counters = self.counters
-        try:
-            net = record.get("network", {})
-            cid, direction = net.get("community_id"), net.get("direction")
-            fkey = (cid, direction) if (cid and hw.get("kind") == "flow") else None
-            open_flow = False
-            if fkey is not None:
-                if hw.get("flow", {}).get("state") == "closed":
-                    remembered = self.flow_attr.pop(fkey, _MISSING)
-                else:
-                    remembered, open_flow = self.flow_attr.get(fkey, _MISSING), True
-                if remembered is not _MISSING:
-                    if remembered:
-                        counters["from_flow_memory"] += 1
-                        _apply(record, remembered)
-                    else:
-                        counters["unattributed"] += 1
-                    return
-            local = record.get("destination" if direction == "ingress" else "source", {})
-            key = (direction, hw.get("cgroup_id"), None, net.get("iana_number"), local.get("ip"), local.get("port"))
-            got = self._memo.get(key)
-            if got is None:
-                got = self._memo[key] = self._resolve_now(record, hw, None)
-            attr, counter = got
-            if counter:
-                counters[counter] += 1
-            if open_flow:
-                self.flow_attr.put(fkey, attr)
-            if attr:
-                _apply(record, attr)
-            else:
-                counters["unattributed"] += 1
-        except Exception:  # noqa: BLE001 — enrichment is best effort: counted, the record ships
-            counters["errors"] += 1
 
     def enrich(self, record: dict) -> None:
         self.counters["records"] += 1
@@ -181,39 +146,32 @@ class Enricher:
         return iface
 
     # ---- attribution -----------------------------------------------------------------------------
-    @staticmethod
-    def _flow_key(record: dict, hw: dict) -> tuple | None:
-        net = record.get("network", {})
-        cid = net.get("community_id")
-        return (cid, net.get("direction")) if (hw.get("kind") == "flow" and cid) else None
-
     def _attribute(self, record: dict, hw: dict, iface: Iface | None) -> None:
-        fkey = self._flow_key(record, hw)
+        """A flow's attribution from flow memory (kept while it is open, dropped at its end), else the
+        resolvers' (one lookup per distinct key per batch while enrich_batch's memo is set). Every
+        record of a batch comes here, so the flow key and the memo lookup are written inline
+        (docs/benchmarks.md, issue 17 collector)."""
+        counters = self.counters
+        net = record.get("network", {})
+        cid, direction = net.get("community_id"), net.get("direction")
+        fkey = (cid, direction) if (cid and hw.get("kind") == "flow") else None
+        open_flow = False
         if fkey is not None:
-            ending = hw.get("flow", {}).get("state") == "closed"
-            remembered = (self.flow_attr.pop if ending else self.flow_attr.get)(fkey, _MISSING)
+            if hw.get("flow", {}).get("state") == "closed":
+                remembered = self.flow_attr.pop(fkey, _MISSING)
+            else:
+                remembered, open_flow = self.flow_attr.get(fkey, _MISSING), True
             if remembered is not _MISSING:
                 if remembered:
-                    self.counters["from_flow_memory"] += 1
+                    counters["from_flow_memory"] += 1
                     _apply(record, remembered)
                 else:
-                    self.counters["unattributed"] += 1
+                    counters["unattributed"] += 1
                 return
-        attr = self._resolve(record, hw, iface)
-        if fkey is not None and hw.get("flow", {}).get("state") != "closed":
-            self.flow_attr.put(fkey, attr)
-        if attr:
-            _apply(record, attr)
-        else:
-            self.counters["unattributed"] += 1
-
-    def _resolve(self, record: dict, hw: dict, iface: Iface | None) -> dict | None:
         memo = self._memo
         if memo is None:
             attr, counter = self._resolve_now(record, hw, iface)
         else:
-            net = record.get("network", {})
-            direction = net.get("direction")
             local = record.get("destination" if direction == "ingress" else "source", {})
             key = (direction, hw.get("cgroup_id"), iface.netns if iface else None, net.get("iana_number"),
                    local.get("ip"), local.get("port"))
@@ -222,8 +180,13 @@ class Enricher:
                 got = memo[key] = self._resolve_now(record, hw, iface)
             attr, counter = got
         if counter:
-            self.counters[counter] += 1
-        return attr
+            counters[counter] += 1
+        if open_flow:
+            self.flow_attr.put(fkey, attr)
+        if attr:
+            _apply(record, attr)
+        else:
+            counters["unattributed"] += 1
 
     def _resolve_now(self, record: dict, hw: dict, iface: Iface | None) -> tuple[dict | None, str]:
         """(attribution or None, the counter it counts in, "" if none) through the resolvers."""
