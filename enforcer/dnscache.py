@@ -4,7 +4,7 @@ Keyed by the query's bytes as the client sent them, ID aside (question with its 
 the transport (a TCP answer may be larger than a UDP one). The proxy looks a datagram up *before*
 parsing it: bytes equal to a query answered under the current policy are that query (a response or a
 malformed message never equals a key). A hit costs a dict lookup and the client's ID joined to the
-answer's body, its TTLs aged once per second per entry (`aged`), instead of parsing and an upstream
+answer's body, its TTLs aged once per second per entry (`_aged`), instead of parsing and an upstream
 round trip.
 
 What is cached (`cacheable`): answers that parse completely (every record framed, nothing trailing),
@@ -27,7 +27,7 @@ import struct
 
 from .dnswire import Question, frame_record
 
-__all__ = ["AnswerCache", "cacheable", "capped", "aged", "MAX_LIFE_S", "BODY", "AGE", "STORED", "EXPIRES", "LISTED"]
+__all__ = ["AnswerCache", "cacheable", "capped", "MAX_LIFE_S"]
 
 MAX_LIFE_S = 86400                    # an answer is never cached for longer than a day
 _TTL = struct.Struct("!I")
@@ -89,14 +89,14 @@ def capped(data: bytes, q: Question, cap_s: int) -> bytes:
 
 
 # an entry: [body, age, answer, TTL offsets, TTLs as stored, stored_ns, expires_ns, listed]
-BODY, AGE, ANSWER, OFFS, TTLS, STORED, EXPIRES, LISTED = range(8)
+_BODY, _AGE, _ANSWER, _OFFS, _TTLS, _STORED, _EXPIRES, _LISTED = range(8)
 
 
 class AnswerCache:
     """key -> entry (above); insertion order = age. Keys: a UDP query's bytes from its flags on, a TCP
     query's as ("t", those bytes) (a tuple never equals bytes). `body` is the answer from its flags on
     with every TTL aged by `age` whole seconds, so a hit within the same second as the entry's last
-    one costs a concatenation (the fast path in enforcer/dnsproxy.py reads entries directly)."""
+    one costs a concatenation."""
 
     def __init__(self) -> None:
         self.entries: dict[bytes | tuple[str, bytes], list] = {}
@@ -107,11 +107,11 @@ class AnswerCache:
         e = self.entries.get(key)
         if e is None:
             return None
-        if now >= e[EXPIRES]:
+        if now >= e[_EXPIRES]:
             del self.entries[key]
             return None
-        age = (now - e[STORED]) // 1_000_000_000
-        return qid + (e[BODY] if age == e[AGE] else aged(e, age)), e[LISTED]
+        age = (now - e[_STORED]) // 1_000_000_000
+        return qid + (e[_BODY] if age == e[_AGE] else _aged(e, age)), e[_LISTED]
 
     def put(self, key: bytes | tuple[str, bytes], answer: bytes, offs: tuple[int, ...], now: int, expires: int,
             size: int, listed: bool = False) -> int:
@@ -121,7 +121,7 @@ class AnswerCache:
         ents.pop(key, None)
         while len(ents) >= size and ents:
             old = next(iter(ents))
-            evicted += ents.pop(old)[EXPIRES] > now
+            evicted += ents.pop(old)[_EXPIRES] > now
         ttls = tuple(_TTL.unpack_from(answer, o)[0] for o in offs)
         ents[key] = [answer[2:], 0, answer, offs, ttls, now, expires, listed]
         return evicted
@@ -133,11 +133,11 @@ class AnswerCache:
         return len(self.entries)
 
 
-def aged(e: list, age: int) -> bytes:
+def _aged(e: list, age: int) -> bytes:
     """The entry's body with every TTL lowered by `age` s (at least 0), remembered for that age."""
-    out = bytearray(e[ANSWER])
-    for off, ttl in zip(e[OFFS], e[TTLS]):
+    out = bytearray(e[_ANSWER])
+    for off, ttl in zip(e[_OFFS], e[_TTLS]):
         _TTL.pack_into(out, off, max(0, ttl - age))
-    body = e[BODY] = bytes(out[2:])
-    e[AGE] = age
+    body = e[_BODY] = bytes(out[2:])
+    e[_AGE] = age
     return body

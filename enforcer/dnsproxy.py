@@ -36,7 +36,7 @@ import time
 
 from hostwall.bpf import layout as L
 
-from .dnscache import AGE, BODY, EXPIRES, LISTED, STORED, AnswerCache, aged, cacheable, capped
+from .dnscache import AnswerCache, cacheable, capped
 from .dnslearn import Learner
 from .dnspolicy import DnsConf
 from .dnsrecords import DnsRecordLog
@@ -76,8 +76,8 @@ def _family(addr: str) -> int:
 
 class _Udp(asyncio.DatagramProtocol):
     """A listening UDP socket. A cache hit is answered here, before any parsing, with the fewest steps
-    (docs/benchmarks.md `dns`): no object per hit but the reply, one clock read for expiry and age (and
-    one for the latency), TTLs re-aged at most once a second per entry (enforcer/dnscache.py)."""
+    (docs/benchmarks.md `dns`): one AnswerCache.get (TTLs re-aged at most once a second per entry,
+    enforcer/dnscache.py), one clock read for expiry and age and one for the latency."""
 
     def __init__(self, proxy: DnsProxy, server: tuple[str, int]):
         self.proxy, self.server, self.transport = proxy, server, None
@@ -88,21 +88,18 @@ class _Udp(asyncio.DatagramProtocol):
     def datagram_received(self, data: bytes, addr) -> None:
         p = self.proxy
         if p.learner.current() == p._gen:
-            e = p.cache.entries.get(data[2:])
-            if e is not None:
-                now = now_ns()
-                if now < e[EXPIRES]:
-                    age = (now - e[STORED]) // 1_000_000_000
-                    self.transport.sendto(data[:2] + (e[BODY] if age == e[AGE] else aged(e, age)), addr)
-                    st = p.stats
-                    st[_Q_UDP] += 1
-                    st[_HITS] += 1
-                    if e[LISTED]:
-                        st[_LISTED] += 1
-                    us = (now_ns() - now) // 1000
-                    st[_LAT_SUM] += us
-                    st[LAT0 if us <= 125 else _lat_bucket(us)] += 1
-                    return
+            now = now_ns()
+            hit = p.cache.get(data[2:], data[:2], now)
+            if hit is not None:
+                self.transport.sendto(hit[0], addr)
+                st = p.stats
+                st[_Q_UDP] += 1
+                st[_HITS] += 1
+                st[_LISTED] += hit[1]
+                us = (now_ns() - now) // 1000
+                st[_LAT_SUM] += us
+                st[LAT0 if us <= 125 else _lat_bucket(us)] += 1
+                return
         send = self.transport.sendto
         p.on_query(data, addr, self.server, lambda resp: send(resp, addr), "udp")
 

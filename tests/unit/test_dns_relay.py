@@ -17,7 +17,7 @@ import pytest
 
 from hostwall.bpf import layout as L
 from hostwall.enforcer import dnsupstream
-from hostwall.enforcer.dnscache import AGE
+from hostwall.enforcer.dnscache import _AGE as AGE
 from hostwall.enforcer.dnspolicy import DnsConf
 from hostwall.enforcer.dnsrelay import Deadlines, Relay
 from hostwall.enforcer.dnsupstream import UdpPool
