@@ -180,6 +180,19 @@ def plain_tag(value: str) -> str:
     return tag
 
 
+# What building a scalar can raise besides a YAML error: e.g. the timestamp 2001-02-29 (ValueError)
+SCALAR_ERRORS = (yaml.YAMLError, ValueError, OverflowError)
+
+
+def scalar_value(ctor: yaml.constructor.SafeConstructor, tag: str, value: str) -> Any:
+    """A non-string scalar as PyYAML's safe constructor builds it, a plain decimal without it (YAML 1.1
+    reads 0-prefixed as octal). Shared with hostwall.yamlplain, which must give exactly these values.
+    Raises one of SCALAR_ERRORS for a value that cannot be built."""
+    if tag == _INT_TAG and value.isascii() and value.isdigit() and (value[0] != "0" or value == "0"):
+        return int(value)
+    return ctor.construct_object(yaml.ScalarNode(tag, value))
+
+
 class _Loader(_BaseLoader):  # type: ignore[valid-type,misc]
     """The safe loader with a memo of the implicit tag of a plain scalar: keys and values such as `name`,
     `direction`, `ingress` repeat in every rule, and the resolver's regexes cost ~4 µs a scalar. A plain
@@ -258,12 +271,9 @@ class _Tree:
         if isinstance(node, yaml.ScalarNode):
             if node.tag == _STR_TAG:
                 return node.value                 # fast path: most scalars are strings
-            v = node.value
-            if node.tag == _INT_TAG and v.isascii() and v.isdigit() and (v[0] != "0" or v == "0"):
-                return int(v)                     # plain decimal (YAML 1.1 reads 0-prefixed as octal)
             try:
-                return self.ctor.construct_object(node)
-            except (yaml.YAMLError, ValueError, OverflowError) as e:   # e.g. a timestamp of no date: 2001-02-29
+                return scalar_value(self.ctor, node.tag, node.value)
+            except SCALAR_ERRORS as e:
                 self._issue(f"cannot read value {node.value!r} ({getattr(e, 'problem', None) or e}); "
                             "use a plain value without YAML tags")
                 return None

@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from hostwall.yamldoc import LineIndex, PathT, plain_tag
+from hostwall.yamldoc import SCALAR_ERRORS, LineIndex, PathT, plain_tag, scalar_value
 
 __all__ = ["PlainIndex", "load_plain"]
 
@@ -261,15 +261,13 @@ class _Parser:
         return root
 
     def scalar(self, v: str) -> Any:
-        """A plain scalar as PyYAML builds it (yamldoc._Tree.build's rules)."""
-        if v.isdigit() and (v[0] != "0" or v == "0"):
-            return int(v)                                # plain decimal (0-prefixed is octal in YAML 1.1)
+        """A plain scalar as PyYAML builds it (hostwall.yamldoc.scalar_value, as the full loader does)."""
         tag = plain_tag(v)
         if tag == _STR:
             return v
         try:
-            return self.ctor.construct_object(yaml.ScalarNode(tag, v))
-        except (yaml.YAMLError, ValueError, OverflowError):   # the full loader reports it with its line
+            return scalar_value(self.ctor, tag, v)
+        except SCALAR_ERRORS:                            # the full loader reports it with its line
             raise _Out from None
 
 
