@@ -11,19 +11,12 @@ import random
 import dns.message
 import dns.rcode
 import dns.rrset
-import pytest
 
 from hostwall.enforcer import dnslearn, dnsproxy, dnsupstream, fqdnsets
 from hostwall.enforcer.dnscache import cacheable
 from hostwall.enforcer.dnswire import parse_query
 
 from .test_dns_proxy import NOW, S, Upstream, _proxy, answer, ask, run
-
-
-@pytest.fixture
-def env(tmp_path, monkeypatch):
-    monkeypatch.setenv("HOSTWALL_STATE_DIR", str(tmp_path))
-    return tmp_path
 
 
 class Clock:

@@ -176,12 +176,6 @@ def answer(q: dns.message.Message, *rrsets: tuple[str, int, str, list[str]], rco
     return r.to_wire(want_shuffle=False)     # deterministic: hypothesis draws the order
 
 
-@pytest.fixture
-def env(tmp_path, monkeypatch):
-    monkeypatch.setenv("HOSTWALL_STATE_DIR", str(tmp_path))
-    return tmp_path
-
-
 async def _proxy(env, handler, *, sets=None, refuse=False, max_ips=256, min_ttl=5.0, max_ttl=3600.0, timeout=1.0,
                  upstreams=None, cache=0):
     up = Upstream(handler)

@@ -30,12 +30,6 @@ from .test_dns_proxy import S, Upstream, _proxy, answer, ask, run
 LAT0, LAT_BUCKETS = L.C["HW_DNS_LAT0"], L.C["HW_DNS_LAT_BUCKETS"]
 
 
-@pytest.fixture
-def env(tmp_path, monkeypatch):
-    monkeypatch.setenv("HOSTWALL_STATE_DIR", str(tmp_path))
-    return tmp_path
-
-
 def test_a_hit_on_the_fast_path_counts_and_ages_its_ttls(env, monkeypatch):
     clock = Clock(monkeypatch)
 
