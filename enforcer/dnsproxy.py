@@ -358,11 +358,9 @@ class DnsProxy:
                 async with asyncio.timeout(r.dns.upstream_timeout_s):
                     return await self._tcp_exchange(up, r.wire, lambda resp: accept(resp, r.newid, r.q, r.learn, st)), ""
             except TimeoutError:
-                st[S["upstream_timeout"]] += 1
-                r.errors.append(f"{endpoint_text(up)}: no answer within {r.dns.upstream_timeout_s:g} s")
+                r.timed_out(up)
             except (OSError, asyncio.IncompleteReadError) as e:
-                st[S["upstream_error"]] += 1
-                r.errors.append(f"{endpoint_text(up)}: {getattr(e, 'strerror', None) or e}")
+                r.error(up, e)
         return None, "; ".join(r.errors)
 
     async def _tcp_exchange(self, up: tuple[str, int], wire: bytes, check):

@@ -94,7 +94,7 @@ class Relay:
             try:
                 self.sk = proxy.pool.send(up, self.wire, self)
             except OSError as e:
-                self._error(up, e)
+                self.error(up, e)
                 continue
             self.up = up
             proxy.deadlines.add(self.dns.upstream_timeout_s, self, self.idx)
@@ -116,7 +116,7 @@ class Relay:
     def failed(self, exc: OSError) -> None:
         self.proxy.pool.release(self.up, self.sk, False)
         self.sk = None
-        self._error(self.up, exc)
+        self.error(self.up, exc)
         self.start()
 
     def expired(self, attempt: int) -> None:
@@ -125,8 +125,7 @@ class Relay:
             return
         self.proxy.pool.release(self.up, self.sk, False)
         self.sk = None
-        self.proxy.stats[_TIMEOUT] += 1
-        self.errors.append(f"{endpoint_text(self.up)}: no answer within {self.dns.upstream_timeout_s:g} s")
+        self.timed_out(self.up)
         self.start()
 
     def abandon(self) -> None:
@@ -136,9 +135,15 @@ class Relay:
             self.sk = None
         self.idx = len(self.dns.upstreams)
 
-    def _error(self, up: tuple[str, int], e: OSError) -> None:
+    def timed_out(self, up: tuple[str, int]) -> None:
+        """An attempt at `up` got no answer in time: counted, and named in the SERVFAIL's reason."""
+        self.proxy.stats[_TIMEOUT] += 1
+        self.errors.append(f"{endpoint_text(up)}: no answer within {self.dns.upstream_timeout_s:g} s")
+
+    def error(self, up: tuple[str, int], e: Exception) -> None:
+        """An attempt at `up` failed (a socket error; over TCP also a cut connection): counted and named."""
         self.proxy.stats[_ERROR] += 1
-        self.errors.append(f"{endpoint_text(up)}: {e.strerror or e}")
+        self.errors.append(f"{endpoint_text(up)}: {getattr(e, 'strerror', None) or e}")
 
 
 class Deadlines:
