@@ -24,6 +24,8 @@ Durability (at_least_once, docs/collector.md "Delivery and loss"): a batch is se
 may release its kernel data — once it is written (policy none) or covered by a successful fdatasync
 (interval, always). Under `interval` that is the next periodic or idle flush, so the kernel keeps a
 batch for up to ~fsync_interval longer; a failed fdatasync leaves the batches unsettled until one works.
+A file closed for writing (rotation, a failed write) with data no fdatasync covered stays open until one
+does: no batch settles on data nothing synced.
 
 Torn tail: a SIGKILL during a write(2) of many pages can leave a short write, the file ending in part of
 a line. That line was never settled (its call had not returned), so its records come again; but the next
@@ -91,6 +93,8 @@ class JsonlSink(BaseSink):
         self.fsync_errors = 0
         self.torn_bytes = 0                           # a torn last line cut at start (see the module docstring)
         self._unsynced: list[Call] = []               # written, waiting for an fdatasync to settle
+        self._stale: list[int] = []                   # closed for writing (rotated, failed write), written to
+                                                      # since the last fdatasync: synced before anything settles
 
     @classmethod
     def from_spec(cls, spec, config) -> JsonlSink:
@@ -145,10 +149,11 @@ class JsonlSink(BaseSink):
             await self._sync()
 
     async def close(self) -> None:
-        if self._fd >= 0:
-            await self.flush()
-            os.close(self._fd)
-            self._fd = -1
+        await self.flush()
+        self._retire_fd()
+        for fd in self._stale:                       # a failed fdatasync: their calls stay unsettled
+            os.close(fd)
+        self._stale.clear()
 
     # ---- writing ---------------------------------------------------------------------------------
     async def _send(self, records: list[dict]) -> None:
@@ -257,27 +262,30 @@ class JsonlSink(BaseSink):
         self.last_error = f"write {self.path}: {e.strerror or e}"
         self._set_health(Health.FAILING, f"{'disk full' if full else 'write failed'}: {self.last_error}; "
                          "records are counted lost until a write succeeds")
-        if self._fd >= 0:
-            try:
-                os.close(self._fd)
-            except OSError:
-                pass
-            self._fd = -1
+        self._retire_fd()                                # the next batch opens the file again
+
+    def _retire_fd(self) -> None:
+        """Stop writing to the open file. Written to since the last fdatasync (and a policy that syncs): kept
+        open in `_stale` until one covers it, so no call settles on data nothing synced."""
+        fd, self._fd = self._fd, -1
+        if fd >= 0 and self._dirty and self.fsync != "none":
+            self._stale.append(fd)
+        elif fd >= 0:
+            os.close(fd)
+        self._dirty = False
 
     async def _sync(self) -> bool:
-        """fdatasync in a worker thread if anything was written since the last one; False on error."""
+        """fdatasync (worker thread) the retired files not yet synced and the open one if written since the
+        last; then settle the calls written before it started. False on error (nothing settles)."""
         ok = True
         covered = len(self._unsynced)                   # calls written before this fdatasync starts
-        if self._fd >= 0 and self._dirty:
-            try:
-                await asyncio.to_thread(os.fdatasync, self._fd)
-                self.fsyncs += 1
-                self._dirty = False
-            except OSError as e:
-                self.fsync_errors += 1
-                self.last_error = f"fdatasync {self.path}: {e.strerror or e}"
-                self._set_health(Health.FAILING, f"fdatasync failed: {self.last_error}")
-                ok = False
+        while ok and self._stale:
+            ok = await self._fdatasync(self._stale[0])
+            if ok:
+                os.close(self._stale.pop(0))
+        if ok and self._fd >= 0 and self._dirty:
+            ok = await self._fdatasync(self._fd)
+            self._dirty = not ok
         self._last_sync = time.monotonic()
         if ok and covered:
             calls, self._unsynced = self._unsynced[:covered], self._unsynced[covered:]
@@ -285,12 +293,22 @@ class JsonlSink(BaseSink):
                 self._settle(c, c.remaining)
         return ok
 
+    async def _fdatasync(self, fd: int) -> bool:
+        try:
+            await asyncio.to_thread(os.fdatasync, fd)
+        except OSError as e:
+            self.fsync_errors += 1
+            self.last_error = f"fdatasync {self.path}: {e.strerror or e}"
+            self._set_health(Health.FAILING, f"fdatasync failed: {self.last_error}")
+            return False
+        self.fsyncs += 1
+        return True
+
     async def _rotate(self) -> None:
         """PATH → PATH.1 → ... → PATH.<keep>; cost: keep renames + one fsync unless policy none."""
         if self.fsync != "none":
             await self._sync()
-        os.close(self._fd)
-        self._fd = -1
+        self._retire_fd()                                # (kept until synced if that fdatasync failed)
         for i in range(self.rotate_keep - 1, 0, -1):
             src = self.path.with_name(f"{self.path.name}.{i}")
             if src.exists():

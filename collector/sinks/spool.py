@@ -21,8 +21,8 @@ Durability (fsync policy), for the segment files:
   interval  as none, plus fdatasync at most every fsync_interval (default 1 s) and at segment rotation
             and close: a machine crash loses at most ~one interval of spooled records.   (default)
   always    fdatasync before append() returns.
-The cursor file (cursor + next_seq) is rewritten with tmp + rename after every fdatasync and when the
-cursor moves (at most every 0.2 s), fsynced only at close and under `always`.
+The cursor file (cursor + next_seq) is rewritten (tmp + rename) after every fdatasync and when the cursor
+moves (at most every 0.2 s), fsynced only at close and under `always`.
 
 Crash recovery (open): segments whose header is damaged are renamed *.corrupt; the last segment is
 scanned frame by frame and cut at the first incomplete or CRC-failing frame (a torn write: the process
@@ -33,18 +33,17 @@ the last fdatasync of a machine that lost power cannot be counted, and were neve
 frame found while reading an earlier segment skips the rest of that segment; the seqs skipped are
 reported by `take_lost()` (exact, from the next segment's first seq). Open reads the last segment once.
 
-Not thread-safe: use from one event loop; fdatasync runs in a worker thread, and a descriptor it runs on is
-closed only after it (an acknowledgement that empties the spool meanwhile drops the writer, never under it).
+Not thread-safe: use from one event loop. fdatasync runs in a worker thread; a descriptor is closed only
+after it. A segment closed with records no fdatasync covered (a failed or cancelled sync when sealing) is
+synced by path before `synced_seq` passes them: a later sync of the next segment never vouches for them.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from .spool_format import (
@@ -53,9 +52,13 @@ from .spool_format import (
     READ_CHUNK,
     SEG_HDR,
     SEG_SUFFIX,
+    Recovery,
+    Segment,
     crc,
+    fdatasync_path,
     frame,
     fsync_dir,
+    lock_directory,
     read_cursor,
     read_header,
     scan_tail,
@@ -66,32 +69,12 @@ from .spool_format import (
 
 __all__ = ["Spool", "SpoolError", "Recovery", "FSYNC_POLICIES", "FRAME_OVERHEAD"]
 
-_SEG_HDR, _FRAME = SEG_HDR, FRAME
 FSYNC_POLICIES = ("none", "interval", "always")
 CURSOR_WRITE_INTERVAL_S = 0.2               # cursor file rewrite at most this often (and when a segment goes)
 
 
 class SpoolError(RuntimeError):
     """The spool directory cannot be used (permissions, not a directory, a record too large)."""
-
-
-@dataclass
-class Recovery:
-    """What open() found: segments, records pending replay, and what it had to repair."""
-    segments: int = 0
-    pending: int = 0                  # records from earlier runs still to replay
-    truncated_bytes: int = 0          # torn tail cut off the last segment
-    torn_records: int = 0             # records cut off with it (see the module docstring)
-    corrupt_segments: list[str] = field(default_factory=list)   # renamed *.corrupt (header damaged)
-    cursor: str = "none"              # file | reset (missing or damaged: replay from the oldest segment) | none
-
-
-@dataclass
-class _Segment:
-    first: int
-    path: Path
-    size: int = _SEG_HDR.size
-    end: int = -1                     # seq after its last record (known once sealed or scanned)
 
 
 class Spool:
@@ -107,7 +90,7 @@ class Spool:
         self.fsync = fsync
         self.fsync_interval_s = fsync_interval_s
         self.max_record_bytes = max_record_bytes
-        self.segments: list[_Segment] = []
+        self.segments: list[Segment] = []
         self.next_seq = 0
         self.cursor = 0
         self._acked = bytearray()                 # byte i = 1: seq cursor + i acknowledged (beyond the cursor)
@@ -125,8 +108,8 @@ class Spool:
         # reader
         self._rseg = 0                            # index into segments
         self._rfd = -1
-        self._rfd_seg: _Segment | None = None
-        self._roff = _SEG_HDR.size
+        self._rfd_seg: Segment | None = None
+        self._roff = SEG_HDR.size
         self.read_seq = 0                         # next seq read() may return
         self._rnext = 0                           # seq the next frame of the segment being read must have
         self._lost: list[tuple[int, int]] = []    # [start, end) found corrupt while reading
@@ -164,7 +147,7 @@ class Spool:
                 os.replace(p, bad)
                 rec.corrupt_segments.append(bad.name)
                 continue
-            self.segments.append(_Segment(first, p, p.stat().st_size))
+            self.segments.append(Segment(first, p, p.stat().st_size))
         self.segments.sort(key=lambda s: s.first)
         for a, b in zip(self.segments, self.segments[1:]):
             a.end = b.first                        # exact unless corrupt: read() reports the gap then
@@ -198,18 +181,10 @@ class Spool:
         return rec
 
     def _lock(self) -> None:
-        """One process per spool directory (flock; released by the kernel if the process dies)."""
-        fd = os.open(self.dir / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-            os.close(fd)
+        self._lockfd, holder = lock_directory(self.dir)
+        if self._lockfd < 0:
             raise SpoolError(f"spool directory {self.dir} is in use by another process (pid {holder}); "
-                             "give each collector its own spool directory") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._lockfd = fd
+                             "give each collector its own spool directory")
 
     def _write_cursor(self, *, force: bool = False, sync: bool = False) -> None:
         state = (self.cursor, self.synced_seq)
@@ -243,7 +218,7 @@ class Spool:
         `.written` = how many of the records made it (a partial frame is cut off again)."""
         if not payloads:
             return 0
-        hdr = _SEG_HDR.size
+        hdr = SEG_HDR.size
         groups: list[list[bytes]] = [[]] if self._wfd >= 0 else []
         seg_size = self.segments[-1].size if self._wfd >= 0 else None
         total, seq, size = self.size_bytes, self.next_seq, 0
@@ -323,7 +298,11 @@ class Spool:
 
     def _drop_writer(self) -> None:
         """Close the segment being appended to now, or once the fdatasync on it ends (closed under it, the
-        thread fails with EBADF or syncs whatever file got the number next)."""
+        thread fails with EBADF or syncs whatever file got the number next). Records written to it that no
+        fdatasync covered mark it `unsynced`: sync() covers it by path before `synced_seq` passes them."""
+        if self._dirty and self.fsync != "none" and self.segments:
+            self.segments[-1].unsynced = True
+        self._dirty = False
         fd, self._wfd = self._wfd, -1
         if fd >= 0 and self._syncing is not None and not self._syncing.done() and self._syncing_fd == fd:
             self._syncing.add_done_callback(lambda _f: os.close(fd))
@@ -332,9 +311,9 @@ class Spool:
 
     async def _new_segment(self) -> None:
         await self._close_writer()
-        seg = _Segment(self.next_seq, self.dir / segment_name(self.next_seq), _SEG_HDR.size, self.next_seq)
+        seg = Segment(self.next_seq, self.dir / segment_name(self.next_seq), SEG_HDR.size, self.next_seq)
         fd = os.open(seg.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC, 0o640)
-        write_all(fd, _SEG_HDR.pack(b"HWSPOOL1", seg.first))
+        write_all(fd, SEG_HDR.pack(b"HWSPOOL1", seg.first))
         self._wfd = fd
         self.segments.append(seg)
         if self.fsync != "none":                   # the new name must survive a machine crash too
@@ -342,23 +321,25 @@ class Spool:
 
     async def sync(self) -> bool:
         """fdatasync the segment being written (worker thread); False (counted) on error. On success every
-        record appended before it is durable (`synced_seq`); earlier segments were synced when sealed."""
+        record appended before it is durable (`synced_seq`): earlier segments were synced when sealed, or are
+        synced here by path (`_sync_by_path`)."""
         if self._syncing is not None:
             with contextlib.suppress(OSError):      # the sync that ran counted it
                 await asyncio.shield(self._syncing)
-        ok = True
         upto = self.next_seq
+        ok = await self._sync_by_path()
         if self._wfd >= 0 and self._dirty:
             self._dirty = False
             fd = self._syncing_fd = self._wfd
+            seg = self.segments[-1]
             self._syncing = asyncio.ensure_future(asyncio.to_thread(os.fdatasync, fd))
             try:
                 await asyncio.shield(self._syncing)
                 self.fsyncs += 1
-            except OSError:
-                self.fsync_errors, self._dirty, ok = self.fsync_errors + 1, True, False
+            except OSError:                     # not durable: the next sync covers the segment by path
+                self.fsync_errors, ok, seg.unsynced = self.fsync_errors + 1, False, True
             except asyncio.CancelledError:      # the thread still runs: not durable yet; the next sync
-                self._dirty = True               # (and a deferred close) waits for it
+                seg.unsynced = True              # (and a deferred close) waits for it, then syncs by path
                 raise
             finally:
                 if self._syncing is not None and self._syncing.done():
@@ -370,13 +351,29 @@ class Spool:
                 self._write_cursor()
         return ok
 
+    async def _sync_by_path(self) -> bool:
+        """fdatasync the `unsynced` segments (a sync failed or was cancelled, or closed with records
+        unsynced) through a new descriptor, which covers the inode's dirty pages. Cost: nothing unless one
+        exists. False (counted) if one fails: `synced_seq` must not pass their records."""
+        ok = True
+        for seg in [s for s in self.segments if s.unsynced]:
+            try:
+                await asyncio.to_thread(fdatasync_path, seg.path)
+                self.fsyncs += 1
+                seg.unsynced = False
+            except FileNotFoundError:           # deleted since (every record acknowledged): nothing to keep
+                seg.unsynced = False
+            except OSError:
+                self.fsync_errors, ok = self.fsync_errors + 1, False
+        return ok
+
     async def wait_room(self, nbytes: int, timeout: float | None = None) -> bool:
         """Wait until nbytes (+ framing) fit, or timeout. True if they fit."""
         if self._room is None:
             self._room = asyncio.Event()
         loop = asyncio.get_running_loop()
         end = None if timeout is None else loop.time() + timeout
-        while self.room() < nbytes + _FRAME.size + _SEG_HDR.size:
+        while self.room() < nbytes + FRAME.size + SEG_HDR.size:
             self._room.clear()
             left = None if end is None else end - loop.time()
             if left is not None and left <= 0:
@@ -392,7 +389,7 @@ class Spool:
         """Read again from the cursor (after a failed delivery). Acknowledged seqs are skipped.
         Cost: re-scans the frame headers of the first segment up to the cursor."""
         self._close_reader()
-        self._rseg, self._roff, self.read_seq = 0, _SEG_HDR.size, self.cursor
+        self._rseg, self._roff, self.read_seq = 0, SEG_HDR.size, self.cursor
         self._rnext = self.segments[0].first if self.segments else self.cursor
 
     def read(self, max_records: int = 4096, max_bytes: int = 4 << 20) -> list[tuple[int, bytes]]:
@@ -401,7 +398,7 @@ class Spool:
         CRC-32 per record. Corrupt frames end their segment (reported by take_lost())."""
         out: list[tuple[int, bytes]] = []
         nbytes = 0
-        H = _FRAME.size
+        H = FRAME.size
         while len(out) < max_records and nbytes < max_bytes and self._rseg < len(self.segments):
             seg = self.segments[self._rseg]
             tail = self._rseg == len(self.segments) - 1
@@ -425,7 +422,7 @@ class Spool:
                     if pos == 0:                        # a frame header cut short
                         self._corrupt(seg)
                     break
-                n, c, s = _FRAME.unpack_from(buf, pos)
+                n, c, s = FRAME.unpack_from(buf, pos)
                 if n > self.max_record_bytes or s != self._rnext or self._roff + H + n > seg.size:
                     self._corrupt(seg)
                     break
@@ -452,14 +449,14 @@ class Spool:
     def _next_segment(self) -> None:
         self._close_reader()
         self._rseg += 1
-        self._roff = _SEG_HDR.size
+        self._roff = SEG_HDR.size
         nxt = self.segments[self._rseg]
         self._rnext = nxt.first
         if nxt.first > self.read_seq:                   # a gap: records lost to corruption before
             self._report_lost(self.read_seq, nxt.first)
             self.read_seq = nxt.first
 
-    def _corrupt(self, seg: _Segment) -> None:
+    def _corrupt(self, seg: Segment) -> None:
         """Bad frame: skip the rest of this segment; the seqs up to where the next one starts are lost."""
         tail = seg is self.segments[-1]
         end = self.next_seq if tail else seg.end
@@ -545,13 +542,13 @@ class Spool:
             if (self.next_seq if last else seg.end) > self.cursor or (last and self._appending):
                 break                                    # (an append is sealing it or about to write to it)
             if last and self._wfd >= 0:
+                self._dirty = False                      # every record acknowledged: nothing to make durable
                 self._drop_writer()
-                self._dirty = False
             if self._rfd_seg is seg:
                 self._close_reader()
             self.segments.pop(0)
             if self._rseg == 0:                          # the reader was in it: start of the next one
-                self._roff = _SEG_HDR.size
+                self._roff = SEG_HDR.size
                 self._rnext = self.segments[0].first if self.segments else self.next_seq
             else:
                 self._rseg -= 1
@@ -568,7 +565,7 @@ class Spool:
         e.g. batches already handed to the producer that were spooled only for crash safety)."""
         self.read_seq = max(self.read_seq, min(seq, self.next_seq))
 
-    def _unlink(self, seg: _Segment) -> None:
+    def _unlink(self, seg: Segment) -> None:
         try:
             os.unlink(seg.path)
             self.deleted_segments += 1

@@ -14,15 +14,16 @@ Pure functions and constants; cost is stated per function. Nothing here keeps st
 """
 from __future__ import annotations
 
+import fcntl
 import os
 import struct
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 __all__ = ["CURSOR_NAME", "FRAME", "FRAME_OVERHEAD", "MAGIC", "READ_CHUNK", "SEG_HDR", "SEG_SUFFIX", "Cursor",
-           "crc", "frame", "fsync_dir", "read_cursor", "read_header", "scan_tail", "segment_name", "write_all",
-           "write_cursor"]
+           "Recovery", "Segment", "crc", "fdatasync_path", "frame", "fsync_dir", "lock_directory", "read_cursor",
+           "read_header", "scan_tail", "segment_name", "write_all", "write_cursor"]
 
 MAGIC = b"HWSPOOL1"
 SEG_HDR = struct.Struct("<8sQ")               # magic, first seq
@@ -35,6 +36,27 @@ CURSOR_NAME = "cursor"
 FRAME_OVERHEAD = FRAME.size
 SEG_SUFFIX = ".seg"
 READ_CHUNK = 1 << 20
+
+
+@dataclass
+class Segment:
+    """One segment file as the spool tracks it."""
+    first: int
+    path: Path
+    size: int = SEG_HDR.size
+    end: int = -1                     # seq after its last record (known once sealed or scanned)
+    unsynced: bool = False            # closed for appends with records no fdatasync has covered yet
+
+
+@dataclass
+class Recovery:
+    """What open() found: segments, records pending replay, and what it had to repair."""
+    segments: int = 0
+    pending: int = 0                  # records from earlier runs still to replay
+    truncated_bytes: int = 0          # torn tail cut off the last segment
+    torn_records: int = 0             # records cut off with it (see the module docstring)
+    corrupt_segments: list[str] = field(default_factory=list)   # renamed *.corrupt (header damaged)
+    cursor: str = "none"              # file | reset (missing or damaged: replay from the oldest segment) | none
 
 
 def crc(length: int, seq: int, payload) -> int:
@@ -152,3 +174,27 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fdatasync_path(path: Path) -> None:
+    """fdatasync a file through a new descriptor: covers the inode's dirty pages, whoever wrote them."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
+
+
+def lock_directory(directory: Path) -> tuple[int, str]:
+    """(descriptor, "") holding an exclusive flock on directory/lock with this pid in it, or (-1, the
+    holder's pid) if another process holds it. The kernel releases it when the process dies."""
+    fd = os.open(directory / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        return -1, holder
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd, ""

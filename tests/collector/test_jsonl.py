@@ -294,3 +294,91 @@ def test_write_and_fsync_losses_note_the_records_seqs(tmp_path, monkeypatch):
     s, a = run(go())
     assert [r["seq"] for r in lines(tmp_path / "f.jsonl")] == [0, 1, 2]
     assert s.stats()["lost"] == {"disk_full": 6, "write_error": 2} and a.stats()["lost"] == {"fsync_error": 3}
+
+
+# ---- no batch settles on data no fdatasync covered (a file closed for writing before one did) ---------
+
+def _fdatasync_log(monkeypatch, fail: dict | None = None) -> list[tuple[int, int]]:
+    """os.fdatasync replaced: logs (fd, size of the file behind it) and fails with EIO while fail["on"]."""
+    log: list[tuple[int, int]] = []
+
+    def sync(fd):
+        if fail is not None and fail["on"]:
+            raise OSError(errno.EIO, "I/O error")
+        log.append((fd, os.fstat(fd).st_size))
+    monkeypatch.setattr(os, "fdatasync", sync)
+    return log
+
+
+@pytest.mark.parametrize("policy", ["interval", "always"])
+def test_a_failed_write_does_not_settle_what_was_written_before_it_without_an_fdatasync(tmp_path, monkeypatch,
+                                                                                          policy):
+    """A write that fails closes the file for writing. What the batches before it (interval) or the same
+    batch's first chunk (always) wrote there settles only after an fdatasync of *that* file."""
+    import hostwall.collector.sinks.jsonl as jsonl_mod
+    p = tmp_path / "f.jsonl"
+    synced = _fdatasync_log(monkeypatch)
+    real, fail = jsonl_mod.write_all, {"after": None}
+
+    def write_all(fd, buf):
+        if fail["after"] is not None:
+            if fail["after"] == 0:
+                raise OSError(errno.EIO, "I/O error")
+            fail["after"] -= 1
+        real(fd, buf)
+    monkeypatch.setattr(jsonl_mod, "write_all", write_all)
+    monkeypatch.setattr(jsonl_mod, "ENCODE_CHUNK", 2)       # a batch of 4 is two writes
+
+    async def go():
+        s = JsonlSink(p, fsync=policy, fsync_interval_s=3600)
+        await s.start()
+        if policy == "interval":
+            await s.send(recs(2))                          # written, waits for the periodic fdatasync
+            fail["after"] = 0
+            await s.send(recs(2, 2))                       # fails: counted lost, the file closed for writing
+            fail["after"] = None
+            before = s.unsettled_calls
+            await s.flush()
+        else:
+            fail["after"] = 1
+            await s.send(recs(4))                          # first chunk written, second fails
+            before = 0
+        return s, before
+    s, before = run(go())
+    size = p.stat().st_size
+    assert size > 0 and synced and synced[0][1] == size, (synced, size)   # the written file's data was synced
+    if policy == "interval":
+        assert before == 2 and s.unsettled_calls == 0 and s.stats()["lost"] == {"write_error": 2}
+    else:
+        assert s.stats()["lost"] == {"write_error": 2} and s.unsettled_calls == 0
+    assert [r["seq"] for r in lines(p)] == [0, 1]
+    accounted(s)
+
+
+def test_a_rotation_whose_fdatasync_failed_keeps_the_old_file_until_one_works(tmp_path, monkeypatch):
+    """interval: the fdatasync before a rotation fails. The rotated file's batches stay unsettled (the
+    kernel keeps their data); the next flush syncs the rotated file through its kept descriptor first."""
+    p = tmp_path / "f.jsonl"
+    fail = {"on": False}
+    synced = _fdatasync_log(monkeypatch, fail)
+    one = len(json.dumps(recs(1)[0], separators=(",", ":"))) + 1
+
+    async def go():
+        s = JsonlSink(p, fsync="interval", fsync_interval_s=3600, rotate_bytes=one * 3, rotate_keep=3)
+        await s.start()
+        await s.send(recs(2))
+        fail["on"] = True
+        await s.send(recs(2, 2))                           # rotates: its fdatasync fails
+        fail["on"] = False
+        held = s.unsettled_calls, s.fsync_errors, len(s._stale)
+        await s.flush()
+        after = s.unsettled_calls, len(s._stale)
+        await s.close()
+        return s, held, after
+    s, held, after = run(go())
+    rotated = p.with_name(p.name + ".1")
+    assert held == (2, 1, 1), held                         # nothing settled, the old file kept for a sync
+    assert after == (0, 0), after
+    assert synced[0][1] == rotated.stat().st_size          # the rotated file was synced first
+    assert [r["seq"] for r in lines(rotated)] == [0, 1, 2] and [r["seq"] for r in lines(p)] == [3]
+    accounted(s)

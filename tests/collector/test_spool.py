@@ -402,11 +402,41 @@ def test_a_sync_whose_task_is_cancelled_leaves_the_spool_waiting_for_its_fdatasy
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        assert s._dirty and s._syncing is not None and not s._syncing.done()
+        assert s.segments[-1].unsynced and s._syncing is not None and not s._syncing.done()
         later = asyncio.ensure_future(s.sync())          # waits for the running one, then syncs again
         await asyncio.sleep(0.01)
         assert not later.done()
         gate.set()
         assert await later is True and s.fsyncs >= 1
+        await s.close()
+    run(go())
+
+
+def test_a_segment_sealed_by_a_failed_fdatasync_is_synced_by_path_before_synced_seq_passes_it(tmp_path,
+                                                                                                 monkeypatch):
+    """interval: the fdatasync that seals a full segment fails. A later sync of the next segment must not
+    vouch for the sealed one's records: synced_seq stays until a sync of the sealed file itself works."""
+    real = os.fdatasync
+    failing: set[str] = set()                            # file names whose fdatasync fails
+
+    def sync(fd):
+        if os.path.basename(os.readlink(f"/proc/self/fd/{fd}")) in failing:
+            raise OSError(5, "Input/output error")
+        real(fd)
+    monkeypatch.setattr(os, "fdatasync", sync)
+
+    async def go():
+        s = make(tmp_path, fsync="interval", fsync_interval_s=3600)
+        per_seg = (SEG - 16) // (100 + FRAME_OVERHEAD)
+        assert await s.append([payload(i) for i in range(per_seg)]) == per_seg
+        first = s.segments[0].path.name
+        failing.add(first)
+        assert await s.append([payload(per_seg + i) for i in range(3)]) == 3     # seals the first: fails
+        assert len(s.segments) == 2 and s.segments[0].unsynced and s.fsync_errors == 1
+        assert await s.sync() is False                  # the second segment syncs, the first still fails
+        assert s.synced_seq == 0, s.synced_seq
+        failing.clear()
+        assert await s.sync() is True
+        assert s.synced_seq == s.next_seq == per_seg + 3 and not s.segments[0].unsynced
         await s.close()
     run(go())
