@@ -14,7 +14,7 @@ not truncated, with rcode NOERROR or NXDOMAIN:
   authority section, for min(SOA TTL, SOA MINIMUM) (RFC 2308 §5); without an SOA they are not cached;
 - SERVFAIL, REFUSED and every other rcode are never cached (a failure must not outlive its cause).
 
-Served answers have every TTL lowered by the whole seconds the entry has aged. The caller bounds an
+Served answers have every TTL lowered by the seconds the entry has aged, rounded up. The caller bounds an
 entry's life further: for a listed name, by the learnt dynamic-set entries' remaining life
 (enforcer/dnslearn.py Learnt.held_ns) less the learner's renewal slack (Learnt.slack_ns), so a cached
 answer never names an address the datapath has dropped or is about to drop. `clear()` on every policy change (the sets or the dns section). At most `size`
@@ -95,8 +95,8 @@ _BODY, _AGE, _ANSWER, _OFFS, _TTLS, _STORED, _EXPIRES, _LISTED = range(8)
 class AnswerCache:
     """key -> entry (above); insertion order = age. Keys: a UDP query's bytes from its flags on, a TCP
     query's as ("t", those bytes) (a tuple never equals bytes). `body` is the answer from its flags on
-    with every TTL aged by `age` whole seconds, so a hit within the same second as the entry's last
-    one costs a concatenation."""
+    with every TTL aged by `age` whole seconds (rounded up), so a hit within the same second as the
+    entry's last one costs a concatenation."""
 
     def __init__(self) -> None:
         self.entries: dict[bytes | tuple[str, bytes], list] = {}
@@ -110,7 +110,7 @@ class AnswerCache:
         if now >= e[_EXPIRES]:
             del self.entries[key]
             return None
-        age = (now - e[_STORED]) // 1_000_000_000
+        age = -((e[_STORED] - now) // 1_000_000_000)     # whole seconds, rounded up (see _aged)
         return qid + (e[_BODY] if age == e[_AGE] else _aged(e, age)), e[_LISTED]
 
     def put(self, key: bytes | tuple[str, bytes], answer: bytes, offs: tuple[int, ...], now: int, expires: int,
@@ -134,7 +134,11 @@ class AnswerCache:
 
 
 def _aged(e: list, age: int) -> bytes:
-    """The entry's body with every TTL lowered by `age` s (at least 0), remembered for that age."""
+    """The entry's body with every TTL lowered by `age` s (at least 0), remembered for that age. The age is
+    rounded up: a client served at any instant of a second then drops the answer no later than one served
+    at its start, so no TTL outlives the entry's own life (which ends a renewal slack before the learnt
+    set entries; rounding down let a client keep an address up to a second past them when that slack is
+    below a second, i.e. a clamped TTL under 4 s)."""
     out = bytearray(e[_ANSWER])
     for off, ttl in zip(e[_OFFS], e[_TTLS]):
         _TTL.pack_into(out, off, max(0, ttl - age))

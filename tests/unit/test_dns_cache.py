@@ -11,6 +11,7 @@ import random
 import dns.message
 import dns.rcode
 import dns.rrset
+import pytest
 
 from hostwall.enforcer import dnslearn, dnsproxy, dnsupstream, fqdnsets
 from hostwall.enforcer.dnscache import cacheable
@@ -68,15 +69,19 @@ def test_hits_skip_the_upstream_keep_the_client_id_and_age_ttls(env, monkeypatch
 
     up, fm, first, second, tcp, third = run(go())
     assert [m.id for m in (first, second, tcp, third)] == [1, 2, 3, 4]
-    assert ttls(first) == [60] and ttls(second) == [50] and ttls(third) == [60]
+    assert ttls(first) == [60] and ttls(second) == [49] and ttls(third) == [60]      # aged 10.5 s: 11, rounded up
     assert addrs(second) == ["10.66.2.11"] and len(up.seen) == 3, up.seen
     st = fm.stats()
     assert (st[S["cache_hits"]], st[S["cache_misses"]], st[S["answered"]]) == (1, 3, 3)
 
 
-def test_a_cached_answer_never_names_an_address_the_set_dropped(env, monkeypatch):
+@pytest.mark.parametrize("min_ttl,steps", [(5.0, (0, 0.4, 1, 2.5, 6, 14)),
+                                           (2.667, (0, 0.3, 0.45, 0.9, 1.7, 2.6, 3.1))])
+def test_a_cached_answer_never_names_an_address_the_set_dropped(env, monkeypatch, min_ttl, steps):
     """Random TTLs (some above max_ttl, some below min_ttl) and clock steps: at every answer the proxy
-    gives for a listed name, each address is in the set with an expiry after the clock."""
+    gives for a listed name, each address is in the set with an expiry after the clock, and no TTL in it
+    outlives that entry. A fractional min_ttl makes entries whose life is not whole seconds, and a
+    renewal slack below a second (a quarter of the clamped TTL)."""
     clock = Clock(monkeypatch)
     rng = random.Random(7)
     names = ["a.cdn.example.test", "b.cdn.example.test", "mirror.example.test"]
@@ -84,15 +89,15 @@ def test_a_cached_answer_never_names_an_address_the_set_dropped(env, monkeypatch
 
     def handler(q, raw, peer):
         name = q.question[0].name.to_text().rstrip(".")
-        ttl_of[name] = rng.choice([1, 3, 8, 20, 40, 300])
+        ttl_of[name] = rng.choice([1, 2, 3, 8, 20, 40, 300])
         return [answer(q, (name, ttl_of[name], "A", [f"10.66.2.{names.index(name) + 1}"]))]
 
     async def go():
-        up, proxy, fm, port = await _proxy(env, handler, cache=100, min_ttl=5.0, max_ttl=15.0)
+        up, proxy, fm, port = await _proxy(env, handler, cache=100, min_ttl=min_ttl, max_ttl=15.0)
         served = []
         try:
             for _ in range(150):
-                clock.advance(rng.choice([0, 0.4, 1, 2.5, 6, 14]))
+                clock.advance(rng.choice(steps))
                 name = rng.choice(names)
                 m = await ask(port, name)
                 for ip in addrs(m):
@@ -109,9 +114,9 @@ def test_a_cached_answer_never_names_an_address_the_set_dropped(env, monkeypatch
     fm, served = run(go())
     late = [s for s in served if s[2] <= 0]
     assert not late, f"answers naming addresses already dropped from the set: {late[:5]}"
-    # and the client has time to connect: held for at least the learner's renewal slack (here 1 s:
-    # min(RENEW_SLACK_NS, a quarter of clamp(TTL, 5, 15) s)), as after a relayed answer
-    short = [s for s in served if s[2] < dnslearn.RENEW_SLACK_NS]
+    # and the client has time to connect: held for at least the learner's renewal slack
+    # (min(RENEW_SLACK_NS, a quarter of clamp(TTL, min_ttl, 15) s)), as after a relayed answer
+    short = [s for s in served if s[2] < min(dnslearn.RENEW_SLACK_NS, min_ttl * 1e9 / 4)]
     assert not short, f"answers naming addresses about to leave the set: {short[:5]}"
     st = fm.stats()
     assert st[S["cache_hits"]] >= 20 and st[S["cache_misses"]] >= 20, "both paths were walked"
@@ -296,7 +301,7 @@ def test_served_ttls_never_outlive_the_set_entries_and_unlisted_ttls_are_untouch
             up.close()
 
     fm, relayed, hit, other = run(go())
-    assert ttls(relayed) == [14] and ttls(hit) == [10], (ttls(relayed), ttls(hit))
+    assert ttls(relayed) == [14] and ttls(hit) == [9], (ttls(relayed), ttls(hit))    # aged 4.2 s: 5, rounded up
     assert ttls(other) == [300]
     assert fm.stats()[S["cache_hits"]] == 1
 

@@ -61,9 +61,9 @@ def test_a_hit_on_the_fast_path_counts_and_ages_its_ttls(env, monkeypatch):
     assert len(slow) == 1 and len(up.seen) == 1, "three hits answered without parsing or asking"
     assert [m.id for m in got] == [1, 2, 3, 4], "each client gets its own ID"
     # 59: a listed name's TTL ends the renewal slack (1 s) before its set entries do
-    assert [ttls(m) for m in got] == [[59], [49], [49], [48]], "aged by whole seconds"
+    assert [ttls(m) for m in got] == [[59], [48], [48], [47]], "aged by whole seconds, rounded up"
     assert all(addrs(m) == ["10.66.2.10"] for m in got)
-    assert entry[AGE] == 11, "the aged body is kept for the next hit in the same second"
+    assert entry[AGE] == 12, "the aged body is kept for the next hit in the same second"
     st = fm.stats()
     assert (st[S["queries_udp"]], st[S["cache_hits"]], st[S["cache_misses"]], st[S["answered"]]) == (4, 3, 1, 1)
     assert st[S["listed"]] == 4, "a hit for a listed name counts as listed, as a relayed one"
