@@ -7,8 +7,8 @@ keep + 1 files exist. A single line longer than rotate_bytes gets a file of its 
 Durability (fsync policy) — what "delivered" means for this sink:
   none      delivered = written to the kernel (page cache) by write(2). Survives a collector crash;
             a machine crash may lose what the kernel had not written back yet.
-  interval  as `none`, plus fdatasync at most every fsync_interval (default 1 s) and at flush,
-            rotation and close: a machine crash loses at most ~one interval.  (default)
+  interval  fdatasync at most every fsync_interval (default 1 s) and at flush, rotation and close;
+            delivered = covered by one: a machine crash loses nothing delivered.  (default)
   always    fdatasync before send() returns: a record is counted delivered only once it is on disk.
 fsync runs in a worker thread (the event loop keeps going); writes are one write(2) per batch and
 segment (≈ memcpy into the page cache).
@@ -16,16 +16,17 @@ segment (≈ memcpy into the page cache).
 Full-queue policy: block (a local disk is the sink of last resort: slow it down, don't drop).
 Losses are counted by reason: encode_error (the encoder rejected a record), disk_full (write(2) failed
 with ENOSPC or EDQUOT), write_error (any other write(2) failure — the batch's unwritten records; the
-file is reopened on the next batch), fsync_error (policy always: fdatasync failed, so the batch is not
-known to be on disk), each noting its records' hostwall.seq for the loss record (docs/records.md
-"Completeness"). The collector keeps running; health is `failing` until a write succeeds again.
+file is reopened on the next batch), fsync_error (policies interval and always: an fdatasync failed, so
+the records of every batch that fdatasync covered are not known to be on disk, and never will be: a
+failure is final, see `_sync`), each noting its records' hostwall.seq for the loss record (docs/records.md
+"Completeness"; not fsync_error under interval: the sink does not keep an interval's records). The collector keeps running; health is `failing` until a write succeeds again.
 
 Durability (at_least_once, docs/collector.md "Delivery and loss"): a batch is settled — the pipeline
 may release its kernel data — once it is written (policy none) or covered by a successful fdatasync
 (interval, always). Under `interval` that is the next periodic or idle flush, so the kernel keeps a
-batch for up to ~fsync_interval longer; a failed fdatasync leaves the batches unsettled until one works.
-A file closed for writing (rotation, a failed write) with data no fdatasync covered stays open until one
-does: no batch settles on data nothing synced.
+batch for up to ~fsync_interval longer, and counts it delivered then. A failed fdatasync settles the
+batches it covered as lost (`fsync_error`). A file closed for writing (rotation, a failed write) is
+synced, with the open one, before any batch written to it settles.
 
 Torn tail: a SIGKILL during a write(2) of many pages can leave a short write, the file ending in part of
 a line. That line was never settled (its call had not returned), so its records come again; but the next
@@ -92,9 +93,10 @@ class JsonlSink(BaseSink):
         self.fsyncs = 0
         self.fsync_errors = 0
         self.torn_bytes = 0                           # a torn last line cut at start (see the module docstring)
-        self._unsynced: list[Call] = []               # written, waiting for an fdatasync to settle
-        self._stale: list[int] = []                   # closed for writing (rotated, failed write), written to
-                                                      # since the last fdatasync: synced before anything settles
+        # written, waiting for an fdatasync: (call, records it wrote, those records under `always` for
+        # their seqs, else None)
+        self._unsynced: list[tuple[Call, int, list[dict] | None]] = []
+        self._stale: list[int] = []                   # closed for writing (a failed write) before an fdatasync
 
     @classmethod
     def from_spec(cls, spec, config) -> JsonlSink:
@@ -149,11 +151,13 @@ class JsonlSink(BaseSink):
             await self._sync()
 
     async def close(self) -> None:
-        await self.flush()
-        self._retire_fd()
-        for fd in self._stale:                       # a failed fdatasync: their calls stay unsettled
-            os.close(fd)
-        self._stale.clear()
+        try:
+            await self.flush()
+        finally:                                     # (cancelled by the shutdown deadline too: no fd left)
+            self._retire_fd()
+            for fd in self._stale:                   # never synced: their calls stay unsettled
+                os.close(fd)
+            self._stale.clear()
 
     # ---- writing ---------------------------------------------------------------------------------
     async def _send(self, records: list[dict]) -> None:
@@ -185,7 +189,7 @@ class JsonlSink(BaseSink):
             for seg_lines, seg_bytes in self._segments(lines):
                 try:
                     if self._size and self._size + seg_bytes > self.rotate_bytes:
-                        await self._rotate()
+                        self._rotate()
                     write_all(self._fd, b"".join(seg_lines))
                 except OSError as e:
                     self._write_failed(e, recs[done:])
@@ -207,20 +211,10 @@ class JsonlSink(BaseSink):
             self._deliver(written)
             self._settle(call, call.remaining)
             return
-        self._unsynced.append(call)
-        if self.fsync == "always":
-            if not await self._sync():
-                self._lose_records("fsync_error", wrote)
-                self._settle_unsynced()                  # counted lost: nothing to wait for
-                return
-        elif self.fsync == "interval" and time.monotonic() - self._last_sync >= self.fsync_interval_s:
+        self._unsynced.append((call, written, wrote if self.fsync == "always" else None))
+        if (self.fsync == "always" or self._stale
+                or time.monotonic() - self._last_sync >= self.fsync_interval_s):
             await self._sync()
-        self._deliver(written)
-
-    def _settle_unsynced(self) -> None:
-        calls, self._unsynced = self._unsynced, []
-        for c in calls:
-            self._settle(c, c.remaining)
 
     def _encode_all(self, records: list[dict]) -> tuple[list[bytes], list[dict]]:
         """(lines, the records they encode): a loss notes its records' hostwall.seq, so the pipeline's
@@ -266,7 +260,8 @@ class JsonlSink(BaseSink):
 
     def _retire_fd(self) -> None:
         """Stop writing to the open file. Written to since the last fdatasync (and a policy that syncs): kept
-        open in `_stale` until one covers it, so no call settles on data nothing synced."""
+        in `_stale` for the next `_sync` (which the send that retired it runs), so no call settles on data
+        nothing synced."""
         fd, self._fd = self._fd, -1
         if fd >= 0 and self._dirty and self.fsync != "none":
             self._stale.append(fd)
@@ -275,22 +270,30 @@ class JsonlSink(BaseSink):
         self._dirty = False
 
     async def _sync(self) -> bool:
-        """fdatasync (worker thread) the retired files not yet synced and the open one if written since the
-        last; then settle the calls written before it started. False on error (nothing settles)."""
+        """fdatasync (worker thread) the files written since the last one — retired ones, then the open
+        one — and settle the calls written before it started: delivered, or, if any fdatasync failed,
+        counted lost (`fsync_error`). A failure is final: Linux reports a writeback error once and marks
+        the pages clean, so a retry would succeed without writing them (docs/collector.md "Delivery and
+        loss"). Cost: one fdatasync per file written to."""
         ok = True
         covered = len(self._unsynced)                   # calls written before this fdatasync starts
-        while ok and self._stale:
-            ok = await self._fdatasync(self._stale[0])
-            if ok:
-                os.close(self._stale.pop(0))
-        if ok and self._fd >= 0 and self._dirty:
-            ok = await self._fdatasync(self._fd)
-            self._dirty = not ok
+        stale, self._stale = self._stale, []
+        for fd in stale:
+            ok = await self._fdatasync(fd) and ok
+            os.close(fd)
+        if self._fd >= 0 and self._dirty:
+            self._dirty = False
+            ok = await self._fdatasync(self._fd) and ok
         self._last_sync = time.monotonic()
-        if ok and covered:
-            calls, self._unsynced = self._unsynced[:covered], self._unsynced[covered:]
-            for c in calls:
-                self._settle(c, c.remaining)
+        done, self._unsynced = self._unsynced[:covered], self._unsynced[covered:]
+        for call, n, recs in done:
+            if ok:
+                self._deliver(n)
+            elif recs is not None:
+                self._lose_records("fsync_error", recs)
+            else:
+                self._lose("fsync_error", n)
+            self._settle(call, call.remaining)
         return ok
 
     async def _fdatasync(self, fd: int) -> bool:
@@ -304,11 +307,10 @@ class JsonlSink(BaseSink):
         self.fsyncs += 1
         return True
 
-    async def _rotate(self) -> None:
-        """PATH → PATH.1 → ... → PATH.<keep>; cost: keep renames + one fsync unless policy none."""
-        if self.fsync != "none":
-            await self._sync()
-        self._retire_fd()                                # (kept until synced if that fdatasync failed)
+    def _rotate(self) -> None:
+        """PATH → PATH.1 → ... → PATH.<keep>; cost: keep renames. The old file's fdatasync is the `_sync`
+        that ends this send (it covers this call, part of which the old file may hold)."""
+        self._retire_fd()
         for i in range(self.rotate_keep - 1, 0, -1):
             src = self.path.with_name(f"{self.path.name}.{i}")
             if src.exists():

@@ -15,14 +15,16 @@ Invariants
 - Durable frontier: `synced_seq` — every record below it survives a machine crash (fdatasync'ed; with
   policy none: written, which survives a collector crash). It only grows; `on_synced` is called when it
   does, so the Kafka sink can settle batches that reached the spool (docs/collector.md "Delivery and loss").
+  Records whose fdatasync failed, or whose segment was closed before one ran, are unproven for good (a
+  retry proves nothing on Linux): `synced_seq` stays below them until the broker acknowledged them.
 
 Durability (fsync policy), for the segment files:
   none      written with write(2): survives a collector crash (kill -9), not a machine crash.
   interval  as none, plus fdatasync at most every fsync_interval (default 1 s) and at segment rotation
             and close: a machine crash loses at most ~one interval of spooled records.   (default)
   always    fdatasync before append() returns.
-The cursor file (cursor + next_seq) is rewritten (tmp + rename) after every fdatasync and when the cursor
-moves (at most every 0.2 s), fsynced only at close and under `always`.
+The cursor file (cursor + next_seq) is rewritten with tmp + rename after every fdatasync and when the
+cursor moves (at most every 0.2 s), fsynced only at close and under `always`.
 
 Crash recovery (open): segments whose header is damaged are renamed *.corrupt; the last segment is
 scanned frame by frame and cut at the first incomplete or CRC-failing frame (a torn write: the process
@@ -33,9 +35,8 @@ the last fdatasync of a machine that lost power cannot be counted, and were neve
 frame found while reading an earlier segment skips the rest of that segment; the seqs skipped are
 reported by `take_lost()` (exact, from the next segment's first seq). Open reads the last segment once.
 
-Not thread-safe: use from one event loop. fdatasync runs in a worker thread; a descriptor is closed only
-after it. A segment closed with records no fdatasync covered (a failed or cancelled sync when sealing) is
-synced by path before `synced_seq` passes them: a later sync of the next segment never vouches for them.
+Not thread-safe: use from one event loop; fdatasync runs in a worker thread, and a descriptor it runs on is
+closed only after it (an acknowledgement that empties the spool meanwhile drops the writer, never under it).
 """
 from __future__ import annotations
 
@@ -51,17 +52,13 @@ from .spool_format import (
     FRAME_OVERHEAD,
     READ_CHUNK,
     SEG_HDR,
-    SEG_SUFFIX,
     Recovery,
     Segment,
     crc,
-    fdatasync_path,
     frame,
     fsync_dir,
     lock_directory,
-    read_cursor,
-    read_header,
-    scan_tail,
+    recover_segments,
     segment_name,
     write_all,
     write_cursor,
@@ -99,11 +96,15 @@ class Spool:
         self._dirty = False
         self._last_sync = time.monotonic()
         self._syncing: asyncio.Future | None = None
+        self._sync_lock = asyncio.Lock()
         self._syncing_fd = -1                     # the descriptor that fdatasync runs on
         self._appending = False                   # an append() is under way (it may be awaiting a sync)
         self._cursor_written = (-1, -1)
         self._cursor_at = 0.0
         self.synced_seq = 0                       # every seq below it is durable per the fsync policy
+        self._proven = 0                          # every seq below it was covered by a successful fdatasync
+        self._unproven: tuple[int, int] | None = None  # [a, b): a failed fdatasync (or none) left them on
+                                                       # disk unproven: synced_seq stays ≤ a until acked past b
         self.on_synced: Callable[[], None] | None = None
         # reader
         self._rseg = 0                            # index into segments
@@ -136,38 +137,7 @@ class Spool:
         except OSError as e:
             raise SpoolError(f"cannot create spool directory {self.dir}: {e.strerror or e}") from None
         self._lock()
-        rec = Recovery()
-        for p in sorted(self.dir.glob("*" + SEG_SUFFIX)):
-            if p.stat().st_size == 0:              # created, header never written: holds nothing
-                p.unlink()
-                continue
-            first = read_header(p)
-            if first is None:
-                bad = p.with_name(p.name + ".corrupt")
-                os.replace(p, bad)
-                rec.corrupt_segments.append(bad.name)
-                continue
-            self.segments.append(Segment(first, p, p.stat().st_size))
-        self.segments.sort(key=lambda s: s.first)
-        for a, b in zip(self.segments, self.segments[1:]):
-            a.end = b.first                        # exact unless corrupt: read() reports the gap then
-        c, rec.cursor = read_cursor(self.dir)
-        cur = c.cursor if c is not None else None
-        if self.segments:
-            last = self.segments[-1]
-            last.end, cut, last.size = scan_tail(last.path, last.first, self.max_record_bytes)
-            rec.truncated_bytes = cut
-            self.next_seq = last.end
-            recorded = c.next_seq if c is not None and c.next_seq is not None else 0
-            rec.torn_records = max(recorded - self.next_seq, 1 if cut else 0)
-            if cur is None:
-                rec.cursor = "reset"                 # missing or damaged: replay all (duplicates, no loss)
-            if cur is None or cur < self.segments[0].first:
-                cur = self.segments[0].first
-            cur = min(cur, self.next_seq)
-        else:
-            cur = cur or 0
-            self.next_seq = max(cur, c.next_seq or 0) if c is not None else cur
+        self.segments, self.next_seq, cur, rec = recover_segments(self.dir, self.max_record_bytes)
         self.cursor = cur
         while self.segments and self.segments[0].end <= self.cursor:
             self._unlink(self.segments.pop(0))     # fully acknowledged before the crash
@@ -175,7 +145,7 @@ class Spool:
         rec.segments = len(self.segments)
         rec.pending = self.next_seq - self.cursor
         self.recovery = rec
-        self.synced_seq = self.next_seq             # what recovery kept is on disk
+        self.synced_seq = self._proven = self.next_seq   # what recovery kept is on disk
         self.opened = True
         self._write_cursor(force=True)
         return rec
@@ -284,10 +254,24 @@ class Spool:
                 and time.monotonic() - self._last_sync >= self.fsync_interval_s)
 
     def _synced(self, seq: int) -> None:
-        if seq > self.synced_seq:
-            self.synced_seq = seq
+        """Records below `seq` are proven durable: synced_seq moves there, except past an unproven range
+        the cursor has not passed (their fdatasync failed: a later one proves nothing about them)."""
+        self._proven = max(self._proven, seq)
+        if self._unproven is not None and self.cursor >= self._unproven[1]:
+            self._unproven = None
+        upto = self._proven if self._unproven is None else min(self._proven, self._unproven[0])
+        if upto > self.synced_seq:
+            self.synced_seq = upto
             if self.on_synced is not None:
                 self.on_synced()
+
+    def _unprove(self, start: int, end: int) -> None:
+        """[start, end) were written but no fdatasync proved them, and none can now: on Linux a failed
+        writeback is reported once and its pages are then clean, so a retry succeeds without writing them
+        (docs/collector.md "Delivery and loss"). They settle only once the broker acknowledged them."""
+        if end > start:
+            a, b = self._unproven or (start, end)
+            self._unproven = (min(a, start), max(b, end))
 
     async def _close_writer(self) -> None:
         """fdatasync (unless policy none) and close the segment being appended to, if any."""
@@ -298,10 +282,10 @@ class Spool:
 
     def _drop_writer(self) -> None:
         """Close the segment being appended to now, or once the fdatasync on it ends (closed under it, the
-        thread fails with EBADF or syncs whatever file got the number next). Records written to it that no
-        fdatasync covered mark it `unsynced`: sync() covers it by path before `synced_seq` passes them."""
-        if self._dirty and self.fsync != "none" and self.segments:
-            self.segments[-1].unsynced = True
+        thread fails with EBADF or syncs whatever file got the number next). Records written to it since
+        the last fdatasync are unproven (policy none aside)."""
+        if self._dirty and self.fsync != "none":
+            self._unprove(self._proven, self.next_seq)
         self._dirty = False
         fd, self._wfd = self._wfd, -1
         if fd >= 0 and self._syncing is not None and not self._syncing.done() and self._syncing_fd == fd:
@@ -311,61 +295,65 @@ class Spool:
 
     async def _new_segment(self) -> None:
         await self._close_writer()
+        if self.segments and self.segments[-1].first == self.next_seq:   # no record made it into the last
+            self._forget_last()                                             # one: its file is reused
         seg = Segment(self.next_seq, self.dir / segment_name(self.next_seq), SEG_HDR.size, self.next_seq)
         fd = os.open(seg.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC, 0o640)
-        write_all(fd, SEG_HDR.pack(b"HWSPOOL1", seg.first))
+        try:
+            write_all(fd, SEG_HDR.pack(b"HWSPOOL1", seg.first))
+        except OSError:
+            os.close(fd)
+            raise
         self._wfd = fd
         self.segments.append(seg)
         if self.fsync != "none":                   # the new name must survive a machine crash too
             await asyncio.to_thread(fsync_dir, self.dir)
 
+    def _forget_last(self) -> None:
+        """Drop the entry of a last segment that holds no record (an append failed before its first
+        frame), so a new segment of the same first seq — same file name — is not deleted with it."""
+        seg = self.segments.pop()
+        if self._rfd_seg is seg:
+            self._close_reader()
+        self._rseg = min(self._rseg, len(self.segments))
+
     async def sync(self) -> bool:
         """fdatasync the segment being written (worker thread); False (counted) on error. On success every
-        record appended before it is durable (`synced_seq`): earlier segments were synced when sealed, or are
-        synced here by path (`_sync_by_path`)."""
-        if self._syncing is not None:
-            with contextlib.suppress(OSError):      # the sync that ran counted it
-                await asyncio.shield(self._syncing)
-        upto = self.next_seq
-        ok = await self._sync_by_path()
-        if self._wfd >= 0 and self._dirty:
-            self._dirty = False
-            fd = self._syncing_fd = self._wfd
-            seg = self.segments[-1]
-            self._syncing = asyncio.ensure_future(asyncio.to_thread(os.fdatasync, fd))
-            try:
-                await asyncio.shield(self._syncing)
-                self.fsyncs += 1
-            except OSError:                     # not durable: the next sync covers the segment by path
-                self.fsync_errors, ok, seg.unsynced = self.fsync_errors + 1, False, True
-            except asyncio.CancelledError:      # the thread still runs: not durable yet; the next sync
-                seg.unsynced = True              # (and a deferred close) waits for it, then syncs by path
-                raise
-            finally:
-                if self._syncing is not None and self._syncing.done():
-                    self._syncing = None
-        self._last_sync = time.monotonic()
-        if ok:
-            self._synced(upto)
-            if self.opened:
-                self._write_cursor()
-        return ok
+        record appended before it is durable (`_synced`); earlier segments were synced when sealed, or
+        are unproven (`_unprove`). One at a time: a second caller could otherwise report records that the
+        first one's fdatasync is still writing."""
+        async with self._sync_lock:
+            if self._syncing is not None:                # the fdatasync of a sync whose caller was cancelled
+                await asyncio.shield(self._syncing)      # (it records its own outcome)
+            ok = True
+            upto = self.next_seq
+            if self._wfd >= 0 and self._dirty:
+                self._dirty = False
+                fd = self._syncing_fd = self._wfd
+                self._syncing = asyncio.ensure_future(self._fdatasync(fd, self._proven, upto))
+                try:
+                    ok = await asyncio.shield(self._syncing)
+                finally:
+                    if self._syncing is not None and self._syncing.done():
+                        self._syncing = None
+            self._last_sync = time.monotonic()
+            if ok:
+                self._synced(upto)
+                if self.opened:
+                    self._write_cursor()
+            return ok
 
-    async def _sync_by_path(self) -> bool:
-        """fdatasync the `unsynced` segments (a sync failed or was cancelled, or closed with records
-        unsynced) through a new descriptor, which covers the inode's dirty pages. Cost: nothing unless one
-        exists. False (counted) if one fails: `synced_seq` must not pass their records."""
-        ok = True
-        for seg in [s for s in self.segments if s.unsynced]:
-            try:
-                await asyncio.to_thread(fdatasync_path, seg.path)
-                self.fsyncs += 1
-                seg.unsynced = False
-            except FileNotFoundError:           # deleted since (every record acknowledged): nothing to keep
-                seg.unsynced = False
-            except OSError:
-                self.fsync_errors, ok = self.fsync_errors + 1, False
-        return ok
+    async def _fdatasync(self, fd: int, start: int, end: int) -> bool:
+        """fdatasync the writer (records [start, end) on it) and record the outcome, whether or not the
+        sync that started it is still waiting: a failure leaves them unproven, whoever syncs next."""
+        try:
+            await asyncio.to_thread(os.fdatasync, fd)
+        except OSError:
+            self.fsync_errors += 1
+            self._unprove(start, end)
+            return False
+        self.fsyncs += 1
+        return True
 
     async def wait_room(self, nbytes: int, timeout: float | None = None) -> bool:
         """Wait until nbytes (+ framing) fit, or timeout. True if they fit."""
@@ -531,6 +519,8 @@ class Spool:
         del self._acked[:k]
         self._acked_n -= k
         self.cursor += k
+        if self._unproven is not None and self.cursor >= self._unproven[1]:
+            self._synced(self._proven)                   # the broker has them: synced_seq may pass them now
         self._gc()
 
     def _gc(self) -> None:
@@ -542,8 +532,8 @@ class Spool:
             if (self.next_seq if last else seg.end) > self.cursor or (last and self._appending):
                 break                                    # (an append is sealing it or about to write to it)
             if last and self._wfd >= 0:
-                self._dirty = False                      # every record acknowledged: nothing to make durable
                 self._drop_writer()
+                self._dirty = False
             if self._rfd_seg is seg:
                 self._close_reader()
             self.segments.pop(0)

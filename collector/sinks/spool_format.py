@@ -1,5 +1,5 @@
 """The Kafka spool's on-disk format (collector/sinks/spool.py): segment headers, CRC-framed records,
-the cursor file, and the torn-tail scan that crash recovery runs.
+the cursor file, the directory lock, and crash recovery's scan (segments found, torn tail cut).
 
     <dir>/00000000000000000042.seg   segment = 16-byte header (magic b"HWSPOOL1" + u64 first seq, LE) + frames
     <dir>/cursor                     b"HWCURSR2" + u64 cursor + u64 next_seq + u32 CRC-32 of the first 24 bytes
@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 __all__ = ["CURSOR_NAME", "FRAME", "FRAME_OVERHEAD", "MAGIC", "READ_CHUNK", "SEG_HDR", "SEG_SUFFIX", "Cursor",
-           "Recovery", "Segment", "crc", "fdatasync_path", "frame", "fsync_dir", "lock_directory", "read_cursor",
-           "read_header", "scan_tail", "segment_name", "write_all", "write_cursor"]
+           "Recovery", "Segment", "crc", "frame", "fsync_dir", "lock_directory", "read_cursor", "read_header",
+           "recover_segments", "scan_tail", "segment_name", "write_all", "write_cursor"]
 
 MAGIC = b"HWSPOOL1"
 SEG_HDR = struct.Struct("<8sQ")               # magic, first seq
@@ -39,16 +39,6 @@ READ_CHUNK = 1 << 20
 
 
 @dataclass
-class Segment:
-    """One segment file as the spool tracks it."""
-    first: int
-    path: Path
-    size: int = SEG_HDR.size
-    end: int = -1                     # seq after its last record (known once sealed or scanned)
-    unsynced: bool = False            # closed for appends with records no fdatasync has covered yet
-
-
-@dataclass
 class Recovery:
     """What open() found: segments, records pending replay, and what it had to repair."""
     segments: int = 0
@@ -57,6 +47,15 @@ class Recovery:
     torn_records: int = 0             # records cut off with it (see the module docstring)
     corrupt_segments: list[str] = field(default_factory=list)   # renamed *.corrupt (header damaged)
     cursor: str = "none"              # file | reset (missing or damaged: replay from the oldest segment) | none
+
+
+@dataclass
+class Segment:
+    """One segment file as the spool tracks it."""
+    first: int
+    path: Path
+    size: int = SEG_HDR.size
+    end: int = -1                     # seq after its last record (known once sealed or scanned)
 
 
 def crc(length: int, seq: int, payload) -> int:
@@ -176,15 +175,6 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def fdatasync_path(path: Path) -> None:
-    """fdatasync a file through a new descriptor: covers the inode's dirty pages, whoever wrote them."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fdatasync(fd)
-    finally:
-        os.close(fd)
-
-
 def lock_directory(directory: Path) -> tuple[int, str]:
     """(descriptor, "") holding an exclusive flock on directory/lock with this pid in it, or (-1, the
     holder's pid) if another process holds it. The kernel releases it when the process dies."""
@@ -198,3 +188,44 @@ def lock_directory(directory: Path) -> tuple[int, str]:
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd, ""
+
+
+def recover_segments(directory: Path, max_record_bytes: int) -> tuple[list[Segment], int, int, Recovery]:
+    """(segments in order, next_seq, cursor, what was repaired) of a spool directory after a crash: empty
+    segments deleted, damaged headers renamed *.corrupt, the last segment's torn tail cut (see spool.py's
+    docstring). Cost: one read of the last segment."""
+    segs: list[Segment] = []
+    next_seq = 0
+    rec = Recovery()
+    for p in sorted(directory.glob("*" + SEG_SUFFIX)):
+        if p.stat().st_size == 0:              # created, header never written: holds nothing
+            p.unlink()
+            continue
+        first = read_header(p)
+        if first is None:
+            bad = p.with_name(p.name + ".corrupt")
+            os.replace(p, bad)
+            rec.corrupt_segments.append(bad.name)
+            continue
+        segs.append(Segment(first, p, p.stat().st_size))
+    segs.sort(key=lambda s: s.first)
+    for a, b in zip(segs, segs[1:]):
+        a.end = b.first                        # exact unless corrupt: read() reports the gap then
+    c, rec.cursor = read_cursor(directory)
+    cur = c.cursor if c is not None else None
+    if segs:
+        last = segs[-1]
+        last.end, cut, last.size = scan_tail(last.path, last.first, max_record_bytes)
+        rec.truncated_bytes = cut
+        next_seq = last.end
+        recorded = c.next_seq if c is not None and c.next_seq is not None else 0
+        rec.torn_records = max(recorded - next_seq, 1 if cut else 0)
+        if cur is None:
+            rec.cursor = "reset"                 # missing or damaged: replay all (duplicates, no loss)
+        if cur is None or cur < segs[0].first:
+            cur = segs[0].first
+        cur = min(cur, next_seq)
+    else:
+        cur = cur or 0
+        next_seq = max(cur, c.next_seq or 0) if c is not None else cur
+    return segs, next_seq, cur, rec

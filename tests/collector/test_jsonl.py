@@ -355,30 +355,37 @@ def test_a_failed_write_does_not_settle_what_was_written_before_it_without_an_fd
     accounted(s)
 
 
-def test_a_rotation_whose_fdatasync_failed_keeps_the_old_file_until_one_works(tmp_path, monkeypatch):
-    """interval: the fdatasync before a rotation fails. The rotated file's batches stay unsettled (the
-    kernel keeps their data); the next flush syncs the rotated file through its kept descriptor first."""
+def test_a_rotated_file_whose_fdatasync_fails_loses_the_batches_it_held_for_good(tmp_path, monkeypatch):
+    """interval: a batch takes the file past rotate_bytes; the rotated file's fdatasync fails (once, as
+    the kernel reports a writeback error). Every batch that wrote to it is counted lost (fsync_error)
+    and settled — a later, successful fdatasync proves nothing about them — and the sink goes on."""
+    real = os.fdatasync
+    failing = {"f.jsonl.1"}
+
+    def sync(fd):
+        name = os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))
+        if name in failing:
+            failing.discard(name)
+            raise OSError(errno.EIO, "I/O error")
+        real(fd)
+    monkeypatch.setattr(os, "fdatasync", sync)
     p = tmp_path / "f.jsonl"
-    fail = {"on": False}
-    synced = _fdatasync_log(monkeypatch, fail)
     one = len(json.dumps(recs(1)[0], separators=(",", ":"))) + 1
 
     async def go():
         s = JsonlSink(p, fsync="interval", fsync_interval_s=3600, rotate_bytes=one * 3, rotate_keep=3)
         await s.start()
-        await s.send(recs(2))
-        fail["on"] = True
-        await s.send(recs(2, 2))                           # rotates: its fdatasync fails
-        fail["on"] = False
-        held = s.unsettled_calls, s.fsync_errors, len(s._stale)
-        await s.flush()
-        after = s.unsettled_calls, len(s._stale)
+        await s.send(recs(2))                          # waits for the periodic fdatasync
+        held = s.unsettled_calls
+        await s.send(recs(2, 2))                       # record 2 into f.jsonl, then rotation: record 3 new
+        after = s.unsettled_calls, s.stats()["lost"], s.stats()["delivered"], s.fsync_errors, len(s._stale)
+        await s.send(recs(1, 4))
         await s.close()
         return s, held, after
     s, held, after = run(go())
+    assert held == 1
+    assert after == (0, {"fsync_error": 4}, 0, 1, 0), after
+    assert s.stats()["delivered"] == 1 and s.fsync_errors == 1        # the next batch is delivered as usual
     rotated = p.with_name(p.name + ".1")
-    assert held == (2, 1, 1), held                         # nothing settled, the old file kept for a sync
-    assert after == (0, 0), after
-    assert synced[0][1] == rotated.stat().st_size          # the rotated file was synced first
-    assert [r["seq"] for r in lines(rotated)] == [0, 1, 2] and [r["seq"] for r in lines(p)] == [3]
+    assert [r["seq"] for r in lines(rotated)] == [0, 1, 2] and [r["seq"] for r in lines(p)] == [3, 4]
     accounted(s)

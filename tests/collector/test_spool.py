@@ -402,7 +402,7 @@ def test_a_sync_whose_task_is_cancelled_leaves_the_spool_waiting_for_its_fdatasy
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        assert s.segments[-1].unsynced and s._syncing is not None and not s._syncing.done()
+        assert s._syncing is not None and not s._syncing.done() and s.synced_seq == 0
         later = asyncio.ensure_future(s.sync())          # waits for the running one, then syncs again
         await asyncio.sleep(0.01)
         assert not later.done()
@@ -412,31 +412,132 @@ def test_a_sync_whose_task_is_cancelled_leaves_the_spool_waiting_for_its_fdatasy
     run(go())
 
 
-def test_a_segment_sealed_by_a_failed_fdatasync_is_synced_by_path_before_synced_seq_passes_it(tmp_path,
-                                                                                                 monkeypatch):
-    """interval: the fdatasync that seals a full segment fails. A later sync of the next segment must not
-    vouch for the sealed one's records: synced_seq stays until a sync of the sealed file itself works."""
-    real = os.fdatasync
-    failing: set[str] = set()                            # file names whose fdatasync fails
+# ---- a failed fdatasync is final: its records are unproven until the broker has them ----------------------
+
+def _failing_fdatasync(monkeypatch) -> set[str]:
+    """os.fdatasync fails with EIO for files whose name is in the returned set (as a disk would report a
+    writeback error once: a later call on the same file succeeds without writing the lost pages)."""
+    real, failing = os.fdatasync, set()
 
     def sync(fd):
         if os.path.basename(os.readlink(f"/proc/self/fd/{fd}")) in failing:
+            failing.discard(os.path.basename(os.readlink(f"/proc/self/fd/{fd}")))   # reported once
             raise OSError(5, "Input/output error")
         real(fd)
     monkeypatch.setattr(os, "fdatasync", sync)
+    return failing
+
+
+def test_records_a_failed_fdatasync_left_are_never_reported_synced_until_acknowledged(tmp_path, monkeypatch):
+    """interval: the fdatasync that seals a full segment fails. Later syncs (of the next segment, or of
+    anything) succeed, but synced_seq stays below the sealed segment's unsynced records until the
+    cursor (broker acknowledgements) passes them; then it moves to what was proven since."""
+    failing = _failing_fdatasync(monkeypatch)
 
     async def go():
         s = make(tmp_path, fsync="interval", fsync_interval_s=3600)
+        synced_calls = []
+        s.on_synced = lambda: synced_calls.append(s.synced_seq)
         per_seg = (SEG - 16) // (100 + FRAME_OVERHEAD)
-        assert await s.append([payload(i) for i in range(per_seg)]) == per_seg
-        first = s.segments[0].path.name
-        failing.add(first)
+        assert await s.append([payload(i) for i in range(2)]) == 2
+        assert await s.sync() is True and s.synced_seq == 2          # proven before the failure
+        assert await s.append([payload(i) for i in range(2, per_seg)]) == per_seg - 2
+        failing.add(s.segments[0].path.name)
         assert await s.append([payload(per_seg + i) for i in range(3)]) == 3     # seals the first: fails
-        assert len(s.segments) == 2 and s.segments[0].unsynced and s.fsync_errors == 1
-        assert await s.sync() is False                  # the second segment syncs, the first still fails
-        assert s.synced_seq == 0, s.synced_seq
-        failing.clear()
+        assert len(s.segments) == 2 and s.fsync_errors == 1
+        assert await s.sync() is True                 # the second segment's fdatasync works...
         assert await s.sync() is True
-        assert s.synced_seq == s.next_seq == per_seg + 3 and not s.segments[0].unsynced
+        assert s.synced_seq == 2, s.synced_seq        # ...and proves nothing about the first one's records
+        s.ack(0, per_seg - 1)
+        assert s.synced_seq == 2
+        s.ack(per_seg - 1, per_seg)                   # the broker has every unproven record now
+        assert s.synced_seq == s.next_seq == per_seg + 3, s.synced_seq
+        assert synced_calls == [2, per_seg + 3]
+        await s.close()
+    run(go())
+
+
+def test_a_cancelled_sync_whose_fdatasync_fails_still_leaves_its_records_unproven(tmp_path, monkeypatch):
+    """The caller of a sync is cancelled while its fdatasync runs, and that fdatasync then fails: the
+    failure is counted and the next sync (which succeeds) does not report the records synced."""
+    import threading
+    gate, real = threading.Event(), os.fdatasync
+
+    def held_then_fails(fd):
+        assert gate.wait(30)
+        raise OSError(5, "Input/output error")
+
+    async def go():
+        s = make(tmp_path, fsync="interval", fsync_interval_s=3600)
+        assert await s.append([payload(i) for i in range(3)]) == 3
+        monkeypatch.setattr(os, "fdatasync", held_then_fails)
+        task = asyncio.ensure_future(s.sync())
+        while s._syncing is None:
+            await asyncio.sleep(0.001)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        later = asyncio.ensure_future(s.sync())
+        await asyncio.sleep(0.01)
+        assert not later.done()
+        gate.set()
+        monkeypatch.setattr(os, "fdatasync", real)
+        assert await later is True
+        assert s.fsync_errors == 1 and s.synced_seq == 0, (s.fsync_errors, s.synced_seq)
+        await s.close()
+    run(go())
+
+
+def test_concurrent_syncs_never_report_records_an_fdatasync_is_still_writing(tmp_path, monkeypatch):
+    """Two syncs at once (the replay task and the sink's flush): the second waits for the first, so it
+    never reports records whose fdatasync is running and then fails."""
+    import threading
+    gate = threading.Event()
+
+    def held_then_fails(fd):
+        assert gate.wait(30)
+        raise OSError(5, "Input/output error")
+
+    async def go():
+        s = make(tmp_path, fsync="interval", fsync_interval_s=3600)
+        assert await s.append([payload(i) for i in range(3)]) == 3
+        monkeypatch.setattr(os, "fdatasync", held_then_fails)
+        a = asyncio.ensure_future(s.sync())
+        while s._syncing is None:
+            await asyncio.sleep(0.001)
+        b = asyncio.ensure_future(s.sync())
+        await asyncio.sleep(0.01)
+        assert s.synced_seq == 0 and not b.done()
+        gate.set()
+        assert await a is False
+        await b
+        assert s.synced_seq == 0 and s.fsync_errors == 1
+        await s.close()
+    run(go())
+
+
+def test_an_append_that_fails_before_its_first_frame_does_not_delete_the_next_segment(tmp_path, monkeypatch):
+    """An empty spool starts a segment, and the write of its first frame fails (ENOSPC). The next append
+    starts a segment with the same first seq, so the same file name: acknowledging its records must not
+    delete the file of the earlier empty entry, which is the live one."""
+    import hostwall.collector.sinks.spool as spool_mod
+    real, fail = spool_mod.write_all, {"frames": 1}
+
+    def write_all(fd, buf):
+        if fail["frames"] and not buf.startswith(b"HWSPOOL1"):
+            fail["frames"] -= 1
+            raise OSError(28, "No space left on device")
+        real(fd, buf)
+    monkeypatch.setattr(spool_mod, "write_all", write_all)
+
+    async def go():
+        s = make(tmp_path)
+        with pytest.raises(OSError):
+            await s.append([payload(0)])
+        assert await s.append([payload(i) for i in range(2)]) == 2
+        assert len(s.segments) == 1, [seg.path.name for seg in s.segments]
+        s.ack(0, 1)
+        assert s.segments and s.segments[0].path.exists()
+        assert [idx(p) for _, p in s.read()] == [1]
         await s.close()
     run(go())
