@@ -97,6 +97,8 @@ class JsonlSink(BaseSink):
         # their seqs, else None)
         self._unsynced: list[tuple[Call, int, list[dict] | None]] = []
         self._stale: list[int] = []                   # closed for writing (a failed write) before an fdatasync
+        self._syncing: asyncio.Future | None = None   # the fdatasyncs under way (they outlive a cancelled caller)
+        self._sync_failed = False                     # an fdatasync failed since the last settlement
 
     @classmethod
     def from_spec(cls, spec, config) -> JsonlSink:
@@ -154,10 +156,14 @@ class JsonlSink(BaseSink):
         try:
             await self.flush()
         finally:                                     # (cancelled by the shutdown deadline too: no fd left)
-            self._retire_fd()
-            for fd in self._stale:                   # never synced: their calls stay unsettled
-                os.close(fd)
-            self._stale.clear()
+            fds, self._stale = [self._fd, *self._stale], []   # never synced: their calls stay unsettled
+            self._fd, self._dirty = -1, False
+            fds = [fd for fd in fds if fd >= 0]
+            if self._syncing is not None and not self._syncing.done():    # not under a running fdatasync
+                self._syncing.add_done_callback(lambda _f: [os.close(fd) for fd in fds])
+            else:
+                for fd in fds:
+                    os.close(fd)
 
     # ---- writing ---------------------------------------------------------------------------------
     async def _send(self, records: list[dict]) -> None:
@@ -275,18 +281,24 @@ class JsonlSink(BaseSink):
         counted lost (`fsync_error`). A failure is final: Linux reports a writeback error once and marks
         the pages clean, so a retry would succeed without writing them (docs/collector.md "Delivery and
         loss"). Cost: one fdatasync per file written to."""
-        ok = True
-        covered = len(self._unsynced)                   # calls written before this fdatasync starts
+        if self._syncing is not None:                   # one whose caller was cancelled: its outcome counts
+            await asyncio.shield(self._syncing)
+        covered = len(self._unsynced)                   # calls written before these fdatasyncs start
         stale, self._stale = self._stale, []
-        for fd in stale:
-            ok = await self._fdatasync(fd) and ok
-            os.close(fd)
-        if self._fd >= 0 and self._dirty:
-            self._dirty = False
-            ok = await self._fdatasync(self._fd) and ok
+        fd = self._fd if self._fd >= 0 and self._dirty else -1
+        self._dirty = False
+        self._syncing = asyncio.ensure_future(self._fdatasync_files(stale, fd))
+        try:
+            await asyncio.shield(self._syncing)
+        finally:
+            if self._syncing is not None and self._syncing.done():
+                self._syncing = None
         self._last_sync = time.monotonic()
+        ok, self._sync_failed = not self._sync_failed, False
         done, self._unsynced = self._unsynced[:covered], self._unsynced[covered:]
         for call, n, recs in done:
+            if call.remaining <= 0:                     # settled already (its send was cancelled: counted)
+                continue
             if ok:
                 self._deliver(n)
             elif recs is not None:
@@ -296,11 +308,23 @@ class JsonlSink(BaseSink):
             self._settle(call, call.remaining)
         return ok
 
+    async def _fdatasync_files(self, stale: list[int], fd: int) -> None:
+        """fdatasync retired files (then close them) and the open one (fd, or -1); a failure sets
+        `_sync_failed`, whoever is waiting (a task: a cancelled send does not abandon it)."""
+        for s in stale:
+            try:
+                await self._fdatasync(s)
+            finally:
+                os.close(s)
+        if fd >= 0:
+            await self._fdatasync(fd)
+
     async def _fdatasync(self, fd: int) -> bool:
         try:
             await asyncio.to_thread(os.fdatasync, fd)
         except OSError as e:
             self.fsync_errors += 1
+            self._sync_failed = True
             self.last_error = f"fdatasync {self.path}: {e.strerror or e}"
             self._set_health(Health.FAILING, f"fdatasync failed: {self.last_error}")
             return False

@@ -156,11 +156,13 @@ class Spool:
             raise SpoolError(f"spool directory {self.dir} is in use by another process (pid {holder}); "
                              "give each collector its own spool directory")
 
-    def _write_cursor(self, *, force: bool = False, sync: bool = False) -> None:
-        state = (self.cursor, self.synced_seq)
+    def _write_cursor(self, *, force: bool = False, sync: bool = False, upto: int | None = None) -> None:
+        """Cursor + the records claimed written (`upto`, default: proven by an fdatasync — recovery counts
+        every one of them that a torn tail cut as lost)."""
+        state = (self.cursor, self._proven if upto is None else upto)
         if not force and self._cursor_written == state:
             return
-        write_cursor(self.dir, self.cursor, self.synced_seq, sync=sync or self.fsync == "always")
+        write_cursor(self.dir, *state, sync=sync or self.fsync == "always")
         self._cursor_written = state
         self._cursor_at = time.monotonic()
 
@@ -255,11 +257,13 @@ class Spool:
 
     def _synced(self, seq: int) -> None:
         """Records below `seq` are proven durable: synced_seq moves there, except past an unproven range
-        the cursor has not passed (their fdatasync failed: a later one proves nothing about them)."""
+        the cursor has not passed (their fdatasync failed: a later one proves nothing about them), and
+        at least to the cursor (the broker acknowledged every record below it)."""
         self._proven = max(self._proven, seq)
         if self._unproven is not None and self.cursor >= self._unproven[1]:
             self._unproven = None
         upto = self._proven if self._unproven is None else min(self._proven, self._unproven[0])
+        upto = max(upto, min(self.cursor, self.next_seq))
         if upto > self.synced_seq:
             self.synced_seq = upto
             if self.on_synced is not None:
@@ -330,7 +334,7 @@ class Spool:
             if self._wfd >= 0 and self._dirty:
                 self._dirty = False
                 fd = self._syncing_fd = self._wfd
-                self._syncing = asyncio.ensure_future(self._fdatasync(fd, self._proven, upto))
+                self._syncing = asyncio.ensure_future(self._fdatasync(fd, self._proven))
                 try:
                     ok = await asyncio.shield(self._syncing)
                 finally:
@@ -343,14 +347,14 @@ class Spool:
                     self._write_cursor()
             return ok
 
-    async def _fdatasync(self, fd: int, start: int, end: int) -> bool:
-        """fdatasync the writer (records [start, end) on it) and record the outcome, whether or not the
+    async def _fdatasync(self, fd: int, start: int) -> bool:
+        """fdatasync the writer (records from `start` on it) and record the outcome, whether or not the
         sync that started it is still waiting: a failure leaves them unproven, whoever syncs next."""
         try:
             await asyncio.to_thread(os.fdatasync, fd)
-        except OSError:
-            self.fsync_errors += 1
-            self._unprove(start, end)
+        except OSError:                         # also what was appended meanwhile: the error is reported
+            self.fsync_errors += 1               # once, and their pages may have shared its fate
+            self._unprove(start, self.next_seq)
             return False
         self.fsyncs += 1
         return True
@@ -519,7 +523,7 @@ class Spool:
         del self._acked[:k]
         self._acked_n -= k
         self.cursor += k
-        if self._unproven is not None and self.cursor >= self._unproven[1]:
+        if self.cursor > self.synced_seq:
             self._synced(self._proven)                   # the broker has them: synced_seq may pass them now
         self._gc()
 
@@ -564,15 +568,20 @@ class Spool:
 
     # ---- close / stats -------------------------------------------------------------------------------
     async def close(self) -> None:
-        """fdatasync (unless policy none), write the cursor durably, close files."""
-        await self._close_writer()
-        self._close_reader()
-        if self.opened:
-            self._write_cursor(force=True, sync=True)
-        self.opened = False
-        if self._lockfd >= 0:
-            os.close(self._lockfd)
-            self._lockfd = -1
+        """fdatasync (unless policy none), write the cursor durably, close files (also when cancelled).
+        The cursor file then names every record appended: the sink carries them over to the next run,
+        so recovery counts any of them a machine crash cut."""
+        try:
+            await self._close_writer()
+        finally:
+            self._drop_writer()
+            self._close_reader()
+            if self.opened:
+                self._write_cursor(force=True, sync=True, upto=self.next_seq)
+            self.opened = False
+            if self._lockfd >= 0:
+                os.close(self._lockfd)
+                self._lockfd = -1
 
     def stats(self) -> dict:
         return {"dir": str(self.dir), "size_bytes": self.size_bytes, "max_bytes": self.max_bytes,

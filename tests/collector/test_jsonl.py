@@ -389,3 +389,47 @@ def test_a_rotated_file_whose_fdatasync_fails_loses_the_batches_it_held_for_good
     rotated = p.with_name(p.name + ".1")
     assert [r["seq"] for r in lines(rotated)] == [0, 1, 2] and [r["seq"] for r in lines(p)] == [3, 4]
     accounted(s)
+
+
+@pytest.mark.parametrize("policy,outcome", [("interval", "fails"), ("always", "succeeds")])
+def test_a_send_cancelled_during_its_fdatasync_counts_each_record_once(tmp_path, monkeypatch, policy, outcome):
+    """The shutdown deadline cancels a send while its fdatasync runs in the worker thread. That fdatasync
+    still decides the fate of what it covered (a failure is not forgotten with its caller), close waits
+    for it rather than closing the file under it, and every record is counted exactly once."""
+    import threading
+    gate, real = threading.Event(), os.fdatasync
+
+    def held(fd):
+        assert gate.wait(30)
+        if outcome == "fails":
+            raise OSError(errno.EIO, "I/O error")
+        real(fd)
+
+    async def go():
+        s = JsonlSink(tmp_path / "f.jsonl", fsync=policy, fsync_interval_s=0 if policy == "always" else 3600)
+        await s.start()
+        if policy == "interval":
+            await s.send(recs(3))                      # waits for the periodic fdatasync
+            s.fsync_interval_s = 0                      # the next send runs it
+        monkeypatch.setattr(os, "fdatasync", held)
+        t = asyncio.ensure_future(s.send(recs(2, 3)))
+        while s._syncing is None:
+            await asyncio.sleep(0.001)
+        t.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await t
+        closing = asyncio.ensure_future(s.close())
+        await asyncio.sleep(0.02)
+        waited = not closing.done()
+        gate.set()
+        await closing
+        return s, waited
+    s, waited = run(go())
+    st = s.stats()
+    assert waited, "close() waited for the running fdatasync"
+    if policy == "interval":                           # the earlier batch: its fdatasync failed after all
+        assert st["lost"] == {"cancelled": 2, "fsync_error": 3} and st["delivered"] == 0, st
+    else:
+        assert st["lost"] == {"cancelled": 2} and st["delivered"] == 0, st
+    assert s.unsettled_calls == 0
+    accounted(s)

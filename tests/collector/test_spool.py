@@ -431,7 +431,8 @@ def _failing_fdatasync(monkeypatch) -> set[str]:
 def test_records_a_failed_fdatasync_left_are_never_reported_synced_until_acknowledged(tmp_path, monkeypatch):
     """interval: the fdatasync that seals a full segment fails. Later syncs (of the next segment, or of
     anything) succeed, but synced_seq stays below the sealed segment's unsynced records until the
-    cursor (broker acknowledgements) passes them; then it moves to what was proven since."""
+    cursor (broker acknowledgements) passes them — it follows the cursor meanwhile — and then moves to
+    what was proven since."""
     failing = _failing_fdatasync(monkeypatch)
 
     async def go():
@@ -448,11 +449,11 @@ def test_records_a_failed_fdatasync_left_are_never_reported_synced_until_acknowl
         assert await s.sync() is True                 # the second segment's fdatasync works...
         assert await s.sync() is True
         assert s.synced_seq == 2, s.synced_seq        # ...and proves nothing about the first one's records
-        s.ack(0, per_seg - 1)
-        assert s.synced_seq == 2
+        s.ack(0, per_seg - 1)                         # acknowledged by the broker: no disk proof needed
+        assert s.synced_seq == per_seg - 1
         s.ack(per_seg - 1, per_seg)                   # the broker has every unproven record now
         assert s.synced_seq == s.next_seq == per_seg + 3, s.synced_seq
-        assert synced_calls == [2, per_seg + 3]
+        assert synced_calls == [2, per_seg - 1, per_seg + 3]
         await s.close()
     run(go())
 
@@ -541,3 +542,27 @@ def test_an_append_that_fails_before_its_first_frame_does_not_delete_the_next_se
         assert [idx(p) for _, p in s.read()] == [1]
         await s.close()
     run(go())
+
+
+def test_the_cursor_file_names_proven_records_so_a_torn_tail_is_counted(tmp_path, monkeypatch):
+    """A failed fdatasync pins synced_seq, but the cursor file records what later fdatasyncs proved: a
+    machine crash that then damages the failed page makes recovery count every record it cuts."""
+    failing = _failing_fdatasync(monkeypatch)
+
+    async def go():
+        s = make(tmp_path, fsync="interval", fsync_interval_s=3600, segment_bytes=1 << 16)
+        assert await s.append([payload(i) for i in range(3)]) == 3
+        failing.add(s.segments[0].path.name)
+        assert await s.sync() is False
+        assert await s.append([payload(i) for i in range(3, 30)]) == 27
+        assert await s.sync() is True and s.synced_seq == 0
+        path = s.segments[0].path
+        s._drop_writer()                              # a machine crash: no close, the cursor file as it is
+        os.close(s._lockfd)
+        return path
+    path = run(go())
+    with open(path, "r+b") as f:                     # the failed page never reached the disk
+        f.seek(16 + 8)
+        f.write(b"\xff" * 4)
+    again = make(tmp_path, fsync="interval")
+    assert again.recovery.torn_records == 30 and again.next_seq == 0, again.recovery
