@@ -151,10 +151,12 @@ class SpoolReplay:
                 try:
                     n = await self.spool.append(payloads)
                 except (SpoolError, OSError) as e:
-                    n = 0
+                    n = getattr(e, "written", 0)
                     self.last_error = f"spool: {e}"
                 if n < len(payloads):               # spool full: it stays in memory only
                     self.counters["mirror_refused"] += len(payloads) - n
+                    if n:                            # the part that got in is not replayed (it is this
+                        self.spool.ack(first, first + n)   # flight's, counted once, by the flight)
                     if f.done:                       # failed and cannot be spooled: lost
                         self._window.pop(id(f), None)
                         self._lose("spool_full", f.mine)

@@ -80,3 +80,26 @@ def test_a_full_disk_counts_disk_full_keeps_running_and_recovers(tmp_path, monke
         assert s.settled_calls == 3
         await s.close()
     asyncio.run(go())
+
+
+def test_a_batch_the_spool_takes_only_in_part_is_not_replayed_besides_its_flight(tmp_path):
+    """Mirroring a batch still in the producer into a nearly full spool: the part that fits must not
+    be replayed as the spool's own records (the flight delivers or loses them, once); it is acknowledged
+    in the spool at once."""
+    from hostwall.collector.sinks.kafka_replay import Flight
+
+    async def go():
+        s = sink(tmp_path, spool_max_bytes=64 << 10, spool_segment_bytes=16 << 10)
+        await s.start()
+        await s.send(records(40))                   # ~37 KiB of the spool's 64
+        first = s.spool.next_seq
+        msgs = [("hostwall-flows", b"k", b"v" * 4000, [], 100 + i) for i in range(12)]   # ~48 KiB: part fits
+        f = Flight(msgs, len(msgs), len(msgs), 0.0, 48000, ("hostwall-flows", 0))
+        await s._mirror([f])
+        took = s.spool.next_seq - first
+        assert 0 < took < len(msgs), took
+        assert s.counters["mirror_refused"] == len(msgs) - took and f.seqs is None
+        assert all(s.spool.is_acked(q) for q in range(first, first + took)), "the replay would send them"
+        assert s.spool.pending == 40
+        await s.close()
+    asyncio.run(go())
