@@ -216,11 +216,11 @@ class JsonlSink(BaseSink):
         if self.fsync == "none" or not written:
             self._deliver(written)
             self._settle(call, call.remaining)
-            return
-        self._unsynced.append((call, written, wrote if self.fsync == "always" else None))
-        if (self.fsync == "always" or self._stale
-                or time.monotonic() - self._last_sync >= self.fsync_interval_s):
-            await self._sync()
+        else:
+            self._unsynced.append((call, written, wrote if self.fsync == "always" else None))
+        if self.fsync != "none" and (self.fsync == "always" or self._stale
+                                     or time.monotonic() - self._last_sync >= self.fsync_interval_s):
+            await self._sync()                 # (a failed write retired the file: sync what it holds now)
 
     def _encode_all(self, records: list[dict]) -> tuple[list[bytes], list[dict]]:
         """(lines, the records they encode): a loss notes its records' hostwall.seq, so the pipeline's
@@ -315,7 +315,10 @@ class JsonlSink(BaseSink):
             try:
                 await self._fdatasync(s)
             finally:
-                os.close(s)
+                try:
+                    os.close(s)
+                except OSError:                         # (NFS, FUSE): its data's fate is unknown: lost
+                    self._sync_failed = True
         if fd >= 0:
             await self._fdatasync(fd)
 

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import time
 from collections.abc import Callable
@@ -123,6 +124,7 @@ class Spool:
         self.bytes_appended = 0
         self.fsyncs = 0
         self.fsync_errors = 0
+        self.cursor_errors = 0
         self.corrupt_records = 0
         self.deleted_segments = 0
         self.recovery = Recovery()
@@ -130,6 +132,7 @@ class Spool:
     # ---- open / recovery ---------------------------------------------------------------------------
     def open(self) -> Recovery:
         """Create or recover the spool (see the module docstring). Raises SpoolError."""
+        self._unproven, self._dirty = None, False
         try:
             self.dir.mkdir(parents=True, exist_ok=True, mode=0o750)
             if not os.access(self.dir, os.W_OK | os.X_OK):
@@ -162,7 +165,11 @@ class Spool:
         state = (self.cursor, self._proven if upto is None else upto)
         if not force and self._cursor_written == state:
             return
-        write_cursor(self.dir, *state, sync=sync or self.fsync == "always")
+        try:
+            write_cursor(self.dir, *state, sync=sync or self.fsync == "always")
+        except OSError:                          # a full disk: an older cursor file replays duplicates only;
+            self.cursor_errors += 1              # written again at the next move
+            return
         self._cursor_written = state
         self._cursor_at = time.monotonic()
 
@@ -316,8 +323,7 @@ class Spool:
     def _forget_last(self) -> None:
         """Drop the entry of a last segment that holds no record (an append failed before its first
         frame), so a new segment of the same first seq — same file name — is not deleted with it."""
-        seg = self.segments.pop()
-        if self._rfd_seg is seg:
+        if self._rfd_seg is self.segments.pop():
             self._close_reader()
         self._rseg = min(self._rseg, len(self.segments))
 
@@ -588,9 +594,7 @@ class Spool:
                 "segments": len(self.segments), "pending": self.pending, "unread": self.unread,
                 "cursor": self.cursor, "next_seq": self.next_seq, "appended": self.appended,
                 "refused": self.refused, "bytes_appended": self.bytes_appended, "fsync": self.fsync,
-                "fsyncs": self.fsyncs, "fsync_errors": self.fsync_errors, "corrupt_records": self.corrupt_records,
+                "fsyncs": self.fsyncs, "fsync_errors": self.fsync_errors,
+                "cursor_errors": self.cursor_errors, "corrupt_records": self.corrupt_records,
                 "deleted_segments": self.deleted_segments, "synced_seq": self.synced_seq,
-                "recovery": {"segments": self.recovery.segments, "pending": self.recovery.pending,
-                             "truncated_bytes": self.recovery.truncated_bytes,
-                             "torn_records": self.recovery.torn_records,
-                             "corrupt_segments": self.recovery.corrupt_segments, "cursor": self.recovery.cursor}}
+                "recovery": dataclasses.asdict(self.recovery)}
