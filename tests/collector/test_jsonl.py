@@ -12,6 +12,8 @@ import pytest
 from hostwall.collector.sinks.base import BaseSink, FullQueuePolicy, SinkUnavailable
 from hostwall.collector.sinks.jsonl import JsonlSink
 
+from . import fsync_faults
+
 
 def recs(n: int, start: int = 0, pad: int = 0) -> list[dict]:
     return [{"event": {"id": f"id-{i}", "dataset": "hostwall.flow"}, "seq": i, "pad": "x" * pad}
@@ -361,16 +363,7 @@ def test_a_rotated_file_whose_fdatasync_fails_loses_the_batches_it_held_for_good
     """interval: a batch takes the file past rotate_bytes; the rotated file's fdatasync fails (once, as
     the kernel reports a writeback error). Every batch that wrote to it is counted lost (fsync_error)
     and settled — a later, successful fdatasync proves nothing about them — and the sink goes on."""
-    real = os.fdatasync
-    failing = {"f.jsonl.1"}
-
-    def sync(fd):
-        name = os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))
-        if name in failing:
-            failing.discard(name)
-            raise OSError(errno.EIO, "I/O error")
-        real(fd)
-    monkeypatch.setattr(os, "fdatasync", sync)
+    fsync_faults.failing_by_name(monkeypatch, "f.jsonl.1")
     p = tmp_path / "f.jsonl"
     one = len(json.dumps(recs(1)[0], separators=(",", ":"))) + 1
 
@@ -398,28 +391,14 @@ def test_a_send_cancelled_during_its_fdatasync_counts_each_record_once(tmp_path,
     """The shutdown deadline cancels a send while its fdatasync runs in the worker thread. That fdatasync
     still decides the fate of what it covered (a failure is not forgotten with its caller), close waits
     for it rather than closing the file under it, and every record is counted exactly once."""
-    import threading
-    gate, real = threading.Event(), os.fdatasync
-
-    def held(fd):
-        assert gate.wait(30)
-        if outcome == "fails":
-            raise OSError(errno.EIO, "I/O error")
-        real(fd)
-
     async def go():
         s = JsonlSink(tmp_path / "f.jsonl", fsync=policy, fsync_interval_s=0 if policy == "always" else 3600)
         await s.start()
         if policy == "interval":
             await s.send(recs(3))                      # waits for the periodic fdatasync
             s.fsync_interval_s = 0                      # the next send runs it
-        monkeypatch.setattr(os, "fdatasync", held)
-        t = asyncio.ensure_future(s.send(recs(2, 3)))
-        while s._syncing is None:
-            await asyncio.sleep(0.001)
-        t.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await t
+        gate = fsync_faults.held(monkeypatch, fails=outcome == "fails")
+        await fsync_faults.cancelled_while_syncing(s, s.send(recs(2, 3)))
         closing = asyncio.ensure_future(s.close())
         await asyncio.sleep(0.02)
         waited = not closing.done()

@@ -15,6 +15,8 @@ import pytest
 
 from hostwall.collector.sinks.spool import FRAME_OVERHEAD, Spool, SpoolError
 
+from . import fsync_faults
+
 SEG = 4096
 
 
@@ -382,58 +384,38 @@ def test_an_ack_that_empties_the_spool_while_an_append_seals_a_segment(tmp_path,
     run(go())
 
 
-def test_a_sync_whose_task_is_cancelled_leaves_the_spool_waiting_for_its_fdatasync(tmp_path, monkeypatch):
+@pytest.mark.parametrize("fails", [False, True])
+def test_a_sync_whose_task_is_cancelled_leaves_the_spool_waiting_for_its_fdatasync(tmp_path, monkeypatch, fails):
     """The sink's close cancels the task that awaits a sync while the worker thread still runs it: the
-    records are not known durable (a later sync runs again) and the descriptor is not closed under it."""
-    import threading
-    gate, real = threading.Event(), os.fdatasync
-
-    def held(fd):
-        assert gate.wait(30)
-        return real(fd)
+    records are not known durable yet, the descriptor is not closed under it, and the next sync waits
+    for its outcome — a failure is counted and leaves the records unproven though that sync succeeds."""
+    real = os.fdatasync
 
     async def go():
         s = make(tmp_path, fsync="interval", fsync_interval_s=3600)
         assert await s.append([payload(i) for i in range(3)]) == 3
-        monkeypatch.setattr(os, "fdatasync", held)
-        task = asyncio.ensure_future(s.sync())
-        while s._syncing is None:
-            await asyncio.sleep(0.001)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
+        gate = fsync_faults.held(monkeypatch, fails=fails)
+        await fsync_faults.cancelled_while_syncing(s, s.sync())
         assert s._syncing is not None and not s._syncing.done() and s.synced_seq == 0
-        later = asyncio.ensure_future(s.sync())          # waits for the running one, then syncs again
+        later = asyncio.ensure_future(s.sync())          # waits for the running one
         await asyncio.sleep(0.01)
         assert not later.done()
         gate.set()
-        assert await later is True and s.fsyncs >= 1
+        monkeypatch.setattr(os, "fdatasync", real)
+        assert await later is True
+        assert (s.fsync_errors, s.synced_seq) == ((1, 0) if fails else (0, 3)), (s.fsync_errors, s.synced_seq)
         await s.close()
     run(go())
 
 
 # ---- a failed fdatasync is final: its records are unproven until the broker has them ----------------------
 
-def _failing_fdatasync(monkeypatch) -> set[str]:
-    """os.fdatasync fails with EIO for files whose name is in the returned set (as a disk would report a
-    writeback error once: a later call on the same file succeeds without writing the lost pages)."""
-    real, failing = os.fdatasync, set()
-
-    def sync(fd):
-        if os.path.basename(os.readlink(f"/proc/self/fd/{fd}")) in failing:
-            failing.discard(os.path.basename(os.readlink(f"/proc/self/fd/{fd}")))   # reported once
-            raise OSError(5, "Input/output error")
-        real(fd)
-    monkeypatch.setattr(os, "fdatasync", sync)
-    return failing
-
-
 def test_records_a_failed_fdatasync_left_are_never_reported_synced_until_acknowledged(tmp_path, monkeypatch):
     """interval: the fdatasync that seals a full segment fails. Later syncs (of the next segment, or of
     anything) succeed, but synced_seq stays below the sealed segment's unsynced records until the
     cursor (broker acknowledgements) passes them — it follows the cursor meanwhile — and then moves to
     what was proven since."""
-    failing = _failing_fdatasync(monkeypatch)
+    failing = fsync_faults.failing_by_name(monkeypatch)
 
     async def go():
         s = make(tmp_path, fsync="interval", fsync_interval_s=3600)
@@ -458,54 +440,14 @@ def test_records_a_failed_fdatasync_left_are_never_reported_synced_until_acknowl
     run(go())
 
 
-def test_a_cancelled_sync_whose_fdatasync_fails_still_leaves_its_records_unproven(tmp_path, monkeypatch):
-    """The caller of a sync is cancelled while its fdatasync runs, and that fdatasync then fails: the
-    failure is counted and the next sync (which succeeds) does not report the records synced."""
-    import threading
-    gate, real = threading.Event(), os.fdatasync
-
-    def held_then_fails(fd):
-        assert gate.wait(30)
-        raise OSError(5, "Input/output error")
-
-    async def go():
-        s = make(tmp_path, fsync="interval", fsync_interval_s=3600)
-        assert await s.append([payload(i) for i in range(3)]) == 3
-        monkeypatch.setattr(os, "fdatasync", held_then_fails)
-        task = asyncio.ensure_future(s.sync())
-        while s._syncing is None:
-            await asyncio.sleep(0.001)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        later = asyncio.ensure_future(s.sync())
-        await asyncio.sleep(0.01)
-        assert not later.done()
-        gate.set()
-        monkeypatch.setattr(os, "fdatasync", real)
-        assert await later is True
-        assert s.fsync_errors == 1 and s.synced_seq == 0, (s.fsync_errors, s.synced_seq)
-        await s.close()
-    run(go())
-
-
 def test_concurrent_syncs_never_report_records_an_fdatasync_is_still_writing(tmp_path, monkeypatch):
     """Two syncs at once (the replay task and the sink's flush): the second waits for the first, so it
     never reports records whose fdatasync is running and then fails."""
-    import threading
-    gate = threading.Event()
-
-    def held_then_fails(fd):
-        assert gate.wait(30)
-        raise OSError(5, "Input/output error")
-
     async def go():
         s = make(tmp_path, fsync="interval", fsync_interval_s=3600)
         assert await s.append([payload(i) for i in range(3)]) == 3
-        monkeypatch.setattr(os, "fdatasync", held_then_fails)
-        a = asyncio.ensure_future(s.sync())
-        while s._syncing is None:
-            await asyncio.sleep(0.001)
+        gate = fsync_faults.held(monkeypatch, fails=True)
+        a = await fsync_faults.syncing(s, s.sync())
         b = asyncio.ensure_future(s.sync())
         await asyncio.sleep(0.01)
         assert s.synced_seq == 0 and not b.done()
@@ -547,7 +489,7 @@ def test_an_append_that_fails_before_its_first_frame_does_not_delete_the_next_se
 def test_the_cursor_file_names_proven_records_so_a_torn_tail_is_counted(tmp_path, monkeypatch):
     """A failed fdatasync pins synced_seq, but the cursor file records what later fdatasyncs proved: a
     machine crash that then damages the failed page makes recovery count every record it cuts."""
-    failing = _failing_fdatasync(monkeypatch)
+    failing = fsync_faults.failing_by_name(monkeypatch)
 
     async def go():
         s = make(tmp_path, fsync="interval", fsync_interval_s=3600, segment_bytes=1 << 16)
