@@ -18,7 +18,8 @@ syntax error.
 
 Cost: one regex pass per line, one findall per flow line and a Python step per token, no node objects
 (and the tag of a plain scalar memoised as in yamldoc): ~0.125 s CPU for the 4096-rule max policy
-against ~0.235 s for PyYAML's compose and the walk to plain data (docs/benchmarks.md "swap").
+against ~0.235 s for PyYAML's compose and the walk to plain data (docs/benchmarks.md "swap"); a flow
+line parsed before (_FLOWS) is copied instead (~1/3 of the time).
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ import yaml
 
 from hostwall.yamldoc import SCALAR_ERRORS, LineIndex, PathT, plain_tag, scalar_value
 
-__all__ = ["PlainIndex", "load_plain"]
+__all__ = ["PlainIndex", "clear_flow_memo", "load_plain"]
 
 _WORD = r"[A-Za-z0-9_./+-]+"
 _PLAIN = r"[A-Za-z0-9_./][A-Za-z0-9_./+-]*(?: +" + _WORD + r")*"
@@ -182,12 +183,13 @@ class _Parser:
     def inline(self, s: str, no: int) -> tuple[Any, list[int] | None]:
         """A value that ends on its line; (value, its items' lines if it is a list)."""
         if s[0] in "[{":
-            if "#" in s:                                       # a comment may follow: cut it off
-                m = _FLOW_LINE.match(s)
-                if m is None:
-                    raise _Out
-                s = s[:m.end(1)]
-            value = self.flow(_TOKEN.findall(s.rstrip(" ")))
+            key = (s, self.depth)
+            if (kept := _FLOWS.get(key)) is None:
+                kept = self._flow_line(s)
+                if len(_FLOWS) >= FLOW_MEMO_SIZE:
+                    _FLOWS.clear()
+                _FLOWS[key] = kept
+            value = _fresh(kept)
         else:
             m = _SCALAR.match(s)
             if m is None or not _REST.match(s, m.end()):
@@ -195,6 +197,14 @@ class _Parser:
             dq, sq, plain = m.groups()
             value = self.scalar(plain) if plain is not None else dq if dq is not None else sq
         return value, ([no] * len(value) if isinstance(value, list) else None)
+
+    def _flow_line(self, s: str) -> Any:
+        if "#" in s:                                           # a comment may follow: cut it off
+            m = _FLOW_LINE.match(s)
+            if m is None:
+                raise _Out
+            s = s[:m.end(1)]
+        return self.flow(_TOKEN.findall(s.rstrip(" ")))
 
     def flow(self, toks: list[tuple[str, str, str, str, str]]) -> Any:
         """A flow collection from its tokens (punctuation, "quoted", plain, ': ' after a plain key, any
@@ -269,6 +279,27 @@ class _Parser:
             return scalar_value(self.ctor, tag, v)
         except SCALAR_ERRORS:                            # the full loader reports it with its line
             raise _Out from None
+
+
+# Flow lines parsed before, by (text, depth: the MAX_DEPTH check reads it): a policy re-read after an
+# edit (or one of a few policies applied in turn) parses only its new lines; a hit costs a copy
+# (~1/3 of a parse). Values are kept private and handed out as fresh copies (_fresh): callers own what
+# load_plain returns. Cleared when full: at most 4 x 4096 lines (the rule lines of four max policies),
+# ~1.5 KB each with its text (measured on the max policy's rules), i.e. at most ~25 MB.
+FLOW_MEMO_SIZE = 4 * 4096
+_FLOWS: dict[tuple[str, int], Any] = {}
+
+
+def clear_flow_memo() -> None:
+    """Forget the parsed flow lines (benchmarks of a cold parse)."""
+    _FLOWS.clear()
+
+
+def _fresh(v: Any) -> Any:
+    """A copy of a flow value's lists and mappings (scalars are immutable)."""
+    if type(v) is dict:
+        return {k: x if type(x) is not dict and type(x) is not list else _fresh(x) for k, x in v.items()}
+    return [x if type(x) is not dict and type(x) is not list else _fresh(x) for x in v]
 
 
 def _is_item(s: str) -> bool:
