@@ -19,10 +19,11 @@ syntax error.
 Cost: one regex pass per line, one findall per flow line and a Python step per token, no node objects
 (and the tag of a plain scalar memoised as in yamldoc): ~0.125 s CPU for the 4096-rule max policy
 against ~0.235 s for PyYAML's compose and the walk to plain data (docs/benchmarks.md "swap"); a flow
-line parsed before (_FLOWS) is copied instead (~1/3 of the time).
+line parsed before is unmarshalled instead (_FLOWS: ~1/10 of its parse).
 """
 from __future__ import annotations
 
+import marshal
 import re
 from typing import Any
 
@@ -184,12 +185,11 @@ class _Parser:
         """A value that ends on its line; (value, its items' lines if it is a list)."""
         if s[0] in "[{":
             key = (s, self.depth)
-            if (kept := _FLOWS.get(key)) is None:
-                kept = self._flow_line(s)
-                if len(_FLOWS) >= FLOW_MEMO_SIZE:
-                    _FLOWS.clear()
-                _FLOWS[key] = kept
-            value = _fresh(kept)
+            if (kept := _FLOWS.get(key)) is not None:
+                value = marshal.loads(kept)                    # a fresh copy: callers own the data
+            else:
+                value = self._flow_line(s)
+                _keep(key, value)
         else:
             m = _SCALAR.match(s)
             if m is None or not _REST.match(s, m.end()):
@@ -282,12 +282,13 @@ class _Parser:
 
 
 # Flow lines parsed before, by (text, depth: the MAX_DEPTH check reads it): a policy re-read after an
-# edit (or one of a few policies applied in turn) parses only its new lines; a hit costs a copy
-# (~1/3 of a parse). Values are kept private and handed out as fresh copies (_fresh): callers own what
-# load_plain returns. Cleared when full: at most 4 x 4096 lines (the rule lines of four max policies),
-# ~1.5 KB each with its text (measured on the max policy's rules), i.e. at most ~25 MB.
+# edit (or one of a few policies applied in turn) parses only its new lines. A value is kept
+# marshalled: a hit is one C call that builds a fresh copy (callers own what load_plain returns), and
+# the memo holds bytes, which the cyclic GC does not traverse; values marshal cannot write (dates)
+# are not kept. Cleared when full: at most 4 x 4096 lines (the rule lines of four max policies),
+# ~0.54 KB each with its text (measured on the max policy's rules), i.e. at most ~9 MB.
 FLOW_MEMO_SIZE = 4 * 4096
-_FLOWS: dict[tuple[str, int], Any] = {}
+_FLOWS: dict[tuple[str, int], bytes] = {}
 
 
 def clear_flow_memo() -> None:
@@ -295,11 +296,14 @@ def clear_flow_memo() -> None:
     _FLOWS.clear()
 
 
-def _fresh(v: Any) -> Any:
-    """A copy of a flow value's lists and mappings (scalars are immutable)."""
-    if type(v) is dict:
-        return {k: x if type(x) is not dict and type(x) is not list else _fresh(x) for k, x in v.items()}
-    return [x if type(x) is not dict and type(x) is not list else _fresh(x) for x in v]
+def _keep(key: tuple[str, int], value: Any) -> None:
+    try:
+        kept = marshal.dumps(value)
+    except ValueError:                               # e.g. a datetime.date: parsed again next time
+        return
+    if len(_FLOWS) >= FLOW_MEMO_SIZE:
+        _FLOWS.clear()
+    _FLOWS[key] = kept
 
 
 def _is_item(s: str) -> bool:

@@ -286,6 +286,8 @@ def test_flow_lines_parsed_before_are_fresh_copies(monkeypatch):
     for i in range(5):
         assert load_plain(f"a: [{i}]\n")[0] == {"a": [i]}
         assert len(Y._FLOWS) <= 2
+    dated = "a: {d: 2001-01-01, e: [2002-02-02]}\n"                # marshal cannot keep dates: parsed each time
+    assert load_plain(dated)[0] == load_plain(dated)[0] == load_yaml(dated, Issues("t")) and check_same(dated)
     line = "[" * 40 + "]" * 40
     assert load_plain(f"a: {line}\n") is not None
     deep = "".join(" " * i + "k:\n" for i in range(30)) + " " * 30 + f"k: {line}\n"
