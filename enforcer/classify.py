@@ -202,8 +202,8 @@ def refine(a: Classes, a_keys: np.ndarray, a_orders: list[int], b: Classes) -> C
     occurrence.
 
     Cost: O(A + B log A) NumPy work for A and B intervals (the two sorted axes merged, no sort of
-    the whole) and O(pairs) for the numbering; used to keep a large list's classes (the blocklists)
-    across compiles (compiler.py _with_big).
+    the whole) and O(P log P) for numbering the P ≤ A + B pairs that occur (memory O(A + B), never
+    A x B); used to keep a large list's classes (the blocklists) across compiles (compiler.py _with_big).
     """
     sb = start_keys(b)
     n = len(a_keys) + len(sb)
@@ -223,13 +223,15 @@ def refine(a: Classes, a_keys: np.ndarray, a_orders: list[int], b: Classes) -> C
     keep[1:] = pair[1:] != pair[:-1]
     first_iv = np.flatnonzero(keep)
     pair = pair[first_iv]
-    # number the pairs by first occurrence: a dense table over all (a class, b class) pairs
-    first = np.full(len(a.bitmaps) * nb, len(pair), dtype=np.int64)
-    np.minimum.at(first, pair, np.arange(len(pair)))
-    codes = np.flatnonzero(first < len(pair))
-    rep = codes[np.argsort(first[codes])]           # the pair of each class, in class order
-    lut = np.empty(len(first), dtype=np.uint32)
-    lut[rep] = np.arange(len(rep), dtype=np.uint32)
+    # number the pairs by first occurrence, over the pairs that occur (≤ one per interval: a dense
+    # table over all A x B pairs would take 12 bytes each, up to 16k x 16k classes)
+    u, inv = np.unique(pair, return_inverse=True)
+    first = np.full(len(u), len(pair), dtype=np.int64)
+    np.minimum.at(first, inv, np.arange(len(pair)))
+    by_first = np.argsort(first)
+    rep = u[by_first]                               # the pair of each class, in class order
+    cls_of = np.empty(len(u), dtype=np.uint32)
+    cls_of[by_first] = np.arange(len(u), dtype=np.uint32)
     rows = b.bitmaps["words"][rep % nb]
     a_words = a.bitmaps["words"][rep // nb]
     for j, order in enumerate(a_orders):
@@ -242,4 +244,4 @@ def refine(a: Classes, a_keys: np.ndarray, a_orders: list[int], b: Classes) -> C
         starts: list | np.ndarray = vals[at].tolist()
     else:
         starts = merged[at]
-    return Classes(starts=starts, cls=lut[pair], bitmaps=_class_records(rows))
+    return Classes(starts=starts, cls=cls_of[inv], bitmaps=_class_records(rows))

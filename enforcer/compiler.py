@@ -360,8 +360,9 @@ def _fqdn_tables(fq: list[tuple[int, Rule]], l4_bitmaps: np.ndarray, sets: dict[
 _PEER_MEMO = AxisMemo()
 _L4_MEMO = AxisMemo()
 _LAST = LastCompile()
-# classes of the big lists (_with_big): the last 4 (family, lists) keys, i.e. 2 blocklist sets per family;
-# 3.4 MB for the max policy's two (100k IPv4, 10k IPv6 prefixes), so at most ~7 MB (docs/datapath.md)
+# classes of the big lists (_with_big): the last 4 (family, lists) keys, i.e. 2 blocklist sets per family,
+# each holding its prefixes' classes (~1 KB per 100 prefixes): 3.4 MB for the max policy's two (100k IPv4,
+# 10k IPv6 prefixes) (docs/datapath.md)
 _BIG_MEMO = AxisMemo(4)
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from collections.abc import Hashable
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
@@ -39,24 +38,30 @@ class ContentCache(Generic[T]):
     def clear(self) -> None:
         with self._lock:
             self._items.clear()
+            self._weight = 0
 
 
 class TextMemo(Generic[T]):
-    """Values by a small hashable key (a rule's peers or ports as written), at most `size` of them:
-    when full it starts over (no per-hit bookkeeping: a hit is one dict lookup). Callers build keys
-    whose equality implies the same parse (str and int items only: 1 == True == 1.0 must not meet)."""
+    """Values by a key tuple (a rule's peers or ports as written), at most `size` of them holding at most
+    `max_items` key items in all (a long list fills it sooner instead of holding more): when full it
+    starts over (no per-hit bookkeeping: a hit is one dict lookup). Callers build keys whose equality
+    implies the same parse (str and int items only: 1 == True == 1.0 must not meet)."""
 
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self._items: dict[Hashable, T] = {}
+    def __init__(self, size: int, max_items: int) -> None:
+        self.size, self.max_items = size, max_items
+        self._items: dict[tuple, T] = {}
+        self._weight = 0
         self._lock = threading.Lock()
         self.get = self._items.get                       # dict.get is atomic under the GIL
 
-    def put(self, key: Hashable, value: T) -> None:
+    def put(self, key: tuple, value: T) -> None:
         with self._lock:
-            if len(self._items) >= self.size:
+            if len(self._items) >= self.size or self._weight + len(key) > self.max_items:
                 self._items.clear()
-            self._items[key] = value
+                self._weight = 0
+            if len(key) <= self.max_items:
+                self._items[key] = value
+                self._weight += len(key)
 
     def __len__(self) -> int:
         return len(self._items)
@@ -64,6 +69,7 @@ class TextMemo(Generic[T]):
     def clear(self) -> None:
         with self._lock:
             self._items.clear()
+            self._weight = 0
 
 
 def text_key(items: list, *types: type) -> tuple | None:

@@ -273,12 +273,13 @@ def _parse(text: str, source: str, base_dir: str | None, progress: ProgressFn | 
     return policy
 
 
-# parsed peers files (the last 8) and inline peers and ports by their text (4 x MAX_RULES each: the
-# distinct lists of about four max policies, whose three rotated ones hold 9.1k peers lists, 3.5 MB,
-# and 4.3k ports lists, 0.5 MB: at most ~6.3 + 2 MB), enforcer/parse_memo.py
+# parsed peers files (the last 8) and inline peers and ports by their text (4 x MAX_RULES lists each:
+# the distinct lists of about four max policies, whose three rotated ones hold 9.1k peers lists, 3.5 MB,
+# and 4.3k ports lists, 0.5 MB; and at most 2^17 items per memo, ~0.1 KB each with its parse: at most
+# ~14 + 14 MB however long the lists), enforcer/parse_memo.py
 _PEER_FILES: ContentCache[PeerSet] = ContentCache(8)
-_INLINE_PEERS: TextMemo[PeerSet] = TextMemo(4 * MAX_RULES)
-_PORTS: TextMemo[tuple[tuple[int, int], ...]] = TextMemo(4 * MAX_RULES)
+_INLINE_PEERS: TextMemo[PeerSet] = TextMemo(4 * MAX_RULES, 1 << 17)
+_PORTS: TextMemo[tuple[tuple[int, int], ...]] = TextMemo(4 * MAX_RULES, 1 << 17)
 
 
 def clear_peer_file_cache() -> None:

@@ -161,3 +161,29 @@ def test_inline_rule_with_many_peers_and_any_rules(small_big, monkeypatch):
              "  - {name: all, priority: 7, direction: ingress, action: allow, protocol: udp, ports: [53]}\n")
     text = _write(d, "q", v4, v6, extra)
     _identical(_compile(text, d), _whole(text, d, monkeypatch))
+
+
+def test_refine_takes_memory_in_the_pairs_that_occur_not_all_class_pairs():
+    """13 big lists whose overlaps make ~8k classes, and 4000 one-address rules (~4k classes): a table
+    over every (big class, other class) pair would be ~400 MB; the pairs that occur are ~12k."""
+    import ipaddress
+    import tracemalloc
+    base, other = int(ipaddress.ip_address("10.0.0.0")), int(ipaddress.ip_address("11.0.0.0"))
+    lines = ["version: 1", "name: refine-memory", "defaults: {ingress: deny, egress: allow}", "rules:"]
+    for r in range(13):
+        big = [f"{ipaddress.ip_address(base + 4 * i)}/32" for i in range(8192) if (i >> r) & 1][:4096]
+        lines.append(f"  - {{name: big{r}, priority: {100 + r}, direction: ingress, action: deny, "
+                     f"peers: [{', '.join(big)}]}}")
+    for k in range(4000):
+        lines.append(f"  - {{name: one{k}, priority: {1000 + k}, direction: ingress, action: allow, protocol: tcp, "
+                     f"ports: [80], peers: [{ipaddress.ip_address(other + k)}/32]}}")
+    pol = parse_policy("\n".join(lines) + "\n", source="refine-memory.yaml")
+    clear_memo()
+    tracemalloc.start()
+    try:
+        cp = compile_policy(pol, {n: i for i, n in enumerate(pol.counter_names())}, 1)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+        clear_memo()
+    assert cp is not None and peak < 100 << 20, f"peak {peak >> 20} MB"

@@ -286,6 +286,14 @@ def test_flow_lines_parsed_before_are_fresh_copies(monkeypatch):
     for i in range(5):
         assert load_plain(f"a: [{i}]\n")[0] == {"a": [i]}
         assert len(Y._FLOWS) <= 2
+    Y.clear_flow_memo()
+    monkeypatch.setattr(Y, "FLOW_MEMO_BYTES", 200)       # long lines fill the byte budget sooner
+    long = "[" + ", ".join(f"10.0.{i}.0/24" for i in range(40)) + "]"
+    assert load_plain(f"a: {long}\n")[0]["a"][39] == "10.0.39.0/24"
+    assert len(Y._FLOWS) == 0 and Y._flow_bytes == 0   # one line over the whole budget: never kept
+    for i in range(5):
+        assert load_plain(f"b: [{i}, x{i}]\n")[0] == {"b": [i, f"x{i}"]}
+        assert 0 < Y._flow_bytes <= 200
     dated = "a: {d: 2001-01-01, e: [2002-02-02]}\n"                # marshal cannot keep dates: parsed each time
     assert load_plain(dated)[0] == load_plain(dated)[0] == load_yaml(dated, Issues("t")) and check_same(dated)
     line = "[" * 40 + "]" * 40
