@@ -192,6 +192,32 @@ def start_keys(c: Classes) -> np.ndarray:
     return np.asarray(c.starts, np.uint64)
 
 
+DENSE_CODES_PER_VALUE = 4      # first_occurrence: a table over every code while ≤ this many per value
+
+
+def first_occurrence(values: np.ndarray, n_codes: int) -> tuple[np.ndarray, np.ndarray]:
+    """(the distinct values in order of first occurrence, each value's index in that order) for int64
+    codes in [0, n_codes). A table over every code (12 bytes each) while n_codes is small against the
+    values (~3 ms for 200k), else over the distinct values only (np.unique, ~20 ms for 200k): a
+    refinement of 16k x 16k classes must not cost gigabytes."""
+    n = len(values)
+    if n_codes <= max(DENSE_CODES_PER_VALUE * n, 1 << 16):
+        first = np.full(n_codes, n, dtype=np.int64)
+        np.minimum.at(first, values, np.arange(n))
+        codes = np.flatnonzero(first < n)
+        rep = codes[np.argsort(first[codes])]
+        lut = np.empty(n_codes, dtype=np.uint32)
+        lut[rep] = np.arange(len(rep), dtype=np.uint32)
+        return rep, lut[values]
+    u, inv = np.unique(values, return_inverse=True)
+    first = np.full(len(u), n, dtype=np.int64)
+    np.minimum.at(first, inv, np.arange(n))
+    order = np.argsort(first)
+    lut = np.empty(len(u), dtype=np.uint32)
+    lut[order] = np.arange(len(u), dtype=np.uint32)
+    return u[order], lut[inv]
+
+
 def refine(a: Classes, a_keys: np.ndarray, a_orders: list[int], b: Classes) -> Classes:
     """classify() of the union of two disjoint rule groups, from each group's own Classes: `a` of
     rules numbered 0..len(a_orders)-1 (its rule i is rule a_orders[i] of the whole; a_keys =
@@ -202,8 +228,8 @@ def refine(a: Classes, a_keys: np.ndarray, a_orders: list[int], b: Classes) -> C
     occurrence.
 
     Cost: O(A + B log A) NumPy work for A and B intervals (the two sorted axes merged, no sort of
-    the whole) and O(P log P) for numbering the P ≤ A + B pairs that occur (memory O(A + B), never
-    A x B); used to keep a large list's classes (the blocklists) across compiles (compiler.py _with_big).
+    the whole) and `first_occurrence` for numbering the P ≤ A + B pairs that occur (memory O(A + B),
+    never A x B classes); used to keep a large list's classes (the blocklists) across compiles (compiler.py _with_big).
     """
     sb = start_keys(b)
     n = len(a_keys) + len(sb)
@@ -223,15 +249,7 @@ def refine(a: Classes, a_keys: np.ndarray, a_orders: list[int], b: Classes) -> C
     keep[1:] = pair[1:] != pair[:-1]
     first_iv = np.flatnonzero(keep)
     pair = pair[first_iv]
-    # number the pairs by first occurrence, over the pairs that occur (≤ one per interval: a dense
-    # table over all A x B pairs would take 12 bytes each, up to 16k x 16k classes)
-    u, inv = np.unique(pair, return_inverse=True)
-    first = np.full(len(u), len(pair), dtype=np.int64)
-    np.minimum.at(first, inv, np.arange(len(pair)))
-    by_first = np.argsort(first)
-    rep = u[by_first]                               # the pair of each class, in class order
-    cls_of = np.empty(len(u), dtype=np.uint32)
-    cls_of[by_first] = np.arange(len(u), dtype=np.uint32)
+    rep, cls = first_occurrence(pair, len(a.bitmaps) * nb)
     rows = b.bitmaps["words"][rep % nb]
     a_words = a.bitmaps["words"][rep // nb]
     for j, order in enumerate(a_orders):
@@ -244,4 +262,4 @@ def refine(a: Classes, a_keys: np.ndarray, a_orders: list[int], b: Classes) -> C
         starts: list | np.ndarray = vals[at].tolist()
     else:
         starts = merged[at]
-    return Classes(starts=starts, cls=cls_of[inv], bitmaps=_class_records(rows))
+    return Classes(starts=starts, cls=cls, bitmaps=_class_records(rows))

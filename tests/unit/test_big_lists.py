@@ -187,3 +187,15 @@ def test_refine_takes_memory_in_the_pairs_that_occur_not_all_class_pairs():
         tracemalloc.stop()
         clear_memo()
     assert cp is not None and peak < 100 << 20, f"peak {peak >> 20} MB"
+
+
+@pytest.mark.parametrize("n_codes", [50, 5000, 10**7])
+def test_first_occurrence_table_and_sparse_agree(n_codes):
+    from hostwall.enforcer.classify import first_occurrence
+    rng = np.random.default_rng(n_codes)
+    values = rng.integers(0, n_codes, 3000).astype(np.int64)
+    rep, idx = first_occurrence(values, n_codes)
+    seen: dict[int, int] = {}
+    for v in values.tolist():
+        seen.setdefault(v, len(seen))
+    assert rep.tolist() == list(seen) and idx.tolist() == [seen[v] for v in values.tolist()]
