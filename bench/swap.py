@@ -94,6 +94,7 @@ def _swaps(dp, runner, pols, slots, swaps: int, rev0: int, cold: bool, what: str
     from hostwall.enforcer.compiler import clear_memo
     from hostwall.enforcer.policy import clear_peer_file_cache
     from hostwall.yamldoc import clear_tag_memo
+    from hostwall.yamlplain import clear_flow_memo
     ports = [port for _, port in pols]
     runs = []
     for i in range(swaps):
@@ -102,6 +103,7 @@ def _swaps(dp, runner, pols, slots, swaps: int, rev0: int, cold: bool, what: str
             clear_memo()
             clear_peer_file_cache()
             clear_tag_memo()
+            clear_flow_memo()
         r = _apply(dp, bp.path, slots, rev0 + i)
         _check_active(runner, on, tuple(p for p in ports if p != on), f"{what} {i + 1}")
         runs.append(r)

@@ -19,9 +19,9 @@ import numpy as np
 
 from hostwall.bpf import layout as L
 
-from .classify import Classes, CompileError, classify
+from .classify import Classes, CompileError, classify, refine, start_keys
 from .compile_memo import AxisMemo, LastCompile, same
-from .policy import ESSENTIAL_ICMP, DosProfile, Policy, Rule
+from .policy import ESSENTIAL_ICMP, DosProfile, PeerSet, Policy, Rule
 
 
 @dataclass(frozen=True)
@@ -51,39 +51,109 @@ class CompiledPolicy:
 
 def _v4_classes(rules: tuple[Rule, ...]) -> Classes:
     """The rules' IPv4 prefixes gathered in rule order, then converted in one vectorised pass (not
-    three small NumPy operations per rule: ~40 ms for the max policy's 3000 rules with inline peers)."""
-    nets, lens, orders, counts, any_rules = [], [], [], [], []
+    three small NumPy operations per rule: ~40 ms for the max policy's 3000 rules with inline peers).
+    Rules with BIG_LIST prefixes or more are classified apart and kept (_big_classes)."""
+    nets, lens, orders, counts, any_rules, big = [], [], [], [], [], []
     for order, rule in enumerate(rules):
         if rule.fqdns is not None:                # in no peer class: the dynamic set decides (fqdn tables)
             continue
         ps = rule.peers
         if ps.any:
             any_rules.append(order)
-        elif n := len(ps.v4_net):
+        elif (n := len(ps.v4_net)) >= BIG_LIST:
+            big.append(order)
+        elif n:
             nets.append(ps.v4_net)
             lens.append(ps.v4_len)
             orders.append(order)
             counts.append(n)
+    c = classify(len(rules), *_v4_ranges(nets, lens, orders, counts), any_rules, 1 << 32)
+    return _with_big(c, rules, big, 4)
+
+
+def _v4_ranges(nets: list, lens: list, orders: list[int],
+               counts: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     own = np.repeat(np.asarray(orders, dtype=np.int64), counts)
     start = _cat(nets, np.uint32).astype(np.uint64)
     end = start + np.left_shift(np.uint64(1), np.uint64(32) - _cat(lens, np.uint8).astype(np.uint64))
-    return classify(len(rules), own, start, end, any_rules, 1 << 32)
+    return own, start, end
 
 
 def _v6_classes(rules: tuple[Rule, ...]) -> Classes:
-    own, start, end, any_rules = [], [], [], []
+    own: list[int] = []
+    start: list[int] = []
+    end: list[int] = []
+    any_rules, big = [], []
     for order, rule in enumerate(rules):
         if rule.fqdns is not None:
             continue
         ps = rule.peers
         if ps.any:
             any_rules.append(order)
-            continue
-        if ps.v6_net:
-            own.extend([order] * len(ps.v6_net))
-            start.extend(ps.v6_net)
-            end.extend([n + (1 << (128 - ln)) for n, ln in zip(ps.v6_net, ps.v6_len)])
-    return classify(len(rules), own, start, end, any_rules, 1 << 128)
+        elif len(ps.v6_net) >= BIG_LIST:
+            big.append(order)
+        elif ps.v6_net:
+            _v6_ranges(ps, order, own, start, end)
+    return _with_big(classify(len(rules), own, start, end, any_rules, 1 << 128), rules, big, 6)
+
+
+def _v6_ranges(ps, order: int, own: list[int], start: list[int], end: list[int]) -> None:
+    own.extend([order] * len(ps.v6_net))
+    start.extend(ps.v6_net)
+    end.extend([n + (1 << (128 - ln)) for n, ln in zip(ps.v6_net, ps.v6_len)])
+
+
+# A rule with this many prefixes of one family (a blocklist from a peers file) is classified apart:
+# its classes are kept (_BIG_MEMO) and refined with the other rules' (classify.refine), so a new
+# policy over the same blocklists classifies only its inline peers (docs/datapath.md "Atomic swaps").
+BIG_LIST = 4096
+
+
+def _with_big(rest: Classes, rules: tuple[Rule, ...], big: list[int], family: int) -> Classes:
+    """`rest` (the classes of every other rule) refined with those of the big-list rules `big`."""
+    if not big:
+        return rest
+    sets = tuple(rules[o].peers for o in big)
+    key = tuple(_FamilyOf(ps, family) for ps in sets)
+    part, keys = _BIG_MEMO.get_or_compute(key, lambda: _big_classes(sets, family))
+    return refine(part, keys, big, rest)
+
+
+@dataclass(frozen=True, eq=False)
+class _FamilyOf:
+    """One family's prefixes of a PeerSet as a memo key: the same object (a peers file served from
+    policy.py's cache), else equal arrays of that family (a file whose other family changed still hits)."""
+    peers: PeerSet
+    family: int
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, _FamilyOf) or other.family != self.family:
+            return False
+        a, b = self.peers, other.peers
+        if a is b:
+            return True
+        if self.family == 4:
+            return a.v4_net.tobytes() == b.v4_net.tobytes() and a.v4_len.tobytes() == b.v4_len.tobytes()
+        return a.v6_net == b.v6_net and a.v6_len == b.v6_len
+
+    __hash__ = None     # type: ignore[assignment]   # compared, never hashed (AxisMemo)
+
+
+def _big_classes(sets: tuple, family: int) -> tuple[Classes, np.ndarray]:
+    """Classes of the big lists alone, rule i = sets[i] (refine maps them to their rule orders), and
+    their start keys for refine."""
+    if family == 4:
+        nets = [ps.v4_net for ps in sets]
+        ranges = _v4_ranges(nets, [ps.v4_len for ps in sets], list(range(len(sets))), [len(n) for n in nets])
+        c = classify(len(sets), *ranges, [], 1 << 32)
+    else:
+        own: list[int] = []
+        start: list[int] = []
+        end: list[int] = []
+        for i, ps in enumerate(sets):
+            _v6_ranges(ps, i, own, start, end)
+        c = classify(len(sets), own, start, end, [], 1 << 128)
+    return c, start_keys(c)
 
 
 def _l4_classes(rules: tuple[Rule, ...], spans: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> Classes:
@@ -290,6 +360,10 @@ def _fqdn_tables(fq: list[tuple[int, Rule]], l4_bitmaps: np.ndarray, sets: dict[
 _PEER_MEMO = AxisMemo()
 _L4_MEMO = AxisMemo()
 _LAST = LastCompile()
+# classes of the big lists (_with_big): the last 4 (family, lists) keys, i.e. 2 blocklist sets per family,
+# each holding its prefixes' classes (~1 KB per 100 prefixes): 3.4 MB for the max policy's two (100k IPv4,
+# 10k IPv6 prefixes) (docs/datapath.md)
+_BIG_MEMO = AxisMemo(4)
 
 
 def clear_memo() -> None:
@@ -298,6 +372,7 @@ def clear_memo() -> None:
     _L4_MEMO.clear()
     _LAST.clear()
     _SPANS.clear()
+    _BIG_MEMO.clear()
 
 
 def _peer_axis(rules: tuple[Rule, ...]):

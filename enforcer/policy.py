@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import os
-import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -33,6 +32,7 @@ from hostwall.yamlplain import load_plain
 
 from .dnspolicy import DnsConf, build_dns, rule_fqdns
 from .icmp import parse_icmp_type
+from .parse_memo import ContentCache, TextMemo, text_key
 from .policy_dos import DosBuilder, DosProfile
 from .validation import MAX_BAD_PEER_LINES, check_schema, merge_ranges, parse_cidr, parse_peer_lines, parse_port
 from .validation import get_in as _get
@@ -273,37 +273,19 @@ def _parse(text: str, source: str, base_dir: str | None, progress: ProgressFn | 
     return policy
 
 
-class _PeerFileCache:
-    """Parsed peers files by content (sha256), the last MAX of them: re-applying a policy whose
-    blocklists did not change skips their parse (~1 µs per line) and hands the compiler the same
-    PeerSet objects, whose memo then reuses the peer axis (enforcer/compile_memo.py)."""
-
-    MAX = 8
-
-    def __init__(self) -> None:
-        self._items: dict[bytes, PeerSet] = {}
-        self._lock = threading.Lock()
-
-    def get(self, content: bytes) -> PeerSet | None:
-        key = hashlib.sha256(content).digest()
-        with self._lock:
-            if (hit := self._items.pop(key, None)) is not None:
-                self._items[key] = hit                    # most recent last
-            return hit
-
-    def put(self, content: bytes, peers: PeerSet) -> None:
-        with self._lock:
-            self._items[hashlib.sha256(content).digest()] = peers
-            while len(self._items) > self.MAX:
-                del self._items[next(iter(self._items))]
-
-    def clear(self) -> None:
-        with self._lock:
-            self._items.clear()
+# parsed peers files (the last 8) and inline peers and ports by their text (4 x MAX_RULES lists each:
+# the distinct lists of about four max policies, whose three rotated ones hold 9.1k peers lists, 3.5 MB,
+# and 4.3k ports lists, 0.5 MB; and at most 2^17 items per memo, ~0.1 KB each with its parse: at most
+# ~14 + 14 MB however long the lists), enforcer/parse_memo.py
+_PEER_FILES: ContentCache[PeerSet] = ContentCache(8)
+_INLINE_PEERS: TextMemo[PeerSet] = TextMemo(4 * MAX_RULES, 1 << 17)
+_PORTS: TextMemo[tuple[tuple[int, int], ...]] = TextMemo(4 * MAX_RULES, 1 << 17)
 
 
-_PEER_FILES = _PeerFileCache()
-clear_peer_file_cache = _PEER_FILES.clear
+def clear_peer_file_cache() -> None:
+    """Forget every parse kept across parses: peers files, inline peers, ports (a cold apply)."""
+    for memo in (_PEER_FILES, _INLINE_PEERS, _PORTS):
+        memo.clear()
 
 
 class _Builder(DosBuilder):
@@ -405,6 +387,9 @@ class _Builder(DosBuilder):
         peers = _get(r, "peers")
         if not self.ok(p + ("peers",), peers, list):
             return PeerSet.everything()
+        key = text_key(peers, str) if not self.issues else None
+        if key is not None and (kept := _INLINE_PEERS.get(key)) is not None:
+            return kept
         v4: list[tuple[int, int]] = []
         v6: list[tuple[int, int]] = []
         cidrs = self.cidrs
@@ -420,7 +405,10 @@ class _Builder(DosBuilder):
                     continue
             fam, net, ln = hit
             (v4 if fam == 4 else v6).append((net, ln))
-        return PeerSet._from_pairs(v4, v6)
+        out = PeerSet._from_pairs(v4, v6)
+        if key is not None and not self.issues:
+            _INLINE_PEERS.put(key, out)
+        return out
 
     def _ports(self, p: tuple, r: dict, proto: Any) -> tuple[tuple[int, int], ...] | None:
         ports = _get(r, "ports")
@@ -432,6 +420,9 @@ class _Builder(DosBuilder):
             return None
         if not self.ok(p + ("ports",), ports, list):
             return None
+        key = text_key(ports, int, str) if not self.issues else None
+        if key is not None and (kept_ports := _PORTS.get(key)) is not None:
+            return kept_ports
         ranges = []
         for j, v in enumerate(ports):
             pj = p + ("ports", j)
@@ -441,7 +432,10 @@ class _Builder(DosBuilder):
                 ranges.append(parse_port(v))
             except ValueError as e:
                 self.issues.add(pj, str(e))
-        return merge_ranges(ranges)
+        out = merge_ranges(ranges)
+        if key is not None and not self.issues:
+            _PORTS.put(key, out)
+        return out
 
     def _icmp_types(self, p: tuple, r: dict, proto: Any) -> tuple[tuple[int, int], ...] | None:
         """icmp_types of an icmp/icmpv6 rule as merged key ranges (enforcer/icmp.py); every bad entry

@@ -18,10 +18,12 @@ syntax error.
 
 Cost: one regex pass per line, one findall per flow line and a Python step per token, no node objects
 (and the tag of a plain scalar memoised as in yamldoc): ~0.125 s CPU for the 4096-rule max policy
-against ~0.235 s for PyYAML's compose and the walk to plain data (docs/benchmarks.md "swap").
+against ~0.235 s for PyYAML's compose and the walk to plain data (docs/benchmarks.md "swap"); a flow
+line parsed before is unmarshalled instead (_FLOWS: ~1/10 of its parse).
 """
 from __future__ import annotations
 
+import marshal
 import re
 from typing import Any
 
@@ -29,7 +31,7 @@ import yaml
 
 from hostwall.yamldoc import SCALAR_ERRORS, LineIndex, PathT, plain_tag, scalar_value
 
-__all__ = ["PlainIndex", "load_plain"]
+__all__ = ["PlainIndex", "clear_flow_memo", "load_plain"]
 
 _WORD = r"[A-Za-z0-9_./+-]+"
 _PLAIN = r"[A-Za-z0-9_./][A-Za-z0-9_./+-]*(?: +" + _WORD + r")*"
@@ -182,12 +184,12 @@ class _Parser:
     def inline(self, s: str, no: int) -> tuple[Any, list[int] | None]:
         """A value that ends on its line; (value, its items' lines if it is a list)."""
         if s[0] in "[{":
-            if "#" in s:                                       # a comment may follow: cut it off
-                m = _FLOW_LINE.match(s)
-                if m is None:
-                    raise _Out
-                s = s[:m.end(1)]
-            value = self.flow(_TOKEN.findall(s.rstrip(" ")))
+            key = (s, self.depth)
+            if (kept := _FLOWS.get(key)) is not None:
+                value = marshal.loads(kept)                    # a fresh copy: callers own the data
+            else:
+                value = self._flow_line(s)
+                _keep(key, value)
         else:
             m = _SCALAR.match(s)
             if m is None or not _REST.match(s, m.end()):
@@ -195,6 +197,14 @@ class _Parser:
             dq, sq, plain = m.groups()
             value = self.scalar(plain) if plain is not None else dq if dq is not None else sq
         return value, ([no] * len(value) if isinstance(value, list) else None)
+
+    def _flow_line(self, s: str) -> Any:
+        if "#" in s:                                           # a comment may follow: cut it off
+            m = _FLOW_LINE.match(s)
+            if m is None:
+                raise _Out
+            s = s[:m.end(1)]
+        return self.flow(_TOKEN.findall(s.rstrip(" ")))
 
     def flow(self, toks: list[tuple[str, str, str, str, str]]) -> Any:
         """A flow collection from its tokens (punctuation, "quoted", plain, ': ' after a plain key, any
@@ -269,6 +279,41 @@ class _Parser:
             return scalar_value(self.ctor, tag, v)
         except SCALAR_ERRORS:                            # the full loader reports it with its line
             raise _Out from None
+
+
+# Flow lines parsed before, by (text, depth: the MAX_DEPTH check reads it): a policy re-read after an
+# edit (or one of a few policies applied in turn) parses only its new lines. A value is kept
+# marshalled: a hit is one C call that builds a fresh copy (callers own what load_plain returns), and
+# the memo holds bytes, which the cyclic GC does not traverse; values marshal cannot write (dates)
+# are not kept. Cleared when full: at most 4 x 4096 lines (the rule lines of four max policies,
+# ~0.54 KB each with its text, measured on the max policy's rules: ~9 MB) and at most FLOW_MEMO_BYTES of
+# text and marshalled values (a policy with long flow lines, e.g. an inline list of 60k peers on one line,
+# fills it sooner instead of holding more).
+FLOW_MEMO_SIZE = 4 * 4096
+FLOW_MEMO_BYTES = 16 << 20
+_FLOWS: dict[tuple[str, int], bytes] = {}
+_flow_bytes = 0
+
+
+def clear_flow_memo() -> None:
+    """Forget the parsed flow lines (benchmarks of a cold parse)."""
+    global _flow_bytes
+    _FLOWS.clear()
+    _flow_bytes = 0
+
+
+def _keep(key: tuple[str, int], value: Any) -> None:
+    global _flow_bytes
+    try:
+        kept = marshal.dumps(value)
+    except ValueError:                               # e.g. a datetime.date: parsed again next time
+        return
+    size = len(key[0]) + len(kept)
+    if len(_FLOWS) >= FLOW_MEMO_SIZE or _flow_bytes + size > FLOW_MEMO_BYTES:
+        clear_flow_memo()
+    if size <= FLOW_MEMO_BYTES:
+        _FLOWS[key] = kept
+        _flow_bytes += size
 
 
 def _is_item(s: str) -> bool:

@@ -263,3 +263,42 @@ def test_progress_is_reported_once_when_the_full_loader_runs_again(tmp_path):
     with pytest.raises(PolicyError):
         load_policy(pol, progress=lambda n, total: seen.append((n, total)))
     assert seen and seen[-1] == (2, 2) and seen.count((2, 2)) == 1
+
+
+def test_flow_lines_parsed_before_are_fresh_copies(monkeypatch):
+    """_FLOWS: a line seen before gives the same data as a first parse, as new objects each time (the
+    caller may change them), also after a change elsewhere; the memo is bounded; the depth is part of
+    the key (a line that fits at one depth may be too deep at another)."""
+    import hostwall.yamlplain as Y
+    Y.clear_flow_memo()
+    text = "rules:\n  - {name: a, ports: [80, 443], peers: [\"10.0.0.0/8\"], m: {k: [1, {x: y}]}}\n  - [1, 2]\n"
+    first, _ = load_plain(text)
+    assert len(Y._FLOWS) == 2
+    first["rules"][0]["ports"].append(1)
+    first["rules"][0]["m"]["k"][1]["x"] = "changed"
+    again, _ = load_plain(text)
+    assert again == load_yaml(text, Issues("t")) and check_same(text)
+    assert again["rules"][0]["ports"] == [80, 443] and again["rules"][0]["m"]["k"][1] == {"x": "y"}
+    edited, _ = load_plain(text.replace("[1, 2]", "[1, 3]"))
+    assert edited["rules"][1] == [1, 3] and edited["rules"][0] == again["rules"][0]
+    assert edited["rules"][0] is not again["rules"][0] and len(Y._FLOWS) == 3
+    monkeypatch.setattr(Y, "FLOW_MEMO_SIZE", 2)
+    for i in range(5):
+        assert load_plain(f"a: [{i}]\n")[0] == {"a": [i]}
+        assert len(Y._FLOWS) <= 2
+    Y.clear_flow_memo()
+    monkeypatch.setattr(Y, "FLOW_MEMO_BYTES", 200)       # long lines fill the byte budget sooner
+    long = "[" + ", ".join(f"10.0.{i}.0/24" for i in range(40)) + "]"
+    assert load_plain(f"a: {long}\n")[0]["a"][39] == "10.0.39.0/24"
+    assert len(Y._FLOWS) == 0 and Y._flow_bytes == 0   # one line over the whole budget: never kept
+    for i in range(5):
+        assert load_plain(f"b: [{i}, x{i}]\n")[0] == {"b": [i, f"x{i}"]}
+        assert 0 < Y._flow_bytes <= 200
+    dated = "a: {d: 2001-01-01, e: [2002-02-02]}\n"                # marshal cannot keep dates: parsed each time
+    assert load_plain(dated)[0] == load_plain(dated)[0] == load_yaml(dated, Issues("t")) and check_same(dated)
+    line = "[" * 40 + "]" * 40
+    assert load_plain(f"a: {line}\n") is not None
+    deep = "".join(" " * i + "k:\n" for i in range(30)) + " " * 30 + f"k: {line}\n"
+    assert load_plain(deep) is None                      # 31 block levels + 40 flow > MAX_DEPTH
+    Y.clear_flow_memo()
+    assert load_plain(deep) is None
