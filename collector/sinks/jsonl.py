@@ -19,7 +19,8 @@ with ENOSPC or EDQUOT), write_error (any other write(2) failure — the batch's 
 file is reopened on the next batch), fsync_error (policies interval and always: an fdatasync failed, so
 the records of every batch that fdatasync covered are not known to be on disk, and never will be: a
 failure is final, see `_sync`), each noting its records' hostwall.seq for the loss record (docs/records.md
-"Completeness"; not fsync_error under interval: the sink does not keep an interval's records). The collector keeps running; health is `failing` until a write succeeds again.
+"Completeness"; not fsync_error under interval: the sink does not keep an interval's records). The
+collector keeps running; health is `failing` until a write succeeds again.
 
 Durability (at_least_once, docs/collector.md "Delivery and loss"): a batch is settled — the pipeline
 may release its kernel data — once it is written (policy none) or covered by a successful fdatasync
@@ -96,7 +97,7 @@ class JsonlSink(BaseSink):
         # written, waiting for an fdatasync: (call, records it wrote, those records under `always` for
         # their seqs, else None)
         self._unsynced: list[tuple[Call, int, list[dict] | None]] = []
-        self._stale: list[int] = []                   # closed for writing (a failed write) before an fdatasync
+        self._stale: list[int] = []                   # closed for writing (rotation, failed write) unsynced
         self._syncing: asyncio.Future | None = None   # the fdatasyncs under way (they outlive a cancelled caller)
         self._sync_failed = False                     # an fdatasync failed since the last settlement
 
@@ -322,7 +323,7 @@ class JsonlSink(BaseSink):
         if fd >= 0:
             await self._fdatasync(fd)
 
-    async def _fdatasync(self, fd: int) -> bool:
+    async def _fdatasync(self, fd: int) -> None:
         try:
             await asyncio.to_thread(os.fdatasync, fd)
         except OSError as e:
@@ -330,9 +331,8 @@ class JsonlSink(BaseSink):
             self._sync_failed = True
             self.last_error = f"fdatasync {self.path}: {e.strerror or e}"
             self._set_health(Health.FAILING, f"fdatasync failed: {self.last_error}")
-            return False
+            return
         self.fsyncs += 1
-        return True
 
     def _rotate(self) -> None:
         """PATH → PATH.1 → ... → PATH.<keep>; cost: keep renames. The old file's fdatasync is the `_sync`
