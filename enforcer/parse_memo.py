@@ -38,42 +38,11 @@ class ContentCache(Generic[T]):
     def clear(self) -> None:
         with self._lock:
             self._items.clear()
-            self._weight = 0
-
-
-class TextMemo(Generic[T]):
-    """Values by a key tuple (a rule's peers or ports as written), at most `size` of them holding at most
-    `max_items` key items in all (a long list fills it sooner instead of holding more): when full it
-    starts over (no per-hit bookkeeping: a hit is one dict lookup). Callers build keys whose equality
-    implies the same parse (str and int items only: 1 == True == 1.0 must not meet)."""
-
-    def __init__(self, size: int, max_items: int) -> None:
-        self.size, self.max_items = size, max_items
-        self._items: dict[tuple, T] = {}
-        self._weight = 0
-        self._lock = threading.Lock()
-        self.get = self._items.get                       # dict.get is atomic under the GIL
-
-    def put(self, key: tuple, value: T) -> None:
-        with self._lock:
-            if len(self._items) >= self.size or self._weight + len(key) > self.max_items:
-                self._items.clear()
-                self._weight = 0
-            if len(key) <= self.max_items:
-                self._items[key] = value
-                self._weight += len(key)
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._items.clear()
-            self._weight = 0
 
 
 def text_key(items: list, *types: type) -> tuple | None:
-    """`items` as a TextMemo key when each is exactly of one of `types` (so equal keys were written
-    the same way: no bool, no float meeting an equal int), else None (not memoised)."""
+    """`items` as a key of the memos of inline lists (hostwall.boundedmemo, weighed by their length)
+    when each is exactly of one of `types` (so equal keys were written the same way: no bool, no float
+    meeting an equal int), else None (not memoised)."""
     key = tuple(items)
     return key if all(type(v) in types for v in key) else None

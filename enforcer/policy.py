@@ -25,6 +25,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from hostwall.boundedmemo import BoundedMemo
 from hostwall.gcpause import GcPaused
 from hostwall.units import parse_duration
 from hostwall.yamldoc import _MISSING, Issues, PolicyError, PolicyIssue, load_yaml
@@ -32,7 +33,7 @@ from hostwall.yamlplain import load_plain
 
 from .dnspolicy import DnsConf, build_dns, rule_fqdns
 from .icmp import parse_icmp_type
-from .parse_memo import ContentCache, TextMemo, text_key
+from .parse_memo import ContentCache, text_key
 from .policy_dos import DosBuilder, DosProfile
 from .validation import MAX_BAD_PEER_LINES, check_schema, merge_ranges, parse_cidr, parse_peer_lines, parse_port
 from .validation import get_in as _get
@@ -276,10 +277,10 @@ def _parse(text: str, source: str, base_dir: str | None, progress: ProgressFn | 
 # parsed peers files (the last 8) and inline peers and ports by their text (4 x MAX_RULES lists each:
 # the distinct lists of about four max policies, whose three rotated ones hold 9.1k peers lists, 3.5 MB,
 # and 4.3k ports lists, 0.5 MB; and at most 2^17 items per memo, ~0.1 KB each with its parse: at most
-# ~14 + 14 MB however long the lists), enforcer/parse_memo.py
+# ~14 + 14 MB however long the lists), hostwall/boundedmemo.py, enforcer/parse_memo.py
 _PEER_FILES: ContentCache[PeerSet] = ContentCache(8)
-_INLINE_PEERS: TextMemo[PeerSet] = TextMemo(4 * MAX_RULES, 1 << 17)
-_PORTS: TextMemo[tuple[tuple[int, int], ...]] = TextMemo(4 * MAX_RULES, 1 << 17)
+_INLINE_PEERS: BoundedMemo[tuple, PeerSet] = BoundedMemo(4 * MAX_RULES, 1 << 17)
+_PORTS: BoundedMemo[tuple, tuple[tuple[int, int], ...]] = BoundedMemo(4 * MAX_RULES, 1 << 17)
 
 
 def clear_peer_file_cache() -> None:
@@ -407,7 +408,7 @@ class _Builder(DosBuilder):
             (v4 if fam == 4 else v6).append((net, ln))
         out = PeerSet._from_pairs(v4, v6)
         if key is not None and not self.issues:
-            _INLINE_PEERS.put(key, out)
+            _INLINE_PEERS.put(key, out, len(key))
         return out
 
     def _ports(self, p: tuple, r: dict, proto: Any) -> tuple[tuple[int, int], ...] | None:
@@ -434,7 +435,7 @@ class _Builder(DosBuilder):
                 self.issues.add(pj, str(e))
         out = merge_ranges(ranges)
         if key is not None and not self.issues:
-            _PORTS.put(key, out)
+            _PORTS.put(key, out, len(key))
         return out
 
     def _icmp_types(self, p: tuple, r: dict, proto: Any) -> tuple[tuple[int, int], ...] | None:

@@ -29,6 +29,7 @@ from typing import Any
 
 import yaml
 
+from hostwall.boundedmemo import BoundedMemo
 from hostwall.yamldoc import SCALAR_ERRORS, LineIndex, PathT, plain_tag, scalar_value
 
 __all__ = ["PlainIndex", "clear_flow_memo", "load_plain"]
@@ -285,35 +286,24 @@ class _Parser:
 # edit (or one of a few policies applied in turn) parses only its new lines. A value is kept
 # marshalled: a hit is one C call that builds a fresh copy (callers own what load_plain returns), and
 # the memo holds bytes, which the cyclic GC does not traverse; values marshal cannot write (dates)
-# are not kept. Cleared when full: at most 4 x 4096 lines (the rule lines of four max policies,
-# ~0.54 KB each with its text, measured on the max policy's rules: ~9 MB) and at most FLOW_MEMO_BYTES of
-# text and marshalled values (a policy with long flow lines, e.g. an inline list of 60k peers on one line,
-# fills it sooner instead of holding more).
-FLOW_MEMO_SIZE = 4 * 4096
-FLOW_MEMO_BYTES = 16 << 20
-_FLOWS: dict[tuple[str, int], bytes] = {}
-_flow_bytes = 0
+# are not kept. Cleared when full (hostwall/boundedmemo.py): at most 4 x 4096 lines (the rule lines of four
+# max policies, ~0.54 KB each with its text, measured on the max policy's rules: ~9 MB) and at most 16 MB
+# of text and marshalled values (a policy with long flow lines, e.g. an inline list of 60k peers on one
+# line, fills it sooner instead of holding more).
+_FLOWS: BoundedMemo[tuple[str, int], bytes] = BoundedMemo(4 * 4096, 16 << 20)
 
 
 def clear_flow_memo() -> None:
     """Forget the parsed flow lines (benchmarks of a cold parse)."""
-    global _flow_bytes
     _FLOWS.clear()
-    _flow_bytes = 0
 
 
 def _keep(key: tuple[str, int], value: Any) -> None:
-    global _flow_bytes
     try:
         kept = marshal.dumps(value)
     except ValueError:                               # e.g. a datetime.date: parsed again next time
         return
-    size = len(key[0]) + len(kept)
-    if len(_FLOWS) >= FLOW_MEMO_SIZE or _flow_bytes + size > FLOW_MEMO_BYTES:
-        clear_flow_memo()
-    if size <= FLOW_MEMO_BYTES:
-        _FLOWS[key] = kept
-        _flow_bytes += size
+    _FLOWS.put(key, kept, len(key[0]) + len(kept))
 
 
 def _is_item(s: str) -> bool:

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 import hostwall.enforcer.policy as policy_mod
-from hostwall.enforcer.parse_memo import ContentCache, TextMemo, text_key
+from hostwall.boundedmemo import BoundedMemo
+from hostwall.enforcer.parse_memo import ContentCache, text_key
 from hostwall.enforcer.policy import PolicyError, clear_peer_file_cache, parse_policy
 
 POLICY = """\
@@ -50,24 +51,24 @@ def test_changed_text_is_parsed_anew():
 
 
 def test_memos_are_bounded(monkeypatch):
-    monkeypatch.setattr(policy_mod, "_INLINE_PEERS", TextMemo(2, 100))
-    monkeypatch.setattr(policy_mod, "_PORTS", TextMemo(2, 100))
+    monkeypatch.setattr(policy_mod, "_INLINE_PEERS", BoundedMemo(2, 100))
+    monkeypatch.setattr(policy_mod, "_PORTS", BoundedMemo(2, 100))
     texts = [POLICY.replace("10.2.0.0/16", f"10.{i}.0.0/16").replace("[53]", f"[{100 + i}]") for i in range(5)]
     for t in texts:
         pol = parse_policy(t)
         assert len(policy_mod._INLINE_PEERS) <= 2 and len(policy_mod._PORTS) <= 2
     clear_peer_file_cache()
     assert pol.rules == parse_policy(texts[-1]).rules
-    m = TextMemo(3, 5)
+    m: BoundedMemo[tuple, str] = BoundedMemo(3, 5)
     for i in range(10):
-        m.put((i,), str(i))
+        m.put((i,), str(i), 1)
         assert len(m) <= 3 and m.get((i,)) == str(i)
     m.clear()
-    m.put((1, 2, 3), "a")
-    m.put((4, 5, 6), "b")                             # 6 items > 5: starts over
+    m.put((1, 2, 3), "a", 3)
+    m.put((4, 5, 6), "b", 3)                          # weight 6 > 5: starts over
     assert m.get((1, 2, 3)) is None and m.get((4, 5, 6)) == "b"
-    m.put(tuple(range(6)), "too long")                # never kept: longer than the whole budget
-    assert m.get(tuple(range(6))) is None and len(m) == 0
+    m.put(tuple(range(6)), "too long", 6)             # never kept: heavier than the whole budget
+    assert m.get(tuple(range(6))) is None and len(m) == 0 and m.weight == 0
     c = ContentCache(2)
     for i in range(4):
         c.put(bytes([i]), i)

@@ -282,18 +282,18 @@ def test_flow_lines_parsed_before_are_fresh_copies(monkeypatch):
     edited, _ = load_plain(text.replace("[1, 2]", "[1, 3]"))
     assert edited["rules"][1] == [1, 3] and edited["rules"][0] == again["rules"][0]
     assert edited["rules"][0] is not again["rules"][0] and len(Y._FLOWS) == 3
-    monkeypatch.setattr(Y, "FLOW_MEMO_SIZE", 2)
+    monkeypatch.setattr(Y._FLOWS, "size", 2)
     for i in range(5):
         assert load_plain(f"a: [{i}]\n")[0] == {"a": [i]}
         assert len(Y._FLOWS) <= 2
     Y.clear_flow_memo()
-    monkeypatch.setattr(Y, "FLOW_MEMO_BYTES", 200)       # long lines fill the byte budget sooner
+    monkeypatch.setattr(Y._FLOWS, "max_weight", 200)    # long lines fill the byte budget sooner
     long = "[" + ", ".join(f"10.0.{i}.0/24" for i in range(40)) + "]"
     assert load_plain(f"a: {long}\n")[0]["a"][39] == "10.0.39.0/24"
-    assert len(Y._FLOWS) == 0 and Y._flow_bytes == 0   # one line over the whole budget: never kept
+    assert len(Y._FLOWS) == 0 and Y._FLOWS.weight == 0  # one line over the whole budget: never kept
     for i in range(5):
         assert load_plain(f"b: [{i}, x{i}]\n")[0] == {"b": [i, f"x{i}"]}
-        assert 0 < Y._flow_bytes <= 200
+        assert 0 < Y._FLOWS.weight <= 200
     dated = "a: {d: 2001-01-01, e: [2002-02-02]}\n"                # marshal cannot keep dates: parsed each time
     assert load_plain(dated)[0] == load_plain(dated)[0] == load_yaml(dated, Issues("t")) and check_same(dated)
     line = "[" * 40 + "]" * 40
