@@ -290,7 +290,7 @@ static __always_inline int parse_pkt(struct pkt *p, void *data, void *end, __u32
 			p->l4len -= len;
 			nh = ext[0];
 		}
-		if (i == HW_V6_EXT_MAX)
+		if (i == HW_V6_EXT_MAX && is_v6_ext(nh))
 			return PARSE_MALFORMED;     /* chain longer than HW_V6_EXT_MAX */
 		if ((__s32)p->l4len < 0)
 			return PARSE_MALFORMED;     /* extension headers longer than the payload */
