@@ -92,6 +92,25 @@ def test_syn_ack_from_initiator_is_invalid(harness):
     assert got.passed
 
 
+@pytest.mark.parametrize("v6", [False, True], ids=["v4", "v6"])
+def test_simultaneous_open_passes_both_ways(harness, v6):
+    """TCP simultaneous open (RFC 9293 §3.5; TCP hole punching, libp2p's DCUtR): the peer's own SYN
+    answers the host's SYN, then each side sends a SYN-ACK. netfilter tracks it (SYN_SENT2); under
+    ingress: deny the peer's SYN and the host's SYN-ACK continue the tracked connection. A SYN-ACK from
+    the initiator before the peer's SYN is still no continuation."""
+    harness.install(POLICY.replace("egress: allow", "egress: deny").replace(
+        "rules:", "rules:\n  - {name: p2p-out, priority: 1, direction: egress, action: allow, protocol: tcp, ports: [443]}") % "true")
+    assert harness.run("tc_egress", out_tcp("S", v6=v6)).reason == "pass_rule"
+    assert harness.run("tc_egress", out_tcp("SA", v6=v6)).reason != "pass_conntrack"   # no SYN from the peer yet
+    assert harness.run("xdp", in_tcp("S", v6=v6)).reason == "pass_conntrack"
+    assert harness.run("tc_egress", out_tcp("SA", v6=v6)).reason == "pass_conntrack"
+    assert harness.run("xdp", in_tcp("SA", v6=v6)).reason == "pass_conntrack"
+    assert harness.run("tc_egress", out_tcp("A", v6=v6)).reason == "pass_conntrack"
+    assert harness.run("xdp", in_tcp("PA", v6=v6)).reason == "pass_conntrack"
+    e = _live(harness.dp, 6 if v6 else 4)[1][0]["e"]
+    assert L.CT_STATE_NAMES[int(e["state"])] == "established"
+
+
 def test_inbound_allowed_connection_replies_leave(harness):
     harness.install(POLICY.replace("egress: allow", "egress: deny") % "true")
     assert harness.run("tc_egress", out_tcp("SA", sport=22, dport=50000)).reason == "default_deny"
