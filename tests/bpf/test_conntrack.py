@@ -7,19 +7,9 @@ import struct
 
 import numpy as np
 import pytest
+from scapy.layers import inet6 as i6
 from scapy.layers.inet import ICMP, IP, TCP, UDP, IPerror, UDPerror
-from scapy.layers.inet6 import (
-    ICMPv6DestUnreach,
-    ICMPv6EchoReply,
-    ICMPv6EchoRequest,
-    ICMPv6TimeExceeded,
-    IPerror6,
-    IPv6,
-    IPv6ExtHdrDestOpt,
-    IPv6ExtHdrFragment,
-    IPv6ExtHdrHopByHop,
-    IPv6ExtHdrRouting,
-)
+from scapy.layers.inet6 import ICMPv6DestUnreach, ICMPv6EchoReply, ICMPv6EchoRequest, IPv6
 from scapy.layers.l2 import Ether
 from scapy.packet import Raw, raw
 
@@ -156,21 +146,21 @@ def test_related_errors_read_the_embedded_packet_past_its_headers(harness):
     assert harness.run("tc_egress", raw(E / IP(src=ME, dst=PEER) / UDP(sport=5000, dport=53))).passed
     router6, router = "fd00:77::1", "198.51.100.1"
     udp = UDPerror(sport=5000, dport=53)
-    for chain in ([IPv6ExtHdrFragment(offset=0, m=1, id=7)], [IPv6ExtHdrDestOpt()],
-                  [IPv6ExtHdrHopByHop(), IPv6ExtHdrRouting(), IPv6ExtHdrFragment(offset=0, m=1, id=8),
-                   IPv6ExtHdrDestOpt()]):
+    for chain in ([i6.IPv6ExtHdrFragment(offset=0, m=1, id=7)], [i6.IPv6ExtHdrDestOpt()],
+                  [i6.IPv6ExtHdrHopByHop(), i6.IPv6ExtHdrRouting(), i6.IPv6ExtHdrFragment(offset=0, m=1, id=8),
+                   i6.IPv6ExtHdrDestOpt()]):
         chain[-1].nh = 17                   # scapy would write 59 (no next header) before UDPerror
-        inner = IPerror6(src=ME6, dst=PEER6)
+        inner = i6.IPerror6(src=ME6, dst=PEER6)
         for h in chain:
             inner = inner / h
-        for err in (ICMPv6DestUnreach(code=4), ICMPv6TimeExceeded(code=1)):
+        for err in (ICMPv6DestUnreach(code=4), i6.ICMPv6TimeExceeded(code=1)):
             got = harness.run("xdp", raw(E / IPv6(src=router6, dst=ME6) / err / inner / udp))
             assert got.reason == "pass_related", [type(h).__name__ for h in chain]
     looks_like_ports = Raw(struct.pack("!HHHH", 5000, 53, 8, 0))     # the tracked tuple's ports, as payload
     later4 = IPerror(src=ME, dst=PEER, proto=17, frag=100) / looks_like_ports
-    later6 = IPerror6(src=ME6, dst=PEER6) / IPv6ExtHdrFragment(offset=100, nh=17, id=7) / looks_like_ports
+    later6 = i6.IPerror6(src=ME6, dst=PEER6) / i6.IPv6ExtHdrFragment(offset=100, nh=17, id=7) / looks_like_ports
     assert harness.run("xdp", raw(E / IP(src=router, dst=ME) / ICMP(type=11, code=1) / later4)).reason == "default_deny"
-    assert harness.run("xdp", raw(E / IPv6(src=router6, dst=ME6) / ICMPv6TimeExceeded(code=1) / later6)).reason \
+    assert harness.run("xdp", raw(E / IPv6(src=router6, dst=ME6) / i6.ICMPv6TimeExceeded(code=1) / later6)).reason \
         == "default_deny"
     first4 = IPerror(src=ME, dst=PEER, proto=17, flags="MF") / udp
     assert harness.run("xdp", raw(E / IP(src=router, dst=ME) / ICMP(type=11, code=1) / first4)).reason == "pass_related"
