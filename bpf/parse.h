@@ -23,7 +23,7 @@ struct pkt {
 	__u8  related;          /* ICMP error: the inner tuple below is valid */
 	__u8  trackable;        /* TCP, UDP or ICMP echo: has a connection tuple */
 	__u8  hop_limit;        /* IPv4 TTL / IPv6 hop limit */
-	__u8  pad0;
+	__u8  dos_spared;       /* set by the DoS stage: the drop reason its tracked connection spared it (dos.h) */
 	__u32 ifindex;
 	__u32 frag_id;          /* fragments: IPv4 identification / IPv6 fragment id, network order */
 	__u32 first_x;          /* 1 iff a first fragment (offset 0, more follow); see FIRST_FRAGMENT */
