@@ -111,6 +111,7 @@ class _Parser:
         self.items: dict[str, list[int]] = {}
         self.last_lines: list[int] = []           # item lines of the list sequence() returned last
         self.keys: set[str] = set()               # plain keys known to be strings
+        self.values: dict[str, Any] = {}          # plain scalar -> its value (all immutable), this parse
         self.ctor = yaml.constructor.SafeConstructor()
         self.depth = 0                            # open block collections (MAX_DEPTH)
 
@@ -230,7 +231,7 @@ class _Parser:
         if len(toks) < 2 or toks[-1][5] != "}" or toks[0][0] != "{":
             return None
         out: dict = {}
-        keys, scalar = self.keys, self.scalar
+        keys, values = self.keys, self.values
         for i in range(len(toks) - 1):
             sep, key, dq, plain, lst, other = toks[i]
             if other or (sep == "{") is not (i == 0) or key in out or len(key) > MAX_KEY:
@@ -240,7 +241,7 @@ class _Parser:
                     return None
                 keys.add(key)
             if plain:
-                out[key] = scalar(plain)
+                out[key] = values[plain] if plain in values else self.value(plain)
             elif dq:
                 out[key] = dq[1:-1]
             elif (items := self._flat_list(lst[1:-1])) is not None:
@@ -253,8 +254,9 @@ class _Parser:
         """The items of a list of scalars from the text between its brackets, or None."""
         if not _BODY.fullmatch(body):
             return None
-        scalar = self.scalar
-        return [dq[1:-1] if dq else scalar(plain) for dq, plain in _ITEMS.findall(body)]
+        values, value = self.values, self.value
+        return [dq[1:-1] if dq else values[plain] if plain in values else value(plain)
+                for dq, plain in _ITEMS.findall(body)]
 
     def flow(self, toks: list[tuple[str, str, str, str, str]]) -> Any:
         """A flow collection from its tokens (punctuation, "quoted", plain, ': ' after a plain key, any
@@ -319,6 +321,12 @@ class _Parser:
         if want != _W_END:
             raise _Out                                         # not closed on its line
         return root
+
+    def value(self, v: str) -> Any:
+        """scalar(v), kept for this parse: plain scalars repeat (directions, actions, protocols, ports) and
+        their values are immutable (str, int, float, bool, None, dates)."""
+        out = self.values[v] = self.scalar(v)
+        return out
 
     def scalar(self, v: str) -> Any:
         """A plain scalar as PyYAML builds it (hostwall.yamldoc.scalar_value, as the full loader does)."""
