@@ -308,11 +308,9 @@ class _Builder(DosBuilder):
 
     def ok(self, path: tuple, value: Any, *types: type) -> bool:
         """Value present, of the given type (bool is not int), and not already flagged."""
-        if value is None or self.issues.bad(path):
+        if value is None or (isinstance(value, bool) and bool not in types) or not isinstance(value, types):
             return False
-        if isinstance(value, bool) and bool not in types:
-            return False
-        return isinstance(value, types)
+        return not (self.issues and self.issues.bad(path))
 
     def build(self) -> Policy | None:
         d = self.data if isinstance(self.data, dict) else {}

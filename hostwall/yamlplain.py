@@ -171,7 +171,11 @@ class _Parser:
             if li > ind:
                 raise _Out
             rest = s[1:].lstrip(" ")
-            if not rest or rest.startswith("#"):
+            if rest[:1] in ("[", "{"):                   # a flow collection (a rule line): its line only
+                value, _ = self.inline(rest, no)
+                i += 1
+                where.append(no)
+            elif not rest or rest.startswith("#"):
                 if i + 1 >= len(lines) or lines[i + 1][0] <= ind:
                     raise _Out                           # an empty item
                 value, i, first = self.block(i + 1)
