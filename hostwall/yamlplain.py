@@ -232,16 +232,15 @@ class _Parser:
         if s[0] == "[":
             return self._flat_list(s[1:-1]) if s[-1] == "]" else None
         toks = _ENTRIES.findall(s)
-        if len(toks) < 2 or toks[-1][5] != "}" or toks[0][0] != "{":
-            return None
+        if toks.pop()[5] != "}" or not toks or toks[0][0] != "{" or s.count("{") != 1:
+            return None                                  # one "{": every later entry follows a ","
         out: dict = {}
         keys, values = self.keys, self.values
-        for i in range(len(toks) - 1):
-            sep, key, dq, plain, lst, other = toks[i]
-            if other or (sep == "{") is not (i == 0) or key in out or len(key) > MAX_KEY:
+        for _, key, dq, plain, lst, other in toks:
+            if other:
                 return None
             if key not in keys:
-                if plain_tag(key) != _STR:
+                if len(key) > MAX_KEY or plain_tag(key) != _STR:
                     return None
                 keys.add(key)
             if plain:
@@ -252,7 +251,7 @@ class _Parser:
                 out[key] = items
             else:
                 return None
-        return out
+        return out if len(out) == len(toks) else None   # a repeated key: outside the subset
 
     def _flat_list(self, body: str) -> list | None:
         """The items of a list of scalars from the text between its brackets, or None."""

@@ -340,3 +340,15 @@ def test_rule_lines_take_the_flat_path():
     assert Y._Parser([])._flat(line) == {"name": "r0002", "priority": 637183, "direction": "ingress",
                                          "protocol": "any", "peers": ["fd8d::/128", "10.0.0.0/8"], "ports": []}
     assert Y._Parser([])._flat('["a", b c, 1]') == ["a", "b c", 1]
+
+
+@pytest.mark.parametrize("line", ["{a: b{c: d}", "{a: b, a: c}", "{a: b}}", "{a: b} x", "{a: [b{c]}", "{a: [b, ]}",
+                                  "{a: b,, c: d}", "{a:b}", "{a: b c: d}", "{a: \"x\"y}", "{ {a: b}}", "{a: b, {c: d}}"])
+def test_flat_path_rejects_what_the_token_loop_rejects(line):
+    import hostwall.yamlplain as Y
+    with pytest.raises(Y._Out):
+        Y._Parser([]).flow(Y._TOKEN.findall(line))
+    try:
+        assert Y._Parser([])._flat(line) is None
+    except Y._Out:
+        pass
