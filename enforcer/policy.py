@@ -357,7 +357,7 @@ class _Builder(DosBuilder):
             p = ("rules", i)
             if not isinstance(r, dict):
                 continue
-            name = r.get("name")
+            name: Any = r.get("name")
             if self.ok(p + ("name",), name, str):
                 if name in PSEUDO_RULES:
                     self.issues.add(p + ("name",), f"{name!r} is reserved: it counts what passes before any "
@@ -388,7 +388,7 @@ class _Builder(DosBuilder):
             return PeerSet.everything()
         if "peers_file" in r:
             return self._peer_sets.get(p, PeerSet.everything())
-        peers = r.get("peers")
+        peers: Any = r.get("peers")
         if not self.ok(p + ("peers",), peers, list):
             return PeerSet.everything()
         key = text_key(peers, str) if not self.issues else None
