@@ -10,9 +10,11 @@ load_policy/parse_policy return an immutable Policy or raise one PolicyError lis
 - a peers file with no entries (only comments) is valid and gives a rule that matches nothing;
 - fqdns (enforcer/dnspolicy.py) are normalised, sorted and unique, only on egress rules without peers,
   and only with a `dns` section (Policy.dns).
-Cost: ~0.3 s CPU for 4096 rules whose 110k peers-file prefixes are cached: YAML ~0.125 s (the plain
-loader, hostwall/yamlplain.py; the full one, ~0.235 s, only for text outside its subset or with an
-issue), JSON Schema ~0.05 s, rules ~0.13 s; a new peers file ~1 µs per IPv4 line.
+Cost, on the machine's fast level (the slow one is ~2x): ~0.1 s CPU for 4096 new rules whose 110k
+peers-file prefixes are cached: YAML ~0.045 s (the plain loader, hostwall/yamlplain.py; the full one
+only for text outside its subset or with an issue), JSON Schema ~0.008 s (enforcer/rule_check.py),
+rules ~0.05 s; a new peers file ~1 µs per IPv4 line (docs/benchmarks.md "`swap` — rule lines in one
+pass").
 """
 from __future__ import annotations
 
