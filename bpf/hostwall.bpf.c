@@ -196,8 +196,10 @@ static __always_inline int xdp_exit(struct xdp_md *ctx, struct env *v, struct pk
 		return XDP_TX;          /* the frame now holds the cookie SYN-ACK */
 	if (j->reason != HW_R_PASS_DEFERRED)
 		return XDP_PASS;
-	/* XDP could not judge it: mark it so TC ingress does (if there is no room for the mark, TC
+	/* XDP could not judge it: mark it so TC ingress does (if there is no room for the mark, or the
+	 * kernel does not let XDP call bpf_xdp_adjust_meta — HW_XDP_NO_META, set by the loader — TC
 	 * ingress sees an unmarked packet and passes it as judged; both outcomes are counted) */
+#ifndef HW_XDP_NO_META
 	if (bpf_xdp_adjust_meta(ctx, -(int)sizeof(struct hw_meta)) == 0) {
 		struct hw_meta *meta = (void *)(long)ctx->data_meta;
 		if ((void *)(meta + 1) <= (void *)(long)ctx->data) {
@@ -205,6 +207,7 @@ static __always_inline int xdp_exit(struct xdp_md *ctx, struct env *v, struct pk
 			meta->reason = j->reason;
 		}
 	}
+#endif
 	return XDP_PASS;
 }
 
