@@ -4,7 +4,8 @@
                            [--event-budget N] [--hostname NAME] [--status-file PATH] [-v]
     hostwall-collector status [--json] [--config FILE] [--pin-dir DIR] [--status-file PATH]
     hostwall-collector check-config [--config FILE] [--sink URL]... [--pin-dir DIR] [--encoding E] [--connect]
-    hostwall-collector verify (FILE.jsonl | kafka://HOST:PORT/TOPIC)... [--json] [--config FILE] [--timeout S]
+    hostwall-collector verify (FILE.jsonl | kafka://HOST:PORT/TOPIC)... [--sink NAME]... [--json] [--config FILE]
+                              [--timeout S]
 
 Exit codes: 0 ok; 2 bad input (every config error listed, one per line); 1 runtime failure (one
 clear line: what, where, what to do). `run` stays in the foreground and prints one banner line
@@ -13,7 +14,7 @@ clear line: what, where, what to do). `run` stays in the foreground and prints o
 topic, an unreachable broker it never delivered to) stops `run` within kafka.connect_timeout with exit 1
 and one line. `check-config --connect` probes every sink the same way and prints one line each (exit 1
 if any cannot deliver). `verify` reads what a sink wrote and checks it is complete (collector/verify.py):
-exit 1 on any gap no loss record explains. Entry point: collector.cli:main.
+exit 1 on any gap no loss record of the sink that wrote it (--sink, else inferred) explains. Entry point: collector.cli:main.
 """
 from __future__ import annotations
 
@@ -59,6 +60,9 @@ def _parser() -> argparse.ArgumentParser:
     v = sub.add_parser("verify", help="check that what a sink wrote is complete (hostwall.seq, loss records)")
     v.add_argument("targets", nargs="+", metavar="TARGET", help="FILE.jsonl or kafka://HOST:PORT/TOPIC")
     v.add_argument("--config", metavar="FILE", help="collector config: kafka TLS/SASL settings for the reader")
+    v.add_argument("--sink", action="append", default=[], metavar="NAME",
+                   help="the sink that wrote the targets, as loss records name it (hostwall.loss.sink); "
+                        "default: inferred from the targets (jsonl:PATH of the same file, kafka://HOST:PORT)")
     v.add_argument("--json", action="store_true", help="print the report as JSON")
     v.add_argument("--timeout", type=float, default=120.0, metavar="S", help="bound for reading a topic")
     return p
@@ -136,13 +140,13 @@ def verify(a: argparse.Namespace) -> int:
             _err(f"invalid configuration ({len(e.issues)} errors): {e.issues[0]}")
             return 2
     try:
-        reports, v = check(a.targets, options, a.timeout)
+        reports, v = check(a.targets, options, a.timeout, a.sink)
     except (OSError, LookupError, ValueError, TimeoutError) as e:
         _err(f"verify: {e}")
         return 2 if isinstance(e, (ValueError, FileNotFoundError, LookupError)) else 1
     ok = all(r.ok for r in reports)
     if a.json:
-        print(json.dumps({"ok": ok, "records": v.records, "unsequenced": v.unsequenced,
+        print(json.dumps({"ok": ok, "records": v.records, "unsequenced": v.unsequenced, "sinks": sorted(v.sinks),
                           "undecodable": v.undecodable, "streams": [r.as_dict() for r in reports]},
                          indent=1, sort_keys=True))
     else:
@@ -150,7 +154,18 @@ def verify(a: argparse.Namespace) -> int:
             print(r.line())
         print(f"{v.records} records read, {v.unsequenced} without hostwall.seq, {v.undecodable} undecodable: "
               f"{'complete' if ok else 'INCOMPLETE'}")
+    _other_sink_hint(reports, v.sinks)
     return 0 if ok else 1
+
+
+def _other_sink_hint(reports: list, sinks: set[str]) -> None:
+    """Gaps only other sinks' loss records cover: say whose reports were taken, and how to name the sink."""
+    n = sum(len(r.other_sink) for r in reports)
+    if n:
+        others = sorted({s for r in reports if r.other_sink for s in r.other_sinks})
+        _err(f"verify: {n} gap range(s) are covered only by loss records of other sinks ({', '.join(others)}); "
+             f"they explain nothing here, as the targets' sink is {', '.join(sorted(sinks)) or 'not known'}. "
+             "If one of those sinks wrote the targets, pass --sink NAME")
 
 
 def run(cfg: CollectorConfig, *, verbose: bool = False) -> int:

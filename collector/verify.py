@@ -8,6 +8,13 @@ fills that seq), gaps between the lowest and highest seq received, which of thos
 (hostwall.kind "loss", action records-lost: a sink's own report of the seqs it lost and why), and which
 gaps nothing explains. A SIEM team can run it on its side of the pipe: it needs only the records.
 
+Loss records are fanned out to every sink, so what one sink wrote carries the others' reports too; only
+those of the sink that wrote what is read explain its gaps (docs/records.md "Completeness"): `sinks`, from
+--sink or inferred from the target (own_sinks). A gap covered only by another sink's report stays
+unexplained and is counted apart (`other_sink`), so a JSONL sink's silent loss cannot hide behind the
+Kafka sink's reported loss of the same seqs. No pipeline-wide loss record covers seqs (collector-restart
+records carry none: what the collector lost before numbering consumes no seq).
+
 Exit 0 when no gap is unexplained and no seq was reused by another event, 1 otherwise, 2 on bad input.
 Records without hostwall.seq (written before it existed) are counted as `unsequenced`. ECS records only
 (OCSF sinks carry the same fields under `unmapped.hostwall`, which is read too).
@@ -26,7 +33,7 @@ from pathlib import Path
 
 import orjson
 
-__all__ = ["StreamReport", "Verifier", "read_jsonl", "read_kafka", "verify"]
+__all__ = ["StreamReport", "Verifier", "own_sinks", "read_jsonl", "read_kafka", "verify"]
 
 
 def _ranges(seqs: Iterable[int]) -> list[list[int]]:
@@ -44,7 +51,8 @@ def _count(ranges: list[list[int]]) -> int:
 
 
 def _subtract(gaps: list[list[int]], cover: list[list[int]]) -> list[list[int]]:
-    """gaps minus the union of cover (both sorted, disjoint)."""
+    """gaps (sorted, disjoint) minus the union of cover (sorted by start; overlaps allowed): O(gaps ×
+    cover ranges), never their seqs."""
     out = []
     for a, b in gaps:
         cur = a
@@ -72,7 +80,9 @@ class StreamReport:
     gaps: list[list[int]] = field(default_factory=list)
     explained: list[list[int]] = field(default_factory=list)
     unexplained: list[list[int]] = field(default_factory=list)
-    lost_reported: dict[str, int] = field(default_factory=dict)   # reason -> records loss records report
+    lost_reported: dict[str, int] = field(default_factory=dict)   # reason -> records the sink's loss records report
+    other_sink: list[list[int]] = field(default_factory=list)     # unexplained, but another sink reported them
+    other_sinks: dict[str, int] = field(default_factory=dict)     # other sink -> records its loss records report
 
     @property
     def ok(self) -> bool:
@@ -83,7 +93,9 @@ class StreamReport:
                 "conflicts": self.conflicts, "ranges": self.ranges, "first": self.ranges[0][0] if self.ranges else None,
                 "last": self.ranges[-1][1] if self.ranges else None, "gaps": _count(self.gaps),
                 "gap_ranges": self.gaps, "explained": _count(self.explained), "unexplained": _count(self.unexplained),
-                "unexplained_ranges": self.unexplained[:100], "lost_reported": self.lost_reported, "ok": self.ok}
+                "unexplained_ranges": self.unexplained[:100], "lost_reported": self.lost_reported, "ok": self.ok,
+                "other_sink": _count(self.other_sink), "other_sink_ranges": self.other_sink[:100],
+                "other_sinks": self.other_sinks}
 
     def line(self) -> str:
         span = f"seq {self.ranges[0][0]}..{self.ranges[-1][1]} in {len(self.ranges)} range(s)" if self.ranges \
@@ -92,6 +104,9 @@ class StreamReport:
         if self.unexplained:
             shown = ", ".join(f"{a}..{b}" if a != b else str(a) for a, b in self.unexplained[:5])
             bad = f" [{shown}{', ...' if len(self.unexplained) > 5 else ''}]"
+        if self.other_sink:
+            bad += (f" ({_count(self.other_sink)} covered only by another sink's loss records: "
+                    f"{', '.join(sorted(self.other_sinks))})")
         return (f"host {self.host} stream {self.stream}: received {self.received} ({span}), duplicates "
                 f"{self.duplicates}, gaps {_count(self.gaps)} (explained by loss records {_count(self.explained)}), "
                 f"unexplained {_count(self.unexplained)}{bad}"
@@ -99,9 +114,12 @@ class StreamReport:
 
 
 class Verifier:
-    """Feed records (dicts) with add(); report() analyses them."""
+    """Feed records (dicts) with add(); report() analyses them. Loss records of `sinks` (exact names, as
+    in hostwall.loss.sink) explain gaps; those of any other sink do not."""
 
-    def __init__(self) -> None:
+    def __init__(self, sinks: set[str] | None = None) -> None:
+        self.sinks: set[str] = set(sinks or ())
+        self.sink_names: set[str] = set()             # every sink a loss record named
         self.records = 0
         self.unsequenced = 0
         self.undecodable = 0
@@ -109,8 +127,10 @@ class Verifier:
         self._seqs: dict[tuple[str, str], dict[int, str]] = defaultdict(dict)
         self._dups: dict[tuple[str, str], int] = defaultdict(int)
         self._conflicts: dict[tuple[str, str], int] = defaultdict(int)
-        self._covered: dict[tuple[str, str], list[list[int]]] = defaultdict(list)
-        self._reported: dict[tuple[str, str], dict[str, int]] = defaultdict(lambda: defaultdict(int))
+        # (host, stream) -> sink -> the ranges / reason -> count its loss records report
+        self._covered: dict[tuple[str, str], dict[str, list[list[int]]]] = defaultdict(lambda: defaultdict(list))
+        self._reported: dict[tuple[str, str], dict[str, dict[str, int]]] = defaultdict(
+            lambda: defaultdict(lambda: defaultdict(int)))
 
     def add(self, rec: dict) -> None:
         self.records += 1
@@ -131,9 +151,10 @@ class Verifier:
         if hw.get("kind") == "loss":
             loss = hw.get("loss") or {}
             if loss.get("stream") and loss.get("ranges"):
-                key = (host, loss["stream"])
-                self._covered[key] += [list(r) for r in loss["ranges"]]
-                self._reported[key][loss.get("reason", "")] += int(loss.get("count", 0))
+                key, sink = (host, loss["stream"]), loss.get("sink", "")
+                self.sink_names.add(sink)
+                self._covered[key][sink] += [list(r) for r in loss["ranges"]]
+                self._reported[key][sink][loss.get("reason", "")] += int(loss.get("count", 0))
         seq = hw.get("seq")
         if not isinstance(seq, int):
             self.unsequenced += 1
@@ -153,14 +174,38 @@ class Verifier:
             rs = StreamReport(host, stream, received=len(seqs), duplicates=self._dups.get(key, 0),
                               conflicts=self._conflicts.get(key, 0), ranges=_ranges(seqs))
             rs.gaps = [[a[1] + 1, b[0] - 1] for a, b in zip(rs.ranges, rs.ranges[1:])]
-            cover = _ranges(s for a, b in self._covered.get(key, []) for s in range(a, b + 1)) \
-                if sum(b - a + 1 for a, b in self._covered.get(key, [])) < 5_000_000 else \
-                sorted(self._covered.get(key, []))
-            rs.unexplained = _subtract(rs.gaps, cover)
+            covered, reported = self._covered.get(key, {}), self._reported.get(key, {})
+            own = sorted(r for s, rr in covered.items() if s in self.sinks for r in rr)
+            other = sorted(r for s, rr in covered.items() if s not in self.sinks for r in rr)
+            rs.unexplained = _subtract(rs.gaps, own)
             rs.explained = _subtract(rs.gaps, rs.unexplained)
-            rs.lost_reported = dict(self._reported.get(key, {}))
+            rs.other_sink = _subtract(rs.unexplained, _subtract(rs.unexplained, other))
+            for s, by_reason in reported.items():
+                if s in self.sinks:
+                    for reason, n in by_reason.items():
+                        rs.lost_reported[reason] = rs.lost_reported.get(reason, 0) + n
+                else:
+                    rs.other_sinks[s] = sum(by_reason.values())
             out.append(rs)
         return out
+
+
+def own_sinks(target: str, names: Iterable[str]) -> set[str]:
+    """Which of the sink `names` wrote `target`: for a JSONL file `jsonl:PATH` with PATH the same file
+    (the sink names its absolute path, config.parse_sink); for a topic `kafka://HOST:PORT` with HOST:PORT
+    one of the target's bootstrap servers (sink names carry no topic). Empty when none matches."""
+    kind, where, _ = parse_target(target)
+    if kind == "jsonl":
+        return {n for n in names if n.startswith("jsonl:") and _same_file(n.removeprefix("jsonl:"), where)}
+    brokers = {b.strip().lower() for b in where.split(",")}
+    return {n for n in names if n.startswith("kafka://") and n.removeprefix("kafka://").rstrip("/").lower() in brokers}
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:                                   # a path absent here (e.g. only its rotated siblings)
+        return os.path.realpath(a) == os.path.realpath(b)
 
 
 # ---- readers -------------------------------------------------------------------------------------
@@ -241,10 +286,12 @@ def parse_target(target: str) -> tuple[str, str, str]:
     return "jsonl", target.removeprefix("jsonl:"), ""
 
 
-def verify(targets: list[str], options=None, timeout_s: float = 120.0) -> tuple[list[StreamReport], Verifier]:
+def verify(targets: list[str], options=None, timeout_s: float = 120.0,
+           sinks: Iterable[str] = ()) -> tuple[list[StreamReport], Verifier]:
     """Read every target into one Verifier (records of several files or topics of one pipeline may be
-    checked together) and report."""
-    v = Verifier()
+    checked together) and report. `sinks`: the names whose loss records explain gaps; none given, the
+    sinks own_sinks infers for the targets."""
+    v = Verifier(set(sinks))
     for t in targets:
         kind, where, topic = parse_target(t)
         if kind == "jsonl":
@@ -253,4 +300,6 @@ def verify(targets: list[str], options=None, timeout_s: float = 120.0) -> tuple[
         else:
             for rec in asyncio.run(read_kafka(where, topic, options, timeout_s)):
                 v.add(rec)
+    if not v.sinks:
+        v.sinks = set().union(*(own_sinks(t, v.sink_names) for t in targets))
     return v.report(), v
