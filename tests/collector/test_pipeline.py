@@ -430,3 +430,28 @@ def test_console_sink_summarises_flows_drops_and_anomalies():
     assert sink.stats()["delivered"] == 5 and sink.full_queue_policy is FullQueuePolicy.DROP_OLDEST
     s = sink.summary
     assert s.kinds == {"flow": 2, "drop_summary": 2, "anomaly": 1} and s.drops[("syn_flood", "drop")] == 2468
+
+
+def test_a_console_sink_runs_best_effort_next_to_a_blocking_sink(tmp_path):
+    """console is best_effort (docs/collector.md "End-to-end acknowledgement"): the pipeline accepts it
+    with its drop_oldest queue and never waits for it to release kernel data."""
+    import io
+
+    from rich.console import Console
+
+    from hostwall.collector.sinks.console import ConsoleSink
+
+    src, mem = FakeSource(), MemorySink()
+    con = ConsoleSink(console=Console(file=io.StringIO(), width=120, force_terminal=False), refresh_hz=20)
+    pipe = Pipeline(cfg(tmp_path), src, StubBuilder(), [mem, con])
+    assert [s.acknowledges for s in pipe.slots] == [True, False]
+
+    async def go():
+        task = await started(pipe)
+        src.emit(50)
+        await until(lambda: len(mem.records) == 50 and src.rb.available_bytes() == 0)
+        pipe.stop()
+        await task
+    uvloop.run(go())
+    assert con.summary.kinds["deny"] == 50
+    assert pipe.ledger.balance("console") == {"produced": 50, "delivered": 50, "lost": 0, "in_flight": 0}
