@@ -2,7 +2,7 @@
 or HTTP/protobuf (opentelemetry-exporter-otlp).
 
 Mapping (collector/encoders/otel.py): timestamp = the record's @timestamp, observed timestamp = when this
-sink exported it, severity (flows/summaries INFO, denies WARN, anomalies WARN..FATAL by band, audit INFO),
+sink first tried to export it, severity (flows/summaries INFO, denies WARN, anomalies WARN..FATAL by band, audit INFO),
 body = a one-line summary, attributes = OpenTelemetry semantic conventions (network.*, source.*,
 destination.*, client.*, server.*, security_rule.*, process.*, container.*, k8s.*, host.name,
 log.record.uid = event.id) plus hostwall.*; event_name = event.dataset. Resource: service.*, host.*,
@@ -136,11 +136,18 @@ class OtlpSink(BaseSink):
 
     def to_log_records(self, records: list[dict], observed_ns: int) -> list:
         """Canonical records → SDK ReadableLogRecords; records the mapping rejects are counted lost."""
+        out, _, rejected = self._convert(records, observed_ns)
+        self._count_rejected(rejected)
+        return out
+
+    def _convert(self, records: list[dict], observed_ns: int) -> tuple[list, list[dict], list[tuple[dict, str]]]:
+        """(log records, the records they are, [(rejected record, why)]). Counts nothing: it runs on the
+        worker thread, and the loop counts the rejections once per call, however often the export is tried."""
         from opentelemetry._logs import LogRecord, SeverityNumber
         from opentelemetry.sdk._logs import ReadableLogRecord
 
         from hostwall.collector.encoders.otel import to_otel
-        out = []
+        out, ok, rejected = [], [], []
         for r in records:
             try:
                 o = to_otel(r, observed_ns)
@@ -148,20 +155,22 @@ class OtlpSink(BaseSink):
                 lr = LogRecord(timestamp=o["time_unix_nano"], observed_timestamp=observed_ns,
                                severity_text=o["severity_text"], severity_number=SeverityNumber(o["severity_number"]),
                                body=o["body"], attributes=attrs, event_name=o["event_name"])
-            except Exception as e:                  # noqa: BLE001 — counted, never silent
-                self._lose_records("encode_error", [r])          # its seq noted: the loss record explains the gap
-                self.last_error = f"encode: {type(e).__name__}: {e}"
+            except Exception as e:                  # noqa: BLE001 — counted by the caller, never silent
+                rejected.append((r, f"{type(e).__name__}: {e}"))
                 continue
             out.append(ReadableLogRecord(log_record=lr, resource=self._resource, instrumentation_scope=self._scope))
-        return out
+            ok.append(r)
+        return out, ok, rejected
 
-    def _export(self, records: list[dict]) -> tuple[int, bool]:
-        """Worker thread: convert + export one request. (records converted, success)."""
+    def _count_rejected(self, rejected: list[tuple[dict, str]]) -> None:
+        if rejected:
+            self._lose_records("encode_error", [r for r, _ in rejected])   # seqs noted: the loss record explains the gap
+            self.last_error = f"encode: {rejected[-1][1]}"
+
+    def _export(self, batch: list) -> bool:
+        """Worker thread: one export request of converted log records; True on success."""
         from opentelemetry.sdk._logs.export import LogRecordExportResult
-        batch = self.to_log_records(records, time.time_ns())
-        if not batch:
-            return 0, True
-        return len(batch), self._exporter.export(batch) == LogRecordExportResult.SUCCESS
+        return self._exporter.export(batch) == LogRecordExportResult.SUCCESS
 
     async def _send(self, records: list[dict]) -> None:
         if self._closed:
@@ -172,8 +181,12 @@ class OtlpSink(BaseSink):
                 await asyncio.sleep(self._pause)
                 self.paused_s += self._pause
                 self._pause = 0.0
-            chunk = records[i:i + step]
-            n, ok = await asyncio.to_thread(self._export, chunk)
+            # converted once (observed time: the first attempt); a retry sends the same log records
+            batch, sent, rejected = await asyncio.to_thread(self._convert, records[i:i + step], time.time_ns())
+            self._count_rejected(rejected)
+            if not batch:
+                continue
+            ok = await asyncio.to_thread(self._export, batch)
             self.exports += 1
             while not ok and self.durability is Durability.AT_LEAST_ONCE and not self._closed:
                 self.export_failures += 1
@@ -183,15 +196,15 @@ class OtlpSink(BaseSink):
                 await asyncio.sleep(self._pause)
                 self.paused_s += self._pause
                 self._pause = 0.0
-                n, ok = await asyncio.to_thread(self._export, chunk)
+                ok = await asyncio.to_thread(self._export, batch)
                 self.exports += 1
             if ok:
-                self._deliver(n)
+                self._deliver(len(batch))
                 self._backoff.reset()
                 self._set_health(Health.OK)
             else:
                 self.export_failures += 1
-                self._lose_records("export_failed", chunk)
+                self._lose_records("export_failed", sent)
                 self._pause = self._backoff.next()
                 self.last_error = (f"export to {self.endpoint} ({self.o.protocol}) failed after the exporter's "
                                    f"retries; pausing {self._pause:.1f}s")
