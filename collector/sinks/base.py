@@ -15,7 +15,9 @@ Accounting contract (checked by the ledger): every record passed to `send()` is,
 send() is called, exactly one of delivered, lost (with a reason) or in flight, as reported by
 `stats()` {"policy", "delivered", "lost": {reason: n}, "in_flight"} (cumulative). An exception out
 of send() means the sink is broken; BaseSink counts whatever the failed call had not accounted for
-as lost ("sink_error") before re-raising, and the pipeline stops the service.
+as lost ("sink_error") before re-raising, and the pipeline stops the service. A cancelled send counts
+"cancelled" what the sink never took over (`_cancelled`): a record still in flight is counted once,
+when its fate is known.
 
 Durability (docs/collector.md "Delivery and loss"): a sink is `at_least_once` (JSONL, Kafka: the
 pipeline releases kernel data only once they made it durable) or `best_effort` (console, OTLP by
@@ -150,15 +152,25 @@ class BaseSink:
             await self._send(records)
         except BaseException as e:
             done = self.delivered + sum(self.lost.values()) - before
-            self._lose("cancelled" if isinstance(e, asyncio.CancelledError) else "sink_error", n - done)
             self.last_error = f"{type(e).__name__}: {e}"
-            self._settle(call, call.remaining)          # counted lost: nothing left to wait for
+            if isinstance(e, asyncio.CancelledError):
+                self._cancelled(call, n - done)
+            else:
+                self._lose("sink_error", n - done)
+                self._settle(call, call.remaining)      # counted lost: nothing left to wait for
             raise
         finally:
             self.batches += batches
             self._call = None
         if not self.tracks_durability:
             self._settle(call, call.remaining)
+
+    def _cancelled(self, call: Call, left: int) -> None:
+        """A send cancelled (the shutdown deadline): the `left` records it had not counted are lost
+        (`cancelled`) and the call is settled. A sink that keeps records past a cancelled send (Kafka: a
+        batch in the producer, records in the spool) overrides this and counts only what it never took."""
+        self._lose("cancelled", left)
+        self._settle(call, call.remaining)
 
     def _settle(self, call: Call | None, n: int) -> None:
         """n more records of `call` are durable or counted lost. Idempotence is the caller's job."""

@@ -127,6 +127,8 @@ class KafkaSink(SpoolReplay, BaseSink):
         self._mirroring: asyncio.Future | None = None
         self._spool_lock = asyncio.Lock()
         self._appenders = 0                          # send() calls on their way into the spool
+        self._untaken = 0                            # records of the send under way neither counted nor in a
+                                                     # flight or the spool: what a cancellation loses (_cancelled)
         self._wake = asyncio.Event()
         self._closing = False
         self._task: asyncio.Task | None = None
@@ -322,6 +324,14 @@ class KafkaSink(SpoolReplay, BaseSink):
             self._builder_pool.shutdown(wait=False)      # its last builds finish on their own (ms)
 
     # ---- send --------------------------------------------------------------------------------------
+    def _cancelled(self, call, left: int) -> None:
+        """A send cancelled (the shutdown deadline) loses only the records it never handed over: a batch in
+        the producer counts when acknowledged (or at close), spooled records are carried over — counting
+        them `cancelled` too would count them twice (BaseSink._cancelled)."""
+        n, self._untaken = self._untaken, 0
+        self._lose("cancelled", n)
+        self._settle(call, n)
+
     async def _send(self, records: list[dict]) -> None:
         if self._task_error is not None:
             raise RuntimeError(f"kafka sink background task failed: {self._task_error}")
@@ -331,6 +341,7 @@ class KafkaSink(SpoolReplay, BaseSink):
         direct = not self.degraded and self._producer is not None
         with GcPaused():
             groups = self._encode(records, direct)
+        self._untaken = sum(map(len, groups.values()))    # the others were counted (encode_error, too_large)
         if not groups:
             return
         if direct:
@@ -430,6 +441,7 @@ class KafkaSink(SpoolReplay, BaseSink):
                 self._lose("encode_error", n)
                 self._note_msgs("encode_error", msgs)
                 self._settle(call, n)
+                self._untaken -= n
                 self.last_error = f"building a batch: {err_name(e)}: {e}"
                 continue
             try:
@@ -444,6 +456,7 @@ class KafkaSink(SpoolReplay, BaseSink):
             f = Flight(msgs, n, n, t0, nbytes, tp, call=call)
             f.sent = time.time()                     # the watchdog's "no acknowledgement for spool_after"
             self._window[id(f)] = f
+            self._untaken -= n                       # the flight counts them (delivered, rejected, spooled)
             fut.add_done_callback(functools.partial(self._direct_done, f))
             self.counters["producer_batches"] += 1
             if self.degraded:                        # degraded while we waited: spool a copy of it too
@@ -467,6 +480,7 @@ class KafkaSink(SpoolReplay, BaseSink):
                     self._lose("too_large", 1)
                     self._note_msgs("too_large", ms[i:i + 1])
                     self._settle(call, 1)
+                    self._untaken -= 1
                     i += 1
                     continue
                 row.append((tp, ms[i:j], nbytes, self._build(cb, full=j < len(ms))))

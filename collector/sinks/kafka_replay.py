@@ -219,6 +219,7 @@ class SpoolReplay:
                     self._lose("too_large", 1)
                     self._note_msgs("too_large", msgs[done:done + 1])
                     self._settle(call, 1)
+                    self._untaken -= 1
                     self.last_error = str(e)
                     done += 1
                     continue
@@ -229,6 +230,7 @@ class SpoolReplay:
                     done += w
                     self.counters["spooled"] += w
                     reason = "disk_full" if e.errno in DISK_FULL else "spool_error"
+                    self._untaken -= len(payloads) - done + w      # spooled, or counted lost here
                     self._lose(reason, len(payloads) - done)
                     self._note_msgs(reason, msgs[done:])
                     self._settle(call, len(payloads) - done)
@@ -240,6 +242,7 @@ class SpoolReplay:
                 self._age.mark(first, first + n, now)
                 self._wait_spool(first + n, call, n)
                 done += n
+                self._untaken -= n
                 self.counters["spooled"] += n
                 if done < len(payloads):
                     if self.o.spool_overflow == "block" and not self._closing:
@@ -249,6 +252,7 @@ class SpoolReplay:
                     self._lose("spool_full", len(payloads) - done)
                     self._note_msgs("spool_full", msgs[done:])
                     self._settle(call, len(payloads) - done)
+                    self._untaken -= len(payloads) - done
                     self.last_error = f"spool full ({self.spool.max_bytes} bytes): newest records dropped"
                     self._health_now(full=f"{self.last_error}; new records are counted lost")
                     break

@@ -103,3 +103,72 @@ def test_a_batch_the_spool_takes_only_in_part_is_not_replayed_besides_its_flight
         assert s.spool.pending == 40
         await s.close()
     asyncio.run(go())
+
+
+class StallingProducer:
+    """Accepts its first batch (acknowledged when the test says so) and never the second."""
+
+    def __init__(self):
+        self.acks: list[asyncio.Future] = []
+
+    async def send_batch(self, batch, topic, partition=None):
+        if self.acks:
+            await asyncio.Event().wait()
+        self.acks.append(asyncio.get_running_loop().create_future())
+        return self.acks[-1]
+
+    async def stop(self):
+        pass
+
+
+def test_a_send_cancelled_with_a_batch_in_flight_counts_each_record_once(tmp_path):
+    """The shutdown deadline cancels a send whose first partition's batch is in the producer and whose
+    second waits for room: only the records never handed over are lost (`cancelled`); the batch in flight
+    counts when the broker acknowledges it — delivered, not also lost (docs/collector.md "Delivery and
+    loss")."""
+    async def go():
+        s = sink(tmp_path, spool_after_s=60.0)
+        await s.start()                              # degraded (no broker): make it healthy on a stand-in
+        p = s._producer = StallingProducer()
+        s._partitions = {t: [0, 1] for t in s.topics}
+        s.degraded = False
+        recs = records(40)
+        send = asyncio.ensure_future(s.send(recs))
+        while not p.acks:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)                    # the second batch waits in send_batch
+        send.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await send
+        first = s.stats()["window"]["records"]
+        assert 0 < first < 40
+        p.acks[0].set_result(None)                   # the broker acknowledges the batch in flight
+        await asyncio.sleep(0)
+        st = s.stats()
+        assert st["delivered"] == first and st["lost"] == {"cancelled": 40 - first} and st["in_flight"] == 0, st
+        await s.close()
+        st = s.stats()
+        assert st["delivered"] + sum(st["lost"].values()) == 40 and st["in_flight"] == 0, st
+        assert s.settled_calls == 1 and s.unsettled_calls == 0
+    asyncio.run(go())
+
+
+def test_a_send_cancelled_while_waiting_for_spool_room_loses_only_what_is_not_spooled(tmp_path):
+    """spool_overflow: block and a full spool: the send waits for room until the shutdown deadline cancels
+    it. What it spooled is carried over to the next run, the rest is lost (`cancelled`) — each record once."""
+    async def go():
+        s = sink(tmp_path, spool_max_bytes=64 << 10, spool_segment_bytes=16 << 10, spool_overflow="block")
+        await s.start()
+        send = asyncio.ensure_future(s.send(records(120)))   # ~110 KiB into a 64 KiB spool
+        while not s.counters["spool_waits"]:
+            await asyncio.sleep(0.01)
+        send.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await send
+        spooled = s.spool.pending
+        assert 0 < spooled < 120
+        assert s.stats()["lost"] == {"cancelled": 120 - spooled} and s.in_flight == spooled
+        await s.close()
+        assert s.stats()["lost"] == {"cancelled": 120 - spooled, "carried_over": spooled} and s.in_flight == 0
+        assert s.settled_calls == 1 and s.unsettled_calls == 0
+    asyncio.run(go())
