@@ -407,12 +407,14 @@ class Pipeline(Sources, Shutdown):
                 if s.policy is FullQueuePolicy.DROP_NEWEST:
                     self.ledger.sink_lose(s.name, "queue_full", n)
                     s.queue_dropped += n
+                    s.shed("queue_full", records)
                     continue
                 if s.policy is FullQueuePolicy.DROP_OLDEST:
                     while s.queue.size and not s.queue.has_room(n):
-                        k = len(s.queue.pop_oldest())
-                        self.ledger.sink_lose(s.name, "queue_full", k)
-                        s.queue_dropped += k
+                        old = s.queue.pop_oldest()
+                        self.ledger.sink_lose(s.name, "queue_full", len(old))
+                        s.queue_dropped += len(old)
+                        s.shed("queue_full", old)
             s.queue.put_nowait(records)
         self.ledger.fan_out(n)
         ticket = self.acks.issue()

@@ -362,7 +362,7 @@ class Sources:
 
     def _sink_loss_records(self) -> list[dict]:
         return [self.losses.sink_loss(s.name, reason, stream, ranges)
-                for s in self.slots for (stream, reason), ranges in s.sink.take_lost_seqs().items()]
+                for s in self.slots for (stream, reason), ranges in s.take_lost_seqs()]
 
     # ---- the enforcer's logs (audit, DNS decisions) --------------------------------------------------
     def _open_logs(self) -> None:

@@ -241,13 +241,8 @@ class BaseSink:
         self._note_seqs(reason, ((r.get("hostwall") or {}) for r in records))
 
     def _note_seqs(self, reason: str, hws) -> None:
-        from hostwall.collector.loss_report import SeqRanges
-        by: dict[str, list[int]] = {}
-        for h in hws:
-            if h and "seq" in h and h.get("kind") != "loss":    # a lost loss record is counted, not reported again
-                by.setdefault(h.get("stream", ""), []).append(int(h["seq"]))
-        for stream, seqs in by.items():
-            self._lost_seqs.setdefault((stream, reason), SeqRanges()).add(seqs)
+        from hostwall.collector.loss_report import note_seqs
+        note_seqs(self._lost_seqs, reason, hws)
 
     def take_lost_seqs(self) -> dict[tuple[str, str], Any]:
         """{(stream, reason): SeqRanges} noted since the last call."""

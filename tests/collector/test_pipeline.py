@@ -28,6 +28,10 @@ def status(tmp_path) -> dict:
     return json.loads((tmp_path / "status.json").read_text())
 
 
+def denies(sink) -> int:
+    return sum(r["hostwall"]["kind"] == "deny" for r in sink.records)
+
+
 # ---- tests --------------------------------------------------------------------------------------
 
 def test_events_are_delivered_and_the_ledger_balances(tmp_path):
@@ -171,15 +175,15 @@ def test_drop_oldest_sink_sheds_and_counts_while_a_blocking_sink_gets_everything
         for _ in range(5):
             src.emit(100)
             await until(lambda: src.rb.available_bytes() == 0)
-        await until(lambda: len(fast.records) == 500)
+        await until(lambda: denies(fast) == 500)
         gate.set()
         pipe.stop()
         await task
     uvloop.run(go())
     led = pipe.ledger
-    assert len(fast.records) == 500
+    assert denies(fast) == 500                           # (and the loss records naming what lossy shed)
     shed = led.lanes["lossy"].lost["queue_full"]
-    assert shed > 0 and len(lossy.records) + shed == 500
+    assert shed > 0 and len(lossy.records) + shed == led.produced
     assert led.check(quiescent=True) == []
     assert status(tmp_path)["queues"]["sinks"]["lossy"]["dropped"] == shed
 
@@ -455,3 +459,33 @@ def test_a_console_sink_runs_best_effort_next_to_a_blocking_sink(tmp_path):
     uvloop.run(go())
     assert con.summary.kinds["deny"] == 50
     assert pipe.ledger.balance("console") == {"produced": 50, "delivered": 50, "lost": 0, "in_flight": 0}
+
+
+def test_records_a_drop_oldest_sink_sheds_are_named_in_loss_records(tmp_path):
+    """queue_full is a sink loss like any other (docs/records.md "Completeness"): the seqs the pipeline
+    shed in front of a drop_oldest sink are in loss records, so that sink's consumer can tell the gap from
+    a loss after the collector."""
+    gate = asyncio.Event()
+    fast, lossy = MemorySink("fast"), MemorySink("lossy", FullQueuePolicy.DROP_OLDEST, gate=gate)
+    src = FakeSource()
+    pipe = Pipeline(cfg(tmp_path, queues=QueueSizes(events=2, sink=20, batch=10)), src, StubBuilder(), [fast, lossy])
+
+    def reported() -> list[dict]:
+        return [r["hostwall"]["loss"] for r in fast.records
+                if r["hostwall"]["kind"] == "loss" and r["hostwall"]["loss"]["sink"] == "lossy"]
+
+    async def go():
+        task = await started(pipe)
+        src.emit(300)
+        await until(lambda: denies(fast) == 300)
+        shed = pipe.ledger.lanes["lossy"].lost["queue_full"]
+        assert shed > 0
+        await until(lambda: sum(x["count"] for x in reported()) == shed)
+        gate.set()
+        pipe.stop()
+        await task
+    uvloop.run(go())
+    got = {r["hostwall"]["seq"] for r in lossy.records if r["hostwall"]["kind"] == "deny"}
+    named = {q for x in reported() if x["reason"] == "queue_full" and x["stream"] == "events"
+             for lo, hi in x["ranges"] for q in range(lo, hi + 1)}
+    assert named and not named & got and named | got == set(range(300))
