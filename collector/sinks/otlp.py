@@ -18,6 +18,10 @@ exponential backoff within `otlp.timeout`; a request that still fails is counted
 and the sink then waits a jittered, growing pause (0.5 s .. 30 s, reset on success) before the next
 request, so an outage neither spins nor grows memory — the queue in front sheds and counts instead.
 At-most-once: an export the collector received but did not acknowledge in time counts as lost.
+Partial success (the receiver took a request but rejected some of its log records: `partial_success.
+rejected_log_records`, not to be retried per the OTLP spec): those are counted lost ("rejected"), the rest
+delivered — a count without seqs, since the response does not say which. The SDK exporters discard the
+response, so the sink reads it where they get it (PartialSuccess: SDK internals, guarded).
 
 `otlp.delivery: at_least_once` makes the sink acknowledging (docs/collector.md "Delivery and loss"): its
 queue blocks instead of shedding, a failed export is retried after the same jittered pause (Backoff)
@@ -91,6 +95,55 @@ def make_log_exporter(endpoint: str, options, *, signal: str = "logs"):
         raise SinkUnavailable(f"OTLP TLS: cannot read {e.filename}: {e.strerror}; check otlp.tls_*") from None
 
 
+class PartialSuccess:
+    """What the receiver said it rejected in the last response (`rejected`, `message`). The SDK exporters
+    (1.45) drop the response, so this wraps the calls that return it: the gRPC stub's Export (through the
+    stub factory, which a reconnect calls again) and the HTTP client's _submit. SDK internals, guarded:
+    without them nothing is read (`watching` False) and an accepted request counts delivered whole.
+    Cost: one protobuf parse per export. Use from one thread at a time (the sink's exports are)."""
+
+    def __init__(self, exporter) -> None:
+        self.rejected = 0
+        self.message = ""
+        self.watching = False
+        client = getattr(exporter, "_client", None)
+        stub = getattr(exporter, "_stub", None)
+        if client is not None and hasattr(client, "Export") and callable(stub):          # gRPC
+            def make(channel):
+                c = stub(channel)
+                c.Export = self._reading(c.Export, lambda resp: resp)
+                return c
+            exporter._stub = make
+            exporter._client = make(exporter._channel)
+            self.watching = True
+        elif client is not None and callable(getattr(client, "_submit", None)):         # HTTP
+            from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceResponse
+
+            def parse(result):
+                if result.status_code is not None and 200 <= result.status_code < 300:
+                    return ExportLogsServiceResponse.FromString(result.content())
+                return None
+            client._submit = self._reading(client._submit, parse)
+            self.watching = True
+
+    def _reading(self, call, response_of):
+        def wrapped(*a, **kw):
+            out = call(*a, **kw)
+            try:
+                resp = response_of(out)
+                if resp is not None and resp.HasField("partial_success"):
+                    self.rejected = int(resp.partial_success.rejected_log_records)
+                    self.message = resp.partial_success.error_message
+            except Exception:                       # noqa: BLE001 — an unreadable answer: nothing rejected
+                pass
+            return out
+        return wrapped
+
+    def take(self) -> tuple[int, str]:
+        out, self.rejected, self.message = (self.rejected, self.message), 0, ""
+        return out
+
+
 class OtlpSink(BaseSink):
     full_queue_policy = FullQueuePolicy.DROP_OLDEST
     durability = Durability.BEST_EFFORT
@@ -105,6 +158,7 @@ class OtlpSink(BaseSink):
             self.durability = Durability.AT_LEAST_ONCE
             self.full_queue_policy = FullQueuePolicy.BLOCK
         self._exporter = None
+        self._partial: PartialSuccess | None = None
         self._resource = None
         self._scope = None
         self._pause = 0.0
@@ -126,6 +180,7 @@ class OtlpSink(BaseSink):
         from hostwall.collector.encoders.otel import SCHEMA_URL
         from hostwall.collector.enrich.host import collector_version
         self._exporter = make_log_exporter(self.endpoint, self.o)
+        self._partial = PartialSuccess(self._exporter)
         self._resource = Resource.create(self.resource_attrs, schema_url=SCHEMA_URL)
         self._scope = InstrumentationScope(SCOPE, collector_version(), schema_url=SCHEMA_URL)
 
@@ -167,10 +222,15 @@ class OtlpSink(BaseSink):
             self._lose_records("encode_error", [r for r, _ in rejected])   # seqs noted: the loss record explains the gap
             self.last_error = f"encode: {rejected[-1][1]}"
 
-    def _export(self, batch: list) -> bool:
-        """Worker thread: one export request of converted log records; True on success."""
+    def _export(self, batch: list) -> tuple[bool, int, str]:
+        """Worker thread: one export request of converted log records: (success, log records the receiver
+        rejected in a partial success, its message)."""
         from opentelemetry.sdk._logs.export import LogRecordExportResult
-        return self._exporter.export(batch) == LogRecordExportResult.SUCCESS
+        if self._partial is not None:
+            self._partial.take()
+        ok = self._exporter.export(batch) == LogRecordExportResult.SUCCESS
+        rejected, why = self._partial.take() if ok and self._partial is not None else (0, "")
+        return ok, min(rejected, len(batch)), why
 
     async def _send(self, records: list[dict]) -> None:
         if self._closed:
@@ -186,7 +246,7 @@ class OtlpSink(BaseSink):
             self._count_rejected(rejected)
             if not batch:
                 continue
-            ok = await asyncio.to_thread(self._export, batch)
+            ok, rejected, why = await asyncio.to_thread(self._export, batch)
             self.exports += 1
             while not ok and self.durability is Durability.AT_LEAST_ONCE and not self._closed:
                 self.export_failures += 1
@@ -196,12 +256,15 @@ class OtlpSink(BaseSink):
                 await asyncio.sleep(self._pause)
                 self.paused_s += self._pause
                 self._pause = 0.0
-                ok = await asyncio.to_thread(self._export, batch)
+                ok, rejected, why = await asyncio.to_thread(self._export, batch)
                 self.exports += 1
             if ok:
-                self._deliver(len(batch))
+                self._deliver(len(batch) - rejected)
                 self._backoff.reset()
                 self._set_health(Health.OK)
+                if rejected:                        # partial success: counted, never retried (OTLP spec)
+                    self._lose("rejected", rejected)
+                    self.last_error = f"{self.endpoint} rejected {rejected} of {len(batch)} log records: {why}"
             else:
                 self.export_failures += 1
                 self._lose_records("export_failed", sent)

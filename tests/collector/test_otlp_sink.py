@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from opentelemetry.sdk._logs.export import LogRecordExportResult
 
 from hostwall.collector.backoff import Backoff
@@ -79,3 +81,83 @@ def test_a_failed_best_effort_export_counts_each_record_under_one_reason():
     assert st["delivered"] == 0 and st["lost"] == {"encode_error": 1, "export_failed": 2} and st["in_flight"] == 0, st
     # (the good ones are loss records: a lost loss record is counted, not reported again)
     assert {k: v.ranges for k, v in s.take_lost_seqs().items()} == {("events", "encode_error"): [[1, 1]]}
+
+
+class PartialReceiver:
+    """An OTLP logs receiver on 127.0.0.1 (gRPC or HTTP/protobuf) that accepts every request and says it
+    rejected `rejected` log records of each (OTLP partial success); counts the log records it got."""
+
+    def __init__(self, protocol: str, rejected: int):
+        from opentelemetry.proto.collector.logs.v1 import logs_service_pb2 as pb
+        self.got = 0
+        self.protocol = protocol
+
+        def answer(req) -> pb.ExportLogsServiceResponse:
+            self.got += sum(len(s.log_records) for r in req.resource_logs for s in r.scope_logs)
+            resp = pb.ExportLogsServiceResponse()
+            resp.partial_success.rejected_log_records = rejected
+            resp.partial_success.error_message = "attribute too long"
+            return resp
+        if protocol == "grpc":
+            from concurrent import futures
+
+            import grpc
+            from opentelemetry.proto.collector.logs.v1 import logs_service_pb2_grpc as pbg
+
+            class Servicer(pbg.LogsServiceServicer):
+                def Export(self, request, context):    # noqa: N802 — the gRPC method's name
+                    return answer(request)
+            self.server = grpc.server(futures.ThreadPoolExecutor(2))
+            pbg.add_LogsServiceServicer_to_server(Servicer(), self.server)
+            self.port = self.server.add_insecure_port("127.0.0.1:0")
+            self.server.start()
+        else:
+            import http.server
+            import threading
+
+            class Handler(http.server.BaseHTTPRequestHandler):
+                def do_POST(self):                       # noqa: N802 — http.server's name
+                    body = self.rfile.read(int(self.headers["Content-Length"]))
+                    out = answer(pb.ExportLogsServiceRequest.FromString(body)).SerializeToString()
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/x-protobuf")
+                    self.send_header("Content-Length", str(len(out)))
+                    self.end_headers()
+                    self.wfile.write(out)
+
+                def log_message(self, *a):
+                    pass
+            self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+            self.port = self.server.server_address[1]
+            threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        if self.protocol == "grpc":
+            self.server.stop(None)
+        else:
+            self.server.shutdown()
+            self.server.server_close()
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+@pytest.mark.parametrize("delivery", ["best_effort", "at_least_once"])
+def test_records_the_receiver_rejects_in_a_partial_success_are_counted_lost_not_delivered(protocol, delivery):
+    """OTLP partial success: the receiver took the request but rejected some of its log records (not to be
+    retried, says the OTLP spec). Those are lost (`rejected`), not delivered — the SDK exporters report the
+    request as a plain success."""
+    rx = PartialReceiver(protocol, rejected=2)
+    try:
+        async def go():
+            s = OtlpSink(f"127.0.0.1:{rx.port}", options=OtlpOptions(protocol=protocol, delivery=delivery, batch=5,
+                                                                     timeout_s=5.0))
+            await s.start()
+            await s.send([good(i) for i in range(7)])   # two requests: 5 + 2 records
+            await s.close()
+            return s
+        s = asyncio.run(go())
+    finally:
+        rx.stop()
+    st = s.stats()
+    assert rx.got == 7
+    assert st["delivered"] == 3 and st["lost"] == {"rejected": 4} and st["in_flight"] == 0, st
+    assert s.exports == 2 and "attribute too long" in st["last_error"] and s.settled_calls == 1
