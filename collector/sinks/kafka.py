@@ -127,8 +127,7 @@ class KafkaSink(SpoolReplay, BaseSink):
         self._mirroring: asyncio.Future | None = None
         self._spool_lock = asyncio.Lock()
         self._appenders = 0                          # send() calls on their way into the spool
-        self._untaken = 0                            # records of the send under way neither counted nor in a
-                                                     # flight or the spool: what a cancellation loses (_cancelled)
+        self._untaken = 0                            # of the send under way: not counted, in no flight or spool
         self._wake = asyncio.Event()
         self._closing = False
         self._task: asyncio.Task | None = None
@@ -324,14 +323,6 @@ class KafkaSink(SpoolReplay, BaseSink):
             self._builder_pool.shutdown(wait=False)      # its last builds finish on their own (ms)
 
     # ---- send --------------------------------------------------------------------------------------
-    def _cancelled(self, call, left: int) -> None:
-        """A send cancelled (the shutdown deadline) loses only the records it never handed over: a batch in
-        the producer counts when acknowledged (or at close), spooled records are carried over — counting
-        them `cancelled` too would count them twice (BaseSink._cancelled)."""
-        n, self._untaken = self._untaken, 0
-        self._lose("cancelled", n)
-        self._settle(call, n)
-
     async def _send(self, records: list[dict]) -> None:
         if self._task_error is not None:
             raise RuntimeError(f"kafka sink background task failed: {self._task_error}")

@@ -121,6 +121,14 @@ class SpoolReplay:
             else:
                 self._settle(call, n)
 
+    def _cancelled(self, call: Call, left: int) -> None:
+        """A send cancelled (the shutdown deadline) loses only the records it never handed over (`_untaken`):
+        a batch in the producer counts when acknowledged (or at close), spooled records are carried over —
+        counting them `cancelled` too would count them twice (BaseSink._cancelled)."""
+        n, self._untaken = self._untaken, 0
+        self._lose("cancelled", n)
+        self._settle(call, n)
+
     def _note_msgs(self, reason: str, msgs) -> None:
         self._note_seqs(reason, (m[4] for m in msgs if len(m) > 4))
 
