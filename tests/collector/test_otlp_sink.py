@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-
 from opentelemetry.sdk._logs.export import LogRecordExportResult
 
 from hostwall.collector.backoff import Backoff
@@ -105,7 +104,7 @@ class PartialReceiver:
             from opentelemetry.proto.collector.logs.v1 import logs_service_pb2_grpc as pbg
 
             class Servicer(pbg.LogsServiceServicer):
-                def Export(self, request, context):    # noqa: N802 — the gRPC method's name
+                def Export(self, request, context):
                     return answer(request)
             self.server = grpc.server(futures.ThreadPoolExecutor(2))
             pbg.add_LogsServiceServicer_to_server(Servicer(), self.server)
@@ -116,7 +115,7 @@ class PartialReceiver:
             import threading
 
             class Handler(http.server.BaseHTTPRequestHandler):
-                def do_POST(self):                       # noqa: N802 — http.server's name
+                def do_POST(self):
                     body = self.rfile.read(int(self.headers["Content-Length"]))
                     out = answer(pb.ExportLogsServiceRequest.FromString(body)).SerializeToString()
                     self.send_response(200)
