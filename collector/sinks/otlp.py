@@ -26,7 +26,7 @@ response, so the sink reads it where they get it (PartialSuccess: SDK internals,
 `otlp.delivery: at_least_once` makes the sink acknowledging (docs/collector.md "Delivery and loss"): its
 queue blocks instead of shedding, a failed export is retried after the same jittered pause (Backoff)
 instead of being counted lost, and a batch settles — the pipeline may release its kernel data — once
-the receiver accepted it. Default best_effort: the pipeline never waits for this sink.
+the receiver accepted it; one still unaccepted at the shutdown deadline is `requeued` (stays in the kernel). Default best_effort: the pipeline never waits for this sink.
 
 Cost: ~30-60 µs per record (attribute dicts + protobuf encoding in the SDK), on the worker thread.
 """
@@ -272,6 +272,13 @@ class OtlpSink(BaseSink):
                 self.last_error = (f"export to {self.endpoint} ({self.o.protocol}) failed after the exporter's "
                                    f"retries; pausing {self._pause:.1f}s")
                 self._set_health(Health.DEGRADED, f"exports to {self.endpoint} fail; records are counted lost")
+
+    def _cancelled(self, call, left: int) -> None:
+        """at_least_once: an export cut by the shutdown deadline stays in flight, its call unsettled, so the
+        pipeline counts it `requeued` and keeps its kernel data for the next collector (docs/collector.md "The
+        loss ledger") instead of releasing records no receiver took. best_effort: lost (`cancelled`)."""
+        if self.durability is not Durability.AT_LEAST_ONCE:
+            super()._cancelled(call, left)
 
     def stats(self) -> dict:
         return {**super().stats(), "endpoint": self.endpoint, "protocol": self.o.protocol, "exports": self.exports,

@@ -160,3 +160,40 @@ def test_records_the_receiver_rejects_in_a_partial_success_are_counted_lost_not_
     assert rx.got == 7
     assert st["delivered"] == 3 and st["lost"] == {"rejected": 4} and st["in_flight"] == 0, st
     assert s.exports == 2 and "attribute too long" in st["last_error"] and s.settled_calls == 1
+
+
+def test_an_at_least_once_export_cut_by_the_shutdown_deadline_stays_in_the_kernel(tmp_path):
+    """otlp.delivery: at_least_once and a receiver that keeps failing: at the shutdown deadline the batch
+    the sink was retrying is `requeued` (docs/collector.md, the loss ledger: not a loss, it was never
+    released in the kernel) — the ring does not move past it, and the next collector sends it again."""
+    import uvloop
+
+    from hostwall.collector.pipeline import Pipeline
+    from tests.collector.fakes import FakeSource, StubBuilder, cfg, started, until
+
+    class FailingOtlp(OtlpSink):
+        async def start(self):
+            await super().start()
+            await asyncio.to_thread(self._exporter.shutdown)
+            self._exporter = Exporter(fail=10**9)
+            self._backoff = Backoff(0.01, 0.05)
+
+    class Mappable(StubBuilder):                      # records the OTLP mapping takes
+        def on_events(self, batch, clock):
+            return [good(int(t)) for t in batch["start_ns"]]
+
+    src = FakeSource()
+    sink = FailingOtlp("127.0.0.1:1", options=OtlpOptions(delivery="at_least_once"))
+    pipe = Pipeline(cfg(tmp_path), src, Mappable(), [sink], shutdown_timeout_s=0.5)
+
+    async def go():
+        task = await started(pipe)
+        src.emit(20)
+        await until(lambda: sink.export_failures >= 3)
+        pipe.stop()
+        await task
+    uvloop.run(go())
+    lane = pipe.ledger.lanes[sink.name]
+    assert lane.delivered == 0 and dict(lane.lost) == {"requeued": 20}, dict(lane.lost)
+    assert src.rb.consumer_pos == 0 and src.rb.uncommitted_bytes() == 20 * 128     # the kernel keeps them
+    assert pipe.ledger.check(quiescent=True) == []
