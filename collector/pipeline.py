@@ -443,6 +443,9 @@ class Pipeline(Sources, Shutdown):
                 self._sync_sink(s)
             await s.sink.flush()
             self._sync_sink(s)
+        except asyncio.CancelledError:              # the shutdown deadline: the sink did not fail; what is
+            self._sync_sink(s)                      # still queued is counted by the shutdown (requeued for an
+            raise                                   # at_least_once sink: its kernel data is kept)
         except BaseException:
             s.dead = True
             self._sync_sink(s)

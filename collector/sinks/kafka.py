@@ -55,7 +55,7 @@ import aiokafka  # at import: a build without it fails in build_sink
 from hostwall.gcpause import GcPaused
 
 from ..backoff import Backoff
-from .base import BaseSink, FullQueuePolicy, Health, SinkUnavailable
+from .base import BaseSink, Call, FullQueuePolicy, Health, SinkUnavailable
 from .kafka_client import client_kwargs, sasl_password, ssl_context
 from .kafka_health import LATENCY_BUCKETS_S, LatencyHistogram, SpoolAge, err_name, is_fatal, is_rejected
 from .kafka_probe import probe_kafka
@@ -128,6 +128,7 @@ class KafkaSink(SpoolReplay, BaseSink):
         self._spool_lock = asyncio.Lock()
         self._appenders = 0                          # send() calls on their way into the spool
         self._untaken = 0                            # of the send under way: not counted, in no flight or spool
+        self._cut: Call | None = None                # a send cancelled with records untaken (_cancelled)
         self._wake = asyncio.Event()
         self._closing = False
         self._task: asyncio.Task | None = None
@@ -315,9 +316,10 @@ class KafkaSink(SpoolReplay, BaseSink):
         if self.spool.opened:
             await self.spool.close()
         self._on_spool_synced()
-        self._lose("carried_over", self.in_flight)
+        self._lose("carried_over", self.in_flight - (self._untaken if self._cut else 0))
         for c in list(self._calls):                  # counted (delivered, lost or carried over): settled
-            self._settle(c, c.remaining)
+            if c is not self._cut:                   # (its untaken records: the pipeline's `requeued`)
+                self._settle(c, c.remaining)
         self.degraded = True if self.spool.pending else self.degraded
         if self._builder_pool is not None:
             self._builder_pool.shutdown(wait=False)      # its last builds finish on their own (ms)

@@ -122,12 +122,13 @@ class SpoolReplay:
                 self._settle(call, n)
 
     def _cancelled(self, call: Call, left: int) -> None:
-        """A send cancelled (the shutdown deadline) loses only the records it never handed over (`_untaken`):
-        a batch in the producer counts when acknowledged (or at close), spooled records are carried over —
-        counting them `cancelled` too would count them twice (BaseSink._cancelled)."""
-        n, self._untaken = self._untaken, 0
-        self._lose("cancelled", n)
-        self._settle(call, n)
+        """A send cancelled by the shutdown deadline: what it handed over counts as usual (a batch in the
+        producer when acknowledged or at close, spooled records carried over — BaseSink's `cancelled` would
+        count those twice). The records it never handed over (`_untaken`) stay in flight and keep the call
+        unsettled: close() leaves them to the pipeline, which counts them `requeued` and keeps their kernel
+        data for the next collector (docs/collector.md "The loss ledger")."""
+        if self._untaken:
+            self._cut = call
 
     def _note_msgs(self, reason: str, msgs) -> None:
         self._note_seqs(reason, (m[4] for m in msgs if len(m) > 4))

@@ -123,9 +123,9 @@ class StallingProducer:
 
 def test_a_send_cancelled_with_a_batch_in_flight_counts_each_record_once(tmp_path):
     """The shutdown deadline cancels a send whose first partition's batch is in the producer and whose
-    second waits for room: only the records never handed over are lost (`cancelled`); the batch in flight
-    counts when the broker acknowledges it — delivered, not also lost (docs/collector.md "Delivery and
-    loss")."""
+    second waits for room: the batch in flight counts when the broker acknowledges it — delivered, not also
+    lost; the records never handed over stay in flight with their call unsettled, for the pipeline to count
+    `requeued` and keep in the kernel (docs/collector.md "The loss ledger")."""
     async def go():
         s = sink(tmp_path, spool_after_s=60.0)
         await s.start()                              # degraded (no broker): make it healthy on a stand-in
@@ -145,17 +145,18 @@ def test_a_send_cancelled_with_a_batch_in_flight_counts_each_record_once(tmp_pat
         p.acks[0].set_result(None)                   # the broker acknowledges the batch in flight
         await asyncio.sleep(0)
         st = s.stats()
-        assert st["delivered"] == first and st["lost"] == {"cancelled": 40 - first} and st["in_flight"] == 0, st
+        assert st["delivered"] == first and st["lost"] == {} and st["in_flight"] == 40 - first, st
         await s.close()
         st = s.stats()
-        assert st["delivered"] + sum(st["lost"].values()) == 40 and st["in_flight"] == 0, st
-        assert s.settled_calls == 1 and s.unsettled_calls == 0
+        assert st["delivered"] == first and st["lost"] == {} and st["in_flight"] == 40 - first, st
+        assert s.settled_calls == 0 and s.unsettled_calls == 1     # the kernel keeps the batch
     asyncio.run(go())
 
 
 def test_a_send_cancelled_while_waiting_for_spool_room_loses_only_what_is_not_spooled(tmp_path):
     """spool_overflow: block and a full spool: the send waits for room until the shutdown deadline cancels
-    it. What it spooled is carried over to the next run, the rest is lost (`cancelled`) — each record once."""
+    it. What it spooled is carried over to the next run; the rest stays in flight, its call unsettled, for
+    the pipeline to count `requeued` — each record once."""
     async def go():
         s = sink(tmp_path, spool_max_bytes=64 << 10, spool_segment_bytes=16 << 10, spool_overflow="block")
         await s.start()
@@ -167,8 +168,36 @@ def test_a_send_cancelled_while_waiting_for_spool_room_loses_only_what_is_not_sp
             await send
         spooled = s.spool.pending
         assert 0 < spooled < 120
-        assert s.stats()["lost"] == {"cancelled": 120 - spooled} and s.in_flight == spooled
+        assert s.stats()["lost"] == {} and s.in_flight == 120
         await s.close()
-        assert s.stats()["lost"] == {"cancelled": 120 - spooled, "carried_over": spooled} and s.in_flight == 0
-        assert s.settled_calls == 1 and s.unsettled_calls == 0
+        assert s.stats()["lost"] == {"carried_over": spooled} and s.in_flight == 120 - spooled
+        assert s.settled_calls == 0 and s.unsettled_calls == 1
     asyncio.run(go())
+
+
+def test_records_a_cut_send_never_spooled_stay_in_the_kernel_and_are_requeued(tmp_path):
+    """A pipeline stopped while its Kafka sink waits for spool room (spool_overflow: block): nothing is
+    counted `cancelled` and released, nor `sink_failed` (the sink did not fail) — what never reached the spool
+    is `requeued`, and the ring keeps it for the next collector (docs/collector.md "The loss ledger")."""
+    import uvloop
+
+    from hostwall.collector.config import QueueSizes
+    from hostwall.collector.pipeline import Pipeline
+    from tests.collector.fakes import FakeSource, StubBuilder, cfg, started, until
+
+    src = FakeSource(ring_size=1 << 18)
+    s = sink(tmp_path, spool_max_bytes=32 << 10, spool_segment_bytes=8 << 10, spool_overflow="block")
+    pipe = Pipeline(cfg(tmp_path, queues=QueueSizes(events=4, sink=256, batch=64)), src, StubBuilder(), [s],
+                    shutdown_timeout_s=0.5)
+
+    async def go():
+        task = await started(pipe)
+        src.emit(1500)
+        await until(lambda: s.counters["spool_waits"] > 0)
+        pipe.stop()
+        await task
+    uvloop.run(go())
+    lost = dict(pipe.ledger.lanes[s.name].lost)
+    assert set(lost) == {"requeued", "carried_over"} and lost["requeued"] > 0, lost   # not cancelled, sink_failed
+    assert src.rb.uncommitted_bytes() // 128 >= lost["requeued"]           # the kernel keeps them
+    assert pipe.ledger.check(quiescent=True) == []
