@@ -302,7 +302,9 @@ class Pipeline(Sources, Shutdown):
             self._account_read(b)
             if not b.consumed_bytes:
                 break
-            await self._events_q.put((b.records, b.end_pos))
+            self._carry = (b.records, b.end_pos)        # held while waiting for room: cut by the deadline,
+            await self._events_q.put(self._carry)       # it is counted requeued (Shutdown._count_abandoned)
+            self._carry = None
         await self._events_q.put(None)
 
     async def _build_events(self) -> None:

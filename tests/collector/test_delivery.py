@@ -17,6 +17,7 @@ from hostwall.bpf import layout as L
 from hostwall.bpf.conntrack import CT_F_CLAIMED
 from hostwall.collector.acks import Acks, CommitEntry, CommitLog
 from hostwall.collector.checkpoint import Checkpoint, analyze_restart
+from hostwall.collector.config import QueueSizes
 from hostwall.collector.kernel import CtFamilyScan, CtScan, DropDrain
 from hostwall.collector.loss_report import SeqRanges
 from hostwall.collector.outbox import Outbox
@@ -827,3 +828,29 @@ def test_an_outbox_whose_torn_line_cannot_be_cut_starts_the_next_append_on_a_new
     second.append([owned("anomaly", 1)])
     third = Outbox(box.path)
     assert [r["event"]["id"] for r in third.load()] == ["anomaly-0", "anomaly-1"] and third.damaged == 1
+
+
+def test_events_the_final_drain_read_but_could_not_queue_by_the_deadline_are_counted_requeued(tmp_path):
+    """Shutdown with a slow sink and a full ring: the last ring drain reads batch after batch and waits for
+    room in the events queue when the shutdown deadline comes. The batch it holds then stays in the kernel
+    (never committed) and is counted `requeued` like the rest read but not built: every event read is
+    produced (built, or requeued) — `status` adds up."""
+    class Slow(MemorySink):
+        async def _send(self, records):
+            await asyncio.sleep(0.02)
+            await super()._send(records)
+
+    src, sink = FakeSource(), Slow()
+    pipe = Pipeline(cfg(tmp_path, queues=QueueSizes(events=1, sink=10, batch=5)), src, StubBuilder(), [sink],
+                    shutdown_timeout_s=0.5)
+
+    async def go():
+        task = await started(pipe)
+        src.emit(500)
+        await until(lambda: len(sink.records) >= 20)
+        pipe.stop()
+        await task
+    uvloop.run(go())
+    read = pipe.counters["events_read"]
+    assert read > len(sink.records) and pipe.ledger.produced_by["events"] == read, (read, dict(pipe.ledger.produced_by))
+    assert pipe.ledger.check(quiescent=True) == []
