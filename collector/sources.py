@@ -83,7 +83,9 @@ class Sources:
             self.source.set_last_scan(int(ck["ct_last_scan"]))
         self._drain_checked = False
         self._ct_checked = False
-        self._last_scan_wall: int | None = None      # the flow summaries' window starts at the previous scan
+        # the flow summaries' window starts at the previous scan: the last run's last durable one (same boot)
+        last = ck["ct_last_scan"]
+        self._last_scan_wall: int | None = self.clock.wall_ns(int(last)) if last else None
         self._boot_id = str(identity.get("boot_id") or "")
         await self._replay_outbox()
         if rs.previous in ("crash", "reboot"):
@@ -315,6 +317,7 @@ class Sources:
         log.info("resent %d conntrack batch(es) from the journal %s", len(batches), self.ct_journal.dir)
         if last is not None:
             self.source.set_last_scan(last)         # their active-timeout updates are in them
+            self._last_scan_wall = self.clock.wall_ns(last)     # and their summaries' windows end there
 
     # ---- tick ------------------------------------------------------------------------------------
     async def _tick(self) -> None:
