@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import mmap
 import os
+import struct
 from dataclasses import dataclass
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
@@ -401,7 +403,7 @@ class _ProgLoadAttr(ctypes.Structure):
 
 def prog_load_verbose(prog_type: int, insns: bytes, name: str, log_level: int = 1,
                       log_size: int = 16 << 20) -> tuple[int, str]:
-    """Load raw instructions with a verifier log: (fd or -errno, log). For diagnostics only."""
+    """Load raw instructions with a verifier log: (fd or -errno, log). For diagnostics and feature probes."""
     ib = ctypes.create_string_buffer(insns, len(insns))
     lic = ctypes.create_string_buffer(b"GPL")
     log = ctypes.create_string_buffer(log_size)
@@ -412,3 +414,21 @@ def prog_load_verbose(prog_type: int, insns: bytes, name: str, log_level: int = 
     except BpfError as e:
         fd = -e.errno
     return fd, log.value.decode(errors="replace")
+
+
+PROG_TYPE_XDP = 6
+_INSN = struct.Struct("<BBhi")              # opcode, dst | src << 4, offset, immediate
+
+
+@functools.cache
+def xdp_adjust_meta_allowed() -> bool:
+    """Whether this kernel lets an XDP program call bpf_xdp_adjust_meta (one seen here does not: its
+    verifier says "program of this type cannot use helper"). Probed once per process by loading
+    `r2 = -8; call bpf_xdp_adjust_meta; r0 = XDP_PASS; exit` (~0.1 ms)."""
+    prog = (_INSN.pack(0xb7, 2, 0, -8) + _INSN.pack(0x85, 0, 0, 54)
+            + _INSN.pack(0xb7, 0, 0, 2) + _INSN.pack(0x95, 0, 0, 0))
+    fd, _ = prog_load_verbose(PROG_TYPE_XDP, prog, "hw_meta_probe", log_level=0, log_size=0)
+    if fd < 0:
+        return False
+    os.close(fd)
+    return True

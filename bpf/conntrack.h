@@ -299,13 +299,20 @@ static __always_inline int ct_advance(struct env *v, struct pkt *p, struct ctref
 		if (f & TCPF_RST) {
 			ns = HW_CT_CLOSED;
 		} else if ((f & (TCPF_SYN | TCPF_ACK)) == (TCPF_SYN | TCPF_ACK)) {
-			if (from_init)
-				return 0;
+			if (from_init && st != HW_CT_SYN_RECV)
+				return 0;   /* the initiator answers a SYN only in a simultaneous open */
 			if (st == HW_CT_SYN_SENT)
 				ns = HW_CT_SYN_RECV;
 		} else if (f & TCPF_SYN) {
-			if (!from_init || st == HW_CT_FIN_WAIT || st == HW_CT_CLOSING || st == HW_CT_CLOSED)
+			if (!from_init) {
+				/* simultaneous open (RFC 9293 §3.5, netfilter's SYN_SENT2): the responder's own SYN
+				 * answers the initiator's; both SYNs seen is SYN_RECV (docs/policy.md "stateful") */
+				if (st != HW_CT_SYN_SENT && st != HW_CT_SYN_RECV)
+					return 0;
+				ns = HW_CT_SYN_RECV;
+			} else if (st == HW_CT_FIN_WAIT || st == HW_CT_CLOSING || st == HW_CT_CLOSED) {
 				return 0;   /* a new connection on a closing tuple is judged afresh */
+			}
 		} else if (st == HW_CT_CLOSED) {
 			return 0;
 		} else if (st == HW_CT_SYN_RECV && from_init && (f & TCPF_ACK)) {

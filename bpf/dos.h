@@ -263,8 +263,50 @@ static __always_inline struct hw_dos_src *dos_take(struct env *v, struct hw_dos_
 	return &sl->s;
 }
 
-/* Per-source limits; returns a drop reason or 0. Keeps the over-limit streak and bans. Finding the
- * source costs HW_DOS_WAYS inlined array probes (no helper call), as conntrack does. */
+/* The source's ban, then its buckets: the first that is empty names the reason; 0: admitted. */
+static __always_inline __u32 dos_buckets(struct env *v, struct pkt *p, struct hw_dos_profile *pr, struct hw_dos_src *s)
+{
+	if (s->banned_until_ns) {
+		if (s->banned_until_ns > v->now)
+			return HW_R_BANNED;
+		s->banned_until_ns = 0;         /* expired by itself */
+		s->streak_start_ns = 0;
+	}
+	__u64 dt = elapsed_ns(v->now, s->last_ns, 2000000000ULL);
+	s->last_ns = v->now;
+	if (p->proto == IPPROTO_TCP && p->opens && pr->syn_pps &&
+	    !bucket_take(&s->tok_syn, pr->syn_pps, pr->syn_pps * 1000000000ULL, dt, 1000000000ULL))
+		return HW_R_SYN_FLOOD;
+	if (p->proto == IPPROTO_UDP && pr->udp_pps &&
+	    !bucket_take(&s->tok_udp, pr->udp_pps, pr->udp_pps * 1000000000ULL, dt, 1000000000ULL))
+		return HW_R_UDP_FLOOD;
+	if ((p->pidx == HW_P_ICMP || p->pidx == HW_P_ICMPV6) && pr->icmp_pps &&
+	    !bucket_take(&s->tok_icmp, pr->icmp_pps, pr->icmp_pps * 1000000000ULL, dt, 1000000000ULL))
+		return HW_R_ICMP_FLOOD;
+	if (pr->pps && !bucket_take(&s->tok_pkt, pr->pps, pr->burst * 1000000000ULL, dt, 1000000000ULL))
+		return HW_R_RATE_LIMIT;
+	if (pr->bps && !bits_take(&s->tok_bits, pr->bps_fp, pr->bps_burst * 1000ULL, dt, (__u64)p->len * 8000ULL))
+		return HW_R_RATE_LIMIT;
+	return 0;
+}
+
+/* Does p belong to a tracked connection that the source guards spare (docs/dos.md "Tracked
+ * connections")? One the host opened, or an inbound TCP connection past its handshake: a spoofed flood
+ * does not choose their tuples. Not an inbound UDP/ICMP flow: its sender picks the tuple, and the host's
+ * reply confirms it without the sender seeing it. One conntrack lookup, paid on the drop path only;
+ * whether p continues the connection validly is judged where conntrack passes it (ct_advance). */
+static __always_inline int dos_spares(struct env *v, struct pkt *p)
+{
+	struct ctref r = {};
+	if (!p->trackable || !ct_find(v, p, p->saddr, p->daddr, p->sport, p->dport, p->proto, &r))
+		return 0;
+	return r.e->origin == HW_DIR_EGRESS || (p->proto == IPPROTO_TCP && !ct_unconfirmed(r.e));
+}
+
+/* Per-source limits; returns a drop reason or 0. A packet its tracked connection spares (dos_spares)
+ * is admitted, marked p->dos_spared; it took the tokens there were and extends no over-limit streak.
+ * Keeps the streak of the others and bans. Finding the source costs HW_DOS_WAYS inlined array probes
+ * (no helper call), as conntrack does. */
 static __always_inline __u32 dos_source(struct env *v, struct pkt *p, struct hw_dos_profile *pr, __u32 profile)
 {
 	struct hw_dos_key k __attribute__((aligned(8))) = {};   /* compared as 64-bit words */
@@ -286,30 +328,15 @@ static __always_inline __u32 dos_source(struct env *v, struct pkt *p, struct hw_
 	struct hw_dos_src *s = sl ? &sl->s : dos_take(v, &k, base, pr);
 	if (!s)
 		return 0;
-	if (s->banned_until_ns) {
-		if (s->banned_until_ns > v->now)
-			return HW_R_BANNED;
-		s->banned_until_ns = 0;         /* expired by itself */
-		s->streak_start_ns = 0;
-	}
-	__u64 dt = elapsed_ns(v->now, s->last_ns, 2000000000ULL);
-	s->last_ns = v->now;
-	__u32 reason = 0;
-	if (p->proto == IPPROTO_TCP && p->opens && pr->syn_pps &&
-	    !bucket_take(&s->tok_syn, pr->syn_pps, pr->syn_pps * 1000000000ULL, dt, 1000000000ULL))
-		reason = HW_R_SYN_FLOOD;
-	else if (p->proto == IPPROTO_UDP && pr->udp_pps &&
-		 !bucket_take(&s->tok_udp, pr->udp_pps, pr->udp_pps * 1000000000ULL, dt, 1000000000ULL))
-		reason = HW_R_UDP_FLOOD;
-	else if ((p->pidx == HW_P_ICMP || p->pidx == HW_P_ICMPV6) && pr->icmp_pps &&
-		 !bucket_take(&s->tok_icmp, pr->icmp_pps, pr->icmp_pps * 1000000000ULL, dt, 1000000000ULL))
-		reason = HW_R_ICMP_FLOOD;
-	else if (pr->pps && !bucket_take(&s->tok_pkt, pr->pps, pr->burst * 1000000000ULL, dt, 1000000000ULL))
-		reason = HW_R_RATE_LIMIT;
-	else if (pr->bps && !bits_take(&s->tok_bits, pr->bps_fp, pr->bps_burst * 1000ULL, dt, (__u64)p->len * 8000ULL))
-		reason = HW_R_RATE_LIMIT;
+	__u32 reason = dos_buckets(v, p, pr, s);
 	if (!reason)
 		return 0;
+	if (dos_spares(v, p)) {
+		p->dos_spared = reason;
+		return 0;
+	}
+	if (reason == HW_R_BANNED)
+		return reason;
 	if (!s->streak_start_ns || v->now - s->streak_last_ns > HW_DOS_STREAK_GAP_NS)
 		s->streak_start_ns = v->now;
 	s->streak_last_ns = v->now;
@@ -357,6 +384,24 @@ static __always_inline void dos_count(__u32 profile, __u32 reason)
 	struct hw_counter *c = hw_dos_stats.lookup(&k);
 	if (c)
 		c->packets++;
+}
+
+/* The reason conntrack passed p for: pass_conntrack_over_limit if only its connection got it through
+ * the source guards (dos_source). TC never sets p->dos_spared: the test is pruned there. */
+static __always_inline __u32 ct_pass_reason(struct env *v, struct pkt *p)
+{
+	return v->hook == HW_HOOK_XDP_INGRESS && p->dos_spared ? HW_R_PASS_CONNTRACK_OVER_LIMIT : HW_R_PASS_CONNTRACK;
+}
+
+/* xdp_judge: a packet admitted only as part of its tracked connection does not continue it (ct_advance
+ * refused it): dropped for the limit it was over (would_drop in audit mode), counted per profile. */
+static __always_inline void dos_unspared(struct env *v, struct pkt *p, struct judgement *j, __u8 audit)
+{
+	__u32 profile = 0;
+	if (dos_profile(v, p->ifindex, &profile))
+		dos_count(profile, p->dos_spared);
+	j->verdict = audit ? HW_V_WOULD_DROP : HW_V_DROP;
+	j->reason = p->dos_spared;
 }
 
 /* All DoS checks for one ingress packet; returns a drop reason or 0 (admitted). Operator bans apply

@@ -62,7 +62,7 @@ static __always_inline void judge_first(struct env *v, struct pkt *p, struct jud
 		   ct_find(v, p, p->saddr, p->daddr, p->sport, p->dport, p->proto, &r)) {
 		if (ct_advance(v, p, &r, 0)) {
 			j->verdict = HW_V_ALLOW;
-			j->reason = HW_R_PASS_CONNTRACK;
+			j->reason = ct_pass_reason(v, p);
 			return;
 		}
 		ct_invalid = 1;
@@ -80,6 +80,10 @@ static __always_inline void judge_first(struct env *v, struct pkt *p, struct jud
 	if (!h)
 		goto fail_closed;
 	j->revision_id = h->revision_id;
+	if (v->hook == HW_HOOK_XDP_INGRESS && p->dos_spared) {
+		dos_unspared(v, p, j, h->audit);        /* before the policy: no connection opened for it */
+		return;
+	}
 
 	/* essential ICMP, before any rule (docs/policy.md "Essential ICMP") */
 	if (p->pidx >= HW_P_ICMP && p->pidx <= HW_P_ICMPV6 && h->essential_icmp) {
@@ -196,8 +200,10 @@ static __always_inline int xdp_exit(struct xdp_md *ctx, struct env *v, struct pk
 		return XDP_TX;          /* the frame now holds the cookie SYN-ACK */
 	if (j->reason != HW_R_PASS_DEFERRED)
 		return XDP_PASS;
-	/* XDP could not judge it: mark it so TC ingress does (if there is no room for the mark, TC
+	/* XDP could not judge it: mark it so TC ingress does (if there is no room for the mark, or the
+	 * kernel does not let XDP call bpf_xdp_adjust_meta — HW_XDP_NO_META, set by the loader — TC
 	 * ingress sees an unmarked packet and passes it as judged; both outcomes are counted) */
+#ifndef HW_XDP_NO_META
 	if (bpf_xdp_adjust_meta(ctx, -(int)sizeof(struct hw_meta)) == 0) {
 		struct hw_meta *meta = (void *)(long)ctx->data_meta;
 		if ((void *)(meta + 1) <= (void *)(long)ctx->data) {
@@ -205,6 +211,7 @@ static __always_inline int xdp_exit(struct xdp_md *ctx, struct env *v, struct pk
 			meta->reason = j->reason;
 		}
 	}
+#endif
 	return XDP_PASS;
 }
 
@@ -266,7 +273,7 @@ int xdp_judge(struct xdp_md *ctx)
 	j.slot = ~0U;
 	judge(&v, p, &j);
 	if (p->syn_proxy != SP_NONE && j.verdict == HW_V_ALLOW && j.reason != HW_R_PASS_CONNTRACK &&
-	    j.reason != HW_R_PASS_RELATED)
+	    j.reason != HW_R_PASS_CONNTRACK_OVER_LIMIT && j.reason != HW_R_PASS_RELATED)
 		syn_proxy_judged(ctx, &v, p, &j);
 	int ret = xdp_exit(ctx, &v, p, &j);
 	frag_note(&v, p, &j);           /* a first fragment that passed: its later fragments follow */
@@ -309,7 +316,7 @@ int xdp_ingress(struct xdp_md *ctx)
 			int adv = ct_advance(&v, p, &r, 1);
 			if (adv > 0) {
 				j.verdict = HW_V_ALLOW;
-				j.reason = HW_R_PASS_CONNTRACK;
+				j.reason = ct_pass_reason(&v, p);
 				j.slot = ~0U;
 				return xdp_exit(ctx, &v, p, &j);
 			}

@@ -111,6 +111,7 @@ enum hw_reason {
 	HW_R_PASS_ESSENTIAL = 23,  /* essential ICMP (neighbour/router discovery, MLD, path-MTU errors) */
 	HW_R_PASS_FRAGMENT = 24,   /* later fragment of a datagram whose first fragment passed */
 	HW_R_PASS_SYN_COOKIE = 25, /* an allowed SYN answered from XDP with a cookie SYN-ACK (no state kept) */
+	HW_R_PASS_CONNTRACK_OVER_LIMIT = 26, /* a tracked connection's packet whose source is over a DoS limit or banned */
 	HW_REASONS = 32,
 };
 

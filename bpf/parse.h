@@ -23,7 +23,7 @@ struct pkt {
 	__u8  related;          /* ICMP error: the inner tuple below is valid */
 	__u8  trackable;        /* TCP, UDP or ICMP echo: has a connection tuple */
 	__u8  hop_limit;        /* IPv4 TTL / IPv6 hop limit */
-	__u8  pad0;
+	__u8  dos_spared;       /* set by the DoS stage: the drop reason its tracked connection spared it (dos.h) */
 	__u32 ifindex;
 	__u32 frag_id;          /* fragments: IPv4 identification / IPv6 fragment id, network order */
 	__u32 first_x;          /* 1 iff a first fragment (offset 0, more follow); see FIRST_FRAGMENT */
@@ -63,9 +63,28 @@ struct pkt {
 static __always_inline int is_icmp4_error(__u8 t) { return t == 3 || t == 4 || t == 5 || t == 11 || t == 12; }
 static __always_inline int is_icmp6_error(__u8 t) { return t >= 1 && t <= 4; }
 
+/* IPv6 extension headers we step over; a chain longer than this is malformed (not guessed). */
+#define HW_V6_EXT_MAX 6
+
+static __always_inline int is_v6_ext(__u8 nh)
+{
+	return nh == IPPROTO_HOPOPTS || nh == IPPROTO_ROUTING || nh == IPPROTO_DSTOPTS || nh == IPPROTO_FRAGMENT;
+}
+
+/* Length of the extension header `ext` of type nh (its first 8 bytes are in the frame): the fragment
+ * header is 8 bytes, the others 8-byte words less 1. */
+static __always_inline __u32 v6_ext_len(__u8 nh, __u8 *ext)
+{
+	if (nh == IPPROTO_FRAGMENT)
+		return 8;
+	return (ext[1] + 1) * 8;
+}
+
 /* Parse the IP packet embedded in an ICMP error (header + first 8 bytes of L4). `avail`: bytes of
  * the error's body that the outer IP header says it holds; nothing past them is read as the inner
- * packet (a short frame's padding is not a header). */
+ * packet (a short frame's padding is not a header). Its IPv6 extension headers are stepped over as
+ * the outer ones; a later fragment (offset > 0) holds payload, not ports: it gets no tuple (related
+ * stays 0), its addresses still count (p->inner: path-MTU errors, essential.h). */
 static __always_inline void parse_inner(struct pkt *p, void *cur, void *end, __u32 avail)
 {
 	__u32 hlen;
@@ -78,6 +97,9 @@ static __always_inline void parse_inner(struct pkt *p, void *cur, void *end, __u
 			return;
 		p->in_saddr[0] = ip->saddr;
 		p->in_daddr[0] = ip->daddr;
+		p->inner = 1;
+		if (ip->frag_off & bpf_htons(0x1fff))
+			return;
 		p->in_proto = ip->protocol;
 		cur += hlen;
 	} else {
@@ -87,10 +109,21 @@ static __always_inline void parse_inner(struct pkt *p, void *cur, void *end, __u
 		hlen = sizeof(*ip6);
 		__builtin_memcpy(p->in_saddr, &ip6->saddr, 16);
 		__builtin_memcpy(p->in_daddr, &ip6->daddr, 16);
-		p->in_proto = ip6->nexthdr;
+		p->inner = 1;
+		__u8 nh = ip6->nexthdr;
 		cur = ip6 + 1;
+		for (int i = 0; i < HW_V6_EXT_MAX && is_v6_ext(nh); i++) {
+			__u8 *ext = cur;
+			if ((void *)(ext + 8) > end ||
+			    (nh == IPPROTO_FRAGMENT && ((((ext[2] << 8) | ext[3]) & 0xfff8) | ext[1])))
+				return;         /* truncated, a later fragment, or a fragment header with its reserved byte set */
+			__u32 len = (ext[1] + 1) * 8;   /* a fragment header's too (8): one path for the verifier */
+			cur += len;
+			hlen += len;
+			nh = ext[0];
+		}
+		p->in_proto = nh;       /* still an extension header if the chain is too long: no tuple */
 	}
-	p->inner = 1;
 	if (p->in_proto == IPPROTO_TCP || p->in_proto == IPPROTO_UDP) {
 		__u16 *ports = cur;
 		if ((void *)(ports + 2) > end || hlen + 4 > avail)
@@ -172,9 +205,6 @@ static __always_inline int parse_l4(struct pkt *p, void *cur, void *end, __u32 l
 	}
 }
 
-/* IPv6 extension headers we step over; a chain longer than this is malformed (not guessed). */
-#define HW_V6_EXT_MAX 6
-
 /* frame_len: the whole frame's length (XDP: data_end - data; TC: skb->len, which may exceed the
  * linear data). p->len becomes the packet's IP-layer length: the IP header's own length (IPv4 total
  * length, IPv6 40 + payload length), capped at what the frame holds after its L2 header (Ethernet
@@ -238,8 +268,7 @@ static __always_inline int parse_pkt(struct pkt *p, void *data, void *end, __u32
 		p->l4len = ip6->payload_len ? bpf_ntohs(ip6->payload_len) : 0x10000;
 		int i;
 		for (i = 0; i < HW_V6_EXT_MAX; i++) {
-			if (nh != IPPROTO_HOPOPTS && nh != IPPROTO_ROUTING && nh != IPPROTO_DSTOPTS &&
-			    nh != IPPROTO_FRAGMENT)
+			if (!is_v6_ext(nh))
 				break;
 			__u8 *ext = cur;
 			if ((void *)(ext + 8) > end)    /* every extension header is at least 8 bytes */
@@ -256,11 +285,12 @@ static __always_inline int parse_pkt(struct pkt *p, void *data, void *end, __u32
 					break;  /* past this header a later fragment holds payload, not headers */
 				continue;
 			}
-			cur += (ext[1] + 1) * 8;
-			p->l4len -= (ext[1] + 1) * 8;
+			__u32 len = v6_ext_len(nh, ext);
+			cur += len;
+			p->l4len -= len;
 			nh = ext[0];
 		}
-		if (i == HW_V6_EXT_MAX)
+		if (i == HW_V6_EXT_MAX && is_v6_ext(nh))
 			return PARSE_MALFORMED;     /* chain longer than HW_V6_EXT_MAX */
 		if ((__s32)p->l4len < 0)
 			return PARSE_MALFORMED;     /* extension headers longer than the payload */

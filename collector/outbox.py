@@ -10,11 +10,14 @@ at_least_once sink has it durable; a collector that starts with records in the o
 Format: JSON Lines, one record per line, in fan-out order. A settled batch names its records (stream and
 hostwall.seq), not a count: a restart resends the outbox grouped by stream, so batches may settle in
 another order than they were appended, and a batch whose append failed has no lines here. Removing the
-settled records rewrites the file (tmp + rename, no fsync: a crash before the rename only sends them
-again). A line torn by a kill during the append (records never fanned out, counted `outbox_torn` by the
+settled records rewrites the file (tmp, fdatasync, rename, directory fsync: after a machine crash the
+file holds the old records or the new ones, never an empty file in their place; a crash before the
+rename only sends the settled ones again). An append that creates the file fsyncs the directory too,
+so the new name is as durable as its lines. A line torn by a kill during the append (records never fanned out, counted `outbox_torn` by the
 caller) is cut by load(), which rewrites the file without it: the next append must not be glued to it.
-Cost: one write + fdatasync per batch (anomaly records are a few per minute), one rewrite per
-settled batch; memory: the records not settled yet.
+Cost: one write + fdatasync per batch (anomaly records are a few per minute; + a directory fsync when
+the file is new), one rewrite + fdatasync + directory fsync per settled batch; memory: the records not
+settled yet.
 """
 from __future__ import annotations
 
@@ -22,6 +25,8 @@ import os
 from pathlib import Path
 
 import orjson
+
+from .sinks.spool_format import fsync_dir
 
 __all__ = ["Outbox"]
 
@@ -54,14 +59,18 @@ class Outbox:
         if self.damaged or not raw.endswith(b"\n"):
             # cut the torn line before anything is appended after it; if the file cannot be rewritten
             # (a full disk), the next append starts with a newline so it is not glued to the fragment
-            self._torn_tail = not self._rewrite(sync=True) and not raw.endswith(b"\n")
+            self._torn_tail = not self._rewrite() and not raw.endswith(b"\n")
         return out
 
     def append(self, records: list[dict]) -> None:
         """Make `records` durable here before they are fanned out (raises OSError: the caller counts)."""
         lines = [orjson.dumps(r) + b"\n" for r in records]
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC
+        try:
+            fd, created = os.open(self.path, flags), False
+        except FileNotFoundError:
+            fd, created = os.open(self.path, flags | os.O_CREAT, 0o640), True
         try:
             os.write(fd, (b"\n" if self._torn_tail else b"") + b"".join(lines))
             os.fdatasync(fd)
@@ -71,6 +80,8 @@ class Outbox:
         for r, line in zip(records, lines):
             self._pending[record_key(r)] = line
         self.appended += len(lines)
+        if created:                         # (a failure raises with the lines pending: settle removes them)
+            fsync_dir(self.path.parent)
 
     def settle(self, records: list[dict]) -> None:
         """`records` are durable in every at_least_once sink: forget them (records not here: ignored)."""
@@ -78,8 +89,9 @@ class Outbox:
         if any(g is not None for g in gone):
             self._rewrite()
 
-    def _rewrite(self, sync: bool = False) -> bool:
-        """The file := the records not settled (tmp + rename; removed when none). False if it failed."""
+    def _rewrite(self) -> bool:
+        """The file := the records not settled (tmp, fdatasync, rename, directory fsync; removed when none:
+        an unlink lost to a crash only sends settled records again). False if it failed."""
         tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
         try:
             if not self._pending:
@@ -87,10 +99,10 @@ class Outbox:
                 return True
             with open(tmp, "wb") as f:
                 f.write(b"".join(self._pending.values()))
-                if sync:
-                    f.flush()
-                    os.fdatasync(f.fileno())
+                f.flush()
+                os.fdatasync(f.fileno())
             os.replace(tmp, self.path)
+            fsync_dir(self.path.parent)
             return True
         except OSError:
             return False                    # settle: sent again after a restart (a duplicate, not a loss)

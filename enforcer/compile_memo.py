@@ -65,7 +65,8 @@ def _freeze(value: Any) -> None:
         value.setflags(write=False)
     elif isinstance(value, tuple):
         for v in value:
-            _freeze(v)
+            if not isinstance(v, str):       # e.g. the rule names: 4096 of them, nothing to freeze
+                _freeze(v)
     elif hasattr(value, "__dataclass_fields__"):
         for v in vars(value).values():
             _freeze(v)

@@ -70,8 +70,10 @@ class Datapath(Instance):
         """Compile with BCC and load (≈1-3 s, CPU bound). Raises RuntimeError with the verifier's log."""
         from bcc import BPF, lib  # imported here: control commands never need the compiler
 
-        bpf = BPF(text=L.program_text().encode(),
-                  cflags=[f"-I{L.HEADER.parent}", "-Wno-unused-function", "-Wno-compare-distinct-pointer-types"])
+        cflags = [f"-I{L.HEADER.parent}", "-Wno-unused-function", "-Wno-compare-distinct-pointer-types"]
+        if not bpfsys.xdp_adjust_meta_allowed():        # no XDP → TC mark (docs/datapath.md)
+            cflags.append("-DHW_XDP_NO_META")
+        bpf = BPF(text=L.program_text().encode(), cflags=cflags)
         progs = {}
         for name, kind in PROGRAMS.items():
             ptype = BPF.XDP if kind == "xdp" else BPF.SCHED_CLS

@@ -4,7 +4,10 @@ The datapath is tested against this model through BPF_PROG_TEST_RUN with an inje
 the semantics: operator bans; then, on an interface with a profile, the per-source guards in order
 (SYN, UDP, ICMP, packets/s, bits/s: the first bucket that is empty names the reason), the per-destination-port SYN stage (the SYN proxy's decision), the global SYN bucket, then per-port
 limits. A source over a limit for `ban_after` in a row (over-limit packets no more than 1 s apart) is
-banned for `ban_duration`; bans expire by themselves.
+banned for `ban_duration`; bans expire by themselves. A packet of a tracked connection that the source
+guards spare (`Pkt.tracked`, bpf/dos.h dos_spares) passes its source's ban and empty buckets, taking
+the tokens there are and extending no streak; the shared limits after them still apply
+(docs/dos.md "Tracked connections").
 
 The per-port SYN stage (bpf/dos.h syn_port_stage): a SYN takes a token of its port's bucket (all sources
 together). Where the profile's SYN proxy covers the port and answers (`on`, or `auto` while the port is
@@ -64,6 +67,7 @@ class Pkt:
     syn: bool = False         # TCP SYN without ACK/RST; a TCP packet without it is a bare ACK
     dport: int = 0
     length: int = 64          # bytes on the wire
+    tracked: bool = False     # continues a tracked connection the source guards spare (dos.h dos_spares)
 
 
 def _take(tok: int, rate: int, cap: int, dt: int, cost: int) -> tuple[int, bool]:
@@ -114,6 +118,7 @@ class DosModel:
         self.ports: dict[int, _Port] = {}            # per destination port (hw_syn_ports)
         self.manual = [ipaddress.ip_network(b) for b in manual_bans]
         self.proxy: str | None = None                # the SYN proxy's decision for the last packet
+        self.spared: str | None = None               # the source guard's reason the last packet was spared
 
     @staticmethod
     def _covers(p: ProfileParams, port: int) -> bool:
@@ -167,8 +172,9 @@ class DosModel:
 
     def check(self, pkt: Pkt, now: int) -> str | None:
         """The drop reason for `pkt` at monotonic time `now`, or None if admitted (then `self.proxy`
-        says what the SYN proxy does with it, or None)."""
-        self.proxy = None
+        says what the SYN proxy does with it, or None, and `self.spared` the source guard's reason its
+        tracked connection spared it, or None)."""
+        self.proxy = self.spared = None
         a = ipaddress.ip_address(pkt.src)
         if any(a in n for n in self.manual):
             return "banned"
@@ -179,6 +185,26 @@ class DosModel:
         s = self.src.get(k)
         if s is None:
             s = self.src[k] = _Src(now, p.burst * NS, p.bps_burst * 1000, p.syn_pps * NS, p.udp_pps * NS, p.icmp_pps * NS)
+        reason = self._buckets(p, s, pkt, now)
+        if reason and pkt.tracked:
+            self.spared = reason
+        elif reason:
+            if reason != "banned":
+                self._streak(p, s, now)
+            return reason
+        return self._shared(p, pkt, now)
+
+    @staticmethod
+    def _streak(p: ProfileParams, s: _Src, now: int) -> None:
+        if not s.streak_start or now - s.streak_last > STREAK_GAP_NS:
+            s.streak_start = now
+        s.streak_last = now
+        if p.ban_after_ns and now - s.streak_start >= p.ban_after_ns:
+            s.banned_until = now + p.ban_ns
+
+    @staticmethod
+    def _buckets(p: ProfileParams, s: _Src, pkt: Pkt, now: int) -> str | None:
+        """bpf/dos.h dos_buckets: the source's ban, then its buckets."""
         if s.banned_until:
             if s.banned_until > now:
                 return "banned"
@@ -198,20 +224,17 @@ class DosModel:
             reason = None if ok else "icmp_flood"
         else:
             ok = True
-        # the C code is an else-if chain: a guard that admitted the packet falls through to the next
+        # the C returns at the first empty bucket: a guard that admitted the packet falls through to the next
         if reason is None and p.pps:
             s.tok_pkt, ok = _take(s.tok_pkt, p.pps, p.burst * NS, dt, NS)
             reason = None if ok else "rate_limit"
         if reason is None and p.bps:
             s.tok_bits, ok = _bits_take(s.tok_bits, p.bps, p.bps_burst * 1000, dt, pkt.length * 8000)
             reason = None if ok else "rate_limit"
-        if reason:
-            if not s.streak_start or now - s.streak_last > STREAK_GAP_NS:
-                s.streak_start = now
-            s.streak_last = now
-            if p.ban_after_ns and now - s.streak_start >= p.ban_after_ns:
-                s.banned_until = now + p.ban_ns
-            return reason
+        return reason
+
+    def _shared(self, p: ProfileParams, pkt: Pkt, now: int) -> str | None:
+        """The limits all sources share: per-port SYN stage, global SYN bucket, per-port limits."""
         if pkt.proto == 6 and (r := self._syn_port(p, pkt, now)):
             return r
         if pkt.proto == 6 and pkt.syn and p.syn_global_pps and self.proxy != "answer" and \

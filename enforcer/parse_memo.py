@@ -45,4 +45,4 @@ def text_key(items: list, *types: type) -> tuple | None:
     when each is exactly of one of `types` (so equal keys were written the same way: no bool, no float
     meeting an equal int), else None (not memoised)."""
     key = tuple(items)
-    return key if all(type(v) in types for v in key) else None
+    return key if set(types).issuperset(map(type, key)) else None

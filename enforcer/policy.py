@@ -10,9 +10,11 @@ load_policy/parse_policy return an immutable Policy or raise one PolicyError lis
 - a peers file with no entries (only comments) is valid and gives a rule that matches nothing;
 - fqdns (enforcer/dnspolicy.py) are normalised, sorted and unique, only on egress rules without peers,
   and only with a `dns` section (Policy.dns).
-Cost: ~0.3 s CPU for 4096 rules whose 110k peers-file prefixes are cached: YAML ~0.125 s (the plain
-loader, hostwall/yamlplain.py; the full one, ~0.235 s, only for text outside its subset or with an
-issue), JSON Schema ~0.05 s, rules ~0.13 s; a new peers file ~1 µs per IPv4 line.
+Cost, on the machine's fast level (the slow one is ~2x): ~0.1 s CPU for 4096 new rules whose 110k
+peers-file prefixes are cached: YAML ~0.045 s (the plain loader, hostwall/yamlplain.py; the full one
+only for text outside its subset or with an issue), JSON Schema ~0.008 s (enforcer/rule_check.py),
+rules ~0.05 s; a new peers file ~1 µs per IPv4 line (docs/benchmarks.md "`swap` — rule lines in one
+pass").
 """
 from __future__ import annotations
 
@@ -57,11 +59,14 @@ ProgressFn = Callable[[int, int], None]
 
 # ---------------------------------------------------------------- model
 
-def _frozen(a: Any, dtype: type) -> np.ndarray:
+_U32, _U8 = np.dtype(np.uint32), np.dtype(np.uint8)
+
+
+def _frozen(a: Any, dtype: np.dtype) -> np.ndarray:
     """`a` as a read-only 1-D array of `dtype`; an array that already is one, owning its data, is kept
-    (nothing can change it, so PeerSets may share it) instead of copied again."""
-    if (isinstance(a, np.ndarray) and a.dtype == dtype and a.ndim == 1 and not a.flags.writeable
-            and a.base is None):
+    (nothing can change it, so PeerSets may share it) instead of copied again. The check compares the
+    dtype by identity (a builtin dtype is one object; `==` costs ~0.5 µs, a PeerSet makes two checks)."""
+    if type(a) is np.ndarray and a.base is None and a.dtype is dtype and a.ndim == 1 and not a.flags.writeable:
         return a
     out: np.ndarray = np.array(a, dtype=dtype)
     if out.ndim != 1:
@@ -71,6 +76,7 @@ def _frozen(a: Any, dtype: type) -> np.ndarray:
 
 
 _EVERYTHING: PeerSet | None = None
+_NO_V4 = (_frozen((), _U32), _frozen((), _U8))        # shared by every set without IPv4 prefixes
 
 @dataclass(frozen=True, slots=True, eq=False)
 class PeerSet:
@@ -88,7 +94,7 @@ class PeerSet:
     _v4_mask: np.ndarray | None = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        net, ln = _frozen(self.v4_net, np.uint32), _frozen(self.v4_len, np.uint8)
+        net, ln = _frozen(self.v4_net, _U32), _frozen(self.v4_len, _U8)
         if net.shape != ln.shape or len(self.v6_net) != len(self.v6_len):
             raise ValueError("PeerSet: net and len arrays differ in length")
         object.__setattr__(self, "v4_net", net)
@@ -102,7 +108,7 @@ class PeerSet:
         """The unrestricted set (rule has no peers / peers_file): one shared immutable object."""
         global _EVERYTHING
         if _EVERYTHING is None:
-            _EVERYTHING = cls(True, np.empty(0, np.uint32), np.empty(0, np.uint8), [], [])
+            _EVERYTHING = cls(True, _NO_V4[0], _NO_V4[1], [], [])
         return _EVERYTHING
 
     @classmethod
@@ -118,8 +124,8 @@ class PeerSet:
     @classmethod
     def _from_pairs(cls, v4: Iterable[tuple[int, int]], v6: Iterable[tuple[int, int]]) -> PeerSet:
         a4, a6 = sorted(set(v4)), sorted(set(v6))
-        return cls(False, _frozen([n for n, _ in a4], np.uint32), _frozen([ln for _, ln in a4], np.uint8),
-                   [n for n, _ in a6], [ln for _, ln in a6])
+        net, ln = (_frozen(next(z), _U32), _frozen(next(z), _U8)) if (z := zip(*a4)) and a4 else _NO_V4
+        return cls(False, net, ln, [n for n, _ in a6], [ln for _, ln in a6])
 
     def contains(self, ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
         """True if `ip` is inside a prefix of its own family (always True when any)."""
@@ -304,11 +310,9 @@ class _Builder(DosBuilder):
 
     def ok(self, path: tuple, value: Any, *types: type) -> bool:
         """Value present, of the given type (bool is not int), and not already flagged."""
-        if value is None or self.issues.bad(path):
+        if value is None or (isinstance(value, bool) and bool not in types) or not isinstance(value, types):
             return False
-        if isinstance(value, bool) and bool not in types:
-            return False
-        return isinstance(value, types)
+        return not (self.issues and self.issues.bad(path))
 
     def build(self) -> Policy | None:
         d = self.data if isinstance(self.data, dict) else {}
@@ -350,11 +354,12 @@ class _Builder(DosBuilder):
         lines = self.issues.index.item_lines(("rules",))
         names: dict[str, int] = {}
         out: list[Rule] = []
+        has_dns = isinstance(_get(self.data, "dns"), dict)
         for i, r in enumerate(rules):
             p = ("rules", i)
             if not isinstance(r, dict):
                 continue
-            name = _get(r, "name")
+            name: Any = r.get("name")
             if self.ok(p + ("name",), name, str):
                 if name in PSEUDO_RULES:
                     self.issues.add(p + ("name",), f"{name!r} is reserved: it counts what passes before any "
@@ -369,7 +374,7 @@ class _Builder(DosBuilder):
             peers = self._peers(p, r)
             ports = self._ports(p, r, proto)
             icmp_types = self._icmp_types(p, r, proto)
-            fqdns = rule_fqdns(self.issues, p, r, isinstance(_get(self.data, "dns"), dict))
+            fqdns = rule_fqdns(self.issues, p, r, has_dns) if "fqdns" in r else None
             if self.issues.tainted(p):
                 continue
             out.append(Rule(name=name, priority=int(r["priority"]), direction=r["direction"], action=r["action"],
@@ -385,7 +390,7 @@ class _Builder(DosBuilder):
             return PeerSet.everything()
         if "peers_file" in r:
             return self._peer_sets.get(p, PeerSet.everything())
-        peers = _get(r, "peers")
+        peers: Any = r.get("peers")
         if not self.ok(p + ("peers",), peers, list):
             return PeerSet.everything()
         key = text_key(peers, str) if not self.issues else None
@@ -412,9 +417,9 @@ class _Builder(DosBuilder):
         return out
 
     def _ports(self, p: tuple, r: dict, proto: Any) -> tuple[tuple[int, int], ...] | None:
-        ports = _get(r, "ports")
         if "ports" not in r:
             return None
+        ports = r["ports"]
         if proto in ("icmp", "icmpv6") and not self.issues.bad(p + ("protocol",)):
             self.issues.add(p + ("ports",), f"ports apply to tcp, udp or any, not {proto}; "
                                             "remove ports or change the protocol")

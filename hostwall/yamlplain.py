@@ -16,8 +16,10 @@ directives, duplicate keys, keys that are not plain strings or longer than 1000 
 deeper than 64 collections, empty list items or flow values, values PyYAML cannot build, and every
 syntax error.
 
-Cost: one regex pass per line, one findall per flow line and a Python step per token, no node objects
-(and the tag of a plain scalar memoised as in yamldoc): ~0.125 s CPU for the 4096-rule max policy
+Cost: one regex pass per line, one findall per flow line and a Python step per entry of a flow mapping of
+scalars and lists of scalars (a rule line; any other flow line a step per token), no node objects (the
+tag of a plain scalar memoised as in yamldoc, a plain decimal read without it): ~0.05 s CPU on the
+fast level for the 4096-rule max policy (0.064 s with a step per token, same level),
 against ~0.235 s for PyYAML's compose and the walk to plain data (docs/benchmarks.md "swap"); a flow
 line parsed before is unmarshalled instead (_FLOWS: ~1/10 of its parse).
 """
@@ -50,6 +52,14 @@ _SCALAR = re.compile(r'"([^"\\]*)"|\'([^\']*)\'|(' + _PLAIN + r")")
 # backtracking into other splits of the same text)
 _TOKEN = re.compile(r' *(?:([\[\]{},])|("[^"\\]*")|(' + _PLAIN + r")(: )?|(.))")
 _FLOW_LINE = re.compile(r'((?: *(?>[\[\]{},]|"[^"\\]*+"|' + _PLAIN + r"(?:: )?))*+)(?: *| +#.*)$")
+# The shape of nearly every flow line of a policy (a rule, `defaults`, a peers or ports list): a mapping
+# of scalars and lists of scalars, or such a list. One findall splits a mapping into its entries
+# (separator, key, "quoted", plain, list body) or any other character, which sends the line to the
+# token loop; a list body is checked whole and split by a second findall (docs/benchmarks.md "swap").
+_ITEM = r'"[^"\\]*"|' + _PLAIN
+_ITEMS = re.compile(r'("[^"\\]*")|(' + _PLAIN + r")")
+_BODY = re.compile(r" *(?:(?:" + _ITEM + r")(?: *, *(?:" + _ITEM + r"))*)? *")
+_ENTRIES = re.compile(r'([{,]) *(' + _PLAIN + r'): +(?:("[^"\\]*")|(' + _PLAIN + r")|(\[[^\]]*\])) *|(.)")
 _W_VALUE, _W_KEY, _W_SEP, _W_OPEN_L, _W_OPEN_M, _W_END = range(6)   # what flow() wants next (OPEN: after [ {)
 _STR = "tag:yaml.org,2002:str"
 # Bounds inside which PyYAML agrees: libyaml refuses deep flow nesting (and the full loader reports deep
@@ -101,6 +111,7 @@ class _Parser:
         self.items: dict[str, list[int]] = {}
         self.last_lines: list[int] = []           # item lines of the list sequence() returned last
         self.keys: set[str] = set()               # plain keys known to be strings
+        self.values: dict[str, Any] = {}          # plain scalar -> its value (all immutable), this parse
         self.ctor = yaml.constructor.SafeConstructor()
         self.depth = 0                            # open block collections (MAX_DEPTH)
 
@@ -160,7 +171,11 @@ class _Parser:
             if li > ind:
                 raise _Out
             rest = s[1:].lstrip(" ")
-            if not rest or rest.startswith("#"):
+            if rest[:1] in ("[", "{"):                   # a flow collection (a rule line): its line only
+                value, _ = self.inline(rest, no)
+                i += 1
+                where.append(no)
+            elif not rest or rest.startswith("#"):
                 if i + 1 >= len(lines) or lines[i + 1][0] <= ind:
                     raise _Out                           # an empty item
                 value, i, first = self.block(i + 1)
@@ -205,7 +220,46 @@ class _Parser:
             if m is None:
                 raise _Out
             s = s[:m.end(1)]
-        return self.flow(_TOKEN.findall(s.rstrip(" ")))
+        s = s.rstrip(" ")
+        if self.depth + 2 < MAX_DEPTH and (flat := self._flat(s)) is not None:
+            return flat
+        return self.flow(_TOKEN.findall(s))
+
+    def _flat(self, s: str) -> dict | list | None:
+        """A flow mapping of scalars and lists of scalars, or a list of scalars, as flow() builds it;
+        None for any other line (flow() then decides). About half of flow()'s cost on a rule line: a
+        Python step per entry instead of per token."""
+        if s[0] == "[":
+            return self._flat_list(s[1:-1]) if s[-1] == "]" else None
+        toks = _ENTRIES.findall(s)
+        if toks.pop()[5] != "}" or not toks or toks[0][0] != "{" or s.count("{") != 1:
+            return None                                  # one "{": every later entry follows a ","
+        out: dict = {}
+        keys, values = self.keys, self.values
+        for _, key, dq, plain, lst, other in toks:
+            if other:
+                return None
+            if key not in keys:
+                if len(key) > MAX_KEY or plain_tag(key) != _STR:
+                    return None
+                keys.add(key)
+            if plain:
+                out[key] = values[plain] if plain in values else self.value(plain)
+            elif dq:
+                out[key] = dq[1:-1]
+            elif (items := self._flat_list(lst[1:-1])) is not None:
+                out[key] = items
+            else:
+                return None
+        return out if len(out) == len(toks) else None   # a repeated key: outside the subset
+
+    def _flat_list(self, body: str) -> list | None:
+        """The items of a list of scalars from the text between its brackets, or None."""
+        if not _BODY.fullmatch(body):
+            return None
+        values, value = self.values, self.value
+        return [dq[1:-1] if dq else values[plain] if plain in values else value(plain)
+                for dq, plain in _ITEMS.findall(body)]
 
     def flow(self, toks: list[tuple[str, str, str, str, str]]) -> Any:
         """A flow collection from its tokens (punctuation, "quoted", plain, ': ' after a plain key, any
@@ -271,8 +325,16 @@ class _Parser:
             raise _Out                                         # not closed on its line
         return root
 
+    def value(self, v: str) -> Any:
+        """scalar(v), kept for this parse: plain scalars repeat (directions, actions, protocols, ports) and
+        their values are immutable (str, int, float, bool, None, dates)."""
+        out = self.values[v] = self.scalar(v)
+        return out
+
     def scalar(self, v: str) -> Any:
         """A plain scalar as PyYAML builds it (hostwall.yamldoc.scalar_value, as the full loader does)."""
+        if v.isdigit() and v[0] != "0" and v.isascii():
+            return int(v)                                # a plain decimal: YAML 1.1's int, no resolver
         tag = plain_tag(v)
         if tag == _STR:
             return v

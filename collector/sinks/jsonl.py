@@ -27,7 +27,8 @@ may release its kernel data — once it is written (policy none) or covered by a
 (interval, always). Under `interval` that is the next periodic or idle flush, so the kernel keeps a
 batch for up to ~fsync_interval longer, and counts it delivered then. A failed fdatasync settles the
 batches it covered as lost (`fsync_error`). A file closed for writing (rotation, a failed write) is
-synced, with the open one, before any batch written to it settles.
+synced, with the open one, before any batch written to it settles; so is the directory after a file was
+created or renamed (start, rotation), else a machine crash could lose the new file's name.
 
 Torn tail: a SIGKILL during a write(2) of many pages can leave a short write, the file ending in part of
 a line. That line was never settled (its call had not returned), so its records come again; but the next
@@ -46,7 +47,7 @@ import time
 from pathlib import Path
 
 from .base import BaseSink, Call, FullQueuePolicy, Health, SinkUnavailable
-from .spool_format import write_all
+from .spool_format import fsync_dir, write_all
 
 log = logging.getLogger("hostwall.collector.sinks")
 
@@ -100,6 +101,8 @@ class JsonlSink(BaseSink):
         self._stale: list[int] = []                   # closed for writing (rotation, failed write) unsynced
         self._syncing: asyncio.Future | None = None   # the fdatasyncs under way (they outlive a cancelled caller)
         self._sync_failed = False                     # an fdatasync failed since the last settlement
+        self._dir_dirty = False                       # a file created or renamed since the directory's last fsync
+        self.dir_fsyncs = 0
 
     @classmethod
     def from_spec(cls, spec, config) -> JsonlSink:
@@ -145,7 +148,14 @@ class JsonlSink(BaseSink):
         self._size = keep
 
     def _open(self) -> None:
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        """Open PATH for appending; a file this creates makes the directory dirty (its entry is synced
+        with the data: docs/collector.md "Delivery and loss")."""
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC
+        try:
+            self._fd = os.open(self.path, flags)
+        except FileNotFoundError:
+            self._fd = os.open(self.path, flags | os.O_CREAT, 0o640)
+            self._dir_dirty = True
         self._size = os.fstat(self._fd).st_size
         self._cut_torn_tail()
 
@@ -288,7 +298,8 @@ class JsonlSink(BaseSink):
         stale, self._stale = self._stale, []
         fd = self._fd if self._fd >= 0 and self._dirty else -1
         self._dirty = False
-        self._syncing = asyncio.ensure_future(self._fdatasync_files(stale, fd))
+        sync_dir, self._dir_dirty = self._dir_dirty, False
+        self._syncing = asyncio.ensure_future(self._fdatasync_files(stale, fd, sync_dir))
         try:
             await asyncio.shield(self._syncing)
         finally:
@@ -309,9 +320,11 @@ class JsonlSink(BaseSink):
             self._settle(call, call.remaining)
         return ok
 
-    async def _fdatasync_files(self, stale: list[int], fd: int) -> None:
-        """fdatasync retired files (then close them) and the open one (fd, or -1); a failure sets
-        `_sync_failed`, whoever is waiting (a task: a cancelled send does not abandon it)."""
+    async def _fdatasync_files(self, stale: list[int], fd: int, sync_dir: bool) -> None:
+        """fdatasync retired files (then close them) and the open one (fd, or -1), then fsync the directory
+        if a file was created or renamed (`sync_dir`: without it a machine crash can lose a new file's name,
+        data and all); a failure sets `_sync_failed`, whoever is waiting (a task: a cancelled send does not
+        abandon it)."""
         for s in stale:
             try:
                 await self._fdatasync(s)
@@ -322,17 +335,35 @@ class JsonlSink(BaseSink):
                     self._sync_failed = True
         if fd >= 0:
             await self._fdatasync(fd)
+        if sync_dir:
+            await self._fsync_dir()
+
+    async def _fsync_dir(self) -> None:
+        """fsync the file's directory (worker thread). A failure loses what this sync covers, like an
+        fdatasync's, and leaves the directory dirty: the next sync tries again (a failing directory fsync
+        on Linux is a journal that keeps failing, not a one-time report). Cost: once per new file."""
+        try:
+            await asyncio.to_thread(fsync_dir, self.path.parent)
+        except OSError as e:
+            self._dir_dirty = True
+            self._sync_error(f"fsync directory {self.path.parent}", e)
+            return
+        self.dir_fsyncs += 1
 
     async def _fdatasync(self, fd: int) -> None:
         try:
             await asyncio.to_thread(os.fdatasync, fd)
         except OSError as e:
-            self.fsync_errors += 1
-            self._sync_failed = True
-            self.last_error = f"fdatasync {self.path}: {e.strerror or e}"
-            self._set_health(Health.FAILING, f"fdatasync failed: {self.last_error}")
+            self._sync_error(f"fdatasync {self.path}", e)
             return
         self.fsyncs += 1
+
+    def _sync_error(self, what: str, e: OSError) -> None:
+        """A failed fdatasync or directory fsync: what the running sync covers is lost (`_sync_failed`)."""
+        self.fsync_errors += 1
+        self._sync_failed = True
+        self.last_error = f"{what}: {e.strerror or e}"
+        self._set_health(Health.FAILING, f"{what.split()[0]} failed: {self.last_error}")
 
     def _rotate(self) -> None:
         """PATH → PATH.1 → ... → PATH.<keep>; cost: keep renames. The old file's fdatasync is the `_sync`
@@ -343,11 +374,13 @@ class JsonlSink(BaseSink):
             if src.exists():
                 os.replace(src, self.path.with_name(f"{self.path.name}.{i + 1}"))
         os.replace(self.path, self.path.with_name(f"{self.path.name}.1"))
+        self._dir_dirty = True                                  # the renames, and the new PATH
         self._open()
         self.rotations += 1
 
     def stats(self) -> dict:
         return {**super().stats(), "path": str(self.path), "encoding": self.encoding, "fsync": self.fsync,
                 "bytes_written": self.bytes_written, "rotations": self.rotations, "fsyncs": self.fsyncs, "fsync_errors": self.fsync_errors,
+                "dir_fsyncs": self.dir_fsyncs,
                 "torn_bytes": self.torn_bytes,
                 "file_bytes": self._size}

@@ -9,7 +9,7 @@ bpf/conntrack.h `ct_open`, `ct_advance`, docs/policy.md "stateful"): the opener 
 policy; only an allowed opening packet (TCP SYN, any UDP, ICMP echo request) of a stateful policy
 opens a connection (state SYN_SENT for TCP, NEW otherwise). The packet then passes as pass_conntrack
 if it continues the connection validly: from the side and in the direction it belongs to, and for
-TCP not a SYN-ACK from the initiator nor a SYN from the responder (a tuple that is its own reverse
+TCP not a SYN-ACK from the initiator (a SYN from the responder is a simultaneous open; a tuple that is its own reverse
 counts as the initiator's, as the datapath's normalised key does). Otherwise it is judged by the
 policy, and a drop of such an invalid continuation has reason conntrack_invalid. Cost: one or two
 stateless judgements.
@@ -75,9 +75,7 @@ def _continues(p: CasePacket, from_initiator: bool) -> bool:
         return True
     if f & (_SYN | _ACK) == (_SYN | _ACK):
         return not from_initiator
-    if f & _SYN:
-        return from_initiator
-    return True
+    return True             # a SYN from the responder too: simultaneous open (docs/policy.md "stateful")
 
 
 def _symmetric(p: CasePacket) -> bool:

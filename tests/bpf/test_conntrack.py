@@ -3,13 +3,15 @@ ingress; related ICMP errors pass; invalid continuations and closed connections 
 from __future__ import annotations
 
 import socket
+import struct
 
 import numpy as np
 import pytest
+from scapy.layers import inet6 as i6
 from scapy.layers.inet import ICMP, IP, TCP, UDP, IPerror, UDPerror
 from scapy.layers.inet6 import ICMPv6DestUnreach, ICMPv6EchoReply, ICMPv6EchoRequest, IPv6
 from scapy.layers.l2 import Ether
-from scapy.packet import raw
+from scapy.packet import Raw, raw
 
 from hostwall.bpf import conntrack
 from hostwall.bpf import layout as L
@@ -80,6 +82,25 @@ def test_syn_ack_from_initiator_is_invalid(harness):
     assert got.passed
 
 
+@pytest.mark.parametrize("v6", [False, True], ids=["v4", "v6"])
+def test_simultaneous_open_passes_both_ways(harness, v6):
+    """TCP simultaneous open (RFC 9293 §3.5; TCP hole punching, libp2p's DCUtR): the peer's own SYN
+    answers the host's SYN, then each side sends a SYN-ACK. netfilter tracks it (SYN_SENT2); under
+    ingress: deny the peer's SYN and the host's SYN-ACK continue the tracked connection. A SYN-ACK from
+    the initiator before the peer's SYN is still no continuation."""
+    harness.install(POLICY.replace("egress: allow", "egress: deny").replace(
+        "rules:", "rules:\n  - {name: p2p-out, priority: 1, direction: egress, action: allow, protocol: tcp, ports: [443]}") % "true")
+    assert harness.run("tc_egress", out_tcp("S", v6=v6)).reason == "pass_rule"
+    assert harness.run("tc_egress", out_tcp("SA", v6=v6)).reason != "pass_conntrack"   # no SYN from the peer yet
+    assert harness.run("xdp", in_tcp("S", v6=v6)).reason == "pass_conntrack"
+    assert harness.run("tc_egress", out_tcp("SA", v6=v6)).reason == "pass_conntrack"
+    assert harness.run("xdp", in_tcp("SA", v6=v6)).reason == "pass_conntrack"
+    assert harness.run("tc_egress", out_tcp("A", v6=v6)).reason == "pass_conntrack"
+    assert harness.run("xdp", in_tcp("PA", v6=v6)).reason == "pass_conntrack"
+    e = _live(harness.dp, 6 if v6 else 4)[1][0]["e"]
+    assert L.CT_STATE_NAMES[int(e["state"])] == "established"
+
+
 def test_inbound_allowed_connection_replies_leave(harness):
     harness.install(POLICY.replace("egress: allow", "egress: deny") % "true")
     assert harness.run("tc_egress", out_tcp("SA", sport=22, dport=50000)).reason == "default_deny"
@@ -113,6 +134,36 @@ def test_icmp_echo_v4_and_v6(harness):
     err6 = raw(E / IPv6(src="fd00:77::1", dst=ME6) / ICMPv6DestUnreach()
                / IPv6(src=ME6, dst=PEER6) / ICMPv6EchoRequest(id=9))
     assert harness.run("xdp", err6).reason == "pass_related"
+
+
+def test_related_errors_read_the_embedded_packet_past_its_headers(harness):
+    """An ICMPv6 error quoting a packet of a tracked flow that carried extension headers (a fragmented
+    datagram's first fragment, destination options, ...) is related: the embedded chain is stepped over
+    as the outer one is. An error quoting a later fragment (IPv4 or IPv6) holds payload where ports
+    would be: never read as a tuple, whatever its bytes (docs/policy.md "Essential ICMP")."""
+    harness.install(POLICY % "true")
+    assert harness.run("tc_egress", raw(E / IPv6(src=ME6, dst=PEER6) / UDP(sport=5000, dport=53))).passed
+    assert harness.run("tc_egress", raw(E / IP(src=ME, dst=PEER) / UDP(sport=5000, dport=53))).passed
+    router6, router = "fd00:77::1", "198.51.100.1"
+    udp = UDPerror(sport=5000, dport=53)
+    for chain in ([i6.IPv6ExtHdrFragment(offset=0, m=1, id=7)], [i6.IPv6ExtHdrDestOpt()],
+                  [i6.IPv6ExtHdrHopByHop(), i6.IPv6ExtHdrRouting(), i6.IPv6ExtHdrFragment(offset=0, m=1, id=8),
+                   i6.IPv6ExtHdrDestOpt()]):
+        chain[-1].nh = 17                   # scapy would write 59 (no next header) before UDPerror
+        inner = i6.IPerror6(src=ME6, dst=PEER6)
+        for h in chain:
+            inner = inner / h
+        for err in (ICMPv6DestUnreach(code=4), i6.ICMPv6TimeExceeded(code=1)):
+            got = harness.run("xdp", raw(E / IPv6(src=router6, dst=ME6) / err / inner / udp))
+            assert got.reason == "pass_related", [type(h).__name__ for h in chain]
+    looks_like_ports = Raw(struct.pack("!HHHH", 5000, 53, 8, 0))     # the tracked tuple's ports, as payload
+    later4 = IPerror(src=ME, dst=PEER, proto=17, frag=100) / looks_like_ports
+    later6 = i6.IPerror6(src=ME6, dst=PEER6) / i6.IPv6ExtHdrFragment(offset=100, nh=17, id=7) / looks_like_ports
+    assert harness.run("xdp", raw(E / IP(src=router, dst=ME) / ICMP(type=11, code=1) / later4)).reason == "default_deny"
+    assert harness.run("xdp", raw(E / IPv6(src=router6, dst=ME6) / i6.ICMPv6TimeExceeded(code=1) / later6)).reason \
+        == "default_deny"
+    first4 = IPerror(src=ME, dst=PEER, proto=17, flags="MF") / udp
+    assert harness.run("xdp", raw(E / IP(src=router, dst=ME) / ICMP(type=11, code=1) / first4)).reason == "pass_related"
 
 
 def inet_pton(addr: str, family: int) -> bytes:

@@ -30,7 +30,7 @@ T0 = (time.monotonic_ns() // NS // 1000 + 4) * 1000 * NS
 POLICY = """
 version: 1
 name: dos
-defaults: {{ingress: allow, egress: allow, stateful: false, audit: {audit}}}
+defaults: {{ingress: allow, egress: allow, stateful: {stateful}, audit: {audit}}}
 dos:
   profiles:
     p:
@@ -40,9 +40,10 @@ interfaces:
 """
 
 
-def install(harness, profile_yaml: str, audit: bool = False) -> ProfileParams:
+def install(harness, profile_yaml: str, audit: bool = False, stateful: bool = False) -> ProfileParams:
     body = "\n".join("      " + line for line in profile_yaml.strip().splitlines())
-    harness.install(POLICY.format(profile=body, audit=str(audit).lower()), dos_interfaces={LO: "p"})
+    harness.install(POLICY.format(profile=body, audit=str(audit).lower(), stateful=str(stateful).lower()),
+                    dos_interfaces={LO: "p"})
     harness.dp.set_config(test_now_ns=T0)
     _reset_state(harness.dp)
     return ProfileParams.from_record(harness.compiled.dos_profiles[0])
@@ -214,7 +215,7 @@ def test_operator_ban_add_and_delete(harness):
 
 
 def test_interface_without_profile_is_not_limited(harness):
-    harness.install(POLICY.format(profile="      per_source: {pps: 1, burst: 1}", audit="false"),
+    harness.install(POLICY.format(profile="      per_source: {pps: 1, burst: 1}", audit="false", stateful="false"),
                     dos_interfaces={999: "p"})                  # the profile sits on another interface
     _reset_state(harness.dp)
     for _ in range(5):
@@ -264,3 +265,128 @@ def test_full_source_buckets_evict_and_count(harness):
     with dos_sources.table(dp.map_fds[dos_sources.MAP]) as t:
         assert len(t.live()) == dos_sources.WAYS + 0   # srcs[0] came back by evicting the next oldest
     _reset_state(dp)
+
+
+# ---- tracked connections pass the source guards (docs/dos.md "Tracked connections") -----------------
+ME, ME6 = "10.0.0.1", "fd00::1"
+RESOLVER, RESOLVER6 = "192.0.2.53", "fd00:53::53"
+SPARED = "pass_conntrack_over_limit"
+
+
+def _ip(src: str, dst: str):
+    return IPv6(src=src, dst=dst) if ":" in src else IP(src=src, dst=dst)
+
+
+def udp(src: str, dst: str, sport: int, dport: int) -> bytes:
+    return raw(E / _ip(src, dst) / UDP(sport=sport, dport=dport))
+
+
+def tcp(src: str, dst: str, sport: int, dport: int, flags: str) -> bytes:
+    return raw(E / _ip(src, dst) / TCP(sport=sport, dport=dport, flags=flags))
+
+
+def at(harness, hook: str, frame_: bytes, now: int):
+    harness.dp.set_config(test_now_ns=now)
+    return harness.run(hook, frame_, ifindex=LO if hook == "xdp" else 0)
+
+
+def flood_until_banned(harness, src: str, me: str, now: int) -> int:
+    """Spoofed UDP from `src` to ports the host never used, 10/s for 3 s: banned (ban.after 1 s of
+    over-limit packets). Returns the time after the flood."""
+    got = None
+    for i in range(30):
+        got = at(harness, "xdp", udp(src, me, 53, 1000 + i), now).reason
+        now += 100_000_000
+    assert got == "banned"
+    return now
+
+
+@pytest.mark.parametrize("v6", [False, True])
+def test_banned_resolver_still_answers_the_hosts_query(harness, v6):
+    """A flood claiming to come from the host's resolver bans the resolver's address; the resolver's
+    real reply to the host's query (the tracked tuple) still passes, the flood and new flows do not."""
+    me, res = (ME6, RESOLVER6) if v6 else (ME, RESOLVER)
+    install(harness, "udp: {per_source_pps: 5}\nban: {after: 1s, duration: 60s}", stateful=True)
+    assert at(harness, "tc_egress", udp(me, res, 40000, 53), T0).reason == "pass_default"     # the query
+    now = flood_until_banned(harness, res, me, T0)
+    reply = at(harness, "xdp", udp(res, me, 53, 40000), now)
+    assert (reply.passed, reply.verdict, reply.reason) == (True, "allow", SPARED)
+    assert at(harness, "xdp", udp(res, me, 53, 40000), now).reason == SPARED              # confirmed: again
+    assert at(harness, "xdp", udp(res, me, 53, 1001), now).reason == "banned"             # the flood
+    assert at(harness, "xdp", udp(res, me, 53, 40001), now).reason == "banned"            # another port
+    assert at(harness, "xdp", tcp(res, me, 53, 40000, "S"), now).reason == "banned"       # another protocol
+    kind = [(b["kind"], b["reason"]) for b in bans.listing(harness.dp, ("p",))]
+    assert kind == [("automatic", "udp_flood")]                                            # still banned
+
+
+@pytest.mark.parametrize("v6", [False, True])
+def test_banned_peer_keeps_its_established_tcp_connections(harness, v6):
+    """The same for TCP: a connection the host opened and one it accepted (handshake complete) go on
+    while their peer is banned; a new connection from the peer and a packet of a closed one do not."""
+    me, peer = (ME6, RESOLVER6) if v6 else (ME, RESOLVER)
+    install(harness, "per_source: {pps: 5, burst: 5}\nban: {after: 1s, duration: 60s}", stateful=True)
+    now = T0
+    at(harness, "tc_egress", tcp(me, peer, 40000, 443, "S"), now)                 # the host opens one
+    assert at(harness, "xdp", tcp(peer, me, 443, 40000, "SA"), now).reason == "pass_conntrack"
+    at(harness, "tc_egress", tcp(me, peer, 40000, 443, "A"), now)
+    assert at(harness, "xdp", tcp(peer, me, 50000, 22, "S"), now).reason == "pass_default"     # the peer opens one
+    at(harness, "tc_egress", tcp(me, peer, 22, 50000, "SA"), now)
+    assert at(harness, "xdp", tcp(peer, me, 50000, 22, "A"), now).reason == "pass_conntrack"
+    now = flood_until_banned(harness, peer, me, now)
+    for sport, dport in ((443, 40000), (50000, 22)):
+        got = at(harness, "xdp", tcp(peer, me, sport, dport, "PA"), now)
+        assert (got.passed, got.reason) == (True, SPARED)
+    assert at(harness, "xdp", tcp(peer, me, 50001, 22, "S"), now).reason == "banned"       # a new connection
+    at(harness, "tc_egress", tcp(me, peer, 40000, 443, "R"), now)                           # the host resets one
+    assert at(harness, "xdp", tcp(peer, me, 443, 40000, "A"), now).reason == "banned"       # not a continuation
+
+
+def test_inbound_udp_flows_and_operator_bans_are_not_spared(harness):
+    """An inbound UDP flow's tuple is the sender's choice and the host's reply confirms it without the
+    sender seeing it: a spoofed flood on one tuple would be spared, so it is not. Operator bans cut all."""
+    install(harness, "udp: {per_source_pps: 5}\nban: {after: 1s, duration: 60s}", stateful=True)
+    assert at(harness, "xdp", udp(RESOLVER, ME, 5000, 5353), T0).reason == "pass_default"
+    assert at(harness, "tc_egress", udp(ME, RESOLVER, 5353, 5000), T0).reason == "pass_conntrack"
+    now = flood_until_banned(harness, RESOLVER, ME, T0)
+    assert at(harness, "xdp", udp(RESOLVER, ME, 5000, 5353), now).reason == "banned"
+    # operator ban: the host's own query's reply is cut too
+    at(harness, "tc_egress", udp(ME, "192.0.2.54", 40000, 53), now)
+    bans.add(harness.dp, "192.0.2.54/32", None)
+    try:
+        assert at(harness, "xdp", udp("192.0.2.54", ME, 53, 40000), now).reason == "banned"
+    finally:
+        assert bans.delete(harness.dp, "192.0.2.54/32")
+
+
+def test_tracked_packets_take_free_tokens_but_never_ban_their_source(harness):
+    """A tracked connection's packets take their source's tokens while there are any; over the limit
+    they pass without and do not count towards a ban. The reference model says the same."""
+    params = install(harness, "udp: {per_source_pps: 2}\nban: {after: 1s, duration: 60s}", stateful=True)
+    model = DosModel(params)
+    at(harness, "tc_egress", udp(ME, RESOLVER, 40000, 53), T0)
+    now, got, want = T0, [], []
+    for _ in range(30):                                    # 10/s for 3 s: over the limit all along
+        o = at(harness, "xdp", udp(RESOLVER, ME, 53, 40000), now)
+        got.append((o.verdict, o.reason))
+        want.append((model.check(Pkt(RESOLVER, 17, dport=40000, tracked=True), now),
+                     SPARED if model.spared else "pass_conntrack"))
+        now += 100_000_000
+    assert [("allow", w[1]) for w in want] == got and {w[0] for w in want} == {None}
+    assert got[:3] == [("allow", "pass_conntrack")] * 2 + [("allow", SPARED)]         # 2 tokens, then none
+    # no ban: an untracked packet (at the time of the last tracked one) meets the empty bucket, no ban
+    last = now - 100_000_000
+    assert at(harness, "xdp", udp(RESOLVER, ME, 53, 1000), last).reason == "udp_flood"
+    assert model.check(Pkt(RESOLVER, 17, dport=1000), last) == "udp_flood"
+    assert bans.listing(harness.dp, ("p",)) == []
+
+
+def test_first_fragment_of_a_tracked_reply_is_spared_later_fragments_are_not(harness):
+    """A first fragment carries the ports: spared as its connection's packet. A later fragment has no
+    tuple to look up: dropped while its source is banned (docs/dos.md "Tracked connections")."""
+    install(harness, "udp: {per_source_pps: 5}\nban: {after: 1s, duration: 60s}", stateful=True)
+    at(harness, "tc_egress", udp(ME, RESOLVER, 40000, 53), T0)
+    now = flood_until_banned(harness, RESOLVER, ME, T0)
+    first = raw(E / IP(src=RESOLVER, dst=ME, id=7, flags="MF", frag=0) / UDP(sport=53, dport=40000) / (b"x" * 64))
+    later = raw(E / IP(src=RESOLVER, dst=ME, id=7, proto=17, frag=9) / (b"y" * 64))
+    assert at(harness, "xdp", first, now).reason == SPARED
+    assert at(harness, "xdp", later, now).reason == "banned"

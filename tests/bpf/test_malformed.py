@@ -87,6 +87,19 @@ def test_well_formed_twins_pass(harness):
         assert (got.passed, got.reason) == (True, "pass_rule")
 
 
+@pytest.mark.parametrize("hook", ["xdp", "tc_ingress"])
+def test_v6_chain_of_exactly_the_limit_is_stepped_over(harness, hook):
+    """A chain of exactly HW_V6_EXT_MAX (6) extension headers is not "longer than 6": its TCP meets
+    the tcp/80 rule; a seventh header makes it malformed."""
+    harness.install(ALLOW_ALL % "false")
+    chain = IPv6(src="fd00::1", dst="fd00::2") / IPv6ExtHdrHopByHop()
+    for _ in range(5):
+        chain = chain / IPv6ExtHdrDestOpt()
+    got = harness.run(hook, raw(E / chain / TCP(dport=80, flags="A")))
+    assert (got.passed, got.reason) == (True, "pass_rule")
+    assert harness.run(hook, raw(E / chain / IPv6ExtHdrDestOpt() / TCP(dport=80, flags="A"))).reason == "malformed"
+
+
 def test_non_ip_frames_pass_unjudged(harness):
     harness.install(ALLOW_ALL.replace("ingress: allow", "ingress: deny") % "false")
     got = harness.run("xdp", raw(E / ARP(pdst="10.0.0.1")))

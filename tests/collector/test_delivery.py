@@ -386,6 +386,30 @@ def test_a_batch_the_outbox_never_held_settles_nothing_else(tmp_path):
     assert [r["event"]["id"] for r in Outbox(box.path).load()] == ["anomaly-0"] and len(box) == 1
 
 
+def test_the_outbox_makes_a_new_file_and_each_rewrite_durable_before_relying_on_it(tmp_path, monkeypatch):
+    """A machine crash must find the outbox's unsettled records: the append that creates the file fsyncs
+    the directory; a rewrite (settle) fdatasyncs the new file before renaming it over the old one and
+    fsyncs the directory after, and an append does not create a file that exists."""
+    import hostwall.collector.outbox as outbox_mod
+    steps: list[tuple] = []
+    real = os.fdatasync
+    monkeypatch.setattr(outbox_mod, "fsync_dir", lambda d: steps.append(("dir", sorted(os.listdir(d)))))
+
+    def fdatasync(fd):
+        steps.append(("data", os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))))
+        real(fd)
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    box = Outbox(tmp_path / "o.jsonl")
+    box.append([owned("anomaly", 0)])
+    box.append([owned("anomaly", 1)])
+    assert steps == [("data", "o.jsonl"), ("dir", ["o.jsonl"]), ("data", "o.jsonl")], steps
+    steps.clear()
+    box.settle([owned("anomaly", 0)])
+    tmp = f".o.jsonl.tmp{os.getpid()}"
+    assert steps == [("data", tmp), ("dir", ["o.jsonl"])], steps
+    assert [r["hostwall"]["seq"] for r in Outbox(box.path).load()] == [1]
+
+
 def test_a_sink_loss_becomes_a_loss_record_with_the_seqs(tmp_path):
     class Lossy(BaseSink):
         def __init__(self):

@@ -414,3 +414,85 @@ def test_a_send_cancelled_during_its_fdatasync_counts_each_record_once(tmp_path,
         assert st["lost"] == {"cancelled": 2} and st["delivered"] == 0, st
     assert s.unsettled_calls == 0
     accounted(s)
+
+
+# ---- a new file's name is made durable with its data (the directory's fsync) ---------------------------
+
+def _dir_fsync_log(monkeypatch, sink_box: dict, fail: dict) -> list[tuple[list[str], int]]:
+    """jsonl's fsync_dir replaced: logs (the directory's names, the sink's unsettled calls) at each call,
+    and fails with EIO while fail["on"]."""
+    import hostwall.collector.sinks.jsonl as jsonl_mod
+    log: list[tuple[list[str], int]] = []
+
+    def fsync_dir(path):
+        if fail["on"]:
+            raise OSError(errno.EIO, "I/O error")
+        log.append((sorted(os.listdir(path)), sink_box["s"].unsettled_calls))
+    monkeypatch.setattr(jsonl_mod, "fsync_dir", fsync_dir)
+    return log
+
+
+def test_a_created_or_rotated_file_has_its_directory_fsynced_before_its_batches_settle(tmp_path, monkeypatch):
+    """fsync=interval: the file created at start and the one rotation creates each get one directory fsync,
+    run before the batches written there settle; a batch into a file that already existed needs none."""
+    box, fail = {}, {"on": False}
+    log = _dir_fsync_log(monkeypatch, box, fail)
+    p = tmp_path / "f.jsonl"
+    one = len(json.dumps(recs(1)[0], separators=(",", ":"))) + 1
+
+    async def go():
+        s = box["s"] = JsonlSink(p, fsync="interval", fsync_interval_s=3600, rotate_bytes=one * 3, rotate_keep=3)
+        await s.start()
+        await s.send(recs(1))
+        await s.flush()                                 # created at start: directory synced, then settled
+        first = list(log)
+        await s.send(recs(1, 1))
+        await s.flush()                                 # same file: no directory fsync
+        second = list(log)
+        await s.send(recs(2, 2))                        # rotation: a new f.jsonl and f.jsonl.1
+        await s.close()
+        return s, first, second
+    s, first, second = run(go())
+    assert first == [(["f.jsonl"], 1)], first
+    assert second == first
+    assert log[1:] == [(["f.jsonl", "f.jsonl.1"], 1)], log
+    assert s.stats()["dir_fsyncs"] == 2 and s.stats()["delivered"] == 4
+    accounted(s)
+
+
+def test_a_failed_directory_fsync_loses_what_it_covered_and_is_tried_again(tmp_path, monkeypatch):
+    """fsync=always on a new file whose directory fsync fails: the batch is counted lost (fsync_error),
+    not delivered; the next sync fsyncs the directory again, and its batch is delivered."""
+    box, fail = {}, {"on": True}
+    log = _dir_fsync_log(monkeypatch, box, fail)
+
+    async def go():
+        s = box["s"] = JsonlSink(tmp_path / "f.jsonl", fsync="always")
+        await s.start()
+        await s.send(recs(2))
+        lost = dict(s.stats()["lost"])
+        fail["on"] = False
+        await s.send(recs(1, 2))
+        await s.close()
+        return s, lost
+    s, lost = run(go())
+    assert lost == {"fsync_error": 2}
+    st = s.stats()
+    assert st["delivered"] == 1 and st["dir_fsyncs"] == 1 and s.fsync_errors == 1 and len(log) == 1, st
+    accounted(s)
+
+
+def test_an_existing_file_needs_no_directory_fsync(tmp_path, monkeypatch):
+    box, fail = {}, {"on": False}
+    log = _dir_fsync_log(monkeypatch, box, fail)
+    p = tmp_path / "f.jsonl"
+    p.write_text('{"seq":0}\n')
+
+    async def go():
+        s = box["s"] = JsonlSink(p, fsync="always")
+        await s.start()
+        await s.send(recs(1, 1))
+        await s.close()
+        return s
+    s = run(go())
+    assert log == [] and s.stats()["delivered"] == 1

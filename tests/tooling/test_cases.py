@@ -45,10 +45,10 @@ cases:
     packet: ingress tcp 198.51.100.7:443 -> :40001 flags SA
     state: reply
     expect: {verdict: allow, reason: pass_conntrack, rule: null}
-  - name: a SYN claiming to reply is invalid
-    packet: ingress tcp 198.51.100.7:443 -> :40001 flags S
-    state: reply
-    expect: {verdict: drop, reason: conntrack_invalid}
+  - name: a SYN-ACK from the side that opened is judged by the rules
+    packet: ingress tcp 203.0.113.7:5555 -> :443 flags SA
+    state: established
+    expect: {verdict: allow, reason: pass_rule, rule: web}
   - name: smtp out is blocked
     packet: egress tcp :40000 -> 198.51.100.25:25
     expect: {verdict: drop, rule: no-smtp-out}

@@ -199,3 +199,39 @@ def test_signature_keys_are_fixed(seed):
     ranges = [(rnd.randrange(64), s, s + rnd.randrange(1, 50)) for s in (rnd.randrange(1000) for _ in range(200))]
     a, b = check(64, ranges, [], 2000), check(64, ranges, [], 2000)
     assert np.array_equal(a.cls, b.cls) and np.array_equal(a.bitmaps, b.bitmaps)
+
+
+def _top_table_by_search(top16: np.ndarray, exact: np.ndarray) -> np.ndarray:
+    """The DIR-16 table as it was built before bincount: two searchsorted calls of every bucket."""
+    k = np.arange(L.TOP_SIZE)
+    lt, le = np.searchsorted(top16, k, side="left"), np.searchsorted(top16, k, side="right")
+    at = np.zeros(L.TOP_SIZE, dtype=bool)
+    hit = lt < len(top16)
+    at[hit] = exact[lt[hit]] & (top16[lt[hit]] == k[hit])
+    top = np.zeros(L.TOP_SIZE, dtype=L.DTYPES["hw_top"])
+    top["first"], top["last"] = lt - 1 + at, le - 1
+    return top
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 2**32 - 1), max_size=300), st.booleans())
+def test_top_tables_are_the_searched_ones(starts, v6):
+    """_v4_tables / _v6_tables (bincount, bytes split) give the tables of the searchsorted and per-word
+    way, on starts at bucket bounds, in one bucket, at the top of the axis."""
+    from hostwall.enforcer import compiler as C
+    from hostwall.enforcer.classify import Classes
+    pts = sorted({0, 65536, 2**32 - 65536, 2**32 - 1, *starts})
+    if v6:
+        pts = sorted({p << 96 | (p & 1) for p in pts} | {2**128 - 1})
+        top, iv = C._v6_tables(Classes(pts, np.arange(len(pts), dtype=np.uint32), np.zeros(0)), 3)
+        assert iv["hi"].tolist() == [p >> 64 for p in pts] and iv["lo"].tolist() == [p & (2**64 - 1) for p in pts]
+        hi = iv["hi"]
+        want = _top_table_by_search((hi >> np.uint64(48)).astype(np.int64),
+                                    ((hi & np.uint64(2**48 - 1)) == 0) & (iv["lo"] == 0))
+    else:
+        top, iv = C._v4_tables(Classes(np.asarray(pts, np.uint64), np.arange(len(pts), dtype=np.uint32),
+                                       np.zeros(0)), 3)
+        s = np.asarray(pts, np.uint64)
+        want = _top_table_by_search((s >> np.uint64(16)).astype(np.int64), (s & np.uint64(0xFFFF)) == 0)
+    assert top.tobytes() == want.tobytes()
+    assert iv["cls"].tolist() == list(range(3, 3 + len(pts)))

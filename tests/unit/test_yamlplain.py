@@ -302,3 +302,53 @@ def test_flow_lines_parsed_before_are_fresh_copies(monkeypatch):
     assert load_plain(deep) is None                      # 31 block levels + 40 flow > MAX_DEPTH
     Y.clear_flow_memo()
     assert load_plain(deep) is None
+
+
+flow_line = st.lists(st.tuples(key, st.one_of(scalar, st.lists(scalar, max_size=4))), min_size=1, max_size=6)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(flow_line, style, st.integers(min_value=0), st.sampled_from(list(" -:#,[]{}\"'~x1")),
+       st.sampled_from(["insert", "replace", "delete", "keep"]))
+def test_flat_flow_lines_are_the_token_loops(pairs, s, at, ch, how):
+    """_flat (one findall per rule line) gives what the token loop gives, or steps aside (None); where
+    the token loop leaves the subset, _flat never builds a value. Lines drawn as a rule is written (a
+    mapping of scalars and lists of scalars), as a bare list, and with one character changed."""
+    import hostwall.yamlplain as Y
+    for text in (_flow(pairs, s), _flow([v for _, v in pairs], s)):
+        i = at % len(text)
+        text = (text[:i] + ch + text[i:] if how == "insert" else text[:i] + ch + text[i + 1:]
+                if how == "replace" else text[:i] + text[i + 1:] if how == "delete" else text).rstrip(" ")
+        if not text or text[0] not in "[{" or "#" in text:
+            continue
+        try:
+            slow = Y._Parser([]).flow(Y._TOKEN.findall(text))
+        except Y._Out:
+            slow = Y._Out
+        try:
+            fast = Y._Parser([])._flat(text)
+        except Y._Out:
+            fast = Y._Out
+        assert fast is None or (fast is not Y._Out and canon(fast) == canon(slow)), (text, fast, slow)
+        if slow is Y._Out:
+            assert fast is None or fast is Y._Out, text
+
+
+def test_rule_lines_take_the_flat_path():
+    import hostwall.yamlplain as Y
+    line = '{name: r0002, priority: 637183, direction: ingress, protocol: any, peers: ["fd8d::/128", 10.0.0.0/8], ports: []}'
+    assert Y._Parser([])._flat(line) == {"name": "r0002", "priority": 637183, "direction": "ingress",
+                                         "protocol": "any", "peers": ["fd8d::/128", "10.0.0.0/8"], "ports": []}
+    assert Y._Parser([])._flat('["a", b c, 1]') == ["a", "b c", 1]
+
+
+@pytest.mark.parametrize("line", ["{a: b{c: d}", "{a: b, a: c}", "{a: b}}", "{a: b} x", "{a: [b{c]}", "{a: [b, ]}",
+                                  "{a: b,, c: d}", "{a:b}", "{a: b c: d}", "{a: \"x\"y}", "{ {a: b}}", "{a: b, {c: d}}"])
+def test_flat_path_rejects_what_the_token_loop_rejects(line):
+    import hostwall.yamlplain as Y
+    with pytest.raises(Y._Out):
+        Y._Parser([]).flow(Y._TOKEN.findall(line))
+    try:
+        assert Y._Parser([])._flat(line) is None
+    except Y._Out:
+        pass
