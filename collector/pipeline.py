@@ -484,15 +484,16 @@ class Pipeline(Sources, Shutdown):
             await self._commit_ready()
             await asyncio.sleep(COMMIT_INTERVAL_S)
 
-    async def _commit_ready(self) -> int:
+    async def _commit_ready(self, *, last: bool = False) -> int:
         """Resolve durable tickets, then run the commits now due: checkpoint first, kernel side after.
-        What sinks counted lost up to the frontier gets its loss record into the outbox first: once the
-        kernel side moves, that record is the only account of the lost seqs (a kill must not take it)."""
+        What at_least_once sinks counted lost up to the frontier gets its loss record into the outbox
+        first: once the kernel side moves, that record is the only account of the lost seqs (a kill must
+        not take it). Best_effort losses wait for the tick, or the shutdown's `last` commit."""
         frontier = self.frontier()
-        if self._stopping:
-            self._stash_sink_losses()            # the sinks may be closed: the next start sends them
+        if self._stopping:                       # the sinks may be closed: the next start sends them
+            self._stash_sink_losses(acking_only=not last)
         else:
-            await self._report_sink_losses()
+            await self._report_sink_losses(acking_only=True)
         self.acks.advance(frontier)
         ready, _ = self.commits.take_ready()
         if not ready:

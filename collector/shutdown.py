@@ -76,7 +76,7 @@ class Shutdown:
         await _cancel(self._tasks.get("commit"))
         if self._failure is None:                       # after a failure nothing more is released
             try:
-                await self._commit_ready()
+                await self._commit_ready(last=True)
             except Exception as e:                      # noqa: BLE001
                 log.error("shutdown: last commit failed: %s: %s", type(e).__name__, e)
         self.counters["abandoned_tickets"] += self.acks.abandon()

@@ -344,16 +344,19 @@ class Sources:
         self.ledger.fold_kernel(totals)
         self.checkpoint["kernel_loss"] = totals
 
-    async def _report_sink_losses(self) -> None:
-        """Loss records of the seqs sinks counted lost (also before each commit: collector/pipeline.py)."""
-        recs = self._sink_loss_records()
+    async def _report_sink_losses(self, *, acking_only: bool = False) -> None:
+        """Loss records of the seqs sinks counted lost: all on the tick, one per (sink, stream, reason);
+        before each commit (collector/pipeline.py) only the at_least_once sinks' — what a best_effort sink
+        loses or the pipeline sheds in front of it never holds the kernel back, so it waits for the tick
+        (else a steadily shedding sink costs a record, an outbox fdatasync and a fan-out per commit)."""
+        recs = self._sink_loss_records(acking_only)
         if recs:
             await self._emit_owned(recs, "collector")
 
-    def _stash_sink_losses(self) -> None:
+    def _stash_sink_losses(self, *, acking_only: bool = False) -> None:
         """While stopping (sinks closing or closed): numbered and put in the outbox only; the next start
-        sends them (and counts them produced then)."""
-        recs = self._sink_loss_records()
+        sends them (and counts them produced then). acking_only: as _report_sink_losses."""
+        recs = self._sink_loss_records(acking_only)
         if recs:
             self._number(recs, "collector")
             try:
@@ -363,9 +366,10 @@ class Sources:
                 log.warning("cannot write the outbox %s: %s (%d loss record(s) not kept)", self.outbox.path, e,
                             len(recs))
 
-    def _sink_loss_records(self) -> list[dict]:
+    def _sink_loss_records(self, acking_only: bool = False) -> list[dict]:
         return [self.losses.sink_loss(s.name, reason, stream, ranges)
-                for s in self.slots for (stream, reason), ranges in s.take_lost_seqs()]
+                for s in self.slots if s.acknowledges or not acking_only
+                for (stream, reason), ranges in s.take_lost_seqs()]
 
     # ---- the enforcer's logs (audit, DNS decisions) --------------------------------------------------
     def _open_logs(self) -> None:

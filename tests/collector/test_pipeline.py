@@ -489,3 +489,47 @@ def test_records_a_drop_oldest_sink_sheds_are_named_in_loss_records(tmp_path):
     named = {q for x in reported() if x["reason"] == "queue_full" and x["stream"] == "events"
              for lo, hi in x["ranges"] for q in range(lo, hi + 1)}
     assert named and not named & got and named | got == set(range(300))
+
+
+def test_a_steadily_shedding_sink_gets_one_loss_record_per_tick_not_per_commit(tmp_path):
+    """What the pipeline sheds in front of a best_effort sink never holds back the kernel release, so it is
+    reported on the 1 s tick, one record per (sink, stream, reason) — not before every commit (up to 100/s),
+    each with an outbox append (fdatasync on the loop) and a fan-out (docs/collector.md "Delivery and loss")."""
+    gate = asyncio.Event()
+    fast, lossy = MemorySink("fast"), MemorySink("lossy", FullQueuePolicy.DROP_OLDEST, gate=gate)
+    src = FakeSource()
+    pipe = Pipeline(cfg(tmp_path, queues=QueueSizes(events=2, sink=50, batch=10)), src, StubBuilder(), [fast, lossy])
+    appends: list[int] = []
+    real = pipe.outbox.append
+
+    def counting(recs):
+        appends.append(len(recs))
+        return real(recs)
+    pipe.outbox.append = counting
+
+    def reported() -> list[dict]:
+        return [r["hostwall"]["loss"] for r in fast.records
+                if r["hostwall"]["kind"] == "loss" and r["hostwall"]["loss"]["sink"] == "lossy"]
+
+    async def go():
+        task = await started(pipe)
+        src.emit(100)
+        await until(lambda: denies(fast) == 100)
+        n0, c0, r0 = len(appends), pipe.counters["commits"], len(reported())
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        while loop.time() - t0 < 1.0:               # the workload: 1000 events/s for a second
+            src.emit(10)
+            await asyncio.sleep(0.01)
+        commits, records, outbox = pipe.counters["commits"] - c0, len(reported()) - r0, len(appends) - n0
+        gate.set()
+        pipe.stop()
+        await task
+        return commits, records, outbox
+    commits, records, outbox = uvloop.run(go())
+    assert commits >= 20                            # the pipeline committed steadily meanwhile
+    assert records <= 2 and outbox <= 2, (commits, records, outbox)     # ≤ 2 ticks in the second
+    got = {r["hostwall"]["seq"] for r in lossy.records if r["hostwall"]["kind"] == "deny"}
+    named = {q for x in reported() if x["reason"] == "queue_full" and x["stream"] == "events"
+             for lo, hi in x["ranges"] for q in range(lo, hi + 1)}
+    assert named and not named & got and named | got == set(range(pipe.seq["events"]))   # all named, later
