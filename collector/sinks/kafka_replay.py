@@ -202,6 +202,14 @@ class SpoolReplay:
                 return True
         return False
 
+    def _spooled(self, first: int, n: int, call: Call | None, now: float) -> None:
+        """n records written to the spool from seq `first`: they settle once synced (carried over if the
+        spool outlives this run)."""
+        self._age.mark(first, first + n, now)
+        self._wait_spool(first + n, call, n)
+        self._untaken -= n
+        self.counters["spooled"] += n
+
     async def _spool_msgs(self, msgs: list, call: Call | None) -> None:
         """Append to the spool in order (after any mirroring in progress). Full: drop_newest counts the
         refused records lost ("spool_full"); block waits for room."""
@@ -232,6 +240,10 @@ class SpoolReplay:
                     self.last_error = str(e)
                     done += 1
                     continue
+                except asyncio.CancelledError:       # the deadline, in its fdatasync / new segment: what
+                    w = self.spool.next_seq - first      # it wrote is spooled (carried over), not untaken
+                    self._spooled(first, w, call, now)
+                    raise
                 except OSError as e:                 # disk full / failing: count, keep the service up
                     w = getattr(e, "written", 0)
                     self._age.mark(first, first + w, now)
@@ -248,11 +260,8 @@ class SpoolReplay:
                                      "counted lost")
                     self.counters["spool_errors"] += 1
                     break
-                self._age.mark(first, first + n, now)
-                self._wait_spool(first + n, call, n)
+                self._spooled(first, n, call, now)
                 done += n
-                self._untaken -= n
-                self.counters["spooled"] += n
                 if done < len(payloads):
                     if self.o.spool_overflow == "block" and not self._closing:
                         self.counters["spool_waits"] += 1

@@ -26,7 +26,7 @@ def records(n: int, start: int = 0, pad: int = 900) -> list[dict]:
 def sink(tmp_path, *, known: bool = True, **opts) -> KafkaSink:
     port, = free_ports(1)
     boot = f"127.0.0.1:{port}"
-    o = KafkaOptions(spool_dir=str(tmp_path), connect_timeout_s=2.0, spool_fsync="none", **opts)
+    o = KafkaOptions(**{"spool_dir": str(tmp_path), "connect_timeout_s": 2.0, "spool_fsync": "none", **opts})
     if known:                                        # as if it had delivered to this broker before
         d = spool_dir_for(tmp_path, boot)
         d.mkdir(parents=True)
@@ -172,6 +172,35 @@ def test_a_send_cancelled_while_waiting_for_spool_room_loses_only_what_is_not_sp
         await s.close()
         assert s.stats()["lost"] == {"carried_over": spooled} and s.in_flight == 120 - spooled
         assert s.settled_calls == 0 and s.unsettled_calls == 1
+    asyncio.run(go())
+
+
+def test_a_send_cancelled_in_the_spools_fdatasync_carries_its_written_records_over_once(tmp_path):
+    """The shutdown deadline cancels a send inside Spool.append after its write(2), while the fdatasync runs:
+    the records are in the spool, so they are carried over (the next run sends them) and the call settles —
+    counting them untaken would leave them `requeued` in the kernel too, and the next run would send them
+    twice."""
+    async def go():
+        s = sink(tmp_path, spool_fsync="always")
+        await s.start()
+        real, stall = s.spool.sync, asyncio.Event()
+
+        async def slow_sync():                       # an fdatasync that outlasts the shutdown deadline
+            await stall.wait()
+            return await real()
+        s.spool.sync = slow_sync
+        send = asyncio.ensure_future(s.send(records(10)))
+        while s.spool.next_seq < 10:
+            await asyncio.sleep(0.01)
+        send.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await send
+        s.spool.sync = real
+        assert s.counters["spooled"] == 10 and s.stats()["lost"] == {}
+        await s.close()
+        st = s.stats()
+        assert st["lost"] == {"carried_over": 10} and st["in_flight"] == 0, st
+        assert s.settled_calls == 1 and s.unsettled_calls == 0     # the kernel may release them
     asyncio.run(go())
 
 
