@@ -21,7 +21,8 @@ At-most-once: an export the collector received but did not acknowledge in time c
 Partial success (the receiver took a request but rejected some of its log records: `partial_success.
 rejected_log_records`, not to be retried per the OTLP spec): those are counted lost ("rejected"), the rest
 delivered — a count without seqs, since the response does not say which. The SDK exporters discard the
-response, so the sink reads it where they get it (PartialSuccess: SDK internals, guarded).
+response, so the sink reads it where they get it (collector/sinks/otlp_partial.py: SDK internals, guarded;
+`partial_success_watching` and `partial_success_parse_failures` in the stats say whether it works).
 
 `otlp.delivery: at_least_once` makes the sink acknowledging (docs/collector.md "Delivery and loss"): its
 queue blocks instead of shedding, a failed export is retried after the same jittered pause (Backoff)
@@ -41,6 +42,7 @@ import opentelemetry.sdk._logs  # noqa: F401 — at import: a build without the 
 # in build_sink, before the kernel is touched
 from ..backoff import Backoff
 from .base import BaseSink, Durability, FullQueuePolicy, Health, SinkUnavailable
+from .otlp_partial import PartialSuccess
 
 log = logging.getLogger("hostwall.collector.otlp")
 
@@ -93,55 +95,6 @@ def make_log_exporter(endpoint: str, options, *, signal: str = "logs"):
                               "(opentelemetry-exporter-otlp)") from None
     except OSError as e:
         raise SinkUnavailable(f"OTLP TLS: cannot read {e.filename}: {e.strerror}; check otlp.tls_*") from None
-
-
-class PartialSuccess:
-    """What the receiver said it rejected in the last response (`rejected`, `message`). The SDK exporters
-    (1.45) drop the response, so this wraps the calls that return it: the gRPC stub's Export (through the
-    stub factory, which a reconnect calls again) and the HTTP client's _submit. SDK internals, guarded:
-    without them nothing is read (`watching` False) and an accepted request counts delivered whole.
-    Cost: one protobuf parse per export. Use from one thread at a time (the sink's exports are)."""
-
-    def __init__(self, exporter) -> None:
-        self.rejected = 0
-        self.message = ""
-        self.watching = False
-        client = getattr(exporter, "_client", None)
-        stub = getattr(exporter, "_stub", None)
-        if client is not None and hasattr(client, "Export") and callable(stub):          # gRPC
-            def make(channel):
-                c = stub(channel)
-                c.Export = self._reading(c.Export, lambda resp: resp)
-                return c
-            exporter._stub = make
-            exporter._client = make(exporter._channel)
-            self.watching = True
-        elif client is not None and callable(getattr(client, "_submit", None)):         # HTTP
-            from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceResponse
-
-            def parse(result):
-                if result.status_code is not None and 200 <= result.status_code < 300:
-                    return ExportLogsServiceResponse.FromString(result.content())
-                return None
-            client._submit = self._reading(client._submit, parse)
-            self.watching = True
-
-    def _reading(self, call, response_of):
-        def wrapped(*a, **kw):
-            out = call(*a, **kw)
-            try:
-                resp = response_of(out)
-                if resp is not None and resp.HasField("partial_success"):
-                    self.rejected = int(resp.partial_success.rejected_log_records)
-                    self.message = resp.partial_success.error_message
-            except Exception:                       # noqa: BLE001 — an unreadable answer: nothing rejected
-                pass
-            return out
-        return wrapped
-
-    def take(self) -> tuple[int, str]:
-        out, self.rejected, self.message = (self.rejected, self.message), 0, ""
-        return out
 
 
 class OtlpSink(BaseSink):
@@ -230,7 +183,7 @@ class OtlpSink(BaseSink):
             self._partial.take()
         ok = self._exporter.export(batch) == LogRecordExportResult.SUCCESS
         rejected, why = self._partial.take() if ok and self._partial is not None else (0, "")
-        return ok, min(rejected, len(batch)), why
+        return ok, max(0, min(rejected, len(batch))), why      # int64 on the wire: a bad count bounded
 
     async def _send(self, records: list[dict]) -> None:
         if self._closed:
@@ -283,4 +236,6 @@ class OtlpSink(BaseSink):
     def stats(self) -> dict:
         return {**super().stats(), "endpoint": self.endpoint, "protocol": self.o.protocol, "exports": self.exports,
                 "export_failures": self.export_failures, "paused_s": round(self.paused_s, 3),
-                "consecutive_failures": self._backoff.failures}
+                "consecutive_failures": self._backoff.failures,
+                "partial_success_watching": self._partial is not None and self._partial.watching,
+                "partial_success_parse_failures": self._partial.parse_failures if self._partial is not None else 0}

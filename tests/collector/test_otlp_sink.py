@@ -86,7 +86,7 @@ class PartialReceiver:
     """An OTLP logs receiver on 127.0.0.1 (gRPC or HTTP/protobuf) that accepts every request and says it
     rejected `rejected` log records of each (OTLP partial success); counts the log records it got."""
 
-    def __init__(self, protocol: str, rejected: int):
+    def __init__(self, protocol: str, rejected: int, *, raw: bytes | None = None):
         from opentelemetry.proto.collector.logs.v1 import logs_service_pb2 as pb
         self.got = 0
         self.protocol = protocol
@@ -118,6 +118,7 @@ class PartialReceiver:
                 def do_POST(self):
                     body = self.rfile.read(int(self.headers["Content-Length"]))
                     out = answer(pb.ExportLogsServiceRequest.FromString(body)).SerializeToString()
+                    out = out if raw is None else raw         # raw: a body that is no response
                     self.send_response(200)
                     self.send_header("Content-Type", "application/x-protobuf")
                     self.send_header("Content-Length", str(len(out)))
@@ -160,6 +161,86 @@ def test_records_the_receiver_rejects_in_a_partial_success_are_counted_lost_not_
     assert rx.got == 7
     assert st["delivered"] == 3 and st["lost"] == {"rejected": 4} and st["in_flight"] == 0, st
     assert s.exports == 2 and "attribute too long" in st["last_error"] and s.settled_calls == 1
+
+
+def send_to(rx: PartialReceiver, protocol: str, n: int = 7) -> OtlpSink:
+    async def go():
+        s = OtlpSink(f"127.0.0.1:{rx.port}", options=OtlpOptions(protocol=protocol, batch=5, timeout_s=5.0))
+        await s.start()
+        await s.send([good(i) for i in range(n)])
+        await s.close()
+        return s
+    try:
+        return asyncio.run(go())
+    finally:
+        rx.stop()
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+@pytest.mark.parametrize("count,lost", [(-5, {}), (100, {"rejected": 7})])
+def test_a_rejected_count_out_of_range_is_bounded_to_the_request(protocol, count, lost):
+    """rejected_log_records is an int64: a negative count must not count more delivered than sent, a count
+    over the request's size not more lost — each record once (docs/collector.md "Kafka, OTLP ...")."""
+    s = send_to(PartialReceiver(protocol, rejected=count), protocol)
+    st = s.stats()
+    assert st["delivered"] == 7 - sum(lost.values()) and st["lost"] == lost and st["in_flight"] == 0, st
+    assert st["partial_success_watching"] is True
+
+
+def test_a_response_that_cannot_be_parsed_is_counted_and_its_records_delivered():
+    rx = PartialReceiver("http", rejected=0, raw=b"\xff\xff\xff not protobuf")
+    s = send_to(rx, "http")
+    st = s.stats()
+    assert st["delivered"] == 7 and st["lost"] == {} and st["partial_success_parse_failures"] == 2, st
+
+
+def test_the_watched_grpc_export_keeps_the_stubs_other_calling_styles():
+    """The wrapper stands in for the stub's Export: with_call and future still reach the receiver."""
+    from opentelemetry.proto.collector.logs.v1 import logs_service_pb2 as pb
+    rx = PartialReceiver("grpc", rejected=0)
+    try:
+        async def go():
+            s = OtlpSink(f"127.0.0.1:{rx.port}", options=OtlpOptions(protocol="grpc", timeout_s=5.0))
+            await s.start()
+            export = s._exporter._client.Export
+            _, call = export.with_call(pb.ExportLogsServiceRequest(), timeout=5.0)
+            export.future(pb.ExportLogsServiceRequest(), timeout=5.0).result()
+            await s.close()
+            return s, call
+        s, call = asyncio.run(go())
+    finally:
+        rx.stop()
+    assert call.code().name == "OK" and s.stats()["partial_success_watching"] is True
+
+
+def test_sdk_internals_that_cannot_be_hooked_leave_the_exporter_as_it_was(monkeypatch, caplog):
+    """An SDK whose exporter internals moved: the install fails, nothing is replaced, a warning says so,
+    the stats show `partial_success_watching: false`, and exports count delivered whole."""
+    import hostwall.collector.sinks.otlp as otlp
+
+    class Moved(Exporter):
+        _channel = None
+
+        def __init__(self):
+            super().__init__()
+            self._client = type("Stub", (), {"Export": None})()
+
+        def _stub(self, channel):
+            raise TypeError("stub wants other arguments")
+    ex = Moved()
+    stub, client = ex._stub, ex._client
+    monkeypatch.setattr(otlp, "make_log_exporter", lambda endpoint, o: ex)
+
+    async def go():
+        s = OtlpSink("127.0.0.1:1")
+        await s.start()
+        await s.send([good(i) for i in range(3)])
+        return s
+    s = asyncio.run(go())
+    st = s.stats()
+    assert ex._stub == stub and ex._client is client and ex.batches == [3]
+    assert st["partial_success_watching"] is False and st["delivered"] == 3 and st["lost"] == {}, st
+    assert "partial success not watched (TypeError: stub wants other arguments)" in caplog.text
 
 
 def test_an_at_least_once_export_cut_by_the_shutdown_deadline_stays_in_the_kernel(tmp_path):
