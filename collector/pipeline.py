@@ -147,6 +147,7 @@ class Pipeline(Sources, Shutdown):
         self._stopping = False
         self._failure: tuple[str, BaseException] | None = None
         self._pending = 0
+        self._abandons = 0                          # times Shutdown._count_abandoned counted _pending
         self._events_q: asyncio.Queue | None = None
         self._carry: tuple | None = None
         self._building = 0
@@ -351,6 +352,7 @@ class Pipeline(Sources, Shutdown):
         self.ledger.produce(source, len(records))
         if assign_seq:
             self._number(records, source)
+        abandons = self._abandons
         self._pending += len(records)           # until fanned out; a failure leaves them for shutdown to count
         if outbox:
             try:
@@ -364,6 +366,10 @@ class Pipeline(Sources, Shutdown):
         if observe and self.anomaly is not None:
             self.anomaly.observe(records)
         ticket = await self._fan_out(records)
+        if ticket.index < 0 and abandons != self._abandons:
+            return ticket                       # never fanned out, counted requeued by _count_abandoned
+        if ticket.index < 0:                    # never fanned out, produced after _count_abandoned
+            self.ledger.lose("pipeline", "requeued", len(records))
         self._pending -= len(records)
         return ticket
 
@@ -401,6 +407,8 @@ class Pipeline(Sources, Shutdown):
         for s in self.slots:
             if s.policy is FullQueuePolicy.BLOCK and not s.dead:
                 await s.queue.wait_room(n)
+        if self._stopping and any(s.queue.closed for s in self.slots):
+            return self.acks.dead()             # a straggler the shutdown deadline cut (it closed the queues)
         for s in self.slots:                    # no await from here on: all sinks or none
             if s.dead:
                 self.ledger.sink_lose(s.name, "sink_failed", n)

@@ -104,9 +104,10 @@ class Shutdown:
         self._building = 0
         if n:
             self.ledger.lose("pipeline", "requeued", n, produced="events")
-        if self._pending:
+        if self._pending:                       # a run still fanning out them does not count them again
             self.ledger.lose("pipeline", "requeued", self._pending)
             self._pending = 0
+        self._abandons += 1
 
     def _close(self) -> None:
         if self.ring is not None:

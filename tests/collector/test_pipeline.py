@@ -533,3 +533,33 @@ def test_a_steadily_shedding_sink_gets_one_loss_record_per_tick_not_per_commit(t
     named = {q for x in reported() if x["reason"] == "queue_full" and x["stream"] == "events"
              for lo, hi in x["ranges"] for q in range(lo, hi + 1)}
     assert named and not named & got and named | got == set(range(pipe.seq["events"]))   # all named, later
+
+
+def test_a_drop_export_waiting_for_a_blocked_sink_at_the_deadline_is_counted_once(tmp_path):
+    """A drop export (a shielded periodic run) waits in the fan-out for room in a stalled `block` sink when the
+    shutdown deadline comes: the shutdown counts its records `requeued`, and clearing the sink's queue must not
+    let it fan them out after all — the ledger stays balanced and the interval stays in the kernel for the
+    next collector (docs/collector.md "Delivery and loss")."""
+    gate = asyncio.Event()
+    blk, lossy = MemorySink("blk", gate=gate), MemorySink("lossy", FullQueuePolicy.DROP_OLDEST)
+    src = FakeSource()
+    pipe = Pipeline(cfg(tmp_path, queues=QueueSizes(events=2, sink=20, batch=10)), src, StubBuilder(), [blk, lossy],
+                    shutdown_timeout_s=0.5)
+
+    async def go():
+        task = await started(pipe)
+        src.emit(300)
+        await until(lambda: pipe.slots[0].queue.size >= 20)
+        keys = np.zeros(2, DROP_KEY)
+        keys["family"], keys["verdict"], keys["reason"] = 4, 1, 2
+        vals = np.zeros(2, DROP_VAL)
+        vals["packets"] = [5, 9]
+        src.drains.append(DropDrain(keys, vals, {(1, 3): (4, 400)}, 1_000, 2_000, 0.001))
+        await until(lambda: pipe.ledger.produced_by.get("drop_summaries", 0) > 0)   # its run waits for room
+        pipe.stop()
+        await task
+    uvloop.run(go())
+    obs = pipe.observed_in_flight()
+    assert pipe._pending == 0 and pipe.ledger.check(obs, quiescent=True) == [], (obs, pipe.ledger.check(obs))
+    assert src.cleared == []                        # the drop interval stays for the next collector
+    assert not any(r["hostwall"]["kind"] == "drop_summary" for r in lossy.records)
