@@ -165,10 +165,7 @@ def test_a_busy_sink_gets_what_queued_meanwhile_in_one_call_settled_batch_by_bat
 
 
 def test_drop_oldest_sink_sheds_and_counts_while_a_blocking_sink_gets_everything(tmp_path):
-    gate = asyncio.Event()
-    fast, lossy = MemorySink("fast"), MemorySink("lossy", FullQueuePolicy.DROP_OLDEST, gate=gate)
-    src = FakeSource()
-    pipe = Pipeline(cfg(tmp_path, queues=QueueSizes(events=2, sink=20, batch=10)), src, StubBuilder(), [fast, lossy])
+    gate, fast, lossy, src, pipe = shedding_pipe(tmp_path, 20)
 
     async def go():
         task = await started(pipe)
@@ -461,18 +458,35 @@ def test_a_console_sink_runs_best_effort_next_to_a_blocking_sink(tmp_path):
     assert pipe.ledger.balance("console") == {"produced": 50, "delivered": 50, "lost": 0, "in_flight": 0}
 
 
+def shedding_pipe(tmp_path, sink_capacity: int):
+    """A `fast` block sink and a `lossy` drop_oldest sink stalled until the gate is set."""
+    gate = asyncio.Event()
+    fast, lossy = MemorySink("fast"), MemorySink("lossy", FullQueuePolicy.DROP_OLDEST, gate=gate)
+    src = FakeSource()
+    pipe = Pipeline(cfg(tmp_path, queues=QueueSizes(events=2, sink=sink_capacity, batch=10)), src, StubBuilder(),
+                    [fast, lossy])
+    return gate, fast, lossy, src, pipe
+
+
+def lossy_reports(fast: MemorySink) -> list[dict]:
+    """The loss records about sink `lossy` that sink `fast` got."""
+    return [r["hostwall"]["loss"] for r in fast.records
+            if r["hostwall"]["kind"] == "loss" and r["hostwall"]["loss"]["sink"] == "lossy"]
+
+
+def named_and_got(fast: MemorySink, lossy: MemorySink) -> tuple[set, set]:
+    """(events seqs named queue_full in loss records, events seqs sink `lossy` got)."""
+    got = {r["hostwall"]["seq"] for r in lossy.records if r["hostwall"]["kind"] == "deny"}
+    named = {q for x in lossy_reports(fast) if x["reason"] == "queue_full" and x["stream"] == "events"
+             for lo, hi in x["ranges"] for q in range(lo, hi + 1)}
+    return named, got
+
+
 def test_records_a_drop_oldest_sink_sheds_are_named_in_loss_records(tmp_path):
     """queue_full is a sink loss like any other (docs/records.md "Completeness"): the seqs the pipeline
     shed in front of a drop_oldest sink are in loss records, so that sink's consumer can tell the gap from
     a loss after the collector."""
-    gate = asyncio.Event()
-    fast, lossy = MemorySink("fast"), MemorySink("lossy", FullQueuePolicy.DROP_OLDEST, gate=gate)
-    src = FakeSource()
-    pipe = Pipeline(cfg(tmp_path, queues=QueueSizes(events=2, sink=20, batch=10)), src, StubBuilder(), [fast, lossy])
-
-    def reported() -> list[dict]:
-        return [r["hostwall"]["loss"] for r in fast.records
-                if r["hostwall"]["kind"] == "loss" and r["hostwall"]["loss"]["sink"] == "lossy"]
+    gate, fast, lossy, src, pipe = shedding_pipe(tmp_path, 20)
 
     async def go():
         task = await started(pipe)
@@ -480,14 +494,12 @@ def test_records_a_drop_oldest_sink_sheds_are_named_in_loss_records(tmp_path):
         await until(lambda: denies(fast) == 300)
         shed = pipe.ledger.lanes["lossy"].lost["queue_full"]
         assert shed > 0
-        await until(lambda: sum(x["count"] for x in reported()) == shed)
+        await until(lambda: sum(x["count"] for x in lossy_reports(fast)) == shed)
         gate.set()
         pipe.stop()
         await task
     uvloop.run(go())
-    got = {r["hostwall"]["seq"] for r in lossy.records if r["hostwall"]["kind"] == "deny"}
-    named = {q for x in reported() if x["reason"] == "queue_full" and x["stream"] == "events"
-             for lo, hi in x["ranges"] for q in range(lo, hi + 1)}
+    named, got = named_and_got(fast, lossy)
     assert named and not named & got and named | got == set(range(300))
 
 
@@ -495,10 +507,7 @@ def test_a_steadily_shedding_sink_gets_one_loss_record_per_tick_not_per_commit(t
     """What the pipeline sheds in front of a best_effort sink never holds back the kernel release, so it is
     reported on the 1 s tick, one record per (sink, stream, reason) — not before every commit (up to 100/s),
     each with an outbox append (fdatasync on the loop) and a fan-out (docs/collector.md "Delivery and loss")."""
-    gate = asyncio.Event()
-    fast, lossy = MemorySink("fast"), MemorySink("lossy", FullQueuePolicy.DROP_OLDEST, gate=gate)
-    src = FakeSource()
-    pipe = Pipeline(cfg(tmp_path, queues=QueueSizes(events=2, sink=50, batch=10)), src, StubBuilder(), [fast, lossy])
+    gate, fast, lossy, src, pipe = shedding_pipe(tmp_path, 50)
     appends: list[int] = []
     real = pipe.outbox.append
 
@@ -507,21 +516,17 @@ def test_a_steadily_shedding_sink_gets_one_loss_record_per_tick_not_per_commit(t
         return real(recs)
     pipe.outbox.append = counting
 
-    def reported() -> list[dict]:
-        return [r["hostwall"]["loss"] for r in fast.records
-                if r["hostwall"]["kind"] == "loss" and r["hostwall"]["loss"]["sink"] == "lossy"]
-
     async def go():
         task = await started(pipe)
         src.emit(100)
         await until(lambda: denies(fast) == 100)
-        n0, c0, r0 = len(appends), pipe.counters["commits"], len(reported())
+        n0, c0, r0 = len(appends), pipe.counters["commits"], len(lossy_reports(fast))
         loop = asyncio.get_running_loop()
         t0 = loop.time()
         while loop.time() - t0 < 1.0:               # the workload: 1000 events/s for a second
             src.emit(10)
             await asyncio.sleep(0.01)
-        commits, records, outbox = pipe.counters["commits"] - c0, len(reported()) - r0, len(appends) - n0
+        commits, records, outbox = pipe.counters["commits"] - c0, len(lossy_reports(fast)) - r0, len(appends) - n0
         gate.set()
         pipe.stop()
         await task
@@ -529,9 +534,7 @@ def test_a_steadily_shedding_sink_gets_one_loss_record_per_tick_not_per_commit(t
     commits, records, outbox = uvloop.run(go())
     assert commits >= 20                            # the pipeline committed steadily meanwhile
     assert records <= 2 and outbox <= 2, (commits, records, outbox)     # ≤ 2 ticks in the second
-    got = {r["hostwall"]["seq"] for r in lossy.records if r["hostwall"]["kind"] == "deny"}
-    named = {q for x in reported() if x["reason"] == "queue_full" and x["stream"] == "events"
-             for lo, hi in x["ranges"] for q in range(lo, hi + 1)}
+    named, got = named_and_got(fast, lossy)
     assert named and not named & got and named | got == set(range(pipe.seq["events"]))   # all named, later
 
 
