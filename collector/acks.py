@@ -47,6 +47,13 @@ class Acks:
         self._open.append(t)
         return t
 
+    def dead(self) -> Ticket:
+        """The ticket of a batch never fanned out (the shutdown closed the sinks' queues): resolved not
+        durable, outside the issued sequence (index -1), so nothing waits on it and nothing commits."""
+        t = Ticket(-1, asyncio.get_running_loop().create_future())
+        t.done.set_result(False)
+        return t
+
     def advance(self, frontier: int) -> int:
         """Resolve every ticket below `frontier` as durable; returns how many were resolved."""
         frontier = min(frontier, self.issued)

@@ -26,7 +26,7 @@ import orjson
 
 from .records import ECS_VERSION, SCHEMA_VERSION, iso_ns
 
-__all__ = ["LossReporter", "SeqRanges", "MAX_RANGES"]
+__all__ = ["LossReporter", "SeqRanges", "MAX_RANGES", "note_seqs"]
 
 MAX_RANGES = 512
 
@@ -62,6 +62,17 @@ class SeqRanges:
 
     def __bool__(self) -> bool:
         return self.count > 0
+
+
+def note_seqs(acc: dict[tuple[str, str], SeqRanges], reason: str, hws: Iterable[dict]) -> None:
+    """Add the hostwall.seq of lost records (their `hostwall` dicts) to acc[(stream, reason)]. A lost loss
+    record is counted, not reported again. Cost: one pass, plus a sort per stream."""
+    by: dict[str, list[int]] = {}
+    for h in hws:
+        if h and "seq" in h and h.get("kind") != "loss":
+            by.setdefault(h.get("stream", ""), []).append(int(h["seq"]))
+    for stream, seqs in by.items():
+        acc.setdefault((stream, reason), SeqRanges()).add(seqs)
 
 
 class LossReporter:

@@ -147,6 +147,7 @@ class Pipeline(Sources, Shutdown):
         self._stopping = False
         self._failure: tuple[str, BaseException] | None = None
         self._pending = 0
+        self._abandons = 0                          # times Shutdown._count_abandoned counted _pending
         self._events_q: asyncio.Queue | None = None
         self._carry: tuple | None = None
         self._building = 0
@@ -302,7 +303,9 @@ class Pipeline(Sources, Shutdown):
             self._account_read(b)
             if not b.consumed_bytes:
                 break
-            await self._events_q.put((b.records, b.end_pos))
+            self._carry = (b.records, b.end_pos)        # held while waiting for room: cut by the deadline,
+            await self._events_q.put(self._carry)       # it is counted requeued (Shutdown._count_abandoned)
+            self._carry = None
         await self._events_q.put(None)
 
     async def _build_events(self) -> None:
@@ -349,6 +352,7 @@ class Pipeline(Sources, Shutdown):
         self.ledger.produce(source, len(records))
         if assign_seq:
             self._number(records, source)
+        abandons = self._abandons
         self._pending += len(records)           # until fanned out; a failure leaves them for shutdown to count
         if outbox:
             try:
@@ -362,6 +366,10 @@ class Pipeline(Sources, Shutdown):
         if observe and self.anomaly is not None:
             self.anomaly.observe(records)
         ticket = await self._fan_out(records)
+        if ticket.index < 0 and abandons != self._abandons:
+            return ticket                       # never fanned out, counted requeued by _count_abandoned
+        if ticket.index < 0:                    # never fanned out, produced after _count_abandoned
+            self.ledger.lose("pipeline", "requeued", len(records))
         self._pending -= len(records)
         return ticket
 
@@ -399,6 +407,8 @@ class Pipeline(Sources, Shutdown):
         for s in self.slots:
             if s.policy is FullQueuePolicy.BLOCK and not s.dead:
                 await s.queue.wait_room(n)
+        if self._stopping and any(s.queue.closed for s in self.slots):
+            return self.acks.dead()             # a straggler the shutdown deadline cut (it closed the queues)
         for s in self.slots:                    # no await from here on: all sinks or none
             if s.dead:
                 self.ledger.sink_lose(s.name, "sink_failed", n)
@@ -407,12 +417,14 @@ class Pipeline(Sources, Shutdown):
                 if s.policy is FullQueuePolicy.DROP_NEWEST:
                     self.ledger.sink_lose(s.name, "queue_full", n)
                     s.queue_dropped += n
+                    s.shed("queue_full", records)
                     continue
                 if s.policy is FullQueuePolicy.DROP_OLDEST:
                     while s.queue.size and not s.queue.has_room(n):
-                        k = len(s.queue.pop_oldest())
-                        self.ledger.sink_lose(s.name, "queue_full", k)
-                        s.queue_dropped += k
+                        old = s.queue.pop_oldest()
+                        self.ledger.sink_lose(s.name, "queue_full", len(old))
+                        s.queue_dropped += len(old)
+                        s.shed("queue_full", old)
             s.queue.put_nowait(records)
         self.ledger.fan_out(n)
         ticket = self.acks.issue()
@@ -441,6 +453,9 @@ class Pipeline(Sources, Shutdown):
                 self._sync_sink(s)
             await s.sink.flush()
             self._sync_sink(s)
+        except asyncio.CancelledError:              # the shutdown deadline: the sink did not fail; what is
+            self._sync_sink(s)                      # still queued is counted by the shutdown (requeued for an
+            raise                                   # at_least_once sink: its kernel data is kept)
         except BaseException:
             s.dead = True
             self._sync_sink(s)
@@ -477,15 +492,16 @@ class Pipeline(Sources, Shutdown):
             await self._commit_ready()
             await asyncio.sleep(COMMIT_INTERVAL_S)
 
-    async def _commit_ready(self) -> int:
+    async def _commit_ready(self, *, last: bool = False) -> int:
         """Resolve durable tickets, then run the commits now due: checkpoint first, kernel side after.
-        What sinks counted lost up to the frontier gets its loss record into the outbox first: once the
-        kernel side moves, that record is the only account of the lost seqs (a kill must not take it)."""
+        What at_least_once sinks counted lost up to the frontier gets its loss record into the outbox
+        first: once the kernel side moves, that record is the only account of the lost seqs (a kill must
+        not take it). Best_effort losses wait for the tick, or the shutdown's `last` commit."""
         frontier = self.frontier()
-        if self._stopping:
-            self._stash_sink_losses()            # the sinks may be closed: the next start sends them
+        if self._stopping:                       # the sinks may be closed: the next start sends them
+            self._stash_sink_losses(acking_only=not last)
         else:
-            await self._report_sink_losses()
+            await self._report_sink_losses(acking_only=True)
         self.acks.advance(frontier)
         ready, _ = self.commits.take_ready()
         if not ready:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 from collections import Counter, deque
 
+from .loss_report import note_seqs
 from .sinks.base import Durability, FullQueuePolicy, Sink
 
 __all__ = ["RecordQueue", "SinkSlot"]
@@ -108,6 +109,17 @@ class SinkSlot:
         self.seen_lost: Counter = Counter()
         self.queue_dropped = 0
         self.abandoned = 0          # sink-internal in-flight records counted lost at shutdown
+        self._shed_seqs: dict = {}  # (stream, reason) -> SeqRanges the pipeline shed for this sink, until taken
+
+    def shed(self, reason: str, records: list[dict]) -> None:
+        """Note the seqs of records the pipeline dropped in front of this sink (queue_full), for the loss
+        record (docs/records.md "Completeness"). Cost: one pass over them."""
+        note_seqs(self._shed_seqs, reason, ((r.get("hostwall") or {}) for r in records))
+
+    def take_lost_seqs(self) -> list[tuple[tuple[str, str], object]]:
+        """[((stream, reason), SeqRanges)] lost since the last call: shed here, and counted by the sink."""
+        mine, self._shed_seqs = self._shed_seqs, {}
+        return [*mine.items(), *self.sink.take_lost_seqs().items()]
 
     @property
     def acknowledges(self) -> bool:

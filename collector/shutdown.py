@@ -76,7 +76,7 @@ class Shutdown:
         await _cancel(self._tasks.get("commit"))
         if self._failure is None:                       # after a failure nothing more is released
             try:
-                await self._commit_ready()
+                await self._commit_ready(last=True)
             except Exception as e:                      # noqa: BLE001
                 log.error("shutdown: last commit failed: %s: %s", type(e).__name__, e)
         self.counters["abandoned_tickets"] += self.acks.abandon()
@@ -104,9 +104,10 @@ class Shutdown:
         self._building = 0
         if n:
             self.ledger.lose("pipeline", "requeued", n, produced="events")
-        if self._pending:
+        if self._pending:                       # a run still fanning out them does not count them again
             self.ledger.lose("pipeline", "requeued", self._pending)
             self._pending = 0
+        self._abandons += 1
 
     def _close(self) -> None:
         if self.ring is not None:

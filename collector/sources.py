@@ -83,7 +83,9 @@ class Sources:
             self.source.set_last_scan(int(ck["ct_last_scan"]))
         self._drain_checked = False
         self._ct_checked = False
-        self._last_scan_wall: int | None = None      # the flow summaries' window starts at the previous scan
+        # the flow summaries' window starts at the previous scan: the last run's last durable one (same boot)
+        last = ck["ct_last_scan"]
+        self._last_scan_wall: int | None = self.clock.wall_ns(int(last)) if last else None
         self._boot_id = str(identity.get("boot_id") or "")
         await self._replay_outbox()
         if rs.previous in ("crash", "reboot"):
@@ -315,6 +317,7 @@ class Sources:
         log.info("resent %d conntrack batch(es) from the journal %s", len(batches), self.ct_journal.dir)
         if last is not None:
             self.source.set_last_scan(last)         # their active-timeout updates are in them
+            self._last_scan_wall = self.clock.wall_ns(last)     # and their summaries' windows end there
 
     # ---- tick ------------------------------------------------------------------------------------
     async def _tick(self) -> None:
@@ -341,16 +344,19 @@ class Sources:
         self.ledger.fold_kernel(totals)
         self.checkpoint["kernel_loss"] = totals
 
-    async def _report_sink_losses(self) -> None:
-        """Loss records of the seqs sinks counted lost (also before each commit: collector/pipeline.py)."""
-        recs = self._sink_loss_records()
+    async def _report_sink_losses(self, *, acking_only: bool = False) -> None:
+        """Loss records of the seqs sinks counted lost: all on the tick, one per (sink, stream, reason);
+        before each commit (collector/pipeline.py) only the at_least_once sinks' — what a best_effort sink
+        loses or the pipeline sheds in front of it never holds the kernel back, so it waits for the tick
+        (else a steadily shedding sink costs a record, an outbox fdatasync and a fan-out per commit)."""
+        recs = self._sink_loss_records(acking_only)
         if recs:
             await self._emit_owned(recs, "collector")
 
-    def _stash_sink_losses(self) -> None:
+    def _stash_sink_losses(self, *, acking_only: bool = False) -> None:
         """While stopping (sinks closing or closed): numbered and put in the outbox only; the next start
-        sends them (and counts them produced then)."""
-        recs = self._sink_loss_records()
+        sends them (and counts them produced then). acking_only: as _report_sink_losses."""
+        recs = self._sink_loss_records(acking_only)
         if recs:
             self._number(recs, "collector")
             try:
@@ -360,9 +366,10 @@ class Sources:
                 log.warning("cannot write the outbox %s: %s (%d loss record(s) not kept)", self.outbox.path, e,
                             len(recs))
 
-    def _sink_loss_records(self) -> list[dict]:
+    def _sink_loss_records(self, acking_only: bool = False) -> list[dict]:
         return [self.losses.sink_loss(s.name, reason, stream, ranges)
-                for s in self.slots for (stream, reason), ranges in s.sink.take_lost_seqs().items()]
+                for s in self.slots if s.acknowledges or not acking_only
+                for (stream, reason), ranges in s.take_lost_seqs()]
 
     # ---- the enforcer's logs (audit, DNS decisions) --------------------------------------------------
     def _open_logs(self) -> None:

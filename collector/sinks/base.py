@@ -15,7 +15,12 @@ Accounting contract (checked by the ledger): every record passed to `send()` is,
 send() is called, exactly one of delivered, lost (with a reason) or in flight, as reported by
 `stats()` {"policy", "delivered", "lost": {reason: n}, "in_flight"} (cumulative). An exception out
 of send() means the sink is broken; BaseSink counts whatever the failed call had not accounted for
-as lost ("sink_error") before re-raising, and the pipeline stops the service.
+as lost ("sink_error") before re-raising, and the pipeline stops the service. A cancelled send (the
+shutdown deadline): by default (`_cancelled`) every record of the call not counted yet is lost
+("cancelled") and the call settles — JSONL's written but not yet fdatasync'ed records included. Kafka and
+OTLP `at_least_once` override it: what they never took over stays in flight, its call unsettled, and the
+shutdown counts it `requeued` (kept in the kernel); Kafka counts what it did take over when its fate is
+known (acknowledged, or spooled: carried_over).
 
 Durability (docs/collector.md "Delivery and loss"): a sink is `at_least_once` (JSONL, Kafka: the
 pipeline releases kernel data only once they made it durable) or `best_effort` (console, OTLP by
@@ -150,15 +155,25 @@ class BaseSink:
             await self._send(records)
         except BaseException as e:
             done = self.delivered + sum(self.lost.values()) - before
-            self._lose("cancelled" if isinstance(e, asyncio.CancelledError) else "sink_error", n - done)
             self.last_error = f"{type(e).__name__}: {e}"
-            self._settle(call, call.remaining)          # counted lost: nothing left to wait for
+            if isinstance(e, asyncio.CancelledError):
+                self._cancelled(call, n - done)
+            else:
+                self._lose("sink_error", n - done)
+                self._settle(call, call.remaining)      # counted lost: nothing left to wait for
             raise
         finally:
             self.batches += batches
             self._call = None
         if not self.tracks_durability:
             self._settle(call, call.remaining)
+
+    def _cancelled(self, call: Call, left: int) -> None:
+        """A send cancelled (the shutdown deadline): the `left` records it had not counted are lost
+        (`cancelled`) and the call is settled. A sink that keeps records past a cancelled send (Kafka: a
+        batch in the producer, records in the spool) overrides this and counts only what it never took."""
+        self._lose("cancelled", left)
+        self._settle(call, call.remaining)
 
     def _settle(self, call: Call | None, n: int) -> None:
         """n more records of `call` are durable or counted lost. Idempotence is the caller's job."""
@@ -229,13 +244,8 @@ class BaseSink:
         self._note_seqs(reason, ((r.get("hostwall") or {}) for r in records))
 
     def _note_seqs(self, reason: str, hws) -> None:
-        from hostwall.collector.loss_report import SeqRanges
-        by: dict[str, list[int]] = {}
-        for h in hws:
-            if h and "seq" in h and h.get("kind") != "loss":    # a lost loss record is counted, not reported again
-                by.setdefault(h.get("stream", ""), []).append(int(h["seq"]))
-        for stream, seqs in by.items():
-            self._lost_seqs.setdefault((stream, reason), SeqRanges()).add(seqs)
+        from hostwall.collector.loss_report import note_seqs
+        note_seqs(self._lost_seqs, reason, hws)
 
     def take_lost_seqs(self) -> dict[tuple[str, str], Any]:
         """{(stream, reason): SeqRanges} noted since the last call."""

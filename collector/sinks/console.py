@@ -3,8 +3,9 @@
 Shows top flows by bytes, drops by reason (from drop summaries), recent deny samples and anomalies,
 and record counts per kind. Aggregation is O(1) per record into bounded tables (at most
 `max_flows` flows, LRU-trimmed); rendering runs at `refresh_hz` from its own task.
-Full-queue policy: drop_oldest (a screen shows the present; it must never slow the pipeline).
-Records are "delivered" once folded into the summary.
+Full-queue policy: drop_oldest (a screen shows the present; it must never slow the pipeline), so it is
+best_effort: the pipeline never waits for it before releasing kernel data (docs/collector.md "End-to-end
+acknowledgement"). Records are "delivered" once folded into the summary.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from .base import BaseSink, FullQueuePolicy
+from .base import BaseSink, Durability, FullQueuePolicy
 
 
 def _get(d: Any, *path: str, default: Any = None) -> Any:
@@ -114,6 +115,7 @@ class Summary:
 
 class ConsoleSink(BaseSink):
     full_queue_policy = FullQueuePolicy.DROP_OLDEST
+    durability = Durability.BEST_EFFORT
 
     def __init__(self, *, refresh_hz: float = 2.0, console: Console | None = None, name: str = "console"):
         super().__init__(name)

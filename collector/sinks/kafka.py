@@ -55,7 +55,7 @@ import aiokafka  # at import: a build without it fails in build_sink
 from hostwall.gcpause import GcPaused
 
 from ..backoff import Backoff
-from .base import BaseSink, FullQueuePolicy, Health, SinkUnavailable
+from .base import BaseSink, Call, FullQueuePolicy, Health, SinkUnavailable
 from .kafka_client import client_kwargs, sasl_password, ssl_context
 from .kafka_health import LATENCY_BUCKETS_S, LatencyHistogram, SpoolAge, err_name, is_fatal, is_rejected
 from .kafka_probe import probe_kafka
@@ -127,6 +127,8 @@ class KafkaSink(SpoolReplay, BaseSink):
         self._mirroring: asyncio.Future | None = None
         self._spool_lock = asyncio.Lock()
         self._appenders = 0                          # send() calls on their way into the spool
+        self._untaken = 0                            # of the send under way: not counted, in no flight or spool
+        self._cut: Call | None = None                # a send cancelled with records untaken (_cancelled)
         self._wake = asyncio.Event()
         self._closing = False
         self._task: asyncio.Task | None = None
@@ -314,9 +316,10 @@ class KafkaSink(SpoolReplay, BaseSink):
         if self.spool.opened:
             await self.spool.close()
         self._on_spool_synced()
-        self._lose("carried_over", self.in_flight)
+        self._lose("carried_over", self.in_flight - (self._untaken if self._cut else 0))
         for c in list(self._calls):                  # counted (delivered, lost or carried over): settled
-            self._settle(c, c.remaining)
+            if c is not self._cut:                   # (its untaken records: the pipeline's `requeued`)
+                self._settle(c, c.remaining)
         self.degraded = True if self.spool.pending else self.degraded
         if self._builder_pool is not None:
             self._builder_pool.shutdown(wait=False)      # its last builds finish on their own (ms)
@@ -331,6 +334,7 @@ class KafkaSink(SpoolReplay, BaseSink):
         direct = not self.degraded and self._producer is not None
         with GcPaused():
             groups = self._encode(records, direct)
+        self._untaken = sum(map(len, groups.values()))    # the others were counted (encode_error, too_large)
         if not groups:
             return
         if direct:
@@ -430,6 +434,7 @@ class KafkaSink(SpoolReplay, BaseSink):
                 self._lose("encode_error", n)
                 self._note_msgs("encode_error", msgs)
                 self._settle(call, n)
+                self._untaken -= n
                 self.last_error = f"building a batch: {err_name(e)}: {e}"
                 continue
             try:
@@ -444,6 +449,7 @@ class KafkaSink(SpoolReplay, BaseSink):
             f = Flight(msgs, n, n, t0, nbytes, tp, call=call)
             f.sent = time.time()                     # the watchdog's "no acknowledgement for spool_after"
             self._window[id(f)] = f
+            self._untaken -= n                       # the flight counts them (delivered, rejected, spooled)
             fut.add_done_callback(functools.partial(self._direct_done, f))
             self.counters["producer_batches"] += 1
             if self.degraded:                        # degraded while we waited: spool a copy of it too
@@ -467,6 +473,7 @@ class KafkaSink(SpoolReplay, BaseSink):
                     self._lose("too_large", 1)
                     self._note_msgs("too_large", ms[i:i + 1])
                     self._settle(call, 1)
+                    self._untaken -= 1
                     i += 1
                     continue
                 row.append((tp, ms[i:j], nbytes, self._build(cb, full=j < len(ms))))

@@ -121,6 +121,15 @@ class SpoolReplay:
             else:
                 self._settle(call, n)
 
+    def _cancelled(self, call: Call, left: int) -> None:
+        """A send cancelled by the shutdown deadline: what it handed over counts as usual (a batch in the
+        producer when acknowledged or at close, spooled records carried over — BaseSink's `cancelled` would
+        count those twice). The records it never handed over (`_untaken`) stay in flight and keep the call
+        unsettled: close() leaves them to the pipeline, which counts them `requeued` and keeps their kernel
+        data for the next collector (docs/collector.md "The loss ledger")."""
+        if self._untaken:
+            self._cut = call
+
     def _note_msgs(self, reason: str, msgs) -> None:
         self._note_seqs(reason, (m[4] for m in msgs if len(m) > 4))
 
@@ -193,6 +202,14 @@ class SpoolReplay:
                 return True
         return False
 
+    def _spooled(self, first: int, n: int, call: Call | None, now: float) -> None:
+        """n records written to the spool from seq `first`: they settle once synced (carried over if the
+        spool outlives this run)."""
+        self._age.mark(first, first + n, now)
+        self._wait_spool(first + n, call, n)
+        self._untaken -= n
+        self.counters["spooled"] += n
+
     async def _spool_msgs(self, msgs: list, call: Call | None) -> None:
         """Append to the spool in order (after any mirroring in progress). Full: drop_newest counts the
         refused records lost ("spool_full"); block waits for room."""
@@ -219,9 +236,14 @@ class SpoolReplay:
                     self._lose("too_large", 1)
                     self._note_msgs("too_large", msgs[done:done + 1])
                     self._settle(call, 1)
+                    self._untaken -= 1
                     self.last_error = str(e)
                     done += 1
                     continue
+                except asyncio.CancelledError:       # the deadline, in its fdatasync / new segment: what
+                    w = self.spool.next_seq - first      # it wrote is spooled (carried over), not untaken
+                    self._spooled(first, w, call, now)
+                    raise
                 except OSError as e:                 # disk full / failing: count, keep the service up
                     w = getattr(e, "written", 0)
                     self._age.mark(first, first + w, now)
@@ -229,6 +251,7 @@ class SpoolReplay:
                     done += w
                     self.counters["spooled"] += w
                     reason = "disk_full" if e.errno in DISK_FULL else "spool_error"
+                    self._untaken -= len(payloads) - done + w      # spooled, or counted lost here
                     self._lose(reason, len(payloads) - done)
                     self._note_msgs(reason, msgs[done:])
                     self._settle(call, len(payloads) - done)
@@ -237,10 +260,8 @@ class SpoolReplay:
                                      "counted lost")
                     self.counters["spool_errors"] += 1
                     break
-                self._age.mark(first, first + n, now)
-                self._wait_spool(first + n, call, n)
+                self._spooled(first, n, call, now)
                 done += n
-                self.counters["spooled"] += n
                 if done < len(payloads):
                     if self.o.spool_overflow == "block" and not self._closing:
                         self.counters["spool_waits"] += 1
@@ -249,6 +270,7 @@ class SpoolReplay:
                     self._lose("spool_full", len(payloads) - done)
                     self._note_msgs("spool_full", msgs[done:])
                     self._settle(call, len(payloads) - done)
+                    self._untaken -= len(payloads) - done
                     self.last_error = f"spool full ({self.spool.max_bytes} bytes): newest records dropped"
                     self._health_now(full=f"{self.last_error}; new records are counted lost")
                     break

@@ -2,7 +2,7 @@
 or HTTP/protobuf (opentelemetry-exporter-otlp).
 
 Mapping (collector/encoders/otel.py): timestamp = the record's @timestamp, observed timestamp = when this
-sink exported it, severity (flows/summaries INFO, denies WARN, anomalies WARN..FATAL by band, audit INFO),
+sink first tried to export it, severity (flows/summaries INFO, denies WARN, anomalies WARN..FATAL by band, audit INFO),
 body = a one-line summary, attributes = OpenTelemetry semantic conventions (network.*, source.*,
 destination.*, client.*, server.*, security_rule.*, process.*, container.*, k8s.*, host.name,
 log.record.uid = event.id) plus hostwall.*; event_name = event.dataset. Resource: service.*, host.*,
@@ -18,11 +18,16 @@ exponential backoff within `otlp.timeout`; a request that still fails is counted
 and the sink then waits a jittered, growing pause (0.5 s .. 30 s, reset on success) before the next
 request, so an outage neither spins nor grows memory — the queue in front sheds and counts instead.
 At-most-once: an export the collector received but did not acknowledge in time counts as lost.
+Partial success (the receiver took a request but rejected some of its log records: `partial_success.
+rejected_log_records`, not to be retried per the OTLP spec): those are counted lost ("rejected"), the rest
+delivered — a count without seqs, since the response does not say which. The SDK exporters discard the
+response, so the sink reads it where they get it (collector/sinks/otlp_partial.py: SDK internals, guarded;
+`partial_success_watching` and `partial_success_parse_failures` in the stats say whether it works).
 
 `otlp.delivery: at_least_once` makes the sink acknowledging (docs/collector.md "Delivery and loss"): its
 queue blocks instead of shedding, a failed export is retried after the same jittered pause (Backoff)
 instead of being counted lost, and a batch settles — the pipeline may release its kernel data — once
-the receiver accepted it. Default best_effort: the pipeline never waits for this sink.
+the receiver accepted it; one still unaccepted at the shutdown deadline is `requeued` (stays in the kernel). Default best_effort: the pipeline never waits for this sink.
 
 Cost: ~30-60 µs per record (attribute dicts + protobuf encoding in the SDK), on the worker thread.
 """
@@ -37,6 +42,7 @@ import opentelemetry.sdk._logs  # noqa: F401 — at import: a build without the 
 # in build_sink, before the kernel is touched
 from ..backoff import Backoff
 from .base import BaseSink, Durability, FullQueuePolicy, Health, SinkUnavailable
+from .otlp_partial import PartialSuccess
 
 log = logging.getLogger("hostwall.collector.otlp")
 
@@ -105,6 +111,7 @@ class OtlpSink(BaseSink):
             self.durability = Durability.AT_LEAST_ONCE
             self.full_queue_policy = FullQueuePolicy.BLOCK
         self._exporter = None
+        self._partial: PartialSuccess | None = None
         self._resource = None
         self._scope = None
         self._pause = 0.0
@@ -126,6 +133,7 @@ class OtlpSink(BaseSink):
         from hostwall.collector.encoders.otel import SCHEMA_URL
         from hostwall.collector.enrich.host import collector_version
         self._exporter = make_log_exporter(self.endpoint, self.o)
+        self._partial = PartialSuccess(self._exporter)
         self._resource = Resource.create(self.resource_attrs, schema_url=SCHEMA_URL)
         self._scope = InstrumentationScope(SCOPE, collector_version(), schema_url=SCHEMA_URL)
 
@@ -136,11 +144,18 @@ class OtlpSink(BaseSink):
 
     def to_log_records(self, records: list[dict], observed_ns: int) -> list:
         """Canonical records → SDK ReadableLogRecords; records the mapping rejects are counted lost."""
+        out, _, rejected = self._convert(records, observed_ns)
+        self._count_rejected(rejected)
+        return out
+
+    def _convert(self, records: list[dict], observed_ns: int) -> tuple[list, list[dict], list[tuple[dict, str]]]:
+        """(log records, the records they are, [(rejected record, why)]). Counts nothing: it runs on the
+        worker thread, and the loop counts the rejections once per call, however often the export is tried."""
         from opentelemetry._logs import LogRecord, SeverityNumber
         from opentelemetry.sdk._logs import ReadableLogRecord
 
         from hostwall.collector.encoders.otel import to_otel
-        out = []
+        out, ok, rejected = [], [], []
         for r in records:
             try:
                 o = to_otel(r, observed_ns)
@@ -148,20 +163,27 @@ class OtlpSink(BaseSink):
                 lr = LogRecord(timestamp=o["time_unix_nano"], observed_timestamp=observed_ns,
                                severity_text=o["severity_text"], severity_number=SeverityNumber(o["severity_number"]),
                                body=o["body"], attributes=attrs, event_name=o["event_name"])
-            except Exception as e:                  # noqa: BLE001 — counted, never silent
-                self._lose_records("encode_error", [r])          # its seq noted: the loss record explains the gap
-                self.last_error = f"encode: {type(e).__name__}: {e}"
+            except Exception as e:                  # noqa: BLE001 — counted by the caller, never silent
+                rejected.append((r, f"{type(e).__name__}: {e}"))
                 continue
             out.append(ReadableLogRecord(log_record=lr, resource=self._resource, instrumentation_scope=self._scope))
-        return out
+            ok.append(r)
+        return out, ok, rejected
 
-    def _export(self, records: list[dict]) -> tuple[int, bool]:
-        """Worker thread: convert + export one request. (records converted, success)."""
+    def _count_rejected(self, rejected: list[tuple[dict, str]]) -> None:
+        if rejected:
+            self._lose_records("encode_error", [r for r, _ in rejected])   # seqs noted: the loss record explains the gap
+            self.last_error = f"encode: {rejected[-1][1]}"
+
+    def _export(self, batch: list) -> tuple[bool, int, str]:
+        """Worker thread: one export request of converted log records: (success, log records the receiver
+        rejected in a partial success, its message)."""
         from opentelemetry.sdk._logs.export import LogRecordExportResult
-        batch = self.to_log_records(records, time.time_ns())
-        if not batch:
-            return 0, True
-        return len(batch), self._exporter.export(batch) == LogRecordExportResult.SUCCESS
+        if self._partial is not None:
+            self._partial.take()
+        ok = self._exporter.export(batch) == LogRecordExportResult.SUCCESS
+        rejected, why = self._partial.take() if ok and self._partial is not None else (0, "")
+        return ok, max(0, min(rejected, len(batch))), why      # int64 on the wire: a bad count bounded
 
     async def _send(self, records: list[dict]) -> None:
         if self._closed:
@@ -172,8 +194,12 @@ class OtlpSink(BaseSink):
                 await asyncio.sleep(self._pause)
                 self.paused_s += self._pause
                 self._pause = 0.0
-            chunk = records[i:i + step]
-            n, ok = await asyncio.to_thread(self._export, chunk)
+            # converted once (observed time: the first attempt); a retry sends the same log records
+            batch, sent, rejected = await asyncio.to_thread(self._convert, records[i:i + step], time.time_ns())
+            self._count_rejected(rejected)
+            if not batch:
+                continue
+            ok, rejected, why = await asyncio.to_thread(self._export, batch)
             self.exports += 1
             while not ok and self.durability is Durability.AT_LEAST_ONCE and not self._closed:
                 self.export_failures += 1
@@ -183,21 +209,33 @@ class OtlpSink(BaseSink):
                 await asyncio.sleep(self._pause)
                 self.paused_s += self._pause
                 self._pause = 0.0
-                n, ok = await asyncio.to_thread(self._export, chunk)
+                ok, rejected, why = await asyncio.to_thread(self._export, batch)
                 self.exports += 1
             if ok:
-                self._deliver(n)
+                self._deliver(len(batch) - rejected)
                 self._backoff.reset()
                 self._set_health(Health.OK)
+                if rejected:                        # partial success: counted, never retried (OTLP spec)
+                    self._lose("rejected", rejected)
+                    self.last_error = f"{self.endpoint} rejected {rejected} of {len(batch)} log records: {why}"
             else:
                 self.export_failures += 1
-                self._lose_records("export_failed", chunk)
+                self._lose_records("export_failed", sent)
                 self._pause = self._backoff.next()
                 self.last_error = (f"export to {self.endpoint} ({self.o.protocol}) failed after the exporter's "
                                    f"retries; pausing {self._pause:.1f}s")
                 self._set_health(Health.DEGRADED, f"exports to {self.endpoint} fail; records are counted lost")
 
+    def _cancelled(self, call, left: int) -> None:
+        """at_least_once: an export cut by the shutdown deadline stays in flight, its call unsettled, so the
+        pipeline counts it `requeued` and keeps its kernel data for the next collector (docs/collector.md "The
+        loss ledger") instead of releasing records no receiver took. best_effort: lost (`cancelled`)."""
+        if self.durability is not Durability.AT_LEAST_ONCE:
+            super()._cancelled(call, left)
+
     def stats(self) -> dict:
         return {**super().stats(), "endpoint": self.endpoint, "protocol": self.o.protocol, "exports": self.exports,
                 "export_failures": self.export_failures, "paused_s": round(self.paused_s, 3),
-                "consecutive_failures": self._backoff.failures}
+                "consecutive_failures": self._backoff.failures,
+                "partial_success_watching": self._partial is not None and self._partial.watching,
+                "partial_success_parse_failures": self._partial.parse_failures if self._partial is not None else 0}

@@ -17,6 +17,7 @@ from hostwall.bpf import layout as L
 from hostwall.bpf.conntrack import CT_F_CLAIMED
 from hostwall.collector.acks import Acks, CommitEntry, CommitLog
 from hostwall.collector.checkpoint import Checkpoint, analyze_restart
+from hostwall.collector.config import QueueSizes
 from hostwall.collector.kernel import CtFamilyScan, CtScan, DropDrain
 from hostwall.collector.loss_report import SeqRanges
 from hostwall.collector.outbox import Outbox
@@ -851,3 +852,66 @@ def test_an_outbox_whose_torn_line_cannot_be_cut_starts_the_next_append_on_a_new
     second.append([owned("anomaly", 1)])
     third = Outbox(box.path)
     assert [r["event"]["id"] for r in third.load()] == ["anomaly-0", "anomaly-1"] and third.damaged == 1
+
+
+def test_events_the_final_drain_read_but_could_not_queue_by_the_deadline_are_counted_requeued(tmp_path):
+    """Shutdown with a slow sink and a full ring: the last ring drain reads batch after batch and waits for
+    room in the events queue when the shutdown deadline comes. The batch it holds then stays in the kernel
+    (never committed) and is counted `requeued` like the rest read but not built: every event read is
+    produced (built, or requeued) — `status` adds up."""
+    class Slow(MemorySink):
+        async def _send(self, records):
+            await asyncio.sleep(0.02)
+            await super()._send(records)
+
+    src, sink = FakeSource(), Slow()
+    pipe = Pipeline(cfg(tmp_path, queues=QueueSizes(events=1, sink=10, batch=5)), src, StubBuilder(), [sink],
+                    shutdown_timeout_s=0.5)
+
+    async def go():
+        task = await started(pipe)
+        src.emit(500)
+        await until(lambda: len(sink.records) >= 20)
+        pipe.stop()
+        await task
+    uvloop.run(go())
+    read = pipe.counters["events_read"]
+    assert read > len(sink.records) and pipe.ledger.produced_by["events"] == read, (read, dict(pipe.ledger.produced_by))
+    assert pipe.ledger.check(quiescent=True) == []
+
+
+def test_the_first_scan_after_a_restart_summarises_from_the_last_durable_scan(tmp_path):
+    """Flow summaries of connections in aggregate that ended cover the time since the previous scan
+    (docs/records.md "Time": a summary carries its interval). The first scan of a restarted collector
+    covers the time since the last run's last durable scan (checkpoint ct_last_scan), not an empty window."""
+    from hostwall.collector.records import RecordBuilder, iso_ns
+    from tests.collector.test_records import HOST, ct4
+
+    src, sink = FakeSource(), MemorySink()
+    pipe = Pipeline(cfg(tmp_path), src, RecordBuilder(HOST, None), [sink])
+
+    async def one():
+        task = await started(pipe)
+        await until(lambda: pipe.counters["ct_scans"] >= 2)
+        pipe.stop()
+        await task
+    uvloop.run(one())
+    last = int(json.loads(pipe.checkpoint.path.read_text())["ct_last_scan"])    # committed at the stop
+    ent = L.DTYPES["hw_ct_entry"]
+    rows = [ct4("10.66.9.1", "10.66.1.2", 40000 + i, 80, state=1, report=L.C["HW_REP_PENDING"]) for i in range(2)]
+    keys, ents = np.concatenate([k for k, _ in rows]), np.concatenate([e for _, e in rows])
+    z4 = (np.zeros(0, L.DTYPES["hw_ct4_key"]), np.zeros(0, ent))
+    src2 = restarted(src)
+    src2.scans.append(CtScan([CtFamilyScan(4, *z4, *z4, np.array([3, 4]), ents.copy(), *z4, None, None, keys, ents,
+                                           0)], 10, 0, 0))
+    sink2 = MemorySink()
+    pipe2 = Pipeline(cfg(tmp_path), src2, RecordBuilder(HOST, None), [sink2])
+
+    async def two():
+        task = await started(pipe2)
+        await until(lambda: any(r["hostwall"]["kind"] == "flow_summary" for r in sink2.records))
+        pipe2.stop()
+        await task
+    uvloop.run(two())
+    [rec] = [r for r in sink2.records if r["hostwall"]["kind"] == "flow_summary"]
+    assert rec["event"]["start"] == iso_ns(src.monotonic_to_wall() + last) < rec["event"]["end"], rec["event"]
