@@ -17,10 +17,10 @@ send() is called, exactly one of delivered, lost (with a reason) or in flight, a
 of send() means the sink is broken; BaseSink counts whatever the failed call had not accounted for
 as lost ("sink_error") before re-raising, and the pipeline stops the service. A cancelled send (the
 shutdown deadline): by default (`_cancelled`) every record of the call not counted yet is lost
-("cancelled") and the call settles — JSONL's written but not yet fdatasync'ed records included. Kafka and
-OTLP `at_least_once` override it: what they never took over stays in flight, its call unsettled, and the
-shutdown counts it `requeued` (kept in the kernel); Kafka counts what it did take over when its fate is
-known (acknowledged, or spooled: carried_over).
+("cancelled") and the call settles (best_effort sinks). JSONL, Kafka and OTLP `at_least_once` override
+it: what they never made durable stays in flight, its call unsettled, and the shutdown counts it
+`requeued` (kept in the kernel); JSONL's written records settle at the next sync (close's flush), Kafka
+counts what it did take over when its fate is known (acknowledged, or spooled: carried_over).
 
 Durability (docs/collector.md "Delivery and loss"): a sink is `at_least_once` (JSONL, Kafka: the
 pipeline releases kernel data only once they made it durable) or `best_effort` (console, OTLP by

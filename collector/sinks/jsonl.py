@@ -176,6 +176,13 @@ class JsonlSink(BaseSink):
                 for fd in fds:
                     os.close(fd)
 
+    def _cancelled(self, call: Call, left: int) -> None:
+        """A send cancelled (the shutdown deadline) — only ever in its `_sync`, so every record it did not
+        count is written and waits in `_unsynced`: it stays in flight, its call unsettled. The fdatasync
+        under way (shielded) and the next sync (close's flush) decide its fate — delivered or `fsync_error`;
+        if none runs, the shutdown counts it `requeued` and the kernel keeps it (docs/collector.md "The
+        loss ledger"). Never `cancelled`: that would release kernel data of records a sync may yet lose."""
+
     # ---- writing ---------------------------------------------------------------------------------
     async def _send(self, records: list[dict]) -> None:
         """Encode and write a batch, ENCODE_CHUNK records at a time (the encoded lines of one chunk
@@ -309,7 +316,7 @@ class JsonlSink(BaseSink):
         ok, self._sync_failed = not self._sync_failed, False
         done, self._unsynced = self._unsynced[:covered], self._unsynced[covered:]
         for call, n, recs in done:
-            if call.remaining <= 0:                     # settled already (its send was cancelled: counted)
+            if call.remaining <= 0:                     # settled already (counted lost: nothing left to settle)
                 continue
             if ok:
                 self._deliver(n)

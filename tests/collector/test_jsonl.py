@@ -389,8 +389,10 @@ def test_a_rotated_file_whose_fdatasync_fails_loses_the_batches_it_held_for_good
 @pytest.mark.parametrize("policy,outcome", [("interval", "fails"), ("always", "succeeds")])
 def test_a_send_cancelled_during_its_fdatasync_counts_each_record_once(tmp_path, monkeypatch, policy, outcome):
     """The shutdown deadline cancels a send while its fdatasync runs in the worker thread. That fdatasync
-    still decides the fate of what it covered (a failure is not forgotten with its caller), close waits
-    for it rather than closing the file under it, and every record is counted exactly once."""
+    still decides the fate of what it covered — the cancelled send's records included: they stay in
+    flight, unsettled, until close's sync counts them delivered or lost (never `cancelled`, which would
+    let the kernel release records a failing sync then loses) — close waits for it rather than closing
+    the file under it, and every record is counted exactly once."""
     async def go():
         s = JsonlSink(tmp_path / "f.jsonl", fsync=policy, fsync_interval_s=0 if policy == "always" else 3600)
         await s.start()
@@ -408,12 +410,30 @@ def test_a_send_cancelled_during_its_fdatasync_counts_each_record_once(tmp_path,
     s, waited = run(go())
     st = s.stats()
     assert waited, "close() waited for the running fdatasync"
-    if policy == "interval":                           # the earlier batch: its fdatasync failed after all
-        assert st["lost"] == {"cancelled": 2, "fsync_error": 3} and st["delivered"] == 0, st
+    if policy == "interval":                           # both batches: their fdatasync failed after all
+        assert st["lost"] == {"fsync_error": 5} and st["delivered"] == 0, st
     else:
-        assert st["lost"] == {"cancelled": 2} and st["delivered"] == 0, st
+        assert st["lost"] == {} and st["delivered"] == 2, st
     assert s.unsettled_calls == 0
     accounted(s)
+
+
+def test_a_send_cancelled_with_no_sync_after_it_stays_in_flight_for_the_shutdown_to_requeue(tmp_path,
+                                                                                            monkeypatch):
+    """fsync=always, the deadline cancels a send during its fdatasync and close() is cut too: the records
+    stay in flight and their call unsettled (the pipeline counts them `requeued` and the kernel keeps
+    them), not `cancelled` and settled."""
+    async def go():
+        s = JsonlSink(tmp_path / "f.jsonl", fsync="always")
+        await s.start()
+        gate = fsync_faults.held(monkeypatch, fails=False)
+        await fsync_faults.cancelled_while_syncing(s, s.send(recs(2)))
+        st = s.stats()
+        gate.set()
+        await s.close()
+        return st
+    st = run(go())
+    assert st["lost"] == {} and st["delivered"] == 0 and st["in_flight"] == 2, st
 
 
 # ---- a new file's name is made durable with its data (the directory's fsync) ---------------------------
