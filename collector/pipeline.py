@@ -401,14 +401,14 @@ class Pipeline(Sources, Shutdown):
                 await asyncio.sleep(0)
 
     async def _fan_out(self, records: list[dict]) -> Ticket:
-        if self.metrics is not None:            # dashboard series from records (top sources, anomalies)
-            self.metrics.observe_records(records)
         n = len(records)
         for s in self.slots:
             if s.policy is FullQueuePolicy.BLOCK and not s.dead:
                 await s.queue.wait_room(n)
         if self._stopping and any(s.queue.closed for s in self.slots):
             return self.acks.dead()             # a straggler the shutdown deadline cut (it closed the queues)
+        if self.metrics is not None:            # dashboard series from records (top sources, anomalies)
+            self.metrics.observe_records(records)
         for s in self.slots:                    # no await from here on: all sinks or none
             if s.dead:
                 self.ledger.sink_lose(s.name, "sink_failed", n)

@@ -353,10 +353,11 @@ class Sources:
         if recs:
             await self._emit_owned(recs, "collector")
 
-    def _stash_sink_losses(self, *, acking_only: bool = False) -> None:
+    def _stash_sink_losses(self, *, acking_only: bool = False, best_effort_only: bool = False) -> None:
         """While stopping (sinks closing or closed): numbered and put in the outbox only; the next start
-        sends them (and counts them produced then). acking_only: as _report_sink_losses."""
-        recs = self._sink_loss_records(acking_only)
+        sends them (and counts them produced then). acking_only: as _report_sink_losses; best_effort_only:
+        the other sinks' only (after a failure)."""
+        recs = self._sink_loss_records(acking_only, best_effort_only)
         if recs:
             self._number(recs, "collector")
             try:
@@ -366,9 +367,9 @@ class Sources:
                 log.warning("cannot write the outbox %s: %s (%d loss record(s) not kept)", self.outbox.path, e,
                             len(recs))
 
-    def _sink_loss_records(self, acking_only: bool = False) -> list[dict]:
+    def _sink_loss_records(self, acking_only: bool = False, best_effort_only: bool = False) -> list[dict]:
         return [self.losses.sink_loss(s.name, reason, stream, ranges)
-                for s in self.slots if s.acknowledges or not acking_only
+                for s in self.slots if (s.acknowledges or not acking_only) and not (s.acknowledges and best_effort_only)
                 for (stream, reason), ranges in s.take_lost_seqs()]
 
     # ---- the enforcer's logs (audit, DNS decisions) --------------------------------------------------

@@ -28,7 +28,10 @@ class _Reading:
 
     def __call__(self, *a, **kw):
         out = self._call(*a, **kw)
-        self._on_response(out)
+        try:
+            self._on_response(out)
+        except Exception:                           # noqa: BLE001 — reading must never fail the export
+            pass                                    # (the readers count what they cannot parse)
         return out
 
     def __getattr__(self, name: str):
@@ -70,8 +73,11 @@ class PartialSuccess:
             submit = client._submit
 
             def on_http(result) -> None:
-                if result.status_code is not None and 200 <= result.status_code < 300:
+                code = getattr(result, "status_code", None)
+                if code is not None and 200 <= code < 300:
                     self._read(lambda: ExportLogsServiceResponse.FromString(result.content()))
+                elif code is None:
+                    self._read(lambda: None)        # not a response this hook knows: counted unreadable
             client._submit = _Reading(submit, on_http)
             return True
         return False

@@ -538,6 +538,31 @@ def test_a_steadily_shedding_sink_gets_one_loss_record_per_tick_not_per_commit(t
     assert named and not named & got and named | got == set(range(pipe.seq["events"]))   # all named, later
 
 
+def test_what_a_best_effort_sink_lost_before_a_task_failure_is_kept_in_a_loss_record(tmp_path):
+    """A task failure stops the pipeline without the last commit (nothing more is released). What it shed
+    in front of a best_effort sink was released with the commits before the failure, so its loss records
+    are due then and must be kept (the outbox: the next start sends them), not dropped with the tick that
+    never came."""
+    from hostwall.collector.outbox import Outbox
+    gate, fast, lossy, src, pipe = shedding_pipe(tmp_path, 20)
+
+    async def go():
+        task = await started(pipe)
+        src.emit(200)
+        await until(lambda: denies(fast) == 200)
+        await until(lambda: pipe.commits.committed > 5)
+        shed = pipe.ledger.lanes["lossy"].lost["queue_full"]
+        pipe._fail("ring", RuntimeError("boom"))       # as a task failure (what _watch does)
+        gate.set()
+        with pytest.raises(PipelineFailed):
+            await task
+        return shed
+    shed = uvloop.run(go())
+    kept = [r["hostwall"]["loss"] for r in Outbox(pipe.outbox.path).load() if r["hostwall"]["kind"] == "loss"]
+    reported = lossy_reports(fast) + [x for x in kept if x.get("sink") == "lossy"]
+    assert shed > 0 and sum(x["count"] for x in reported if x["reason"] == "queue_full") == shed, (shed, reported)
+
+
 def test_a_drop_export_waiting_for_a_blocked_sink_at_the_deadline_is_counted_once(tmp_path):
     """A drop export (a shielded periodic run) waits in the fan-out for room in a stalled `block` sink when the
     shutdown deadline comes: the shutdown counts its records `requeued`, and clearing the sink's queue must not
