@@ -217,7 +217,10 @@ static __always_inline int syn_answer(struct xdp_md *ctx, struct pkt *p, struct 
 	int full = pr->proxy_full && so.ts;     /* options ride in the timestamp: no timestamp, MSS only */
 	__u32 optlen = full ? 20 : 4;
 	__u32 newlen = l3 + iplen + 20 + optlen;
-	if (bpf_xdp_adjust_tail(ctx, (int)newlen - (int)(ctx->data_end - ctx->data)))
+	/* a SYN whose header the answer's replaces byte for byte (MSS only to MSS only, or the usual
+	 * 20 bytes of options to full options) keeps its length: no helper call (docs/benchmarks.md, issue 20) */
+	int delta = (int)newlen - (int)(ctx->data_end - ctx->data);
+	if (delta && bpf_xdp_adjust_tail(ctx, delta))
 		return 0;
 	data = (void *)(long)ctx->data;
 	end = (void *)(long)ctx->data_end;
