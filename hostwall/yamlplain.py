@@ -333,8 +333,9 @@ class _Parser:
 
     def scalar(self, v: str) -> Any:
         """A plain scalar as PyYAML builds it (hostwall.yamldoc.scalar_value, as the full loader does)."""
-        if v.isdigit() and v[0] != "0" and v.isascii():
-            return int(v)                                # a plain decimal: YAML 1.1's int, no resolver
+        if v.isdigit() and v[0] != "0" and v.isascii() and len(v) <= 18:
+            return int(v)                                # a plain decimal: YAML 1.1's int, no resolver (longer
+                                                         # ones — int()'s 4300-digit limit — take the full path)
         tag = plain_tag(v)
         if tag == _STR:
             return v

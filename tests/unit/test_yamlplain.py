@@ -175,13 +175,14 @@ def test_plain_loader_stays_inside_pyyamls_bounds():
     deep_flow = "a: " + "[" * 1000 + "]" * 1000 + "\n"
     deep_block = "".join(" " * i + "k:\n" for i in range(340)) + " " * 340 + "k: 1\n"
     for text in [deep_flow, deep_block, "a" * 1025 + ": 1\n", "x: {" + "k" * 1100 + ": v}\n",
-                 "a: 2001-02-29\n", "a: [2001-13-45]\n"]:
+                 "a: 2001-02-29\n", "a: [2001-13-45]\n", "a: " + "1" * 4301 + "\n", "a: {b: " + "2" * 4301 + "}\n"]:
         assert load_plain(text) is None, text[:40]
     nested = "a: " + "[" * 30 + "]" * 30 + "\n"         # well inside both bounds: still the plain path
     check_same(nested)
 
 
-@pytest.mark.parametrize("value", ["[" * 1000 + "]" * 1000, "2001-02-29"])
+@pytest.mark.parametrize("value", ["[" * 1000 + "]" * 1000, "2001-02-29", "1" * 4301, "[" + "7" * 4301 + "]",
+                                   "{a: " + "9" * 4301 + "}"])
 def test_unreadable_values_are_error_reports_with_lines(value):
     """A policy the plain loader leaves gets the full loader's report (file:line), never a traceback."""
     text = (f"version: 1\nname: x\nrules:\n  - name: r\n    priority: 1\n    direction: ingress\n"
