@@ -291,16 +291,19 @@ static __always_inline __u32 dos_buckets(struct env *v, struct pkt *p, struct hw
 }
 
 /* Does p belong to a tracked connection that the source guards spare (docs/dos.md "Tracked
- * connections")? One the host opened, or an inbound TCP connection past its handshake: a spoofed flood
- * does not choose their tuples. Not an inbound UDP/ICMP flow: its sender picks the tuple, and the host's
- * reply confirms it without the sender seeing it. One conntrack lookup, paid on the drop path only;
- * whether p continues the connection validly is judged where conntrack passes it (ct_advance). */
+ * connections")? Only one the host opened, not closed, and not an ICMP echo request (echo entries are
+ * keyed by id alone: a request "from" the peer would match the host's own ping and be reflected). An
+ * inbound connection is never spared: its sender chose the tuple (UDP, ICMP) or can complete its
+ * handshake blind (conntrack checks no sequence numbers), and a real client must stay bounded by its
+ * limits on its own connections. One conntrack lookup, paid on the drop path only; whether p continues
+ * the connection validly is judged where conntrack passes it (ct_advance). */
 static __always_inline int dos_spares(struct env *v, struct pkt *p)
 {
 	struct ctref r = {};
-	if (!p->trackable || !ct_find(v, p, p->saddr, p->daddr, p->sport, p->dport, p->proto, &r))
+	int echo_request = (p->proto == IPPROTO_ICMP || p->proto == IPPROTO_ICMPV6) && p->opens;
+	if (!p->trackable || echo_request || !ct_find(v, p, p->saddr, p->daddr, p->sport, p->dport, p->proto, &r))
 		return 0;
-	return r.e->origin == HW_DIR_EGRESS || (p->proto == IPPROTO_TCP && !ct_unconfirmed(r.e));
+	return r.e->origin == HW_DIR_EGRESS && r.e->state != HW_CT_CLOSED;
 }
 
 /* Per-source limits; returns a drop reason or 0. A packet its tracked connection spares (dos_spares)

@@ -67,7 +67,7 @@ class Pkt:
     syn: bool = False         # TCP SYN without ACK/RST; a TCP packet without it is a bare ACK
     dport: int = 0
     length: int = 64          # bytes on the wire
-    tracked: bool = False     # continues a tracked connection the source guards spare (dos.h dos_spares)
+    tracked: bool = False     # matches a connection the source guards spare (dos.h dos_spares: host-opened, not closed)
 
 
 def _take(tok: int, rate: int, cap: int, dt: int, cost: int) -> tuple[int, bool]:

@@ -320,9 +320,10 @@ def test_banned_resolver_still_answers_the_hosts_query(harness, v6):
 
 
 @pytest.mark.parametrize("v6", [False, True])
-def test_banned_peer_keeps_its_established_tcp_connections(harness, v6):
-    """The same for TCP: a connection the host opened and one it accepted (handshake complete) go on
-    while their peer is banned; a new connection from the peer and a packet of a closed one do not."""
+def test_banned_peer_keeps_the_tcp_connections_the_host_opened(harness, v6):
+    """The same for TCP: a connection the host opened goes on while its peer is banned. One the peer
+    opened does not (its handshake can be completed blind, and a real client stays bounded by its limits),
+    nor a new connection from the peer, nor a packet of a connection the host reset."""
     me, peer = (ME6, RESOLVER6) if v6 else (ME, RESOLVER)
     install(harness, "per_source: {pps: 5, burst: 5}\nban: {after: 1s, duration: 60s}", stateful=True)
     now = T0
@@ -333,12 +334,34 @@ def test_banned_peer_keeps_its_established_tcp_connections(harness, v6):
     at(harness, "tc_egress", tcp(me, peer, 22, 50000, "SA"), now)
     assert at(harness, "xdp", tcp(peer, me, 50000, 22, "A"), now).reason == "pass_conntrack"
     now = flood_until_banned(harness, peer, me, now)
-    for sport, dport in ((443, 40000), (50000, 22)):
-        got = at(harness, "xdp", tcp(peer, me, sport, dport, "PA"), now)
-        assert (got.passed, got.reason) == (True, SPARED)
+    got = at(harness, "xdp", tcp(peer, me, 443, 40000, "PA"), now)
+    assert (got.passed, got.reason) == (True, SPARED)
+    assert at(harness, "xdp", tcp(peer, me, 50000, 22, "PA"), now).reason == "banned"      # inbound: not spared
     assert at(harness, "xdp", tcp(peer, me, 50001, 22, "S"), now).reason == "banned"       # a new connection
     at(harness, "tc_egress", tcp(me, peer, 40000, 443, "R"), now)                           # the host resets one
     assert at(harness, "xdp", tcp(peer, me, 443, 40000, "A"), now).reason == "banned"       # not a continuation
+    assert at(harness, "xdp", tcp(peer, me, 443, 40000, "R"), now).reason == "banned"       # closed: not spared
+
+
+def test_a_source_cannot_make_its_own_tuple_spared(harness):
+    """What a (spoofing) source can bring into conntrack by itself is never spared: an inbound SYN then
+    RST (closed) or FIN, and an ICMP echo request matching the host's own ping to that address (echo
+    entries are keyed by id: it would be answered, reflecting the flood)."""
+    install(harness, "per_source: {pps: 5, burst: 5}\nban: {after: 1s, duration: 60s}", stateful=True)
+    now = T0
+    assert at(harness, "xdp", tcp(RESOLVER, ME, 50000, 22, "S"), now).reason == "pass_default"
+    assert at(harness, "xdp", tcp(RESOLVER, ME, 50000, 22, "R"), now).reason == "pass_conntrack"
+    assert at(harness, "xdp", tcp(RESOLVER, ME, 50002, 22, "S"), now).reason == "pass_default"
+    assert at(harness, "xdp", tcp(RESOLVER, ME, 50002, 22, "F"), now).reason == "pass_conntrack"
+    ping = raw(E / IP(src=ME, dst=RESOLVER) / ICMP(type=8, id=77, seq=1))
+    at(harness, "tc_egress", ping, now)                                                      # the host's ping
+    now = flood_until_banned(harness, RESOLVER, ME, now)
+    assert at(harness, "xdp", tcp(RESOLVER, ME, 50000, 22, "R"), now).reason == "banned"
+    assert at(harness, "xdp", tcp(RESOLVER, ME, 50002, 22, "PA"), now).reason == "banned"
+    request = raw(E / IP(src=RESOLVER, dst=ME) / ICMP(type=8, id=77, seq=2))
+    assert at(harness, "xdp", request, now).reason == "banned"
+    reply = raw(E / IP(src=RESOLVER, dst=ME) / ICMP(type=0, id=77, seq=1))
+    assert at(harness, "xdp", reply, now).reason == SPARED                                   # the real reply
 
 
 def test_inbound_udp_flows_and_operator_bans_are_not_spared(harness):
