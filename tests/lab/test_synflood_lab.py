@@ -126,7 +126,9 @@ def test_syn_proxy_keeps_new_connections_working_and_keeps_no_state_for_the_floo
     answered, refresh = s1["answered"] - s0["answered"], s1["refresh"] - s0["refresh"]
     assert sent["packets"] and answered > 0.5 * sent["packets"], (sent, s0, s1)
     assert res["count"] == 400 and res["ok"] >= 0.99 * res["count"], res
-    assert s1["cookie_valid"] - s0["cookie_valid"] >= res["ok"]             # each admitted by its cookie
+    # each admitted by its cookie, but for a client SYN that was the family's refresh SYN (once per 30 s:
+    # it goes to the stack as itself, docs/dos.md): the client starts before the flood, so it can be one
+    assert s1["cookie_valid"] - s0["cookie_valid"] >= res["ok"] - refresh, (res, s0, s1)
     assert during <= refresh <= 2, (during, refresh)                         # no state for unanswered cookies
 
 
