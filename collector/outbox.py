@@ -26,7 +26,7 @@ from pathlib import Path
 
 import orjson
 
-from .sinks.spool_format import fsync_dir
+from .sinks.spool_format import fsync_dir, open_append
 
 __all__ = ["Outbox"]
 
@@ -66,11 +66,7 @@ class Outbox:
         """Make `records` durable here before they are fanned out (raises OSError: the caller counts)."""
         lines = [orjson.dumps(r) + b"\n" for r in records]
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        flags = os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC
-        try:
-            fd, created = os.open(self.path, flags), False
-        except FileNotFoundError:
-            fd, created = os.open(self.path, flags | os.O_CREAT, 0o640), True
+        fd, created = open_append(self.path)
         try:
             os.write(fd, (b"\n" if self._torn_tail else b"") + b"".join(lines))
             os.fdatasync(fd)

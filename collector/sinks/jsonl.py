@@ -47,7 +47,7 @@ import time
 from pathlib import Path
 
 from .base import BaseSink, Call, FullQueuePolicy, Health, SinkUnavailable
-from .spool_format import fsync_dir, write_all
+from .spool_format import fsync_dir, open_append, write_all
 
 log = logging.getLogger("hostwall.collector.sinks")
 
@@ -150,12 +150,8 @@ class JsonlSink(BaseSink):
     def _open(self) -> None:
         """Open PATH for appending; a file this creates makes the directory dirty (its entry is synced
         with the data: docs/collector.md "Delivery and loss")."""
-        flags = os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC
-        try:
-            self._fd = os.open(self.path, flags)
-        except FileNotFoundError:
-            self._fd = os.open(self.path, flags | os.O_CREAT, 0o640)
-            self._dir_dirty = True
+        self._fd, created = open_append(self.path)
+        self._dir_dirty |= created
         self._size = os.fstat(self._fd).st_size
         self._cut_torn_tail()
 

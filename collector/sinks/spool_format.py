@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 __all__ = ["CURSOR_NAME", "FRAME", "FRAME_OVERHEAD", "MAGIC", "READ_CHUNK", "SEG_HDR", "SEG_SUFFIX", "Cursor",
-           "Recovery", "Segment", "crc", "frame", "fsync_dir", "lock_directory", "read_cursor", "read_header",
+           "Recovery", "Segment", "crc", "frame", "fsync_dir", "lock_directory", "open_append", "read_cursor", "read_header",
            "recover_segments", "scan_tail", "segment_name", "write_all", "write_cursor"]
 
 MAGIC = b"HWSPOOL1"
@@ -165,6 +165,16 @@ def write_all(fd: int, buf: bytes) -> None:
     while mv:
         n = os.write(fd, mv)
         mv = mv[n:]
+
+
+def open_append(path: Path, mode: int = 0o640) -> tuple[int, bool]:
+    """(fd open for appending, whether this call created the file: its directory entry then needs an
+    fsync_dir to survive a machine crash). Cost: one open(2), two when it creates."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC
+    try:
+        return os.open(path, flags), False
+    except FileNotFoundError:
+        return os.open(path, flags | os.O_CREAT, mode), True
 
 
 def fsync_dir(path: Path) -> None:
