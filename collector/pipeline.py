@@ -534,3 +534,6 @@ class Pipeline(Sources, Shutdown):
             self.counters["status_write_errors"] += 1
             if self.counters["status_write_errors"] in (1, 10, 100, 1000):
                 log.warning("cannot write status %s: %s", self.status_path, e)
+            return
+        if not final:                       # the final checkpoint (collector/shutdown.py) holds it already
+            self._keep_kernel_baseline()

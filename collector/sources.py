@@ -60,6 +60,8 @@ class Sources:
         await self._fold_kernel()
         self.kernel_while_down = {r: n - before.get(r, 0) for r, n in self.ledger.lost_by.get("kernel", {}).items()
                                   if n - before.get(r, 0) > 0} if rs.baseline else {}
+        if not rs.baseline:                      # a first read counts nothing: it is the baseline at once
+            ck["kernel_loss"] = self.ledger.kernel_baseline()
         for s in self.slots:                     # a spool's torn tail (collector/sinks/spool.py recovery)
             torn = ((s.sink.stats().get("recovered") or {}).get("lost") or {}).get("spool_torn", 0)
             if torn:
@@ -95,6 +97,7 @@ class Sources:
             rec = self.losses.restart(rs.as_dict(), kernel_while_down=self.kernel_while_down,
                                       previous_run=(self.previous_run or {}).get("ledger"), seqs=dict(self.seq))
             await self._emit_owned([rec], "collector")
+            self._keep_kernel_baseline()         # kernel_while_down is in the outbox now
 
     async def _replay_outbox(self) -> None:
         """Records an earlier run put in the outbox and never got durable everywhere: send them first."""
@@ -342,7 +345,17 @@ class Sources:
     async def _fold_kernel(self) -> None:
         totals = await self._k(self.source.kernel_loss)
         self.ledger.fold_kernel(totals)
-        self.checkpoint["kernel_loss"] = totals
+
+    def _keep_kernel_baseline(self) -> None:
+        """The kernel losses folded so far are reported (the status just written, the restart record in
+        the outbox): make the counters the checkpoint's baseline now. Not at the next commit — an idle
+        collector makes none, and a restart would count the losses reported since then again; not at the
+        fold either — a kill before they are reported would leave them counted nowhere (docs/collector.md
+        "Restarts"). Cost: one checkpoint write per change of a loss counter."""
+        now = self.ledger.kernel_baseline()
+        if now and now != self.checkpoint["kernel_loss"]:
+            self.checkpoint["kernel_loss"] = now
+            self.checkpoint.save()
 
     async def _report_sink_losses(self, *, acking_only: bool = False) -> None:
         """Loss records of the seqs sinks counted lost: all on the tick, one per (sink, stream, reason);
