@@ -40,12 +40,24 @@ class SeqRanges:
         self.count = 0
 
     def add(self, seqs: Iterable[int]) -> None:
-        for s in sorted(seqs):
+        order = sorted(seqs)
+        if order and order[-1] - order[0] + 1 == len(order) == len(set(order)):   # one run: C-speed checks
+            self.count += len(order)
+            self.ranges.append([order[0], order[-1]])
+            self._normalise()
+            return
+        for s in order:
             self.count += 1
             if self.ranges and self.ranges[-1][1] + 1 >= s >= self.ranges[-1][0]:
                 self.ranges[-1][1] = max(self.ranges[-1][1], s)
             else:
                 self.ranges.append([s, s])
+        self._normalise()
+
+    def merge(self, other: SeqRanges) -> None:
+        """Add another SeqRanges' seqs (disjoint from these: each record is counted lost once)."""
+        self.count += other.count
+        self.ranges += [list(r) for r in other.ranges]
         self._normalise()
 
     def _normalise(self) -> None:
