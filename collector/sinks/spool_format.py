@@ -229,7 +229,7 @@ def recover_segments(directory: Path, max_record_bytes: int) -> tuple[list[Segme
         rec.truncated_bytes = cut
         next_seq = last.end
         recorded = c.next_seq if c is not None and c.next_seq is not None else 0
-        rec.torn_records = max(recorded - next_seq, 1 if cut else 0)
+        rec.torn_records = max(recorded - next_seq, 0)    # a cut frame past it was never settled
         if cur is None:
             rec.cursor = "reset"                 # missing or damaged: replay all (duplicates, no loss)
         if cur is None or cur < segs[0].first:
