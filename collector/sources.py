@@ -37,6 +37,7 @@ from .acks import CommitEntry
 from .checkpoint import STREAMS, analyze_restart
 from .ct_journal import journal_view
 from .logtail import JsonlTail
+from .loss_report import SeqRanges
 
 log = logging.getLogger("hostwall.collector")
 
@@ -260,9 +261,11 @@ class Sources:
                                     self.clock)
         return recs, journaled
 
-    async def _ship_ct(self, recs: list[dict], families, now: int, journaled=None, window=None) -> None:
+    async def _ship_ct(self, recs: list[dict], families, now: int, journaled=None, window=None,
+                       seq_end: int = 0) -> None:
         """Journal the batch (unless it comes from the journal), fan it out, and once durable checkpoint
-        the stream's seq and the scan time, then release the claims and drop the journal file."""
+        the stream's seq and the scan time, then release the claims and drop the journal file. seq_end: the
+        seq after the batch as journaled (a rebuild that made fewer records skips the rest)."""
         base = self.seq["conntrack"]
         path = journaled
         if recs and journaled is None:
@@ -273,6 +276,7 @@ class Sources:
                     log.warning("cannot write the conntrack journal %s: a crash before this batch is durable "
                                 "may number its records again", self.ct_journal.dir)
         ticket = await self._emit(recs, "conntrack")
+        self.seq["conntrack"] = max(self.seq["conntrack"], seq_end)
         claims = [f for f in families if any(i is not None and len(i) for i in (f.claimed_idx, f.closed_idx))]
         ck, src, journal, seq_after = self.checkpoint, self.source, self.ct_journal, self.seq["conntrack"]
 
@@ -312,15 +316,32 @@ class Sources:
                 continue
             recs, _ = self._build_ct(scans, b.window)
             if len(recs) != b.n:                    # a builder that changed between the runs
-                log.warning("conntrack journal %s: %d records rebuilt, %d journaled", b.path, len(recs), b.n)
+                recs = await self._rebuild_mismatch(b, recs)
             self.counters["ct_journal_resent"] += len(recs)
             self.seq["conntrack"] = b.seq_base
-            await self._ship_ct(recs, scans if ours else [], b.now_ns, journaled=b.path)
+            await self._ship_ct(recs, scans if ours else [], b.now_ns, journaled=b.path, seq_end=b.seq_base + b.n)
             last = b.now_ns if ours else last
         log.info("resent %d conntrack batch(es) from the journal %s", len(batches), self.ct_journal.dir)
         if last is not None:
             self.source.set_last_scan(last)         # their active-timeout updates are in them
             self._last_scan_wall = self.clock.wall_ns(last)     # and their summaries' windows end there
+
+    async def _rebuild_mismatch(self, b, recs: list[dict]) -> list[dict]:
+        """A journaled batch rebuilt into another number of records than it was numbered with (seqs
+        [seq_base, seq_base + n)). Fewer: the seqs left unfilled are counted lost (stage restart, reason
+        journal_rebuild) and named in a loss record per sink, so `verify` explains the gap (they are never
+        reused: the dead run may have written them). More: the first n are sent, the rest counted lost —
+        they were never numbered, so they leave no gap (docs/collector.md "Delivery and loss")."""
+        log.warning("conntrack journal %s: %d records rebuilt, %d journaled", b.path, len(recs), b.n)
+        if len(recs) > b.n:
+            self.ledger.lose("restart", "journal_rebuild", len(recs) - b.n, produced="conntrack")
+            return recs[:b.n]
+        self.ledger.lose("restart", "journal_rebuild", b.n - len(recs), produced="conntrack")
+        gap = SeqRanges()
+        gap.add(range(b.seq_base + len(recs), b.seq_base + b.n))
+        await self._emit_owned([self.losses.sink_loss(s.name, "journal_rebuild", "conntrack", gap)
+                                for s in self.slots], "collector")
+        return recs
 
     # ---- tick ------------------------------------------------------------------------------------
     async def _tick(self) -> None:
