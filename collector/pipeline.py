@@ -499,9 +499,9 @@ class Pipeline(Sources, Shutdown):
         not take it). Best_effort losses wait for the tick, or the shutdown's `last` commit."""
         frontier = self.frontier()
         if self._stopping:                       # the sinks may be closed: the next start sends them
-            self._stash_sink_losses(acking_only=not last)
+            self._stash_sink_losses("all" if last else "acking")
         else:
-            await self._report_sink_losses(acking_only=True)
+            await self._report_sink_losses("acking")
         self.acks.advance(frontier)
         ready, _ = self.commits.take_ready()
         if not ready:

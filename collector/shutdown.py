@@ -80,7 +80,7 @@ class Shutdown:
             except Exception as e:                      # noqa: BLE001
                 log.error("shutdown: last commit failed: %s: %s", type(e).__name__, e)
         else:       # what best_effort sinks lost was released with earlier commits: its loss records are
-            self._stash_sink_losses(best_effort_only=True)   # due (at_least_once seqs stay and come again)
+            self._stash_sink_losses("best_effort")   # due (at_least_once seqs stay and come again)
         self.counters["abandoned_tickets"] += self.acks.abandon()
         if self._runs:                                  # runs that waited on an abandoned ticket end now
             await asyncio.wait(set(self._runs), timeout=1.0)

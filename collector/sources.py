@@ -378,20 +378,19 @@ class Sources:
             self.checkpoint["kernel_loss"] = now
             self.checkpoint.save()
 
-    async def _report_sink_losses(self, *, acking_only: bool = False) -> None:
+    async def _report_sink_losses(self, which: str = "all") -> None:
         """Loss records of the seqs sinks counted lost: all on the tick, one per (sink, stream, reason);
         before each commit (collector/pipeline.py) only the at_least_once sinks' — what a best_effort sink
         loses or the pipeline sheds in front of it never holds the kernel back, so it waits for the tick
         (else a steadily shedding sink costs a record, an outbox fdatasync and a fan-out per commit)."""
-        recs = self._sink_loss_records(acking_only)
+        recs = self._sink_loss_records(which)
         if recs:
             await self._emit_owned(recs, "collector")
 
-    def _stash_sink_losses(self, *, acking_only: bool = False, best_effort_only: bool = False) -> None:
+    def _stash_sink_losses(self, which: str = "all") -> None:
         """While stopping (sinks closing or closed): numbered and put in the outbox only; the next start
-        sends them (and counts them produced then). acking_only: as _report_sink_losses; best_effort_only:
-        the other sinks' only (after a failure)."""
-        recs = self._sink_loss_records(acking_only, best_effort_only)
+        sends them (and counts them produced then). which: as _sink_loss_records."""
+        recs = self._sink_loss_records(which)
         if recs:
             self._number(recs, "collector")
             try:
@@ -401,9 +400,11 @@ class Sources:
                 log.warning("cannot write the outbox %s: %s (%d loss record(s) not kept)", self.outbox.path, e,
                             len(recs))
 
-    def _sink_loss_records(self, acking_only: bool = False, best_effort_only: bool = False) -> list[dict]:
+    def _sink_loss_records(self, which: str = "all") -> list[dict]:
+        """Loss records of the seqs the sinks noted lost since the last call; which: "all", "acking" (the
+        at_least_once sinks) or "best_effort" (the others)."""
         return [self.losses.sink_loss(s.name, reason, stream, ranges)
-                for s in self.slots if (s.acknowledges or not acking_only) and not (s.acknowledges and best_effort_only)
+                for s in self.slots if which == "all" or s.acknowledges == (which == "acking")
                 for (stream, reason), ranges in s.take_lost_seqs()]
 
     # ---- the enforcer's logs (audit, DNS decisions) --------------------------------------------------
