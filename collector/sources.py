@@ -103,6 +103,9 @@ class Sources:
     async def _replay_outbox(self) -> None:
         """Records an earlier run put in the outbox and never got durable everywhere: send them first."""
         pending = self.outbox.load()
+        self._rebuild_reported = {(x["ranges"][0][0], x["ranges"][-1][1]) for r in pending      # _rebuild_mismatch
+                                  for x in [(r.get("hostwall") or {}).get("loss") or {}]
+                                  if x.get("reason") == "journal_rebuild" and x.get("ranges")}
         if self.outbox.damaged:
             log.warning("outbox %s: %d unreadable line(s) dropped", self.outbox.path, self.outbox.damaged)
             self.ledger.lose("restart", "outbox_torn", self.outbox.damaged, produced="collector")
@@ -122,9 +125,10 @@ class Sources:
             ticket = await self._emit(recs, stream, assign_seq=False, enrich=False, observe=False)
             self._commit_owned(ticket, stream, recs)
 
-    async def _emit_owned(self, records: list[dict], stream: str) -> None:
-        """Records made from the collector's own state: outbox first, then fan out; settled in order."""
-        ticket = await self._emit(records, stream, outbox=True, enrich=False, observe=False)
+    async def _emit_owned(self, records: list[dict], stream: str, kept=None) -> None:
+        """Records made from the collector's own state: outbox first, then fan out; settled in order.
+        kept: called once they are in the outbox, before anything can interleave (no await between)."""
+        ticket = await self._emit(records, stream, outbox=True, enrich=False, observe=False, kept=kept)
         self._commit_owned(ticket, stream, records)
 
     def _commit_owned(self, ticket, stream: str, records: list[dict]) -> None:
@@ -319,7 +323,7 @@ class Sources:
                 recs = await self._rebuild_mismatch(b, recs)
             self.counters["ct_journal_resent"] += len(recs)
             self.seq["conntrack"] = b.seq_base
-            await self._ship_ct(recs, scans if ours else [], b.now_ns, journaled=b.path, seq_end=b.seq_base + b.n)
+            await self._ship_ct(recs, scans if ours else [], b.now_ns, journaled=b.path, seq_end=b.seq_end)
             last = b.now_ns if ours else last
         log.info("resent %d conntrack batch(es) from the journal %s", len(batches), self.ct_journal.dir)
         if last is not None:
@@ -327,20 +331,30 @@ class Sources:
             self._last_scan_wall = self.clock.wall_ns(last)     # and their summaries' windows end there
 
     async def _rebuild_mismatch(self, b, recs: list[dict]) -> list[dict]:
-        """A journaled batch rebuilt into another number of records than it was numbered with (seqs
-        [seq_base, seq_base + n)). Fewer: the seqs left unfilled are counted lost (stage restart, reason
-        journal_rebuild) and named in a loss record per sink, so `verify` explains the gap (they are never
-        reused: the dead run may have written them). More: the first n are sent, the rest counted lost —
-        they were never numbered, so they leave no gap (docs/collector.md "Delivery and loss")."""
-        log.warning("conntrack journal %s: %d records rebuilt, %d journaled", b.path, len(recs), b.n)
-        if len(recs) > b.n:
-            self.ledger.lose("restart", "journal_rebuild", len(recs) - b.n, produced="conntrack")
+        """A journaled batch rebuilt into another number of records than it holds (seqs [seq_base,
+        seq_base + n)). Fewer: the seqs left unfilled are counted lost (stage restart, reason journal_rebuild)
+        and named in a loss record per sink, so `verify` explains the gap (never reused: the dead run may
+        have written them). More: the first n are sent, the rest counted lost — never numbered, no gap.
+        Once across restarts: the journal notes what is counted (CtJournal.annotate, right after the loss
+        record is in the outbox), and a loss record the outbox replayed counts as noted (a kill between
+        the two). docs/collector.md "Delivery and loss"."""
+        made = len(recs)
+        log.warning("conntrack journal %s: %d records rebuilt, %d journaled", b.path, made, b.n)
+        if made > b.covered:
+            self.ledger.lose("restart", "journal_rebuild", made - b.covered, produced="conntrack")
+            self.ct_journal.annotate(b, b.n, made)
+        if made >= b.n:
             return recs[:b.n]
-        self.ledger.lose("restart", "journal_rebuild", b.n - len(recs), produced="conntrack")
-        gap = SeqRanges()
-        gap.add(range(b.seq_base + len(recs), b.seq_base + b.n))
-        await self._emit_owned([self.losses.sink_loss(s.name, "journal_rebuild", "conntrack", gap)
-                                for s in self.slots], "collector")
+        gap = (b.seq_base + made, b.seq_base + b.n - 1)
+        if gap in self._rebuild_reported:
+            self.ct_journal.annotate(b, made, b.covered)
+            return recs
+        self.ledger.lose("restart", "journal_rebuild", b.n - made, produced="conntrack")
+        ranges = SeqRanges()
+        ranges.add(range(gap[0], gap[1] + 1))
+        await self._emit_owned([self.losses.sink_loss(s.name, "journal_rebuild", "conntrack", ranges)
+                                for s in self.slots], "collector",
+                               kept=lambda: self.ct_journal.annotate(b, made, b.covered))
         return recs
 
     # ---- tick ------------------------------------------------------------------------------------

@@ -96,3 +96,114 @@ def test_a_journal_rebuild_that_makes_fewer_records_counts_the_rest_lost_with_th
     assert [(x["stream"], x["reason"], x["count"], x["ranges"]) for x in loss] == \
         [("conntrack", "journal_rebuild", 1, [[2, 2]])]
     assert pipe2.ledger.check(quiescent=True) == []
+
+
+# ---- a journal rebuild mismatch seen by more than one start (collector/sources.py _rebuild_mismatch) ------
+
+class _NoUpdates:
+    """A CtIdBuilder that changed between the runs: it makes no update records (fewer than journaled)."""
+
+    def on_conntrack(self, ek, ee, updates, clock, closed=None):
+        return [r for r in super().on_conntrack(ek, ee, updates, clock, closed) if "update" not in r["ident"]]
+
+
+class _TwiceUpdates:
+    """A CtIdBuilder that changed between the runs: each update twice (more records than journaled)."""
+
+    def on_conntrack(self, ek, ee, updates, clock, closed=None):
+        out = super().on_conntrack(ek, ee, updates, clock, closed)
+        return out + [dict(r, ident=r["ident"] + "-again") for r in out if "update" in r["ident"]]
+
+
+def _builder(mixin):
+    from tests.collector.test_delivery import CtIdBuilder
+    return type(mixin.__name__, (mixin, CtIdBuilder), {})()
+
+
+def _journal_batch_then_restarts(tmp_path, builder, runs: int, monkeypatch=None, keep_unannotated=False):
+    """Run 1 journals a 3-record conntrack batch (seqs 0-2) that never gets durable; `runs` later starts
+    rebuild it with `builder` and never get it durable either (a kill, or a stop before the sinks settled);
+    a last start rebuilds it with a durable sink. keep_unannotated: the later starts die between putting
+    the loss record in the outbox and noting it in the journal. Returns (ledger journal_rebuild per start,
+    the last sink's records)."""
+    import asyncio
+
+    from hostwall.collector.ct_journal import CtJournal
+    from tests.collector.test_delivery import CtIdBuilder, _ct_scan
+
+    src, sink = FakeSource(), MemorySink(durable_gate=asyncio.Event())
+    src.scans.append(_ct_scan([101, 102], [201], 7))
+    pipe = Pipeline(cfg(tmp_path), src, CtIdBuilder(), [sink], shutdown_timeout_s=0.5)
+
+    async def first():
+        task = await started(pipe)
+        await until(lambda: len(sink.records) == 3)
+        pipe.stop()
+        await task
+    uvloop.run(first())
+    if keep_unannotated:
+        monkeypatch.setattr(CtJournal, "annotate", lambda self, *a, **k: None, raising=False)
+    counted = []
+    for _ in range(runs):
+        src = restarted(src)
+        s = MemorySink(durable_gate=asyncio.Event())
+        p = Pipeline(cfg(tmp_path), src, builder, [s], shutdown_timeout_s=0.5)
+
+        async def again(p=p, s=s):
+            task = await started(p)
+            await until(lambda: any(r["hostwall"].get("stream") == "conntrack" for r in s.records))
+            p.stop()
+            await task
+        uvloop.run(again())
+        counted.append(p.ledger.lost_by.get("restart", {}).get("journal_rebuild", 0))
+    if keep_unannotated:
+        monkeypatch.undo()
+    last = MemorySink()
+    p = Pipeline(cfg(tmp_path), restarted(src), builder, [last])
+
+    async def final():
+        task = await started(p)
+        await until(lambda: any(r["hostwall"].get("stream") == "conntrack" for r in last.records))
+        await until(lambda: not p.ct_journal.dir.exists() or len(p.ct_journal) == 0)
+        p.stop()
+        await task
+    uvloop.run(final())
+    counted.append(p.ledger.lost_by.get("restart", {}).get("journal_rebuild", 0))
+    return counted, last.records
+
+
+def _rebuild_losses(records) -> list:
+    return [(x["stream"], x["count"], x["ranges"]) for r in records if r["hostwall"]["kind"] == "loss"
+            for x in [r["hostwall"]["loss"]] if x.get("reason") == "journal_rebuild"]
+
+
+def _ct(records) -> list:
+    return [(r["event"]["id"], r["hostwall"]["seq"]) for r in records if r["hostwall"].get("stream") == "conntrack"]
+
+
+def test_a_journal_rebuild_with_fewer_records_is_reported_once_across_restarts(tmp_path):
+    """The start that finds the mismatch counts it and puts its loss record in the outbox; the batch is
+    not durable when it dies, so the next start replays that loss record AND rebuilds the batch again: it
+    must not count the same unfilled seq a second time (verify summed 2 lost for a 1-seq gap)."""
+    counted, recs = _journal_batch_then_restarts(tmp_path, _builder(_NoUpdates), runs=2)
+    assert counted == [1, 0, 0]
+    assert _rebuild_losses(recs) == [("conntrack", 1, [[2, 2]])]
+    assert _ct(recs) == [("flow-close-101", 0), ("flow-close-102", 1)]
+
+
+def test_a_rebuild_loss_in_the_outbox_but_not_yet_in_the_journal_is_not_reported_again(tmp_path, monkeypatch):
+    """A kill between the outbox append of the loss record and the journal's note of it: the next start
+    knows it from the outbox it replays."""
+    counted, recs = _journal_batch_then_restarts(tmp_path, _builder(_NoUpdates), runs=1, monkeypatch=monkeypatch,
+                                                 keep_unannotated=True)
+    assert counted == [1, 0]
+    assert _rebuild_losses(recs) == [("conntrack", 1, [[2, 2]])]
+
+
+def test_a_journal_rebuild_with_more_records_sends_the_batch_and_counts_the_rest_once(tmp_path):
+    """More records than journaled: the batch's 3 seqs are filled by the first 3, the extra one is counted
+    lost (never numbered: no gap, no loss record), once across restarts."""
+    counted, recs = _journal_batch_then_restarts(tmp_path, _builder(_TwiceUpdates), runs=1)
+    assert counted == [1, 0]
+    assert _rebuild_losses(recs) == []
+    assert _ct(recs) == [("flow-close-101", 0), ("flow-close-102", 1), ("flow-update-201", 2)]
