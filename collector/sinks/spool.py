@@ -30,9 +30,9 @@ Crash recovery (open): segments whose header is damaged are renamed *.corrupt; t
 scanned frame by frame and cut at the first incomplete or CRC-failing frame (a torn write: the process
 died mid-append, or a machine crash lost pages that were never synced). `Recovery.torn_records` counts
 the records cut off that had been settled: every seq between the last good frame and the next_seq the
-cursor file last recorded (exact for records that had been synced). A frame cut past it was never settled
-(an append a kill interrupted; under interval/always records appended after the last fdatasync; policy
-none does not survive a machine crash): the kernel still holds its records, so it is no loss. A bad
+cursor file last recorded (exact if synced). Under interval/always a frame cut past it was never settled
+(a kill mid-append, or appended after the last fdatasync): the kernel holds it, no loss. Under none an
+append settles when it returns: a cut frame counts at least 1 (a kill mid-append too: one too many). A bad
 frame found while reading an earlier segment skips the rest of that segment; the seqs skipped are
 reported by `take_lost()` (exact, from the next segment's first seq). Open reads the last segment once.
 
@@ -141,7 +141,7 @@ class Spool:
         except OSError as e:
             raise SpoolError(f"cannot create spool directory {self.dir}: {e.strerror or e}") from None
         self._lock()
-        self.segments, self.next_seq, cur, rec = recover_segments(self.dir, self.max_record_bytes)
+        self.segments, self.next_seq, cur, rec = recover_segments(self.dir, self.max_record_bytes, self.fsync)
         self.cursor = cur
         while self.segments and self.segments[0].end <= self.cursor:
             self._unlink(self.segments.pop(0))     # fully acknowledged before the crash
