@@ -538,5 +538,4 @@ class Pipeline(Sources, Shutdown):
             if self.counters["status_write_errors"] in (1, 10, 100, 1000):
                 log.warning("cannot write status %s: %s", self.status_path, e)
             return
-        if not final:                       # the final checkpoint (collector/shutdown.py) holds it already
-            self._keep_kernel_baseline()
+        self._keep_kernel_baseline(sync=final)      # what it shows is reported: the restart's baseline

