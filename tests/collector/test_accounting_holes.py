@@ -12,6 +12,15 @@ from tests.collector.fakes import FakeSource, MemorySink, StubBuilder, cfg, star
 from tests.collector.test_delivery import restarted
 
 
+def _start_stop(pipe) -> None:
+    """Start and stop at once (a start's recovery, then a clean stop)."""
+    async def go():
+        task = await started(pipe)
+        pipe.stop()
+        await task
+    uvloop.run(go())
+
+
 def _published_kernel_loss(status_path) -> dict:
     try:
         st = json.loads(status_path.read_text())
@@ -43,12 +52,7 @@ def test_a_kernel_loss_reported_in_an_idle_stretch_is_not_counted_again_after_a_
     pipe.checkpoint.path.write_text(json.dumps(ck))
     src.loss["deny"]["budget"] = 2                           # while no collector ran: counted next start
     pipe2 = Pipeline(c, restarted(src), StubBuilder(), [MemorySink()])
-
-    async def two():
-        task = await started(pipe2)
-        pipe2.stop()
-        await task
-    uvloop.run(two())
+    _start_stop(pipe2)
     assert pipe2.restart.previous == "crash"
     assert pipe2.kernel_while_down == {"budget": 2}
     assert dict(pipe2.ledger.lost_by["kernel"]) == {"budget": 2}
@@ -241,12 +245,7 @@ def test_kernel_losses_the_final_status_never_showed_are_counted_by_the_next_sta
     assert pipe.ledger.lost_by["kernel"]["ringbuf_full"] == 5
     monkeypatch.undo()
     pipe2 = Pipeline(c, restarted(src), StubBuilder(), [MemorySink()])
-
-    async def two():
-        task = await started(pipe2)
-        pipe2.stop()
-        await task
-    uvloop.run(two())
+    _start_stop(pipe2)
     assert pipe2.kernel_while_down == {"ringbuf_full": 5}
 
 
@@ -256,12 +255,7 @@ def test_the_restart_record_makes_its_kernel_while_down_the_baseline_even_withou
     src = FakeSource()
     c = cfg(tmp_path)
     pipe = Pipeline(c, src, StubBuilder(), [MemorySink()])
-
-    async def stop_at_once(p):
-        task = await started(p)
-        p.stop()
-        await task
-    uvloop.run(stop_at_once(pipe))
+    _start_stop(pipe)
 
     def crashed() -> None:
         ck = json.loads(pipe.checkpoint.path.read_text())
@@ -286,7 +280,7 @@ def test_the_restart_record_makes_its_kernel_while_down_the_baseline_even_withou
     pipe.checkpoint.path.write_bytes(at_kill["ck"])
     crashed()
     pipe3 = Pipeline(c, restarted(src), StubBuilder(), [MemorySink()])
-    uvloop.run(stop_at_once(pipe3))
+    _start_stop(pipe3)
     assert pipe3.restart.previous == "crash" and pipe3.kernel_while_down == {}
 
 
