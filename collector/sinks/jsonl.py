@@ -47,7 +47,7 @@ import os
 import time
 from pathlib import Path
 
-from ..loss_report import note_seqs
+from ..loss_report import note_record_seqs
 from .base import BaseSink, Call, FullQueuePolicy, Health, SinkUnavailable
 from .spool_format import fsync_dir, open_append, write_all
 
@@ -97,7 +97,7 @@ class JsonlSink(BaseSink):
         self.fsyncs = 0
         self.fsync_errors = 0
         self.torn_bytes = 0                           # a torn last line cut at start (see the module docstring)
-        # written, waiting for an fdatasync: (call, records it wrote, their seqs: loss_report.note_seqs)
+        # written, waiting for an fdatasync: (call, records it wrote, their seqs: loss_report.note_record_seqs)
         self._unsynced: list[tuple[Call, int, dict]] = []
         self._stale: list[int] = []                   # closed for writing (rotation, failed write) unsynced
         self._syncing: asyncio.Future | None = None   # the fdatasyncs under way (they outlive a cancelled caller)
@@ -222,7 +222,7 @@ class JsonlSink(BaseSink):
                 self._dirty = True
             written += done
             if self.fsync != "none" and done:
-                note_seqs(wrote, "fsync_error", ((r.get("hostwall") or {}) for r in recs[:done]))
+                note_record_seqs(wrote, "fsync_error", recs[:done])
         if not encoded:
             self._settle(call, call.remaining)
             return
