@@ -346,7 +346,7 @@ class Pipeline(Sources, Shutdown):
                     enrich: bool = True, observe: bool = True, kept=None) -> Ticket | None:
         """Count, number (hostwall.seq of `source`'s stream), enrich, observe and fan out one batch of
         records — the only way records leave. outbox: make them durable in the outbox first (records the
-        kernel cannot give again); kept: called right after the outbox append, with no await between.
+        kernel cannot give again); kept: called right after a successful outbox append, with no await between.
         Returns the batch's ticket (None for no records)."""
         if not records:
             return None
@@ -362,8 +362,9 @@ class Pipeline(Sources, Shutdown):
                 self.counters["outbox_errors"] += 1
                 if self.counters["outbox_errors"] in (1, 10, 100):
                     log.warning("cannot write the outbox %s: %s", self.outbox.path, e)
-            if kept is not None:
-                kept()
+            else:
+                if kept is not None:            # only what is in the outbox is kept
+                    kept()
         if enrich and self.enricher is not None:
             await self._enrich(records)
         if observe and self.anomaly is not None:

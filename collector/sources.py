@@ -312,7 +312,7 @@ class Sources:
             for f in scans:
                 if ours:
                     await self._k(self.source.adopt_claims, f)
-            if b.seq_base + b.n <= durable_to:
+            if b.seq_end <= durable_to:         # (n shrinks in a rebuild that made fewer: CtJournal.annotate)
                 for f in scans:
                     if ours:
                         self.counters["ct_released"] += await self._k(self.source.free_claims, f)

@@ -3,13 +3,14 @@ loss", "Restarts"): every record arrives or is counted lost once, with its reaso
 seqs. A fake kernel (tests/collector/fakes.py); the real path: tests/lab/test_crash_live.py."""
 from __future__ import annotations
 
+import asyncio
 import json
 
 import uvloop
 
 from hostwall.collector.pipeline import Pipeline
 from tests.collector.fakes import FakeSource, MemorySink, StubBuilder, cfg, started, until
-from tests.collector.test_delivery import restarted
+from tests.collector.test_delivery import CtIdBuilder, _ct_scan, restarted
 
 
 def _start_stop(pipe) -> None:
@@ -289,3 +290,58 @@ def test_sink_loss_records_rejects_an_unknown_choice(tmp_path):
     pipe = Pipeline(cfg(tmp_path), FakeSource(), StubBuilder(), [MemorySink()])
     with pytest.raises(ValueError):
         pipe._sink_loss_records("acking_only")
+
+
+class _NothingOld(CtIdBuilder):
+    """A builder that makes no record of the journaled batch (only of later connections, ids ≥ 300)."""
+    def on_conntrack(self, ek, ee, updates, clock, closed=None):
+        return [r for r in super().on_conntrack(ek, ee, updates, clock, closed)
+                if int(r["ident"].rsplit("-", 1)[1]) >= 300]
+
+
+def test_a_rebuild_of_no_records_never_gives_its_seqs_to_later_records(tmp_path):
+    """Run 1 journals 3 records (seqs 0-2), never durable; run 2 rebuilds them into none (loss record
+    for 0-2, journal annotated n=0) and stops before that is durable; run 3's new records must not take
+    seqs 0-2, which the loss record calls lost (the journal said n=0: 'durable' by seq_base + n)."""
+    src, sink = FakeSource(), MemorySink(durable_gate=asyncio.Event())
+    src.scans.append(_ct_scan([101, 102], [201], 7))
+    p1 = Pipeline(cfg(tmp_path), src, CtIdBuilder(), [sink], shutdown_timeout_s=0.5)
+    s2 = MemorySink(durable_gate=asyncio.Event())
+    p2 = Pipeline(cfg(tmp_path), restarted(src), _NothingOld(), [s2], shutdown_timeout_s=0.5)
+
+    async def run(pipe, done) -> None:
+        task = await started(pipe)
+        await until(done)
+        pipe.stop()
+        await task
+    uvloop.run(run(p1, lambda: len(sink.records) == 3))
+    uvloop.run(run(p2, lambda: bool(_rebuild_losses(s2.records))))
+    src = restarted(src)
+    src.scans.append(_ct_scan([301], [], 20))
+    s3 = MemorySink()
+    p3 = Pipeline(cfg(tmp_path), src, _NothingOld(), [s3])
+    uvloop.run(run(p3, lambda: bool(_ct(s3.records))))
+    lost = {s for _, _, ranges in _rebuild_losses(s3.records) for lo, hi in ranges for s in range(lo, hi + 1)}
+    assert lost == {0, 1, 2}
+    assert [seq for _, seq in _ct(s3.records)] == [3]
+
+
+def test_kept_is_not_called_when_the_outbox_append_failed(tmp_path):
+    """A journal rebuild's loss record marks its batch counted (kept) only once it is in the outbox: one
+    that exists only in memory would die with the process, and the next start must count it again."""
+    pipe = Pipeline(cfg(tmp_path), FakeSource(), StubBuilder(), [MemorySink()])
+    kept: list[int] = []
+
+    def broken(_records) -> None:
+        raise OSError(28, "No space left on device")
+
+    async def go() -> None:
+        task = await started(pipe)
+        await pipe._emit_owned([{"hostwall": {"kind": "test"}}], "collector", kept=lambda: kept.append(1))
+        pipe.outbox.append = broken
+        await pipe._emit_owned([{"hostwall": {"kind": "test"}}], "collector", kept=lambda: kept.append(2))
+        pipe.stop()
+        await task
+    uvloop.run(go())
+    assert kept == [1]
+    assert pipe.counters["outbox_errors"] == 1
