@@ -295,13 +295,21 @@ static __always_inline __u32 dos_buckets(struct env *v, struct pkt *p, struct hw
  * keyed by id alone: a request "from" the peer would match the host's own ping and be reflected). An
  * inbound connection is never spared: its sender chose the tuple (UDP, ICMP) or can complete its
  * handshake blind (conntrack checks no sequence numbers), and a real client must stay bounded by its
- * limits on its own connections. One conntrack lookup, paid on the drop path only; whether p continues
- * the connection validly is judged where conntrack passes it (ct_advance). */
+ * limits on its own connections. An ICMP error is judged by the packet it quotes, which must be one the
+ * host sent (icmp_inner_ours): path-MTU errors from a banned router keep the host's connections alive.
+ * One conntrack lookup, paid on the drop path only; whether p continues the connection validly is
+ * judged where conntrack passes it (ct_advance, or as related: judge_first). */
 static __always_inline int dos_spares(struct env *v, struct pkt *p)
 {
 	struct ctref r = {};
 	int echo_request = (p->proto == IPPROTO_ICMP || p->proto == IPPROTO_ICMPV6) && p->opens;
-	if (!p->trackable || echo_request || !ct_find(v, p, p->saddr, p->daddr, p->sport, p->dport, p->proto, &r))
+	int error = p->related && icmp_inner_ours(p);
+	if (!(p->trackable || error) || echo_request)
+		return 0;
+	/* one lookup site for both (inlined once): the error's quoted tuple, or p's own */
+	__u32 *s = error ? p->in_saddr : p->saddr, *d = error ? p->in_daddr : p->daddr;
+	if (!ct_find(v, p, s, d, error ? p->in_sport : p->sport, error ? p->in_dport : p->dport,
+		     error ? p->in_proto : p->proto, &r))
 		return 0;
 	return r.e->origin == HW_DIR_EGRESS && r.e->state != HW_CT_CLOSED;
 }
@@ -394,6 +402,13 @@ static __always_inline void dos_count(__u32 profile, __u32 reason)
 static __always_inline __u32 ct_pass_reason(struct env *v, struct pkt *p)
 {
 	return v->hook == HW_HOOK_XDP_INGRESS && p->dos_spared ? HW_R_PASS_CONNTRACK_OVER_LIMIT : HW_R_PASS_CONNTRACK;
+}
+
+/* The same for an ICMP error about a tracked connection: pass_related_over_limit if only the connection
+ * it quotes got it through the source guards. */
+static __always_inline __u32 related_pass_reason(struct env *v, struct pkt *p)
+{
+	return v->hook == HW_HOOK_XDP_INGRESS && p->dos_spared ? HW_R_PASS_RELATED_OVER_LIMIT : HW_R_PASS_RELATED;
 }
 
 /* xdp_judge: a packet admitted only as part of its tracked connection does not continue it (ct_advance

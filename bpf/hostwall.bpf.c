@@ -80,14 +80,16 @@ static __always_inline void judge_first(struct env *v, struct pkt *p, struct jud
 	if (!h)
 		goto fail_closed;
 	j->revision_id = h->revision_id;
-	if (v->hook == HW_HOOK_XDP_INGRESS && p->dos_spared) {
+	/* spared by the DoS stage (dos.h dos_spares): passes only as its connection's packet (above) or an
+	 * error about it (below, with essential ICMP on), else dropped for its limit before the policy */
+	if (v->hook == HW_HOOK_XDP_INGRESS && p->dos_spared && !(related && h->essential_icmp)) {
 		dos_unspared(v, p, j, h->audit);        /* before the policy: no connection opened for it */
 		return;
 	}
 
 	/* essential ICMP, before any rule (docs/policy.md "Essential ICMP") */
 	if (p->pidx >= HW_P_ICMP && p->pidx <= HW_P_ICMPV6 && h->essential_icmp) {
-		__u32 why = related ? HW_R_PASS_RELATED : essential_icmp(p) ? HW_R_PASS_ESSENTIAL : 0;
+		__u32 why = related ? related_pass_reason(v, p) : essential_icmp(p) ? HW_R_PASS_ESSENTIAL : 0;
 		if (why) {
 			j->verdict = HW_V_ALLOW;
 			j->reason = why;

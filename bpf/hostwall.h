@@ -112,6 +112,7 @@ enum hw_reason {
 	HW_R_PASS_FRAGMENT = 24,   /* later fragment of a datagram whose first fragment passed */
 	HW_R_PASS_SYN_COOKIE = 25, /* an allowed SYN answered from XDP with a cookie SYN-ACK (no state kept) */
 	HW_R_PASS_CONNTRACK_OVER_LIMIT = 26, /* a tracked connection's packet whose source is over a DoS limit or banned */
+	HW_R_PASS_RELATED_OVER_LIMIT = 27,   /* an ICMP error about a host-opened connection, its source over a DoS limit or banned */
 	HW_REASONS = 32,
 };
 

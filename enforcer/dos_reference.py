@@ -5,9 +5,9 @@ the semantics: operator bans; then, on an interface with a profile, the per-sour
 (SYN, UDP, ICMP, packets/s, bits/s: the first bucket that is empty names the reason), the per-destination-port SYN stage (the SYN proxy's decision), the global SYN bucket, then per-port
 limits. A source over a limit for `ban_after` in a row (over-limit packets no more than 1 s apart) is
 banned for `ban_duration`; bans expire by themselves. A packet of a tracked connection that the source
-guards spare (`Pkt.tracked`, bpf/dos.h dos_spares) passes its source's ban and empty buckets, taking
-the tokens there are and extending no streak; the shared limits after them still apply
-(docs/dos.md "Tracked connections").
+guards spare (`Pkt.tracked`, bpf/dos.h dos_spares), or an ICMP error quoting one, passes its source's
+ban and empty buckets, taking the tokens there are and extending no streak; the shared limits after
+them still apply (docs/dos.md "Tracked connections").
 
 The per-port SYN stage (bpf/dos.h syn_port_stage): a SYN takes a token of its port's bucket (all sources
 together). Where the profile's SYN proxy covers the port and answers (`on`, or `auto` while the port is
@@ -67,7 +67,7 @@ class Pkt:
     syn: bool = False         # TCP SYN without ACK/RST; a TCP packet without it is a bare ACK
     dport: int = 0
     length: int = 64          # bytes on the wire
-    tracked: bool = False     # matches a connection the source guards spare (dos.h dos_spares: host-opened, not closed)
+    tracked: bool = False     # its connection, or the one an ICMP error quotes, is spared (dos.h dos_spares)
 
 
 def _take(tok: int, rate: int, cap: int, dt: int, cost: int) -> tuple[int, bool]:
