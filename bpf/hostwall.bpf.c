@@ -294,7 +294,7 @@ int xdp_ingress(struct xdp_md *ctx)
 		return XDP_PASS;        /* unreachable: array maps */
 	__builtin_memset(p, 0, sizeof(*p));
 	int rc = parse_pkt(p, (void *)(long)ctx->data, (void *)(long)ctx->data_end,
-			   (__u32)(ctx->data_end - ctx->data));
+			   (__u32)(ctx->data_end - ctx->data), 0);
 	p->ifindex = ctx->ingress_ifindex;
 	if (rc != PARSE_OK) {
 		judge_parsed(&v, p, rc, &j);
@@ -357,7 +357,7 @@ static __always_inline int tc_parse(struct __sk_buff *skb, struct pkt *p)
 	__u32 want = skb->len < HW_PULL_LEN ? skb->len : HW_PULL_LEN;
 	if (skb->data_end - skb->data < want)
 		bpf_skb_pull_data(skb, want);
-	int rc = parse_pkt(p, (void *)(long)skb->data, (void *)(long)skb->data_end, skb->len);
+	int rc = parse_pkt(p, (void *)(long)skb->data, (void *)(long)skb->data_end, skb->len, skb->gso_size);
 	p->ifindex = skb->ifindex;
 	return rc;
 }
