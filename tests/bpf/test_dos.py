@@ -477,7 +477,7 @@ def test_errors_about_host_opened_connections_take_free_tokens_then_pass_over_th
     at(harness, "tc_egress", udp(me, peer, 40000, 53), T0)
     quoted = raw(_ip(me, peer) / UDP(sport=40000, dport=53))
     got, want = [], []
-    for i in range(6):                                     # 6 at once: 2 tokens, then over the limit
+    for _ in range(6):                                     # 6 at once: 2 tokens, then over the limit
         o = at(harness, "xdp", path_mtu_error(router, me, quoted), T0)
         got.append(o.reason)
         reason = model.check(Pkt(router, 58 if v6 else 1, tracked=True), T0)
