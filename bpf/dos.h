@@ -290,6 +290,43 @@ static __always_inline __u32 dos_buckets(struct env *v, struct pkt *p, struct hw
 	return 0;
 }
 
+static __always_inline int global_take(__u32 idx, __u64 rate, __u64 now)
+{
+	struct hw_bucket *b = hw_dos_global.lookup(&idx);
+	if (!b)
+		return 1;
+	__u64 dt = elapsed_ns(now, b->last_ns, 1000000000ULL);
+	b->last_ns = now;
+	return bucket_take(&b->tokens, rate, rate * 1000000000ULL, dt, 1000000000ULL);
+}
+
+/* Is p an ICMP error the source guards may spare for the connection it quotes (docs/dos.md "Tracked
+ * connections")? Destination unreachable, packet too big, time exceeded, parameter problem (v4 3, 11,
+ * 12; v6 1-4; not source quench or redirect), quoting a packet the host sent (icmp_inner_ours) to one
+ * peer: not to multicast or limited broadcast, whose flows have public tuples and no one peer; of a
+ * quoted ICMP message only an echo request (the host's ping: its id alone would match a reply or a
+ * timestamp). A few compares, on the guards' drop path only. */
+static __always_inline int dos_error_spares(struct pkt *p)
+{
+	if (!p->related || !icmp_inner_ours(p))
+		return 0;
+	__u32 d0 = bpf_ntohl(p->in_daddr[0]);
+	if (p->family == 4 ? p->icmp_type == 4 || p->icmp_type == 5 || (d0 >> 28) == 0xe || d0 == 0xffffffff
+			   : (d0 >> 24) == 0xff)
+		return 0;
+	if (p->in_proto == IPPROTO_ICMP || p->in_proto == IPPROTO_ICMPV6)
+		return p->in_icmp_type == (p->family == 4 ? 8 : 128);
+	return 1;
+}
+
+/* The rate of a profile's one bucket for spared ICMP errors, all sources together: one source's ICMP
+ * share (icmp_pps, else pps), so a spoofed flood of errors quoting a public tuple (NTP 123 <-> 123)
+ * gets no more than one source would; path-MTU and unreachable errors are few (docs/dos.md). */
+static __always_inline __u64 dos_err_pps(struct hw_dos_profile *pr)
+{
+	return pr->icmp_pps ? pr->icmp_pps : pr->pps ? pr->pps : HW_DOS_ERR_PPS;
+}
+
 /* Does p belong to a tracked connection that the source guards spare (docs/dos.md "Tracked
  * connections")? Only one the host opened, not closed, and not an ICMP echo request (echo entries are
  * keyed by id alone: a request "from" the peer would match the host's own ping and be reflected). An
@@ -303,7 +340,7 @@ static __always_inline int dos_spares(struct env *v, struct pkt *p)
 {
 	struct ctref r = {};
 	int echo_request = (p->proto == IPPROTO_ICMP || p->proto == IPPROTO_ICMPV6) && p->opens;
-	int error = p->related && icmp_inner_ours(p);
+	int error = dos_error_spares(p);
 	if (!(p->trackable || error) || echo_request)
 		return 0;
 	/* one lookup site for both (inlined once): the error's quoted tuple, or p's own */
@@ -342,7 +379,9 @@ static __always_inline __u32 dos_source(struct env *v, struct pkt *p, struct hw_
 	__u32 reason = dos_buckets(v, p, pr, s);
 	if (!reason)
 		return 0;
-	if (dos_spares(v, p)) {
+	/* an error (p->related: never trackable) is spared only within its profile's shared bucket */
+	if (dos_spares(v, p) &&
+	    (!p->related || global_take(profile * 16 + HW_DOS_GLOBAL_ERR, dos_err_pps(pr), v->now))) {
 		p->dos_spared = reason;
 		return 0;
 	}
@@ -354,16 +393,6 @@ static __always_inline __u32 dos_source(struct env *v, struct pkt *p, struct hw_
 	if (pr->ban_after_ns && v->now - s->streak_start_ns >= pr->ban_after_ns)
 		dos_ban(v, &k, s, pr, reason);
 	return reason;
-}
-
-static __always_inline int global_take(__u32 idx, __u64 rate, __u64 now)
-{
-	struct hw_bucket *b = hw_dos_global.lookup(&idx);
-	if (!b)
-		return 1;
-	__u64 dt = elapsed_ns(now, b->last_ns, 1000000000ULL);
-	b->last_ns = now;
-	return bucket_take(&b->tokens, rate, rate * 1000000000ULL, dt, 1000000000ULL);
 }
 
 static __always_inline __u32 dos_limits(struct env *v, struct pkt *p, struct hw_dos_profile *pr, __u32 profile)

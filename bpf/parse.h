@@ -38,7 +38,8 @@ struct pkt {
 	__u32 l4len;            /* parsing only: bytes the IP header(s) say follow the headers parsed so far */
 	__u64 now;              /* xdp_ingress's clock, so xdp_judge does not read it again */
 	__s32 fqdn_m;           /* judging only: fqdn_match's answer (fqdn.h) */
-	__u32 pad1;
+	__u8  in_icmp_type;     /* ICMP error quoting an ICMP message: its type (dos.h dos_error_spares) */
+	__u8  pad1[3];
 };
 
 /* p->first_x is 1 + (the fragment field XOR the value it has in a first fragment), not a 0/1 flag: a
@@ -137,6 +138,7 @@ static __always_inline void parse_inner(struct pkt *p, void *cur, void *end, __u
 			return;
 		p->in_sport = ic->un.echo.id;
 		p->in_dport = ic->un.echo.id;
+		p->in_icmp_type = ic->type;
 		p->related = 1;
 	}
 }
