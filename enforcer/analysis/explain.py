@@ -170,9 +170,10 @@ def dos_limits(prof: DosProfile, pkt: CasePacket, stateful: bool = True) -> list
 
 # docs/dos.md "Tracked connections"
 SPARED = ("spared: a packet of a connection this host opened and has not closed passes its source's per-source "
-          "limits and automatic ban (reason pass_conntrack_over_limit), and so does an ICMP error quoting one "
-          "(pass_related_over_limit, with essential_icmp on); never an ICMP echo request; operator bans and "
-          "the limits of all sources together still apply")
+          "limits and automatic ban (reason pass_conntrack_over_limit; the shared TCP/UDP limits still apply), "
+          "and so does an ICMP error quoting one (pass_related_over_limit, with essential_icmp on), all sources' "
+          "spared errors together at one source's ICMP rate; never an ICMP echo request, nor an error quoting "
+          "multicast or broadcast; operator bans still apply")
 
 
 def _essential_note(policy: Policy, pkt: CasePacket, rp) -> str | None:

@@ -30,6 +30,9 @@ def test_explain_says_host_opened_connections_and_errors_about_them_are_spared()
     assert "connection this host opened" in spare[0] and "pass_conntrack_over_limit" in spare[0]
     assert "ICMP error quoting one" in spare[0] and "pass_related_over_limit" in spare[0]
     assert "operator bans" in spare[0]
+    # spared errors share one bucket; the shared limits of all sources are TCP/UDP ones (docs/dos.md)
+    assert "spared errors together at one source's ICMP rate" in spare[0]
+    assert "multicast or broadcast" in spare[0] and "limits of all sources together still apply" not in spare[0]
     # the live bans: the automatic one spares those connections, the operator's cuts everything
     assert "192.0.2.53/32 (automatic, udp_flood; a connection this host opened excepted)" in text, text
     assert "192.0.2.0/24 (operator)" in text
