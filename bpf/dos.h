@@ -332,8 +332,9 @@ static __always_inline __u64 dos_err_pps(struct hw_dos_profile *pr)
  * keyed by id alone: a request "from" the peer would match the host's own ping and be reflected). An
  * inbound connection is never spared: its sender chose the tuple (UDP, ICMP) or can complete its
  * handshake blind (conntrack checks no sequence numbers), and a real client must stay bounded by its
- * limits on its own connections. An ICMP error is judged by the packet it quotes, which must be one the
- * host sent (icmp_inner_ours): path-MTU errors from a banned router keep the host's connections alive.
+ * limits on its own connections. An ICMP error is judged by the packet it quotes (dos_error_spares
+ * says which errors may be; dos_source caps them): path-MTU errors from a banned router keep the host's
+ * connections alive.
  * One conntrack lookup, paid on the drop path only; whether p continues the connection validly is
  * judged where conntrack passes it (ct_advance, or as related: judge_first). */
 static __always_inline int dos_spares(struct env *v, struct pkt *p)
