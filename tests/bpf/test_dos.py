@@ -23,7 +23,7 @@ from scapy.packet import raw
 
 from hostwall.bpf import bpfsys, dos_sources, syn_proxy
 from hostwall.bpf import layout as L
-from hostwall.enforcer import bans
+from hostwall.enforcer import bans, dos_reference
 from hostwall.enforcer.dos_reference import DosModel, Pkt, ProfileParams
 
 pytestmark = pytest.mark.bpf
@@ -523,6 +523,7 @@ def test_spared_errors_of_a_profile_share_one_sources_icmp_rate(harness, v6):
     one from many sources gets, all together, one source's ICMP rate past their limits (one bucket per
     profile, as the reference model says); the rest are dropped for the limit they were over."""
     me, peer = (ME6, RESOLVER6) if v6 else (ME, RESOLVER)
+    assert (dos_reference.ERR_PPS, dos_reference.GLOBAL_ERR) == (L.C["HW_DOS_ERR_PPS"], L.C["HW_DOS_GLOBAL_ERR"])
     params = install(harness, "icmp: {per_source_pps: 2}", stateful=True)
     model = DosModel(params)
     at(harness, "tc_egress", udp(me, peer, 123, 123), T0)
