@@ -39,6 +39,8 @@
 #define HW_EV_TYPES           8
 #define HW_DOS_PROFILES_MAX   16        /* DoS profiles per generation */
 #define HW_DOS_PORTS_MAX      8         /* per-port limits per profile */
+#define HW_DOS_GLOBAL_ERR     15        /* hw_dos_global slot of a profile's spared ICMP errors (dos.h) */
+#define HW_DOS_ERR_PPS        100       /* their rate in a profile without icmp or per-source pps */
 #define HW_DOS_IF_SLOTS       256       /* interface → profile table, per generation (ifindex % slots, probed) */
 #define HW_DOS_IF_PROBES      4
 #define HW_DOS_SRC_MAX        1048576   /* per-source bucket slots: ~104 MB of kernel memory */
@@ -112,6 +114,7 @@ enum hw_reason {
 	HW_R_PASS_FRAGMENT = 24,   /* later fragment of a datagram whose first fragment passed */
 	HW_R_PASS_SYN_COOKIE = 25, /* an allowed SYN answered from XDP with a cookie SYN-ACK (no state kept) */
 	HW_R_PASS_CONNTRACK_OVER_LIMIT = 26, /* a tracked connection's packet whose source is over a DoS limit or banned */
+	HW_R_PASS_RELATED_OVER_LIMIT = 27,   /* an ICMP error about a host-opened connection, its source over a DoS limit or banned */
 	HW_REASONS = 32,
 };
 
@@ -424,7 +427,7 @@ struct hw_dos_ban {                 /* hw_dos_banned value: automatic bans, for 
 	__u32 pad;
 };
 
-struct hw_bucket {                  /* hw_dos_global[profile * 16 + i]: i 0 = global SYN, 1.. = ports[i-1] */
+struct hw_bucket {                  /* hw_dos_global[profile * 16 + i]: i 0 = global SYN, 1.. = ports[i-1], HW_DOS_GLOBAL_ERR */
 	__u64 tokens;               /* 1e-9 packets */
 	__u64 last_ns;
 };

@@ -38,7 +38,8 @@ struct pkt {
 	__u32 l4len;            /* parsing only: bytes the IP header(s) say follow the headers parsed so far */
 	__u64 now;              /* xdp_ingress's clock, so xdp_judge does not read it again */
 	__s32 fqdn_m;           /* judging only: fqdn_match's answer (fqdn.h) */
-	__u32 pad1;
+	__u8  in_icmp_type;     /* ICMP error quoting an ICMP message: its type (dos.h dos_error_spares) */
+	__u8  pad1[3];
 };
 
 /* p->first_x is 1 + (the fragment field XOR the value it has in a first fragment), not a 0/1 flag: a
@@ -137,6 +138,7 @@ static __always_inline void parse_inner(struct pkt *p, void *cur, void *end, __u
 			return;
 		p->in_sport = ic->un.echo.id;
 		p->in_dport = ic->un.echo.id;
+		p->in_icmp_type = ic->type;
 		p->related = 1;
 	}
 }
@@ -209,8 +211,9 @@ static __always_inline int parse_l4(struct pkt *p, void *cur, void *end, __u32 l
  * linear data). p->len becomes the packet's IP-layer length: the IP header's own length (IPv4 total
  * length, IPv6 40 + payload length), capped at what the frame holds after its L2 header (Ethernet
  * padding and lying headers count for nothing); the frame after its L2 header when there is no IP
- * length (non-IP, IPv6 jumbograms, frames too short to say). NetFlow/IPFIX count octets the same way. */
-static __always_inline int parse_pkt(struct pkt *p, void *data, void *end, __u32 frame_len)
+ * length (non-IP, IPv6 jumbograms, frames too short to say, and `gso`: nonzero for a TC hook's GSO skb,
+ * an IPv4 BIG TCP super-packet's total length 0). NetFlow/IPFIX count octets the same way. */
+static __always_inline int parse_pkt(struct pkt *p, void *data, void *end, __u32 frame_len, __u32 gso)
 {
 	struct ethhdr *eth = data;
 	void *cur = eth + 1;
@@ -234,9 +237,13 @@ static __always_inline int parse_pkt(struct pkt *p, void *data, void *end, __u32
 		struct iphdr *ip = cur;
 		if ((void *)(ip + 1) > end)
 			return PARSE_MALFORMED;
-		if (ip->version != 4 || ip->ihl < 5 || bpf_ntohs(ip->tot_len) < ip->ihl * 4)
-			return PARSE_MALFORMED;
 		__u32 ip_len = bpf_ntohs(ip->tot_len);
+		/* total length 0: an IPv4 BIG TCP super-packet (a TC hook's GSO skb over 64k, as the kernel's
+		 * iph_totlen reads it); its length is the skb's. Anywhere else (XDP: gso 0) it is malformed. */
+		if (ip_len == 0 && gso && l3 > 0xffff && ip->protocol == IPPROTO_TCP)
+			ip_len = l3;
+		if (ip->version != 4 || ip->ihl < 5 || ip_len < ip->ihl * 4)
+			return PARSE_MALFORMED;
 		p->len = ip_len < l3 ? ip_len : l3;
 		p->family = 4;
 		p->proto = ip->protocol;
@@ -247,7 +254,7 @@ static __always_inline int parse_pkt(struct pkt *p, void *data, void *end, __u32
 		p->frag = (fo & 0x1fff) != 0;                   /* offset > 0 */
 		p->first_x = ((fo & 0x3fff) ^ 0x2000) + 1;      /* 1: offset 0, more fragments */
 		p->frag_id = ip->id;
-		p->l4len = bpf_ntohs(ip->tot_len) - ip->ihl * 4;
+		p->l4len = ip_len - ip->ihl * 4;
 		cur += ip->ihl * 4;
 	} else if (proto == bpf_htons(ETH_P_IPV6)) {
 		struct ipv6hdr *ip6 = cur;

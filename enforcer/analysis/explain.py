@@ -92,8 +92,10 @@ class Explanation:
             out.append("DoS      no DoS profile applies (give the interface: 'on IF', or list the interface "
                        "with a dos_profile in the policy)")
         if self.bans:
+            spared = "; a connection this host opened excepted" if self.stateful else ""
             out.append("bans     " + "; ".join(f"{b['prefix']} ({b['kind']}"
-                                               + (f", {b['reason']}" if b.get("reason") else "") + ")"
+                                               + (f", {b['reason']}" if b.get("reason") else "")
+                                               + (spared if b["kind"] == "automatic" else "") + ")"
                                                for b in self.bans) + ": dropped as banned before any rule")
         return "\n".join(out)
 
@@ -129,8 +131,9 @@ class Explanation:
                 "fqdn": self.fqdn, "fqdn_snapshot": self.snapshot}
 
 
-def dos_limits(prof: DosProfile, pkt: CasePacket) -> list[str]:
-    """The limits of `prof` this packet counts against (docs/dos.md), in the order the guards check."""
+def dos_limits(prof: DosProfile, pkt: CasePacket, stateful: bool = True) -> list[str]:
+    """The limits of `prof` this packet counts against (docs/dos.md), in the order the guards check,
+    and, with connection tracking (`stateful`), what the per-source limits and bans spare."""
     out = []
     src = ipaddress.ip_address(pkt.src)
     plen = prof.source_prefix_v4 if src.version == 4 else prof.source_prefix_v6
@@ -160,7 +163,17 @@ def dos_limits(prof: DosProfile, pkt: CasePacket) -> list[str]:
     if prof.ban_after_s and prof.ban_duration_s:
         out.append(f"ban: over a per-source limit for {prof.ban_after_s:g} s in a row → every packet from {bucket} "
                    f"dropped for {prof.ban_duration_s:g} s (reason banned)")
+    if stateful and (out[-1].startswith("ban:") or any("per source" in d for d in out)):
+        out.append(SPARED)
     return out
+
+
+# docs/dos.md "Tracked connections"
+SPARED = ("spared: a packet of a connection this host opened and has not closed passes its source's per-source "
+          "limits and automatic ban (reason pass_conntrack_over_limit; the shared TCP/UDP limits still apply), "
+          "and so does an ICMP error quoting one (pass_related_over_limit, with essential_icmp on), all sources' "
+          "spared errors together at one source's ICMP rate; never an ICMP echo request, nor an error quoting "
+          "multicast or broadcast; operator bans still apply")
 
 
 def _essential_note(policy: Policy, pkt: CasePacket, rp) -> str | None:
@@ -245,7 +258,7 @@ def explain(policy: Policy, pkt: CasePacket, dt: DecisionTable | None = None,
                 where = "interface " + ", ".join(sorted(with_prof))
         if prof:
             ex.dos_profile = f"{prof} ({where})"
-            ex.dos = dos_limits(policy.dos_profiles[prof], pkt)
+            ex.dos = dos_limits(policy.dos_profiles[prof], pkt, policy.defaults.stateful)
         src = ipaddress.ip_address(pkt.src)
         ex.bans = [b for b in (bans or []) if src in ipaddress.ip_network(b["prefix"])]
     return ex
