@@ -322,6 +322,8 @@ static __always_inline int dos_error_spares(struct pkt *p)
 /* The rate of a profile's one bucket for spared ICMP errors, all sources together: one source's ICMP
  * share (icmp_pps, else pps), so a spoofed flood of errors quoting a public tuple (NTP 123 <-> 123)
  * gets no more than one source would; path-MTU and unreachable errors are few (docs/dos.md). */
+_Static_assert(HW_DOS_PORTS_MAX < HW_DOS_GLOBAL_ERR, "a profile's port buckets must not reach its error bucket");
+
 static __always_inline __u64 dos_err_pps(struct hw_dos_profile *pr)
 {
 	return pr->icmp_pps ? pr->icmp_pps : pr->pps ? pr->pps : HW_DOS_ERR_PPS;
