@@ -95,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
         if a.connect:
             return check_connect(cfg)
         from .config import describe
+        from .config_checks import config_warnings
+        for w in config_warnings(cfg):
+            print(f"{PROG}: warning: {w}", file=sys.stderr)
         print(json.dumps(describe(cfg), indent=1, sort_keys=True))
         return 0
     if a.cmd == "status":
@@ -174,7 +177,10 @@ def run(cfg: CollectorConfig, *, verbose: bool = False) -> int:
     from .kernel import KernelSourceError
     from .pipeline import PipelineFailed, StartFailed
     from .sinks import SinkUnavailable
+    from .config_checks import config_warnings
     from .wiring import build_pipeline
+    for w in config_warnings(cfg):
+        logging.getLogger("hostwall.collector").warning("%s", w)
     try:
         pipe = build_pipeline(cfg)
     except (KernelSourceError, SinkUnavailable) as e:
