@@ -174,10 +174,10 @@ def _other_sink_hint(reports: list, sinks: set[str]) -> None:
 def run(cfg: CollectorConfig, *, verbose: bool = False) -> int:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from .config_checks import config_warnings
     from .kernel import KernelSourceError
     from .pipeline import PipelineFailed, StartFailed
     from .sinks import SinkUnavailable
-    from .config_checks import config_warnings
     from .wiring import build_pipeline
     for w in config_warnings(cfg):
         logging.getLogger("hostwall.collector").warning("%s", w)
