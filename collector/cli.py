@@ -95,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
         if a.connect:
             return check_connect(cfg)
         from .config import describe
+        from .config_checks import config_warnings
+        for w in config_warnings(cfg):
+            print(f"{PROG}: warning: {w}", file=sys.stderr)
         print(json.dumps(describe(cfg), indent=1, sort_keys=True))
         return 0
     if a.cmd == "status":
@@ -171,10 +174,13 @@ def _other_sink_hint(reports: list, sinks: set[str]) -> None:
 def run(cfg: CollectorConfig, *, verbose: bool = False) -> int:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from .config_checks import config_warnings
     from .kernel import KernelSourceError
     from .pipeline import PipelineFailed, StartFailed
     from .sinks import SinkUnavailable
     from .wiring import build_pipeline
+    for w in config_warnings(cfg):
+        logging.getLogger("hostwall.collector").warning("%s", w)
     try:
         pipe = build_pipeline(cfg)
     except (KernelSourceError, SinkUnavailable) as e:

@@ -75,6 +75,10 @@ def render_status(st: dict) -> str:
     c = st.get("conntrack", {})
     out.append(f"conntrack  {c.get('scans', 0)} scans, {c.get('closed', 0)} closed (after the close grace), "
                f"{c.get('expired', 0)} expired, {c.get('updates', 0)} updates")
+    unresolved = (st.get("builder") or {}).get("rule_unresolved", 0)
+    if unresolved:                  # docs/records.md "Rule fields"
+        out.append(f"rules      {unresolved} records without their rule's name: stamped by a policy revision "
+                   "the enforcer's state no longer keeps")
     en = st.get("enricher")
     if isinstance(en, dict):
         flat = ", ".join(f"{k} {v}" for k, v in en.items() if not isinstance(v, dict))

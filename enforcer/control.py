@@ -18,7 +18,7 @@ from hostwall.bpf import fqdn as fq
 from hostwall.bpf import layout as L
 from hostwall.bpf.instance import Instance, policy_pressure
 from hostwall.bpf.links import LinkError
-from hostwall.bpf.state import AttachedInterface, InstanceState, allocate_slots, policy_writer
+from hostwall.bpf.state import REVISIONS_KEEP, AttachedInterface, InstanceState, allocate_slots, policy_writer
 
 from . import attach, fqdnsets
 from .compiler import compile_policy, fqdn_lists
@@ -105,9 +105,9 @@ def apply_policy(dp: Datapath, st: InstanceState, policy: Policy,
         st.rule_meta[ESSENTIAL_ICMP] = {"priority": -1, "direction": "both", "action": "allow", "order": -1,
                                         "pseudo": True}
     st.revision_id = rev_id
-    st.revisions = {k: v for k, v in st.revisions.items() if int(k) >= rev_id - 16}
+    st.revisions = {k: v for k, v in st.revisions.items() if int(k) >= rev_id - REVISIONS_KEEP}
     st.revisions[str(rev_id)] = policy.revision
-    st.revision_info = {k: v for k, v in st.revision_info.items() if int(k) >= rev_id - 16}
+    st.revision_info = {k: v for k, v in st.revision_info.items() if int(k) >= rev_id - REVISIONS_KEEP}
     st.revision_info[str(rev_id)] = {"revision": policy.revision, "policy": policy.name, "slots": dict(slots)}
     profiles = {i.name: i.dos_profile for i in policy.interfaces}
     for a in st.interfaces:

@@ -38,7 +38,7 @@ LAB_CONFIG: dict[str, Any] = {
     "drop_summary_interval": "250ms",
     "conntrack_scan_interval": "1s",
     "status_interval": "500ms",
-    "jsonl": {"fsync": "interval", "fsync_interval": "1s"},
+    "jsonl": {"fsync": "interval", "fsync_interval": "250ms"},   # = the drop interval (docs/collector.md "Drop summary windows")
     "anomaly": {"window_s": 5.0, "bucket_s": 0.5, "warmup_windows": 1, "quiet_s": 3.0,
                 "update_interval_s": 2.0},
 }

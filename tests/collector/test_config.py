@@ -277,3 +277,20 @@ def test_cli_run_fails_in_one_line_when_a_sink_package_is_missing(tmp_path, caps
     assert main(["run", "--pin-dir", str(tmp_path), "--sink", "kafka://127.0.0.1:9092"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "needs the Python package 'aiokafka'" in err[0], err
+
+
+def test_check_config_warns_when_drop_windows_outlast_the_interval(tmp_path, capsys):
+    """An interval is cleared only once durable and the next flip waits for it (docs/collector.md
+    "Drop summary windows"): with a JSONL sink synced every second, 250 ms windows are ~1 s long."""
+    from hostwall.collector.cli import main
+    sink = f"jsonl:{tmp_path}/f.jsonl"
+    p = write(tmp_path, "drop_summary_interval: 250ms\n")
+    assert main(["check-config", "--config", str(p), "--sink", sink]) == 0
+    err = capsys.readouterr().err
+    assert "warning: drop_summary_interval 0.25s is shorter than jsonl.fsync_interval (1s)" in err
+    for ok in ("drop_summary_interval: 250ms\njsonl: {fsync_interval: 250ms}\n",
+               "drop_summary_interval: 250ms\njsonl: {fsync: always}\n", "drop_summary_interval: 1s\n"):
+        assert main(["check-config", "--config", str(write(tmp_path, ok)), "--sink", sink]) == 0
+        assert "warning" not in capsys.readouterr().err, ok
+    assert main(["check-config", "--config", str(p), "--sink", "console"]) == 0     # no sink waits for a sync
+    assert "warning" not in capsys.readouterr().err
