@@ -94,8 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.cmd == "check-config":
         if a.connect:
             return check_connect(cfg)
-        from .config import describe
-        print(json.dumps(describe(cfg), indent=1, sort_keys=True))
+        from .config_view import as_file
+        print(json.dumps(as_file(cfg), indent=1, sort_keys=True))
         return 0
     if a.cmd == "status":
         return status(cfg, as_json=a.json)
