@@ -199,8 +199,18 @@ def cmd_ban(a) -> int:
         dp.close()
 
 
-def _print_bans(rows: list[dict]) -> None:
+def _console():
+    """A terminal's width on a terminal (or COLUMNS); piped, wide enough that no table cuts a value."""
     from rich.console import Console
+    piped = not sys.stdout.isatty() and not os.environ.get("COLUMNS")
+    return Console(width=10_000) if piped else Console()
+
+
+def _onoff(v) -> str:
+    return "?" if v is None else "on" if v else "off"
+
+
+def _print_bans(rows: list[dict]) -> None:
     from rich.table import Table
     t = Table(title=f"bans ({len(rows)})")
     for c in ("prefix", "kind", "profile", "reason", "expires"):
@@ -209,7 +219,7 @@ def _print_bans(rows: list[dict]) -> None:
     for b in rows:
         exp = "never" if b["until"] is None else f"in {max(0, b['until'] - now):.0f} s"
         t.add_row(b["prefix"], b["kind"], b.get("profile", "-"), b.get("reason", "-"), exp)
-    Console().print(t)
+    _console().print(t)
 
 
 def _fmt_n(n: int) -> str:
@@ -225,13 +235,13 @@ def cmd_status(a) -> int:
     if a.json:
         print(json.dumps(s, indent=1))
         return EXIT_OK
-    from rich.console import Console
     from rich.table import Table
-    con = Console()
+    con = _console()
     d = s["defaults"]
     con.print(f"[bold]{s['policy']}[/] revision [bold]{s['revision']}[/] (generation {s['generation']}, "
               f"{s['rules_count']} rules, {s['prefixes']} prefixes) — ingress {d['ingress']}, egress {d['egress']}, "
-              f"stateful {d['stateful']}, audit {d['audit']}, essential ICMP {d.get('essential_icmp')}; "
+              f"stateful {_onoff(d['stateful'])}, audit {_onoff(d['audit'])}, "
+              f"essential ICMP {_onoff(d.get('essential_icmp'))}; "
               f"pin dir {s['pin_dir']}; "
               f"run pid {s['pid']} {'alive' if s['pid_alive'] else 'not running (programs still attached)'}")
     t = Table(title="interfaces")
@@ -239,7 +249,7 @@ def cmd_status(a) -> int:
         t.add_column(c)
     for i in s["interfaces"]:
         t.add_row(i["name"], i.get("netns") or "-", i.get("xdp_mode", i.get("error", "?")),
-                  str(i.get("tc_ingress", "?")), str(i.get("tc_egress", "?")))
+                  _onoff(i.get("tc_ingress")), _onoff(i.get("tc_egress")))
     con.print(t)
     t = Table(title="verdicts")
     for c in ("verdict", "packets", "bytes"):
@@ -309,6 +319,8 @@ def _print_fqdn(con, fq: dict) -> None:
     from rich.table import Table
     p = fq["proxy"]
     d = p.get("dns") or {}
+    if not (d or fq["sets"] or fq["names"]):
+        return                                  # no dns section and nothing learnt: nothing to show
     c = p["counters"]
     con.print(f"DNS proxy {'running' if p['running'] else 'not running (learnt addresses still apply)'}"
               f" on {', '.join(d.get('listen', [])) or '-'} → {', '.join(d.get('upstreams', [])) or '-'}; "
@@ -319,12 +331,13 @@ def _print_fqdn(con, fq: dict) -> None:
               f"per-name limit {c['overflow']}, full {c['set_full']}; datapath lookups: hit "
               f"{fq.get('datapath', {}).get('hit', 0)}, expired {fq.get('datapath', {}).get('expired', 0)}, miss "
               f"{fq.get('datapath', {}).get('miss', 0)}")
-    t = Table(title="fqdn dynamic sets")
-    for col in ("set", "rules", "fqdns", "addresses"):
-        t.add_column(col, justify="right" if col in ("set", "addresses") else "left")
-    for st in fq["sets"]:
-        t.add_row(str(st["id"]), ", ".join(st["rules"]), ", ".join(st["fqdns"]), str(st["addresses"]))
-    con.print(t)
+    if fq["sets"]:
+        t = Table(title="fqdn dynamic sets")
+        for col in ("set", "rules", "fqdns", "addresses"):
+            t.add_column(col, justify="right" if col in ("set", "addresses") else "left")
+        for st in fq["sets"]:
+            t.add_row(str(st["id"]), ", ".join(st["rules"]), ", ".join(st["fqdns"]), str(st["addresses"]))
+        con.print(t)
     if fq["names"]:
         t = Table(title=f"learnt names ({fq['names_total']}; latest 20)")
         for col in ("name", "addresses", "expires in", "learnt", "sets"):
