@@ -62,7 +62,8 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--config", metavar="FILE", help="collector config: kafka TLS/SASL settings for the reader")
     v.add_argument("--sink", action="append", default=[], metavar="NAME",
                    help="the sink that wrote the targets, as loss records name it (hostwall.loss.sink); "
-                        "default: inferred from the targets (jsonl:PATH of the same file, kafka://HOST:PORT)")
+                        "default: inferred from the targets (jsonl:PATH of the same file, kafka://HOST:PORT); "
+                        "repeatable: give each name whose loss records count")
     v.add_argument("--json", action="store_true", help="print the report as JSON")
     v.add_argument("--timeout", type=float, default=120.0, metavar="S", help="bound for reading a topic")
     return p

@@ -60,10 +60,12 @@ def _load(path: str) -> Policy:
     return p
 
 
-def _policy_errors(e: PolicyError) -> int:
+def _policy_errors(e: PolicyError, changes: bool = True) -> int:
+    """Every issue, then the count; `changes`: the command would have changed the kernel (run, apply),
+    so the operator is told it did not."""
     for issue in e.issues:
         print(str(issue), file=sys.stderr)
-    _err(f"{len(e.issues)} error(s); nothing was changed")
+    _err(f"{len(e.issues)} error(s)" + ("; nothing was changed" if changes else ""))
     return EXIT_INPUT
 
 
@@ -380,10 +382,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_fqdn_addresses(v)
     v.set_defaults(fn=cmd_validate)
     r = sub.add_parser("run", help="load, attach and enforce; stays in the foreground")
-    r.add_argument("--policy", required=True)
+    r.add_argument("--policy", required=True, metavar="FILE", help="the policy to enforce (validated first)")
     r.add_argument("--interface", action="append", help="interface to protect (repeatable; overrides the policy's list)")
     r.add_argument("--pin-dir", **pin)
-    r.add_argument("--xdp-mode", choices=("native", "generic", "auto"))
+    r.add_argument("--xdp-mode", choices=("native", "generic", "auto"),
+                   help="XDP attach mode for every interface (overrides the policy's interfaces[].xdp_mode; "
+                        "auto: native where the driver supports it)")
     r.add_argument("--netns", help="attach to interfaces inside this network namespace (ip netns name)")
     r.add_argument("--keep-attached", action="store_true", help="on SIGTERM/SIGINT leave programs attached and pinned")
     r.set_defaults(fn=cmd_run)
@@ -393,12 +397,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cases", metavar="FILE", help="run this test cases file first (reference model and "
                                                    "test-run); change nothing unless every case passes")
     p.add_argument("--reference-only", action="store_true", help="with --cases: judge by the reference model alone")
-    add_fqdn_addresses(p)
+    add_fqdn_addresses(p, test_run=True)
     p.add_argument("--dry-run", action="store_true", help="print which traffic would change verdict against the "
                                                           "running policy; change nothing")
     p.set_defaults(fn=cmd_apply)
     s = sub.add_parser("status", help="interfaces, revision, counters, map pressure")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--json", action="store_true", help="print everything as JSON (the text form is a summary)")
     s.add_argument("--pin-dir", **pin)
     s.set_defaults(fn=cmd_status)
     d = sub.add_parser("detach", help="detach from every interface and unpin")
@@ -414,7 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("prefix")
     bd.add_argument("--pin-dir", **pin)
     bl = bsub.add_parser("list", help="current bans with expiry")
-    bl.add_argument("--json", action="store_true")
+    bl.add_argument("--json", action="store_true", help="print the bans as JSON")
     bl.add_argument("--pin-dir", **pin)
     b.set_defaults(fn=cmd_ban)
     add_parsers(sub, pin)
@@ -434,9 +438,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return a.fn(a)
     except PolicyError as e:
-        return _policy_errors(e)
+        return _policy_errors(e, changes=a.fn in CHANGING)
     except CompileError as e:
-        _err(f"policy does not fit the datapath: {e}; nothing was changed")
+        _err(f"policy does not fit the datapath: {e}" + ("; nothing was changed" if a.fn in CHANGING else ""))
         return EXIT_INPUT
     except (ControlError, AttachError) as e:
         _err(str(e))
@@ -447,6 +451,9 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         _err(f"system call failed: {e}")
         return EXIT_RUNTIME
+
+
+CHANGING = (cmd_run, cmd_apply)          # the commands that change the kernel; the others only read
 
 
 if __name__ == "__main__":
