@@ -40,6 +40,7 @@ from .netns import Lab, cleanup_stale, lab_available
 
 DEFAULT_POLICY = resource_dir("examples") / "policy.yaml"
 DEFAULT_OUT = Path("/var/tmp/hostwall-demo")
+PEAK = "peak /s (window avg)"              # hostwall.anomaly.peak_rate: a window average, not a packet rate
 ATTACKER_PREFIX = "10.66.3.0/24"           # the attacker host's /24 (anomaly keys are /24 by default)
 OPEN_WITHIN_S = 2.0                        # flood start → anomaly open (the issue's bound)
 
@@ -424,8 +425,8 @@ def print_summary(run: DemoRun, con: Console) -> list[Check]:
 
     rows = anomalies(run.records, run.arrivals)
     t = Table(title="anomalies")
-    for c in ("signal", "key", "severity", "peak rate /s", "opened", "closed", "records"):
-        t.add_column(c, justify="right" if c == "peak rate /s" else "left")
+    for c in ("signal", "key", "severity", PEAK, "opened", "closed", "records"):
+        t.add_column(c, justify="right" if c == PEAK else "left")
     for r in sorted(rows, key=lambda r: (r["opened_at"] or 0)):
         opened = "-" if r["opened_at"] is None else f"{r['opened_at'] - run.flood_start:+.2f} s"
         if r["open_seen"]:
@@ -437,7 +438,9 @@ def print_summary(run: DemoRun, con: Console) -> list[Check]:
         t.add_row("(none)", "", "", "", "", "", "")
     con.print(t)
     con.print("  opened: after the flood's start (the anomaly's own time; log: when a reader of the flow log saw it); "
-              "closed: after the flood's end", highlight=False)
+              f"closed: after the flood's end; peak: the highest {LAB_CONFIG['anomaly']['window_s']:g} s window "
+              "average while open (hostwall.anomaly.peak_rate, docs/records.md), below a flood's packet rate when "
+              "the flood is shorter than the window", highlight=False)
 
     names = list((run.collector_status or {}).get("ledger", {}).get("sinks", {}))
     for name in names:
@@ -453,13 +456,24 @@ def print_summary(run: DemoRun, con: Console) -> list[Check]:
     if not names:
         con.print("[red]collector ledger: no final status[/]")
     con.print(f"[bold]conformance[/] {run.conformance.line()}", highlight=False)
-    con.print(f"[bold]flow log[/] {run.jsonl}  (next to it: collector.yaml it ran with, collector.log, "
-              "collector-status.json = its final `hostwall-collector status --json`)", highlight=False)
+    con.print(f"[bold]flow log[/] {run.jsonl}  (next to it: {kept_files(run.out_dir)})", highlight=False)
 
     cs = checks(run)
     for c in cs:
         con.print(f"  {'[green]✓[/]' if c.ok else '[red]✗[/]'} {c.what}" + (f" — {c.detail}" if c.detail else ""))
     return cs
+
+
+# what the collector leaves next to the flow log (lab/collector_proc.py), by file name
+KEPT = (("hostwall.collector.yaml", "the settings it ran with"),
+        ("hostwall.collector.log", "its output: banner, warnings, exit ledger"),
+        ("collector-status.json", "its final status; read it with `hostwall-collector status --status-file {path}`"))
+
+
+def kept_files(out_dir: Path) -> str:
+    """The kept files that exist, each with what it is (README "Using the collector")."""
+    return "; ".join(f"{name}: " + what.format(path=out_dir / name)
+                     for name, what in KEPT if (out_dir / name).is_file()) or "nothing else"
 
 
 def run_demo(policy: Path = DEFAULT_POLICY, flood_seconds: float = 3.0, console: Console | None = None,

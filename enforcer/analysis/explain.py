@@ -51,9 +51,29 @@ class Explanation:
     fqdn: list[dict] = field(default_factory=list)   # fqdns rules whose other conditions the packet meets
     snapshot: str | None = None             # where the names → addresses came from (None: no snapshot)
 
+    def ban(self) -> dict | None:
+        """The live ban that drops this packet before any rule (bpf/dos.h dos_check), or None. An
+        automatic ban spares a reply on a connection this host opened; an operator's ban cuts
+        everything (docs/dos.md "Tracked connections")."""
+        o, p = self.outcome, self.packet
+        spared = (self.stateful and p.state == "reply" and o.verdict == "allow"
+                  and o.reason.startswith(("pass_conntrack", "pass_related")))
+        return next((b for b in self.bans if b["kind"] != "automatic" or not spared), None)
+
+    def verdict(self) -> Outcome:
+        """The packet's verdict: the ban's (would_drop in audit mode) when one applies, else the rules'."""
+        b = self.ban()
+        return self.outcome if b is None else Outcome("would_drop" if self.audit else "drop", "banned", None)
+
     def text(self) -> str:
         p = self.packet
-        out = [f"packet   {p.text()}", f"verdict  {self.outcome.text()}"]
+        b = self.ban()
+        if b is None:
+            out = [f"packet   {p.text()}", f"verdict  {self.outcome.text()}"]
+        else:
+            v = self.verdict()
+            out = [f"packet   {p.text()}", f"verdict  {v.verdict} (banned, {b['kind']} ban {b['prefix']})",
+                   f"         dropped as banned before any rule; without the ban: {self.outcome.text()}"]
         decider = self.matching[0] if self.matching and self.outcome.rule == self.matching[0].name else None
         if self.outcome.reason == "pass_conntrack":
             out.append("         the packet continues a tracked connection (its opener was allowed), so no rule "
@@ -122,7 +142,9 @@ class Explanation:
         return out
 
     def to_json(self) -> dict:
-        return {"packet": self.packet.text(), **self.outcome.to_json(),
+        b = self.ban()
+        return {"packet": self.packet.text(), **self.verdict().to_json(),
+                "without_bans": self.outcome.to_json() if b is not None else None,
                 "matching": [{"rule": r.name, "line": r.line, "priority": r.priority, "action": r.action}
                              for r in self.matching],
                 "default": self.default, "stateful": self.stateful, "audit": self.audit,

@@ -42,3 +42,25 @@ def test_explain_spares_nothing_without_connection_tracking():
     ex = explain(parse_policy(POLICY.format(stateful="false")), parse_packet(PKT), bans=[AUTO])
     assert not [d for d in ex.dos if "spared" in d], ex.dos
     assert "excepted" not in ex.text()
+
+
+def test_the_headline_verdict_is_the_ban_that_applies():
+    """A banned source is dropped before any rule (bpf/hostwall.bpf.c dos_check): the headline says
+    so, and the rules' verdict is kept as what would happen without the ban."""
+    pol = parse_policy(POLICY.format(stateful="true"))
+    ex = explain(pol, parse_packet(PKT), bans=[OPERATOR])
+    head = ex.text().splitlines()[1]
+    assert head.startswith("verdict  drop (banned") and "192.0.2.0/24" in head, ex.text()
+    assert "without the ban: allow (pass_default" in ex.text()
+    js = ex.to_json()
+    assert (js["verdict"], js["reason"]) == ("drop", "banned")
+    assert js["without_bans"]["verdict"] == "allow"
+    # an automatic ban drops a new packet; it spares a reply on a connection this host opened
+    assert explain(pol, parse_packet(PKT), bans=[AUTO]).to_json()["verdict"] == "drop"
+    spared = explain(pol, parse_packet(PKT + " state reply"), bans=[AUTO])
+    assert spared.to_json()["verdict"] == "allow" and spared.to_json()["without_bans"] is None
+    # the operator's ban cuts that connection too (docs/dos.md "Tracked connections")
+    assert explain(pol, parse_packet(PKT + " state reply"), bans=[OPERATOR]).to_json()["verdict"] == "drop"
+    # audit mode: the ban becomes would_drop
+    audit = parse_policy(POLICY.format(stateful="true").replace("stateful: true", "stateful: true, audit: true"))
+    assert explain(audit, parse_packet(PKT), bans=[OPERATOR]).to_json()["verdict"] == "would_drop"
