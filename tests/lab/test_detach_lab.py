@@ -18,6 +18,7 @@ from hostwall.lab.collector_proc import CollectorProcess, kind, read_jsonl
 from hostwall.lab.enforcer_proc import EnforcerProcess
 
 from .conftest import EXAMPLE_POLICY
+from .test_capture import until
 
 pytestmark = pytest.mark.lab
 
@@ -34,17 +35,6 @@ u.recvfrom(100)
 print(t.getsockname()[1], u.getsockname()[1], flush=True)
 time.sleep(120)
 """
-
-
-def until(pred, timeout: float, what: str, step: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while True:
-        got = pred()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout:g} s: {what}")
-        time.sleep(step)
 
 
 def flows(path, cli: str, ports: dict[str, int]) -> dict[str, list[dict]]:
