@@ -74,8 +74,8 @@ class CtBatch:
     window: tuple[int, int] | None = None        # the flow summaries' [t0, t1] (wall ns), if the batch has any
     agg_closed: dict[int, int] = field(default_factory=dict)
     seq_end: int = -1      # the seq after the batch as first numbered (n shrinks when a rebuild made fewer)
-    detached_ns: int = 0   # a detach scan's batch: when the datapath detached (its ends' time)
     covered: int = -1      # records of a rebuild whose fate is counted already: a larger rebuild counts the rest
+    detached_ns: int = 0   # a detach scan's batch: when the datapath detached (its ends' time)
 
     def __post_init__(self) -> None:
         if self.seq_end < 0:

@@ -716,8 +716,8 @@ def test_a_detach_seen_at_the_stop_ends_the_tracked_connections_through_the_jour
         await task
     uvloop.run(two())
     again = [r for r in sink2.records if r["hostwall"]["stream"] == "conntrack"]
-    assert [(r["event"]["id"], r["hostwall"]["seq"]) for r in again] == [(r["event"]["id"], r["hostwall"]["seq"])
-                                                                          for r in ends]
+    same = [(r["event"]["id"], r["hostwall"]["seq"], r["@timestamp"], r["event"]["duration"]) for r in again]
+    assert same == [(r["event"]["id"], r["hostwall"]["seq"], r["@timestamp"], r["event"]["duration"]) for r in ends]
     assert [len(f.detached_keys) for f in src2.adopted] == [2, 0]
 
 
