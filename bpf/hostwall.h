@@ -161,6 +161,10 @@ struct hw_config {                  /* hw_config[0] — written by the enforcer 
 	__u64 tick_ns;              /* the datapath's clock is jiffies * tick_ns + tick_base_ns (CLOCK_MONOTONIC, */
 	__u64 tick_base_ns;         /* tick resolution), calibrated at load; tick_ns 0: coarse clock helper */
 	__u64 table_seed;           /* hash seed of the conntrack and DoS source tables, random per instance */
+	__u64 detached_ns;          /* datapath clock when a clean stop detached every interface (0: attached or
+	                             * crashed); set before the unpin, so a collector still holding the maps
+	                             * reports the connections left in conntrack as ended (docs/collector.md
+	                             * "Detach"). Last: an older build's shorter value still migrates */
 };
 
 struct hw_collect {                 /* hw_collect[0] — written by the collector only */
@@ -473,7 +477,9 @@ struct hw_port_counter {            /* hw_port_stats[dport]: tcp and udp only, p
 enum hw_ct_slot_state { HW_SLOT_FREE = 0, HW_SLOT_BUSY = 1, HW_SLOT_LIVE = 2 };
 
 /* why the datapath reported a flow's end: hw_event.end_cause. A full bucket evicts an unconfirmed
- * connection before any established one (docs/datapath.md), least recently used first among equals. */
+ * connection before any established one (docs/datapath.md), least recently used first among equals.
+ * A connection still tracked when the datapath detaches has no kernel cause: the collector reports its
+ * end (end_reason "detach", hw_config.detached_ns). */
 enum hw_ct_end_cause { HW_END_CLOSED = 0, HW_END_IDLE = 1, HW_END_EVICTED_ESTABLISHED = 2,
                        HW_END_EVICTED_UNCONFIRMED = 3 };
 

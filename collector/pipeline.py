@@ -138,6 +138,7 @@ class Pipeline(Sources, Shutdown):
         self.kernel_while_down: dict[str, int] = {}
         self._drain_checked = False
         self._ct_checked = False
+        self._detach_seen = False
         self._boot_id = ""
         self.logs: dict = {}                        # stream -> (JsonlTail, builder method): collector/sources.py
         self._settle_evt: asyncio.Event | None = None

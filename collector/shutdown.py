@@ -41,6 +41,7 @@ class Shutdown:
                     await self._final_ring_drain()
                     await events
                     await self._export_drops()
+                    await self._final_detach_scan()      # the enforcer detached: the ends of what it tracked
                     await self._fold_kernel()            # kernel losses since the last tick
                     await self._report_sink_losses()
             except TimeoutError:

@@ -86,6 +86,7 @@ class Sources:
             self.source.set_last_scan(int(ck["ct_last_scan"]))
         self._drain_checked = False
         self._ct_checked = False
+        self._detach_seen = False                # a scan saw hw_config.detached_ns (its ends are reported)
         # the flow summaries' window starts at the previous scan: the last run's last durable one (same boot)
         last = ck["ct_last_scan"]
         self._last_scan_wall: int | None = self.clock.wall_ns(int(last)) if last else None
@@ -242,7 +243,18 @@ class Sources:
         window = (self._last_scan_wall or t1, t1)
         self._last_scan_wall = t1
         recs, journaled = self._build_ct(s.families, window)
+        if s.detached_ns and not self._detach_seen:
+            self._detach_seen = True
+            self.counters["ct_detached"] += s.detached
+            log.warning("the datapath was detached (a clean enforcer stop): %d connection(s) it still tracked "
+                        "reported as ended (end_reason detach)", s.detached)
         await self._ship_ct(recs, journaled, now, window=window)
+
+    async def _final_detach_scan(self) -> None:
+        """At the stop: if the datapath detached since the last scan, one more scan reports the ends of the
+        connections it still tracked (this collector holds the last reference to its tables)."""
+        if not self._detach_seen and await self._k(self.source.detached_ns):
+            await self._scan_ct()
 
     def _build_ct(self, families, window: tuple[int, int] | None) -> tuple[list[dict], list]:
         """The scan's records, and its families as the journal keeps them (collector/ct_journal.py
@@ -252,11 +264,13 @@ class Sources:
         for f in families:
             ck = f.closed_keys
             made = None
-            if len(f.expired_keys) or len(f.update_keys) or len(ck):
-                recs += self._build("conntrack", len(f.expired_keys) + len(f.update_keys) + len(ck),
+            dk = f.detached_keys
+            if len(f.expired_keys) or len(f.update_keys) or len(ck) or len(dk):
+                det = ((dk, f.detached_entries, f.detached_ns),) if len(dk) else ()
+                recs += self._build("conntrack", len(f.expired_keys) + len(f.update_keys) + len(ck) + len(dk),
                                     self.builder.on_conntrack, f.expired_keys, f.expired_entries,
                                     (f.update_keys, f.update_entries), self.clock,
-                                    (ck, f.closed_entries) if len(ck) else None)
+                                    (ck, f.closed_entries) if len(ck) else None, *det)
                 made = getattr(self.builder, "ct_expired_made", None)
             journaled.append(journal_view(f, made))
             if f.agg_keys is not None and len(f.agg_keys) and window is not None:    # ended in aggregate

@@ -150,6 +150,7 @@ def _install_with_sets(dp: Datapath, st: InstanceState, policy: Policy, cp, sets
 
 
 CONNTRACK_MAPS = ("hw_config", "hw_ct4", "hw_ct6")
+_SEED_END = L.DTYPES["hw_config"].fields["table_seed"][1] + 8     # hw_config up to table_seed: every build's
 
 
 def _migrate_fqdn(pin_dir: str, new: Datapath) -> int:
@@ -169,10 +170,13 @@ def _migrate_conntrack(old: Instance, new: Datapath) -> int:
     the tables are copied slot for slot with the old hash seed. `old` needs only CONNTRACK_MAPS, so an
     older build with fewer maps or programs carries its connections over too. A build whose tables or
     config are laid out differently carries nothing (its connections are judged by policy again)."""
-    for name in ("hw_config", "hw_ct4", "hw_ct6"):
+    for name in ("hw_ct4", "hw_ct6"):
         was, now = bpfsys.map_info(old.map_fds[name]), bpfsys.map_info(new.map_fds[name])
         if (was.type, was.value_size, was.max_entries) != (now.type, now.value_size, now.max_entries):
             return 0
+    cfg_size = bpfsys.map_info(old.map_fds["hw_config"]).value_size
+    if cfg_size < _SEED_END or cfg_size > L.DTYPES["hw_config"].itemsize:
+        return 0                # fields are only appended: an older, shorter hw_config still has the seed
     new.set_config(table_seed=int(old.config()["table_seed"]))
     return conntrack.copy_tables(old.map_fds, new.map_fds)
 
@@ -265,7 +269,11 @@ def apply(policy: Policy, pin_dir: str, dp: Datapath | None = None) -> ApplyResu
 
 
 def detach(pin_dir: str) -> list[str]:
-    """Detach every interface of the instance, unpin, forget the state. Returns what was detached."""
+    """Detach every interface of the instance, note the detach in hw_config, unpin, forget the state.
+    Returns what was detached. The note (detached_ns, after the last interface: no packet reaches the
+    tables after it) tells a collector still holding the maps to report the connections left in conntrack
+    as ended (docs/collector.md "Detach"); an instance that is replaced instead (a crash, --keep-attached,
+    a new build migrating the tables) never gets one."""
     st = InstanceState.load(pin_dir)
     done = []
     for i in (st.interfaces if st else []):
@@ -274,10 +282,25 @@ def detach(pin_dir: str) -> list[str]:
             done.append(i.name + (f"@{i.netns}" if i.netns else ""))
         except Exception:  # noqa: BLE001 — interface or netns gone: nothing left to detach there
             pass
+    _note_detach(pin_dir)
     Datapath.unpin(pin_dir)
     if st:
         st.remove()
     return done
+
+
+def _note_detach(pin_dir: str) -> None:
+    """hw_config.detached_ns = now on the datapath's clock (its test clock when set). No pinned
+    hw_config of this layout (nothing pinned, an older build): nothing to note."""
+    inst = Instance.open_maps(pin_dir, ("hw_config",))
+    if inst is None:
+        return
+    try:
+        if bpfsys.map_info(inst.map_fds["hw_config"]).value_size == L.DTYPES["hw_config"].itemsize:
+            test_now = int(inst.config()["test_now_ns"])
+            inst.set_config(detached_ns=test_now or time.clock_gettime_ns(time.CLOCK_MONOTONIC))
+    finally:
+        inst.close()
 
 
 def syn_proxy_status(dp: Datapath, names: tuple[str, ...]) -> dict:
