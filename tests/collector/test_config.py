@@ -385,6 +385,7 @@ def test_check_config_warns_when_drop_windows_outlast_the_interval(tmp_path, cap
     assert main(["check-config", "--config", str(p), "--sink", sink]) == 0
     err = capsys.readouterr().err
     assert "warning: drop_summary_interval 0.25s is shorter than jsonl.fsync_interval (1s)" in err
+    assert "windows last about drop_summary_interval + the sync time (up to 1.25s)" in err, err
     for ok in ("drop_summary_interval: 250ms\njsonl: {fsync_interval: 250ms}\n",
                "drop_summary_interval: 250ms\njsonl: {fsync: always}\n", "drop_summary_interval: 1s\n"):
         assert main(["check-config", "--config", str(write(tmp_path, ok)), "--sink", sink]) == 0
