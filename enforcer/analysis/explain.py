@@ -185,7 +185,8 @@ class Explanation:
                              for r in self.matching],
                 "default": self.default, "stateful": self.stateful, "audit": self.audit,
                 "peer_range": list(self.peer_range) if self.peer_range else None, "key_range": self.key_range,
-                "dos_profile": self.dos_profile, "dos": self.dos, "bans": self.bans, "essential_icmp": self.essential,
+                "dos_profile": self.dos_profile, "dos": self.dos,
+                "bans": [{**b, "applies": self.applies(b)} for b in self.bans], "essential_icmp": self.essential,
                 "fqdn": self.fqdn, "fqdn_snapshot": self.snapshot}
 
 

@@ -76,6 +76,7 @@ def test_an_automatic_ban_applies_only_on_interfaces_bound_to_its_profile():
     on1 = explain(pol, parse_packet(PKT.replace("eth0", "eth1")), bans=[AUTO])
     assert (on1.to_json()["verdict"], on1.to_json()["reason"]) == ("allow", "pass_default"), on1.text()
     assert "profile p only" in on1.text() and "dropped as banned" not in on1.text(), on1.text()
+    assert [b["applies"] for b in on1.to_json()["bans"]] == [False]
     assert explain(pol, parse_packet(PKT), bans=[AUTO]).to_json()["reason"] == "banned"
     other = explain(pol, parse_packet(PKT), bans=[{**AUTO, "profile": "q"}])
     assert other.to_json()["verdict"] == "allow", other.text()
