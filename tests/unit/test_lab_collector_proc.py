@@ -30,8 +30,8 @@ def test_the_tee_keeps_draining_past_undecodable_output_and_closes_the_pipe(tmp_
 def test_the_crash_sessions_collector_config_raises_no_warning(tmp_path):
     import yaml
 
-    from hostwall.lab.crash import CONFIG
     from hostwall.lab.collector_proc import LAB_CONFIG, _merge
+    from hostwall.lab.crash import CONFIG
     p = tmp_path / "c.yaml"
     p.write_text(yaml.safe_dump(_merge(LAB_CONFIG, CONFIG)))
     cfg = load_config(p, env={}, args={"sinks": [f"jsonl:{tmp_path}/f.jsonl"]})
