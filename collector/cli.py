@@ -4,6 +4,7 @@
                            [--event-budget N] [--hostname NAME] [--status-file PATH] [-v]
     hostwall-collector status [--json] [--config FILE] [--pin-dir DIR] [--status-file PATH]
     hostwall-collector check-config [--config FILE] [--sink URL]... [--pin-dir DIR] [--encoding E] [--connect]
+                                    [--origins]
     hostwall-collector verify (FILE.jsonl | kafka://HOST:PORT/TOPIC)... [--sink NAME]... [--json] [--config FILE]
                               [--timeout S]
 
@@ -57,6 +58,8 @@ def _parser() -> argparse.ArgumentParser:
     common(c)
     c.add_argument("--connect", action="store_true",
                    help="also connect to every sink (name, TCP, TLS, login, topics) and print one line each")
+    c.add_argument("--origins", action="store_true",
+                   help="print where each value came from (argument, environment, file) instead of the config")
     v = sub.add_parser("verify", help="check that what a sink wrote is complete (hostwall.seq, loss records)")
     v.add_argument("targets", nargs="+", metavar="TARGET", help="FILE.jsonl or kafka://HOST:PORT/TOPIC")
     v.add_argument("--config", metavar="FILE", help="collector config: kafka TLS/SASL settings for the reader")
@@ -99,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         from .config_view import as_file
         for w in config_warnings(cfg):
             print(f"{PROG}: warning: {w}", file=sys.stderr)
-        print(json.dumps(as_file(cfg), indent=1, sort_keys=True))
+        doc = dict(cfg.origins) if a.origins else as_file(cfg)
+        print(json.dumps(doc, indent=1, sort_keys=True))
         return 0
     if a.cmd == "status":
         return status(cfg, as_json=a.json)

@@ -100,7 +100,7 @@ class CollectorProcess:
         self.write_config()
         self._log = log = open(self.log_path, "a", buffering=1)   # O_APPEND: stderr and the tee interleave by line
         self.proc = subprocess.Popen(self.argv(), env=self.env, cwd=REPO_ROOT, stdout=subprocess.PIPE,
-                                     stderr=log, text=True)
+                                     stderr=log, text=True, errors="replace")   # a stray byte must not stop the tee
         self.banner = first_line(self.proc, timeout)
         log.write(self.banner)
         self._tee = threading.Thread(target=self._copy_stdout, args=(log,), name="collector-stdout", daemon=True)
@@ -119,10 +119,14 @@ class CollectorProcess:
             log.write(line)
 
     def _join_tee(self) -> None:
-        """Bounded: the pipe closes when the process exits."""
+        """Bounded: the pipe closes when the process exits; our end is closed once the tee is done."""
         if self._tee is not None:
             self._tee.join(timeout=10)
+            if self._tee.is_alive():
+                return                  # still reading (a child holds the pipe): the next call retries
             self._tee = None
+        if self.proc is not None and self.proc.stdout is not None:
+            self.proc.stdout.close()
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None

@@ -56,7 +56,7 @@ ICMP_IDLE_S = 30.0                     # HW_CT_TO_ICMP: ping flows end by the co
 CLOSE_GRACE_S = 2.0                    # flow_close_grace (default): FIN-closed connections end by the scan too
 TOPICS = {"flows_topic": "crash.flows", "anomalies_topic": "crash.anomalies", "audit_topic": "crash.audit"}
 CONFIG = {"conntrack_scan_interval": "1s", "drop_summary_interval": "250ms", "status_interval": "250ms",
-          "jsonl": {"fsync": "interval", "fsync_interval": "500ms"},
+          "jsonl": {"fsync": "interval", "fsync_interval": "250ms"},   # = the drop interval (docs/collector.md "Drop summary windows")
           "kafka": {**TOPICS, "spool_after": "1s", "request_timeout": "10s", "connect_timeout": "5s",
                     "linger": "5ms"}}
 

@@ -25,7 +25,7 @@ from ..reference import Learnt, essential_icmp, evaluate, match
 from .ctmodel import Outcome, judge
 from .fqdn import is_fqdn, names_holding
 from .intervals import Span, addr_text, ranges_text
-from .packet import CasePacket
+from .packet import ECHO, CasePacket
 from .regions import icmp_keys_text
 from .stages import ESS_MLD, ESS_ND, ESS_NONE, ESS_PMTU, KIND_NAMES, kind_of_message
 from .table import ICMP_KEYED, PIDX_NAMES, DecisionTable, decision_table
@@ -50,15 +50,42 @@ class Explanation:
     essential: str | None = None            # essential ICMP: why the packet passes before the rules, or not
     fqdn: list[dict] = field(default_factory=list)   # fqdns rules whose other conditions the packet meets
     snapshot: str | None = None             # where the names → addresses came from (None: no snapshot)
+    profile: str | None = None              # DoS profile of the packet's interface: its automatic bans apply
+    essential_icmp: bool = True             # defaults.essential_icmp (a spared ICMP error needs it)
+
+    def applies(self, b: dict) -> bool:
+        """Does live ban `b` meet this packet (bpf/dos.h dos_check)? An operator's on every interface
+        (manual_banned); an automatic one is keyed by its DoS profile and meets only packets of the
+        interfaces bound to it (dos_profile → dos_source)."""
+        return b["kind"] != "automatic" or (self.profile is not None and b.get("profile") == self.profile)
 
     def ban(self) -> dict | None:
-        """The live ban that drops this packet before any rule (bpf/dos.h dos_check), or None. An
-        automatic ban spares a reply on a connection this host opened; an operator's ban cuts
-        everything (docs/dos.md "Tracked connections")."""
+        """The live ban that drops this packet before any rule (bpf/dos.h dos_check), or None; an
+        operator's first. An automatic ban spares a reply on a connection this host opened, never an
+        ICMP echo request (dos_spares); an operator's ban cuts everything (docs/dos.md "Tracked
+        connections")."""
         o, p = self.outcome, self.packet
-        spared = (self.stateful and p.state == "reply" and o.verdict == "allow"
+        echo_request = p.protocol in (1, 58) and p.icmp[0] == ECHO[p.family][0]
+        spared = (self.stateful and p.state == "reply" and o.verdict == "allow" and not echo_request
                   and o.reason.startswith(("pass_conntrack", "pass_related")))
-        return next((b for b in self.bans if b["kind"] != "automatic" or not spared), None)
+        live = sorted((b for b in self.bans if self.applies(b)), key=lambda b: b["kind"] == "automatic")
+        return next((b for b in live if b["kind"] != "automatic" or not spared), None)
+
+    def ban_spares(self) -> str | None:
+        """When the automatic ban that drops this ICMP error would let it through (bpf/dos.h
+        dos_error_spares): an error of a spared type quoting the host's own packet ('about' the
+        destination), with connection tracking and essential ICMP on. Whether the quoted packet is on
+        a connection this host opened the packet syntax cannot say, so this is the condition, in words."""
+        b, p = self.ban(), self.packet
+        if b is None or b["kind"] != "automatic" or not (self.stateful and self.essential_icmp):
+            return None
+        if not p.is_error() or p.icmp[0] not in SPARED_ERRORS[p.family] or p.about is None:
+            return None
+        if ipaddress.ip_address(p.about) != ipaddress.ip_address(p.dst):
+            return None
+        return ("passes instead (pass_related_over_limit) if it quotes a connection this host opened and has not "
+                "closed, to one peer (not multicast or broadcast; of ICMP only the host's echo request), while the "
+                "profile's shared budget for spared errors of all sources lasts (docs/dos.md \"Tracked connections\")")
 
     def verdict(self) -> Outcome:
         """The packet's verdict: the ban's (would_drop in audit mode) when one applies, else the rules'."""
@@ -72,8 +99,11 @@ class Explanation:
             out = [f"packet   {p.text()}", f"verdict  {self.outcome.text()}"]
         else:
             v = self.verdict()
-            out = [f"packet   {p.text()}", f"verdict  {v.verdict} (banned, {b['kind']} ban {b['prefix']})",
-                   f"         dropped as banned before any rule; without the ban: {self.outcome.text()}"]
+            out = [f"packet   {p.text()}", f"verdict  {v.verdict} (banned, {b['kind']} ban {b['prefix']})"]
+            spares = self.ban_spares()
+            if spares:
+                out.append(f"         {spares}")
+            out += [f"         dropped as banned before any rule; without the ban: {self.outcome.text()}"]
         decider = self.matching[0] if self.matching and self.outcome.rule == self.matching[0].name else None
         if self.outcome.reason == "pass_conntrack":
             out.append("         the packet continues a tracked connection (its opener was allowed), so no rule "
@@ -112,12 +142,18 @@ class Explanation:
             out.append("DoS      no DoS profile applies (give the interface: 'on IF', or list the interface "
                        "with a dos_profile in the policy)")
         if self.bans:
-            spared = "; a connection this host opened excepted" if self.stateful else ""
-            out.append("bans     " + "; ".join(f"{b['prefix']} ({b['kind']}"
-                                               + (f", {b['reason']}" if b.get("reason") else "")
-                                               + (spared if b["kind"] == "automatic" else "") + ")"
-                                               for b in self.bans) + ": dropped as banned before any rule")
+            out.append("bans     " + "; ".join(self._ban_text(b) for b in self.bans)
+                       + (": dropped as banned before any rule" if any(map(self.applies, self.bans)) else ""))
         return "\n".join(out)
+
+    def _ban_text(self, b: dict) -> str:
+        why = f", {b['reason']}" if b.get("reason") else ""
+        if b["kind"] != "automatic":
+            return f"{b['prefix']} ({b['kind']}{why})"
+        if not self.applies(b):
+            where = f"not {self.packet.interface}" if self.packet.interface else "give 'on IF'"
+            return f"{b['prefix']} (automatic{why}; applies on interfaces with profile {b.get('profile')} only: {where})"
+        return f"{b['prefix']} (automatic{why}" + ("; a connection this host opened excepted" if self.stateful else "") + ")"
 
     def _fqdn_text(self) -> list[str]:
         if not self.fqdn:
@@ -144,12 +180,13 @@ class Explanation:
     def to_json(self) -> dict:
         b = self.ban()
         return {"packet": self.packet.text(), **self.verdict().to_json(),
-                "without_bans": self.outcome.to_json() if b is not None else None,
+                "without_bans": self.outcome.to_json() if b is not None else None, "ban_spares": self.ban_spares(),
                 "matching": [{"rule": r.name, "line": r.line, "priority": r.priority, "action": r.action}
                              for r in self.matching],
                 "default": self.default, "stateful": self.stateful, "audit": self.audit,
                 "peer_range": list(self.peer_range) if self.peer_range else None, "key_range": self.key_range,
-                "dos_profile": self.dos_profile, "dos": self.dos, "bans": self.bans, "essential_icmp": self.essential,
+                "dos_profile": self.dos_profile, "dos": self.dos,
+                "bans": [{**b, "applies": self.applies(b)} for b in self.bans], "essential_icmp": self.essential,
                 "fqdn": self.fqdn, "fqdn_snapshot": self.snapshot}
 
 
@@ -190,7 +227,8 @@ def dos_limits(prof: DosProfile, pkt: CasePacket, stateful: bool = True) -> list
     return out
 
 
-# docs/dos.md "Tracked connections"
+# docs/dos.md "Tracked connections"; bpf/dos.h dos_error_spares: errors an automatic ban may spare
+SPARED_ERRORS = {4: (3, 11, 12), 6: (1, 2, 3, 4)}
 SPARED = ("spared: a packet of a connection this host opened and has not closed passes its source's per-source "
           "limits and automatic ban (reason pass_conntrack_over_limit; the shared TCP/UDP limits still apply), "
           "and so does an ICMP error quoting one (pass_related_over_limit, with essential_icmp on), all sources' "
@@ -248,6 +286,7 @@ def explain(policy: Policy, pkt: CasePacket, dt: DecisionTable | None = None,
     matching = [r for r in policy.rules if match(r, rp, learnt)]
     ex = Explanation(pkt, out, matching, getattr(policy.defaults, pkt.direction), policy.defaults.stateful,
                      policy.defaults.audit, source=policy.source)
+    ex.essential_icmp = bool(getattr(policy.defaults, "essential_icmp", False))
     ex.fqdn = _fqdn_candidates(policy, rp, learnt)
     ex.snapshot = snapshot if learnt is not None else None
     dt = dt or decision_table(policy)
@@ -281,6 +320,7 @@ def explain(policy: Policy, pkt: CasePacket, dt: DecisionTable | None = None,
         if prof:
             ex.dos_profile = f"{prof} ({where})"
             ex.dos = dos_limits(policy.dos_profiles[prof], pkt, policy.defaults.stateful)
+        ex.profile = prof or None
         src = ipaddress.ip_address(pkt.src)
         ex.bans = [b for b in (bans or []) if src in ipaddress.ip_network(b["prefix"])]
     return ex

@@ -225,40 +225,104 @@ def test_cli_check_config_prints_the_resolved_config(tmp_path, capsys, monkeypat
     assert main(["check-config", "--sink", "console", "--encoding", "ocsf"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["event_budget"] == 77 and out["sinks"] == [{"url": "console", "encoding": "ocsf"}]
-    assert out["origins"]["event_budget"] == "environment HOSTWALL_COLLECTOR_EVENT_BUDGET"
+    assert "origins" not in out                     # not a key of the file format (docs/collector.md)
+    assert main(["check-config", "--sink", "console", "--origins"]) == 0
+    assert json.loads(capsys.readouterr().out)["event_budget"] == "environment HOSTWALL_COLLECTOR_EVENT_BUDGET"
 
 
-def test_cli_check_config_prints_the_files_key_names_and_reads_back(tmp_path, capsys):
-    """check-config speaks the file's language (drop_summary_interval, not drop_interval_s): its
-    output, as a config file, resolves to the same configuration."""
-    import yaml
+EVERY_SECTION = """
+pin_dir: {tmp}/pins
+hostname: web-1
+encoding: ocsf
+sinks:
+  - jsonl:{tmp}/flows.jsonl
+  - {{url: "kafka://127.0.0.1:9092", encoding: ecs}}
+  - otlp://127.0.0.1:4317
+  - console
+drop_summary_interval: 250ms
+conntrack_scan_interval: 1.2345678s
+active_timeout: 300h
+flow_close_grace: 2s
+event_budget: 30000
+event_source_share: 1234
+drop_prefix_v4: 22
+drop_prefix_v6: 56
+queues: {{events: 8, sink: 30000, batch: 4096}}
+jsonl: {{rotate_size: 64MiB, rotate_keep: 3, fsync: interval, fsync_interval: 250ms}}
+kafka:
+  flows_topic: f.flows
+  anomalies_topic: f.anomalies
+  audit_topic: f.audit
+  compression: lz4
+  batch_size: 256KiB
+  linger: 0.00005s
+  request_timeout: 30s
+  spool_after: 2s
+  connect_timeout: 10s
+  client_id: hw-1
+  tls: true
+  tls_ca_file: {tmp}/ca.pem
+  sasl_mechanism: SCRAM-SHA-512
+  sasl_username: hw
+  sasl_password: s3cret
+  spool_dir: {tmp}/spool
+  spool_size: 2GiB
+  spool_segment_size: 64MiB
+  spool_fsync: always
+  spool_fsync_interval: 1s
+  spool_overflow: block
+otlp: {{protocol: http, timeout: 10s, batch: 256, compression: gzip, headers: {{x-tenant: blue}},
+        delivery: at_least_once}}
+metrics: {{prometheus: "127.0.0.1:9464", otlp: "otlp://127.0.0.1:4317", interval: 15s}}
+alerting: {{alertmanager: "http://127.0.0.1:9093", timeout: 2s, refresh_interval: 15s, hold: 5m,
+           min_severity: high, runbook_url: "http://x:1/r.md", labels: {{instance: "web-1:9464"}},
+           max_alerts: 100}}
+status_file: {tmp}/status.json
+status_interval: 2s
+anomaly: {{window_s: 20.0, bucket_s: 2.0, min_rate: 12.5, signals: [drops, syns], severity_bands: {{high: 6.0}}}}
+"""
 
+
+def test_cli_check_config_output_as_printed_is_the_same_config(tmp_path, capsys):
+    """check-config speaks the file's language (drop_summary_interval, not drop_interval_s) and its
+    output, fed back AS PRINTED, resolves to the same configuration: every section, the anomaly one
+    too, durations exact (300h, 0.00005s, 8 significant digits), no nulls, secrets redacted."""
     from hostwall.collector.cli import main
     from hostwall.collector.config import FIELDS, describe
-    p = write(tmp_path, """
-        drop_summary_interval: 250ms
-        jsonl: {rotate_size: 64MiB}
-        kafka: {batch_size: 256KiB, spool_size: 2GiB}
-        """)
-    assert main(["check-config", "--config", str(p), "--sink", "console"]) == 0
-    out = json.loads(capsys.readouterr().out)
+    (tmp_path / "ca.pem").write_text("x")
+    p = tmp_path / "every.yaml"
+    p.write_text(EVERY_SECTION.format(tmp=tmp_path))
+    first = load_config(p, env={})
+    assert main(["check-config", "--config", str(p)]) == 0
+    printed = capsys.readouterr().out
+    out = json.loads(printed)
     assert out["drop_summary_interval"] == "0.25s" and "drop_interval_s" not in out
-    assert out["conntrack_scan_interval"] == "5s" and out["flow_close_grace"] == "2s"
+    assert out["active_timeout"] == "1080000s" and out["kafka"]["linger"] == "0.00005s"
+    assert out["conntrack_scan_interval"] == "1.2345678s"
     assert out["jsonl"]["rotate_size"] == 64 << 20 and "rotate_bytes" not in out["jsonl"]
-    assert (out["kafka"]["batch_size"], out["kafka"]["spool_size"]) == (256 << 10, 2 << 30)
-    assert "drop_summary_interval" in out["origins"] and "drop_interval_s" not in out["origins"]
-    # every key of the file format, and nothing else (origins: where each came from)
+    assert out["kafka"]["sasl_password"] == "<redacted>" and out["otlp"]["headers"] == {"x-tenant": "<redacted>"}
+    assert "s3cret" not in printed and "blue" not in printed
+    assert out["anomaly"]["min_rate"] == 12.5 and out["anomaly"]["signals"] == ["drops", "syns"]
     keys = {f.path for f in FIELDS}
-    flat = {(k,) if not isinstance(v, dict) or k in ("anomaly",) else (k, k2)
-            for k, v in out.items() if k not in ("origins", "sinks") for k2 in (v if isinstance(v, dict) else [k])}
-    assert flat == keys, flat ^ keys
-    again = {k: ({k2: v2 for k2, v2 in v.items() if v2 is not None} if isinstance(v, dict) else v)
-             for k, v in out.items() if k != "origins" and v is not None}
-    p2 = tmp_path / "again.yaml"
-    p2.write_text(yaml.safe_dump(again))
-    a, b = describe(load_config(p, env={}, args={"sinks": ["console"]})), describe(load_config(p2, env={}))
+    flat = {(k,) if not isinstance(v, dict) or k == "anomaly" else (k, k2)
+            for k, v in out.items() if k != "sinks" for k2 in (v if isinstance(v, dict) else [k])}
+    unset = {("kafka", "sasl_password_file"), *((sec, f"tls_{k}_file") for sec in ("kafka", "otlp")
+                                                 for k in ("ca", "cert", "key") if (sec, k) != ("kafka", "ca"))}
+    assert flat == (keys - unset) | {("anomaly",)}, flat ^ keys
+    again = tmp_path / "again.yaml"
+    again.write_text(printed)
+    second = load_config(again, env={})
+    a, b = describe(first), describe(second)
     a.pop("origins"), b.pop("origins")
+    a["otlp"]["headers"] = tuple((k, "<redacted>") for k, _ in a["otlp"]["headers"])
     assert a == b
+    assert first.anomaly == second.anomaly
+    # the defaults' nulls (hostname, client_id, ...) are left out, not printed as null
+    assert main(["check-config", "--sink", "console"]) == 0
+    printed = capsys.readouterr().out
+    assert "null" not in printed and "hostname" not in json.loads(printed)
+    again.write_text(printed)
+    assert describe(load_config(again, env={}))["hostname"] is None
 
 
 def test_cli_run_fails_in_one_line_without_a_pinned_instance(tmp_path, capsys):
@@ -321,6 +385,7 @@ def test_check_config_warns_when_drop_windows_outlast_the_interval(tmp_path, cap
     assert main(["check-config", "--config", str(p), "--sink", sink]) == 0
     err = capsys.readouterr().err
     assert "warning: drop_summary_interval 0.25s is shorter than jsonl.fsync_interval (1s)" in err
+    assert "windows last about drop_summary_interval + the sync time (up to 1.25s)" in err, err
     for ok in ("drop_summary_interval: 250ms\njsonl: {fsync_interval: 250ms}\n",
                "drop_summary_interval: 250ms\njsonl: {fsync: always}\n", "drop_summary_interval: 1s\n"):
         assert main(["check-config", "--config", str(write(tmp_path, ok)), "--sink", sink]) == 0

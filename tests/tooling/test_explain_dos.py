@@ -18,7 +18,7 @@ interfaces:
   - {{name: eth0, dos_profile: p}}
 """
 PKT = "ingress udp 192.0.2.53:53 -> 10.0.0.1:40000 on eth0"
-AUTO = {"prefix": "192.0.2.53/32", "kind": "automatic", "reason": "udp_flood"}
+AUTO = {"prefix": "192.0.2.53/32", "kind": "automatic", "profile": "p", "reason": "udp_flood"}
 OPERATOR = {"prefix": "192.0.2.0/24", "kind": "operator"}
 
 
@@ -64,3 +64,59 @@ def test_the_headline_verdict_is_the_ban_that_applies():
     # audit mode: the ban becomes would_drop
     audit = parse_policy(POLICY.format(stateful="true").replace("stateful: true", "stateful: true, audit: true"))
     assert explain(audit, parse_packet(PKT), bans=[OPERATOR]).to_json()["verdict"] == "would_drop"
+
+
+TWO_IF = POLICY.replace("  - {{name: eth0, dos_profile: p}}", "  - {{name: eth0, dos_profile: p}}\n  - {{name: eth1}}")
+
+
+def test_an_automatic_ban_applies_only_on_interfaces_bound_to_its_profile():
+    """bpf/dos.h dos_check: operator bans on every interface (manual_banned); an automatic ban is keyed
+    by its profile and meets only packets of interfaces bound to it (dos_profile → dos_source)."""
+    pol = parse_policy(TWO_IF.format(stateful="true"))
+    on1 = explain(pol, parse_packet(PKT.replace("eth0", "eth1")), bans=[AUTO])
+    assert (on1.to_json()["verdict"], on1.to_json()["reason"]) == ("allow", "pass_default"), on1.text()
+    assert "profile p only" in on1.text() and "dropped as banned" not in on1.text(), on1.text()
+    assert [b["applies"] for b in on1.to_json()["bans"]] == [False]
+    assert explain(pol, parse_packet(PKT), bans=[AUTO]).to_json()["reason"] == "banned"
+    other = explain(pol, parse_packet(PKT), bans=[{**AUTO, "profile": "q"}])
+    assert other.to_json()["verdict"] == "allow", other.text()
+    assert explain(pol, parse_packet(PKT.replace("eth0", "eth1")), bans=[OPERATOR]).to_json()["reason"] == "banned"
+    # without 'on IF', the one profile bound (p, on eth0) is assumed, as for the DoS limits
+    assert explain(pol, parse_packet(PKT.replace(" on eth0", "")), bans=[AUTO]).to_json()["reason"] == "banned"
+
+
+ICMP_ERR = "ingress icmp 192.0.2.53 -> 10.0.0.1 type 3 code 4 about 10.0.0.1 on eth0"
+
+
+def test_an_echo_request_is_never_spared_by_an_automatic_ban():
+    """bpf/dos.h dos_spares: an echo request is never spared (echo entries are keyed by id alone)."""
+    pol = parse_policy(POLICY.format(stateful="true"))
+    req = explain(pol, parse_packet("ingress icmp 192.0.2.53 -> 10.0.0.1 type echo-request state reply on eth0"),
+                  bans=[AUTO])
+    assert req.to_json()["reason"] == "banned", req.text()
+    rep = explain(pol, parse_packet("ingress icmp 192.0.2.53 -> 10.0.0.1 type echo-reply state reply on eth0"),
+                  bans=[AUTO])
+    assert rep.to_json()["verdict"] == "allow", rep.text()
+
+
+def test_an_icmp_error_about_the_hosts_packet_is_said_to_be_spared_within_the_shared_budget():
+    """bpf/dos.h dos_error_spares: an error of types 3/11/12 (v6 1-4) quoting the host's packet on a
+    connection it opened passes an automatic ban within the profile's shared budget (essential ICMP
+    on). The packet syntax cannot say which connection the error quotes: the output says when it passes."""
+    pol = parse_policy(POLICY.format(stateful="true"))
+    ex = explain(pol, parse_packet(ICMP_ERR), bans=[AUTO])
+    lines = ex.text().splitlines()
+    assert lines[1].startswith("verdict  drop (banned"), ex.text()
+    assert "pass_related_over_limit" in lines[2] and "shared" in lines[2], ex.text()
+    assert "pass_related_over_limit" in ex.to_json()["ban_spares"]
+    for other in (explain(pol, parse_packet(ICMP_ERR), bans=[OPERATOR]),                    # operator: never
+                  explain(pol, parse_packet(ICMP_ERR.replace("about 10.0.0.1", "about 10.9.9.9")), bans=[AUTO]),
+                  explain(pol, parse_packet(ICMP_ERR.replace("type 3 code 4", "type 5")), bans=[AUTO]),
+                  explain(parse_policy(POLICY.format(stateful="true, essential_icmp: false")),
+                          parse_packet(ICMP_ERR), bans=[AUTO])):
+        assert other.to_json()["reason"] == "banned" and other.to_json()["ban_spares"] is None, other.text()
+        assert "pass_related_over_limit" not in other.text().splitlines()[2]
+    v6 = ICMP_ERR.replace("192.0.2.53", "2001:db8:5::53").replace("10.0.0.1", "2001:db8::1").replace(
+        "icmp", "icmpv6").replace("type 3 code 4", "type 2")
+    ex6 = explain(pol, parse_packet(v6), bans=[{**AUTO, "prefix": "2001:db8:5::/64"}])
+    assert ex6.to_json()["ban_spares"] is not None, ex6.text()
