@@ -279,12 +279,64 @@ static __always_inline void ct_report_confirmed(struct env *v, struct pkt *p, st
 	hw_events.ringbuf_submit(ev, 0);
 }
 
+/* Sequence checks (docs/datapath.md "Sequence checks", docs/policy.md "stateful"): may this RST or FIN
+ * from side `d` (0 initiator, 1 responder) end the connection? A RST must carry exactly the sequence
+ * number the receiver last acknowledged (its RCV.NXT, RFC 5961 §3.2) or the sender's own next one (a
+ * RST right after its data, before the ACK); one answering the initiator's SYN must acknowledge it
+ * (RFC 9293 §3.10.7.3). A FIN must lie within HW_CT_SEQ_SLACK of the sender's highest end. Sides not
+ * learnt yet (an entry carried over from a build without them) accept, as before. Cost: a few loads
+ * and compares, on RST/FIN only. */
+static __always_inline int ct_seq_ok(struct hw_ct_entry *e, struct pkt *p, __u8 d, __u8 st)
+{
+	__u8 known = e->seq_known, f = p->tcp_flags, r = !d;
+	__u32 end = e->seq_end[d & 1];
+	if (f & TCPF_RST) {
+		if (st == HW_CT_SYN_SENT && d)
+			return !(known & HW_CT_SEQ_END) || ((f & TCPF_ACK) && p->tcp_ack == e->seq_end[0]);
+		int ok = 0, any = 0;
+		if (known & (HW_CT_SEQ_ACK << r)) {
+			any = 1;
+			ok = p->tcp_seq == e->seq_ack[r & 1];
+		}
+		if (known & (HW_CT_SEQ_END << d)) {
+			any = 1;
+			ok |= p->tcp_seq == end;
+		}
+		return ok || !any;
+	}
+	return !(known & (HW_CT_SEQ_END << d)) || p->tcp_seq - end + HW_CT_SEQ_SLACK <= 2 * HW_CT_SEQ_SLACK;
+}
+
+/* Learn side d's sequence state from its segment p: its end advances only for a segment that starts
+ * at most HW_CT_SEQ_SLACK past it (so a blind segment moves it with odds of about 2^-15), its
+ * acknowledgement only forward. Stores only what changed (the established path stays cheap). */
+static __always_inline void ct_seq_learn(struct hw_ct_entry *e, struct pkt *p, __u8 d)
+{
+	__u8 known = e->seq_known, k = known;
+	__u32 end = e->seq_end[d & 1];
+	if (!(known & (HW_CT_SEQ_END << d)) ||
+	    ((__s32)(p->tcp_seq - end) <= HW_CT_SEQ_SLACK && (__s32)(p->tcp_end - end) > 0)) {
+		e->seq_end[d & 1] = p->tcp_end;
+		k |= HW_CT_SEQ_END << d;
+	}
+	if ((p->tcp_flags & TCPF_ACK) &&
+	    (!(known & (HW_CT_SEQ_ACK << d)) || (__s32)(p->tcp_ack - e->seq_ack[d & 1]) > 0)) {
+		e->seq_ack[d & 1] = p->tcp_ack;
+		k |= HW_CT_SEQ_ACK << d;
+	}
+	if (k != known)
+		e->seq_known = k;
+}
+
 /* Is this packet a valid continuation of the tracked connection? Updates state if so: 1. 0: not a
  * valid continuation (nothing changed). A TCP connection is confirmed by the initiator's ACK after the
  * responder's SYN-ACK (SYN_RECV → ESTABLISHED), UDP and ICMP by the first reply (NEW → ESTABLISHED).
  * `fast` (xdp_ingress): a packet whose continuation must be reported (it confirms a connection whose
  * start is PENDING, or closes one) returns -1 with nothing changed, for xdp_judge to handle: the fast
- * path stays free of the reporting code, which keeps xdp_ingress inside the verifier's budget. */
+ * path stays free of the reporting code, which keeps xdp_ingress inside the verifier's budget.
+ * 2: a RST or FIN out of the connection's sequence window (ct_seq_ok): passed, for the stack to ignore
+ * or answer with a challenge ACK (RFC 5961), and nothing changed — a blind RST neither closes the
+ * entry nor a FIN shortens its timeout (counted as pass_conntrack_out_of_window). */
 static __always_inline int ct_advance(struct env *v, struct pkt *p, struct ctref *r, int fast)
 {
 	struct hw_ct_entry *e = r->e;
@@ -296,6 +348,8 @@ static __always_inline int ct_advance(struct env *v, struct pkt *p, struct ctref
 		return 0;
 	if (p->proto == IPPROTO_TCP) {
 		__u8 f = p->tcp_flags;
+		if ((f & (TCPF_RST | TCPF_FIN)) && !ct_seq_ok(e, p, !from_init, st))
+			return 2;
 		if (f & TCPF_RST) {
 			ns = HW_CT_CLOSED;
 		} else if ((f & (TCPF_SYN | TCPF_ACK)) == (TCPF_SYN | TCPF_ACK)) {
@@ -332,6 +386,8 @@ static __always_inline int ct_advance(struct env *v, struct pkt *p, struct ctref
 	confirmed = confirmed && e->report == HW_REP_PENDING;
 	if (fast && (confirmed || closing))
 		return -1;
+	if (p->proto == IPPROTO_TCP)
+		ct_seq_learn(e, p, !from_init);
 	if (ns != st)
 		e->state = ns;
 	if (fin != e->fin_seen)
@@ -581,6 +637,9 @@ static __always_inline void ct_open(struct env *v, struct pkt *p, __u32 slot, __
 	e->origin = v->dir;
 	e->fin_seen = 0;
 	e->reported = 0;
+	e->seq_known = 0;
+	if (p->proto == IPPROTO_TCP)
+		ct_seq_learn(e, p, 0);  /* the opener is the initiator's (side 0) */
 	__sync_lock_test_and_set(&e->slot_state, HW_SLOT_LIVE);        /* publish: the entry is whole */
 	if (ev) {
 		ev_packet(ev, p);

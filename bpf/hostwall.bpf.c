@@ -60,9 +60,10 @@ static __always_inline void judge_first(struct env *v, struct pkt *p, struct jud
 		ct_invalid = p->ct_hint == CT_HINT_INVALID;     /* xdp_ingress already looked */
 	} else if (p->trackable &&
 		   ct_find(v, p, p->saddr, p->daddr, p->sport, p->dport, p->proto, &r)) {
-		if (ct_advance(v, p, &r, 0)) {
+		int adv = ct_advance(v, p, &r, 0);
+		if (adv) {
 			j->verdict = HW_V_ALLOW;
-			j->reason = ct_pass_reason(v, p);
+			j->reason = adv == 2 ? HW_R_PASS_CONNTRACK_OUT_OF_WINDOW : ct_pass_reason(v, p);
 			return;
 		}
 		ct_invalid = 1;
@@ -316,7 +317,7 @@ int xdp_ingress(struct xdp_md *ctx)
 			int adv = ct_advance(&v, p, &r, 1);
 			if (adv > 0) {
 				j.verdict = HW_V_ALLOW;
-				j.reason = ct_pass_reason(&v, p);
+				j.reason = adv == 2 ? HW_R_PASS_CONNTRACK_OUT_OF_WINDOW : ct_pass_reason(&v, p);
 				j.slot = ~0U;
 				return xdp_exit(ctx, &v, p, &j);
 			}

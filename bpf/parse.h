@@ -38,6 +38,9 @@ struct pkt {
 	__u32 l4len;            /* parsing only: bytes the IP header(s) say follow the headers parsed so far */
 	__u64 now;              /* xdp_ingress's clock, so xdp_judge does not read it again */
 	__s32 fqdn_m;           /* judging only: fqdn_match's answer (fqdn.h) */
+	__u32 tcp_seq;          /* TCP, host order: the segment's sequence number */
+	__u32 tcp_end;          /* TCP: tcp_seq + payload bytes + 1 per SYN/FIN (the sender's next sequence) */
+	__u32 tcp_ack;          /* TCP: acknowledgement number (meaningful with TCPF_ACK) */
 	__u32 pad1;
 };
 
@@ -160,6 +163,9 @@ static __always_inline int parse_l4(struct pkt *p, void *cur, void *end, __u32 l
 		p->sport = th->source;
 		p->dport = th->dest;
 		p->tcp_flags = ((__u8 *)th)[13];
+		p->tcp_seq = bpf_ntohl(th->seq);
+		p->tcp_ack = bpf_ntohl(th->ack_seq);
+		p->tcp_end = p->tcp_seq + (l4len - th->doff * 4) + !!(p->tcp_flags & TCPF_SYN) + (p->tcp_flags & TCPF_FIN);
 		p->opens = (p->tcp_flags & (TCPF_SYN | TCPF_ACK | TCPF_RST)) == TCPF_SYN;
 		p->trackable = 1;
 		if (th->dest == 0 || th->source == 0)

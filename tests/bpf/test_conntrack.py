@@ -30,14 +30,14 @@ rules:
 """
 
 
-def out_tcp(flags, sport=40000, dport=443, v6=False):
+def out_tcp(flags, sport=40000, dport=443, v6=False, seq=0, ack=0, data=b""):
     ip = IPv6(src=ME6, dst=PEER6) if v6 else IP(src=ME, dst=PEER)
-    return raw(E / ip / TCP(sport=sport, dport=dport, flags=flags))
+    return raw(E / ip / TCP(sport=sport, dport=dport, flags=flags, seq=seq % 2**32, ack=ack % 2**32) / data)
 
 
-def in_tcp(flags, sport=443, dport=40000, v6=False, src=None):
+def in_tcp(flags, sport=443, dport=40000, v6=False, src=None, seq=0, ack=0, data=b""):
     ip = IPv6(src=src or PEER6, dst=ME6) if v6 else IP(src=src or PEER, dst=ME)
-    return raw(E / ip / TCP(sport=sport, dport=dport, flags=flags))
+    return raw(E / ip / TCP(sport=sport, dport=dport, flags=flags, seq=seq % 2**32, ack=ack % 2**32) / data)
 
 
 @pytest.mark.parametrize("v6", [False, True])
@@ -223,8 +223,8 @@ def _open_at(harness, t_ns: int, flow: tuple[int, int], v6: bool = False) -> Non
     assert harness.run("tc_egress", out_tcp("S", sport=flow[0], dport=flow[1], v6=v6)).reason == "pass_default"
 
 
-def _reply(harness, flags: str, flow: tuple[int, int], v6: bool = False) -> str:
-    return harness.run("xdp", in_tcp(flags, sport=flow[1], dport=flow[0], v6=v6)).reason
+def _reply(harness, flags: str, flow: tuple[int, int], v6: bool = False, ack: int = 0) -> str:
+    return harness.run("xdp", in_tcp(flags, sport=flow[1], dport=flow[0], v6=v6, ack=ack)).reason
 
 
 @pytest.mark.parametrize("v6", [False, True], ids=["v4", "v6"])
@@ -282,7 +282,8 @@ def test_closed_connection_is_not_reported_twice_when_its_slot_is_taken(harness,
     harness.install(POLICY % "true")
     flows = _same_bucket_flows(harness.dp, 4, conntrack.WAYS + 1)
     _open_at(harness, T0, flows[0])
-    assert _reply(harness, "R", flows[0]) == "pass_conntrack"      # closed: its flow_end is reported now
+    assert _reply(harness, "RA", flows[0], ack=1) == "pass_conntrack"     # refused (it ACKs the SYN): closed,
+    # its flow_end is reported now
     for f in flows[1:-1]:
         _open_at(harness, T0 + 10**9, f)
     events.drain()
@@ -390,3 +391,157 @@ def test_unconfirmed_timeout_is_a_policy_setting(harness):
         assert (_reply(harness, "SA", flows[0]) == "pass_conntrack") is alive
         assert _reply(harness, "PA", flows[1]) == "pass_conntrack"
         harness.dp.clear_conntrack()
+
+
+# ---- sequence checks: a blind RST or FIN does not end a connection (docs/datapath.md "Sequence checks")
+ISN_ME, ISN_PEER = 1000, 5000000
+
+
+def _handshake(harness, v6: bool, sport: int = 40000, install: bool = True) -> None:
+    """SYN (seq ISN_ME), SYN-ACK (ISN_PEER, acks it), ACK: established, both sides' sequences learnt."""
+    if install:
+        harness.install(POLICY % "true")
+    assert harness.run("tc_egress", out_tcp("S", sport=sport, v6=v6, seq=ISN_ME)).reason == "pass_default"
+    assert harness.run("xdp", in_tcp("SA", dport=sport, v6=v6, seq=ISN_PEER, ack=ISN_ME + 1)).reason == "pass_conntrack"
+    assert harness.run("tc_egress", out_tcp("A", sport=sport, v6=v6, seq=ISN_ME + 1, ack=ISN_PEER + 1)).reason == \
+        "pass_conntrack"
+
+
+def _state(harness, v6: bool, sport: int = 40000) -> str:
+    (e,) = [e for e in _live(harness.dp, 6 if v6 else 4)[1]
+            if e["k"]["proto"] == 6 and sport in (int(e["k"]["port_a"]), int(e["k"]["port_b"]))]
+    return L.CT_STATE_NAMES[int(e["e"]["state"])]
+
+
+@pytest.mark.parametrize("v6", [False, True], ids=["v4", "v6"])
+def test_blind_rst_leaves_the_connection_open(harness, v6):
+    _handshake(harness, v6)
+    # 100 bytes from the peer; the host acknowledges them
+    assert harness.run("xdp", in_tcp("PA", v6=v6, seq=ISN_PEER + 1, ack=ISN_ME + 1, data=b"x" * 100)).reason == \
+        "pass_conntrack"
+    assert harness.run("tc_egress", out_tcp("A", v6=v6, seq=ISN_ME + 1, ack=ISN_PEER + 101)).reason == "pass_conntrack"
+    for seq in (0, ISN_PEER + 100, ISN_PEER + 102, ISN_PEER + 101 + 70000, ISN_PEER - 2**31):
+        got = harness.run("xdp", in_tcp("R", v6=v6, seq=seq))
+        assert (got.passed, got.reason) == (True, "pass_conntrack_out_of_window"), seq
+    assert _state(harness, v6) == "established"
+    assert harness.run("xdp", in_tcp("PA", v6=v6, seq=ISN_PEER + 101, ack=ISN_ME + 1, data=b"y")).reason == \
+        "pass_conntrack"
+    # a RST at the sequence the host acknowledged closes it
+    assert harness.run("xdp", in_tcp("R", v6=v6, seq=ISN_PEER + 102)).reason == "pass_conntrack"   # after 'y': exact
+    assert _state(harness, v6) == "closed"
+    got = harness.run("xdp", in_tcp("A", v6=v6, seq=ISN_PEER + 102, ack=ISN_ME + 1))
+    assert (got.passed, got.reason) == (False, "conntrack_invalid")
+
+
+@pytest.mark.parametrize("v6", [False, True], ids=["v4", "v6"])
+def test_rst_at_the_acknowledged_sequence_closes(harness, v6):
+    _handshake(harness, v6)
+    assert harness.run("xdp", in_tcp("RA", v6=v6, seq=ISN_PEER + 1, ack=ISN_ME + 1)).reason == "pass_conntrack"
+    assert _state(harness, v6) == "closed"
+
+
+@pytest.mark.parametrize("v6", [False, True], ids=["v4", "v6"])
+def test_host_rst_closes_at_its_own_sequence(harness, v6):
+    _handshake(harness, v6)
+    assert harness.run("tc_egress", out_tcp("R", v6=v6, seq=ISN_ME + 1)).reason == "pass_conntrack"
+    assert _state(harness, v6) == "closed"
+
+
+@pytest.mark.parametrize("v6", [False, True], ids=["v4", "v6"])
+def test_rst_to_the_hosts_syn_must_acknowledge_it(harness, v6):
+    harness.install(POLICY % "true")
+    assert harness.run("tc_egress", out_tcp("S", v6=v6, seq=ISN_ME)).reason == "pass_default"
+    for flags, ack in (("R", 0), ("RA", ISN_ME), ("RA", ISN_ME + 2), ("R", ISN_ME + 1)):
+        got = harness.run("xdp", in_tcp(flags, v6=v6, ack=ack))
+        assert (got.passed, got.reason) == (True, "pass_conntrack_out_of_window"), (flags, ack)
+    assert _state(harness, v6) == "syn_sent"
+    assert harness.run("xdp", in_tcp("SA", v6=v6, seq=ISN_PEER, ack=ISN_ME + 1)).reason == "pass_conntrack"
+    assert harness.run("tc_egress", out_tcp("S", sport=40001, v6=v6, seq=ISN_ME)).reason == "pass_default"
+    assert harness.run("xdp", in_tcp("RA", dport=40001, v6=v6, ack=ISN_ME + 1)).reason == "pass_conntrack"
+    assert _state(harness, v6, 40001) == "closed"       # connection refused
+
+
+@pytest.mark.parametrize("v6", [False, True], ids=["v4", "v6"])
+def test_blind_fin_does_not_shorten_the_connection(harness, v6):
+    _handshake(harness, v6)
+    for seq in (ISN_PEER + 1 + 70000, ISN_PEER + 1 - 70000, ISN_PEER + 2**31):
+        got = harness.run("xdp", in_tcp("FA", v6=v6, seq=seq, ack=ISN_ME + 1))
+        assert (got.passed, got.reason) == (True, "pass_conntrack_out_of_window"), seq
+    assert _state(harness, v6) == "established"
+    assert harness.run("xdp", in_tcp("FA", v6=v6, seq=ISN_PEER + 1, ack=ISN_ME + 1)).reason == "pass_conntrack"
+    assert _state(harness, v6) == "fin_wait"
+
+
+def test_blind_data_does_not_move_the_window_for_a_later_rst(harness):
+    """A spoofed segment far from the peer's sequence passes (the stack drops it) but teaches nothing:
+    a RST at its end is still out of window."""
+    _handshake(harness, False)
+    far = ISN_PEER + 1 + 10**6
+    assert harness.run("xdp", in_tcp("PA", seq=far, ack=ISN_ME + 1, data=b"z" * 10)).reason == "pass_conntrack"
+    assert harness.run("xdp", in_tcp("R", seq=far + 10)).reason == "pass_conntrack_out_of_window"
+    assert _state(harness, False) == "established"
+
+
+def test_entry_without_sequence_state_accepts_and_learns(harness):
+    """An entry carried over from a build without sequence state (seq_known 0): a RST closes it as before;
+    another learns from its next packets."""
+    _handshake(harness, False)
+    _handshake(harness, False, sport=40001, install=False)
+    for t in conntrack.tables(harness.dp.map_fds)[:1]:
+        with t:
+            idx = t.live()
+            t.slots["e"]["seq_known"][idx] = 0
+    assert harness.run("xdp", in_tcp("PA", dport=40001, seq=7, ack=ISN_ME + 1)).reason == "pass_conntrack"
+    assert harness.run("xdp", in_tcp("R", dport=40001, seq=3)).reason == "pass_conntrack_out_of_window"
+    assert harness.run("xdp", in_tcp("R", seq=123)).reason == "pass_conntrack"          # nothing learnt: accepted
+    assert _state(harness, False) == "closed"
+
+
+def test_restart_after_upgrade_carries_entries_without_sequence_state(harness):
+    """A pinned table of the build before the sequence state (88-byte entries) is carried over by
+    control._migrate_conntrack, field by field, with nothing learnt: the reply still passes, and a RST
+    is accepted as before (no state), after which the entry is closed."""
+    import os
+
+    from hostwall.bpf import bpfsys
+    from hostwall.bpf.instance import Instance
+    from hostwall.enforcer.control import _migrate_conntrack
+    from hostwall.enforcer.datapath import Datapath
+    _handshake(harness, False)
+    _handshake(harness, True, install=False)
+    new = Datapath.load()
+    pins = f"/sys/fs/bpf/hostwall-test-upgrade-{os.getpid()}"
+    fds = []
+    try:
+        os.makedirs(f"{pins}/maps")
+        bpfsys.obj_pin(harness.dp.map_fds["hw_config"], f"{pins}/maps/hw_config")
+        for fam in (4, 6):        # the old build's table: the same connections in the old layout
+            fd = bpfsys.map_create(2, 4, conntrack.OLD_SLOT_DT[fam].itemsize, L.CT_MAX, bpfsys.BPF_F_MMAPABLE)
+            fds.append(fd)
+            with conntrack.CtTable(harness.dp.map_fds[conntrack.MAPS[fam]], fam) as s, \
+                    conntrack.CtTable(fd, fam, conntrack.OLD_SLOT_DT[fam]) as d:
+                idx = s.live()
+                d.slots["k"][idx] = s.slots["k"][idx]
+                for name in conntrack.OLD_SLOT_DT[fam]["e"].names:
+                    if name != "pad":
+                        d.slots["e"][name][idx] = s.slots["e"][name][idx]
+            bpfsys.obj_pin(fd, f"{pins}/maps/{conntrack.MAPS[fam]}")
+        old = Instance.open_maps(pins, ("hw_config", "hw_ct4", "hw_ct6"))
+        new.install(harness.compiled)
+        try:
+            assert _migrate_conntrack(old, new) == 2
+        finally:
+            old.close()
+        other = type(harness)(new)
+        other.slots = harness.slots
+        for v6 in (False, True):
+            assert other.run("xdp", in_tcp("PA", v6=v6, seq=ISN_PEER + 1, ack=ISN_ME + 1)).reason == "pass_conntrack"
+            # learnt from that first packet: a RST elsewhere is out of window, one at its end closes
+            assert other.run("xdp", in_tcp("R", v6=v6, seq=12345)).reason == "pass_conntrack_out_of_window"
+            assert other.run("xdp", in_tcp("R", v6=v6, seq=ISN_PEER + 1)).reason == "pass_conntrack"
+            assert other.run("xdp", in_tcp("A", v6=v6, seq=ISN_PEER + 1)).reason == "conntrack_invalid"
+    finally:
+        for fd in fds:
+            os.close(fd)
+        new.close()
+        Instance.unpin(pins)

@@ -281,8 +281,8 @@ def udp(src: str, dst: str, sport: int, dport: int) -> bytes:
     return raw(E / _ip(src, dst) / UDP(sport=sport, dport=dport))
 
 
-def tcp(src: str, dst: str, sport: int, dport: int, flags: str) -> bytes:
-    return raw(E / _ip(src, dst) / TCP(sport=sport, dport=dport, flags=flags))
+def tcp(src: str, dst: str, sport: int, dport: int, flags: str, seq: int = 0) -> bytes:
+    return raw(E / _ip(src, dst) / TCP(sport=sport, dport=dport, flags=flags, seq=seq))
 
 
 def at(harness, hook: str, frame_: bytes, now: int):
@@ -350,7 +350,7 @@ def test_a_source_cannot_make_its_own_tuple_spared(harness):
     install(harness, "per_source: {pps: 5, burst: 5}\nban: {after: 1s, duration: 60s}", stateful=True)
     now = T0
     assert at(harness, "xdp", tcp(RESOLVER, ME, 50000, 22, "S"), now).reason == "pass_default"
-    assert at(harness, "xdp", tcp(RESOLVER, ME, 50000, 22, "R"), now).reason == "pass_conntrack"
+    assert at(harness, "xdp", tcp(RESOLVER, ME, 50000, 22, "R", seq=1), now).reason == "pass_conntrack"  # after its SYN
     assert at(harness, "xdp", tcp(RESOLVER, ME, 50002, 22, "S"), now).reason == "pass_default"
     assert at(harness, "xdp", tcp(RESOLVER, ME, 50002, 22, "F"), now).reason == "pass_conntrack"
     ping = raw(E / IP(src=ME, dst=RESOLVER) / ICMP(type=8, id=77, seq=1))

@@ -31,7 +31,8 @@ defaults: {ingress: allow, egress: allow, stateful: true}
 
 
 def tcp_in(src="10.9.0.1", sport=40000, flags="S", dport=80):
-    return raw(E / IP(src=src, dst="10.0.0.1") / TCP(sport=sport, dport=dport, flags=flags))
+    seq = 1 if "R" in flags else 0      # a RST after the initiator's SYN (seq 0) is at its next sequence number
+    return raw(E / IP(src=src, dst="10.0.0.1") / TCP(sport=sport, dport=dport, flags=flags, seq=seq))
 
 
 def tcp_out(flags, src="10.9.0.1", sport=40000):
