@@ -279,19 +279,39 @@ static __always_inline void ct_report_confirmed(struct env *v, struct pkt *p, st
 	hw_events.ringbuf_submit(ev, 0);
 }
 
-/* Sequence checks (docs/datapath.md "Sequence checks", docs/policy.md "stateful"): may this RST or FIN
- * from side `d` (0 initiator, 1 responder) end the connection? A RST must carry exactly the sequence
- * number the receiver last acknowledged (its RCV.NXT, RFC 5961 §3.2) or the sender's own next one (a
- * RST right after its data, before the ACK); one answering the initiator's SYN must acknowledge it
- * (RFC 9293 §3.10.7.3). A FIN must lie within HW_CT_SEQ_SLACK of the sender's highest end. Sides not
- * learnt yet (an entry carried over from a build without them) accept, as before. Cost: a few loads
- * and compares, on RST/FIN only. */
-static __always_inline int ct_seq_ok(struct hw_ct_entry *e, struct pkt *p, __u8 d, __u8 st)
+/* Sequence checks (docs/datapath.md "Sequence checks", docs/policy.md "stateful"). Side `d` (0
+ * initiator, 1 responder) sent p; `peer`: p came in (ingress), from the side the host cannot vouch for.
+ * Is the peer's acknowledgement acceptable (RFC 5961 §5)? Within [its last acceptable one (or the
+ * host's end when none) - HW_CT_ACK_WINDOW, the host's end]: an ACK of data the host never sent, or
+ * older than that, is a blind guess. The host's side not learnt yet: accepted, as before. */
+static __always_inline int ct_ack_ok(struct hw_ct_entry *e, struct pkt *p, __u8 d)
+{
+	__u8 known = e->seq_known, h = !d;
+	if (!(known & (HW_CT_SEQ_END << h)))
+		return 1;
+	if (!(p->tcp_flags & TCPF_ACK))
+		return 0;
+	__u32 end = e->seq_end[h & 1];
+	__u32 lo = ((known & (HW_CT_SEQ_ACK << d)) ? e->seq_ack[d & 1] : end) - HW_CT_ACK_WINDOW;
+	return p->tcp_ack - lo <= end - lo;
+}
+
+/* May this RST, FIN or SYN-ACK change the entry? A RST must carry exactly the sequence number the
+ * receiver last acknowledged (its RCV.NXT, RFC 5961 §3.2) or the sender's own next one (a RST right
+ * after its data, before the ACK); one answering the initiator's SYN (no SYN-ACK learnt yet) must acknowledge it
+ * (RFC 9293 §3.10.7.3). A SYN-ACK must acknowledge the other side's SYN exactly. A FIN must lie within
+ * HW_CT_SEQ_SLACK of the sender's highest end. From the peer, a RST or FIN carrying an ACK (a FIN
+ * always does) must also have an acceptable one (ct_ack_ok): a blind attacker guesses both sequence
+ * spaces. Sides not learnt yet (an entry carried over from a build without them) accept, as before.
+ * Cost: a few loads and compares, on RST/FIN/SYN-ACK only. */
+static __always_inline int ct_seq_ok(struct hw_ct_entry *e, struct pkt *p, __u8 d, __u8 peer)
 {
 	__u8 known = e->seq_known, f = p->tcp_flags, r = !d;
 	__u32 end = e->seq_end[d & 1];
 	if (f & TCPF_RST) {
-		if (st == HW_CT_SYN_SENT && d)
+		if (peer && (f & TCPF_ACK) && !ct_ack_ok(e, p, d))
+			return 0;
+		if (d && !(known & (HW_CT_SEQ_END << 1)))   /* no SYN-ACK learnt (syn_sent, a reused tuple) */
 			return !(known & HW_CT_SEQ_END) || ((f & TCPF_ACK) && p->tcp_ack == e->seq_end[0]);
 		int ok = 0, any = 0;
 		if (known & (HW_CT_SEQ_ACK << r)) {
@@ -304,27 +324,40 @@ static __always_inline int ct_seq_ok(struct hw_ct_entry *e, struct pkt *p, __u8 
 		}
 		return ok || !any;
 	}
+	if ((f & (TCPF_SYN | TCPF_ACK)) == (TCPF_SYN | TCPF_ACK))
+		return !(known & (HW_CT_SEQ_END << r)) || p->tcp_ack == e->seq_end[r & 1];
+	if (peer && !ct_ack_ok(e, p, d))
+		return 0;
 	return !(known & (HW_CT_SEQ_END << d)) || p->tcp_seq - end + HW_CT_SEQ_SLACK <= 2 * HW_CT_SEQ_SLACK;
 }
 
-/* Learn side d's sequence state from its segment p: its end advances only for a segment that starts
- * at most HW_CT_SEQ_SLACK past it (so a blind segment moves it with odds of about 2^-15), its
- * acknowledgement only forward. Stores only what changed (the established path stays cheap). */
-static __always_inline void ct_seq_learn(struct hw_ct_entry *e, struct pkt *p, __u8 d)
+/* Learn side d's sequence state from its segment p (which ct_seq_ok passed): its end advances only for
+ * a segment that starts at most HW_CT_SEQ_SLACK past it, its acknowledgement only forward; a peer's
+ * segment with an unacceptable ACK (ct_ack_ok) teaches nothing. A SYN (a SYN-ACK: ct_seq_ok checked its
+ * ACK) starts its side afresh, a new ISN: from the host always, from the peer while the host has not
+ * answered (syn_sent); the initiator's bare SYN (a new connection) also forgets the responder's. Stores only what changed (the
+ * established path stays cheap). */
+static __always_inline void ct_seq_learn(struct hw_ct_entry *e, struct pkt *p, __u8 d, __u8 st, __u8 peer)
 {
-	__u8 known = e->seq_known, k = known;
+	__u8 known = e->seq_known, k = known, f = p->tcp_flags;
 	__u32 end = e->seq_end[d & 1];
+	if ((f & TCPF_SYN) && (!peer || (f & TCPF_ACK) || st == HW_CT_SYN_SENT)) {
+		known = d || (f & TCPF_ACK) ? known & ~((HW_CT_SEQ_END | HW_CT_SEQ_ACK) << d) : 0;
+		k = known;
+	} else if (peer && !ct_ack_ok(e, p, d)) {
+		return;
+	}
 	if (!(known & (HW_CT_SEQ_END << d)) ||
 	    ((__s32)(p->tcp_seq - end) <= HW_CT_SEQ_SLACK && (__s32)(p->tcp_end - end) > 0)) {
 		e->seq_end[d & 1] = p->tcp_end;
 		k |= HW_CT_SEQ_END << d;
 	}
-	if ((p->tcp_flags & TCPF_ACK) &&
+	if ((f & TCPF_ACK) &&
 	    (!(known & (HW_CT_SEQ_ACK << d)) || (__s32)(p->tcp_ack - e->seq_ack[d & 1]) > 0)) {
 		e->seq_ack[d & 1] = p->tcp_ack;
 		k |= HW_CT_SEQ_ACK << d;
 	}
-	if (k != known)
+	if (k != e->seq_known)
 		e->seq_known = k;
 }
 
@@ -348,8 +381,6 @@ static __always_inline int ct_advance(struct env *v, struct pkt *p, struct ctref
 		return 0;
 	if (p->proto == IPPROTO_TCP) {
 		__u8 f = p->tcp_flags;
-		if ((f & (TCPF_RST | TCPF_FIN)) && !ct_seq_ok(e, p, !from_init, st))
-			return 2;
 		if (f & TCPF_RST) {
 			ns = HW_CT_CLOSED;
 		} else if ((f & (TCPF_SYN | TCPF_ACK)) == (TCPF_SYN | TCPF_ACK)) {
@@ -377,6 +408,10 @@ static __always_inline int ct_advance(struct env *v, struct pkt *p, struct ctref
 			fin |= from_init ? 1 : 2;
 			ns = (fin & 3) == 3 ? HW_CT_CLOSING : HW_CT_FIN_WAIT;
 		}
+		/* valid by the state machine; out of its sequence window it changes nothing (2) */
+		if (((f & (TCPF_RST | TCPF_FIN)) || (f & (TCPF_SYN | TCPF_ACK)) == (TCPF_SYN | TCPF_ACK)) &&
+		    !ct_seq_ok(e, p, !from_init, v->dir == HW_DIR_INGRESS))
+			return 2;
 	} else if (!from_init && st == HW_CT_NEW) {
 		ns = HW_CT_ESTABLISHED;
 		confirmed = 1;
@@ -387,7 +422,7 @@ static __always_inline int ct_advance(struct env *v, struct pkt *p, struct ctref
 	if (fast && (confirmed || closing))
 		return -1;
 	if (p->proto == IPPROTO_TCP)
-		ct_seq_learn(e, p, !from_init);
+		ct_seq_learn(e, p, !from_init, st, v->dir == HW_DIR_INGRESS);
 	if (ns != st)
 		e->state = ns;
 	if (fin != e->fin_seen)
@@ -639,7 +674,7 @@ static __always_inline void ct_open(struct env *v, struct pkt *p, __u32 slot, __
 	e->reported = 0;
 	e->seq_known = 0;
 	if (p->proto == IPPROTO_TCP)
-		ct_seq_learn(e, p, 0);  /* the opener is the initiator's (side 0) */
+		ct_seq_learn(e, p, 0, HW_CT_SYN_SENT, 0);      /* the opener is the initiator's (side 0): afresh */
 	__sync_lock_test_and_set(&e->slot_state, HW_SLOT_LIVE);        /* publish: the entry is whole */
 	if (ev) {
 		ev_packet(ev, p);

@@ -134,21 +134,40 @@ def slot_dtype(value_size: int, family: int) -> np.dtype | None:
 def copy_tables(src_fds: dict[str, int], dst_fds: dict[str, int], src_dtypes: dict[int, np.dtype] | None = None) -> int:
     """Copy every LIVE slot of src into the same index of dst (same seed required: the caller copies
     hw_config.table_seed); returns how many. `src_dtypes`: src's slot layout per family when it is
-    OLD_SLOT_DT (fields copied by name; the sequence state stays zero: nothing learnt)."""
+    OLD_SLOT_DT (fields copied by name; the sequence state stays zero: nothing learnt). The old
+    datapath may still run: only rows read LIVE twice with the same connection (_settled) are copied."""
     n = 0
     for f in (4, 6):
         sdt = (src_dtypes or {}).get(f, SLOT_DT[f])
         with CtTable(src_fds[MAPS[f]], f, sdt) as s, CtTable(dst_fds[MAPS[f]], f) as d:
-            idx = s.live()
+            idx, rows = _settled(s)
             if sdt == SLOT_DT[f]:
-                d.slots[idx] = s.slots[idx]
+                d.slots[idx] = rows
             else:
-                d.slots["k"][idx] = s.slots["k"][idx]
+                d.slots["k"][idx] = rows["k"]
                 for name in _ENTRY_NO_SEQ.names:
                     if name != "pad":
-                        d.slots["e"][name][idx] = s.slots["e"][name][idx]
+                        d.slots["e"][name][idx] = rows["e"][name]
             n += len(idx)
     return n
+
+
+def _settled(s: CtTable) -> tuple[np.ndarray, np.ndarray]:
+    """(indexes, row copies) of src's LIVE slots whose two reads agree on state (LIVE), key and
+    created_ns: a slot the running datapath claimed between them (BUSY, or LIVE again with another
+    connection: a row mixing two) is left out, its connection judged afresh. Counters moving between
+    the reads do not matter (the second read is copied). Cost: two copies of the LIVE rows."""
+    idx = s.live()
+    first = s.slots[idx]                # fancy indexing: copies
+    rows = s.slots[idx]
+    same = (rows["e"]["slot_state"] == LIVE) & (first["e"]["slot_state"] == LIVE) & \
+        (rows["e"]["created_ns"] == first["e"]["created_ns"]) & (_raw(rows["k"]) == _raw(first["k"])).all(axis=1)
+    return idx[same], rows[same]
+
+
+def _raw(a: np.ndarray) -> np.ndarray:
+    """Each element's bytes, one row per element."""
+    return np.ascontiguousarray(a).view(np.uint8).reshape(len(a), a.dtype.itemsize)
 
 
 def first_slot(keys: np.ndarray, family: int, seed: int) -> np.ndarray:

@@ -38,6 +38,10 @@
  * sender and still count (reordering on the wire, bytes the hook did not count: docs/datapath.md
  * "Sequence checks"); a FIN counts within this distance either side of that end. */
 #define HW_CT_SEQ_SLACK       65536
+/* How far behind the host's highest end (or the peer's last acceptable ACK) a peer's ACK may lie and
+ * still count (RFC 5961 §5's MAX.SND.WND, fixed): a blind RST/FIN with an ACK hits it with odds 2^-16,
+ * so a FIN sweep needs ~2^31 packets (docs/datapath.md "Sequence checks"). */
+#define HW_CT_ACK_WINDOW      65536
 #define HW_META_MAGIC         0x68770a11 /* XDP → TC metadata marker: "already judged" */
 #define HW_RINGBUF_BYTES      (8 << 20) /* event ring buffer (power of two, multiple of the page size) */
 #define HW_DROP_AGG_MAX       65536     /* drop aggregation keys per generation (per-CPU hash) */

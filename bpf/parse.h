@@ -213,9 +213,9 @@ static __always_inline int parse_l4(struct pkt *p, void *cur, void *end, __u32 l
 
 /* frame_len: the whole frame's length (XDP: data_end - data; TC: skb->len, which may exceed the
  * linear data). p->len becomes the packet's IP-layer length: the IP header's own length (IPv4 total
- * length, IPv6 40 + payload length), capped at what the frame holds after its L2 header (Ethernet
- * padding and lying headers count for nothing); the frame after its L2 header when there is no IP
- * length (non-IP, IPv6 jumbograms, frames too short to say). NetFlow/IPFIX count octets the same way. */
+ * length, IPv6 40 + payload length; Ethernet padding after it counts for nothing, and an IP length
+ * longer than the frame after its L2 header is malformed: the kernel drops it); the frame after
+ * its L2 header when there is no IP length (non-IP, IPv6 jumbograms, frames too short to say). NetFlow/IPFIX count octets the same way. */
 static __always_inline int parse_pkt(struct pkt *p, void *data, void *end, __u32 frame_len)
 {
 	struct ethhdr *eth = data;
@@ -240,10 +240,12 @@ static __always_inline int parse_pkt(struct pkt *p, void *data, void *end, __u32
 		struct iphdr *ip = cur;
 		if ((void *)(ip + 1) > end)
 			return PARSE_MALFORMED;
-		if (ip->version != 4 || ip->ihl < 5 || bpf_ntohs(ip->tot_len) < ip->ihl * 4)
-			return PARSE_MALFORMED;
 		__u32 ip_len = bpf_ntohs(ip->tot_len);
-		p->len = ip_len < l3 ? ip_len : l3;
+		/* longer than the frame: the kernel drops it (ip_rcv_core), and its length must not teach the
+		 * sequence checks a segment end it does not carry (docs/datapath.md "Sequence checks") */
+		if (ip->version != 4 || ip->ihl < 5 || ip_len < ip->ihl * 4 || ip_len > l3)
+			return PARSE_MALFORMED;
+		p->len = ip_len;
 		p->family = 4;
 		p->proto = ip->protocol;
 		p->saddr[0] = ip->saddr;
@@ -253,7 +255,7 @@ static __always_inline int parse_pkt(struct pkt *p, void *data, void *end, __u32
 		p->frag = (fo & 0x1fff) != 0;                   /* offset > 0 */
 		p->first_x = ((fo & 0x3fff) ^ 0x2000) + 1;      /* 1: offset 0, more fragments */
 		p->frag_id = ip->id;
-		p->l4len = bpf_ntohs(ip->tot_len) - ip->ihl * 4;
+		p->l4len = ip_len - ip->ihl * 4;
 		cur += ip->ihl * 4;
 	} else if (proto == bpf_htons(ETH_P_IPV6)) {
 		struct ipv6hdr *ip6 = cur;
@@ -262,16 +264,19 @@ static __always_inline int parse_pkt(struct pkt *p, void *data, void *end, __u32
 		if (ip6->version != 6)
 			return PARSE_MALFORMED;
 		__u32 ip_len = bpf_ntohs(ip6->payload_len);
+		if (ip_len + 40 > l3)   /* longer than the frame: as IPv4 above (ipv6_rcv drops it) */
+			return PARSE_MALFORMED;
 		if (ip_len)             /* 0: a jumbogram (the frame's length stands) */
-			p->len = ip_len + 40 < l3 ? ip_len + 40 : l3;
+			p->len = ip_len + 40;
 		p->family = 6;
 		__builtin_memcpy(p->saddr, &ip6->saddr, 16);
 		__builtin_memcpy(p->daddr, &ip6->daddr, 16);
 		p->hop_limit = ip6->hop_limit;
 		__u8 nh = ip6->nexthdr;
 		cur = ip6 + 1;
-		/* payload length 0: a jumbo (BIG TCP) super-packet on a TC hook; its length is the skb's */
-		p->l4len = ip6->payload_len ? bpf_ntohs(ip6->payload_len) : 0x10000;
+		/* payload length 0: a jumbo (BIG TCP) super-packet on a TC hook; its length is the skb's
+		 * (frame_len), as anywhere else the frame's: never more than the frame carries */
+		p->l4len = ip_len ? ip_len : l3 - 40;
 		int i;
 		for (i = 0; i < HW_V6_EXT_MAX; i++) {
 			if (!is_v6_ext(nh))

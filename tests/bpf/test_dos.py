@@ -281,8 +281,10 @@ def udp(src: str, dst: str, sport: int, dport: int) -> bytes:
     return raw(E / _ip(src, dst) / UDP(sport=sport, dport=dport))
 
 
-def tcp(src: str, dst: str, sport: int, dport: int, flags: str, seq: int = 0) -> bytes:
-    return raw(E / _ip(src, dst) / TCP(sport=sport, dport=dport, flags=flags, seq=seq))
+def tcp(src: str, dst: str, sport: int, dport: int, flags: str, seq: int = 0, ack: int | None = None) -> bytes:
+    """A segment; with ACK set it acknowledges, by default, the other side's SYN at seq 0 (ack 1)."""
+    ack = (1 if "A" in flags else 0) if ack is None else ack
+    return raw(E / _ip(src, dst) / TCP(sport=sport, dport=dport, flags=flags, seq=seq, ack=ack))
 
 
 def at(harness, hook: str, frame_: bytes, now: int):
@@ -338,7 +340,12 @@ def test_banned_peer_keeps_the_tcp_connections_the_host_opened(harness, v6):
     assert (got.passed, got.reason) == (True, SPARED)
     assert at(harness, "xdp", tcp(peer, me, 50000, 22, "PA"), now).reason == "banned"      # inbound: not spared
     assert at(harness, "xdp", tcp(peer, me, 50001, 22, "S"), now).reason == "banned"       # a new connection
-    at(harness, "tc_egress", tcp(me, peer, 40000, 443, "R"), now)                           # the host resets one
+    # outside the connection's sequence window a RST or FIN is not its packet: not spared (dos.h)
+    for flags, seq in (("R", 12345), ("RA", 12345), ("FA", 1 + 10**6)):
+        got = at(harness, "xdp", tcp(peer, me, 443, 40000, flags, seq=seq), now)
+        assert (got.passed, got.reason) == (False, "banned"), flags
+    assert at(harness, "xdp", tcp(peer, me, 443, 40000, "PA", seq=1), now).reason == SPARED   # still open
+    at(harness, "tc_egress", tcp(me, peer, 40000, 443, "R", seq=1), now)                    # the host resets one
     assert at(harness, "xdp", tcp(peer, me, 443, 40000, "A"), now).reason == "banned"       # not a continuation
     assert at(harness, "xdp", tcp(peer, me, 443, 40000, "R"), now).reason == "banned"       # closed: not spared
 
