@@ -280,8 +280,8 @@ static __always_inline void ct_report_confirmed(struct env *v, struct pkt *p, st
 }
 
 /* Sequence checks (docs/datapath.md "Sequence checks", docs/policy.md "stateful"). Side `d` (0
- * initiator, 1 responder) sent p; `peer`: p came in (ingress), from the side the host cannot vouch for.
- * Is the peer's acknowledgement acceptable (RFC 5961 §5)? Within [its last acceptable one (or the
+ * initiator, 1 responder) sent p, a packet that came in (ct_advance asks for the peer's packets only:
+ * the host vouches for its own). Is the peer's acknowledgement acceptable (RFC 5961 §5)? Within [its last acceptable one (or the
  * host's end when none) - HW_CT_ACK_WINDOW, the host's end]: an ACK of data the host never sent, or
  * older than that, is a blind guess. The host's side not learnt yet: accepted, as before. */
 static __always_inline int ct_ack_ok(struct hw_ct_entry *e, struct pkt *p, __u8 d)
@@ -301,15 +301,15 @@ static __always_inline int ct_ack_ok(struct hw_ct_entry *e, struct pkt *p, __u8 
  * after its data, before the ACK); one answering the initiator's SYN (no SYN-ACK learnt yet) must acknowledge it
  * (RFC 9293 §3.10.7.3). A SYN-ACK must acknowledge the other side's SYN exactly. A FIN must lie within
  * HW_CT_SEQ_SLACK of the sender's highest end. From the peer, a RST or FIN carrying an ACK (a FIN
- * always does) must also have an acceptable one (ct_ack_ok): a blind attacker guesses both sequence
- * spaces. Sides not learnt yet (an entry carried over from a build without them) accept, as before.
+ * always does) must also have an acceptable one (`ack_ok`: ct_ack_ok, 1 for the host's own): a blind
+ * attacker guesses both sequence spaces. Sides not learnt yet (an entry carried over from a build without them) accept, as before.
  * Cost: a few loads and compares, on RST/FIN/SYN-ACK only. */
-static __always_inline int ct_seq_ok(struct hw_ct_entry *e, struct pkt *p, __u8 d, __u8 peer)
+static __always_inline int ct_seq_ok(struct hw_ct_entry *e, struct pkt *p, __u8 d, int ack_ok)
 {
 	__u8 known = e->seq_known, f = p->tcp_flags, r = !d;
 	__u32 end = e->seq_end[d & 1];
 	if (f & TCPF_RST) {
-		if (peer && (f & TCPF_ACK) && !ct_ack_ok(e, p, d))
+		if ((f & TCPF_ACK) && !ack_ok)
 			return 0;
 		if (d && !(known & (HW_CT_SEQ_END << 1)))   /* no SYN-ACK learnt (syn_sent, a reused tuple) */
 			return !(known & HW_CT_SEQ_END) || ((f & TCPF_ACK) && p->tcp_ack == e->seq_end[0]);
@@ -326,7 +326,7 @@ static __always_inline int ct_seq_ok(struct hw_ct_entry *e, struct pkt *p, __u8 
 	}
 	if ((f & (TCPF_SYN | TCPF_ACK)) == (TCPF_SYN | TCPF_ACK))
 		return !(known & (HW_CT_SEQ_END << r)) || p->tcp_ack == e->seq_end[r & 1];
-	if (peer && !ct_ack_ok(e, p, d))
+	if (!ack_ok)
 		return 0;
 	return !(known & (HW_CT_SEQ_END << d)) || p->tcp_seq - end + HW_CT_SEQ_SLACK <= 2 * HW_CT_SEQ_SLACK;
 }
@@ -337,14 +337,15 @@ static __always_inline int ct_seq_ok(struct hw_ct_entry *e, struct pkt *p, __u8 
  * ACK) starts its side afresh, a new ISN: from the host always, from the peer while the host has not
  * answered (syn_sent); the initiator's bare SYN (a new connection) also forgets the responder's. Stores only what changed (the
  * established path stays cheap). */
-static __always_inline void ct_seq_learn(struct hw_ct_entry *e, struct pkt *p, __u8 d, __u8 st, __u8 peer)
+static __always_inline void ct_seq_learn(struct hw_ct_entry *e, struct pkt *p, __u8 d, __u8 st, __u8 peer,
+					 int ack_ok)
 {
 	__u8 known = e->seq_known, k = known, f = p->tcp_flags;
 	__u32 end = e->seq_end[d & 1];
 	if ((f & TCPF_SYN) && (!peer || (f & TCPF_ACK) || st == HW_CT_SYN_SENT)) {
 		known = d || (f & TCPF_ACK) ? known & ~((HW_CT_SEQ_END | HW_CT_SEQ_ACK) << d) : 0;
 		k = known;
-	} else if (peer && !ct_ack_ok(e, p, d)) {
+	} else if (!ack_ok) {
 		return;
 	}
 	if (!(known & (HW_CT_SEQ_END << d)) ||
@@ -375,12 +376,15 @@ static __always_inline int ct_advance(struct env *v, struct pkt *p, struct ctref
 	struct hw_ct_entry *e = r->e;
 	__u8 from_init = r->side == e->initiator;
 	__u8 st = e->state, ns = st, fin = e->fin_seen;
-	int confirmed = 0;
+	int confirmed = 0, ack_ok = 1;
+	__u8 peer = v->dir == HW_DIR_INGRESS;    /* the host vouches for its own segments only */
 	/* the initiator's packets travel the way the first one did, the responder's the other way */
 	if ((from_init ? e->origin : !e->origin) != v->dir)
 		return 0;
 	if (p->proto == IPPROTO_TCP) {
 		__u8 f = p->tcp_flags;
+		if (peer)
+			ack_ok = ct_ack_ok(e, p, !from_init);   /* once, for ct_seq_ok and ct_seq_learn */
 		if (f & TCPF_RST) {
 			ns = HW_CT_CLOSED;
 		} else if ((f & (TCPF_SYN | TCPF_ACK)) == (TCPF_SYN | TCPF_ACK)) {
@@ -410,7 +414,7 @@ static __always_inline int ct_advance(struct env *v, struct pkt *p, struct ctref
 		}
 		/* valid by the state machine; out of its sequence window it changes nothing (2) */
 		if (((f & (TCPF_RST | TCPF_FIN)) || (f & (TCPF_SYN | TCPF_ACK)) == (TCPF_SYN | TCPF_ACK)) &&
-		    !ct_seq_ok(e, p, !from_init, v->dir == HW_DIR_INGRESS))
+		    !ct_seq_ok(e, p, !from_init, ack_ok))
 			return 2;
 	} else if (!from_init && st == HW_CT_NEW) {
 		ns = HW_CT_ESTABLISHED;
@@ -422,7 +426,7 @@ static __always_inline int ct_advance(struct env *v, struct pkt *p, struct ctref
 	if (fast && (confirmed || closing))
 		return -1;
 	if (p->proto == IPPROTO_TCP)
-		ct_seq_learn(e, p, !from_init, st, v->dir == HW_DIR_INGRESS);
+		ct_seq_learn(e, p, !from_init, st, peer, ack_ok);
 	if (ns != st)
 		e->state = ns;
 	if (fin != e->fin_seen)
@@ -674,7 +678,7 @@ static __always_inline void ct_open(struct env *v, struct pkt *p, __u32 slot, __
 	e->reported = 0;
 	e->seq_known = 0;
 	if (p->proto == IPPROTO_TCP)
-		ct_seq_learn(e, p, 0, HW_CT_SYN_SENT, 0);      /* the opener is the initiator's (side 0): afresh */
+		ct_seq_learn(e, p, 0, HW_CT_SYN_SENT, 0, 1);      /* the opener is the initiator's (side 0): afresh */
 	__sync_lock_test_and_set(&e->slot_state, HW_SLOT_LIVE);        /* publish: the entry is whole */
 	if (ev) {
 		ev_packet(ev, p);
