@@ -13,13 +13,13 @@ TCP not a SYN-ACK from the initiator (a SYN from the responder is a simultaneous
 counts as the initiator's, as the datapath's normalised key does). Otherwise it is judged by the
 policy, and a drop of such an invalid continuation has reason conntrack_invalid. A valid continuation
 may be out of the fresh entry's sequence window (bpf/conntrack.h `ct_seq_ok`, docs/datapath.md
-"Sequence checks"): the case frames (analysis/frames.py, tests/bpf/packets.py) give every TCP packet
-the same sequence number and an acknowledgement that is not the SYN's end, so a RST (the initiator's
-is not at its next sequence number, the responder's does not acknowledge the SYN) and the responder's
-SYN-ACK are out of window; a FIN is within it (same sequence number as the SYN, and an ACK within the
-ACK window of the SYN's end), except a responder's FIN without ACK coming in from the peer when the
-host sent the SYN (no acceptable ACK, RFC 5961 §5). Those pass as pass_conntrack_out_of_window,
-whatever the policy. Cost: one or two stateless judgements.
+"Sequence checks"): the case frames (analysis/frames.py) give every TCP packet the same sequence
+number and, with ACK, an acknowledgement of the opener's end (a bare SYN: packet.CasePacket.opener).
+So the initiator's RST (not at its next sequence number) is out of window, and so are the responder's
+RST without ACK and its FIN without ACK coming in from the peer when the host sent the SYN (no
+acceptable ACK, RFC 5961 §5): they pass as pass_conntrack_out_of_window, whatever the policy. The
+responder's SYN-ACK and RST with ACK acknowledge the SYN; FINs are at the SYN's sequence number. Cost:
+one or two stateless judgements.
 """
 from __future__ import annotations
 
@@ -87,14 +87,14 @@ def _continues(p: CasePacket, from_initiator: bool) -> bool:
 
 def _out_of_window(p: CasePacket, from_initiator: bool) -> bool:
     """bpf/conntrack.h ct_seq_ok on a fresh entry (only the initiator's side learnt, from its SYN), for a
-    packet `_continues` accepts, with the case frames' sequence numbers (module docstring)."""
+    packet `_continues` accepts, with the case frames' numbers (module docstring)."""
     if p.protocol != 6:
         return False
     f = p.tcp_flag_bits
-    if f & _RST or f & (_SYN | _ACK) == (_SYN | _ACK):
-        return True
+    if f & _RST:
+        return from_initiator or not f & _ACK
     # a FIN from the peer needs an acceptable ACK once the host's side is known (the host sent the SYN)
-    return bool(f & _FIN) and not from_initiator and p.direction == "ingress" and not f & _ACK
+    return bool(f & _FIN) and not f & _ACK and not from_initiator and p.direction == "ingress"
 
 
 def _symmetric(p: CasePacket) -> bool:
