@@ -368,9 +368,10 @@ static __always_inline void ct_seq_learn(struct hw_ct_entry *e, struct pkt *p, _
  * `fast` (xdp_ingress): a packet whose continuation must be reported (it confirms a connection whose
  * start is PENDING, or closes one) returns -1 with nothing changed, for xdp_judge to handle: the fast
  * path stays free of the reporting code, which keeps xdp_ingress inside the verifier's budget.
- * 2: a RST or FIN out of the connection's sequence window (ct_seq_ok): passed, for the stack to ignore
- * or answer with a challenge ACK (RFC 5961), and nothing changed — a blind RST neither closes the
- * entry nor a FIN shortens its timeout (counted as pass_conntrack_out_of_window). */
+ * 2: a RST, FIN or SYN-ACK the state machine accepts but out of the connection's sequence window
+ * (ct_seq_ok): passed, for the stack to ignore or answer with a challenge ACK (RFC 5961), and nothing
+ * changed — a blind RST neither closes the entry nor a FIN shortens its timeout (counted as
+ * pass_conntrack_out_of_window). */
 static __always_inline int ct_advance(struct env *v, struct pkt *p, struct ctref *r, int fast)
 {
 	struct hw_ct_entry *e = r->e;

@@ -123,8 +123,9 @@ enum hw_reason {
 	HW_R_PASS_FRAGMENT = 24,   /* later fragment of a datagram whose first fragment passed */
 	HW_R_PASS_SYN_COOKIE = 25, /* an allowed SYN answered from XDP with a cookie SYN-ACK (no state kept) */
 	HW_R_PASS_CONNTRACK_OVER_LIMIT = 26, /* a tracked connection's packet whose source is over a DoS limit or banned */
-	HW_R_PASS_CONNTRACK_OUT_OF_WINDOW = 27, /* a RST or FIN of a tracked TCP connection outside its sequence
-	                                         * window: passed to the stack, the entry unchanged (conntrack.h) */
+	HW_R_PASS_CONNTRACK_OUT_OF_WINDOW = 27, /* a RST, FIN or SYN-ACK of a tracked TCP connection outside its
+	                                         * sequence window (or with an unacceptable ACK): passed to the
+	                                         * stack, the entry unchanged (conntrack.h) */
 	HW_REASONS = 32,
 };
 
