@@ -234,7 +234,7 @@ static __always_inline int parse_pkt(struct pkt *p, void *data, void *end, __u32
 		cur += 4;
 	}
 	__u32 l2 = cur - data;
-	__u32 l3 = frame_len > l2 ? frame_len - l2 : 0;
+	__u32 l3 = frame_len > l2 ? frame_len - l2 : 0, jumbo_fix = 0;
 	p->len = l3;
 	if (proto == bpf_htons(ETH_P_IP)) {
 		struct iphdr *ip = cur;
@@ -275,8 +275,12 @@ static __always_inline int parse_pkt(struct pkt *p, void *data, void *end, __u32
 		__u8 nh = ip6->nexthdr;
 		cur = ip6 + 1;
 		/* payload length 0: a jumbo (BIG TCP) super-packet on a TC hook; its length is the skb's
-		 * (frame_len), as anywhere else the frame's: never more than the frame carries */
-		p->l4len = ip_len ? ip_len : l3 - 40;
+		 * (frame_len), as anywhere else the frame's. Parsed as 64 KiB (a constant bound keeps the
+		 * verifier's work small: ~97k instructions in tc_egress otherwise), its TCP end then moved to
+		 * what the frame carries (below) */
+		p->l4len = ip_len ? ip_len : 0x10000;
+		if (!ip_len)
+			jumbo_fix = l3 - 40 - 0x10000;
 		int i;
 		for (i = 0; i < HW_V6_EXT_MAX; i++) {
 			if (!is_v6_ext(nh))
@@ -311,7 +315,9 @@ static __always_inline int parse_pkt(struct pkt *p, void *data, void *end, __u32
 	}
 	if (cur > end)
 		return PARSE_MALFORMED;
-	return parse_l4(p, cur, end, p->l4len);
+	int rc = parse_l4(p, cur, end, p->l4len);
+	p->tcp_end += jumbo_fix;        /* sequence arithmetic: wraps as it should */
+	return rc;
 }
 
 #endif /* HW_PARSE_H */
