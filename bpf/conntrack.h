@@ -298,8 +298,9 @@ static __always_inline int ct_ack_ok(struct hw_ct_entry *e, struct pkt *p, __u8 
 
 /* May this RST, FIN or SYN-ACK change the entry? A RST must carry exactly the sequence number the
  * receiver last acknowledged (its RCV.NXT, RFC 5961 §3.2) or the sender's own next one (a RST right
- * after its data, before the ACK); one answering the initiator's SYN (no SYN-ACK learnt yet) must acknowledge it
- * (RFC 9293 §3.10.7.3). A SYN-ACK must acknowledge the other side's SYN exactly. A FIN must lie within
+ * after its data, before the ACK); the responder's while the initiator has acknowledged nothing (syn_sent, a
+ * simultaneous open before the initiator's SYN-ACK, a reused tuple) must acknowledge the SYN (RFC 9293
+ * §3.10.7.3). A SYN-ACK must acknowledge the other side's SYN exactly. A FIN must lie within
  * HW_CT_SEQ_SLACK of the sender's highest end. From the peer, a RST or FIN carrying an ACK (a FIN
  * always does) must also have an acceptable one (`ack_ok`: ct_ack_ok, 1 for the host's own): a blind
  * attacker guesses both sequence spaces. Sides not learnt yet (an entry carried over from a build without them) accept, as before.
@@ -311,8 +312,9 @@ static __always_inline int ct_seq_ok(struct hw_ct_entry *e, struct pkt *p, __u8 
 	if (f & TCPF_RST) {
 		if ((f & TCPF_ACK) && !ack_ok)
 			return 0;
-		if (d && !(known & (HW_CT_SEQ_END << 1)))   /* no SYN-ACK learnt (syn_sent, a reused tuple) */
-			return !(known & HW_CT_SEQ_END) || ((f & TCPF_ACK) && p->tcp_ack == e->seq_end[0]);
+		/* the initiator's SYN is learnt, and it acknowledged nothing yet */
+		if (d && (known & (HW_CT_SEQ_END | HW_CT_SEQ_ACK)) == HW_CT_SEQ_END)
+			return (f & TCPF_ACK) && p->tcp_ack == e->seq_end[0];
 		int ok = 0, any = 0;
 		if (known & (HW_CT_SEQ_ACK << r)) {
 			any = 1;

@@ -631,6 +631,24 @@ def test_syn_ack_must_acknowledge_the_hosts_syn(harness, host_rst):
     assert (got.passed, got.reason) == (True, "pass_conntrack")
 
 
+@pytest.mark.parametrize("v6", [False, True], ids=["v4", "v6"])
+def test_simultaneous_open_rst_before_the_hosts_syn_ack_must_acknowledge_its_syn(harness, v6):
+    """A bare SYN from the peer in syn_sent (simultaneous open) carries no ACK to check; until the host
+    answers it (its SYN-ACK acknowledges that SYN), a RST at that SYN's next number closes nothing
+    unless it acknowledges the host's SYN. After the host's SYN-ACK the kernel accepts it too: so do we."""
+    harness.install(POLICY % "true")
+    assert harness.run("tc_egress", out_tcp("S", v6=v6, seq=ISN_ME)).reason == "pass_default"
+    X = 424242
+    assert harness.run("xdp", in_tcp("S", v6=v6, seq=X)).reason == "pass_conntrack"
+    for flags, ack in (("R", 0), ("RA", ISN_ME + 7)):
+        got = harness.run("xdp", in_tcp(flags, v6=v6, seq=X + 1, ack=ack))
+        assert got.reason == "pass_conntrack_out_of_window", flags
+    assert _state(harness, v6) == "syn_recv"
+    assert harness.run("tc_egress", out_tcp("SA", v6=v6, seq=ISN_ME, ack=X + 1)).reason == "pass_conntrack"
+    assert harness.run("xdp", in_tcp("R", v6=v6, seq=X + 1)).reason == "pass_conntrack"
+    assert _state(harness, v6) == "closed"
+
+
 def test_out_of_window_is_no_bypass_of_the_state_machine(harness):
     """An out-of-window packet the state machine refuses anyway is invalid, not passed: a responder SYN|FIN
     on an established tuple, and a FIN with data after a RST closed the entry (ingress: deny drops them)."""
