@@ -302,15 +302,15 @@ static __always_inline int ct_ack_ok(struct hw_ct_entry *e, struct pkt *p, __u8 
  * simultaneous open before the initiator's SYN-ACK, a reused tuple) must acknowledge the SYN (RFC 9293
  * §3.10.7.3). A SYN-ACK must acknowledge the other side's SYN exactly. A FIN must lie within
  * HW_CT_SEQ_SLACK of the sender's highest end. From the peer, a RST or FIN carrying an ACK (a FIN
- * always does) must also have an acceptable one (`ack_ok`: ct_ack_ok, 1 for the host's own): a blind
- * attacker guesses both sequence spaces. Sides not learnt yet (an entry carried over from a build without them) accept, as before.
+ * always does) must also have an acceptable one (ct_ack_ok; `peer`: p came in, the host vouches for
+ * its own): a blind attacker guesses both sequence spaces. Sides not learnt yet (an entry carried over from a build without them) accept, as before.
  * Cost: a few loads and compares, on RST/FIN/SYN-ACK only. */
-static __always_inline int ct_seq_ok(struct hw_ct_entry *e, struct pkt *p, __u8 d, int ack_ok)
+static __always_inline int ct_seq_ok(struct hw_ct_entry *e, struct pkt *p, __u8 d, __u8 peer)
 {
 	__u8 known = e->seq_known, f = p->tcp_flags, r = !d;
 	__u32 end = e->seq_end[d & 1];
 	if (f & TCPF_RST) {
-		if ((f & TCPF_ACK) && !ack_ok)
+		if (peer && (f & TCPF_ACK) && !ct_ack_ok(e, p, d))
 			return 0;
 		/* the initiator's SYN is learnt, and it acknowledged nothing yet */
 		if (d && (known & (HW_CT_SEQ_END | HW_CT_SEQ_ACK)) == HW_CT_SEQ_END)
@@ -328,7 +328,7 @@ static __always_inline int ct_seq_ok(struct hw_ct_entry *e, struct pkt *p, __u8 
 	}
 	if ((f & (TCPF_SYN | TCPF_ACK)) == (TCPF_SYN | TCPF_ACK))
 		return !(known & (HW_CT_SEQ_END << r)) || p->tcp_ack == e->seq_end[r & 1];
-	if (!ack_ok)
+	if (peer && !ct_ack_ok(e, p, d))
 		return 0;
 	return !(known & (HW_CT_SEQ_END << d)) || p->tcp_seq - end + HW_CT_SEQ_SLACK <= 2 * HW_CT_SEQ_SLACK;
 }
@@ -337,26 +337,29 @@ static __always_inline int ct_seq_ok(struct hw_ct_entry *e, struct pkt *p, __u8 
  * a segment that starts at most HW_CT_SEQ_SLACK past it, its acknowledgement only forward; a peer's
  * segment with an unacceptable ACK (ct_ack_ok) teaches nothing. A SYN (a SYN-ACK: ct_seq_ok checked its
  * ACK) starts its side afresh, a new ISN: from the host always, from the peer while the host has not
- * answered (syn_sent); the initiator's bare SYN (a new connection) also forgets the responder's. Stores only what changed (the
- * established path stays cheap). */
-static __always_inline void ct_seq_learn(struct hw_ct_entry *e, struct pkt *p, __u8 d, __u8 st, __u8 peer,
-					 int ack_ok)
+ * answered (syn_sent); the initiator's bare SYN (a new connection) also forgets the responder's. Cost:
+ * the ACK check only for a peer's segment that would teach something, stores only what changed (the
+ * established path stays cheap: a segment with nothing new returns after two compares). */
+static __always_inline void ct_seq_learn(struct hw_ct_entry *e, struct pkt *p, __u8 d, __u8 st, __u8 peer)
 {
-	__u8 known = e->seq_known, k = known, f = p->tcp_flags;
+	__u8 known = e->seq_known, k, f = p->tcp_flags;
 	__u32 end = e->seq_end[d & 1];
 	if ((f & TCPF_SYN) && (!peer || (f & TCPF_ACK) || st == HW_CT_SYN_SENT)) {
 		known = d || (f & TCPF_ACK) ? known & ~((HW_CT_SEQ_END | HW_CT_SEQ_ACK) << d) : 0;
-		k = known;
-	} else if (!ack_ok) {
-		return;
+		peer = 0;               /* afresh: its ACK, if any, was checked exactly (ct_seq_ok) */
 	}
-	if (!(known & (HW_CT_SEQ_END << d)) ||
-	    ((__s32)(p->tcp_seq - end) <= HW_CT_SEQ_SLACK && (__s32)(p->tcp_end - end) > 0)) {
+	int new_end = !(known & (HW_CT_SEQ_END << d)) ||
+		      ((__s32)(p->tcp_seq - end) <= HW_CT_SEQ_SLACK && (__s32)(p->tcp_end - end) > 0);
+	int new_ack = (f & TCPF_ACK) &&
+		      (!(known & (HW_CT_SEQ_ACK << d)) || (__s32)(p->tcp_ack - e->seq_ack[d & 1]) > 0);
+	if (!(new_end | new_ack) || (peer && !ct_ack_ok(e, p, d)))
+		return;
+	k = known;
+	if (new_end) {
 		e->seq_end[d & 1] = p->tcp_end;
 		k |= HW_CT_SEQ_END << d;
 	}
-	if ((f & TCPF_ACK) &&
-	    (!(known & (HW_CT_SEQ_ACK << d)) || (__s32)(p->tcp_ack - e->seq_ack[d & 1]) > 0)) {
+	if (new_ack) {
 		e->seq_ack[d & 1] = p->tcp_ack;
 		k |= HW_CT_SEQ_ACK << d;
 	}
@@ -379,15 +382,13 @@ static __always_inline int ct_advance(struct env *v, struct pkt *p, struct ctref
 	struct hw_ct_entry *e = r->e;
 	__u8 from_init = r->side == e->initiator;
 	__u8 st = e->state, ns = st, fin = e->fin_seen;
-	int confirmed = 0, ack_ok = 1;
+	int confirmed = 0;
 	__u8 peer = v->dir == HW_DIR_INGRESS;    /* the host vouches for its own segments only */
 	/* the initiator's packets travel the way the first one did, the responder's the other way */
 	if ((from_init ? e->origin : !e->origin) != v->dir)
 		return 0;
 	if (p->proto == IPPROTO_TCP) {
 		__u8 f = p->tcp_flags;
-		if (peer)
-			ack_ok = ct_ack_ok(e, p, !from_init);   /* once, for ct_seq_ok and ct_seq_learn */
 		if (f & TCPF_RST) {
 			ns = HW_CT_CLOSED;
 		} else if ((f & (TCPF_SYN | TCPF_ACK)) == (TCPF_SYN | TCPF_ACK)) {
@@ -417,7 +418,7 @@ static __always_inline int ct_advance(struct env *v, struct pkt *p, struct ctref
 		}
 		/* valid by the state machine; out of its sequence window it changes nothing (2) */
 		if (((f & (TCPF_RST | TCPF_FIN)) || (f & (TCPF_SYN | TCPF_ACK)) == (TCPF_SYN | TCPF_ACK)) &&
-		    !ct_seq_ok(e, p, !from_init, ack_ok))
+		    !ct_seq_ok(e, p, !from_init, peer))
 			return 2;
 	} else if (!from_init && st == HW_CT_NEW) {
 		ns = HW_CT_ESTABLISHED;
@@ -429,7 +430,7 @@ static __always_inline int ct_advance(struct env *v, struct pkt *p, struct ctref
 	if (fast && (confirmed || closing))
 		return -1;
 	if (p->proto == IPPROTO_TCP)
-		ct_seq_learn(e, p, !from_init, st, peer, ack_ok);
+		ct_seq_learn(e, p, !from_init, st, peer);
 	if (ns != st)
 		e->state = ns;
 	if (fin != e->fin_seen)
@@ -681,7 +682,7 @@ static __always_inline void ct_open(struct env *v, struct pkt *p, __u32 slot, __
 	e->reported = 0;
 	e->seq_known = 0;
 	if (p->proto == IPPROTO_TCP)
-		ct_seq_learn(e, p, 0, HW_CT_SYN_SENT, 0, 1);      /* the opener is the initiator's (side 0): afresh */
+		ct_seq_learn(e, p, 0, HW_CT_SYN_SENT, 0);      /* the opener is the initiator's (side 0): afresh */
 	__sync_lock_test_and_set(&e->slot_state, HW_SLOT_LIVE);        /* publish: the entry is whole */
 	if (ev) {
 		ev_packet(ev, p);

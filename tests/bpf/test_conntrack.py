@@ -644,6 +644,9 @@ def test_simultaneous_open_rst_before_the_hosts_syn_ack_must_acknowledge_its_syn
         got = harness.run("xdp", in_tcp(flags, v6=v6, seq=X + 1, ack=ack))
         assert got.reason == "pass_conntrack_out_of_window", flags
     assert _state(harness, v6) == "syn_recv"
+    # the peer's SYN was learnt: a SYN-ACK must acknowledge it exactly
+    assert harness.run("tc_egress", out_tcp("SA", v6=v6, seq=ISN_ME, ack=X + 7)).reason == \
+        "pass_conntrack_out_of_window"
     assert harness.run("tc_egress", out_tcp("SA", v6=v6, seq=ISN_ME, ack=X + 1)).reason == "pass_conntrack"
     assert harness.run("xdp", in_tcp("R", v6=v6, seq=X + 1)).reason == "pass_conntrack"
     assert _state(harness, v6) == "closed"
