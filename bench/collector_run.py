@@ -136,6 +136,9 @@ class _Source:
     def kernel_loss(self) -> dict:
         return {}
 
+    def detached_ns(self) -> int:
+        return 0
+
     def scan_conntrack(self, now_ns: int, at_ns: int, grace_ns: int = 0):
         from hostwall.collector.kernel import CtScan
         return CtScan([], 0, 0, 0)

@@ -290,18 +290,66 @@ static __always_inline __u32 dos_buckets(struct env *v, struct pkt *p, struct hw
 	return 0;
 }
 
+static __always_inline int global_take(__u32 idx, __u64 rate, __u64 now)
+{
+	struct hw_bucket *b = hw_dos_global.lookup(&idx);
+	if (!b)
+		return 1;
+	__u64 dt = elapsed_ns(now, b->last_ns, 1000000000ULL);
+	b->last_ns = now;
+	return bucket_take(&b->tokens, rate, rate * 1000000000ULL, dt, 1000000000ULL);
+}
+
+/* Is p an ICMP error the source guards may spare for the connection it quotes (docs/dos.md "Tracked
+ * connections")? Destination unreachable, packet too big, time exceeded, parameter problem (v4 3, 11,
+ * 12; v6 1-4; not source quench or redirect), quoting a packet the host sent (icmp_inner_ours) to one
+ * peer: not to multicast or limited broadcast, whose flows have public tuples and no one peer; of a
+ * quoted ICMP message only an echo request (the host's ping: its id alone would match a reply or a
+ * timestamp). A few compares, on the guards' drop path only. */
+static __always_inline int dos_error_spares(struct pkt *p)
+{
+	if (!p->related || !icmp_inner_ours(p))
+		return 0;
+	__u32 d0 = bpf_ntohl(p->in_daddr[0]);
+	if (p->family == 4 ? p->icmp_type == 4 || p->icmp_type == 5 || (d0 >> 28) == 0xe || d0 == 0xffffffff
+			   : (d0 >> 24) == 0xff)
+		return 0;
+	if (p->in_proto == IPPROTO_ICMP || p->in_proto == IPPROTO_ICMPV6)
+		return p->in_icmp_type == (p->family == 4 ? 8 : 128);
+	return 1;
+}
+
+/* The rate of a profile's one bucket for spared ICMP errors, all sources together: one source's ICMP
+ * share (icmp_pps, else pps), so a spoofed flood of errors quoting a public tuple (NTP 123 <-> 123)
+ * gets no more than one source would; path-MTU and unreachable errors are few (docs/dos.md). */
+_Static_assert(HW_DOS_PORTS_MAX < HW_DOS_GLOBAL_ERR, "a profile's port buckets must not reach its error bucket");
+
+static __always_inline __u64 dos_err_pps(struct hw_dos_profile *pr)
+{
+	return pr->icmp_pps ? pr->icmp_pps : pr->pps ? pr->pps : HW_DOS_ERR_PPS;
+}
+
 /* Does p belong to a tracked connection that the source guards spare (docs/dos.md "Tracked
  * connections")? Only one the host opened, not closed, and not an ICMP echo request (echo entries are
  * keyed by id alone: a request "from" the peer would match the host's own ping and be reflected). An
  * inbound connection is never spared: its sender chose the tuple (UDP, ICMP) or can complete its
  * handshake blind (conntrack checks no sequence numbers), and a real client must stay bounded by its
- * limits on its own connections. One conntrack lookup, paid on the drop path only; whether p continues
- * the connection validly is judged where conntrack passes it (ct_advance). */
+ * limits on its own connections. An ICMP error is judged by the packet it quotes (dos_error_spares
+ * says which errors may be; dos_source caps them): path-MTU errors from a banned router keep the host's
+ * connections alive.
+ * One conntrack lookup, paid on the drop path only; whether p continues the connection validly is
+ * judged where conntrack passes it (ct_advance, or as related: judge_first). */
 static __always_inline int dos_spares(struct env *v, struct pkt *p)
 {
 	struct ctref r = {};
 	int echo_request = (p->proto == IPPROTO_ICMP || p->proto == IPPROTO_ICMPV6) && p->opens;
-	if (!p->trackable || echo_request || !ct_find(v, p, p->saddr, p->daddr, p->sport, p->dport, p->proto, &r))
+	int error = dos_error_spares(p);
+	if (!(p->trackable || error) || echo_request)
+		return 0;
+	/* one lookup site for both (inlined once): the error's quoted tuple, or p's own */
+	__u32 *s = error ? p->in_saddr : p->saddr, *d = error ? p->in_daddr : p->daddr;
+	if (!ct_find(v, p, s, d, error ? p->in_sport : p->sport, error ? p->in_dport : p->dport,
+		     error ? p->in_proto : p->proto, &r))
 		return 0;
 	return r.e->origin == HW_DIR_EGRESS && r.e->state != HW_CT_CLOSED;
 }
@@ -334,7 +382,9 @@ static __always_inline __u32 dos_source(struct env *v, struct pkt *p, struct hw_
 	__u32 reason = dos_buckets(v, p, pr, s);
 	if (!reason)
 		return 0;
-	if (dos_spares(v, p)) {
+	/* an error (p->related: never trackable) is spared only within its profile's shared bucket */
+	if (dos_spares(v, p) &&
+	    (!p->related || global_take(profile * 16 + HW_DOS_GLOBAL_ERR, dos_err_pps(pr), v->now))) {
 		p->dos_spared = reason;
 		return 0;
 	}
@@ -346,16 +396,6 @@ static __always_inline __u32 dos_source(struct env *v, struct pkt *p, struct hw_
 	if (pr->ban_after_ns && v->now - s->streak_start_ns >= pr->ban_after_ns)
 		dos_ban(v, &k, s, pr, reason);
 	return reason;
-}
-
-static __always_inline int global_take(__u32 idx, __u64 rate, __u64 now)
-{
-	struct hw_bucket *b = hw_dos_global.lookup(&idx);
-	if (!b)
-		return 1;
-	__u64 dt = elapsed_ns(now, b->last_ns, 1000000000ULL);
-	b->last_ns = now;
-	return bucket_take(&b->tokens, rate, rate * 1000000000ULL, dt, 1000000000ULL);
 }
 
 static __always_inline __u32 dos_limits(struct env *v, struct pkt *p, struct hw_dos_profile *pr, __u32 profile)
@@ -394,6 +434,13 @@ static __always_inline void dos_count(__u32 profile, __u32 reason)
 static __always_inline __u32 ct_pass_reason(struct env *v, struct pkt *p)
 {
 	return v->hook == HW_HOOK_XDP_INGRESS && p->dos_spared ? HW_R_PASS_CONNTRACK_OVER_LIMIT : HW_R_PASS_CONNTRACK;
+}
+
+/* The same for an ICMP error about a tracked connection: pass_related_over_limit if only the connection
+ * it quotes got it through the source guards. */
+static __always_inline __u32 related_pass_reason(struct env *v, struct pkt *p)
+{
+	return v->hook == HW_HOOK_XDP_INGRESS && p->dos_spared ? HW_R_PASS_RELATED_OVER_LIMIT : HW_R_PASS_RELATED;
 }
 
 /* xdp_judge: a packet admitted only as part of its tracked connection does not continue it (ct_advance

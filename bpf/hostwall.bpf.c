@@ -82,14 +82,16 @@ static __always_inline void judge_first(struct env *v, struct pkt *p, struct jud
 	if (!h)
 		goto fail_closed;
 	j->revision_id = h->revision_id;
-	if (v->hook == HW_HOOK_XDP_INGRESS && p->dos_spared) {
+	/* spared by the DoS stage (dos.h dos_spares): passes only as its connection's packet (above) or an
+	 * error about it (below, with essential ICMP on), else dropped for its limit before the policy */
+	if (v->hook == HW_HOOK_XDP_INGRESS && p->dos_spared && !(related && h->essential_icmp)) {
 		dos_unspared(v, p, j, h->audit);        /* before the policy: no connection opened for it */
 		return;
 	}
 
 	/* essential ICMP, before any rule (docs/policy.md "Essential ICMP") */
 	if (p->pidx >= HW_P_ICMP && p->pidx <= HW_P_ICMPV6 && h->essential_icmp) {
-		__u32 why = related ? HW_R_PASS_RELATED : essential_icmp(p) ? HW_R_PASS_ESSENTIAL : 0;
+		__u32 why = related ? related_pass_reason(v, p) : essential_icmp(p) ? HW_R_PASS_ESSENTIAL : 0;
 		if (why) {
 			j->verdict = HW_V_ALLOW;
 			j->reason = why;
@@ -295,7 +297,7 @@ int xdp_ingress(struct xdp_md *ctx)
 		return XDP_PASS;        /* unreachable: array maps */
 	__builtin_memset(p, 0, sizeof(*p));
 	int rc = parse_pkt(p, (void *)(long)ctx->data, (void *)(long)ctx->data_end,
-			   (__u32)(ctx->data_end - ctx->data));
+			   (__u32)(ctx->data_end - ctx->data), 0);
 	p->ifindex = ctx->ingress_ifindex;
 	if (rc != PARSE_OK) {
 		judge_parsed(&v, p, rc, &j);
@@ -358,7 +360,7 @@ static __always_inline int tc_parse(struct __sk_buff *skb, struct pkt *p)
 	__u32 want = skb->len < HW_PULL_LEN ? skb->len : HW_PULL_LEN;
 	if (skb->data_end - skb->data < want)
 		bpf_skb_pull_data(skb, want);
-	int rc = parse_pkt(p, (void *)(long)skb->data, (void *)(long)skb->data_end, skb->len);
+	int rc = parse_pkt(p, (void *)(long)skb->data, (void *)(long)skb->data_end, skb->len, skb->gso_size);
 	p->ifindex = skb->ifindex;
 	return rc;
 }

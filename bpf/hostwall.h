@@ -50,6 +50,8 @@
 #define HW_EV_TYPES           8
 #define HW_DOS_PROFILES_MAX   16        /* DoS profiles per generation */
 #define HW_DOS_PORTS_MAX      8         /* per-port limits per profile */
+#define HW_DOS_GLOBAL_ERR     15        /* hw_dos_global slot of a profile's spared ICMP errors (dos.h) */
+#define HW_DOS_ERR_PPS        100       /* their rate in a profile without icmp or per-source pps */
 #define HW_DOS_IF_SLOTS       256       /* interface → profile table, per generation (ifindex % slots, probed) */
 #define HW_DOS_IF_PROBES      4
 #define HW_DOS_SRC_MAX        1048576   /* per-source bucket slots: ~104 MB of kernel memory */
@@ -123,7 +125,8 @@ enum hw_reason {
 	HW_R_PASS_FRAGMENT = 24,   /* later fragment of a datagram whose first fragment passed */
 	HW_R_PASS_SYN_COOKIE = 25, /* an allowed SYN answered from XDP with a cookie SYN-ACK (no state kept) */
 	HW_R_PASS_CONNTRACK_OVER_LIMIT = 26, /* a tracked connection's packet whose source is over a DoS limit or banned */
-	HW_R_PASS_CONNTRACK_OUT_OF_WINDOW = 27, /* a RST, FIN or SYN-ACK of a tracked TCP connection outside its
+	HW_R_PASS_RELATED_OVER_LIMIT = 27,   /* an ICMP error about a host-opened connection, its source over a DoS limit or banned */
+	HW_R_PASS_CONNTRACK_OUT_OF_WINDOW = 28, /* a RST, FIN or SYN-ACK of a tracked TCP connection outside its
 	                                         * sequence window (or with an unacceptable ACK): passed to the
 	                                         * stack, the entry unchanged (conntrack.h) */
 	HW_REASONS = 32,
@@ -172,6 +175,10 @@ struct hw_config {                  /* hw_config[0] — written by the enforcer 
 	__u64 tick_ns;              /* the datapath's clock is jiffies * tick_ns + tick_base_ns (CLOCK_MONOTONIC, */
 	__u64 tick_base_ns;         /* tick resolution), calibrated at load; tick_ns 0: coarse clock helper */
 	__u64 table_seed;           /* hash seed of the conntrack and DoS source tables, random per instance */
+	__u64 detached_ns;          /* datapath clock when a clean stop detached every interface (0: attached or
+	                             * crashed); set before the unpin, so a collector still holding the maps
+	                             * reports the connections left in conntrack as ended (docs/collector.md
+	                             * "Detach"). Last: an older build's shorter value still migrates */
 };
 
 struct hw_collect {                 /* hw_collect[0] — written by the collector only */
@@ -438,7 +445,7 @@ struct hw_dos_ban {                 /* hw_dos_banned value: automatic bans, for 
 	__u32 pad;
 };
 
-struct hw_bucket {                  /* hw_dos_global[profile * 16 + i]: i 0 = global SYN, 1.. = ports[i-1] */
+struct hw_bucket {                  /* hw_dos_global[profile * 16 + i]: i 0 = global SYN, 1.. = ports[i-1], HW_DOS_GLOBAL_ERR */
 	__u64 tokens;               /* 1e-9 packets */
 	__u64 last_ns;
 };
@@ -484,7 +491,9 @@ struct hw_port_counter {            /* hw_port_stats[dport]: tcp and udp only, p
 enum hw_ct_slot_state { HW_SLOT_FREE = 0, HW_SLOT_BUSY = 1, HW_SLOT_LIVE = 2 };
 
 /* why the datapath reported a flow's end: hw_event.end_cause. A full bucket evicts an unconfirmed
- * connection before any established one (docs/datapath.md), least recently used first among equals. */
+ * connection before any established one (docs/datapath.md), least recently used first among equals.
+ * A connection still tracked when the datapath detaches has no kernel cause: the collector reports its
+ * end (end_reason "detach", hw_config.detached_ns). */
 enum hw_ct_end_cause { HW_END_CLOSED = 0, HW_END_IDLE = 1, HW_END_EVICTED_ESTABLISHED = 2,
                        HW_END_EVICTED_UNCONFIRMED = 3 };
 

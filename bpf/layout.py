@@ -123,7 +123,7 @@ u8, u16, u32, u64 = np.uint8, np.uint16, np.uint32, np.uint64
 # slots (hw_*_slot), made of other dtypes, are added below the literal.
 DTYPES: dict[str, np.dtype] = {
     "hw_config": np.dtype([("gen", u32), ("ncpus", u32), ("test_now_ns", u64), ("manual_bans", u32), ("xdp_ingress", u32),
-                           ("tick_ns", u64), ("tick_base_ns", u64), ("table_seed", u64)]),
+                           ("tick_ns", u64), ("tick_base_ns", u64), ("table_seed", u64), ("detached_ns", u64)]),
     "hw_collect": np.dtype([("agg_gen", u32), ("event_budget", u32), ("agg_prefix_v4", u8), ("agg_prefix_v6", u8),
                             ("pad", u16), ("source_share", u32)]),
     "hw_policy_hdr": np.dtype([("revision_id", u32), ("nrules", u32), ("default_ingress", u8),

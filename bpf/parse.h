@@ -41,7 +41,8 @@ struct pkt {
 	__u32 tcp_seq;          /* TCP, host order: the segment's sequence number */
 	__u32 tcp_end;          /* TCP: tcp_seq + payload bytes + 1 per SYN/FIN (the sender's next sequence) */
 	__u32 tcp_ack;          /* TCP: acknowledgement number (meaningful with TCPF_ACK) */
-	__u32 pad1;
+	__u8  in_icmp_type;     /* ICMP error quoting an ICMP message: its type (dos.h dos_error_spares) */
+	__u8  pad1[3];
 };
 
 /* p->first_x is 1 + (the fragment field XOR the value it has in a first fragment), not a 0/1 flag: a
@@ -140,6 +141,7 @@ static __always_inline void parse_inner(struct pkt *p, void *cur, void *end, __u
 			return;
 		p->in_sport = ic->un.echo.id;
 		p->in_dport = ic->un.echo.id;
+		p->in_icmp_type = ic->type;
 		p->related = 1;
 	}
 }
@@ -215,8 +217,10 @@ static __always_inline int parse_l4(struct pkt *p, void *cur, void *end, __u32 l
  * linear data). p->len becomes the packet's IP-layer length: the IP header's own length (IPv4 total
  * length, IPv6 40 + payload length; Ethernet padding after it counts for nothing, and an IP length
  * longer than the frame after its L2 header is malformed: the kernel drops it); the frame after
- * its L2 header when there is no IP length (non-IP, IPv6 jumbograms, frames too short to say). NetFlow/IPFIX count octets the same way. */
-static __always_inline int parse_pkt(struct pkt *p, void *data, void *end, __u32 frame_len)
+ * its L2 header when there is no IP length (non-IP, IPv6 jumbograms, frames too short to say, and
+ * `gso`: nonzero for a TC hook's GSO skb, an IPv4 BIG TCP super-packet's total length 0).
+ * NetFlow/IPFIX count octets the same way. */
+static __always_inline int parse_pkt(struct pkt *p, void *data, void *end, __u32 frame_len, __u32 gso)
 {
 	struct ethhdr *eth = data;
 	void *cur = eth + 1;
@@ -241,6 +245,10 @@ static __always_inline int parse_pkt(struct pkt *p, void *data, void *end, __u32
 		if ((void *)(ip + 1) > end)
 			return PARSE_MALFORMED;
 		__u32 ip_len = bpf_ntohs(ip->tot_len);
+		/* total length 0: an IPv4 BIG TCP super-packet (a TC hook's GSO skb over 64k, as the kernel's
+		 * iph_totlen reads it); its length is the skb's. Anywhere else (XDP: gso 0) it is malformed. */
+		if (ip_len == 0 && gso && l3 > 0xffff && ip->protocol == IPPROTO_TCP)
+			ip_len = l3;
 		/* longer than the frame: the kernel drops it (ip_rcv_core), and its length must not teach the
 		 * sequence checks a segment end it does not carry (docs/datapath.md "Sequence checks") */
 		if (ip->version != 4 || ip->ihl < 5 || ip_len < ip->ihl * 4 || ip_len > l3)

@@ -17,6 +17,9 @@ from pathlib import Path
 
 DEFAULT_PIN_DIR = "/sys/fs/bpf/hostwall/default"
 HISTORY_KEEP = 100
+# older revisions kept in `revisions` / `revision_info` beside the current one: records stamped by them
+# still name their rule after a swap or a collector restart (docs/records.md "Rule fields")
+REVISIONS_KEEP = 16
 
 
 def state_dir() -> Path:

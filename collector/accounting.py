@@ -111,6 +111,14 @@ class Ledger:
         self._kernel_last = {(t, o): int(v) for t, outs in (totals or {}).items() for o, v in outs.items()
                              if o not in ("emitted", "aggregated")}
 
+    def kernel_baseline(self) -> dict[str, dict[str, int]]:
+        """The loss counters as last folded ({type: {outcome: count}}), what set_kernel_baseline() takes:
+        a restart that continues from them counts only what the kernel counted after this fold."""
+        out: dict[str, dict[str, int]] = {}
+        for (t, o), v in (self._kernel_last or {}).items():
+            out.setdefault(t, {})[o] = v
+        return out
+
     def count_drops(self, summarized_packets: int, overflow_packets: int) -> None:
         self.drop_packets["summarized"] += summarized_packets
         self.drop_packets["overflow"] += overflow_packets

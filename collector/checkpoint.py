@@ -13,8 +13,10 @@ tmp + rename (atomic: a reader or a restart sees the old or the new file, never 
                   cumulative)
     seq           next hostwall.seq per stream (events, drop_summaries, conntrack, audit, dns, anomaly,
                   collector, tick) as of the last durable commit
-    kernel_loss   the event-outcome counters last folded into the ledger: the baseline the next run
-                  continues from (a restart never takes the kernel's counters as a new zero)
+    kernel_loss   the kernel's loss counters as last reported (written after each status write that
+                  shows a change, the final one included, and with the restart record): the baseline the
+                  next run continues from (never the kernel's counters as a new zero; a loss is counted
+                  twice only after a kill between a status write and this save)
     drain         a drop-aggregation interval read but not cleared yet: gen, t0/t1 (wall ns), seq_base,
                   n (records made of it) — a restart re-exports it with the same event ids and seqs
     ct_last_scan  the datapath-clock time of the last conntrack scan whose records are durable

@@ -62,7 +62,8 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--config", metavar="FILE", help="collector config: kafka TLS/SASL settings for the reader")
     v.add_argument("--sink", action="append", default=[], metavar="NAME",
                    help="the sink that wrote the targets, as loss records name it (hostwall.loss.sink); "
-                        "default: inferred from the targets (jsonl:PATH of the same file, kafka://HOST:PORT)")
+                        "default: inferred from the targets (jsonl:PATH of the same file, kafka://HOST:PORT); "
+                        "repeatable: give each name whose loss records count")
     v.add_argument("--json", action="store_true", help="print the report as JSON")
     v.add_argument("--timeout", type=float, default=120.0, metavar="S", help="bound for reading a topic")
     return p
@@ -94,8 +95,11 @@ def main(argv: list[str] | None = None) -> int:
     if a.cmd == "check-config":
         if a.connect:
             return check_connect(cfg)
-        from .config import describe
-        print(json.dumps(describe(cfg), indent=1, sort_keys=True))
+        from .config_checks import config_warnings
+        from .config_view import as_file
+        for w in config_warnings(cfg):
+            print(f"{PROG}: warning: {w}", file=sys.stderr)
+        print(json.dumps(as_file(cfg), indent=1, sort_keys=True))
         return 0
     if a.cmd == "status":
         return status(cfg, as_json=a.json)
@@ -171,10 +175,13 @@ def _other_sink_hint(reports: list, sinks: set[str]) -> None:
 def run(cfg: CollectorConfig, *, verbose: bool = False) -> int:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from .config_checks import config_warnings
     from .kernel import KernelSourceError
     from .pipeline import PipelineFailed, StartFailed
     from .sinks import SinkUnavailable
     from .wiring import build_pipeline
+    for w in config_warnings(cfg):
+        logging.getLogger("hostwall.collector").warning("%s", w)
     try:
         pipe = build_pipeline(cfg)
     except (KernelSourceError, SinkUnavailable) as e:

@@ -8,7 +8,7 @@ from hostwall.yamldoc import Issues
 
 from .config_values import SASL_MECHANISMS
 
-__all__ = ["add_issue", "cross_checks"]
+__all__ = ["add_issue", "config_warnings", "cross_checks"]
 
 
 def add_issue(issues: Issues, where: tuple, path: tuple, msg: str) -> None:
@@ -51,6 +51,21 @@ def cross_checks(cfg, origins: dict, issues: Issues) -> None:
     _kafka_checks(cfg.kafka, where, issues)
     _tls_checks("otlp", cfg.otlp, where, issues)
     _alerting_checks(cfg, where, issues)
+
+
+def config_warnings(cfg) -> list[str]:
+    """Valid settings that do not do what they say (printed by check-config, logged by run). A drop
+    interval is cleared only once durable in every at_least_once sink and the next flip waits for that
+    (docs/collector.md "Drop summary windows"), so with a JSONL sink synced every fsync_interval the
+    windows last about max(drop_summary_interval, jsonl.fsync_interval)."""
+    out = []
+    j = cfg.jsonl
+    if (any(s.scheme == "jsonl" for s in cfg.sinks) and j.fsync == "interval"
+            and cfg.drop_interval_s < j.fsync_interval_s):
+        out.append(f"drop_summary_interval {cfg.drop_interval_s:g}s is shorter than jsonl.fsync_interval "
+                   f"({j.fsync_interval_s:g}s): an interval is cleared only once durable, so drop summary "
+                   f"windows last about {j.fsync_interval_s:g}s; lower jsonl.fsync_interval to match")
+    return out
 
 
 def _alerting_checks(cfg, where, issues: Issues) -> None:

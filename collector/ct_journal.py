@@ -15,7 +15,8 @@ same order, so the same seqs), adopts its claims (the kernel keeps them: a new s
 again) and releases them once durable.
 
 Format: one uncompressed NumPy .npz per batch, `<seq_base>.npz` in `<status stem>.ct/`: per family
-`<field>_<fam>` arrays of CtFamilyScan, and `meta` (JSON: seq_base, n, scan time, boot id; for a batch
+`<field>_<fam>` arrays of CtFamilyScan, and `meta` (JSON: seq_base, n, scan time, boot id; after a rebuild
+mismatch was counted, seq_end and covered (`annotate`); for a batch
 with flow summaries of connections counted in aggregate, their window and closes per family). Written
 to a temporary name and renamed; no fsync, like the checkpoint (a collector crash keeps the page cache; a
 machine crash loses the kernel state the batch came from anyway). Cost: one write of ~150 bytes per
@@ -41,7 +42,8 @@ __all__ = ["CtBatch", "CtJournal", "FIELDS", "journal_view"]
 
 # CtFamilyScan fields kept (collector/kernel.py): what on_conntrack needs, and the claims to release
 FIELDS = ("expired_keys", "expired_entries", "update_keys", "update_entries", "closed_keys", "closed_entries",
-          "claimed_idx", "claimed_seen", "closed_idx", "closed_seen", "agg_keys", "agg_entries")
+          "claimed_idx", "claimed_seen", "closed_idx", "closed_seen", "agg_keys", "agg_entries", "detached_keys",
+          "detached_entries")
 _KEY_DT = {4: L.DTYPES["hw_ct4_key"], 6: L.DTYPES["hw_ct6_key"]}
 _END_EMITTED = L.C["HW_CT_F_END_EMITTED"]
 
@@ -71,6 +73,15 @@ class CtBatch:
     families: dict[int, dict[str, np.ndarray]]
     window: tuple[int, int] | None = None        # the flow summaries' [t0, t1] (wall ns), if the batch has any
     agg_closed: dict[int, int] = field(default_factory=dict)
+    seq_end: int = -1      # the seq after the batch as first numbered (n shrinks when a rebuild made fewer)
+    covered: int = -1      # records of a rebuild whose fate is counted already: a larger rebuild counts the rest
+    detached_ns: int = 0   # a detach scan's batch: when the datapath detached (its ends' time)
+
+    def __post_init__(self) -> None:
+        if self.seq_end < 0:
+            self.seq_end = self.seq_base + self.n
+        if self.covered < 0:
+            self.covered = self.n
 
     def scans(self) -> list[CtFamilyScan]:
         """The batch as the scan returned it: one CtFamilyScan per family (absent fields empty)."""
@@ -86,7 +97,8 @@ class CtBatch:
                                     get("closed_keys", _KEY_DT[fam]), get("closed_entries", CT_ENTRY_DT),
                                     get("closed_idx", np.int64), get("closed_seen", CT_ENTRY_DT),
                                     get("agg_keys", _KEY_DT[fam]), get("agg_entries", CT_ENTRY_DT),
-                                    int(self.agg_closed.get(fam, 0))))
+                                    int(self.agg_closed.get(fam, 0)), get("detached_keys", _KEY_DT[fam]),
+                                    get("detached_entries", CT_ENTRY_DT), self.detached_ns))
         return out
 
 
@@ -107,11 +119,29 @@ class CtJournal:
                 if v is not None and len(v):
                     arrays[f"{name}_{f.family}"] = np.ascontiguousarray(v)
         meta = {"seq_base": int(seq_base), "n": int(n), "now_ns": int(now_ns), "boot_id": boot_id,
-                "agg_closed": {str(f.family): int(f.agg_closed) for f in families if f.agg_closed}}
+                "agg_closed": {str(f.family): int(f.agg_closed) for f in families if f.agg_closed},
+                "detached_ns": max((int(f.detached_ns) for f in families), default=0)}
         if window is not None:
             meta["window"] = [int(window[0]), int(window[1])]
+        path = self._save(self.dir / f"{int(seq_base):020d}.npz", arrays, meta)
+        self.written += path is not None
+        return path
+
+    def annotate(self, b: CtBatch, n: int, covered: int) -> None:
+        """Note in b's file that a rebuild's mismatch is counted (collector/sources.py _rebuild_mismatch):
+        its records are now the first `n`, and `covered` records of a rebuild are accounted for; seq_end
+        stays. Same atomic rename as write()."""
+        b.n, b.covered = n, covered
+        arrays = {f"{name}_{fam}": a for fam, d in b.families.items() for name, a in d.items()}
+        meta = {"seq_base": b.seq_base, "n": n, "now_ns": b.now_ns, "boot_id": b.boot_id,
+                "agg_closed": {str(k): v for k, v in b.agg_closed.items()}, "seq_end": b.seq_end, "covered": covered,
+                "detached_ns": b.detached_ns}
+        if b.window is not None:
+            meta["window"] = list(b.window)
+        self._save(b.path, arrays, meta)
+
+    def _save(self, path: Path, arrays: dict[str, np.ndarray], meta: dict) -> Path | None:
         arrays["meta"] = np.frombuffer(orjson.dumps(meta), np.uint8)
-        path = self.dir / f"{int(seq_base):020d}.npz"
         tmp = self.dir / f".{path.name}.tmp{os.getpid()}"
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
@@ -123,7 +153,6 @@ class CtJournal:
             self.errors += 1
             tmp.unlink(missing_ok=True)
             return None
-        self.written += 1
         return path
 
     def load(self) -> tuple[list[CtBatch], int]:
@@ -141,7 +170,9 @@ class CtJournal:
                 w = meta.get("window")
                 out.append(CtBatch(p, int(meta["seq_base"]), int(meta["n"]), int(meta["now_ns"]),
                                    str(meta.get("boot_id", "")), fams, (int(w[0]), int(w[1])) if w else None,
-                                   {int(k): int(v) for k, v in (meta.get("agg_closed") or {}).items()}))
+                                   {int(k): int(v) for k, v in (meta.get("agg_closed") or {}).items()},
+                                   int(meta.get("seq_end", -1)), int(meta.get("covered", -1)),
+                                   int(meta.get("detached_ns", 0))))
             except (OSError, ValueError, KeyError, orjson.JSONDecodeError):
                 bad += 1
                 self.remove(p)

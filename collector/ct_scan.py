@@ -35,6 +35,9 @@ class CtFamilyScan:
     is durable (`reported` REPORTED_DURABLE), are freed at once and not listed (their end is reported).
     update_*: live entries that crossed a multiple of the active timeout since the previous scan
     and saw a packet since the previous multiple (a periodic flow update is due).
+    detached_*: a detach scan's (the enforcer detached the datapath: hw_config.detached_ns, `detached_ns`
+    here) connections still tracked then, neither expired nor closed by FINs nor reported: claimed like
+    the expired ones (their slots are in claimed_idx), their end record is due ("detach").
     closed_*: connections closed by both FINs whose last packet is older than the close grace
     period, now claimed in the kernel (`reported` = REPORTED_CLAIMED; their flow end record is due; the
     entry stays until its timeout so late packets still pass as part of the connection), or claimed so
@@ -59,6 +62,9 @@ class CtFamilyScan:
     agg_keys: np.ndarray | None = None
     agg_entries: np.ndarray | None = None
     agg_closed: int = 0
+    detached_keys: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint8))
+    detached_entries: np.ndarray = field(default_factory=lambda: np.zeros(0, CT_ENTRY_DT))
+    detached_ns: int = 0
 
 
 @dataclass
@@ -69,6 +75,11 @@ class CtScan:
     raced: int            # expired candidates a packet touched between read and claim (kept)
     ended: int            # expired entries whose end was reported already (datapath flow_end, durable close): freed
     reclaimed: int = 0    # claims of an earlier collector (idle ends, closes) not journaled, reported again
+    detached_ns: int = 0  # hw_config.detached_ns: the datapath detached then (0: attached)
+
+    @property
+    def detached(self) -> int:
+        return sum(len(f.detached_keys) for f in self.families)
 
     @property
     def expired(self) -> int:
@@ -94,6 +105,11 @@ class ConntrackScans:
         raw = bpfsys.map_lookup(self.fds["hw_policy"], gen.to_bytes(4, "little"), POLICY_HDR_DT.itemsize)
         s = int(np.frombuffer(raw, dtype=POLICY_HDR_DT)[0]["ct_unconfirmed_s"])
         return (s or L.C["HW_CT_TO_UNCONFIRMED"]) * _S
+
+    def detached_ns(self) -> int:
+        """hw_config.detached_ns: when a clean enforcer stop detached the datapath (0: still attached, or
+        an instance that is replaced instead). One map lookup."""
+        return int(self._read1("hw_config", CFG_DT)["detached_ns"])
 
     def scan_conntrack(self, now_ns: int, active_timeout_ns: int, close_grace_ns: int = 2 * _S) -> CtScan:
         """Claim entries idle past their timeout (returned; free them with free_claims() once their end
@@ -121,15 +137,22 @@ class ConntrackScans:
         states the remaining µs window. The datapath itself ignores expired entries (and reports nothing
         for a claimed one it displaces), so claiming and freeing them changes no verdict. Entries claimed
         by an earlier collector and never freed are reported again (`reclaimed`). No updates on the first
-        scan (there is no previous scan to compare)."""
+        scan (there is no previous scan to compare).
+
+        Detached (hw_config.detached_ns set: no packet reaches the tables since): expiry is judged at the
+        detach, every FIN close is quiet, and every other connection still tracked and not reported is
+        claimed and returned in CtFamilyScan.detached_* (or agg_* when reported in aggregate): the
+        scan that first sees the detach reports every connection's end, the later ones find nothing.
+        No updates then (the end carries the totals)."""
         fams, scanned, raced, ended, again = [], 0, 0, 0, 0
         unc_ns = self.unconfirmed_ns()
+        det_ns = self.detached_ns()
         for fam in (4, 6):
-            f, n, r, e, a = self._scan_family(fam, now_ns, active_timeout_ns, close_grace_ns, unc_ns)
+            f, n, r, e, a = self._scan_family(fam, now_ns, active_timeout_ns, close_grace_ns, unc_ns, det_ns)
             fams.append(f)
             scanned, raced, ended, again = scanned + n, raced + r, ended + e, again + a
         self._last_scan_ns = now_ns
-        return CtScan(fams, scanned, raced, ended, again)
+        return CtScan(fams, scanned, raced, ended, again, det_ns)
 
     def free_claims(self, scan: CtFamilyScan) -> int:
         """Release what `scan` claimed, once its records are durable: free the idle-expired slots, and mark
@@ -173,7 +196,7 @@ class ConntrackScans:
         return self._ct[fam]
 
     def _scan_family(self, fam: int, now_ns: int, at_ns: int, grace_ns: int,
-                     unc_ns: int) -> tuple[CtFamilyScan, int, int, int, int]:
+                     unc_ns: int, det_ns: int = 0) -> tuple[CtFamilyScan, int, int, int, int]:
         table = self._table(fam)
         idx = table.live()
         snap = table.slots[idx]                     # a copy: the datapath keeps writing the table
@@ -181,7 +204,8 @@ class ConntrackScans:
         n = len(idx)
         last = ents["last_ns"].astype(np.int64)
         created = ents["created_ns"].astype(np.int64)
-        expired = (np.int64(now_ns) - last) > ct_timeout_ns(keys["proto"], ents["state"], unc_ns)
+        at = min(now_ns, det_ns) if det_ns else now_ns      # detached: what had expired by then
+        expired = (np.int64(at) - last) > ct_timeout_ns(keys["proto"], ents["state"], unc_ns)
         fin = ents["fin_seen"]
         rep_b = ents["reported"]
         claimed = (fin & CT_F_CLAIMED) != 0
@@ -204,32 +228,50 @@ class ConntrackScans:
         rep = np.sort(np.concatenate([again, fresh[got]]))
         # closes: quiet for the grace period now (claim), or claimed by an earlier collector whose close
         # records never became durable (report again, expired or not; pending ones are this run's)
-        quiet = (np.int64(now_ns) - last) > np.int64(grace_ns)
+        quiet = (np.int64(now_ns) - last) > np.int64(grace_ns) if not det_ns else np.ones(n, bool)
         closing = np.flatnonzero((ents["state"] == CT_CLOSING) & ~ended & ~claimed & ~closed_claimed & ~expired
                                  & quiet)
         marked = table.claim_closed_if_unchanged(idx[closing], ents[closing])
         raced += int((~marked).sum())
         again_closed = np.flatnonzero(closed_claimed & ~pending)
         cls = np.sort(np.concatenate([again_closed, closing[marked]]))
-        for i, c in zip(idx[rep].tolist() + idx[cls].tolist(), created[rep].tolist() + created[cls].tolist()):
+        left = (~expired & ~ended & ~claimed & ~closed_claimed) if det_ns else None
+        det = self._claim_detached(table, idx, ents, left, closing)
+        for i, c in zip(idx[rep].tolist() + idx[cls].tolist() + idx[det].tolist(),
+                        created[rep].tolist() + created[cls].tolist() + created[det].tolist()):
             mine.add((i, c))
         exp_ents = ents[rep].copy()
         exp_ents["fin_seen"] &= np.uint8(0xFF ^ CLAIM_BITS)     # as the builder must see them
-        seen = ents[rep].copy()
+        seen = ents[np.concatenate([rep, det])].copy()
         seen["fin_seen"] |= np.uint8(CLAIM_BITS)
+        det_ents, det_agg = ents[det].copy(), ents["report"][det] != REP_EVENTS
         # connections reported in aggregate (hw_ct_entry.report) end in flow summaries, not records of their
         # own; they are claimed and released like the others, and get no updates
         exp_agg = exp_ents["report"] != REP_EVENTS
         cls_agg = ents["report"][cls] != REP_EVENTS
-        agg_keys = np.concatenate([keys[rep][exp_agg], keys[cls][cls_agg]])
-        agg_ents = np.concatenate([exp_ents[exp_agg], ents[cls][cls_agg]])
-        live = ~expired & ~(ended | claimed | closed_claimed) & (ents["report"] == REP_EVENTS)
+        agg_keys = np.concatenate([keys[rep][exp_agg], keys[det][det_agg], keys[cls][cls_agg]])
+        agg_ents = np.concatenate([exp_ents[exp_agg], det_ents[det_agg], ents[cls][cls_agg]])
+        live = ~expired & ~(ended | claimed | closed_claimed) & (ents["report"] == REP_EVENTS) & (det_ns == 0)
         upd_idx = np.setdiff1d(self._due_updates(created, last, live, now_ns, at_ns), cls)
         scan = CtFamilyScan(fam, keys[rep][~exp_agg].copy(), exp_ents[~exp_agg], keys[upd_idx].copy(),
-                            ents[upd_idx].copy(), idx[rep].copy(), seen, keys[cls][~cls_agg].copy(),
-                            ents[cls][~cls_agg].copy(), idx[cls].copy(), ents[cls].copy(), agg_keys, agg_ents,
-                            int(cls_agg.sum()))
+                            ents[upd_idx].copy(), np.concatenate([idx[rep], idx[det]]), seen,
+                            keys[cls][~cls_agg].copy(), ents[cls][~cls_agg].copy(), idx[cls].copy(),
+                            ents[cls].copy(), agg_keys, agg_ents, int(cls_agg.sum()), keys[det][~det_agg].copy(),
+                            det_ents[~det_agg], det_ns)
         return scan, n, raced, len(done), len(again) + len(again_closed)
+
+    @staticmethod
+    def _claim_detached(table: conntrack.CtTable, idx: np.ndarray, ents: np.ndarray, left: np.ndarray | None,
+                        closing: np.ndarray) -> np.ndarray:
+        """Detached: claim the connections `left` (mask; None when attached) that are no FIN close
+        (`closing`: indexes, claimed as closes); sorted indexes into idx of those claimed. No packet
+        reaches a detached table, so none races (claim_if_unchanged checks all the same)."""
+        if left is None:
+            return np.empty(0, np.int64)
+        left = left.copy()
+        left[closing] = False
+        cand = np.flatnonzero(left)
+        return cand[table.claim_if_unchanged(idx[cand], ents[cand])]
 
     def _due_updates(self, created: np.ndarray, last: np.ndarray, live: np.ndarray, now_ns: int,
                      at_ns: int) -> np.ndarray:

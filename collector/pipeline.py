@@ -138,6 +138,7 @@ class Pipeline(Sources, Shutdown):
         self.kernel_while_down: dict[str, int] = {}
         self._drain_checked = False
         self._ct_checked = False
+        self._detach_seen = False
         self._boot_id = ""
         self.logs: dict = {}                        # stream -> (JsonlTail, builder method): collector/sources.py
         self._settle_evt: asyncio.Event | None = None
@@ -343,10 +344,11 @@ class Pipeline(Sources, Shutdown):
 
     # ---- records → sinks -------------------------------------------------------------------------
     async def _emit(self, records: list[dict], source: str, *, outbox: bool = False, assign_seq: bool = True,
-                    enrich: bool = True, observe: bool = True) -> Ticket | None:
+                    enrich: bool = True, observe: bool = True, kept=None) -> Ticket | None:
         """Count, number (hostwall.seq of `source`'s stream), enrich, observe and fan out one batch of
         records — the only way records leave. outbox: make them durable in the outbox first (records the
-        kernel cannot give again). Returns the batch's ticket (None for no records)."""
+        kernel cannot give again); kept: called right after a successful outbox append, with no await between.
+        Returns the batch's ticket (None for no records)."""
         if not records:
             return None
         self.ledger.produce(source, len(records))
@@ -361,6 +363,9 @@ class Pipeline(Sources, Shutdown):
                 self.counters["outbox_errors"] += 1
                 if self.counters["outbox_errors"] in (1, 10, 100):
                     log.warning("cannot write the outbox %s: %s", self.outbox.path, e)
+            else:
+                if kept is not None:            # only what is in the outbox is kept
+                    kept()
         if enrich and self.enricher is not None:
             await self._enrich(records)
         if observe and self.anomaly is not None:
@@ -499,9 +504,9 @@ class Pipeline(Sources, Shutdown):
         not take it). Best_effort losses wait for the tick, or the shutdown's `last` commit."""
         frontier = self.frontier()
         if self._stopping:                       # the sinks may be closed: the next start sends them
-            self._stash_sink_losses(acking_only=not last)
+            self._stash_sink_losses("all" if last else "acking")
         else:
-            await self._report_sink_losses(acking_only=True)
+            await self._report_sink_losses("acking")
         self.acks.advance(frontier)
         ready, _ = self.commits.take_ready()
         if not ready:
@@ -534,3 +539,5 @@ class Pipeline(Sources, Shutdown):
             self.counters["status_write_errors"] += 1
             if self.counters["status_write_errors"] in (1, 10, 100, 1000):
                 log.warning("cannot write status %s: %s", self.status_path, e)
+            return
+        self._keep_kernel_baseline(sync=final)      # what it shows is reported: the restart's baseline

@@ -41,6 +41,7 @@ class Shutdown:
                     await self._final_ring_drain()
                     await events
                     await self._export_drops()
+                    await self._final_detach_scan()      # the enforcer detached: the ends of what it tracked
                     await self._fold_kernel()            # kernel losses since the last tick
                     await self._report_sink_losses()
             except TimeoutError:
@@ -80,14 +81,14 @@ class Shutdown:
             except Exception as e:                      # noqa: BLE001
                 log.error("shutdown: last commit failed: %s: %s", type(e).__name__, e)
         else:       # what best_effort sinks lost was released with earlier commits: its loss records are
-            self._stash_sink_losses(best_effort_only=True)   # due (at_least_once seqs stay and come again)
+            self._stash_sink_losses("best_effort")   # due (at_least_once seqs stay and come again)
         self.counters["abandoned_tickets"] += self.acks.abandon()
         if self._runs:                                  # runs that waited on an abandoned ticket end now
             await asyncio.wait(set(self._runs), timeout=1.0)
         self.checkpoint["clean_stop"] = self._failure is None
         self.checkpoint.save(sync=True)
         self.state = "failed" if self._failure else "stopped"
-        await self._write_status(final=True)
+        await self._write_status(final=True)        # then the kernel-loss baseline, if it landed
         if self.metrics is not None:                    # last OTLP push of the final counters
             await asyncio.to_thread(self.metrics.close)
         self._close()

@@ -37,6 +37,7 @@ from .acks import CommitEntry
 from .checkpoint import STREAMS, analyze_restart
 from .ct_journal import journal_view
 from .logtail import JsonlTail
+from .loss_report import SeqRanges
 
 log = logging.getLogger("hostwall.collector")
 
@@ -60,6 +61,8 @@ class Sources:
         await self._fold_kernel()
         self.kernel_while_down = {r: n - before.get(r, 0) for r, n in self.ledger.lost_by.get("kernel", {}).items()
                                   if n - before.get(r, 0) > 0} if rs.baseline else {}
+        if not rs.baseline:                      # a first read counts nothing: it is the baseline at once
+            ck["kernel_loss"] = self.ledger.kernel_baseline()
         for s in self.slots:                     # a spool's torn tail (collector/sinks/spool.py recovery)
             torn = ((s.sink.stats().get("recovered") or {}).get("lost") or {}).get("spool_torn", 0)
             if torn:
@@ -83,6 +86,7 @@ class Sources:
             self.source.set_last_scan(int(ck["ct_last_scan"]))
         self._drain_checked = False
         self._ct_checked = False
+        self._detach_seen = False                # a scan saw hw_config.detached_ns (its ends are reported)
         # the flow summaries' window starts at the previous scan: the last run's last durable one (same boot)
         last = ck["ct_last_scan"]
         self._last_scan_wall: int | None = self.clock.wall_ns(int(last)) if last else None
@@ -95,10 +99,14 @@ class Sources:
             rec = self.losses.restart(rs.as_dict(), kernel_while_down=self.kernel_while_down,
                                       previous_run=(self.previous_run or {}).get("ledger"), seqs=dict(self.seq))
             await self._emit_owned([rec], "collector")
+            self._keep_kernel_baseline()         # kernel_while_down is in the outbox now
 
     async def _replay_outbox(self) -> None:
         """Records an earlier run put in the outbox and never got durable everywhere: send them first."""
         pending = self.outbox.load()
+        self._rebuild_reported = {(x["ranges"][0][0], x["ranges"][-1][1]) for r in pending      # _rebuild_mismatch
+                                  for x in [(r.get("hostwall") or {}).get("loss") or {}]
+                                  if x.get("reason") == "journal_rebuild" and x.get("ranges")}
         if self.outbox.damaged:
             log.warning("outbox %s: %d unreadable line(s) dropped", self.outbox.path, self.outbox.damaged)
             self.ledger.lose("restart", "outbox_torn", self.outbox.damaged, produced="collector")
@@ -118,9 +126,10 @@ class Sources:
             ticket = await self._emit(recs, stream, assign_seq=False, enrich=False, observe=False)
             self._commit_owned(ticket, stream, recs)
 
-    async def _emit_owned(self, records: list[dict], stream: str) -> None:
-        """Records made from the collector's own state: outbox first, then fan out; settled in order."""
-        ticket = await self._emit(records, stream, outbox=True, enrich=False, observe=False)
+    async def _emit_owned(self, records: list[dict], stream: str, kept=None) -> None:
+        """Records made from the collector's own state: outbox first, then fan out; settled in order.
+        kept: called once they are in the outbox, before anything can interleave (no await between)."""
+        ticket = await self._emit(records, stream, outbox=True, enrich=False, observe=False, kept=kept)
         self._commit_owned(ticket, stream, records)
 
     def _commit_owned(self, ticket, stream: str, records: list[dict]) -> None:
@@ -234,7 +243,18 @@ class Sources:
         window = (self._last_scan_wall or t1, t1)
         self._last_scan_wall = t1
         recs, journaled = self._build_ct(s.families, window)
+        if s.detached_ns and not self._detach_seen:
+            self._detach_seen = True
+            self.counters["ct_detached"] += s.detached
+            log.warning("the datapath was detached (a clean enforcer stop): %d connection(s) it still tracked "
+                        "reported as ended (end_reason detach)", s.detached)
         await self._ship_ct(recs, journaled, now, window=window)
+
+    async def _final_detach_scan(self) -> None:
+        """At the stop: if the datapath detached since the last scan, one more scan reports the ends of the
+        connections it still tracked (this collector holds the last reference to its tables)."""
+        if not self._detach_seen and await self._k(self.source.detached_ns):
+            await self._scan_ct()
 
     def _build_ct(self, families, window: tuple[int, int] | None) -> tuple[list[dict], list]:
         """The scan's records, and its families as the journal keeps them (collector/ct_journal.py
@@ -244,11 +264,13 @@ class Sources:
         for f in families:
             ck = f.closed_keys
             made = None
-            if len(f.expired_keys) or len(f.update_keys) or len(ck):
-                recs += self._build("conntrack", len(f.expired_keys) + len(f.update_keys) + len(ck),
+            dk = f.detached_keys
+            if len(f.expired_keys) or len(f.update_keys) or len(ck) or len(dk):
+                det = ((dk, f.detached_entries, f.detached_ns),) if len(dk) else ()
+                recs += self._build("conntrack", len(f.expired_keys) + len(f.update_keys) + len(ck) + len(dk),
                                     self.builder.on_conntrack, f.expired_keys, f.expired_entries,
                                     (f.update_keys, f.update_entries), self.clock,
-                                    (ck, f.closed_entries) if len(ck) else None)
+                                    (ck, f.closed_entries) if len(ck) else None, *det)
                 made = getattr(self.builder, "ct_expired_made", None)
             journaled.append(journal_view(f, made))
             if f.agg_keys is not None and len(f.agg_keys) and window is not None:    # ended in aggregate
@@ -257,9 +279,11 @@ class Sources:
                                     self.clock)
         return recs, journaled
 
-    async def _ship_ct(self, recs: list[dict], families, now: int, journaled=None, window=None) -> None:
+    async def _ship_ct(self, recs: list[dict], families, now: int, journaled=None, window=None,
+                       seq_end: int = 0) -> None:
         """Journal the batch (unless it comes from the journal), fan it out, and once durable checkpoint
-        the stream's seq and the scan time, then release the claims and drop the journal file."""
+        the stream's seq and the scan time, then release the claims and drop the journal file. seq_end: the
+        seq after the batch as journaled (a rebuild that made fewer records skips the rest)."""
         base = self.seq["conntrack"]
         path = journaled
         if recs and journaled is None:
@@ -270,6 +294,7 @@ class Sources:
                     log.warning("cannot write the conntrack journal %s: a crash before this batch is durable "
                                 "may number its records again", self.ct_journal.dir)
         ticket = await self._emit(recs, "conntrack")
+        self.seq["conntrack"] = max(self.seq["conntrack"], seq_end)
         claims = [f for f in families if any(i is not None and len(i) for i in (f.claimed_idx, f.closed_idx))]
         ck, src, journal, seq_after = self.checkpoint, self.source, self.ct_journal, self.seq["conntrack"]
 
@@ -301,7 +326,7 @@ class Sources:
             for f in scans:
                 if ours:
                     await self._k(self.source.adopt_claims, f)
-            if b.seq_base + b.n <= durable_to:
+            if b.seq_end <= durable_to:         # (n shrinks in a rebuild that made fewer: CtJournal.annotate)
                 for f in scans:
                     if ours:
                         self.counters["ct_released"] += await self._k(self.source.free_claims, f)
@@ -309,15 +334,42 @@ class Sources:
                 continue
             recs, _ = self._build_ct(scans, b.window)
             if len(recs) != b.n:                    # a builder that changed between the runs
-                log.warning("conntrack journal %s: %d records rebuilt, %d journaled", b.path, len(recs), b.n)
+                recs = await self._rebuild_mismatch(b, recs)
             self.counters["ct_journal_resent"] += len(recs)
             self.seq["conntrack"] = b.seq_base
-            await self._ship_ct(recs, scans if ours else [], b.now_ns, journaled=b.path)
+            await self._ship_ct(recs, scans if ours else [], b.now_ns, journaled=b.path, seq_end=b.seq_end)
             last = b.now_ns if ours else last
         log.info("resent %d conntrack batch(es) from the journal %s", len(batches), self.ct_journal.dir)
         if last is not None:
             self.source.set_last_scan(last)         # their active-timeout updates are in them
             self._last_scan_wall = self.clock.wall_ns(last)     # and their summaries' windows end there
+
+    async def _rebuild_mismatch(self, b, recs: list[dict]) -> list[dict]:
+        """A journaled batch rebuilt into another number of records than it holds (seqs [seq_base,
+        seq_base + n)). Fewer: the seqs left unfilled are counted lost (stage restart, reason journal_rebuild)
+        and named in a loss record per sink, so `verify` explains the gap (never reused: the dead run may
+        have written them). More: the first n are sent, the rest counted lost — never numbered, no gap.
+        Once across restarts: the journal notes what is counted (CtJournal.annotate, right after the loss
+        record is in the outbox), and a loss record the outbox replayed counts as noted (a kill between
+        the two). docs/collector.md "Delivery and loss"."""
+        made = len(recs)
+        log.warning("conntrack journal %s: %d records rebuilt, %d journaled", b.path, made, b.n)
+        if made > b.covered:
+            self.ledger.lose("restart", "journal_rebuild", made - b.covered, produced="conntrack")
+            self.ct_journal.annotate(b, b.n, made)
+        if made >= b.n:
+            return recs[:b.n]
+        gap = (b.seq_base + made, b.seq_base + b.n - 1)
+        if gap in self._rebuild_reported:
+            self.ct_journal.annotate(b, made, b.covered)
+            return recs
+        self.ledger.lose("restart", "journal_rebuild", b.n - made, produced="conntrack")
+        ranges = SeqRanges()
+        ranges.add(range(gap[0], gap[1] + 1))
+        await self._emit_owned([self.losses.sink_loss(s.name, "journal_rebuild", "conntrack", ranges)
+                                for s in self.slots], "collector",
+                               kept=lambda: self.ct_journal.annotate(b, made, b.covered))
+        return recs
 
     # ---- tick ------------------------------------------------------------------------------------
     async def _tick(self) -> None:
@@ -342,22 +394,32 @@ class Sources:
     async def _fold_kernel(self) -> None:
         totals = await self._k(self.source.kernel_loss)
         self.ledger.fold_kernel(totals)
-        self.checkpoint["kernel_loss"] = totals
 
-    async def _report_sink_losses(self, *, acking_only: bool = False) -> None:
+    def _keep_kernel_baseline(self, sync: bool = False) -> None:
+        """The kernel losses folded so far are reported (the status just written — the final one too, so
+        the stop saves it only once that landed — or the restart record in the outbox): make the counters
+        the checkpoint's baseline now. Not at the next commit — an idle collector makes none, and a restart
+        would count the losses reported since then again; not at the fold either — a kill before they are
+        reported would leave them counted nowhere (docs/collector.md "The loss ledger"). Cost: one
+        checkpoint write per change of a loss counter (fsynced at the stop: sync)."""
+        now = self.ledger.kernel_baseline()
+        if now and now != self.checkpoint["kernel_loss"]:
+            self.checkpoint["kernel_loss"] = now
+            self.checkpoint.save(sync=sync)
+
+    async def _report_sink_losses(self, which: str = "all") -> None:
         """Loss records of the seqs sinks counted lost: all on the tick, one per (sink, stream, reason);
         before each commit (collector/pipeline.py) only the at_least_once sinks' — what a best_effort sink
         loses or the pipeline sheds in front of it never holds the kernel back, so it waits for the tick
         (else a steadily shedding sink costs a record, an outbox fdatasync and a fan-out per commit)."""
-        recs = self._sink_loss_records(acking_only)
+        recs = self._sink_loss_records(which)
         if recs:
             await self._emit_owned(recs, "collector")
 
-    def _stash_sink_losses(self, *, acking_only: bool = False, best_effort_only: bool = False) -> None:
+    def _stash_sink_losses(self, which: str = "all") -> None:
         """While stopping (sinks closing or closed): numbered and put in the outbox only; the next start
-        sends them (and counts them produced then). acking_only: as _report_sink_losses; best_effort_only:
-        the other sinks' only (after a failure)."""
-        recs = self._sink_loss_records(acking_only, best_effort_only)
+        sends them (and counts them produced then). which: as _sink_loss_records."""
+        recs = self._sink_loss_records(which)
         if recs:
             self._number(recs, "collector")
             try:
@@ -367,9 +429,13 @@ class Sources:
                 log.warning("cannot write the outbox %s: %s (%d loss record(s) not kept)", self.outbox.path, e,
                             len(recs))
 
-    def _sink_loss_records(self, acking_only: bool = False, best_effort_only: bool = False) -> list[dict]:
+    def _sink_loss_records(self, which: str = "all") -> list[dict]:
+        """Loss records of the seqs the sinks noted lost since the last call; which: "all", "acking" (the
+        at_least_once sinks) or "best_effort" (the others)."""
+        if which not in ("all", "acking", "best_effort"):
+            raise ValueError(f"which sinks: {which!r}")
         return [self.losses.sink_loss(s.name, reason, stream, ranges)
-                for s in self.slots if (s.acknowledges or not acking_only) and not (s.acknowledges and best_effort_only)
+                for s in self.slots if which == "all" or s.acknowledges == (which == "acking")
                 for (stream, reason), ranges in s.take_lost_seqs()]
 
     # ---- the enforcer's logs (audit, DNS decisions) --------------------------------------------------

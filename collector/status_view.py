@@ -4,6 +4,8 @@ what waits to be durable, acknowledgement, the last restart, queues, sink health
 failing, why, last success, spool size and age), drops, conntrack, enrichment."""
 from __future__ import annotations
 
+import time
+
 __all__ = ["ledger_lines", "render_status"]
 
 
@@ -25,8 +27,12 @@ def _mib(n: float) -> str:
 def render_status(st: dict) -> str:
     """Human-readable status (the --json form holds everything)."""
     state = st.get("state", "?")
+    age = float(st.get("age_s") or 0.0)         # since the snapshot was written (the status command sets it)
     if state in ("running", "starting") and not st.get("alive"):
-        state = f"dead (last update {st.get('age_s', 0):.0f} s ago)"
+        state = f"dead (last update {_age(age)})"
+    elif state == "stopped" and st.get("updated_at"):
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(st["updated_at"])))
+        state = f"stopped at {when} ({_age(age)})"
     out = [f"collector  {state}, pid {st.get('pid')}, up {st.get('uptime_s', 0):.0f} s, pin {st.get('pin_dir')}"]
     if st.get("error"):
         out.append(f"error      {st['error']}")
@@ -52,7 +58,7 @@ def render_status(st: dict) -> str:
     if dl:
         out.append(f"delivery   {dl.get('durable', 0)} of {dl.get('batches', 0)} batches durable in "
                    f"{', '.join(dl.get('acknowledging_sinks') or []) or 'no at_least_once sink'}; "
-                   f"{dl.get('commits_pending', 0)} commits pending, outbox {dl.get('outbox_pending', 0)}")
+                   f"{dl.get('commits_pending', 0)} read positions to commit, outbox {dl.get('outbox_pending', 0)}")
     rs = st.get("restart") or {}
     if rs.get("previous") in ("crash", "reboot"):
         lost = {**(rs.get("lost") or {}), **{f"kernel.{k}": v for k, v in (rs.get("kernel_while_down") or {}).items()}}
@@ -67,7 +73,7 @@ def render_status(st: dict) -> str:
     out.append(f"queues     {'; '.join(qs)}")
     for n, s in st.get("sinks", {}).items():
         extra = f", {_mib(s['bytes_written'])} written, {s.get('rotations', 0)} rotations" if "bytes_written" in s else ""
-        out.append(f"sink       {n}: {_health_text(s.get('health') or {})}; delivered {s.get('delivered', 0)}, "
+        out.append(f"sink       {n}: {_health_text(s.get('health') or {}, age)}; delivered {s.get('delivered', 0)}, "
                    f"lost {s.get('lost', {}) or 0}, in flight {s.get('in_flight', 0)}{extra}")
     d = st.get("drops", {})
     out.append(f"drops      {d.get('intervals', 0)} intervals, {d.get('packets', 0)} packets summarized "
@@ -75,6 +81,10 @@ def render_status(st: dict) -> str:
     c = st.get("conntrack", {})
     out.append(f"conntrack  {c.get('scans', 0)} scans, {c.get('closed', 0)} closed (after the close grace), "
                f"{c.get('expired', 0)} expired, {c.get('updates', 0)} updates")
+    unresolved = (st.get("builder") or {}).get("rule_unresolved", 0)
+    if unresolved:                  # docs/records.md "Rule fields"
+        out.append(f"rules      {unresolved} records without their rule's name: stamped by a policy revision "
+                   "the enforcer's state no longer keeps")
     en = st.get("enricher")
     if isinstance(en, dict):
         flat = ", ".join(f"{k} {v}" for k, v in en.items() if not isinstance(v, dict))
@@ -100,19 +110,21 @@ def _age(s: float | None) -> str:
     return f"{s:.0f} s ago" if s < 120 else f"{s / 60:.0f} min ago"
 
 
-def _health_text(h: dict) -> str:
-    """`ok`, or `degraded: why` / `failing: why`, with last success and the spool when it holds data."""
+def _health_text(h: dict, age_s: float = 0.0) -> str:
+    """`ok`, or `degraded: why` / `failing: why`, with last success and the spool when it holds data.
+    age_s: how old the snapshot is; ages are shown from now (a stopped collector's saved status)."""
     if not h:
         return "?"
     txt = h.get("state", "?")
     if h.get("state") != "ok" and (h.get("reason") or h.get("last_error")):
         txt += f" ({h.get('reason') or h.get('last_error')})"
-    txt += f", last success {_age(h.get('since_success_s'))}"
+    since = h.get("since_success_s")
+    txt += f", last success {_age(None if since is None else since + age_s)}"
     if h.get("spool_records"):
         age = h.get("spool_oldest_age_s")
         txt += (f", spool {_mib(h.get('spool_bytes', 0))} ({100 * h.get('spool_fill_ratio', 0):.0f} % of "
                 f"{_mib(h.get('spool_max_bytes', 0))}), {h['spool_records']} records, oldest "
-                f"{'?' if age is None else f'{age:.0f} s'}")
+                f"{'?' if age is None else f'{age + age_s:.0f} s'}")
     return txt
 
 

@@ -60,10 +60,12 @@ def _load(path: str) -> Policy:
     return p
 
 
-def _policy_errors(e: PolicyError) -> int:
+def _policy_errors(e: PolicyError, changes: bool = True) -> int:
+    """Every issue, then the count; `changes`: the command would have changed the kernel (run, apply),
+    so the operator is told it did not."""
     for issue in e.issues:
         print(str(issue), file=sys.stderr)
-    _err(f"{len(e.issues)} error(s); nothing was changed")
+    _err(f"{len(e.issues)} error(s)" + ("; nothing was changed" if changes else ""))
     return EXIT_INPUT
 
 
@@ -199,8 +201,18 @@ def cmd_ban(a) -> int:
         dp.close()
 
 
-def _print_bans(rows: list[dict]) -> None:
+def _console():
+    """A terminal's width on a terminal (or COLUMNS); piped, wide enough that no table cuts a value."""
     from rich.console import Console
+    piped = not sys.stdout.isatty() and not os.environ.get("COLUMNS")
+    return Console(width=10_000) if piped else Console()
+
+
+def _onoff(v) -> str:
+    return "?" if v is None else "on" if v else "off"
+
+
+def _print_bans(rows: list[dict]) -> None:
     from rich.table import Table
     t = Table(title=f"bans ({len(rows)})")
     for c in ("prefix", "kind", "profile", "reason", "expires"):
@@ -209,7 +221,7 @@ def _print_bans(rows: list[dict]) -> None:
     for b in rows:
         exp = "never" if b["until"] is None else f"in {max(0, b['until'] - now):.0f} s"
         t.add_row(b["prefix"], b["kind"], b.get("profile", "-"), b.get("reason", "-"), exp)
-    Console().print(t)
+    _console().print(t)
 
 
 def _fmt_n(n: int) -> str:
@@ -225,13 +237,13 @@ def cmd_status(a) -> int:
     if a.json:
         print(json.dumps(s, indent=1))
         return EXIT_OK
-    from rich.console import Console
     from rich.table import Table
-    con = Console()
+    con = _console()
     d = s["defaults"]
     con.print(f"[bold]{s['policy']}[/] revision [bold]{s['revision']}[/] (generation {s['generation']}, "
               f"{s['rules_count']} rules, {s['prefixes']} prefixes) — ingress {d['ingress']}, egress {d['egress']}, "
-              f"stateful {d['stateful']}, audit {d['audit']}, essential ICMP {d.get('essential_icmp')}; "
+              f"stateful {_onoff(d['stateful'])}, audit {_onoff(d['audit'])}, "
+              f"essential ICMP {_onoff(d.get('essential_icmp'))}; "
               f"pin dir {s['pin_dir']}; "
               f"run pid {s['pid']} {'alive' if s['pid_alive'] else 'not running (programs still attached)'}")
     t = Table(title="interfaces")
@@ -239,7 +251,7 @@ def cmd_status(a) -> int:
         t.add_column(c)
     for i in s["interfaces"]:
         t.add_row(i["name"], i.get("netns") or "-", i.get("xdp_mode", i.get("error", "?")),
-                  str(i.get("tc_ingress", "?")), str(i.get("tc_egress", "?")))
+                  _onoff(i.get("tc_ingress")), _onoff(i.get("tc_egress")))
     con.print(t)
     t = Table(title="verdicts")
     for c in ("verdict", "packets", "bytes"):
@@ -309,6 +321,8 @@ def _print_fqdn(con, fq: dict) -> None:
     from rich.table import Table
     p = fq["proxy"]
     d = p.get("dns") or {}
+    if not (d or fq["sets"] or fq["names"]):
+        return                                  # no dns section and nothing learnt: nothing to show
     c = p["counters"]
     con.print(f"DNS proxy {'running' if p['running'] else 'not running (learnt addresses still apply)'}"
               f" on {', '.join(d.get('listen', [])) or '-'} → {', '.join(d.get('upstreams', [])) or '-'}; "
@@ -319,12 +333,13 @@ def _print_fqdn(con, fq: dict) -> None:
               f"per-name limit {c['overflow']}, full {c['set_full']}; datapath lookups: hit "
               f"{fq.get('datapath', {}).get('hit', 0)}, expired {fq.get('datapath', {}).get('expired', 0)}, miss "
               f"{fq.get('datapath', {}).get('miss', 0)}")
-    t = Table(title="fqdn dynamic sets")
-    for col in ("set", "rules", "fqdns", "addresses"):
-        t.add_column(col, justify="right" if col in ("set", "addresses") else "left")
-    for st in fq["sets"]:
-        t.add_row(str(st["id"]), ", ".join(st["rules"]), ", ".join(st["fqdns"]), str(st["addresses"]))
-    con.print(t)
+    if fq["sets"]:
+        t = Table(title="fqdn dynamic sets")
+        for col in ("set", "rules", "fqdns", "addresses"):
+            t.add_column(col, justify="right" if col in ("set", "addresses") else "left")
+        for st in fq["sets"]:
+            t.add_row(str(st["id"]), ", ".join(st["rules"]), ", ".join(st["fqdns"]), str(st["addresses"]))
+        con.print(t)
     if fq["names"]:
         t = Table(title=f"learnt names ({fq['names_total']}; latest 20)")
         for col in ("name", "addresses", "expires in", "learnt", "sets"):
@@ -367,10 +382,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_fqdn_addresses(v)
     v.set_defaults(fn=cmd_validate)
     r = sub.add_parser("run", help="load, attach and enforce; stays in the foreground")
-    r.add_argument("--policy", required=True)
+    r.add_argument("--policy", required=True, metavar="FILE", help="the policy to enforce (validated first)")
     r.add_argument("--interface", action="append", help="interface to protect (repeatable; overrides the policy's list)")
     r.add_argument("--pin-dir", **pin)
-    r.add_argument("--xdp-mode", choices=("native", "generic", "auto"))
+    r.add_argument("--xdp-mode", choices=("native", "generic", "auto"),
+                   help="XDP attach mode for every interface (overrides the policy's interfaces[].xdp_mode; "
+                        "auto: native where the driver supports it)")
     r.add_argument("--netns", help="attach to interfaces inside this network namespace (ip netns name)")
     r.add_argument("--keep-attached", action="store_true", help="on SIGTERM/SIGINT leave programs attached and pinned")
     r.set_defaults(fn=cmd_run)
@@ -380,12 +397,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cases", metavar="FILE", help="run this test cases file first (reference model and "
                                                    "test-run); change nothing unless every case passes")
     p.add_argument("--reference-only", action="store_true", help="with --cases: judge by the reference model alone")
-    add_fqdn_addresses(p)
+    add_fqdn_addresses(p, test_run=True)
     p.add_argument("--dry-run", action="store_true", help="print which traffic would change verdict against the "
                                                           "running policy; change nothing")
     p.set_defaults(fn=cmd_apply)
     s = sub.add_parser("status", help="interfaces, revision, counters, map pressure")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--json", action="store_true", help="print everything as JSON (the text form is a summary)")
     s.add_argument("--pin-dir", **pin)
     s.set_defaults(fn=cmd_status)
     d = sub.add_parser("detach", help="detach from every interface and unpin")
@@ -401,7 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("prefix")
     bd.add_argument("--pin-dir", **pin)
     bl = bsub.add_parser("list", help="current bans with expiry")
-    bl.add_argument("--json", action="store_true")
+    bl.add_argument("--json", action="store_true", help="print the bans as JSON")
     bl.add_argument("--pin-dir", **pin)
     b.set_defaults(fn=cmd_ban)
     add_parsers(sub, pin)
@@ -421,9 +438,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return a.fn(a)
     except PolicyError as e:
-        return _policy_errors(e)
+        return _policy_errors(e, changes=a.fn in CHANGING)
     except CompileError as e:
-        _err(f"policy does not fit the datapath: {e}; nothing was changed")
+        _err(f"policy does not fit the datapath: {e}" + ("; nothing was changed" if a.fn in CHANGING else ""))
         return EXIT_INPUT
     except (ControlError, AttachError) as e:
         _err(str(e))
@@ -434,6 +451,9 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         _err(f"system call failed: {e}")
         return EXIT_RUNTIME
+
+
+CHANGING = (cmd_run, cmd_apply)          # the commands that change the kernel; the others only read
 
 
 if __name__ == "__main__":

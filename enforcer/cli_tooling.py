@@ -181,11 +181,13 @@ def dry_run(policy: Policy, pin_dir: str, as_json: bool = False, by_rule: bool =
     return EXIT_OK
 
 
-def add_fqdn_addresses(p) -> None:
-    """--fqdn-addresses FILE (test, explain, and validate/apply with --cases)."""
+def add_fqdn_addresses(p, test_run: bool = False) -> None:
+    """--fqdn-addresses FILE (test, explain, and validate/apply with --cases); test_run: the command
+    also judges in the kernel (test, apply --cases), whose sets are filled with the same snapshot."""
     p.add_argument("--fqdn-addresses", metavar="FILE",
                    help="judge fqdns rules by this snapshot of names → addresses (YAML/JSON mapping, e.g. "
-                        "'deb.debian.org: [151.101.2.132]'); with test-run the kernel's sets hold the same")
+                        "'deb.debian.org: [151.101.2.132]')"
+                        + ("; the kernel's sets in test-run hold the same" if test_run else ""))
 
 
 def add_parsers(sub, pin: dict) -> None:
@@ -197,7 +199,7 @@ def add_parsers(sub, pin: dict) -> None:
     t.add_argument("--json", action="store_true", help="print the report as JSON")
     t.add_argument("--reference-only", action="store_true",
                    help="judge by the reference model alone (no root, no BPF): no datapath cross-check")
-    add_fqdn_addresses(t)
+    add_fqdn_addresses(t, test_run=True)
     t.set_defaults(tool=cmd_test)
     e = sub.add_parser("explain", help="why a packet gets its verdict: deciding rule, shadowed rules, default, "
                                        "DoS limits and bans")
@@ -206,7 +208,7 @@ def add_parsers(sub, pin: dict) -> None:
     e.add_argument("--pin-dir", help="also show the live bans of the instance pinned here, and judge fqdns rules "
                                      "by the names → addresses it learnt")
     add_fqdn_addresses(e)
-    e.add_argument("--json", action="store_true")
+    e.add_argument("--json", action="store_true", help="print the explanation as JSON")
     e.set_defaults(tool=cmd_explain)
     ln = sub.add_parser("lint", help="shadowed, redundant, conflicting and never-matching rules, with file:line")
     ln.add_argument("policy")

@@ -18,7 +18,7 @@ from hostwall.bpf import fqdn as fq
 from hostwall.bpf import layout as L
 from hostwall.bpf.instance import Instance, policy_pressure
 from hostwall.bpf.links import LinkError
-from hostwall.bpf.state import AttachedInterface, InstanceState, allocate_slots, policy_writer
+from hostwall.bpf.state import REVISIONS_KEEP, AttachedInterface, InstanceState, allocate_slots, policy_writer
 
 from . import attach, fqdnsets
 from .compiler import compile_policy, fqdn_lists
@@ -105,9 +105,9 @@ def apply_policy(dp: Datapath, st: InstanceState, policy: Policy,
         st.rule_meta[ESSENTIAL_ICMP] = {"priority": -1, "direction": "both", "action": "allow", "order": -1,
                                         "pseudo": True}
     st.revision_id = rev_id
-    st.revisions = {k: v for k, v in st.revisions.items() if int(k) >= rev_id - 16}
+    st.revisions = {k: v for k, v in st.revisions.items() if int(k) >= rev_id - REVISIONS_KEEP}
     st.revisions[str(rev_id)] = policy.revision
-    st.revision_info = {k: v for k, v in st.revision_info.items() if int(k) >= rev_id - 16}
+    st.revision_info = {k: v for k, v in st.revision_info.items() if int(k) >= rev_id - REVISIONS_KEEP}
     st.revision_info[str(rev_id)] = {"revision": policy.revision, "policy": policy.name, "slots": dict(slots)}
     profiles = {i.name: i.dos_profile for i in policy.interfaces}
     for a in st.interfaces:
@@ -150,6 +150,7 @@ def _install_with_sets(dp: Datapath, st: InstanceState, policy: Policy, cp, sets
 
 
 CONNTRACK_MAPS = ("hw_config", "hw_ct4", "hw_ct6")
+_SEED_END = L.DTYPES["hw_config"].fields["table_seed"][1] + 8     # hw_config up to table_seed: every build's
 
 
 def _migrate_fqdn(pin_dir: str, new: Datapath) -> int:
@@ -172,15 +173,18 @@ def _migrate_conntrack(old: Instance, new: Datapath) -> int:
     of the build before the TCP sequence state carry over, with nothing learnt (docs/datapath.md
     "Sequence checks")."""
     src = {}
-    for name, fam in (("hw_config", 0), ("hw_ct4", 4), ("hw_ct6", 6)):
+    for name, fam in (("hw_ct4", 4), ("hw_ct6", 6)):
         was, now = bpfsys.map_info(old.map_fds[name]), bpfsys.map_info(new.map_fds[name])
         if (was.type, was.max_entries) != (now.type, now.max_entries):
             return 0
         if was.value_size != now.value_size:
-            dt = conntrack.slot_dtype(was.value_size, fam) if fam else None
+            dt = conntrack.slot_dtype(was.value_size, fam)
             if dt is None:
                 return 0
             src[fam] = dt
+    cfg_size = bpfsys.map_info(old.map_fds["hw_config"]).value_size
+    if cfg_size < _SEED_END or cfg_size > L.DTYPES["hw_config"].itemsize:
+        return 0                # fields are only appended: an older, shorter hw_config still has the seed
     new.set_config(table_seed=int(old.config()["table_seed"]))
     return conntrack.copy_tables(old.map_fds, new.map_fds, src)
 
@@ -273,7 +277,11 @@ def apply(policy: Policy, pin_dir: str, dp: Datapath | None = None) -> ApplyResu
 
 
 def detach(pin_dir: str) -> list[str]:
-    """Detach every interface of the instance, unpin, forget the state. Returns what was detached."""
+    """Detach every interface of the instance, note the detach in hw_config, unpin, forget the state.
+    Returns what was detached. The note (detached_ns, after the last interface: no packet reaches the
+    tables after it) tells a collector still holding the maps to report the connections left in conntrack
+    as ended (docs/collector.md "Detach"); an instance that is replaced instead (a crash, --keep-attached,
+    a new build migrating the tables) never gets one."""
     st = InstanceState.load(pin_dir)
     done = []
     for i in (st.interfaces if st else []):
@@ -282,10 +290,25 @@ def detach(pin_dir: str) -> list[str]:
             done.append(i.name + (f"@{i.netns}" if i.netns else ""))
         except Exception:  # noqa: BLE001 — interface or netns gone: nothing left to detach there
             pass
+    _note_detach(pin_dir)
     Datapath.unpin(pin_dir)
     if st:
         st.remove()
     return done
+
+
+def _note_detach(pin_dir: str) -> None:
+    """hw_config.detached_ns = now on the datapath's clock (its test clock when set). No pinned
+    hw_config of this layout (nothing pinned, an older build): nothing to note."""
+    inst = Instance.open_maps(pin_dir, ("hw_config",))
+    if inst is None:
+        return
+    try:
+        if bpfsys.map_info(inst.map_fds["hw_config"]).value_size == L.DTYPES["hw_config"].itemsize:
+            test_now = int(inst.config()["test_now_ns"])
+            inst.set_config(detached_ns=test_now or time.clock_gettime_ns(time.CLOCK_MONOTONIC))
+    finally:
+        inst.close()
 
 
 def syn_proxy_status(dp: Datapath, names: tuple[str, ...]) -> dict:

@@ -6,7 +6,9 @@ the semantics: operator bans; then, on an interface with a profile, the per-sour
 limits. A source over a limit for `ban_after` in a row (over-limit packets no more than 1 s apart) is
 banned for `ban_duration`; bans expire by themselves. A packet of a tracked connection that the source
 guards spare (`Pkt.tracked`, bpf/dos.h dos_spares) passes its source's ban and empty buckets, taking
-the tokens there are and extending no streak; the shared limits after them still apply
+the tokens there are and extending no streak; the shared limits after them still apply. An ICMP error
+quoting one (`Pkt.error`) is spared so only while the profile's one bucket for spared errors, all
+sources together, has a token (`error_pps`); else it meets its source's limits as any packet
 (docs/dos.md "Tracked connections").
 
 The per-port SYN stage (bpf/dos.h syn_port_stage): a SYN takes a token of its port's bucket (all sources
@@ -25,6 +27,8 @@ from dataclasses import dataclass, field
 
 NS = 1_000_000_000
 STREAK_GAP_NS = NS
+ERR_PPS = 100                   # HW_DOS_ERR_PPS: spared errors/s of a profile without ICMP or packet rates
+GLOBAL_ERR = 15                 # HW_DOS_GLOBAL_ERR: its slot in the profile's shared buckets
 REFRESH_NS = 30 * NS            # HW_SYN_REFRESH_NS
 U64 = (1 << 64) - 1
 PROXY_OFF, PROXY_ON, PROXY_AUTO = 0, 1, 2
@@ -67,7 +71,14 @@ class Pkt:
     syn: bool = False         # TCP SYN without ACK/RST; a TCP packet without it is a bare ACK
     dport: int = 0
     length: int = 64          # bytes on the wire
-    tracked: bool = False     # matches a connection the source guards spare (dos.h dos_spares: host-opened, not closed)
+    tracked: bool = False     # its connection, or the one an ICMP error quotes, is spared (dos.h dos_spares)
+    error: bool = False       # an ICMP error (tracked: about such a connection): spared within the shared bucket
+
+
+def error_pps(p: ProfileParams) -> int:
+    """bpf/dos.h dos_err_pps: the rate of the profile's shared bucket for spared ICMP errors, one
+    source's ICMP share (icmp_pps, else pps)."""
+    return p.icmp_pps or p.pps or ERR_PPS
 
 
 def _take(tok: int, rate: int, cap: int, dt: int, cost: int) -> tuple[int, bool]:
@@ -186,7 +197,7 @@ class DosModel:
         if s is None:
             s = self.src[k] = _Src(now, p.burst * NS, p.bps_burst * 1000, p.syn_pps * NS, p.udp_pps * NS, p.icmp_pps * NS)
         reason = self._buckets(p, s, pkt, now)
-        if reason and pkt.tracked:
+        if reason and pkt.tracked and (not pkt.error or self._global(GLOBAL_ERR, error_pps(p), now)):
             self.spared = reason
         elif reason:
             if reason != "banned":

@@ -6,8 +6,9 @@ the instance state (rule names per revision), tails the enforcer's audit log and
 status file (so `hostwall-collector status` works with that environment too).
 
 Everything it writes that is meant to outlive the lab goes to `out_dir`: the JSONL sink(s), the
-config it ran with (collector.yaml) and its log (collector.log, stderr). The status file lives in
-the enforcer's state dir; `final_status` keeps the last one read after stop().
+config it ran with (hostwall.collector.yaml) and its log (hostwall.collector.log: its stdout — banner
+and exit ledger — and stderr). The status file lives in the enforcer's state dir; `final_status` keeps
+the last one read after stop().
 
 Every wait is bounded: start() waits for the "collecting from" banner, stop() for a clean exit after
 SIGTERM (then SIGKILL); close() is idempotent and safe after a failure.
@@ -23,7 +24,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import yaml
 
@@ -38,7 +39,7 @@ LAB_CONFIG: dict[str, Any] = {
     "drop_summary_interval": "250ms",
     "conntrack_scan_interval": "1s",
     "status_interval": "500ms",
-    "jsonl": {"fsync": "interval", "fsync_interval": "1s"},
+    "jsonl": {"fsync": "interval", "fsync_interval": "250ms"},   # = the drop interval (docs/collector.md "Drop summary windows")
     "anomaly": {"window_s": 5.0, "bucket_s": 0.5, "warmup_windows": 1, "quiet_s": 3.0,
                 "update_interval_s": 2.0},
 }
@@ -73,7 +74,9 @@ class CollectorProcess:
         self.banner = ""
         self.exit_output = ""
         self.final_status: dict | None = None
-        self._log = None
+        self._log: IO[str] | None = None
+        self._out: list[str] = []                  # stdout after the banner (also in the log)
+        self._tee: threading.Thread | None = None
 
     # ---- lifecycle -------------------------------------------------------------------------------
     def argv(self) -> list[str]:
@@ -95,15 +98,31 @@ class CollectorProcess:
 
     def start(self, timeout: float = START_TIMEOUT_S) -> CollectorProcess:
         self.write_config()
-        self._log = open(self.log_path, "ab")
+        self._log = log = open(self.log_path, "a", buffering=1)   # O_APPEND: stderr and the tee interleave by line
         self.proc = subprocess.Popen(self.argv(), env=self.env, cwd=REPO_ROOT, stdout=subprocess.PIPE,
-                                     stderr=self._log, text=True)
+                                     stderr=log, text=True)
         self.banner = first_line(self.proc, timeout)
+        log.write(self.banner)
+        self._tee = threading.Thread(target=self._copy_stdout, args=(log,), name="collector-stdout", daemon=True)
+        self._tee.start()
         if "collecting from" not in self.banner:
             self.close()
             raise CollectorError(f"collector did not start within {timeout:g} s: {self.banner.strip()} "
                                  f"{self.log_tail()}")
         return self
+
+    def _copy_stdout(self, log: IO[str]) -> None:
+        """Keep the collector's stdout in its log (and in memory for exit_output) until it closes."""
+        assert self.proc is not None and self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self._out.append(line)
+            log.write(line)
+
+    def _join_tee(self) -> None:
+        """Bounded: the pipe closes when the process exits."""
+        if self._tee is not None:
+            self._tee.join(timeout=10)
+            self._tee = None
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -116,11 +135,12 @@ class CollectorProcess:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         try:
-            out, _ = self.proc.communicate(timeout=timeout)
+            self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-            out, _ = self.proc.communicate(timeout=10)
-        self.exit_output = out or ""
+            self.proc.wait(timeout=10)
+        self._join_tee()
+        self.exit_output = "".join(self._out)
         try:
             self.final_status = self.status()
         except CollectorError:
@@ -132,9 +152,10 @@ class CollectorProcess:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             try:
-                self.proc.communicate(timeout=10)
+                self.proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 pass
+        self._join_tee()
         if self._log is not None:
             self._log.close()
             self._log = None

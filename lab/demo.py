@@ -40,6 +40,7 @@ from .netns import Lab, cleanup_stale, lab_available
 
 DEFAULT_POLICY = resource_dir("examples") / "policy.yaml"
 DEFAULT_OUT = Path("/var/tmp/hostwall-demo")
+PEAK = "peak /s (window avg)"              # hostwall.anomaly.peak_rate: a window average, not a packet rate
 ATTACKER_PREFIX = "10.66.3.0/24"           # the attacker host's /24 (anomaly keys are /24 by default)
 OPEN_WITHIN_S = 2.0                        # flood start → anomaly open (the issue's bound)
 
@@ -208,6 +209,16 @@ def iso_s(s: str) -> float:
 
 def top_flows(records: list[dict], n: int = 8) -> list[dict]:
     """Flows of the log, one row per connection (start + end/update records merged), by bytes."""
+    return sorted(_flows(records), key=lambda f: -sum(f["bytes"]))[:n]
+
+
+def open_flows(records: list[dict]) -> list[dict]:
+    """Flows of the log without an end: still tracked by the datapath when the collector stopped
+    (docs/records.md "Flows without an end")."""
+    return [f for f in _flows(records) if f["state"] == "open"]
+
+
+def _flows(records: list[dict]) -> list[dict]:
     flows: dict[tuple, dict] = {}
     for r in records:
         if kind(r) != "flow":
@@ -225,7 +236,7 @@ def top_flows(records: list[dict], n: int = 8) -> list[dict]:
         if fl.get("state") == "closed":
             f["state"] = fl.get("end_reason", "closed")
             f["duration_s"] = fl.get("duration_ns", 0) / 1e9
-    return sorted(flows.values(), key=lambda f: -sum(f["bytes"]))[:n]
+    return list(flows.values())
 
 
 def drops_from_log(records: list[dict]) -> Counter:
@@ -368,6 +379,13 @@ def _duration(s: float | None) -> str:
     return "-" if s is None else f"{s:.2f} s" if s >= 1 else f"{s * 1e3:.2f} ms"
 
 
+def _where(f: dict) -> str:
+    _, proto, sip, sp, dip, dp = f["key"]
+    a = f"[{sip}]" if ":" in str(sip) else str(sip)
+    b = f"[{dip}]" if ":" in str(dip) else str(dip)
+    return f"{proto} {a}{f':{sp}' if sp is not None else ''} → {b}{f':{dp}' if dp is not None else ''}"
+
+
 def print_summary(run: DemoRun, con: Console) -> list[Check]:
     t = Table(title="traffic (what the hosts saw)")
     for c in ("traffic", "expected", "outcome", ""):
@@ -385,14 +403,15 @@ def print_summary(run: DemoRun, con: Console) -> list[Check]:
     for c in ("flow", "rule", "packets →/←", "bytes →/←", "duration", "end"):
         t.add_column(c, justify="right" if c in ("packets →/←", "bytes →/←", "duration") else "left")
     for f in top_flows(run.records, 6):
-        _, proto, sip, sp, dip, dp = f["key"]
-        a = f"[{sip}]" if ":" in str(sip) else str(sip)
-        b = f"[{dip}]" if ":" in str(dip) else str(dip)
-        where = f"{proto} {a}{f':{sp}' if sp is not None else ''} → {b}{f':{dp}' if dp is not None else ''}"
-        t.add_row(*_plain(where, f["rule"] or "(conntrack)", f"{f['packets'][0]}/{f['packets'][1]}",
+        t.add_row(*_plain(_where(f), f["rule"] or "(conntrack)", f"{f['packets'][0]}/{f['packets'][1]}",
                           f"{_n(f['bytes'][0])}/{_n(f['bytes'][1])}",
                           _duration(f["duration_s"]), f["state"]))
     con.print(t)
+    still = open_flows(run.records)
+    if still:
+        con.print(f"  {len(still)} flows still open when the collector stopped ({', '.join(_where(f) for f in still)}): "
+                  "tracked by the datapath, their idle timeout (UDP 180 s, ICMP 30 s) is longer than the demo; "
+                  'no end is invented (docs/records.md "Flows without an end")', highlight=False)
 
     log, enf = drops_from_log(run.records), drops_from_enforcer(run.enforcer_status)
     t = Table(title="drops by reason (packets)")
@@ -406,8 +425,8 @@ def print_summary(run: DemoRun, con: Console) -> list[Check]:
 
     rows = anomalies(run.records, run.arrivals)
     t = Table(title="anomalies")
-    for c in ("signal", "key", "severity", "peak rate /s", "opened", "closed", "records"):
-        t.add_column(c, justify="right" if c == "peak rate /s" else "left")
+    for c in ("signal", "key", "severity", PEAK, "opened", "closed", "records"):
+        t.add_column(c, justify="right" if c == PEAK else "left")
     for r in sorted(rows, key=lambda r: (r["opened_at"] or 0)):
         opened = "-" if r["opened_at"] is None else f"{r['opened_at'] - run.flood_start:+.2f} s"
         if r["open_seen"]:
@@ -419,7 +438,9 @@ def print_summary(run: DemoRun, con: Console) -> list[Check]:
         t.add_row("(none)", "", "", "", "", "", "")
     con.print(t)
     con.print("  opened: after the flood's start (the anomaly's own time; log: when a reader of the flow log saw it); "
-              "closed: after the flood's end", highlight=False)
+              f"closed: after the flood's end; peak: the highest {LAB_CONFIG['anomaly']['window_s']:g} s window "
+              "average while open (hostwall.anomaly.peak_rate, docs/records.md), below a flood's packet rate when "
+              "the flood is shorter than the window", highlight=False)
 
     names = list((run.collector_status or {}).get("ledger", {}).get("sinks", {}))
     for name in names:
@@ -435,13 +456,24 @@ def print_summary(run: DemoRun, con: Console) -> list[Check]:
     if not names:
         con.print("[red]collector ledger: no final status[/]")
     con.print(f"[bold]conformance[/] {run.conformance.line()}", highlight=False)
-    con.print(f"[bold]flow log[/] {run.jsonl}  (next to it: collector.yaml it ran with, collector.log, "
-              "collector-status.json = its final `hostwall-collector status --json`)", highlight=False)
+    con.print(f"[bold]flow log[/] {run.jsonl}  (next to it: {kept_files(run.out_dir)})", highlight=False)
 
     cs = checks(run)
     for c in cs:
         con.print(f"  {'[green]✓[/]' if c.ok else '[red]✗[/]'} {c.what}" + (f" — {c.detail}" if c.detail else ""))
     return cs
+
+
+# what the collector leaves next to the flow log (lab/collector_proc.py), by file name
+KEPT = (("hostwall.collector.yaml", "the settings it ran with"),
+        ("hostwall.collector.log", "its output: banner, warnings, exit ledger"),
+        ("collector-status.json", "its final status; read it with `hostwall-collector status --status-file {path}`"))
+
+
+def kept_files(out_dir: Path) -> str:
+    """The kept files that exist, each with what it is (README "Using the collector")."""
+    return "; ".join(f"{name}: " + what.format(path=out_dir / name)
+                     for name, what in KEPT if (out_dir / name).is_file()) or "nothing else"
 
 
 def run_demo(policy: Path = DEFAULT_POLICY, flood_seconds: float = 3.0, console: Console | None = None,

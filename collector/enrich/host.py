@@ -4,14 +4,16 @@ HostInfo: hostname, boot id, versions — fixed for the life of the collector (c
 InstanceStateView: the enforcer's instance state (enforcer/state.py), re-read when its file changes,
   resolving the numbers the kernel stamps on records (revision_id, rule_slot) into names. Counter slots
   are reused across policy swaps, so a slot is resolved only through a snapshot of the revision that
-  stamped it; revisions seen before the collector started keep their revision string (the state's
-  revision table) but no rule names. Unknown stays "" — never guessed.
+  stamped it: the state's revision_info (the current and REVISIONS_KEEP older revisions, whether or not
+  the collector saw them live) plus the snapshots taken live. Unknown stays "" — never guessed (the
+  record builder counts such records, docs/records.md "Rule fields").
 InterfaceTable: ifindex → (interface name, network namespace) for the attached interfaces. An ifindex is
   unique only inside its namespace: when two attached interfaces in different namespaces share one,
   the lookup answers None (counted as ambiguous) rather than pick one.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -61,7 +63,7 @@ class HostInfo:
 class _Revision:
     revision: str
     policy: str = ""
-    slot_names: dict = field(default_factory=dict)      # slot -> rule name (only for revisions we saw live)
+    slot_names: dict = field(default_factory=dict)      # slot -> rule name (empty: revision string only)
 
 
 class InstanceStateView:
@@ -125,6 +127,11 @@ class InstanceStateView:
             except ValueError:
                 continue
             self._revs.setdefault(i, _Revision(revision=rev))
+        for rid, info in state.revision_info.items():
+            with contextlib.suppress(ValueError, TypeError, AttributeError):
+                slots = {int(s): n for n, s in (info.get("slots") or {}).items()}
+                rev = info.get("revision") or state.revisions.get(rid, "")
+                self._revs[int(rid)] = _Revision(rev, info.get("policy", ""), slots)
         slot_names = {int(s): n for n, s in state.slots.items()}
         self._revs[state.revision_id] = _Revision(state.revision, state.policy_name, slot_names)
         for old in sorted(self._revs)[:-REVISIONS_KEPT]:

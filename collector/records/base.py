@@ -16,7 +16,7 @@ from hostwall.bpf import layout as L
 from hostwall.bpf.clock import Clock
 
 from ..community_id import community_id
-from ..enrich.host import HostInfo, InstanceStateView
+from ..enrich.host import NO_RULE_SLOT, HostInfo, InstanceStateView
 from .batch import ntop, packed
 from .flowtable import FlowTable
 from .timefmt import created_now, iso_ns
@@ -58,7 +58,7 @@ class BuilderBase:
             "events": 0, "records": 0, "decode_errors": 0, "end_without_start": 0, "ct_end_already_emitted": 0,
             "ct_end_event_lost": 0, "flows_stale_expired": 0, "drop_summaries": 0, "overflow_summaries": 0,
             "flow_end_idle_timeout": 0, "flow_end_evicted_established": 0, "flow_end_evicted_unconfirmed": 0,
-            "flow_end_closed_after_grace": 0}
+            "flow_end_closed_after_grace": 0, "flow_end_detached": 0, "rule_unresolved": 0}
 
     # ---- accounting ------------------------------------------------------------------------------
     def _lost(self, stage: str, reason: str, n: int) -> None:
@@ -94,7 +94,8 @@ class BuilderBase:
                 "observer": self._observer(), "hostwall": {"kind": kind, "schema_version": SCHEMA_VERSION}}
 
     def _rule(self, rec: dict, revision_id: int, slot: int) -> None:
-        """rule.{name,ruleset,version}; memoised per instance-state generation (O(1) per record)."""
+        """rule.{name,ruleset,version}; memoised per instance-state generation (O(1) per record). The
+        caller counts unresolved records (see unresolved)."""
         inst = self.instance
         if inst is None:
             return
@@ -109,6 +110,12 @@ class BuilderBase:
                 self._rule_memo[(revision_id, slot)] = got
         if got:
             rec["rule"] = dict(got)
+
+    @staticmethod
+    def unresolved(rule: dict, slot: int) -> bool:
+        """The record's revision is unknown (older than the state's revision_info keeps), or it names a
+        rule slot that revision does not name: counted as rule_unresolved (docs/records.md "Rule fields")."""
+        return "version" not in rule or (slot != NO_RULE_SLOT and "name" not in rule)
 
     def _interface(self, rec: dict, ifindex: int, direction: str | None) -> None:
         """Interface id now; the enricher fills names (and netns)."""

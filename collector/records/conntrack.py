@@ -1,6 +1,7 @@
 """Records from the collector's conntrack scan (collector/kernel.py scan_conntrack): flow ends of
-connections closed by FINs once quiet for the close grace period, of idle-expired entries, and
-periodic updates of long-lived ones (active timeout).
+connections closed by FINs once quiet for the close grace period, of idle-expired entries, of the
+connections still tracked when the datapath detached, and periodic updates of long-lived ones (active
+timeout).
 
 Times: `created_ns` (first packet) and `end_ns` (last packet) are on the precise clock; `last_ns` (the
 tick clock) only ages entries and identifies the kernel fact in `event.id`.
@@ -32,11 +33,14 @@ class ConntrackRecords:
 
     def on_conntrack(self, expired_keys: np.ndarray, expired_entries: np.ndarray,
                      updates: tuple[np.ndarray, np.ndarray] | None, clock: Clock,
-                     closed: tuple[np.ndarray, np.ndarray] | None = None) -> list[dict]:
+                     closed: tuple[np.ndarray, np.ndarray] | None = None,
+                     detached: tuple[np.ndarray, np.ndarray, int] | None = None) -> list[dict]:
         """Idle-expired entries → flow end records; `closed` (keys, entries) of connections closed by
         both FINs and quiet for the close grace period (the scan marked them reported) → flow end
         records with end_reason "fin"; `updates` (keys, entries) of long-lived entries due for an
-        active-timeout report → flow ["info"] records with running totals.
+        active-timeout report → flow ["info"] records with running totals; `detached` (keys, entries,
+        detach time) of connections still tracked when the datapath detached → flow end records with
+        end_reason "detach", ended at the detach (docs/records.md "Flows without an end").
 
         Keys are one family per call: hw_ct4_key or hw_ct6_key structured arrays (the family is told by
         the layout), aligned with hw_ct_entry arrays.
@@ -56,6 +60,9 @@ class ConntrackRecords:
             if rec is not None:
                 out.append(rec)
                 made[i] = True
+        if detached is not None:
+            for key, ent in self._ct_rows(detached[0], detached[1]):
+                out.append(self._ct_detached(key, ent, clock, detached[2]))
         if updates is not None:
             for key, ent in self._ct_rows(*updates):
                 out.append(self._ct_update(key, ent, clock))
@@ -107,6 +114,8 @@ class ConntrackRecords:
         req = ECHO_TYPES[proto][0] if proto in ECHO_TYPES else None   # only echo is tracked for ICMP
         self._endpoints(rec, fam, proto, k["saddr"], k["daddr"], k["sport"], k["dport"], req)
         self._rule(rec, e["revision_id"], e["rule_slot"])
+        if self.instance is not None and self.unresolved(rec.get("rule", {}), e["rule_slot"]):
+            self.counters["rule_unresolved"] += 1
         hw = rec["hostwall"]
         hw.update(verdict="allow", cgroup_id=int(e["cgroup_id"]), sample_rate=1)
         hw["reason"] = "pass_rule" if e["rule_slot"] != NO_RULE_SLOT else "pass_default"
@@ -119,18 +128,20 @@ class ConntrackRecords:
     def _ct_key(k: dict, e: dict) -> tuple:
         return (k["family"], k["proto"], k["saddr"], k["daddr"], k["sport"], k["dport"], e["origin"])
 
-    def _ct_finish(self, rec: dict, k: dict, e: dict, clock: Clock, reason: str, kind: str = "ct_end") -> dict:
-        """The end record's interface (from the open flow), times and identity: `kind` "ct_end" (idle
-        expiry: the entry no longer changes, so its created/last times identify it) or "ct_close" (see
-        _ct_closed)."""
+    def _ct_finish(self, rec: dict, k: dict, e: dict, clock: Clock, reason: str, kind: str = "ct_end",
+                   end_ns: int | None = None) -> dict:
+        """The end record's interface (from the open flow), times (the last packet, or `end_ns`) and
+        identity: `kind` "ct_end" (idle expiry: the entry no longer changes, so its created/last times
+        identify it), "ct_close" (see _ct_closed) or "ct_detach" (one detach per connection: key and
+        first packet)."""
         open_flow = self.flows.close(self._ct_key(k, e))
         if open_flow is None:
             self.counters["end_without_start"] += 1
         else:
             self._interface(rec, open_flow.ifindex, rec["network"].get("direction"))
             rec["hostwall"]["hook"] = L.HOOK_NAMES.get(open_flow.hook, "")
-        self._flow_times(rec, clock, e["created_ns"], e["end_ns"], "closed", reason)
-        ident = struct.pack("<Q", e["created_ns"]) if kind == "ct_close" else \
+        self._flow_times(rec, clock, e["created_ns"], e["end_ns"] if end_ns is None else end_ns, "closed", reason)
+        ident = struct.pack("<Q", e["created_ns"]) if kind != "ct_end" else \
             struct.pack("<QQ", e["created_ns"], e["last_ns"])
         rec["event"].update(type=["end"], action="flow_end", outcome="success",
                             id=self._event_id(kind, k["raw"], ident))
@@ -146,6 +157,15 @@ class ConntrackRecords:
         on what changes after the claim. A connection has one close, so key + start identify it."""
         self.counters["flow_end_closed_after_grace"] += 1
         return self._ct_finish(self._ct_record(k, e, clock, e["end_ns"]), k, e, clock, "fin", "ct_close")
+
+    def _ct_detached(self, k: dict, e: dict, clock: Clock, detached_ns: int) -> dict:
+        """A connection still tracked when the datapath detached: its true end is unknown, no later than
+        the detach, which stamps the record (its totals are final: no packet reaches the table since)."""
+        self.counters["flow_end_detached"] += 1
+        end = max(int(detached_ns), int(e["created_ns"]))
+        rec = self._ct_record(k, e, clock, end)
+        rec["event"]["reason"] = "datapath detached"
+        return self._ct_finish(rec, k, e, clock, "detach", "ct_detach", end)
 
     def _ct_end(self, k: dict, e: dict, clock: Clock) -> dict | None:
         already = bool(e["fin_seen"] & _FLOW_END_EMITTED) or bool(e["reported"])

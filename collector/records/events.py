@@ -133,6 +133,7 @@ class EventRecords:
         ts, start = a["ts_ns"], a["start_ns"]
         at = np.where(types == _FLOW_START, start, np.where(types == _FLOW_END, np.maximum(ts, start), ts))
         fam, proto, direction = a["family"], a["proto"], a["direction"]
+        rule_keys = ((a["revision_id"].astype(np.uint64) << np.uint64(32)) | a["rule_slot"]).tolist()
         cols = (
             types.tolist(), fam.tolist(), proto.tolist(), direction.tolist(), a["verdict"].tolist(),
             a["sport"].tolist(), a["dport"].tolist(), a["ifindex"].tolist(), a["cgroup_id"].tolist(),
@@ -142,7 +143,7 @@ class EventRecords:
             np.ascontiguousarray(a).view(np.dtype((np.void, a.dtype.itemsize))).ravel().tolist(),
             ((fam.astype(np.uint32) << 16) | (proto.astype(np.uint32) << 8) | direction).tolist(),
             endpoint_keys(a), _VERDICT[a["verdict"]].tolist(), _REASON[a["reason"]].tolist(),
-            _HOOK[a["hook"]].tolist(), ((a["revision_id"].astype(np.uint64) << np.uint64(32)) | a["rule_slot"]).tolist(),
+            _HOOK[a["hook"]].tolist(), rule_keys,
             a["packets"][:, 0].tolist(), a["packets"][:, 1].tolist(), a["bytes"][:, 0].tolist(),
             a["bytes"][:, 1].tolist())
         endpoint = self._endpoint_cache().get
@@ -238,4 +239,14 @@ class EventRecords:
                 if rule:
                     rec["rule"] = dict(rule)
                 append(rec)
+        self._count_unresolved(rules, rule_keys)
         return out
+
+    def _count_unresolved(self, rules: dict[int, tuple], keys: list[int]) -> None:
+        """rule_unresolved += the records of this batch whose rule key did not resolve (no cost when all
+        did: the check runs per distinct key)."""
+        if self.instance is None:
+            return
+        bad = {rk for rk, got in rules.items() if self.unresolved(dict(got), rk & 0xFFFFFFFF)}
+        if bad:
+            self.counters["rule_unresolved"] += sum(1 for rk in keys if rk in bad)

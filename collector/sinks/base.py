@@ -243,6 +243,18 @@ class BaseSink:
         self._lose(reason, len(records))
         self._note_seqs(reason, ((r.get("hostwall") or {}) for r in records))
 
+    def _lose_noted(self, reason: str, n: int, noted: dict[tuple[str, str], Any]) -> None:
+        """Count n records lost whose hostwall.seq were noted beforehand ({(stream, reason): SeqRanges},
+        collector/loss_report.py note_seqs): a sink that keeps their seqs, not the records, until their
+        fate is known (JSONL until its fdatasync)."""
+        self._lose(reason, n)
+        for key, ranges in noted.items():
+            acc = self._lost_seqs.get(key)
+            if acc is None:
+                self._lost_seqs[key] = ranges
+            else:
+                acc.merge(ranges)
+
     def _note_seqs(self, reason: str, hws) -> None:
         from hostwall.collector.loss_report import note_seqs
         note_seqs(self._lost_seqs, reason, hws)

@@ -19,8 +19,9 @@ with ENOSPC or EDQUOT), write_error (any other write(2) failure — the batch's 
 file is reopened on the next batch), fsync_error (policies interval and always: an fdatasync failed, so
 the records of every batch that fdatasync covered are not known to be on disk, and never will be: a
 failure is final, see `_sync`), each noting its records' hostwall.seq for the loss record (docs/records.md
-"Completeness"; not fsync_error under interval: the sink does not keep an interval's records). The
-collector keeps running; health is `failing` until a write succeeds again.
+"Completeness"; for fsync_error the sink keeps the seqs of each written call — ranges, ~O(1) a pipeline
+batch — not its records, until its fdatasync decides). The collector keeps running; health is `failing`
+until a write succeeds again.
 
 Durability (at_least_once, docs/collector.md "Delivery and loss"): a batch is settled — the pipeline
 may release its kernel data — once it is written (policy none) or covered by a successful fdatasync
@@ -46,6 +47,7 @@ import os
 import time
 from pathlib import Path
 
+from ..loss_report import note_record_seqs
 from .base import BaseSink, Call, FullQueuePolicy, Health, SinkUnavailable
 from .spool_format import fsync_dir, open_append, write_all
 
@@ -95,9 +97,8 @@ class JsonlSink(BaseSink):
         self.fsyncs = 0
         self.fsync_errors = 0
         self.torn_bytes = 0                           # a torn last line cut at start (see the module docstring)
-        # written, waiting for an fdatasync: (call, records it wrote, those records under `always` for
-        # their seqs, else None)
-        self._unsynced: list[tuple[Call, int, list[dict] | None]] = []
+        # written, waiting for an fdatasync: (call, records it wrote, their seqs: loss_report.note_record_seqs)
+        self._unsynced: list[tuple[Call, int, dict]] = []
         self._stale: list[int] = []                   # closed for writing (rotation, failed write) unsynced
         self._syncing: asyncio.Future | None = None   # the fdatasyncs under way (they outlive a cancelled caller)
         self._sync_failed = False                     # an fdatasync failed since the last settlement
@@ -189,7 +190,7 @@ class JsonlSink(BaseSink):
         written = encoded = 0
         failed: int | None = None                           # errno (kept, not the exception: its traceback
                                                              # would hold this batch alive until a GC cycle)
-        wrote: list[dict] = []                               # the records written (an fsync_error loses them)
+        wrote: dict = {}                                     # the seqs written (an fsync_error loses them)
         for i in range(0, len(records), ENCODE_CHUNK):
             lines, recs = self._encode_all(records[i:i + ENCODE_CHUNK])
             encoded += len(lines)
@@ -220,8 +221,8 @@ class JsonlSink(BaseSink):
                 self.bytes_written += seg_bytes
                 self._dirty = True
             written += done
-            if self.fsync == "always":
-                wrote += recs[:done]
+            if self.fsync != "none" and done:
+                note_record_seqs(wrote, "fsync_error", recs[:done])
         if not encoded:
             self._settle(call, call.remaining)
             return
@@ -231,7 +232,7 @@ class JsonlSink(BaseSink):
             self._deliver(written)
             self._settle(call, call.remaining)
         else:
-            self._unsynced.append((call, written, wrote if self.fsync == "always" else None))
+            self._unsynced.append((call, written, wrote))
         if self.fsync != "none" and (self.fsync == "always" or self._stale
                                      or time.monotonic() - self._last_sync >= self.fsync_interval_s):
             await self._sync()                 # (a failed write retired the file: sync what it holds now)
@@ -311,15 +312,13 @@ class JsonlSink(BaseSink):
         self._last_sync = time.monotonic()
         ok, self._sync_failed = not self._sync_failed, False
         done, self._unsynced = self._unsynced[:covered], self._unsynced[covered:]
-        for call, n, recs in done:
+        for call, n, seqs in done:
             if call.remaining <= 0:                     # settled already (counted lost: nothing left to settle)
                 continue
             if ok:
                 self._deliver(n)
-            elif recs is not None:
-                self._lose_records("fsync_error", recs)
             else:
-                self._lose("fsync_error", n)
+                self._lose_noted("fsync_error", n, seqs)
             self._settle(call, call.remaining)
         return ok
 

@@ -174,7 +174,7 @@ class KafkaSink(SpoolReplay, BaseSink):
             self.degraded = True
         if rec.truncated_bytes or rec.corrupt_segments:
             self.recovered_lost["spool_torn"] += rec.torn_records
-            log.warning("%s: spool recovery cut %d bytes of a torn write (%d records lost), %d damaged segments "
+            log.warning("%s: spool recovery cut %d bytes of a torn write (%d settled records lost), %d damaged segments "
                         "set aside", self.name, rec.truncated_bytes, rec.torn_records, len(rec.corrupt_segments))
         self.probe = r = await probe_kafka(self.bootstrap, self.o, self.o.connect_timeout_s, name=self.name,
                                            client_id=self.client_id)

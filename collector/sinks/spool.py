@@ -29,9 +29,10 @@ cursor moves (at most every 0.2 s), fsynced only at close and under `always`.
 Crash recovery (open): segments whose header is damaged are renamed *.corrupt; the last segment is
 scanned frame by frame and cut at the first incomplete or CRC-failing frame (a torn write: the process
 died mid-append, or a machine crash lost pages that were never synced). `Recovery.torn_records` counts
-the records cut off: at least one when bytes were cut, and every seq between the last good frame and the
-next_seq the cursor file last recorded (exact for records that had been synced; records appended after
-the last fdatasync of a machine that lost power cannot be counted, and were never settled either). A bad
+the records cut off that had been settled: every seq between the last good frame and the next_seq the
+cursor file last recorded (exact if synced). Under interval/always a frame cut past it was never settled
+(a kill mid-append, or appended after the last fdatasync): the kernel holds it, no loss. Under none an
+append settles when it returns: a cut frame counts at least 1 (a kill mid-append too: one too many). A bad
 frame found while reading an earlier segment skips the rest of that segment; the seqs skipped are
 reported by `take_lost()` (exact, from the next segment's first seq). Open reads the last segment once.
 
@@ -140,7 +141,7 @@ class Spool:
         except OSError as e:
             raise SpoolError(f"cannot create spool directory {self.dir}: {e.strerror or e}") from None
         self._lock()
-        self.segments, self.next_seq, cur, rec = recover_segments(self.dir, self.max_record_bytes)
+        self.segments, self.next_seq, cur, rec = recover_segments(self.dir, self.max_record_bytes, self.fsync)
         self.cursor = cur
         while self.segments and self.segments[0].end <= self.cursor:
             self._unlink(self.segments.pop(0))     # fully acknowledged before the crash
@@ -200,7 +201,7 @@ class Spool:
         hdr = SEG_HDR.size
         groups: list[list[bytes]] = [[]] if self._wfd >= 0 else []
         seg_size = self.segments[-1].size if self._wfd >= 0 else None
-        total, seq, size = self.size_bytes, self.next_seq, 0
+        total, seq = self.size_bytes, self.next_seq
         for p in payloads:
             if len(p) > self.max_record_bytes:
                 raise SpoolError(f"record of {len(p)} bytes exceeds the spool's max_record_bytes "
@@ -216,7 +217,6 @@ class Spool:
             groups[-1].append(f)
             seg_size += len(f)
             total += need
-            size += len(f)
             seq += 1
         accepted = seq - self.next_seq
         first = self.next_seq
@@ -236,18 +236,17 @@ class Spool:
                             os.ftruncate(self._wfd, self.segments[-1].size)
                         self._drop_writer()
                     e.written = self.next_seq - first    # records before the failure are in the spool
-                    self.appended += e.written
                     raise
                 seg = self.segments[-1]
                 seg.size += len(buf)
                 self.next_seq += len(g)
                 seg.end = self.next_seq
                 self._dirty = True
+                self.appended += len(g)          # per segment: a cancel at the next one's sync keeps it
+                self.bytes_appended += len(buf)
         finally:
             self._appending = False
-        self.appended += accepted
         self.refused += len(payloads) - accepted
-        self.bytes_appended += size
         if accepted:
             if self.fsync == "none":
                 self._synced(self.next_seq)

@@ -200,10 +200,11 @@ def lock_directory(directory: Path) -> tuple[int, str]:
     return fd, ""
 
 
-def recover_segments(directory: Path, max_record_bytes: int) -> tuple[list[Segment], int, int, Recovery]:
+def recover_segments(directory: Path, max_record_bytes: int, fsync: str = "interval",
+                     ) -> tuple[list[Segment], int, int, Recovery]:
     """(segments in order, next_seq, cursor, what was repaired) of a spool directory after a crash: empty
     segments deleted, damaged headers renamed *.corrupt, the last segment's torn tail cut (see spool.py's
-    docstring). Cost: one read of the last segment."""
+    docstring; fsync: the policy, which says what an append settled). Cost: one read of the last segment."""
     segs: list[Segment] = []
     next_seq = 0
     rec = Recovery()
@@ -229,7 +230,8 @@ def recover_segments(directory: Path, max_record_bytes: int) -> tuple[list[Segme
         rec.truncated_bytes = cut
         next_seq = last.end
         recorded = c.next_seq if c is not None and c.next_seq is not None else 0
-        rec.torn_records = max(recorded - next_seq, 1 if cut else 0)
+        # a cut frame past it was settled only under none (an append settles when it returns)
+        rec.torn_records = max(recorded - next_seq, 1 if cut and fsync == "none" else 0)
         if cur is None:
             rec.cursor = "reset"                 # missing or damaged: replay all (duplicates, no loss)
         if cur is None or cur < segs[0].first:

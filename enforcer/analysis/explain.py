@@ -51,9 +51,29 @@ class Explanation:
     fqdn: list[dict] = field(default_factory=list)   # fqdns rules whose other conditions the packet meets
     snapshot: str | None = None             # where the names → addresses came from (None: no snapshot)
 
+    def ban(self) -> dict | None:
+        """The live ban that drops this packet before any rule (bpf/dos.h dos_check), or None. An
+        automatic ban spares a reply on a connection this host opened; an operator's ban cuts
+        everything (docs/dos.md "Tracked connections")."""
+        o, p = self.outcome, self.packet
+        spared = (self.stateful and p.state == "reply" and o.verdict == "allow"
+                  and o.reason.startswith(("pass_conntrack", "pass_related")))
+        return next((b for b in self.bans if b["kind"] != "automatic" or not spared), None)
+
+    def verdict(self) -> Outcome:
+        """The packet's verdict: the ban's (would_drop in audit mode) when one applies, else the rules'."""
+        b = self.ban()
+        return self.outcome if b is None else Outcome("would_drop" if self.audit else "drop", "banned", None)
+
     def text(self) -> str:
         p = self.packet
-        out = [f"packet   {p.text()}", f"verdict  {self.outcome.text()}"]
+        b = self.ban()
+        if b is None:
+            out = [f"packet   {p.text()}", f"verdict  {self.outcome.text()}"]
+        else:
+            v = self.verdict()
+            out = [f"packet   {p.text()}", f"verdict  {v.verdict} (banned, {b['kind']} ban {b['prefix']})",
+                   f"         dropped as banned before any rule; without the ban: {self.outcome.text()}"]
         decider = self.matching[0] if self.matching and self.outcome.rule == self.matching[0].name else None
         if self.outcome.reason == "pass_conntrack":
             out.append("         the packet continues a tracked connection (its opener was allowed), so no rule "
@@ -96,8 +116,10 @@ class Explanation:
             out.append("DoS      no DoS profile applies (give the interface: 'on IF', or list the interface "
                        "with a dos_profile in the policy)")
         if self.bans:
+            spared = "; a connection this host opened excepted" if self.stateful else ""
             out.append("bans     " + "; ".join(f"{b['prefix']} ({b['kind']}"
-                                               + (f", {b['reason']}" if b.get("reason") else "") + ")"
+                                               + (f", {b['reason']}" if b.get("reason") else "")
+                                               + (spared if b["kind"] == "automatic" else "") + ")"
                                                for b in self.bans) + ": dropped as banned before any rule")
         return "\n".join(out)
 
@@ -124,7 +146,9 @@ class Explanation:
         return out
 
     def to_json(self) -> dict:
-        return {"packet": self.packet.text(), **self.outcome.to_json(),
+        b = self.ban()
+        return {"packet": self.packet.text(), **self.verdict().to_json(),
+                "without_bans": self.outcome.to_json() if b is not None else None,
                 "matching": [{"rule": r.name, "line": r.line, "priority": r.priority, "action": r.action}
                              for r in self.matching],
                 "default": self.default, "stateful": self.stateful, "audit": self.audit,
@@ -133,8 +157,9 @@ class Explanation:
                 "fqdn": self.fqdn, "fqdn_snapshot": self.snapshot}
 
 
-def dos_limits(prof: DosProfile, pkt: CasePacket) -> list[str]:
-    """The limits of `prof` this packet counts against (docs/dos.md), in the order the guards check."""
+def dos_limits(prof: DosProfile, pkt: CasePacket, stateful: bool = True) -> list[str]:
+    """The limits of `prof` this packet counts against (docs/dos.md), in the order the guards check,
+    and, with connection tracking (`stateful`), what the per-source limits and bans spare."""
     out = []
     src = ipaddress.ip_address(pkt.src)
     plen = prof.source_prefix_v4 if src.version == 4 else prof.source_prefix_v6
@@ -164,7 +189,17 @@ def dos_limits(prof: DosProfile, pkt: CasePacket) -> list[str]:
     if prof.ban_after_s and prof.ban_duration_s:
         out.append(f"ban: over a per-source limit for {prof.ban_after_s:g} s in a row → every packet from {bucket} "
                    f"dropped for {prof.ban_duration_s:g} s (reason banned)")
+    if stateful and (out[-1].startswith("ban:") or any("per source" in d for d in out)):
+        out.append(SPARED)
     return out
+
+
+# docs/dos.md "Tracked connections"
+SPARED = ("spared: a packet of a connection this host opened and has not closed passes its source's per-source "
+          "limits and automatic ban (reason pass_conntrack_over_limit; the shared TCP/UDP limits still apply), "
+          "and so does an ICMP error quoting one (pass_related_over_limit, with essential_icmp on), all sources' "
+          "spared errors together at one source's ICMP rate; never an ICMP echo request, nor an error quoting "
+          "multicast or broadcast; operator bans still apply")
 
 
 def _essential_note(policy: Policy, pkt: CasePacket, rp) -> str | None:
@@ -249,7 +284,7 @@ def explain(policy: Policy, pkt: CasePacket, dt: DecisionTable | None = None,
                 where = "interface " + ", ".join(sorted(with_prof))
         if prof:
             ex.dos_profile = f"{prof} ({where})"
-            ex.dos = dos_limits(policy.dos_profiles[prof], pkt)
+            ex.dos = dos_limits(policy.dos_profiles[prof], pkt, policy.defaults.stateful)
         src = ipaddress.ip_address(pkt.src)
         ex.bans = [b for b in (bans or []) if src in ipaddress.ip_network(b["prefix"])]
     return ex

@@ -95,9 +95,20 @@ def _rule_dict(e: Entry, d: str, name: str, prio: int) -> dict:
     if m.ports is not None and ports_text(m.ports):
         r["ports"] = ports_text(m.ports)
     if m.icmp is not None and not m.icmp.covers(65536):
-        r["icmp_types"] = [f"{s >> 8}/{s & 255}" if e2 - s == 1 else (str(s >> 8) if e2 - s == 256 and s % 256 == 0
-                           else f"{s >> 8}/{s & 255}") for s, e2 in m.icmp]
+        r["icmp_types"] = icmp_entries(m.icmp)
     return r
+
+
+def icmp_entries(keys) -> list[str]:
+    """ICMP keys (type << 8 | code spans) as icmp_types entries: a whole type as "T", else "T/C" per
+    code, so a span over several types (a negated --icmp-type) is written out exactly."""
+    out = []
+    for s, e in keys:
+        while s < e:
+            whole = s % 256 == 0 and e - s >= 256
+            out.append(str(s >> 8) if whole else f"{s >> 8}/{s & 255}")
+            s += 256 if whole else 1
+    return out
 
 
 def _yaml(name: str, defaults: dict, rules: list[tuple[dict, list[Origin]]], header: list[str],

@@ -39,6 +39,15 @@ _MODULE_OPTS = {
 }
 
 
+def _module_hint(opt: str) -> str:
+    """For an option of a module given without `-m MODULE` (iptables loads -p's module implicitly;
+    iptables-save always writes it): which module to name."""
+    mods = [m for m, opts in _MODULE_OPTS.items() if opt in opts]
+    if not mods:
+        return ""
+    return f" without its module: write {' or '.join(f'-m {m}' for m in mods)} before it, as iptables-save does"
+
+
 def parse_ports(text: str) -> Span:
     """'22' | '1000:2000' | ':1024' | '1024:' | '22,80,8000:8100' -> ports (ValueError if not numeric)."""
     out = []
@@ -192,7 +201,7 @@ def parse_rule(toks: list[str], origin: Origin, family: int, chains: set[str]) -
                 else:
                     rule.conds.append(_cond(kind, t, v, neg, family))
         else:
-            raise ValueError(f"unknown option {t!r}")
+            raise ValueError(f"unknown option {t!r}" + _module_hint(t))
         neg = False
         i += 1
     if not chain:

@@ -47,11 +47,11 @@ class Harness:
         self.dp.clear_conntrack()
         return policy
 
-    def run(self, hook: str, frame: bytes, ifindex: int = 0) -> Outcome:
-        """ifindex (XDP only): the interface the packet arrives on (must exist: 1 = lo)."""
+    def run(self, hook: str, frame: bytes, ifindex: int = 0, ctx: bytes | None = None) -> Outcome:
+        """ifindex (XDP only): the interface the packet arrives on (must exist: 1 = lo); ctx: the
+        program's context as test-run takes it (a TC hook's struct __sk_buff: skb_ctx)."""
         before = self.dp.stats()
         rules_before = self.dp.rule_stats()["packets"][: max(len(self.slots), 1)].copy()
-        ctx = None
         if ifindex:
             ctx = struct.pack("<6I", 0, len(frame), 0, ifindex, 0, 0)   # struct xdp_md
         res = bpfsys.prog_test_run(self.dp.prog_fds[PROGS[hook]], frame, ctx=ctx)

@@ -9,13 +9,21 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scapy.layers.inet import ICMP, IP, TCP, UDP
-from scapy.layers.inet6 import ICMPv6EchoRequest, IPv6
+from scapy.layers.inet6 import (
+    ICMPv6DestUnreach,
+    ICMPv6EchoReply,
+    ICMPv6EchoRequest,
+    ICMPv6PacketTooBig,
+    ICMPv6ParamProblem,
+    ICMPv6TimeExceeded,
+    IPv6,
+)
 from scapy.layers.l2 import Ether
 from scapy.packet import raw
 
 from hostwall.bpf import bpfsys, dos_sources, syn_proxy
 from hostwall.bpf import layout as L
-from hostwall.enforcer import bans
+from hostwall.enforcer import bans, dos_reference
 from hostwall.enforcer.dos_reference import DosModel, Pkt, ProfileParams
 
 pytestmark = pytest.mark.bpf
@@ -420,3 +428,165 @@ def test_first_fragment_of_a_tracked_reply_is_spared_later_fragments_are_not(har
     later = raw(E / IP(src=RESOLVER, dst=ME, id=7, proto=17, frag=9) / (b"y" * 64))
     assert at(harness, "xdp", first, now).reason == SPARED
     assert at(harness, "xdp", later, now).reason == "banned"
+
+
+# ---- ICMP errors about the host's own connections (docs/dos.md "Tracked connections") ---------------
+ROUTER, ROUTER6 = "198.51.100.1", "fd00:77::1"
+SPARED_ERROR = "pass_related_over_limit"
+
+
+def path_mtu_error(src: str, dst: str, quoted: bytes) -> bytes:
+    """A frag-needed (ICMP 3/4) or packet-too-big (ICMPv6 2) from `src` to `dst` quoting `quoted` (an IP
+    packet without its Ethernet header)."""
+    if ":" in src:
+        return raw(E / IPv6(src=src, dst=dst) / ICMPv6PacketTooBig(mtu=1280) / quoted)
+    return raw(E / IP(src=src, dst=dst) / ICMP(type=3, code=4, nexthopmtu=1400) / quoted)
+
+
+def ip_tcp(src: str, dst: str, sport: int, dport: int, flags: str = "A") -> bytes:
+    return raw(_ip(src, dst) / TCP(sport=sport, dport=dport, flags=flags))
+
+
+@pytest.mark.parametrize("v6", [False, True])
+def test_path_mtu_errors_about_host_opened_connections_pass_a_banned_router(harness, v6):
+    """A spoofed flood bans the upstream router's prefix; its path-MTU errors about a connection the
+    host opened still pass (else the connection black-holes, RFC 1191 / RFC 4890). Errors quoting an
+    inbound connection, a closed one, no connection, or a packet the host did not send do not, nor
+    does an echo request matching the host's ping."""
+    me, peer, router = (ME6, RESOLVER6, ROUTER6) if v6 else (ME, RESOLVER, ROUTER)
+    install(harness, "per_source: {pps: 5, burst: 5}\nban: {after: 1s, duration: 60s}", stateful=True)
+    now = T0
+    at(harness, "tc_egress", tcp(me, peer, 40000, 443, "S"), now)                 # the host opens one
+    assert at(harness, "xdp", tcp(peer, me, 443, 40000, "SA"), now).reason == "pass_conntrack"
+    at(harness, "tc_egress", tcp(me, peer, 40001, 443, "S"), now)                 # and one it resets
+    at(harness, "tc_egress", tcp(me, peer, 40001, 443, "R", seq=1), now)        # at its next number
+    assert at(harness, "xdp", tcp(peer, me, 50000, 22, "S"), now).reason == "pass_default"     # the peer opens one
+    at(harness, "tc_egress", tcp(me, peer, 22, 50000, "SA"), now)
+    ping = raw(E / _ip(me, router) / (ICMPv6EchoRequest(id=77) if v6 else ICMP(type=8, id=77)))
+    at(harness, "tc_egress", ping, now)                                            # the host pings the router
+    now = flood_until_banned(harness, router, me, now)
+    got = at(harness, "xdp", path_mtu_error(router, me, ip_tcp(me, peer, 40000, 443)), now)
+    assert (got.passed, got.verdict, got.reason) == (True, "allow", SPARED_ERROR)
+    assert got.rule_slot == harness.slots["essential_icmp"]                        # counted as pass_related is
+    for quoted in (ip_tcp(me, peer, 22, 50000),                 # an inbound connection
+                   ip_tcp(me, peer, 40001, 443),                # a closed one
+                   ip_tcp(me, peer, 40002, 443),                # no connection
+                   ip_tcp(peer, me, 443, 40000)):               # the peer's packet: not the host's to hear of
+        assert at(harness, "xdp", path_mtu_error(router, me, quoted), now).reason == "banned", quoted.hex()
+    request = raw(E / _ip(router, me) / (ICMPv6EchoRequest(id=77) if v6 else ICMP(type=8, id=77)))
+    assert at(harness, "xdp", request, now).reason == "banned"
+    bans.add(harness.dp, f"{router}/{128 if v6 else 32}", None)                   # operator bans cut it too
+    try:
+        assert at(harness, "xdp", path_mtu_error(router, me, ip_tcp(me, peer, 40000, 443)), now).reason == "banned"
+    finally:
+        assert bans.delete(harness.dp, f"{router}/{128 if v6 else 32}")
+
+
+@pytest.mark.parametrize("v6", [False, True])
+def test_errors_about_host_opened_connections_take_free_tokens_then_pass_over_the_limit(harness, v6):
+    """Over its ICMP limit (not banned) a router's errors about a host-opened UDP flow pass as the
+    reference model says (it spares them as tracked errors); its other errors meet the limit."""
+    me, peer, router = (ME6, RESOLVER6, ROUTER6) if v6 else (ME, RESOLVER, ROUTER)
+    params = install(harness, "icmp: {per_source_pps: 2}", stateful=True)
+    model = DosModel(params)
+    at(harness, "tc_egress", udp(me, peer, 40000, 53), T0)
+    quoted = raw(_ip(me, peer) / UDP(sport=40000, dport=53))
+    got, want = [], []
+    for _ in range(6):                                     # 6 at once: 2 tokens, then over the limit
+        o = at(harness, "xdp", path_mtu_error(router, me, quoted), T0)
+        got.append(o.reason)
+        reason = model.check(Pkt(router, 58 if v6 else 1, tracked=True, error=True), T0)
+        want.append(reason or (SPARED_ERROR if model.spared else "pass_related"))
+    # its 2 tokens, then the profile's shared bucket for spared errors (icmp_pps: 2), then over the limit
+    assert got == want == ["pass_related"] * 2 + [SPARED_ERROR] * 2 + ["icmp_flood"] * 2
+    other = raw(_ip(me, peer) / UDP(sport=40001, dport=53))
+    assert at(harness, "xdp", path_mtu_error(router, me, other), T0).reason == "icmp_flood"
+
+
+def test_spared_errors_need_essential_icmp(harness):
+    """With essential_icmp off, errors about tracked connections meet the rules (docs/policy.md): a spared
+    error is then dropped for the limit it was over, as a spared packet that does not continue its
+    connection is."""
+    policy = POLICY.format(profile="      icmp: {per_source_pps: 1}", audit="false", stateful="true")
+    harness.install(policy.replace("audit: false", "audit: false, essential_icmp: false"), dos_interfaces={LO: "p"})
+    _reset_state(harness.dp)
+    at(harness, "tc_egress", udp(ME, RESOLVER, 40000, 53), T0)
+    err = path_mtu_error(ROUTER, ME, raw(_ip(ME, RESOLVER) / UDP(sport=40000, dport=53)))
+    assert at(harness, "xdp", err, T0).reason == "pass_default"            # a token: the policy decides
+    assert at(harness, "xdp", err, T0).reason == "icmp_flood"              # over: not spared without it
+
+
+def icmp_error(src: str, dst: str, kind: int, quoted: bytes, code: int = 0) -> bytes:
+    """An ICMP (v4) or ICMPv6 error of type `kind` from `src` to `dst` quoting `quoted` (an IP packet)."""
+    if ":" in src:
+        head = {1: ICMPv6DestUnreach, 2: ICMPv6PacketTooBig, 3: ICMPv6TimeExceeded, 4: ICMPv6ParamProblem}[kind]
+        return raw(E / IPv6(src=src, dst=dst) / head(code=code) / quoted)
+    return raw(E / IP(src=src, dst=dst) / ICMP(type=kind, code=code) / quoted)
+
+
+@pytest.mark.parametrize("v6", [False, True])
+def test_spared_errors_of_a_profile_share_one_sources_icmp_rate(harness, v6):
+    """Host-opened tuples with fixed ports are public (NTP 123 <-> 123): a spoofed flood of errors quoting
+    one from many sources gets, all together, one source's ICMP rate past their limits (one bucket per
+    profile, as the reference model says); the rest are dropped for the limit they were over."""
+    me, peer = (ME6, RESOLVER6) if v6 else (ME, RESOLVER)
+    assert (dos_reference.ERR_PPS, dos_reference.GLOBAL_ERR) == (L.C["HW_DOS_ERR_PPS"], L.C["HW_DOS_GLOBAL_ERR"])
+    params = install(harness, "icmp: {per_source_pps: 2}", stateful=True)
+    model = DosModel(params)
+    at(harness, "tc_egress", udp(me, peer, 123, 123), T0)
+    quoted = raw(_ip(me, peer) / UDP(sport=123, dport=123))
+    got, want = [], []
+    for t in (T0, T0 + NS // 2, T0 + NS):
+        for i in range(10):                                 # 10 sources, 3 errors each at every t
+            src = f"fd00:66:{i + 1}::1" if v6 else f"203.0.113.{i + 1}"
+            for _ in range(3):
+                got.append(at(harness, "xdp", icmp_error(src, me, 3 if not v6 else 1, quoted), t).reason)
+                reason = model.check(Pkt(src, 58 if v6 else 1, tracked=True, error=True), t)
+                want.append(reason or (SPARED_ERROR if model.spared else "pass_related"))
+    assert got == want
+    # each source's own tokens (2, then 1 per 0.5 s), then the shared bucket: 2 at T0, 1 per 0.5 s after
+    assert (got.count("pass_related"), got.count(SPARED_ERROR), got.count("icmp_flood")) == (40, 4, 46)
+
+
+@pytest.mark.parametrize("v6", [False, True])
+def test_errors_quoting_multicast_or_broadcast_are_not_spared(harness, v6):
+    """The host's multicast and broadcast flows (mDNS to 224.0.0.251 / ff02::fb, DHCP to
+    255.255.255.255) have public tuples and no one peer: errors quoting them are never spared."""
+    me = ME6 if v6 else ME
+    install(harness, "per_source: {pps: 5, burst: 5}\nban: {after: 1s, duration: 60s}", stateful=True)
+    groups = [("ff02::fb", 5353, 5353), ("ff05::1:3", 546, 547)] if v6 else \
+             [("224.0.0.251", 5353, 5353), ("255.255.255.255", 68, 67)]
+    for dst, sport, dport in groups:
+        assert at(harness, "tc_egress", udp(me, dst, sport, dport), T0).reason == "pass_default"
+    now = flood_until_banned(harness, ROUTER6 if v6 else ROUTER, me, T0)
+    for dst, sport, dport in groups:
+        quoted = raw(_ip(me, dst) / UDP(sport=sport, dport=dport))
+        err = icmp_error(ROUTER6 if v6 else ROUTER, me, 1 if v6 else 3, quoted, code=3)
+        assert at(harness, "xdp", err, now).reason == "banned", dst
+
+
+@pytest.mark.parametrize("v6", [False, True])
+def test_only_unreachable_too_big_time_exceeded_parameter_problem_are_spared(harness, v6):
+    """docs/dos.md lists the errors spared: v4 3, 11, 12; v6 1, 2, 3, 4. Source quench (4) and redirect
+    (5) from a banned router stay banned. Of a quoted ICMP message only the host's echo request counts:
+    an echo reply or a timestamp with the host's ping id is not the host's ping."""
+    me, peer, router = (ME6, RESOLVER6, ROUTER6) if v6 else (ME, RESOLVER, ROUTER)
+    install(harness, "per_source: {pps: 5, burst: 5}\nban: {after: 1s, duration: 60s}", stateful=True)
+    at(harness, "tc_egress", udp(me, peer, 40000, 53), T0)
+    ping = ICMPv6EchoRequest(id=77) if v6 else ICMP(type=8, id=77)
+    at(harness, "tc_egress", raw(E / _ip(me, peer) / ping), T0)
+    now = flood_until_banned(harness, router, me, T0)
+    quoted = raw(_ip(me, peer) / UDP(sport=40000, dport=53))
+    spared = (1, 2, 3, 4) if v6 else (3, 11, 12)
+    for kind in spared + (() if v6 else (4, 5)):
+        want = SPARED_ERROR if kind in spared else "banned"
+        assert at(harness, "xdp", icmp_error(router, me, kind, quoted), now).reason == want, kind
+    pinged = raw(_ip(me, peer) / ping)
+    assert at(harness, "xdp", icmp_error(router, me, 3 if v6 else 11, pinged), now).reason == SPARED_ERROR
+    # a second later the shared budget (5) is full again: "banned" below is the quoted type's doing
+    later = now + 10**9
+    others = (ICMPv6EchoReply(id=77),) if v6 else (ICMP(type=0, id=77), ICMP(type=13, id=77))
+    for other in others:
+        quoted_other = raw(_ip(me, peer) / other)
+        assert at(harness, "xdp", icmp_error(router, me, 3 if v6 else 11, quoted_other), later).reason == "banned"
+    assert at(harness, "xdp", icmp_error(router, me, 3 if v6 else 11, pinged), later).reason == SPARED_ERROR

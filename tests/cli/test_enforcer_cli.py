@@ -120,6 +120,14 @@ def test_run_apply_status_detach(inst):
     assert mem["total_bytes"] == sum(mem["maps"].values()) and {"hw_ct4", "hw_ct6", "hw_dos_src"} <= set(mem["maps"])
     assert mem["maps"]["hw_ct4"] >= conntrack.SLOT_DT[4].itemsize * L.CT_MAX, mem["maps"]["hw_ct4"]
     gen = s["generation"]
+    # the text form, piped (no terminal, no COLUMNS): nothing cut, no DNS proxy without a dns section,
+    # booleans as on/off
+    env = {k: v for k, v in inst["env"].items() if k not in ("COLUMNS", "LINES")}
+    text = cli("status", env=env, check=True).stdout
+    assert "…" not in text and "policy.rules" in text and "policy.v4_intervals" in text, text
+    assert "DNS proxy" not in text and "fqdn dynamic sets" not in text, text
+    assert "stateful on, audit off, essential ICMP on" in text, text
+    assert "True" not in text and "False" not in text, text
 
     r = cli("apply", write(tmp, "b.yaml", POLICY.format(rev="r2")), env=inst["env"], check=True)
     assert "r1 → r2" in r.stdout and "switch" in r.stdout

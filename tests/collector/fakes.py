@@ -131,6 +131,7 @@ class FakeSource:
         self.ident = {"boot_id": "fake-boot", "ring_map_id": 1, "ev_stats_map_id": 2, "drops_map_ids": [3, 4]}
         self.last_scan: int | None = None
         self.closed = False
+        self.detached = 0                                # hw_config.detached_ns (detach tests)
 
     # collector.parts.KernelSource
     def ring(self):
@@ -179,6 +180,9 @@ class FakeSource:
 
     def clear_drops(self, d: DropDrain) -> None:
         self.cleared.append(d)
+
+    def detached_ns(self) -> int:
+        return self.detached
 
     def scan_conntrack(self, now_ns, at_ns, grace_ns=2_000_000_000) -> CtScan:
         return self.scans.pop(0) if self.scans else CtScan([], 0, 0, 0)

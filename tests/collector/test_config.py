@@ -228,6 +228,39 @@ def test_cli_check_config_prints_the_resolved_config(tmp_path, capsys, monkeypat
     assert out["origins"]["event_budget"] == "environment HOSTWALL_COLLECTOR_EVENT_BUDGET"
 
 
+def test_cli_check_config_prints_the_files_key_names_and_reads_back(tmp_path, capsys):
+    """check-config speaks the file's language (drop_summary_interval, not drop_interval_s): its
+    output, as a config file, resolves to the same configuration."""
+    import yaml
+
+    from hostwall.collector.cli import main
+    from hostwall.collector.config import FIELDS, describe
+    p = write(tmp_path, """
+        drop_summary_interval: 250ms
+        jsonl: {rotate_size: 64MiB}
+        kafka: {batch_size: 256KiB, spool_size: 2GiB}
+        """)
+    assert main(["check-config", "--config", str(p), "--sink", "console"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["drop_summary_interval"] == "0.25s" and "drop_interval_s" not in out
+    assert out["conntrack_scan_interval"] == "5s" and out["flow_close_grace"] == "2s"
+    assert out["jsonl"]["rotate_size"] == 64 << 20 and "rotate_bytes" not in out["jsonl"]
+    assert (out["kafka"]["batch_size"], out["kafka"]["spool_size"]) == (256 << 10, 2 << 30)
+    assert "drop_summary_interval" in out["origins"] and "drop_interval_s" not in out["origins"]
+    # every key of the file format, and nothing else (origins: where each came from)
+    keys = {f.path for f in FIELDS}
+    flat = {(k,) if not isinstance(v, dict) or k in ("anomaly",) else (k, k2)
+            for k, v in out.items() if k not in ("origins", "sinks") for k2 in (v if isinstance(v, dict) else [k])}
+    assert flat == keys, flat ^ keys
+    again = {k: ({k2: v2 for k2, v2 in v.items() if v2 is not None} if isinstance(v, dict) else v)
+             for k, v in out.items() if k != "origins" and v is not None}
+    p2 = tmp_path / "again.yaml"
+    p2.write_text(yaml.safe_dump(again))
+    a, b = describe(load_config(p, env={}, args={"sinks": ["console"]})), describe(load_config(p2, env={}))
+    a.pop("origins"), b.pop("origins")
+    assert a == b
+
+
 def test_cli_run_fails_in_one_line_without_a_pinned_instance(tmp_path, capsys):
     from hostwall.collector.cli import main
     assert main(["run", "--pin-dir", str(tmp_path), "--sink", f"jsonl:{tmp_path}/f.jsonl"]) == 1
@@ -277,3 +310,20 @@ def test_cli_run_fails_in_one_line_when_a_sink_package_is_missing(tmp_path, caps
     assert main(["run", "--pin-dir", str(tmp_path), "--sink", "kafka://127.0.0.1:9092"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "needs the Python package 'aiokafka'" in err[0], err
+
+
+def test_check_config_warns_when_drop_windows_outlast_the_interval(tmp_path, capsys):
+    """An interval is cleared only once durable and the next flip waits for it (docs/collector.md
+    "Drop summary windows"): with a JSONL sink synced every second, 250 ms windows are ~1 s long."""
+    from hostwall.collector.cli import main
+    sink = f"jsonl:{tmp_path}/f.jsonl"
+    p = write(tmp_path, "drop_summary_interval: 250ms\n")
+    assert main(["check-config", "--config", str(p), "--sink", sink]) == 0
+    err = capsys.readouterr().err
+    assert "warning: drop_summary_interval 0.25s is shorter than jsonl.fsync_interval (1s)" in err
+    for ok in ("drop_summary_interval: 250ms\njsonl: {fsync_interval: 250ms}\n",
+               "drop_summary_interval: 250ms\njsonl: {fsync: always}\n", "drop_summary_interval: 1s\n"):
+        assert main(["check-config", "--config", str(write(tmp_path, ok)), "--sink", sink]) == 0
+        assert "warning" not in capsys.readouterr().err, ok
+    assert main(["check-config", "--config", str(p), "--sink", "console"]) == 0     # no sink waits for a sync
+    assert "warning" not in capsys.readouterr().err

@@ -671,6 +671,56 @@ def test_connections_in_aggregate_end_in_the_scan_batch_and_its_journal(tmp_path
     assert [len(f.agg_keys) for f in src2.adopted] == [3, 0]
 
 
+def test_a_detach_seen_at_the_stop_ends_the_tracked_connections_through_the_journal(tmp_path):
+    """The enforcer detached (hw_config.detached_ns) after the last periodic scan, then the collector is
+    stopped: the stop scans once more, so the connections the datapath still tracked get their flow end
+    (end_reason detach, ended at the detach), journaled like every scan batch; not durable at the stop,
+    the next start sends the same records with the same seqs and releases the claims then."""
+    from hostwall.collector.records import RecordBuilder
+    from tests.collector.test_records import HOST, T, ct4
+
+    ct6, ent = L.DTYPES["hw_ct6_key"], L.DTYPES["hw_ct_entry"]
+    rows = [ct4("10.66.9.1", "10.66.1.2", 40000, 80), ct4("10.66.9.1", "10.66.1.2", 5000, 53, proto=17)]
+    keys, ents = np.concatenate([k for k, _ in rows]), np.concatenate([e for _, e in rows])
+    z4 = (np.zeros(0, L.DTYPES["hw_ct4_key"]), np.zeros(0, ent))
+    z6 = (np.zeros(0, ct6), np.zeros(0, ent))
+    det = T + 9 * 10**9
+    scan = CtScan([CtFamilyScan(4, *z4, *z4, np.array([3, 4]), ents.copy(), detached_keys=keys,
+                                detached_entries=ents, detached_ns=det), CtFamilyScan(6, *z6, *z6)], 10, 0, 0, 0, det)
+    src, sink = FakeSource(), MemorySink(durable_gate=asyncio.Event())
+    pipe = Pipeline(cfg(tmp_path, ct_scan_interval_s=3600), src, RecordBuilder(HOST, None), [sink],
+                    shutdown_timeout_s=0.5)
+
+    async def one():
+        task = await started(pipe)
+        src.detached = det                               # the enforcer detaches after the last scan
+        src.scans.append(scan)
+        pipe.stop()                                      # never durable
+        await task
+    uvloop.run(one())
+    ends = [r for r in sink.records if r["hostwall"]["stream"] == "conntrack"]
+    assert [r["hostwall"]["flow"]["end_reason"] for r in ends] == ["detach", "detach"]
+    assert [r["network"]["transport"] for r in ends] == ["tcp", "udp"]
+    assert {r["event"]["end"] for r in ends} == {r["@timestamp"] for r in ends}
+    assert all(r["event"]["duration"] == det - T and r["event"]["type"] == ["end"] for r in ends)
+    assert [r["hostwall"]["seq"] for r in ends] == [0, 1] and src.freed == []
+    assert pipe.status()["conntrack"]["detached"] == 2
+    src2 = restarted(src)
+    sink2 = MemorySink()
+    pipe2 = Pipeline(cfg(tmp_path), src2, RecordBuilder(HOST, None), [sink2])
+
+    async def two():
+        task = await started(pipe2)
+        await until(lambda: src2.freed == [2] and len(pipe2.ct_journal) == 0)
+        pipe2.stop()
+        await task
+    uvloop.run(two())
+    again = [r for r in sink2.records if r["hostwall"]["stream"] == "conntrack"]
+    same = [(r["event"]["id"], r["hostwall"]["seq"], r["@timestamp"], r["event"]["duration"]) for r in again]
+    assert same == [(r["event"]["id"], r["hostwall"]["seq"], r["@timestamp"], r["event"]["duration"]) for r in ends]
+    assert [len(f.detached_keys) for f in src2.adopted] == [2, 0]
+
+
 # ---- holes a kill -9 could open (found hunting the crash test's flakes) -----------------------------
 
 def _ecs(stream, seq):

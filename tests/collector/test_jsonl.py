@@ -516,3 +516,35 @@ def test_an_existing_file_needs_no_directory_fsync(tmp_path, monkeypatch):
         return s
     s = run(go())
     assert log == [] and s.stats()["delivered"] == 1
+
+
+def test_an_interval_fsync_error_names_the_seqs_of_every_batch_it_covered(tmp_path, monkeypatch):
+    """Under fsync=interval a failed fdatasync loses every batch written since the last good one: they are
+    counted `fsync_error` and their hostwall.seq noted, so the loss record explains the gap (before, the
+    sink kept no seqs of an interval's batches: a gap `verify` could not explain). Batches of several
+    streams, one of them with a hole (an encode error, noted apart) and a call of several batches."""
+    def hw(n: int, start: int, stream: str = "events") -> list[dict]:
+        return [r | {"hostwall": {"seq": r["seq"], "stream": stream}} for r in recs(n, start)]
+
+    def noted(s) -> dict:
+        return {k: (v.count, v.ranges) for k, v in s.take_lost_seqs().items()}
+    failing = fsync_faults.failing_by_name(monkeypatch)
+
+    async def go():
+        s = JsonlSink(tmp_path / "f.jsonl", fsync="interval", fsync_interval_s=3600, rotate_bytes=10**6)
+        await s.start()
+        await s.send(hw(2, 0))
+        await s.flush()                                     # synced: delivered
+        await s.send(hw(3, 2))
+        bad = hw(3, 5)
+        bad[1]["unencodable"] = object()
+        await s.send(bad)
+        await s.send_many([hw(2, 8), hw(2, 40, "conntrack")])
+        assert noted(s) == {("events", "encode_error"): (1, [[6, 6]])}
+        failing.add("f.jsonl")
+        await s.flush()
+        return s, noted(s)
+    s, got = run(go())
+    assert got == {("events", "fsync_error"): (7, [[2, 5], [7, 9]]), ("conntrack", "fsync_error"): (2, [[40, 41]])}
+    assert s.stats()["lost"] == {"encode_error": 1, "fsync_error": 9} and s.stats()["delivered"] == 2
+    accounted(s)

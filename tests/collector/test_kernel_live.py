@@ -98,7 +98,7 @@ def kernel(instance):
     with ks.ring() as rb:
         rb.read(1 << 20)
     yield ks, dp, slots
-    dp.set_config(test_now_ns=0)
+    dp.set_config(test_now_ns=0, detached_ns=0)
     ks.set_knobs(event_budget=L.C["HW_EVENT_BUDGET"], agg_prefix_v4=24, agg_prefix_v6=64)
     dp.clear_conntrack()
     ks.close()
@@ -277,6 +277,59 @@ def test_conntrack_scan_expires_idle_entries_and_reports_long_lived_ones(kernel)
     with conntrack.CtTable(ks.fds["hw_ct4"], 4) as table:
         assert table.slots[table.live()]["k"]["proto"].tolist() == [6]      # freed in the kernel; TCP stays
     assert ks.scan_conntrack(t0 + 34 * 10**9, at).expired == 0
+
+
+def test_a_detach_ends_every_connection_still_tracked_once_through_the_claims(kernel):
+    """The enforcer's clean stop (control.detach) notes the detach time in hw_config before it unpins; a
+    collector still holding the maps then claims every connection the datapath still tracked and had not
+    reported: an established TCP one and an answered UDP flow end "detach", at the detach time; a UDP flow
+    already idle past its timeout at the detach ends "idle_timeout" as always; a FIN close not yet quiet
+    for its grace period is a close now (no packet can follow). Reported once; no updates."""
+    from hostwall.bpf.clock import Clock
+    from hostwall.collector.enrich.host import HostInfo
+    from hostwall.collector.records import RecordBuilder
+    from hostwall.enforcer import control
+    ks, dp, _ = kernel
+    t0 = future_test_clock(20_000)
+    dp.set_config(test_now_ns=t0)
+    xdp(dp, udp_in(src="10.0.0.7"))                    # never answered: idle past 10 s at the detach
+    dp.set_config(test_now_ns=t0 + 8 * 10**9)
+    xdp(dp, tcp_in(src="10.0.0.8"))                    # established
+    egress(dp, tcp_out("SA", dst="10.0.0.8"))
+    xdp(dp, tcp_in(src="10.0.0.8", flags="A"))
+    xdp(dp, udp_in(src="10.0.0.9"))                    # answered UDP
+    egress(dp, raw(E / IP(src=ME, dst="10.0.0.9") / UDP(sport=53, dport=5000)))
+    xdp(dp, tcp_in(src="10.0.0.6"))                    # closed by both FINs just before the detach
+    egress(dp, tcp_out("SA", dst="10.0.0.6"))
+    xdp(dp, tcp_in(src="10.0.0.6", flags="FA"))
+    egress(dp, tcp_out("FA", dst="10.0.0.6"))
+    at = 10 * 10**9
+    before = ks.scan_conntrack(t0 + 9 * 10**9, at)
+    assert (before.detached_ns, before.detached, before.expired, before.closed) == (0, 0, 0, 0)
+    det = t0 + 12 * 10**9
+    dp.set_config(test_now_ns=det)
+    other = f"{ks.pin_dir}-stop"                       # the same maps pinned twice: detach one pin
+    dp.pin(other)
+    assert control.detach(other) == [] and not os.path.exists(other)
+    assert ks.detached_ns() == det
+    s = ks.scan_conntrack(det + 10**9, at)             # 1 s after the detach: no grace period wait
+    assert (s.detached_ns, s.detached, s.expired, s.closed, s.updates) == (det, 2, 1, 1, 0)
+    f = s.families[0]
+    assert sorted(f.detached_keys["proto"].tolist()) == [6, 17]
+    b = RecordBuilder(HostInfo("live", "b", str(ks.pin_dir)), None)
+    recs = b.on_conntrack(f.expired_keys, f.expired_entries, None, Clock(0), (f.closed_keys, f.closed_entries),
+                          (f.detached_keys, f.detached_entries, f.detached_ns))
+    why = sorted((r["hostwall"]["flow"]["end_reason"], r["source"]["ip"]) for r in recs)
+    assert why == [("detach", "10.0.0.8"), ("detach", "10.0.0.9"), ("fin", "10.0.0.6"), ("idle_timeout", "10.0.0.7")]
+    for r in recs:
+        if r["hostwall"]["flow"]["end_reason"] == "detach":
+            assert r["event"]["duration"] == det - (t0 + 8 * 10**9)      # first packet → the detach
+            assert r["event"]["end"] == r["hostwall"]["flow"]["end"] and r["event"]["reason"] == "datapath detached"
+    again = ks.scan_conntrack(det + 2 * 10**9, at)     # pending in this process: not twice
+    assert (again.detached, again.expired, again.closed, again.updates) == (0, 0, 0, 0)
+    assert ks.free_claims(f) == 4                       # durable: idle and detach slots freed, the close marked
+    later = ks.scan_conntrack(det + 3 * 10**9, at)
+    assert (later.detached, later.expired, later.closed) == (0, 0, 0)
 
 
 def test_conntrack_scan_aggregates_connections_that_ended_unconfirmed(kernel):

@@ -440,3 +440,39 @@ def test_a_host_prefix_summary_names_its_host():
     assert r["source"]["address"] == "10.66.3.7/32" and r["source"]["ip"] == "10.66.3.7"
     assert r["hostwall"]["source"] == {"prefix": "10.66.3.7/32"}
     assert not list(validator("flow.schema.json").iter_errors(r))
+
+
+def test_older_revisions_resolve_from_the_state_revision_info(tmp_path, monkeypatch):
+    """A collector (re)started after swaps names the rules of records stamped by revisions it never saw
+    live, from the state's revision_info (docs/records.md "Rule fields"); a revision the state no longer
+    keeps is counted, not guessed."""
+    monkeypatch.setenv("HOSTWALL_STATE_DIR", str(tmp_path))
+    st = state(revision_info={
+        "6": {"revision": "rev-6", "policy": "edge-old", "slots": {"ping": 1, "ssh": 0}},
+        "7": {"revision": "rev-7", "policy": "edge-web", "slots": {"ssh-admin": 0, "web": 1, "threat-intel": 2}}})
+    st.save()
+    b = RecordBuilder(HOST, InstanceStateView(HOST.pin_dir))       # started after revision 6 was retired
+    [old, cur] = b.on_events(np.concatenate([event("flow_start", revision_id=6, rule_slot=1),
+                                             event("flow_start", revision_id=7, rule_slot=1)]), CLOCK)
+    assert old["rule"] == {"name": "ping", "ruleset": "edge-old", "version": "rev-6"}
+    assert cur["rule"] == {"name": "web", "ruleset": "edge-web", "version": "rev-7"}
+    assert b.stats()["rule_unresolved"] == 0
+    gone = np.concatenate([event("flow_start", revision_id=3, rule_slot=1, sport=p) for p in (1, 2)])
+    assert all("rule" not in r for r in b.on_events(gone, CLOCK))
+    [default] = b.on_events(event("deny", revision_id=3, rule_slot=NO_RULE_SLOT), CLOCK)
+    assert "rule" not in default                                      # its revision is unknown too
+    assert b.stats()["rule_unresolved"] == 3
+    b.on_events(event("deny", revision_id=6, rule_slot=NO_RULE_SLOT), CLOCK)
+    assert b.stats()["rule_unresolved"] == 3                          # known revision, no rule: resolved
+    k, e = ct4("10.66.2.9", "10.66.1.2", 50000, 80, revision_id=6)            # conntrack ends resolve the same way
+    [r] = b.on_conntrack(k, e, None, CLOCK)
+    assert r["rule"]["name"] == "ping" and b.stats()["rule_unresolved"] == 3
+    k, e = ct4("10.66.2.9", "10.66.1.2", 50001, 80, revision_id=2)
+    [r] = b.on_conntrack(k, e, None, CLOCK)
+    assert "rule" not in r and b.stats()["rule_unresolved"] == 4
+
+
+def test_status_says_how_many_records_lack_their_rule():
+    from hostwall.collector.status_view import render_status
+    assert "rules " not in render_status({"builder": {"rule_unresolved": 0}})
+    assert "rules      3 records without their rule's name" in render_status({"builder": {"rule_unresolved": 3}})

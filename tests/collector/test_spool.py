@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from hostwall.collector.sinks.spool import FRAME_OVERHEAD, Spool, SpoolError
+from hostwall.collector.sinks.spool_format import SEG_HDR, frame
 
 from . import fsync_faults
 
@@ -121,7 +122,7 @@ def test_torn_tail_record_is_cut_at_open(tmp_path):
         os.close(s._lockfd)
         s2 = make(tmp_path)
         assert s2.recovery.truncated_bytes == 100 + FRAME_OVERHEAD - 40
-        assert s2.recovery.torn_records == 1                # the torn record is counted
+        assert s2.recovery.torn_records == 1                # policy none: the append returned, so it was settled
         assert s2.next_seq == 49 and s2.recovery.pending == 49
         assert [q for q, _ in read_all(s2)] == list(range(49))
         assert await s2.append([payload(49)]) == 1          # the lost seq is not reused blindly:
@@ -508,3 +509,47 @@ def test_the_cursor_file_names_proven_records_so_a_torn_tail_is_counted(tmp_path
         f.write(b"\xff" * 4)
     again = make(tmp_path, fsync="interval")
     assert again.recovery.torn_records == 30 and again.next_seq == 0, again.recovery
+
+
+# ---- accounting after a kill or a cancel mid-append ------------------------------------------------------
+
+@pytest.mark.parametrize("policy", ["interval", "always"])
+def test_a_frame_torn_by_a_kill_mid_append_is_not_counted_lost(tmp_path, policy):
+    """A kill -9 during an append's write(2) leaves a partial frame. That append never returned, so its
+    records were never settled (the kernel still holds them: they come again): cutting the frame loses
+    nothing, and `torn_records` must not count it (it said 1: `spool_torn` one too many). What the cursor
+    file names as written (synced) is still counted (test_a_tail_lost_after_it_was_synced_is_counted_from_the_cursor)."""
+    async def go():
+        s = make(tmp_path, fsync=policy, fsync_interval_s=3600)
+        assert await s.append([payload(i) for i in range(20)]) == 20
+        if policy == "interval":
+            assert await s.sync()
+        assert s.synced_seq == 20
+        half = frame(20, payload(20))[: FRAME_OVERHEAD + 30]           # the next append, cut by the kill
+        with open(segs(tmp_path)[-1], "ab") as f:
+            f.write(half)
+        s._close_reader()
+        os.close(s._wfd)
+        os.close(s._lockfd)
+        s2 = make(tmp_path, fsync=policy)
+        assert s2.recovery.truncated_bytes == len(half) and s2.next_seq == 20
+        assert s2.recovery.torn_records == 0, s2.recovery
+        await s2.close()
+    run(go())
+
+
+def test_appended_counts_the_segments_an_append_wrote_before_it_was_cancelled(tmp_path, monkeypatch):
+    """An append that spans segments awaits the fdatasync that seals the full one; cancelled there (the
+    sink's shutdown deadline), the records of the segments it wrote are in the spool (next_seq moved past
+    them) and the spool's `appended` statistic must count them (it counted none: it was added at the end)."""
+    async def go():
+        s = make(tmp_path, fsync="interval", fsync_interval_s=3600)
+        gate = fsync_faults.held(monkeypatch, fails=False)
+        n = 2 * SEG // (100 + FRAME_OVERHEAD)                    # two segments' worth
+        await fsync_faults.cancelled_while_syncing(s, s.append([payload(i) for i in range(n)]))
+        gate.set()
+        assert 0 < s.next_seq < n
+        assert s.appended == s.next_seq, (s.appended, s.next_seq)
+        assert s.stats()["bytes_appended"] == sum(g.size - SEG_HDR.size for g in s.segments)
+        await s.close()
+    run(go())

@@ -20,7 +20,10 @@ import copy
 import hashlib
 import io
 import ipaddress
+import re
 import struct
+import subprocess
+import sys
 from collections import Counter, defaultdict
 
 import pytest
@@ -228,3 +231,21 @@ def test_the_demo_checks_and_summary(run):
     for what in ("top flows", "drops by reason", "anomalies", "collector ledger", str(run.jsonl), "udp_flood",
                  "client-web", ATTACKER):
         assert what in text, what
+
+    # the files the summary names exist, and the kept log holds the collector's output (its banner and
+    # its exit ledger, which it prints on stdout)
+    files = re.search(r"next to it: (.*)", text, re.S).group(1)
+    named = re.findall(r"([\w.-]+\.(?:yaml|log|json))\b", files)
+    assert {"hostwall.collector.yaml", "hostwall.collector.log", "collector-status.json"} <= set(named), files
+    for name in named:
+        assert (run.out_dir / name).is_file(), name
+    log = (run.out_dir / "hostwall.collector.log").read_text()
+    assert "collecting from" in log and "produced" in log, log[-2000:]
+    assert f"hostwall-collector status --status-file {run.out_dir / 'collector-status.json'}" in " ".join(text.split())
+    # the saved status reads back with the command the summary gives (README "after the demo")
+    r = subprocess.run([sys.executable, "-m", "hostwall.collector.cli", "status", "--status-file",
+                        str(run.out_dir / "collector-status.json")], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0 and "stopped" in r.stdout, r.stdout + r.stderr
+    # the anomaly's peak rate is a window average, and the column says over which window
+    assert "window avg" in text
+    assert f"the highest {LAB_CONFIG['anomaly']['window_s']:g} s window average" in " ".join(text.split()), text

@@ -209,3 +209,28 @@ def test_cli_exit_codes(tmp_path):
     j = _cli("--iptables-save", "r.v4", "--json", "--partial", cwd=tmp_path)
     doc = json.loads(j.stdout)
     assert doc["policy"].startswith("# Imported") and {s["status"] for s in doc["source_rules"]} >= {"translated", "untranslated"}
+
+
+ICMP_RULES = """*filter
+:INPUT DROP [0:0]
+:OUTPUT ACCEPT [0:0]
+-A INPUT -p icmp -m icmp ! --icmp-type 8 -j ACCEPT
+-A INPUT -s 10.0.0.0/8 -p icmp -m icmp ! --icmp-type 3/4 -j ACCEPT
+COMMIT
+"""
+
+
+def test_icmp_type_matches_translate_exactly_negations_too():
+    """A negated --icmp-type spans many types: each one is written out (docs/policy.md "Import")."""
+    from hostwall.enforcer.analysis.packet import parse_packet
+    rs = parse_iptables_save(ICMP_RULES, "r.v4", 4)
+    assert not rs.problems, rs.problems
+    policy = parse_policy(translate([rs], Context("eth0", {})).text)
+    for pkt, want in [("ingress icmp 192.0.2.1 -> 10.1.1.1 type 0", "allow"),
+                      ("ingress icmp 192.0.2.1 -> 10.1.1.1 type 7/3", "allow"),
+                      ("ingress icmp 192.0.2.1 -> 10.1.1.1 type 200", "allow"),
+                      ("ingress icmp 192.0.2.1 -> 10.1.1.1 type 8", "drop"),
+                      ("ingress icmp 10.1.2.3 -> 10.1.1.1 type 8", "allow"),
+                      ("ingress icmp 10.1.2.3 -> 10.1.1.1 type 3/3", "allow")]:
+        p = parse_packet(pkt).reference()
+        assert evaluate(policy, p).verdict == want, (pkt, [r.name for r in policy.rules])

@@ -1,0 +1,84 @@
+"""Flows still tracked when the enforcer stops get their end (docs/collector.md "Detach").
+
+The real enforcer and collector on a lab's protected host; a client opens a TCP connection to an echo
+server and leaves it open, and exchanges one UDP datagram each way (an answered flow, tracked for
+minutes). Then the enforcer stops cleanly (SIGTERM: detach, unpin): the collector, which still holds
+the maps, reports the end of both flows with end_reason `detach`, exactly once each, stamped no later
+than the stop, and its ledger balances."""
+from __future__ import annotations
+
+import sys
+import time
+
+import pytest
+
+from hostwall.collector.records import parse_iso_ns
+from hostwall.lab import traffic
+from hostwall.lab.collector_proc import CollectorProcess, kind, read_jsonl
+from hostwall.lab.enforcer_proc import EnforcerProcess
+
+from .conftest import EXAMPLE_POLICY
+from .test_capture import until
+
+pytestmark = pytest.mark.lab
+
+HOLD_OPEN = """
+import socket, sys, time
+dst = sys.argv[1]
+t = socket.create_connection((dst, 80), timeout=5)
+t.sendall(b"hello")
+t.recv(100)
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+u.settimeout(5)
+u.sendto(b"ping", (dst, 5353))
+u.recvfrom(100)
+print(t.getsockname()[1], u.getsockname()[1], flush=True)
+time.sleep(120)
+"""
+
+
+def flows(path, cli: str, ports: dict[str, int]) -> dict[str, list[dict]]:
+    """The client's flow records per transport (its source port as given)."""
+    out: dict[str, list[dict]] = {p: [] for p in ports}
+    for r in read_jsonl(path):
+        if kind(r) != "flow" or r["source"].get("ip") != cli:
+            continue
+        proto = r["network"].get("transport")
+        if proto in ports and r["source"].get("port") == ports[proto]:
+            out[proto].append(r)
+    return out
+
+
+def ends(recs: list[dict]) -> list[dict]:
+    return [r for r in recs if r["event"]["type"] == ["end"]]
+
+
+def test_an_enforcer_stop_ends_the_open_tcp_connection_and_the_udp_flow_once(lab, tmp_path):
+    cli, prot = lab.addr("cli"), lab.addr("prot")
+    with EnforcerProcess(lab, EXAMPLE_POLICY) as enf, CollectorProcess(enf, tmp_path) as col, \
+            traffic.echo_servers(lab, "prot", tcp=[80], udp=[5353]):
+        client = lab.popen("cli", [sys.executable, "-c", HOLD_OPEN, prot])
+        try:
+            line = client.stdout.readline().split()
+            assert len(line) == 2, f"client did not connect: {line} {client.stderr.read() if client.poll() else ''}"
+            ports = {"tcp": int(line[0]), "udp": int(line[1])}
+            until(lambda: all(flows(col.jsonl, cli, ports).values()), 20, "both flows' start records")
+            assert not any(ends(v) for v in flows(col.jsonl, cli, ports).values())    # open: no end yet
+            enf.stop()                                   # SIGTERM: detach and unpin
+            stopped = time.time_ns()
+            until(lambda: all(ends(v) for v in flows(col.jsonl, cli, ports).values()), 20,
+                  "both flows' end records after the detach")
+            time.sleep(3)                                # three more scans: nothing reported twice
+            assert col.stop() == 0
+        finally:
+            lab.stop(client)
+    got = flows(col.jsonl, cli, ports)
+    for proto, recs in got.items():
+        [end] = ends(recs)
+        assert end["hostwall"]["flow"]["end_reason"] == "detach", (proto, end["hostwall"]["flow"])
+        assert end["event"]["reason"] == "datapath detached"
+        assert parse_iso_ns(end["event"]["start"]) <= parse_iso_ns(end["event"]["end"]) <= stopped
+        assert end["source"]["packets"] >= (3 if proto == "tcp" else 1) and end["destination"]["packets"] >= 1
+    led = col.final_status["ledger"]
+    assert led["ok"] and not led["violations"], led
+    assert col.final_status["conntrack"]["detached"] >= 2
