@@ -108,9 +108,11 @@ def _log(msg: str) -> None:
 
 
 def tcp_frame(pkt: Packet, flags: int, sport: int | None = None, payload: int = 0) -> bytes:
-    """Ethernet + IPv4/IPv6 + TCP (no options) frame for `pkt` with the given TCP flags."""
+    """Ethernet + IPv4/IPv6 + TCP (no options) frame for `pkt` with the given TCP flags: every segment at
+    seq 1000, an ACK acknowledging the other side's SYN (1001: conntrack checks a SYN-ACK's ACK,
+    docs/datapath.md "Sequence checks")."""
     sp = pkt.sport if sport is None else sport
-    tcp = struct.pack("!HHIIBBHHH", sp, pkt.dport, 1000, 2000 if flags & TCP_ACK else 0, 5 << 4, flags,
+    tcp = struct.pack("!HHIIBBHHH", sp, pkt.dport, 1000, 1001 if flags & TCP_ACK else 0, 5 << 4, flags,
                       65535, 0, 0) + b"\0" * payload
     src, dst = ipaddress.ip_address(pkt.src).packed, ipaddress.ip_address(pkt.dst).packed
     if pkt.family == 4:

@@ -279,18 +279,111 @@ static __always_inline void ct_report_confirmed(struct env *v, struct pkt *p, st
 	hw_events.ringbuf_submit(ev, 0);
 }
 
+/* Sequence checks (docs/datapath.md "Sequence checks", docs/policy.md "stateful"). Side `d` (0
+ * initiator, 1 responder) sent p, a packet that came in (ct_advance asks for the peer's packets only:
+ * the host vouches for its own). Is the peer's acknowledgement acceptable (RFC 5961 §5)? Within [its last acceptable one (or the
+ * host's end when none) - HW_CT_ACK_WINDOW, the host's end]: an ACK of data the host never sent, or
+ * older than that, is a blind guess. The host's side not learnt yet: accepted, as before. */
+static __always_inline int ct_ack_ok(struct hw_ct_entry *e, struct pkt *p, __u8 d)
+{
+	__u8 known = e->seq_known, h = !d;
+	if (!(known & (HW_CT_SEQ_END << h)))
+		return 1;
+	if (!(p->tcp_flags & TCPF_ACK))
+		return 0;
+	__u32 end = e->seq_end[h & 1];
+	__u32 lo = ((known & (HW_CT_SEQ_ACK << d)) ? e->seq_ack[d & 1] : end) - HW_CT_ACK_WINDOW;
+	return p->tcp_ack - lo <= end - lo;
+}
+
+/* May this RST, FIN or SYN-ACK change the entry? A RST must carry exactly the sequence number the
+ * receiver last acknowledged (its RCV.NXT, RFC 5961 §3.2) or the sender's own next one (a RST right
+ * after its data, before the ACK); the responder's while the initiator has acknowledged nothing (syn_sent, a
+ * simultaneous open before the initiator's SYN-ACK, a reused tuple) must acknowledge the SYN (RFC 9293
+ * §3.10.7.3). A SYN-ACK must acknowledge the other side's SYN exactly. A FIN must lie within
+ * HW_CT_SEQ_SLACK of the sender's highest end. From the peer, a RST or FIN carrying an ACK (a FIN
+ * always does) must also have an acceptable one (ct_ack_ok; `peer`: p came in, the host vouches for
+ * its own): a blind attacker guesses both sequence spaces. Sides not learnt yet (an entry carried over from a build without them) accept, as before.
+ * Cost: a few loads and compares, on RST/FIN/SYN-ACK only. */
+static __always_inline int ct_seq_ok(struct hw_ct_entry *e, struct pkt *p, __u8 d, __u8 peer)
+{
+	__u8 known = e->seq_known, f = p->tcp_flags, r = !d;
+	__u32 end = e->seq_end[d & 1];
+	if (f & TCPF_RST) {
+		if (peer && (f & TCPF_ACK) && !ct_ack_ok(e, p, d))
+			return 0;
+		/* the initiator's SYN is learnt, and it acknowledged nothing yet */
+		if (d && (known & (HW_CT_SEQ_END | HW_CT_SEQ_ACK)) == HW_CT_SEQ_END)
+			return (f & TCPF_ACK) && p->tcp_ack == e->seq_end[0];
+		int ok = 0, any = 0;
+		if (known & (HW_CT_SEQ_ACK << r)) {
+			any = 1;
+			ok = p->tcp_seq == e->seq_ack[r & 1];
+		}
+		if (known & (HW_CT_SEQ_END << d)) {
+			any = 1;
+			ok |= p->tcp_seq == end;
+		}
+		return ok || !any;
+	}
+	if ((f & (TCPF_SYN | TCPF_ACK)) == (TCPF_SYN | TCPF_ACK))
+		return !(known & (HW_CT_SEQ_END << r)) || p->tcp_ack == e->seq_end[r & 1];
+	if (peer && !ct_ack_ok(e, p, d))
+		return 0;
+	return !(known & (HW_CT_SEQ_END << d)) || p->tcp_seq - end + HW_CT_SEQ_SLACK <= 2 * HW_CT_SEQ_SLACK;
+}
+
+/* Learn side d's sequence state from its segment p (which ct_seq_ok passed): its end advances only for
+ * a segment that starts at most HW_CT_SEQ_SLACK past it, its acknowledgement only forward; a peer's
+ * segment with an unacceptable ACK (ct_ack_ok) teaches nothing. A SYN (a SYN-ACK: ct_seq_ok checked its
+ * ACK) starts its side afresh, a new ISN: from the host always, from the peer while the host has not
+ * answered (syn_sent); the initiator's bare SYN (a new connection) also forgets the responder's. Cost:
+ * the ACK check only for a peer's segment that would teach something, stores only what changed (the
+ * established path stays cheap: a segment with nothing new returns after two compares). */
+static __always_inline void ct_seq_learn(struct hw_ct_entry *e, struct pkt *p, __u8 d, __u8 st, __u8 peer)
+{
+	__u8 known = e->seq_known, k, f = p->tcp_flags;
+	__u32 end = e->seq_end[d & 1];
+	if ((f & TCPF_SYN) && (!peer || (f & TCPF_ACK) || st == HW_CT_SYN_SENT)) {
+		known = d || (f & TCPF_ACK) ? known & ~((HW_CT_SEQ_END | HW_CT_SEQ_ACK) << d) : 0;
+		peer = 0;               /* afresh: its ACK, if any, was checked exactly (ct_seq_ok) */
+	}
+	int new_end = !(known & (HW_CT_SEQ_END << d)) ||
+		      ((__s32)(p->tcp_seq - end) <= HW_CT_SEQ_SLACK && (__s32)(p->tcp_end - end) > 0);
+	int new_ack = (f & TCPF_ACK) &&
+		      (!(known & (HW_CT_SEQ_ACK << d)) || (__s32)(p->tcp_ack - e->seq_ack[d & 1]) > 0);
+	if (!(new_end | new_ack) || (peer && !ct_ack_ok(e, p, d)))
+		return;
+	k = known;
+	if (new_end) {
+		e->seq_end[d & 1] = p->tcp_end;
+		k |= HW_CT_SEQ_END << d;
+	}
+	if (new_ack) {
+		e->seq_ack[d & 1] = p->tcp_ack;
+		k |= HW_CT_SEQ_ACK << d;
+	}
+	if (k != e->seq_known)
+		e->seq_known = k;
+}
+
 /* Is this packet a valid continuation of the tracked connection? Updates state if so: 1. 0: not a
  * valid continuation (nothing changed). A TCP connection is confirmed by the initiator's ACK after the
  * responder's SYN-ACK (SYN_RECV → ESTABLISHED), UDP and ICMP by the first reply (NEW → ESTABLISHED).
  * `fast` (xdp_ingress): a packet whose continuation must be reported (it confirms a connection whose
  * start is PENDING, or closes one) returns -1 with nothing changed, for xdp_judge to handle: the fast
- * path stays free of the reporting code, which keeps xdp_ingress inside the verifier's budget. */
+ * path stays free of the reporting code, which keeps xdp_ingress inside the verifier's budget.
+ * 2: a RST, FIN or SYN-ACK the state machine accepts but out of the connection's sequence window
+ * (ct_seq_ok): passed, for the stack to ignore or answer with a challenge ACK (RFC 5961), and nothing
+ * changed — a blind RST neither closes the entry nor a FIN shortens its timeout (counted as
+ * pass_conntrack_out_of_window). */
 static __always_inline int ct_advance(struct env *v, struct pkt *p, struct ctref *r, int fast)
 {
 	struct hw_ct_entry *e = r->e;
 	__u8 from_init = r->side == e->initiator;
 	__u8 st = e->state, ns = st, fin = e->fin_seen;
 	int confirmed = 0;
+	__u8 peer = v->dir == HW_DIR_INGRESS;    /* the host vouches for its own segments only */
 	/* the initiator's packets travel the way the first one did, the responder's the other way */
 	if ((from_init ? e->origin : !e->origin) != v->dir)
 		return 0;
@@ -323,6 +416,10 @@ static __always_inline int ct_advance(struct env *v, struct pkt *p, struct ctref
 			fin |= from_init ? 1 : 2;
 			ns = (fin & 3) == 3 ? HW_CT_CLOSING : HW_CT_FIN_WAIT;
 		}
+		/* valid by the state machine; out of its sequence window it changes nothing (2) */
+		if (((f & (TCPF_RST | TCPF_FIN)) || (f & (TCPF_SYN | TCPF_ACK)) == (TCPF_SYN | TCPF_ACK)) &&
+		    !ct_seq_ok(e, p, !from_init, peer))
+			return 2;
 	} else if (!from_init && st == HW_CT_NEW) {
 		ns = HW_CT_ESTABLISHED;
 		confirmed = 1;
@@ -332,6 +429,8 @@ static __always_inline int ct_advance(struct env *v, struct pkt *p, struct ctref
 	confirmed = confirmed && e->report == HW_REP_PENDING;
 	if (fast && (confirmed || closing))
 		return -1;
+	if (p->proto == IPPROTO_TCP)
+		ct_seq_learn(e, p, !from_init, st, peer);
 	if (ns != st)
 		e->state = ns;
 	if (fin != e->fin_seen)
@@ -581,6 +680,9 @@ static __always_inline void ct_open(struct env *v, struct pkt *p, __u32 slot, __
 	e->origin = v->dir;
 	e->fin_seen = 0;
 	e->reported = 0;
+	e->seq_known = 0;
+	if (p->proto == IPPROTO_TCP)
+		ct_seq_learn(e, p, 0, HW_CT_SYN_SENT, 0);      /* the opener is the initiator's (side 0): afresh */
 	__sync_lock_test_and_set(&e->slot_state, HW_SLOT_LIVE);        /* publish: the entry is whole */
 	if (ev) {
 		ev_packet(ev, p);

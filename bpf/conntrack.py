@@ -40,6 +40,14 @@ REPORTED_CLAIMED = 2                # hw_ct_entry.reported: the close record is 
 SLOT_DT = {4: L.DTYPES["hw_ct4_slot"], 6: L.DTYPES["hw_ct6_slot"]}
 KEY_DT = {4: L.DTYPES["hw_ct4_key"], 6: L.DTYPES["hw_ct6_key"]}
 WAYS = L.CT_WAYS
+# The entry as builds before the TCP sequence state laid it out (no seq_known / seq_end / seq_ack): a
+# restart after the upgrade still carries its connections over, with nothing learnt (the datapath
+# then accepts their RST/FIN as before and learns from their next packets: docs/datapath.md
+# "Sequence checks").
+_ENTRY_NO_SEQ = np.dtype([(n, L.DTYPES["hw_ct_entry"].fields[n][0]) for n in L.DTYPES["hw_ct_entry"].names
+                          if n not in ("seq_known", "pad", "seq_end", "seq_ack", "slot_state")]
+                         + [("pad", np.uint8, 2), ("slot_state", np.uint64)])
+OLD_SLOT_DT = {f: np.dtype([("e", _ENTRY_NO_SEQ), ("k", KEY_DT[f])]) for f in (4, 6)}
 
 
 class CtTable(SlotTable):
@@ -47,8 +55,8 @@ class CtTable(SlotTable):
 
     Mapping costs one mmap (no copy); reading all slots touches ~25-30 MB. Close before the fd."""
 
-    def __init__(self, fd: int, family: int):
-        super().__init__(fd, SLOT_DT[family], L.CT_MAX, ("e", "slot_state"))
+    def __init__(self, fd: int, family: int, dtype: np.dtype | None = None):
+        super().__init__(fd, dtype or SLOT_DT[family], L.CT_MAX, ("e", "slot_state"))
         self.family = family
 
     def free_if_unchanged(self, idx: np.ndarray, seen: np.ndarray) -> np.ndarray:
@@ -117,16 +125,49 @@ def live_count(map_fds: dict[str, int]) -> dict[int, int]:
     return out
 
 
-def copy_tables(src_fds: dict[str, int], dst_fds: dict[str, int]) -> int:
+def slot_dtype(value_size: int, family: int) -> np.dtype | None:
+    """The slot layout of a table whose values are `value_size` bytes: this build's, the one before
+    the sequence state (OLD_SLOT_DT), or None (unknown: nothing can be carried over)."""
+    return next((dt for dt in (SLOT_DT[family], OLD_SLOT_DT[family]) if dt.itemsize == value_size), None)
+
+
+def copy_tables(src_fds: dict[str, int], dst_fds: dict[str, int], src_dtypes: dict[int, np.dtype] | None = None) -> int:
     """Copy every LIVE slot of src into the same index of dst (same seed required: the caller copies
-    hw_config.table_seed); returns how many."""
+    hw_config.table_seed); returns how many. `src_dtypes`: src's slot layout per family when it is
+    OLD_SLOT_DT (fields copied by name; the sequence state stays zero: nothing learnt). The old
+    datapath may still run: only rows read LIVE twice with the same connection (_settled) are copied."""
     n = 0
-    for s, d in zip(tables(src_fds), tables(dst_fds)):
-        with s, d:
-            idx = s.live()
-            d.slots[idx] = s.slots[idx]
+    for f in (4, 6):
+        sdt = (src_dtypes or {}).get(f, SLOT_DT[f])
+        with CtTable(src_fds[MAPS[f]], f, sdt) as s, CtTable(dst_fds[MAPS[f]], f) as d:
+            idx, rows = _settled(s)
+            if sdt == SLOT_DT[f]:
+                d.slots[idx] = rows
+            else:
+                d.slots["k"][idx] = rows["k"]
+                for name in _ENTRY_NO_SEQ.names:
+                    if name != "pad":
+                        d.slots["e"][name][idx] = rows["e"][name]
             n += len(idx)
     return n
+
+
+def _settled(s: CtTable) -> tuple[np.ndarray, np.ndarray]:
+    """(indexes, row copies) of src's LIVE slots whose two reads agree on state (LIVE), key and
+    created_ns: a slot the running datapath claimed between them (BUSY, or LIVE again with another
+    connection: a row mixing two) is left out, its connection judged afresh. Counters moving between
+    the reads do not matter (the second read is copied). Cost: two copies of the LIVE rows."""
+    idx = s.live()
+    first = s.slots[idx]                # fancy indexing: copies
+    rows = s.slots[idx]
+    same = (rows["e"]["slot_state"] == LIVE) & (first["e"]["slot_state"] == LIVE) & \
+        (rows["e"]["created_ns"] == first["e"]["created_ns"]) & (_raw(rows["k"]) == _raw(first["k"])).all(axis=1)
+    return idx[same], rows[same]
+
+
+def _raw(a: np.ndarray) -> np.ndarray:
+    """Each element's bytes, one row per element."""
+    return np.ascontiguousarray(a).view(np.uint8).reshape(len(a), a.dtype.itemsize)
 
 
 def first_slot(keys: np.ndarray, family: int, seed: int) -> np.ndarray:

@@ -60,9 +60,11 @@ static __always_inline void judge_first(struct env *v, struct pkt *p, struct jud
 		ct_invalid = p->ct_hint == CT_HINT_INVALID;     /* xdp_ingress already looked */
 	} else if (p->trackable &&
 		   ct_find(v, p, p->saddr, p->daddr, p->sport, p->dport, p->proto, &r)) {
-		if (ct_advance(v, p, &r, 0)) {
+		int adv = ct_advance(v, p, &r, 0);
+		/* spared by the DoS stage only as its connection's packet: out of window it is not (dos.h) */
+		if (adv == 1 || (adv == 2 && !p->dos_spared)) {
 			j->verdict = HW_V_ALLOW;
-			j->reason = ct_pass_reason(v, p);
+			j->reason = adv == 2 ? HW_R_PASS_CONNTRACK_OUT_OF_WINDOW : ct_pass_reason(v, p);
 			return;
 		}
 		ct_invalid = 1;
@@ -275,7 +277,8 @@ int xdp_judge(struct xdp_md *ctx)
 	j.slot = ~0U;
 	judge(&v, p, &j);
 	if (p->syn_proxy != SP_NONE && j.verdict == HW_V_ALLOW && j.reason != HW_R_PASS_CONNTRACK &&
-	    j.reason != HW_R_PASS_CONNTRACK_OVER_LIMIT && j.reason != HW_R_PASS_RELATED)
+	    j.reason != HW_R_PASS_CONNTRACK_OVER_LIMIT && j.reason != HW_R_PASS_RELATED &&
+	    j.reason != HW_R_PASS_CONNTRACK_OUT_OF_WINDOW)
 		syn_proxy_judged(ctx, &v, p, &j);
 	int ret = xdp_exit(ctx, &v, p, &j);
 	frag_note(&v, p, &j);           /* a first fragment that passed: its later fragments follow */
@@ -316,14 +319,14 @@ int xdp_ingress(struct xdp_md *ctx)
 		struct ctref r = {};
 		if (ct_find(&v, p, p->saddr, p->daddr, p->sport, p->dport, p->proto, &r)) {
 			int adv = ct_advance(&v, p, &r, 1);
-			if (adv > 0) {
+			if (adv == 1 || (adv == 2 && !p->dos_spared)) {
 				j.verdict = HW_V_ALLOW;
-				j.reason = ct_pass_reason(&v, p);
+				j.reason = adv == 2 ? HW_R_PASS_CONNTRACK_OUT_OF_WINDOW : ct_pass_reason(&v, p);
 				j.slot = ~0U;
 				return xdp_exit(ctx, &v, p, &j);
 			}
 			/* invalid continuation, or one to report: xdp_judge looks again (ct_hint 0) */
-			p->ct_hint = adv == 0 ? CT_HINT_INVALID : 0;
+			p->ct_hint = adv == 0 || adv == 2 ? CT_HINT_INVALID : 0;
 		} else {
 			p->ct_hint = CT_HINT_MISS;
 		}

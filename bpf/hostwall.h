@@ -31,6 +31,17 @@
 #define HW_CT_MAX             262144    /* conntrack table slots per family */
 #define HW_CT_WAYS            4         /* slots per conntrack bucket: a connection lives in one of them */
 #define HW_CT_F_END_EMITTED   0x80      /* hw_ct_entry.fin_seen: the datapath emitted this flow's flow_end */
+/* hw_ct_entry.seq_known: which sequence state is learnt (bit << side, side 0 = initiator) */
+#define HW_CT_SEQ_END         0x01      /* seq_end[side] */
+#define HW_CT_SEQ_ACK         0x04      /* seq_ack[side] */
+/* How far (bytes of sequence space) a TCP segment may start past the highest end the hook saw from its
+ * sender and still count (reordering on the wire, bytes the hook did not count: docs/datapath.md
+ * "Sequence checks"); a FIN counts within this distance either side of that end. */
+#define HW_CT_SEQ_SLACK       65536
+/* How far behind the host's highest end (or the peer's last acceptable ACK) a peer's ACK may lie and
+ * still count (RFC 5961 §5's MAX.SND.WND, fixed): a blind RST/FIN with an ACK hits it with odds 2^-16,
+ * so a FIN sweep needs ~2^31 packets (docs/datapath.md "Sequence checks"). */
+#define HW_CT_ACK_WINDOW      65536
 #define HW_META_MAGIC         0x68770a11 /* XDP → TC metadata marker: "already judged" */
 #define HW_RINGBUF_BYTES      (8 << 20) /* event ring buffer (power of two, multiple of the page size) */
 #define HW_DROP_AGG_MAX       65536     /* drop aggregation keys per generation (per-CPU hash) */
@@ -115,6 +126,9 @@ enum hw_reason {
 	HW_R_PASS_SYN_COOKIE = 25, /* an allowed SYN answered from XDP with a cookie SYN-ACK (no state kept) */
 	HW_R_PASS_CONNTRACK_OVER_LIMIT = 26, /* a tracked connection's packet whose source is over a DoS limit or banned */
 	HW_R_PASS_RELATED_OVER_LIMIT = 27,   /* an ICMP error about a host-opened connection, its source over a DoS limit or banned */
+	HW_R_PASS_CONNTRACK_OUT_OF_WINDOW = 28, /* a RST, FIN or SYN-ACK of a tracked TCP connection outside its
+	                                         * sequence window (or with an unacceptable ACK): passed to the
+	                                         * stack, the entry unchanged (conntrack.h) */
 	HW_REASONS = 32,
 };
 
@@ -534,7 +548,13 @@ struct hw_ct_entry {
 	                             * closed connection's end after the close grace period (2 claimed, 1 durable:
 	                             * bpf/conntrack.py); reset when the slot is reused */
 	__u8  report;               /* enum hw_ct_report */
-	__u8  pad[2];
+	__u8  seq_known;            /* TCP: HW_CT_SEQ_* bits << side of the fields below that hold a value */
+	__u8  pad;
+	__u32 seq_end[2];           /* TCP, [0] initiator, [1] responder: highest seq + payload (+1 per SYN/FIN)
+	                             * sent, host order; advanced only by a segment starting within
+	                             * HW_CT_SEQ_SLACK of it (docs/datapath.md "Sequence checks") */
+	__u32 seq_ack[2];           /* TCP: highest acknowledgement number each side sent (the receiver's
+	                             * RCV.NXT as it announced it: a RST must carry it exactly, RFC 5961) */
 	__u64 slot_state;           /* enum hw_ct_slot_state (64 bits: BPF's cmpxchg/xchg here need them) */
 };
 

@@ -38,6 +38,9 @@ struct pkt {
 	__u32 l4len;            /* parsing only: bytes the IP header(s) say follow the headers parsed so far */
 	__u64 now;              /* xdp_ingress's clock, so xdp_judge does not read it again */
 	__s32 fqdn_m;           /* judging only: fqdn_match's answer (fqdn.h) */
+	__u32 tcp_seq;          /* TCP, host order: the segment's sequence number */
+	__u32 tcp_end;          /* TCP: tcp_seq + payload bytes + 1 per SYN/FIN (the sender's next sequence) */
+	__u32 tcp_ack;          /* TCP: acknowledgement number (meaningful with TCPF_ACK) */
 	__u8  in_icmp_type;     /* ICMP error quoting an ICMP message: its type (dos.h dos_error_spares) */
 	__u8  pad1[3];
 };
@@ -162,6 +165,9 @@ static __always_inline int parse_l4(struct pkt *p, void *cur, void *end, __u32 l
 		p->sport = th->source;
 		p->dport = th->dest;
 		p->tcp_flags = ((__u8 *)th)[13];
+		p->tcp_seq = bpf_ntohl(th->seq);
+		p->tcp_ack = bpf_ntohl(th->ack_seq);
+		p->tcp_end = p->tcp_seq + (l4len - th->doff * 4) + !!(p->tcp_flags & TCPF_SYN) + (p->tcp_flags & TCPF_FIN);
 		p->opens = (p->tcp_flags & (TCPF_SYN | TCPF_ACK | TCPF_RST)) == TCPF_SYN;
 		p->trackable = 1;
 		if (th->dest == 0 || th->source == 0)
@@ -209,10 +215,11 @@ static __always_inline int parse_l4(struct pkt *p, void *cur, void *end, __u32 l
 
 /* frame_len: the whole frame's length (XDP: data_end - data; TC: skb->len, which may exceed the
  * linear data). p->len becomes the packet's IP-layer length: the IP header's own length (IPv4 total
- * length, IPv6 40 + payload length), capped at what the frame holds after its L2 header (Ethernet
- * padding and lying headers count for nothing); the frame after its L2 header when there is no IP
- * length (non-IP, IPv6 jumbograms, frames too short to say, and `gso`: nonzero for a TC hook's GSO skb,
- * an IPv4 BIG TCP super-packet's total length 0). NetFlow/IPFIX count octets the same way. */
+ * length, IPv6 40 + payload length; Ethernet padding after it counts for nothing, and an IP length
+ * longer than the frame after its L2 header is malformed: the kernel drops it); the frame after
+ * its L2 header when there is no IP length (non-IP, IPv6 jumbograms, frames too short to say, and
+ * `gso`: nonzero for a TC hook's GSO skb, an IPv4 BIG TCP super-packet's total length 0).
+ * NetFlow/IPFIX count octets the same way. */
 static __always_inline int parse_pkt(struct pkt *p, void *data, void *end, __u32 frame_len, __u32 gso)
 {
 	struct ethhdr *eth = data;
@@ -231,7 +238,7 @@ static __always_inline int parse_pkt(struct pkt *p, void *data, void *end, __u32
 		cur += 4;
 	}
 	__u32 l2 = cur - data;
-	__u32 l3 = frame_len > l2 ? frame_len - l2 : 0;
+	__u32 l3 = frame_len > l2 ? frame_len - l2 : 0, jumbo_fix = 0;
 	p->len = l3;
 	if (proto == bpf_htons(ETH_P_IP)) {
 		struct iphdr *ip = cur;
@@ -242,9 +249,11 @@ static __always_inline int parse_pkt(struct pkt *p, void *data, void *end, __u32
 		 * iph_totlen reads it); its length is the skb's. Anywhere else (XDP: gso 0) it is malformed. */
 		if (ip_len == 0 && gso && l3 > 0xffff && ip->protocol == IPPROTO_TCP)
 			ip_len = l3;
-		if (ip->version != 4 || ip->ihl < 5 || ip_len < ip->ihl * 4)
+		/* longer than the frame: the kernel drops it (ip_rcv_core), and its length must not teach the
+		 * sequence checks a segment end it does not carry (docs/datapath.md "Sequence checks") */
+		if (ip->version != 4 || ip->ihl < 5 || ip_len < ip->ihl * 4 || ip_len > l3)
 			return PARSE_MALFORMED;
-		p->len = ip_len < l3 ? ip_len : l3;
+		p->len = ip_len;
 		p->family = 4;
 		p->proto = ip->protocol;
 		p->saddr[0] = ip->saddr;
@@ -263,16 +272,23 @@ static __always_inline int parse_pkt(struct pkt *p, void *data, void *end, __u32
 		if (ip6->version != 6)
 			return PARSE_MALFORMED;
 		__u32 ip_len = bpf_ntohs(ip6->payload_len);
+		if (ip_len + 40 > l3)   /* longer than the frame: as IPv4 above (ipv6_rcv drops it) */
+			return PARSE_MALFORMED;
 		if (ip_len)             /* 0: a jumbogram (the frame's length stands) */
-			p->len = ip_len + 40 < l3 ? ip_len + 40 : l3;
+			p->len = ip_len + 40;
 		p->family = 6;
 		__builtin_memcpy(p->saddr, &ip6->saddr, 16);
 		__builtin_memcpy(p->daddr, &ip6->daddr, 16);
 		p->hop_limit = ip6->hop_limit;
 		__u8 nh = ip6->nexthdr;
 		cur = ip6 + 1;
-		/* payload length 0: a jumbo (BIG TCP) super-packet on a TC hook; its length is the skb's */
-		p->l4len = ip6->payload_len ? bpf_ntohs(ip6->payload_len) : 0x10000;
+		/* payload length 0: a jumbo (BIG TCP) super-packet on a TC hook; its length is the skb's
+		 * (frame_len), as anywhere else the frame's. Parsed as 64 KiB (a constant bound keeps the
+		 * verifier's work small: ~97k instructions in tc_egress otherwise), its TCP end then moved to
+		 * what the frame carries (below) */
+		p->l4len = ip_len ? ip_len : 0x10000;
+		if (!ip_len)
+			jumbo_fix = l3 - 40 - 0x10000;
 		int i;
 		for (i = 0; i < HW_V6_EXT_MAX; i++) {
 			if (!is_v6_ext(nh))
@@ -307,7 +323,9 @@ static __always_inline int parse_pkt(struct pkt *p, void *data, void *end, __u32
 	}
 	if (cur > end)
 		return PARSE_MALFORMED;
-	return parse_l4(p, cur, end, p->l4len);
+	int rc = parse_l4(p, cur, end, p->l4len);
+	p->tcp_end += jumbo_fix;        /* sequence arithmetic: wraps as it should */
+	return rc;
 }
 
 #endif /* HW_PARSE_H */

@@ -169,16 +169,24 @@ def _migrate_conntrack(old: Instance, new: Datapath) -> int:
     """Carry the tracked connections of a pinned instance of another build into a freshly loaded one:
     the tables are copied slot for slot with the old hash seed. `old` needs only CONNTRACK_MAPS, so an
     older build with fewer maps or programs carries its connections over too. A build whose tables or
-    config are laid out differently carries nothing (its connections are judged by policy again)."""
-    for name in ("hw_ct4", "hw_ct6"):
+    config are laid out differently carries nothing (its connections are judged by policy again); tables
+    of the build before the TCP sequence state carry over, with nothing learnt (docs/datapath.md
+    "Sequence checks")."""
+    src = {}
+    for name, fam in (("hw_ct4", 4), ("hw_ct6", 6)):
         was, now = bpfsys.map_info(old.map_fds[name]), bpfsys.map_info(new.map_fds[name])
-        if (was.type, was.value_size, was.max_entries) != (now.type, now.value_size, now.max_entries):
+        if (was.type, was.max_entries) != (now.type, now.max_entries):
             return 0
+        if was.value_size != now.value_size:
+            dt = conntrack.slot_dtype(was.value_size, fam)
+            if dt is None:
+                return 0
+            src[fam] = dt
     cfg_size = bpfsys.map_info(old.map_fds["hw_config"]).value_size
     if cfg_size < _SEED_END or cfg_size > L.DTYPES["hw_config"].itemsize:
         return 0                # fields are only appended: an older, shorter hw_config still has the seed
     new.set_config(table_seed=int(old.config()["table_seed"]))
-    return conntrack.copy_tables(old.map_fds, new.map_fds)
+    return conntrack.copy_tables(old.map_fds, new.map_fds, src)
 
 
 def _check_interfaces(ifaces: list[InterfaceConf], netns: str | None) -> None:

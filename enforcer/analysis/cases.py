@@ -41,7 +41,8 @@ __all__ = ["Expect", "Case", "Selector", "Invariant", "CaseFile", "load_cases", 
            "parse_selector"]
 
 VERDICTS = ("allow", "drop", "would_drop")
-ALLOW_REASONS = ("pass_rule", "pass_default", "pass_conntrack", "pass_related", "pass_essential")
+ALLOW_REASONS = ("pass_rule", "pass_default", "pass_conntrack", "pass_conntrack_out_of_window", "pass_related",
+                 "pass_essential")
 DROP_REASONS = ("policy_deny", "default_deny", "conntrack_invalid", "fragment_unmatched", "malformed")
 REASONS = ALLOW_REASONS + DROP_REASONS
 _UNSET = object()

@@ -11,8 +11,15 @@ opens a connection (state SYN_SENT for TCP, NEW otherwise). The packet then pass
 if it continues the connection validly: from the side and in the direction it belongs to, and for
 TCP not a SYN-ACK from the initiator (a SYN from the responder is a simultaneous open; a tuple that is its own reverse
 counts as the initiator's, as the datapath's normalised key does). Otherwise it is judged by the
-policy, and a drop of such an invalid continuation has reason conntrack_invalid. Cost: one or two
-stateless judgements.
+policy, and a drop of such an invalid continuation has reason conntrack_invalid. A valid continuation
+may be out of the fresh entry's sequence window (bpf/conntrack.h `ct_seq_ok`, docs/datapath.md
+"Sequence checks"): the case frames (analysis/frames.py) give every TCP packet the same sequence
+number and, with ACK, an acknowledgement of the opener's end (a bare SYN: packet.CasePacket.opener).
+So the initiator's RST (not at its next sequence number) is out of window, and so are the responder's
+RST without ACK and its FIN without ACK coming in from the peer when the host sent the SYN (no
+acceptable ACK, RFC 5961 §5): they pass as pass_conntrack_out_of_window, whatever the policy. The
+responder's SYN-ACK and RST with ACK acknowledge the SYN; FINs are at the SYN's sequence number. Cost:
+one or two stateless judgements.
 """
 from __future__ import annotations
 
@@ -26,7 +33,7 @@ from .packet import ECHO, CasePacket
 
 __all__ = ["Outcome", "outcome_of", "judge", "opens"]
 
-_SYN, _ACK, _RST = 0x02, 0x10, 0x04
+_FIN, _SYN, _RST, _ACK = 0x01, 0x02, 0x04, 0x10
 
 
 @dataclass(frozen=True)
@@ -67,7 +74,7 @@ def opens(p: CasePacket) -> bool:
 
 
 def _continues(p: CasePacket, from_initiator: bool) -> bool:
-    """bpf/conntrack.h ct_advance on a fresh entry (TCP SYN_SENT, others NEW)."""
+    """bpf/conntrack.h ct_advance's state machine on a fresh entry (TCP SYN_SENT, others NEW)."""
     if p.protocol != 6:
         return True
     f = p.tcp_flag_bits
@@ -76,6 +83,18 @@ def _continues(p: CasePacket, from_initiator: bool) -> bool:
     if f & (_SYN | _ACK) == (_SYN | _ACK):
         return not from_initiator
     return True             # a SYN from the responder too: simultaneous open (docs/policy.md "stateful")
+
+
+def _out_of_window(p: CasePacket, from_initiator: bool) -> bool:
+    """bpf/conntrack.h ct_seq_ok on a fresh entry (only the initiator's side learnt, from its SYN), for a
+    packet `_continues` accepts, with the case frames' numbers (module docstring)."""
+    if p.protocol != 6:
+        return False
+    f = p.tcp_flag_bits
+    if f & _RST:
+        return from_initiator or not f & _ACK
+    # a FIN from the peer needs an acceptable ACK once the host's side is known (the host sent the SYN)
+    return bool(f & _FIN) and not f & _ACK and not from_initiator and p.direction == "ingress"
 
 
 def _symmetric(p: CasePacket) -> bool:
@@ -101,8 +120,10 @@ def judge(policy: Policy, pkt: CasePacket, stateless: Callable[[CasePacket], Dec
     opener, how = op
     first = stateless(opener)
     tracked = first.verdict == "allow" and policy.defaults.stateful and opens(opener)
-    if tracked and not (how == "reversed" and _symmetric(pkt)) and _continues(pkt, how == "same"):
-        return Outcome("allow", "pass_conntrack", None)
+    if tracked and not (how == "reversed" and _symmetric(pkt)):
+        if _continues(pkt, how == "same"):
+            oow = _out_of_window(pkt, how == "same")
+            return Outcome("allow", "pass_conntrack_out_of_window" if oow else "pass_conntrack", None)
     out = outcome_of(stateless(pkt))
     if tracked and out.verdict != "allow":
         return Outcome(out.verdict, "conntrack_invalid", out.rule)

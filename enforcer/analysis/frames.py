@@ -20,6 +20,10 @@ __all__ = ["ip_packet", "frame", "ETH_SRC", "ETH_DST"]
 ETH_SRC = bytes.fromhex("020000000001")
 ETH_DST = bytes.fromhex("020000000002")
 _PAYLOAD = b"hostwall-probe!!"          # 16 bytes
+# Every TCP segment's sequence number; an ACK acknowledges the end of a bare SYN with the payload
+# (analysis/ctmodel.py: a case's SYN-ACK answers its SYN opener, docs/datapath.md "Sequence checks").
+_SEQ = 1000
+_SYN_END = _SEQ + len(_PAYLOAD) + 1
 
 
 def inet_checksum(data: bytes) -> int:
@@ -36,7 +40,7 @@ def _l4(p: CasePacket, src: bytes, dst: bytes) -> bytes:
     """L4 header + payload with its checksum over the family's pseudo-header."""
     v6 = len(src) == 16
     if p.protocol == 6:
-        hdr = struct.pack("!HHIIBBHHH", p.sport, p.dport, 1000, 1 if "A" in p.flags else 0, 5 << 4,
+        hdr = struct.pack("!HHIIBBHHH", p.sport, p.dport, _SEQ, _SYN_END if "A" in p.flags else 0, 5 << 4,
                           p.tcp_flag_bits, 65535, 0, 0)
         body = hdr + _PAYLOAD
     elif p.protocol == 17:

@@ -30,14 +30,17 @@ rules:
 """
 
 
-def out_tcp(flags, sport=40000, dport=443, v6=False):
+def out_tcp(flags, sport=40000, dport=443, v6=False, seq=0, ack=None, data=b""):
+    """The host's segment; a SYN-ACK by default acknowledges in_tcp's default SYN (seq 0): ack 1."""
+    ack = (1 if "S" in flags and "A" in flags else 0) if ack is None else ack
     ip = IPv6(src=ME6, dst=PEER6) if v6 else IP(src=ME, dst=PEER)
-    return raw(E / ip / TCP(sport=sport, dport=dport, flags=flags))
+    return raw(E / ip / TCP(sport=sport, dport=dport, flags=flags, seq=seq % 2**32, ack=ack % 2**32) / data)
 
 
-def in_tcp(flags, sport=443, dport=40000, v6=False, src=None):
+def in_tcp(flags, sport=443, dport=40000, v6=False, src=None, seq=0, ack=1, data=b""):
+    """A peer's segment; by default it acknowledges out_tcp's default SYN (seq 0): ack 1."""
     ip = IPv6(src=src or PEER6, dst=ME6) if v6 else IP(src=src or PEER, dst=ME)
-    return raw(E / ip / TCP(sport=sport, dport=dport, flags=flags))
+    return raw(E / ip / TCP(sport=sport, dport=dport, flags=flags, seq=seq % 2**32, ack=ack % 2**32) / data)
 
 
 @pytest.mark.parametrize("v6", [False, True])
@@ -223,8 +226,8 @@ def _open_at(harness, t_ns: int, flow: tuple[int, int], v6: bool = False) -> Non
     assert harness.run("tc_egress", out_tcp("S", sport=flow[0], dport=flow[1], v6=v6)).reason == "pass_default"
 
 
-def _reply(harness, flags: str, flow: tuple[int, int], v6: bool = False) -> str:
-    return harness.run("xdp", in_tcp(flags, sport=flow[1], dport=flow[0], v6=v6)).reason
+def _reply(harness, flags: str, flow: tuple[int, int], v6: bool = False, ack: int = 1) -> str:
+    return harness.run("xdp", in_tcp(flags, sport=flow[1], dport=flow[0], v6=v6, ack=ack)).reason
 
 
 @pytest.mark.parametrize("v6", [False, True], ids=["v4", "v6"])
@@ -282,7 +285,8 @@ def test_closed_connection_is_not_reported_twice_when_its_slot_is_taken(harness,
     harness.install(POLICY % "true")
     flows = _same_bucket_flows(harness.dp, 4, conntrack.WAYS + 1)
     _open_at(harness, T0, flows[0])
-    assert _reply(harness, "R", flows[0]) == "pass_conntrack"      # closed: its flow_end is reported now
+    assert _reply(harness, "RA", flows[0], ack=1) == "pass_conntrack"     # refused (it ACKs the SYN): closed,
+    # its flow_end is reported now
     for f in flows[1:-1]:
         _open_at(harness, T0 + 10**9, f)
     events.drain()
@@ -390,3 +394,350 @@ def test_unconfirmed_timeout_is_a_policy_setting(harness):
         assert (_reply(harness, "SA", flows[0]) == "pass_conntrack") is alive
         assert _reply(harness, "PA", flows[1]) == "pass_conntrack"
         harness.dp.clear_conntrack()
+
+
+# ---- sequence checks: a blind RST or FIN does not end a connection (docs/datapath.md "Sequence checks")
+ISN_ME, ISN_PEER = 1000, 5000000
+
+
+def _handshake(harness, v6: bool, sport: int = 40000, install: bool = True) -> None:
+    """SYN (seq ISN_ME), SYN-ACK (ISN_PEER, acks it), ACK: established, both sides' sequences learnt."""
+    if install:
+        harness.install(POLICY % "true")
+    assert harness.run("tc_egress", out_tcp("S", sport=sport, v6=v6, seq=ISN_ME)).reason == "pass_default"
+    assert harness.run("xdp", in_tcp("SA", dport=sport, v6=v6, seq=ISN_PEER, ack=ISN_ME + 1)).reason == "pass_conntrack"
+    assert harness.run("tc_egress", out_tcp("A", sport=sport, v6=v6, seq=ISN_ME + 1, ack=ISN_PEER + 1)).reason == \
+        "pass_conntrack"
+
+
+def _state(harness, v6: bool, sport: int = 40000) -> str:
+    (e,) = [e for e in _live(harness.dp, 6 if v6 else 4)[1]
+            if e["k"]["proto"] == 6 and sport in (int(e["k"]["port_a"]), int(e["k"]["port_b"]))]
+    return L.CT_STATE_NAMES[int(e["e"]["state"])]
+
+
+@pytest.mark.parametrize("v6", [False, True], ids=["v4", "v6"])
+def test_blind_rst_leaves_the_connection_open(harness, v6):
+    _handshake(harness, v6)
+    # 100 bytes from the peer; the host acknowledges them
+    assert harness.run("xdp", in_tcp("PA", v6=v6, seq=ISN_PEER + 1, ack=ISN_ME + 1, data=b"x" * 100)).reason == \
+        "pass_conntrack"
+    assert harness.run("tc_egress", out_tcp("A", v6=v6, seq=ISN_ME + 1, ack=ISN_PEER + 101)).reason == "pass_conntrack"
+    for seq in (0, ISN_PEER + 100, ISN_PEER + 102, ISN_PEER + 101 + 70000, ISN_PEER - 2**31):
+        got = harness.run("xdp", in_tcp("R", v6=v6, seq=seq))
+        assert (got.passed, got.reason) == (True, "pass_conntrack_out_of_window"), seq
+    assert _state(harness, v6) == "established"
+    assert harness.run("xdp", in_tcp("PA", v6=v6, seq=ISN_PEER + 101, ack=ISN_ME + 1, data=b"y")).reason == \
+        "pass_conntrack"
+    # a RST at the sequence the host acknowledged closes it
+    assert harness.run("xdp", in_tcp("R", v6=v6, seq=ISN_PEER + 102)).reason == "pass_conntrack"   # after 'y': exact
+    assert _state(harness, v6) == "closed"
+    got = harness.run("xdp", in_tcp("A", v6=v6, seq=ISN_PEER + 102, ack=ISN_ME + 1))
+    assert (got.passed, got.reason) == (False, "conntrack_invalid")
+
+
+@pytest.mark.parametrize("v6", [False, True], ids=["v4", "v6"])
+def test_rst_at_the_acknowledged_sequence_closes(harness, v6):
+    _handshake(harness, v6)
+    assert harness.run("xdp", in_tcp("RA", v6=v6, seq=ISN_PEER + 1, ack=ISN_ME + 1)).reason == "pass_conntrack"
+    assert _state(harness, v6) == "closed"
+
+
+@pytest.mark.parametrize("v6", [False, True], ids=["v4", "v6"])
+def test_host_rst_closes_at_its_own_sequence(harness, v6):
+    _handshake(harness, v6)
+    assert harness.run("tc_egress", out_tcp("R", v6=v6, seq=ISN_ME + 1)).reason == "pass_conntrack"
+    assert _state(harness, v6) == "closed"
+
+
+@pytest.mark.parametrize("v6", [False, True], ids=["v4", "v6"])
+def test_rst_to_the_hosts_syn_must_acknowledge_it(harness, v6):
+    harness.install(POLICY % "true")
+    assert harness.run("tc_egress", out_tcp("S", v6=v6, seq=ISN_ME)).reason == "pass_default"
+    for flags, ack in (("R", 0), ("RA", ISN_ME), ("RA", ISN_ME + 2), ("R", ISN_ME + 1)):
+        got = harness.run("xdp", in_tcp(flags, v6=v6, ack=ack))
+        assert (got.passed, got.reason) == (True, "pass_conntrack_out_of_window"), (flags, ack)
+    assert _state(harness, v6) == "syn_sent"
+    assert harness.run("xdp", in_tcp("SA", v6=v6, seq=ISN_PEER, ack=ISN_ME + 1)).reason == "pass_conntrack"
+    assert harness.run("tc_egress", out_tcp("S", sport=40001, v6=v6, seq=ISN_ME)).reason == "pass_default"
+    assert harness.run("xdp", in_tcp("RA", dport=40001, v6=v6, ack=ISN_ME + 1)).reason == "pass_conntrack"
+    assert _state(harness, v6, 40001) == "closed"       # connection refused
+
+
+@pytest.mark.parametrize("v6", [False, True], ids=["v4", "v6"])
+def test_blind_fin_does_not_shorten_the_connection(harness, v6):
+    _handshake(harness, v6)
+    for seq in (ISN_PEER + 1 + 70000, ISN_PEER + 1 - 70000, ISN_PEER + 2**31):
+        got = harness.run("xdp", in_tcp("FA", v6=v6, seq=seq, ack=ISN_ME + 1))
+        assert (got.passed, got.reason) == (True, "pass_conntrack_out_of_window"), seq
+    assert _state(harness, v6) == "established"
+    assert harness.run("xdp", in_tcp("FA", v6=v6, seq=ISN_PEER + 1, ack=ISN_ME + 1)).reason == "pass_conntrack"
+    assert _state(harness, v6) == "fin_wait"
+
+
+def test_blind_data_does_not_move_the_window_for_a_later_rst(harness):
+    """A spoofed segment far from the peer's sequence passes (the stack drops it) but teaches nothing:
+    a RST at its end is still out of window."""
+    _handshake(harness, False)
+    far = ISN_PEER + 1 + 10**6
+    assert harness.run("xdp", in_tcp("PA", seq=far, ack=ISN_ME + 1, data=b"z" * 10)).reason == "pass_conntrack"
+    assert harness.run("xdp", in_tcp("R", seq=far + 10)).reason == "pass_conntrack_out_of_window"
+    assert _state(harness, False) == "established"
+
+
+def test_entry_without_sequence_state_accepts_and_learns(harness):
+    """An entry carried over from a build without sequence state (seq_known 0): a RST closes it as before;
+    another learns from its next packets."""
+    _handshake(harness, False)
+    _handshake(harness, False, sport=40001, install=False)
+    for t in conntrack.tables(harness.dp.map_fds)[:1]:
+        with t:
+            idx = t.live()
+            t.slots["e"]["seq_known"][idx] = 0
+    assert harness.run("xdp", in_tcp("PA", dport=40001, seq=7, ack=ISN_ME + 1)).reason == "pass_conntrack"
+    assert harness.run("xdp", in_tcp("R", dport=40001, seq=3)).reason == "pass_conntrack_out_of_window"
+    assert harness.run("xdp", in_tcp("R", seq=123)).reason == "pass_conntrack"          # nothing learnt: accepted
+    assert _state(harness, False) == "closed"
+
+
+def test_restart_after_upgrade_carries_entries_without_sequence_state(harness):
+    """A pinned table of the build before the sequence state (88-byte entries) is carried over by
+    control._migrate_conntrack, field by field, with nothing learnt: the reply still passes, and a RST
+    is accepted as before (no state), after which the entry is closed."""
+    import os
+
+    from hostwall.bpf import bpfsys
+    from hostwall.bpf.instance import Instance
+    from hostwall.enforcer.control import _migrate_conntrack
+    from hostwall.enforcer.datapath import Datapath
+    # the old layout is main's, literally (a wrong guess of it must fail here, not carry garbage over)
+    main_entry = [("created_ns", 0), ("last_ns", 8), ("end_ns", 16), ("packets", 24), ("bytes", 40),
+                  ("cgroup_id", 56), ("rule_slot", 64), ("revision_id", 68), ("state", 72), ("initiator", 73),
+                  ("origin", 74), ("fin_seen", 75), ("reported", 76), ("report", 77), ("pad", 78),
+                  ("slot_state", 80)]
+    for fam, size in ((4, 104), (6, 128)):
+        old_dt = conntrack.OLD_SLOT_DT[fam]
+        assert (old_dt.itemsize, old_dt.fields["e"][1], old_dt.fields["k"][1], old_dt["e"].itemsize) == (size, 0, 88, 88)
+        assert [(n, old_dt["e"].fields[n][1]) for n in old_dt["e"].names] == main_entry
+        assert old_dt["e"]["pad"].shape == (2,) and old_dt["e"]["slot_state"] == np.uint64
+    _handshake(harness, False)
+    _handshake(harness, True, install=False)
+    new = Datapath.load()
+    pins = f"/sys/fs/bpf/hostwall-test-upgrade-{os.getpid()}"
+    fds = []
+    try:
+        os.makedirs(f"{pins}/maps")
+        bpfsys.obj_pin(harness.dp.map_fds["hw_config"], f"{pins}/maps/hw_config")
+        for fam in (4, 6):        # the old build's table: the same connections in the old layout
+            fd = bpfsys.map_create(2, 4, conntrack.OLD_SLOT_DT[fam].itemsize, L.CT_MAX, bpfsys.BPF_F_MMAPABLE)
+            fds.append(fd)
+            with conntrack.CtTable(harness.dp.map_fds[conntrack.MAPS[fam]], fam) as s, \
+                    conntrack.CtTable(fd, fam, conntrack.OLD_SLOT_DT[fam]) as d:
+                idx = s.live()
+                d.slots["k"][idx] = s.slots["k"][idx]
+                for name in conntrack.OLD_SLOT_DT[fam]["e"].names:
+                    if name != "pad":
+                        d.slots["e"][name][idx] = s.slots["e"][name][idx]
+            bpfsys.obj_pin(fd, f"{pins}/maps/{conntrack.MAPS[fam]}")
+        old = Instance.open_maps(pins, ("hw_config", "hw_ct4", "hw_ct6"))
+        new.install(harness.compiled)
+        try:
+            assert _migrate_conntrack(old, new) == 2
+        finally:
+            old.close()
+        other = type(harness)(new)
+        other.slots = harness.slots
+        for v6 in (False, True):
+            assert other.run("xdp", in_tcp("PA", v6=v6, seq=ISN_PEER + 1, ack=ISN_ME + 1)).reason == "pass_conntrack"
+            # learnt from that first packet: a RST elsewhere is out of window, one at its end closes
+            assert other.run("xdp", in_tcp("R", v6=v6, seq=12345)).reason == "pass_conntrack_out_of_window"
+            assert other.run("xdp", in_tcp("R", v6=v6, seq=ISN_PEER + 1)).reason == "pass_conntrack"
+            assert other.run("xdp", in_tcp("A", v6=v6, seq=ISN_PEER + 1)).reason == "conntrack_invalid"
+    finally:
+        for fd in fds:
+            os.close(fd)
+        new.close()
+        Instance.unpin(pins)
+
+
+# ---- review of the sequence checks: a blind attacker must guess both sequence spaces ---------------
+def _xdp_frame(harness, frame: bytes):
+    """An XDP test-run of a hand-made frame (harness.run builds nothing: the frame is as given)."""
+    return harness.run("xdp", frame)
+
+
+@pytest.mark.parametrize("v6", [False, True], ids=["v4", "v6"])
+def test_ip_length_beyond_the_frame_is_malformed(harness, v6):
+    """A 54-byte frame whose IP length says 65535 (the kernel drops it: ip_rcv_core / ipv6_rcv) must not
+    teach a 64 KiB segment end: malformed. Ethernet padding (a frame longer than its IP length) is fine."""
+    _handshake(harness, v6)
+    ip = IPv6(src=PEER6, dst=ME6, plen=65000) if v6 else IP(src=PEER, dst=ME, len=65535)
+    lying = raw(E / ip / TCP(sport=443, dport=40000, flags="A", seq=ISN_PEER + 1, ack=ISN_ME + 1))
+    got = _xdp_frame(harness, lying)
+    assert (got.passed, got.reason) == (False, "malformed")
+    padded = in_tcp("A", v6=v6, seq=ISN_PEER + 1, ack=ISN_ME + 1) + b"\0" * 20
+    assert harness.run("xdp", padded).reason == "pass_conntrack"
+
+
+@pytest.mark.parametrize("v6", [False, True], ids=["v4", "v6"])
+def test_peer_segment_with_unacceptable_ack_teaches_nothing(harness, v6):
+    """A spoofed segment within the peer's slack but acknowledging data the host never sent (or older
+    than the ACK window) passes and moves nothing: a RST at its end stays out of window. The same
+    segment with an acceptable ACK is learnt: a RST at its end closes."""
+    _handshake(harness, v6)
+    for bad_ack in (ISN_ME + 2, ISN_ME + 1 - 70000, 0x9E3779B9):
+        assert harness.run("xdp", in_tcp("PA", v6=v6, seq=ISN_PEER + 1 + 100, ack=bad_ack, data=b"z" * 10)).reason == \
+            "pass_conntrack"
+        assert harness.run("xdp", in_tcp("R", v6=v6, seq=ISN_PEER + 111)).reason == "pass_conntrack_out_of_window"
+    assert _state(harness, v6) == "established"
+    assert harness.run("xdp", in_tcp("PA", v6=v6, seq=ISN_PEER + 1 + 100, ack=ISN_ME + 1, data=b"z" * 10)).reason == \
+        "pass_conntrack"
+    assert harness.run("xdp", in_tcp("R", v6=v6, seq=ISN_PEER + 111)).reason == "pass_conntrack"
+    assert _state(harness, v6) == "closed"
+
+
+@pytest.mark.parametrize("v6", [False, True], ids=["v4", "v6"])
+def test_rst_or_fin_with_unacceptable_ack_changes_nothing(harness, v6):
+    """RFC 5961 §5: a peer's RST (with ACK) or FIN at the right sequence number but an ACK of unsent or
+    long-acknowledged data, or a FIN without ACK, is out of window; with an acceptable ACK it ends."""
+    _handshake(harness, v6)
+    for flags, ack in (("RA", ISN_ME + 2), ("RA", ISN_ME + 1 - 70000), ("FA", ISN_ME + 2), ("FA", ISN_ME - 70000),
+                       ("F", ISN_ME + 1)):
+        got = harness.run("xdp", in_tcp(flags, v6=v6, seq=ISN_PEER + 1, ack=ack))
+        assert (got.passed, got.reason) == (True, "pass_conntrack_out_of_window"), (flags, ack)
+    assert _state(harness, v6) == "established"
+    assert harness.run("xdp", in_tcp("FA", v6=v6, seq=ISN_PEER + 1, ack=ISN_ME + 1)).reason == "pass_conntrack"
+    assert _state(harness, v6) == "fin_wait"
+
+
+@pytest.mark.parametrize("host_rst", [False, True], ids=["attacker_rst", "host_rst"])
+def test_syn_ack_must_acknowledge_the_hosts_syn(harness, host_rst):
+    """SYN_SENT: a SYN-ACK with another ACK changes nothing and teaches nothing (out of window), so
+    neither the attacker's RST at its own ISN+1 nor the host's RST answering it (seq = its ACK) closes
+    the entry; the real handshake then carries data under ingress: deny."""
+    harness.install(POLICY % "true")
+    assert harness.run("tc_egress", out_tcp("S", seq=ISN_ME)).reason == "pass_default"
+    X, A = 424242, 31337
+    assert harness.run("xdp", in_tcp("SA", seq=X, ack=A)).reason == "pass_conntrack_out_of_window"
+    assert _state(harness, False) == "syn_sent"
+    if host_rst:
+        assert harness.run("tc_egress", out_tcp("R", seq=A)).reason == "pass_conntrack_out_of_window"
+    else:
+        assert harness.run("xdp", in_tcp("R", seq=X + 1)).reason == "pass_conntrack_out_of_window"
+    assert _state(harness, False) == "syn_sent"
+    assert harness.run("xdp", in_tcp("SA", seq=ISN_PEER, ack=ISN_ME + 1)).reason == "pass_conntrack"
+    assert harness.run("tc_egress", out_tcp("A", seq=ISN_ME + 1, ack=ISN_PEER + 1)).reason == "pass_conntrack"
+    got = harness.run("xdp", in_tcp("PA", seq=ISN_PEER + 1, ack=ISN_ME + 1, data=b"hello"))
+    assert (got.passed, got.reason) == (True, "pass_conntrack")
+
+
+@pytest.mark.parametrize("v6", [False, True], ids=["v4", "v6"])
+def test_simultaneous_open_rst_before_the_hosts_syn_ack_must_acknowledge_its_syn(harness, v6):
+    """A bare SYN from the peer in syn_sent (simultaneous open) carries no ACK to check; until the host
+    answers it (its SYN-ACK acknowledges that SYN), a RST at that SYN's next number closes nothing
+    unless it acknowledges the host's SYN. After the host's SYN-ACK the kernel accepts it too: so do we."""
+    harness.install(POLICY % "true")
+    assert harness.run("tc_egress", out_tcp("S", v6=v6, seq=ISN_ME)).reason == "pass_default"
+    X = 424242
+    assert harness.run("xdp", in_tcp("S", v6=v6, seq=X)).reason == "pass_conntrack"
+    for flags, ack in (("R", 0), ("RA", ISN_ME + 7)):
+        got = harness.run("xdp", in_tcp(flags, v6=v6, seq=X + 1, ack=ack))
+        assert got.reason == "pass_conntrack_out_of_window", flags
+    assert _state(harness, v6) == "syn_recv"
+    # the peer's SYN was learnt: a SYN-ACK must acknowledge it exactly
+    assert harness.run("tc_egress", out_tcp("SA", v6=v6, seq=ISN_ME, ack=X + 7)).reason == \
+        "pass_conntrack_out_of_window"
+    assert harness.run("tc_egress", out_tcp("SA", v6=v6, seq=ISN_ME, ack=X + 1)).reason == "pass_conntrack"
+    assert harness.run("xdp", in_tcp("R", v6=v6, seq=X + 1)).reason == "pass_conntrack"
+    assert _state(harness, v6) == "closed"
+
+
+def test_out_of_window_is_no_bypass_of_the_state_machine(harness):
+    """An out-of-window packet the state machine refuses anyway is invalid, not passed: a responder SYN|FIN
+    on an established tuple, and a FIN with data after a RST closed the entry (ingress: deny drops them)."""
+    _handshake(harness, False)
+    for seq in (ISN_PEER + 1, ISN_PEER + 10**6):
+        got = harness.run("xdp", in_tcp("SF", seq=seq, ack=ISN_ME + 1))
+        assert (got.passed, got.reason) == (False, "conntrack_invalid"), seq
+    assert harness.run("xdp", in_tcp("R", seq=ISN_PEER + 1)).reason == "pass_conntrack"
+    assert _state(harness, False) == "closed"
+    for seq in (ISN_PEER + 1, ISN_PEER + 10**6):
+        got = harness.run("xdp", in_tcp("FPA", seq=seq, ack=ISN_ME + 1, data=b"payload after the reset"))
+        assert (got.passed, got.reason) == (False, "conntrack_invalid"), seq
+
+
+def test_ipv6_jumbo_super_packet_counts_what_it_carries(harness):
+    """IPv6 BIG TCP on TC: payload length 0, the skb (test-run: the frame) holds the segment. Its end is
+    what it carries, not a fixed 64 KiB: the host's RST right after it is exact and closes."""
+    _handshake(harness, True)
+    s = ISN_ME + 1
+    big = raw(E / IPv6(src=ME6, dst=PEER6, plen=0) / TCP(sport=40000, dport=443, flags="PA", seq=s,
+                                                         ack=ISN_PEER + 1) / (b"d" * 64))
+    assert harness.run("tc_egress", big).reason == "pass_conntrack"
+    assert harness.run("tc_egress", out_tcp("R", v6=True, seq=s + 64)).reason == "pass_conntrack"
+    assert _state(harness, True) == "closed"
+
+
+@pytest.mark.parametrize("v6", [False, True], ids=["v4", "v6"])
+def test_retried_syn_with_a_new_isn_is_learnt_afresh(harness, v6):
+    """The host's connect() retried on the same tuple with a new ISN: the refusal acknowledging the new
+    SYN closes, and on another tuple the handshake on the new ISN leaves the host's FIN in window."""
+    harness.install(POLICY % "true")
+    new = ISN_ME + 10**7
+    for sport in (40000, 40001):
+        assert harness.run("tc_egress", out_tcp("S", sport=sport, v6=v6, seq=ISN_ME)).reason == "pass_default"
+        assert harness.run("tc_egress", out_tcp("S", sport=sport, v6=v6, seq=new)).reason == "pass_conntrack"
+    assert harness.run("xdp", in_tcp("RA", dport=40000, v6=v6, ack=new + 1)).reason == "pass_conntrack"
+    assert _state(harness, v6, 40000) == "closed"
+    assert harness.run("xdp", in_tcp("SA", dport=40001, v6=v6, seq=ISN_PEER, ack=new + 1)).reason == "pass_conntrack"
+    assert harness.run("tc_egress", out_tcp("A", sport=40001, v6=v6, seq=new + 1, ack=ISN_PEER + 1)).reason == \
+        "pass_conntrack"
+    assert harness.run("tc_egress", out_tcp("FA", sport=40001, v6=v6, seq=new + 1, ack=ISN_PEER + 1)).reason == \
+        "pass_conntrack"
+    assert _state(harness, v6, 40001) == "fin_wait"
+
+
+def test_out_of_window_first_fragment_on_a_proxied_port_is_no_cookie_ack(harness):
+    """SYN proxy: an out-of-window FIN-ACK first fragment of a tracked connection passes as
+    pass_conntrack_out_of_window (it is not a cookie ACK to check)."""
+    from . import test_syn_proxy as sp
+    sp.install(harness)
+    src = "10.81.0.7"
+    assert sp.send(harness, sp.syn(src, sport=41000, seq=1000)).reason == "pass_rule"   # the port's refresh SYN
+    assert harness.run("tc_egress", raw(E / IP(src=sp.ME, dst=src) / TCP(sport=8080, dport=41000, flags="SA",
+                                                                         seq=9000, ack=1001))).reason == "pass_conntrack"
+    assert sp.send(harness, sp.ack(src, 41000, 1001, 9001)).reason == "pass_conntrack"
+
+    def fin_frag(seq):
+        return raw(E / IP(src=src, dst=sp.ME, flags="MF", frag=0, id=77) /
+                   TCP(sport=41000, dport=8080, flags="FA", seq=seq, ack=9001) / (b"q" * 16))
+    o = sp.send(harness, fin_frag(1001 + 200000))
+    assert (o.passed, o.reason) == (True, "pass_conntrack_out_of_window")
+    o = sp.send(harness, fin_frag(1001))
+    assert (o.passed, o.reason) == (True, "pass_conntrack")
+
+
+def test_migration_leaves_out_a_slot_the_running_datapath_claims(harness, monkeypatch):
+    """copy_tables while the old datapath runs: a slot listed LIVE that the datapath claims (BUSY) before
+    its row is read is not copied (a BUSY copy would never be released: a dead slot)."""
+    from hostwall.enforcer.datapath import Datapath
+    _handshake(harness, False)
+    _handshake(harness, False, sport=40001, install=False)
+    real = conntrack.CtTable.live
+
+    def racing(self):
+        idx = real(self)
+        if self.family == 4 and len(idx) == 2 and self.slots.dtype == conntrack.SLOT_DT[4]:
+            self.slots["e"]["slot_state"][idx[0]] = L.C["HW_SLOT_BUSY"]    # claimed meanwhile
+        return idx
+    new = Datapath.load()
+    try:
+        monkeypatch.setattr(conntrack.CtTable, "live", racing)
+        assert conntrack.copy_tables(harness.dp.map_fds, new.map_fds) == 1
+        monkeypatch.undo()
+        with conntrack.CtTable(new.map_fds["hw_ct4"], 4) as t:
+            states = t.slots["e"]["slot_state"]
+            assert (np.count_nonzero(states == L.C["HW_SLOT_LIVE"]), np.count_nonzero(states == L.C["HW_SLOT_BUSY"])) \
+                == (1, 0)
+    finally:
+        new.close()

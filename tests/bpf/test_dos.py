@@ -289,8 +289,10 @@ def udp(src: str, dst: str, sport: int, dport: int) -> bytes:
     return raw(E / _ip(src, dst) / UDP(sport=sport, dport=dport))
 
 
-def tcp(src: str, dst: str, sport: int, dport: int, flags: str) -> bytes:
-    return raw(E / _ip(src, dst) / TCP(sport=sport, dport=dport, flags=flags))
+def tcp(src: str, dst: str, sport: int, dport: int, flags: str, seq: int = 0, ack: int | None = None) -> bytes:
+    """A segment; with ACK set it acknowledges, by default, the other side's SYN at seq 0 (ack 1)."""
+    ack = (1 if "A" in flags else 0) if ack is None else ack
+    return raw(E / _ip(src, dst) / TCP(sport=sport, dport=dport, flags=flags, seq=seq, ack=ack))
 
 
 def at(harness, hook: str, frame_: bytes, now: int):
@@ -346,7 +348,12 @@ def test_banned_peer_keeps_the_tcp_connections_the_host_opened(harness, v6):
     assert (got.passed, got.reason) == (True, SPARED)
     assert at(harness, "xdp", tcp(peer, me, 50000, 22, "PA"), now).reason == "banned"      # inbound: not spared
     assert at(harness, "xdp", tcp(peer, me, 50001, 22, "S"), now).reason == "banned"       # a new connection
-    at(harness, "tc_egress", tcp(me, peer, 40000, 443, "R"), now)                           # the host resets one
+    # outside the connection's sequence window a RST or FIN is not its packet: not spared (dos.h)
+    for flags, seq in (("R", 12345), ("RA", 12345), ("FA", 1 + 10**6)):
+        got = at(harness, "xdp", tcp(peer, me, 443, 40000, flags, seq=seq), now)
+        assert (got.passed, got.reason) == (False, "banned"), flags
+    assert at(harness, "xdp", tcp(peer, me, 443, 40000, "PA", seq=1), now).reason == SPARED   # still open
+    at(harness, "tc_egress", tcp(me, peer, 40000, 443, "R", seq=1), now)                    # the host resets one
     assert at(harness, "xdp", tcp(peer, me, 443, 40000, "A"), now).reason == "banned"       # not a continuation
     assert at(harness, "xdp", tcp(peer, me, 443, 40000, "R"), now).reason == "banned"       # closed: not spared
 
@@ -358,7 +365,7 @@ def test_a_source_cannot_make_its_own_tuple_spared(harness):
     install(harness, "per_source: {pps: 5, burst: 5}\nban: {after: 1s, duration: 60s}", stateful=True)
     now = T0
     assert at(harness, "xdp", tcp(RESOLVER, ME, 50000, 22, "S"), now).reason == "pass_default"
-    assert at(harness, "xdp", tcp(RESOLVER, ME, 50000, 22, "R"), now).reason == "pass_conntrack"
+    assert at(harness, "xdp", tcp(RESOLVER, ME, 50000, 22, "R", seq=1), now).reason == "pass_conntrack"  # after its SYN
     assert at(harness, "xdp", tcp(RESOLVER, ME, 50002, 22, "S"), now).reason == "pass_default"
     assert at(harness, "xdp", tcp(RESOLVER, ME, 50002, 22, "F"), now).reason == "pass_conntrack"
     ping = raw(E / IP(src=ME, dst=RESOLVER) / ICMP(type=8, id=77, seq=1))
@@ -452,7 +459,7 @@ def test_path_mtu_errors_about_host_opened_connections_pass_a_banned_router(harn
     at(harness, "tc_egress", tcp(me, peer, 40000, 443, "S"), now)                 # the host opens one
     assert at(harness, "xdp", tcp(peer, me, 443, 40000, "SA"), now).reason == "pass_conntrack"
     at(harness, "tc_egress", tcp(me, peer, 40001, 443, "S"), now)                 # and one it resets
-    at(harness, "tc_egress", tcp(me, peer, 40001, 443, "R"), now)
+    at(harness, "tc_egress", tcp(me, peer, 40001, 443, "R", seq=1), now)        # at its next number
     assert at(harness, "xdp", tcp(peer, me, 50000, 22, "S"), now).reason == "pass_default"     # the peer opens one
     at(harness, "tc_egress", tcp(me, peer, 22, 50000, "SA"), now)
     ping = raw(E / _ip(me, router) / (ICMPv6EchoRequest(id=77) if v6 else ICMP(type=8, id=77)))

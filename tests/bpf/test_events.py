@@ -26,11 +26,15 @@ rules:
 
 
 def syn(src="10.0.0.9", sport=40000, dport=80, flags="S"):
-    return raw(E / IP(src=src, dst="10.0.0.1") / TCP(sport=sport, dport=dport, flags=flags))
+    """The peer's segment (seq 0); with ACK it acknowledges the host's SYN-ACK (seq 0)."""
+    ack = 1 if "A" in flags else 0
+    return raw(E / IP(src=src, dst="10.0.0.1") / TCP(sport=sport, dport=dport, flags=flags, ack=ack))
 
 
 def reply(flags, src="10.0.0.9", sport=40000):
-    return raw(E / IP(src="10.0.0.1", dst=src) / TCP(sport=80, dport=sport, flags=flags))
+    """The host's segment: a SYN-ACK (seq 0) acknowledges the SYN, a RST follows the SYN-ACK (seq 1)."""
+    seq, ack = (1 if "R" in flags else 0), (1 if "A" in flags else 0)
+    return raw(E / IP(src="10.0.0.1", dst=src) / TCP(sport=80, dport=sport, flags=flags, seq=seq, ack=ack))
 
 
 def set_collect(dp, **kw):

@@ -31,11 +31,15 @@ defaults: {ingress: allow, egress: allow, stateful: true}
 
 
 def tcp_in(src="10.9.0.1", sport=40000, flags="S", dport=80):
-    return raw(E / IP(src=src, dst="10.0.0.1") / TCP(sport=sport, dport=dport, flags=flags))
+    seq = 1 if "R" in flags else 0      # a RST after the initiator's SYN (seq 0) is at its next sequence number
+    ack = 1 if "A" in flags else 0      # an ACK acknowledges the SYN-ACK (seq 0): docs/datapath.md "Sequence checks"
+    return raw(E / IP(src=src, dst="10.0.0.1") / TCP(sport=sport, dport=dport, flags=flags, seq=seq, ack=ack))
 
 
 def tcp_out(flags, src="10.9.0.1", sport=40000):
-    return raw(E / IP(src="10.0.0.1", dst=src) / TCP(sport=80, dport=sport, flags=flags))
+    """The host's segment: its SYN-ACK (seq 0) acknowledges the SYN (seq 0), its RST follows the SYN-ACK."""
+    seq, ack = (1 if "R" in flags else 0), (1 if "A" in flags else 0)
+    return raw(E / IP(src="10.0.0.1", dst=src) / TCP(sport=80, dport=sport, flags=flags, seq=seq, ack=ack))
 
 
 def outcomes(dp, etype: str) -> dict[str, int]:

@@ -6,6 +6,7 @@ by `icmp_types`, essential ICMP with its hop limits, embedded packets and link-l
 expectation fails the CLI naming the case."""
 from __future__ import annotations
 
+import itertools
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -252,3 +253,30 @@ def test_a_snapshot_too_big_for_the_kernel_leaves_a_shared_instance_clean(datapa
         assert fm.set_entries() == [] and fm.learnt() == [] and fm.names() == {}
     finally:
         fm.close()
+
+
+@pytest.mark.parametrize("ingress", ["deny", "allow"])
+def test_every_tcp_flag_set_after_its_opener_agrees_with_the_conntrack_model(datapath, ingress):
+    """Every combination of FIN/SYN/RST/PSH/ACK on a connection its SYN opened, from either side, both
+    directions and families: the datapath's sequence checks (docs/datapath.md "Sequence checks") and
+    the conntrack model (analysis/ctmodel.py) give the same outcome — in window, out of window, invalid."""
+    policy = parse_policy(f"version: 1\nname: t\ndefaults: {{ingress: {ingress}, egress: allow, stateful: true}}\n"
+                          "rules: []\n")
+    pkts = []
+    for n in range(32):
+        flags = "".join(c for i, c in enumerate("FSRPA") if n >> i & 1)
+        for d, state, (peer, me) in itertools.product(("ingress", "egress"), ("established", "reply"),
+                                                      (("198.51.100.7", "192.0.2.1"), ("2001:db8:9::7", "2001:db8::1"))):
+            src, dst, sport, dport = (peer, me, 443, 40000) if d == "ingress" else (me, peer, 40000, 443)
+            pkts.append(CasePacket(d, 6, src, dst, sport, dport, flags=flags, state=state))
+    tr = TestRun(policy, dp=datapath)
+    try:
+        got = tr.judge(pkts)
+    finally:
+        tr.close()
+    reasons = set()
+    for p, g, w in zip(pkts, got, reference_outcomes(policy, pkts)):
+        reasons.add(w.reason)
+        for hook, o in g.items():
+            assert o == w, f"{hook} `{p.text()}`: datapath {o.text()}, model {w.text()}"
+    assert {"pass_conntrack", "pass_conntrack_out_of_window"} <= reasons

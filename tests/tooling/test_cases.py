@@ -165,7 +165,7 @@ def test_frames_are_what_scapy_builds(text):
     p = parse_packet(text)
     got = Ether(frame(p))
     ip = IP(src=p.src, dst=p.dst, id=1, flags=0) if p.family == 4 else IPv6(src=p.src, dst=p.dst)
-    l4 = {6: lambda: TCP(sport=p.sport, dport=p.dport, flags=p.flags, seq=1000, ack=1 if "A" in p.flags else 0,
+    l4 = {6: lambda: TCP(sport=p.sport, dport=p.dport, flags=p.flags, seq=1000, ack=1017 if "A" in p.flags else 0,
                          window=65535),
           17: lambda: UDP(sport=p.sport, dport=p.dport),
           1: lambda: ICMP(type=8, id=p.icmp_id, seq=1),
