@@ -118,8 +118,10 @@ class Instance:
         return np.frombuffer(raw, dtype=L.DTYPES["hw_config"])[0].copy()
 
     def set_config(self, **fields) -> None:
-        """Write the enforcer's knobs (hw_config: gen, ncpus, test_now_ns). The enforcer is this map's
-        only writer, so read-modify-write is safe. `gen` is changed only by install()."""
+        """Write the enforcer's knobs (hw_config: gen, ncpus, test_now_ns, detached_ns). A read-modify-write
+        of the whole struct: the enforcer is this map's only writer, and its writers across processes (an
+        apply's gen flip, a ban's count, the detach note) hold state.policy_writer. `gen` is changed only by
+        install()."""
         cfg = np.zeros(1, dtype=L.DTYPES["hw_config"])
         cfg[0] = self.config()
         cfg["ncpus"] = self.ncpus

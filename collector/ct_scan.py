@@ -23,6 +23,7 @@ REP_EVENTS = L.C["HW_REP_EVENTS"]             # hw_ct_entry.report: reported by 
 CT_CLOSING = L.C["HW_CT_CLOSING"]
 
 _S = 1_000_000_000
+COARSE_TICK_NS = 10_000_000     # hw_config.tick_ns 0 (the coarse clock helper): a jiffy at HZ=100, the coarsest
 
 
 @dataclass
@@ -75,7 +76,8 @@ class CtScan:
     raced: int            # expired candidates a packet touched between read and claim (kept)
     ended: int            # expired entries whose end was reported already (datapath flow_end, durable close): freed
     reclaimed: int = 0    # claims of an earlier collector (idle ends, closes) not journaled, reported again
-    detached_ns: int = 0  # hw_config.detached_ns: the datapath detached then (0: attached)
+    detached_ns: int = 0  # hw_config.detached_ns: the datapath detached then (0: attached, or a stale note)
+    stale_detach: int = 0  # 1: a detach note was ignored, a tracked packet came after it (ConntrackScans.detach_note)
 
     @property
     def detached(self) -> int:
@@ -111,6 +113,24 @@ class ConntrackScans:
         an instance that is replaced instead). One map lookup."""
         return int(self._read1("hw_config", CFG_DT)["detached_ns"])
 
+    def detach_note(self) -> tuple[int, bool]:
+        """(detached_ns to act on, stale). A note is stale when a tracked connection saw a packet after it
+        (later than detached_ns plus one tick of the datapath's clock): the datapath still runs (a note an
+        adopting `run` inherited, one written while a program stayed attached), so ending its connections
+        would end live ones (docs/collector.md "Detach"); it is then (0, True). Cost: one map lookup; with
+        a note, one vectorised pass over the live slots' last_ns of both tables."""
+        cfg = self._read1("hw_config", CFG_DT)
+        det = int(cfg["detached_ns"])
+        if not det:
+            return 0, False
+        after = det + (int(cfg["tick_ns"]) or COARSE_TICK_NS)
+        for fam in (4, 6):
+            table = self._table(fam)
+            idx = table.live()
+            if len(idx) and int(table.slots["e"]["last_ns"][idx].max()) > after:
+                return 0, True
+        return det, False
+
     def scan_conntrack(self, now_ns: int, active_timeout_ns: int, close_grace_ns: int = 2 * _S) -> CtScan:
         """Claim entries idle past their timeout (returned; free them with free_claims() once their end
         records are durable), find long-lived ones due for an active-timeout update, and claim
@@ -143,16 +163,17 @@ class ConntrackScans:
         detach, every FIN close is quiet, and every other connection still tracked and not reported is
         claimed and returned in CtFamilyScan.detached_* (or agg_* when reported in aggregate): the
         scan that first sees the detach reports every connection's end, the later ones find nothing.
-        No updates then (the end carries the totals)."""
+        No updates then (the end carries the totals). A stale note (detach_note) is ignored: the scan
+        runs as if attached and says so in CtScan.stale_detach."""
         fams, scanned, raced, ended, again = [], 0, 0, 0, 0
         unc_ns = self.unconfirmed_ns()
-        det_ns = self.detached_ns()
+        det_ns, stale = self.detach_note()
         for fam in (4, 6):
             f, n, r, e, a = self._scan_family(fam, now_ns, active_timeout_ns, close_grace_ns, unc_ns, det_ns)
             fams.append(f)
             scanned, raced, ended, again = scanned + n, raced + r, ended + e, again + a
         self._last_scan_ns = now_ns
-        return CtScan(fams, scanned, raced, ended, again, det_ns)
+        return CtScan(fams, scanned, raced, ended, again, det_ns, int(stale))
 
     def free_claims(self, scan: CtFamilyScan) -> int:
         """Release what `scan` claimed, once its records are durable: free the idle-expired slots, and mark

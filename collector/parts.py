@@ -66,6 +66,8 @@ class KernelSource(Protocol):
 
     def free_claims(self, scan: Any) -> int: ...          # release a CtFamilyScan's claims once durable
 
+    def detached_ns(self) -> int: ...                     # hw_config.detached_ns (docs/collector.md "Detach")
+
     def adopt_claims(self, scan: Any) -> None: ...        # claims of a journaled batch (collector/ct_journal.py)
 
     def set_last_scan(self, now_ns: int | None) -> None: ...

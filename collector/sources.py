@@ -243,6 +243,12 @@ class Sources:
         window = (self._last_scan_wall or t1, t1)
         self._last_scan_wall = t1
         recs, journaled = self._build_ct(s.families, window)
+        if s.stale_detach:
+            self.counters["ct_detach_stale"] += 1
+            if self.counters["ct_detach_stale"] == 1:
+                log.warning("hw_config.detached_ns is set but the datapath still tracks packets after it: the "
+                            "detach note is stale and ignored, no connection is ended for it (docs/collector.md "
+                            "\"Detach\"; counted in ct_detach_stale)")
         if s.detached_ns and not self._detach_seen:
             self._detach_seen = True
             self.counters["ct_detached"] += s.detached

@@ -64,7 +64,8 @@ def build_status(p: Any, *, final: bool = False) -> dict:
                       "updates": p.counters["ct_updates"], "closed": p.counters["ct_closed"],
                       "raced": p.counters["ct_raced"],
                       "released": p.counters["ct_released"], "reclaimed": p.counters["ct_reclaimed"],
-                      "detached": p.counters["ct_detached"], "last": p.last_scan},
+                      "detached": p.counters["ct_detached"], "detach_stale": p.counters["ct_detach_stale"],
+                      "last": p.last_scan},
         "pipeline": {k: v for k, v in sorted(p.counters.items())},
         "config": describe(p.cfg),
     }

@@ -167,21 +167,23 @@ def _duration(text: str) -> float:
 
 
 def cmd_ban(a) -> int:
-    from hostwall.bpf.state import InstanceState
+    from hostwall.bpf.state import InstanceState, policy_writer
 
     from . import bans
     dp = _open(a.pin_dir)
     try:
         if a.ban_cmd == "add":
             try:
-                net = bans.add(dp, a.prefix, _duration(a.duration) if a.duration else None)
+                with policy_writer(a.pin_dir):      # hw_config's read-modify-write: one writer (control.detach)
+                    net = bans.add(dp, a.prefix, _duration(a.duration) if a.duration else None)
             except ValueError as e:
                 _err(str(e))
                 return EXIT_INPUT
             print(f"banned {net}" + (f" for {a.duration}" if a.duration else " until removed"))
         elif a.ban_cmd == "del":
             try:
-                found = bans.delete(dp, a.prefix)
+                with policy_writer(a.pin_dir):
+                    found = bans.delete(dp, a.prefix)
             except ValueError as e:
                 _err(str(e))
                 return EXIT_INPUT

@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+from pyroute2.netlink.exceptions import NetlinkError
 
 from hostwall.bpf import bpfsys, conntrack
 from hostwall.bpf import fqdn as fq
@@ -215,6 +216,7 @@ def _start(policy: Policy, pin_dir: str, interfaces: list[InterfaceConf], netns:
     adopted, migrated = False, 0
     if Datapath.is_pinned(pin_dir) and st is not None and st.build == build:
         dp = Datapath.open(pin_dir)
+        dp.set_config(detached_ns=0)    # a note left by a kill before the unpin: attached again (docs/collector.md "Detach")
         adopted = True
     else:
         dp = Datapath.load()
@@ -281,20 +283,36 @@ def detach(pin_dir: str) -> list[str]:
     Returns what was detached. The note (detached_ns, after the last interface: no packet reaches the
     tables after it) tells a collector still holding the maps to report the connections left in conntrack
     as ended (docs/collector.md "Detach"); an instance that is replaced instead (a crash, --keep-attached,
-    a new build migrating the tables) never gets one."""
-    st = InstanceState.load(pin_dir)
-    done = []
-    for i in (st.interfaces if st else []):
-        try:
-            Datapath.detach(i.name, i.netns)
-            done.append(i.name + (f"@{i.netns}" if i.netns else ""))
-        except Exception:  # noqa: BLE001 — interface or netns gone: nothing left to detach there
-            pass
-    _note_detach(pin_dir)
-    Datapath.unpin(pin_dir)
-    if st:
-        st.remove()
-    return done
+    a new build migrating the tables) never gets one. Nor does one whose state is missing or where an
+    interface still carries a program after its detach: the programs may still run on these maps, and a
+    false note would end live connections. One policy writer at a time (state.policy_writer): set_config
+    is a read-modify-write of hw_config that an apply's gen flip or a ban must not interleave with."""
+    with policy_writer(pin_dir):
+        st = InstanceState.load(pin_dir)
+        done, left = [], []
+        for i in (st.interfaces if st else []):
+            where = i.name + (f"@{i.netns}" if i.netns else "")
+            (done if _detach_one(i) else left).append(where)
+        if st is not None and not left:
+            _note_detach(pin_dir)
+        Datapath.unpin(pin_dir)
+        if st:
+            st.remove()
+        return done
+
+
+def _detach_one(i: AttachedInterface) -> bool:
+    """Detach our programs from one interface; True if none of them is left there (or the interface or its
+    netns is gone). Checked on the link after the detach: the detach itself ignores some netlink errors."""
+    try:
+        Datapath.detach(i.name, i.netns)
+    except (attach.AttachError, LinkError, NetlinkError, OSError):
+        pass                                # judged below, by what the link still carries
+    try:
+        ls = attach.link_state(i.name, i.netns)
+    except (LinkError, OSError):
+        return True                         # interface or netns gone: nothing runs there
+    return ls.xdp_prog_id == 0 and not ls.tc_ingress and not ls.tc_egress
 
 
 def _note_detach(pin_dir: str) -> None:

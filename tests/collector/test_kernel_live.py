@@ -279,13 +279,14 @@ def test_conntrack_scan_expires_idle_entries_and_reports_long_lived_ones(kernel)
     assert ks.scan_conntrack(t0 + 34 * 10**9, at).expired == 0
 
 
-def test_a_detach_ends_every_connection_still_tracked_once_through_the_claims(kernel):
+def test_a_detach_ends_every_connection_still_tracked_once_through_the_claims(kernel, tmp_path, monkeypatch):
     """The enforcer's clean stop (control.detach) notes the detach time in hw_config before it unpins; a
     collector still holding the maps then claims every connection the datapath still tracked and had not
     reported: an established TCP one and an answered UDP flow end "detach", at the detach time; a UDP flow
     already idle past its timeout at the detach ends "idle_timeout" as always; a FIN close not yet quiet
     for its grace period is a close now (no packet can follow). Reported once; no updates."""
     from hostwall.bpf.clock import Clock
+    from hostwall.bpf.state import InstanceState
     from hostwall.collector.enrich.host import HostInfo
     from hostwall.collector.records import RecordBuilder
     from hostwall.enforcer import control
@@ -310,6 +311,8 @@ def test_a_detach_ends_every_connection_still_tracked_once_through_the_claims(ke
     dp.set_config(test_now_ns=det)
     other = f"{ks.pin_dir}-stop"                       # the same maps pinned twice: detach one pin
     dp.pin(other)
+    monkeypatch.setenv("HOSTWALL_STATE_DIR", str(tmp_path))
+    InstanceState(pin_dir=other, build="live").save()   # an instance of no interface: all of them detached
     assert control.detach(other) == [] and not os.path.exists(other)
     assert ks.detached_ns() == det
     s = ks.scan_conntrack(det + 10**9, at)             # 1 s after the detach: no grace period wait
@@ -330,6 +333,48 @@ def test_a_detach_ends_every_connection_still_tracked_once_through_the_claims(ke
     assert ks.free_claims(f) == 4                       # durable: idle and detach slots freed, the close marked
     later = ks.scan_conntrack(det + 3 * 10**9, at)
     assert (later.detached, later.expired, later.closed) == (0, 0, 0)
+
+
+def test_a_detach_of_an_instance_without_state_notes_nothing(kernel, tmp_path, monkeypatch):
+    """control.detach with no state file (another HOSTWALL_STATE_DIR, state lost) detached no interface:
+    the programs may still run on these maps, so no detach is noted and no live connection is ended."""
+    from hostwall.enforcer import control
+    ks, dp, _ = kernel
+    t0 = future_test_clock(20_000)
+    dp.set_config(test_now_ns=t0)
+    xdp(dp, tcp_in(src="10.0.0.8"))
+    egress(dp, tcp_out("SA", dst="10.0.0.8"))
+    other = f"{ks.pin_dir}-nostate"
+    dp.pin(other)
+    monkeypatch.setenv("HOSTWALL_STATE_DIR", str(tmp_path))
+    assert control.detach(other) == [] and not os.path.exists(other)
+    assert ks.detached_ns() == 0
+    s = ks.scan_conntrack(t0 + 10**9, 10 * 10**9)
+    assert (s.detached_ns, s.detached, s.expired) == (0, 0, 0)
+
+
+def test_a_stale_detach_note_on_a_datapath_that_still_sees_packets_is_ignored_and_counted(kernel):
+    """A detach note with a tracked connection's packet after it (a note left by a kill between the note
+    and the unpin, then adopted; a note on a datapath still attached elsewhere) is stale: the scan ends
+    no live connection, counts the stale note, and the connection keeps passing (its slot not freed)."""
+    ks, dp, _ = kernel
+    t0 = future_test_clock(20_000)
+    dp.set_config(test_now_ns=t0)
+    peer = "10.0.0.20"
+    out = lambda fl: raw(E / IP(src=ME, dst=peer) / TCP(sport=40123, dport=443, flags=fl))   # noqa: E731
+    inn = lambda fl: raw(E / IP(src=peer, dst=ME) / TCP(sport=443, dport=40123, flags=fl))   # noqa: E731
+    egress(dp, out("S"))
+    xdp(dp, inn("SA"))
+    egress(dp, out("A"))
+    dp.set_config(test_now_ns=t0 + 2 * 10**9, detached_ns=t0 + 10**9)      # the note, then a packet
+    assert xdp(dp, inn("A")) == 2                                         # XDP_PASS: tracked
+    s = ks.scan_conntrack(t0 + 3 * 10**9, 10 * 10**9)
+    assert (s.detached_ns, s.detached, s.expired, s.closed, s.stale_detach) == (0, 0, 0, 0, 1)
+    assert ks.free_claims(s.families[0]) == 0
+    dp.set_config(test_now_ns=t0 + 4 * 10**9)
+    assert xdp(dp, inn("A")) == 2                                         # still tracked, not dropped
+    again = ks.scan_conntrack(t0 + 5 * 10**9, 10 * 10**9)
+    assert (again.detached, again.stale_detach) == (0, 1)
 
 
 def test_conntrack_scan_aggregates_connections_that_ended_unconfirmed(kernel):

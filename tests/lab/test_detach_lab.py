@@ -82,3 +82,66 @@ def test_an_enforcer_stop_ends_the_open_tcp_connection_and_the_udp_flow_once(lab
     led = col.final_status["ledger"]
     assert led["ok"] and not led["violations"], led
     assert col.final_status["conntrack"]["detached"] >= 2
+
+
+NOTE_POLICY = """
+version: 1
+name: detach-note
+defaults: {ingress: deny, egress: allow, stateful: true}
+rules:
+  - {name: web, priority: 100, direction: ingress, action: allow, protocol: tcp, ports: [80]}
+interfaces:
+  - {name: eth0}
+"""
+
+
+def _config(pin: str):
+    from hostwall.bpf.instance import Instance
+    inst = Instance.open_maps(pin, ("hw_config",))
+    assert inst is not None
+    return inst
+
+
+def test_a_detach_that_leaves_a_program_attached_notes_nothing(monkeypatch):
+    """An interface whose detach failed keeps running the programs on these maps: control.detach must not
+    note a detach (docs/collector.md "Detach"), or the collector would end live connections."""
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    from hostwall.bpf.links import link_state
+    from hostwall.enforcer import control
+    from hostwall.enforcer.datapath import Datapath
+    from tests.enforcer_instance import started_instance
+    with started_instance(NOTE_POLICY, "detnote") as (lab, dp, pin, _):
+        cfg = _config(pin)                              # holds the maps past the unpin, as a collector does
+        try:
+            def failing(ifname, netns=None):
+                raise NetlinkError(16, "Device or resource busy")
+            monkeypatch.setattr(Datapath, "detach", staticmethod(failing))
+            assert control.detach(pin) == []
+            assert link_state("eth0", lab.ns("prot")).xdp_prog_id != 0       # still attached
+            assert int(cfg.config()["detached_ns"]) == 0
+            monkeypatch.undo()
+            Datapath.detach("eth0", lab.ns("prot"))
+        finally:
+            cfg.close()
+            dp.close()
+
+
+def test_an_adopted_instance_starts_without_a_detach_note():
+    """A kill between the note and the unpin leaves pins and the note; the `run` that adopts them must
+    clear it, or its collector would end every live connection (docs/collector.md "Detach")."""
+    from hostwall.enforcer import control
+    from hostwall.enforcer.policy import parse_policy
+    from tests.enforcer_instance import started_instance
+    with started_instance(NOTE_POLICY, "detadopt") as (lab, dp, pin, _):
+        try:
+            dp.set_config(detached_ns=12345)
+            pol = parse_policy(NOTE_POLICY)
+            dp2, _, res = control.start(pol, pin, list(pol.interfaces), netns=lab.ns("prot"))
+            try:
+                assert res.adopted
+                assert int(dp2.config()["detached_ns"]) == 0
+            finally:
+                dp2.close()
+        finally:
+            dp.close()
