@@ -18,8 +18,14 @@ from hostwall.bpf import fqdn as fq
 from hostwall.bpf import layout as L
 from hostwall.bpf.instance import Instance, policy_pressure
 from hostwall.bpf.links import LinkError
-from hostwall.bpf.state import (REVISIONS_KEEP, AttachedInterface, InstanceState, allocate_slots, new_instance_id,
-                                policy_writer)
+from hostwall.bpf.state import (
+    REVISIONS_KEEP,
+    AttachedInterface,
+    InstanceState,
+    allocate_slots,
+    new_instance_id,
+    policy_writer,
+)
 
 from . import attach, fqdnsets
 from .compiler import compile_policy, fqdn_lists
