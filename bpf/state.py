@@ -11,6 +11,7 @@ import fcntl
 import getpass
 import json
 import os
+import secrets
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -101,6 +102,10 @@ class InstanceState:
     history: list[dict] = field(default_factory=list)
     pid: int | None = None                                      # the `run` process, if any
     fqdn_sets: dict[str, int] = field(default_factory=dict)    # fqdns list ("\n"-joined) -> dynamic set id
+    # random, made when an instance starts without a state (revision ids begin at 1 again), kept across
+    # adoption and build upgrades: the collector never resolves one instance's revision ids through
+    # another's revision_info (docs/records.md "Rule fields"); "" in states written before it existed
+    instance_id: str = ""
 
     @classmethod
     def load(cls, pin_dir: str) -> InstanceState | None:
@@ -132,6 +137,10 @@ class InstanceState:
         self.history = (self.history + [rec])[-HISTORY_KEEP:]
         append_audit(self.pin_dir, rec)
         return rec
+
+
+def new_instance_id() -> str:
+    return secrets.token_hex(8)
 
 
 def audit_record(action: str, hostwall: dict, user: str | None = None, when: float | None = None) -> dict:

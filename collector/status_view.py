@@ -84,7 +84,7 @@ def render_status(st: dict) -> str:
     unresolved = (st.get("builder") or {}).get("rule_unresolved", 0)
     if unresolved:                  # docs/records.md "Rule fields"
         out.append(f"rules      {unresolved} records without their rule's name: stamped by a policy revision "
-                   "the enforcer's state no longer keeps")
+                   "the enforcer's state no longer keeps, or by another enforcer instance")
     en = st.get("enricher")
     if isinstance(en, dict):
         flat = ", ".join(f"{k} {v}" for k, v in en.items() if not isinstance(v, dict))

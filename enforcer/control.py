@@ -19,7 +19,14 @@ from hostwall.bpf import fqdn as fq
 from hostwall.bpf import layout as L
 from hostwall.bpf.instance import Instance, policy_pressure
 from hostwall.bpf.links import LinkError
-from hostwall.bpf.state import REVISIONS_KEEP, AttachedInterface, InstanceState, allocate_slots, policy_writer
+from hostwall.bpf.state import (
+    REVISIONS_KEEP,
+    AttachedInterface,
+    InstanceState,
+    allocate_slots,
+    new_instance_id,
+    policy_writer,
+)
 
 from . import attach, fqdnsets
 from .compiler import compile_policy, fqdn_lists
@@ -80,6 +87,14 @@ def dos_interfaces(policy: Policy, attached: list[tuple[str, str | None]]) -> di
     return out
 
 
+def next_revision_id(dp: Datapath, st: InstanceState) -> int:
+    """One above every id this instance handed out: the state's and both policy headers' in the kernel.
+    The state alone is not enough: a swap whose state save failed (disk full, killed between the flip and
+    the save) left its id live in the kernel, stamping connections, and handing it out again would name
+    their rule after another policy's slot table (docs/records.md "Rule fields")."""
+    return max([st.revision_id, *(int(h["revision_id"]) for h in dp.view("hw_policy"))]) + 1
+
+
 def apply_policy(dp: Datapath, st: InstanceState, policy: Policy,
                  attached: list[tuple[str, str | None]] | None = None) -> ApplyResult:
     """Compile, install atomically, record. The caller saves the state. `attached`: interfaces the
@@ -87,7 +102,7 @@ def apply_policy(dp: Datapath, st: InstanceState, policy: Policy,
     t0 = time.perf_counter()
     names = policy.counter_names()              # the rules, then pseudo-rules such as essential_icmp
     slots, fresh = allocate_slots(st.slots, names, L.MAX_RULE_SLOTS)
-    rev_id = st.revision_id + 1
+    rev_id = next_revision_id(dp, st)
     if attached is None:
         attached = [(i.name, i.netns) for i in st.interfaces]
     sets, fresh_sets = fqdnsets.allocate_sets(st.fqdn_sets, fqdn_lists(policy))
@@ -202,6 +217,18 @@ def _check_interfaces(ifaces: list[InterfaceConf], netns: str | None) -> None:
         raise ControlError(f"interface(s) not found{where}: {', '.join(missing)}; check `ip link`")
 
 
+def carried_state(old: InstanceState | None, pin_dir: str, build: str) -> InstanceState:
+    """The state of a freshly loaded datapath: what survives a build upgrade (the counter slots, the
+    revision numbering and each kept revision's slot table, which the migrated connections are stamped
+    with; the instance id, since the collector resolves records only within one instance, docs/records.md
+    "Rule fields"). Without an old state: a new instance id, revisions from 1 (but see next_revision_id)."""
+    if old is None:
+        return InstanceState(pin_dir=pin_dir, build=build)
+    return InstanceState(pin_dir=pin_dir, build=build, slots=old.slots, revision=old.revision,
+                         revision_id=old.revision_id, revisions=old.revisions, revision_info=old.revision_info,
+                         history=old.history, fqdn_sets=old.fqdn_sets, instance_id=old.instance_id)
+
+
 def start(policy: Policy, pin_dir: str, interfaces: list[InterfaceConf], netns: str | None = None) -> tuple[Datapath, InstanceState, StartResult]:
     """Bring an instance up (or take it over) with `policy` on `interfaces`; one policy writer at a
     time (state.policy_writer), like `apply`."""
@@ -228,10 +255,9 @@ def _start(policy: Policy, pin_dir: str, interfaces: list[InterfaceConf], netns:
                 old.close()
         _migrate_fqdn(pin_dir, dp)
         Datapath.unpin(pin_dir)     # also what an incomplete or older build left: it would shadow our pins
-        st = InstanceState(pin_dir=pin_dir, build=build, slots=st.slots if st else {},
-                           revision=st.revision if st else "", revision_id=st.revision_id if st else 0,
-                           history=st.history if st else [], fqdn_sets=st.fqdn_sets if st else {})
+        st = carried_state(st, pin_dir, build)
     st.build = build
+    st.instance_id = st.instance_id or new_instance_id()      # new, or a state from before instance ids
     res = apply_policy(dp, st, policy, [(i.name, netns) for i in interfaces])
     dp.pin(pin_dir)
     attached = []

@@ -6,7 +6,8 @@ InstanceStateView: the enforcer's instance state (enforcer/state.py), re-read wh
   are reused across policy swaps, so a slot is resolved only through a snapshot of the revision that
   stamped it: the state's revision_info (the current and REVISIONS_KEEP older revisions, whether or not
   the collector saw them live) plus the snapshots taken live. Unknown stays "" — never guessed (the
-  record builder counts such records, docs/records.md "Rule fields").
+  record builder counts such records, docs/records.md "Rule fields"). Revision ids are per enforcer
+  instance: the view resolves only the instance it first saw (the one whose maps the collector reads).
 InterfaceTable: ifindex → (interface name, network namespace) for the attached interfaces. An ifindex is
   unique only inside its namespace: when two attached interfaces in different namespaces share one,
   the lookup answers None (counted as ambiguous) rather than pick one.
@@ -28,6 +29,7 @@ __all__ = ["HostInfo", "InstanceStateView", "InterfaceTable", "Iface", "NO_RULE_
 
 NO_RULE_SLOT = 0xFFFFFFFF
 REVISIONS_KEPT = 64
+RELOAD_ON_MISS_S = 0.1       # at most one state re-read per this interval for a revision newer than known
 
 
 def collector_version() -> str:
@@ -70,7 +72,13 @@ class InstanceStateView:
     """Read-only, reload-on-change view of an enforcer instance's state file.
 
     refresh() costs one stat() when nothing changed. Snapshots of up to REVISIONS_KEPT revisions are
-    kept so records stamped by an older policy still resolve while they drain."""
+    kept so records stamped by an older policy still resolve while they drain.
+
+    Invariant: a revision id resolves only through the table of the instance the view first saw. A
+    state of another instance (another instance_id, or revision ids that went down: a detached enforcer
+    started anew numbers from 1 again) empties the table for good (`foreign`): the collector still reads
+    the first instance's maps, whose records then stay unnamed (counted), never named after the new
+    instance's rules."""
 
     def __init__(self, pin_dir: str, state: InstanceState | None = None):
         self.pin_dir = pin_dir
@@ -78,6 +86,11 @@ class InstanceStateView:
         self.generation = 0                   # bumps on every (re)load; caches keyed on it
         self._revs: dict[int, _Revision] = {}
         self._sig: tuple | None = None
+        self.instance_id = ""                 # the instance resolved (the first non-empty id seen)
+        self.foreign = False                  # the state file now describes another instance
+        self.newest = 0                       # highest revision id known
+        self.reload_interval_s = RELOAD_ON_MISS_S
+        self._miss_reload_at = float("-inf")
         if state is not None:
             self._adopt(state)
         else:
@@ -118,9 +131,31 @@ class InstanceStateView:
             self._adopt(state)
         return True
 
+    def reload_for(self, revision_id: int) -> bool:
+        """A record names a revision newer than any known: the enforcer swapped since the last refresh.
+        Re-read the state at most once per reload_interval_s (one stat() when unchanged). True when
+        reloaded."""
+        if self.foreign or revision_id <= self.newest:
+            return False
+        now = time.monotonic()
+        if now - self._miss_reload_at < self.reload_interval_s:
+            return False
+        self._miss_reload_at = now
+        return self.refresh()
+
+    def _other_instance(self, state: InstanceState) -> bool:
+        if not self.foreign:
+            ours = self.instance_id or state.instance_id
+            self.foreign = state.instance_id not in ("", ours) or state.revision_id < self.newest
+            self.instance_id = ours
+        return self.foreign
+
     def _adopt(self, state: InstanceState) -> None:
         self.state = state
         self.generation += 1
+        if self._other_instance(state):
+            self._revs.clear()
+            return
         for rid, rev in state.revisions.items():
             try:
                 i = int(rid)
@@ -136,6 +171,7 @@ class InstanceStateView:
         self._revs[state.revision_id] = _Revision(state.revision, state.policy_name, slot_names)
         for old in sorted(self._revs)[:-REVISIONS_KEPT]:
             del self._revs[old]
+        self.newest = max(self._revs)
 
     # ---- resolution -----------------------------------------------------------------------------
     def revision(self, revision_id: int) -> str:

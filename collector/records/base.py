@@ -97,25 +97,33 @@ class BuilderBase:
         """rule.{name,ruleset,version}; memoised per instance-state generation (O(1) per record). The
         caller counts unresolved records (see unresolved)."""
         inst = self.instance
-        if inst is None:
+        if inst is None or not revision_id:           # revision 0: judged by no policy (malformed packet)
             return
         if self._rule_gen != inst.generation:
             self._rule_memo, self._rule_gen = {}, inst.generation
         got = self._rule_memo.get((revision_id, slot))
         if got is None:
-            got = tuple((k, v) for k, v in (("name", inst.rule_name(revision_id, slot)),
-                                            ("ruleset", inst.ruleset(revision_id)),
-                                            ("version", inst.revision(revision_id))) if v)
-            if len(self._rule_memo) < 65536:
-                self._rule_memo[(revision_id, slot)] = got
+            got = self._resolve(inst, revision_id, slot)
+            if not got and inst.reload_for(revision_id):      # swapped since the last refresh: bounded re-read
+                self._rule_memo, self._rule_gen = {}, inst.generation
+                got = self._resolve(inst, revision_id, slot)
+            if len(self._rule_memo) < 65536 and (got or revision_id <= inst.newest):
+                self._rule_memo[(revision_id, slot)] = got   # a newer id's miss is retried (reload_for)
         if got:
             rec["rule"] = dict(got)
 
     @staticmethod
-    def unresolved(rule: dict, slot: int) -> bool:
-        """The record's revision is unknown (older than the state's revision_info keeps), or it names a
-        rule slot that revision does not name: counted as rule_unresolved (docs/records.md "Rule fields")."""
-        return "version" not in rule or (slot != NO_RULE_SLOT and "name" not in rule)
+    def _resolve(inst: InstanceStateView, revision_id: int, slot: int) -> tuple:
+        return tuple((k, v) for k, v in (("name", inst.rule_name(revision_id, slot)),
+                                         ("ruleset", inst.ruleset(revision_id)),
+                                         ("version", inst.revision(revision_id))) if v)
+
+    @staticmethod
+    def unresolved(rule: dict, revision_id: int, slot: int) -> bool:
+        """The record's revision is unknown (older than the state's revision_info keeps, or of another
+        enforcer instance), or it names a rule slot that revision does not name: counted as
+        rule_unresolved (docs/records.md "Rule fields"). Revision 0 (no policy judged it) is not."""
+        return bool(revision_id) and ("version" not in rule or (slot != NO_RULE_SLOT and "name" not in rule))
 
     def _interface(self, rec: dict, ifindex: int, direction: str | None) -> None:
         """Interface id now; the enricher fills names (and netns)."""

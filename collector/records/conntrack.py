@@ -114,7 +114,7 @@ class ConntrackRecords:
         req = ECHO_TYPES[proto][0] if proto in ECHO_TYPES else None   # only echo is tracked for ICMP
         self._endpoints(rec, fam, proto, k["saddr"], k["daddr"], k["sport"], k["dport"], req)
         self._rule(rec, e["revision_id"], e["rule_slot"])
-        if self.instance is not None and self.unresolved(rec.get("rule", {}), e["rule_slot"]):
+        if self.instance is not None and self.unresolved(rec.get("rule", {}), e["revision_id"], e["rule_slot"]):
             self.counters["rule_unresolved"] += 1
         hw = rec["hostwall"]
         hw.update(verdict="allow", cgroup_id=int(e["cgroup_id"]), sample_rate=1)

@@ -247,6 +247,6 @@ class EventRecords:
         did: the check runs per distinct key)."""
         if self.instance is None:
             return
-        bad = {rk for rk, got in rules.items() if self.unresolved(dict(got), rk & 0xFFFFFFFF)}
+        bad = {rk for rk, got in rules.items() if self.unresolved(dict(got), rk >> 32, rk & 0xFFFFFFFF)}
         if bad:
             self.counters["rule_unresolved"] += sum(1 for rk in keys if rk in bad)

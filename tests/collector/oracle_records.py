@@ -99,7 +99,7 @@ class OracleEvents:
         self._endpoints(rec, fam, proto, ev["saddr"], ev["daddr"], ev["sport"], ev["dport"],
                         ev["icmp_type"] if proto in ECHO_TYPES else None)
         self._rule(rec, ev["revision_id"], ev["rule_slot"])
-        if self.instance is not None and self.unresolved(rec.get("rule", {}), ev["rule_slot"]):
+        if self.instance is not None and self.unresolved(rec.get("rule", {}), ev["revision_id"], ev["rule_slot"]):
             self.counters["rule_unresolved"] += 1
         self._interface(rec, ev["ifindex"], direction)
         hw = rec["hostwall"]

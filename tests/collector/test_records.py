@@ -476,3 +476,87 @@ def test_status_says_how_many_records_lack_their_rule():
     from hostwall.collector.status_view import render_status
     assert "rules " not in render_status({"builder": {"rule_unresolved": 0}})
     assert "rules      3 records without their rule's name" in render_status({"builder": {"rule_unresolved": 3}})
+
+
+def _names(b: RecordBuilder, revision_id: int, slot: int) -> dict:
+    [r] = b.on_events(event("flow_start", revision_id=revision_id, rule_slot=slot), CLOCK)
+    return r.get("rule", {})
+
+
+def test_another_instance_never_names_the_first_instances_records(tmp_path, monkeypatch):
+    """A detached enforcer started anew numbers its revisions from 1 again under a new instance id, while
+    the collector still reads the first instance's maps: their records stay unnamed (counted), never
+    named after the new instance's rules (docs/records.md "Rule fields")."""
+    monkeypatch.setenv("HOSTWALL_STATE_DIR", str(tmp_path))
+    state(instance_id="aaaa", revision_info={"1": {"revision": "rev-1", "policy": "old", "slots": {"ssh": 1}}}).save()
+    view = InstanceStateView(HOST.pin_dir)
+    b = RecordBuilder(HOST, view)
+    assert _names(b, 1, 1) == {"name": "ssh", "ruleset": "old", "version": "rev-1"}
+    assert _names(b, 7, 1)["name"] == "web"
+    InstanceState.load(HOST.pin_dir).remove()                       # detach
+    view.refresh()
+    state(instance_id="bbbb", revision="new-1", revision_id=1, policy_name="new", revisions={"1": "new-1"},
+          slots={"telnet": 1}).save()
+    assert view.refresh()
+    for rid in (1, 7):
+        assert _names(b, rid, 1) == {}
+    assert b.stats()["rule_unresolved"] == 2
+
+
+def test_revision_ids_that_go_down_drop_the_table(tmp_path, monkeypatch):
+    """A state without an instance id (written before they existed) whose revision ids went down is
+    another instance too."""
+    monkeypatch.setenv("HOSTWALL_STATE_DIR", str(tmp_path))
+    state().save()
+    view = InstanceStateView(HOST.pin_dir)
+    b = RecordBuilder(HOST, view)
+    assert _names(b, 6, 1) == {"version": "rev-6"}
+    state(revision="new-2", revision_id=2, policy_name="new", revisions={"1": "new-1", "2": "new-2"},
+          revision_info={"1": {"revision": "new-1", "policy": "new", "slots": {"telnet": 1}}},
+          slots={"telnet": 1}).save()
+    assert view.refresh()
+    assert _names(b, 1, 1) == {} and _names(b, 2, 1) == {}
+    assert view.foreign
+
+
+def test_old_instance_ids_do_not_push_the_current_ones_out(tmp_path, monkeypatch):
+    """_adopt keeps REVISIONS_KEPT ids: after an instance change, none of them are the old instance's."""
+    monkeypatch.setenv("HOSTWALL_STATE_DIR", str(tmp_path))
+    state(instance_id="aaaa", revision_id=500, revisions={str(i): f"r{i}" for i in range(480, 501)}).save()
+    view = InstanceStateView(HOST.pin_dir)
+    assert view.revision(490) == "r490"
+    state(instance_id="bbbb", revision_id=3, revisions={"3": "n3"}).save()
+    view.refresh()
+    assert view.revision(490) == "" and view.revision(3) == ""
+
+
+def test_revision_0_is_no_rule_and_not_counted(tmp_path, monkeypatch):
+    """Malformed packets are denied before any policy judges them: revision 0 (bpf/hostwall.bpf.c)."""
+    monkeypatch.setenv("HOSTWALL_STATE_DIR", str(tmp_path))
+    state().save()
+    b = RecordBuilder(HOST, InstanceStateView(HOST.pin_dir))
+    [r] = b.on_events(event("deny", revision_id=0, rule_slot=NO_RULE_SLOT), CLOCK)
+    assert "rule" not in r and b.stats()["rule_unresolved"] == 0
+    k, e = ct4("10.66.2.9", "10.66.1.2", 50000, 80, revision_id=0)
+    [r] = b.on_conntrack(k, e, None, CLOCK)
+    assert "rule" not in r and b.stats()["rule_unresolved"] == 0
+
+
+def test_a_revision_newer_than_known_rereads_the_state_once(tmp_path, monkeypatch):
+    """A swap lands between two refreshes: the first record of the new revision re-reads the state
+    (bounded: at most once per reload_interval_s), so it is named, not lost to the ≤1 s tick gap."""
+    monkeypatch.setenv("HOSTWALL_STATE_DIR", str(tmp_path))
+    state().save()
+    view = InstanceStateView(HOST.pin_dir)
+    b = RecordBuilder(HOST, view)
+    state(revision="rev-8", revision_id=8, revisions={"7": "rev-7", "8": "rev-8"}, slots={"db": 1}).save()
+    assert _names(b, 8, 1) == {"name": "db", "ruleset": "edge-web", "version": "rev-8"}   # no tick()
+    assert b.stats()["rule_unresolved"] == 0
+    view = InstanceStateView(HOST.pin_dir)
+    b = RecordBuilder(HOST, view)
+    reads = []
+    monkeypatch.setattr(view, "refresh", lambda: reads.append(1) or False)
+    view.reload_interval_s = 3600.0
+    for _ in range(3):
+        assert _names(b, 99, 1) == {}
+    assert len(reads) == 1 and b.stats()["rule_unresolved"] == 3
