@@ -741,3 +741,44 @@ def test_migration_leaves_out_a_slot_the_running_datapath_claims(harness, monkey
                 == (1, 0)
     finally:
         new.close()
+
+
+@pytest.mark.parametrize("v6", [False, True], ids=["v4", "v6"])
+def test_tfo_syn_ack_refusing_the_data_confirms_as_client(harness, v6):
+    """TCP Fast Open fallback (RFC 7413 §4.2.2): the host's SYN carries 100 bytes, the server acknowledges
+    only ISN+1 (cookie refused, TFO off, data stripped) and the host resends them. That SYN-ACK is in
+    window, so the entry is confirmed and the peer's later data passes ingress: deny after 11 s idle (past
+    the unconfirmed timeout). A SYN-ACK acknowledging neither ISN+1 nor the data's end stays out."""
+    harness.install(POLICY % "true")
+    harness.dp.set_config(test_now_ns=T0)
+    assert harness.run("tc_egress", out_tcp("S", v6=v6, seq=ISN_ME, data=b"d" * 100)).reason == "pass_default"
+    for ack in (ISN_ME, ISN_ME + 2, ISN_ME + 100):
+        assert harness.run("xdp", in_tcp("SA", v6=v6, seq=ISN_PEER, ack=ack)).reason == "pass_conntrack_out_of_window"
+    assert harness.run("xdp", in_tcp("SA", v6=v6, seq=ISN_PEER, ack=ISN_ME + 1)).reason == "pass_conntrack"
+    assert harness.run("tc_egress", out_tcp("PA", v6=v6, seq=ISN_ME + 1, ack=ISN_PEER + 1, data=b"d" * 100)).reason \
+        == "pass_conntrack"
+    assert _state(harness, v6) == "established"
+    harness.dp.set_config(test_now_ns=T0 + 11 * 10**9)
+    got = harness.run("xdp", in_tcp("PA", v6=v6, seq=ISN_PEER + 1, ack=ISN_ME + 101, data=b"r" * 50))
+    assert got.reason == "pass_conntrack"
+    assert harness.run("xdp", in_tcp("FA", v6=v6, seq=ISN_PEER + 51, ack=ISN_ME + 101)).reason == "pass_conntrack"
+    assert _state(harness, v6) == "fin_wait"
+
+
+@pytest.mark.parametrize("v6", [False, True], ids=["v4", "v6"])
+def test_tfo_syn_ack_refusing_the_data_confirms_as_server(harness, v6):
+    """The peer's TFO SYN with 100 bytes to the host's allowed port; the host (no TFO, stale cookie)
+    acknowledges ISN+1 only: its SYN-ACK is in window and the peer's ACK confirms the connection."""
+    harness.install(POLICY % "true")
+    syn = in_tcp("S", sport=50000, dport=22, v6=v6, seq=ISN_PEER, ack=0, data=b"d" * 100)
+    assert harness.run("xdp", syn).reason == "pass_rule"
+    assert harness.run("tc_egress", out_tcp("SA", sport=22, dport=50000, v6=v6, seq=ISN_ME, ack=ISN_PEER + 1)).reason \
+        == "pass_conntrack"
+    assert harness.run("xdp", in_tcp("A", sport=50000, dport=22, v6=v6, seq=ISN_PEER + 1, ack=ISN_ME + 1)).reason \
+        == "pass_conntrack"
+    assert _state(harness, v6, sport=22) == "established"
+    # the resent data, then the peer's RST at the number the host acknowledged, close it
+    assert harness.run("xdp", in_tcp("PA", sport=50000, dport=22, v6=v6, seq=ISN_PEER + 1, ack=ISN_ME + 1,
+                                     data=b"d" * 100)).reason == "pass_conntrack"
+    assert harness.run("xdp", in_tcp("R", sport=50000, dport=22, v6=v6, seq=ISN_PEER + 101)).reason == "pass_conntrack"
+    assert _state(harness, v6, sport=22) == "closed"
