@@ -342,12 +342,15 @@ static __always_inline int ct_seq_ok(struct hw_ct_entry *e, struct pkt *p, __u8 
  * ACK) starts its side afresh, a new ISN: from the host always, from the peer while the host has not
  * answered (syn_sent); the initiator's bare SYN (a new connection) also forgets the responder's. Until
  * side d acknowledges something its seq_ack slot (HW_CT_SEQ_ACK unset, read by nothing else) holds its
- * SYN's ISN+1, or its end. Cost:
+ * SYN's ISN+1, or its end. The host's own ACK (TC egress: trusted, its kernel acknowledges only what
+ * it received) past the peer's end moves that end up to it: a burst lost before XDP beyond the slack
+ * would otherwise freeze it, leaving the peer's FIN and RST out of window. A peer's ACK moves nothing
+ * of the host's (ct_ack_ok bounds it by the host's end anyway). Cost:
  * the ACK check only for a peer's segment that would teach something, stores only what changed (the
  * established path stays cheap: a segment with nothing new returns after two compares). */
 static __always_inline void ct_seq_learn(struct hw_ct_entry *e, struct pkt *p, __u8 d, __u8 st, __u8 peer)
 {
-	__u8 known = e->seq_known, k, f = p->tcp_flags;
+	__u8 known = e->seq_known, k, f = p->tcp_flags, host = !peer;
 	__u32 end = e->seq_end[d & 1];
 	if ((f & TCPF_SYN) && (!peer || (f & TCPF_ACK) || st == HW_CT_SYN_SENT)) {
 		known = d || (f & TCPF_ACK) ? known & ~((HW_CT_SEQ_END | HW_CT_SEQ_ACK) << d) : 0;
@@ -367,6 +370,9 @@ static __always_inline void ct_seq_learn(struct hw_ct_entry *e, struct pkt *p, _
 	if (new_ack) {
 		e->seq_ack[d & 1] = p->tcp_ack;
 		k |= HW_CT_SEQ_ACK << d;
+		/* the host acknowledged past the peer's end (a burst lost before XDP): the end follows */
+		if (host && (k & (HW_CT_SEQ_END << !d)) && (__s32)(p->tcp_ack - e->seq_end[!d & 1]) > 0)
+			e->seq_end[!d & 1] = p->tcp_ack;
 	} else if (new_end && !(k & (HW_CT_SEQ_ACK << d))) {
 		e->seq_ack[d & 1] = (f & TCPF_SYN) ? p->tcp_seq + 1 : p->tcp_end;     /* ISN+1 (TFO: ct_seq_ok) */
 	}
