@@ -371,8 +371,9 @@ static __always_inline void ct_seq_learn(struct hw_ct_entry *e, struct pkt *p, _
 		e->seq_ack[d & 1] = p->tcp_ack;
 		k |= HW_CT_SEQ_ACK << d;
 		/* the host acknowledged past the peer's end (a burst lost before XDP): the end follows */
-		if (host && (k & (HW_CT_SEQ_END << !d)) && (__s32)(p->tcp_ack - e->seq_end[!d & 1]) > 0)
-			e->seq_end[!d & 1] = p->tcp_ack;
+		__u8 o = !d;
+		if (host && (k & (HW_CT_SEQ_END << o)) && (__s32)(p->tcp_ack - e->seq_end[o & 1]) > 0)
+			e->seq_end[o & 1] = p->tcp_ack;
 	} else if (new_end && !(k & (HW_CT_SEQ_ACK << d))) {
 		e->seq_ack[d & 1] = (f & TCPF_SYN) ? p->tcp_seq + 1 : p->tcp_end;     /* ISN+1 (TFO: ct_seq_ok) */
 	}
