@@ -300,7 +300,9 @@ static __always_inline int ct_ack_ok(struct hw_ct_entry *e, struct pkt *p, __u8 
  * receiver last acknowledged (its RCV.NXT, RFC 5961 §3.2) or the sender's own next one (a RST right
  * after its data, before the ACK); the responder's while the initiator has acknowledged nothing (syn_sent, a
  * simultaneous open before the initiator's SYN-ACK, a reused tuple) must acknowledge the SYN (RFC 9293
- * §3.10.7.3). A SYN-ACK must acknowledge the other side's SYN exactly. A FIN must lie within
+ * §3.10.7.3). A SYN-ACK must acknowledge the other side's SYN exactly: its end, or its ISN+1 (a TCP
+ * Fast Open SYN whose data the receiver refused, RFC 7413 §4.2.2; kept in seq_ack until that side
+ * acknowledges something: ct_seq_learn). A FIN must lie within
  * HW_CT_SEQ_SLACK of the sender's highest end. From the peer, a RST or FIN carrying an ACK (a FIN
  * always does) must also have an acceptable one (ct_ack_ok; `peer`: p came in, the host vouches for
  * its own): a blind attacker guesses both sequence spaces. Sides not learnt yet (an entry carried over from a build without them) accept, as before.
@@ -326,8 +328,9 @@ static __always_inline int ct_seq_ok(struct hw_ct_entry *e, struct pkt *p, __u8 
 		}
 		return ok || !any;
 	}
-	if ((f & (TCPF_SYN | TCPF_ACK)) == (TCPF_SYN | TCPF_ACK))
-		return !(known & (HW_CT_SEQ_END << r)) || p->tcp_ack == e->seq_end[r & 1];
+	if ((f & (TCPF_SYN | TCPF_ACK)) == (TCPF_SYN | TCPF_ACK))   /* seq_ack[r] unknown: r's ISN+1 */
+		return !(known & (HW_CT_SEQ_END << r)) || p->tcp_ack == e->seq_end[r & 1] ||
+		       (!(known & (HW_CT_SEQ_ACK << r)) && p->tcp_ack == e->seq_ack[r & 1]);
 	if (peer && !ct_ack_ok(e, p, d))
 		return 0;
 	return !(known & (HW_CT_SEQ_END << d)) || p->tcp_seq - end + HW_CT_SEQ_SLACK <= 2 * HW_CT_SEQ_SLACK;
@@ -337,12 +340,17 @@ static __always_inline int ct_seq_ok(struct hw_ct_entry *e, struct pkt *p, __u8 
  * a segment that starts at most HW_CT_SEQ_SLACK past it, its acknowledgement only forward; a peer's
  * segment with an unacceptable ACK (ct_ack_ok) teaches nothing. A SYN (a SYN-ACK: ct_seq_ok checked its
  * ACK) starts its side afresh, a new ISN: from the host always, from the peer while the host has not
- * answered (syn_sent); the initiator's bare SYN (a new connection) also forgets the responder's. Cost:
+ * answered (syn_sent); the initiator's bare SYN (a new connection) also forgets the responder's. Until
+ * side d acknowledges something its seq_ack slot (HW_CT_SEQ_ACK unset, read by nothing else) holds its
+ * SYN's ISN+1, or its end. The host's own ACK (TC egress: trusted, its kernel acknowledges only what
+ * it received) past the peer's end moves that end up to it: a burst lost before XDP beyond the slack
+ * would otherwise freeze it, leaving the peer's FIN and RST out of window. A peer's ACK moves nothing
+ * of the host's (ct_ack_ok bounds it by the host's end anyway). Cost:
  * the ACK check only for a peer's segment that would teach something, stores only what changed (the
  * established path stays cheap: a segment with nothing new returns after two compares). */
 static __always_inline void ct_seq_learn(struct hw_ct_entry *e, struct pkt *p, __u8 d, __u8 st, __u8 peer)
 {
-	__u8 known = e->seq_known, k, f = p->tcp_flags;
+	__u8 known = e->seq_known, k, f = p->tcp_flags, host = !peer;
 	__u32 end = e->seq_end[d & 1];
 	if ((f & TCPF_SYN) && (!peer || (f & TCPF_ACK) || st == HW_CT_SYN_SENT)) {
 		known = d || (f & TCPF_ACK) ? known & ~((HW_CT_SEQ_END | HW_CT_SEQ_ACK) << d) : 0;
@@ -362,6 +370,12 @@ static __always_inline void ct_seq_learn(struct hw_ct_entry *e, struct pkt *p, _
 	if (new_ack) {
 		e->seq_ack[d & 1] = p->tcp_ack;
 		k |= HW_CT_SEQ_ACK << d;
+		/* the host acknowledged past the peer's end (a burst lost before XDP): the end follows */
+		__u8 o = !d;
+		if (host && (k & (HW_CT_SEQ_END << o)) && (__s32)(p->tcp_ack - e->seq_end[o & 1]) > 0)
+			e->seq_end[o & 1] = p->tcp_ack;
+	} else if (new_end && !(k & (HW_CT_SEQ_ACK << d))) {
+		e->seq_ack[d & 1] = (f & TCPF_SYN) ? p->tcp_seq + 1 : p->tcp_end;     /* ISN+1 (TFO: ct_seq_ok) */
 	}
 	if (k != e->seq_known)
 		e->seq_known = k;

@@ -554,7 +554,8 @@ struct hw_ct_entry {
 	                             * sent, host order; advanced only by a segment starting within
 	                             * HW_CT_SEQ_SLACK of it (docs/datapath.md "Sequence checks") */
 	__u32 seq_ack[2];           /* TCP: highest acknowledgement number each side sent (the receiver's
-	                             * RCV.NXT as it announced it: a RST must carry it exactly, RFC 5961) */
+	                             * RCV.NXT as it announced it: a RST must carry it exactly, RFC 5961);
+	                             * before that side's first ACK (HW_CT_SEQ_ACK unset): its SYN's ISN+1 */
 	__u64 slot_state;           /* enum hw_ct_slot_state (64 bits: BPF's cmpxchg/xchg here need them) */
 };
 

@@ -741,3 +741,96 @@ def test_migration_leaves_out_a_slot_the_running_datapath_claims(harness, monkey
                 == (1, 0)
     finally:
         new.close()
+
+
+@pytest.mark.parametrize("v6", [False, True], ids=["v4", "v6"])
+def test_tfo_syn_ack_refusing_the_data_confirms_as_client(harness, v6):
+    """TCP Fast Open fallback (RFC 7413 §4.2.2): the host's SYN carries 100 bytes, the server acknowledges
+    only ISN+1 (cookie refused, TFO off, data stripped) and the host resends them. That SYN-ACK is in
+    window, so the entry is confirmed and the peer's later data passes ingress: deny after 11 s idle (past
+    the unconfirmed timeout). A SYN-ACK acknowledging neither ISN+1 nor the data's end stays out."""
+    harness.install(POLICY % "true")
+    harness.dp.set_config(test_now_ns=T0)
+    assert harness.run("tc_egress", out_tcp("S", v6=v6, seq=ISN_ME, data=b"d" * 100)).reason == "pass_default"
+    for ack in (ISN_ME, ISN_ME + 2, ISN_ME + 100):
+        assert harness.run("xdp", in_tcp("SA", v6=v6, seq=ISN_PEER, ack=ack)).reason == "pass_conntrack_out_of_window"
+    assert harness.run("xdp", in_tcp("SA", v6=v6, seq=ISN_PEER, ack=ISN_ME + 1)).reason == "pass_conntrack"
+    assert harness.run("tc_egress", out_tcp("PA", v6=v6, seq=ISN_ME + 1, ack=ISN_PEER + 1, data=b"d" * 100)).reason \
+        == "pass_conntrack"
+    assert _state(harness, v6) == "established"
+    harness.dp.set_config(test_now_ns=T0 + 11 * 10**9)
+    got = harness.run("xdp", in_tcp("PA", v6=v6, seq=ISN_PEER + 1, ack=ISN_ME + 101, data=b"r" * 50))
+    assert got.reason == "pass_conntrack"
+    assert harness.run("xdp", in_tcp("FA", v6=v6, seq=ISN_PEER + 51, ack=ISN_ME + 101)).reason == "pass_conntrack"
+    assert _state(harness, v6) == "fin_wait"
+
+
+@pytest.mark.parametrize("v6", [False, True], ids=["v4", "v6"])
+def test_tfo_syn_ack_refusing_the_data_confirms_as_server(harness, v6):
+    """The peer's TFO SYN with 100 bytes to the host's allowed port; the host (no TFO, stale cookie)
+    acknowledges ISN+1 only: its SYN-ACK is in window and the peer's ACK confirms the connection."""
+    harness.install(POLICY % "true")
+    syn = in_tcp("S", sport=50000, dport=22, v6=v6, seq=ISN_PEER, ack=0, data=b"d" * 100)
+    assert harness.run("xdp", syn).reason == "pass_rule"
+    assert harness.run("tc_egress", out_tcp("SA", sport=22, dport=50000, v6=v6, seq=ISN_ME, ack=ISN_PEER + 1)).reason \
+        == "pass_conntrack"
+    assert harness.run("xdp", in_tcp("A", sport=50000, dport=22, v6=v6, seq=ISN_PEER + 1, ack=ISN_ME + 1)).reason \
+        == "pass_conntrack"
+    assert _state(harness, v6, sport=22) == "established"
+    # the resent data, then the peer's RST at the number the host acknowledged, close it
+    assert harness.run("xdp", in_tcp("PA", sport=50000, dport=22, v6=v6, seq=ISN_PEER + 1, ack=ISN_ME + 1,
+                                     data=b"d" * 100)).reason == "pass_conntrack"
+    assert harness.run("xdp", in_tcp("R", sport=50000, dport=22, v6=v6, seq=ISN_PEER + 101)).reason == "pass_conntrack"
+    assert _state(harness, v6, sport=22) == "closed"
+
+
+def _burst_loss(harness, v6: bool, mss: int = 1400) -> int:
+    """The peer sends bulk data; 50 segments (70 KB, > HW_CT_SEQ_SLACK) are lost in one burst before XDP,
+    200 arrive past the hole (the host's duplicate ACKs stay at the hole), the hole is retransmitted and
+    the host acknowledges everything (its own ACK, trusted: TC egress). Returns the peer's next number."""
+    _handshake(harness, v6)
+    hole = ISN_PEER + 1
+    s = hole + 50 * mss
+    for _ in range(200):
+        assert harness.run("xdp", in_tcp("A", v6=v6, seq=s, ack=ISN_ME + 1, data=b"x" * mss)).reason == "pass_conntrack"
+        assert harness.run("tc_egress", out_tcp("A", v6=v6, seq=ISN_ME + 1, ack=hole)).reason == "pass_conntrack"
+        s += mss
+    for i in range(50):
+        harness.run("xdp", in_tcp("A", v6=v6, seq=hole + i * mss, ack=ISN_ME + 1, data=b"x" * mss))
+    assert harness.run("tc_egress", out_tcp("A", v6=v6, seq=ISN_ME + 1, ack=s)).reason == "pass_conntrack"
+    return s
+
+
+@pytest.mark.parametrize("v6", [False, True], ids=["v4", "v6"])
+def test_peer_burst_loss_over_the_slack_then_fin_closes(harness, v6):
+    """The peer's end follows what the host acknowledged, so after a burst loss larger than the slack its
+    new data and then its FIN are in window (the entry does not stay established for days)."""
+    s = _burst_loss(harness, v6)
+    for _ in range(5):
+        assert harness.run("xdp", in_tcp("A", v6=v6, seq=s, ack=ISN_ME + 1, data=b"x" * 1400)).reason == "pass_conntrack"
+        s += 1400
+    assert harness.run("xdp", in_tcp("FA", v6=v6, seq=s, ack=ISN_ME + 1)).reason == "pass_conntrack"
+    assert _state(harness, v6) == "fin_wait"
+
+
+@pytest.mark.parametrize("v6", [False, True], ids=["v4", "v6"])
+def test_peer_burst_loss_over_the_slack_then_rst_after_data_closes(harness, v6):
+    """As above, then the peer aborts right after new data (RST at its next number, before the host's
+    ACK): exact, so it closes; a RST 70 KB past it stays out of window."""
+    s = _burst_loss(harness, v6)
+    assert harness.run("xdp", in_tcp("PA", v6=v6, seq=s, ack=ISN_ME + 1, data=b"x" * 1400)).reason == "pass_conntrack"
+    s += 1400
+    assert harness.run("xdp", in_tcp("R", v6=v6, seq=s + 70000)).reason == "pass_conntrack_out_of_window"
+    assert harness.run("xdp", in_tcp("R", v6=v6, seq=s)).reason == "pass_conntrack"
+    assert _state(harness, v6) == "closed"
+
+
+def test_peer_ack_does_not_move_the_hosts_end(harness):
+    """Only the host's own ACKs move the other side's end: a peer's ACK past the host's end is
+    unacceptable, so the host's FIN far ahead of what it sent stays out of window... and the host's
+    real FIN stays in."""
+    _handshake(harness, False)
+    far = ISN_ME + 1 + 10**6
+    assert harness.run("xdp", in_tcp("A", seq=ISN_PEER + 1, ack=far)).reason == "pass_conntrack"
+    assert harness.run("tc_egress", out_tcp("FA", seq=far, ack=ISN_PEER + 1)).reason == "pass_conntrack_out_of_window"
+    assert harness.run("tc_egress", out_tcp("FA", seq=ISN_ME + 1, ack=ISN_PEER + 1)).reason == "pass_conntrack"
