@@ -51,12 +51,20 @@ def future_test_clock(seconds: int) -> int:
 R_POLICY, R_DEFAULT = L.C["HW_R_POLICY_DENY"], L.C["HW_R_DEFAULT_DENY"]
 
 
-def tcp_in(src="10.0.0.9", sport=40000, dport=80, flags="S"):
-    return raw(E / IP(src=src, dst=ME) / TCP(sport=sport, dport=dport, flags=flags))
+def seg(sport: int, dport: int, flags: str, seq: int | None = None) -> TCP:
+    """A segment of a connection whose ISNs are 0 on both sides: a SYN at 0, anything after at 1 (or
+    `seq`), an ACK acknowledging the other side's SYN (1): in window for the datapath's sequence checks
+    (docs/datapath.md "Sequence checks")."""
+    return TCP(sport=sport, dport=dport, flags=flags, seq=(0 if "S" in flags else 1) if seq is None else seq,
+               ack=1 if "A" in flags else 0)
 
 
-def tcp_out(flags, dst="10.0.0.9", dport=40000, sport=80):
-    return raw(E / IP(src=ME, dst=dst) / TCP(sport=sport, dport=dport, flags=flags))
+def tcp_in(src="10.0.0.9", sport=40000, dport=80, flags="S", seq=None):
+    return raw(E / IP(src=src, dst=ME) / seg(sport, dport, flags, seq))
+
+
+def tcp_out(flags, dst="10.0.0.9", dport=40000, sport=80, seq=None):
+    return raw(E / IP(src=ME, dst=dst) / seg(sport, dport, flags, seq))
 
 
 def udp_in(src="10.0.0.9", sport=5000, dport=53):
@@ -361,8 +369,8 @@ def test_a_stale_detach_note_on_a_datapath_that_still_sees_packets_is_ignored_an
     t0 = future_test_clock(20_000)
     dp.set_config(test_now_ns=t0)
     peer = "10.0.0.20"
-    out = lambda fl: raw(E / IP(src=ME, dst=peer) / TCP(sport=40123, dport=443, flags=fl))   # noqa: E731
-    inn = lambda fl: raw(E / IP(src=peer, dst=ME) / TCP(sport=443, dport=40123, flags=fl))   # noqa: E731
+    out = lambda fl: raw(E / IP(src=ME, dst=peer) / seg(40123, 443, fl))   # noqa: E731
+    inn = lambda fl: raw(E / IP(src=peer, dst=ME) / seg(443, 40123, fl))   # noqa: E731
     egress(dp, out("S"))
     xdp(dp, inn("SA"))
     egress(dp, out("A"))
@@ -423,9 +431,9 @@ def test_a_fin_closed_connection_is_reported_after_its_grace_with_its_last_ack_a
         xdp(dp, tcp_in(sport=41000))                                      # SYN      (client →)
         t_opened = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
         egress(dp, tcp_out("SA", dport=41000))                            # SYN-ACK  (← server)
-        xdp(dp, raw(E / IP(src="10.0.0.9", dst=ME) / TCP(sport=41000, dport=80, flags="PA") / (b"x" * 100)))
+        xdp(dp, raw(E / IP(src="10.0.0.9", dst=ME) / seg(41000, 80, "PA") / (b"x" * 100)))
         egress(dp, tcp_out("FA", dport=41000))                            # server FIN
-        xdp(dp, tcp_in(sport=41000, flags="FA"))                          # client FIN: both FINs seen
+        xdp(dp, tcp_in(sport=41000, flags="FA", seq=101))                 # client FIN: both FINs seen
         time.sleep(0.01)                                                  # the last ACK, 10 ms later
         t_last = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
         xdp(dp, tcp_in(sport=41000, flags="A"))
