@@ -71,7 +71,7 @@ File format (every key optional):
 Environment: HOSTWALL_COLLECTOR_<KEY>, KEY = the dotted path upper-cased with '_' (e.g.
 HOSTWALL_COLLECTOR_JSONL_FSYNC, HOSTWALL_COLLECTOR_QUEUES_SINK); HOSTWALL_COLLECTOR_SINKS is a
 comma-separated URL list; HOSTWALL_PIN_DIR (the enforcer's) is honoured below
-HOSTWALL_COLLECTOR_PIN_DIR. Secrets (sasl_password) are never echoed: describe() redacts them.
+HOSTWALL_COLLECTOR_PIN_DIR. Secrets (sasl_password, OTLP header values) are never echoed: describe() redacts them.
 """
 from __future__ import annotations
 
@@ -577,7 +577,16 @@ def describe(cfg: CollectorConfig) -> dict:
     out["sinks"] = [{"url": s.url, "encoding": s.encoding} for s in cfg.sinks]
     for sec in _SECTION_TYPES:
         o = getattr(cfg, sec)
-        out[sec] = {f.name: ("<redacted>" if f.name in SECRET_KEYS and getattr(o, f.name) else getattr(o, f.name))
-                    for f in fields(o)}
+        out[sec] = {f.name: _shown(f.name, getattr(o, f.name)) for f in fields(o)}
     out["origins"] = dict(cfg.origins)
     return out
+
+
+def _shown(name: str, value):
+    """A section's value as the status file may show it: secrets (sasl_password, header values such as
+    `authorization`) redacted."""
+    if name in SECRET_KEYS and value:
+        return "<redacted>"
+    if name == "headers":
+        return tuple((k, "<redacted>") for k, _ in value)
+    return value

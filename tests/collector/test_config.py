@@ -392,3 +392,15 @@ def test_check_config_warns_when_drop_windows_outlast_the_interval(tmp_path, cap
         assert "warning" not in capsys.readouterr().err, ok
     assert main(["check-config", "--config", str(p), "--sink", "console"]) == 0     # no sink waits for a sync
     assert "warning" not in capsys.readouterr().err
+
+
+def test_the_status_files_config_redacts_secrets_too(tmp_path):
+    """describe() (the status file's `config`) shows no secret: the Kafka SASL password and the values of
+    OTLP headers (e.g. `authorization: Bearer …`) are redacted, as check-config redacts them."""
+    from hostwall.collector.config import describe
+    (tmp_path / "ca.pem").write_text("x")
+    p = tmp_path / "every.yaml"
+    p.write_text(EVERY_SECTION.format(tmp=tmp_path))
+    shown = json.dumps(describe(load_config(p, env={})), default=str)
+    assert "s3cret" not in shown and "blue" not in shown
+    assert "<redacted>" in shown
