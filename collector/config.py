@@ -577,16 +577,19 @@ def describe(cfg: CollectorConfig) -> dict:
     out["sinks"] = [{"url": s.url, "encoding": s.encoding} for s in cfg.sinks]
     for sec in _SECTION_TYPES:
         o = getattr(cfg, sec)
-        out[sec] = {f.name: _shown(f.name, getattr(o, f.name)) for f in fields(o)}
+        out[sec] = {f.name: shown(f.name, getattr(o, f.name)) for f in fields(o)}
     out["origins"] = dict(cfg.origins)
     return out
 
 
-def _shown(name: str, value):
-    """A section's value as the status file may show it: secrets (sasl_password, header values such as
-    `authorization`) redacted."""
+REDACTED = "<redacted>"
+
+
+def shown(name: str, value):
+    """A section's value as the status file and check-config may show it: secrets (sasl_password, header
+    values such as `authorization`) redacted."""
     if name in SECRET_KEYS and value:
-        return "<redacted>"
+        return REDACTED
     if name == "headers":
-        return tuple((k, "<redacted>") for k, _ in value)
+        return tuple((k, REDACTED) for k, _ in value)
     return value

@@ -11,13 +11,10 @@ import dataclasses
 from decimal import Decimal
 from typing import Any
 
-from .config import FIELDS, SECRET_KEYS, CollectorConfig, _dur
+from .config import FIELDS, CollectorConfig, _dur, shown
 from .config_values import parse_headers, parse_labels
 
 __all__ = ["as_file", "seconds_text"]
-
-REDACTED = "<redacted>"
-
 
 def seconds_text(v: float) -> str:
     """`v` seconds as a duration the parser reads back to the same float: positional digits of its
@@ -37,14 +34,11 @@ def as_file(cfg: CollectorConfig) -> dict:
             v = getattr(v, a)
         if v is None:
             continue
+        v = shown(f.path[-1], v)                # secrets redacted, as in the status file
         if f.parse is _dur:
             v = seconds_text(v)
-        elif f.parse is parse_headers:
-            v = {k: REDACTED for k, _ in v}     # header values carry tokens (authorization, api keys)
-        elif f.parse is parse_labels:
+        elif f.parse in (parse_headers, parse_labels):
             v = dict(v)                         # the file's mapping form
-        elif f.path[-1] in SECRET_KEYS and v:
-            v = REDACTED
         sec = out
         for k in f.path[:-1]:
             sec = sec.setdefault(k, {})
