@@ -64,28 +64,11 @@ def test_a_journal_rebuild_that_makes_fewer_records_counts_the_rest_lost_with_th
     records than were journaled (a builder that changed between the runs): the seqs the batch had and the
     rebuild did not fill are counted lost (stage restart, reason journal_rebuild) and named in a loss
     record, and never reused by the next records (the dead run may have written them somewhere)."""
-    import asyncio
-
-    from tests.collector.test_delivery import CtIdBuilder, _ct_scan
-
-    class NoUpdates(CtIdBuilder):
-        def on_conntrack(self, ek, ee, updates, clock, closed=None):
-            return [r for r in super().on_conntrack(ek, ee, updates, clock, closed) if "update" not in r["ident"]]
-
-    src, sink = FakeSource(), MemorySink(durable_gate=asyncio.Event())
-    src.scans.append(_ct_scan([101, 102], [201], 7))
-    pipe = Pipeline(cfg(tmp_path), src, CtIdBuilder(), [sink], shutdown_timeout_s=0.5)
-
-    async def one():
-        task = await started(pipe)
-        await until(lambda: len(sink.records) == 3)
-        pipe.stop()                                      # never durable: abandoned, as after a crash
-        await task
-    uvloop.run(one())
+    src = _journal_batch_never_durable(tmp_path)
     src2 = restarted(src)
     src2.scans.append(_ct_scan([103], [], 20))
     sink2 = MemorySink()
-    pipe2 = Pipeline(cfg(tmp_path), src2, NoUpdates(), [sink2])
+    pipe2 = Pipeline(cfg(tmp_path), src2, _builder(_NoUpdates), [sink2])
 
     async def two():
         task = await started(pipe2)
@@ -120,9 +103,36 @@ class _TwiceUpdates:
         return out + [dict(r, ident=r["ident"] + "-again") for r in out if "update" in r["ident"]]
 
 
+class _NothingOfTheBatch:
+    """A CtIdBuilder that changed between the runs: no record of the journaled batch (ids below 300)."""
+
+    def on_conntrack(self, ek, ee, updates, clock, closed=None):
+        return [r for r in super().on_conntrack(ek, ee, updates, clock, closed)
+                if int(r["ident"].rsplit("-", 1)[1]) >= 300]
+
+
 def _builder(mixin):
-    from tests.collector.test_delivery import CtIdBuilder
     return type(mixin.__name__, (mixin, CtIdBuilder), {})()
+
+
+def _run_until(pipe, done) -> None:
+    """Run `pipe` until done() holds, then stop it (whatever its sinks made durable by then)."""
+    async def run() -> None:
+        task = await started(pipe)
+        await until(done)
+        pipe.stop()
+        await task
+    uvloop.run(run())
+
+
+def _journal_batch_never_durable(tmp_path) -> FakeSource:
+    """Run 1: a 3-record conntrack batch (seqs 0-2) is journaled and never gets durable (abandoned, as
+    after a crash). Returns its source, for restarted()."""
+    src, sink = FakeSource(), MemorySink(durable_gate=asyncio.Event())
+    src.scans.append(_ct_scan([101, 102], [201], 7))
+    _run_until(Pipeline(cfg(tmp_path), src, CtIdBuilder(), [sink], shutdown_timeout_s=0.5),
+               lambda: len(sink.records) == 3)
+    return src
 
 
 def _journal_batch_then_restarts(tmp_path, builder, runs: int, monkeypatch=None, keep_unannotated=False):
@@ -131,21 +141,9 @@ def _journal_batch_then_restarts(tmp_path, builder, runs: int, monkeypatch=None,
     a last start rebuilds it with a durable sink. keep_unannotated: the later starts die between putting
     the loss record in the outbox and noting it in the journal. Returns (ledger journal_rebuild per start,
     the last sink's records)."""
-    import asyncio
-
     from hostwall.collector.ct_journal import CtJournal
-    from tests.collector.test_delivery import CtIdBuilder, _ct_scan
 
-    src, sink = FakeSource(), MemorySink(durable_gate=asyncio.Event())
-    src.scans.append(_ct_scan([101, 102], [201], 7))
-    pipe = Pipeline(cfg(tmp_path), src, CtIdBuilder(), [sink], shutdown_timeout_s=0.5)
-
-    async def first():
-        task = await started(pipe)
-        await until(lambda: len(sink.records) == 3)
-        pipe.stop()
-        await task
-    uvloop.run(first())
+    src = _journal_batch_never_durable(tmp_path)
     if keep_unannotated:
         monkeypatch.setattr(CtJournal, "annotate", lambda self, *a, **k: None, raising=False)
     counted = []
@@ -292,35 +290,18 @@ def test_sink_loss_records_rejects_an_unknown_choice(tmp_path):
         pipe._sink_loss_records("acking_only")
 
 
-class _NothingOld(CtIdBuilder):
-    """A builder that makes no record of the journaled batch (only of later connections, ids ≥ 300)."""
-    def on_conntrack(self, ek, ee, updates, clock, closed=None):
-        return [r for r in super().on_conntrack(ek, ee, updates, clock, closed)
-                if int(r["ident"].rsplit("-", 1)[1]) >= 300]
-
-
 def test_a_rebuild_of_no_records_never_gives_its_seqs_to_later_records(tmp_path):
     """Run 1 journals 3 records (seqs 0-2), never durable; run 2 rebuilds them into none (loss record
     for 0-2, journal annotated n=0) and stops before that is durable; run 3's new records must not take
     seqs 0-2, which the loss record calls lost (the journal said n=0: 'durable' by seq_base + n)."""
-    src, sink = FakeSource(), MemorySink(durable_gate=asyncio.Event())
-    src.scans.append(_ct_scan([101, 102], [201], 7))
-    p1 = Pipeline(cfg(tmp_path), src, CtIdBuilder(), [sink], shutdown_timeout_s=0.5)
+    src = _journal_batch_never_durable(tmp_path)
     s2 = MemorySink(durable_gate=asyncio.Event())
-    p2 = Pipeline(cfg(tmp_path), restarted(src), _NothingOld(), [s2], shutdown_timeout_s=0.5)
-
-    async def run(pipe, done) -> None:
-        task = await started(pipe)
-        await until(done)
-        pipe.stop()
-        await task
-    uvloop.run(run(p1, lambda: len(sink.records) == 3))
-    uvloop.run(run(p2, lambda: bool(_rebuild_losses(s2.records))))
+    _run_until(Pipeline(cfg(tmp_path), restarted(src), _builder(_NothingOfTheBatch), [s2], shutdown_timeout_s=0.5),
+               lambda: bool(_rebuild_losses(s2.records)))
     src = restarted(src)
     src.scans.append(_ct_scan([301], [], 20))
     s3 = MemorySink()
-    p3 = Pipeline(cfg(tmp_path), src, _NothingOld(), [s3])
-    uvloop.run(run(p3, lambda: bool(_ct(s3.records))))
+    _run_until(Pipeline(cfg(tmp_path), src, _builder(_NothingOfTheBatch), [s3]), lambda: bool(_ct(s3.records)))
     lost = {s for _, _, ranges in _rebuild_losses(s3.records) for lo, hi in ranges for s in range(lo, hi + 1)}
     assert lost == {0, 1, 2}
     assert [seq for _, seq in _ct(s3.records)] == [3]
