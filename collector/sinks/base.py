@@ -240,8 +240,9 @@ class BaseSink:
     def _lose_records(self, reason: str, records: list[dict]) -> None:
         """Count `records` lost for `reason`, and remember their hostwall.seq per stream so the pipeline
         can publish a loss record that explains the gap (collector/loss_report.py)."""
+        from hostwall.collector.loss_report import note_record_seqs
         self._lose(reason, len(records))
-        self._note_seqs(reason, ((r.get("hostwall") or {}) for r in records))
+        note_record_seqs(self._lost_seqs, reason, records)
 
     def _lose_noted(self, reason: str, n: int, noted: dict[tuple[str, str], Any]) -> None:
         """Count n records lost whose hostwall.seq were noted beforehand ({(stream, reason): SeqRanges},
