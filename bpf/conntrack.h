@@ -388,7 +388,7 @@ static __always_inline void ct_seq_learn(struct hw_ct_entry *e, struct pkt *p, _
  * start is PENDING, or closes one) returns -1 with nothing changed, for xdp_judge to handle: the fast
  * path stays free of the reporting code, which keeps xdp_ingress inside the verifier's budget.
  * 2: a RST, FIN or SYN-ACK the state machine accepts but out of the connection's sequence window
- * (ct_seq_ok): passed, for the stack to ignore or answer with a challenge ACK (RFC 5961), and nothing
+ * (ct_seq_ok), or the peer's handshake-completing ACK with an unacceptable ACK (ct_ack_ok): passed, for the stack to ignore or answer with a challenge ACK (RFC 5961), and nothing
  * changed — a blind RST neither closes the entry nor a FIN shortens its timeout (counted as
  * pass_conntrack_out_of_window). */
 static __always_inline int ct_advance(struct env *v, struct pkt *p, struct ctref *r, int fast)
@@ -423,6 +423,10 @@ static __always_inline int ct_advance(struct env *v, struct pkt *p, struct ctref
 		} else if (st == HW_CT_CLOSED) {
 			return 0;
 		} else if (st == HW_CT_SYN_RECV && from_init && (f & TCPF_ACK)) {
+			/* the peer's ACK confirms only if it acknowledges the host's SYN-ACK: a blind one
+			 * would make a spoofed handshake an established entry (days of timeout, a flow start) */
+			if (peer && !ct_ack_ok(e, p, 0))
+				return 2;
 			ns = HW_CT_ESTABLISHED;
 			confirmed = 1;
 		}

@@ -109,8 +109,8 @@ class Explanation:
             out.append("         the packet continues a tracked connection (its opener was allowed), so no rule "
                        "is consulted")
         elif self.outcome.reason == "pass_conntrack_out_of_window":
-            out.append("         a RST, FIN or SYN-ACK of a tracked connection outside its sequence window (or with an "
-                       "unacceptable ACK): passed for the stack to ignore, the connection unchanged "
+            out.append("         a RST, FIN, SYN-ACK or handshake ACK of a tracked connection outside its sequence "
+                       "window (or with an unacceptable ACK): passed for the stack to ignore, the connection unchanged "
                        "(docs/datapath.md \"Sequence checks\")")
         elif self.outcome.reason == "pass_essential":
             out.append(f"         passed as essential ICMP before any rule (defaults.essential_icmp): {self.essential}")

@@ -834,3 +834,24 @@ def test_peer_ack_does_not_move_the_hosts_end(harness):
     assert harness.run("xdp", in_tcp("A", seq=ISN_PEER + 1, ack=far)).reason == "pass_conntrack"
     assert harness.run("tc_egress", out_tcp("FA", seq=far, ack=ISN_PEER + 1)).reason == "pass_conntrack_out_of_window"
     assert harness.run("tc_egress", out_tcp("FA", seq=ISN_ME + 1, ack=ISN_PEER + 1)).reason == "pass_conntrack"
+
+
+@pytest.mark.parametrize("v6", [False, True], ids=["v4", "v6"])
+def test_blind_ack_does_not_confirm_a_connection_to_the_host(harness, v6):
+    """A spoofed SYN to an allowed port, the host's SYN-ACK, then a blind ACK (the attacker never saw the
+    host's ISN): the connection stays unconfirmed — it expires after the unconfirmed timeout instead of
+    holding an established entry for days (and its slot against eviction) — and the ACK passes for the
+    stack to judge. The peer's ACK of the host's SYN-ACK then confirms it."""
+    harness.install(POLICY % "true")
+    kw = {"sport": 50000, "dport": 22, "v6": v6}
+    assert harness.run("xdp", in_tcp("S", seq=ISN_PEER, ack=0, **kw)).reason == "pass_rule"
+    assert harness.run("tc_egress", out_tcp("SA", sport=22, dport=50000, v6=v6, seq=ISN_ME,
+                                            ack=ISN_PEER + 1)).reason == "pass_conntrack"
+    for ack in (ISN_ME + 2, ISN_ME + 1 + 70000, ISN_ME + 1 - 70000, ISN_ME + 2**31):    # ct_ack_ok's window
+        got = harness.run("xdp", in_tcp("A", seq=ISN_PEER + 1, ack=ack, **kw))
+        assert (got.passed, got.reason) == (True, "pass_conntrack_out_of_window"), ack
+        got = harness.run("xdp", in_tcp("PA", seq=ISN_PEER + 1, ack=ack, data=b"x" * 10, **kw))
+        assert (got.passed, got.reason) == (True, "pass_conntrack_out_of_window"), ack
+    assert _state(harness, v6, sport=22) == "syn_recv"
+    assert harness.run("xdp", in_tcp("A", seq=ISN_PEER + 1, ack=ISN_ME + 1, **kw)).reason == "pass_conntrack"
+    assert _state(harness, v6, sport=22) == "established"
