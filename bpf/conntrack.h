@@ -388,7 +388,8 @@ static __always_inline void ct_seq_learn(struct hw_ct_entry *e, struct pkt *p, _
  * start is PENDING, or closes one) returns -1 with nothing changed, for xdp_judge to handle: the fast
  * path stays free of the reporting code, which keeps xdp_ingress inside the verifier's budget.
  * 2: a RST, FIN or SYN-ACK the state machine accepts but out of the connection's sequence window
- * (ct_seq_ok), or the peer's handshake-completing ACK with an unacceptable ACK (ct_ack_ok): passed, for the stack to ignore or answer with a challenge ACK (RFC 5961), and nothing
+ * (ct_seq_ok), the peer's handshake-completing ACK with an unacceptable ACK (ct_ack_ok), or a FIN
+ * before the handshake is answered (syn_sent): passed, for the stack to ignore or answer with a challenge ACK (RFC 5961), and nothing
  * changed — a blind RST neither closes the entry nor a FIN shortens its timeout (counted as
  * pass_conntrack_out_of_window). */
 static __always_inline int ct_advance(struct env *v, struct pkt *p, struct ctref *r, int fast)
@@ -431,6 +432,11 @@ static __always_inline int ct_advance(struct env *v, struct pkt *p, struct ctref
 			confirmed = 1;
 		}
 		if (f & TCPF_FIN) {
+			/* no FIN before the handshake is answered (real TCP sends none; netfilter: invalid) —
+			 * unless this very packet answers it (the responder's SYN or SYN-ACK; a RST is a RST):
+			 * a spoofed SYN + FIN must not make a fin_wait entry, which ranks with established ones */
+			if (st == HW_CT_SYN_SENT && ns != HW_CT_SYN_RECV && !(f & TCPF_RST))
+				return 2;
 			fin |= from_init ? 1 : 2;
 			ns = (fin & 3) == 3 ? HW_CT_CLOSING : HW_CT_FIN_WAIT;
 		}

@@ -128,8 +128,8 @@ enum hw_reason {
 	HW_R_PASS_RELATED_OVER_LIMIT = 27,   /* an ICMP error about a host-opened connection, its source over a DoS limit or banned */
 	HW_R_PASS_CONNTRACK_OUT_OF_WINDOW = 28, /* a RST, FIN or SYN-ACK of a tracked TCP connection outside its
 	                                         * sequence window (or with an unacceptable ACK, as the peer's
-	                                         * handshake-completing ACK): passed to the stack, the entry
-	                                         * unchanged (conntrack.h) */
+	                                         * handshake-completing ACK; a FIN in syn_sent): passed to
+	                                         * the stack, the entry unchanged (conntrack.h) */
 	HW_REASONS = 32,
 };
 

@@ -16,8 +16,10 @@ may be out of the fresh entry's sequence window (bpf/conntrack.h `ct_seq_ok`, do
 "Sequence checks"): the case frames (analysis/frames.py) give every TCP packet the same sequence
 number and, with ACK, an acknowledgement of the opener's end (a bare SYN: packet.CasePacket.opener).
 So the initiator's RST (not at its next sequence number) is out of window, and so are the responder's
-RST without ACK and its FIN without ACK coming in from the peer when the host sent the SYN (no
-acceptable ACK, RFC 5961 §5): they pass as pass_conntrack_out_of_window, whatever the policy. The
+RST without ACK coming in from the peer when the host sent the SYN (no acceptable ACK, RFC 5961 §5)
+and every FIN but one the responder's SYN carries (no FIN counts before the handshake is answered;
+the responder's SYN|FIN without ACK from the peer lacks the ACK): they pass as
+pass_conntrack_out_of_window, whatever the policy. The
 responder's SYN-ACK and RST with ACK acknowledge the SYN; FINs are at the SYN's sequence number. Cost:
 one or two stateless judgements.
 """
@@ -93,6 +95,8 @@ def _out_of_window(p: CasePacket, from_initiator: bool) -> bool:
     f = p.tcp_flag_bits
     if f & _RST:
         return from_initiator or not f & _ACK
+    if f & _FIN and (from_initiator or not f & _SYN):
+        return True         # no FIN before the handshake is answered (the fresh entry is syn_sent)
     # a FIN from the peer needs an acceptable ACK once the host's side is known (the host sent the SYN)
     return bool(f & _FIN) and not f & _ACK and not from_initiator and p.direction == "ingress"
 

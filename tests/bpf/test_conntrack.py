@@ -855,3 +855,27 @@ def test_blind_ack_does_not_confirm_a_connection_to_the_host(harness, v6):
     assert _state(harness, v6, sport=22) == "syn_recv"
     assert harness.run("xdp", in_tcp("A", seq=ISN_PEER + 1, ack=ISN_ME + 1, **kw)).reason == "pass_conntrack"
     assert _state(harness, v6, sport=22) == "established"
+
+
+@pytest.mark.parametrize("v6", [False, True], ids=["v4", "v6"])
+def test_fin_before_the_handshake_is_answered_changes_nothing(harness, v6):
+    """A spoofed SYN then its FIN, before the host's SYN-ACK left (XDP judges the FIN first): real TCP
+    sends no FIN in SYN_SENT (netfilter: invalid). It passes unchanged — the entry stays unconfirmed
+    (evicted first, 10 s), not fin_wait, which a full bucket ranks with established connections and
+    keeps 120 s. The handshake then completes as usual."""
+    harness.install(POLICY % "true")
+    kw = {"sport": 50000, "dport": 22, "v6": v6}
+    assert harness.run("xdp", in_tcp("S", seq=ISN_PEER, ack=0, **kw)).reason == "pass_rule"
+    for flags in ("F", "FA"):
+        got = harness.run("xdp", in_tcp(flags, seq=ISN_PEER + 1, ack=ISN_ME + 1, **kw))
+        assert (got.passed, got.reason) == (True, "pass_conntrack_out_of_window"), flags
+    assert _state(harness, v6, sport=22) == "syn_sent"
+    assert harness.run("tc_egress", out_tcp("SA", sport=22, dport=50000, v6=v6, seq=ISN_ME,
+                                            ack=ISN_PEER + 1)).reason == "pass_conntrack"
+    assert harness.run("xdp", in_tcp("A", seq=ISN_PEER + 1, ack=ISN_ME + 1, **kw)).reason == "pass_conntrack"
+    assert _state(harness, v6, sport=22) == "established"
+    # the host's SYN: the peer's FIN before its SYN-ACK changes nothing either
+    assert harness.run("tc_egress", out_tcp("S", sport=40001, v6=v6, seq=ISN_ME)).reason == "pass_default"
+    got = harness.run("xdp", in_tcp("FA", dport=40001, v6=v6, seq=ISN_PEER, ack=ISN_ME + 1))
+    assert (got.passed, got.reason) == (True, "pass_conntrack_out_of_window")
+    assert _state(harness, v6, sport=40001) == "syn_sent"
