@@ -1,0 +1,100 @@
+"""The cross-product first-match table (docs/datapath.md "Classification"): for every (L4 class, peer
+class) pair, the first rule whose bit is set in both class bitmaps, so the datapath answers with one
+array load instead of ANDing up to 64 bitmap words.
+
+Cell value: rule order + 1, 0 when no rule matches; cell index = L4 class x stride + peer class with
+stride = number of peer classes (hw_policy_hdr.xm_stride). Over XM_CELLS_MAX cells there is no table
+(stride 0) and the datapath scans the bitmaps as before.
+
+Computed by painting, not by ANDing every pair: a rule in every peer class (an any-peer rule) decides
+whole rows at once (the first such rule of an L4 class is that row's answer unless an earlier rule
+matches); every other rule, from the last to the first, writes its peer classes x its L4 classes, cut to
+the rows whose full-row answer comes after it. Cost: O(cells + sum over those rules of their cells),
+~0.1 s for the max policy (docs/benchmarks.md). A re-apply that keeps the peer axis recomputes only the
+rows of L4 classes whose bitmap changed or is new (memo of the last table).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from hostwall.bpf import layout as L
+
+
+def _bits(words: np.ndarray) -> np.ndarray:
+    """(n, WORDS) u64 bitmaps -> (n, WORDS * 64) u8, column r = rule order r (host byte order: little)."""
+    return np.unpackbits(np.ascontiguousarray(words).view(np.uint8), axis=1, bitorder="little")
+
+
+def first_match_rows(peer_words: np.ndarray, l4_words: np.ndarray) -> np.ndarray:
+    """(len(l4_words), len(peer_words)) u16: first matching rule's order + 1 per (L4 class, peer class),
+    0 for none. Exactly the lowest set bit of the two bitmaps' AND (tests/enforcer/test_xmatch.py)."""
+    pb, lb = _bits(peer_words), _bits(l4_words)
+    nrules = pb.shape[1]
+    full = pb.all(axis=0) if len(pb) else np.zeros(nrules, bool)
+    lf = lb & full
+    first = np.where(lf.any(axis=1), lf.argmax(axis=1), nrules)       # first any-peer rule per row
+    out = np.repeat(np.where(first < nrules, first + 1, 0).astype(np.uint16)[:, None], len(pb), axis=1)
+    partial = np.flatnonzero(~full & pb.any(axis=0) & lb.any(axis=0))
+    pt, lt = np.ascontiguousarray(pb[:, partial].T), np.ascontiguousarray(lb[:, partial].T)
+    for i in range(len(partial) - 1, -1, -1):           # last rule first: earlier rules overwrite
+        r = int(partial[i])
+        rows = np.flatnonzero(lt[i] & (first > r))
+        if len(rows):
+            out[np.ix_(rows, np.flatnonzero(pt[i]))] = r + 1
+    return out
+
+
+@dataclass
+class _Last:
+    peer: np.ndarray           # the peer bitmaps object (the memoised peer axis: compared by identity)
+    l4: np.ndarray             # a copy of the L4 bitmaps the table was computed for
+    rows: np.ndarray           # (L4 classes, peer classes) u16
+    packed: np.ndarray         # hw_xm_elem, read-only
+
+
+_LAST: list[_Last] = []
+
+
+def clear_memo() -> None:
+    _LAST.clear()
+
+
+def table(peer_bitmaps: np.ndarray, l4_bitmaps: np.ndarray) -> tuple[np.ndarray | None, int]:
+    """(hw_xm_elem records, stride) of one generation, or (None, 0) when the product of the class counts
+    exceeds XM_CELLS_MAX (the datapath then scans). Reuses the last table's rows when the peer axis is the
+    same object: only L4 classes whose bitmap changed or is new are recomputed (incremental apply)."""
+    npeer, nl4 = len(peer_bitmaps), len(l4_bitmaps)
+    if npeer == 0 or npeer * nl4 > L.XM_CELLS_MAX:
+        return None, 0
+    last = _LAST[0] if _LAST else None
+    if last is not None and last.peer is peer_bitmaps:
+        k = min(nl4, len(last.l4))
+        stale = np.flatnonzero((_u64(last.l4[:k]) != _u64(l4_bitmaps[:k])).any(axis=1))
+        todo = np.concatenate([stale, np.arange(k, nl4)])
+        if not len(todo) and nl4 == len(last.l4):
+            return last.packed, npeer
+        rows = np.zeros((nl4, npeer), np.uint16)
+        rows[:k] = last.rows[:k]
+        if len(todo):
+            rows[todo] = first_match_rows(peer_bitmaps["words"], l4_bitmaps["words"][todo])
+    else:
+        rows = first_match_rows(peer_bitmaps["words"], l4_bitmaps["words"])
+    packed = _pack(rows)
+    _LAST[:] = [_Last(peer_bitmaps, l4_bitmaps.copy(), rows, packed)]
+    return packed, npeer
+
+
+def _u64(recs: np.ndarray) -> np.ndarray:
+    """hw_class records as rows of u64 (one compare per word)."""
+    return np.ascontiguousarray(recs).view(np.uint64).reshape(len(recs), -1)
+
+
+def _pack(rows: np.ndarray) -> np.ndarray:
+    """Row-major cells into hw_xm_elem records (XM_SLOTS cells each, the last one zero-padded)."""
+    flat = np.zeros(-(-rows.size // L.XM_SLOTS) * L.XM_SLOTS, np.uint16)
+    flat[: rows.size] = rows.reshape(-1)
+    out = flat.view(L.DTYPES["hw_xm_elem"])
+    out.flags.writeable = False
+    return out
