@@ -20,10 +20,10 @@ import numpy as np
 
 from hostwall.bpf import layout as L
 
+from . import xmatch
 from .classify import Classes, CompileError, classify, refine, start_keys
 from .compile_memo import AxisMemo, LastCompile, same
 from .policy import ESSENTIAL_ICMP, DosProfile, PeerSet, Policy, Rule
-from . import xmatch
 
 
 @dataclass(frozen=True)
