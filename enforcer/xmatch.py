@@ -22,27 +22,35 @@ import numpy as np
 from hostwall.bpf import layout as L
 
 
-def _bits(words: np.ndarray) -> np.ndarray:
-    """(n, WORDS) u64 bitmaps -> (n, WORDS * 64) u8, column r = rule order r (host byte order: little)."""
-    return np.unpackbits(np.ascontiguousarray(words).view(np.uint8), axis=1, bitorder="little")
+def _lowest(words: np.ndarray) -> np.ndarray:
+    """Per row of (n, WORDS) u64 bitmaps: the index of its lowest set bit, WORDS * 64 when it has none."""
+    nz = words != 0
+    w = nz.argmax(axis=1)
+    v = words[np.arange(len(words)), w]
+    has = nz.any(axis=1)
+    out = np.full(len(words), words.shape[1] * 64, np.int64)
+    low = v[has] & (~v[has] + np.uint64(1))                 # a power of two: log2 is exact in float64
+    out[has] = w[has] * 64 + np.log2(low.astype(np.float64)).astype(np.int64)
+    return out
 
 
 def first_match_rows(peer_words: np.ndarray, l4_words: np.ndarray) -> np.ndarray:
     """(len(l4_words), len(peer_words)) u16: first matching rule's order + 1 per (L4 class, peer class),
-    0 for none. Exactly the lowest set bit of the two bitmaps' AND (tests/enforcer/test_xmatch.py)."""
-    pb, lb = _bits(peer_words), _bits(l4_words)
-    nrules = pb.shape[1]
-    full = pb.all(axis=0) if len(pb) else np.zeros(nrules, bool)
-    lf = lb & full
-    first = np.where(lf.any(axis=1), lf.argmax(axis=1), nrules)       # first any-peer rule per row
-    out = np.repeat(np.where(first < nrules, first + 1, 0).astype(np.uint16)[:, None], len(pb), axis=1)
-    partial = np.flatnonzero(~full & pb.any(axis=0) & lb.any(axis=0))
-    pt, lt = np.ascontiguousarray(pb[:, partial].T), np.ascontiguousarray(lb[:, partial].T)
-    for i in range(len(partial) - 1, -1, -1):           # last rule first: earlier rules overwrite
-        r = int(partial[i])
-        rows = np.flatnonzero(lt[i] & (first > r))
+    0 for none. Exactly the lowest set bit of the two bitmaps' AND (tests/unit/test_xmatch.py). Memory:
+    the table and one transposed copy of the peer bitmaps (no per-rule bit matrix)."""
+    nbits = peer_words.shape[1] * 64
+    full = np.bitwise_and.reduce(peer_words, axis=0)                  # rules in every peer class
+    first = _lowest(l4_words & full)                                   # first such rule per row
+    out = np.repeat(np.where(first < nbits, first + 1, 0).astype(np.uint16)[:, None], len(peer_words), axis=1)
+    some = np.bitwise_or.reduce(peer_words, axis=0) & np.bitwise_or.reduce(l4_words, axis=0) & ~full
+    partial = np.flatnonzero(np.unpackbits(some.view(np.uint8), bitorder="little"))
+    pt, lt = np.ascontiguousarray(peer_words.T), np.ascontiguousarray(l4_words.T)
+    one = np.uint64(1)
+    for r in partial[::-1].tolist():                   # last rule first: earlier rules overwrite
+        w, b = r >> 6, np.uint64(r & 63)
+        rows = np.flatnonzero(((lt[w] >> b) & one).astype(bool) & (first > r))
         if len(rows):
-            out[np.ix_(rows, np.flatnonzero(pt[i]))] = r + 1
+            out[np.ix_(rows, np.flatnonzero((pt[w] >> b) & one))] = r + 1
     return out
 
 
