@@ -34,10 +34,17 @@ def _lowest(words: np.ndarray) -> np.ndarray:
     return out
 
 
+_DIRECT_ROWS = 8      # up to this many L4 rows: ~1.5 MB of ANDs per row of 3000 peer classes, no paint loop
+
+
 def first_match_rows(peer_words: np.ndarray, l4_words: np.ndarray) -> np.ndarray:
     """(len(l4_words), len(peer_words)) u16: first matching rule's order + 1 per (L4 class, peer class),
     0 for none. Exactly the lowest set bit of the two bitmaps' AND (tests/unit/test_xmatch.py). Memory:
     the table and one transposed copy of the peer bitmaps (no per-rule bit matrix)."""
+    if len(l4_words) <= _DIRECT_ROWS:                 # a few rows (incremental apply): AND them directly
+        ands = l4_words[:, None, :] & peer_words[None, :, :]
+        low = _lowest(ands.reshape(-1, peer_words.shape[1])).reshape(len(l4_words), len(peer_words))
+        return np.where(low < peer_words.shape[1] * 64, low + 1, 0).astype(np.uint16)
     nbits = peer_words.shape[1] * 64
     full = np.bitwise_and.reduce(peer_words, axis=0)                  # rules in every peer class
     first = _lowest(l4_words & full)                                   # first such rule per row
