@@ -16,6 +16,7 @@ BPF_F_TABLE("array", u32, struct hw_top, hw_top6, 2 * HW_TOP_SIZE, MAPF_MMAP);
 BPF_F_TABLE("array", u32, struct hw_iv4, hw_iv4, 2 * HW_V4_INTERVALS_MAX, MAPF_MMAP);
 BPF_F_TABLE("array", u32, struct hw_iv6, hw_iv6, 2 * HW_V6_INTERVALS_MAX, MAPF_MMAP);
 BPF_F_TABLE("array", u32, struct hw_l4_elem, hw_l4, 2 * HW_L4_ELEMS, MAPF_MMAP);
+BPF_F_TABLE("array", u32, struct hw_xm_elem, hw_xmatch, 2 * HW_XM_ELEMS, MAPF_MMAP);
 
 /* ---- helpers -------------------------------------------------------------------------------- */
 /* Index of the lowest set bit (x != 0): popcount of the bits below it. Branch-free on purpose: BPF has
@@ -137,6 +138,19 @@ static __always_inline int first_match(__u32 gen, __u32 pcls, __u32 lcls)
 			return (w + 3) * 64 + ctz64(v);
 	}
 	return -1;
+}
+
+/* First matching rule (order index) or -1 from the compiler's cross-product table (hw_policy_hdr.xm_stride
+ * set): one inlined array load in place of first_match's scan (docs/datapath.md "Classification"). The
+ * compiler bounds stride x L4 classes by HW_XM_CELLS_MAX, so the cell is always one it wrote. */
+static __always_inline int xm_match(__u32 gen, __u32 pcls, __u32 lcls, __u32 stride)
+{
+	__u32 cell = lcls * stride + pcls;
+	__u32 idx = gen * HW_XM_ELEMS + ((cell / HW_XM_SLOTS) & (HW_XM_ELEMS - 1));
+	struct hw_xm_elem *e = hw_xmatch.lookup(&idx);
+	if (!e)
+		return -1;
+	return (int)e->rule[cell & (HW_XM_SLOTS - 1)] - 1;
 }
 
 #endif /* HW_CLASSIFY_H */

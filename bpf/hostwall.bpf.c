@@ -105,7 +105,7 @@ static __always_inline void judge_first(struct env *v, struct pkt *p, struct jud
 	int rc = p->family == 4 ? peer_class4(gen, v->dir == HW_DIR_INGRESS ? p->saddr[0] : p->daddr[0], &pcls)
 				: peer_class6(gen, v->dir == HW_DIR_INGRESS ? p->saddr : p->daddr, &pcls);
 	if (rc == 0 && l4_class(gen, v->dir, p, &lcls) == 0) {
-		m = first_match(gen, pcls, lcls);
+		m = h->xm_stride ? xm_match(gen, pcls, lcls, h->xm_stride) : first_match(gen, pcls, lcls);
 		/* fqdns rules are in no peer class: the dynamic set decides them (fqdn.h) */
 		if (v->dir == HW_DIR_EGRESS && h->fqdn_rules)
 			m = fqdn_match(v, p, gen, lcls, m);

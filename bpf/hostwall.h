@@ -28,6 +28,9 @@
 #define HW_PROTO_IDX_MAX      5         /* protocol index: tcp, udp, icmp, icmpv6, other */
 #define HW_L4_SLOTS_PER_ELEM  4         /* u16 class ids packed per hw_l4_elem */
 #define HW_L4_ELEMS           (2 * HW_PROTO_IDX_MAX * 65536 / HW_L4_SLOTS_PER_ELEM)  /* per generation */
+#define HW_XM_SLOTS           4         /* u16 first-match cells packed per hw_xm_elem */
+#define HW_XM_ELEMS           (1 << 20) /* hw_xmatch elements per generation (a power of two) */
+#define HW_XM_CELLS_MAX       (HW_XM_ELEMS * HW_XM_SLOTS)  /* peer x L4 classes above it: the scan */
 #define HW_CT_MAX             262144    /* conntrack table slots per family */
 #define HW_CT_WAYS            4         /* slots per conntrack bucket: a connection lives in one of them */
 #define HW_CT_F_END_EMITTED   0x80      /* hw_ct_entry.fin_seen: the datapath emitted this flow's flow_end */
@@ -204,7 +207,8 @@ struct hw_policy_hdr {              /* hw_policy_map[gen] */
 	__u32 essential_slot;       /* counter slot of the pseudo-rule essential_icmp; ~0: none */
 	__u32 fqdn_rules;           /* rules with fqdns (hw_fqdn_rules); 0 skips the dynamic set */
 	__u32 ct_unconfirmed_s;     /* idle timeout of unconfirmed conntrack entries, s; 0: HW_CT_TO_UNCONFIRMED */
-	__u32 pad2;                 /* 32 bytes in all: a multiple of 8, the array's value stride */
+	__u32 xm_stride;            /* hw_xmatch cell = L4 class * xm_stride + peer class; 0: no table, the
+	                             * bit-vector scan (32 bytes in all: a multiple of 8, the value stride) */
 };
 
 struct hw_rule {                    /* hw_rule_map[gen * HW_MAX_RULES + order] */
@@ -233,6 +237,10 @@ struct hw_iv6 {                     /* hw_iv6[gen * HW_V6_INTERVALS_MAX + i], so
 	__u64 lo;
 	__u32 cls;
 	__u32 pad;
+};
+
+struct hw_xm_elem {                 /* hw_xmatch[gen * HW_XM_ELEMS + cell / 4] (docs/datapath.md) */
+	__u16 rule[HW_XM_SLOTS];    /* first matching rule's order + 1 for (peer class, L4 class); 0: none */
 };
 
 struct hw_l4_elem {                 /* hw_l4[gen * HW_L4_ELEMS + key / 4], key = (dir*5+proto)*65536+port */

@@ -74,6 +74,9 @@ TOP_BITS = C["HW_TOP_BITS"]
 PROTO_IDX_MAX = C["HW_PROTO_IDX_MAX"]
 L4_SLOTS_PER_ELEM = C["HW_L4_SLOTS_PER_ELEM"]
 L4_ELEMS = C["HW_L4_ELEMS"]
+XM_SLOTS = C["HW_XM_SLOTS"]
+XM_ELEMS = C["HW_XM_ELEMS"]
+XM_CELLS_MAX = C["HW_XM_CELLS_MAX"]
 HOOKS = C["HW_HOOKS"]
 VERDICTS = C["HW_VERDICTS"]
 REASONS = C["HW_REASONS"]
@@ -129,13 +132,14 @@ DTYPES: dict[str, np.dtype] = {
     "hw_policy_hdr": np.dtype([("revision_id", u32), ("nrules", u32), ("default_ingress", u8),
                                ("default_egress", u8), ("stateful", u8), ("audit", u8), ("essential_icmp", u8),
                                ("pad", u8, 3), ("essential_slot", u32), ("fqdn_rules", u32),
-                               ("ct_unconfirmed_s", u32), ("pad2", u32)]),
+                               ("ct_unconfirmed_s", u32), ("xm_stride", u32)]),
     "hw_rule": np.dtype([("slot", u32), ("action", u8), ("pad", u8, 3)]),
     "hw_class": np.dtype([("summary", u64), ("words", u64, WORDS)]),
     "hw_top": np.dtype([("first", u32), ("last", u32)]),
     "hw_iv4": np.dtype([("start", u32), ("cls", u32)]),
     "hw_iv6": np.dtype([("hi", u64), ("lo", u64), ("cls", u32), ("pad", u32)]),
     "hw_l4_elem": np.dtype([("cls", u16, L4_SLOTS_PER_ELEM)]),
+    "hw_xm_elem": np.dtype([("rule", u16, C["HW_XM_SLOTS"])]),
     "hw_dos_port": np.dtype([("port", u16), ("proto", u8), ("pad", u8), ("pps", u32)]),
     "hw_port_range": np.dtype([("lo", u16), ("hi", u16)]),
     "hw_dos_profile": np.dtype([("pps", u64), ("burst", u64), ("bps", u64), ("bps_burst", u64), ("syn_pps", u64),

@@ -22,6 +22,7 @@ POLICY_MAPS = {
     "hw_iv4": ("hw_iv4", L.V4_INTERVALS_MAX),
     "hw_iv6": ("hw_iv6", L.V6_INTERVALS_MAX),
     "hw_l4": ("hw_l4_elem", L.L4_ELEMS),
+    "hw_xmatch": ("hw_xm_elem", L.XM_ELEMS),
     "hw_dos_profiles": ("hw_dos_profile", L.C["HW_DOS_PROFILES_MAX"]),
     "hw_dos_ifs": ("hw_dos_if", L.C["HW_DOS_IF_SLOTS"]),
     "hw_fqdn_rules": ("hw_fqdn_rule", L.FQDN_RULES_MAX),

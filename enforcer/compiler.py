@@ -20,6 +20,7 @@ import numpy as np
 
 from hostwall.bpf import layout as L
 
+from . import xmatch
 from .classify import Classes, CompileError, classify, refine, start_keys
 from .compile_memo import AxisMemo, LastCompile, same
 from .policy import ESSENTIAL_ICMP, DosProfile, PeerSet, Policy, Rule
@@ -42,10 +43,12 @@ class CompiledPolicy:
     dos_profile_names: tuple[str, ...] = ()
     fqdn_rules: np.ndarray | None = None    # hw_fqdn_rule per fqdns rule, in rule order
     fqdn_l4: np.ndarray | None = None       # hw_fqdn_l4 per L4 class
+    xmatch: np.ndarray | None = None        # hw_xm_elem: the first-match table (None: over the cap, the scan)
 
     def describe(self) -> dict:
         return {"rules": len(self.rule_names), "peer_classes": len(self.peer_cls), "l4_classes": len(self.l4_cls),
-                "v4_intervals": len(self.iv4), "v6_intervals": len(self.iv6)}
+                "v4_intervals": len(self.iv4), "v6_intervals": len(self.iv6),
+                "xmatch_cells": int(self.hdr["xm_stride"][0]) * len(self.l4_cls)}
 
 
 # ---- fields -------------------------------------------------------------------------------------
@@ -381,6 +384,7 @@ def clear_memo() -> None:
     _LAST.clear()
     _SPANS.clear()
     _BIG_MEMO.clear()
+    xmatch.clear_memo()
 
 
 def _peer_axis(rules: tuple[Rule, ...]):
@@ -559,10 +563,11 @@ def compile_policy(policy: Policy, slots: dict[str, int], revision_id: int,
         fqdn_sets = {lst: i + 1 for i, lst in enumerate(dict.fromkeys(rules[o].fqdns for o in fq))}
     fq_rules, fq_l4 = _fqdn_tables([(o, rules[o]) for o in fq], cl4.bitmaps, fqdn_sets)
     hdr["fqdn_rules"] = len(fq_rules)
+    xm, hdr["xm_stride"] = xmatch.table(peer_cls, cl4.bitmaps)
     return CompiledPolicy(hdr=hdr, rules=rule_recs, peer_cls=peer_cls, l4_cls=cl4.bitmaps, top4=top4, iv4=iv4,
                           top6=top6, iv6=iv6, l4=l4, rule_names=names,
                           dos_profiles=dos_profiles, dos_ifs=dos_ifs, dos_profile_names=dos_names,
-                          fqdn_rules=fq_rules, fqdn_l4=fq_l4)
+                          fqdn_rules=fq_rules, fqdn_l4=fq_l4, xmatch=xm)
 
 
 def _cat(xs: list, dt) -> np.ndarray:

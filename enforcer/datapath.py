@@ -144,6 +144,8 @@ class Datapath(Instance):
                  "hw_dos_profiles": cp.dos_profiles, "hw_dos_ifs": cp.dos_ifs}
         if cp.fqdn_rules is not None:
             parts.update(hw_fqdn_rules=cp.fqdn_rules, hw_fqdn_l4=cp.fqdn_l4)
+        if cp.xmatch is not None:         # without it xm_stride is 0: the table is not read
+            parts["hw_xmatch"] = cp.xmatch
         written, known = {}, []
         for name, arr in parts.items():
             if held.get(name) is arr:        # a read-only array this object wrote there itself

@@ -30,13 +30,20 @@ def _same(a, b) -> None:
     """Equal tables, except that L4 class ids may differ (a patched compile keeps the previous ids):
     every L4 key must map to the same rule set (and fqdns-rule set)."""
     for f in dataclasses.fields(b):
-        if f.name in ("l4", "l4_cls", "fqdn_l4"):
+        if f.name in ("l4", "l4_cls", "fqdn_l4", "xmatch"):
             continue
         x, y = getattr(a, f.name), getattr(b, f.name)
         assert (x.tobytes() == y.tobytes()) if hasattr(x, "tobytes") else x == y, f.name
     ka, kb = a.l4["cls"].reshape(-1), b.l4["cls"].reshape(-1)
     assert a.l4_cls[ka].tobytes() == b.l4_cls[kb].tobytes()
     assert a.fqdn_l4[ka].tobytes() == b.fqdn_l4[kb].tobytes()
+    assert _xm_rows(a)[ka].tobytes() == _xm_rows(b)[kb].tobytes()      # the first-match table, per key
+
+
+def _xm_rows(cp):
+    """The cross-product table as (L4 class, peer class) cells."""
+    n, stride = len(cp.l4_cls), int(cp.hdr["xm_stride"][0])
+    return cp.xmatch["rule"].reshape(-1)[: n * stride].reshape(n, stride)
 
 
 def test_patched_compile_equals_full_compile():
