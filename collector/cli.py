@@ -182,7 +182,7 @@ def run(cfg: CollectorConfig, *, verbose: bool = False) -> int:
     from .config_checks import config_warnings
     from .kernel import KernelSourceError
     from .pipeline import PipelineFailed, StartFailed
-    from .retired_drain import RetiredNotDrained, drain_retired
+    from .retired_drain import RetiredNotDrained, drain_retired, unpin_if_drained
     from .sinks import SinkUnavailable
     from .wiring import build_pipeline
     for w in config_warnings(cfg):
@@ -228,6 +228,7 @@ def run(cfg: CollectorConfig, *, verbose: bool = False) -> int:
         return 1
     if pipe is None:
         return 0
+    unpin_if_drained(cfg, pipe)             # its instance was retired while it ran (docs/collector.md "Detach")
     led = pipe.ledger.snapshot()
     led["quiescent_violations"] = pipe.ledger.check(quiescent=True)
     for line in ledger_lines(led):

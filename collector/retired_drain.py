@@ -31,7 +31,7 @@ from .pipeline import Pipeline
 
 log = logging.getLogger("hostwall.collector")
 
-__all__ = ["RetiredNotDrained", "drain_retired"]
+__all__ = ["RetiredNotDrained", "drain_retired", "unpin_if_drained"]
 
 DRAIN_IDLE_S = 30.0     # the ring's committed position did not move for this long: stop and judge what is left
 ATTEMPTS = 3            # pipeline runs on one retired instance before `run` gives up (it stays pinned)
@@ -88,6 +88,17 @@ async def _run_to_end(pipe: Pipeline) -> bool:
         await asyncio.sleep(POLL_S)
     await task
     return stopped_by_us
+
+
+def unpin_if_drained(cfg: CollectorConfig, pipe: Pipeline) -> bool:
+    """After a run that read its instance through the detach: that instance was retired under its
+    detached_ns; unpin it if nothing of it is left (the next start need not drain it). True if unpinned."""
+    path = retired.root(cfg.pin_dir) / str(pipe.detached_ns)
+    if not pipe.detached_ns or not (path / "maps").is_dir() or leftover(cfg, pipe, path):
+        return False
+    retired.remove(cfg.pin_dir, path)
+    log.info("the detached instance %s is drained: unpinned", path)
+    return True
 
 
 def leftover(cfg: CollectorConfig, pipe: Pipeline, path: Path) -> list[str]:

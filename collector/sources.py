@@ -259,6 +259,7 @@ class Sources:
                             "\"Detach\"; counted in ct_detach_stale)")
         if s.detached_ns and not self._detach_seen:
             self._detach_seen = True
+            self.detached_ns = s.detached_ns     # names its retired dir (bpf/retired.py)
             self.counters["ct_detached"] += s.detached
             log.warning("the datapath was detached (a clean enforcer stop): %d connection(s) it still tracked "
                         "reported as ended (end_reason detach)", s.detached)

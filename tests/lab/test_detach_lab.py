@@ -53,7 +53,17 @@ def ends(recs: list[dict]) -> list[dict]:
     return [r for r in recs if r["event"]["type"] == ["end"]]
 
 
+def the_detach_end(recs: list[dict], proto: str, stopped: int) -> dict:
+    """A flow's one end record: `detach`, stamped between its start and the enforcer's stop."""
+    [end] = ends(recs)
+    assert end["hostwall"]["flow"]["end_reason"] == "detach", (proto, end["hostwall"]["flow"])
+    assert end["event"]["reason"] == "datapath detached"
+    assert parse_iso_ns(end["event"]["start"]) <= parse_iso_ns(end["event"]["end"]) <= stopped
+    return end
+
+
 def test_an_enforcer_stop_ends_the_open_tcp_connection_and_the_udp_flow_once(lab, tmp_path):
+    from hostwall.bpf import retired
     cli, prot = lab.addr("cli"), lab.addr("prot")
     with EnforcerProcess(lab, EXAMPLE_POLICY) as enf, CollectorProcess(enf, tmp_path) as col, \
             traffic.echo_servers(lab, "prot", tcp=[80], udp=[5353]):
@@ -69,15 +79,14 @@ def test_an_enforcer_stop_ends_the_open_tcp_connection_and_the_udp_flow_once(lab
             until(lambda: all(ends(v) for v in flows(col.jsonl, cli, ports).values()), 20,
                   "both flows' end records after the detach")
             time.sleep(3)                                # three more scans: nothing reported twice
+            assert len(retired.listing(enf.pin_dir)) == 1   # its maps were retired, this collector drains them
             assert col.stop() == 0
+            assert retired.listing(enf.pin_dir) == []       # drained: unpinned at its stop
         finally:
             lab.stop(client)
     got = flows(col.jsonl, cli, ports)
     for proto, recs in got.items():
-        [end] = ends(recs)
-        assert end["hostwall"]["flow"]["end_reason"] == "detach", (proto, end["hostwall"]["flow"])
-        assert end["event"]["reason"] == "datapath detached"
-        assert parse_iso_ns(end["event"]["start"]) <= parse_iso_ns(end["event"]["end"]) <= stopped
+        end = the_detach_end(recs, proto, stopped)
         assert end["source"]["packets"] >= (3 if proto == "tcp" else 1) and end["destination"]["packets"] >= 1
     led = col.final_status["ledger"]
     assert led["ok"] and not led["violations"], led
@@ -179,11 +188,8 @@ def test_a_stop_while_no_collector_runs_is_drained_by_the_next_collector(lab, tm
                 assert col.stop() == 0
         finally:
             lab.stop(client)
-    got = flows(col.jsonl, cli, ports)
-    for proto, recs in got.items():
-        [end] = ends(recs)
-        assert end["hostwall"]["flow"]["end_reason"] == "detach", (proto, end["hostwall"]["flow"])
-        assert parse_iso_ns(end["event"]["end"]) <= stopped
+    for proto, recs in flows(col.jsonl, cli, ports).items():
+        the_detach_end(recs, proto, stopped)
         assert len([r for r in recs if r["event"]["type"] == ["start"]]) == 1
     denied = [r for r in read_jsonl(col.jsonl) if kind(r) == "drop_summary"
               and r["destination"].get("port") == 9000]
