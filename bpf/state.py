@@ -109,7 +109,11 @@ class InstanceState:
 
     @classmethod
     def load(cls, pin_dir: str) -> InstanceState | None:
-        p = state_path(pin_dir)
+        return cls.load_file(state_path(pin_dir))
+
+    @classmethod
+    def load_file(cls, p: Path) -> InstanceState | None:
+        """The state saved at `p` (the live one, or a retired instance's copy: bpf/retired.py)."""
         try:
             d = json.loads(p.read_text())
         except FileNotFoundError:

@@ -182,20 +182,20 @@ def run(cfg: CollectorConfig, *, verbose: bool = False) -> int:
     from .config_checks import config_warnings
     from .kernel import KernelSourceError
     from .pipeline import PipelineFailed, StartFailed
+    from .retired_drain import RetiredNotDrained, drain_retired, unpin_if_drained
     from .sinks import SinkUnavailable
     from .wiring import build_pipeline
     for w in config_warnings(cfg):
         logging.getLogger("hostwall.collector").warning("%s", w)
-    try:
-        pipe = build_pipeline(cfg)
-    except (KernelSourceError, SinkUnavailable) as e:
-        _err(str(e))
-        return 1
-    except OSError as e:
-        _err(f"cannot start: {e}")
-        return 1
+    pipe = None
 
     async def go() -> None:
+        nonlocal pipe
+        drained = await drain_retired(cfg, build_pipeline)      # docs/collector.md "Detach"
+        if drained is None:
+            return                              # stopped by a signal while draining
+        pipe = build_pipeline(cfg)
+        pipe.retired_drained = drained
         task = asyncio.ensure_future(pipe.run(install_signals=True))
         while pipe.state == "starting" and not task.done():
             await asyncio.sleep(0.01)
@@ -210,19 +210,25 @@ def run(cfg: CollectorConfig, *, verbose: bool = False) -> int:
     tune_for_batches()                      # records are made in batches: hostwall/gcpause.py says why
     try:
         uvloop.run(go())
+    except (KernelSourceError, SinkUnavailable, RetiredNotDrained) as e:
+        _err(str(e))
+        return 1
     except StartFailed as e:
         _err(f"cannot start: {e}")
         return 1
     except PipelineFailed as e:
         _err(f"stopped: {e}")
         return 1
-    except (SinkUnavailable, OSError) as e:
+    except OSError as e:
         _err(f"cannot start: {e}")
         return 1
     except Exception as e:
         logging.getLogger("hostwall.collector").debug("unexpected failure", exc_info=True)
         _err(f"failed: {type(e).__name__}: {e} (run with -v for details)")
         return 1
+    if pipe is None:
+        return 0
+    unpin_if_drained(cfg, pipe)             # its instance was retired while it ran (docs/collector.md "Detach")
     led = pipe.ledger.snapshot()
     led["quiescent_violations"] = pipe.ledger.check(quiescent=True)
     for line in ledger_lines(led):

@@ -158,8 +158,16 @@ class Pipeline(Sources, Shutdown):
         self.state = "starting"
         self.last_drain: dict = {}
         self.last_scan: dict = {}
+        self.detached_ns = 0                        # the detach a scan reported (collector/retired_drain.py)
+        self.retired_drained: list[dict] = []       # retired instances drained before this run (collector/retired_drain.py)
 
     # ---- public --------------------------------------------------------------------------------
+    @property
+    def detach_reported(self) -> bool:
+        """A conntrack scan saw the detach note and reported the ends of what was tracked (docs/collector.md
+        "Detach")."""
+        return self._detach_seen
+
     def stop(self) -> None:
         """Request a clean shutdown (signal handlers call this)."""
         if self._stop is not None:

@@ -30,6 +30,7 @@ import time
 
 import orjson
 
+from hostwall.bpf import retired
 from hostwall.bpf.ringbuf import slot_size
 
 from . import flow_summary
@@ -68,6 +69,12 @@ class Sources:
             if torn:
                 rs.lost["spool_torn"] = rs.lost.get("spool_torn", 0) + torn
                 rs.notes.append(f"sink {s.name}: {torn} spooled records cut off with a torn spool tail")
+        gone = retired.discarded(self.cfg.pin_dir)      # retired instances unpinned undrained (bpf/retired.py)
+        for h in gone:
+            rs.lost[h["reason"]] = rs.lost.get(h["reason"], 0) + retired.lost_records(h)
+            rs.notes.append(f"retired instance {h['detached_ns']} was unpinned before a collector drained it "
+                            f"({h['reason']}): {h['events']} events, {h['connections']} connection ends, "
+                            f"{h['drop_keys']} drop keys")
         for reason, n in rs.lost.items():
             self.ledger.lose("restart", reason, n, produced="kernel")
         self.seq = {s: ck.seq(s) for s in STREAMS}
@@ -94,11 +101,12 @@ class Sources:
         await self._replay_outbox()
         if rs.previous in ("crash", "reboot"):
             await self._close_orphaned_anomalies()
+        if rs.previous in ("crash", "reboot") or gone:
             log.warning("collector restarted after a %s: %s", rs.previous,
                         "; ".join(rs.notes) or f"kernel counted while down: {self.kernel_while_down or 'nothing'}")
             rec = self.losses.restart(rs.as_dict(), kernel_while_down=self.kernel_while_down,
                                       previous_run=(self.previous_run or {}).get("ledger"), seqs=dict(self.seq))
-            await self._emit_owned([rec], "collector")
+            await self._emit_owned([rec], "collector", kept=lambda: retired.forget_discarded(self.cfg.pin_dir, gone))
             self._keep_kernel_baseline()         # kernel_while_down is in the outbox now
 
     async def _replay_outbox(self) -> None:
@@ -251,6 +259,7 @@ class Sources:
                             "\"Detach\"; counted in ct_detach_stale)")
         if s.detached_ns and not self._detach_seen:
             self._detach_seen = True
+            self.detached_ns = s.detached_ns     # names its retired dir (bpf/retired.py)
             self.counters["ct_detached"] += s.detached
             log.warning("the datapath was detached (a clean enforcer stop): %d connection(s) it still tracked "
                         "reported as ended (end_reason detach)", s.detached)

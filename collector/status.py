@@ -50,6 +50,7 @@ def build_status(p: Any, *, final: bool = False) -> dict:
                      "acknowledging_sinks": [s.name for s in p.slots if s.acknowledges]},
         "seq": dict(sorted(p.seq.items())),
         "restart": {**p.restart.as_dict(), "kernel_while_down": dict(p.kernel_while_down)} if p.restart else None,
+        "retired_drained": list(getattr(p, "retired_drained", [])),
         "previous_run": p.previous_run,
         "queues": {"events": {"depth": p._events_q.qsize() if p._events_q else 0,
                               "capacity_batches": p.cfg.queues.events},

@@ -150,6 +150,12 @@ def cmd_detach(a) -> int:
     from . import control
     gone = control.detach(a.pin_dir)
     print(f"detached from {', '.join(gone)}; unpinned {a.pin_dir}" if gone else f"unpinned {a.pin_dir}")
+    for held in control.discard_retired(a.pin_dir) if a.discard_retired else []:
+        print(f"discarded retired instance {held['detached_ns']}: {held['events']} unread events, "
+              f"{held['connections']} tracked connections, {held['drop_keys']} drop keys (noted as lost)")
+    left = control.retired_listing(a.pin_dir)
+    if left:
+        print(f"{len(left)} retired instance(s) kept for the collector to drain: {left[0].parent}")
     return EXIT_OK
 
 
@@ -409,6 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_status)
     d = sub.add_parser("detach", help="detach from every interface and unpin")
     d.add_argument("--pin-dir", **pin)
+    d.add_argument("--discard-retired", action="store_true",
+                   help="also unpin the retired instances no collector drained yet (what they held is noted as lost)")
     d.set_defaults(fn=cmd_detach)
     b = sub.add_parser("ban", help="operator bans: add | del | list (also lists automatic DoS bans)")
     bsub = b.add_subparsers(dest="ban_cmd", required=True)

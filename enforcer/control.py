@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 from pyroute2.netlink.exceptions import NetlinkError
 
-from hostwall.bpf import bpfsys, conntrack
+from hostwall.bpf import bpfsys, conntrack, retired
 from hostwall.bpf import fqdn as fq
 from hostwall.bpf import layout as L
 from hostwall.bpf.instance import Instance, policy_pressure
@@ -305,8 +305,9 @@ def apply(policy: Policy, pin_dir: str, dp: Datapath | None = None) -> ApplyResu
 
 
 def detach(pin_dir: str) -> list[str]:
-    """Detach every interface of the instance, note the detach in hw_config, unpin, forget the state.
-    Returns what was detached. The note (detached_ns, after the last interface: no packet reaches the
+    """Detach every interface of the instance, note the detach in hw_config, retire its maps when a
+    collector reads this pin dir (bpf/retired.py: kept pinned until drained, so what it has not read yet
+    is not freed with them), unpin the rest, forget the state. Returns what was detached. The note (detached_ns, after the last interface: no packet reaches the
     tables after it) tells a collector still holding the maps to report the connections left in conntrack
     as ended (docs/collector.md "Detach"); an instance that is replaced instead (a crash, --keep-attached,
     a new build migrating the tables) never gets one. Nor does one whose state is missing or where an
@@ -319,12 +320,25 @@ def detach(pin_dir: str) -> list[str]:
         for i in (st.interfaces if st else []):
             where = i.name + (f"@{i.netns}" if i.netns else "")
             (done if _detach_one(i) else left).append(where)
-        if st is not None and not left:
-            _note_detach(pin_dir)
+        noted = _note_detach(pin_dir) if st is not None and not left else 0
+        if noted and retired.collector_checkpoint(pin_dir).exists():
+            retired.retire(pin_dir, noted, asdict(st))
         Datapath.unpin(pin_dir)
         if st:
             st.remove()
         return done
+
+
+def retired_listing(pin_dir: str) -> list:
+    """The retired instances kept for the collector (bpf/retired.py), oldest first."""
+    return retired.listing(pin_dir)
+
+
+def discard_retired(pin_dir: str) -> list[dict]:
+    """Unpin every retired instance of `pin_dir` (the operator's `detach --discard-retired`); what each
+    held is noted for the collector to report as lost (reason `operator_discarded`)."""
+    with policy_writer(pin_dir):
+        return [retired.discard(pin_dir, p, reason="operator_discarded") for p in retired.listing(pin_dir)]
 
 
 def _detach_one(i: AttachedInterface) -> bool:
@@ -341,16 +355,18 @@ def _detach_one(i: AttachedInterface) -> bool:
     return ls.xdp_prog_id == 0 and not ls.tc_ingress and not ls.tc_egress
 
 
-def _note_detach(pin_dir: str) -> None:
-    """hw_config.detached_ns = now on the datapath's clock (its test clock when set). No pinned
-    hw_config of this layout (nothing pinned, an older build): nothing to note."""
+def _note_detach(pin_dir: str) -> int:
+    """hw_config.detached_ns = now on the datapath's clock (its test clock when set); returns it. No pinned
+    hw_config of this layout (nothing pinned, an older build): nothing to note, 0."""
     inst = Instance.open_maps(pin_dir, ("hw_config",))
     if inst is None:
-        return
+        return 0
     try:
-        if bpfsys.map_info(inst.map_fds["hw_config"]).value_size == L.DTYPES["hw_config"].itemsize:
-            test_now = int(inst.config()["test_now_ns"])
-            inst.set_config(detached_ns=test_now or time.clock_gettime_ns(time.CLOCK_MONOTONIC))
+        if bpfsys.map_info(inst.map_fds["hw_config"]).value_size != L.DTYPES["hw_config"].itemsize:
+            return 0
+        now = int(inst.config()["test_now_ns"]) or time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+        inst.set_config(detached_ns=now)
+        return now
     finally:
         inst.close()
 

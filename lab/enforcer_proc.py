@@ -69,7 +69,7 @@ class EnforcerProcess:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
-        self.cli("detach", check=False)
+        self.cli("detach", "--discard-retired", check=False)     # retired instances too (bpf/retired.py)
         if self._own_state:
             shutil.rmtree(self.state_dir, ignore_errors=True)
 

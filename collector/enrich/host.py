@@ -80,8 +80,9 @@ class InstanceStateView:
     the first instance's maps, whose records then stay unnamed (counted), never named after the new
     instance's rules."""
 
-    def __init__(self, pin_dir: str, state: InstanceState | None = None):
+    def __init__(self, pin_dir: str, state: InstanceState | None = None, state_file: Path | None = None):
         self.pin_dir = pin_dir
+        self._state_file = state_file         # a retired instance's copy (bpf/retired.py), else the live state
         self.state: InstanceState | None = None
         self.generation = 0                   # bumps on every (re)load; caches keyed on it
         self._revs: dict[int, _Revision] = {}
@@ -98,7 +99,7 @@ class InstanceStateView:
 
     @property
     def state_file(self) -> Path:
-        return state_path(self.pin_dir)
+        return self._state_file or state_path(self.pin_dir)
 
     @property
     def audit_log(self) -> Path:
@@ -122,7 +123,7 @@ class InstanceStateView:
         state = None
         if sig is not None:
             try:
-                state = InstanceState.load(self.pin_dir)
+                state = InstanceState.load_file(self.state_file)
             except (OSError, ValueError, TypeError):
                 state = None                  # half-written or foreign file: keep what we had
                 if self.state is not None:

@@ -53,7 +53,17 @@ def ends(recs: list[dict]) -> list[dict]:
     return [r for r in recs if r["event"]["type"] == ["end"]]
 
 
+def the_detach_end(recs: list[dict], proto: str, stopped: int) -> dict:
+    """A flow's one end record: `detach`, stamped between its start and the enforcer's stop."""
+    [end] = ends(recs)
+    assert end["hostwall"]["flow"]["end_reason"] == "detach", (proto, end["hostwall"]["flow"])
+    assert end["event"]["reason"] == "datapath detached"
+    assert parse_iso_ns(end["event"]["start"]) <= parse_iso_ns(end["event"]["end"]) <= stopped
+    return end
+
+
 def test_an_enforcer_stop_ends_the_open_tcp_connection_and_the_udp_flow_once(lab, tmp_path):
+    from hostwall.bpf import retired
     cli, prot = lab.addr("cli"), lab.addr("prot")
     with EnforcerProcess(lab, EXAMPLE_POLICY) as enf, CollectorProcess(enf, tmp_path) as col, \
             traffic.echo_servers(lab, "prot", tcp=[80], udp=[5353]):
@@ -69,15 +79,14 @@ def test_an_enforcer_stop_ends_the_open_tcp_connection_and_the_udp_flow_once(lab
             until(lambda: all(ends(v) for v in flows(col.jsonl, cli, ports).values()), 20,
                   "both flows' end records after the detach")
             time.sleep(3)                                # three more scans: nothing reported twice
+            assert len(retired.listing(enf.pin_dir)) == 1   # its maps were retired, this collector drains them
             assert col.stop() == 0
+            assert retired.listing(enf.pin_dir) == []       # drained: unpinned at its stop
         finally:
             lab.stop(client)
     got = flows(col.jsonl, cli, ports)
     for proto, recs in got.items():
-        [end] = ends(recs)
-        assert end["hostwall"]["flow"]["end_reason"] == "detach", (proto, end["hostwall"]["flow"])
-        assert end["event"]["reason"] == "datapath detached"
-        assert parse_iso_ns(end["event"]["start"]) <= parse_iso_ns(end["event"]["end"]) <= stopped
+        end = the_detach_end(recs, proto, stopped)
         assert end["source"]["packets"] >= (3 if proto == "tcp" else 1) and end["destination"]["packets"] >= 1
     led = col.final_status["ledger"]
     assert led["ok"] and not led["violations"], led
@@ -145,3 +154,46 @@ def test_an_adopted_instance_starts_without_a_detach_note():
                 dp2.close()
         finally:
             dp.close()
+
+
+def test_a_stop_while_no_collector_runs_is_drained_by_the_next_collector(lab, tmp_path):
+    """Collector stopped first (Compose's stop order) → traffic (an open TCP connection, an answered UDP
+    flow, denied packets) → enforcer stopped (its maps retired, docs/collector.md "Detach") → enforcer
+    started again → collector started: it drains the retired instance first — the flows' `detach` ends
+    exactly once, the drop summary and the flow starts produced while it was down — then collects from the
+    new instance; `hostwall-collector verify` finds no unexplained gap and the retired pins are gone."""
+    from hostwall.bpf import retired
+    cli, prot = lab.addr("cli"), lab.addr("prot")
+    with EnforcerProcess(lab, EXAMPLE_POLICY) as enf, traffic.echo_servers(lab, "prot", tcp=[80], udp=[5353]):
+        with CollectorProcess(enf, tmp_path) as first:
+            assert first.stop() == 0                     # it read this instance: its checkpoint names it
+        client = lab.popen("cli", [sys.executable, "-c", HOLD_OPEN, prot])
+        try:
+            line = client.stdout.readline().split()
+            assert len(line) == 2, f"client did not connect: {line} {client.stderr.read() if client.poll() else ''}"
+            ports = {"tcp": int(line[0]), "udp": int(line[1])}
+            assert traffic.tcp_client_in(lab, "cli", prot, 9000, count=2, timeout=0.3)["ok"] == 0    # denied
+            enf.stop()                                   # SIGTERM: detach; no collector holds the maps
+            stopped = time.time_ns()
+            assert len(retired.listing(enf.pin_dir)) == 1
+            enf.start()
+            with CollectorProcess(enf, tmp_path) as col:
+                until(lambda: all(ends(v) for v in flows(col.jsonl, cli, ports).values()), 30,
+                      "both flows' end records from the retired instance")
+                assert retired.listing(enf.pin_dir) == []
+                assert traffic.tcp_client_in(lab, "cli", prot, 80, count=1)["ok"] == 1    # the new instance
+                until(lambda: sum(1 for r in read_jsonl(col.jsonl) if kind(r) == "flow"
+                                  and r["network"].get("transport") == "tcp" and r["event"]["type"] == ["start"]
+                                  and r["destination"].get("port") == 80) >= 2, 20, "the new instance's flow")
+                assert col.stop() == 0
+        finally:
+            lab.stop(client)
+    for proto, recs in flows(col.jsonl, cli, ports).items():
+        the_detach_end(recs, proto, stopped)
+        assert len([r for r in recs if r["event"]["type"] == ["start"]]) == 1
+    denied = [r for r in read_jsonl(col.jsonl) if kind(r) == "drop_summary"
+              and r["destination"].get("port") == 9000]
+    assert denied, "no drop summary of the denied connection attempts"
+    assert col.final_status["retired_drained"] and col.final_status["ledger"]["ok"]
+    v = col.cli("verify", str(col.jsonl))
+    assert v.returncode == 0, v.stdout + v.stderr

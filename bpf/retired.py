@@ -1,0 +1,165 @@
+"""Retired instances: the maps of a cleanly detached instance, kept pinned until a collector drained them
+(docs/collector.md "Detach", docs/datapath.md "Pins and retired instances").
+
+A clean detach that noted itself (hw_config.detached_ns) moves the instance's `maps/` pin directory to
+`<pin dir>-retired/<detached_ns>/maps` (rename(2) on bpffs: the same kernel maps, the same map ids, so
+the collector's checkpoint still names them) instead of unpinning it — only when a collector reads this
+pin dir (its checkpoint exists in $HOSTWALL_STATE_DIR). bpffs refuses names with a dot, hence `-retired`.
+The enforcer's state at the detach is kept beside it as `<stem>.retired-<detached_ns>.json` (the rule
+names its records resolve through). At most MAX_RETIRED are kept per pin dir: retiring one more
+discards the oldest, and what it still held (unread ring events, tracked connections, drop keys not
+exported) is appended to `<stem>.retired-discarded.jsonl`, which the collector reports as loss
+(`retired_discarded`). Cost of a discard: one ring mmap, one conntrack table scan, one batch count per
+drop map.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+from . import bpfsys, conntrack
+from . import layout as L
+from .ringbuf import RingBuffer, slot_size
+from .state import instance_stem, policy_writer, state_dir
+
+MAX_RETIRED = 4
+SUFFIX = "-retired"
+
+
+def root(pin_dir: str | os.PathLike) -> Path:
+    """Where the retired instances of `pin_dir` are pinned (same bpffs, beside the pin dir)."""
+    return Path(os.path.abspath(pin_dir) + SUFFIX)
+
+
+def listing(pin_dir: str | os.PathLike) -> list[Path]:
+    """The retired instances of `pin_dir`, oldest first (named by their detached_ns)."""
+    r = root(pin_dir)
+    try:
+        names = [p for p in r.iterdir() if p.name.isdigit() and (p / "maps").is_dir()]
+    except FileNotFoundError:
+        return []
+    return sorted(names, key=lambda p: int(p.name))
+
+
+def collector_checkpoint(pin_dir: str | os.PathLike) -> Path:
+    """The checkpoint a collector of `pin_dir` keeps with the default status file (collector/config.py)."""
+    return state_dir() / f"collector-{instance_stem(str(pin_dir))}.state.json"
+
+
+def state_copy(pin_dir: str | os.PathLike, detached_ns: int) -> Path:
+    """The enforcer's state as it was at the detach of the retired instance `detached_ns`."""
+    return state_dir() / f"{instance_stem(str(pin_dir))}.retired-{int(detached_ns)}.json"
+
+
+def discard_note(pin_dir: str | os.PathLike) -> Path:
+    """What discarded retired instances held, one JSON object per line (the collector reports it)."""
+    return state_dir() / f"{instance_stem(str(pin_dir))}.retired-discarded.jsonl"
+
+
+def retire(pin_dir: str | os.PathLike, detached_ns: int, state: dict | None) -> list[dict]:
+    """Move `pin_dir`'s maps to its retired directory `detached_ns` and keep `state` beside them; then
+    discard the oldest beyond MAX_RETIRED. Returns what the discarded ones held (noted, see module doc).
+    The caller unpins what is left in `pin_dir` (the programs)."""
+    dest = root(pin_dir) / str(int(detached_ns))
+    dest.mkdir(parents=True, exist_ok=True)
+    if state is not None:
+        _write_synced(state_copy(pin_dir, detached_ns), json.dumps(state, sort_keys=True).encode(), "wb")
+    os.rename(Path(pin_dir) / "maps", dest / "maps")
+    out = []
+    for old in listing(pin_dir)[:-MAX_RETIRED]:
+        out.append(discard(pin_dir, old, reason="retired_discarded"))
+    return out
+
+
+def discard(pin_dir: str | os.PathLike, path: Path, reason: str) -> dict:
+    """Unpin one retired instance, after noting durably what it still held."""
+    held = {"detached_ns": int(path.name), "reason": reason, "at": time.time(), **holdings(path)}
+    _write_synced(discard_note(pin_dir), (json.dumps(held, sort_keys=True) + "\n").encode(), "ab")
+    remove(pin_dir, path)
+    return held
+
+
+def remove(pin_dir: str | os.PathLike, path: Path) -> None:
+    """Unpin a retired instance (drained, or noted by discard) and its state copy; the root goes when empty."""
+    shutil.rmtree(path, ignore_errors=True)          # unlink on bpffs drops the pin reference
+    state_copy(pin_dir, int(path.name)).unlink(missing_ok=True)
+    try:
+        path.parent.rmdir()
+    except OSError:
+        pass                                         # other retired instances are left
+
+
+def holdings(path: Path) -> dict:
+    """What a retired instance still holds for a collector: ring events not consumed, connections tracked
+    (their `detach` ends), drop-aggregation keys not exported. -1 where a map could not be read."""
+    maps = path / "maps"
+    out = {"events": -1, "connections": -1, "drop_keys": -1}
+    try:
+        with RingBuffer.open(maps / "hw_events") as ring:
+            out["events"] = (ring.producer_pos - ring.consumer_pos) // slot_size(ring.record_size)
+    except OSError:
+        pass
+    fds: dict[str, int] = {}
+    try:
+        for n in ("hw_ct4", "hw_ct6", "hw_drops0", "hw_drops1"):
+            fds[n] = bpfsys.obj_get(str(maps / n))
+        out["connections"] = sum(conntrack.live_count(fds).values())
+        vbytes = (L.DTYPES["hw_drop_val"].itemsize + 7) // 8 * 8 * bpfsys.possible_cpus()
+        out["drop_keys"] = sum(bpfsys.count_entries(fds[f"hw_drops{g}"], L.DTYPES["hw_drop_key"].itemsize, vbytes)
+                               for g in (0, 1))
+    except OSError:
+        pass
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    return out
+
+
+def _write_synced(path: Path, data: bytes, mode: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, mode) as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def discarded(pin_dir: str | os.PathLike) -> list[dict]:
+    """The discard notes not yet reported by a collector (unreadable lines are skipped)."""
+    try:
+        lines = discard_note(pin_dir).read_bytes().splitlines()
+    except FileNotFoundError:
+        return []
+    out = []
+    for line in lines:
+        try:
+            d = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(d, dict) and "detached_ns" in d:
+            out.append(d)
+    return out
+
+
+def forget_discarded(pin_dir: str | os.PathLike, reported: list[dict]) -> None:
+    """The collector reported these notes (its loss record is durable in its outbox): drop them, keeping
+    any note a discard appended meanwhile (the enforcer appends holding state.policy_writer, so do we)."""
+    if not reported:
+        return
+    with policy_writer(str(pin_dir)):
+        left = [d for d in discarded(pin_dir) if d not in reported]
+        p = discard_note(pin_dir)
+        if not left:
+            p.unlink(missing_ok=True)
+            return
+        tmp = p.with_name(p.name + ".tmp")
+        _write_synced(tmp, b"".join(json.dumps(d, sort_keys=True).encode() + b"\n" for d in left), "wb")
+        os.replace(tmp, p)
+
+
+def lost_records(note: dict) -> int:
+    """Records a discarded instance's holdings stood for: an event each, a flow end per connection, a drop
+    summary per key (a lower bound: unknown parts, -1, count nothing)."""
+    return sum(max(0, int(note.get(k, 0))) for k in ("events", "connections", "drop_keys"))

@@ -1,0 +1,183 @@
+"""Retired instances on the real datapath (bpf/retired.py, collector/retired_drain.py; docs/collector.md
+"Detach"): a clean detach while no collector holds the maps keeps them pinned for the collector, which
+drains them at its next start; a retired instance discarded by the bound is reported as loss."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import secrets
+from collections import Counter
+
+import pytest
+import uvloop
+
+from hostwall.bpf import bpfsys, retired
+from hostwall.bpf.ringbuf import RingBuffer
+from hostwall.bpf.state import InstanceState
+
+from .test_kernel_live import POLICY, egress, tcp_in, tcp_out, udp_in, xdp
+
+pytestmark = pytest.mark.bpf
+
+N_LOG = 37                      # `log` events produced while no collector runs
+EVENTS = 2 * N_LOG + 2          # traffic(): a log event and a flow start per UDP flow, a deny, a TCP flow start
+
+
+@pytest.fixture(scope="module")
+def datapath():
+    if os.geteuid() != 0:
+        pytest.skip("loading BPF programs needs root (CAP_BPF, CAP_NET_ADMIN)")
+    from hostwall.enforcer.compiler import compile_policy
+    from hostwall.enforcer.datapath import Datapath
+    from hostwall.enforcer.policy import parse_policy
+    dp = Datapath.load()
+    pol = parse_policy(POLICY)
+    dp.install(compile_policy(pol, {r.name: i for i, r in enumerate(pol.rules)}, 1))
+    yield dp, pol
+    dp.close()
+
+
+@pytest.fixture
+def pin(datapath, tmp_path, monkeypatch):
+    """A fresh pin of the module's datapath, its state dir, and cleanup of the pin and its retired dir."""
+    dp, pol = datapath
+    monkeypatch.setenv("HOSTWALL_STATE_DIR", str(tmp_path / "state"))
+    p = f"/sys/fs/bpf/hostwall-test/retire-{secrets.token_hex(3)}"
+    dp.set_config(detached_ns=0)
+    dp.clear_conntrack()
+    dp.pin(p)
+    InstanceState(pin_dir=p, build="live", slots={r.name: i for i, r in enumerate(pol.rules)},
+                  revision_id=1).save()          # no interface: every one is detached, the note is written
+    try:
+        yield p
+    finally:
+        from hostwall.enforcer.datapath import Datapath
+        Datapath.unpin(p)
+        Datapath.unpin(retired.root(p))
+
+
+def traffic(dp) -> None:
+    """N_LOG log events, one denied packet (a drop key), one established TCP connection (tracked)."""
+    for i in range(N_LOG):
+        assert xdp(dp, udp_in(src="10.0.0.5", sport=6000 + i, dport=514)) == 2     # action log: passes
+    assert xdp(dp, udp_in(src="198.51.100.7", dport=9999)) == 1                  # rule bad: dropped
+    xdp(dp, tcp_in(src="10.0.0.8"))
+    egress(dp, tcp_out("SA", dst="10.0.0.8"))
+    xdp(dp, tcp_in(src="10.0.0.8", flags="A"))
+
+
+def consume_ring(p: str) -> None:
+    with RingBuffer.open(f"{p}/maps/hw_events") as rb:
+        while rb.read(1 << 16).consumed_bytes:
+            pass
+
+
+def test_a_clean_detach_retires_the_maps_only_when_a_collector_reads_the_pin_dir(datapath, pin):
+    from hostwall.enforcer import control
+    dp, _ = datapath
+    ring_id = bpfsys.map_info(dp.map_fds["hw_events"]).id
+    assert control.detach(pin) == [] and not os.path.exists(pin)
+    assert retired.listing(pin) == []                       # no collector checkpoint: unpinned as before
+    dp.set_config(detached_ns=0)
+    dp.pin(pin)
+    InstanceState(pin_dir=pin, build="live").save()
+    retired.collector_checkpoint(pin).write_text("{}")
+    assert control.detach(pin) == [] and not os.path.exists(pin)
+    [r] = retired.listing(pin)
+    assert int(r.name) == int(dp.config()["detached_ns"]) > 0
+    assert sorted(os.listdir(r)) == ["maps"]                # the programs are unpinned
+    fd = bpfsys.obj_get(str(r / "maps" / "hw_events"))
+    try:
+        assert bpfsys.map_info(fd).id == ring_id            # the same kernel maps: a checkpoint still names them
+    finally:
+        os.close(fd)
+    assert json.loads(retired.state_copy(pin, int(r.name)).read_text())["pin_dir"] == pin
+
+
+def collector_cfg(pin: str, out):
+    from hostwall.collector.config import load_config
+    cfg = load_config(None, args={"pin_dir": pin, "sinks": [f"jsonl:{out}"]})
+    return dataclasses.replace(cfg, drop_interval_s=0.25, ct_scan_interval_s=0.5, status_interval_s=0.2)
+
+
+def run_briefly(cfg) -> dict:
+    """The production pipeline on the live pin dir: start, stop at once; its final status."""
+    from hostwall.collector.wiring import build_pipeline
+    pipe = build_pipeline(cfg)
+
+    async def go():
+        import asyncio
+        task = asyncio.ensure_future(pipe.run())
+        while pipe.state == "starting" and not task.done():
+            await asyncio.sleep(0.01)
+        pipe.stop()
+        await task
+    uvloop.run(go())
+    return json.loads(pipe.status_path.read_text())
+
+
+def records(path) -> list[dict]:
+    return [json.loads(line) for line in open(path, "rb") if line.strip()]
+
+
+def test_a_collector_start_drains_a_retired_instance_before_the_live_one(datapath, pin, tmp_path):
+    """Collector stopped → traffic → clean detach (retired) → the next start drains it exactly: the log
+    events, the drop summary and the TCP connection's `detach` end, seqs continuing the last run's; the
+    retired pins are gone after."""
+    from hostwall.collector.retired_drain import drain_retired
+    from hostwall.collector.wiring import build_pipeline
+    from hostwall.enforcer import control
+    dp, _ = datapath
+    out = tmp_path / "flows.jsonl"
+    cfg = collector_cfg(pin, out)
+    consume_ring(pin)
+    run_briefly(cfg)                                        # a collector read this instance, then stopped
+    before = len(records(out))
+    traffic(dp)
+    control.detach(pin)
+    [r] = retired.listing(pin)
+
+    got = uvloop.run(drain_retired(cfg, build_pipeline))
+    assert got is not None and [g["detached_ns"] for g in got] == [int(r.name)]
+    assert retired.listing(pin) == [] and not retired.root(pin).exists()
+    assert not retired.state_copy(pin, int(r.name)).exists()
+    new = records(out)[before:]
+    kinds = Counter(x["hostwall"]["kind"] for x in new)
+    assert kinds["log"] == N_LOG, kinds
+    [drops] = [x for x in new if x["hostwall"]["kind"] == "drop_summary"]
+    assert drops["hostwall"]["source"]["prefix"] == "198.51.100.0/24" and drops["event"]["reason"] == "policy_deny"
+    ends = Counter((e["hostwall"]["flow"]["end_reason"], e["network"]["transport"]) for e in new
+                   if e["hostwall"]["kind"] == "flow" and e["event"]["type"] == ["end"])
+    assert ends == {("detach", "tcp"): 1, ("detach", "udp"): N_LOG}, ends     # each tracked flow ends once
+    seqs = sorted(x["hostwall"]["seq"] for x in records(out) if x["hostwall"]["stream"] == "events")
+    assert seqs == list(range(len(seqs)))                   # exact across the two runs: no gap, no repeat
+
+
+def test_the_bound_discards_the_oldest_retired_instance_and_the_collector_reports_it(datapath, pin, tmp_path):
+    """A fifth retired instance discards the oldest: what it held (unread events, tracked connections, drop
+    keys) is noted, and the next collector reports it as loss `retired_discarded` (counted, not silent)."""
+    dp, _ = datapath
+    consume_ring(pin)
+    from hostwall.collector.kernel import KernelSource
+    with KernelSource(pin) as ks:
+        ks.drain_drops()
+        ks.drain_drops()                                    # both drop generations empty
+    traffic(dp)
+    for ns in range(1, retired.MAX_RETIRED + 2):
+        dp.pin(pin)
+        retired.retire(pin, ns, None)
+    assert [int(p.name) for p in retired.listing(pin)] == list(range(2, retired.MAX_RETIRED + 2))
+    [note] = retired.discarded(pin)
+    assert {k: note[k] for k in ("detached_ns", "reason", "events", "connections", "drop_keys")} == \
+        {"detached_ns": 1, "reason": "retired_discarded", "events": EVENTS, "connections": N_LOG + 1, "drop_keys": 1}
+    for p in retired.listing(pin):
+        retired.remove(pin, p)
+    dp.pin(pin)
+    consume_ring(pin)
+    st = run_briefly(collector_cfg(pin, tmp_path / "flows.jsonl"))
+    assert st["ledger"]["lost_by_stage"]["restart"] == {"retired_discarded": EVENTS + N_LOG + 2}
+    [rec] = [x for x in records(tmp_path / "flows.jsonl") if x["hostwall"]["kind"] == "loss"]
+    assert (rec["event"]["action"], rec["hostwall"]["loss"]["reason"]) == ("collector-restart", "retired_discarded")
+    assert rec["hostwall"]["loss"]["lost"] == {"retired_discarded": EVENTS + N_LOG + 2}
+    assert retired.discarded(pin) == []                     # reported once: the note is gone
