@@ -69,6 +69,14 @@ static __always_inline __u64 ct_unconfirmed_ns(struct env *v)
 	return s * 1000000000ULL;
 }
 
+/* A replied UDP flow whose sides each sent at least twice: a stream (netfilter: assured). One exchange
+ * (a DNS lookup, an NTP poll) is not — a busy host makes thousands a second, each from a new port, and
+ * they must neither hold their slots for minutes nor push out established connections (ct_rank). */
+static __always_inline int ct_udp_assured(struct hw_ct_entry *e)
+{
+	return e->packets[0] > 1 && e->packets[1] > 1;
+}
+
 /* Idle timeout of a confirmed entry (ns). */
 static __always_inline __u64 ct_confirmed_timeout_ns(struct hw_ct_entry *e, __u8 proto)
 {
@@ -81,7 +89,7 @@ static __always_inline __u64 ct_confirmed_timeout_ns(struct hw_ct_entry *e, __u8
 		default:                s = HW_CT_TO_CLOSE; break;
 		}
 	} else if (proto == IPPROTO_UDP) {
-		s = HW_CT_TO_UDP_REPLIED;
+		s = ct_udp_assured(e) ? HW_CT_TO_UDP_REPLIED : HW_CT_TO_UDP_UNASSURED;
 	} else {
 		s = HW_CT_TO_ICMP;
 	}
@@ -540,17 +548,19 @@ static __always_inline void ct_retire(struct env *v, struct hw_ct_entry *e, __u3
 	hw_events.ringbuf_submit(ev, 0);
 }
 
-/* Rank of a slot for a new connection, best first: its own old slot (7), a free one (6), an expired
- * one (5), a closed one (4: both FINs or a RST seen, its end already reported), a live unconfirmed one
- * (3), a live established one (2); among slots of a rank from 4 down the least recently used is taken.
- * So a full bucket never evicts an established connection while it holds an unconfirmed one
+/* Rank of a slot for a new connection, best first: its own old slot (8), a free one (7), an expired
+ * one (6), a closed one (5: both FINs or a RST seen, its end already reported), a live unconfirmed one
+ * (4), a replied UDP flow of a single exchange (3: ct_udp_assured), a live established one (2); among
+ * slots of a rank from 5 down the least recently used is taken. So a full bucket never evicts an
+ * established connection while it holds an unconfirmed one or a single-exchange UDP flow
  * (docs/datapath.md). 0: BUSY, another CPU is writing it. `diff`: tbl_key_diff of the slot's key and
  * the new one; `unc_ns`: ct_unconfirmed_ns. */
-#define CT_RANK_OWN 7
-#define CT_RANK_FREE 6
-#define CT_RANK_EXPIRED 5
-#define CT_RANK_CLOSED 4
-#define CT_RANK_UNCONFIRMED 3
+#define CT_RANK_OWN 8
+#define CT_RANK_FREE 7
+#define CT_RANK_EXPIRED 6
+#define CT_RANK_CLOSED 5
+#define CT_RANK_UNCONFIRMED 4
+#define CT_RANK_UNASSURED 3
 #define CT_RANK_ESTABLISHED 2
 
 static __always_inline __u32 ct_rank(struct env *v, struct hw_ct_entry *e, __u64 diff, __u8 proto, __u64 unc_ns)
@@ -566,7 +576,9 @@ static __always_inline __u32 ct_rank(struct env *v, struct hw_ct_entry *e, __u64
 		return CT_RANK_EXPIRED;
 	if (e->state == HW_CT_CLOSING || e->state == HW_CT_CLOSED)
 		return CT_RANK_CLOSED;
-	return ct_unconfirmed(e) ? CT_RANK_UNCONFIRMED : CT_RANK_ESTABLISHED;
+	if (ct_unconfirmed(e))
+		return CT_RANK_UNCONFIRMED;
+	return proto == IPPROTO_UDP && !ct_udp_assured(e) ? CT_RANK_UNASSURED : CT_RANK_ESTABLISHED;
 }
 
 /* Does a slot of rank r, last used at `last`, beat the pick so far (rank, oldest)? */
@@ -586,7 +598,7 @@ static __always_inline int ct_claim(struct env *v, __u32 rank, struct hw_ct_entr
 		return 0;
 	}
 	ct_stat(family, HW_CTS_INSERTED);
-	if (rank == CT_RANK_UNCONFIRMED || rank == CT_RANK_ESTABLISHED) {
+	if (rank == CT_RANK_UNCONFIRMED || rank == CT_RANK_UNASSURED || rank == CT_RANK_ESTABLISHED) {
 		ct_stat(family, rank == CT_RANK_UNCONFIRMED ? HW_CTS_EVICTED_UNCONFIRMED : HW_CTS_EVICTED_ESTABLISHED);
 		ct_pressure_note(v);
 	} else if (rank == CT_RANK_EXPIRED || rank == CT_RANK_CLOSED ||
@@ -601,7 +613,7 @@ static __always_inline __u8 ct_cause(struct env *v, __u32 rank, struct hw_ct_ent
 {
 	if (rank == CT_RANK_UNCONFIRMED)
 		return HW_END_EVICTED_UNCONFIRMED;
-	if (rank == CT_RANK_ESTABLISHED)
+	if (rank == CT_RANK_ESTABLISHED || rank == CT_RANK_UNASSURED)      /* confirmed: replied */
 		return HW_END_EVICTED_ESTABLISHED;
 	return rank == CT_RANK_EXPIRED || ct_expired_u(v, e, proto, unc_ns) ? HW_END_IDLE : HW_END_CLOSED;
 }

@@ -226,7 +226,7 @@ class ConntrackScans:
         last = ents["last_ns"].astype(np.int64)
         created = ents["created_ns"].astype(np.int64)
         at = min(now_ns, det_ns) if det_ns else now_ns      # detached: what had expired by then
-        expired = (np.int64(at) - last) > ct_timeout_ns(keys["proto"], ents["state"], unc_ns)
+        expired = (np.int64(at) - last) > ct_timeout_ns(keys["proto"], ents["state"], unc_ns, ents["packets"])
         fin = ents["fin_seen"]
         rep_b = ents["reported"]
         claimed = (fin & CT_F_CLAIMED) != 0
@@ -308,13 +308,17 @@ class ConntrackScans:
         return np.flatnonzero(live & (k_now >= 1) & (k_now > k_prev) & active)
 
 
-def ct_timeout_ns(proto: np.ndarray, state: np.ndarray, unconfirmed_ns: int = L.C["HW_CT_TO_UNCONFIRMED"] * _S
-                  ) -> np.ndarray:
+def ct_timeout_ns(proto: np.ndarray, state: np.ndarray, unconfirmed_ns: int = L.C["HW_CT_TO_UNCONFIRMED"] * _S,
+                  packets: np.ndarray | None = None) -> np.ndarray:
     """Idle timeout per entry, as the datapath's ct_expired_u() computes it: unconfirmed entries (NEW,
-    SYN_SENT, SYN_RECV) the policy's unconfirmed timeout, the others HW_CT_TO_* seconds by state."""
+    SYN_SENT, SYN_RECV) the policy's unconfirmed timeout, the others HW_CT_TO_* seconds by state; a UDP
+    flow by whether it is a stream (`packets`: per side, (n, 2); both sides sent twice: conntrack.h
+    ct_udp_assured) — without `packets` every replied UDP flow counts as a stream (the longer timeout)."""
     C = L.C
     tcp = np.select([state == C["HW_CT_ESTABLISHED"], (state == C["HW_CT_FIN_WAIT"]) | (state == C["HW_CT_CLOSING"])],
                     [C["HW_CT_TO_ESTABLISHED"], C["HW_CT_TO_FIN"]], C["HW_CT_TO_CLOSE"])
-    s = np.where(proto == 6, tcp, np.where(proto == 17, C["HW_CT_TO_UDP_REPLIED"], C["HW_CT_TO_ICMP"]))
+    assured = (packets[:, 0] > 1) & (packets[:, 1] > 1) if packets is not None else True
+    udp = np.where(assured, C["HW_CT_TO_UDP_REPLIED"], C["HW_CT_TO_UDP_UNASSURED"])
+    s = np.where(proto == 6, tcp, np.where(proto == 17, udp, C["HW_CT_TO_ICMP"]))
     unconfirmed = np.isin(state, list(L.UNCONFIRMED_STATES))
     return np.where(unconfirmed, np.int64(unconfirmed_ns), s.astype(np.int64) * _S)

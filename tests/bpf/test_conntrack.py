@@ -879,3 +879,75 @@ def test_fin_before_the_handshake_is_answered_changes_nothing(harness, v6):
     got = harness.run("xdp", in_tcp("FA", dport=40001, v6=v6, seq=ISN_PEER, ack=ISN_ME + 1))
     assert (got.passed, got.reason) == (True, "pass_conntrack_out_of_window")
     assert _state(harness, v6, sport=40001) == "syn_sent"
+
+
+# ---- UDP flows of a single exchange (docs/datapath.md "Connection tracking": unassured) ---------------
+def _udp(out: bool, sport: int, dport: int, v6: bool = False) -> bytes:
+    """A datagram of the flow ME:sport → PEER:dport: the host's (out) or the peer's reply."""
+    me, peer = (ME6, PEER6) if v6 else (ME, PEER)
+    ip = (IPv6 if v6 else IP)(src=me, dst=peer) if out else (IPv6 if v6 else IP)(src=peer, dst=me)
+    return raw(E / ip / (UDP(sport=sport, dport=dport) if out else UDP(sport=dport, dport=sport)))
+
+
+def _mixed_bucket_flows(dp, fam: int, n_tcp: int, n_udp: int) -> tuple[list, list]:
+    """(sport, dport) of outgoing TCP and UDP flows ME→PEER that all share one bucket."""
+    me, peer = (ME6, PEER6) if fam == 6 else (ME, PEER)
+    sport, dport = np.meshgrid(np.arange(1024, 65536), np.arange(440, 448))
+    sport, dport = sport.ravel(), dport.ravel()
+    firsts = {}
+    for proto in (6, 17):
+        pk, side = conntrack.key_of(fam, inet_pton(me, fam), inet_pton(peer, fam), 0, 0, proto)
+        keys = np.repeat(np.array([pk]), len(sport))
+        keys["port_a"], keys["port_b"] = (dport, sport) if side else (sport, dport)
+        firsts[proto] = conntrack.first_slot(keys, fam, int(dp.config()["table_seed"]))
+    vt, ct = np.unique(firsts[6], return_counts=True)
+    vu, cu = np.unique(firsts[17], return_counts=True)
+    ok = np.intersect1d(vt[ct >= n_tcp], vu[cu >= n_udp])
+    assert len(ok), "no bucket holds both"
+    pick = {p: firsts[p] == ok[0] for p in (6, 17)}
+    flows = {p: list(zip(sport[pick[p]].tolist(), dport[pick[p]].tolist())) for p in (6, 17)}
+    return flows[6][:n_tcp], flows[17][:n_udp]
+
+
+@pytest.mark.parametrize("v6", [False, True], ids=["v4", "v6"])
+def test_udp_flow_of_a_single_exchange_expires_sooner(harness, v6):
+    """One datagram and its reply (a DNS lookup) keep the flow HW_CT_TO_UDP_UNASSURED; a flow whose
+    sides both sent twice is a stream and keeps HW_CT_TO_UDP_REPLIED."""
+    harness.install(POLICY % "true")
+    once, stream = (5000, 53), (5001, 53)
+    for f in (once, stream):
+        harness.dp.set_config(test_now_ns=T0)
+        assert harness.run("tc_egress", _udp(True, *f, v6=v6)).reason == "pass_default"
+        assert harness.run("xdp", _udp(False, *f, v6=v6)).reason == "pass_conntrack"
+    assert harness.run("tc_egress", _udp(True, *stream, v6=v6)).reason == "pass_conntrack"
+    assert harness.run("xdp", _udp(False, *stream, v6=v6)).reason == "pass_conntrack"
+    unassured = L.C["HW_CT_TO_UDP_UNASSURED"]
+    assert unassured < L.C["HW_CT_TO_UDP_REPLIED"]
+    harness.dp.set_config(test_now_ns=T0 + (unassured - 1) * 10**9)
+    assert harness.run("xdp", _udp(False, *once, v6=v6)).reason == "pass_conntrack"     # a late duplicate reply
+    harness.dp.set_config(test_now_ns=T0 + (2 * unassured + 1) * 10**9)
+    assert harness.run("xdp", _udp(False, *once, v6=v6)).reason == "default_deny"
+    assert harness.run("xdp", _udp(False, *stream, v6=v6)).reason == "pass_conntrack"
+
+
+@pytest.mark.parametrize("v6", [False, True], ids=["v4", "v6"])
+def test_full_bucket_evicts_single_exchange_udp_before_an_established_connection(harness, events, v6):
+    """A bucket of 3 established TCP connections (the least recently used slots) and a UDP flow of one
+    exchange: a new connection evicts the UDP flow, not the idle TCP connection the host opened."""
+    fam = 6 if v6 else 4
+    harness.install(POLICY % "true")
+    tcp, udp = _mixed_bucket_flows(harness.dp, fam, conntrack.WAYS, 1)
+    for i, f in enumerate(tcp[:-1]):
+        _establish(harness, T0 + i * 10**8, f, v6)
+    harness.dp.set_config(test_now_ns=T0 + 10**9)
+    assert harness.run("tc_egress", _udp(True, *udp[0], v6=v6)).reason == "pass_default"
+    assert harness.run("xdp", _udp(False, *udp[0], v6=v6)).reason == "pass_conntrack"
+    before = harness.dp.ct_stats()[fam]
+    events.drain()
+    _open_at(harness, T0 + 2 * 10**9, tcp[-1], v6)
+    after = harness.dp.ct_stats()[fam]
+    assert after["evicted_established"] - before["evicted_established"] == 1
+    ends = [e for e in events.drain() if L.EVENT_TYPE_NAMES[int(e["type"])] == "flow_end"]
+    assert [(int(e["proto"]), int(e["sport"])) for e in ends] == [(17, udp[0][0])]
+    for f in tcp[:-1]:
+        assert _reply(harness, "PA", f, v6) == "pass_conntrack"

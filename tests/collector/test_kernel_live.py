@@ -287,6 +287,27 @@ def test_conntrack_scan_expires_idle_entries_and_reports_long_lived_ones(kernel)
     assert ks.scan_conntrack(t0 + 34 * 10**9, at).expired == 0
 
 
+
+def test_conntrack_scan_expires_a_single_exchange_udp_flow_sooner_than_a_stream(kernel):
+    """The scan's timeouts are the datapath's (ct_scan.ct_timeout_ns against conntrack.h): a UDP query and
+    its answer idle HW_CT_TO_UDP_UNASSURED, a flow whose sides both sent twice HW_CT_TO_UDP_REPLIED."""
+    ks, dp, _ = kernel
+    t0 = future_test_clock(10_000)
+    dp.set_config(test_now_ns=t0)
+    xdp(dp, udp_in(sport=6000))                                    # a lookup and its answer
+    egress(dp, raw(E / IP(src=ME, dst="10.0.0.9") / UDP(sport=53, dport=6000)))
+    for _ in range(2):                                             # a stream
+        xdp(dp, udp_in(sport=6001))
+        egress(dp, raw(E / IP(src=ME, dst="10.0.0.9") / UDP(sport=53, dport=6001)))
+    idle = L.C["HW_CT_TO_UDP_UNASSURED"] * 10**9
+    assert ks.scan_conntrack(t0 + idle - 10**9, 0).expired == 0
+    s = ks.scan_conntrack(t0 + idle + 10**9, 0)
+    assert s.expired == 1 and s.families[0].expired_keys["port_a"].tolist() + \
+        s.families[0].expired_keys["port_b"].tolist() in ([6000, 53], [53, 6000])
+    assert ks.free_claims(s.families[0]) == 1
+    assert ks.scan_conntrack(t0 + L.C["HW_CT_TO_UDP_REPLIED"] * 10**9 - 10**9, 0).expired == 0
+    assert ks.scan_conntrack(t0 + L.C["HW_CT_TO_UDP_REPLIED"] * 10**9 + 10**9, 0).expired == 1
+
 def test_a_detach_ends_every_connection_still_tracked_once_through_the_claims(kernel, tmp_path, monkeypatch):
     """The enforcer's clean stop (control.detach) notes the detach time in hw_config before it unpins; a
     collector still holding the maps then claims every connection the datapath still tracked and had not
