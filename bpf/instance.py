@@ -17,7 +17,8 @@ from . import layout as L
 from .names import ALL_MAPS, POLICY_MAPS, PROGRAMS
 
 POLICY_CAPACITY = {"rules": L.MAX_RULES, "peer_classes": L.PEER_CLASSES_MAX, "l4_classes": L.L4_CLASSES_MAX,
-                   "v4_intervals": L.V4_INTERVALS_MAX, "v6_intervals": L.V6_INTERVALS_MAX}
+                   "v4_intervals": L.V4_INTERVALS_MAX, "v6_intervals": L.V6_INTERVALS_MAX,
+                   "xmatch_cells": L.XM_CELLS_MAX}     # 0: no first-match table, the scan (docs/datapath.md)
 
 
 def pressure_row(entries: int, capacity: int, **extra) -> dict:

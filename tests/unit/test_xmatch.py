@@ -106,3 +106,46 @@ def test_compiled_table_is_the_first_match_of_every_class_pair():
     cells = cp.xmatch["rule"].reshape(-1)[: stride * len(cp.l4_cls)].reshape(len(cp.l4_cls), stride)
     assert np.array_equal(cells, brute(cp.peer_cls, cp.l4_cls))
     assert not cp.xmatch.flags.writeable
+
+
+def _overlapping(nbroad: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """n peer classes x n L4 classes; rules 0..nbroad-1 in every L4 class and every peer class but the
+    first (e.g. `peers: [10.0.0.0/8]`, any port, repeated), then one any-peer rule per L4 class. Each
+    broad rule's cells are (n - 1) x n: painting them all is nbroad x cells of writes."""
+    broad = set(range(nbroad))
+    peer = _classes([set()] + [broad] * (n - 1))
+    l4 = _classes([broad | {nbroad + i} for i in range(n)])
+    full = np.zeros(L.WORDS, np.uint64)                    # the any-peer rules are in every peer class
+    for i in range(n):
+        full[(nbroad + i) // 64] |= np.uint64(1) << np.uint64((nbroad + i) % 64)
+    peer["words"] |= full
+    return peer, l4
+
+
+def test_painting_is_bounded_else_the_scan(monkeypatch):
+    """A policy whose painting would write more than XM_PAINT_MAX cells (overlapping rules over many
+    classes: ~27 s for 2000 such rules over 2048 x 2048 classes) has no table: the datapath scans, and
+    the compile stays bounded. Within the budget the table is built and exact."""
+    monkeypatch.setattr(xmatch, "XM_PAINT_MAX", 200 * 200 * 40, raising=False)
+    xmatch.clear_memo()
+    peer, l4 = _overlapping(60, 200)                      # 60 x 199 x 200 cells to paint: over
+    assert xmatch.table(peer, l4) == (None, 0)
+    peer, l4 = _overlapping(20, 200)                      # 20 x 199 x 200: within
+    got, stride = xmatch.table(peer, l4)
+    assert stride == 200
+    cells = got["rule"].reshape(-1)[: 200 * 200].reshape(200, 200)
+    assert np.array_equal(cells, brute(peer, l4))
+
+
+def test_status_reports_the_table_cells(monkeypatch):
+    """Map pressure (`status`, metrics) has a row for the table: its cells of XM_CELLS_MAX, 0 when the
+    datapath scans."""
+    from hostwall.bpf.instance import policy_pressure
+    clear_memo()
+    cp = compile_policy(parse_policy(POLICY), {n: i for i, n in enumerate("abcd")}, 1)
+    row = policy_pressure(cp.describe())["policy.xmatch_cells"]
+    assert (row["entries"], row["capacity"]) == (len(cp.peer_cls) * len(cp.l4_cls), L.XM_CELLS_MAX)
+    monkeypatch.setattr(L, "XM_CELLS_MAX", 1)
+    clear_memo()
+    cp = compile_policy(parse_policy(POLICY), {n: i for i, n in enumerate("abcd")}, 1)
+    assert policy_pressure(cp.describe())["policy.xmatch_cells"]["entries"] == 0
