@@ -229,6 +229,7 @@ def run(cfg: CollectorConfig, *, verbose: bool = False) -> int:
     if pipe is None:
         return 0
     unpin_if_drained(cfg, pipe)             # its instance was retired while it ran (docs/collector.md "Detach")
+    pipe.release_reader()
     led = pipe.ledger.snapshot()
     led["quiescent_violations"] = pipe.ledger.check(quiescent=True)
     for line in ledger_lines(led):

@@ -48,25 +48,33 @@ async def drain_retired(cfg: CollectorConfig, build) -> list[dict] | None:
     signal ended a drain (the caller exits; what is left stays pinned)."""
     done = []
     for path in retired.listing(cfg.pin_dir):
-        left: list[str] = []
+        entry = None
         for _ in range(ATTEMPTS):
             pipe = build(cfg, path)
-            if not await _run_to_end(pipe):
-                return None
-            left = leftover(cfg, pipe, path)
-            if not left:
-                break
+            try:
+                if not await _run_to_end(pipe):
+                    return None
+                left = leftover(cfg, pipe, path)
+                if not left:
+                    entry = _unpin_drained(cfg, pipe, path)     # still holding its reader lock
+                    break
+            finally:
+                pipe.release_reader()
             log.warning("retired instance %s not drained yet (%s): trying again", path, "; ".join(left))
-        if left:
+        if entry is None:
             raise RetiredNotDrained(f"retired instance {path} not drained: {'; '.join(left)}; it stays pinned "
                                     "for the next start (see `hostwall-collector status`)")
-        entry = {"detached_ns": int(path.name), "events": pipe.counters["events_read"],
-                 "detach_ends": pipe.counters["ct_detached"], "drop_intervals": pipe.counters["drop_intervals"]}
-        retired.remove(cfg.pin_dir, path)
-        log.info("retired instance %s drained and unpinned: %d events, %d detach ends", path, entry["events"],
-                 entry["detach_ends"])
         done.append(entry)
     return done
+
+
+def _unpin_drained(cfg: CollectorConfig, pipe: Pipeline, path: Path) -> dict:
+    entry = {"detached_ns": int(path.name), "events": pipe.counters["events_read"],
+             "detach_ends": pipe.counters["ct_detached"], "drop_intervals": pipe.counters["drop_intervals"]}
+    retired.remove(cfg.pin_dir, path)
+    log.info("retired instance %s drained and unpinned: %d events, %d detach ends", path, entry["events"],
+             entry["detach_ends"])
+    return entry
 
 
 async def _run_to_end(pipe: Pipeline) -> bool:

@@ -52,6 +52,9 @@ class Sources:
     async def _recover(self) -> None:
         ck = self.checkpoint
         identity = await self._k(self.source.identity)
+        hold = getattr(self.source, "reader_lock", None)        # no discard while read (bpf/retired.py)
+        if hold is not None and self.reader is None:
+            self.reader = hold(self.cfg.pin_dir)
         stride = slot_size(self.ring.record_size)
         rs = self.restart = analyze_restart(ck, identity, self.ring.consumer_pos, stride)
         if rs.previous == "crash" and self.previous_run is None and ck.exists:
@@ -108,6 +111,13 @@ class Sources:
                                       previous_run=(self.previous_run or {}).get("ledger"), seqs=dict(self.seq))
             await self._emit_owned([rec], "collector", kept=lambda: retired.forget_discarded(self.cfg.pin_dir, gone))
             self._keep_kernel_baseline()         # kernel_while_down is in the outbox now
+
+    def release_reader(self) -> None:
+        """Release the instance's reader lock; the owner calls it once what it drained is unpinned (until
+        then a discard must not note as lost what this run delivered)."""
+        if self.reader is not None:
+            self.reader.close()
+            self.reader = None
 
     async def _replay_outbox(self) -> None:
         """Records an earlier run put in the outbox and never got durable everywhere: send them first."""

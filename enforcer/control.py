@@ -336,9 +336,11 @@ def retired_listing(pin_dir: str) -> list:
 
 def discard_retired(pin_dir: str) -> list[dict]:
     """Unpin every retired instance of `pin_dir` (the operator's `detach --discard-retired`); what each
-    held is noted for the collector to report as lost (reason `operator_discarded`)."""
+    held is noted for the collector to report as lost (reason `operator_discarded`). One a collector is
+    draining is skipped (bpf/retired.py reader_lock): it unpins it itself."""
     with policy_writer(pin_dir):
-        return [retired.discard(pin_dir, p, reason="operator_discarded") for p in retired.listing(pin_dir)]
+        gone = [retired.discard(pin_dir, p, reason="operator_discarded") for p in retired.listing(pin_dir)]
+    return [g for g in gone if g is not None]
 
 
 def _detach_one(i: AttachedInterface) -> bool:

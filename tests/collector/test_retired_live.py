@@ -181,3 +181,42 @@ def test_the_bound_discards_the_oldest_retired_instance_and_the_collector_report
     assert (rec["event"]["action"], rec["hostwall"]["loss"]["reason"]) == ("collector-restart", "retired_discarded")
     assert rec["hostwall"]["loss"]["lost"] == {"retired_discarded": EVENTS + N_LOG + 2}
     assert retired.discarded(pin) == []                     # reported once: the note is gone
+
+
+def test_a_discard_skips_the_retired_instance_a_collector_is_draining(datapath, pin, tmp_path):
+    """`detach --discard-retired` while a collector drains the instance: the discard would note its records
+    lost while the collector delivers them (counted twice). The collector's reader lock makes them
+    exclusive: the discard skips it, the drain delivers everything and nothing is counted lost."""
+    import asyncio
+
+    from hostwall.collector.retired_drain import drain_retired
+    from hostwall.collector.wiring import build_pipeline
+    from hostwall.enforcer import control
+    dp, _ = datapath
+    out = tmp_path / "flows.jsonl"
+    cfg = collector_cfg(pin, out)
+    consume_ring(pin)
+    run_briefly(cfg)
+    traffic(dp)
+    control.detach(pin)
+    [r] = retired.listing(pin)
+
+    async def discard_while_draining():
+        pipe = build_pipeline(cfg, r)
+        task = asyncio.ensure_future(pipe.run())
+        while pipe.state == "starting" and not task.done():
+            await asyncio.sleep(0.01)
+        try:
+            return await asyncio.to_thread(control.discard_retired, pin)    # another process would do the same
+        finally:
+            pipe.stop()
+            await task
+            pipe.release_reader()
+    assert uvloop.run(discard_while_draining()) == []
+    assert retired.listing(pin) == [r] and retired.discarded(pin) == []
+    assert uvloop.run(drain_retired(cfg, build_pipeline)) is not None
+    assert retired.listing(pin) == []
+    new = records(out)
+    assert Counter(x["hostwall"]["kind"] for x in new)["log"] == N_LOG
+    assert not [x for x in new if x["hostwall"]["kind"] == "loss"]
+    assert retired.discarded(pin) == []
