@@ -24,7 +24,7 @@ from pathlib import Path
 from hostwall.bpf import retired
 from hostwall.bpf.ringbuf import RingBuffer
 
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, mark_drained
 from .config import CollectorConfig
 from .ct_journal import CtJournal
 from .pipeline import Pipeline
@@ -71,7 +71,7 @@ async def drain_retired(cfg: CollectorConfig, build) -> list[dict] | None:
 def _unpin_drained(cfg: CollectorConfig, pipe: Pipeline, path: Path) -> dict:
     entry = {"detached_ns": int(path.name), "events": pipe.counters["events_read"],
              "detach_ends": pipe.counters["ct_detached"], "drop_intervals": pipe.counters["drop_intervals"]}
-    retired.remove(cfg.pin_dir, path)
+    _mark_and_remove(cfg, pipe, path)
     log.info("retired instance %s drained and unpinned: %d events, %d detach ends", path, entry["events"],
              entry["detach_ends"])
     return entry
@@ -104,9 +104,18 @@ def unpin_if_drained(cfg: CollectorConfig, pipe: Pipeline) -> bool:
     path = retired.root(cfg.pin_dir) / str(pipe.detached_ns)
     if not pipe.detached_ns or not (path / "maps").is_dir() or leftover(cfg, pipe, path):
         return False
-    retired.remove(cfg.pin_dir, path)
+    _mark_and_remove(cfg, pipe, path)
     log.info("the detached instance %s is drained: unpinned", path)
     return True
+
+
+def _mark_and_remove(cfg: CollectorConfig, pipe: Pipeline, path: Path) -> None:
+    """Note in the checkpoint that its instance was drained (the next run says `drained`, not `reboot`),
+    then unpin it (the caller still holds its reader lock)."""
+    ring = retired.ring_id(path)
+    if ring is not None:
+        mark_drained(cfg.state_path(pipe.status_path), ring)
+    retired.remove(cfg.pin_dir, path)
 
 
 def leftover(cfg: CollectorConfig, pipe: Pipeline, path: Path) -> list[str]:

@@ -195,5 +195,7 @@ def test_a_stop_while_no_collector_runs_is_drained_by_the_next_collector(lab, tm
               and r["destination"].get("port") == 9000]
     assert denied, "no drop summary of the denied connection attempts"
     assert col.final_status["retired_drained"] and col.final_status["ledger"]["ok"]
+    rs = col.final_status["restart"]
+    assert (rs["previous"], rs["lost"]) == ("drained", {}), rs      # not `reboot`: the instance was read to its end
     v = col.cli("verify", str(col.jsonl))
     assert v.returncode == 0, v.stdout + v.stderr
