@@ -31,11 +31,12 @@ from .pipeline import Pipeline
 
 log = logging.getLogger("hostwall.collector")
 
-__all__ = ["RetiredNotDrained", "drain_retired", "unpin_if_drained"]
+__all__ = ["RetiredNotDrained", "drain_retired", "follow", "unpin_if_drained"]
 
 DRAIN_IDLE_S = 30.0     # the ring's committed position did not move for this long: stop and judge what is left
 ATTEMPTS = 3            # pipeline runs on one retired instance before `run` gives up (it stays pinned)
 POLL_S = 0.05
+FOLLOW_POLL_S = 1.0     # how often a running collector looks for a new instance once its own was detached
 
 
 class RetiredNotDrained(RuntimeError):
@@ -96,6 +97,29 @@ async def _run_to_end(pipe: Pipeline) -> bool:
         await asyncio.sleep(POLL_S)
     await task
     return stopped_by_us
+
+
+async def follow(cfg: CollectorConfig, pipe: Pipeline, task: asyncio.Task) -> bool:
+    """Wait for the running `pipe` to end; True when it was stopped here to follow a new instance: its own
+    was detached (the detach scan reported its ends), its ring is committed to the producer, and another
+    instance is pinned at the pin dir (polled every FOLLOW_POLL_S). The caller then unpins the drained
+    instance and runs on the new one (collector/cli.py; docs/collector.md "Detach"). False: it stopped by
+    itself (a stop signal, a failure)."""
+    ours = (pipe.checkpoint["kernel"] or {}).get("ring_map_id")
+    while not task.done():
+        await asyncio.wait({task}, timeout=FOLLOW_POLL_S)
+        ring = pipe.ring
+        if task.done() or pipe.state != "running" or not pipe.detach_reported or ring is None:
+            continue
+        live = retired.ring_id(cfg.pin_dir)
+        if live is not None and live != ours and ring.consumer_pos == ring.producer_pos:
+            log.info("the instance read was detached and is read to its end; following the new instance "
+                     "pinned at %s", cfg.pin_dir)
+            pipe.stop()
+            await task
+            return True
+    await task
+    return False
 
 
 def unpin_if_drained(cfg: CollectorConfig, pipe: Pipeline) -> bool:
