@@ -203,13 +203,22 @@ def discarded(pin_dir: str | os.PathLike) -> list[dict]:
     return out
 
 
+def unpinned_notes(pin_dir: str | os.PathLike) -> list[dict]:
+    """The discard notes whose instance is really gone, one per instance (the last): a discard killed
+    between its note and the unpin leaves the instance pinned, and the collector drains it — counting its
+    note too would count its records twice (its drain drops the note: forget_discarded)."""
+    last = {int(d["detached_ns"]): d for d in discarded(pin_dir)}
+    return [d for ns, d in sorted(last.items()) if ring_id(root(pin_dir) / str(ns)) is None]
+
+
 def forget_discarded(pin_dir: str | os.PathLike, reported: list[dict]) -> None:
     """The collector reported these notes (its loss record is durable in its outbox): drop them, keeping
     any note a discard appended meanwhile (the enforcer appends holding state.policy_writer, so do we)."""
     if not reported:
         return
     with policy_writer(str(pin_dir)):
-        left = [d for d in discarded(pin_dir) if d not in reported]
+        gone = {int(d["detached_ns"]) for d in reported}
+        left = [d for d in discarded(pin_dir) if int(d["detached_ns"]) not in gone]
         p = discard_note(pin_dir)
         if not left:
             p.unlink(missing_ok=True)

@@ -139,6 +139,8 @@ def _mark_and_remove(cfg: CollectorConfig, pipe: Pipeline, path: Path) -> None:
     ring = retired.ring_id(path)
     if ring is not None:
         mark_drained(cfg.state_path(pipe.status_path), ring)
+    stale = [d for d in retired.discarded(cfg.pin_dir) if int(d["detached_ns"]) == int(path.name)]
+    retired.forget_discarded(cfg.pin_dir, stale)    # a discard killed before its unpin: delivered, not lost
     retired.remove(cfg.pin_dir, path)
 
 

@@ -73,7 +73,7 @@ class Sources:
             if torn:
                 rs.lost["spool_torn"] = rs.lost.get("spool_torn", 0) + torn
                 rs.notes.append(f"sink {s.name}: {torn} spooled records cut off with a torn spool tail")
-        gone = retired.discarded(self.cfg.pin_dir)      # retired instances unpinned undrained (bpf/retired.py)
+        gone = retired.unpinned_notes(self.cfg.pin_dir)     # retired instances unpinned undrained (bpf/retired.py)
         for h in gone:
             rs.lost[h["reason"]] = rs.lost.get(h["reason"], 0) + retired.lost_records(h)
             rs.notes.append(f"retired instance {h['detached_ns']} was unpinned before a collector drained it "

@@ -220,3 +220,29 @@ def test_a_discard_skips_the_retired_instance_a_collector_is_draining(datapath, 
     assert Counter(x["hostwall"]["kind"] for x in new)["log"] == N_LOG
     assert not [x for x in new if x["hostwall"]["kind"] == "loss"]
     assert retired.discarded(pin) == []
+
+
+def test_a_discard_killed_between_its_note_and_the_unpin_is_not_counted_lost_as_well(datapath, pin, tmp_path):
+    """kill -9 of a discard after it appended its note, before the unpin: the instance is still pinned and
+    the next collector drains it (every record delivered), so the note must not be counted lost too."""
+    from hostwall.collector.retired_drain import drain_retired
+    from hostwall.collector.wiring import build_pipeline
+    from hostwall.enforcer import control
+    dp, _ = datapath
+    out = tmp_path / "flows.jsonl"
+    cfg = collector_cfg(pin, out)
+    consume_ring(pin)
+    run_briefly(cfg)
+    traffic(dp)
+    control.detach(pin)
+    [r] = retired.listing(pin)
+    held = {"detached_ns": int(r.name), "reason": "operator_discarded", "at": 0.0, **retired.holdings(r)}
+    retired._write_synced(retired.discard_note(pin), (json.dumps(held) + "\n").encode(), "ab")   # then killed
+    assert uvloop.run(drain_retired(cfg, build_pipeline)) is not None
+    new = records(out)
+    assert Counter(x["hostwall"]["kind"] for x in new)["log"] == N_LOG
+    assert not [x for x in new if x["hostwall"]["kind"] == "loss"]
+    assert retired.discarded(pin) == [] and retired.listing(pin) == []
+    dp.pin(pin)
+    st = run_briefly(cfg)
+    assert not st["ledger"]["lost_by_stage"].get("restart"), st["ledger"]["lost_by_stage"]

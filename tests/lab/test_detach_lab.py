@@ -213,7 +213,7 @@ def test_a_running_collector_follows_the_restarted_enforcer(lab, tmp_path):
     same process (collector/retired_drain.py follow; docs/collector.md "Detach") — the new instance's
     flows arrive in the same JSONL, the seqs run on (`verify` clean), and it says `drained`, not `reboot`."""
     from hostwall.bpf import retired
-    cli, prot = lab.addr("cli"), lab.addr("prot")
+    prot = lab.addr("prot")
     with EnforcerProcess(lab, EXAMPLE_POLICY) as enf, CollectorProcess(enf, tmp_path) as col, \
             traffic.echo_servers(lab, "prot", tcp=[80], udp=[5353]):
         pid = col.proc.pid
