@@ -183,6 +183,20 @@ def test_the_bound_discards_the_oldest_retired_instance_and_the_collector_report
     assert retired.discarded(pin) == []                     # reported once: the note is gone
 
 
+def read_then_retired(dp, pin: str, tmp_path):
+    """A collector read the instance and stopped; then traffic; then a clean detach retired it. Returns the
+    collector's config, its JSONL and the retired instance."""
+    from hostwall.enforcer import control
+    out = tmp_path / "flows.jsonl"
+    cfg = collector_cfg(pin, out)
+    consume_ring(pin)
+    run_briefly(cfg)
+    traffic(dp)
+    control.detach(pin)
+    [r] = retired.listing(pin)
+    return cfg, out, r
+
+
 def test_a_discard_skips_the_retired_instance_a_collector_is_draining(datapath, pin, tmp_path):
     """`detach --discard-retired` while a collector drains the instance: the discard would note its records
     lost while the collector delivers them (counted twice). The collector's reader lock makes them
@@ -193,13 +207,7 @@ def test_a_discard_skips_the_retired_instance_a_collector_is_draining(datapath, 
     from hostwall.collector.wiring import build_pipeline
     from hostwall.enforcer import control
     dp, _ = datapath
-    out = tmp_path / "flows.jsonl"
-    cfg = collector_cfg(pin, out)
-    consume_ring(pin)
-    run_briefly(cfg)
-    traffic(dp)
-    control.detach(pin)
-    [r] = retired.listing(pin)
+    cfg, out, r = read_then_retired(dp, pin, tmp_path)
 
     async def discard_while_draining():
         pipe = build_pipeline(cfg, r)
@@ -227,15 +235,8 @@ def test_a_discard_killed_between_its_note_and_the_unpin_is_not_counted_lost_as_
     the next collector drains it (every record delivered), so the note must not be counted lost too."""
     from hostwall.collector.retired_drain import drain_retired
     from hostwall.collector.wiring import build_pipeline
-    from hostwall.enforcer import control
     dp, _ = datapath
-    out = tmp_path / "flows.jsonl"
-    cfg = collector_cfg(pin, out)
-    consume_ring(pin)
-    run_briefly(cfg)
-    traffic(dp)
-    control.detach(pin)
-    [r] = retired.listing(pin)
+    cfg, out, r = read_then_retired(dp, pin, tmp_path)
     held = {"detached_ns": int(r.name), "reason": "operator_discarded", "at": 0.0, **retired.holdings(r)}
     retired._write_synced(retired.discard_note(pin), (json.dumps(held) + "\n").encode(), "ab")   # then killed
     assert uvloop.run(drain_retired(cfg, build_pipeline)) is not None
