@@ -248,13 +248,14 @@ class FqdnMaps:
             self._mm = None
 
 
-def copy_maps(old_fds: dict[str, int], new_fds: dict[str, int]) -> int:
+def copy_maps(old_fds: dict[str, int], new_fds: dict[str, int]) -> int | None:
     """Copy the dynamic set, the learnt names and the proxy's counters of one instance into another's
-    (a new build of the datapath), when their layouts agree; returns the set entries copied."""
+    (a new build of the datapath), when their layouts agree; returns the set entries copied, or None when
+    the layouts differ (nothing copied, the counters neither)."""
     for n in MAPS:
         a, b = bpfsys.map_info(old_fds[n]), bpfsys.map_info(new_fds[n])
         if (a.type, a.key_size, a.value_size) != (b.type, b.key_size, b.value_size):
-            return 0
+            return None
     copied = 0
     for n in (SET_MAP, NAMES_MAP, NAME_IPS_MAP):
         info = bpfsys.map_info(old_fds[n])
@@ -272,3 +273,15 @@ def copy_maps(old_fds: dict[str, int], new_fds: dict[str, int]) -> int:
     for i in range(n):
         bpfsys.map_update(new_fds[STATS_MAP], i.to_bytes(4, "little"), raw[8 * i:8 * i + 8])
     return copied
+
+
+def record_counters(fds: dict[str, int]) -> dict[str, int]:
+    """The proxy's decision-record counters as the collector folds them (collector/kernel.py kernel_loss
+    "dns"): emitted, budget, write_error. {} for an older build's shorter array."""
+    if bpfsys.map_info(fds[STATS_MAP]).max_entries <= L.C["HW_DNS_RECORDS_WRITTEN"]:
+        return {}
+    n = L.C["HW_DNS_RECORDS_WRITTEN"] + 1
+    raw = bpfsys.array_slots(fds[STATS_MAP], 0, n, 8)
+    v = [int.from_bytes(raw[8 * i:8 * i + 8], "little") for i in range(n)]
+    return {"emitted": v[L.C["HW_DNS_RECORDS_WRITTEN"]], "budget": v[L.C["HW_DNS_RECORDS_SUPPRESSED"]],
+            "write_error": v[L.C["HW_DNS_RECORDS_UNWRITTEN"]]}

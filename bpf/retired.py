@@ -14,6 +14,8 @@ drop map.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -70,21 +72,79 @@ def retire(pin_dir: str | os.PathLike, detached_ns: int, state: dict | None) -> 
     os.rename(Path(pin_dir) / "maps", dest / "maps")
     out = []
     for old in listing(pin_dir)[:-MAX_RETIRED]:
-        out.append(discard(pin_dir, old, reason="retired_discarded"))
+        held = discard(pin_dir, old, reason="retired_discarded")
+        if held is not None:
+            out.append(held)
     return out
 
 
-def discard(pin_dir: str | os.PathLike, path: Path, reason: str) -> dict:
-    """Unpin one retired instance, after noting durably what it still held."""
-    held = {"detached_ns": int(path.name), "reason": reason, "at": time.time(), **holdings(path)}
-    _write_synced(discard_note(pin_dir), (json.dumps(held, sort_keys=True) + "\n").encode(), "ab")
-    remove(pin_dir, path)
-    return held
+def discard(pin_dir: str | os.PathLike, path: Path, reason: str) -> dict | None:
+    """Unpin one retired instance, after noting durably what it still held. None, and nothing done, when
+    a collector reads it (reader_lock): it drains and unpins it itself, so noting it lost would count its
+    records twice (delivered and lost). The exclusive lock is held through the unpin."""
+    with _exclusive(ring_id(path)) as free:
+        if not free or not (path / "maps").is_dir():
+            return None
+        held = {"detached_ns": int(path.name), "reason": reason, "at": time.time(), **holdings(path)}
+        _write_synced(discard_note(pin_dir), (json.dumps(held, sort_keys=True) + "\n").encode(), "ab")
+        remove(pin_dir, path)
+        return held
+
+
+def ring_id(path: str | os.PathLike) -> int | None:
+    """The map id of the ring buffer pinned under `path` (a pin dir or a retired instance), None if none."""
+    try:
+        fd = bpfsys.obj_get(str(Path(path) / "maps" / "hw_events"))
+    except OSError:
+        return None
+    try:
+        return bpfsys.map_info(fd).id
+    finally:
+        os.close(fd)
+
+
+def _reader_lock_path(ring: int) -> Path:
+    return state_dir() / f"reader-{int(ring)}.lock"
+
+
+def reader_lock(ring: int):
+    """A shared flock a collector holds while it reads the kernel instance whose ring has map id `ring`
+    (map ids are unique within a boot, like the state dir), from its start until it unpinned what it
+    drained: a discard (exclusive, non-blocking) skips an instance a collector reads. Returns the open
+    file; closing it (or the process dying) releases the lock."""
+    p = _reader_lock_path(ring)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    f = open(p, "ab")
+    fcntl.flock(f.fileno(), fcntl.LOCK_SH)
+    return f
+
+
+@contextlib.contextmanager
+def _exclusive(ring: int | None):
+    """Yields True holding the exclusive reader lock of `ring` (no collector reads it), else False. An
+    instance without a readable ring has no reader to exclude: True."""
+    if ring is None:
+        yield True
+        return
+    p = _reader_lock_path(ring)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    with open(p, "ab") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
 
 
 def remove(pin_dir: str | os.PathLike, path: Path) -> None:
-    """Unpin a retired instance (drained, or noted by discard) and its state copy; the root goes when empty."""
+    """Unpin a retired instance (drained, or noted by discard) and its state copy; the root goes when empty.
+    The caller holds its reader lock (shared or exclusive): the lock file goes after the pins, so whoever
+    takes that lock next finds no pins and skips."""
+    ring = ring_id(path)
     shutil.rmtree(path, ignore_errors=True)          # unlink on bpffs drops the pin reference
+    if ring is not None:
+        _reader_lock_path(ring).unlink(missing_ok=True)
     state_copy(pin_dir, int(path.name)).unlink(missing_ok=True)
     try:
         path.parent.rmdir()
@@ -143,13 +203,22 @@ def discarded(pin_dir: str | os.PathLike) -> list[dict]:
     return out
 
 
+def unpinned_notes(pin_dir: str | os.PathLike) -> list[dict]:
+    """The discard notes whose instance is really gone, one per instance (the last): a discard killed
+    between its note and the unpin leaves the instance pinned, and the collector drains it — counting its
+    note too would count its records twice (its drain drops the note: forget_discarded)."""
+    last = {int(d["detached_ns"]): d for d in discarded(pin_dir)}
+    return [d for ns, d in sorted(last.items()) if ring_id(root(pin_dir) / str(ns)) is None]
+
+
 def forget_discarded(pin_dir: str | os.PathLike, reported: list[dict]) -> None:
     """The collector reported these notes (its loss record is durable in its outbox): drop them, keeping
     any note a discard appended meanwhile (the enforcer appends holding state.policy_writer, so do we)."""
     if not reported:
         return
     with policy_writer(str(pin_dir)):
-        left = [d for d in discarded(pin_dir) if d not in reported]
+        gone = {int(d["detached_ns"]) for d in reported}
+        left = [d for d in discarded(pin_dir) if int(d["detached_ns"]) not in gone]
         p = discard_note(pin_dir)
         if not left:
             p.unlink(missing_ok=True)

@@ -106,6 +106,10 @@ class InstanceState:
     # adoption and build upgrades: the collector never resolves one instance's revision ids through
     # another's revision_info (docs/records.md "Rule fields"); "" in states written before it existed
     instance_id: str = ""
+    # the loss counters a build upgrade copied into this instance: {"from_ring": the old instance's ring
+    # map id, "dns": {outcome: count}} (enforcer/control.py _migrate_fqdn); {} for a fresh instance, whose
+    # counters start at zero. The collector's baseline for an instance new to it (docs/collector.md "Restarts")
+    carried_counters: dict = field(default_factory=dict)
 
     @classmethod
     def load(cls, pin_dir: str) -> InstanceState | None:

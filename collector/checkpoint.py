@@ -145,7 +145,7 @@ class Checkpoint:
 @dataclass
 class Restart:
     """What a start found about the run before it (status `restart`, the restart loss record)."""
-    previous: str                           # none | clean | crash | reboot
+    previous: str                           # none | clean | crash | reboot | drained
     events_seq: int = 0                     # hostwall.seq of the first event read now
     lost: dict[str, int] = field(default_factory=dict)      # reason -> records (stage "restart")
     duplicates_possible: int = 0            # events re-read that the previous run had committed
@@ -153,6 +153,7 @@ class Restart:
     notes: list[str] = field(default_factory=list)
     previous_pid: int | None = None
     previous_updated_at: float | None = None
+    new_kernel: bool = False                # the checkpoint's kernel instance is gone (reboot, drained)
 
     def as_dict(self) -> dict:
         return {"previous": self.previous, "events_seq": self.events_seq, "lost": dict(self.lost),
@@ -174,7 +175,32 @@ def _unapplied(ring: dict) -> dict[int, int]:
     return at
 
 
-def analyze_restart(ck: Checkpoint, identity: dict, consumer_pos: int, stride: int) -> Restart:
+def mark_drained(path: str | os.PathLike, ring_map_id: int) -> None:
+    """The instance whose ring has `ring_map_id` was drained to its end (collector/retired_drain.py) and is
+    about to be unpinned: the next start on another instance says `drained`, not `reboot`. Written (fsynced)
+    before the unpin; the pipeline that drained it has stopped."""
+    ck = Checkpoint.load(path)
+    ck["drained_ring"] = int(ring_map_id)
+    ck.save(sync=True)
+
+
+def _new_instance_baseline(ck: Checkpoint, identity: dict, carried: dict | None) -> dict:
+    """The loss counters an instance new to the checkpoint (same boot) starts from: zero, except what a
+    build upgrade copied into it (InstanceState.carried_counters: the DNS record counters) — continued from
+    the checkpoint's when copied from the instance it names (what that one counted after the last fold is
+    counted once), else from the copied values."""
+    carried = carried or {}
+    if not carried.get("dns"):
+        return {}
+    if carried.get("from_ring") == (ck.data.get("kernel") or {}).get("ring_map_id"):
+        dns = (ck.data.get("kernel_loss") or {}).get("dns") or carried["dns"]
+    else:
+        dns = carried["dns"]
+    return {"dns": dict(dns)}
+
+
+def analyze_restart(ck: Checkpoint, identity: dict, consumer_pos: int, stride: int,
+                    carried: dict | None = None) -> Restart:
     """Compare the last run's checkpoint with the kernel as it is now.
 
     Same kernel instance (boot, ring and counter maps): the ring's consumer position is where the last run
@@ -184,7 +210,11 @@ def analyze_restart(ck: Checkpoint, identity: dict, consumer_pos: int, stride: i
     now (budget, ringbuf_full). A consumer position *past* the checkpoint means events someone else took:
     lost, reason `crash`. A new boot or a reloaded datapath (new maps): the ring the last run read is
     gone with every event it held beyond the last commit — at least (producer_pos - pos) / stride as last
-    seen: reason `reboot`; counters start from zero."""
+    seen: reason `reboot`. An instance new to the checkpoint on the same boot: its loss counters count from
+    zero, what a build upgrade copied into it excepted (`carried`, _new_instance_baseline); the kernel's
+    counts before this start are counted now. The checkpoint's instance drained to its end
+    (mark_drained) and unpinned after a clean stop: previous `drained`, nothing lost (docs/collector.md
+    "Restarts")."""
     old = ck.data.get("kernel") or {}
     r = ck.ring
     prev = "clean" if ck.data.get("clean_stop") else "crash"
@@ -195,14 +225,22 @@ def analyze_restart(ck: Checkpoint, identity: dict, consumer_pos: int, stride: i
         rs.previous = "none" if not ck.problem else "crash"
         return rs
     if not _same_kernel(old, identity):
+        rs.new_kernel = True
+        same_boot = old.get("boot_id") == identity.get("boot_id")
+        if same_boot:
+            rs.baseline = _new_instance_baseline(ck, identity, carried)
+        rs.events_seq = ck.seq("events")
+        if same_boot and ck.data.get("clean_stop") and ck.data.get("drained_ring") == old.get("ring_map_id"):
+            rs.previous = "drained"
+            rs.notes.append("the previous instance was drained to its end and unpinned (a retired instance)")
+            return rs
         rs.previous = "reboot"
-        why = "new boot" if old.get("boot_id") != identity.get("boot_id") else "the datapath was reloaded (new maps)"
+        why = "new boot" if not same_boot else "the datapath was reloaded (new maps)"
         backlog = max(0, int(r.get("producer_pos", 0)) - int(r.get("pos", 0))) // stride if "pos" in r else 0
         if backlog and not ck.data.get("clean_stop"):
             rs.lost["reboot"] = backlog
         rs.notes.append(f"{why}: the previous ring buffer is gone"
                         + (f" with at least {backlog} uncommitted events" if backlog else ""))
-        rs.events_seq = ck.seq("events")
         return rs
     rs.baseline = ck.data.get("kernel_loss")
     pos, seq = r.get("pos"), r.get("seq")

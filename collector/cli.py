@@ -182,7 +182,7 @@ def run(cfg: CollectorConfig, *, verbose: bool = False) -> int:
     from .config_checks import config_warnings
     from .kernel import KernelSourceError
     from .pipeline import PipelineFailed, StartFailed
-    from .retired_drain import RetiredNotDrained, drain_retired, unpin_if_drained
+    from .retired_drain import RetiredNotDrained, drain_retired, follow, unpin_if_drained
     from .sinks import SinkUnavailable
     from .wiring import build_pipeline
     for w in config_warnings(cfg):
@@ -191,18 +191,22 @@ def run(cfg: CollectorConfig, *, verbose: bool = False) -> int:
 
     async def go() -> None:
         nonlocal pipe
-        drained = await drain_retired(cfg, build_pipeline)      # docs/collector.md "Detach"
-        if drained is None:
-            return                              # stopped by a signal while draining
-        pipe = build_pipeline(cfg)
-        pipe.retired_drained = drained
-        task = asyncio.ensure_future(pipe.run(install_signals=True))
-        while pipe.state == "starting" and not task.done():
-            await asyncio.sleep(0.01)
-        if pipe.state == "running":
-            print(f"{PROG}: collecting from {cfg.pin_dir} → {', '.join(s.url for s in cfg.sinks)} "
-                  f"(status: {pipe.status_path})", flush=True)
-        await task
+        while True:                             # the retired instances, then the live one; again when it is replaced
+            drained = await drain_retired(cfg, build_pipeline)      # docs/collector.md "Detach"
+            if drained is None:
+                return                          # stopped by a signal while draining
+            pipe = build_pipeline(cfg)
+            pipe.retired_drained = drained
+            task = asyncio.ensure_future(pipe.run(install_signals=True))
+            while pipe.state == "starting" and not task.done():
+                await asyncio.sleep(0.01)
+            if pipe.state == "running":
+                print(f"{PROG}: collecting from {cfg.pin_dir} → {', '.join(s.url for s in cfg.sinks)} "
+                      f"(status: {pipe.status_path})", flush=True)
+            if not await follow(cfg, pipe, task):
+                return
+            unpin_if_drained(cfg, pipe)         # else the next drain_retired drains what is left of it
+            pipe.release_reader()
 
     import uvloop
 
@@ -229,6 +233,7 @@ def run(cfg: CollectorConfig, *, verbose: bool = False) -> int:
     if pipe is None:
         return 0
     unpin_if_drained(cfg, pipe)             # its instance was retired while it ran (docs/collector.md "Detach")
+    pipe.release_reader()
     led = pipe.ledger.snapshot()
     led["quiescent_violations"] = pipe.ledger.check(quiescent=True)
     for line in ledger_lines(led):

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hostwall.bpf import bpfsys, conntrack, flow_agg, syn_proxy
+from hostwall.bpf import bpfsys, conntrack, flow_agg, retired, syn_proxy
 from hostwall.bpf import layout as L
 from hostwall.bpf.clock import Clock
 from hostwall.bpf.ringbuf import RingBuffer
@@ -168,6 +168,18 @@ class KernelSource(ConntrackScans):
             if got != size:
                 raise KernelSourceError(f"{self.pin_dir}: map {name} has {got}-byte values, this collector "
                                         f"expects {size} (datapath and collector builds differ)")
+
+    def reader_lock(self, pin_dir: str | os.PathLike):
+        """Hold this instance's shared reader lock (bpf/retired.py reader_lock: no discard of it while held;
+        the caller closes the returned file). Raises KernelSourceError when it is no longer pinned, at the
+        pin dir or among its retired instances, once the lock is held: a discard took it meanwhile and
+        noted what it held as lost, so reading it would deliver those records too."""
+        ring = bpfsys.map_info(self.fds["hw_events"]).id
+        f = retired.reader_lock(ring)
+        if ring not in {retired.ring_id(p) for p in (self.pin_dir, pin_dir, *retired.listing(pin_dir))}:
+            f.close()
+            raise KernelSourceError(f"{self.pin_dir}: unpinned (discarded) while the collector started")
+        return f
 
     def close(self) -> None:
         for t in self._ct.values():

@@ -158,6 +158,7 @@ class Pipeline(Sources, Shutdown):
         self.state = "starting"
         self.last_drain: dict = {}
         self.last_scan: dict = {}
+        self.reader = None                          # the instance's reader lock (bpf/retired.py; Sources)
         self.detached_ns = 0                        # the detach a scan reported (collector/retired_drain.py)
         self.retired_drained: list[dict] = []       # retired instances drained before this run (collector/retired_drain.py)
 

@@ -24,18 +24,19 @@ from pathlib import Path
 from hostwall.bpf import retired
 from hostwall.bpf.ringbuf import RingBuffer
 
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, mark_drained
 from .config import CollectorConfig
 from .ct_journal import CtJournal
 from .pipeline import Pipeline
 
 log = logging.getLogger("hostwall.collector")
 
-__all__ = ["RetiredNotDrained", "drain_retired", "unpin_if_drained"]
+__all__ = ["RetiredNotDrained", "drain_retired", "follow", "unpin_if_drained"]
 
 DRAIN_IDLE_S = 30.0     # the ring's committed position did not move for this long: stop and judge what is left
 ATTEMPTS = 3            # pipeline runs on one retired instance before `run` gives up (it stays pinned)
 POLL_S = 0.05
+FOLLOW_POLL_S = 1.0     # how often a running collector looks for a new instance once its own was detached
 
 
 class RetiredNotDrained(RuntimeError):
@@ -48,25 +49,33 @@ async def drain_retired(cfg: CollectorConfig, build) -> list[dict] | None:
     signal ended a drain (the caller exits; what is left stays pinned)."""
     done = []
     for path in retired.listing(cfg.pin_dir):
-        left: list[str] = []
+        entry = None
         for _ in range(ATTEMPTS):
             pipe = build(cfg, path)
-            if not await _run_to_end(pipe):
-                return None
-            left = leftover(cfg, pipe, path)
-            if not left:
-                break
+            try:
+                if not await _run_to_end(pipe):
+                    return None
+                left = leftover(cfg, pipe, path)
+                if not left:
+                    entry = _unpin_drained(cfg, pipe, path)     # still holding its reader lock
+                    break
+            finally:
+                pipe.release_reader()
             log.warning("retired instance %s not drained yet (%s): trying again", path, "; ".join(left))
-        if left:
+        if entry is None:
             raise RetiredNotDrained(f"retired instance {path} not drained: {'; '.join(left)}; it stays pinned "
                                     "for the next start (see `hostwall-collector status`)")
-        entry = {"detached_ns": int(path.name), "events": pipe.counters["events_read"],
-                 "detach_ends": pipe.counters["ct_detached"], "drop_intervals": pipe.counters["drop_intervals"]}
-        retired.remove(cfg.pin_dir, path)
-        log.info("retired instance %s drained and unpinned: %d events, %d detach ends", path, entry["events"],
-                 entry["detach_ends"])
         done.append(entry)
     return done
+
+
+def _unpin_drained(cfg: CollectorConfig, pipe: Pipeline, path: Path) -> dict:
+    entry = {"detached_ns": int(path.name), "events": pipe.counters["events_read"],
+             "detach_ends": pipe.counters["ct_detached"], "drop_intervals": pipe.counters["drop_intervals"]}
+    _mark_and_remove(cfg, pipe, path)
+    log.info("retired instance %s drained and unpinned: %d events, %d detach ends", path, entry["events"],
+             entry["detach_ends"])
+    return entry
 
 
 async def _run_to_end(pipe: Pipeline) -> bool:
@@ -90,15 +99,49 @@ async def _run_to_end(pipe: Pipeline) -> bool:
     return stopped_by_us
 
 
+async def follow(cfg: CollectorConfig, pipe: Pipeline, task: asyncio.Task) -> bool:
+    """Wait for the running `pipe` to end; True when it was stopped here to follow a new instance: its own
+    was detached (the detach scan reported its ends), its ring is committed to the producer, and another
+    instance is pinned at the pin dir (polled every FOLLOW_POLL_S). The caller then unpins the drained
+    instance and runs on the new one (collector/cli.py; docs/collector.md "Detach"). False: it stopped by
+    itself (a stop signal, a failure)."""
+    ours = (pipe.checkpoint["kernel"] or {}).get("ring_map_id")
+    while not task.done():
+        await asyncio.wait({task}, timeout=FOLLOW_POLL_S)
+        ring = pipe.ring
+        if task.done() or pipe.state != "running" or not pipe.detach_reported or ring is None:
+            continue
+        live = retired.ring_id(cfg.pin_dir)
+        if live is not None and live != ours and ring.consumer_pos == ring.producer_pos:
+            log.info("the instance read was detached and is read to its end; following the new instance "
+                     "pinned at %s", cfg.pin_dir)
+            pipe.stop()
+            await task
+            return True
+    await task
+    return False
+
+
 def unpin_if_drained(cfg: CollectorConfig, pipe: Pipeline) -> bool:
     """After a run that read its instance through the detach: that instance was retired under its
     detached_ns; unpin it if nothing of it is left (the next start need not drain it). True if unpinned."""
     path = retired.root(cfg.pin_dir) / str(pipe.detached_ns)
     if not pipe.detached_ns or not (path / "maps").is_dir() or leftover(cfg, pipe, path):
         return False
-    retired.remove(cfg.pin_dir, path)
+    _mark_and_remove(cfg, pipe, path)
     log.info("the detached instance %s is drained: unpinned", path)
     return True
+
+
+def _mark_and_remove(cfg: CollectorConfig, pipe: Pipeline, path: Path) -> None:
+    """Note in the checkpoint that its instance was drained (the next run says `drained`, not `reboot`),
+    then unpin it (the caller still holds its reader lock)."""
+    ring = retired.ring_id(path)
+    if ring is not None:
+        mark_drained(cfg.state_path(pipe.status_path), ring)
+    stale = [d for d in retired.discarded(cfg.pin_dir) if int(d["detached_ns"]) == int(path.name)]
+    retired.forget_discarded(cfg.pin_dir, stale)    # a discard killed before its unpin: delivered, not lost
+    retired.remove(cfg.pin_dir, path)
 
 
 def leftover(cfg: CollectorConfig, pipe: Pipeline, path: Path) -> list[str]:

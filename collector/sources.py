@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from pathlib import Path
 
 import orjson
 
@@ -52,24 +53,27 @@ class Sources:
     async def _recover(self) -> None:
         ck = self.checkpoint
         identity = await self._k(self.source.identity)
+        hold = getattr(self.source, "reader_lock", None)        # no discard while read (bpf/retired.py)
+        if hold is not None and self.reader is None:
+            self.reader = hold(self.cfg.pin_dir)
         stride = slot_size(self.ring.record_size)
-        rs = self.restart = analyze_restart(ck, identity, self.ring.consumer_pos, stride)
+        rs = self.restart = analyze_restart(ck, identity, self.ring.consumer_pos, stride, self._carried_counters())
         if rs.previous == "crash" and self.previous_run is None and ck.exists:
             self.previous_run = {"pid": ck["pid"], "updated_at": ck["updated_at"], "state": "crashed"}
-        if rs.baseline:
+        if rs.baseline is not None:
             self.ledger.set_kernel_baseline(rs.baseline)
         before = dict(self.ledger.lost_by.get("kernel", {}))
         await self._fold_kernel()
         self.kernel_while_down = {r: n - before.get(r, 0) for r, n in self.ledger.lost_by.get("kernel", {}).items()
-                                  if n - before.get(r, 0) > 0} if rs.baseline else {}
-        if not rs.baseline:                      # a first read counts nothing: it is the baseline at once
+                                  if n - before.get(r, 0) > 0} if rs.baseline is not None else {}
+        if rs.baseline is None:                  # a first read counts nothing: it is the baseline at once
             ck["kernel_loss"] = self.ledger.kernel_baseline()
         for s in self.slots:                     # a spool's torn tail (collector/sinks/spool.py recovery)
             torn = ((s.sink.stats().get("recovered") or {}).get("lost") or {}).get("spool_torn", 0)
             if torn:
                 rs.lost["spool_torn"] = rs.lost.get("spool_torn", 0) + torn
                 rs.notes.append(f"sink {s.name}: {torn} spooled records cut off with a torn spool tail")
-        gone = retired.discarded(self.cfg.pin_dir)      # retired instances unpinned undrained (bpf/retired.py)
+        gone = retired.unpinned_notes(self.cfg.pin_dir)     # retired instances unpinned undrained (bpf/retired.py)
         for h in gone:
             rs.lost[h["reason"]] = rs.lost.get(h["reason"], 0) + retired.lost_records(h)
             rs.notes.append(f"retired instance {h['detached_ns']} was unpinned before a collector drained it "
@@ -79,7 +83,7 @@ class Sources:
             self.ledger.lose("restart", reason, n, produced="kernel")
         self.seq = {s: ck.seq(s) for s in STREAMS}
         self.seq["events"] = rs.events_seq
-        if rs.previous == "reboot":              # the kernel state the checkpoint described is gone
+        if rs.new_kernel:                        # the kernel state the checkpoint described is gone
             ck["drain"] = None
             ck["ct_last_scan"] = None
             ck.data["ring"] = {}
@@ -108,6 +112,29 @@ class Sources:
                                       previous_run=(self.previous_run or {}).get("ledger"), seqs=dict(self.seq))
             await self._emit_owned([rec], "collector", kept=lambda: retired.forget_discarded(self.cfg.pin_dir, gone))
             self._keep_kernel_baseline()         # kernel_while_down is in the outbox now
+
+    def _carried_counters(self) -> dict:
+        """InstanceState.carried_counters of the instance read (a retired one's state copy): what a build
+        upgrade copied into its loss counters (bpf/state.py)."""
+        from hostwall.bpf.state import InstanceState, state_path
+        src = getattr(self.source, "pin_dir", None)
+        if src is None:
+            return {}
+        src = Path(src)
+        p = retired.state_copy(self.cfg.pin_dir, int(src.name)) if src.parent == retired.root(self.cfg.pin_dir) \
+            else state_path(self.cfg.pin_dir)
+        try:
+            st = InstanceState.load_file(p)
+        except (OSError, ValueError, TypeError):
+            return {}
+        return st.carried_counters if st is not None else {}
+
+    def release_reader(self) -> None:
+        """Release the instance's reader lock; the owner calls it once what it drained is unpinned (until
+        then a discard must not note as lost what this run delivered)."""
+        if self.reader is not None:
+            self.reader.close()
+            self.reader = None
 
     async def _replay_outbox(self) -> None:
         """Records an earlier run put in the outbox and never got durable everywhere: send them first."""

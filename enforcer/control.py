@@ -169,14 +169,18 @@ CONNTRACK_MAPS = ("hw_config", "hw_ct4", "hw_ct6")
 _SEED_END = L.DTYPES["hw_config"].fields["table_seed"][1] + 8     # hw_config up to table_seed: every build's
 
 
-def _migrate_fqdn(pin_dir: str, new: Datapath) -> int:
+def _migrate_fqdn(pin_dir: str, new: Datapath) -> dict:
     """Carry the learnt names, the dynamic sets and the proxy's counters of a pinned instance of another
-    build over (same layouts only): an enforcer upgrade keeps what the proxy learnt."""
+    build over (same layouts only): an enforcer upgrade keeps what the proxy learnt. Returns what the new
+    instance's loss counters start from (InstanceState.carried_counters): the collector's baseline for a
+    migrated instance, so the copied counts are not counted again (docs/collector.md "Restarts")."""
     old = Instance.open_maps(pin_dir, fq.MAPS)
     if old is None:
-        return 0
+        return {}
     try:
-        return fq.copy_maps(old.map_fds, new.map_fds)
+        if fq.copy_maps(old.map_fds, new.map_fds) is None:
+            return {}
+        return {"from_ring": retired.ring_id(pin_dir), "dns": fq.record_counters(new.map_fds)}
     finally:
         old.close()
 
@@ -253,9 +257,10 @@ def _start(policy: Policy, pin_dir: str, interfaces: list[InterfaceConf], netns:
                 migrated = _migrate_conntrack(old, dp)
             finally:
                 old.close()
-        _migrate_fqdn(pin_dir, dp)
+        carried = _migrate_fqdn(pin_dir, dp)
         Datapath.unpin(pin_dir)     # also what an incomplete or older build left: it would shadow our pins
         st = carried_state(st, pin_dir, build)
+        st.carried_counters = carried
     st.build = build
     st.instance_id = st.instance_id or new_instance_id()      # new, or a state from before instance ids
     res = apply_policy(dp, st, policy, [(i.name, netns) for i in interfaces])
@@ -336,9 +341,11 @@ def retired_listing(pin_dir: str) -> list:
 
 def discard_retired(pin_dir: str) -> list[dict]:
     """Unpin every retired instance of `pin_dir` (the operator's `detach --discard-retired`); what each
-    held is noted for the collector to report as lost (reason `operator_discarded`)."""
+    held is noted for the collector to report as lost (reason `operator_discarded`). One a collector is
+    draining is skipped (bpf/retired.py reader_lock): it unpins it itself."""
     with policy_writer(pin_dir):
-        return [retired.discard(pin_dir, p, reason="operator_discarded") for p in retired.listing(pin_dir)]
+        gone = [retired.discard(pin_dir, p, reason="operator_discarded") for p in retired.listing(pin_dir)]
+    return [g for g in gone if g is not None]
 
 
 def _detach_one(i: AttachedInterface) -> bool:

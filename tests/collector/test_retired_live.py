@@ -181,3 +181,69 @@ def test_the_bound_discards_the_oldest_retired_instance_and_the_collector_report
     assert (rec["event"]["action"], rec["hostwall"]["loss"]["reason"]) == ("collector-restart", "retired_discarded")
     assert rec["hostwall"]["loss"]["lost"] == {"retired_discarded": EVENTS + N_LOG + 2}
     assert retired.discarded(pin) == []                     # reported once: the note is gone
+
+
+def read_then_retired(dp, pin: str, tmp_path):
+    """A collector read the instance and stopped; then traffic; then a clean detach retired it. Returns the
+    collector's config, its JSONL and the retired instance."""
+    from hostwall.enforcer import control
+    out = tmp_path / "flows.jsonl"
+    cfg = collector_cfg(pin, out)
+    consume_ring(pin)
+    run_briefly(cfg)
+    traffic(dp)
+    control.detach(pin)
+    [r] = retired.listing(pin)
+    return cfg, out, r
+
+
+def test_a_discard_skips_the_retired_instance_a_collector_is_draining(datapath, pin, tmp_path):
+    """`detach --discard-retired` while a collector drains the instance: the discard would note its records
+    lost while the collector delivers them (counted twice). The collector's reader lock makes them
+    exclusive: the discard skips it, the drain delivers everything and nothing is counted lost."""
+    import asyncio
+
+    from hostwall.collector.retired_drain import drain_retired
+    from hostwall.collector.wiring import build_pipeline
+    from hostwall.enforcer import control
+    dp, _ = datapath
+    cfg, out, r = read_then_retired(dp, pin, tmp_path)
+
+    async def discard_while_draining():
+        pipe = build_pipeline(cfg, r)
+        task = asyncio.ensure_future(pipe.run())
+        while pipe.state == "starting" and not task.done():
+            await asyncio.sleep(0.01)
+        try:
+            return await asyncio.to_thread(control.discard_retired, pin)    # another process would do the same
+        finally:
+            pipe.stop()
+            await task
+            pipe.release_reader()
+    assert uvloop.run(discard_while_draining()) == []
+    assert retired.listing(pin) == [r] and retired.discarded(pin) == []
+    assert uvloop.run(drain_retired(cfg, build_pipeline)) is not None
+    assert retired.listing(pin) == []
+    new = records(out)
+    assert Counter(x["hostwall"]["kind"] for x in new)["log"] == N_LOG
+    assert not [x for x in new if x["hostwall"]["kind"] == "loss"]
+    assert retired.discarded(pin) == []
+
+
+def test_a_discard_killed_between_its_note_and_the_unpin_is_not_counted_lost_as_well(datapath, pin, tmp_path):
+    """kill -9 of a discard after it appended its note, before the unpin: the instance is still pinned and
+    the next collector drains it (every record delivered), so the note must not be counted lost too."""
+    from hostwall.collector.retired_drain import drain_retired
+    from hostwall.collector.wiring import build_pipeline
+    dp, _ = datapath
+    cfg, out, r = read_then_retired(dp, pin, tmp_path)
+    held = {"detached_ns": int(r.name), "reason": "operator_discarded", "at": 0.0, **retired.holdings(r)}
+    retired._write_synced(retired.discard_note(pin), (json.dumps(held) + "\n").encode(), "ab")   # then killed
+    assert uvloop.run(drain_retired(cfg, build_pipeline)) is not None
+    new = records(out)
+    assert Counter(x["hostwall"]["kind"] for x in new)["log"] == N_LOG
+    assert not [x for x in new if x["hostwall"]["kind"] == "loss"]
+    assert retired.discarded(pin) == [] and retired.listing(pin) == []
+    dp.pin(pin)
+    st = run_briefly(cfg)
+    assert not st["ledger"]["lost_by_stage"].get("restart"), st["ledger"]["lost_by_stage"]

@@ -195,5 +195,39 @@ def test_a_stop_while_no_collector_runs_is_drained_by_the_next_collector(lab, tm
               and r["destination"].get("port") == 9000]
     assert denied, "no drop summary of the denied connection attempts"
     assert col.final_status["retired_drained"] and col.final_status["ledger"]["ok"]
+    rs = col.final_status["restart"]
+    assert (rs["previous"], rs["lost"]) == ("drained", {}), rs      # not `reboot`: the instance was read to its end
+    v = col.cli("verify", str(col.jsonl))
+    assert v.returncode == 0, v.stdout + v.stderr
+
+
+def tcp_starts(path, prot: str, port: int) -> int:
+    return sum(1 for r in read_jsonl(path) if kind(r) == "flow" and r["network"].get("transport") == "tcp"
+               and r["event"]["type"] == ["start"] and r["destination"].get("ip") == prot
+               and r["destination"].get("port") == port)
+
+
+def test_a_running_collector_follows_the_restarted_enforcer(lab, tmp_path):
+    """Enforcer stopped (detach: its maps retired) and started again while the collector runs: the
+    collector reads the detached instance to its end, unpins it and goes on with the new instance in the
+    same process (collector/retired_drain.py follow; docs/collector.md "Detach") — the new instance's
+    flows arrive in the same JSONL, the seqs run on (`verify` clean), and it says `drained`, not `reboot`."""
+    from hostwall.bpf import retired
+    prot = lab.addr("prot")
+    with EnforcerProcess(lab, EXAMPLE_POLICY) as enf, CollectorProcess(enf, tmp_path) as col, \
+            traffic.echo_servers(lab, "prot", tcp=[80], udp=[5353]):
+        pid = col.proc.pid
+        assert traffic.tcp_client_in(lab, "cli", prot, 80, count=1)["ok"] == 1
+        until(lambda: tcp_starts(col.jsonl, prot, 80) >= 1, 20, "the first instance's flow")
+        enf.stop()                                      # SIGTERM: detach, the maps retired (a collector reads them)
+        enf.start()
+        until(lambda: retired.listing(enf.pin_dir) == [], 30, "the detached instance drained and unpinned")
+        assert traffic.tcp_client_in(lab, "cli", prot, 80, count=1)["ok"] == 1
+        until(lambda: tcp_starts(col.jsonl, prot, 80) >= 2, 30, "the new instance's flow, no collector restart")
+        assert col.alive() and col.proc.pid == pid
+        assert col.stop() == 0
+    st = col.final_status
+    assert st["ledger"]["ok"] and not st["ledger"]["violations"], st["ledger"]
+    assert st["restart"]["previous"] == "drained" and st["restart"]["lost"] == {}, st["restart"]
     v = col.cli("verify", str(col.jsonl))
     assert v.returncode == 0, v.stdout + v.stderr
