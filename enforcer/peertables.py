@@ -44,12 +44,13 @@ def sub_table(top: np.ndarray, keys: np.ndarray, exact: np.ndarray, below: int) 
     (16 - stride) << 24 | offset). keys: the interval starts' leading 64 bits or fewer (non-decreasing),
     `below` bits below the 16 address bits after the top 16 (v4: the start itself, 0; v6: its high
     word, 32); exact[i]: start i has no bits set below its key. Buckets densest first, while HW_SUB_SIZE
-    entries last (the rest keep the plain search). Cost: one searchsorted of the dense buckets' entries
-    (~9k for the max policy, < 1 ms)."""
+    entries last (the rest keep the plain search). Cost: one searchsorted per dense bucket (110 of ~90
+    entries on average for the max policy: ~1 ms)."""
     sub = np.zeros(L.SUB_SIZE, dtype=L.DTYPES["hw_top"])
     count = top["last"].astype(np.int64) - top["first"] + 1
     at = 0
-    for b in np.argsort(-count, kind="stable")[: int((count > SUB_MIN).sum())].tolist():
+    dense = np.flatnonzero(count > SUB_MIN)
+    for b in dense[np.argsort(-count[dense], kind="stable")].tolist():
         stride = min(16, max(1, int(np.ceil(np.log2(count[b] / SUB_TARGET)))))
         if at + (1 << stride) > L.SUB_SIZE:
             continue

@@ -50,7 +50,7 @@ def probes(top, starts: list[int], bits: int) -> set[int]:
         for j in range(1 << stride):
             at = ((b << 16) | (j << (16 - stride))) << (bits - 32)
             out |= {at, at - 1, at + 1} if at else {at, at + 1}
-        out.add((((b + 1) << (bits - 16)) - 1))
+        out.add(((b + 1) << (bits - 16)) - 1)
     return out
 
 
