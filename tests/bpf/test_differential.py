@@ -229,7 +229,7 @@ def test_dense_buckets_match_reference_at_every_boundary(harness):
     """Top-16 buckets dense with prefixes (hw_sub4/6, docs/datapath.md "Classification"): a source at, and
     next to, every /24 boundary of the IPv4 bucket, every next-8-bit boundary of the IPv6 one, and every
     sub-table entry's boundary, judged like the reference (deny list, allow list, default). Every source is
-    new, so no packet meets another's conntrack state; XDP judges all, TC ingress every 8th (~20 s)."""
+    new, so no packet meets another's conntrack state; XDP judges all, TC ingress every 8th (~37 s with the program load)."""
     import json
     import random
 
