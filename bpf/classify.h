@@ -13,6 +13,8 @@ BPF_F_TABLE("array", u32, struct hw_class, hw_peer_cls, 2 * HW_PEER_CLASSES_MAX,
 BPF_F_TABLE("array", u32, struct hw_class, hw_l4_cls, 2 * HW_L4_CLASSES_MAX, MAPF_MMAP);
 BPF_F_TABLE("array", u32, struct hw_top, hw_top4, 2 * HW_TOP_SIZE, MAPF_MMAP);
 BPF_F_TABLE("array", u32, struct hw_top, hw_top6, 2 * HW_TOP_SIZE, MAPF_MMAP);
+BPF_F_TABLE("array", u32, struct hw_top, hw_sub4, 2 * HW_SUB_SIZE, MAPF_MMAP);
+BPF_F_TABLE("array", u32, struct hw_top, hw_sub6, 2 * HW_SUB_SIZE, MAPF_MMAP);
 BPF_F_TABLE("array", u32, struct hw_iv4, hw_iv4, 2 * HW_V4_INTERVALS_MAX, MAPF_MMAP);
 BPF_F_TABLE("array", u32, struct hw_iv6, hw_iv6, 2 * HW_V6_INTERVALS_MAX, MAPF_MMAP);
 BPF_F_TABLE("array", u32, struct hw_l4_elem, hw_l4, 2 * HW_L4_ELEMS, MAPF_MMAP);
@@ -31,8 +33,17 @@ static __always_inline __u32 ctz64(__u64 x)
 }
 
 /* ---- policy classification ------------------------------------------------------------------ */
-/* Peer class of an IPv4 address: top-16 bucket, then binary search among that bucket's intervals.
- * Cost: 1 + ceil(log2(intervals in bucket)) inlined array loads. */
+/* hw_sub4/6 index of a dense bucket's entry (top entry's first = HW_SUB_FLAG | shift << 24 | offset) for
+ * the 16 address bits after the top 16: the compiler gave the bucket 2^(16 - shift) entries from offset. */
+static __always_inline __u32 sub_index(__u32 gen, __u32 first, __u32 next16)
+{
+	__u32 i = (first & HW_SUB_OFF_MASK) + (next16 >> ((first >> HW_SUB_SHIFT_POS) & 15));
+	return gen * HW_SUB_SIZE + (i & (HW_SUB_SIZE - 1));
+}
+
+/* Peer class of an IPv4 address: top-16 bucket (a dense one narrowed by its hw_sub4 entry), then binary
+ * search among the range's intervals (docs/datapath.md "Classification").
+ * Cost: 1 (+1 dense) + ceil(log2(intervals in range)) inlined array loads. */
 static __always_inline int peer_class4(__u32 gen, __u32 addr_be, __u32 *cls)
 {
 	__u32 addr = bpf_ntohl(addr_be);
@@ -41,6 +52,14 @@ static __always_inline int peer_class4(__u32 gen, __u32 addr_be, __u32 *cls)
 	if (!t)
 		return -1;
 	__u32 lo = t->first, hi = t->last;
+	if (lo & HW_SUB_FLAG) {
+		__u32 ks = sub_index(gen, lo, addr & 0xffff);
+		struct hw_top *s = hw_sub4.lookup(&ks);
+		if (!s)
+			return -1;
+		lo = s->first;
+		hi = s->last;
+	}
 	for (int i = 0; i < HW_SEARCH_STEPS && lo < hi; i++) {
 		__u32 mid = lo + ((hi - lo + 1) >> 1);
 		__u32 idx = gen * HW_V4_INTERVALS_MAX + (mid & (HW_V4_INTERVALS_MAX - 1));
@@ -69,6 +88,14 @@ static __always_inline int peer_class6(__u32 gen, __u32 *addr_be, __u32 *cls)
 	if (!t)
 		return -1;
 	__u32 lo = t->first, hi = t->last;
+	if (lo & HW_SUB_FLAG) {
+		__u32 ks = sub_index(gen, lo, (__u32)(ahi >> 32) & 0xffff);
+		struct hw_top *s = hw_sub6.lookup(&ks);
+		if (!s)
+			return -1;
+		lo = s->first;
+		hi = s->last;
+	}
 	for (int i = 0; i < HW_SEARCH_STEPS && lo < hi; i++) {
 		__u32 mid = lo + ((hi - lo + 1) >> 1);
 		__u32 idx = gen * HW_V6_INTERVALS_MAX + (mid & (HW_V6_INTERVALS_MAX - 1));

@@ -25,6 +25,10 @@
 #define HW_TOP_BITS           16        /* the first lookup indexes the top 16 address bits */
 #define HW_TOP_SIZE           65536
 #define HW_SEARCH_STEPS       20        /* binary-search bound: log2(max intervals) + 1 */
+#define HW_SUB_SIZE           65536     /* hw_sub4 / hw_sub6 entries per generation (a power of two) */
+#define HW_SUB_FLAG           0x80000000u  /* hw_top.first: a dense bucket, its range is in hw_sub4/6 */
+#define HW_SUB_OFF_MASK       0x00ffffffu  /* ... and these bits its first entry there */
+#define HW_SUB_SHIFT_POS      24        /* ... bits 24-27: 16 - stride (the next `stride` bits index it) */
 #define HW_PROTO_IDX_MAX      5         /* protocol index: tcp, udp, icmp, icmpv6, other */
 #define HW_L4_SLOTS_PER_ELEM  4         /* u16 class ids packed per hw_l4_elem */
 #define HW_L4_ELEMS           (2 * HW_PROTO_IDX_MAX * 65536 / HW_L4_SLOTS_PER_ELEM)  /* per generation */
@@ -225,10 +229,10 @@ struct hw_class {                   /* hw_peer_cls / hw_l4_cls[gen * MAX + class
 	__u64 words[HW_WORDS];      /* bit r set  <=>  rule of order r is in this class */
 };
 
-struct hw_top {                     /* hw_top4 / hw_top6[gen * HW_TOP_SIZE + top16(addr)] */
-	__u32 first;                /* interval holding the bucket's first address */
-	__u32 last;                 /* interval holding the bucket's last address */
-};
+struct hw_top {                     /* hw_top4 / hw_top6[gen * HW_TOP_SIZE + top16(addr)], and hw_sub4 / */
+	__u32 first;                /* hw_sub6[gen * HW_SUB_SIZE + i]: interval holding the range's first */
+	__u32 last;                 /* and last address; a top entry with HW_SUB_FLAG in first: a dense */
+};                                  /* bucket, narrowed by hw_sub4/6 (docs/datapath.md "Classification") */
 
 struct hw_iv4 {                     /* hw_iv4[gen * HW_V4_INTERVALS_MAX + i], sorted by start */
 	__u32 start;                /* host byte order */

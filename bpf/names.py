@@ -21,6 +21,8 @@ POLICY_MAPS = {
     "hw_top6": ("hw_top", L.TOP_SIZE),
     "hw_iv4": ("hw_iv4", L.V4_INTERVALS_MAX),
     "hw_iv6": ("hw_iv6", L.V6_INTERVALS_MAX),
+    "hw_sub4": ("hw_top", L.SUB_SIZE),
+    "hw_sub6": ("hw_top", L.SUB_SIZE),
     "hw_l4": ("hw_l4_elem", L.L4_ELEMS),
     "hw_xmatch": ("hw_xm_elem", L.XM_ELEMS),
     "hw_dos_profiles": ("hw_dos_profile", L.C["HW_DOS_PROFILES_MAX"]),

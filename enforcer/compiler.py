@@ -20,7 +20,7 @@ import numpy as np
 
 from hostwall.bpf import layout as L
 
-from . import xmatch
+from . import peertables, xmatch
 from .classify import Classes, CompileError, classify, refine, start_keys
 from .compile_memo import AxisMemo, LastCompile, same
 from .policy import ESSENTIAL_ICMP, DosProfile, PeerSet, Policy, Rule
@@ -32,10 +32,12 @@ class CompiledPolicy:
     rules: np.ndarray           # hw_rule per rule order
     peer_cls: np.ndarray        # hw_class
     l4_cls: np.ndarray          # hw_class
-    top4: np.ndarray            # hw_top, TOP_SIZE
+    top4: np.ndarray            # hw_top, TOP_SIZE (dense buckets point into sub4: enforcer/peertables.py)
     iv4: np.ndarray             # hw_iv4
     top6: np.ndarray            # hw_top, TOP_SIZE
     iv6: np.ndarray             # hw_iv6
+    sub4: np.ndarray            # hw_top, SUB_SIZE: the dense IPv4 buckets' second level
+    sub6: np.ndarray            # hw_top, SUB_SIZE
     l4: np.ndarray              # hw_l4_elem, L4_ELEMS
     rule_names: tuple[str, ...]
     dos_profiles: np.ndarray    # hw_dos_profile, HW_DOS_PROFILES_MAX (id = position in dos_profile_names)
@@ -229,47 +231,6 @@ def _rule_l4_spans(direction: str, protocol: str, ports, icmp_types) -> tuple[li
     return starts, ends
 
 
-def _top_table(starts_top16: np.ndarray, exact_at_bucket: np.ndarray) -> np.ndarray:
-    """DIR-16 first/last interval per top-16-bit bucket. starts_top16: top 16 bits of each interval
-    start (non-decreasing); exact_at_bucket[i]: start i is exactly the first address of its bucket.
-    The starts before / up to each bucket are counts: one bincount and a prefix sum (~0.3 ms for the
-    max policy's 110k IPv4 starts; two searchsorted calls of 65536 keys cost ~5 ms)."""
-    k = np.arange(L.TOP_SIZE)
-    counts = np.bincount(starts_top16, minlength=L.TOP_SIZE)
-    if len(counts) != L.TOP_SIZE:
-        raise ValueError("_top_table: a start's top 16 bits exceed the table")
-    le = np.cumsum(counts)          # = np.searchsorted(starts_top16, k, side="right")
-    lt = le - counts                # = np.searchsorted(starts_top16, k, side="left")
-    at = np.zeros(L.TOP_SIZE, dtype=bool)
-    hit = lt < len(starts_top16)
-    at[hit] = exact_at_bucket[lt[hit]] & (starts_top16[lt[hit]] == k[hit])
-    top = np.zeros(L.TOP_SIZE, dtype=L.DTYPES["hw_top"])
-    top["first"] = lt - 1 + at
-    top["last"] = le - 1
-    return top
-
-
-def _v4_tables(c: Classes, cls_offset: int):
-    starts = np.asarray(c.starts, dtype=np.uint64)
-    iv = np.zeros(len(starts), dtype=L.DTYPES["hw_iv4"])
-    iv["start"] = starts
-    iv["cls"] = c.cls + cls_offset
-    return _top_table((starts >> np.uint64(16)).astype(np.int64), (starts & np.uint64(0xFFFF)) == 0), iv
-
-
-def _v6_tables(c: Classes, cls_offset: int):
-    starts = c.starts
-    iv = np.zeros(len(starts), dtype=L.DTYPES["hw_iv6"])
-    # each start as 16 big-endian bytes, split into two words: one Python step a start, not two
-    words = np.frombuffer(b"".join([s.to_bytes(16, "big") for s in starts]), dtype=">u8").reshape(-1, 2)
-    iv["hi"] = words[:, 0]
-    iv["lo"] = words[:, 1]
-    iv["cls"] = c.cls + cls_offset
-    top16 = (iv["hi"] >> np.uint64(48)).astype(np.int64)
-    exact = ((iv["hi"] & np.uint64(2**48 - 1)) == 0) & (iv["lo"] == 0)
-    return _top_table(top16, exact), iv
-
-
 def _dos_profile_record(p: DosProfile) -> np.void:
     rec = np.zeros(1, dtype=L.DTYPES["hw_dos_profile"])[0]
     rec["pps"] = p.per_source_pps or 0
@@ -388,18 +349,18 @@ def clear_memo() -> None:
 
 
 def _peer_axis(rules: tuple[Rule, ...]):
-    """(peer_cls, top4, iv4, top6, iv6): one peer-class space for both families, v6 classes after v4."""
+    """(peer_cls, top4, iv4, top6, iv6, sub4, sub6): one peer-class space for both families, v6 classes after v4."""
     c4 = _v4_classes(rules)
     c6 = _v6_classes(rules)
     peer_cls = np.concatenate([c4.bitmaps, c6.bitmaps])
     if len(peer_cls) > L.PEER_CLASSES_MAX:
         raise CompileError(f"{len(peer_cls)} distinct peer sets; the datapath holds {L.PEER_CLASSES_MAX}")
-    top4, iv4 = _v4_tables(c4, 0)
-    top6, iv6 = _v6_tables(c6, len(c4.bitmaps))
+    top4, sub4, iv4 = peertables.v4_tables(c4, 0)
+    top6, sub6, iv6 = peertables.v6_tables(c6, len(c4.bitmaps))
     if len(iv4) > L.V4_INTERVALS_MAX or len(iv6) > L.V6_INTERVALS_MAX:
         raise CompileError(f"{len(iv4)} IPv4 / {len(iv6)} IPv6 address intervals; the datapath holds "
                            f"{L.V4_INTERVALS_MAX} / {L.V6_INTERVALS_MAX} (about half as many prefixes)")
-    return peer_cls, top4, iv4, top6, iv6
+    return peer_cls, top4, iv4, top6, iv6, sub4, sub6
 
 
 def _l4_axis(rules: tuple[Rule, ...], spans=None, prev: Classes | None = None):
@@ -546,7 +507,7 @@ def compile_policy(policy: Policy, slots: dict[str, int], revision_id: int,
     if len(rules) > L.MAX_RULES:
         raise CompileError(f"{len(rules)} rules; the datapath holds at most {L.MAX_RULES}")
     peer_axis, (cl4, l4, _), rule_recs, _, names, fq = _axes(rules, slots)
-    peer_cls, top4, iv4, top6, iv6 = peer_axis
+    peer_cls, top4, iv4, top6, iv6, sub4, sub6 = peer_axis
     hdr = np.zeros(1, dtype=L.DTYPES["hw_policy_hdr"])
     d = policy.defaults
     hdr["revision_id"] = revision_id
@@ -567,7 +528,7 @@ def compile_policy(policy: Policy, slots: dict[str, int], revision_id: int,
     return CompiledPolicy(hdr=hdr, rules=rule_recs, peer_cls=peer_cls, l4_cls=cl4.bitmaps, top4=top4, iv4=iv4,
                           top6=top6, iv6=iv6, l4=l4, rule_names=names,
                           dos_profiles=dos_profiles, dos_ifs=dos_ifs, dos_profile_names=dos_names,
-                          fqdn_rules=fq_rules, fqdn_l4=fq_l4, xmatch=xm)
+                          fqdn_rules=fq_rules, fqdn_l4=fq_l4, xmatch=xm, sub4=sub4, sub6=sub6)
 
 
 def _cat(xs: list, dt) -> np.ndarray:

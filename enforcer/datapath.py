@@ -141,6 +141,7 @@ class Datapath(Instance):
             held = {}                    # another writer's apply, stopped before its flip, wrote here first
         parts = {"hw_policy": cp.hdr, "hw_rules": cp.rules, "hw_peer_cls": cp.peer_cls, "hw_l4_cls": cp.l4_cls,
                  "hw_top4": cp.top4, "hw_top6": cp.top6, "hw_iv4": cp.iv4, "hw_iv6": cp.iv6, "hw_l4": cp.l4,
+                 "hw_sub4": cp.sub4, "hw_sub6": cp.sub6,
                  "hw_dos_profiles": cp.dos_profiles, "hw_dos_ifs": cp.dos_ifs}
         if cp.fqdn_rules is not None:
             parts.update(hw_fqdn_rules=cp.fqdn_rules, hw_fqdn_l4=cp.fqdn_l4)
