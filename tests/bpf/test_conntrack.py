@@ -743,6 +743,17 @@ def test_migration_leaves_out_a_slot_the_running_datapath_claims(harness, monkey
         new.close()
 
 
+def _tfo_client_carries_on(harness, v6: bool) -> None:
+    """The host's TFO connection (its SYN carried 100 bytes, from T0) is established: the peer's data
+    passes ingress: deny after 11 s idle (past the unconfirmed timeout) and its FIN counts."""
+    assert _state(harness, v6) == "established"
+    harness.dp.set_config(test_now_ns=T0 + 11 * 10**9)
+    got = harness.run("xdp", in_tcp("PA", v6=v6, seq=ISN_PEER + 1, ack=ISN_ME + 101, data=b"r" * 50))
+    assert got.reason == "pass_conntrack"
+    assert harness.run("xdp", in_tcp("FA", v6=v6, seq=ISN_PEER + 51, ack=ISN_ME + 101)).reason == "pass_conntrack"
+    assert _state(harness, v6) == "fin_wait"
+
+
 @pytest.mark.parametrize("v6", [False, True], ids=["v4", "v6"])
 def test_tfo_syn_ack_refusing_the_data_confirms_as_client(harness, v6):
     """TCP Fast Open fallback (RFC 7413 §4.2.2): the host's SYN carries 100 bytes, the server acknowledges
@@ -757,12 +768,7 @@ def test_tfo_syn_ack_refusing_the_data_confirms_as_client(harness, v6):
     assert harness.run("xdp", in_tcp("SA", v6=v6, seq=ISN_PEER, ack=ISN_ME + 1)).reason == "pass_conntrack"
     assert harness.run("tc_egress", out_tcp("PA", v6=v6, seq=ISN_ME + 1, ack=ISN_PEER + 1, data=b"d" * 100)).reason \
         == "pass_conntrack"
-    assert _state(harness, v6) == "established"
-    harness.dp.set_config(test_now_ns=T0 + 11 * 10**9)
-    got = harness.run("xdp", in_tcp("PA", v6=v6, seq=ISN_PEER + 1, ack=ISN_ME + 101, data=b"r" * 50))
-    assert got.reason == "pass_conntrack"
-    assert harness.run("xdp", in_tcp("FA", v6=v6, seq=ISN_PEER + 51, ack=ISN_ME + 101)).reason == "pass_conntrack"
-    assert _state(harness, v6) == "fin_wait"
+    _tfo_client_carries_on(harness, v6)
 
 
 @pytest.mark.parametrize("v6", [False, True], ids=["v4", "v6"])
@@ -801,12 +807,7 @@ def test_tfo_bare_syn_retransmission_keeps_the_data_end_as_client(harness, v6):
     assert harness.run("xdp", in_tcp("SA", v6=v6, seq=ISN_PEER, ack=ISN_ME + 101)).reason == "pass_conntrack"
     assert _state(harness, v6) == "syn_recv"
     assert harness.run("tc_egress", out_tcp("A", v6=v6, seq=ISN_ME + 101, ack=ISN_PEER + 1)).reason == "pass_conntrack"
-    assert _state(harness, v6) == "established"
-    harness.dp.set_config(test_now_ns=T0 + 11 * 10**9)
-    got = harness.run("xdp", in_tcp("PA", v6=v6, seq=ISN_PEER + 1, ack=ISN_ME + 101, data=b"r" * 50))
-    assert got.reason == "pass_conntrack"
-    assert harness.run("xdp", in_tcp("FA", v6=v6, seq=ISN_PEER + 51, ack=ISN_ME + 101)).reason == "pass_conntrack"
-    assert _state(harness, v6) == "fin_wait"
+    _tfo_client_carries_on(harness, v6)
     # the TFO fallback still holds after the retransmission: a server that refused the data acks ISN+1
     harness.dp.set_config(test_now_ns=T0)
     assert harness.run("tc_egress", out_tcp("S", sport=40001, v6=v6, seq=ISN_ME, data=b"d" * 100)).reason \
