@@ -348,7 +348,8 @@ static __always_inline int ct_seq_ok(struct hw_ct_entry *e, struct pkt *p, __u8 
  * a segment that starts at most HW_CT_SEQ_SLACK past it, its acknowledgement only forward; a peer's
  * segment with an unacceptable ACK (ct_ack_ok) teaches nothing. A SYN (a SYN-ACK: ct_seq_ok checked its
  * ACK) starts its side afresh, a new ISN: from the host always, from the peer while the host has not
- * answered (syn_sent); the initiator's bare SYN (a new connection) also forgets the responder's. Until
+ * answered (syn_sent); the initiator's bare SYN (a new connection) also forgets the responder's; a
+ * retransmission of the SYN that side sent keeps what it learnt (docs/datapath.md "Sequence checks"). Until
  * side d acknowledges something its seq_ack slot (HW_CT_SEQ_ACK unset, read by nothing else) holds its
  * SYN's ISN+1, or its end. The host's own ACK (TC egress: trusted, its kernel acknowledges only what
  * it received) past the peer's end moves that end up to it: a burst lost before XDP beyond the slack
@@ -360,7 +361,10 @@ static __always_inline void ct_seq_learn(struct hw_ct_entry *e, struct pkt *p, _
 {
 	__u8 known = e->seq_known, k, f = p->tcp_flags, host = !peer;
 	__u32 end = e->seq_end[d & 1];
-	if ((f & TCPF_SYN) && (!peer || (f & TCPF_ACK) || st == HW_CT_SYN_SENT)) {
+	/* a retransmission of the SYN its side sent (ISN+1 at most the slack below that side's end: TFO
+	 * data or the host's data sent in syn_recv lie above it) is no new ISN: nothing starts afresh */
+	int resent = (known & (HW_CT_SEQ_END << d)) && end - p->tcp_seq - 1 <= HW_CT_SEQ_SLACK;
+	if ((f & TCPF_SYN) && !resent && (!peer || (f & TCPF_ACK) || st == HW_CT_SYN_SENT)) {
 		known = d || (f & TCPF_ACK) ? known & ~((HW_CT_SEQ_END | HW_CT_SEQ_ACK) << d) : 0;
 		peer = 0;               /* afresh: its ACK, if any, was checked exactly (ct_seq_ok) */
 	}

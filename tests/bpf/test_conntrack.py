@@ -743,6 +743,17 @@ def test_migration_leaves_out_a_slot_the_running_datapath_claims(harness, monkey
         new.close()
 
 
+def _tfo_client_carries_on(harness, v6: bool) -> None:
+    """The host's TFO connection (its SYN carried 100 bytes, from T0) is established: the peer's data
+    passes ingress: deny after 11 s idle (past the unconfirmed timeout) and its FIN counts."""
+    assert _state(harness, v6) == "established"
+    harness.dp.set_config(test_now_ns=T0 + 11 * 10**9)
+    got = harness.run("xdp", in_tcp("PA", v6=v6, seq=ISN_PEER + 1, ack=ISN_ME + 101, data=b"r" * 50))
+    assert got.reason == "pass_conntrack"
+    assert harness.run("xdp", in_tcp("FA", v6=v6, seq=ISN_PEER + 51, ack=ISN_ME + 101)).reason == "pass_conntrack"
+    assert _state(harness, v6) == "fin_wait"
+
+
 @pytest.mark.parametrize("v6", [False, True], ids=["v4", "v6"])
 def test_tfo_syn_ack_refusing_the_data_confirms_as_client(harness, v6):
     """TCP Fast Open fallback (RFC 7413 §4.2.2): the host's SYN carries 100 bytes, the server acknowledges
@@ -757,12 +768,7 @@ def test_tfo_syn_ack_refusing_the_data_confirms_as_client(harness, v6):
     assert harness.run("xdp", in_tcp("SA", v6=v6, seq=ISN_PEER, ack=ISN_ME + 1)).reason == "pass_conntrack"
     assert harness.run("tc_egress", out_tcp("PA", v6=v6, seq=ISN_ME + 1, ack=ISN_PEER + 1, data=b"d" * 100)).reason \
         == "pass_conntrack"
-    assert _state(harness, v6) == "established"
-    harness.dp.set_config(test_now_ns=T0 + 11 * 10**9)
-    got = harness.run("xdp", in_tcp("PA", v6=v6, seq=ISN_PEER + 1, ack=ISN_ME + 101, data=b"r" * 50))
-    assert got.reason == "pass_conntrack"
-    assert harness.run("xdp", in_tcp("FA", v6=v6, seq=ISN_PEER + 51, ack=ISN_ME + 101)).reason == "pass_conntrack"
-    assert _state(harness, v6) == "fin_wait"
+    _tfo_client_carries_on(harness, v6)
 
 
 @pytest.mark.parametrize("v6", [False, True], ids=["v4", "v6"])
@@ -783,6 +789,65 @@ def test_tfo_syn_ack_refusing_the_data_confirms_as_server(harness, v6):
     assert harness.run("xdp", in_tcp("R", sport=50000, dport=22, v6=v6, seq=ISN_PEER + 101)).reason == "pass_conntrack"
     assert _state(harness, v6, sport=22) == "closed"
 
+
+
+@pytest.mark.parametrize("v6", [False, True], ids=["v4", "v6"])
+def test_tfo_bare_syn_retransmission_keeps_the_data_end_as_client(harness, v6):
+    """The host's TFO SYN carries 100 bytes; its SYN-ACK is lost, so the host retransmits the bare SYN
+    (Linux queues the data apart and retransmits the SYN alone: tcp_output.c tcp_send_syn_data). The
+    server had accepted the data: its retransmitted SYN-ACK acknowledges ISN+101, which the host's
+    kernel accepts (snd_nxt). The retransmission is the same SYN (same ISN) and must not shrink the
+    host's end back to ISN+1, or that SYN-ACK is out of window, the entry stays syn_sent (no FIN counts:
+    docs/datapath.md "Sequence checks") and the peer's data is dropped under ingress: deny after the
+    unconfirmed timeout."""
+    harness.install(POLICY % "true")
+    harness.dp.set_config(test_now_ns=T0)
+    assert harness.run("tc_egress", out_tcp("S", v6=v6, seq=ISN_ME, data=b"d" * 100)).reason == "pass_default"
+    assert harness.run("tc_egress", out_tcp("S", v6=v6, seq=ISN_ME)).reason == "pass_conntrack"
+    assert harness.run("xdp", in_tcp("SA", v6=v6, seq=ISN_PEER, ack=ISN_ME + 101)).reason == "pass_conntrack"
+    assert _state(harness, v6) == "syn_recv"
+    assert harness.run("tc_egress", out_tcp("A", v6=v6, seq=ISN_ME + 101, ack=ISN_PEER + 1)).reason == "pass_conntrack"
+    _tfo_client_carries_on(harness, v6)
+    # the TFO fallback still holds after the retransmission: a server that refused the data acks ISN+1
+    harness.dp.set_config(test_now_ns=T0)
+    assert harness.run("tc_egress", out_tcp("S", sport=40001, v6=v6, seq=ISN_ME, data=b"d" * 100)).reason \
+        == "pass_default"
+    assert harness.run("tc_egress", out_tcp("S", sport=40001, v6=v6, seq=ISN_ME)).reason == "pass_conntrack"
+    assert harness.run("xdp", in_tcp("SA", dport=40001, v6=v6, seq=ISN_PEER, ack=ISN_ME + 2)).reason \
+        == "pass_conntrack_out_of_window"
+    assert harness.run("xdp", in_tcp("SA", dport=40001, v6=v6, seq=ISN_PEER, ack=ISN_ME + 1)).reason == "pass_conntrack"
+    assert _state(harness, v6, sport=40001) == "syn_recv"
+
+
+@pytest.mark.parametrize("v6", [False, True], ids=["v4", "v6"])
+def test_tfo_server_syn_ack_retransmission_after_its_data_keeps_the_hosts_end(harness, v6):
+    """The host as TCP Fast Open server: the peer's SYN carries 100 bytes, the host's SYN-ACK accepts
+    them and the host answers with 500 bytes before the handshake completes (RFC 7413 §4.2.2). The
+    peer's ACK is lost, so the host retransmits its SYN-ACK (same ISN: tcp_fastopen_synack_timer); the
+    peer, established, acknowledges the SYN-ACK and the 500 bytes. That ACK is acceptable (the host
+    sent those bytes; its kernel completes the handshake on it) and confirms the entry: the
+    retransmitted SYN-ACK must not pull the host's end back to ISN+1, which left the entry syn_recv —
+    unconfirmed, evicted first and expiring after the unconfirmed timeout though the kernel runs it."""
+    harness.install(POLICY % "true")
+    kw = {"sport": 50000, "dport": 22, "v6": v6}
+    assert harness.run("xdp", in_tcp("S", seq=ISN_PEER, ack=0, data=b"d" * 100, **kw)).reason == "pass_rule"
+    synack = out_tcp("SA", sport=22, dport=50000, v6=v6, seq=ISN_ME, ack=ISN_PEER + 101)
+    assert harness.run("tc_egress", synack).reason == "pass_conntrack"
+    assert harness.run("tc_egress", out_tcp("PA", sport=22, dport=50000, v6=v6, seq=ISN_ME + 1, ack=ISN_PEER + 101,
+                                            data=b"r" * 500)).reason == "pass_conntrack"
+    assert harness.run("tc_egress", synack).reason == "pass_conntrack"
+    assert harness.run("xdp", in_tcp("A", seq=ISN_PEER + 101, ack=ISN_ME + 501, **kw)).reason == "pass_conntrack"
+    assert _state(harness, v6, sport=50000) == "established"
+    # a SYN-ACK with another ISN (a restarted listener) still starts the host's side afresh
+    assert harness.run("xdp", in_tcp("S", sport=50001, dport=22, v6=v6, seq=ISN_PEER, ack=0)).reason == "pass_rule"
+    for isn in (ISN_ME, ISN_ME + 2**31):
+        assert harness.run("tc_egress", out_tcp("SA", sport=22, dport=50001, v6=v6, seq=isn,
+                                                ack=ISN_PEER + 1)).reason == "pass_conntrack"
+    got = harness.run("xdp", in_tcp("A", sport=50001, dport=22, v6=v6, seq=ISN_PEER + 1, ack=ISN_ME + 1))
+    assert got.reason == "pass_conntrack_out_of_window"
+    assert harness.run("xdp", in_tcp("A", sport=50001, dport=22, v6=v6, seq=ISN_PEER + 1,
+                                     ack=ISN_ME + 2**31 + 1)).reason == "pass_conntrack"
+    assert _state(harness, v6, sport=50001) == "established"
 
 def _burst_loss(harness, v6: bool, mss: int = 1400) -> int:
     """The peer sends bulk data; 50 segments (70 KB, > HW_CT_SEQ_SLACK) are lost in one burst before XDP,
