@@ -85,8 +85,8 @@
 #define HW_CT_TO_FIN          120
 #define HW_CT_TO_CLOSE        10
 #define HW_CT_TO_UDP_REPLIED  180
-/* a replied UDP flow that is no stream yet (a side sent only once: a DNS lookup) — netfilter's unassured
- * UDP timeout; it also yields its slot before established connections (conntrack.h ct_rank) */
+/* a replied UDP flow with no packet since its first reply (a DNS lookup) — netfilter's unassured UDP
+ * timeout; it also yields its slot before established connections (conntrack.h ct_rank) */
 #define HW_CT_TO_UDP_UNASSURED 30
 #define HW_CT_TO_ICMP         30
 

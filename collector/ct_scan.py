@@ -312,12 +312,13 @@ def ct_timeout_ns(proto: np.ndarray, state: np.ndarray, unconfirmed_ns: int = L.
                   packets: np.ndarray | None = None) -> np.ndarray:
     """Idle timeout per entry, as the datapath's ct_expired_u() computes it: unconfirmed entries (NEW,
     SYN_SENT, SYN_RECV) the policy's unconfirmed timeout, the others HW_CT_TO_* seconds by state; a UDP
-    flow by whether it is a stream (`packets`: per side, (n, 2); both sides sent twice: conntrack.h
-    ct_udp_assured) — without `packets` every replied UDP flow counts as a stream (the longer timeout)."""
+    flow by whether it is a stream (`packets`, per side (n, 2): either side sent twice, conntrack.h
+    ct_udp_assured) — without `packets` every replied UDP flow counts as a stream (the
+    longer timeout)."""
     C = L.C
     tcp = np.select([state == C["HW_CT_ESTABLISHED"], (state == C["HW_CT_FIN_WAIT"]) | (state == C["HW_CT_CLOSING"])],
                     [C["HW_CT_TO_ESTABLISHED"], C["HW_CT_TO_FIN"]], C["HW_CT_TO_CLOSE"])
-    assured = (packets[:, 0] > 1) & (packets[:, 1] > 1) if packets is not None else True
+    assured = (packets[:, 0] | packets[:, 1]) > 1 if packets is not None else True
     udp = np.where(assured, C["HW_CT_TO_UDP_REPLIED"], C["HW_CT_TO_UDP_UNASSURED"])
     s = np.where(proto == 6, tcp, np.where(proto == 17, udp, C["HW_CT_TO_ICMP"]))
     unconfirmed = np.isin(state, list(L.UNCONFIRMED_STATES))

@@ -976,23 +976,24 @@ def _mixed_bucket_flows(dp, fam: int, n_tcp: int, n_udp: int) -> tuple[list, lis
 
 @pytest.mark.parametrize("v6", [False, True], ids=["v4", "v6"])
 def test_udp_flow_of_a_single_exchange_expires_sooner(harness, v6):
-    """One datagram and its reply (a DNS lookup) keep the flow HW_CT_TO_UDP_UNASSURED; a flow whose
-    sides both sent twice is a stream and keeps HW_CT_TO_UDP_REPLIED."""
+    """One datagram and its reply (a DNS lookup) keep the flow HW_CT_TO_UDP_UNASSURED; a packet after the
+    first reply, from either side (netfilter's assured UDP: a second request, a server's push, a
+    keepalive), makes it a stream: HW_CT_TO_UDP_REPLIED."""
     harness.install(POLICY % "true")
-    once, stream = (5000, 53), (5001, 53)
-    for f in (once, stream):
+    once, again, push = (5000, 53), (5001, 53), (5002, 53)
+    for f in (once, again, push):
         harness.dp.set_config(test_now_ns=T0)
         assert harness.run("tc_egress", _udp(True, *f, v6=v6)).reason == "pass_default"
         assert harness.run("xdp", _udp(False, *f, v6=v6)).reason == "pass_conntrack"
-    assert harness.run("tc_egress", _udp(True, *stream, v6=v6)).reason == "pass_conntrack"
-    assert harness.run("xdp", _udp(False, *stream, v6=v6)).reason == "pass_conntrack"
     unassured = L.C["HW_CT_TO_UDP_UNASSURED"]
     assert unassured < L.C["HW_CT_TO_UDP_REPLIED"]
     harness.dp.set_config(test_now_ns=T0 + (unassured - 1) * 10**9)
-    assert harness.run("xdp", _udp(False, *once, v6=v6)).reason == "pass_conntrack"     # a late duplicate reply
-    harness.dp.set_config(test_now_ns=T0 + (2 * unassured + 1) * 10**9)
+    assert harness.run("tc_egress", _udp(True, *again, v6=v6)).reason == "pass_conntrack"   # a second request
+    assert harness.run("xdp", _udp(False, *push, v6=v6)).reason == "pass_conntrack"         # the server pushes
+    harness.dp.set_config(test_now_ns=T0 + (2 * unassured) * 10**9)
     assert harness.run("xdp", _udp(False, *once, v6=v6)).reason == "default_deny"
-    assert harness.run("xdp", _udp(False, *stream, v6=v6)).reason == "pass_conntrack"
+    assert harness.run("xdp", _udp(False, *again, v6=v6)).reason == "pass_conntrack"
+    assert harness.run("xdp", _udp(False, *push, v6=v6)).reason == "pass_conntrack"
 
 
 @pytest.mark.parametrize("v6", [False, True], ids=["v4", "v6"])

@@ -290,7 +290,7 @@ def test_conntrack_scan_expires_idle_entries_and_reports_long_lived_ones(kernel)
 
 def test_conntrack_scan_expires_a_single_exchange_udp_flow_sooner_than_a_stream(kernel):
     """The scan's timeouts are the datapath's (ct_scan.ct_timeout_ns against conntrack.h): a UDP query and
-    its answer idle HW_CT_TO_UDP_UNASSURED, a flow whose sides both sent twice HW_CT_TO_UDP_REPLIED."""
+    its answer idle HW_CT_TO_UDP_UNASSURED, a flow with a packet after its first reply HW_CT_TO_UDP_REPLIED."""
     ks, dp, _ = kernel
     t0 = future_test_clock(10_000)
     dp.set_config(test_now_ns=t0)
