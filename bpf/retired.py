@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import shutil
 import time
@@ -29,6 +30,9 @@ from .state import instance_stem, policy_writer, state_dir
 
 MAX_RETIRED = 4
 SUFFIX = "-retired"
+GONE = "gone-"          # a retired instance being unpinned (remove): out of the listing
+
+log = logging.getLogger("hostwall.retired")
 
 
 def root(pin_dir: str | os.PathLike) -> Path:
@@ -68,13 +72,20 @@ def retire(pin_dir: str | os.PathLike, detached_ns: int, state: dict | None) -> 
     dest = root(pin_dir) / str(int(detached_ns))
     dest.mkdir(parents=True, exist_ok=True)
     if state is not None:
-        _write_synced(state_copy(pin_dir, detached_ns), json.dumps(state, sort_keys=True).encode(), "wb")
+        try:
+            _write_synced(state_copy(pin_dir, detached_ns), json.dumps(state, sort_keys=True).encode(), "wb")
+        except OSError as e:            # a full state disk must not fail the stop: only rule names are missing
+            log.warning("retired instance %s kept without its state copy (its records stay unnamed): %s", dest, e)
     os.rename(Path(pin_dir) / "maps", dest / "maps")
     out = []
-    for old in listing(pin_dir)[:-MAX_RETIRED]:
-        held = discard(pin_dir, old, reason="retired_discarded")
-        if held is not None:
-            out.append(held)
+    try:
+        for old in listing(pin_dir)[:-MAX_RETIRED]:
+            held = discard(pin_dir, old, reason="retired_discarded")
+            if held is not None:
+                out.append(held)
+    except OSError as e:                # its note cannot be written: kept pinned (more than MAX_RETIRED), not lost
+        log.warning("retired instances of %s beyond %d kept: the discard failed: %s", pin_dir, MAX_RETIRED, e)
+    sweep(pin_dir)
     return out
 
 
@@ -138,18 +149,33 @@ def _exclusive(ring: int | None):
 
 
 def remove(pin_dir: str | os.PathLike, path: Path) -> None:
-    """Unpin a retired instance (drained, or noted by discard) and its state copy; the root goes when empty.
-    The caller holds its reader lock (shared or exclusive): the lock file goes after the pins, so whoever
-    takes that lock next finds no pins and skips."""
-    ring = ring_id(path)
-    shutil.rmtree(path, ignore_errors=True)          # unlink on bpffs drops the pin reference
-    if ring is not None:
-        _reader_lock_path(ring).unlink(missing_ok=True)
-    state_copy(pin_dir, int(path.name)).unlink(missing_ok=True)
+    """Unpin a retired instance (drained, or noted by discard), its state copy and its lock file; the root
+    goes when empty. The caller holds its reader lock (shared or exclusive). It is first renamed out of the
+    listing (one rename(2)): a kill during the unlinks leaves no half-pinned instance that every collector
+    start would fail on (missing maps) and whose note would not count; sweep() finishes it. The lock file
+    goes after the pins, so whoever takes that lock next finds no pins and skips."""
+    os.rename(path, path.with_name(GONE + path.name))
+    sweep(pin_dir)
+
+
+def sweep(pin_dir: str | os.PathLike) -> None:
+    """Finish the unpins of removed instances (remove; a kill may have cut one short). Cost: one listing of
+    the retired root; called by remove, retire and the collector's drain."""
+    r = root(pin_dir)
     try:
-        path.parent.rmdir()
+        gone = [p for p in r.iterdir() if p.name.startswith(GONE)]
+    except FileNotFoundError:
+        return
+    for p in gone:
+        ring = ring_id(p)
+        shutil.rmtree(p, ignore_errors=True)        # unlink on bpffs drops the pin reference
+        if ring is not None:
+            _reader_lock_path(ring).unlink(missing_ok=True)
+        state_copy(pin_dir, int(p.name[len(GONE):])).unlink(missing_ok=True)
+    try:
+        r.rmdir()
     except OSError:
-        pass                                         # other retired instances are left
+        pass                                        # other retired instances are left
 
 
 def holdings(path: Path) -> dict:

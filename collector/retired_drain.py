@@ -48,6 +48,7 @@ async def drain_retired(cfg: CollectorConfig, build) -> list[dict] | None:
     (collector/wiring.py build_pipeline). Returns one entry per instance drained, or None when a stop
     signal ended a drain (the caller exits; what is left stays pinned)."""
     done = []
+    retired.sweep(cfg.pin_dir)              # what a kill left of an unpin (bpf/retired.py remove)
     for path in retired.listing(cfg.pin_dir):
         entry = None
         for _ in range(ATTEMPTS):

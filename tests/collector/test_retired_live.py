@@ -247,3 +247,67 @@ def test_a_discard_killed_between_its_note_and_the_unpin_is_not_counted_lost_as_
     dp.pin(pin)
     st = run_briefly(cfg)
     assert not st["ledger"]["lost_by_stage"].get("restart"), st["ledger"]["lost_by_stage"]
+
+
+class Killed(BaseException):
+    """kill -9 at this point of the code (nothing after it runs)."""
+
+
+def test_an_unpin_killed_midway_leaves_no_half_instance_a_start_fails_on(datapath, pin, tmp_path, monkeypatch):
+    """kill -9 in a discard's (or a drain's) unpin, after some of the maps' pins were unlinked: a
+    half-pinned instance listed as retired would make every collector start fail (`missing maps`) and
+    its note would not be counted. It must drop out of the listing at once, its note count as lost, and
+    what is left of its pins go at the next collector start."""
+    import shutil
+
+    from hostwall.collector.retired_drain import drain_retired
+    from hostwall.collector.wiring import build_pipeline
+    from hostwall.enforcer.datapath import Datapath
+    dp, _ = datapath
+    cfg, out, r = read_then_retired(dp, pin, tmp_path)
+    real = shutil.rmtree
+
+    def killed(path, ignore_errors=False):
+        os.unlink(os.path.join(path, "maps", "hw_drops0"))
+        raise Killed
+    monkeypatch.setattr(retired.shutil, "rmtree", killed)
+    with pytest.raises(Killed):
+        retired.discard(pin, r, reason="operator_discarded")
+    monkeypatch.setattr(retired.shutil, "rmtree", real)
+    assert retired.listing(pin) == []
+    assert uvloop.run(drain_retired(cfg, build_pipeline)) == []
+    assert not retired.root(pin).exists()                   # the half instance's pins are gone too
+    Datapath.unpin(pin)
+    dp.pin(pin)             # the module's datapath again (its ring read elsewhere: the restart also says crash)
+    consume_ring(pin)
+    st = run_briefly(cfg)
+    assert st["ledger"]["lost_by_stage"]["restart"]["operator_discarded"] == EVENTS + N_LOG + 2
+    assert retired.discarded(pin) == []
+
+
+def test_a_stop_on_a_full_state_disk_still_retires_the_maps(datapath, pin, monkeypatch):
+    """A full state disk at the enforcer's stop: neither the state copy (rule names only) nor the note of
+    the discard the bound asks for can be written. The detach must not fail half-way (a traceback, the
+    programs left pinned, the state kept): the maps are retired without their copy, and the oldest is kept
+    (more than MAX_RETIRED for a while) rather than unpinned without its note."""
+    import errno
+
+    from hostwall.enforcer import control
+    dp, _ = datapath
+    for ns in range(1, retired.MAX_RETIRED + 1):
+        dp.pin(pin)
+        retired.retire(pin, ns, None)
+    dp.pin(pin)
+    real = retired._write_synced
+
+    def full(path, data, mode):
+        if path.name.startswith(f"{retired.instance_stem(pin)}.retired-"):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real(path, data, mode)
+    monkeypatch.setattr(retired, "_write_synced", full)
+    retired.collector_checkpoint(pin).parent.mkdir(parents=True, exist_ok=True)
+    retired.collector_checkpoint(pin).write_text("{}")
+    assert control.detach(pin) == [] and not os.path.exists(pin)
+    got = retired.listing(pin)
+    assert len(got) == retired.MAX_RETIRED + 1 and int(got[-1].name) == int(dp.config()["detached_ns"])
+    assert not retired.state_copy(pin, int(got[-1].name)).exists() and retired.discarded(pin) == []
