@@ -7,10 +7,10 @@ the collector's checkpoint still names them) instead of unpinning it — only wh
 pin dir (its checkpoint exists in $HOSTWALL_STATE_DIR). bpffs refuses names with a dot, hence `-retired`.
 The enforcer's state at the detach is kept beside it as `<stem>.retired-<detached_ns>.json` (the rule
 names its records resolve through). At most MAX_RETIRED are kept per pin dir: retiring one more
-discards the oldest, and what it still held (unread ring events, tracked connections, drop keys not
-exported) is appended to `<stem>.retired-discarded.jsonl`, which the collector reports as loss
-(`retired_discarded`). Cost of a discard: one ring mmap, one conntrack table scan, one batch count per
-drop map.
+discards the oldest, and what it still held that no one else reports (holdings: unread ring events,
+connections whose end no one reported or claimed, drop keys never exported) is appended to
+`<stem>.retired-discarded.jsonl`, which the collector reports as loss (`retired_discarded`). Cost of a
+discard: one ring mmap, one conntrack table scan, one batch count per drop map, one checkpoint read.
 """
 from __future__ import annotations
 
@@ -22,6 +22,8 @@ import os
 import shutil
 import time
 from pathlib import Path
+
+import numpy as np
 
 from . import bpfsys, conntrack
 from . import layout as L
@@ -96,7 +98,8 @@ def discard(pin_dir: str | os.PathLike, path: Path, reason: str) -> dict | None:
     with _exclusive(ring_id(path)) as free:
         if not free or not (path / "maps").is_dir():
             return None
-        held = {"detached_ns": int(path.name), "reason": reason, "at": time.time(), **holdings(path)}
+        held = {"detached_ns": int(path.name), "reason": reason, "at": time.time(),
+                **holdings(path, exported_gen(pin_dir, path))}
         _write_synced(discard_note(pin_dir), (json.dumps(held, sort_keys=True) + "\n").encode(), "ab")
         remove(pin_dir, path)
         return held
@@ -178,9 +181,13 @@ def sweep(pin_dir: str | os.PathLike) -> None:
         pass                                        # other retired instances are left
 
 
-def holdings(path: Path) -> dict:
-    """What a retired instance still holds for a collector: ring events not consumed, connections tracked
-    (their `detach` ends), drop-aggregation keys not exported. -1 where a map could not be read."""
+def holdings(path: Path, exported: int | None = None) -> dict:
+    """What a retired instance still holds for a collector, in records no one else reports: ring events
+    not consumed; connections whose end no one reported or claimed (conntrack.EndMarks: the rule of the
+    collector's scans — a datapath flow_end is an event, a durable close is delivered, a claim's batch is
+    in the collector's conntrack journal, which replays it whatever the instance); drop keys not exported
+    (`exported`: the generation a collector shipped and has not cleared, exported_gen). -1 where a map
+    could not be read."""
     maps = path / "maps"
     out = {"events": -1, "connections": -1, "drop_keys": -1}
     try:
@@ -192,16 +199,51 @@ def holdings(path: Path) -> dict:
     try:
         for n in ("hw_ct4", "hw_ct6", "hw_drops0", "hw_drops1"):
             fds[n] = bpfsys.obj_get(str(maps / n))
-        out["connections"] = sum(conntrack.live_count(fds).values())
+        out["connections"] = conntrack.unreported_count(fds)
         vbytes = (L.DTYPES["hw_drop_val"].itemsize + 7) // 8 * 8 * bpfsys.possible_cpus()
         out["drop_keys"] = sum(bpfsys.count_entries(fds[f"hw_drops{g}"], L.DTYPES["hw_drop_key"].itemsize, vbytes)
-                               for g in (0, 1))
+                               for g in (0, 1) if g != exported)
     except OSError:
         pass
     finally:
         for fd in fds.values():
             os.close(fd)
     return out
+
+
+def exported_gen(pin_dir: str | os.PathLike, path: Path) -> int | None:
+    """The drop generation of the retired instance at `path` that its collector exported and has not
+    cleared: the `drain` of the collector's checkpoint (collector/checkpoint.py) when that checkpoint names
+    this instance (same boot, same ring map id) and the generation is not the one the datapath writes
+    (the collector's own test, collector/sources.py _export_checkpointed_drain). Those summaries are the
+    collector's (sent, or counted lost by its sinks); None when there is none. Cost: one small file read,
+    two map lookups."""
+    try:
+        ck = json.loads(collector_checkpoint(pin_dir).read_bytes())
+        drain, kernel = ck.get("drain"), ck.get("kernel") or {}
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(drain, dict) or kernel.get("boot_id") != boot or kernel.get("ring_map_id") != ring_id(path):
+        return None
+    gen = int(drain.get("gen", -1))
+    return gen if gen in (0, 1) and gen != _agg_gen(path) else None
+
+
+def _agg_gen(path: Path) -> int | None:
+    """hw_collect.agg_gen & 1 of the instance at `path`: the drop generation the datapath writes."""
+    try:
+        fd = bpfsys.obj_get(str(path / "maps" / "hw_collect"))
+    except OSError:
+        return None
+    try:
+        dt = L.DTYPES["hw_collect"]
+        raw = bpfsys.map_lookup(fd, b"\0" * 4, dt.itemsize)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return None if raw is None else int(np.frombuffer(raw, dtype=dt)[0]["agg_gen"]) & 1
 
 
 def _write_synced(path: Path, data: bytes, mode: str) -> None:

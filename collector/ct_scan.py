@@ -11,14 +11,13 @@ import numpy as np
 
 from hostwall.bpf import bpfsys, conntrack
 from hostwall.bpf import layout as L
-from hostwall.bpf.conntrack import CLAIM_BITS, CT_F_CLAIMED
+from hostwall.bpf.conntrack import CLAIM_BITS
 
 __all__ = ["CT_ENTRY_DT", "ConntrackScans", "CtFamilyScan", "CtScan", "ct_timeout_ns"]
 
 CT_ENTRY_DT = L.DTYPES["hw_ct_entry"]
 CFG_DT = L.DTYPES["hw_config"]
 POLICY_HDR_DT = L.DTYPES["hw_policy_hdr"]
-CT_END_EMITTED = L.C["HW_CT_F_END_EMITTED"]   # hw_ct_entry.fin_seen: the datapath already emitted flow_end
 REP_EVENTS = L.C["HW_REP_EVENTS"]             # hw_ct_entry.report: reported by events (else in aggregate)
 CT_CLOSING = L.C["HW_CT_CLOSING"]
 
@@ -227,11 +226,7 @@ class ConntrackScans:
         created = ents["created_ns"].astype(np.int64)
         at = min(now_ns, det_ns) if det_ns else now_ns      # detached: what had expired by then
         expired = (np.int64(at) - last) > ct_timeout_ns(keys["proto"], ents["state"], unc_ns, ents["packets"])
-        fin = ents["fin_seen"]
-        rep_b = ents["reported"]
-        claimed = (fin & CT_F_CLAIMED) != 0
-        closed_claimed = rep_b == conntrack.REPORTED_CLAIMED
-        ended = (((fin & CT_END_EMITTED) != 0) & ~claimed) | (rep_b == conntrack.REPORTED_DURABLE)
+        claimed, closed_claimed, ended = conntrack.EndMarks.of(ents)
         mine = self._claims[fam]
         pending = np.zeros(n, bool)                 # this run's claims whose records are not durable yet
         if mine:

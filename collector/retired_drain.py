@@ -13,7 +13,8 @@ last drop interval and runs the detach scan (collector/shutdown.py) and commits 
 Only when nothing of it is left (ring consumed to its end, no drop interval pending, no conntrack batch
 journaled, the detach scan done, a clean stop) is it unpinned; otherwise it stays pinned for the next
 start and `run` fails with one line (nothing is lost: the kernel keeps it). Cost: one pipeline start and
-stop per retired instance (a second or two; bounded by DRAIN_IDLE_S when a sink stalls).
+stop per retired instance (a second or two; bounded by DRAIN_IDLE_S when a sink stalls, by DRAIN_START_S
+when the pipeline does not start).
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ log = logging.getLogger("hostwall.collector")
 __all__ = ["RetiredNotDrained", "drain_retired", "follow", "unpin_if_drained"]
 
 DRAIN_IDLE_S = 30.0     # the ring's committed position did not move for this long: stop and judge what is left
+DRAIN_START_S = 60.0    # the drain pipeline did not reach `running` in this long: give up (it stays pinned)
 ATTEMPTS = 3            # pipeline runs on one retired instance before `run` gives up (it stays pinned)
 POLL_S = 0.05
 FOLLOW_POLL_S = 1.0     # how often a running collector looks for a new instance once its own was detached
@@ -54,7 +56,7 @@ async def drain_retired(cfg: CollectorConfig, build) -> list[dict] | None:
         for _ in range(ATTEMPTS):
             pipe = build(cfg, path)
             try:
-                if not await _run_to_end(pipe):
+                if not await _run_to_end(pipe, path):
                     return None
                 left = leftover(cfg, pipe, path)
                 if not left:
@@ -79,14 +81,19 @@ def _unpin_drained(cfg: CollectorConfig, pipe: Pipeline, path: Path) -> dict:
     return entry
 
 
-async def _run_to_end(pipe: Pipeline) -> bool:
+async def _run_to_end(pipe: Pipeline, path: Path) -> bool:
     """Run `pipe` until its ring is committed to the end (or did not move for DRAIN_IDLE_S), then stop it
-    cleanly. False when it stopped by itself first (a stop signal); a failure raises PipelineFailed."""
+    cleanly. False when it stopped by itself first (a stop signal); a failure raises PipelineFailed. A
+    pipeline that is not `running` within DRAIN_START_S (a sink whose start hangs, a stuck kernel call) is
+    cancelled and RetiredNotDrained raised (_give_up): `run` never waits forever on a retired instance."""
     task = asyncio.ensure_future(pipe.run(install_signals=True))
     loop = asyncio.get_running_loop()
+    started_at = loop.time()
     stopped_by_us, last, moved_at = False, -1, loop.time()
     while not task.done():
         ring = pipe.ring
+        if pipe.state == "starting" and loop.time() - started_at > DRAIN_START_S:
+            await _give_up(pipe, task, path)
         if pipe.state == "running" and ring is not None:
             pos = ring.consumer_pos
             if pos == ring.producer_pos or loop.time() - moved_at > DRAIN_IDLE_S:
@@ -98,6 +105,19 @@ async def _run_to_end(pipe: Pipeline) -> bool:
         await asyncio.sleep(POLL_S)
     await task
     return stopped_by_us
+
+
+async def _give_up(pipe: Pipeline, task: asyncio.Future, path: Path) -> None:
+    """Cancel a drain pipeline stuck in its start (its shutdown runs, bounded by its shutdown timeout; a
+    kernel call stuck in its thread is left behind) and raise RetiredNotDrained: nothing of the instance
+    was committed past what its checkpoint says, so the next start drains it."""
+    task.cancel()
+    await asyncio.wait({task}, timeout=pipe.shutdown_timeout_s + 1.0)
+    if task.done() and not task.cancelled() and task.exception() is not None:
+        log.debug("drain pipeline of %s after its cancel", path, exc_info=task.exception())
+    raise RetiredNotDrained(f"retired instance {path} not drained: its pipeline did not start within "
+                            f"{DRAIN_START_S:g} s (a sink or the kernel did not answer); it stays pinned for the "
+                            "next start (see `hostwall-collector status`)")
 
 
 async def follow(cfg: CollectorConfig, pipe: Pipeline, task: asyncio.Task) -> bool:

@@ -311,3 +311,92 @@ def test_a_stop_on_a_full_state_disk_still_retires_the_maps(datapath, pin, monke
     got = retired.listing(pin)
     assert len(got) == retired.MAX_RETIRED + 1 and int(got[-1].name) == int(dp.config()["detached_ns"])
     assert not retired.state_copy(pin, int(got[-1].name)).exists() and retired.discarded(pin) == []
+
+
+def discard_oldest(dp, pin: str) -> dict:
+    """Retire the pinned instance as the oldest, then MAX_RETIRED more: the bound discards it. Its note."""
+    for ns in range(1, retired.MAX_RETIRED + 2):
+        dp.pin(pin)
+        retired.retire(pin, ns, None)
+    [note] = retired.discarded(pin)
+    assert note["detached_ns"] == 1
+    return note
+
+
+def test_a_discard_note_counts_only_the_connections_whose_end_no_one_reports(datapath, pin):
+    """The note's `connections` are records lost: only connections whose end no one has reported or will
+    report (what a detach scan would report: collector/ct_scan.py). Not a FIN close reported durable (left
+    live until its timeout), not one claimed by a collector (its batch is journaled: the journal replays
+    it whatever the instance), not one whose flow_end the datapath emitted (an event: counted in
+    `events` while unread). Here only the established TCP connection of traffic() is left."""
+    from hostwall.collector.kernel import KernelSource
+    dp, _ = datapath
+    consume_ring(pin)
+    traffic(dp)                                             # N_LOG UDP flows, one established TCP connection
+    xdp(dp, tcp_in(src="10.0.0.22"))                        # closed by both FINs
+    egress(dp, tcp_out("SA", dst="10.0.0.22"))
+    xdp(dp, tcp_in(src="10.0.0.22", flags="FA"))
+    egress(dp, tcp_out("FA", dst="10.0.0.22"))
+    with KernelSource(pin) as ks:
+        now = ks.now_ns()
+        closes = ks.scan_conntrack(now + 3 * 10**9, 0, 2 * 10**9)
+        assert closes.closed == 1 and closes.expired == 0
+        for f in closes.families:
+            ks.free_claims(f)                               # its close record durable: REPORTED_DURABLE
+        idle = ks.scan_conntrack(now + 15 * 10**9, 0, 2 * 10**9)
+        assert idle.expired == N_LOG and idle.closed == 0   # claimed, the collector stopped before durable
+    xdp(dp, tcp_in(src="10.0.0.23"))                        # reset: the datapath emitted its flow_end
+    egress(dp, tcp_out("SA", dst="10.0.0.23"))
+    xdp(dp, tcp_in(src="10.0.0.23", flags="A"))
+    egress(dp, tcp_out("R", dst="10.0.0.23"))
+    note = discard_oldest(dp, pin)
+    assert note["connections"] == 1, note
+
+
+def test_a_discard_note_does_not_count_the_drop_interval_a_collector_exported(datapath, pin):
+    """A collector read a drop interval and shipped it (its checkpoint's `drain` names that generation,
+    not cleared yet: collector/sources.py _ship_drain) when its instance was retired: those summaries are
+    the collector's, so the note counts only the drop keys never exported — the active generation's."""
+    from hostwall.collector.checkpoint import Checkpoint
+    from hostwall.collector.kernel import KernelSource
+    dp, _ = datapath
+    consume_ring(pin)
+    with KernelSource(pin) as ks:
+        ks.drain_drops()
+        ks.drain_drops()                                    # both drop generations empty
+        assert xdp(dp, udp_in(src="198.51.100.7", dport=9999)) == 1
+        d = ks.read_drops()                                 # exported, not cleared: the drain is pending
+        assert len(d.keys) == 1
+        ck = Checkpoint(retired.collector_checkpoint(pin))
+        ck["kernel"] = ks.identity()
+        ck["drain"] = {"gen": d.gen, "t0": 0, "t1": 1, "seq_base": 0, "n": 1}
+        ck.save()
+    assert xdp(dp, udp_in(src="198.51.100.8", dport=9999)) == 1     # a key of the interval after it
+    note = discard_oldest(dp, pin)
+    assert note["drop_keys"] == 1, note
+
+
+def test_a_drain_whose_pipeline_never_starts_gives_up_within_its_bound(datapath, pin, tmp_path, monkeypatch):
+    """A drain pipeline that never reaches `running` (a sink whose start hangs: an unreachable broker, a
+    stuck kernel call) must not keep `run` waiting forever: after DRAIN_START_S the drain gives up with one
+    line naming the instance, and the instance stays pinned (nothing of it is lost)."""
+    import asyncio
+
+    from hostwall.collector import retired_drain
+    from hostwall.collector.wiring import build_pipeline
+    dp, _ = datapath
+    cfg, out, r = read_then_retired(dp, pin, tmp_path)
+    monkeypatch.setattr(retired_drain, "DRAIN_START_S", 0.5, raising=False)
+
+    def stuck(cfg, path):
+        pipe = build_pipeline(cfg, path)
+        pipe.slots[0].sink.start = asyncio.Event().wait        # never returns
+        return pipe
+
+    async def drain():
+        return await asyncio.wait_for(retired_drain.drain_retired(cfg, stuck), 20)
+    with pytest.raises(retired_drain.RetiredNotDrained, match=f"{r}.*did not start within 0.5 s"):
+        uvloop.run(drain())
+    assert retired.listing(pin) == [r]
+    assert uvloop.run(retired_drain.drain_retired(cfg, build_pipeline)) is not None     # drained after all
+    assert Counter(x["hostwall"]["kind"] for x in records(out))["log"] == N_LOG
