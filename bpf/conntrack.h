@@ -100,15 +100,22 @@ static __always_inline __u64 ct_confirmed_timeout_ns(struct hw_ct_entry *e, __u8
 	return s * 1000000000ULL;
 }
 
+/* Every timeout is at least 1 s (the unconfirmed one by policy validation, the others by these), so an
+ * entry idle for at most 1 s is live whatever its state: ct_expired_u's one compare for a busy entry. */
+_Static_assert(HW_CT_TO_CLOSE >= 1 && HW_CT_TO_UDP_UNASSURED >= 1 && HW_CT_TO_ICMP >= 1 &&
+	       HW_CT_TO_UNCONFIRMED >= 1, "ct_expired_u's busy-entry shortcut assumes timeouts of 1 s or more");
+
 /* Has the entry been idle past its timeout? `unc_ns`: ct_unconfirmed_ns, or 0 to look it up only if
- * the entry is unconfirmed (the fast path of an established connection never reads it). */
+ * the entry is unconfirmed (the fast path of an established connection never reads it). An entry idle
+ * for at most 1 s returns after one compare, before its state and protocol are read (docs/datapath.md
+ * "Speed"). */
 static __always_inline int ct_expired_u(struct env *v, struct hw_ct_entry *e, __u8 proto, __u64 unc_ns)
 {
 	__s64 idle = (__s64)(v->now - e->last_ns);
 	__u64 to;
+	if (idle <= 1000000000LL)
+		return 0;
 	if (ct_unconfirmed(e)) {
-		if (idle <= 1000000000LL)
-			return 0;       /* the timeout is at least 1 s (policy validation): no lookup for a busy entry */
 		to = unc_ns ? unc_ns : ct_unconfirmed_ns(v);
 	} else {
 		to = ct_confirmed_timeout_ns(e, proto);
@@ -413,13 +420,17 @@ static __always_inline int ct_advance(struct env *v, struct pkt *p, struct ctref
 	struct hw_ct_entry *e = r->e;
 	__u8 from_init = r->side == e->initiator;
 	__u8 st = e->state, ns = st, fin = e->fin_seen;
-	int confirmed = 0;
+	int confirmed = 0, closing = 0;
 	__u8 peer = v->dir == HW_DIR_INGRESS;    /* the host vouches for its own segments only */
 	/* the initiator's packets travel the way the first one did, the responder's the other way */
 	if ((from_init ? e->origin : !e->origin) != v->dir)
 		return 0;
 	if (p->proto == IPPROTO_TCP) {
 		__u8 f = p->tcp_flags;
+		/* a plain segment (no SYN, FIN, RST) of an established connection changes no state and has
+		 * nothing to report: straight to the sequence learning and the counters (docs/datapath.md "Speed") */
+		if (!(f & (TCPF_SYN | TCPF_FIN | TCPF_RST)) && st == HW_CT_ESTABLISHED)
+			goto advance;
 		if (f & TCPF_RST) {
 			ns = HW_CT_CLOSED;
 		} else if ((f & (TCPF_SYN | TCPF_ACK)) == (TCPF_SYN | TCPF_ACK)) {
@@ -465,10 +476,11 @@ static __always_inline int ct_advance(struct env *v, struct pkt *p, struct ctref
 		confirmed = 1;
 	}
 	/* a reset to report (a FIN close is the collector's, after the close grace period) */
-	int closing = ns == HW_CT_CLOSED && !(fin & HW_CT_F_END_EMITTED) && !e->reported;
+	closing = ns == HW_CT_CLOSED && !(fin & HW_CT_F_END_EMITTED) && !e->reported;
 	confirmed = confirmed && e->report == HW_REP_PENDING;
 	if (fast && (confirmed || closing))
 		return -1;
+advance:
 	if (p->proto == IPPROTO_TCP)
 		ct_seq_learn(e, p, !from_init, st, peer);
 	if (ns != st)

@@ -396,6 +396,20 @@ def test_unconfirmed_timeout_is_a_policy_setting(harness):
         harness.dp.clear_conntrack()
 
 
+def test_unconfirmed_timeout_at_its_floor_is_exact(harness):
+    """The shortest timeout a policy can set, 1 s: an entry idle exactly that long lives, one idle 1 ns
+    longer has expired. ct_expired_u answers for an entry idle at most 1 s without reading its state
+    (docs/datapath.md "Speed"), which is exact only while no timeout is shorter."""
+    harness.install(POLICY % "true" + "conntrack: {unconfirmed_timeout: 1s}\n")
+    flows = _same_bucket_flows(harness.dp, 4, 2)
+    for f in flows:
+        _open_at(harness, T0, f)                        # unconfirmed, both at T0
+    harness.dp.set_config(test_now_ns=T0 + 10**9)
+    assert _reply(harness, "SA", flows[0]) == "pass_conntrack"
+    harness.dp.set_config(test_now_ns=T0 + 10**9 + 1)
+    assert _reply(harness, "SA", flows[1]) != "pass_conntrack"
+
+
 # ---- sequence checks: a blind RST or FIN does not end a connection (docs/datapath.md "Sequence checks")
 ISN_ME, ISN_PEER = 1000, 5000000
 
