@@ -28,7 +28,7 @@ import numpy as np
 from . import bpfsys, conntrack
 from . import layout as L
 from .ringbuf import RingBuffer, slot_size
-from .state import instance_stem, policy_writer, state_dir
+from .state import collector_checkpoint_path, collector_status_path, instance_stem, policy_writer, state_dir
 
 MAX_RETIRED = 4
 SUFFIX = "-retired"
@@ -54,7 +54,7 @@ def listing(pin_dir: str | os.PathLike) -> list[Path]:
 
 def collector_checkpoint(pin_dir: str | os.PathLike) -> Path:
     """The checkpoint a collector of `pin_dir` keeps with the default status file (collector/config.py)."""
-    return state_dir() / f"collector-{instance_stem(str(pin_dir))}.state.json"
+    return collector_checkpoint_path(collector_status_path(str(pin_dir)))
 
 
 def state_copy(pin_dir: str | os.PathLike, detached_ns: int) -> Path:

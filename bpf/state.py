@@ -37,6 +37,17 @@ def state_path(pin_dir: str) -> Path:
     return state_dir() / f"{instance_stem(pin_dir)}.json"
 
 
+def collector_status_path(pin_dir: str) -> Path:
+    """A collector's status file for `pin_dir` when its config sets none (collector/config.py)."""
+    return state_dir() / f"collector-{instance_stem(pin_dir)}.json"
+
+
+def collector_checkpoint_path(status: Path) -> Path:
+    """A collector's checkpoint (collector/checkpoint.py), beside its status file: <status stem>.state.json.
+    The enforcer reads it too: a clean detach retires an instance a collector reads (bpf/retired.py)."""
+    return status.with_name(f"{status.stem}.state.json")
+
+
 def audit_log_path(pin_dir: str) -> Path:
     """Policy-change audit records, one JSON object per line (shipped by the collector)."""
     return state_dir() / f"{instance_stem(pin_dir)}.audit.jsonl"

@@ -83,7 +83,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from hostwall.bpf.state import DEFAULT_PIN_DIR, state_dir, state_path
+from hostwall.bpf.state import DEFAULT_PIN_DIR, collector_checkpoint_path, collector_status_path
 from hostwall.units import parse_duration
 from hostwall.yamldoc import Issues, PolicyIssue, load_yaml
 
@@ -258,12 +258,11 @@ class CollectorConfig:
         """$HOSTWALL_STATE_DIR/collector-<pin stem>.json unless status_file is set."""
         if self.status_file:
             return Path(self.status_file)
-        return state_dir() / f"collector-{state_path(self.pin_dir).stem}.json"
+        return collector_status_path(self.pin_dir)
 
     def state_path(self, status: Path | None = None) -> Path:
         """The checkpoint (collector/checkpoint.py), next to the status file: <status stem>.state.json."""
-        st = status or self.status_path()
-        return st.with_name(f"{st.stem}.state.json")
+        return collector_checkpoint_path(status or self.status_path())
 
     def outbox_path(self, status: Path | None = None) -> Path:
         """The outbox (collector/outbox.py), next to the status file: <status stem>.outbox.jsonl."""
