@@ -28,7 +28,7 @@ import numpy as np
 from . import bpfsys, conntrack
 from . import layout as L
 from .ringbuf import RingBuffer, slot_size
-from .state import collector_checkpoint_path, collector_status_path, instance_stem, policy_writer, state_dir
+from .state import boot_id, collector_checkpoint_path, collector_status_path, instance_stem, policy_writer, state_dir
 
 MAX_RETIRED = 4
 SUFFIX = "-retired"
@@ -221,10 +221,9 @@ def exported_gen(pin_dir: str | os.PathLike, path: Path) -> int | None:
     try:
         ck = json.loads(collector_checkpoint(pin_dir).read_bytes())
         drain, kernel = ck.get("drain"), ck.get("kernel") or {}
-        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
     except (OSError, ValueError, AttributeError):
         return None
-    if not isinstance(drain, dict) or kernel.get("boot_id") != boot or kernel.get("ring_map_id") != ring_id(path):
+    if not isinstance(drain, dict) or kernel.get("boot_id") != boot_id() or kernel.get("ring_map_id") != ring_id(path):
         return None
     gen = int(drain.get("gen", -1))
     return gen if gen in (0, 1) and gen != _agg_gen(path) else None

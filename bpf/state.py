@@ -27,6 +27,14 @@ def state_dir() -> Path:
     return Path(os.environ.get("HOSTWALL_STATE_DIR", "/run/hostwall"))
 
 
+def boot_id() -> str:
+    """This boot's id ("" if unreadable): map ids and monotonic times are only comparable within one."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
 def instance_stem(pin_dir: str) -> str:
     """The instance's name in $HOSTWALL_STATE_DIR: its pin dir as one file-name part (every per-instance
     file there starts with it, the collector's `collector-<stem>.json` too)."""

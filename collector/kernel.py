@@ -24,6 +24,7 @@ from hostwall.bpf import bpfsys, conntrack, flow_agg, retired, syn_proxy
 from hostwall.bpf import layout as L
 from hostwall.bpf.clock import Clock
 from hostwall.bpf.ringbuf import RingBuffer
+from hostwall.bpf.state import boot_id
 
 from .ct_scan import CT_ENTRY_DT, POLICY_HDR_DT, ConntrackScans, CtFamilyScan, CtScan, ct_timeout_ns
 
@@ -239,11 +240,7 @@ class KernelSource(ConntrackScans):
     def identity(self) -> dict:
         """What tells this kernel instance apart across collector restarts: the boot, and the ids of the
         ring buffer and event-counter maps (new ids: the datapath was reloaded, its ring is a new one)."""
-        try:
-            boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-        except OSError:
-            boot = ""
-        return {"boot_id": boot, "ring_map_id": bpfsys.map_info(self.fds["hw_events"]).id,
+        return {"boot_id": boot_id(), "ring_map_id": bpfsys.map_info(self.fds["hw_events"]).id,
                 "ev_stats_map_id": bpfsys.map_info(self.fds["hw_ev_stats"]).id,
                 "drops_map_ids": [bpfsys.map_info(self.fds[f"hw_drops{g}"]).id for g in (0, 1)]}
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hostwall.bpf.state import InstanceState, audit_log_path, dns_log_path, state_path
+from hostwall.bpf.state import boot_id as current_boot_id
 
 __all__ = ["HostInfo", "InstanceStateView", "InterfaceTable", "Iface", "NO_RULE_SLOT", "collector_version"]
 
@@ -40,13 +41,6 @@ def collector_version() -> str:
         return "0.0.0"
 
 
-def _read(path: str) -> str:
-    try:
-        return Path(path).read_text().strip()
-    except OSError:
-        return ""
-
-
 @dataclass(frozen=True)
 class HostInfo:
     hostname: str
@@ -57,7 +51,7 @@ class HostInfo:
 
     @classmethod
     def detect(cls, pin_dir: str = "") -> HostInfo:
-        return cls(hostname=socket.gethostname(), boot_id=_read("/proc/sys/kernel/random/boot_id"),
+        return cls(hostname=socket.gethostname(), boot_id=current_boot_id(),
                    pin_dir=pin_dir, version=collector_version(), kernel=os.uname().release)
 
 
