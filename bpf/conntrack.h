@@ -412,9 +412,9 @@ static __always_inline void ct_seq_learn(struct hw_ct_entry *e, struct pkt *p, _
  * path stays free of the reporting code, which keeps xdp_ingress inside the verifier's budget.
  * 2: a RST, FIN or SYN-ACK the state machine accepts but out of the connection's sequence window
  * (ct_seq_ok), the peer's handshake-completing ACK with an unacceptable ACK (ct_ack_ok), or a FIN
- * before the handshake is answered (syn_sent): passed, for the stack to ignore or answer with a challenge ACK (RFC 5961), and nothing
- * changed — a blind RST neither closes the entry nor a FIN shortens its timeout (counted as
- * pass_conntrack_out_of_window). */
+ * before the handshake is answered (syn_sent): passed, for the stack to ignore or answer with a
+ * challenge ACK (RFC 5961), and nothing changed — a blind RST neither closes the entry nor a FIN
+ * shortens its timeout (counted as pass_conntrack_out_of_window). */
 static __always_inline int ct_advance(struct env *v, struct pkt *p, struct ctref *r, int fast)
 {
 	struct hw_ct_entry *e = r->e;

@@ -147,13 +147,15 @@ def cmd_apply(a) -> int:
 
 
 def cmd_detach(a) -> int:
+    from hostwall.bpf import retired
+
     from . import control
     gone = control.detach(a.pin_dir)
     print(f"detached from {', '.join(gone)}; unpinned {a.pin_dir}" if gone else f"unpinned {a.pin_dir}")
     for held in control.discard_retired(a.pin_dir) if a.discard_retired else []:
         print(f"discarded retired instance {held['detached_ns']}: {held['events']} unread events, "
               f"{held['connections']} tracked connections, {held['drop_keys']} drop keys (noted as lost)")
-    left = control.retired_listing(a.pin_dir)
+    left = retired.listing(a.pin_dir)
     if left:
         print(f"{len(left)} retired instance(s) kept for the collector to drain: {left[0].parent}")
     return EXIT_OK

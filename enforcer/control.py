@@ -312,8 +312,8 @@ def apply(policy: Policy, pin_dir: str, dp: Datapath | None = None) -> ApplyResu
 def detach(pin_dir: str) -> list[str]:
     """Detach every interface of the instance, note the detach in hw_config, retire its maps when a
     collector reads this pin dir (bpf/retired.py: kept pinned until drained, so what it has not read yet
-    is not freed with them), unpin the rest, forget the state. Returns what was detached. The note (detached_ns, after the last interface: no packet reaches the
-    tables after it) tells a collector still holding the maps to report the connections left in conntrack
+    is not freed with them), unpin the rest, forget the state. Returns what was detached. The note
+    (detached_ns, after the last interface: no packet reaches the tables after it) tells a collector still holding the maps to report the connections left in conntrack
     as ended (docs/collector.md "Detach"); an instance that is replaced instead (a crash, --keep-attached,
     a new build migrating the tables) never gets one. Nor does one whose state is missing or where an
     interface still carries a program after its detach: the programs may still run on these maps, and a
@@ -332,11 +332,6 @@ def detach(pin_dir: str) -> list[str]:
         if st:
             st.remove()
         return done
-
-
-def retired_listing(pin_dir: str) -> list:
-    """The retired instances kept for the collector (bpf/retired.py), oldest first."""
-    return retired.listing(pin_dir)
 
 
 def discard_retired(pin_dir: str) -> list[dict]:
