@@ -78,7 +78,8 @@ def test_an_enforcer_stop_ends_the_open_tcp_connection_and_the_udp_flow_once(lab
             stopped = time.time_ns()
             until(lambda: all(ends(v) for v in flows(col.jsonl, cli, ports).values()), 20,
                   "both flows' end records after the detach")
-            time.sleep(3)                                # three more scans: nothing reported twice
+            scans = col.status()["conntrack"]["scans"]  # three more scans: nothing reported twice
+            until(lambda: col.status()["conntrack"]["scans"] >= scans + 3, 20, "three more conntrack scans")
             assert len(retired.listing(enf.pin_dir)) == 1   # its maps were retired, this collector drains them
             assert col.stop() == 0
             assert retired.listing(enf.pin_dir) == []       # drained: unpinned at its stop
