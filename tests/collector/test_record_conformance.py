@@ -88,7 +88,8 @@ def records(tmp_path, monkeypatch) -> dict[str, list[dict]]:
 
 def loss_records() -> list[dict]:
     """Loss records as the pipeline ships them: a sink's counted loss (one range list, one coarsened to its
-    span past MAX_RANGES) and a restart after a crash and after a reboot, numbered in `collector`."""
+    span past MAX_RANGES) and a restart after a crash, after a reboot and after a drain that found a discarded
+    retired instance, numbered in `collector`."""
     rep = LossReporter("fw-1", "/sys/fs/bpf/hostwall/lab")
     few, many = SeqRanges(), SeqRanges()
     few.add([1, 2, 3, 9])
@@ -100,7 +101,11 @@ def loss_records() -> list[dict]:
                         kernel_while_down={"ringbuf_full": 3}, previous_run={"produced": 10, "ok": True},
                         seqs={"events": 10, "conntrack": 4}),
             rep.restart({"previous": "reboot", "lost": {"reboot": 5}}, kernel_while_down={}, previous_run=None,
-                        seqs={"events": 0})]
+                        seqs={"events": 0}),
+            # a start after a retired instance was drained, finding another one discarded (bpf/retired.py)
+            rep.restart({"previous": "drained", "lost": {"retired_discarded": 6},
+                         "notes": ["retired instance 12 was unpinned before a collector drained it"]},
+                        kernel_while_down={}, previous_run=None, seqs={"events": 30})]
     for i, r in enumerate(recs):
         r["hostwall"].update(seq=i, stream="collector")
     return recs
