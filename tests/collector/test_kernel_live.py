@@ -567,6 +567,50 @@ def test_a_close_is_claimed_until_durable_and_a_crash_reports_it_again_with_the_
         nxt.close()
 
 
+def test_a_slot_reused_by_a_new_connection_is_a_new_generation_to_the_scan(kernel):
+    """A closed connection whose close the scan claimed (`reported` 2), then the host's SYN-ACK to a new
+    SYN on the tuple (docs/datapath.md "Reused tuples"): the datapath reports no second end (claimed),
+    the slot holds the new connection with its marks reset and a new created_ns, so the release of the
+    old claim does not mark it, the next scans report nothing for it, and its start comes at its ACK."""
+    ks, dp, _ = kernel
+    dp.clear_conntrack()
+    xdp(dp, tcp_in(sport=43000))
+    egress(dp, tcp_out("SA", dport=43000))
+    egress(dp, tcp_out("FA", dport=43000))
+    xdp(dp, tcp_in(sport=43000, flags="FA"))
+    xdp(dp, tcp_in(sport=43000, flags="A"))
+    grace, at = 2 * 10**9, 60 * 10**9
+
+    def entry() -> np.void:
+        with conntrack.CtTable(ks.fds["hw_ct4"], 4) as table:
+            [e] = table.slots[table.live()]["e"]
+            return e.copy()
+
+    now = ks.now_ns() + 3 * 10**9
+    first = ks.scan_conntrack(now, at, grace)
+    assert first.closed == 1 and int(entry()["reported"]) == conntrack.REPORTED_CLAIMED
+    old = first.families[0].closed_entries[0]
+    with ks.ring() as rb:
+        rb.read()
+        new_syn_ack = raw(E / IP(src=ME, dst="10.0.0.9") / TCP(sport=80, dport=43000, flags="SA", seq=5_000_000,
+                                                               ack=7_000_001))
+        assert egress(dp, new_syn_ack) == 0                               # TC_ACT_OK
+        assert list(rb.read().records["type"]) == []                      # the close is the scan's: no 2nd end
+        e = entry()
+        assert (L.CT_STATE_NAMES[int(e["state"])], int(e["reported"]), int(e["fin_seen"])) == ("syn_recv", 0, 0)
+        assert int(e["created_ns"]) > int(old["created_ns"]) and e["packets"].tolist() == [0, 1]
+        assert ks.free_claims(first.families[0]) == 0                    # the claim was on the old generation
+        assert int(entry()["reported"]) == 0
+        later = ks.scan_conntrack(now + 10**9, at, grace)
+        assert (later.closed, later.expired, later.reclaimed) == (0, 0, 0)
+        ack = raw(E / IP(src="10.0.0.9", dst=ME) / TCP(sport=43000, dport=80, flags="A", seq=7_000_001, ack=5_000_001))
+        assert xdp(dp, ack) == 2                                          # XDP_PASS: confirmed
+        [start] = [r for r in rb.read().records if L.EVENT_TYPE_NAMES[int(r["type"])] == "flow_start"]
+    assert int(start["start_ns"]) == int(e["created_ns"])
+    assert L.CT_STATE_NAMES[int(entry()["state"])] == "established"
+    dp.clear_conntrack()
+
+
 def test_event_budget_losses_are_counted_by_type(kernel):
     ks, dp, _ = kernel
     before = ks.kernel_loss()["deny"]
