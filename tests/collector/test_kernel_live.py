@@ -513,6 +513,15 @@ def test_a_fin_close_in_aggregate_ends_in_a_scan_summary_after_its_grace(kernel)
     dp.clear_conntrack()
 
 
+def closed_by_fins(dp, sport: int) -> None:
+    """A connection to port 80 from `sport`: SYN, SYN-ACK, the host's FIN, the client's, the last ACK."""
+    xdp(dp, tcp_in(sport=sport))
+    egress(dp, tcp_out("SA", dport=sport))
+    egress(dp, tcp_out("FA", dport=sport))
+    xdp(dp, tcp_in(sport=sport, flags="FA"))
+    xdp(dp, tcp_in(sport=sport, flags="A"))
+
+
 def test_a_close_is_claimed_until_durable_and_a_crash_reports_it_again_with_the_same_id(kernel):
     """The close grace period's report is released like every other (docs/collector.md "Delivery and
     loss"): the scan claims the closed connection (`reported` = REPORTED_CLAIMED: the datapath treats it
@@ -523,11 +532,7 @@ def test_a_close_is_claimed_until_durable_and_a_crash_reports_it_again_with_the_
     from hostwall.collector.records import RecordBuilder
     ks, dp, _ = kernel
     dp.clear_conntrack()
-    xdp(dp, tcp_in(sport=42000))
-    egress(dp, tcp_out("SA", dport=42000))
-    egress(dp, tcp_out("FA", dport=42000))
-    xdp(dp, tcp_in(sport=42000, flags="FA"))
-    xdp(dp, tcp_in(sport=42000, flags="A"))
+    closed_by_fins(dp, 42000)
     grace, at = 2 * 10**9, 60 * 10**9
 
     def reported() -> list[int]:
@@ -574,11 +579,7 @@ def test_a_slot_reused_by_a_new_connection_is_a_new_generation_to_the_scan(kerne
     old claim does not mark it, the next scans report nothing for it, and its start comes at its ACK."""
     ks, dp, _ = kernel
     dp.clear_conntrack()
-    xdp(dp, tcp_in(sport=43000))
-    egress(dp, tcp_out("SA", dport=43000))
-    egress(dp, tcp_out("FA", dport=43000))
-    xdp(dp, tcp_in(sport=43000, flags="FA"))
-    xdp(dp, tcp_in(sport=43000, flags="A"))
+    closed_by_fins(dp, 43000)
     grace, at = 2 * 10**9, 60 * 10**9
 
     def entry() -> np.void:
