@@ -418,18 +418,20 @@ static __always_inline void ct_seq_learn(struct hw_ct_entry *e, struct pkt *p, _
 		e->seq_known = k;
 }
 
-/* Is p, the host's SYN-ACK (TC egress: trusted) on an entry past syn_sent, proof that its tuple carries a
+/* Is p, the host's SYN-ACK (TC egress: trusted) on an established entry, proof that its tuple carries a
  * new connection (docs/datapath.md "Reused tuples")? It acknowledges a SYN the entry does not know (not
  * the initiator's learnt end: ct_seq_ok refused it) and starts from a new ISN (no retransmission of the
  * host's SYN-ACK, as after a final ACK dropped past XDP). The host's kernel answers a SYN with a SYN-ACK
  * only without a socket for the tuple (a live one sends a challenge ACK, RFC 5961 §4), so the old
- * connection is over; a spoofed SYN cannot make it. Both sides must be learnt (an entry carried over
- * without sequence state proves nothing). */
+ * connection is over; a spoofed SYN cannot make it. Established only: a handshake in progress may have
+ * no socket yet (SYN cookies: `tcp_syncookies=2`, the SYN proxy's setting, or a SYN flood), so a spoofed
+ * SYN gets a SYN-ACK there. Both sides must be learnt (an entry carried over without sequence state
+ * proves nothing). */
 static __always_inline int ct_reused(struct hw_ct_entry *e, struct pkt *p, __u8 st)
 {
 	__u8 both = HW_CT_SEQ_END | (HW_CT_SEQ_END << 1);
 	__u8 f = p->tcp_flags & (TCPF_SYN | TCPF_ACK | TCPF_FIN | TCPF_RST);
-	return st != HW_CT_SYN_SENT && f == (TCPF_SYN | TCPF_ACK) && (e->seq_known & both) == both &&
+	return st == HW_CT_ESTABLISHED && f == (TCPF_SYN | TCPF_ACK) && (e->seq_known & both) == both &&
 	       !ct_syn_resent(e, p, 1);
 }
 

@@ -121,21 +121,27 @@ def test_a_peers_syn_alone_changes_nothing(harness, events, v6):
     assert _flows(events) == [("flow_end", T0 + 1 * S, T0 + 62 * S, [4, 3], "closed")]
 
 
-def test_a_peers_new_syn_in_syn_recv_changes_nothing_until_the_hosts_syn_ack(harness, events):
-    """Unconfirmed too: a retransmission of the SYN counts in its flow; a SYN with a new ISN passes
-    unchanged; the host's SYN-ACK to it ends the unconfirmed flow (reused) and tracks the new one."""
+@pytest.mark.parametrize("v6", [False, True], ids=["v4", "v6"])
+def test_a_syn_cookie_answer_in_syn_recv_changes_nothing(harness, events, v6):
+    """Unconfirmed: a host that answers SYNs with cookies (`tcp_syncookies=2`, the SYN proxy's setting,
+    docs/dos.md; or under a SYN flood) keeps no state for the handshake, so it answers a spoofed SYN with
+    a new ISN with a SYN-ACK too: that proves nothing about the handshake in progress. Neither changes the
+    entry, and the client's ACK still confirms it; a retransmission of its SYN counts in its flow."""
     harness.install(POLICY % "true")
-    assert _peer(harness, "S", P1, t=T0 + 1 * S) == "pass_rule"
-    assert _host(harness, "SA", H1, P1 + 1, t=T0 + 2 * S) == "pass_conntrack"
-    assert _peer(harness, "S", P1, t=T0 + 3 * S) == "pass_conntrack"            # retransmitted: the same ISN
-    assert _peer(harness, "S", P2, t=T0 + 4 * S) == "pass_conntrack_out_of_window"
-    assert _entry(harness, False)["packets"].tolist() == [2, 1]
-    assert _host(harness, "SA", H2, P2 + 1, t=T0 + 5 * S) == "pass_conntrack"
-    assert _flows(events) == [("flow_start", T0 + 1 * S, T0 + 1 * S, [1, 0], ""),
-                              ("flow_end", T0 + 1 * S, T0 + 3 * S, [2, 1], "reused")]
-    assert _peer(harness, "A", P2 + 1, H2 + 1, t=T0 + 6 * S) == "pass_conntrack"
-    assert L.CT_STATE_NAMES[int(_entry(harness, False)["state"])] == "established"
-    assert _flows(events) == [("flow_start", T0 + 5 * S, T0 + 5 * S, [1, 0], "")]
+    assert _peer(harness, "S", P1, v6=v6, t=T0 + 1 * S) == "pass_rule"
+    assert _host(harness, "SA", H1, P1 + 1, v6=v6, t=T0 + 2 * S) == "pass_conntrack"
+    assert _peer(harness, "S", P1, v6=v6, t=T0 + 3 * S) == "pass_conntrack"                  # retransmitted
+    assert _peer(harness, "S", P2, v6=v6, t=T0 + 4 * S) == "pass_conntrack_out_of_window"    # spoofed
+    assert _host(harness, "SA", H2, P2 + 1, v6=v6, t=T0 + 4 * S) == "pass_conntrack_out_of_window"   # its cookie
+    e = _entry(harness, v6)
+    assert (L.CT_STATE_NAMES[int(e["state"])], int(e["created_ns"]), e["packets"].tolist()) == \
+        ("syn_recv", T0 + 1 * S, [2, 1])
+    assert [f[0] for f in _flows(events)] == ["flow_start"]
+    assert _peer(harness, "A", P1 + 1, H1 + 1, v6=v6, t=T0 + 5 * S) == "pass_conntrack"
+    e = _entry(harness, v6)
+    assert (L.CT_STATE_NAMES[int(e["state"])], int(e["created_ns"]), e["packets"].tolist()) == \
+        ("established", T0 + 1 * S, [3, 1])
+    assert _flows(events) == []
 
 
 @pytest.mark.parametrize("v6", [False, True], ids=["v4", "v6"])
