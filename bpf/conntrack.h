@@ -13,6 +13,12 @@ BPF_PERCPU_ARRAY(hw_ct_stats, struct hw_counter, 2 * HW_CT_STATS);    /* [v6 * H
 BPF_ARRAY(hw_ct_pressure, struct hw_ct_pressure, 1);                    /* evictions per second (SYN proxy auto) */
 
 /* ---- connection tracking -------------------------------------------------------------------- */
+static __always_inline void ct_stat(__u8 family, __u32 what)
+{
+	__u32 k = (family == 6) * HW_CT_STATS + what;
+	counter_add(hw_ct_stats.lookup(&k), 0);
+}
+
 struct ctref {
 	struct hw_ct_entry *e;
 	__u8 side;              /* which side of the normalised key sent this packet: 0 = a, 1 = b */
@@ -232,11 +238,12 @@ static __always_inline void ct_end_agg(struct env *v, struct hw_ct_entry *e, __u
 	flow_agg(v, e->origin == HW_DIR_INGRESS ? init : resp, family, resp_port, proto, e->origin, report_kind(rep), &a);
 }
 
-/* A tracked TCP connection was reset: report it once, with its totals (nothing after an RST belongs to
- * it), as an event or in aggregate (hw_ct_entry.report). A connection closed by FINs is not reported
- * here: its last ACK comes after the FINs, so the collector reports it (one record, or in a flow
- * summary) once it has been quiet for the close grace period (docs/collector.md). */
-static __always_inline void ct_emit_end(struct env *v, struct pkt *p, struct ctref *r, __u8 from_init)
+/* A tracked TCP connection was reset (cause HW_END_CLOSED), or its tuple reused by a new one
+ * (HW_END_REUSED, ct_reuse): report it once, with its totals (nothing after an RST belongs to it), as an
+ * event or in aggregate (hw_ct_entry.report). A connection closed by FINs is not reported here: its last
+ * ACK comes after the FINs, so the collector reports it (one record, or in a flow summary) once it has
+ * been quiet for the close grace period (docs/collector.md). */
+static __always_inline void ct_emit_end(struct env *v, struct pkt *p, struct ctref *r, __u8 from_init, __u8 cause)
 {
 	struct hw_ct_entry *e = r->e;
 	if (ct_reported(e))
@@ -260,6 +267,7 @@ static __always_inline void ct_emit_end(struct env *v, struct pkt *p, struct ctr
 		ev->dport = p->sport;
 	}
 	ev_flow_totals(ev, e);
+	ev->end_cause = cause;
 	hw_events.ringbuf_submit(ev, 0);
 }
 
@@ -355,6 +363,14 @@ static __always_inline int ct_seq_ok(struct hw_ct_entry *e, struct pkt *p, __u8 
 	return !(known & (HW_CT_SEQ_END << d)) || p->tcp_seq - end + HW_CT_SEQ_SLACK <= 2 * HW_CT_SEQ_SLACK;
 }
 
+/* Is p, a SYN or SYN-ACK of side d, a retransmission of the SYN that side sent: its ISN+1 at most
+ * HW_CT_SEQ_SLACK below that side's learnt end (TFO data, or the host's data sent in syn_recv, lie above
+ * it)? Not when that end is unknown. */
+static __always_inline int ct_syn_resent(struct hw_ct_entry *e, struct pkt *p, __u8 d)
+{
+	return (e->seq_known & (HW_CT_SEQ_END << d)) && e->seq_end[d & 1] - p->tcp_seq - 1 <= HW_CT_SEQ_SLACK;
+}
+
 /* Learn side d's sequence state from its segment p (which ct_seq_ok passed): its end advances only for
  * a segment that starts at most HW_CT_SEQ_SLACK past it, its acknowledgement only forward; a peer's
  * segment with an unacceptable ACK (ct_ack_ok) teaches nothing. A SYN (a SYN-ACK: ct_seq_ok checked its
@@ -372,9 +388,7 @@ static __always_inline void ct_seq_learn(struct hw_ct_entry *e, struct pkt *p, _
 {
 	__u8 known = e->seq_known, k, f = p->tcp_flags, host = !peer;
 	__u32 end = e->seq_end[d & 1];
-	/* a retransmission of the SYN its side sent (ISN+1 at most the slack below that side's end: TFO
-	 * data or the host's data sent in syn_recv lie above it) is no new ISN: nothing starts afresh */
-	int resent = (known & (HW_CT_SEQ_END << d)) && end - p->tcp_seq - 1 <= HW_CT_SEQ_SLACK;
+	int resent = ct_syn_resent(e, p, d);    /* no new ISN: nothing starts afresh */
 	if ((f & TCPF_SYN) && !resent && (!peer || (f & TCPF_ACK) || st == HW_CT_SYN_SENT)) {
 		known = d || (f & TCPF_ACK) ? known & ~((HW_CT_SEQ_END | HW_CT_SEQ_ACK) << d) : 0;
 		peer = 0;               /* afresh: its ACK, if any, was checked exactly (ct_seq_ok) */
@@ -404,6 +418,60 @@ static __always_inline void ct_seq_learn(struct hw_ct_entry *e, struct pkt *p, _
 		e->seq_known = k;
 }
 
+/* Is p, the host's SYN-ACK (TC egress: trusted) on an established entry, proof that its tuple carries a
+ * new connection (docs/datapath.md "Reused tuples")? It acknowledges a SYN the entry does not know (not
+ * the initiator's learnt end: ct_seq_ok refused it) and starts from a new ISN (no retransmission of the
+ * host's SYN-ACK, as after a final ACK dropped past XDP). The host's kernel answers a SYN with a SYN-ACK
+ * only without a socket for the tuple (a live one sends a challenge ACK, RFC 5961 §4), so the old
+ * connection is over; a spoofed SYN cannot make it. Established only: a handshake in progress may have
+ * no socket yet (SYN cookies: `tcp_syncookies=2`, the SYN proxy's setting, or a SYN flood), so a spoofed
+ * SYN gets a SYN-ACK there. Both sides must be learnt (an entry carried over without sequence state
+ * proves nothing). */
+static __always_inline int ct_reused(struct hw_ct_entry *e, struct pkt *p, __u8 st)
+{
+	__u8 both = HW_CT_SEQ_END | (HW_CT_SEQ_END << 1);
+	__u8 f = p->tcp_flags & (TCPF_SYN | TCPF_ACK | TCPF_FIN | TCPF_RST);
+	return st == HW_CT_ESTABLISHED && f == (TCPF_SYN | TCPF_ACK) && (e->seq_known & both) == both &&
+	       !ct_syn_resent(e, p, 1);
+}
+
+/* The slot's connection is over and p, the host's SYN-ACK, answers a new one on its tuple (ct_reused):
+ * report the old flow's end once (HW_END_REUSED, at its last packet: the new SYN was not counted in it),
+ * then the slot holds the new connection, claimed like an insert (BUSY while written, counted): syn_recv,
+ * counters from this packet, the responder's end its ISN+1, the initiator's its ACK; its start is
+ * reported when the initiator's ACK confirms it (PENDING, report.h). Initiator, origin, rule and revision
+ * stay: the new SYN passed as a packet of the tracked tuple. 2 (passed, nothing changed) when another
+ * CPU holds the slot. */
+static __always_inline int ct_reuse(struct env *v, struct pkt *p, struct ctref *r)
+{
+	struct hw_ct_entry *e = r->e;
+	if (__sync_val_compare_and_swap(&e->slot_state, HW_SLOT_LIVE, HW_SLOT_BUSY) != HW_SLOT_LIVE) {
+		ct_stat(p->family, HW_CTS_CLAIM_LOST);
+		return 2;
+	}
+	ct_stat(p->family, HW_CTS_INSERTED);
+	ct_emit_end(v, p, r, 0, HW_END_REUSED);
+	__u64 t = hw_precise(v->cfg);
+	e->created_ns = t;
+	e->end_ns = t;
+	e->last_ns = v->now;
+	e->packets[0] = 0;
+	e->packets[1] = 1;
+	e->bytes[0] = 0;
+	e->bytes[1] = p->len;
+	e->state = HW_CT_SYN_RECV;
+	e->fin_seen = 0;
+	e->reported = 0;
+	e->report = HW_REP_PENDING;
+	e->seq_end[0] = p->tcp_ack;
+	e->seq_ack[0] = p->tcp_ack;     /* the initiator's ISN+1 until it acknowledges (ct_seq_learn) */
+	e->seq_end[1] = p->tcp_end;
+	e->seq_ack[1] = p->tcp_ack;
+	e->seq_known = HW_CT_SEQ_END | ((HW_CT_SEQ_END | HW_CT_SEQ_ACK) << 1);
+	__sync_lock_test_and_set(&e->slot_state, HW_SLOT_LIVE);        /* publish: the entry is whole */
+	return 1;
+}
+
 /* Is this packet a valid continuation of the tracked connection? Updates state if so: 1. 0: not a
  * valid continuation (nothing changed). A TCP connection is confirmed by the initiator's ACK after the
  * responder's SYN-ACK (SYN_RECV → ESTABLISHED), UDP and ICMP by the first reply (NEW → ESTABLISHED).
@@ -414,7 +482,10 @@ static __always_inline void ct_seq_learn(struct hw_ct_entry *e, struct pkt *p, _
  * (ct_seq_ok), the peer's handshake-completing ACK with an unacceptable ACK (ct_ack_ok), or a FIN
  * before the handshake is answered (syn_sent): passed, for the stack to ignore or answer with a
  * challenge ACK (RFC 5961), and nothing changed — a blind RST neither closes the entry nor a FIN
- * shortens its timeout (counted as pass_conntrack_out_of_window). */
+ * shortens its timeout (counted as pass_conntrack_out_of_window); so is the peer's SYN with a new ISN
+ * on a live tuple. The host's SYN-ACK to such a SYN (ct_reused) ends the old flow and renews the slot
+ * (1); the host's own new SYN on an established tuple returns 0, to be opened afresh (docs/datapath.md
+ * "Reused tuples"). */
 static __always_inline int ct_advance(struct env *v, struct pkt *p, struct ctref *r, int fast)
 {
 	struct hw_ct_entry *e = r->e;
@@ -447,6 +518,12 @@ static __always_inline int ct_advance(struct env *v, struct pkt *p, struct ctref
 				ns = HW_CT_SYN_RECV;
 			} else if (st == HW_CT_FIN_WAIT || st == HW_CT_CLOSING || st == HW_CT_CLOSED) {
 				return 0;   /* a new connection on a closing tuple is judged afresh */
+			} else if ((st == HW_CT_ESTABLISHED || (peer && st == HW_CT_SYN_RECV)) && !ct_syn_resent(e, p, 0)) {
+				/* a new ISN on a live tuple (docs/datapath.md "Reused tuples"): the host's own SYN
+				 * proves its old socket gone, a new connection judged afresh (ct_open takes the
+				 * slot); the peer's alone proves nothing (a spoofer's, or answered by a challenge
+				 * ACK): passed, nothing changed, until the host's SYN-ACK to it (ct_reused) */
+				return peer ? 2 : 0;
 			}
 		} else if (st == HW_CT_CLOSED) {
 			return 0;
@@ -467,10 +544,11 @@ static __always_inline int ct_advance(struct env *v, struct pkt *p, struct ctref
 			fin |= from_init ? 1 : 2;
 			ns = (fin & 3) == 3 ? HW_CT_CLOSING : HW_CT_FIN_WAIT;
 		}
-		/* valid by the state machine; out of its sequence window it changes nothing (2) */
+		/* valid by the state machine; out of its sequence window it changes nothing (2), unless it is
+		 * the host's SYN-ACK to a new connection on the tuple */
 		if (((f & (TCPF_RST | TCPF_FIN)) || (f & (TCPF_SYN | TCPF_ACK)) == (TCPF_SYN | TCPF_ACK)) &&
 		    !ct_seq_ok(e, p, !from_init, peer))
-			return 2;
+			return !peer && !from_init && !fast && ct_reused(e, p, st) ? ct_reuse(v, p, r) : 2;
 	} else if (!from_init && st == HW_CT_NEW) {
 		ns = HW_CT_ESTABLISHED;
 		confirmed = 1;
@@ -501,14 +579,8 @@ advance:
 	if (confirmed)
 		ct_report_confirmed(v, p, e, from_init);
 	if (closing)
-		ct_emit_end(v, p, r, from_init);
+		ct_emit_end(v, p, r, from_init, HW_END_CLOSED);
 	return 1;
-}
-
-static __always_inline void ct_stat(__u8 family, __u32 what)
-{
-	__u32 k = (family == 6) * HW_CT_STATS + what;
-	counter_add(hw_ct_stats.lookup(&k), 0);
 }
 
 /* Count an eviction in the current second (the SYN proxy's `auto` reads the previous second's count:
@@ -628,14 +700,22 @@ static __always_inline int ct_claim(struct env *v, __u32 rank, struct hw_ct_entr
 	return 1;
 }
 
-/* Why a displaced connection ended (hw_event.end_cause). */
+_Static_assert(HW_END_CLOSED == 0, "ct_cause's branch-free reused-or-closed assumes CLOSED is 0");
+
+/* Why a displaced connection ended (hw_event.end_cause). Its own established slot taken on egress:
+ * the host's new SYN on the tuple, which ct_advance judged afresh (docs/datapath.md "Reused tuples");
+ * written without branches and for egress only, the cheapest form for the verifier tried. */
 static __always_inline __u8 ct_cause(struct env *v, __u32 rank, struct hw_ct_entry *e, __u8 proto, __u64 unc_ns)
 {
 	if (rank == CT_RANK_UNCONFIRMED)
 		return HW_END_EVICTED_UNCONFIRMED;
 	if (rank == CT_RANK_ESTABLISHED || rank == CT_RANK_UNASSURED)      /* confirmed: replied */
 		return HW_END_EVICTED_ESTABLISHED;
-	return rank == CT_RANK_EXPIRED || ct_expired_u(v, e, proto, unc_ns) ? HW_END_IDLE : HW_END_CLOSED;
+	if (rank == CT_RANK_EXPIRED || ct_expired_u(v, e, proto, unc_ns))
+		return HW_END_IDLE;
+	if (v->dir != HW_DIR_EGRESS)
+		return HW_END_CLOSED;
+	return ((rank == CT_RANK_OWN) & (e->state == HW_CT_ESTABLISHED)) * HW_END_REUSED;
 }
 
 /* Take a slot of k's bucket for a new connection: the best ranked (ct_rank), reporting the connection

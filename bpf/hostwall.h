@@ -508,10 +508,12 @@ enum hw_ct_slot_state { HW_SLOT_FREE = 0, HW_SLOT_BUSY = 1, HW_SLOT_LIVE = 2 };
 
 /* why the datapath reported a flow's end: hw_event.end_cause. A full bucket evicts an unconfirmed
  * connection before any established one (docs/datapath.md), least recently used first among equals.
+ * REUSED: a new connection on the tuple while the entry still held the old one, proven by the host's
+ * own SYN or SYN-ACK (docs/datapath.md "Reused tuples").
  * A connection still tracked when the datapath detaches has no kernel cause: the collector reports its
  * end (end_reason "detach", hw_config.detached_ns). */
 enum hw_ct_end_cause { HW_END_CLOSED = 0, HW_END_IDLE = 1, HW_END_EVICTED_ESTABLISHED = 2,
-                       HW_END_EVICTED_UNCONFIRMED = 3 };
+                       HW_END_EVICTED_UNCONFIRMED = 3, HW_END_REUSED = 4 };
 
 /* hw_ct_stats[]: per-CPU counts of what became of connection inserts */
 /* reused_idle: a slot whose connection was idle past its timeout or closed (FINs or RST) */

@@ -20,7 +20,8 @@ Record kinds (`hostwall.kind`):
                 (source = initiator, IP-layer bytes) and end_reason rst / fin (closed by FINs, reported
                 once quiet for the close grace period, so the last ACK counts) / idle_timeout /
                 evicted_unconfirmed (a full conntrack bucket evicts unconfirmed connections first) /
-                evicted_established (the bucket held no unconfirmed one); conntrack active-timeout
+                evicted_established (the bucket held no unconfirmed one) / reused (a new connection
+                took its tuple while it was still tracked); conntrack active-timeout
                 update → ["info"] with running totals
   log           a packet judged by an `action: log` rule → event.type ["connection", "allowed"]
   deny          the sampled first dropped packet of an aggregation key → ["denied"] (audit mode:

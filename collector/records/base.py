@@ -58,7 +58,7 @@ class BuilderBase:
             "events": 0, "records": 0, "decode_errors": 0, "end_without_start": 0, "ct_end_already_emitted": 0,
             "ct_end_event_lost": 0, "flows_stale_expired": 0, "drop_summaries": 0, "overflow_summaries": 0,
             "flow_end_idle_timeout": 0, "flow_end_evicted_established": 0, "flow_end_evicted_unconfirmed": 0,
-            "flow_end_closed_after_grace": 0, "flow_end_detached": 0, "rule_unresolved": 0}
+            "flow_end_reused": 0, "flow_end_closed_after_grace": 0, "flow_end_detached": 0, "rule_unresolved": 0}
 
     # ---- accounting ------------------------------------------------------------------------------
     def _lost(self, stage: str, reason: str, n: int) -> None:

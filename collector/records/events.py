@@ -42,7 +42,8 @@ _END_CAUSE_REASON = {L.C["HW_END_IDLE"]: ("idle_timeout", "idle timeout"),
                      L.C["HW_END_EVICTED_ESTABLISHED"]: ("evicted_established",
                                                          "conntrack bucket full of established connections: evicted"),
                      L.C["HW_END_EVICTED_UNCONFIRMED"]: ("evicted_unconfirmed",
-                                                         "conntrack bucket full: unconfirmed connection evicted")}
+                                                         "conntrack bucket full: unconfirmed connection evicted"),
+                     L.C["HW_END_REUSED"]: ("reused", "tuple reused by a new connection")}
 _FLOW_START, _FLOW_END, _DENY = L.C["HW_EV_FLOW_START"], L.C["HW_EV_FLOW_END"], L.C["HW_EV_DENY"]
 _DROP, _WOULD_DROP = L.C["HW_V_DROP"], L.C["HW_V_WOULD_DROP"]
 _KNOWN_TYPES = np.array(sorted(L.EVENT_TYPE_NAMES), dtype=np.uint8)

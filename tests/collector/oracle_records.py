@@ -22,7 +22,8 @@ _END_CAUSE_REASON = {L.C["HW_END_IDLE"]: ("idle_timeout", "idle timeout"),
                      L.C["HW_END_EVICTED_ESTABLISHED"]: ("evicted_established",
                                                          "conntrack bucket full of established connections: evicted"),
                      L.C["HW_END_EVICTED_UNCONFIRMED"]: ("evicted_unconfirmed",
-                                                         "conntrack bucket full: unconfirmed connection evicted")}
+                                                         "conntrack bucket full: unconfirmed connection evicted"),
+                     L.C["HW_END_REUSED"]: ("reused", "tuple reused by a new connection")}
 _COLS = ("ts_ns", "start_ns", "cgroup_id", "sport", "dport", "ifindex", "rule_slot", "revision_id", "type", "family",
          "proto", "verdict", "reason", "hook", "direction", "tcp_flags", "ct_state", "icmp_type", "end_cause")
 

@@ -513,6 +513,15 @@ def test_a_fin_close_in_aggregate_ends_in_a_scan_summary_after_its_grace(kernel)
     dp.clear_conntrack()
 
 
+def closed_by_fins(dp, sport: int) -> None:
+    """A connection to port 80 from `sport`: SYN, SYN-ACK, the host's FIN, the client's, the last ACK."""
+    xdp(dp, tcp_in(sport=sport))
+    egress(dp, tcp_out("SA", dport=sport))
+    egress(dp, tcp_out("FA", dport=sport))
+    xdp(dp, tcp_in(sport=sport, flags="FA"))
+    xdp(dp, tcp_in(sport=sport, flags="A"))
+
+
 def test_a_close_is_claimed_until_durable_and_a_crash_reports_it_again_with_the_same_id(kernel):
     """The close grace period's report is released like every other (docs/collector.md "Delivery and
     loss"): the scan claims the closed connection (`reported` = REPORTED_CLAIMED: the datapath treats it
@@ -523,11 +532,7 @@ def test_a_close_is_claimed_until_durable_and_a_crash_reports_it_again_with_the_
     from hostwall.collector.records import RecordBuilder
     ks, dp, _ = kernel
     dp.clear_conntrack()
-    xdp(dp, tcp_in(sport=42000))
-    egress(dp, tcp_out("SA", dport=42000))
-    egress(dp, tcp_out("FA", dport=42000))
-    xdp(dp, tcp_in(sport=42000, flags="FA"))
-    xdp(dp, tcp_in(sport=42000, flags="A"))
+    closed_by_fins(dp, 42000)
     grace, at = 2 * 10**9, 60 * 10**9
 
     def reported() -> list[int]:
@@ -565,6 +570,73 @@ def test_a_close_is_claimed_until_durable_and_a_crash_reports_it_again_with_the_
         assert (gone.closed, gone.expired, gone.ended) == (0, 0, 1) and reported() == []
     finally:
         nxt.close()
+
+
+def ct4_entry(ks) -> np.void:
+    """The one live hw_ct4 entry."""
+    with conntrack.CtTable(ks.fds["hw_ct4"], 4) as table:
+        [e] = table.slots[table.live()]["e"]
+        return e.copy()
+
+
+def test_a_slot_renewed_for_a_reused_tuple_is_a_new_generation_to_the_scan(kernel):
+    """An established connection, then the host's SYN-ACK to a new SYN on its tuple (docs/datapath.md
+    "Reused tuples"): the datapath reports the old end once (end_cause reused, at its last packet); the
+    slot holds the new connection with a new created_ns and its marks reset, so the scan reports nothing
+    for it (neither closed nor expired) and its start comes at its ACK."""
+    ks, dp, _ = kernel
+    dp.clear_conntrack()
+    xdp(dp, tcp_in(sport=43000))
+    egress(dp, tcp_out("SA", dport=43000))
+    xdp(dp, tcp_in(sport=43000, flags="A"))
+    old = ct4_entry(ks)
+    assert L.CT_STATE_NAMES[int(old["state"])] == "established"
+    with ks.ring() as rb:
+        rb.read()
+        assert xdp(dp, tcp_in(sport=43000, seq=7_000_000)) == 2           # XDP_PASS: out of window, unchanged
+        new_syn_ack = raw(E / IP(src=ME, dst="10.0.0.9") / TCP(sport=80, dport=43000, flags="SA", seq=5_000_000,
+                                                               ack=7_000_001))
+        assert egress(dp, new_syn_ack) == 0                               # TC_ACT_OK
+        [end] = rb.read().records
+        assert (L.EVENT_TYPE_NAMES[int(end["type"])], L.CT_END_CAUSE_NAMES[int(end["end_cause"])]) == \
+            ("flow_end", "reused")
+        assert (int(end["start_ns"]), int(end["ts_ns"])) == (int(old["created_ns"]), int(old["end_ns"]))
+        e = ct4_entry(ks)
+        assert (L.CT_STATE_NAMES[int(e["state"])], int(e["reported"]), int(e["fin_seen"])) == ("syn_recv", 0, 0)
+        assert int(e["created_ns"]) > int(old["created_ns"]) and e["packets"].tolist() == [0, 1]
+        scan = ks.scan_conntrack(ks.now_ns() + 3 * 10**9, 60 * 10**9, 2 * 10**9)
+        assert (scan.closed, scan.expired, scan.reclaimed) == (0, 0, 0)
+        ack = raw(E / IP(src="10.0.0.9", dst=ME) / TCP(sport=43000, dport=80, flags="A", seq=7_000_001, ack=5_000_001))
+        assert xdp(dp, ack) == 2                                          # XDP_PASS: confirmed
+        [start] = [r for r in rb.read().records if L.EVENT_TYPE_NAMES[int(r["type"])] == "flow_start"]
+    assert int(start["start_ns"]) == int(e["created_ns"])
+    assert L.CT_STATE_NAMES[int(ct4_entry(ks)["state"])] == "established"
+    dp.clear_conntrack()
+
+
+def test_a_syn_ack_on_a_claimed_close_renews_nothing(kernel):
+    """A connection closed by FINs whose close the scan claimed (`reported` 2), then a SYN-ACK of the host
+    to a SYN the entry does not know: only an established entry is renewed (docs/datapath.md "Reused
+    tuples"; a new SYN on a closing tuple is judged afresh), so the entry and its claim stay, the claim
+    is released onto the same connection, and no second end is reported."""
+    ks, dp, _ = kernel
+    dp.clear_conntrack()
+    closed_by_fins(dp, 43000)
+    first = ks.scan_conntrack(ks.now_ns() + 3 * 10**9, 60 * 10**9, 2 * 10**9)
+    old = ct4_entry(ks)
+    assert first.closed == 1 and int(old["reported"]) == conntrack.REPORTED_CLAIMED
+    with ks.ring() as rb:
+        rb.read()
+        new_syn_ack = raw(E / IP(src=ME, dst="10.0.0.9") / TCP(sport=80, dport=43000, flags="SA", seq=5_000_000,
+                                                               ack=7_000_001))
+        assert egress(dp, new_syn_ack) == 0                               # TC_ACT_OK: out of window
+        assert list(rb.read().records["type"]) == []
+    e = ct4_entry(ks)
+    assert (L.CT_STATE_NAMES[int(e["state"])], int(e["created_ns"]), e["packets"].tolist()) == \
+        ("closing", int(old["created_ns"]), old["packets"].tolist())
+    assert ks.free_claims(first.families[0]) == 1
+    assert int(ct4_entry(ks)["reported"]) == conntrack.REPORTED_DURABLE
+    dp.clear_conntrack()
 
 
 def test_event_budget_losses_are_counted_by_type(kernel):

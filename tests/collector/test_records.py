@@ -142,6 +142,8 @@ def sample_records() -> list[dict]:
         event("log", dport=8080, packets=[1, 0], bytes=[74, 0], rule_slot=1),
         event("flow_end", sport=40003, start_ns=T - 10**9, ts_ns=T - 5 * 10**8, packets=[3, 0], bytes=[180, 0],
               ct_state=1, end_cause=L.C["HW_END_EVICTED_UNCONFIRMED"]),   # displaced from a full conntrack bucket
+        event("flow_end", sport=40005, start_ns=T - 3 * 10**9, ts_ns=T - 10**9, packets=[6, 5], bytes=[400, 900],
+              ct_state=2, end_cause=L.C["HW_END_REUSED"]),                # its tuple taken by a new connection
     )
     recs = b.on_events(evs, CLOCK)
     k, e = ct4("10.66.2.2", "10.66.1.2", 40001, 80)
@@ -206,7 +208,8 @@ def test_flow_end_maps_directions_totals_and_duration():
 
 @pytest.mark.parametrize("cause, reason", [("HW_END_EVICTED_UNCONFIRMED", "evicted_unconfirmed"),
                                            ("HW_END_EVICTED_ESTABLISHED", "evicted_established"),
-                                           ("HW_END_IDLE", "idle_timeout"), ("HW_END_CLOSED", "rst")])
+                                           ("HW_END_IDLE", "idle_timeout"), ("HW_END_REUSED", "reused"),
+                                           ("HW_END_CLOSED", "rst")])
 def test_flow_end_of_a_displaced_connection_says_why(cause, reason):
     b = builder()
     r = b.on_events(event("flow_end", start_ns=T - 10**9, ts_ns=T, packets=[3, 0], bytes=[180, 0], ct_state=5,
@@ -215,7 +218,7 @@ def test_flow_end_of_a_displaced_connection_says_why(cause, reason):
     assert ("reason" in r["event"]) == (cause != "HW_END_CLOSED")
     if cause == "HW_END_CLOSED":
         assert b.stats()["flow_end_idle_timeout"] == b.stats()["flow_end_evicted_established"] == \
-            b.stats()["flow_end_evicted_unconfirmed"] == 0
+            b.stats()["flow_end_evicted_unconfirmed"] == b.stats()["flow_end_reused"] == 0
     else:
         assert b.stats()[f"flow_end_{reason}"] == 1
     assert not list(validator("flow.schema.json").iter_errors(r))
