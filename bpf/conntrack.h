@@ -418,12 +418,12 @@ static __always_inline void ct_seq_learn(struct hw_ct_entry *e, struct pkt *p, _
 		e->seq_known = k;
 }
 
-/* Is p, the host's SYN-ACK (TC egress: trusted) on an established entry, proof that its tuple carries a
+/* Is p, the host's SYN-ACK (TC egress: trusted) on an established or half-closed (fin_wait) entry, proof that its tuple carries a
  * new connection (docs/datapath.md "Reused tuples")? It acknowledges a SYN the entry does not know (not
  * the initiator's learnt end: ct_seq_ok refused it) and starts from a new ISN (no retransmission of the
  * host's SYN-ACK, as after a final ACK dropped past XDP). The host's kernel answers a SYN with a SYN-ACK
  * only without a socket for the tuple (a live one sends a challenge ACK, RFC 5961 §4), so the old
- * connection is over; a spoofed SYN cannot make it. Established only: a handshake in progress may have
+ * connection is over; a spoofed SYN cannot make it. Not before established: a handshake in progress may have
  * no socket yet (SYN cookies: `tcp_syncookies=2`, the SYN proxy's setting, or a SYN flood), so a spoofed
  * SYN gets a SYN-ACK there. Both sides must be learnt (an entry carried over without sequence state
  * proves nothing). */
@@ -431,8 +431,8 @@ static __always_inline int ct_reused(struct hw_ct_entry *e, struct pkt *p, __u8 
 {
 	__u8 both = HW_CT_SEQ_END | (HW_CT_SEQ_END << 1);
 	__u8 f = p->tcp_flags & (TCPF_SYN | TCPF_ACK | TCPF_FIN | TCPF_RST);
-	return st == HW_CT_ESTABLISHED && f == (TCPF_SYN | TCPF_ACK) && (e->seq_known & both) == both &&
-	       !ct_syn_resent(e, p, 1);
+	return (st == HW_CT_ESTABLISHED || st == HW_CT_FIN_WAIT) && f == (TCPF_SYN | TCPF_ACK) &&
+	       (e->seq_known & both) == both && !ct_syn_resent(e, p, 1);
 }
 
 /* The slot's connection is over and p, the host's SYN-ACK, answers a new one on its tuple (ct_reused):
@@ -516,10 +516,12 @@ static __always_inline int ct_advance(struct env *v, struct pkt *p, struct ctref
 				if (st != HW_CT_SYN_SENT && st != HW_CT_SYN_RECV)
 					return 0;
 				ns = HW_CT_SYN_RECV;
-			} else if (st == HW_CT_FIN_WAIT || st == HW_CT_CLOSING || st == HW_CT_CLOSED) {
-				return 0;   /* a new connection on a closing tuple is judged afresh */
-			} else if ((st == HW_CT_ESTABLISHED || (peer && st == HW_CT_SYN_RECV)) && !ct_syn_resent(e, p, 0)) {
-				/* a new ISN on a live tuple (docs/datapath.md "Reused tuples"): the host's own SYN
+			} else if (st == HW_CT_CLOSING || st == HW_CT_CLOSED) {
+				return 0;   /* a new connection on a closed tuple (both FINs or a RST) is judged afresh */
+			} else if ((st == HW_CT_ESTABLISHED || st == HW_CT_FIN_WAIT || (peer && st == HW_CT_SYN_RECV)) &&
+				   !ct_syn_resent(e, p, 0)) {
+				/* a new ISN on a live tuple, half-closed ones too (one FIN: the other side still
+				 * sends; netfilter ignores a SYN there as well; docs/datapath.md "Reused tuples"): the host's own SYN
 				 * proves its old socket gone, a new connection judged afresh (ct_open takes the
 				 * slot); the peer's alone proves nothing (a spoofer's, or answered by a challenge
 				 * ACK): passed, nothing changed, until the host's SYN-ACK to it (ct_reused) */

@@ -179,15 +179,14 @@ def test_host_reusing_its_tuple_ends_the_old_flow_once(harness, events, v6):
     assert _flows(events) == []
 
 
-@pytest.mark.parametrize("state", ["fin_wait", "closing", "closing_claimed"])
+@pytest.mark.parametrize("state", ["closing", "closing_claimed"])
 def test_new_syn_on_a_closing_tuple_reports_the_old_end_once(harness, events, state):
-    """A fin_wait or closing entry judges a new SYN afresh (docs/datapath.md "Reused tuples"): the new
+    """A closing entry (both FINs) judges a new SYN afresh (docs/datapath.md "Reused tuples"): the new
     connection takes the slot and the old flow ends once — by the datapath (end_cause closed), or by the
     collector when it has claimed the close already (`reported`), then not by the datapath."""
     _first_connection(harness, events, False)
     assert _peer(harness, "FA", P1 + 1 + DATA, H1 + 1, t=T0 + 6 * S) == "pass_conntrack"
-    if state != "fin_wait":
-        assert _host(harness, "FA", H1 + 1, P1 + 2 + DATA, t=T0 + 7 * S) == "pass_conntrack"
+    assert _host(harness, "FA", H1 + 1, P1 + 2 + DATA, t=T0 + 7 * S) == "pass_conntrack"
     if state == "closing_claimed":
         with conntrack.CtTable(harness.dp.map_fds["hw_ct4"], 4) as t:
             t.slots["e"]["reported"][t.live()] = conntrack.REPORTED_CLAIMED
@@ -197,7 +196,27 @@ def test_new_syn_on_a_closing_tuple_reports_the_old_end_once(harness, events, st
     if state == "closing_claimed":
         assert ends == []
     else:
-        last = T0 + (6 if state == "fin_wait" else 7) * S
-        assert ends == [("flow_end", T0 + 1 * S, last, [4, 2 + (state == "closing")], "closed")]
+        assert ends == [("flow_end", T0 + 1 * S, T0 + 7 * S, [4, 3], "closed")]
     e = _entry(harness, False)
     assert (L.CT_STATE_NAMES[int(e["state"])], int(e["reported"]), int(e["created_ns"])) == ("syn_sent", 0, T0 + 60 * S)
+
+
+@pytest.mark.parametrize("v6", [False, True], ids=["v4", "v6"])
+def test_a_half_closed_connection_keeps_its_entry_against_a_peers_syn(harness, events, v6):
+    """The peer closed its side (its FIN: fin_wait) while the host still sends: a half-closed connection
+    is alive (netfilter ignores a SYN in FIN_WAIT and CLOSE_WAIT too). A SYN from the peer's tuple with a
+    new ISN — a blind spoofer's — neither ends its record nor takes its slot; the host's SYN-ACK to it
+    (its socket gone: the half-close timed out) ends it once, `reused`, as from established."""
+    _first_connection(harness, events, v6)
+    assert _peer(harness, "FA", P1 + 1 + DATA, H1 + 1, v6=v6, t=T0 + 6 * S) == "pass_conntrack"
+    assert _host(harness, "PA", H1 + 1, P1 + 2 + DATA, v6=v6, t=T0 + 7 * S) == "pass_conntrack"
+    old = _entry(harness, v6)
+    assert L.CT_STATE_NAMES[int(old["state"])] == "fin_wait"
+    assert _peer(harness, "S", P2, v6=v6, t=T0 + 8 * S) == "pass_conntrack_out_of_window"
+    same = _entry(harness, v6)
+    assert (L.CT_STATE_NAMES[int(same["state"])], int(same["created_ns"]), same["packets"].tolist()) == \
+        ("fin_wait", int(old["created_ns"]), old["packets"].tolist())
+    assert _flows(events) == []
+    assert _host(harness, "SA", H2, P2 + 1, v6=v6, t=T0 + 9 * S) == "pass_conntrack"
+    assert _flows(events) == [("flow_end", T0 + 1 * S, T0 + 7 * S, [4, 3], "reused")]
+    assert L.CT_STATE_NAMES[int(_entry(harness, v6)["state"])] == "syn_recv"
