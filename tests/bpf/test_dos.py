@@ -203,6 +203,25 @@ def test_lifting_an_automatic_ban_frees_the_source_at_once(harness):
     assert not bans.delete(harness.dp, "10.4.4.5/32")
 
 
+def test_lifting_an_automatic_ban_clears_every_slot_of_the_source(harness):
+    """Two CPUs inserting one new source at once can leave it in two ways of its bucket; the datapath
+    reads the first, so `ban del` must lift the ban in each (here: a copy in the bucket's last way)."""
+    install(harness, "per_source: {pps: 2, burst: 2}\nban: {after: 1s, duration: 60s}")
+    now = T0
+    for _ in range(20):                     # 2 s over the limit: banned
+        got = outcome_reason(send(harness, Pkt("10.4.4.6", 17), now))
+        now += 100_000_000
+    assert got == "banned"
+    with dos_sources.table(harness.dp.map_fds[dos_sources.MAP]) as t:
+        (i,) = np.flatnonzero(t.slots["slot_state"] == dos_sources.LIVE)
+        last = i - i % dos_sources.WAYS + dos_sources.WAYS - 1
+        assert i != last
+        t.slots[last] = t.slots[i]
+    assert outcome_reason(send(harness, Pkt("10.4.4.6", 17), now)) == "banned"
+    assert bans.delete(harness.dp, "10.4.4.6/32")
+    assert outcome_reason(send(harness, Pkt("10.4.4.6", 17), now + 5 * NS)) is None   # the ban had 55 s left
+
+
 def test_audit_mode_counts_would_drop(harness):
     install(harness, "udp: {per_source_pps: 1}", audit=True)
     send(harness, Pkt("10.5.5.5", 17), T0)
