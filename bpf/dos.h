@@ -354,29 +354,59 @@ static __always_inline int dos_spares(struct env *v, struct pkt *p)
 	return r.e->origin == HW_DIR_EGRESS && r.e->state != HW_CT_CLOSED;
 }
 
+/* The 32-bit network mask of the first `bits` bits of a word (any int: <= 0 none, >= 32 all). */
+static __always_inline __u32 dos_mask32(int bits)
+{
+	return bits <= 0 ? 0 : bits >= 32 ? ~0U : ~0U << (32 - bits);
+}
+
+#if __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "dos_key writes struct hw_dos_key as little-endian 64-bit words"
+#endif
+
+/* The source key of p: its address masked to `len` bits, family, prefix length, profile. Written as
+ * the three 64-bit words the hash and the compares read: a key stored field by field and read back as
+ * words makes each load wait for the stores it spans (not forwarded), ~12 ns per packet here
+ * (docs/benchmarks.md "The DoS stage's cost"). */
+static __always_inline void dos_key(struct hw_dos_key *k, struct pkt *p, __u32 len, __u32 profile)
+{
+	__u64 *w = (__u64 *)k;
+	_Static_assert(sizeof(*k) == 24 && __builtin_offsetof(struct hw_dos_key, family) == 16,
+		       "struct hw_dos_key: three words, family first in the third");
+	if (p->family == 4) {
+		w[0] = p->saddr[0] & bpf_htonl(dos_mask32(len));
+		w[1] = 0;
+	} else {
+		w[0] = (p->saddr[0] & bpf_htonl(dos_mask32(len))) |
+		       (__u64)(p->saddr[1] & bpf_htonl(dos_mask32((int)len - 32))) << 32;
+		w[1] = (p->saddr[2] & bpf_htonl(dos_mask32((int)len - 64))) |
+		       (__u64)(p->saddr[3] & bpf_htonl(dos_mask32((int)len - 96))) << 32;
+	}
+	w[2] = p->family | (__u64)(__u8)len << 8 | (__u64)(__u8)profile << 16;     /* pads 0 */
+}
+
 /* Per-source limits; returns a drop reason or 0. A packet its tracked connection spares (dos_spares)
  * is admitted, marked p->dos_spared; it took the tokens there were and extends no over-limit streak.
- * Keeps the streak of the others and bans. Finding the source costs HW_DOS_WAYS inlined array probes
- * (no helper call), as conntrack does. */
+ * Keeps the streak of the others and bans. Finding the source costs at most HW_DOS_WAYS inlined array
+ * probes (no helper call), leaving at the hit: a source sits in the first way of its bucket unless
+ * others came first. */
 static __always_inline __u32 dos_source(struct env *v, struct pkt *p, struct hw_dos_profile *pr, __u32 profile)
 {
-	struct hw_dos_key k __attribute__((aligned(8))) = {};   /* compared as 64-bit words */
-	__u32 len = p->family == 4 ? pr->prefix_v4 : pr->prefix_v6;
-	mask_addr(k.addr, p->saddr, p->family, len);
-	k.family = p->family;
-	k.prefix_len = len;
-	k.profile = profile;
+	struct hw_dos_key k __attribute__((aligned(8)));
+	dos_key(&k, p, p->family == 4 ? pr->prefix_v4 : pr->prefix_v6, profile);
 	__u32 base = dos_base(&k, v->cfg->table_seed);
-	__u32 hit = HW_DOS_SRC_MAX;
+	struct hw_dos_src *s = 0;
 #pragma unroll
 	for (int i = 0; i < HW_DOS_WAYS; i++) {
 		__u32 idx = base + i;
 		struct hw_dos_slot *sl = hw_dos_src.lookup(&idx);
-		if (sl && !(tbl_key_diff(&sl->k, &k, DOS_WORDS) | (sl->slot_state ^ HW_SLOT_LIVE)))
-			hit = idx;
+		if (sl && !(tbl_key_diff(&sl->k, &k, DOS_WORDS) | (sl->slot_state ^ HW_SLOT_LIVE))) {
+			s = &sl->s;
+			break;
+		}
 	}
-	struct hw_dos_slot *sl = hw_dos_src.lookup(&hit);
-	struct hw_dos_src *s = sl ? &sl->s : dos_take(v, &k, base, pr);
+	if (!s)
+		s = dos_take(v, &k, base, pr);
 	if (!s)
 		return 0;
 	__u32 reason = dos_buckets(v, p, pr, s);

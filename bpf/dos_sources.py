@@ -32,9 +32,10 @@ def first_slot(keys: np.ndarray, seed: int) -> np.ndarray:
     return slot_table.first_slot(np.asarray(keys, dtype=KEY_DT), seed, SLOTS, WAYS)
 
 
-def find(t: SlotTable, key: np.void, seed: int) -> int | None:
-    """Index of the LIVE slot holding `key`, or None."""
+def find_all(t: SlotTable, key: np.void, seed: int) -> list[int]:
+    """Indexes of the LIVE slots holding `key`, in way order. Usually one; two CPUs inserting the same
+    new source at once can leave two, and the datapath uses the first (bpf/dos.h dos_source)."""
     first = int(first_slot(np.array([key], dtype=KEY_DT), seed)[0])
     ways = t.slots[first:first + WAYS]
     hit = np.flatnonzero((ways["slot_state"] == LIVE) & (ways["k"] == np.array(key, dtype=KEY_DT)))
-    return first + int(hit[-1]) if len(hit) else None
+    return [first + int(i) for i in hit]

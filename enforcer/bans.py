@@ -68,9 +68,8 @@ def delete(dp: Datapath, prefix: str) -> bool:
             rec = np.frombuffer(k, dtype=kdt)[0]
             if _auto_prefix(rec) == net:
                 bpfsys.map_delete(dp.map_fds["hw_dos_banned"], k)
-                i = dos_sources.find(t, rec, seed)
-                if i is not None:           # lift it where the datapath looks (two 8-byte stores)
-                    t.slots["s"]["banned_until_ns"][i] = 0
+                for i in dos_sources.find_all(t, rec, seed):   # every slot the datapath may look in
+                    t.slots["s"]["banned_until_ns"][i] = 0         # (two 8-byte stores each)
                     t.slots["s"]["streak_start_ns"][i] = 0
                 found = True
     return found

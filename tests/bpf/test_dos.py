@@ -189,18 +189,38 @@ def test_ban_after_streak_and_expiry(harness):
     assert outcome_reason(send(harness, Pkt("10.4.4.4", 17), now + 11 * NS)) is None     # expired by itself
 
 
-def test_lifting_an_automatic_ban_frees_the_source_at_once(harness):
-    """`ban del` removes the listing and clears the ban where the datapath looks: the source's slot."""
+def _banned_for_60s(harness, src: str) -> int:
+    """Ban `src` automatically (2 s over its limit, ban for 60 s); returns the clock after it."""
     install(harness, "per_source: {pps: 2, burst: 2}\nban: {after: 1s, duration: 60s}")
     now = T0
-    for _ in range(20):                     # 2 s over the limit: banned
-        got = outcome_reason(send(harness, Pkt("10.4.4.5", 17), now))
+    for _ in range(20):
+        got = outcome_reason(send(harness, Pkt(src, 17), now))
         now += 100_000_000
     assert got == "banned"
+    return now
+
+
+def test_lifting_an_automatic_ban_frees_the_source_at_once(harness):
+    """`ban del` removes the listing and clears the ban where the datapath looks: the source's slot."""
+    now = _banned_for_60s(harness, "10.4.4.5")
     assert bans.delete(harness.dp, "10.4.4.5/32")
     assert bans.listing(harness.dp, ("p",)) == []
     assert outcome_reason(send(harness, Pkt("10.4.4.5", 17), now + 5 * NS)) is None   # the ban had 55 s left
     assert not bans.delete(harness.dp, "10.4.4.5/32")
+
+
+def test_lifting_an_automatic_ban_clears_every_slot_of_the_source(harness):
+    """Two CPUs inserting one new source at once can leave it in two ways of its bucket; the datapath
+    reads the first, so `ban del` must lift the ban in each (here: a copy in the bucket's last way)."""
+    now = _banned_for_60s(harness, "10.4.4.6")
+    with dos_sources.table(harness.dp.map_fds[dos_sources.MAP]) as t:
+        (i,) = np.flatnonzero(t.slots["slot_state"] == dos_sources.LIVE)
+        last = i - i % dos_sources.WAYS + dos_sources.WAYS - 1
+        assert i != last
+        t.slots[last] = t.slots[i]
+    assert outcome_reason(send(harness, Pkt("10.4.4.6", 17), now)) == "banned"
+    assert bans.delete(harness.dp, "10.4.4.6/32")
+    assert outcome_reason(send(harness, Pkt("10.4.4.6", 17), now + 5 * NS)) is None   # the ban had 55 s left
 
 
 def test_audit_mode_counts_would_drop(harness):
