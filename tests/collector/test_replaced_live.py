@@ -1,0 +1,96 @@
+"""A replaced instance (a build upgrade: control.start on pins of another build) on the real datapath
+(enforcer/control.py `_start`, bpf/retired.py; docs/collector.md "Detach", "Replaced instances"): its
+maps are retired like a detached instance's when a collector reads the pin dir, so the next collector
+start reads its ring to the end and exports its last drop interval; the connections carried into the
+new instance get no end there — only one created in it after the copy ends (`detach`)."""
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import uvloop
+
+from hostwall.bpf import bpfsys, retired
+
+from .test_kernel_live import egress, tcp_out, udp_in, xdp
+from .test_retired_live import (  # noqa: F401 — fixtures
+    N_LOG,
+    collector_cfg,
+    consume_ring,
+    datapath,
+    pin,
+    records,
+    run_briefly,
+    traffic,
+)
+
+pytestmark = pytest.mark.bpf
+
+LATE = "10.0.0.77"              # a UDP flow the old datapath opens after its tables were copied
+
+
+def flow_ends(recs: list[dict]) -> Counter:
+    return Counter((r["source"].get("ip"), r["network"]["transport"], r["hostwall"]["flow"]["end_reason"])
+                   for r in recs if r["hostwall"]["kind"] == "flow" and r["event"]["type"] == ["end"])
+
+
+def test_a_build_upgrade_while_no_collector_runs_is_drained_by_the_next_start(
+        datapath, pin, tmp_path, monkeypatch):  # noqa: F811
+    """Collector stopped → traffic → a build upgrade replaces the instance (a flow opened in the old one
+    between the copy and the switch) → the next collector start drains the old instance: its log events,
+    its drop summary, seqs contiguous, nothing lost, `drained`; no end for the connections carried into the
+    new instance, one `detach` end for the late flow; a carried connection that then ends in the new
+    instance ends exactly once."""
+    from hostwall.collector.retired_drain import drain_retired
+    from hostwall.collector.wiring import build_pipeline
+    from hostwall.enforcer import control
+    dp, pol = datapath
+    out = tmp_path / "flows.jsonl"
+    cfg = collector_cfg(pin, out)
+    consume_ring(pin)
+    run_briefly(cfg)                                        # a collector read this instance, then stopped
+    before = len(records(out))
+    traffic(dp)
+    copy_fqdn = control._migrate_fqdn
+
+    def after_the_copy(pin_dir, new):                       # the old programs still run until the switch
+        assert xdp(dp, udp_in(src=LATE, sport=7000, dport=514)) == 2
+        return copy_fqdn(pin_dir, new)
+    monkeypatch.setattr(control, "_migrate_fqdn", after_the_copy)
+    new, _, res = control.start(pol, pin, [], None)         # the pinned state says build "live": replaced
+    try:
+        assert not res.adopted and res.migrated_conntrack == N_LOG + 1
+        [r] = retired.listing(pin)
+        got = uvloop.run(drain_retired(cfg, build_pipeline))
+        assert got is not None and [g["detached_ns"] for g in got] == [int(r.name)]
+        assert retired.listing(pin) == []
+        drained = records(out)[before:]
+        kinds = Counter(x["hostwall"]["kind"] for x in drained)
+        assert kinds["log"] == N_LOG + 1, kinds
+        assert [x["event"]["reason"] for x in drained if x["hostwall"]["kind"] == "drop_summary"] == ["policy_deny"]
+        assert flow_ends(drained) == {(LATE, "udp", "detach"): 1}, flow_ends(drained)
+
+        egress(new, tcp_out("R", dst="10.0.0.8"))           # the carried TCP connection ends in the new instance
+        st = run_briefly(cfg)
+        assert st["restart"]["previous"] == "drained" and st["restart"]["lost"] == {}, st["restart"]
+        assert st["ledger"]["ok"], st["ledger"]
+        everything = records(out)
+        tcp = [e for e in flow_ends(everything) if e[1] == "tcp"]
+        assert [(e, flow_ends(everything)[e]) for e in tcp] == [(("10.0.0.8", "tcp", "rst"), 1)], tcp
+        seqs = sorted(x["hostwall"]["seq"] for x in everything if x["hostwall"]["stream"] == "events")
+        assert seqs == list(range(len(seqs)))               # no gap, no repeat across the three runs
+    finally:
+        new.close()
+
+
+def test_a_build_upgrade_without_a_collector_checkpoint_unpins_the_old_instance(datapath, pin):  # noqa: F811
+    """No collector reads the pin dir: nothing to keep, the old maps are unpinned as before."""
+    from hostwall.enforcer import control
+    dp, pol = datapath
+    old_ring = bpfsys.map_info(dp.map_fds["hw_events"]).id
+    new, _, res = control.start(pol, pin, [], None)
+    try:
+        assert not res.adopted and retired.listing(pin) == []
+        assert retired.ring_id(pin) == bpfsys.map_info(new.map_fds["hw_events"]).id != old_ring
+    finally:
+        new.close()
