@@ -1,5 +1,6 @@
 """Retired instances: the maps of a cleanly detached instance, kept pinned until a collector drained them
-(docs/collector.md "Detach", docs/datapath.md "Pins and retired instances").
+(docs/collector.md "Detach", docs/datapath.md "Pins and retired instances"); an instance a build upgrade
+replaced is retired the same way, once noted (docs/collector.md "Replaced instances").
 
 A clean detach that noted itself (hw_config.detached_ns) moves the instance's `maps/` pin directory to
 `<pin dir>-retired/<detached_ns>/maps` (rename(2) on bpffs: the same kernel maps, the same map ids, so

@@ -288,8 +288,9 @@ class Sources:
             self._detach_seen = True
             self.detached_ns = s.detached_ns     # names its retired dir (bpf/retired.py)
             self.counters["ct_detached"] += s.detached
-            log.warning("the datapath was detached (a clean enforcer stop): %d connection(s) it still tracked "
-                        "reported as ended (end_reason detach)", s.detached)
+            log.warning("the datapath was detached (a clean enforcer stop, or a build upgrade that carried the "
+                        "rest over): %d connection(s) it still tracked reported as ended (end_reason detach)",
+                        s.detached)
         await self._ship_ct(recs, journaled, now, window=window)
 
     async def _final_detach_scan(self) -> None:

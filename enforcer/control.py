@@ -2,7 +2,8 @@
 
 Start adopts a pinned instance of the same build (programs, conntrack and counters stay in the kernel,
 so an enforcer restart has no enforcement gap), migrates conntrack into a freshly loaded datapath when
-the build changed, and otherwise loads anew. Every operation validates first and changes nothing in the
+the build changed (the replaced instance retired for the collector once the new one runs: _replace), and
+otherwise loads anew. Every operation validates first and changes nothing in the
 kernel when the policy or the request is bad.
 """
 from __future__ import annotations
@@ -367,8 +368,8 @@ def detach(pin_dir: str) -> list[str]:
     collector reads this pin dir (bpf/retired.py: kept pinned until drained, so what it has not read yet
     is not freed with them), unpin the rest, forget the state. Returns what was detached. The note
     (detached_ns, after the last interface: no packet reaches the tables after it) tells a collector still holding the maps to report the connections left in conntrack
-    as ended (docs/collector.md "Detach"); an instance that is replaced instead (a crash, --keep-attached,
-    a new build migrating the tables) never gets one. Nor does one whose state is missing or where an
+    as ended (docs/collector.md "Detach"); an instance left attached (a crash, --keep-attached) never gets
+    one (a new build that replaces it notes it itself: _replace). Nor does one whose state is missing or where an
     interface still carries a program after its detach: the programs may still run on these maps, and a
     false note would end live connections. One policy writer at a time (state.policy_writer): set_config
     is a read-modify-write of hw_config that an apply's gen flip or a ban must not interleave with."""
