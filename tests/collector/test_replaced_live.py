@@ -16,13 +16,10 @@ from hostwall.bpf import bpfsys, retired
 from .test_kernel_live import egress, tcp_out, udp_in, xdp
 from .test_retired_live import (  # noqa: F401 — fixtures
     N_LOG,
-    collector_cfg,
-    consume_ring,
     datapath,
     pin,
+    read_then_traffic,
     records,
-    run_briefly,
-    traffic,
 )
 
 pytestmark = pytest.mark.bpf
@@ -63,12 +60,7 @@ def test_a_build_upgrade_while_no_collector_runs_is_drained_by_the_next_start(
     from hostwall.collector.wiring import build_pipeline
     from hostwall.enforcer import control
     dp, pol = datapath
-    out = tmp_path / "flows.jsonl"
-    cfg = collector_cfg(pin, out)
-    consume_ring(pin)
-    run_briefly(cfg)                                        # a collector read this instance, then stopped
-    before = len(records(out))
-    traffic(dp)
+    cfg, out, before = read_then_traffic(dp, pin, tmp_path)    # a collector read this instance, then stopped
     copy_fqdn = control._migrate_fqdn
 
     def after_the_copy(pin_dir, new):                       # the old programs still run until the switch

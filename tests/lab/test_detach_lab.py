@@ -37,6 +37,14 @@ time.sleep(120)
 """
 
 
+def hold_open(lab, prot: str):
+    """The HOLD_OPEN client on the lab's client host: (its process, its source port per transport)."""
+    client = lab.popen("cli", [sys.executable, "-c", HOLD_OPEN, prot])
+    line = client.stdout.readline().split()
+    assert len(line) == 2, f"client did not connect: {line} {client.stderr.read() if client.poll() else ''}"
+    return client, {"tcp": int(line[0]), "udp": int(line[1])}
+
+
 def flows(path, cli: str, ports: dict[str, int]) -> dict[str, list[dict]]:
     """The client's flow records per transport (its source port as given)."""
     out: dict[str, list[dict]] = {p: [] for p in ports}
@@ -67,11 +75,8 @@ def test_an_enforcer_stop_ends_the_open_tcp_connection_and_the_udp_flow_once(lab
     cli, prot = lab.addr("cli"), lab.addr("prot")
     with EnforcerProcess(lab, EXAMPLE_POLICY) as enf, CollectorProcess(enf, tmp_path) as col, \
             traffic.echo_servers(lab, "prot", tcp=[80], udp=[5353]):
-        client = lab.popen("cli", [sys.executable, "-c", HOLD_OPEN, prot])
+        client, ports = hold_open(lab, prot)
         try:
-            line = client.stdout.readline().split()
-            assert len(line) == 2, f"client did not connect: {line} {client.stderr.read() if client.poll() else ''}"
-            ports = {"tcp": int(line[0]), "udp": int(line[1])}
             until(lambda: all(flows(col.jsonl, cli, ports).values()), 20, "both flows' start records")
             assert not any(ends(v) for v in flows(col.jsonl, cli, ports).values())    # open: no end yet
             enf.stop()                                   # SIGTERM: detach and unpin
@@ -168,11 +173,8 @@ def test_a_stop_while_no_collector_runs_is_drained_by_the_next_collector(lab, tm
     with EnforcerProcess(lab, EXAMPLE_POLICY) as enf, traffic.echo_servers(lab, "prot", tcp=[80], udp=[5353]):
         with CollectorProcess(enf, tmp_path) as first:
             assert first.stop() == 0                     # it read this instance: its checkpoint names it
-        client = lab.popen("cli", [sys.executable, "-c", HOLD_OPEN, prot])
+        client, ports = hold_open(lab, prot)
         try:
-            line = client.stdout.readline().split()
-            assert len(line) == 2, f"client did not connect: {line} {client.stderr.read() if client.poll() else ''}"
-            ports = {"tcp": int(line[0]), "udp": int(line[1])}
             assert traffic.tcp_client_in(lab, "cli", prot, 9000, count=2, timeout=0.3)["ok"] == 0    # denied
             enf.stop()                                   # SIGTERM: detach; no collector holds the maps
             stopped = time.time_ns()
@@ -248,11 +250,8 @@ def test_a_running_collector_follows_a_build_upgrade(lab, tmp_path, monkeypatch)
     with EnforcerProcess(lab, EXAMPLE_POLICY, keep_attached=True) as enf, CollectorProcess(enf, tmp_path) as col, \
             traffic.echo_servers(lab, "prot", tcp=[80], udp=[5353]):
         pid = col.proc.pid
-        client = lab.popen("cli", [sys.executable, "-c", HOLD_OPEN, prot])
+        client, ports = hold_open(lab, prot)
         try:
-            line = client.stdout.readline().split()
-            assert len(line) == 2, f"client did not connect: {line} {client.stderr.read() if client.poll() else ''}"
-            ports = {"tcp": int(line[0]), "udp": int(line[1])}
             until(lambda: all(flows(col.jsonl, cli, ports).values()), 20, "both flows' start records")
             enf.stop()                                  # --keep-attached: programs, pins and connections stay
             monkeypatch.setenv("HOSTWALL_STATE_DIR", enf.state_dir)
