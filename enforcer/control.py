@@ -221,10 +221,13 @@ def _replace(pin_dir: str, new: Datapath, old_state: InstanceState | None, attac
     written, so its detach scan ends only those opened after the copy (`detach`). Neither is done, and the
     maps are unpinned as before, when the note would not be true (no old state, an interface of the old
     instance that may still run its programs) or when the old maps are not laid out as this build's (its
-    collector could not read them: collector/kernel.py). Cost: one grace period, one pass over each
+    collector could not read them: collector/kernel.py); then, when a collector reads the pin dir, what the
+    unpin frees (unread events, the unexported drop interval, ends of connections not carried) is noted
+    for it to report as lost (bpf/retired.py note_replaced). Cost: one grace period, one pass over each
     conntrack table of both instances."""
     new.grace_period()                  # no packet still runs the old programs
     old = Instance.open_maps(pin_dir, tuple(new.map_fds))
+    kept = False
     if old is not None:
         try:
             if old_state is not None and _old_programs_gone(old_state, attached) and _same_layouts(old, new):
@@ -232,17 +235,37 @@ def _replace(pin_dir: str, new: Datapath, old_state: InstanceState | None, attac
                 noted = _note_detach(pin_dir)
                 if noted and retired.collector_checkpoint(pin_dir).exists():
                     retired.retire(pin_dir, noted, asdict(old_state))
+                    kept = True
         finally:
             old.close()
-    Datapath.unpin(pin_dir)
+    if kept or not retired.collector_checkpoint(pin_dir).exists():
+        Datapath.unpin(pin_dir)
+    else:
+        retired.note_replaced(pin_dir, _uncarried(pin_dir, new), lambda: Datapath.unpin(pin_dir))
+
+
+def _uncarried(pin_dir: str, new: Datapath) -> int:
+    """Connections of the instance pinned at `pin_dir` whose end no one will report (conntrack.
+    uncarried_count); -1 (unknown) when its tables are not laid out as this build's."""
+    old = Instance.open_maps(pin_dir, ("hw_ct4", "hw_ct6"))
+    if old is None:
+        return -1
+    try:
+        if any(_shape(old.map_fds[n]) != _shape(new.map_fds[n]) for n in old.map_fds):
+            return -1
+        return conntrack.uncarried_count(old.map_fds, new.map_fds)
+    finally:
+        old.close()
 
 
 def _same_layouts(old: Instance, new: Datapath) -> bool:
     """Every map of `new` is pinned in `old` with the same type, key, value and size."""
-    def shape(fd: int) -> tuple:
-        i = bpfsys.map_info(fd)
-        return i.type, i.key_size, i.value_size, i.max_entries
-    return all(shape(old.map_fds[n]) == shape(fd) for n, fd in new.map_fds.items())
+    return all(_shape(old.map_fds[n]) == _shape(fd) for n, fd in new.map_fds.items())
+
+
+def _shape(fd: int) -> tuple:
+    i = bpfsys.map_info(fd)
+    return i.type, i.key_size, i.value_size, i.max_entries
 
 
 def _old_programs_gone(old_state: InstanceState, attached: list[AttachedInterface]) -> bool:

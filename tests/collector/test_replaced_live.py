@@ -15,6 +15,7 @@ from hostwall.bpf import bpfsys, retired
 
 from .test_kernel_live import egress, tcp_out, udp_in, xdp
 from .test_retired_live import (  # noqa: F401 — fixtures
+    EVENTS,
     N_LOG,
     datapath,
     pin,
@@ -103,5 +104,68 @@ def test_a_build_upgrade_without_a_collector_checkpoint_unpins_the_old_instance(
     try:
         assert not res.adopted and retired.listing(pin) == []
         assert retired.ring_id(pin) == bpfsys.map_info(new.map_fds["hw_events"]).id != old_ring
+    finally:
+        new.close()
+
+
+def test_a_build_upgrade_that_cannot_retire_the_old_instance_counts_what_it_frees(
+        datapath, pin, tmp_path, monkeypatch):  # noqa: F811
+    """A build upgrade whose old maps are laid out otherwise (`_same_layouts` patched False: a real other
+    layout needs another BPF object) cannot retire them: the unpin frees the ring's unread events, the
+    unexported drop interval and the flow opened after the copy. With a collector checkpoint they are
+    noted, and the next collector start reports them as loss `replaced_unreadable` (counted, not silent)."""
+    from hostwall.enforcer import control
+    dp, pol = datapath
+    cfg, out, _ = read_then_traffic(dp, pin, tmp_path)
+    copy_fqdn = control._migrate_fqdn
+
+    def after_the_copy(pin_dir, new):
+        assert xdp(dp, udp_in(src=LATE, sport=7000, dport=514)) == 2     # a log event and a flow start
+        return copy_fqdn(pin_dir, new)
+    monkeypatch.setattr(control, "_migrate_fqdn", after_the_copy)
+    monkeypatch.setattr(control, "_same_layouts", lambda old, new: False)
+    old_ring = bpfsys.map_info(dp.map_fds["hw_events"]).id
+    new, _, res = control.start(pol, pin, [], None)
+    try:
+        assert not res.adopted and retired.listing(pin) == []
+        [note] = retired.discarded(pin)
+        assert {k: note[k] for k in ("reason", "events", "connections", "drop_keys", "ring_map_id")} == \
+            {"reason": "replaced_unreadable", "events": EVENTS + 2, "connections": 1, "drop_keys": 1,
+             "ring_map_id": old_ring}
+        lost = EVENTS + 2 + 1 + 1
+        st = run_scanning(cfg, scans=1)
+        assert st["ledger"]["lost_by_stage"]["restart"] == {"replaced_unreadable": lost}, st["ledger"]
+        assert st["restart"]["lost"] == {"replaced_unreadable": lost}, st["restart"]
+        [rec] = [x for x in records(out) if x["hostwall"]["kind"] == "loss"]
+        assert rec["hostwall"]["loss"]["lost"] == {"replaced_unreadable": lost}
+        assert retired.discarded(pin) == []                 # reported once: the note is gone
+    finally:
+        new.close()
+
+
+def test_a_crashed_collector_s_backlog_is_not_counted_again_beside_the_replacement_note(
+        datapath, pin, tmp_path, monkeypatch):  # noqa: F811
+    """The collector died (no clean stop) having seen the traffic's events produced but not committed them;
+    then an upgrade that cannot retire the old instance notes them (`replaced_unreadable`). Its next start
+    must not count them a second time as `reboot` (the backlog its checkpoint saw: the same events)."""
+    from hostwall.bpf.ringbuf import RingBuffer
+    from hostwall.enforcer import control
+    dp, pol = datapath
+    cfg, out, _ = read_then_traffic(dp, pin, tmp_path)
+    ck_path = retired.collector_checkpoint(pin)
+    ck = json.loads(ck_path.read_text())
+    with RingBuffer.open(f"{pin}/maps/hw_events") as rb:
+        ck["ring"]["producer_pos"] = rb.producer_pos        # as the crashed collector last saw it
+    ck["clean_stop"] = False
+    ck_path.write_text(json.dumps(ck))
+    monkeypatch.setattr(control, "_same_layouts", lambda old, new: False)
+    new, _, _ = control.start(pol, pin, [], None)
+    try:
+        [note] = retired.discarded(pin)
+        assert (note["events"], note["connections"], note["drop_keys"]) == (EVENTS, 0, 1)
+        lost = EVENTS + 1                                   # the events and the drop key, once
+        st = run_scanning(cfg, scans=1)
+        assert st["restart"]["lost"] == {"replaced_unreadable": lost}, st["restart"]
+        assert st["ledger"]["lost_by_stage"]["restart"] == {"replaced_unreadable": lost}, st["ledger"]
     finally:
         new.close()
