@@ -116,12 +116,12 @@ def note_replaced(pin_dir: str | os.PathLike, connections: int, unpin) -> dict |
     (holdings; `connections`: the caller's count of ends no one will report, -1 if unknown; the note names
     the instance by its ring's map id). A note for the same ring from a replacement killed before its
     unpin is replaced, not added to. None, and no note, when a collector reads it (reader_lock): its fds
-    keep the maps. The exclusive lock is held through the unpin, as in discard. The caller holds
+    keep the maps; nor when no maps are pinned. The exclusive lock is held through the unpin, as in discard. The caller holds
     state.policy_writer (the notes' writers)."""
     path = Path(pin_dir)
     ring = ring_id(path)
     with _exclusive(ring) as free:
-        if not free:
+        if not free or not (path / "maps").is_dir():     # read by a collector, or nothing pinned to free
             unpin()
             return None
         held = {"detached_ns": time.time_ns(), "reason": REPLACED, "at": time.time(), "ring_map_id": ring,

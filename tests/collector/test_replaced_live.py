@@ -169,3 +169,19 @@ def test_a_crashed_collector_s_backlog_is_not_counted_again_beside_the_replaceme
         assert st["ledger"]["lost_by_stage"]["restart"] == {"replaced_unreadable": lost}, st["ledger"]
     finally:
         new.close()
+
+
+def test_a_start_over_a_pin_dir_without_maps_notes_nothing(datapath, pin, tmp_path):  # noqa: F811
+    """The old state names another build but no maps are pinned (a replacement killed after it retired
+    them, before it pinned the new instance): nothing is freed, so no `replaced_unreadable` note (the
+    collector would report a loss record of nothing)."""
+    from hostwall.enforcer import control
+    from hostwall.enforcer.datapath import Datapath
+    dp, pol = datapath
+    read_then_traffic(dp, pin, tmp_path)
+    Datapath.unpin(pin)
+    new, _, res = control.start(pol, pin, [], None)
+    try:
+        assert not res.adopted and retired.discarded(pin) == []
+    finally:
+        new.close()
