@@ -186,6 +186,44 @@ def copy_tables(src_fds: dict[str, int], dst_fds: dict[str, int], src_dtypes: di
     return n
 
 
+def mark_carried(old_fds: dict[str, int], new_fds: dict[str, int]) -> int:
+    """After a build upgrade switched to the new instance: mark, in the replaced instance's tables, the
+    connections the new one carries (_carried) as reported (REPORTED_DURABLE), so the scan that ends what
+    the replaced instance still tracks ends only the others — opened after the copy, or left out of it
+    (docs/collector.md "Replaced instances"). Nothing runs the old programs any more (the caller waited a
+    grace period). Same layout in both required. Returns how many were marked. Cost: one pass over each
+    table's live slots, both instances."""
+    n = 0
+    for f in (4, 6):
+        with CtTable(old_fds[MAPS[f]], f) as o, CtTable(new_fds[MAPS[f]], f) as d:
+            idx, unreported, carried = _carried(o, d)
+            o.slots["e"]["reported"][idx[unreported & carried]] = REPORTED_DURABLE
+            n += int((unreported & carried).sum())
+    return n
+
+
+def uncarried_count(old_fds: dict[str, int], new_fds: dict[str, int]) -> int:
+    """The replaced instance's connections whose end no one reported or claimed and that the new one does
+    not carry (_carried): ends lost when its tables are freed unread (docs/collector.md "Replaced
+    instances"). Reads only; same layout in both required; cost as mark_carried."""
+    n = 0
+    for f in (4, 6):
+        with CtTable(old_fds[MAPS[f]], f) as o, CtTable(new_fds[MAPS[f]], f) as d:
+            _, unreported, carried = _carried(o, d)
+            n += int((unreported & ~carried).sum())
+    return n
+
+
+def _carried(o: CtTable, d: CtTable) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(o's LIVE indexes, their unreported mask (EndMarks: no one reported or claimed the end), carried
+    mask: d's slot at the same index holds the same key and created_ns — copy_tables copied it)."""
+    idx = o.live()
+    was, now = o.slots[idx], d.slots[idx]
+    carried = (now["e"]["slot_state"] == LIVE) & (now["e"]["created_ns"] == was["e"]["created_ns"]) & \
+        (_raw(now["k"]) == _raw(was["k"])).all(axis=1)
+    return idx, EndMarks.of(was["e"]).unreported, carried
+
+
 def _settled(s: CtTable) -> tuple[np.ndarray, np.ndarray]:
     """(indexes, row copies) of src's LIVE slots whose two reads agree on state (LIVE), key and
     created_ns: a slot the running datapath claimed between them (BUSY, or LIVE again with another

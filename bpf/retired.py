@@ -1,5 +1,6 @@
 """Retired instances: the maps of a cleanly detached instance, kept pinned until a collector drained them
-(docs/collector.md "Detach", docs/datapath.md "Pins and retired instances").
+(docs/collector.md "Detach", docs/datapath.md "Pins and retired instances"); an instance a build upgrade
+replaced is retired the same way, once noted (docs/collector.md "Replaced instances").
 
 A clean detach that noted itself (hw_config.detached_ns) moves the instance's `maps/` pin directory to
 `<pin dir>-retired/<detached_ns>/maps` (rename(2) on bpffs: the same kernel maps, the same map ids, so
@@ -11,6 +12,10 @@ discards the oldest, and what it still held that no one else reports (holdings: 
 connections whose end no one reported or claimed, drop keys never exported) is appended to
 `<stem>.retired-discarded.jsonl`, which the collector reports as loss (`retired_discarded`). Cost of a
 discard: one ring mmap, one conntrack table scan, one batch count per drop map, one checkpoint read.
+
+A build upgrade that cannot retire the instance it replaces (its maps laid out otherwise, no state, an
+old program still attached: enforcer/control.py _replace) notes what the unpin frees the same way
+(note_replaced, reason `replaced_unreadable`; docs/collector.md "Replaced instances").
 """
 from __future__ import annotations
 
@@ -27,12 +32,13 @@ import numpy as np
 
 from . import bpfsys, conntrack
 from . import layout as L
-from .ringbuf import RingBuffer, slot_size
+from .ringbuf import RingBuffer
 from .state import boot_id, collector_checkpoint_path, collector_status_path, instance_stem, policy_writer, state_dir
 
 MAX_RETIRED = 4
 SUFFIX = "-retired"
 GONE = "gone-"          # a retired instance being unpinned (remove): out of the listing
+REPLACED = "replaced_unreadable"    # note_replaced's loss reason
 
 log = logging.getLogger("hostwall.retired")
 
@@ -102,6 +108,27 @@ def discard(pin_dir: str | os.PathLike, path: Path, reason: str) -> dict | None:
                 **holdings(path, exported_gen(pin_dir, path))}
         _write_synced(discard_note(pin_dir), (json.dumps(held, sort_keys=True) + "\n").encode(), "ab")
         remove(pin_dir, path)
+        return held
+
+
+def note_replaced(pin_dir: str | os.PathLike, connections: int, unpin) -> dict | None:
+    """Unpin (`unpin()`) the replaced instance still pinned at `pin_dir` after noting durably what it held
+    (holdings; `connections`: the caller's count of ends no one will report, -1 if unknown; the note names
+    the instance by its ring's map id). A note for the same ring from a replacement killed before its
+    unpin is replaced, not added to. None, and no note, when a collector reads it (reader_lock): its fds
+    keep the maps; nor when no maps are pinned. The exclusive lock is held through the unpin, as in discard. The caller holds
+    state.policy_writer (the notes' writers)."""
+    path = Path(pin_dir)
+    ring = ring_id(path)
+    with _exclusive(ring) as free:
+        if not free or not (path / "maps").is_dir():     # read by a collector, or nothing pinned to free
+            unpin()
+            return None
+        held = {"detached_ns": time.time_ns(), "reason": REPLACED, "at": time.time(), "ring_map_id": ring,
+                **holdings(path, exported_gen(pin_dir, path), conntrack_too=False), "connections": connections}
+        others = [d for d in discarded(pin_dir) if ring is None or d.get("ring_map_id") != ring]
+        _rewrite(pin_dir, [*others, held])
+        unpin()
         return held
 
 
@@ -181,34 +208,40 @@ def sweep(pin_dir: str | os.PathLike) -> None:
         pass                                        # other retired instances are left
 
 
-def holdings(path: Path, exported: int | None = None) -> dict:
+def holdings(path: Path, exported: int | None = None, conntrack_too: bool = True) -> dict:
     """What a retired instance still holds for a collector, in records no one else reports: ring events
     not consumed; connections whose end no one reported or claimed (conntrack.EndMarks: the rule of the
     collector's scans — a datapath flow_end is an event, a durable close is delivered, a claim's batch is
     in the collector's conntrack journal, which replays it whatever the instance); drop keys not exported
     (`exported`: the generation a collector shipped and has not cleared, exported_gen). -1 where a map
-    could not be read."""
+    could not be read (or, without `conntrack_too`, was not). Events and drop keys are counted from the
+    kernel's layouts (ring headers, map info), so the instance may be of another build."""
     maps = path / "maps"
     out = {"events": -1, "connections": -1, "drop_keys": -1}
     try:
         with RingBuffer.open(maps / "hw_events") as ring:
-            out["events"] = (ring.producer_pos - ring.consumer_pos) // slot_size(ring.record_size)
+            out["events"] = ring.pending_records()
     except OSError:
         pass
     fds: dict[str, int] = {}
     try:
-        for n in ("hw_ct4", "hw_ct6", "hw_drops0", "hw_drops1"):
+        for n in ("hw_drops0", "hw_drops1") + (("hw_ct4", "hw_ct6") if conntrack_too else ()):
             fds[n] = bpfsys.obj_get(str(maps / n))
-        out["connections"] = conntrack.unreported_count(fds)
-        vbytes = (L.DTYPES["hw_drop_val"].itemsize + 7) // 8 * 8 * bpfsys.possible_cpus()
-        out["drop_keys"] = sum(bpfsys.count_entries(fds[f"hw_drops{g}"], L.DTYPES["hw_drop_key"].itemsize, vbytes)
-                               for g in (0, 1) if g != exported)
+        out["drop_keys"] = sum(_entries(fds[f"hw_drops{g}"]) for g in (0, 1) if g != exported)
+        if conntrack_too:
+            out["connections"] = conntrack.unreported_count(fds)
     except OSError:
         pass
     finally:
         for fd in fds.values():
             os.close(fd)
     return out
+
+
+def _entries(fd: int) -> int:
+    """Entries of a per-CPU hash map, sized by its own map info (any build's layout)."""
+    i = bpfsys.map_info(fd)
+    return bpfsys.count_entries(fd, i.key_size, (i.value_size + 7) // 8 * 8 * bpfsys.possible_cpus())
 
 
 def exported_gen(pin_dir: str | os.PathLike, path: Path) -> int | None:
@@ -230,19 +263,24 @@ def exported_gen(pin_dir: str | os.PathLike, path: Path) -> int | None:
 
 
 def _agg_gen(path: Path) -> int | None:
-    """hw_collect.agg_gen & 1 of the instance at `path`: the drop generation the datapath writes."""
+    """hw_collect.agg_gen & 1 of the instance at `path`: the drop generation the datapath writes. Read
+    with the map's own value size (another build's may differ; fields are only appended), None if too
+    short for agg_gen."""
     try:
         fd = bpfsys.obj_get(str(path / "maps" / "hw_collect"))
     except OSError:
         return None
     try:
-        dt = L.DTYPES["hw_collect"]
-        raw = bpfsys.map_lookup(fd, b"\0" * 4, dt.itemsize)
+        dt, size = L.DTYPES["hw_collect"], bpfsys.map_info(fd).value_size
+        raw = bpfsys.map_lookup(fd, b"\0" * 4, size)
     except OSError:
         return None
     finally:
         os.close(fd)
-    return None if raw is None else int(np.frombuffer(raw, dtype=dt)[0]["agg_gen"]) & 1
+    field, off = dt.fields["agg_gen"][:2]
+    if raw is None or off + field.itemsize > len(raw):
+        return None
+    return int(np.frombuffer(raw, dtype=field, count=1, offset=off)[0]) & 1
 
 
 def _write_synced(path: Path, data: bytes, mode: str) -> None:
@@ -273,9 +311,13 @@ def discarded(pin_dir: str | os.PathLike) -> list[dict]:
 def unpinned_notes(pin_dir: str | os.PathLike) -> list[dict]:
     """The discard notes whose instance is really gone, one per instance (the last): a discard killed
     between its note and the unpin leaves the instance pinned, and the collector drains it — counting its
-    note too would count its records twice (its drain drops the note: forget_discarded)."""
+    note too would count its records twice (its drain drops the note: forget_discarded). Likewise a
+    replaced instance's note (note_replaced) while its ring is still the one pinned at the pin dir (a
+    replacement killed before its unpin: the collector reads it; the next replacement notes it again)."""
     last = {int(d["detached_ns"]): d for d in discarded(pin_dir)}
-    return [d for ns, d in sorted(last.items()) if ring_id(root(pin_dir) / str(ns)) is None]
+    live = ring_id(pin_dir)
+    return [d for ns, d in sorted(last.items()) if ring_id(root(pin_dir) / str(ns)) is None
+            and (d.get("ring_map_id") is None or d["ring_map_id"] != live)]
 
 
 def forget_discarded(pin_dir: str | os.PathLike, reported: list[dict]) -> None:
@@ -286,13 +328,18 @@ def forget_discarded(pin_dir: str | os.PathLike, reported: list[dict]) -> None:
     with policy_writer(str(pin_dir)):
         gone = {int(d["detached_ns"]) for d in reported}
         left = [d for d in discarded(pin_dir) if int(d["detached_ns"]) not in gone]
-        p = discard_note(pin_dir)
-        if not left:
-            p.unlink(missing_ok=True)
-            return
-        tmp = p.with_name(p.name + ".tmp")
-        _write_synced(tmp, b"".join(json.dumps(d, sort_keys=True).encode() + b"\n" for d in left), "wb")
-        os.replace(tmp, p)
+        _rewrite(pin_dir, left)
+
+
+def _rewrite(pin_dir: str | os.PathLike, notes: list[dict]) -> None:
+    """Replace the discard notes with `notes` (atomic: rename; none: the file goes). Under policy_writer."""
+    p = discard_note(pin_dir)
+    if not notes:
+        p.unlink(missing_ok=True)
+        return
+    tmp = p.with_name(p.name + ".tmp")
+    _write_synced(tmp, b"".join(json.dumps(d, sort_keys=True).encode() + b"\n" for d in notes), "wb")
+    os.replace(tmp, p)
 
 
 def lost_records(note: dict) -> int:

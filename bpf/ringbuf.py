@@ -166,6 +166,19 @@ class RingWalker:
         """Forget uncommitted reads: the next read() starts at consumer_pos again."""
         self._read_pos = None
 
+    def pending_records(self) -> int:
+        """Committed records between consumer_pos and producer_pos, whatever their size (a ring of another
+        build's record layout too): a walk of the kernel's record headers, discarded ones skipped, up to
+        the first busy one. Reads only; cost: one header read per record."""
+        pos, prod, n = int(self._cons[0]), int(self._prod[0]), 0
+        while pos < prod:
+            hdr = int(self._hdr[(pos & self._mask) >> 2])
+            if hdr & BUSY_BIT:
+                break
+            n += not hdr & DISCARD_BIT
+            pos += slot_size(hdr & ~(BUSY_BIT | DISCARD_BIT))
+        return n
+
     # ---- reading ---------------------------------------------------------------------------------
     def read(self, max_records: int = DEFAULT_BATCH, *, commit: bool = True) -> Batch:
         """Read up to `max_records` committed records; never blocks. commit=True releases them at once

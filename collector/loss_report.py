@@ -139,13 +139,13 @@ class LossReporter:
     def restart(self, restart: dict, *, kernel_while_down: dict, previous_run: dict | None, seqs: dict,
                 now: float | None = None) -> dict:
         """A start after a crash or reboot, or one that found retired instances unpinned before they were
-        drained (reason `retired_discarded` / `operator_discarded`, bpf/retired.py): what was lost, what the
+        drained (reason `retired_discarded` / `operator_discarded` / `replaced_unreadable`, bpf/retired.py): what was lost, what the
         kernel counted meanwhile."""
         now = time.time() if now is None else now
         lost = restart.get("lost") or {}
         n = sum(lost.values()) + sum(kernel_while_down.values())
         prev = restart.get("previous")
-        reason = prev if prev in ("reboot", "crash") else next((r for r in lost if r.endswith("_discarded")), "crash")
+        reason = prev if prev in ("reboot", "crash") else next((r for r in lost if r.endswith("_discarded") or r == "replaced_unreadable"), "crash")
         loss = {"reason": reason, "previous": restart.get("previous"), "count": n, "lost": dict(lost),
                 "kernel_while_down": dict(kernel_while_down), "previous_pid": restart.get("previous_pid"),
                 "previous_updated_at": restart.get("previous_updated_at"),

@@ -1,8 +1,8 @@
 """Draining the retired instances of the pin dir before collecting from the live one (docs/collector.md
 "Detach").
 
-A retired instance (bpf/retired.py) is the kernel instance a clean enforcer stop left behind while no
-collector held its maps: its ring may hold events no collector read, its drop maps an interval not
+A retired instance (bpf/retired.py) is the kernel instance a clean enforcer stop, or a build upgrade that
+replaced it (docs/collector.md "Replaced instances"), left behind while no collector held its maps: its ring may hold events no collector read, its drop maps an interval not
 exported, its conntrack tables the connections whose end is `detach`. It is the same kernel instance
 the checkpoint names (same map ids) when this collector read it before, so a pipeline on it resumes
 exactly (collector/checkpoint.py analyze_restart); one it never read is read from its start.

@@ -79,6 +79,8 @@ class Sources:
             rs.notes.append(f"retired instance {h['detached_ns']} was unpinned before a collector drained it "
                             f"({h['reason']}): {h['events']} events, {h['connections']} connection ends, "
                             f"{h['drop_keys']} drop keys")
+        if any(h.get("ring_map_id") == (ck.data.get("kernel") or {}).get("ring_map_id") for h in gone):
+            rs.lost.pop("reboot", None)          # its note counted the same backlog, exactly (note_replaced)
         for reason, n in rs.lost.items():
             self.ledger.lose("restart", reason, n, produced="kernel")
         self.seq = {s: ck.seq(s) for s in STREAMS}
@@ -288,8 +290,9 @@ class Sources:
             self._detach_seen = True
             self.detached_ns = s.detached_ns     # names its retired dir (bpf/retired.py)
             self.counters["ct_detached"] += s.detached
-            log.warning("the datapath was detached (a clean enforcer stop): %d connection(s) it still tracked "
-                        "reported as ended (end_reason detach)", s.detached)
+            log.warning("the datapath was detached (a clean enforcer stop, or a build upgrade that carried the "
+                        "rest over): %d connection(s) it still tracked reported as ended (end_reason detach)",
+                        s.detached)
         await self._ship_ct(recs, journaled, now, window=window)
 
     async def _final_detach_scan(self) -> None:

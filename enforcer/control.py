@@ -2,7 +2,8 @@
 
 Start adopts a pinned instance of the same build (programs, conntrack and counters stay in the kernel,
 so an enforcer restart has no enforcement gap), migrates conntrack into a freshly loaded datapath when
-the build changed, and otherwise loads anew. Every operation validates first and changes nothing in the
+the build changed (the replaced instance retired for the collector once the new one runs: _replace), and
+otherwise loads anew. Every operation validates first and changes nothing in the
 kernel when the policy or the request is bad.
 """
 from __future__ import annotations
@@ -209,6 +210,80 @@ def _migrate_conntrack(old: Instance, new: Datapath) -> int:
     return conntrack.copy_tables(old.map_fds, new.map_fds, src)
 
 
+def _replace(pin_dir: str, new: Datapath, old_state: InstanceState | None, attached: list[AttachedInterface]) -> None:
+    """A build upgrade, once the new programs run on every interface (`attached`): retire the replaced
+    instance's maps when a collector reads this pin dir (docs/collector.md "Replaced instances"), then unpin
+    what is left of it (also what an incomplete or older build left: it would shadow the new pins).
+
+    Retired like a detached instance (bpf/retired.py), so a collector reads its ring to the end, exports its
+    last drop interval and follows the new instance; first the connections the new instance carries (copied
+    into its tables: _migrate_conntrack) are marked reported in the old tables, then the detach note is
+    written, so its detach scan ends only those opened after the copy (`detach`). Neither is done, and the
+    maps are unpinned as before, when the note would not be true (no old state, an interface of the old
+    instance that may still run its programs) or when the old maps are not laid out as this build's (its
+    collector could not read them: collector/kernel.py); then, when a collector reads the pin dir, what the
+    unpin frees (unread events, the unexported drop interval, ends of connections not carried) is noted
+    for it to report as lost (bpf/retired.py note_replaced). Cost: one grace period, one pass over each
+    conntrack table of both instances."""
+    new.grace_period()                  # no packet still runs the old programs
+    old = Instance.open_maps(pin_dir, tuple(new.map_fds))
+    kept = False
+    if old is not None:
+        try:
+            if old_state is not None and _old_programs_gone(old_state, attached) and _same_layouts(old, new):
+                conntrack.mark_carried(old.map_fds, new.map_fds)
+                noted = _note_detach(pin_dir)
+                if noted and retired.collector_checkpoint(pin_dir).exists():
+                    retired.retire(pin_dir, noted, asdict(old_state))
+                    kept = True
+        finally:
+            old.close()
+    if kept or not retired.collector_checkpoint(pin_dir).exists():
+        Datapath.unpin(pin_dir)
+    else:
+        retired.note_replaced(pin_dir, _uncarried(pin_dir, new), lambda: Datapath.unpin(pin_dir))
+
+
+def _uncarried(pin_dir: str, new: Datapath) -> int:
+    """Connections of the instance pinned at `pin_dir` whose end no one will report (conntrack.
+    uncarried_count); -1 (unknown) when its tables are not laid out as this build's."""
+    old = Instance.open_maps(pin_dir, ("hw_ct4", "hw_ct6"))
+    if old is None:
+        return -1
+    try:
+        if any(_shape(old.map_fds[n]) != _shape(new.map_fds[n]) for n in old.map_fds):
+            return -1
+        return conntrack.uncarried_count(old.map_fds, new.map_fds)
+    finally:
+        old.close()
+
+
+def _same_layouts(old: Instance, new: Datapath) -> bool:
+    """Every map of `new` is pinned in `old` with the same type, key, value and size."""
+    return all(_shape(old.map_fds[n]) == _shape(fd) for n, fd in new.map_fds.items())
+
+
+def _shape(fd: int) -> tuple:
+    i = bpfsys.map_info(fd)
+    return i.type, i.key_size, i.value_size, i.max_entries
+
+
+def _old_programs_gone(old_state: InstanceState, attached: list[AttachedInterface]) -> bool:
+    """No interface the replaced instance was attached to still runs its programs: the new ones replaced
+    them there, or it carries none (or is gone with its netns)."""
+    now = {(a.name, a.netns) for a in attached}
+    for i in old_state.interfaces:
+        if (i.name, i.netns) in now:
+            continue
+        try:
+            ls = attach.link_state(i.name, i.netns)
+        except (LinkError, OSError):
+            continue
+        if ls.xdp_prog_id or ls.tc_ingress or ls.tc_egress:
+            return False
+    return True
+
+
 def _check_interfaces(ifaces: list[InterfaceConf], netns: str | None) -> None:
     missing = []
     for i in ifaces:
@@ -244,7 +319,7 @@ def _start(policy: Policy, pin_dir: str, interfaces: list[InterfaceConf], netns:
     _check_interfaces(interfaces, netns)
     build = build_hash()
     st = InstanceState.load(pin_dir)
-    adopted, migrated = False, 0
+    adopted, migrated, replaced = False, 0, None
     if Datapath.is_pinned(pin_dir) and st is not None and st.build == build:
         dp = Datapath.open(pin_dir)
         dp.set_config(detached_ns=0)    # a note left by a kill before the unpin: attached again (docs/collector.md "Detach")
@@ -258,13 +333,13 @@ def _start(policy: Policy, pin_dir: str, interfaces: list[InterfaceConf], netns:
             finally:
                 old.close()
         carried = _migrate_fqdn(pin_dir, dp)
-        Datapath.unpin(pin_dir)     # also what an incomplete or older build left: it would shadow our pins
-        st = carried_state(st, pin_dir, build)
+        replaced, st = st, carried_state(st, pin_dir, build)
         st.carried_counters = carried
     st.build = build
     st.instance_id = st.instance_id or new_instance_id()      # new, or a state from before instance ids
     res = apply_policy(dp, st, policy, [(i.name, netns) for i in interfaces])
-    dp.pin(pin_dir)
+    if adopted:
+        dp.pin(pin_dir)
     attached = []
     try:
         for i in interfaces:
@@ -273,12 +348,14 @@ def _start(policy: Policy, pin_dir: str, interfaces: list[InterfaceConf], netns:
                                               attach.link_state(i.name, netns).ifindex,
                                               {p.name: p.dos_profile for p in policy.interfaces}.get(i.name)))
     except attach.AttachError:
-        if not adopted:         # a fresh instance that cannot attach everywhere leaves nothing behind
-            for a in attached:
+        if not adopted:         # a fresh instance that cannot attach everywhere leaves nothing behind (the
+            for a in attached:  # old pins stay: the next start carries their connections over again)
                 Datapath.detach(a.name, netns)
-            Datapath.unpin(pin_dir)
             dp.close()
         raise
+    if not adopted:
+        _replace(pin_dir, dp, replaced, attached)
+        dp.pin(pin_dir)
     keep = {(a.name, a.netns) for a in attached}
     st.interfaces = attached + [a for a in st.interfaces if (a.name, a.netns) not in keep and adopted]
     st.pid = os.getpid()
@@ -314,8 +391,8 @@ def detach(pin_dir: str) -> list[str]:
     collector reads this pin dir (bpf/retired.py: kept pinned until drained, so what it has not read yet
     is not freed with them), unpin the rest, forget the state. Returns what was detached. The note
     (detached_ns, after the last interface: no packet reaches the tables after it) tells a collector still holding the maps to report the connections left in conntrack
-    as ended (docs/collector.md "Detach"); an instance that is replaced instead (a crash, --keep-attached,
-    a new build migrating the tables) never gets one. Nor does one whose state is missing or where an
+    as ended (docs/collector.md "Detach"); an instance left attached (a crash, --keep-attached) never gets
+    one (a new build that replaces it notes it itself: _replace). Nor does one whose state is missing or where an
     interface still carries a program after its detach: the programs may still run on these maps, and a
     false note would end live connections. One policy writer at a time (state.policy_writer): set_config
     is a read-modify-write of hw_config that an apply's gen flip or a ban must not interleave with."""

@@ -129,12 +129,7 @@ def test_a_collector_start_drains_a_retired_instance_before_the_live_one(datapat
     from hostwall.collector.wiring import build_pipeline
     from hostwall.enforcer import control
     dp, _ = datapath
-    out = tmp_path / "flows.jsonl"
-    cfg = collector_cfg(pin, out)
-    consume_ring(pin)
-    run_briefly(cfg)                                        # a collector read this instance, then stopped
-    before = len(records(out))
-    traffic(dp)
+    cfg, out, before = read_then_traffic(dp, pin, tmp_path)
     control.detach(pin)
     [r] = retired.listing(pin)
 
@@ -187,14 +182,22 @@ def read_then_retired(dp, pin: str, tmp_path):
     """A collector read the instance and stopped; then traffic; then a clean detach retired it. Returns the
     collector's config, its JSONL and the retired instance."""
     from hostwall.enforcer import control
+    cfg, out, _ = read_then_traffic(dp, pin, tmp_path)
+    control.detach(pin)
+    [r] = retired.listing(pin)
+    return cfg, out, r
+
+
+def read_then_traffic(dp, pin: str, tmp_path):
+    """A collector read the instance and stopped (its checkpoint names it); then traffic(). Returns the
+    collector's config, its JSONL and how many records it holds before the traffic."""
     out = tmp_path / "flows.jsonl"
     cfg = collector_cfg(pin, out)
     consume_ring(pin)
     run_briefly(cfg)
+    before = len(records(out))
     traffic(dp)
-    control.detach(pin)
-    [r] = retired.listing(pin)
-    return cfg, out, r
+    return cfg, out, before
 
 
 def test_a_discard_skips_the_retired_instance_a_collector_is_draining(datapath, pin, tmp_path):

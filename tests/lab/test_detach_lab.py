@@ -37,6 +37,14 @@ time.sleep(120)
 """
 
 
+def hold_open(lab, prot: str):
+    """The HOLD_OPEN client on the lab's client host: (its process, its source port per transport)."""
+    client = lab.popen("cli", [sys.executable, "-c", HOLD_OPEN, prot])
+    line = client.stdout.readline().split()
+    assert len(line) == 2, f"client did not connect: {line} {client.stderr.read() if client.poll() else ''}"
+    return client, {"tcp": int(line[0]), "udp": int(line[1])}
+
+
 def flows(path, cli: str, ports: dict[str, int]) -> dict[str, list[dict]]:
     """The client's flow records per transport (its source port as given)."""
     out: dict[str, list[dict]] = {p: [] for p in ports}
@@ -67,11 +75,8 @@ def test_an_enforcer_stop_ends_the_open_tcp_connection_and_the_udp_flow_once(lab
     cli, prot = lab.addr("cli"), lab.addr("prot")
     with EnforcerProcess(lab, EXAMPLE_POLICY) as enf, CollectorProcess(enf, tmp_path) as col, \
             traffic.echo_servers(lab, "prot", tcp=[80], udp=[5353]):
-        client = lab.popen("cli", [sys.executable, "-c", HOLD_OPEN, prot])
+        client, ports = hold_open(lab, prot)
         try:
-            line = client.stdout.readline().split()
-            assert len(line) == 2, f"client did not connect: {line} {client.stderr.read() if client.poll() else ''}"
-            ports = {"tcp": int(line[0]), "udp": int(line[1])}
             until(lambda: all(flows(col.jsonl, cli, ports).values()), 20, "both flows' start records")
             assert not any(ends(v) for v in flows(col.jsonl, cli, ports).values())    # open: no end yet
             enf.stop()                                   # SIGTERM: detach and unpin
@@ -168,11 +173,8 @@ def test_a_stop_while_no_collector_runs_is_drained_by_the_next_collector(lab, tm
     with EnforcerProcess(lab, EXAMPLE_POLICY) as enf, traffic.echo_servers(lab, "prot", tcp=[80], udp=[5353]):
         with CollectorProcess(enf, tmp_path) as first:
             assert first.stop() == 0                     # it read this instance: its checkpoint names it
-        client = lab.popen("cli", [sys.executable, "-c", HOLD_OPEN, prot])
+        client, ports = hold_open(lab, prot)
         try:
-            line = client.stdout.readline().split()
-            assert len(line) == 2, f"client did not connect: {line} {client.stderr.read() if client.poll() else ''}"
-            ports = {"tcp": int(line[0]), "udp": int(line[1])}
             assert traffic.tcp_client_in(lab, "cli", prot, 9000, count=2, timeout=0.3)["ok"] == 0    # denied
             enf.stop()                                   # SIGTERM: detach; no collector holds the maps
             stopped = time.time_ns()
@@ -227,6 +229,54 @@ def test_a_running_collector_follows_the_restarted_enforcer(lab, tmp_path):
         until(lambda: tcp_starts(col.jsonl, prot, 80) >= 2, 30, "the new instance's flow, no collector restart")
         assert col.alive() and col.proc.pid == pid
         assert col.stop() == 0
+    st = col.final_status
+    assert st["ledger"]["ok"] and not st["ledger"]["violations"], st["ledger"]
+    assert st["restart"]["previous"] == "drained" and st["restart"]["lost"] == {}, st["restart"]
+    v = col.cli("verify", str(col.jsonl))
+    assert v.returncode == 0, v.stdout + v.stderr
+
+
+def test_a_running_collector_follows_a_build_upgrade(lab, tmp_path, monkeypatch):
+    """The enforcer left attached (--keep-attached) and started again as another build while the collector
+    runs (its state names another build: control.start carries conntrack into a new datapath and replaces
+    the instance, docs/collector.md "Replaced instances"): the collector reads the old instance to its end
+    and goes on with the new one in the same process — a new connection's records arrive without a
+    collector restart — and the connections carried over get no end when the old instance is left: each
+    ends exactly once, when it really ends in the new instance (the TCP connection by its FINs, the UDP
+    flow, one datagram each way, by its 30 s idle timeout)."""
+    from hostwall.bpf import retired
+    from hostwall.bpf.state import InstanceState
+    cli, prot = lab.addr("cli"), lab.addr("prot")
+    with EnforcerProcess(lab, EXAMPLE_POLICY, keep_attached=True) as enf, CollectorProcess(enf, tmp_path) as col, \
+            traffic.echo_servers(lab, "prot", tcp=[80], udp=[5353]):
+        pid = col.proc.pid
+        client, ports = hold_open(lab, prot)
+        try:
+            until(lambda: all(flows(col.jsonl, cli, ports).values()), 20, "both flows' start records")
+            enf.stop()                                  # --keep-attached: programs, pins and connections stay
+            monkeypatch.setenv("HOSTWALL_STATE_DIR", enf.state_dir)
+            st = InstanceState.load(enf.pin_dir)
+            st.build = "an-older-build"                 # as if a package upgrade brought another datapath
+            st.save()
+            enf.start()
+            assert "carried" in enf.banner, enf.banner
+            assert traffic.tcp_client_in(lab, "cli", prot, 80, count=1)["ok"] == 1    # the new instance
+            until(lambda: tcp_starts(col.jsonl, prot, 80) >= 2, 30, "the new instance's flow, no collector restart")
+            until(lambda: retired.listing(enf.pin_dir) == [], 30, "the replaced instance drained and unpinned")
+            lab.stop(client)                            # the carried TCP connection closes in the new instance
+            until(lambda: all(ends(v) for v in flows(col.jsonl, cli, ports).values()), 60,
+                  "the carried connections' ends")
+            scans = col.status()["conntrack"]["scans"]  # three more scans: nothing reported twice
+            until(lambda: col.status()["conntrack"]["scans"] >= scans + 3, 20, "three more conntrack scans")
+            assert col.alive() and col.proc.pid == pid
+            assert col.stop() == 0
+        finally:
+            lab.stop(client)
+    got = flows(col.jsonl, cli, ports)
+    for proto, reason in (("tcp", "fin"), ("udp", "idle_timeout")):
+        [end] = ends(got[proto])                        # no `detach` or early idle end from the old instance
+        assert end["hostwall"]["flow"]["end_reason"] == reason, (proto, end["hostwall"]["flow"])
+        assert len([r for r in got[proto] if r["event"]["type"] == ["start"]]) == 1
     st = col.final_status
     assert st["ledger"]["ok"] and not st["ledger"]["violations"], st["ledger"]
     assert st["restart"]["previous"] == "drained" and st["restart"]["lost"] == {}, st["restart"]
