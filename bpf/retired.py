@@ -212,12 +212,13 @@ def holdings(path: Path, exported: int | None = None, conntrack_too: bool = True
     """What a retired instance still holds for a collector, in records no one else reports: ring events
     not consumed; connections whose end no one reported or claimed (conntrack.EndMarks: the rule of the
     collector's scans — a datapath flow_end is an event, a durable close is delivered, a claim's batch is
-    in the collector's conntrack journal, which replays it whatever the instance); drop keys not exported
-    (`exported`: the generation a collector shipped and has not cleared, exported_gen). -1 where a map
+    in the collector's conntrack journal, which replays it whatever the instance); drop and flow aggregation
+    keys and overflow slots not exported (`exported`: the generation a collector shipped and has not
+    cleared, exported_gen; _aggregates). -1 where a map
     could not be read (or, without `conntrack_too`, was not). Events and drop keys are counted from the
     kernel's layouts (ring headers, map info), so the instance may be of another build."""
     maps = path / "maps"
-    out = {"events": -1, "connections": -1, "drop_keys": -1}
+    out = {"events": -1, "connections": -1, "drop_keys": -1, "flow_keys": -1, "overflow_slots": -1}
     try:
         with RingBuffer.open(maps / "hw_events") as ring:
             out["events"] = ring.pending_records()
@@ -227,7 +228,8 @@ def holdings(path: Path, exported: int | None = None, conntrack_too: bool = True
     try:
         for n in ("hw_drops0", "hw_drops1") + (("hw_ct4", "hw_ct6") if conntrack_too else ()):
             fds[n] = bpfsys.obj_get(str(maps / n))
-        out["drop_keys"] = sum(_entries(fds[f"hw_drops{g}"]) for g in (0, 1) if g != exported)
+        gens = tuple(g for g in (0, 1) if g != exported)
+        out["drop_keys"] = sum(_entries(fds[f"hw_drops{g}"]) for g in gens)
         if conntrack_too:
             out["connections"] = conntrack.unreported_count(fds)
     except OSError:
@@ -235,7 +237,36 @@ def holdings(path: Path, exported: int | None = None, conntrack_too: bool = True
     finally:
         for fd in fds.values():
             os.close(fd)
+    out.update(_aggregates(maps, tuple(g for g in (0, 1) if g != exported)))
     return out
+
+
+def _aggregates(maps: Path, gens: tuple[int, ...]) -> dict:
+    """The flow aggregation's keys (a flow summary each) and the non-zero overflow slots of the drop and
+    flow aggregations (an overflow summary each: collector/records/drops.py, collector/flow_summary.py) in
+    generations `gens`; -1 where a map cannot be read (an older build without it)."""
+    out = {"flow_keys": -1, "overflow_slots": -1}
+    fds: dict[str, int] = {}
+    try:
+        for n in ("hw_flows0", "hw_flows1", "hw_drop_overflow", "hw_flow_overflow"):
+            fds[n] = bpfsys.obj_get(str(maps / n))
+        out["flow_keys"] = sum(_entries(fds[f"hw_flows{g}"]) for g in gens)
+        out["overflow_slots"] = sum(_nonzero_slots(fds[n], gens) for n in ("hw_drop_overflow", "hw_flow_overflow"))
+    except OSError:
+        pass
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    return out
+
+
+def _nonzero_slots(fd: int, gens: tuple[int, ...]) -> int:
+    """Slots of a per-CPU array laid out [generation][...] (two halves: hw_drop_overflow,
+    hw_flow_overflow) holding anything on any CPU, in generations `gens`; any build's value layout."""
+    i = bpfsys.map_info(fd)
+    half, vb = i.max_entries // 2, (i.value_size + 7) // 8 * 8 * bpfsys.possible_cpus()
+    return sum(int(np.frombuffer(bpfsys.array_slots(fd, g * half, half, vb), np.uint8).reshape(half, vb).any(axis=1).sum())
+               for g in gens)
 
 
 def _entries(fd: int) -> int:
@@ -344,5 +375,6 @@ def _rewrite(pin_dir: str | os.PathLike, notes: list[dict]) -> None:
 
 def lost_records(note: dict) -> int:
     """Records a discarded instance's holdings stood for: an event each, a flow end per connection, a drop
-    summary per key (a lower bound: unknown parts, -1, count nothing)."""
-    return sum(max(0, int(note.get(k, 0))) for k in ("events", "connections", "drop_keys"))
+    or flow summary per aggregation key, an overflow summary per non-zero overflow slot (a lower bound:
+    unknown parts, -1, count nothing; a note of a build before flow_keys and overflow_slots has none)."""
+    return sum(max(0, int(note.get(k, 0))) for k in ("events", "connections", "drop_keys", "flow_keys", "overflow_slots"))

@@ -78,7 +78,8 @@ class Sources:
             rs.lost[h["reason"]] = rs.lost.get(h["reason"], 0) + retired.lost_records(h)
             rs.notes.append(f"retired instance {h['detached_ns']} was unpinned before a collector drained it "
                             f"({h['reason']}): {h['events']} events, {h['connections']} connection ends, "
-                            f"{h['drop_keys']} drop keys")
+                            f"{h['drop_keys']} drop keys, {h.get('flow_keys', 0)} flow summary keys, "
+                            f"{h.get('overflow_slots', 0)} overflow slots")
         if any(h.get("ring_map_id") == (ck.data.get("kernel") or {}).get("ring_map_id") for h in gone):
             rs.lost.pop("reboot", None)          # its note counted the same backlog, exactly (note_replaced)
         for reason, n in rs.lost.items():

@@ -403,3 +403,41 @@ def test_a_drain_whose_pipeline_never_starts_gives_up_within_its_bound(datapath,
     assert retired.listing(pin) == [r]
     assert uvloop.run(retired_drain.drain_retired(cfg, build_pipeline)) is not None     # drained after all
     assert Counter(x["hostwall"]["kind"] for x in records(out))["log"] == N_LOG
+
+
+def _percpu(value: bytes) -> bytes:
+    """One CPU's value for a per-CPU map update, zero on every other CPU (values rounded to 8 bytes)."""
+    size = (len(value) + 7) // 8 * 8
+    return value.ljust(size, b"\0") + b"\0" * size * (bpfsys.possible_cpus() - 1)
+
+
+def test_a_discard_note_counts_the_aggregations_it_frees(datapath, pin):
+    """Flow aggregation keys (a flow summary each) and non-zero overflow slots of the drop and flow
+    aggregations (an overflow summary each) that no collector exported are records a discard frees too:
+    the note counts them, in both generations (none exported here), and lost_records adds them."""
+    import numpy as np
+
+    from hostwall.bpf import layout as L
+    dp, _ = datapath
+    consume_ring(pin)
+    from hostwall.collector.kernel import KernelSource
+    with KernelSource(pin) as ks:
+        ks.drain_drops()
+        ks.drain_drops()                                    # both generations empty
+    for gen, port in ((0, 80), (1, 443)):                   # one flow summary key in each generation
+        k = np.zeros(1, L.DTYPES["hw_flow_key"])
+        k["peer"][0][:4] = (198, 51, 100, gen)
+        k["dport"], k["proto"], k["family"], k["prefix_len"] = port, 6, 4, 24
+        v = np.zeros(1, L.DTYPES["hw_flow_val"])
+        v["flows"] = 3
+        bpfsys.map_update(dp.map_fds[f"hw_flows{gen}"], k.tobytes(), _percpu(v.tobytes()))
+    half = L.C["HW_VERDICTS"] * L.C["HW_REASONS"]
+    cnt = np.array([(5, 300)], L.DTYPES["hw_counter"]).tobytes()
+    bpfsys.map_update(dp.map_fds["hw_drop_overflow"], (1 * half + 7).to_bytes(4, "little"), _percpu(cnt))
+    fv = np.zeros(1, L.DTYPES["hw_flow_val"])
+    fv["flows"] = 2
+    bpfsys.map_update(dp.map_fds["hw_flow_overflow"], (0 * L.C["HW_AGG_KINDS"] + 1).to_bytes(4, "little"),
+                      _percpu(fv.tobytes()))
+    note = discard_oldest(dp, pin)
+    assert (note["drop_keys"], note["flow_keys"], note["overflow_slots"]) == (0, 2, 2), note
+    assert retired.lost_records(note) == note["events"] + note["connections"] + 4
