@@ -121,10 +121,16 @@ static __always_inline void agg_drop(struct env *v, struct pkt *p, struct judgem
 	ev_judged(v, p, j, HW_EV_DENY);
 }
 
+/* hw_stats[hook][verdict][reason]: the one counter every exit increments. */
+static __always_inline void count_stat(__u32 hook, __u32 verdict, __u32 reason, __u32 len)
+{
+	__u32 k = (hook * HW_VERDICTS + verdict) * HW_REASONS + reason;
+	counter_add(hw_stats.lookup(&k), len);
+}
+
 static __always_inline void count(struct env *v, struct pkt *p, struct judgement *j)
 {
-	__u32 k = (v->hook * HW_VERDICTS + j->verdict) * HW_REASONS + j->reason;
-	counter_add(hw_stats.lookup(&k), p->len);
+	count_stat(v->hook, j->verdict, j->reason, p->len);
 	if (j->slot < HW_MAX_RULE_SLOTS) {
 		__u32 s = j->slot;
 		counter_add(hw_rule_stats.lookup(&s), p->len);
