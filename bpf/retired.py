@@ -217,7 +217,7 @@ def holdings(path: Path, exported: int | None = None, conntrack_too: bool = True
     cleared, exported_gen; _aggregates). -1 where a map
     could not be read (or, without `conntrack_too`, was not). Events and drop keys are counted from the
     kernel's layouts (ring headers, map info), so the instance may be of another build."""
-    maps = path / "maps"
+    maps, gens = path / "maps", tuple(g for g in (0, 1) if g != exported)
     out = {"events": -1, "connections": -1, "drop_keys": -1, "flow_keys": -1, "overflow_slots": -1}
     try:
         with RingBuffer.open(maps / "hw_events") as ring:
@@ -228,7 +228,6 @@ def holdings(path: Path, exported: int | None = None, conntrack_too: bool = True
     try:
         for n in ("hw_drops0", "hw_drops1") + (("hw_ct4", "hw_ct6") if conntrack_too else ()):
             fds[n] = bpfsys.obj_get(str(maps / n))
-        gens = tuple(g for g in (0, 1) if g != exported)
         out["drop_keys"] = sum(_entries(fds[f"hw_drops{g}"]) for g in gens)
         if conntrack_too:
             out["connections"] = conntrack.unreported_count(fds)
@@ -237,7 +236,7 @@ def holdings(path: Path, exported: int | None = None, conntrack_too: bool = True
     finally:
         for fd in fds.values():
             os.close(fd)
-    out.update(_aggregates(maps, tuple(g for g in (0, 1) if g != exported)))
+    out.update(_aggregates(maps, gens))
     return out
 
 

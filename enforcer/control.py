@@ -272,16 +272,7 @@ def _old_programs_gone(old_state: InstanceState, attached: list[AttachedInterfac
     """No interface the replaced instance was attached to still runs its programs: the new ones replaced
     them there, or it carries none (or is gone with its netns)."""
     now = {(a.name, a.netns) for a in attached}
-    for i in old_state.interfaces:
-        if (i.name, i.netns) in now:
-            continue
-        try:
-            ls = attach.link_state(i.name, i.netns)
-        except (LinkError, OSError):
-            continue
-        if ls.xdp_prog_id or ls.tc_ingress or ls.tc_egress:
-            return False
-    return True
+    return all((i.name, i.netns) in now or _runs_nothing(i) for i in old_state.interfaces)
 
 
 def _check_interfaces(ifaces: list[InterfaceConf], netns: str | None) -> None:
@@ -427,10 +418,15 @@ def _detach_one(i: AttachedInterface) -> bool:
         Datapath.detach(i.name, i.netns)
     except (attach.AttachError, LinkError, NetlinkError, OSError):
         pass                                # judged below, by what the link still carries
+    return _runs_nothing(i)
+
+
+def _runs_nothing(i: AttachedInterface) -> bool:
+    """The link carries no XDP or TC program (or the interface or its netns is gone: nothing runs there)."""
     try:
         ls = attach.link_state(i.name, i.netns)
     except (LinkError, OSError):
-        return True                         # interface or netns gone: nothing runs there
+        return True
     return ls.xdp_prog_id == 0 and not ls.tc_ingress and not ls.tc_egress
 
 
