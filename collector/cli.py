@@ -80,6 +80,18 @@ def _config(a: argparse.Namespace) -> CollectorConfig:
     return load_config(a.config, args=args)
 
 
+def _piped(fn, arg) -> int:
+    """Run a printing command whose reader may leave early (`status | head`, `verify | grep -m1`): a closed
+    pipe ends it with exit 1 and no traceback (docs/cli.md: errors are one line, or none for this)."""
+    try:
+        rc = fn(arg)
+        sys.stdout.flush()              # inside the try: a closed pipe shows here, not at interpreter exit
+        return rc
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # the exit's own flush goes nowhere
+        return 1
+
+
 def _err(msg: str) -> None:
     print(f"{PROG}: {msg}", file=sys.stderr, flush=True)
 
@@ -87,7 +99,7 @@ def _err(msg: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     a = _parser().parse_args(argv)
     if a.cmd == "verify":
-        return verify(a)
+        return _piped(verify, a)
     try:
         cfg = _config(a)
     except ConfigError as e:
@@ -106,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(doc, indent=1, sort_keys=True))
         return 0
     if a.cmd == "status":
-        return status(cfg, as_json=a.json)
+        return _piped(lambda c: status(c, as_json=a.json), cfg)
     return run(cfg, verbose=a.verbose)
 
 
@@ -248,7 +260,8 @@ def status(cfg: CollectorConfig, *, as_json: bool) -> int:
     try:
         st = json.loads(path.read_text())
     except FileNotFoundError:
-        _err(f"no collector status at {path}; is `{PROG} run` running for pin dir {cfg.pin_dir}?")
+        _err(f"no collector status at {path}; is `{PROG} run` running for pin dir {cfg.pin_dir}? "
+             "(if it was given --status-file or --config, give the same here)")
         return 1
     except (OSError, ValueError) as e:
         _err(f"cannot read {path}: {e}")

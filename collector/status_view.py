@@ -1,7 +1,7 @@
 """Human-readable `hostwall-collector status` (the --json form holds everything): one line per concern —
 collector state, ledger per sink, losses by stage and reason, kernel event outcomes, ring backlog and
-what waits to be durable, acknowledgement, the last restart, queues, sink health (ok / degraded /
-failing, why, last success, spool size and age), drops, conntrack, enrichment."""
+what waits to be durable, acknowledgement, the last restart, retired instances drained, queues, sink
+health (ok / degraded / failing, why, last success, spool size and age), drops, conntrack, enrichment."""
 from __future__ import annotations
 
 import time
@@ -66,6 +66,7 @@ def render_status(st: dict) -> str:
                    f"{', '.join(f'{k} {v}' for k, v in lost.items()) or 'nothing'}"
                    + (f"; {rs['duplicates_possible']} events again (duplicates)" if rs.get("duplicates_possible") else "")
                    + (f"; {'; '.join(rs['notes'])}" if rs.get("notes") else ""))
+    out += [_retired_line(d) for d in st.get("retired_drained") or []]
     q = st.get("queues", {})
     qs = [f"events {q.get('events', {}).get('depth', 0)}/{q.get('events', {}).get('capacity_batches', 0)} batches"]
     qs += [f"{n} {v['depth']}/{v['capacity']} ({v['policy']}{', DEAD' if v.get('dead') else ''})"
@@ -91,6 +92,13 @@ def render_status(st: dict) -> str:
         rates = ", ".join(f"{path} {r:.0%}" for path, r in _hit_rates(en))
         out.append(f"enricher   {flat}" + (f"; cache hit rates: {rates}" if rates else ""))
     return "\n".join(out)
+
+
+def _retired_line(d: dict) -> str:
+    """One retired instance this run drained before the live one (docs/collector.md "Detach"): without
+    it the text status did not say that the unread events and `detach` ends of a stopped enforcer came."""
+    return (f"retired    drained {d.get('detached_ns')} before this run: {d.get('events', 0)} events, "
+            f"{d.get('detach_ends', 0)} detach ends, {d.get('drop_intervals', 0)} drop intervals")
 
 
 def _hit_rates(d: dict, prefix: str = ""):

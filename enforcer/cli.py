@@ -150,8 +150,8 @@ def cmd_detach(a) -> int:
     from hostwall.bpf import retired
 
     from . import control
-    gone = control.detach(a.pin_dir)
-    print(f"detached from {', '.join(gone)}; unpinned {a.pin_dir}" if gone else f"unpinned {a.pin_dir}")
+    from .runner import detach_text
+    print(detach_text(a.pin_dir))
     for held in control.discard_retired(a.pin_dir) if a.discard_retired else []:
         print(f"discarded retired instance {held['detached_ns']}: {held['events']} unread events, "
               f"{held['connections']} tracked connections, {held['drop_keys']} drop keys (noted as lost)")
@@ -337,8 +337,11 @@ def _print_fqdn(con, fq: dict) -> None:
     con.print(f"DNS proxy {'running' if p['running'] else 'not running (learnt addresses still apply)'}"
               f" on {', '.join(d.get('listen', [])) or '-'} → {', '.join(d.get('upstreams', [])) or '-'}; "
               f"queries {c['queries_udp']} udp / {c['queries_tcp']} tcp, listed {c['listed']}, relayed {c['answered']}, "
+              f"cache hits {c.get('cache_hits', 0)} / misses {c.get('cache_misses', 0)} / evictions "
+              f"{c.get('cache_evictions', 0)}, "
               f"refused {c['refused']}, servfail {c['servfail']} (timeouts {c['upstream_timeout']}, errors "
-              f"{c['upstream_error']}); dropped: malformed {c['malformed_query']} + {c['malformed_answer']}, "
+              f"{c['upstream_error']}); dropped: malformed queries {c['malformed_query']}, answers "
+              f"{c['malformed_answer']}, "
               f"mismatched {c['mismatched']}, overload {c['overload']}; addresses learnt {c['learnt']}, over the "
               f"per-name limit {c['overflow']}, full {c['set_full']}; datapath lookups: hit "
               f"{fq.get('datapath', {}).get('hit', 0)}, expired {fq.get('datapath', {}).get('expired', 0)}, miss "

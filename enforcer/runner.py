@@ -20,6 +20,7 @@ import signal
 import sys
 from collections.abc import Callable
 
+from hostwall.bpf import retired
 from hostwall.bpf.fqdn import FqdnMaps
 from hostwall.yamldoc import PolicyError
 
@@ -193,6 +194,22 @@ def run(a, policy: Policy, ifaces: list[InterfaceConf], load: Callable[[str], Po
     if a.keep_attached:
         _say(f"{stop}: exiting, programs stay attached and pinned at {a.pin_dir}")
     else:
-        gone = control.detach(a.pin_dir)
-        _say(f"{stop}: detached from {', '.join(gone) or 'nothing'}")
+        _say(f"{stop}: {detach_text(a.pin_dir)}")
     return 0
+
+
+def detach_text(pin_dir: str) -> str:
+    """control.detach, saying where the maps went: retired for a collector to drain, or unpinned —
+    with why when no collector checkpoint was found, since what no collector read then goes with them
+    (docs/collector.md "Detach": a collector whose status file lies elsewhere is not seen)."""
+    before = set(retired.listing(pin_dir))
+    gone = control.detach(pin_dir)
+    head = f"detached from {', '.join(gone) or 'nothing'}"
+    kept = [p for p in retired.listing(pin_dir) if p not in before]
+    if kept:
+        return f"{head}; maps retired to {kept[-1]} for a collector to drain (the running one, or the next)"
+    ck = retired.collector_checkpoint(pin_dir)
+    if ck.exists():
+        return f"{head}; unpinned {pin_dir}"
+    return (f"{head}; unpinned {pin_dir}: no collector checkpoint at {ck}, so events no collector read "
+            "are gone uncounted (a collector run with --status-file elsewhere is not seen)")

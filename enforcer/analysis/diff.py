@@ -397,7 +397,7 @@ def setting_changes(old: Policy, new: Policy) -> list[str]:
     for f in ("ingress", "egress", "stateful", "audit", "essential_icmp"):
         a, b = getattr(old.defaults, f, None), getattr(new.defaults, f, None)
         if a != b:
-            out.append(f"defaults.{f}: {a} → {b}")
+            out.append(f"defaults.{f}: {_setting(a)} → {_setting(b)}")
     for n in sorted(set(old.dos_profiles) | set(new.dos_profiles)):
         a, b = old.dos_profiles.get(n), new.dos_profiles.get(n)
         if a != b:
@@ -406,8 +406,18 @@ def setting_changes(old: Policy, new: Policy) -> list[str]:
     ni = {i.name: i for i in new.interfaces}
     for n in sorted(set(oi) | set(ni)):
         if oi.get(n) != ni.get(n):
-            out.append(f"interface {n}: {oi.get(n)} → {ni.get(n)}")
+            out.append(f"interface {n}: {_interface(oi.get(n))} → {_interface(ni.get(n))}")
     return out
+
+
+def _setting(v) -> str:
+    """A default as the policy file spells it (docs/policy.md: `true`/`false`), not Python's True/False."""
+    return ("true" if v else "false") if isinstance(v, bool) else str(v)
+
+
+def _interface(i) -> str:
+    """An `interfaces` entry as the policy file's keys, or `none` (an interface added or removed)."""
+    return "none" if i is None else f"xdp_mode {i.xdp_mode}, dos_profile {i.dos_profile or 'none'}"
 
 
 def fqdn_changes(old: Policy, new: Policy, by_rule: bool = False) -> list[FqdnChange]:

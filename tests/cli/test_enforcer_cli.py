@@ -143,6 +143,7 @@ def test_run_apply_status_detach(inst):
     p.send_signal(signal.SIGTERM)
     out, _ = p.communicate(timeout=30)
     assert "detached" in out
+    assert "unpinned" in out and "no collector checkpoint at" in out, out   # what went: said, with why
     assert not Path(inst["pin"]).exists()
     link = subprocess.run(["ip", "-n", inst["ns"], "-d", "link", "show", "v0"], capture_output=True, text=True).stdout
     assert "prog/xdp" not in link
@@ -265,3 +266,21 @@ def test_sighup_reload_keeps_its_datapath_and_is_incremental(inst):
         assert _verdict(inst, port, sport) == ("drop", "default_deny"), port
     p.send_signal(signal.SIGTERM)
     p.communicate(timeout=30)
+
+
+def test_sigterm_says_the_maps_were_retired_for_the_collector(inst, monkeypatch):
+    """A stop while a collector reads this pin dir (its checkpoint exists) retires the maps
+    (docs/collector.md "Detach"); the stop line says where they went, not only what was detached."""
+    from hostwall.bpf import retired
+    monkeypatch.setenv("HOSTWALL_STATE_DIR", inst["env"]["HOSTWALL_STATE_DIR"])
+    p = start(inst, write(inst["tmp"], "a.yaml", POLICY.format(rev="r1")))
+    ck = retired.collector_checkpoint(inst["pin"])
+    ck.write_text("{}")                              # a collector read this pin dir before
+    try:
+        p.send_signal(signal.SIGTERM)
+        out, _ = p.communicate(timeout=30)
+        [kept] = retired.listing(inst["pin"])
+        assert f"maps retired to {kept} for a collector to drain" in out, out
+    finally:
+        cli("detach", "--discard-retired", env=inst["env"])
+    assert retired.listing(inst["pin"]) == []

@@ -27,3 +27,14 @@ def test_a_stopped_collectors_saved_status_is_aged_from_now():
 def test_commits_pending_names_what_it_counts():
     line = next(x for x in render_status(saved(1)).splitlines() if x.startswith("delivery"))
     assert "19 read positions to commit" in line and "commits pending" not in line, line
+
+
+def test_retired_instances_drained_before_this_run_are_shown():
+    """README: after a clean enforcer stop with no collector, the next start drains the retired maps and
+    `status` shows it — the text form too, not only --json."""
+    st = {**saved(1), "retired_drained": [{"detached_ns": 726906715723, "events": 8, "detach_ends": 3,
+                                           "drop_intervals": 2}]}
+    lines = [x for x in render_status(st).splitlines() if x.startswith("retired")]
+    assert lines == ["retired    drained 726906715723 before this run: 8 events, 3 detach ends, "
+                     "2 drop intervals"], lines
+    assert not [x for x in render_status(saved(1)).splitlines() if x.startswith("retired")]

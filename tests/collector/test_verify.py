@@ -139,3 +139,15 @@ def test_rotated_files_and_cli_exit_codes(tmp_path):
     assert st["unexplained_ranges"] == [[5, 7]] and st["unexplained"] == 3
     assert cli(str(tmp_path / "nope.jsonl")).returncode == 2
     assert parse_target("kafka://h:9092/t.flows") == ("kafka", "h:9092", "t.flows")
+
+
+def test_a_reader_that_leaves_early_gets_no_traceback(tmp_path):
+    """`verify FILE | head -1`: the closed pipe ends verify with exit 1, not a Python traceback."""
+    p = tmp_path / "flows.jsonl"
+    p.write_text("".join(json.dumps(rec(0, host=f"host-{i}")) + "\n" for i in range(3000)))   # > a pipe's 64 KiB
+    proc = subprocess.Popen([sys.executable, "-m", "hostwall.collector.cli", "verify", str(p)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().startswith("host host-")
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert proc.wait(timeout=60) == 1 and "Traceback" not in err and "BrokenPipe" not in err, err

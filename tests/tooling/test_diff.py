@@ -145,6 +145,20 @@ rules:
     assert diff(old, old).empty
 
 
+def test_settings_are_written_as_the_policy_file_spells_them():
+    """Booleans as `true`/`false` and interfaces by their keys (docs/policy.md), not Python reprs."""
+    old = parse_policy("version: 1\nname: t\n", "old.yaml")
+    new = parse_policy("""
+version: 1
+name: t
+defaults: {audit: true, stateful: false}
+interfaces:
+  - {name: eth0, xdp_mode: generic}
+""", "new.yaml")
+    assert diff(old, new).settings == ["defaults.stateful: true → false", "defaults.audit: false → true",
+                                       "interface eth0: none → xdp_mode generic, dos_profile none"]
+
+
 def test_icmp_types_and_essential_icmp():
     """ICMP regions are type/code ranges; switching essential_icmp off reports the essential messages
     with their condition, and a rule that takes over the rest of a type is reported without it."""

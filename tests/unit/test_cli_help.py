@@ -55,3 +55,24 @@ def test_a_module_option_without_its_module_gets_a_hint():
     rs = parse_iptables_save("*filter\n:INPUT DROP [0:0]\n-A INPUT -p tcp --dport 25 -j ACCEPT\nCOMMIT\n", "r.v4", 4)
     msg = " ".join(str(p) for p in rs.problems)
     assert "--dport" in msg and "-m tcp" in msg, msg
+
+
+def test_status_text_shows_the_dns_answer_cache_and_names_its_drops():
+    """docs/cli.md: `status` text shows the proxy's counters, answer cache included; the malformed drops
+    say which is which (it printed `malformed 0 + 0`)."""
+    import io
+
+    from rich.console import Console
+
+    from hostwall.enforcer.cli import _print_fqdn
+    names = ("queries_udp", "queries_tcp", "listed", "answered", "refused", "servfail", "upstream_timeout",
+             "upstream_error", "malformed_query", "malformed_answer", "mismatched", "overload", "learnt",
+             "overflow", "set_full")
+    counters = {**{n: 0 for n in names}, "cache_hits": 7, "cache_misses": 3, "cache_evictions": 1,
+                "malformed_query": 2, "malformed_answer": 5}
+    out = io.StringIO()
+    _print_fqdn(Console(file=out, width=400), {"proxy": {"running": True, "counters": counters, "dns": {
+        "listen": ["127.0.0.1:53"], "upstreams": ["192.0.2.53:53"]}}, "sets": [], "names": []})
+    text = out.getvalue()
+    assert "cache hits 7 / misses 3 / evictions 1" in text, text
+    assert "malformed queries 2, answers 5" in text, text
