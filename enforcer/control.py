@@ -328,22 +328,14 @@ def _start(policy: Policy, pin_dir: str, interfaces: list[InterfaceConf], netns:
         st.carried_counters = carried
     st.build = build
     st.instance_id = st.instance_id or new_instance_id()      # new, or a state from before instance ids
+    fqdn_was = fqdnsets.snapshot(pin_dir)
     res = apply_policy(dp, st, policy, [(i.name, netns) for i in interfaces])
     if adopted:
         dp.pin(pin_dir)
-    attached = []
     try:
-        for i in interfaces:
-            mode = dp.attach(i.name, i.xdp_mode, netns)
-            attached.append(AttachedInterface(i.name, netns, i.xdp_mode, mode,
-                                              attach.link_state(i.name, netns).ifindex,
-                                              {p.name: p.dos_profile for p in policy.interfaces}.get(i.name)))
-    except attach.AttachError:
-        if not adopted:         # a fresh instance that cannot attach everywhere leaves nothing behind (the
-            for a in attached:  # old pins stay: the next start carries their connections over again)
-                Datapath.detach(a.name, netns)
-            dp.close()
-        raise
+        attached = attach.attach_all(dp, interfaces, netns, {p.name: p.dos_profile for p in policy.interfaces})
+    except attach.RolledBack as e:
+        raise _not_started(e, dp, st, replaced, adopted, fqdn_was) from e
     if not adopted:
         _replace(pin_dir, dp, replaced, attached)
         dp.pin(pin_dir)
@@ -352,6 +344,26 @@ def _start(policy: Policy, pin_dir: str, interfaces: list[InterfaceConf], netns:
     st.pid = os.getpid()
     st.save()
     return dp, st, StartResult(adopted, migrated, attached, res)
+
+
+def _not_started(e: attach.RolledBack, dp: Datapath, st: InstanceState, replaced: InstanceState | None,
+                 adopted: bool, fqdn_was: bytes | None) -> ControlError:
+    """A start whose attach failed, once attach_all put back what ran before on every interface it touched.
+    A new datapath (a first start, a build upgrade) is closed, never pinned: its maps are freed and what
+    the pin dir holds (the replaced instance's pins, state, fqdn config) is as before, no detach note, nothing
+    retired, so a collector reading the old instance goes on. An adopted instance runs the new policy
+    (apply_policy swapped it in): its state is saved with it. Returns the error to raise: what failed and
+    what enforces now (docs/cli.md "Upgrades")."""
+    dp.close()
+    if adopted:
+        st.save()
+        now = f"the instance at {st.pin_dir} still enforces, now with policy {st.policy_name} revision {st.revision}"
+    else:
+        fqdnsets.restore(st.pin_dir, fqdn_was)
+        how = "except where stated" if e.failed else "unchanged"
+        now = (f"the instance at {st.pin_dir} (build {replaced.build}) still enforces {how}; the new build was "
+               f"not installed" if replaced is not None else "nothing was installed")
+    return ControlError(f"{e}; {now}" + ("" if e.failed else "; fix the cause and run again"))
 
 
 def apply(policy: Policy, pin_dir: str, dp: Datapath | None = None) -> ApplyResult:

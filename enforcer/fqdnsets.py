@@ -31,7 +31,8 @@ from hostwall.dnsnames import PatternIndex, matches
 
 from .dnspolicy import DnsConf
 
-__all__ = ["FqdnConfig", "allocate_sets", "publish", "fill_sets", "set_key", "config_sig", "remove", "status"]
+__all__ = ["FqdnConfig", "allocate_sets", "publish", "fill_sets", "set_key", "config_sig", "remove", "status",
+           "snapshot", "restore"]
 
 
 def set_key(patterns: tuple[str, ...]) -> str:
@@ -92,6 +93,25 @@ def publish(pin_dir: str, sets: dict[int, tuple[str, ...]], dns: DnsConf | None,
     tmp = p.with_name(f".{p.name}.tmp{os.getpid()}")
     tmp.write_text(json.dumps({"revision": revision, "sets": {str(k): list(v) for k, v in sorted(sets.items())},
                                "dns": dns.as_dict() if dns else None}, indent=1))
+    os.replace(tmp, p)
+
+
+def snapshot(pin_dir: str) -> bytes | None:
+    """The config file's bytes (None: there is none), for `restore` after a start that failed."""
+    try:
+        return fqdn_config_path(pin_dir).read_bytes()
+    except FileNotFoundError:
+        return None
+
+
+def restore(pin_dir: str, saved: bytes | None) -> None:
+    """Put the config back as `snapshot` read it (atomic), or remove it if there was none."""
+    p = fqdn_config_path(pin_dir)
+    if saved is None:
+        p.unlink(missing_ok=True)
+        return
+    tmp = p.with_name(f".{p.name}.tmp{os.getpid()}")
+    tmp.write_bytes(saved)
     os.replace(tmp, p)
 
 

@@ -12,8 +12,9 @@ import pytest
 
 
 @contextlib.contextmanager
-def started_instance(policy_text: str, name: str, interfaces=None):
-    """Yields (lab, dp, pin_dir, state_dir); the caller closes `dp` (once) inside the block. Detaches,
+def started_instance(policy_text: str, name: str, interfaces=None, prepare=None):
+    """Yields (lab, dp, pin_dir, state_dir); the caller closes `dp` (once) inside the block. `prepare(lab)`
+    runs before the start (e.g. to add links in the lab's namespaces: removed with them). Detaches,
     restores HOSTWALL_STATE_DIR and removes the state dir at the end, also when the test fails. Skips
     without a netns lab or root."""
     from hostwall.lab.netns import Lab, cleanup_stale, lab_available
@@ -33,6 +34,8 @@ def started_instance(policy_text: str, name: str, interfaces=None):
         pol = parse_policy(policy_text)
         with Lab() as lab:
             lab.warm()
+            if prepare is not None:
+                prepare(lab)
             dp, _, _ = control.start(pol, pin, interfaces or list(pol.interfaces), netns=lab.ns("prot"))
             try:
                 yield lab, dp, pin, state
