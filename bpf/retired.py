@@ -5,7 +5,8 @@ replaced is retired the same way, once noted (docs/collector.md "Replaced instan
 A clean detach that noted itself (hw_config.detached_ns) moves the instance's `maps/` pin directory to
 `<pin dir>-retired/<detached_ns>/maps` (rename(2) on bpffs: the same kernel maps, the same map ids, so
 the collector's checkpoint still names them) instead of unpinning it — only when a collector reads this
-pin dir (its checkpoint exists in $HOSTWALL_STATE_DIR). bpffs refuses names with a dot, hence `-retired`.
+pin dir (its checkpoint exists: the one it registered in $HOSTWALL_STATE_DIR, wherever its status file
+is, or the default status file's; collector_checkpoint). bpffs refuses names with a dot, hence `-retired`.
 The enforcer's state at the detach is kept beside it as `<stem>.retired-<detached_ns>.json` (the rule
 names its records resolve through). At most MAX_RETIRED are kept per pin dir: retiring one more
 discards the oldest, and what it still held that no one else reports (holdings: unread ring events,
@@ -30,10 +31,10 @@ from pathlib import Path
 
 import numpy as np
 
-from . import bpfsys, conntrack
+from . import bpfsys, conntrack, state
 from . import layout as L
 from .ringbuf import RingBuffer
-from .state import boot_id, collector_checkpoint_path, collector_status_path, instance_stem, policy_writer, state_dir
+from .state import boot_id, instance_stem, policy_writer, state_dir
 
 MAX_RETIRED = 4
 SUFFIX = "-retired"
@@ -59,8 +60,9 @@ def listing(pin_dir: str | os.PathLike) -> list[Path]:
 
 
 def collector_checkpoint(pin_dir: str | os.PathLike) -> Path:
-    """The checkpoint a collector of `pin_dir` keeps with the default status file (collector/config.py)."""
-    return collector_checkpoint_path(collector_status_path(str(pin_dir)))
+    """The checkpoint of the collector reading `pin_dir`, wherever its status file is (state.py
+    collector_checkpoint: the registered one, else the default status file's)."""
+    return state.collector_checkpoint(str(pin_dir))
 
 
 def state_copy(pin_dir: str | os.PathLike, detached_ns: int) -> Path:

@@ -56,6 +56,36 @@ def collector_checkpoint_path(status: Path) -> Path:
     return status.with_name(f"{status.stem}.state.json")
 
 
+def collector_reader_path(pin_dir: str) -> Path:
+    """The registration of the collector that last started on `pin_dir`: {"checkpoint": its absolute path,
+    "pid", "at"} (register_collector; docs/collector.md "Status file and state dir")."""
+    return state_dir() / f"collector-{instance_stem(pin_dir)}.reader.json"
+
+
+def register_collector(pin_dir: str, checkpoint: Path) -> None:
+    """Name `checkpoint` as the one of the collector reading `pin_dir`, wherever its status file is: the
+    enforcer finds it there (collector_checkpoint). Atomic (tmp + rename); the last collector to start
+    wins, and the file outlives the collector (a crash or a stop: the enforcer's stop must still retire
+    the instance for the next start). Raises OSError when the state dir cannot be written."""
+    p = collector_reader_path(pin_dir)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(f".{p.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps({"checkpoint": os.path.abspath(checkpoint), "pid": os.getpid(), "at": time.time()}))
+    os.replace(tmp, p)
+
+
+def collector_checkpoint(pin_dir: str) -> Path:
+    """The checkpoint of the collector reading `pin_dir`: the registered one (register_collector) if it
+    exists, else the default status file's (a collector of a build before the registration, or none: then
+    the path does not exist). Cost: two small file reads at most."""
+    default = collector_checkpoint_path(collector_status_path(pin_dir))
+    try:
+        got = json.loads(collector_reader_path(pin_dir).read_bytes()).get("checkpoint")
+    except (OSError, ValueError, AttributeError):
+        return default
+    return Path(got) if isinstance(got, str) and Path(got).exists() else default
+
+
 def audit_log_path(pin_dir: str) -> Path:
     """Policy-change audit records, one JSON object per line (shipped by the collector)."""
     return state_dir() / f"{instance_stem(pin_dir)}.audit.jsonl"

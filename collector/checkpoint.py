@@ -37,11 +37,16 @@ from typing import Any
 
 import orjson
 
-__all__ = ["STREAMS", "Checkpoint", "Restart", "analyze_restart"]
+__all__ = ["PREVIOUS_TEXT", "RESTARTED", "STREAMS", "Checkpoint", "Restart", "analyze_restart"]
 
 VERSION = 1
 MAX_UNAPPLIED = 4096                  # ring commits one checkpoint write may hold (a batch per commit group)
 STREAMS = ("events", "drop_summaries", "conntrack", "audit", "dns", "anomaly", "collector", "tick")
+# how the previous run ended, in a restart's words (loss record message, status `restart`); the first three
+# are reported at every start (their data may be gone): `reboot` only when the boot id changed
+PREVIOUS_TEXT = {"crash": "a crash", "reboot": "a reboot", "reloaded": "a reloaded datapath (same boot, new maps)",
+                 "drained": "a drained instance", "clean": "a clean stop", "none": "no previous run"}
+RESTARTED = ("crash", "reboot", "reloaded")
 
 
 class Checkpoint:
@@ -145,7 +150,7 @@ class Checkpoint:
 @dataclass
 class Restart:
     """What a start found about the run before it (status `restart`, the restart loss record)."""
-    previous: str                           # none | clean | crash | reboot | drained
+    previous: str                           # none | clean | crash | reboot | reloaded | drained
     events_seq: int = 0                     # hostwall.seq of the first event read now
     lost: dict[str, int] = field(default_factory=dict)      # reason -> records (stage "restart")
     duplicates_possible: int = 0            # events re-read that the previous run had committed
@@ -153,7 +158,7 @@ class Restart:
     notes: list[str] = field(default_factory=list)
     previous_pid: int | None = None
     previous_updated_at: float | None = None
-    new_kernel: bool = False                # the checkpoint's kernel instance is gone (reboot, drained)
+    new_kernel: bool = False                # the checkpoint's kernel instance is gone (reboot, reloaded, drained)
 
     def as_dict(self) -> dict:
         return {"previous": self.previous, "events_seq": self.events_seq, "lost": dict(self.lost),
@@ -177,7 +182,7 @@ def _unapplied(ring: dict) -> dict[int, int]:
 
 def mark_drained(path: str | os.PathLike, ring_map_id: int) -> None:
     """The instance whose ring has `ring_map_id` was drained to its end (collector/retired_drain.py) and is
-    about to be unpinned: the next start on another instance says `drained`, not `reboot`. Written (fsynced)
+    about to be unpinned: the next start on another instance says `drained`, not `reloaded`. Written (fsynced)
     before the unpin; the pipeline that drained it has stopped."""
     ck = Checkpoint.load(path)
     ck["drained_ring"] = int(ring_map_id)
@@ -208,9 +213,10 @@ def analyze_restart(ck: Checkpoint, identity: dict, consumer_pos: int, stride: i
     position: those events come again, with their seqs: duplicates, not loss); the kernel counters
     continue from the checkpoint's baseline, so what the kernel counted while no collector ran is counted
     now (budget, ringbuf_full). A consumer position *past* the checkpoint means events someone else took:
-    lost, reason `crash`. A new boot or a reloaded datapath (new maps): the ring the last run read is
+    lost, reason `crash`. A new boot (another boot id) or, on the same boot, a reloaded datapath (new maps:
+    an enforcer restart, a build upgrade, a discarded retired instance): the ring the last run read is
     gone with every event it held beyond the last commit — at least (producer_pos - pos) / stride as last
-    seen: reason `reboot`. An instance new to the checkpoint on the same boot: its loss counters count from
+    seen: reason `reboot` or `reloaded` (only a changed boot id is a reboot). An instance new to the checkpoint on the same boot: its loss counters count from
     zero, what a build upgrade copied into it excepted (`carried`, _new_instance_baseline); the kernel's
     counts before this start are counted now. The checkpoint's instance drained to its end
     (mark_drained) and unpinned after a clean stop: previous `drained`, nothing lost (docs/collector.md
@@ -234,11 +240,11 @@ def analyze_restart(ck: Checkpoint, identity: dict, consumer_pos: int, stride: i
             rs.previous = "drained"
             rs.notes.append("the previous instance was drained to its end and unpinned (a retired instance)")
             return rs
-        rs.previous = "reboot"
+        rs.previous = "reloaded" if same_boot else "reboot"
         why = "new boot" if not same_boot else "the datapath was reloaded (new maps)"
         backlog = max(0, int(r.get("producer_pos", 0)) - int(r.get("pos", 0))) // stride if "pos" in r else 0
         if backlog and not ck.data.get("clean_stop"):
-            rs.lost["reboot"] = backlog
+            rs.lost[rs.previous] = backlog
         rs.notes.append(f"{why}: the previous ring buffer is gone"
                         + (f" with at least {backlog} uncommitted events" if backlog else ""))
         return rs

@@ -6,10 +6,10 @@ Two kinds of `hostwall.kind: "loss"` record (schemas/loss.schema.json):
 
   records-lost       a sink counted records lost (e.g. spool_full, disk_full, too_large): the sink, the
                      reason, and per stream the hostwall.seq ranges of those records
-  collector-restart  a collector started after a crash or a reboot: what the last run left (its pid and
-                     last checkpoint), what could not be recovered (stage restart: `crash`, `reboot`), what
-                     the kernel counted while no collector ran (budget, ringbuf_full), and the seqs the new
-                     run continues from
+  collector-restart  a collector started after a crash, a reboot or a reloaded datapath: what the last run
+                     left (its pid and last checkpoint), what could not be recovered (stage restart: `crash`,
+                     `reboot`, `reloaded`), what the kernel counted while no collector ran (budget,
+                     ringbuf_full), and the seqs the new run continues from
 
 They are made by the collector from its own state, so they travel through the outbox (crash-safe) in
 the stream `collector`, and they are fanned out to every sink (each names the sink it concerns). Cost:
@@ -25,6 +25,7 @@ from operator import itemgetter, methodcaller
 
 import orjson
 
+from .checkpoint import PREVIOUS_TEXT, RESTARTED
 from .records import ECS_VERSION, SCHEMA_VERSION, iso_ns
 
 __all__ = ["LossReporter", "SeqRanges", "MAX_RANGES", "note_seqs", "note_record_seqs"]
@@ -138,14 +139,14 @@ class LossReporter:
 
     def restart(self, restart: dict, *, kernel_while_down: dict, previous_run: dict | None, seqs: dict,
                 now: float | None = None) -> dict:
-        """A start after a crash or reboot, or one that found retired instances unpinned before they were
-        drained (reason `retired_discarded` / `operator_discarded` / `replaced_unreadable`, bpf/retired.py): what was lost, what the
-        kernel counted meanwhile."""
+        """A start after a crash, a reboot or a reloaded datapath, or one that found retired instances
+        unpinned before they were drained (reason `retired_discarded` / `operator_discarded` /
+        `replaced_unreadable`, bpf/retired.py): what was lost, what the kernel counted meanwhile."""
         now = time.time() if now is None else now
         lost = restart.get("lost") or {}
         n = sum(lost.values()) + sum(kernel_while_down.values())
         prev = restart.get("previous")
-        reason = prev if prev in ("reboot", "crash") else next((r for r in lost if r.endswith("_discarded") or r == "replaced_unreadable"), "crash")
+        reason = prev if prev in RESTARTED else next((r for r in lost if r.endswith("_discarded") or r == "replaced_unreadable"), "crash")
         loss = {"reason": reason, "previous": restart.get("previous"), "count": n, "lost": dict(lost),
                 "kernel_while_down": dict(kernel_while_down), "previous_pid": restart.get("previous_pid"),
                 "previous_updated_at": restart.get("previous_updated_at"),
@@ -155,4 +156,4 @@ class LossReporter:
             loss["previous_ledger"] = {k: previous_run.get(k) for k in ("produced", "lost_upstream", "ok")}
         what = ", ".join(f"{r} {c}" for r, c in {**lost, **kernel_while_down}.items()) or "nothing"
         return self._base("collector-restart", reason,
-                          f"collector restarted after a {restart.get('previous')}: lost {what}", loss, now)
+                          f"collector restarted after {PREVIOUS_TEXT.get(prev, prev)}: lost {what}", loss, now)

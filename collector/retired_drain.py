@@ -155,7 +155,7 @@ def unpin_if_drained(cfg: CollectorConfig, pipe: Pipeline) -> bool:
 
 
 def _mark_and_remove(cfg: CollectorConfig, pipe: Pipeline, path: Path) -> None:
-    """Note in the checkpoint that its instance was drained (the next run says `drained`, not `reboot`),
+    """Note in the checkpoint that its instance was drained (the next run says `drained`, not `reloaded`),
     then unpin it (the caller still holds its reader lock)."""
     ring = retired.ring_id(path)
     if ring is not None:

@@ -20,7 +20,7 @@ durable in every at_least_once sink (docs/collector.md "Delivery and loss"):
 
 Recovery (`_recover`, once at start): compare the checkpoint with the kernel (collector/checkpoint.py),
 count what the kernel counted while no collector ran, count what could not be recovered (`restart`
-stage: crash, reboot), resend the outbox, and publish one collector-restart loss record.
+stage: crash, reboot, reloaded), resend the outbox, and publish one collector-restart loss record.
 """
 from __future__ import annotations
 
@@ -33,10 +33,11 @@ import orjson
 
 from hostwall.bpf import retired
 from hostwall.bpf.ringbuf import slot_size
+from hostwall.bpf.state import register_collector
 
 from . import flow_summary
 from .acks import CommitEntry
-from .checkpoint import STREAMS, analyze_restart
+from .checkpoint import PREVIOUS_TEXT, RESTARTED, STREAMS, analyze_restart
 from .ct_journal import journal_view
 from .logtail import JsonlTail
 from .loss_report import SeqRanges
@@ -81,7 +82,7 @@ class Sources:
                             f"{h['drop_keys']} drop keys, {h.get('flow_keys', 0)} flow summary keys, "
                             f"{h.get('overflow_slots', 0)} overflow slots")
         if any(h.get("ring_map_id") == (ck.data.get("kernel") or {}).get("ring_map_id") for h in gone):
-            rs.lost.pop("reboot", None)          # its note counted the same backlog, exactly (note_replaced)
+            rs.lost.pop("reloaded", None)        # its note counted the same backlog, exactly (note_replaced)
         for reason, n in rs.lost.items():
             self.ledger.lose("restart", reason, n, produced="kernel")
         self.seq = {s: ck.seq(s) for s in STREAMS}
@@ -96,6 +97,7 @@ class Sources:
         if "pos" not in ck.ring:
             ck.ring.update(pos=self.ring.consumer_pos, seq=rs.events_seq)
         ck.save()
+        self._register_reader()
         if ck["ct_last_scan"]:
             self.source.set_last_scan(int(ck["ct_last_scan"]))
         self._drain_checked = False
@@ -106,15 +108,26 @@ class Sources:
         self._last_scan_wall: int | None = self.clock.wall_ns(int(last)) if last else None
         self._boot_id = str(identity.get("boot_id") or "")
         await self._replay_outbox()
-        if rs.previous in ("crash", "reboot"):
+        if rs.previous in RESTARTED:
             await self._close_orphaned_anomalies()
-        if rs.previous in ("crash", "reboot") or gone:
-            log.warning("collector restarted after a %s: %s", rs.previous,
+        if rs.previous in RESTARTED or gone:
+            log.warning("collector restarted after %s: %s", PREVIOUS_TEXT[rs.previous],
                         "; ".join(rs.notes) or f"kernel counted while down: {self.kernel_while_down or 'nothing'}")
             rec = self.losses.restart(rs.as_dict(), kernel_while_down=self.kernel_while_down,
                                       previous_run=(self.previous_run or {}).get("ledger"), seqs=dict(self.seq))
             await self._emit_owned([rec], "collector", kept=lambda: retired.forget_discarded(self.cfg.pin_dir, gone))
             self._keep_kernel_baseline()         # kernel_while_down is in the outbox now
+
+    def _register_reader(self) -> None:
+        """Name our checkpoint, wherever the status file is, for the enforcer's stop to find (bpf/state.py
+        register_collector): without it a clean stop unpins what we have not read (docs/collector.md
+        "Detach"). A state dir that cannot be written is counted (reader_register_errors) and logged."""
+        try:
+            register_collector(self.cfg.pin_dir, self.checkpoint.path)
+        except OSError as e:
+            self.counters["reader_register_errors"] += 1
+            log.warning("cannot register the checkpoint %s for %s: a clean enforcer stop will unpin what this "
+                        "collector has not read: %s", self.checkpoint.path, self.cfg.pin_dir, e)
 
     def _carried_counters(self) -> dict:
         """InstanceState.carried_counters of the instance read (a retired one's state copy): what a build

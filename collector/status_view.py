@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import time
 
+from .checkpoint import PREVIOUS_TEXT, RESTARTED
+
 __all__ = ["ledger_lines", "render_status"]
 
 
@@ -60,9 +62,9 @@ def render_status(st: dict) -> str:
                    f"{', '.join(dl.get('acknowledging_sinks') or []) or 'no at_least_once sink'}; "
                    f"{dl.get('commits_pending', 0)} read positions to commit, outbox {dl.get('outbox_pending', 0)}")
     rs = st.get("restart") or {}
-    if rs.get("previous") in ("crash", "reboot"):
+    if rs.get("previous") in RESTARTED:
         lost = {**(rs.get("lost") or {}), **{f"kernel.{k}": v for k, v in (rs.get("kernel_while_down") or {}).items()}}
-        out.append(f"restart    after a {rs['previous']} (pid {rs.get('previous_pid')}): lost "
+        out.append(f"restart    after {PREVIOUS_TEXT[rs['previous']]} (pid {rs.get('previous_pid')}): lost "
                    f"{', '.join(f'{k} {v}' for k, v in lost.items()) or 'nothing'}"
                    + (f"; {rs['duplicates_possible']} events again (duplicates)" if rs.get("duplicates_possible") else "")
                    + (f"; {'; '.join(rs['notes'])}" if rs.get("notes") else ""))

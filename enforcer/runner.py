@@ -201,7 +201,7 @@ def run(a, policy: Policy, ifaces: list[InterfaceConf], load: Callable[[str], Po
 def detach_text(pin_dir: str) -> str:
     """control.detach, saying where the maps went: retired for a collector to drain, or unpinned —
     with why when no collector checkpoint was found, since what no collector read then goes with them
-    (docs/collector.md "Detach": a collector whose status file lies elsewhere is not seen)."""
+    (docs/collector.md "Detach": only a collector that shares this HOSTWALL_STATE_DIR is seen)."""
     before = set(retired.listing(pin_dir))
     gone = control.detach(pin_dir)
     head = f"detached from {', '.join(gone) or 'nothing'}"
@@ -212,4 +212,4 @@ def detach_text(pin_dir: str) -> str:
     if ck.exists():
         return f"{head}; unpinned {pin_dir}"
     return (f"{head}; unpinned {pin_dir}: no collector checkpoint at {ck}, so events no collector read "
-            "are gone uncounted (a collector run with --status-file elsewhere is not seen)")
+            "are gone uncounted (a collector is seen only if it ran with this HOSTWALL_STATE_DIR)")

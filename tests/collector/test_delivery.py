@@ -154,7 +154,7 @@ def test_analyze_restart_positions():
     r = analyze_restart(ck, ident, 15 * STRIDE, STRIDE)       # someone else consumed 5
     assert r.lost == {"crash": 5}
     r = analyze_restart(ck, {**ident, "ring_map_id": 9}, 0, STRIDE)
-    assert r.previous == "reboot" and r.lost == {"reboot": 2} and r.baseline == {}   # new maps: from zero
+    assert r.previous == "reloaded" and r.lost == {"reloaded": 2} and r.baseline == {}   # new maps: from zero
 
 
 def test_restart_finds_the_seq_of_any_commit_one_checkpoint_write_held(tmp_path):

@@ -1,12 +1,14 @@
 """A start on a kernel instance new to the checkpoint (collector/checkpoint.py analyze_restart;
 docs/collector.md "Restarts"): its loss counters count from zero (what a build upgrade copied into them
-excepted), and a start after the checkpoint's instance was drained says so instead of `reboot`."""
+excepted), a start after the checkpoint's instance was drained says so, and a reloaded datapath on the
+same boot is not called a `reboot`."""
 from __future__ import annotations
 
 import uvloop
 
 from hostwall.collector.checkpoint import Checkpoint, analyze_restart, mark_drained
 from hostwall.collector.pipeline import Pipeline
+from hostwall.collector.status_view import render_status
 from tests.collector.fakes import FakeSource, MemorySink, StubBuilder, cfg, started, until
 
 STRIDE = 128
@@ -43,28 +45,53 @@ def test_a_start_after_the_drain_says_drained_not_reboot(tmp_path):
     r = analyze_restart(Checkpoint.load(ck.path), NEW, 0, STRIDE)
     assert (r.previous, r.lost, r.events_seq, r.new_kernel) == ("drained", {}, 7, True)
     r = analyze_restart(checkpoint(tmp_path, drained_ring=3), NEW, 0, STRIDE)
-    assert r.previous == "reboot"                       # another instance was drained: not this one
+    assert r.previous == "reloaded"                     # another instance was drained: not this one
 
 
 def test_the_pipeline_counts_what_a_new_instance_counted_before_its_first_read(tmp_path):
     """Collector stopped → the datapath reloaded (new maps) → the new instance counts ring-full events →
     the next start counts them (stage kernel), seqs continuing."""
     src, sink = FakeSource(), MemorySink()
-
-    async def run(p, src, sink, n):
-        task = await started(p)
-        src.emit(n)
-        await until(lambda: len([r for r in sink.records if r["hostwall"]["kind"] == "deny"]) >= n)
-        p.stop()
-        await task
     src.loss["deny"]["ringbuf_full"] = 5                  # before any collector: not counted (first start)
     pipe = Pipeline(cfg(tmp_path), src, StubBuilder(), [sink])
-    uvloop.run(run(pipe, src, sink, 3))
+    uvloop.run(_run(pipe, src, sink, 3))
     new, sink2 = FakeSource(), MemorySink()
     new.ident.update(ring_map_id=9, ev_stats_map_id=10)
     new.loss["deny"]["ringbuf_full"] = 6                  # the new instance, before this collector read it
     pipe2 = Pipeline(cfg(tmp_path), new, StubBuilder(), [sink2])
-    uvloop.run(run(pipe2, new, sink2, 2))
+    uvloop.run(_run(pipe2, new, sink2, 2))
     assert dict(pipe2.ledger.lost_by["kernel"]) == {"ringbuf_full": 6}
     assert pipe2.kernel_while_down == {"ringbuf_full": 6}
     assert [r["hostwall"]["seq"] for r in sink2.records if r["hostwall"]["kind"] == "deny"] == [3, 4]
+
+
+def test_a_reloaded_datapath_on_the_same_boot_is_not_called_a_reboot(tmp_path):
+    """Collector killed with 3 events uncommitted → the datapath reloaded (new maps, same boot id: an
+    enforcer restart, an upgrade, a discarded retired instance) → the next start names that cause in its
+    restart (status, loss record: reason and message), never `reboot`; the lost backlog is still counted."""
+    src, sink = FakeSource(), MemorySink()
+    pipe = Pipeline(cfg(tmp_path), src, StubBuilder(), [sink])
+    uvloop.run(_run(pipe, src, sink, 3))
+    ck = Checkpoint.load(pipe.checkpoint.path)
+    ck.ring["producer_pos"] = ck.ring["pos"] + 3 * STRIDE
+    ck["clean_stop"] = False
+    ck.save()
+    new, sink2 = FakeSource(), MemorySink()
+    new.ident.update(ring_map_id=9, ev_stats_map_id=10)
+    pipe2 = Pipeline(cfg(tmp_path), new, StubBuilder(), [sink2])
+    uvloop.run(_run(pipe2, new, sink2, 1))
+    assert (pipe2.restart.previous, pipe2.restart.lost) == ("reloaded", {"reloaded": 3})
+    [loss] = [r for r in sink2.records if r["hostwall"]["kind"] == "loss"]
+    assert (loss["event"]["reason"], loss["hostwall"]["loss"]["previous"]) == ("reloaded", "reloaded")
+    assert "reboot" not in loss["message"] and "reloaded datapath" in loss["message"], loss["message"]
+    text = render_status({"restart": {**pipe2.restart.as_dict(), "kernel_while_down": {}}})
+    assert "reboot" not in text and "restart    after a reloaded datapath" in text, text
+
+
+async def _run(p, src, sink, n):
+    """Start `p`, emit n deny events, wait for them in `sink`, stop."""
+    task = await started(p)
+    src.emit(n)
+    await until(lambda: len([r for r in sink.records if r["hostwall"]["kind"] == "deny"]) >= n)
+    p.stop()
+    await task

@@ -88,7 +88,7 @@ def records(tmp_path, monkeypatch) -> dict[str, list[dict]]:
 
 def loss_records() -> list[dict]:
     """Loss records as the pipeline ships them: a sink's counted loss (one range list, one coarsened to its
-    span past MAX_RANGES) and a restart after a crash, after a reboot and after a drain that found a discarded
+    span past MAX_RANGES) and a restart after a crash, after a reboot, after a reloaded datapath and after a drain that found a discarded
     retired instance, numbered in `collector`."""
     rep = LossReporter("fw-1", "/sys/fs/bpf/hostwall/lab")
     few, many = SeqRanges(), SeqRanges()
@@ -102,6 +102,8 @@ def loss_records() -> list[dict]:
                         seqs={"events": 10, "conntrack": 4}),
             rep.restart({"previous": "reboot", "lost": {"reboot": 5}}, kernel_while_down={}, previous_run=None,
                         seqs={"events": 0}),
+            rep.restart({"previous": "reloaded", "lost": {"reloaded": 3}}, kernel_while_down={}, previous_run=None,
+                        seqs={"events": 5}),
             # a start after a retired instance was drained, finding another one discarded (bpf/retired.py)
             rep.restart({"previous": "drained", "lost": {"retired_discarded": 6},
                          "notes": ["retired instance 12 was unpinned before a collector drained it"]},
