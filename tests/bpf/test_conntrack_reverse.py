@@ -7,10 +7,15 @@ judged afresh as before."""
 from __future__ import annotations
 
 import pytest
+from scapy.layers.inet import IP, TCP, fragment
+from scapy.layers.inet6 import IPv6, IPv6ExtHdrFragment, fragment6
+from scapy.layers.l2 import Dot1Q
+from scapy.packet import Raw, raw
 
 from hostwall.bpf import layout as L
 
-from .test_conntrack import POLICY, in_tcp, out_tcp
+from . import test_syn_proxy as sp
+from .test_conntrack import ME, ME6, PEER, PEER6, POLICY, E, in_tcp, out_tcp
 from .test_conntrack_reuse import DATA, H1, H2, P1, P2, T0, S, _at, _entry, _flows
 
 pytestmark = pytest.mark.bpf
@@ -189,3 +194,85 @@ def test_a_real_reverse_connection_runs_inside_the_old_entry(harness, events, v6
     assert _flows(events) == []
     assert _peer(harness, "R", P2 + 12, v6=v6, t=T0 + 66 * S).reason == "pass_conntrack"
     assert _flows(events) == [("flow_end", T0 + 1 * S, T0 + 66 * S, [5, 5], "closed")]
+
+
+@pytest.mark.parametrize("policy", ["deny", "rule"])
+@pytest.mark.parametrize("hook", HOOKS)
+@pytest.mark.parametrize("v6", [False, True], ids=["v4", "v6"])
+def test_a_simultaneous_opens_syn_resent_after_established_is_judged(harness, events, v6, hook, policy):
+    """TCP hole punching (docs/policy.md "stateful"): both SYNs cross, and the peer's SYN resent with its
+    own ISN arrives after the handshake. It is judged as any reverse SYN, not passed as the connection's
+    (as the initiator's resent SYN is): the peer knows its ISN, so an unjudged one would let it reach a
+    listener on the host's port once the host's socket is gone (docs/datapath.md "Reused tuples").
+    Denied: dropped (conntrack_invalid); allowed by a rule: passed out of window; the entry unchanged."""
+    harness.install(POLICY % "true" if policy == "deny" else RULE_IN)
+    assert _host(harness, "S", H1, v6=v6, t=T0 + 1 * S) == "pass_default"
+    assert _peer(harness, "S", P1, v6=v6, t=T0 + 2 * S).reason == "pass_conntrack"
+    assert _host(harness, "SA", H1, P1 + 1, v6=v6, t=T0 + 3 * S) == "pass_conntrack"
+    assert _peer(harness, "SA", P1, H1 + 1, v6=v6, t=T0 + 4 * S).reason == "pass_conntrack"
+    assert _host(harness, "A", H1 + 1, P1 + 1, v6=v6, t=T0 + 5 * S) == "pass_conntrack"
+    old = _entry(harness, v6)
+    assert L.CT_STATE_NAMES[int(old["state"])] == "established"
+    assert [f[0] for f in _flows(events)] == ["flow_start"]
+    got = _peer(harness, "S", P1, v6=v6, t=T0 + 6 * S, hook=hook)
+    want = (False, "conntrack_invalid") if policy == "deny" else (True, "pass_conntrack_out_of_window")
+    assert (got.passed, got.reason) == want
+    assert _entry(harness, v6).tobytes() == old.tobytes()
+    assert _flows(events) == []
+
+
+@pytest.mark.parametrize("hook", HOOKS)
+def test_audit_mode_counts_a_denied_reverse_syn_as_would_drop(harness, events, hook):
+    """Audit: the denied reverse SYN passes as would_drop (conntrack_invalid), still no slot taken."""
+    _host_connection(harness, events, (POLICY % "true").replace("stateful: true", "stateful: true, audit: true"), False)
+    old = _entry(harness, False)
+    got = _spoof(harness, False, hook, T0 + 60 * S)
+    assert (got.passed, got.verdict, got.reason) == (True, "would_drop", "conntrack_invalid")
+    assert _entry(harness, False).tobytes() == old.tobytes()
+    assert _flows(events) == []
+
+
+@pytest.mark.parametrize("policy", ["allow", "deny"])
+@pytest.mark.parametrize("hook", HOOKS)
+@pytest.mark.parametrize("v6", [False, True], ids=["v4", "v6"])
+def test_a_reverse_syn_in_a_first_fragment_or_vlan_tag_is_judged_the_same(harness, events, v6, hook, policy):
+    """A first fragment carrying the reverse SYN (xdp_ingress skips its fast path; TC: tc_frag_ingress)
+    and a VLAN-tagged one: allowed, out of window (the later fragments follow it); denied, dropped (the
+    later fragments unmatched); the entry unchanged."""
+    _host_connection(harness, events, ALLOW_IN if policy == "allow" else POLICY % "true", v6)
+    old = _entry(harness, v6)
+    ip = IPv6(src=PEER6, dst=ME6) if v6 else IP(src=PEER, dst=ME)
+    l4 = TCP(sport=SERVER, dport=HOST, flags="S", seq=P2)
+    frags = fragment6(ip / IPv6ExtHdrFragment(id=77) / l4 / Raw(b"x" * 4000), 1500) if v6 else \
+        fragment(ip / l4 / Raw(b"x" * 4000), fragsize=1480)
+    _at(harness, T0 + 60 * S)
+    got = [harness.run(hook, raw(E / f)).reason for f in frags]
+    first, later = ("pass_conntrack_out_of_window", "pass_fragment") if policy == "allow" else \
+        ("conntrack_invalid", "fragment_unmatched")
+    assert got == [first] + [later] * (len(frags) - 1)
+    assert harness.run(hook, raw(E / Dot1Q(vlan=7) / ip / l4)).reason == first
+    assert _entry(harness, v6).tobytes() == old.tobytes()
+    assert _flows(events) == []
+
+
+def test_the_syn_proxy_does_not_answer_a_reverse_syn(harness, events):
+    """The SYN proxy on for every port (no ranges): the reverse SYN to the port of the host's connection,
+    allowed by a rule, passes out of window to the host's live socket; no cookie SYN-ACK from the
+    host's tuple (XDP_TX), and no entry added or changed."""
+    sp.install(harness)
+    server = "10.81.0.5"
+    sp.refresh(harness, server)
+    harness.dp.clear_conntrack()            # the refresh SYN went to the stack, tracked: out of the way
+
+    def host(flags: str, seq: int, ack: int = 0) -> str:
+        f = raw(E / IP(src=sp.ME, dst=server) / TCP(sport=8080, dport=443, flags=flags, seq=seq, ack=ack))
+        return harness.run("tc_egress", f).reason
+
+    assert host("S", H1) == "pass_default"
+    assert sp.send(harness, sp.ack(server, 443, P1, H1 + 1, flags="SA")).reason == "pass_conntrack"
+    assert host("A", H1 + 1, P1 + 1) == "pass_conntrack"
+    old = _entry(harness, False)
+    got = sp.send(harness, sp.syn(server, sport=443, seq=P2))
+    assert (got.passed, got.reason, got.rule_slot, got.sent_back) == \
+        (True, "pass_conntrack_out_of_window", harness.slots["web"], None)
+    assert _entry(harness, False).tobytes() == old.tobytes()
