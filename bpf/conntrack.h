@@ -485,7 +485,11 @@ static __always_inline int ct_reuse(struct env *v, struct pkt *p, struct ctref *
  * shortens its timeout (counted as pass_conntrack_out_of_window); so is the peer's SYN with a new ISN
  * on a live tuple. The host's SYN-ACK to such a SYN (ct_reused) ends the old flow and renews the slot
  * (1); the host's own new SYN on an established tuple returns 0, to be opened afresh (docs/datapath.md
- * "Reused tuples"). */
+ * "Reused tuples"). CT_REVERSE_SYN: the peer's bare SYN from the responder's side of a live (established,
+ * fin_wait) entry, a new connection in the reverse direction or a blind spoofer's: no continuation, so
+ * the policy judges it as untracked (no bypass), but it never takes the slot (judge_first); nothing changed. */
+#define CT_REVERSE_SYN 3
+
 static __always_inline int ct_advance(struct env *v, struct pkt *p, struct ctref *r, int fast)
 {
 	struct hw_ct_entry *e = r->e;
@@ -512,9 +516,13 @@ static __always_inline int ct_advance(struct env *v, struct pkt *p, struct ctref
 		} else if (f & TCPF_SYN) {
 			if (!from_init) {
 				/* simultaneous open (RFC 9293 §3.5, netfilter's SYN_SENT2): the responder's own SYN
-				 * answers the initiator's; both SYNs seen is SYN_RECV (docs/policy.md "stateful") */
-				if (st != HW_CT_SYN_SENT && st != HW_CT_SYN_RECV)
-					return 0;
+				 * answers the initiator's; both SYNs seen is SYN_RECV (docs/policy.md "stateful").
+				 * Later the peer's is a reverse SYN, judged but never opened on a live entry; the
+				 * host's own is trusted: judged afresh (docs/datapath.md "Reused tuples") */
+				if (st != HW_CT_SYN_SENT && st != HW_CT_SYN_RECV) {
+					int live = st == HW_CT_ESTABLISHED || st == HW_CT_FIN_WAIT;
+					return peer && live ? CT_REVERSE_SYN : 0;
+				}
 				ns = HW_CT_SYN_RECV;
 			} else if (st == HW_CT_CLOSING || st == HW_CT_CLOSED) {
 				return 0;   /* a new connection on a closed tuple (both FINs or a RST) is judged afresh */

@@ -68,6 +68,10 @@ static __always_inline void judge_first(struct env *v, struct pkt *p, struct jud
 			return;
 		}
 		ct_invalid = 1;
+		/* noted in the packet, not a local: read back below as an unknown value, it does not split
+		 * the verifier's states through the policy (docs/datapath.md "Speed") */
+		if (adv == CT_REVERSE_SYN)
+			p->ct_hint = CT_HINT_REVERSE;
 	}
 	/* an ICMP error about a tracked connection: looked up here, next to the lookup above (its stack
 	 * is reused), and passed below only with essential ICMP on */
@@ -133,6 +137,12 @@ static __always_inline void judge_first(struct env *v, struct pkt *p, struct jud
 		return;
 	}
 	j->verdict = HW_V_ALLOW;
+	if (v->dir == HW_DIR_INGRESS && p->ct_hint == CT_HINT_REVERSE) {
+		/* allowed, but its tuple is a live connection's: passed to the stack (a live socket answers
+		 * with a challenge ACK), the entry kept (docs/datapath.md "Reused tuples") */
+		j->reason = HW_R_PASS_CONNTRACK_OUT_OF_WINDOW;
+		return;
+	}
 	if (h->stateful && p->opens) {
 		if (p->syn_proxy == SP_ANSWER)
 			j->answer = 1;          /* xdp_judge answers it with a cookie: no state */
@@ -325,7 +335,7 @@ int xdp_ingress(struct xdp_md *ctx)
 				j.slot = ~0U;
 				return xdp_exit(ctx, &v, p, &j);
 			}
-			/* invalid continuation, or one to report: xdp_judge looks again (ct_hint 0) */
+			/* invalid continuation; one to report, or a reverse SYN: xdp_judge looks again (ct_hint 0) */
 			p->ct_hint = adv == 0 || adv == 2 ? CT_HINT_INVALID : 0;
 		} else {
 			p->ct_hint = CT_HINT_MISS;

@@ -33,7 +33,8 @@ struct pkt {
 	__u16 in_dport;
 	__u8  in_proto;
 	__u8  inner;            /* ICMP error: in_saddr/in_daddr hold the embedded packet's addresses */
-	__u8  ct_hint;          /* set by xdp_ingress before the tail call: 1 no connection, 2 invalid one */
+	__u8  ct_hint;          /* set by xdp_ingress before the tail call: 1 no connection, 2 invalid one;
+				 * judge_first's note 3 (CT_HINT_REVERSE) */
 	__u8  syn_proxy;        /* set by the DoS stage: SP_* (dos.h), what the SYN proxy does with it */
 	__u32 l4len;            /* parsing only: bytes the IP header(s) say follow the headers parsed so far */
 	__u64 now;              /* xdp_ingress's clock, so xdp_judge does not read it again */
@@ -53,6 +54,7 @@ struct pkt {
 
 #define CT_HINT_MISS    1
 #define CT_HINT_INVALID 2
+#define CT_HINT_REVERSE 3       /* the peer's reverse SYN on a live tuple: judged, never opened (conntrack.h) */
 
 #define TCPF_FIN 0x01
 #define TCPF_SYN 0x02
