@@ -19,8 +19,8 @@ host's eth0 / input hook:
                      flood): the kernel keeps an x_tables table until its namespace is deleted, and
                      an empty one left on the main lab's input hook slowed every other configuration
                      by 1-4 %
-  hostwall           XDP + TC via the Python API (parse/load_policy → compile_policy → Datapath.load
-                     → install → attach_xdp/attach_tc): rule 1 denies the 10k prefixes (peers_file),
+  hostwall           XDP + TC egress via the Python API (parse/load_policy → compile_policy → Datapath.load
+                     → install → Datapath.attach; no TC ingress, docs/datapath.md "Hooks"): rule 1 denies the 10k prefixes (peers_file),
                      rule 2 allows the ports; defaults ingress deny, stateful: false, so every packet is
                      classified (no conntrack shortcut)
   hostwall_stateful  the same with stateful: true: after the first packet the flow is tracked and its

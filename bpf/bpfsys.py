@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import functools
 import mmap
 import os
-import struct
 from dataclasses import dataclass
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
@@ -415,20 +413,3 @@ def prog_load_verbose(prog_type: int, insns: bytes, name: str, log_level: int = 
         fd = -e.errno
     return fd, log.value.decode(errors="replace")
 
-
-PROG_TYPE_XDP = 6
-_INSN = struct.Struct("<BBhi")              # opcode, dst | src << 4, offset, immediate
-
-
-@functools.cache
-def xdp_adjust_meta_allowed() -> bool:
-    """Whether this kernel lets an XDP program call bpf_xdp_adjust_meta (one seen here does not: its
-    verifier says "program of this type cannot use helper"). Probed once per process by loading
-    `r2 = -8; call bpf_xdp_adjust_meta; r0 = XDP_PASS; exit` (~0.1 ms)."""
-    prog = (_INSN.pack(0xb7, 2, 0, -8) + _INSN.pack(0x85, 0, 0, 54)
-            + _INSN.pack(0xb7, 0, 0, 2) + _INSN.pack(0x95, 0, 0, 0))
-    fd, _ = prog_load_verbose(PROG_TYPE_XDP, prog, "hw_meta_probe", log_level=0, log_size=0)
-    if fd < 0:
-        return False
-    os.close(fd)
-    return True

@@ -9,9 +9,9 @@
  *         → a first fragment that passed leaves a fragment-table entry
  *         → count(): the one counted exit of every program (verdict.h)
  *
- * XDP judges ingress and leaves a struct hw_meta in front of packets it passes; TC ingress judges
- * only packets that carry no such mark (XDP not attached), so no packet is judged twice or by two
- * policy generations. TC egress judges egress and stamps the sender's cgroup into new connections.
+ * XDP judges ingress; TC ingress is not attached behind it (docs/datapath.md: tc_ingress serves only
+ * test-run and its tooling), so no packet is judged twice or by two policy generations. TC egress
+ * judges egress and stamps the sender's cgroup into new connections.
  * Every program parses into per-CPU memory (hw_pkt_scratch for XDP, hw_tc_pkt for TC), which also
  * hands the packet over through tail calls: xdp_ingress → xdp_judge, and on TC every fragment →
  * tc_frag_ingress / tc_frag_egress (docs/datapath.md).
@@ -205,27 +205,13 @@ static __always_inline void judge_parsed(struct env *v, struct pkt *p, int rc, s
  * packet xdp_ingress parsed (handed over in per-CPU scratch memory, valid within one packet). */
 BPF_PERCPU_ARRAY(hw_pkt_scratch, struct pkt, 1);
 
-static __always_inline int xdp_exit(struct xdp_md *ctx, struct env *v, struct pkt *p, struct judgement *j)
+static __always_inline int xdp_exit(struct env *v, struct pkt *p, struct judgement *j)
 {
 	count(v, p, j);
 	if (j->verdict == HW_V_DROP)
 		return XDP_DROP;
 	if (j->reason == HW_R_PASS_SYN_COOKIE)
 		return XDP_TX;          /* the frame now holds the cookie SYN-ACK */
-	if (j->reason != HW_R_PASS_DEFERRED)
-		return XDP_PASS;
-	/* XDP could not judge it: mark it so TC ingress does (if there is no room for the mark, or the
-	 * kernel does not let XDP call bpf_xdp_adjust_meta — HW_XDP_NO_META, set by the loader — TC
-	 * ingress sees an unmarked packet and passes it as judged; both outcomes are counted) */
-#ifndef HW_XDP_NO_META
-	if (bpf_xdp_adjust_meta(ctx, -(int)sizeof(struct hw_meta)) == 0) {
-		struct hw_meta *meta = (void *)(long)ctx->data_meta;
-		if ((void *)(meta + 1) <= (void *)(long)ctx->data) {
-			meta->magic = HW_META_MAGIC;
-			meta->reason = j->reason;
-		}
-	}
-#endif
 	return XDP_PASS;
 }
 
@@ -290,7 +276,7 @@ int xdp_judge(struct xdp_md *ctx)
 	    j.reason != HW_R_PASS_CONNTRACK_OVER_LIMIT && j.reason != HW_R_PASS_RELATED &&
 	    j.reason != HW_R_PASS_CONNTRACK_OUT_OF_WINDOW)
 		syn_proxy_judged(ctx, &v, p, &j);
-	int ret = xdp_exit(ctx, &v, p, &j);
+	int ret = xdp_exit(&v, p, &j);
 	frag_note(&v, p, &j);           /* a first fragment that passed: its later fragments follow */
 	return ret;
 }
@@ -311,7 +297,7 @@ int xdp_ingress(struct xdp_md *ctx)
 	p->ifindex = ctx->ingress_ifindex;
 	if (rc != PARSE_OK) {
 		judge_parsed(&v, p, rc, &j);
-		return xdp_exit(ctx, &v, p, &j);
+		return xdp_exit(&v, p, &j);
 	}
 	__u32 dos = dos_check(&v, p);
 	if (dos) {
@@ -321,7 +307,7 @@ int xdp_ingress(struct xdp_md *ctx)
 		j.reason = dos;
 		j.slot = ~0U;
 		j.revision_id = h ? h->revision_id : 0;
-		return xdp_exit(ctx, &v, p, &j);
+		return xdp_exit(&v, p, &j);
 	}
 	/* fast path: a packet of a tracked connection leaves here, without the tail call (a first
 	 * fragment takes the tail call: xdp_judge notes its datagram for the later fragments) */
@@ -333,7 +319,7 @@ int xdp_ingress(struct xdp_md *ctx)
 				j.verdict = HW_V_ALLOW;
 				j.reason = adv == 2 ? HW_R_PASS_CONNTRACK_OUT_OF_WINDOW : ct_pass_reason(&v, p);
 				j.slot = ~0U;
-				return xdp_exit(ctx, &v, p, &j);
+				return xdp_exit(&v, p, &j);
 			}
 			/* invalid continuation; one to report, or a reverse SYN: xdp_judge looks again (ct_hint 0) */
 			p->ct_hint = adv == 0 || adv == 2 ? CT_HINT_INVALID : 0;
@@ -343,11 +329,12 @@ int xdp_ingress(struct xdp_md *ctx)
 	}
 	p->now = v.now;
 	hw_jump.call(ctx, 0);
-	/* no judge program to jump to: TC ingress judges it instead (counted) */
-	j.verdict = HW_V_ALLOW;
-	j.reason = HW_R_PASS_DEFERRED;
+	/* no judge program to jump to (hw_jump empty: unreachable once loaded): nothing behind XDP judges
+	 * ingress, so fail closed, counted (docs/datapath.md "Hooks") */
+	j.verdict = HW_V_DROP;
+	j.reason = HW_R_JUDGE_UNREACHABLE;
 	j.slot = ~0U;
-	return xdp_exit(ctx, &v, p, &j);
+	return xdp_exit(&v, p, &j);
 }
 
 /* Clock calibration (test-run only, never attached): writes jiffies, the coarse and the precise
@@ -430,27 +417,10 @@ int tc_frag_egress(struct __sk_buff *skb)
 	return tc_frag(skb, HW_HOOK_TC_EGRESS, HW_DIR_EGRESS);
 }
 
-/* Has XDP judged this packet? Then TC ingress passes it, counted pass_judged in aggregate only (XDP
- * counted the details): the frame less an Ethernet header. Every packet XDP passes runs this, so it
- * comes before any per-packet set-up (scratch memset, env, clock): one array lookup, one counter
- * (docs/benchmarks.md "TC ingress behind XDP"). Only deferred packets carry XDP's mark. */
-static __always_inline int tc_xdp_judged(struct __sk_buff *skb)
-{
-	__u32 zero = 0;
-	struct hw_config *cfg = hw_config.lookup(&zero);
-	if (!cfg || !cfg->xdp_ingress)
-		return 0;
-	struct hw_meta *meta = (void *)(long)skb->data_meta;
-	if ((void *)(meta + 1) <= (void *)(long)skb->data && meta->magic == HW_META_MAGIC)
-		return 0;
-	count_stat(HW_HOOK_TC_INGRESS, HW_V_ALLOW, HW_R_PASS_JUDGED, skb->len > ETH_HLEN ? skb->len - ETH_HLEN : 0);
-	return 1;
-}
-
+/* Ingress on TC: never attached by the enforcer (XDP judges ingress there, docs/datapath.md "Hooks");
+ * kept for BPF_PROG_TEST_RUN, where test-run and its tooling judge ingress on both programs. */
 int tc_ingress(struct __sk_buff *skb)
 {
-	if (tc_xdp_judged(skb))
-		return TC_ACT_OK;
 	struct judgement j = {};
 	struct env v = {};
 	struct pkt *p = tc_pkt();

@@ -49,7 +49,6 @@
  * still count (RFC 5961 §5's MAX.SND.WND, fixed): a blind RST/FIN with an ACK hits it with odds 2^-16,
  * so a FIN sweep needs ~2^31 packets (docs/datapath.md "Sequence checks"). */
 #define HW_CT_ACK_WINDOW      65536
-#define HW_META_MAGIC         0x68770a11 /* XDP → TC metadata marker: "already judged" */
 #define HW_RINGBUF_BYTES      (8 << 20) /* event ring buffer (power of two, multiple of the page size) */
 #define HW_DROP_AGG_MAX       65536     /* drop aggregation keys per generation (per-CPU hash) */
 #define HW_DROP_SRC_SLOTS     4096      /* individual dropped peers per CPU per generation (top talkers) */
@@ -124,13 +123,13 @@ enum hw_reason {
 	HW_R_CONNTRACK_INVALID = 10,
 	HW_R_FRAGMENT_UNMATCHED = 11, /* later fragment whose first fragment was denied, never seen or expired */
 	HW_R_SYN_COOKIE_INVALID = 12, /* an untracked ACK to a port the SYN proxy covers, without a valid cookie */
+	HW_R_JUDGE_UNREACHABLE = 13,  /* xdp_ingress's tail call to xdp_judge failed (hw_jump empty): fail closed */
 	HW_R_PASS_RULE = 16,       /* allow/log rule matched */
 	HW_R_PASS_DEFAULT = 17,    /* no rule matched, default allow */
 	HW_R_PASS_CONNTRACK = 18,  /* packet of a tracked connection */
 	HW_R_PASS_RELATED = 19,    /* ICMP error about a tracked connection */
 	HW_R_PASS_NOT_IP = 20,     /* ARP and other non-IP frames are not judged */
-	HW_R_PASS_JUDGED = 21,     /* TC ingress: XDP already judged this packet */
-	HW_R_PASS_DEFERRED = 22,   /* XDP could not reach its judge program: TC ingress judges instead */
+	/* 21, 22: pass_judged / pass_deferred of older builds (TC ingress behind XDP), never reused */
 	HW_R_PASS_ESSENTIAL = 23,  /* essential ICMP (neighbour/router discovery, MLD, path-MTU errors) */
 	HW_R_PASS_FRAGMENT = 24,   /* later fragment of a datagram whose first fragment passed */
 	HW_R_PASS_SYN_COOKIE = 25, /* an allowed SYN answered from XDP with a cookie SYN-ACK (no state kept) */
@@ -181,8 +180,8 @@ struct hw_config {                  /* hw_config[0] — written by the enforcer 
 	__u32 ncpus;                /* possible CPUs: the event budget is split evenly among them */
 	__u64 test_now_ns;          /* tests only: when non-zero, the datapath's clock reads this */
 	__u32 manual_bans;          /* operator bans in the LPM tries; 0 skips that lookup */
-	__u32 xdp_ingress;          /* 1: XDP judges ingress on every attached interface, so TC ingress
-	                             * judges only packets XDP marked as deferred; 0: TC judges all */
+	__u32 unused;               /* older builds' xdp_ingress flag (TC ingress behind XDP); kept so the
+	                             * fields after it keep their offsets (fields are only appended) */
 	__u64 tick_ns;              /* the datapath's clock is jiffies * tick_ns + tick_base_ns (CLOCK_MONOTONIC, */
 	__u64 tick_base_ns;         /* tick resolution), calibrated at load; tick_ns 0: coarse clock helper */
 	__u64 table_seed;           /* hash seed of the conntrack and DoS source tables, random per instance */
@@ -754,12 +753,6 @@ struct hw_drop_src {
 	__u32 pad;                  /* zero: the first 32 bytes are hashed and compared as 64-bit words */
 	__u64 packets;              /* 0 = empty slot */
 	__u64 bytes;                /* IP-layer */
-};
-
-/* XDP → TC ingress: written in front of the packet when XDP passes it. */
-struct hw_meta {
-	__u32 magic;                /* HW_META_MAGIC */
-	__u32 reason;               /* enum hw_reason of the XDP verdict */
 };
 
 #endif /* HOSTWALL_H */

@@ -126,7 +126,7 @@ u8, u16, u32, u64 = np.uint8, np.uint16, np.uint32, np.uint64
 # struct name -> dtype; every dtype's itemsize equals the C sizeof (checked by the layout test). The table
 # slots (hw_*_slot), made of other dtypes, are added below the literal.
 DTYPES: dict[str, np.dtype] = {
-    "hw_config": np.dtype([("gen", u32), ("ncpus", u32), ("test_now_ns", u64), ("manual_bans", u32), ("xdp_ingress", u32),
+    "hw_config": np.dtype([("gen", u32), ("ncpus", u32), ("test_now_ns", u64), ("manual_bans", u32), ("unused", u32),
                            ("tick_ns", u64), ("tick_base_ns", u64), ("table_seed", u64), ("detached_ns", u64)]),
     "hw_collect": np.dtype([("agg_gen", u32), ("event_budget", u32), ("agg_prefix_v4", u8), ("agg_prefix_v6", u8),
                             ("pad", u16), ("source_share", u32)]),
@@ -199,7 +199,6 @@ DTYPES: dict[str, np.dtype] = {
     "hw_flow_val": np.dtype([("flows", u64), ("ended", u64), ("packets", u64), ("bytes", u64), ("first_ns", u64),
                              ("last_ns", u64)]),
     "hw_share_key": np.dtype([("addr", u8, 16), ("family", u8), ("pad", u8, 3), ("pad2", u32)]),
-    "hw_meta": np.dtype([("magic", u32), ("reason", u32)]),
     "hw_fqdn_rule": np.dtype([("order", u32), ("set", u32)]),
     "hw_fqdn_l4": np.dtype([("rules", u64)]),
     "hw_fqdn_key": np.dtype([("set", u32), ("family", u8), ("pad", u8, 3), ("addr", u8, 16)]),

@@ -51,15 +51,17 @@ import numpy as np
 from . import attack_metrics
 from .dns_metrics import dns_families
 from .metric_family import Family
-from .metric_spec import HANDOFF_REASONS, HOOK_DIRECTION, SPEC, to_prometheus
+from .metric_spec import HOOK_DIRECTION, SPEC, to_prometheus
 from .metric_spec import spec_family as _family
 from .record_metrics import DEFAULT_TOP_PORTS, PortTopN, RecordMetrics, TopTalkers
 
 log = logging.getLogger("hostwall.collector.kernel_metrics")
 
 __all__ = ["KernelCollector", "RecordMetrics", "PortTopN", "TopTalkers", "register", "to_prometheus", "SPEC",
-           "PRESSURE_MAPS", "HANDOFF_REASONS"]
+           "PRESSURE_MAPS"]
 
+# the programs the enforcer attaches to every interface (no TC ingress behind XDP: docs/datapath.md "Hooks")
+ATTACHED_HOOKS = ("xdp", "tc_egress")
 DEFAULT_REFRESH_S = 5.0
 DEFAULT_PRESSURE_REFRESH_S = 30.0
 BATCH_CHUNK = 8192
@@ -199,7 +201,7 @@ class KernelCollector:
             link = _link(name, netns or None) if self.links and key in current else None
             if key in current:
                 info.add(key + (seen["xdp_mode"], seen["dos_profile"]), 1)
-            for hook in ("xdp", "tc_ingress", "tc_egress"):
+            for hook in ATTACHED_HOOKS:
                 att.add(key + (hook,), 1 if link and link["attached"][hook] else 0)
             if link and link["stats"]:
                 s = link["stats"]
@@ -234,19 +236,15 @@ class KernelCollector:
         stats = dp.stats()
         pk = _family("hostwall_datapath_packets")
         by = _family("hostwall_datapath_bytes")
-        ho = _family("hostwall_datapath_handoff_packets")
         for hook, hname in L.HOOK_NAMES.items():
             for v, vname in L.VERDICT_NAMES.items():
                 for r, rname in L.REASON_NAMES.items():
                     c = stats[L.stats_index(hook, v, r)]
                     if not c["packets"]:
                         continue
-                    if rname in HANDOFF_REASONS:
-                        ho.add((hname, rname), int(c["packets"]))
-                    else:
-                        pk.add((hname, HOOK_DIRECTION[hname], vname, rname), int(c["packets"]))
-                        by.add((hname, HOOK_DIRECTION[hname], vname, rname), int(c["bytes"]))
-        fams += [pk, by, ho]
+                    pk.add((hname, HOOK_DIRECTION[hname], vname, rname), int(c["packets"]))
+                    by.add((hname, HOOK_DIRECTION[hname], vname, rname), int(c["bytes"]))
+        fams += [pk, by]
 
         # rules of the active policy, by name (slots are stable per name across swaps)
         rs = dp.rule_stats()
@@ -364,7 +362,6 @@ def _link(name: str, netns: str | None) -> dict | None:
             xdp_on = bool(xdp is not None and (xdp.get_attr("IFLA_XDP_PROG_ID") or 0))
             stats = link.get_attr("IFLA_STATS64") or {}
             return {"attached": {"xdp": xdp_on,
-                                 "tc_ingress": bool(links.our_filters(ipr, idx, links.TC_INGRESS_PARENT)),
                                  "tc_egress": bool(links.our_filters(ipr, idx, links.TC_EGRESS_PARENT))},
                     "stats": {k: int(stats.get(k, 0)) for k in ("rx_packets", "tx_packets", "rx_bytes", "tx_bytes")}
                     if stats else {}}

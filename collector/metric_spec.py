@@ -9,8 +9,6 @@ from typing import Any
 from .dns_metrics import DNS_SPEC
 from .metric_family import Family
 
-# Packets handed from one hook to another: counted where they were judged, so not a verdict of their own.
-HANDOFF_REASONS = ("pass_judged", "pass_deferred")
 HOOK_DIRECTION = {"xdp_ingress": "ingress", "tc_ingress": "ingress", "tc_egress": "egress"}
 TRANSPORTS = {"tcp": "tcp", "udp": "udp", "icmp": "icmp", "ipv6-icmp": "icmpv6"}
 
@@ -40,9 +38,6 @@ SPEC: dict[str, tuple[str, str, tuple[str, ...], str, str]] = {
                                   "reason (each packet counted once)", "hw_stats"),
     "hostwall_datapath_bytes": ("counter", "By", _DP, "Bytes of the packets judged by the datapath (labels as "
                                 "hostwall_datapath_packets_total)", "hw_stats"),
-    "hostwall_datapath_handoff_packets": ("counter", "{packet}", ("hook", "reason"), "Packets a hook passed on "
-                                          "because another hook judges them (pass_judged: XDP already did; "
-                                          "pass_deferred: TC ingress will)", "hw_stats"),
     "hostwall_rule_packets": ("counter", "{packet}", _RULE, "Packets that matched a rule of the active policy",
                               "hw_rule_stats (slot per rule name, instance state)"),
     "hostwall_rule_bytes": ("counter", "By", _RULE, "Bytes of the packets that matched a rule of the active policy",
@@ -65,7 +60,7 @@ SPEC: dict[str, tuple[str, str, tuple[str, ...], str, str]] = {
     "hostwall_interface_info": ("gauge", "{interface}", _IF + ("xdp_mode", "dos_profile"), "1 per interface of the "
                                 "instance, with the XDP mode that took and its DoS profile", "instance state"),
     "hostwall_interface_attached": ("gauge", "{state}", _IF + ("hook",), "1 if hostwall's program of `hook` (xdp, "
-                                    "tc_ingress, tc_egress) is attached to the interface, else 0 (also for "
+                                    "tc_egress) is attached to the interface, else 0 (also for "
                                     "interfaces of an instance that went away)", "rtnetlink (link XDP, tc filters)"),
     "hostwall_interface_packets": ("counter", "{packet}", _IF + ("direction",), "Packets the interface received / "
                                    "sent (kernel link counters)", "rtnetlink IFLA_STATS64"),

@@ -272,7 +272,7 @@ def traffic() -> dict:
                steps=thresholds((None, "green"), (1, "yellow")),
                mappings=[{"type": "value", "options": {"0": {"text": "ENFORCING", "color": "green", "index": 0},
                                                        "1": {"text": "AUDIT", "color": "yellow", "index": 1}}}]), 3, 4)
-    L.add(stat("Attached", "Programs attached (xdp, tc_ingress, tc_egress per interface) / expected. Fewer than "
+    L.add(stat("Attached", "Programs attached (xdp, tc_egress per interface) / expected. Fewer than "
                "expected: the enforcer is (partly) detached and the interface is not filtered.",
                [target(f"sum(hostwall_interface_attached{{{IFSEL}}}) / count(hostwall_interface_attached{{{IFSEL}}})",
                        "attached")], "percentunit",
@@ -280,7 +280,7 @@ def traffic() -> dict:
 
     L.row("Verdicts")
     L.add(timeseries("Packets by verdict and reason", "Every judged packet once, by verdict (allow, drop, "
-                     "would_drop) and reason (bpf/hostwall.h). Hand-offs between hooks are not included.",
+                     "would_drop) and reason (bpf/hostwall.h).",
                      [target(f"sum by (verdict, reason) ({rate('hostwall_datapath_packets_total')})",
                              "{{verdict}} · {{reason}}")], "pps", stack=True), 12, 8)
     L.add(timeseries("Bytes by verdict", "Bytes per second judged by the datapath, by verdict.",
@@ -301,11 +301,6 @@ def traffic() -> dict:
                      "counters, before XDP). Follows $interface.",
                      [target(f"sum by (interface, direction) ({rate('hostwall_interface_packets_total', IFSEL)})",
                              "{{interface}} {{direction}}")], "pps"), 12, 8)
-    L.add(timeseries("Hook hand-offs", "Packets one hook passed on because another judges them: pass_judged (TC "
-                     "ingress after XDP) and pass_deferred (XDP could not judge; TC ingress does). A steady "
-                     "pass_deferred rate means XDP's judge program is missing.",
-                     [target(f"sum by (hook, reason) ({rate('hostwall_datapath_handoff_packets_total')})",
-                             "{{hook}} · {{reason}}")], "pps"), 12, 8)
 
     L.row("Rules")
     L.add(timeseries("Packets per rule", "Packets per second that matched each rule of the active policy "

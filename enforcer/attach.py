@@ -4,9 +4,10 @@ XDP: IFLA_XDP with native (driver) or generic (skb) mode; `auto` tries native, t
 on veth, where it tries generic first: veth's native XDP converts (and often copies) every skb into an
 XDP frame, and measured in the lab benchmark, generic mode forwards ~15% more packets through the
 same program (docs/benchmarks.md).
-TC: a clsact qdisc with one bpf filter per direction (direct-action), at our own priority, so other
-users' filters on the same qdisc are left alone; the clsact qdisc is removed only if we added it
-and it holds nothing else.
+TC: a clsact qdisc with our bpf filter (direct-action) at our own priority, so other users' filters on
+the same qdisc are left alone: egress only where XDP judges ingress (docs/datapath.md "Hooks"; an
+ingress one only by hand, as older builds attached it); the clsact qdisc is removed only if we added
+it and it holds nothing else.
 attach_all: every interface or none; a failure puts back what ran before on each interface it touched
 (docs/cli.md "Upgrades").
 """
@@ -88,18 +89,34 @@ def _has_clsact(ipr, idx: int) -> bool:
     return any(q.get_attr("TCA_KIND") == "clsact" for q in ipr.get_qdiscs(index=idx))
 
 
-def attach_tc(ifname: str, ingress_fd: int, egress_fd: int, netns: str | None = None) -> None:
-    """Add (or replace) our ingress and egress filters on a clsact qdisc."""
+def attach_tc(ifname: str, ingress_fd: int | None, egress_fd: int, netns: str | None = None) -> None:
+    """Add (or replace) our egress filter, and our ingress filter when `ingress_fd` is given, on a clsact
+    qdisc. `ingress_fd` None: our ingress filter, if one is there (an older build's), is removed after
+    the egress one is in place."""
     with _ipr(netns) as ipr:
         idx = _index(ipr, ifname)
         if not _has_clsact(ipr, idx):
             ipr.tc("add", "clsact", idx)
         for parent, fd, name in ((TC_INGRESS_PARENT, ingress_fd, "hostwall_in"),
                                  (TC_EGRESS_PARENT, egress_fd, "hostwall_eg")):
+            if fd is None:
+                continue
             try:
                 _replace_filter(ipr, idx, parent, fd, name)
             except NetlinkError as e:
                 raise AttachError(f"TC attach on {ifname} failed: {e}") from None
+        if ingress_fd is None and not _del_ours(ipr, idx, TC_INGRESS_PARENT):
+            raise AttachError(f"TC detach of an older build's ingress filter on {ifname} failed")
+
+
+def _del_ours(ipr, idx: int, parent: int) -> bool:
+    """Delete our filter on `parent` if it is there; True if none of ours is left (read back)."""
+    for _ in _our_filters(ipr, idx, parent):
+        try:
+            ipr.tc("del-filter", "bpf", idx, handle=1, parent=parent, prio=TC_PRIO)
+        except NetlinkError:
+            pass
+    return not _our_filters(ipr, idx, parent)
 
 
 def _replace_filter(ipr, idx: int, parent: int, fd: int, name: str) -> None:
@@ -115,19 +132,13 @@ def detach_tc(ifname: str, netns: str | None = None) -> None:
         except AttachError:
             return
         for parent in (TC_INGRESS_PARENT, TC_EGRESS_PARENT):
-            for _ in _our_filters(ipr, idx, parent):
-                try:
-                    ipr.tc("del-filter", "bpf", idx, handle=1, parent=parent, prio=TC_PRIO)
-                except NetlinkError:
-                    pass
+            _del_ours(ipr, idx, parent)
         left = any(ipr.get_filters(index=idx, parent=p) for p in (TC_INGRESS_PARENT, TC_EGRESS_PARENT))
         if not left and _has_clsact(ipr, idx):
             try:
                 ipr.tc("del", "clsact", idx)
             except NetlinkError:
                 pass
-
-
 
 
 @dataclass
@@ -205,7 +216,7 @@ def _tc_back(ipr, idx: int, b: Before, now: Programs) -> None:
                 ipr.tc("add", "clsact", idx)
             _replace_filter(ipr, idx, parent, b.fds[want[0]], want[1])
         elif want is None and have is not None:
-            ipr.tc("del-filter", "bpf", idx, handle=1, parent=parent, prio=TC_PRIO)
+            _del_ours(ipr, idx, parent)
     if not b.progs.clsact and _has_clsact(ipr, idx) and \
             not any(ipr.get_filters(index=idx, parent=p) for p in (TC_INGRESS_PARENT, TC_EGRESS_PARENT)):
         ipr.tc("del", "clsact", idx)            # we added it and it holds nothing

@@ -495,12 +495,11 @@ def status(pin_dir: str, with_pressure: bool = True) -> dict:
                     if c["packets"]:
                         counters.setdefault(hname, {}).setdefault(vname, {})[rname] = {
                             "packets": int(c["packets"]), "bytes": int(c["bytes"])}
-                        if r != L.C["HW_R_PASS_JUDGED"]:
-                            totals[vname]["packets"] += int(c["packets"])
-                            totals[vname]["bytes"] += int(c["bytes"])
-                            if v != L.C["HW_V_ALLOW"]:
-                                key = by_reason.setdefault(rname, {"drop": 0, "would_drop": 0})
-                                key[vname] += int(c["packets"])
+                        totals[vname]["packets"] += int(c["packets"])
+                        totals[vname]["bytes"] += int(c["bytes"])
+                        if v != L.C["HW_V_ALLOW"]:
+                            key = by_reason.setdefault(rname, {"drop": 0, "would_drop": 0})
+                            key[vname] += int(c["packets"])
         rs = dp.rule_stats()
         rules = [{"name": n, **st.rule_meta.get(n, {}), "packets": int(rs[s]["packets"]), "bytes": int(rs[s]["bytes"])}
                  for n, s in st.slots.items()]

@@ -71,8 +71,6 @@ class Datapath(Instance):
         from bcc import BPF, lib  # imported here: control commands never need the compiler
 
         cflags = [f"-I{L.HEADER.parent}", "-Wno-unused-function", "-Wno-compare-distinct-pointer-types"]
-        if not bpfsys.xdp_adjust_meta_allowed():        # no XDP → TC mark (docs/datapath.md)
-            cflags.append("-DHW_XDP_NO_META")
         bpf = BPF(text=L.program_text().encode(), cflags=cflags)
         progs = {}
         for name, kind in PROGRAMS.items():
@@ -98,14 +96,15 @@ class Datapath(Instance):
         return dp
 
     def attach(self, ifname: str, xdp_mode: str = "auto", netns: str | None = None) -> str:
-        """Attach XDP ingress and TC ingress/egress on one interface; returns the XDP mode that took.
+        """Attach XDP ingress and TC egress on one interface; returns the XDP mode that took.
 
-        Sets hw_config.xdp_ingress: from now on TC ingress leaves the judging of ingress packets to
-        XDP (it judges only packets XDP marks as deferred), so no packet is judged twice."""
+        No TC ingress: XDP judges every ingress packet (fails closed when it cannot), and a clsact
+        ingress filter would cost ~110 ns a packet for nothing (docs/datapath.md "Hooks"). Our
+        ingress filter an older build attached is removed once the new XDP program is in place, so
+        no old program runs there any more (control.py _runs_nothing)."""
         from . import attach
         mode = attach.attach_xdp(ifname, self.prog_fds["xdp_ingress"], xdp_mode, netns)
-        attach.attach_tc(ifname, self.prog_fds["tc_ingress"], self.prog_fds["tc_egress"], netns)
-        self.set_config(xdp_ingress=1)
+        attach.attach_tc(ifname, None, self.prog_fds["tc_egress"], netns)
         return mode
 
     @staticmethod

@@ -1,8 +1,8 @@
 """Judge packets with the real BPF programs through BPF_PROG_TEST_RUN: the datapath half of
 `hostwall-enforcer test` (docs/policy.md "Tooling"). No interface is touched: the programs are loaded
 (BCC) into a private, unpinned instance, the policy is installed into it, and every packet runs on the
-hooks that would see it: XDP and TC ingress for ingress packets (each judges where the other is not
-attached), TC egress for egress. What the datapath decided is read from its one counted exit (the
+hooks that could see it: XDP and TC ingress for ingress packets (the enforcer attaches only XDP there,
+docs/datapath.md "Hooks"; tc_ingress judges them too, as a second check), TC egress for egress. What the datapath decided is read from its one counted exit (the
 hw_stats counter that moved: hook, verdict, reason) and the rule counter that moved (docs/datapath.md
 "Counters"; essential ICMP moves its pseudo-rule's counter, as in a running instance). A case with a
 `state` first runs its opener on the opener's hook; tracked connections are forgotten after every

@@ -332,13 +332,13 @@ def test_kernel_collector_matches_enforcer_status(instance, monkeypatch):
     assert samples(fams, "hostwall_policy_info") == {("km-test", status["revision"]): 1}
     assert samples(fams, "hostwall_policy_rules") == {(): 3}
 
-    # verdict counters: the same numbers as status' counters, hand-offs apart
+    # verdict counters: the same numbers as status' counters
     dpk = samples(fams, "hostwall_datapath_packets")
 
     def verdicts(st: dict) -> dict:
         return {(hook, km.HOOK_DIRECTION[hook], verdict, reason): c["packets"]
                 for hook, vs in st["counters"].items() for verdict, reasons in vs.items()
-                for reason, c in reasons.items() if reason not in km.HANDOFF_REASONS}
+                for reason, c in reasons.items()}
     lo, hi = verdicts(status_before), verdicts(status)
     assert set(lo) <= set(dpk) <= set(hi)
     assert all(lo.get(k, 0) <= n <= hi[k] for k, n in dpk.items()), (lo, dpk, hi)
@@ -374,7 +374,7 @@ def test_kernel_collector_matches_enforcer_status(instance, monkeypatch):
 
     ns = lab.ns("prot")
     att = samples(fams, "hostwall_interface_attached")
-    assert att == {("eth0", ns, "xdp"): 1, ("eth0", ns, "tc_ingress"): 1, ("eth0", ns, "tc_egress"): 1}
+    assert att == {("eth0", ns, "xdp"): 1, ("eth0", ns, "tc_egress"): 1}      # no TC ingress behind XDP
     assert samples(fams, "hostwall_interface_info") == {("eth0", ns, status["interfaces"][0]["xdp_mode"], "edge"): 1}
     assert samples(fams, "hostwall_interface_packets")[("eth0", ns, "receive")] > 5000
 
@@ -382,5 +382,5 @@ def test_kernel_collector_matches_enforcer_status(instance, monkeypatch):
     mode = "xdpgeneric" if status["interfaces"][0]["xdp_mode"] == "generic" else "xdp"
     subprocess.run(["ip", "-n", ns, "link", "set", "dev", "eth0", mode, "off"], check=True)
     att = samples(kc.families(), "hostwall_interface_attached")
-    assert att == {("eth0", ns, "xdp"): 0, ("eth0", ns, "tc_ingress"): 1, ("eth0", ns, "tc_egress"): 1}
+    assert att == {("eth0", ns, "xdp"): 0, ("eth0", ns, "tc_egress"): 1}
     assert kc.profile_of("eth0") == "edge"

@@ -67,7 +67,8 @@ def test_constants_agree_with_compiler(c_layout):
 
 def test_reason_names_cover_design_contract():
     drop = {"policy_deny", "default_deny", "rate_limit", "syn_flood", "udp_flood", "icmp_flood", "port_limit",
-            "banned", "malformed", "conntrack_invalid", "fragment_unmatched", "syn_cookie_invalid"}
+            "banned", "malformed", "conntrack_invalid", "fragment_unmatched", "syn_cookie_invalid",
+            "judge_unreachable"}
     assert set(L.DROP_REASONS.values()) == drop
 
 
