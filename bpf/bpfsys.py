@@ -399,6 +399,9 @@ class _ProgLoadAttr(ctypes.Structure):
                 ("expected_attach_type", ctypes.c_uint32), ("_pad", ctypes.c_uint8 * 128)]
 
 
+PROG_TYPE_XDP = 6           # enum bpf_prog_type: for prog_load_verbose of a hand-made XDP program
+
+
 def prog_load_verbose(prog_type: int, insns: bytes, name: str, log_level: int = 1,
                       log_size: int = 16 << 20) -> tuple[int, str]:
     """Load raw instructions with a verifier log: (fd or -errno, log). For diagnostics and feature probes."""
