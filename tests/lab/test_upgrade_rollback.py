@@ -23,7 +23,7 @@ import pytest
 
 from hostwall.bpf import bpfsys, retired
 from hostwall.bpf.instance import Instance
-from hostwall.bpf.links import TC_INGRESS_PARENT, TC_PRIO, ifindex, ipr_in, programs
+from hostwall.bpf.links import TC_EGRESS_PARENT, TC_INGRESS_PARENT, TC_PRIO, programs
 from hostwall.bpf.state import InstanceState, fqdn_config_path, state_path
 from hostwall.enforcer import attach, control
 from hostwall.enforcer.datapath import Datapath
@@ -120,10 +120,13 @@ def attacker_blocked_and_counted(lab, pin: str) -> None:
 
 
 @contextlib.contextmanager
-def older_instance(text: str, name: str, interfaces: list, prepare=None):
+def older_instance(text: str, name: str, interfaces: list, prepare=None, tc_ingress: bool = False):
     """started_instance whose state names another build, as if a package upgrade brought another datapath:
-    the next start replaces it. Yields (lab, pin dir, the protected host's netns)."""
+    the next start replaces it. `tc_ingress`: with our TC ingress filter on eth0 too, as builds before
+    tcin32 attached it. Yields (lab, pin dir, the protected host's netns)."""
     with started_instance(text, name, interfaces, prepare=prepare) as (lab, dp, pin, _):
+        if tc_ingress:
+            attach.attach_tc("eth0", dp.prog_fds["tc_ingress"], dp.prog_fds["tc_egress"], lab.ns("prot"))
         dp.close()
         st = InstanceState.load(pin)
         st.build = "an-older-build"
@@ -354,27 +357,20 @@ def test_a_put_back_that_raises_does_not_stop_the_others_and_is_said(monkeypatch
         msg = str(err.value)
         assert isinstance(err.value, control.ControlError), repr(err.value)
         assert "putting back what ran on x0@" in msg and "FAILED (an unforeseen attribute)" in msg, msg
-        assert "TC ingress prog" in msg and "nothing was installed except where stated" in msg, msg
+        assert "TC egress prog" in msg and "nothing was installed except where stated" in msg, msg
         attacker_blocked_and_counted(lab, pin)
 
 
-def test_a_build_that_attaches_no_tc_ingress_filter_puts_the_old_one_back(monkeypatch):
-    """A new build that attaches XDP and TC egress only and deletes our old ingress filter (XDP judges
-    ingress), failing on x0 (native where generic runs): eth0 gets the old build's ingress filter back, with
-    its XDP program and egress filter. A guard: passed before too."""
+def test_an_older_builds_tc_ingress_filter_is_put_back():
+    """The old build ran a TC ingress filter on eth0 too; this build attaches XDP and TC egress only and
+    deletes that filter (XDP judges ingress: docs/datapath.md "Hooks"), then fails on x0 (native where
+    generic runs): eth0 gets the old ingress filter back, with its XDP program and egress filter. A guard
+    for the tcin32 merge: passed before this branch's fixes too."""
     text = policy_text("upfail-noin")
     old_ifs = [ETH0, InterfaceConf("x0", "generic", None)]
-    with older_instance(text, "upfailnoin", old_ifs, prepare=veth_x0) as (lab, pin, ns):
+    with older_instance(text, "upfailnoin", old_ifs, prepare=veth_x0, tc_ingress=True) as (lab, pin, ns):
         before = {n: ids(n, ns) for n in ("eth0", "x0")}
-        assert TC_INGRESS_PARENT in before["eth0"][2] and len(before["eth0"][2]) == 2, before
-
-        def egress_only(self, ifname, xdp_mode="auto", netns=None):
-            mode = attach.attach_xdp(ifname, self.prog_fds["xdp_ingress"], xdp_mode, netns)
-            attach.attach_tc(ifname, self.prog_fds["tc_ingress"], self.prog_fds["tc_egress"], netns)
-            with ipr_in(netns) as ipr:
-                ipr.tc("del-filter", "bpf", ifindex(ipr, ifname), handle=1, parent=TC_INGRESS_PARENT, prio=TC_PRIO)
-            return mode
-        monkeypatch.setattr(Datapath, "attach", egress_only)
+        assert set(before["eth0"][2]) == {TC_INGRESS_PARENT, TC_EGRESS_PARENT}, before
         with pytest.raises(control.ControlError):
             control.start(parse_policy(text), pin, [ETH0, InterfaceConf("x0", "native", None)], netns=ns)
         assert {n: ids(n, ns) for n in ("eth0", "x0")} == before
