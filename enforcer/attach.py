@@ -228,7 +228,7 @@ class RolledBack(AttachError):
 
     def __init__(self, where: str, err: BaseException, restored: list[str], failed: dict[str, str]):
         self.where, self.err, self.restored, self.failed = where, err, restored, failed
-        text = f"attaching on {where} failed: {err}"
+        text = f"attaching on {where} failed: {str(err) or type(err).__name__}"   # KeyboardInterrupt: no text
         if restored:
             text += f"; {', '.join(restored)} run again exactly what they ran before"
         for w, why in failed.items():
@@ -253,7 +253,9 @@ def attach_all(dp, interfaces: list, netns: str | None, dos_profiles: dict[str, 
     """Attach `dp` (Datapath.attach) on every interface in order, or on none: when one fails (the kernel
     refuses its XDP mode, a driver or TC errs, the link vanished) every interface touched so far, the failing
     one too (maybe half done: XDP replaced, TC refused), gets back what ran there before, newest first, and
-    RolledBack says so. Cost per interface, besides the attach: one capture."""
+    RolledBack says so. Whatever was raised, an interrupt too (a half-done attach must not stay: control._start
+    holds the stop signals meanwhile), and whatever one put_back raises, the others are still tried. Cost per
+    interface, besides the attach: one capture."""
     before: list[Before] = []
     attached, where = [], ""
     try:
@@ -264,14 +266,14 @@ def attach_all(dp, interfaces: list, netns: str | None, dos_profiles: dict[str, 
             attached.append(AttachedInterface(i.name, netns, i.xdp_mode, mode, link_state(i.name, netns).ifindex,
                                               dos_profiles.get(i.name)))
         return attached
-    except Exception as e:      # whatever failed: what ran before is put back, then RolledBack raised
+    except BaseException as e:      # whatever failed: what ran before is put back, then RolledBack raised
         restored, failed = [], {}
         for b in reversed(before):
             try:
                 put_back(b)
                 restored.insert(0, b.where)
-            except (AttachError, LinkError, NetlinkError, OSError) as pe:
-                failed[b.where] = str(pe)
+            except Exception as pe:     # noqa: BLE001 - counted in `failed`, said in the error
+                failed[b.where] = str(pe) or type(pe).__name__
         raise RolledBack(where, e, restored, failed) from e
     finally:
         for b in before:

@@ -9,7 +9,9 @@ kernel when the policy or the request is bad.
 from __future__ import annotations
 
 import os
+import signal
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -301,9 +303,21 @@ def carried_state(old: InstanceState | None, pin_dir: str, build: str) -> Instan
 
 def start(policy: Policy, pin_dir: str, interfaces: list[InterfaceConf], netns: str | None = None) -> tuple[Datapath, InstanceState, StartResult]:
     """Bring an instance up (or take it over) with `policy` on `interfaces`; one policy writer at a
-    time (state.policy_writer), like `apply`."""
-    with policy_writer(pin_dir):
+    time (state.policy_writer), like `apply`. SIGTERM, SIGINT and SIGHUP are held meanwhile (_signals_held)."""
+    with policy_writer(pin_dir), _signals_held():
         return _start(policy, pin_dir, interfaces, netns)
+
+
+@contextmanager
+def _signals_held():
+    """The calling thread's SIGTERM, SIGINT and SIGHUP held pending until the block ends (then delivered,
+    unless the caller holds them too: the runner's are handled by its loop): a stop while a start attaches
+    or puts back would leave interfaces running the new programs unpinned, or a mix (docs/cli.md "Upgrades")."""
+    was = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, was)
 
 
 def _start(policy: Policy, pin_dir: str, interfaces: list[InterfaceConf], netns: str | None) -> tuple[Datapath, InstanceState, StartResult]:
@@ -362,7 +376,7 @@ def _not_started(e: attach.RolledBack, dp: Datapath, st: InstanceState, replaced
         fqdnsets.restore(st.pin_dir, fqdn_was)
         how = "except where stated" if e.failed else "unchanged"
         now = (f"the instance at {st.pin_dir} (build {replaced.build}) still enforces {how}; the new build was "
-               f"not installed" if replaced is not None else "nothing was installed")
+               f"not installed" if replaced is not None else "nothing was installed" + (f" {how}" if e.failed else ""))
     return ControlError(f"{e}; {now}" + ("" if e.failed else "; fix the cause and run again"))
 
 

@@ -163,6 +163,11 @@ def run(a, policy: Policy, ifaces: list[InterfaceConf], load: Callable[[str], Po
             socks = probe.bind(policy.dns.listen)
         except OSError as e:
             raise control.ControlError(f"DNS proxy: {e}; nothing was changed") from None
+    # Held pending from the start on until _main's handlers are in place: a SIGTERM during the start (which
+    # holds them too: control._signals_held) is a stop once it is done; from the banner on, callers may
+    # signal us (a SIGHUP would otherwise end the process by its default action, a SIGTERM skip the detach).
+    # A start that fails exits 1 with them still held.
+    signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
     try:
         dp, st, res = control.start(policy, a.pin_dir, ifaces, a.netns)
     except BaseException:
@@ -173,9 +178,6 @@ def run(a, policy: Policy, ifaces: list[InterfaceConf], load: Callable[[str], Po
     if res.migrated_conntrack:
         how += f", carried {res.migrated_conntrack} tracked connections over"
     where = ", ".join(f"{i.name} (xdp {i.xdp_mode}, tc)" for i in res.interfaces)
-    # From the banner on, callers may signal us: held pending until _main's handlers are in place (a SIGHUP
-    # would otherwise end the process by its default action, a SIGTERM skip the detach)
-    signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
     _say(f"{how}; enforcing {policy.name} revision {policy.revision} ({res.apply.rules} rules, "
          f"{res.apply.prefixes} prefixes) on {where}")
     if res.apply.fqdn_full:
