@@ -256,13 +256,7 @@ def cmd_status(a) -> int:
               f"essential ICMP {_onoff(d.get('essential_icmp'))}; "
               f"pin dir {s['pin_dir']}; "
               f"run pid {s['pid']} {'alive' if s['pid_alive'] else 'not running (programs still attached)'}")
-    t = Table(title="interfaces")
-    for c in ("interface", "netns", "xdp", "tc ingress", "tc egress"):
-        t.add_column(c)
-    for i in s["interfaces"]:
-        t.add_row(i["name"], i.get("netns") or "-", i.get("xdp_mode", i.get("error", "?")),
-                  _onoff(i.get("tc_ingress")), _onoff(i.get("tc_egress")))
-    con.print(t)
+    _print_interfaces(con, s["interfaces"])
     t = Table(title="verdicts")
     for c in ("verdict", "packets", "bytes"):
         t.add_column(c, justify="right")
@@ -324,6 +318,21 @@ def cmd_status(a) -> int:
         con.print(f"map memory: {mem['total_bytes'] / 2**20:.1f} MiB in {len(mem['maps'])} maps (largest: "
                   + ", ".join(f"{n} {b / 2**20:.1f} MiB" for n, b in top) + ")")
     return EXIT_OK
+
+
+def _print_interfaces(con, interfaces: list[dict]) -> None:
+    """The interfaces table: XDP judges ingress, TC egress; no TC ingress column, since none is attached
+    (docs/datapath.md "Hooks") — only an older build's leftover filter is named."""
+    from rich.table import Table
+    t = Table(title="interfaces")
+    for c in ("interface", "netns", "xdp", "tc egress"):
+        t.add_column(c)
+    for i in interfaces:
+        t.add_row(i["name"], i.get("netns") or "-", i.get("xdp_mode", i.get("error", "?")), _onoff(i.get("tc_egress")))
+    con.print(t)
+    for i in interfaces:
+        if i.get("tc_ingress"):
+            con.print(f"{i['name']}: a TC ingress filter of an older build is still attached (the next start removes it)")
 
 
 def _print_fqdn(con, fq: dict) -> None:

@@ -128,6 +128,7 @@ def test_run_apply_status_detach(inst):
     assert "DNS proxy" not in text and "fqdn dynamic sets" not in text, text
     assert "stateful on, audit off, essential ICMP on" in text, text
     assert "True" not in text and "False" not in text, text
+    assert "tc ingress" not in text, text          # none attached behind XDP (docs/datapath.md "Hooks")
 
     r = cli("apply", write(tmp, "b.yaml", POLICY.format(rev="r2")), env=inst["env"], check=True)
     assert "r1 → r2" in r.stdout and "switch" in r.stdout

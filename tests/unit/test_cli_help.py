@@ -76,3 +76,21 @@ def test_status_text_shows_the_dns_answer_cache_and_names_its_drops():
     text = out.getvalue()
     assert "cache hits 7 / misses 3 / evictions 1" in text, text
     assert "malformed queries 2, answers 5" in text, text
+
+
+def test_status_text_has_no_tc_ingress_column_and_names_an_older_builds_filter():
+    """docs/datapath.md "Hooks": no TC ingress filter is attached behind XDP, so `status` text shows no
+    "tc ingress off" column that reads like a fault; an older build's leftover filter is named."""
+    import io
+
+    from rich.console import Console
+
+    from hostwall.enforcer.cli import _print_interfaces
+    out = io.StringIO()
+    _print_interfaces(Console(file=out, width=200), [
+        {"name": "eth0", "xdp_mode": "native", "tc_ingress": False, "tc_egress": True},
+        {"name": "eth1", "netns": "ns1", "xdp_mode": "generic", "tc_ingress": True, "tc_egress": True}])
+    text = out.getvalue()
+    assert "tc ingress" not in text and "tc egress" in text, text
+    assert "eth1: a TC ingress filter of an older build is still attached" in text, text
+    assert "eth0: a TC ingress" not in text, text
