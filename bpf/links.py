@@ -94,8 +94,12 @@ def programs(ifname: str, netns: str | None = None) -> Programs:
                 got = _bpf_filter(f)
                 if got[0]:
                     tc[parent] = got
-        clsact = any(q.get_attr("TCA_KIND") == "clsact" for q in ipr.get_qdiscs(index=idx))
-        return Programs(ids["IFLA_XDP_SKB_PROG_ID"], ids["IFLA_XDP_DRV_PROG_ID"], tc, clsact)
+        return Programs(ids["IFLA_XDP_SKB_PROG_ID"], ids["IFLA_XDP_DRV_PROG_ID"], tc, has_clsact(ipr, idx))
+
+
+def has_clsact(ipr, idx: int) -> bool:
+    """A clsact qdisc on link `idx` (ours or another user's)."""
+    return any(q.get_attr("TCA_KIND") == "clsact" for q in ipr.get_qdiscs(index=idx))
 
 
 def _bpf_filter(f) -> tuple[int, str]:

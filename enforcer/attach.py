@@ -30,6 +30,7 @@ from hostwall.bpf.links import (
     link_state,
     programs,
 )
+from hostwall.bpf.links import has_clsact as _has_clsact
 from hostwall.bpf.links import ipr_in as _ipr
 from hostwall.bpf.links import our_filters as _our_filters
 from hostwall.bpf.state import AttachedInterface
@@ -85,8 +86,10 @@ def detach_xdp(ifname: str, netns: str | None = None) -> None:
                 pass
 
 
-def _has_clsact(ipr, idx: int) -> bool:
-    return any(q.get_attr("TCA_KIND") == "clsact" for q in ipr.get_qdiscs(index=idx))
+def _empty_clsact(ipr, idx: int) -> bool:
+    """A clsact qdisc that holds no filter on either parent (anyone's)."""
+    return _has_clsact(ipr, idx) and \
+        not any(ipr.get_filters(index=idx, parent=p) for p in (TC_INGRESS_PARENT, TC_EGRESS_PARENT))
 
 
 def attach_tc(ifname: str, ingress_fd: int | None, egress_fd: int, netns: str | None = None) -> None:
@@ -133,8 +136,7 @@ def detach_tc(ifname: str, netns: str | None = None) -> None:
             return
         for parent in (TC_INGRESS_PARENT, TC_EGRESS_PARENT):
             _del_ours(ipr, idx, parent)
-        left = any(ipr.get_filters(index=idx, parent=p) for p in (TC_INGRESS_PARENT, TC_EGRESS_PARENT))
-        if not left and _has_clsact(ipr, idx):
+        if _empty_clsact(ipr, idx):
             try:
                 ipr.tc("del", "clsact", idx)
             except NetlinkError:
@@ -217,8 +219,7 @@ def _tc_back(ipr, idx: int, b: Before, now: Programs) -> None:
             _replace_filter(ipr, idx, parent, b.fds[want[0]], want[1])
         elif want is None and have is not None:
             _del_ours(ipr, idx, parent)
-    if not b.progs.clsact and _has_clsact(ipr, idx) and \
-            not any(ipr.get_filters(index=idx, parent=p) for p in (TC_INGRESS_PARENT, TC_EGRESS_PARENT)):
+    if not b.progs.clsact and _empty_clsact(ipr, idx):
         ipr.tc("del", "clsact", idx)            # we added it and it holds nothing
 
 
