@@ -282,7 +282,10 @@ def stages(prog_fd: int, map_fd: int, n_records: int) -> dict[str, float]:
     whole ring batches (queues.batch events) — the same calls the Pipeline makes, without the event
     loop between them: ring read, RecordBuilder.on_events, ledger + hostwall.seq numbering
     (Pipeline._number), Enricher.enrich_batch (warm caches), the JSONL sink's send (encode + write),
-    and, apart, the cyclic GC's own time inside them (gc.callbacks)."""
+    and, apart, the cyclic GC's own time inside them (gc.callbacks). Each stage also as this thread's
+    CPU time (`stage_*_cpu_ns`, time.thread_time_ns at the same points): wall time counts the time the
+    process waited for a core, which on a shared, loaded machine hides a 10 % change (docs/benchmarks.md,
+    issue 17 collector); CPU time does not (caches and memory are still shared)."""
     import gc
 
     from hostwall.bpf.ringbuf import slot_size
@@ -313,6 +316,8 @@ def stages(prog_fd: int, map_fd: int, n_records: int) -> dict[str, float]:
         clock = Clock.calibrate()
         slot, batch = slot_size(L.DTYPES["hw_event"].itemsize), cfg.queues.batch
         t = dict.fromkeys(("decode", "build", "number", "enrich", "sink"), 0)
+        cpu = dict.fromkeys(t, 0)
+        now = time.thread_time_ns
         done = 0
 
         async def go() -> None:
@@ -326,20 +331,22 @@ def stages(prog_fd: int, map_fd: int, n_records: int) -> dict[str, float]:
                     k = min(batch, n_records - done)
                     while ring.available_bytes() // slot < k:
                         produce(prog_fd, k - ring.available_bytes() // slot)
-                    t0 = time.perf_counter_ns()
+                    c0, t0 = now(), time.perf_counter_ns()
                     b = ring.read(k)
-                    t1 = time.perf_counter_ns()
+                    c1, t1 = now(), time.perf_counter_ns()
                     recs = builder.on_events(b.records, clock)
-                    t2 = time.perf_counter_ns()
+                    c2, t2 = now(), time.perf_counter_ns()
                     ledger.produce("events", len(recs))
                     pipe._number(recs, "events")
-                    t3 = time.perf_counter_ns()
+                    c3, t3 = now(), time.perf_counter_ns()
                     await pipe._enrich(recs)
-                    t4 = time.perf_counter_ns()
+                    c4, t4 = now(), time.perf_counter_ns()
                     await sink.send(recs)
-                    t5 = time.perf_counter_ns()
-                    for key, dt in zip(t, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)):
+                    c5, t5 = now(), time.perf_counter_ns()
+                    for key, dt, dc in zip(t, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4),
+                                           (c1 - c0, c2 - c1, c3 - c2, c4 - c3, c5 - c4)):
                         t[key] += dt
+                        cpu[key] += dc
                     done += len(recs)
                     del recs, b
             finally:
@@ -350,6 +357,8 @@ def stages(prog_fd: int, map_fd: int, n_records: int) -> dict[str, float]:
         uvloop.run(go())
         out = {f"stage_{k}_ns": v / done for k, v in t.items()}
         out["stage_total_ns"] = sum(t.values()) / done
+        out.update({f"stage_{k}_cpu_ns": v / done for k, v in cpu.items()})
+        out["stage_total_cpu_ns"] = sum(cpu.values()) / done
         out["stage_gc_ns"] = gc_ns[0] / done
         return out
     finally:

@@ -74,7 +74,8 @@ class DomainNamer:
         return best[0] if best else None
 
     def name(self, record: dict) -> None:
-        """Set destination.domain on a flow/log record of an fqdns rule (in place)."""
+        """Set destination.domain on a flow/log record of an fqdns rule (the record's `destination`
+        replaced by a copy with it: the old object may be shared, docs/collector.md "Records at line rate")."""
         hw = record.get("hostwall", {})
         if hw.get("kind") not in _KINDS:
             return
@@ -94,8 +95,8 @@ class DomainNamer:
                 self.memory.put(key, name)
         elif key and hw.get("flow", {}).get("state") == "closed":
             self.memory.pop(key, None)
-        if name:
-            dst["domain"] = name
+        if name:        # a new object: the builder's `destination` may be shared by other records
+            record["destination"] = {**dst, "domain": name}
             self.counters["named"] += 1
         else:
             self.counters["unnamed"] += 1

@@ -21,24 +21,30 @@ _PORT_PROTOS = (6, 17, 132)
 
 class EndpointCache:
     """get(key, family, proto, sport, dport, icmp_type) → (source ip, destination ip, community id or
-    "", hostwall.icmp template or None, packed source, packed destination). The caller copies the ICMP
-    template before putting it in a record (records are mutated downstream)."""
+    "", hostwall.icmp template or None, packed source, packed destination, `related` object, `source`
+    object, `destination` object). The caller copies the ICMP template before putting it in a record
+    (records are mutated downstream); `related` ({"ip": [...]}) and `source` / `destination` (ip, and
+    port for TCP / UDP / SCTP) go into the tuple's records as they are where a record adds nothing to
+    them: shared read-only, like the records' other constant parts (docs/collector.md "Records at line
+    rate": code that changes a record replaces such an object, never mutates it).
+    `entries` is the key → value dict itself: a caller may look a key up there first (a hit is the
+    same tuple get returns) and call get on a miss."""
 
     def __init__(self, seed: int = 0, max_entries: int = 65536):
         self.seed = seed
         self.max_entries = max_entries
-        self._d: dict[bytes, tuple] = {}
+        self.entries: dict[bytes, tuple] = {}
         self.misses = self.clears = 0
 
     def get(self, key: bytes, fam: int, proto: int, sport: int, dport: int, icmp_type: int) -> tuple:
-        got = self._d.get(key)
+        got = self.entries.get(key)
         if got is not None:
             return got
         self.misses += 1
-        if len(self._d) >= self.max_entries:
-            self._d.clear()
+        if len(self.entries) >= self.max_entries:
+            self.entries.clear()
             self.clears += 1
-        got = self._d[key] = self._compute(key, fam, proto, sport, dport, icmp_type)
+        got = self.entries[key] = self._compute(key, fam, proto, sport, dport, icmp_type)
         return got
 
     def _compute(self, key: bytes, fam: int, proto: int, sport: int, dport: int, icmp_type: int) -> tuple:
@@ -57,7 +63,9 @@ class EndpointCache:
                 cid = community_id(spk, dpk, proto, icmp_type, 0, self.seed)
         else:
             cid = community_id(spk, dpk, proto, seed=self.seed)
-        return sip, dip, cid, icmp, spk, dpk
+        ported = proto in _PORT_PROTOS
+        src, dst = ({"ip": sip, "port": sport}, {"ip": dip, "port": dport}) if ported else ({"ip": sip}, {"ip": dip})
+        return sip, dip, cid, icmp, spk, dpk, {"ip": [sip] if sip == dip else [sip, dip]}, src, dst
 
     def stats(self) -> dict:
-        return {"entries": len(self._d), "misses": self.misses, "clears": self.clears}
+        return {"entries": len(self.entries), "misses": self.misses, "clears": self.clears}

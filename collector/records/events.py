@@ -11,9 +11,12 @@ columns at once with NumPy — the instants as RFC 3339 text (timefmt.iso_column
 lookup over the column, the raw 120 bytes of each event and a 40-byte flow tuple per event — and the
 per-record Python is one dict literal per kind plus the optional keys, in the order the schema
 documents (docs/records.md) and the conformance tests pin. What repeats across records is computed
-once: addresses as text and the Community ID per distinct flow tuple (`EndpointCache`, bounded),
-the network object per (family, protocol, direction), rule names per (revision, slot), the observer
-per host. Cost: ~3-5 µs per record on an idle core (dict building + one BLAKE2b for `event.id`), plus
+once: addresses as text, the Community ID and the `related`, `source` and `destination` objects per
+distinct flow tuple (`EndpointCache`, bounded; the latter two shared by the records that add no
+counters to them: flow starts, and a deny's or log's destination), the network object per (family,
+protocol, direction), rule names per (revision, slot), the observer per host, the BLAKE2b state of
+each kind's `event.id` prefix (copied, then fed the raw event). Cost: ~3-5 µs per record on an idle
+core (dict building + one BLAKE2b for `event.id`), plus
 ~2 µs per distinct flow tuple not seen recently (inet_ntop + SHA-1). Invariant: the records are
 byte-for-byte those of the per-record builder this replaced (tests/collector/test_records_batch.py
 checks it against that builder, kept as the test oracle).
@@ -54,8 +57,8 @@ _KIND_TAG = {t: (name.encode(), "flow" if t in (_FLOW_START, _FLOW_END) else nam
              for t, name in L.EVENT_TYPE_NAMES.items()}
 _PORT_PROTOS = frozenset({6, 17, 132})
 # Constant parts every record of a kind shares (one object each; read-only, docs/collector.md
-# "Records at line rate": code that changes a record replaces such an object, never mutates it); so is
-# the host's `observer` of a record without an interface
+# "Records at line rate": code that changes a record replaces such an object, never mutates it); so are
+# the host's `observer` of a record without an interface and EndpointCache's per-tuple objects
 _ECS = {"version": ECS_VERSION}
 _CATEGORY = ["network"]
 _T_START, _T_END, _T_ALLOWED, _T_DENIED = ["start"], ["end"], ["allowed"], ["denied"]
@@ -147,29 +150,27 @@ class EventRecords:
             _HOOK[a["hook"]].tolist(), rule_keys,
             a["packets"][:, 0].tolist(), a["packets"][:, 1].tolist(), a["bytes"][:, 0].tolist(),
             a["bytes"][:, 1].tolist())
-        endpoint = self._endpoint_cache().get
+        endpoints = self._endpoint_cache()
+        endpoint, known = endpoints.get, endpoints.entries
         netmemo, obs = self._memos()
         network_for, rule_of = self._network_for, self._rule_of
         rules: dict[int, tuple] = {}
         created = self._created
-        id_prefix = {t: self._id_prefix + tag + b"\x1f" for t, (tag, _) in _KIND_TAG.items()}
+        blake2b = hashlib.blake2b      # event.id: a copy of the kind's hash of its prefix, fed the raw event
+        id_hash = {t: blake2b(self._id_prefix + tag + b"\x1f", digest_size=16) for t, (tag, _) in _KIND_TAG.items()}
         kinds = {t: kind for t, (_, kind) in _KIND_TAG.items()}
-        blake2b = hashlib.blake2b
         ct_names, counters, flows, dir_names = L.CT_STATE_NAMES, self.counters, self.flows, DIR_NAMES
         out: list[dict] = []
         append = out.append
         with GcPaused():
             for (t, f, p, d, v, sport, dport, ifindex, cgid, flags, ct, icmp_type, cause, start_ns, ts_ns, hook_id,
                  at_s, start_s, dur, raw, netkey, epkey, verdict, reason, hook, rk, p0, p1, b0, b1) in zip(*cols):
-                sip, dip, cid, icmp, spk, dpk = endpoint(epkey, f, p, sport, dport, icmp_type)
+                sip, dip, cid, icmp, spk, dpk, related, src, dst = (known.get(epkey)
+                                                                    or endpoint(epkey, f, p, sport, dport, icmp_type))
                 net = netmemo.get(netkey)
                 net = (net or network_for(netmemo, netkey)).copy()
                 if cid:
                     net["community_id"] = cid
-                if p in _PORT_PROTOS:
-                    src, dst = {"ip": sip, "port": sport}, {"ip": dip, "port": dport}
-                else:
-                    src, dst = {"ip": sip}, {"ip": dip}
                 hw = {"kind": kinds[t], "schema_version": SCHEMA_VERSION}
                 if icmp is not None:
                     hw["icmp"] = icmp.copy()
@@ -187,7 +188,9 @@ class EventRecords:
                 hw["cgroup_id"] = cgid
                 if p == 6 and flags:
                     hw["tcp_flags"] = flags
-                ident = blake2b(id_prefix[t] + raw, digest_size=16).hexdigest()
+                h = id_hash[t].copy()
+                h.update(raw)
+                ident = h.hexdigest()
                 if t == _FLOW_START:
                     event = {"kind": "event", "category": _CATEGORY, "dataset": "hostwall.flow", "created": created,
                              "type": _T_START, "action": "flow_start", "outcome": "success", "start": start_s,
@@ -202,8 +205,11 @@ class EventRecords:
                     if flows.close((f, p, spk, dpk, sport, dport, d)) is None:
                         counters["end_without_start"] += 1
                     state = ct_names.get(ct, "")
-                    src["packets"], src["bytes"] = p0, b0
-                    dst["packets"], dst["bytes"] = p1, b1
+                    if p in _PORT_PROTOS:       # src / dst: the tuple's shared objects unless counted
+                        src = {"ip": sip, "port": sport, "packets": p0, "bytes": b0}
+                        dst = {"ip": dip, "port": dport, "packets": p1, "bytes": b1}
+                    else:
+                        src, dst = {"ip": sip, "packets": p0, "bytes": b0}, {"ip": dip, "packets": p1, "bytes": b1}
                     net["packets"], net["bytes"] = p0 + p1, b0 + b1
                     event = {"kind": "event", "category": _CATEGORY, "dataset": "hostwall.flow", "created": created}
                     why = END_REASON.get(state, "fin")
@@ -217,7 +223,8 @@ class EventRecords:
                         hw["ct_state"] = state
                     hw["sample_rate"] = 1
                 else:
-                    src["packets"], src["bytes"] = p0, b0
+                    src = ({"ip": sip, "port": sport, "packets": p0, "bytes": b0} if p in _PORT_PROTOS
+                           else {"ip": sip, "packets": p0, "bytes": b0})
                     net["packets"], net["bytes"] = p0, b0
                     if t == _DENY:
                         would = v == _WOULD_DROP
@@ -233,7 +240,7 @@ class EventRecords:
                         hw["sample_rate"] = 1
                 rec = {"@timestamp": at_s, "ecs": _ECS, "event": event, "observer": observer, "hostwall": hw,
                        "network": net, "source": src, "destination": dst,
-                       "related": {"ip": [sip] if sip == dip else [sip, dip]}}
+                       "related": related}
                 rule = rules.get(rk)
                 if rule is None:
                     rule = rules[rk] = rule_of(rk >> 32, rk & 0xFFFFFFFF)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 __all__ = ["OpenFlow", "FlowTable"]
 
 
-@dataclass
+@dataclass(slots=True)
 class OpenFlow:
     start_ns: int                  # monotonic
     last_ns: int                   # monotonic, last activity we heard of

@@ -136,3 +136,19 @@ def test_destination_domain_names_fqdns_flows():
     DomainNamer(InstanceStateView(HOST.pin_dir, state()), maps=_Maps([Learnt("a.cdn.example.test", "10.66.2.11",
                                                                              10**15, 5)])).name(plain)
     assert "domain" not in plain["destination"], "a rule without fqdns gets no domain"
+
+
+def test_naming_a_flow_leaves_the_records_sharing_its_destination_unchanged():
+    """The builder shares one `destination` object among the records of a flow tuple that add no counters
+    to it (docs/collector.md "Records at line rate"): naming one record replaces its object."""
+    st = state(slots={"mirrors": 0}, rule_meta={"mirrors": {"direction": "egress", "action": "allow",
+                                                            "fqdns": ["*.cdn.example.test"]}})
+    view = InstanceStateView(HOST.pin_dir, st)
+    b = builder()
+    b.instance = view
+    first, again = b.on_events(np.concatenate([
+        event("flow_start", "10.66.1.2", "10.66.2.11", 40000, 443, direction=1, hook=2, rule_slot=0)] * 2), CLOCK)
+    assert first["destination"] is again["destination"], "the premise: one shared object"
+    DomainNamer(view, maps=_Maps([Learnt("a.cdn.example.test", "10.66.2.11", 10**15, 5)])).name(first)
+    assert first["destination"] == {"ip": "10.66.2.11", "port": 443, "domain": "a.cdn.example.test"}
+    assert again["destination"] == {"ip": "10.66.2.11", "port": 443}, "the other record is not named by it"

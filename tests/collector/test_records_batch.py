@@ -146,3 +146,16 @@ def test_a_batch_of_the_wrong_layout_is_counted_alike(monkeypatch, bad):
     nb, nl, ob, ol = pair(monkeypatch)
     check_same(nb, nl, ob, ol, [bad], Clock(0))
     assert nl.calls == [("decode", "bad_event_layout", 1)]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(0, (1 << 62) - 1), min_size=1, max_size=300),
+       st.integers(0, (1 << 62) - 1), st.integers(0, 5 * 10**9))
+def test_the_vectorised_time_text_is_iso_ns(instants, base, spread):
+    """timefmt.iso_text (the builder's `@timestamp` / `event.start` / `event.end` text) is iso_ns's for any
+    instant it is used for: random ones over its whole range, and a batch's few seconds around `base`
+    (microsecond and second boundaries, repeated seconds)."""
+    from hostwall.collector.records.timefmt import iso_ns, iso_text
+    near = [min(base + d, (1 << 62) - 1) for d in (0, 999, 1000, 999_999_999, 10**9, spread)]
+    wall = np.array(instants + near, np.int64)
+    assert iso_text(wall) == [iso_ns(t) for t in wall.tolist()]
