@@ -23,6 +23,8 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 
+from .statedir import use_private_state_dir
+
 SUITES = ("datapath", "lab", "swap", "dos", "collector", "kafka", "crash", "policy", "dns", "oncall")
 
 
@@ -159,6 +161,7 @@ def _run_one(name: str, quick: bool, cpu: int | None = None) -> tuple[dict[str, 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    use_private_state_dir()
     if args.cpu is not None and args.cpu not in os.sched_getaffinity(0):
         print(f"--cpu {args.cpu}: not one of the CPUs this process may run on "
               f"({sorted(os.sched_getaffinity(0))})", file=sys.stderr)

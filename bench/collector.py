@@ -43,6 +43,7 @@ from hostwall.bpf import bpfsys
 from hostwall.bpf import layout as L
 
 from .collector_run import rss_mb
+from .statedir import use_private_state_dir
 
 TARGETS = {
     "decode_rps": (">= 2e6 records/s", lambda m: m["decode_rps"] >= 2e6),
@@ -333,6 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--enrich", choices=("on", "off"), default="on")
     ap.add_argument("--records", type=int, default=100_000)
     a = ap.parse_args(argv)
+    use_private_state_dir()
     prod = Producer(mix=True)
     try:
         mode = "stages" if a.stages else a.enrich

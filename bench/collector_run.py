@@ -41,6 +41,8 @@ import numpy as np
 from hostwall.bpf import bpfsys
 from hostwall.bpf import layout as L
 
+from .statedir import use_private_state_dir
+
 FRAME = b"\x02\x00\x00\x00\x00\x02\x02\x00\x00\x00\x00\x01\x08\x00" + bytes(46)
 BENCH_CGROUP_ID = 4242            # egress events carry it; the cgroup cache knows it (warm)
 BENCH_LOCAL = ("10.0.0.1", 443)   # ingress flows' local socket; the socket cache knows its owner
@@ -423,6 +425,7 @@ def main(argv: list[str] | None = None) -> int:
         for k, v in b.items():
             print(f"{k:24s} {v:8.3f} s {100 * v / total:5.1f} %")
         return 0
+    use_private_state_dir()                 # the parent's, inherited; its own when run alone
     m: dict[str, float] = {"rss_mb_child_start": rss_mb("VmRSS")}
     from hostwall.gcpause import tune_for_batches
     tune_for_batches()                      # as the collector CLI does at start (collector/cli.py run)

@@ -219,3 +219,21 @@ def test_datapath_spread_per_case_and_warning(capsys):
     assert m["ns_tight_spread_pct"] == pytest.approx(3.2) and m["spread_max_pct"] == m["ns_wide_spread_pct"]
     err = capsys.readouterr().err
     assert "WARNING: 1 of 2 cases" in err and "ns_wide 64 %" in err and "ns_tight" not in err
+
+
+def test_suites_keep_state_files_out_of_the_hosts_state_dir(suites, monkeypatch, capsys):
+    """A suite's collectors register their checkpoints in HOSTWALL_STATE_DIR (bpf/state.py
+    register_collector): the runner points it at a private directory unless the caller chose one."""
+    seen = []
+
+    def run(quick):
+        seen.append(os.environ.get("HOSTWALL_STATE_DIR"))
+        return {"x": 1.0}
+    suites["collector"] = types.SimpleNamespace(run=run)
+    monkeypatch.delenv("HOSTWALL_STATE_DIR", raising=False)
+    assert cli.main(["collector", "--json"]) == 0
+    assert seen[0] and os.path.isdir(seen[0]) and not seen[0].startswith("/run/hostwall")
+    mine = os.path.join(ROOT, "own-state")
+    monkeypatch.setenv("HOSTWALL_STATE_DIR", mine)
+    assert cli.main(["collector", "--json"]) == 0
+    assert seen[1] == mine
