@@ -33,7 +33,7 @@ from . import layout as L
 from .state import instance_stem, state_dir
 
 __all__ = ["SET_MAP", "INDEX_MAP", "NAMES_MAP", "NAME_IPS_MAP", "STATS_MAP", "FqdnMaps", "Learnt", "name_id",
-           "now_ns", "MAPS", "index_slot"]
+           "now_ns", "MAPS", "index_slot", "reindex"]
 
 SET_MAP, NAMES_MAP, NAME_IPS_MAP, STATS_MAP = "hw_fqdn", "hw_dns_names", "hw_dns_name_ips", "hw_dns_stats"
 MAPS = (SET_MAP, NAMES_MAP, NAME_IPS_MAP, STATS_MAP)
@@ -157,13 +157,13 @@ class FqdnMaps:
         """One slot changed as the datapath may read it at any moment: its sequence is odd meanwhile, so
         a packet that read the copy across the change asks hw_fqdn instead (fqdn.h fqdn_indexed)."""
         ix = self.index()
-        seq = int(ix["seq"][i])
-        ix["seq"][i] = (seq + 1) & 0xFFFFFFFF
+        seq = int(ix["seq"][i]) | 1             # odd, also after a writer killed while it was odd
+        ix["seq"][i] = seq
         ix["entries"][i] = max(0, int(ix["entries"][i]) + entries)
         if key is not None:
             ix["key"][i] = np.frombuffer(key, _KEY)[0]
             ix["expires_ns"][i] = expires_ns
-        ix["seq"][i] = (seq + 2) & 0xFFFFFFFF
+        ix["seq"][i] = (seq + 1) & 0xFFFFFFFF
 
     def _set_put(self, key: bytes, expires_ns: int, learnt_ns: int) -> bool:
         """hw_fqdn first (the set), its index after: a packet in between asks hw_fqdn, which has it."""
@@ -196,13 +196,17 @@ class FqdnMaps:
 
     def rebuild_index(self) -> int:
         """Derive hw_fqdn_index from hw_fqdn again (an instance whose set was filled without it: copied
-        from an older build); returns the entries indexed."""
+        from an older build; or taken over after a writer was killed between its hw_fqdn update and its
+        slot's, which left the slot counting one entry too few, a learnt address denied while renewals
+        keep it, or its sequence odd); returns the entries indexed. Safe while packets read the index: a
+        slot's count goes from its old value to its new one, never through 0, and every copy changes
+        under an odd sequence."""
         with self.writing():
             keys, vals, n = bpfsys.map_batch(self.fds[SET_MAP], _KEY.itemsize, _VAL.itemsize)
             k, v = np.frombuffer(keys, _KEY, n), np.frombuffer(vals, _VAL, n)
             slots = index_slot(k)
             ix = self.index()
-            ix["seq"] += 1
+            ix["seq"] |= 1                      # odd (even after it) whatever a killed writer left
             ix["entries"] = np.bincount(slots, minlength=len(ix)).astype(np.uint32)
             ix["key"] = np.zeros(1, _KEY)[0]
             ix["expires_ns"] = 0
@@ -356,16 +360,22 @@ def copy_maps(old_fds: dict[str, int], new_fds: dict[str, int]) -> int | None:
                 except bpfsys.BpfError:
                     break                       # the new map is full: the rest is learnt again
                 copied += n == SET_MAP
-    fm = FqdnMaps(new_fds)
-    try:
-        fm.rebuild_index()
-    finally:
-        fm.close()
+    reindex(new_fds)
     n = min(bpfsys.map_info(old_fds[STATS_MAP]).max_entries, L.C["HW_DNS_STATS"])   # an older build: fewer
     raw = bpfsys.array_slots(old_fds[STATS_MAP], 0, n, 8)
     for i in range(n):
         bpfsys.map_update(new_fds[STATS_MAP], i.to_bytes(4, "little"), raw[8 * i:8 * i + 8])
     return copied
+
+
+def reindex(map_fds: dict[str, int], pin_dir: str | None = None) -> int:
+    """FqdnMaps.rebuild_index on an instance's maps, under the writers' lock of `pin_dir` (None: a new
+    instance no other writer can reach yet); returns the entries indexed."""
+    fm = FqdnMaps(map_fds, pin_dir)
+    try:
+        return fm.rebuild_index()
+    finally:
+        fm.close()
 
 
 def record_counters(fds: dict[str, int]) -> dict[str, int]:

@@ -164,17 +164,24 @@ def test_fixed_paths(harness):
     assert L.FQDN_RULES_MAX == 64
 
 
+def cdn_set_emptied(harness) -> tuple[int, FqdnMaps]:
+    """POLICY installed, the datapath's clock at NOW, hw_fqdn emptied (through FqdnMaps, the index with it):
+    the set id of the cdn / mirror rule and a writer (the caller closes it)."""
+    policy = harness.install(POLICY)
+    s = {lst: i + 1 for i, lst in enumerate(fqdn_lists(policy))}[("*.cdn.example.com", "mirror.example.com")]
+    harness.dp.set_config(test_now_ns=NOW)
+    fm = FqdnMaps(harness.dp.map_fds)
+    for sid, ip, _, _ in fm.set_entries():
+        fm.set_delete(sid, ip)
+    return s, fm
+
+
 def test_index_never_changes_an_answer(harness):
     """hw_fqdn_index (hostwall.h struct hw_fqdn_slot) spares the hash lookup and nothing else: two keys
     of one slot both match (one from the slot's copy, one from hw_fqdn), a deleted key's copy goes with
     it, a copy read across a writer's change (odd sequence) or past its expiry asks hw_fqdn, a slot that
     counts no entry answers "not in the set", and rebuild_index derives the index from hw_fqdn again."""
-    policy = harness.install(POLICY)
-    s = {lst: i + 1 for i, lst in enumerate(fqdn_lists(policy))}[("*.cdn.example.com", "mirror.example.com")]
-    fm = FqdnMaps(harness.dp.map_fds)
-    harness.dp.set_config(test_now_ns=NOW)
-    for sid, ip, _, _ in fm.set_entries():
-        fm.set_delete(sid, ip)
+    s, fm = cdn_set_emptied(harness)
     # two addresses of 10.64.0.0/14 whose keys fall in one slot
     base = int(ipaddress.IPv4Address("10.64.0.0"))
     keys = np.zeros(1 << 18, L.DTYPES["hw_fqdn_key"])
@@ -230,12 +237,7 @@ def test_a_copied_set_is_indexed(harness):
     _migrate_fqdn) fills hw_fqdn without its index: it rebuilds the index, or the copied addresses would
     stay unmatched (their slots counting no entry)."""
     from hostwall.enforcer.datapath import Datapath
-    policy = harness.install(POLICY)
-    s = {lst: i + 1 for i, lst in enumerate(fqdn_lists(policy))}[("*.cdn.example.com", "mirror.example.com")]
-    harness.dp.set_config(test_now_ns=NOW)
-    fm = FqdnMaps(harness.dp.map_fds)
-    for sid, ip, _, _ in fm.set_entries():
-        fm.set_delete(sid, ip)
+    s, fm = cdn_set_emptied(harness)
     src = Datapath.load()
     try:
         sfm = FqdnMaps(src.map_fds)
@@ -265,3 +267,36 @@ def test_a_reader_opens_the_maps_without_the_index(harness):
         assert fm.set_get(1, "10.0.0.1") is None, "nothing written without the index"
     finally:
         fm.close()
+
+
+def test_a_slot_left_odd_by_a_killed_writer_is_even_again(harness):
+    """A writer killed between its two sequence stores (FqdnMaps._slot_write) leaves the slot's sequence
+    odd. The slot's next write and rebuild_index end with it even, the copy answering again: a +1 / +1
+    writer would keep it odd at rest and even while it changes the copy, so that a packet could take a
+    half-written copy (a key made of two keys' words, or another key's expiry) for a whole one."""
+    s, fm = cdn_set_emptied(harness)
+    a = "10.77.0.1"
+    key = np.zeros(1, L.DTYPES["hw_fqdn_key"])
+    key["set"], key["family"], key["addr"][0, :4] = s, 4, list(ipaddress.IPv4Address(a).packed)
+    slot = int(index_slot(key)[0])
+    ix = fm.index()
+
+    def from_the_copy_alone() -> bool:
+        """Does the slot's copy answer by itself? (hw_fqdn's entry removed behind FqdnMaps' back, as
+        test_index_never_changes_an_answer does; put back after.)"""
+        raw = bpfsys.map_lookup(harness.dp.map_fds["hw_fqdn"], key.tobytes(), 16)
+        bpfsys.map_delete(harness.dp.map_fds["hw_fqdn"], key.tobytes())
+        o = harness.run("tc_egress", frame(Packet("egress", 4, "10.9.9.9", a, 6, 40000, 443), flags="A"))
+        harness.dp.clear_conntrack()
+        bpfsys.map_update(harness.dp.map_fds["hw_fqdn"], key.tobytes(), raw)
+        return o.verdict == "allow"
+
+    ix["seq"][slot] |= 1                                # killed mid-write
+    assert fm.set_put(s, a, NOW + 10, NOW)
+    assert int(ix["seq"][slot]) % 2 == 0 and ix["key"][slot].tobytes() == key.tobytes() and from_the_copy_alone()
+    ix["seq"][slot] |= 1
+    assert fm.rebuild_index() == 1
+    assert int(ix["seq"][slot]) % 2 == 0 and from_the_copy_alone()
+    assert int((ix["seq"] % 2).sum()) == 0
+    assert fm.set_delete(s, a) and int(ix["entries"].sum()) == 0
+    fm.close()
