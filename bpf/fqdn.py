@@ -210,8 +210,11 @@ class FqdnMaps:
             ix["entries"] = np.bincount(slots, minlength=len(ix)).astype(np.uint32)
             ix["key"] = np.zeros(1, _KEY)[0]
             ix["expires_ns"] = 0
-            ix["key"][slots] = k                # the last of several in one slot stays, with its expiry
-            ix["expires_ns"][slots] = v["expires_ns"]
+            # one entry per slot (numpy does not promise which of repeated indices an assignment keeps:
+            # two separate ones could pair one key with another's expiry)
+            held, one = np.unique(slots, return_index=True)
+            ix["key"][held] = k[one]
+            ix["expires_ns"][held] = v["expires_ns"][one]
             ix["seq"] += 1
             return n
 
