@@ -9,6 +9,8 @@
  * enters before the answer reaches the client), never by a program; pinned, and shared by both policy
  * generations: a set is named by its fqdns list, so a swap that keeps a list keeps its entries. */
 BPF_F_TABLE("hash", struct hw_fqdn_key, struct hw_fqdn_val, hw_fqdn, HW_FQDN_IPS_MAX, BPF_F_NO_PREALLOC);
+/* its index (hostwall.h struct hw_fqdn_slot): written with it, by user space alone, pinned with it */
+BPF_F_TABLE("array", u32, struct hw_fqdn_slot, hw_fqdn_index, 1 << HW_FQDN_INDEX_BITS, MAPF_MMAP);
 /* per generation: the fqdns rules in rule order, and per L4 class which of them it holds */
 BPF_F_TABLE("array", u32, struct hw_fqdn_rule, hw_fqdn_rules, 2 * HW_FQDN_RULES_MAX, MAPF_MMAP);
 BPF_F_TABLE("array", u32, struct hw_fqdn_l4, hw_fqdn_l4, 2 * HW_L4_CLASSES_MAX, MAPF_MMAP);
@@ -25,10 +27,43 @@ static __always_inline void fqdn_count(__u32 what)
 	counter_add(hw_fqdn_stats.lookup(&what), 0);
 }
 
+/* hw_fqdn_index's slot of a key, read as three 64-bit words (set and family, addr[0..1], addr[2..3]):
+ * bpf/fqdn.py index_slot computes the same */
+static __always_inline __u32 fqdn_slot(__u64 *w)
+{
+	__u64 x = w[0] * HW_FQDN_K0 + w[1] * HW_FQDN_K1 + w[2] * HW_FQDN_K2;
+	return (__u32)(x >> (64 - HW_FQDN_INDEX_BITS));
+}
+
+/* hw_fqdn's answer for fk without the lookup when the index has it: the expiry of a live entry, 0 for
+ * "not in the set" (no entry falls in the slot), 1 when the slot cannot tell (ask hw_fqdn). The copy
+ * is read between two reads of the slot's sequence: a writer's change in between, or a copy that is
+ * not fk or has expired, tells nothing. */
+static __always_inline __u64 fqdn_indexed(struct hw_fqdn_key *fk, __u64 now)
+{
+	__u64 *w = (__u64 *)fk;                 /* 8-byte aligned (fqdn_match), pad zero on both sides */
+	__u32 si = fqdn_slot(w);
+	struct hw_fqdn_slot *s = hw_fqdn_index.lookup(&si);
+	if (!s)
+		return 1;
+	__u32 seq = *(volatile __u32 *)&s->seq;
+	if (!*(volatile __u32 *)&s->entries)
+		return 0;
+	asm volatile("" ::: "memory");
+	__u64 exp = s->expires_ns;
+	__u64 *c = (__u64 *)&s->key;            /* at offset 8 of an 8-byte aligned slot */
+	int same = c[0] == w[0] && c[1] == w[1] && c[2] == w[2];
+	asm volatile("" ::: "memory");
+	if (!same || exp <= now || (seq & 1) || *(volatile __u32 *)&s->seq != seq)
+		return 1;
+	return exp;
+}
+
 /* The first matching rule once fqdns rules are considered: `m` is the first static match (order index,
  * or -1); an fqdns rule of the packet's L4 class that comes before it matches when the destination is in
- * its set and the entry has not expired. Candidates are tried in rule order, one hash lookup each (~40 ns
- * here: docs/benchmarks.md "FQDN rules"), and only those before `m`: a packet whose class holds no fqdns
+ * its set and the entry has not expired. Candidates are tried in rule order, one probe each (the index,
+ * and the hash lookup, ~30-40 ns here, only when the index cannot tell: docs/benchmarks.md "FQDN dynamic
+ * set, index in front"), and only those before `m`: a packet whose class holds no fqdns
  * rule, or whose static match comes first, pays one inlined array load. Expiry only stops new connections: packets of tracked ones never get here. */
 static __always_inline int fqdn_match(struct env *v, struct pkt *p, __u32 gen, __u32 lcls, int m)
 {
@@ -39,7 +74,7 @@ static __always_inline int fqdn_match(struct env *v, struct pkt *p, __u32 gen, _
 	__u64 mask = c->rules;
 	if (!mask)
 		return m;
-	struct hw_fqdn_key fk = {};
+	struct hw_fqdn_key fk __attribute__((aligned(8))) = {};
 	fk.family = p->family;
 	__builtin_memcpy(fk.addr, p->daddr, 16);
 	/* the answer goes through the packet's per-CPU memory: read back after the loop it is one unknown
@@ -56,17 +91,25 @@ static __always_inline int fqdn_match(struct env *v, struct pkt *p, __u32 gen, _
 		if (!fr || (m >= 0 && fr->order >= (__u32)m))
 			break;
 		fk.set = fr->set;
-		struct hw_fqdn_val *e = hw_fqdn.lookup(&fk);
-		if (!e) {
+		__u64 exp = fqdn_indexed(&fk, v->now);
+		if (!exp) {
 			fqdn_count(HW_FQS_MISS);
 			continue;
 		}
-		if (e->expires_ns > v->now) {
-			fqdn_count(HW_FQS_HIT);
-			p->fqdn_m = fr->order & (HW_MAX_RULES - 1);
-			break;
+		if (exp == 1) {
+			struct hw_fqdn_val *e = hw_fqdn.lookup(&fk);
+			if (!e) {
+				fqdn_count(HW_FQS_MISS);
+				continue;
+			}
+			if (e->expires_ns <= v->now) {
+				fqdn_count(HW_FQS_EXPIRED);
+				continue;
+			}
 		}
-		fqdn_count(HW_FQS_EXPIRED);
+		fqdn_count(HW_FQS_HIT);
+		p->fqdn_m = fr->order & (HW_MAX_RULES - 1);
+		break;
 	}
 	asm volatile("" ::: "memory");
 	return p->fqdn_m;

@@ -2,6 +2,9 @@
 (bpf/fqdn.h, hostwall.h "FQDN rules" and "What the proxy learnt"; docs/datapath.md "FQDN rules").
 
     hw_fqdn          (set, address) -> (expires_ns, learnt_ns): what the datapath reads
+    hw_fqdn_index    its direct-mapped index (mmap, hostwall.h struct hw_fqdn_slot): per slot how many
+                     entries fall there and a copy of the last one written, so that the datapath
+                     skips the hash lookup of most packets; written with hw_fqdn, derived from it
     hw_dns_names     name_id -> (learnt_ns, name)
     hw_dns_name_ips  (name_id, address) -> (expires_ns, learnt_ns): the source the sets are derived from
     hw_dns_stats     the proxy's counters (mmap, enum hw_dns_stat)
@@ -29,14 +32,20 @@ from . import bpfsys
 from . import layout as L
 from .state import instance_stem, state_dir
 
-__all__ = ["SET_MAP", "NAMES_MAP", "NAME_IPS_MAP", "STATS_MAP", "FqdnMaps", "Learnt", "name_id", "now_ns",
-           "MAPS"]
+__all__ = ["SET_MAP", "INDEX_MAP", "NAMES_MAP", "NAME_IPS_MAP", "STATS_MAP", "FqdnMaps", "Learnt", "name_id",
+           "now_ns", "MAPS", "index_slot", "reindex"]
 
 SET_MAP, NAMES_MAP, NAME_IPS_MAP, STATS_MAP = "hw_fqdn", "hw_dns_names", "hw_dns_name_ips", "hw_dns_stats"
 MAPS = (SET_MAP, NAMES_MAP, NAME_IPS_MAP, STATS_MAP)
+INDEX_MAP = "hw_fqdn_index"             # derived from SET_MAP: rebuilt, not copied, by copy_maps
 _KEY, _VAL = L.DTYPES["hw_fqdn_key"], L.DTYPES["hw_fqdn_val"]
-_NKEY, _NAME = L.DTYPES["hw_dns_name_ip"], L.DTYPES["hw_dns_name"]
+_SLOT = L.DTYPES["hw_fqdn_slot"]
+_INDEX_BITS = L.C["HW_FQDN_INDEX_BITS"]
+_MULT = np.array([L.C[f"HW_FQDN_K{i}"] for i in range(3)], dtype=np.uint64)
 E2BIG = 7
+EEXIST = 17
+BPF_NOEXIST = 1
+_NKEY, _NAME = L.DTYPES["hw_dns_name_ip"], L.DTYPES["hw_dns_name"]
 
 
 def now_ns() -> int:
@@ -68,6 +77,15 @@ def _name_key(nid: int, ip: str) -> bytes:
     return nid.to_bytes(8, "little") + bytes([fam, 0, 0, 0]) + packed + b"\0" * 4
 
 
+def index_slot(keys: np.ndarray) -> np.ndarray:
+    """hw_fqdn_index slots of hw_fqdn keys (fqdn.h fqdn_slot): the top bits of w0 * K0 + w1 * K1 + w2 * K2
+    mod 2^64, w0..w2 the key's three 64-bit words as the datapath reads them (host order)."""
+    words = np.ascontiguousarray(keys).view("<u8").reshape(-1, 3)
+    with np.errstate(over="ignore"):
+        x = (words * _MULT).sum(axis=1, dtype=np.uint64)
+    return (x >> np.uint64(64 - _INDEX_BITS)).astype(np.int64)
+
+
 def _val(expires_ns: int, learnt_ns: int) -> bytes:
     return int(expires_ns).to_bytes(8, "little") + int(learnt_ns).to_bytes(8, "little")
 
@@ -82,14 +100,18 @@ class Learnt:
 
 
 class FqdnMaps:
-    """The four maps of one instance, by fd (owned by the caller's Instance). `pin_dir` names the lock file
-    writers share (None: no lock, for a writer known to be alone, e.g. a test)."""
+    """The four maps of one instance and the set's index, by fd (owned by the caller's Instance); a writer
+    of the set needs the index, a reader does not. `pin_dir` names the lock file writers share (None: no
+    lock, for a writer known to be alone, e.g. a test)."""
 
     def __init__(self, map_fds: dict[str, int], pin_dir: str | None = None):
-        self.fds = {n: map_fds[n] for n in MAPS}
+        # the index only for writers: a reader (the collector's names) may open MAPS alone
+        self.fds = {n: map_fds[n] for n in (*MAPS, INDEX_MAP) if n in MAPS or n in map_fds}
         self.pin_dir = pin_dir
         self._stats: np.ndarray | None = None
         self._mm = None
+        self._index: np.ndarray | None = None
+        self._index_mm = None
         self._lock_fd: int | None = None
         self._depth = 0
         self.evicted = 0                # the hash map never evicts (kept for the writers' interface)
@@ -115,14 +137,86 @@ class FqdnMaps:
                 fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
     # ---- the dynamic set ------------------------------------------------------------------------
-    def _put(self, fd: int, key: bytes, value: bytes) -> bool:
+    def _put(self, fd: int, key: bytes, value: bytes, flags: int = 0) -> bool:
         try:
-            bpfsys.map_update(fd, key, value)
+            bpfsys.map_update(fd, key, value, flags)
         except bpfsys.BpfError as e:
             if e.errno == E2BIG:
                 return False
             raise
         return True
+
+    def index(self) -> np.ndarray:
+        """hw_fqdn_index as a writable view (mmap; written under `writing()` with hw_fqdn)."""
+        if self._index is None:
+            self._index_mm = bpfsys.mmap_array(self.fds[INDEX_MAP])
+            self._index = np.frombuffer(self._index_mm, _SLOT, 1 << _INDEX_BITS)
+        return self._index
+
+    def _slot_write(self, i: int, entries: int, key: bytes | None, expires_ns: int) -> None:
+        """One slot changed as the datapath may read it at any moment: its sequence is odd meanwhile, so
+        a packet that read the copy across the change asks hw_fqdn instead (fqdn.h fqdn_indexed)."""
+        ix = self.index()
+        seq = int(ix["seq"][i]) | 1             # odd, also after a writer killed while it was odd
+        ix["seq"][i] = seq
+        ix["entries"][i] = max(0, int(ix["entries"][i]) + entries)
+        if key is not None:
+            ix["key"][i] = np.frombuffer(key, _KEY)[0]
+            ix["expires_ns"][i] = expires_ns
+        ix["seq"][i] = (seq + 1) & 0xFFFFFFFF
+
+    def _set_put(self, key: bytes, expires_ns: int, learnt_ns: int) -> bool:
+        """hw_fqdn first (the set), its index after: a packet in between asks hw_fqdn, which has it."""
+        self.index()                            # a reader's object (no index) fails here, before any write
+        with self.writing():
+            value = _val(expires_ns, learnt_ns)
+            new = True
+            try:
+                if not self._put(self.fds[SET_MAP], key, value, BPF_NOEXIST):
+                    return False
+            except bpfsys.BpfError as e:
+                if e.errno != EEXIST:
+                    raise
+                new = False                     # a renewal: the slot already counts it
+                if not self._put(self.fds[SET_MAP], key, value):
+                    return False
+            self._slot_write(int(index_slot(np.frombuffer(key, _KEY))[0]), int(new), key, expires_ns)
+            return True
+
+    def _set_del(self, key: bytes) -> bool:
+        """The index's copy of the key goes first (it must not outlive the entry), the entry, then the count."""
+        with self.writing():
+            i = int(index_slot(np.frombuffer(key, _KEY))[0])
+            if self.index()["key"][i].tobytes() == key:
+                self._slot_write(i, 0, bytes(_KEY.itemsize), 0)
+            gone = bpfsys.map_delete(self.fds[SET_MAP], key)
+            if gone:
+                self._slot_write(i, -1, None, 0)
+            return gone
+
+    def rebuild_index(self) -> int:
+        """Derive hw_fqdn_index from hw_fqdn again (an instance whose set was filled without it: copied
+        from an older build; or taken over after a writer was killed between its hw_fqdn update and its
+        slot's, which left the slot counting one entry too few, a learnt address denied while renewals
+        keep it, or its sequence odd); returns the entries indexed. Safe while packets read the index: a
+        slot's count goes from its old value to its new one, never through 0, and every copy changes
+        under an odd sequence."""
+        with self.writing():
+            keys, vals, n = bpfsys.map_batch(self.fds[SET_MAP], _KEY.itemsize, _VAL.itemsize)
+            k, v = np.frombuffer(keys, _KEY, n), np.frombuffer(vals, _VAL, n)
+            slots = index_slot(k)
+            ix = self.index()
+            ix["seq"] |= 1                      # odd (even after it) whatever a killed writer left
+            ix["entries"] = np.bincount(slots, minlength=len(ix)).astype(np.uint32)
+            ix["key"] = np.zeros(1, _KEY)[0]
+            ix["expires_ns"] = 0
+            # one entry per slot (numpy does not promise which of repeated indices an assignment keeps:
+            # two separate ones could pair one key with another's expiry)
+            held, one = np.unique(slots, return_index=True)
+            ix["key"][held] = k[one]
+            ix["expires_ns"][held] = v["expires_ns"][one]
+            ix["seq"] += 1
+            return n
 
     def set_get(self, set_id: int, ip: str) -> tuple[int, int] | None:
         raw = bpfsys.map_lookup(self.fds[SET_MAP], _set_key(set_id, ip), _VAL.itemsize)
@@ -133,10 +227,10 @@ class FqdnMaps:
 
     def set_put(self, set_id: int, ip: str, expires_ns: int, learnt_ns: int) -> bool:
         """Enter or renew (set, ip); False when the map is full (nothing changed)."""
-        return self._put(self.fds[SET_MAP], _set_key(set_id, ip), _val(expires_ns, learnt_ns))
+        return self._set_put(_set_key(set_id, ip), expires_ns, learnt_ns)
 
     def set_delete(self, set_id: int, ip: str) -> bool:
-        return bpfsys.map_delete(self.fds[SET_MAP], _set_key(set_id, ip))
+        return self._set_del(_set_key(set_id, ip))
 
     def set_entries(self) -> list[tuple[int, str, int, int]]:
         """Every (set, ip, expires_ns, learnt_ns); one batch syscall per 8192 entries."""
@@ -151,7 +245,7 @@ class FqdnMaps:
         k = np.frombuffer(keys, _KEY, n)
         gone = 0
         for i in np.flatnonzero(np.isin(k["set"], np.array(sorted(set_ids), dtype=np.uint32))):
-            gone += bpfsys.map_delete(self.fds[SET_MAP], k[i].tobytes())
+            gone += self._set_del(k[i].tobytes())
         return gone
 
     # ---- learnt names ---------------------------------------------------------------------------
@@ -202,7 +296,7 @@ class FqdnMaps:
             keys, vals, n = bpfsys.map_batch(self.fds[SET_MAP], _KEY.itemsize, _VAL.itemsize)
             k, v = np.frombuffer(keys, _KEY, n), np.frombuffer(vals, _VAL, n)
             for i in np.flatnonzero(v["expires_ns"] <= np.uint64(now)):
-                out["set"] += bpfsys.map_delete(self.fds[SET_MAP], k[i].tobytes())
+                out["set"] += self._set_del(k[i].tobytes())
         for mp, kdt, field in ((NAME_IPS_MAP, _NKEY, "name_ips"),):
             keys, vals, n = bpfsys.map_batch(self.fds[mp], kdt.itemsize, _VAL.itemsize)
             k, v = np.frombuffer(keys, kdt, n), np.frombuffer(vals, _VAL, n)
@@ -236,16 +330,17 @@ class FqdnMaps:
         return out
 
     def close(self) -> None:
-        self._stats = None
+        self._stats = self._index = None
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
-        if self._mm is not None:
-            try:
-                self._mm.close()
-            except BufferError:
-                pass
-            self._mm = None
+        for mm in (self._mm, self._index_mm):
+            if mm is not None:
+                try:
+                    mm.close()
+                except BufferError:
+                    pass
+        self._mm = self._index_mm = None
 
 
 def copy_maps(old_fds: dict[str, int], new_fds: dict[str, int]) -> int | None:
@@ -268,11 +363,22 @@ def copy_maps(old_fds: dict[str, int], new_fds: dict[str, int]) -> int | None:
                 except bpfsys.BpfError:
                     break                       # the new map is full: the rest is learnt again
                 copied += n == SET_MAP
+    reindex(new_fds)
     n = min(bpfsys.map_info(old_fds[STATS_MAP]).max_entries, L.C["HW_DNS_STATS"])   # an older build: fewer
     raw = bpfsys.array_slots(old_fds[STATS_MAP], 0, n, 8)
     for i in range(n):
         bpfsys.map_update(new_fds[STATS_MAP], i.to_bytes(4, "little"), raw[8 * i:8 * i + 8])
     return copied
+
+
+def reindex(map_fds: dict[str, int], pin_dir: str | None = None) -> int:
+    """FqdnMaps.rebuild_index on an instance's maps, under the writers' lock of `pin_dir` (None: a new
+    instance no other writer can reach yet); returns the entries indexed."""
+    fm = FqdnMaps(map_fds, pin_dir)
+    try:
+        return fm.rebuild_index()
+    finally:
+        fm.close()
 
 
 def record_counters(fds: dict[str, int]) -> dict[str, int]:

@@ -97,6 +97,10 @@
 /* FQDN egress rules (docs/datapath.md "FQDN rules"): the dynamic set the DNS proxy fills */
 #define HW_FQDN_RULES_MAX     64        /* rules with fqdns per policy: one bit each in hw_fqdn_l4 */
 #define HW_FQDN_IPS_MAX       65536     /* (set, address) entries of the dynamic set, all sets together */
+#define HW_FQDN_INDEX_BITS    16        /* hw_fqdn_index: 2^16 slots in front of hw_fqdn */
+#define HW_FQDN_K0            0x9E3779B97F4A7C15ULL   /* its slot's multipliers (odd; fqdn.h fqdn_slot) */
+#define HW_FQDN_K1            0xC2B2AE3D27D4EB4FULL
+#define HW_FQDN_K2            0x165667B19E3779F9ULL
 #define HW_DNS_NAMES_MAX      16384     /* names the proxy learnt addresses for (hw_dns_names) */
 #define HW_DNS_NAME_LEN       256       /* a name (at most 253 characters) and its NUL */
 #define HW_DNS_LAT_BUCKETS    15        /* proxy latency histogram buckets (hw_dns_stats) */
@@ -279,6 +283,21 @@ struct hw_fqdn_key {                /* hw_fqdn (hash, shared by both generations
 struct hw_fqdn_val {
 	__u64 expires_ns;           /* CLOCK_MONOTONIC: the entry allows new connections until then */
 	__u64 learnt_ns;            /* CLOCK_MONOTONIC: the answer that (last) put it here */
+};
+
+/* hw_fqdn_index[slot]: a direct-mapped index in front of hw_fqdn, derived from it and written with it by
+ * user space alone (mmap, under the writers' lock; bpf/fqdn.py), never by a program. slot = the top
+ * HW_FQDN_INDEX_BITS bits of w0 * K0 + w1 * K1 + w2 * K2 (mod 2^64) where w0..w2 are the key's three
+ * 64-bit words, host order (fqdn.h fqdn_slot).
+ * `entries` counts the hw_fqdn entries whose key falls in the slot: 0 means not in the set, no lookup;
+ * the slot also holds a copy of one of them (the one written last), which a packet may match without the
+ * lookup. Anything else (a torn read, another key, a copy past its expiry) asks hw_fqdn itself, which
+ * stays the set: the index can only spare lookups, never change an answer (docs/datapath.md "FQDN rules"). */
+struct hw_fqdn_slot {
+	__u32 seq;                  /* even: stable; odd: its writer is changing the copy */
+	__u32 entries;              /* hw_fqdn entries whose key falls here */
+	struct hw_fqdn_key key;     /* the copy's key (family 0: no copy) */
+	__u64 expires_ns;           /* the copy's expiry, hw_fqdn's for that key */
 };
 
 /* What the proxy learnt, by name (hw_dns_names, hw_dns_name_ips: user space only, pinned with the

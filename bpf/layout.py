@@ -207,6 +207,7 @@ DTYPES: dict[str, np.dtype] = {
     "hw_dns_name_ip": np.dtype([("name_id", u64), ("family", u8), ("pad", u8, 3), ("addr", u8, 16), ("pad2", u32)]),
 }
 DTYPES["hw_drop_src"] = np.dtype([("k", DTYPES["hw_drop_key"]), ("pad", u32), ("packets", u64), ("bytes", u64)])
+DTYPES["hw_fqdn_slot"] = np.dtype([("seq", u32), ("entries", u32), ("key", DTYPES["hw_fqdn_key"]), ("expires_ns", u64)])
 DTYPES["hw_dos_slot"] = np.dtype([("s", DTYPES["hw_dos_src"]), ("k", DTYPES["hw_dos_key"]), ("slot_state", u64)])
 DTYPES["hw_share_slot"] = np.dtype([("k", DTYPES["hw_share_key"]), ("tokens_milli", u64), ("last_ns", u64),
                                     ("slot_state", u64)])

@@ -328,6 +328,7 @@ def _start(policy: Policy, pin_dir: str, interfaces: list[InterfaceConf], netns:
     if Datapath.is_pinned(pin_dir) and st is not None and st.build == build:
         dp = Datapath.open(pin_dir)
         dp.set_config(detached_ns=0)    # a note left by a kill before the unpin: attached again (docs/collector.md "Detach")
+        fq.reindex(dp.map_fds, pin_dir)  # what a killed writer left half-written in hw_fqdn_index (rebuild_index)
         adopted = True
     else:
         dp = Datapath.load()

@@ -7,14 +7,17 @@ reference.evaluate given the unexpired learnt names. Plus the paths the random s
 expiry at the exact instant, a static rule before the fqdns rule, a set shared by two rules, IPv6."""
 from __future__ import annotations
 
+import ipaddress
 import json
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from hostwall.bpf import bpfsys
 from hostwall.bpf import layout as L
-from hostwall.bpf.fqdn import FqdnMaps
+from hostwall.bpf.fqdn import MAPS, FqdnMaps, copy_maps, index_slot
 from hostwall.dnsnames import matches
 from hostwall.enforcer.compiler import fqdn_lists
 from hostwall.enforcer.reference import Packet, evaluate
@@ -159,3 +162,141 @@ def test_fixed_paths(harness):
     assert stats["hit"] >= 4 and stats["expired"] >= 1 and stats["miss"] >= 2
     assert int(harness.dp.active_header()["fqdn_rules"]) == 3
     assert L.FQDN_RULES_MAX == 64
+
+
+def cdn_set_emptied(harness) -> tuple[int, FqdnMaps]:
+    """POLICY installed, the datapath's clock at NOW, hw_fqdn emptied (through FqdnMaps, the index with it):
+    the set id of the cdn / mirror rule and a writer (the caller closes it)."""
+    policy = harness.install(POLICY)
+    s = {lst: i + 1 for i, lst in enumerate(fqdn_lists(policy))}[("*.cdn.example.com", "mirror.example.com")]
+    harness.dp.set_config(test_now_ns=NOW)
+    fm = FqdnMaps(harness.dp.map_fds)
+    for sid, ip, _, _ in fm.set_entries():
+        fm.set_delete(sid, ip)
+    return s, fm
+
+
+def test_index_never_changes_an_answer(harness):
+    """hw_fqdn_index (hostwall.h struct hw_fqdn_slot) spares the hash lookup and nothing else: two keys
+    of one slot both match (one from the slot's copy, one from hw_fqdn), a deleted key's copy goes with
+    it, a copy read across a writer's change (odd sequence) or past its expiry asks hw_fqdn, a slot that
+    counts no entry answers "not in the set", and rebuild_index derives the index from hw_fqdn again."""
+    s, fm = cdn_set_emptied(harness)
+    # two addresses of 10.64.0.0/14 whose keys fall in one slot
+    base = int(ipaddress.IPv4Address("10.64.0.0"))
+    keys = np.zeros(1 << 18, L.DTYPES["hw_fqdn_key"])
+    keys["set"], keys["family"] = s, 4
+    keys["addr"][:, :4] = (base + np.arange(len(keys), dtype=np.uint32)).astype(">u4").view(np.uint8).reshape(-1, 4)
+    slots = index_slot(keys)
+    seen: dict[int, int] = {}
+    for i, sl in enumerate(slots.tolist()):
+        if sl in seen:
+            a, b, slot = str(ipaddress.IPv4Address(base + seen[sl])), str(ipaddress.IPv4Address(base + i)), sl
+            break
+        seen[sl] = i
+    ix = fm.index()
+
+    def allowed(dst):
+        o = harness.run("tc_egress", frame(Packet("egress", 4, "10.9.9.9", dst, 6, 40000, 443), flags="A"))
+        harness.dp.clear_conntrack()
+        return o.verdict == "allow"
+
+    assert fm.set_put(s, a, NOW + 10, NOW) and fm.set_put(s, b, NOW + 10, NOW)
+    assert int(ix["entries"][slot]) == 2 and allowed(a) and allowed(b)      # b from the copy, a from hw_fqdn
+    hits = harness.dp.fqdn_stats()["hit"]
+    assert fm.set_delete(s, b)
+    assert not allowed(b) and allowed(a)                                   # the copy of b went with it
+    assert harness.dp.fqdn_stats()["hit"] == hits + 1
+    assert fm.set_delete(s, a) and int(ix["entries"][slot]) == 0 and not allowed(a)
+    # a copy the set no longer backs (only a writer bypassing FqdnMaps could leave one): it answers alone
+    # while its sequence is even, and asks hw_fqdn while it is odd
+    assert fm.set_put(s, a, NOW + 10, NOW)
+    key = keys[int(ipaddress.IPv4Address(a)) - base].tobytes()
+    bpfsys.map_delete(harness.dp.map_fds["hw_fqdn"], key)
+    assert allowed(a)
+    ix["seq"][slot] += 1
+    assert not allowed(a)
+    ix["seq"][slot] += 1
+    # a copy past its expiry asks hw_fqdn, which a renewal may have extended
+    bpfsys.map_update(harness.dp.map_fds["hw_fqdn"], key, (NOW + 1000).to_bytes(8, "little") + NOW.to_bytes(8, "little"))
+    harness.dp.set_config(test_now_ns=NOW + 20)
+    assert allowed(a)
+    harness.dp.set_config(test_now_ns=NOW)
+    # hw_fqdn filled without the index (an older build's entries copied over): no lookup until rebuilt
+    c = str(ipaddress.IPv4Address(base + len(keys) - 1))                  # after the first pair: neither
+    bpfsys.map_update(harness.dp.map_fds["hw_fqdn"], keys[-1].tobytes(), (NOW + 10).to_bytes(8, "little") + bytes(8))
+    if int(ix["entries"][slots[-1]]) == 0:
+        assert not allowed(c)
+    assert fm.rebuild_index() == 2 and allowed(c) and allowed(a)
+    assert int(ix["entries"].sum()) == 2 and int(ix["seq"][slot]) % 2 == 0
+    fm.close()
+
+
+def test_a_copied_set_is_indexed(harness):
+    """copy_maps (an upgrade carrying the set into a new build's instance, enforcer/control.py
+    _migrate_fqdn) fills hw_fqdn without its index: it rebuilds the index, or the copied addresses would
+    stay unmatched (their slots counting no entry)."""
+    from hostwall.enforcer.datapath import Datapath
+    s, fm = cdn_set_emptied(harness)
+    src = Datapath.load()
+    try:
+        sfm = FqdnMaps(src.map_fds)
+        assert sfm.set_put(s, "10.0.0.1", NOW + 10, NOW) and sfm.set_put(s, "fd00::2", NOW + 10, NOW)
+        sfm.close()
+        assert copy_maps(src.map_fds, harness.dp.map_fds) == 2
+    finally:
+        src.close()
+    for dst, fam, sender in (("10.0.0.1", 4, "10.9.9.9"), ("fd00::2", 6, "fd09::9")):
+        o = harness.run("tc_egress", frame(Packet("egress", fam, sender, dst, 6, 40000, 443), flags="A"))
+        harness.dp.clear_conntrack()
+        assert o.verdict == "allow", dst
+    for sid, ip, _, _ in fm.set_entries():
+        fm.set_delete(sid, ip)
+    assert int(fm.index()["entries"].sum()) == 0
+    fm.close()
+
+
+def test_a_reader_opens_the_maps_without_the_index(harness):
+    """The collector's names (collector/enrich/domains.py) open fqdn.MAPS of the pinned instance only: a
+    reader needs no index, a writer does."""
+    fm = FqdnMaps({n: harness.dp.map_fds[n] for n in MAPS})
+    try:
+        assert isinstance(fm.set_entries(), list) and isinstance(fm.learnt(), list)
+        with pytest.raises(KeyError):
+            fm.set_put(1, "10.0.0.1", NOW + 10, NOW)
+        assert fm.set_get(1, "10.0.0.1") is None, "nothing written without the index"
+    finally:
+        fm.close()
+
+
+def test_a_slot_left_odd_by_a_killed_writer_is_even_again(harness):
+    """A writer killed between its two sequence stores (FqdnMaps._slot_write) leaves the slot's sequence
+    odd. The slot's next write and rebuild_index end with it even, the copy answering again: a +1 / +1
+    writer would keep it odd at rest and even while it changes the copy, so that a packet could take a
+    half-written copy (a key made of two keys' words, or another key's expiry) for a whole one."""
+    s, fm = cdn_set_emptied(harness)
+    a = "10.77.0.1"
+    key = np.zeros(1, L.DTYPES["hw_fqdn_key"])
+    key["set"], key["family"], key["addr"][0, :4] = s, 4, list(ipaddress.IPv4Address(a).packed)
+    slot = int(index_slot(key)[0])
+    ix = fm.index()
+
+    def from_the_copy_alone() -> bool:
+        """Does the slot's copy answer by itself? (hw_fqdn's entry removed behind FqdnMaps' back, as
+        test_index_never_changes_an_answer does; put back after.)"""
+        raw = bpfsys.map_lookup(harness.dp.map_fds["hw_fqdn"], key.tobytes(), 16)
+        bpfsys.map_delete(harness.dp.map_fds["hw_fqdn"], key.tobytes())
+        o = harness.run("tc_egress", frame(Packet("egress", 4, "10.9.9.9", a, 6, 40000, 443), flags="A"))
+        harness.dp.clear_conntrack()
+        bpfsys.map_update(harness.dp.map_fds["hw_fqdn"], key.tobytes(), raw)
+        return o.verdict == "allow"
+
+    ix["seq"][slot] |= 1                                # killed mid-write
+    assert fm.set_put(s, a, NOW + 10, NOW)
+    assert int(ix["seq"][slot]) % 2 == 0 and ix["key"][slot].tobytes() == key.tobytes() and from_the_copy_alone()
+    ix["seq"][slot] |= 1
+    assert fm.rebuild_index() == 1
+    assert int(ix["seq"][slot]) % 2 == 0 and from_the_copy_alone()
+    assert int((ix["seq"] % 2).sum()) == 0
+    assert fm.set_delete(s, a) and int(ix["entries"].sum()) == 0
+    fm.close()
