@@ -190,21 +190,21 @@ def xdp_pass_prog() -> int:
     return fd
 
 
-def test_a_failed_first_start_leaves_another_tools_xdp_program_and_nothing_of_ours():
+def test_a_failed_first_start_leaves_another_tools_xdp_program_and_nothing_of_ours(lab):
     """No instance at the pin dir; x0 runs another tool's XDP program (generic, held by nobody else once
     replaced). The start replaces it on x0, then fails on lo (no native XDP): x0 runs that program again,
     and nothing is pinned or saved."""
     text = policy_text("upfail-first")
-    with started_instance(text, "upfailfirst", [ETH0], prepare=veth_x0) as (lab, dp, pin, _):
-        dp.close()
-        ns = lab.ns("prot")
-        fd = xdp_pass_prog()
-        try:
-            attach.attach_xdp("x0", fd, "generic", ns)
-            other = ids("x0", ns)
-        finally:
-            os.close(fd)                            # only the link holds it now
-        fresh = pin + "-fresh"
+    veth_x0(lab)
+    ns = lab.ns("prot")
+    fd = xdp_pass_prog()
+    try:
+        attach.attach_xdp("x0", fd, "generic", ns)
+        other = ids("x0", ns)
+    finally:
+        os.close(fd)                                # only the link holds it now
+    fresh = f"/sys/fs/bpf/hostwall-test/upfailfirst-{os.getpid()}-fresh"
+    try:
         with pytest.raises(RuntimeError) as err:
             control.start(parse_policy(text), fresh, [InterfaceConf("x0", "generic", None),
                                                       InterfaceConf("lo", "native", None)], netns=ns)
@@ -212,6 +212,9 @@ def test_a_failed_first_start_leaves_another_tools_xdp_program_and_nothing_of_ou
         assert not Path(fresh).exists() and InstanceState.load(fresh) is None
         assert not fqdn_config_path(fresh).exists()
         assert "attaching on lo@" in str(err.value) and "nothing was installed" in str(err.value), err.value
+    finally:
+        if Path(fresh).exists():                    # only if the test failed: leave no pins behind
+            control.detach(fresh)
 
 
 def test_a_failed_adopting_start_leaves_no_program_of_ours_where_it_could_not_finish():
