@@ -11,21 +11,16 @@
 BPF_F_TABLE("hash", struct hw_fqdn_key, struct hw_fqdn_val, hw_fqdn, HW_FQDN_IPS_MAX, BPF_F_NO_PREALLOC);
 /* its index (hostwall.h struct hw_fqdn_slot): written with it, by user space alone, pinned with it */
 BPF_F_TABLE("array", u32, struct hw_fqdn_slot, hw_fqdn_index, 1 << HW_FQDN_INDEX_BITS, MAPF_MMAP);
-/* per generation: the fqdns rules in rule order, and per L4 class which of them it holds */
+/* per generation: the fqdns rules in rule order, and per L4 class which of them it holds; the datapath's
+ * counts of the set's outcomes are in the packet's per-CPU memory (parse.h struct pkt_mem) */
 BPF_F_TABLE("array", u32, struct hw_fqdn_rule, hw_fqdn_rules, 2 * HW_FQDN_RULES_MAX, MAPF_MMAP);
 BPF_F_TABLE("array", u32, struct hw_fqdn_l4, hw_fqdn_l4, 2 * HW_L4_CLASSES_MAX, MAPF_MMAP);
-BPF_PERCPU_ARRAY(hw_fqdn_stats, struct hw_counter, HW_FQDN_STATS);
 /* The DNS proxy's names, addresses and counters (enum hw_dns_stat): user space alone writes them (the
  * counters through mmap) and no program reads them; maps of the instance, so they are pinned with it and
  * survive enforcer restarts (hostwall.h "What the proxy learnt"; docs/metrics.md). */
 BPF_F_TABLE("hash", __u64, struct hw_dns_name, hw_dns_names, HW_DNS_NAMES_MAX, BPF_F_NO_PREALLOC);
 BPF_F_TABLE("hash", struct hw_dns_name_ip, struct hw_fqdn_val, hw_dns_name_ips, HW_FQDN_IPS_MAX, BPF_F_NO_PREALLOC);
 BPF_F_TABLE("array", u32, __u64, hw_dns_stats, HW_DNS_STATS, MAPF_MMAP);
-
-static __always_inline void fqdn_count(__u32 what)
-{
-	counter_add(hw_fqdn_stats.lookup(&what), 0);
-}
 
 /* hw_fqdn_index's slot of a key, read as three 64-bit words (set and family, addr[0..1], addr[2..3]):
  * bpf/fqdn.py index_slot computes the same */
@@ -64,7 +59,12 @@ static __always_inline __u64 fqdn_indexed(struct hw_fqdn_key *fk, __u64 now)
  * its set and the entry has not expired. Candidates are tried in rule order, one probe each (the index,
  * and the hash lookup, ~30-40 ns here, only when the index cannot tell: docs/benchmarks.md "FQDN dynamic
  * set, index in front"), and only those before `m`: a packet whose class holds no fqdns
- * rule, or whose static match comes first, pays one inlined array load. Expiry only stops new connections: packets of tracked ones never get here. */
+ * rule, or whose static match comes first, pays one inlined array load. The class's entry holds its
+ * first candidate's order and set, so the common case (one fqdns rule in the class) reads no
+ * hw_fqdn_rules entry. One count per packet that probed the set (enum hw_fqdn_stat, in the packet's
+ * per-CPU memory: parse.h struct pkt_mem): hit if a candidate
+ * matched, else expired if one found its entry past its expiry, else miss. Expiry only stops new
+ * connections: packets of tracked ones never get here. */
 static __always_inline int fqdn_match(struct env *v, struct pkt *p, __u32 gen, __u32 lcls, int m)
 {
 	__u32 k = gen * HW_L4_CLASSES_MAX + (lcls & (HW_L4_CLASSES_MAX - 1));
@@ -74,44 +74,50 @@ static __always_inline int fqdn_match(struct env *v, struct pkt *p, __u32 gen, _
 	__u64 mask = c->rules;
 	if (!mask)
 		return m;
+	__u32 order = c->order0, set = c->set0;
+	/* the answer and the outcome go through the packet's per-CPU memory: read back after the loop they
+	 * are unknown values on every path out of it, so the verifier walks the rest of the program once,
+	 * not once per iteration (docs/datapath.md "Speed") */
+	p->fqdn_m = m;
+	p->fqdn_st = HW_FQDN_STATS;             /* nothing probed: not counted */
+	if (m >= 0 && order >= (__u32)m)
+		goto out;
+	mask &= mask - 1;
 	struct hw_fqdn_key fk __attribute__((aligned(8))) = {};
 	fk.family = p->family;
 	__builtin_memcpy(fk.addr, p->daddr, 16);
-	/* the answer goes through the packet's per-CPU memory: read back after the loop it is one unknown
-	 * value on every path out of the loop, so the verifier walks the rest of the program once, not once
-	 * per iteration (docs/datapath.md "Speed") */
-	p->fqdn_m = m;
+	p->fqdn_st = HW_FQS_MISS;
 	for (int i = 0; i < HW_FQDN_RULES_MAX; i++) {
+		fk.set = set;
+		__u64 exp = fqdn_indexed(&fk, v->now);
+		if (exp == 1) {
+			struct hw_fqdn_val *e = hw_fqdn.lookup(&fk);
+			exp = e ? e->expires_ns : 0;
+			if (e && exp <= v->now) {
+				p->fqdn_st = HW_FQS_EXPIRED;
+				exp = 0;
+			}
+		}
+		if (exp) {
+			p->fqdn_st = HW_FQS_HIT;
+			p->fqdn_m = order & (HW_MAX_RULES - 1);
+			break;
+		}
 		if (!mask)
 			break;
-		__u32 b = ctz64(mask);
+		__u32 ri = gen * HW_FQDN_RULES_MAX + (ctz64(mask) & (HW_FQDN_RULES_MAX - 1));
 		mask &= mask - 1;
-		__u32 ri = gen * HW_FQDN_RULES_MAX + (b & (HW_FQDN_RULES_MAX - 1));
 		struct hw_fqdn_rule *fr = hw_fqdn_rules.lookup(&ri);
 		if (!fr || (m >= 0 && fr->order >= (__u32)m))
 			break;
-		fk.set = fr->set;
-		__u64 exp = fqdn_indexed(&fk, v->now);
-		if (!exp) {
-			fqdn_count(HW_FQS_MISS);
-			continue;
-		}
-		if (exp == 1) {
-			struct hw_fqdn_val *e = hw_fqdn.lookup(&fk);
-			if (!e) {
-				fqdn_count(HW_FQS_MISS);
-				continue;
-			}
-			if (e->expires_ns <= v->now) {
-				fqdn_count(HW_FQS_EXPIRED);
-				continue;
-			}
-		}
-		fqdn_count(HW_FQS_HIT);
-		p->fqdn_m = fr->order & (HW_MAX_RULES - 1);
-		break;
+		order = fr->order;
+		set = fr->set;
 	}
+out:
 	asm volatile("" ::: "memory");
+	__u32 st = p->fqdn_st;
+	if (st < HW_FQDN_STATS)
+		PKT_FQDN_STATS(p)[st].packets++;
 	return p->fqdn_m;
 }
 

@@ -133,6 +133,7 @@ def test_fixed_paths(harness):
     assert len(sets) == 2, "mirrors and mirrors-too share one set (same list, any order)"
     fm = FqdnMaps(harness.dp.map_fds)
     harness.dp.set_config(test_now_ns=NOW)
+    before = harness.dp.fqdn_stats()
     s_mirror = sets[("*.cdn.example.com", "mirror.example.com")]
     for s, ip, _, _ in fm.set_entries():
         fm.set_delete(s, ip)
@@ -158,8 +159,9 @@ def test_fixed_paths(harness):
     assert fm.set_put(s_mirror, "fd00::2", NOW + 10, NOW)
     assert verdict("fd00::2") == ("allow", "pass_rule", "mirrors")
     assert verdict("fd00::1") == ("drop", "default_deny", None)
-    stats = harness.dp.fqdn_stats()
-    assert stats["hit"] >= 4 and stats["expired"] >= 1 and stats["miss"] >= 2
+    # one count per packet that probed the set (the 8443 packet probed nothing): docs/datapath.md "FQDN rules"
+    after = harness.dp.fqdn_stats()
+    assert {k: after[k] - before[k] for k in after} == {"hit": 3, "expired": 1, "miss": 3}
     assert int(harness.dp.active_header()["fqdn_rules"]) == 3
     assert L.FQDN_RULES_MAX == 64
 
@@ -174,6 +176,31 @@ def cdn_set_emptied(harness) -> tuple[int, FqdnMaps]:
     for sid, ip, _, _ in fm.set_entries():
         fm.set_delete(sid, ip)
     return s, fm
+
+
+def test_counts_once_per_packet(harness):
+    """hw_fqdn_stats counts each egress first packet that probed the dynamic set once, by outcome: hit if a
+    candidate matched, else expired if one found its entry past its expiry, else miss, however many candidate
+    rules it probed (tcp/443 here: mirrors, mirrors-too, pay). A packet whose static match comes first
+    probes nothing and is not counted (docs/metrics.md hostwall_fqdn_lookups_total)."""
+    s, fm = cdn_set_emptied(harness)
+    pay = 3 - s                                                             # the other of the two sets
+
+    def counted(dst, port=443):
+        before = harness.dp.fqdn_stats()
+        o = harness.run("tc_egress", frame(Packet("egress", 4, "10.9.9.9", dst, 6, 40000, port), flags="A"))
+        harness.dp.clear_conntrack()
+        after = harness.dp.fqdn_stats()
+        return o.verdict, {k: after[k] - before[k] for k in after if after[k] != before[k]}
+
+    assert counted("10.0.0.7") == ("drop", {"miss": 1})                     # three candidates, none matched
+    assert fm.set_put(pay, "10.0.0.7", NOW + 10, NOW)
+    assert counted("10.0.0.7") == ("allow", {"hit": 1})                     # two misses, then pay's hit
+    assert fm.set_put(s, "10.0.0.8", NOW, NOW - 5)                          # expires_ns == now: expired
+    assert counted("10.0.0.8") == ("drop", {"expired": 1})                  # expired twice, then a miss
+    assert fm.set_put(s, "10.0.0.2", NOW + 10, NOW)
+    assert counted("10.0.0.2", 8443) == ("drop", {})                        # early-deny comes first
+    fm.close()
 
 
 def test_index_never_changes_an_answer(harness):

@@ -152,6 +152,10 @@ def test_compiler_fqdn_tables():
     assert int(cp.fqdn_l4["rules"][l4[key]]) == 0b011
     assert int(cp.fqdn_l4["rules"][l4[L.l4_key(L.DIR["egress"], L.PROTO_IDX["udp"], 53)]]) == 0b110
     assert int(cp.fqdn_l4["rules"][l4[L.l4_key(L.DIR["ingress"], L.PROTO_IDX["tcp"], 443)]]) == 0
+    # each class's first candidate inlined (order, set): the datapath's common case reads no hw_fqdn_rules
+    first = {k: tuple(int(x) for x in cp.fqdn_l4[["order0", "set0"]][l4[k]].tolist()) for k in
+             (key, L.l4_key(L.DIR["egress"], L.PROTO_IDX["udp"], 53), L.l4_key(L.DIR["ingress"], L.PROTO_IDX["tcp"], 443))}
+    assert list(first.values()) == [(1, 7), (2, 7), (0, 0)]
 
 
 def test_too_many_fqdns_rules_do_not_fit():
