@@ -35,7 +35,8 @@ def c_layout(tmp_path_factory):
     consts = [k for k in L.C if not k.startswith("HW_CT_TO_")]
     lines.append('printf("\\"consts\\": {");')
     for i, k in enumerate(consts):
-        lines.append(f'printf("{"," if i else ""}\\"{k}\\": %lld", (long long)({k}));')
+        fmt, cast = ("%llu", "unsigned long long") if L.C[k] > 2**63 - 1 else ("%lld", "long long")  # HW_FQDN_K*
+        lines.append(f'printf("{"," if i else ""}\\"{k}\\": {fmt}", ({cast})({k}));')
     lines.append('printf("}}"); return 0; }')
     d = tmp_path_factory.mktemp("layout")
     (d / "probe.c").write_text("\n".join(lines))
