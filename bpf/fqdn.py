@@ -105,8 +105,9 @@ class FqdnMaps:
     lock, for a writer known to be alone, e.g. a test)."""
 
     def __init__(self, map_fds: dict[str, int], pin_dir: str | None = None):
-        # the index only for writers: a reader (the collector's names) may open MAPS alone
-        self.fds = {n: map_fds[n] for n in (*MAPS, INDEX_MAP) if n in MAPS or n in map_fds}
+        self.fds = {n: map_fds[n] for n in MAPS}
+        if INDEX_MAP in map_fds:                # only writers need it: a reader (the collector's names) may lack it
+            self.fds[INDEX_MAP] = map_fds[INDEX_MAP]
         self.pin_dir = pin_dir
         self._stats: np.ndarray | None = None
         self._mm = None

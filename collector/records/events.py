@@ -55,7 +55,6 @@ _REASON = column_names(L.REASON_NAMES)
 _HOOK = column_names(L.HOOK_NAMES)
 _KIND_TAG = {t: (name.encode(), "flow" if t in (_FLOW_START, _FLOW_END) else name)
              for t, name in L.EVENT_TYPE_NAMES.items()}
-_PORT_PROTOS = frozenset({6, 17, 132})
 # Constant parts every record of a kind shares (one object each; read-only, docs/collector.md
 # "Records at line rate": code that changes a record replaces such an object, never mutates it); so are
 # the host's `observer` of a record without an interface and EndpointCache's per-tuple objects
@@ -205,11 +204,8 @@ class EventRecords:
                     if flows.close((f, p, spk, dpk, sport, dport, d)) is None:
                         counters["end_without_start"] += 1
                     state = ct_names.get(ct, "")
-                    if p in _PORT_PROTOS:       # src / dst: the tuple's shared objects unless counted
-                        src = {"ip": sip, "port": sport, "packets": p0, "bytes": b0}
-                        dst = {"ip": dip, "port": dport, "packets": p1, "bytes": b1}
-                    else:
-                        src, dst = {"ip": sip, "packets": p0, "bytes": b0}, {"ip": dip, "packets": p1, "bytes": b1}
+                    # counted: copies of the tuple's shared src / dst (ip, and port where the protocol has one)
+                    src, dst = {**src, "packets": p0, "bytes": b0}, {**dst, "packets": p1, "bytes": b1}
                     net["packets"], net["bytes"] = p0 + p1, b0 + b1
                     event = {"kind": "event", "category": _CATEGORY, "dataset": "hostwall.flow", "created": created}
                     why = END_REASON.get(state, "fin")
@@ -223,8 +219,7 @@ class EventRecords:
                         hw["ct_state"] = state
                     hw["sample_rate"] = 1
                 else:
-                    src = ({"ip": sip, "port": sport, "packets": p0, "bytes": b0} if p in _PORT_PROTOS
-                           else {"ip": sip, "packets": p0, "bytes": b0})
+                    src = {**src, "packets": p0, "bytes": b0}
                     net["packets"], net["bytes"] = p0, b0
                     if t == _DENY:
                         would = v == _WOULD_DROP
