@@ -22,22 +22,22 @@ BPF_F_TABLE("hash", __u64, struct hw_dns_name, hw_dns_names, HW_DNS_NAMES_MAX, B
 BPF_F_TABLE("hash", struct hw_dns_name_ip, struct hw_fqdn_val, hw_dns_name_ips, HW_FQDN_IPS_MAX, BPF_F_NO_PREALLOC);
 BPF_F_TABLE("array", u32, __u64, hw_dns_stats, HW_DNS_STATS, MAPF_MMAP);
 
-/* hw_fqdn_index's slot of a key, read as three 64-bit words (set and family, addr[0..1], addr[2..3]):
+/* hw_fqdn_index's slot of a key given as its three 64-bit words (set and family, addr[0..1], addr[2..3]):
  * bpf/fqdn.py index_slot computes the same */
-static __always_inline __u32 fqdn_slot(__u64 *w)
+static __always_inline __u32 fqdn_slot(__u64 w0, __u64 w1, __u64 w2)
 {
-	__u64 x = w[0] * HW_FQDN_K0 + w[1] * HW_FQDN_K1 + w[2] * HW_FQDN_K2;
+	__u64 x = w0 * HW_FQDN_K0 + w1 * HW_FQDN_K1 + w2 * HW_FQDN_K2;
 	return (__u32)(x >> (64 - HW_FQDN_INDEX_BITS));
 }
 
-/* hw_fqdn's answer for fk without the lookup when the index has it: the expiry of a live entry, 0 for
- * "not in the set" (no entry falls in the slot), 1 when the slot cannot tell (ask hw_fqdn). The copy
- * is read between two reads of the slot's sequence: a writer's change in between, or a copy that is
- * not fk or has expired, tells nothing. */
-static __always_inline __u64 fqdn_indexed(struct hw_fqdn_key *fk, __u64 now)
+/* hw_fqdn's answer for the key (w0, w1, w2) without the lookup when the index has it: the expiry of a
+ * live entry, 0 for "not in the set" (no entry falls in the slot), 1 when the slot cannot tell (ask
+ * hw_fqdn). The key stays in registers: a key stored in pieces and read back as words waits for the
+ * stores to retire (docs/datapath.md "FQDN rules"). The copy is read between two reads of the slot's
+ * sequence: a writer's change in between, or a copy that is not the key or has expired, tells nothing. */
+static __always_inline __u64 fqdn_indexed(__u64 w0, __u64 w1, __u64 w2, __u64 now)
 {
-	__u64 *w = (__u64 *)fk;                 /* 8-byte aligned (fqdn_match), pad zero on both sides */
-	__u32 si = fqdn_slot(w);
+	__u32 si = fqdn_slot(w0, w1, w2);
 	struct hw_fqdn_slot *s = hw_fqdn_index.lookup(&si);
 	if (!s)
 		return 1;
@@ -47,7 +47,7 @@ static __always_inline __u64 fqdn_indexed(struct hw_fqdn_key *fk, __u64 now)
 	asm volatile("" ::: "memory");
 	__u64 exp = s->expires_ns;
 	__u64 *c = (__u64 *)&s->key;            /* at offset 8 of an 8-byte aligned slot */
-	int same = c[0] == w[0] && c[1] == w[1] && c[2] == w[2];
+	int same = c[0] == w0 && c[1] == w1 && c[2] == w2;
 	asm volatile("" ::: "memory");
 	if (!same || exp <= now || (seq & 1) || *(volatile __u32 *)&s->seq != seq)
 		return 1;
@@ -83,14 +83,17 @@ static __always_inline int fqdn_match(struct env *v, struct pkt *p, __u32 gen, _
 	if (m >= 0 && order >= (__u32)m)
 		goto out;
 	mask &= mask - 1;
-	struct hw_fqdn_key fk __attribute__((aligned(8))) = {};
-	fk.family = p->family;
-	__builtin_memcpy(fk.addr, p->daddr, 16);
+	/* the key's words (struct hw_fqdn_key): set | family << 32, then the address as p holds it */
+	__u64 fam = (__u64)p->family << 32;
+	__u64 a0 = *(__u64 *)&p->daddr[0], a1 = *(__u64 *)&p->daddr[2];
 	p->fqdn_st = HW_FQS_MISS;
 	for (int i = 0; i < HW_FQDN_RULES_MAX; i++) {
-		fk.set = set;
-		__u64 exp = fqdn_indexed(&fk, v->now);
-		if (exp == 1) {
+		__u64 exp = fqdn_indexed(set | fam, a0, a1, v->now);
+		if (exp == 1) {                 /* the index cannot tell: the key in memory for hw_fqdn */
+			struct hw_fqdn_key fk __attribute__((aligned(8))) = {};
+			fk.set = set;
+			fk.family = p->family;
+			__builtin_memcpy(fk.addr, p->daddr, 16);
 			struct hw_fqdn_val *e = hw_fqdn.lookup(&fk);
 			exp = e ? e->expires_ns : 0;
 			if (e && exp <= v->now) {
