@@ -75,20 +75,31 @@ static __always_inline int fqdn_match(struct env *v, struct pkt *p, __u32 gen, _
 	if (!mask)
 		return m;
 	__u32 order = c->order0, set = c->set0;
-	/* the answer and the outcome go through the packet's per-CPU memory: read back after the loop they
-	 * are unknown values on every path out of it, so the verifier walks the rest of the program once,
-	 * not once per iteration (docs/datapath.md "Speed") */
+	/* the answer goes through the packet's per-CPU memory: read back at `out` it is an unknown value on
+	 * every path there, so the verifier walks the rest of the program once, not once per path (docs/
+	 * datapath.md "Speed"); so does the loop's outcome */
 	p->fqdn_m = m;
-	p->fqdn_st = HW_FQDN_STATS;             /* nothing probed: not counted */
 	if (m >= 0 && order >= (__u32)m)
-		goto out;
+		goto out;                       /* nothing probed: not counted */
 	mask &= mask - 1;
 	/* the key's words (struct hw_fqdn_key): set | family << 32, then the address as p holds it */
 	__u64 fam = (__u64)p->family << 32;
 	__u64 a0 = *(__u64 *)&p->daddr[0], a1 = *(__u64 *)&p->daddr[2];
+	/* the first candidate straight-line, without the loop's set-up, and counted where it ends (a count
+	 * at a fixed place, not one chosen by an outcome read back): the index answers most packets; the
+	 * loop takes the rest, the hash lookup and later candidates (docs/datapath.md "FQDN rules") */
+	__u64 exp = fqdn_indexed(set | fam, a0, a1, v->now);
+	if (exp > 1) {
+		PKT_FQDN_STATS(p)[HW_FQS_HIT].packets++;
+		p->fqdn_m = order & (HW_MAX_RULES - 1);
+		goto out;
+	}
+	if (!exp && !mask) {
+		PKT_FQDN_STATS(p)[HW_FQS_MISS].packets++;
+		goto out;
+	}
 	p->fqdn_st = HW_FQS_MISS;
 	for (int i = 0; i < HW_FQDN_RULES_MAX; i++) {
-		__u64 exp = fqdn_indexed(set | fam, a0, a1, v->now);
 		if (exp == 1) {                 /* the index cannot tell: the key in memory for hw_fqdn */
 			struct hw_fqdn_key fk __attribute__((aligned(8))) = {};
 			fk.set = set;
@@ -115,12 +126,14 @@ static __always_inline int fqdn_match(struct env *v, struct pkt *p, __u32 gen, _
 			break;
 		order = fr->order;
 		set = fr->set;
+		exp = fqdn_indexed(set | fam, a0, a1, v->now);
 	}
-out:
 	asm volatile("" ::: "memory");
 	__u32 st = p->fqdn_st;
 	if (st < HW_FQDN_STATS)
 		PKT_FQDN_STATS(p)[st].packets++;
+out:
+	asm volatile("" ::: "memory");
 	return p->fqdn_m;
 }
 
