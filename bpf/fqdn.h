@@ -78,9 +78,8 @@ static __always_inline int fqdn_match(struct env *v, struct pkt *p, __u32 gen, _
 	/* the answer goes through the packet's per-CPU memory: read back at `out` it is an unknown value on
 	 * every path there, so the verifier walks the rest of the program once, not once per path (docs/
 	 * datapath.md "Speed"); so does the loop's outcome */
-	p->fqdn_m = m;
 	if (m >= 0 && order >= (__u32)m)
-		goto out;                       /* nothing probed: not counted */
+		return m;                       /* nothing probed: not counted */
 	mask &= mask - 1;
 	/* the key's words (struct hw_fqdn_key): set | family << 32, then the address as p holds it */
 	__u64 fam = (__u64)p->family << 32;
@@ -91,13 +90,13 @@ static __always_inline int fqdn_match(struct env *v, struct pkt *p, __u32 gen, _
 	__u64 exp = fqdn_indexed(set | fam, a0, a1, v->now);
 	if (exp > 1) {
 		PKT_FQDN_STATS(p)[HW_FQS_HIT].packets++;
-		p->fqdn_m = order & (HW_MAX_RULES - 1);
-		goto out;
+		return order & (HW_MAX_RULES - 1);
 	}
 	if (!exp && !mask) {
 		PKT_FQDN_STATS(p)[HW_FQS_MISS].packets++;
-		goto out;
+		return m;
 	}
+	p->fqdn_m = m;
 	p->fqdn_st = HW_FQS_MISS;
 	for (int i = 0; i < HW_FQDN_RULES_MAX; i++) {
 		if (exp == 1) {                 /* the index cannot tell: the key in memory for hw_fqdn */
@@ -132,7 +131,6 @@ static __always_inline int fqdn_match(struct env *v, struct pkt *p, __u32 gen, _
 	__u32 st = p->fqdn_st;
 	if (st < HW_FQDN_STATS)
 		PKT_FQDN_STATS(p)[st].packets++;
-out:
 	asm volatile("" ::: "memory");
 	return p->fqdn_m;
 }
