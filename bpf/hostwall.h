@@ -327,6 +327,10 @@ struct hw_dns_name_ip {             /* hw_dns_name_ips key; value: struct hw_fqd
  * of hw_tc_pkt[0]'s per-CPU value (packets only), never reset; the rest of that value is the datapath's
  * private packet memory (parse.h struct pkt_mem). */
 enum hw_fqdn_stat { HW_FQS_HIT = 0, HW_FQS_EXPIRED = 1, HW_FQS_MISS = 2, HW_FQDN_STATS = 3 };
+/* sizeof(parse.h struct pkt_mem): hw_tc_pkt's value in this build (parse.h asserts it; change both
+ * together). A reader of the counters above checks it first: an instance of another build (before the
+ * fold, hw_tc_pkt held the packet alone) must not have its packet bytes read as counts. */
+#define HW_PKT_MEM_BYTES 192
 
 /* hw_dns_stats[]: the DNS proxy's counters (u64 each; written by the enforcer's proxy alone, through mmap,
  * never by a program: pinned so they survive enforcer restarts, read by `status` and the collector's

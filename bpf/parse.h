@@ -56,6 +56,7 @@ struct pkt_mem {
 	struct pkt p;
 };
 #define PKT_FQDN_STATS(pk) ((struct hw_counter *)((void *)(pk) - __builtin_offsetof(struct pkt_mem, p)))
+_Static_assert(sizeof(struct pkt_mem) == HW_PKT_MEM_BYTES, "struct pkt changed: set hostwall.h HW_PKT_MEM_BYTES");
 
 /* p->first_x is 1 + (the fragment field XOR the value it has in a first fragment), not a 0/1 flag: a
  * flag stored as a constant would split the verifier's states into two for every path after parsing,

@@ -85,8 +85,8 @@ def dns_families(dp, family: Callable[[str], object]) -> list:
         le = "+Inf" if b == n - 1 else f"{0.000125 * 2 ** b:g}"
         fams["hostwall_dns_answers_by_latency"].add((le,), total)
     fams["hostwall_dns_answer_latency_seconds"].add((), round(s[i["latency_sum_us"]] / 1e6, 6))
-    fq = dp.fqdn_stats()
-    fams["hostwall_fqdn_lookups"].add(("hit",), fq["hit"])
-    fams["hostwall_fqdn_lookups"].add(("expired",), fq["expired"])
-    fams["hostwall_fqdn_lookups"].add(("miss",), fq["miss"])
+    fq = dp.fqdn_stats()                # None: an instance of another build, its counts unreadable here
+    if fq is not None:
+        for result in ("hit", "expired", "miss"):
+            fams["hostwall_fqdn_lookups"].add((result,), fq[result])
     return list(fams.values())

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
 
 import numpy as np
 import pytest
@@ -201,6 +202,92 @@ def test_counts_once_per_packet(harness):
     assert fm.set_put(s, "10.0.0.2", NOW + 10, NOW)
     assert counted("10.0.0.2", 8443) == ("drop", {})                        # early-deny comes first
     fm.close()
+
+
+def test_ipv4_keys_after_ipv6_packets_on_every_egress_path(harness):
+    """The probe's key words come from the packet memory (fqdn.h fqdn_match: an IPv4 address in daddr[0], the
+    rest of the words zero, as bpf/fqdn.py keys it): after an IPv6 packet filled all of daddr on this CPU, an
+    IPv4 first fragment (judged by tc_frag_egress on tc_egress's parse) and an IPv4 ICMP error (its quoted
+    addresses elsewhere in the packet) to a learnt address still match the fqdns rule, by the index's copy
+    and by hw_fqdn."""
+    from scapy.compat import raw
+    from scapy.layers.inet import ICMP, IP, UDP
+    from scapy.layers.l2 import Ether
+    from scapy.packet import Raw
+    s, fm = cdn_set_emptied(harness)
+    pay = 3 - s
+    eth = Ether(dst="02:00:00:00:00:02", src="02:00:00:00:00:01")
+    frames = {"first fragment": eth / IP(src="10.9.9.9", dst="10.0.0.7", flags="MF", id=7) / UDP(sport=40000, dport=5000)
+              / Raw(b"x" * 32),
+              "icmp error": eth / IP(src="10.9.9.9", dst="10.0.0.7") / ICMP(type=3, code=3)
+              / IP(src="10.0.0.7", dst="10.9.9.9") / UDP(sport=5000, dport=40000)}
+    six = frame(Packet("egress", 6, "fd09::9", "fd00:ffff:ffff:ffff:ffff:ffff:ffff:ffff", 6, 40000, 443), flags="A")
+    key = np.zeros(1, L.DTYPES["hw_fqdn_key"])
+    key["set"], key["family"], key["addr"][0, :4] = pay, 4, [10, 0, 0, 7]
+    slot = int(index_slot(key)[0])
+    assert fm.set_put(pay, "10.0.0.7", NOW + 10, NOW)
+    seq = int(fm.index()["seq"][slot])
+    try:
+        for how in ("index", "hw_fqdn"):
+            if how == "hw_fqdn":                         # the slot cannot tell (odd sequence): the hash lookup
+                fm.index()["seq"][slot] = seq | 1
+            for what, f in frames.items():
+                harness.run("tc_egress", six)
+                o = harness.run("tc_egress", raw(f))
+                harness.dp.clear_conntrack()
+                rule = {v: k for k, v in harness.slots.items()}.get(o.rule_slot)
+                assert (o.verdict, rule) == ("allow", "pay"), (how, what, o)
+    finally:
+        fm.index()["seq"][slot] = seq
+        fm.close()
+
+
+def test_counts_are_summed_over_cpus_and_served_as_metrics(harness):
+    """The counts live in each CPU's hw_tc_pkt value: a packet judged on one CPU and one on another both
+    show in Instance.fqdn_stats, `status`'s source, and in hostwall_fqdn_lookups_total (collector/dns_metrics.py),
+    which read the same numbers. Test-run judges on the CPU its caller runs on."""
+    from hostwall.collector.dns_metrics import dns_families
+    from hostwall.collector.metric_spec import spec_family
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        pytest.skip("one CPU: nothing to sum")
+    s, fm = cdn_set_emptied(harness)
+    assert fm.set_put(s, "10.0.0.7", NOW + 10, NOW)
+    before = harness.dp.fqdn_stats()
+    try:
+        for cpu, dst in ((cpus[0], "10.0.0.7"), (cpus[1], "10.0.0.9"), (cpus[1], "10.0.0.7")):
+            os.sched_setaffinity(0, {cpu})
+            harness.run("tc_egress", frame(Packet("egress", 4, "10.9.9.9", dst, 6, 40000, 443), flags="A"))
+            harness.dp.clear_conntrack()
+    finally:
+        os.sched_setaffinity(0, cpus)
+        fm.close()
+    after = harness.dp.fqdn_stats()
+    assert {k: after[k] - before[k] for k in after} == {"hit": 2, "expired": 0, "miss": 1}
+    [fam] = [f for f in dns_families(harness.dp, spec_family) if f.prom == "hostwall_fqdn_lookups"]
+    assert dict(fam.samples) == {(k,): v for k, v in after.items()}
+
+
+def test_another_builds_packet_memory_is_not_read_as_counts(harness):
+    """An instance of a build before the fold (its hw_tc_pkt holds the packet alone: another value size),
+    read by this build's `status` or collector, has no counts here (None: not shown, no metric samples),
+    never its packets' addresses read as counts. hostwall.h HW_PKT_MEM_BYTES is this build's size."""
+    from hostwall.bpf.instance import Instance
+    from hostwall.collector.dns_metrics import dns_families
+    from hostwall.collector.metric_spec import spec_family
+    assert bpfsys.map_info(harness.dp.map_fds["hw_tc_pkt"]).value_size == L.C["HW_PKT_MEM_BYTES"]
+    old_size = L.C["HW_PKT_MEM_BYTES"] - L.C["HW_FQDN_STATS"] * L.DTYPES["hw_counter"].itemsize
+    fd = bpfsys.map_create(6, 4, old_size, 1, name="hw_tc_pkt")          # BPF_MAP_TYPE_PERCPU_ARRAY
+    bpfsys.map_update(fd, b"\0" * 4, bytes(range(1, old_size + 1)) * harness.dp.ncpus)     # a packet's bytes
+    fds = {**harness.dp.map_fds, "hw_tc_pkt": fd}
+    old = Instance({}, fds)
+    try:
+        assert old.fqdn_stats() is None
+        [fam] = [f for f in dns_families(old, spec_family) if f.prom == "hostwall_fqdn_lookups"]
+        assert list(fam.samples) == []
+    finally:
+        old.map_fds = {}                   # the harness's fds are not this object's to close
+        os.close(fd)
 
 
 def test_index_never_changes_an_answer(harness):

@@ -188,3 +188,12 @@ def test_reference_model():
     assert evaluate(p, pkt, {"x.cdn.example.com": ["10.1.1.2"]}).verdict == "drop"
     ingress = Packet("ingress", 4, "10.1.1.1", "10.9.9.9", 6, 443, 40000)
     assert evaluate(p, ingress, {"x.cdn.example.com": ["10.1.1.1"]}).rule is None
+
+
+def test_status_text_of_the_datapath_outcomes():
+    """`status` (text) shows the dynamic set's per-packet outcomes, and says when an instance of another build
+    leaves them unreadable (Instance.fqdn_stats None) rather than printing zeros."""
+    from hostwall.enforcer.cli import _fqdn_datapath
+    assert _fqdn_datapath({"hit": 3, "expired": 1, "miss": 2}) == \
+        "datapath (first packets that probed the set): hit 3, expired 1, miss 2"
+    assert _fqdn_datapath(None) == "datapath: not readable (an instance of another build)"
