@@ -88,6 +88,10 @@ TARGETS = {
     "ratio_v4_max_over_xdp_filter": ("<= 1.0 (issue 13)", lambda m: m["ratio_v4_max_over_xdp_filter"] <= 1.0),
     "ratio_v6_max_over_xdp_filter": ("<= 1.0 (issue 13)", lambda m: m["ratio_v6_max_over_xdp_filter"] <= 1.0),
     "spread_max_pct": ("<= 10 % (batches agree)", lambda m: m["spread_max_pct"] <= SPREAD_WARN_PCT),
+    **{f"ratio_{fam}_egress_fqdn_{case}_over_static_paired":
+       ("<= 1.10 (the dynamic set's cost, issue 15)",
+        lambda m, k=f"ratio_{fam}_egress_fqdn_{case}_over_static_paired": m[k] <= 1.10)
+       for fam in ("v4", "v6") for case in ("hit", "miss")},
 }
 
 NOTES = """\
@@ -389,7 +393,11 @@ def _summarise(cases: list[Case], m: dict[str, float]) -> None:
     for fam in ("v4", "v6"):                    # per-round ratios: both cases of a pair ran in the same round
         for label, a, b in ((f"ratio_{fam}_max_over_xdp_filter", f"ns_xdp_{fam}_max_policy_allow",
                              f"ns_xdp_filter_{fam}_allow"),
-                            (f"ratio_{fam}_max_over_empty_xdp", f"ns_xdp_{fam}_max_policy_allow", "ns_empty_xdp")):
+                            (f"ratio_{fam}_max_over_empty_xdp", f"ns_xdp_{fam}_max_policy_allow", "ns_empty_xdp"),
+                            (f"ratio_{fam}_egress_fqdn_hit_over_static", f"ns_tc_egress_{fam}_fqdn_allow",
+                             f"ns_tc_egress_{fam}_10_rules_allow"),
+                            (f"ratio_{fam}_egress_fqdn_miss_over_static", f"ns_tc_egress_{fam}_fqdn_static",
+                             f"ns_tc_egress_{fam}_10_rules_allow")):
             if a in by_name and b in by_name:
                 r = [x / y for x, y in zip(by_name[a].runs, by_name[b].runs) if y]
                 med = float(statistics.median(r))

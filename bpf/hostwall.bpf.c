@@ -203,7 +203,16 @@ static __always_inline void judge_parsed(struct env *v, struct pkt *p, int rc, s
 /* XDP is two programs joined by a tail call, so each stays within the verifier's budget:
  * xdp_ingress parses and applies the DoS guards; xdp_judge runs conntrack and the policy on the
  * packet xdp_ingress parsed (handed over in per-CPU scratch memory, valid within one packet). */
-BPF_PERCPU_ARRAY(hw_pkt_scratch, struct pkt, 1);
+BPF_PERCPU_ARRAY(hw_pkt_scratch, struct pkt_mem, 1);
+
+static __always_inline struct pkt *xdp_pkt(void)
+{
+	__u32 zero = 0;
+	struct pkt_mem *pm = hw_pkt_scratch.lookup(&zero);
+	if (!pm)
+		return 0;
+	return &pm->p;
+}
 
 static __always_inline int xdp_exit(struct env *v, struct pkt *p, struct judgement *j)
 {
@@ -265,8 +274,7 @@ int xdp_judge(struct xdp_md *ctx)
 {
 	struct judgement j = {};
 	struct env v = {};
-	__u32 zero = 0;
-	struct pkt *p = hw_pkt_scratch.lookup(&zero);
+	struct pkt *p = xdp_pkt();
 	if (env_maps(&v, HW_HOOK_XDP_INGRESS, HW_DIR_INGRESS, 0) || !p)
 		return XDP_PASS;        /* unreachable: array maps */
 	v.now = p->now;
@@ -285,10 +293,9 @@ int xdp_ingress(struct xdp_md *ctx)
 {
 	struct judgement j = {};
 	struct env v = {};
-	__u32 zero = 0;
 	/* parsed straight into the per-CPU handover to xdp_judge: no copy before the tail call, less stack,
 	 * and fields the verifier reads back as unknown values (docs/datapath.md "Speed") */
-	struct pkt *p = hw_pkt_scratch.lookup(&zero);
+	struct pkt *p = xdp_pkt();
 	if (!p || env_init(&v, HW_HOOK_XDP_INGRESS, HW_DIR_INGRESS, 0))
 		return XDP_PASS;        /* unreachable: array maps */
 	__builtin_memset(p, 0, sizeof(*p));
@@ -367,12 +374,21 @@ static __always_inline int tc_parse(struct __sk_buff *skb, struct pkt *p)
  * distinct paths (as in xdp_judge; docs/datapath.md "Speed"). Valid within one packet:
  * TC runs with bottom halves off, so nothing else on this CPU writes it meanwhile; tc_frag_* reads it
  * after the tail call. */
-BPF_PERCPU_ARRAY(hw_tc_pkt, struct pkt, 1);
+BPF_PERCPU_ARRAY(hw_tc_pkt, struct pkt_mem, 1);
+
+/* the packet part of hw_tc_pkt (its dynamic-set counters are never reset: parse.h struct pkt_mem) */
+static __always_inline struct pkt *tc_mem(void)
+{
+	__u32 zero = 0;
+	struct pkt_mem *pm = hw_tc_pkt.lookup(&zero);
+	if (!pm)
+		return 0;
+	return &pm->p;
+}
 
 static __always_inline struct pkt *tc_pkt(void)
 {
-	__u32 zero = 0;
-	struct pkt *p = hw_tc_pkt.lookup(&zero);
+	struct pkt *p = tc_mem();
 	if (p)
 		__builtin_memset(p, 0, sizeof(*p));
 	return p;
@@ -394,10 +410,9 @@ static __always_inline void tc_divert(struct __sk_buff *skb, __u32 which, struct
  * passed, its note. One program per hook, so that hook and direction are constants. Never attached. */
 static __always_inline int tc_frag(struct __sk_buff *skb, __u32 hook, __u32 dir)
 {
-	__u32 zero = 0;
 	struct judgement j = {};
 	struct env v = {};
-	struct pkt *p = hw_tc_pkt.lookup(&zero);        /* parsed by the caller (see hw_tc_pkt) */
+	struct pkt *p = tc_mem();                       /* parsed by the caller (see hw_tc_pkt) */
 	if (!p || env_init(&v, hook, dir, dir == HW_DIR_EGRESS ? bpf_skb_cgroup_id(skb) : 0))
 		return TC_ACT_SHOT;     /* unreachable: array maps */
 	j.slot = ~0U;

@@ -262,8 +262,9 @@ struct hw_l4_elem {                 /* hw_l4[gen * HW_L4_ELEMS + key / 4], key =
  * set: the addresses the DNS proxy learnt for the names of its fqdns list (one *set* per distinct list,
  * numbered stably by user space, so a policy swap that keeps a list keeps its entries). Per generation,
  * hw_fqdn_rules lists the fqdns rules in rule order and hw_fqdn_l4[L4 class] has bit i set when the i-th
- * of them matches that class; an egress packet whose L4 class has such bits looks its destination up in
- * hw_fqdn once per candidate rule that comes before the first static match. */
+ * of them matches that class, and a copy of the first such rule's order and set; an egress packet whose
+ * L4 class has such bits looks its destination up in the set once per candidate rule that comes before
+ * the first static match. */
 struct hw_fqdn_rule {               /* hw_fqdn_rules[gen * HW_FQDN_RULES_MAX + i], i in rule order */
 	__u32 order;                /* the rule's order index (hw_rules) */
 	__u32 set;                  /* its dynamic set */
@@ -271,6 +272,8 @@ struct hw_fqdn_rule {               /* hw_fqdn_rules[gen * HW_FQDN_RULES_MAX + i
 
 struct hw_fqdn_l4 {                 /* hw_fqdn_l4[gen * HW_L4_CLASSES_MAX + L4 class] */
 	__u64 rules;                /* bit i: hw_fqdn_rules[i] matches this (direction, protocol, port) class */
+	__u32 order0;               /* hw_fqdn_rules[lowest bit of rules].order (0 when rules is 0) */
+	__u32 set0;                 /* hw_fqdn_rules[lowest bit of rules].set: the first candidate, no load */
 };
 
 struct hw_fqdn_key {                /* hw_fqdn (hash, shared by both generations, pinned) */
@@ -318,8 +321,16 @@ struct hw_dns_name_ip {             /* hw_dns_name_ips key; value: struct hw_fqd
 	__u32 pad2;                 /* 32 bytes */
 };
 
-/* hw_fqdn_stats[]: per-CPU counts of the datapath's dynamic-set lookups */
+/* hw_fqdn_stats: per-CPU counts of the egress first packets that probed the dynamic set, one per packet
+ * (not per candidate rule): HIT a candidate matched; else EXPIRED one found its entry past its expiry;
+ * else MISS (fqdn.h fqdn_match). No map of their own: they are the first HW_FQDN_STATS struct hw_counter
+ * of hw_tc_pkt[0]'s per-CPU value (packets only), never reset; the rest of that value is the datapath's
+ * private packet memory (parse.h struct pkt_mem). */
 enum hw_fqdn_stat { HW_FQS_HIT = 0, HW_FQS_EXPIRED = 1, HW_FQS_MISS = 2, HW_FQDN_STATS = 3 };
+/* sizeof(parse.h struct pkt_mem): hw_tc_pkt's value in this build (parse.h asserts it; change both
+ * together). A reader of the counters above checks it first: an instance of another build (before the
+ * fold, hw_tc_pkt held the packet alone) must not have its packet bytes read as counts. */
+#define HW_PKT_MEM_BYTES 192
 
 /* hw_dns_stats[]: the DNS proxy's counters (u64 each; written by the enforcer's proxy alone, through mmap,
  * never by a program: pinned so they survive enforcer restarts, read by `status` and the collector's

@@ -192,9 +192,20 @@ class Instance:
         pk = self._percpu_array(frag.STATS_MAP, "hw_counter", 2 * n)["packets"]
         return {fam: {name: int(pk[j * n + i]) for i, name in L.FRAG_STAT_NAMES.items()} for j, fam in enumerate((4, 6))}
 
-    def fqdn_stats(self) -> dict[str, int]:
-        """The datapath's dynamic-set lookups since load: tried, hit, found expired (hw_fqdn_stats)."""
-        pk = self._percpu_array("hw_fqdn_stats", "hw_counter", L.C["HW_FQDN_STATS"])["packets"]
+    def fqdn_stats(self) -> dict[str, int] | None:
+        """Egress first packets since load that probed the dynamic set, by outcome: hit, expired, miss (one
+        per packet). The counters head hw_tc_pkt's per-CPU value (hostwall.h "hw_fqdn_stats"). None for an
+        instance of another build whose hw_tc_pkt is laid out otherwise (HW_PKT_MEM_BYTES): its bytes there
+        are packet memory, not these counts."""
+        fd = self.map_fds["hw_tc_pkt"]
+        size = bpfsys.map_info(fd).value_size
+        if size != L.C["HW_PKT_MEM_BYTES"]:
+            return None
+        stride = (size + 7) & ~7
+        dt, n = L.DTYPES["hw_counter"], L.C["HW_FQDN_STATS"]
+        raw = bpfsys.array_slots(fd, 0, 1, stride * self.ncpus)
+        pk = sum(np.frombuffer(raw, dtype=dt, count=n, offset=c * stride)["packets"].astype(np.uint64)
+                 for c in range(self.ncpus))
         return {name: int(pk[i]) for i, name in L.FQDN_STAT_NAMES.items()}
 
     # hash map -> (key dtype, value dtype, per-CPU); the conntrack and DoS source tables are counted in place

@@ -200,7 +200,7 @@ DTYPES: dict[str, np.dtype] = {
                              ("last_ns", u64)]),
     "hw_share_key": np.dtype([("addr", u8, 16), ("family", u8), ("pad", u8, 3), ("pad2", u32)]),
     "hw_fqdn_rule": np.dtype([("order", u32), ("set", u32)]),
-    "hw_fqdn_l4": np.dtype([("rules", u64)]),
+    "hw_fqdn_l4": np.dtype([("rules", u64), ("order0", u32), ("set0", u32)]),
     "hw_fqdn_key": np.dtype([("set", u32), ("family", u8), ("pad", u8, 3), ("addr", u8, 16)]),
     "hw_fqdn_val": np.dtype([("expires_ns", u64), ("learnt_ns", u64)]),
     "hw_dns_name": np.dtype([("learnt_ns", u64), ("name", "S256")]),

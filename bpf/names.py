@@ -34,7 +34,7 @@ OTHER_MAPS = ("hw_config", "hw_collect", "hw_stats", "hw_rule_stats", "hw_port_s
               "hw_frag4", "hw_frag6", "hw_frag_stats", "hw_frag_scratch", "hw_jump_tc", "hw_tc_pkt", "hw_events",
               "hw_ev_stats", "hw_ev_budget", "hw_drops0", "hw_drops1", "hw_drop_overflow", "hw_drop_srcs", "hw_jump",
               "hw_pkt_scratch", "hw_dos_src", "hw_dos_banned", "hw_dos_global", "hw_dos_stats", "hw_dos_src_stats", "hw_manual_ban4",
-              "hw_manual_ban6", "hw_fqdn", "hw_fqdn_index", "hw_fqdn_stats", "hw_dns_names",
+              "hw_manual_ban6", "hw_fqdn", "hw_fqdn_index", "hw_dns_names",
               "hw_dns_name_ips", "hw_dns_stats",
               # tracking under attack (SYN proxy, per-port SYN state, bounded flow reports; docs/dos.md)
               "hw_ct_pressure", "hw_syn_ports", "hw_syn_state", "hw_syn_stats", "hw_share", "hw_share_stats",

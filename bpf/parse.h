@@ -43,8 +43,20 @@ struct pkt {
 	__u32 tcp_end;          /* TCP: tcp_seq + payload bytes + 1 per SYN/FIN (the sender's next sequence) */
 	__u32 tcp_ack;          /* TCP: acknowledgement number (meaningful with TCPF_ACK) */
 	__u8  in_icmp_type;     /* ICMP error quoting an ICMP message: its type (dos.h dos_error_spares) */
-	__u8  pad1[3];
+	__u8  fqdn_st;          /* judging only: fqdn_match's outcome, enum hw_fqdn_stat (fqdn.h) */
+	__u8  pad1[2];
 };
+
+/* The per-CPU memory the programs parse into (hw_pkt_scratch, hw_tc_pkt): the dynamic-set counters
+ * first (hostwall.h "hw_fqdn_stats"), never reset, then the packet, reset for each one. The egress
+ * judgement counts its dynamic-set outcome there, a store to memory the packet already holds rather
+ * than a per-CPU map lookup (docs/datapath.md "FQDN rules"); XDP's copy stays zero. */
+struct pkt_mem {
+	struct hw_counter fqdn[HW_FQDN_STATS];
+	struct pkt p;
+};
+#define PKT_FQDN_STATS(pk) ((struct hw_counter *)((void *)(pk) - __builtin_offsetof(struct pkt_mem, p)))
+_Static_assert(sizeof(struct pkt_mem) == HW_PKT_MEM_BYTES, "struct pkt changed: set hostwall.h HW_PKT_MEM_BYTES");
 
 /* p->first_x is 1 + (the fragment field XOR the value it has in a first fragment), not a 0/1 flag: a
  * flag stored as a constant would split the verifier's states into two for every path after parsing,

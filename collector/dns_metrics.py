@@ -1,7 +1,8 @@
 """Metrics of FQDN egress allowlists (docs/metrics.md "DNS proxy and FQDN rules"): the enforcer's DNS
 proxy counters (hw_dns_stats, which the proxy keeps in a pinned map so they survive its restarts) and the
-datapath's dynamic-set lookups (hw_fqdn_stats). The dynamic set's and the learnt names' fill are map
-pressure rows (`hostwall_map_entries{map="hw_fqdn"}`, `hw_dns_names`, `hw_dns_name_ips`).
+datapath's dynamic-set outcomes (hw_fqdn_stats: one per egress first packet that probed the set). The
+dynamic set's and the learnt names' fill are map pressure rows (`hostwall_map_entries{map="hw_fqdn"}`,
+`hw_dns_names`, `hw_dns_name_ips`).
 
 Served by collector/kernel_metrics.py's KernelCollector with its other kernel families (same Family
 table, same refresh). The answer latency is a histogram in counters: cumulative answers per upper bound
@@ -45,8 +46,9 @@ DNS_SPEC: dict[str, tuple[str, str, tuple[str, ...], str, str]] = {
                                         "within `le` seconds of the query's arrival (le=\"+Inf\": all)",
                                         "hw_dns_stats"),
     "hostwall_dns_answer_latency_seconds": ("counter", "s", (), "Sum of the answers' latencies", "hw_dns_stats"),
-    "hostwall_fqdn_lookups": ("counter", "{lookup}", ("result",), "Dynamic-set lookups of the datapath for fqdns "
-                              "rules: hit, expired (an entry past its TTL), miss", "hw_fqdn_stats"),
+    "hostwall_fqdn_lookups": ("counter", "{lookup}", ("result",), "Egress first packets that probed the "
+                              "datapath's dynamic set for fqdns rules, one per packet: hit (a rule matched), "
+                              "else expired (an entry past its TTL), else miss", "hw_fqdn_stats"),
 }
 
 
@@ -83,8 +85,8 @@ def dns_families(dp, family: Callable[[str], object]) -> list:
         le = "+Inf" if b == n - 1 else f"{0.000125 * 2 ** b:g}"
         fams["hostwall_dns_answers_by_latency"].add((le,), total)
     fams["hostwall_dns_answer_latency_seconds"].add((), round(s[i["latency_sum_us"]] / 1e6, 6))
-    fq = dp.fqdn_stats()
-    fams["hostwall_fqdn_lookups"].add(("hit",), fq["hit"])
-    fams["hostwall_fqdn_lookups"].add(("expired",), fq["expired"])
-    fams["hostwall_fqdn_lookups"].add(("miss",), fq["miss"])
+    fq = dp.fqdn_stats()                # None: an instance of another build, its counts unreadable here
+    if fq is not None:
+        for result in ("hit", "expired", "miss"):
+            fams["hostwall_fqdn_lookups"].add((result,), fq[result])
     return list(fams.values())

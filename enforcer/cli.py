@@ -335,6 +335,13 @@ def _print_interfaces(con, interfaces: list[dict]) -> None:
             con.print(f"{i['name']}: a TC ingress filter of an older build is still attached (the next start removes it)")
 
 
+def _fqdn_datapath(d: dict | None) -> str:
+    """status's datapath outcomes of the dynamic set (one per egress first packet that probed it)."""
+    if d is None:
+        return "datapath: not readable (an instance of another build)"
+    return f"datapath (first packets that probed the set): hit {d['hit']}, expired {d['expired']}, miss {d['miss']}"
+
+
 def _print_fqdn(con, fq: dict) -> None:
     """The fqdn section of `status`: proxy, dynamic sets, learnt names (docs/cli.md)."""
     from rich.table import Table
@@ -352,9 +359,7 @@ def _print_fqdn(con, fq: dict) -> None:
               f"{c['upstream_error']}); dropped: malformed queries {c['malformed_query']}, answers "
               f"{c['malformed_answer']}, "
               f"mismatched {c['mismatched']}, overload {c['overload']}; addresses learnt {c['learnt']}, over the "
-              f"per-name limit {c['overflow']}, full {c['set_full']}; datapath lookups: hit "
-              f"{fq.get('datapath', {}).get('hit', 0)}, expired {fq.get('datapath', {}).get('expired', 0)}, miss "
-              f"{fq.get('datapath', {}).get('miss', 0)}")
+              f"per-name limit {c['overflow']}, full {c['set_full']}; {_fqdn_datapath(fq.get('datapath'))}")
     if fq["sets"]:
         t = Table(title="fqdn dynamic sets")
         for col in ("set", "rules", "fqdns", "addresses"):

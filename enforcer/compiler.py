@@ -310,7 +310,8 @@ def fqdn_lists(policy: Policy) -> list[tuple[str, ...]]:
 
 def _fqdn_tables(fq: list[tuple[int, Rule]], l4_bitmaps: np.ndarray, sets: dict[tuple[str, ...], int]):
     """hw_fqdn_rules (the fqdns rules `fq`, (order, rule) in rule order, with their set) and hw_fqdn_l4 (per
-    L4 class, bit i when the i-th fqdns rule is in the class), docs/datapath.md "FQDN rules". Cost:
+    L4 class, bit i when the i-th fqdns rule is in the class, and the first such rule's order and set),
+    docs/datapath.md "FQDN rules". Cost:
     O(fqdns rules x classes)."""
     if len(fq) > L.FQDN_RULES_MAX:
         raise CompileError(f"{len(fq)} rules with fqdns; the datapath holds {L.FQDN_RULES_MAX}: merge the fqdns "
@@ -323,6 +324,9 @@ def _fqdn_tables(fq: list[tuple[int, Rule]], l4_bitmaps: np.ndarray, sets: dict[
             raise CompileError(f"rule {r.name!r}: no dynamic set for its fqdns list (internal error)")
         recs[i] = (order, sets[r.fqdns])
         bit = (words[:, order // 64] >> np.uint64(order % 64)) & np.uint64(1)
+        first = (bit != 0) & (l4["rules"] == 0)         # the class's first candidate: inlined (order0, set0)
+        l4["order0"][first] = order
+        l4["set0"][first] = recs[i]["set"]
         l4["rules"] |= bit << np.uint64(i)
     return recs, l4
 

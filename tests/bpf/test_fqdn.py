@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
 
 import numpy as np
 import pytest
@@ -133,6 +134,7 @@ def test_fixed_paths(harness):
     assert len(sets) == 2, "mirrors and mirrors-too share one set (same list, any order)"
     fm = FqdnMaps(harness.dp.map_fds)
     harness.dp.set_config(test_now_ns=NOW)
+    before = harness.dp.fqdn_stats()
     s_mirror = sets[("*.cdn.example.com", "mirror.example.com")]
     for s, ip, _, _ in fm.set_entries():
         fm.set_delete(s, ip)
@@ -158,8 +160,9 @@ def test_fixed_paths(harness):
     assert fm.set_put(s_mirror, "fd00::2", NOW + 10, NOW)
     assert verdict("fd00::2") == ("allow", "pass_rule", "mirrors")
     assert verdict("fd00::1") == ("drop", "default_deny", None)
-    stats = harness.dp.fqdn_stats()
-    assert stats["hit"] >= 4 and stats["expired"] >= 1 and stats["miss"] >= 2
+    # one count per packet that probed the set (the 8443 packet probed nothing): docs/datapath.md "FQDN rules"
+    after = harness.dp.fqdn_stats()
+    assert {k: after[k] - before[k] for k in after} == {"hit": 3, "expired": 1, "miss": 3}
     assert int(harness.dp.active_header()["fqdn_rules"]) == 3
     assert L.FQDN_RULES_MAX == 64
 
@@ -174,6 +177,117 @@ def cdn_set_emptied(harness) -> tuple[int, FqdnMaps]:
     for sid, ip, _, _ in fm.set_entries():
         fm.set_delete(sid, ip)
     return s, fm
+
+
+def test_counts_once_per_packet(harness):
+    """hw_fqdn_stats counts each egress first packet that probed the dynamic set once, by outcome: hit if a
+    candidate matched, else expired if one found its entry past its expiry, else miss, however many candidate
+    rules it probed (tcp/443 here: mirrors, mirrors-too, pay). A packet whose static match comes first
+    probes nothing and is not counted (docs/metrics.md hostwall_fqdn_lookups_total)."""
+    s, fm = cdn_set_emptied(harness)
+    pay = 3 - s                                                             # the other of the two sets
+
+    def counted(dst, port=443):
+        before = harness.dp.fqdn_stats()
+        o = harness.run("tc_egress", frame(Packet("egress", 4, "10.9.9.9", dst, 6, 40000, port), flags="A"))
+        harness.dp.clear_conntrack()
+        after = harness.dp.fqdn_stats()
+        return o.verdict, {k: after[k] - before[k] for k in after if after[k] != before[k]}
+
+    assert counted("10.0.0.7") == ("drop", {"miss": 1})                     # three candidates, none matched
+    assert fm.set_put(pay, "10.0.0.7", NOW + 10, NOW)
+    assert counted("10.0.0.7") == ("allow", {"hit": 1})                     # two misses, then pay's hit
+    assert fm.set_put(s, "10.0.0.8", NOW, NOW - 5)                          # expires_ns == now: expired
+    assert counted("10.0.0.8") == ("drop", {"expired": 1})                  # expired twice, then a miss
+    assert fm.set_put(s, "10.0.0.2", NOW + 10, NOW)
+    assert counted("10.0.0.2", 8443) == ("drop", {})                        # early-deny comes first
+    fm.close()
+
+
+def test_ipv4_keys_after_ipv6_packets_on_every_egress_path(harness):
+    """The probe's key words come from the packet memory (fqdn.h fqdn_match: an IPv4 address in daddr[0], the
+    rest of the words zero, as bpf/fqdn.py keys it): after an IPv6 packet filled all of daddr on this CPU, an
+    IPv4 first fragment (judged by tc_frag_egress on tc_egress's parse) and an IPv4 ICMP error (its quoted
+    addresses elsewhere in the packet) to a learnt address still match the fqdns rule, by the index's copy
+    and by hw_fqdn."""
+    from scapy.compat import raw
+    from scapy.layers.inet import ICMP, IP, UDP
+    from scapy.layers.l2 import Ether
+    from scapy.packet import Raw
+    s, fm = cdn_set_emptied(harness)
+    pay = 3 - s
+    eth = Ether(dst="02:00:00:00:00:02", src="02:00:00:00:00:01")
+    frames = {"first fragment": eth / IP(src="10.9.9.9", dst="10.0.0.7", flags="MF", id=7) / UDP(sport=40000, dport=5000)
+              / Raw(b"x" * 32),
+              "icmp error": eth / IP(src="10.9.9.9", dst="10.0.0.7") / ICMP(type=3, code=3)
+              / IP(src="10.0.0.7", dst="10.9.9.9") / UDP(sport=5000, dport=40000)}
+    six = frame(Packet("egress", 6, "fd09::9", "fd00:ffff:ffff:ffff:ffff:ffff:ffff:ffff", 6, 40000, 443), flags="A")
+    key = np.zeros(1, L.DTYPES["hw_fqdn_key"])
+    key["set"], key["family"], key["addr"][0, :4] = pay, 4, [10, 0, 0, 7]
+    slot = int(index_slot(key)[0])
+    assert fm.set_put(pay, "10.0.0.7", NOW + 10, NOW)
+    seq = int(fm.index()["seq"][slot])
+    try:
+        for how in ("index", "hw_fqdn"):
+            if how == "hw_fqdn":                         # the slot cannot tell (odd sequence): the hash lookup
+                fm.index()["seq"][slot] = seq | 1
+            for what, f in frames.items():
+                harness.run("tc_egress", six)
+                o = harness.run("tc_egress", raw(f))
+                harness.dp.clear_conntrack()
+                rule = {v: k for k, v in harness.slots.items()}.get(o.rule_slot)
+                assert (o.verdict, rule) == ("allow", "pay"), (how, what, o)
+    finally:
+        fm.index()["seq"][slot] = seq
+        fm.close()
+
+
+def test_counts_are_summed_over_cpus_and_served_as_metrics(harness):
+    """The counts live in each CPU's hw_tc_pkt value: a packet judged on one CPU and one on another both
+    show in Instance.fqdn_stats, `status`'s source, and in hostwall_fqdn_lookups_total (collector/dns_metrics.py),
+    which read the same numbers. Test-run judges on the CPU its caller runs on."""
+    from hostwall.collector.dns_metrics import dns_families
+    from hostwall.collector.metric_spec import spec_family
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        pytest.skip("one CPU: nothing to sum")
+    s, fm = cdn_set_emptied(harness)
+    assert fm.set_put(s, "10.0.0.7", NOW + 10, NOW)
+    before = harness.dp.fqdn_stats()
+    try:
+        for cpu, dst in ((cpus[0], "10.0.0.7"), (cpus[1], "10.0.0.9"), (cpus[1], "10.0.0.7")):
+            os.sched_setaffinity(0, {cpu})
+            harness.run("tc_egress", frame(Packet("egress", 4, "10.9.9.9", dst, 6, 40000, 443), flags="A"))
+            harness.dp.clear_conntrack()
+    finally:
+        os.sched_setaffinity(0, cpus)
+        fm.close()
+    after = harness.dp.fqdn_stats()
+    assert {k: after[k] - before[k] for k in after} == {"hit": 2, "expired": 0, "miss": 1}
+    [fam] = [f for f in dns_families(harness.dp, spec_family) if f.prom == "hostwall_fqdn_lookups"]
+    assert dict(fam.samples) == {(k,): v for k, v in after.items()}
+
+
+def test_another_builds_packet_memory_is_not_read_as_counts(harness):
+    """An instance of a build before the fold (its hw_tc_pkt holds the packet alone: another value size),
+    read by this build's `status` or collector, has no counts here (None: not shown, no metric samples),
+    never its packets' addresses read as counts. hostwall.h HW_PKT_MEM_BYTES is this build's size."""
+    from hostwall.bpf.instance import Instance
+    from hostwall.collector.dns_metrics import dns_families
+    from hostwall.collector.metric_spec import spec_family
+    assert bpfsys.map_info(harness.dp.map_fds["hw_tc_pkt"]).value_size == L.C["HW_PKT_MEM_BYTES"]
+    old_size = L.C["HW_PKT_MEM_BYTES"] - L.C["HW_FQDN_STATS"] * L.DTYPES["hw_counter"].itemsize
+    fd = bpfsys.map_create(6, 4, old_size, 1, name="hw_tc_pkt")          # BPF_MAP_TYPE_PERCPU_ARRAY
+    bpfsys.map_update(fd, b"\0" * 4, bytes(range(1, old_size + 1)) * harness.dp.ncpus)     # a packet's bytes
+    fds = {**harness.dp.map_fds, "hw_tc_pkt": fd}
+    old = Instance({}, fds)
+    try:
+        assert old.fqdn_stats() is None
+        [fam] = [f for f in dns_families(old, spec_family) if f.prom == "hostwall_fqdn_lookups"]
+        assert list(fam.samples) == []
+    finally:
+        old.map_fds = {}                   # the harness's fds are not this object's to close
+        os.close(fd)
 
 
 def test_index_never_changes_an_answer(harness):

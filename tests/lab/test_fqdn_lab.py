@@ -195,6 +195,9 @@ def test_restarts_and_policy_swaps_keep_learnt_entries(lab, world, tmp_path):
         lookup(lab, "long.example.test")                       # TTL 300 s
         lookup(lab, "a.cdn.example.test")
         assert can_connect(lab, MIRROR) and can_connect(lab, CDN)
+        # the datapath's counts (in hw_tc_pkt, pinned with the instance) survive the takeovers below
+        hits = enf.status()["fqdn"]["datapath"]["hit"]
+        assert hits >= 2
         # enforcer restart (SIGTERM, programs stay attached), then a crash (SIGKILL): no new lookups
         for sig in (signal.SIGTERM, signal.SIGKILL):
             if sig == signal.SIGKILL:
@@ -206,6 +209,9 @@ def test_restarts_and_policy_swaps_keep_learnt_entries(lab, world, tmp_path):
             enf.start()
             assert "took over" in enf.banner
             assert can_connect(lab, MIRROR) and can_connect(lab, CDN), f"learnt entries lost by {sig.name}"
+            now_hits = enf.status()["fqdn"]["datapath"]["hit"]
+            assert now_hits >= hits + 2, f"the datapath's fqdn counts were reset by {sig.name}: {hits} -> {now_hits}"
+            hits = now_hits
             names = {n["name"] for n in enf.status()["fqdn"]["names"]}
             assert {"long.example.test", "a.cdn.example.test"} <= names
         # the proxy serves again after the restart (and a new name is learnt)

@@ -152,6 +152,10 @@ def test_compiler_fqdn_tables():
     assert int(cp.fqdn_l4["rules"][l4[key]]) == 0b011
     assert int(cp.fqdn_l4["rules"][l4[L.l4_key(L.DIR["egress"], L.PROTO_IDX["udp"], 53)]]) == 0b110
     assert int(cp.fqdn_l4["rules"][l4[L.l4_key(L.DIR["ingress"], L.PROTO_IDX["tcp"], 443)]]) == 0
+    # each class's first candidate inlined (order, set): the datapath's common case reads no hw_fqdn_rules
+    first = {k: tuple(int(x) for x in cp.fqdn_l4[["order0", "set0"]][l4[k]].tolist()) for k in
+             (key, L.l4_key(L.DIR["egress"], L.PROTO_IDX["udp"], 53), L.l4_key(L.DIR["ingress"], L.PROTO_IDX["tcp"], 443))}
+    assert list(first.values()) == [(1, 7), (2, 7), (0, 0)]
 
 
 def test_too_many_fqdns_rules_do_not_fit():
@@ -184,3 +188,12 @@ def test_reference_model():
     assert evaluate(p, pkt, {"x.cdn.example.com": ["10.1.1.2"]}).verdict == "drop"
     ingress = Packet("ingress", 4, "10.1.1.1", "10.9.9.9", 6, 443, 40000)
     assert evaluate(p, ingress, {"x.cdn.example.com": ["10.1.1.1"]}).rule is None
+
+
+def test_status_text_of_the_datapath_outcomes():
+    """`status` (text) shows the dynamic set's per-packet outcomes, and says when an instance of another build
+    leaves them unreadable (Instance.fqdn_stats None) rather than printing zeros."""
+    from hostwall.enforcer.cli import _fqdn_datapath
+    assert _fqdn_datapath({"hit": 3, "expired": 1, "miss": 2}) == \
+        "datapath (first packets that probed the set): hit 3, expired 1, miss 2"
+    assert _fqdn_datapath(None) == "datapath: not readable (an instance of another build)"
