@@ -266,7 +266,7 @@ static __always_inline struct hw_dos_src *dos_take(struct env *v, struct hw_dos_
 /* The source's ban, then its buckets: the first that is empty names the reason; 0: admitted. */
 static __always_inline __u32 dos_buckets(struct env *v, struct pkt *p, struct hw_dos_profile *pr, struct hw_dos_src *s)
 {
-	if (s->banned_until_ns) {
+	if (hw_unlikely(s->banned_until_ns)) {
 		if (s->banned_until_ns > v->now)
 			return HW_R_BANNED;
 		s->banned_until_ns = 0;         /* expired by itself */
@@ -275,17 +275,17 @@ static __always_inline __u32 dos_buckets(struct env *v, struct pkt *p, struct hw
 	__u64 dt = elapsed_ns(v->now, s->last_ns, 2000000000ULL);
 	s->last_ns = v->now;
 	if (p->proto == IPPROTO_TCP && p->opens && pr->syn_pps &&
-	    !bucket_take(&s->tok_syn, pr->syn_pps, pr->syn_pps * 1000000000ULL, dt, 1000000000ULL))
+	    hw_unlikely(!bucket_take(&s->tok_syn, pr->syn_pps, pr->syn_pps * 1000000000ULL, dt, 1000000000ULL)))
 		return HW_R_SYN_FLOOD;
 	if (p->proto == IPPROTO_UDP && pr->udp_pps &&
-	    !bucket_take(&s->tok_udp, pr->udp_pps, pr->udp_pps * 1000000000ULL, dt, 1000000000ULL))
+	    hw_unlikely(!bucket_take(&s->tok_udp, pr->udp_pps, pr->udp_pps * 1000000000ULL, dt, 1000000000ULL)))
 		return HW_R_UDP_FLOOD;
 	if ((p->pidx == HW_P_ICMP || p->pidx == HW_P_ICMPV6) && pr->icmp_pps &&
-	    !bucket_take(&s->tok_icmp, pr->icmp_pps, pr->icmp_pps * 1000000000ULL, dt, 1000000000ULL))
+	    hw_unlikely(!bucket_take(&s->tok_icmp, pr->icmp_pps, pr->icmp_pps * 1000000000ULL, dt, 1000000000ULL)))
 		return HW_R_ICMP_FLOOD;
-	if (pr->pps && !bucket_take(&s->tok_pkt, pr->pps, pr->burst * 1000000000ULL, dt, 1000000000ULL))
+	if (pr->pps && hw_unlikely(!bucket_take(&s->tok_pkt, pr->pps, pr->burst * 1000000000ULL, dt, 1000000000ULL)))
 		return HW_R_RATE_LIMIT;
-	if (pr->bps && !bits_take(&s->tok_bits, pr->bps_fp, pr->bps_burst * 1000ULL, dt, (__u64)p->len * 8000ULL))
+	if (pr->bps && hw_unlikely(!bits_take(&s->tok_bits, pr->bps_fp, pr->bps_burst * 1000ULL, dt, (__u64)p->len * 8000ULL)))
 		return HW_R_RATE_LIMIT;
 	return 0;
 }
@@ -354,10 +354,11 @@ static __always_inline int dos_spares(struct env *v, struct pkt *p)
 	return r.e->origin == HW_DIR_EGRESS && r.e->state != HW_CT_CLOSED;
 }
 
-/* The 32-bit network mask of the first `bits` bits of a word (any int: <= 0 none, >= 32 all). */
+/* The 32-bit network mask of the first `bits` bits of a word (any int: <= 0 none, >= 32 all): the low
+ * word of a 64-bit shift, so only the clamp branches (one for an IPv4 length, never negative). */
 static __always_inline __u32 dos_mask32(int bits)
 {
-	return bits <= 0 ? 0 : bits >= 32 ? ~0U : ~0U << (32 - bits);
+	return (__u32)(0xffffffff00000000ULL >> (bits <= 0 ? 0 : bits >= 32 ? 32 : bits));
 }
 
 #if __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
@@ -405,12 +406,12 @@ static __always_inline __u32 dos_source(struct env *v, struct pkt *p, struct hw_
 			break;
 		}
 	}
-	if (!s)
+	if (hw_unlikely(!s))
 		s = dos_take(v, &k, base, pr);
-	if (!s)
+	if (hw_unlikely(!s))
 		return 0;
 	__u32 reason = dos_buckets(v, p, pr, s);
-	if (!reason)
+	if (hw_likely(!reason))
 		return 0;
 	/* an error (p->related: never trackable) is spared only within its profile's shared bucket */
 	if (dos_spares(v, p) &&
@@ -428,10 +429,18 @@ static __always_inline __u32 dos_source(struct env *v, struct pkt *p, struct hw_
 	return reason;
 }
 
+/* A per-port limit's port and protocol as one word, port | proto << 16 (one load, one compare). */
+static __always_inline __u32 dos_port_word(struct hw_dos_port *d)
+{
+	_Static_assert(__builtin_offsetof(struct hw_dos_port, port) == 0 &&
+		       __builtin_offsetof(struct hw_dos_port, proto) == 2, "struct hw_dos_port: port, then proto");
+	return *(__u32 *)d & 0xffffff;
+}
+
 static __always_inline __u32 dos_limits(struct env *v, struct pkt *p, struct hw_dos_profile *pr, __u32 profile)
 {
 	__u32 reason = dos_source(v, p, pr, profile);
-	if (reason)
+	if (hw_unlikely(reason))
 		return reason;
 	if (p->proto == IPPROTO_TCP && !p->frag && (reason = syn_port_stage(v, p, pr, profile)))
 		return reason;
@@ -439,12 +448,15 @@ static __always_inline __u32 dos_limits(struct env *v, struct pkt *p, struct hw_
 	    !global_take(profile * 16, pr->syn_global_pps, v->now))
 		return HW_R_SYN_FLOOD;
 	if (pr->nports && p->pidx <= HW_P_UDP && !p->frag) {
-		__u16 port = bpf_ntohs(p->dport);
+		/* the first entry straight-line, before the loop (most profiles limit one port or few) */
+		__u32 want = bpf_ntohs(p->dport) | (__u32)p->proto << 16;
+		if (dos_port_word(&pr->ports[0]) == want)
+			return global_take(profile * 16 + 1, pr->ports[0].pps, v->now) ? 0 : HW_R_PORT_LIMIT;
 #pragma unroll
-		for (int i = 0; i < HW_DOS_PORTS_MAX; i++) {
+		for (int i = 1; i < HW_DOS_PORTS_MAX; i++) {
 			if (i >= pr->nports)
 				break;
-			if (pr->ports[i].port == port && pr->ports[i].proto == p->proto)
+			if (dos_port_word(&pr->ports[i]) == want)
 				return global_take(profile * 16 + 1 + i, pr->ports[i].pps, v->now) ? 0 : HW_R_PORT_LIMIT;
 		}
 	}
@@ -495,7 +507,7 @@ static __always_inline __u32 dos_check(struct env *v, struct pkt *p)
 	if (!pr)
 		return 0;
 	__u32 reason = dos_limits(v, p, pr, profile);
-	if (reason)
+	if (hw_unlikely(reason))
 		dos_count(profile, reason);
 	return reason;
 }

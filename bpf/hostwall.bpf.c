@@ -30,6 +30,10 @@
 #include "hostwall.h"
 
 #define MAPF_MMAP BPF_F_MMAPABLE
+/* Branch hints for the compiler's block layout: the expected case falls through, the rare one is
+ * placed out of line (docs/datapath.md "Speed"). Our own names: the kernel headers' likely() may trace. */
+#define hw_likely(x)   __builtin_expect(!!(x), 1)
+#define hw_unlikely(x) __builtin_expect(!!(x), 0)
 
 /* Concern headers, each owning its maps and helpers, in dependency order. */
 #include "parse.h"
@@ -307,7 +311,7 @@ int xdp_ingress(struct xdp_md *ctx)
 		return xdp_exit(&v, p, &j);
 	}
 	__u32 dos = dos_check(&v, p);
-	if (dos) {
+	if (hw_unlikely(dos)) {
 		__u32 g = v.gen;
 		struct hw_policy_hdr *h = hw_policy.lookup(&g);
 		j.verdict = h && h->audit ? HW_V_WOULD_DROP : HW_V_DROP;

@@ -175,6 +175,21 @@ def test_port_limit_is_shared_by_all_sources(harness):
     assert outcome_reason(send(harness, Pkt("10.3.9.1", 17, dport=80), T0)) is None
 
 
+def test_port_limits_match_port_and_protocol_in_every_entry(harness):
+    """A per-port limit is its port and its protocol, in the first entry as in later ones (bpf/dos.h
+    compares the two as one word, the first entry before the loop)."""
+    install(harness, "ports: [{port: 53, protocol: tcp, pps: 1}, {port: 53, protocol: udp, pps: 2}, "
+                     "{port: 80, protocol: udp, pps: 1}]")
+    assert [outcome_reason(send(harness, Pkt(f"10.5.{i}.1", 17, dport=53), T0)) for i in range(3)] == \
+        [None, None, "port_limit"]
+    assert [outcome_reason(send(harness, Pkt(f"10.6.{i}.1", 6, dport=53), T0)) for i in range(2)] == \
+        [None, "port_limit"]
+    assert [outcome_reason(send(harness, Pkt(f"10.7.{i}.1", 17, dport=80), T0)) for i in range(2)] == \
+        [None, "port_limit"]
+    assert outcome_reason(send(harness, Pkt("10.8.0.1", 6, dport=80), T0)) is None       # no tcp/80 entry
+    assert outcome_reason(send(harness, Pkt("10.8.0.2", 17, dport=8080), T0)) is None
+
+
 def test_ban_after_streak_and_expiry(harness):
     install(harness, "per_source: {pps: 2, burst: 2}\nban: {after: 3s, duration: 10s}")
     now = T0
