@@ -75,9 +75,6 @@ static __always_inline int fqdn_match(struct env *v, struct pkt *p, __u32 gen, _
 	if (!mask)
 		return m;
 	__u32 order = c->order0, set = c->set0;
-	/* the answer goes through the packet's per-CPU memory: read back at `out` it is an unknown value on
-	 * every path there, so the verifier walks the rest of the program once, not once per path (docs/
-	 * datapath.md "Speed"); so does the loop's outcome */
 	if (m >= 0 && order >= (__u32)m)
 		return m;                       /* nothing probed: not counted */
 	mask &= mask - 1;
@@ -96,6 +93,9 @@ static __always_inline int fqdn_match(struct env *v, struct pkt *p, __u32 gen, _
 		PKT_FQDN_STATS(p)[HW_FQS_MISS].packets++;
 		return m;
 	}
+	/* the loop's answer and outcome go through the packet's per-CPU memory: read back after it they are
+	 * unknown values on every path out of it, so the verifier walks the rest of the program once, not
+	 * once per iteration (docs/datapath.md "Speed") */
 	p->fqdn_m = m;
 	p->fqdn_st = HW_FQS_MISS;
 	for (int i = 0; i < HW_FQDN_RULES_MAX; i++) {
@@ -131,7 +131,6 @@ static __always_inline int fqdn_match(struct env *v, struct pkt *p, __u32 gen, _
 	__u32 st = p->fqdn_st;
 	if (st < HW_FQDN_STATS)
 		PKT_FQDN_STATS(p)[st].packets++;
-	asm volatile("" ::: "memory");
 	return p->fqdn_m;
 }
 
